@@ -1,0 +1,58 @@
+"""Recurrent cells behind one interface, and their registry.
+
+>>> import gradflow
+>>> gradflow.cells.names()[:4]
+('gru', 'g_lstm', 'indrnn', 'lstm')
+>>> cell = gradflow.cells.get("lstm", forget_bias=1.0)
+
+Adding a cell is one file (a factory returning a :class:`Cell`) and one line in ``_REGISTRY``.
+"""
+from __future__ import annotations
+
+from gradflow.cells import mechanisms
+from gradflow.cells.base import Cell, parse_init
+from gradflow.cells.gru import gru, mgu, refined_gru, refined_mgu, ur_gru
+from gradflow.cells.lstm import lstm, on_lstm, refined_lstm, ur_lstm
+from gradflow.cells.simple import indrnn, rnn
+from gradflow.cells.star import star
+from gradflow.cells.timegate import g_lstm, phased_lstm
+
+_REGISTRY = {
+    "rnn": rnn,
+    "lstm": lstm,
+    "gru": gru,
+    "mgu": mgu,
+    "star": star,
+    "ur_lstm": ur_lstm,
+    "ur_gru": ur_gru,
+    "refined_lstm": refined_lstm,
+    "refined_gru": refined_gru,
+    "refined_mgu": refined_mgu,
+    "g_lstm": g_lstm,
+    "phased_lstm": phased_lstm,
+    "indrnn": indrnn,
+    "on_lstm": on_lstm,
+}
+
+
+def names() -> tuple[str, ...]:
+    """Every registered cell name, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def get(name, **options) -> Cell:
+    """The cell ``name`` built with ``options`` (a ``Cell`` is passed through unchanged).
+
+    Raises:
+      ValueError: unknown name (the message lists the valid ones) or unknown/invalid option.
+    """
+    if isinstance(name, Cell):
+        if options:
+            raise ValueError("options cannot be given together with a Cell instance")
+        return name
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown cell {name!r}; valid cells: {', '.join(names())}")
+    return _REGISTRY[name](**options)
+
+
+__all__ = ["Cell", "get", "names", "mechanisms", "parse_init"] + list(_REGISTRY)

@@ -1,0 +1,182 @@
+"""The GRU family: GRU (both reset placements), UR-GRU, MGU, and Cheng et al.'s refined GRU/MGU."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gradflow.cells.base import (Cell, check_options, choice, freeze, input_projection,
+                                 recurrent_projection, refined_set)
+from gradflow.cells.mechanisms import REFINED_MODES, refine, refined, standard_init
+
+GRU_DEFAULTS = {
+    "init": "orthogonal",
+    "reset": "after",
+    "forget_bias_init": None,
+    "t_max": 100.0,
+    "aux": None,
+    "refined": (),
+    "mode": "mul",
+}
+
+
+def gru(**options) -> Cell:
+    r"""Gated recurrent unit, in the PyTorch/cuDNN (and Flax) form by default.
+
+    .. math::
+        r = \sigma(W_r x + U_r h + b_r),\quad z = \sigma(W_z x + U_z h + b_z)
+
+        n = \tanh(W_n x + b_n + r \odot (U_n h + b_{hn})), \qquad
+        h_t = (1 - z) \odot n + z \odot h_{t-1}
+
+    ``reset="before"`` gives Cho et al.'s :math:`n = \tanh(W_n x + U_n (r \odot h) + b_n)` (no
+    ``b_hn``). Params ``{"r", "z", "n"}``, ``params["n"]["b_hn"]`` in the default form.
+    Reports ``r, z``.
+
+    Options: ``init``, ``reset`` (``"after"``/``"before"``), ``forget_bias_init`` (initial
+    ``b_z``), ``t_max``, ``aux`` (``"refine"``: see :func:`ur_gru`), ``refined``, ``mode``.
+    """
+    return _gru("gru", options, {})
+
+
+def ur_gru(**options) -> Cell:
+    r"""UR-GRU (Gu et al. 2020): the update gate (the coefficient of :math:`h_{t-1}`), here
+    ``f``, gets a refine gate and UGI; the reset gate ``r`` is kept.
+
+    .. math::
+        f = \sigma(W_f x + U_f h + b_f),\quad \rho = \sigma(W_\rho x + U_\rho h + b_\rho),\quad
+        g = \rho \odot (1-(1-f)^2) + (1-\rho) \odot f^2
+
+        h_t = g \odot h_{t-1} + (1 - g) \odot n
+
+    with ``n`` as in :func:`gru`. Params ``{"r", "f", "refine", "n"}``; reports
+    ``r, f, refine, g``. UGI by default (``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_refine = -b_f``).
+    """
+    return _gru("ur_gru", options, {"init": "ugi", "aux": "refine"})
+
+
+def refined_gru(**options) -> Cell:
+    r"""GRU with Cheng et al.'s refined update and reset gates,
+    :math:`\hat z = \sigma(\cdot) \odot x_t`, :math:`\hat r = \sigma(\cdot) \odot x_t`
+    (``mode="add"``: ``σ(·) + x_t``). **Uncertain** form (see :func:`mechanisms.refined`).
+    Needs ``in == H``. Reports the refined ``r, z``.
+    """
+    return _gru("refined_gru", options, {"refined": ("z", "r")})
+
+
+def _gru(name: str, options: dict, defaults: dict) -> Cell:
+    o = check_options(name, options, {**GRU_DEFAULTS, **defaults})
+    aux = choice(name, "aux", o["aux"], (None, "refine"))
+    reset = choice(name, "reset", o["reset"], ("after", "before"))
+    mode = choice(name, "mode", o["mode"], REFINED_MODES)
+    upd = "f" if aux == "refine" else "z"
+    sig = ("r", upd) + (("refine",) if aux == "refine" else ())
+    rset = refined_set(name, o, sig)
+    specs = {"r": {}, upd: {}}
+    if aux == "refine":
+        specs["refine"] = {}
+    specs["n"] = {"extra_bias": ("b_hn",)} if reset == "after" else {}
+    rec_gates = tuple(specs) if reset == "after" else sig
+    init_fn = standard_init(specs, o["init"], forget=(upd, 1),
+                            refine_gate="refine" if aux == "refine" else None, t_max=o["t_max"],
+                            forget_bias_init=o["forget_bias_init"])
+    reported = sig + (("g",) if aux == "refine" else ())
+
+    def project(p, x):
+        xp = {"a": input_projection(p, x, tuple(specs))}
+        if rset:
+            xp["x"] = x
+        return xp
+
+    def recur(p, state, xp, t):
+        h = state["h"]
+        rec = recurrent_projection(p, h, rec_gates)
+        gates = {g: jax.nn.sigmoid(xp["a"][g] + rec[g]) for g in sig}
+        for g in rset:
+            gates[g] = refined(gates[g], xp["x"], mode)
+        if reset == "after":
+            n = jnp.tanh(xp["a"]["n"] + gates["r"] * (rec["n"] + p["n"]["b_hn"]))
+        else:
+            n = jnp.tanh(xp["a"]["n"] + (gates["r"] * h) @ p["n"]["U"])
+        keep = gates[upd]
+        if aux == "refine":
+            keep = gates["g"] = refine(gates["f"], gates["refine"])
+        h = (1.0 - keep) * n + keep * h
+        return {"h": h}, h, gates
+
+    retain = ((upd, 1),) + ((("g", 1),) if aux == "refine" else ())
+    eq = {"gru": "n = tanh(Wx + r*(Uh + b_hn) + b); h = (1-z)*n + z*h",
+          "ur_gru": "g = r'(1-(1-f)^2) + (1-r')f^2; h = g*h + (1-g)*n",
+          "refined_gru": "GRU with z, r refined: sigma(Wx+Uh+b) * x"}.get(name, "")
+    return Cell(name, freeze(o), reported, ("h",), bool(rset), eq, (upd, 1), retain,
+                init_fn, project, recur)
+
+
+MGU_DEFAULTS = {
+    "init": "orthogonal",
+    "variant": "zhou",
+    "forget_bias_init": None,
+    "t_max": 100.0,
+    "refined": (),
+    "mode": "mul",
+}
+
+
+def mgu(**options) -> Cell:
+    r"""Minimal gated unit (Zhou et al. 2016).
+
+    .. math::
+        f = \sigma(W_f x + U_f h + b_f),\quad
+        \tilde n = \tanh(W_n x + U_n (f \odot h_{t-1}) + b_n), \qquad
+        h_t = (1 - f) \odot h_{t-1} + f \odot \tilde n
+
+    ``variant="flax"`` is the form of Flax's ``MGUCell`` (a GRU with ``r = z = f``):
+    :math:`n = \tanh(W_n x + b_n + f \odot (U_n h + b_{hn}))`,
+    :math:`h_t = (1 - f) \odot n + f \odot h_{t-1}` (``f`` keeps the state instead of
+    admitting the candidate, and ``params["n"]["b_hn"]`` exists). Reports ``f``.
+    """
+    return _mgu("mgu", options, {})
+
+
+def refined_mgu(**options) -> Cell:
+    r"""MGU with Cheng et al.'s refined forget gate :math:`\hat f = \sigma(\cdot) \odot x_t`
+    (``mode="add"``: ``σ(·) + x_t``). **Uncertain** form (see :func:`mechanisms.refined`).
+    Needs ``in == H``. Reports the refined ``f``.
+    """
+    return _mgu("refined_mgu", options, {"refined": ("f",)})
+
+
+def _mgu(name: str, options: dict, defaults: dict) -> Cell:
+    o = check_options(name, options, {**MGU_DEFAULTS, **defaults})
+    variant = choice(name, "variant", o["variant"], ("zhou", "flax"))
+    mode = choice(name, "mode", o["mode"], REFINED_MODES)
+    rset = refined_set(name, o, ("f",))
+    specs = {"f": {}, "n": {"extra_bias": ("b_hn",)} if variant == "flax" else {}}
+    sign = 1 if variant == "flax" else -1
+    init_fn = standard_init(specs, o["init"], forget=("f", sign), t_max=o["t_max"],
+                            forget_bias_init=o["forget_bias_init"])
+
+    def project(p, x):
+        xp = {"a": input_projection(p, x, ("f", "n"))}
+        if rset:
+            xp["x"] = x
+        return xp
+
+    def recur(p, state, xp, t):
+        h = state["h"]
+        if variant == "flax":
+            rec = recurrent_projection(p, h, ("f", "n"))
+            f = jax.nn.sigmoid(xp["a"]["f"] + rec["f"])
+            f = refined(f, xp["x"], mode) if rset else f
+            n = jnp.tanh(xp["a"]["n"] + f * (rec["n"] + p["n"]["b_hn"]))
+            h = (1.0 - f) * n + f * h
+        else:
+            f = jax.nn.sigmoid(xp["a"]["f"] + h @ p["f"]["U"])
+            f = refined(f, xp["x"], mode) if rset else f
+            n = jnp.tanh(xp["a"]["n"] + (f * h) @ p["n"]["U"])
+            h = (1.0 - f) * h + f * n
+        return {"h": h}, h, {"f": f}
+
+    eq = {"mgu": "n = tanh(Wx + U(f*h) + b); h = (1-f)*h + f*n",
+          "refined_mgu": "MGU with f refined: sigma(Wx+Uh+b) * x"}.get(name, "")
+    return Cell(name, freeze(o), ("f",), ("h",), bool(rset), eq, ("f", sign), (("f", sign),),
+                init_fn, project, recur)

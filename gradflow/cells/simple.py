@@ -1,0 +1,69 @@
+"""Ungated cells: the vanilla tanh RNN and IndRNN."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gradflow.cells.base import Cell, check_options, freeze, input_projection, parse_init, weight
+from gradflow.cells.mechanisms import standard_init
+
+
+def rnn(**options) -> Cell:
+    r"""Vanilla (Elman) RNN.
+
+    .. math:: h_t = \tanh(W x_t + U h_{t-1} + b)
+
+    Params: ``{"h": {"W": (in, H), "U": (H, H), "b": (H,)}}``. Reports no gates.
+
+    Options: ``init`` (``orthogonal``, ``glorot``, ``torch``).
+
+    Example::
+
+      >>> cell = gradflow.cells.get("rnn")
+      >>> p = cell.init(jax.random.key(0), 3, 8)
+      >>> s = cell.initial_state((2,), 8)
+      >>> s, h, gates = cell.step(p, s, jnp.ones((2, 3)), 0)
+    """
+    o = check_options("rnn", options, {"init": "orthogonal"})
+    init_fn = standard_init({"h": {}}, o["init"])
+
+    def project(p, x):
+        return input_projection(p, x, ("h",))
+
+    def recur(p, state, xp, t):
+        h = jnp.tanh(xp["h"] + state["h"] @ p["h"]["U"])
+        return {"h": h}, h, {}
+
+    return Cell("rnn", freeze(o), (), ("h",), False,
+                "h = tanh(W x + U h + b)", None, (), init_fn, project, recur)
+
+
+def indrnn(**options) -> Cell:
+    r"""Independently recurrent network (Li et al. 2018).
+
+    .. math:: h_t = \mathrm{relu}(W x_t + u \odot h_{t-1} + b)
+
+    ``u`` is a vector: each neuron recurs only onto itself. Params:
+    ``{"h": {"W": (in, H), "u": (H,), "b": (H,)}}``; ``u ~ U[0, 1]`` at init (``u_max`` option
+    sets the upper end). Reports no gates.
+    """
+    o = check_options("indrnn", options, {"init": "orthogonal", "u_max": 1.0})
+    wscheme, bscheme = parse_init(o["init"])
+    if bscheme is not None:
+        raise ValueError(f"cell 'indrnn' has no forget-type gate for init {o['init']!r}")
+
+    def init_fn(key, input_size, hidden_size, dtype):
+        kw, ku = jax.random.split(key)
+        return {"h": {"W": weight(kw, (input_size, hidden_size), wscheme, hidden_size, dtype),
+                      "u": jax.random.uniform(ku, (hidden_size,), dtype, 0.0, o["u_max"]),
+                      "b": jnp.zeros((hidden_size,), dtype)}}
+
+    def project(p, x):
+        return input_projection(p, x, ("h",))
+
+    def recur(p, state, xp, t):
+        h = jax.nn.relu(xp["h"] + p["h"]["u"] * state["h"])
+        return {"h": h}, h, {}
+
+    return Cell("indrnn", freeze(o), (), ("h",), False,
+                "h = relu(W x + u * h + b)", None, (), init_fn, project, recur)

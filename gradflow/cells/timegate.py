@@ -1,0 +1,107 @@
+"""Time-gated LSTMs: the Gaussian-gated g-LSTM and its predecessor, the Phased LSTM.
+
+Both wrap a plain :func:`gradflow.cells.lstm.lstm` step (``ĉ, ĥ``) with a per-neuron time gate
+``k_t`` that decides how much of the step's update is applied:
+
+.. math:: c_t = k_t \odot \hat c_t + (1 - k_t) \odot c_{t-1}, \qquad
+          h_t = k_t \odot \hat h_t + (1 - k_t) \odot h_{t-1}
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gradflow.cells.base import Cell, check_options, freeze
+from gradflow.cells.lstm import LSTM_DEFAULTS, lstm
+
+_INNER = ("init", "forget_bias", "forget_bias_init", "t_max")
+
+
+def gaussian_gate(t, mu, sigma):
+    r"""g-LSTM's time gate :math:`k_t = \exp(-(t - \mu)^2 / (2\sigma^2))`; ``mu, sigma: (H,)``."""
+    return jnp.exp(-((t - mu) ** 2) / (2.0 * sigma ** 2))
+
+
+def phased_gate(t, tau, s, r_on, alpha):
+    r"""Phased LSTM's time gate (Neil et al. 2016).
+
+    :math:`\phi_t = ((t - s) \bmod \tau) / \tau`;
+    :math:`k_t = 2\phi/r_{on}` if :math:`\phi < r_{on}/2`, :math:`2 - 2\phi/r_{on}` if
+    :math:`\phi < r_{on}`, else :math:`\alpha\phi` (the closed phase leaks with rate ``alpha``).
+    """
+    phi = jnp.mod(t - s, tau) / tau
+    return jnp.where(phi < 0.5 * r_on, 2.0 * phi / r_on,
+                     jnp.where(phi < r_on, 2.0 - 2.0 * phi / r_on, alpha * phi))
+
+
+def _time_gated(name, options, defaults, time_init, gate_fn, eq) -> Cell:
+    inner_defaults = {k: LSTM_DEFAULTS[k] for k in _INNER}
+    o = check_options(name, options, {**inner_defaults, **defaults})
+    inner = lstm(**{k: o[k] for k in _INNER})
+
+    def init_fn(key, input_size, hidden_size, dtype):
+        k1, k2 = jax.random.split(key)
+        p = inner.init_fn(k1, input_size, hidden_size, dtype)
+        p["time"] = time_init(k2, hidden_size, dtype, o)
+        return p
+
+    def recur(p, state, xp, t):
+        new, h_hat, gates = inner.recur_fn(p, state, xp, t)
+        k = gate_fn(jnp.asarray(t, p["time"][next(iter(p["time"]))].dtype), p["time"], o)
+        k = jnp.broadcast_to(k, h_hat.shape)
+        c = k * new["c"] + (1.0 - k) * state["c"]
+        h = k * h_hat + (1.0 - k) * state["h"]
+        return {"c": c, "h": h}, h, {**gates, "k": k}
+
+    return Cell(name, freeze(o), ("i", "f", "o", "k"), ("c", "h"), False, eq, ("f", 1),
+                (("f", 1),), init_fn, inner.project_fn, recur)
+
+
+def g_lstm(**options) -> Cell:
+    r"""Gaussian-gated LSTM (Thornton et al. 2019).
+
+    .. math:: k_t = \exp\!\left(-\frac{(t - \mu)^2}{2 \sigma^2}\right), \qquad
+              c_t = k_t \odot \hat c_t + (1 - k_t) \odot c_{t-1}, \quad
+              h_t = k_t \odot \hat h_t + (1 - k_t) \odot h_{t-1}
+
+    with learned per-neuron ``μ, σ`` (``params["time"] = {"mu": (H,), "sigma": (H,)}``) and
+    ``ĉ, ĥ`` the plain LSTM update. Init: ``μ ~ U[0, steps)``, ``σ = sigma_frac · steps``.
+    **Uncertain** in detail (the full text was not available): the update form is Phased LSTM's.
+    Options: ``steps`` (default 100), ``sigma_frac`` (default 0.1), and the LSTM options
+    ``init, forget_bias, forget_bias_init, t_max``. Reports ``i, f, o, k``.
+    """
+    def time_init(key, hidden, dtype, o):
+        steps = float(o["steps"])
+        if not steps > 0 or not o["sigma_frac"] > 0:
+            raise ValueError("g_lstm: steps and sigma_frac must be positive")
+        return {"mu": jax.random.uniform(key, (hidden,), dtype, 0.0, steps),
+                "sigma": jnp.full((hidden,), o["sigma_frac"] * steps, dtype)}
+
+    def gate(t, tp, o):
+        return gaussian_gate(t, tp["mu"], tp["sigma"])
+
+    return _time_gated("g_lstm", options, {"steps": 100, "sigma_frac": 0.1}, time_init, gate,
+                       "k = exp(-(t-mu)^2/2s^2); c = k*c^ + (1-k)*c; h = k*h^ + (1-k)*h")
+
+
+def phased_lstm(**options) -> Cell:
+    r"""Phased LSTM (Neil et al. 2016): an LSTM whose update is gated by a periodic time gate.
+
+    :math:`\phi_t = ((t - s) \bmod \tau)/\tau`, :math:`k_t` from :func:`phased_gate`, and the
+    ``c, h`` update of :func:`g_lstm`. Params ``params["time"] = {"tau", "s", "r_on"}``, each
+    ``(H,)``. Init: ``τ = exp(U[1, 5])``, ``s ~ U[0, τ)``, ``r_on = 0.05``; ``alpha`` (1e-3) is a
+    fixed option. Reports ``i, f, o, k``.
+    """
+    def time_init(key, hidden, dtype, o):
+        k1, k2 = jax.random.split(key)
+        tau = jnp.exp(jax.random.uniform(k1, (hidden,), dtype, *o["log_tau"]))
+        return {"tau": tau, "s": jax.random.uniform(k2, (hidden,), dtype) * tau,
+                "r_on": jnp.full((hidden,), o["r_on"], dtype)}
+
+    def gate(t, tp, o):
+        return phased_gate(t, tp["tau"], tp["s"], tp["r_on"], o["alpha"])
+
+    return _time_gated("phased_lstm", options,
+                       {"log_tau": (1.0, 5.0), "r_on": 0.05, "alpha": 1e-3}, time_init, gate,
+                       "phi = ((t-s) mod tau)/tau; k = open/close ramps of r_on, else alpha*phi")
+

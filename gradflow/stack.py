@@ -1,0 +1,335 @@
+"""Deep stacks of recurrent cells, unrolled with ``lax.scan`` over time and depth.
+
+Layer ``l`` at step ``t`` reads ``x^l_t`` (the data, or its projection to ``H``, for ``l = 0``;
+``h^{l-1}_t`` above) and its own previous state, and emits ``h^l_t`` both up to ``(l+1, t)`` and
+forward to ``(l, t+1)``.
+
+Two evaluation orders give the same numbers:
+
+* ``order="layer"``: one layer at a time, each a ``lax.scan`` over time whose whole input
+  projection is one ``(B*T, in) x (in, G*H)`` matmul; layers of equal shapes go through a
+  ``lax.scan`` over depth, so a 64-layer stack compiles one layer body.
+* ``order="wavefront"``: anti-diagonals (layer ``l`` at step ``s - l``), so the ``L`` layers'
+  matmuls of one wavefront step run as one batched matmul: ``T + L - 1`` sequential steps
+  instead of ``L * T`` (the way cuDNN runs stacked RNNs). Needs all layers of one shape.
+
+``perturb`` adds arrays to the state as it leaves each cell; the gradient w.r.t. a zero
+perturbation is the total derivative of a loss w.r.t. that state (one backward pass gives the
+whole ``[layer, time]`` map). ``checkpoint=C`` rematerialises the time scan in chunks of ``C``
+steps (``jax.checkpoint``), so the residuals kept for the backward pass grow like
+``T/C + C`` instead of ``T``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gradflow import cells as _cells
+from gradflow.cells.base import Cell
+
+ORDERS = ("layer", "wavefront")
+
+
+class StackOutput(NamedTuple):
+    """What a stack computes.
+
+    Attributes:
+      states: ``{name: (L, B, T, H)}``: every layer's state after every step (``"h"`` is the
+        output, ``"c"`` the memory of LSTM-type cells), perturbations included.
+      gates: ``{gate: (L, B, T, H)}``: reported gate activations (empty unless requested).
+      final: ``{name: (L, B, H)}``: the state after the last step.
+    """
+
+    states: dict
+    gates: dict
+    final: dict
+
+    @property
+    def h(self):
+        """``(L, B, T, H)`` hidden outputs."""
+        return self.states["h"]
+
+    @property
+    def top(self):
+        """``(B, T, H)`` outputs of the top layer."""
+        return self.states["h"][-1]
+
+
+def _positive_int(name, value) -> int:
+    """``int(value)`` if it is a positive integer (not a bool), else a ValueError naming it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """``layers`` recurrent cells stacked over ``input_size``-dim data, ``hidden_size`` wide.
+
+    Args:
+      cell: a :class:`gradflow.cells.Cell` or a registered name (see ``gradflow.cells.names()``).
+      layers: ``L >= 1``.
+      input_size: ``D``, the data's feature size.
+      hidden_size: ``H``.
+      input_projection: map the data linearly to ``H`` before layer 0
+        (``params["input"] = {"W": (D, H), "b": (H,)}``). Default: only when the cell needs
+        ``in == H`` (refined gates) and ``D != H``.
+      order: ``"layer"`` (default) or ``"wavefront"`` (see the module docstring).
+      checkpoint: ``None`` (no rematerialisation), a chunk length ``C``, or ``"auto"``
+        (``C = ceil(sqrt(T))``).
+      options: cell options when ``cell`` is a name.
+
+    Example::
+
+      >>> stack = gradflow.Stack("lstm", layers=4, input_size=3, hidden_size=16)
+      >>> params = stack.init(jax.random.key(0))
+      >>> out = stack.apply(params, jnp.ones((2, 10, 3)))
+      >>> out.h.shape
+      (4, 2, 10, 16)
+    """
+
+    cell: Cell
+    layers: int
+    input_size: int
+    hidden_size: int
+    input_projection: bool | None = None
+    order: str = "layer"
+    checkpoint: int | str | None = None
+
+    def __init__(self, cell, layers: int = 1, input_size: int = 1, hidden_size: int = 32, *,
+                 input_projection: bool | None = None, order: str = "layer",
+                 checkpoint=None, **options):
+        cell = _cells.get(cell, **options)
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("cell", cell)
+        set_("layers", _positive_int("layers", layers))
+        set_("input_size", _positive_int("input_size", input_size))
+        set_("hidden_size", _positive_int("hidden_size", hidden_size))
+        if input_projection is None:
+            input_projection = cell.square and input_size != hidden_size
+        elif cell.square and input_size != hidden_size and not input_projection:
+            raise ValueError(
+                f"cell {cell.name!r} needs its input size to equal hidden_size ({hidden_size}); "
+                f"the data has {input_size} features: use input_projection=True")
+        set_("input_projection", bool(input_projection))
+        if order not in ORDERS:
+            raise ValueError(f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
+        set_("order", order)
+        if checkpoint not in (None, "auto"):
+            checkpoint = _positive_int("checkpoint", checkpoint)
+        set_("checkpoint", checkpoint)
+        if order == "wavefront" and not self.uniform:
+            raise ValueError("order='wavefront' needs every layer to read H features: use "
+                             "input_projection=True or input_size == hidden_size")
+
+    @property
+    def uniform(self) -> bool:
+        """True when every layer reads ``H`` features (so the layers share one shape)."""
+        return self.input_projection or self.input_size == self.hidden_size
+
+    @property
+    def config(self) -> dict:
+        """JSON-able description: the cell's config plus the stack's sizes."""
+        return {**self.cell.config, "layers": self.layers, "input_size": self.input_size,
+                "hidden_size": self.hidden_size, "input_projection": self.input_projection,
+                "order": self.order, "checkpoint": self.checkpoint}
+
+    def replace(self, **changes) -> "Stack":
+        """A copy with some fields changed (``cell`` may be a name)."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        kw.update(changes)
+        return Stack(kw.pop("cell"), **kw)
+
+    # ------------------------------------------------------------------------------------------
+    def init(self, key, dtype=jnp.float32) -> dict:
+        """``{"layers": [per-layer cell params, bottom first], "input": {"W", "b"}?}``."""
+        kin, klayers = jax.random.split(key)
+        H, D = self.hidden_size, self.input_size
+        first = H if self.input_projection else D
+        keys = jax.random.split(klayers, self.layers)
+        params = {"layers": [self.cell.init(k, first if l == 0 else H, H, dtype)
+                             for l, k in enumerate(keys)]}
+        if self.input_projection:
+            params["input"] = {"W": jax.nn.initializers.orthogonal()(kin, (D, H), dtype),
+                               "b": jnp.zeros((H,), dtype)}
+        return params
+
+    def initial_state(self, batch: int, dtype=jnp.float32) -> dict:
+        """Zero state ``{name: (L, B, H)}``."""
+        return {k: jnp.zeros((self.layers, batch, self.hidden_size), dtype)
+                for k in self.cell.state_names}
+
+    def check_inputs(self, xs):
+        """Raise a ValueError unless ``xs`` is ``(B, T, input_size)``."""
+        shape = getattr(xs, "shape", None)
+        if shape is None or len(shape) != 3 or shape[-1] != self.input_size:
+            raise ValueError(f"inputs must have shape (batch, steps, {self.input_size}), "
+                             f"got {shape}")
+        if shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"inputs need at least one example and one step, got {shape}")
+
+    def apply(self, params: dict, xs, *, state0: dict | None = None, perturb: dict | None = None,
+              gates: bool = False) -> StackOutput:
+        """Run the stack over a batch of sequences.
+
+        Args:
+          params: from :meth:`init`.
+          xs: ``(B, T, D)`` inputs, batch-major.
+          state0: ``{name: (L, B, H)}`` initial states (zeros if None).
+          perturb: ``{name: (L, B, T, H)}`` added to each state where it leaves its cell
+            (keys a subset of ``cell.state_names``).
+          gates: also return every reported gate activation.
+        Returns:
+          :class:`StackOutput` with ``(L, B, T, H)`` states and gates.
+        """
+        self.check_inputs(xs)
+        dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
+        xs = jnp.asarray(xs, dtype)
+        B, T, _ = xs.shape
+        L = self.layers
+        if state0 is None:
+            state0 = self.initial_state(B, dtype)
+        perturb = dict(perturb or {})
+        unknown = set(perturb) - set(self.cell.state_names)
+        if unknown:
+            raise ValueError(f"perturb keys {sorted(unknown)} are not states of cell "
+                             f"{self.cell.name!r} ({', '.join(self.cell.state_names)})")
+        x = jnp.swapaxes(xs, 0, 1)  # (T, B, D): time-major inside
+        if self.input_projection:
+            x = x @ params["input"]["W"] + params["input"]["b"]
+        eps = {k: jnp.swapaxes(v, 1, 2) for k, v in perturb.items()}  # (L, T, B, H)
+        chunk = self._chunk(T)
+        if self.order == "wavefront":
+            states, gts, final = _wavefront(self.cell, _stack_layers(params["layers"]), x,
+                                            state0, eps, gates, chunk)
+        else:
+            states, gts, final = self._layerwise(params["layers"], x, state0, eps, gates, chunk)
+        t = lambda v: jnp.swapaxes(v, 1, 2)  # noqa: E731  (L, T, B, H) -> (L, B, T, H)
+        return StackOutput({k: t(v) for k, v in states.items()},
+                           {k: t(v) for k, v in gts.items()}, final)
+
+    def _chunk(self, T):
+        if self.checkpoint is None:
+            return None
+        if self.checkpoint == "auto":
+            return max(1, math.ceil(math.sqrt(T)))
+        return min(self.checkpoint, T)
+
+    def _layerwise(self, layers, x, state0, eps, gates, chunk):
+        L = self.layers
+        pick = lambda tree, l: jax.tree_util.tree_map(lambda a: a[l], tree)  # noqa: E731
+        run = lambda p, xx, s0, e: _layer(self.cell, p, xx, s0, e, gates, chunk)  # noqa: E731
+        outs = []
+        start = 0
+        if not self.uniform or L == 1:  # layer 0 has its own shape (or there is only one layer)
+            outs.append(jax.tree_util.tree_map(lambda a: a[None],
+                                               run(layers[0], x, pick(state0, 0), pick(eps, 0))))
+            x = outs[-1][0]["h"][0]
+            start = 1
+        if start < L:
+            rest = slice(start, L)
+
+            def body(xx, inp):
+                p, s0, e = inp
+                states, gts, final = run(p, xx, s0, e)
+                return states["h"], (states, gts, final)
+
+            sl = lambda tree: jax.tree_util.tree_map(lambda a: a[rest], tree)  # noqa: E731
+            _, out = lax.scan(body, x, (_stack_layers(layers[start:]), sl(state0), sl(eps)))
+            outs.append(out)
+        if len(outs) == 1:
+            return outs[0]
+        return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
+
+
+def _stack_layers(layers):
+    """A list of per-layer param trees of one shape -> one tree with a leading layer axis."""
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
+
+
+def _scan(body, carry, xs, length, chunk):
+    """``lax.scan(body, carry, xs)``, rematerialised in chunks of ``chunk`` steps if given."""
+    if chunk is None or chunk >= length:
+        if chunk is not None:
+            body = jax.checkpoint(body)
+        return lax.scan(body, carry, xs)
+    n, rem = divmod(length, chunk)
+    head = jax.tree_util.tree_map(lambda a: a[: n * chunk].reshape((n, chunk) + a.shape[1:]), xs)
+    inner = jax.checkpoint(lambda c, x: lax.scan(body, c, x))
+    carry, ys = lax.scan(inner, carry, head)
+    ys = jax.tree_util.tree_map(lambda a: a.reshape((n * chunk,) + a.shape[2:]), ys)
+    if rem:
+        tail = jax.tree_util.tree_map(lambda a: a[n * chunk:], xs)
+        carry, yt = jax.checkpoint(lambda c, x: lax.scan(body, c, x))(carry, tail)
+        ys = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), ys, yt)
+    return carry, ys
+
+
+def _layer(cell: Cell, p, x, s0, eps, gates: bool, chunk):
+    """One layer over a whole sequence.
+
+    Args:
+      x: ``(T, B, in)``; s0: ``{name: (B, H)}``; eps: ``{name: (T, B, H)}`` (subset of states).
+    Returns:
+      ``(states {name: (T, B, H)}, gates {g: (T, B, H)}, final {name: (B, H)})``.
+    """
+    T = x.shape[0]
+    xp = cell.project(p, x)  # the whole sequence's input side: one matmul
+
+    def body(state, inp):
+        xp_t, e_t, t = inp
+        new, _, g = cell.recur(p, state, xp_t, t)
+        new = {k: v + e_t[k] if k in e_t else v for k, v in new.items()}
+        return new, (new, g if gates else {})
+
+    final, (states, gts) = _scan(body, s0, (xp, eps, jnp.arange(T)), T, chunk)
+    return states, gts, final
+
+
+def _wavefront(cell: Cell, P, x, s0, eps, gates: bool, chunk):
+    """All layers at once along anti-diagonals; ``P`` has a leading layer axis.
+
+    Args:
+      x: ``(T, B, H)`` layer-0 inputs; s0: ``{name: (L, B, H)}``; eps: ``{name: (L, T, B, H)}``.
+    Returns:
+      as :func:`_layer`, with a leading layer axis on every array.
+    """
+    T = x.shape[0]
+    L = jax.tree_util.tree_leaves(P)[0].shape[0]
+    S = T + L - 1
+    lidx = jnp.arange(L)
+    x_pad = jnp.concatenate([x, jnp.zeros((L - 1,) + x.shape[1:], x.dtype)])  # (S, B, H)
+    step = jax.vmap(cell.step, in_axes=(0, 0, 0, 0))
+
+    def body(carry, inp):
+        state, below = carry  # below: (L, B, H), the outputs of each layer at the last step
+        x_s, s = inp
+        t = s - lidx
+        active = (t >= 0) & (t < T)
+        tc = jnp.clip(t, 0, T - 1)
+        inputs = jnp.concatenate([x_s[None], below[:-1]])
+        new, _, g = step(P, state, inputs, t)
+        new = {k: v + eps[k][lidx, tc] if k in eps else v for k, v in new.items()}
+        mask = active[:, None, None]
+        new = {k: jnp.where(mask, v, state[k]) for k, v in new.items()}
+        return (new, new["h"]), (new, g if gates else {})
+
+    h0 = jnp.zeros_like(s0["h"])
+    (final, _), (states, gts) = _scan(body, (s0, h0), (x_pad, jnp.arange(S)), S, chunk)
+    # states[s, l] holds layer l at step s - l: gather the diagonal back to [l, t].
+    tt = jnp.arange(T)[None, :] + lidx[:, None]
+    gather = lambda a: a[tt, lidx[:, None]]  # noqa: E731  (S, L, ...) -> (L, T, ...)
+    return ({k: gather(v) for k, v in states.items()}, {k: gather(v) for k, v in gts.items()},
+            final)
