@@ -1,4 +1,4 @@
-"""Time-gated LSTMs: the Gaussian-gated g-LSTM and its predecessor, the Phased LSTM.
+r"""Time-gated LSTMs: the Gaussian-gated g-LSTM and its predecessor, the Phased LSTM.
 
 Both wrap a plain :func:`gradflow.cells.lstm.lstm` step (``ĉ, ĥ``) with a per-neuron time gate
 ``k_t`` that decides how much of the step's update is applied:

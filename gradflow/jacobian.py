@@ -1,0 +1,469 @@
+r"""Exact gradient maps, Jacobian maps and local gains through deep recurrent stacks.
+
+Notation: ``h^l_t`` is the output of layer ``l`` at step ``t`` of a :class:`gradflow.Stack`;
+maps are ``(L, T)`` arrays indexed ``[layer, time]``.
+
+* :func:`gradient_map`: :math:`G[l,t] = \mathrm{mean}_b \|\partial \mathcal L/\partial h^l_t[b]\|_2`
+  (``wrt="hidden"``; ``"cell"`` for the memory ``c^l_t``) from ONE backward pass: a zero
+  perturbation is added where every state leaves its cell and the loss is differentiated w.r.t.
+  all of them at once. ``wrt="params"``: :math:`P[l,t] = \mathrm{mean}_\theta |\partial \mathcal L/
+  \partial \theta^l_{(t)}|`, the gradient w.r.t. the copy of layer ``l``'s parameters used at step
+  ``t`` (:math:`\sum_t \partial\mathcal L/\partial\theta^l_{(t)} = \partial\mathcal L/\partial\theta^l`),
+  obtained without materialising ``L x T`` parameter copies: the backward pass gives the total
+  derivative of the loss w.r.t. every state, and the per-step parameter gradient is the VJP of
+  that one step with it, mapped over steps in chunks.
+* :func:`jacobian_map`: :math:`J[l,t] = \mathrm{mean}_b \|\partial h^{L'}_{T'}[b]/\partial h^l_t[b]\|`,
+  exactly (one VJP per basis cotangent of the target, ``vmap``-ed in chunks) or estimated from
+  ``k`` Gaussian probes (:math:`E\|v^\top J\|^2 = \|J\|_F^2`) with a standard error.
+* :func:`local_gains`: the one-step Jacobians, vertical :math:`\partial h^l_t/\partial x^l_t` and
+  temporal :math:`\partial h^l_t/\partial h^l_{t-1}`, as RMS gain and spectral norm.
+
+Norms: ``"rms"`` is :math:`\|J\|_F/\sqrt{n}` for a Jacobian with ``n`` columns (the gain of an
+isotropic random perturbation: 1.0 means magnitude preserved), ``"spectral"`` the largest
+singular value. All results are :class:`gradflow.results.Result` objects.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gradflow.results import Result, make_result
+from gradflow.stack import Stack
+
+LOSSES = ("last", "all")
+WRTS = ("hidden", "cell", "params")
+NORMS = ("rms", "spectral")
+METHODS = ("exact", "probe")
+CLASSES = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def readout_loss(loss: str, hidden_size: int, steps: int, batch: int, seed: int = 0,
+                 dtype=jnp.float32, classes: int = CLASSES) -> Callable:
+    r"""The default loss: a fixed random linear readout to ``classes`` classes, cross-entropy
+    against fixed random labels, averaged over the batch.
+
+    ``loss="last"``: the readout of :math:`h^{L-1}_{T-1}` only (final-output loss);
+    ``loss="all"``: the mean over ``t`` of the readout loss at every step (sequence loss).
+    Readout :math:`W_r \sim N(0, 1/H)`, labels ``(B, T)`` uniform, both from ``key(seed)``.
+
+    Returns: ``fn(outputs: (B, T, H)) -> scalar``.
+    """
+    kw, ky = jax.random.split(jax.random.key(seed))
+    w = jax.random.normal(kw, (hidden_size, classes), dtype) / math.sqrt(hidden_size)
+    labels = jax.random.randint(ky, (batch, steps), 0, classes)
+
+    def fn(outputs):
+        if loss == "last":
+            logits, y = outputs[:, -1] @ w, labels[:, -1]
+        else:
+            logits, y = outputs @ w, labels
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
+
+    return fn
+
+
+def _loss(loss, stack: Stack, xs, seed: int) -> tuple[Callable, str]:
+    if callable(loss):
+        return loss, getattr(loss, "__name__", "callable")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)} or a callable "
+                         "loss(outputs: (B, T, H)) -> scalar")
+    B, T, _ = xs.shape
+    return readout_loss(loss, stack.hidden_size, T, B, seed, xs.dtype), loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared checks and config
+
+
+def _prepare(stack: Stack, params, xs):
+    if not isinstance(stack, Stack):
+        raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
+    stack.check_inputs(xs)
+    if len(params.get("layers", ())) != stack.layers:
+        raise ValueError(f"params hold {len(params.get('layers', ()))} layers, the stack has "
+                         f"{stack.layers}")
+    dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
+    xs = jnp.asarray(xs, dtype)
+    if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
+        raise ValueError("inputs contain NaN or inf; gradient flow is measured on finite inputs")
+    return xs
+
+
+def _config(stack: Stack, xs, meta, **extra) -> dict:
+    B, T, _ = xs.shape
+    return {**stack.config, "steps": int(T), "batch": int(B), "dtype": str(xs.dtype), **extra,
+            **(meta or {})}
+
+
+def _zeros_perturb(stack: Stack, xs, names):
+    B, T, _ = xs.shape
+    return {k: jnp.zeros((stack.layers, B, T, stack.hidden_size), xs.dtype) for k in names}
+
+
+def state_gradients(stack: Stack, params, xs, loss_fn: Callable, names=("h",)):
+    r"""Total derivatives :math:`\partial\mathcal L/\partial s^l_t` of every state in one backward pass.
+
+    Args:
+      loss_fn: ``(B, T, H) top-layer outputs -> scalar``.
+      names: which states (``"h"``, ``"c"``).
+    Returns:
+      ``(value, grads {name: (L, B, T, H)}, out)`` with ``out`` the :class:`StackOutput`.
+    """
+    def f(eps):
+        out = stack.apply(params, xs, perturb=eps)
+        return loss_fn(out.top), out
+
+    (value, out), grads = jax.value_and_grad(f, has_aux=True)(_zeros_perturb(stack, xs, names))
+    return value, grads, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient maps
+
+
+def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
+                 readout_seed: int = 0, chunk: int | None = None, meta: dict | None = None
+                 ) -> Result:
+    r"""The ``[layer, time]`` map of gradient magnitudes.
+
+    ``wrt="hidden"``: :math:`G[l,t] = \mathrm{mean}_b \|\partial\mathcal L/\partial h^l_t[b]\|_2`,
+    the total derivative w.r.t. the output of layer ``l`` at step ``t``; ``wrt="cell"`` the
+    same for an LSTM-type memory ``c^l_t``; ``wrt="params"``:
+    :math:`P[l,t] = \mathrm{mean}_\theta |\partial\mathcal L/\partial\theta^l_{(t)}|` over every
+    parameter entry of layer ``l`` (the batch averaged inside the loss).
+
+    Args:
+      stack, params: a :class:`gradflow.Stack` and its parameters.
+      xs: ``(B, T, D)`` inputs.
+      loss: ``"last"``, ``"all"`` (see :func:`readout_loss`) or ``fn(outputs: (B, T, H)) -> scalar``.
+      wrt: ``"hidden"``, ``"cell"`` or ``"params"``.
+      readout_seed: seed of the default readout and labels.
+      chunk: steps per vectorised chunk of the per-step parameter VJPs (``wrt="params"``;
+        default: all steps at once up to ~64 MiB of parameter copies).
+      meta: extra config recorded in the result (e.g. ``problem(...).config``).
+    Returns:
+      Result ``kind="gradient_map"`` with ``values: (L, T)`` and ``loss_value: ()``.
+    """
+    xs = _prepare(stack, params, xs)
+    if wrt not in WRTS:
+        raise ValueError(f"unknown wrt {wrt!r}; valid: {', '.join(WRTS)}")
+    if wrt == "cell" and "c" not in stack.cell.state_names:
+        raise ValueError(f"wrt='cell' needs a cell with a memory state c; cell "
+                         f"{stack.cell.name!r} has only {', '.join(stack.cell.state_names)}")
+    loss_fn, loss_name = _loss(loss, stack, xs, readout_seed)
+    if wrt == "params":
+        chunk = chunk or _auto_chunk(stack, xs)
+        value, vals = _params_map(stack, params, xs, loss_fn, chunk)
+    else:
+        value, vals = _state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
+    config = _config(stack, xs, meta, loss=loss_name, wrt=wrt, readout_seed=readout_seed)
+    return make_result("gradient_map", {"values": vals, "loss_value": value}, config)
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "name"))
+def _state_map(stack, params, xs, loss_fn, name):
+    value, grads, _ = state_gradients(stack, params, xs, loss_fn, (name,))
+    return value, jnp.mean(jnp.linalg.norm(grads[name], axis=-1), axis=1)  # (L, T)
+
+
+def _auto_chunk(stack: Stack, xs) -> int:
+    n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(
+        jax.eval_shape(lambda k: stack.init(k), jax.random.key(0))["layers"][-1]))
+    per_step = n * jnp.dtype(xs.dtype).itemsize  # one parameter-gradient copy per step
+    return int(max(1, min(xs.shape[1], (64 << 20) // per_step)))
+
+
+def _layer_inputs(stack: Stack, params, xs, out):
+    """``x^l_t`` for every layer: ``[(B, T, in_0)] + [(B, T, H)] * (L-1)`` as a list."""
+    x0 = xs @ params["input"]["W"] + params["input"]["b"] if stack.input_projection else xs
+    return [x0] + [out.states["h"][l] for l in range(stack.layers - 1)]
+
+
+def _previous_states(out, state0):
+    """``s^l_{t-1}`` for every ``(l, t)``: ``{name: (L, B, T, H)}`` (``state0`` at ``t = 0``)."""
+    return {k: jnp.concatenate([state0[k][:, :, None], v[:, :, :-1]], axis=2)
+            for k, v in out.states.items()}
+
+
+def _per_layer(stack: Stack, fn, params, *arrays):
+    """``fn(layer_params, *layer_arrays)`` for every layer, stacked on a leading axis.
+
+    Layers of one shape go through one ``lax.map`` (one compiled body); a layer 0 of another
+    shape is done on its own. ``arrays`` are lists (or arrays) indexed by layer.
+    """
+    L = stack.layers
+    outs = []
+    start = 0
+    if not stack.uniform or L == 1:
+        first = [a[0] if isinstance(a, list) else jax.tree_util.tree_map(lambda v: v[0], a)
+                 for a in arrays]
+        outs.append(jax.tree_util.tree_map(lambda a: a[None], fn(params["layers"][0], *first)))
+        start = 1
+    if start < L:
+        stacked_p = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *params["layers"][start:])
+        rest = [jnp.stack(a[start:]) if isinstance(a, list)
+                else jax.tree_util.tree_map(lambda v: v[start:], a) for a in arrays]
+        outs.append(lax.map(lambda args: fn(*args), (stacked_p, *rest)))
+    if len(outs) == 1:
+        return outs[0]
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
+
+
+def per_step_param_grads(stack: Stack, params, xs, loss_fn: Callable, reduce=None,
+                         chunk: int | None = None):
+    r"""Per-step parameter gradients :math:`\partial\mathcal L/\partial\theta^l_{(t)}` of every layer.
+
+    ``reduce(grad_tree) -> array`` is applied to each ``(l, t)`` gradient as soon as it is made
+    (so the ``L x T`` copies are never held at once); with ``reduce=None`` the full trees are
+    returned, with leading axes ``(L, T)`` (needs all layers of one shape; for tests and small
+    problems).
+
+    Returns: ``(loss value, per-(l, t) results with leading axes (L, T))``.
+    """
+    T = xs.shape[1]
+    chunk = chunk or T
+    names = stack.cell.state_names
+    value, grads, out = state_gradients(stack, params, xs, loss_fn, names)
+    B = xs.shape[0]
+    prev = _previous_states(out, stack.initial_state(B, xs.dtype))
+    inputs = _layer_inputs(stack, params, xs, out)
+    cell = stack.cell
+
+    def layer(p, prev_l, x_l, cot_l):
+        def one(args):
+            s, x, cot, t = args
+            _, vjp = jax.vjp(lambda th: cell.step(th, s, x, t)[0], p)
+            (g,) = vjp(cot)
+            return g if reduce is None else reduce(g)
+
+        tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  (B, T, ...) -> (T, B, ...)
+        args = (jax.tree_util.tree_map(tm, prev_l), tm(x_l), jax.tree_util.tree_map(tm, cot_l),
+                jnp.arange(T))
+        return lax.map(one, args, batch_size=min(chunk, T))
+
+    return value, _per_layer(stack, layer, params, prev, inputs, grads)
+
+
+def _mean_abs(tree):
+    leaves = jax.tree_util.tree_leaves(tree)
+    return sum(jnp.sum(jnp.abs(a)) for a in leaves) / sum(a.size for a in leaves)
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "chunk"))
+def _params_map(stack, params, xs, loss_fn, chunk):
+    return per_step_param_grads(stack, params, xs, loss_fn, _mean_abs, chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jacobian maps
+
+
+def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms",
+                 method: str = "exact", probes: int = 16, seed: int = 0, chunk: int | None = None,
+                 spectra_at=(), meta: dict | None = None) -> Result:
+    r"""Per-example Jacobians of a target hidden state w.r.t. every hidden state.
+
+    :math:`J[l,t] = \mathrm{mean}_b \|\partial h^{L'}_{T'}[b] / \partial h^l_t[b]\|` with
+    ``(L', T') = target`` (negative indices count from the end; default top layer, last step).
+    Positions that cannot reach the target (``t > T'``, or ``t = T'`` and ``l > L'``) are 0; the
+    target itself is the identity.
+
+    Args:
+      target: ``(layer, step)``.
+      norm: ``"rms"`` (:math:`\|J\|_F/\sqrt H`) or ``"spectral"`` (largest singular value;
+        ``method="exact"`` only; holds all ``(L, T, B, H, H)`` Jacobians).
+      method: ``"exact"``: ``H`` VJPs, one per basis cotangent of the target, ``vmap``-ed
+        ``chunk`` at a time; ``"probe"``: ``probes`` Gaussian cotangents ``v``,
+        :math:`\|J\|_F^2 \approx \mathrm{mean}_k \|v_k^\top J\|^2`, with a delta-method standard
+        error (rms only).
+      spectra_at: ``[(l, t), ...]`` positions whose full singular spectra are returned
+        (exact method).
+    Returns:
+      Result ``kind="jacobian_map"``: ``values: (L, T)``; ``stderr: (L, T)`` for probes;
+      ``spectra: (n, B, H)`` singular values (descending) at ``spectra_at``.
+    """
+    xs = _prepare(stack, params, xs)
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    B, T, _ = xs.shape
+    L, H = stack.layers, stack.hidden_size
+    tl, tt = _position(target, L, T, "target")
+    positions = tuple(_position(p, L, T, "spectra_at") for p in spectra_at)
+    if method == "probe":
+        if norm != "rms":
+            raise ValueError("method='probe' estimates the rms (Frobenius) norm only; use "
+                             "method='exact' for norm='spectral'")
+        if positions:
+            raise ValueError("spectra_at needs method='exact'")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
+            raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
+        vals, se = _probe_map(stack, params, xs, (tl, tt), probes, jax.random.key(seed))
+        arrays = {"values": vals, "stderr": se}
+    else:
+        chunk = chunk or _basis_chunk(L, T, B, H, norm)
+        if norm == "spectral":
+            need = L * T * B * H * H * jnp.dtype(xs.dtype).itemsize
+            if need > 4 << 30:
+                raise ValueError(f"norm='spectral' would hold {need / 2**30:.1f} GiB of Jacobians;"
+                                 " use norm='rms', fewer examples, or spectra_at=[...]")
+        vals, spectra = _exact_map(stack, params, xs, (tl, tt), norm, positions, min(chunk, H))
+        arrays = {"values": vals}
+        if positions:
+            arrays["spectra"] = spectra
+    config = _config(stack, xs, meta, target=[tl, tt], norm=norm, method=method,
+                     probes=probes if method == "probe" else None, seed=seed,
+                     spectra_at=[list(p) for p in positions])
+    return make_result("jacobian_map", arrays, config)
+
+
+def _position(p, L, T, what):
+    try:
+        l, t = (int(v) for v in p)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a (layer, step) pair, got {p!r}") from None
+    if not (-L <= l < L and -T <= t < T):
+        raise ValueError(f"{what} {p!r} is outside the stack ({L} layers x {T} steps)")
+    return l % L, t % T
+
+
+def _basis_chunk(L, T, B, H, norm):
+    per = L * T * B * H * (H if norm == "spectral" else 1) * 4
+    return int(max(1, min(H, (256 << 20) // max(per, 1))))
+
+
+def _target_vjp(stack: Stack, params, xs, target):
+    """``vjp(cot: (B, H)) -> {"h": (L, B, T, H)}``: cotangent on ``h^{L'}_{T'}`` pulled back to
+    every ``h^l_t`` (total derivatives, through zero perturbations)."""
+    tl, tt = target
+
+    def f(eps):
+        return stack.apply(params, xs, perturb=eps).states["h"][tl, :, tt]
+
+    _, vjp = jax.vjp(f, _zeros_perturb(stack, xs, ("h",)))
+    return lambda cot: vjp(cot)[0]["h"]
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "target", "norm", "positions", "chunk"))
+def _exact_map(stack, params, xs, target, norm, positions, chunk):
+    B, T, _ = xs.shape
+    H = stack.hidden_size
+    vjp = _target_vjp(stack, params, xs, target)
+    pos_l = jnp.array([p[0] for p in positions], int)
+    pos_t = jnp.array([p[1] for p in positions], int)
+
+    def row(i):
+        cot = jnp.broadcast_to(jax.nn.one_hot(i, H, dtype=xs.dtype), (B, H))
+        g = vjp(cot)  # (L, B, T, H): row i of every per-example Jacobian
+        at = g[pos_l, :, pos_t] if positions else None
+        if norm == "spectral":
+            return g, at
+        return jnp.sum(g * g, axis=-1), at
+
+    rows, at = lax.map(row, jnp.arange(H), batch_size=chunk)
+    if norm == "spectral":
+        jac = jnp.moveaxis(rows, 0, -2)  # (L, B, T, H_out, H_in)
+        vals = jnp.mean(jnp.linalg.norm(jac, ord=2, axis=(-2, -1)), axis=1)
+    else:
+        vals = jnp.mean(jnp.sqrt(jnp.sum(rows, axis=0) / H), axis=1)
+    spectra = None
+    if positions:
+        jac_at = jnp.moveaxis(at, 0, -2)  # (n, B, H_out, H_in)
+        spectra = jnp.linalg.svd(jac_at, compute_uv=False)
+    return vals, spectra
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "target", "probes"))
+def _probe_map(stack, params, xs, target, probes, key):
+    B, T, _ = xs.shape
+    H = stack.hidden_size
+    vjp = _target_vjp(stack, params, xs, target)
+    v = jax.random.normal(key, (probes, B, H), xs.dtype)
+    q = jax.vmap(lambda c: jnp.sum(vjp(c) ** 2, axis=-1))(v)  # (k, L, B, T): ||v^T J||^2
+    f2 = jnp.mean(q, axis=0)  # unbiased estimate of ||J_b||_F^2
+    se_f2 = jnp.std(q, axis=0, ddof=1) / math.sqrt(probes)
+    rms = jnp.sqrt(f2 / H)
+    # delta method: d sqrt(F2/H) / dF2 = 1 / (2 H rms)
+    se_rms = jnp.where(rms > 0, se_f2 / (2.0 * H * jnp.where(rms > 0, rms, 1.0)), 0.0)
+    vals = jnp.mean(rms, axis=1)
+    se = jnp.sqrt(jnp.sum(se_rms ** 2, axis=1)) / B
+    return vals, se
+
+
+# ---------------------------------------------------------------------------------------------
+# Local gains
+
+
+def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
+                meta: dict | None = None) -> Result:
+    r"""One-step Jacobians at every ``(l, t)``, averaged over the batch.
+
+    vertical :math:`\partial h^l_t / \partial x^l_t` (``x^l_t = h^{l-1}_t``; for ``l = 0`` the
+    layer's input, data or its projection) and temporal :math:`\partial h^l_t / \partial h^l_{t-1}`
+    (other state components, e.g. ``c_{t-1}``, held fixed), each as RMS gain
+    :math:`\|J\|_F/\sqrt{n_{in}}` and spectral norm, along the trajectory of ``xs``.
+
+    Closed forms: an LSTM at orthogonal init, zero biases and small inputs has vertical gain
+    :math:`\sigma(0)\sigma(0) = 0.25`; STAR with ``k ≈ 0.5`` has 0.5; a tanh RNN with orthogonal
+    ``U`` has temporal gain 1.
+
+    Returns:
+      Result ``kind="local_gains"`` with ``vertical_rms, vertical_spectral, temporal_rms,
+      temporal_spectral``, each ``(L, T)``.
+    """
+    xs = _prepare(stack, params, xs)
+    chunk = chunk or max(1, min(xs.shape[1], (64 << 20) // max(
+        xs.shape[0] * stack.hidden_size ** 2 * 8, 1)))
+    arrays = _gains(stack, params, xs, int(chunk))
+    return make_result("local_gains", arrays, _config(stack, xs, meta))
+
+
+def _rms_spectral(j):
+    return (jnp.sqrt(jnp.sum(j * j, axis=(-2, -1)) / j.shape[-1]),
+            jnp.linalg.norm(j, ord=2, axis=(-2, -1)))
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "chunk"))
+def _gains(stack, params, xs, chunk):
+    B, T, _ = xs.shape
+    cell = stack.cell
+    out = stack.apply(params, xs)
+    prev = _previous_states(out, stack.initial_state(B, xs.dtype))
+    inputs = _layer_inputs(stack, params, xs, out)
+
+    def layer(p, prev_l, x_l):
+        def one(args):  # one example at one step
+            s, x, t = args
+            h_of_x = lambda xx: cell.step(p, s, xx, t)[1]  # noqa: E731
+            h_of_h = lambda hh: cell.step(p, {**s, "h": hh}, x, t)[1]  # noqa: E731
+            return (*_rms_spectral(jax.jacfwd(h_of_x)(x)),
+                    *_rms_spectral(jax.jacfwd(h_of_h)(s["h"])))
+
+        def at_t(args):
+            s, x, t = args
+            return jax.vmap(lambda ss, xx: one((ss, xx, t)))(s, x)
+
+        tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731
+        res = lax.map(at_t, (jax.tree_util.tree_map(tm, prev_l), tm(x_l), jnp.arange(T)),
+                      batch_size=min(chunk, T))
+        return tuple(jnp.mean(r, axis=1) for r in res)  # each (T,)
+
+    vr, vs, tr, ts = _per_layer(stack, layer, params, prev, inputs)
+    return {"vertical_rms": vr, "vertical_spectral": vs, "temporal_rms": tr,
+            "temporal_spectral": ts}
+
+
+__all__ = ["gradient_map", "jacobian_map", "local_gains", "readout_loss", "state_gradients",
+           "per_step_param_grads", "LOSSES", "WRTS", "NORMS", "METHODS"]

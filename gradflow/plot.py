@@ -1,0 +1,682 @@
+"""Figures of gradflow results: layer x time maps, grids of them, gate histograms, gain profiles.
+
+Every function takes a :class:`gradflow.results.Result` (or a collection of them) and an optional
+matplotlib ``Axes``, draws on that axes (or on a new ``Figure`` it creates) and returns the figure.
+Only the object-oriented API is used (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``): no
+pyplot, no rcParams changes, no registered colormaps, so figures can be made from scripts, threads
+and notebooks alike and nothing leaks between calls. :func:`save` writes PNG, PDF or SVG.
+
+Maps are arrays ``values[l, t]`` (``(L, T)``) drawn the way the STAR paper's Figure 2 draws
+them: layer ``l = 0`` at the bottom, time ``t`` left to right, magnitudes on a log colour scale.
+Non-finite entries (an exploding gradient's inf, a NaN) are data: they are drawn hatched over grey
+and counted in the title, never dropped silently. Example::
+
+    from gradflow import plot
+    fig = plot.heatmap(result)                   # one (L, T) map, log colour scale
+    fig = plot.heatmap(result, normalize=True)   # relative to values[-1, -1]
+    plot.save(fig, "lstm.pdf")
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib import colors as mcolors
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.collections import PatchCollection
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+from gradflow.results import Result
+
+FORMATS = (".png", ".pdf", ".svg")
+NONFINITE_HATCH = "xx"
+GAIN_KINDS = ("vertical", "temporal")
+GAIN_STATS = ("rms", "spectral")
+
+_MAGNITUDE_CMAP = "viridis"
+_RELATIVE_CMAP = "RdBu_r"  # blue: attenuated (< 1), red: amplified (> 1)
+_FRACTION_CMAP = "magma"
+_NONFINITE_FACE = "0.85"
+# The normalised view spans at least a factor 2 either side of 1, so that ratios within rounding of
+# 1 read as "preserved" (near-white) instead of being stretched over the whole diverging scale.
+_MIN_RELATIVE_DECADES = float(np.log10(2.0))
+_PANEL_SIZE = (3.0, 2.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers: figures, inputs, norms, titles.
+
+
+def _figure_axes(ax, figsize):
+    """``(root figure, axes)``: a new Agg-backed figure with one axes when ``ax`` is None."""
+    if ax is None:
+        fig = Figure(figsize=figsize, layout="constrained")
+        FigureCanvasAgg(fig)
+        return fig, fig.add_subplot()
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes or None, got {type(ax).__name__}")
+    return ax.get_figure(root=True), ax
+
+
+def _check_result(obj, where: str) -> Result:
+    if not isinstance(obj, Result):
+        raise TypeError(f"{where} expects a gradflow.results.Result, got {type(obj).__name__}")
+    return obj
+
+
+def _map_array(result: Result, key: str | None) -> np.ndarray:
+    """The ``(L, T)`` array ``result.arrays[key]`` (``key`` defaults to ``"values"``) as float."""
+    key = "values" if key is None else key
+    if key not in result.arrays:
+        raise ValueError(f"result of kind {result.kind!r} has no array {key!r}; pass key= one of: "
+                         f"{', '.join(result.arrays) or '(none)'}")
+    values = np.asarray(result.arrays[key], dtype=float)
+    if values.ndim != 2 or values.size == 0:
+        raise ValueError(f"array {key!r} must be a non-empty (layers, steps) map, got shape "
+                         f"{values.shape}")
+    return values
+
+
+def _relative(values: np.ndarray) -> np.ndarray:
+    """``values / values[-1, -1]``: each entry relative to the top layer at the last step."""
+    ref = values[-1, -1]
+    if not (np.isfinite(ref) and ref > 0):
+        raise ValueError(f"normalize=True divides by values[-1, -1] (top layer, last step), "
+                         f"which is {ref!r}; it must be finite and > 0 (use normalize=False)")
+    return values / ref
+
+
+def _cmap(cmap, default: str) -> mcolors.Colormap:
+    """A colormap whose 'bad' colour is its minimum colour.
+
+    'Bad' entries are the ones a log norm masks (``<= 0``: no gradient at all reads as the smallest
+    magnitude) and non-finite ones, which the hatched overlay covers anyway.
+    """
+    cmap = default if cmap is None else cmap
+    if isinstance(cmap, str):
+        try:
+            cmap = matplotlib.colormaps[cmap]
+        except KeyError:
+            raise ValueError(f"unknown colormap {cmap!r}; use a name from matplotlib.colormaps "
+                             "(e.g. 'viridis', 'magma', 'RdBu_r') or a Colormap") from None
+    if not isinstance(cmap, mcolors.Colormap):
+        raise TypeError(f"cmap must be a colormap name or a matplotlib Colormap, got "
+                        f"{type(cmap).__name__}")
+    return cmap.with_extremes(bad=cmap(0.0))
+
+
+def _norm(arrays: Sequence[np.ndarray], log: bool, relative: bool, vmin=None, vmax=None):
+    """One colour norm covering the finite entries of every array.
+
+    * ``log``: ``LogNorm`` over the positive finite range; ``relative`` makes it symmetric about 1
+      in log space, ``[10^-m, 10^m]`` with ``m = max |log10 v|`` (at least ``log10 2``), so a factor
+      ``a`` of attenuation and of amplification get equally strong colours.
+    * linear: ``Normalize`` over the finite range; ``relative`` gives a ``TwoSlopeNorm`` centred
+      at 1.
+
+    ``vmin``/``vmax``, when given, override the computed limits.
+    """
+    finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
+    if log:
+        pos = finite[finite > 0]
+        if relative:
+            m = float(np.max(np.abs(np.log10(pos)))) if pos.size else 0.0
+            m = max(m, _MIN_RELATIVE_DECADES)
+            lo, hi = 10.0 ** -m, 10.0 ** m
+        else:
+            lo, hi = (float(pos.min()), float(pos.max())) if pos.size else (0.1, 10.0)
+        lo, hi = _limits(lo, hi, vmin, vmax)
+        if lo <= 0:
+            raise ValueError(f"a log colour scale needs 0 < vmin < vmax, got vmin={lo!r}")
+        return mcolors.LogNorm(lo, hi)
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    lo, hi = _limits(lo, hi, vmin, vmax)
+    if relative:
+        lo, hi = min(lo, 1.0 - 1e-3), max(hi, 1.0 + 1e-3)
+        return mcolors.TwoSlopeNorm(vcenter=1.0, vmin=lo, vmax=hi)
+    return mcolors.Normalize(lo, hi)
+
+
+def _limits(lo: float, hi: float, vmin, vmax) -> tuple[float, float]:
+    """Data limits overridden by the user's; a single data value widened to a non-empty range."""
+    if vmin is not None and vmax is not None and not vmin < vmax:
+        raise ValueError(f"vmin must be < vmax, got vmin={vmin!r}, vmax={vmax!r}")
+    lo, hi = (lo if vmin is None else float(vmin)), (hi if vmax is None else float(vmax))
+    if lo >= hi:  # one distinct value, or a user limit beyond the data on the other side
+        if vmax is None:
+            hi = lo * 2 if lo > 0 else lo + 1.0
+        else:
+            lo = hi / 2 if hi > 0 else hi - 1.0
+    return lo, hi
+
+
+def _with_counts(title: str, nonfinite: int, nonpositive: int = 0) -> str:
+    """``title`` plus the number of non-finite (and, on a log scale, non-positive) entries."""
+    notes = [f"{nonfinite} non-finite"] if nonfinite else []
+    if nonpositive:
+        notes.append(f"{nonpositive} \u2264 0")
+    if not notes:
+        return title
+    return f"{title} ({', '.join(notes)})" if title else ", ".join(notes)
+
+
+def _describe(result: Result, key: str | None) -> str:
+    """Default title: cell, then loss and wrt (gradient maps) or norm and target (Jacobian maps)."""
+    c = result.config
+    parts = [str(c["cell"])] if "cell" in c else []
+    if result.kind == "gradient_map":
+        parts += [f"{k}={c[k]}" for k in ("loss", "wrt") if k in c]
+    elif result.kind == "jacobian_map":
+        parts.append(f"Jacobian ({c['norm']})" if "norm" in c else "Jacobian")
+        if "target" in c:
+            target = c["target"]
+            parts.append(f"target={tuple(target) if isinstance(target, list) else target}")
+    else:
+        parts.append(key if key not in (None, "values") else result.kind)
+    return " \u00b7 ".join(parts)
+
+
+def _quantity(result: Result, key: str | None) -> str:
+    """Colour-bar label: what the map's numbers are."""
+    c = result.config
+    if result.kind == "gradient_map":
+        labels = {"hidden": r"mean $\|\partial L/\partial h^l_t\|_2$",
+                  "cell": r"mean $\|\partial L/\partial c^l_t\|_2$",
+                  "params": r"mean $|\partial L/\partial \theta^l_{(t)}|$"}
+        return labels.get(c.get("wrt"), "gradient magnitude")
+    if result.kind == "jacobian_map":
+        return rf"$\|\partial h_{{\mathrm{{target}}}}/\partial h^l_t\|$ ({c.get('norm', 'norm')})"
+    if result.kind == "local_gains" and key:
+        return key.replace("_", " ") + " gain"
+    return key or "value"
+
+
+def _draw_map(ax: Axes, values: np.ndarray, norm, cmap: mcolors.Colormap):
+    """``imshow`` of ``values[l, t]``, layer 0 at the bottom, plus hatches on non-finite cells."""
+    image = ax.imshow(values, origin="lower", aspect="auto", interpolation="nearest",
+                      norm=norm, cmap=cmap)
+    bad_l, bad_t = np.nonzero(~np.isfinite(values))
+    if bad_l.size:
+        cells = [Rectangle((t - 0.5, l - 0.5), 1.0, 1.0) for l, t in zip(bad_l, bad_t)]
+        ax.add_collection(PatchCollection(cells, facecolor=_NONFINITE_FACE, edgecolor="0.1",
+                                          hatch=NONFINITE_HATCH, linewidth=0.0,
+                                          label="non-finite"), autolim=False)
+    ax.set_xlabel("time step $t$")
+    ax.set_ylabel("layer $l$")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return image
+
+
+def _colorbar(fig: Figure, image, axes, label: str, values_list, norm, relative: bool):
+    """One colour bar for ``axes``; its arrow marks values below range when a log norm hides any.
+
+    On the symmetric relative scale the ticks are whole decades placed symmetrically about
+    ``10^0 = 1``, so the centre is always labelled.
+    """
+    log = isinstance(norm, mcolors.LogNorm)
+    below = log and any(np.any(np.isfinite(v) & (v <= 0)) for v in values_list)
+    bar = fig.colorbar(image, ax=axes, label=label, extend="min" if below else "neither")
+    decades = int(np.floor(np.log10(norm.vmax) + 1e-9)) if log and relative else 0
+    if decades >= 1 and np.isclose(norm.vmin * norm.vmax, 1.0):
+        step = int(np.ceil(decades / 4))  # at most 9 labelled ticks
+        bar.set_ticks(10.0 ** np.arange(-(decades // step) * step, decades + 1, step))
+    return bar
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer x time maps.
+
+
+def _heatmap_on(ax, result, values, key, log, cmap, title, norm):
+    """Draw ``values`` (one result's map, maybe normalised) on ``ax``, titled; returns the image."""
+    image = _draw_map(ax, values, norm, cmap)
+    nonpositive = int(np.sum(np.isfinite(values) & (values <= 0))) if log else 0
+    ax.set_title(_with_counts(_describe(result, key) if title is None else title,
+                              int(np.sum(~np.isfinite(values))), nonpositive))
+    return image
+
+
+def heatmap(result: Result, ax: Axes | None = None, log: bool = True, normalize: bool = False,
+            cmap=None, title: str | None = None, colorbar: bool = True, *, key: str | None = None,
+            vmin: float | None = None, vmax: float | None = None) -> Figure:
+    """Layer x time map of one result, layer 0 at the bottom and time left to right.
+
+    Draws ``V[l, t] = result.arrays[key][l, t]`` (``(L, T)``; ``key`` defaults to ``"values"``, the
+    map of a ``gradient_map`` or ``jacobian_map``; for ``local_gains`` pass e.g.
+    ``key="vertical_rms"``).
+
+    * ``log=True``: ``LogNorm`` over the positive finite entries; entries ``<= 0`` are drawn in the
+      minimum colour (and counted in the title, the colour bar gets a "below" arrow).
+    * ``normalize=True``: draws ``R[l, t] = V[l, t] / V[L-1, T-1]``, every entry relative to the top
+      layer at the last step, on a diverging colour map (blue < 1 < red) with a log norm symmetric
+      about 1 (``[10^-m, 10^m]``), so attenuation and amplification read as two colours of equal
+      strength per factor. ``V[L-1, T-1]`` must be finite and positive.
+    * Non-finite entries are hatched (``"xx"``) over grey and their number is appended to the title
+      (``"... (3 non-finite)"``), also when ``title`` is given.
+
+    Args:
+      result: a :class:`~gradflow.results.Result` holding an ``(L, T)`` array ``key``.
+      ax: axes to draw on; a new figure is made when None.
+      log, normalize: colour scale, as above.
+      cmap: colormap name or object; default ``"viridis"`` (``"RdBu_r"`` when normalised).
+      title: axes title; default cell, loss and wrt (or norm and target) from ``result.config``.
+      colorbar: add a labelled colour bar.
+      key: which array of ``result`` to draw.
+      vmin, vmax: colour limits (default: the finite data range; symmetric about 1 if normalised).
+
+    Returns:
+      The figure holding the axes.
+    """
+    _check_result(result, "heatmap")
+    fig, ax = _figure_axes(ax, (5.2, 3.6))
+    values = _map_array(result, key)
+    shown = _relative(values) if normalize else values
+    norm = _norm([shown], log, normalize, vmin, vmax)
+    cm = _cmap(cmap, _RELATIVE_CMAP if normalize else _MAGNITUDE_CMAP)
+    image = _heatmap_on(ax, result, shown, key, log, cm, title, norm)
+    if colorbar:
+        label = _quantity(result, key)
+        _colorbar(fig, image, ax, label + (" / value at (top, last)" if normalize else ""),
+                  [shown], norm, normalize)
+    return fig
+
+
+def _arrange(results, rows, cols):
+    """``(cells, row_labels, col_labels)``: ``cells[i][j]`` a Result or None; labels may be None."""
+    if isinstance(results, Result):
+        results = [results]
+    if isinstance(results, Mapping):
+        if not results:
+            raise ValueError("grid needs at least one result, got an empty mapping")
+        if all(isinstance(v, Mapping) for v in results.values()):
+            flat = {(r, c): res for r, inner in results.items() for c, res in inner.items()}
+        elif all(isinstance(k, tuple) and len(k) == 2 for k in results):
+            flat = dict(results)
+        elif all(isinstance(v, Result) for v in results.values()):
+            flat = {(None, c): res for c, res in results.items()}
+        else:
+            raise TypeError("grid takes {(row_label, col_label): Result}, "
+                            "{row_label: {col_label: Result}}, {col_label: Result}, "
+                            "a list of lists of Results or a list of Results")
+        row_labels = list(rows) if rows is not None else list(dict.fromkeys(k[0] for k in flat))
+        col_labels = list(cols) if cols is not None else list(dict.fromkeys(k[1] for k in flat))
+        cells = [[flat.get((r, c)) for c in col_labels] for r in row_labels]
+        if row_labels == [None]:
+            row_labels = None
+    elif isinstance(results, Sequence) and not isinstance(results, str):
+        rows_in = list(results)
+        if rows_in and all(isinstance(r, Result) or r is None for r in rows_in):
+            rows_in = [rows_in]
+        cells = [list(r) for r in rows_in]
+        if not cells or not all(isinstance(r, Sequence) and not isinstance(r, str)
+                                for r in rows_in):
+            raise TypeError("grid takes a non-empty list of lists of Results (or a mapping)")
+        width = max(len(r) for r in cells)
+        cells = [r + [None] * (width - len(r)) for r in cells]
+        row_labels, col_labels = rows, cols
+        for name, labels, n in (("rows", rows, len(cells)), ("cols", cols, width)):
+            if labels is not None and len(labels) != n:
+                raise ValueError(f"{name} has {len(labels)} labels for {n} {name}")
+    else:
+        raise TypeError(f"grid takes a mapping or a list of lists of Results, got "
+                        f"{type(results).__name__}")
+    for row in cells:
+        for res in row:
+            if res is not None:
+                _check_result(res, "grid")
+    if all(res is None for row in cells for res in row):
+        raise ValueError("grid found no result to draw for the given rows/cols")
+    row_labels = None if row_labels is None else list(row_labels)
+    col_labels = None if col_labels is None else list(col_labels)
+    return cells, row_labels, col_labels
+
+
+def grid(results, rows: Sequence | None = None, cols: Sequence | None = None, *, log: bool = True,
+         normalize: bool = False, cmap=None, key: str | None = None, title: str | None = None,
+         vmin: float | None = None, vmax: float | None = None,
+         panel_size: tuple[float, float] = _PANEL_SIZE) -> Figure:
+    """Several layer x time maps on one shared colour scale (STAR Fig. 2: cells x losses).
+
+    Every panel is a :func:`heatmap` (layer 0 at the bottom, time left to right, non-finite cells
+    hatched and counted in the panel title) and all panels use one norm object, so equal colours
+    mean equal values across panels; one colour bar serves the whole figure.
+
+    Args:
+      results: ``{(row_label, col_label): Result}`` (e.g. ``{("last", "lstm"): r, ...}``),
+        ``{row_label: {col_label: Result}}``, ``{col_label: Result}`` (one row), a list of lists of
+        Results (``None`` leaves a panel empty) or a list of Results (one row).
+      rows, cols: for mappings, which labels to show and in which order (default: order of first
+        appearance; a missing ``(row, col)`` leaves an empty panel); for lists, the labels of the
+        rows / columns (default: none, each panel titled from its config).
+      log, normalize, cmap, key, vmin, vmax: as in :func:`heatmap`; with ``normalize`` each panel is
+        divided by its own ``values[-1, -1]`` and the symmetric scale covers all panels.
+      title: figure title; the total non-finite count is appended when there are any.
+      panel_size: ``(width, height)`` of one panel in inches.
+
+    Returns:
+      The figure: ``len(rows) * len(cols)`` panel axes plus one colour-bar axes.
+    """
+    cells, row_labels, col_labels = _arrange(results, rows, cols)
+    n_rows, n_cols = len(cells), len(cells[0])
+    drawn = [[None if r is None else (_relative(_map_array(r, key)) if normalize
+                                      else _map_array(r, key)) for r in row] for row in cells]
+    shown = [v for row in drawn for v in row if v is not None]
+    norm = _norm(shown, log, normalize, vmin, vmax)
+    cm = _cmap(cmap, _RELATIVE_CMAP if normalize else _MAGNITUDE_CMAP)
+
+    fig = Figure(figsize=(panel_size[0] * n_cols + 1.2, panel_size[1] * n_rows + 0.5),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    image, first = None, None
+    for i, row in enumerate(cells):
+        for j, res in enumerate(row):
+            ax = axes[i, j]
+            if res is None:
+                ax.set_axis_off()
+                continue
+            if col_labels is not None:
+                panel_title = str(col_labels[j]) if i == 0 else ""
+            else:
+                panel_title = None
+            image = _heatmap_on(ax, res, drawn[i][j], key, log, cm, panel_title, norm)
+            if first is None:
+                first = res
+            if row_labels is not None and j == 0:
+                ax.set_ylabel(f"{row_labels[i]}\nlayer $l$")
+            elif j > 0:
+                ax.set_ylabel("")
+            if i < n_rows - 1:
+                ax.set_xlabel("")
+    label = _quantity(first, key) + (" / value at (top, last)" if normalize else "")
+    _colorbar(fig, image, axes, label, shown, norm, normalize)
+    total = int(sum(np.sum(~np.isfinite(v)) for v in shown))
+    if title or total:
+        fig.suptitle(_with_counts(title, total) if title else f"{total} non-finite in total")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate statistics. Every array is looked up through _gate_key, the one place that knows how the
+# gates module names them ("{stat}/{gate}").
+
+
+def _gate_key(stat: str, gate: str) -> str:
+    return f"{stat}/{gate}"
+
+
+def _gate_names(stats: Result) -> list[str]:
+    gates = stats.config.get("gates")
+    if gates is None:
+        gates = list(dict.fromkeys(k.split("/", 1)[1] for k in stats.arrays if "/" in k))
+    return [str(g) for g in gates]
+
+
+def _gate(stats: Result, gate: str | None, where: str) -> str:
+    """The gate to plot: ``gate`` if the stats have it, the first reported gate when None."""
+    _check_result(stats, where)
+    if stats.kind != "gate_stats":
+        raise ValueError(f"{where} expects a result of kind 'gate_stats', got {stats.kind!r}")
+    gates = _gate_names(stats)
+    if not gates:
+        raise ValueError(f"{where}: these gate stats report no gates (cell "
+                         f"{stats.config.get('cell')!r} has none)")
+    if gate is None:
+        return gates[0]
+    if gate not in gates:
+        raise ValueError(f"unknown gate {gate!r}; these stats have gates: {', '.join(gates)}")
+    return gate
+
+
+def _gate_array(stats: Result, stat: str, gate: str, required: bool = True):
+    """``stats.arrays["{stat}/{gate}"]`` as a float array; a ValueError (or None) when absent."""
+    key = _gate_key(stat, gate)
+    if key not in stats.arrays:
+        if not required:
+            return None
+        have = sorted({k.split("/", 1)[0] for k in stats.arrays if k.endswith("/" + gate)})
+        raise ValueError(f"gate stats have no {key!r} array (statistic {stat!r} of gate {gate!r}); "
+                         f"statistics present for this gate: {', '.join(have) or '(none)'}")
+    return np.asarray(stats.arrays[key], dtype=float)
+
+
+def _layer_selection(layers, n_layers: int):
+    """``None``: every layer; ``"pooled"``; an int or a sequence of ints (negative: from top)."""
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, str):
+        if layers != "pooled":
+            raise ValueError(f"layers must be None, 'pooled', an int or a list of ints, "
+                             f"got {layers!r}")
+        return "pooled"
+    chosen = [layers] if np.ndim(layers) == 0 else list(layers)
+    out = []
+    for l in chosen:
+        is_int = isinstance(l, (int, np.integer)) and not isinstance(l, bool)
+        if not is_int or not -n_layers <= l < n_layers:
+            raise ValueError(f"layer {l!r} out of range for {n_layers} layers (0..{n_layers - 1})")
+        out.append(int(l) % n_layers)
+    if not out:
+        raise ValueError("layers selects no layer")
+    return out
+
+
+def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axes | None = None, *,
+                    title: str | None = None) -> Figure:
+    """Histograms of one gate's activations over [0, 1], per layer or pooled over layers.
+
+    Reads ``hist/{gate}``: ``(L, bins)`` counts of activations in the ``bins`` equal bins of
+    ``[0, 1]`` (edges ``linspace(0, 1, bins + 1)``), and, when present, ``outside/{gate}``:
+    ``(L, 2)`` counts below 0 and above 1 (refined gates leave [0, 1]); the outside counts of the
+    drawn layers are summed and written under the title.
+
+    Args:
+      stats: a ``gate_stats`` result.
+      gate: gate name (default: the first of ``stats.config["gates"]``).
+      layers: ``None``: every layer, one outline per layer coloured from bottom (dark) to top
+        (light); an int: that layer; a list of ints: those layers; ``"pooled"``: counts summed over
+        layers. One layer or pooled is drawn as bars (bar heights = counts).
+      ax: axes to draw on; a new figure is made when None.
+      title: axes title (default: cell and gate); non-finite counts are appended.
+
+    Returns:
+      The figure.
+    """
+    gate = _gate(stats, gate, "gate_histograms")
+    hist = _gate_array(stats, "hist", gate)
+    if hist.ndim != 2:
+        raise ValueError(f"{_gate_key('hist', gate)!r} must be (layers, bins), got {hist.shape}")
+    outside = _gate_array(stats, "outside", gate, required=False)
+    if outside is not None and outside.shape != (hist.shape[0], 2):
+        raise ValueError(f"{_gate_key('outside', gate)!r} must be (layers, 2) counts below 0 / "
+                         f"above 1, got {outside.shape}")
+    n_layers, bins = hist.shape
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    chosen = _layer_selection(layers, n_layers)
+    fig, ax = _figure_axes(ax, (5.2, 3.4))
+
+    if chosen == "pooled" or len(chosen) == 1:
+        counts = hist.sum(axis=0) if chosen == "pooled" else hist[chosen[0]]
+        what = "all layers pooled" if chosen == "pooled" else f"layer {chosen[0]}"
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0",
+               edgecolor="white", linewidth=0.5, label=what)
+    else:
+        what = f"{len(chosen)} layers"
+        cm = matplotlib.colormaps[_MAGNITUDE_CMAP]
+        depth = mcolors.Normalize(0, max(n_layers - 1, 1))
+        for l in chosen:
+            ax.stairs(hist[l], edges, color=cm(depth(l)), linewidth=1.2, label=f"layer {l}")
+        if len(chosen) <= 8:
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                      borderaxespad=0.0)
+        else:
+            fig.colorbar(ScalarMappable(depth, cm), ax=ax, label="layer $l$")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel(f"gate {gate} activation")
+    ax.set_ylabel("count")
+
+    rows = list(range(n_layers)) if chosen == "pooled" else chosen
+    bad = int(np.sum(~np.isfinite(hist[rows])))
+    base = " \u00b7 ".join(p for p in (str(stats.config.get("cell", "")),
+                                        f"gate {gate} ({what})") if p)
+    lines = [_with_counts(base if title is None else title, bad)]
+    if outside is not None:
+        below, above = outside[rows].sum(axis=0)
+        lines.append(f"outside [0, 1]: {below:.0f} below 0, {above:.0f} above 1")
+    ax.set_title("\n".join(lines))
+    return fig
+
+
+def saturation_map(stats: Result, gate: str | None = None, ax: Axes | None = None, *,
+                   cmap=None, title: str | None = None, colorbar: bool = True) -> Figure:
+    """Fraction of a gate's activations that are saturated, per layer and step, on a linear [0, 1].
+
+    Draws ``S[l, t] = saturated/{gate}[l, t]``, the fraction of units (and examples) with
+    activation ``< eps`` or ``> 1 - eps``, layer 0 at the bottom, time left to right; non-finite
+    entries hatched and counted in the title.
+
+    Args:
+      stats: a ``gate_stats`` result.
+      gate: gate name (default: the first of ``stats.config["gates"]``).
+      ax, cmap, title, colorbar: as in :func:`heatmap` (default colormap ``"magma"``).
+
+    Returns:
+      The figure.
+    """
+    gate = _gate(stats, gate, "saturation_map")
+    values = _gate_array(stats, "saturated", gate)
+    if values.ndim != 2:
+        raise ValueError(f"{_gate_key('saturated', gate)!r} must be (layers, steps), got "
+                         f"{values.shape}")
+    fig, ax = _figure_axes(ax, (5.2, 3.6))
+    image = _draw_map(ax, values, mcolors.Normalize(0.0, 1.0), _cmap(cmap, _FRACTION_CMAP))
+    eps = next((stats.config[k] for k in ("eps", "epsilon") if k in stats.config), None)
+    base = " \u00b7 ".join(p for p in (str(stats.config.get("cell", "")),
+                                        f"gate {gate} saturated") if p)
+    base += f" (eps={eps:g})" if isinstance(eps, (int, float)) else ""
+    ax.set_title(_with_counts(base if title is None else title, int(np.sum(~np.isfinite(values)))))
+    if colorbar:
+        fig.colorbar(image, ax=ax, label="fraction saturated")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Local gains.
+
+
+def _labelled(results, where: str) -> dict:
+    """``{label: Result}`` from one Result (labelled by its cell) or a mapping."""
+    if isinstance(results, Result):
+        return {str(results.config.get("cell", results.kind)): results}
+    if isinstance(results, Mapping) and results:
+        return {str(k): _check_result(v, where) for k, v in results.items()}
+    raise TypeError(f"{where} takes a Result or a non-empty mapping label -> Result, got "
+                    f"{type(results).__name__}")
+
+
+def _references(reference) -> dict:
+    """``{label: value}`` from None, a number, a sequence of numbers or a mapping label -> value."""
+    if reference is None:
+        return {}
+    if isinstance(reference, Mapping):
+        return {f"{k}: {float(v):g}": float(v) for k, v in reference.items()}
+    if np.ndim(reference) == 0:
+        return {f"reference {float(reference):g}": float(reference)}
+    return {f"reference {float(v):g}": float(v) for v in reference}
+
+
+def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: str = "rms",
+                 reference=None, *, band: bool = True, title: str | None = None) -> Figure:
+    """Time-averaged local gain per layer against depth, on a log y axis.
+
+    For each ``local_gains`` result, with ``A = arrays[f"{kind}_{stat}"]`` (``(L, T)``), draws
+    ``mean_t A[l, t]`` for ``l = 0..L-1`` (the mean over the finite entries of each row; the
+    non-finite ones are counted in the title) and, with ``band``, the range ``min_t .. max_t`` as a
+    shaded band. A dashed line marks gain 1 (magnitude preserved); ``reference`` adds dotted lines
+    at closed-form values, e.g. ``0.25`` (LSTM vertical gain at init) or ``{"LSTM": 0.25,
+    "STAR": 0.5}``.
+
+    Args:
+      gains: a ``local_gains`` result or a mapping label -> result (one line each).
+      ax: axes to draw on; a new figure is made when None.
+      kind: ``"vertical"`` (``dh^l_t/dh^{l-1}_t``) or ``"temporal"`` (``dh^l_t/dh^l_{t-1}``).
+      stat: ``"rms"`` (``||J||_F / sqrt(H)``) or ``"spectral"`` (``||J||_2``).
+      reference: None, a number, a list of numbers or a mapping label -> number.
+      band: shade the min..max over time.
+      title: axes title; non-finite counts are appended.
+
+    Returns:
+      The figure.
+    """
+    if kind not in GAIN_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, GAIN_KINDS))}, got {kind!r}")
+    if stat not in GAIN_STATS:
+        raise ValueError(f"stat must be one of {', '.join(map(repr, GAIN_STATS))}, got {stat!r}")
+    series = _labelled(gains, "gain_profile")
+    refs = _references(reference)
+    fig, ax = _figure_axes(ax, (6.4, 3.6))
+    bad = 0
+    for i, (label, res) in enumerate(series.items()):
+        values = _map_array(res, f"{kind}_{stat}")
+        finite = np.isfinite(values)
+        bad += int(np.sum(~finite))
+        n = finite.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(finite, values, 0.0).sum(axis=1) / n
+        depth = np.arange(values.shape[0])
+        (line,) = ax.plot(depth, mean, "o-", color=f"C{i}", markersize=4, label=label)
+        if band:
+            lo = np.where(n > 0, np.where(finite, values, np.inf).min(axis=1), np.nan)
+            hi = np.where(n > 0, np.where(finite, values, -np.inf).max(axis=1), np.nan)
+            ax.fill_between(depth, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1.0, label="gain 1 (preserved)")
+    for j, (label, value) in enumerate(refs.items()):
+        ax.axhline(value, color=f"C{len(series) + j}", linestyle=":", linewidth=1.2, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer $l$ (depth)")
+    ax.set_ylabel(f"{kind} gain ({stat}), mean over $t$")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # Outside the axes: profiles and bands can fill the whole plot area.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    ax.set_title(_with_counts(f"{kind} local gains ({stat})" if title is None else title, bad))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+
+
+def save(fig: Figure, path, *, dpi: float = 150) -> str:
+    """Write ``fig`` to ``path`` as PNG, PDF or SVG, chosen by the extension. Returns the path.
+
+    Raises ValueError for another extension (naming the valid ones) and when the path cannot be
+    written (missing directory, no permission).
+    """
+    if not isinstance(fig, Figure):
+        raise TypeError(f"save expects a matplotlib Figure, got {type(fig).__name__}")
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise ValueError(f"cannot save {path!r}: unsupported extension {ext or '(none)'!r}; "
+                         f"use one of {', '.join(FORMATS)}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"cannot write {path!r}: directory {directory!r} does not exist")
+    # No creation date in PDF/SVG output, so equal figures give comparable files.
+    metadata = {".pdf": {"CreationDate": None}, ".svg": {"Date": None}}.get(ext)
+    try:
+        fig.savefig(path, format=ext[1:], dpi=dpi, metadata=metadata, bbox_inches="tight")
+    except OSError as e:
+        raise ValueError(f"cannot write {path!r}: {e.strerror or e}") from None
+    return path
+
+
+__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "gain_profile",
+           "gate_histograms", "grid", "heatmap", "saturation_map", "save"]

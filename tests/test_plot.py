@@ -1,0 +1,443 @@
+"""Tests for gradflow.plot: the drawn data equals the result's arrays, checked against NumPy and
+against the rendered pixels; shared scales, non-finite markings, file formats, bad input."""
+import subprocess
+import sys
+
+import matplotlib
+import numpy as np
+import pytest
+from matplotlib import colors as mcolors
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle, StepPatch
+
+from gradflow import plot
+from gradflow.results import NonFiniteWarning, make_result
+
+L, T = 4, 6
+
+
+def _map(seed=0, shape=(L, T), low=-6.0, high=0.0):
+    """Positive (L, T) map spanning several decades, as gradient magnitudes do."""
+    return 10.0 ** np.random.default_rng(seed).uniform(low, high, shape)
+
+
+def _gradient_map(values, cell="lstm", loss="last", wrt="params", **kw):
+    config = dict(cell=cell, layers=values.shape[0], steps=values.shape[1], hidden_size=8,
+                  loss=loss, wrt=wrt)
+    return make_result("gradient_map", {"values": values}, config, **kw)
+
+
+def _gate_stats(seed=0, bins=5, gates=("i", "f", "o")):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for g in gates:
+        arrays[f"hist/{g}"] = rng.integers(0, 50, (L, bins))
+        arrays[f"outside/{g}"] = rng.integers(0, 4, (L, 2))
+        arrays[f"saturated/{g}"] = rng.uniform(0, 1, (L, T))
+        arrays[f"mean/{g}"] = rng.uniform(0, 1, (L, T))
+    return make_result("gate_stats", arrays, dict(cell="lstm", gates=list(gates), bins=bins,
+                                                  eps=0.05))
+
+
+def _gains(seed=0, cell="lstm", scale=0.25):
+    rng = np.random.default_rng(seed)
+    arrays = {f"{k}_{s}": scale * rng.lognormal(0.0, 0.3, (L, T))
+              for k in plot.GAIN_KINDS for s in plot.GAIN_STATS}
+    return make_result("local_gains", arrays, dict(cell=cell))
+
+
+def _pixels(fig, ax, cells):
+    """RGBA in [0, 1] of the rendered pixels at the centres of cells [(layer l, step t), ...]."""
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    out = []
+    for l, t in cells:
+        x, y = ax.transData.transform((t, l))
+        out.append(rgba[int(rgba.shape[0] - y), int(x)] / 255.0)
+    return np.array(out)
+
+
+def _hatched(ax):
+    return [c for c in ax.collections if c.get_hatch() == plot.NONFINITE_HATCH]
+
+
+# --- heatmap -----------------------------------------------------------------------------------
+
+
+def test_heatmap_draws_the_map_with_layer0_at_the_bottom_on_a_log_scale():
+    values = _map()
+    fig = plot.heatmap(_gradient_map(values))
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    image = ax.images[0]
+    np.testing.assert_array_equal(np.ma.getdata(image.get_array()), values)
+    assert image.origin == "lower"
+    assert isinstance(image.norm, mcolors.LogNorm)
+    assert (image.norm.vmin, image.norm.vmax) == (values.min(), values.max())
+    # The rendered pixels put layer 0 at the bottom and time left to right: the colour at the
+    # bottom-left, top-left and bottom-right cells is the colour of values[0,0], [L-1,0], [0,T-1].
+    corners = [(0, 0), (L - 1, 0), (0, T - 1), (L - 1, T - 1)]
+    expected = [image.cmap(image.norm(values[l, t])) for l, t in corners]
+    np.testing.assert_allclose(_pixels(fig, ax, corners), expected, atol=2.5 / 255)
+    lo, hi = ax.get_ylim()
+    assert lo < hi  # y grows upwards
+    assert ax.get_xlabel().startswith("time") and ax.get_ylabel().startswith("layer")
+    colorbar_axes = fig.axes[1]
+    assert "partial" in colorbar_axes.get_ylabel()  # labelled with the quantity
+    title = ax.get_title()
+    assert "lstm" in title and "loss=last" in title and "wrt=params" in title
+    assert "non-finite" not in title
+
+
+def test_heatmap_linear_scale_and_explicit_limits():
+    values = _map(1)
+    fig = plot.heatmap(_gradient_map(values), log=False, colorbar=False)
+    norm = fig.axes[0].images[0].norm
+    assert type(norm) is mcolors.Normalize
+    assert (norm.vmin, norm.vmax) == (values.min(), values.max())
+    assert len(fig.axes) == 1  # no colour bar
+    norm = plot.heatmap(_gradient_map(values), vmin=1e-3, vmax=1e-1).axes[0].images[0].norm
+    assert (norm.vmin, norm.vmax) == (1e-3, 1e-1)
+    with pytest.raises(ValueError, match="vmin must be < vmax"):
+        plot.heatmap(_gradient_map(values), vmin=1.0, vmax=0.5)
+
+
+def test_heatmap_normalize_divides_by_top_last_on_a_log_scale_centred_at_one():
+    values = _map(2)
+    values[-1, -1] = 1e-3  # some entries above it (amplified), some below (attenuated)
+    fig = plot.heatmap(_gradient_map(values), normalize=True)
+    image = fig.axes[0].images[0]
+    np.testing.assert_allclose(np.ma.getdata(image.get_array()), values / 1e-3, rtol=1e-15)
+    norm = image.norm
+    assert isinstance(norm, mcolors.LogNorm)
+    np.testing.assert_allclose(norm.vmin * norm.vmax, 1.0)
+    m = np.max(np.abs(np.log10(values / 1e-3)))  # the largest factor either way, in decades
+    np.testing.assert_allclose(np.log10(norm.vmax), m)
+    assert norm(1.0) == pytest.approx(0.5)
+    # Attenuation and amplification by the same factor get two colours of equal strength.
+    below, above = image.cmap(norm(0.01)), image.cmap(norm(100.0))
+    assert below[2] > below[0] and above[0] > above[2]  # blue-ish vs red-ish
+    assert "top, last" in fig.axes[1].get_ylabel()
+    ticks = np.log10(fig.axes[1].get_yticks())
+    assert 0.0 in ticks and np.allclose(ticks, -ticks[::-1])  # whole decades, symmetric about 1
+
+
+def test_heatmap_normalize_needs_a_positive_finite_reference():
+    values = _map(3)
+    values[-1, -1] = 0.0
+    with pytest.raises(ValueError, match=r"values\[-1, -1\]"):
+        plot.heatmap(_gradient_map(values), normalize=True)
+
+
+def test_heatmap_hatches_and_counts_nonfinite_entries_and_shows_zeros_as_minimum_colour():
+    values = _map(4)
+    bad = [(0, 1), (2, 3), (3, 5)]
+    values[0, 1], values[2, 3], values[3, 5] = np.nan, np.inf, -np.inf
+    values[1, 2] = 0.0
+    with pytest.warns(NonFiniteWarning):
+        result = _gradient_map(values)
+    fig = plot.heatmap(result)
+    ax = fig.axes[0]
+    assert "3 non-finite" in ax.get_title()
+    assert "1 \u2264 0" in ax.get_title()
+    (overlay,) = _hatched(ax)
+    centres = sorted(tuple(np.round(p.get_extents().get_points().mean(axis=0), 9))
+                     for p in overlay.get_paths())
+    assert centres == sorted((float(t), float(l)) for l, t in bad)  # one hatched cell per entry
+    image = ax.images[0]
+    np.testing.assert_allclose(_pixels(fig, ax, [(1, 2)])[0], image.cmap(0.0), atol=2.5 / 255)
+    finite = values[np.isfinite(values) & (values > 0)]
+    assert (image.norm.vmin, image.norm.vmax) == (finite.min(), finite.max())
+    # A custom title still carries the count.
+    fig = plot.heatmap(result, title="mine")
+    assert fig.axes[0].get_title().startswith("mine") and "3 non-finite" in fig.axes[0].get_title()
+
+
+def test_heatmap_draws_on_a_given_axes_and_any_key():
+    fig = Figure()
+    ax = fig.add_subplot()
+    gains = _gains()
+    assert plot.heatmap(gains, ax=ax, key="temporal_spectral") is fig
+    np.testing.assert_array_equal(np.ma.getdata(ax.images[0].get_array()),
+                                  gains["temporal_spectral"])
+    assert "temporal_spectral" in ax.get_title()
+
+
+def test_heatmap_jacobian_title():
+    result = make_result("jacobian_map", {"values": _map(5), "stderr": _map(6)},
+                         dict(cell="star", norm="rms", target=[L - 1, T - 1]))
+    title = plot.heatmap(result).axes[0].get_title()
+    assert "star" in title and "rms" in title and f"({L - 1}, {T - 1})" in title
+
+
+def test_heatmap_rejects_bad_input():
+    with pytest.raises(TypeError, match="Result"):
+        plot.heatmap(_map())
+    with pytest.raises(ValueError, match="vertical_rms"):
+        plot.heatmap(_gains())  # no "values": the message lists the arrays to pick from
+    with pytest.raises(ValueError, match="layers, steps"):
+        plot.heatmap(make_result("gradient_map", {"values": np.ones(3)}, {}))
+    with pytest.raises(ValueError, match="colormap"):
+        plot.heatmap(_gradient_map(_map()), cmap="no-such-map")
+    with pytest.raises(TypeError, match="Axes"):
+        plot.heatmap(_gradient_map(_map()), ax="ax")
+
+
+# --- grid --------------------------------------------------------------------------------------
+
+
+def _star_figure_2():
+    """{(loss, cell): map}: 2 losses x 3 cells with different ranges."""
+    maps = {}
+    for i, loss in enumerate(["last", "all"]):
+        for j, cell in enumerate(["rnn", "lstm", "star"]):
+            maps[(loss, cell)] = _map(10 * i + j, low=-3.0 * j - 1, high=j)
+    return maps
+
+
+def test_grid_shares_one_norm_over_all_panels():
+    maps = _star_figure_2()
+    fig = plot.grid({k: _gradient_map(v, cell=k[1], loss=k[0]) for k, v in maps.items()})
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 6 and len(fig.axes) == 7  # 2 x 3 panels + one colour bar
+    norms = {id(ax.images[0].norm) for ax in panels}
+    assert len(norms) == 1
+    norm = panels[0].images[0].norm
+    assert isinstance(norm, mcolors.LogNorm)
+    everything = np.concatenate([v.ravel() for v in maps.values()])
+    assert (norm.vmin, norm.vmax) == (everything.min(), everything.max())
+    # Row-major panel order: row = loss, column = cell.
+    for ax, (key, values) in zip(panels, maps.items()):
+        np.testing.assert_array_equal(np.ma.getdata(ax.images[0].get_array()), values)
+    assert [ax.get_title() for ax in panels[:3]] == ["rnn", "lstm", "star"]
+    assert panels[0].get_ylabel().startswith("last") and panels[3].get_ylabel().startswith("all")
+
+
+def test_grid_accepts_nested_mappings_lists_and_leaves_gaps():
+    maps = _star_figure_2()
+    nested = {}
+    for (loss, cell), v in maps.items():
+        nested.setdefault(loss, {})[cell] = _gradient_map(v, cell=cell, loss=loss)
+    fig = plot.grid(nested, cols=["star", "lstm"])  # choose and order the columns
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 4
+    np.testing.assert_array_equal(np.ma.getdata(panels[0].images[0].get_array()),
+                                  maps[("last", "star")])
+
+    rows = [[nested["last"]["rnn"], None], [nested["all"]["rnn"], nested["all"]["lstm"]]]
+    fig = plot.grid(rows, rows=["last", "all"], cols=["rnn", "lstm"])
+    assert len(fig.axes) == 5
+    assert not fig.axes[1].axison and not fig.axes[1].images  # the gap
+
+    fig = plot.grid([nested["last"]["rnn"], nested["last"]["lstm"]])  # one row, own titles
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert "rnn" in titles[0] and "lstm" in titles[1]
+
+
+def test_grid_normalize_divides_each_panel_by_its_own_top_last():
+    maps = _star_figure_2()
+    fig = plot.grid({k: _gradient_map(v) for k, v in maps.items()}, normalize=True)
+    panels = [ax for ax in fig.axes if ax.images]
+    for ax, values in zip(panels, maps.values()):
+        np.testing.assert_allclose(np.ma.getdata(ax.images[0].get_array()),
+                                   values / values[-1, -1], rtol=1e-15)
+    ratios = np.concatenate([(v / v[-1, -1]).ravel() for v in maps.values()])
+    norm = panels[0].images[0].norm
+    np.testing.assert_allclose(np.log10(norm.vmax), np.max(np.abs(np.log10(ratios))))
+    np.testing.assert_allclose(norm.vmin * norm.vmax, 1.0)
+
+
+def test_grid_counts_nonfinite_in_panel_and_figure_titles():
+    values = _map()
+    values[1, 1] = np.nan
+    with pytest.warns(NonFiniteWarning):
+        broken = _gradient_map(values)
+    fig = plot.grid({("last", "a"): broken, ("last", "b"): _gradient_map(_map(1))}, title="maps")
+    assert "1 non-finite" in fig.axes[0].get_title()
+    assert fig.get_suptitle() == "maps (1 non-finite)"
+    assert len(_hatched(fig.axes[0])) == 1 and not _hatched(fig.axes[1])
+
+
+def test_grid_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        plot.grid({})
+    with pytest.raises(TypeError, match="list of lists"):
+        plot.grid("abc")
+    with pytest.raises(TypeError, match="Result"):
+        plot.grid([[_map()]])
+    with pytest.raises(ValueError, match="labels"):
+        plot.grid([[_gradient_map(_map())]], rows=["a", "b"])
+    with pytest.raises(ValueError, match="no result"):
+        plot.grid({("a", "b"): _gradient_map(_map())}, rows=["x"])
+
+
+# --- save --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext, magic", [(".png", b"\x89PNG\r\n\x1a\n"), (".pdf", b"%PDF-"),
+                                        (".svg", b"<?xml")])
+def test_save_writes_valid_files(tmp_path, ext, magic):
+    fig = plot.heatmap(_gradient_map(_map()), colorbar=False)
+    path = tmp_path / f"map{ext}"
+    assert plot.save(fig, path) == str(path)
+    data = path.read_bytes()
+    assert data.startswith(magic)
+    if ext == ".svg":
+        assert b"<svg" in data[:2000]
+    if ext == ".pdf":
+        assert data.rstrip().endswith(b"%%EOF")
+
+
+def test_save_rejects_bad_paths(tmp_path):
+    fig = plot.heatmap(_gradient_map(_map()))
+    with pytest.raises(ValueError, match=r"\.png, \.pdf, \.svg"):
+        plot.save(fig, tmp_path / "map.jpg")
+    with pytest.raises(ValueError, match="does not exist"):
+        plot.save(fig, tmp_path / "missing" / "map.png")
+    with pytest.raises(TypeError, match="Figure"):
+        plot.save(fig.axes[0], tmp_path / "map.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- gates -------------------------------------------------------------------------------------
+
+
+def _bars(ax):
+    return [p for p in ax.patches if isinstance(p, Rectangle)]
+
+
+def test_gate_histograms_bar_heights_are_the_counts():
+    stats = _gate_stats()
+    hist, outside = stats["hist/f"], stats["outside/f"]
+    bins = hist.shape[1]
+    fig = plot.gate_histograms(stats, gate="f", layers="pooled")
+    ax = fig.axes[0]
+    bars = _bars(ax)
+    np.testing.assert_array_equal([b.get_height() for b in bars], hist.sum(axis=0))
+    np.testing.assert_allclose([b.get_x() for b in bars], np.arange(bins) / bins, atol=1e-15)
+    np.testing.assert_allclose([b.get_width() for b in bars], 1.0 / bins)
+    below, above = outside.sum(axis=0)
+    assert f"{below} below 0, {above} above 1" in ax.get_title()
+
+    ax = plot.gate_histograms(stats, gate="f", layers=2).axes[0]
+    np.testing.assert_array_equal([b.get_height() for b in _bars(ax)], hist[2])
+    assert f"{outside[2, 0]} below 0, {outside[2, 1]} above 1" in ax.get_title()
+
+
+def test_gate_histograms_draw_one_outline_per_layer():
+    stats = _gate_stats(1)
+    hist = stats["hist/o"]
+    ax = plot.gate_histograms(stats, gate="o").axes[0]
+    steps = [p for p in ax.patches if isinstance(p, StepPatch)]
+    assert len(steps) == L
+    for l, step in enumerate(steps):
+        np.testing.assert_array_equal(step.get_data().values, hist[l])
+        np.testing.assert_allclose(step.get_data().edges, np.linspace(0, 1, hist.shape[1] + 1))
+    ax = plot.gate_histograms(stats, gate="o", layers=[0, -1]).axes[0]
+    steps = [p for p in ax.patches if isinstance(p, StepPatch)]
+    np.testing.assert_array_equal(steps[1].get_data().values, hist[L - 1])
+    # Default gate: the first one listed.
+    assert "gate i" in plot.gate_histograms(stats, layers="pooled").axes[0].get_title()
+
+
+def test_gate_plots_reject_missing_gates_and_arrays():
+    stats = _gate_stats()
+    with pytest.raises(ValueError, match="gates: i, f, o"):
+        plot.gate_histograms(stats, gate="x")
+    partial = make_result("gate_stats", {"mean/f": np.zeros((L, T))}, dict(gates=["f"]))
+    with pytest.raises(ValueError, match="'hist/f'"):
+        plot.gate_histograms(partial, gate="f")
+    with pytest.raises(ValueError, match="'saturated/f'"):
+        plot.saturation_map(partial, "f")
+    with pytest.raises(ValueError, match="gate_stats"):
+        plot.gate_histograms(_gradient_map(_map()))
+    with pytest.raises(ValueError, match="no gates"):
+        plot.saturation_map(make_result("gate_stats", {}, dict(cell="rnn", gates=[])))
+    with pytest.raises(ValueError, match="out of range"):
+        plot.gate_histograms(stats, gate="f", layers=L)
+    with pytest.raises(ValueError, match="pooled"):
+        plot.gate_histograms(stats, gate="f", layers="all")
+
+
+def test_saturation_map_is_a_linear_unit_map():
+    stats = _gate_stats(2)
+    fig = plot.saturation_map(stats, "f")
+    ax = fig.axes[0]
+    image = ax.images[0]
+    np.testing.assert_array_equal(np.ma.getdata(image.get_array()), stats["saturated/f"])
+    assert image.origin == "lower"
+    assert type(image.norm) is mcolors.Normalize and (image.norm.vmin, image.norm.vmax) == (0, 1)
+    assert fig.axes[1].get_ylabel() == "fraction saturated"
+    assert "gate f" in ax.get_title() and "eps=0.05" in ax.get_title()
+
+
+# --- gain profiles -----------------------------------------------------------------------------
+
+
+def _line(ax, label):
+    (line,) = [ln for ln in ax.lines if ln.get_label() == label]
+    return line
+
+
+def test_gain_profile_plots_the_time_mean_per_layer():
+    gains = _gains()
+    ax = plot.gain_profile(gains, reference=0.25).axes[0]
+    line = _line(ax, "lstm")
+    expected = [sum(gains["vertical_rms"][l]) / T for l in range(L)]  # plain Python mean
+    np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-14)
+    np.testing.assert_array_equal(line.get_xdata(), np.arange(L))
+    assert ax.get_yscale() == "log"
+    np.testing.assert_array_equal(_line(ax, "gain 1 (preserved)").get_ydata(), [1, 1])
+    np.testing.assert_array_equal(_line(ax, "reference 0.25").get_ydata(), [0.25, 0.25])
+
+
+def test_gain_profile_compares_several_results_and_skips_nonfinite_entries():
+    lstm, star = _gains(0, "lstm", 0.25), _gains(1, "star", 0.5)
+    arrays = dict(star.arrays)
+    arrays["temporal_spectral"] = arrays["temporal_spectral"].copy()
+    arrays["temporal_spectral"][2, 4] = np.nan
+    with pytest.warns(NonFiniteWarning):
+        star = make_result("local_gains", arrays, star.config)
+    ax = plot.gain_profile({"LSTM": lstm, "STAR": star}, kind="temporal", stat="spectral",
+                           reference={"STAR": 0.5}).axes[0]
+    np.testing.assert_allclose(_line(ax, "LSTM").get_ydata(),
+                               lstm["temporal_spectral"].mean(axis=1), rtol=1e-14)
+    row = [v for v in arrays["temporal_spectral"][2] if v == v]  # the finite entries of layer 2
+    np.testing.assert_allclose(_line(ax, "STAR").get_ydata()[2], sum(row) / len(row), rtol=1e-14)
+    assert "1 non-finite" in ax.get_title()
+    _line(ax, "STAR: 0.5")
+
+
+def test_gain_profile_rejects_bad_options():
+    with pytest.raises(ValueError, match="'vertical', 'temporal'"):
+        plot.gain_profile(_gains(), kind="diagonal")
+    with pytest.raises(ValueError, match="'rms', 'spectral'"):
+        plot.gain_profile(_gains(), stat="max")
+    with pytest.raises(TypeError, match="mapping"):
+        plot.gain_profile([_gains()])
+
+
+# --- no global state ---------------------------------------------------------------------------
+
+
+def test_plots_leave_matplotlib_state_alone():
+    before = dict(matplotlib.rcParams)
+    colormaps = set(matplotlib.colormaps)
+    plot.heatmap(_gradient_map(_map()), normalize=True)
+    plot.gate_histograms(_gate_stats())
+    plot.gain_profile(_gains())
+    assert dict(matplotlib.rcParams) == before and set(matplotlib.colormaps) == colormaps
+    code = ("import sys, numpy as np; from gradflow import plot, results; "
+            "r = results.make_result('gradient_map', {'values': np.ones((2, 3))}, {}); "
+            "plot.heatmap(r); print('matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_every_function_returns_a_figure_of_axes():
+    figures = [plot.heatmap(_gradient_map(_map())), plot.grid([[_gradient_map(_map())]]),
+               plot.gate_histograms(_gate_stats()), plot.saturation_map(_gate_stats(), "o"),
+               plot.gain_profile(_gains())]
+    for fig in figures:
+        assert isinstance(fig, Figure) and all(isinstance(ax, Axes) for ax in fig.axes)
