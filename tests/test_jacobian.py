@@ -1,0 +1,314 @@
+"""gradflow.jacobian against independent references.
+
+The reference stack here is a plain Python loop over layers and steps calling ``cell.step``;
+per-position derivatives are taken one ``(l, t)`` at a time (vmapped over positions only to
+keep the suite fast), and per-step parameter gradients come from explicit per-step copies of the
+parameters. Everything in float64.
+"""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import gradflow
+from gradflow import jacobian as J
+from gradflow.results import NonFiniteWarning, Result
+
+L, T, B, H = 3, 4, 2, 4
+
+
+def loop_stack(stack, params, xs, eps=None, deltas=None):
+    """Brute force: Python loops; ``eps[l, :, t]`` added to h (and "c" keyed dict allowed),
+    ``deltas[l][t]`` added to layer l's parameters at step t."""
+    cell = stack.cell
+    x = xs @ params["input"]["W"] + params["input"]["b"] if stack.input_projection else xs
+    hs = []
+    for l in range(stack.layers):
+        s = cell.initial_state((xs.shape[0],), stack.hidden_size, xs.dtype)
+        ys = []
+        for t in range(xs.shape[1]):
+            p = params["layers"][l]
+            if deltas is not None:
+                p = jax.tree_util.tree_map(jnp.add, p, deltas[l][t])
+            s, _, _ = cell.step(p, s, x[:, t], t)
+            if eps is not None:
+                s = {k: v + eps[k][l, :, t] if k in eps else v for k, v in s.items()}
+            ys.append(s["h"])
+        x = jnp.stack(ys, 1)
+        hs.append(x)
+    return jnp.stack(hs)  # (L, B, T, H)
+
+
+def make(cell, **kw):
+    opts = dict(layers=L, steps=T, hidden=H, batch=B, dtype="float64", seed=3)
+    opts.update(kw)
+    pr = gradflow.problem(cell, **opts)
+    # non-zero biases everywhere, so no structure of the init hides a mistake
+    leaves, tree = jax.tree_util.tree_flatten(pr.params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    leaves = [a + 0.1 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    return pr.stack, jax.tree_util.tree_unflatten(tree, leaves), pr.xs
+
+
+def brute_state_map(stack, params, xs, loss_fn, name):
+    """G[l, t] from a separate derivative per position (perturbation at that position only)."""
+    Lz, Bz, Tz, Hz = stack.layers, xs.shape[0], xs.shape[1], stack.hidden_size
+
+    def at(l, t):
+        def f(e):
+            eps = {name: jnp.zeros((Lz, Bz, Tz, Hz), xs.dtype).at[l, :, t].set(e)}
+            return loss_fn(loop_stack(stack, params, xs, eps)[-1])
+        g = jax.grad(f)(jnp.zeros((Bz, Hz), xs.dtype))
+        return jnp.mean(jnp.linalg.norm(g, axis=-1))
+
+    ls, ts = np.meshgrid(np.arange(Lz), np.arange(Tz), indexing="ij")
+    return np.asarray(jax.jit(jax.vmap(at))(ls.ravel(), ts.ravel())).reshape(Lz, Tz)
+
+
+@pytest.mark.parametrize("cell", gradflow.cells.names())
+def test_hidden_map_equals_brute_force_every_cell(cell):
+    stack, params, xs = make(cell)
+    for loss in ("last", "all"):
+        res = J.gradient_map(stack, params, xs, loss=loss, wrt="hidden")
+        loss_fn = J.readout_loss(loss, H, T, B, 0, xs.dtype)
+        ref = brute_state_map(stack, params, xs, loss_fn, "h")
+        np.testing.assert_allclose(res.values, ref, rtol=1e-5, atol=1e-12)
+        assert res.values.shape == (L, T)
+        assert res.config["loss"] == loss and res.config["wrt"] == "hidden"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "ur_lstm", "g_lstm"])
+def test_cell_map_equals_brute_force(cell):
+    stack, params, xs = make(cell)
+    res = J.gradient_map(stack, params, xs, loss="all", wrt="cell")
+    ref = brute_state_map(stack, params, xs, J.readout_loss("all", H, T, B, 0, xs.dtype), "c")
+    np.testing.assert_allclose(res.values, ref, rtol=1e-5, atol=1e-12)
+
+
+def test_hidden_map_finite_differences():
+    """The total derivative at one position agrees with central finite differences."""
+    stack, params, xs = make("gru")
+    loss_fn = J.readout_loss("last", H, T, B, 0, xs.dtype)
+
+    def f(e):
+        eps = {"h": jnp.zeros((L, B, T, H), xs.dtype).at[1, :, 2].set(e)}
+        return loss_fn(stack.apply(params, xs, perturb=eps).top)
+
+    check_grads(f, (jnp.zeros((B, H), xs.dtype),), order=1, modes=["rev"])
+    g = jax.grad(f)(jnp.zeros((B, H), xs.dtype))
+    res = J.gradient_map(stack, params, xs, loss="last")
+    assert res.values[1, 2] == pytest.approx(float(jnp.mean(jnp.linalg.norm(g, axis=-1))),
+                                              rel=1e-10)
+
+
+def test_callable_loss_and_orders_agree():
+    stack, params, xs = make("lstm", hidden=4, input_size=4)
+
+    def loss(outputs):
+        return jnp.sum(outputs[:, -1] ** 2)
+
+    ref = J.gradient_map(stack, params, xs, loss=loss)
+    for st in (stack.replace(order="wavefront"), stack.replace(checkpoint=2),
+               stack.replace(order="wavefront", checkpoint="auto")):
+        np.testing.assert_allclose(J.gradient_map(st, params, xs, loss=loss).values,
+                                   ref.values, rtol=1e-10)
+    assert ref.config["loss"] == "loss"
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "star", "gru", "g_lstm", "refined_mgu"])
+def test_params_map_per_step_copies(cell):
+    """P[l, t] equals mean |dL/d delta_(l,t)| with explicit per-step parameter copies, and the
+    per-step gradients sum to the ordinary gradient."""
+    stack, params, xs = make(cell)
+    loss_fn = J.readout_loss("all", H, T, B, 0, xs.dtype)
+    res = J.gradient_map(stack, params, xs, loss="all", wrt="params")
+    zeros = [[jax.tree_util.tree_map(jnp.zeros_like, params["layers"][l]) for _ in range(T)]
+             for l in range(L)]
+    grads = jax.jit(jax.grad(lambda d: loss_fn(loop_stack(stack, params, xs, deltas=d)[-1])))(
+        zeros)
+    ref = np.array([[np.mean(np.abs(np.concatenate(
+        [np.ravel(a) for a in jax.tree_util.tree_leaves(grads[l][t])]))) for t in range(T)]
+        for l in range(L)])
+    np.testing.assert_allclose(res.values, ref, rtol=1e-8, atol=1e-14)
+
+    full = jax.grad(lambda p: loss_fn(loop_stack(stack, p, xs)[-1]))(params)
+    for l in range(L):
+        summed = jax.tree_util.tree_map(lambda *a: sum(a), *grads[l])
+        for a, b in zip(jax.tree_util.tree_leaves(summed),
+                        jax.tree_util.tree_leaves(full["layers"][l])):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
+
+
+def test_params_map_chunking_is_exact():
+    stack, params, xs = make("lstm")
+    a = J.gradient_map(stack, params, xs, wrt="params", chunk=1).values
+    b = J.gradient_map(stack, params, xs, wrt="params", chunk=3).values
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def per_example_jacobians(stack, params, xs, target):
+    """(B, L, T, H, H) by jax.jacrev of the Python-loop stack, per example."""
+    tl, tt = target
+
+    def f(eps):
+        return loop_stack(stack, params, xs, {"h": eps})[tl, :, tt]
+
+    jac = jax.jacrev(f)(jnp.zeros((L, B, T, H), xs.dtype))  # (B, H, L, B, T, H)
+    return np.stack([np.moveaxis(np.asarray(jac[b, :, :, b]), 0, -2) for b in range(B)])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "star", "mgu"])
+def test_jacobian_map_exact_equals_jacrev(cell):
+    stack, params, xs = make(cell)
+    jac = per_example_jacobians(stack, params, xs, (2, 3))
+    rms = np.mean(np.linalg.norm(jac, axis=(-2, -1)), axis=0) / np.sqrt(H)
+    spec = np.mean(np.linalg.norm(jac, ord=2, axis=(-2, -1)), axis=0)
+    res = J.jacobian_map(stack, params, xs, spectra_at=[(0, 1), (2, 3)], chunk=3)
+    np.testing.assert_allclose(res.values, rms, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(res.values[2, 3], 1.0)  # d h / d h at the target
+    res2 = J.jacobian_map(stack, params, xs, norm="spectral")
+    np.testing.assert_allclose(res2.values, spec, rtol=1e-9, atol=1e-15)
+    sv = np.linalg.svd(jac[:, 0, 1], compute_uv=False)
+    np.testing.assert_allclose(res.spectra[0], sv, rtol=1e-9, atol=1e-15)
+
+
+def test_jacobian_map_target_and_finite_differences():
+    """A target below the top: positions after it are zero; a column of the Jacobian agrees
+    with central finite differences of the stack."""
+    stack, params, xs = make("rnn")
+    res = J.jacobian_map(stack, params, xs, target=(1, 2))
+    assert np.all(res.values[:, 3] == 0) and res.values[2, 2] == 0
+    jac = per_example_jacobians(stack, params, xs, (1, 2))
+    step = 1e-6
+    e = np.zeros((L, B, T, H))
+    e[0, :, 1, 2] = step
+    hi = loop_stack(stack, params, xs, {"h": jnp.asarray(e)})[1, :, 2]
+    lo = loop_stack(stack, params, xs, {"h": -jnp.asarray(e)})[1, :, 2]
+    np.testing.assert_allclose((hi - lo) / (2 * step), jac[:, 0, 1, :, 2], rtol=1e-6, atol=1e-9)
+    rms = np.mean(np.linalg.norm(jac, axis=(-2, -1)), axis=0) / np.sqrt(H)
+    np.testing.assert_allclose(res.values, rms, rtol=1e-9, atol=1e-15)
+
+
+def test_probe_estimate_within_its_standard_error():
+    """Over 40 fixed seeds, the z-scores (estimate - exact)/stderr behave like a standard error:
+    at least 90% within 3, a mean near 0."""
+    stack, params, xs = make("gru", batch=8, hidden=6)
+    exact = J.jacobian_map(stack, params, xs).values
+    mask = exact > 0
+    zs = []
+    for seed in range(40):
+        r = J.jacobian_map(stack, params, xs, method="probe", probes=16, seed=seed)
+        assert r.stderr.shape == exact.shape
+        zs.append(((r.values - exact) / np.where(mask, r.stderr, 1.0))[mask])
+    zs = np.concatenate(zs)
+    assert np.mean(np.abs(zs) < 3) > 0.9
+    assert abs(np.mean(zs)) < 0.5
+    # more probes, smaller error
+    r64 = J.jacobian_map(stack, params, xs, method="probe", probes=256, seed=0)
+    assert np.median(r64.stderr[mask] / exact[mask]) < 0.05
+
+
+def test_local_gains_equal_cell_jacobians():
+    stack, params, xs = make("gru")
+    res = J.local_gains(stack, params, xs)
+    h = loop_stack(stack, params, xs)
+    cell = stack.cell
+    for l in (0, 2):
+        s = cell.initial_state((B,), H, xs.dtype)
+        x_in = xs if l == 0 else h[l - 1]
+        for t in range(T):
+            prev = s
+            vj = [jax.jacrev(lambda x: cell.step(params["layers"][l], {k: v[b] for k, v in
+                                                                        prev.items()}, x, t)[1])(
+                x_in[b, t]) for b in range(B)]
+            tj = [jax.jacrev(lambda hh: cell.step(params["layers"][l], {"h": hh}, x_in[b, t],
+                                                  t)[1])(prev["h"][b]) for b in range(B)]
+            n_in = x_in.shape[-1]
+            np.testing.assert_allclose(
+                res.vertical_rms[l, t], np.mean([np.linalg.norm(j) / np.sqrt(n_in) for j in vj]),
+                rtol=1e-9)
+            np.testing.assert_allclose(
+                res.vertical_spectral[l, t], np.mean([np.linalg.norm(j, 2) for j in vj]),
+                rtol=1e-9)
+            np.testing.assert_allclose(
+                res.temporal_rms[l, t], np.mean([np.linalg.norm(j) / np.sqrt(H) for j in tj]),
+                rtol=1e-9)
+            np.testing.assert_allclose(
+                res.temporal_spectral[l, t], np.mean([np.linalg.norm(j, 2) for j in tj]),
+                rtol=1e-9)
+            s, _, _ = cell.step(params["layers"][l], s, x_in[:, t], t)
+
+
+@pytest.mark.parametrize("cell,kind,expected", [
+    ("lstm", "vertical", 0.25),  # sigma(0) * sigma(0): o * i * W_g
+    ("star", "vertical", 0.5),   # k * W_z with k = sigma(0)
+    ("rnn", "temporal", 1.0),    # orthogonal U, tanh'(0) = 1
+])
+def test_local_gain_closed_forms(cell, kind, expected):
+    pr = gradflow.problem(cell, layers=6, steps=5, hidden=32, batch=4, input_scale=1e-4,
+                          dtype="float64", init="orthogonal")
+    res = J.local_gains(pr.stack, pr.params, pr.xs)
+    for stat in ("rms", "spectral"):
+        np.testing.assert_allclose(res[f"{kind}_{stat}"], expected, rtol=2e-3)
+
+
+def test_exploding_gradients_are_counted_not_raised():
+    pr = gradflow.problem("indrnn", layers=2, steps=30, hidden=8, batch=2, u_max=1.0)
+    params = pr.params
+    params["layers"][0]["h"]["u"] = jnp.full((8,), 1e3, jnp.float32)
+    with pytest.warns(NonFiniteWarning):
+        res = J.gradient_map(pr.stack, params, pr.xs, loss="all")
+    assert res.total_nonfinite > 0
+    assert res.nonfinite["values"] == int(np.sum(~np.isfinite(res.values)))
+
+
+def test_errors_are_clear():
+    stack, params, xs = make("gru")
+    with pytest.raises(ValueError, match="valid: last, all"):
+        J.gradient_map(stack, params, xs, loss="first")
+    with pytest.raises(ValueError, match="valid: hidden, cell, params"):
+        J.gradient_map(stack, params, xs, wrt="weights")
+    with pytest.raises(ValueError, match="memory state c"):
+        J.gradient_map(stack, params, xs, wrt="cell")
+    with pytest.raises(ValueError, match="NaN"):
+        J.gradient_map(stack, params, xs.at[0, 0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="shape"):
+        J.gradient_map(stack, params, xs[..., :2])
+    with pytest.raises(ValueError, match="valid: rms, spectral"):
+        J.jacobian_map(stack, params, xs, norm="nuclear")
+    with pytest.raises(ValueError, match="valid: exact, probe"):
+        J.jacobian_map(stack, params, xs, method="sample")
+    with pytest.raises(ValueError, match="outside the stack"):
+        J.jacobian_map(stack, params, xs, target=(5, 0))
+    with pytest.raises(ValueError, match="probes"):
+        J.jacobian_map(stack, params, xs, method="probe", probes=1)
+    with pytest.raises(ValueError, match="rms"):
+        J.jacobian_map(stack, params, xs, method="probe", norm="spectral")
+    with pytest.raises(TypeError, match="gradflow.Stack"):
+        J.gradient_map("gru", params, xs)
+
+
+def test_result_carries_config_and_round_trips(tmp_path):
+    pr = gradflow.problem("star", layers=2, steps=3, hidden=4, batch=2, seed=5)
+    res = J.gradient_map(pr.stack, pr.params, pr.xs, loss="all", wrt="params", meta=pr.config)
+    for key in ("cell", "layers", "steps", "hidden_size", "batch", "seed", "init", "loss", "wrt",
+                "dtype", "readout_seed"):
+        assert key in res.config
+    assert res.config["seed"] == 5 and res.config["dtype"] == "float32"
+    path = res.save(tmp_path / "map")
+    back = Result.load(path)
+    assert back.kind == "gradient_map" and back.config == res.config
+    np.testing.assert_array_equal(back.values, res.values)
+
+
+def test_deterministic():
+    a = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2, seed=1)
+    b = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ra = J.gradient_map(a.stack, a.params, a.xs)
+        rb = J.gradient_map(b.stack, b.params, b.xs)
+    np.testing.assert_array_equal(ra.values, rb.values)
