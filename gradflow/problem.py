@@ -10,6 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gradflow import cells as _cells
 from gradflow.stack import Stack
 
 DTYPES = ("float32", "float64")
@@ -42,7 +43,9 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
 
     Args:
       cell: cell name or :class:`gradflow.cells.Cell`; ``cell_options`` are passed to it
-        (e.g. ``init="orthogonal"``, ``forget_bias=1.0``).
+        (e.g. ``init="orthogonal"``, ``forget_bias=1.0``). A cell with a ``steps`` option
+        (``g_lstm``: ``μ ~ U[0, steps)``) gets the problem's ``steps``; pass a built ``Cell``
+        to initialise it over another length.
       layers, steps, hidden, batch: ``L, T, H, B``.
       input_size: ``D`` (default ``H``).
       seed: parameters from ``key(seed)``, inputs ``input_scale * N(0, 1)`` from ``key(seed + 1)``.
@@ -57,6 +60,8 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
     hidden = _positive_int("hidden", hidden)
     D = hidden if input_size is None else input_size
     dt = dtype_of(dtype)
+    if isinstance(cell, str) and "steps" in dict(_cells.get(cell).options):
+        cell_options["steps"] = steps  # g_lstm's time gates are initialised over the sequence
     stack = Stack(cell, layers, D, hidden, **(stack_options or {}), **cell_options)
     params = stack.init(jax.random.key(seed), dt)
     xs = input_scale * jax.random.normal(jax.random.key(seed + 1), (batch, steps, D), dt)

@@ -1,0 +1,480 @@
+r"""Gate statistics (SPEC section 3): saturation, slopes, memory timescales, time-gate compute.
+
+For every gate ``a`` a cell reports (``stack.apply(params, xs, gates=True).gates[gate]``,
+shape ``(L, B, T, H)``), :func:`saturation` returns one :class:`gradflow.results.Result` of
+kind ``"gate_stats"`` holding:
+
+* ``mean``: the mean activation :math:`\bar a` (for a time gate: its openness :math:`\bar k`);
+* ``saturated``: the fraction of entries with :math:`a < \varepsilon` or :math:`a > 1-\varepsilon`
+  (taken literally for refined gates: values beyond ``[0, 1]`` count as saturated);
+* ``slope``: the mean local slope :math:`|\partial a / \partial z|` w.r.t. the gate's own
+  pre-activation ``z`` (how much gradient the gate passes to its own parameters), see
+  :func:`slopes`: :math:`a(1-a)` for a sigmoid gate, recomputed from ``z`` for Cheng et al.'s
+  refined gates; for Gu et al.'s effective gate ``g`` w.r.t. ``f``'s pre-activation, and
+  ``slope_refine`` w.r.t. the refine gate's; none for ON-LSTM's master gates and time gates;
+* ``timescale``: for gates that keep the previous state (``cell.retain``: ``f``, the effective
+  ``g`` of UR cells, ``1 - k`` of STAR, ...) the memory timescale in steps,
+  :math:`1/(1-\bar\kappa)`, of the mean kept fraction :math:`\bar\kappa` (:math:`\kappa = a`, or
+  ``1 - a`` where the cell keeps ``1 - a``). The timescale of the mean, not the mean of
+  :math:`1/(1-\kappa)`, which one gate rounded to 1 (float32 saturates at
+  :math:`z \approx 17`) would make infinite; the per-unit values give the distribution
+  (Gu et al.'s UGI spreads them over ``[1, H]``);
+* ``update_fraction``: for time gates (``k`` of ``g_lstm``, ``phased_lstm``; not ``star``'s
+  ``k``) the fraction of neuron updates that happen, :math:`k > 10^{-3}`: the compute used
+  relative to a plain LSTM;
+* ``nonfinite``: the number of inf/NaN activations (counted, never raised on);
+* ``hist`` / ``outside``: fixed-bin histogram counts over ``[0, 1]`` and the counts of values
+  below 0, above 1 (refined gates leave ``[0, 1]``) and NaN.
+
+Array names (flat, ``/``-separated; they round-trip through ``Result.save``/``load``)::
+
+    "{stat}/{gate}"           (L, T)     per (layer, step): over batch and units
+    "{stat}/{gate}/layer"     (L,)       per layer: over batch, steps and units
+    "{stat}/{gate}/pooled"    ()         over everything
+    "{stat}/{gate}/unit"      (L, H)     per unit: over batch and steps
+                                         (mean, timescale, update_fraction only)
+    "hist/{gate}"             (L, bins)  counts in [e_j, e_{j+1}) (the last bin closed)
+    "hist/{gate}/pooled"      (bins,)
+    "outside/{gate}"          (L, 3)     counts of a < 0, a > 1, NaN
+    "outside/{gate}/pooled"   (3,)
+    "bin_edges"               (bins + 1,)
+
+``stat`` is one of :data:`STATS`. ``nonfinite`` maps hold counts (sums); every other map
+holds means (fractions), and since every ``(l, t)`` cell averages the same ``B * H`` entries,
+``/layer`` and ``/pooled`` are the means of the map (``timescale``: of the kept-fraction map,
+then transformed). Every entry that is not NaN lands in exactly one histogram bin or
+``outside`` column, so ``hist.sum() + outside.sum() == L * B * T * H``; normalise by that to
+get densities. A NaN activation makes the means it enters NaN (as a NumPy mean would;
+``make_result`` counts it and warns), is never "saturated" or an "update", and is counted in
+``nonfinite`` and ``outside[:, 2]``. ``config["gates"]`` lists the gates,
+``config["gate_kinds"]`` their kinds (:func:`gate_kinds`); :func:`summary` gives the pooled
+scalars as ``{gate: {stat: value}}``.
+
+Example::
+
+  >>> from gradflow import gates
+  >>> from gradflow.problem import problem
+  >>> stack, params, xs, cfg = problem("ur_lstm", layers=2, steps=5, hidden=8)
+  >>> stats = gates.saturation(stack, params, xs, meta=cfg)
+  >>> stats["saturated/g"].shape, stats["timescale/f/unit"].shape
+  ((2, 5), (2, 8))
+  >>> sorted(gates.summary(stats)["g"])
+  ['mean', 'nonfinite', 'saturated', 'slope', 'slope_refine', 'timescale']
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradflow.cells.base import Cell
+from gradflow.problem import problem
+from gradflow.results import Result, make_result
+from gradflow.stack import Stack, _positive_int
+
+STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_fraction",
+         "nonfinite")
+KINDS = ("sigmoid", "refined", "effective", "master", "time")
+TIME_GATED = ("g_lstm", "phased_lstm")
+UPDATE_THRESHOLD = 1e-3
+
+GU_GRID = (
+    ("LSTM", "lstm", {}),
+    ("LSTM+UGI", "lstm", {"init": "ugi"}),
+    ("LSTM+R", "lstm", {"aux": "refine"}),
+    ("UR-LSTM", "ur_lstm", {}),
+    ("ON-LSTM", "on_lstm", {}),
+)
+"""Gu et al.'s (2020) comparison: the LSTM, its UGI initialisation, the refine gate alone, both
+(UR-LSTM), and ON-LSTM's master gates, as ``(label, cell, options)`` entries for :func:`compare`."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What each gate is
+
+
+def gate_kinds(cell: Cell) -> dict:
+    r"""``{gate: kind}`` for every gate ``cell`` reports, in its order.
+
+    Kinds: ``"sigmoid"`` (:math:`a = \sigma(z)`), ``"refined"`` (Cheng et al.:
+    :math:`a = \sigma(z) \odot x` or :math:`\sigma(z) + x`), ``"effective"`` (Gu et al.'s
+    :math:`g = r(1-(1-f)^2) + (1-r)f^2`), ``"master"`` (ON-LSTM's cumax gates) and ``"time"``
+    (the ``k`` of ``g_lstm``/``phased_lstm``; ``star``'s ``k`` is a sigmoid gate).
+    """
+    opts = dict(cell.options)
+    refined = set(opts.get("refined", ()))
+    kinds = {}
+    for g in cell.gate_names:
+        if g == "k" and cell.name in TIME_GATED:
+            kinds[g] = "time"
+        elif g in ("f_master", "i_master"):
+            kinds[g] = "master"
+        elif g == "g" and opts.get("aux") == "refine":
+            kinds[g] = "effective"
+        elif g in refined:
+            kinds[g] = "refined"
+        else:
+            kinds[g] = "sigmoid"
+    return kinds
+
+
+def refine_gate_name(cell: Cell) -> str:
+    """The refine gate of a cell with an effective gate: ``"refine"`` (GRU family) or ``"r"``."""
+    return "refine" if "refine" in cell.gate_names else "r"
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-wise pieces
+
+
+def sigmoid_slope(a):
+    r""":math:`\sigma'(z) = a(1-a)` for :math:`a = \sigma(z)`; any shape."""
+    return a * (1.0 - a)
+
+
+def refine_partials(f, r):
+    r"""Partials of Gu et al.'s effective gate :math:`g = r(1-(1-f)^2) + (1-r)f^2`.
+
+    :math:`\partial g/\partial f = 2[r(1-f) + (1-r)f]`,
+    :math:`\partial g/\partial r = (1-(1-f)^2) - f^2 = 2f(1-f)`.
+
+    Args:
+      f, r: arrays of one shape. Returns: ``(dg/df, dg/dr)`` of that shape.
+    """
+    return 2.0 * (r * (1.0 - f) + (1.0 - r) * f), 2.0 * f * (1.0 - f)
+
+
+def is_saturated(a, eps):
+    r"""``(a < eps) | (a > 1 - eps)``: the gate is within :math:`\varepsilon` of 0 or 1 (or
+    beyond, for refined gates); False for NaN."""
+    return (a < eps) | (a > 1.0 - eps)
+
+
+def kept_fraction(a, sign: int):
+    """The fraction of the previous state a retain gate keeps: ``a`` (sign +1) or ``1 - a``."""
+    return a if sign == 1 else 1.0 - a
+
+
+def timescale(kept):
+    r"""Memory timescale in steps, :math:`1/(1-\kappa)` (inf where :math:`\kappa = 1`)."""
+    return 1.0 / (1.0 - kept)
+
+
+def bin_edges(bins: int) -> np.ndarray:
+    """``(bins + 1,)`` float64 edges of the fixed histogram over ``[0, 1]``."""
+    return np.linspace(0.0, 1.0, bins + 1)
+
+
+def bin_index(a, bins: int):
+    """The histogram bin of each entry of ``a`` (any shape), and whether it has one.
+
+    Bins are ``[e_j, e_{j+1})`` with the last one closed, ``e`` from :func:`bin_edges`: the rule
+    of ``numpy.histogram``, exact at the edges (``floor(a * bins)``, moved by one where rounding
+    put ``a`` on the wrong side of an edge). Returns ``(j: int32, inside: bool)`` of ``a``'s
+    shape; ``inside`` is False for values outside ``[0, 1]`` and NaN.
+    """
+    e = jnp.asarray(bin_edges(bins), a.dtype)
+    inside = (a >= 0.0) & (a <= 1.0)
+    j = jnp.clip(jnp.floor(jnp.where(inside, a, 0.0) * bins).astype(jnp.int32), 0, bins - 1)
+    j = j - (a < e[j]) + ((a >= e[j + 1]) & (j < bins - 1))
+    return j, inside
+
+
+def histogram(a, bins: int):
+    """Per-layer histogram counts of ``a: (L, ...)`` over ``[0, 1]`` (see :func:`bin_index`).
+
+    One scatter-add, so memory stays at one index per entry. Returns ``(counts: (L, bins),
+    outside: (L, 3))``, ``outside`` holding the counts of ``a < 0``, ``a > 1`` (infinities
+    included) and NaN.
+    """
+    L = a.shape[0]
+    a = a.reshape(L, -1)
+    j, inside = bin_index(a, bins)
+    flat = jnp.where(inside, jnp.arange(L, dtype=jnp.int32)[:, None] * bins + j, L * bins)
+    counts = jnp.zeros(L * bins + 1, jnp.int32).at[flat.ravel()].add(1)[:-1].reshape(L, bins)
+    outside = jnp.stack([(a < 0.0).sum(1), (a > 1.0).sum(1), jnp.isnan(a).sum(1)], axis=1)
+    return counts, outside
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw activations and slopes from a stack
+
+
+def layer_inputs(stack: Stack, params: dict, xs, h):
+    """``(L, B, T, H)`` inputs ``x^l_t`` of every layer: the (projected) data, then ``h^{l-1}``.
+
+    Needs every layer to read ``H`` features (``stack.uniform``), as refined cells do.
+    """
+    x0 = jnp.asarray(xs, h.dtype)
+    if stack.input_projection:
+        x0 = x0 @ params["input"]["W"] + params["input"]["b"]
+    return jnp.concatenate([x0[None], h[:-1]])
+
+
+def preactivation(stack: Stack, params: dict, xs, h, gate: str):
+    r"""A sigmoid-type gate's pre-activation
+    :math:`z^l_t = x^l_t W_g + h^l_{t-1} U_g + b_g` (plus the LSTM's constant ``forget_bias``
+    for ``f``), from the public per-gate params, for every ``(l, b, t)``.
+
+    Args:
+      h: ``(L, B, T, H)`` hidden outputs of the same run (zero initial state).
+    Returns:
+      ``(L, B, T, H)``.
+    """
+    x = layer_inputs(stack, params, xs, h)
+    prev = jnp.concatenate([jnp.zeros_like(h[:, :, :1]), h[:, :, :-1]], axis=2)
+    p = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[lp[gate] for lp in params["layers"]])
+    z = (jnp.einsum("lbti,lih->lbth", x, p["W"]) + jnp.einsum("lbti,lih->lbth", prev, p["U"])
+         + p["b"][:, None, None, :])
+    if gate == "f":  # the LSTM family's constant inside the forget sigmoid (0 elsewhere)
+        z = z + dict(stack.cell.options).get("forget_bias", 0.0)
+    return z
+
+
+def _slopes(stack: Stack, params: dict, xs, out) -> dict:
+    """:func:`slopes` from a run's output ``out`` (a :class:`gradflow.StackOutput`)."""
+    kinds = gate_kinds(stack.cell)
+    acts = out.gates
+    mode = dict(stack.cell.options).get("mode", "mul")
+    s = {}
+    for g, kind in kinds.items():
+        if kind == "sigmoid":
+            s[g] = sigmoid_slope(acts[g])
+        elif kind == "refined":
+            sz = sigmoid_slope(jax.nn.sigmoid(preactivation(stack, params, xs, out.h, g)))
+            s[g] = sz * jnp.abs(layer_inputs(stack, params, xs, out.h)) if mode == "mul" else sz
+    for g, kind in kinds.items():
+        if kind == "effective":
+            r = refine_gate_name(stack.cell)
+            dgdf, dgdr = refine_partials(acts["f"], acts[r])
+            s[g] = jnp.abs(dgdf) * s["f"]
+            s[g + ":refine"] = jnp.abs(dgdr) * s[r]
+    return s
+
+
+@functools.partial(jax.jit, static_argnames=("stack",))
+def activations(stack: Stack, params: dict, xs) -> dict:
+    """``{gate: (L, B, T, H)}``: every reported gate activation of ``stack`` on ``xs``
+    ``(B, T, D)``."""
+    return stack.apply(params, xs, gates=True).gates
+
+
+@functools.partial(jax.jit, static_argnames=("stack",))
+def slopes(stack: Stack, params: dict, xs) -> dict:
+    r"""``{gate: (L, B, T, H)}``: local slopes :math:`|\partial a/\partial z|` of each gate ``a``
+    w.r.t. its own pre-activation ``z``.
+
+    * sigmoid gate: :math:`a(1-a)`;
+    * refined gate (Cheng et al.; the reported value :math:`\sigma(z) \odot x` is no sigmoid,
+      so ``z`` is recomputed from the params, see :func:`preactivation`):
+      :math:`\sigma'(z)\,|x|` (``mode="mul"``) or :math:`\sigma'(z)` (``"add"``);
+    * effective gate ``g`` (Gu et al.): w.r.t. ``f``'s pre-activation
+      :math:`|\partial g/\partial f| \cdot |\partial f/\partial z_f|`, and under the key
+      ``"g:refine"`` w.r.t. the refine gate's, :math:`|\partial g/\partial r| \cdot
+      |\partial r/\partial z_r|` (:func:`refine_partials`);
+    * master (cumax, not element-wise) and time gates: no entry.
+    """
+    return _slopes(stack, params, xs, stack.apply(params, xs, gates=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions
+
+_UNIT_STATS = ("mean", "timescale", "update_fraction")
+_SLOPED = ("sigmoid", "refined", "effective")  # the kinds :func:`slopes` covers
+
+
+def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
+    """``{(stat, gate): (L, B, T, H)}`` element-wise quantities whose means make the maps
+    (``timescale``: the kept fraction); ``nonfinite``, ``below``, ``above``, ``nan`` are
+    0/1 integers to be counted."""
+    retain = dict(stack.cell.retain)
+    rows = {}
+    for g, kind in gate_kinds(stack.cell).items():
+        a = out.gates[g]
+        rows["mean", g] = a
+        rows["saturated", g] = is_saturated(a, eps).astype(a.dtype)
+        if kind in _SLOPED:
+            rows["slope", g] = sl[g]
+        if kind == "effective":
+            rows["slope_refine", g] = sl[g + ":refine"]
+        if g in retain:
+            rows["timescale", g] = kept_fraction(a, retain[g])
+        if kind == "time":
+            rows["update_fraction", g] = (a > threshold).astype(a.dtype)
+        for stat, m in (("nonfinite", ~jnp.isfinite(a)), ("below", a < 0.0),
+                        ("above", a > 1.0), ("nan", jnp.isnan(a))):
+            rows[stat, g] = m.astype(jnp.int32)
+    return rows
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "bins"))
+def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
+    """All reductions of :func:`saturation` in one compiled function.
+
+    The element-wise rows (:func:`_rows`) are summed over the batch by one variadic
+    ``lax.reduce``, so they are fused into it and never stored; the histograms are one
+    scatter-add. Returns ``({(stat, gate): ((L, T) map, (L, H) unit)}, {gate: (L, bins)})``:
+    means (float rows) or counts (integer rows).
+    """
+    out = stack.apply(params, xs, gates=True)
+    if not out.gates:
+        return {}, {}
+    rows = _rows(stack, out, _slopes(stack, params, xs, out), eps, threshold)
+    keys = list(rows)
+    ops = tuple(rows[k] for k in keys)
+    sums = jax.lax.reduce(ops, tuple(jnp.zeros((), o.dtype) for o in ops),
+                          lambda x, y: tuple(u + v for u, v in zip(x, y)), (1,))  # (L, T, H)
+    _, B, T, H = ops[0].shape
+    red = {}
+    for k, sm in zip(keys, sums):
+        if jnp.issubdtype(sm.dtype, jnp.integer):
+            red[k] = (sm.sum(-1), sm.sum(1))
+        else:
+            red[k] = (sm.sum(-1) / (B * H), sm.sum(1) / (B * T))
+    names = list(out.gates)
+    A = jnp.stack([out.gates[g] for g in names])  # (G, L, B, T, H)
+    G, L = A.shape[:2]
+    hist, _ = histogram(A.reshape((G * L, -1)), bins)
+    return red, {g: hist[i * L:(i + 1) * L] for i, g in enumerate(names)}
+
+
+def _arrays(stack: Stack, params: dict, xs, eps: float, threshold: float, bins: int) -> dict:
+    """The named arrays of the module docstring's scheme, from :func:`_reduce`."""
+    red, hist = _reduce(stack, params, xs, eps, threshold, bins)
+    red = {k: (np.asarray(m), np.asarray(u)) for k, (m, u) in red.items()}
+    arrays = {"bin_edges": bin_edges(bins)}
+    for g in gate_kinds(stack.cell):
+        for stat in STATS:
+            if (stat, g) not in red:
+                continue
+            m, u = red[stat, g]
+            if stat == "nonfinite":
+                m = m.astype(np.int64)
+                vals = {"": m, "/layer": m.sum(axis=1), "/pooled": m.sum()}
+            else:
+                vals = {"": m, "/layer": m.mean(axis=1), "/pooled": m.mean()}
+                if stat in _UNIT_STATS:
+                    vals["/unit"] = u
+            if stat == "timescale":  # the means are of the kept fraction
+                with np.errstate(divide="ignore"):
+                    vals = {k: timescale(v) for k, v in vals.items()}
+            arrays.update({f"{stat}/{g}{k}": v for k, v in vals.items()})
+        h = np.asarray(hist[g], np.int64)
+        outside = np.stack([red[c, g][0].sum(axis=1, dtype=np.int64)
+                            for c in ("below", "above", "nan")], axis=1)
+        arrays[f"hist/{g}"], arrays[f"hist/{g}/pooled"] = h, h.sum(axis=0)
+        arrays[f"outside/{g}"], arrays[f"outside/{g}/pooled"] = outside, outside.sum(axis=0)
+    return arrays
+
+
+def _check_fraction(name: str, value, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not 0.0 < v < hi:
+        raise ValueError(f"{name} must lie in (0, {hi}), got {value!r}")
+    return v
+
+
+def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int = 20,
+               update_threshold: float = UPDATE_THRESHOLD, meta: dict | None = None) -> Result:
+    r"""Gate statistics of every reported gate of ``stack`` on ``xs`` (see the module docstring
+    for the definitions and the array names).
+
+    Args:
+      stack: a :class:`gradflow.Stack`; params: from ``stack.init``; xs: ``(B, T, D)``.
+      eps: saturation margin, ``0 < eps < 0.5``: saturated means :math:`a < \varepsilon` or
+        :math:`a > 1 - \varepsilon`.
+      bins: number of histogram bins over ``[0, 1]``.
+      update_threshold: a time gate updates a neuron where :math:`k >` this (``0 < . < 1``).
+      meta: merged into the config (e.g. ``problem(...).config`` with the seed).
+    Returns:
+      :class:`gradflow.results.Result` of kind ``"gate_stats"``; non-finite activations are
+      counted and warned about (:class:`gradflow.results.NonFiniteWarning`), never raised on.
+    """
+    if not isinstance(stack, Stack):
+        raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
+    eps = _check_fraction("eps", eps, 0.5)
+    threshold = _check_fraction("update_threshold", update_threshold, 1.0)
+    bins = _positive_int("bins", bins)
+    stack.check_inputs(xs)
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    arrays = _arrays(stack, params, xs, eps, threshold, bins)
+    B, T, _ = xs.shape
+    dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
+    kinds = gate_kinds(stack.cell)
+    config = {**stack.config, "steps": int(T), "batch": int(B), "dtype": str(dtype),
+              "eps": eps, "bins": bins, "update_threshold": threshold,
+              "gates": list(kinds), "gate_kinds": kinds, **(meta or {})}
+    return make_result("gate_stats", arrays, config)
+
+
+def summary(stats: Result) -> dict:
+    """``{gate: {stat: float}}``: the pooled scalars of a :func:`saturation` result."""
+    if stats.kind != "gate_stats":
+        raise ValueError(f"summary needs a 'gate_stats' result, got kind {stats.kind!r}")
+    out = {}
+    for g in stats.config["gates"]:
+        out[g] = {s: float(stats.arrays[f"{s}/{g}/pooled"]) for s in STATS
+                  if f"{s}/{g}/pooled" in stats.arrays}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Several cells, one problem
+
+
+def _entry(e):
+    if isinstance(e, str):
+        return e, e, {}
+    if isinstance(e, Cell):
+        return e.name, e, {}
+    if isinstance(e, (tuple, list)) and len(e) in (2, 3) and isinstance(e[0], str):
+        opts = dict(e[2]) if len(e) == 3 else {}
+        return e[0], e[1], opts
+    raise TypeError(f"compare entries must be a cell name, a Cell, or (label, cell[, options]) "
+                    f"tuples; got {e!r}")
+
+
+def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 32,
+            batch: int = 16, seed: int = 0, dtype: str = "float32", input_scale: float = 1.0,
+            eps: float = 0.05, bins: int = 20,
+            update_threshold: float = UPDATE_THRESHOLD) -> dict:
+    """:func:`saturation` for several cells on the same problem: one seed, one size, the same
+    inputs ``xs: (batch, steps, hidden)`` (each cell's params from the same key).
+
+    Args:
+      entries: cell names, ``Cell`` objects or ``(label, cell, options)`` tuples
+        (default :data:`GU_GRID`); labels must be unique. (``g_lstm``'s own ``steps`` option
+        cannot pass through :func:`~gradflow.problem.problem`, whose ``steps`` it shares: give
+        ``cells.get("g_lstm", steps=T)`` as the cell.)
+      layers, steps, hidden, batch, seed, dtype, input_scale: as
+        :func:`gradflow.problem.problem`.
+    Returns:
+      ``{label: Result}`` in the order given; each config holds the problem's config and
+      ``"label"``.
+    """
+    parsed = [_entry(e) for e in entries]
+    labels = [p[0] for p in parsed]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"compare: duplicate labels {dup}; give each entry its own label")
+    out = {}
+    for label, cell, options in parsed:
+        prob = problem(cell, layers=layers, steps=steps, hidden=hidden, batch=batch, seed=seed,
+                       dtype=dtype, input_scale=input_scale, **options)
+        out[label] = saturation(prob.stack, prob.params, prob.xs, eps, bins=bins,
+                                update_threshold=update_threshold,
+                                meta={**prob.config, "label": label})
+    return out
+
+
+__all__ = ["GU_GRID", "KINDS", "STATS", "TIME_GATED", "UPDATE_THRESHOLD", "activations",
+           "bin_edges", "compare", "gate_kinds", "histogram", "is_saturated", "kept_fraction",
+           "layer_inputs", "preactivation", "refine_gate_name", "refine_partials", "saturation",
+           "sigmoid_slope", "slopes", "summary", "timescale"]

@@ -1,0 +1,412 @@
+"""gradflow.gates: every statistic against a NumPy re-implementation from the stack's raw gate
+activations, and the closed forms of SPEC section 3 (zero pre-activations, UGI timescales, the
+UR gate's bounds, g-LSTM's Gaussian update fraction)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradflow import cells, gates
+from gradflow.problem import problem
+from gradflow.results import NonFiniteWarning, Result
+from gradflow.stack import Stack
+
+L, T, H, B = 2, 6, 8, 3
+EPS = 0.1
+
+# name -> (cell, options, dtype, expected gate kinds, refine gate name of the effective gate)
+PROBLEMS = {
+    "lstm": ("lstm", {}, "float64", {"i": "sigmoid", "f": "sigmoid", "o": "sigmoid"}, None),
+    "ur_lstm": ("ur_lstm", {}, "float64",
+                {"f": "sigmoid", "r": "sigmoid", "g": "effective", "o": "sigmoid"}, "r"),
+    "ur_gru": ("ur_gru", {}, "float64",
+               {"r": "sigmoid", "f": "sigmoid", "refine": "sigmoid", "g": "effective"}, "refine"),
+    "star32": ("star", {}, "float32", {"k": "sigmoid"}, None),  # also the float32 check
+    "on_lstm": ("on_lstm", {}, "float64", {"i": "sigmoid", "f": "sigmoid", "f_master": "master",
+                                           "i_master": "master", "o": "sigmoid"}, None),
+    "refined_lstm": ("refined_lstm", {}, "float64",
+                     {"i": "refined", "f": "sigmoid", "o": "refined"}, None),
+    # 5 data features: the stack projects them to H, and the refined gates read the projection
+    "refined_gru_add": ("refined_gru", {"mode": "add", "input_size": 5}, "float64",
+                        {"r": "refined", "z": "refined"}, None),
+}
+_CACHE = {}
+
+
+def get(name):
+    """The named problem (built once): stack, params scaled by 2.5 so that gates spread over
+    (0, 1) and saturate, inputs of scale 2 (refined gates leave [0, 1])."""
+    if name not in _CACHE:
+        cell, opts, dtype = PROBLEMS[name][:3]
+        # float32 problems: the float64 numbers rounded (cheaper than a second warm-up)
+        p = problem(cell, layers=L, steps=T, hidden=H, batch=B, seed=7, dtype="float64",
+                    input_scale=2.0, **opts)
+        params = jax.tree_util.tree_map(lambda a: (2.5 * a).astype(dtype), p.params)
+        _CACHE[name] = (p.stack, params, p.xs.astype(dtype), {**p.config, "dtype": dtype})
+    return _CACHE[name]
+
+
+def raw(stack, params, xs):
+    """Raw gates and hidden states as NumPy: from an un-jitted run of the stack in float64,
+    from the jitted ``gates.activations`` (no states) in float32."""
+    if xs.dtype == jnp.float32:
+        return {g: np.asarray(v) for g, v in gates.activations(stack, params, xs).items()}, None
+    with jax.disable_jit():
+        out = stack.apply(params, xs, gates=True)
+    return {g: np.asarray(v) for g, v in out.gates.items()}, np.asarray(out.h)
+
+
+def sig(z):
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def effective_gate(zf, zr):
+    """Gu et al.'s g = r(1-(1-f)^2) + (1-r)f^2 as a function of the two pre-activations."""
+    f, r = sig(zf), sig(zr)
+    return r * (1 - (1 - f) ** 2) + (1 - r) * f ** 2
+
+
+def np_preactivation(params, xs, h, gate, forget_bias=0.0):
+    """z^l_t = x^l_t W + h^l_{t-1} U + b for every layer, written out with NumPy loops."""
+    out = np.zeros_like(h)
+    x0 = np_layer_inputs(params, xs, h)[0]
+    for l, p in enumerate(params["layers"]):
+        x = x0 if l == 0 else h[l - 1]
+        W, U, b = (np.asarray(p[gate][k]) for k in ("W", "U", "b"))
+        prev = np.zeros_like(h[l, :, 0])
+        for t in range(h.shape[2]):
+            out[l, :, t] = x[:, t] @ W + prev @ U + b + (forget_bias if gate == "f" else 0.0)
+            prev = h[l, :, t]
+    return out
+
+
+def np_layer_inputs(params, xs, h):
+    """(L, B, T, H): the data (projected to H if the stack has an input projection), then the
+    outputs of the layer below."""
+    x0 = np.asarray(xs)
+    if "input" in params:
+        x0 = x0 @ np.asarray(params["input"]["W"]) + np.asarray(params["input"]["b"])
+    return np.concatenate([x0[None], h[:-1]])
+
+
+def put(ref, stat, gate, x, unit=False, f=lambda v: v):
+    """The scheme's map / layer / pooled (/ unit) reductions of x: (L, B, T, H), through f."""
+    ref[f"{stat}/{gate}"] = f(x.mean(axis=(1, 3)))
+    ref[f"{stat}/{gate}/layer"] = f(x.mean(axis=(1, 2, 3)))
+    ref[f"{stat}/{gate}/pooled"] = f(x.mean())
+    if unit:
+        ref[f"{stat}/{gate}/unit"] = f(x.mean(axis=(1, 2)))
+
+
+def reference(name, stack, params, xs, eps, bins=20, thr=1e-3):
+    """Every array of gates.saturation, computed from the raw activations with plain NumPy."""
+    kinds, rname = PROBLEMS[name][3], PROBLEMS[name][4]
+    acts, h = raw(stack, params, xs)
+    assert set(acts) == set(kinds)
+    retain = dict(stack.cell.retain)
+    opts = dict(stack.cell.options)
+    ref = {"bin_edges": np.linspace(0, 1, bins + 1)}
+    slope = {}
+    for g, a in acts.items():
+        if kinds[g] == "sigmoid":
+            slope[g] = a * (1 - a)
+        elif kinds[g] == "refined":
+            s = sig(np_preactivation(params, xs, h, g, opts.get("forget_bias", 0.0)))
+            x = np_layer_inputs(params, xs, h)
+            rebuilt = s * x if opts["mode"] == "mul" else s + x
+            np.testing.assert_allclose(rebuilt, a, rtol=1e-10, atol=1e-12)  # reference is right
+            slope[g] = s * (1 - s) * (np.abs(x) if opts["mode"] == "mul" else 1.0)
+    for g, a in acts.items():
+        if kinds[g] == "effective":
+            # central differences of g(z_f, z_r) = refine(sigma(z_f), sigma(z_r)) in the logits
+            zf, zr = np.log(acts["f"] / (1 - acts["f"])), np.log(acts[rname] / (1 - acts[rname]))
+            gf = effective_gate
+            np.testing.assert_allclose(gf(zf, zr), a, rtol=1e-9, atol=1e-12)
+            d = 1e-6
+            put(ref, "slope", g, np.abs(gf(zf + d, zr) - gf(zf - d, zr)) / (2 * d))
+            put(ref, "slope_refine", g, np.abs(gf(zf, zr + d) - gf(zf, zr - d)) / (2 * d))
+    for g, a in acts.items():
+        put(ref, "mean", g, a, unit=True)
+        put(ref, "saturated", g, ((a < eps) | (a > 1 - eps)).astype(float))
+        if g in slope:
+            put(ref, "slope", g, slope[g])
+        if g in retain:
+            kept = a if retain[g] == 1 else 1 - a
+            put(ref, "timescale", g, kept, unit=True, f=lambda m: 1 / (1 - m))
+        if kinds[g] == "time":
+            put(ref, "update_fraction", g, (a > thr).astype(float), unit=True)
+        bad = ~np.isfinite(a)
+        ref[f"nonfinite/{g}"] = bad.sum(axis=(1, 3))
+        ref[f"nonfinite/{g}/layer"] = bad.sum(axis=(1, 2, 3))
+        ref[f"nonfinite/{g}/pooled"] = bad.sum()
+        hist = np.stack([np.histogram(a[l][np.isfinite(a[l])], bins=bins, range=(0, 1))[0]
+                         for l in range(a.shape[0])])
+        out = np.stack([[(a[l] < 0).sum(), (a[l] > 1).sum(), np.isnan(a[l]).sum()]
+                        for l in range(a.shape[0])])
+        ref[f"hist/{g}"], ref[f"hist/{g}/pooled"] = hist, hist.sum(0)
+        ref[f"outside/{g}"], ref[f"outside/{g}/pooled"] = out, out.sum(0)
+    return ref, acts
+
+
+def near_edges(a, bins=20, tol=1e-12):
+    """Per layer: how many values of a: (L, ...) lie within tol of a bin edge. The eager run of
+    the reference and the jitted one may round such values (e.g. cumax's last entry, 1 +- ulp)
+    to either side, so only these may change bins."""
+    d = np.abs(a.reshape(a.shape[0], -1)[..., None] - np.linspace(0, 1, bins + 1))
+    return (d.min(-1) < tol).sum(-1)
+
+
+def assert_matches(res, ref, rtol, acts):
+    assert set(res.arrays) == set(ref)
+    for k, want in ref.items():
+        got = res.arrays[k]
+        assert got.shape == np.shape(want), k
+        if k.startswith(("hist/", "outside/")):
+            near = near_edges(acts[k.split("/")[1]])
+            slack = near.sum() if k.endswith("pooled") else near[:, None]
+            assert np.all(np.abs(got - want) <= slack), (k, got, want)
+        elif np.issubdtype(np.asarray(want).dtype, np.integer):
+            np.testing.assert_array_equal(got, want, err_msg=k)
+        else:
+            # the atol covers roundoff near zero (cumax's last entry); finite differences of
+            # the effective gate get 1e-6
+            tol = 1e-6 if k.startswith("slope") else 100 * np.finfo(got.dtype).eps
+            np.testing.assert_allclose(got, want, rtol=max(rtol, tol), atol=tol, err_msg=k)
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_statistics_match_numpy_reference(name):
+    stack, params, xs, cfg = get(name)
+    res = gates.saturation(stack, params, xs, EPS, meta=cfg)
+    ref, acts = reference(name, stack, params, xs, EPS)
+    assert res.kind == "gate_stats"
+    assert gates.gate_kinds(stack.cell) == PROBLEMS[name][3]
+    assert res.config["gates"] == list(PROBLEMS[name][3])
+    assert res.config["gate_kinds"] == PROBLEMS[name][3]
+    assert res.config["eps"] == EPS and res.config["seed"] == 7 and res.config["steps"] == T
+    assert_matches(res, ref, 1e-5 if cfg["dtype"] == "float32" else 1e-10, acts)
+    # only cumax's ends (1 +- ulp, 0 +- ulp) sit on bin edges; elsewhere counts are exact
+    assert sum(near_edges(a).sum() for g, a in acts.items() if "master" not in g) == 0
+    if name == "refined_gru_add":
+        assert stack.input_projection and xs.shape[-1] == 5
+    # the inputs are spread enough that the comparisons are not vacuous
+    pooled = [float(res[f"saturated/{g}/pooled"]) for g in acts]
+    assert max(pooled) > 0.05
+    for g in acts:
+        assert res[f"hist/{g}"].sum() + res[f"outside/{g}"].sum() == L * B * T * H
+    if name.startswith("refined"):
+        assert sum(int(res[f"outside/{g}/pooled"][:2].sum()) for g in acts) > 0
+
+
+def test_slopes_function_matches_elementwise_reference():
+    stack, params, xs, _ = get("ur_lstm")
+    s = {k: np.asarray(v) for k, v in gates.slopes(stack, params, xs).items()}
+    acts, _ = raw(stack, params, xs)
+    f, r = acts["f"], acts["r"]
+    np.testing.assert_allclose(s["f"], f * (1 - f), rtol=1e-12, atol=1e-15)
+    # Gu et al.: dg/dz_f = 2[r(1-f) + (1-r)f] f(1-f), dg/dz_r = ((1-(1-f)^2) - f^2) r(1-r)
+    np.testing.assert_allclose(s["g"], 2 * (r * (1 - f) + (1 - r) * f) * f * (1 - f), rtol=1e-12,
+                               atol=1e-15)
+    np.testing.assert_allclose(s["g:refine"], ((1 - (1 - f) ** 2) - f ** 2) * r * (1 - r),
+                               rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["lstm", "ur_lstm", "ur_gru", "star32", "on_lstm"])
+def test_zero_preactivation_closed_forms(name):
+    stack, params, xs, _ = get(name)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    res = gates.saturation(stack, zero, xs, EPS)
+    kinds = PROBLEMS[name][3]
+    retain = dict(stack.cell.retain)
+    for g, kind in kinds.items():
+        if kind == "master":
+            continue
+        # sigma(0) = 1/2 for every sigmoid gate; refine(1/2, 1/2) = 3/8 + 1/8 = 1/2
+        np.testing.assert_array_equal(res[f"mean/{g}"], 0.5)
+        np.testing.assert_array_equal(res[f"saturated/{g}"], 0.0)
+        # sigma'(0) = 1/4; effective gate: 2[1/4 + 1/4] * 1/4 = 1/4 and 2 * 1/4 * 1/4 = 1/8
+        np.testing.assert_array_equal(res[f"slope/{g}"], 0.25)
+        if kind == "effective":
+            np.testing.assert_array_equal(res[f"slope_refine/{g}"], 0.125)
+        if g in retain:
+            np.testing.assert_array_equal(res[f"timescale/{g}"], 2.0)  # 1/(1 - 1/2)
+        counts = np.zeros(20, int)
+        counts[10] = B * T * H  # 0.5 lies in the bin [0.5, 0.55)
+        np.testing.assert_array_equal(res[f"hist/{g}"], np.tile(counts, (L, 1)))
+    if name == "on_lstm":
+        # cumax(0) = cumsum(softmax(0)) = (j + 1)/H; i_master = 1 - that
+        up = (np.arange(H) + 1) / H
+        np.testing.assert_allclose(res["mean/f_master/unit"], np.tile(up, (L, 1)), rtol=1e-14)
+        np.testing.assert_allclose(res["mean/i_master/unit"], np.tile(1 - up, (L, 1)),
+                                   atol=1e-14)
+        # exactly one unit of H is beyond 1 - eps (f_master = 1) or below eps (i_master = 0)
+        np.testing.assert_allclose(res["saturated/f_master"], 1 / H)
+        np.testing.assert_allclose(res["saturated/i_master"], 1 / H)
+        assert "slope/f_master" not in res.arrays
+
+
+def test_ugi_timescales_spread_over_one_to_hidden():
+    Hu = 64
+    stack = Stack("lstm", 1, 4, Hu, init="ugi")
+    # zero weights, UGI forget bias (the function the cell's init applies): f = sigma(b_f) at
+    # every step and example. (Built from shapes: a full init at a new size costs seconds.)
+    shapes = jax.eval_shape(lambda: stack.init(jax.random.key(0), jnp.float64))
+    params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    bf = cells.mechanisms.ugi_bias(jax.random.key(3), Hu, jnp.float64)
+    params["layers"][0]["f"]["b"] = bf
+    xs = np.random.default_rng(3).normal(size=(2, 3, 4))
+    res = gates.saturation(stack, params, xs)
+    bf = np.asarray(bf)
+    want = 1 + np.exp(bf)  # 1 / (1 - sigma(b)) = 1 + e^b
+    ts = res["timescale/f/unit"][0]
+    np.testing.assert_allclose(ts, want, rtol=1e-12)
+    assert ts.min() >= Hu / (Hu - 1) - 1e-9 and ts.max() <= Hu + 1e-9  # u in [1/H, 1 - 1/H]
+    assert ts.max() / ts.min() > Hu / 4
+    # the map is the timescale of the mean kept fraction
+    np.testing.assert_allclose(res["timescale/f"], 1 / (1 - sig(bf).mean()), rtol=1e-12)
+    # the cell's own init applies this scheme to b_f (checked on a small cell: no run needed)
+    small = cells.get("lstm", init="ugi").init(jax.random.key(4), 8, 8, jnp.float64)
+    u = sig(np.asarray(small["f"]["b"]))
+    assert np.all((u >= 1 / 8 - 1e-12) & (u <= 7 / 8 + 1e-12)) and np.ptp(u) > 0.3
+
+
+def test_ur_effective_gate_within_bounds():
+    stack, params, xs, _ = get("ur_lstm")
+    acts, _ = raw(stack, params, xs)
+    f, g = acts["f"], acts["g"]
+    assert np.all(f ** 2 <= g + 1e-15) and np.all(g <= 1 - (1 - f) ** 2 + 1e-15)
+    assert np.ptp(f) > 0.5  # the check covers gates far from 1/2
+    res = gates.saturation(stack, params, xs)
+    lo, hi = (f ** 2).mean(axis=(1, 3)), (1 - (1 - f) ** 2).mean(axis=(1, 3))
+    assert np.all(lo <= res["mean/g"] + 1e-15) and np.all(res["mean/g"] <= hi + 1e-15)
+
+
+def test_g_lstm_update_fraction_matches_gaussian_mass():
+    Tg, sigma = 48, 1.5
+    mu = np.array([6.3, 12.7, 20.2, 27.6, 33.1, 40.4, 9.9, 36.8])
+    stack = Stack("g_lstm", 1, H, len(mu), steps=Tg)
+    params = stack.init(jax.random.key(2), jnp.float64)
+    params["layers"][0]["time"] = {"mu": jnp.asarray(mu), "sigma": jnp.full(len(mu), sigma)}
+    xs = np.random.default_rng(2).normal(size=(B, Tg, H))
+    res = gates.saturation(stack, params, xs)
+    # k_t > 1e-3  <=>  |t - mu| < sigma sqrt(2 ln 1000)
+    w = sigma * math.sqrt(2 * math.log(1000))
+    t = np.arange(Tg)[:, None]
+    assert np.abs(np.abs(t - mu) - w).min() > 1e-3  # no step sits on the threshold
+    count = (np.abs(t - mu) < w).sum(0)
+    np.testing.assert_array_equal(res["update_fraction/k/unit"][0], count / Tg)
+    np.testing.assert_allclose(res["update_fraction/k/pooled"], count.mean() / Tg, rtol=1e-12)
+    # each neuron updates on only a few steps, about the continuous mass 2 w / T
+    assert np.all(count <= 12)
+    np.testing.assert_allclose(count / Tg, 2 * w / Tg, atol=1 / Tg)
+    # openness: sum_t k_t = sigma sqrt(2 pi) up to the tails beyond [0, T) (mu >= 4 sigma inside)
+    np.testing.assert_allclose(res["mean/k/unit"][0], sigma * math.sqrt(2 * math.pi) / Tg,
+                               rtol=1e-3)
+    np.testing.assert_allclose(res["update_fraction/k"][0],
+                               (np.abs(t - mu) < w).mean(1), rtol=1e-12)  # per step
+    assert gates.summary(res)["k"]["update_fraction"] == pytest.approx(count.mean() / Tg)
+
+
+def test_time_gates_are_only_those_of_time_gated_cells():
+    assert gates.gate_kinds(cells.get("g_lstm"))["k"] == "time"
+    assert gates.gate_kinds(cells.get("phased_lstm"))["k"] == "time"
+    assert gates.gate_kinds(cells.get("star"))["k"] == "sigmoid"  # star's k is a sigmoid gate
+    assert gates.gate_kinds(cells.get("rnn")) == {}
+
+
+def test_nonfinite_activations_are_counted_not_raised():
+    stack, params, xs, _ = get("lstm")
+    bad = jax.tree_util.tree_map(lambda a: a, params)
+    bad["layers"][0]["f"]["b"] = bad["layers"][0]["f"]["b"].at[0].set(jnp.nan)
+    acts, _ = raw(stack, bad, xs)
+    with pytest.warns(NonFiniteWarning):
+        res = gates.saturation(stack, bad, xs, EPS)
+    for g, a in acts.items():
+        nan = np.isnan(a)
+        np.testing.assert_array_equal(res[f"nonfinite/{g}"], nan.sum(axis=(1, 3)))
+        np.testing.assert_array_equal(res[f"outside/{g}"][:, 2], nan.sum(axis=(1, 2, 3)))
+        assert res[f"hist/{g}"].sum() + res[f"outside/{g}"].sum() == a.size
+        # a NaN is neither saturated nor binned: fractions are over all entries
+        np.testing.assert_allclose(res[f"saturated/{g}"],
+                                   ((a < EPS) | (a > 1 - EPS)).mean(axis=(1, 3)))
+    assert res["nonfinite/f/pooled"] > 0
+    assert np.isnan(res["mean/f"]).any() and res.total_nonfinite > 0
+    ref, _ = reference("lstm", stack, bad, xs, EPS)
+    for k in ref:  # equal to the NumPy reference, NaN where it has NaN
+        np.testing.assert_allclose(res[k], ref[k], rtol=1e-10, equal_nan=True, err_msg=k)
+
+
+def test_save_load_roundtrip(tmp_path):
+    stack, params, xs, cfg = get("ur_gru")
+    res = gates.saturation(stack, params, xs, meta=cfg)
+    back = Result.load(res.save(tmp_path / "gates"))
+    assert back.kind == res.kind and back.config == res.config and back.nonfinite == res.nonfinite
+    assert set(back.arrays) == set(res.arrays)
+    for k, v in res.arrays.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    assert gates.summary(back) == gates.summary(res)
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.1, 0.5, 0.7, float("nan")])
+def test_eps_must_lie_in_open_interval(eps):
+    stack, params, xs, _ = get("lstm")
+    with pytest.raises(ValueError, match="eps"):
+        gates.saturation(stack, params, xs, eps)
+
+
+def test_bad_arguments_raise_clear_errors():
+    stack, params, xs, _ = get("lstm")
+    with pytest.raises(TypeError, match="eps"):
+        gates.saturation(stack, params, xs, "0.1")
+    with pytest.raises(ValueError, match="bins"):
+        gates.saturation(stack, params, xs, bins=0)
+    with pytest.raises(ValueError, match="update_threshold"):
+        gates.saturation(stack, params, xs, update_threshold=1.0)
+    with pytest.raises(TypeError, match="Stack"):
+        gates.saturation("lstm", params, xs)
+    with pytest.raises(ValueError, match="shape"):
+        gates.saturation(stack, params, xs[:, :, :3])
+    with pytest.raises(TypeError, match="meta"):
+        gates.saturation(stack, params, xs, meta=[1])
+    with pytest.raises(ValueError, match="duplicate"):
+        gates.compare(["lstm", ("lstm", "gru", {})])
+    with pytest.raises(TypeError, match="entries"):
+        gates.compare([3])
+    with pytest.raises(ValueError, match="gate_stats"):
+        gates.summary(Result("gradient_map", {}, {}, {}))
+
+
+def test_cell_without_gates_gives_empty_statistics():
+    p = problem("rnn", layers=L, steps=T, hidden=H, batch=B, dtype="float64")
+    res = gates.saturation(p.stack, p.params, p.xs)
+    assert res.config["gates"] == [] and set(res.arrays) == {"bin_edges"}
+
+
+def test_compare_runs_each_cell_on_the_same_problem():
+    grid = [("LSTM", "lstm", {}), ("UR", "ur_lstm", {})]
+    size = dict(layers=L, steps=T, hidden=H, batch=B, seed=5, dtype="float64")
+    out = gates.compare(grid, eps=EPS, **size)
+    assert list(out) == ["LSTM", "UR"]
+    for label, cell, opts in grid:
+        p = problem(cell, **size, **opts)
+        direct = gates.saturation(p.stack, p.params, p.xs, EPS)
+        assert out[label].config["label"] == label and out[label].config["seed"] == 5
+        assert out[label].config["cell"] == cell and out[label].config["eps"] == EPS
+        assert set(out[label].arrays) == set(direct.arrays)
+        for k, v in direct.arrays.items():
+            np.testing.assert_array_equal(out[label][k], v, err_msg=k)
+    # UGI (UR-LSTM's default) spreads the forget gates' timescales; zero biases keep them near 2
+    assert np.ptp(out["UR"]["timescale/f/unit"]) > 2 * np.ptp(out["LSTM"]["timescale/f/unit"])
+
+
+def test_gu_grid_entries_are_valid_cells():
+    labels = [e[0] for e in gates.GU_GRID]
+    assert len(set(labels)) == len(labels)
+    kinds = {label: gates.gate_kinds(Stack(cell, 1, 4, 4, **opts).cell)
+             for label, cell, opts in gates.GU_GRID}
+    assert kinds["LSTM+R"]["g"] == kinds["UR-LSTM"]["g"] == "effective"
+    assert kinds["ON-LSTM"]["f_master"] == "master"
+    assert set(kinds["LSTM"].values()) == set(kinds["LSTM+UGI"].values()) == {"sigmoid"}
