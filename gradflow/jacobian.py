@@ -59,7 +59,7 @@ def readout_loss(loss: str, hidden_size: int, steps: int, batch: int, seed: int 
     """
     kw, ky = jax.random.split(jax.random.key(seed))
     w = jax.random.normal(kw, (hidden_size, classes), dtype) / math.sqrt(hidden_size)
-    labels = jax.random.randint(ky, (batch, steps), 0, classes)
+    labels = jax.random.randint(ky, (batch, steps), 0, classes, dtype=jnp.int32)
 
     def fn(outputs):
         if loss == "last":

@@ -474,8 +474,9 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
 
     Reads ``hist/{gate}``: ``(L, bins)`` counts of activations in the ``bins`` equal bins of
     ``[0, 1]`` (edges ``linspace(0, 1, bins + 1)``), and, when present, ``outside/{gate}``:
-    ``(L, 2)`` counts below 0 and above 1 (refined gates leave [0, 1]); the outside counts of the
-    drawn layers are summed and written under the title.
+    ``(L, 3)`` counts below 0, above 1 and NaN (as :func:`gradflow.gates.saturation` writes them;
+    refined gates leave [0, 1]; an ``(L, 2)`` array without the NaN column is accepted too); the
+    outside counts of the drawn layers are summed and written under the title.
 
     Args:
       stats: a ``gate_stats`` result.
@@ -494,9 +495,10 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
     if hist.ndim != 2:
         raise ValueError(f"{_gate_key('hist', gate)!r} must be (layers, bins), got {hist.shape}")
     outside = _gate_array(stats, "outside", gate, required=False)
-    if outside is not None and outside.shape != (hist.shape[0], 2):
-        raise ValueError(f"{_gate_key('outside', gate)!r} must be (layers, 2) counts below 0 / "
-                         f"above 1, got {outside.shape}")
+    if outside is not None and (outside.ndim != 2 or outside.shape[0] != hist.shape[0]
+                                or outside.shape[1] not in (2, 3)):
+        raise ValueError(f"{_gate_key('outside', gate)!r} must be (layers, 3) counts below 0 / "
+                         f"above 1 / NaN, got {outside.shape}")
     n_layers, bins = hist.shape
     edges = np.linspace(0.0, 1.0, bins + 1)
     chosen = _layer_selection(layers, n_layers)
@@ -528,8 +530,11 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
                                         f"gate {gate} ({what})") if p)
     lines = [_with_counts(base if title is None else title, bad)]
     if outside is not None:
-        below, above = outside[rows].sum(axis=0)
-        lines.append(f"outside [0, 1]: {below:.0f} below 0, {above:.0f} above 1")
+        counts = outside[rows].sum(axis=0)
+        line = f"outside [0, 1]: {counts[0]:.0f} below 0, {counts[1]:.0f} above 1"
+        if counts.size > 2 and counts[2]:
+            line += f", {counts[2]:.0f} NaN"
+        lines.append(line)
     ax.set_title("\n".join(lines))
     return fig
 
