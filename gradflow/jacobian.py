@@ -24,6 +24,7 @@ singular value. All results are :class:`gradflow.results.Result` objects.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable
@@ -46,8 +47,8 @@ CLASSES = 10
 # Losses
 
 
-def readout_loss(loss: str, hidden_size: int, steps: int, batch: int, seed: int = 0,
-                 dtype=jnp.float32, classes: int = CLASSES) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class ReadoutLoss:
     r"""The default loss: a fixed random linear readout to ``classes`` classes, cross-entropy
     against fixed random labels, averaged over the batch.
 
@@ -55,21 +56,45 @@ def readout_loss(loss: str, hidden_size: int, steps: int, batch: int, seed: int 
     ``loss="all"``: the mean over ``t`` of the readout loss at every step (sequence loss).
     Readout :math:`W_r \sim N(0, 1/H)`, labels ``(B, T)`` uniform, both from ``key(seed)``.
 
-    Returns: ``fn(outputs: (B, T, H)) -> scalar``.
-    """
-    kw, ky = jax.random.split(jax.random.key(seed))
-    w = jax.random.normal(kw, (hidden_size, classes), dtype) / math.sqrt(hidden_size)
-    labels = jax.random.randint(ky, (batch, steps), 0, classes, dtype=jnp.int32)
+    A frozen (hashable) dataclass rather than a closure, so that jitted measurements taking it
+    as a static argument compile once per configuration, not once per call.
 
-    def fn(outputs):
-        if loss == "last":
+    Call: ``loss(outputs: (B, T, H)) -> scalar``.
+    """
+
+    loss: str
+    hidden_size: int
+    steps: int
+    batch: int
+    seed: int = 0
+    dtype: str = "float32"
+    classes: int = CLASSES
+
+    def readout(self):
+        """``(W_r: (H, classes), labels: (B, T) int32)``."""
+        kw, ky = jax.random.split(jax.random.key(self.seed))
+        w = jax.random.normal(kw, (self.hidden_size, self.classes), jnp.dtype(self.dtype))
+        labels = jax.random.randint(ky, (self.batch, self.steps), 0, self.classes,
+                                    dtype=jnp.int32)
+        return w / math.sqrt(self.hidden_size), labels
+
+    def __call__(self, outputs):
+        w, labels = self.readout()
+        if self.loss == "last":
             logits, y = outputs[:, -1] @ w, labels[:, -1]
         else:
             logits, y = outputs @ w, labels
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
 
-    return fn
+
+def readout_loss(loss: str, hidden_size: int, steps: int, batch: int, seed: int = 0,
+                 dtype=jnp.float32, classes: int = CLASSES) -> ReadoutLoss:
+    """The default loss for ``(B, T, H)`` outputs (see :class:`ReadoutLoss`)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+    return ReadoutLoss(loss, int(hidden_size), int(steps), int(batch), int(seed),
+                       jnp.dtype(dtype).name, int(classes))
 
 
 def _loss(loss, stack: Stack, xs, seed: int) -> tuple[Callable, str]:
@@ -465,5 +490,5 @@ def _gains(stack, params, xs, chunk):
             "temporal_spectral": ts}
 
 
-__all__ = ["gradient_map", "jacobian_map", "local_gains", "readout_loss", "state_gradients",
+__all__ = ["gradient_map", "jacobian_map", "local_gains", "readout_loss", "ReadoutLoss", "state_gradients",
            "per_step_param_grads", "LOSSES", "WRTS", "NORMS", "METHODS"]
