@@ -1,0 +1,286 @@
+"""Training: the loss falls on every task, and the budget, curriculum, callbacks and checkpoints
+do what they say.
+
+Runs share their configuration (stack, task, batch sizes) wherever the test allows, so the jitted
+update step and evaluation compile once for several tests.
+"""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import tasks
+from gradflow.results import Result, make_result
+from gradflow.train import History, eval_batch_of, train
+
+F32 = jnp.float32
+H = 32
+ADDING = tasks.make("adding", steps=10)
+LSTM = gradflow.Stack("lstm", layers=2, input_size=2, hidden_size=H)
+GLSTM = gradflow.Stack("g_lstm", layers=2, input_size=2, hidden_size=16, steps=10)
+COMMON = dict(batch=32, eval_batch=64, progress=False)
+
+
+def keys(seed):
+    """The documented key scheme: ``split(key(seed), 3) = (init, data, eval)``."""
+    return jax.random.split(jax.random.key(seed), 3)
+
+
+def fake_record(log=None):
+    """A record function that logs what it was given and returns a Result of the first layer's
+    recurrent weights' mean |U_i|."""
+    def fn(stack, params, xs):
+        if log is not None:
+            log.append(xs.shape)
+        return make_result("fake", {"u": np.mean(np.abs(params["layers"][0]["i"]["U"]))},
+                           {"cell": stack.cell.name})
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Training reduces the loss on every task (fixed seeds, loose bounds)
+
+
+def test_adding_learns():
+    h = train(LSTM, ADDING, steps=200, lr=1e-2, eval_every=50, **COMMON)
+    assert isinstance(h, History)
+    c = h.curve
+    assert c.kind == "training" and c.step.tolist() == list(range(200))
+    assert c.eval_step.tolist() == [0, 50, 100, 150, 200]
+    # the zero head outputs 0 at init: the evaluation loss is mean(y^2) of the evaluation batch
+    ys = np.asarray(eval_batch_of(ADDING, keys(0)[2], 64, 32, F32)[1])
+    assert c.eval_loss[0] == pytest.approx(np.mean(ys[:, -1, 0] ** 2), rel=1e-6)
+    # the best constant guess scores Var(v1 + v2) = 1/6: beat half of it
+    assert c.eval_loss[-1] < 0.5 / 6 and c.eval_loss[-1] < 0.7 * c.eval_loss[0]
+    assert c.loss[-20:].mean() < 0.5 / 6
+    assert c.config["cell"] == "lstm" and c.config["task"] == {"task": "adding", "steps": 10}
+    assert c.config["lr"] == 1e-2 and c.config["train_steps"] == 200
+    assert c.total_nonfinite == 0
+
+
+def test_copy_learns():
+    task = tasks.make("copy", lag=2, symbols=3, alphabet=4)
+    stack = gradflow.Stack("lstm", layers=2, input_size=task.input_size, hidden_size=H)
+    h = train(stack, task, steps=200, lr=1e-2, eval_every=200, **COMMON).curve
+    chance = tasks.chance(task)  # log 4
+    assert h.eval_loss[0] == pytest.approx(math.log(task.output_size), rel=1e-6)  # zero head
+    assert h.eval_loss[-1] < 0.5 * chance and h.eval_metric[-1] > 0.6  # chance accuracy 1/4
+
+
+def test_counting_learns():
+    task = tasks.make("counting", steps=8, alphabet=2)
+    stack = gradflow.Stack("lstm", layers=2, input_size=task.input_size, hidden_size=H)
+    h = train(stack, task, steps=300, lr=1e-2, seed=1, eval_every=300, **COMMON).curve
+    # the best constant guess scores the variance of the evaluation targets: beat half of it
+    ys = np.asarray(eval_batch_of(task, keys(1)[2], 64, 32, F32)[1])[:, -1, 0]
+    assert h.eval_loss[-1] < 0.5 * ys.var() and h.eval_loss[-1] < 0.7 * h.eval_loss[0]
+
+
+def test_digits_format_learns():
+    """Ten noisy 8x8 prototypes read pixel by pixel; evaluated on the held-out split."""
+    rng = np.random.default_rng(0)
+    protos = rng.integers(0, 2, (10, 8, 8)) * 16
+    labels = np.arange(300) % 10
+    images = np.clip(protos[labels] + rng.normal(0, 3, (300, 8, 8)), 0, 16).round()
+    train_task = tasks.make("digits", images=images, labels=labels, split="train")
+    test_task = tasks.make("digits", images=images, labels=labels, split="test")
+    stack = gradflow.Stack("lstm", layers=2, input_size=1, hidden_size=H)
+    h = train(stack, train_task, eval_task=test_task, steps=60, lr=1e-2, eval_every=60,
+              **COMMON).curve
+    assert h.eval_loss[-1] < 0.7 * h.eval_loss[0] and h.eval_metric[-1] > 0.5  # chance 0.1
+    assert h.config["eval_task"]["split"] == "test"
+
+
+def test_update_is_clipped_adam():
+    """Three steps of train() equal optax's clip_by_global_norm + adam on the params pytree,
+    with the batches drawn from the documented keys."""
+    import optax
+
+    stack = LSTM
+    lr, clip, seed = 0.05, 0.02, 3
+    h = train(stack, ADDING, steps=3, lr=lr, clip=clip, seed=seed, eval_every=3, **COMMON)
+    k_init, k_data, _ = keys(seed)
+    params = {"stack": stack.init(k_init, F32),
+              "head": {"W": jnp.zeros((H, 1), F32), "b": jnp.zeros((1,), F32)}}
+    opt = optax.chain(optax.clip_by_global_norm(clip), optax.adam(lr))
+    state = opt.init(params)
+
+    @jax.jit
+    def reference_step(p, state, xs, ys):
+        def loss(p):
+            out = stack.apply(p["stack"], xs).top[:, -1] @ p["head"]["W"] + p["head"]["b"]
+            return jnp.mean((out[:, 0] - ys[:, -1, 0]) ** 2)
+        value, g = jax.value_and_grad(loss)(p)
+        u, state = opt.update(g, state, p)
+        return optax.apply_updates(p, u), state, value, optax.tree.norm(g)
+
+    for step in range(3):
+        xs, ys, _ = tasks.sample(ADDING, jax.random.fold_in(k_data, step), 32, F32)
+        params, state, value, norm = reference_step(params, state, xs, ys)
+        assert h.curve.loss[step] == pytest.approx(float(value), rel=1e-5)
+        assert norm > clip  # the clip is active
+    for a, b in zip(jax.tree_util.tree_leaves(h.params), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget loss and curriculum (g-LSTM)
+
+
+def test_budget_lowers_the_time_gate():
+    runs = {b: train(GLSTM, ADDING, steps=60, lr=1e-2, budget=b, eval_every=60, **COMMON).curve
+            for b in (0.0, 1.0)}
+    free, thrifty = runs[0.0], runs[1.0]
+    # same start, then the budget pushes mean(k) (and the fraction of updates) down
+    assert free.eval_mean_k[0] == thrifty.eval_mean_k[0]
+    assert thrifty.eval_mean_k[-1] < 0.8 * free.eval_mean_k[-1]
+    assert thrifty.eval_mean_k[-1] < thrifty.eval_mean_k[0]
+    assert thrifty.eval_updates[-1] <= free.eval_updates[-1]
+    assert 0 < free.eval_updates[0] <= 1
+
+
+def test_budget_needs_a_time_gate():
+    with pytest.raises(ValueError, match="time gate"):
+        train(LSTM, ADDING, steps=1, budget=0.1, **COMMON)
+
+
+def test_curriculum_switches_length_and_scales_mu_sigma():
+    """With lr = 0 the parameters only change by the g-LSTM rescaling at the switch, and each
+    step's loss can be recomputed from the documented batch keys at the expected length."""
+    seed = 4
+    h = train(GLSTM, ADDING, steps=6, lr=0.0, seed=seed, curriculum=[(3, 5)], eval_every=6,
+              **COMMON)
+    assert h.curve.seq_len.tolist() == [5, 5, 5, 10, 10, 10]
+    assert h.curve.config["curriculum"] == [[3, 5]]
+    k_init, k_data, _ = keys(seed)
+    init = GLSTM.init(k_init, F32)
+    for l in range(2):
+        for name in ("mu", "sigma"):
+            np.testing.assert_array_equal(h.params["stack"]["layers"][l]["time"][name],
+                                          2.0 * init["layers"][l]["time"][name])
+        np.testing.assert_array_equal(h.params["stack"]["layers"][l]["i"]["U"],
+                                      init["layers"][l]["i"]["U"])
+    # lr = 0 keeps the zero head, so the loss of every step is mean(y^2) of its batch: recompute
+    # it from the batch drawn at the expected length
+    np.testing.assert_array_equal(h.params["head"]["W"], 0.0)
+
+    def loss_at(step, length):
+        ys = tasks.sample(tasks.resize(ADDING, length), jax.random.fold_in(k_data, step), 32, F32)[1]
+        return float(np.mean(np.asarray(ys)[:, -1, 0] ** 2))
+
+    for step in range(6):
+        assert h.curve.loss[step] == pytest.approx(loss_at(step, 5 if step < 3 else 10), rel=1e-6)
+    assert h.curve.loss[3] != pytest.approx(loss_at(3, 5), rel=1e-3)
+
+
+def test_bad_curriculum():
+    with pytest.raises(ValueError, match="increase"):
+        train(LSTM, ADDING, steps=4, curriculum=[(3, 5), (2, 6)], **COMMON)
+    images = np.zeros((4, 64))
+    digits = tasks.make("digits", images=images, labels=np.arange(4))
+    stack = gradflow.Stack("lstm", layers=1, input_size=1, hidden_size=4)
+    with pytest.raises(ValueError, match="fixed length"):
+        train(stack, digits, steps=4, curriculum=[(2, 32)], **COMMON)
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks, checkpoints, resume
+
+
+def test_record_callbacks_at_chosen_steps():
+    log = []
+    h = train(LSTM, ADDING, steps=20, lr=1e-2, eval_every=10, record_at=[0, 7, 20],
+              record={"u": fake_record(log)}, record_batch=8, **COMMON)
+    assert h.record_steps == (0, 7, 20)
+    assert log == [(8, 10, 2)] * 3  # the first record_batch sequences of the evaluation batch
+    got = [float(r.u) for r in h.records["u"]]
+    assert [r.config["train_step"] for r in h.records["u"]] == [0, 7, 20]
+    # the callback saw the initial and the final parameters
+    init = LSTM.init(keys(0)[0], F32)
+    assert got[0] == pytest.approx(float(np.mean(np.abs(init["layers"][0]["i"]["U"]))))
+    final = h.params["stack"]["layers"][0]["i"]["U"]
+    assert got[2] == pytest.approx(float(np.mean(np.abs(final))))
+    assert got[0] != got[2]
+
+
+def test_record_must_return_a_result():
+    with pytest.raises(TypeError, match="not a gradflow Result"):
+        train(LSTM, ADDING, steps=2, record_at=[1], record={"bad": lambda s, p, x: 1.0},
+              **COMMON)
+    with pytest.raises(ValueError, match="0..2"):
+        train(LSTM, ADDING, steps=2, record_at=[3], record={"u": fake_record()}, **COMMON)
+
+
+def test_checkpoint_written_loadable_and_resumable(tmp_path):
+    """An interrupted run resumed from its checkpoint equals the uninterrupted run."""
+    opts = dict(steps=20, lr=1e-2, eval_every=5, record_at=[0, 10, 20], **COMMON)
+    full = train(LSTM, ADDING, record={"u": fake_record()}, **opts)
+
+    calls = []
+
+    def interrupt(stack, params, xs):
+        calls.append(1)
+        if len(calls) == 2:  # at step 10, after the checkpoint of step 5
+            raise KeyboardInterrupt
+        return fake_record()(stack, params, xs)
+
+    ck = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(LSTM, ADDING, record={"u": interrupt}, checkpoint=ck, **opts)
+    saved = gradflow.results.load(ck / "curve.npz")
+    assert saved.step.tolist() == list(range(5)) and saved.eval_step.tolist() == [0, 5]
+    assert saved.config["task"]["task"] == "adding"
+
+    resumed = train(LSTM, ADDING, record={"u": fake_record()}, checkpoint=ck, resume=True,
+                    **opts)
+    for name in ("step", "loss", "metric", "eval_step", "eval_loss", "eval_metric"):
+        np.testing.assert_array_equal(resumed.curve[name], full.curve[name])
+    assert resumed.record_steps == full.record_steps == (0, 10, 20)
+    assert [float(r.u) for r in resumed.records["u"]] == [float(r.u) for r in full.records["u"]]
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.params),
+                    jax.tree_util.tree_leaves(full.params)):
+        np.testing.assert_array_equal(a, b)
+    # the files on disk hold the whole run
+    final = Result.load(ck / "curve.npz")
+    np.testing.assert_array_equal(final.loss, full.curve.loss)
+    records = sorted(f for f in os.listdir(ck) if f.startswith("record-"))
+    assert len(records) == 3
+    assert [Result.load(ck / f).config["train_step"] for f in records] == [0, 10, 20]
+    # a finished run resumes to itself; a changed configuration is refused
+    again = train(LSTM, ADDING, record={"u": fake_record()}, checkpoint=ck, resume=True, **opts)
+    np.testing.assert_array_equal(again.curve.loss, full.curve.loss)
+    with pytest.raises(ValueError, match="differs in lr"):
+        train(LSTM, ADDING, record={"u": fake_record()}, checkpoint=ck, resume=True,
+              **{**opts, "lr": 1e-3})
+    # a run that does not resume starts the directory afresh
+    train(LSTM, ADDING, checkpoint=ck, **{**opts, "steps": 2, "record_at": ()})
+    assert sorted(os.listdir(ck)) == ["curve.npz", "state.npz"]
+    assert Result.load(ck / "curve.npz").step.tolist() == [0, 1]
+
+
+def test_progress_bar_only_when_asked(capsys):
+    train(LSTM, ADDING, steps=3, eval_every=3, **COMMON)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    train(LSTM, ADDING, steps=3, eval_every=3, **{**COMMON, "progress": True})
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_argument_checks():
+    with pytest.raises(ValueError, match="input_size=10"):
+        train(LSTM, tasks.make("copy", lag=1, symbols=2, alphabet=8), steps=1, **COMMON)
+    with pytest.raises(ValueError, match="unknown task"):
+        train(LSTM, "adder", steps=1, **COMMON)
+    with pytest.raises(ValueError, match="steps must be a non-negative integer"):
+        train(LSTM, ADDING, steps=-1, **COMMON)
+    with pytest.raises(ValueError, match="float64"):
+        train(LSTM, ADDING, steps=1, dtype="float16", **COMMON)
+    with pytest.raises(ValueError, match="checkpoint directory"):
+        train(LSTM, ADDING, steps=1, resume=True, **COMMON)
+    h = train(LSTM, ADDING, steps=0, **COMMON)  # evaluation at init only
+    assert h.curve.loss.shape == (0,) and h.curve.eval_step.tolist() == [0]
+    assert math.isfinite(float(h.curve.eval_loss[0]))
