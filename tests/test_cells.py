@@ -1,0 +1,474 @@
+"""Cells against independent references.
+
+* Flax: ``lstm``, ``gru`` and ``mgu(variant="flax")`` equal ``flax.linen`` ``LSTMCell``,
+  ``GRUCell`` and ``MGUCell`` on ported weights (both directions of the name mapping), with
+  non-zero biases, over several steps.
+* NumPy: every cell and its main variants equal a NumPy transcription of SPEC section 1,
+  written here from the SPEC's equations (no package function is called for the reference).
+* Finite differences: ``jax.test_util.check_grads`` on every cell's step in float64.
+* Errors: unknown names, options and choices raise one ValueError naming the valid ones.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from gradflow import cells
+
+# ---------------------------------------------------------------------------------------------
+# Cases: (name, options); every registered cell appears, with its main variants.
+
+CASES = [
+    ("rnn", {}),
+    ("indrnn", {}),
+    ("lstm", {}),
+    ("lstm", {"forget_bias": 1.0}),
+    ("gru", {}),
+    ("gru", {"reset": "before"}),
+    ("mgu", {}),
+    ("mgu", {"variant": "flax"}),
+    ("star", {}),
+    ("star", {"variant": "official"}),
+    ("ur_lstm", {}),
+    ("ur_gru", {}),
+    ("ur_gru", {"reset": "before"}),
+    ("refined_lstm", {}),
+    ("refined_lstm", {"mode": "add"}),
+    ("refined_gru", {}),
+    ("refined_gru", {"mode": "add"}),
+    ("refined_mgu", {}),
+    ("refined_mgu", {"mode": "add"}),
+    ("g_lstm", {}),
+    ("phased_lstm", {}),
+    ("on_lstm", {}),
+    ("on_lstm", {"chunks": 2}),
+]
+IDS = [n + "".join(f"-{k}={v}" for k, v in o.items()) for n, o in CASES]
+
+B, H, D = 2, 4, 3
+F64 = jnp.float64
+
+
+def test_every_registered_cell_is_covered():
+    assert {n for n, _ in CASES} == set(cells.names())
+
+
+def sizes(cell):
+    """Refined cells need in == H; the others read a different input size."""
+    return (H, H) if cell.square else (D, H)
+
+
+def random_params(cell, seed, input_size, hidden, dtype=F64, scale=0.5):
+    """Random params in the cell's layout (shapes from ``cell.init``), every entry
+    ``N(0.1, scale^2)``, so no bias is zero. Drawn with NumPy: a random point of parameter
+    space, not the init distribution (that is tests/test_init.py's business).
+
+    Time-gate params are drawn so that a few steps exercise every branch of the gate.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: cell.init(k, input_size, hidden, dtype), jax.random.key(0))
+    p = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(scale * rng.standard_normal(a.shape) + 0.1, dtype), shapes)
+    if "time" in p:
+        u = lambda lo, hi: jnp.asarray(rng.uniform(lo, hi, hidden), dtype)  # noqa: E731
+        if "mu" in p["time"]:
+            p["time"] = {"mu": u(0.0, 4.0), "sigma": u(0.7, 2.5)}
+        else:
+            tau = u(2.0, 5.0)
+            p["time"] = {"tau": tau, "s": u(0.0, 1.0) * tau, "r_on": u(0.3, 0.9)}
+    return p
+
+
+def random_state(cell, seed, batch, hidden, dtype=F64):
+    rng = np.random.default_rng(seed)
+    return {n: jnp.asarray(0.5 * rng.standard_normal((batch, hidden)), dtype)
+            for n in cell.state_names}
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy reference: SPEC section 1, transcribed independently.
+
+
+def _sig(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def _cumax(a, chunks):
+    e = np.exp(a - a.max(axis=-1, keepdims=True))
+    y = np.cumsum(e / e.sum(axis=-1, keepdims=True), axis=-1)
+    return np.repeat(y, chunks, axis=-1)
+
+
+def _refine(f, r):
+    """Gu et al.: g = r (1 - (1 - f)^2) + (1 - r) f^2."""
+    return r * (1 - (1 - f) ** 2) + (1 - r) * f ** 2
+
+
+def reference_step(name, opts, p, state, x, t):
+    """One step of SPEC section 1 in NumPy: ``(new_state, h, gates)``; p, state, x are NumPy."""
+    h = state["h"]
+
+    def pre(g):  # W_g x + U_g h + b_g
+        return x @ p[g]["W"] + h @ p[g]["U"] + p[g]["b"]
+
+    mode = opts.get("mode", "mul")
+    default_refined = {"refined_lstm": ("i", "o"), "refined_gru": ("z", "r"),
+                       "refined_mgu": ("f",)}.get(name, ())
+    rset = tuple(opts.get("refined", default_refined))
+
+    def ref(g, v):  # Cheng et al.'s refined gate on the gates named in rset
+        if g not in rset:
+            return v
+        return v * x if mode == "mul" else v + x
+
+    if name == "rnn":
+        hn = np.tanh(pre("h"))
+        return {"h": hn}, hn, {}
+    if name == "indrnn":
+        q = p["h"]
+        hn = np.maximum(x @ q["W"] + q["u"] * h + q["b"], 0.0)
+        return {"h": hn}, hn, {}
+    if name in ("lstm", "refined_lstm", "g_lstm", "phased_lstm", "on_lstm"):
+        c = state["c"]
+        i = ref("i", _sig(pre("i")))
+        f = ref("f", _sig(pre("f") + opts.get("forget_bias", 0.0)))
+        g = np.tanh(pre("g"))
+        o = ref("o", _sig(pre("o")))
+        gates = {"i": i, "f": f, "o": o}
+        if name == "on_lstm":
+            chunks = opts.get("chunks", 1)
+            fm = _cumax(pre("f_master"), chunks)
+            im = 1.0 - _cumax(pre("i_master"), chunks)
+            w = fm * im
+            c_new = (f * w + (fm - w)) * c + (i * w + (im - w)) * g
+            gates.update(f_master=fm, i_master=im)
+        else:
+            c_new = f * c + i * g
+        h_new = o * np.tanh(c_new)
+        if name == "g_lstm":
+            mu, sd = p["time"]["mu"], p["time"]["sigma"]
+            k = np.exp(-((t - mu) ** 2) / (2 * sd ** 2))
+        elif name == "phased_lstm":
+            tau, s, r_on = p["time"]["tau"], p["time"]["s"], p["time"]["r_on"]
+            phi = np.mod(t - s, tau) / tau
+            k = np.where(phi < r_on / 2, 2 * phi / r_on,
+                         np.where(phi < r_on, 2 - 2 * phi / r_on, 1e-3 * phi))
+        else:
+            return {"c": c_new, "h": h_new}, h_new, gates
+        k = np.broadcast_to(k, h.shape)
+        c_new = k * c_new + (1 - k) * c
+        h_new = k * h_new + (1 - k) * h
+        return {"c": c_new, "h": h_new}, h_new, {**gates, "k": k}
+    if name == "ur_lstm":
+        c = state["c"]
+        f, r, o = _sig(pre("f")), _sig(pre("r")), _sig(pre("o"))
+        g = _refine(f, r)
+        c_new = g * c + (1 - g) * np.tanh(pre("u"))
+        h_new = o * np.tanh(c_new)
+        return {"c": c_new, "h": h_new}, h_new, {"f": f, "r": r, "g": g, "o": o}
+    if name in ("gru", "refined_gru", "ur_gru"):
+        r = ref("r", _sig(pre("r")))
+        if opts.get("reset", "after") == "after":
+            n = np.tanh(x @ p["n"]["W"] + p["n"]["b"] + r * (h @ p["n"]["U"] + p["n"]["b_hn"]))
+        else:
+            n = np.tanh(x @ p["n"]["W"] + (r * h) @ p["n"]["U"] + p["n"]["b"])
+        if name == "ur_gru":
+            f, rho = _sig(pre("f")), _sig(pre("refine"))
+            g = _refine(f, rho)
+            h_new = g * h + (1 - g) * n
+            return {"h": h_new}, h_new, {"r": r, "f": f, "refine": rho, "g": g}
+        z = ref("z", _sig(pre("z")))
+        h_new = (1 - z) * n + z * h
+        return {"h": h_new}, h_new, {"r": r, "z": z}
+    if name in ("mgu", "refined_mgu"):
+        f = ref("f", _sig(pre("f")))
+        if opts.get("variant", "zhou") == "zhou":
+            n = np.tanh(x @ p["n"]["W"] + (f * h) @ p["n"]["U"] + p["n"]["b"])
+            h_new = (1 - f) * h + f * n
+        else:  # flax's MGUCell
+            n = np.tanh(x @ p["n"]["W"] + p["n"]["b"] + f * (h @ p["n"]["U"] + p["n"]["b_hn"]))
+            h_new = (1 - f) * n + f * h
+        return {"h": h_new}, h_new, {"f": f}
+    if name == "star":
+        z = np.tanh(x @ p["z"]["W"] + p["z"]["b"])
+        a = pre("k")
+        k = _sig(a)
+        if opts.get("variant", "paper") == "official":
+            h_new = np.tanh(k * h + (1 - _sig(a - 1)) * z)
+        else:
+            h_new = np.tanh((1 - k) * h + k * z)
+        return {"h": h_new}, h_new, {"k": k}
+    raise AssertionError(f"no reference for {name}")
+
+
+def to_np(tree):
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+@pytest.mark.parametrize("name,opts", CASES, ids=IDS)
+def test_step_matches_numpy_reference(name, opts):
+    cell = cells.get(name, **opts)
+    n_in, n_h = sizes(cell)
+    params = random_params(cell, 11, n_in, n_h)
+    state = random_state(cell, 12, B, n_h)
+    xs = jnp.asarray(np.random.default_rng(13).standard_normal((5, B, n_in)), F64)
+    p_np, s_np = to_np(params), to_np(state)
+    step = cell.step
+    ks_seen = []
+    for t in range(xs.shape[0]):
+        state, h, gates = step(params, state, xs[t], t)
+        s_np, h_np, g_np = reference_step(name, opts, p_np, s_np, np.asarray(xs[t]), t)
+        assert h.shape == (B, n_h) and h.dtype == F64
+        assert set(state) == set(cell.state_names)
+        np.testing.assert_allclose(h, h_np, atol=1e-6, rtol=0)
+        for k in cell.state_names:
+            assert state[k].shape == (B, n_h)
+            np.testing.assert_allclose(state[k], s_np[k], atol=1e-6, rtol=0)
+        assert set(gates) == set(cell.gate_names)  # (jit returns dicts key-sorted)
+        assert set(g_np) == set(cell.gate_names)
+        for g in cell.gate_names:
+            assert gates[g].shape == (B, n_h)
+            np.testing.assert_allclose(gates[g], g_np[g], atol=1e-6, rtol=0)
+        if "k" in g_np:
+            ks_seen.append(g_np["k"])
+    # the state actually moved (a cell that ignored its inputs would not pass)
+    assert not np.allclose(h_np, 0.0)
+    if name == "phased_lstm":  # every branch of the time gate was exercised
+        k = np.stack(ks_seen)
+        assert (k < 0.01).any() and ((k > 0.05) & (k < 0.999)).any()
+
+
+def test_state_names_and_gates_match_spec():
+    expect_gates = {
+        "rnn": (), "indrnn": (), "lstm": ("i", "f", "o"), "gru": ("r", "z"), "mgu": ("f",),
+        "star": ("k",), "ur_lstm": ("f", "r", "g", "o"), "ur_gru": ("r", "f", "refine", "g"),
+        "refined_lstm": ("i", "f", "o"), "refined_gru": ("r", "z"), "refined_mgu": ("f",),
+        "g_lstm": ("i", "f", "o", "k"), "phased_lstm": ("i", "f", "o", "k"),
+        "on_lstm": ("i", "f", "f_master", "i_master", "o"),
+    }
+    lstm_like = {"lstm", "ur_lstm", "refined_lstm", "g_lstm", "phased_lstm", "on_lstm"}
+    for name in cells.names():
+        cell = cells.get(name)
+        assert set(cell.gate_names) == set(expect_gates[name]), name
+        assert cell.state_names == (("c", "h") if name in lstm_like else ("h",)), name
+        assert cell.square == name.startswith("refined_")
+        s = cell.initial_state((3, 2), 5, F64)
+        assert set(s) == set(cell.state_names)
+        assert all(v.shape == (3, 2, 5) and v.dtype == F64 and not v.any() for v in s.values())
+
+
+def test_step_accepts_extra_leading_axes():
+    """``x: (*batch, in)``: two batch axes give the same numbers as one flattened axis."""
+    cell = cells.get("lstm")
+    p = random_params(cell, 1, D, H)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 2, D)), F64)
+    s = random_state(cell, 3, 6, H)
+    step = jax.jit(cell.step)
+    _, h_flat, _ = step(p, s, x.reshape(6, D), 0)
+    _, h, _ = step(p, {k: v.reshape(3, 2, H) for k, v in s.items()}, x, 0)
+    np.testing.assert_allclose(h.reshape(6, H), h_flat, atol=1e-12)
+
+
+def test_param_layout_per_gate():
+    """SPEC: params[gate] = {"W": (in, H), "U": (H, H), "b": (H,)} (plus documented extras)."""
+    extras = {("gru", "n"): {"b_hn"}, ("ur_gru", "n"): {"b_hn"},
+              ("refined_gru", "n"): {"b_hn"}}
+    for name in cells.names():
+        cell = cells.get(name)
+        n_in, n_h = sizes(cell)
+        p = jax.eval_shape(lambda k: cell.init(k, n_in, n_h, F64), jax.random.key(0))
+        for gate, q in p.items():
+            if gate == "time":
+                assert all(v.shape == (n_h,) for v in q.values())
+                continue
+            if name == "indrnn":
+                assert set(q) == {"W", "u", "b"} and q["u"].shape == (n_h,)
+            elif (name, gate) == ("star", "z"):
+                assert set(q) == {"W", "b"}
+            else:
+                assert set(q) == {"W", "U", "b"} | extras.get((name, gate), set()), (name, gate)
+                assert q["U"].shape == (n_h, n_h)
+            assert q["W"].shape == (n_in, n_h) and q["b"].shape == (n_h,)
+        assert cell.param_count(n_in, n_h) == sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax equivalence
+
+
+# our (gate, key) -> flax (submodule, param), for each ported cell
+FLAX_NAMES = {
+    "lstm": {**{(g, "W"): ("i" + g, "kernel") for g in "ifgo"},
+             **{(g, "U"): ("h" + g, "kernel") for g in "ifgo"},
+             **{(g, "b"): ("h" + g, "bias") for g in "ifgo"}},
+    "gru": {("r", "W"): ("ir", "kernel"), ("r", "b"): ("ir", "bias"), ("r", "U"): ("hr", "kernel"),
+            ("z", "W"): ("iz", "kernel"), ("z", "b"): ("iz", "bias"), ("z", "U"): ("hz", "kernel"),
+            ("n", "W"): ("in", "kernel"), ("n", "b"): ("in", "bias"), ("n", "U"): ("hn", "kernel"),
+            ("n", "b_hn"): ("hn", "bias")},
+    "mgu": {("f", "W"): ("if", "kernel"), ("f", "b"): ("if", "bias"), ("f", "U"): ("hf", "kernel"),
+            ("n", "W"): ("in", "kernel"), ("n", "b"): ("in", "bias"), ("n", "U"): ("hn", "kernel"),
+            ("n", "b_hn"): ("hn", "bias")},
+}
+FLAX_CELLS = {"lstm": (nn.LSTMCell, {}), "gru": (nn.GRUCell, {}),
+              "mgu": (nn.MGUCell, {"variant": "flax"})}
+
+
+def flax_to_ours(name, fp):
+    out = {}
+    for (g, k), (m, q) in FLAX_NAMES[name].items():
+        out.setdefault(g, {})[k] = fp[m][q]
+    return out
+
+
+def ours_to_flax(name, p):
+    out = {}
+    for (g, k), (m, q) in FLAX_NAMES[name].items():
+        out.setdefault(m, {})[q] = p[g][k]
+    return out
+
+
+def _flax_run(module, fparams, carry, xs):
+    hs = []
+    for t in range(xs.shape[0]):
+        carry, h = module.apply({"params": fparams}, carry, xs[t])
+        hs.append(h)
+    return carry, jnp.stack(hs)
+
+
+def _ours_run(cell, p, state, xs):
+    hs = []
+    for t in range(xs.shape[0]):
+        state, h, _ = cell.step(p, state, xs[t], t)
+        hs.append(h)
+    return state, jnp.stack(hs)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "mgu"])
+@pytest.mark.parametrize("direction", ["flax_to_ours", "ours_to_flax"])
+def test_flax_equivalence(name, direction):
+    f32 = jnp.float32
+    module_cls, opts = FLAX_CELLS[name]
+    module = module_cls(features=H, param_dtype=f32)
+    cell = cells.get(name, **opts)
+    rng = np.random.default_rng(7)
+    xs = jnp.asarray(rng.standard_normal((4, B, D)), f32)
+    lstm = name == "lstm"
+    c0 = jnp.asarray(0.5 * rng.standard_normal((2, B, H)), f32)
+    fcarry = (c0[0], c0[1]) if lstm else c0[1]  # flax's LSTM carry is (c, h)
+    ours_state = {"c": c0[0], "h": c0[1]} if lstm else {"h": c0[1]}
+    fshapes = jax.eval_shape(module.init, jax.random.key(0), fcarry, xs[0])["params"]
+    # the mapping is a bijection onto both parameter sets
+    assert {(m, q) for m, v in fshapes.items() for q in v} == set(FLAX_NAMES[name].values())
+    ours_tree = jax.tree_util.tree_structure(
+        jax.eval_shape(lambda k: cell.init(k, D, H, f32), jax.random.key(0)))
+    if direction == "flax_to_ours":
+        fparams = jax.tree_util.tree_map(
+            lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), f32), fshapes)
+        p = flax_to_ours(name, fparams)
+        assert jax.tree_util.tree_structure(p) == ours_tree
+    else:
+        p = random_params(cell, 8, D, H, f32)
+        fparams = ours_to_flax(name, p)
+        assert jax.tree_util.tree_map(jnp.shape, fparams) == jax.tree_util.tree_map(
+            jnp.shape, fshapes)
+    # all biases non-zero
+    for q in p.values():
+        for k, v in q.items():
+            if k.startswith("b"):
+                assert (jnp.abs(v) > 1e-4).all()
+    fcarry, fh = _flax_run(module, fparams, fcarry, xs)
+    state, h = _ours_run(cell, p, ours_state, xs)
+    np.testing.assert_allclose(h, fh, atol=1e-5, rtol=0)
+    if lstm:
+        np.testing.assert_allclose(state["c"], fcarry[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(state["h"], fcarry[1], atol=1e-5, rtol=0)
+    else:
+        np.testing.assert_allclose(state["h"], fcarry, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite differences
+
+
+# every case but plain on_lstm (on_lstm chunks=2 runs the same master gates, and cumsum's
+# gradient is slow to compile)
+GRAD_CASES = [c for c in CASES if c != ("on_lstm", {})]
+
+
+@pytest.mark.parametrize("name,opts", GRAD_CASES, ids=[i for c, i in zip(CASES, IDS)
+                                                       if c in GRAD_CASES])
+def test_step_grads_finite_differences(name, opts):
+    cell = cells.get(name, **opts)
+    n_in, n_h = sizes(cell)
+    params = random_params(cell, 5, n_in, n_h)
+    state = random_state(cell, 6, B, n_h)
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((B, n_in)), F64)
+    step = lambda p, s, x: cell.step(p, s, x, 2)  # noqa: E731  (eager: primitives shared)
+    check_grads(step, (params, state, x), order=1, modes=["rev"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_unknown_cell_lists_valid_names():
+    with pytest.raises(ValueError, match="valid cells: .*lstm.*star"):
+        cells.get("lstn")
+    with pytest.raises(ValueError, match="valid cells"):
+        cells.get(3)
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(ValueError, match="valid options: .*forget_bias"):
+        cells.get("lstm", forget_biass=1.0)
+    with pytest.raises(ValueError, match="valid options: init"):
+        cells.get("rnn", reset="after")
+    with pytest.raises(ValueError, match="options cannot be given"):
+        cells.get(cells.get("gru"), reset="before")
+
+
+@pytest.mark.parametrize("name,opts,valid", [
+    ("gru", {"reset": "middle"}, "'after', 'before'"),
+    ("mgu", {"variant": "cho"}, "'zhou', 'flax'"),
+    ("star", {"variant": "tf"}, "'paper', 'official'"),
+    ("lstm", {"aux": "ur"}, "None, 'refine', 'master'"),
+    ("lstm", {"mode": "mult"}, "'mul', 'add'"),
+    ("refined_gru", {"mode": "x"}, "'mul', 'add'"),
+    ("refined_lstm", {"refined": ("g",)}, "'f', 'o', 'i'"),
+    ("refined_mgu", {"refined": ("n",)}, "'f'"),
+])
+def test_invalid_choice_names_valid_values(name, opts, valid):
+    with pytest.raises(ValueError, match="choose from " + valid.replace("(", r"\(")):
+        cells.get(name, **opts)
+
+
+def test_invalid_option_combinations():
+    with pytest.raises(ValueError, match="tied"):
+        cells.get("lstm", tied=True, aux="master")
+    with pytest.raises(ValueError, match="chunks"):
+        cells.get("lstm", chunks=2)
+    with pytest.raises(ValueError, match="chunks"):
+        cells.get("on_lstm", chunks=0)
+    with pytest.raises(ValueError, match="divisible"):
+        cells.get("on_lstm", chunks=3).init(jax.random.key(0), 4, 4)
+    with pytest.raises(ValueError, match="forget-type gate"):
+        cells.get("rnn", init="chrono")
+    with pytest.raises(ValueError, match="forget-type gate"):
+        cells.get("indrnn", init="ugi")
+
+
+@pytest.mark.parametrize("name", ["refined_lstm", "refined_gru", "refined_mgu"])
+def test_refined_cell_needs_square_input(name):
+    cell = cells.get(name)
+    with pytest.raises(ValueError, match="input_size == hidden_size"):
+        cell.init(jax.random.key(0), 3, 4)
+    jax.eval_shape(lambda k: cell.init(k, 4, 4), jax.random.key(0))  # square is fine
+
+
+def test_cell_is_hashable_static_config():
+    a, b = cells.get("lstm", forget_bias=1.0), cells.get("lstm", forget_bias=1.0)
+    assert a == b and hash(a) == hash(b) and a != cells.get("lstm")
+    assert cells.get(a.name, **dict(a.options)) == a
+    assert a.config["cell"] == "lstm" and a.config["forget_bias"] == 1.0

@@ -1,0 +1,358 @@
+"""Stack against a brute-force Python loop over layers and steps calling ``cell.step``.
+
+Every cell, both orders, every checkpoint form, with and without the input projection, with a
+non-zero initial state and a perturbation added where each state leaves its cell; the reported
+gates and final states too. Gradients against finite differences (``check_grads``, float64) and
+against autodiff through the loop; ``jit``, ``grad``, ``vmap``; float32 and float64; a
+Hypothesis property (layer order == wavefront order == loop for random sizes); bad input.
+"""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import gradflow
+from gradflow import Stack, cells
+
+F64, F32 = jnp.float64, jnp.float32
+L, T, B, H, D = 3, 5, 2, 4, 3
+
+
+def random_params(stack, seed, dtype=F64, scale=0.5):
+    """Params in ``stack.init``'s layout, every entry ``N(0.1, scale^2)`` (NumPy), so no bias is
+    zero; time-gate params in ranges that make the gates open and close within a few steps."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda k: stack.init(k, dtype), jax.random.key(0))
+    p = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(scale * rng.standard_normal(a.shape) + 0.1, dtype), shapes)
+    for q in p["layers"]:
+        if "time" in q:
+            u = lambda lo, hi: jnp.asarray(rng.uniform(lo, hi, stack.hidden_size), dtype)  # noqa
+            if "mu" in q["time"]:
+                q["time"] = {"mu": u(0.0, 5.0), "sigma": u(0.7, 2.5)}
+            else:
+                tau = u(2.0, 5.0)
+                q["time"] = {"tau": tau, "s": u(0.0, 1.0) * tau, "r_on": u(0.3, 0.9)}
+    return p
+
+
+def random_like(shapes, seed, dtype=F64, scale=0.5):
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(scale * rng.standard_normal(s), dtype) for k, s in shapes.items()}
+
+
+def brute_force(stack, params, xs, state0=None, perturb=None):
+    """The stack as a plain loop: ``for l: for t: state = cell.step(...) + perturb[l, :, t]``.
+
+    Returns ``(states {k: (L, B, T, H)}, gates {g: (L, B, T, H)}, final {k: (L, B, H)})``.
+    """
+    cell = stack.cell
+    perturb = perturb or {}
+    x = xs
+    if stack.input_projection:
+        x = xs @ params["input"]["W"] + params["input"]["b"]
+    inputs = [x[:, t] for t in range(xs.shape[1])]
+    states, gates, final = {}, {}, {}
+    for l in range(stack.layers):
+        s = ({k: v[l] for k, v in state0.items()} if state0 is not None else
+             cell.initial_state((xs.shape[0],), stack.hidden_size, xs.dtype))
+        outs = []
+        for t, x_t in enumerate(inputs):
+            s, _, g = cell.step(params["layers"][l], s, x_t, t)
+            s = {k: v + perturb[k][l, :, t] if k in perturb else v for k, v in s.items()}
+            for k, v in s.items():
+                states.setdefault(k, {})[l, t] = v
+            for k, v in g.items():
+                gates.setdefault(k, {})[l, t] = v
+            outs.append(s["h"])
+        inputs = outs
+        for k, v in s.items():
+            final.setdefault(k, []).append(v)
+    grid = lambda d: jnp.stack([jnp.stack([d[l, t] for t in range(xs.shape[1])], axis=1)  # noqa
+                                for l in range(stack.layers)])
+    return ({k: grid(v) for k, v in states.items()}, {k: grid(v) for k, v in gates.items()},
+            {k: jnp.stack(v) for k, v in final.items()})
+
+
+def assert_matches(out, ref, atol=1e-6):
+    states, gates, final = ref
+    assert set(out.states) == set(states) and set(out.gates) == set(gates)
+    assert set(out.final) == set(final)
+    for k in states:
+        np.testing.assert_allclose(out.states[k], states[k], atol=atol, rtol=0)
+        np.testing.assert_allclose(out.final[k], final[k], atol=atol, rtol=0)
+    for k in gates:
+        np.testing.assert_allclose(out.gates[k], gates[k], atol=atol, rtol=0)
+
+
+def make_case(cell, *, order="layer", checkpoint=None, input_projection=False, input_size=D,
+              layers=L, steps=T, seed=0, gates=True, **options):
+    """A stack with random params, inputs, a non-zero state0 and a perturb on every state."""
+    stack = Stack(cell, layers, input_size, H, input_projection=input_projection, order=order,
+                  checkpoint=checkpoint, **options)
+    rng = np.random.default_rng(seed + 1)
+    xs = jnp.asarray(rng.standard_normal((B, steps, input_size)), F64)
+    names = stack.cell.state_names
+    state0 = random_like({k: (layers, B, H) for k in names}, seed + 2)
+    perturb = random_like({k: (layers, B, steps, H) for k in names}, seed + 3, scale=0.1)
+    return stack, gates, (random_params(stack, seed), xs, state0, perturb)
+
+
+def check_cases(cases, atol=1e-6):
+    """Run every case's stack inside one ``jax.jit`` (one compilation for all of them, which is
+    much cheaper than one each) and compare each with the brute-force loop."""
+    stacks = [(s, g) for s, g, _ in cases]
+    args = [a for _, _, a in cases]
+
+    @jax.jit
+    def run(args):
+        return [s.apply(p, x, state0=s0, perturb=e, gates=g)
+                for (s, g), (p, x, s0, e) in zip(stacks, args)]
+
+    for (stack, gates, (p, x, s0, e)), out in zip(cases, run(args)):
+        ref = brute_force(stack, p, x, s0, e)
+        if not gates:
+            ref = (ref[0], {}, ref[2])
+        assert_matches(out, ref, atol)
+        layers, steps = stack.layers, x.shape[1]
+        assert out.h.shape == (layers, B, steps, H) and out.top.shape == (B, steps, H)
+        assert set(out.gates) == (set(stack.cell.gate_names) if gates else set())
+
+
+# ---------------------------------------------------------------------------------------------
+# Brute force, every cell
+
+
+CELLS = cells.names()
+CKPTS = (None, 2, "auto")
+
+
+@pytest.mark.parametrize("i,name", list(enumerate(CELLS)), ids=CELLS)
+def test_stack_equals_loop_every_cell(i, name):
+    """Both orders per cell; the checkpoint forms and the input projection rotate over the
+    cells (the full grid is run for lstm below)."""
+    square = cells.get(name).square
+    proj = bool(i % 2)
+    check_cases([
+        # layer order: layer 0 reads D != H features (its own shape) or their projection
+        make_case(name, order="layer", checkpoint=CKPTS[i % 3], input_projection=proj or square),
+        # wavefront: every layer of one shape, by projection or because D == H
+        make_case(name, order="wavefront", checkpoint=CKPTS[(i + 1) % 3],
+                  input_projection=not proj, input_size=H if proj else D, seed=1),
+    ])
+
+
+def test_rotation_covers_the_whole_grid():
+    """The configurations of test_stack_equals_loop_every_cell, over the cells, include every
+    (order, checkpoint, input_projection) combination."""
+    seen = set()
+    for i, name in enumerate(CELLS):
+        proj = bool(i % 2)
+        seen.add(("layer", CKPTS[i % 3], proj or cells.get(name).square))
+        seen.add(("wavefront", CKPTS[(i + 1) % 3], not proj))
+    assert seen == set(itertools.product(("layer", "wavefront"), CKPTS, (False, True)))
+
+
+def test_checkpoint_edges_single_layer_gates_off():
+    """Chunks dividing T, longer than T, a single step; one layer; gates not requested."""
+    check_cases([
+        make_case("gru", checkpoint=2, steps=4, input_size=H, order="wavefront"),
+        make_case("gru", checkpoint=7, steps=5, input_size=H),
+        make_case("gru", checkpoint=1, steps=1, input_size=H, order="wavefront"),
+        make_case("lstm", layers=1, checkpoint=2, gates=False),
+    ])
+
+
+def test_zero_state_default_and_no_perturb():
+    stack = Stack("lstm", L, D, H)
+    params = random_params(stack, 4)
+    xs = jnp.asarray(np.random.default_rng(5).standard_normal((B, T, D)), F64)
+    assert_matches(stack.apply(params, xs, gates=True), brute_force(stack, params, xs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients
+
+
+# checkpointed gradients are slow to compile: one cell here, and test_grad_equals_grad_of_loop
+GRAD_CFGS = {"gru": ("layer", 2)}
+# cells grouped so that one check_grads (one compilation) covers a family
+GRAD_GROUPS = [("rnn", "indrnn", "star"), ("lstm", "g_lstm", "phased_lstm"),
+               ("gru", "mgu", "ur_gru"), ("ur_lstm", "on_lstm"),
+               ("refined_lstm", "refined_gru", "refined_mgu")]
+
+
+def test_grad_groups_cover_every_cell():
+    assert sorted(sum(GRAD_GROUPS, ())) == sorted(CELLS)
+
+
+@pytest.mark.parametrize("group", GRAD_GROUPS, ids=["-".join(g) for g in GRAD_GROUPS])
+def test_stack_grads_finite_differences(group):
+    """check_grads (rev, order 1, float64) of 3-layer x 5-step losses w.r.t. every cell's
+    params and inputs; the orders alternate over the cells."""
+    stacks, args, ws = [], [], []
+    for name in group:
+        i = CELLS.index(name)
+        order, checkpoint = GRAD_CFGS.get(name, (("layer", "wavefront")[i % 2], None))
+        stack = Stack(name, L, H, H, order=order, checkpoint=checkpoint)
+        rng = np.random.default_rng(20 + i)
+        stacks.append(stack)
+        args.append((random_params(stack, 10 + i),
+                     jnp.asarray(rng.standard_normal((B, T, H)), F64)))
+        ws.append(jnp.asarray(rng.standard_normal((L, B, T, H)), F64))
+
+    @jax.jit
+    def losses(args):
+        out = []
+        for stack, w, (p, x) in zip(stacks, ws, args):
+            o = stack.apply(p, x)
+            out.append(jnp.sum(w * jnp.tanh(o.h)) + sum(jnp.sum(v ** 2) for v in o.final.values()))
+        return out
+
+    check_grads(losses, (args,), order=1, modes=["rev"])
+
+
+def test_grad_equals_grad_of_loop():
+    """Autodiff through the wavefront scan (projected input) equals autodiff through the plain
+    loop, w.r.t. params, inputs and a zero perturbation (the hidden-state gradient map)."""
+    stack = Stack("lstm", L, D, H, order="wavefront", input_projection=True)
+    params = random_params(stack, 6)
+    xs = jnp.asarray(np.random.default_rng(7).standard_normal((B, T, D)), F64)
+    eps = {"h": jnp.zeros((L, B, T, H), F64), "c": jnp.zeros((L, B, T, H), F64)}
+    w = jnp.asarray(np.random.default_rng(8).standard_normal((B, H)), F64)
+    loss = lambda h_top: jnp.sum(jnp.sin(h_top[:, -1] * w))  # noqa: E731
+    f = jax.jit(jax.grad(lambda p, x, e: loss(stack.apply(p, x, perturb=e).top), (0, 1, 2)))
+    g_ref = jax.grad(lambda p, x, e: loss(brute_force(stack, p, x, perturb=e)[0]["h"][-1]),
+                     (0, 1, 2))(params, xs, eps)
+    g = f(params, xs, eps)
+    assert jnp.abs(g[2]["h"][:, :, 0]).max() > 0  # the map reaches the bottom-left corner
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-9, rtol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations and precisions
+
+
+def test_vmap_over_params_and_inputs():
+    """vmap over a batch of params (layer order) and over a batch of inputs (wavefront)."""
+    xs = jnp.asarray(np.random.default_rng(9).standard_normal((3, B, T, H)), F64)
+    layer = Stack("gru", L, H, H)
+    wave = layer.replace(order="wavefront")
+    ps = [random_params(layer, s) for s in range(3)]
+    batch = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ps)
+    by_params, by_inputs = jax.jit(lambda batch, p, xs: (
+        jax.vmap(lambda q: layer.apply(q, xs[0]).h)(batch),
+        jax.vmap(lambda x: wave.apply(p, x).h)(xs)))(batch, ps[0], xs)
+    for n in range(3):
+        np.testing.assert_allclose(by_params[n], brute_force(layer, ps[n], xs[0])[0]["h"],
+                                   atol=1e-6, rtol=0)
+        np.testing.assert_allclose(by_inputs[n], brute_force(layer, ps[0], xs[n])[0]["h"],
+                                   atol=1e-6, rtol=0)
+
+
+def test_float32():
+    """A float32 stack gives float32 outputs equal to the float64 loop to float32 accuracy
+    (the float64 runs are every other test here)."""
+    stack = Stack("lstm", L, H, H, order="wavefront", checkpoint=2)
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(F32), random_params(stack, 11))
+    xs = jnp.asarray(np.random.default_rng(12).standard_normal((B, T, H)), F32)
+    out = jax.jit(lambda p, x: stack.apply(p, x, gates=True))(p32, xs)
+    assert all(v.dtype == F32 for v in jax.tree_util.tree_leaves(out))
+    ref = brute_force(stack, jax.tree_util.tree_map(lambda a: a.astype(F64), p32),
+                      xs.astype(F64))
+    assert_matches(out, ref, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: the two orders and the loop agree for random sizes
+
+
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(layers=st.integers(1, 3), steps=st.integers(1, 4), batch=st.integers(1, 2),
+       hidden=st.integers(1, 3), name=st.sampled_from(["gru", "lstm", "star", "phased_lstm"]),
+       checkpoint=st.sampled_from([None, 1, 2, "auto"]))
+def test_layer_order_equals_wavefront(layers, steps, batch, hidden, name, checkpoint):
+    a = Stack(name, layers, hidden, hidden, checkpoint=checkpoint)
+    b = a.replace(order="wavefront")
+    params = random_params(a, layers * 100 + steps * 10 + hidden)
+    xs = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, steps, hidden)), F64)
+    out_a, out_b = jax.jit(lambda p, x: (a.apply(p, x, gates=True), b.apply(p, x, gates=True)))(
+        params, xs)
+    ref = brute_force(a, params, xs)
+    assert_matches(out_a, ref)
+    assert_matches(out_b, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and errors
+
+
+def test_init_layout_and_config():
+    s = Stack("lstm", L, D, H)
+    p = jax.eval_shape(lambda k: s.init(k, F64), jax.random.key(0))
+    assert len(p["layers"]) == L and "input" not in p
+    assert p["layers"][0]["i"]["W"].shape == (D, H) and p["layers"][1]["i"]["W"].shape == (H, H)
+    sp = Stack("lstm", L, D, H, input_projection=True)
+    p = jax.eval_shape(lambda k: sp.init(k, F64), jax.random.key(0))
+    assert p["input"]["W"].shape == (D, H) and p["input"]["b"].shape == (H,)
+    assert p["layers"][0]["i"]["W"].shape == (H, H)
+    # refined cells get the projection by default when D != H, not when D == H
+    assert Stack("refined_gru", L, D, H).input_projection
+    assert not Stack("refined_gru", L, H, H).input_projection
+    assert not s.input_projection and not s.uniform and sp.uniform
+    c = Stack("lstm", L, D, H, forget_bias=1.0).config
+    assert c["cell"] == "lstm" and c["forget_bias"] == 1.0 and c["layers"] == L
+    assert s.replace(order="wavefront", input_size=H).order == "wavefront"
+    assert s.initial_state(B, F64)["c"].shape == (L, B, H)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3", None])
+def test_bad_layers(bad):
+    with pytest.raises(ValueError, match="layers must be a positive integer"):
+        Stack("lstm", layers=bad, input_size=D, hidden_size=H)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+    ({"input_size": -2}, "input_size must be a positive integer"),
+    ({"order": "diagonal"}, "valid: layer, wavefront"),
+    ({"checkpoint": 0}, "checkpoint must be a positive integer"),
+    ({"checkpoint": "sqrt"}, "checkpoint must be a positive integer"),
+    ({"checkpoint": 1.5}, "checkpoint must be a positive integer"),
+    ({"order": "wavefront"}, "input_projection=True or input_size == hidden_size"),
+    ({"cell": "lstn"}, "valid cells"),
+    ({"forget_biass": 1.0}, "valid options"),
+    ({"cell": "refined_lstm", "input_projection": False}, "use input_projection=True"),
+])
+def test_bad_stack_config(kw, match):
+    kw = {"cell": "lstm", "layers": L, "input_size": D, "hidden_size": H, **kw}
+    with pytest.raises(ValueError, match=match):
+        Stack(kw.pop("cell"), **kw)
+
+
+@pytest.mark.parametrize("xs", [
+    np.zeros((B, T)), np.zeros((B, T, D + 1)), np.zeros((0, T, D)), np.zeros((B, 0, D)),
+    np.zeros((1, B, T, D)), [[[0.0] * D] * T] * B,
+])
+def test_bad_input_shapes(xs):
+    stack = Stack("gru", L, D, H)
+    params = jax.eval_shape(lambda k: stack.init(k, F64), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"inputs"):
+        stack.apply(params, xs)
+
+
+def test_bad_perturb_key():
+    stack = Stack("gru", L, D, H)
+    params = random_params(stack, 0)
+    with pytest.raises(ValueError, match="not states of cell 'gru'"):
+        stack.apply(params, jnp.zeros((B, T, D), F64), perturb={"c": jnp.zeros((L, B, T, H))})
+
+
+def test_package_exports():
+    assert gradflow.Stack is Stack and gradflow.StackOutput._fields == ("states", "gates", "final")
