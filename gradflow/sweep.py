@@ -1,0 +1,166 @@
+r"""Gradient maps for many cells x many seeds, the seeds vectorised and sharded over devices.
+
+For each cell, the per-seed problem of :func:`gradflow.problem` (parameters from ``key(seed)``,
+inputs ``input_scale * N(0, 1)`` from ``key(seed + 1)``) and its gradient map
+(:func:`gradflow.gradient_map`) are built *inside* one ``jax.vmap`` over the seed axis, so one
+compiled program serves every seed, and that seed axis is sharded over the devices with
+``NamedSharding(Mesh(devices, ("seeds",)), P("seeds"))``: device ``d`` builds and measures its own
+seeds; nothing but the ``(S,)`` seed vector goes in and the ``(S, L, T)`` maps come out.
+
+The seed count is padded (repeating the last seed) to a multiple of the device count and the
+padding dropped afterwards. On CPU, several devices can be simulated with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before JAX starts).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gradflow import cells as _cells
+from gradflow import jacobian as _jac
+from gradflow.problem import dtype_of
+from gradflow.results import Result, make_result
+from gradflow.stack import Stack, _positive_int
+
+AXIS = "seeds"
+
+
+def _seeds(seeds) -> tuple[int, ...]:
+    """Validate ``seeds``: a non-empty sequence of integers in ``[0, 2**31 - 1)``."""
+    try:
+        out = tuple(operator.index(s) if not isinstance(s, bool) else None for s in seeds)
+    except TypeError:
+        out = ()
+    if not out or any(s is None or not 0 <= s < 2 ** 31 - 1 for s in out):
+        raise ValueError(f"seeds must be a non-empty sequence of integers in [0, 2**31 - 1), "
+                         f"got {seeds!r}")
+    return out
+
+
+def _mesh(devices) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices must name at least one device")
+    return Mesh(np.array(devices), (AXIS,))
+
+
+def seed_problem(stack: Stack, seed, *, steps: int, batch: int, dtype, input_scale: float = 1.0):
+    """``(params, xs)`` for one seed exactly as :func:`gradflow.problem` builds them.
+
+    ``seed`` may be traced (a scalar inside ``vmap``). Returns params at init and
+    ``xs: (batch, steps, input_size)``.
+    """
+    params = stack.init(jax.random.key(seed), dtype)
+    xs = input_scale * jax.random.normal(jax.random.key(seed + 1),
+                                         (batch, steps, stack.input_size), dtype)
+    return params, xs
+
+
+def _map_fn(stack: Stack, *, steps, batch, dtype, input_scale, loss, wrt, readout_seed, chunk):
+    """``seed -> (loss value (), map (L, T))`` for one seed, traceable under vmap."""
+    if callable(loss):
+        loss_fn = loss
+    else:
+        loss_fn = _jac.readout_loss(loss, stack.hidden_size, steps, batch, readout_seed, dtype)
+    if wrt == "params":
+        like = jax.ShapeDtypeStruct((batch, steps, stack.input_size), dtype)
+        chunk = chunk or _jac._auto_chunk(stack, like)
+
+    def one(seed):
+        params, xs = seed_problem(stack, seed, steps=steps, batch=batch, dtype=dtype,
+                                  input_scale=input_scale)
+        if wrt == "params":
+            return _jac._params_map(stack, params, xs, loss_fn, chunk)
+        return _jac._state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
+
+    return one
+
+
+def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float32,
+                 input_scale: float = 1.0, loss="last", wrt: str = "hidden",
+                 readout_seed: int = 0, chunk: int | None = None, devices=None):
+    r"""The sharded computation behind :func:`sweep`, for one stack.
+
+    Returns:
+      ``(loss_values: (S,), maps: (S, L, T))`` as ``jax.Array`` s sharded over the seed axis of
+      the device mesh (``maps.sharding.device_set`` names the devices that computed them).
+    """
+    seeds = _seeds(seeds)
+    mesh = _mesh(devices)
+    n_dev = mesh.devices.size
+    padded = math.ceil(len(seeds) / n_dev) * n_dev
+    seed_vec = np.array(seeds + (seeds[-1],) * (padded - len(seeds)), np.int32)
+    shard = NamedSharding(mesh, PartitionSpec(AXIS))
+    one = _map_fn(stack, steps=steps, batch=batch, dtype=jnp.dtype(dtype),
+                  input_scale=input_scale, loss=loss, wrt=wrt, readout_seed=readout_seed,
+                  chunk=chunk)
+    run = jax.jit(jax.vmap(one), in_shardings=shard, out_shardings=(shard, shard))
+    values, maps = run(jax.device_put(seed_vec, shard))
+    n = len(seeds)
+    if padded == n:
+        return values, maps
+    return values[:n], maps[:n]
+
+
+def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
+          batch: int = 16, loss="last", wrt: str = "hidden", input_size: int | None = None,
+          dtype: str = "float32", input_scale: float = 1.0, readout_seed: int = 0,
+          stack_options: dict | None = None, cell_options: dict | None = None,
+          chunk: int | None = None, devices=None) -> dict[str, Result]:
+    r"""Gradient maps of every cell for every seed, seeds vectorised and sharded over devices.
+
+    For cell ``c`` and seed ``s`` the map equals
+    ``gradient_map(*problem(c, seed=s, ...)[:3], loss=loss, wrt=wrt)`` (see
+    :func:`gradflow.gradient_map` for :math:`G[l,t]` and :math:`P[l,t]`).
+
+    Args:
+      cells: cell names (or one name); options for all of them in ``cell_options``.
+      seeds: integers in ``[0, 2**31 - 1)``; ``S = len(seeds)``.
+      layers, steps, hidden, batch, input_size, dtype, input_scale, stack_options: as
+        :func:`gradflow.problem`.
+      loss, wrt, readout_seed, chunk: as :func:`gradflow.gradient_map`.
+      devices: the devices to shard the seeds over (default ``jax.devices()``).
+    Returns:
+      ``{cell: Result}``, each ``kind="gradient_map"`` with ``values: (S, L, T)``,
+      ``loss_value: (S,)`` and config ``seeds`` (the list) and ``devices`` (how many devices the
+      result was computed on).
+    """
+    names = (cells,) if isinstance(cells, str) else tuple(cells)
+    if not names:
+        raise ValueError("cells must name at least one cell; valid cells: "
+                         + ", ".join(_cells.names()))
+    seeds = _seeds(seeds)
+    if wrt not in _jac.WRTS:
+        raise ValueError(f"unknown wrt {wrt!r}; valid: {', '.join(_jac.WRTS)}")
+    if not callable(loss) and loss not in _jac.LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(_jac.LOSSES)} or a callable "
+                         "loss(outputs: (B, T, H)) -> scalar")
+    steps, batch, hidden = (_positive_int(k, v) for k, v in
+                            (("steps", steps), ("batch", batch), ("hidden", hidden)))
+    D = hidden if input_size is None else _positive_int("input_size", input_size)
+    dt = dtype_of(dtype)
+    out = {}
+    for name in names:
+        stack = Stack(name, layers, D, hidden, **(stack_options or {}), **(cell_options or {}))
+        if wrt == "cell" and "c" not in stack.cell.state_names:
+            raise ValueError(f"wrt='cell' needs a cell with a memory state c; cell "
+                             f"{stack.cell.name!r} has only {', '.join(stack.cell.state_names)}")
+        values, maps = sweep_arrays(stack, seeds, steps=steps, batch=batch, dtype=dt,
+                                    input_scale=input_scale, loss=loss, wrt=wrt,
+                                    readout_seed=readout_seed, chunk=chunk, devices=devices)
+        config = {**stack.config, "steps": steps, "batch": batch, "dtype": str(dt),
+                  "input_scale": float(input_scale), "seeds": list(seeds),
+                  "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
+                  "wrt": wrt, "readout_seed": readout_seed,
+                  "devices": len(maps.sharding.device_set)}
+        out[stack.cell.name] = make_result("gradient_map", {"values": maps, "loss_value": values},
+                                           config)
+    return out
+
+
+__all__ = ["sweep", "sweep_arrays", "seed_problem"]

@@ -1,0 +1,120 @@
+"""gradflow.sweep against per-seed problem() + gradient_map, on one and on four devices.
+
+The reference for every (cell, seed) is the unvectorised path: ``gradflow.problem(seed=s)``
+followed by ``gradflow.gradient_map`` (itself checked against brute-force loops and finite
+differences in test_jacobian.py). Four CPU devices are simulated in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``; its maps must equal the single-device
+ones and must have been computed sharded over the four devices.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import sweep as S
+
+SIZES = dict(layers=3, steps=5, hidden=6, batch=2)
+SEEDS = [0, 3, 11]
+
+
+def reference(cell, seed, wrt, loss="last", dtype="float64"):
+    pr = gradflow.problem(cell, seed=seed, dtype=dtype, **SIZES)
+    return gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss=loss, wrt=wrt)
+
+
+@pytest.mark.parametrize("wrt,loss", [("hidden", "last"), ("params", "all"), ("cell", "all")])
+def test_sweep_equals_per_seed_gradient_map(wrt, loss):
+    out = S.sweep(["lstm", "gru"] if wrt != "cell" else ["lstm"], SEEDS, wrt=wrt,
+                               loss=loss, dtype="float64", **SIZES)
+    for cell, res in out.items():
+        assert res.values.shape == (len(SEEDS), SIZES["layers"], SIZES["steps"])
+        assert res.config["seeds"] == SEEDS and res.config["wrt"] == wrt
+        for i, seed in enumerate(SEEDS):
+            ref = reference(cell, seed, wrt, loss)
+            np.testing.assert_allclose(res.values[i], ref.values, rtol=1e-12, atol=0)
+            np.testing.assert_allclose(res.loss_value[i], ref.loss_value, rtol=1e-12)
+        # different seeds give different maps (the seed really reaches params and inputs)
+        assert not np.allclose(res.values[0], res.values[1])
+
+
+def test_sweep_float32_and_callable_loss():
+    loss = lambda outs: jnp.mean(outs[:, -1] ** 2)  # noqa: E731
+    res = S.sweep("rnn", [1, 2], dtype="float32", loss=loss, **SIZES)["rnn"]
+    assert res.values.dtype == np.float32
+    for i, seed in enumerate([1, 2]):
+        ref = reference("rnn", seed, "hidden", loss, "float32")
+        np.testing.assert_allclose(res.values[i], ref.values, rtol=1e-6)
+
+
+def test_seed_problem_matches_problem():
+    pr = gradflow.problem("lstm", seed=7, dtype="float64", input_scale=0.5, **SIZES)
+    params, xs = jax.jit(lambda s: S.seed_problem(pr.stack, s, steps=SIZES["steps"],
+                                                   batch=SIZES["batch"], dtype=jnp.float64,
+                                                   input_scale=0.5))(jnp.int32(7))
+    np.testing.assert_array_equal(xs, pr.xs)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(pr.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+FOUR_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import numpy as np
+    from gradflow import Stack
+    from gradflow.sweep import sweep, sweep_arrays
+    sizes = json.loads(sys.argv[2])
+    res = sweep(["lstm", "star"], [0, 3, 11, 4, 5], dtype="float64", **sizes)
+    _, maps = sweep_arrays(Stack("lstm", sizes["layers"], sizes["hidden"], sizes["hidden"]),
+                           list(range(8)), steps=sizes["steps"], batch=sizes["batch"])
+    np.savez(sys.argv[1], lstm=res["lstm"].values, star=res["star"].values,
+             n_devices=len(jax.devices()), used=res["lstm"].config["devices"],
+             shards=[s.data.shape[0] for s in maps.addressable_shards],
+             shard_devices=len({s.device for s in maps.addressable_shards}))
+""")
+
+
+def test_four_cpu_devices_equal_one_device(tmp_path):
+    path = tmp_path / "four.npz"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    done = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(path), json.dumps(SIZES)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    four = np.load(path)
+    assert int(four["n_devices"]) == 4 and int(four["used"]) == 4
+    assert list(four["shards"]) == [2, 2, 2, 2] and int(four["shard_devices"]) == 4
+    one = S.sweep(["lstm", "star"], [0, 3, 11, 4, 5], dtype="float64", **SIZES)
+    assert one["lstm"].config["devices"] == len(jax.devices())
+    for cell in ("lstm", "star"):
+        np.testing.assert_allclose(four[cell], one[cell].values, rtol=1e-12, atol=0)
+        for i, seed in enumerate([0, 3, 11, 4, 5]):  # 5 seeds padded to 8 and trimmed back
+            np.testing.assert_allclose(four[cell][i], reference(cell, seed, "hidden").values,
+                                       rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seeds=[]), "seeds"),
+    (dict(seeds=[1.5]), "seeds"),
+    (dict(seeds=[True]), "seeds"),
+    (dict(seeds=[-1]), "seeds"),
+    (dict(seeds=3), "seeds"),
+    (dict(cells="nope"), "valid cells"),
+    (dict(cells=[]), "at least one cell"),
+    (dict(wrt="weights"), "hidden, cell, params"),
+    (dict(loss="first"), "last, all"),
+    (dict(cells="gru", wrt="cell"), "memory state"),
+    (dict(steps=0), "steps"),
+    (dict(dtype="float16"), "float32, float64"),
+    (dict(devices=[]), "at least one device"),
+])
+def test_bad_input(kw, match):
+    args = {"cells": "lstm", "seeds": [0], **SIZES, **kw}
+    with pytest.raises(ValueError, match=match):
+        S.sweep(args.pop("cells"), args.pop("seeds"), **args)
