@@ -1,4 +1,5 @@
-"""The ``gradflow`` command line: ``heatmap``, ``compare``, ``gates``, ``cells``, ``reproduce``.
+"""The ``gradflow`` command line: ``heatmap``, ``compare``, ``gates``, ``cells``, ``reproduce``,
+``train``.
 
 Every subcommand checks its arguments before computing anything (sizes, names, output paths);
 bad input gets one line ``gradflow <command>: error: ...`` on stderr and exit status 2, never a
@@ -426,6 +427,98 @@ def run_reproduce(args) -> int:
     return 0
 
 
+def step_list(text: str) -> list[int]:
+    """``"0,100,300"`` -> ``[0, 100, 300]`` (training steps, non-negative integers)."""
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers such as "
+                                         f"0,100,300, got {text!r}") from None
+    if not steps or min(steps) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative step numbers, got {text!r}")
+    return steps
+
+
+def task_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` task option (an int where it parses as one)."""
+    return option(text)
+
+
+def run_train(args) -> int:
+    from gradflow import tasks as _tasks
+    from gradflow.gates import TIME_GATED
+    from gradflow.train import train
+
+    options = dict(args.task_option or [])
+    if args.seq_len is not None:
+        if args.task == "copy":
+            options.setdefault("lag", args.seq_len - 2 * options.get("symbols", 10) - 1)
+        else:
+            options.setdefault("steps", args.seq_len)
+    task = _tasks.make(args.task, **options)
+    if args.record and max(args.record) > args.steps:
+        raise UsageError(f"gradflow train: error: --record steps must lie in 0..{args.steps} "
+                         f"(--steps), got {max(args.record)}")
+    stack = figures.task_stack(args.cell, task, layers=args.layers, hidden=args.hidden,
+                               init=args.init, options=dict(args.option or []))
+    out = Path(args.out if args.out is not None else os.path.join(
+        DEFAULT_OUT_DIR, f"train_{args.task}_{args.cell}_L{args.layers}"))
+    if not args.lr > 0 or not args.clip > 0 or not args.budget >= 0:
+        raise UsageError(f"gradflow train: error: --lr and --clip must be positive and --budget "
+                         f">= 0, got lr {args.lr:g}, clip {args.clip:g}, budget {args.budget:g}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"gradflow train: error: cannot create {str(out)!r}: "
+                         f"{e.strerror or e}") from None
+    _writable_dir(out, str(out))
+    # The recorded maps use the fixed probe loss of `gradflow heatmap` (random readout, random
+    # labels): the trained head is zero at step 0, so the task loss sends no gradient to the
+    # stack there, and one probe makes maps at different steps comparable.
+    record = {"gradient_map": lambda st, p, xs: gradient_map(
+        st, p, xs, loss=args.record_loss, wrt=args.wrt, readout_seed=args.readout_seed)}
+    print(f"gradflow train: {args.cell} x {args.layers} layers, H={args.hidden}, on "
+          f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
+          f"{args.batch}, lr {args.lr:g}, seed {args.seed}"
+          + (f", budget {args.budget:g}" if args.budget else ""), flush=True)
+    with figures.precision(args.dtype):
+        hist = train(stack, task, steps=args.steps, batch=args.batch, lr=args.lr,
+                     clip=args.clip, seed=args.seed, dtype=args.dtype,
+                     eval_every=args.eval_every, eval_batch=args.eval_batch,
+                     record_at=args.record or (), record=record if args.record else None,
+                     record_batch=args.record_batch, budget=args.budget,
+                     progress=args.progress)
+    c = hist.curve
+    written = [c.save(out / "curve.npz"),
+               plot.save(figures.draw_curves({args.cell: c}, title=(
+                   f"{args.cell}, {args.layers} layers, on {task.name} (T={task.steps})")),
+                   out / "curve.png")]
+    timed = args.cell in TIME_GATED and "eval_updates" in c.arrays
+    print(f"  {'step':>6}  {'eval loss':>10}  {'eval ' + task.metric:>13}"
+          + ("  updates" if timed else ""))
+    for i, step in enumerate(c["eval_step"]):
+        line = f"  {int(step):>6}  {float(c['eval_loss'][i]):>10.4g}  " \
+               f"{float(c['eval_metric'][i]):>13.4g}"
+        if timed:
+            line += f"  {float(c['eval_updates'][i]):>7.3f}"
+        print(line)
+    maps = {}
+    for step, res in zip(hist.record_steps, hist.records.get("gradient_map", ())):
+        written.append(res.save(out / f"map_step{step:06d}.npz"))
+        maps[("map", f"step {step}")] = res
+        print(f"  gradient map wrt {args.wrt} at step {step} (probe loss {args.record_loss}, "
+              f"value {_g(float(res.loss_value))}):")
+        for line in map_summary(res.values, max_rows=8):
+            print("    " + line)
+    if maps:
+        fig = plot.grid(maps, rows=["map"], cols=[k[1] for k in maps], normalize=False,
+                        title=f"{args.cell}: gradient maps wrt {args.wrt} during training")
+        written.append(plot.save(fig, out / "maps.png"))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The parser
 
@@ -489,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
             gradflow gates --cell ur_lstm
             gradflow cells
             gradflow reproduce --only star_fig2
+            gradflow train --task adding --cell star --layers 8 --record 0,500
             gradflow COMMAND --help     # options of one command
         """))
     parser.add_argument("--version", action="version", version=f"gradflow {__version__}")
@@ -588,6 +682,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write (default: beside each config); must exist")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     p.set_defaults(run=run_reproduce)
+
+    p = sub.add_parser(
+        "train", formatter_class=fmt, help="train a stack on a task; learning curve and maps",
+        description=_para("Train a stack of one cell plus a linear readout on a synthetic task "
+                        "with Adam (gradflow.train.train), then write to --out DIR: the "
+                        "learning curve (curve.npz, curve.png) and, at each --record step, the "
+                        "gradient map of the stack under a fixed probe loss "
+                        "(map_stepNNNNNN.npz, maps.png). Note: --steps here counts training "
+                        "updates; the sequence length is --seq-len."),
+        epilog=_examples("""
+            gradflow train --task adding --cell star --layers 8 --steps 500 --record 0,500
+            gradflow train --task copy --cell ur_lstm --task-option lag=20 --lr 3e-3
+            gradflow train --task adding --cell g_lstm --budget 0.01 --seq-len 50
+        """))
+    from gradflow import tasks as _tasks
+    p.add_argument("--task", choices=_tasks.names(), default="adding",
+                   help="(default: adding)")
+    p.add_argument("--cell", type=cell_name, default="lstm", help="(default: lstm)")
+    p.add_argument("--seq-len", type=positive_int, default=None, metavar="T",
+                   help="sequence length (adding, counting: steps; copy: sets the lag; default: "
+                        "the task's own)")
+    p.add_argument("--task-option", type=task_option, action="append", metavar="KEY=VALUE",
+                   help="a task option, repeatable (e.g. lag=20, symbols=5)")
+    g = p.add_argument_group("model")
+    g.add_argument("--layers", type=positive_int, default=4, metavar="L", help="(default: 4)")
+    g.add_argument("--hidden", type=positive_int, default=32, metavar="H", help="(default: 32)")
+    g.add_argument("--init", type=init_scheme, default=None, help="(default: the cell's own)")
+    g.add_argument("--option", type=option, action="append", metavar="KEY=VALUE",
+                   help="another cell option, repeatable")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=positive_int, default=500, metavar="N",
+                   help="training updates (default: 500)")
+    g.add_argument("--batch", type=positive_int, default=32, metavar="B", help="(default: 32)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument("--clip", type=float, default=1.0,
+                   help="global gradient-norm clip (default: 1)")
+    g.add_argument("--budget", type=float, default=0.0, metavar="LAMBDA",
+                   help="g-LSTM budget loss LAMBDA * mean(k) (time-gated cells only; default 0)")
+    g.add_argument("--seed", type=seed_int, default=0, help="(default: 0)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
+    g.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
+                   help="evaluate every N steps (default: steps // 10)")
+    g.add_argument("--eval-batch", type=positive_int, default=256, metavar="B",
+                   help="fixed evaluation batch size (default: 256)")
+    g.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    g = p.add_argument_group("recorded gradient maps")
+    g.add_argument("--record", type=step_list, default=None, metavar="S[,S]",
+                   help="steps (updates done) at which to record the map, e.g. 0,500")
+    g.add_argument("--record-batch", type=positive_int, default=32, metavar="B",
+                   help="evaluation sequences the maps average over (default: 32)")
+    g.add_argument("--record-loss", choices=LOSSES, default="last",
+                   help="probe loss of the maps (default: last)")
+    g.add_argument("--wrt", choices=WRTS, default="hidden", help="(default: hidden)")
+    g.add_argument("--readout-seed", type=seed_int, default=0, metavar="SEED",
+                   help="seed of the probe readout (default: 0)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"output folder, created (default: {DEFAULT_OUT_DIR}/train_<task>_"
+                        "<cell>_L<layers>)")
+    p.set_defaults(run=run_train)
     return parser
 
 
@@ -605,7 +758,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             raise UsageError("gradflow: error: choose a command: heatmap, compare, gates, cells, "
-                             "reproduce (see gradflow --help)")
+                             "reproduce, train (see gradflow --help)")
         with warnings.catch_warnings():
             # Non-finite entries are data: the summaries count them; no warning lines.
             warnings.simplefilter("ignore", NonFiniteWarning)
