@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import tasks as _tasks
+from gradflow.gates import TIME_GATED
 from gradflow.problem import dtype_of
 from gradflow.results import Result, make_result
 from gradflow.stack import Stack
@@ -210,6 +211,12 @@ def _optimizer(clip):
     return optax.chain(optax.clip_by_global_norm(clip), optax.scale_by_adam())
 
 
+def _timed(stack: Stack) -> bool:
+    """Whether the stack's cell has a time gate ``k`` (STAR's gate is also named ``k``: it is
+    an ordinary input-dependent gate, not a time gate)."""
+    return stack.cell.name in TIME_GATED
+
+
 def _forward(params, xs, stack: Stack, gates: bool):
     """``(out (B, T, K), k (L, B, T, H) or None)``."""
     o = stack.apply(params["stack"], xs, gates=gates)
@@ -220,7 +227,7 @@ def _forward(params, xs, stack: Stack, gates: bool):
 def _update(theta, opt_state, xs, ys, mask, lr, clip, budget, *, spec, stack, kind):
     """One Adam step on the batch ``(xs, ys, mask)``; returns
     ``(theta, opt_state, task loss, metric)``."""
-    timed = "k" in stack.cell.gate_names
+    timed = _timed(stack)
     loss_f, metric_f = _tasks.loss_fn(kind), _tasks.metric_fn(kind)
 
     def objective(th):
@@ -238,7 +245,7 @@ def _update(theta, opt_state, xs, ys, mask, lr, clip, budget, *, spec, stack, ki
 def _evaluate(theta, xs, ys, mask, *, spec, stack, kind):
     """Loss and metric on a fixed batch; for time-gated cells also ``mean(k)`` and the
     fraction of updates ``mean(k > 1e-3)``."""
-    timed = "k" in stack.cell.gate_names
+    timed = _timed(stack)
     out, k = _forward(_unflatten(theta, spec), xs, stack, timed)
     res = {"eval_loss": _tasks.loss_fn(kind)(out, ys, mask),
            "eval_metric": _tasks.metric_fn(kind)(out, ys, mask)}
@@ -361,10 +368,10 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
     budget = float(budget)
     if not budget >= 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
-    timed = "k" in stack.cell.gate_names
+    timed = _timed(stack)
     if budget and not timed:
-        raise ValueError(f"budget needs a cell with a time gate 'k' (g_lstm, phased_lstm); "
-                         f"{stack.cell.name!r} has gates {stack.cell.gate_names}")
+        raise ValueError(f"budget needs a cell with a time gate k ({', '.join(TIME_GATED)}); "
+                         f"{stack.cell.name!r} has none")
     record = dict(record or {})
     for name, fn in record.items():
         if not isinstance(name, str) or not callable(fn):

@@ -146,6 +146,12 @@ def test_budget_lowers_the_time_gate():
 def test_budget_needs_a_time_gate():
     with pytest.raises(ValueError, match="time gate"):
         train(LSTM, ADDING, steps=1, budget=0.1, **COMMON)
+    # STAR's gate is also named k, but it is no time gate: no budget, no update fraction
+    star = gradflow.Stack("star", layers=1, input_size=ADDING.input_size, hidden_size=4)
+    with pytest.raises(ValueError, match="time gate.*'star' has none"):
+        train(star, ADDING, steps=1, budget=0.1, **COMMON)
+    curve = train(star, ADDING, steps=1, **COMMON).curve
+    assert "eval_updates" not in curve.arrays and "eval_mean_k" not in curve.arrays
 
 
 def test_curriculum_switches_length_and_scales_mu_sigma():
