@@ -1,0 +1,109 @@
+"""Subprocess entry points: peak memory of a long checkpointed map, and sweep timing on N devices.
+
+``python -m bench.probes memory L T H B auto|none run|compile`` prints one JSON line: the compiled
+program's memory analysis and, with ``run``, the time of one map and the process peak RSS.
+``python -m bench.probes sweep CELLS SEEDS L T H B REPEATS`` times ``gradflow.sweep`` on the
+devices this process sees (set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` first).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def memory(L, T, H, B, checkpoint, mode):
+    import jax
+    import gradflow
+    from gradflow import jacobian as J
+    base_rss = _rss_mib()
+    pr = gradflow.problem("lstm", layers=L, steps=T, hidden=H, batch=B, seed=0,
+                          stack_options={"checkpoint": None if checkpoint == "none"
+                                         else checkpoint})
+    lf = J.readout_loss("last", H, T, B)
+    t0 = time.perf_counter()
+    compiled = J._state_map.lower(pr.stack, pr.params, pr.xs, lf, "h").compile()
+    out = {"checkpoint": checkpoint, "compile_s": time.perf_counter() - t0,
+           "rss_before_compile_mib": base_rss}
+    try:
+        ma = compiled.memory_analysis()
+        out["memory_analysis_bytes"] = {k: int(getattr(ma, k)) for k in (
+            "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+            "generated_code_size_in_bytes")}
+        out["memory_analysis_total_gib"] = sum(
+            v for k, v in out["memory_analysis_bytes"].items() if "generated" not in k) / 2**30
+    except Exception as e:  # noqa: BLE001
+        out["memory_analysis_bytes"] = repr(e)
+    if mode == "run":
+        rss0 = _rss_mib()
+        t0 = time.perf_counter()
+        vals = jax.block_until_ready(compiled(pr.params, pr.xs))
+        out["run_s"] = time.perf_counter() - t0
+        out["rss_before_run_mib"] = rss0
+        out["peak_rss_mib"] = _rss_mib()
+        out["map_finite"] = bool(jax.numpy.all(jax.numpy.isfinite(vals[1])))
+    print(json.dumps(out))
+
+
+def sweep(cells, seeds, L, T, H, B, repeats):
+    """Time the sharded computation of ``gradflow.sweep``.
+
+    ``gradflow.sweep_arrays`` builds a new ``jax.jit(jax.vmap(...))`` on every call, so each
+    call recompiles; to time the computation itself this builds that same jitted, sharded
+    function once per cell (as ``sweep_arrays`` does) and calls it repeatedly. The first
+    ``gradflow.sweep`` call is timed as well (compile included), and its maps are checked
+    against the re-used function's.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+    from gradflow import sweep as S
+    from gradflow.stack import Stack
+    cells = cells.split(",")
+    kw = dict(layers=L, steps=T, hidden=H, batch=B)
+    t0 = time.perf_counter()
+    res = S.sweep(cells, range(seeds), **kw)
+    api_call = time.perf_counter() - t0
+    mesh = S._mesh(None)
+    shard = NamedSharding(mesh, PartitionSpec(S.AXIS))
+    seed_vec = jax.device_put(np.arange(seeds, dtype=np.int32), shard)
+    runs = []
+    for c in cells:
+        one = S._map_fn(Stack(c, L, H, H), steps=T, batch=B, dtype=jnp.dtype("float32"),
+                        input_scale=1.0, loss="last", wrt="hidden", readout_seed=0, chunk=None)
+        runs.append(jax.jit(jax.vmap(one), in_shardings=shard, out_shardings=(shard, shard)))
+    go = lambda: jax.block_until_ready([r(seed_vec) for r in runs])  # noqa: E731
+    t0 = time.perf_counter()
+    out = go()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = go()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    err = max(float(np.max(np.abs(np.asarray(o[1]) - r.values))) for o, r in
+              zip(out, res.values()))
+    print(json.dumps({"devices": len(jax.devices()), "median_s": med, "times_s": times,
+                      "first_call_s": first, "compile_s_estimate": first - med,
+                      "api_call_s": api_call, "api_vs_reused_max_abs_diff": err,
+                      "result_devices": {c: r.config["devices"] for c, r in res.items()},
+                      "checksum": [float(np.sum(np.asarray(o[1]))) for o in out]}))
+
+
+if __name__ == "__main__":
+    cmd, *a = sys.argv[1:]
+    if cmd == "memory":
+        memory(int(a[0]), int(a[1]), int(a[2]), int(a[3]), a[4] if a[4] in ("auto", "none")
+               else int(a[4]), a[5])
+    elif cmd == "sweep":
+        sweep(a[0], int(a[1]), *map(int, a[2:]))
+    else:
+        raise SystemExit(f"unknown probe {cmd!r}")

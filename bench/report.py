@@ -1,0 +1,212 @@
+"""Goals, the Markdown tables and the scaling plot from a results dict."""
+from __future__ import annotations
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def goals(res: dict) -> list[dict]:
+    """``[{"name", "value", "goal", "met"}]`` for every goal of the issue that was measured."""
+    b = res["benchmarks"]
+    rows = []
+
+    def add(name, value, op, target, unit="x"):
+        if value is None:
+            return
+        met = value <= target if op == "<=" else value >= target
+        rows.append({"name": name, "value": value, "goal": f"{op} {target}{unit}", "met": met})
+
+    add("1. hidden map / jax.grad(params)", _get(b, "floor", "orders", "layer", "ratios",
+                                                 "hidden_map/grad_params"), "<=", 1.15)
+    add("1. params map / jax.grad(params)", _get(b, "floor", "orders", "layer", "ratios",
+                                                 "params_map/grad_params"), "<=", 1.15)
+    add("2. speedup vs torch retain_grad loop (stock, weight grads on)",
+        _get(b, "torch_hidden", "speedup", "vs_torch_weight_grads"), ">=", 3)
+    add("2. speedup vs torch retain_grad loop (parameters frozen)",
+        _get(b, "torch_hidden", "speedup", "vs_torch_frozen"), ">=", 3)
+    add("3. exact Jacobian map: speedup vs torch.func jacrev+vmap",
+        _get(b, "jacobian", "ratios", "speedup_vs_torch_jacrev"), ">=", 3)
+    add("3. exact Jacobian map / H separate VJPs",
+        _get(b, "jacobian", "ratios", "exact/H_separate_vjps"), "<=", 1.5)
+    add("4. hidden map FLOP/s / dense matmul FLOP/s",
+        _get(b, "flop_rate", "fraction_of_matmul", "hidden_map"), ">=", 0.5, "")
+    peak = _get(b, "memory", "checkpoint_auto", "peak_rss_mib")
+    if peak is not None:
+        add("5. peak RSS, checkpointed long map (GiB)", peak / 1024, "<=", 2, " GiB")
+    t = _get(b, "floor", "orders", "layer", "times", "hidden_map", "median_s")
+    add("issue 3: standard hidden map on CPU (s)", t, "<=", 10, " s")
+    return rows
+
+
+def _f(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, (int, float)):
+        if abs(v) >= 1e4 or (0 < abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def _ms(t):
+    return _f(1e3 * t["median_s"]) if isinstance(t, dict) and "median_s" in t else "-"
+
+
+def markdown(res: dict) -> str:
+    m, b = res["machine"], res["benchmarks"]
+    lines = [f"# gradflow benchmarks ({res.get('mode', '')} run, {res['started']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['platform']};"
+             f" JAX {m['jax']} / jaxlib {m['jaxlib']} ({m['backend']}, devices "
+             f"{', '.join(m['devices'])}); torch {m.get('torch')} "
+             f"({m.get('torch_threads')} threads). Times are medians of repeated runs after "
+             "warm-up and compilation (interleaved with what they are compared to); compile "
+             "times separately. Everything in `results.json`.", "",
+             "## Goals", "", "| goal | measured | target | met |", "|---|---|---|---|"]
+    for g in res.get("goals", []):
+        lines.append(f"| {g['name']} | {_f(g['value'])} | {g['goal']} | {_f(g['met'])} |")
+    if "floor" in b:
+        r = b["floor"]
+        c = r["config"]
+        lines += ["", f"## 1. Maps vs plain `jax.grad` (LSTM, L={c['L']}, T={c['T']}, "
+                  f"H={c['H']}, B={c['B']}, loss last)", "",
+                  "| order | hidden map ms | params map ms | grad(params) ms | grad(inputs) ms |"
+                  " hidden/grad(params) | params/grad(params) | hidden/grad(inputs) | "
+                  "compile s (hidden, params, grad) |", "|---|---|---|---|---|---|---|---|---|"]
+        for order, o in r["orders"].items():
+            t, q, cs = o["times"], o["ratios"], o["compile_s"]
+            lines.append(f"| {order} | {_ms(t['hidden_map'])} | {_ms(t['params_map'])} | "
+                         f"{_ms(t['grad_params'])} | {_ms(t['grad_inputs'])} | "
+                         f"{_f(q['hidden_map/grad_params'])} | {_f(q['params_map/grad_params'])}"
+                         f" | {_f(q['hidden_map/grad_inputs'])} | {_f(cs['hidden_map'], 2)}, "
+                         f"{_f(cs['params_map'], 2)}, {_f(cs['grad_params'], 2)} |")
+        w = r.get("order_ratio_wavefront/layer", {})
+        lines += [] if not w else ["", "wavefront / layer time: " + ", ".join(f"{k} {_f(v)}" for k, v in
+                                                             w.items())
+                  + f"; maps agree to {_f(r['checks']['wavefront_vs_layer_rel_err'])}."]
+    if "torch_hidden" in b:
+        r = b["torch_hidden"]
+        t = r["times"]
+        lines += ["", "## 2. Hidden map vs the PyTorch `retain_grad` loop (same problem)", "",
+                  "| implementation | ms | gradflow speedup | max rel. diff to gradflow |",
+                  "|---|---|---|---|",
+                  f"| gradflow `gradient_map(wrt='hidden')` | {_ms(t['gradflow'])} | 1 | - |",
+                  f"| torch eager `nn.LSTMCell` loop, stock (weight grads on) | "
+                  f"{_ms(t['torch_weight_grads'])} | "
+                  f"{_f(r['speedup']['vs_torch_weight_grads'])} | "
+                  f"{_f(r['checks']['torch_weight_grads_vs_gradflow_rel_err'])} |",
+                  f"| same, parameters frozen (input grads only) | {_ms(t['torch_frozen'])} | "
+                  f"{_f(r['speedup']['vs_torch_frozen'])} | "
+                  f"{_f(r['checks']['torch_frozen_vs_gradflow_rel_err'])} |"]
+    if "jacobian" in b:
+        r = b["jacobian"]
+        c, t, ch = r["config"], r["times"], r["checks"]
+        lines += ["", f"## 3. Jacobian maps (L={c['L']}, T={c['T']}, H={c['H']}, B={c['B']}, "
+                  "target top layer / last step, rms)", "",
+                  "| method | ms | relative to exact | check |", "|---|---|---|---|",
+                  f"| gradflow exact (vmapped VJPs, chunk {c['exact_chunk']}) | "
+                  f"{_ms(t['exact'])} | 1 | - |"]
+        if "torch_jacrev_vmap" in t:
+            lines.append(f"| torch.func `vmap(jacrev)` | {_ms(t['torch_jacrev_vmap'])} | "
+                         f"{_f(t['torch_jacrev_vmap']['median_s'] / t['exact']['median_s'])} | "
+                         f"max rel. diff {_f(ch.get('torch_jacrev_vs_exact_rel_err'))} |")
+        p = ch["probe_k16"]
+        lines += [f"| {c['H']} separate jitted VJPs ({c['H']} x one) | "
+                  f"{_ms(t['H_separate_vjps'])} | "
+                  f"{_f(t['H_separate_vjps']['median_s'] / t['exact']['median_s'])} | "
+                  f"max rel. diff {_f(ch['separate_vjps_vs_exact_rel_err'])} |",
+                  f"| gradflow probe estimate, k=16 | {_ms(t['probe_k16'])} | "
+                  f"{_f(r['ratios']['probe_k16/exact'])} | median rel. error "
+                  f"{_f(p['median_rel_err'])}, max {_f(p['max_rel_err'])}; "
+                  f"{_f(100 * p['share_within_2_stderr'], 3)}% within 2 stderr |"]
+    if "flop_rate" in b:
+        r = b["flop_rate"]
+        fl, fs = r["flops"], r["flop_s"]
+        lines += ["", "## 4. Achieved FLOP/s", "",
+                  "| computation | GFLOP | ms | GFLOP/s | of dense matmul |",
+                  "|---|---|---|---|---|",
+                  f"| hidden map (forward + input-gradient backward) | "
+                  f"{_f(fl['hidden_map'] / 1e9)} | {_ms(r['times']['hidden_map'])} | "
+                  f"{_f(fs['hidden_map'] / 1e9)} | "
+                  f"{_f(r['fraction_of_matmul']['hidden_map'])} |",
+                  f"| forward only | {_f(fl['forward'] / 1e9)} | {_ms(r['times']['forward'])} |"
+                  f" {_f(fs['forward'] / 1e9)} | {_f(r['fraction_of_matmul']['forward'])} |",
+                  f"| dense matmul {r['matmul']['n']}^2 float32 | "
+                  f"{_f(r['matmul']['flops'] / 1e9)} | {_ms(r['matmul']['time'])} | "
+                  f"{_f(fs['matmul'] / 1e9)} | 1 |", "",
+                  f"XLA `cost_analysis()` of the compiled hidden map: "
+                  f"{_f(fl['xla_cost_analysis_hidden_map'])} FLOPs ({fl['note']})."]
+    if "scaling" in b:
+        r = b["scaling"]
+        lines += ["", "## 5. Scaling (hidden map; one size varied at a time from "
+                  f"{r['config']['base']})", "", "![scaling](scaling.png)", "",
+                  "| varied | L | T | H | B | ms | GFLOP/s | compile s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for x in r["rows"]:
+            lines.append(f"| {x['vary']} | {x['L']} | {x['T']} | {x['H']} | {x['B']} | "
+                         f"{_f(1e3 * x['median_s'])} | {_f(x['flop_s'] / 1e9)} | "
+                         f"{_f(x['compile_s'], 2)} |")
+    if "memory" in b:
+        r = b["memory"]
+        c, a, n = r["config"], r["checkpoint_auto"], r["no_checkpoint_compile_only"]
+        lines += ["", f"### Memory: L={c['L']}, T={c['T']}, H={c['H']}, B={c['B']} hidden map",
+                  "", "| checkpoint | XLA memory analysis (temp+args+out) GiB | peak RSS MiB | "
+                  "run s | compile s |", "|---|---|---|---|---|",
+                  f"| auto (sqrt T chunks) | {_f(a.get('memory_analysis_total_gib'))} | "
+                  f"{_f(a.get('peak_rss_mib'))} | {_f(a.get('run_s'))} | "
+                  f"{_f(a.get('compile_s'))} |",
+                  f"| none (compile only) | {_f(n.get('memory_analysis_total_gib'))} | - | - | "
+                  f"{_f(n.get('compile_s'))} |"]
+        if "error" in a or "error" in n:
+            lines.append(f"\nerrors: {a.get('error', '')} {n.get('error', '')}")
+    if "sweep" in b:
+        r = b["sweep"]
+        c = r["config"]
+        lines += ["", f"## Sweep (cells {', '.join(c['cells'])} x {c['seeds']} seeds, L={c['L']},"
+                  f" T={c['T']}, H={c['H']}, B={c['B']}), seeds sharded over simulated CPU "
+                  "devices", "", "| devices | ms | compile s (first call - median) |",
+                  "|---|---|---|"]
+        for k, v in r["rows"].items():
+            if "error" in v:
+                lines.append(f"| {k} | error | - |")
+            else:
+                lines.append(f"| {v['devices']} | {_f(1e3 * v['median_s'])} | "
+                             f"{_f(v['compile_s_estimate'], 2)} |")
+        if "speedup_2_vs_1" in r:
+            lines.append(f"\n2 vs 1 device speedup: {_f(r['speedup_2_vs_1'])} (on 2 physical "
+                         "cores, one device already uses both; maps agree to "
+                         f"{_f(r['checks']['2_vs_1_device_rel_err'])}).")
+    if res.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {k}: `{v.strip().splitlines()[-1]}`"
+                                          for k, v in res["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(r: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dims = list(dict.fromkeys(x["vary"] for x in r["rows"]))
+    fig, axes = plt.subplots(1, len(dims), figsize=(3.2 * len(dims), 3.0), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        rows = [x for x in r["rows"] if x["vary"] == d]
+        xs = [x[d] for x in rows]
+        ax.loglog(xs, [1e3 * x["median_s"] for x in rows], "o-", label="time (ms)")
+        ax.set_xlabel(d)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(v) for v in xs])
+        ax2 = ax.twinx()
+        ax2.semilogx(xs, [x["flop_s"] / 1e9 for x in rows], "s--", color="C1")
+        ax2.set_ylabel("GFLOP/s", color="C1")
+        ax.set_ylabel("ms")
+        ax.set_title(f"hidden map vs {d}")
+    fig.suptitle(f"LSTM hidden map, base {r['config']['base']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

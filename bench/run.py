@@ -1,0 +1,113 @@
+"""``python -m bench [--quick] [--only NAMES] [--out DIR]``: run the suite, write the results.
+
+Writes ``results.json`` (everything: machine, config, checks, every timing), ``results.md`` (the
+tables) and ``scaling.png`` into ``--out`` (default ``bench/results/``; ``--quick`` writes to
+``bench/results/quick/`` unless ``--out`` is given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+
+FULL = {
+    "std": {"L": 16, "T": 64, "H": 128, "B": 32},
+    "jac": {"L": 16, "T": 64, "H": 128, "B": 4},
+    "repeats": 5, "jac_repeats": 5, "scaling_repeats": 5,
+    "scaling": {"L": [4, 8, 16, 32], "T": [16, 32, 64, 128], "H": [64, 128, 256],
+                "B": [8, 32, 128]},
+    "memory": {"L": 16, "T": 10000, "H": 128, "B": 4},
+    "sweep": {"cells": ["lstm", "star"], "seeds": 8, "L": 8, "T": 32, "H": 64, "B": 8},
+    "matmul": 4096,
+}
+
+QUICK = {
+    "std": {"L": 2, "T": 8, "H": 16, "B": 4},
+    "jac": {"L": 2, "T": 6, "H": 8, "B": 2},
+    "repeats": 3, "jac_repeats": 3, "scaling_repeats": 3,
+    "scaling": {"L": [1, 2], "T": [4, 8], "H": [8, 16], "B": [2, 4]},
+    "memory": {"L": 2, "T": 100, "H": 8, "B": 2},
+    "sweep": {"cells": ["lstm"], "seeds": 2, "L": 2, "T": 4, "H": 8, "B": 2},
+    "matmul": 256,
+    "orders": ("layer",),
+    "default": ("floor", "torch_hidden", "jacobian", "flop_rate", "scaling", "memory"),
+}
+
+BENCHMARKS = ("floor", "torch_hidden", "jacobian", "flop_rate", "scaling", "memory", "sweep")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (seconds)")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all; "
+                         "--quick leaves out sweep, which starts two JAX processes)")
+    ap.add_argument("--out", default=None, help="output folder")
+    ap.add_argument("--update", action="store_true",
+                    help="merge into the results.json already in the output folder (re-run "
+                         "some benchmarks, keep the others)")
+    args = ap.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   "quick" if args.quick else "")
+    names = args.only.split(",") if args.only else cfg.get("default", BENCHMARKS)
+    results = run(cfg, [b for b in names if b])
+    results["mode"] = "quick" if args.quick else "full"
+    old = os.path.join(out, "results.json")
+    if args.update and os.path.exists(old):
+        with open(old) as f:
+            prev = json.load(f)
+        prev["benchmarks"].update(results["benchmarks"])
+        prev["errors"] = {k: v for k, v in prev.get("errors", {}).items() if k not in names}
+        prev["errors"].update(results["errors"])
+        prev["machine"], prev["started"] = results["machine"], results["started"]
+        from bench.report import goals
+        prev["goals"] = goals(prev)
+        results = prev
+    write(results, out)
+    return results
+
+
+def run(cfg: dict, names) -> dict:
+    from bench import harness, suite
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; valid: {', '.join(BENCHMARKS)}")
+    res = {"machine": harness.machine(), "config": cfg, "started": time.strftime(
+        "%Y-%m-%d %H:%M:%S"), "benchmarks": {}, "errors": {}}
+    for name in BENCHMARKS:
+        if name not in names:
+            continue
+        t0 = time.perf_counter()
+        print(f"[bench] {name} ...", flush=True)
+        try:
+            if name == "torch_hidden":
+                try:
+                    import torch  # noqa: F401
+                except ImportError:
+                    res["errors"][name] = "torch not installed (pip install -e '.[bench]')"
+                    continue
+            r = getattr(suite, name)(cfg)
+            r["wall_s"] = time.perf_counter() - t0
+            res["benchmarks"][name] = r
+            print(f"[bench] {name} done in {r['wall_s']:.1f} s", flush=True)
+        except Exception:  # noqa: BLE001  (one failed benchmark should not lose the others)
+            res["errors"][name] = traceback.format_exc()
+            print(res["errors"][name], flush=True)
+    from bench.report import goals
+    res["goals"] = goals(res)
+    return res
+
+
+def write(results: dict, out: str):
+    from bench import report
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(report.markdown(results))
+    if "scaling" in results["benchmarks"]:
+        report.plot_scaling(results["benchmarks"]["scaling"], os.path.join(out, "scaling.png"))
+    print(f"[bench] wrote {out}/results.json, results.md", flush=True)

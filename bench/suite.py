@@ -1,0 +1,298 @@
+"""The benchmarks. Each returns a JSON-able dict: config, cross-checks, timings and ratios.
+
+Sizes come from a config dict (``run.FULL`` or ``run.QUICK``); every timed implementation is
+first checked to compute the same numbers as gradflow (``checks``), then timed interleaved with
+what it is compared to (see :mod:`bench.harness`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gradflow
+from gradflow import jacobian as J
+from bench import flops
+from bench.harness import block, compile_jit, ratio, timed
+
+
+def problem(size: dict, order: str = "layer", checkpoint=None, seed: int = 0):
+    """``gradflow.problem`` for an LSTM of ``size = {L, T, H, B}`` (data size ``D = H``)."""
+    return gradflow.problem("lstm", layers=size["L"], steps=size["T"], hidden=size["H"],
+                            batch=size["B"], seed=seed,
+                            stack_options={"order": order, "checkpoint": checkpoint})
+
+
+def loss_of(pr, loss="last"):
+    B, T, _ = pr.xs.shape
+    return J.readout_loss(loss, pr.stack.hidden_size, T, B)
+
+
+def rel_err(a, b) -> float:
+    """``max |a - b| / max |b|``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def _api_hidden(pr, loss="last"):
+    return lambda: gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss=loss, wrt="hidden")
+
+
+def _api_params(pr, loss="last"):
+    return lambda: gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss=loss, wrt="params")
+
+
+def compile_hidden(pr, loss="last"):
+    return compile_jit(J._state_map, pr.stack, pr.params, pr.xs, loss_of(pr, loss), "h")
+
+
+def compile_params(pr, loss="last"):
+    chunk = J._auto_chunk(pr.stack, pr.xs)
+    return compile_jit(J._params_map, pr.stack, pr.params, pr.xs, loss_of(pr, loss), chunk)
+
+
+def _floor_fns(pr, loss="last"):
+    lf = loss_of(pr, loss)
+    f = lambda p, x: lf(pr.stack.apply(p, x).top)  # noqa: E731
+    return jax.grad(f), jax.grad(f, argnums=1), jax.value_and_grad(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. maps vs plain jax.grad
+
+
+def floor(cfg) -> dict:
+    """Hidden and params maps vs ``jax.grad`` of the same loss through the same stack."""
+    size, reps = cfg["std"], cfg["repeats"]
+    out = {"config": {**size, "cell": "lstm", "loss": "last", "dtype": "float32"}}
+    rows = {}
+    for order in cfg.get("orders", ("layer", "wavefront")):
+        pr = problem(size, order)
+        gp, gx, vg = (jax.jit(f) for f in _floor_fns(pr))
+        fns = {"hidden_map": _api_hidden(pr), "params_map": _api_params(pr),
+               "grad_params": lambda: block(gp(pr.params, pr.xs)),
+               "grad_inputs": lambda: block(gx(pr.params, pr.xs))}
+        t = timed(fns, reps)
+        hid = _api_hidden(pr)()
+        value, _ = vg(pr.params, pr.xs)
+        rows[order] = {
+            "compile_s": {k: v["compile_s"] for k, v in t.items()},
+            "times": t,
+            "checks": {"loss_value_rel_err": rel_err(hid.arrays["loss_value"], value)},
+            "ratios": {"hidden_map/grad_params": ratio(t["hidden_map"], t["grad_params"]),
+                       "params_map/grad_params": ratio(t["params_map"], t["grad_params"]),
+                       "hidden_map/grad_inputs": ratio(t["hidden_map"], t["grad_inputs"])}}
+        out.setdefault("maps", {})[order] = hid.values
+    out["orders"] = rows
+    if "wavefront" in rows:
+        out["checks"] = {"wavefront_vs_layer_rel_err": rel_err(out["maps"]["wavefront"],
+                                                               out["maps"]["layer"])}
+        lay, wav = rows["layer"]["times"], rows["wavefront"]["times"]
+        out["order_ratio_wavefront/layer"] = {k: ratio(wav[k], lay[k]) for k in lay}
+    del out["maps"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. hidden map vs the PyTorch retain_grad loop
+
+
+def torch_hidden(cfg) -> dict:
+    import torch
+    from bench import torch_ref as TR
+    size, reps = cfg["std"], cfg["repeats"]
+    pr = problem(size)
+    lf = loss_of(pr)
+    cells = TR.port_lstm(pr.params)
+    w, labels = TR.readout(lf)
+    xs = torch.from_numpy(np.array(pr.xs, np.float32))
+    ref = gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss="last", wrt="hidden").values
+    checks = {f"torch_{k}_vs_gradflow_rel_err":
+              rel_err(TR.hidden_map(cells, xs, w, labels, "last", v).numpy(), ref)
+              for k, v in (("weight_grads", True), ("frozen", False))}
+    t = timed({"gradflow": _api_hidden(pr),
+               "torch_weight_grads": lambda: TR.hidden_map(cells, xs, w, labels, "last", True),
+               "torch_frozen": lambda: TR.hidden_map(cells, xs, w, labels, "last", False)}, reps)
+    return {"config": {**size, "cell": "lstm", "loss": "last", "torch_threads":
+                       torch.get_num_threads()},
+            "checks": checks, "compile_s": {"gradflow": t["gradflow"]["compile_s"]}, "times": t,
+            "speedup": {"vs_torch_weight_grads": ratio(t["torch_weight_grads"], t["gradflow"]),
+                        "vs_torch_frozen": ratio(t["torch_frozen"], t["gradflow"])}}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Jacobian maps
+
+
+def jacobian(cfg) -> dict:
+    size, reps = cfg["jac"], cfg["jac_repeats"]
+    pr = problem(size)
+    L, T, H, B = size["L"], size["T"], size["H"], size["B"]
+    exact = lambda: gradflow.jacobian_map(pr.stack, pr.params, pr.xs)  # noqa: E731
+    probe = lambda: gradflow.jacobian_map(pr.stack, pr.params, pr.xs, method="probe",  # noqa
+                                          probes=16, seed=0)
+    chunk = min(J._basis_chunk(L, T, B, H, "rms"), H)
+
+    # H separate VJPs: one jitted VJP per basis cotangent of the target
+    def one_vjp(params, xs, i):
+        vjp = J._target_vjp(pr.stack, params, xs, (L - 1, T - 1))
+        cot = jnp.broadcast_to(jax.nn.one_hot(i, H, dtype=xs.dtype), (B, H))
+        return jnp.sum(vjp(cot) ** 2, axis=-1)  # (L, B, T)
+    c_vjp, t_cv = compile_jit(one_vjp, pr.params, pr.xs, jnp.int32(0))
+
+    def separate():
+        acc = None
+        for i in range(H):
+            r = c_vjp(pr.params, pr.xs, jnp.int32(i))
+            acc = r if acc is None else acc + r
+        return block(jnp.mean(jnp.sqrt(acc / H), axis=1))
+
+    t0 = time.perf_counter()
+    ex = exact()
+    t_ce = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pb = probe()
+    t_cp = time.perf_counter() - t0
+    sep = np.asarray(separate())
+    checks = {"separate_vjps_vs_exact_rel_err": rel_err(sep, ex.values)}
+    fns = {"exact": exact, "probe_k16": probe}
+    t_single = timed({"one_vjp": lambda: block(c_vjp(pr.params, pr.xs, jnp.int32(0)))}, reps)
+    out = {"config": {**size, "cell": "lstm", "target": [L - 1, T - 1], "norm": "rms",
+                      "exact_chunk": chunk, "probes": 16},
+           "first_call_s": {"exact": t_ce, "probe_k16": t_cp}, "compile_s": {"one_vjp": t_cv}}
+    try:
+        import torch
+        from bench import torch_ref as TR
+        cells = TR.port_lstm(pr.params)
+        xs = torch.from_numpy(np.array(pr.xs, np.float32))
+        checks["torch_jacrev_vs_exact_rel_err"] = rel_err(TR.jacobian_map(cells, xs).numpy(),
+                                                          ex.values)
+        fns["torch_jacrev_vmap"] = lambda: TR.jacobian_map(cells, xs)
+    except ImportError:
+        out["torch"] = "not installed"
+    t = timed(fns, reps)
+    out["compile_s"].update({k: v["compile_s"] for k, v in t.items()})
+    t["H_separate_vjps"] = {"median_s": H * t_single["one_vjp"]["median_s"],
+                            "note": f"{H} x median of one jitted VJP"}
+    t["one_vjp"] = t_single["one_vjp"]
+    err = np.abs(pb.values - ex.values)
+    nz = ex.values > 0
+    checks["probe_k16"] = {
+        "median_rel_err": float(np.median(err[nz] / ex.values[nz])),
+        "max_rel_err": float(np.max(err[nz] / ex.values[nz])),
+        "share_within_2_stderr": float(np.mean(err[nz] <= 2 * pb.arrays["stderr"][nz])),
+        "median_stderr_over_value": float(np.median(pb.arrays["stderr"][nz] / ex.values[nz]))}
+    out.update(checks=checks, times=t, ratios={
+        "exact/H_separate_vjps": ratio(t["exact"], t["H_separate_vjps"]),
+        "probe_k16/exact": ratio(t["probe_k16"], t["exact"])})
+    if "torch_jacrev_vmap" in t:
+        out["ratios"]["speedup_vs_torch_jacrev"] = ratio(t["torch_jacrev_vmap"], t["exact"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. FLOP/s
+
+
+def matmul_peak(n: int, reps: int) -> dict:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    c, _ = compile_jit(lambda x, y: x @ y, a, b)
+    t = timed({"matmul": lambda: block(c(a, b))}, reps)["matmul"]
+    return {"n": n, "flops": 2 * n ** 3, "time": t, "flop_s": 2 * n ** 3 / t["median_s"]}
+
+
+def flop_rate(cfg, floor_result: dict | None = None) -> dict:
+    size, reps = cfg["std"], cfg["repeats"]
+    L, T, H, B = size["L"], size["T"], size["H"], size["B"]
+    G = flops.gate_blocks("lstm")
+    pr = problem(size)
+    compiled, _ = compile_hidden(pr)
+    fwd_c, _ = compile_jit(lambda p, x: pr.stack.apply(p, x).top, pr.params, pr.xs)
+    n_map = flops.hidden_map(L, T, H, B, H, G)
+    n_fwd = flops.forward(L, T, H, B, H, G)
+    lf = loss_of(pr)
+    peak = matmul_peak(cfg["matmul"], reps)
+    t = timed({"hidden_map": lambda: block(compiled(pr.params, pr.xs)),
+               "forward": lambda: block(fwd_c(pr.params, pr.xs))}, reps)
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        xla_flops = float(ca.get("flops", float("nan")))
+    except Exception as e:  # noqa: BLE001  (not every backend reports it)
+        xla_flops = repr(e)
+    rate = n_map / t["hidden_map"]["median_s"]
+    return {"config": {**size, "cell": "lstm", "gate_blocks": G, "matmul_n": cfg["matmul"]},
+            "flops": {"hidden_map": n_map, "forward": n_fwd,
+                      "backward_inputs": n_map - n_fwd,
+                      "xla_cost_analysis_hidden_map": xla_flops,
+                      "note": "XLA's cost analysis counts a while-loop body once, not once per "
+                              "iteration, so it undercounts scans"},
+            "times": t, "matmul": peak,
+            "flop_s": {"hidden_map": rate, "forward": n_fwd / t["forward"]["median_s"],
+                       "matmul": peak["flop_s"]},
+            "fraction_of_matmul": {"hidden_map": rate / peak["flop_s"],
+                                   "forward": n_fwd / t["forward"]["median_s"] / peak["flop_s"]}}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. scaling and memory
+
+
+def scaling(cfg) -> dict:
+    base, reps = cfg["std"], cfg["scaling_repeats"]
+    G = flops.gate_blocks("lstm")
+    rows, seen = [], {}
+    for dim, values in cfg["scaling"].items():
+        for v in values:
+            size = {**base, dim: v}
+            key = tuple(sorted(size.items()))
+            if key not in seen:
+                pr = problem(size)
+                seen[key] = timed({"hidden_map": _api_hidden(pr)}, reps)["hidden_map"]
+            t = seen[key]
+            n = flops.hidden_map(size["L"], size["T"], size["H"], size["B"], size["H"], G)
+            rows.append({"vary": dim, **size, "compile_s": t["compile_s"],
+                         "median_s": t["median_s"], "flop_s": n / t["median_s"]})
+    return {"config": {"base": base, "repeats": reps}, "rows": rows}
+
+
+def _subprocess_json(args, env=None, timeout=600) -> dict:
+    env = {**os.environ, **(env or {})}
+    r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
+                       timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+    if r.returncode != 0:
+        return {"error": r.stderr[-2000:]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def memory(cfg) -> dict:
+    m = cfg["memory"]
+    args = ["bench.probes", "memory", str(m["L"]), str(m["T"]), str(m["H"]), str(m["B"])]
+    run = _subprocess_json(args + ["auto", "run"])
+    no_ckpt = _subprocess_json(args + ["none", "compile"])
+    return {"config": m, "checkpoint_auto": run, "no_checkpoint_compile_only": no_ckpt}
+
+
+def sweep(cfg) -> dict:
+    s = cfg["sweep"]
+    args = ["bench.probes", "sweep", ",".join(s["cells"]), str(s["seeds"]), str(s["L"]),
+            str(s["T"]), str(s["H"]), str(s["B"]), str(cfg["repeats"])]
+    rows = {}
+    for n in (1, 2):
+        rows[f"{n}_devices"] = _subprocess_json(
+            args, {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+    out = {"config": s, "rows": rows}
+    try:
+        out["speedup_2_vs_1"] = rows["1_devices"]["median_s"] / rows["2_devices"]["median_s"]
+        out["checks"] = {"2_vs_1_device_rel_err": rel_err(rows["2_devices"]["checksum"],
+                                                          rows["1_devices"]["checksum"])}
+    except (KeyError, TypeError):
+        pass
+    return out

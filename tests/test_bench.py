@@ -1,0 +1,114 @@
+"""The benchmark harness at a tiny size: its correctness cross-checks, not its timings.
+
+The benchmarks (``python -m bench``) only compare the speed of implementations that compute the
+same numbers; these tests check that they do: the PyTorch ``retain_grad`` loop and
+``torch.func.jacrev`` on weights ported from gradflow against gradflow's maps, H separate VJPs
+against the exact Jacobian map, the analytic FLOP counts against a hand count and XLA's cost
+analysis. Nothing here is timed. The torch parts are skipped when torch (the ``bench`` extra) is
+not installed.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from bench import flops, report, run, suite
+
+TINY = {
+    "std": {"L": 2, "T": 5, "H": 8, "B": 3},
+    "jac": {"L": 2, "T": 4, "H": 6, "B": 2},
+    "repeats": 1, "jac_repeats": 1, "scaling_repeats": 1,
+    "scaling": {"L": [1, 2]}, "memory": {"L": 2, "T": 20, "H": 4, "B": 1},
+    "sweep": {"cells": ["lstm"], "seeds": 2, "L": 1, "T": 3, "H": 4, "B": 1},
+    "matmul": 64, "orders": ("layer", "wavefront"),
+}
+
+
+def test_flop_formulas_by_hand():
+    L, T, H, B, D, G = 2, 3, 4, 5, 6, 4
+    per = 2 * B * T * G * H  # one (in or H) column of the weights, times 2 for multiply-add
+    assert flops.forward(L, T, H, B, D, G) == per * (D + H) + per * (H + H)
+    # no weight gradients, no gradient w.r.t. the data: dz @ U^T everywhere, dz @ W^T above 0
+    assert flops.backward_inputs(L, T, H, B, D, G) == per * H + per * (H + H)
+    assert flops.hidden_map(L, T, H, B, D, G) == (flops.forward(L, T, H, B, D, G)
+                                                  + flops.backward_inputs(L, T, H, B, D, G))
+
+
+def test_forward_flops_match_xla_cost_analysis():
+    """One unrolled step of a 2-layer LSTM (no loop, so XLA counts every op): the matmul count
+    is XLA's count minus the element-wise work, which is small at this size."""
+    L, H, B, D = 2, 64, 8, 32
+    stack = gradflow.Stack("lstm", L, D, H)
+    params = stack.init(jax.random.key(0), jnp.float32)
+    xs = jnp.ones((B, 1, D), jnp.float32)
+
+    def fwd(p, x):
+        inp = x[:, 0]
+        for lp in p["layers"]:
+            s = stack.cell.initial_state((B,), H, jnp.float32)
+            s, inp, _ = stack.cell.step(lp, s, inp, 0)
+        return inp
+
+    ca = jax.jit(fwd).lower(params, xs).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    if not ca or "flops" not in ca:
+        pytest.skip("no XLA cost analysis on this backend")
+    n = flops.forward(L, 1, H, B, D, flops.gate_blocks("lstm"))
+    assert n <= ca["flops"] <= 1.1 * n
+
+
+def test_torch_retain_grad_map_equals_gradflow_hidden_map():
+    torch = pytest.importorskip("torch")
+    from bench import torch_ref as TR
+    pr = gradflow.problem("lstm", layers=3, steps=5, hidden=8, batch=2, input_size=5, seed=1,
+                          dtype="float32")
+    cells = TR.port_lstm(pr.params)
+    xs = torch.from_numpy(np.array(pr.xs, np.float32))
+    for loss in ("last", "all"):
+        ref = gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss=loss, wrt="hidden").values
+        w, labels = TR.readout(gradflow.jacobian.readout_loss(loss, 8, 5, 2))
+        for weight_grads in (True, False):
+            got = TR.hidden_map(cells, xs, w, labels, loss, weight_grads).numpy()
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_torch_jacrev_map_equals_gradflow_exact_jacobian_map():
+    torch = pytest.importorskip("torch")
+    from bench import torch_ref as TR
+    pr = gradflow.problem("lstm", layers=3, steps=4, hidden=6, batch=2, seed=2,
+                          dtype="float32")
+    ref = gradflow.jacobian_map(pr.stack, pr.params, pr.xs).values
+    got = TR.jacobian_map(TR.port_lstm(pr.params), torch.from_numpy(np.array(pr.xs))).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_harness_runs_and_its_cross_checks_hold(tmp_path):
+    names = ["floor", "torch_hidden", "jacobian", "flop_rate", "scaling"]
+    res = run.run(TINY, names)
+    try:
+        import torch  # noqa: F401
+        assert not res["errors"], res["errors"]
+    except ImportError:
+        assert set(res["errors"]) == {"torch_hidden"}
+    b = res["benchmarks"]
+    assert b["floor"]["checks"]["wavefront_vs_layer_rel_err"] < 1e-5
+    for o in b["floor"]["orders"].values():
+        assert o["checks"]["loss_value_rel_err"] < 1e-6
+    ch = b["jacobian"]["checks"]
+    assert ch["separate_vjps_vs_exact_rel_err"] < 1e-5
+    assert 0 <= ch["probe_k16"]["share_within_2_stderr"] <= 1
+    if "torch_hidden" in b:
+        assert all(v < 1e-4 for v in b["torch_hidden"]["checks"].values())
+        assert ch["torch_jacrev_vs_exact_rel_err"] < 1e-4
+    assert {g["name"] for g in res["goals"]} >= {"1. hidden map / jax.grad(params)",
+                                                 "4. hidden map FLOP/s / dense matmul FLOP/s"}
+    run.write(res, str(tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text())["benchmarks"]
+    md = (tmp_path / "results.md").read_text()
+    assert "## Goals" in md and "## 1." in md
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    assert report.goals(res) == res["goals"]
