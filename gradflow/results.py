@@ -62,7 +62,10 @@ class Result:
         return self.arrays[name]
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in self.arrays.items())
+        items = list(self.arrays.items())
+        shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in items[:8])
+        if len(items) > 8:
+            shapes += f", ... ({len(items) - 8} more arrays)"
         bad = sum(self.nonfinite.values())
         return (f"Result({self.kind}: {shapes}; cell={self.config.get('cell')!r}"
                 + (f"; {bad} non-finite" if bad else "") + ")")
