@@ -23,6 +23,23 @@ rows = losses, columns = cells, each panel the map
      "wrt": "params", "layers": 10, "steps": 10, "hidden": 128, "batch": 16, "seed": 0,
      "readout_seed": 0, "init": "orthogonal", "dtype": "float32", "input_scale": 1.0,
      "cell_options": {"g_lstm": {"steps": 10}}, "normalize": true, "title": "..."}
+
+``"vertical_gain"`` (SPEC section 4 item 2): :func:`vertical_gain`, the local vertical gain of
+every layer of deep stacks at initialisation against the closed forms :data:`VERTICAL_GAIN`
+(keys ``cells, layers, steps, hidden, batch, seed, init, dtype, input_scale``).
+``"gate_saturation"`` (item 3, Gu et al. 2020): :func:`gate_saturation`, gate statistics of
+``(label, cell, options)`` entries at initialisation, drawn as pooled histograms of the gate
+named per entry in ``"gates"`` (keys ``entries, gates, layers, steps, hidden, batch, seed,
+dtype, input_scale, eps, bins``).
+
+``"training_runs"`` (items 3-5 after training): :func:`training_runs`, several cells trained on
+one task with one seed, learning curves plus gate statistics or gradient maps recorded at the
+first and last step, and, for time-gated cells, the update fraction against the final result
+(keys ``runs, task, task_options, layers, hidden, steps, batch, lr, clip, seed, dtype,
+eval_every, eval_batch, record, record_batch, eps, bins, gates``).
+
+Training helpers shared by the ``train`` CLI and the notebooks: :func:`task_stack` (the stack
+for a cell on a task) and :func:`draw_curves` (learning curves of ``History.curve`` results).
 """
 from __future__ import annotations
 
@@ -237,6 +254,418 @@ register("gradient_grid", _grid_compute, _grid_draw)
 
 
 # ---------------------------------------------------------------------------------------------
+# Vertical gains against depth (SPEC section 4 item 2)
+
+#: Closed-form vertical RMS gains :math:`\|\partial h^l_t/\partial h^{l-1}_t\|_F/\sqrt H` at
+#: orthogonal init, zero biases and inputs near 0 (every gate at :math:`\sigma(0) = 1/2`,
+#: every tanh at slope 1): tanh RNN :math:`W` (1), LSTM :math:`o\,i\,W_g` (1/4),
+#: GRU :math:`(1-z) W_n` (1/2), STAR :math:`k W_z` (1/2).
+VERTICAL_GAIN = {"rnn": 1.0, "lstm": 0.25, "gru": 0.5, "star": 0.5}
+
+
+def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, steps: int = 4,
+                  hidden: int = 32, batch: int = 4, seed: int = 0, init: str = "orthogonal",
+                  dtype: str = "float32", input_scale: float = 0.01,
+                  meta: dict | None = None) -> Result:
+    r"""Local gains (:func:`gradflow.jacobian.local_gains`) of several cells at every depth.
+
+    Returns:
+      Result ``kind="vertical_gain"``: ``"{stat}/{cell}": (L, T)`` for ``stat`` in
+      ``vertical_rms, vertical_spectral, temporal_rms, temporal_spectral``;
+      ``config["closed_form"]`` holds :data:`VERTICAL_GAIN` for the cells that have one.
+    """
+    from gradflow.jacobian import local_gains
+
+    cells = _names(cells, "cells", _cells.names())
+    arrays = {}
+    with precision(dtype):
+        for cell in cells:
+            prob = cell_problem(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                                seed=seed, dtype=dtype, init=init, input_scale=input_scale)
+            res = local_gains(prob.stack, prob.params, prob.xs)
+            for k, v in res.arrays.items():
+                arrays[f"{k}/{cell}"] = v
+    config = {**(meta or {}), "cells": list(cells), "layers": layers, "steps": steps,
+              "hidden": hidden, "batch": batch, "seed": seed, "init": init, "dtype": dtype,
+              "input_scale": input_scale,
+              "closed_form": {c: VERTICAL_GAIN[c] for c in cells if c in VERTICAL_GAIN}}
+    return make_result("vertical_gain", arrays, config)
+
+
+def gain_panel(data: Result, cell: str) -> Result:
+    """One cell's ``local_gains`` Result out of a :func:`vertical_gain` result."""
+    keys = ("vertical_rms", "vertical_spectral", "temporal_rms", "temporal_spectral")
+    return make_result("local_gains", {k: data[f"{k}/{cell}"] for k in keys},
+                       {**data.config, "cell": cell}, warn=False)
+
+
+_GAIN_KEYS = ("cells", "layers", "steps", "hidden", "batch", "seed", "init", "dtype",
+              "input_scale")
+
+
+def _gain_compute(config: dict) -> Result:
+    meta = {k: v for k, v in config.items() if k not in _GAIN_KEYS}
+    return vertical_gain(**{k: config[k] for k in _GAIN_KEYS if k in config}, meta=meta)
+
+
+def _gain_draw(config: dict, data: Result):
+    refs = {}
+    for c, v in data.config["closed_form"].items():
+        refs.setdefault(v, []).append(c)
+    return plot.gain_profile({c: gain_panel(data, c) for c in data.config["cells"]},
+                             reference={"/".join(cs): v for v, cs in refs.items()},
+                             band=True, title=config.get("title"))
+
+
+register("vertical_gain", _gain_compute, _gain_draw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate saturation at initialisation (SPEC section 4 item 3, Gu et al. 2020)
+
+
+def _entries(entries) -> list:
+    return [(str(label), str(cell), dict(opts)) for label, cell, opts in entries]
+
+
+def gate_saturation(entries, *, layers: int = 2, steps: int = 32, hidden: int = 64,
+                    batch: int = 16, seed: int = 0, dtype: str = "float32",
+                    input_scale: float = 1.0, eps: float = 0.05, bins: int = 20,
+                    meta: dict | None = None) -> Result:
+    """:func:`gradflow.gates.compare` of ``(label, cell, options)`` entries at initialisation,
+    as one Result: every array of entry ``label``'s ``gate_stats`` under ``"{label}/..."``;
+    ``config["stats"][label]`` holds its config. :func:`stats_panel` takes one back out."""
+    from gradflow import gates as _gates
+
+    entries = _entries(entries)
+    with precision(dtype):
+        found = _gates.compare(entries, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                               seed=seed, dtype=dtype, input_scale=input_scale, eps=eps,
+                               bins=bins)
+    arrays = {f"{label}/{k}": v for label, r in found.items() for k, v in r.arrays.items()}
+    config = {**(meta or {}), "entries": [list(e) for e in entries], "layers": layers,
+              "steps": steps, "hidden": hidden, "batch": batch, "seed": seed, "dtype": dtype,
+              "input_scale": input_scale, "eps": eps, "bins": bins,
+              "stats": {label: r.config for label, r in found.items()}}
+    return make_result("gate_saturation", arrays, config)
+
+
+def _unpack(data: Result, prefix: str, kind: str, config: dict) -> Result:
+    """The arrays of ``data`` under ``prefix`` (stripped) as a Result of ``kind``."""
+    return make_result(kind, {k[len(prefix):]: v for k, v in data.arrays.items()
+                              if k.startswith(prefix)}, config, warn=False)
+
+
+def stats_panel(data: Result, label: str) -> Result:
+    """Entry ``label``'s ``gate_stats`` Result out of a :func:`gate_saturation` result."""
+    if label not in data.config["stats"]:
+        raise ValueError(f"no entry {label!r}; valid: {', '.join(data.config['stats'])}")
+    return _unpack(data, f"{label}/", "gate_stats", data.config["stats"][label])
+
+
+def draw_gate_panels(panels: dict, gates: dict, title: str | None = None, *, fig=None):
+    """Rows = ``panels`` (``{row label: {entry label: gate_stats}}``), columns = entries; each
+    panel the pooled histogram of the entry's gate ``gates[entry]`` with its saturated
+    fraction in the title. Drawn into ``fig`` (a Figure or SubFigure) if given."""
+    from gradflow import gates as _gates
+
+    rows = list(panels)
+    cols = list(next(iter(panels.values())))
+    fig = fig if fig is not None else _figure((3.6 * len(cols), 2.9 * len(rows)))
+    axes = fig.subplots(len(rows), len(cols), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, label in enumerate(cols):
+            stats, gate = panels[row][label], gates[label]
+            s = _gates.summary(stats)[gate]
+            plot.gate_histograms(stats, gate, layers="pooled", ax=axes[i, j],
+                                 title=f"{label}, gate {gate} ({row})\nsaturated "
+                                       f"{s['saturated']:.2f}, mean {s['mean']:.2f}")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+_SAT_KEYS = ("layers", "steps", "hidden", "batch", "seed", "dtype", "input_scale", "eps", "bins")
+
+
+def _sat_compute(config: dict) -> Result:
+    meta = {k: v for k, v in config.items() if k not in _SAT_KEYS + ("entries",)}
+    return gate_saturation(config["entries"], **{k: config[k] for k in _SAT_KEYS if k in config},
+                           meta=meta)
+
+
+def _sat_draw(config: dict, data: Result):
+    labels = list(data.config["stats"])
+    gates = {label: config.get("gates", {}).get(label, "f") for label in labels}
+    return draw_gate_panels({"init": {label: stats_panel(data, label) for label in labels}},
+                            gates, title=config.get("title"))
+
+
+register("gate_saturation", _sat_compute, _sat_draw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs (SPEC section 4 items 3-5): stacks for tasks, learning curves
+
+
+def task_stack(cell: str, task, *, layers: int, hidden: int, init: str | None = None,
+               options: dict | None = None, cell_steps: int | None = None):
+    """The :class:`gradflow.Stack` a training run of ``cell`` on ``task`` uses: ``layers`` x
+    ``hidden``, reading the task's ``input_size`` features (projected to ``hidden`` where the
+    cell needs it). A cell with a ``steps`` option (``g_lstm``) gets ``cell_steps`` (default:
+    the task's length ``T``) unless ``options`` set it.
+
+    Raises:
+      ValueError: unknown cell or option.
+    """
+    from gradflow import tasks as _tasks
+    from gradflow.stack import Stack
+
+    if isinstance(task, str):
+        task = _tasks.make(task)
+    options = dict(options or {})
+    if init is not None:
+        options.setdefault("init", init)
+    if "steps" in dict(_cells.get(cell).options) and "steps" not in options:
+        options["steps"] = task.steps if cell_steps is None else int(cell_steps)
+    return Stack(cell, layers, task.input_size, hidden, **options)
+
+
+def _smooth(v: np.ndarray, width: int) -> np.ndarray:
+    """Running mean over ``width`` steps (shorter at the start); non-finite entries skipped."""
+    v = np.asarray(v, float)
+    ok = np.isfinite(v)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    n = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(1, len(v) + 1)
+    lo = np.maximum(i - width, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (c[i] - c[lo]) / (n[i] - n[lo])
+
+
+def _figure(size):
+    """A new constrained-layout Figure with an Agg canvas (no pyplot, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig=None):
+    """Learning curves of ``{label: training Result}`` (``History.curve``): left, the training
+    loss (running mean over ``smooth`` steps, faint: raw) and the evaluation loss (markers),
+    log scale; right, the evaluation metric (accuracy or MSE) against the step. Drawn into
+    ``fig`` (a Figure or SubFigure) if given."""
+    fig = fig if fig is not None else _figure((11, 3.6))
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    metric = "metric"
+    for i, (label, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        metric = c.config.get("metric", metric)
+        ax_loss.plot(c["step"], c["loss"], color=color, alpha=0.15, linewidth=0.8)
+        ax_loss.plot(c["step"], _smooth(c["loss"], smooth), color=color, linewidth=1.2,
+                     label=f"{label} (train, mean of {smooth})")
+        ax_loss.plot(c["eval_step"], c["eval_loss"], "o--", color=color, markersize=3,
+                     linewidth=0.8, label=f"{label} (eval)")
+        ax_metric.plot(c["eval_step"], c["eval_metric"], "o-", color=color, markersize=3,
+                       label=label)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("training step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize="x-small")
+    ax_metric.set_xlabel("training step")
+    ax_metric.set_ylabel(f"eval {metric}")
+    if metric == "mse":
+        ax_metric.set_yscale("log")
+    ax_metric.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs as figures (SPEC section 4 items 3-5 after training, the deep-stack comparison)
+
+#: What :func:`training_runs` can record at the first and the last step of every run.
+RECORDS = ("gates", "map")
+
+
+def _runs(runs) -> list:
+    out = []
+    for r in runs:
+        if not isinstance(r, (list, tuple)) or len(r) not in (3, 4):
+            raise ValueError(f"training runs are [label, cell, options] or [label, cell, "
+                             f"options, training options] lists, got {r!r}")
+        label, cell, opts = str(r[0]), str(r[1]), dict(r[2])
+        extra = dict(r[3]) if len(r) == 4 else {}
+        bad = sorted(set(extra) - {"budget", "curriculum", "lr", "cell_steps"})
+        if bad:
+            raise ValueError(f"run {label!r}: unknown training option(s) {', '.join(bad)}; "
+                             "valid: budget, curriculum, cell_steps, lr")
+        out.append((label, cell, opts, extra))
+    if len({r[0] for r in out}) != len(out):
+        raise ValueError("training run labels must be unique")
+    return out
+
+
+def training_runs(runs, *, task: str = "adding", task_options: dict | None = None,
+                  layers: int = 2, hidden: int = 32, steps: int = 500, batch: int = 64,
+                  lr: float = 3e-3, clip: float = 1.0, seed: int = 0, dtype: str = "float32",
+                  eval_every: int | None = None, eval_batch: int = 256, record=(),
+                  record_batch: int = 64, eps: float = 0.05, bins: int = 20,
+                  meta: dict | None = None) -> Result:
+    r"""Train several stacks on one task with one seed (:func:`gradflow.train.train`: Adam,
+    gradient clip, fresh batches, a fixed evaluation batch) and record measurements at the
+    first and the last step.
+
+    Args:
+      runs: ``[label, cell, options]`` or ``[label, cell, options, training]`` entries;
+        ``options`` are cell options (``init``, ``mode``, ...), ``training`` per-run overrides
+        of ``budget`` (g-LSTM :math:`\lambda\,\mathrm{mean}(k)`), ``curriculum``
+        (``[[until_step, seq_len], ...]``), ``cell_steps`` (the length the time gates are
+        initialised over, e.g. the first curriculum stage) and ``lr``.
+      task, task_options: :func:`gradflow.tasks.make` arguments.
+      layers, hidden: every run's stack (:func:`task_stack`).
+      steps, batch, lr, clip, seed, dtype, eval_every, eval_batch: :func:`gradflow.train.train`.
+      record: a subset of :data:`RECORDS`: ``"gates"``, :func:`gradflow.gates.saturation` with
+        ``eps`` and ``bins``; ``"map"``, the hidden-state gradient map under the probe loss
+        ``"last"`` (the random readout of ``gradflow heatmap``, so maps at both steps compare),
+        each on the first ``record_batch`` evaluation sequences.
+    Returns:
+      Result ``kind="training_runs"``: ``"{label}/curve/{name}"`` (every array of the run's
+      ``History.curve``), ``"{label}/{record}@{step}/{name}"`` (every array of each record);
+      ``config["runs"][label]`` is the curve's config and ``config["records"][label]`` maps
+      ``"{record}@{step}"`` to the record's config. :func:`run_curve` and :func:`run_record`
+      take them back out.
+    """
+    from gradflow import gates as _gates
+    from gradflow import tasks as _tasks
+    from gradflow.train import train
+
+    runs = _runs(runs)
+    record = _names(record, "record", RECORDS) if record else []
+    the_task = _tasks.make(task, **(task_options or {}))
+    fns = {"gates": lambda s, p, x: _gates.saturation(s, p, x, eps, bins=bins),
+           "map": lambda s, p, x: gradient_map(s, p, x, loss="last", wrt="hidden")}
+    arrays, run_configs, record_configs = {}, {}, {}
+    with precision(dtype):
+        for label, cell, opts, extra in runs:
+            stack = task_stack(cell, the_task, layers=layers, hidden=hidden, options=opts,
+                               cell_steps=extra.get("cell_steps"))
+            hist = train(stack, the_task, steps=steps, batch=batch, lr=extra.get("lr", lr),
+                         clip=clip, seed=seed, dtype=dtype, eval_every=eval_every,
+                         eval_batch=eval_batch, record_at=(0, steps) if record else (),
+                         record={k: fns[k] for k in record} or None,
+                         record_batch=record_batch, budget=extra.get("budget", 0.0),
+                         curriculum=extra.get("curriculum"), progress=False)
+            arrays.update({f"{label}/curve/{k}": v for k, v in hist.curve.arrays.items()})
+            run_configs[label] = hist.curve.config
+            record_configs[label] = {}
+            for name, results in hist.records.items():
+                for step, res in zip(hist.record_steps, results):
+                    key = f"{name}@{step}"
+                    arrays.update({f"{label}/{key}/{k}": v for k, v in res.arrays.items()})
+                    record_configs[label][key] = {**res.config, "result_kind": res.kind}
+    config = {**(meta or {}), "runs_spec": [list(r) for r in runs], "task": task,
+              "task_options": dict(task_options or {}), "layers": layers, "hidden": hidden,
+              "steps": steps, "batch": batch, "lr": lr, "clip": clip, "seed": seed,
+              "dtype": dtype, "eval_every": eval_every, "eval_batch": eval_batch,
+              "record": list(record), "record_batch": record_batch, "eps": eps, "bins": bins,
+              "runs": run_configs, "records": record_configs}
+    return make_result("training_runs", arrays, config)
+
+
+def run_curve(data: Result, label: str) -> Result:
+    """Run ``label``'s learning curve (a ``History.curve`` Result) out of :func:`training_runs`."""
+    if label not in data.config["runs"]:
+        raise ValueError(f"no run {label!r}; valid: {', '.join(data.config['runs'])}")
+    return _unpack(data, f"{label}/curve/", "training", data.config["runs"][label])
+
+
+def run_record(data: Result, label: str, record: str, step="last") -> Result:
+    """Run ``label``'s ``record`` (``"gates"`` or ``"map"``) at ``step`` (an int, ``"first"``
+    or ``"last"``) out of :func:`training_runs`."""
+    if label not in data.config["runs"]:
+        raise ValueError(f"no run {label!r}; valid: {', '.join(data.config['runs'])}")
+    found = data.config["records"][label]
+    steps = sorted(int(k.split("@")[1]) for k in found if k.split("@")[0] == record)
+    if not steps:
+        raise ValueError(f"run {label!r} recorded no {record!r}; recorded: "
+                         f"{', '.join(sorted(found)) or 'nothing'}")
+    step = {"first": steps[0], "last": steps[-1]}.get(step, step)
+    key = f"{record}@{step}"
+    if key not in found:
+        raise ValueError(f"run {label!r} has no {record!r} at step {step!r}; steps: {steps}")
+    cfg = dict(found[key])
+    return _unpack(data, f"{label}/{key}/", cfg.pop("result_kind"), cfg)
+
+
+def draw_updates(curves: dict, ax=None, title: str | None = None):
+    """Compute against accuracy: for every run, the fraction of neuron updates at the end of
+    training (time gate ``k > 1e-3``; 1 for cells without a time gate, which update every
+    neuron at every step) against the final evaluation metric."""
+    if ax is None:
+        ax = _figure((5, 3.6)).subplots()
+    metric = "metric"
+    for i, (label, c) in enumerate(curves.items()):
+        metric = c.config.get("metric", metric)
+        frac = float(c["eval_updates"][-1]) if "eval_updates" in c.arrays else 1.0
+        ax.plot([frac], [float(c["eval_metric"][-1])], "o", color=f"C{i}", label=label)
+        ax.annotate(f"{frac:.3g}", (frac, float(c["eval_metric"][-1])), fontsize="x-small",
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of neuron updates (k > 1e-3) at the end")
+    ax.set_ylabel(f"final eval {metric}")
+    if metric == "mse":
+        ax.set_yscale("log")
+    ax.legend(fontsize="x-small")
+    ax.set_title(title or "compute vs result")
+    return ax.figure
+
+
+_TRAIN_KEYS = ("task", "task_options", "layers", "hidden", "steps", "batch", "lr", "clip",
+               "seed", "dtype", "eval_every", "eval_batch", "record", "record_batch", "eps",
+               "bins")
+
+
+def _train_compute(config: dict) -> Result:
+    meta = {k: v for k, v in config.items() if k not in _TRAIN_KEYS + ("runs",)}
+    return training_runs(config["runs"], **{k: config[k] for k in _TRAIN_KEYS if k in config},
+                         meta=meta)
+
+
+def _train_draw(config: dict, data: Result):
+    labels = list(data.config["runs"])
+    curves = {label: run_curve(data, label) for label in labels}
+    timed = any("eval_updates" in c.arrays for c in curves.values())
+    gated = "gates" in data.config["record"]
+    gates = config.get("gates", {})
+    n_gate = len(labels) if gated else 0
+    fig = _figure((max(11.0, 3.6 * n_gate), 3.6 * (1 + timed) + 5.8 * gated))
+    subs = fig.subfigures(1 + timed + gated, 1, squeeze=False,
+                          height_ratios=[3.6] + [3.6] * timed + [5.8] * gated)[:, 0]
+    draw_curves(curves, fig=subs[0], title="learning curves")
+    if timed:
+        draw_updates(curves, ax=subs[1].subplots(), title="update fraction vs final result")
+    if gated:
+        acc = {label: f"{float(curves[label]['eval_metric'][-1]):.3g}" for label in labels}
+        panels = {f"step {s}": {label: run_record(data, label, "gates", which)
+                                for label in labels}
+                  for s, which in ((0, "first"), (data.config["steps"], "last"))}
+        draw_gate_panels(panels, {label: gates.get(label, "f") for label in labels},
+                         fig=subs[-1], title="gate activations, pooled over layers; final eval "
+                         + ", ".join(f"{k}: {v}" for k, v in acc.items()))
+    if config.get("title"):
+        fig.suptitle(config["title"])
+    return fig
+
+
+register("training_runs", _train_compute, _train_draw)
+
+
+# ---------------------------------------------------------------------------------------------
 # Configs and reproduction
 
 
@@ -266,6 +695,27 @@ def load_config(path) -> dict:
         raise ValueError(f"figure config {str(path)!r} names unknown figure kind {kind!r}; "
                          f"known: {', '.join(sorted(BUILDERS))}")
     return config
+
+
+def figure_data(name: str, config_dir=None, **overrides) -> Result:
+    """The data of figure ``name``: without ``overrides``, the committed ``<name>.npz`` beside
+    its config (as :func:`reproduce` wrote it); with them, the config with those keys replaced,
+    computed now (e.g. ``figure_data("deep_adding", steps=20, layers=2)`` for a quick run).
+
+    Raises:
+      ValueError: unknown figure (the message lists the valid ones), or committed data missing.
+    """
+    found = configs(config_dir)
+    if name not in found:
+        raise ValueError(f"unknown figure {name!r}; valid: {', '.join(found)}")
+    if not overrides:
+        path = found[name].with_suffix(".npz")
+        if not path.exists():
+            raise ValueError(f"figure {name!r} has no data yet: run gradflow reproduce --only "
+                             f"{name}")
+        return Result.load(path)
+    config = {**load_config(found[name]), **overrides}
+    return BUILDERS[config["figure"]].compute(config)
 
 
 def build(config: dict) -> tuple[Result, object]:
@@ -311,5 +761,8 @@ def reproduce(only=None, config_dir=None, out_dir=None, log: Callable[[str], Non
     return written
 
 
-__all__ = ["BUILDERS", "Builder", "FIGURES_DIR", "build", "cell_problem", "configs", "draw_grid",
-           "gradient_grid", "load_config", "panel", "precision", "register", "reproduce"]
+__all__ = ["BUILDERS", "Builder", "FIGURES_DIR", "VERTICAL_GAIN", "build", "cell_problem",
+           "configs", "figure_data", "draw_curves", "draw_updates", "RECORDS", "run_curve", "run_record",
+           "training_runs", "draw_gate_panels", "draw_grid", "gain_panel", "gate_saturation",
+           "gradient_grid", "load_config", "panel", "precision", "register", "reproduce",
+           "stats_panel", "task_stack", "vertical_gain"]
