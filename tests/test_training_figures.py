@@ -158,10 +158,18 @@ def test_gu_copy_ur_lstm_learns_and_saturates_its_gate_while_lstm_stays_at_chanc
     assert final(d, "UR-LSTM") < 0.5
 
 
-def test_cheng_every_cell_solves_adding_at_2_layers():
+def test_cheng_every_cell_solves_adding_and_refined_gates_get_there_first():
     d = committed("cheng_refined_adding")
     for label in d.config["runs"]:
         assert final(d, label) < 0.01, label
+
+    def first(label):
+        c = figures.run_curve(d, label)
+        return int(c["eval_step"][c["eval_metric"] < 0.01][0])
+
+    assert first("refined_gru") < first("gru")
+    assert first("refined_mgu") < first("mgu")
+    assert first("refined_lstm (add)") < first("lstm") == first("refined_lstm")
 
 
 def test_g_lstm_budget_lowers_updates_but_not_tenfold():
