@@ -236,13 +236,22 @@ def register(name: str, compute: Callable[[dict], Result],
     return BUILDERS[name]
 
 
+def from_config(fn: Callable[..., Result], keys: tuple, first: str | None = None):
+    """A ``Builder.compute`` calling ``fn([config[first],] **{k: config[k] for k in keys},
+    meta=rest)``: the config keys ``fn`` takes are passed (where present), every other key
+    (``figure``, ``title``, ``description``, drawing options) is recorded as ``meta``."""
+    taken = set(keys) | {first}
+
+    def compute(config: dict) -> Result:
+        meta = {k: v for k, v in config.items() if k not in taken}
+        args = (config[first],) if first is not None else ()
+        return fn(*args, **{k: config[k] for k in keys if k in config}, meta=meta)
+
+    return compute
+
+
 _GRID_KEYS = ("cells", "losses", "wrt", "layers", "steps", "hidden", "batch", "seed",
               "readout_seed", "init", "dtype", "input_scale", "cell_options")
-
-
-def _grid_compute(config: dict) -> Result:
-    meta = {k: v for k, v in config.items() if k not in _GRID_KEYS}
-    return gradient_grid(**{k: config[k] for k in _GRID_KEYS if k in config}, meta=meta)
 
 
 def _grid_draw(config: dict, data: Result):
@@ -250,7 +259,7 @@ def _grid_draw(config: dict, data: Result):
                      title=config.get("title"))
 
 
-register("gradient_grid", _grid_compute, _grid_draw)
+register("gradient_grid", from_config(gradient_grid, _GRID_KEYS), _grid_draw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,11 +312,6 @@ _GAIN_KEYS = ("cells", "layers", "steps", "hidden", "batch", "seed", "init", "dt
               "input_scale")
 
 
-def _gain_compute(config: dict) -> Result:
-    meta = {k: v for k, v in config.items() if k not in _GAIN_KEYS}
-    return vertical_gain(**{k: config[k] for k in _GAIN_KEYS if k in config}, meta=meta)
-
-
 def _gain_draw(config: dict, data: Result):
     refs = {}
     for c, v in data.config["closed_form"].items():
@@ -317,7 +321,7 @@ def _gain_draw(config: dict, data: Result):
                              band=True, title=config.get("title"))
 
 
-register("vertical_gain", _gain_compute, _gain_draw)
+register("vertical_gain", from_config(vertical_gain, _GAIN_KEYS), _gain_draw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,12 +392,6 @@ def draw_gate_panels(panels: dict, gates: dict, title: str | None = None, *, fig
 _SAT_KEYS = ("layers", "steps", "hidden", "batch", "seed", "dtype", "input_scale", "eps", "bins")
 
 
-def _sat_compute(config: dict) -> Result:
-    meta = {k: v for k, v in config.items() if k not in _SAT_KEYS + ("entries",)}
-    return gate_saturation(config["entries"], **{k: config[k] for k in _SAT_KEYS if k in config},
-                           meta=meta)
-
-
 def _sat_draw(config: dict, data: Result):
     labels = list(data.config["stats"])
     gates = {label: config.get("gates", {}).get(label, "f") for label in labels}
@@ -401,7 +399,7 @@ def _sat_draw(config: dict, data: Result):
                             gates, title=config.get("title"))
 
 
-register("gate_saturation", _sat_compute, _sat_draw)
+register("gate_saturation", from_config(gate_saturation, _SAT_KEYS, "entries"), _sat_draw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,12 +628,6 @@ _TRAIN_KEYS = ("task", "task_options", "layers", "hidden", "steps", "batch", "lr
                "bins")
 
 
-def _train_compute(config: dict) -> Result:
-    meta = {k: v for k, v in config.items() if k not in _TRAIN_KEYS + ("runs",)}
-    return training_runs(config["runs"], **{k: config[k] for k in _TRAIN_KEYS if k in config},
-                         meta=meta)
-
-
 def _train_draw(config: dict, data: Result):
     labels = list(data.config["runs"])
     curves = {label: run_curve(data, label) for label in labels}
@@ -662,7 +654,7 @@ def _train_draw(config: dict, data: Result):
     return fig
 
 
-register("training_runs", _train_compute, _train_draw)
+register("training_runs", from_config(training_runs, _TRAIN_KEYS, "runs"), _train_draw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,7 +754,7 @@ def reproduce(only=None, config_dir=None, out_dir=None, log: Callable[[str], Non
 
 
 __all__ = ["BUILDERS", "Builder", "FIGURES_DIR", "VERTICAL_GAIN", "build", "cell_problem",
-           "configs", "figure_data", "draw_curves", "draw_updates", "RECORDS", "run_curve", "run_record",
+           "configs", "figure_data", "draw_curves", "draw_updates", "from_config", "RECORDS", "run_curve", "run_record",
            "training_runs", "draw_gate_panels", "draw_grid", "gain_panel", "gate_saturation",
            "gradient_grid", "load_config", "panel", "precision", "register", "reproduce",
            "stats_panel", "task_stack", "vertical_gain"]

@@ -232,7 +232,7 @@ BAD = [
     (["gates", "--cell", "lstm", "--gate", "z"], "its gates: i, f, o"),
     (["gates", "--eps", "0.7"], "--eps: must be a number in (0, 0.5)"),
     (["cells", "--hidden", "0"], "--hidden: must be a positive integer"),
-    (["reproduce", "--only", "nope"], "valid: star_fig2"),
+    (["reproduce", "--only", "nope"], "unknown figure 'nope'; valid: "),
     (["reproduce", "--out-dir", "missing-dir"], "does not exist"),
     (["reproduce", "--figures", "missing-dir"], "does not exist"),
     (["bogus"], "invalid choice: 'bogus'"),
