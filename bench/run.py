@@ -14,8 +14,8 @@ import traceback
 
 FULL = {
     "std": {"L": 16, "T": 64, "H": 128, "B": 32},
-    "jac": {"L": 16, "T": 64, "H": 128, "B": 4},
-    "repeats": 5, "jac_repeats": 5, "scaling_repeats": 5,
+    "jac": {"L": 8, "T": 32, "H": 128, "B": 4},
+    "repeats": 5, "jac_repeats": 3, "scaling_repeats": 5,
     "scaling": {"L": [4, 8, 16, 32], "T": [16, 32, 64, 128], "H": [64, 128, 256],
                 "B": [8, 32, 128]},
     "memory": {"L": 16, "T": 10000, "H": 128, "B": 4},
