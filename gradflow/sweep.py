@@ -13,6 +13,7 @@ padding dropped afterwards. On CPU, several devices can be simulated with
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
@@ -81,6 +82,16 @@ def _map_fn(stack: Stack, *, steps, batch, dtype, input_scale, loss, wrt, readou
     return one
 
 
+@functools.lru_cache(maxsize=64)
+def _sharded_map(stack, mesh, steps, batch, dtype, input_scale, loss, wrt, readout_seed, chunk):
+    """The jitted ``seeds: (S,) -> (values (S,), maps (S, L, T))``, built once per configuration
+    (all arguments hashable) so repeated sweeps reuse one compiled program per seed count."""
+    shard = NamedSharding(mesh, PartitionSpec(AXIS))
+    one = _map_fn(stack, steps=steps, batch=batch, dtype=dtype, input_scale=input_scale,
+                  loss=loss, wrt=wrt, readout_seed=readout_seed, chunk=chunk)
+    return jax.jit(jax.vmap(one), in_shardings=shard, out_shardings=(shard, shard))
+
+
 def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float32,
                  input_scale: float = 1.0, loss="last", wrt: str = "hidden",
                  readout_seed: int = 0, chunk: int | None = None, devices=None):
@@ -96,10 +107,8 @@ def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float
     padded = math.ceil(len(seeds) / n_dev) * n_dev
     seed_vec = np.array(seeds + (seeds[-1],) * (padded - len(seeds)), np.int32)
     shard = NamedSharding(mesh, PartitionSpec(AXIS))
-    one = _map_fn(stack, steps=steps, batch=batch, dtype=jnp.dtype(dtype),
-                  input_scale=input_scale, loss=loss, wrt=wrt, readout_seed=readout_seed,
-                  chunk=chunk)
-    run = jax.jit(jax.vmap(one), in_shardings=shard, out_shardings=(shard, shard))
+    run = _sharded_map(stack, mesh, int(steps), int(batch), jnp.dtype(dtype), float(input_scale),
+                       loss, wrt, int(readout_seed), chunk)
     values, maps = run(jax.device_put(seed_vec, shard))
     n = len(seeds)
     if padded == n:

@@ -118,3 +118,12 @@ def test_bad_input(kw, match):
     args = {"cells": "lstm", "seeds": [0], **SIZES, **kw}
     with pytest.raises(ValueError, match=match):
         S.sweep(args.pop("cells"), args.pop("seeds"), **args)
+
+
+def test_repeated_sweeps_reuse_one_compiled_program():
+    S._sharded_map.cache_clear()
+    first = S.sweep("rnn", [1, 2], dtype="float32", **SIZES)["rnn"]
+    again = S.sweep("rnn", [1, 2], dtype="float32", **SIZES)["rnn"]
+    info = S._sharded_map.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    np.testing.assert_array_equal(first.values, again.values)
