@@ -198,8 +198,13 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
 
 @functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "name"))
 def _state_map(stack, params, xs, loss_fn, name):
-    value, grads, _ = state_gradients(stack, params, xs, loss_fn, (name,))
-    return value, jnp.mean(jnp.linalg.norm(grads[name], axis=-1), axis=1)  # (L, T)
+    # Norm taps (Stack.apply(taps=...)): the backward pass reduces each step's (B, H) state
+    # cotangent to its (B,) norms as it goes, so no (L, B, T, H) gradient is ever held.
+    B, T, _ = xs.shape
+    zeros = {name: jnp.zeros((stack.layers, B, T), xs.dtype)}
+    value, norms = jax.value_and_grad(
+        lambda taps: loss_fn(stack.apply(params, xs, taps=taps).top))(zeros)
+    return value, jnp.mean(norms[name], axis=1)  # (L, T)
 
 
 def _auto_chunk(stack: Stack, xs) -> int:

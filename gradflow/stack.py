@@ -15,9 +15,11 @@ Two evaluation orders give the same numbers:
 
 ``perturb`` adds arrays to the state as it leaves each cell; the gradient w.r.t. a zero
 perturbation is the total derivative of a loss w.r.t. that state (one backward pass gives the
-whole ``[layer, time]`` map). ``checkpoint=C`` rematerialises the time scan in chunks of ``C``
-steps (``jax.checkpoint``), so the residuals kept for the backward pass grow like
-``T/C + C`` instead of ``T``.
+whole ``[layer, time]`` map); ``taps`` do the same for the gradient's per-example norm only
+(:func:`norm_tap`), reduced step by step inside the backward pass. ``checkpoint=C``
+rematerialises the time scan in chunks of ``C`` steps and each layer as a whole
+(``jax.checkpoint``), so the residuals kept for the backward pass are the layers' inputs plus
+``T/C + C`` steps of one layer instead of every intermediate of every step.
 """
 from __future__ import annotations
 
@@ -181,8 +183,8 @@ class Stack:
             raise ValueError(f"inputs need at least one example and one step, got {shape}")
 
     def apply(self, params: dict, xs, *, state0: dict | None = None, perturb: dict | None = None,
-              gates: bool = False) -> StackOutput:
-        """Run the stack over a batch of sequences.
+              taps: dict | None = None, gates: bool = False) -> StackOutput:
+        r"""Run the stack over a batch of sequences.
 
         Args:
           params: from :meth:`init`.
@@ -190,6 +192,9 @@ class Stack:
           state0: ``{name: (L, B, H)}`` initial states (zeros if None).
           perturb: ``{name: (L, B, T, H)}`` added to each state where it leaves its cell
             (keys a subset of ``cell.state_names``).
+          taps: ``{name: (L, B, T)}`` (zeros): the gradient of a loss w.r.t. ``taps[name]`` is
+            :math:`\|\partial\mathcal L/\partial s^l_t[b]\|_2` per layer, example and step
+            (:func:`norm_tap`), at ``H`` times less memory than differentiating ``perturb``.
           gates: also return every reported gate activation.
         Returns:
           :class:`StackOutput` with ``(L, B, T, H)`` states and gates.
@@ -201,21 +206,24 @@ class Stack:
         L = self.layers
         if state0 is None:
             state0 = self.initial_state(B, dtype)
-        perturb = dict(perturb or {})
-        unknown = set(perturb) - set(self.cell.state_names)
-        if unknown:
-            raise ValueError(f"perturb keys {sorted(unknown)} are not states of cell "
-                             f"{self.cell.name!r} ({', '.join(self.cell.state_names)})")
+        perturb, taps = dict(perturb or {}), dict(taps or {})
+        for what, given in (("perturb", perturb), ("taps", taps)):
+            unknown = set(given) - set(self.cell.state_names)
+            if unknown:
+                raise ValueError(f"{what} keys {sorted(unknown)} are not states of cell "
+                                 f"{self.cell.name!r} ({', '.join(self.cell.state_names)})")
         x = jnp.swapaxes(xs, 0, 1)  # (T, B, D): time-major inside
         if self.input_projection:
             x = x @ params["input"]["W"] + params["input"]["b"]
         eps = {k: jnp.swapaxes(v, 1, 2) for k, v in perturb.items()}  # (L, T, B, H)
+        tap = {k: jnp.swapaxes(v, 1, 2) for k, v in taps.items()}  # (L, T, B)
         chunk = self._chunk(T)
         if self.order == "wavefront":
             states, gts, final = _wavefront(self.cell, _stack_layers(params["layers"]), x,
-                                            state0, eps, gates, chunk)
+                                            state0, eps, tap, gates, chunk)
         else:
-            states, gts, final = self._layerwise(params["layers"], x, state0, eps, gates, chunk)
+            states, gts, final = self._layerwise(params["layers"], x, state0, eps, tap, gates,
+                                                 chunk)
         t = lambda v: jnp.swapaxes(v, 1, 2)  # noqa: E731  (L, T, B, H) -> (L, B, T, H)
         return StackOutput({k: t(v) for k, v in states.items()},
                            {k: t(v) for k, v in gts.items()}, final)
@@ -227,31 +235,68 @@ class Stack:
             return max(1, math.ceil(math.sqrt(T)))
         return min(self.checkpoint, T)
 
-    def _layerwise(self, layers, x, state0, eps, gates, chunk):
+    def _layerwise(self, layers, x, state0, eps, tap, gates, chunk):
         L = self.layers
         pick = lambda tree, l: jax.tree_util.tree_map(lambda a: a[l], tree)  # noqa: E731
-        run = lambda p, xx, s0, e: _layer(self.cell, p, xx, s0, e, gates, chunk)  # noqa: E731
+
+        def run(p, xx, s0, e, tp):
+            return _layer(self.cell, p, xx, s0, e, tp, gates, chunk)
+
+        if chunk is not None:
+            # Checkpointed: a layer keeps only its input for the backward pass and recomputes
+            # the rest (its input projection, the chunk carries) when its turn comes.
+            run = jax.checkpoint(run)
         outs = []
         start = 0
         if not self.uniform or L == 1:  # layer 0 has its own shape (or there is only one layer)
-            outs.append(jax.tree_util.tree_map(lambda a: a[None],
-                                               run(layers[0], x, pick(state0, 0), pick(eps, 0))))
+            outs.append(jax.tree_util.tree_map(lambda a: a[None], run(
+                layers[0], x, pick(state0, 0), pick(eps, 0), pick(tap, 0))))
             x = outs[-1][0]["h"][0]
             start = 1
         if start < L:
             rest = slice(start, L)
 
             def body(xx, inp):
-                p, s0, e = inp
-                states, gts, final = run(p, xx, s0, e)
+                p, s0, e, tp = inp
+                states, gts, final = run(p, xx, s0, e, tp)
                 return states["h"], (states, gts, final)
 
             sl = lambda tree: jax.tree_util.tree_map(lambda a: a[rest], tree)  # noqa: E731
-            _, out = lax.scan(body, x, (_stack_layers(layers[start:]), sl(state0), sl(eps)))
+            _, out = lax.scan(body, x, (_stack_layers(layers[start:]), sl(state0), sl(eps),
+                                        sl(tap)))
             outs.append(out)
         if len(outs) == 1:
             return outs[0]
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
+
+
+@jax.custom_vjp
+def norm_tap(v, s):
+    r"""Identity on ``v: (..., H)``; the cotangent it hands to ``s: (...)`` is the per-example
+    norm :math:`\|\partial\mathcal L/\partial v\|_2` of ``v``'s cotangent.
+
+    ``jax.grad`` w.r.t. zeros ``s`` thus gives gradient norms without ever materialising the
+    gradients: inside a scan's backward each step's ``(B, H)`` cotangent is reduced to ``(B,)``
+    on the spot.
+    """
+    return v
+
+
+def _norm_tap_fwd(v, s):
+    return v, None
+
+
+def _norm_tap_bwd(_, g):
+    return g, jnp.sqrt(jnp.sum(g * g, axis=-1))
+
+
+norm_tap.defvjp(_norm_tap_fwd, _norm_tap_bwd)
+
+
+def _leave(new: dict, e_t: dict, tap_t: dict) -> dict:
+    """States as they leave a cell: perturbation added, then tapped (see :func:`norm_tap`)."""
+    new = {k: v + e_t[k] if k in e_t else v for k, v in new.items()}
+    return {k: norm_tap(v, tap_t[k]) if k in tap_t else v for k, v in new.items()}
 
 
 def _stack_layers(layers):
@@ -277,11 +322,12 @@ def _scan(body, carry, xs, length, chunk):
     return carry, ys
 
 
-def _layer(cell: Cell, p, x, s0, eps, gates: bool, chunk):
+def _layer(cell: Cell, p, x, s0, eps, tap, gates: bool, chunk):
     """One layer over a whole sequence.
 
     Args:
-      x: ``(T, B, in)``; s0: ``{name: (B, H)}``; eps: ``{name: (T, B, H)}`` (subset of states).
+      x: ``(T, B, in)``; s0: ``{name: (B, H)}``; eps: ``{name: (T, B, H)}`` and
+      tap: ``{name: (T, B)}`` (subsets of the states).
     Returns:
       ``(states {name: (T, B, H)}, gates {g: (T, B, H)}, final {name: (B, H)})``.
     """
@@ -289,20 +335,21 @@ def _layer(cell: Cell, p, x, s0, eps, gates: bool, chunk):
     xp = cell.project(p, x)  # the whole sequence's input side: one matmul
 
     def body(state, inp):
-        xp_t, e_t, t = inp
+        xp_t, e_t, tap_t, t = inp
         new, _, g = cell.recur(p, state, xp_t, t)
-        new = {k: v + e_t[k] if k in e_t else v for k, v in new.items()}
+        new = _leave(new, e_t, tap_t)
         return new, (new, g if gates else {})
 
-    final, (states, gts) = _scan(body, s0, (xp, eps, jnp.arange(T)), T, chunk)
+    final, (states, gts) = _scan(body, s0, (xp, eps, tap, jnp.arange(T)), T, chunk)
     return states, gts, final
 
 
-def _wavefront(cell: Cell, P, x, s0, eps, gates: bool, chunk):
+def _wavefront(cell: Cell, P, x, s0, eps, tap, gates: bool, chunk):
     """All layers at once along anti-diagonals; ``P`` has a leading layer axis.
 
     Args:
-      x: ``(T, B, H)`` layer-0 inputs; s0: ``{name: (L, B, H)}``; eps: ``{name: (L, T, B, H)}``.
+      x: ``(T, B, H)`` layer-0 inputs; s0: ``{name: (L, B, H)}``; eps: ``{name: (L, T, B, H)}``;
+      tap: ``{name: (L, T, B)}``.
     Returns:
       as :func:`_layer`, with a leading layer axis on every array.
     """
@@ -321,7 +368,8 @@ def _wavefront(cell: Cell, P, x, s0, eps, gates: bool, chunk):
         tc = jnp.clip(t, 0, T - 1)
         inputs = jnp.concatenate([x_s[None], below[:-1]])
         new, _, g = step(P, state, inputs, t)
-        new = {k: v + eps[k][lidx, tc] if k in eps else v for k, v in new.items()}
+        new = _leave(new, {k: v[lidx, tc] for k, v in eps.items()},
+                     {k: v[lidx, tc] for k, v in tap.items()})
         mask = active[:, None, None]
         new = {k: jnp.where(mask, v, state[k]) for k, v in new.items()}
         return (new, new["h"]), (new, g if gates else {})

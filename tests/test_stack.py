@@ -356,3 +356,34 @@ def test_bad_perturb_key():
 
 def test_package_exports():
     assert gradflow.Stack is Stack and gradflow.StackOutput._fields == ("states", "gates", "final")
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "g_lstm"])
+@pytest.mark.parametrize("order,checkpoint", [("layer", None), ("layer", 2), ("layer", "auto"),
+                                              ("wavefront", None), ("wavefront", 3)])
+def test_taps_give_the_norms_of_the_perturbation_gradients(name, order, checkpoint):
+    """``taps`` (norm_tap) against the perturbation gradients they summarise: for every state,
+    grad w.r.t. taps[l, b, t] == ||grad w.r.t. perturb[l, b, t, :]||_2."""
+    stack = Stack(name, layers=L, input_size=D, hidden_size=H, input_projection=True,
+                  order=order, checkpoint=checkpoint)
+    params = random_params(stack, 7)
+    xs = jnp.asarray(np.random.default_rng(8).standard_normal((B, T, D)))
+    names = stack.cell.state_names
+
+    def loss(out):  # every state of every layer and step matters, nonlinearly
+        return sum(jnp.sum(jnp.sin(3.0 * v) * (1 + jnp.arange(T))[:, None])
+                   for v in out.states.values())
+
+    eps = {k: jnp.zeros((L, B, T, H), F64) for k in names}
+    taps = {k: jnp.zeros((L, B, T), F64) for k in names}
+    g_eps = jax.grad(lambda e: loss(stack.apply(params, xs, perturb=e)))(eps)
+    g_tap = jax.jit(jax.grad(lambda t: loss(stack.apply(params, xs, taps=t))))(taps)
+    for k in names:
+        np.testing.assert_allclose(g_tap[k], np.linalg.norm(g_eps[k], axis=-1), rtol=1e-10,
+                                   atol=1e-14, err_msg=k)
+        assert np.all(np.asarray(g_tap[k]) > 0)
+    # taps are the identity in the forward pass
+    plain = stack.apply(params, xs)
+    np.testing.assert_array_equal(stack.apply(params, xs, taps=taps).h, plain.h)
+    with pytest.raises(ValueError, match="taps keys \\['z'\\] are not states"):
+        stack.apply(params, xs, taps={"z": taps[names[0]]})
