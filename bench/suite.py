@@ -53,8 +53,7 @@ def compile_hidden(pr, loss="last"):
 
 
 def compile_params(pr, loss="last"):
-    chunk = J._auto_chunk(pr.stack, pr.xs)
-    return compile_jit(J._params_map, pr.stack, pr.params, pr.xs, loss_of(pr, loss), chunk)
+    return compile_jit(J._params_map, pr.stack, pr.params, pr.xs, loss_of(pr, loss))
 
 
 def _floor_fns(pr, loss="last"):

@@ -9,9 +9,10 @@ maps are ``(L, T)`` arrays indexed ``[layer, time]``.
   all of them at once. ``wrt="params"``: :math:`P[l,t] = \mathrm{mean}_\theta |\partial \mathcal L/
   \partial \theta^l_{(t)}|`, the gradient w.r.t. the copy of layer ``l``'s parameters used at step
   ``t`` (:math:`\sum_t \partial\mathcal L/\partial\theta^l_{(t)} = \partial\mathcal L/\partial\theta^l`),
-  obtained without materialising ``L x T`` parameter copies: the backward pass gives the total
-  derivative of the loss w.r.t. every state, and the per-step parameter gradient is the VJP of
-  that one step with it, mapped over steps in chunks.
+  obtained in ONE backward pass without materialising ``L x T`` parameter copies: each step
+  uses its own tapped copy of its layer's parameters (:func:`gradflow.stack.mean_abs_tap`),
+  whose gradient is reduced to its mean absolute value inside the backward pass as soon as it
+  is formed (:func:`per_step_param_grads` is the direct, per-step-VJP formulation).
 * :func:`jacobian_map`: :math:`J[l,t] = \mathrm{mean}_b \|\partial h^{L'}_{T'}[b]/\partial h^l_t[b]\|`,
   exactly (one VJP per basis cotangent of the target, ``vmap``-ed in chunks) or estimated from
   ``k`` Gaussian probes (:math:`E\|v^\top J\|^2 = \|J\|_F^2`) with a standard error.
@@ -158,8 +159,7 @@ def state_gradients(stack: Stack, params, xs, loss_fn: Callable, names=("h",)):
 
 
 def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
-                 readout_seed: int = 0, chunk: int | None = None, meta: dict | None = None
-                 ) -> Result:
+                 readout_seed: int = 0, meta: dict | None = None) -> Result:
     r"""The ``[layer, time]`` map of gradient magnitudes.
 
     ``wrt="hidden"``: :math:`G[l,t] = \mathrm{mean}_b \|\partial\mathcal L/\partial h^l_t[b]\|_2`,
@@ -174,8 +174,6 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
       loss: ``"last"``, ``"all"`` (see :func:`readout_loss`) or ``fn(outputs: (B, T, H)) -> scalar``.
       wrt: ``"hidden"``, ``"cell"`` or ``"params"``.
       readout_seed: seed of the default readout and labels.
-      chunk: steps per vectorised chunk of the per-step parameter VJPs (``wrt="params"``;
-        default: all steps at once up to ~64 MiB of parameter copies).
       meta: extra config recorded in the result (e.g. ``problem(...).config``).
     Returns:
       Result ``kind="gradient_map"`` with ``values: (L, T)`` and ``loss_value: ()``.
@@ -188,8 +186,7 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
                          f"{stack.cell.name!r} has only {', '.join(stack.cell.state_names)}")
     loss_fn, loss_name = _loss(loss, stack, xs, readout_seed)
     if wrt == "params":
-        chunk = chunk or _auto_chunk(stack, xs)
-        value, vals = _params_map(stack, params, xs, loss_fn, chunk)
+        value, vals = _params_map(stack, params, xs, loss_fn)
     else:
         value, vals = _state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
     config = _config(stack, xs, meta, loss=loss_name, wrt=wrt, readout_seed=readout_seed)
@@ -205,13 +202,6 @@ def _state_map(stack, params, xs, loss_fn, name):
     value, norms = jax.value_and_grad(
         lambda taps: loss_fn(stack.apply(params, xs, taps=taps).top))(zeros)
     return value, jnp.mean(norms[name], axis=1)  # (L, T)
-
-
-def _auto_chunk(stack: Stack, xs) -> int:
-    n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(
-        jax.eval_shape(lambda k: stack.init(k), jax.random.key(0))["layers"][-1]))
-    per_step = n * jnp.dtype(xs.dtype).itemsize  # one parameter-gradient copy per step
-    return int(max(1, min(xs.shape[1], (64 << 20) // per_step)))
 
 
 def _layer_inputs(stack: Stack, params, xs, out):
@@ -285,14 +275,13 @@ def per_step_param_grads(stack: Stack, params, xs, loss_fn: Callable, reduce=Non
     return value, _per_layer(stack, layer, params, prev, inputs, grads)
 
 
-def _mean_abs(tree):
-    leaves = jax.tree_util.tree_leaves(tree)
-    return sum(jnp.sum(jnp.abs(a)) for a in leaves) / sum(a.size for a in leaves)
-
-
-@functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "chunk"))
-def _params_map(stack, params, xs, loss_fn, chunk):
-    return per_step_param_grads(stack, params, xs, loss_fn, _mean_abs, chunk)
+@functools.partial(jax.jit, static_argnames=("stack", "loss_fn"))
+def _params_map(stack, params, xs, loss_fn):
+    # Parameter taps (Stack.apply(param_taps=...)): one forward and one backward pass, each
+    # step's parameter gradient reduced to its mean |.| where the backward pass forms it.
+    zeros = jnp.zeros((stack.layers, xs.shape[1]), xs.dtype)
+    return jax.value_and_grad(
+        lambda taps: loss_fn(stack.apply(params, xs, param_taps=taps).top))(zeros)
 
 
 # ---------------------------------------------------------------------------------------------

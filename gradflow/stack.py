@@ -183,7 +183,7 @@ class Stack:
             raise ValueError(f"inputs need at least one example and one step, got {shape}")
 
     def apply(self, params: dict, xs, *, state0: dict | None = None, perturb: dict | None = None,
-              taps: dict | None = None, gates: bool = False) -> StackOutput:
+              taps: dict | None = None, param_taps=None, gates: bool = False) -> StackOutput:
         r"""Run the stack over a batch of sequences.
 
         Args:
@@ -195,6 +195,11 @@ class Stack:
           taps: ``{name: (L, B, T)}`` (zeros): the gradient of a loss w.r.t. ``taps[name]`` is
             :math:`\|\partial\mathcal L/\partial s^l_t[b]\|_2` per layer, example and step
             (:func:`norm_tap`), at ``H`` times less memory than differentiating ``perturb``.
+          param_taps: ``(L, T)`` (zeros): every step uses its own tapped copy of its layer's
+            parameters (input projection included, so it runs step by step) and the gradient of
+            a loss w.r.t. ``param_taps[l, t]`` is
+            :math:`\mathrm{mean}_\theta|\partial\mathcal L/\partial\theta^l_{(t)}|`
+            (:func:`mean_abs_tap`).
           gates: also return every reported gate activation.
         Returns:
           :class:`StackOutput` with ``(L, B, T, H)`` states and gates.
@@ -217,13 +222,16 @@ class Stack:
             x = x @ params["input"]["W"] + params["input"]["b"]
         eps = {k: jnp.swapaxes(v, 1, 2) for k, v in perturb.items()}  # (L, T, B, H)
         tap = {k: jnp.swapaxes(v, 1, 2) for k, v in taps.items()}  # (L, T, B)
+        if param_taps is not None and jnp.shape(param_taps) != (L, T):
+            raise ValueError(f"param_taps must have shape (layers, steps) = {(L, T)}, got "
+                             f"{jnp.shape(param_taps)}")
         chunk = self._chunk(T)
         if self.order == "wavefront":
             states, gts, final = _wavefront(self.cell, _stack_layers(params["layers"]), x,
-                                            state0, eps, tap, gates, chunk)
+                                            state0, eps, tap, param_taps, gates, chunk)
         else:
-            states, gts, final = self._layerwise(params["layers"], x, state0, eps, tap, gates,
-                                                 chunk)
+            states, gts, final = self._layerwise(params["layers"], x, state0, eps, tap,
+                                                 param_taps, gates, chunk)
         t = lambda v: jnp.swapaxes(v, 1, 2)  # noqa: E731  (L, T, B, H) -> (L, B, T, H)
         return StackOutput({k: t(v) for k, v in states.items()},
                            {k: t(v) for k, v in gts.items()}, final)
@@ -235,12 +243,12 @@ class Stack:
             return max(1, math.ceil(math.sqrt(T)))
         return min(self.checkpoint, T)
 
-    def _layerwise(self, layers, x, state0, eps, tap, gates, chunk):
+    def _layerwise(self, layers, x, state0, eps, tap, ptap, gates, chunk):
         L = self.layers
         pick = lambda tree, l: jax.tree_util.tree_map(lambda a: a[l], tree)  # noqa: E731
 
-        def run(p, xx, s0, e, tp):
-            return _layer(self.cell, p, xx, s0, e, tp, gates, chunk)
+        def run(p, xx, s0, e, tp, ptp):
+            return _layer(self.cell, p, xx, s0, e, tp, ptp, gates, chunk)
 
         if chunk is not None:
             # Checkpointed: a layer keeps only its input for the backward pass and recomputes
@@ -250,20 +258,20 @@ class Stack:
         start = 0
         if not self.uniform or L == 1:  # layer 0 has its own shape (or there is only one layer)
             outs.append(jax.tree_util.tree_map(lambda a: a[None], run(
-                layers[0], x, pick(state0, 0), pick(eps, 0), pick(tap, 0))))
+                layers[0], x, pick(state0, 0), pick(eps, 0), pick(tap, 0), pick(ptap, 0))))
             x = outs[-1][0]["h"][0]
             start = 1
         if start < L:
             rest = slice(start, L)
 
             def body(xx, inp):
-                p, s0, e, tp = inp
-                states, gts, final = run(p, xx, s0, e, tp)
+                p, s0, e, tp, ptp = inp
+                states, gts, final = run(p, xx, s0, e, tp, ptp)
                 return states["h"], (states, gts, final)
 
             sl = lambda tree: jax.tree_util.tree_map(lambda a: a[rest], tree)  # noqa: E731
             _, out = lax.scan(body, x, (_stack_layers(layers[start:]), sl(state0), sl(eps),
-                                        sl(tap)))
+                                        sl(tap), sl(ptap)))
             outs.append(out)
         if len(outs) == 1:
             return outs[0]
@@ -291,6 +299,36 @@ def _norm_tap_bwd(_, g):
 
 
 norm_tap.defvjp(_norm_tap_fwd, _norm_tap_bwd)
+
+
+@jax.custom_vjp
+def mean_abs_tap(p, s):
+    r"""Identity on a parameter tree ``p``; the cotangent it hands to ``s`` is the mean of
+    :math:`|\partial\mathcal L/\partial p|` over every entry of the tree (for ``s`` with axes,
+    per index of ``p``'s leading axes of that shape, e.g. ``s: (L,)`` for layer-stacked
+    parameters). ``p`` itself gets a zero cotangent: the tap measures, it does not train.
+
+    A step that uses ``mean_abs_tap(p, s_t)`` as its own copy of the parameters makes
+    ``jax.grad`` w.r.t. zeros ``s`` the per-step parameter-gradient map
+    :math:`\mathrm{mean}_\theta|\partial\mathcal L/\partial\theta_{(t)}|`, each step's gradient
+    reduced inside the backward pass as soon as it is formed.
+    """
+    return p
+
+
+def _mean_abs_tap_fwd(p, s):
+    return p, s
+
+
+def _mean_abs_tap_bwd(s, g):
+    leaves = jax.tree_util.tree_leaves(g)
+    n = s.ndim
+    total = sum(jnp.sum(jnp.abs(a), axis=tuple(range(n, a.ndim))) for a in leaves)
+    count = sum(math.prod(a.shape[n:]) for a in leaves)
+    return jax.tree_util.tree_map(jnp.zeros_like, g), (total / count).astype(s.dtype)
+
+
+mean_abs_tap.defvjp(_mean_abs_tap_fwd, _mean_abs_tap_bwd)
 
 
 def _leave(new: dict, e_t: dict, tap_t: dict) -> dict:
@@ -322,34 +360,43 @@ def _scan(body, carry, xs, length, chunk):
     return carry, ys
 
 
-def _layer(cell: Cell, p, x, s0, eps, tap, gates: bool, chunk):
+def _layer(cell: Cell, p, x, s0, eps, tap, ptap, gates: bool, chunk):
     """One layer over a whole sequence.
 
     Args:
       x: ``(T, B, in)``; s0: ``{name: (B, H)}``; eps: ``{name: (T, B, H)}`` and
-      tap: ``{name: (T, B)}`` (subsets of the states).
+      tap: ``{name: (T, B)}`` (subsets of the states); ptap: ``(T,)`` parameter taps or None.
     Returns:
       ``(states {name: (T, B, H)}, gates {g: (T, B, H)}, final {name: (B, H)})``.
     """
     T = x.shape[0]
-    xp = cell.project(p, x)  # the whole sequence's input side: one matmul
+    if ptap is None:
+        xin = cell.project(p, x)  # the whole sequence's input side: one matmul
+
+        def step(state, xp_t, _, t):
+            return cell.recur(p, state, xp_t, t)
+    else:  # each step its own tapped copy of the parameters, for its input side too
+        xin = x
+
+        def step(state, x_t, ptap_t, t):
+            return cell.step(mean_abs_tap(p, ptap_t), state, x_t, t)
 
     def body(state, inp):
-        xp_t, e_t, tap_t, t = inp
-        new, _, g = cell.recur(p, state, xp_t, t)
+        xin_t, e_t, tap_t, ptap_t, t = inp
+        new, _, g = step(state, xin_t, ptap_t, t)
         new = _leave(new, e_t, tap_t)
         return new, (new, g if gates else {})
 
-    final, (states, gts) = _scan(body, s0, (xp, eps, tap, jnp.arange(T)), T, chunk)
+    final, (states, gts) = _scan(body, s0, (xin, eps, tap, ptap, jnp.arange(T)), T, chunk)
     return states, gts, final
 
 
-def _wavefront(cell: Cell, P, x, s0, eps, tap, gates: bool, chunk):
+def _wavefront(cell: Cell, P, x, s0, eps, tap, ptap, gates: bool, chunk):
     """All layers at once along anti-diagonals; ``P`` has a leading layer axis.
 
     Args:
       x: ``(T, B, H)`` layer-0 inputs; s0: ``{name: (L, B, H)}``; eps: ``{name: (L, T, B, H)}``;
-      tap: ``{name: (L, T, B)}``.
+      tap: ``{name: (L, T, B)}``; ptap: ``(L, T)`` parameter taps or None.
     Returns:
       as :func:`_layer`, with a leading layer axis on every array.
     """
@@ -367,7 +414,8 @@ def _wavefront(cell: Cell, P, x, s0, eps, tap, gates: bool, chunk):
         active = (t >= 0) & (t < T)
         tc = jnp.clip(t, 0, T - 1)
         inputs = jnp.concatenate([x_s[None], below[:-1]])
-        new, _, g = step(P, state, inputs, t)
+        Pt = P if ptap is None else mean_abs_tap(P, ptap[lidx, tc])
+        new, _, g = step(Pt, state, inputs, t)
         new = _leave(new, {k: v[lidx, tc] for k, v in eps.items()},
                      {k: v[lidx, tc] for k, v in tap.items()})
         mask = active[:, None, None]

@@ -62,39 +62,36 @@ def seed_problem(stack: Stack, seed, *, steps: int, batch: int, dtype, input_sca
     return params, xs
 
 
-def _map_fn(stack: Stack, *, steps, batch, dtype, input_scale, loss, wrt, readout_seed, chunk):
+def _map_fn(stack: Stack, *, steps, batch, dtype, input_scale, loss, wrt, readout_seed):
     """``seed -> (loss value (), map (L, T))`` for one seed, traceable under vmap."""
     if callable(loss):
         loss_fn = loss
     else:
         loss_fn = _jac.readout_loss(loss, stack.hidden_size, steps, batch, readout_seed, dtype)
-    if wrt == "params":
-        like = jax.ShapeDtypeStruct((batch, steps, stack.input_size), dtype)
-        chunk = chunk or _jac._auto_chunk(stack, like)
 
     def one(seed):
         params, xs = seed_problem(stack, seed, steps=steps, batch=batch, dtype=dtype,
                                   input_scale=input_scale)
         if wrt == "params":
-            return _jac._params_map(stack, params, xs, loss_fn, chunk)
+            return _jac._params_map(stack, params, xs, loss_fn)
         return _jac._state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
 
     return one
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_map(stack, mesh, steps, batch, dtype, input_scale, loss, wrt, readout_seed, chunk):
+def _sharded_map(stack, mesh, steps, batch, dtype, input_scale, loss, wrt, readout_seed):
     """The jitted ``seeds: (S,) -> (values (S,), maps (S, L, T))``, built once per configuration
     (all arguments hashable) so repeated sweeps reuse one compiled program per seed count."""
     shard = NamedSharding(mesh, PartitionSpec(AXIS))
     one = _map_fn(stack, steps=steps, batch=batch, dtype=dtype, input_scale=input_scale,
-                  loss=loss, wrt=wrt, readout_seed=readout_seed, chunk=chunk)
+                  loss=loss, wrt=wrt, readout_seed=readout_seed)
     return jax.jit(jax.vmap(one), in_shardings=shard, out_shardings=(shard, shard))
 
 
 def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float32,
                  input_scale: float = 1.0, loss="last", wrt: str = "hidden",
-                 readout_seed: int = 0, chunk: int | None = None, devices=None):
+                 readout_seed: int = 0, devices=None):
     r"""The sharded computation behind :func:`sweep`, for one stack.
 
     Returns:
@@ -108,7 +105,7 @@ def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float
     seed_vec = np.array(seeds + (seeds[-1],) * (padded - len(seeds)), np.int32)
     shard = NamedSharding(mesh, PartitionSpec(AXIS))
     run = _sharded_map(stack, mesh, int(steps), int(batch), jnp.dtype(dtype), float(input_scale),
-                       loss, wrt, int(readout_seed), chunk)
+                       loss, wrt, int(readout_seed))
     values, maps = run(jax.device_put(seed_vec, shard))
     n = len(seeds)
     if padded == n:
@@ -120,7 +117,7 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
           batch: int = 16, loss="last", wrt: str = "hidden", input_size: int | None = None,
           dtype: str = "float32", input_scale: float = 1.0, readout_seed: int = 0,
           stack_options: dict | None = None, cell_options: dict | None = None,
-          chunk: int | None = None, devices=None) -> dict[str, Result]:
+          devices=None) -> dict[str, Result]:
     r"""Gradient maps of every cell for every seed, seeds vectorised and sharded over devices.
 
     For cell ``c`` and seed ``s`` the map equals
@@ -132,7 +129,7 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
       seeds: integers in ``[0, 2**31 - 1)``; ``S = len(seeds)``.
       layers, steps, hidden, batch, input_size, dtype, input_scale, stack_options: as
         :func:`gradflow.problem`.
-      loss, wrt, readout_seed, chunk: as :func:`gradflow.gradient_map`.
+      loss, wrt, readout_seed: as :func:`gradflow.gradient_map`.
       devices: the devices to shard the seeds over (default ``jax.devices()``).
     Returns:
       ``{cell: Result}``, each ``kind="gradient_map"`` with ``values: (S, L, T)``,
@@ -161,7 +158,7 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                              f"{stack.cell.name!r} has only {', '.join(stack.cell.state_names)}")
         values, maps = sweep_arrays(stack, seeds, steps=steps, batch=batch, dtype=dt,
                                     input_scale=input_scale, loss=loss, wrt=wrt,
-                                    readout_seed=readout_seed, chunk=chunk, devices=devices)
+                                    readout_seed=readout_seed, devices=devices)
         config = {**stack.config, "steps": steps, "batch": batch, "dtype": str(dt),
                   "input_scale": float(input_scale), "seeds": list(seeds),
                   "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),

@@ -142,11 +142,31 @@ def test_params_map_per_step_copies(cell):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
 
 
-def test_params_map_chunking_is_exact():
+def test_per_step_param_grads_chunking_is_exact():
     stack, params, xs = make("lstm")
-    a = J.gradient_map(stack, params, xs, wrt="params", chunk=1).values
-    b = J.gradient_map(stack, params, xs, wrt="params", chunk=3).values
-    np.testing.assert_allclose(a, b, rtol=1e-12)
+    loss_fn = J.readout_loss("all", H, T, B, 0, xs.dtype)
+    _, a = J.per_step_param_grads(stack, params, xs, loss_fn, chunk=1)
+    _, b = J.per_step_param_grads(stack, params, xs, loss_fn, chunk=3)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cell,order,checkpoint", [
+    ("lstm", "layer", None), ("gru", "wavefront", None), ("g_lstm", "layer", 2),
+    ("ur_lstm", "wavefront", 3), ("indrnn", "layer", "auto"), ("refined_gru", "layer", None)])
+def test_params_map_taps_equal_per_step_vjps(cell, order, checkpoint):
+    """The tapped params map (one backward pass) against the per-step VJP formulation."""
+    stack, params, xs = make(cell)
+    stack = stack.replace(order=order, checkpoint=checkpoint)
+    for loss in ("last", "all"):
+        loss_fn = J.readout_loss(loss, H, T, B, 0, xs.dtype)
+        res = J.gradient_map(stack, params, xs, loss=loss, wrt="params")
+        value, per_step = J.per_step_param_grads(stack, params, xs, loss_fn)
+        leaves = jax.tree_util.tree_leaves(per_step)
+        ref = sum(np.abs(np.asarray(a)).reshape(L, T, -1).sum(-1) for a in leaves) / sum(
+            np.prod(a.shape[2:]) for a in leaves)
+        np.testing.assert_allclose(res.values, ref, rtol=1e-10, atol=1e-15)
+        np.testing.assert_allclose(res.loss_value, value, rtol=1e-12)
 
 
 def per_example_jacobians(stack, params, xs, target):

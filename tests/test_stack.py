@@ -387,3 +387,5 @@ def test_taps_give_the_norms_of_the_perturbation_gradients(name, order, checkpoi
     np.testing.assert_array_equal(stack.apply(params, xs, taps=taps).h, plain.h)
     with pytest.raises(ValueError, match="taps keys \\['z'\\] are not states"):
         stack.apply(params, xs, taps={"z": taps[names[0]]})
+    with pytest.raises(ValueError, match="param_taps must have shape \\(layers, steps\\)"):
+        stack.apply(params, xs, param_taps=jnp.zeros((L, T + 1)))
