@@ -2,10 +2,15 @@ r"""Gradient maps for many cells x many seeds, the seeds vectorised and sharded 
 
 For each cell, the per-seed problem of :func:`gradflow.problem` (parameters from ``key(seed)``,
 inputs ``input_scale * N(0, 1)`` from ``key(seed + 1)``) and its gradient map
-(:func:`gradflow.gradient_map`) are built *inside* one ``jax.vmap`` over the seed axis, so one
-compiled program serves every seed, and that seed axis is sharded over the devices with
-``NamedSharding(Mesh(devices, ("seeds",)), P("seeds"))``: device ``d`` builds and measures its own
-seeds; nothing but the ``(S,)`` seed vector goes in and the ``(S, L, T)`` maps come out.
+(:func:`gradflow.gradient_map`) are built inside one compiled program whose seed axis is split
+over the devices with ``jax.shard_map`` on ``Mesh(devices, ("seeds",))``: device ``d`` builds
+its own seeds' problems and measures them (``jax.vmap`` over its seeds); nothing but the
+``(S,)`` seed vector goes in and the ``(S, L, T)`` maps come out.
+
+The problems are built with ``lax.map`` (one seed after another) rather than ``vmap``: under
+``vmap`` the orthogonal inits of several layers (batched QR decompositions) deadlock XLA's CPU
+runtime (jax/jaxlib 0.10.2; two LSTM layers of H = 64 suffice), and building parameters is a
+negligible part of the work.
 
 The seed count is padded (repeating the last seed) to a multiple of the device count and the
 padding dropped afterwards. On CPU, several devices can be simulated with
@@ -20,6 +25,7 @@ import operator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import cells as _cells
@@ -63,30 +69,40 @@ def seed_problem(stack: Stack, seed, *, steps: int, batch: int, dtype, input_sca
 
 
 def _map_fn(stack: Stack, *, steps, batch, dtype, input_scale, loss, wrt, readout_seed):
-    """``seed -> (loss value (), map (L, T))`` for one seed, traceable under vmap."""
+    """``seeds: (S,) -> (loss values (S,), maps (S, L, T))`` on one device."""
     if callable(loss):
         loss_fn = loss
     else:
         loss_fn = _jac.readout_loss(loss, stack.hidden_size, steps, batch, readout_seed, dtype)
 
-    def one(seed):
-        params, xs = seed_problem(stack, seed, steps=steps, batch=batch, dtype=dtype,
-                                  input_scale=input_scale)
+    def build(seed):
+        return seed_problem(stack, seed, steps=steps, batch=batch, dtype=dtype,
+                            input_scale=input_scale)
+
+    def measure(params, xs):
         if wrt == "params":
             return _jac._params_map(stack, params, xs, loss_fn)
         return _jac._state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
 
-    return one
+    def local(seeds):
+        params, xs = lax.map(build, seeds)  # not vmap: see the module docstring
+        return jax.vmap(measure)(params, xs)
+
+    return local
 
 
 @functools.lru_cache(maxsize=64)
 def _sharded_map(stack, mesh, steps, batch, dtype, input_scale, loss, wrt, readout_seed):
-    """The jitted ``seeds: (S,) -> (values (S,), maps (S, L, T))``, built once per configuration
-    (all arguments hashable) so repeated sweeps reuse one compiled program per seed count."""
-    shard = NamedSharding(mesh, PartitionSpec(AXIS))
-    one = _map_fn(stack, steps=steps, batch=batch, dtype=dtype, input_scale=input_scale,
-                  loss=loss, wrt=wrt, readout_seed=readout_seed)
-    return jax.jit(jax.vmap(one), in_shardings=shard, out_shardings=(shard, shard))
+    """The jitted ``seeds: (S,) -> (values (S,), maps (S, L, T))``, each device computing its
+    own seeds, built once per configuration (all arguments hashable) so repeated sweeps reuse
+    one compiled program per seed count."""
+    local = _map_fn(stack, steps=steps, batch=batch, dtype=dtype, input_scale=input_scale,
+                    loss=loss, wrt=wrt, readout_seed=readout_seed)
+    spec = PartitionSpec(AXIS)
+    # check_vma=False: no collectives here, each device's seeds are independent; the check
+    # would otherwise ask every zero initial state inside the stack to be marked per-device.
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=(spec, spec),
+                                 check_vma=False))
 
 
 def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float32,

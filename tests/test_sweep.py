@@ -127,3 +127,27 @@ def test_repeated_sweeps_reuse_one_compiled_program():
     info = S._sharded_map.cache_info()
     assert (info.misses, info.hits) == (1, 1)
     np.testing.assert_array_equal(first.values, again.values)
+
+
+DEEP = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from gradflow.sweep import sweep
+    res = sweep("lstm", [0, 1], layers=2, steps=32, hidden=64, batch=8)["lstm"]
+    np.save(sys.argv[1], res.values)
+""")
+
+
+def test_sweep_of_several_layers_at_h64_finishes(tmp_path):
+    """Regression: vmapped orthogonal inits of two H = 64 layers deadlocked XLA's CPU runtime
+    (the sweep now builds its problems with lax.map). In a subprocess with a time limit, so a
+    recurrence fails instead of hanging the suite; the maps equal per-seed gradient maps."""
+    path = tmp_path / "deep.npy"
+    done = subprocess.run([sys.executable, "-c", DEEP, str(path)], capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    maps = np.load(path)
+    for i, seed in enumerate([0, 1]):
+        pr = gradflow.problem("lstm", seed=seed, layers=2, steps=32, hidden=64, batch=8)
+        ref = gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss="last", wrt="hidden")
+        np.testing.assert_allclose(maps[i], ref.values, rtol=2e-5)
