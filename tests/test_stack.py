@@ -18,26 +18,25 @@ from jax.test_util import check_grads
 
 import gradflow
 from gradflow import Stack, cells
+from test_cells import random_params as random_cell_params
 
 F64, F32 = jnp.float64, jnp.float32
 L, T, B, H, D = 3, 5, 2, 4, 3
 
 
 def random_params(stack, seed, dtype=F64, scale=0.5):
-    """Params in ``stack.init``'s layout, every entry ``N(0.1, scale^2)`` (NumPy), so no bias is
-    zero; time-gate params in ranges that make the gates open and close within a few steps."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda k: stack.init(k, dtype), jax.random.key(0))
-    p = jax.tree_util.tree_map(
-        lambda a: jnp.asarray(scale * rng.standard_normal(a.shape) + 0.1, dtype), shapes)
-    for q in p["layers"]:
-        if "time" in q:
-            u = lambda lo, hi: jnp.asarray(rng.uniform(lo, hi, stack.hidden_size), dtype)  # noqa
-            if "mu" in q["time"]:
-                q["time"] = {"mu": u(0.0, 5.0), "sigma": u(0.7, 2.5)}
-            else:
-                tau = u(2.0, 5.0)
-                q["time"] = {"tau": tau, "s": u(0.0, 1.0) * tau, "r_on": u(0.3, 0.9)}
+    """Params in ``stack.init``'s layout: each layer's from :func:`test_cells.random_params`
+    (every entry ``N(0.1, scale^2)``, so no bias is zero; time gates that open and close within
+    a few steps), the input projection likewise."""
+    H = stack.hidden_size
+    first = H if stack.input_projection else stack.input_size
+    p = {"layers": [random_cell_params(stack.cell, seed * 1000 + l, first if l == 0 else H, H,
+                                       dtype, scale) for l in range(stack.layers)]}
+    if stack.input_projection:
+        rng = np.random.default_rng(seed + 10 ** 6)
+        p["input"] = {"W": jnp.asarray(scale * rng.standard_normal((stack.input_size, H)) + 0.1,
+                                       dtype),
+                      "b": jnp.asarray(scale * rng.standard_normal(H) + 0.1, dtype)}
     return p
 
 
