@@ -15,6 +15,20 @@ import time
 
 
 def _rss_mib() -> float:
+    """This process's peak resident set size in MiB.
+
+    Linux's ``VmHWM`` belongs to the address space that ``execve`` creates, whereas
+    ``getrusage().ru_maxrss`` survives ``execve`` and so reports the parent's peak (the bench
+    process, torch and JAX loaded) for a child started from it; ``ru_maxrss`` only where there
+    is no ``/proc``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
