@@ -216,7 +216,6 @@ def flop_rate(cfg, floor_result: dict | None = None) -> dict:
     fwd_c, _ = compile_jit(lambda p, x: pr.stack.apply(p, x).top, pr.params, pr.xs)
     n_map = flops.hidden_map(L, T, H, B, H, G)
     n_fwd = flops.forward(L, T, H, B, H, G)
-    lf = loss_of(pr)
     peak = matmul_peak(cfg["matmul"], reps)
     t = timed({"hidden_map": lambda: block(compiled(pr.params, pr.xs)),
                "forward": lambda: block(fwd_c(pr.params, pr.xs))}, reps)

@@ -96,7 +96,7 @@ def jacobian_map(cells, xs: torch.Tensor, chunk_size: int | None = None) -> torc
     """
     from torch.func import jacrev, vmap
     wih, whh, bias = stacked_weights(cells)
-    L, G, H = whh.shape[0], whh.shape[1], whh.shape[2]
+    L, H = whh.shape[0], whh.shape[2]
     T = xs.shape[1]
 
     def top_last(eps, x):  # one example: eps (L, T, H), x (T, D) -> h^{L-1}_{T-1}: (H,)

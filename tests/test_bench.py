@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gradflow
-from bench import flops, report, run, suite
+from bench import flops, report, run
 
 TINY = {
     "std": {"L": 2, "T": 5, "H": 8, "B": 3},

@@ -1,7 +1,6 @@
 """The four paper notebooks run top to bottom at the small size (``GRADFLOW_NOTEBOOK_SIZE=small``)
 and the committed copies hold the outputs of a full-size run that raised no error and end with
 a written verdict."""
-import os
 from pathlib import Path
 
 import nbformat
