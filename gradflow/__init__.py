@@ -2,14 +2,38 @@
 
 The package reads bottom-up: ``cells`` -> ``Stack`` -> measurements (``jacobian``, ``gates``)
 -> ``results`` -> ``plot`` / ``cli``; training (``tasks``, ``train``) sits beside them.
+
+Names are loaded on first use (module ``__getattr__``, PEP 562): ``import gradflow`` costs
+nothing, and ``gradflow --help`` answers without importing JAX; ``gradflow.Stack`` or
+``from gradflow import gradient_map`` imports what it needs.
 """
-from gradflow import cells, gates, jacobian, results, tasks, train
-from gradflow.jacobian import gradient_map, jacobian_map, local_gains
-from gradflow.problem import Problem, problem
-from gradflow.results import Result, load
-from gradflow.stack import Stack, StackOutput
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["cells", "gates", "jacobian", "results", "tasks", "train", "Stack", "StackOutput", "Problem", "problem",
-           "gradient_map", "jacobian_map", "local_gains", "Result", "load", "__version__"]
+# name -> the submodule that defines it
+_ATTRS = {
+    "gradient_map": "jacobian", "jacobian_map": "jacobian", "local_gains": "jacobian",
+    "Problem": "problem", "problem": "problem",
+    "Result": "results", "load": "results",
+    "Stack": "stack", "StackOutput": "stack",
+}
+_SUBMODULES = ("cells", "gates", "jacobian", "results", "tasks", "train")
+
+__all__ = list(_SUBMODULES) + ["Stack", "StackOutput", "Problem", "problem", "gradient_map",
+                               "jacobian_map", "local_gains", "Result", "load", "__version__"]
+
+
+def __getattr__(name):
+    if name in _ATTRS:
+        value = getattr(importlib.import_module(f"gradflow.{_ATTRS[name]}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"gradflow.{name}")
+    else:
+        raise AttributeError(f"module 'gradflow' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
