@@ -18,6 +18,11 @@ from ``tasks.sample(task, fold_in(k_data, s), batch)`` and the fixed evaluation 
 ``k_eval`` (:func:`eval_batch_of`). So a run is determined by its seed, and a resumed run
 continues exactly where the interrupted one stopped.
 
+The pieces: :class:`TrainConfig` (the run's options, checked when built), :class:`TrainState`
+(parameters, optimiser state, step), :func:`init_state`, :func:`step` (one update),
+:func:`evaluate`, :func:`record`; :func:`train` runs them in a loop and, with ``run_dir``,
+saves the run as it goes (:mod:`gradflow.runs`).
+
 >>> stack = gradflow.Stack("lstm", layers=2, input_size=2, hidden_size=32)
 >>> hist = train(stack, tasks.make("adding", steps=20), steps=300, lr=1e-2, progress=False)
 >>> hist.curve.loss.shape, hist.curve.eval_loss[-1] < hist.curve.eval_loss[0]
@@ -29,25 +34,120 @@ import dataclasses
 import functools
 import json
 import math
-import operator
 import os
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow import checks, runs
 from gradflow import tasks as _tasks
-from gradflow.gates import TIME_GATED
+from gradflow.errors import user_input
 from gradflow.problem import dtype_of
 from gradflow.results import Result, make_result
 from gradflow.stack import Stack
 
-_STATE = "state.npz"
-_CURVE = "curve.npz"
-_META = "__meta__"
 # Config entries a resumed run may change: the total length, and the schedules derived from it.
 _RESUMABLE = ("train_steps", "eval_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The options of one run (see :func:`train` for their meaning), checked when built.
+
+    ``eval_every=None`` becomes ``max(1, steps // 10)``, ``record_batch=None`` becomes
+    ``eval_batch``; ``record_at`` becomes a sorted tuple, ``curriculum`` a tuple of
+    ``(until_step, seq_len)`` pairs.
+
+    Raises:
+      gradflow.errors.InputError: an option out of range, naming it.
+    """
+
+    steps: int = 500
+    batch: int = 32
+    lr: float = 1e-3
+    clip: float | None = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+    eval_every: int | None = None
+    eval_batch: int = 256
+    record_at: tuple = ()
+    record_batch: int | None = None
+    budget: float = 0.0
+    curriculum: tuple | None = None
+
+    def __post_init__(self):
+        with user_input():
+            for name, value in self._checked().items():
+                object.__setattr__(self, name, value)
+
+    def _checked(self) -> dict:
+        steps = checks.nonneg_int("steps", self.steps)
+        eval_batch = checks.positive_int("eval_batch", self.eval_batch)
+        lr, budget = float(self.lr), float(self.budget)
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if self.clip is not None and not float(self.clip) > 0:
+            raise ValueError(f"clip must be positive or None, got {self.clip}")
+        if not budget >= 0:
+            raise ValueError(f"budget must be >= 0, got {budget}")
+        record_at = tuple(sorted({checks.nonneg_int("record_at step", s) for s in self.record_at}))
+        if record_at and record_at[-1] > steps:
+            raise ValueError(f"record_at steps must lie in 0..{steps}, got {record_at[-1]}")
+        return dict(
+            steps=steps, batch=checks.positive_int("batch", self.batch), lr=lr,
+            clip=None if self.clip is None else float(self.clip),
+            seed=checks.nonneg_int("seed", self.seed), dtype=str(dtype_of(self.dtype)),
+            eval_every=(max(1, steps // 10) if self.eval_every is None
+                        else checks.positive_int("eval_every", self.eval_every)),
+            eval_batch=eval_batch, record_at=record_at,
+            record_batch=(eval_batch if self.record_batch is None
+                          else checks.positive_int("record_batch", self.record_batch)),
+            budget=budget, curriculum=_stages(self.curriculum))
+
+    def describe(self, stack: Stack, task, eval_task) -> dict:
+        """The run's JSON-able config: the stack's, the tasks', and these options."""
+        return {**stack.config, "task": task.config, "eval_task": eval_task.config,
+                "metric": task.metric, "train_steps": self.steps, "batch": self.batch,
+                "lr": self.lr, "clip": self.clip, "seed": self.seed, "dtype": self.dtype,
+                "budget": self.budget,
+                "curriculum": None if self.curriculum is None else [list(s) for s in
+                                                                    self.curriculum],
+                "eval_every": self.eval_every, "eval_batch": self.eval_batch,
+                "record_batch": self.record_batch}
+
+
+def _stages(curriculum):
+    """``[(until_step, seq_len), ...]`` as a tuple of positive int pairs, until_steps rising."""
+    if curriculum is None:
+        return None
+    try:
+        stages = tuple((checks.positive_int("curriculum until_step", u),
+                        checks.positive_int("curriculum seq_len", n)) for u, n in curriculum)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"curriculum must be a list of (until_step, seq_len) pairs of positive "
+                         f"integers: {e}") from None
+    untils = [u for u, _ in stages]
+    if any(b <= a for a, b in zip(untils, untils[1:])):
+        raise ValueError(f"curriculum until_steps must increase, got {untils}")
+    return stages
+
+
+class TrainState(NamedTuple):
+    """Where a run stands.
+
+    Attributes:
+      theta: ``(n,)`` every parameter of ``{"stack", "head"}``, raveled in flattening order
+        (Adam and the clip act on one array; :func:`params_of` gives the pytree back).
+      opt_state: the optimiser's state of ``theta``.
+      step: updates done.
+    """
+
+    theta: Any
+    opt_state: Any
+    step: int
+
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -100,43 +200,6 @@ def init_head(hidden_size: int, output_size: int, dtype) -> dict:
             "b": jnp.zeros((output_size,), dtype)}
 
 
-def _nonneg_int(name, value) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}") from None
-    if v < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return v
-
-
-def _positive_int(name, value) -> int:
-    v = _nonneg_int(name, value)
-    if v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return v
-
-
-def _check_curriculum(curriculum, task: _tasks.Task):
-    """Validate ``[(until_step, seq_len), ...]``; return it as a tuple of int pairs."""
-    if curriculum is None:
-        return None
-    try:
-        stages = tuple((_positive_int("curriculum until_step", u), _positive_int(
-            "curriculum seq_len", n)) for u, n in curriculum)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"curriculum must be a list of (until_step, seq_len) pairs of positive "
-                         f"integers: {e}") from None
-    untils = [u for u, _ in stages]
-    if any(b <= a for a, b in zip(untils, untils[1:])):
-        raise ValueError(f"curriculum until_steps must increase, got {untils}")
-    for _, n in stages:
-        _tasks.resize(task, n)  # raises for fixed-length tasks and impossible lengths
-    return stages
-
-
 def _length_at(step: int, stages, full: int) -> int:
     """The training sequence length at ``step``: the first stage with ``step < until``."""
     for until, n in stages or ():
@@ -146,11 +209,11 @@ def _length_at(step: int, stages, full: int) -> int:
 
 
 def _rescale_time_gate(stack: Stack, params: dict, ratio: float) -> dict:
-    """g-LSTM's ``mu, sigma`` multiplied by ``ratio`` in every layer (other cells unchanged)."""
-    if stack.cell.name != "g_lstm":
+    """The time parameters stretched by ``ratio`` in every layer, as the cell declares it
+    (:attr:`gradflow.cells.Cell.rescale_time`: g-LSTM's ``mu, sigma``; other cells unchanged)."""
+    if stack.cell.rescale_time is None:
         return params
-    layers = [{**p, "time": {k: v * ratio for k, v in p["time"].items()}}
-              for p in params["stack"]["layers"]]
+    layers = [stack.cell.rescale_time(p, ratio) for p in params["stack"]["layers"]]
     return {**params, "stack": {**params["stack"], "layers": layers}}
 
 
@@ -212,15 +275,15 @@ def _optimizer(clip):
 
 
 def _timed(stack: Stack) -> bool:
-    """Whether the stack's cell has a time gate ``k`` (STAR's gate is also named ``k``: it is
+    """Whether the stack's cell declares a time gate (STAR's gate is also named ``k``: it is
     an ordinary input-dependent gate, not a time gate)."""
-    return stack.cell.name in TIME_GATED
+    return stack.cell.time_gate is not None
 
 
 def _forward(params, xs, stack: Stack, gates: bool):
     """``(out (B, T, K), k (L, B, T, H) or None)``."""
     o = stack.apply(params["stack"], xs, gates=gates)
-    return readout(params["head"], o.top), o.gates.get("k")
+    return readout(params["head"], o.top), o.gates.get(stack.cell.time_gate)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
@@ -267,29 +330,265 @@ def eval_batch_of(task: _tasks.Task, key, size: int, batch: int, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: <dir>/curve.npz (the learning curve so far), <dir>/record-NNNNN.npz (one per
-# recorded measurement) and <dir>/state.npz (params, optimiser state and an index), written last
-# so that a state file always describes complete files.
+# The pieces of a run
 
 
-def _write_state(directory, step, leaves, config, index):
-    meta = json.dumps({"step": step, "config": config, "records": index})
-    tmp = os.path.join(directory, "state.tmp.npz")
-    np.savez(tmp, **{_META: np.array(meta)},
-             **{f"leaf{i:05d}": np.asarray(a) for i, a in enumerate(leaves)})
-    os.replace(tmp, os.path.join(directory, _STATE))
+def keys(seed: int):
+    """``(k_init, k_data, k_eval) = split(key(seed), 3)``: the stack's init, the training
+    batches (``fold_in(k_data, step)``), the fixed evaluation batch."""
+    return tuple(jax.random.split(jax.random.key(seed), 3))
 
 
-def _read_state(directory):
-    with np.load(os.path.join(directory, _STATE), allow_pickle=False) as f:
-        meta = json.loads(str(f[_META]))
-        leaves = [f[k] for k in sorted(k for k in f.files if k != _META)]
-    return meta, leaves
+def params_of(state: TrainState, spec) -> dict:
+    """The ``{"stack", "head"}`` pytree of ``state.theta`` (on the host, nothing compiled)."""
+    return _unflatten_host(state.theta, spec)
 
 
-def _config_mismatch(old: dict, new: dict) -> list:
-    keys = (set(old) | set(new)) - set(_RESUMABLE)
-    return sorted(k for k in keys if old.get(k) != new.get(k))
+def init_state(stack: Stack, task, cfg: TrainConfig, params=None) -> tuple[TrainState, tuple]:
+    """``(TrainState at step 0, spec)``: ``params`` (``{"stack", "head"}``, or the stack's
+    params alone with a fresh head) or fresh ones from ``k_init``; ``spec`` is the layout
+    that :func:`params_of` inverts."""
+    dt = jnp.dtype(cfg.dtype)
+    fresh = {"stack": stack.init(keys(cfg.seed)[0], dt),
+             "head": init_head(stack.hidden_size, task.output_size, dt)}
+    if params is None:
+        params = fresh
+    else:
+        if "stack" not in params:
+            params = {"stack": params, "head": fresh["head"]}
+        _check_params(params, fresh)
+    theta = _flatten(params, dt)
+    return TrainState(theta, _optimizer(math.inf).init(theta), 0), _spec(fresh)
+
+
+def step(state: TrainState, batch, cfg: TrainConfig, *, spec, stack: Stack, kind: str):
+    """One update on ``batch = (xs, ys, mask)``: ``(next state, task loss, metric)``."""
+    dt = jnp.dtype(cfg.dtype)
+    clip = math.inf if cfg.clip is None else cfg.clip
+    theta, opt_state, loss, metric = _update(
+        state.theta, state.opt_state, *batch, jnp.asarray(cfg.lr, dt), jnp.asarray(clip, dt),
+        jnp.asarray(cfg.budget, dt), spec=spec, stack=stack, kind=kind)
+    return TrainState(theta, opt_state, state.step + 1), loss, metric
+
+
+def evaluate(state: TrainState, batch, *, spec, stack: Stack, kind: str) -> dict:
+    """``{"eval_loss", "eval_metric"}`` (and ``"eval_mean_k", "eval_updates"`` for time-gated
+    cells) on ``batch = (xs, ys, mask)``, as host scalars."""
+    return jax.device_get(_evaluate(state.theta, *batch, spec=spec, stack=stack, kind=kind))
+
+
+def record(fns: Mapping[str, Callable], stack: Stack, stack_params, xs, at: int) -> dict:
+    """``{name: fn(stack, stack_params, xs)}``, each result's config given ``train_step=at``.
+
+    Raises:
+      TypeError: a function returned something that is not a :class:`gradflow.results.Result`.
+    """
+    out = {}
+    for name, fn in fns.items():
+        r = fn(stack, stack_params, xs)
+        if not isinstance(r, Result):
+            raise TypeError(f"record function {name!r} returned {type(r).__name__}, not a "
+                            "gradflow Result")
+        out[name] = make_result(r.kind, r.arrays, {**r.config, "train_step": at}, warn=False)
+    return out
+
+
+def _check_run(stack, task, eval_task, cfg: TrainConfig, record_fns) -> dict:
+    """The checks that need the stack and the tasks; returns ``record_fns`` as a dict."""
+    if not isinstance(stack, Stack):
+        raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
+    if task.input_size != stack.input_size:
+        raise ValueError(f"task {task.name!r} has {task.input_size} input features but the stack "
+                         f"reads {stack.input_size}: build it with input_size={task.input_size}")
+    if (eval_task.input_size, eval_task.output_size, eval_task.kind) != (
+            task.input_size, task.output_size, task.kind):
+        raise ValueError("eval_task must have the training task's input size, output size and "
+                         "kind")
+    if cfg.budget and not _timed(stack):
+        raise ValueError(f"budget needs a cell with a time gate (e.g. g_lstm, phased_lstm); "
+                         f"{stack.cell.name!r} has none")
+    for _, n in cfg.curriculum or ():
+        _tasks.resize(task, n)  # raises for fixed-length tasks and impossible lengths
+    record_fns = dict(record_fns or {})
+    for name, fn in record_fns.items():
+        if not isinstance(name, str) or not callable(fn):
+            raise TypeError("record must map names (str) to callables fn(stack, params, xs)")
+    if cfg.record_at and not record_fns:
+        raise ValueError("record_at given without record functions")
+    return record_fns
+
+
+def _task(task, name: str):
+    if isinstance(task, str):
+        return _tasks.make(task)
+    if not isinstance(task, _tasks.Task):
+        raise TypeError(f"{name} must be a gradflow.tasks.Task or a task name, got "
+                        f"{type(task).__name__}")
+    return task
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run keeps: the curve, the evaluations and the records, and the run folder
+
+
+class _Log:
+    """The growing history of a run (host lists), turned into a :class:`History` on demand."""
+
+    def __init__(self, timed: bool, names):
+        self.curve = {k: [] for k in ("step", "loss", "metric", "seq_len")}
+        self.evals = {k: [] for k in ("eval_step", "eval_loss", "eval_metric")
+                      + (("eval_mean_k", "eval_updates") if timed else ())}
+        self.records = {name: [] for name in names}
+        self.record_steps = []
+        self.index = []  # [[name, step, file], ...] of the records written to the run folder
+
+    def curve_result(self, config: dict) -> Result:
+        dt = np.dtype(config["dtype"])
+        c, e = self.curve, self.evals
+        arrays = {"step": np.asarray(c["step"], np.int64),
+                  "loss": np.asarray(jax.device_get(c["loss"]), dt),
+                  "metric": np.asarray(jax.device_get(c["metric"]), dt),
+                  "seq_len": np.asarray(c["seq_len"], np.int64),
+                  "eval_step": np.asarray(e["eval_step"], np.int64),
+                  **{k: np.asarray(v, dt) for k, v in e.items() if k != "eval_step"}}
+        return make_result("training", arrays, config, warn=False)
+
+    def restore(self, run_dir: str, meta: dict, start: int):
+        """The curve, evaluations and records of a saved run up to ``start``."""
+        old = Result.load(os.path.join(run_dir, runs.CURVE))
+        for k in self.curve:
+            self.curve[k] = list(old.arrays[k][:start])
+        n_eval = int(np.searchsorted(old.arrays["eval_step"], start, side="right"))
+        for k in self.evals:
+            self.evals[k] = list(old.arrays[k][:n_eval])
+        for name, s, fname in meta["records"]:
+            if name in self.records and s <= start:
+                self.records[name].append(Result.load(os.path.join(run_dir, fname)))
+                if s not in self.record_steps:
+                    self.record_steps.append(s)
+                self.index.append([name, s, fname])
+
+
+class _Run:
+    """A run's fixed context (stack, tasks, config, keys, evaluation batch, folder) and the
+    loop's steps; each method does one thing to a :class:`TrainState`."""
+
+    def __init__(self, stack, task, eval_task, cfg, record_fns, run_dir, spec):
+        self.stack, self.task, self.cfg, self.fns, self.spec = stack, task, cfg, record_fns, spec
+        self.run_dir = None if run_dir is None else os.fspath(run_dir)
+        self.config = cfg.describe(stack, task, eval_task)
+        self.dt = jnp.dtype(cfg.dtype)
+        _, self.k_data, k_eval = keys(cfg.seed)
+        self.eval_batch = eval_batch_of(eval_task, k_eval, cfg.eval_batch, cfg.batch, self.dt)
+        self.log = _Log(_timed(stack), record_fns)
+        self.evals_at = set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
+        self.stage_tasks = {}
+        self.bar = None
+
+    def history(self, state: TrainState) -> History:
+        log = self.log
+        return History(log.curve_result(self.config), {k: tuple(v) for k, v in
+                                                        log.records.items()},
+                       tuple(log.record_steps), params_of(state, self.spec), self.stack,
+                       self.task)
+
+    def resume(self, state: TrainState) -> TrainState:
+        """The saved state of ``run_dir`` (its config must match), or ``state`` if none."""
+        if not os.path.exists(os.path.join(self.run_dir, runs.STATE)):
+            return state
+        meta, arrays = runs.read_state(self.run_dir)
+        new = json.loads(json.dumps(make_result("training", {}, self.config).config))
+        keys_ = (set(meta["config"]) | set(new)) - set(_RESUMABLE)
+        bad = sorted(k for k in keys_ if meta["config"].get(k) != new.get(k))
+        if bad:
+            raise ValueError(f"cannot resume from {self.run_dir!r}: its config differs in "
+                             f"{', '.join(bad)}")
+        where = f"cannot resume from {self.run_dir!r}"
+        params, opt_state = runs.restore_state(arrays, params_of(state, self.spec),
+                                               state.opt_state, where)
+        start = int(meta["step"])
+        self.log.restore(self.run_dir, meta, start)
+        return TrainState(_flatten(params, self.dt), jax.tree_util.tree_map(
+            jnp.asarray, opt_state), start)
+
+    def measure(self, state: TrainState):
+        """Evaluate and record where due at ``state.step``; save the run if anything new."""
+        s, log = state.step, self.log
+        due_eval, due_record = s in self.evals_at, s in self.cfg.record_at
+        if due_eval:
+            res = evaluate(state, self.eval_batch, spec=self.spec, stack=self.stack,
+                           kind=self.task.kind)
+            log.evals["eval_step"].append(s)
+            for k, v in res.items():
+                log.evals[k].append(v)
+            self._show(res)
+        if due_record:
+            xs = self.eval_batch[0][:self.cfg.record_batch]
+            got = record(self.fns, self.stack, params_of(state, self.spec)["stack"], xs, s)
+            for name, r in got.items():
+                log.records[name].append(r)
+                if self.run_dir is not None:
+                    fname = runs.record_file(len(log.index))
+                    r.save(os.path.join(self.run_dir, fname))
+                    log.index.append([name, s, fname])
+            log.record_steps.append(s)
+        if (due_eval or due_record) and self.run_dir is not None:
+            self.save(state)
+
+    def save(self, state: TrainState):
+        """``curve.npz`` then ``state.npz`` (written last, so it describes complete files)."""
+        curve = self.log.curve_result(self.config)
+        os.replace(curve.save(os.path.join(self.run_dir, "curve.tmp.npz")),
+                   os.path.join(self.run_dir, runs.CURVE))
+        runs.save_state(self.run_dir, state.step, params_of(state, self.spec), state.opt_state,
+                        curve.config, self.stack, self.log.index)
+
+    def advance(self, state: TrainState, length: int) -> tuple[TrainState, int]:
+        """One update at the curriculum's length for this step (the g-LSTM's time parameters
+        rescaled where the length changes); returns ``(state, length)``."""
+        s = state.step
+        n = _length_at(s, self.cfg.curriculum, self.task.steps)
+        if n != length and self.stack.cell.rescale_time is not None:
+            params = _rescale_time_gate(self.stack, params_of(state, self.spec), n / length)
+            state = state._replace(theta=_flatten(params, self.dt))
+        if n not in self.stage_tasks:
+            self.stage_tasks[n] = _tasks.resize(self.task, n)
+        batch = self.stage_tasks[n].sample_fn(jax.random.fold_in(self.k_data, s),
+                                              self.cfg.batch, self.dt)
+        state, loss, metric = step(state, batch, self.cfg, spec=self.spec, stack=self.stack,
+                                   kind=self.task.kind)
+        for k, v in (("step", s), ("loss", loss), ("metric", metric), ("seq_len", n)):
+            self.log.curve[k].append(v)
+        if self.bar is not None:
+            self.bar.update(1)
+        return state, n
+
+    def _show(self, res: dict):
+        if self.bar is not None:
+            shown = {"eval_loss": f"{float(res['eval_loss']):.4g}"}
+            if self.task.kind == "classification":
+                shown[self.task.metric] = f"{float(res['eval_metric']):.4g}"
+            self.bar.set_postfix(shown)
+
+    def loop(self, state: TrainState, progress: bool) -> TrainState:
+        """From ``state.step`` to ``cfg.steps``: measure, then update (the step a resumed
+        run starts at was measured before it was saved)."""
+        start, steps = state.step, self.cfg.steps
+        if progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=steps, initial=start,
+                            desc=f"{self.stack.cell.name} on {self.task.name}")
+        length = _length_at(max(start - 1, 0), self.cfg.curriculum, self.task.steps)
+        try:
+            while True:
+                if not (state.step == start and start > 0):
+                    self.measure(state)
+                if state.step >= steps:
+                    return state
+                state, length = self.advance(state, length)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
 
 
 def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 1e-3,
@@ -297,7 +596,7 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
           eval_task=None, eval_every: int | None = None, eval_batch: int = 256,
           record_at=(), record: Mapping[str, Callable] | None = None,
           record_batch: int | None = None, budget: float = 0.0, curriculum=None,
-          checkpoint=None, resume: bool = False, progress: bool = True) -> History:
+          run_dir=None, resume: bool = False, progress: bool = True) -> History:
     """Train ``stack`` and a linear readout on ``task`` with Adam; record measurements.
 
     Args:
@@ -321,227 +620,46 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
         the stack; needs a cell with a time gate (``g_lstm``, ``phased_lstm``).
       curriculum: ``[(until_step, seq_len), ...]``: train on the task resized to ``seq_len``
         (:func:`gradflow.tasks.resize`) while ``step < until_step``, on its own length after the
-        last stage. When the length changes from ``T_old`` to ``T_new`` the g-LSTM's ``mu`` and
-        ``sigma`` are multiplied by ``T_new / T_old`` (build the stack with the first stage's
-        length as the cell's ``steps`` option). Evaluation always uses the full length.
-      checkpoint: a directory (created if missing) where, after every evaluation and record,
-        the learning curve so far, each recorded result, and the params with the optimiser
-        state are written (``curve.npz``, ``record-NNNNN.npz``, ``state.npz``; a run that
-        does not resume first deletes those files). ``gradflow.results.load`` reads
-        ``curve.npz`` and the records.
-      resume: continue from ``checkpoint`` if it holds a state: params, optimiser state, curve
+        last stage. When the length changes from ``T_old`` to ``T_new`` the cell's time
+        parameters are rescaled by ``T_new / T_old`` (:attr:`gradflow.cells.Cell.rescale_time`:
+        g-LSTM's ``mu`` and ``sigma``; build the stack with the first stage's length as the
+        cell's ``steps`` option). Evaluation always uses the full length.
+      run_dir: a folder (created if missing) where, after every evaluation and record, the
+        learning curve so far, each recorded result, and the params with the optimiser state
+        and the stack's config are written (``curve.npz``, ``record-NNNNN.npz``,
+        ``state.npz``; see :mod:`gradflow.runs`; a run that does not resume first deletes
+        those files). ``gradflow.results.load`` reads ``curve.npz`` and the records,
+        :func:`gradflow.runs.load_params` the trained stack.
+      resume: continue from ``run_dir`` if it holds a state: params, optimiser state, curve
         and records are restored and training goes on from the saved step to ``steps``; the
         configuration must match (except ``steps`` and ``eval_every``).
       progress: show a tqdm progress bar (on stderr); False prints nothing.
     Returns:
       :class:`History`.
+    Raises:
+      gradflow.errors.InputError: a bad option (a ValueError/TypeError), before any training.
     """
-    if isinstance(task, str):
-        task = _tasks.make(task)
-    if not isinstance(stack, Stack):
-        raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
-    for name, t in (("task", task), ("eval_task", eval_task)):
-        if t is not None and not isinstance(t, _tasks.Task):
-            raise TypeError(f"{name} must be a gradflow.tasks.Task or a task name, got "
-                            f"{type(t).__name__}")
-    eval_task = task if eval_task is None else eval_task
-    if task.input_size != stack.input_size:
-        raise ValueError(f"task {task.name!r} has {task.input_size} input features but the stack "
-                         f"reads {stack.input_size}: build it with input_size={task.input_size}")
-    if (eval_task.input_size, eval_task.output_size, eval_task.kind) != (
-            task.input_size, task.output_size, task.kind):
-        raise ValueError("eval_task must have the training task's input size, output size and "
-                         "kind")
-    steps = _nonneg_int("steps", steps)
-    batch = _positive_int("batch", batch)
-    eval_batch = _positive_int("eval_batch", eval_batch)
-    eval_every = max(1, steps // 10) if eval_every is None else _positive_int("eval_every",
-                                                                               eval_every)
-    record_batch = eval_batch if record_batch is None else _positive_int("record_batch",
-                                                                         record_batch)
-    dt = dtype_of(dtype)
-    lr = float(lr)
-    if not lr >= 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if clip is not None and not float(clip) > 0:
-        raise ValueError(f"clip must be positive or None, got {clip}")
-    budget = float(budget)
-    if not budget >= 0:
-        raise ValueError(f"budget must be >= 0, got {budget}")
-    timed = _timed(stack)
-    if budget and not timed:
-        raise ValueError(f"budget needs a cell with a time gate k ({', '.join(TIME_GATED)}); "
-                         f"{stack.cell.name!r} has none")
-    record = dict(record or {})
-    for name, fn in record.items():
-        if not isinstance(name, str) or not callable(fn):
-            raise TypeError("record must map names (str) to callables fn(stack, params, xs)")
-    record_at = sorted({_nonneg_int("record_at step", s) for s in record_at})
-    if record_at and record_at[-1] > steps:
-        raise ValueError(f"record_at steps must lie in 0..{steps}, got {record_at[-1]}")
-    if record_at and not record:
-        raise ValueError("record_at given without record functions")
-    stages = _check_curriculum(curriculum, task)
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs a checkpoint directory")
-
-    config = {**stack.config, "task": task.config, "eval_task": eval_task.config,
-              "metric": task.metric, "train_steps": steps, "batch": batch, "lr": lr,
-              "clip": None if clip is None else float(clip), "seed": int(seed),
-              "dtype": str(dt), "budget": budget,
-              "curriculum": None if stages is None else [list(s) for s in stages],
-              "eval_every": eval_every, "eval_batch": eval_batch, "record_batch": record_batch}
-
-    # --- parameters, optimiser, keys ------------------------------------------------------
-    k_init, k_data, k_eval = jax.random.split(jax.random.key(seed), 3)
-    fresh = {"stack": stack.init(k_init, dt),
-             "head": init_head(stack.hidden_size, task.output_size, dt)}
-    if params is None:
-        params = fresh
-    else:
-        if "stack" not in params:
-            params = {"stack": params, "head": fresh["head"]}
-        _check_params(params, fresh)
-    spec = _spec(fresh)
-    theta = _flatten(params, dt)
-    opt_state = _optimizer(math.inf).init(theta)
-    ev_xs, ev_ys, ev_mask = eval_batch_of(eval_task, k_eval, eval_batch, batch, dt)
-    lr_arr, budget_arr = jnp.asarray(lr, dt), jnp.asarray(budget, dt)
-    clip_arr = jnp.asarray(math.inf if clip is None else float(clip), dt)
-
-    # --- history, possibly restored -------------------------------------------------------
-    curve = {k: [] for k in ("step", "loss", "metric", "seq_len")}
-    evals = {k: [] for k in ("eval_step", "eval_loss", "eval_metric")
-             + (("eval_mean_k", "eval_updates") if timed else ())}
-    records = {name: [] for name in record}
-    record_steps = []
-    index = []  # [[name, step, file], ...] of the records written to the checkpoint
-    start = 0
-    if checkpoint is not None:
-        checkpoint = os.fspath(checkpoint)
-        os.makedirs(checkpoint, exist_ok=True)
-        if not resume:
-            for f in os.listdir(checkpoint):
-                if f in (_STATE, _CURVE) or (f.startswith("record-") and f.endswith(".npz")):
-                    os.remove(os.path.join(checkpoint, f))
-    if resume and os.path.exists(os.path.join(checkpoint, _STATE)):
-        meta, leaves = _read_state(checkpoint)
-        bad = _config_mismatch(meta["config"], json.loads(json.dumps(
-            make_result("training", {}, config).config)))
-        if bad:
-            raise ValueError(f"cannot resume from {checkpoint!r}: its config differs in "
-                             f"{', '.join(bad)}")
-        treedef = jax.tree_util.tree_structure((theta, opt_state))
-        template = jax.tree_util.tree_leaves((theta, opt_state))
-        if len(leaves) != len(template) or any(np.shape(a) != np.shape(b)
-                                                for a, b in zip(leaves, template)):
-            raise ValueError(f"cannot resume from {checkpoint!r}: its saved state does not match "
-                             "this stack and optimiser")
-        theta, opt_state = jax.tree_util.tree_unflatten(
-            treedef, [jnp.asarray(a, b.dtype) for a, b in zip(leaves, template)])
-        start = int(meta["step"])
-        old = Result.load(os.path.join(checkpoint, _CURVE))
-        for k in curve:
-            curve[k] = list(old.arrays[k][:start])
-        n_eval = int(np.searchsorted(old.arrays["eval_step"], start, side="right"))
-        for k in evals:
-            evals[k] = list(old.arrays[k][:n_eval])
-        for name, s, fname in meta["records"]:
-            if name in records and s <= start:
-                records[name].append(Result.load(os.path.join(checkpoint, fname)))
-                if s not in record_steps:
-                    record_steps.append(s)
-                index.append([name, s, fname])
-
-    def history() -> History:
-        arrays = {"step": np.asarray(curve["step"], np.int64),
-                  "loss": np.asarray(jax.device_get(curve["loss"]), dt),
-                  "metric": np.asarray(jax.device_get(curve["metric"]), dt),
-                  "seq_len": np.asarray(curve["seq_len"], np.int64),
-                  "eval_step": np.asarray(evals["eval_step"], np.int64),
-                  **{k: np.asarray(jax.device_get(v), dt) for k, v in evals.items()
-                     if k != "eval_step"}}
-        return History(make_result("training", arrays, config, warn=False),
-                       {k: tuple(v) for k, v in records.items()}, tuple(record_steps),
-                       _unflatten_host(theta, spec), stack, task)
-
-    def save(step: int):
-        h = history()
-        tmp = h.curve.save(os.path.join(checkpoint, "curve.tmp.npz"))
-        os.replace(tmp, os.path.join(checkpoint, _CURVE))
-        _write_state(checkpoint, step, jax.tree_util.tree_leaves((theta, opt_state)),
-                     h.curve.config, index)
-        return h
-
-    if start > 0 and start >= steps:  # a finished run, resumed
-        return history()
-
-    # --- the loop -------------------------------------------------------------------------
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=start, desc=f"{stack.cell.name} on {task.name}")
-    evals_at = set(range(0, steps + 1, eval_every)) | {steps}
-    length = _length_at(max(start - 1, 0), stages, task.steps)
-    stage_tasks = {}
-    try:
-        for s in range(start, steps + 1):
-            done = s == start and start > 0  # the resumed checkpoint already holds step s
-            wrote = False
-            if s in evals_at and not done:
-                res = jax.device_get(_evaluate(theta, ev_xs, ev_ys, ev_mask, spec=spec,
-                                               stack=stack, kind=task.kind))
-                evals["eval_step"].append(s)
-                for k, v in res.items():
-                    evals[k].append(v)
-                wrote = True
-                if bar is not None:
-                    shown = {"eval_loss": f"{float(res['eval_loss']):.4g}"}
-                    if task.kind == "classification":
-                        shown[task.metric] = f"{float(res['eval_metric']):.4g}"
-                    bar.set_postfix(shown)
-            if s in record_at and not done:
-                xs = ev_xs[:record_batch]
-                stack_params = _unflatten_host(theta, spec)["stack"]
-                for name, fn in record.items():
-                    r = fn(stack, stack_params, xs)
-                    if not isinstance(r, Result):
-                        raise TypeError(f"record function {name!r} returned "
-                                        f"{type(r).__name__}, not a gradflow Result")
-                    r = make_result(r.kind, r.arrays, {**r.config, "train_step": s}, warn=False)
-                    records[name].append(r)
-                    if checkpoint is not None:
-                        fname = f"record-{len(index):05d}.npz"
-                        r.save(os.path.join(checkpoint, fname))
-                        index.append([name, s, fname])
-                record_steps.append(s)
-                wrote = True
-            if wrote and checkpoint is not None:
-                save(s)
-            if s == steps:
-                break
-            n = _length_at(s, stages, task.steps)
-            if n != length:
-                if stack.cell.name == "g_lstm":
-                    theta = _flatten(_rescale_time_gate(
-                        stack, _unflatten_host(theta, spec), n / length), dt)
-                length = n
-            if n not in stage_tasks:
-                stage_tasks[n] = _tasks.resize(task, n)
-            xs, ys, mask = stage_tasks[n].sample_fn(jax.random.fold_in(k_data, s), batch, dt)
-            theta, opt_state, loss, metric = _update(
-                theta, opt_state, xs, ys, mask, lr_arr, clip_arr, budget_arr, spec=spec,
-                stack=stack, kind=task.kind)
-            curve["step"].append(s)
-            curve["loss"].append(loss)
-            curve["metric"].append(metric)
-            curve["seq_len"].append(n)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return history()
+    with user_input():
+        task = _task(task, "task")
+        eval_task = task if eval_task is None else _task(eval_task, "eval_task")
+        cfg = TrainConfig(steps=steps, batch=batch, lr=lr, clip=clip, seed=seed, dtype=dtype,
+                          eval_every=eval_every, eval_batch=eval_batch, record_at=record_at,
+                          record_batch=record_batch, budget=budget, curriculum=curriculum)
+        record = _check_run(stack, task, eval_task, cfg, record)
+        if resume and run_dir is None:
+            raise ValueError("resume=True needs run_dir, the checkpoint directory to resume "
+                             "from")
+    state, spec = init_state(stack, task, cfg, params)
+    run = _Run(stack, task, eval_task, cfg, record, run_dir, spec)
+    if run_dir is not None:
+        if resume:
+            state = run.resume(state)
+        else:
+            runs.clear(run_dir)
+    if not (state.step > 0 and state.step >= cfg.steps):  # else: a finished run, resumed
+        state = run.loop(state, progress)
+    return run.history(state)
 
 
-__all__ = ["History", "train", "readout", "init_head", "eval_batch_of"]
+__all__ = ["History", "TrainConfig", "TrainState", "train", "init_state", "step", "evaluate",
+           "record", "params_of", "keys", "readout", "init_head", "eval_batch_of"]

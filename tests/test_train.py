@@ -21,7 +21,7 @@ F32 = jnp.float32
 H = 32
 ADDING = tasks.make("adding", steps=10)
 LSTM = gradflow.Stack("lstm", layers=2, input_size=2, hidden_size=H)
-GLSTM = gradflow.Stack("g_lstm", layers=2, input_size=2, hidden_size=16, steps=10)
+GLSTM = gradflow.Stack("g_lstm", layers=2, input_size=2, hidden_size=16, cell_options={"steps": 10})
 COMMON = dict(batch=32, eval_batch=64, progress=False)
 
 
@@ -236,12 +236,12 @@ def test_checkpoint_written_loadable_and_resumable(tmp_path):
 
     ck = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(LSTM, ADDING, record={"u": interrupt}, checkpoint=ck, **opts)
+        train(LSTM, ADDING, record={"u": interrupt}, run_dir=ck, **opts)
     saved = gradflow.results.load(ck / "curve.npz")
     assert saved.step.tolist() == list(range(5)) and saved.eval_step.tolist() == [0, 5]
     assert saved.config["task"]["task"] == "adding"
 
-    resumed = train(LSTM, ADDING, record={"u": fake_record()}, checkpoint=ck, resume=True,
+    resumed = train(LSTM, ADDING, record={"u": fake_record()}, run_dir=ck, resume=True,
                     **opts)
     for name in ("step", "loss", "metric", "eval_step", "eval_loss", "eval_metric"):
         np.testing.assert_array_equal(resumed.curve[name], full.curve[name])
@@ -257,13 +257,13 @@ def test_checkpoint_written_loadable_and_resumable(tmp_path):
     assert len(records) == 3
     assert [Result.load(ck / f).config["train_step"] for f in records] == [0, 10, 20]
     # a finished run resumes to itself; a changed configuration is refused
-    again = train(LSTM, ADDING, record={"u": fake_record()}, checkpoint=ck, resume=True, **opts)
+    again = train(LSTM, ADDING, record={"u": fake_record()}, run_dir=ck, resume=True, **opts)
     np.testing.assert_array_equal(again.curve.loss, full.curve.loss)
     with pytest.raises(ValueError, match="differs in lr"):
-        train(LSTM, ADDING, record={"u": fake_record()}, checkpoint=ck, resume=True,
+        train(LSTM, ADDING, record={"u": fake_record()}, run_dir=ck, resume=True,
               **{**opts, "lr": 1e-3})
     # a run that does not resume starts the directory afresh
-    train(LSTM, ADDING, checkpoint=ck, **{**opts, "steps": 2, "record_at": ()})
+    train(LSTM, ADDING, run_dir=ck, **{**opts, "steps": 2, "record_at": ()})
     assert sorted(os.listdir(ck)) == ["curve.npz", "state.npz"]
     assert Result.load(ck / "curve.npz").step.tolist() == [0, 1]
 

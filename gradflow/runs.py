@@ -1,0 +1,249 @@
+"""Training runs on disk: save and restore, and trained weights back in for measurement.
+
+A run folder (``train(..., run_dir=DIR)``, ``gradflow train --out DIR``) holds:
+
+* ``curve.npz``: the learning curve so far (a :class:`gradflow.results.Result`);
+* ``record-NNNNN.npz``: one per recorded measurement;
+* ``state.npz``: the parameters and the optimiser state, one array per pytree leaf, each
+  named by its path (:func:`jax.tree_util.keystr`: ``"params['stack']['layers'][0]['f']['W']"``,
+  ``"opt_state[1].mu"``), plus ``__meta__``: JSON with the step, the run's config, the
+  stack's own config (``"stack"``, enough to rebuild it) and the index of the records.
+  Written last (to a temporary file, then renamed), so a state always describes complete files.
+
+Files of the first format (leaves named ``leaf00000``, ``leaf00001``, ... in flattening order,
+the parameters as one raveled vector) are still read.
+
+:func:`load_params` turns a run folder (or a file written by :func:`save_params`) into
+``(stack, params)`` for any measurement::
+
+    stack, params = gradflow.runs.load_params("gradflow-out/train_adding_lstm_L4")
+    gradflow.gradient_map(stack, params, xs)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gradflow import cells as _cells
+from gradflow.errors import InputError
+from gradflow.stack import Stack
+
+STATE = "state.npz"
+CURVE = "curve.npz"
+META = "__meta__"
+FORMAT = 2
+_LEGACY_PREFIX = "leaf"
+#: The keys of ``Stack.config`` that are stack settings; every other key is a cell option.
+STACK_KEYS = ("cell", "layers", "input_size", "hidden_size", "input_projection", "order",
+              "checkpoint", "residual", "norm", "cell_options")
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaves named by their path
+
+
+def named_leaves(tree) -> dict:
+    """``{keystr(path): leaf}`` for every leaf of ``tree``, in flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+
+
+def unflatten_named(template, arrays: dict, where: str = "the file"):
+    """``template`` with each leaf replaced by ``arrays[keystr(path)]`` (cast to the template
+    leaf's dtype where it has one).
+
+    Raises:
+      InputError: a leaf of ``template`` is missing from ``arrays`` or has another shape.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for path, t in flat:
+        name = jax.tree_util.keystr(path)
+        if name not in arrays:
+            raise InputError(f"{where} has no array {name!r}: it was saved from another model")
+        a = np.asarray(arrays[name])
+        if a.shape != tuple(np.shape(t)):
+            raise InputError(f"{where}: {name} has shape {a.shape}, expected {np.shape(t)}")
+        leaves.append(a.astype(t.dtype) if hasattr(t, "dtype") else a)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _write_npz(path: str, meta: dict, arrays: dict) -> str:
+    tmp = os.path.join(os.path.dirname(path) or ".", ".tmp-" + os.path.basename(path))
+    np.savez(tmp, **{META: np.array(json.dumps(meta))},
+             **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def _read_npz(path) -> tuple[dict, dict]:
+    with np.load(os.fspath(path), allow_pickle=False) as f:
+        if META not in f.files:
+            raise InputError(f"{os.fspath(path)!r} is not a gradflow run state or params file")
+        meta = json.loads(str(f[META]))
+        arrays = {k: f[k] for k in f.files if k != META}
+    return meta, arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# The training state
+
+
+def save_state(run_dir, step: int, params, opt_state, config: dict, stack: Stack,
+               records: list) -> str:
+    """Write ``run_dir/state.npz``: ``params`` and ``opt_state`` leaves named by path, and
+    ``__meta__ = {"format", "step", "config", "stack": stack.config, "records"}``
+    (``records``: ``[[name, step, file], ...]``)."""
+    meta = {"format": FORMAT, "step": int(step), "config": config, "stack": stack.config,
+            "records": records}
+    arrays = named_leaves({"params": params, "opt_state": opt_state})
+    return _write_npz(os.path.join(os.fspath(run_dir), STATE), meta, arrays)
+
+
+def read_state(run_dir) -> tuple[dict, dict]:
+    """``(meta, {name: array})`` of ``run_dir/state.npz``."""
+    return _read_npz(os.path.join(os.fspath(run_dir), STATE))
+
+
+def restore_state(arrays: dict, params, opt_state, where: str = "the run"):
+    """``(params, opt_state)`` from :func:`read_state`'s arrays, shaped like the templates.
+
+    Reads both formats: leaves named by path, and the first format's ``leafNNNNN`` (the
+    parameters raveled into one vector, then the optimiser state's leaves, in order).
+    """
+    if any(k.startswith(_LEGACY_PREFIX) and k[len(_LEGACY_PREFIX):].isdigit() for k in arrays):
+        return _restore_legacy(arrays, params, opt_state, where)
+    both = unflatten_named({"params": params, "opt_state": opt_state}, arrays, where)
+    return both["params"], both["opt_state"]
+
+
+def _restore_legacy(arrays, params, opt_state, where):
+    leaves = [arrays[k] for k in sorted(arrays)]
+    p_leaves, p_def = jax.tree_util.tree_flatten(params)
+    o_leaves, o_def = jax.tree_util.tree_flatten(opt_state)
+    theta = np.asarray(leaves[0]).ravel()
+    sizes = [math.prod(np.shape(a)) for a in p_leaves]
+    if theta.size != sum(sizes) or len(leaves) != 1 + len(o_leaves) or any(
+            np.shape(a) != np.shape(b) for a, b in zip(leaves[1:], o_leaves)):
+        raise InputError(f"{where}: its saved state does not match this stack and optimiser")
+    parts = np.split(theta, np.cumsum(sizes)[:-1])
+    p = [part.reshape(np.shape(t)).astype(t.dtype) for part, t in zip(parts, p_leaves)]
+    o = [np.asarray(a).astype(t.dtype) for a, t in zip(leaves[1:], o_leaves)]
+    return jax.tree_util.tree_unflatten(p_def, p), jax.tree_util.tree_unflatten(o_def, o)
+
+
+def clear(run_dir) -> None:
+    """Create ``run_dir`` if missing and delete a previous run's files from it (``curve.npz``,
+    ``state.npz``, ``record-*.npz``); other files are left alone."""
+    run_dir = os.fspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    for f in os.listdir(run_dir):
+        if f in (STATE, CURVE) or (f.startswith("record-") and f.endswith(".npz")):
+            os.remove(os.path.join(run_dir, f))
+
+
+def record_file(index: int) -> str:
+    """The file name of the ``index``-th record of a run: ``record-NNNNN.npz``."""
+    return f"record-{index:05d}.npz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained weights in
+
+
+def stack_from_config(config: dict, cell=None) -> Stack:
+    """The :class:`gradflow.Stack` described by ``Stack.config`` (e.g. ``meta["stack"]``).
+
+    The cell is rebuilt from its registered name and options, unless ``cell`` (a
+    :class:`gradflow.cells.Cell`) is given: a user's cell cannot be rebuilt from its name.
+
+    Raises:
+      InputError: the config names a cell that is not registered (pass ``cell=``).
+    """
+    name = config["cell"]
+    if cell is None:
+        names = name if isinstance(name, list) else [name]
+        unknown = [n for n in names if n not in _cells.names()]
+        if unknown:
+            raise InputError(f"the saved stack's cell {unknown[0]!r} is not a registered cell: "
+                             "rebuild it and pass it (load_params(path, cell=...))")
+        if isinstance(name, list):
+            cell = [_cells.get(n, **o) for n, o in zip(name, config["cell_options"])]
+        else:
+            cell = _cells.get(name, **{k: _tuples(v) for k, v in config.items()
+                                       if k not in STACK_KEYS})
+    return Stack(cell, config["layers"], config["input_size"], config["hidden_size"],
+                 input_projection=config.get("input_projection"),
+                 order=config.get("order", "layer"), checkpoint=config.get("checkpoint"),
+                 residual=config.get("residual", False), norm=config.get("norm"))
+
+
+def _tuples(v):
+    """JSON turned the cells' tuple options into lists; turn them back (options are hashed)."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def save_params(path, stack: Stack, params) -> str:
+    """Write ``stack``'s ``params`` to ``path`` (``.npz``) with the stack's config, for
+    :func:`load_params` and ``gradflow heatmap --params PATH`` (e.g. weights trained
+    elsewhere and converted to gradflow's layout)."""
+    from gradflow.checks import check_params
+
+    check_params(stack, params)
+    return _write_npz(os.fspath(path), {"format": FORMAT, "stack": stack.config},
+                      named_leaves(params))
+
+
+def _state_path(path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / STATE
+    if not p.is_file():
+        raise InputError(f"no trained parameters at {os.fspath(path)!r}: expected a run folder "
+                         f"holding {STATE} (gradflow train --out DIR) or a .npz file from "
+                         "gradflow.runs.save_params")
+    return p
+
+
+def read_run(path) -> dict:
+    """The ``__meta__`` of a run folder's state (or of a :func:`save_params` file):
+    ``{"stack": ..., "config": ... (runs only), "step": ... (runs only), ...}``."""
+    return _read_npz(_state_path(path))[0]
+
+
+def load_params(path, cell=None) -> tuple[Stack, dict]:
+    """``(stack, params)`` saved at ``path``: a run folder (or its ``state.npz``), whose
+    params are the stack's part of the final (or latest saved) training state, or a file
+    written by :func:`save_params`.
+
+    Args:
+      path: the folder or file.
+      cell: the run's cell, when it is not a registered one (see :func:`stack_from_config`).
+    Returns:
+      ``(stack, params)`` with ``params`` shaped like ``stack.init(key)`` (in the saved dtype).
+    Raises:
+      InputError: no such run or file, or arrays that do not fit the saved stack.
+    """
+    p = _state_path(path)
+    meta, arrays = _read_npz(p)
+    if "stack" not in meta:
+        raise InputError(f"{os.fspath(p)!r} does not record its stack (saved by an older "
+                         "gradflow); rebuild the stack and read it with restore_state")
+    stack = stack_from_config(meta["stack"], cell)
+    dtype = next(iter(arrays.values())).dtype if arrays else np.float32
+    template = jax.eval_shape(lambda k: stack.init(k, dtype), jax.random.key(0))
+    if "config" in meta:  # a training run: the stack's part of {"stack", "head"}
+        stack_arrays = {k[len("['params']['stack']"):]: v for k, v in arrays.items()
+                        if k.startswith("['params']['stack']")}
+        return stack, unflatten_named(template, stack_arrays, os.fspath(p))
+    return stack, unflatten_named(template, arrays, os.fspath(p))
+
+
+__all__ = ["STATE", "CURVE", "named_leaves", "unflatten_named", "save_state", "read_state",
+           "restore_state", "clear", "record_file", "stack_from_config", "save_params",
+           "read_run", "load_params"]
