@@ -446,7 +446,6 @@ def task_option(text: str) -> tuple[str, object]:
 
 def run_train(args) -> int:
     from gradflow import tasks as _tasks
-    from gradflow.gates import TIME_GATED
     from gradflow.train import train
 
     options = dict(args.task_option or [])
@@ -493,7 +492,7 @@ def run_train(args) -> int:
                plot.save(figures.draw_curves({args.cell: c}, title=(
                    f"{args.cell}, {args.layers} layers, on {task.name} (T={task.steps})")),
                    out / "curve.png")]
-    timed = args.cell in TIME_GATED and "eval_updates" in c.arrays
+    timed = stack.cell.time_gate is not None and "eval_updates" in c.arrays
     print(f"  {'step':>6}  {'eval loss':>10}  {'eval ' + task.metric:>13}"
           + ("  updates" if timed else ""))
     for i, step in enumerate(c["eval_step"]):

@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow.cells.base import KINDS as _KINDS
 from gradflow.cells.base import Cell
 from gradflow.problem import problem
 from gradflow.results import Result, make_result
@@ -77,8 +78,7 @@ from gradflow.stack import Stack, _positive_int
 
 STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_fraction",
          "nonfinite")
-KINDS = ("sigmoid", "refined", "effective", "master", "time")
-TIME_GATED = ("g_lstm", "phased_lstm")
+KINDS = _KINDS
 UPDATE_THRESHOLD = 1e-3
 
 GU_GRID = (
@@ -97,33 +97,16 @@ GU_GRID = (
 
 
 def gate_kinds(cell: Cell) -> dict:
-    r"""``{gate: kind}`` for every gate ``cell`` reports, in its order.
+    r"""``{gate: kind}`` for every gate ``cell`` reports, in its order, as the cell declares them
+    (:attr:`gradflow.cells.Cell.gate_kinds`).
 
     Kinds: ``"sigmoid"`` (:math:`a = \sigma(z)`), ``"refined"`` (Cheng et al.:
     :math:`a = \sigma(z) \odot x` or :math:`\sigma(z) + x`), ``"effective"`` (Gu et al.'s
-    :math:`g = r(1-(1-f)^2) + (1-r)f^2`), ``"master"`` (ON-LSTM's cumax gates) and ``"time"``
-    (the ``k`` of ``g_lstm``/``phased_lstm``; ``star``'s ``k`` is a sigmoid gate).
+    :math:`g = r(1-(1-f)^2) + (1-r)f^2`), ``"master"`` (ON-LSTM's cumax gates), ``"time"``
+    (a time gate such as the ``k`` of ``g_lstm``/``phased_lstm``; ``star``'s ``k`` is a sigmoid
+    gate) and ``"other"`` (a user gate of unknown form).
     """
-    opts = dict(cell.options)
-    refined = set(opts.get("refined", ()))
-    kinds = {}
-    for g in cell.gate_names:
-        if g == "k" and cell.name in TIME_GATED:
-            kinds[g] = "time"
-        elif g in ("f_master", "i_master"):
-            kinds[g] = "master"
-        elif g == "g" and opts.get("aux") == "refine":
-            kinds[g] = "effective"
-        elif g in refined:
-            kinds[g] = "refined"
-        else:
-            kinds[g] = "sigmoid"
-    return kinds
-
-
-def refine_gate_name(cell: Cell) -> str:
-    """The refine gate of a cell with an effective gate: ``"refine"`` (GRU family) or ``"r"``."""
-    return "refine" if "refine" in cell.gate_names else "r"
+    return cell.kinds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,41 +197,39 @@ def layer_inputs(stack: Stack, params: dict, xs, h):
     return jnp.concatenate([x0[None], h[:-1]])
 
 
-def preactivation(stack: Stack, params: dict, xs, h, gate: str):
-    r"""A sigmoid-type gate's pre-activation
-    :math:`z^l_t = x^l_t W_g + h^l_{t-1} U_g + b_g` (plus the LSTM's constant ``forget_bias``
-    for ``f``), from the public per-gate params, for every ``(l, b, t)``.
+def preactivation(stack: Stack, params: dict, xs, out, gate: str):
+    r"""A sigmoid-type gate's pre-activation :math:`z^l_t` (e.g.
+    :math:`x^l_t W_g + h^l_{t-1} U_g + b_g`, plus the LSTM's constant ``forget_bias`` for ``f``)
+    for every ``(l, b, t)``, as the cell declares it (:meth:`gradflow.cells.Cell.preactivations`).
 
     Args:
-      h: ``(L, B, T, H)`` hidden outputs of the same run (zero initial state).
+      out: the :class:`gradflow.StackOutput` of the same run (zero initial state).
     Returns:
       ``(L, B, T, H)``.
     """
-    x = layer_inputs(stack, params, xs, h)
-    prev = jnp.concatenate([jnp.zeros_like(h[:, :, :1]), h[:, :, :-1]], axis=2)
-    p = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[lp[gate] for lp in params["layers"]])
-    z = (jnp.einsum("lbti,lih->lbth", x, p["W"]) + jnp.einsum("lbti,lih->lbth", prev, p["U"])
-         + p["b"][:, None, None, :])
-    if gate == "f":  # the LSTM family's constant inside the forget sigmoid (0 elsewhere)
-        z = z + dict(stack.cell.options).get("forget_bias", 0.0)
-    return z
+    x = layer_inputs(stack, params, xs, out.up)
+    prev = {k: jnp.concatenate([jnp.zeros_like(v[:, :, :1]), v[:, :, :-1]], axis=2)
+            for k, v in out.states.items()}
+    return jnp.stack([
+        stack.cell.preactivations(lp, {k: v[l] for k, v in prev.items()}, x[l])[gate]
+        for l, lp in enumerate(params["layers"])])
 
 
 def _slopes(stack: Stack, params: dict, xs, out) -> dict:
     """:func:`slopes` from a run's output ``out`` (a :class:`gradflow.StackOutput`)."""
     kinds = gate_kinds(stack.cell)
     acts = out.gates
-    mode = dict(stack.cell.options).get("mode", "mul")
+    mode = stack.cell.refine_mode
     s = {}
     for g, kind in kinds.items():
         if kind == "sigmoid":
             s[g] = sigmoid_slope(acts[g])
         elif kind == "refined":
-            sz = sigmoid_slope(jax.nn.sigmoid(preactivation(stack, params, xs, out.h, g)))
-            s[g] = sz * jnp.abs(layer_inputs(stack, params, xs, out.h)) if mode == "mul" else sz
+            sz = sigmoid_slope(jax.nn.sigmoid(preactivation(stack, params, xs, out, g)))
+            s[g] = sz * jnp.abs(layer_inputs(stack, params, xs, out.up)) if mode == "mul" else sz
     for g, kind in kinds.items():
         if kind == "effective":
-            r = refine_gate_name(stack.cell)
+            r = stack.cell.refine_gate
             dgdf, dgdr = refine_partials(acts["f"], acts[r])
             s[g] = jnp.abs(dgdf) * s["f"]
             s[g + ":refine"] = jnp.abs(dgdr) * s[r]
@@ -474,7 +455,7 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
     return out
 
 
-__all__ = ["GU_GRID", "KINDS", "STATS", "TIME_GATED", "UPDATE_THRESHOLD", "activations",
+__all__ = ["GU_GRID", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations",
            "bin_edges", "compare", "gate_kinds", "histogram", "is_saturated", "kept_fraction",
-           "layer_inputs", "preactivation", "refine_gate_name", "refine_partials", "saturation",
+           "layer_inputs", "preactivation", "refine_partials", "saturation",
            "sigmoid_slope", "slopes", "summary", "timescale"]

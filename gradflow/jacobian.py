@@ -34,8 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gradflow import checks
+from gradflow import cost as _cost
 from gradflow.results import Result, make_result
-from gradflow.stack import Stack
+from gradflow.stack import Stack, map_layers
 
 LOSSES = ("last", "all")
 WRTS = ("hidden", "cell", "params")
@@ -112,17 +114,19 @@ def _loss(loss, stack: Stack, xs, seed: int) -> tuple[Callable, str]:
 # Shared checks and config
 
 
-def _prepare(stack: Stack, params, xs):
+def _prepare(stack: Stack, params, xs, loss=None):
+    """Check every argument at the door (:mod:`gradflow.checks`); ``xs`` in the params' dtype."""
     if not isinstance(stack, Stack):
         raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
-    stack.check_inputs(xs)
-    if len(params.get("layers", ())) != stack.layers:
-        raise ValueError(f"params hold {len(params.get('layers', ()))} layers, the stack has "
-                         f"{stack.layers}")
+    xs = checks.check_xs(stack, xs)
+    checks.check_params(stack, params)
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
     xs = jnp.asarray(xs, dtype)
     if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
         raise ValueError("inputs contain NaN or inf; gradient flow is measured on finite inputs")
+    if callable(loss):
+        B, T, _ = xs.shape
+        checks.check_scalar_loss(loss, jax.ShapeDtypeStruct((B, T, stack.hidden_size), dtype))
     return xs
 
 
@@ -178,12 +182,13 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
     Returns:
       Result ``kind="gradient_map"`` with ``values: (L, T)`` and ``loss_value: ()``.
     """
-    xs = _prepare(stack, params, xs)
-    if wrt not in WRTS:
-        raise ValueError(f"unknown wrt {wrt!r}; valid: {', '.join(WRTS)}")
-    if wrt == "cell" and "c" not in stack.cell.state_names:
-        raise ValueError(f"wrt='cell' needs a cell with a memory state c; cell "
-                         f"{stack.cell.name!r} has only {', '.join(stack.cell.state_names)}")
+    checks.choice("wrt", wrt, WRTS)
+    xs = _prepare(stack, params, xs, loss)
+    if wrt == "cell" and "c" not in stack.state_names:
+        raise ValueError(f"wrt='cell' needs a cell with a memory state c; this stack's cells "
+                         f"have only {', '.join(stack.state_names)}")
+    _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype, wrt,
+                                    calibrate=False))
     loss_fn, loss_name = _loss(loss, stack, xs, readout_seed)
     if wrt == "params":
         value, vals = _params_map(stack, params, xs, loss_fn)
@@ -204,40 +209,10 @@ def _state_map(stack, params, xs, loss_fn, name):
     return value, jnp.mean(norms[name], axis=1)  # (L, T)
 
 
-def _layer_inputs(stack: Stack, params, xs, out):
-    """``x^l_t`` for every layer: ``[(B, T, in_0)] + [(B, T, H)] * (L-1)`` as a list."""
-    x0 = xs @ params["input"]["W"] + params["input"]["b"] if stack.input_projection else xs
-    return [x0] + [out.states["h"][l] for l in range(stack.layers - 1)]
-
-
 def _previous_states(out, state0):
     """``s^l_{t-1}`` for every ``(l, t)``: ``{name: (L, B, T, H)}`` (``state0`` at ``t = 0``)."""
     return {k: jnp.concatenate([state0[k][:, :, None], v[:, :, :-1]], axis=2)
             for k, v in out.states.items()}
-
-
-def _per_layer(stack: Stack, fn, params, *arrays):
-    """``fn(layer_params, *layer_arrays)`` for every layer, stacked on a leading axis.
-
-    Layers of one shape go through one ``lax.map`` (one compiled body); a layer 0 of another
-    shape is done on its own. ``arrays`` are lists (or arrays) indexed by layer.
-    """
-    L = stack.layers
-    outs = []
-    start = 0
-    if not stack.uniform or L == 1:
-        first = [a[0] if isinstance(a, list) else jax.tree_util.tree_map(lambda v: v[0], a)
-                 for a in arrays]
-        outs.append(jax.tree_util.tree_map(lambda a: a[None], fn(params["layers"][0], *first)))
-        start = 1
-    if start < L:
-        stacked_p = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *params["layers"][start:])
-        rest = [jnp.stack(a[start:]) if isinstance(a, list)
-                else jax.tree_util.tree_map(lambda v: v[start:], a) for a in arrays]
-        outs.append(lax.map(lambda args: fn(*args), (stacked_p, *rest)))
-    if len(outs) == 1:
-        return outs[0]
-    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
 
 
 def per_step_param_grads(stack: Stack, params, xs, loss_fn: Callable, reduce=None,
@@ -253,14 +228,13 @@ def per_step_param_grads(stack: Stack, params, xs, loss_fn: Callable, reduce=Non
     """
     T = xs.shape[1]
     chunk = chunk or T
-    names = stack.cell.state_names
+    names = stack.state_names
     value, grads, out = state_gradients(stack, params, xs, loss_fn, names)
     B = xs.shape[0]
     prev = _previous_states(out, stack.initial_state(B, xs.dtype))
-    inputs = _layer_inputs(stack, params, xs, out)
-    cell = stack.cell
+    inputs = stack.layer_inputs(params, xs, out)
 
-    def layer(p, prev_l, x_l, cot_l):
+    def layer(cell, p, prev_l, x_l, cot_l):
         def one(args):
             s, x, cot, t = args
             _, vjp = jax.vjp(lambda th: cell.step(th, s, x, t)[0], p)
@@ -272,7 +246,7 @@ def per_step_param_grads(stack: Stack, params, xs, loss_fn: Callable, reduce=Non
                 jnp.arange(T))
         return lax.map(one, args, batch_size=min(chunk, T))
 
-    return value, _per_layer(stack, layer, params, prev, inputs, grads)
+    return value, map_layers(stack, layer, params, prev, inputs, grads)
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "loss_fn"))
@@ -457,12 +431,11 @@ def _rms_spectral(j):
 @functools.partial(jax.jit, static_argnames=("stack", "chunk"))
 def _gains(stack, params, xs, chunk):
     B, T, _ = xs.shape
-    cell = stack.cell
     out = stack.apply(params, xs)
     prev = _previous_states(out, stack.initial_state(B, xs.dtype))
-    inputs = _layer_inputs(stack, params, xs, out)
+    inputs = stack.layer_inputs(params, xs, out)
 
-    def layer(p, prev_l, x_l):
+    def layer(cell, p, prev_l, x_l):
         def one(args):  # one example at one step
             s, x, t = args
             h_of_x = lambda xx: cell.step(p, s, xx, t)[1]  # noqa: E731
@@ -479,7 +452,7 @@ def _gains(stack, params, xs, chunk):
                       batch_size=min(chunk, T))
         return tuple(jnp.mean(r, axis=1) for r in res)  # each (T,)
 
-    vr, vs, tr, ts = _per_layer(stack, layer, params, prev, inputs)
+    vr, vs, tr, ts = map_layers(stack, layer, params, prev, inputs)
     return {"vertical_rms": vr, "vertical_spectral": vs, "temporal_rms": tr,
             "temporal_spectral": ts}
 

@@ -39,28 +39,31 @@ ORDERS = ("layer", "wavefront")
 
 
 class StackOutput(NamedTuple):
-    """What a stack computes.
+    r"""What a stack computes.
 
     Attributes:
       states: ``{name: (L, B, T, H)}``: every layer's state after every step (``"h"`` is the
         output, ``"c"`` the memory of LSTM-type cells), perturbations included.
       gates: ``{gate: (L, B, T, H)}``: reported gate activations (empty unless requested).
       final: ``{name: (L, B, H)}``: the state after the last step.
+      up: ``(L, B, T, H)``: what each layer emits upward, :math:`\mathrm{norm}(h^l_t + x^l_t)`
+        (equal to ``states["h"]`` in a plain stack).
     """
 
     states: dict
     gates: dict
     final: dict
+    up: object = None
 
     @property
     def h(self):
-        """``(L, B, T, H)`` hidden outputs."""
+        """``(L, B, T, H)`` hidden outputs (the cells' states ``h``)."""
         return self.states["h"]
 
     @property
     def top(self):
-        """``(B, T, H)`` outputs of the top layer."""
-        return self.states["h"][-1]
+        """``(B, T, H)`` what the top layer emits: the stack's output sequence."""
+        return self.up[-1]
 
 
 def _positive_int(name, value) -> int:
@@ -76,12 +79,63 @@ def _positive_int(name, value) -> int:
     return v
 
 
+NORMS = (None, "layer", "rms")
+SETTINGS = ("input_projection", "order", "checkpoint", "residual", "norm", "cell_options")
+
+
+class Instruments(NamedTuple):
+    """What a run measures besides its outputs, as one pytree (see :meth:`Stack.apply`).
+
+    ``perturb``: ``{name: (L, T, B, H)}``; ``taps``: ``{name: (L, T, B)}``; ``param_taps``:
+    ``(L, T)`` or None (time-major inside the stack); ``gates``: return gate activations.
+    """
+
+    perturb: dict
+    taps: dict
+    param_taps: object
+    gates: bool
+
+    def layer(self, l):
+        """The instruments of layer(s) ``l`` (an index or a slice)."""
+        return jax.tree_util.tree_map(lambda a: a[l], self)
+
+
+# A pytree whose ``gates`` flag is static (aux data), so it passes through scans and maps.
+jax.tree_util.register_pytree_node(
+    Instruments, lambda i: ((i.perturb, i.taps, i.param_taps), i.gates),
+    lambda gates, children: Instruments(*children, gates))
+
+
+def _resolve_cells(cell, layers, cell_options) -> tuple:
+    if isinstance(cell, (list, tuple)):
+        if cell_options:
+            raise ValueError("cell_options apply to one named cell; build each layer's cell with "
+                             "gradflow.cells.get(name, **options) instead")
+        if len(cell) != layers:
+            raise ValueError(f"a list of cells needs one cell per layer: got {len(cell)} cells "
+                             f"for {layers} layers")
+        built = tuple(_cells.get(c) for c in cell)
+        names = {c.state_names for c in built}
+        if len(names) > 1:
+            raise ValueError("every layer's cell must carry the same states (e.g. all ('c', 'h') "
+                             f"or all ('h',)); got {sorted(names)}")
+        return built
+    return (_cells.get(cell, **(cell_options or {})),) * layers
+
+
 @dataclasses.dataclass(frozen=True)
 class Stack:
-    """``layers`` recurrent cells stacked over ``input_size``-dim data, ``hidden_size`` wide.
+    r"""``layers`` recurrent cells stacked over ``input_size``-dim data, ``hidden_size`` wide.
+
+    Layer ``l`` emits upward :math:`y^l_t = \mathrm{norm}(h^l_t + x^l_t)` (residual and norm
+    optional; plain stacks emit :math:`h^l_t`), which is the next layer's input
+    :math:`x^{l+1}_t`; its cell state :math:`h^l_t` goes forward to ``(l, t+1)``. The gradient
+    maps measure the total derivative w.r.t. :math:`h^l_t` where it leaves the cell, so they
+    cover both paths.
 
     Args:
-      cell: a :class:`gradflow.cells.Cell` or a registered name (see ``gradflow.cells.names()``).
+      cell: a :class:`gradflow.cells.Cell` or a registered name (see ``gradflow.cells.names()``),
+        or a list of them, one per layer (all of one hidden size and the same states).
       layers: ``L >= 1``.
       input_size: ``D``, the data's feature size.
       hidden_size: ``H``.
@@ -91,7 +145,13 @@ class Stack:
       order: ``"layer"`` (default) or ``"wavefront"`` (see the module docstring).
       checkpoint: ``None`` (no rematerialisation), a chunk length ``C``, or ``"auto"``
         (``C = ceil(sqrt(T))``).
-      options: cell options when ``cell`` is a name.
+      residual: add each layer's input to its output, :math:`h^l_t + x^l_t`, where both have
+        ``H`` features (layer 0 reading ``D != H`` unprojected features gets none).
+      norm: ``None``, ``"layer"`` (LayerNorm with learned ``scale, bias``) or ``"rms"`` (RMSNorm
+        with learned ``scale``) on each layer's output, after the residual
+        (``params["norm"]``: one dict per layer). Dropout is never applied: gradflow measures
+        the deterministic network.
+      cell_options: options of a named ``cell`` (e.g. ``{"forget_bias": 1.0}``).
 
     Example::
 
@@ -100,31 +160,38 @@ class Stack:
       >>> out = stack.apply(params, jnp.ones((2, 10, 3)))
       >>> out.h.shape
       (4, 2, 10, 16)
+      >>> deep = gradflow.Stack("lstm", 16, 8, 8, residual=True, norm="layer")
     """
 
-    cell: Cell
+    cells: tuple
     layers: int
     input_size: int
     hidden_size: int
     input_projection: bool | None = None
     order: str = "layer"
     checkpoint: int | str | None = None
+    residual: bool = False
+    norm: str | None = None
 
     def __init__(self, cell, layers: int = 1, input_size: int = 1, hidden_size: int = 32, *,
                  input_projection: bool | None = None, order: str = "layer",
-                 checkpoint=None, **options):
-        cell = _cells.get(cell, **options)
+                 checkpoint=None, residual: bool = False, norm: str | None = None,
+                 cell_options: dict | None = None, **unknown):
+        if unknown:
+            raise ValueError(_unknown_setting(cell, unknown))
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("cell", cell)
         set_("layers", _positive_int("layers", layers))
+        cells = _resolve_cells(cell, self.layers, cell_options)
+        set_("cells", cells)
         set_("input_size", _positive_int("input_size", input_size))
         set_("hidden_size", _positive_int("hidden_size", hidden_size))
+        square = cells[0].square
         if input_projection is None:
-            input_projection = cell.square and input_size != hidden_size
-        elif cell.square and input_size != hidden_size and not input_projection:
+            input_projection = square and input_size != hidden_size
+        elif square and input_size != hidden_size and not input_projection:
             raise ValueError(
-                f"cell {cell.name!r} needs its input size to equal hidden_size ({hidden_size}); "
-                f"the data has {input_size} features: use input_projection=True")
+                f"cell {cells[0].name!r} needs its input size to equal hidden_size "
+                f"({hidden_size}); the data has {input_size} features: use input_projection=True")
         set_("input_projection", bool(input_projection))
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
@@ -132,46 +199,92 @@ class Stack:
         if checkpoint not in (None, "auto"):
             checkpoint = _positive_int("checkpoint", checkpoint)
         set_("checkpoint", checkpoint)
+        set_("residual", bool(residual))
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; valid: None, 'layer', 'rms'")
+        set_("norm", norm)
         if order == "wavefront" and not self.uniform:
-            raise ValueError("order='wavefront' needs every layer to read H features: use "
-                             "input_projection=True or input_size == hidden_size")
+            raise ValueError("order='wavefront' needs every layer to read H features and one "
+                             "cell for all layers: use input_projection=True or input_size == "
+                             "hidden_size, and order='layer' for a list of different cells")
+
+    @property
+    def cell(self):
+        """The cell of every layer (a ValueError for a stack of different cells)."""
+        if any(c != self.cells[0] for c in self.cells[1:]):
+            raise ValueError("this stack has different cells per layer "
+                             f"({', '.join(c.name for c in self.cells)}); use stack.cells")
+        return self.cells[0]
+
+    @property
+    def state_names(self) -> tuple:
+        """The state keys every layer carries (``("h",)`` or ``("c", "h")``)."""
+        return self.cells[0].state_names
 
     @property
     def uniform(self) -> bool:
-        """True when every layer reads ``H`` features (so the layers share one shape)."""
-        return self.input_projection or self.input_size == self.hidden_size
+        """True when every layer reads ``H`` features and runs one cell (one shape)."""
+        return ((self.input_projection or self.input_size == self.hidden_size)
+                and all(c == self.cells[0] for c in self.cells[1:]))
+
+    def layer_in(self, l: int) -> int:
+        """The number of features layer ``l`` reads."""
+        return self.hidden_size if l > 0 or self.input_projection else self.input_size
+
+    def segments(self) -> list:
+        """``[(start, stop), ...]``: runs of consecutive layers of one shape and cell (each run
+        is one compiled body, scanned over depth)."""
+        key = lambda l: (self.cells[l], self.layer_in(l))  # noqa: E731
+        out, start = [], 0
+        for l in range(1, self.layers + 1):
+            if l == self.layers or key(l) != key(start):
+                out.append((start, l))
+                start = l
+        return out
 
     @property
     def config(self) -> dict:
-        """JSON-able description: the cell's config plus the stack's sizes."""
-        return {**self.cell.config, "layers": self.layers, "input_size": self.input_size,
+        """JSON-able description: the cell's config plus the stack's sizes and settings."""
+        cells = ({**self.cells[0].config} if len(set(self.cells)) == 1 else
+                 {"cell": [c.name for c in self.cells],
+                  "cell_options": [dict(c.options) for c in self.cells]})
+        return {**cells, "layers": self.layers, "input_size": self.input_size,
                 "hidden_size": self.hidden_size, "input_projection": self.input_projection,
-                "order": self.order, "checkpoint": self.checkpoint}
+                "order": self.order, "checkpoint": self.checkpoint, "residual": self.residual,
+                "norm": self.norm}
 
     def replace(self, **changes) -> "Stack":
         """A copy with some fields changed (``cell`` may be a name)."""
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        cells = kw.pop("cells")
+        cell = changes.pop("cell", changes.pop("cells", cells if len(set(cells)) > 1
+                                                 else cells[0]))
         kw.update(changes)
-        return Stack(kw.pop("cell"), **kw)
+        return Stack(cell, **kw)
 
     # ------------------------------------------------------------------------------------------
     def init(self, key, dtype=jnp.float32) -> dict:
-        """``{"layers": [per-layer cell params, bottom first], "input": {"W", "b"}?}``."""
+        """``{"layers": [per-layer cell params, bottom first], "input": {"W", "b"}?,
+        "norm": [per-layer {"scale", "bias"?}]?}``."""
         kin, klayers = jax.random.split(key)
         H, D = self.hidden_size, self.input_size
-        first = H if self.input_projection else D
         keys = jax.random.split(klayers, self.layers)
-        params = {"layers": [self.cell.init(k, first if l == 0 else H, H, dtype)
-                             for l, k in enumerate(keys)]}
+        params = {"layers": [c.init(k, self.layer_in(l), H, dtype)
+                             for l, (c, k) in enumerate(zip(self.cells, keys))]}
         if self.input_projection:
-            params["input"] = {"W": jax.nn.initializers.orthogonal()(kin, (D, H), dtype),
-                               "b": jnp.zeros((H,), dtype)}
+            w = jax.nn.initializers.orthogonal()(kin, (D, H), jnp.float32)
+            params["input"] = {"W": w.astype(dtype), "b": jnp.zeros((H,), dtype)}
+        if self.norm is not None:
+            one = {"scale": jnp.ones((H,), dtype)}
+            if self.norm == "layer":
+                one["bias"] = jnp.zeros((H,), dtype)
+            params["norm"] = [dict(one) for _ in range(self.layers)]
         return params
 
     def initial_state(self, batch: int, dtype=jnp.float32) -> dict:
         """Zero state ``{name: (L, B, H)}``."""
         return {k: jnp.zeros((self.layers, batch, self.hidden_size), dtype)
-                for k in self.cell.state_names}
+                for k in self.state_names}
 
     def check_inputs(self, xs):
         """Raise a ValueError unless ``xs`` is ``(B, T, input_size)``."""
@@ -182,6 +295,14 @@ class Stack:
         if shape[0] < 1 or shape[1] < 1:
             raise ValueError(f"inputs need at least one example and one step, got {shape}")
 
+    def layer_inputs(self, params: dict, xs, out) -> list:
+        """``x^l_t`` for every layer, ``[(B, T, in_0)] + [(B, T, H)] * (L-1)``: the (projected)
+        data, then what the layer below emits (``out.up``, from :meth:`apply` on ``xs``)."""
+        x0 = jnp.asarray(xs, out.up.dtype)
+        if self.input_projection:
+            x0 = x0 @ params["input"]["W"] + params["input"]["b"]
+        return [x0] + [out.up[l] for l in range(self.layers - 1)]
+
     def apply(self, params: dict, xs, *, state0: dict | None = None, perturb: dict | None = None,
               taps: dict | None = None, param_taps=None, gates: bool = False) -> StackOutput:
         r"""Run the stack over a batch of sequences.
@@ -191,18 +312,18 @@ class Stack:
           xs: ``(B, T, D)`` inputs, batch-major.
           state0: ``{name: (L, B, H)}`` initial states (zeros if None).
           perturb: ``{name: (L, B, T, H)}`` added to each state where it leaves its cell
-            (keys a subset of ``cell.state_names``).
+            (keys a subset of the cell's ``state_names``).
           taps: ``{name: (L, B, T)}`` (zeros): the gradient of a loss w.r.t. ``taps[name]`` is
             :math:`\|\partial\mathcal L/\partial s^l_t[b]\|_2` per layer, example and step
             (:func:`norm_tap`), at ``H`` times less memory than differentiating ``perturb``.
           param_taps: ``(L, T)`` (zeros): every step uses its own tapped copy of its layer's
-            parameters (input projection included, so it runs step by step) and the gradient of
-            a loss w.r.t. ``param_taps[l, t]`` is
+            cell parameters (input projection included, so it runs step by step) and the
+            gradient of a loss w.r.t. ``param_taps[l, t]`` is
             :math:`\mathrm{mean}_\theta|\partial\mathcal L/\partial\theta^l_{(t)}|`
             (:func:`mean_abs_tap`).
           gates: also return every reported gate activation.
         Returns:
-          :class:`StackOutput` with ``(L, B, T, H)`` states and gates.
+          :class:`StackOutput` with ``(L, B, T, H)`` states, emissions and gates.
         """
         self.check_inputs(xs)
         dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
@@ -213,28 +334,31 @@ class Stack:
             state0 = self.initial_state(B, dtype)
         perturb, taps = dict(perturb or {}), dict(taps or {})
         for what, given in (("perturb", perturb), ("taps", taps)):
-            unknown = set(given) - set(self.cell.state_names)
+            unknown = set(given) - set(self.state_names)
             if unknown:
                 raise ValueError(f"{what} keys {sorted(unknown)} are not states of cell "
-                                 f"{self.cell.name!r} ({', '.join(self.cell.state_names)})")
-        x = jnp.swapaxes(xs, 0, 1)  # (T, B, D): time-major inside
-        if self.input_projection:
-            x = x @ params["input"]["W"] + params["input"]["b"]
-        eps = {k: jnp.swapaxes(v, 1, 2) for k, v in perturb.items()}  # (L, T, B, H)
-        tap = {k: jnp.swapaxes(v, 1, 2) for k, v in taps.items()}  # (L, T, B)
+                                 f"{self.cells[0].name!r} ({', '.join(self.state_names)})")
         if param_taps is not None and jnp.shape(param_taps) != (L, T):
             raise ValueError(f"param_taps must have shape (layers, steps) = {(L, T)}, got "
                              f"{jnp.shape(param_taps)}")
+        x = jnp.swapaxes(xs, 0, 1)  # (T, B, D): time-major inside
+        if self.input_projection:
+            x = x @ params["input"]["W"] + params["input"]["b"]
+        inst = Instruments({k: jnp.swapaxes(v, 1, 2) for k, v in perturb.items()},  # (L, T, B, H)
+                           {k: jnp.swapaxes(v, 1, 2) for k, v in taps.items()},  # (L, T, B)
+                           param_taps, bool(gates))
+        norm = params.get("norm") if self.norm is not None else None
         chunk = self._chunk(T)
         if self.order == "wavefront":
-            states, gts, final = _wavefront(self.cell, _stack_layers(params["layers"]), x,
-                                            state0, eps, tap, param_taps, gates, chunk)
+            states, up, gts, final = _wavefront(self, _stack_layers(params["layers"]),
+                                                _stack_layers(norm) if norm else None, x,
+                                                state0, inst, chunk)
         else:
-            states, gts, final = self._layerwise(params["layers"], x, state0, eps, tap,
-                                                 param_taps, gates, chunk)
+            states, up, gts, final = self._layerwise(params["layers"], norm, x, state0, inst,
+                                                     chunk)
         t = lambda v: jnp.swapaxes(v, 1, 2)  # noqa: E731  (L, T, B, H) -> (L, B, T, H)
         return StackOutput({k: t(v) for k, v in states.items()},
-                           {k: t(v) for k, v in gts.items()}, final)
+                           {k: t(v) for k, v in gts.items()}, final, t(up))
 
     def _chunk(self, T):
         if self.checkpoint is None:
@@ -243,39 +367,87 @@ class Stack:
             return max(1, math.ceil(math.sqrt(T)))
         return min(self.checkpoint, T)
 
-    def _layerwise(self, layers, x, state0, eps, tap, ptap, gates, chunk):
-        L = self.layers
-        pick = lambda tree, l: jax.tree_util.tree_map(lambda a: a[l], tree)  # noqa: E731
-
-        def run(p, xx, s0, e, tp, ptp):
-            return _layer(self.cell, p, xx, s0, e, tp, ptp, gates, chunk)
-
-        if chunk is not None:
-            # Checkpointed: a layer keeps only its input for the backward pass and recomputes
-            # the rest (its input projection, the chunk carries) when its turn comes.
-            run = jax.checkpoint(run)
+    def _layerwise(self, layers, norm, x, state0, inst: Instruments, chunk):
         outs = []
-        start = 0
-        if not self.uniform or L == 1:  # layer 0 has its own shape (or there is only one layer)
-            outs.append(jax.tree_util.tree_map(lambda a: a[None], run(
-                layers[0], x, pick(state0, 0), pick(eps, 0), pick(tap, 0), pick(ptap, 0))))
-            x = outs[-1][0]["h"][0]
-            start = 1
-        if start < L:
-            rest = slice(start, L)
+        for start, stop in self.segments():
+            cell = self.cells[start]
+            residual = self.residual and self.layer_in(start) == self.hidden_size
 
-            def body(xx, inp):
-                p, s0, e, tp, ptp = inp
-                states, gts, final = run(p, xx, s0, e, tp, ptp)
-                return states["h"], (states, gts, final)
+            def run(p, pn, xx, s0, ins, cell=cell, residual=residual):
+                states, gts, final = _layer(cell, p, xx, s0, ins, chunk)
+                return states, _emit(states["h"], xx, pn, residual, self.norm), gts, final
 
-            sl = lambda tree: jax.tree_util.tree_map(lambda a: a[rest], tree)  # noqa: E731
-            _, out = lax.scan(body, x, (_stack_layers(layers[start:]), sl(state0), sl(eps),
-                                        sl(tap), sl(ptap)))
+            if chunk is not None:
+                # Checkpointed: a layer keeps only its input for the backward pass and
+                # recomputes the rest (its input projection, the chunk carries) in its turn.
+                run = jax.checkpoint(run)
+            seg = slice(start, stop)
+            sl = lambda tree: jax.tree_util.tree_map(lambda a: a[seg], tree)  # noqa: E731
+            pn = _stack_layers(norm[seg]) if norm else None
+            if stop - start == 1:
+                one = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
+                out = run(layers[start], one(pn), x, one(sl(state0)), one(inst.layer(seg)))
+                out = jax.tree_util.tree_map(lambda a: a[None], out)
+            else:
+                def body(xx, inp):
+                    p, pnl, s0, ins = inp
+                    states, up, gts, final = run(p, pnl, xx, s0, ins)
+                    return up, (states, up, gts, final)
+
+                _, out = lax.scan(body, x, (_stack_layers(layers[seg]), pn, sl(state0),
+                                            inst.layer(seg)))
             outs.append(out)
+            x = out[1][-1]
         if len(outs) == 1:
             return outs[0]
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
+
+
+def map_layers(stack: Stack, fn, params: dict, *arrays):
+    """``fn(cell, layer_params, *layer_arrays)`` for every layer, stacked on a leading axis.
+
+    Each run of layers of one shape and cell (:meth:`Stack.segments`) goes through one
+    ``lax.map`` (one compiled body). ``arrays`` are lists or arrays (or trees of arrays)
+    indexed by layer.
+    """
+    outs = []
+    for start, stop in stack.segments():
+        cell = stack.cells[start]
+        seg = [a[start:stop] if isinstance(a, list)
+               else jax.tree_util.tree_map(lambda v: v[start:stop], a) for a in arrays]
+        seg = [jnp.stack(a) if isinstance(a, list) else a for a in seg]
+        p = _stack_layers(params["layers"][start:stop])
+        outs.append(lax.map(lambda args, cell=cell: fn(cell, *args), (p, *seg)))
+    if len(outs) == 1:
+        return outs[0]
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
+
+
+def _unknown_setting(cell, unknown) -> str:
+    names = ", ".join(map(repr, sorted(unknown)))
+    msg = f"unknown Stack setting(s) {names}; valid options of Stack: {', '.join(SETTINGS)}"
+    try:
+        valid = _cells.get(cell).config if not isinstance(cell, (list, tuple)) else {}
+    except (ValueError, TypeError):
+        valid = {}
+    cell_opts = sorted(set(unknown) & set(valid))
+    if cell_opts:
+        msg += (f". {', '.join(map(repr, cell_opts))} are options of cell {valid['cell']!r}: "
+                f"pass cell_options={{{cell_opts[0]!r}: ...}} or a built gradflow.cells.get(...)")
+    return msg
+
+
+def _emit(h, x, pn, residual: bool, norm: str | None):
+    r"""What a layer emits upward: :math:`\mathrm{norm}(h + x)` (residual and norm optional)
+    for ``h, x: (..., H)``; ``pn`` the norm's ``{"scale", "bias"?}``."""
+    y = h + x if residual else h
+    if norm is None:
+        return y
+    if norm == "layer":
+        y = y - jnp.mean(y, axis=-1, keepdims=True)
+    y = y * lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6)
+    y = y * pn["scale"]
+    return y + pn["bias"] if "bias" in pn else y
 
 
 @jax.custom_vjp
@@ -295,7 +467,17 @@ def _norm_tap_fwd(v, s):
 
 
 def _norm_tap_bwd(_, g):
-    return g, jnp.sqrt(jnp.sum(g * g, axis=-1))
+    return g, safe_norm(g)
+
+
+def safe_norm(g, axis=-1):
+    r""":math:`\|g\|_2` along ``axis`` without underflow: scaled by the largest magnitude
+    before squaring (float32 squares underflow below ~1e-19, while gradients attenuated
+    through deep stacks reach 1e-33 and stay representable)."""
+    m = jnp.max(jnp.abs(g), axis=axis, keepdims=True)
+    safe = jnp.where(m > 0, m, 1.0)
+    r = jnp.sqrt(jnp.sum(jnp.square(g / safe), axis=axis, keepdims=True))
+    return jnp.squeeze(jnp.where(m > 0, m * r, 0.0), axis)
 
 
 norm_tap.defvjp(_norm_tap_fwd, _norm_tap_bwd)
@@ -360,17 +542,17 @@ def _scan(body, carry, xs, length, chunk):
     return carry, ys
 
 
-def _layer(cell: Cell, p, x, s0, eps, tap, ptap, gates: bool, chunk):
+def _layer(cell: Cell, p, x, s0, inst: Instruments, chunk):
     """One layer over a whole sequence.
 
     Args:
-      x: ``(T, B, in)``; s0: ``{name: (B, H)}``; eps: ``{name: (T, B, H)}`` and
-      tap: ``{name: (T, B)}`` (subsets of the states); ptap: ``(T,)`` parameter taps or None.
+      x: ``(T, B, in)``; s0: ``{name: (B, H)}``; inst: this layer's :class:`Instruments`
+        (``perturb {name: (T, B, H)}``, ``taps {name: (T, B)}``, ``param_taps (T,)`` or None).
     Returns:
       ``(states {name: (T, B, H)}, gates {g: (T, B, H)}, final {name: (B, H)})``.
     """
     T = x.shape[0]
-    if ptap is None:
+    if inst.param_taps is None:
         xin = cell.project(p, x)  # the whole sequence's input side: one matmul
 
         def step(state, xp_t, _, t):
@@ -385,30 +567,35 @@ def _layer(cell: Cell, p, x, s0, eps, tap, ptap, gates: bool, chunk):
         xin_t, e_t, tap_t, ptap_t, t = inp
         new, _, g = step(state, xin_t, ptap_t, t)
         new = _leave(new, e_t, tap_t)
-        return new, (new, g if gates else {})
+        return new, (new, g if inst.gates else {})
 
-    final, (states, gts) = _scan(body, s0, (xin, eps, tap, ptap, jnp.arange(T)), T, chunk)
+    final, (states, gts) = _scan(body, s0, (xin, inst.perturb, inst.taps, inst.param_taps,
+                                            jnp.arange(T)), T, chunk)
     return states, gts, final
 
 
-def _wavefront(cell: Cell, P, x, s0, eps, tap, ptap, gates: bool, chunk):
-    """All layers at once along anti-diagonals; ``P`` has a leading layer axis.
+def _wavefront(stack: "Stack", P, PN, x, s0, inst: Instruments, chunk):
+    """All layers at once along anti-diagonals; ``P`` (and the norms ``PN``) have a leading
+    layer axis.
 
     Args:
-      x: ``(T, B, H)`` layer-0 inputs; s0: ``{name: (L, B, H)}``; eps: ``{name: (L, T, B, H)}``;
-      tap: ``{name: (L, T, B)}``; ptap: ``(L, T)`` parameter taps or None.
+      x: ``(T, B, H)`` layer-0 inputs; s0: ``{name: (L, B, H)}``; inst: :class:`Instruments`
+        with a leading layer axis.
     Returns:
-      as :func:`_layer`, with a leading layer axis on every array.
+      ``(states, up, gates, final)`` as :meth:`Stack._layerwise`, with a leading layer axis.
     """
+    cell = stack.cells[0]
     T = x.shape[0]
     L = jax.tree_util.tree_leaves(P)[0].shape[0]
     S = T + L - 1
     lidx = jnp.arange(L)
     x_pad = jnp.concatenate([x, jnp.zeros((L - 1,) + x.shape[1:], x.dtype)])  # (S, B, H)
     step = jax.vmap(cell.step, in_axes=(0, 0, 0, 0))
+    emit = jax.vmap(lambda h, xx, pn: _emit(h, xx, pn, stack.residual, stack.norm))
+    ptap = inst.param_taps
 
     def body(carry, inp):
-        state, below = carry  # below: (L, B, H), the outputs of each layer at the last step
+        state, below = carry  # below: (L, B, H), what each layer emitted at the last step
         x_s, s = inp
         t = s - lidx
         active = (t >= 0) & (t < T)
@@ -416,16 +603,17 @@ def _wavefront(cell: Cell, P, x, s0, eps, tap, ptap, gates: bool, chunk):
         inputs = jnp.concatenate([x_s[None], below[:-1]])
         Pt = P if ptap is None else mean_abs_tap(P, ptap[lidx, tc])
         new, _, g = step(Pt, state, inputs, t)
-        new = _leave(new, {k: v[lidx, tc] for k, v in eps.items()},
-                     {k: v[lidx, tc] for k, v in tap.items()})
+        new = _leave(new, {k: v[lidx, tc] for k, v in inst.perturb.items()},
+                     {k: v[lidx, tc] for k, v in inst.taps.items()})
         mask = active[:, None, None]
         new = {k: jnp.where(mask, v, state[k]) for k, v in new.items()}
-        return (new, new["h"]), (new, g if gates else {})
+        up = emit(new["h"], inputs, PN)
+        return (new, up), (new, up, g if inst.gates else {})
 
     h0 = jnp.zeros_like(s0["h"])
-    (final, _), (states, gts) = _scan(body, (s0, h0), (x_pad, jnp.arange(S)), S, chunk)
+    (final, _), (states, up, gts) = _scan(body, (s0, h0), (x_pad, jnp.arange(S)), S, chunk)
     # states[s, l] holds layer l at step s - l: gather the diagonal back to [l, t].
     tt = jnp.arange(T)[None, :] + lidx[:, None]
     gather = lambda a: a[tt, lidx[:, None]]  # noqa: E731  (S, L, ...) -> (L, T, ...)
-    return ({k: gather(v) for k, v in states.items()}, {k: gather(v) for k, v in gts.items()},
-            final)
+    return ({k: gather(v) for k, v in states.items()}, gather(up),
+            {k: gather(v) for k, v in gts.items()}, final)

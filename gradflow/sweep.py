@@ -168,10 +168,11 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
     dt = dtype_of(dtype)
     out = {}
     for name in names:
-        stack = Stack(name, layers, D, hidden, **(stack_options or {}), **(cell_options or {}))
-        if wrt == "cell" and "c" not in stack.cell.state_names:
+        cell = _cells.for_length(name, steps, **(cell_options or {}))
+        stack = Stack(cell, layers, D, hidden, **(stack_options or {}))
+        if wrt == "cell" and "c" not in stack.state_names:
             raise ValueError(f"wrt='cell' needs a cell with a memory state c; cell "
-                             f"{stack.cell.name!r} has only {', '.join(stack.cell.state_names)}")
+                             f"{cell.name!r} has only {', '.join(stack.state_names)}")
         values, maps = sweep_arrays(stack, seeds, steps=steps, batch=batch, dtype=dt,
                                     input_scale=input_scale, loss=loss, wrt=wrt,
                                     readout_seed=readout_seed, devices=devices)

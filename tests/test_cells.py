@@ -43,7 +43,7 @@ CASES = [
     ("g_lstm", {}),
     ("phased_lstm", {}),
     ("on_lstm", {}),
-    ("on_lstm", {"chunks": 2}),
+    ("on_lstm", {"chunk_size": 2}),
 ]
 IDS = [n + "".join(f"-{k}={v}" for k, v in o.items()) for n, o in CASES]
 
@@ -138,7 +138,7 @@ def reference_step(name, opts, p, state, x, t):
         o = ref("o", _sig(pre("o")))
         gates = {"i": i, "f": f, "o": o}
         if name == "on_lstm":
-            chunks = opts.get("chunks", 1)
+            chunks = opts.get("chunk_size", 1)
             fm = _cumax(pre("f_master"), chunks)
             im = 1.0 - _cumax(pre("i_master"), chunks)
             w = fm * im
@@ -447,12 +447,12 @@ def test_invalid_choice_names_valid_values(name, opts, valid):
 def test_invalid_option_combinations():
     with pytest.raises(ValueError, match="tied"):
         cells.get("lstm", tied=True, aux="master")
-    with pytest.raises(ValueError, match="chunks"):
-        cells.get("lstm", chunks=2)
-    with pytest.raises(ValueError, match="chunks"):
-        cells.get("on_lstm", chunks=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        cells.get("lstm", chunk_size=2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        cells.get("on_lstm", chunk_size=0)
     with pytest.raises(ValueError, match="divisible"):
-        cells.get("on_lstm", chunks=3).init(jax.random.key(0), 4, 4)
+        cells.get("on_lstm", chunk_size=3).init(jax.random.key(0), 4, 4)
     with pytest.raises(ValueError, match="forget-type gate"):
         cells.get("rnn", init="chrono")
     with pytest.raises(ValueError, match="forget-type gate"):

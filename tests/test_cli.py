@@ -217,7 +217,7 @@ BAD = [
     (["heatmap", "--data", "x.npz", "--no-data"], "cannot be used together"),
     (["heatmap", "--cell", "refined_lstm", *SMALL, "--input-size", "5",
       "--no-input-projection"], "needs its input size to equal hidden_size"),
-    (["heatmap", "--cell", "on_lstm", *SMALL, "--option", "chunks=3"], "not divisible"),
+    (["heatmap", "--cell", "on_lstm", *SMALL, "--option", "chunk_size=3"], "not divisible"),
     (["heatmap", "--cell", "rnn", *SMALL, "--init", "chrono"], "no forget-type gate"),
     (["heatmap", "--cell", "rnn", *SMALL, "--wrt", "cell"], "memory state c"),
     (["heatmap", "--option", "novalue"], "expected key=value"),

@@ -249,7 +249,7 @@ def test_zero_preactivation_closed_forms(name):
 
 def test_ugi_timescales_spread_over_one_to_hidden():
     Hu = 64
-    stack = Stack("lstm", 1, 4, Hu, init="ugi")
+    stack = Stack("lstm", 1, 4, Hu, cell_options={"init": "ugi"})
     # zero weights, UGI forget bias (the function the cell's init applies): f = sigma(b_f) at
     # every step and example. (Built from shapes: a full init at a new size costs seconds.)
     shapes = jax.eval_shape(lambda: stack.init(jax.random.key(0), jnp.float64))
@@ -286,7 +286,7 @@ def test_ur_effective_gate_within_bounds():
 def test_g_lstm_update_fraction_matches_gaussian_mass():
     Tg, sigma = 48, 1.5
     mu = np.array([6.3, 12.7, 20.2, 27.6, 33.1, 40.4, 9.9, 36.8])
-    stack = Stack("g_lstm", 1, H, len(mu), steps=Tg)
+    stack = Stack("g_lstm", 1, H, len(mu), cell_options={"steps": Tg})
     params = stack.init(jax.random.key(2), jnp.float64)
     params["layers"][0]["time"] = {"mu": jnp.asarray(mu), "sigma": jnp.full(len(mu), sigma)}
     xs = np.random.default_rng(2).normal(size=(B, Tg, H))
@@ -405,7 +405,7 @@ def test_compare_runs_each_cell_on_the_same_problem():
 def test_gu_grid_entries_are_valid_cells():
     labels = [e[0] for e in gates.GU_GRID]
     assert len(set(labels)) == len(labels)
-    kinds = {label: gates.gate_kinds(Stack(cell, 1, 4, 4, **opts).cell)
+    kinds = {label: gates.gate_kinds(Stack(cell, 1, 4, 4, cell_options=opts).cell)
              for label, cell, opts in gates.GU_GRID}
     assert kinds["LSTM+R"]["g"] == kinds["UR-LSTM"]["g"] == "effective"
     assert kinds["ON-LSTM"]["f_master"] == "master"

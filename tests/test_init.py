@@ -57,7 +57,7 @@ SCHEME_BIASES = {"ur_lstm": {("f", "b"), ("r", "b")}, "ur_gru": {("f", "b"), ("r
 
 
 @pytest.mark.parametrize("name,opts", [(n, {}) for n in cells.names()]
-                         + [("star", {"variant": "official"}), ("on_lstm", {"chunks": 2}),
+                         + [("star", {"variant": "official"}), ("on_lstm", {"chunk_size": 2}),
                             ("lstm", {"init": "orthogonal"})],
                          ids=list(cells.names()) + ["star-official", "on_lstm-chunks2",
                                                     "lstm-in>H"])

@@ -305,7 +305,7 @@ def test_init_layout_and_config():
     assert Stack("refined_gru", L, D, H).input_projection
     assert not Stack("refined_gru", L, H, H).input_projection
     assert not s.input_projection and not s.uniform and sp.uniform
-    c = Stack("lstm", L, D, H, forget_bias=1.0).config
+    c = Stack("lstm", L, D, H, cell_options={"forget_bias": 1.0}).config
     assert c["cell"] == "lstm" and c["forget_bias"] == 1.0 and c["layers"] == L
     assert s.replace(order="wavefront", input_size=H).order == "wavefront"
     assert s.initial_state(B, F64)["c"].shape == (L, B, H)
@@ -354,7 +354,7 @@ def test_bad_perturb_key():
 
 
 def test_package_exports():
-    assert gradflow.Stack is Stack and gradflow.StackOutput._fields == ("states", "gates", "final")
+    assert gradflow.Stack is Stack and gradflow.StackOutput._fields == ("states", "gates", "final", "up")
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "g_lstm"])

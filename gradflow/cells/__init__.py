@@ -5,12 +5,13 @@
 ('gru', 'g_lstm', 'indrnn', 'lstm')
 >>> cell = gradflow.cells.get("lstm", forget_bias=1.0)
 
-Adding a cell is one file (a factory returning a :class:`Cell`) and one line in ``_REGISTRY``.
+Adding a cell is one file (a factory decorated with :func:`gradflow.cells.base.factory`, returning
+a :class:`Cell` that declares its gates, states and time gate) and one line in ``_REGISTRY``.
 """
 from __future__ import annotations
 
 from gradflow.cells import mechanisms
-from gradflow.cells.base import Cell, parse_init
+from gradflow.cells.base import Cell, factory, parse_init
 from gradflow.cells.gru import gru, mgu, refined_gru, refined_mgu, ur_gru
 from gradflow.cells.lstm import lstm, on_lstm, refined_lstm, ur_lstm
 from gradflow.cells.simple import indrnn, rnn
@@ -55,4 +56,20 @@ def get(name, **options) -> Cell:
     return _REGISTRY[name](**options)
 
 
-__all__ = ["Cell", "get", "names", "mechanisms", "parse_init"] + list(_REGISTRY)
+def for_length(cell, steps: int, **options) -> Cell:
+    """:func:`get`, with the cell's ``length_option`` (g-LSTM's ``steps``: its time gates are
+    initialised over the sequence) set to ``steps`` unless ``options`` set it.
+
+    >>> gradflow.cells.for_length("g_lstm", 50).config["steps"]
+    50
+    """
+    if isinstance(cell, Cell):
+        return get(cell, **options)
+    built = get(cell)
+    if built.length_option is not None and built.length_option not in options:
+        options[built.length_option] = int(steps)
+    return get(cell, **options)
+
+
+__all__ = ["Cell", "factory", "for_length", "get", "names", "mechanisms",
+           "parse_init"] + list(_REGISTRY)

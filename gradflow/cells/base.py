@@ -19,6 +19,8 @@ step function of the papers' equations.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import itertools
 import math
 from typing import Any, Callable, Mapping
@@ -33,43 +35,105 @@ WEIGHT_SCHEMES = ("orthogonal", "glorot", "torch")
 BIAS_SCHEMES = ("chrono", "ugi")
 
 
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """A recurrent cell: static configuration plus its pure functions.
+KINDS = ("sigmoid", "refined", "effective", "master", "time", "other")
+"""Gate kinds a cell may declare (see :attr:`Cell.gate_kinds`)."""
 
-    Equality and hashing use ``name`` and ``options`` only, so a ``Cell`` is a valid static
-    argument of ``jax.jit`` and two ``gradflow.cells.get("lstm")`` calls compile once.
+
+def _identity_project(params, x):
+    return x
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Cell:
+    r"""A recurrent cell: static configuration plus its pure functions; it describes itself.
+
+    Construction is keyword-only. Equality and hashing use every field, the functions by
+    identity: two cells built from different functions never compare equal (so they never
+    share a ``jax.jit`` cache entry), while the registered factories are memoised on their
+    options, so ``gradflow.cells.get("lstm")`` twice returns the same cell and compiles once.
 
     Attributes:
-      name: registry name, e.g. ``"lstm"``.
+      name: a label, e.g. ``"lstm"`` (not an identity: user cells may share one).
+      init_fn: ``(key, input_size, hidden_size, dtype) -> params``.
+      recur_fn: ``(params, state, xp, t) -> (state, h, gates)``.
+      project_fn: ``(params, x) -> xp``, the input-only part (default: ``xp = x``).
       options: the options it was built with, as sorted ``(key, value)`` pairs.
-      gate_names: the gates ``recur`` reports, in a fixed order.
       state_names: the keys of the state dict (``("h",)`` or ``("c", "h")``).
+      gate_kinds: ``((gate, kind), ...)`` for the gates ``recur`` reports, in order. Kinds:
+        ``"sigmoid"`` (:math:`\sigma(z)`), ``"refined"`` (Cheng et al.: :math:`\sigma(z) \odot x`
+        or :math:`\sigma(z) + x`), ``"effective"`` (Gu et al.'s
+        :math:`g = r(1-(1-f)^2) + (1-r)f^2`), ``"master"`` (ON-LSTM's cumax gates), ``"time"``
+        (a time gate ``k_t``) and ``"other"`` (a user gate with no known form).
       square: True when the cell needs ``input_size == hidden_size`` (refined gates).
       equation: a one-line summary of the update, for listings.
       forget: ``(gate, sign)``: the parameter gate whose bias sets how much of the previous state
         is kept (sign -1 when the state is kept by ``1 - gate``), used by the bias schemes
         (chrono, UGI, ``forget_bias_init``); None if the cell has no such gate.
+      input_gate: the parameter gate that admits the candidate (chrono sets ``b_i = -b_f``).
       retain: ``((gate, sign), ...)``: reported gates whose value (sign +1) or complement
         (sign -1) is the fraction of the previous state kept, for memory timescales.
+      refine_gate: the reported auxiliary gate ``r`` behind an ``"effective"`` gate.
+      refine_mode: ``"mul"``/``"add"``: the form of the ``"refined"`` gates.
+      time_gate: the reported time gate (``"k"`` of g-LSTM/Phased LSTM), or None.
+      rescale_time: ``(layer_params, ratio) -> layer_params``: the time parameters stretched
+        by ``ratio`` (a temporal curriculum changing the sequence length), or None.
+      length_option: an option that is the sequence length the cell is initialised for
+        (g-LSTM's ``steps``); problems set it to their ``steps``. None if there is none.
+      preact_fn: ``(params, state, xp, t) -> {gate: z}``: the pre-activations ``z`` of the
+        ``"sigmoid"``/``"refined"`` gates (``a = sigma(z)`` before any refinement), or None.
+      to_params: for adapters, ``(user object) -> params`` (e.g. a trained module's weights).
     """
 
     name: str
-    options: tuple
-    gate_names: tuple
-    state_names: tuple
-    square: bool
-    equation: str
-    forget: tuple | None
-    retain: tuple
-    init_fn: Callable = dataclasses.field(compare=False, repr=False)
-    project_fn: Callable = dataclasses.field(compare=False, repr=False)
-    recur_fn: Callable = dataclasses.field(compare=False, repr=False)
+    init_fn: Callable = dataclasses.field(repr=False)
+    recur_fn: Callable = dataclasses.field(repr=False)
+    project_fn: Callable = dataclasses.field(default=_identity_project, repr=False)
+    options: tuple = ()
+    state_names: tuple = ("h",)
+    gate_kinds: tuple = ()
+    square: bool = False
+    equation: str = ""
+    forget: tuple | None = None
+    input_gate: str | None = None
+    retain: tuple = ()
+    refine_gate: str | None = None
+    refine_mode: str = "mul"
+    time_gate: str | None = None
+    rescale_time: Callable | None = dataclasses.field(default=None, repr=False)
+    length_option: str | None = None
+    preact_fn: Callable | None = dataclasses.field(default=None, repr=False)
+    to_params: Callable | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self):
+        if "h" not in self.state_names:
+            raise ValueError(f"cell {self.name!r}: state_names must include 'h' (the output), "
+                             f"got {self.state_names}")
+        for g, kind in self.gate_kinds:
+            if kind not in KINDS:
+                raise ValueError(f"cell {self.name!r}: gate {g!r} has unknown kind {kind!r}; "
+                                 f"valid kinds: {', '.join(KINDS)}")
+
+    @property
+    def gate_names(self) -> tuple:
+        """The gates ``recur`` reports, in a fixed order."""
+        return tuple(g for g, _ in self.gate_kinds)
+
+    @property
+    def kinds(self) -> dict:
+        """``{gate: kind}`` (see ``gate_kinds``)."""
+        return dict(self.gate_kinds)
 
     @property
     def config(self) -> dict:
-        """``{"cell": name, **options}``: enough to rebuild the cell with ``cells.get``."""
+        """``{"cell": name, **options}``: enough to rebuild a registered cell with ``cells.get``."""
         return {"cell": self.name, **dict(self.options)}
+
+    def for_length(self, steps: int) -> "Cell":
+        """This cell initialised for sequences of ``steps`` (only cells with a
+        ``length_option`` change; built from the same registered factory)."""
+        if self.length_option is None or self.name not in _FACTORIES:
+            return self
+        return _FACTORIES[self.name](**{**dict(self.options), self.length_option: int(steps)})
 
     def init(self, key, input_size: int, hidden_size: int, dtype=jnp.float32) -> Params:
         """Fresh parameters: per-gate ``{"W": (in, H), "U": (H, H), "b": (H,)}`` dicts."""
@@ -98,10 +162,60 @@ class Cell:
         """One step of the cell's equations on input ``x: (*batch, in)``."""
         return self.recur_fn(params, state, self.project_fn(params, x), t)
 
+    def preactivations(self, params: Params, state: State, x, t=0) -> dict:
+        """``{gate: z}`` for the cell's sigmoid/refined gates at one step (``x: (*batch, in)``)."""
+        if self.preact_fn is None:
+            raise ValueError(f"cell {self.name!r} does not declare its gate pre-activations")
+        return self.preact_fn(params, state, self.project_fn(params, x), t)
+
     def param_count(self, input_size: int, hidden_size: int) -> int:
         """Number of scalar parameters for the given sizes."""
         shapes = jax.eval_shape(lambda k: self.init(k, input_size, hidden_size), jax.random.key(0))
         return sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes))
+
+
+_FACTORIES: dict = {}
+
+
+def factory(fn: Callable) -> Callable:
+    """Register a cell factory and memoise it on its (keyword-only, typed) options.
+
+    The factory's signature is its documentation (``help()``, IDEs); unknown options raise a
+    ValueError listing the valid ones; equal options (defaults filled in) give the very same
+    :class:`Cell`, so jitted measurements compile once per configuration. The cell's
+    ``options`` are the bound arguments, updated by any ``options`` the factory's cell resolves
+    itself (e.g. ``star``'s variant-dependent ``init``).
+    """
+    sig = inspect.signature(fn)
+    valid = tuple(sig.parameters)
+
+    @functools.lru_cache(maxsize=None)
+    def cached(frozen):
+        return _build(frozen)
+
+    def _build(frozen):
+        cell = fn(**dict(frozen))  # a factory may resolve option defaults in cell.options
+        return dataclasses.replace(cell, options=freeze({**dict(frozen), **dict(cell.options)}))
+
+    @functools.wraps(fn)
+    def make(**options) -> Cell:
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} for cell {fn.__name__!r}; "
+                f"valid options: {', '.join(valid) or '(none)'}")
+        bound = sig.bind(**options)
+        bound.apply_defaults()
+        frozen = freeze(bound.arguments)
+        try:
+            hash(frozen)
+        except TypeError:
+            return _build(frozen)
+        return cached(frozen)
+
+    make.valid_options = valid
+    _FACTORIES[fn.__name__] = make
+    return make
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,17 +333,6 @@ def recurrent_projection(params: Params, h, gates) -> dict:
 def set_bias(params: Params, gate: str, value):
     """A copy of ``params`` with ``params[gate]["b"] = value``."""
     return {**params, gate: {**params[gate], "b": jnp.asarray(value, params[gate]["b"].dtype)}}
-
-
-def check_options(name: str, given: Mapping[str, Any], valid: Mapping[str, Any]) -> dict:
-    """Merge ``given`` options over defaults ``valid``; unknown keys raise a ValueError."""
-    unknown = sorted(set(given) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for cell {name!r}; "
-            f"valid options: {', '.join(sorted(valid)) or '(none)'}"
-        )
-    return {**valid, **given}
 
 
 def freeze(options: Mapping[str, Any]) -> tuple:

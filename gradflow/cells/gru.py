@@ -4,22 +4,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import (Cell, check_options, choice, freeze, input_projection,
-                                 recurrent_projection, refined_set)
+from gradflow.cells.base import (Cell, choice, factory, input_projection, recurrent_projection,
+                                 refined_set)
 from gradflow.cells.mechanisms import REFINED_MODES, refine, refined, standard_init
 
-GRU_DEFAULTS = {
-    "init": "orthogonal",
-    "reset": "after",
-    "forget_bias_init": None,
-    "t_max": 100.0,
-    "aux": None,
-    "refined": (),
-    "mode": "mul",
-}
-
-
-def gru(**options) -> Cell:
+@factory
+def gru(*, init: str = "orthogonal", reset: str = "after",
+        forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
+        refined: tuple[str, ...] = (), mode: str = "mul") -> Cell:
     r"""Gated recurrent unit, in the PyTorch/cuDNN (and Flax) form by default.
 
     .. math::
@@ -35,10 +27,13 @@ def gru(**options) -> Cell:
     Options: ``init``, ``reset`` (``"after"``/``"before"``), ``forget_bias_init`` (initial
     ``b_z``), ``t_max``, ``aux`` (``"refine"``: see :func:`ur_gru`), ``refined``, ``mode``.
     """
-    return _gru("gru", options, {})
+    return _gru("gru", locals())
 
 
-def ur_gru(**options) -> Cell:
+@factory
+def ur_gru(*, init: str = "ugi", reset: str = "after",
+        forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = "refine",
+        refined: tuple[str, ...] = (), mode: str = "mul") -> Cell:
     r"""UR-GRU (Gu et al. 2020): the update gate (the coefficient of :math:`h_{t-1}`), here
     ``f``, gets a refine gate and UGI; the reset gate ``r`` is kept.
 
@@ -51,20 +46,23 @@ def ur_gru(**options) -> Cell:
     with ``n`` as in :func:`gru`. Params ``{"r", "f", "refine", "n"}``; reports
     ``r, f, refine, g``. UGI by default (``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_refine = -b_f``).
     """
-    return _gru("ur_gru", options, {"init": "ugi", "aux": "refine"})
+    return _gru("ur_gru", locals())
 
 
-def refined_gru(**options) -> Cell:
+@factory
+def refined_gru(*, init: str = "orthogonal", reset: str = "after",
+        forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
+        refined: tuple[str, ...] = ("z", "r"), mode: str = "mul") -> Cell:
     r"""GRU with Cheng et al.'s refined update and reset gates,
     :math:`\hat z = \sigma(\cdot) \odot x_t`, :math:`\hat r = \sigma(\cdot) \odot x_t`
     (``mode="add"``: ``σ(·) + x_t``). **Uncertain** form (see :func:`mechanisms.refined`).
     Needs ``in == H``. Reports the refined ``r, z``.
     """
-    return _gru("refined_gru", options, {"refined": ("z", "r")})
+    return _gru("refined_gru", locals())
 
 
-def _gru(name: str, options: dict, defaults: dict) -> Cell:
-    o = check_options(name, options, {**GRU_DEFAULTS, **defaults})
+def _gru(name: str, o: dict) -> Cell:
+    o = dict(o)
     aux = choice(name, "aux", o["aux"], (None, "refine"))
     reset = choice(name, "reset", o["reset"], ("after", "before"))
     mode = choice(name, "mode", o["mode"], REFINED_MODES)
@@ -87,6 +85,10 @@ def _gru(name: str, options: dict, defaults: dict) -> Cell:
             xp["x"] = x
         return xp
 
+    def preact(p, state, xp, t):
+        rec = recurrent_projection(p, state["h"], sig)
+        return {g: xp["a"][g] + rec[g] for g in sig}
+
     def recur(p, state, xp, t):
         h = state["h"]
         rec = recurrent_projection(p, h, rec_gates)
@@ -107,21 +109,19 @@ def _gru(name: str, options: dict, defaults: dict) -> Cell:
     eq = {"gru": "n = tanh(Wx + r*(Uh + b_hn) + b); h = (1-z)*n + z*h",
           "ur_gru": "g = r'(1-(1-f)^2) + (1-r')f^2; h = g*h + (1-g)*n",
           "refined_gru": "GRU with z, r refined: sigma(Wx+Uh+b) * x"}.get(name, "")
-    return Cell(name, freeze(o), reported, ("h",), bool(rset), eq, (upd, 1), retain,
-                init_fn, project, recur)
+    kinds = {g: "refined" if g in rset else "sigmoid" for g in sig}
+    kinds.update({"g": "effective"} if aux == "refine" else {})
+    return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
+                gate_kinds=tuple((g, kinds[g]) for g in reported), square=bool(rset),
+                equation=eq, forget=(upd, 1), retain=retain,
+                refine_gate="refine" if aux == "refine" else None, refine_mode=mode,
+                preact_fn=preact)
 
 
-MGU_DEFAULTS = {
-    "init": "orthogonal",
-    "variant": "zhou",
-    "forget_bias_init": None,
-    "t_max": 100.0,
-    "refined": (),
-    "mode": "mul",
-}
-
-
-def mgu(**options) -> Cell:
+@factory
+def mgu(*, init: str = "orthogonal", variant: str = "zhou",
+        forget_bias_init: float | None = None, t_max: float = 100.0,
+        refined: tuple[str, ...] = (), mode: str = "mul") -> Cell:
     r"""Minimal gated unit (Zhou et al. 2016).
 
     .. math::
@@ -134,19 +134,22 @@ def mgu(**options) -> Cell:
     :math:`h_t = (1 - f) \odot n + f \odot h_{t-1}` (``f`` keeps the state instead of
     admitting the candidate, and ``params["n"]["b_hn"]`` exists). Reports ``f``.
     """
-    return _mgu("mgu", options, {})
+    return _mgu("mgu", locals())
 
 
-def refined_mgu(**options) -> Cell:
+@factory
+def refined_mgu(*, init: str = "orthogonal", variant: str = "zhou",
+        forget_bias_init: float | None = None, t_max: float = 100.0,
+        refined: tuple[str, ...] = ("f",), mode: str = "mul") -> Cell:
     r"""MGU with Cheng et al.'s refined forget gate :math:`\hat f = \sigma(\cdot) \odot x_t`
     (``mode="add"``: ``σ(·) + x_t``). **Uncertain** form (see :func:`mechanisms.refined`).
     Needs ``in == H``. Reports the refined ``f``.
     """
-    return _mgu("refined_mgu", options, {"refined": ("f",)})
+    return _mgu("refined_mgu", locals())
 
 
-def _mgu(name: str, options: dict, defaults: dict) -> Cell:
-    o = check_options(name, options, {**MGU_DEFAULTS, **defaults})
+def _mgu(name: str, o: dict) -> Cell:
+    o = dict(o)
     variant = choice(name, "variant", o["variant"], ("zhou", "flax"))
     mode = choice(name, "mode", o["mode"], REFINED_MODES)
     rset = refined_set(name, o, ("f",))
@@ -160,6 +163,9 @@ def _mgu(name: str, options: dict, defaults: dict) -> Cell:
         if rset:
             xp["x"] = x
         return xp
+
+    def preact(p, state, xp, t):
+        return {"f": xp["a"]["f"] + state["h"] @ p["f"]["U"]}
 
     def recur(p, state, xp, t):
         h = state["h"]
@@ -178,5 +184,7 @@ def _mgu(name: str, options: dict, defaults: dict) -> Cell:
 
     eq = {"mgu": "n = tanh(Wx + U(f*h) + b); h = (1-f)*h + f*n",
           "refined_mgu": "MGU with f refined: sigma(Wx+Uh+b) * x"}.get(name, "")
-    return Cell(name, freeze(o), ("f",), ("h",), bool(rset), eq, ("f", sign), (("f", sign),),
-                init_fn, project, recur)
+    return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
+                gate_kinds=(("f", "refined" if rset else "sigmoid"),), square=bool(rset),
+                equation=eq, forget=("f", sign), retain=(("f", sign),), refine_mode=mode,
+                preact_fn=preact)

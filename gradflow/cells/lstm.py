@@ -11,25 +11,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import (Cell, check_options, choice, freeze, input_projection,
-                                 recurrent_projection, refined_set)
+from gradflow.cells.base import (Cell, choice, factory, input_projection, recurrent_projection,
+                                 refined_set)
 from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, refined,
                                        standard_init)
 
-LSTM_DEFAULTS = {
-    "init": "orthogonal",
-    "forget_bias": 0.0,
-    "forget_bias_init": None,
-    "t_max": 100.0,
-    "aux": None,
-    "tied": False,
-    "refined": (),
-    "mode": "mul",
-    "chunks": 1,
-}
-
-
-def lstm(**options) -> Cell:
+@factory
+def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
+         forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
+         tied: bool = False, refined: tuple[str, ...] = (), mode: str = "mul",
+         chunk_size: int = 1) -> Cell:
     r"""Long short-term memory.
 
     .. math::
@@ -54,7 +45,8 @@ def lstm(**options) -> Cell:
       tied: input gate tied to ``1 - forget`` (no ``i`` parameters).
       refined: gate names given Cheng et al.'s refined form (see :func:`mechanisms.refined`).
       mode: refined gate form, ``"mul"`` or ``"add"``.
-      chunks: ON-LSTM master-gate chunk size (``H`` must be divisible by it).
+      chunk_size: ON-LSTM: neurons per master-gate chunk (``H`` must be divisible by it; the
+        master gates have ``H / chunk_size`` entries, each repeated ``chunk_size`` times).
 
     Example::
 
@@ -64,10 +56,14 @@ def lstm(**options) -> Cell:
       >>> sorted(gates)
       ['f', 'i', 'o']
     """
-    return _lstm("lstm", options, {})
+    return _lstm("lstm", locals())
 
 
-def ur_lstm(**options) -> Cell:
+@factory
+def ur_lstm(*, init: str = "ugi", forget_bias: float = 0.0,
+         forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = "refine",
+         tied: bool = True, refined: tuple[str, ...] = (), mode: str = "mul",
+         chunk_size: int = 1) -> Cell:
     r"""UR-LSTM (Gu et al. 2020): refine gate on the forget gate, tied input gate, UGI.
 
     .. math::
@@ -80,10 +76,14 @@ def ur_lstm(**options) -> Cell:
     with UGI: ``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_r = -b_f``. Reports ``f, r, g, o``.
     Same options as :func:`lstm` (defaults ``init="ugi"``, ``aux="refine"``, ``tied=True``).
     """
-    return _lstm("ur_lstm", options, {"init": "ugi", "aux": "refine", "tied": True})
+    return _lstm("ur_lstm", locals())
 
 
-def on_lstm(**options) -> Cell:
+@factory
+def on_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
+         forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = "master",
+         tied: bool = False, refined: tuple[str, ...] = (), mode: str = "mul",
+         chunk_size: int = 1) -> Cell:
     r"""ON-LSTM (Shen et al. 2019): LSTM with master gates.
 
     .. math::
@@ -95,13 +95,17 @@ def on_lstm(**options) -> Cell:
         \hat i = i \odot \omega + (\tilde i - \omega),\quad
         c_t = \hat f \odot c_{t-1} + \hat i \odot g
 
-    ``cumax = cumsum ∘ softmax``; ``chunks=C`` gives master gates of size ``H/C`` repeated ``C``
-    times. Reports ``i, f, f_master, i_master, o``.
+    ``cumax = cumsum ∘ softmax``; ``chunk_size=C`` gives master gates of size ``H/C``, each entry
+    shared by a chunk of ``C`` neurons. Reports ``i, f, f_master, i_master, o``.
     """
-    return _lstm("on_lstm", options, {"aux": "master"})
+    return _lstm("on_lstm", locals())
 
 
-def refined_lstm(**options) -> Cell:
+@factory
+def refined_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
+         forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
+         tied: bool = False, refined: tuple[str, ...] = ("i", "o"), mode: str = "mul",
+         chunk_size: int = 1) -> Cell:
     r"""LSTM with Cheng et al.'s refined input and output gates.
 
     .. math:: \hat i = \sigma(W_i x_t + U_i h_{t-1} + b_i) \odot x_t, \quad
@@ -111,19 +115,20 @@ def refined_lstm(**options) -> Cell:
     the multiplicative form follows spago's LSTM. Needs ``in == H``. Option ``refined`` picks
     the gates (default ``("i", "o")``). Reports the refined values of ``i, f, o``.
     """
-    return _lstm("refined_lstm", options, {"refined": ("i", "o")})
+    return _lstm("refined_lstm", locals())
 
 
-def _lstm(name: str, options: dict, defaults: dict) -> Cell:
-    o = check_options(name, options, {**LSTM_DEFAULTS, **defaults})
+def _lstm(name: str, o: dict) -> Cell:
+    o = dict(o)
     aux = choice(name, "aux", o["aux"], (None, "refine", "master"))
     mode = choice(name, "mode", o["mode"], REFINED_MODES)
     tied = bool(o["tied"])
-    chunks = int(o["chunks"])
+    chunks = int(o["chunk_size"])
     if tied and aux == "master":
         raise ValueError(f"cell {name!r}: tied=True cannot be combined with aux='master'")
     if chunks < 1 or (chunks > 1 and aux != "master"):
-        raise ValueError(f"cell {name!r}: chunks must be a positive integer and needs aux='master'")
+        raise ValueError(f"cell {name!r}: chunk_size must be a positive integer and needs "
+                         "aux='master'")
     cand = "u" if aux == "refine" else "g"
     sig = ("f", "o") + (() if tied else ("i",)) + (("r",) if aux == "refine" else ())
     rset = refined_set(name, o, sig)
@@ -143,7 +148,7 @@ def _lstm(name: str, options: dict, defaults: dict) -> Cell:
         if aux == "master":
             if hidden_size % chunks:
                 raise ValueError(f"cell {name!r}: hidden_size {hidden_size} is not divisible by "
-                                 f"chunks={chunks}")
+                                 f"chunk_size={chunks}")
             sp["f_master"] = sp["i_master"] = {"out": hidden_size // chunks}
         return standard_init(sp, o["init"], forget=("f", 1), input_gate=None if tied else "i",
                              refine_gate="r" if aux == "refine" else None, t_max=o["t_max"],
@@ -158,11 +163,15 @@ def _lstm(name: str, options: dict, defaults: dict) -> Cell:
             xp["x"] = x
         return xp
 
-    def recur(p, state, xp, t):
-        c, h = state["c"], state["h"]
-        rec = recurrent_projection(p, h, all_gates)
+    def preact(p, state, xp, t):
+        rec = recurrent_projection(p, state["h"], all_gates)
         z = {g: xp["a"][g] + rec[g] for g in all_gates}
         z["f"] = z["f"] + o["forget_bias"]
+        return z
+
+    def recur(p, state, xp, t):
+        c = state["c"]
+        z = preact(p, state, xp, t)
         act = {g: jax.nn.sigmoid(z[g]) for g in sig}
         for g in rset:
             act[g] = refined(act[g], xp["x"], mode)
@@ -187,5 +196,13 @@ def _lstm(name: str, options: dict, defaults: dict) -> Cell:
           "ur_lstm": "g = r(1-(1-f)^2) + (1-r)f^2; c = g*c + (1-g)*tanh(Wx+Uh+b); h = o*tanh(c)",
           "on_lstm": "f^ = f*w + (F-w), i^ = i*w + (I-w), w = F*I (cumax masters); c = f^*c + i^*g",
           "refined_lstm": "LSTM with i, o refined: sigma(Wx+Uh+b) * x"}.get(name, "")
-    return Cell(name, freeze(o), reported, ("c", "h"), bool(rset), eq, ("f", 1), retain,
-                init_fn, project, recur)
+    kinds = {g: "refined" if g in rset else "sigmoid" for g in reported}
+    kinds.update({"g": "effective"} if aux == "refine" else {})
+    kinds.update({"f_master": "master", "i_master": "master"} if aux == "master" else {})
+    return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
+                state_names=("c", "h"), gate_kinds=tuple((g, kinds[g]) for g in reported),
+                square=bool(rset), equation=eq, forget=("f", 1),
+                input_gate=None if tied else "i", retain=retain,
+                refine_gate="r" if aux == "refine" else None, refine_mode=mode,
+                preact_fn=lambda p, s, xp, t: {g: v for g, v in preact(p, s, xp, t).items()
+                                               if g in sig})

@@ -4,11 +4,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import Cell, check_options, freeze, input_projection, parse_init, weight
+from gradflow.cells.base import Cell, factory, input_projection, parse_init, weight
 from gradflow.cells.mechanisms import standard_init
 
 
-def rnn(**options) -> Cell:
+@factory
+def rnn(*, init: str = "orthogonal") -> Cell:
     r"""Vanilla (Elman) RNN.
 
     .. math:: h_t = \tanh(W x_t + U h_{t-1} + b)
@@ -24,8 +25,7 @@ def rnn(**options) -> Cell:
       >>> s = cell.initial_state((2,), 8)
       >>> s, h, gates = cell.step(p, s, jnp.ones((2, 3)), 0)
     """
-    o = check_options("rnn", options, {"init": "orthogonal"})
-    init_fn = standard_init({"h": {}}, o["init"])
+    init_fn = standard_init({"h": {}}, init)
 
     def project(p, x):
         return input_projection(p, x, ("h",))
@@ -34,11 +34,12 @@ def rnn(**options) -> Cell:
         h = jnp.tanh(xp["h"] + state["h"] @ p["h"]["U"])
         return {"h": h}, h, {}
 
-    return Cell("rnn", freeze(o), (), ("h",), False,
-                "h = tanh(W x + U h + b)", None, (), init_fn, project, recur)
+    return Cell(name="rnn", init_fn=init_fn, project_fn=project, recur_fn=recur,
+                equation="h = tanh(W x + U h + b)")
 
 
-def indrnn(**options) -> Cell:
+@factory
+def indrnn(*, init: str = "orthogonal", u_max: float = 1.0) -> Cell:
     r"""Independently recurrent network (Li et al. 2018).
 
     .. math:: h_t = \mathrm{relu}(W x_t + u \odot h_{t-1} + b)
@@ -47,15 +48,14 @@ def indrnn(**options) -> Cell:
     ``{"h": {"W": (in, H), "u": (H,), "b": (H,)}}``; ``u ~ U[0, 1]`` at init (``u_max`` option
     sets the upper end). Reports no gates.
     """
-    o = check_options("indrnn", options, {"init": "orthogonal", "u_max": 1.0})
-    wscheme, bscheme = parse_init(o["init"])
+    wscheme, bscheme = parse_init(init)
     if bscheme is not None:
-        raise ValueError(f"cell 'indrnn' has no forget-type gate for init {o['init']!r}")
+        raise ValueError(f"cell 'indrnn' has no forget-type gate for init {init!r}")
 
     def init_fn(key, input_size, hidden_size, dtype):
         kw, ku = jax.random.split(key)
         return {"h": {"W": weight(kw, (input_size, hidden_size), wscheme, hidden_size, dtype),
-                      "u": jax.random.uniform(ku, (hidden_size,), dtype, 0.0, o["u_max"]),
+                      "u": jax.random.uniform(ku, (hidden_size,), dtype, 0.0, u_max),
                       "b": jnp.zeros((hidden_size,), dtype)}}
 
     def project(p, x):
@@ -65,5 +65,5 @@ def indrnn(**options) -> Cell:
         h = jax.nn.relu(xp["h"] + p["h"]["u"] * state["h"])
         return {"h": h}, h, {}
 
-    return Cell("indrnn", freeze(o), (), ("h",), False,
-                "h = relu(W x + u * h + b)", None, (), init_fn, project, recur)
+    return Cell(name="indrnn", init_fn=init_fn, project_fn=project, recur_fn=recur,
+                equation="h = relu(W x + u * h + b)")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import Cell, check_options, freeze
-from gradflow.cells.lstm import LSTM_DEFAULTS, lstm
+from gradflow.cells.base import Cell, factory
+from gradflow.cells.lstm import lstm
 
 _INNER = ("init", "forget_bias", "forget_bias_init", "t_max")
 
@@ -34,9 +34,7 @@ def phased_gate(t, tau, s, r_on, alpha):
                      jnp.where(phi < r_on, 2.0 - 2.0 * phi / r_on, alpha * phi))
 
 
-def _time_gated(name, options, defaults, time_init, gate_fn, eq) -> Cell:
-    inner_defaults = {k: LSTM_DEFAULTS[k] for k in _INNER}
-    o = check_options(name, options, {**inner_defaults, **defaults})
+def _time_gated(name, o, time_init, gate_fn, eq, rescale=None, length_option=None) -> Cell:
     inner = lstm(**{k: o[k] for k in _INNER})
 
     def init_fn(key, input_size, hidden_size, dtype):
@@ -53,11 +51,17 @@ def _time_gated(name, options, defaults, time_init, gate_fn, eq) -> Cell:
         h = k * h_hat + (1.0 - k) * state["h"]
         return {"c": c, "h": h}, h, {**gates, "k": k}
 
-    return Cell(name, freeze(o), ("i", "f", "o", "k"), ("c", "h"), False, eq, ("f", 1),
-                (("f", 1),), init_fn, inner.project_fn, recur)
+    return Cell(name=name, init_fn=init_fn, project_fn=inner.project_fn, recur_fn=recur,
+                state_names=("c", "h"), gate_kinds=inner.gate_kinds + (("k", "time"),),
+                equation=eq, forget=("f", 1), input_gate="i", retain=(("f", 1),),
+                time_gate="k", preact_fn=inner.preact_fn,
+                rescale_time=rescale, length_option=length_option)
 
 
-def g_lstm(**options) -> Cell:
+@factory
+def g_lstm(*, steps: int = 100, sigma_frac: float = 0.1, init: str = "orthogonal",
+           forget_bias: float = 0.0, forget_bias_init: float | None = None,
+           t_max: float = 100.0) -> Cell:
     r"""Gaussian-gated LSTM (Thornton et al. 2019).
 
     .. math:: k_t = \exp\!\left(-\frac{(t - \mu)^2}{2 \sigma^2}\right), \qquad
@@ -80,11 +84,19 @@ def g_lstm(**options) -> Cell:
     def gate(t, tp, o):
         return gaussian_gate(t, tp["mu"], tp["sigma"])
 
-    return _time_gated("g_lstm", options, {"steps": 100, "sigma_frac": 0.1}, time_init, gate,
-                       "k = exp(-(t-mu)^2/2s^2); c = k*c^ + (1-k)*c; h = k*h^ + (1-k)*h")
+    def rescale(layer_params, ratio):
+        """A temporal curriculum stretching the sequence by ``ratio`` stretches ``mu, sigma``."""
+        return {**layer_params, "time": {k: v * ratio for k, v in layer_params["time"].items()}}
+
+    return _time_gated("g_lstm", locals(), time_init, gate,
+                       "k = exp(-(t-mu)^2/2s^2); c = k*c^ + (1-k)*c; h = k*h^ + (1-k)*h",
+                       rescale=rescale, length_option="steps")
 
 
-def phased_lstm(**options) -> Cell:
+@factory
+def phased_lstm(*, log_tau: tuple[float, float] = (1.0, 5.0), r_on: float = 0.05,
+                alpha: float = 1e-3, init: str = "orthogonal", forget_bias: float = 0.0,
+                forget_bias_init: float | None = None, t_max: float = 100.0) -> Cell:
     r"""Phased LSTM (Neil et al. 2016): an LSTM whose update is gated by a periodic time gate.
 
     :math:`\phi_t = ((t - s) \bmod \tau)/\tau`, :math:`k_t` from :func:`phased_gate`, and the
@@ -101,7 +113,6 @@ def phased_lstm(**options) -> Cell:
     def gate(t, tp, o):
         return phased_gate(t, tp["tau"], tp["s"], tp["r_on"], o["alpha"])
 
-    return _time_gated("phased_lstm", options,
-                       {"log_tau": (1.0, 5.0), "r_on": 0.05, "alpha": 1e-3}, time_init, gate,
+    return _time_gated("phased_lstm", locals(), time_init, gate,
                        "phi = ((t-s) mod tau)/tau; k = open/close ramps of r_on, else alpha*phi")
 
