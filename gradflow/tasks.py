@@ -370,6 +370,20 @@ def resize(task: Task, steps: int) -> Task:
                      "tasks: adding, copy, counting")
 
 
+def for_length(name: str, steps: int | None = None, **options) -> Task:
+    """:func:`make`, resized to sequences of ``T = steps`` (:func:`resize`: ``copy`` gets
+    ``lag = steps - 2 * symbols - 1``) unless ``steps`` is None or ``options`` fix the length
+    themselves (``steps``, ``lag``).
+
+    >>> for_length("copy", 30, symbols=5).options
+    (('alphabet', 8), ('lag', 19), ('symbols', 5))
+    """
+    task = make(name, **options)
+    if steps is None or {"steps", "lag"} & set(options):
+        return task
+    return resize(task, steps)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses and metrics on readout outputs ``out: (B, T, K)``
 
@@ -427,5 +441,5 @@ def chance(task: Task) -> float:
     return math.log(n)
 
 
-__all__ = ["Task", "adding", "copy", "counting", "digits", "load_digits", "names", "make",
+__all__ = ["Task", "adding", "copy", "counting", "digits", "load_digits", "names", "make", "for_length",
            "sample", "resize", "loss_fn", "metric_fn", "chance"]
