@@ -441,5 +441,5 @@ def chance(task: Task) -> float:
     return math.log(n)
 
 
-__all__ = ["Task", "adding", "copy", "counting", "digits", "load_digits", "names", "make", "for_length",
-           "sample", "resize", "loss_fn", "metric_fn", "chance"]
+__all__ = ["Task", "adding", "copy", "counting", "digits", "load_digits", "names", "make",
+           "for_length", "sample", "resize", "loss_fn", "metric_fn", "chance"]
