@@ -472,3 +472,69 @@ def test_cell_is_hashable_static_config():
     assert a == b and hash(a) == hash(b) and a != cells.get("lstm")
     assert cells.get(a.name, **dict(a.options)) == a
     assert a.config["cell"] == "lstm" and a.config["forget_bias"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity: the jit cache must never mix two cells up (issue 11's regression)
+
+
+def _user_cell(act):
+    def init(key, n_in, hidden, dtype):
+        k1, k2 = jax.random.split(key)
+        return {"W": jax.random.normal(k1, (n_in, hidden), dtype) / np.sqrt(n_in),
+                "U": jax.random.normal(k2, (hidden, hidden), dtype) / np.sqrt(hidden)}
+
+    def recur(p, state, x, t):
+        h = act(x @ p["W"] + state["h"] @ p["U"])
+        return {"h": h}, h, {}
+
+    return cells.Cell(name="user", init_fn=init, recur_fn=recur)
+
+
+def test_user_cells_with_one_name_never_share_a_compiled_map():
+    import gradflow
+
+    tanh_cell, sin_cell = _user_cell(jnp.tanh), _user_cell(jnp.sin)
+    assert tanh_cell != sin_cell and hash(tanh_cell) != hash(sin_cell)
+    maps = []
+    for cell in (tanh_cell, sin_cell):
+        stack = gradflow.Stack(cell, 3, 4, 8)
+        params = stack.init(jax.random.key(0))
+        xs = jax.random.normal(jax.random.key(1), (2, 5, 4))
+        maps.append(gradflow.gradient_map(stack, params, xs).values)
+        # each equals its own brute-force total derivative (perturbation gradients, Python loop)
+        def loop_loss(eps, cell=cell, stack=stack, params=params, xs=xs):
+            hs = []
+            x = xs
+            for l, p in enumerate(params["layers"]):
+                h = jnp.zeros((2, 8))
+                out = []
+                for t in range(5):
+                    _, h, _ = cell.step(p, {"h": h}, x[:, t], t)
+                    h = h + eps[l, :, t]
+                    out.append(h)
+                x = jnp.stack(out, axis=1)
+                hs.append(x)
+            from gradflow.jacobian import readout_loss
+            return readout_loss("last", 8, 5, 2)(hs[-1])
+
+        g = jax.grad(loop_loss)(jnp.zeros((3, 2, 5, 8)))
+        np.testing.assert_allclose(maps[-1], np.linalg.norm(g, axis=-1).mean(1), rtol=1e-5)
+    assert not np.allclose(maps[0], maps[1])
+
+
+def test_registered_cell_built_twice_is_one_cell_and_compiles_once():
+    import gradflow
+
+    a, b = cells.get("lstm"), cells.get("lstm", init="orthogonal")
+    assert a is b
+    from gradflow.jacobian import _state_map
+
+    xs = jnp.ones((2, 3, 4))
+    before = None
+    for cell in (a, b, cells.get("lstm")):
+        stack = gradflow.Stack(cell, 2, 4, 4)
+        gradflow.gradient_map(stack, stack.init(jax.random.key(0)), xs)
+        size = _state_map._cache_size()
+        assert before is None or size == before
+        before = size
