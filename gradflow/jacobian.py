@@ -36,6 +36,7 @@ from jax import lax
 
 from gradflow import checks
 from gradflow import cost as _cost
+from gradflow.errors import InputError, user_input
 from gradflow.results import Result, make_result
 from gradflow.stack import Stack, map_layers
 
@@ -114,8 +115,13 @@ def _loss(loss, stack: Stack, xs, seed: int) -> tuple[Callable, str]:
 # Shared checks and config
 
 
+@user_input()
 def _prepare(stack: Stack, params, xs, loss=None):
-    """Check every argument at the door (:mod:`gradflow.checks`); ``xs`` in the params' dtype."""
+    """Check every argument at the door (:mod:`gradflow.checks`); ``xs`` in the params' dtype.
+
+    Its ValueErrors/TypeErrors are the user's to fix: raised as
+    :class:`gradflow.errors.InputError`.
+    """
     if not isinstance(stack, Stack):
         raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
     xs = checks.check_xs(stack, xs)
@@ -185,10 +191,11 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
     checks.choice("wrt", wrt, WRTS)
     xs = _prepare(stack, params, xs, loss)
     if wrt == "cell" and "c" not in stack.state_names:
-        raise ValueError(f"wrt='cell' needs a cell with a memory state c; this stack's cells "
+        raise InputError(f"wrt='cell' needs a cell with a memory state c; this stack's cells "
                          f"have only {', '.join(stack.state_names)}")
-    _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype, wrt,
-                                    calibrate=False))
+    with user_input():  # too big for this machine: the user's sizes to change
+        _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype, wrt,
+                                        calibrate=False))
     loss_fn, loss_name = _loss(loss, stack, xs, readout_seed)
     if wrt == "params":
         value, vals = _params_map(stack, params, xs, loss_fn)
