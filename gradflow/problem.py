@@ -1,7 +1,9 @@
-"""A measurement problem from a seed: a stack, its parameters at init, and Gaussian inputs.
+"""Problems: a stack, its parameters at init and Gaussian inputs, all from a seed.
 
-The one place where "same seed, same config" becomes "same numbers": the CLI, the figures and
-the notebooks all build their problems here, and every result records ``Problem.config``.
+The one place where "same seed, same config" becomes "same numbers": the CLI, the experiments,
+the figures and the notebooks all build their problems here (:func:`problem`, :func:`cell_problem`
+for a named cell with options, :func:`task_stack` for a training run), run them at the
+:func:`precision` of their dtype, and every result records ``Problem.config``.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import cells as _cells
+from gradflow.checks import positive_int
 from gradflow.stack import Stack
 
 DTYPES = ("float32", "float64")
@@ -53,18 +56,104 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
     Returns:
       :class:`Problem` with ``xs: (B, T, D)``.
     """
-    from gradflow.stack import _positive_int
-
-    steps = _positive_int("steps", steps)
-    batch = _positive_int("batch", batch)
-    hidden = _positive_int("hidden", hidden)
+    steps = positive_int("steps", steps)
+    batch = positive_int("batch", batch)
+    hidden = positive_int("hidden", hidden)
     D = hidden if input_size is None else input_size
     dt = dtype_of(dtype)
-    if isinstance(cell, str) and "steps" in dict(_cells.get(cell).options):
-        cell_options["steps"] = steps  # g_lstm's time gates are initialised over the sequence
-    stack = Stack(cell, layers, D, hidden, **(stack_options or {}), **cell_options)
+    if isinstance(cell, str):  # g_lstm's time gates are initialised over the sequence
+        cell = _cells.for_length(cell, steps, **cell_options)
+    elif cell_options:
+        raise ValueError("cell options cannot be given together with a built Cell")
+    stack = Stack(cell, layers, D, hidden, **(stack_options or {}))
     params = stack.init(jax.random.key(seed), dt)
     xs = input_scale * jax.random.normal(jax.random.key(seed + 1), (batch, steps, D), dt)
     config = {**stack.config, "steps": steps, "batch": batch, "seed": int(seed),
               "dtype": str(dt), "input_scale": float(input_scale)}
     return Problem(stack, params, xs, config)
+
+
+def precision(dtype: str):
+    """A context that runs float32 work in 32-bit mode and float64 work in 64-bit mode.
+
+    The default readout draws its labels with ``jax.random.randint``'s default integer type,
+    which follows ``jax_enable_x64``; pinning the mode makes a float32 map the same number
+    whether it is computed from the CLI (32-bit) or from a test or notebook that enabled x64.
+
+    >>> with precision("float64"):
+    ...     jnp.zeros(2).dtype == jnp.float64
+    True
+    """
+    return jax.enable_x64(str(dtype) == "float64")
+
+
+def _cell_options(init: str | None, options: dict | None) -> dict:
+    """Cell options with ``init`` (when given) applied unless ``options`` set one already."""
+    options = dict(options or {})
+    if init is not None:
+        options.setdefault("init", init)
+    return options
+
+
+def cell_problem(cell: str, *, layers: int, steps: int, hidden: int, batch: int = 16,
+                 seed: int = 0, dtype: str = "float32", init: str | None = None,
+                 input_size: int | None = None, input_scale: float = 1.0,
+                 input_projection: bool | None = None, options: dict | None = None) -> Problem:
+    """:func:`problem` for a named cell, with ``init`` and ``options`` applied to the cell.
+
+    The cell is built first (:func:`gradflow.cells.for_length`: a cell with a
+    ``length_option``, g-LSTM's ``steps``, is initialised over the problem's ``steps`` unless
+    ``options`` set it), so its options cannot clash with :func:`problem`'s own keywords.
+
+    >>> p = cell_problem("g_lstm", layers=2, steps=7, hidden=4, batch=3)
+    >>> p.xs.shape, p.stack.cell.config["steps"]
+    ((3, 7, 4), 7)
+
+    Raises:
+      ValueError: unknown cell or option, or sizes the cell cannot take (refined cells need
+        ``hidden``-wide layer inputs: ``input_projection=False`` with ``input_size != hidden``).
+    """
+    built = _cells.for_length(cell, steps, **_cell_options(init, options))
+    stack_options = {} if input_projection is None else {"input_projection": input_projection}
+    return problem(built, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                   input_size=input_size, seed=seed, dtype=dtype, input_scale=input_scale,
+                   stack_options=stack_options)
+
+
+def task_stack(cell: str, task, *, layers: int, hidden: int, init: str | None = None,
+               options: dict | None = None, cell_steps: int | None = None) -> Stack:
+    """The :class:`gradflow.Stack` a training run of ``cell`` on ``task`` uses: ``layers`` x
+    ``hidden``, reading the task's ``input_size`` features (projected to ``hidden`` where the
+    cell needs it). A cell with a ``length_option`` (g-LSTM) is initialised over
+    ``cell_steps`` (default: the task's length ``T``) unless ``options`` set it.
+
+    >>> task_stack("g_lstm", "adding", layers=2, hidden=8, cell_steps=20).cell.config["steps"]
+    20
+
+    Raises:
+      ValueError: unknown cell, task or option.
+    """
+    from gradflow import tasks as _tasks
+
+    if isinstance(task, str):
+        task = _tasks.make(task)
+    length = task.steps if cell_steps is None else int(cell_steps)
+    built = _cells.for_length(cell, length, **_cell_options(init, options))
+    return Stack(built, layers, task.input_size, hidden)
+
+
+__all__ = ["DTYPES", "Problem", "cell_problem", "dtype_of", "precision", "problem", "task_stack"]
+
+
+class _CallableModule(type(jax)):
+    """``gradflow.problem`` is both this module and its function :func:`problem`: importing
+    the submodule rebinds the package attribute to the module (the package loads its names
+    lazily), so the module itself forwards calls to :func:`problem`."""
+
+    def __call__(self, *args, **kwargs) -> Problem:
+        return problem(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
