@@ -379,6 +379,12 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
     """
     if not isinstance(stack, Stack):
         raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
+    if not any(c.gate_kinds for c in stack.cells):
+        raise ValueError(
+            f"cell {stack.cells[0].name!r} reports no gates, so there are no gate statistics "
+            "(gradient and Jacobian maps need none). A cell of your own reports its gates with "
+            "gates=fn returning {name: (B, H)} (and gate_kinds={name: kind}) in "
+            "gradflow.cells.from_function / from_linen / from_nnx / from_equinox")
     eps = _check_fraction("eps", eps, 0.5)
     threshold = _check_fraction("update_threshold", update_threshold, 1.0)
     bins = _positive_int("bins", bins)

@@ -379,10 +379,10 @@ def test_bad_arguments_raise_clear_errors():
         gates.summary(Result("gradient_map", {}, {}, {}))
 
 
-def test_cell_without_gates_gives_empty_statistics():
-    p = problem("rnn", layers=L, steps=T, hidden=H, batch=B, dtype="float64")
-    res = gates.saturation(p.stack, p.params, p.xs)
-    assert res.config["gates"] == [] and set(res.arrays) == {"bin_edges"}
+def test_cell_without_gates_says_so():
+    p = problem("rnn", layers=L, steps=T, hidden=H, batch=B)
+    with pytest.raises(ValueError, match="reports no gates.*gates="):
+        gates.saturation(p.stack, p.params, p.xs)
 
 
 def test_compare_runs_each_cell_on_the_same_problem():

@@ -11,6 +11,8 @@ a :class:`Cell` that declares its gates, states and time gate) and one line in `
 from __future__ import annotations
 
 from gradflow.cells import mechanisms
+from gradflow.cells.adapters import (from_equinox, from_function, from_linen, from_nnx,
+                                     stack_params)
 from gradflow.cells.base import Cell, factory, parse_init
 from gradflow.cells.gru import gru, mgu, refined_gru, refined_mgu, ur_gru
 from gradflow.cells.lstm import lstm, on_lstm, refined_lstm, ur_lstm
@@ -72,4 +74,5 @@ def for_length(cell, steps: int, **options) -> Cell:
 
 
 __all__ = ["Cell", "factory", "for_length", "get", "names", "mechanisms",
-           "parse_init"] + list(_REGISTRY)
+           "parse_init", "from_function", "from_linen", "from_nnx", "from_equinox",
+           "stack_params"] + list(_REGISTRY)

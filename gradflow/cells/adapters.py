@@ -1,0 +1,691 @@
+r"""Your own recurrent cell as a gradflow :class:`~gradflow.cells.Cell`, unchanged.
+
+A user's cell is one step :math:`(\mathrm{carry}_t, y_t) = f_\theta(\mathrm{carry}_{t-1}, x_t)`
+whose carry is one array or a tuple/dict of arrays, all ``(*batch, H)``. gradflow needs to know
+which carry leaf is the output :math:`h_t` (the state that goes both up to the next layer and
+forward in time, where the gradient maps perturb it); it finds it by running one step on random
+inputs and matching the output against the carry's leaves (``output=`` overrides). The carry
+becomes gradflow's state dict: the output leaf is ``"h"``, the other leaf ``"c"`` if there is
+exactly one, else ``"s1", "s2", ...`` in the carry's order.
+
+* :func:`from_function`: a plain ``step(params, carry, x) -> (carry, y)`` on batched arrays
+  (``batched=False``: on one example, vmapped over the batch), with ``init(key, input_size,
+  hidden_size, dtype) -> params`` or the params themselves.
+* :func:`from_linen`: a ``flax.linen`` RNN cell (``LSTMCell``, ``GRUCell``,
+  ``OptimizedLSTMCell``, ``MGUCell``, ``SimpleCell``, a user's ``nn.RNNCellBase`` subclass);
+  params are its ``{"params": ...}`` collection.
+* :func:`from_nnx`: a ``flax.nnx`` cell (``nnx.LSTMCell``, ``nnx.GRUCell``, ...); params are its
+  ``nnx.Param`` state as a plain nested dict; the weights in the module are the trained ones.
+* :func:`from_equinox`: ``eqx.nn.LSTMCell``, ``eqx.nn.GRUCell`` or a user's ``eqx.Module`` with
+  ``__call__(x, state) -> state`` on one example; params are its arrays as a flat dict named by
+  attribute path (``{"weight_ih": ..., "weight_hh": ..., "bias": ...}``), the rest of the module
+  (static configuration) is closed over.
+* :func:`stack_params`: ``{"layers": [...]}`` for a :class:`gradflow.Stack` from a list of the
+  user's trained modules or variable dicts, one per layer.
+
+Gate statistics (:func:`gradflow.gates.saturation`) need the cell to say what its gates are:
+``gates=`` a callable returning ``{name: (B, H)}`` from the step's inputs (or ``"sown"`` for a
+linen module that ``self.sow("intermediates", name, value)``-s them), and ``gate_kinds=``
+``{name: kind}``; a gate whose kind is not given is ``"sigmoid"`` if its values on the probe step
+lie in ``[0, 1]``, else ``"other"``. Without gates the gradient and Jacobian maps work and
+``saturation`` says that the cell reports none.
+
+Flax and Equinox are optional: they are imported here, inside the functions that need them
+(``pip install "gradflow[flax]"``, ``"gradflow[equinox]"``).
+
+Example (a plain function: a tanh RNN whose carry is its output)::
+
+  >>> def step(p, h, x):
+  ...     h = jnp.tanh(x @ p["W"] + h @ p["U"])
+  ...     return h, h
+  >>> def init(key, n_in, n_h, dtype):
+  ...     k1, k2 = jax.random.split(key)
+  ...     return {"W": jax.random.normal(k1, (n_in, n_h), dtype) / n_in ** 0.5,
+  ...             "U": jax.nn.initializers.orthogonal()(k2, (n_h, n_h), dtype)}
+  >>> cell = gradflow.cells.from_function(step, init)
+  >>> stack = gradflow.Stack(cell, layers=3, input_size=4, hidden_size=8)
+  >>> params = stack.init(jax.random.key(0))
+  >>> gradflow.gradient_map(stack, params, jnp.ones((2, 5, 4))).values.shape
+  (3, 5)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradflow.cells.base import KINDS, Cell
+
+__all__ = ["from_function", "from_linen", "from_nnx", "from_equinox", "stack_params"]
+
+_PROBE_BATCH = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared machinery
+
+
+def _require(module: str, extra: str, who: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"gradflow.cells.{who} needs {module.split('.')[0]}, an optional "
+                          f"dependency: pip install \"gradflow[{extra}]\"") from e
+
+
+def _cast(tree, dtype):
+    """Floating leaves of ``tree`` as ``dtype`` (other leaves unchanged)."""
+    def one(a):
+        a = jnp.asarray(a)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _key_name(k) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _path_name(path) -> str:
+    return ".".join(_key_name(k) for k in path)
+
+
+def _template(state, hidden_size, who: str):
+    """The carry's structure as a pytree of ``(1, H)`` zeros, from the ``state`` option:
+    None (one array), an int ``k`` (a tuple of ``k`` arrays) or a callable
+    ``(batch_shape, hidden_size, dtype) -> carry``."""
+    H = hidden_size or 1
+    if state is None:
+        return jnp.zeros((1, H))
+    if isinstance(state, int) and not isinstance(state, bool):
+        if state < 1:
+            raise ValueError(f"{who}: state={state} must be a positive number of carry arrays")
+        return tuple(jnp.zeros((1, H)) for _ in range(state))
+    if callable(state):
+        if hidden_size is None:
+            raise ValueError(f"{who}: a state function needs hidden_size=")
+        return state((1,), int(hidden_size), jnp.float32)
+    raise TypeError(f"{who}: state must be None (the carry is one array), a number of carry "
+                    f"arrays, or a function (batch_shape, hidden_size, dtype) -> carry; got "
+                    f"{type(state).__name__}")
+
+
+def _resolve_output(output, paths, who: str) -> int:
+    """The index (in flatten order) of the carry leaf named by ``output``: an int (index) or a
+    key (dict key or attribute name) of the carry."""
+    n = len(paths)
+    if isinstance(output, (int, np.integer)) and not isinstance(output, bool):
+        if not -n <= output < n:
+            raise ValueError(f"{who}: output={output} is out of range for a carry of {n} arrays")
+        return int(output) % n
+    names = [_key_name(p[-1]) if p else "" for p in paths]
+    if output in names:
+        return names.index(output)
+    raise ValueError(f"{who}: output={output!r} is not a leaf of the carry; valid: indices "
+                     f"0..{n - 1} or keys {', '.join(map(repr, names))}")
+
+
+def _state_names(n: int, out: int) -> tuple:
+    """gradflow's state names for a carry of ``n`` leaves whose leaf ``out`` is the output."""
+    others = [i for i in range(n) if i != out]
+    names = [None] * n
+    names[out] = "h"
+    if len(others) == 1:
+        names[others[0]] = "c"
+    else:
+        for j, i in enumerate(others, 1):
+            names[i] = f"s{j}"
+    return tuple(names)
+
+
+def _kinds(gate_kinds) -> dict:
+    if gate_kinds is None:
+        return {}
+    pairs = gate_kinds.items() if isinstance(gate_kinds, dict) else gate_kinds
+    try:
+        out = {str(g): k for g, k in pairs}
+    except (TypeError, ValueError):
+        raise TypeError("gate_kinds must be a dict {gate: kind} or (gate, kind) pairs") from None
+    for g, k in out.items():
+        if k not in KINDS:
+            raise ValueError(f"gate {g!r} has unknown kind {k!r}; valid kinds: {', '.join(KINDS)}")
+    return out
+
+
+def _message(e: Exception) -> str:
+    return " ".join(str(e).split())[:400]
+
+
+def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidden_size,
+           input_size, output, reports_gates: bool, gate_kinds, make_init: Callable,
+           probe_params: Callable | None, finds_output: bool, to_params: Callable,
+           options: dict) -> Cell:
+    """A :class:`Cell` around ``call(params, carry, x) -> (carry, y or None, {gate: value})``.
+
+    Args:
+      call: on ``(N, ...)`` arrays if ``batched``, else on one example (vmapped here).
+      template: the carry's structure (leaves ``(1, H)``).
+      make_init: ``(key, input_size, hidden_size, dtype) -> params`` (not cast yet).
+      probe_params: ``() -> (params, input_size)`` for the probe step, or None.
+      finds_output: ``call`` returns the output ``y`` (so the probe can find its carry leaf).
+    """
+    call_b = call if batched else jax.vmap(call, in_axes=(None, 0, 0))
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+    n = len(leaves)
+    for p, leaf in zip(paths, leaves):
+        if jnp.ndim(leaf) != 2 or (hidden_size and jnp.shape(leaf)[-1] != hidden_size):
+            raise ValueError(f"{who}: every carry array must be (batch, hidden_size); carry"
+                             f"{_path_name(p) and ' ' + _path_name(p)} has shape "
+                             f"{jnp.shape(leaf)} for batch 1")
+    kinds = _kinds(gate_kinds)
+    out = None if output is None else _resolve_output(output, paths, who)
+    need_output = out is None and n > 1
+    if need_output and not finds_output:
+        raise ValueError(f"{who}: the carry has {n} arrays and the cell returns no separate "
+                         "output to find h by; say which one is the output: output=INDEX or KEY")
+    probe_gates = None
+    can_probe = probe_params is not None and bool(hidden_size)
+    if (need_output or (reports_gates and gate_kinds is None)) and not can_probe:
+        raise ValueError(f"{who}: finding the output leaf and the gate kinds runs one step; "
+                         "give hidden_size= (or output= and gate_kinds=)")
+    if can_probe and (need_output or reports_gates):
+        params, n_in = probe_params()
+        H = int(hidden_size)
+        ks = jax.random.split(jax.random.key(7), n + 1)
+        carry = jax.tree_util.tree_unflatten(
+            treedef, [jax.random.normal(k, (_PROBE_BATCH, H)) for k in ks[:n]])
+        x = jax.random.normal(ks[n], (_PROBE_BATCH, n_in))
+        try:
+            new, y, probe_gates = call_b(params, carry, x)
+            new_leaves = treedef.flatten_up_to(new)
+        except Exception as e:  # the user's function failed: say where, with its message
+            raise ValueError(f"{who}: one probe step (batch {_PROBE_BATCH}, input_size {n_in}, "
+                             f"hidden_size {H}) failed: {_message(e)}") from e
+        if need_output:
+            if y is None or jnp.shape(y) != (_PROBE_BATCH, H):
+                raise ValueError(f"{who}: the step's output has shape {jnp.shape(y)}, expected "
+                                 f"(batch, {H}); give output= (the carry leaf that is h)")
+            hits = [i for i, v in enumerate(new_leaves) if jnp.shape(v) == jnp.shape(y)
+                    and bool(jnp.array_equal(v, y))]
+            if len(hits) != 1:
+                what = "none" if not hits else f"leaves {hits}"
+                raise ValueError(
+                    f"{who}: gradflow needs the output h to be one of the carry's arrays (it goes "
+                    f"up a layer and forward in time); on a probe step {what} of the carry "
+                    "equal the output. Give output=INDEX or KEY")
+            out = hits[0]
+    if out is None:
+        out = 0
+    names = _state_names(n, out)
+    if reports_gates:
+        for g, k in kinds.items():
+            if probe_gates is not None and g not in probe_gates:
+                raise ValueError(f"{who}: gate_kinds names {g!r}, which the gates do not report "
+                                 f"({', '.join(map(repr, probe_gates))})")
+        if probe_gates is not None:
+            for g, v in probe_gates.items():
+                if jnp.shape(v) != (_PROBE_BATCH, int(hidden_size)):
+                    raise ValueError(f"{who}: gate {g!r} has shape {jnp.shape(v)} on a probe "
+                                     f"batch of {_PROBE_BATCH}; gates must be (batch, hidden_size)")
+                if g not in kinds:
+                    v = np.asarray(v)
+                    kinds[g] = "sigmoid" if bool(np.all((v >= 0) & (v <= 1))) else "other"
+            kinds = {g: kinds[g] for g in probe_gates}
+    gate_names = tuple(kinds)
+
+    def recur(params, state, xp, t):
+        lead = xp.shape[:-1]
+        H = state["h"].shape[-1]
+        x2 = xp.reshape((-1, xp.shape[-1]))
+        carry = jax.tree_util.tree_unflatten(treedef, [state[k].reshape((-1, H)) for k in names])
+        new, _, g = call_b(params, carry, x2)
+        new_state = {k: v.reshape(lead + (H,))
+                     for k, v in zip(names, treedef.flatten_up_to(new))}
+        return new_state, new_state["h"], {k: g[k].reshape(lead + (H,)) for k in gate_names}
+
+    def fits(params, n_in, H, dtype):
+        """Raise a ValueError unless one step on ``(1, n_in)`` inputs gives ``(1, H)`` carry."""
+        carry = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct((1, H), dtype)] * n)
+        x = jax.ShapeDtypeStruct((1, n_in), dtype)
+        try:
+            new, _, _ = jax.eval_shape(call_b, params, carry, x)
+            shapes = [tuple(v.shape) for v in treedef.flatten_up_to(new)]
+        except Exception as e:
+            raise ValueError(f"{who}: these parameters do not fit input_size={n_in}, "
+                             f"hidden_size={H}: {_message(e)}") from e
+        if any(s != (1, H) for s in shapes):
+            raise ValueError(f"{who}: with input_size={n_in}, hidden_size={H} the carry comes out "
+                             f"as {shapes}, expected (batch, {H}) arrays")
+
+    def init_fn(key, n_in, H, dtype):
+        if hidden_size and H != hidden_size:
+            raise ValueError(f"{who}: the cell's hidden size is {hidden_size}, the stack's "
+                             f"hidden_size is {H}")
+        params = _cast(make_init(key, n_in, H, dtype), dtype)
+        fits(params, n_in, H, dtype)
+        return params
+
+    opts = {**options, "adapter": who}
+    if hidden_size:
+        opts["hidden_size"] = int(hidden_size)
+    return Cell(name=name, init_fn=init_fn, recur_fn=recur, options=tuple(sorted(opts.items())),
+                state_names=names, gate_kinds=tuple(kinds.items()),
+                equation=f"{who}: {options.get('module', 'user function')}",
+                to_params=to_params)
+
+
+# ---------------------------------------------------------------------------------------------
+# A plain function
+
+
+def from_function(step: Callable, init, *, hidden_size: int | None = None,
+                  input_size: int | None = None, state=None, output=None, batched: bool = True,
+                  gates: Callable | None = None, gate_kinds=None, name: str = "user") -> Cell:
+    r"""A cell from a plain step function :math:`(\mathrm{carry}_t, y_t) = f_\theta(\mathrm{carry}_{t-1}, x_t)`.
+
+    Args:
+      step: ``step(params, carry, x) -> (carry, y)`` with ``x: (B, in)`` and every carry array
+        ``(B, H)`` (``batched=False``: ``x: (in,)``, carry arrays ``(H,)``; vmapped here).
+      init: ``init(key, input_size, hidden_size, dtype) -> params`` (fresh parameters), or the
+        params themselves (every layer gets these, cast to the stack's dtype; their sizes are
+        checked against the layer's).
+      hidden_size: ``H``; needed when a probe step runs (a carry of several arrays without
+        ``output=``, or ``gates`` without all ``gate_kinds``) and checked against the stack's.
+      input_size: the input size of the probe step (default ``hidden_size``).
+      state: the carry's structure: None (one ``(B, H)`` array, the output), ``k`` (a tuple of
+        ``k`` arrays), or ``state(batch_shape, hidden_size, dtype) -> carry`` (any tuple/dict
+        of ``(*batch_shape, H)`` arrays; gradflow starts from zeros).
+      output: which carry array is the output ``h`` (an index in flatten order, or a dict key);
+        default: found by a probe step (the leaf equal to ``y``).
+      batched: whether ``step`` takes a batch (see ``step``).
+      gates: ``gates(params, carry, x) -> {name: (B, H)}`` (the previous carry and this step's
+        input, as ``step`` gets them): the values gate statistics report.
+      gate_kinds: ``{gate: kind}`` (:data:`gradflow.cells.base.KINDS`); default per gate:
+        ``"sigmoid"`` if its probe values lie in ``[0, 1]``, else ``"other"``.
+      name: a label (two cells of one name stay distinct: equality compares the functions).
+    Returns:
+      A :class:`Cell` whose state is the carry (output leaf ``"h"``, the other ``"c"``, or
+      ``"s1", "s2", ...``).
+    """
+    who = "from_function"
+    if not callable(step):
+        raise TypeError(f"{who}: step must be a function (params, carry, x) -> (carry, y)")
+    if init is None:
+        raise TypeError(f"{who}: init must be a function (key, input_size, hidden_size, dtype) "
+                        "-> params, or the params")
+    if gates is not None and not callable(gates):
+        raise TypeError(f"{who}: gates must be a function (params, carry, x) -> {{name: (B, H)}}")
+    template = _template(state, hidden_size, who)
+
+    def call(params, carry, x):
+        new, y = step(params, carry, x)
+        return new, y, (gates(params, carry, x) if gates is not None else {})
+
+    if callable(init):
+        make_init = init
+
+        def probe():
+            n_in = int(input_size or hidden_size)
+            return _cast(init(jax.random.key(0), n_in, int(hidden_size), jnp.float32),
+                         jnp.float32), n_in
+    else:
+        given = init
+        make_init = lambda key, n_in, H, dtype: given  # noqa: E731
+
+        def probe():
+            return _cast(given, jnp.float32), int(input_size or hidden_size)
+
+    return _build(name=name, who=who, call=call, batched=batched, template=template,
+                  hidden_size=hidden_size, input_size=input_size, output=output,
+                  reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
+                  probe_params=probe, finds_output=True, to_params=lambda obj: obj,
+                  options={"module": getattr(step, "__name__", "step")})
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax linen
+
+
+def _sown(tree) -> dict:
+    """``{"a/b": value}`` from linen's ``intermediates`` collection (each sow a tuple)."""
+    out = {}
+    for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [_key_name(k) for k in path]
+        if keys and keys[-1].isdigit():  # the index inside a sow's tuple
+            keys = keys[:-1]
+        out["/".join(keys)] = v
+    return out
+
+
+def from_linen(module, *, hidden_size: int | None = None, output=None, gates=None,
+               gate_kinds=None, name: str | None = None) -> Cell:
+    r"""A cell from a ``flax.linen`` RNN cell, called as ``module.apply({"params": p}, carry, x)``.
+
+    Works for ``nn.LSTMCell``, ``nn.OptimizedLSTMCell``, ``nn.GRUCell``, ``nn.MGUCell``,
+    ``nn.SimpleCell`` and a user's ``nn.RNNCellBase`` subclass (``initialize_carry(rng,
+    input_shape)`` and ``__call__(carry, x) -> (carry, y)``). Fresh parameters come from
+    ``module.init`` (each layer its own key); trained ones from :func:`stack_params` with the
+    layers' ``{"params": ...}`` variable dicts.
+
+    Args:
+      module: the linen module (a configuration: unbound).
+      hidden_size: ``H`` (default ``module.features``).
+      output: the carry leaf that is the output (default: found by a probe step; ``h`` of the
+        LSTM carry ``(c, h)``).
+      gates: ``gates(params, carry, x) -> {name: (B, H)}``, or ``"sown"``: every value the
+        module sows with ``self.sow("intermediates", name, value)``.
+      gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
+      name: a label (default the module's class name).
+
+    Example::
+
+      >>> import flax.linen as nn
+      >>> cell = gradflow.cells.from_linen(nn.LSTMCell(features=8))
+      >>> cell.state_names
+      ('c', 'h')
+    """
+    who = "from_linen"
+    nn = _require("flax.linen", "flax", who)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{who}: expected a flax.linen Module, got {type(module).__name__}")
+    H = hidden_size or getattr(module, "features", None)
+    if not isinstance(H, int):
+        raise ValueError(f"{who}: {type(module).__name__} has no integer 'features': give "
+                         "hidden_size=")
+    if gates is not None and gates != "sown" and not callable(gates):
+        raise TypeError(f"{who}: gates must be a function (params, carry, x) -> {{name: (B, H)}} "
+                        "or 'sown'")
+    try:
+        template = module.initialize_carry(jax.random.key(0), (1, H))
+    except Exception as e:
+        raise ValueError(f"{who}: {type(module).__name__}.initialize_carry(rng, (1, {H})) "
+                         f"failed: {_message(e)}") from e
+    template = jax.tree_util.tree_map(jnp.zeros_like, template)
+    unfreeze = _require("flax.core", "flax", who).unfreeze
+
+    def call(params, carry, x):
+        if gates == "sown":
+            (new, y), st = module.apply({"params": params}, carry, x, mutable=["intermediates"])
+            return new, y, _sown(st.get("intermediates", {}))
+        new, y = module.apply({"params": params}, carry, x)
+        return new, y, (gates(params, carry, x) if gates is not None else {})
+
+    def make_init(key, n_in, H_, dtype):
+        kc, kp = jax.random.split(key)
+        carry = module.initialize_carry(kc, (1, n_in))
+        variables = unfreeze(module.init(kp, carry, jnp.zeros((1, n_in), jnp.float32)))
+        return variables["params"]
+
+    def probe():
+        return _cast(make_init(jax.random.key(0), H, H, jnp.float32), jnp.float32), H
+
+    def to_params(obj):
+        obj = unfreeze(obj) if isinstance(obj, dict) or hasattr(obj, "unfreeze") else obj
+        if not isinstance(obj, dict):
+            raise TypeError(f"{who}: a layer's weights are its variables {{'params': ...}} or "
+                            f"its params dict, got {type(obj).__name__}")
+        return obj["params"] if "params" in obj else obj
+
+    return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
+                  template=template, hidden_size=H, input_size=H, output=output,
+                  reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
+                  probe_params=probe, finds_output=True, to_params=to_params,
+                  options={"module": type(module).__name__})
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax NNX
+
+
+def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None, gates=None,
+             gate_kinds=None, init: Callable | None = None, name: str | None = None) -> Cell:
+    r"""A cell from a ``flax.nnx`` RNN cell (``nnx.LSTMCell``, ``nnx.GRUCell``, ...; any module
+    with ``__call__(carry, x) -> (carry, y)`` on batched arrays).
+
+    Params are the module's ``nnx.Param`` state as a plain nested dict
+    (``nnx.split(module, nnx.Param, ...)``); everything else in the module is closed over. The
+    weights in ``module`` are the ones measured: :meth:`Stack.init` gives every layer the
+    module's own weights unless ``init`` makes fresh modules; :func:`stack_params` takes one
+    trained module per layer.
+
+    Args:
+      module: the NNX module.
+      hidden_size: ``H`` (default ``module.hidden_features``).
+      state: the carry's structure as in :func:`from_function` (default:
+        ``module.initialize_carry``).
+      output: the carry leaf that is the output (default: found by a probe step).
+      gates: ``gates(module, carry, x) -> {name: (B, H)}`` (``module`` holding the layer's
+        weights).
+      gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
+      init: ``init(key, input_size, hidden_size) -> module``, a fresh module per layer (e.g.
+        ``lambda k, i, h: nnx.LSTMCell(i, h, rngs=nnx.Rngs(k))``).
+      name: a label (default the module's class name).
+    """
+    who = "from_nnx"
+    nnx = _require("flax.nnx", "flax", who)
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"{who}: expected a flax.nnx Module, got {type(module).__name__}")
+    H = hidden_size or getattr(module, "hidden_features", None)
+    if not isinstance(H, int):
+        raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_features': "
+                         "give hidden_size=")
+    n_in = getattr(module, "in_features", H)
+    graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
+    own = pstate.to_pure_dict()
+    if state is not None:
+        template = _template(state, H, who)
+    else:
+        try:
+            template = module.initialize_carry((1, n_in), rngs=nnx.Rngs(0))
+        except Exception as e:
+            raise ValueError(f"{who}: {type(module).__name__}.initialize_carry((1, {n_in}), "
+                             f"rngs=...) failed ({_message(e)}); give state=") from e
+        template = jax.tree_util.tree_map(jnp.zeros_like, template)
+
+    def merged(params):
+        st = jax.tree_util.tree_map(lambda a: a, pstate)
+        st.replace_by_pure_dict(params)
+        return nnx.merge(graphdef, st, rest)
+
+    def call(params, carry, x):
+        m = merged(params)
+        new, y = m(carry, x)
+        return new, y, (gates(m, carry, x) if gates is not None else {})
+
+    def to_params(obj):
+        if isinstance(obj, nnx.Module):
+            if type(obj) is not type(module):
+                raise TypeError(f"{who}: a layer's module is a {type(obj).__name__}, the cell "
+                                f"wraps a {type(module).__name__}")
+            return nnx.split(obj, nnx.Param, ...)[1].to_pure_dict()
+        if isinstance(obj, dict):
+            return obj
+        raise TypeError(f"{who}: a layer's weights are an nnx module or its params dict, got "
+                        f"{type(obj).__name__}")
+
+    def make_init(key, n_in_, H_, dtype):
+        if init is None:
+            return own
+        return to_params(init(key, n_in_, H_))
+
+    return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
+                  template=template, hidden_size=H, input_size=n_in, output=output,
+                  reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
+                  probe_params=lambda: (_cast(own, jnp.float32), n_in), finds_output=True,
+                  to_params=to_params, options={"module": type(module).__name__})
+
+
+# ---------------------------------------------------------------------------------------------
+# Equinox
+
+
+def from_equinox(module, *, hidden_size: int | None = None, state=None, output=None,
+                 gates=None, gate_kinds=None, init: Callable | None = None,
+                 name: str | None = None) -> Cell:
+    r"""A cell from an Equinox module called on one example, ``module(x, state) -> state``
+    (``eqx.nn.LSTMCell``: state ``(h, c)``; ``eqx.nn.GRUCell``: state ``h``), vmapped over the
+    batch.
+
+    Params are the module's arrays as a flat dict named by attribute path
+    (``eqx.filter(module, eqx.is_array)``: ``{"weight_ih": (G*H, in), "weight_hh": (G*H, H),
+    "bias": (G*H,), ...}``); the rest (static configuration, non-array fields) is closed over.
+    Fresh parameters: ``eqx.nn.LSTMCell``/``GRUCell`` are rebuilt with the layer's key and sizes;
+    other modules give every layer their own weights unless ``init`` makes fresh ones.
+    :func:`stack_params` takes one trained module per layer.
+
+    Args:
+      module: the Equinox module.
+      hidden_size: ``H`` (default ``module.hidden_size``).
+      state: the state's structure, as :func:`from_function`'s ``state`` (default: ``(h, c)``
+        for ``eqx.nn.LSTMCell``, one array otherwise).
+      output: which state array is the output ``h`` (index or key); the module returns no
+        separate output, so a state of several arrays needs it (``eqx.nn.LSTMCell``: 0).
+      gates: ``gates(module, state, x) -> {name: (H,)}`` on one example (vmapped like the
+        module).
+      gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
+      init: ``init(key, input_size, hidden_size) -> module``, a fresh module per layer.
+      name: a label (default the module's class name).
+
+    Example::
+
+      >>> import equinox as eqx
+      >>> cell = gradflow.cells.from_equinox(eqx.nn.GRUCell(4, 8, key=jax.random.key(0)))
+      >>> sorted(cell.init(jax.random.key(1), 4, 8))
+      ['bias', 'bias_n', 'weight_hh', 'weight_ih']
+    """
+    who = "from_equinox"
+    eqx = _require("equinox", "equinox", who)
+    if not isinstance(module, eqx.Module):
+        raise TypeError(f"{who}: expected an equinox Module, got {type(module).__name__}")
+    H = hidden_size or getattr(module, "hidden_size", None)
+    if not isinstance(H, int):
+        raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_size': give "
+                         "hidden_size=")
+    builtin = type(module) in (eqx.nn.LSTMCell, eqx.nn.GRUCell)
+    if state is None and type(module) is eqx.nn.LSTMCell:
+        state = 2
+        output = 0 if output is None else output
+    template = _template(state, H, who)
+
+    def split(m):
+        arrays, static = eqx.partition(m, eqx.is_array)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(arrays)
+        return {_path_name(p): v for p, v in flat}, treedef, static
+
+    own, treedef, static = split(module)
+    keys = list(own)
+
+    def rebuilt(params):
+        return eqx.combine(jax.tree_util.tree_unflatten(treedef, [params[k] for k in keys]),
+                           static)
+
+    def call(params, carry, x):
+        m = rebuilt(params)
+        return m(x, carry), None, (gates(m, carry, x) if gates is not None else {})
+
+    def to_params(obj):
+        if isinstance(obj, eqx.Module):
+            p, td, _ = split(obj)
+            if type(obj) is not type(module) or td != treedef:
+                raise TypeError(f"{who}: a layer's module ({type(obj).__name__}) does not have "
+                                f"the structure of the cell's ({type(module).__name__})")
+            return p
+        if isinstance(obj, dict):
+            return obj
+        raise TypeError(f"{who}: a layer's weights are an equinox module or its params dict, "
+                        f"got {type(obj).__name__}")
+
+    def make_init(key, n_in, H_, dtype):
+        if init is not None:
+            return to_params(init(key, n_in, H_))
+        if builtin:
+            return split(type(module)(n_in, H_, use_bias=module.use_bias, key=key))[0]
+        return own
+
+    n_in = getattr(module, "input_size", H)
+    return _build(name=name or type(module).__name__, who=who, call=call, batched=False,
+                  template=template, hidden_size=H, input_size=n_in, output=output,
+                  reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
+                  probe_params=lambda: (_cast(own, jnp.float32), n_in), finds_output=False,
+                  to_params=to_params, options={"module": type(module).__name__})
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained weights in
+
+
+def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=None) -> dict:
+    r"""Params for ``stack`` from the user's trained per-layer objects.
+
+    ``params["layers"][l] = stack.cells[l].to_params(layers[l])`` (an adapter cell converts the
+    user's module or variable dict; a gradflow cell's layer is its params dict), checked against
+    the shapes ``stack.init`` gives.
+
+    Args:
+      stack: a :class:`gradflow.Stack`.
+      layers: one object per layer, bottom first (e.g. three trained ``eqx.nn.GRUCell``).
+      input: ``{"W": (D, H), "b": (H,)}`` for a stack with ``input_projection``.
+      norm: per-layer norm params (``[{"scale": (H,), "bias": (H,)}, ...]``) for a stack with
+        ``norm``; default the identity (scale 1, bias 0).
+      dtype: cast every floating leaf to this (default: the first layer's dtype).
+    Returns:
+      ``{"layers": [...], "input"?: ..., "norm"?: [...]}`` as :meth:`Stack.init` returns.
+
+    Example::
+
+      >>> import equinox as eqx
+      >>> ks = jax.random.split(jax.random.key(0), 3)
+      >>> trained = [eqx.nn.GRUCell(8, 8, key=k) for k in ks]
+      >>> stack = gradflow.Stack(gradflow.cells.from_equinox(trained[0]), 3, 8, 8)
+      >>> params = stack_params(stack, trained)
+      >>> bool(jnp.array_equal(params["layers"][2]["weight_hh"], trained[2].weight_hh))
+      True
+    """
+    layers = list(layers)
+    if len(layers) != stack.layers:
+        raise ValueError(f"stack_params: {len(layers)} layer objects for a stack of "
+                         f"{stack.layers} layers")
+    out = [c.to_params(obj) if c.to_params is not None else obj
+           for c, obj in zip(stack.cells, layers)]
+    params: dict[str, Any] = {"layers": out}
+    if stack.input_projection:
+        if input is None:
+            raise ValueError("stack_params: this stack projects its input (input_projection): "
+                             "give input={'W': (D, H), 'b': (H,)}")
+        params["input"] = input
+    elif input is not None:
+        raise ValueError("stack_params: input= given, but the stack has no input_projection")
+    if stack.norm is not None:
+        if norm is None:
+            H = stack.hidden_size
+            one = {"scale": jnp.ones((H,))}
+            if stack.norm == "layer":
+                one["bias"] = jnp.zeros((H,))
+            norm = [dict(one) for _ in range(stack.layers)]
+        params["norm"] = list(norm)
+    elif norm is not None:
+        raise ValueError("stack_params: norm= given, but the stack has no norm")
+    if dtype is None:
+        dtype = jnp.asarray(jax.tree_util.tree_leaves(out[0])[0]).dtype
+    params = _cast(params, jnp.dtype(dtype))
+    expected = jax.eval_shape(lambda k: stack.init(k, dtype), jax.random.key(0))
+    exp = {jax.tree_util.keystr(p): v
+           for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    got = {jax.tree_util.keystr(p): v
+           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, e in exp.items():
+        if path not in got:
+            raise ValueError(f"stack_params: params{path} is missing (expected shape {e.shape})")
+        if tuple(got[path].shape) != tuple(e.shape):
+            raise ValueError(f"stack_params: params{path} has shape {tuple(got[path].shape)}, "
+                             f"the stack expects {tuple(e.shape)}")
+    extra = sorted(set(got) - set(exp))
+    if extra:
+        raise ValueError(f"stack_params: params{extra[0]} is not a parameter of this stack")
+    return params
