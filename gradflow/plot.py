@@ -53,11 +53,18 @@ _PANEL_SIZE = (3.0, 2.5)
 # Small helpers: figures, inputs, norms, titles.
 
 
+def figure(size: tuple[float, float]) -> Figure:
+    """A new constrained-layout ``Figure`` of ``size`` inches with an Agg canvas: no pyplot, no
+    global state. Every figure gradflow draws is made here."""
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _figure_axes(ax, figsize):
     """``(root figure, axes)``: a new Agg-backed figure with one axes when ``ax`` is None."""
     if ax is None:
-        fig = Figure(figsize=figsize, layout="constrained")
-        FigureCanvasAgg(fig)
+        fig = figure(figsize)
         return fig, fig.add_subplot()
     if not isinstance(ax, Axes):
         raise TypeError(f"ax must be a matplotlib Axes or None, got {type(ax).__name__}")
@@ -156,11 +163,15 @@ def _limits(lo: float, hi: float, vmin, vmax) -> tuple[float, float]:
     return lo, hi
 
 
-def _with_counts(title: str, nonfinite: int, nonpositive: int = 0) -> str:
-    """``title`` plus the number of non-finite (and, on a log scale, non-positive) entries."""
+def _with_counts(title: str, nonfinite: int, nonpositive: int = 0, underflow: int = 0) -> str:
+    """``title`` plus the number of non-finite (and, on a log scale, non-positive) entries and
+    of underflow entries (positive values below the dtype's range, stored as 0; not counted
+    again among the non-positive ones)."""
     notes = [f"{nonfinite} non-finite"] if nonfinite else []
-    if nonpositive:
-        notes.append(f"{nonpositive} \u2264 0")
+    if underflow:
+        notes.append(f"{underflow} underflow")
+    if nonpositive > underflow:
+        notes.append(f"{nonpositive - underflow} \u2264 0")
     if not notes:
         return title
     return f"{title} ({', '.join(notes)})" if title else ", ".join(notes)
@@ -179,7 +190,25 @@ def _describe(result: Result, key: str | None) -> str:
             parts.append(f"target={tuple(target) if isinstance(target, list) else target}")
     else:
         parts.append(key if key not in (None, "values") else result.kind)
-    return " \u00b7 ".join(parts)
+    line = settings(c)
+    return " \u00b7 ".join(parts) + (f"\n{line}" if line else "")
+
+
+def settings(config: dict) -> str:
+    """The settings a figure's title carries, as far as ``config`` records them:
+    ``"L=16, T=32, H=64, init orthogonal, seed 0"`` (layers, steps, hidden size, init, seed).
+
+    >>> settings({"layers": 2, "steps": 5, "hidden_size": 8, "seed": 1})
+    'L=2, T=5, H=8, seed 1'
+    """
+    sizes = (("L", config.get("layers")), ("T", config.get("steps")),
+             ("H", config.get("hidden_size", config.get("hidden"))))
+    parts = [f"{k}={v}" for k, v in sizes if v is not None]
+    if config.get("init") is not None:
+        parts.append(f"init {config['init']}")
+    if config.get("seed") is not None:
+        parts.append(f"seed {config['seed']}")
+    return ", ".join(parts)
 
 
 def _quantity(result: Result, key: str | None) -> str:
@@ -239,7 +268,8 @@ def _heatmap_on(ax, result, values, key, log, cmap, title, norm):
     image = _draw_map(ax, values, norm, cmap)
     nonpositive = int(np.sum(np.isfinite(values) & (values <= 0))) if log else 0
     ax.set_title(_with_counts(_describe(result, key) if title is None else title,
-                              int(np.sum(~np.isfinite(values))), nonpositive))
+                              int(np.sum(~np.isfinite(values))), nonpositive,
+                              result.underflow.get(key or "values", 0)))
     return image
 
 
@@ -371,9 +401,7 @@ def grid(results, rows: Sequence | None = None, cols: Sequence | None = None, *,
     norm = _norm(shown, log, normalize, vmin, vmax)
     cm = _cmap(cmap, _RELATIVE_CMAP if normalize else _MAGNITUDE_CMAP)
 
-    fig = Figure(figsize=(panel_size[0] * n_cols + 1.2, panel_size[1] * n_rows + 0.5),
-                 layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure((panel_size[0] * n_cols + 1.2, panel_size[1] * n_rows + 0.5))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     image, first = None, None
     for i, row in enumerate(cells):
@@ -540,8 +568,11 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
 
 
 def saturation_map(stats: Result, gate: str | None = None, ax: Axes | None = None, *,
-                   cmap=None, title: str | None = None, colorbar: bool = True) -> Figure:
-    """Fraction of a gate's activations that are saturated, per layer and step, on a linear [0, 1].
+                   cmap=None, title: str | None = None, colorbar: bool = True,
+                   vmin: float | None = 0.0, vmax: float | None = None) -> Figure:
+    """Fraction of a gate's activations that are saturated, per layer and step, on a linear
+    scale from 0 to the largest fraction in the map (so a map of fractions up to 0.13 uses the
+    whole colour range; ``vmax=1`` gives the absolute [0, 1] view).
 
     Draws ``S[l, t] = saturated/{gate}[l, t]``, the fraction of units (and examples) with
     activation ``< eps`` or ``> 1 - eps``, layer 0 at the bottom, time left to right; non-finite
@@ -551,6 +582,8 @@ def saturation_map(stats: Result, gate: str | None = None, ax: Axes | None = Non
       stats: a ``gate_stats`` result.
       gate: gate name (default: the first of ``stats.config["gates"]``).
       ax, cmap, title, colorbar: as in :func:`heatmap` (default colormap ``"magma"``).
+      vmin, vmax: colour limits (default 0 and the largest finite fraction; an all-zero map
+        gets [0, 1]).
 
     Returns:
       The figure.
@@ -561,7 +594,8 @@ def saturation_map(stats: Result, gate: str | None = None, ax: Axes | None = Non
         raise ValueError(f"{_gate_key('saturated', gate)!r} must be (layers, steps), got "
                          f"{values.shape}")
     fig, ax = _figure_axes(ax, (5.2, 3.6))
-    image = _draw_map(ax, values, mcolors.Normalize(0.0, 1.0), _cmap(cmap, _FRACTION_CMAP))
+    norm = _norm([values], False, False, vmin, vmax)
+    image = _draw_map(ax, values, norm, _cmap(cmap, _FRACTION_CMAP))
     eps = next((stats.config[k] for k in ("eps", "epsilon") if k in stats.config), None)
     base = " \u00b7 ".join(p for p in (str(stats.config.get("cell", "")),
                                         f"gate {gate} saturated") if p)
@@ -655,6 +689,243 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
 
 
 # ---------------------------------------------------------------------------------------------
+# Figures of whole experiments (gradflow.experiments results) and of one gate_stats result.
+
+
+def gates_figure(stats: Result, gates: Sequence[str] | None = None) -> Figure:
+    """Per gate, a column: its :func:`saturation_map` above its per-layer
+    :func:`gate_histograms`; the figure title names the cell and the problem's settings.
+
+    Args:
+      stats: a ``gate_stats`` result (:func:`gradflow.gates.saturation`).
+      gates: the gates to show (default: every gate the stats report).
+    """
+    gates = _gate_names(stats) if gates is None else list(gates)
+    for gate in gates:
+        _gate(stats, gate, "gates_figure")
+    fig = figure((5.2 * len(gates), 7.0))
+    axes = fig.subplots(2, len(gates), squeeze=False)
+    for j, gate in enumerate(gates):
+        saturation_map(stats, gate, ax=axes[0, j])
+        gate_histograms(stats, gate, layers=None, ax=axes[1, j])
+    line = settings(stats.config)
+    fig.suptitle(f"{stats.config.get('cell', 'gates')}" + (f" \u00b7 {line}" if line else ""))
+    return fig
+
+
+def _titled(title: str | None, line: str) -> str:
+    """``title`` over the settings ``line`` (either may be empty)."""
+    return "\n".join(p for p in (title, line) if p)
+
+
+def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None) -> Figure:
+    """The STAR Fig. 2 layout of a :func:`gradflow.experiments.gradient_grid` result: rows
+    losses, columns cells, one shared log colour scale.
+
+    With ``normalize`` (the default, as in the paper's figure) each map is drawn relative to its
+    own top-last value, ``P[l, t] / P[L-1, T-1]``; ``normalize=False`` draws the absolute values.
+    A map whose top-last value is 0 or non-finite has nothing to be relative to: its panel is
+    left empty with a note saying so, instead of failing the figure. The title is ``title``
+    (default: what is drawn) over the settings (:func:`settings`: L, T, H, init, seed); the
+    row labels name the losses.
+    """
+    from gradflow.experiments import panel
+
+    cells, losses = grid.config["cells"], grid.config["losses"]
+    panels, empty = {}, []
+    for i, loss in enumerate(losses):
+        for j, cell in enumerate(cells):
+            p = panel(grid, loss, cell)
+            ref = float(p.values[-1, -1])
+            if normalize and not (np.isfinite(ref) and ref > 0):
+                zeros = int(np.sum(p.values == 0))
+                note = (f"all {zeros} entries are 0" if zeros == p.values.size
+                        else f"top-last value is {ref:g}")
+                empty.append((i, j, cell, note))
+            else:
+                panels[(f"loss={loss}", cell)] = p
+    if title is None:
+        title = f"gradient maps wrt {grid.config.get('wrt', '?')}" + (
+            ", relative to (top layer, last step)" if normalize else "")
+    fig = _grid_or_empty(panels, losses, cells, normalize,
+                         _titled(title, settings(grid.config)))
+    for i, j, cell, note in empty:
+        ax = fig.axes[i * len(cells) + j]  # the panels come first, row by row
+        ax.text(0.5, 0.5, f"{cell}:\n{note};\nnothing to normalise by", ha="center",
+                va="center", transform=ax.transAxes)
+        if i == 0:
+            ax.set_title(cell)
+    return fig
+
+
+def _grid_or_empty(panels, losses, cells, normalize, title) -> Figure:
+    """:func:`grid` of ``panels``; when no panel can be drawn, a figure of empty panels."""
+    rows = [f"loss={loss}" for loss in losses]
+    if panels:
+        return grid(panels, rows=rows, cols=cells, normalize=normalize, title=title)
+    fig = figure((_PANEL_SIZE[0] * len(cells) + 1.2, _PANEL_SIZE[1] * len(rows) + 0.5))
+    for ax in fig.subplots(len(rows), len(cells), squeeze=False).flat:
+        ax.set_axis_off()
+    fig.suptitle(title)
+    return fig
+
+
+def draw_gains(data: Result, *, title: str | None = None) -> Figure:
+    """:func:`gain_profile` of every cell of a :func:`gradflow.experiments.vertical_gain`
+    result, with the closed forms as reference lines (cells sharing one value share a line)."""
+    from gradflow.experiments import gain_panel
+
+    refs = {}
+    for c, v in data.config["closed_form"].items():
+        refs.setdefault(v, []).append(c)
+    return gain_profile({c: gain_panel(data, c) for c in data.config["cells"]},
+                        reference={"/".join(cs): v for v, cs in refs.items()}, band=True,
+                        title=_titled(title, settings(data.config)))
+
+
+def draw_gate_panels(panels: dict, gates: dict, title: str | None = None, *, fig=None):
+    """Rows = ``panels`` (``{row label: {entry label: gate_stats}}``), columns = entries; each
+    panel the pooled histogram of the entry's gate ``gates[entry]`` with its saturated
+    fraction in the title. Drawn into ``fig`` (a Figure or SubFigure) if given."""
+    from gradflow import gates as _gates
+
+    rows = list(panels)
+    cols = list(next(iter(panels.values())))
+    fig = fig if fig is not None else figure((3.6 * len(cols), 2.9 * len(rows)))
+    axes = fig.subplots(len(rows), len(cols), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, label in enumerate(cols):
+            stats, gate = panels[row][label], gates[label]
+            s = _gates.summary(stats)[gate]
+            gate_histograms(stats, gate, layers="pooled", ax=axes[i, j],
+                            title=f"{label}, gate {gate} ({row})\nsaturated "
+                                  f"{s['saturated']:.2f}, mean {s['mean']:.2f}")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def draw_saturation(data: Result, gates: Mapping | None = None, *,
+                    title: str | None = None) -> Figure:
+    """The pooled gate histograms of every entry of a
+    :func:`gradflow.experiments.gate_saturation` result, one column each; ``gates`` maps an
+    entry's label to the gate drawn (default ``"f"``)."""
+    from gradflow.experiments import stats_panel
+
+    labels = list(data.config["stats"])
+    chosen = {label: (gates or {}).get(label, "f") for label in labels}
+    return draw_gate_panels({"init": {label: stats_panel(data, label) for label in labels}},
+                            chosen, title=_titled(title, settings(data.config)))
+
+
+def _smooth(v: np.ndarray, width: int) -> np.ndarray:
+    """Running mean over ``width`` steps (shorter at the start); non-finite entries skipped."""
+    v = np.asarray(v, float)
+    ok = np.isfinite(v)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    n = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(1, len(v) + 1)
+    lo = np.maximum(i - width, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (c[i] - c[lo]) / (n[i] - n[lo])
+
+
+def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig=None):
+    """Learning curves of ``{label: training Result}`` (``History.curve``): left, the training
+    loss (running mean over ``smooth`` steps, faint: raw) and the evaluation loss (markers),
+    log scale; right, the evaluation metric (accuracy or MSE) against the step. Drawn into
+    ``fig`` (a Figure or SubFigure) if given."""
+    fig = fig if fig is not None else figure((11, 3.6))
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    metric = "metric"
+    for i, (label, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        metric = c.config.get("metric", metric)
+        ax_loss.plot(c["step"], c["loss"], color=color, alpha=0.15, linewidth=0.8)
+        ax_loss.plot(c["step"], _smooth(c["loss"], smooth), color=color, linewidth=1.2,
+                     label=f"{label} (train, mean of {smooth})")
+        ax_loss.plot(c["eval_step"], c["eval_loss"], "o--", color=color, markersize=3,
+                     linewidth=0.8, label=f"{label} (eval)")
+        ax_metric.plot(c["eval_step"], c["eval_metric"], "o-", color=color, markersize=3,
+                       label=label)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("training step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize="x-small")
+    ax_metric.set_xlabel("training step")
+    ax_metric.set_ylabel(f"eval {metric}")
+    if metric == "mse":
+        ax_metric.set_yscale("log")
+    ax_metric.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def draw_updates(curves: dict, ax=None, title: str | None = None):
+    """Compute against accuracy: for every run, the fraction of neuron updates at the end of
+    training (time gate ``k > 1e-3``; 1 for cells without a time gate, which update every
+    neuron at every step) against the final evaluation metric."""
+    fig, ax = _figure_axes(ax, (5, 3.6))
+    metric = "metric"
+    for i, (label, c) in enumerate(curves.items()):
+        metric = c.config.get("metric", metric)
+        frac = float(c["eval_updates"][-1]) if "eval_updates" in c.arrays else 1.0
+        ax.plot([frac], [float(c["eval_metric"][-1])], "o", color=f"C{i}", label=label)
+        ax.annotate(f"{frac:.3g}", (frac, float(c["eval_metric"][-1])), fontsize="x-small",
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of neuron updates (k > 1e-3) at the end")
+    ax.set_ylabel(f"final eval {metric}")
+    if metric == "mse":
+        ax.set_yscale("log")
+    ax.legend(fontsize="x-small")
+    ax.set_title(title or "compute vs result")
+    return fig
+
+
+def _training_settings(config: dict, curve: dict) -> str:
+    """``task adding(steps=10), L=8, H=32, 1500 steps of batch 64, lr 0.003, seed 0, mse``."""
+    task = curve.get("task", {})
+    args = ", ".join(f"{k}={v}" for k, v in task.items() if k != "task")
+    return (f"task {task.get('task', config.get('task'))}({args}), L={config['layers']}, "
+            f"H={config['hidden']}, {config['steps']} steps of batch {config['batch']}, "
+            f"lr {config['lr']:g}, seed {config['seed']}, loss {curve.get('metric', '?')}")
+
+
+def draw_training(data: Result, gates: Mapping | None = None, *,
+                  title: str | None = None) -> Figure:
+    """A :func:`gradflow.experiments.training_runs` result: learning curves, then (runs with a
+    time gate) update fraction against the final result, then (runs that recorded ``"gates"``)
+    the pooled histograms of each run's gate ``gates[label]`` (default ``"f"``) at the first
+    and the last step."""
+    from gradflow.experiments import run_curve, run_record
+
+    labels = list(data.config["runs"])
+    curves = {label: run_curve(data, label) for label in labels}
+    timed = any("eval_updates" in c.arrays for c in curves.values())
+    gated = "gates" in data.config["record"]
+    n_gate = len(labels) if gated else 0
+    fig = figure((max(11.0, 3.6 * n_gate), 3.6 * (1 + timed) + 5.8 * gated))
+    subs = fig.subfigures(1 + timed + gated, 1, squeeze=False,
+                          height_ratios=[3.6] + [3.6] * timed + [5.8] * gated)[:, 0]
+    draw_curves(curves, fig=subs[0], title="learning curves")
+    if timed:
+        draw_updates(curves, ax=subs[1].subplots(), title="update fraction vs final result")
+    if gated:
+        acc = {label: f"{float(curves[label]['eval_metric'][-1]):.3g}" for label in labels}
+        panels = {f"step {s}": {label: run_record(data, label, "gates", which)
+                                for label in labels}
+                  for s, which in ((0, "first"), (data.config["steps"], "last"))}
+        draw_gate_panels(panels, {label: (gates or {}).get(label, "f") for label in labels},
+                         fig=subs[-1], title="gate activations, pooled over layers; final eval "
+                         + ", ".join(f"{k}: {v}" for k, v in acc.items()))
+    fig.suptitle(_titled(title, _training_settings(data.config,
+                                                   data.config["runs"][labels[0]])))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
 # Output.
 
 
@@ -683,5 +954,7 @@ def save(fig: Figure, path, *, dpi: float = 150) -> str:
     return path
 
 
-__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "gain_profile",
-           "gate_histograms", "grid", "heatmap", "saturation_map", "save"]
+__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "draw_curves", "draw_gains",
+           "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_updates",
+           "figure", "gain_profile", "gate_histograms", "gates_figure", "grid", "heatmap",
+           "saturation_map", "save", "settings"]

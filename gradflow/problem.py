@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow import cells as _cells
+from gradflow.cells.base import normal
 from gradflow.checks import positive_int
 from gradflow.stack import Stack
 
@@ -38,6 +39,18 @@ def dtype_of(name) -> jnp.dtype:
     return jnp.dtype(str(name))
 
 
+def gaussian_inputs(seed, shape, dtype=jnp.float32, scale: float = 1.0):
+    """``scale * N(0, 1)`` inputs of ``shape`` (e.g. ``(B, T, D)``) from ``key(seed + 1)``.
+
+    Drawn in float32 and cast to ``dtype``, so that one seed is one problem at every precision
+    (a float64 problem holds the float32 problem's draws). ``seed`` may be traced.
+
+    >>> gaussian_inputs(0, (2, 3, 4)).shape
+    (2, 3, 4)
+    """
+    return scale * normal(jax.random.key(seed + 1), shape, dtype)
+
+
 def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128,
             batch: int = 16, input_size: int | None = None, seed: int = 0,
             dtype: str = "float32", input_scale: float = 1.0, stack_options: dict | None = None,
@@ -51,7 +64,9 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
         to initialise it over another length.
       layers, steps, hidden, batch: ``L, T, H, B``.
       input_size: ``D`` (default ``H``).
-      seed: parameters from ``key(seed)``, inputs ``input_scale * N(0, 1)`` from ``key(seed + 1)``.
+      seed: parameters from ``key(seed)``, inputs ``input_scale * N(0, 1)`` from ``key(seed + 1)``
+        (:func:`gaussian_inputs`), all drawn in float32 and cast to ``dtype``: the same problem
+        at every precision.
       stack_options: extra :class:`Stack` options (``order``, ``checkpoint``, ...).
     Returns:
       :class:`Problem` with ``xs: (B, T, D)``.
@@ -67,7 +82,7 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
         raise ValueError("cell options cannot be given together with a built Cell")
     stack = Stack(cell, layers, D, hidden, **(stack_options or {}))
     params = stack.init(jax.random.key(seed), dt)
-    xs = input_scale * jax.random.normal(jax.random.key(seed + 1), (batch, steps, D), dt)
+    xs = gaussian_inputs(seed, (batch, steps, D), dt, input_scale)
     config = {**stack.config, "steps": steps, "batch": batch, "seed": int(seed),
               "dtype": str(dt), "input_scale": float(input_scale)}
     return Problem(stack, params, xs, config)

@@ -1,8 +1,46 @@
-"""Shared test setup: 64-bit JAX (tests pass explicit dtypes everywhere), headless matplotlib."""
+"""Shared test setup: headless matplotlib, JAX in its default 32-bit mode, and fixtures.
+
+The suite runs in the mode a user gets (``jax_enable_x64`` off), so every float32 path is
+tested at 32 bits. A test that needs float64 asks for it:
+
+* ``x64``: 64-bit JAX for one test (``jax.enable_x64`` context, undone afterwards);
+* ``x64_module``: the same for a whole module, for module-scoped fixtures that compute in
+  float64 (use it with ``pytestmark = pytest.mark.usefixtures("x64_module")``).
+
+Hypothesis tests (function-scoped fixtures do not mix with ``@given``) enter
+``jax.enable_x64(True)`` in their body instead.
+
+``doctest_namespace`` gives the docstring examples of ``gradflow`` (run with
+``--doctest-modules``) the names ``gradflow``, ``jax``, ``jnp`` and ``np``.
+"""
 import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)
+import gradflow  # noqa: E402
+
+if os.environ.get("GRADFLOW_TEST_32BIT") != "1":  # TEMPORARY while the x64 fixtures go in
+    jax.config.update("jax_enable_x64", True)
+
+@pytest.fixture
+def x64():
+    """64-bit JAX for the duration of one test."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(scope="module")
+def x64_module():
+    """64-bit JAX for every test (and module-scoped fixture) of a module."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _add_doctest_names(doctest_namespace):
+    doctest_namespace.update(gradflow=gradflow, jax=jax, jnp=jnp, np=np)

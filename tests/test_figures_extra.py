@@ -7,15 +7,14 @@ their configs, and the claims they illustrate hold, as numbers, on the committed
 * ur_lstm_gates_init: Gu et al.'s initial forget-gate distributions (LSTM concentrated at
   1/2, UGI spread over [0, 1]).
 """
-import json
-
 import numpy as np
 import pytest
 
 import gradflow
-from gradflow import figures
+from gradflow import experiments, reproduce
+from gradflow.problem import cell_problem
 
-FIG = figures.FIGURES_DIR
+FIG = reproduce.FIGURES_DIR
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +30,14 @@ def sat():
 @pytest.mark.parametrize("name,kind", [("vertical_gain", "vertical_gain"),
                                        ("ur_lstm_gates_init", "gate_saturation")])
 def test_committed_data_match_their_config(name, kind):
-    config = json.loads((FIG / f"{name}.json").read_text())
+    config = reproduce.load_config(name)
     data = gradflow.load(FIG / f"{name}.npz")
     assert (FIG / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert config["figure"] == kind and data.kind == kind
     for key, value in config.items():
         assert data.config[key] == value, key
     assert data.total_nonfinite == 0
-    assert name in figures.configs()
+    assert name in reproduce.configs()
 
 
 def test_vertical_gain_setting_reaches_64_layers(gains):
@@ -50,7 +49,7 @@ def test_vertical_gain_setting_reaches_64_layers(gains):
 
 def test_recomputed_vertical_gains_equal_the_committed_ones(gains):
     c = gains.config
-    again = figures.vertical_gain(["star"], layers=8, steps=c["steps"], hidden=c["hidden"],
+    again = experiments.vertical_gain(["star"], layers=8, steps=c["steps"], hidden=c["hidden"],
                                   batch=c["batch"], seed=c["seed"], init=c["init"],
                                   dtype=c["dtype"], input_scale=c["input_scale"])
     # the first 8 layers of a 64-layer stack are an 8-layer stack (same keys, same inputs)
@@ -77,7 +76,7 @@ def test_gru_temporal_gain_matches_its_closed_form(gains):
     r"""At h ~ 0 with gates at 1/2: dh_t/dh_{t-1} = z I + (1-z) r U_n = I/2 + U_n/4, so
     rms^2 = (H/4 + H/16 + tr(U_n)/4) / H, computed here from the weights."""
     c = gains.config
-    prob = figures.cell_problem("gru", layers=c["layers"], steps=1, hidden=c["hidden"],
+    prob = cell_problem("gru", layers=c["layers"], steps=1, hidden=c["hidden"],
                                 seed=c["seed"], init=c["init"], dtype=c["dtype"])
     H = c["hidden"]
     traces = np.array([np.trace(np.asarray(p["n"]["U"])) for p in prob.params["layers"]])
@@ -87,23 +86,23 @@ def test_gru_temporal_gain_matches_its_closed_form(gains):
 
 
 def test_stats_panel_round_trip_and_bad_label(sat):
-    lstm = figures.stats_panel(sat, "LSTM")
+    lstm = experiments.stats_panel(sat, "LSTM")
     assert lstm.kind == "gate_stats" and lstm.config["cell"] == "lstm"
     with pytest.raises(ValueError, match="valid: LSTM, LSTM\\+UGI, UR-LSTM"):
-        figures.stats_panel(sat, "GRU")
+        experiments.stats_panel(sat, "GRU")
 
 
 def test_histograms_count_every_activation(sat):
     c = sat.config
     n = c["layers"] * c["batch"] * c["steps"] * c["hidden"]
     for label, gate in (("LSTM", "f"), ("LSTM+UGI", "f"), ("UR-LSTM", "g")):
-        p = figures.stats_panel(sat, label)
+        p = experiments.stats_panel(sat, label)
         assert p[f"hist/{gate}"].sum() + p[f"outside/{gate}"].sum() == n
 
 
 def test_lstm_forget_gate_starts_at_one_half_and_ugi_spreads_it(sat):
-    lstm = figures.stats_panel(sat, "LSTM")
-    ugi = figures.stats_panel(sat, "LSTM+UGI")
+    lstm = experiments.stats_panel(sat, "LSTM")
+    ugi = experiments.stats_panel(sat, "LSTM+UGI")
     # zero biases, symmetric inputs: f centred at sigma(0) = 1/2, almost never saturated
     assert abs(float(lstm["mean/f/pooled"]) - 0.5) < 0.02
     assert float(lstm["saturated/f/pooled"]) < 0.01
@@ -120,7 +119,7 @@ def test_lstm_forget_gate_starts_at_one_half_and_ugi_spreads_it(sat):
 def test_ugi_forget_biases_are_uniform_in_sigmoid_space():
     """The init behind the figure: sigmoid(b_f) against U[1/H, 1 - 1/H] (Kolmogorov distance)."""
     H = 64
-    prob = figures.cell_problem("lstm", layers=2, steps=1, hidden=H, init="ugi")
+    prob = cell_problem("lstm", layers=2, steps=1, hidden=H, init="ugi")
     for layer in prob.params["layers"]:
         u = np.sort(1 / (1 + np.exp(-np.asarray(layer["f"]["b"], float))))
         cdf = (u - 1 / H) / (1 - 2 / H)

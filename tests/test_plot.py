@@ -362,7 +362,7 @@ def test_gate_plots_reject_missing_gates_and_arrays():
 
 def test_saturation_map_is_a_linear_unit_map():
     stats = _gate_stats(2)
-    fig = plot.saturation_map(stats, "f")
+    fig = plot.saturation_map(stats, "f", vmin=0, vmax=1)
     ax = fig.axes[0]
     image = ax.images[0]
     np.testing.assert_array_equal(np.ma.getdata(image.get_array()), stats["saturated/f"])
@@ -370,6 +370,96 @@ def test_saturation_map_is_a_linear_unit_map():
     assert type(image.norm) is mcolors.Normalize and (image.norm.vmin, image.norm.vmax) == (0, 1)
     assert fig.axes[1].get_ylabel() == "fraction saturated"
     assert "gate f" in ax.get_title() and "eps=0.05" in ax.get_title()
+
+
+def test_saturation_map_is_scaled_to_its_data_by_default():
+    """Fractions up to 0.13 use the whole colour range (not a 0-1 scale, which is all black)."""
+    arrays = dict(_gate_stats(2).arrays)
+    arrays["saturated/f"] = 0.13 * np.random.default_rng(0).uniform(0, 1, (L, T))
+    stats = make_result("gate_stats", arrays, dict(cell="lstm", gates=["i", "f", "o"], eps=0.05))
+    image = plot.saturation_map(stats, "f").axes[0].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (0.0, arrays["saturated/f"].max())
+    arrays["saturated/f"] = np.zeros((L, T))  # nothing saturated: still a valid scale
+    stats = make_result("gate_stats", arrays, stats.config)
+    image = plot.saturation_map(stats, "f").axes[0].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+
+
+def test_gates_figure_shows_a_map_and_histograms_per_gate_with_the_settings():
+    config = dict(cell="lstm", gates=["i", "f", "o"], bins=5, eps=0.05, layers=L, steps=T,
+                  hidden_size=8, init="orthogonal", seed=3)
+    stats = make_result("gate_stats", dict(_gate_stats(1).arrays), config)
+    fig = plot.gates_figure(stats, ["f", "o"])
+    maps = [ax for ax in fig.axes if ax.images]
+    assert len(maps) == 2
+    np.testing.assert_array_equal(np.ma.getdata(maps[1].images[0].get_array()),
+                                  stats["saturated/o"])
+    assert fig.get_suptitle() == f"lstm \u00b7 L={L}, T={T}, H=8, init orthogonal, seed 3"
+    assert len(plot.gates_figure(stats).axes) >= 6  # every gate by default
+    with pytest.raises(ValueError, match="unknown gate 'z'"):
+        plot.gates_figure(stats, ["z"])
+
+
+def test_default_titles_carry_the_settings():
+    result = make_result("gradient_map", {"values": _map()},
+                         dict(cell="lstm", layers=L, steps=T, hidden_size=8, loss="last",
+                              wrt="params", init="glorot", seed=7))
+    title = plot.heatmap(result).axes[0].get_title()
+    assert f"L={L}, T={T}, H=8, init glorot, seed 7" in title and "loss=last" in title
+    assert plot.settings({"layers": 2, "hidden": 4}) == "L=2, H=4"
+    assert plot.settings({}) == ""
+
+
+# --- figures of experiments --------------------------------------------------------------------
+
+
+def _synthetic_grid(maps, **config):
+    """A gradient_grid Result from ``{(loss, cell): (L, T) array}``, as gradient_grid lays it out."""
+    losses = list(dict.fromkeys(k[0] for k in maps))
+    cells_ = list(dict.fromkeys(k[1] for k in maps))
+    arrays, configs = {}, {}
+    for (loss, cell), v in maps.items():
+        arrays[f"values/{loss}/{cell}"] = v
+        arrays[f"loss_value/{loss}/{cell}"] = np.float64(1.0)
+        configs[f"{loss}/{cell}"] = {"cell": cell, "loss": loss, "wrt": "params"}
+    return make_result("gradient_grid", arrays,
+                       {"cells": cells_, "losses": losses, "maps": configs, **config},
+                       warn=False)
+
+
+def test_draw_grid_normalises_each_panel_and_leaves_an_all_zero_map_empty():
+    a = 10.0 ** np.arange(6.0).reshape(2, 3)
+    grid = _synthetic_grid({("last", "x"): a, ("last", "y"): np.zeros((2, 3)),
+                            ("all", "x"): 2 * a, ("all", "y"): a[::-1].copy()})
+    fig = plot.draw_grid(grid, normalize=True)
+    panels = fig.axes[:4]  # row-major: (last, x), (last, y), (all, x), (all, y)
+    np.testing.assert_allclose(np.ma.getdata(panels[0].images[0].get_array()), a / a[-1, -1])
+    np.testing.assert_allclose(np.ma.getdata(panels[2].images[0].get_array()), a / a[-1, -1])
+    np.testing.assert_allclose(np.ma.getdata(panels[3].images[0].get_array()),
+                               a[::-1] / a[0, -1])
+    assert not panels[1].images and "all 6 entries are 0" in panels[1].texts[0].get_text()
+    assert panels[1].get_title() == "y"
+    fig = plot.draw_grid(grid, normalize=False)  # raw values: every panel drawn
+    assert all(ax.images for ax in fig.axes[:4])
+
+
+def test_draw_grid_is_normalised_by_default_and_titled_with_the_settings():
+    a = 10.0 ** np.arange(6.0).reshape(2, 3)
+    grid = _synthetic_grid({("last", "x"): a, ("all", "x"): 3 * a}, wrt="params", layers=2,
+                           steps=3, hidden=16, init="orthogonal", seed=4)
+    fig = plot.draw_grid(grid)
+    np.testing.assert_allclose(np.ma.getdata(fig.axes[1].images[0].get_array()), a / a[-1, -1])
+    assert isinstance(fig.axes[0].images[0].norm, mcolors.LogNorm)
+    assert fig.axes[0].images[0].get_cmap().name.startswith("RdBu_r")  # the relative view
+    assert fig.get_suptitle() == ("gradient maps wrt params, relative to (top layer, last step)"
+                                  "\nL=2, T=3, H=16, init orthogonal, seed 4")
+    assert [ax.get_ylabel().split("\n")[0] for ax in fig.axes[:2]] == ["loss=last", "loss=all"]
+    fig = plot.draw_grid(grid, normalize=False, title="mine")
+    np.testing.assert_allclose(np.ma.getdata(fig.axes[1].images[0].get_array()), 3 * a)
+    assert fig.get_suptitle() == "mine\nL=2, T=3, H=16, init orthogonal, seed 4"
+    everything_zero = _synthetic_grid({("last", "x"): np.zeros((2, 3))})
+    fig = plot.draw_grid(everything_zero)  # nothing to normalise by anywhere: still a figure
+    assert "nothing to normalise by" in fig.axes[0].texts[0].get_text()
 
 
 # --- gain profiles -----------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def final(data, label):
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_committed_training_data_match_their_config(name):
-    config = figures.load_config(figures.FIGURES_DIR / f"{name}.json")
+    config = figures.load_config(name)
     data = committed(name)
     assert (figures.FIGURES_DIR / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data.kind == "training_runs" and data.total_nonfinite == 0

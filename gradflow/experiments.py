@@ -1,0 +1,341 @@
+r"""Experiments over several cells: each computes and returns one :class:`Result`, and draws nothing.
+
+An experiment runs a measurement (:mod:`gradflow.jacobian`, :mod:`gradflow.gates`,
+:func:`gradflow.train.train`) on several problems built the same way (:mod:`gradflow.problem`)
+and packs the per-problem Results into one Result whose array names carry the problem
+(``"values/{loss}/{cell}"``, ``"{label}/..."``), so one ``.npz`` holds a whole figure's numbers.
+The unpacking functions (:func:`panel`, :func:`gain_panel`, :func:`stats_panel`,
+:func:`run_curve`, :func:`run_record`) give the per-problem Results back.
+
+* :func:`gradient_grid`: the STAR paper's Figure 2 computation (Turkoglu et al. 2021), the map
+  :math:`P[l,t] = \mathrm{mean}_\theta |\partial\mathcal L/\partial\theta^l_{(t)}|` (or another
+  ``wrt``) of several cells under several losses, all on the same problem.
+* :func:`vertical_gain` (SPEC section 4 item 2): local gains of deep stacks at initialisation
+  against the closed forms :data:`VERTICAL_GAIN`.
+* :func:`gate_saturation` (item 3, Gu et al. 2020): gate statistics of ``(label, cell,
+  options)`` entries at initialisation.
+* :func:`training_runs` (items 3-5 after training): several cells trained on one task with one
+  seed, learning curves plus gate statistics or gradient maps at the first and the last step.
+
+>>> grid = gradient_grid(["rnn", "lstm"], ["last"], layers=2, steps=3, hidden=4, batch=2)
+>>> panel(grid, "last", "lstm").values.shape
+(2, 3)
+"""
+from __future__ import annotations
+
+from gradflow import cells as _cells
+from gradflow.checks import choice
+from gradflow.jacobian import LOSSES, WRTS, gradient_map, local_gains
+from gradflow.problem import DTYPES, cell_problem, precision, task_stack
+from gradflow.results import Result, make_result
+
+# ---------------------------------------------------------------------------------------------
+# Packing and unpacking
+
+
+def _names(value, what: str, valid) -> list[str]:
+    """``value`` (one name or several) as a list of distinct names, each one of ``valid``."""
+    items = [value] if isinstance(value, str) else list(value)
+    if not items:
+        raise ValueError(f"{what} is empty; valid: {', '.join(valid)}")
+    for item in items:
+        if item not in valid:
+            raise ValueError(f"unknown {what[:-1]} {item!r} in {what}; valid: {', '.join(valid)}")
+    dup = sorted({x for x in items if items.count(x) > 1})
+    if dup:
+        raise ValueError(f"{what} repeats {', '.join(dup)}")
+    return items
+
+
+def _unpack(data: Result, prefix: str, kind: str, config: dict) -> Result:
+    """The arrays of ``data`` under ``prefix`` (stripped) as a Result of ``kind``."""
+    return make_result(kind, {k[len(prefix):]: v for k, v in data.arrays.items()
+                              if k.startswith(prefix)}, config, warn=False)
+
+
+def _label(data: Result, label: str, section: str, what: str) -> str:
+    """``label`` if ``data.config[section]`` has it, else a ValueError listing the valid ones."""
+    if label not in data.config[section]:
+        raise ValueError(f"no {what} {label!r}; valid: {', '.join(data.config[section])}")
+    return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids of gradient maps (STAR Fig. 2 layout)
+
+
+def _keys(loss: str, cell: str) -> tuple[str, str]:
+    return f"values/{loss}/{cell}", f"loss_value/{loss}/{cell}"
+
+
+def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers: int = 10,
+                  steps: int = 10, hidden: int = 128, batch: int = 16, seed: int = 0,
+                  readout_seed: int = 0, init: str | None = "orthogonal",
+                  dtype: str = "float32", input_scale: float = 1.0,
+                  cell_options: dict | None = None, meta: dict | None = None) -> Result:
+    r"""Gradient maps of several cells under several losses, all on the same problem.
+
+    For each cell and loss: :func:`gradflow.jacobian.gradient_map` (``(L, T)`` map, ``wrt`` as
+    there) on :func:`gradflow.problem.cell_problem` with the given sizes and seed, so every cell
+    sees the same inputs ``xs ~ input_scale * N(0, 1)`` and the same readout.
+
+    Args:
+      cells: cell names (unique).
+      losses: ``"last"`` and/or ``"all"``.
+      cell_options: ``{cell: {option: value}}`` applied to that cell (over ``init``).
+      meta: extra config recorded in the result.
+    Returns:
+      Result ``kind="gradient_grid"``: arrays ``"values/{loss}/{cell}": (L, T)`` and
+      ``"loss_value/{loss}/{cell}": ()``; ``config["maps"]["{loss}/{cell}"]`` holds each map's
+      full config, ``config["cells"]``, ``config["losses"]`` the order.
+    """
+    cells = _names(cells, "cells", _cells.names())
+    losses = _names(losses, "losses", LOSSES)
+    choice("wrt", wrt, WRTS)
+    choice("dtype", dtype, DTYPES)
+    cell_options = dict(cell_options or {})
+    unknown = sorted(set(cell_options) - set(cells))
+    if unknown:
+        raise ValueError(f"cell_options for cells not in the grid: {', '.join(unknown)}")
+    arrays, maps = {}, {}
+    with precision(dtype):
+        for cell in cells:
+            prob = cell_problem(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                                seed=seed, dtype=dtype, init=init, input_scale=input_scale,
+                                options=cell_options.get(cell))
+            for loss in losses:
+                res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=wrt,
+                                   readout_seed=readout_seed, meta=prob.config)
+                key, value_key = _keys(loss, cell)
+                arrays[key], arrays[value_key] = res.values, res.loss_value
+                maps[f"{loss}/{cell}"] = res.config
+    config = {**(meta or {}), "cells": list(cells), "losses": list(losses), "wrt": wrt,
+              "layers": layers, "steps": steps, "hidden": hidden, "batch": batch, "seed": seed,
+              "readout_seed": readout_seed, "init": init, "dtype": dtype,
+              "input_scale": input_scale, "cell_options": cell_options, "maps": maps}
+    return make_result("gradient_grid", arrays, config)
+
+
+def panel(grid: Result, loss: str, cell: str) -> Result:
+    """One ``gradient_map`` Result (``values: (L, T)``) out of a :func:`gradient_grid` result."""
+    key, value_key = _keys(loss, cell)
+    if key not in grid.arrays:
+        raise ValueError(f"no map for loss {loss!r} and cell {cell!r}; the grid has "
+                         f"{', '.join(grid.config['maps'])}")
+    return make_result("gradient_map", {"values": grid[key], "loss_value": grid[value_key]},
+                       grid.config["maps"][f"{loss}/{cell}"], warn=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vertical gains against depth (SPEC section 4 item 2)
+
+#: Closed-form vertical RMS gains :math:`\|\partial h^l_t/\partial h^{l-1}_t\|_F/\sqrt H` at
+#: orthogonal init, zero biases and inputs near 0 (every gate at :math:`\sigma(0) = 1/2`,
+#: every tanh at slope 1): tanh RNN :math:`W` (1), LSTM :math:`o\,i\,W_g` (1/4),
+#: GRU :math:`(1-z) W_n` (1/2), STAR :math:`k W_z` (1/2).
+VERTICAL_GAIN = {"rnn": 1.0, "lstm": 0.25, "gru": 0.5, "star": 0.5}
+
+_GAIN_ARRAYS = ("vertical_rms", "vertical_spectral", "temporal_rms", "temporal_spectral")
+
+
+def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, steps: int = 4,
+                  hidden: int = 32, batch: int = 4, seed: int = 0, init: str = "orthogonal",
+                  dtype: str = "float32", input_scale: float = 0.01,
+                  meta: dict | None = None) -> Result:
+    r"""Local gains (:func:`gradflow.jacobian.local_gains`) of several cells at every depth.
+
+    Returns:
+      Result ``kind="vertical_gain"``: ``"{stat}/{cell}": (L, T)`` for ``stat`` in
+      ``vertical_rms, vertical_spectral, temporal_rms, temporal_spectral``;
+      ``config["closed_form"]`` holds :data:`VERTICAL_GAIN` for the cells that have one.
+    """
+    cells = _names(cells, "cells", _cells.names())
+    arrays = {}
+    with precision(dtype):
+        for cell in cells:
+            prob = cell_problem(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                                seed=seed, dtype=dtype, init=init, input_scale=input_scale)
+            res = local_gains(prob.stack, prob.params, prob.xs)
+            for k, v in res.arrays.items():
+                arrays[f"{k}/{cell}"] = v
+    config = {**(meta or {}), "cells": list(cells), "layers": layers, "steps": steps,
+              "hidden": hidden, "batch": batch, "seed": seed, "init": init, "dtype": dtype,
+              "input_scale": input_scale,
+              "closed_form": {c: VERTICAL_GAIN[c] for c in cells if c in VERTICAL_GAIN}}
+    return make_result("vertical_gain", arrays, config)
+
+
+def gain_panel(data: Result, cell: str) -> Result:
+    """One cell's ``local_gains`` Result out of a :func:`vertical_gain` result."""
+    _label(data, cell, "cells", "cell")
+    return make_result("local_gains", {k: data[f"{k}/{cell}"] for k in _GAIN_ARRAYS},
+                       {**data.config, "cell": cell}, warn=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate saturation at initialisation (SPEC section 4 item 3, Gu et al. 2020)
+
+
+def _entries(entries) -> list:
+    return [(str(label), str(cell), dict(opts)) for label, cell, opts in entries]
+
+
+def gate_saturation(entries, *, layers: int = 2, steps: int = 32, hidden: int = 64,
+                    batch: int = 16, seed: int = 0, dtype: str = "float32",
+                    input_scale: float = 1.0, eps: float = 0.05, bins: int = 20,
+                    meta: dict | None = None) -> Result:
+    """:func:`gradflow.gates.compare` of ``(label, cell, options)`` entries at initialisation,
+    as one Result: every array of entry ``label``'s ``gate_stats`` under ``"{label}/..."``;
+    ``config["stats"][label]`` holds its config. :func:`stats_panel` takes one back out."""
+    from gradflow import gates as _gates
+
+    entries = _entries(entries)
+    with precision(dtype):
+        found = _gates.compare(entries, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                               seed=seed, dtype=dtype, input_scale=input_scale, eps=eps,
+                               bins=bins)
+    arrays = {f"{label}/{k}": v for label, r in found.items() for k, v in r.arrays.items()}
+    config = {**(meta or {}), "entries": [list(e) for e in entries], "layers": layers,
+              "steps": steps, "hidden": hidden, "batch": batch, "seed": seed, "dtype": dtype,
+              "input_scale": input_scale, "eps": eps, "bins": bins,
+              "stats": {label: r.config for label, r in found.items()}}
+    return make_result("gate_saturation", arrays, config)
+
+
+def stats_panel(data: Result, label: str) -> Result:
+    """Entry ``label``'s ``gate_stats`` Result out of a :func:`gate_saturation` result."""
+    _label(data, label, "stats", "entry")
+    return _unpack(data, f"{label}/", "gate_stats", data.config["stats"][label])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs (SPEC section 4 items 3-5 after training, the deep-stack comparison)
+
+#: What :func:`training_runs` can record at the first and the last step of every run.
+RECORDS = ("gates", "map")
+_RUN_OPTIONS = ("budget", "curriculum", "cell_steps", "lr")
+
+
+def _runs(runs) -> list:
+    out = []
+    for r in runs:
+        if not isinstance(r, (list, tuple)) or len(r) not in (3, 4):
+            raise ValueError(f"training runs are [label, cell, options] or [label, cell, "
+                             f"options, training options] lists, got {r!r}")
+        label, cell, opts = str(r[0]), str(r[1]), dict(r[2])
+        extra = dict(r[3]) if len(r) == 4 else {}
+        bad = sorted(set(extra) - set(_RUN_OPTIONS))
+        if bad:
+            raise ValueError(f"run {label!r}: unknown training option(s) {', '.join(bad)}; "
+                             f"valid: {', '.join(_RUN_OPTIONS)}")
+        out.append((label, cell, opts, extra))
+    if len({r[0] for r in out}) != len(out):
+        raise ValueError("training run labels must be unique")
+    return out
+
+
+def _recorders(record, eps: float, bins: int) -> dict | None:
+    """``{name: (stack, params, xs) -> Result}`` for the names in ``record`` (None if empty)."""
+    from gradflow import gates as _gates
+
+    fns = {"gates": lambda s, p, x: _gates.saturation(s, p, x, eps, bins=bins),
+           "map": lambda s, p, x: gradient_map(s, p, x, loss="last", wrt="hidden")}
+    return {k: fns[k] for k in record} or None
+
+
+def _pack_run(label: str, hist, arrays: dict) -> dict:
+    """Add run ``label``'s curve and records to ``arrays``; return its records' configs."""
+    arrays.update({f"{label}/curve/{k}": v for k, v in hist.curve.arrays.items()})
+    configs = {}
+    for name, results in hist.records.items():
+        for step, res in zip(hist.record_steps, results):
+            key = f"{name}@{step}"
+            arrays.update({f"{label}/{key}/{k}": v for k, v in res.arrays.items()})
+            configs[key] = {**res.config, "result_kind": res.kind}
+    return configs
+
+
+def training_runs(runs, *, task: str = "adding", task_options: dict | None = None,
+                  layers: int = 2, hidden: int = 32, steps: int = 500, batch: int = 64,
+                  lr: float = 3e-3, clip: float = 1.0, seed: int = 0, dtype: str = "float32",
+                  eval_every: int | None = None, eval_batch: int = 256, record=(),
+                  record_batch: int = 64, eps: float = 0.05, bins: int = 20,
+                  meta: dict | None = None) -> Result:
+    r"""Train several stacks on one task with one seed (:func:`gradflow.train.train`: Adam,
+    gradient clip, fresh batches, a fixed evaluation batch) and record measurements at the
+    first and the last step.
+
+    Args:
+      runs: ``[label, cell, options]`` or ``[label, cell, options, training]`` entries;
+        ``options`` are cell options (``init``, ``mode``, ...), ``training`` per-run overrides
+        of ``budget`` (g-LSTM :math:`\lambda\,\mathrm{mean}(k)`), ``curriculum``
+        (``[[until_step, seq_len], ...]``), ``cell_steps`` (the length the time gates are
+        initialised over, e.g. the first curriculum stage) and ``lr``.
+      task, task_options: :func:`gradflow.tasks.make` arguments.
+      layers, hidden: every run's stack (:func:`gradflow.problem.task_stack`).
+      steps, batch, lr, clip, seed, dtype, eval_every, eval_batch: :func:`gradflow.train.train`.
+      record: a subset of :data:`RECORDS`: ``"gates"``, :func:`gradflow.gates.saturation` with
+        ``eps`` and ``bins``; ``"map"``, the hidden-state gradient map under the probe loss
+        ``"last"`` (the random readout of ``gradflow heatmap``, so maps at both steps compare),
+        each on the first ``record_batch`` evaluation sequences.
+    Returns:
+      Result ``kind="training_runs"``: ``"{label}/curve/{name}"`` (every array of the run's
+      ``History.curve``), ``"{label}/{record}@{step}/{name}"`` (every array of each record);
+      ``config["runs"][label]`` is the curve's config and ``config["records"][label]`` maps
+      ``"{record}@{step}"`` to the record's config. :func:`run_curve` and :func:`run_record`
+      take them back out.
+    """
+    from gradflow import tasks as _tasks
+    from gradflow.train import train
+
+    runs = _runs(runs)
+    record = _names(record, "record", RECORDS) if record else []
+    the_task = _tasks.make(task, **(task_options or {}))
+    recorders = _recorders(record, eps, bins)
+    arrays, run_configs, record_configs = {}, {}, {}
+    with precision(dtype):
+        for label, cell, opts, extra in runs:
+            stack = task_stack(cell, the_task, layers=layers, hidden=hidden, options=opts,
+                               cell_steps=extra.get("cell_steps"))
+            hist = train(stack, the_task, steps=steps, batch=batch, lr=extra.get("lr", lr),
+                         clip=clip, seed=seed, dtype=dtype, eval_every=eval_every,
+                         eval_batch=eval_batch, record_at=(0, steps) if record else (),
+                         record=recorders, record_batch=record_batch,
+                         budget=extra.get("budget", 0.0), curriculum=extra.get("curriculum"),
+                         progress=False)
+            record_configs[label] = _pack_run(label, hist, arrays)
+            run_configs[label] = hist.curve.config
+    config = {**(meta or {}), "runs_spec": [list(r) for r in runs], "task": task,
+              "task_options": dict(task_options or {}), "layers": layers, "hidden": hidden,
+              "steps": steps, "batch": batch, "lr": lr, "clip": clip, "seed": seed,
+              "dtype": dtype, "eval_every": eval_every, "eval_batch": eval_batch,
+              "record": list(record), "record_batch": record_batch, "eps": eps, "bins": bins,
+              "runs": run_configs, "records": record_configs}
+    return make_result("training_runs", arrays, config)
+
+
+def run_curve(data: Result, label: str) -> Result:
+    """Run ``label``'s learning curve (a ``History.curve`` Result) out of :func:`training_runs`."""
+    _label(data, label, "runs", "run")
+    return _unpack(data, f"{label}/curve/", "training", data.config["runs"][label])
+
+
+def run_record(data: Result, label: str, record: str, step="last") -> Result:
+    """Run ``label``'s ``record`` (``"gates"`` or ``"map"``) at ``step`` (an int, ``"first"``
+    or ``"last"``) out of :func:`training_runs`."""
+    _label(data, label, "runs", "run")
+    found = data.config["records"][label]
+    steps = sorted(int(k.split("@")[1]) for k in found if k.split("@")[0] == record)
+    if not steps:
+        raise ValueError(f"run {label!r} recorded no {record!r}; recorded: "
+                         f"{', '.join(sorted(found)) or 'nothing'}")
+    step = {"first": steps[0], "last": steps[-1]}.get(step, step)
+    key = f"{record}@{step}"
+    if key not in found:
+        raise ValueError(f"run {label!r} has no {record!r} at step {step!r}; steps: {steps}")
+    cfg = dict(found[key])
+    return _unpack(data, f"{label}/{key}/", cfg.pop("result_kind"), cfg)
+
+
+__all__ = ["RECORDS", "VERTICAL_GAIN", "gain_panel", "gate_saturation", "gradient_grid", "panel",
+           "run_curve", "run_record", "stats_panel", "training_runs", "vertical_gain"]

@@ -1,0 +1,227 @@
+"""The committed figures: their configs (package data), the registry of figure kinds, and
+:func:`reproduce`, which regenerates them into an output folder.
+
+Every committed figure is a JSON config in ``gradflow/figure_configs/`` (shipped with the
+package, so an installed gradflow can reproduce it) naming its kind in the ``"figure"`` field
+and holding everything that produced it (cells, sizes, seeds, losses, ...). A kind is a
+:class:`Builder`, two pure functions::
+
+    compute(config: dict) -> Result          # the numbers (gradflow.experiments)
+    draw(config: dict, data: Result) -> Figure   # the picture (gradflow.plot)
+
+registered under a name with :func:`register`; adding a figure kind is one function pair and one
+``register`` line, adding a figure of an existing kind is one JSON file. :func:`reproduce` writes
+``<name>.png`` and ``<name>.npz`` (a :class:`gradflow.results.Result`, so ``gradflow.load`` reads
+the numbers back) into the folder it is given; the committed copies in a source checkout's
+``figures/`` (:data:`FIGURES_DIR`) are only written over with ``update=True``.
+
+>>> sorted(configs())[:2]
+['cheng_refined_adding', 'deep_adding']
+>>> load_config("star_fig2")["figure"]
+'gradient_grid'
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from gradflow import experiments, plot
+from gradflow.results import Result
+
+#: The figure configs shipped with the package (``<name>.json``).
+CONFIG_DIR = Path(__file__).resolve().parent / "figure_configs"
+#: A source checkout's ``figures/`` folder: the committed PNGs and data (absent when installed).
+FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
+
+
+class Builder(NamedTuple):
+    """How to make one kind of figure from its config."""
+
+    compute: Callable[[dict], Result]
+    draw: Callable[[dict, Result], object]
+
+
+BUILDERS: dict[str, Builder] = {}
+
+
+def register(name: str, compute: Callable[[dict], Result],
+             draw: Callable[[dict, Result], object]) -> Builder:
+    """Register a figure kind: configs with ``"figure": name`` are built by these functions."""
+    BUILDERS[name] = Builder(compute, draw)
+    return BUILDERS[name]
+
+
+def from_config(fn: Callable[..., Result], keys: tuple, first: str | None = None):
+    """A ``Builder.compute`` calling ``fn([config[first],] **{k: config[k] for k in keys},
+    meta=rest)``: the config keys ``fn`` takes are passed (where present), every other key
+    (``figure``, ``title``, ``description``, drawing options) is recorded as ``meta``."""
+    taken = set(keys) | {first}
+
+    def compute(config: dict) -> Result:
+        meta = {k: v for k, v in config.items() if k not in taken}
+        args = (config[first],) if first is not None else ()
+        return fn(*args, **{k: config[k] for k in keys if k in config}, meta=meta)
+
+    return compute
+
+
+_SIZES = ("layers", "steps", "hidden", "batch", "seed", "dtype")
+register("gradient_grid",
+         from_config(experiments.gradient_grid,
+                     ("cells", "losses", "wrt", *_SIZES, "readout_seed", "init", "input_scale",
+                      "cell_options")),
+         lambda config, data: plot.draw_grid(data, normalize=bool(config.get("normalize", False)),
+                                             title=config.get("title")))
+register("vertical_gain",
+         from_config(experiments.vertical_gain, ("cells", *_SIZES, "init", "input_scale")),
+         lambda config, data: plot.draw_gains(data, title=config.get("title")))
+register("gate_saturation",
+         from_config(experiments.gate_saturation, (*_SIZES, "input_scale", "eps", "bins"),
+                     "entries"),
+         lambda config, data: plot.draw_saturation(data, config.get("gates"),
+                                                   title=config.get("title")))
+register("training_runs",
+         from_config(experiments.training_runs,
+                     ("task", "task_options", "layers", "hidden", "steps", "batch", "lr", "clip",
+                      "seed", "dtype", "eval_every", "eval_batch", "record", "record_batch",
+                      "eps", "bins"), "runs"),
+         lambda config, data: plot.draw_training(data, config.get("gates"),
+                                                 title=config.get("title")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def configs(directory=None) -> dict[str, Path]:
+    """``{name: path}`` of the figure configs (``*.json`` with a ``"figure"`` field) in
+    ``directory`` (default :data:`CONFIG_DIR`), sorted by name."""
+    directory = Path(CONFIG_DIR if directory is None else directory)
+    if not directory.is_dir():
+        raise ValueError(f"figure config directory {str(directory)!r} does not exist")
+    return {path.stem: path for path in sorted(directory.glob("*.json"))
+            if "figure" in load_config(path)}
+
+
+def load_config(path) -> dict:
+    """A figure config from a JSON file, or by name (``"star_fig2"``: the shipped config);
+    a ValueError when unreadable or of an unknown kind."""
+    path = Path(path)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{path}.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read figure config {str(path)!r}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"figure config {str(path)!r} must hold a JSON object")
+    kind = config.get("figure")
+    if kind is not None and kind not in BUILDERS:
+        raise ValueError(f"figure config {str(path)!r} names unknown figure kind {kind!r}; "
+                         f"known: {', '.join(sorted(BUILDERS))}")
+    return config
+
+
+def _known(names, found: dict) -> list[str]:
+    """``names`` (one, several, or None for all of ``found``), each one of ``found``."""
+    names = list(found) if names is None else [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in found:
+            raise ValueError(f"unknown figure {name!r}; valid: {', '.join(found) or '(none)'}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and reproduction
+
+
+def figure_data(name: str, config_dir=None, data_dir=None, **overrides) -> Result:
+    """The data of figure ``name``: without ``overrides``, the committed ``<name>.npz`` in
+    ``data_dir`` (default :data:`FIGURES_DIR`, a source checkout's ``figures/``); with them, the
+    config with those keys replaced, computed now (e.g. ``figure_data("deep_adding", steps=20,
+    layers=2)`` for a quick run).
+
+    Raises:
+      ValueError: unknown figure (the message lists the valid ones), or its data missing.
+    """
+    found = configs(config_dir)
+    _known(name, found)
+    if not overrides:
+        path = Path(FIGURES_DIR if data_dir is None else data_dir) / f"{name}.npz"
+        if not path.exists():
+            raise ValueError(f"figure {name!r} has no data at {str(path)!r}: run gradflow "
+                             f"reproduce --only {name} --out DIR and pass data_dir=DIR")
+        return Result.load(path)
+    config = {**load_config(found[name]), **overrides}
+    return BUILDERS[config["figure"]].compute(config)
+
+
+def build(config: dict) -> tuple[Result, object]:
+    """``(data, figure)`` for one config."""
+    builder = BUILDERS[config["figure"]]
+    data = builder.compute(config)
+    return data, builder.draw(config, data)
+
+
+def _target(out_dir, update: bool) -> Path:
+    """The folder :func:`reproduce` writes to; refuses the committed figures without update."""
+    if out_dir is None:
+        if not update:
+            raise ValueError("reproduce needs an output folder (out_dir); to write over the "
+                             f"committed figures in {str(FIGURES_DIR)!r} pass update=True")
+        out_dir = FIGURES_DIR
+    target = Path(out_dir)
+    if not target.is_dir():
+        raise ValueError(f"output directory {str(target)!r} does not exist")
+    committed = FIGURES_DIR.is_dir() and target.resolve() == FIGURES_DIR.resolve()
+    if committed and not update:
+        raise ValueError(f"{str(target)!r} holds the committed figures; write elsewhere, or "
+                         "pass update=True to replace them")
+    return target
+
+
+def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None,
+              log: Callable[[str], None] = print,
+              progress: Callable[[str], None] = functools.partial(print, flush=True),
+              dpi: float = 150) -> list[str]:
+    """Regenerate figures from their configs: ``<name>.npz`` and ``<name>.png`` each, in
+    ``out_dir``.
+
+    Args:
+      names: a name or list of names (default: every config in ``config_dir``).
+      out_dir: an existing folder to write to. Required, unless ``update``.
+      update: allow writing over the committed figures (:data:`FIGURES_DIR`, the default
+        ``out_dir`` then).
+      config_dir: where the ``*.json`` configs are (default :data:`CONFIG_DIR`).
+      log: called with one line per written file (``"wrote <path>"``).
+      progress: called before and after each figure (name, kind, seconds).
+    Returns:
+      The written paths.
+    """
+    found = configs(config_dir)
+    if not found:
+        raise ValueError(f"no figure configs (*.json with a 'figure' field) in "
+                         f"{str(config_dir or CONFIG_DIR)!r}")
+    names = _known(names, found)
+    target = _target(out_dir, update)
+    written = []
+    for i, name in enumerate(names, 1):
+        config = load_config(found[name])
+        progress(f"[{i}/{len(names)}] {name} ({config['figure']}): computing ...")
+        start = time.perf_counter()
+        builder = BUILDERS[config["figure"]]
+        data = builder.compute(config)
+        # The data first: a figure that cannot be drawn must not cost the computation.
+        for path in (data.save(target / f"{name}.npz"),
+                     plot.save(builder.draw(config, data), target / f"{name}.png", dpi=dpi)):
+            written.append(str(path))
+            log(f"wrote {path}")
+        progress(f"[{i}/{len(names)}] {name}: done in {time.perf_counter() - start:.1f} s")
+    return written
+
+
+__all__ = ["BUILDERS", "Builder", "CONFIG_DIR", "FIGURES_DIR", "build", "configs", "figure_data",
+           "from_config", "load_config", "register", "reproduce"]

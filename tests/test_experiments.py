@@ -1,0 +1,134 @@
+"""Tests for gradflow.experiments (and the problem rules it builds on, gradflow.problem): each
+packed Result holds exactly what the measurement gives when run by hand on the same problem,
+the unpacking functions give it back, bad input is named, and nothing here draws."""
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import cells, experiments, gates, jacobian, tasks
+from gradflow.problem import cell_problem, precision, task_stack
+from gradflow.results import make_result
+
+SMALL = dict(layers=2, steps=3, hidden=6, batch=2)
+
+
+# --- problem rules ------------------------------------------------------------------------------
+
+
+def test_cell_problem_passes_options_to_the_cell_and_sizes_time_gates():
+    def options(prob):
+        return dict(prob.stack.cell.options)
+
+    prob = cell_problem("g_lstm", layers=1, steps=7, hidden=4, init="glorot")
+    assert (options(prob)["steps"], options(prob)["init"]) == (7, "glorot")  # cell's steps = T
+    mu = np.asarray(prob.params["layers"][0]["time"]["mu"])
+    assert 0.0 <= mu.min() and mu.max() < 7.0  # mu ~ U[0, T)
+    prob = cell_problem("g_lstm", layers=1, steps=7, hidden=4, options={"steps": 20})
+    assert options(prob)["steps"] == 20  # an explicit option wins
+    prob = cell_problem("refined_lstm", layers=1, steps=2, hidden=4, input_size=3)
+    assert prob.stack.input_projection  # refined cells need D == H: projected automatically
+
+
+def test_task_stack_reads_the_task_and_sizes_time_gates():
+    task = tasks.make("adding", steps=12)
+    stack = task_stack("g_lstm", task, layers=3, hidden=5, init="glorot")
+    assert (stack.layers, stack.input_size, stack.hidden_size) == (3, task.input_size, 5)
+    assert (stack.cell.config["steps"], stack.cell.config["init"]) == (12, "glorot")
+    assert task_stack("g_lstm", task, layers=1, hidden=5, cell_steps=4).cell.config["steps"] == 4
+    assert task_stack("lstm", "adding", layers=1, hidden=5).input_size == task.input_size
+    with pytest.raises(ValueError, match="unknown cell 'nope'"):
+        task_stack("nope", task, layers=1, hidden=5)
+
+
+def test_precision_pins_the_mode_and_restores_it():
+    before = jax.config.jax_enable_x64
+    for dtype, mode in (("float64", True), ("float32", False)):
+        with precision(dtype):
+            assert jax.config.jax_enable_x64 is mode
+        assert jax.config.jax_enable_x64 is before
+
+
+# --- gradient grids -----------------------------------------------------------------------------
+
+
+def test_gradient_grid_panels_are_the_maps_of_gradient_map_on_the_same_problem():
+    grid = experiments.gradient_grid(["rnn", "gru"], ["last", "all"], wrt="hidden",
+                                     readout_seed=3, seed=1, input_scale=0.5, **SMALL)
+    assert grid.config["cells"] == ["rnn", "gru"] and grid.config["losses"] == ["last", "all"]
+    for cell in ("rnn", "gru"):
+        prob = gradflow.problem(cell, seed=1, input_scale=0.5, init="orthogonal", **SMALL)
+        for loss in ("last", "all"):
+            ref = gradflow.gradient_map(prob.stack, prob.params, prob.xs, loss=loss,
+                                        wrt="hidden", readout_seed=3)
+            got = experiments.panel(grid, loss, cell)
+            assert got.kind == "gradient_map" and got.config["loss"] == loss
+            np.testing.assert_allclose(got.values, ref.values, rtol=1e-6)
+            np.testing.assert_allclose(got.loss_value, ref.loss_value, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cells=["nope"]), "valid: " + ", ".join(cells.names())),
+    (dict(cells=[]), "cells is empty"),
+    (dict(cells=["rnn", "rnn"]), "cells repeats rnn"),
+    (dict(cells=["rnn"], losses=["bogus"]), "valid: last, all"),
+    (dict(cells=["rnn"], wrt="bogus"), "valid: hidden, cell, params"),
+    (dict(cells=["rnn"], dtype="float16"), "valid: float32, float64"),
+    (dict(cells=["rnn"], cell_options={"lstm": {}}), "not in the grid: lstm"),
+])
+def test_gradient_grid_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        experiments.gradient_grid(**kwargs)
+
+
+def test_panel_bad_input():
+    grid = make_result("gradient_grid", {"values/last/rnn": np.ones((2, 3)),
+                                         "loss_value/last/rnn": np.float64(1.0)},
+                       {"cells": ["rnn"], "losses": ["last"], "maps": {"last/rnn": {}}})
+    with pytest.raises(ValueError, match="no map for loss 'all' and cell 'mgu'; the grid has "
+                                         "last/rnn"):
+        experiments.panel(grid, "all", "mgu")
+
+
+# --- vertical gains and gate saturation ---------------------------------------------------------
+
+
+def test_vertical_gain_packs_local_gains_of_each_cell():
+    data = experiments.vertical_gain(["lstm", "mgu"], layers=3, steps=2, hidden=4, batch=2)
+    assert data.config["closed_form"] == {"lstm": 0.25}  # mgu has no closed form
+    prob = gradflow.problem("mgu", layers=3, steps=2, hidden=4, batch=2, init="orthogonal",
+                            input_scale=0.01)
+    ref = jacobian.local_gains(prob.stack, prob.params, prob.xs)
+    got = experiments.gain_panel(data, "mgu")
+    assert got.kind == "local_gains" and got.config["cell"] == "mgu"
+    for key in ref.arrays:
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-6)
+    with pytest.raises(ValueError, match="no cell 'gru'; valid: lstm, mgu"):
+        experiments.gain_panel(data, "gru")
+
+
+def test_gate_saturation_packs_gate_stats_of_each_entry():
+    entries = [["LSTM", "lstm", {}], ["UGI", "lstm", {"init": "ugi"}]]
+    data = experiments.gate_saturation(entries, eps=0.1, bins=4, **SMALL)
+    for label, options in (("LSTM", {}), ("UGI", {"init": "ugi"})):
+        prob = gradflow.problem("lstm", **SMALL, **options)
+        ref = gates.saturation(prob.stack, prob.params, prob.xs, 0.1, bins=4)
+        got = experiments.stats_panel(data, label)
+        assert got.kind == "gate_stats" and got.config["label"] == label
+        assert set(got.arrays) == set(ref.arrays)
+        for key in ref.arrays:
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, err_msg=key)
+    with pytest.raises(ValueError, match="no entry 'GRU'; valid: LSTM, UGI"):
+        experiments.stats_panel(data, "GRU")
+
+
+def test_experiments_draw_nothing():
+    """experiments computes only: importing it (and running a grid) loads no matplotlib."""
+    code = ("import sys; from gradflow import experiments; "
+            "experiments.gradient_grid(['rnn'], ['last'], layers=1, steps=2, hidden=2, batch=1); "
+            "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'gradflow.plot'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,150 @@
+"""Tests for gradflow.reproduce: the registry of figure kinds, the configs shipped as package data,
+reproduce's output folder rules and progress, its bad input, and a non-editable install that
+regenerates star_fig2 from outside the checkout (compared with the committed data)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import plot, reproduce
+from gradflow.results import make_result
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ramp(tmp_path, monkeypatch):
+    """A figure kind ``ramp`` (an (n, 2) map 1..2n) and one config of it in ``tmp_path``."""
+    def compute(config):
+        values = np.arange(1.0, 1.0 + config["n"] * 2).reshape(config["n"], 2)
+        return make_result("gradient_map", {"values": values}, {"cell": "none", **config})
+
+    def draw(config, data):
+        return plot.heatmap(data)
+
+    monkeypatch.setitem(reproduce.BUILDERS, "ramp", reproduce.Builder(compute, draw))
+    (tmp_path / "ramp.json").write_text(json.dumps({"figure": "ramp", "n": 3}))
+
+
+def test_a_new_figure_kind_is_one_register_call_and_one_json(tmp_path, monkeypatch):
+    _ramp(tmp_path, monkeypatch)
+    (tmp_path / "notes.json").write_text(json.dumps({"not": "a figure"}))
+    assert list(reproduce.configs(tmp_path)) == ["ramp"]
+    lines, steps = [], []
+    written = reproduce.reproduce(config_dir=tmp_path, out_dir=tmp_path, log=lines.append,
+                                  progress=steps.append)
+    assert written == [str(tmp_path / "ramp.npz"), str(tmp_path / "ramp.png")]
+    assert lines == [f"wrote {p}" for p in written]
+    np.testing.assert_array_equal(gradflow.load(tmp_path / "ramp.npz").values,
+                                  [[1, 2], [3, 4], [5, 6]])
+    # progress: one line before and one after each figure
+    assert steps[0] == "[1/1] ramp (ramp): computing ..."
+    assert steps[1].startswith("[1/1] ramp: done in ") and steps[1].endswith(" s")
+
+
+def test_reproduce_needs_an_output_folder_and_spares_the_committed_figures(tmp_path,
+                                                                          monkeypatch):
+    _ramp(tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match="needs an output folder.*update=True"):
+        reproduce.reproduce(config_dir=tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in reproduce.FIGURES_DIR.iterdir()}
+    with pytest.raises(ValueError, match="holds the committed figures.*update=True"):
+        reproduce.reproduce(config_dir=tmp_path, out_dir=reproduce.FIGURES_DIR)
+    with pytest.raises(ValueError, match="holds the committed figures"):  # the same, spelled
+        reproduce.reproduce(config_dir=tmp_path, out_dir=ROOT / "tests" / ".." / "figures")
+    after = {p.name: p.stat().st_mtime_ns for p in reproduce.FIGURES_DIR.iterdir()}
+    assert after == before and "ramp.npz" not in after
+    # update=True writes there; here FIGURES_DIR is pointed at a scratch copy
+    scratch = tmp_path / "committed"
+    scratch.mkdir()
+    monkeypatch.setattr(reproduce, "FIGURES_DIR", scratch)
+    written = reproduce.reproduce(config_dir=tmp_path, update=True, log=lambda s: None,
+                                  progress=lambda s: None)
+    assert written == [str(scratch / "ramp.npz"), str(scratch / "ramp.png")]
+
+
+def test_reproduce_and_configs_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown figure 'nope'; valid: .*star_fig2, "):
+        reproduce.reproduce("nope", tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        reproduce.reproduce(out_dir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="does not exist"):
+        reproduce.configs(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no figure configs"):
+        reproduce.reproduce(config_dir=tmp_path, out_dir=tmp_path)
+    (tmp_path / "odd.json").write_text(json.dumps({"figure": "odd"}))
+    with pytest.raises(ValueError, match="unknown figure kind 'odd'; known: .*gradient_grid"):
+        reproduce.configs(tmp_path)
+    (tmp_path / "odd.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read figure config"):
+        reproduce.configs(tmp_path)
+    with pytest.raises(ValueError, match="cannot read figure config .*nope.json"):
+        reproduce.load_config("nope")
+    with pytest.raises(ValueError, match="has no data at .*run gradflow reproduce"):
+        reproduce.figure_data("star_fig2", data_dir=tmp_path)
+
+
+def test_every_committed_figure_has_its_config_in_the_package():
+    shipped = reproduce.configs()
+    assert all(p.parent == reproduce.CONFIG_DIR for p in shipped.values())
+    committed = sorted(p.stem for p in reproduce.FIGURES_DIR.glob("*.npz"))
+    assert committed == sorted(shipped)
+    assert not list(reproduce.FIGURES_DIR.glob("*.json"))  # one copy of each config
+    for name in shipped:
+        assert reproduce.load_config(name) == reproduce.load_config(shipped[name])
+        assert reproduce.load_config(name)["figure"] in reproduce.BUILDERS
+    # the package data are declared, so a non-editable install carries them
+    assert '"figure_configs/*.json"' in (ROOT / "pyproject.toml").read_text()
+
+
+def _install(tmp_path) -> Path:
+    """``pip install`` (not editable) of a copy of the package into a fresh venv; returns the
+    venv. Dependencies (jax, numpy, matplotlib) come from this interpreter's site-packages
+    through a ``.pth`` line, which adds the folder without running its ``.pth`` files, so this
+    checkout's editable install stays out."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "gradflow", src / "gradflow",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
+    venv = tmp_path / "venv"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "wheel"), str(src)], check=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "wheel").glob("gradflow-*.whl")
+    subprocess.run(pip + ["--python", str(venv / "bin" / "python"), "install", "--no-deps",
+                          "--no-index", str(wheel)], check=True, cwd=tmp_path)
+    (site,) = (venv / "lib").glob("python*/site-packages")
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "gradflow-test-deps.pth").write_text("\n".join(deps) + "\n")
+    return venv
+
+
+def test_installed_package_reproduces_star_fig2_outside_the_checkout(tmp_path):
+    venv = _install(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import gradflow; print(gradflow.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(venv)), where  # the installed copy, not this checkout
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run([str(venv / "bin" / "gradflow"), "reproduce", "--only", "star_fig2",
+                          "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert "[1/1] star_fig2 (gradient_grid): computing ..." in run.stdout
+    assert (out / "star_fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = gradflow.load(out / "star_fig2.npz")
+    committed = gradflow.load(reproduce.FIGURES_DIR / "star_fig2.npz")
+    for key, value in reproduce.load_config("star_fig2").items():
+        assert again.config[key] == value == committed.config[key], key
+    for key in committed.arrays:
+        np.testing.assert_allclose(again[key], committed[key], rtol=1e-4, err_msg=key)
