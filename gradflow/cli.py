@@ -1,36 +1,53 @@
 """The ``gradflow`` command line: ``heatmap``, ``compare``, ``gates``, ``cells``, ``reproduce``,
 ``train``.
 
-Every subcommand checks its arguments before computing anything (sizes, names, output paths);
-bad input gets one line ``gradflow <command>: error: ...`` on stderr and exit status 2, never a
-traceback. Figures and data go to ``gradflow-out/`` unless ``--out``/``--data`` say otherwise,
-and every path written is printed. ``main(argv)`` returns the exit status, so the CLI can be
-driven in-process (tests, notebooks) as well as from the ``gradflow`` script.
+Each subcommand is a pair: ``add_<command>(subparsers)`` declares its options (the shared
+groups, problem sizes, measurement and outputs, are written once), and ``run_<command>(args)``
+checks what argparse cannot, calls one gradflow function, and prints. Nothing heavy is imported
+at the top: ``gradflow --help`` and ``gradflow COMMAND --help`` answer without loading JAX or
+matplotlib.
+
+Errors: bad input (a :class:`UsageError` here, or a :class:`gradflow.errors.InputError` from
+gradflow's own checks) gets one line ``gradflow <command>: error: ...`` on stderr and exit
+status 2; an unexpected exception is a bug in gradflow: one line naming it, with a pointer to
+``--debug`` (which prints the traceback), and exit status 1; Ctrl-C ends with one line and exit
+status 130. Figures and data go to ``gradflow-out/`` unless ``--out``/``--data`` say otherwise,
+named after the settings that differ from the defaults, and every path written is printed.
+``main(argv)`` returns the exit status, so the CLI can be driven in-process (tests, notebooks)
+as well as from the ``gradflow`` script.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import textwrap
+import traceback
 import warnings
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from gradflow import __version__, cells as _cells, figures, plot
-from gradflow.cells.base import parse_init
-from gradflow.jacobian import LOSSES, WRTS, gradient_map
-from gradflow.problem import DTYPES
+from gradflow import __version__
+from gradflow.errors import InputError, user_input
 from gradflow.results import NonFiniteWarning
 
 DEFAULT_OUT_DIR = "gradflow-out"
 DATA_EXT = ".npz"
+# The vocabularies the parser offers, written here so that --help needs no JAX; each equals
+# its source (tests/test_cli.py checks): plot.FORMATS, jacobian.LOSSES, jacobian.WRTS,
+# problem.DTYPES, tasks.names(), the Stack's norms.
+FORMATS = (".png", ".pdf", ".svg")
+LOSSES = ("last", "all")
+WRTS = ("hidden", "cell", "params")
+DTYPES = ("float32", "float64")
+TASKS = ("adding", "copy", "counting", "digits")
+NORMS = ("layer", "rms")
 
 
 class UsageError(Exception):
@@ -42,6 +59,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _usage(args, message: str) -> UsageError:
+    return UsageError(f"gradflow {args.command}: error: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,10 +92,15 @@ def seed_int(text: str) -> int:
 
 
 def cell_name(text: str) -> str:
-    """A registered cell name."""
+    """A registered cell name, or ``module:attribute`` naming a user's cell (resolved by
+    :func:`load_cell` when the command runs)."""
+    if ":" in text:
+        return text
+    from gradflow import cells as _cells
+
     if text not in _cells.names():
         raise argparse.ArgumentTypeError(f"unknown cell {text!r}; valid cells: "
-                                         f"{', '.join(_cells.names())}")
+                                         f"{', '.join(_cells.names())} (or module:factory)")
     return text
 
 
@@ -95,6 +121,8 @@ def _name_list(text: str, what: str, valid) -> list[str]:
 
 def cell_list(text: str) -> list[str]:
     """``"rnn,lstm,star"``: registered cell names, no repeats."""
+    from gradflow import cells as _cells
+
     return _name_list(text, "cells", _cells.names())
 
 
@@ -105,6 +133,8 @@ def loss_list(text: str) -> list[str]:
 
 def init_scheme(text: str) -> str:
     """An ``init`` string the cells understand (``orthogonal``, ``glorot+chrono``, ...)."""
+    from gradflow.cells.base import parse_init
+
     try:
         parse_init(text)
     except ValueError as e:
@@ -143,8 +173,72 @@ def _value(raw: str):
     return raw
 
 
+def step_list(text: str) -> list[int]:
+    """``"0,100,300"`` -> ``[0, 100, 300]`` (training steps, non-negative integers)."""
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers such as "
+                                         f"0,100,300, got {text!r}") from None
+    if not steps or min(steps) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative step numbers, got {text!r}")
+    return steps
+
+
 # ---------------------------------------------------------------------------------------------
-# Output paths: checked before any computation.
+# A user's cell by import path
+
+
+def load_cell(spec: str, options: dict | None = None):
+    """The :class:`gradflow.cells.Cell` named by ``"module:attribute"``: a Cell object, or a
+    factory (any callable) called with ``options`` that returns one. The current folder is
+    searched first, as for ``python -m``.
+
+    Raises:
+      gradflow.errors.InputError: the module cannot be imported, has no such attribute, the
+        factory fails, or what it names is not a Cell.
+    """
+    from gradflow.cells import Cell
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"--cell {spec!r}: expected module:attribute, e.g. mycells:my_lstm")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise InputError(f"--cell {spec!r}: no module named {e.name!r} (on the Python path "
+                             "or in the current folder)") from None
+        raise InputError(f"--cell {spec!r}: importing {module_name!r} failed: {e}") from e
+    except Exception as e:  # the user's module failed: their code, not gradflow's
+        raise InputError(f"--cell {spec!r}: importing {module_name!r} raised "
+                         f"{type(e).__name__}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"--cell {spec!r}: {getattr(obj, '__name__', module_name)!r} has "
+                             f"no attribute {part!r}")
+        obj = getattr(obj, part)
+    options = dict(options or {})
+    if not isinstance(obj, Cell) and callable(obj):
+        try:
+            obj = obj(**options)
+        except Exception as e:
+            raise InputError(f"--cell {spec!r}: calling it raised {type(e).__name__}: "
+                             f"{_one_line(e)}") from e
+    elif options:
+        raise InputError(f"--cell {spec!r} is a Cell, not a factory: it takes no --option or "
+                         "--init")
+    if not isinstance(obj, Cell):
+        raise InputError(f"--cell {spec!r} gave a {type(obj).__name__}, not a gradflow Cell "
+                         "(build one with gradflow.cells.Cell(...) or an adapter such as "
+                         "gradflow.cells.from_function)")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths: named after the settings, checked before any computation.
 
 
 def _writable_dir(directory: Path, path: str):
@@ -180,15 +274,50 @@ def output_paths(args, stem: str) -> tuple[str, str | None]:
     if args.out is None:
         os.makedirs(DEFAULT_OUT_DIR, exist_ok=True)
         fig = os.path.join(DEFAULT_OUT_DIR, f"{stem}.png")
-        _check_path(fig, plot.FORMATS, "figure")
+        _check_path(fig, FORMATS, "figure")
     else:
-        fig = _check_path(args.out, plot.FORMATS, "figure")
+        fig = _check_path(args.out, FORMATS, "figure")
     if args.no_data:
         if args.data is not None:
             raise UsageError("gradflow: error: --data and --no-data cannot be used together")
         return fig, None
     data = str(Path(fig).with_suffix(DATA_EXT)) if args.data is None else args.data
     return fig, _check_path(data, (DATA_EXT,), "data")
+
+
+def _options_token(options) -> str:
+    return "-".join(f"{k}{'-'.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in options)
+
+
+# How a setting that differs from its default shows in a default output name, in this order.
+_TOKENS = {
+    "seq_len": "T{}".format, "steps": "T{}".format, "hidden": "H{}".format,
+    "batch": "B{}".format, "input_size": "D{}".format, "init": str, "option": _options_token,
+    "task_option": _options_token, "no_input_projection": lambda v: "noproj",
+    "residual": lambda v: "residual", "norm": "{}norm".format, "seed": "s{}".format,
+    "input_scale": "x{:g}".format, "dtype": str, "loss": "loss-{}".format,
+    "losses": lambda v: "loss-" + "-".join(v), "record_loss": "loss-{}".format,
+    "wrt": "wrt-{}".format, "readout_seed": "r{}".format, "eps": "eps{:g}".format,
+    "bins": "bins{}".format, "gate": "gate-{}".format, "normalize": lambda v: "normalized",
+    "absolute": lambda v: "absolute", "lr": "lr{:g}".format, "clip": "clip{:g}".format,
+    "budget": "budget{:g}".format,
+}
+
+
+def default_stem(args, *head, skip=(), tokens=None) -> str:
+    """``head`` joined by ``_``, then one token per setting that differs from its default
+    (e.g. ``heatmap_lstm_L16_T200_orthogonal``), so runs with other settings do not write over
+    each other; characters unsafe in file names become ``-``."""
+    tokens = {**_TOKENS, **(tokens or {})}
+    parts = [str(h) for h in head]
+    for dest, fmt in tokens.items():
+        if dest in skip or dest not in vars(args):
+            continue
+        value = getattr(args, dest)
+        if value != args.defaults.get(dest):
+            parts.append(fmt(value))
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "-", "_".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,14 +342,23 @@ def _row_means(values: np.ndarray) -> np.ndarray:
         return np.where(finite, values, 0.0).sum(axis=1) / finite.sum(axis=1)
 
 
-def map_summary(values: np.ndarray, max_rows: int = 16) -> list[str]:
-    """Lines describing an ``(L, T)`` map ``V``.
+def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = None) -> list[str]:
+    """Lines describing an ``(L, T)`` gradient map ``V``.
 
     Per layer ``l``: ``mean_t V[l, t]`` (finite entries) and its ratio to the top layer's; over
     time: ``V[l, 0] / V[l, T-1]`` at the top and bottom layers; the range ``max / min`` in
-    decades with where they are; the number of non-finite entries. Maps deeper than
-    ``max_rows`` list evenly spaced layers (top and bottom always).
+    decades with where they are; the number of non-finite entries and of underflow entries
+    (below the normal range of ``values``' dtype, where every entry is expected positive:
+    ``underflow`` if given, e.g. ``result.underflow["values"]``, else counted here). Maps deeper
+    than ``max_rows`` list evenly spaced layers (top and bottom always).
     """
+    from gradflow.results import underflow_count
+
+    dtype = np.asarray(values).dtype
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.dtype(float)
+    if underflow is None:
+        underflow = underflow_count(np.asarray(values, dtype))
     values = np.asarray(values, dtype=float)
     L, T = values.shape
     means = _row_means(values)
@@ -244,6 +382,8 @@ def map_summary(values: np.ndarray, max_rows: int = 16) -> list[str]:
         lines.append(f"range: max {_g(values[hi])} at (layer {hi[0]}, t {hi[1]}), min "
                      f"{_g(values[lo])} at (layer {lo[0]}, t {lo[1]}): {span:.1f} decades")
     lines.append(f"non-finite entries: {int((~finite).sum())} of {values.size}")
+    lines.append(f"underflow entries: {int(underflow)} of {values.size} (below the {dtype.name} "
+                 f"range, {np.finfo(dtype).tiny:.2g}: a positive gradient stored as 0)")
     return lines
 
 
@@ -262,32 +402,47 @@ def _panel_line(loss: str, cell: str, values: np.ndarray, width: int) -> str:
             f"{int((~np.isfinite(values)).sum()):>10}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Subcommands
+QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 
-def _problem_kwargs(args) -> dict:
-    kw = dict(layers=args.layers, steps=args.steps, hidden=args.hidden, batch=args.batch,
-              seed=args.seed, dtype=args.dtype, init=args.init, input_scale=args.input_scale)
-    options = dict(args.option or [])
-    if args.command == "compare":
-        return {**kw, "cell_options": {c: options for c in args.cells} if options else None}
-    return {**kw, "input_size": args.input_size, "options": options,
-            "input_projection": False if args.no_input_projection else None}
+def timescale_lines(per_unit: np.ndarray) -> list[str]:
+    """The distribution of per-unit memory timescales ``tau[l, u] = 1/(1 - mean kept
+    fraction)`` (``(L, H)``, pooled over layers): the :data:`QUANTILES` and a count per decade
+    (``1-10`` for ``[1, 10)``, ``10-100``, ...; ``inf``: units that keep everything)."""
+    tau = np.asarray(per_unit, dtype=float).ravel()
+    finite = tau[np.isfinite(tau)]
+    if finite.size == 0:
+        return [f"timescale per unit: all {tau.size} infinite or undefined"]
+    q = np.quantile(finite, QUANTILES)
+    names = ("min", "10%", "median", "90%", "max")
+    lines = ["timescale per unit (steps): " + ", ".join(f"{n} {_g(v)}" for n, v in zip(names, q))]
+    top = max(1, int(np.ceil(np.log10(max(finite.max(), 1.0) * (1 + 1e-12)))))
+    edges = 10.0 ** np.arange(top + 1)
+    counts, _ = np.histogram(np.clip(finite, 1.0, None), edges)
+    parts = [f"{edges[i]:g}-{edges[i + 1]:g} {c}" for i, c in enumerate(counts)]
+    rest = int(tau.size - finite.size)
+    lines.append("  units per decade: " + ", ".join(parts) + (f", inf {rest}" if rest else ""))
+    return lines
 
 
 def _describe(config: dict, cell) -> str:
     """One line: cell, sizes, seed, init, dtype, and the cell options that differ from its
-    defaults (the problem's config cannot show them all: a ``steps`` option shares its key)."""
-    defaults = dict(_cells.get(cell.name).options)
+    defaults (registered cells; a user's cell lists every option)."""
+    from gradflow import cells as _cells
+
+    defaults = dict(_cells.get(cell.name).options) if cell.name in _cells.names() else {}
     changed = [f"{k}={v}" for k, v in cell.options if k != "init" and defaults.get(k) != v]
+    extra = [k for k in ("residual", "norm") if config.get(k)]
     return (f"{config['cell']}, {config['layers']} layers x {config['steps']} steps, "
-            f"H={config['hidden_size']}, B={config['batch']}, seed {config['seed']}, "
+            f"H={config['hidden_size']}, B={config['batch']}, seed {config.get('seed', '-')}, "
             f"init {config.get('init', '-')}, {config['dtype']}"
-            + (f"; options {', '.join(changed)}" if changed else ""))
+            + (f"; options {', '.join(changed)}" if changed else "")
+            + "".join(f"; {k} {config[k]}" for k in extra))
 
 
 def _write(fig, data, fig_path, data_path) -> list[str]:
+    from gradflow import plot
+
     lines = []
     if data_path is not None:
         lines.append(f"data:   {data.save(data_path)}")
@@ -295,231 +450,141 @@ def _write(fig, data, fig_path, data_path) -> list[str]:
     return lines
 
 
-def run_heatmap(args) -> int:
-    fig_path, data_path = output_paths(args, f"heatmap_{args.cell}_L{args.layers}")
-    with figures.precision(args.dtype):
-        prob = figures.cell_problem(args.cell, **_problem_kwargs(args))
-        res = gradient_map(prob.stack, prob.params, prob.xs, loss=args.loss, wrt=args.wrt,
-                           readout_seed=args.readout_seed, meta=prob.config)
-    values = res.values
-    notes = []
-    normalize = args.normalize
-    ref = values[-1, -1]
-    if normalize and not (np.isfinite(ref) and ref > 0):
-        notes.append(f"note: not normalised: the top-last value is {ref!r}")
-        normalize = False
-    fig = plot.heatmap(res, normalize=normalize)
-    print(f"gradflow heatmap: {_describe(res.config, prob.stack.cell)}")
-    print(f"gradient map wrt {args.wrt}, loss {args.loss} (value {_g(float(res.loss_value))})")
-    for line in map_summary(values) + notes + _write(fig, res, fig_path, data_path):
-        print(line)
-    return 0
+# ---------------------------------------------------------------------------------------------
+# Problems from the options
 
 
-def run_compare(args) -> int:
-    stem = f"compare_{'-'.join(args.cells)}_L{args.layers}"
-    fig_path, data_path = output_paths(args, stem)
-    grid = figures.gradient_grid(args.cells, args.losses, wrt=args.wrt,
-                                 readout_seed=args.readout_seed, **_problem_kwargs(args))
-    fig = figures.draw_grid(grid, normalize=args.normalize)
-    first = grid.config["maps"][f"{args.losses[0]}/{args.cells[0]}"]
-    print(f"gradflow compare: {', '.join(args.cells)}; {args.layers} layers x {args.steps} steps, "
-          f"H={args.hidden}, B={args.batch}, seed {args.seed}, {first['dtype']}, wrt {args.wrt}")
-    width = max(4, *(len(c) for c in args.cells))
-    print(f"  {'loss':<5} {'cell':<{width}} {'top-last':>10}  {'bottom/top layer':>20}  "
-          f"{'first/last step':>20}  {'dec. vs top-last':>15}  {'non-finite':>10}")
-    for loss in args.losses:
-        for cell in args.cells:
-            print(_panel_line(loss, cell, figures.panel(grid, loss, cell).values, width))
-    print("(bottom/top layer: ratio of the time-mean of layer 0 to that of the top layer; "
-          "first/last step: at the top layer)")
-    for line in _write(fig, grid, fig_path, data_path):
-        print(line)
-    return 0
+def _cell_options(args) -> dict:
+    options = dict(args.option or [])
+    if args.init is not None:
+        options.setdefault("init", args.init)
+    return options
 
 
-def _gates_figure(stats, gates) -> Figure:
-    """Per gate, a column: its saturation map above its per-layer histograms."""
-    fig = Figure(figsize=(5.2 * len(gates), 7.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, len(gates), squeeze=False)
-    for j, gate in enumerate(gates):
-        plot.saturation_map(stats, gate, ax=axes[0, j])
-        plot.gate_histograms(stats, gate, layers=None, ax=axes[1, j])
-    return fig
+def _cell(args, steps: int):
+    """The cell ``--cell`` names (registered, or a user's ``module:factory``), with
+    ``--init``/``--option``, initialised for ``steps`` where the cell has a length option."""
+    from gradflow import cells as _cells
+
+    with user_input():
+        if ":" in args.cell:
+            return load_cell(args.cell, _cell_options(args))
+        return _cells.for_length(args.cell, steps, **_cell_options(args))
 
 
-def run_gates(args) -> int:
-    from gradflow import gates as _gates
-
-    fig_path, data_path = output_paths(args, f"gates_{args.cell}_L{args.layers}")
-    cell = _cells.get(args.cell)
-    if not cell.gate_names:
-        with_gates = [n for n in _cells.names() if _cells.get(n).gate_names]
-        raise UsageError(f"gradflow gates: error: cell {args.cell!r} reports no gates; cells "
-                         f"with gates: {', '.join(with_gates)}")
-    if args.gate is not None and args.gate not in cell.gate_names:
-        raise UsageError(f"gradflow gates: error: cell {args.cell!r} has no gate {args.gate!r}; "
-                         f"its gates: {', '.join(cell.gate_names)}")
-    with figures.precision(args.dtype):
-        prob = figures.cell_problem(args.cell, **_problem_kwargs(args))
-        stats = _gates.saturation(prob.stack, prob.params, prob.xs, args.eps, bins=args.bins,
-                                  meta=prob.config)
-    shown = [args.gate] if args.gate else list(stats.config["gates"])
-    fig = _gates_figure(stats, shown)
-    print(f"gradflow gates: {_describe(stats.config, prob.stack.cell)}; saturated: < {args.eps:g} or "
-          f"> {1 - args.eps:g}")
-    summary = _gates.summary(stats)
-    kinds = stats.config["gate_kinds"]
-    for gate in shown:
-        s = summary[gate]
-        parts = [f"mean {s['mean']:.3f}", f"saturated {s['saturated']:.3f}"]
-        if "slope" in s:
-            parts.append(f"slope {s['slope']:.3f}")
-        if "timescale" in s:
-            parts.append(f"timescale {_g(s['timescale'])} steps")
-        if "update_fraction" in s:
-            parts.append(f"updates {s['update_fraction']:.3f}")
-        parts.append(f"non-finite {int(s.get('nonfinite', 0))}")
-        print(f"  gate {gate:<9} ({kinds[gate]}): " + ", ".join(parts))
-        per_layer = stats[f"saturated/{gate}/layer"]
-        print("    saturated per layer (bottom..top): "
-              + " ".join(f"{v:.2f}" for v in per_layer))
-        outside = np.asarray(stats[f"outside/{gate}/pooled"])
-        if outside.sum():
-            print(f"    outside [0, 1]: {int(outside[0])} below 0, {int(outside[1])} above 1"
-                  + (f", {int(outside[2])} NaN" if outside.size > 2 else ""))
-    for line in _write(fig, stats, fig_path, data_path):
-        print(line)
-    return 0
+def _stack_settings(args) -> dict:
+    settings = {"residual": args.residual, "norm": args.norm}
+    if args.no_input_projection:
+        settings["input_projection"] = False
+    return settings
 
 
-def run_cells(args) -> int:
+def checked_stack(cell, layers: int, input_size: int, hidden: int, **settings):
+    """``Stack(cell, layers, input_size, hidden, **settings)``, its parameters' shapes traced
+    abstractly (:func:`jax.eval_shape`, nothing computed) so that the cell's own checks of the
+    sizes run too; any ValueError/TypeError is the user's input
+    (:class:`gradflow.errors.InputError`)."""
+    from gradflow.checks import expected_params
+    from gradflow.stack import Stack
+
+    with user_input():
+        stack = Stack(cell, layers, input_size, hidden, **settings)
+        expected_params(stack)
+    return stack
+
+
+def _problem(args, cell):
+    """:func:`gradflow.problem.problem` of ``cell`` with the command's sizes; the stack is
+    checked (a user error) before anything is drawn."""
+    from gradflow.problem import problem
+
+    settings = _stack_settings(args)
     D = args.hidden if args.input_size is None else args.input_size
-    names = _cells.names()
-    width = max(len(n) for n in names)
-    print(f"{'cell':<{width}}  {'params':>9}  {'gates':<28}  equation   "
-          f"(params of one layer, input {D} -> hidden {args.hidden})")
-    for name in names:
-        cell = _cells.get(name)
-        count = cell.param_count(args.hidden if cell.square else D, args.hidden)
-        gates = ", ".join(cell.gate_names) or "-"
-        print(f"{name:<{width}}  {count:>9,}  {gates:<28}  {cell.equation}")
-    return 0
+    checked_stack(cell, args.layers, D, args.hidden, **settings)
+    return problem(cell, layers=args.layers, steps=args.steps, hidden=args.hidden,
+                   batch=args.batch, input_size=args.input_size, seed=args.seed,
+                   dtype=args.dtype, input_scale=args.input_scale, stack_options=settings)
 
 
-def run_reproduce(args) -> int:
-    found = figures.configs(args.figures)
-    if args.list:
-        for name, path in found.items():
-            cfg = figures.load_config(path)
-            print(f"{name}: {cfg['figure']} ({', '.join(cfg.get('cells', []))})  [{path}]")
-        return 0
-    if args.only is not None:
-        for name in args.only:
-            if name not in found:
-                raise UsageError(f"gradflow reproduce: error: unknown figure {name!r}; valid: "
-                                 f"{', '.join(found) or '(none)'}")
-    if args.out_dir is not None:
-        _writable_dir(Path(args.out_dir), args.out_dir)
-    figures.reproduce(args.only, config_dir=args.figures, out_dir=args.out_dir,
-                      log=lambda line: print(line, flush=True))
-    return 0
+# The options that build a stack: with --params the saved run fixes them.
+_STACK_OPTIONS = ("cell", "layers", "hidden", "input_size", "init", "option",
+                  "no_input_projection", "residual", "norm")
 
 
-def step_list(text: str) -> list[int]:
-    """``"0,100,300"`` -> ``[0, 100, 300]`` (training steps, non-negative integers)."""
+def _given(args, dests) -> list[str]:
+    """The options among ``dests`` set to something other than their default."""
+    return ["--" + d.replace("_", "-") for d in dests if getattr(args, d) != args.defaults[d]]
+
+
+def _read_params(args):
+    """``(stack, params, meta)`` saved at ``--params`` (a run folder or a params file)."""
+    import zipfile
+
+    from gradflow import runs
+
+    conflicts = _given(args, _STACK_OPTIONS)
+    if conflicts:
+        raise _usage(args, f"{', '.join(conflicts)} cannot be used with --params: the saved "
+                           "run fixes the stack")
     try:
-        steps = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers such as "
-                                         f"0,100,300, got {text!r}") from None
-    if not steps or min(steps) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative step numbers, got {text!r}")
-    return steps
+        with user_input():
+            meta = runs.read_run(args.params)
+            stack, params = runs.load_params(args.params)
+    except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise _usage(args, f"cannot read {args.params!r}: {_one_line(e)}") from None
+    return stack, params, meta
 
 
-def task_option(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` task option (an int where it parses as one)."""
-    return option(text)
+def _trained_problem(args):
+    """The :class:`gradflow.problem.Problem` of ``--params``: the saved stack and params
+    (cast to ``--dtype``); a training run's inputs are the first ``--batch`` sequences of
+    its fixed evaluation batch (the ones its recorded maps used), a params file's are
+    Gaussian as for a fresh stack."""
+    import jax
+
+    from gradflow.problem import Problem, dtype_of, problem
+
+    stack, params, meta = _read_params(args)
+    dt = dtype_of(args.dtype)
+    params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, dt), params)
+    config = {"params": str(args.params)}
+    if "config" not in meta:
+        cell = stack.cell if len(set(stack.cells)) == 1 else list(stack.cells)
+        prob = problem(cell, layers=stack.layers, steps=args.steps, hidden=stack.hidden_size,
+                       batch=args.batch, input_size=stack.input_size, seed=args.seed,
+                       dtype=args.dtype, input_scale=args.input_scale, stack_options={
+                           k: getattr(stack, k) for k in ("input_projection", "order",
+                                                          "checkpoint", "residual", "norm")})
+        return prob._replace(stack=stack, params=params, config={**prob.config, **config})
+    given = _given(args, ("steps", "seed", "input_scale"))
+    if given:
+        raise _usage(args, f"{', '.join(given)} cannot be used with a training run's --params: "
+                           "the inputs are the run's evaluation sequences")
+    xs = _run_inputs(args, meta["config"], dt)
+    config.update({**stack.config, "steps": int(xs.shape[1]), "batch": int(xs.shape[0]),
+                   "seed": meta["config"]["seed"], "dtype": str(dt), "train_step": meta["step"],
+                   "inputs": "evaluation batch of the run's task"})
+    return Problem(stack, params, xs, config)
 
 
-def run_train(args) -> int:
+def _run_inputs(args, config: dict, dt):
+    """The first ``--batch`` sequences of a run's fixed evaluation batch (``(B, T, D)``)."""
     from gradflow import tasks as _tasks
-    from gradflow.train import train
+    from gradflow.train import eval_batch_of, keys
 
-    options = dict(args.task_option or [])
-    if args.seq_len is not None:
-        if args.task == "copy":
-            options.setdefault("lag", args.seq_len - 2 * options.get("symbols", 10) - 1)
-        else:
-            options.setdefault("steps", args.seq_len)
-    task = _tasks.make(args.task, **options)
-    if args.record and max(args.record) > args.steps:
-        raise UsageError(f"gradflow train: error: --record steps must lie in 0..{args.steps} "
-                         f"(--steps), got {max(args.record)}")
-    stack = figures.task_stack(args.cell, task, layers=args.layers, hidden=args.hidden,
-                               init=args.init, options=dict(args.option or []))
-    out = Path(args.out if args.out is not None else os.path.join(
-        DEFAULT_OUT_DIR, f"train_{args.task}_{args.cell}_L{args.layers}"))
-    if not args.lr > 0 or not args.clip > 0 or not args.budget >= 0:
-        raise UsageError(f"gradflow train: error: --lr and --clip must be positive and --budget "
-                         f">= 0, got lr {args.lr:g}, clip {args.clip:g}, budget {args.budget:g}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"gradflow train: error: cannot create {str(out)!r}: "
-                         f"{e.strerror or e}") from None
-    _writable_dir(out, str(out))
-    # The recorded maps use the fixed probe loss of `gradflow heatmap` (random readout, random
-    # labels): the trained head is zero at step 0, so the task loss sends no gradient to the
-    # stack there, and one probe makes maps at different steps comparable.
-    record = {"gradient_map": lambda st, p, xs: gradient_map(
-        st, p, xs, loss=args.record_loss, wrt=args.wrt, readout_seed=args.readout_seed)}
-    print(f"gradflow train: {args.cell} x {args.layers} layers, H={args.hidden}, on "
-          f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
-          f"{args.batch}, lr {args.lr:g}, seed {args.seed}"
-          + (f", budget {args.budget:g}" if args.budget else ""), flush=True)
-    with figures.precision(args.dtype):
-        hist = train(stack, task, steps=args.steps, batch=args.batch, lr=args.lr,
-                     clip=args.clip, seed=args.seed, dtype=args.dtype,
-                     eval_every=args.eval_every, eval_batch=args.eval_batch,
-                     record_at=args.record or (), record=record if args.record else None,
-                     record_batch=args.record_batch, budget=args.budget,
-                     progress=args.progress)
-    c = hist.curve
-    written = [c.save(out / "curve.npz"),
-               plot.save(figures.draw_curves({args.cell: c}, title=(
-                   f"{args.cell}, {args.layers} layers, on {task.name} (T={task.steps})")),
-                   out / "curve.png")]
-    timed = stack.cell.time_gate is not None and "eval_updates" in c.arrays
-    print(f"  {'step':>6}  {'eval loss':>10}  {'eval ' + task.metric:>13}"
-          + ("  updates" if timed else ""))
-    for i, step in enumerate(c["eval_step"]):
-        line = f"  {int(step):>6}  {float(c['eval_loss'][i]):>10.4g}  " \
-               f"{float(c['eval_metric'][i]):>13.4g}"
-        if timed:
-            line += f"  {float(c['eval_updates'][i]):>7.3f}"
-        print(line)
-    maps = {}
-    for step, res in zip(hist.record_steps, hist.records.get("gradient_map", ())):
-        written.append(res.save(out / f"map_step{step:06d}.npz"))
-        maps[("map", f"step {step}")] = res
-        print(f"  gradient map wrt {args.wrt} at step {step} (probe loss {args.record_loss}, "
-              f"value {_g(float(res.loss_value))}):")
-        for line in map_summary(res.values, max_rows=8):
-            print("    " + line)
-    if maps:
-        fig = plot.grid(maps, rows=["map"], cols=[k[1] for k in maps], normalize=False,
-                        title=f"{args.cell}: gradient maps wrt {args.wrt} during training")
-        written.append(plot.save(fig, out / "maps.png"))
-    for path in written:
-        print(f"wrote {path}")
-    return 0
+    if args.batch > config["eval_batch"]:
+        raise _usage(args, f"--batch {args.batch} is more than the run's {config['eval_batch']} "
+                           "evaluation sequences")
+    with user_input():
+        options = dict(config["eval_task"])
+        eval_task = _tasks.make(options.pop("task"), **options)
+    xs = eval_batch_of(eval_task, keys(config["seed"])[2], config["eval_batch"],
+                       config["batch"], dt)[0]
+    return xs[:args.batch]
 
 
 # ---------------------------------------------------------------------------------------------
-# The parser
+# Subcommands: add_<command> declares, run_<command> runs.
 
 
 def _para(text: str) -> str:
@@ -530,7 +595,20 @@ def _examples(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
 
-def _add_problem(p, layers, steps, hidden, batch, single_cell=True):
+def _command(sub, name: str, help: str, description: str | None, examples: str):
+    return sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description=description and _para(description),
+                          epilog=_examples(examples), parents=[_COMMON])
+
+
+def _finish(p, run):
+    """Attach ``run`` and the parser's defaults (for default names and conflict checks)."""
+    p.set_defaults(run=run, defaults={a.dest: a.default for a in p._actions})
+
+
+def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
+    """The problem group: sizes, seed, init, dtype, inputs, cell options (and, for one cell,
+    its input size and the stack's topology)."""
     g = p.add_argument_group("problem")
     g.add_argument("--layers", type=positive_int, default=layers, metavar="L",
                    help=f"stack depth (default: {layers})")
@@ -557,152 +635,349 @@ def _add_problem(p, layers, steps, hidden, batch, single_cell=True):
         g.add_argument("--no-input-projection", action="store_true",
                        help="feed the data to layer 0 directly, even where a refined cell "
                             "needs D == H")
+        g.add_argument("--residual", action="store_true",
+                       help="residual stack: each layer emits h + x (its output plus its input)")
+        g.add_argument("--norm", choices=NORMS, default=None,
+                       help="normalise each layer's output: layer (LayerNorm) or rms (RMSNorm)")
 
 
-def _add_outputs(p):
+def add_measurement_options(p, wrt: str, loss: bool = True):
+    """The measurement group: what the gradient is taken of and with respect to."""
+    g = p.add_argument_group("measurement")
+    if loss:
+        g.add_argument("--loss", choices=LOSSES, default="last",
+                       help="last: readout of the top layer's last output; all: mean over steps "
+                            "(default: last)")
+    g.add_argument("--wrt", choices=WRTS, default=wrt,
+                   help=f"hidden states h, memory c, or per-step parameters (default: {wrt})")
+    g.add_argument("--readout-seed", type=seed_int, default=0, metavar="SEED",
+                   help="seed of the random readout and labels (default: 0)")
+    return g
+
+
+def add_output_options(p):
+    """The output group: figure and data paths."""
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="PATH",
-                   help=f"figure path, {'/'.join(e[1:] for e in plot.FORMATS)} "
-                        f"(default: {DEFAULT_OUT_DIR}/<name>.png; the folder is created)")
+                   help=f"figure path, {'/'.join(e[1:] for e in FORMATS)} "
+                        f"(default: {DEFAULT_OUT_DIR}/<name>.png, the name carrying the settings "
+                        "that differ from the defaults; the folder is created)")
     g.add_argument("--data", default=None, metavar="PATH",
                    help="data path, .npz (default: the figure's path with .npz)")
     g.add_argument("--no-data", action="store_true", help="do not write the data file")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``gradflow`` argument parser (errors raise :class:`UsageError`)."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(
-        prog="gradflow", formatter_class=fmt,
-        description=_para("Measure how gradients flow through deep stacks of recurrent cells."),
-        epilog=_examples("""
-            gradflow heatmap --cell lstm --layers 16
-            gradflow compare --cells rnn,lstm,star --layers 10 --steps 10
-            gradflow gates --cell ur_lstm
-            gradflow cells
-            gradflow reproduce --only star_fig2
-            gradflow train --task adding --cell star --layers 8 --record 0,500
-            gradflow COMMAND --help     # options of one command
-        """))
-    parser.add_argument("--version", action="version", version=f"gradflow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+# --- heatmap ---------------------------------------------------------------------------------
 
-    p = sub.add_parser(
-        "heatmap", formatter_class=fmt, help="gradient map of one cell over layers x time",
-        description=_para("The [layer, time] map of gradient magnitudes of one stack at "
-                        "initialisation (wrt hidden: mean_b ||dL/dh^l_t||; wrt params: "
-                        "mean |dL/dθ^l_(t)|), as a figure, its data (.npz) and a text summary: "
-                        "per-layer and over-time attenuation/amplification factors."),
-        epilog=_examples("""
+
+def add_heatmap(sub):
+    p = _command(sub, "heatmap", "gradient map of one cell over layers x time",
+                 "The [layer, time] map of gradient magnitudes of one stack, at initialisation "
+                 "or with trained parameters (--params), (wrt hidden: mean_b ||dL/dh^l_t||; wrt "
+                 "params: mean |dL/dθ^l_(t)|), as a figure, its data (.npz) and a text summary: "
+                 "per-layer and over-time attenuation/amplification factors.", """
             gradflow heatmap --cell lstm --layers 16
             gradflow heatmap --cell star --wrt params --loss all --normalize --out star.pdf
             gradflow heatmap --cell lstm --init chrono --option t_max=64 --dtype float64
-        """))
+            gradflow heatmap --cell lstm --layers 16 --residual --norm layer
+            gradflow heatmap --cell mycells:my_lstm --layers 8
+            gradflow heatmap --params gradflow-out/train_adding_lstm_L4
+        """)
     p.add_argument("--cell", type=cell_name, default="lstm",
-                   help="cell name, see `gradflow cells` (default: lstm)")
-    _add_problem(p, layers=16, steps=32, hidden=64, batch=16)
-    g = p.add_argument_group("measurement")
-    g.add_argument("--loss", choices=LOSSES, default="last",
-                   help="last: readout of the top layer's last output; all: mean over steps "
-                        "(default: last)")
-    g.add_argument("--wrt", choices=WRTS, default="hidden",
-                   help="hidden states h, memory c, or per-step parameters (default: hidden)")
-    g.add_argument("--readout-seed", type=seed_int, default=0, metavar="SEED",
-                   help="seed of the random readout and labels (default: 0)")
+                   help="cell name, see `gradflow cells`, or module:factory, a user's factory "
+                        "returning a gradflow Cell (or a Cell) (default: lstm)")
+    p.add_argument("--params", default=None, metavar="RUN",
+                   help="measure trained parameters: a run folder of `gradflow train` (its "
+                        "stack, on its task's evaluation sequences) or a .npz of "
+                        "gradflow.runs.save_params")
+    add_problem_options(p, layers=16, steps=32, hidden=64, batch=16)
+    g = add_measurement_options(p, wrt="hidden")
     g.add_argument("--normalize", action="store_true",
                    help="draw each entry relative to the top layer's last step")
-    _add_outputs(p)
-    p.set_defaults(run=run_heatmap)
+    add_output_options(p)
+    _finish(p, run_heatmap)
 
-    p = sub.add_parser(
-        "compare", formatter_class=fmt, help="several cells side by side (STAR Fig. 2 layout)",
-        description=_para("Gradient maps of several cells on the same problem, rows = losses, "
-                        "columns = cells, one shared log colour scale. The defaults are the STAR "
-                        "paper's Figure 2 setting (10 x 10, H = 128, wrt params, both losses)."),
-        epilog=_examples("""
+
+def run_heatmap(args) -> int:
+    from gradflow import plot
+    from gradflow.jacobian import gradient_map
+    from gradflow.problem import precision
+
+    with precision(args.dtype):
+        if args.params is not None:
+            prob = _trained_problem(args)
+            source = Path(args.params)
+            source = source.parent if source.name == "state.npz" else source
+            stem = default_stem(args, "heatmap", prob.stack.config["cell"],
+                                f"L{prob.stack.layers}", source.stem,
+                                skip=_STACK_OPTIONS + ("steps", "seed", "input_scale"))
+            fig_path, data_path = output_paths(args, stem)
+        else:
+            cell = _cell(args, args.steps)
+            fig_path, data_path = output_paths(args, default_stem(
+                args, "heatmap", cell.name, f"L{args.layers}", skip=("cell", "layers")))
+            prob = _problem(args, cell)
+        res = gradient_map(prob.stack, prob.params, prob.xs, loss=args.loss, wrt=args.wrt,
+                           readout_seed=args.readout_seed, meta=prob.config)
+    notes, normalize = [], args.normalize
+    ref = res.values[-1, -1]
+    if normalize and not (np.isfinite(ref) and ref > 0):
+        notes.append(f"note: not normalised: the top-last value is {ref!r}")
+        normalize = False
+    fig = plot.heatmap(res, normalize=normalize)
+    print(f"gradflow heatmap: {_describe(res.config, prob.stack.cells[0])}")
+    if args.params is not None:
+        print(f"trained parameters from {args.params}"
+              + (f" (step {res.config['train_step']})" if "train_step" in res.config else ""))
+    print(f"gradient map wrt {args.wrt}, loss {args.loss} (value {_g(float(res.loss_value))})")
+    for line in map_summary(res.values) + notes + _write(fig, res, fig_path, data_path):
+        print(line)
+    return 0
+
+
+# --- compare ---------------------------------------------------------------------------------
+
+
+def add_compare(sub):
+    p = _command(sub, "compare", "several cells side by side (STAR Fig. 2 layout)",
+                 "Gradient maps of several cells on the same problem, rows = losses, "
+                 "columns = cells, one shared log colour scale, each map relative to its own "
+                 "top-layer, last-step value as in the STAR paper's Figure 2 (--absolute: the "
+                 "raw values). The defaults are that figure's setting (10 x 10, H = 128, wrt "
+                 "params, both losses).", """
             gradflow compare --cells rnn,lstm,star --layers 10 --steps 10
-            gradflow compare --cells lstm,gru --losses last --wrt hidden --normalize
-        """))
+            gradflow compare --cells lstm,gru --losses last --wrt hidden --absolute
+        """)
     p.add_argument("--cells", type=cell_list, default=["rnn", "lstm", "star"],
                    help="comma-separated cell names (default: rnn,lstm,star)")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all (default: last,all)")
-    _add_problem(p, layers=10, steps=10, hidden=128, batch=16, single_cell=False)
-    g = p.add_argument_group("measurement")
-    g.add_argument("--wrt", choices=WRTS, default="params", help="(default: params)")
-    g.add_argument("--readout-seed", type=seed_int, default=0, metavar="SEED",
-                   help="seed of the random readout and labels (default: 0)")
-    g.add_argument("--normalize", action="store_true",
-                   help="each map relative to its own top-layer, last-step value")
-    _add_outputs(p)
-    p.set_defaults(run=run_compare)
+    add_problem_options(p, layers=10, steps=10, hidden=128, batch=16, single_cell=False)
+    g = add_measurement_options(p, wrt="params", loss=False)
+    g.add_argument("--absolute", action="store_true",
+                   help="draw the raw values (default: each map relative to its top-last value)")
+    g.add_argument("--normalize", dest="absolute", action="store_false", default=False,
+                   help=argparse.SUPPRESS)  # the default; accepted for older scripts
+    add_output_options(p)
+    _finish(p, run_compare)
 
-    p = sub.add_parser(
-        "gates", formatter_class=fmt, help="gate saturation, slopes, timescales, histograms",
-        description=_para("Statistics of every gate a cell reports, at initialisation: mean "
-                        "activation, fraction saturated (< eps or > 1 - eps), local slope, memory "
-                        "timescale 1/(1 - f), time-gate updates; a figure with each gate's "
-                        "saturation map and per-layer histograms."),
-        epilog=_examples("""
+
+def run_compare(args) -> int:
+    from gradflow import cells as _cells
+    from gradflow import experiments, plot
+
+    options = _cell_options(args)
+    for c in args.cells:
+        with user_input():
+            cell = _cells.for_length(c, args.steps, **options)
+        checked_stack(cell, args.layers, args.hidden, args.hidden)
+    stem = default_stem(args, "compare", "-".join(args.cells), f"L{args.layers}",
+                        skip=("cells", "layers"))
+    fig_path, data_path = output_paths(args, stem)
+    grid = experiments.gradient_grid(
+        args.cells, args.losses, wrt=args.wrt, readout_seed=args.readout_seed,
+        layers=args.layers, steps=args.steps, hidden=args.hidden, batch=args.batch,
+        seed=args.seed, dtype=args.dtype, init=args.init, input_scale=args.input_scale,
+        cell_options={c: dict(args.option) for c in args.cells} if args.option else None)
+    fig = plot.draw_grid(grid, normalize=not args.absolute)
+    first = grid.config["maps"][f"{args.losses[0]}/{args.cells[0]}"]
+    print(f"gradflow compare: {', '.join(args.cells)}; {args.layers} layers x {args.steps} steps, "
+          f"H={args.hidden}, B={args.batch}, seed {args.seed}, {first['dtype']}, wrt {args.wrt}; "
+          + ("absolute values" if args.absolute else "each map relative to its top-last value"))
+    width = max(4, *(len(c) for c in args.cells))
+    print(f"  {'loss':<5} {'cell':<{width}} {'top-last':>10}  {'bottom/top layer':>20}  "
+          f"{'first/last step':>20}  {'dec. vs top-last':>15}  {'non-finite':>10}")
+    for loss in args.losses:
+        for cell in args.cells:
+            print(_panel_line(loss, cell, experiments.panel(grid, loss, cell).values, width))
+    print("(bottom/top layer: ratio of the time-mean of layer 0 to that of the top layer; "
+          "first/last step: at the top layer)")
+    for line in _write(fig, grid, fig_path, data_path):
+        print(line)
+    return 0
+
+
+# --- gates -----------------------------------------------------------------------------------
+
+
+def add_gates(sub):
+    p = _command(sub, "gates", "gate saturation, slopes, timescales, histograms",
+                 "Statistics of every gate a cell reports, at initialisation: mean activation, "
+                 "fraction saturated (< eps or > 1 - eps), local slope, memory timescales "
+                 "1/(1 - f) per unit (their quantiles and a count per decade), time-gate "
+                 "updates; a figure with each gate's saturation map and per-layer histograms.",
+                 """
             gradflow gates --cell ur_lstm
             gradflow gates --cell lstm --init ugi --gate f --eps 0.1
-        """))
-    p.add_argument("--cell", type=cell_name, default="lstm", help="(default: lstm)")
+        """)
+    p.add_argument("--cell", type=cell_name, default="lstm",
+                   help="cell name or module:factory (default: lstm)")
     p.add_argument("--gate", default=None, help="only this gate (default: every gate)")
     p.add_argument("--eps", type=fraction, default=0.05,
                    help="saturation margin, in (0, 0.5) (default: 0.05)")
     p.add_argument("--bins", type=positive_int, default=20, help="histogram bins (default: 20)")
-    _add_problem(p, layers=4, steps=32, hidden=64, batch=16)
-    _add_outputs(p)
-    p.set_defaults(run=run_gates)
+    add_problem_options(p, layers=4, steps=32, hidden=64, batch=16)
+    add_output_options(p)
+    _finish(p, run_gates)
 
-    p = sub.add_parser(
-        "cells", formatter_class=fmt, help="list every cell: equation, gates, parameter count",
-        epilog=_examples("gradflow cells --hidden 256"))
+
+def _gate_lines(stats, gate: str, summary: dict, kind: str) -> list[str]:
+    s = summary[gate]
+    parts = [f"mean {s['mean']:.3f}", f"saturated {s['saturated']:.3f}"]
+    if "slope" in s:
+        parts.append(f"slope {s['slope']:.3f}")
+    if "timescale" in s:
+        parts.append(f"timescale of the mean {_g(s['timescale'])} steps")
+    if "update_fraction" in s:
+        parts.append(f"updates {s['update_fraction']:.3f}")
+    parts.append(f"non-finite {int(s.get('nonfinite', 0))}")
+    lines = [f"  gate {gate:<9} ({kind}): " + ", ".join(parts)]
+    lines.append("    saturated per layer (bottom..top): "
+                 + " ".join(f"{v:.2f}" for v in stats[f"saturated/{gate}/layer"]))
+    if f"timescale/{gate}/unit" in stats.arrays:
+        lines += ["    " + line for line in timescale_lines(stats[f"timescale/{gate}/unit"])]
+    outside = np.asarray(stats[f"outside/{gate}/pooled"])
+    if outside.sum():
+        lines.append(f"    outside [0, 1]: {int(outside[0])} below 0, {int(outside[1])} above 1"
+                     + (f", {int(outside[2])} NaN" if outside.size > 2 else ""))
+    return lines
+
+
+def run_gates(args) -> int:
+    from gradflow import cells as _cells
+    from gradflow import gates as _gates
+    from gradflow import plot
+    from gradflow.problem import precision
+
+    cell = _cell(args, args.steps)
+    if not cell.gate_names:
+        with_gates = [n for n in _cells.names() if _cells.get(n).gate_names]
+        raise _usage(args, f"cell {args.cell!r} reports no gates; cells with gates: "
+                           f"{', '.join(with_gates)}")
+    if args.gate is not None and args.gate not in cell.gate_names:
+        raise _usage(args, f"cell {args.cell!r} has no gate {args.gate!r}; its gates: "
+                           f"{', '.join(cell.gate_names)}")
+    fig_path, data_path = output_paths(args, default_stem(
+        args, "gates", cell.name, f"L{args.layers}", skip=("cell", "layers")))
+    with precision(args.dtype):
+        prob = _problem(args, cell)
+        stats = _gates.saturation(prob.stack, prob.params, prob.xs, args.eps, bins=args.bins,
+                                  meta=prob.config)
+    shown = [args.gate] if args.gate else list(stats.config["gates"])
+    fig = plot.gates_figure(stats, shown)
+    print(f"gradflow gates: {_describe(stats.config, prob.stack.cell)}; saturated: "
+          f"< {args.eps:g} or > {1 - args.eps:g}")
+    summary, kinds = _gates.summary(stats), stats.config["gate_kinds"]
+    for gate in shown:
+        for line in _gate_lines(stats, gate, summary, kinds[gate]):
+            print(line)
+    for line in _write(fig, stats, fig_path, data_path):
+        print(line)
+    return 0
+
+
+# --- cells -----------------------------------------------------------------------------------
+
+
+def add_cells(sub):
+    p = _command(sub, "cells", "list every cell: equation, gates, parameter count", None,
+                 "gradflow cells --hidden 256")
     p.add_argument("--hidden", type=positive_int, default=128, metavar="H",
                    help="hidden size for the parameter counts (default: 128)")
     p.add_argument("--input-size", type=positive_int, default=None, metavar="D",
                    help="input size (default: H; refined cells always read H)")
-    p.set_defaults(run=run_cells)
+    _finish(p, run_cells)
 
-    p = sub.add_parser(
-        "reproduce", formatter_class=fmt, help="regenerate the figures from their JSON configs",
-        description=_para("Rebuild every figure in figures/ (PNG and .npz data) from the JSON "
-                        "config beside it."),
-        epilog=_examples("""
+
+def run_cells(args) -> int:
+    from gradflow import cells as _cells
+
+    D = args.hidden if args.input_size is None else args.input_size
+    names = _cells.names()
+    width = max(len(n) for n in names)
+    print(f"{'cell':<{width}}  {'params':>9}  {'gates':<28}  equation   "
+          f"(params of one layer, input {D} -> hidden {args.hidden})")
+    for name in names:
+        cell = _cells.get(name)
+        count = cell.param_count(args.hidden if cell.square else D, args.hidden)
+        gates = ", ".join(cell.gate_names) or "-"
+        print(f"{name:<{width}}  {count:>9,}  {gates:<28}  {cell.equation}")
+    return 0
+
+
+# --- reproduce -------------------------------------------------------------------------------
+
+
+def add_reproduce(sub):
+    p = _command(sub, "reproduce", "regenerate the committed figures from their configs",
+                 "Rebuild figures (PNG and .npz data) from the JSON configs shipped with "
+                 "gradflow into an output folder; the committed copies are replaced only with "
+                 "--update.", """
             gradflow reproduce --list
-            gradflow reproduce --only star_fig2 --out-dir /tmp
-        """))
+            gradflow reproduce --only star_fig2 --out /tmp
+        """)
     p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",")], default=None,
                    metavar="NAME[,NAME]", help="only these figures (see --list)")
     p.add_argument("--figures", default=None, metavar="DIR",
-                   help=f"where the configs are (default: {figures.FIGURES_DIR})")
-    p.add_argument("--out-dir", default=None, metavar="DIR",
-                   help="where to write (default: beside each config); must exist")
+                   help="where the configs are (default: the ones shipped with gradflow)")
+    p.add_argument("--out-dir", "--out", default=None, metavar="DIR",
+                   help="the folder to write to; must exist")
+    p.add_argument("--update", action="store_true",
+                   help="write over the committed figures of a source checkout (figures/)")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
-    p.set_defaults(run=run_reproduce)
+    _finish(p, run_reproduce)
 
-    p = sub.add_parser(
-        "train", formatter_class=fmt, help="train a stack on a task; learning curve and maps",
-        description=_para("Train a stack of one cell plus a linear readout on a synthetic task "
-                        "with Adam (gradflow.train.train), then write to --out DIR: the "
-                        "learning curve (curve.npz, curve.png) and, at each --record step, the "
-                        "gradient map of the stack under a fixed probe loss "
-                        "(map_stepNNNNNN.npz, maps.png). Note: --steps here counts training "
-                        "updates; the sequence length is --seq-len."),
-        epilog=_examples("""
+
+def run_reproduce(args) -> int:
+    from gradflow import reproduce as _reproduce
+
+    with user_input():
+        found = _reproduce.configs(args.figures)
+    if args.list:
+        for name, path in found.items():
+            cfg = _reproduce.load_config(path)
+            print(f"{name}: {cfg['figure']} ({', '.join(cfg.get('cells', []))})  [{path}]")
+        return 0
+    for name in args.only or ():
+        if name not in found:
+            raise _usage(args, f"unknown figure {name!r}; valid: {', '.join(found) or '(none)'}")
+    if args.out_dir is not None:
+        _writable_dir(Path(args.out_dir), args.out_dir)
+    elif not args.update:
+        raise _usage(args, "choose where to write: --out DIR (or --update to replace the "
+                           "committed figures)")
+    committed = _reproduce.FIGURES_DIR
+    if (args.out_dir is not None and not args.update and committed.is_dir()
+            and Path(args.out_dir).resolve() == committed.resolve()):
+        raise _usage(args, f"{args.out_dir!r} holds the committed figures; write elsewhere, or "
+                           "add --update to replace them")
+    _reproduce.reproduce(args.only, out_dir=args.out_dir, update=args.update,
+                         config_dir=args.figures, log=lambda line: print(line, flush=True))
+    return 0
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+def add_train(sub):
+    p = _command(sub, "train", "train a stack on a task; learning curve and maps",
+                 "Train a stack of one cell plus a linear readout on a synthetic task with Adam "
+                 "(gradflow.train.train), then write to --out DIR: the learning curve "
+                 "(curve.npz, curve.png), at each --record step the gradient map of the stack "
+                 "under a fixed probe loss (map_stepNNNNNN.npz, maps.png), and the run itself "
+                 "(state.npz: the trained parameters and the stack, for `gradflow heatmap "
+                 "--params DIR`). Note: --steps here counts training updates; the sequence "
+                 "length is --seq-len.", """
             gradflow train --task adding --cell star --layers 8 --steps 500 --record 0,500
             gradflow train --task copy --cell ur_lstm --task-option lag=20 --lr 3e-3
             gradflow train --task adding --cell g_lstm --budget 0.01 --seq-len 50
-        """))
-    from gradflow import tasks as _tasks
-    p.add_argument("--task", choices=_tasks.names(), default="adding",
-                   help="(default: adding)")
+        """)
+    p.add_argument("--task", choices=TASKS, default="adding", help="(default: adding)")
     p.add_argument("--cell", type=cell_name, default="lstm", help="(default: lstm)")
     p.add_argument("--seq-len", type=positive_int, default=None, metavar="T",
                    help="sequence length (adding, counting: steps; copy: sets the lag; default: "
                         "the task's own)")
-    p.add_argument("--task-option", type=task_option, action="append", metavar="KEY=VALUE",
+    p.add_argument("--task-option", type=option, action="append", metavar="KEY=VALUE",
                    help="a task option, repeatable (e.g. lag=20, symbols=5)")
     g = p.add_argument_group("model")
     g.add_argument("--layers", type=positive_int, default=4, metavar="L", help="(default: 4)")
@@ -738,8 +1013,134 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the probe readout (default: 0)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help=f"output folder, created (default: {DEFAULT_OUT_DIR}/train_<task>_"
-                        "<cell>_L<layers>)")
-    p.set_defaults(run=run_train)
+                        "<cell>_L<layers>, plus the settings that differ from the defaults)")
+    _finish(p, run_train)
+
+
+def _train_task(args):
+    from gradflow import tasks as _tasks
+
+    try:
+        with user_input():
+            return _tasks.for_length(args.task, args.seq_len, **dict(args.task_option or []))
+    except ImportError:  # the digits task reads scikit-learn's data set
+        raise _usage(args, f"the {args.task} task needs scikit-learn, an optional extra: "
+                           "pip install 'gradflow[digits]'") from None
+
+
+def _train_dir(args) -> Path:
+    stem = default_stem(args, "train", args.task, args.cell, f"L{args.layers}",
+                        skip=("task", "cell", "layers"), tokens={"steps": "N{}".format})
+    out = Path(args.out if args.out is not None else os.path.join(DEFAULT_OUT_DIR, stem))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _usage(args, f"cannot create {str(out)!r}: {e.strerror or e}") from None
+    _writable_dir(out, str(out))
+    return out
+
+
+def _train_report(args, task, hist, out: Path) -> list[str]:
+    """Print the evaluation table and each recorded map's summary; write the figures and
+    the maps; return the written paths."""
+    from gradflow import plot
+
+    c = hist.curve
+    written = [str(out / "curve.npz"), plot.save(plot.draw_curves({args.cell: c}, title=(
+        f"{args.cell}, {args.layers} layers, on {task.name} (T={task.steps})")),
+        out / "curve.png")]
+    timed = hist.stack.cell.time_gate is not None and "eval_updates" in c.arrays
+    print(f"  {'step':>6}  {'eval loss':>10}  {'eval ' + task.metric:>13}"
+          + ("  updates" if timed else ""))
+    for i, s in enumerate(c["eval_step"]):
+        print(f"  {int(s):>6}  {float(c['eval_loss'][i]):>10.4g}  "
+              f"{float(c['eval_metric'][i]):>13.4g}"
+              + (f"  {float(c['eval_updates'][i]):>7.3f}" if timed else ""))
+    maps = {}
+    for s, res in zip(hist.record_steps, hist.records.get("gradient_map", ())):
+        written.append(res.save(out / f"map_step{s:06d}.npz"))
+        maps[("map", f"step {s}")] = res
+        print(f"  gradient map wrt {args.wrt} at step {s} (probe loss {args.record_loss}, "
+              f"value {_g(float(res.loss_value))}):")
+        for line in map_summary(res.values, max_rows=8):
+            print("    " + line)
+    if maps:
+        fig = plot.grid(maps, rows=["map"], cols=[k[1] for k in maps], normalize=False,
+                        title=f"{args.cell}: gradient maps wrt {args.wrt} during training")
+        written.append(plot.save(fig, out / "maps.png"))
+    return written + [str(out / "state.npz")]
+
+
+def run_train(args) -> int:
+    from gradflow.jacobian import gradient_map
+    from gradflow.problem import precision, task_stack
+    from gradflow.train import train
+
+    task = _train_task(args)
+    if args.record and max(args.record) > args.steps:
+        raise _usage(args, f"--record steps must lie in 0..{args.steps} (--steps), got "
+                           f"{max(args.record)}")
+    with user_input():
+        stack = task_stack(args.cell, task, layers=args.layers, hidden=args.hidden,
+                           init=args.init, options=dict(args.option or []))
+    checked_stack(stack.cells[0], stack.layers, stack.input_size, stack.hidden_size)
+    if not args.lr > 0 or not args.clip > 0 or not args.budget >= 0:
+        raise _usage(args, f"--lr and --clip must be positive and --budget >= 0, got lr "
+                           f"{args.lr:g}, clip {args.clip:g}, budget {args.budget:g}")
+    out = _train_dir(args)
+    # The recorded maps use the fixed probe loss of `gradflow heatmap` (random readout, random
+    # labels): the trained head is zero at step 0, so the task loss sends no gradient to the
+    # stack there, and one probe makes maps at different steps comparable.
+    record = {"gradient_map": lambda st, p, xs: gradient_map(
+        st, p, xs, loss=args.record_loss, wrt=args.wrt, readout_seed=args.readout_seed)}
+    print(f"gradflow train: {args.cell} x {args.layers} layers, H={args.hidden}, on "
+          f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
+          f"{args.batch}, lr {args.lr:g}, seed {args.seed}"
+          + (f", budget {args.budget:g}" if args.budget else ""), flush=True)
+    with precision(args.dtype):
+        hist = train(stack, task, steps=args.steps, batch=args.batch, lr=args.lr,
+                     clip=args.clip, seed=args.seed, dtype=args.dtype,
+                     eval_every=args.eval_every, eval_batch=args.eval_batch,
+                     record_at=args.record or (), record=record if args.record else None,
+                     record_batch=args.record_batch, budget=args.budget, run_dir=out,
+                     progress=args.progress)
+        written = _train_report(args, task, hist, out)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"measure the trained stack: gradflow heatmap --params {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser and main
+
+_COMMON = _Parser(add_help=False)
+_COMMON.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="on an internal error, print the traceback")
+
+COMMANDS = (add_heatmap, add_compare, add_gates, add_cells, add_reproduce, add_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gradflow`` argument parser (errors raise :class:`UsageError`)."""
+    parser = _Parser(
+        prog="gradflow", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_para("Measure how gradients flow through deep stacks of recurrent cells."),
+        epilog=_examples("""
+            gradflow heatmap --cell lstm --layers 16
+            gradflow compare --cells rnn,lstm,star --layers 10 --steps 10
+            gradflow gates --cell ur_lstm
+            gradflow cells
+            gradflow reproduce --only star_fig2 --out /tmp
+            gradflow train --task adding --cell star --layers 8 --record 0,500
+            gradflow COMMAND --help     # options of one command
+        """))
+    parser.add_argument("--version", action="version", version=f"gradflow {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an internal error, print the traceback")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -750,14 +1151,17 @@ def _one_line(e: BaseException) -> str:
 def main(argv=None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    0 on success; 2 on bad input (one ``gradflow...: error: ...`` line on stderr).
+    0 on success; 2 on bad input (one ``gradflow...: error: ...`` line on stderr); 1 on an
+    internal error (one line, or the traceback with ``--debug``); 130 on Ctrl-C.
     """
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    command = "gradflow"
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("gradflow: error: choose a command: heatmap, compare, gates, cells, "
                              "reproduce, train (see gradflow --help)")
+        command = f"gradflow {args.command}"
         with warnings.catch_warnings():
             # Non-finite entries are data: the summaries count them; no warning lines.
             warnings.simplefilter("ignore", NonFiniteWarning)
@@ -767,11 +1171,22 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(_one_line(e), file=sys.stderr)
         return 2
-    except (ValueError, TypeError) as e:
-        print(f"gradflow: error: {_one_line(e)}", file=sys.stderr)
+    except InputError as e:
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. `gradflow cells | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # a bug in gradflow, not the user's input
+        if "--debug" in argv:
+            traceback.print_exc()
+        else:
+            print(f"{command}: internal error: {type(e).__name__}: {_one_line(e)} (a bug in "
+                  "gradflow, not in your input; run again with --debug for the traceback)",
+                  file=sys.stderr)
         return 1
 
 

@@ -235,12 +235,12 @@ def load_params(path, cell=None) -> tuple[Stack, dict]:
         raise InputError(f"{os.fspath(p)!r} does not record its stack (saved by an older "
                          "gradflow); rebuild the stack and read it with restore_state")
     stack = stack_from_config(meta["stack"], cell)
-    dtype = next(iter(arrays.values())).dtype if arrays else np.float32
-    template = jax.eval_shape(lambda k: stack.init(k, dtype), jax.random.key(0))
     if "config" in meta:  # a training run: the stack's part of {"stack", "head"}
-        stack_arrays = {k[len("['params']['stack']"):]: v for k, v in arrays.items()
-                        if k.startswith("['params']['stack']")}
-        return stack, unflatten_named(template, stack_arrays, os.fspath(p))
+        prefix = "['params']['stack']"
+        arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    floats = [a.dtype for a in arrays.values() if np.issubdtype(a.dtype, np.floating)]
+    dtype = floats[0] if floats else np.float32
+    template = jax.eval_shape(lambda k: stack.init(k, dtype), jax.random.key(0))
     return stack, unflatten_named(template, arrays, os.fspath(p))
 
 

@@ -50,7 +50,9 @@ def test_heatmap_writes_figure_and_data_at_the_default_place_and_the_summary_is_
     rc, out, err = run(capsys, "heatmap", "--cell", "lstm", *SMALL)
     assert rc == 0, err
     png, npz = _written(out, "figure:"), _written(out, "data:")
-    assert png == Path("gradflow-out/heatmap_lstm_L2.png") and npz == png.with_suffix(".npz")
+    # the default name carries the settings that differ from the defaults (--steps 3 ...)
+    assert png == Path("gradflow-out/heatmap_lstm_L2_T3_H8_B2.png")
+    assert npz == png.with_suffix(".npz")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = gradflow.load(npz)
     c = res.config
@@ -76,7 +78,7 @@ def test_heatmap_writes_figure_and_data_at_the_default_place_and_the_summary_is_
     assert "non-finite entries: 0 of 6" in out
 
 
-def test_heatmap_explicit_paths_formats_options_and_float64(capsys, tmp_path):
+def test_heatmap_explicit_paths_formats_options_and_float64(capsys, tmp_path, x64):
     rc, out, err = run(capsys, "heatmap", "--cell", "gru", *SMALL, "--wrt", "hidden", "--loss",
                        "all", "--init", "glorot", "--option", "forget_bias_init=1.5",
                        "--dtype", "float64", "--normalize", "--out", tmp_path / "g.svg",
@@ -112,7 +114,7 @@ def test_compare_writes_the_grid_equal_to_per_cell_gradient_maps(capsys):
                        *SMALL, "--seed", "3")
     assert rc == 0, err
     png, npz = _written(out, "figure:"), _written(out, "data:")
-    assert png.name == "compare_rnn-star_L2.png"
+    assert png.name == "compare_rnn-star_L2_T3_H8_B2_s3_loss-all.png"
     grid = gradflow.load(npz)
     assert grid.config["cells"] == ["rnn", "star"] and grid.config["losses"] == ["all"]
     with jax.enable_x64(False):
@@ -221,7 +223,7 @@ BAD = [
     (["heatmap", "--cell", "rnn", *SMALL, "--init", "chrono"], "no forget-type gate"),
     (["heatmap", "--cell", "rnn", *SMALL, "--wrt", "cell"], "memory state c"),
     (["heatmap", "--option", "novalue"], "expected key=value"),
-    (["heatmap", "--cell", "lstm", *SMALL, "--option", "foo=1"], "valid options: aux"),
+    (["heatmap", "--cell", "lstm", *SMALL, "--option", "foo=1"], "valid options: init, forget_bias"),
     (["heatmap", "--cell", "star", *SMALL, "--option", "variant=nope"], "'paper', 'official'"),
     (["compare", "--cells", "rnn,nope"], VALID_CELLS),
     (["compare", "--cells", ""], "comma-separated list of cells"),
@@ -263,3 +265,210 @@ def test_installed_script_and_module_entry_points():
     proc = subprocess.run([sys.executable, "-m", "gradflow", "--version"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == f"gradflow {gradflow.__version__}"
+
+
+# --- the parser is light: --help without JAX or matplotlib --------------------------------------
+
+
+def test_help_imports_neither_jax_nor_matplotlib():
+    code = (
+        "import sys, gradflow.cli as c\n"
+        "for cmd in ([], ['heatmap'], ['compare'], ['gates'], ['cells'], ['reproduce'], "
+        "['train']):\n"
+        "    assert c.main(cmd + ['--help']) == 0\n"
+        "heavy = [m for m in ('jax', 'matplotlib', 'gradflow.cells', 'gradflow.stack') "
+        "if m in sys.modules]\n"
+        "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: gradflow train" in proc.stdout
+
+
+def test_the_parsers_vocabularies_are_the_packages():
+    from gradflow import jacobian, plot, problem, stack, tasks
+
+    assert cli.LOSSES == tuple(jacobian.LOSSES) and cli.WRTS == tuple(jacobian.WRTS)
+    assert cli.DTYPES == tuple(problem.DTYPES) and cli.FORMATS == tuple(plot.FORMATS)
+    assert cli.TASKS == tasks.names()
+    assert cli.NORMS == tuple(n for n in stack.NORMS if n is not None)
+
+
+# --- default names, compare normalised, timescale distribution ----------------------------------
+
+
+def test_default_names_carry_the_settings_so_other_runs_do_not_overwrite(capsys):
+    base = ["heatmap", "--cell", "rnn", "--layers", "2", "--hidden", "4", "--batch", "2"]
+    paths = []
+    for extra in (["--steps", "3"], ["--steps", "4"], ["--steps", "3", "--init", "glorot"],
+                  ["--steps", "3", "--seed", "1", "--residual", "--norm", "rms"]):
+        rc, out, err = run(capsys, *base, *extra)
+        assert rc == 0, err
+        paths.append(_written(out, "figure:"))
+    assert [p.name for p in paths] == [
+        "heatmap_rnn_L2_T3_H4_B2.png", "heatmap_rnn_L2_T4_H4_B2.png",
+        "heatmap_rnn_L2_T3_H4_B2_glorot.png", "heatmap_rnn_L2_T3_H4_B2_residual_rmsnorm_s1.png"]
+    assert gradflow.load(paths[1].with_suffix(".npz")).values.shape == (2, 4)
+
+
+def test_compare_is_normalised_by_default_and_absolute_on_request(capsys, monkeypatch):
+    from gradflow import plot
+
+    seen = []
+    draw = plot.draw_grid
+    monkeypatch.setattr(plot, "draw_grid", lambda grid, **kw: seen.append(kw) or draw(grid, **kw))
+    for extra, normalize, label in (([], True, "relative to its top-last value"),
+                                    (["--absolute"], False, "absolute values")):
+        rc, out, err = run(capsys, "compare", "--cells", "rnn", "--losses", "last", *SMALL,
+                           *extra)
+        assert rc == 0, err
+        assert seen.pop() == {"normalize": normalize} and label in out.splitlines()[0]
+    assert sorted(p.name for p in Path("gradflow-out").glob("*.png")) == [
+        "compare_rnn_L2_T3_H8_B2_loss-last.png", "compare_rnn_L2_T3_H8_B2_loss-last_absolute.png"]
+
+
+def test_gates_prints_the_distribution_of_per_unit_timescales(capsys):
+    """The quantiles over units of tau = 1 / (1 - mean_{b,t} f), from the forget gate's
+    activations of a plain forward pass."""
+    rc, out, err = run(capsys, "gates", "--cell", "lstm", "--layers", "2", "--steps", "6",
+                       "--hidden", "16", "--batch", "3", "--init", "ugi", "--gate", "f")
+    assert rc == 0, err
+    with jax.enable_x64(False):
+        prob = gradflow.problem("lstm", layers=2, steps=6, hidden=16, batch=3, init="ugi")
+        f = np.asarray(prob.stack.apply(prob.params, prob.xs, gates=True).gates["f"], float)
+    tau = 1.0 / (1.0 - f.mean(axis=(1, 2)))  # (L, H): per layer and unit
+    line = next(l for l in out.splitlines() if "timescale per unit" in l)
+    printed = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", "))
+    expect = np.quantile(tau.ravel(), [0, 0.1, 0.5, 0.9, 1])
+    for name, value in zip(("min", "10%", "median", "90%", "max"), expect):
+        assert float(printed[name]) == pytest.approx(value, rel=5e-3), name
+    # UGI spreads the timescales: the count per decade adds up to every unit
+    decades = next(l for l in out.splitlines() if "units per decade" in l)
+    counts = [int(p.rsplit(" ", 1)[1]) for p in decades.split(": ", 1)[1].split(", ")]
+    assert sum(counts) == tau.size and tau.max() > 10 * tau.min()
+
+
+# --- a user's cell by import path, residual and normalised stacks -------------------------------
+
+USER_MODULE = '''
+import jax, jax.numpy as jnp
+from gradflow.cells import Cell
+
+def _init(key, input_size, hidden_size, dtype):
+    k1, k2 = jax.random.split(key)
+    return {"W": jax.random.normal(k1, (input_size, hidden_size), dtype) / input_size ** 0.5,
+            "U": jax.nn.initializers.orthogonal()(k2, (hidden_size, hidden_size), dtype)}
+
+def sin_rnn(gain=1.0):
+    """h' = sin(gain * (x W + h U)): a cell gradflow does not ship."""
+    def recur(params, state, x, t):
+        h = jnp.sin(gain * (x @ params["W"] + state["h"] @ params["U"]))
+        return {"h": h}, h, {}
+    return Cell(name="sin_rnn", init_fn=_init, recur_fn=recur, options=(("gain", gain),))
+
+READY = sin_rnn(0.5)
+NOT_A_CELL = 42
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    name = f"user_cells_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_heatmap_of_a_users_cell_factory_by_import_path(capsys, user_module):
+    rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:sin_rnn", "--option",
+                       "gain=0.7", *SMALL)
+    assert rc == 0, err
+    npz = _written(out, "data:")
+    assert npz.name == f"heatmap_sin_rnn_L2_T3_H8_B2_gain0.7.npz"
+    res = gradflow.load(npz)
+    assert res.config["cell"] == "sin_rnn" and res.config["gain"] == 0.7
+    # top-last entry from jax.grad of the readout on a Python loop of the user's step
+    cell = sys.modules[user_module].sin_rnn(gain=0.7)
+    with jax.enable_x64(False):
+        prob = gradflow.problem(cell, layers=2, steps=3, hidden=8, batch=2)
+        x = prob.xs
+        for p in prob.params["layers"]:
+            state, hs = cell.initial_state((2,), 8), []
+            for t in range(3):
+                state, h, _ = cell.step(p, state, x[:, t], t)
+                hs.append(h)
+            x = jnp.stack(hs, axis=1)
+        g = jax.grad(readout_loss("last", 8, 3, 2, seed=0, dtype=jnp.float32))(x)
+    expect = float(np.mean(np.linalg.norm(np.asarray(g)[:, -1], axis=-1)))
+    np.testing.assert_allclose(res.values[-1, -1], expect, rtol=1e-5)
+    # a Cell object (not a factory) by path
+    rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:READY", *SMALL, "--no-data")
+    assert rc == 0, err and "sin_rnn" in out.splitlines()[0]
+
+
+@pytest.mark.parametrize("spec, expect", [
+    ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'"),
+    ("{mod}:missing", "has no attribute 'missing'"),
+    ("{mod}:NOT_A_CELL", "gave a int, not a gradflow Cell"),
+    ("{mod}:sin_rnn --option nope=1", "calling it raised TypeError"),
+    ("{mod}:READY --option gain=2", "is a Cell, not a factory"),
+])
+def test_a_bad_cell_path_is_one_line_exit_2(capsys, user_module, spec, expect):
+    spec, *extra = spec.format(mod=user_module).split()
+    rc, out, err = run(capsys, "heatmap", "--cell", spec, *extra, *SMALL)
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert expect in err and "Traceback" not in err
+
+
+def test_residual_and_norm_reach_the_stack(capsys):
+    rc, out, err = run(capsys, "heatmap", "--cell", "lstm", *SMALL, "--residual", "--norm",
+                       "layer")
+    assert rc == 0, err
+    res = gradflow.load(_written(out, "data:"))
+    assert (res.config["residual"], res.config["norm"]) == (True, "layer")
+    with jax.enable_x64(False):
+        prob = gradflow.problem("lstm", layers=2, steps=3, hidden=8, batch=2,
+                                stack_options={"residual": True, "norm": "layer"})
+        assert "norm" in prob.params
+        ref = gradflow.gradient_map(prob.stack, prob.params, prob.xs).values
+        plain = gradflow.problem("lstm", layers=2, steps=3, hidden=8, batch=2)
+        plain = gradflow.gradient_map(plain.stack, plain.params, plain.xs).values
+    np.testing.assert_array_equal(res.values, ref)
+    assert not np.allclose(res.values, plain)
+
+
+# --- errors: internal errors apart from bad input, Ctrl-C, missing extras -----------------------
+
+
+def test_a_bug_inside_gradflow_is_an_internal_error_not_bad_input(capsys, monkeypatch):
+    from gradflow import jacobian
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom")  # a ValueError, but not from a check of the user's input
+
+    monkeypatch.setattr(jacobian, "gradient_map", broken)
+    rc, out, err = run(capsys, "heatmap", *SMALL, "--no-data")
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "internal error: ValueError: boom" in err and "--debug" in err
+    rc, out, err = run(capsys, "heatmap", *SMALL, "--no-data", "--debug")
+    assert rc == 1 and "Traceback" in err and "ValueError: boom" in err
+
+
+def test_ctrl_c_is_one_line_exit_130(capsys, monkeypatch):
+    from gradflow import jacobian
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jacobian, "gradient_map", interrupted)
+    rc, out, err = run(capsys, "heatmap", *SMALL, "--no-data")
+    assert rc == 130 and err == "gradflow heatmap: interrupted\n"
+
+
+def test_digits_without_scikit_learn_names_the_extra(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    rc, out, err = run(capsys, "train", "--task", "digits", "--steps", "1", "--out", "d")
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert "pip install 'gradflow[digits]'" in err and "Traceback" not in err
