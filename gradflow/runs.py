@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import jax
@@ -82,11 +83,18 @@ def _write_npz(path: str, meta: dict, arrays: dict) -> str:
 
 
 def _read_npz(path) -> tuple[dict, dict]:
-    with np.load(os.fspath(path), allow_pickle=False) as f:
-        if META not in f.files:
-            raise InputError(f"{os.fspath(path)!r} is not a gradflow run state or params file")
-        meta = json.loads(str(f[META]))
-        arrays = {k: f[k] for k in f.files if k != META}
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as f:
+            if META not in f.files:
+                raise InputError(f"{os.fspath(path)!r} is not a gradflow run state or params "
+                                 "file")
+            meta = json.loads(str(f[META]))
+            arrays = {k: f[k] for k in f.files if k != META}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:  # not an .npz of ours
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"cannot read {os.fspath(path)!r} as a gradflow .npz file: "
+                         f"{type(e).__name__}: {e}") from e
     return meta, arrays
 
 

@@ -1,11 +1,14 @@
 """``gradflow train``: a tiny run writes the learning curve and the recorded maps, and they
 hold the numbers of the same run made through :func:`gradflow.train.train`; bad input exits 2
 with one line."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import gradflow
-from gradflow import figures, tasks
+from gradflow import runs, tasks
+from gradflow.problem import precision, task_stack
 from gradflow.cli import main
 from gradflow.jacobian import gradient_map
 from gradflow.train import train
@@ -26,9 +29,9 @@ def run(tmp_path_factory):
 def direct():
     """The same run through the library, in the CLI's 32-bit mode."""
     task = tasks.make("adding", steps=6)
-    stack = figures.task_stack("star", task, layers=3, hidden=8)
+    stack = task_stack("star", task, layers=3, hidden=8)
     record = {"gradient_map": lambda s, p, x: gradient_map(s, p, x, loss="last", wrt="hidden")}
-    with figures.precision("float32"):
+    with precision("float32"):
         return train(stack, task, steps=12, batch=8, lr=0.01, seed=3, eval_every=6,
                      eval_batch=16, record_at=(0, 12), record=record, record_batch=4,
                      progress=False)
@@ -38,7 +41,7 @@ def test_tiny_run_writes_curve_and_maps(run, capsys):
     code, out = run
     assert code == 0
     for name in ("curve.npz", "curve.png", "map_step000000.npz", "map_step000012.npz",
-                 "maps.png"):
+                 "maps.png", "state.npz"):
         assert (out / name).is_file(), name
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -59,7 +62,7 @@ def test_curve_equals_the_library_run(run, direct):
     from gradflow.train import eval_batch_of
     import jax
     import jax.numpy as jnp
-    with figures.precision("float32"):
+    with precision("float32"):
         ys = np.asarray(eval_batch_of(tasks.make("adding", steps=6),
                                       jax.random.split(jax.random.key(3), 3)[2], 16, 8,
                                       jnp.float32)[1])
@@ -78,7 +81,7 @@ def test_recorded_maps_are_the_maps_of_the_trained_params(run, direct):
     from gradflow.train import eval_batch_of
     import jax
     import jax.numpy as jnp
-    with figures.precision("float32"):
+    with precision("float32"):
         xs = eval_batch_of(tasks.make("adding", steps=6), jax.random.split(
             jax.random.key(3), 3)[2], 16, 8, jnp.float32)[0][:4]
         again = gradient_map(direct.stack, direct.params["stack"], xs, loss="last")
@@ -111,3 +114,55 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
 def test_help_lists_train(capsys):
     assert main(["--help"]) == 0
     assert "train" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained weights back in: the run folder holds the stack and its parameters
+
+
+def test_loaded_params_give_the_map_recorded_at_the_end_of_training(run, direct):
+    """runs.load_params rebuilds the trained stack; its map on the run's first 4 evaluation
+    sequences is the map recorded at the last step (12), and so is `heatmap --params`."""
+    _, out = run
+    recorded = gradflow.load(out / "map_step000012.npz")
+    stack, params = runs.load_params(out)
+    assert stack.config == direct.stack.config
+    for a, b in zip(jax.tree_util.tree_leaves(params),
+                    jax.tree_util.tree_leaves(direct.params["stack"])):
+        np.testing.assert_array_equal(a, b)
+    from gradflow.train import eval_batch_of, keys
+    with precision("float32"):
+        xs = eval_batch_of(tasks.make("adding", steps=6), keys(3)[2], 16, 8, jnp.float32)[0][:4]
+        again = gradient_map(stack, params, xs, loss="last", wrt="hidden")
+    np.testing.assert_array_equal(again.values, recorded.values)
+    # the same through the command line, from the folder and from its state file
+    for source in (out, out / "state.npz"):
+        target = out.parent / f"trained_{source.name}.png"
+        assert main(["heatmap", "--params", str(source), "--batch", "4", "--out",
+                     str(target)]) == 0
+        measured = gradflow.load(target.with_suffix(".npz"))
+        np.testing.assert_array_equal(measured.values, recorded.values)
+        assert measured.config["train_step"] == 12 and measured.config["cell"] == "star"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--layers", "5"], "--layers cannot be used with --params"),
+    (["--cell", "gru", "--residual"], "--cell, --residual cannot be used with --params"),
+    (["--steps", "9"], "--steps cannot be used with a training run's --params"),
+    (["--batch", "17"], "more than the run's 16 evaluation sequences"),
+])
+def test_params_conflicts_exit_2(run, capsys, extra, message):
+    _, out = run
+    capsys.readouterr()
+    code = main(["heatmap", "--params", str(out), "--no-data", "--out",
+                 str(out.parent / "x.png")] + extra)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_params_that_are_not_there_exit_2(tmp_path, capsys):
+    assert main(["heatmap", "--params", str(tmp_path / "nothing")]) == 2
+    assert "no trained parameters at" in capsys.readouterr().err
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert main(["heatmap", "--params", str(tmp_path / "bad.npz")]) == 2
+    assert "cannot read" in capsys.readouterr().err

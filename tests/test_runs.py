@@ -1,0 +1,106 @@
+"""Run folders (gradflow.runs): leaves named by their pytree path, the first format still
+read, and trained weights back in as (stack, params) equal to what was trained or saved."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import cells, runs, tasks
+from gradflow.errors import InputError
+from gradflow.train import train
+
+ADDING = tasks.make("adding", steps=5)
+STACK = gradflow.Stack("lstm", layers=2, input_size=2, hidden_size=4)
+OPTS = dict(steps=4, batch=4, eval_batch=8, eval_every=2, lr=1e-2, progress=False)
+
+
+def _equal_trees(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, train(STACK, ADDING, run_dir=run_dir, **OPTS)
+
+
+def test_state_leaves_are_named_by_their_pytree_path(finished):
+    run_dir, hist = finished
+    with np.load(run_dir / "state.npz") as f:
+        names = set(f.files)
+        meta = json.loads(str(f["__meta__"]))
+        w = f["['params']['stack']['layers'][1]['f']['U']"]
+    assert "['params']['head']['W']" in names
+    assert any(n.startswith("['opt_state']") and n.endswith(".mu") for n in names)
+    assert not any(n.startswith("leaf") for n in names)
+    np.testing.assert_array_equal(w, hist.params["stack"]["layers"][1]["f"]["U"])
+    assert meta["step"] == 4 and meta["format"] == runs.FORMAT
+    assert meta["stack"] == json.loads(json.dumps(STACK.config)) and meta["config"]["train_steps"] == 4
+
+
+def test_load_params_gives_the_trained_stack_and_params(finished):
+    run_dir, hist = finished
+    stack, params = runs.load_params(run_dir)
+    assert stack.config == STACK.config
+    _equal_trees(params, hist.params["stack"])
+    assert jax.tree_util.tree_leaves(params)[0].dtype == np.float32
+
+
+def test_a_first_format_state_is_still_read(finished, tmp_path):
+    """leaf00000 = every parameter raveled into one vector, then the optimiser's leaves in
+    order: a finished run in that format resumes to the same parameters."""
+    run_dir, hist = finished
+    old = tmp_path / "old"
+    old.mkdir()
+    meta, arrays = runs.read_state(run_dir)
+    params = {"stack": hist.params["stack"], "head": hist.params["head"]}
+    theta = np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(params)])
+    opt = [v for k, v in arrays.items() if k.startswith("['opt_state']")]
+    legacy = {f"leaf{i:05d}": a for i, a in enumerate([theta] + opt)}
+    np.savez(old / "state.npz", __meta__=np.array(json.dumps(
+        {k: v for k, v in meta.items() if k in ("step", "config", "records")})), **legacy)
+    (old / "curve.npz").write_bytes((run_dir / "curve.npz").read_bytes())
+    again = train(STACK, ADDING, run_dir=old, resume=True, **OPTS)
+    _equal_trees(again.params, hist.params)
+    np.testing.assert_array_equal(again.curve.loss, hist.curve.loss)
+
+
+def test_save_params_round_trip_with_residual_norm_and_projection(tmp_path):
+    stack = gradflow.Stack("refined_lstm", layers=3, input_size=3, hidden_size=4,
+                           residual=True, norm="layer", input_projection=True)
+    params = stack.init(jax.random.key(1))
+    path = runs.save_params(tmp_path / "p.npz", stack, params)
+    with np.load(path) as f:
+        assert "['norm'][2]['bias']" in f.files and "['input']['W']" in f.files
+    loaded_stack, loaded = runs.load_params(path)
+    assert loaded_stack == stack  # options back as tuples: the very same registered cell
+    _equal_trees(loaded, params)
+
+
+def test_stacks_of_several_cells_and_users_cells(tmp_path):
+    mixed = gradflow.Stack(["gru", "mgu"], layers=2, input_size=4, hidden_size=4)
+    assert runs.stack_from_config(mixed.config).config == mixed.config
+    mine = dataclasses.replace(cells.get("rnn"), name="my_rnn")
+    stack = gradflow.Stack(mine, layers=2, input_size=3, hidden_size=4)
+    path = runs.save_params(tmp_path / "mine.npz", stack, stack.init(jax.random.key(0)))
+    with pytest.raises(InputError, match="'my_rnn' is not a registered cell.*cell="):
+        runs.load_params(path)
+    again, params = runs.load_params(path, cell=mine)
+    assert again == stack
+
+
+def test_arrays_that_do_not_fit_are_named(tmp_path):
+    small = gradflow.Stack("lstm", layers=1, input_size=2, hidden_size=3)
+    big = gradflow.Stack("lstm", layers=1, input_size=2, hidden_size=5)
+    arrays = runs.named_leaves(small.init(jax.random.key(0)))
+    template = jax.eval_shape(big.init, jax.random.key(0))
+    with pytest.raises(InputError, match=r"\['layers'\]\[0\]\['[a-z]+'\]\['[A-Za-z]+'\] has shape"):
+        runs.unflatten_named(template, arrays)
+    with pytest.raises(InputError, match="no trained parameters at"):
+        runs.load_params(tmp_path / "missing")
