@@ -1,0 +1,545 @@
+r"""Claims under conditions: where does each paper's reading of a gradient map hold?
+
+A :class:`Claim` is a named predicate on one gradient map ``values: (L, T)`` (a
+:func:`gradflow.gradient_map`): a statistic ``s = predicate(values)`` and a threshold
+``holds(s) -> bool``. The predicates of SPEC section 4 item 1 read the map relative to where the
+loss enters, :math:`r[l, t] = P[l, t] / P[L-1, T-1]`:
+
+* ``rnn_amplified``: :math:`r[0, 0] \ge 2` (the STAR paper's Figure 2 itself shows 2.7x under the
+  final-output loss and 4.6x under the sequence loss; 2 is below both, so the claim is read as
+  "the bottom-first gradient is amplified by the factor the figure shows", not more);
+  ``rnn_amplified_decade``: :math:`r[0, 0] \ge 10` (the over-reading "orders of magnitude");
+* ``lstm_collapses``: :math:`\mathrm{median}\, r[l, t]` over the layers below the top two
+  :math:`\le 0.1`;
+* ``star_preserved``: the share of map entries with :math:`0.1 \le r \le 10` is :math:`\ge 0.8`.
+
+A :class:`Grid` is the product of factors (cell, init, input scale, hidden size, layers x steps,
+loss, wrt) with a seed list; a cell factor value is a name or ``"name:option=value,..."`` (e.g.
+``"lstm:forget_bias=1.0"``, TensorFlow's LSTMCell; ``"star:variant=official"``, the authors'
+released STAR with chrono bias, ``T_max = 784``). The ``init`` factor is the weight scheme; a
+cell whose default ``init`` carries a bias scheme (``chrono``, ``ugi``) keeps it
+(``"torch"`` -> ``"torch+chrono"``).
+
+:func:`atlas` measures every condition some claim reads. Each seed's problem is built by
+:func:`gradflow.sweep.seed_problem` (so the map of seed ``s`` is
+``gradient_map(*problem(cell, seed=s, ...)[:3])``), and the problems are measured under
+``vmap`` inside one ``jax.shard_map`` that splits them over the devices, as
+:func:`gradflow.sweep.sweep_arrays` does. Compiling dominates at small sizes, so one program per
+(cell, size) measures every init x seed x input scale x (loss, wrt) of the grid
+at small sizes. Each condition is cached as ``<cache_dir>/<key>.npz`` (a
+:class:`gradflow.Result` holding ``values: (S, L, T)``), ``key`` a hash of the condition's
+config, so an interrupted atlas resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import math
+import os
+from typing import Callable
+
+import numpy as np
+
+CACHE_VERSION = 1
+FACTORS = ("cell", "init", "input_scale", "hidden", "size", "loss", "wrt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims
+
+
+def ratio(values) -> np.ndarray:
+    """:math:`r = P / P[L-1, T-1]` for ``values: (L, T)``; all NaN if the top-last value is 0 or
+    not finite (a claim read relative to it cannot be evaluated)."""
+    values = np.asarray(values, np.float64)
+    ref = values[-1, -1]
+    if not np.isfinite(ref) or ref == 0:
+        return np.full(values.shape, np.nan)
+    return values / ref
+
+
+def bottom_first(values) -> float:
+    """:math:`r[0, 0]`: the bottom layer's first step over the top layer's last step."""
+    return float(ratio(values)[0, 0])
+
+
+def median_below_top2(values) -> float:
+    """Median of :math:`r[l, t]` over layers ``0 .. L-3`` (all but the top two) and all steps."""
+    r = ratio(values)
+    if r.shape[0] < 3:
+        raise ValueError(f"median_below_top2 needs at least 3 layers, got {r.shape[0]}")
+    return float(np.median(r[:-2]))
+
+
+def share_within_decade(values) -> float:
+    """Share of entries with :math:`0.1 \\le r \\le 10` (NaN if ``r`` is)."""
+    r = ratio(values)
+    if np.isnan(r).all():
+        return float("nan")
+    return float(np.mean((r >= 0.1) & (r <= 10.0)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A named reading of a gradient map.
+
+    Attributes:
+      name, description: what the claim says (the description names the threshold).
+      cells: the cell names it speaks of (``"star"`` also covers ``"star:variant=official"``).
+      wrt, loss: the maps it reads (conditions with other ``wrt``/``loss`` are not evaluated).
+      predicate: ``values (L, T) -> statistic`` (float; NaN where it cannot be read).
+      holds: ``statistic -> bool`` (never true for NaN).
+    """
+
+    name: str
+    description: str
+    cells: tuple
+    wrt: tuple
+    loss: tuple
+    predicate: Callable
+    holds: Callable
+
+    def applies(self, condition: dict) -> bool:
+        """Whether the claim reads ``condition``'s map."""
+        return (parse_cell(condition["cell"])[0] in self.cells and condition["wrt"] in self.wrt
+                and condition["loss"] in self.loss)
+
+    def evaluate(self, values) -> tuple[float, bool]:
+        """``(statistic, holds)`` for one map ``values: (L, T)``."""
+        s = float(self.predicate(values))
+        return s, bool(np.isfinite(s) and self.holds(s))
+
+
+_BOTH = ("last", "all")
+_WRTS = ("params", "hidden")
+
+CLAIMS = {c.name: c for c in (
+    Claim("rnn_amplified", "vRNN: r[bottom, first] >= 2 (the figure shows 2.7x / 4.6x)",
+          ("rnn",), _WRTS, _BOTH, bottom_first, lambda s: s >= 2.0),
+    Claim("rnn_amplified_decade", "vRNN: r[bottom, first] >= 10 ('orders of magnitude')",
+          ("rnn",), _WRTS, _BOTH, bottom_first, lambda s: s >= 10.0),
+    Claim("lstm_collapses", "LSTM: median r over layers below the top two <= 0.1",
+          ("lstm",), _WRTS, _BOTH, median_below_top2, lambda s: s <= 0.1),
+    Claim("star_preserved", "STAR: share of the map with r in [0.1, 10] >= 0.8",
+          ("star",), _WRTS, _BOTH, share_within_decade, lambda s: s >= 0.8),
+)}
+
+
+def get_claims(names) -> list[Claim]:
+    """Claims by name (or :class:`Claim` objects passed through)."""
+    if isinstance(names, (str, Claim)):
+        names = [names]
+    out = []
+    for n in names:
+        if isinstance(n, Claim):
+            out.append(n)
+        elif n in CLAIMS:
+            out.append(CLAIMS[n])
+        else:
+            raise ValueError(f"unknown claim {n!r}; valid: {', '.join(CLAIMS)}")
+    if not out:
+        raise ValueError(f"claims must name at least one claim; valid: {', '.join(CLAIMS)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids and conditions
+
+
+def parse_cell(spec: str) -> tuple[str, dict]:
+    """``"lstm:forget_bias=1.0,init=torch"`` -> ``("lstm", {"forget_bias": 1.0, ...})``; values
+    parsed as JSON where they are (numbers, true/false), else kept as strings."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a cell factor value is a name or 'name:option=value,...', got {spec!r}")
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"cell spec {spec!r}: options are 'option=value' pairs")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
+def cell_for(spec: str, init: str, steps: int):
+    """The :class:`gradflow.cells.Cell` of a cell factor value under an ``init`` weight scheme
+    (a bias scheme in the cell's own default init is kept)."""
+    from gradflow import cells as _cells
+
+    name, options = parse_cell(spec)
+    if "init" in options:
+        raise ValueError(f"cell spec {spec!r} sets init: use the grid's init factor instead")
+    default = dict(_cells.for_length(name, steps, **options).options).get("init")
+    weight, bias = _cells.parse_init(init)
+    if bias is None and default is not None:
+        bias = _cells.parse_init(default)[1]
+    return _cells.for_length(name, steps, init=weight if bias is None else f"{weight}+{bias}",
+                             **options)
+
+
+def _tuple(name, v):
+    if isinstance(v, (str, int, float)):
+        v = (v,)
+    v = tuple(v)
+    if not v:
+        raise ValueError(f"grid factor {name!r} needs at least one value")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The conditions of an atlas: the product of the factors, each measured for every seed.
+
+    ``sizes`` are ``(layers, steps)`` pairs. ``conditions()`` lists dicts with keys
+    :data:`FACTORS` (``size`` split into ``layers``, ``steps``) plus ``seeds``, ``batch``,
+    ``dtype``, ``readout_seed``.
+    """
+
+    cells: tuple = ("rnn", "lstm", "star")
+    inits: tuple = ("orthogonal",)
+    input_scales: tuple = (1.0,)
+    hidden: tuple = (32,)
+    sizes: tuple = ((10, 10),)
+    losses: tuple = ("last", "all")
+    wrts: tuple = ("params",)
+    seeds: tuple = (0, 1, 2)
+    batch: int = 16
+    dtype: str = "float32"
+    readout_seed: int = 0
+
+    def __post_init__(self):
+        from gradflow import jacobian as _jac
+        from gradflow import sweep as _sweep
+
+        for f in ("cells", "inits", "input_scales", "hidden", "losses", "wrts"):
+            object.__setattr__(self, f, _tuple(f, getattr(self, f)))
+        sizes = tuple(tuple(int(x) for x in s) for s in _tuple("sizes", self.sizes))
+        if any(len(s) != 2 or min(s) < 1 for s in sizes):
+            raise ValueError(f"sizes are (layers, steps) pairs of positive integers, got {sizes}")
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "seeds", _sweep._seeds(self.seeds))
+        object.__setattr__(self, "input_scales", tuple(float(s) for s in self.input_scales))
+        for f, what, valid in (("losses", "loss", _jac.LOSSES),
+                               ("wrts", "wrt", ("params", "hidden"))):
+            bad = [v for v in getattr(self, f) if v not in valid]
+            if bad:
+                raise ValueError(f"unknown {what} {bad[0]!r}; valid: {', '.join(valid)}")
+        for c in self.cells:
+            parse_cell(c)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Grid":
+        """A grid from a JSON-able dict with the field names (unknown keys rejected)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - fields)
+        if bad:
+            raise ValueError(f"unknown grid key {bad[0]!r}; valid: {', '.join(sorted(fields))}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path):
+        """A grid from a JSON file (an object with the field names; a list of objects gives a
+        list of grids)."""
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read grid {path!r}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"grid {path!r} is not JSON: {e}") from None
+        if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+            return [cls.from_dict(x) for x in d]
+        if not isinstance(d, dict):
+            raise ValueError(f"grid {path!r} must hold a JSON object or a list of them")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(map(list, v)) if f.name == "sizes" else
+                         list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    def conditions(self) -> list[dict]:
+        out = []
+        for cell, init, scale, hidden, (layers, steps), loss, wrt in itertools.product(
+                self.cells, self.inits, self.input_scales, self.hidden, self.sizes,
+                self.losses, self.wrts):
+            out.append({"cell": cell, "init": init, "input_scale": scale, "hidden": int(hidden),
+                        "layers": layers, "steps": steps, "loss": loss, "wrt": wrt,
+                        "seeds": list(self.seeds), "batch": int(self.batch),
+                        "dtype": self.dtype, "readout_seed": int(self.readout_seed)})
+        return out
+
+
+def condition_key(condition: dict) -> str:
+    """A 16-hex-digit hash of a condition's config (the cache file's name)."""
+    text = json.dumps({**condition, "version": CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: one program per (cell, size), every init x seed x input scale x (loss, wrt)
+
+
+@functools.lru_cache(maxsize=16)
+def _group_program(stack, mesh, steps, batch, dtype, pairs, readout_seed):
+    """jit ``(params (N, ...), xs (N, B, T, D), scales (K,)) -> {(loss, wrt): (loss values
+    (N, K), maps (N, K, L, T))}``, the ``N`` problems split over ``mesh``'s devices; per problem
+    and scale the map of :func:`gradflow.gradient_map` on ``scale * xs``."""
+    import jax
+    from jax.sharding import PartitionSpec
+
+    from gradflow import jacobian as _jac
+    from gradflow import sweep as _sweep
+
+    def measure(params, xs, loss, wrt):
+        loss_fn = _jac.readout_loss(loss, stack.hidden_size, steps, batch, readout_seed, dtype)
+        if wrt == "params":
+            return _jac._params_map(stack, params, xs, loss_fn)
+        return _jac._state_map(stack, params, xs, loss_fn, "h")
+
+    def local(params, xs, scales):
+        def per_scale(k):  # the same float multiply as seed_problem's input_scale * N(0, 1)
+            return {pair: jax.vmap(lambda p, x: measure(p, k.astype(dtype) * x, *pair))(
+                params, xs) for pair in pairs}
+        return jax.vmap(per_scale, out_axes=1)(scales)
+
+    spec = PartitionSpec(_sweep.AXIS)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, PartitionSpec()),
+                                 out_specs=spec, check_vma=False))
+
+
+_GROUPED = ("init", "input_scale", "loss", "wrt")
+
+
+def measure_group(conditions: list[dict], devices=None) -> list:
+    """Gradient maps of conditions that differ only in ``init``, ``input_scale``, ``loss`` and
+    ``wrt``: one Result per condition (``values: (S, L, T)``, ``loss_value: (S,)``), in order.
+
+    Each seed's problem is :func:`gradflow.sweep.seed_problem` with ``input_scale = 1`` (built
+    by the condition's own cell, so its init), its inputs scaled inside the program. The
+    program is compiled for the cell as built with the ``orthogonal`` weight scheme: a cell's
+    ``init`` option changes its initial parameters only, never its step (the tests compare
+    ``torch``-init maps with :func:`gradflow.gradient_map` on the ``torch`` cell).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from gradflow import sweep as _sweep
+    from gradflow.problem import dtype_of
+    from gradflow.results import make_result
+    from gradflow.stack import Stack
+
+    c0 = conditions[0]
+    rest = {k: v for k, v in c0.items() if k not in _GROUPED}
+    if any({k: v for k, v in c.items() if k not in _GROUPED} != rest for c in conditions):
+        raise ValueError("measure_group: the conditions may differ only in "
+                         + ", ".join(_GROUPED))
+    steps, hidden, layers, batch = c0["steps"], c0["hidden"], c0["layers"], c0["batch"]
+    dt = jnp.dtype(dtype_of(c0["dtype"]))
+    seeds = _sweep._seeds(c0["seeds"])
+    inits = list(dict.fromkeys(c["init"] for c in conditions))
+    scales = list(dict.fromkeys(c["input_scale"] for c in conditions))
+    pairs = tuple(dict.fromkeys((c["loss"], c["wrt"]) for c in conditions))
+    problems, cell_configs = [], {}
+    for init in inits:
+        st = Stack(cell_for(c0["cell"], init, steps), layers, hidden, hidden)
+        cell_configs[init] = st.cell.config
+        problems += [_sweep.seed_problem(st, s, steps=steps, batch=batch, dtype=dt)
+                     for s in seeds]
+    mesh = _sweep._mesh(devices)
+    n_dev = mesh.devices.size
+    n = len(problems)
+    problems += [problems[-1]] * (math.ceil(n / n_dev) * n_dev - n)
+    shard = NamedSharding(mesh, PartitionSpec(_sweep.AXIS))
+    params = jax.device_put(jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                                   *[p for p, _ in problems]), shard)
+    xs = jax.device_put(jnp.stack([x for _, x in problems]), shard)
+    stack = Stack(cell_for(c0["cell"], "orthogonal", steps), layers, hidden, hidden)
+    run = _group_program(stack, mesh, steps, batch, dt, pairs, c0["readout_seed"])
+    out = run(params, xs, jnp.asarray(scales, dt))
+    n_used = len(out[pairs[0]][1].sharding.device_set)
+    out = {pair: (np.asarray(v)[:n], np.asarray(m)[:n]) for pair, (v, m) in out.items()}
+    S = len(seeds)
+    results = []
+    for c in conditions:
+        i, k = inits.index(c["init"]), scales.index(c["input_scale"])
+        values, maps = out[(c["loss"], c["wrt"])]
+        results.append(make_result(
+            "gradient_map", {"values": maps[i * S:(i + 1) * S, k],
+                             "loss_value": values[i * S:(i + 1) * S, k]},
+            {**c, "cell_config": cell_configs[c["init"]], "devices": n_used}, warn=False))
+    return results
+
+
+def _groups(conditions):
+    groups = {}
+    for c in conditions:
+        groups.setdefault(condition_key({k: v for k, v in c.items() if k not in _GROUPED}),
+                          []).append(c)
+    return list(groups.values())
+
+
+def measure(conditions: list[dict], *, cache_dir=None, devices=None, progress: bool = True):
+    """``{condition_key: Result}`` for every condition, read from ``cache_dir`` where cached,
+    measured (and written there) otherwise."""
+    from gradflow.results import Result
+
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+    out, todo = {}, []
+    for c in conditions:
+        key = condition_key(c)
+        path = None if cache_dir is None else os.path.join(cache_dir, key + ".npz")
+        if path is not None and os.path.exists(path):
+            out[key] = Result.load(path)
+        else:
+            todo.append(c)
+    bar = _bar(len(conditions), len(conditions) - len(todo), progress)
+    try:
+        for group in _groups(todo):
+            for c, res in zip(group, measure_group(group, devices)):
+                key = condition_key(c)
+                if cache_dir is not None:  # written whole, then renamed: no torn files
+                    tmp = os.path.join(cache_dir, key + ".tmp.npz")
+                    res.save(tmp)
+                    os.replace(tmp, os.path.join(cache_dir, key + ".npz"))
+                out[key] = res
+            bar.update(len(group))
+    finally:
+        bar.close()
+    return out
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total, done, progress):
+    if not progress:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is an optional dependency
+        return _NoBar()
+    return tqdm(total=total, initial=done, desc="atlas maps", unit="cond")
+
+
+# ---------------------------------------------------------------------------------------------
+# The atlas
+
+
+def _grid(g) -> Grid:
+    if isinstance(g, dict):
+        g = Grid.from_dict(g)
+    if not isinstance(g, Grid):
+        raise TypeError(f"grid must be a Grid, a dict or a JSON path, got {type(g).__name__}")
+    return g
+
+
+def atlas(claims, grid, *, cache_dir=None, devices=None, progress: bool = True) -> dict:
+    r"""Evaluate each claim on every condition of ``grid`` it reads, for every seed.
+
+    Args:
+      claims: claim names (:data:`CLAIMS`) or :class:`Claim` objects.
+      grid: a :class:`Grid`, a dict of its fields or a JSON file's path (holding an object or
+        a list of them), or a list of these: the union of their conditions (same seeds).
+      cache_dir: where each condition's maps are cached (``None``: no cache).
+      devices: devices to shard the seeds over (default ``jax.devices()``).
+    Returns:
+      ``{claim name: Result}``, each ``kind="atlas"`` with ``statistic: (C, S)`` (the predicate's
+      value per condition and seed), ``holds: (C, S)`` (bool), ``fraction: (C,)`` (share of seeds
+      for which it holds), and config ``claim``, ``description``, ``conditions`` (the ``C``
+      condition dicts), ``seeds``, ``grid``.
+
+    >>> g = Grid(cells=("rnn",), sizes=((3, 3),), hidden=(4,), seeds=(0, 1), batch=2)
+    >>> res = atlas(["rnn_amplified"], g, progress=False)["rnn_amplified"]
+    >>> res.statistic.shape, res.fraction.shape
+    ((2, 2), (2,))
+    """
+    from gradflow.results import make_result
+
+    claims = get_claims(claims)
+    grids = []
+    for g in (grid if isinstance(grid, list) else [grid]):
+        g = Grid.load(g) if isinstance(g, (str, os.PathLike)) else g
+        grids += [_grid(x) for x in (g if isinstance(g, list) else [g])]
+    if not grids:
+        raise ValueError("grid: an empty list of grids")
+    conditions = list({condition_key(c): c for g in grids for c in g.conditions()}.values())
+    seeds = grids[0].seeds
+    if any(g.seeds != seeds for g in grids):
+        raise ValueError("grids of one atlas must share their seeds")
+    needed = [c for c in conditions if any(cl.applies(c) for cl in claims)]
+    if not needed:
+        raise ValueError("no condition of the grid is read by the claims "
+                         + ", ".join(f"{c.name} (cells {', '.join(c.cells)})" for c in claims))
+    maps = measure(needed, cache_dir=cache_dir, devices=devices, progress=progress)
+    out = {}
+    for cl in claims:
+        conds = [c for c in needed if cl.applies(c)]
+        if not conds:
+            raise ValueError(f"claim {cl.name!r} reads no condition of the grid (cells "
+                             f"{', '.join(cl.cells)}, wrt {', '.join(cl.wrt)}, loss "
+                             f"{', '.join(cl.loss)})")
+        stat = np.array([[cl.evaluate(v)[0] for v in maps[condition_key(c)].values]
+                         for c in conds])
+        holds = np.array([[cl.evaluate(v)[1] for v in maps[condition_key(c)].values]
+                          for c in conds])
+        out[cl.name] = make_result(
+            "atlas", {"statistic": stat, "holds": holds, "fraction": holds.mean(axis=1)},
+            {"claim": cl.name, "description": cl.description, "conditions": conds,
+             "seeds": list(seeds), "grid": [g.to_dict() for g in grids]}, warn=False)
+    return out
+
+
+def table(results: dict, factors=("cell", "init", "input_scale", "layers", "loss", "wrt")) -> str:
+    """A Markdown table: one row per (claim, condition) with the median statistic over seeds and
+    the fraction of seeds for which the claim holds."""
+    lines = ["| claim | " + " | ".join(factors) + " | median statistic | holds (seeds) |",
+             "|---" * (len(factors) + 3) + "|"]
+    for name, res in results.items():
+        for c, s, f in zip(res.config["conditions"], res.statistic, res.fraction):
+            lines.append(f"| {name} | " + " | ".join(str(c[k]) for k in factors)
+                         + f" | {np.nanmedian(s) if np.isfinite(s).any() else float('nan'):.3g}"
+                         f" | {f:.2f} |")
+    return "\n".join(lines)
+
+
+def save(results: dict, stem) -> tuple[str, str]:
+    """Write ``stem.npz`` (each claim's arrays, prefixed ``<claim>/``) and ``stem.json`` (each
+    claim's config). Returns both paths; :func:`load` reads them back."""
+    stem = os.fspath(stem)
+    arrays = {f"{n}/{k}": v for n, r in results.items() for k, v in r.arrays.items()}
+    np.savez(stem + ".npz", **arrays)
+    with open(stem + ".json", "w") as f:
+        json.dump({n: r.config for n, r in results.items()}, f, indent=1)
+    return stem + ".npz", stem + ".json"
+
+
+def load(stem) -> dict:
+    """``{claim: Result}`` written by :func:`save`."""
+    from gradflow.results import make_result
+
+    stem = os.fspath(stem)
+    with open(stem + ".json") as f:
+        configs = json.load(f)
+    with np.load(stem + ".npz") as z:
+        return {n: make_result("atlas", {k.split("/", 1)[1]: z[k] for k in z.files
+                                         if k.split("/", 1)[0] == n}, cfg, warn=False)
+                for n, cfg in configs.items()}
+
+
+__all__ = ["CLAIMS", "Claim", "FACTORS", "Grid", "atlas", "bottom_first", "cell_for",
+           "condition_key", "get_claims", "load", "measure", "measure_group",
+           "median_below_top2", "parse_cell", "ratio", "save", "share_within_decade", "table"]
