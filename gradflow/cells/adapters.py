@@ -51,6 +51,7 @@ Example (a plain function: a tanh RNN whose carry is its output)::
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -443,16 +444,37 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
 # Flax NNX
 
 
+def _nnx_rebuild(nnx, module, key, n_in: int, H: int):
+    """A fresh module of ``module``'s class, ``type(module)(n_in, H, rngs=nnx.Rngs(key), **kw)``
+    with every other constructor argument that the module keeps as an attribute of the same
+    name (NNX's cells keep ``gate_fn``, ``activation_fn``, ``dtype``, ``param_dtype``, ...; the
+    initialisers they do not keep take their defaults). None where the class is not built as
+    ``(in_features, hidden_features, ..., rngs=)``."""
+    try:
+        params = list(inspect.signature(type(module).__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params]
+    if names[:2] != ["in_features", "hidden_features"] or "rngs" not in names:
+        return None
+    kw = {p.name: getattr(module, p.name) for p in params[2:]
+          if p.name != "rngs" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+          and p.name in vars(module)}
+    return type(module)(n_in, H, rngs=nnx.Rngs(key), **kw)
+
+
 def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None, gates=None,
              gate_kinds=None, init: Callable | None = None, name: str | None = None) -> Cell:
     r"""A cell from a ``flax.nnx`` RNN cell (``nnx.LSTMCell``, ``nnx.GRUCell``, ...; any module
     with ``__call__(carry, x) -> (carry, y)`` on batched arrays).
 
     Params are the module's ``nnx.Param`` state as a plain nested dict
-    (``nnx.split(module, nnx.Param, ...)``); everything else in the module is closed over. The
-    weights in ``module`` are the ones measured: :meth:`Stack.init` gives every layer the
-    module's own weights unless ``init`` makes fresh modules; :func:`stack_params` takes one
-    trained module per layer.
+    (``nnx.split(module, nnx.Param, ...)``); everything else in the module is closed over.
+    Trained weights: :func:`stack_params` with one trained module per layer. Fresh weights
+    (:meth:`Stack.init`): ``init`` if given; else a new module of the same class for each layer
+    (NNX's cells: ``type(module)(input_size, hidden_size, rngs=nnx.Rngs(key), ...)`` with the
+    module's kept options, e.g. ``gate_fn``; initialisers at their defaults); else, for a class
+    not built that way, the module's own weights in every layer.
 
     Args:
       module: the NNX module.
@@ -464,7 +486,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         weights).
       gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
       init: ``init(key, input_size, hidden_size) -> module``, a fresh module per layer (e.g.
-        ``lambda k, i, h: nnx.LSTMCell(i, h, rngs=nnx.Rngs(k))``).
+        ``lambda k, i, h: nnx.LSTMCell(i, h, kernel_init=..., rngs=nnx.Rngs(k))``).
       name: a label (default the module's class name).
     """
     who = "from_nnx"
@@ -510,9 +532,10 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                         f"{type(obj).__name__}")
 
     def make_init(key, n_in_, H_, dtype):
-        if init is None:
-            return own
-        return to_params(init(key, n_in_, H_))
+        if init is not None:
+            return to_params(init(key, n_in_, H_))
+        fresh = _nnx_rebuild(nnx, module, key, n_in_, H_)
+        return own if fresh is None else to_params(fresh)
 
     return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
                   template=template, hidden_size=H, input_size=n_in, output=output,
@@ -591,8 +614,8 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
 
     def to_params(obj):
         if isinstance(obj, eqx.Module):
-            p, td, _ = split(obj)
-            if type(obj) is not type(module) or td != treedef:
+            p, _, _ = split(obj)
+            if type(obj) is not type(module) or sorted(p) != sorted(keys):
                 raise TypeError(f"{who}: a layer's module ({type(obj).__name__}) does not have "
                                 f"the structure of the cell's ({type(module).__name__})")
             return p

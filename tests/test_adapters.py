@@ -1,0 +1,565 @@
+"""The user's own cells (gradflow.cells.adapters) and stack topologies, against independent
+references: gradflow's own cells on ported weights, and brute-force Python loops that call the
+user's module step by step (perturbation gradients: ``jax.grad`` w.r.t. explicit zero
+perturbations added to ``h`` where it leaves the cell, and ``c`` for the LSTM memory).
+
+float64 where precision is the point (the ``x64`` fixture), float32 otherwise.
+"""
+import functools
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import cells, gates
+from gradflow.cells import adapters
+
+eqx = pytest.importorskip("equinox")
+nn = pytest.importorskip("flax.linen")
+nnx = pytest.importorskip("flax.nnx")
+
+L, T, B, D, H = 3, 5, 2, 4, 6
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def loss_fn(top):
+    """A loss on every step of the top layer's output ``(B, T, H)`` (every ``(l, t)`` reaches it)."""
+    w = jnp.cos(jnp.arange(top.shape[-1], dtype=top.dtype) * 1.3)
+    steps = 1.0 + jnp.arange(top.shape[1], dtype=top.dtype)
+    return jnp.sum(jnp.sin(top @ w) * steps)
+
+
+def jiggle(tree, key, scale=0.3):
+    """``tree`` plus Gaussian noise on every leaf: weights and biases away from their defaults."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [
+        a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
+
+
+def inputs(dtype, d=D, seed=1):
+    return jax.random.normal(jax.random.key(seed), (B, T, d), dtype)
+
+
+def hidden_map(stack, params, xs, wrt="hidden"):
+    return np.asarray(gradflow.gradient_map(stack, params, xs, loss=loss_fn, wrt=wrt).values)
+
+
+def brute_maps(step, carry0, h_of, set_h, xs, c_of=None, set_c=None):
+    """Hidden (and cell) maps of a stack run as a Python loop over layers and steps.
+
+    ``step[l](carry, x: (B, in)) -> carry`` is layer ``l``'s cell, called as the user calls it;
+    ``h_of/set_h`` (``c_of/set_c``) read and replace the output (memory) in a carry. Returns
+    ``(G_h, G_c)``: ``mean_b ||dL/ds^l_t[b]||`` of shape ``(L, T)`` (``G_c`` None without c).
+    """
+    n = len(step)
+    eps = {"h": jnp.zeros((n, T, B, H), xs.dtype)}
+    if c_of is not None:
+        eps["c"] = jnp.zeros((n, T, B, H), xs.dtype)
+
+    def forward(eps):
+        x = xs
+        for l in range(n):
+            carry, outs = carry0(xs.dtype), []
+            for t in range(T):
+                carry = step[l](carry, x[:, t])
+                carry = set_h(carry, h_of(carry) + eps["h"][l, t])
+                if c_of is not None:
+                    carry = set_c(carry, c_of(carry) + eps["c"][l, t])
+                outs.append(h_of(carry))
+            x = jnp.stack(outs, axis=1)
+        return loss_fn(x)
+
+    g = jax.jit(jax.grad(forward))(eps)
+    norm = lambda v: np.asarray(jnp.mean(jnp.linalg.norm(v, axis=-1), axis=-1))  # noqa: E731
+    return norm(g["h"]), (norm(g["c"]) if c_of is not None else None)
+
+
+def assert_maps(got, want, rtol=1e-6):
+    assert np.all(np.asarray(want)[:, :-1] > 0)  # (a memory c at the last step reaches no loss)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Porting the user's weights to gradflow's per-gate layout
+
+
+def linen_lstm_to_gradflow(p):
+    return {g: {"W": p["i" + g]["kernel"], "U": p["h" + g]["kernel"], "b": p["h" + g]["bias"]}
+            for g in "ifgo"}
+
+
+def nnx_lstm_to_gradflow(p):
+    key = lambda g: g + "_" if g == "if" else g  # noqa: E731  (nnx names the forget input if_)
+    return {g: {"W": p[key("i" + g)]["kernel"], "U": p["h" + g]["kernel"],
+                "b": p["h" + g]["bias"]} for g in "ifgo"}
+
+
+def linen_gru_to_gradflow(p):
+    out = {g: {"W": p["i" + g]["kernel"], "U": p["h" + g]["kernel"], "b": p["i" + g]["bias"]}
+           for g in "rz"}
+    out["n"] = {"W": p["in"]["kernel"], "U": p["hn"]["kernel"], "b": p["in"]["bias"],
+                "b_hn": p["hn"]["bias"]}
+    return out
+
+
+def eqx_to_gradflow(p, names, extra=None):
+    """Rows of ``weight_ih (G*H, in)``, ``weight_hh``, ``bias`` split per gate, transposed."""
+    out = {}
+    for k, g in enumerate(names):
+        rows = slice(k * H, (k + 1) * H)
+        out[g] = {"W": p["weight_ih"][rows].T, "U": p["weight_hh"][rows].T, "b": p["bias"][rows]}
+    if extra:
+        out[extra[0]][extra[1]] = p["bias_n"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Each adapter: the map of a 3-layer stack of the user's module equals gradflow's own cell on
+# ported weights and a Python loop over the user's module
+
+
+def test_linen_lstm(x64):
+    module = nn.LSTMCell(features=H)
+    cell = cells.from_linen(module)
+    assert cell.state_names == ("c", "h") and cell.gate_kinds == ()
+    stack = gradflow.Stack(cell, L, D, H)
+    params = jiggle(stack.init(jax.random.key(0), jnp.float64), jax.random.key(1))
+    xs = inputs(jnp.float64)
+    got_h, got_c = hidden_map(stack, params, xs), hidden_map(stack, params, xs, "cell")
+    ref = gradflow.Stack("lstm", L, D, H)
+    ported = {"layers": [linen_lstm_to_gradflow(p) for p in params["layers"]]}
+    assert_maps(got_h, hidden_map(ref, ported, xs))
+    assert_maps(got_c, hidden_map(ref, ported, xs, "cell"))
+    step = [lambda carry, x, p=p: module.apply({"params": p}, carry, x)[0]
+            for p in params["layers"]]
+    want_h, want_c = brute_maps(
+        step, lambda dt: (jnp.zeros((B, H), dt),) * 2, lambda c: c[1], lambda c, v: (c[0], v),
+        xs, lambda c: c[0], lambda c, v: (v, c[1]))
+    assert_maps(got_h, want_h)
+    assert_maps(got_c, want_c)
+
+
+def test_linen_gru_and_trained_variables(x64):
+    module = nn.GRUCell(features=H)
+    cell = cells.from_linen(module)
+    assert cell.state_names == ("h",)
+    stack = gradflow.Stack(cell, L, D, H)
+    # "trained" variable dicts, one per layer, as a user holds them
+    variables = [{"params": jiggle(module.init(k, jnp.zeros((B, H)), jnp.zeros((B, n))),
+                                   jax.random.fold_in(k, 1))["params"]}
+                 for k, n in zip(jax.random.split(jax.random.key(2), L), (D, H, H))]
+    variables = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), variables)
+    params = cells.stack_params(stack, variables)
+    xs = inputs(jnp.float64)
+    got = hidden_map(stack, params, xs)
+    ref = gradflow.Stack("gru", L, D, H)
+    assert_maps(got, hidden_map(ref, {"layers": [linen_gru_to_gradflow(v["params"])
+                                                 for v in variables]}, xs))
+    step = [lambda carry, x, v=v: module.apply(v, carry, x)[0] for v in variables]
+    want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda c: c, lambda c, v: v, xs)
+    assert_maps(got, want)
+
+
+def _eqx_cells(kind, seed):
+    """Three trained-looking Equinox cells (layer 0 reads D features), float64."""
+    ks = jax.random.split(jax.random.key(seed), L)
+    made = [kind(n, H, dtype=jnp.float64, key=k) for k, n in zip(ks, (D, H, H))]
+    return [jiggle(m, jax.random.fold_in(k, 1)) for m, k in zip(made, ks)]
+
+
+def test_equinox_gru(x64):
+    trained = _eqx_cells(eqx.nn.GRUCell, 3)
+    cell = cells.from_equinox(trained[1])
+    assert cell.state_names == ("h",)
+    stack = gradflow.Stack(cell, L, D, H)
+    params = cells.stack_params(stack, trained)
+    for p, m in zip(params["layers"], trained):  # exactly the modules' own weights
+        assert all(np.array_equal(p[k], getattr(m, k)) for k in p)
+    xs = inputs(jnp.float64)
+    got = hidden_map(stack, params, xs)
+    # Equinox's GRU is the reset-after (PyTorch) form with its bias_n: gradflow's "gru" default
+    ported = {"layers": [eqx_to_gradflow(p, "rzn", ("n", "b_hn")) for p in params["layers"]]}
+    assert_maps(got, hidden_map(gradflow.Stack("gru", L, D, H), ported, xs))
+    before = gradflow.Stack(cells.get("gru", reset="before"), L, D, H)
+    no_bhn = {"layers": [{**p, "n": {k: v for k, v in p["n"].items() if k != "b_hn"}}
+                         for p in ported["layers"]]}
+    assert not np.allclose(got, hidden_map(before, no_bhn, xs), rtol=1e-3)
+    step = [lambda h, x, m=m: jax.vmap(m)(x, h) for m in trained]
+    want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda c: c, lambda c, v: v, xs)
+    assert_maps(got, want)
+
+
+def test_equinox_lstm(x64):
+    trained = _eqx_cells(eqx.nn.LSTMCell, 4)
+    cell = cells.from_equinox(trained[0])
+    assert cell.state_names == ("h", "c")  # Equinox's state is (h, c)
+    stack = gradflow.Stack(cell, L, D, H)
+    params = cells.stack_params(stack, trained)
+    xs = inputs(jnp.float64)
+    got_h, got_c = hidden_map(stack, params, xs), hidden_map(stack, params, xs, "cell")
+    ported = {"layers": [eqx_to_gradflow(p, "ifgo") for p in params["layers"]]}
+    ref = gradflow.Stack("lstm", L, D, H)
+    assert_maps(got_h, hidden_map(ref, ported, xs))
+    assert_maps(got_c, hidden_map(ref, ported, xs, "cell"))
+    step = [lambda s, x, m=m: jax.vmap(m)(x, s) for m in trained]
+    want_h, want_c = brute_maps(
+        step, lambda dt: (jnp.zeros((B, H), dt),) * 2, lambda s: s[0], lambda s, v: (v, s[1]),
+        xs, lambda s: s[1], lambda s, v: (s[0], v))
+    assert_maps(got_h, want_h)
+    assert_maps(got_c, want_c)
+
+
+def test_nnx_lstm(x64):
+    ks = jax.random.split(jax.random.key(5), L)
+    trained = [nnx.LSTMCell(n, H, param_dtype=jnp.float64, rngs=nnx.Rngs(k))
+               for k, n in zip(ks, (D, H, H))]
+    for m, k in zip(trained, ks):  # training moved the weights (biases included)
+        _, state = nnx.split(m, nnx.Param)
+        nnx.update(m, jiggle(state, jax.random.fold_in(k, 1)))
+    cell = cells.from_nnx(trained[0])
+    assert cell.state_names == ("c", "h")
+    stack = gradflow.Stack(cell, L, D, H)
+    params = cells.stack_params(stack, trained)
+    xs = inputs(jnp.float64)
+    got_h, got_c = hidden_map(stack, params, xs), hidden_map(stack, params, xs, "cell")
+    ref = gradflow.Stack("lstm", L, D, H)
+    ported = {"layers": [nnx_lstm_to_gradflow(p) for p in params["layers"]]}
+    assert_maps(got_h, hidden_map(ref, ported, xs))
+    assert_maps(got_c, hidden_map(ref, ported, xs, "cell"))
+    step = [lambda carry, x, m=m: m(carry, x)[0] for m in trained]
+    want_h, want_c = brute_maps(
+        step, lambda dt: (jnp.zeros((B, H), dt),) * 2, lambda c: c[1], lambda c, v: (c[0], v),
+        xs, lambda c: c[0], lambda c, v: (v, c[1]))
+    assert_maps(got_h, want_h)
+    assert_maps(got_c, want_c)
+
+
+def _lstm_step(p, carry, x):
+    """A hand-written LSTM on gradflow's layout, carry ``(c, h)``; returns ``(carry, h)``."""
+    c, h = carry
+    z = {g: x @ p[g]["W"] + h @ p[g]["U"] + p[g]["b"] for g in "ifgo"}
+    c = jax.nn.sigmoid(z["f"]) * c + jax.nn.sigmoid(z["i"]) * jnp.tanh(z["g"])
+    h = jax.nn.sigmoid(z["o"]) * jnp.tanh(c)
+    return (c, h), h
+
+
+def _lstm_gates(p, carry, x):
+    z = {g: x @ p[g]["W"] + carry[1] @ p[g]["U"] + p[g]["b"] for g in "fg"}
+    return {"f": jax.nn.sigmoid(z["f"]), "cand": jnp.tanh(z["g"])}
+
+
+def _lstm_init(key, n_in, n_h, dtype):
+    return cells.get("lstm").init(key, n_in, n_h, dtype)
+
+
+def test_function_lstm_finds_h_and_equals_gradflow(x64):
+    cell = cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2)
+    assert cell.state_names == ("c", "h")  # the probe step found h at index 1
+    cell_dict = cells.from_function(
+        lambda p, s, x: (lambda cs, h: ({"mem": cs[0], "out": cs[1]}, h))(
+            *_lstm_step(p, (s["mem"], s["out"]), x)), _lstm_init, hidden_size=H,
+        state=lambda shape, n, dt: {"mem": jnp.zeros(shape + (n,), dt),
+                                    "out": jnp.zeros(shape + (n,), dt)})
+    assert cell_dict.state_names == ("c", "h")
+    stack = gradflow.Stack(cell, L, D, H)
+    params = jiggle(stack.init(jax.random.key(6), jnp.float64), jax.random.key(7))
+    xs = inputs(jnp.float64)
+    ref = gradflow.Stack("lstm", L, D, H)
+    for c in (cell, cell_dict):
+        s = gradflow.Stack(c, L, D, H)
+        assert_maps(hidden_map(s, params, xs), hidden_map(ref, params, xs))
+        assert_maps(hidden_map(s, params, xs, "cell"), hidden_map(ref, params, xs, "cell"))
+        np.testing.assert_allclose(gradflow.local_gains(s, params, xs)["vertical_rms"],
+                                   gradflow.local_gains(ref, params, xs)["vertical_rms"],
+                                   rtol=1e-10)
+    # unbatched: the same function on one example, vmapped by the adapter
+    one = cells.from_function(lambda p, s, x: _lstm_step(p, s, x), _lstm_init, hidden_size=H,
+                              state=2, batched=False)
+    assert_maps(hidden_map(gradflow.Stack(one, L, D, H), params, xs),
+                hidden_map(ref, params, xs))
+    jac = gradflow.jacobian_map(stack, params, xs).values
+    np.testing.assert_allclose(jac, gradflow.jacobian_map(ref, params, xs).values, rtol=1e-10)
+
+
+def test_function_params_given_directly(x64):
+    p = jiggle(cells.get("lstm").init(jax.random.key(8), H, H, jnp.float64), jax.random.key(9))
+    cell = cells.from_function(_lstm_step, p, hidden_size=H, state=2, output=1)
+    stack = gradflow.Stack(cell, L, H, H)
+    params = stack.init(jax.random.key(0), jnp.float64)
+    assert all(np.array_equal(a, b) for l in range(L) for a, b in zip(
+        jax.tree_util.tree_leaves(params["layers"][l]), jax.tree_util.tree_leaves(p)))
+    with pytest.raises(ValueError, match="do not fit input_size=4"):
+        gradflow.Stack(cell, L, D, H).init(jax.random.key(0))
+    with pytest.raises(ValueError, match="hidden size is 6"):
+        gradflow.Stack(cell, L, H, 8).init(jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distinct user cells, one name: the cache-collision regression
+
+
+def _rnn(act):
+    def step(p, h, x):
+        h = act(x @ p["W"] + h @ p["U"])
+        return h, h
+    return step
+
+
+def _rnn_init(key, n_in, n_h, dtype):
+    k1, k2 = jax.random.split(key)
+    return {"W": jax.random.normal(k1, (n_in, n_h), dtype) / np.sqrt(n_in),
+            "U": jax.nn.initializers.orthogonal()(k2, (n_h, n_h), dtype)}
+
+
+def test_same_name_different_functions_give_their_own_maps():
+    tanh = cells.from_function(_rnn(jnp.tanh), _rnn_init)
+    sin = cells.from_function(_rnn(jnp.sin), _rnn_init)
+    assert tanh.name == sin.name == "user" and tanh != sin and hash(tanh) != hash(sin)
+    s_tanh, s_sin = gradflow.Stack(tanh, L, D, H), gradflow.Stack(sin, L, D, H)
+    params = s_tanh.init(jax.random.key(0))
+    xs = inputs(jnp.float32)
+    m_tanh, m_sin = hidden_map(s_tanh, params, xs), hidden_map(s_sin, params, xs)
+    for act, got in ((jnp.tanh, m_tanh), (jnp.sin, m_sin)):
+        step = [lambda h, x, p=p: _rnn(act)(p, h, x)[0] for p in params["layers"]]
+        want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda c: c,
+                             lambda c, v: v, xs)
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert np.max(np.abs(m_tanh / m_sin - 1)) > 1e-2
+
+
+def test_builtin_cell_built_twice_compiles_once():
+    traces = []
+
+    @functools.partial(jax.jit, static_argnames="stack")
+    def run(stack, params, xs):
+        traces.append(stack)  # a Python side effect: runs once per compilation
+        return stack.apply(params, xs).top
+
+    xs = inputs(jnp.float32, d=H)
+    first = gradflow.Stack(cells.get("lstm"), 2, H, H)
+    params = first.init(jax.random.key(0))
+    run(first, params, xs)
+    again = gradflow.Stack(cells.get("lstm"), 2, H, H)  # a second, equal build
+    assert again == first and hash(again) == hash(first)
+    run(again, params, xs)
+    assert len(traces) == 1
+    tanh = gradflow.Stack(cells.from_function(_rnn(jnp.tanh), _rnn_init), 2, H, H)
+    sin = gradflow.Stack(cells.from_function(_rnn(jnp.sin), _rnn_init), 2, H, H)
+    p = tanh.init(jax.random.key(0))
+    out_tanh, out_sin = run(tanh, p, xs), run(sin, p, xs)
+    assert len(traces) == 3 and not np.allclose(out_tanh, out_sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gates
+
+
+def test_function_gates_statistics_and_kinds():
+    cell = cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2,
+                               gates=_lstm_gates)
+    assert cell.kinds == {"f": "sigmoid", "cand": "other"}  # from the probe step's values
+    stack = gradflow.Stack(cell, L, D, H)
+    params = jiggle(stack.init(jax.random.key(1)), jax.random.key(2))
+    xs = inputs(jnp.float32)
+    stats = gates.saturation(stack, params, xs)
+    # f from a Python loop over the hand-written cell
+    f, x = [], xs
+    for p in params["layers"]:
+        carry, fl, outs = (jnp.zeros((B, H)),) * 2, [], []
+        for t in range(T):
+            fl.append(_lstm_gates(p, carry, x[:, t])["f"])
+            carry, h = _lstm_step(p, carry, x[:, t])
+            outs.append(h)
+        f.append(jnp.stack(fl, 1))
+        x = jnp.stack(outs, 1)
+    f = np.asarray(jnp.stack(f))  # (L, B, T, H)
+    np.testing.assert_allclose(stats["mean/f"], f.mean(axis=(1, 3)), rtol=1e-5)
+    np.testing.assert_allclose(stats["slope/f"], (f * (1 - f)).mean(axis=(1, 3)), rtol=1e-5)
+    assert "slope/cand" not in stats.arrays and "mean/cand" in stats.arrays
+    given = cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2,
+                                gates=_lstm_gates, gate_kinds={"cand": "other", "f": "sigmoid"})
+    assert given.kinds == cell.kinds
+
+
+def test_no_gates_maps_work_statistics_say_how():
+    cell = cells.from_linen(nn.LSTMCell(features=H))
+    stack = gradflow.Stack(cell, 2, D, H)
+    params = stack.init(jax.random.key(0))
+    xs = inputs(jnp.float32)
+    assert hidden_map(stack, params, xs).shape == (2, T)
+    with pytest.raises(ValueError, match="reports no gates.*gates=fn"):
+        gates.saturation(stack, params, xs)
+
+
+class _SowingCell(nn.RNNCellBase):
+    """A user's linen cell (a minimal GRU-like cell) that sows its update gate."""
+    features: int
+
+    @nn.compact
+    def __call__(self, h, x):
+        z = nn.sigmoid(nn.Dense(self.features, name="Wz")(jnp.concatenate([x, h], -1)))
+        n = jnp.tanh(nn.Dense(self.features, name="Wn")(jnp.concatenate([x, h], -1)))
+        self.sow("intermediates", "z", z)
+        h = z * h + (1 - z) * n
+        return h, h
+
+    def initialize_carry(self, rng, input_shape):
+        return jnp.zeros(input_shape[:-1] + (self.features,))
+
+    @property
+    def num_feature_axes(self):
+        return 1
+
+
+def test_linen_sown_gates():
+    module = _SowingCell(features=H)
+    cell = cells.from_linen(module, gates="sown")
+    assert cell.kinds == {"z": "sigmoid"}
+    stack = gradflow.Stack(cell, 2, D, H)
+    params = stack.init(jax.random.key(3))
+    xs = inputs(jnp.float32)
+    z, x = [], xs
+    for p in params["layers"]:
+        h, zl, outs = jnp.zeros((B, H)), [], []
+        for t in range(T):
+            (h, _), st = module.apply({"params": p}, h, x[:, t], mutable=["intermediates"])
+            zl.append(st["intermediates"]["z"][0])
+            outs.append(h)
+        z.append(jnp.stack(zl, 1))
+        x = jnp.stack(outs, 1)
+    z = np.asarray(jnp.stack(z))
+    stats = gates.saturation(stack, params, xs)
+    np.testing.assert_allclose(stats["mean/z"], z.mean(axis=(1, 3)), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and optional dependencies
+
+
+def test_clear_errors():
+    with pytest.raises(TypeError, match="init must be"):
+        cells.from_function(_lstm_step, None)
+    with pytest.raises(ValueError, match="give hidden_size="):
+        cells.from_function(_lstm_step, _lstm_init, state=2)
+    both = lambda p, c, x: ((c[0] * 0 + 1, c[1] * 0 + 1), c[1] * 0 + 1)  # noqa: E731
+    with pytest.raises(ValueError, match="leaves \\[0, 1\\].*output="):
+        cells.from_function(both, _lstm_init, hidden_size=H, state=2)
+    with pytest.raises(ValueError, match="output=5 is out of range"):
+        cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2, output=5)
+    with pytest.raises(ValueError, match="unknown kind 'gate'"):
+        cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2, gates=_lstm_gates,
+                            gate_kinds={"f": "gate"})
+    with pytest.raises(TypeError, match="flax.linen Module"):
+        cells.from_linen(eqx.nn.GRUCell(2, 2, key=jax.random.key(0)))
+    with pytest.raises(TypeError, match="equinox Module"):
+        cells.from_equinox(nn.GRUCell(features=2))
+    user = eqx.nn.MLP(2, 2, 2, 1, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="hidden_size="):
+        cells.from_equinox(user)
+    stack = gradflow.Stack(cells.from_equinox(eqx.nn.GRUCell(D, H, key=jax.random.key(0))),
+                           L, D, H)
+    with pytest.raises(ValueError, match="2 layer objects for a stack of 3"):
+        cells.stack_params(stack, [eqx.nn.GRUCell(D, H, key=jax.random.key(0))] * 2)
+    with pytest.raises(ValueError, match=r"\['layers'\]\[0\]\['weight_ih'\] has shape \(18, 6\)"):
+        cells.stack_params(stack, [eqx.nn.GRUCell(H, H, key=jax.random.key(0))] * 3)
+    with pytest.raises(TypeError, match="structure"):
+        cells.stack_params(stack, [eqx.nn.LSTMCell(D, H, key=jax.random.key(0))] * 3)
+    with pytest.raises(ImportError, match=r'pip install "gradflow\[flax\]"'):
+        adapters._require("gradflow_no_such_module", "flax", "from_linen")
+
+
+def test_core_imports_neither_flax_nor_equinox():
+    code = ("import sys, gradflow, gradflow.cells, gradflow.stack, gradflow.jacobian, "
+            "gradflow.gates; gradflow.gradient_map; "
+            "bad = [m for m in ('flax', 'equinox') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual and normalised stacks against a Python loop
+
+
+def _norm(y, pn, kind):
+    if kind is None:
+        return y
+    if kind == "layer":
+        y = (y - y.mean(-1, keepdims=True)) / jnp.sqrt(y.var(-1, keepdims=True) + 1e-6)
+        return y * pn["scale"] + pn["bias"]
+    return y / jnp.sqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * pn["scale"]
+
+
+@pytest.mark.parametrize("residual,norm,d", [(True, None, H), (True, "layer", H),
+                                             (False, "rms", H), (True, "layer", D)])
+def test_residual_and_norm_stacks_equal_a_python_loop(x64, residual, norm, d):
+    stack = gradflow.Stack("lstm", L, d, H, residual=residual, norm=norm)
+    params = jiggle(stack.init(jax.random.key(4), jnp.float64), jax.random.key(5))
+    xs = inputs(jnp.float64, d=d)
+
+    def forward(eps):
+        x = xs
+        for l, p in enumerate(params["layers"]):
+            carry, ys = (jnp.zeros((B, H)),) * 2, []
+            for t in range(T):
+                (c, h), _ = _lstm_step(p, carry, x[:, t])
+                h = h + eps[l, t]  # the cell state h where it leaves the cell, goes forward
+                carry = (c, h)
+                y = h + x[:, t] if residual and x.shape[-1] == H else h  # y^l_t goes up
+                ys.append(_norm(y, params["norm"][l] if norm else None, norm))
+            x = jnp.stack(ys, 1)
+        return loss_fn(x)
+
+    g = jax.jit(jax.grad(forward))(jnp.zeros((L, T, B, H)))
+    want = np.asarray(jnp.mean(jnp.linalg.norm(g, axis=-1), axis=-1))
+    assert_maps(hidden_map(stack, params, xs), want)
+    if d == H:  # both evaluation orders
+        wave = stack.replace(order="wavefront")
+        assert_maps(hidden_map(wave, params, xs), want)
+
+
+def deep_lstm_ratios(layers=16, hidden=32, steps=8, batch=8, seed=0):
+    """Bottom/top ratio of the hidden map at the last step under the final-output loss,
+    ``G[0, T-1] / G[L-1, T-1]``, for a plain and a residual LSTM stack at orthogonal init with
+    zero biases and N(0, 1) inputs (the README's "Your own model" numbers)."""
+    out = {}
+    for label, opts in (("plain", {}), ("residual", {"residual": True}),
+                        ("residual+layernorm", {"residual": True, "norm": "layer"})):
+        prob = gradflow.problem("lstm", layers=layers, steps=steps, hidden=hidden, batch=batch,
+                                seed=seed, stack_options=opts)
+        g = np.asarray(gradflow.gradient_map(prob.stack, prob.params, prob.xs, loss="last").values)
+        out[label] = float(g[0, -1] / g[-1, -1])
+    return out
+
+
+def test_deep_lstm_attenuates_residual_lstm_does_not():
+    r = deep_lstm_ratios()
+    # each LSTM layer scales a gradient by about sigma(0)^2 = 0.25 at orthogonal init
+    assert 0.25 ** 15 / 3 < r["plain"] < 0.25 ** 15 * 3, r
+    assert 0.1 < r["residual"] < 10, r
+    assert 0.1 < r["residual+layernorm"] < 10, r
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's examples
+
+
+def readme_blocks(section="Your own model"):
+    text = README.read_text()
+    m = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## )", text, re.S | re.M)
+    assert m, f"README has no section {section!r}"
+    return re.findall(r"```python\n(.*?)```", m.group(1), re.S)
+
+
+def test_readme_your_own_model_examples_run():
+    blocks = readme_blocks()
+    assert len(blocks) >= 2 and any("flax" in b for b in blocks) and any("equinox" in b
+                                                                         for b in blocks)
+    for code in blocks:
+        exec(compile(code, str(README), "exec"), {"__name__": "readme"})
