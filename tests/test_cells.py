@@ -33,7 +33,9 @@ CASES = [
     ("star", {"variant": "official"}),
     ("ur_lstm", {}),
     ("ur_gru", {}),
-    ("ur_gru", {"reset": "before"}),
+    ("ur_gru", {"reset": "after"}),
+    ("ur_lstm", {"tie_refine_bias": True}),
+    ("star", {"variant": "bn", "bn_stats": "population"}),
     ("refined_lstm", {}),
     ("refined_lstm", {"mode": "add"}),
     ("refined_gru", {}),
@@ -110,8 +112,8 @@ def reference_step(name, opts, p, state, x, t):
     """One step of SPEC section 1 in NumPy: ``(new_state, h, gates)``; p, state, x are NumPy."""
     h = state["h"]
 
-    def pre(g):  # W_g x + U_g h + b_g
-        return x @ p[g]["W"] + h @ p[g]["U"] + p[g]["b"]
+    def pre(g):  # W_g x + U_g h + b_g (UR-LSTM's tied refine bias: b_r = -b_f)
+        return x @ p[g]["W"] + h @ p[g]["U"] + (p[g]["b"] if "b" in p[g] else -p["f"]["b"])
 
     mode = opts.get("mode", "mul")
     default_refined = {"refined_lstm": ("i", "o"), "refined_gru": ("z", "r"),
@@ -170,7 +172,7 @@ def reference_step(name, opts, p, state, x, t):
         return {"c": c_new, "h": h_new}, h_new, {"f": f, "r": r, "g": g, "o": o}
     if name in ("gru", "refined_gru", "ur_gru"):
         r = ref("r", _sig(pre("r")))
-        if opts.get("reset", "after") == "after":
+        if opts.get("reset", "before" if name == "ur_gru" else "after") == "after":
             n = np.tanh(x @ p["n"]["W"] + p["n"]["b"] + r * (h @ p["n"]["U"] + p["n"]["b_hn"]))
         else:
             n = np.tanh(x @ p["n"]["W"] + (r * h) @ p["n"]["U"] + p["n"]["b"])
@@ -191,6 +193,14 @@ def reference_step(name, opts, p, state, x, t):
             n = np.tanh(x @ p["n"]["W"] + p["n"]["b"] + f * (h @ p["n"]["U"] + p["n"]["b_hn"]))
             h_new = (1 - f) * n + f * h
         return {"h": h_new}, h_new, {"f": f}
+    if name == "star" and opts.get("variant") == "bn":  # population statistics: 0 and 1
+        bn = lambda v, q: q["scale"] * v / np.sqrt(1.0 + 1e-3) + q["offset"]  # noqa: E731
+        a = (bn(x @ p["k"]["W"], p["bn"]["kx"]) + bn(h @ p["k"]["U"], p["bn"]["kh"])
+             + p["k"]["b"])
+        z = np.tanh(bn(x @ p["z"]["W"], p["bn"]["z"]) + p["z"]["b"])
+        k = _sig(a)
+        h_new = np.tanh(k * h + (1 - _sig(a - 1)) * z)
+        return {"h": h_new}, h_new, {"k": k}
     if name == "star":
         z = np.tanh(x @ p["z"]["W"] + p["z"]["b"])
         a = pre("k")
@@ -208,7 +218,7 @@ def to_np(tree):
 
 
 @pytest.mark.parametrize("name,opts", CASES, ids=IDS)
-def test_step_matches_numpy_reference(name, opts):
+def test_step_matches_numpy_reference(name, opts, x64):
     cell = cells.get(name, **opts)
     n_in, n_h = sizes(cell)
     params = random_params(cell, 11, n_in, n_h)
@@ -240,7 +250,7 @@ def test_step_matches_numpy_reference(name, opts):
         assert (k < 0.01).any() and ((k > 0.05) & (k < 0.999)).any()
 
 
-def test_state_names_and_gates_match_spec():
+def test_state_names_and_gates_match_spec(x64):
     expect_gates = {
         "rnn": (), "indrnn": (), "lstm": ("i", "f", "o"), "gru": ("r", "z"), "mgu": ("f",),
         "star": ("k",), "ur_lstm": ("f", "r", "g", "o"), "ur_gru": ("r", "f", "refine", "g"),
@@ -273,8 +283,7 @@ def test_step_accepts_extra_leading_axes():
 
 def test_param_layout_per_gate():
     """SPEC: params[gate] = {"W": (in, H), "U": (H, H), "b": (H,)} (plus documented extras)."""
-    extras = {("gru", "n"): {"b_hn"}, ("ur_gru", "n"): {"b_hn"},
-              ("refined_gru", "n"): {"b_hn"}}
+    extras = {("gru", "n"): {"b_hn"}, ("refined_gru", "n"): {"b_hn"}}
     for name in cells.names():
         cell = cells.get(name)
         n_in, n_h = sizes(cell)
@@ -528,7 +537,7 @@ def test_registered_cell_built_twice_is_one_cell_and_compiles_once():
 
     a, b = cells.get("lstm"), cells.get("lstm", init="orthogonal")
     assert a is b
-    from gradflow.jacobian import _state_map
+    from gradflow.jacobian import _state_map_local as _state_map
 
     xs = jnp.ones((2, 3, 4))
     before = None
@@ -538,3 +547,35 @@ def test_registered_cell_built_twice_is_one_cell_and_compiles_once():
         size = _state_map._cache_size()
         assert before is None or size == before
         before = size
+
+
+def test_bn_star_batch_statistics_match_numpy(x64):
+    """BN-STAR in training mode: each step normalised by its batch's mean and variance."""
+    cell = cells.get("star", variant="bn")
+    p = to_np(random_params(cell, 0, 5, 6))
+    x, h = np.random.default_rng(1).normal(size=(7, 5)), np.random.default_rng(2).normal(size=(7, 6))
+
+    def bn(v, q):
+        m, var = v.mean(0), v.var(0)
+        return q["scale"] * (v - m) / np.sqrt(var + 1e-3) + q["offset"]
+
+    a = bn(x @ p["k"]["W"], p["bn"]["kx"]) + bn(h @ p["k"]["U"], p["bn"]["kh"]) + p["k"]["b"]
+    z = np.tanh(bn(x @ p["z"]["W"], p["bn"]["z"]) + p["z"]["b"])
+    want = np.tanh(_sig(a) * h + (1 - _sig(a - 1)) * z)
+    _, got, _ = cell.step(p, {"h": jnp.asarray(h)}, jnp.asarray(x), 0)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    fresh = cell.init(jax.random.key(0), 5, 6)
+    np.testing.assert_allclose(fresh["bn"]["kx"]["scale"], 0.1)  # scale initialised to 0.1
+    with pytest.raises(ValueError, match="bn_stats='population'"):
+        cell.step(p, {"h": jnp.asarray(h[0])}, jnp.asarray(x[0]), 0)
+
+
+def test_tied_refine_bias_equals_untied_at_ugi_init():
+    tied, untied = cells.get("ur_lstm", tie_refine_bias=True), cells.get("ur_lstm")
+    pt, pu = tied.init(jax.random.key(0), 3, 8), untied.init(jax.random.key(0), 3, 8)
+    assert "b" not in pt["r"]
+    np.testing.assert_allclose(pu["r"]["b"], -pu["f"]["b"])
+    x, s0 = jnp.ones((2, 3)), untied.initial_state((2,), 8)
+    np.testing.assert_allclose(tied.step(pt, s0, x)[1], untied.step(pu, s0, x)[1], rtol=1e-6)
+    with pytest.raises(ValueError, match="needs aux='refine'"):
+        cells.get("lstm", tie_refine_bias=True)

@@ -61,7 +61,7 @@ SCHEME_BIASES = {"ur_lstm": {("f", "b"), ("r", "b")}, "ur_gru": {("f", "b"), ("r
                             ("lstm", {"init": "orthogonal"})],
                          ids=list(cells.names()) + ["star-official", "on_lstm-chunks2",
                                                     "lstm-in>H"])
-def test_default_orthogonal_per_block_zero_biases_deterministic(name, opts):
+def test_default_orthogonal_per_block_zero_biases_deterministic(name, opts, x64):
     cell = cells.get(name, **opts)
     H = SMALL_H
     n_in = H if cell.square else (9 if opts.get("init") else SMALL_IN)  # in < H and in > H
@@ -116,7 +116,7 @@ def test_torch_bounds():
     assert abs(allw.var() / (a * a / 3.0) - 1.0) < 0.1
 
 
-def test_chrono_lstm():
+def test_chrono_lstm(x64):
     H, t_max = BIG_H, 50.0
     p = init(cells.get("lstm", init="chrono", t_max=t_max), BIG_IN, H)
     bf, bi = np.asarray(p["f"]["b"]), np.asarray(p["i"]["b"])
@@ -212,22 +212,27 @@ def test_forget_bias_option_is_not_a_parameter():
     assert not p["f"]["b"].any()
 
 
-def test_time_gate_inits():
+def test_time_gate_inits(x64):
     H = BIG_H
     g = init(cells.get("g_lstm", steps=40, sigma_frac=0.25), BIG_IN, H)["time"]
     assert np.asarray(g["mu"]).min() >= 0 and np.asarray(g["mu"]).max() < 40
     assert np.asarray(g["mu"]).max() > 30
     np.testing.assert_allclose(g["sigma"], np.full(H, 10.0))
-    ph = init(cells.get("phased_lstm"), BIG_IN, H)["time"]
+    ph = init(cells.get("phased_lstm", log_tau=(1.0, 5.0), shift_max=None), BIG_IN, H)["time"]
     tau, s = np.asarray(ph["tau"]), np.asarray(ph["s"])
     assert tau.min() >= math.e - 1e-12 and tau.max() <= math.exp(5) + 1e-9
     assert (s >= 0).all() and (s < tau).all()
     np.testing.assert_array_equal(ph["r_on"], np.full(H, 0.05))
+    # the default: the authors' experiment script, tau = exp(U[1, 3]), s ~ U[0, 100)
+    ph = init(cells.get("phased_lstm"), BIG_IN, H)["time"]
+    tau, s = np.asarray(ph["tau"]), np.asarray(ph["s"])
+    assert tau.min() >= math.e - 1e-12 and tau.max() <= math.exp(3) + 1e-9
+    assert (s >= 0).all() and (s < 100).all() and s.max() > 50
     u = np.asarray(init(cells.get("indrnn", u_max=0.5), BIG_IN, H)["h"]["u"])
     assert u.min() >= 0 and u.max() <= 0.5 and u.max() > 0.4
 
 
-def test_stack_init():
+def test_stack_init(x64):
     stack = Stack("lstm", 3, SMALL_IN, SMALL_H, input_projection=True)
     p = stack.init(KEY, F64)
     assert_orthogonal(np.asarray(p["input"]["W"]))
@@ -246,7 +251,7 @@ def test_stack_init():
     ("", ValueError, "unknown init"),
     (3, TypeError, "init must be a string"),
 ])
-def test_bad_init(bad, err, match):
+def test_bad_init(bad, err, match, x64):
     """Raised by cells.get (or, for the LSTM family, at the latest by init) for every cell."""
     for name in cells.names():
         with pytest.raises(err, match=match):

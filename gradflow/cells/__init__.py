@@ -58,7 +58,7 @@ def get(name, **options) -> Cell:
     return _REGISTRY[name](**options)
 
 
-def for_length(cell, steps: int, **options) -> Cell:
+def for_length(cell, steps: int, /, **options) -> Cell:
     """:func:`get`, with the cell's ``length_option`` (g-LSTM's ``steps``: its time gates are
     initialised over the sequence) set to ``steps`` unless ``options`` set it.
 

@@ -666,7 +666,7 @@ def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=N
       >>> ks = jax.random.split(jax.random.key(0), 3)
       >>> trained = [eqx.nn.GRUCell(8, 8, key=k) for k in ks]
       >>> stack = gradflow.Stack(gradflow.cells.from_equinox(trained[0]), 3, 8, 8)
-      >>> params = stack_params(stack, trained)
+      >>> params = gradflow.cells.stack_params(stack, trained)
       >>> bool(jnp.array_equal(params["layers"][2]["weight_hh"], trained[2].weight_hh))
       True
     """

@@ -244,6 +244,38 @@ def parse_init(init: str) -> tuple[str, str | None]:
     return weight or "orthogonal", bias
 
 
+# One problem at every precision: every random number gradflow uses is a standard variate drawn
+# in float32 (the same bits whatever the dtype and whether 64-bit JAX is on) and cast; what is
+# computed from it (an affine map, a QR, a log) is computed in the target dtype. A float64
+# problem is thus the float32 problem up to float32 rounding, and an orthogonal float64 block is
+# orthogonal to float64 accuracy.
+
+
+def normal(key, shape, dtype=jnp.float32):
+    """Standard normal draws of ``shape``: float32 draws cast to ``dtype``."""
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def uniform(key, shape, dtype=jnp.float32, minval=0.0, maxval=1.0):
+    """``U[minval, maxval)`` draws of ``shape``: float32 ``U[0, 1)`` draws cast to ``dtype``,
+    then mapped affinely in ``dtype`` as ``jax.random.uniform`` maps them (jitted like it, so
+    float32 draws are bit for bit ``jax.random.uniform``'s, fused multiply-add included)."""
+    u = jax.random.uniform(key, shape, jnp.float32).astype(dtype)
+    lo, hi = jnp.asarray(minval, dtype), jnp.asarray(maxval, dtype)
+    return jnp.maximum(lo, u * (hi - lo) + lo)
+
+
+def orthogonal(key, shape, dtype=jnp.float32):
+    """An ``(n, m)`` matrix with orthonormal columns (``n >= m``) or rows (``n < m``): the Q
+    factor, signs fixed by ``diag(R) > 0``, of the QR decomposition (in ``dtype``) of a
+    :func:`normal` ``(max, min)`` matrix (``jax.nn.initializers.orthogonal``'s construction)."""
+    n, m = shape
+    q, r = jnp.linalg.qr(normal(key, (max(n, m), min(n, m)), dtype))
+    q = q * jnp.sign(jnp.diag(r))
+    return q if n >= m else q.T
+
+
 def weight(key, shape, scheme: str, hidden_size: int, dtype):
     """One weight block ``(in, out)`` under a weight scheme.
 
@@ -252,12 +284,14 @@ def weight(key, shape, scheme: str, hidden_size: int, dtype):
     torch: ``U(-1/sqrt(H), 1/sqrt(H))`` as PyTorch's RNN modules.
     """
     if scheme == "orthogonal":
-        return jax.nn.initializers.orthogonal()(key, shape, dtype)
+        return orthogonal(key, shape, dtype)
     if scheme == "glorot":
-        return jax.nn.initializers.glorot_uniform()(key, shape, dtype)
+        # jax.nn.initializers.glorot_uniform's arithmetic: sqrt(3 var), var = 2 / (in + out)
+        scale = jnp.sqrt(3 * jnp.asarray(2.0 / sum(shape), dtype))
+        return uniform(key, shape, dtype, -1.0, 1.0) * scale
     if scheme == "torch":
         a = 1.0 / math.sqrt(hidden_size)
-        return jax.random.uniform(key, shape, dtype, -a, a)
+        return uniform(key, shape, dtype, -a, a)
     raise ValueError(f"unknown weight scheme {scheme!r}; valid: {', '.join(WEIGHT_SCHEMES)}")
 
 
@@ -265,7 +299,7 @@ def bias(key, hidden_size: int, scheme: str, dtype):
     """A bias vector: zeros, except ``U(-1/sqrt(H), 1/sqrt(H))`` under ``torch``."""
     if scheme == "torch":
         a = 1.0 / math.sqrt(hidden_size)
-        return jax.random.uniform(key, (hidden_size,), dtype, -a, a)
+        return uniform(key, (hidden_size,), dtype, -a, a)
     return jnp.zeros((hidden_size,), dtype)
 
 

@@ -31,7 +31,7 @@ def gru(*, init: str = "orthogonal", reset: str = "after",
 
 
 @factory
-def ur_gru(*, init: str = "ugi", reset: str = "after",
+def ur_gru(*, init: str = "ugi", reset: str = "before",
         forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = "refine",
         refined: tuple[str, ...] = (), mode: str = "mul") -> Cell:
     r"""UR-GRU (Gu et al. 2020): the update gate (the coefficient of :math:`h_{t-1}`), here
@@ -43,8 +43,11 @@ def ur_gru(*, init: str = "ugi", reset: str = "after",
 
         h_t = g \odot h_{t-1} + (1 - g) \odot n
 
-    with ``n`` as in :func:`gru`. Params ``{"r", "f", "refine", "n"}``; reports
-    ``r, f, refine, g``. UGI by default (``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_refine = -b_f``).
+    with ``n`` as in :func:`gru`, reset before the recurrent matrix by default
+    (:math:`n = \tanh(W_n x + U_n (r \odot h) + b_n)`, ``reset="before"``: the placement of the
+    only UR-GRU code from the authors' group; ``reset="after"`` for the PyTorch form). Params
+    ``{"r", "f", "refine", "n"}``; reports ``r, f, refine, g``. UGI by default
+    (``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_refine = -b_f``).
     """
     return _gru("ur_gru", locals())
 

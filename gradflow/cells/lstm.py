@@ -20,7 +20,7 @@ from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, ref
 def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
          forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
          tied: bool = False, refined: tuple[str, ...] = (), mode: str = "mul",
-         chunk_size: int = 1) -> Cell:
+         chunk_size: int = 1, tie_refine_bias: bool = False) -> Cell:
     r"""Long short-term memory.
 
     .. math::
@@ -45,6 +45,11 @@ def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
       tied: input gate tied to ``1 - forget`` (no ``i`` parameters).
       refined: gate names given Cheng et al.'s refined form (see :func:`mechanisms.refined`).
       mode: refined gate form, ``"mul"`` or ``"add"``.
+      tie_refine_bias: with ``aux="refine"``, one bias vector for the forget and refine gates,
+        ``+b`` in ``f`` and ``-b`` in ``r`` (Gu et al.'s pseudo-code; ``params["r"]`` then has
+        no ``b``). Off by default: UGI initialises ``b_r = -b_f`` either way, so the two forms
+        are equal at init, and untied biases are the form of the public implementations; the
+        forms differ only once trained.
       chunk_size: ON-LSTM: neurons per master-gate chunk (``H`` must be divisible by it; the
         master gates have ``H / chunk_size`` entries, each repeated ``chunk_size`` times).
 
@@ -63,7 +68,7 @@ def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
 def ur_lstm(*, init: str = "ugi", forget_bias: float = 0.0,
          forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = "refine",
          tied: bool = True, refined: tuple[str, ...] = (), mode: str = "mul",
-         chunk_size: int = 1) -> Cell:
+         chunk_size: int = 1, tie_refine_bias: bool = False) -> Cell:
     r"""UR-LSTM (Gu et al. 2020): refine gate on the forget gate, tied input gate, UGI.
 
     .. math::
@@ -83,7 +88,7 @@ def ur_lstm(*, init: str = "ugi", forget_bias: float = 0.0,
 def on_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
          forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = "master",
          tied: bool = False, refined: tuple[str, ...] = (), mode: str = "mul",
-         chunk_size: int = 1) -> Cell:
+         chunk_size: int = 1, tie_refine_bias: bool = False) -> Cell:
     r"""ON-LSTM (Shen et al. 2019): LSTM with master gates.
 
     .. math::
@@ -105,7 +110,7 @@ def on_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
 def refined_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
          forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
          tied: bool = False, refined: tuple[str, ...] = ("i", "o"), mode: str = "mul",
-         chunk_size: int = 1) -> Cell:
+         chunk_size: int = 1, tie_refine_bias: bool = False) -> Cell:
     r"""LSTM with Cheng et al.'s refined input and output gates.
 
     .. math:: \hat i = \sigma(W_i x_t + U_i h_{t-1} + b_i) \odot x_t, \quad
@@ -116,6 +121,29 @@ def refined_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
     the gates (default ``("i", "o")``). Reports the refined values of ``i, f, o``.
     """
     return _lstm("refined_lstm", locals())
+
+
+_EQUATIONS = {
+    "lstm": "c = f*c + i*tanh(Wx+Uh+b); h = o*tanh(c)",
+    "ur_lstm": "g = r(1-(1-f)^2) + (1-r)f^2; c = g*c + (1-g)*tanh(Wx+Uh+b); h = o*tanh(c)",
+    "on_lstm": "f^ = f*w + (F-w), i^ = i*w + (I-w), w = F*I (cumax masters); c = f^*c + i^*g",
+    "refined_lstm": "LSTM with i, o refined: sigma(Wx+Uh+b) * x"}
+
+
+def _layout(aux, tied):
+    """``(candidate gate, sigmoid gates, parameter specs, reported gates)`` of an LSTM variant."""
+    cand = "u" if aux == "refine" else "g"
+    sig = ("f", "o") + (() if tied else ("i",)) + (("r",) if aux == "refine" else ())
+    specs = {} if tied else {"i": {}}
+    specs.update({"f": {}, cand: {}, "o": {}})
+    if aux == "refine":
+        specs["r"] = {}
+    if aux == "master":
+        specs["f_master"] = {}
+        specs["i_master"] = {}
+    reported = (() if tied else ("i",)) + ("f",) + {
+        "refine": ("r", "g"), "master": ("f_master", "i_master"), None: ()}[aux] + ("o",)
+    return cand, sig, specs, reported
 
 
 def _lstm(name: str, o: dict) -> Cell:
@@ -129,19 +157,11 @@ def _lstm(name: str, o: dict) -> Cell:
     if chunks < 1 or (chunks > 1 and aux != "master"):
         raise ValueError(f"cell {name!r}: chunk_size must be a positive integer and needs "
                          "aux='master'")
-    cand = "u" if aux == "refine" else "g"
-    sig = ("f", "o") + (() if tied else ("i",)) + (("r",) if aux == "refine" else ())
+    cand, sig, specs, reported = _layout(aux, tied)
     rset = refined_set(name, o, sig)
-
-    specs = {} if tied else {"i": {}}
-    specs.update({"f": {}, cand: {}, "o": {}})
-    if aux == "refine":
-        specs["r"] = {}
-    if aux == "master":
-        specs["f_master"] = {}
-        specs["i_master"] = {}
-    reported = (() if tied else ("i",)) + ("f",) + {
-        "refine": ("r", "g"), "master": ("f_master", "i_master"), None: ()}[aux] + ("o",)
+    tie = bool(o["tie_refine_bias"])
+    if tie and aux != "refine":
+        raise ValueError(f"cell {name!r}: tie_refine_bias=True needs aux='refine'")
 
     def init_fn(key, input_size, hidden_size, dtype):
         sp = dict(specs)
@@ -150,15 +170,21 @@ def _lstm(name: str, o: dict) -> Cell:
                 raise ValueError(f"cell {name!r}: hidden_size {hidden_size} is not divisible by "
                                  f"chunk_size={chunks}")
             sp["f_master"] = sp["i_master"] = {"out": hidden_size // chunks}
-        return standard_init(sp, o["init"], forget=("f", 1), input_gate=None if tied else "i",
-                             refine_gate="r" if aux == "refine" else None, t_max=o["t_max"],
-                             forget_bias_init=o["forget_bias_init"])(
+        p = standard_init(sp, o["init"], forget=("f", 1), input_gate=None if tied else "i",
+                          refine_gate="r" if aux == "refine" and not tie else None,
+                          t_max=o["t_max"], forget_bias_init=o["forget_bias_init"])(
             key, input_size, hidden_size, dtype)
+        if tie:
+            p["r"] = {k: v for k, v in p["r"].items() if k != "b"}
+        return p
 
     all_gates = tuple(specs)
+    biased = tuple(g for g in all_gates if not (tie and g == "r"))
 
     def project(p, x):
-        xp = {"a": input_projection(p, x, all_gates)}
+        xp = {"a": input_projection(p, x, biased)}
+        if tie:  # the refine gate's bias is minus the forget gate's
+            xp["a"]["r"] = x @ p["r"]["W"] - p["f"]["b"]
         if rset:
             xp["x"] = x
         return xp
@@ -192,16 +218,12 @@ def _lstm(name: str, o: dict) -> Cell:
         return {"c": c, "h": h}, h, {g: gates[g] for g in reported}
 
     retain = (("f", 1),) + ((("g", 1),) if aux == "refine" else ())
-    eq = {"lstm": "c = f*c + i*tanh(Wx+Uh+b); h = o*tanh(c)",
-          "ur_lstm": "g = r(1-(1-f)^2) + (1-r)f^2; c = g*c + (1-g)*tanh(Wx+Uh+b); h = o*tanh(c)",
-          "on_lstm": "f^ = f*w + (F-w), i^ = i*w + (I-w), w = F*I (cumax masters); c = f^*c + i^*g",
-          "refined_lstm": "LSTM with i, o refined: sigma(Wx+Uh+b) * x"}.get(name, "")
     kinds = {g: "refined" if g in rset else "sigmoid" for g in reported}
     kinds.update({"g": "effective"} if aux == "refine" else {})
     kinds.update({"f_master": "master", "i_master": "master"} if aux == "master" else {})
     return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
                 state_names=("c", "h"), gate_kinds=tuple((g, kinds[g]) for g in reported),
-                square=bool(rset), equation=eq, forget=("f", 1),
+                square=bool(rset), equation=_EQUATIONS.get(name, ""), forget=("f", 1),
                 input_gate=None if tied else "i", retain=retain,
                 refine_gate="r" if aux == "refine" else None, refine_mode=mode,
                 preact_fn=lambda p, s, xp, t: {g: v for g, v in preact(p, s, xp, t).items()

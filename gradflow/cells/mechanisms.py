@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import set_bias
+from gradflow.cells.base import set_bias, uniform
 
 
 def ugi_bias(key, hidden_size: int, dtype=jnp.float32):
@@ -22,7 +22,7 @@ def ugi_bias(key, hidden_size: int, dtype=jnp.float32):
     Returns: ``(H,)`` biases ``-log(1/u - 1)``.
     """
     lo = 1.0 / hidden_size
-    u = jax.random.uniform(key, (hidden_size,), dtype, lo, 1.0 - lo)
+    u = uniform(key, (hidden_size,), dtype, lo, 1.0 - lo)
     return -jnp.log(1.0 / u - 1.0)
 
 
@@ -33,7 +33,7 @@ def chrono_bias(key, hidden_size: int, t_max: float, dtype=jnp.float32):
     """
     if not t_max > 2:
         raise ValueError(f"chrono initialisation needs t_max > 2, got {t_max}")
-    return jnp.log(jax.random.uniform(key, (hidden_size,), dtype, 1.0, t_max - 1.0))
+    return jnp.log(uniform(key, (hidden_size,), dtype, 1.0, t_max - 1.0))
 
 
 def apply_bias_scheme(key, params, scheme: str | None, *, forget, input_gate=None, refine_gate=None,

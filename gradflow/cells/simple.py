@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import Cell, factory, input_projection, parse_init, weight
+from gradflow.cells.base import Cell, factory, input_projection, parse_init, uniform, weight
 from gradflow.cells.mechanisms import standard_init
 
 
@@ -55,7 +55,7 @@ def indrnn(*, init: str = "orthogonal", u_max: float = 1.0) -> Cell:
     def init_fn(key, input_size, hidden_size, dtype):
         kw, ku = jax.random.split(key)
         return {"h": {"W": weight(kw, (input_size, hidden_size), wscheme, hidden_size, dtype),
-                      "u": jax.random.uniform(ku, (hidden_size,), dtype, 0.0, u_max),
+                      "u": uniform(ku, (hidden_size,), dtype, 0.0, u_max),
                       "b": jnp.zeros((hidden_size,), dtype)}}
 
     def project(p, x):

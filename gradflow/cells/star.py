@@ -4,13 +4,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import Cell, choice, factory, input_projection
+from gradflow.cells.base import Cell, choice, factory, fused, input_projection
 from gradflow.cells.mechanisms import standard_init
 
 
 @factory
 def star(*, variant: str = "paper", init: str | None = None,
-         forget_bias_init: float | None = None, t_max: float | None = None) -> Cell:
+         forget_bias_init: float | None = None, t_max: float | None = None,
+         bn_scale: float = 0.1, bn_stats: str = "batch") -> Cell:
     r"""STAR cell, as in the paper (default) or as in the authors' TensorFlow code.
 
     ``variant="paper"``:
@@ -26,10 +27,31 @@ def star(*, variant: str = "paper", init: str | None = None,
         a = W_k x + U_k h + b_k, \qquad
         h_t = \tanh(\sigma(a) \odot h_{t-1} + (1 - \sigma(a - 1)) \odot \tanh(W_z x + b_z))
 
+    ``variant="bn"``: BN-STAR, the default cell of the authors' repository (``bn_star.py``): the
+    official update with batch normalisation of the gate's input and recurrent parts and of
+    the candidate, each with a learned ``scale`` (initialised to ``bn_scale`` = 0.1) and
+    ``offset`` (``params["bn"] = {"kx", "kh", "z"}``), :math:`\epsilon = 10^{-3}`:
+
+    .. math::
+        a = \mathrm{BN}_{kx}(W_k x) + \mathrm{BN}_{kh}(U_k h) + b_k, \qquad
+        h_t = \tanh(\sigma(a) \odot h_{t-1} + (1 - \sigma(a - 1)) \odot
+        \tanh(\mathrm{BN}_z(W_z x) + b_z))
+
+    ``bn_stats="batch"`` (default, the training-mode statistics the authors' gradients flow
+    through) normalises with each step's batch mean and variance, so the examples of a batch
+    are coupled: splitting a batch changes the numbers, and per-example measurements
+    (:func:`gradflow.local_gains`) need ``bn_stats="population"``, which uses the population
+    statistics at initialisation (mean 0, variance 1).
+
     Params ``{"k": {"W", "U", "b"}, "z": {"W", "b"}}`` (``z`` has no recurrent weight).
-    Reports ``k`` (for the official variant ``k = σ(a)``, the fraction of ``h_{t-1}`` kept).
+    Reports ``k`` (for the official and BN variants ``k = σ(a)``, the fraction of ``h_{t-1}``
+    kept).
     """
-    choice("star", "variant", variant, ("paper", "official"))
+    choice("star", "variant", variant, ("paper", "official", "bn"))
+    choice("star", "bn_stats", bn_stats, ("batch", "population"))
+    if variant == "bn":
+        return _bn_star(init or "chrono", 784.0 if t_max is None else t_max, forget_bias_init,
+                        bn_scale, bn_stats)
     official = variant == "official"
     if init is None:
         init = "chrono" if official else "orthogonal"
@@ -62,4 +84,49 @@ def star(*, variant: str = "paper", init: str | None = None,
     return Cell(name="star", init_fn=init_fn, project_fn=project, recur_fn=recur,
                 gate_kinds=(("k", "sigmoid"),), equation=eq, forget=("k", sign),
                 retain=(("k", sign),), preact_fn=preact,
+                options=(("init", init), ("t_max", float(t_max))))
+
+
+def batch_norm(v, p, stats: str, eps: float = 1e-3):
+    r""":math:`\mathrm{scale} \cdot (v - \mu) / \sqrt{\sigma^2 + \epsilon} + \mathrm{offset}` for
+    ``v: (..., B, H)``: batch statistics over the batch axis ``-2`` (``stats="batch"``) or the
+    population statistics at initialisation, ``mu = 0, sigma^2 = 1`` (``"population"``)."""
+    if stats == "population":
+        return p["scale"] * v / jnp.sqrt(1.0 + eps) + p["offset"]
+    if v.ndim < 2:
+        raise ValueError("BN-STAR with bn_stats='batch' normalises over a batch of examples; "
+                         "per-example measurements need star(variant='bn', "
+                         "bn_stats='population')")
+    mean = jnp.mean(v, axis=-2, keepdims=True)
+    var = jnp.mean(jnp.square(v - mean), axis=-2, keepdims=True)
+    return p["scale"] * (v - mean) * jax.lax.rsqrt(var + eps) + p["offset"]
+
+
+def _bn_star(init, t_max, forget_bias_init, bn_scale, bn_stats) -> Cell:
+    base = standard_init({"k": {}, "z": {"recurrent": False}}, init, forget=("k", 1),
+                         t_max=t_max, forget_bias_init=forget_bias_init)
+
+    def init_fn(key, input_size, hidden_size, dtype):
+        p = base(key, input_size, hidden_size, dtype)
+        one = {"scale": jnp.full((hidden_size,), bn_scale, dtype),
+               "offset": jnp.zeros((hidden_size,), dtype)}
+        p["bn"] = {k: dict(one) for k in ("kx", "kh", "z")}
+        return p
+
+    def project(p, x):
+        a = fused(x, p, ("k", "z"), "W")
+        return {"k": batch_norm(a["k"], p["bn"]["kx"], bn_stats) + p["k"]["b"],
+                "z": batch_norm(a["z"], p["bn"]["z"], bn_stats) + p["z"]["b"]}
+
+    def recur(p, state, xp, t):
+        h = state["h"]
+        a = xp["k"] + batch_norm(h @ p["k"]["U"], p["bn"]["kh"], bn_stats)
+        k = jax.nn.sigmoid(a)
+        h = jnp.tanh(k * h + (1.0 - jax.nn.sigmoid(a - 1.0)) * jnp.tanh(xp["z"]))
+        return {"h": h}, h, {"k": k}
+
+    return Cell(name="star", init_fn=init_fn, project_fn=project, recur_fn=recur,
+                gate_kinds=(("k", "sigmoid"),), forget=("k", 1), retain=(("k", 1),),
+                equation="h = tanh(s(a)*h + (1-s(a-1))*tanh(BN(Wz x) + bz)), "
+                         "a = BN(Wk x) + BN(U h) + bk",
                 options=(("init", init), ("t_max", float(t_max))))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import Cell, factory
+from gradflow.cells.base import Cell, factory, uniform
 from gradflow.cells.lstm import lstm
 
 _INNER = ("init", "forget_bias", "forget_bias_init", "t_max")
@@ -78,7 +78,7 @@ def g_lstm(*, steps: int = 100, sigma_frac: float = 0.1, init: str = "orthogonal
         steps = float(o["steps"])
         if not steps > 0 or not o["sigma_frac"] > 0:
             raise ValueError("g_lstm: steps and sigma_frac must be positive")
-        return {"mu": jax.random.uniform(key, (hidden,), dtype, 0.0, steps),
+        return {"mu": uniform(key, (hidden,), dtype, 0.0, steps),
                 "sigma": jnp.full((hidden,), o["sigma_frac"] * steps, dtype)}
 
     def gate(t, tp, o):
@@ -94,24 +94,31 @@ def g_lstm(*, steps: int = 100, sigma_frac: float = 0.1, init: str = "orthogonal
 
 
 @factory
-def phased_lstm(*, log_tau: tuple[float, float] = (1.0, 5.0), r_on: float = 0.05,
-                alpha: float = 1e-3, init: str = "orthogonal", forget_bias: float = 0.0,
+def phased_lstm(*, log_tau: tuple[float, float] = (1.0, 3.0), shift_max: float | None = 100.0,
+                r_on: float = 0.05, alpha: float = 1e-3, test_time: bool = False,
+                init: str = "orthogonal", forget_bias: float = 0.0,
                 forget_bias_init: float | None = None, t_max: float = 100.0) -> Cell:
     r"""Phased LSTM (Neil et al. 2016): an LSTM whose update is gated by a periodic time gate.
 
     :math:`\phi_t = ((t - s) \bmod \tau)/\tau`, :math:`k_t` from :func:`phased_gate`, and the
     ``c, h`` update of :func:`g_lstm`. Params ``params["time"] = {"tau", "s", "r_on"}``, each
-    ``(H,)``. Init: ``τ = exp(U[1, 5])``, ``s ~ U[0, τ)``, ``r_on = 0.05``; ``alpha`` (1e-3) is a
-    fixed option. Reports ``i, f, o, k``.
+    ``(H,)``. Reports ``i, f, o, k``.
+
+    Init (default, as in the authors' experiment script): ``τ = exp(U[1, 3])``,
+    ``s ~ U[0, 100)``, ``r_on = 0.05``. ``log_tau=(1, 5), shift_max=None`` gives the earlier
+    range of SPEC section 1 (``τ = exp(U[1, 5])``, ``s ~ U[0, τ)``). ``alpha`` (1e-3) is the
+    closed phase's leak during training; ``test_time=True`` sets it to 0, as the authors do
+    at test time.
     """
     def time_init(key, hidden, dtype, o):
         k1, k2 = jax.random.split(key)
-        tau = jnp.exp(jax.random.uniform(k1, (hidden,), dtype, *o["log_tau"]))
-        return {"tau": tau, "s": jax.random.uniform(k2, (hidden,), dtype) * tau,
+        tau = jnp.exp(uniform(k1, (hidden,), dtype, *o["log_tau"]))
+        top = tau if o["shift_max"] is None else o["shift_max"]
+        return {"tau": tau, "s": uniform(k2, (hidden,), dtype) * top,
                 "r_on": jnp.full((hidden,), o["r_on"], dtype)}
 
     def gate(t, tp, o):
-        return phased_gate(t, tp["tau"], tp["s"], tp["r_on"], o["alpha"])
+        return phased_gate(t, tp["tau"], tp["s"], tp["r_on"], 0.0 if o["test_time"] else o["alpha"])
 
     return _time_gated("phased_lstm", locals(), time_init, gate,
                        "phi = ((t-s) mod tau)/tau; k = open/close ramps of r_on, else alpha*phi")
