@@ -205,8 +205,18 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
     return make_result("gradient_map", {"values": vals, "loss_value": value}, config)
 
 
-@functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "name"))
 def _state_map(stack, params, xs, loss_fn, name):
+    # Examples are independent: on several devices the batch is split over them
+    # (gradflow.parallel; never inside a trace, e.g. sweep's vmap over seeds).
+    from gradflow import parallel
+    devices = parallel.should_split(xs)
+    if devices:
+        return parallel.state_map(stack, params, xs, loss_fn, name, devices)
+    return _state_map_local(stack, params, xs, loss_fn, name)
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "name"))
+def _state_map_local(stack, params, xs, loss_fn, name):
     # Norm taps (Stack.apply(taps=...)): the backward pass reduces each step's (B, H) state
     # cotangent to its (B,) norms as it goes, so no (L, B, T, H) gradient is ever held.
     B, T, _ = xs.shape

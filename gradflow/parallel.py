@@ -1,0 +1,225 @@
+r"""Split a map's batch over devices: the examples of a map are independent.
+
+A stack treats every example on its own (every cell acts row by row on ``(B, H)`` states), so the
+per-example state cotangents :math:`\partial\mathcal L/\partial s^l_t[b]` of a state map need
+only the loss gradient w.r.t. example ``b``'s own top-layer outputs. :func:`state_map` runs the
+hidden/cell map under ``jax.shard_map`` on a 1-d ``Mesh(devices, ("batch",))``: device ``k``
+runs the forward pass of its ``B/n`` examples, the ``(B, T, H)`` top-layer outputs are gathered
+(``all_gather``: 1 MiB at ``B=32, T=64, H=128``), every device evaluates the (any) loss and its
+gradient :math:`\bar y = \partial\mathcal L/\partial y` on the whole batch, and pulls its own
+slice of :math:`\bar y` back through its examples. The map is then combined exactly:
+
+.. math:: G[l,t] = \frac1B \sum_b \|\partial\mathcal L/\partial s^l_t[b]\|_2
+          = \frac1B \sum_k \mathrm{psum}\Big(\sum_{b \in k} \|\cdot\|_2\Big)
+
+so the split map equals the unsplit one up to float summation order, for any loss (the batch
+mean of the default readout loss, i.e. its ``1/B`` factor on each example's gradient, is
+carried by :math:`\bar y`). The params map is not split: its per-step
+:math:`\mathrm{mean}_\theta|\sum_b g_b|` does not decompose over examples.
+
+Devices:
+
+* CPU: XLA's host platform exposes one device unless told otherwise before JAX starts.
+  :func:`use_cpu_devices` ``(n)`` sets it (``jax_num_cpu_devices``; the same as
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=n``) and raises if JAX has already
+  started with another count. The ``gradflow`` CLI does this before any computation
+  (``--devices``, default one per CPU core).
+* GPU/TPU: the real devices of the default backend.
+
+Which devices a map uses is a process-wide setting, :func:`set_batch_devices`: ``"all"``
+(default: every device of the default backend; nothing changes while there is one), ``None``
+(never split), a count, or a list of devices. A batch of ``B`` examples is split over the
+largest number ``n <= len(devices)`` of devices that divides ``B``. Maps called inside a traced
+computation (``jit``, ``vmap``, e.g. :func:`gradflow.sweep`, which shards seeds instead) are
+never split.
+
+Example::
+
+  >>> import gradflow
+  >>> from gradflow import parallel
+  >>> pr = gradflow.problem("lstm", layers=2, steps=5, hidden=8, batch=4, seed=0)
+  >>> split = gradflow.gradient_map(*pr[:3]).values  # split if the process has >1 devices
+  >>> with parallel.batch_devices(None):
+  ...     plain = gradflow.gradient_map(*pr[:3]).values
+  >>> bool(abs(split - plain).max() <= 1e-6 * abs(plain).max())
+  True
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "batch"
+_SETTING = {"devices": "all"}
+
+
+def _started() -> bool:
+    from jax._src import xla_bridge
+    return xla_bridge.backends_are_initialized()
+
+
+def use_cpu_devices(n: int) -> None:
+    """Make XLA's CPU platform expose ``n`` devices (to split batches over the CPU's cores).
+
+    Must run before JAX starts its backends (the first computation or ``jax.devices()``);
+    afterwards it is a no-op if the CPU platform already has ``n`` devices and a RuntimeError
+    otherwise (set ``XLA_FLAGS=--xla_force_host_platform_device_count=n`` before starting
+    Python instead).
+    """
+    try:
+        if isinstance(n, bool):
+            raise TypeError
+        n = operator.index(n)
+    except TypeError:
+        raise ValueError(f"n must be a positive integer, got {n!r}") from None
+    if n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if _started():
+        have = len(jax.devices("cpu"))
+        if have == n:
+            return
+        raise RuntimeError(
+            f"JAX has already started with {have} CPU device(s); call "
+            f"gradflow.parallel.use_cpu_devices({n}) before any JAX computation, or set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python")
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+# glibc's mallopt parameters (malloc.h) and the values the gradflow launcher sets.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+MALLOC_SETTINGS = {"trim_threshold": 2**31 - 1, "mmap_max": 0, "arena_max": 1}
+GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:"
+                  "glibc.malloc.arena_max=1")
+
+
+def tune_malloc() -> bool:
+    """Let the C allocator keep and reuse freed memory (glibc only); True if applied.
+
+    XLA's CPU runtime takes and frees some 200 MB of buffers per map call at the standard size;
+    by default glibc serves such blocks with fresh ``mmap`` pages (zero-filled by the kernel on
+    first touch) and returns them on ``free``. ``mallopt`` with ``mmap_max = 0`` (no mmap'd
+    blocks), ``trim_threshold = 2**31 - 1`` (never give the heap top back) and
+    ``arena_max = 1`` (one heap for all threads, so a buffer freed on one thread is reused on
+    another) has the same effect as starting the process with
+    ``GLIBC_TUNABLES`` = :data:`GLIBC_TUNABLES`, without restarting it. The cost: the process
+    keeps its peak heap until it exits. Does nothing (False) off glibc or when the process was
+    started with ``GLIBC_TUNABLES`` set (the user's choice stands).
+    """
+    import ctypes
+    import os
+    import platform
+    if os.environ.get("GLIBC_TUNABLES") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(k, v) == 1 for k, v in ((_M_MMAP_MAX, MALLOC_SETTINGS["mmap_max"]),
+                                                (_M_TRIM_THRESHOLD,
+                                                 MALLOC_SETTINGS["trim_threshold"]),
+                                                (_M_ARENA_MAX, MALLOC_SETTINGS["arena_max"])))
+
+
+def set_batch_devices(devices="all"):
+    """Choose the devices maps split their batch over; returns the previous setting.
+
+    ``devices``: ``"all"`` (every device of the default backend), ``None`` (never split), a
+    positive count (the first ``n`` devices) or a sequence of ``jax.Device``.
+    """
+    if devices is None or devices == "all":
+        pass
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        if devices < 1:
+            raise ValueError(f"devices must be 'all', None, a positive count or a list of "
+                             f"devices, got {devices!r}")
+    else:
+        try:
+            devices = tuple(devices)
+        except TypeError:
+            devices = ()
+        if not devices or not all(isinstance(d, jax.Device) for d in devices):
+            raise ValueError(f"devices must be 'all', None, a positive count or a list of "
+                             f"devices, got {devices!r}")
+    old = _SETTING["devices"]
+    _SETTING["devices"] = devices
+    return old
+
+
+@contextlib.contextmanager
+def batch_devices(devices="all"):
+    """``with batch_devices(...)``: :func:`set_batch_devices` for the block only."""
+    old = set_batch_devices(devices)
+    try:
+        yield
+    finally:
+        _SETTING["devices"] = old
+
+
+def devices_for(batch: int) -> tuple:
+    """The devices a batch of ``batch`` examples is split over under the current setting:
+    the largest divisor of ``batch`` among the first ``n`` devices; ``()`` for no split."""
+    d = _SETTING["devices"]
+    if d is None:
+        return ()
+    if d == "all" or isinstance(d, int):
+        avail = jax.devices()
+        d = tuple(avail if d == "all" else avail[:d])
+    n = max(k for k in range(1, len(d) + 1) if batch % k == 0)
+    return tuple(d[:n]) if n > 1 else ()
+
+
+def should_split(xs) -> tuple:
+    """:func:`devices_for` ``(B)`` for concrete ``xs: (B, T, D)``; ``()`` inside a trace."""
+    if isinstance(xs, jax.core.Tracer):
+        return ()
+    return devices_for(xs.shape[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_state_map(stack, loss_fn, name, mesh):
+    n = mesh.devices.size
+
+    def local(params, xs_k):
+        b, T, _ = xs_k.shape
+        B = b * n
+        zeros = {name: jnp.zeros((stack.layers, b, T), xs_k.dtype)}
+        top_k, pull = jax.vjp(lambda taps: stack.apply(params, xs_k, taps=taps).top, zeros)
+        top = lax.all_gather(top_k, AXIS, axis=0, tiled=True)  # (B, T, H) on every device
+        value, g_top = jax.value_and_grad(loss_fn)(top)
+        g_k = lax.dynamic_slice_in_dim(g_top, lax.axis_index(AXIS) * b, b, axis=0)
+        (norms,) = pull(g_k)
+        return value, lax.psum(jnp.sum(norms[name], axis=1), AXIS) / B  # (L, T)
+
+    # check_vma=False: the zero taps and states made inside the stack are not marked per-device;
+    # both outputs are replicated (computed alike / psum-ed on every device).
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
+                                 out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
+
+
+def state_map(stack, params, xs, loss_fn, name: str, devices):
+    r"""``(loss value, G: (L, T))``, :math:`G[l,t] = \mathrm{mean}_b\|\partial\mathcal L/
+    \partial s^l_t[b]\|_2` for state ``name``, the batch of ``xs: (B, T, D)`` split over
+    ``devices`` (a sequence whose length divides ``B``; see the module docstring).
+
+    ``stack`` and ``loss_fn`` (``(B, T, H) -> scalar``) must be hashable.
+    """
+    devices = tuple(devices)
+    if xs.shape[0] % len(devices):
+        raise ValueError(f"batch {xs.shape[0]} does not split over {len(devices)} devices")
+    mesh = Mesh(np.array(devices), (AXIS,))
+    run = _sharded_state_map(stack, loss_fn, name, mesh)
+    xs = jax.device_put(xs, NamedSharding(mesh, PartitionSpec(AXIS)))
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    return run(params, xs)
+
+
+__all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES", "set_batch_devices", "batch_devices", "devices_for",
+           "should_split", "state_map"]

@@ -1,0 +1,185 @@
+"""gradflow.parallel: the batch split over devices equals the unsplit map, for every cell.
+
+The split needs several devices, which XLA's CPU platform only exposes when told before JAX
+starts, so those checks run in a subprocess (2 and 4 simulated CPU devices); the settings and
+their errors are checked here in the (single-device) test process.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# In the child: cells through the stack in float32 with x64 off, then in float64; both losses;
+# hidden and (where the cell has one) cell maps; B = 4 and a B = 6 that 4 devices do not divide
+# (split over 3 or 2). Reference: the same map with the split switched off.
+CHILD = textwrap.dedent("""
+    import json, sys
+    from gradflow import parallel
+    parallel.use_cpu_devices(int(sys.argv[1]))
+    import jax, numpy as np, gradflow
+    from gradflow import cells
+    out = {"devices": len(jax.devices()), "rows": []}
+    for dtype, names in (("float32", sys.argv[2]), ("float64", sys.argv[3])):
+        jax.config.update("jax_enable_x64", dtype == "float64")
+        names = cells.names() if names == "all" else names.split(",")
+        for i, name in enumerate(names):
+            B = 6 if i % 3 == 0 else 4
+            loss = ("last", "all")[i % 2]
+            pr = gradflow.problem(name, layers=2, steps=4, hidden=6, batch=B, input_size=5,
+                                  seed=i, dtype=dtype)
+            wrts = ("hidden", "cell") if "c" in pr.stack.cell.state_names and i < 2 else ("hidden",)
+            for wrt in wrts:
+                split = gradflow.gradient_map(*pr[:3], loss=loss, wrt=wrt)
+                with parallel.batch_devices(None):
+                    plain = gradflow.gradient_map(*pr[:3], loss=loss, wrt=wrt)
+                a, b = np.asarray(split.values), np.asarray(plain.values)
+                out["rows"].append({
+                    "cell": name, "dtype": dtype, "wrt": wrt, "B": B,
+                    "used": len(parallel.devices_for(B)),
+                    "result_dtype": str(split.values.dtype),
+                    "map_rel": float(np.max(np.abs(a - b)) / np.max(np.abs(b))),
+                    "loss_rel": float(abs(float(split.arrays["loss_value"])
+                                          - float(plain.arrays["loss_value"]))
+                                      / abs(float(plain.arrays["loss_value"])))})
+    print(json.dumps(out))
+""")
+
+
+# 2 devices: every registered cell in float64 (the split is one mechanism in the map, not per
+# cell); float32 with x64 off for one. 4 devices: one cell at each precision.
+@pytest.mark.parametrize("n, f32, f64", [(2, "lstm", "all"), (4, "gru", "lstm")])
+def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["devices"] == n
+    rows = out["rows"]
+    if f64 == "all":
+        assert {x["cell"] for x in rows if x["dtype"] == "float64"} == set(gradflow.cells.names())
+    assert {x["dtype"] for x in rows} == {"float32", "float64"}
+    assert any(x["wrt"] == "cell" for x in rows) or n == 4
+    for x in rows:
+        assert x["map_rel"] <= 1e-6, x
+        assert x["loss_rel"] <= 1e-6, x
+        assert x["result_dtype"] == x["dtype"], x
+        # the largest device count <= n dividing B
+        assert x["used"] == max(k for k in range(1, n + 1) if x["B"] % k == 0), x
+    assert any(x["used"] == n for x in rows)
+
+
+def test_settings_and_divisor_choice():
+    devs = jax.devices()  # one CPU device in the test process
+    assert parallel.devices_for(4) == ()
+    with parallel.batch_devices(None):
+        assert parallel.devices_for(8) == ()
+    with parallel.batch_devices(list(devs)):
+        assert parallel.devices_for(8) == (() if len(devs) == 1 else tuple(devs))
+    with parallel.batch_devices(1):
+        assert parallel.devices_for(8) == ()
+    assert parallel._SETTING["devices"] == "all"
+
+
+@pytest.mark.parametrize("bad", [0, -2, "some", [], [1, 2], 1.5])
+def test_bad_device_setting_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="devices must be"):
+        parallel.set_batch_devices(bad)
+    assert parallel._SETTING["devices"] == "all"
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2"])
+def test_use_cpu_devices_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match="positive integer"):
+        parallel.use_cpu_devices(bad)
+
+
+def test_use_cpu_devices_after_jax_started():
+    jnp.zeros(1).block_until_ready()  # JAX has started in this process
+    have = len(jax.devices("cpu"))
+    parallel.use_cpu_devices(have)  # the count it has: a no-op
+    with pytest.raises(RuntimeError, match="before any JAX computation"):
+        parallel.use_cpu_devices(have + 1)
+
+
+def test_traced_maps_are_never_split():
+    assert parallel.should_split(jnp.zeros((4, 3, 2))) == parallel.devices_for(4)
+    seen = []
+    jax.jit(lambda x: seen.append(parallel.should_split(x)) or x)(jnp.zeros((4, 3, 2)))
+    assert seen == [()]
+
+
+def test_state_map_refuses_a_batch_the_devices_do_not_divide():
+    pr = gradflow.problem("lstm", layers=1, steps=2, hidden=4, batch=3, seed=0)
+    lf = gradflow.jacobian.readout_loss("last", 4, 2, 3)
+    with pytest.raises(ValueError, match="does not split"):
+        parallel.state_map(pr.stack, pr.params, pr.xs, lf, "h", jax.devices() * 2)
+
+
+def test_single_device_state_map_equals_the_plain_map():
+    """The shard_map program on a one-device mesh (gather, loss on the whole batch, pull back
+    the slice) against the plain autodiff map and a brute-force per-example gradient."""
+    pr = gradflow.problem("gru", layers=2, steps=3, hidden=5, batch=3, seed=2, dtype="float64")
+    lf = gradflow.jacobian.readout_loss("all", 5, 3, 3, 0, jnp.float64)
+    v, m = parallel.state_map(pr.stack, pr.params, pr.xs, lf, "h", jax.devices()[:1])
+    with parallel.batch_devices(None):
+        ref = gradflow.gradient_map(*pr[:3], loss="all")
+    np.testing.assert_allclose(np.asarray(m), ref.values, rtol=1e-12)
+    np.testing.assert_allclose(float(v), float(ref.arrays["loss_value"]), rtol=1e-12)
+    # independent: d loss / d h^l_t via perturbations, norms by numpy
+    eps = {"h": jnp.zeros((2, 3, 3, 5))}
+    g = jax.grad(lambda e: lf(pr.stack.apply(pr.params, pr.xs, perturb=e).top))(eps)["h"]
+    np.testing.assert_allclose(np.asarray(m), np.linalg.norm(np.asarray(g), axis=-1).mean(1),
+                               rtol=1e-10)
+
+
+MALLOC_CHILD = textwrap.dedent("""
+    import ctypes, json
+    libc = ctypes.CDLL(None)
+    libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
+    libc.sbrk.argtypes = [ctypes.c_ssize_t]
+    libc.malloc.argtypes = [ctypes.c_size_t]
+
+    def heap_growth():  # a 64 MiB block: does it come from the heap, and stay there when freed?
+        a = libc.sbrk(0)
+        p = libc.malloc(64 << 20)
+        b = libc.sbrk(0)
+        libc.free(ctypes.c_void_p(p))
+        return b - a, libc.sbrk(0) - a
+
+    before = heap_growth()
+    from gradflow import parallel
+    applied = parallel.tune_malloc()
+    print(json.dumps({"before": before, "applied": applied, "after": heap_growth()}))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tune_malloc_serves_big_blocks_from_a_kept_heap():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    run = lambda e: json.loads(subprocess.run(  # noqa: E731
+        [sys.executable, "-c", MALLOC_CHILD], capture_output=True, text=True, cwd=ROOT, env=e,
+        timeout=300, check=True).stdout.strip().splitlines()[-1])
+    out = run(env)
+    big = 64 << 20
+    assert out["before"][0] < big and out["before"][1] < big  # default: mmap'd, given back
+    assert out["applied"] is True
+    assert out["after"][0] >= big and out["after"][1] >= big  # heap, kept after free
+    # started with GLIBC_TUNABLES: the user's settings stand, nothing is changed
+    out = run({**env, "GLIBC_TUNABLES": parallel.GLIBC_TUNABLES})
+    assert out["applied"] is False
+    assert out["before"][0] >= big and out["before"][1] >= big  # the env did the same
