@@ -1,0 +1,244 @@
+"""Checks at the door: every public entry point validates its arguments here, before any tracing.
+
+Each check raises one clear :class:`ValueError` (a value out of range, a shape that does not
+match) or :class:`TypeError` (a value of the wrong kind), naming what was expected and what was
+given, so that a user never has to read an error from deep inside JAX.
+
+This module sits below everything else (it imports no other gradflow module) so cells, stacks,
+measurements and the CLI can all share it.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def positive_int(name: str, value) -> int:
+    """``int(value)`` if it is an integer ``>= 1`` (not a bool), else a ValueError naming it."""
+    v = _int(name, value, "a positive integer")
+    if v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return v
+
+
+def nonneg_int(name: str, value) -> int:
+    """``int(value)`` if it is an integer ``>= 0`` (not a bool), else a ValueError naming it."""
+    v = _int(name, value, "a non-negative integer")
+    if v < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return v
+
+
+def _int(name, value, what) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
+def choice(name: str, value, valid):
+    """``value`` if it is one of ``valid``, else a ValueError listing the valid choices."""
+    valid = tuple(valid)
+    try:
+        ok = value in valid
+    except TypeError:  # unhashable or uncomparable
+        ok = False
+    if not ok:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, valid))}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays
+
+
+def _dtype_of(x):
+    dt = getattr(x, "dtype", None)
+    if dt is None:
+        try:
+            dt = np.asarray(x).dtype
+        except Exception:  # ragged lists and the like: reported by the shape check
+            return None
+    return dt
+
+
+def _is_real_number_dtype(dt) -> bool:
+    try:
+        return (jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.integer)) \
+            and not jnp.issubdtype(dt, jnp.bool_)
+    except TypeError:
+        return False
+
+
+def check_xs(stack, xs):
+    """Raise unless ``xs`` is a real ``(B, T, D)`` array with ``B, T >= 1`` and
+    ``D = stack.input_size``.
+
+    Returns ``xs`` (nested lists converted with :func:`numpy.asarray`). Raises:
+      TypeError: a dtype that is not real floating or integer (complex, bool, strings, objects),
+        or something that is not an array at all.
+      ValueError: the wrong number of axes, the wrong feature size, or an empty batch/sequence.
+    """
+    D = stack.input_size
+    if xs is None or isinstance(xs, (str, bytes, dict)):
+        raise TypeError(f"inputs must be a (batch, steps, {D}) array, got {type(xs).__name__}")
+    if not hasattr(xs, "shape"):
+        try:
+            xs = np.asarray(xs)
+        except Exception:
+            raise ValueError(f"inputs must be a (batch, steps, {D}) array; could not read "
+                             f"{type(xs).__name__} as one (ragged nested lists?)") from None
+    dt = _dtype_of(xs)
+    if dt is None or not _is_real_number_dtype(dt):
+        raise TypeError(f"inputs must be real numbers (a float or integer dtype), got dtype "
+                        f"{dt}")
+    shape = tuple(xs.shape)
+    if len(shape) != 3 or shape[-1] != D:
+        raise ValueError(f"inputs must have shape (batch, steps, {D}), got {shape}")
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"inputs need at least one example and one step, got {shape}")
+    return xs
+
+
+def _looks_like_key(x) -> bool:
+    dt = getattr(x, "dtype", None)
+    if dt is None:
+        return False
+    try:
+        if jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
+            return True
+    except TypeError:
+        pass
+    return np.dtype(dt) == np.uint32 and tuple(getattr(x, "shape", ())) == (2,)
+
+
+_SHALLOW = 3
+
+
+@functools.lru_cache(maxsize=64)
+def expected_params(stack):
+    """``jax.eval_shape(stack.init, key)``: the shapes (no values, nothing allocated) of the
+    params a stack expects. Cached per stack (stacks are hashable).
+
+    Tracing ``init`` costs milliseconds per layer, so a deep stack of one cell is read off a
+    3-layer copy: layer 0 as it is, every layer above as layer 1 (per-layer lists, e.g.
+    ``params["norm"]``, likewise).
+    """
+    key = jax.random.key(0)
+    cells = getattr(stack, "cells", None)
+    if stack.layers > 64 and (cells is None or all(c is cells[0] for c in cells)):
+        try:
+            short = jax.eval_shape(stack.replace(layers=_SHALLOW).init, key)
+        except Exception:  # a stack that cannot be shortened: trace it whole
+            short = None
+        if short is not None:
+            def same(a, b):
+                return jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and all(
+                    x.shape == y.shape for x, y in zip(jax.tree_util.tree_leaves(a),
+                                                       jax.tree_util.tree_leaves(b)))
+            out = {}
+            for k, v in short.items():
+                if isinstance(v, list) and len(v) == _SHALLOW:
+                    if not same(v[1], v[2]):
+                        break
+                    v = [v[0]] + [v[1]] * (stack.layers - 1)
+                out[k] = v
+            else:
+                return out
+    return jax.eval_shape(stack.init, key)
+
+
+def _shape_str(x) -> str:
+    return str(tuple(getattr(x, "shape", ())))
+
+
+def check_params(stack, params):
+    """Raise unless ``params`` has the structure and shapes of ``stack.init(key)``.
+
+    Raises:
+      TypeError: a PRNG key given instead of params, params that are not a dict, or leaves that
+        are not real floating arrays.
+      ValueError: a layer count that differs from ``stack.layers``, or the first leaf (by
+        path, e.g. ``['layers'][2]['f']['W']``) whose presence or shape differs from what the
+        stack expects, with the expected and given shapes.
+    """
+    if _looks_like_key(params):
+        raise TypeError("params looks like a PRNG key; call stack.init(key) to get the "
+                        "parameters")
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be the dict returned by stack.init(key), got "
+                        f"{type(params).__name__}")
+    layers = params.get("layers")
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError("params must hold a list params['layers'] (one entry per layer), as "
+                         "returned by stack.init(key)")
+    if len(layers) != stack.layers:
+        raise ValueError(f"params hold {len(layers)} layers, the stack has {stack.layers}")
+    expected = expected_params(stack)
+    exp = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    ks = jax.tree_util.keystr
+    exp_by = {ks(p): v for p, v in exp.items()}
+    got_by = {ks(p): v for p, v in got.items()}
+    for path, e in exp_by.items():  # in the order of stack.init: the first wrong leaf
+        if path not in got_by:
+            raise ValueError(f"params{path} is missing: expected an array of shape "
+                             f"{_shape_str(e)}")
+        g = got_by[path]
+        if not hasattr(g, "shape") or not hasattr(g, "dtype"):
+            raise TypeError(f"params{path} must be an array of shape {_shape_str(e)}, got "
+                            f"{type(g).__name__}")
+        if tuple(g.shape) != tuple(e.shape):
+            raise ValueError(f"params{path} has shape {_shape_str(g)}, the stack expects "
+                             f"{_shape_str(e)}")
+        if not jnp.issubdtype(g.dtype, jnp.floating):
+            raise TypeError(f"params{path} must be a real floating array, got dtype {g.dtype}")
+    extra = [p for p in got_by if p not in exp_by]
+    if extra:
+        raise ValueError(f"params{extra[0]} is not a parameter of this stack (cell "
+                         f"{stack.cell.name!r}, {stack.layers} layers)")
+    dtypes = {jnp.dtype(g.dtype) for g in got_by.values()}
+    if len(dtypes) > 1:
+        raise TypeError(f"params mix dtypes {sorted(d.name for d in dtypes)}; use one "
+                        "(stack.init(key, dtype))")
+
+
+def check_scalar_loss(loss_fn, outputs):
+    """Raise unless ``loss_fn(outputs)`` is a real scalar, checked with :func:`jax.eval_shape`
+    (nothing is computed).
+
+    Args:
+      loss_fn: ``fn(outputs: (B, T, H)) -> scalar``.
+      outputs: an array or :class:`jax.ShapeDtypeStruct` of the outputs' shape and dtype.
+    Raises:
+      ValueError: the loss returns something of another shape (its shape is named), or fails
+        on outputs of that shape (its error is named).
+      TypeError: the loss returns a non-floating value.
+    """
+    spec = jax.ShapeDtypeStruct(tuple(outputs.shape), outputs.dtype)
+    where = f"loss(outputs: {spec.shape} {jnp.dtype(spec.dtype).name})"
+    try:
+        out = jax.eval_shape(loss_fn, spec)
+    except Exception as e:  # the user's function failed: say where, with its own message
+        msg = " ".join(str(e).split())[:300]
+        raise ValueError(f"{where} failed: {type(e).__name__}: {msg}") from e
+    leaves = jax.tree_util.tree_leaves(out)
+    if len(leaves) != 1 or not hasattr(leaves[0], "shape"):
+        raise ValueError(f"{where} must return one scalar array, got "
+                         f"{jax.tree_util.tree_structure(out)}")
+    v = leaves[0]
+    if tuple(v.shape) != ():
+        raise ValueError(f"{where} must return a scalar, got an array of shape "
+                         f"{tuple(v.shape)} (reduce it, e.g. with jnp.mean)")
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        raise TypeError(f"{where} must return a real floating scalar, got dtype {v.dtype}")
+
+
+__all__ = ["positive_int", "nonneg_int", "choice", "check_xs", "check_params",
+           "check_scalar_loss", "expected_params"]

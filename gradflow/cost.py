@@ -1,0 +1,414 @@
+r"""What a measurement will cost, known before anything is built, traced or compiled.
+
+:func:`estimate` computes, from the stack's configuration and the sizes ``(B, T)`` alone, the
+memory a measurement needs and the floating-point work it does. Everything is derived from the
+shapes of ONE cell step (:func:`jax.eval_shape`, so nothing is allocated even for
+``hidden_size = 100000``), multiplied out over ``L`` layers and ``T`` steps:
+
+* ``params``: :math:`P_0 + (L-1) P_1` bytes (layer 0 may read ``D`` features, the others ``H``),
+  plus the input projection; the layers of one shape are also stacked into one array inside the
+  compiled function (a second copy, counted in ``working``).
+* ``residuals``: what the forward pass keeps for the backward pass. Without checkpointing: every
+  layer's input :math:`(T, B, n_{in})` plus, at every ``(l, t)``, the batch-shaped residuals of
+  one step (the VJP residuals of ``cell.recur``). With ``stack.checkpoint = C`` (``"auto"``:
+  :math:`C = \lceil\sqrt T\rceil`): every layer's input, plus for the one layer being
+  differentiated ``T/C`` chunk-boundary states and ``C`` steps of residuals.
+* ``working``: transient buffers of one layer (its input projection :math:`(T, B, G H)`, the
+  cotangent of its input) and the stacked copy of the parameters.
+* ``inputs``: ``xs``; ``result``: the ``(L, T)`` map(s).
+
+``total`` is the peak estimate (their sum); :func:`check_fits` compares it with
+:func:`available_memory` (or a limit) and refuses in one line, naming what would fit.
+``flops`` counts the matmuls of every step (:math:`2 B\,n_{in} n_{out}` per ``(n_in, n_out)``
+weight), forward plus backward (about 3x the forward; 4x with checkpointing, which recomputes
+the forward); ``seconds`` adds ``L T`` sequential steps (``T + L - 1`` for ``order="wavefront"``)
+at a per-step overhead, both from :func:`calibration` on this machine.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gradflow import checks
+
+WRTS = ("hidden", "cell", "params")
+METHODS = ("gradient", "exact", "probe")
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """A measurement's estimated cost (bytes, FLOPs, seconds) and the request it describes.
+
+    Attributes:
+      params, inputs, residuals, working, result: bytes (see the module docstring).
+      total: the peak memory estimate in bytes (the sum of the above).
+      flops: floating-point operations, forward + backward.
+      seconds: estimated run time on this machine (compilation not included).
+      request: ``(stack, batch, steps, dtype name, wrt, method, probes)``, for
+        :func:`check_fits` to try what would fit.
+    """
+
+    params: int
+    inputs: int
+    residuals: int
+    working: int
+    result: int
+    total: int
+    flops: float
+    seconds: float
+    request: tuple = dataclasses.field(repr=False)
+
+    def describe(self) -> str:
+        """One line: ``memory 1.23 GiB (...), 4.5 GFLOP, about 3 s``."""
+        return (f"memory {gib(self.total)} GiB (parameters {gib(self.params)}, kept for the "
+                f"backward pass {gib(self.residuals)}, working {gib(self.working)}, inputs "
+                f"{gib(self.inputs)}), {flops_str(self.flops)}, about "
+                f"{seconds_str(self.seconds)}")
+
+
+def gib(n: float) -> str:
+    """Bytes as GiB with 3 significant digits (``0.000123``, ``1.23``, ``1230``)."""
+    v = n / GiB
+    return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
+
+
+def flops_str(f: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if f >= scale:
+            return f"{f / scale:.3g} {unit}"
+    return f"{f:.3g} FLOP"
+
+
+def seconds_str(s: float) -> str:
+    if s < 60:
+        return f"{s:.2g} s"
+    if s < 3600:
+        return f"{s / 60:.2g} min"
+    if s < 86400 * 2:
+        return f"{s / 3600:.2g} h"
+    return f"{s / 86400:,.0f} days"
+
+
+# ---------------------------------------------------------------------------------------------
+# One step, by shapes only
+
+
+def _nbytes(tree) -> int:
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+               for a in jax.tree_util.tree_leaves(tree))
+
+
+@functools.lru_cache(maxsize=256)
+def _step(cell, n_in: int, H: int, B: int, dtype: str, tapped: bool) -> tuple:
+    """``(param bytes, per-step residual bytes, projection bytes, state bytes, matmul FLOPs)``
+    of one step of ``cell`` reading ``n_in`` features, for a batch of ``B``."""
+    dt = jnp.dtype(dtype)
+    p = jax.eval_shape(lambda k: cell.init(k, n_in, H, dt), jax.random.key(0))
+    s = {k: jax.ShapeDtypeStruct((B, H), dt) for k in cell.state_names}
+    x = jax.ShapeDtypeStruct((B, n_in), dt)
+    xp = jax.eval_shape(cell.project, p, x)
+    if tapped:  # every step its own copy of the parameters: the whole step is differentiated
+        def res(p, s, x):
+            return jax.vjp(lambda pp, ss, xx: cell.step(pp, ss, xx, 0)[0], p, s, x)[1]
+        out = jax.eval_shape(res, p, s, x)
+    else:
+        def res(p, s, xp):
+            return jax.vjp(lambda ss, xx: cell.recur(p, ss, xx, 0)[0], s, xp)[1]
+        out = jax.eval_shape(res, p, s, xp)
+    # Residuals shaped by the batch are kept per step; the others are the (loop-invariant)
+    # parameters themselves.
+    per_step = sum(math.prod(a.shape) * dt.itemsize for a in jax.tree_util.tree_leaves(out)
+                   if a.ndim >= 1 and a.shape[0] == B)
+    mm = sum(2 * B * a.shape[0] * a.shape[1] for a in jax.tree_util.tree_leaves(p)
+             if a.ndim == 2)
+    return _nbytes(p), per_step, _nbytes(xp), _nbytes(s), mm
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+@functools.lru_cache(maxsize=None)
+def calibration() -> tuple[float, float]:
+    """``(FLOP/s, seconds per sequential step)`` on the default device, measured once per
+    process: a 512 x 512 float32 matmul, and a 2000-step ``lax.scan`` of a tiny cell-like
+    update (the fixed cost of one step of a recurrence)."""
+    n = 512
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        mm(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    rate = 2 * n ** 3 / max(best, 1e-9)
+    steps = 2000
+    w = jnp.eye(16, dtype=jnp.float32) * 0.5
+
+    @jax.jit
+    def scan(h):
+        return lax.scan(lambda c, _: (jnp.tanh(c @ w), None), h, None, length=steps)[0]
+
+    h = jnp.ones((4, 16), jnp.float32)
+    scan(h).block_until_ready()
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        scan(h).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return rate, best / steps
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+
+
+def _chunk(checkpoint, T: int):
+    if checkpoint is None:
+        return None
+    if checkpoint == "auto":
+        return max(1, math.ceil(math.sqrt(T)))
+    return min(int(checkpoint), T)
+
+
+def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden",
+             method: str = "gradient", probes: int = 16, calibrate: bool = True) -> Cost:
+    r"""Memory and work of one measurement on ``stack``, from shapes alone (nothing runs).
+
+    Args:
+      stack: a :class:`gradflow.Stack` (its ``checkpoint`` and ``order`` are taken into
+        account).
+      batch, steps: ``B, T``.
+      dtype: of parameters and inputs.
+      wrt: ``"hidden"``, ``"cell"`` or ``"params"`` (``method="gradient"``).
+      method: ``"gradient"`` (:func:`gradflow.gradient_map`), ``"exact"`` or ``"probe"``
+        (:func:`gradflow.jacobian_map`: ``H`` or ``probes`` backward passes, with a
+        ``(L, B, T, H)`` cotangent each).
+      calibrate: time this machine once (:func:`calibration`) for ``seconds``; if False,
+        ``seconds`` is NaN.
+    Returns:
+      :class:`Cost`. Example::
+
+        >>> c = estimate(gradflow.Stack("lstm", layers=100000, hidden_size=128), 16, 32)
+        >>> c.total > 50 * 2**30   # the parameters alone: 100000 x 4 x (2 x 128 x 128 + 128) x 4 B
+        True
+    """
+    B = checks.positive_int("batch", batch)
+    T = checks.positive_int("steps", steps)
+    checks.choice("wrt", wrt, WRTS)
+    checks.choice("method", method, METHODS)
+    dt = jnp.dtype(dtype)
+    return _estimate(stack, B, T, dt.name, wrt, method, int(probes), bool(calibrate))
+
+
+def _layer_kinds(stack) -> dict:
+    """``{(cell, n_in): count}`` over the layers (one entry for a plain stack's layers above 0)."""
+    L, H = stack.layers, stack.hidden_size
+    first = H if stack.input_projection else stack.input_size
+    cells = getattr(stack, "cells", None)
+    if cells is None or all(c is cells[0] for c in cells):  # one cell object: no per-layer walk
+        c = stack.cell if cells is None else cells[0]
+        kinds = {(c, first): 1}
+        if L > 1:
+            kinds[(c, H)] = kinds.get((c, H), 0) + L - 1
+        return kinds
+    return dict(collections.Counter(zip(cells, [first] + [H] * (L - 1))))
+
+
+@functools.lru_cache(maxsize=256)
+def _estimate(stack, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
+    L, H, D = stack.layers, stack.hidden_size, stack.input_size
+    item = jnp.dtype(dtype).itemsize
+    first = H if stack.input_projection else D
+    tapped = wrt == "params" and method == "gradient"
+    kinds = {k: (n, _step(k[0], k[1], H, B, dtype, tapped)) for k, n in _layer_kinds(stack).items()}
+    layer_params = sum(n * st[0] for n, st in kinds.values())
+    r_all = sum(n * st[1] for n, st in kinds.values())  # one step of every layer
+    r_step = max(st[1] for _, st in kinds.values())  # one step of the worst layer
+    xp_step = max(st[2] for _, st in kinds.values())
+    s_step = max(st[3] for _, st in kinds.values())
+    f_all = sum(n * st[4] for n, st in kinds.values())
+    params = layer_params
+    if stack.input_projection:
+        params += (D * H + H) * item
+    norm = getattr(stack, "norm", None)
+    if norm is not None:
+        params += L * H * (2 if norm == "layer" else 1) * item
+    inputs = B * T * D * item
+    # The layers' inputs (layer 0: the data or its projection; above: what the layer below emits).
+    layer_inputs = B * T * (first + (L - 1) * H) * item
+    # A norm (and the residual sum) keeps about two (B, H) arrays per step of every layer.
+    emit = 2 * B * H * item if norm is not None else 0
+    C = _chunk(stack.checkpoint, T)
+    if C is None:
+        residuals = layer_inputs + T * (r_all + L * emit)
+    else:  # one layer recomputed at a time: T/C chunk-boundary states + C steps inside a chunk
+        # (plus that layer's recomputed states and input projection over the whole sequence)
+        residuals = (layer_inputs + math.ceil(T / C) * s_step + C * r_step
+                     + T * (xp_step + s_step + emit))
+    # One layer's transient buffers: its input projection (and cotangent) and the cotangent of
+    # its input; the layers of one shape stacked into one array inside the compiled function.
+    stacked = sum(n * st[0] for n, st in kinds.values() if n > 1)
+    working = 2 * T * xp_step + B * T * max(first, H) * item + stacked
+    if method == "gradient":
+        result = 2 * L * T * item + L * B * T * item  # the map and the taps' gradient
+        passes = 1
+    else:  # one (L, B, T, H) cotangent per basis vector / probe, several at once
+        n = H if method == "exact" else probes
+        per = L * B * T * H * item
+        chunk = n if method == "probe" else max(1, min(H, (256 << 20) // max(per // item * 4, 1)))
+        working += min(n, chunk) * per
+        result = 2 * L * T * item
+        passes = n
+    total = params + inputs + residuals + working + result
+    fwd = T * f_all
+    flops = fwd * (1 + 2 * passes + (1 if C is not None else 0))
+    seconds = math.nan
+    if calibrate:
+        rate, per_step = calibration()
+        seq = (T + L - 1) if stack.order == "wavefront" else L * T
+        seconds = flops / rate + seq * per_step * (1 + 2 * passes + (C is not None))
+    return Cost(int(params), int(inputs), int(residuals), int(working), int(result), int(total),
+                float(flops), float(seconds), (stack, B, T, dtype, wrt, method, probes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def available_memory(device=None) -> int:
+    """Bytes a measurement may use: on an accelerator the device's ``bytes_limit`` less what is
+    in use (:meth:`jax.Device.memory_stats`); on CPU ``MemAvailable`` from ``/proc/meminfo``
+    (else the physical memory)."""
+    d = device or jax.devices()[0]
+    if d.platform != "cpu":
+        stats = d.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    avail = _meminfo_available()
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            avail = 1 << 62  # unknown: do not refuse
+    return int(avail)
+
+
+def parse_size(text) -> int:
+    """``"2G"``, ``"512M"``, ``"1.5GiB"``, ``"100000"`` (bytes) -> bytes (binary units)."""
+    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    for unit, k in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
+        if s.endswith(unit):
+            s, scale = s[:-1], k
+            break
+    try:
+        v = float(s)
+    except ValueError:
+        raise ValueError(f"memory size must be a number with an optional unit K, M, G or T "
+                         f"(e.g. 2G, 512M), got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return int(v * scale)
+
+
+def _fits(stack, B, T, req, limit) -> Cost | None:
+    _, _, _, dtype, wrt, method, probes = req
+    c = _estimate(stack, B, T, dtype, wrt, method, probes, False)
+    return c if c.total <= limit else None
+
+
+def _largest(fits, hi: int) -> int:
+    """The largest ``n`` in ``1..hi`` with ``fits(n)`` (monotone), 0 if none."""
+    if not fits(1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def suggestions(cost: Cost, limit: int, cli: bool = False) -> list[str]:
+    """What would fit under ``limit`` bytes: checkpointing, a smaller batch or fewer steps, or
+    (when even one example of one step does not fit) fewer layers or a smaller hidden size."""
+    stack, B, T, dtype, wrt, method, probes = cost.request
+    req = cost.request
+    name = (lambda k, v: f"--{k} {v}") if cli else (lambda k, v: f"{k}={v!r}")
+    out = []
+    cands = [stack]
+    if stack.checkpoint is None:
+        ck = stack.replace(checkpoint="auto")
+        c = _estimate(ck, B, T, dtype, wrt, method, probes, False)
+        if c.total < cost.total:
+            verb = "brings it to" if c.total <= limit else "only brings it to"
+            out.append(f"{name('checkpoint', 'auto')} {verb} {gib(c.total)} GiB")
+            if c.total <= limit:
+                return out
+            cands.append(ck)
+    best = cands[-1]
+    b = _largest(lambda n: _fits(best, n, T, req, limit) is not None, B)
+    if b:
+        out.append(f"{name('batch', b)} fits")
+    t = _largest(lambda n: _fits(best, B, n, req, limit) is not None, T)
+    if t:
+        out.append(f"{name('steps', t)} fits")
+    if not b and not t:
+        one = _estimate(best, 1, 1, dtype, wrt, method, probes, False)
+        what = (f"even 1 example of 1 step needs {gib(one.total)} GiB (the parameters alone "
+                f"{gib(one.params)} GiB)")
+
+        def layers_fit(n):
+            return _fits(best.replace(layers=n), 1, 1, req, limit) is not None
+
+        n = _largest(layers_fit, stack.layers) if stack.layers > 1 else 0
+        hint = [f"{name('layers', n)}" if n else None, "a smaller hidden size"]
+        out.append(what + ": use " + " or ".join(h for h in hint if h))
+    return out
+
+
+def check_fits(cost: Cost, limit=None, cli: bool = False) -> Cost:
+    """Return ``cost`` if its ``total`` fits in ``limit`` bytes (default
+    :func:`available_memory`), else raise one ValueError naming the need, the limit and what
+    would fit (see :func:`suggestions`). Raised before anything is compiled."""
+    source = "limit"
+    if limit is None:
+        limit, source = available_memory(), "available"
+    else:
+        limit = parse_size(limit) if isinstance(limit, str) else int(limit)
+    if cost.total <= limit:
+        return cost
+    stack, B, T, dtype, wrt, method, probes = cost.request
+    what = (f"this measurement ({stack.cell.name}, {stack.layers} layers x {T} steps, "
+            f"H={stack.hidden_size}, batch {B}, {dtype}"
+            + (f", wrt {wrt}" if method == "gradient" else f", jacobian {method}") + ")")
+    tips = suggestions(cost, limit, cli)
+    raise ValueError(f"{what} needs about {gib(cost.total)} GiB of memory (parameters "
+                     f"{gib(cost.params)}, kept for the backward pass {gib(cost.residuals)}), "
+                     f"more than the {gib(limit)} GiB {source}"
+                     + (f"; {'; '.join(tips)}" if tips else ""))
+
+
+__all__ = ["Cost", "estimate", "available_memory", "check_fits", "calibration", "parse_size",
+           "suggestions", "WRTS", "METHODS"]

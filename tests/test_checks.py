@@ -1,0 +1,145 @@
+"""gradflow.checks: every bad argument gets one clear ValueError/TypeError at the door."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import checks
+
+
+@pytest.fixture(scope="module")
+def small():
+    stack = gradflow.Stack("lstm", layers=2, input_size=3, hidden_size=4)
+    return stack, stack.init(jax.random.key(0)), jnp.ones((2, 5, 3))
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "3", True, None, np.float32(2)])
+def test_positive_int_rejects(value):
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        checks.positive_int("n", value)
+
+
+def test_ints_accept_integers():
+    assert checks.positive_int("n", np.int64(3)) == 3
+    assert checks.nonneg_int("n", 0) == 0
+    with pytest.raises(ValueError, match="non-negative"):
+        checks.nonneg_int("n", -1)
+    from gradflow.stack import _positive_int  # the old name stays importable
+    assert _positive_int("n", 2) == 2
+
+
+def test_choice_names_valid():
+    assert checks.choice("wrt", "cell", ("hidden", "cell")) == "cell"
+    with pytest.raises(ValueError, match="unknown wrt 'x'; valid: hidden, cell"):
+        checks.choice("wrt", "x", ("hidden", "cell"))
+    with pytest.raises(ValueError, match="unknown wrt"):
+        checks.choice("wrt", ["unhashable"], ("hidden",))
+
+
+@pytest.mark.parametrize("xs, err, msg", [
+    (np.ones((2, 5, 3), np.complex64), TypeError, "complex64"),
+    (np.array([[["a", "b", "c"]]]), TypeError, "<U1"),
+    (np.ones((2, 5, 3), object), TypeError, "object"),
+    (np.ones((2, 5, 3), bool), TypeError, "bool"),
+    ("abc", TypeError, "str"),
+    (None, TypeError, "NoneType"),
+    (np.ones((2, 5)), ValueError, r"shape \(batch, steps, 3\), got \(2, 5\)"),
+    (np.ones((2, 5, 4)), ValueError, r"got \(2, 5, 4\)"),
+    (np.ones((0, 5, 3)), ValueError, "at least one example"),
+    ([[[1.0, 2.0]], [[1.0]]], ValueError, "ragged"),
+])
+def test_check_xs(small, xs, err, msg):
+    with pytest.raises(err, match=msg):
+        checks.check_xs(small[0], xs)
+
+
+def test_check_xs_accepts_ints_and_lists(small):
+    assert checks.check_xs(small[0], np.ones((1, 2, 3), np.int32)).shape == (1, 2, 3)
+    assert checks.check_xs(small[0], [[[1.0, 2.0, 3.0]]]).shape == (1, 1, 3)
+
+
+def test_check_params_key(small):
+    stack = small[0]
+    for key in (jax.random.key(0), jax.random.PRNGKey(0)):
+        with pytest.raises(TypeError, match=r"looks like a PRNG key; call stack.init\(key\)"):
+            checks.check_params(stack, key)
+
+
+def test_check_params_structure(small):
+    stack, params, _ = small
+    checks.check_params(stack, params)
+    with pytest.raises(TypeError, match="must be the dict returned by stack.init"):
+        checks.check_params(stack, [1, 2])
+    with pytest.raises(ValueError, match="params hold 1 layers, the stack has 2"):
+        checks.check_params(stack, {"layers": params["layers"][:1]})
+    no_gate = {"layers": [params["layers"][0], {k: v for k, v in params["layers"][1].items()
+                                                 if k != sorted(params["layers"][1])[0]}]}
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[1\]\[.*\] is missing"):
+        checks.check_params(stack, no_gate)
+    bad = jax.tree_util.tree_map(lambda a: a, params)
+    gate = sorted(bad["layers"][1])[0]
+    leaf = sorted(bad["layers"][1][gate])[0]
+    shape = bad["layers"][1][gate][leaf].shape
+    bad["layers"][1][gate][leaf] = jnp.zeros(shape + (1,))
+    with pytest.raises(ValueError, match=rf"params\['layers'\]\[1\]\['{gate}'\]\['{leaf}'\] has "
+                                         rf"shape {re_shape(shape + (1,))}, the stack expects "
+                                         rf"{re_shape(shape)}"):
+        checks.check_params(stack, bad)
+    extra = {**params, "readout": jnp.zeros(3)}
+    with pytest.raises(ValueError, match=r"params\['readout'\] is not a parameter"):
+        checks.check_params(stack, extra)
+    ints = jax.tree_util.tree_map(lambda a: a.astype(jnp.int32), params)
+    with pytest.raises(TypeError, match="real floating array"):
+        checks.check_params(stack, ints)
+
+
+def re_shape(shape):
+    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+def test_check_params_deep_stack_is_fast():
+    import time
+    stack = gradflow.Stack("gru", layers=300, input_size=2, hidden_size=3)
+    params = stack.init(jax.random.key(0))
+    t0 = time.perf_counter()
+    checks.check_params(stack, params)
+    assert time.perf_counter() - t0 < 5
+    params["layers"][299] = params["layers"][0]  # layer 0 reads 2 features, layer 299 reads 3
+    with pytest.raises(ValueError, match=r"\['layers'\]\[299\]"):
+        checks.check_params(stack, params)
+
+
+def test_check_scalar_loss():
+    spec = jax.ShapeDtypeStruct((2, 5, 4), jnp.float32)
+    checks.check_scalar_loss(lambda o: jnp.mean(o), spec)
+    with pytest.raises(ValueError, match=r"must return a scalar, got an array of shape \(2, 4\)"):
+        checks.check_scalar_loss(lambda o: o[:, -1], spec)
+    with pytest.raises(TypeError, match="real floating scalar"):
+        checks.check_scalar_loss(lambda o: jnp.sum(o > 0), spec)
+    with pytest.raises(ValueError, match=r"loss\(outputs: \(2, 5, 4\) float32\) failed"):
+        checks.check_scalar_loss(lambda o: o @ jnp.ones(7), spec)
+    with pytest.raises(ValueError, match="one scalar array"):
+        checks.check_scalar_loss(lambda o: (jnp.mean(o), jnp.mean(o)), spec)
+
+
+@pytest.mark.parametrize("fn", [gradflow.gradient_map, gradflow.jacobian_map,
+                                gradflow.local_gains])
+def test_measurements_check_at_the_door(small, fn):
+    stack, params, xs = small
+    with pytest.raises(TypeError, match="PRNG key"):
+        fn(stack, jax.random.key(0), xs)
+    with pytest.raises(TypeError, match="complex64"):
+        fn(stack, params, xs.astype(jnp.complex64))
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[0\]"):
+        fn(stack, {"layers": [params["layers"][1], params["layers"][1]]}, xs)
+    with pytest.raises(ValueError, match="params hold 3 layers"):
+        fn(stack, {"layers": params["layers"] + params["layers"][:1]}, xs)
+
+
+def test_gradient_map_loss_must_be_scalar(small):
+    stack, params, xs = small
+    with pytest.raises(ValueError, match=r"must return a scalar, got an array of shape \(2,\)"):
+        gradflow.gradient_map(stack, params, xs, loss=lambda o: jnp.sum(o, axis=(1, 2)))
+    with pytest.raises(ValueError, match="unknown wrt"):
+        gradflow.gradient_map(stack, params, xs, wrt="weights")
