@@ -24,8 +24,9 @@ The pieces: :class:`TrainConfig` (the run's options, checked when built), :class
 saves the run as it goes (:mod:`gradflow.runs`).
 
 >>> stack = gradflow.Stack("lstm", layers=2, input_size=2, hidden_size=32)
->>> hist = train(stack, tasks.make("adding", steps=20), steps=300, lr=1e-2, progress=False)
->>> hist.curve.loss.shape, hist.curve.eval_loss[-1] < hist.curve.eval_loss[0]
+>>> task = gradflow.tasks.make("adding", steps=20)
+>>> hist = train(stack, task, steps=300, lr=1e-2, progress=False)
+>>> hist.curve.loss.shape, bool(hist.curve.eval_loss[-1] < hist.curve.eval_loss[0])
 ((300,), True)
 """
 from __future__ import annotations
