@@ -503,6 +503,41 @@ def atlas(claims, grid, *, cache_dir=None, devices=None, progress: bool = True) 
     return out
 
 
+def mechanism(cell: str, init: str, input_scales=(0.01, 0.1, 1.0), *, layers: int = 10,
+              steps: int = 10, hidden: int = 32, batch: int = 16, seed: int = 0) -> dict:
+    r"""The quantities behind a claim's boundary, per layer, for one seed's problem.
+
+    For each input scale: the one-step gains of :func:`gradflow.local_gains` averaged over
+    steps (``vertical_rms``, ``temporal_rms``, ``temporal_spectral``: ``(L,)`` each), the mean of
+    :math:`1 - h^2` over batch, steps and units (for a cell whose output is
+    :math:`h = \tanh(\cdot)`, the mean slope :math:`\tanh'` of its last nonlinearity) and the
+    RMS of :math:`h` (``rms_h``), each ``(L,)``.
+
+    Returns:
+      ``{input_scale: {quantity: list of L floats}}``.
+    """
+    import jax.numpy as jnp
+
+    from gradflow import jacobian as _jac
+    from gradflow import sweep as _sweep
+    from gradflow.stack import Stack
+
+    stack = Stack(cell_for(cell, init, steps), layers, hidden, hidden)
+    out = {}
+    for scale in input_scales:
+        params, xs = _sweep.seed_problem(stack, seed, steps=steps, batch=batch,
+                                         dtype=jnp.float32, input_scale=scale)
+        g = _jac.local_gains(stack, params, xs)
+        h = np.asarray(stack.apply(params, xs).states["h"], np.float64)  # (L, B, T, H)
+        out[float(scale)] = {
+            "vertical_rms": np.asarray(g.vertical_rms).mean(axis=1).tolist(),
+            "temporal_rms": np.asarray(g.temporal_rms).mean(axis=1).tolist(),
+            "temporal_spectral": np.asarray(g.temporal_spectral).mean(axis=1).tolist(),
+            "one_minus_h2": (1.0 - h ** 2).mean(axis=(1, 2, 3)).tolist(),
+            "rms_h": np.sqrt((h ** 2).mean(axis=(1, 2, 3))).tolist()}
+    return out
+
+
 def table(results: dict, factors=("cell", "init", "input_scale", "layers", "loss", "wrt")) -> str:
     """A Markdown table: one row per (claim, condition) with the median statistic over seeds and
     the fraction of seeds for which the claim holds."""
@@ -541,5 +576,5 @@ def load(stem) -> dict:
 
 
 __all__ = ["CLAIMS", "Claim", "FACTORS", "Grid", "atlas", "bottom_first", "cell_for",
-           "condition_key", "get_claims", "load", "measure", "measure_group",
+           "condition_key", "get_claims", "load", "measure", "measure_group", "mechanism",
            "median_below_top2", "parse_cell", "ratio", "save", "share_within_decade", "table"]

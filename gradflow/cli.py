@@ -1,5 +1,5 @@
 """The ``gradflow`` command line: ``heatmap``, ``compare``, ``gates``, ``cells``, ``reproduce``,
-``train``.
+``train``, ``atlas``.
 
 Each subcommand is a pair: ``add_<command>(subparsers)`` declares its options (the shared
 groups, problem sizes, measurement and outputs, are written once), and ``run_<command>(args)``
@@ -956,6 +956,73 @@ def run_reproduce(args) -> int:
     return 0
 
 
+# --- atlas -----------------------------------------------------------------------------------
+
+
+def add_atlas(sub):
+    p = _command(sub, "atlas", "where each claim holds, over a grid of conditions",
+                 "Evaluate named claims (rnn_amplified, rnn_amplified_decade, lstm_collapses, "
+                 "star_preserved) on the gradient maps of every condition of a grid (a JSON "
+                 "object or list of objects with the fields of gradflow.atlas.Grid), each seed "
+                 "apart. Writes NAME.png (one panel per condition group, colour = fraction of "
+                 "seeds where the claim holds), NAME.npz and NAME.json (per claim, condition and "
+                 "seed) into --out, caching each condition's maps so an interrupted atlas "
+                 "resumes.", """
+            gradflow atlas --grid figures/atlas_star_fig2_grid.json --out /tmp/atlas
+            gradflow atlas --claims rnn_amplified --grid grid.json --out . --rows loss --cols wrt
+        """)
+    p.add_argument("--claims", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   default=None, metavar="NAME[,NAME]", help="claims to evaluate (default: all)")
+    p.add_argument("--grid", required=True, metavar="FILE.json", help="the grid of conditions")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write to")
+    p.add_argument("--name", default="atlas", metavar="STEM",
+                   help="file names NAME.png/.npz/.json (default: atlas)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="where each condition's maps are cached (default: DIR/NAME_cache)")
+    factors = ("input_scale", "init", "size", "hidden", "loss", "wrt")
+    p.add_argument("--rows", choices=factors, default="input_scale",
+                   help="factor along each panel's rows (default: input_scale)")
+    p.add_argument("--cols", choices=factors, default="init",
+                   help="factor along each panel's columns (default: init)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _finish(p, run_atlas)
+
+
+def run_atlas(args) -> int:
+    from gradflow import atlas as _atlas
+
+    if args.rows == args.cols:
+        raise _usage(args, f"--rows and --cols must differ, got {args.rows!r} twice")
+    out = Path(args.out)
+    if not out.is_dir():
+        raise _usage(args, f"--out {args.out!r} is not an existing folder")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        raise _usage(args, f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
+    with user_input():
+        claims = _atlas.get_claims(args.claims or list(_atlas.CLAIMS))
+        grid = _atlas.Grid.load(args.grid)
+    cache = args.cache or str(out / f"{args.name}_cache")
+    with user_input():  # a grid no claim reads is the user's to fix
+        conditions = [c for g in (grid if isinstance(grid, list) else [grid])
+                      for c in g.conditions()]
+        if not any(cl.applies(c) for cl in claims for c in conditions):
+            raise ValueError("no condition of the grid is read by the claims "
+                             + ", ".join(cl.name for cl in claims))
+    results = _atlas.atlas(claims, grid, cache_dir=cache, progress=not args.no_progress)
+    from gradflow import plot as _plot
+
+    stem = str(out / args.name)
+    written = list(_atlas.save(results, stem))
+    written.append(_plot.save(_plot.draw_atlas(results, args.rows, args.cols), stem + ".png"))
+    for name, res in results.items():
+        full, some = int(np.sum(res.fraction == 1)), int(np.sum(res.fraction > 0))
+        print(f"{name}: holds for every seed in {full} of {len(res.fraction)} conditions, "
+              f"for some seed in {some}  ({res.config['description']})")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 # --- train -----------------------------------------------------------------------------------
 
 
@@ -1118,7 +1185,8 @@ _COMMON = _Parser(add_help=False)
 _COMMON.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help="on an internal error, print the traceback")
 
-COMMANDS = (add_heatmap, add_compare, add_gates, add_cells, add_reproduce, add_train)
+COMMANDS = (add_heatmap, add_compare, add_gates, add_cells, add_reproduce, add_train,
+            add_atlas)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1160,7 +1228,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("gradflow: error: choose a command: heatmap, compare, gates, cells, "
-                             "reproduce, train (see gradflow --help)")
+                             "reproduce, train, atlas (see gradflow --help)")
         command = f"gradflow {args.command}"
         with warnings.catch_warnings():
             # Non-finite entries are data: the summaries count them; no warning lines.

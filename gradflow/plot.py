@@ -954,7 +954,74 @@ def save(fig: Figure, path, *, dpi: float = 150) -> str:
     return path
 
 
-__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "draw_curves", "draw_gains",
-           "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_updates",
+def _factor_value(condition: dict, factor: str):
+    if factor == "size":
+        return f"{condition['layers']}x{condition['steps']}"
+    return condition[factor]
+
+
+def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: str = "init", *,
+               title: str | None = None) -> Figure:
+    """Where each claim holds: a :func:`gradflow.atlas.atlas` result drawn as small panels.
+
+    One band of panels per claim and cell (``"lstm"``, ``"lstm:forget_bias=1.0"``, ...), one
+    panel per combination of the other factors (size ``LxT``, hidden, loss, wrt); inside a panel
+    the rows and columns are the values of the factors ``rows`` and ``cols``, each square
+    coloured by the fraction of seeds for which the claim holds (0 red .. 1 green, the fraction
+    written on it; grey: not measured).
+    """
+    factors = ("input_scale", "init", "size", "hidden", "loss", "wrt")
+    for name, f in (("rows", rows), ("cols", cols)):
+        if f not in factors:
+            raise ValueError(f"unknown {name} factor {f!r}; valid: {', '.join(factors)}")
+    if rows == cols:
+        raise ValueError(f"rows and cols must be two different factors, got {rows!r} twice")
+    if not results:
+        raise ValueError("draw_atlas needs at least one claim's result")
+    rest = [f for f in factors if f not in (rows, cols)]
+    bands = {}
+    for name, res in results.items():
+        _check_result(res, "draw_atlas")
+        for c, frac in zip(res.config["conditions"], res.fraction):
+            key = tuple(_factor_value(c, f) for f in rest)
+            bands.setdefault((name, c["cell"]), {}).setdefault(key, {})[
+                (_factor_value(c, rows), _factor_value(c, cols))] = float(frac)
+    ncol = max(len(p) for p in bands.values())
+    fig = figure((1.55 * ncol + 1.0, 1.45 * len(bands) + 0.6))
+    axes = fig.subplots(len(bands), ncol, squeeze=False)
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="0.8")
+    image = None
+    for i, ((name, cell), panels) in enumerate(bands.items()):
+        for j in range(ncol):
+            ax = axes[i, j]
+            if j >= len(panels):
+                ax.set_axis_off()
+                continue
+            key, cells = list(panels.items())[j]
+            rv = list(dict.fromkeys(r for r, _ in cells))
+            cv = list(dict.fromkeys(c for _, c in cells))
+            grid_ = np.full((len(rv), len(cv)), np.nan)
+            for (r, c), frac in cells.items():
+                grid_[rv.index(r), cv.index(c)] = frac
+            image = ax.imshow(grid_, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+            for (a, b), frac in np.ndenumerate(grid_):
+                if np.isfinite(frac):
+                    ax.text(b, a, f"{frac:.2g}", ha="center", va="center", fontsize=6)
+            ax.set_xticks(range(len(cv)), [str(v) for v in cv], fontsize=6)
+            ax.set_yticks(range(len(rv)), [str(v) for v in rv], fontsize=6)
+            ax.set_title(" ".join(str(v) for v in key), fontsize=6)
+            if j == 0:
+                ax.set_ylabel(f"{name}\n{cell}\n{rows}", fontsize=6)
+            if i == len(bands) - 1:
+                ax.set_xlabel(cols, fontsize=6)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.5, label="fraction of seeds where the claim holds")
+    fig.suptitle(title or "where each claim holds (panel titles: " + ", ".join(rest) + ")",
+                 fontsize=8)
+    return fig
+
+
+__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "draw_atlas", "draw_curves",
+           "draw_gains", "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_updates",
            "figure", "gain_profile", "gate_histograms", "gates_figure", "grid", "heatmap",
            "saturation_map", "save", "settings"]

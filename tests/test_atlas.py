@@ -109,3 +109,135 @@ def test_cell_for_keeps_the_cells_own_bias_scheme():
     assert A.cell_for("star:variant=official", "torch", 10).config["init"] == "torch+chrono"
     assert A.cell_for("star", "torch", 10).config["init"] == "torch"
     assert A.cell_for("lstm:forget_bias=1.0", "orthogonal", 10).config["forget_bias"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed atlas (figures/atlas_star_fig2.*, made from figures/atlas_star_fig2_grid.json by
+# `gradflow atlas --grid figures/atlas_star_fig2_grid.json --out figures --name atlas_star_fig2`)
+
+
+@pytest.fixture(scope="module")
+def committed():
+    return A.load(FIG)
+
+
+def _where(res, **match):
+    """Rows of ``res`` whose condition matches every ``factor=value`` (size as 'LxT')."""
+    rows = []
+    for i, c in enumerate(res.config["conditions"]):
+        c = {**c, "size": f"{c['layers']}x{c['steps']}"}
+        if all(c[k] == v for k, v in match.items()):
+            rows.append(i)
+    assert rows, match
+    return rows
+
+
+def test_committed_grid_size_and_seeds(committed):
+    assert list(committed) == list(A.CLAIMS)
+    n = sum(len(r.config["conditions"]) for r in committed.values())
+    assert n == 36 + 36 + 72 + 72
+    assert all(r.statistic.shape[1] == 4 for r in committed.values())
+
+
+def test_committed_rnn_amplified_boundaries(committed):
+    r = committed["rnn_amplified"]
+    # never under torch init: r[bottom, first] <= 0.11 (the gain per step is about 0.55)
+    rows = _where(r, init="torch")
+    assert r.holds[rows].sum() == 0 and r.statistic[rows].max() < 0.11
+    # orthogonal, sequence loss: amplified at every input scale, both maps, both sizes
+    assert r.fraction[_where(r, init="orthogonal", loss="all")].min() == 1.0
+    # orthogonal, final-output loss, params map, 10x10: only at input scale 0.01 (3 of 4 seeds)
+    pl = dict(init="orthogonal", loss="last", wrt="params", size="10x10")
+    assert r.fraction[_where(r, input_scale=0.01, **pl)].tolist() == [0.75]
+    assert r.fraction[_where(r, input_scale=0.1, **pl)].max() == 0.0
+    assert r.fraction[_where(r, input_scale=1.0, **pl)].max() == 0.0
+    assert r.fraction[_where(r, init="orthogonal", loss="last", size="20x20")].min() == 1.0
+    # hidden map, final-output loss: holds at 0.01-0.1, fails at 1.0 (tanh saturates)
+    hl = dict(init="orthogonal", loss="last", wrt="hidden")
+    small = _where(r, input_scale=0.01, **hl) + _where(r, input_scale=0.1, **hl)
+    assert r.fraction[small].min() == 1.0
+    assert r.fraction[_where(r, input_scale=1.0, **hl)].max() == 0.0
+    # on the figure's own scale (10x10, params): a small factor, 0.95-4.8x
+    s = r.statistic[_where(r, init="orthogonal", wrt="params", size="10x10")]
+    assert 0.9 < s.min() and s.max() < 5.0
+
+
+def test_committed_orders_of_magnitude_only_in_four_settings(committed):
+    r = committed["rnn_amplified_decade"]
+    held = {(c["wrt"], c["layers"], c["input_scale"], c["loss"])
+            for c, f in zip(r.config["conditions"], r.fraction) if f > 0}
+    assert held == {("hidden", 10, 0.01, "last"), ("hidden", 10, 0.01, "all"),
+                    ("hidden", 10, 0.1, "all"), ("params", 20, 0.01, "all")}
+
+
+def test_committed_lstm_collapses_almost_everywhere(committed):
+    r = committed["lstm_collapses"]
+    failed = [c for c, f in zip(r.config["conditions"], r.fraction) if f < 1]
+    assert [(c["cell"], c["init"], c["input_scale"], c["layers"], c["wrt"]) for c in failed] \
+        == [("lstm:forget_bias=1.0", "orthogonal", 1.0, 10, "params")] * 2
+    assert r.fraction[_where(r, cell="lstm")].min() == 1.0
+    fails = r.statistic[[r.config["conditions"].index(c) for c in failed]]
+    assert 0.1 < fails.min() and fails.max() < 0.15
+
+
+def test_committed_star_preserved_only_at_10x10_sequence_loss_orthogonal(committed):
+    r = committed["star_preserved"]
+    held = [c for c, f in zip(r.config["conditions"], r.fraction) if f > 0]
+    assert {(c["cell"], c["init"], c["layers"], c["loss"]) for c in held} == \
+        {("star", "orthogonal", 10, "all")}
+    assert len(held) == 6 and r.fraction[_where(r, cell="star", init="orthogonal", size="10x10",
+                                                loss="all")].min() == 1.0
+    # the authors' released variant (chrono bias, T_max = 784): never, at most 17% in a decade
+    assert r.statistic[_where(r, cell="star:variant=official")].max() <= 0.17
+    assert r.statistic[_where(r, cell="star", size="20x20")].max() < 0.8
+
+
+def test_committed_mechanism():
+    import json
+
+    with open(FIG + "_mechanism.json") as f:
+        m = json.load(f)
+    rnn = m["rnn|orthogonal"]
+    # near-linear at small inputs: every step passes the gradient almost whole ...
+    assert min(rnn["0.01"]["vertical_rms"][:3]) > 0.95
+    # ... saturated at N(0, 1) inputs: tanh' ~ 0.54 in the bottom layer
+    assert rnn["1.0"]["one_minus_h2"][0] < 0.6 and rnn["1.0"]["vertical_rms"][0] < 0.7
+    # torch init: U(-1/sqrt(H), 1/sqrt(H)) weights, an RMS gain ~ 1/sqrt(3) per step
+    for scale in ("0.01", "1.0"):
+        g = m["rnn|torch"][scale]
+        assert max(g["vertical_rms"] + g["temporal_rms"]) < 0.6
+    # released STAR: the chrono bias shuts the input (vertical gain <= 0.1), time kept (~0.99)
+    off = m["star:variant=official|orthogonal"]["0.1"]
+    assert max(off["vertical_rms"]) < 0.1 and min(off["temporal_rms"]) > 0.98
+    # LSTM: sigma(0)^2 = 0.25 per layer, forget bias 1 or not
+    for key in ("lstm|orthogonal", "lstm:forget_bias=1.0|orthogonal"):
+        assert abs(m[key]["0.01"]["vertical_rms"][5] - 0.25) < 1e-3
+
+
+def test_draw_atlas_and_cli(committed, tmp_path, capsys):
+    from gradflow import cli, plot
+
+    fig = plot.draw_atlas(committed)
+    # one band per (claim, cell), six panels each (2 sizes x 2 losses for params, 2 for hidden)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 6 * 6
+    with pytest.raises(ValueError, match="unknown rows factor 'seed'; valid: input_scale"):
+        plot.draw_atlas(committed, rows="seed")
+    grid = tmp_path / "grid.json"
+    grid.write_text('{"cells": ["rnn"], "hidden": [4], "sizes": [[3, 3]], "losses": ["last"],'
+                    ' "input_scales": [0.1, 1.0], "seeds": [0, 1], "batch": 2}')
+    assert cli.main(["atlas", "--grid", str(grid), "--out", str(tmp_path), "--no-progress",
+                     "--claims", "rnn_amplified"]) == 0
+    out = capsys.readouterr().out
+    assert "rnn_amplified: holds for every seed in" in out and "atlas.png" in out
+    res = A.load(tmp_path / "atlas")["rnn_amplified"]
+    assert res.statistic.shape == (2, 2)
+    for argv, msg in [(["--grid", str(grid), "--out", str(tmp_path / "no")], "not an existing"),
+                      (["--grid", str(grid), "--out", str(tmp_path), "--claims", "x"],
+                       "unknown claim 'x'"),
+                      (["--grid", str(grid), "--out", str(tmp_path), "--claims",
+                        "lstm_collapses"], "no condition of the grid"),
+                      (["--grid", str(tmp_path / "none.json"), "--out", str(tmp_path)],
+                       "cannot read grid")]:
+        assert cli.main(["atlas", *argv]) == 2
+        assert msg in capsys.readouterr().err
