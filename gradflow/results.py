@@ -10,11 +10,16 @@ import dataclasses
 import json
 import os
 import warnings
+import zipfile
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
 
 _META = "__gradflow__"
+#: Version of the ``.npz`` layout :meth:`Result.save` writes (in the embedded JSON, ``"format"``).
+#: Files without it are version 0 (written before the version was recorded); they read the same.
+FORMAT_VERSION = 1
 
 
 class NonFiniteWarning(RuntimeWarning):
@@ -79,7 +84,8 @@ class Result:
         path = os.fspath(path)
         if not path.endswith(".npz"):
             path += ".npz"
-        meta = json.dumps({"kind": self.kind, "config": self.config, "nonfinite": self.nonfinite})
+        meta = json.dumps({"format": FORMAT_VERSION, "kind": self.kind, "config": self.config,
+                           "nonfinite": self.nonfinite})
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise ValueError(f"cannot write {path!r}: directory {directory!r} does not exist")
@@ -91,13 +97,15 @@ class Result:
 
     @classmethod
     def load(cls, path) -> "Result":
-        """Read a result written by :meth:`save`."""
-        with np.load(os.fspath(path), allow_pickle=False) as f:
-            if _META not in f.files:
-                raise ValueError(f"{path!r} is not a gradflow result (no {_META} entry)")
-            meta = json.loads(str(f[_META]))
-            arrays = {k: f[k] for k in f.files if k != _META}
-        return cls(meta["kind"], arrays, meta["config"], meta["nonfinite"])
+        """Read a result written by :meth:`save`.
+
+        Raises:
+          FileNotFoundError: no such file.
+          ValueError: naming the file and the problem: a directory, an empty, truncated or
+            corrupted file, a foreign ``.npz`` (no gradflow metadata), or a file written by a
+            newer format version than this gradflow reads (:data:`FORMAT_VERSION`).
+        """
+        return _read(os.fspath(path), cls)
 
 
 def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
@@ -115,6 +123,50 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
                       + ", ".join(f"{k}: {n}" for k, n in bad.items()),
                       NonFiniteWarning, stacklevel=3)
     return Result(kind, arrs, _jsonable(dict(config)), nonfinite)
+
+
+def _read(path: str, cls=Result) -> Result:
+    """:meth:`Result.load`, every failure turned into one clear error naming ``path``."""
+    def bad(problem):
+        return ValueError(f"cannot load {path!r}: {problem}")
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cannot load {path!r}: no such file")
+    if os.path.isdir(path):
+        raise bad("it is a directory, not a result file (.npz)")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise bad("the file is empty (0 bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != b"PK\x03\x04":
+        raise bad("not a gradflow result: the file is not an .npz (zip) archive")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if _META not in f.files:
+                raise bad(f"not a gradflow result: an .npz without gradflow metadata ({_META}); "
+                          f"it holds {', '.join(f.files[:8]) or 'no arrays'}")
+            raw = f[_META]
+            try:
+                meta = json.loads(str(raw))
+            except ValueError:
+                raise bad("its gradflow metadata is not valid JSON (corrupted)") from None
+            if not isinstance(meta, dict) or not {"kind", "config", "nonfinite"} <= set(meta):
+                raise bad("its gradflow metadata lacks kind/config/nonfinite (corrupted)")
+            version = meta.get("format", 0)
+            if not isinstance(version, int) or version < 0:
+                raise bad(f"its format version {version!r} is not a version number (corrupted)")
+            if version > FORMAT_VERSION:
+                raise bad(f"it was written by a newer gradflow (format version {version}; this "
+                          f"gradflow reads up to {FORMAT_VERSION}): upgrade gradflow to read it")
+            arrays = {k: f[k] for k in f.files if k != _META}
+    except ValueError as e:
+        if str(e).startswith("cannot load"):
+            raise
+        raise bad(f"an entry cannot be read without pickle or is malformed ({e})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
+        raise bad(f"the file is truncated or corrupted ({type(e).__name__}: {e})") from None
+    return cls(meta["kind"], arrays, meta["config"], meta["nonfinite"])
 
 
 load = Result.load
