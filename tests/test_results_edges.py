@@ -1,0 +1,121 @@
+"""gradflow.load of files that are not what they claim: one clear error naming file and problem."""
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import results
+from gradflow.results import FORMAT_VERSION, make_result
+
+
+@pytest.fixture
+def saved(tmp_path):
+    res = make_result("gradient_map", {"values": np.arange(12.0).reshape(3, 4),
+                                       "loss_value": np.float32(1.5)}, {"cell": "lstm"})
+    return res, res.save(tmp_path / "good.npz")
+
+
+def test_round_trip_carries_the_format_version(saved):
+    res, path = saved
+    with np.load(path) as f:
+        meta = json.loads(str(f[results._META]))
+    assert meta["format"] == FORMAT_VERSION == 1
+    back = gradflow.load(path)
+    assert back.kind == res.kind and back.config == res.config
+    np.testing.assert_array_equal(back.values, res.values)
+
+
+def test_version_0_files_still_read(tmp_path):
+    """Files written before the version was recorded (no "format" key) are version 0."""
+    meta = json.dumps({"kind": "k", "config": {"cell": "rnn"}, "nonfinite": {}})
+    path = tmp_path / "old.npz"
+    np.savez(path, **{results._META: np.array(meta)}, values=np.ones(3))
+    assert gradflow.load(path).config == {"cell": "rnn"}
+
+
+def _expect(path, pattern, err=ValueError):
+    with pytest.raises(err) as info:
+        gradflow.load(path)
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    assert "\n" not in msg
+    import re
+    assert re.search(pattern, msg), msg
+    return msg
+
+
+def test_missing_file(tmp_path):
+    _expect(tmp_path / "nope.npz", "no such file", FileNotFoundError)
+
+
+def test_directory(tmp_path):
+    _expect(tmp_path, "is a directory")
+
+
+def test_empty(tmp_path):
+    p = tmp_path / "empty.npz"
+    p.write_bytes(b"")
+    _expect(p, r"empty \(0 bytes\)")
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.9, 0.99])
+def test_truncated(saved, keep):
+    _, path = saved
+    data = open(path, "rb").read()
+    cut = path.replace("good", f"cut{int(keep * 100)}")
+    open(cut, "wb").write(data[:int(len(data) * keep)])
+    _expect(cut, "truncated or corrupted")
+
+
+def test_corrupted_bytes_inside(saved):
+    """Flipped bytes inside an array's data: the zip's CRC check catches them."""
+    _, path = saved
+    data = bytearray(open(path, "rb").read())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("values.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 100
+    data[start:start + 8] = b"\xff" * 8
+    bad = path.replace("good", "flipped")
+    open(bad, "wb").write(bytes(data))
+    _expect(bad, "truncated or corrupted")
+
+
+def test_not_a_zip(tmp_path):
+    p = tmp_path / "text.npz"
+    p.write_text("hello, not an archive\n")
+    _expect(p, r"not an \.npz \(zip\) archive")
+    q = tmp_path / "array.npy"
+    np.save(q, np.ones(3))
+    _expect(q, r"not an \.npz")
+
+
+def test_foreign_npz(tmp_path):
+    p = tmp_path / "foreign.npz"
+    np.savez(p, weights=np.ones(3), bias=np.zeros(2))
+    msg = _expect(p, "not a gradflow result: an .npz without gradflow metadata")
+    assert "weights" in msg and "bias" in msg
+
+
+def test_pickled_entry(tmp_path):
+    p = tmp_path / "pickled.npz"
+    meta = json.dumps({"kind": "k", "config": {}, "nonfinite": {}, "format": 1})
+    np.savez(p, **{results._META: np.array(meta)}, obj=np.array([{"a": 1}], dtype=object))
+    _expect(p, "cannot be read without pickle")
+
+
+@pytest.mark.parametrize("meta, pattern", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"kind": "k"}), "lacks kind/config/nonfinite"),
+    (json.dumps(["a list"]), "lacks kind/config/nonfinite"),
+    (json.dumps({"kind": "k", "config": {}, "nonfinite": {}, "format": "one"}),
+     "not a version number"),
+    (json.dumps({"kind": "k", "config": {}, "nonfinite": {}, "format": FORMAT_VERSION + 1}),
+     rf"newer gradflow \(format version {FORMAT_VERSION + 1}; this gradflow reads up to "
+     rf"{FORMAT_VERSION}\)"),
+])
+def test_bad_metadata(tmp_path, meta, pattern):
+    p = tmp_path / "meta.npz"
+    np.savez(p, **{results._META: np.array(meta)}, values=np.ones(2))
+    _expect(p, pattern)
