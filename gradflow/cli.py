@@ -522,14 +522,17 @@ def _read_params(args):
 
     from gradflow import runs
 
-    conflicts = _given(args, _STACK_OPTIONS)
+    user = ":" in args.cell  # a user's cell cannot be rebuilt from its name: give it again
+    conflicts = _given(args, [d for d in _STACK_OPTIONS
+                              if not (user and d in ("cell", "init", "option"))])
     if conflicts:
         raise _usage(args, f"{', '.join(conflicts)} cannot be used with --params: the saved "
                            "run fixes the stack")
+    cell = _cell(args, args.steps) if user else None
     try:
         with user_input():
             meta = runs.read_run(args.params)
-            stack, params = runs.load_params(args.params)
+            stack, params = runs.load_params(args.params, cell=cell)
     except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise _usage(args, f"cannot read {args.params!r}: {_one_line(e)}") from None
     return stack, params, meta
@@ -689,7 +692,7 @@ def add_heatmap(sub):
     p.add_argument("--params", default=None, metavar="RUN",
                    help="measure trained parameters: a run folder of `gradflow train` (its "
                         "stack, on its task's evaluation sequences) or a .npz of "
-                        "gradflow.runs.save_params")
+                        "gradflow.runs.save_params; a user's cell is given again with --cell")
     add_problem_options(p, layers=16, steps=32, hidden=64, batch=16)
     g = add_measurement_options(p, wrt="hidden")
     g.add_argument("--normalize", action="store_true",
@@ -1040,7 +1043,8 @@ def add_train(sub):
             gradflow train --task adding --cell g_lstm --budget 0.01 --seq-len 50
         """)
     p.add_argument("--task", choices=TASKS, default="adding", help="(default: adding)")
-    p.add_argument("--cell", type=cell_name, default="lstm", help="(default: lstm)")
+    p.add_argument("--cell", type=cell_name, default="lstm",
+                   help="cell name or module:factory (default: lstm)")
     p.add_argument("--seq-len", type=positive_int, default=None, metavar="T",
                    help="sequence length (adding, counting: steps; copy: sets the lag; default: "
                         "the task's own)")
@@ -1147,9 +1151,9 @@ def run_train(args) -> int:
     if args.record and max(args.record) > args.steps:
         raise _usage(args, f"--record steps must lie in 0..{args.steps} (--steps), got "
                            f"{max(args.record)}")
+    cell = _cell(args, task.steps)  # a registered name or a user's module:factory
     with user_input():
-        stack = task_stack(args.cell, task, layers=args.layers, hidden=args.hidden,
-                           init=args.init, options=dict(args.option or []))
+        stack = task_stack(cell, task, layers=args.layers, hidden=args.hidden)
     checked_stack(stack.cells[0], stack.layers, stack.input_size, stack.hidden_size)
     if not args.lr > 0 or not args.clip > 0 or not args.budget >= 0:
         raise _usage(args, f"--lr and --clip must be positive and --budget >= 0, got lr "

@@ -472,3 +472,21 @@ def test_digits_without_scikit_learn_names_the_extra(capsys, monkeypatch):
     rc, out, err = run(capsys, "train", "--task", "digits", "--steps", "1", "--out", "d")
     assert rc == 2 and out == "" and err.count("\n") == 1, err
     assert "pip install 'gradflow[digits]'" in err and "Traceback" not in err
+
+
+def test_train_a_users_cell_and_measure_its_trained_params(capsys, user_module):
+    """`train --cell module:factory` saves the run; `heatmap --params` needs the cell again
+    (it cannot be rebuilt from its name) and then gives the map recorded at the last step."""
+    rc, out, err = run(capsys, "train", "--cell", f"{user_module}:sin_rnn", "--option",
+                       "gain=0.9", "--layers", "2", "--hidden", "4", "--seq-len", "4",
+                       "--steps", "2", "--batch", "2", "--eval-batch", "4", "--record", "2",
+                       "--record-batch", "3", "--out", "run")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3")
+    assert rc == 2 and "'sin_rnn' is not a registered cell" in err
+    rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3", "--cell",
+                       f"{user_module}:sin_rnn", "--option", "gain=0.9")
+    assert rc == 0, err
+    measured = gradflow.load(_written(out, "data:"))
+    np.testing.assert_array_equal(measured.values,
+                                  gradflow.load("run/map_step000002.npz").values)
