@@ -713,7 +713,8 @@ def run_heatmap(args) -> int:
             source = source.parent if source.name == "state.npz" else source
             stem = default_stem(args, "heatmap", prob.stack.config["cell"],
                                 f"L{prob.stack.layers}", source.stem,
-                                skip=_STACK_OPTIONS + ("steps", "seed", "input_scale"))
+                                skip=_STACK_OPTIONS + (("steps", "seed", "input_scale")
+                                                       if "train_step" in prob.config else ()))
             fig_path, data_path = output_paths(args, stem)
         else:
             cell = _cell(args, args.steps)

@@ -490,3 +490,23 @@ def test_train_a_users_cell_and_measure_its_trained_params(capsys, user_module):
     measured = gradflow.load(_written(out, "data:"))
     np.testing.assert_array_equal(measured.values,
                                   gradflow.load("run/map_step000002.npz").values)
+
+
+def test_heatmap_of_params_saved_with_save_params(capsys, tmp_path):
+    """A params file (not a training run): the saved stack and weights, on the Gaussian inputs
+    a fresh problem of that stack draws from --seed."""
+    from gradflow import runs
+
+    with jax.enable_x64(False):
+        stack = gradflow.Stack("gru", layers=2, input_size=3, hidden_size=8, residual=True)
+        params = jax.tree_util.tree_map(lambda a: 1.5 * a, stack.init(jax.random.key(7)))
+        runs.save_params(tmp_path / "mine.npz", stack, params)
+        xs = gradflow.problem("gru", layers=2, steps=3, hidden=8, batch=2, input_size=3, seed=4,
+                              stack_options={"residual": True}).xs
+        expect = gradflow.gradient_map(stack, params, xs).values
+    rc, out, err = run(capsys, "heatmap", "--params", tmp_path / "mine.npz", "--steps", "3",
+                       "--batch", "2", "--seed", "4")
+    assert rc == 0, err
+    npz = _written(out, "data:")
+    assert npz.name == "heatmap_gru_L2_mine_T3_B2_s4.npz"
+    np.testing.assert_array_equal(gradflow.load(npz).values, expect)
