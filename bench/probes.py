@@ -2,6 +2,8 @@
 
 ``python -m bench.probes memory L T H B auto|none run|compile`` prints one JSON line: the compiled
 program's memory analysis and, with ``run``, the time of one map and the process peak RSS.
+``python -m bench.probes hidden L T H B REPEATS [default|mallopt]`` times the hidden map split over the CPU's
+cores and unsplit (for the allocator comparison, which needs fresh processes).
 ``python -m bench.probes sweep CELLS SEEDS L T H B REPEATS`` times ``gradflow.sweep`` on the
 devices this process sees (set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` first).
 """
@@ -42,7 +44,7 @@ def memory(L, T, H, B, checkpoint, mode):
                                          else checkpoint})
     lf = J.readout_loss("last", H, T, B)
     t0 = time.perf_counter()
-    compiled = J._state_map.lower(pr.stack, pr.params, pr.xs, lf, "h").compile()
+    compiled = J._state_map_local.lower(pr.stack, pr.params, pr.xs, lf, "h").compile()
     out = {"checkpoint": checkpoint, "compile_s": time.perf_counter() - t0,
            "rss_before_compile_mib": base_rss}
     try:
@@ -98,11 +100,46 @@ def sweep(cells, seeds, L, T, H, B, repeats):
                       "checksum": [float(np.sum(np.asarray(o))) for o in out]}))
 
 
+def hidden(L, T, H, B, repeats, mode="default"):
+    """Median time of the hidden map split over this process's devices and unsplit (one JSON
+    line); the process's devices: one per CPU core unless ``XLA_FLAGS`` says otherwise.
+    ``mode="mallopt"`` first calls :func:`gradflow.parallel.tune_malloc`."""
+    import os
+    from gradflow import parallel
+    tuned = parallel.tune_malloc() if mode == "mallopt" else False
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        parallel.use_cpu_devices(os.cpu_count() or 1)
+    import jax
+    import gradflow
+    pr = gradflow.problem("lstm", layers=L, steps=T, hidden=H, batch=B, seed=0)
+
+    def split():
+        return jax.block_until_ready(gradflow.gradient_map(*pr[:3]).values)
+
+    def unsplit():
+        with parallel.batch_devices(None):
+            return jax.block_until_ready(gradflow.gradient_map(*pr[:3]).values)
+    split(), unsplit()
+    times = {"split_s": [], "unsplit_s": []}
+    for _ in range(repeats):
+        for k, f in (("split_s", split), ("unsplit_s", unsplit)):
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    print(json.dumps({**{k: statistics.median(v) for k, v in times.items()},
+                      "times": times, "devices": len(jax.devices()),
+                      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                      "mode": mode, "mallopt_applied": tuned,
+                      "peak_rss_mib": _rss_mib()}))
+
+
 if __name__ == "__main__":
     cmd, *a = sys.argv[1:]
     if cmd == "memory":
         memory(int(a[0]), int(a[1]), int(a[2]), int(a[3]), a[4] if a[4] in ("auto", "none")
                else int(a[4]), a[5])
+    elif cmd == "hidden":
+        hidden(*map(int, a[:5]), *a[5:])
     elif cmd == "sweep":
         sweep(a[0], int(a[1]), *map(int, a[2:]))
     else:

@@ -26,9 +26,9 @@ def goals(res: dict) -> list[dict]:
     add("1. params map / jax.grad(params)", _get(b, "floor", "orders", "layer", "ratios",
                                                  "params_map/grad_params"), "<=", 1.15)
     add("2. speedup vs torch retain_grad loop (stock, weight grads on)",
-        _get(b, "torch_hidden", "speedup", "vs_torch_weight_grads"), ">=", 3)
+        _get(b, "torch_hidden", "speedup", "vs_weight_grads"), ">=", 3)
     add("2. speedup vs torch retain_grad loop (parameters frozen)",
-        _get(b, "torch_hidden", "speedup", "vs_torch_frozen"), ">=", 3)
+        _get(b, "torch_hidden", "speedup", "vs_frozen"), ">=", 3)
     add("3. exact Jacobian map: speedup vs torch.func jacrev+vmap",
         _get(b, "jacobian", "ratios", "speedup_vs_torch_jacrev"), ">=", 3)
     add("3. exact Jacobian map / H separate VJPs",
@@ -40,6 +40,25 @@ def goals(res: dict) -> list[dict]:
         add("5. peak RSS, checkpointed long map (GiB)", peak / 1024, "<=", 2, " GiB")
     t = _get(b, "floor", "orders", "layer", "times", "hidden_map", "median_s")
     add("issue 3: standard hidden map on CPU (s)", t, "<=", 10, " s")
+    th = _get(b, "torch_hidden")
+    if th:
+        add("13. hidden map / today's map (batch split off), same process",
+            th.get("split_over_unsplit"), "<=", 0.5)
+        add("13. speedup vs torch retain_grad loop (stock)",
+            _get(th, "speedup", "vs_weight_grads"), ">=", 3.5)
+        add(f"13. speedup vs the strongest torch peer ({th.get('strongest_peer')})",
+            _get(th, "speedup", "vs_strongest_peer"), ">=", 1.2)
+        for k in ("wavefront", "wavefront_compiled"):
+            add(f"13. speedup vs torch manual {k.replace('_', ' ')} (bmm)",
+                _get(th, "speedup", f"vs_{k}"), ">=", 1.2)
+    add("13. hidden map (batch split) FLOP/s / dense matmul FLOP/s",
+        _get(b, "flop_rate", "fraction_of_matmul", "hidden_map_split"), ">=", 0.55, "")
+    cs = _get(b, "cells_split", "rows")
+    if cs and "lstm" in cs and len(cs) > 1:
+        f = {k: 1 / v["split_over_unsplit"] for k, v in cs.items()}
+        dev = max(abs(v / f["lstm"] - 1) for v in f.values())
+        add("13. split speed-up factor of " + ", ".join(k for k in f if k != "lstm")
+            + " within 20% of LSTM's (max relative deviation)", dev, "<=", 0.2, "")
     return rows
 
 
@@ -68,6 +87,12 @@ def markdown(res: dict) -> str:
              f"({m.get('torch_threads')} threads). Times are medians of repeated runs after "
              "warm-up and compilation (interleaved with what they are compared to); compile "
              "times separately. Everything in `results.json`.", "",
+             "Other processes share the cores: 1-minute load average before/after each "
+             "benchmark (machine per benchmark when merged from runs on different machines): "
+             + "; ".join(f"{k} {v['machine']['loadavg_1min_before_after']}"
+                         + ("" if v["machine"]["cpu"] == m["cpu"] else
+                            f" ({v['machine']['cpu']}, {v['machine']['cores']} cores)")
+                         for k, v in b.items() if "machine" in v) + ".", "",
              "## Goals", "", "| goal | measured | target | met |", "|---|---|---|---|"]
     for g in res.get("goals", []):
         lines.append(f"| {g['name']} | {_f(g['value'])} | {g['goal']} | {_f(g['met'])} |")
@@ -92,18 +117,56 @@ def markdown(res: dict) -> str:
                   + f"; maps agree to {_f(r['checks']['wavefront_vs_layer_rel_err'])}."]
     if "torch_hidden" in b:
         r = b["torch_hidden"]
-        t = r["times"]
-        lines += ["", "## 2. Hidden map vs the PyTorch `retain_grad` loop (same problem)", "",
-                  "| implementation | ms | gradflow speedup | max rel. diff to gradflow |",
-                  "|---|---|---|---|",
-                  f"| gradflow `gradient_map(wrt='hidden')` | {_ms(t['gradflow'])} | 1 | - |",
-                  f"| torch eager `nn.LSTMCell` loop, stock (weight grads on) | "
-                  f"{_ms(t['torch_weight_grads'])} | "
-                  f"{_f(r['speedup']['vs_torch_weight_grads'])} | "
-                  f"{_f(r['checks']['torch_weight_grads_vs_gradflow_rel_err'])} |",
-                  f"| same, parameters frozen (input grads only) | {_ms(t['torch_frozen'])} | "
-                  f"{_f(r['speedup']['vs_torch_frozen'])} | "
-                  f"{_f(r['checks']['torch_frozen_vs_gradflow_rel_err'])} |"]
+        t, c, sp, ch = r["times"], r["config"], r["speedup"], r["checks"]
+        names = {"torch_weight_grads": "torch eager `nn.LSTMCell` loop, `retain_grad`, stock "
+                                       "(weight grads on)",
+                 "torch_frozen": "same, parameters frozen (input grads only)",
+                 "torch_wavefront": "torch manual forward/backward over the wavefront, `bmm` "
+                                    "(no autograd)",
+                 "torch_wavefront_compiled": "same, gate code `torch.compile`-d (inductor)"}
+        lines += ["", "## 2. Hidden map vs PyTorch (same problem, interleaved)", "",
+                  "| implementation | ms | gradflow speedup (split / unsplit) | "
+                  "max rel. diff to gradflow |", "|---|---|---|---|",
+                  f"| gradflow `gradient_map(wrt='hidden')`, batch split over "
+                  f"{c.get('split_devices', 1)} devices | {_ms(t['gradflow'])} | 1 | "
+                  f"{_f(ch.get('gradflow_split_vs_unsplit_rel_err'))} |",
+                  f"| gradflow, split off (today's map) | {_ms(t.get('gradflow_unsplit'))} | "
+                  f"{_f(r.get('split_over_unsplit'))} | 0 |"]
+        for k, label in names.items():
+            if k in t:
+                q = k[len("torch_"):]
+                lines.append(f"| {label} | {_ms(t[k])} | {_f(sp.get('vs_' + q))} / "
+                             f"{_f(sp.get('unsplit_vs_' + q))} | "
+                             f"{_f(ch.get(k + '_vs_gradflow_rel_err'))} |")
+        tc = r.get("torch_compile")
+        if tc:
+            lines.append("\n`torch.compile`: " + (f"first call {_f(tc['compile_s'], 3)} s"
+                                                    if "compile_s" in tc else tc["error"]))
+    if "cells_split" in b:
+        r = b["cells_split"]
+        c = r["config"]
+        lines += ["", f"## Batch split over {c['devices']} devices, per cell (L={c['L']}, "
+                  f"T={c['T']}, H={c['H']}, B={c['B']}, float32)", "",
+                  "| cell | split ms | unsplit ms | split / unsplit | max rel. diff |",
+                  "|---|---|---|---|---|"]
+        for k, v in r["rows"].items():
+            lines.append(f"| {k} | {_ms(v['times']['split'])} | {_ms(v['times']['unsplit'])} |"
+                         f" {_f(v['split_over_unsplit'])} | "
+                         f"{_f(v['checks']['split_vs_unsplit_rel_err'])} |")
+    if "glibc" in b:
+        r = b["glibc"]
+        med, over = r.get("median_s", {}), r.get("over_default", {})
+        lines += ["", "## C allocator (fresh processes, alternating; median over processes of "
+                  "each process's median)", "",
+                  f"`GLIBC_TUNABLES={r['config']['tunables']}` at process start, or the same "
+                  "settings by `mallopt` at run time (`gradflow.parallel.tune_malloc()`, what "
+                  "the `gradflow` CLI does), vs the default allocator.", "",
+                  "| process | split map ms | unsplit map ms | / default (split, unsplit) |",
+                  "|---|---|---|---|"]
+        for k, v in med.items():
+            q = over.get(k)
+            lines.append(f"| {k} | {_f(1e3 * v['split_s'])} | {_f(1e3 * v['unsplit_s'])} | "
+                         + (f"{_f(q['split_s'])}, {_f(q['unsplit_s'])} |" if q else "1 |"))
     if "jacobian" in b:
         r = b["jacobian"]
         c, t, ch = r["config"], r["times"], r["checks"]

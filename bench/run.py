@@ -21,6 +21,7 @@ FULL = {
     "memory": {"L": 16, "T": 10000, "H": 128, "B": 4},
     "sweep": {"cells": ["lstm", "star"], "seeds": 8, "L": 8, "T": 32, "H": 64, "B": 8},
     "matmul": 4096,
+    "torch_compile": True, "split_cells": ("lstm", "gru", "star"), "glibc_rounds": 3,
 }
 
 QUICK = {
@@ -31,11 +32,13 @@ QUICK = {
     "memory": {"L": 2, "T": 100, "H": 8, "B": 2},
     "sweep": {"cells": ["lstm"], "seeds": 2, "L": 2, "T": 4, "H": 8, "B": 2},
     "matmul": 256,
-    "orders": ("layer",),
-    "default": ("floor", "torch_hidden", "jacobian", "flop_rate", "scaling", "memory"),
+    "orders": ("layer",), "split_cells": ("lstm", "gru"), "glibc_rounds": 1,
+    "default": ("floor", "torch_hidden", "cells_split", "jacobian", "flop_rate", "scaling",
+                "memory"),
 }
 
-BENCHMARKS = ("floor", "torch_hidden", "jacobian", "flop_rate", "scaling", "memory", "sweep")
+BENCHMARKS = ("floor", "torch_hidden", "cells_split", "jacobian", "flop_rate", "scaling",
+              "memory", "sweep", "glibc")
 
 
 def main(argv=None):
@@ -45,10 +48,15 @@ def main(argv=None):
                     help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all; "
                          "--quick leaves out sweep, which starts two JAX processes)")
     ap.add_argument("--out", default=None, help="output folder")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="simulated CPU devices the batch of a map is split over (default: one "
+                         "per core, as the gradflow CLI; 1 = no split)")
     ap.add_argument("--update", action="store_true",
                     help="merge into the results.json already in the output folder (re-run "
                          "some benchmarks, keep the others)")
     args = ap.parse_args(argv)
+    from gradflow import parallel  # before JAX starts: the CPU devices the maps split over
+    parallel.use_cpu_devices(args.devices or os.cpu_count() or 1)
     cfg = QUICK if args.quick else FULL
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    "quick" if args.quick else "")
@@ -59,6 +67,11 @@ def main(argv=None):
     if args.update and os.path.exists(old):
         with open(old) as f:
             prev = json.load(f)
+        for r in prev["benchmarks"].values():  # kept results: say where they were measured
+            r.setdefault("machine", {"cpu": prev["machine"]["cpu"],
+                                     "cores": prev["machine"]["cores"],
+                                     "devices": len(prev["machine"]["devices"]),
+                                     "loadavg_1min_before_after": "not recorded"})
         prev["benchmarks"].update(results["benchmarks"])
         prev["errors"] = {k: v for k, v in prev.get("errors", {}).items() if k not in names}
         prev["errors"].update(results["errors"])
@@ -81,6 +94,7 @@ def run(cfg: dict, names) -> dict:
         if name not in names:
             continue
         t0 = time.perf_counter()
+        load0 = os.getloadavg()
         print(f"[bench] {name} ...", flush=True)
         try:
             if name == "torch_hidden":
@@ -91,6 +105,11 @@ def run(cfg: dict, names) -> dict:
                     continue
             r = getattr(suite, name)(cfg)
             r["wall_s"] = time.perf_counter() - t0
+            # where and under what load it ran (other processes share the cores)
+            r["machine"] = {"cpu": res["machine"]["cpu"], "cores": res["machine"]["cores"],
+                            "devices": len(res["machine"]["devices"]),
+                            "loadavg_1min_before_after": [round(load0[0], 2),
+                                                          round(os.getloadavg()[0], 2)]}
             res["benchmarks"][name] = r
             print(f"[bench] {name} done in {r['wall_s']:.1f} s", flush=True)
         except Exception:  # noqa: BLE001  (one failed benchmark should not lose the others)

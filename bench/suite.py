@@ -49,7 +49,7 @@ def _api_params(pr, loss="last"):
 
 
 def compile_hidden(pr, loss="last"):
-    return compile_jit(J._state_map, pr.stack, pr.params, pr.xs, loss_of(pr, loss), "h")
+    return compile_jit(J._state_map_local, pr.stack, pr.params, pr.xs, loss_of(pr, loss), "h")
 
 
 def compile_params(pr, loss="last"):
@@ -102,27 +102,79 @@ def floor(cfg) -> dict:
 # 2. hidden map vs the PyTorch retain_grad loop
 
 
+def _plain_hidden(pr, loss="last"):
+    """Today's map: the same API call with the batch split switched off (one device)."""
+    from gradflow import parallel
+
+    def f():
+        with parallel.batch_devices(None):
+            return gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss=loss, wrt="hidden")
+    return f
+
+
 def torch_hidden(cfg) -> dict:
+    """gradflow's hidden map (batch split over the devices, and unsplit) vs four PyTorch
+    versions: the stock ``retain_grad`` loop (weight gradients on / parameters frozen) and a
+    hand-written wavefront forward/backward with ``bmm`` (eager / ``torch.compile``-d gates)."""
     import torch
     from bench import torch_ref as TR
+    from gradflow import parallel
     size, reps = cfg["std"], cfg["repeats"]
     pr = problem(size)
     lf = loss_of(pr)
     cells = TR.port_lstm(pr.params)
     w, labels = TR.readout(lf)
     xs = torch.from_numpy(np.array(pr.xs, np.float32))
-    ref = gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss="last", wrt="hidden").values
-    checks = {f"torch_{k}_vs_gradflow_rel_err":
-              rel_err(TR.hidden_map(cells, xs, w, labels, "last", v).numpy(), ref)
-              for k, v in (("weight_grads", True), ("frozen", False))}
-    t = timed({"gradflow": _api_hidden(pr),
-               "torch_weight_grads": lambda: TR.hidden_map(cells, xs, w, labels, "last", True),
-               "torch_frozen": lambda: TR.hidden_map(cells, xs, w, labels, "last", False)}, reps)
+    ref = _plain_hidden(pr)().values
+    peers = {"torch_weight_grads": lambda: TR.hidden_map(cells, xs, w, labels, "last", True),
+             "torch_frozen": lambda: TR.hidden_map(cells, xs, w, labels, "last", False),
+             "torch_wavefront": lambda: TR.hidden_map_wavefront(cells, xs, w, labels, "last")}
+    compile_note = None
+    if cfg.get("torch_compile", False):
+        t0 = time.perf_counter()
+        try:
+            TR.hidden_map_wavefront(cells, xs, w, labels, "last", compiled=True)
+            peers["torch_wavefront_compiled"] = lambda: TR.hidden_map_wavefront(
+                cells, xs, w, labels, "last", compiled=True)
+            compile_note = {"compile_s": time.perf_counter() - t0}
+        except Exception as e:  # noqa: BLE001  (inductor needs a C++ compiler)
+            compile_note = {"error": repr(e)[:500]}
+    checks = {f"{k}_vs_gradflow_rel_err": rel_err(f().numpy(), ref) for k, f in peers.items()}
+    split = _api_hidden(pr)()
+    checks["gradflow_split_vs_unsplit_rel_err"] = rel_err(split.values, ref)
+    n_dev = len(parallel.devices_for(size["B"])) or 1
+    t = timed({"gradflow": _api_hidden(pr), "gradflow_unsplit": _plain_hidden(pr), **peers},
+              reps)
+    speed = {f"vs_{k[len('torch_'):]}": ratio(t[k], t["gradflow"]) for k in peers}
+    speed.update({f"unsplit_vs_{k[len('torch_'):]}": ratio(t[k], t["gradflow_unsplit"])
+                  for k in peers})
+    best = min(peers, key=lambda k: t[k]["median_s"] if k != "torch_weight_grads" else 1e9)
+    speed["vs_strongest_peer"] = ratio(t[best], t["gradflow"])
     return {"config": {**size, "cell": "lstm", "loss": "last", "torch_threads":
-                       torch.get_num_threads()},
-            "checks": checks, "compile_s": {"gradflow": t["gradflow"]["compile_s"]}, "times": t,
-            "speedup": {"vs_torch_weight_grads": ratio(t["torch_weight_grads"], t["gradflow"]),
-                        "vs_torch_frozen": ratio(t["torch_frozen"], t["gradflow"])}}
+                       torch.get_num_threads(), "split_devices": n_dev},
+            "checks": checks, "torch_compile": compile_note, "strongest_peer": best,
+            "compile_s": {k: t[k]["compile_s"] for k in ("gradflow", "gradflow_unsplit")},
+            "times": t, "speedup": speed,
+            "split_over_unsplit": ratio(t["gradflow"], t["gradflow_unsplit"])}
+
+
+def cells_split(cfg) -> dict:
+    """Split / unsplit hidden-map time for several cells at the standard size: the batch split
+    is one mechanism for every cell, so the speed-up factor should not depend on the cell."""
+    from gradflow import parallel
+    size, reps = cfg["std"], cfg["repeats"]
+    rows = {}
+    for name in cfg.get("split_cells", ("lstm", "gru", "star")):
+        pr = gradflow.problem(name, layers=size["L"], steps=size["T"], hidden=size["H"],
+                              batch=size["B"], seed=0)
+        plain = _plain_hidden(pr)
+        ref = plain().values
+        split = _api_hidden(pr)
+        t = timed({"split": split, "unsplit": plain}, reps)
+        rows[name] = {"times": t, "split_over_unsplit": ratio(t["split"], t["unsplit"]),
+                      "checks": {"split_vs_unsplit_rel_err": rel_err(split().values, ref)}}
+    return {"config": {**size, "loss": "last", "dtype": "float32",
+                       "devices": len(parallel.devices_for(size["B"])) or 1}, "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +269,10 @@ def flop_rate(cfg, floor_result: dict | None = None) -> dict:
     n_map = flops.hidden_map(L, T, H, B, H, G)
     n_fwd = flops.forward(L, T, H, B, H, G)
     peak = matmul_peak(cfg["matmul"], reps)
+    split = _api_hidden(pr)
+    split()
     t = timed({"hidden_map": lambda: block(compiled(pr.params, pr.xs)),
+               "hidden_map_split": split,
                "forward": lambda: block(fwd_c(pr.params, pr.xs))}, reps)
     try:
         ca = compiled.cost_analysis()
@@ -226,6 +281,7 @@ def flop_rate(cfg, floor_result: dict | None = None) -> dict:
     except Exception as e:  # noqa: BLE001  (not every backend reports it)
         xla_flops = repr(e)
     rate = n_map / t["hidden_map"]["median_s"]
+    rate_split = n_map / t["hidden_map_split"]["median_s"]
     return {"config": {**size, "cell": "lstm", "gate_blocks": G, "matmul_n": cfg["matmul"]},
             "flops": {"hidden_map": n_map, "forward": n_fwd,
                       "backward_inputs": n_map - n_fwd,
@@ -233,9 +289,10 @@ def flop_rate(cfg, floor_result: dict | None = None) -> dict:
                       "note": "XLA's cost analysis counts a while-loop body once, not once per "
                               "iteration, so it undercounts scans"},
             "times": t, "matmul": peak,
-            "flop_s": {"hidden_map": rate, "forward": n_fwd / t["forward"]["median_s"],
-                       "matmul": peak["flop_s"]},
+            "flop_s": {"hidden_map": rate, "hidden_map_split": rate_split,
+                       "forward": n_fwd / t["forward"]["median_s"], "matmul": peak["flop_s"]},
             "fraction_of_matmul": {"hidden_map": rate / peak["flop_s"],
+                                   "hidden_map_split": rate_split / peak["flop_s"],
                                    "forward": n_fwd / t["forward"]["median_s"] / peak["flop_s"]}}
 
 
@@ -293,4 +350,36 @@ def sweep(cfg) -> dict:
                                                           rows["1_devices"]["checksum"])}
     except (KeyError, TypeError):
         pass
+    return out
+
+
+def glibc(cfg) -> dict:
+    """The hidden map (split and unsplit) in fresh processes of three kinds, alternating:
+    the default C allocator; started with ``GLIBC_TUNABLES`` (:data:`gradflow.parallel.
+    GLIBC_TUNABLES`); and the default process calling :func:`gradflow.parallel.tune_malloc`
+    first (what the ``gradflow`` CLI does). Each process reports the median of ``repeats``
+    calls."""
+    import statistics
+    from gradflow.parallel import GLIBC_TUNABLES
+    size, reps = cfg["std"], cfg["repeats"]
+    args = ["bench.probes", "hidden", str(size["L"]), str(size["T"]), str(size["H"]),
+            str(size["B"]), str(reps)]
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    runs = {"default": [], "glibc_tunables_env": [], "mallopt": []}
+    for _ in range(cfg.get("glibc_rounds", 3)):
+        for k in runs:
+            env = dict(base)
+            if k == "glibc_tunables_env":
+                env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+            r = subprocess.run([sys.executable, "-m", *args, k], capture_output=True,
+                               text=True, env=env, timeout=900,
+                               cwd=os.path.dirname(os.path.dirname(__file__)))
+            runs[k].append(json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0
+                           else {"error": r.stderr[-2000:]})
+    med = {k: {m: statistics.median(x[m] for x in v) for m in ("split_s", "unsplit_s")}
+           for k, v in runs.items() if v and all("error" not in x for x in v)}
+    out = {"config": {**size, "tunables": GLIBC_TUNABLES}, "runs": runs, "median_s": med}
+    if "default" in med:
+        out["over_default"] = {k: {m: v[m] / med["default"][m] for m in v}
+                               for k, v in med.items() if k != "default"}
     return out

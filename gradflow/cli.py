@@ -1211,6 +1211,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradflow {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="on an internal error, print the traceback")
+    parser.add_argument("--devices", type=positive_int, default=None, metavar="N",
+                        help="split each map's batch over N devices (CPU: N simulated devices "
+                             "on the cores; GPU/TPU: the first N); give it before the command "
+                             "(default: one per CPU core, every GPU/TPU)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -1221,12 +1225,29 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _speed_settings(devices, program: bool):
+    """Process settings for speed, made before JAX starts (:mod:`gradflow.parallel`): the CPU
+    platform gets one device per core (or ``--devices``) so maps split their batch over the
+    cores; as a program, the C allocator keeps freed memory for reuse (``tune_malloc``).
+    Returns a context manager holding the batch-device setting for the run."""
+    from gradflow import parallel
+    if program:
+        parallel.tune_malloc()
+    try:
+        parallel.use_cpu_devices(devices or os.cpu_count() or 1)
+    except RuntimeError as e:  # JAX already running (a call from Python) or XLA_FLAGS set
+        if devices is not None:
+            raise UsageError(f"gradflow: error: --devices {devices}: {e}") from None
+    return parallel.batch_devices(devices or "all")
+
+
 def main(argv=None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     0 on success; 2 on bad input (one ``gradflow...: error: ...`` line on stderr); 1 on an
     internal error (one line, or the traceback with ``--debug``); 130 on Ctrl-C.
     """
+    program = argv is None  # the gradflow program itself, not a call from Python
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = "gradflow"
     try:
@@ -1235,7 +1256,7 @@ def main(argv=None) -> int:
             raise UsageError("gradflow: error: choose a command: heatmap, compare, gates, cells, "
                              "reproduce, train, atlas (see gradflow --help)")
         command = f"gradflow {args.command}"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _speed_settings(args.devices, program):
             # Non-finite entries are data: the summaries count them; no warning lines.
             warnings.simplefilter("ignore", NonFiniteWarning)
             return args.run(args)

@@ -49,6 +49,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +73,8 @@ def use_cpu_devices(n: int) -> None:
     Must run before JAX starts its backends (the first computation or ``jax.devices()``);
     afterwards it is a no-op if the CPU platform already has ``n`` devices and a RuntimeError
     otherwise (set ``XLA_FLAGS=--xla_force_host_platform_device_count=n`` before starting
-    Python instead).
+    Python instead). A count already set in ``XLA_FLAGS`` stands: another ``n`` is a
+    RuntimeError.
     """
     try:
         if isinstance(n, bool):
@@ -81,6 +84,10 @@ def use_cpu_devices(n: int) -> None:
         raise ValueError(f"n must be a positive integer, got {n!r}") from None
     if n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    flag = re.search(r"--xla_force_host_platform_device_count=(\d+)",
+                     os.environ.get("XLA_FLAGS", ""))
+    if flag and int(flag.group(1)) != n:
+        raise RuntimeError(f"XLA_FLAGS sets {flag.group(1)} CPU device(s); unset it to use {n}")
     if _started():
         have = len(jax.devices("cpu"))
         if have == n:
@@ -113,7 +120,6 @@ def tune_malloc() -> bool:
     started with ``GLIBC_TUNABLES`` set (the user's choice stands).
     """
     import ctypes
-    import os
     import platform
     if os.environ.get("GLIBC_TUNABLES") or platform.libc_ver()[0] != "glibc":
         return False

@@ -183,3 +183,31 @@ def test_tune_malloc_serves_big_blocks_from_a_kept_heap():
     out = run({**env, "GLIBC_TUNABLES": parallel.GLIBC_TUNABLES})
     assert out["applied"] is False
     assert out["before"][0] >= big and out["before"][1] >= big  # the env did the same
+
+
+def test_cli_devices_option_splits_and_equals_the_api_map(tmp_path):
+    """The ``gradflow`` program with ``--devices 2``: the CPU gets 2 devices before JAX starts,
+    the map is split over them and equals the unsplit API map."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    data = tmp_path / "m.npz"
+    r = subprocess.run([sys.executable, "-m", "gradflow", "--devices", "2", "heatmap",
+                        "--cell", "gru", "--layers", "3", "--steps", "5", "--hidden", "8",
+                        "--batch", "4", "--seed", "3", "--out", str(tmp_path / "m.png"),
+                        "--data", str(data)], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = gradflow.results.Result.load(data)
+    pr = gradflow.problem("gru", layers=3, steps=5, hidden=8, batch=4, seed=3, dtype="float32")
+    ref = gradflow.gradient_map(*pr[:3]).values
+    np.testing.assert_allclose(got.values, ref, rtol=1e-5)
+
+
+def test_cli_devices_after_jax_started_is_a_usage_error(capsys):
+    from gradflow import cli
+    jnp.zeros(1).block_until_ready()
+    n = len(jax.devices("cpu")) + 1
+    rc = cli.main(["--devices", str(n), "heatmap", "--layers", "1", "--steps", "2",
+                   "--hidden", "4", "--batch", "2", "--no-data"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--devices" in err[0], err
+    assert parallel._SETTING["devices"] == "all"
