@@ -53,7 +53,7 @@ class Cost:
       total: the peak memory estimate in bytes (the sum of the above).
       flops: floating-point operations, forward + backward.
       seconds: estimated run time on this machine (compilation not included).
-      request: ``(stack, batch, steps, dtype name, wrt, method, probes)``, for
+      request: ``(stack signature, batch, steps, dtype name, wrt, method, probes)``, for
         :func:`check_fits` to try what would fit.
     """
 
@@ -208,30 +208,69 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
     checks.choice("wrt", wrt, WRTS)
     checks.choice("method", method, METHODS)
     dt = jnp.dtype(dtype)
-    return _estimate(stack, B, T, dt.name, wrt, method, int(probes), bool(calibrate))
+    return _estimate(_signature(stack), B, T, dt.name, wrt, method, int(probes), bool(calibrate))
 
 
-def _layer_kinds(stack) -> dict:
-    """``{(cell, n_in): count}`` over the layers (one entry for a plain stack's layers above 0)."""
+class _Sig(tuple):
+    """What an estimate depends on, hashable in O(1) even for 100000 layers:
+    ``(kinds, L, H, D, input_projection, norm, checkpoint, order, name)`` with ``kinds`` the
+    ``((cell, n_in, count), ...)`` of the layers."""
+
+    kinds = property(lambda s: s[0])
+    layers = property(lambda s: s[1])
+    hidden_size = property(lambda s: s[2])
+    input_size = property(lambda s: s[3])
+    input_projection = property(lambda s: s[4])
+    norm = property(lambda s: s[5])
+    checkpoint = property(lambda s: s[6])
+    order = property(lambda s: s[7])
+    name = property(lambda s: s[8])
+
+    def replace(self, layers=None, checkpoint=False):
+        kinds, L = self.kinds, self.layers
+        if layers is not None:
+            if len({c for c, _, _ in kinds}) != 1:
+                raise ValueError("per-layer cells: cannot change the depth")
+            c = kinds[0][0]
+            kinds = _kinds_of(c, layers, self.hidden_size, self._first())
+            L = layers
+        ck = self.checkpoint if checkpoint is False else checkpoint
+        return _Sig((kinds, L) + tuple(self[2:6]) + (ck,) + tuple(self[7:]))
+
+    def _first(self):
+        return self.hidden_size if self.input_projection else self.input_size
+
+
+def _kinds_of(cell, L, H, first):
+    kinds = {(cell, first): 1}
+    if L > 1:
+        kinds[(cell, H)] = kinds.get((cell, H), 0) + L - 1
+    return tuple((c, n_in, n) for (c, n_in), n in kinds.items())
+
+
+def _signature(stack) -> _Sig:
+    """``{(cell, n_in): count}`` over the layers, and the settings an estimate reads."""
     L, H = stack.layers, stack.hidden_size
     first = H if stack.input_projection else stack.input_size
     cells = getattr(stack, "cells", None)
     if cells is None or all(c is cells[0] for c in cells):  # one cell object: no per-layer walk
         c = stack.cell if cells is None else cells[0]
-        kinds = {(c, first): 1}
-        if L > 1:
-            kinds[(c, H)] = kinds.get((c, H), 0) + L - 1
-        return kinds
-    return dict(collections.Counter(zip(cells, [first] + [H] * (L - 1))))
+        kinds, name = _kinds_of(c, L, H, first), c.name
+    else:
+        counts = collections.Counter(zip(cells, [first] + [H] * (L - 1)))
+        kinds = tuple((c, n_in, n) for (c, n_in), n in counts.items())
+        name = "+".join(dict.fromkeys(c.name for c in cells))
+    return _Sig((kinds, L, H, stack.input_size, bool(stack.input_projection),
+                 getattr(stack, "norm", None), stack.checkpoint, stack.order, name))
 
 
 @functools.lru_cache(maxsize=256)
-def _estimate(stack, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
+def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     L, H, D = stack.layers, stack.hidden_size, stack.input_size
     item = jnp.dtype(dtype).itemsize
     first = H if stack.input_projection else D
     tapped = wrt == "params" and method == "gradient"
-    kinds = {k: (n, _step(k[0], k[1], H, B, dtype, tapped)) for k, n in _layer_kinds(stack).items()}
+    kinds = {(c, n_in): (n, _step(c, n_in, H, B, dtype, tapped)) for c, n_in, n in stack.kinds}
     layer_params = sum(n * st[0] for n, st in kinds.values())
     r_all = sum(n * st[1] for n, st in kinds.values())  # one step of every layer
     r_step = max(st[1] for _, st in kinds.values())  # one step of the worst layer
@@ -241,7 +280,7 @@ def _estimate(stack, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     params = layer_params
     if stack.input_projection:
         params += (D * H + H) * item
-    norm = getattr(stack, "norm", None)
+    norm = stack.norm
     if norm is not None:
         params += L * H * (2 if norm == "layer" else 1) * item
     inputs = B * T * D * item
@@ -382,7 +421,8 @@ def suggestions(cost: Cost, limit: int, cli: bool = False) -> list[str]:
         def layers_fit(n):
             return _fits(best.replace(layers=n), 1, 1, req, limit) is not None
 
-        n = _largest(layers_fit, stack.layers) if stack.layers > 1 else 0
+        one_cell = len({c for c, _, _ in stack.kinds}) == 1
+        n = _largest(layers_fit, stack.layers) if stack.layers > 1 and one_cell else 0
         hint = [f"{name('layers', n)}" if n else None, "a smaller hidden size"]
         out.append(what + ": use " + " or ".join(h for h in hint if h))
     return out
@@ -400,7 +440,7 @@ def check_fits(cost: Cost, limit=None, cli: bool = False) -> Cost:
     if cost.total <= limit:
         return cost
     stack, B, T, dtype, wrt, method, probes = cost.request
-    what = (f"this measurement ({stack.cell.name}, {stack.layers} layers x {T} steps, "
+    what = (f"this measurement ({stack.name}, {stack.layers} layers x {T} steps, "
             f"H={stack.hidden_size}, batch {B}, {dtype}"
             + (f", wrt {wrt}" if method == "gradient" else f", jacobian {method}") + ")")
     tips = suggestions(cost, limit, cli)

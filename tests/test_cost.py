@@ -1,0 +1,136 @@
+"""gradflow.cost: estimates against XLA's own memory analysis, speed on absurd sizes, refusals."""
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import gradflow
+from gradflow import cost, jacobian
+
+
+def _xla_bytes(stack, B, T, wrt):
+    """temp + argument + output bytes of the compiled map, as XLA's memory analysis reports."""
+    params = jax.eval_shape(stack.init, jax.random.key(0))
+    xs = jax.ShapeDtypeStruct((B, T, stack.input_size), jnp.float32)
+    loss = jacobian.readout_loss("last", stack.hidden_size, T, B)
+    if wrt == "params":
+        lowered = jacobian._params_map.lower(stack, params, xs, loss)
+    else:
+        fn = getattr(jacobian, "_state_map_local", None) or jacobian._state_map
+        lowered = fn.lower(stack, params, xs, loss, "h")
+    m = lowered.compile().memory_analysis()
+    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+
+@pytest.mark.parametrize("checkpoint", [None, "auto"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "star"])
+def test_estimate_within_2x_of_xla(cell, checkpoint):
+    L, T, B, H, D = 3, 24, 4, 16, 5
+    stack = gradflow.Stack(cell, layers=L, input_size=D, hidden_size=H, checkpoint=checkpoint)
+    for wrt in ("hidden", "params"):
+        est = cost.estimate(stack, B, T, wrt=wrt, calibrate=False).total
+        xla = _xla_bytes(stack, B, T, wrt)
+        assert 0.5 <= est / xla <= 2.0, (cell, checkpoint, wrt, est, xla)
+
+
+def test_checkpointing_lowers_the_estimate_as_xla_does():
+    stack = gradflow.Stack("lstm", layers=4, input_size=8, hidden_size=32)
+    ck = stack.replace(checkpoint="auto")
+    e0, e1 = (cost.estimate(s, 8, 64, calibrate=False).residuals for s in (stack, ck))
+    x0, x1 = (_xla_bytes(s, 8, 64, "hidden") for s in (stack, ck))
+    assert e1 < e0 / 2 and x1 < x0 / 2
+
+
+@pytest.mark.parametrize("sizes", [dict(layers=100000, hidden_size=64),
+                                   dict(layers=16, hidden_size=100000)])
+def test_absurd_sizes_answer_fast_without_allocating(sizes):
+    stack = gradflow.Stack("lstm", input_size=64, **{"layers": 16, **sizes})
+    t0 = time.perf_counter()
+    c = cost.estimate(stack, 16, 32, calibrate=False)
+    with pytest.raises(ValueError) as info:
+        cost.check_fits(c, limit="16G")
+    assert time.perf_counter() - t0 < 5
+    L, H = stack.layers, stack.hidden_size
+    # LSTM parameters: 4 gates x (W: (in, H), U: (H, H), b: (H,)), float32
+    exact = 4 * (64 * H + H * H + H) + (L - 1) * 4 * (2 * H * H + H)
+    assert c.params == 4 * exact
+    msg = str(info.value)
+    assert "\n" not in msg and "GiB" in msg and "16 GiB limit" in msg
+    assert "even 1 example of 1 step" in msg or "batch=" in msg or "steps=" in msg
+
+
+def test_flops_closed_form():
+    """Matmuls only: 2 B in out per weight per step; forward + backward = 3 forwards."""
+    L, T, B, H, D = 3, 10, 4, 8, 5
+    stack = gradflow.Stack("gru", layers=L, input_size=D, hidden_size=H)
+    c = cost.estimate(stack, B, T, calibrate=False)
+    fwd = T * (2 * B * 3 * (D * H + H * H) + (L - 1) * 2 * B * 3 * (H * H + H * H))
+    assert c.flops == 3 * fwd
+    assert math.isnan(c.seconds)
+    assert cost.estimate(stack.replace(checkpoint=2), B, T, calibrate=False).flops == 4 * fwd
+
+
+def test_seconds_from_calibration():
+    rate, per_step = cost.calibration()
+    assert rate > 1e6 and 0 < per_step < 1e-2
+    stack = gradflow.Stack("lstm", layers=2, input_size=4, hidden_size=8)
+    c = cost.estimate(stack, 2, 5)
+    assert c.seconds == pytest.approx(c.flops / rate + 2 * 5 * per_step * 3)
+    assert "GiB" in c.describe() and "FLOP" in c.describe()
+
+
+def test_suggestions_checkpoint_then_smaller():
+    stack = gradflow.Stack("lstm", layers=8, input_size=16, hidden_size=64)
+    c = cost.estimate(stack, 32, 512, calibrate=False)
+    ck = cost.estimate(stack.replace(checkpoint="auto"), 32, 512, calibrate=False)
+    assert ck.total < c.total
+    limit = (ck.total + c.total) // 2
+    with pytest.raises(ValueError, match=rf"checkpoint='auto' brings it to {cost.gib(ck.total)} "
+                                         "GiB"):
+        cost.check_fits(c, limit)
+    with pytest.raises(ValueError, match=r"batch=\d+ fits; steps=\d+ fits"):
+        cost.check_fits(c, ck.total // 2)
+    msg = cost.suggestions(c, ck.total // 2, cli=True)
+    assert any(s.startswith("--checkpoint auto only brings it to") for s in msg)
+    # each suggested size really fits, and one more does not
+    b = int([s for s in msg if s.startswith("--batch")][0].split()[1])
+    fits = lambda n: cost.estimate(stack.replace(checkpoint="auto"), n, 512,  # noqa: E731
+                                   calibrate=False).total <= ck.total // 2
+    assert fits(b) and not fits(b + 1)
+    assert cost.check_fits(c, c.total) is c
+
+
+def test_parse_size_and_available_memory():
+    assert cost.parse_size("2G") == 2 << 30
+    assert cost.parse_size("512M") == 512 << 20
+    assert cost.parse_size("1.5GiB") == 3 << 29
+    assert cost.parse_size("1000") == 1000
+    for bad in ("", "x", "-1G", "0", "nanG", "2Q"):
+        with pytest.raises(ValueError, match="memory size"):
+            cost.parse_size(bad)
+    assert cost.available_memory() > 1 << 20
+
+
+def test_gradient_map_refuses_before_compiling(monkeypatch):
+    stack = gradflow.Stack("lstm", layers=2, input_size=3, hidden_size=4)
+    params = stack.init(jax.random.key(0))
+    xs = jnp.ones((2, 5, 3))
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: 1000)
+    calls = []
+    monkeypatch.setattr(jacobian, "_state_map", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValueError, match=r"needs about .* GiB of memory .* more than the "
+                                         r"9.31e-07 GiB available"):
+        gradflow.gradient_map(stack, params, xs)
+    assert not calls
+
+
+def test_bad_requests():
+    stack = gradflow.Stack("rnn", layers=1, input_size=1, hidden_size=2)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        cost.estimate(stack, 0, 3)
+    with pytest.raises(ValueError, match="unknown wrt"):
+        cost.estimate(stack, 1, 3, wrt="x")
+    with pytest.raises(ValueError, match="unknown method"):
+        cost.estimate(stack, 1, 3, method="x")
