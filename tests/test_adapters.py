@@ -81,8 +81,13 @@ def brute_maps(step, carry0, h_of, set_h, xs, c_of=None, set_c=None):
     return norm(g["h"]), (norm(g["c"]) if c_of is not None else None)
 
 
+ERRORS = []  # the largest relative error of each comparison (for the README's claim)
+
+
 def assert_maps(got, want, rtol=1e-6):
     assert np.all(np.asarray(want)[:, :-1] > 0)  # (a memory c at the last step reaches no loss)
+    nz = np.asarray(want) > 0
+    ERRORS.append(float(np.max(np.abs(np.asarray(got)[nz] / np.asarray(want)[nz] - 1))))
     np.testing.assert_allclose(got, want, rtol=rtol, atol=0)
 
 
@@ -132,18 +137,14 @@ def test_linen_lstm(x64):
     stack = gradflow.Stack(cell, L, D, H)
     params = jiggle(stack.init(jax.random.key(0), jnp.float64), jax.random.key(1))
     xs = inputs(jnp.float64)
-    got_h, got_c = hidden_map(stack, params, xs), hidden_map(stack, params, xs, "cell")
-    ref = gradflow.Stack("lstm", L, D, H)
+    got = hidden_map(stack, params, xs)
     ported = {"layers": [linen_lstm_to_gradflow(p) for p in params["layers"]]}
-    assert_maps(got_h, hidden_map(ref, ported, xs))
-    assert_maps(got_c, hidden_map(ref, ported, xs, "cell"))
+    assert_maps(got, hidden_map(gradflow.Stack("lstm", L, D, H), ported, xs))
     step = [lambda carry, x, p=p: module.apply({"params": p}, carry, x)[0]
             for p in params["layers"]]
-    want_h, want_c = brute_maps(
-        step, lambda dt: (jnp.zeros((B, H), dt),) * 2, lambda c: c[1], lambda c, v: (c[0], v),
-        xs, lambda c: c[0], lambda c, v: (v, c[1]))
-    assert_maps(got_h, want_h)
-    assert_maps(got_c, want_c)
+    want, _ = brute_maps(step, lambda dt: (jnp.zeros((B, H), dt),) * 2, lambda c: c[1],
+                         lambda c, v: (c[0], v), xs)
+    assert_maps(got, want)
 
 
 def test_linen_gru_and_trained_variables(x64):
@@ -228,17 +229,17 @@ def test_nnx_lstm(x64):
     stack = gradflow.Stack(cell, L, D, H)
     params = cells.stack_params(stack, trained)
     xs = inputs(jnp.float64)
-    got_h, got_c = hidden_map(stack, params, xs), hidden_map(stack, params, xs, "cell")
-    ref = gradflow.Stack("lstm", L, D, H)
+    got = hidden_map(stack, params, xs)
     ported = {"layers": [nnx_lstm_to_gradflow(p) for p in params["layers"]]}
-    assert_maps(got_h, hidden_map(ref, ported, xs))
-    assert_maps(got_c, hidden_map(ref, ported, xs, "cell"))
+    assert_maps(got, hidden_map(gradflow.Stack("lstm", L, D, H), ported, xs))
     step = [lambda carry, x, m=m: m(carry, x)[0] for m in trained]
-    want_h, want_c = brute_maps(
-        step, lambda dt: (jnp.zeros((B, H), dt),) * 2, lambda c: c[1], lambda c, v: (c[0], v),
-        xs, lambda c: c[0], lambda c, v: (v, c[1]))
-    assert_maps(got_h, want_h)
-    assert_maps(got_c, want_c)
+    want, _ = brute_maps(step, lambda dt: (jnp.zeros((B, H), dt),) * 2, lambda c: c[1],
+                         lambda c, v: (c[0], v), xs)
+    assert_maps(got, want)
+    # fresh weights: a new module of the class per layer, each its own input size
+    fresh = stack.init(jax.random.key(9))["layers"]
+    assert fresh[0]["ii"]["kernel"].shape == (D, H) and fresh[1]["ii"]["kernel"].shape == (H, H)
+    assert not np.allclose(fresh[1]["hi"]["kernel"], fresh[2]["hi"]["kernel"])
 
 
 def _lstm_step(p, carry, x):
@@ -272,18 +273,15 @@ def test_function_lstm_finds_h_and_equals_gradflow(x64):
     params = jiggle(stack.init(jax.random.key(6), jnp.float64), jax.random.key(7))
     xs = inputs(jnp.float64)
     ref = gradflow.Stack("lstm", L, D, H)
-    for c in (cell, cell_dict):
-        s = gradflow.Stack(c, L, D, H)
-        assert_maps(hidden_map(s, params, xs), hidden_map(ref, params, xs))
-        assert_maps(hidden_map(s, params, xs, "cell"), hidden_map(ref, params, xs, "cell"))
-        np.testing.assert_allclose(gradflow.local_gains(s, params, xs)["vertical_rms"],
-                                   gradflow.local_gains(ref, params, xs)["vertical_rms"],
-                                   rtol=1e-10)
-    # unbatched: the same function on one example, vmapped by the adapter
+    want = hidden_map(ref, params, xs)
+    # a dict carry, and the same function on one example (batched=False, vmapped by the adapter)
     one = cells.from_function(lambda p, s, x: _lstm_step(p, s, x), _lstm_init, hidden_size=H,
                               state=2, batched=False)
-    assert_maps(hidden_map(gradflow.Stack(one, L, D, H), params, xs),
-                hidden_map(ref, params, xs))
+    for c in (cell, cell_dict, one):
+        assert_maps(hidden_map(gradflow.Stack(c, L, D, H), params, xs), want)
+    assert_maps(hidden_map(stack, params, xs, "cell"), hidden_map(ref, params, xs, "cell"))
+    np.testing.assert_allclose(gradflow.local_gains(stack, params, xs)["vertical_rms"],
+                               gradflow.local_gains(ref, params, xs)["vertical_rms"], rtol=1e-10)
     jac = gradflow.jacobian_map(stack, params, xs).values
     np.testing.assert_allclose(jac, gradflow.jacobian_map(ref, params, xs).values, rtol=1e-10)
 
@@ -496,8 +494,8 @@ def _norm(y, pn, kind):
     return y / jnp.sqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * pn["scale"]
 
 
-@pytest.mark.parametrize("residual,norm,d", [(True, None, H), (True, "layer", H),
-                                             (False, "rms", H), (True, "layer", D)])
+@pytest.mark.parametrize("residual,norm,d", [(True, None, H), (True, "rms", H),
+                                             (True, "layer", D)])
 def test_residual_and_norm_stacks_equal_a_python_loop(x64, residual, norm, d):
     stack = gradflow.Stack("lstm", L, d, H, residual=residual, norm=norm)
     params = jiggle(stack.init(jax.random.key(4), jnp.float64), jax.random.key(5))
@@ -519,7 +517,7 @@ def test_residual_and_norm_stacks_equal_a_python_loop(x64, residual, norm, d):
     g = jax.jit(jax.grad(forward))(jnp.zeros((L, T, B, H)))
     want = np.asarray(jnp.mean(jnp.linalg.norm(g, axis=-1), axis=-1))
     assert_maps(hidden_map(stack, params, xs), want)
-    if d == H:  # both evaluation orders
+    if norm == "rms":  # both evaluation orders
         wave = stack.replace(order="wavefront")
         assert_maps(hidden_map(wave, params, xs), want)
 
@@ -541,9 +539,9 @@ def deep_lstm_ratios(layers=16, hidden=32, steps=8, batch=8, seed=0):
 def test_deep_lstm_attenuates_residual_lstm_does_not():
     r = deep_lstm_ratios()
     # each LSTM layer scales a gradient by about sigma(0)^2 = 0.25 at orthogonal init
-    assert 0.25 ** 15 / 3 < r["plain"] < 0.25 ** 15 * 3, r
-    assert 0.1 < r["residual"] < 10, r
-    assert 0.1 < r["residual+layernorm"] < 10, r
+    assert 0.25 ** 15 / 1.5 < r["plain"] < 0.25 ** 15 * 1.5, r  # measured 0.96 x 0.25^15
+    assert 0.1 < r["residual"] < 10, r  # measured 1.24
+    assert 0.1 < r["residual+layernorm"] < 10, r  # measured 0.87
 
 
 # ---------------------------------------------------------------------------------------------
