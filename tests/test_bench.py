@@ -76,6 +76,23 @@ def test_torch_retain_grad_map_equals_gradflow_hidden_map():
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def test_torch_wavefront_peer_equals_gradflow_hidden_map():
+    """The hand-written PyTorch forward/backward over the wavefront (no autograd): every layer
+    count against the ramp of the diagonals (L < T, L = T, L > T), both losses."""
+    torch = pytest.importorskip("torch")
+    from bench import torch_ref as TR
+    for L, T in ((3, 5), (4, 4), (5, 2), (1, 3)):
+        pr = gradflow.problem("lstm", layers=L, steps=T, hidden=6, batch=3, seed=L,
+                              dtype="float32")
+        cells = TR.port_lstm(pr.params)
+        xs = torch.from_numpy(np.array(pr.xs, np.float32))
+        for loss in ("last", "all"):
+            ref = gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss=loss).values
+            w, labels = TR.readout(gradflow.jacobian.readout_loss(loss, 6, T, 3))
+            got = TR.hidden_map_wavefront(cells, xs, w, labels, loss).numpy()
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
 def test_torch_jacrev_map_equals_gradflow_exact_jacobian_map():
     torch = pytest.importorskip("torch")
     from bench import torch_ref as TR
