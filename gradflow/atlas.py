@@ -299,9 +299,8 @@ def _group_program(stack, mesh, steps, batch, dtype, pairs, readout_seed):
 
     def measure(params, xs, loss, wrt):
         loss_fn = _jac.readout_loss(loss, stack.hidden_size, steps, batch, readout_seed, dtype)
-        if wrt == "params":
-            return _jac._params_map(stack, params, xs, loss_fn)
-        return _jac._state_map(stack, params, xs, loss_fn, "h")
+        return _jac.map_arrays(stack, params, xs, loss_fn,
+                               "params" if wrt == "params" else "hidden")
 
     def local(params, xs, scales):
         def per_scale(k):  # the same float multiply as seed_problem's input_scale * N(0, 1)

@@ -74,7 +74,8 @@ from gradflow.cells.base import KINDS as _KINDS
 from gradflow.cells.base import Cell
 from gradflow.problem import problem
 from gradflow.results import Result, make_result
-from gradflow.stack import Stack, _positive_int
+from gradflow.checks import positive_int as _positive_int
+from gradflow.stack import Stack
 
 STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_fraction",
          "nonfinite")

@@ -38,7 +38,8 @@ from gradflow import checks
 from gradflow import cost as _cost
 from gradflow.errors import InputError, user_input
 from gradflow.results import Result, make_result
-from gradflow.stack import Stack, map_layers
+from gradflow.cells.base import normal
+from gradflow.stack import Stack, map_layers, safe_norm, scaled_reduction
 
 LOSSES = ("last", "all")
 WRTS = ("hidden", "cell", "params")
@@ -58,7 +59,9 @@ class ReadoutLoss:
 
     ``loss="last"``: the readout of :math:`h^{L-1}_{T-1}` only (final-output loss);
     ``loss="all"``: the mean over ``t`` of the readout loss at every step (sequence loss).
-    Readout :math:`W_r \sim N(0, 1/H)`, labels ``(B, T)`` uniform, both from ``key(seed)``.
+    Readout :math:`W_r \sim N(0, 1/H)`, labels ``(B, T)`` uniform, both from ``key(seed)``;
+    :math:`W_r` is drawn in float32 and cast to ``dtype``, so a float64 loss holds the float32
+    loss's draws (one problem at every precision).
 
     A frozen (hashable) dataclass rather than a closure, so that jitted measurements taking it
     as a static argument compile once per configuration, not once per call.
@@ -77,7 +80,7 @@ class ReadoutLoss:
     def readout(self):
         """``(W_r: (H, classes), labels: (B, T) int32)``."""
         kw, ky = jax.random.split(jax.random.key(self.seed))
-        w = jax.random.normal(kw, (self.hidden_size, self.classes), jnp.dtype(self.dtype))
+        w = normal(kw, (self.hidden_size, self.classes), jnp.dtype(self.dtype))
         labels = jax.random.randint(ky, (self.batch, self.steps), 0, self.classes,
                                     dtype=jnp.int32)
         return w / math.sqrt(self.hidden_size), labels
@@ -186,7 +189,11 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
       readout_seed: seed of the default readout and labels.
       meta: extra config recorded in the result (e.g. ``problem(...).config``).
     Returns:
-      Result ``kind="gradient_map"`` with ``values: (L, T)`` and ``loss_value: ()``.
+      Result ``kind="gradient_map"`` with ``values: (L, T)`` and ``loss_value: ()``; with the
+      default losses ``result.underflow["values"]`` counts the entries below the dtype's normal
+      range (exactly 0: a gradient that underflowed) where the loss makes them positive
+      (:func:`expected_positive`).
+      Norms are formed without squaring tiny numbers (:func:`gradflow.stack.safe_norm`).
     """
     checks.choice("wrt", wrt, WRTS)
     xs = _prepare(stack, params, xs, loss)
@@ -202,7 +209,31 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
     else:
         value, vals = _state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
     config = _config(stack, xs, meta, loss=loss_name, wrt=wrt, readout_seed=readout_seed)
-    return make_result("gradient_map", {"values": vals, "loss_value": value}, config)
+    return make_result("gradient_map", {"values": vals, "loss_value": value}, config,
+                       positive=expected_positive(loss, wrt, xs.shape[1]))
+
+
+def expected_positive(loss, wrt: str, steps: int):
+    """``{"values": mask}``: the entries of a ``(..., L, T)`` gradient map that the default
+    losses make positive (for :attr:`Result.underflow`), or None for a callable loss (which
+    may ignore any state). Every state reaches the readout, except a memory ``c`` at the last
+    step: ``h_{T-1}`` is formed from ``c_{T-1}`` before ``c_{T-1}`` leaves the cell, so its
+    gradient there is exactly 0. A cell can still have an exactly zero gradient (every ReLU
+    unit off); such entries are counted with the underflow ones."""
+    if callable(loss):
+        return None
+    if wrt == "cell":
+        return {"values": jnp.arange(steps) < steps - 1}
+    return {"values": True}
+
+
+def map_arrays(stack: Stack, params, xs, loss_fn: Callable, wrt: str = "hidden"):
+    """``(loss value, (L, T) map)`` as arrays: the traceable core of :func:`gradient_map`
+    (no input checks, no :class:`Result`), for callers that ``vmap`` or shard it over seeds
+    and conditions (:mod:`gradflow.sweep`, :mod:`gradflow.atlas`)."""
+    if wrt == "params":
+        return _params_map(stack, params, xs, loss_fn)
+    return _state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
 
 
 def _state_map(stack, params, xs, loss_fn, name):
@@ -301,7 +332,10 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
         (exact method).
     Returns:
       Result ``kind="jacobian_map"``: ``values: (L, T)``; ``stderr: (L, T)`` for probes;
-      ``spectra: (n, B, H)`` singular values (descending) at ``spectra_at``.
+      ``spectra: (n, B, H)`` singular values (descending) at ``spectra_at``. Positions that
+      reach the target are expected positive (``result.underflow`` counts zeros among them).
+      Norms and singular values are formed scaled by the largest entry
+      (:func:`gradflow.stack.scaled_reduction`), so tiny Jacobians do not underflow.
     """
     xs = _prepare(stack, params, xs)
     if norm not in NORMS:
@@ -336,7 +370,9 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
     config = _config(stack, xs, meta, target=[tl, tt], norm=norm, method=method,
                      probes=probes if method == "probe" else None, seed=seed,
                      spectra_at=[list(p) for p in positions])
-    return make_result("jacobian_map", arrays, config)
+    reach = (jnp.arange(T)[None, :] < tt) | ((jnp.arange(T)[None, :] == tt)
+                                             & (jnp.arange(L)[:, None] <= tl))
+    return make_result("jacobian_map", arrays, config, positive={"values": reach})
 
 
 def _position(p, L, T, what):
@@ -380,19 +416,39 @@ def _exact_map(stack, params, xs, target, norm, positions, chunk):
         at = g[pos_l, :, pos_t] if positions else None
         if norm == "spectral":
             return g, at
-        return jnp.sum(g * g, axis=-1), at
+        return safe_norm(g), at  # (L, B, T): the norm of row i
 
     rows, at = lax.map(row, jnp.arange(H), batch_size=chunk)
     if norm == "spectral":
         jac = jnp.moveaxis(rows, 0, -2)  # (L, B, T, H_out, H_in)
-        vals = jnp.mean(jnp.linalg.norm(jac, ord=2, axis=(-2, -1)), axis=1)
-    else:
-        vals = jnp.mean(jnp.sqrt(jnp.sum(rows, axis=0) / H), axis=1)
+        vals = jnp.mean(scaled_reduction(_spectral, jac, (-2, -1)), axis=1)
+    else:  # ||J||_F = the 2-norm of the rows' norms
+        vals = jnp.mean(safe_norm(rows, axis=0) / math.sqrt(H), axis=1)
     spectra = None
     if positions:
         jac_at = jnp.moveaxis(at, 0, -2)  # (n, B, H_out, H_in)
-        spectra = jnp.linalg.svd(jac_at, compute_uv=False)
+        spectra = scaled_reduction(lambda j: jnp.linalg.svd(j, compute_uv=False), jac_at,
+                                   (-2, -1))
     return vals, spectra
+
+
+def _spectral(j):
+    """Largest singular value of ``j: (..., m, n)`` -> ``(...)``."""
+    return jnp.linalg.norm(j, ord=2, axis=(-2, -1))
+
+
+def _probe_stats(n, H: int):
+    r"""From probe norms ``n: (k, ...)``, :math:`n_k = \|v_k^\top J\|`: the estimate
+    :math:`\mathrm{rms} = \sqrt{\mathrm{mean}_k n_k^2 / H}` and its delta-method standard
+    error, each ``(...)``. Both are homogeneous of degree 1 in ``n`` (see
+    :func:`gradflow.stack.scaled_reduction`)."""
+    q = n * n  # unbiased estimates of ||J||_F^2
+    f2 = jnp.mean(q, axis=0)
+    se_f2 = jnp.std(q, axis=0, ddof=1) / math.sqrt(n.shape[0])
+    rms = jnp.sqrt(f2 / H)
+    # delta method: d sqrt(F2/H) / dF2 = 1 / (2 H rms)
+    se_rms = jnp.where(rms > 0, se_f2 / (2.0 * H * jnp.where(rms > 0, rms, 1.0)), 0.0)
+    return rms, se_rms
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "target", "probes"))
@@ -400,15 +456,11 @@ def _probe_map(stack, params, xs, target, probes, key):
     B, T, _ = xs.shape
     H = stack.hidden_size
     vjp = _target_vjp(stack, params, xs, target)
-    v = jax.random.normal(key, (probes, B, H), xs.dtype)
-    q = jax.vmap(lambda c: jnp.sum(vjp(c) ** 2, axis=-1))(v)  # (k, L, B, T): ||v^T J||^2
-    f2 = jnp.mean(q, axis=0)  # unbiased estimate of ||J_b||_F^2
-    se_f2 = jnp.std(q, axis=0, ddof=1) / math.sqrt(probes)
-    rms = jnp.sqrt(f2 / H)
-    # delta method: d sqrt(F2/H) / dF2 = 1 / (2 H rms)
-    se_rms = jnp.where(rms > 0, se_f2 / (2.0 * H * jnp.where(rms > 0, rms, 1.0)), 0.0)
+    v = normal(key, (probes, B, H), xs.dtype)  # the same probes at every precision
+    n = jax.vmap(lambda c: safe_norm(vjp(c)))(v)  # (k, L, B, T): ||v^T J||
+    rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, H), n, 0)  # each (L, B, T)
     vals = jnp.mean(rms, axis=1)
-    se = jnp.sqrt(jnp.sum(se_rms ** 2, axis=1)) / B
+    se = safe_norm(se_rms, axis=1) / B
     return vals, se
 
 
@@ -441,8 +493,12 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
 
 
 def _rms_spectral(j):
-    return (jnp.sqrt(jnp.sum(j * j, axis=(-2, -1)) / j.shape[-1]),
-            jnp.linalg.norm(j, ord=2, axis=(-2, -1)))
+    r"""``(\|j\|_F / \sqrt{n}, \|j\|_2)`` of ``j: (..., m, n)``, each ``(...)``, without
+    squaring tiny entries (:func:`gradflow.stack.scaled_reduction`)."""
+    def both(u):
+        return jnp.sqrt(jnp.sum(u * u, axis=(-2, -1)) / u.shape[-1]), _spectral(u)
+
+    return scaled_reduction(both, j, (-2, -1))
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "chunk"))
@@ -474,5 +530,6 @@ def _gains(stack, params, xs, chunk):
             "temporal_spectral": ts}
 
 
-__all__ = ["gradient_map", "jacobian_map", "local_gains", "readout_loss", "ReadoutLoss", "state_gradients",
+__all__ = ["gradient_map", "map_arrays", "jacobian_map", "local_gains", "readout_loss",
+           "ReadoutLoss", "state_gradients",
            "per_step_param_grads", "LOSSES", "WRTS", "NORMS", "METHODS"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import NamedTuple
 
 import jax
@@ -33,7 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradflow import cells as _cells
-from gradflow.cells.base import Cell
+from gradflow.checks import positive_int as _positive_int
+from gradflow.cells.base import Cell, orthogonal
 
 ORDERS = ("layer", "wavefront")
 
@@ -64,19 +64,6 @@ class StackOutput(NamedTuple):
     def top(self):
         """``(B, T, H)`` what the top layer emits: the stack's output sequence."""
         return self.up[-1]
-
-
-def _positive_int(name, value) -> int:
-    """``int(value)`` if it is a positive integer (not a bool), else a ValueError naming it."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return v
 
 
 NORMS = (None, "layer", "rms")
@@ -272,8 +259,7 @@ class Stack:
         params = {"layers": [c.init(k, self.layer_in(l), H, dtype)
                              for l, (c, k) in enumerate(zip(self.cells, keys))]}
         if self.input_projection:
-            w = jax.nn.initializers.orthogonal()(kin, (D, H), jnp.float32)
-            params["input"] = {"W": w.astype(dtype), "b": jnp.zeros((H,), dtype)}
+            params["input"] = {"W": orthogonal(kin, (D, H), dtype), "b": jnp.zeros((H,), dtype)}
         if self.norm is not None:
             one = {"scale": jnp.ones((H,), dtype)}
             if self.norm == "layer":
@@ -470,14 +456,40 @@ def _norm_tap_bwd(_, g):
     return g, safe_norm(g)
 
 
+def scaled_reduction(fn, x, axis=-1):
+    r"""``fn(x)`` for a reduction ``fn`` over ``axis`` that is positively homogeneous,
+    :math:`f(cx) = c\,f(x)` for :math:`c > 0` (norms, RMS, singular values), computed as
+    :math:`m\,f(x/m)` with :math:`m = \max|x|` over ``axis``.
+
+    Squares inside ``fn`` then neither underflow nor overflow: float32 squares underflow below
+    ~1e-19 (and overflow above ~1e19), while gradients attenuated through deep stacks reach
+    1e-33 and stay representable. Where ``m`` is 0, inf or NaN, ``fn(x)`` is returned
+    unscaled (0 for an all-zero ``x``; inf or NaN stay inf or NaN, counted as non-finite).
+
+    Args:
+      fn: ``x -> array`` (or a tuple of arrays) of ``x``'s shape with ``axis`` removed,
+        optionally followed by trailing axes (e.g. a spectrum).
+      x: any shape; axis: an int or a tuple of ints.
+    """
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    mk = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    ok = jnp.isfinite(mk) & (mk > 0)
+    y = fn(x / jnp.where(ok, mk, 1.0).astype(x.dtype))
+    m, ok = jnp.squeeze(mk, axes), jnp.squeeze(ok, axes)
+
+    def back(v):
+        shape = m.shape + (1,) * (v.ndim - m.ndim)
+        return jnp.where(ok.reshape(shape), m.reshape(shape) * v, v)
+
+    return jax.tree_util.tree_map(back, y)
+
+
 def safe_norm(g, axis=-1):
-    r""":math:`\|g\|_2` along ``axis`` without underflow: scaled by the largest magnitude
-    before squaring (float32 squares underflow below ~1e-19, while gradients attenuated
-    through deep stacks reach 1e-33 and stay representable)."""
-    m = jnp.max(jnp.abs(g), axis=axis, keepdims=True)
-    safe = jnp.where(m > 0, m, 1.0)
-    r = jnp.sqrt(jnp.sum(jnp.square(g / safe), axis=axis, keepdims=True))
-    return jnp.squeeze(jnp.where(m > 0, m * r, 0.0), axis)
+    r""":math:`\|g\|_2` along ``axis`` without underflow (:func:`scaled_reduction`).
+
+    ``g: (..., n)`` -> ``(...)`` for ``axis=-1``; NaN or inf in ``g`` give NaN or inf.
+    """
+    return scaled_reduction(lambda u: jnp.sqrt(jnp.sum(jnp.square(u), axis=axis)), g, axis)
 
 
 norm_tap.defvjp(_norm_tap_fwd, _norm_tap_bwd)

@@ -30,9 +30,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import cells as _cells
 from gradflow import jacobian as _jac
-from gradflow.problem import dtype_of
+from gradflow.problem import dtype_of, gaussian_inputs
 from gradflow.results import Result, make_result
-from gradflow.stack import Stack, _positive_int
+from gradflow.checks import positive_int as _positive_int
+from gradflow.stack import Stack
 
 AXIS = "seeds"
 
@@ -63,8 +64,7 @@ def seed_problem(stack: Stack, seed, *, steps: int, batch: int, dtype, input_sca
     ``xs: (batch, steps, input_size)``.
     """
     params = stack.init(jax.random.key(seed), dtype)
-    xs = input_scale * jax.random.normal(jax.random.key(seed + 1),
-                                         (batch, steps, stack.input_size), dtype)
+    xs = gaussian_inputs(seed, (batch, steps, stack.input_size), dtype, input_scale)
     return params, xs
 
 
@@ -80,9 +80,7 @@ def _map_fn(stack: Stack, *, steps, batch, dtype, input_scale, loss, wrt, readou
                             input_scale=input_scale)
 
     def measure(params, xs):
-        if wrt == "params":
-            return _jac._params_map(stack, params, xs, loss_fn)
-        return _jac._state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
+        return _jac.map_arrays(stack, params, xs, loss_fn, wrt)
 
     def local(seeds):
         params, xs = lax.map(build, seeds)  # not vmap: see the module docstring
@@ -182,7 +180,8 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                   "wrt": wrt, "readout_seed": readout_seed,
                   "devices": len(maps.sharding.device_set)}
         out[stack.cell.name] = make_result("gradient_map", {"values": maps, "loss_value": values},
-                                           config)
+                                           config,
+                                           positive=_jac.expected_positive(loss, wrt, steps))
     return out
 
 
