@@ -80,6 +80,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def memory_size(text: str) -> int:
+    """Bytes from ``"2G"``, ``"512M"``, ``"1.5GiB"`` or a plain number of bytes."""
+    from gradflow.cost import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def checkpoint_arg(text: str):
+    """``"auto"`` or a chunk length ``>= 1``."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def seed_int(text: str) -> int:
     """An integer >= 0."""
     try:
@@ -474,6 +489,8 @@ def _cell(args, steps: int):
 
 def _stack_settings(args) -> dict:
     settings = {"residual": args.residual, "norm": args.norm}
+    if getattr(args, "checkpoint", None) is not None:
+        settings["checkpoint"] = args.checkpoint
     if args.no_input_projection:
         settings["input_projection"] = False
     return settings
@@ -658,6 +675,76 @@ def add_measurement_options(p, wrt: str, loss: bool = True):
     return g
 
 
+def add_cost_options(p, checkpoint: bool = True):
+    """The cost group: --dry-run, --max-memory (and --checkpoint, which changes the cost)."""
+    g = p.add_argument_group("cost")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the estimated memory, FLOPs and time, and exit without running")
+    g.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="refuse (exit 2) a request estimated to need more than SIZE, e.g. 2G, "
+                        "512M (default: the memory available on this machine)")
+    if checkpoint:
+        g.add_argument("--checkpoint", type=checkpoint_arg, default=None, metavar="auto|C",
+                       help="rematerialise in chunks of C steps (auto: sqrt(T)): less memory, "
+                            "one more forward pass (default: none)")
+
+
+#: Requests estimated to run longer than this (seconds) report progress on stderr.
+PROGRESS_AFTER = 10.0
+
+
+def _budget(args, stacks, wrt: str = "hidden", runs: int = 1):
+    """Estimate the request (:mod:`gradflow.cost`) before anything is built or compiled.
+
+    ``--dry-run``: print memory, FLOPs and time, return None (the caller exits 0). Otherwise
+    refuse a request over ``--max-memory`` or the available memory (an InputError: one line,
+    exit 2), and return ``say(message)``, which prints progress lines on stderr when the
+    request is estimated to take over :data:`PROGRESS_AFTER` seconds.
+    """
+    import time
+
+    from gradflow import cost
+
+    costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt, calibrate=False)
+             for s in stacks]
+    worst = max(costs, key=lambda c: c.total)
+    limit = args.max_memory
+    can_checkpoint = "checkpoint" in args
+    name = f"gradflow {args.command}"
+    if not args.dry_run:  # a refusal needs no calibration
+        with user_input():
+            cost.check_fits(worst, limit, cli=True, checkpoint=can_checkpoint)
+    costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt) for s in stacks]
+    seconds = runs * sum(c.seconds for c in costs)
+    if args.dry_run:
+        cap = limit if limit is not None else cost.available_memory()
+        print(f"{name}: dry run (nothing built or computed)")
+        print(f"memory:  {cost.gib(worst.total)} GiB at the peak (parameters "
+              f"{cost.gib(worst.params)}, kept for the backward pass {cost.gib(worst.residuals)}"
+              f", working {cost.gib(worst.working)}, inputs {cost.gib(worst.inputs)})")
+        print(f"work:    {cost.flops_str(runs * sum(c.flops for c in costs))} "
+              "(forward + backward)")
+        print(f"time:    about {cost.seconds_str(seconds)} on this machine (compilation not "
+              "included)")
+        try:
+            cost.check_fits(worst, cap, cli=True, checkpoint=can_checkpoint)
+            verdict = "fits"
+        except ValueError as e:
+            verdict = "does not fit" + ("; " + str(e).split("; ", 1)[1] if "; " in str(e)
+                                        else "")
+        print(f"limit:   {cost.gib(cap)} GiB "
+              f"{'(--max-memory)' if limit is not None else 'available'}: {verdict}")
+        return None
+    start = time.perf_counter()
+
+    def say(message: str):
+        if seconds > PROGRESS_AFTER:
+            print(f"{name}: {message} (estimated about {cost.seconds_str(seconds)}; "
+                  f"{time.perf_counter() - start:.0f} s so far)", file=sys.stderr, flush=True)
+
+    return say
+
+
 def add_output_options(p):
     """The output group: figure and data paths."""
     g = p.add_argument_group("output")
@@ -697,6 +784,7 @@ def add_heatmap(sub):
     g = add_measurement_options(p, wrt="hidden")
     g.add_argument("--normalize", action="store_true",
                    help="draw each entry relative to the top layer's last step")
+    add_cost_options(p)
     add_output_options(p)
     _finish(p, run_heatmap)
 
@@ -715,14 +803,25 @@ def run_heatmap(args) -> int:
                                 f"L{prob.stack.layers}", source.stem,
                                 skip=_STACK_OPTIONS + (("steps", "seed", "input_scale")
                                                        if "train_step" in prob.config else ()))
+            say = _budget(args, [prob.stack], args.wrt)
+            if say is None:
+                return 0
             fig_path, data_path = output_paths(args, stem)
         else:
             cell = _cell(args, args.steps)
+            D = args.hidden if args.input_size is None else args.input_size
+            say = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
+                                               **_stack_settings(args))], args.wrt)
+            if say is None:
+                return 0
             fig_path, data_path = output_paths(args, default_stem(
                 args, "heatmap", cell.name, f"L{args.layers}", skip=("cell", "layers")))
+            say("building the stack and its parameters...")
             prob = _problem(args, cell)
+        say("compiling and running the gradient map...")
         res = gradient_map(prob.stack, prob.params, prob.xs, loss=args.loss, wrt=args.wrt,
                            readout_seed=args.readout_seed, meta=prob.config)
+        say("done")
     notes, normalize = [], args.normalize
     ref = res.values[-1, -1]
     if normalize and not (np.isfinite(ref) and ref > 0):
@@ -757,6 +856,7 @@ def add_compare(sub):
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all (default: last,all)")
     add_problem_options(p, layers=10, steps=10, hidden=128, batch=16, single_cell=False)
+    add_cost_options(p, checkpoint=False)
     g = add_measurement_options(p, wrt="params", loss=False)
     g.add_argument("--absolute", action="store_true",
                    help="draw the raw values (default: each map relative to its top-last value)")
@@ -771,10 +871,15 @@ def run_compare(args) -> int:
     from gradflow import experiments, plot
 
     options = _cell_options(args)
+    stacks = []
     for c in args.cells:
         with user_input():
             cell = _cells.for_length(c, args.steps, **options)
-        checked_stack(cell, args.layers, args.hidden, args.hidden)
+        stacks.append(checked_stack(cell, args.layers, args.hidden, args.hidden))
+    say = _budget(args, stacks, args.wrt, runs=len(args.losses))
+    if say is None:
+        return 0
+    say("building, compiling and running the gradient maps...")
     stem = default_stem(args, "compare", "-".join(args.cells), f"L{args.layers}",
                         skip=("cells", "layers"))
     fig_path, data_path = output_paths(args, stem)
@@ -821,6 +926,7 @@ def add_gates(sub):
                    help="saturation margin, in (0, 0.5) (default: 0.05)")
     p.add_argument("--bins", type=positive_int, default=20, help="histogram bins (default: 20)")
     add_problem_options(p, layers=4, steps=32, hidden=64, batch=16)
+    add_cost_options(p, checkpoint=False)
     add_output_options(p)
     _finish(p, run_gates)
 
@@ -861,9 +967,16 @@ def run_gates(args) -> int:
     if args.gate is not None and args.gate not in cell.gate_names:
         raise _usage(args, f"cell {args.cell!r} has no gate {args.gate!r}; its gates: "
                            f"{', '.join(cell.gate_names)}")
+    # Gate statistics run the stack forward only: the gradient map's estimate bounds them.
+    D = args.hidden if args.input_size is None else args.input_size
+    say = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
+                                       **_stack_settings(args))])
+    if say is None:
+        return 0
     fig_path, data_path = output_paths(args, default_stem(
         args, "gates", cell.name, f"L{args.layers}", skip=("cell", "layers")))
     with precision(args.dtype):
+        say("building the stack, compiling and running...")
         prob = _problem(args, cell)
         stats = _gates.saturation(prob.stack, prob.params, prob.xs, args.eps, bins=args.bins,
                                   meta=prob.config)

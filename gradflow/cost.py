@@ -137,11 +137,45 @@ def _step(cell, n_in: int, H: int, B: int, dtype: str, tapped: bool) -> tuple:
 # Calibration
 
 
+def _cache_file() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gradflow", "calibration.json")
+
+
 @functools.lru_cache(maxsize=None)
 def calibration() -> tuple[float, float]:
-    """``(FLOP/s, seconds per sequential step)`` on the default device, measured once per
-    process: a 512 x 512 float32 matmul, and a 2000-step ``lax.scan`` of a tiny cell-like
-    update (the fixed cost of one step of a recurrence)."""
+    """``(FLOP/s, seconds per sequential step)`` on the default device: a 512 x 512 float32
+    matmul, and a 2000-step ``lax.scan`` of a tiny cell-like update (the fixed cost of one step
+    of a recurrence). Measured once per machine and device kind, kept in
+    ``~/.cache/gradflow/calibration.json`` (``$XDG_CACHE_HOME``), and once per process."""
+    import json
+
+    d = jax.devices()[0]
+    key = f"{d.platform}:{getattr(d, 'device_kind', '')}:{os.cpu_count()}:{jax.__version__}"
+    path = _cache_file()
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        rate, per_step = saved[key]
+        if rate > 0 and per_step > 0:
+            return float(rate), float(per_step)
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = {}
+    rate, per_step = _measure()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        saved = saved if isinstance(saved, dict) else {}
+        saved[key] = [rate, per_step]
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(saved, f)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: measure again next time
+        pass
+    return rate, per_step
+
+
+def _measure() -> tuple[float, float]:
     n = 512
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda a: a @ a)
@@ -389,7 +423,8 @@ def _largest(fits, hi: int) -> int:
     return lo
 
 
-def suggestions(cost: Cost, limit: int, cli: bool = False) -> list[str]:
+def suggestions(cost: Cost, limit: int, cli: bool = False,
+                checkpoint: bool = True) -> list[str]:
     """What would fit under ``limit`` bytes: checkpointing, a smaller batch or fewer steps, or
     (when even one example of one step does not fit) fewer layers or a smaller hidden size."""
     stack, B, T, dtype, wrt, method, probes = cost.request
@@ -397,7 +432,7 @@ def suggestions(cost: Cost, limit: int, cli: bool = False) -> list[str]:
     name = (lambda k, v: f"--{k} {v}") if cli else (lambda k, v: f"{k}={v!r}")
     out = []
     cands = [stack]
-    if stack.checkpoint is None:
+    if stack.checkpoint is None and checkpoint:
         ck = stack.replace(checkpoint="auto")
         c = _estimate(ck, B, T, dtype, wrt, method, probes, False)
         if c.total < cost.total:
@@ -428,10 +463,12 @@ def suggestions(cost: Cost, limit: int, cli: bool = False) -> list[str]:
     return out
 
 
-def check_fits(cost: Cost, limit=None, cli: bool = False) -> Cost:
+def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = True) -> Cost:
     """Return ``cost`` if its ``total`` fits in ``limit`` bytes (default
     :func:`available_memory`), else raise one ValueError naming the need, the limit and what
-    would fit (see :func:`suggestions`). Raised before anything is compiled."""
+    would fit (see :func:`suggestions`; ``cli``: written as command-line options;
+    ``checkpoint``: whether checkpointing may be suggested). Raised before anything is
+    compiled."""
     source = "limit"
     if limit is None:
         limit, source = available_memory(), "available"
@@ -443,7 +480,7 @@ def check_fits(cost: Cost, limit=None, cli: bool = False) -> Cost:
     what = (f"this measurement ({stack.name}, {stack.layers} layers x {T} steps, "
             f"H={stack.hidden_size}, batch {B}, {dtype}"
             + (f", wrt {wrt}" if method == "gradient" else f", jacobian {method}") + ")")
-    tips = suggestions(cost, limit, cli)
+    tips = suggestions(cost, limit, cli, checkpoint)
     raise ValueError(f"{what} needs about {gib(cost.total)} GiB of memory (parameters "
                      f"{gib(cost.params)}, kept for the backward pass {gib(cost.residuals)}), "
                      f"more than the {gib(limit)} GiB {source}"
