@@ -534,9 +534,8 @@ def _given(args, dests) -> list[str]:
 
 
 def _read_params(args):
-    """``(stack, params, meta)`` saved at ``--params`` (a run folder or a params file)."""
-    import zipfile
-
+    """``(stack, params, meta)`` saved at ``--params`` (a run folder or a params file;
+    :mod:`gradflow.runs` raises an InputError for anything it cannot read)."""
     from gradflow import runs
 
     user = ":" in args.cell  # a user's cell cannot be rebuilt from its name: give it again
@@ -546,12 +545,9 @@ def _read_params(args):
         raise _usage(args, f"{', '.join(conflicts)} cannot be used with --params: the saved "
                            "run fixes the stack")
     cell = _cell(args, args.steps) if user else None
-    try:
-        with user_input():
-            meta = runs.read_run(args.params)
-            stack, params = runs.load_params(args.params, cell=cell)
-    except (OSError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-        raise _usage(args, f"cannot read {args.params!r}: {_one_line(e)}") from None
+    with user_input():
+        meta = runs.read_run(args.params)
+        stack, params = runs.load_params(args.params, cell=cell)
     return stack, params, meta
 
 
