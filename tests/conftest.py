@@ -1,4 +1,5 @@
-"""Shared test setup: headless matplotlib, JAX in its default 32-bit mode, and fixtures.
+"""Fixtures of the test suite (the root ``conftest.py`` sets up matplotlib and the doctest
+namespace). JAX runs in its default 32-bit mode.
 
 The suite runs in the mode a user gets (``jax_enable_x64`` off), so every float32 path is
 tested at 32 bits. A test that needs float64 asks for it:
@@ -9,20 +10,11 @@ tested at 32 bits. A test that needs float64 asks for it:
 
 Hypothesis tests (function-scoped fixtures do not mix with ``@given``) enter
 ``jax.enable_x64(True)`` in their body instead.
-
-``doctest_namespace`` gives the docstring examples of ``gradflow`` (run with
-``--doctest-modules``) the names ``gradflow``, ``jax``, ``jnp`` and ``np``.
 """
 import os
 
-os.environ.setdefault("MPLBACKEND", "Agg")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import gradflow  # noqa: E402
+import jax
+import pytest
 
 if os.environ.get("GRADFLOW_TEST_32BIT") != "1":  # TEMPORARY while the x64 fixtures go in
     jax.config.update("jax_enable_x64", True)
@@ -39,8 +31,3 @@ def x64_module():
     """64-bit JAX for every test (and module-scoped fixture) of a module."""
     with jax.enable_x64(True):
         yield
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _add_doctest_names(doctest_namespace):
-    doctest_namespace.update(gradflow=gradflow, jax=jax, jnp=jnp, np=np)

@@ -177,7 +177,7 @@ def assert_matches(res, ref, rtol, acts):
 
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
-def test_statistics_match_numpy_reference(name):
+def test_statistics_match_numpy_reference(name, x64):
     stack, params, xs, cfg = get(name)
     res = gates.saturation(stack, params, xs, EPS, meta=cfg)
     ref, acts = reference(name, stack, params, xs, EPS)
@@ -200,7 +200,7 @@ def test_statistics_match_numpy_reference(name):
         assert sum(int(res[f"outside/{g}/pooled"][:2].sum()) for g in acts) > 0
 
 
-def test_slopes_function_matches_elementwise_reference():
+def test_slopes_function_matches_elementwise_reference(x64):
     stack, params, xs, _ = get("ur_lstm")
     s = {k: np.asarray(v) for k, v in gates.slopes(stack, params, xs).items()}
     acts, _ = raw(stack, params, xs)
@@ -214,7 +214,7 @@ def test_slopes_function_matches_elementwise_reference():
 
 
 @pytest.mark.parametrize("name", ["lstm", "ur_lstm", "ur_gru", "star32", "on_lstm"])
-def test_zero_preactivation_closed_forms(name):
+def test_zero_preactivation_closed_forms(name, x64):
     stack, params, xs, _ = get(name)
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
     res = gates.saturation(stack, zero, xs, EPS)
@@ -247,7 +247,7 @@ def test_zero_preactivation_closed_forms(name):
         assert "slope/f_master" not in res.arrays
 
 
-def test_ugi_timescales_spread_over_one_to_hidden():
+def test_ugi_timescales_spread_over_one_to_hidden(x64):
     Hu = 64
     stack = Stack("lstm", 1, 4, Hu, cell_options={"init": "ugi"})
     # zero weights, UGI forget bias (the function the cell's init applies): f = sigma(b_f) at
@@ -272,7 +272,7 @@ def test_ugi_timescales_spread_over_one_to_hidden():
     assert np.all((u >= 1 / 8 - 1e-12) & (u <= 7 / 8 + 1e-12)) and np.ptp(u) > 0.3
 
 
-def test_ur_effective_gate_within_bounds():
+def test_ur_effective_gate_within_bounds(x64):
     stack, params, xs, _ = get("ur_lstm")
     acts, _ = raw(stack, params, xs)
     f, g = acts["f"], acts["g"]
@@ -283,7 +283,7 @@ def test_ur_effective_gate_within_bounds():
     assert np.all(lo <= res["mean/g"] + 1e-15) and np.all(res["mean/g"] <= hi + 1e-15)
 
 
-def test_g_lstm_update_fraction_matches_gaussian_mass():
+def test_g_lstm_update_fraction_matches_gaussian_mass(x64):
     Tg, sigma = 48, 1.5
     mu = np.array([6.3, 12.7, 20.2, 27.6, 33.1, 40.4, 9.9, 36.8])
     stack = Stack("g_lstm", 1, H, len(mu), cell_options={"steps": Tg})
@@ -316,7 +316,7 @@ def test_time_gates_are_only_those_of_time_gated_cells():
     assert gates.gate_kinds(cells.get("rnn")) == {}
 
 
-def test_nonfinite_activations_are_counted_not_raised():
+def test_nonfinite_activations_are_counted_not_raised(x64):
     stack, params, xs, _ = get("lstm")
     bad = jax.tree_util.tree_map(lambda a: a, params)
     bad["layers"][0]["f"]["b"] = bad["layers"][0]["f"]["b"].at[0].set(jnp.nan)
@@ -338,7 +338,7 @@ def test_nonfinite_activations_are_counted_not_raised():
         np.testing.assert_allclose(res[k], ref[k], rtol=1e-10, equal_nan=True, err_msg=k)
 
 
-def test_save_load_roundtrip(tmp_path):
+def test_save_load_roundtrip(tmp_path, x64):
     stack, params, xs, cfg = get("ur_gru")
     res = gates.saturation(stack, params, xs, meta=cfg)
     back = Result.load(res.save(tmp_path / "gates"))
@@ -351,13 +351,13 @@ def test_save_load_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("eps", [0.0, -0.1, 0.5, 0.7, float("nan")])
-def test_eps_must_lie_in_open_interval(eps):
+def test_eps_must_lie_in_open_interval(eps, x64):
     stack, params, xs, _ = get("lstm")
     with pytest.raises(ValueError, match="eps"):
         gates.saturation(stack, params, xs, eps)
 
 
-def test_bad_arguments_raise_clear_errors():
+def test_bad_arguments_raise_clear_errors(x64):
     stack, params, xs, _ = get("lstm")
     with pytest.raises(TypeError, match="eps"):
         gates.saturation(stack, params, xs, "0.1")
@@ -385,7 +385,7 @@ def test_cell_without_gates_says_so():
         gates.saturation(p.stack, p.params, p.xs)
 
 
-def test_compare_runs_each_cell_on_the_same_problem():
+def test_compare_runs_each_cell_on_the_same_problem(x64):
     grid = [("LSTM", "lstm", {}), ("UR", "ur_lstm", {})]
     size = dict(layers=L, steps=T, hidden=H, batch=B, seed=5, dtype="float64")
     out = gates.compare(grid, eps=EPS, **size)

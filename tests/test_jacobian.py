@@ -69,7 +69,7 @@ def brute_state_map(stack, params, xs, loss_fn, name):
 
 
 @pytest.mark.parametrize("cell", gradflow.cells.names())
-def test_hidden_map_equals_brute_force_every_cell(cell):
+def test_hidden_map_equals_brute_force_every_cell(cell, x64):
     stack, params, xs = make(cell)
     for loss in ("last", "all"):
         res = J.gradient_map(stack, params, xs, loss=loss, wrt="hidden")
@@ -81,14 +81,14 @@ def test_hidden_map_equals_brute_force_every_cell(cell):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "ur_lstm", "g_lstm"])
-def test_cell_map_equals_brute_force(cell):
+def test_cell_map_equals_brute_force(cell, x64):
     stack, params, xs = make(cell)
     res = J.gradient_map(stack, params, xs, loss="all", wrt="cell")
     ref = brute_state_map(stack, params, xs, J.readout_loss("all", H, T, B, 0, xs.dtype), "c")
     np.testing.assert_allclose(res.values, ref, rtol=1e-5, atol=1e-12)
 
 
-def test_hidden_map_finite_differences():
+def test_hidden_map_finite_differences(x64):
     """The total derivative at one position agrees with central finite differences."""
     stack, params, xs = make("gru")
     loss_fn = J.readout_loss("last", H, T, B, 0, xs.dtype)
@@ -104,7 +104,7 @@ def test_hidden_map_finite_differences():
                                               rel=1e-10)
 
 
-def test_callable_loss_and_orders_agree():
+def test_callable_loss_and_orders_agree(x64):
     stack, params, xs = make("lstm", hidden=4, input_size=4)
 
     def loss(outputs):
@@ -119,7 +119,7 @@ def test_callable_loss_and_orders_agree():
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "star", "gru", "g_lstm", "refined_mgu"])
-def test_params_map_per_step_copies(cell):
+def test_params_map_per_step_copies(cell, x64):
     """P[l, t] equals mean |dL/d delta_(l,t)| with explicit per-step parameter copies, and the
     per-step gradients sum to the ordinary gradient."""
     stack, params, xs = make(cell)
@@ -142,7 +142,7 @@ def test_params_map_per_step_copies(cell):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
 
 
-def test_per_step_param_grads_chunking_is_exact():
+def test_per_step_param_grads_chunking_is_exact(x64):
     stack, params, xs = make("lstm")
     loss_fn = J.readout_loss("all", H, T, B, 0, xs.dtype)
     _, a = J.per_step_param_grads(stack, params, xs, loss_fn, chunk=1)
@@ -154,7 +154,7 @@ def test_per_step_param_grads_chunking_is_exact():
 @pytest.mark.parametrize("cell,order,checkpoint", [
     ("lstm", "layer", None), ("gru", "wavefront", None), ("g_lstm", "layer", 2),
     ("ur_lstm", "wavefront", 3), ("indrnn", "layer", "auto"), ("refined_gru", "layer", None)])
-def test_params_map_taps_equal_per_step_vjps(cell, order, checkpoint):
+def test_params_map_taps_equal_per_step_vjps(cell, order, checkpoint, x64):
     """The tapped params map (one backward pass) against the per-step VJP formulation."""
     stack, params, xs = make(cell)
     stack = stack.replace(order=order, checkpoint=checkpoint)
@@ -181,7 +181,7 @@ def per_example_jacobians(stack, params, xs, target):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "star", "mgu"])
-def test_jacobian_map_exact_equals_jacrev(cell):
+def test_jacobian_map_exact_equals_jacrev(cell, x64):
     stack, params, xs = make(cell)
     jac = per_example_jacobians(stack, params, xs, (2, 3))
     rms = np.mean(np.linalg.norm(jac, axis=(-2, -1)), axis=0) / np.sqrt(H)
@@ -195,7 +195,7 @@ def test_jacobian_map_exact_equals_jacrev(cell):
     np.testing.assert_allclose(res.spectra[0], sv, rtol=1e-9, atol=1e-15)
 
 
-def test_jacobian_map_target_and_finite_differences():
+def test_jacobian_map_target_and_finite_differences(x64):
     """A target below the top: positions after it are zero; a column of the Jacobian agrees
     with central finite differences of the stack."""
     stack, params, xs = make("rnn")
@@ -212,7 +212,7 @@ def test_jacobian_map_target_and_finite_differences():
     np.testing.assert_allclose(res.values, rms, rtol=1e-9, atol=1e-15)
 
 
-def test_probe_estimate_within_its_standard_error():
+def test_probe_estimate_within_its_standard_error(x64):
     """Over 40 fixed seeds, the z-scores (estimate - exact)/stderr behave like a standard error:
     at least 90% within 3, a mean near 0."""
     stack, params, xs = make("gru", batch=8, hidden=6)
@@ -231,7 +231,7 @@ def test_probe_estimate_within_its_standard_error():
     assert np.median(r64.stderr[mask] / exact[mask]) < 0.05
 
 
-def test_local_gains_equal_cell_jacobians():
+def test_local_gains_equal_cell_jacobians(x64):
     stack, params, xs = make("gru")
     res = J.local_gains(stack, params, xs)
     h = loop_stack(stack, params, xs)
@@ -267,7 +267,7 @@ def test_local_gains_equal_cell_jacobians():
     ("star", "vertical", 0.5),   # k * W_z with k = sigma(0)
     ("rnn", "temporal", 1.0),    # orthogonal U, tanh'(0) = 1
 ])
-def test_local_gain_closed_forms(cell, kind, expected):
+def test_local_gain_closed_forms(cell, kind, expected, x64):
     pr = gradflow.problem(cell, layers=6, steps=5, hidden=32, batch=4, input_scale=1e-4,
                           dtype="float64", init="orthogonal")
     res = J.local_gains(pr.stack, pr.params, pr.xs)
@@ -285,7 +285,7 @@ def test_exploding_gradients_are_counted_not_raised():
     assert res.nonfinite["values"] == int(np.sum(~np.isfinite(res.values)))
 
 
-def test_errors_are_clear():
+def test_errors_are_clear(x64):
     stack, params, xs = make("gru")
     with pytest.raises(ValueError, match="valid: last, all"):
         J.gradient_map(stack, params, xs, loss="first")

@@ -132,7 +132,7 @@ CKPTS = (None, 2, "auto")
 
 
 @pytest.mark.parametrize("i,name", list(enumerate(CELLS)), ids=CELLS)
-def test_stack_equals_loop_every_cell(i, name):
+def test_stack_equals_loop_every_cell(i, name, x64):
     """Both orders per cell; the checkpoint forms and the input projection rotate over the
     cells (the full grid is run for lstm below)."""
     square = cells.get(name).square
@@ -191,7 +191,7 @@ def test_grad_groups_cover_every_cell():
 
 
 @pytest.mark.parametrize("group", GRAD_GROUPS, ids=["-".join(g) for g in GRAD_GROUPS])
-def test_stack_grads_finite_differences(group):
+def test_stack_grads_finite_differences(group, x64):
     """check_grads (rev, order 1, float64) of 3-layer x 5-step losses w.r.t. every cell's
     params and inputs; the orders alternate over the cells."""
     stacks, args, ws = [], [], []
@@ -216,7 +216,7 @@ def test_stack_grads_finite_differences(group):
     check_grads(losses, (args,), order=1, modes=["rev"])
 
 
-def test_grad_equals_grad_of_loop():
+def test_grad_equals_grad_of_loop(x64):
     """Autodiff through the wavefront scan (projected input) equals autodiff through the plain
     loop, w.r.t. params, inputs and a zero perturbation (the hidden-state gradient map)."""
     stack = Stack("lstm", L, D, H, order="wavefront", input_projection=True)
@@ -360,7 +360,7 @@ def test_package_exports():
 @pytest.mark.parametrize("name", ["lstm", "gru", "g_lstm"])
 @pytest.mark.parametrize("order,checkpoint", [("layer", None), ("layer", 2), ("layer", "auto"),
                                               ("wavefront", None), ("wavefront", 3)])
-def test_taps_give_the_norms_of_the_perturbation_gradients(name, order, checkpoint):
+def test_taps_give_the_norms_of_the_perturbation_gradients(name, order, checkpoint, x64):
     """``taps`` (norm_tap) against the perturbation gradients they summarise: for every state,
     grad w.r.t. taps[l, b, t] == ||grad w.r.t. perturb[l, b, t, :]||_2."""
     stack = Stack(name, layers=L, input_size=D, hidden_size=H, input_projection=True,

@@ -30,7 +30,7 @@ def reference(cell, seed, wrt, loss="last", dtype="float64"):
 
 
 @pytest.mark.parametrize("wrt,loss", [("hidden", "last"), ("params", "all"), ("cell", "all")])
-def test_sweep_equals_per_seed_gradient_map(wrt, loss):
+def test_sweep_equals_per_seed_gradient_map(wrt, loss, x64):
     out = S.sweep(["lstm", "gru"] if wrt != "cell" else ["lstm"], SEEDS, wrt=wrt,
                                loss=loss, dtype="float64", **SIZES)
     for cell, res in out.items():
@@ -53,7 +53,7 @@ def test_sweep_float32_and_callable_loss():
         np.testing.assert_allclose(res.values[i], ref.values, rtol=1e-6)
 
 
-def test_seed_problem_matches_problem():
+def test_seed_problem_matches_problem(x64):
     pr = gradflow.problem("lstm", seed=7, dtype="float64", input_scale=0.5, **SIZES)
     params, xs = jax.jit(lambda s: S.seed_problem(pr.stack, s, steps=SIZES["steps"],
                                                    batch=SIZES["batch"], dtype=jnp.float64,
@@ -81,7 +81,7 @@ FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
-def test_four_cpu_devices_equal_one_device(tmp_path):
+def test_four_cpu_devices_equal_one_device(tmp_path, x64):
     path = tmp_path / "four.npz"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     done = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(path), json.dumps(SIZES)],

@@ -112,7 +112,7 @@ def test_deterministic_and_shapes(task):
         np.testing.assert_array_equal(mask, np.eye(T)[[T - 1] * B])
 
 
-def test_traceable_and_float64():
+def test_traceable_and_float64(x64):
     """Under jit and vmap over keys the draws are those of single calls; float64 holds the same
     draws."""
     keys = jax.random.split(jax.random.key(0), 3)
@@ -258,7 +258,7 @@ def test_digits_split_is_a_partition():
 # Losses and metrics vs NumPy
 
 
-def test_regression_loss_and_metric():
+def test_regression_loss_and_metric(x64):
     task = tasks.make("adding", steps=5)
     rng = np.random.default_rng(0)
     out, ys = rng.normal(size=(2, 3, 5, 1))
@@ -271,7 +271,7 @@ def test_regression_loss_and_metric():
     assert math.isnan(tasks.chance(task))
 
 
-def test_classification_loss_and_accuracy():
+def test_classification_loss_and_accuracy(x64):
     task = tasks.make("copy", lag=1, symbols=2, alphabet=4)
     rng = np.random.default_rng(1)
     K = task.output_size
