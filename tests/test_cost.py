@@ -134,3 +134,17 @@ def test_bad_requests():
         cost.estimate(stack, 1, 3, wrt="x")
     with pytest.raises(ValueError, match="unknown method"):
         cost.estimate(stack, 1, 3, method="x")
+
+
+def test_readme_example_runs():
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Cost before running"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README.md", "exec"), {})
+    assert out.getvalue().startswith("171 GiB")
