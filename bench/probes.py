@@ -121,13 +121,16 @@ def hidden(L, T, H, B, repeats, mode="default"):
             return jax.block_until_ready(gradflow.gradient_map(*pr[:3]).values)
     split(), unsplit()
     times = {"split_s": [], "unsplit_s": []}
+    cpu = {"split_cpu_s": [], "unsplit_cpu_s": []}  # CPU time of all threads: load-independent
     for _ in range(repeats):
         for k, f in (("split_s", split), ("unsplit_s", unsplit)):
+            c0 = time.process_time()
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-    print(json.dumps({**{k: statistics.median(v) for k, v in times.items()},
-                      "times": times, "devices": len(jax.devices()),
+            cpu[k.replace("_s", "_cpu_s")].append(time.process_time() - c0)
+    print(json.dumps({**{k: statistics.median(v) for k, v in {**times, **cpu}.items()},
+                      "times": times, "cpu_times": cpu, "devices": len(jax.devices()),
                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                       "mode": mode, "mallopt_applied": tuned,
                       "peak_rss_mib": _rss_mib()}))

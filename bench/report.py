@@ -62,6 +62,14 @@ def goals(res: dict) -> list[dict]:
     return rows
 
 
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def _f(v, nd=3):
     if v is None:
         return "-"
@@ -161,12 +169,16 @@ def markdown(res: dict) -> str:
                   f"`GLIBC_TUNABLES={r['config']['tunables']}` at process start, or the same "
                   "settings by `mallopt` at run time (`gradflow.parallel.tune_malloc()`, what "
                   "the `gradflow` CLI does), vs the default allocator.", "",
-                  "| process | split map ms | unsplit map ms | / default (split, unsplit) |",
-                  "|---|---|---|---|"]
+                  "| process | split map ms | unsplit map ms | / default (split, unsplit) | "
+                  "CPU ms per call, all threads (split, unsplit) |", "|---|---|---|---|---|"]
         for k, v in med.items():
             q = over.get(k)
+            cpu = [_median([x.get(m) for x in r["runs"][k]]) for m in ("split_cpu_s",
+                                                                      "unsplit_cpu_s")]
             lines.append(f"| {k} | {_f(1e3 * v['split_s'])} | {_f(1e3 * v['unsplit_s'])} | "
-                         + (f"{_f(q['split_s'])}, {_f(q['unsplit_s'])} |" if q else "1 |"))
+                         + (f"{_f(q['split_s'])}, {_f(q['unsplit_s'])}" if q else "1")
+                         + " | " + ", ".join("-" if c is None else _f(1e3 * c) for c in cpu)
+                         + " |")
     if "jacobian" in b:
         r = b["jacobian"]
         c, t, ch = r["config"], r["times"], r["checks"]
