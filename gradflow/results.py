@@ -1,7 +1,9 @@
 """Small frozen result objects: NumPy arrays plus the full config that produced them.
 
 Every measurement returns a :class:`Result`. It counts the non-finite entries of its arrays
-(exploding gradients are data, not crashes) and warns when there are any; ``save`` writes one
+(exploding gradients are data, not crashes) and warns when there are any, and it counts the
+entries that underflowed (below the smallest normal float of their dtype where the measurement
+expects a positive value: vanishing gradients past the float range); ``save`` writes one
 ``.npz`` holding the arrays and the config as embedded JSON, ``load`` reads it back.
 """
 from __future__ import annotations
@@ -49,12 +51,16 @@ class Result:
       arrays: ``{name: np.ndarray}``; also readable as attributes (``result.values``).
       config: JSON-able dict: cell, options, layers, steps, hidden, batch, seed, dtype, ...
       nonfinite: ``{name: count}`` of inf/NaN entries per array.
+      underflow: ``{name: count}`` of entries below the smallest normal float of the array's
+        dtype (exactly 0, or subnormal) where a positive value is expected, per array the
+        measurement declared (e.g. a gradient map's ``values``); distinct from ``nonfinite``.
     """
 
     kind: str
     arrays: dict
     config: dict
     nonfinite: dict
+    underflow: dict = dataclasses.field(default_factory=dict)
 
     def __getattr__(self, name: str):
         arrays = self.__dict__.get("arrays", {})
@@ -72,12 +78,18 @@ class Result:
         if len(items) > 8:
             shapes += f", ... ({len(items) - 8} more arrays)"
         bad = sum(self.nonfinite.values())
+        low = self.total_underflow
         return (f"Result({self.kind}: {shapes}; cell={self.config.get('cell')!r}"
-                + (f"; {bad} non-finite" if bad else "") + ")")
+                + (f"; {bad} non-finite" if bad else "") + (f"; {low} underflow" if low else "")
+                + ")")
 
     @property
     def total_nonfinite(self) -> int:
         return int(sum(self.nonfinite.values()))
+
+    @property
+    def total_underflow(self) -> int:
+        return int(sum(self.underflow.values()))
 
     def save(self, path) -> str:
         """Write ``path`` (``.npz`` appended if missing): arrays + JSON config. Returns the path."""
@@ -85,7 +97,7 @@ class Result:
         if not path.endswith(".npz"):
             path += ".npz"
         meta = json.dumps({"format": FORMAT_VERSION, "kind": self.kind, "config": self.config,
-                           "nonfinite": self.nonfinite})
+                           "nonfinite": self.nonfinite, "underflow": self.underflow})
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise ValueError(f"cannot write {path!r}: directory {directory!r} does not exist")
@@ -109,20 +121,41 @@ class Result:
 
 
 def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
-                warn: bool = True) -> Result:
+                warn: bool = True, positive: Mapping[str, Any] | None = None) -> Result:
     """Build a :class:`Result`: arrays to NumPy, config to JSON-able, non-finite entries counted.
 
     Emits a :class:`NonFiniteWarning` (never an exception) when any entry is inf or NaN.
+
+    Args:
+      positive: ``{name: True or a boolean mask broadcastable to arrays[name]}``: the entries
+        the measurement expects to be positive; those below ``np.finfo(dtype).tiny`` (0 or
+        subnormal) are counted in ``Result.underflow[name]``.
     """
     arrs = {k: np.asarray(v) for k, v in arrays.items()}
     nonfinite = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v)))
                  for k, v in arrs.items() if np.issubdtype(v.dtype, np.inexact)}
+    underflow = {k: underflow_count(arrs[k], mask) for k, mask in (positive or {}).items()}
     bad = {k: n for k, n in nonfinite.items() if n}
     if warn and bad:
         warnings.warn(f"{kind}: non-finite entries (inf/NaN) in "
                       + ", ".join(f"{k}: {n}" for k, n in bad.items()),
                       NonFiniteWarning, stacklevel=3)
-    return Result(kind, arrs, _jsonable(dict(config)), nonfinite)
+    return Result(kind, arrs, _jsonable(dict(config)), nonfinite, underflow)
+
+
+def underflow_count(values, positive=True) -> int:
+    """The number of entries of ``values`` (a floating array, any shape) below the smallest
+    normal float of its dtype, ``np.finfo(dtype).tiny`` (exactly 0, or subnormal), among those
+    ``positive`` (True, or a boolean mask broadcastable to ``values``) expects to be positive.
+
+    >>> underflow_count(np.array([1e-30, 0.0, 1e-40, np.nan], np.float32))
+    2
+    """
+    v = np.asarray(values)
+    if not np.issubdtype(v.dtype, np.floating):
+        raise TypeError(f"underflow is counted in floating arrays, got {v.dtype}")
+    low = np.abs(v) < np.finfo(v.dtype).tiny
+    return int(np.count_nonzero(low & np.broadcast_to(np.asarray(positive, bool), v.shape)))
 
 
 def _read(path: str, cls=Result) -> Result:
@@ -166,7 +199,8 @@ def _read(path: str, cls=Result) -> Result:
         raise bad(f"an entry cannot be read without pickle or is malformed ({e})") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
         raise bad(f"the file is truncated or corrupted ({type(e).__name__}: {e})") from None
-    return cls(meta["kind"], arrays, meta["config"], meta["nonfinite"])
+    return cls(meta["kind"], arrays, meta["config"], meta["nonfinite"],
+               meta.get("underflow", {}))
 
 
 load = Result.load
