@@ -146,6 +146,26 @@ def _layout(aux, tied):
     return cand, sig, specs, reported
 
 
+def _init_fn(name, o, specs, aux, tied, tie, chunks):
+    """The LSTM family's ``init_fn``: per-gate blocks, the bias scheme, master-gate sizes."""
+    def init_fn(key, input_size, hidden_size, dtype):
+        sp = dict(specs)
+        if aux == "master":
+            if hidden_size % chunks:
+                raise ValueError(f"cell {name!r}: hidden_size {hidden_size} is not divisible by "
+                                 f"chunk_size={chunks}")
+            sp["f_master"] = sp["i_master"] = {"out": hidden_size // chunks}
+        p = standard_init(sp, o["init"], forget=("f", 1), input_gate=None if tied else "i",
+                          refine_gate="r" if aux == "refine" and not tie else None,
+                          t_max=o["t_max"], forget_bias_init=o["forget_bias_init"])(
+            key, input_size, hidden_size, dtype)
+        if tie:
+            p["r"] = {k: v for k, v in p["r"].items() if k != "b"}
+        return p
+
+    return init_fn
+
+
 def _lstm(name: str, o: dict) -> Cell:
     o = dict(o)
     aux = choice(name, "aux", o["aux"], (None, "refine", "master"))
@@ -163,21 +183,7 @@ def _lstm(name: str, o: dict) -> Cell:
     if tie and aux != "refine":
         raise ValueError(f"cell {name!r}: tie_refine_bias=True needs aux='refine'")
 
-    def init_fn(key, input_size, hidden_size, dtype):
-        sp = dict(specs)
-        if aux == "master":
-            if hidden_size % chunks:
-                raise ValueError(f"cell {name!r}: hidden_size {hidden_size} is not divisible by "
-                                 f"chunk_size={chunks}")
-            sp["f_master"] = sp["i_master"] = {"out": hidden_size // chunks}
-        p = standard_init(sp, o["init"], forget=("f", 1), input_gate=None if tied else "i",
-                          refine_gate="r" if aux == "refine" and not tie else None,
-                          t_max=o["t_max"], forget_bias_init=o["forget_bias_init"])(
-            key, input_size, hidden_size, dtype)
-        if tie:
-            p["r"] = {k: v for k, v in p["r"].items() if k != "b"}
-        return p
-
+    init_fn = _init_fn(name, o, specs, aux, tied, tie, chunks)
     all_gates = tuple(specs)
     biased = tuple(g for g in all_gates if not (tie and g == "r"))
 
