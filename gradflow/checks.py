@@ -80,20 +80,16 @@ def check_xs(stack, xs):
     """Raise unless ``xs`` is a real ``(B, T, D)`` array with ``B, T >= 1`` and
     ``D = stack.input_size``.
 
-    Returns ``xs`` (nested lists converted with :func:`numpy.asarray`). Raises:
-      TypeError: a dtype that is not real floating or integer (complex, bool, strings, objects),
-        or something that is not an array at all.
-      ValueError: the wrong number of axes, the wrong feature size, or an empty batch/sequence.
+    Returns ``xs``. Raises:
+      TypeError: a dtype that is not real floating or integer (complex, bool, strings, objects).
+      ValueError: not an array (e.g. a nested list), the wrong number of axes, the wrong
+        feature size, or an empty batch/sequence.
     """
     D = stack.input_size
-    if xs is None or isinstance(xs, (str, bytes, dict)):
-        raise TypeError(f"inputs must be a (batch, steps, {D}) array, got {type(xs).__name__}")
-    if not hasattr(xs, "shape"):
-        try:
-            xs = np.asarray(xs)
-        except Exception:
-            raise ValueError(f"inputs must be a (batch, steps, {D}) array; could not read "
-                             f"{type(xs).__name__} as one (ragged nested lists?)") from None
+    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
+        raise ValueError(f"inputs must be a (batch, steps, {D}) array (NumPy or JAX), got "
+                         f"{type(xs).__name__}" + (": use np.asarray(...)"
+                                                   if isinstance(xs, (list, tuple)) else ""))
     dt = _dtype_of(xs)
     if dt is None or not _is_real_number_dtype(dt):
         raise TypeError(f"inputs must be real numbers (a float or integer dtype), got dtype "

@@ -74,6 +74,7 @@ from gradflow.cells.base import KINDS as _KINDS
 from gradflow.cells.base import Cell
 from gradflow.problem import problem
 from gradflow.results import Result, make_result
+from gradflow import checks
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack
 
@@ -389,7 +390,8 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
     eps = _check_fraction("eps", eps, 0.5)
     threshold = _check_fraction("update_threshold", update_threshold, 1.0)
     bins = _positive_int("bins", bins)
-    stack.check_inputs(xs)
+    xs = checks.check_xs(stack, xs)
+    checks.check_params(stack, params)
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     arrays = _arrays(stack, params, xs, eps, threshold, bins)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradflow import cells as _cells
+from gradflow.checks import check_xs
 from gradflow.checks import positive_int as _positive_int
 from gradflow.cells.base import Cell, orthogonal
 
@@ -273,13 +274,10 @@ class Stack:
                 for k in self.state_names}
 
     def check_inputs(self, xs):
-        """Raise a ValueError unless ``xs`` is ``(B, T, input_size)``."""
-        shape = getattr(xs, "shape", None)
-        if shape is None or len(shape) != 3 or shape[-1] != self.input_size:
-            raise ValueError(f"inputs must have shape (batch, steps, {self.input_size}), "
-                             f"got {shape}")
-        if shape[0] < 1 or shape[1] < 1:
-            raise ValueError(f"inputs need at least one example and one step, got {shape}")
+        """Raise unless ``xs`` is a real ``(B, T, input_size)`` array: a ValueError for a wrong
+        shape, a TypeError for a complex, boolean, string or object dtype
+        (:func:`gradflow.checks.check_xs`)."""
+        check_xs(self, xs)
 
     def layer_inputs(self, params: dict, xs, out) -> list:
         """``x^l_t`` for every layer, ``[(B, T, in_0)] + [(B, T, H)] * (L-1)``: the (projected)

@@ -40,23 +40,23 @@ def test_choice_names_valid():
 @pytest.mark.parametrize("xs, err, msg", [
     (np.ones((2, 5, 3), np.complex64), TypeError, "complex64"),
     (np.array([[["a", "b", "c"]]]), TypeError, "<U1"),
+    (np.array([[["a", "b", "c"]]], dtype=object), TypeError, "object"),
     (np.ones((2, 5, 3), object), TypeError, "object"),
     (np.ones((2, 5, 3), bool), TypeError, "bool"),
-    ("abc", TypeError, "str"),
-    (None, TypeError, "NoneType"),
+    ("abc", ValueError, "got str"),
+    (None, ValueError, "got NoneType"),
     (np.ones((2, 5)), ValueError, r"shape \(batch, steps, 3\), got \(2, 5\)"),
     (np.ones((2, 5, 4)), ValueError, r"got \(2, 5, 4\)"),
     (np.ones((0, 5, 3)), ValueError, "at least one example"),
-    ([[[1.0, 2.0]], [[1.0]]], ValueError, "ragged"),
+    ([[[1.0, 2.0, 3.0]]], ValueError, r"got list: use np.asarray\(...\)"),
 ])
 def test_check_xs(small, xs, err, msg):
     with pytest.raises(err, match=msg):
         checks.check_xs(small[0], xs)
 
 
-def test_check_xs_accepts_ints_and_lists(small):
+def test_check_xs_accepts_ints(small):
     assert checks.check_xs(small[0], np.ones((1, 2, 3), np.int32)).shape == (1, 2, 3)
-    assert checks.check_xs(small[0], [[[1.0, 2.0, 3.0]]]).shape == (1, 1, 3)
 
 
 def test_check_params_key(small):
@@ -143,3 +143,15 @@ def test_gradient_map_loss_must_be_scalar(small):
         gradflow.gradient_map(stack, params, xs, loss=lambda o: jnp.sum(o, axis=(1, 2)))
     with pytest.raises(ValueError, match="unknown wrt"):
         gradflow.gradient_map(stack, params, xs, wrt="weights")
+
+
+def test_gate_statistics_check_at_the_door(small):
+    stack, params, xs = small
+    with pytest.raises(TypeError, match="PRNG key"):
+        gradflow.gates.saturation(stack, jax.random.key(0), xs)
+    with pytest.raises(TypeError, match="complex64"):
+        gradflow.gates.saturation(stack, params, xs.astype(jnp.complex64))
+    with pytest.raises(TypeError, match="complex64"):
+        stack.apply(params, xs.astype(jnp.complex64))
+    res = gradflow.gates.saturation(stack, params, np.asarray(xs, np.int32))  # ints are fine
+    assert res.config["batch"] == 2
