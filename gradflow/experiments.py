@@ -257,10 +257,10 @@ def _pack_run(label: str, hist, arrays: dict) -> dict:
 
 def training_runs(runs, *, task: str = "adding", task_options: dict | None = None,
                   layers: int = 2, hidden: int = 32, steps: int = 500, batch: int = 64,
-                  lr: float = 3e-3, clip: float = 1.0, seed: int = 0, dtype: str = "float32",
-                  eval_every: int | None = None, eval_batch: int = 256, record=(),
-                  record_batch: int = 64, eps: float = 0.05, bins: int = 20,
-                  meta: dict | None = None) -> Result:
+                  lr: float = 3e-3, clip: float = 1.0, seed: int = 0, seeds=None,
+                  dtype: str = "float32", eval_every: int | None = None,
+                  eval_batch: int = 256, record=(), record_batch: int = 64, eps: float = 0.05,
+                  bins: int = 20, meta: dict | None = None) -> Result:
     r"""Train several stacks on one task with one seed (:func:`gradflow.train.train`: Adam,
     gradient clip, fresh batches, a fixed evaluation batch) and record measurements at the
     first and the last step.
@@ -278,6 +278,10 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
         ``eps`` and ``bins``; ``"map"``, the hidden-state gradient map under the probe loss
         ``"last"`` (the random readout of ``gradflow heatmap``, so maps at both steps compare),
         each on the first ``record_batch`` evaluation sequences.
+      seeds: a list of seeds: every run is trained once per seed
+        (:func:`gradflow.seeds.train_seeds`, the seeds vmapped in one program; ``seed`` is then
+        unused and recorded as None) and every array below gets a leading seed axis ``S``
+        (``loss: (S, steps)``, a map ``(S, L, T)``); ``config["seeds"]`` lists them.
     Returns:
       Result ``kind="training_runs"``: ``"{label}/curve/{name}"`` (every array of the run's
       ``History.curve``), ``"{label}/{record}@{step}/{name}"`` (every array of each record);
@@ -285,10 +289,13 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
       ``"{record}@{step}"`` to the record's config. :func:`run_curve` and :func:`run_record`
       take them back out.
     """
+    from gradflow import seeds as _seeds
     from gradflow import tasks as _tasks
     from gradflow.train import train
 
     runs = _runs(runs)
+    if seeds is not None:
+        seeds = _seeds._seed_list(seeds)
     record = _names(record, "record", RECORDS) if record else []
     the_task = _tasks.make(task, **(task_options or {}))
     recorders = _recorders(record, eps, bins)
@@ -297,32 +304,58 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
         for label, cell, opts, extra in runs:
             stack = task_stack(cell, the_task, layers=layers, hidden=hidden, options=opts,
                                cell_steps=extra.get("cell_steps"))
-            hist = train(stack, the_task, steps=steps, batch=batch, lr=extra.get("lr", lr),
-                         clip=clip, seed=seed, dtype=dtype, eval_every=eval_every,
-                         eval_batch=eval_batch, record_at=(0, steps) if record else (),
-                         record=recorders, record_batch=record_batch,
-                         budget=extra.get("budget", 0.0), curriculum=extra.get("curriculum"),
-                         progress=False)
+            opts_ = dict(steps=steps, batch=batch, lr=extra.get("lr", lr), clip=clip,
+                         dtype=dtype, eval_every=eval_every, eval_batch=eval_batch,
+                         record_at=(0, steps) if record else (), record=recorders,
+                         record_batch=record_batch, budget=extra.get("budget", 0.0),
+                         curriculum=extra.get("curriculum"), progress=False)
+            if seeds is None:
+                hist = train(stack, the_task, seed=seed, **opts_)
+            else:
+                hist = _seeds.stacked(_seeds.train_seeds(stack, the_task, seeds, **opts_))
             record_configs[label] = _pack_run(label, hist, arrays)
             run_configs[label] = hist.curve.config
     config = {**(meta or {}), "runs_spec": [list(r) for r in runs], "task": task,
               "task_options": dict(task_options or {}), "layers": layers, "hidden": hidden,
-              "steps": steps, "batch": batch, "lr": lr, "clip": clip, "seed": seed,
-              "dtype": dtype, "eval_every": eval_every, "eval_batch": eval_batch,
+              "steps": steps, "batch": batch, "lr": lr, "clip": clip,
+              "seed": seed if seeds is None else None, "seeds": seeds, "dtype": dtype,
+              "eval_every": eval_every, "eval_batch": eval_batch,
               "record": list(record), "record_batch": record_batch, "eps": eps, "bins": bins,
               "runs": run_configs, "records": record_configs}
     return make_result("training_runs", arrays, config)
 
 
-def run_curve(data: Result, label: str) -> Result:
-    """Run ``label``'s learning curve (a ``History.curve`` Result) out of :func:`training_runs`."""
+def _seed_of(data: Result, result: Result, seed) -> Result:
+    """``result`` (arrays with a leading seed axis in a multi-seed ``data``) at ``seed``:
+    None keeps every seed; an int picks that seed's slice (a single-seed ``data`` only has
+    its own seed)."""
+    seeds = data.config.get("seeds")
+    if seed is None:
+        return result
+    if seeds is None:
+        if seed != data.config["seed"]:
+            raise ValueError(f"no seed {seed!r}; this result has seed {data.config['seed']}")
+        return result
+    if seed not in seeds:
+        raise ValueError(f"no seed {seed!r}; seeds: {seeds}")
+    i = seeds.index(seed)
+    config = {k: v for k, v in result.config.items() if k != "seeds"}
+    return make_result(result.kind, {k: v[i] for k, v in result.arrays.items()},
+                       {**config, "seed": seed}, warn=False)
+
+
+def run_curve(data: Result, label: str, seed=None) -> Result:
+    """Run ``label``'s learning curve (a ``History.curve`` Result) out of :func:`training_runs`;
+    of a multi-seed result, every array ``(S, ...)`` (``seed=None``) or one seed's."""
     _label(data, label, "runs", "run")
-    return _unpack(data, f"{label}/curve/", "training", data.config["runs"][label])
+    return _seed_of(data, _unpack(data, f"{label}/curve/", "training",
+                                  data.config["runs"][label]), seed)
 
 
-def run_record(data: Result, label: str, record: str, step="last") -> Result:
+def run_record(data: Result, label: str, record: str, step="last", seed=None) -> Result:
     """Run ``label``'s ``record`` (``"gates"`` or ``"map"``) at ``step`` (an int, ``"first"``
-    or ``"last"``) out of :func:`training_runs`."""
+    or ``"last"``) out of :func:`training_runs`; of a multi-seed result, stacked ``(S, ...)``
+    (``seed=None``) or one seed's."""
     _label(data, label, "runs", "run")
     found = data.config["records"][label]
     steps = sorted(int(k.split("@")[1]) for k in found if k.split("@")[0] == record)
@@ -334,7 +367,7 @@ def run_record(data: Result, label: str, record: str, step="last") -> Result:
     if key not in found:
         raise ValueError(f"run {label!r} has no {record!r} at step {step!r}; steps: {steps}")
     cfg = dict(found[key])
-    return _unpack(data, f"{label}/{key}/", cfg.pop("result_kind"), cfg)
+    return _seed_of(data, _unpack(data, f"{label}/{key}/", cfg.pop("result_kind"), cfg), seed)
 
 
 __all__ = ["RECORDS", "VERTICAL_GAIN", "gain_panel", "gate_saturation", "gradient_grid", "panel",

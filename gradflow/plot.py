@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from gradflow.results import Result
+from gradflow.results import Result, make_result
 
 FORMATS = (".png", ".pdf", ".svg")
 NONFINITE_HATCH = "xx"
@@ -822,6 +822,20 @@ def _smooth(v: np.ndarray, width: int) -> np.ndarray:
     """Running mean over ``width`` steps (shorter at the start); non-finite entries skipped."""
     v = np.asarray(v, float)
     ok = np.isfinite(v)
+def _seed_band(ax, x, v: np.ndarray, color: str, style: str, label: str, **kw):
+    """``v: (n,)`` drawn as a line; ``v: (S, n)`` (one row per seed) as its median over seeds
+    with the min-max band shaded and the interquartile band darker."""
+    v = np.asarray(v, float)
+    if v.ndim == 1:
+        return ax.plot(x, v, style, color=color, label=label, **kw)
+    x = np.asarray(x)[0] if np.ndim(x) == 2 else x
+    lo, q1, med, q3, hi = np.nanpercentile(v, [0, 25, 50, 75, 100], axis=0)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0)
+    ax.fill_between(x, q1, q3, color=color, alpha=0.25, linewidth=0)
+    return ax.plot(x, med, style, color=color, label=f"{label} (median of {len(v)} seeds)",
+                   **kw)
+
+
     c = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
     n = np.concatenate([[0], np.cumsum(ok)])
     i = np.arange(1, len(v) + 1)
@@ -834,7 +848,18 @@ def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig
     """Learning curves of ``{label: training Result}`` (``History.curve``): left, the training
     loss (running mean over ``smooth`` steps, faint: raw) and the evaluation loss (markers),
     log scale; right, the evaluation metric (accuracy or MSE) against the step. Drawn into
-    ``fig`` (a Figure or SubFigure) if given."""
+    ``fig`` (a Figure or SubFigure) if given. Multi-seed curves (arrays ``(S, n)``, from
+        if np.ndim(c["loss"]) == 2:
+            sm = np.stack([_smooth(v, smooth) for v in c["loss"]])
+            _seed_band(ax_loss, c["step"], sm, color, "-", f"{label} (train, mean of {smooth})",
+                       linewidth=1.2)
+            _seed_band(ax_loss, c["eval_step"], c["eval_loss"], color, "o--",
+                       f"{label} (eval)", markersize=3, linewidth=0.8)
+            _seed_band(ax_metric, c["eval_step"], c["eval_metric"], color, "o-", label,
+                       markersize=3)
+            continue
+    ``training_runs(seeds=...)``) are drawn as the median over seeds with the min-max band
+    (light) and the interquartile band (darker)."""
     fig = fig if fig is not None else figure((11, 3.6))
     ax_loss, ax_metric = fig.subplots(1, 2)
     metric = "metric"
@@ -870,12 +895,18 @@ def draw_updates(curves: dict, ax=None, title: str | None = None):
     metric = "metric"
     for i, (label, c) in enumerate(curves.items()):
         metric = c.config.get("metric", metric)
-        frac = float(c["eval_updates"][-1]) if "eval_updates" in c.arrays else 1.0
-        ax.plot([frac], [float(c["eval_metric"][-1])], "o", color=f"C{i}", label=label)
-        ax.annotate(f"{frac:.3g}", (frac, float(c["eval_metric"][-1])), fontsize="x-small",
+        # per seed (a single-seed curve is one seed); median with min-max bars over seeds
+        fracs = (np.atleast_2d(c["eval_updates"])[:, -1] if "eval_updates" in c.arrays
+                 else np.ones(1))
+        finals = np.atleast_2d(c["eval_metric"])[:, -1]
+        frac, final = float(np.median(fracs)), float(np.median(finals))
+        ax.errorbar([frac], [final], xerr=[[frac - fracs.min()], [fracs.max() - frac]],
+                    yerr=[[final - finals.min()], [finals.max() - final]], fmt="o",
+                    color=f"C{i}", capsize=2, label=label)
+        ax.annotate(f"{frac:.3g}", (frac, final), fontsize="x-small",
                     textcoords="offset points", xytext=(4, 4))
     ax.set_xscale("log")
-    ax.set_xlabel("fraction of neuron updates (k > 1e-3) at the end")
+    ax.set_xlabel("fraction of neuron updates (k > 1e-3) at the end (median, min-max)")
     ax.set_ylabel(f"final eval {metric}")
     if metric == "mse":
         ax.set_yscale("log")
@@ -890,7 +921,24 @@ def _training_settings(config: dict, curve: dict) -> str:
     args = ", ".join(f"{k}={v}" for k, v in task.items() if k != "task")
     return (f"task {task.get('task', config.get('task'))}({args}), L={config['layers']}, "
             f"H={config['hidden']}, {config['steps']} steps of batch {config['batch']}, "
-            f"lr {config['lr']:g}, seed {config['seed']}, loss {curve.get('metric', '?')}")
+            f"lr {config['lr']:g}, {_seeds_text(config)}, loss {curve.get('metric', '?')}")
+
+
+def _seeds_text(config: dict) -> str:
+    """``"seed 0"``, or ``"seeds 0-4 (5)"`` / ``"seeds 0, 3 (2)"`` for a multi-seed result."""
+    seeds = config.get("seeds")
+    if not seeds:
+        return f"seed {config.get('seed')}"
+    consecutive = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    shown = f"{seeds[0]}-{seeds[-1]}" if consecutive and len(seeds) > 2 else ", ".join(
+        map(str, seeds))
+    return f"seeds {shown} ({len(seeds)})"
+
+
+def _seed_mean(stats: Result) -> Result:
+    """A multi-seed record (every array ``(S, ...)``) as its mean over the seeds."""
+    return make_result(stats.kind, {k: np.mean(v, axis=0) for k, v in stats.arrays.items()},
+                       stats.config, warn=False)
 
 
 def draw_training(data: Result, gates: Mapping | None = None, *,
@@ -913,12 +961,17 @@ def draw_training(data: Result, gates: Mapping | None = None, *,
     if timed:
         draw_updates(curves, ax=subs[1].subplots(), title="update fraction vs final result")
     if gated:
-        acc = {label: f"{float(curves[label]['eval_metric'][-1]):.3g}" for label in labels}
-        panels = {f"step {s}": {label: run_record(data, label, "gates", which)
+        seeded = bool(data.config.get("seeds"))
+        finals = {label: np.atleast_2d(curves[label]["eval_metric"])[:, -1] for label in labels}
+        acc = {label: f"{float(np.median(v)):.3g}" for label, v in finals.items()}
+        mean = _seed_mean if seeded else (lambda r: r)
+        panels = {f"step {s}": {label: mean(run_record(data, label, "gates", which))
                                 for label in labels}
                   for s, which in ((0, "first"), (data.config["steps"], "last"))}
         draw_gate_panels(panels, {label: (gates or {}).get(label, "f") for label in labels},
-                         fig=subs[-1], title="gate activations, pooled over layers; final eval "
+                         fig=subs[-1], title="gate activations, pooled over layers"
+                         + (f" and averaged over {len(data.config['seeds'])} seeds" if seeded
+                            else "") + "; final eval" + (" (median)" if seeded else "") + " "
                          + ", ".join(f"{k}: {v}" for k, v in acc.items()))
     fig.suptitle(_titled(title, _training_settings(data.config,
                                                    data.config["runs"][labels[0]])))

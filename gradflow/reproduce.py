@@ -86,8 +86,8 @@ register("gate_saturation",
 register("training_runs",
          from_config(experiments.training_runs,
                      ("task", "task_options", "layers", "hidden", "steps", "batch", "lr", "clip",
-                      "seed", "dtype", "eval_every", "eval_batch", "record", "record_batch",
-                      "eps", "bins"), "runs"),
+                      "seed", "seeds", "dtype", "eval_every", "eval_batch", "record",
+                      "record_batch", "eps", "bins"), "runs"),
          lambda config, data: plot.draw_training(data, config.get("gates"),
                                                  title=config.get("title")))
 

@@ -65,6 +65,67 @@ def test_time_gated_run_reports_updates_and_the_figure_draws(tiny):
     assert len(fig.axes) == 2 + 1 + 4
 
 
+# ---------------------------------------------------------------------------------------------
+# Several seeds in one program (gradflow.seeds): each seed's run is the run train() makes alone.
+
+
+@pytest.fixture(scope="module")
+def tiny_seeds():
+    runs = [["LSTM", "lstm", {}], ["g", "g_lstm", {}, {"budget": 0.05}]]
+    kw = {k: v for k, v in TINY.items() if k != "seed"}
+    return figures.training_runs(runs, record=["map", "gates"], seeds=[3, 5], **kw)
+
+
+def test_seeded_runs_equal_each_seed_run_alone(tiny, tiny_seeds):
+    assert tiny_seeds.config["seeds"] == [3, 5] and tiny_seeds.config["seed"] is None
+    for label in ("LSTM", "g"):
+        both = figures.run_curve(tiny_seeds, label)
+        assert both["loss"].shape == (2, 6) and both.config["seeds"] == [3, 5]
+        alone, seed3 = figures.run_curve(tiny, label), figures.run_curve(tiny_seeds, label, 3)
+        assert set(seed3.arrays) == set(alone.arrays) and seed3.config["seed"] == 3
+        for k, v in alone.arrays.items():
+            np.testing.assert_allclose(seed3[k], v, rtol=2e-5, atol=1e-7, err_msg=f"{label} {k}")
+        for rec, step in (("map", "first"), ("map", "last"), ("gates", "last")):
+            one = figures.run_record(tiny, label, rec, step)
+            got = figures.run_record(tiny_seeds, label, rec, step, seed=3)
+            assert figures.run_record(tiny_seeds, label, rec, step)[
+                next(iter(one.arrays))].shape[0] == 2
+            for k, v in one.arrays.items():
+                np.testing.assert_allclose(got[k], v, rtol=2e-4, atol=1e-7, err_msg=f"{rec} {k}")
+    # seed 5 is another run: its own init and batches
+    five = figures.run_curve(tiny_seeds, "LSTM", 5)
+    assert not np.allclose(five["loss"], figures.run_curve(tiny, "LSTM")["loss"])
+    with pytest.raises(ValueError, match=r"no seed 4; seeds: \[3, 5\]"):
+        figures.run_curve(tiny_seeds, "LSTM", 4)
+
+
+def test_seeded_curriculum_run_equals_train_alone():
+    """The g-LSTM's time parameters are rescaled at the stage change, seed by seed."""
+    from gradflow.seeds import train_seeds
+
+    task = tasks.make("adding", steps=6)
+    stack = figures.task_stack("g_lstm", task, layers=1, hidden=4, cell_steps=3)
+    kw = dict(steps=5, batch=4, lr=1e-2, eval_every=2, eval_batch=8, budget=0.1,
+              curriculum=[[3, 3]])
+    hists = train_seeds(stack, task, [1, 2], **kw)
+    for seed, h in zip((1, 2), hists):
+        ref = train(stack, task, seed=seed, progress=False, **kw)
+        assert list(h.curve["seq_len"]) == [3, 3, 3, 6, 6]
+        assert h.curve.config == ref.curve.config
+        for k, v in ref.curve.arrays.items():
+            np.testing.assert_allclose(h.curve[k], v, rtol=2e-5, atol=1e-7, err_msg=k)
+        for a, b in zip(jax.tree_util.tree_leaves(h.params), jax.tree_util.tree_leaves(ref.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("seeds,match", [([], "seeds is empty"), ([1, 1], "seeds repeat"),
+                                         ([-1], "seed"), (3, "list of ints")])
+def test_bad_seed_lists_are_refused(seeds, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        figures.training_runs([["a", "lstm", {}]], seeds=seeds,
+                              **{**TINY, "steps": 1, "seed": 0})
+
+
 @pytest.mark.parametrize("runs,kw,match", [
     ([["a", "lstm"]], {}, "training runs are"),
     ([["a", "lstm", {}, {"bogus": 1}]], {}, "unknown training option.*bogus"),

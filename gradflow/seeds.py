@@ -1,0 +1,210 @@
+r"""One training configuration, several seeds, one compiled program.
+
+:func:`train_seeds` trains the same stack on the same task once per seed, as
+:func:`gradflow.train.train` would with ``seed=s`` for each ``s`` (the same keys: the stack's
+init from ``k_init``, the batch of step ``t`` from ``fold_in(k_data, t)``, the fixed evaluation
+batch from ``k_eval``, ``k_init, k_data, k_eval = split(key(s), 3)``), but with the seeds
+stacked on a leading axis ``S`` and the updates between two measurements run as one
+``jax.lax.scan`` over steps of the ``jax.vmap`` over seeds of :mod:`gradflow.train`'s own
+update. The arithmetic per seed is :func:`gradflow.train.train`'s; only the order in which XLA
+fuses it may differ, so curves agree to float rounding (tested).
+
+>>> import gradflow
+>>> task = gradflow.tasks.make("adding", steps=5)
+>>> stack = gradflow.Stack("lstm", layers=1, input_size=2, hidden_size=4)
+>>> hists = train_seeds(stack, task, [0, 1], steps=4, batch=4, eval_batch=8)
+>>> [h.curve.config["seed"] for h in hists], hists[0].curve.loss.shape
+([0, 1], (4,))
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradflow import checks
+from gradflow import tasks as _tasks
+from gradflow import train as _train
+from gradflow.errors import user_input
+from gradflow.results import make_result
+
+
+def _seed_list(seeds) -> list[int]:
+    """``seeds`` as a non-empty list of distinct non-negative ints."""
+    if isinstance(seeds, (int, np.integer)) or isinstance(seeds, str):
+        raise TypeError(f"seeds must be a list of ints, got {seeds!r}")
+    out = [checks.nonneg_int("seed", s) for s in seeds]
+    if not out:
+        raise ValueError("seeds is empty; give at least one seed")
+    if len(set(out)) != len(out):
+        raise ValueError(f"seeds repeat: {out}")
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("count", "spec", "stack", "kind", "sample",
+                                              "batch", "dtype"))
+def _chunk(theta, opt_state, k_data, start, lr, clip, budget, *, count, spec, stack, kind,
+           sample, batch, dtype):
+    """``count`` updates from step ``start`` for every seed (leading axis of ``theta``,
+    ``opt_state``, ``k_data``): returns ``(theta, opt_state, loss (S, count),
+    metric (S, count))``."""
+    def one(theta, opt_state, k):
+        def body(carry, s):
+            th, op = carry
+            xs, ys, mask = sample(jax.random.fold_in(k, s), batch, dtype)
+            th, op, loss, metric = _train._update(th, op, xs, ys, mask, lr, clip, budget,
+                                                  spec=spec, stack=stack, kind=kind)
+            return (th, op), (loss, metric)
+
+        (th, op), (loss, metric) = jax.lax.scan(body, (theta, opt_state),
+                                                start + jnp.arange(count))
+        return th, op, loss, metric
+
+    return jax.vmap(one)(theta, opt_state, k_data)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
+def _evaluate_all(theta, xs, ys, mask, *, spec, stack, kind):
+    """:func:`gradflow.train._evaluate` of every seed on its own evaluation batch."""
+    return jax.vmap(lambda th, x, y, m: _train._evaluate(th, x, y, m, spec=spec, stack=stack,
+                                                         kind=kind))(theta, xs, ys, mask)
+
+
+def _boundaries(cfg) -> list[int]:
+    """Steps where the scan stops: evaluations, records, curriculum stage changes, the end."""
+    evals = set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
+    stages = {u for u, _ in cfg.curriculum or () if u < cfg.steps}
+    return sorted(evals | set(cfg.record_at) | stages | {0})
+
+
+def train_seeds(stack, task, seeds, *, steps: int = 500, batch: int = 32, lr: float = 1e-3,
+                clip: float | None = 1.0, dtype: str = "float32", eval_every: int | None = None,
+                eval_batch: int = 256, record_at=(), record=None, record_batch: int | None = None,
+                budget: float = 0.0, curriculum=None, progress: bool = False) -> list:
+    """Train ``stack`` on ``task`` once per seed; ``[History per seed]`` in the order of
+    ``seeds``, each as :func:`gradflow.train.train` returns it for that seed (same options, same
+    meaning; ``record`` functions are called per seed on its trained params and the first
+    ``record_batch`` sequences of its evaluation batch).
+
+    Cost: one compile per distinct chunk length (the steps between two evaluations) and
+    curriculum stage; the seeds share each kernel launch.
+
+    Raises:
+      gradflow.errors.InputError: a bad option or seed list, before any training.
+    """
+    with user_input():
+        seeds = _seed_list(seeds)
+        task = _train._task(task, "task")
+        cfgs = [_train.TrainConfig(steps=steps, batch=batch, lr=lr, clip=clip, seed=s,
+                                   dtype=dtype, eval_every=eval_every, eval_batch=eval_batch,
+                                   record_at=record_at, record_batch=record_batch,
+                                   budget=budget, curriculum=curriculum) for s in seeds]
+        record = _train._check_run(stack, task, task, cfgs[0], record)
+    cfg, dt = cfgs[0], jnp.dtype(cfgs[0].dtype)
+    states = []
+    for c in cfgs:
+        state, spec = _train.init_state(stack, task, c)
+        states.append(state)
+    theta = jnp.stack([s.theta for s in states])
+    opt_state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[s.opt_state for s in states])
+    k_data = jnp.stack([_train.keys(s)[1] for s in seeds])
+    evals = [_train.eval_batch_of(task, _train.keys(s)[2], cfg.eval_batch, cfg.batch, dt)
+             for s in seeds]
+    eval_xs, eval_ys, eval_mask = (jnp.stack(parts) for parts in zip(*evals))
+    consts = (jnp.asarray(cfg.lr, dt), jnp.asarray(np.inf if cfg.clip is None else cfg.clip, dt),
+              jnp.asarray(cfg.budget, dt))
+    n_seeds = len(seeds)
+    curve = {"loss": [], "metric": [], "seq_len": []}
+    ev = {}
+    recs = [{name: [] for name in record} for _ in seeds]
+    record_steps = []
+    stage_tasks = {}
+    bounds = _boundaries(cfg)
+    length = _train._length_at(0, cfg.curriculum, task.steps)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, desc=f"{stack.cell.name} on {task.name}, {n_seeds} seeds")
+    try:
+        for i, at in enumerate(bounds):
+            if at in set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}:
+                res = jax.device_get(_evaluate_all(theta, eval_xs, eval_ys, eval_mask,
+                                                   spec=spec, stack=stack, kind=task.kind))
+                ev.setdefault("eval_step", []).append(at)
+                for k, v in res.items():
+                    ev.setdefault(k, []).append(np.asarray(v))
+            if at in cfg.record_at:
+                record_steps.append(at)
+                for j in range(n_seeds):
+                    params = _train._unflatten_host(theta[j], spec)["stack"]
+                    got = _train.record(record, stack, params,
+                                        eval_xs[j][:cfg.record_batch], at)
+                    for name, r in got.items():
+                        recs[j][name].append(r)
+            if at >= cfg.steps:
+                break
+            count = bounds[i + 1] - at
+            n = _train._length_at(at, cfg.curriculum, task.steps)
+            if n != length and stack.cell.rescale_time is not None:
+                theta = jnp.stack([_train._flatten(_train._rescale_time_gate(
+                    stack, _train._unflatten_host(theta[j], spec), n / length), dt)
+                    for j in range(n_seeds)])
+            length = n
+            if n not in stage_tasks:
+                stage_tasks[n] = _tasks.resize(task, n)
+            theta, opt_state, loss, metric = _chunk(
+                theta, opt_state, k_data, jnp.asarray(at, jnp.int32), *consts, count=count,
+                spec=spec, stack=stack, kind=task.kind, sample=stage_tasks[n].sample_fn,
+                batch=cfg.batch, dtype=dt)
+            curve["loss"].append(np.asarray(loss))
+            curve["metric"].append(np.asarray(metric))
+            curve["seq_len"].append(np.full((n_seeds, count), n, np.int64))
+            if bar is not None:
+                bar.update(count)
+    finally:
+        if bar is not None:
+            bar.close()
+    hists = []
+    eval_step = np.asarray(ev.pop("eval_step"), np.int64)
+    for j, c in enumerate(cfgs):
+        arrays = {"step": np.arange(cfg.steps, dtype=np.int64),
+                  **{k: (np.concatenate([v[j] for v in vs]) if vs else
+                         np.zeros(0, np.int64 if k == "seq_len" else dt))
+                     for k, vs in curve.items()},
+                  "eval_step": eval_step,
+                  **{k: np.asarray([v[j] for v in vs], dt) for k, vs in ev.items()}}
+        arrays["loss"] = arrays["loss"].astype(dt)
+        arrays["metric"] = arrays["metric"].astype(dt)
+        config = c.describe(stack, task, task)
+        hists.append(_train.History(
+            make_result("training", arrays, config, warn=False),
+            {k: tuple(v) for k, v in recs[j].items()}, tuple(record_steps),
+            _train._unflatten_host(theta[j], spec), stack, task))
+    return hists
+
+
+def stacked(hists) -> "_train.History":
+    """One History whose every curve and record array is the seeds' arrays stacked on a new
+    leading axis ``S`` (``loss: (S, steps)``, a map's ``values: (S, L, T)``); the curve's config
+    is the first seed's with ``"seed"`` replaced by ``"seeds"`` (the list), ``params`` and each
+    record's config the first seed's."""
+    hists = list(hists)
+    if not hists:
+        raise ValueError("stacked needs at least one History")
+    first = hists[0]
+    curve = make_result("training", {k: np.stack([h.curve.arrays[k] for h in hists])
+                                     for k in first.curve.arrays},
+                        {**{k: v for k, v in first.curve.config.items() if k != "seed"},
+                         "seeds": [h.curve.config["seed"] for h in hists]}, warn=False)
+    records = {name: tuple(make_result(rs[0].kind, {k: np.stack([r.arrays[k] for r in rs])
+                                                   for k in rs[0].arrays}, rs[0].config,
+                                       warn=False)
+                           for rs in zip(*(h.records[name] for h in hists)))
+               for name in first.records}
+    return _train.History(curve, records, first.record_steps, first.params, first.stack,
+                          first.task)
+
+
+__all__ = ["stacked", "train_seeds"]
