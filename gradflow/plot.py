@@ -822,6 +822,14 @@ def _smooth(v: np.ndarray, width: int) -> np.ndarray:
     """Running mean over ``width`` steps (shorter at the start); non-finite entries skipped."""
     v = np.asarray(v, float)
     ok = np.isfinite(v)
+    c = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    n = np.concatenate([[0], np.cumsum(ok)])
+    i = np.arange(1, len(v) + 1)
+    lo = np.maximum(i - width, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (c[i] - c[lo]) / (n[i] - n[lo])
+
+
 def _seed_band(ax, x, v: np.ndarray, color: str, style: str, label: str, **kw):
     """``v: (n,)`` drawn as a line; ``v: (S, n)`` (one row per seed) as its median over seeds
     with the min-max band shaded and the interquartile band darker."""
@@ -836,19 +844,19 @@ def _seed_band(ax, x, v: np.ndarray, color: str, style: str, label: str, **kw):
                    **kw)
 
 
-    c = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
-    n = np.concatenate([[0], np.cumsum(ok)])
-    i = np.arange(1, len(v) + 1)
-    lo = np.maximum(i - width, 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (c[i] - c[lo]) / (n[i] - n[lo])
-
-
 def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig=None):
     """Learning curves of ``{label: training Result}`` (``History.curve``): left, the training
     loss (running mean over ``smooth`` steps, faint: raw) and the evaluation loss (markers),
     log scale; right, the evaluation metric (accuracy or MSE) against the step. Drawn into
     ``fig`` (a Figure or SubFigure) if given. Multi-seed curves (arrays ``(S, n)``, from
+    ``training_runs(seeds=...)``) are drawn as the median over seeds with the min-max band
+    (light) and the interquartile band (darker)."""
+    fig = fig if fig is not None else figure((11, 3.6))
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    metric = "metric"
+    for i, (label, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        metric = c.config.get("metric", metric)
         if np.ndim(c["loss"]) == 2:
             sm = np.stack([_smooth(v, smooth) for v in c["loss"]])
             _seed_band(ax_loss, c["step"], sm, color, "-", f"{label} (train, mean of {smooth})",
@@ -858,14 +866,6 @@ def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig
             _seed_band(ax_metric, c["eval_step"], c["eval_metric"], color, "o-", label,
                        markersize=3)
             continue
-    ``training_runs(seeds=...)``) are drawn as the median over seeds with the min-max band
-    (light) and the interquartile band (darker)."""
-    fig = fig if fig is not None else figure((11, 3.6))
-    ax_loss, ax_metric = fig.subplots(1, 2)
-    metric = "metric"
-    for i, (label, c) in enumerate(curves.items()):
-        color = f"C{i}"
-        metric = c.config.get("metric", metric)
         ax_loss.plot(c["step"], c["loss"], color=color, alpha=0.15, linewidth=0.8)
         ax_loss.plot(c["step"], _smooth(c["loss"], smooth), color=color, linewidth=1.2,
                      label=f"{label} (train, mean of {smooth})")
