@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from gradflow import cells as _cells
 from gradflow.checks import choice
-from gradflow.jacobian import LOSSES, WRTS, gradient_map, local_gains
+from gradflow.jacobian import LOSSES, WRTS, expected_positive, gradient_map, local_gains
 from gradflow.problem import DTYPES, cell_problem, precision, task_stack
 from gradflow.results import Result, make_result
 
@@ -97,7 +97,7 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
     unknown = sorted(set(cell_options) - set(cells))
     if unknown:
         raise ValueError(f"cell_options for cells not in the grid: {', '.join(unknown)}")
-    arrays, maps = {}, {}
+    arrays, maps, positive = {}, {}, {}
     with precision(dtype):
         for cell in cells:
             prob = cell_problem(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
@@ -109,11 +109,12 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
                 key, value_key = _keys(loss, cell)
                 arrays[key], arrays[value_key] = res.values, res.loss_value
                 maps[f"{loss}/{cell}"] = res.config
+                positive[key] = expected_positive(loss, wrt, steps)["values"]
     config = {**(meta or {}), "cells": list(cells), "losses": list(losses), "wrt": wrt,
               "layers": layers, "steps": steps, "hidden": hidden, "batch": batch, "seed": seed,
               "readout_seed": readout_seed, "init": init, "dtype": dtype,
               "input_scale": input_scale, "cell_options": cell_options, "maps": maps}
-    return make_result("gradient_grid", arrays, config)
+    return make_result("gradient_grid", arrays, config, positive=positive)
 
 
 def panel(grid: Result, loss: str, cell: str) -> Result:
@@ -122,8 +123,11 @@ def panel(grid: Result, loss: str, cell: str) -> Result:
     if key not in grid.arrays:
         raise ValueError(f"no map for loss {loss!r} and cell {cell!r}; the grid has "
                          f"{', '.join(grid.config['maps'])}")
+    config = grid.config["maps"][f"{loss}/{cell}"]
+    wrt = config.get("wrt", grid.config.get("wrt"))
     return make_result("gradient_map", {"values": grid[key], "loss_value": grid[value_key]},
-                       grid.config["maps"][f"{loss}/{cell}"], warn=False)
+                       config, warn=False, positive=expected_positive(
+                           loss, wrt, grid[key].shape[-1]) if wrt in WRTS else None)
 
 
 # ---------------------------------------------------------------------------------------------
