@@ -199,3 +199,21 @@ def test_result_underflow_round_trips_and_old_files_load(tmp_path):
     assert underflow_count(np.array([1e-45, 1e-38, 1e-30], np.float32)) == 2
     with pytest.raises(TypeError, match="floating"):
         underflow_count(np.array([0, 1]))
+
+
+def test_grids_and_their_panels_count_underflow():
+    """The compare/figure path: a gradient grid and the panels taken out of it count underflow
+    where their loss reaches (a memory c at the last step does not: its exact zeros are not
+    counted)."""
+    experiments = importlib.import_module("gradflow.experiments")
+    grid = experiments.gradient_grid(["lstm"], ["last"], wrt="cell", layers=2, steps=3,
+                                     hidden=4, batch=2)
+    v = grid["values/last/lstm"]
+    assert np.all(v[:, -1] == 0) and np.all(v[:, :-1] > 0)
+    assert grid.underflow == {"values/last/lstm": 0}
+    assert experiments.panel(grid, "last", "lstm").underflow == {"values": 0}
+    zeros = make_result("gradient_grid", {"values/all/rnn": np.zeros((2, 3), np.float32),
+                                          "loss_value/all/rnn": np.float32(1.0)},
+                        {"cells": ["rnn"], "losses": ["all"], "wrt": "hidden",
+                         "maps": {"all/rnn": {"loss": "all", "wrt": "hidden"}}})
+    assert experiments.panel(zeros, "all", "rnn").underflow == {"values": 6}
