@@ -289,7 +289,9 @@ def heatmap(result: Result, ax: Axes | None = None, log: bool = True, normalize:
       about 1 (``[10^-m, 10^m]``), so attenuation and amplification read as two colours of equal
       strength per factor. ``V[L-1, T-1]`` must be finite and positive.
     * Non-finite entries are hatched (``"xx"``) over grey and their number is appended to the title
-      (``"... (3 non-finite)"``), also when ``title`` is given.
+      (``"... (3 non-finite)"``), also when ``title`` is given; so is the number of underflow
+      entries, positive values stored as 0 below the dtype's range (``result.underflow``:
+      ``"... (5 underflow)"``), apart from other entries ``<= 0``.
 
     Args:
       result: a :class:`~gradflow.results.Result` holding an ``(L, T)`` array ``key``.
