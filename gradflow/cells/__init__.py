@@ -2,7 +2,7 @@
 
 >>> import gradflow
 >>> gradflow.cells.names()[:4]
-('gru', 'g_lstm', 'indrnn', 'lstm')
+('g_lstm', 'gru', 'indrnn', 'lstm')
 >>> cell = gradflow.cells.get("lstm", forget_bias=1.0)
 
 Adding a cell is one file (a factory decorated with :func:`gradflow.cells.base.factory`, returning
