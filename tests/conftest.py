@@ -11,13 +11,9 @@ tested at 32 bits. A test that needs float64 asks for it:
 Hypothesis tests (function-scoped fixtures do not mix with ``@given``) enter
 ``jax.enable_x64(True)`` in their body instead.
 """
-import os
-
 import jax
 import pytest
 
-if os.environ.get("GRADFLOW_TEST_32BIT") != "1":  # TEMPORARY while the x64 fixtures go in
-    jax.config.update("jax_enable_x64", True)
 
 @pytest.fixture
 def x64():
