@@ -5,8 +5,8 @@ gives the bottom/top ratio at the last step. Run from the repository root::
 
     python figures/residual_lstm.py
 
-The numbers are asserted by ``tests/test_adapters.py::test_deep_lstm_attenuates_residual_lstm_does_not``
-(same configuration).
+The numbers are asserted (same configuration) by
+``tests/test_adapters.py::test_deep_lstm_attenuates_residual_lstm_does_not``.
 """
 import json
 from pathlib import Path

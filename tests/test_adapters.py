@@ -29,7 +29,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def loss_fn(top):
-    """A loss on every step of the top layer's output ``(B, T, H)`` (every ``(l, t)`` reaches it)."""
+    """A loss on every step of the top output ``(B, T, H)`` (every ``(l, t)`` reaches it)."""
     w = jnp.cos(jnp.arange(top.shape[-1], dtype=top.dtype) * 1.3)
     steps = 1.0 + jnp.arange(top.shape[1], dtype=top.dtype)
     return jnp.sum(jnp.sin(top @ w) * steps)

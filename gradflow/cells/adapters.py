@@ -163,7 +163,7 @@ def _message(e: Exception) -> str:
 
 
 def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidden_size,
-           input_size, output, reports_gates: bool, gate_kinds, make_init: Callable,
+           output, reports_gates: bool, gate_kinds, make_init: Callable,
            probe_params: Callable | None, finds_output: bool, to_params: Callable,
            options: dict) -> Cell:
     """A :class:`Cell` around ``call(params, carry, x) -> (carry, y or None, {gate: value})``.
@@ -288,7 +288,8 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
 def from_function(step: Callable, init, *, hidden_size: int | None = None,
                   input_size: int | None = None, state=None, output=None, batched: bool = True,
                   gates: Callable | None = None, gate_kinds=None, name: str = "user") -> Cell:
-    r"""A cell from a plain step function :math:`(\mathrm{carry}_t, y_t) = f_\theta(\mathrm{carry}_{t-1}, x_t)`.
+    r"""A cell from a plain step function
+    :math:`(\mathrm{carry}_t, y_t) = f_\theta(\mathrm{carry}_{t-1}, x_t)`.
 
     Args:
       step: ``step(params, carry, x) -> (carry, y)`` with ``x: (B, in)`` and every carry array
@@ -343,7 +344,7 @@ def from_function(step: Callable, init, *, hidden_size: int | None = None,
             return _cast(given, jnp.float32), int(input_size or hidden_size)
 
     return _build(name=name, who=who, call=call, batched=batched, template=template,
-                  hidden_size=hidden_size, input_size=input_size, output=output,
+                  hidden_size=hidden_size, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=probe, finds_output=True, to_params=lambda obj: obj,
                   options={"module": getattr(step, "__name__", "step")})
@@ -434,7 +435,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
         return obj["params"] if "params" in obj else obj
 
     return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
-                  template=template, hidden_size=H, input_size=H, output=output,
+                  template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=probe, finds_output=True, to_params=to_params,
                   options={"module": type(module).__name__})
@@ -538,7 +539,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         return own if fresh is None else to_params(fresh)
 
     return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
-                  template=template, hidden_size=H, input_size=n_in, output=output,
+                  template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=lambda: (_cast(own, jnp.float32), n_in), finds_output=True,
                   to_params=to_params, options={"module": type(module).__name__})
@@ -633,7 +634,7 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
 
     n_in = getattr(module, "input_size", H)
     return _build(name=name or type(module).__name__, who=who, call=call, batched=False,
-                  template=template, hidden_size=H, input_size=n_in, output=output,
+                  template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=lambda: (_cast(own, jnp.float32), n_in), finds_output=False,
                   to_params=to_params, options={"module": type(module).__name__})
