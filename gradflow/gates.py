@@ -378,6 +378,9 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
     Returns:
       :class:`gradflow.results.Result` of kind ``"gate_stats"``; non-finite activations are
       counted and warned about (:class:`gradflow.results.NonFiniteWarning`), never raised on.
+    Raises:
+      ValueError: the stack's cells report no gates (``rnn``, ``indrnn``, or a user cell built
+        without ``gates=``, see :mod:`gradflow.cells.adapters`).
     """
     if not isinstance(stack, Stack):
         raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
