@@ -96,7 +96,7 @@ def test_deep_lstm_map_has_no_false_zeros(lstm_maps):
     assert np.all(v32[representable] > 0)
     # and the values are right, not just non-zero: float32 against float64, entry by entry
     rel = np.abs(v32.astype(np.float64) - v64) / v64
-    assert np.max(rel[representable]) < 1e-3
+    assert np.max(rel[representable]) < 1e-4  # measured: 5.4e-6 (634 naive zeros)
     # the map spans many decades (the deep part is what is measured)
     assert np.log10(v64.max() / v64.min()) > 20
 
