@@ -157,7 +157,8 @@ def task_stack(cell: str, task, *, layers: int, hidden: int, init: str | None = 
     return Stack(built, layers, task.input_size, hidden)
 
 
-__all__ = ["DTYPES", "Problem", "cell_problem", "dtype_of", "gaussian_inputs", "precision", "problem", "task_stack"]
+__all__ = ["DTYPES", "Problem", "cell_problem", "dtype_of", "gaussian_inputs", "precision",
+           "problem", "task_stack"]
 
 
 class _CallableModule(type(jax)):
