@@ -2,8 +2,8 @@
 
 ``python -m bench.probes memory L T H B auto|none run|compile`` prints one JSON line: the compiled
 program's memory analysis and, with ``run``, the time of one map and the process peak RSS.
-``python -m bench.probes hidden L T H B REPEATS [default|mallopt]`` times the hidden map split over the CPU's
-cores and unsplit (for the allocator comparison, which needs fresh processes).
+``python -m bench.probes hidden L T H B REPEATS [default|mallopt]`` times the hidden map split
+over the CPU's cores and unsplit (for the allocator comparison, which needs fresh processes).
 ``python -m bench.probes sweep CELLS SEEDS L T H B REPEATS`` times ``gradflow.sweep`` on the
 devices this process sees (set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` first).
 """

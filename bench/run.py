@@ -21,7 +21,8 @@ FULL = {
     "memory": {"L": 16, "T": 10000, "H": 128, "B": 4},
     "sweep": {"cells": ["lstm", "star"], "seeds": 8, "L": 8, "T": 32, "H": 64, "B": 8},
     "matmul": 4096,
-    "torch_compile": True, "split_cells": ("lstm", "gru", "star"), "glibc_rounds": 3,
+    "torch_compile": True, "split_cells": ("lstm", "gru", "star", "user_gru"),
+    "glibc_rounds": 3,
 }
 
 QUICK = {
@@ -32,7 +33,8 @@ QUICK = {
     "memory": {"L": 2, "T": 100, "H": 8, "B": 2},
     "sweep": {"cells": ["lstm"], "seeds": 2, "L": 2, "T": 4, "H": 8, "B": 2},
     "matmul": 256,
-    "orders": ("layer",), "split_cells": ("lstm", "gru"), "glibc_rounds": 1,
+    "orders": ("layer",), "split_cells": ("lstm", "user_gru"),
+    "glibc_rounds": 1,
     "default": ("floor", "torch_hidden", "cells_split", "jacobian", "flop_rate", "scaling",
                 "memory"),
 }

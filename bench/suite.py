@@ -158,6 +158,28 @@ def torch_hidden(cfg) -> dict:
             "split_over_unsplit": ratio(t["gradflow"], t["gradflow_unsplit"])}
 
 
+def user_cell(hidden: int):
+    """A user's GRU written as a plain step function, wrapped by
+    :func:`gradflow.cells.from_function` (the adapter path: no gradflow cell code)."""
+    import math as _m
+    from gradflow import cells
+
+    def init(key, n_in, n_h, dtype):
+        kw, ku = jax.random.split(key)
+        return {"W": jax.random.normal(kw, (n_in, 3 * n_h), dtype) / _m.sqrt(n_in),
+                "U": jax.random.normal(ku, (n_h, 3 * n_h), dtype) / _m.sqrt(n_h),
+                "b": jnp.zeros((3 * n_h,), dtype)}
+
+    def step(p, h, x):
+        zr, zz, zn = jnp.split(x @ p["W"] + p["b"], 3, -1)
+        rr, rz, rn = jnp.split(h @ p["U"], 3, -1)
+        r, u = jax.nn.sigmoid(zr + rr), jax.nn.sigmoid(zz + rz)
+        h = (1 - u) * jnp.tanh(zn + r * rn) + u * h
+        return h, h
+
+    return cells.from_function(step, init, hidden_size=hidden, name="user_gru")
+
+
 def cells_split(cfg) -> dict:
     """Split / unsplit hidden-map time for several cells at the standard size: the batch split
     is one mechanism for every cell, so the speed-up factor should not depend on the cell."""
@@ -165,7 +187,8 @@ def cells_split(cfg) -> dict:
     size, reps = cfg["std"], cfg["repeats"]
     rows = {}
     for name in cfg.get("split_cells", ("lstm", "gru", "star")):
-        pr = gradflow.problem(name, layers=size["L"], steps=size["T"], hidden=size["H"],
+        cell = user_cell(size["H"]) if name == "user_gru" else name
+        pr = gradflow.problem(cell, layers=size["L"], steps=size["T"], hidden=size["H"],
                               batch=size["B"], seed=0)
         plain = _plain_hidden(pr)
         ref = plain().values

@@ -227,5 +227,5 @@ def state_map(stack, params, xs, loss_fn, name: str, devices):
     return run(params, xs)
 
 
-__all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES", "set_batch_devices", "batch_devices", "devices_for",
-           "should_split", "state_map"]
+__all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",
+           "set_batch_devices", "batch_devices", "devices_for", "should_split", "state_map"]

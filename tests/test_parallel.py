@@ -52,23 +52,38 @@ CHILD = textwrap.dedent("""
                     "loss_rel": float(abs(float(split.arrays["loss_value"])
                                           - float(plain.arrays["loss_value"]))
                                       / abs(float(plain.arrays["loss_value"])))})
+    if sys.argv[4] == "user":  # one adapter-wrapped user cell (float64 is on now)
+        from bench.suite import user_cell
+        pr = gradflow.problem(user_cell(6), layers=2, steps=4, hidden=6, batch=4, seed=0,
+                              dtype="float64")
+        split = gradflow.gradient_map(*pr[:3], loss="all")
+        with parallel.batch_devices(None):
+            plain = gradflow.gradient_map(*pr[:3], loss="all")
+        a, b = np.asarray(split.values), np.asarray(plain.values)
+        out["rows"].append({"cell": "user_gru", "dtype": "float64", "wrt": "hidden", "B": 4,
+                            "used": len(parallel.devices_for(4)),
+                            "result_dtype": str(split.values.dtype),
+                            "map_rel": float(np.max(np.abs(a - b)) / np.max(np.abs(b))),
+                            "loss_rel": 0.0})
     print(json.dumps(out))
 """)
 
 
 # 2 devices: every registered cell in float64 (the split is one mechanism in the map, not per
 # cell); float32 with x64 off for one. 4 devices: one cell at each precision.
-@pytest.mark.parametrize("n, f32, f64", [(2, "lstm", "all"), (4, "gru", "lstm")])
-def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64):
+@pytest.mark.parametrize("n, f32, f64, user", [(2, "lstm", "all", "user"),
+                                               (4, "gru", "lstm", "-")])
+def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    r = subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64], capture_output=True,
-                       text=True, cwd=ROOT, env=env, timeout=900)
+    r = subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["devices"] == n
     rows = out["rows"]
     if f64 == "all":
-        assert {x["cell"] for x in rows if x["dtype"] == "float64"} == set(gradflow.cells.names())
+        assert {x["cell"] for x in rows if x["dtype"] == "float64"} == (
+            set(gradflow.cells.names()) | {"user_gru"})
     assert {x["dtype"] for x in rows} == {"float32", "float64"}
     assert any(x["wrt"] == "cell" for x in rows) or n == 4
     for x in rows:
