@@ -53,13 +53,24 @@ def main(argv=None):
     ap.add_argument("--devices", type=int, default=None,
                     help="simulated CPU devices the batch of a map is split over (default: one "
                          "per core, as the gradflow CLI; 1 = no split)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed rounds per comparison (default: 5 full, 3 quick)")
+    ap.add_argument("--glibc-rounds", type=int, default=None,
+                    help="fresh processes of each allocator kind (default: 3 full, 1 quick)")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads for the PyTorch peers (default: torch's own; "
+                         "1 avoids OpenMP barrier stalls when other processes load the cores)")
     ap.add_argument("--update", action="store_true",
                     help="merge into the results.json already in the output folder (re-run "
                          "some benchmarks, keep the others)")
     args = ap.parse_args(argv)
     from gradflow import parallel  # before JAX starts: the CPU devices the maps split over
     parallel.use_cpu_devices(args.devices or os.cpu_count() or 1)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    for key, v in (("repeats", args.repeats), ("glibc_rounds", args.glibc_rounds),
+                   ("torch_threads", args.torch_threads)):
+        if v is not None:
+            cfg[key] = v
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    "quick" if args.quick else "")
     names = args.only.split(",") if args.only else cfg.get("default", BENCHMARKS)

@@ -120,6 +120,8 @@ def torch_hidden(cfg) -> dict:
     from bench import torch_ref as TR
     from gradflow import parallel
     size, reps = cfg["std"], cfg["repeats"]
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg["torch_threads"])
     pr = problem(size)
     lf = loss_of(pr)
     cells = TR.port_lstm(pr.params)
