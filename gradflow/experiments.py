@@ -24,6 +24,8 @@ The unpacking functions (:func:`panel`, :func:`gain_panel`, :func:`stats_panel`,
 from __future__ import annotations
 
 from gradflow import cells as _cells
+from gradflow import gates as _gates
+from gradflow import tasks as _tasks
 from gradflow.checks import choice
 from gradflow.jacobian import LOSSES, WRTS, expected_positive, gradient_map, local_gains
 from gradflow.problem import DTYPES, cell_problem, precision, task_stack
@@ -191,8 +193,6 @@ def gate_saturation(entries, *, layers: int = 2, steps: int = 32, hidden: int = 
     """:func:`gradflow.gates.compare` of ``(label, cell, options)`` entries at initialisation,
     as one Result: every array of entry ``label``'s ``gate_stats`` under ``"{label}/..."``;
     ``config["stats"][label]`` holds its config. :func:`stats_panel` takes one back out."""
-    from gradflow import gates as _gates
-
     entries = _entries(entries)
     with precision(dtype):
         found = _gates.compare(entries, layers=layers, steps=steps, hidden=hidden, batch=batch,
@@ -240,8 +240,6 @@ def _runs(runs) -> list:
 
 def _recorders(record, eps: float, bins: int) -> dict | None:
     """``{name: (stack, params, xs) -> Result}`` for the names in ``record`` (None if empty)."""
-    from gradflow import gates as _gates
-
     fns = {"gates": lambda s, p, x: _gates.saturation(s, p, x, eps, bins=bins),
            "map": lambda s, p, x: gradient_map(s, p, x, loss="last", wrt="hidden")}
     return {k: fns[k] for k in record} or None
@@ -294,8 +292,7 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
       take them back out.
     """
     from gradflow import seeds as _seeds
-    from gradflow import tasks as _tasks
-    from gradflow.train import train
+    from gradflow.train import train  # needs the "train" extra (optax)
 
     runs = _runs(runs)
     if seeds is not None:

@@ -32,6 +32,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from gradflow import gates as _gates
+from gradflow.experiments import gain_panel, panel, run_curve, run_record, stats_panel
 from gradflow.results import Result, make_result
 
 FORMATS = (".png", ".pdf", ".svg")
@@ -731,8 +733,6 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None)
     (default: what is drawn) over the settings (:func:`settings`: L, T, H, init, seed); the
     row labels name the losses.
     """
-    from gradflow.experiments import panel
-
     cells, losses = grid.config["cells"], grid.config["losses"]
     panels, empty = {}, []
     for i, loss in enumerate(losses):
@@ -775,8 +775,6 @@ def _grid_or_empty(panels, losses, cells, normalize, title) -> Figure:
 def draw_gains(data: Result, *, title: str | None = None) -> Figure:
     """:func:`gain_profile` of every cell of a :func:`gradflow.experiments.vertical_gain`
     result, with the closed forms as reference lines (cells sharing one value share a line)."""
-    from gradflow.experiments import gain_panel
-
     refs = {}
     for c, v in data.config["closed_form"].items():
         refs.setdefault(v, []).append(c)
@@ -789,8 +787,6 @@ def draw_gate_panels(panels: dict, gates: dict, title: str | None = None, *, fig
     """Rows = ``panels`` (``{row label: {entry label: gate_stats}}``), columns = entries; each
     panel the pooled histogram of the entry's gate ``gates[entry]`` with its saturated
     fraction in the title. Drawn into ``fig`` (a Figure or SubFigure) if given."""
-    from gradflow import gates as _gates
-
     rows = list(panels)
     cols = list(next(iter(panels.values())))
     fig = fig if fig is not None else figure((3.6 * len(cols), 2.9 * len(rows)))
@@ -812,8 +808,6 @@ def draw_saturation(data: Result, gates: Mapping | None = None, *,
     """The pooled gate histograms of every entry of a
     :func:`gradflow.experiments.gate_saturation` result, one column each; ``gates`` maps an
     entry's label to the gate drawn (default ``"f"``)."""
-    from gradflow.experiments import stats_panel
-
     labels = list(data.config["stats"])
     chosen = {label: (gates or {}).get(label, "f") for label in labels}
     return draw_gate_panels({"init": {label: stats_panel(data, label) for label in labels}},
@@ -949,8 +943,6 @@ def draw_training(data: Result, gates: Mapping | None = None, *,
     time gate) update fraction against the final result, then (runs that recorded ``"gates"``)
     the pooled histograms of each run's gate ``gates[label]`` (default ``"f"``) at the first
     and the last step."""
-    from gradflow.experiments import run_curve, run_record
-
     labels = list(data.config["runs"])
     curves = {label: run_curve(data, label) for label in labels}
     timed = any("eval_updates" in c.arrays for c in curves.values())
