@@ -336,10 +336,13 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     if method == "gradient":
         result = 2 * L * T * item + L * B * T * item  # the map and the taps' gradient
         passes = 1
-    else:  # one (L, B, T, H) cotangent per basis vector / probe, several at once
+    else:  # backward passes vmapped over basis vectors / probes, several at once
         n = H if method == "exact" else probes
-        per = L * B * T * H * item
-        chunk = n if method == "probe" else max(1, min(H, (256 << 20) // max(per // item * 4, 1)))
+        # per vector: the (L, B, T, H) cotangents of every state and of every layer's input,
+        # and one layer's projection cotangents (as jacobian._basis_chunk sizes the chunks)
+        per = 2 * L * B * T * H * item + 2 * T * xp_step + B * T * max(first, H) * item
+        chunk = n if method == "probe" else max(1, min(H, (256 << 20) // max(L * T * B * H * 4,
+                                                                              1)))
         working += min(n, chunk) * per
         result = 2 * L * T * item
         passes = n

@@ -354,9 +354,15 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
             raise ValueError("spectra_at needs method='exact'")
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
             raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
+        with user_input():  # too big for this machine: the user's sizes to change
+            _cost.check_fits(_cost.estimate(stack, B, T, xs.dtype, method="probe",
+                                            probes=probes, calibrate=False))
         vals, se = _probe_map(stack, params, xs, (tl, tt), probes, jax.random.key(seed))
         arrays = {"values": vals, "stderr": se}
     else:
+        with user_input():
+            _cost.check_fits(_cost.estimate(stack, B, T, xs.dtype, method="exact",
+                                            calibrate=False))
         chunk = chunk or _basis_chunk(L, T, B, H, norm)
         if norm == "spectral":
             need = L * T * B * H * H * jnp.dtype(xs.dtype).itemsize

@@ -148,3 +148,32 @@ def test_readme_example_runs():
     with contextlib.redirect_stdout(out):
         exec(compile(block, "README.md", "exec"), {})
     assert out.getvalue().startswith("171 GiB")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "star"])
+def test_jacobian_estimate_within_2x_of_xla(cell):
+    L, T, B, H, D = 3, 16, 4, 8, 5
+    for checkpoint in (None, "auto"):
+        stack = gradflow.Stack(cell, layers=L, input_size=D, hidden_size=H,
+                               checkpoint=checkpoint)
+        params = jax.eval_shape(stack.init, jax.random.key(0))
+        xs = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
+        chunk = min(jacobian._basis_chunk(L, T, B, H, "rms"), H)
+        for method, lowered in (
+                ("exact", jacobian._exact_map.lower(stack, params, xs, (L - 1, T - 1), "rms",
+                                                    (), chunk)),
+                ("probe", jacobian._probe_map.lower(stack, params, xs, (L - 1, T - 1), 16,
+                                                    jax.random.key(0)))):
+            m = lowered.compile().memory_analysis()
+            xla = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+            est = cost.estimate(stack, B, T, method=method, calibrate=False).total
+            assert 0.5 <= est / xla <= 2.0, (cell, checkpoint, method, est, xla)
+
+
+def test_jacobian_map_refuses_before_compiling(monkeypatch):
+    stack = gradflow.Stack("gru", layers=2, input_size=3, hidden_size=4)
+    params = stack.init(jax.random.key(0))
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: 1000)
+    for method in ("exact", "probe"):
+        with pytest.raises(ValueError, match=f"jacobian {method}.* needs about"):
+            gradflow.jacobian_map(stack, params, jnp.ones((2, 5, 3)), method=method)
