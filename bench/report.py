@@ -132,7 +132,8 @@ def markdown(res: dict) -> str:
                  "torch_wavefront": "torch manual forward/backward over the wavefront, `bmm` "
                                     "(no autograd)",
                  "torch_wavefront_compiled": "same, gate code `torch.compile`-d (inductor)"}
-        lines += ["", "## 2. Hidden map vs PyTorch (same problem, interleaved)", "",
+        lines += ["", "## 2. Hidden map vs PyTorch (same problem, interleaved; torch "
+                  f"{c.get('torch_threads')} thread(s))", "",
                   "| implementation | ms | gradflow speedup (split / unsplit) | "
                   "max rel. diff to gradflow |", "|---|---|---|---|",
                   f"| gradflow `gradient_map(wrt='hidden')`, batch split over "
