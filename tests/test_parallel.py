@@ -142,7 +142,7 @@ def test_state_map_refuses_a_batch_the_devices_do_not_divide():
         parallel.state_map(pr.stack, pr.params, pr.xs, lf, "h", jax.devices() * 2)
 
 
-def test_single_device_state_map_equals_the_plain_map():
+def test_single_device_state_map_equals_the_plain_map(x64):
     """The shard_map program on a one-device mesh (gather, loss on the whole batch, pull back
     the slice) against the plain autodiff map and a brute-force per-example gradient."""
     pr = gradflow.problem("gru", layers=2, steps=3, hidden=5, batch=3, seed=2, dtype="float64")
