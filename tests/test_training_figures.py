@@ -158,10 +158,14 @@ def test_figure_data_loads_committed_data_or_recomputes_with_overrides():
 
 
 # ---------------------------------------------------------------------------------------------
-# The committed training figures: made from their configs, and the README's readings of them
-# hold on the committed data (whatever they show: unreproduced claims are asserted as such).
+# The committed training figures: made from their configs, 5 seeds each, and the README's
+# readings of them hold on the committed data ACROSS SEEDS. Each claim is a fraction of seeds or
+# a median with a margin, never one seed's exact step or value, so that a run on another CPU
+# (other float rounding, so other trajectories after a few hundred steps) passes too.
+# Unreproduced claims are asserted as such.
 
 TRAINED = ("deep_adding", "gu_copy_gates", "cheng_refined_adding", "g_lstm_budget")
+CONSTANT = 1 / 6  # the adding task's MSE of the constant prediction 1
 
 
 def committed(name):
@@ -170,8 +174,37 @@ def committed(name):
     return gradflow.load(figures.FIGURES_DIR / f"{name}.npz")
 
 
-def final(data, label):
-    return float(figures.run_curve(data, label)["eval_metric"][-1])
+def curve(data, label):
+    return figures.run_curve(data, label)
+
+
+def finals(data, label) -> np.ndarray:
+    """``(S,)``: each seed's final evaluation metric."""
+    return np.atleast_2d(curve(data, label)["eval_metric"])[:, -1]
+
+
+def share(mask) -> float:
+    """The fraction of seeds where ``mask`` holds."""
+    return float(np.mean(mask))
+
+
+def first_below(data, label, target=0.01) -> np.ndarray:
+    """``(S,)``: each seed's first evaluation step with MSE < target (inf if never)."""
+    c = curve(data, label)
+    steps, m = np.atleast_2d(c["eval_step"]), np.atleast_2d(c["eval_metric"])
+    return np.array([s[v < target][0] if (v < target).any() else np.inf for s, v in zip(steps, m)])
+
+
+def bottom_over_top(data, label, step) -> np.ndarray:
+    """``(S,)``: the probe-loss gradient reaching the bottom layer over the top layer's (mean
+    over steps) per seed, from the recorded hidden-state maps ``(S, L, T)``."""
+    v = np.asarray(figures.run_record(data, label, "map", step).values, float)
+    return v[:, 0].mean(-1) / v[:, -1].mean(-1)
+
+
+def saturated(data, label, gate, step) -> np.ndarray:
+    """``(S,)``: the pooled saturated share of ``gate`` per seed."""
+    return np.atleast_1d(figures.run_record(data, label, "gates", step)[f"saturated/{gate}/pooled"])
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -184,62 +217,143 @@ def test_committed_training_data_match_their_config(name):
     for key, value in config.items():
         if key != "runs":
             assert data.config[key] == value, key
+    seeds = config["seeds"]
+    assert len(seeds) >= 5 and data.config["seed"] is None
     for label, run in data.config["runs"].items():
-        assert run["train_steps"] == config["steps"] and run["seed"] == config["seed"]
+        assert run["train_steps"] == config["steps"] and run["seeds"] == seeds
+        c = curve(data, label)
+        assert c["loss"].shape == (len(seeds), config["steps"])
+        # the seeds are different runs, not one run five times
+        assert len({tuple(np.round(v, 6)) for v in c["loss"]}) == len(seeds)
 
 
-def test_deep_adding_star_and_gru_train_at_8_layers_and_lstm_does_not():
+def test_readme_training_figures_example_runs():
+    import re
+
+    text = (figures.FIGURES_DIR.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
+                 if 'figure_data("deep_adding"' in b)
+    ns = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    assert figures.run_curve(ns["data"], "star")["eval_metric"].shape == (2, 5)
+    assert figures.run_record(ns["data"], "lstm", "map", "last").values.shape == (2, 3, 10)
+
+
+def test_reproduce_regenerates_a_small_seeded_training_figure(tmp_path):
+    """The reproduce machinery, run on the committed deep_adding config at a tiny size with 2
+    seeds, writes a figure of the committed one's structure (runs, array names, a leading seed
+    axis, config keys) on which the claim quantities of the tests below compute per seed."""
+    import json
+
+    from gradflow import reproduce
+
+    config = figures.load_config("deep_adding")
+    runs = [r for r in config["runs"] if r[0] in ("lstm", "star")]
+    small = {**config, "runs": runs, "task_options": {"steps": 4}, "layers": 2, "hidden": 6,
+             "steps": 8, "batch": 8, "eval_every": 4, "eval_batch": 16, "record_batch": 4,
+             "seeds": [0, 1]}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "cfg" / "deep_adding.json").write_text(json.dumps(small))
+    said = []
+    written = reproduce.reproduce("deep_adding", tmp_path / "out", config_dir=tmp_path / "cfg",
+                                  log=said.append, progress=said.append)
+    assert sorted(p.rsplit(".", 1)[1] for p in written) == ["npz", "png"]
+    assert any("done in" in s for s in said)
+    import gradflow
+
+    new, old = gradflow.load(tmp_path / "out" / "deep_adding.npz"), committed("deep_adding")
+    assert set(new.config) == set(old.config) and new.config["seeds"] == [0, 1]
+    import re
+
+    def named(data, label):  # array names with the last step written as "end"
+        return {re.sub(r"@(?!0/)\d+/", "@end/", k): v for k, v in data.arrays.items()
+                if k.startswith(f"{label}/")}
+
+    for label in ("lstm", "star"):
+        got, want = named(new, label), named(old, label)
+        assert set(got) == set(want), label
+        for k, v in want.items():
+            assert got[k].ndim == v.ndim and got[k].shape[0] == 2, k
+        assert finals(new, label).shape == (2,) and np.isfinite(finals(new, label)).all()
+        # what holds at any size: the evaluation loss falls from its value at init in every seed
+        c = figures.run_curve(new, label)
+        assert (c["eval_loss"][:, -1] < c["eval_loss"][:, 0]).all()
+    # and the init-time claim of the committed figure holds here too, seed by seed
+    assert (bottom_over_top(new, "lstm", "first") < bottom_over_top(new, "star", "first")).all()
+
+
+def test_deep_adding_across_seeds():
     d = committed("deep_adding")
-    assert final(d, "star") < 0.01 and final(d, "gru") < 0.01
-    assert final(d, "lstm") > 0.15  # the constant prediction scores 1/6
-    star = figures.run_curve(d, "star")
-    assert star["eval_step"][star["eval_metric"] < 0.01][0] <= 1000  # STAR first
-    ratio = lambda label, s: (lambda v: v[0].mean() / v[-1].mean())(  # noqa: E731
-        figures.run_record(d, label, "map", s).values)
-    # at init the LSTM's gradient reaching the bottom layer is < 1% of the top's; GRU/STAR > 10%
-    assert ratio("lstm", "first") < 0.01 and ratio("gru", "first") > 0.1
-    assert ratio("star", "first") > 0.1
-    assert ratio("lstm", "last") < ratio("lstm", "first")  # and it got worse with training
+    # LSTM (zero or forget bias 1) never leaves the constant prediction at 8 layers: 5/5 seeds
+    assert share(finals(d, "lstm") > 0.8 * CONSTANT) == 1
+    assert share(finals(d, "lstm, forget bias 1") > 0.8 * CONSTANT) >= 0.8
+    # STAR gets below MSE 0.01 in 3 of 5 seeds within 1000 steps, the GRU in 1 of 5
+    star, gru = share(finals(d, "star") < 0.01), share(finals(d, "gru") < 0.01)
+    assert star >= 0.4 and star >= gru
+    # at init (no training: the same on every machine) the gradient reaching the bottom layer is
+    # < 1% of the top's for the LSTM (< 10% with forget bias 1), > 10% for GRU and STAR
+    assert (bottom_over_top(d, "lstm", "first") < 0.01).all()
+    assert (bottom_over_top(d, "lstm, forget bias 1", "first") < 0.1).all()
+    for label in ("gru", "star"):
+        assert (bottom_over_top(d, label, "first") > 0.1).all(), label
+    # and training makes the LSTM's worse in every seed
+    assert (bottom_over_top(d, "lstm", "last") < bottom_over_top(d, "lstm", "first")).all()
+    # seed by seed, a STAR or GRU run that trained kept its bottom layer's gradient (> 10% of
+    # the top's) and one left at the constant prediction lost it (< 5%)
+    for label in ("star", "gru"):
+        f, r = finals(d, label), bottom_over_top(d, label, "last")
+        assert (r[f < 0.01] > 0.1).all() and (r[f > 0.8 * CONSTANT] < 0.05).all(), label
 
 
-def test_gu_copy_ur_lstm_learns_and_saturates_its_gate_while_lstm_stays_at_chance():
-    from gradflow import gates
-
+def test_gu_copy_across_seeds():
     d = committed("gu_copy_gates")
     chance = 1 / 8
-    assert final(d, "UR-LSTM") > 2.5 * chance
+    # the UR-LSTM learns beyond chance in (at least 4 of) 5 seeds, LSTM and LSTM+UGI do not
+    assert share(finals(d, "UR-LSTM") > 2.5 * chance) >= 0.8
     for label in ("LSTM", "LSTM+UGI"):
-        assert final(d, label) < 1.3 * chance
-    sat = {label: [gates.summary(figures.run_record(d, label, "gates", s))[g]["saturated"]
-                   for s in ("first", "last")]
-           for label, g in (("LSTM", "f"), ("LSTM+UGI", "f"), ("UR-LSTM", "g"))}
-    assert sat["UR-LSTM"][0] < 0.01 and sat["UR-LSTM"][1] > 0.4
-    assert sat["LSTM"][1] < 0.05 and sat["LSTM+UGI"][1] < sat["UR-LSTM"][1]
-    # "solves the copy task" did not reproduce at this size: accuracy stays well below 1
-    assert final(d, "UR-LSTM") < 0.5
+        assert share(finals(d, label) < 1.3 * chance) >= 0.8, label
+    # "solves the copy task": not tested at paper scale; here no seed gets near it in 1000 steps
+    assert share(finals(d, "UR-LSTM") > 0.9) <= 0.2
+    # the UR-LSTM's effective gate: unsaturated at init (every seed), about half saturated after
+    assert (saturated(d, "UR-LSTM", "g", "first") < 0.01).all()
+    assert share(saturated(d, "UR-LSTM", "g", "last") > 0.3) >= 0.8
+    assert (saturated(d, "LSTM", "f", "last") < 0.05).all()
+    assert np.median(saturated(d, "LSTM+UGI", "f", "last")) < np.median(
+        saturated(d, "UR-LSTM", "g", "last"))
 
 
-def test_cheng_every_cell_solves_adding_and_refined_gates_get_there_first():
+def test_cheng_across_seeds():
     d = committed("cheng_refined_adding")
-    for label in d.config["runs"]:
-        assert final(d, label) < 0.01, label
+    others = [label for label in d.config["runs"] if label != "lstm"]
+    # every cell but the plain LSTM gets below MSE 0.02 in (at least 4 of) 5 seeds; the plain
+    # LSTM is the least reliable (3 of 5 below 0.01 within 800 steps)
+    for label in others:
+        assert share(finals(d, label) < 0.02) >= 0.8, label
+        assert share(finals(d, label) < 0.01) >= share(finals(d, "lstm") < 0.01), label
+    # the refined gates get below MSE 0.01 earlier: median over seeds of the first step
+    med = {label: float(np.median(first_below(d, label))) for label in d.config["runs"]}
+    assert med["refined_gru"] <= med["gru"]
+    assert med["refined_mgu"] < med["mgu"]
+    assert med["refined_lstm (add)"] < med["lstm"]
 
-    def first(label):
-        c = figures.run_curve(d, label)
-        return int(c["eval_step"][c["eval_metric"] < 0.01][0])
 
-    assert first("refined_gru") < first("gru")
-    assert first("refined_mgu") < first("mgu")
-    assert first("refined_lstm (add)") < first("lstm") == first("refined_lstm")
-
-
-def test_g_lstm_budget_lowers_updates_but_not_tenfold():
+def test_g_lstm_budget_across_seeds():
     d = committed("g_lstm_budget")
-    upd = {label: float(figures.run_curve(d, label)["eval_updates"][-1])
-           for label in d.config["runs"] if label != "LSTM"}
-    assert upd["g-LSTM, budget 0.01"] > upd["g-LSTM, budget 0.1"] > upd["g-LSTM, budget 1"]
-    assert upd["g-LSTM, budget 1"] < 0.6 * upd["g-LSTM"]
-    # the paper's ">= 10x fewer updates with the budget" did not reproduce here
-    assert min(upd.values()) > 0.1
-    assert final(d, "LSTM") < 0.01 and final(d, "g-LSTM") < 0.01
-    assert final(d, "g-LSTM, budget 1") > final(d, "g-LSTM")  # fewer updates cost accuracy
+    upd = {label: curve(d, label)["eval_updates"][:, -1] for label in d.config["runs"]
+           if label != "LSTM"}
+    # seed by seed: the budget lowers the update fraction, monotonically in lambda
+    assert (upd["g-LSTM, budget 0.1"] < upd["g-LSTM"]).all()
+    assert (upd["g-LSTM, budget 1"] < upd["g-LSTM, budget 0.1"]).all()
+    assert (upd["g-LSTM, budget 1"] < 0.6 * upd["g-LSTM"]).all()
+    # the paper's ">= 10x fewer updates": not tested at paper scale; here never (at most ~4x)
+    assert min(float(v.min()) for v in upd.values()) > 0.1
+    # fewer updates cost accuracy: the median final MSE at lambda = 1 is > 2x the g-LSTM's
+    assert np.median(finals(d, "g-LSTM, budget 1")) > 2 * np.median(finals(d, "g-LSTM"))
+    # within 800 steps the g-LSTM gets below MSE 0.03 in (at least 4 of) 5 seeds
+    assert share(finals(d, "g-LSTM") < 0.03) >= 0.8
+    # the curriculum is ahead at step 600 (median) but not better at the end
+    c, g = curve(d, "g-LSTM, curriculum"), curve(d, "g-LSTM")
+    at = list(c["eval_step"][0]).index(600)
+    assert np.median(c["eval_metric"][:, at]) < np.median(g["eval_metric"][:, at])
+    assert np.median(finals(d, "g-LSTM, curriculum")) > 0.7 * np.median(finals(d, "g-LSTM"))
