@@ -550,30 +550,47 @@ def table(results: dict, factors=("cell", "init", "input_scale", "layers", "loss
     return "\n".join(lines)
 
 
-def save(results: dict, stem) -> tuple[str, str]:
-    """Write ``stem.npz`` (each claim's arrays, prefixed ``<claim>/``) and ``stem.json`` (each
-    claim's config). Returns both paths; :func:`load` reads them back."""
-    stem = os.fspath(stem)
+def pack(results: dict, meta: dict | None = None):
+    """One :class:`gradflow.results.Result` (``kind="atlas"``) holding every claim's arrays as
+    ``"<claim>/<array>"`` and their configs in ``config["claims"]``; :func:`unpack` inverts it.
+    This is what ``gradflow reproduce`` and :func:`save` write."""
+    from gradflow.results import make_result
+
     arrays = {f"{n}/{k}": v for n, r in results.items() for k, v in r.arrays.items()}
-    np.savez(stem + ".npz", **arrays)
+    return make_result("atlas", arrays, {**(meta or {}),
+                                         "claims": {n: r.config for n, r in results.items()}},
+                       warn=False)
+
+
+def unpack(data) -> dict:
+    """``{claim: Result}`` from a :func:`pack` result."""
+    from gradflow.results import make_result
+
+    return {n: make_result("atlas", {k.split("/", 1)[1]: v for k, v in data.arrays.items()
+                                     if k.split("/", 1)[0] == n}, cfg, warn=False)
+            for n, cfg in data.config["claims"].items()}
+
+
+def save(results: dict, stem) -> tuple[str, str]:
+    """Write ``stem.npz`` (:func:`pack`: a :class:`gradflow.results.Result` file) and
+    ``stem.json`` (each claim's config, for reading). Returns both paths; :func:`load` reads
+    them back."""
+    stem = os.fspath(stem)
+    pack(results).save(stem + ".npz")
     with open(stem + ".json", "w") as f:
         json.dump({n: r.config for n, r in results.items()}, f, indent=1)
     return stem + ".npz", stem + ".json"
 
 
 def load(stem) -> dict:
-    """``{claim: Result}`` written by :func:`save`."""
-    from gradflow.results import make_result
+    """``{claim: Result}`` written by :func:`save` (or by ``gradflow reproduce``)."""
+    from gradflow.results import load as load_result
 
     stem = os.fspath(stem)
-    with open(stem + ".json") as f:
-        configs = json.load(f)
-    with np.load(stem + ".npz") as z:
-        return {n: make_result("atlas", {k.split("/", 1)[1]: z[k] for k in z.files
-                                         if k.split("/", 1)[0] == n}, cfg, warn=False)
-                for n, cfg in configs.items()}
+    return unpack(load_result(stem if stem.endswith(".npz") else stem + ".npz"))
 
 
 __all__ = ["CLAIMS", "Claim", "FACTORS", "Grid", "atlas", "bottom_first", "cell_for",
            "condition_key", "get_claims", "load", "measure", "measure_group", "mechanism",
-           "median_below_top2", "parse_cell", "ratio", "save", "share_within_decade", "table"]
+           "median_below_top2", "pack", "parse_cell", "ratio", "save", "share_within_decade",
+           "table", "unpack"]

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from gradflow import experiments, plot
+from gradflow import atlas, experiments, plot
 from gradflow.results import Result
 
 #: The figure configs shipped with the package (``<name>.json``).
@@ -90,6 +90,13 @@ register("training_runs",
                       "record_batch", "eps", "bins"), "runs"),
          lambda config, data: plot.draw_training(data, config.get("gates"),
                                                  title=config.get("title")))
+
+register("atlas",
+         lambda config: atlas.pack(atlas.atlas(config["claims"], config["grid"]),
+                                   {k: v for k, v in config.items() if k != "claims"}),
+         lambda config, data: plot.draw_atlas(
+             atlas.unpack(data), config.get("rows", "input_scale"), config.get("cols", "init"),
+             title=config.get("title")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -241,3 +241,23 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
                        "cannot read grid")]:
         assert cli.main(["atlas", *argv]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_reproduce_builds_an_atlas_figure_kind(tmp_path):
+    """`gradflow reproduce` regenerates atlas figures: the registered kind packs every claim
+    into one Result that unpacks to what atlas() returns, and draws it."""
+    from gradflow import reproduce
+
+    config = {"figure": "atlas", "claims": ["rnn_amplified"], "rows": "input_scale",
+              "cols": "init", "grid": {"cells": ["rnn"], "sizes": [[3, 3]], "hidden": [4],
+                                       "input_scales": [0.1, 1.0], "seeds": [0, 1], "batch": 2}}
+    builder = reproduce.BUILDERS["atlas"]
+    data = builder.compute(config)
+    direct = A.atlas(["rnn_amplified"], config["grid"], progress=False)["rnn_amplified"]
+    got = A.unpack(data)["rnn_amplified"]
+    np.testing.assert_array_equal(got.statistic, direct.statistic)
+    np.testing.assert_array_equal(got.holds, direct.holds)
+    assert got.config["conditions"] == direct.config["conditions"]
+    path = data.save(tmp_path / "a.npz")
+    np.testing.assert_array_equal(A.load(path)["rnn_amplified"].fraction, direct.fraction)
+    assert builder.draw(config, data).axes
