@@ -50,6 +50,7 @@ Example (a plain function: a tanh RNN whose carry is its output)::
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Any, Callable
@@ -196,50 +197,76 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
         raise ValueError(f"{who}: finding the output leaf and the gate kinds runs one step; "
                          "give hidden_size= (or output= and gate_kinds=)")
     if can_probe and (need_output or reports_gates):
-        params, n_in = probe_params()
-        H = int(hidden_size)
-        ks = jax.random.split(jax.random.key(7), n + 1)
-        carry = jax.tree_util.tree_unflatten(
-            treedef, [jax.random.normal(k, (_PROBE_BATCH, H)) for k in ks[:n]])
-        x = jax.random.normal(ks[n], (_PROBE_BATCH, n_in))
-        try:
-            new, y, probe_gates = call_b(params, carry, x)
-            new_leaves = treedef.flatten_up_to(new)
-        except Exception as e:  # the user's function failed: say where, with its message
-            raise ValueError(f"{who}: one probe step (batch {_PROBE_BATCH}, input_size {n_in}, "
-                             f"hidden_size {H}) failed: {_message(e)}") from e
+        new_leaves, y, probe_gates = _probe(who, call_b, treedef, n, probe_params,
+                                            int(hidden_size))
         if need_output:
-            if y is None or jnp.shape(y) != (_PROBE_BATCH, H):
-                raise ValueError(f"{who}: the step's output has shape {jnp.shape(y)}, expected "
-                                 f"(batch, {H}); give output= (the carry leaf that is h)")
-            hits = [i for i, v in enumerate(new_leaves) if jnp.shape(v) == jnp.shape(y)
-                    and bool(jnp.array_equal(v, y))]
-            if len(hits) != 1:
-                what = "none" if not hits else f"leaves {hits}"
-                raise ValueError(
-                    f"{who}: gradflow needs the output h to be one of the carry's arrays (it goes "
-                    f"up a layer and forward in time); on a probe step {what} of the carry "
-                    "equal the output. Give output=INDEX or KEY")
-            out = hits[0]
-    if out is None:
-        out = 0
-    names = _state_names(n, out)
+            out = _find_output(who, new_leaves, y, int(hidden_size))
+    names = _state_names(n, 0 if out is None else out)
     if reports_gates:
-        for g, k in kinds.items():
-            if probe_gates is not None and g not in probe_gates:
-                raise ValueError(f"{who}: gate_kinds names {g!r}, which the gates do not report "
-                                 f"({', '.join(map(repr, probe_gates))})")
-        if probe_gates is not None:
-            for g, v in probe_gates.items():
-                if jnp.shape(v) != (_PROBE_BATCH, int(hidden_size)):
-                    raise ValueError(f"{who}: gate {g!r} has shape {jnp.shape(v)} on a probe "
-                                     f"batch of {_PROBE_BATCH}; gates must be (batch, hidden_size)")
-                if g not in kinds:
-                    v = np.asarray(v)
-                    kinds[g] = "sigmoid" if bool(np.all((v >= 0) & (v <= 1))) else "other"
-            kinds = {g: kinds[g] for g in probe_gates}
-    gate_names = tuple(kinds)
+        kinds = _settle_kinds(who, kinds, probe_gates, hidden_size)
+    recur, init_fn = _functions(who, call_b, treedef, names, tuple(kinds), n, hidden_size,
+                                make_init)
+    opts = {**options, "adapter": who}
+    if hidden_size:
+        opts["hidden_size"] = int(hidden_size)
+    return Cell(name=name, init_fn=init_fn, recur_fn=recur, options=tuple(sorted(opts.items())),
+                state_names=names, gate_kinds=tuple(kinds.items()),
+                equation=f"{who}: {options.get('module', 'user function')}",
+                to_params=to_params)
 
+
+def _probe(who, call_b, treedef, n, probe_params, H):
+    """One step on random inputs: ``(new carry leaves, output y, gates)``."""
+    params, n_in = probe_params()
+    ks = jax.random.split(jax.random.key(7), n + 1)
+    carry = jax.tree_util.tree_unflatten(
+        treedef, [jax.random.normal(k, (_PROBE_BATCH, H)) for k in ks[:n]])
+    x = jax.random.normal(ks[n], (_PROBE_BATCH, n_in))
+    try:
+        new, y, probe_gates = call_b(params, carry, x)
+        return treedef.flatten_up_to(new), y, probe_gates
+    except Exception as e:  # the user's function failed: say where, with its message
+        raise ValueError(f"{who}: one probe step (batch {_PROBE_BATCH}, input_size {n_in}, "
+                         f"hidden_size {H}) failed: {_message(e)}") from e
+
+
+def _find_output(who, new_leaves, y, H) -> int:
+    """The index of the one carry leaf equal to the step's output ``y``."""
+    if y is None or jnp.shape(y) != (_PROBE_BATCH, H):
+        raise ValueError(f"{who}: the step's output has shape {jnp.shape(y)}, expected "
+                         f"(batch, {H}); give output= (the carry leaf that is h)")
+    hits = [i for i, v in enumerate(new_leaves) if jnp.shape(v) == jnp.shape(y)
+            and bool(jnp.array_equal(v, y))]
+    if len(hits) != 1:
+        what = "none" if not hits else f"leaves {hits}"
+        raise ValueError(
+            f"{who}: gradflow needs the output h to be one of the carry's arrays (it goes "
+            f"up a layer and forward in time); on a probe step {what} of the carry "
+            "equal the output. Give output=INDEX or KEY")
+    return hits[0]
+
+
+def _settle_kinds(who, kinds: dict, probe_gates, hidden_size) -> dict:
+    """The gate kinds: as given, checked against the probe's gates; a gate not given is
+    ``"sigmoid"`` when its probe values lie in [0, 1], else ``"other"``."""
+    for g in kinds:
+        if probe_gates is not None and g not in probe_gates:
+            raise ValueError(f"{who}: gate_kinds names {g!r}, which the gates do not report "
+                             f"({', '.join(map(repr, probe_gates))})")
+    if probe_gates is None:
+        return kinds
+    for g, v in probe_gates.items():
+        if jnp.shape(v) != (_PROBE_BATCH, int(hidden_size)):
+            raise ValueError(f"{who}: gate {g!r} has shape {jnp.shape(v)} on a probe "
+                             f"batch of {_PROBE_BATCH}; gates must be (batch, hidden_size)")
+        if g not in kinds:
+            v = np.asarray(v)
+            kinds[g] = "sigmoid" if bool(np.all((v >= 0) & (v <= 1))) else "other"
+    return {g: kinds[g] for g in probe_gates}
+
+
+def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_init):
+    """The cell's ``(recur, init_fn)`` around the batched user step ``call_b``."""
     def recur(params, state, xp, t):
         lead = xp.shape[:-1]
         H = state["h"].shape[-1]
@@ -272,13 +299,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
         fits(params, n_in, H, dtype)
         return params
 
-    opts = {**options, "adapter": who}
-    if hidden_size:
-        opts["hidden_size"] = int(hidden_size)
-    return Cell(name=name, init_fn=init_fn, recur_fn=recur, options=tuple(sorted(opts.items())),
-                state_names=names, gate_kinds=tuple(kinds.items()),
-                equation=f"{who}: {options.get('module', 'user function')}",
-                to_params=to_params)
+    return recur, init_fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +570,29 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
 # Equinox
 
 
+def _eqx_split(eqx, m):
+    """An Equinox module's arrays as a flat dict named by attribute path, plus how to rebuild
+    it: ``(params, treedef, static)``."""
+    arrays, static = eqx.partition(m, eqx.is_array)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(arrays)
+    return {_path_name(p): v for p, v in flat}, treedef, static
+
+
+def _eqx_to_params(eqx, module, keys, obj):
+    """A layer's params from a trained module like ``module`` (or its params dict)."""
+    who = "from_equinox"
+    if isinstance(obj, eqx.Module):
+        p, _, _ = _eqx_split(eqx, obj)
+        if type(obj) is not type(module) or sorted(p) != sorted(keys):
+            raise TypeError(f"{who}: a layer's module ({type(obj).__name__}) does not have "
+                            f"the structure of the cell's ({type(module).__name__})")
+        return p
+    if isinstance(obj, dict):
+        return obj
+    raise TypeError(f"{who}: a layer's weights are an equinox module or its params dict, "
+                    f"got {type(obj).__name__}")
+
+
 def from_equinox(module, *, hidden_size: int | None = None, state=None, output=None,
                  gates=None, gate_kinds=None, init: Callable | None = None,
                  name: str | None = None) -> Cell:
@@ -597,11 +641,7 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
         output = 0 if output is None else output
     template = _template(state, H, who)
 
-    def split(m):
-        arrays, static = eqx.partition(m, eqx.is_array)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(arrays)
-        return {_path_name(p): v for p, v in flat}, treedef, static
-
+    split = functools.partial(_eqx_split, eqx)
     own, treedef, static = split(module)
     keys = list(own)
 
@@ -613,17 +653,7 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
         m = rebuilt(params)
         return m(x, carry), None, (gates(m, carry, x) if gates is not None else {})
 
-    def to_params(obj):
-        if isinstance(obj, eqx.Module):
-            p, _, _ = split(obj)
-            if type(obj) is not type(module) or sorted(p) != sorted(keys):
-                raise TypeError(f"{who}: a layer's module ({type(obj).__name__}) does not have "
-                                f"the structure of the cell's ({type(module).__name__})")
-            return p
-        if isinstance(obj, dict):
-            return obj
-        raise TypeError(f"{who}: a layer's weights are an equinox module or its params dict, "
-                        f"got {type(obj).__name__}")
+    to_params = functools.partial(_eqx_to_params, eqx, module, keys)
 
     def make_init(key, n_in, H_, dtype):
         if init is not None:
