@@ -223,7 +223,7 @@ class Grid:
         if any(len(s) != 2 or min(s) < 1 for s in sizes):
             raise ValueError(f"sizes are (layers, steps) pairs of positive integers, got {sizes}")
         object.__setattr__(self, "sizes", sizes)
-        object.__setattr__(self, "seeds", _sweep._seeds(self.seeds))
+        object.__setattr__(self, "seeds", _sweep.check_seeds(self.seeds))
         object.__setattr__(self, "input_scales", tuple(float(s) for s in self.input_scales))
         for f, what, valid in (("losses", "loss", _jac.LOSSES),
                                ("wrts", "wrt", ("params", "hidden"))):
@@ -342,7 +342,7 @@ def measure_group(conditions: list[dict], devices=None) -> list:
                          + ", ".join(_GROUPED))
     steps, hidden, layers, batch = c0["steps"], c0["hidden"], c0["layers"], c0["batch"]
     dt = jnp.dtype(dtype_of(c0["dtype"]))
-    seeds = _sweep._seeds(c0["seeds"])
+    seeds = _sweep.check_seeds(c0["seeds"])
     inits = list(dict.fromkeys(c["init"] for c in conditions))
     scales = list(dict.fromkeys(c["input_scale"] for c in conditions))
     pairs = tuple(dict.fromkeys((c["loss"], c["wrt"]) for c in conditions))
@@ -352,7 +352,7 @@ def measure_group(conditions: list[dict], devices=None) -> list:
         cell_configs[init] = st.cell.config
         problems += [_sweep.seed_problem(st, s, steps=steps, batch=batch, dtype=dt)
                      for s in seeds]
-    mesh = _sweep._mesh(devices)
+    mesh = _sweep.device_mesh(devices)
     n_dev = mesh.devices.size
     n = len(problems)
     problems += [problems[-1]] * (math.ceil(n / n_dev) * n_dev - n)

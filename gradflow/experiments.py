@@ -296,7 +296,7 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
 
     runs = _runs(runs)
     if seeds is not None:
-        seeds = _seeds._seed_list(seeds)
+        seeds = _seeds.seed_list(seeds)
     record = _names(record, "record", RECORDS) if record else []
     the_task = _tasks.make(task, **(task_options or {}))
     recorders = _recorders(record, eps, bins)

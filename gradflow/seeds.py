@@ -31,7 +31,7 @@ from gradflow.errors import user_input
 from gradflow.results import make_result
 
 
-def _seed_list(seeds) -> list[int]:
+def seed_list(seeds) -> list[int]:
     """``seeds`` as a non-empty list of distinct non-negative ints."""
     if isinstance(seeds, (int, np.integer)) or isinstance(seeds, str):
         raise TypeError(f"seeds must be a list of ints, got {seeds!r}")
@@ -54,7 +54,7 @@ def _chunk(theta, opt_state, k_data, start, lr, clip, budget, *, count, spec, st
         def body(carry, s):
             th, op = carry
             xs, ys, mask = sample(jax.random.fold_in(k, s), batch, dtype)
-            th, op, loss, metric = _train._update(th, op, xs, ys, mask, lr, clip, budget,
+            th, op, loss, metric = _train.update_theta(th, op, xs, ys, mask, lr, clip, budget,
                                                   spec=spec, stack=stack, kind=kind)
             return (th, op), (loss, metric)
 
@@ -67,8 +67,8 @@ def _chunk(theta, opt_state, k_data, start, lr, clip, budget, *, count, spec, st
 
 @functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
 def _evaluate_all(theta, xs, ys, mask, *, spec, stack, kind):
-    """:func:`gradflow.train._evaluate` of every seed on its own evaluation batch."""
-    return jax.vmap(lambda th, x, y, m: _train._evaluate(th, x, y, m, spec=spec, stack=stack,
+    """:func:`gradflow.train.evaluate_theta` of every seed on its own evaluation batch."""
+    return jax.vmap(lambda th, x, y, m: _train.evaluate_theta(th, x, y, m, spec=spec, stack=stack,
                                                          kind=kind))(theta, xs, ys, mask)
 
 
@@ -77,6 +77,47 @@ def _boundaries(cfg) -> list[int]:
     evals = set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
     stages = {u for u, _ in cfg.curriculum or () if u < cfg.steps}
     return sorted(evals | set(cfg.record_at) | stages | {0})
+
+
+def _start(stack, task, cfgs, seeds):
+    """Every seed's initial state, stacked on a leading axis: ``(theta, opt_state, spec,
+    data keys, evaluation batch (xs, ys, mask), (lr, clip, budget))``."""
+    cfg, dt = cfgs[0], jnp.dtype(cfgs[0].dtype)
+    states = []
+    for c in cfgs:
+        state, spec = _train.init_state(stack, task, c)
+        states.append(state)
+    theta = jnp.stack([s.theta for s in states])
+    opt_state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[s.opt_state for s in states])
+    k_data = jnp.stack([_train.keys(s)[1] for s in seeds])
+    evals = [_train.eval_batch_of(task, _train.keys(s)[2], cfg.eval_batch, cfg.batch, dt)
+             for s in seeds]
+    batch = tuple(jnp.stack(parts) for parts in zip(*evals))
+    consts = (jnp.asarray(cfg.lr, dt), jnp.asarray(np.inf if cfg.clip is None else cfg.clip, dt),
+              jnp.asarray(cfg.budget, dt))
+    return theta, opt_state, spec, k_data, batch, consts
+
+
+def _histories(cfgs, stack, task, curve, ev, recs, record_steps, theta, spec, dt) -> list:
+    """One :class:`gradflow.train.History` per seed from the stacked curves and records."""
+    cfg = cfgs[0]
+    hists = []
+    eval_step = np.asarray(ev.pop("eval_step"), np.int64)
+    for j, c in enumerate(cfgs):
+        arrays = {"step": np.arange(cfg.steps, dtype=np.int64),
+                  **{k: (np.concatenate([v[j] for v in vs]) if vs else
+                         np.zeros(0, np.int64 if k == "seq_len" else dt))
+                     for k, vs in curve.items()},
+                  "eval_step": eval_step,
+                  **{k: np.asarray([v[j] for v in vs], dt) for k, vs in ev.items()}}
+        arrays["loss"] = arrays["loss"].astype(dt)
+        arrays["metric"] = arrays["metric"].astype(dt)
+        config = c.describe(stack, task, task)
+        hists.append(_train.History(
+            make_result("training", arrays, config, warn=False),
+            {k: tuple(v) for k, v in recs[j].items()}, tuple(record_steps),
+            _train.unflatten_host(theta[j], spec), stack, task))
+    return hists
 
 
 def train_seeds(stack, task, seeds, *, steps: int = 500, batch: int = 32, lr: float = 1e-3,
@@ -95,26 +136,16 @@ def train_seeds(stack, task, seeds, *, steps: int = 500, batch: int = 32, lr: fl
       gradflow.errors.InputError: a bad option or seed list, before any training.
     """
     with user_input():
-        seeds = _seed_list(seeds)
-        task = _train._task(task, "task")
+        seeds = seed_list(seeds)
+        task = _train.as_task(task, "task")
         cfgs = [_train.TrainConfig(steps=steps, batch=batch, lr=lr, clip=clip, seed=s,
                                    dtype=dtype, eval_every=eval_every, eval_batch=eval_batch,
                                    record_at=record_at, record_batch=record_batch,
                                    budget=budget, curriculum=curriculum) for s in seeds]
-        record = _train._check_run(stack, task, task, cfgs[0], record)
+        record = _train.check_run(stack, task, task, cfgs[0], record)
     cfg, dt = cfgs[0], jnp.dtype(cfgs[0].dtype)
-    states = []
-    for c in cfgs:
-        state, spec = _train.init_state(stack, task, c)
-        states.append(state)
-    theta = jnp.stack([s.theta for s in states])
-    opt_state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[s.opt_state for s in states])
-    k_data = jnp.stack([_train.keys(s)[1] for s in seeds])
-    evals = [_train.eval_batch_of(task, _train.keys(s)[2], cfg.eval_batch, cfg.batch, dt)
-             for s in seeds]
-    eval_xs, eval_ys, eval_mask = (jnp.stack(parts) for parts in zip(*evals))
-    consts = (jnp.asarray(cfg.lr, dt), jnp.asarray(np.inf if cfg.clip is None else cfg.clip, dt),
-              jnp.asarray(cfg.budget, dt))
+    theta, opt_state, spec, k_data, (eval_xs, eval_ys, eval_mask), consts = _start(
+        stack, task, cfgs, seeds)
     n_seeds = len(seeds)
     curve = {"loss": [], "metric": [], "seq_len": []}
     ev = {}
@@ -122,7 +153,7 @@ def train_seeds(stack, task, seeds, *, steps: int = 500, batch: int = 32, lr: fl
     record_steps = []
     stage_tasks = {}
     bounds = _boundaries(cfg)
-    length = _train._length_at(0, cfg.curriculum, task.steps)
+    length = _train.length_at(0, cfg.curriculum, task.steps)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -138,7 +169,7 @@ def train_seeds(stack, task, seeds, *, steps: int = 500, batch: int = 32, lr: fl
             if at in cfg.record_at:
                 record_steps.append(at)
                 for j in range(n_seeds):
-                    params = _train._unflatten_host(theta[j], spec)["stack"]
+                    params = _train.unflatten_host(theta[j], spec)["stack"]
                     got = _train.record(record, stack, params,
                                         eval_xs[j][:cfg.record_batch], at)
                     for name, r in got.items():
@@ -146,10 +177,10 @@ def train_seeds(stack, task, seeds, *, steps: int = 500, batch: int = 32, lr: fl
             if at >= cfg.steps:
                 break
             count = bounds[i + 1] - at
-            n = _train._length_at(at, cfg.curriculum, task.steps)
+            n = _train.length_at(at, cfg.curriculum, task.steps)
             if n != length and stack.cell.rescale_time is not None:
-                theta = jnp.stack([_train._flatten(_train._rescale_time_gate(
-                    stack, _train._unflatten_host(theta[j], spec), n / length), dt)
+                theta = jnp.stack([_train.flatten(_train.rescale_time_gate(
+                    stack, _train.unflatten_host(theta[j], spec), n / length), dt)
                     for j in range(n_seeds)])
             length = n
             if n not in stage_tasks:
@@ -166,23 +197,7 @@ def train_seeds(stack, task, seeds, *, steps: int = 500, batch: int = 32, lr: fl
     finally:
         if bar is not None:
             bar.close()
-    hists = []
-    eval_step = np.asarray(ev.pop("eval_step"), np.int64)
-    for j, c in enumerate(cfgs):
-        arrays = {"step": np.arange(cfg.steps, dtype=np.int64),
-                  **{k: (np.concatenate([v[j] for v in vs]) if vs else
-                         np.zeros(0, np.int64 if k == "seq_len" else dt))
-                     for k, vs in curve.items()},
-                  "eval_step": eval_step,
-                  **{k: np.asarray([v[j] for v in vs], dt) for k, vs in ev.items()}}
-        arrays["loss"] = arrays["loss"].astype(dt)
-        arrays["metric"] = arrays["metric"].astype(dt)
-        config = c.describe(stack, task, task)
-        hists.append(_train.History(
-            make_result("training", arrays, config, warn=False),
-            {k: tuple(v) for k, v in recs[j].items()}, tuple(record_steps),
-            _train._unflatten_host(theta[j], spec), stack, task))
-    return hists
+    return _histories(cfgs, stack, task, curve, ev, recs, record_steps, theta, spec, dt)
 
 
 def stacked(hists) -> "_train.History":
@@ -207,4 +222,4 @@ def stacked(hists) -> "_train.History":
                           first.task)
 
 
-__all__ = ["stacked", "train_seeds"]
+__all__ = ["seed_list", "stacked", "train_seeds"]

@@ -38,7 +38,7 @@ from gradflow.stack import Stack
 AXIS = "seeds"
 
 
-def _seeds(seeds) -> tuple[int, ...]:
+def check_seeds(seeds) -> tuple[int, ...]:
     """Validate ``seeds``: a non-empty sequence of integers in ``[0, 2**31 - 1)``."""
     try:
         out = tuple(operator.index(s) if not isinstance(s, bool) else None for s in seeds)
@@ -50,7 +50,8 @@ def _seeds(seeds) -> tuple[int, ...]:
     return out
 
 
-def _mesh(devices) -> Mesh:
+def device_mesh(devices) -> Mesh:
+    """A one-axis mesh over ``devices`` (default all of ``jax.devices()``)."""
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one device")
@@ -112,8 +113,8 @@ def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float
       ``(loss_values: (S,), maps: (S, L, T))`` as ``jax.Array`` s sharded over the seed axis of
       the device mesh (``maps.sharding.device_set`` names the devices that computed them).
     """
-    seeds = _seeds(seeds)
-    mesh = _mesh(devices)
+    seeds = check_seeds(seeds)
+    mesh = device_mesh(devices)
     n_dev = mesh.devices.size
     padded = math.ceil(len(seeds) / n_dev) * n_dev
     seed_vec = np.array(seeds + (seeds[-1],) * (padded - len(seeds)), np.int32)
@@ -154,7 +155,7 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
     if not names:
         raise ValueError("cells must name at least one cell; valid cells: "
                          + ", ".join(_cells.names()))
-    seeds = _seeds(seeds)
+    seeds = check_seeds(seeds)
     if wrt not in _jac.WRTS:
         raise ValueError(f"unknown wrt {wrt!r}; valid: {', '.join(_jac.WRTS)}")
     if not callable(loss) and loss not in _jac.LOSSES:
@@ -185,4 +186,4 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
     return out
 
 
-__all__ = ["sweep", "sweep_arrays", "seed_problem"]
+__all__ = ["sweep", "sweep_arrays", "seed_problem", "check_seeds", "device_mesh"]

@@ -201,7 +201,7 @@ def init_head(hidden_size: int, output_size: int, dtype) -> dict:
             "b": jnp.zeros((output_size,), dtype)}
 
 
-def _length_at(step: int, stages, full: int) -> int:
+def length_at(step: int, stages, full: int) -> int:
     """The training sequence length at ``step``: the first stage with ``step < until``."""
     for until, n in stages or ():
         if step < until:
@@ -209,7 +209,7 @@ def _length_at(step: int, stages, full: int) -> int:
     return full
 
 
-def _rescale_time_gate(stack: Stack, params: dict, ratio: float) -> dict:
+def rescale_time_gate(stack: Stack, params: dict, ratio: float) -> dict:
     """The time parameters stretched by ``ratio`` in every layer, as the cell declares it
     (:attr:`gradflow.cells.Cell.rescale_time`: g-LSTM's ``mu, sigma``; other cells unchanged)."""
     if stack.cell.rescale_time is None:
@@ -243,7 +243,7 @@ def _spec(params) -> tuple:
     return treedef, tuple(tuple(np.shape(a)) for a in leaves)
 
 
-def _flatten(params, dtype):
+def flatten(params, dtype):
     """All leaves, raveled and concatenated (in NumPy, on the host): ``(n,)``."""
     return jnp.asarray(np.concatenate([np.ravel(np.asarray(a, dtype))
                                        for a in jax.tree_util.tree_leaves(params)]))
@@ -257,7 +257,7 @@ def _unflatten(theta, spec):
     return jax.tree_util.tree_unflatten(treedef, [p.reshape(sh) for p, sh in zip(parts, shapes)])
 
 
-def _unflatten_host(theta, spec):
+def unflatten_host(theta, spec):
     """:func:`_unflatten` in NumPy on the host (nothing to compile), leaves as jax arrays."""
     flat = np.asarray(theta)
     treedef, shapes = spec
@@ -268,7 +268,7 @@ def _unflatten_host(theta, spec):
 
 def _optimizer(clip):
     """``clip_by_global_norm(clip)`` then Adam's scaling; the step ``-lr * update`` is applied
-    in :func:`_update`. ``clip`` may be traced (``inf`` for no clipping), so neither it nor
+    in :func:`update_theta`. ``clip`` may be traced (``inf`` for no clipping), so neither it nor
     ``lr`` is compiled in."""
     import optax
 
@@ -288,7 +288,7 @@ def _forward(params, xs, stack: Stack, gates: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
-def _update(theta, opt_state, xs, ys, mask, lr, clip, budget, *, spec, stack, kind):
+def update_theta(theta, opt_state, xs, ys, mask, lr, clip, budget, *, spec, stack, kind):
     """One Adam step on the batch ``(xs, ys, mask)``; returns
     ``(theta, opt_state, task loss, metric)``."""
     timed = _timed(stack)
@@ -306,7 +306,7 @@ def _update(theta, opt_state, xs, ys, mask, lr, clip, budget, *, spec, stack, ki
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
-def _evaluate(theta, xs, ys, mask, *, spec, stack, kind):
+def evaluate_theta(theta, xs, ys, mask, *, spec, stack, kind):
     """Loss and metric on a fixed batch; for time-gated cells also ``mean(k)`` and the
     fraction of updates ``mean(k > 1e-3)``."""
     timed = _timed(stack)
@@ -342,7 +342,7 @@ def keys(seed: int):
 
 def params_of(state: TrainState, spec) -> dict:
     """The ``{"stack", "head"}`` pytree of ``state.theta`` (on the host, nothing compiled)."""
-    return _unflatten_host(state.theta, spec)
+    return unflatten_host(state.theta, spec)
 
 
 def init_state(stack: Stack, task, cfg: TrainConfig, params=None) -> tuple[TrainState, tuple]:
@@ -358,7 +358,7 @@ def init_state(stack: Stack, task, cfg: TrainConfig, params=None) -> tuple[Train
         if "stack" not in params:
             params = {"stack": params, "head": fresh["head"]}
         _check_params(params, fresh)
-    theta = _flatten(params, dt)
+    theta = flatten(params, dt)
     return TrainState(theta, _optimizer(math.inf).init(theta), 0), _spec(fresh)
 
 
@@ -366,7 +366,7 @@ def step(state: TrainState, batch, cfg: TrainConfig, *, spec, stack: Stack, kind
     """One update on ``batch = (xs, ys, mask)``: ``(next state, task loss, metric)``."""
     dt = jnp.dtype(cfg.dtype)
     clip = math.inf if cfg.clip is None else cfg.clip
-    theta, opt_state, loss, metric = _update(
+    theta, opt_state, loss, metric = update_theta(
         state.theta, state.opt_state, *batch, jnp.asarray(cfg.lr, dt), jnp.asarray(clip, dt),
         jnp.asarray(cfg.budget, dt), spec=spec, stack=stack, kind=kind)
     return TrainState(theta, opt_state, state.step + 1), loss, metric
@@ -375,7 +375,7 @@ def step(state: TrainState, batch, cfg: TrainConfig, *, spec, stack: Stack, kind
 def evaluate(state: TrainState, batch, *, spec, stack: Stack, kind: str) -> dict:
     """``{"eval_loss", "eval_metric"}`` (and ``"eval_mean_k", "eval_updates"`` for time-gated
     cells) on ``batch = (xs, ys, mask)``, as host scalars."""
-    return jax.device_get(_evaluate(state.theta, *batch, spec=spec, stack=stack, kind=kind))
+    return jax.device_get(evaluate_theta(state.theta, *batch, spec=spec, stack=stack, kind=kind))
 
 
 def record(fns: Mapping[str, Callable], stack: Stack, stack_params, xs, at: int) -> dict:
@@ -394,7 +394,7 @@ def record(fns: Mapping[str, Callable], stack: Stack, stack_params, xs, at: int)
     return out
 
 
-def _check_run(stack, task, eval_task, cfg: TrainConfig, record_fns) -> dict:
+def check_run(stack, task, eval_task, cfg: TrainConfig, record_fns) -> dict:
     """The checks that need the stack and the tasks; returns ``record_fns`` as a dict."""
     if not isinstance(stack, Stack):
         raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
@@ -419,7 +419,8 @@ def _check_run(stack, task, eval_task, cfg: TrainConfig, record_fns) -> dict:
     return record_fns
 
 
-def _task(task, name: str):
+def as_task(task, name: str):
+    """``task`` as a :class:`gradflow.tasks.Task` (a name is built with its defaults)."""
     if isinstance(task, str):
         return _tasks.make(task)
     if not isinstance(task, _tasks.Task):
@@ -509,7 +510,7 @@ class _Run:
                                                state.opt_state, where)
         start = int(meta["step"])
         self.log.restore(self.run_dir, meta, start)
-        return TrainState(_flatten(params, self.dt), jax.tree_util.tree_map(
+        return TrainState(flatten(params, self.dt), jax.tree_util.tree_map(
             jnp.asarray, opt_state), start)
 
     def measure(self, state: TrainState):
@@ -548,10 +549,10 @@ class _Run:
         """One update at the curriculum's length for this step (the g-LSTM's time parameters
         rescaled where the length changes); returns ``(state, length)``."""
         s = state.step
-        n = _length_at(s, self.cfg.curriculum, self.task.steps)
+        n = length_at(s, self.cfg.curriculum, self.task.steps)
         if n != length and self.stack.cell.rescale_time is not None:
-            params = _rescale_time_gate(self.stack, params_of(state, self.spec), n / length)
-            state = state._replace(theta=_flatten(params, self.dt))
+            params = rescale_time_gate(self.stack, params_of(state, self.spec), n / length)
+            state = state._replace(theta=flatten(params, self.dt))
         if n not in self.stage_tasks:
             self.stage_tasks[n] = _tasks.resize(self.task, n)
         batch = self.stage_tasks[n].sample_fn(jax.random.fold_in(self.k_data, s),
@@ -579,7 +580,7 @@ class _Run:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=steps, initial=start,
                             desc=f"{self.stack.cell.name} on {self.task.name}")
-        length = _length_at(max(start - 1, 0), self.cfg.curriculum, self.task.steps)
+        length = length_at(max(start - 1, 0), self.cfg.curriculum, self.task.steps)
         try:
             while True:
                 if not (state.step == start and start > 0):
@@ -641,12 +642,12 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
       gradflow.errors.InputError: a bad option (a ValueError/TypeError), before any training.
     """
     with user_input():
-        task = _task(task, "task")
-        eval_task = task if eval_task is None else _task(eval_task, "eval_task")
+        task = as_task(task, "task")
+        eval_task = task if eval_task is None else as_task(eval_task, "eval_task")
         cfg = TrainConfig(steps=steps, batch=batch, lr=lr, clip=clip, seed=seed, dtype=dtype,
                           eval_every=eval_every, eval_batch=eval_batch, record_at=record_at,
                           record_batch=record_batch, budget=budget, curriculum=curriculum)
-        record = _check_run(stack, task, eval_task, cfg, record)
+        record = check_run(stack, task, eval_task, cfg, record)
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir, the checkpoint directory to resume "
                              "from")
@@ -663,4 +664,6 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
 
 
 __all__ = ["History", "TrainConfig", "TrainState", "train", "init_state", "step", "evaluate",
-           "record", "params_of", "keys", "readout", "init_head", "eval_batch_of"]
+           "record", "params_of", "keys", "readout", "init_head", "eval_batch_of", "as_task",
+           "check_run", "update_theta", "evaluate_theta", "flatten", "unflatten_host",
+           "length_at", "rescale_time_gate"]
