@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from gradflow import figures, gates, tasks
+from gradflow import experiments, gates, reproduce, tasks
+from gradflow.problem import task_stack
 from gradflow.jacobian import gradient_map
 from gradflow.train import eval_batch_of, train
 
@@ -19,16 +20,16 @@ TINY = dict(task="adding", task_options={"steps": 5}, layers=2, hidden=6, steps=
 @pytest.fixture(scope="module")
 def tiny():
     runs = [["LSTM", "lstm", {}], ["g", "g_lstm", {}, {"budget": 0.05}]]
-    return figures.training_runs(runs, record=["map", "gates"], **TINY)
+    return experiments.training_runs(runs, record=["map", "gates"], **TINY)
 
 
 def test_curves_equal_a_direct_training_run(tiny):
     task = tasks.make("adding", steps=5)
     for label, cell, budget in (("LSTM", "lstm", 0.0), ("g", "g_lstm", 0.05)):
-        stack = figures.task_stack(cell, task, layers=2, hidden=6)
+        stack = task_stack(cell, task, layers=2, hidden=6)
         hist = train(stack, task, steps=6, batch=4, lr=1e-2, seed=3, eval_every=3,
                      eval_batch=8, budget=budget, progress=False)
-        curve = figures.run_curve(tiny, label)
+        curve = experiments.run_curve(tiny, label)
         assert set(curve.arrays) == set(hist.curve.arrays)
         for k, v in hist.curve.arrays.items():
             np.testing.assert_allclose(curve[k], v, rtol=1e-5, err_msg=f"{label} {k}")
@@ -37,30 +38,30 @@ def test_curves_equal_a_direct_training_run(tiny):
 
 def test_recorded_maps_and_gates_equal_direct_measurements(tiny):
     task = tasks.make("adding", steps=5)
-    stack = figures.task_stack("lstm", task, layers=2, hidden=6)
+    stack = task_stack("lstm", task, layers=2, hidden=6)
     hist = train(stack, task, steps=6, batch=4, lr=1e-2, seed=3, eval_every=3, eval_batch=8,
                  progress=False)
     _, _, k_eval = jax.random.split(jax.random.key(3), 3)
     xs = eval_batch_of(task, k_eval, 8, 4, np.float32)[0][:4]
     trained = hist.params["stack"]
     expect = gradient_map(stack, trained, xs, loss="last", wrt="hidden")
-    got = figures.run_record(tiny, "LSTM", "map", "last")
+    got = experiments.run_record(tiny, "LSTM", "map", "last")
     np.testing.assert_allclose(got.values, expect.values, rtol=1e-5)
     assert got.config["train_step"] == 6
     expect = gates.saturation(stack, trained, xs, 0.05, bins=20)
-    got = figures.run_record(tiny, "LSTM", "gates", 6)
+    got = experiments.run_record(tiny, "LSTM", "gates", 6)
     for k in ("mean/f/pooled", "saturated/f/pooled", "hist/f/pooled", "timescale/f/pooled"):
         np.testing.assert_allclose(got[k], expect[k], rtol=1e-5, err_msg=k)
-    init = figures.run_record(tiny, "LSTM", "map", "first")
+    init = experiments.run_record(tiny, "LSTM", "map", "first")
     assert init.config["train_step"] == 0
-    assert not np.allclose(init.values, figures.run_record(tiny, "LSTM", "map").values)
+    assert not np.allclose(init.values, experiments.run_record(tiny, "LSTM", "map").values)
 
 
 def test_time_gated_run_reports_updates_and_the_figure_draws(tiny):
-    c = figures.run_curve(tiny, "g")
+    c = experiments.run_curve(tiny, "g")
     assert 0 < c["eval_updates"][-1] <= 1
-    assert "eval_updates" not in figures.run_curve(tiny, "LSTM").arrays
-    fig = figures.BUILDERS["training_runs"].draw({"gates": {"g": "k"}, "title": "t"}, tiny)
+    assert "eval_updates" not in experiments.run_curve(tiny, "LSTM").arrays
+    fig = reproduce.BUILDERS["training_runs"].draw({"gates": {"g": "k"}, "title": "t"}, tiny)
     # curves (2 axes) + updates (1) + gate histograms (2 steps x 2 runs)
     assert len(fig.axes) == 2 + 1 + 4
 
@@ -73,30 +74,30 @@ def test_time_gated_run_reports_updates_and_the_figure_draws(tiny):
 def tiny_seeds():
     runs = [["LSTM", "lstm", {}], ["g", "g_lstm", {}, {"budget": 0.05}]]
     kw = {k: v for k, v in TINY.items() if k != "seed"}
-    return figures.training_runs(runs, record=["map", "gates"], seeds=[3, 5], **kw)
+    return experiments.training_runs(runs, record=["map", "gates"], seeds=[3, 5], **kw)
 
 
 def test_seeded_runs_equal_each_seed_run_alone(tiny, tiny_seeds):
     assert tiny_seeds.config["seeds"] == [3, 5] and tiny_seeds.config["seed"] is None
     for label in ("LSTM", "g"):
-        both = figures.run_curve(tiny_seeds, label)
+        both = experiments.run_curve(tiny_seeds, label)
         assert both["loss"].shape == (2, 6) and both.config["seeds"] == [3, 5]
-        alone, seed3 = figures.run_curve(tiny, label), figures.run_curve(tiny_seeds, label, 3)
+        alone, seed3 = experiments.run_curve(tiny, label), experiments.run_curve(tiny_seeds, label, 3)
         assert set(seed3.arrays) == set(alone.arrays) and seed3.config["seed"] == 3
         for k, v in alone.arrays.items():
             np.testing.assert_allclose(seed3[k], v, rtol=2e-5, atol=1e-7, err_msg=f"{label} {k}")
         for rec, step in (("map", "first"), ("map", "last"), ("gates", "last")):
-            one = figures.run_record(tiny, label, rec, step)
-            got = figures.run_record(tiny_seeds, label, rec, step, seed=3)
-            assert figures.run_record(tiny_seeds, label, rec, step)[
+            one = experiments.run_record(tiny, label, rec, step)
+            got = experiments.run_record(tiny_seeds, label, rec, step, seed=3)
+            assert experiments.run_record(tiny_seeds, label, rec, step)[
                 next(iter(one.arrays))].shape[0] == 2
             for k, v in one.arrays.items():
                 np.testing.assert_allclose(got[k], v, rtol=2e-4, atol=1e-7, err_msg=f"{rec} {k}")
     # seed 5 is another run: its own init and batches
-    five = figures.run_curve(tiny_seeds, "LSTM", 5)
-    assert not np.allclose(five["loss"], figures.run_curve(tiny, "LSTM")["loss"])
+    five = experiments.run_curve(tiny_seeds, "LSTM", 5)
+    assert not np.allclose(five["loss"], experiments.run_curve(tiny, "LSTM")["loss"])
     with pytest.raises(ValueError, match=r"no seed 4; seeds: \[3, 5\]"):
-        figures.run_curve(tiny_seeds, "LSTM", 4)
+        experiments.run_curve(tiny_seeds, "LSTM", 4)
 
 
 def test_seeded_curriculum_run_equals_train_alone():
@@ -104,7 +105,7 @@ def test_seeded_curriculum_run_equals_train_alone():
     from gradflow.seeds import train_seeds
 
     task = tasks.make("adding", steps=6)
-    stack = figures.task_stack("g_lstm", task, layers=1, hidden=4, cell_steps=3)
+    stack = task_stack("g_lstm", task, layers=1, hidden=4, cell_steps=3)
     kw = dict(steps=5, batch=4, lr=1e-2, eval_every=2, eval_batch=8, budget=0.1,
               curriculum=[[3, 3]])
     hists = train_seeds(stack, task, [1, 2], **kw)
@@ -122,7 +123,7 @@ def test_seeded_curriculum_run_equals_train_alone():
                                          ([-1], "seed"), (3, "list of ints")])
 def test_bad_seed_lists_are_refused(seeds, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        figures.training_runs([["a", "lstm", {}]], seeds=seeds,
+        experiments.training_runs([["a", "lstm", {}]], seeds=seeds,
                               **{**TINY, "steps": 1, "seed": 0})
 
 
@@ -135,26 +136,26 @@ def test_bad_seed_lists_are_refused(seeds, match):
 ])
 def test_bad_configs_are_refused(runs, kw, match):
     with pytest.raises(ValueError, match=match):
-        figures.training_runs(runs, **{**TINY, "steps": 1, **kw})
+        experiments.training_runs(runs, **{**TINY, "steps": 1, **kw})
 
 
 def test_run_accessors_name_what_exists(tiny):
     with pytest.raises(ValueError, match="valid: LSTM, g"):
-        figures.run_curve(tiny, "GRU")
+        experiments.run_curve(tiny, "GRU")
     with pytest.raises(ValueError, match="no 'map' at step 5; steps: \\[0, 6\\]"):
-        figures.run_record(tiny, "LSTM", "map", 5)
+        experiments.run_record(tiny, "LSTM", "map", 5)
     with pytest.raises(ValueError, match="recorded no 'weights'"):
-        figures.run_record(tiny, "LSTM", "weights")
+        experiments.run_record(tiny, "LSTM", "weights")
 
 
 def test_figure_data_loads_committed_data_or_recomputes_with_overrides():
-    committed = figures.figure_data("vertical_gain")
+    committed = reproduce.figure_data("vertical_gain")
     assert committed.kind == "vertical_gain" and committed.config["layers"] == 64
-    small = figures.figure_data("vertical_gain", layers=3, cells=["lstm"])
+    small = reproduce.figure_data("vertical_gain", layers=3, cells=["lstm"])
     np.testing.assert_allclose(small["vertical_rms/lstm"], committed["vertical_rms/lstm"][:3],
                                rtol=1e-5)
     with pytest.raises(ValueError, match="unknown figure 'nope'; valid: .*star_fig2"):
-        figures.figure_data("nope")
+        reproduce.figure_data("nope")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,11 +172,11 @@ CONSTANT = 1 / 6  # the adding task's MSE of the constant prediction 1
 def committed(name):
     import gradflow
 
-    return gradflow.load(figures.FIGURES_DIR / f"{name}.npz")
+    return gradflow.load(reproduce.FIGURES_DIR / f"{name}.npz")
 
 
 def curve(data, label):
-    return figures.run_curve(data, label)
+    return experiments.run_curve(data, label)
 
 
 def finals(data, label) -> np.ndarray:
@@ -198,20 +199,20 @@ def first_below(data, label, target=0.01) -> np.ndarray:
 def bottom_over_top(data, label, step) -> np.ndarray:
     """``(S,)``: the probe-loss gradient reaching the bottom layer over the top layer's (mean
     over steps) per seed, from the recorded hidden-state maps ``(S, L, T)``."""
-    v = np.asarray(figures.run_record(data, label, "map", step).values, float)
+    v = np.asarray(experiments.run_record(data, label, "map", step).values, float)
     return v[:, 0].mean(-1) / v[:, -1].mean(-1)
 
 
 def saturated(data, label, gate, step) -> np.ndarray:
     """``(S,)``: the pooled saturated share of ``gate`` per seed."""
-    return np.atleast_1d(figures.run_record(data, label, "gates", step)[f"saturated/{gate}/pooled"])
+    return np.atleast_1d(experiments.run_record(data, label, "gates", step)[f"saturated/{gate}/pooled"])
 
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_committed_training_data_match_their_config(name):
-    config = figures.load_config(name)
+    config = reproduce.load_config(name)
     data = committed(name)
-    assert (figures.FIGURES_DIR / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (reproduce.FIGURES_DIR / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data.kind == "training_runs" and data.total_nonfinite == 0
     assert [r[0] for r in config["runs"]] == list(data.config["runs"])
     for key, value in config.items():
@@ -230,13 +231,13 @@ def test_committed_training_data_match_their_config(name):
 def test_readme_training_figures_example_runs():
     import re
 
-    text = (figures.FIGURES_DIR.parent / "README.md").read_text()
+    text = (reproduce.FIGURES_DIR.parent / "README.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
                  if 'figure_data("deep_adding"' in b)
     ns = {}
     exec(compile(block, "README.md", "exec"), ns)
-    assert figures.run_curve(ns["data"], "star")["eval_metric"].shape == (2, 5)
-    assert figures.run_record(ns["data"], "lstm", "map", "last").values.shape == (2, 3, 10)
+    assert experiments.run_curve(ns["data"], "star")["eval_metric"].shape == (2, 5)
+    assert experiments.run_record(ns["data"], "lstm", "map", "last").values.shape == (2, 3, 10)
 
 
 def test_reproduce_regenerates_a_small_seeded_training_figure(tmp_path):
@@ -247,7 +248,7 @@ def test_reproduce_regenerates_a_small_seeded_training_figure(tmp_path):
 
     from gradflow import reproduce
 
-    config = figures.load_config("deep_adding")
+    config = reproduce.load_config("deep_adding")
     runs = [r for r in config["runs"] if r[0] in ("lstm", "star")]
     small = {**config, "runs": runs, "task_options": {"steps": 4}, "layers": 2, "hidden": 6,
              "steps": 8, "batch": 8, "eval_every": 4, "eval_batch": 16, "record_batch": 4,
@@ -277,7 +278,7 @@ def test_reproduce_regenerates_a_small_seeded_training_figure(tmp_path):
             assert got[k].ndim == v.ndim and got[k].shape[0] == 2, k
         assert finals(new, label).shape == (2,) and np.isfinite(finals(new, label)).all()
         # what holds at any size: the evaluation loss falls from its value at init in every seed
-        c = figures.run_curve(new, label)
+        c = experiments.run_curve(new, label)
         assert (c["eval_loss"][:, -1] < c["eval_loss"][:, 0]).all()
     # and the init-time claim of the committed figure holds here too, seed by seed
     assert (bottom_over_top(new, "lstm", "first") < bottom_over_top(new, "star", "first")).all()
