@@ -33,6 +33,14 @@ def nonneg_int(name: str, value) -> int:
     return v
 
 
+def int_at_least(name: str, value, low: int) -> int:
+    """``int(value)`` if it is an integer ``>= low`` (not a bool), else a ValueError naming it."""
+    v = _int(name, value, f"an integer >= {low}")
+    if v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return v
+
+
 def _int(name, value, what) -> int:
     try:
         if isinstance(value, bool):

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow import checks
+
 KINDS = ("regression", "classification")
 LOSS_ON = ("last", "steps")
 
@@ -86,10 +88,7 @@ class Task:
 
 
 def _int(task, name, value, low=1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"task {task!r}: option {name} must be an integer >= {low}, "
-                         f"got {value!r}")
-    return int(value)
+    return checks.int_at_least(f"task {task!r}: option {name}", value, low)
 
 
 def _options(task, given, defaults) -> dict:
