@@ -175,17 +175,21 @@ def calibration() -> tuple[float, float]:
     return rate, per_step
 
 
+def _best_of(fn, arg, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls of the jitted ``fn(arg)``, after a warm-up."""
+    fn(arg).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(arg).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _measure() -> tuple[float, float]:
     n = 512
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda a: a @ a)
-    mm(a).block_until_ready()
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        mm(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    rate = 2 * n ** 3 / max(best, 1e-9)
+    rate = 2 * n ** 3 / max(_best_of(jax.jit(lambda a: a @ a), jnp.ones((n, n), jnp.float32)),
+                            1e-9)
     steps = 2000
     w = jnp.eye(16, dtype=jnp.float32) * 0.5
 
@@ -193,14 +197,7 @@ def _measure() -> tuple[float, float]:
     def scan(h):
         return lax.scan(lambda c, _: (jnp.tanh(c @ w), None), h, None, length=steps)[0]
 
-    h = jnp.ones((4, 16), jnp.float32)
-    scan(h).block_until_ready()
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        scan(h).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return rate, best / steps
+    return rate, _best_of(scan, jnp.ones((4, 16), jnp.float32)) / steps
 
 
 # ---------------------------------------------------------------------------------------------
