@@ -18,3 +18,11 @@ def x64():
     """64-bit JAX for the duration of one test."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Each test module starts from empty JAX caches, so the suite's one long process does not
+    carry every module's compiled programs (memory) or traces into the next module."""
+    yield
+    jax.clear_caches()
