@@ -1,9 +1,22 @@
-r"""Claims under conditions: where does each paper's reading of a gradient map hold?
+r"""Claims under conditions: where does each paper's reading of a measurement hold?
 
-A :class:`Claim` is a named predicate on one gradient map ``values: (L, T)`` (a
-:func:`gradflow.gradient_map`): a statistic ``s = predicate(values)`` and a threshold
-``holds(s) -> bool``. The predicates of SPEC section 4 item 1 read the map relative to where the
-loss enters, :math:`r[l, t] = P[l, t] / P[L-1, T-1]`:
+A :class:`Claim` is a named predicate on one seed's measurement of a condition: a statistic
+``s = predicate(measurement)`` and a threshold ``holds(s) -> bool``. What is measured is a
+registered :class:`Measurement` kind (:data:`MEASUREMENTS`, the claim's ``reads``):
+
+* ``"gradient_map"``: :func:`gradflow.gradient_map` ``values: (L, T)`` for a ``loss`` and
+  ``wrt`` (the two factors this kind adds to a condition);
+* ``"local_gains"``: :func:`gradflow.local_gains`, a dict of ``(L, T)`` arrays
+  (``vertical_rms``, ``vertical_spectral``, ``temporal_rms``, ``temporal_spectral``);
+* ``"gates"``: :func:`gradflow.gates.saturation` at initialisation (``eps`` 0.05), a dict of
+  its named arrays (``"saturated/f"``, ``"timescale/f/unit"``, ``"outside/i/pooled"``, ...).
+
+Each kind says how conditions are grouped into one compiled program, what arrays are cached
+per condition, and how a cached Result splits into per-seed measurements; adding a kind is one
+:func:`register_measurement`, adding a claim one :func:`register_claim`.
+
+The predicates of SPEC section 4 item 1 read the map relative to where the loss enters,
+:math:`r[l, t] = P[l, t] / P[L-1, T-1]`:
 
 * ``rnn_amplified``: :math:`r[0, 0] \ge 2` (the STAR paper's Figure 2 itself shows 2.7x under the
   final-output loss and 4.6x under the sequence loss; 2 is below both, so the claim is read as
@@ -13,22 +26,27 @@ loss enters, :math:`r[l, t] = P[l, t] / P[L-1, T-1]`:
   :math:`\le 0.1`;
 * ``star_preserved``: the share of map entries with :math:`0.1 \le r \le 10` is :math:`\ge 0.8`.
 
+Items 2-4 (vertical gains against closed forms, gate timescales and saturation at init, refined
+vs vanilla gates) are claims on ``local_gains``, ``gates`` and ``gradient_map``; see
+:data:`CLAIMS` and each claim's description.
+
 A :class:`Grid` is the product of factors (cell, init, input scale, hidden size, layers x steps,
-loss, wrt) with a seed list; a cell factor value is a name or ``"name:option=value,..."`` (e.g.
-``"lstm:forget_bias=1.0"``, TensorFlow's LSTMCell; ``"star:variant=official"``, the authors'
-released STAR with chrono bias, ``T_max = 784``). The ``init`` factor is the weight scheme; a
-cell whose default ``init`` carries a bias scheme (``chrono``, ``ugi``) keeps it
-(``"torch"`` -> ``"torch+chrono"``).
+and the measurement's own: loss, wrt for maps) with a seed list; a cell factor value is a name
+or ``"name:option=value,..."`` (e.g. ``"lstm:forget_bias=1.0"``, TensorFlow's LSTMCell;
+``"star:variant=official"``, the authors' released STAR with chrono bias, ``T_max = 784``).
+The ``init`` factor is the weight scheme (optionally ``"+bias scheme"``); a cell whose default
+``init`` carries a bias scheme (``chrono``, ``ugi``) keeps it (``"torch"`` ->
+``"torch+chrono"``).
 
 :func:`atlas` measures every condition some claim reads. Each seed's problem is built by
 :func:`gradflow.sweep.seed_problem` (so the map of seed ``s`` is
 ``gradient_map(*problem(cell, seed=s, ...)[:3])``), and the problems are measured under
 ``vmap`` inside one ``jax.shard_map`` that splits them over the devices, as
 :func:`gradflow.sweep.sweep_arrays` does. Compiling dominates at small sizes, so one program per
-(cell, size) measures every init x seed x input scale x (loss, wrt) of the grid
-at small sizes. Each condition is cached as ``<cache_dir>/<key>.npz`` (a
-:class:`gradflow.Result` holding ``values: (S, L, T)``), ``key`` a hash of the condition's
-config, so an interrupted atlas resumes where it stopped.
+(cell, size) measures every init x seed x input scale (x loss, wrt for maps) of the grid.
+Each condition is cached as ``<cache_dir>/<key>.npz`` (a :class:`gradflow.Result` holding the
+measurement's arrays with a leading seed axis, e.g. ``values: (S, L, T)``), ``key`` a hash of
+the condition's config, so an interrupted atlas resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -84,48 +102,67 @@ def share_within_decade(values) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """A named reading of a gradient map.
+    """A named reading of one measurement of a condition.
 
     Attributes:
       name, description: what the claim says (the description names the threshold).
       cells: the cell names it speaks of (``"star"`` also covers ``"star:variant=official"``).
-      wrt, loss: the maps it reads (conditions with other ``wrt``/``loss`` are not evaluated).
-      predicate: ``values (L, T) -> statistic`` (float; NaN where it cannot be read).
+      predicate: one seed's measurement -> statistic (float; NaN where it cannot be read). The
+        measurement is what :data:`MEASUREMENTS` ``[reads]`` gives per seed: for
+        ``"gradient_map"`` the map ``values: (L, T)``; for ``"local_gains"`` and ``"gates"`` a
+        dict of that seed's named arrays (those of :func:`gradflow.local_gains` /
+        :func:`gradflow.gates.saturation`).
       holds: ``statistic -> bool`` (never true for NaN).
+      reads: the measurement kind (a key of :data:`MEASUREMENTS`).
+      where: ``((factor, values), ...)``: the claim reads only conditions whose ``factor`` is
+        one of ``values`` (for ``"gradient_map"``: ``wrt`` and ``loss``).
     """
 
     name: str
     description: str
     cells: tuple
-    wrt: tuple
-    loss: tuple
     predicate: Callable
     holds: Callable
+    reads: str = "gradient_map"
+    where: tuple = ()
+
+    def __post_init__(self):
+        if self.reads not in MEASUREMENTS:
+            raise ValueError(f"claim {self.name!r} reads unknown measurement {self.reads!r}; "
+                             f"valid: {', '.join(MEASUREMENTS)}")
+        object.__setattr__(self, "where", tuple((k, tuple(v)) for k, v in dict(self.where)
+                                                .items()))
 
     def applies(self, condition: dict) -> bool:
-        """Whether the claim reads ``condition``'s map."""
-        return (parse_cell(condition["cell"])[0] in self.cells and condition["wrt"] in self.wrt
-                and condition["loss"] in self.loss)
+        """Whether the claim reads ``condition``'s measurement."""
+        return (measure_of(condition) == self.reads
+                and parse_cell(condition["cell"])[0] in self.cells
+                and all(condition.get(k) in v for k, v in self.where))
 
-    def evaluate(self, values) -> tuple[float, bool]:
-        """``(statistic, holds)`` for one map ``values: (L, T)``."""
-        s = float(self.predicate(values))
+    def evaluate(self, measurement) -> tuple[float, bool]:
+        """``(statistic, holds)`` for one seed's measurement."""
+        s = float(self.predicate(measurement))
         return s, bool(np.isfinite(s) and self.holds(s))
+
+    def scope(self) -> str:
+        """The conditions it reads, in words (for error messages)."""
+        return ", ".join([f"reads {self.reads}", f"cells {', '.join(self.cells)}"]
+                         + [f"{k} {', '.join(map(str, v))}" for k, v in self.where])
 
 
 _BOTH = ("last", "all")
 _WRTS = ("params", "hidden")
+_MAPS = (("wrt", _WRTS), ("loss", _BOTH))
 
-CLAIMS = {c.name: c for c in (
-    Claim("rnn_amplified", "vRNN: r[bottom, first] >= 2 (the figure shows 2.7x / 4.6x)",
-          ("rnn",), _WRTS, _BOTH, bottom_first, lambda s: s >= 2.0),
-    Claim("rnn_amplified_decade", "vRNN: r[bottom, first] >= 10 ('orders of magnitude')",
-          ("rnn",), _WRTS, _BOTH, bottom_first, lambda s: s >= 10.0),
-    Claim("lstm_collapses", "LSTM: median r over layers below the top two <= 0.1",
-          ("lstm",), _WRTS, _BOTH, median_below_top2, lambda s: s <= 0.1),
-    Claim("star_preserved", "STAR: share of the map with r in [0.1, 10] >= 0.8",
-          ("star",), _WRTS, _BOTH, share_within_decade, lambda s: s >= 0.8),
-)}
+CLAIMS: dict = {}
+
+
+def register_claim(claim: Claim) -> Claim:
+    """Add ``claim`` to :data:`CLAIMS` (by its name; a name already taken is an error)."""
+    if claim.name in CLAIMS:
+        raise ValueError(f"claim {claim.name!r} is already registered")
+    CLAIMS[claim.name] = claim
+    return claim
 
 
 def get_claims(names) -> list[Claim]:
@@ -212,6 +249,7 @@ class Grid:
     batch: int = 16
     dtype: str = "float32"
     readout_seed: int = 0
+    measure: str = "gradient_map"
 
     def __post_init__(self):
         from gradflow import jacobian as _jac
@@ -232,6 +270,9 @@ class Grid:
                 raise ValueError(f"unknown {what} {bad[0]!r}; valid: {', '.join(valid)}")
         for c in self.cells:
             parse_cell(c)
+        if self.measure not in MEASUREMENTS:
+            raise ValueError(f"unknown measure {self.measure!r}; valid: "
+                             f"{', '.join(MEASUREMENTS)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Grid":
@@ -265,14 +306,20 @@ class Grid:
                 for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
 
     def conditions(self) -> list[dict]:
+        """The condition dicts; the measurement's own factors (for ``"gradient_map"``: loss,
+        wrt) only where it has them, and ``measure`` unless it is ``"gradient_map"``."""
+        own = MEASUREMENTS[self.measure].factors
         out = []
-        for cell, init, scale, hidden, (layers, steps), loss, wrt in itertools.product(
+        for cell, init, scale, hidden, (layers, steps), *values in itertools.product(
                 self.cells, self.inits, self.input_scales, self.hidden, self.sizes,
-                self.losses, self.wrts):
-            out.append({"cell": cell, "init": init, "input_scale": scale, "hidden": int(hidden),
-                        "layers": layers, "steps": steps, "loss": loss, "wrt": wrt,
-                        "seeds": list(self.seeds), "batch": int(self.batch),
-                        "dtype": self.dtype, "readout_seed": int(self.readout_seed)})
+                *(getattr(self, f) for _, f in own)):
+            c = {"cell": cell, "init": init, "input_scale": scale, "hidden": int(hidden),
+                 "layers": layers, "steps": steps, **dict(zip((k for k, _ in own), values)),
+                 "seeds": list(self.seeds), "batch": int(self.batch), "dtype": self.dtype,
+                 "readout_seed": int(self.readout_seed)}
+            if self.measure != "gradient_map":
+                c["measure"] = self.measure
+            out.append(c)
         return out
 
 
@@ -286,26 +333,68 @@ def condition_key(condition: dict) -> str:
 # Measuring: one program per (cell, size), every init x seed x input scale x (loss, wrt)
 
 
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """A kind of measurement the atlas can make of a condition, and how.
+
+    Attributes:
+      name: the key in :data:`MEASUREMENTS` (and a claim's ``reads``).
+      description: what is measured (definition and options).
+      factors: ``{factor: Grid field}``: the condition keys this measurement adds to the common
+        ones (cell, init, input scale, hidden, layers, steps, seeds, batch, dtype, readout seed),
+        with the :class:`Grid` field listing their values.
+      grouped: the condition keys one call of ``measure_group`` may vary over (the rest equal).
+      measure_group: ``(conditions, devices) -> [Result]``, one Result per condition in order,
+        each array with a leading seed axis ``S`` (what the cache holds per condition).
+      per_seed: ``Result -> list`` of ``S`` measurements, what a :class:`Claim`'s predicate
+        reads.
+    """
+
+    name: str
+    description: str
+    factors: tuple
+    grouped: tuple
+    measure_group: Callable
+    per_seed: Callable
+
+
+MEASUREMENTS: dict = {}
+
+
+def register_measurement(m: Measurement) -> Measurement:
+    """Add ``m`` to :data:`MEASUREMENTS` (by its name; a name already taken is an error)."""
+    if m.name in MEASUREMENTS:
+        raise ValueError(f"measurement {m.name!r} is already registered")
+    MEASUREMENTS[m.name] = m
+    return m
+
+
+def measure_of(condition: dict) -> str:
+    """The measurement kind of a condition (``"gradient_map"`` conditions carry no
+    ``measure`` key: their cache keys predate the registry)."""
+    return condition.get("measure", "gradient_map")
+
+
+# One compiled program per (cell, size): every init x seed x input scale x variant.
+
+
 @functools.lru_cache(maxsize=16)
-def _group_program(stack, mesh, steps, batch, dtype, pairs, readout_seed):
-    """jit ``(params (N, ...), xs (N, B, T, D), scales (K,)) -> {(loss, wrt): (loss values
-    (N, K), maps (N, K, L, T))}``, the ``N`` problems split over ``mesh``'s devices; per problem
-    and scale the map of :func:`gradflow.gradient_map` on ``scale * xs``."""
+def _group_program(kind, stack, mesh, steps, batch, dtype, variants, readout_seed):
+    """jit ``(params (N, ...), xs (N, B, T, D), scales (K,)) -> {variant: {name: (N, K,
+    ...)}}``, the ``N`` problems split over ``mesh``'s devices; per problem, scale and variant
+    the arrays of ``_VMAPPED[kind](stack, variant, ...)`` on ``scale * xs``."""
     import jax
     from jax.sharding import PartitionSpec
 
-    from gradflow import jacobian as _jac
     from gradflow import sweep as _sweep
 
-    def measure(params, xs, loss, wrt):
-        loss_fn = _jac.readout_loss(loss, stack.hidden_size, steps, batch, readout_seed, dtype)
-        return _jac.map_arrays(stack, params, xs, loss_fn,
-                               "params" if wrt == "params" else "hidden")
+    fns = {v: _VMAPPED[kind][0](stack, v, steps=steps, batch=batch, dtype=dtype,
+                             readout_seed=readout_seed) for v in variants}
 
     def local(params, xs, scales):
         def per_scale(k):  # the same float multiply as seed_problem's input_scale * N(0, 1)
-            return {pair: jax.vmap(lambda p, x: measure(p, k.astype(dtype) * x, *pair))(
-                params, xs) for pair in pairs}
+            return {v: jax.vmap(lambda p, x, fn=fn: fn(p, k.astype(dtype) * x))(params, xs)
+                    for v, fn in fns.items()}
         return jax.vmap(per_scale, out_axes=1)(scales)
 
     spec = PartitionSpec(_sweep.AXIS)
@@ -313,12 +402,75 @@ def _group_program(stack, mesh, steps, batch, dtype, pairs, readout_seed):
                                  out_specs=spec, check_vma=False))
 
 
-_GROUPED = ("init", "input_scale", "loss", "wrt")
+def _map_arrays(stack, variant, *, steps, batch, dtype, readout_seed):
+    """``(params, xs) -> {"loss_value": (), "values": (L, T)}``: :func:`gradflow.gradient_map`
+    for ``variant = (loss, wrt)``."""
+    from gradflow import jacobian as _jac
+
+    loss, wrt = variant
+    loss_fn = _jac.readout_loss(loss, stack.hidden_size, steps, batch, readout_seed, dtype)
+
+    def fn(params, xs):
+        value, m = _jac.map_arrays(stack, params, xs, loss_fn,
+                                   "params" if wrt == "params" else "hidden")
+        return {"loss_value": value, "values": m}
+    return fn
 
 
-def measure_group(conditions: list[dict], devices=None) -> list:
-    """Gradient maps of conditions that differ only in ``init``, ``input_scale``, ``loss`` and
-    ``wrt``: one Result per condition (``values: (S, L, T)``, ``loss_value: (S,)``), in order.
+def _gain_arrays(stack, variant, **_):
+    """``(params, xs) -> {vertical_rms, ...: (L, T)}``: :func:`gradflow.local_gains`."""
+    from gradflow import jacobian as _jac
+
+    return lambda params, xs: _jac.gain_arrays(stack, params, xs)
+
+
+GATE_EPS, GATE_BINS = 0.05, 20
+
+
+def _gate_arrays(stack, variant, **_):
+    """``(params, xs) -> (red, hist)``: :func:`gradflow.gates.reductions` (``eps`` 0.05,
+    20 bins, the default update threshold)."""
+    from gradflow import gates as _gates
+
+    return lambda params, xs: _gates.reductions(stack, params, xs, GATE_EPS,
+                                                _gates.UPDATE_THRESHOLD, GATE_BINS)
+
+
+def _finish_arrays(stack, tree, n, k):
+    """``{name: (n, ...)}`` of the first ``n`` problems at scale ``k``."""
+    return {name: np.asarray(a)[:n, k] for name, a in tree.items()}
+
+
+
+
+def _split(tree, i, k):
+    """Problem ``i``, scale ``k`` of a program output (NumPy)."""
+    import jax
+
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[i, k], tree)
+
+
+def _finish_gates(stack, tree, n, k):
+    """``{name: (n, ...)}`` named gate arrays (:func:`gradflow.gates.named_arrays`) of the
+    first ``n`` problems at scale ``k``."""
+    from gradflow import gates as _gates
+
+    per = [_gates.named_arrays(stack, *_split(tree, i, k), GATE_BINS) for i in range(n)]
+    return {name: np.stack([p[name] for p in per]) for name in per[0]}
+
+
+#: ``kind: (arrays, finish, result kind)``: ``arrays(stack, variant, steps=, batch=, dtype=,
+#: readout_seed=) -> fn(params, xs) -> tree`` (traced under ``vmap``); ``finish(stack, tree
+#: (N, K, ...), n, k) -> {name: (n, ...)}`` (NumPy, the ``n`` seeds at scale ``k``).
+_VMAPPED = {"gradient_map": (_map_arrays, _finish_arrays, "gradient_map"),
+            "local_gains": (_gain_arrays, _finish_arrays, "local_gains"),
+            "gates": (_gate_arrays, _finish_gates, "gate_stats")}
+
+
+def _vmapped_group(kind: str, conditions: list[dict], devices, variant_of) -> list:
+    """Measure conditions that differ only in ``init``, ``input_scale`` and the variant
+    ``variant_of(condition)``: one compiled program (:func:`_group_program`), one Result per
+    condition with arrays ``(S, ...)``.
 
     Each seed's problem is :func:`gradflow.sweep.seed_problem` with ``input_scale = 1`` (built
     by the condition's own cell, so its init), its inputs scaled inside the program. The
@@ -335,17 +487,18 @@ def measure_group(conditions: list[dict], devices=None) -> list:
     from gradflow.results import make_result
     from gradflow.stack import Stack
 
+    grouped = MEASUREMENTS[kind].grouped
     c0 = conditions[0]
-    rest = {k: v for k, v in c0.items() if k not in _GROUPED}
-    if any({k: v for k, v in c.items() if k not in _GROUPED} != rest for c in conditions):
-        raise ValueError("measure_group: the conditions may differ only in "
-                         + ", ".join(_GROUPED))
+    rest = {k: v for k, v in c0.items() if k not in grouped}
+    if any({k: v for k, v in c.items() if k not in grouped} != rest for c in conditions):
+        raise ValueError(f"measure_group ({kind}): the conditions may differ only in "
+                         + ", ".join(grouped))
     steps, hidden, layers, batch = c0["steps"], c0["hidden"], c0["layers"], c0["batch"]
     dt = jnp.dtype(dtype_of(c0["dtype"]))
     seeds = _sweep.check_seeds(c0["seeds"])
     inits = list(dict.fromkeys(c["init"] for c in conditions))
     scales = list(dict.fromkeys(c["input_scale"] for c in conditions))
-    pairs = tuple(dict.fromkeys((c["loss"], c["wrt"]) for c in conditions))
+    variants = tuple(dict.fromkeys(variant_of(c) for c in conditions))
     problems, cell_configs = [], {}
     for init in inits:
         st = Stack(cell_for(c0["cell"], init, steps), layers, hidden, hidden)
@@ -361,26 +514,59 @@ def measure_group(conditions: list[dict], devices=None) -> list:
                                                    *[p for p, _ in problems]), shard)
     xs = jax.device_put(jnp.stack([x for _, x in problems]), shard)
     stack = Stack(cell_for(c0["cell"], "orthogonal", steps), layers, hidden, hidden)
-    run = _group_program(stack, mesh, steps, batch, dt, pairs, c0["readout_seed"])
+    run = _group_program(kind, stack, mesh, steps, batch, dt, variants, c0["readout_seed"])
     out = run(params, xs, jnp.asarray(scales, dt))
-    n_used = len(out[pairs[0]][1].sharding.device_set)
-    out = {pair: (np.asarray(v)[:n], np.asarray(m)[:n]) for pair, (v, m) in out.items()}
+    n_used = len(jax.tree_util.tree_leaves(out)[0].sharding.device_set)
     S = len(seeds)
     results = []
     for c in conditions:
         i, k = inits.index(c["init"]), scales.index(c["input_scale"])
-        values, maps = out[(c["loss"], c["wrt"])]
-        results.append(make_result(
-            "gradient_map", {"values": maps[i * S:(i + 1) * S, k],
-                             "loss_value": values[i * S:(i + 1) * S, k]},
-            {**c, "cell_config": cell_configs[c["init"]], "devices": n_used}, warn=False))
+        tree = jax.tree_util.tree_map(lambda a: np.asarray(a)[i * S:(i + 1) * S],
+                                      out[variant_of(c)])
+        _, finish, rkind = _VMAPPED[kind]
+        results.append(make_result(rkind, finish(stack, tree, S, k), {**c, "cell_config": cell_configs[c["init"]],
+                                                   "devices": n_used}, warn=False))
     return results
+
+
+def _seed_dicts(res) -> list:
+    """One dict of named arrays per seed of a cached Result (arrays ``(S, ...)``)."""
+    S = len(res.config["seeds"])
+    return [{k: v[s] for k, v in res.arrays.items()} for s in range(S)]
+
+
+def measure_group(conditions: list[dict], devices=None) -> list:
+    """Measure conditions of one kind (:func:`measure_of`) that differ only in that kind's
+    ``grouped`` factors: one Result per condition, in order (for ``"gradient_map"``:
+    ``values: (S, L, T)``, ``loss_value: (S,)``)."""
+    kinds = {measure_of(c) for c in conditions}
+    if len(kinds) != 1:
+        raise ValueError(f"measure_group: one measurement kind per group, got {sorted(kinds)}")
+    return MEASUREMENTS[kinds.pop()].measure_group(conditions, devices)
+
+
+for _m in (
+    Measurement("gradient_map", "gradflow.gradient_map(loss, wrt) with the default readout loss",
+                (("loss", "losses"), ("wrt", "wrts")), ("init", "input_scale", "loss", "wrt"),
+                lambda cs, d: _vmapped_group("gradient_map", cs, d,
+                                             lambda c: (c["loss"], c["wrt"])),
+                lambda res: list(res.values)),
+    Measurement("local_gains", "gradflow.local_gains: vertical/temporal RMS and spectral "
+                "one-step gains per (l, t)", (), ("init", "input_scale"),
+                lambda cs, d: _vmapped_group("local_gains", cs, d, lambda c: ()), _seed_dicts),
+    Measurement("gates", f"gradflow.gates.saturation (eps {GATE_EPS}, {GATE_BINS} bins): gate "
+                "means, saturated fractions, slopes, timescales, ranges per (l, t)", (),
+                ("init", "input_scale"),
+                lambda cs, d: _vmapped_group("gates", cs, d, lambda c: ()), _seed_dicts),
+):
+    register_measurement(_m)
 
 
 def _groups(conditions):
     groups = {}
     for c in conditions:
-        groups.setdefault(condition_key({k: v for k, v in c.items() if k not in _GROUPED}),
+        grouped = MEASUREMENTS[measure_of(c)].grouped
+        groups.setdefault(condition_key({k: v for k, v in c.items() if k not in grouped}),
                           []).append(c)
     return list(groups.values())
 
@@ -482,22 +668,22 @@ def atlas(claims, grid, *, cache_dir=None, devices=None, progress: bool = True) 
     needed = [c for c in conditions if any(cl.applies(c) for cl in claims)]
     if not needed:
         raise ValueError("no condition of the grid is read by the claims "
-                         + ", ".join(f"{c.name} (cells {', '.join(c.cells)})" for c in claims))
+                         + "; ".join(f"{c.name} ({c.scope()})" for c in claims))
     maps = measure(needed, cache_dir=cache_dir, devices=devices, progress=progress)
     out = {}
     for cl in claims:
         conds = [c for c in needed if cl.applies(c)]
         if not conds:
-            raise ValueError(f"claim {cl.name!r} reads no condition of the grid (cells "
-                             f"{', '.join(cl.cells)}, wrt {', '.join(cl.wrt)}, loss "
-                             f"{', '.join(cl.loss)})")
-        stat = np.array([[cl.evaluate(v)[0] for v in maps[condition_key(c)].values]
-                         for c in conds])
-        holds = np.array([[cl.evaluate(v)[1] for v in maps[condition_key(c)].values]
-                          for c in conds])
+            raise ValueError(f"claim {cl.name!r} reads no condition of the grid "
+                             f"({cl.scope()})")
+        read = MEASUREMENTS[cl.reads].per_seed
+        ev = [[cl.evaluate(v) for v in read(maps[condition_key(c)])] for c in conds]
+        stat = np.array([[e[0] for e in row] for row in ev], np.float64)
+        holds = np.array([[e[1] for e in row] for row in ev], bool)
         out[cl.name] = make_result(
             "atlas", {"statistic": stat, "holds": holds, "fraction": holds.mean(axis=1)},
-            {"claim": cl.name, "description": cl.description, "conditions": conds,
+            {"claim": cl.name, "description": cl.description, "reads": cl.reads,
+             "conditions": conds,
              "seeds": list(seeds), "grid": [g.to_dict() for g in grids]}, warn=False)
     return out
 
@@ -544,7 +730,7 @@ def table(results: dict, factors=("cell", "init", "input_scale", "layers", "loss
              "|---" * (len(factors) + 3) + "|"]
     for name, res in results.items():
         for c, s, f in zip(res.config["conditions"], res.statistic, res.fraction):
-            lines.append(f"| {name} | " + " | ".join(str(c[k]) for k in factors)
+            lines.append(f"| {name} | " + " | ".join(str(c.get(k, "-")) for k in factors)
                          + f" | {np.nanmedian(s) if np.isfinite(s).any() else float('nan'):.3g}"
                          f" | {f:.2f} |")
     return "\n".join(lines)
@@ -590,7 +776,24 @@ def load(stem) -> dict:
     return unpack(load_result(stem if stem.endswith(".npz") else stem + ".npz"))
 
 
-__all__ = ["CLAIMS", "Claim", "FACTORS", "Grid", "atlas", "bottom_first", "cell_for",
-           "condition_key", "get_claims", "load", "measure", "measure_group", "mechanism",
-           "median_below_top2", "pack", "parse_cell", "ratio", "save", "share_within_decade",
-           "table", "unpack"]
+# ---------------------------------------------------------------------------------------------
+# The claims (SPEC section 4)
+
+for _c in (
+    Claim("rnn_amplified", "vRNN: r[bottom, first] >= 2 (the figure shows 2.7x / 4.6x)",
+          ("rnn",), bottom_first, lambda s: s >= 2.0, where=_MAPS),
+    Claim("rnn_amplified_decade", "vRNN: r[bottom, first] >= 10 ('orders of magnitude')",
+          ("rnn",), bottom_first, lambda s: s >= 10.0, where=_MAPS),
+    Claim("lstm_collapses", "LSTM: median r over layers below the top two <= 0.1",
+          ("lstm",), median_below_top2, lambda s: s <= 0.1, where=_MAPS),
+    Claim("star_preserved", "STAR: share of the map with r in [0.1, 10] >= 0.8",
+          ("star",), share_within_decade, lambda s: s >= 0.8, where=_MAPS),
+):
+    register_claim(_c)
+
+
+__all__ = ["CLAIMS", "Claim", "FACTORS", "Grid", "MEASUREMENTS", "Measurement", "atlas",
+           "bottom_first", "cell_for", "condition_key", "get_claims", "load", "measure",
+           "measure_group", "measure_of", "mechanism", "median_below_top2", "pack",
+           "parse_cell", "ratio", "register_claim", "register_measurement", "save",
+           "share_within_decade", "table", "unpack"]

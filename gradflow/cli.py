@@ -1074,8 +1074,9 @@ def run_reproduce(args) -> int:
 
 def add_atlas(sub):
     p = _command(sub, "atlas", "where each claim holds, over a grid of conditions",
-                 "Evaluate named claims (rnn_amplified, rnn_amplified_decade, lstm_collapses, "
-                 "star_preserved) on the gradient maps of every condition of a grid (a JSON "
+                 "Evaluate named claims (gradflow.atlas.CLAIMS: rnn_amplified, lstm_collapses, "
+                 "star_preserved, ...) on the measurements (gradient maps, local gains, gate "
+                 "statistics) of every condition of a grid (a JSON "
                  "object or list of objects with the fields of gradflow.atlas.Grid), each seed "
                  "apart. Writes NAME.png (one panel per condition group, colour = fraction of "
                  "seeds where the claim holds), NAME.npz and NAME.json (per claim, condition and "

@@ -44,7 +44,11 @@ holds means (fractions), and since every ``(l, t)`` cell averages the same ``B *
 ``/layer`` and ``/pooled`` are the means of the map (``timescale``: of the kept-fraction map,
 then transformed). Every entry that is not NaN lands in exactly one histogram bin or
 ``outside`` column, so ``hist.sum() + outside.sum() == L * B * T * H``; normalise by that to
-get densities. A NaN activation makes the means it enters NaN (as a NumPy mean would;
+get densities. For layers of different widths (:attr:`gradflow.Stack.widths`) only each
+layer's real ``H_l`` units count: ``(l, t)`` averages ``B * H_l`` entries, ``/pooled`` weights
+the layers by ``H_l`` (the mean over every real entry), the histograms hold
+``B * T * sum_l H_l`` entries, and the ``/unit`` arrays are ``(L, max_l H_l)`` with 0 beyond
+``H_l``. A NaN activation makes the means it enters NaN (as a NumPy mean would;
 ``make_result`` counts it and warns), is never "saturated" or an "update", and is counted in
 ``nonfinite`` and ``outside[:, 2]``. ``config["gates"]`` lists the gates,
 ``config["gate_kinds"]`` their kinds (:func:`gate_kinds`); :func:`summary` gives the pooled
@@ -168,19 +172,26 @@ def bin_index(a, bins: int):
     return j, inside
 
 
-def histogram(a, bins: int):
+def histogram(a, bins: int, valid=None):
     """Per-layer histogram counts of ``a: (L, ...)`` over ``[0, 1]`` (see :func:`bin_index`).
 
     One scatter-add, so memory stays at one index per entry. Returns ``(counts: (L, bins),
     outside: (L, 3))``, ``outside`` holding the counts of ``a < 0``, ``a > 1`` (infinities
-    included) and NaN.
+    included) and NaN. ``valid``: a boolean mask broadcastable to ``a``; only its True entries
+    are counted (e.g. the real units of layers of different widths).
     """
     L = a.shape[0]
+    ok = None if valid is None else jnp.broadcast_to(valid, a.shape).reshape(L, -1)
     a = a.reshape(L, -1)
     j, inside = bin_index(a, bins)
+    if ok is not None:
+        inside = inside & ok
     flat = jnp.where(inside, jnp.arange(L, dtype=jnp.int32)[:, None] * bins + j, L * bins)
     counts = jnp.zeros(L * bins + 1, jnp.int32).at[flat.ravel()].add(1)[:-1].reshape(L, bins)
-    outside = jnp.stack([(a < 0.0).sum(1), (a > 1.0).sum(1), jnp.isnan(a).sum(1)], axis=1)
+    flags = [a < 0.0, a > 1.0, jnp.isnan(a)]
+    if ok is not None:
+        flags = [f & ok for f in flags]
+    outside = jnp.stack([f.sum(1) for f in flags], axis=1)
     return counts, outside
 
 
@@ -191,8 +202,12 @@ def histogram(a, bins: int):
 def layer_inputs(stack: Stack, params: dict, xs, h):
     """``(L, B, T, H)`` inputs ``x^l_t`` of every layer: the (projected) data, then ``h^{l-1}``.
 
-    Needs every layer to read ``H`` features (``stack.uniform``), as refined cells do.
+    Needs every layer to read ``H`` features (``stack.uniform``), as refined cells do
+    (:meth:`gradflow.Stack.layer_inputs` gives them for any stack, as a list).
     """
+    if not isinstance(stack.hidden_size, int):
+        raise ValueError("gates.layer_inputs needs layers of one width; use "
+                         "stack.layer_inputs(params, xs, out) (a list, each at its own width)")
     x0 = jnp.asarray(xs, h.dtype)
     if stack.input_projection:
         x0 = x0 @ params["input"]["W"] + params["input"]["b"]
@@ -207,14 +222,16 @@ def preactivation(stack: Stack, params: dict, xs, out, gate: str):
     Args:
       out: the :class:`gradflow.StackOutput` of the same run (zero initial state).
     Returns:
-      ``(L, B, T, H)``.
+      ``(L, B, T, H)`` (``H = stack.max_width``, zeros beyond each layer's width).
     """
-    x = layer_inputs(stack, params, xs, out.up)
+    x = stack.layer_inputs(params, xs, out)
     prev = {k: jnp.concatenate([jnp.zeros_like(v[:, :, :1]), v[:, :, :-1]], axis=2)
             for k, v in out.states.items()}
-    return jnp.stack([
-        stack.cell.preactivations(lp, {k: v[l] for k, v in prev.items()}, x[l])[gate]
-        for l, lp in enumerate(params["layers"])])
+    z = [stack.cell.preactivations(lp, {k: stack.unpad(v[l], l) for k, v in prev.items()},
+                                   x[l])[gate]
+         for l, lp in enumerate(params["layers"])]
+    H = stack.max_width
+    return jnp.stack([a if a.shape[-1] == H else _pad(a, H) for a in z])
 
 
 def _slopes(stack: Stack, params: dict, xs, out) -> dict:
@@ -312,6 +329,10 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
     sums = jax.lax.reduce(ops, tuple(jnp.zeros((), o.dtype) for o in ops),
                           lambda x, y: tuple(u + v for u, v in zip(x, y)), (1,))  # (L, T, H)
     _, B, T, H = ops[0].shape
+    real = _real_units(stack)  # None, or (L, H): layer l's first H_l units
+    if real is not None:  # padded units (exact zeros) count nowhere; (l, t) averages B * H_l
+        sums = tuple(sm * real[:, None, :].astype(sm.dtype) for sm in sums)
+        H = jnp.asarray(stack.widths, ops[0].dtype)[:, None]  # (L, 1)
     red = {}
     for k, sm in zip(keys, sums):
         if jnp.issubdtype(sm.dtype, jnp.integer):
@@ -321,14 +342,48 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
     names = list(out.gates)
     A = jnp.stack([out.gates[g] for g in names])  # (G, L, B, T, H)
     G, L = A.shape[:2]
-    hist, _ = histogram(A.reshape((G * L, -1)), bins)
+    valid = None if real is None else jnp.broadcast_to(
+        real[None, :, None, None, :], A.shape).reshape((G * L, -1))
+    hist, _ = histogram(A.reshape((G * L, -1)), bins, valid)
     return red, {g: hist[i * L:(i + 1) * L] for i, g in enumerate(names)}
+
+
+def reductions(stack: Stack, params: dict, xs, eps: float = 0.05,
+               threshold: float = UPDATE_THRESHOLD, bins: int = 20):
+    """The device part of :func:`saturation`, unchecked and traceable (``vmap``/``shard_map``
+    over problems, as :mod:`gradflow.atlas` does): ``(red, hist)`` with ``red[(stat, gate)] =
+    ((L, T) map, (L, H) per unit)`` (means, or counts for integer rows) and ``hist[gate]:
+    (L, bins)``. :func:`named_arrays` turns one problem's ``(red, hist)`` into the named
+    arrays."""
+    return _reduce(stack, params, xs, eps, threshold, bins)
 
 
 def _arrays(stack: Stack, params: dict, xs, eps: float, threshold: float, bins: int) -> dict:
     """The named arrays of the module docstring's scheme, from :func:`_reduce`."""
-    red, hist = _reduce(stack, params, xs, eps, threshold, bins)
+    return named_arrays(stack, *_reduce(stack, params, xs, eps, threshold, bins), bins)
+
+
+def _real_units(stack: Stack):
+    """``(L, max_l H_l)`` bool, True on layer ``l``'s first ``H_l`` units; None for layers of
+    one width."""
+    if isinstance(stack.hidden_size, int):
+        return None
+    return jnp.arange(stack.max_width)[None, :] < jnp.asarray(stack.widths)[:, None]
+
+
+def _pad(a, H: int):
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, H - a.shape[-1])])
+
+
+def named_arrays(stack: Stack, red: dict, hist: dict, bins: int) -> dict:
+    """The named arrays of the module docstring's scheme (``"{stat}/{gate}"``, ...) from one
+    problem's :func:`reductions` (NumPy; ``bins`` as given there)."""
     red = {k: (np.asarray(m), np.asarray(u)) for k, (m, u) in red.items()}
+    real = _real_units(stack)
+    pooled = np.mean  # every (l, t) averages as many entries
+    if real is not None:  # the mean over every real entry: layer means weighted by H_l
+        real = np.asarray(real)
+        pooled = lambda m: np.average(m.mean(axis=1), weights=stack.widths)  # noqa: E731
     arrays = {"bin_edges": bin_edges(bins)}
     for g in gate_kinds(stack.cell):
         for stat in STATS:
@@ -339,12 +394,14 @@ def _arrays(stack: Stack, params: dict, xs, eps: float, threshold: float, bins: 
                 m = m.astype(np.int64)
                 vals = {"": m, "/layer": m.sum(axis=1), "/pooled": m.sum()}
             else:
-                vals = {"": m, "/layer": m.mean(axis=1), "/pooled": m.mean()}
+                vals = {"": m, "/layer": m.mean(axis=1), "/pooled": pooled(m)}
                 if stat in _UNIT_STATS:
                     vals["/unit"] = u
             if stat == "timescale":  # the means are of the kept fraction
                 with np.errstate(divide="ignore"):
                     vals = {k: timescale(v) for k, v in vals.items()}
+            if real is not None and "/unit" in vals:  # no unit beyond a layer's width
+                vals["/unit"] = np.where(real, vals["/unit"], 0).astype(vals["/unit"].dtype)
             arrays.update({f"{stat}/{g}{k}": v for k, v in vals.items()})
         h = np.asarray(hist[g], np.int64)
         outside = np.stack([red[c, g][0].sum(axis=1, dtype=np.int64)
@@ -469,5 +526,6 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
 
 __all__ = ["GU_GRID", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations",
            "bin_edges", "compare", "gate_kinds", "histogram", "is_saturated", "kept_fraction",
-           "layer_inputs", "preactivation", "refine_partials", "saturation",
+           "layer_inputs", "named_arrays", "preactivation", "reductions", "refine_partials",
+           "saturation",
            "sigmoid_slope", "slopes", "summary", "timescale"]

@@ -111,7 +111,7 @@ def _loss(loss, stack: Stack, xs, seed: int) -> tuple[Callable, str]:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)} or a callable "
                          "loss(outputs: (B, T, H)) -> scalar")
     B, T, _ = xs.shape
-    return readout_loss(loss, stack.hidden_size, T, B, seed, xs.dtype), loss
+    return readout_loss(loss, stack.widths[-1], T, B, seed, xs.dtype), loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def _prepare(stack: Stack, params, xs, loss=None):
         raise ValueError("inputs contain NaN or inf; gradient flow is measured on finite inputs")
     if callable(loss):
         B, T, _ = xs.shape
-        checks.check_scalar_loss(loss, jax.ShapeDtypeStruct((B, T, stack.hidden_size), dtype))
+        checks.check_scalar_loss(loss, jax.ShapeDtypeStruct((B, T, stack.widths[-1]), dtype))
     return xs
 
 
@@ -147,17 +147,18 @@ def _config(stack: Stack, xs, meta, **extra) -> dict:
 
 def _zeros_perturb(stack: Stack, xs, names):
     B, T, _ = xs.shape
-    return {k: jnp.zeros((stack.layers, B, T, stack.hidden_size), xs.dtype) for k in names}
+    return {k: jnp.zeros((stack.layers, B, T, stack.max_width), xs.dtype) for k in names}
 
 
 def state_gradients(stack: Stack, params, xs, loss_fn: Callable, names=("h",)):
     r"""Total derivatives :math:`\partial\mathcal L/\partial s^l_t` of every state in one backward pass.
 
     Args:
-      loss_fn: ``(B, T, H) top-layer outputs -> scalar``.
+      loss_fn: ``(B, T, H_{L-1}) top-layer outputs -> scalar``.
       names: which states (``"h"``, ``"c"``).
     Returns:
-      ``(value, grads {name: (L, B, T, H)}, out)`` with ``out`` the :class:`StackOutput`.
+      ``(value, grads {name: (L, B, T, H)}, out)`` with ``out`` the :class:`StackOutput`
+      (``H = stack.max_width``; exact zeros beyond each layer's width, which reach nothing).
     """
     def f(eps):
         out = stack.apply(params, xs, perturb=eps)
@@ -318,7 +319,8 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
     :math:`J[l,t] = \mathrm{mean}_b \|\partial h^{L'}_{T'}[b] / \partial h^l_t[b]\|` with
     ``(L', T') = target`` (negative indices count from the end; default top layer, last step).
     Positions that cannot reach the target (``t > T'``, or ``t = T'`` and ``l > L'``) are 0; the
-    target itself is the identity.
+    target itself is the identity. Each Jacobian is ``(H_{L'}, H_l)`` for layers of different
+    widths (:attr:`gradflow.Stack.widths`), its rms norm :math:`\|J\|_F/\sqrt{H_l}`.
 
     Args:
       target: ``(layer, step)``.
@@ -332,7 +334,8 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
         (exact method).
     Returns:
       Result ``kind="jacobian_map"``: ``values: (L, T)``; ``stderr: (L, T)`` for probes;
-      ``spectra: (n, B, H)`` singular values (descending) at ``spectra_at``. Positions that
+      ``spectra: (n, B, H)`` singular values (descending) at ``spectra_at`` (for layers of
+      different widths ``H = min(H_{L'}, max_l H_l)``, zeros beyond ``min(H_{L'}, H_l)``). Positions that
       reach the target are expected positive (``result.underflow`` counts zeros among them).
       Norms and singular values are formed scaled by the largest entry
       (:func:`gradflow.stack.scaled_reduction`), so tiny Jacobians do not underflow.
@@ -343,8 +346,9 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     B, T, _ = xs.shape
-    L, H = stack.layers, stack.hidden_size
+    L = stack.layers
     tl, tt = _position(target, L, T, "target")
+    H = stack.widths[tl]  # the target's width: one VJP per unit
     positions = tuple(_position(p, L, T, "spectra_at") for p in spectra_at)
     if method == "probe":
         if norm != "rms":
@@ -365,7 +369,7 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
                                             calibrate=False))
         chunk = chunk or _basis_chunk(L, T, B, H, norm)
         if norm == "spectral":
-            need = L * T * B * H * H * jnp.dtype(xs.dtype).itemsize
+            need = L * T * B * H * stack.max_width * jnp.dtype(xs.dtype).itemsize
             if need > 4 << 30:
                 raise ValueError(f"norm='spectral' would hold {need / 2**30:.1f} GiB of Jacobians;"
                                  " use norm='rms', fewer examples, or spectra_at=[...]")
@@ -397,12 +401,13 @@ def _basis_chunk(L, T, B, H, norm):
 
 
 def _target_vjp(stack: Stack, params, xs, target):
-    """``vjp(cot: (B, H)) -> {"h": (L, B, T, H)}``: cotangent on ``h^{L'}_{T'}`` pulled back to
-    every ``h^l_t`` (total derivatives, through zero perturbations)."""
+    """``vjp(cot: (B, H_{L'})) -> {"h": (L, B, T, H)}``: cotangent on ``h^{L'}_{T'}`` pulled back
+    to every ``h^l_t`` (total derivatives, through zero perturbations; ``H = max_width``, zeros
+    beyond each layer's width)."""
     tl, tt = target
 
     def f(eps):
-        return stack.apply(params, xs, perturb=eps).states["h"][tl, :, tt]
+        return stack.unpad(stack.apply(params, xs, perturb=eps).states["h"][tl, :, tt], tl)
 
     _, vjp = jax.vjp(f, _zeros_perturb(stack, xs, ("h",)))
     return lambda cot: vjp(cot)[0]["h"]
@@ -411,7 +416,7 @@ def _target_vjp(stack: Stack, params, xs, target):
 @functools.partial(jax.jit, static_argnames=("stack", "target", "norm", "positions", "chunk"))
 def _exact_map(stack, params, xs, target, norm, positions, chunk):
     B, T, _ = xs.shape
-    H = stack.hidden_size
+    H = stack.widths[target[0]]
     vjp = _target_vjp(stack, params, xs, target)
     pos_l = jnp.array([p[0] for p in positions], int)
     pos_t = jnp.array([p[1] for p in positions], int)
@@ -428,8 +433,8 @@ def _exact_map(stack, params, xs, target, norm, positions, chunk):
     if norm == "spectral":
         jac = jnp.moveaxis(rows, 0, -2)  # (L, B, T, H_out, H_in)
         vals = jnp.mean(scaled_reduction(_spectral, jac, (-2, -1)), axis=1)
-    else:  # ||J||_F = the 2-norm of the rows' norms
-        vals = jnp.mean(safe_norm(rows, axis=0) / math.sqrt(H), axis=1)
+    else:  # ||J||_F = the 2-norm of the rows' norms; / sqrt(columns = H_l)
+        vals = jnp.mean(safe_norm(rows, axis=0) / _sqrt(_columns(stack, xs.dtype)), axis=1)
     spectra = None
     if positions:
         jac_at = jnp.moveaxis(at, 0, -2)  # (n, B, H_out, H_in)
@@ -438,15 +443,28 @@ def _exact_map(stack, params, xs, target, norm, positions, chunk):
     return vals, spectra
 
 
+def _columns(stack: Stack, dtype):
+    """``H_l``, the columns of every Jacobian w.r.t. ``h^l_t``, to divide ``(L, B, T)`` arrays by:
+    the int ``H`` for layers of one width, else an ``(L, 1, 1)`` array."""
+    if isinstance(stack.hidden_size, int):
+        return stack.hidden_size
+    return jnp.asarray(stack.widths, dtype)[:, None, None]
+
+
+def _sqrt(n):
+    return math.sqrt(n) if isinstance(n, int) else jnp.sqrt(n)
+
+
 def _spectral(j):
     """Largest singular value of ``j: (..., m, n)`` -> ``(...)``."""
     return jnp.linalg.norm(j, ord=2, axis=(-2, -1))
 
 
-def _probe_stats(n, H: int):
+def _probe_stats(n, H):
     r"""From probe norms ``n: (k, ...)``, :math:`n_k = \|v_k^\top J\|`: the estimate
     :math:`\mathrm{rms} = \sqrt{\mathrm{mean}_k n_k^2 / H}` and its delta-method standard
-    error, each ``(...)``. Both are homogeneous of degree 1 in ``n`` (see
+    error, each ``(...)``; ``H`` (the Jacobian's columns) an int or an array broadcasting
+    against ``(...)``. Both are homogeneous of degree 1 in ``n`` (see
     :func:`gradflow.stack.scaled_reduction`)."""
     q = n * n  # unbiased estimates of ||J||_F^2
     f2 = jnp.mean(q, axis=0)
@@ -460,11 +478,12 @@ def _probe_stats(n, H: int):
 @functools.partial(jax.jit, static_argnames=("stack", "target", "probes"))
 def _probe_map(stack, params, xs, target, probes, key):
     B, T, _ = xs.shape
-    H = stack.hidden_size
+    H = stack.widths[target[0]]
     vjp = _target_vjp(stack, params, xs, target)
     v = normal(key, (probes, B, H), xs.dtype)  # the same probes at every precision
     n = jax.vmap(lambda c: safe_norm(vjp(c)))(v)  # (k, L, B, T): ||v^T J||
-    rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, H), n, 0)  # each (L, B, T)
+    cols = _columns(stack, xs.dtype)
+    rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, cols), n, 0)  # each (L, B, T)
     vals = jnp.mean(rms, axis=1)
     se = safe_norm(se_rms, axis=1) / B
     return vals, se
@@ -492,10 +511,19 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
       temporal_spectral``, each ``(L, T)``.
     """
     xs = _prepare(stack, params, xs)
+    return make_result("local_gains", gain_arrays(stack, params, xs, chunk),
+                       _config(stack, xs, meta))
+
+
+def gain_arrays(stack: Stack, params, xs, chunk: int | None = None) -> dict:
+    """The arrays of :func:`local_gains` (``vertical_rms, vertical_spectral, temporal_rms,
+    temporal_spectral``, each ``(L, T)``) without its checks: traceable, so a caller can
+    ``vmap``/``shard_map`` it over problems (:mod:`gradflow.atlas` does). ``xs: (B, T, D)``
+    in the params' dtype; ``chunk`` steps per ``lax.map`` batch (default: about 64 MiB of
+    Jacobians)."""
     chunk = chunk or max(1, min(xs.shape[1], (64 << 20) // max(
-        xs.shape[0] * stack.hidden_size ** 2 * 8, 1)))
-    arrays = _gains(stack, params, xs, int(chunk))
-    return make_result("local_gains", arrays, _config(stack, xs, meta))
+        xs.shape[0] * stack.max_width ** 2 * 8, 1)))
+    return _gains(stack, params, xs, int(chunk))
 
 
 def _rms_spectral(j):
@@ -536,6 +564,6 @@ def _gains(stack, params, xs, chunk):
             "temporal_spectral": ts}
 
 
-__all__ = ["gradient_map", "map_arrays", "jacobian_map", "local_gains", "readout_loss",
-           "ReadoutLoss", "state_gradients",
+__all__ = ["gradient_map", "map_arrays", "jacobian_map", "local_gains", "gain_arrays",
+           "readout_loss", "ReadoutLoss", "state_gradients",
            "per_step_param_grads", "LOSSES", "WRTS", "NORMS", "METHODS"]

@@ -1004,7 +1004,7 @@ def save(fig: Figure, path, *, dpi: float = 150) -> str:
 def _factor_value(condition: dict, factor: str):
     if factor == "size":
         return f"{condition['layers']}x{condition['steps']}"
-    return condition[factor]
+    return condition.get(factor, "-")  # loss, wrt: factors of gradient-map conditions only
 
 
 def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: str = "init", *,
