@@ -792,8 +792,117 @@ for _c in (
     register_claim(_c)
 
 
+# Item 2: vertical gains at initialisation against their closed forms.
+
+
+def median_vertical_gain(gains: dict) -> float:
+    r"""Median over every ``(l, t)`` of the vertical RMS gain
+    :math:`\|\partial h^l_t/\partial x^l_t\|_F/\sqrt{H}` (``gains``: one seed's
+    :func:`gradflow.local_gains` arrays)."""
+    return float(np.median(np.asarray(gains["vertical_rms"], np.float64)))
+
+
+def _within(closed: float, tol: float = 0.1):
+    return lambda s: abs(s / closed - 1.0) <= tol
+
+
+for _name, _cells, _closed, _why in (
+        ("rnn_vertical_one", ("rnn",), 1.0, "tanh'(0) |W|_rms, W orthogonal"),
+        ("lstm_vertical_quarter", ("lstm",), 0.25, "o i tanh'(0) = sigma(0)^2"),
+        ("gru_vertical_half", ("gru",), 0.5, "(1 - z) = 1 - sigma(0)"),
+        ("mgu_vertical_half", ("mgu",), 0.5, "f = sigma(0)"),
+        ("star_vertical_half", ("star",), 0.5, "k = sigma(0)")):
+    register_claim(Claim(_name, f"median vertical RMS gain within 10% of {_closed} ({_why})",
+                         _cells, median_vertical_gain, _within(_closed), reads="local_gains"))
+
+
+# Item 3 at initialisation (Gu et al.): timescales and saturation of the forget-type gates.
+
+
+def timescale_decades(gate: str):
+    """``gates -> log10(max / min)`` of the per-unit memory timescales ``1/(1 - kept)`` of
+    ``gate`` over every layer and unit (``"timescale/{gate}/unit"``: ``(L, H)``); NaN if a
+    timescale is not finite and positive."""
+    def stat(gates: dict) -> float:
+        ts = np.asarray(gates[f"timescale/{gate}/unit"], np.float64)
+        if not np.all(np.isfinite(ts)) or ts.min() <= 0:
+            return float("nan")
+        return float(np.log10(ts.max() / ts.min()))
+    stat.__name__ = f"timescale_decades_{gate}"
+    return stat
+
+
+def saturated_share(gates_: tuple):
+    """``gates -> `` the share of ``gates_``'s activations with :math:`a < 0.05` or
+    :math:`a > 0.95` (values outside [0, 1] included), pooled over those gates, every layer,
+    step, example and unit (``"saturated/{g}/pooled"``; each gate has as many entries)."""
+    def stat(gates: dict) -> float:
+        return float(np.mean([float(gates[f"saturated/{g}/pooled"]) for g in gates_]))
+    stat.__name__ = "saturated_share_" + "_".join(gates_)
+    return stat
+
+
+def outside_share(gates_: tuple):
+    """``gates -> `` the share of ``gates_``'s activations outside [0, 1] (Cheng et al.'s
+    refined gates leave it), from the histogram and ``outside`` counts; NaN if any is NaN."""
+    def stat(gates: dict) -> float:
+        out = sum(np.asarray(gates[f"outside/{g}/pooled"], np.int64) for g in gates_)
+        total = sum(int(np.sum(gates[f"hist/{g}/pooled"])) for g in gates_) + int(out.sum())
+        return float("nan") if out[2] else float(out[0] + out[1]) / total
+    stat.__name__ = "outside_share_" + "_".join(gates_)
+    return stat
+
+
+def saturation_gain(gate: str, base: str):
+    """``gates -> `` saturated share of ``gate`` minus that of ``base`` (e.g. UR-LSTM's
+    effective gate ``g`` against its forget gate ``f``)."""
+    def stat(gates: dict) -> float:
+        return float(gates[f"saturated/{gate}/pooled"]) - float(gates[f"saturated/{base}/pooled"])
+    return stat
+
+
+for _c in (
+    Claim("ugi_timescales_two_decades", "forget-gate timescales 1/(1-f) per unit span >= 2 "
+          "decades (max/min over layers and units)", ("lstm", "ur_lstm"),
+          timescale_decades("f"), lambda s: s >= 2.0, reads="gates"),
+    Claim("ur_effective_two_decades", "UR-LSTM: effective-gate timescales 1/(1-g) span >= 2 "
+          "decades", ("ur_lstm",), timescale_decades("g"), lambda s: s >= 2.0, reads="gates"),
+    Claim("lstm_forget_not_saturated", "LSTM: share of f < 0.05 or > 0.95 <= 0.1",
+          ("lstm",), saturated_share(("f",)), lambda s: s <= 0.1, reads="gates"),
+    Claim("ur_effective_more_saturated", "UR-LSTM: the effective gate g is saturated more "
+          "often than f (share of < 0.05 or > 0.95, g minus f, > 0)", ("ur_lstm",),
+          saturation_gain("g", "f"), lambda s: s > 0.0, reads="gates"),
+):
+    register_claim(_c)
+
+
+# Item 4 (Cheng et al.): refined vs vanilla gates, maps and gate ranges.
+
+
+def bottom_layer_kept(values) -> float:
+    """Median over steps of :math:`r[0, t]` (the bottom layer relative to the top-last entry);
+    NaN if ``r`` is (a non-finite or zero top-last value) or any bottom entry is not finite."""
+    return float(np.median(ratio(values)[0]))
+
+
+register_claim(Claim("bottom_layer_kept", "median r over the bottom layer >= 0.1",
+                     ("lstm", "gru", "mgu", "refined_lstm", "refined_gru", "refined_mgu"),
+                     bottom_layer_kept, lambda s: s >= 0.1, where=_MAPS))
+for _fam, _gs in (("lstm", ("i", "o")), ("gru", ("r", "z")), ("mgu", ("f",))):
+    _which = ", ".join(_gs)
+    register_claim(Claim(f"{_fam}_gates_outside_unit", f"{_fam.upper()} gates {_which}: share of "
+                         "values outside [0, 1] >= 0.05", (_fam, f"refined_{_fam}"),
+                         outside_share(_gs), lambda s: s >= 0.05, reads="gates"))
+    register_claim(Claim(f"{_fam}_gates_saturated", f"{_fam.upper()} gates {_which}: share of "
+                         "values < 0.05 or > 0.95 (outside [0, 1] included) >= 0.5",
+                         (_fam, f"refined_{_fam}"), saturated_share(_gs), lambda s: s >= 0.5,
+                         reads="gates"))
+
+
 __all__ = ["CLAIMS", "Claim", "FACTORS", "Grid", "MEASUREMENTS", "Measurement", "atlas",
            "bottom_first", "cell_for", "condition_key", "get_claims", "load", "measure",
-           "measure_group", "measure_of", "mechanism", "median_below_top2", "pack",
-           "parse_cell", "ratio", "register_claim", "register_measurement", "save",
-           "share_within_decade", "table", "unpack"]
+           "measure_group", "measure_of", "mechanism", "median_below_top2",
+           "median_vertical_gain", "outside_share", "pack", "parse_cell", "ratio",
+           "register_claim", "register_measurement", "saturated_share", "saturation_gain",
+           "save", "share_within_decade", "table", "timescale_decades", "unpack",
+           "bottom_layer_kept"]

@@ -1086,7 +1086,8 @@ def add_atlas(sub):
             gradflow atlas --claims rnn_amplified --grid grid.json --out . --rows loss --cols wrt
         """)
     p.add_argument("--claims", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   default=None, metavar="NAME[,NAME]", help="claims to evaluate (default: all)")
+                   default=None, metavar="NAME[,NAME]",
+                   help="claims to evaluate (default: every claim that reads the grid)")
     p.add_argument("--grid", required=True, metavar="FILE.json", help="the grid of conditions")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write to")
     p.add_argument("--name", default="atlas", metavar="STEM",
@@ -1119,6 +1120,8 @@ def run_atlas(args) -> int:
     with user_input():  # a grid no claim reads is the user's to fix
         conditions = [c for g in (grid if isinstance(grid, list) else [grid])
                       for c in g.conditions()]
+        if not args.claims:  # all claims: those that read some condition of the grid
+            claims = [cl for cl in claims if any(cl.applies(c) for c in conditions)] or claims
         if not any(cl.applies(c) for cl in claims for c in conditions):
             raise ValueError("no condition of the grid is read by the claims "
                              + ", ".join(cl.name for cl in claims))
