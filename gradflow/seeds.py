@@ -7,7 +7,9 @@ batch from ``k_eval``, ``k_init, k_data, k_eval = split(key(s), 3)``), but with 
 stacked on a leading axis ``S`` and the updates between two measurements run as one
 ``jax.lax.scan`` over steps of the ``jax.vmap`` over seeds of :mod:`gradflow.train`'s own
 update. The arithmetic per seed is :func:`gradflow.train.train`'s; only the order in which XLA
-fuses it may differ, so curves agree to float rounding (tested).
+fuses it may differ, so curves agree to float rounding (tested). :func:`train_lr_seeds` adds a
+learning-rate factor to the same vmapped axis: one row per ``(lr, seed)`` pair, ``lr`` a traced
+per-row argument (a learning-rate sweep compiles once).
 
 >>> import gradflow
 >>> task = gradflow.tasks.make("adding", steps=5)
@@ -47,10 +49,10 @@ def seed_list(seeds) -> list[int]:
                                               "batch", "dtype"))
 def _chunk(theta, opt_state, k_data, start, lr, clip, budget, *, count, spec, stack, kind,
            sample, batch, dtype):
-    """``count`` updates from step ``start`` for every seed (leading axis of ``theta``,
-    ``opt_state``, ``k_data``): returns ``(theta, opt_state, loss (S, count),
+    """``count`` updates from step ``start`` for every row (leading axis ``R`` of ``theta``,
+    ``opt_state``, ``k_data`` and ``lr: (R,)``: one (learning rate, seed) pair per row): returns ``(theta, opt_state, loss (S, count),
     metric (S, count))``."""
-    def one(theta, opt_state, k):
+    def one(theta, opt_state, k, lr):
         def body(carry, s):
             th, op = carry
             xs, ys, mask = sample(jax.random.fold_in(k, s), batch, dtype)
@@ -62,7 +64,7 @@ def _chunk(theta, opt_state, k_data, start, lr, clip, budget, *, count, spec, st
                                                 start + jnp.arange(count))
         return th, op, loss, metric
 
-    return jax.vmap(one)(theta, opt_state, k_data)
+    return jax.vmap(one)(theta, opt_state, k_data, lr)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
@@ -93,7 +95,7 @@ def _start(stack, task, cfgs, seeds):
     evals = [_train.eval_batch_of(task, _train.keys(s)[2], cfg.eval_batch, cfg.batch, dt)
              for s in seeds]
     batch = tuple(jnp.stack(parts) for parts in zip(*evals))
-    consts = (jnp.asarray(cfg.lr, dt), jnp.asarray(np.inf if cfg.clip is None else cfg.clip, dt),
+    consts = (jnp.asarray([c.lr for c in cfgs], dt), jnp.asarray(np.inf if cfg.clip is None else cfg.clip, dt),
               jnp.asarray(cfg.budget, dt))
     return theta, opt_state, spec, k_data, batch, consts
 
@@ -135,14 +137,65 @@ def train_seeds(stack, task, seeds, *, steps: int = 500, batch: int = 32, lr: fl
     Raises:
       gradflow.errors.InputError: a bad option or seed list, before any training.
     """
+    return train_lr_seeds(stack, task, [lr], seeds, steps=steps, batch=batch, clip=clip,
+                          dtype=dtype, eval_every=eval_every, eval_batch=eval_batch,
+                          record_at=record_at, record=record, record_batch=record_batch,
+                          budget=budget, curriculum=curriculum, progress=progress)[0]
+
+
+def lr_list(lrs) -> list[float]:
+    """``lrs`` as a non-empty list of distinct learning rates ``>= 0``."""
+    if isinstance(lrs, (str, int, float, np.number)):
+        raise TypeError(f"lrs must be a list of learning rates, got {lrs!r}")
+    out = [float(x) for x in lrs]
+    if not out:
+        raise ValueError("lrs is empty; give at least one learning rate")
+    bad = [x for x in out if not x >= 0]
+    if bad:
+        raise ValueError(f"learning rates must be >= 0, got {bad[0]}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"lrs repeat: {out}")
+    return out
+
+
+def train_lr_seeds(stack, task, lrs, seeds, *, steps: int = 500, batch: int = 32,
+                   clip: float | None = 1.0, dtype: str = "float32",
+                   eval_every: int | None = None, eval_batch: int = 256, record_at=(),
+                   record=None, record_batch: int | None = None, budget: float = 0.0,
+                   curriculum=None, progress: bool = False) -> list:
+    """:func:`train_seeds` at several learning rates, every ``(lr, seed)`` pair one row of the
+    same vmapped program (``R = len(lrs) * len(seeds)`` rows; the learning rate is a traced
+    per-row argument, so no recompile per rate). Returns ``[[History per seed] per lr]``; the
+    run at ``(lr, s)`` is :func:`gradflow.train.train`'s with ``lr=lr, seed=s`` (the same init,
+    batches and evaluation batch for every rate of one seed: a paired comparison).
+
+    >>> import gradflow
+    >>> task = gradflow.tasks.make("adding", steps=5)
+    >>> stack = gradflow.Stack("lstm", layers=1, input_size=2, hidden_size=4)
+    >>> runs = train_lr_seeds(stack, task, [1e-3, 1e-2], [0, 1], steps=4, batch=4, eval_batch=8)
+    >>> [[h.curve.config["lr"] for h in per_lr] for per_lr in runs]
+    [[0.001, 0.001], [0.01, 0.01]]
+
+    Raises:
+      gradflow.errors.InputError: a bad option, seed or learning-rate list, before training.
+    """
     with user_input():
         seeds = seed_list(seeds)
+        lrs = lr_list(lrs)
         task = _train.as_task(task, "task")
-        cfgs = [_train.TrainConfig(steps=steps, batch=batch, lr=lr, clip=clip, seed=s,
+        rows = [(r, s) for r in lrs for s in seeds]
+        cfgs = [_train.TrainConfig(steps=steps, batch=batch, lr=r, clip=clip, seed=s,
                                    dtype=dtype, eval_every=eval_every, eval_batch=eval_batch,
                                    record_at=record_at, record_batch=record_batch,
-                                   budget=budget, curriculum=curriculum) for s in seeds]
+                                   budget=budget, curriculum=curriculum) for r, s in rows]
         record = _train.check_run(stack, task, task, cfgs[0], record)
+    hists = _train_rows(stack, task, cfgs, [s for _, s in rows], record, progress)
+    n = len(seeds)
+    return [hists[i * n:(i + 1) * n] for i in range(len(lrs))]
+
+
+def _train_rows(stack, task, cfgs, seeds, record, progress) -> list:
+    """One History per row ``(cfgs[j], seeds[j])``: the rows differ only in seed and lr."""
     cfg, dt = cfgs[0], jnp.dtype(cfgs[0].dtype)
     theta, opt_state, spec, k_data, (eval_xs, eval_ys, eval_mask), consts = _start(
         stack, task, cfgs, seeds)
@@ -157,7 +210,7 @@ def train_seeds(stack, task, seeds, *, steps: int = 500, batch: int = 32, lr: fl
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, desc=f"{stack.cell.name} on {task.name}, {n_seeds} seeds")
+        bar = tqdm(total=cfg.steps, desc=f"{stack.cell.name} on {task.name}, {n_seeds} runs")
     try:
         for i, at in enumerate(bounds):
             if at in set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}:
@@ -222,4 +275,4 @@ def stacked(hists) -> "_train.History":
                           first.task)
 
 
-__all__ = ["seed_list", "stacked", "train_seeds"]
+__all__ = ["lr_list", "seed_list", "stacked", "train_lr_seeds", "train_seeds"]

@@ -1,0 +1,180 @@
+"""Training claims under conditions (issue 14): a learning-rate factor in the seeds' vmapped
+program (each (lr, seed) row equals the run ``train`` makes alone), the training atlases'
+claims (named predicates on one seed's runs) evaluated over lr x difficulty x seeds, and the
+verdicts on the committed atlases."""
+import numpy as np
+import pytest
+
+from gradflow import tasks
+from gradflow.problem import task_stack
+from gradflow.seeds import train_lr_seeds
+from gradflow.train import train
+
+
+def test_lr_seed_rows_equal_each_run_alone():
+    task = tasks.make("adding", steps=5)
+    stack = task_stack("lstm", task, layers=2, hidden=6)
+    kw = dict(steps=6, batch=4, eval_every=3, eval_batch=8)
+    runs = train_lr_seeds(stack, task, [1e-2, 3e-3], [3, 5], **kw)
+    assert [[h.curve.config["lr"] for h in per] for per in runs] == [[1e-2, 1e-2], [3e-3, 3e-3]]
+    assert [[h.curve.config["seed"] for h in per] for per in runs] == [[3, 5], [3, 5]]
+    for lr, per in zip((1e-2, 3e-3), runs):
+        for seed, h in zip((3, 5), per):
+            ref = train(stack, task, lr=lr, seed=seed, progress=False, **kw)
+            assert h.curve.config == ref.curve.config
+            for k, v in ref.curve.arrays.items():
+                np.testing.assert_allclose(h.curve[k], v, rtol=2e-5, atol=1e-7,
+                                           err_msg=f"lr {lr} seed {seed} {k}")
+    # the rates differ: same seed, other lr, other curve (same first-step loss: same init, batch)
+    a, b = runs[0][0].curve["loss"], runs[1][0].curve["loss"]
+    assert a[0] == pytest.approx(b[0], rel=1e-6) and not np.allclose(a[1:], b[1:])
+
+
+@pytest.mark.parametrize("lrs,match", [([], "lrs is empty"), ([1e-3, 1e-3], "lrs repeat"),
+                                       ([-1.0], ">= 0"), (1e-3, "list of learning rates")])
+def test_bad_lr_lists_are_refused(lrs, match):
+    task = tasks.make("adding", steps=3)
+    stack = task_stack("lstm", task, layers=1, hidden=2)
+    with pytest.raises((ValueError, TypeError), match=match):
+        train_lr_seeds(stack, task, lrs, [0], steps=1, batch=2, eval_batch=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training atlas on a tiny grid: claims evaluated by the atlas equal the same predicates
+# computed from train() run by run; a rerun resumes from the cache; reproduce regenerates it.
+
+from gradflow import atlas_training as at  # noqa: E402
+from gradflow import reproduce  # noqa: E402
+
+TINY = {"task": "adding", "task_options": {"steps": 4}, "layers": 2, "hidden": 4, "steps": 6,
+        "batch": 4, "eval_every": 3, "eval_batch": 8, "lrs": [1e-2, 3e-3], "seeds": [0, 2],
+        "factor": {"name": "steps", "where": "task", "values": [4]},
+        "runs": [["star", "star", {}], ["lstm, forget bias 1", "lstm", {"forget_bias": 1.0}]],
+        "claims": ["deep_star_trains", "deep_star_over_lstm"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_atlas(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return at.training_atlas(TINY, cache_dir=cache), cache
+
+
+def test_atlas_claims_equal_predicates_on_direct_runs(tiny_atlas):
+    data, _ = tiny_atlas
+    for T in (4,):
+        task = tasks.make("adding", steps=T)
+        finals = {}
+        for label, opts in (("star", {}), ("lstm, forget bias 1", {"forget_bias": 1.0})):
+            stack = task_stack(label.split(",")[0], task, layers=2, hidden=4, options=opts)
+            for i, lr in enumerate(TINY["lrs"]):
+                for s, seed in enumerate(TINY["seeds"]):
+                    h = train(stack, task, steps=6, batch=4, lr=lr, seed=seed, eval_every=3,
+                              eval_batch=8, progress=False)
+                    finals[label, i, s] = float(h.curve["eval_metric"][-1])
+                    got = at.run_arrays(data, label, T)["eval_metric"][i, s]
+                    np.testing.assert_allclose(got, h.curve["eval_metric"], rtol=2e-5, atol=1e-7)
+        f = TINY["factor"]["values"].index(T)
+        c = at.claim_arrays(data, "deep_star_over_lstm")
+        for i in range(2):
+            for s in range(2):
+                st, ls = finals["star", i, s], finals["lstm, forget bias 1", i, s]
+                assert c["statistic"][f, i, s] == pytest.approx(ls / st, rel=1e-4)
+                assert c["holds"][f, i, s] == (st < 0.01 <= ls)
+        assert c["fraction"].shape == (1, 2)
+        # fair: each run at the lr with the lowest median final MSE over seeds
+        best = {lab: TINY["lrs"][int(np.argmin([np.median([finals[lab, i, s] for s in range(2)])
+                                                for i in range(2)]))]
+                for lab in ("star", "lstm, forget bias 1")}
+        assert c["best_lr"][str(T)] == best
+        bi = {lab: TINY["lrs"].index(best[lab]) for lab in best}
+        for s in range(2):
+            st, ls = finals["star", bi["star"], s], finals["lstm, forget bias 1", bi[
+                "lstm, forget bias 1"], s]
+            assert c["fair_statistic"][f, s] == pytest.approx(ls / st, rel=1e-4)
+
+
+def test_rerun_resumes_from_the_cache(tiny_atlas, monkeypatch):
+    data, cache = tiny_atlas
+    monkeypatch.setattr(at, "train_spec", lambda spec: pytest.fail("retrained a cached run"))
+    again = at.training_atlas(TINY, cache_dir=cache)
+    assert set(again.arrays) == set(data.arrays)
+    for k, v in data.arrays.items():
+        np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+
+def test_factor_on_training_options_trains_independent_runs_once(tmp_path):
+    cfg = {**TINY, "lrs": [1e-2], "seeds": [0], "steps": 2, "eval_every": 1, "layers": 1,
+           "factor": {"name": "budget", "where": "training", "values": [0.1, 1.0]},
+           "runs": [["LSTM", "lstm", {}], ["g-LSTM, budget", "g_lstm", {}, {"budget": 0.0}]],
+           "claims": ["g_lstm_budget_10x"]}
+    specs = [at.run_spec(at.check(cfg), r, v) for r in at.parse_runs(cfg["runs"])
+             for v in (0.1, 1.0)]
+    assert specs[0] == specs[1] and specs[2]["training"] == {"budget": 0.1}
+    assert specs[3]["training"] == {"budget": 1.0}
+    said = []
+    data = at.training_atlas(cfg, cache_dir=tmp_path, progress=said.append)
+    assert len(said) == 3 and len(list(tmp_path.glob("*.npz"))) == 3
+    u = at.run_arrays(data, "g-LSTM, budget", 1.0)["eval_updates"]
+    c = at.claim_arrays(data, "g_lstm_budget_10x")
+    np.testing.assert_allclose(c["statistic"][1, 0, 0], 1 / u[0, 0, -1], rtol=1e-6)
+
+
+def test_predicates_on_hand_made_runs():
+    step = np.array([0, 50, 100, 150])
+
+    def run(metric, **kw):
+        return {"step": step, "metric": np.array(metric, float), **kw}
+
+    earlier = at.CLAIMS["refined_gru_earlier"]
+    assert earlier.evaluate({"refined_gru": run([1, .1, .005, .001]),
+                             "gru": run([1, .1, .1, .005])}) == (50.0, True)
+    assert earlier.evaluate({"refined_gru": run([1, .1, .1, .005]),
+                             "gru": run([1, .1, .1, .005])}) == (0.0, False)
+    # the vanilla never gets there: a never counts as one evaluation past the end
+    assert earlier.evaluate({"refined_gru": run([1, .1, .1, .005]),
+                             "gru": run([1, .1, .1, .1])}) == (50.0, True)
+    assert not earlier.evaluate({"refined_gru": run([1, 1, 1, 1]), "gru": run([1, 1, 1, 1])})[1]
+    budget = at.CLAIMS["g_lstm_budget_10x"]
+    lstm = run([1, .1, .01, .004])
+    s, ok = budget.evaluate({"g-LSTM, budget": run([1, .1, .01, .008], updates=[1, .5, .1, .08]),
+                             "LSTM": lstm})
+    assert s == pytest.approx(12.5) and ok
+    assert not budget.evaluate({"g-LSTM, budget": run([1, 1, 1, .02], updates=[1, .1, .1, .05]),
+                                "LSTM": lstm})[1]  # 5x the LSTM's MSE: not comparable
+    rec = at.CLAIMS["ur_lstm_binary_recall"]
+    assert rec.evaluate({"UR-LSTM": run([.1, .2, .3, .3], saturated={"g": .6})}) == (0.6, True)
+    assert not rec.evaluate({"UR-LSTM": run([.1, .2, .2, .2], saturated={"g": .9})})[1]
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"lrs": []}, "lrs is empty"),
+    ({"factor": {"name": "steps", "values": [4]}}, "factor is"),
+    ({"claims": ["nope"]}, "unknown training claim 'nope'; valid: deep_star_trains"),
+    ({"claims": ["ur_lstm_beats_baselines"]}, "reads run.*UR-LSTM"),
+    ({"runs": [["a", "lstm"]]}, "runs are"),
+])
+def test_bad_atlas_configs_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        at.check({**TINY, **change})
+
+
+def test_reproduce_regenerates_a_tiny_training_atlas(tiny_atlas, tmp_path):
+    import json
+
+    import gradflow
+
+    fig = reproduce.BUILDERS["training_atlas"].draw({"title": "t"}, tiny_atlas[0])
+    assert len([a for a in fig.axes if a.axison]) == 2 + 2  # 2 runs x 1 value + 2 claims
+    cfg = {**TINY, "figure": "training_atlas", "runs": TINY["runs"][:1], "steps": 2,
+           "eval_every": 1, "lrs": [1e-2], "claims": ["deep_star_trains"]}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "cfg" / "tiny.json").write_text(json.dumps(cfg))
+    written = reproduce.reproduce("tiny", tmp_path / "out", config_dir=tmp_path / "cfg",
+                                  log=lambda s: None, progress=lambda s: None)
+    assert sorted(p.rsplit(".", 1)[1] for p in written) == ["npz", "png"]
+    data = gradflow.load(tmp_path / "out" / "tiny.npz")
+    c = at.claim_arrays(data, "deep_star_trains")
+    final = at.run_arrays(data, "star", 4)["eval_metric"][0, :, -1]
+    np.testing.assert_allclose(c["statistic"][0, 0], final)
+    assert c["fair_fraction"][0] == np.mean(final < 0.01)
