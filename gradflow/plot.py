@@ -18,6 +18,7 @@ and counted in the title, never dropped silently. Example::
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Mapping, Sequence
 
@@ -1068,7 +1069,68 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
     return fig
 
 
+def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
+    """A :func:`gradflow.atlas_training.training_atlas` result: one row of panels per factor
+    value with each run's evaluation metric against the step, one colour per learning rate
+    (median over seeds, min-max band shaded; log scale for a regression loss); a last row with
+    one panel per claim: the fraction of seeds where it holds per learning rate (rows) and
+    factor value (columns), and in the last column the fair verdict (each run at its best
+    rate), coloured 0 red .. 1 green, the fraction written on each square."""
+    _check_result(data, "draw_training_atlas")
+    cfg = data.config
+    labels = [r[0] for r in cfg["runs"]]
+    values, lrs, claims = cfg["factor"]["values"], cfg["lrs"], list(cfg["claims"])
+    ncol = max(len(labels), len(claims), 1)
+    fig = figure((2.3 * ncol + 0.6, 2.0 * (len(values) + 1) + 0.5))
+    axes = fig.subplots(len(values) + 1, ncol, squeeze=False)
+    fname = cfg["factor"]["name"]
+    for f, v in enumerate(values):
+        for j in range(ncol):
+            ax = axes[f, j]
+            if j >= len(labels):
+                ax.set_axis_off()
+                continue
+            prefix = f"run/{labels[j]}@{json.dumps(v)}/"
+            steps, metric = data[prefix + "eval_step"], np.asarray(data[prefix + "eval_metric"])
+            for i, lr in enumerate(lrs):
+                _seed_band(ax, steps, metric[i], f"C{i}", "-", f"lr {lr:g}", linewidth=1)
+            if cfg.get("task") != "copy":
+                ax.set_yscale("log")
+            ax.set_title(f"{labels[j]}, {fname} = {v}", fontsize=7)
+            ax.tick_params(labelsize=6)
+            if j == 0:
+                ax.set_ylabel("eval " + ("accuracy" if cfg.get("task") == "copy" else "MSE"),
+                              fontsize=7)
+            if f == 0 and j == 0:
+                ax.legend(fontsize=5)
+    cmap = matplotlib.colormaps["RdYlGn"]
+    for j in range(ncol):
+        ax = axes[-1, j]
+        if j >= len(claims):
+            ax.set_axis_off()
+            continue
+        frac = np.asarray(data[f"claim/{claims[j]}/fraction"], float).T  # (n_lr, F)
+        fair = np.asarray(data[f"claim/{claims[j]}/fair_fraction"], float)[None, :]
+        grid_ = np.full((len(lrs), 2 * len(values)), np.nan)
+        grid_[:, :len(values)] = frac
+        grid_[0, len(values):] = fair
+        ax.imshow(grid_, cmap=cmap.with_extremes(bad="white"), vmin=0.0, vmax=1.0,
+                  aspect="auto")
+        for (a, b), x in np.ndenumerate(grid_):
+            if np.isfinite(x):
+                ax.text(b, a, f"{x:.2g}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(2 * len(values)), [str(v) for v in values]
+                      + [f"fair {v}" for v in values], fontsize=6)
+        ax.set_yticks(range(len(lrs)), [f"lr {lr:g}" for lr in lrs], fontsize=6)
+        ax.set_xlabel(fname, fontsize=6)
+        ax.set_title(claims[j], fontsize=7)
+    fig.suptitle((title or "training atlas") + f"; {len(cfg['seeds'])} seeds, bottom row: "
+                 "fraction of seeds where each claim holds", fontsize=8)
+    return fig
+
+
 __all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "draw_atlas", "draw_curves",
-           "draw_gains", "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_updates",
+           "draw_gains", "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_training_atlas",
+           "draw_updates",
            "figure", "gain_profile", "gate_histograms", "gates_figure", "grid", "heatmap",
            "saturation_map", "save", "settings"]

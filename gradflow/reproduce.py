@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from gradflow import atlas, experiments, plot
+from gradflow import atlas, atlas_training, experiments, plot
 from gradflow.results import Result
 
 #: The figure configs shipped with the package (``<name>.json``).
@@ -97,6 +97,8 @@ register("atlas",
          lambda config, data: plot.draw_atlas(
              atlas.unpack(data), config.get("rows", "input_scale"), config.get("cols", "init"),
              title=config.get("title")))
+register("training_atlas", atlas_training.training_atlas,
+         lambda config, data: plot.draw_training_atlas(data, title=config.get("title")))
 
 
 # ---------------------------------------------------------------------------------------------
