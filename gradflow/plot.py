@@ -1057,7 +1057,7 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
                     ax.text(b, a, f"{frac:.2g}", ha="center", va="center", fontsize=6)
             ax.set_xticks(range(len(cv)), [str(v) for v in cv], fontsize=6)
             ax.set_yticks(range(len(rv)), [str(v) for v in rv], fontsize=6)
-            ax.set_title(" ".join(str(v) for v in key), fontsize=6)
+            ax.set_title(" ".join(str(v) for v in key if v != "-"), fontsize=6)
             if j == 0:
                 ax.set_ylabel(f"{name}\n{cell}\n{rows}", fontsize=6)
             if i == len(bands) - 1:

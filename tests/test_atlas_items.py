@@ -1,0 +1,193 @@
+"""gradflow.atlas beyond gradient maps (SPEC 4 items 2-4): claims read from local gains and gate
+statistics equal the same predicates on gradflow.local_gains / gradflow.gates.saturation run seed
+by seed; non-finite maps give NaN ("does not hold"), not an error; and the boundaries of the
+committed atlases (figures/atlas_vertical_gain, atlas_gu_gates_init, atlas_cheng_refined)."""
+import os
+
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import atlas as A
+from gradflow import gates
+from gradflow.problem import cell_problem
+
+FIGURES = os.path.join(os.path.dirname(__file__), "..", "figures")
+
+
+def _problem(c, seed):
+    name, options = A.parse_cell(c["cell"])
+    init = A.cell_for(c["cell"], c["init"], c["steps"]).config["init"]
+    return cell_problem(name, layers=c["layers"], steps=c["steps"], hidden=c["hidden"],
+                        batch=c["batch"], seed=seed, init=init, input_scale=c["input_scale"],
+                        options=options)
+
+
+def _direct(res, claim, measure):
+    """Every (condition, seed) statistic of ``res`` against ``claim.predicate`` on
+    ``measure(problem)`` computed one seed at a time."""
+    for i, c in enumerate(res.config["conditions"]):
+        for j, seed in enumerate(c["seeds"]):
+            s, h = claim.evaluate(measure(_problem(c, seed)))
+            np.testing.assert_allclose(res.statistic[i, j], s, rtol=2e-5, equal_nan=True)
+            assert res.holds[i, j] == h
+
+
+def test_gain_claims_equal_local_gains_seed_by_seed():
+    g = A.Grid(cells=("lstm:forget_bias=1.0",), inits=("orthogonal", "torch"),
+               input_scales=(0.01, 1.0), hidden=(4,), sizes=((3, 2),), seeds=(0, 5), batch=2,
+               measure="local_gains")
+    out = A.atlas(["lstm_vertical_quarter"], g, progress=False)
+    for name, res in out.items():
+        assert res.statistic.shape == (4, 2) and res.config["reads"] == "local_gains"
+        assert all("loss" not in c and c["measure"] == "local_gains"
+                   for c in res.config["conditions"])
+        _direct(res, A.CLAIMS[name],
+                lambda p: gradflow.local_gains(p.stack, p.params, p.xs).arrays)
+
+
+def test_gate_claims_equal_gate_statistics_seed_by_seed():
+    g = A.Grid(cells=("ur_lstm", "refined_gru:mode=add"), inits=("torch+ugi",),
+               input_scales=(0.1, 3.0), hidden=(4,), sizes=((2, 3),), seeds=(0, 2), batch=2,
+               measure="gates")
+    names = ["ugi_timescales_two_decades", "ur_effective_more_saturated",
+             "gru_gates_outside_unit", "gru_gates_saturated"]
+    out = A.atlas(names, g, progress=False)
+    for name in names:
+        _direct(out[name], A.CLAIMS[name],
+                lambda p: gates.saturation(p.stack, p.params, p.xs).arrays)
+
+
+def test_gate_predicates_by_hand():
+    m = {"timescale/f/unit": np.array([[1.0, 10.0], [100.0, 2.0]]),
+         "saturated/i/pooled": np.float64(0.2), "saturated/o/pooled": np.float64(0.6),
+         "outside/i/pooled": np.array([3, 1, 0]), "hist/i/pooled": np.array([10, 6]),
+         "outside/o/pooled": np.array([0, 0, 0]), "hist/o/pooled": np.array([20, 0])}
+    assert A.timescale_decades("f")(m) == pytest.approx(2.0)
+    assert A.saturated_share(("i", "o"))(m) == pytest.approx(0.4)
+    assert A.outside_share(("i", "o"))(m) == pytest.approx(4 / 40)
+    assert A.saturation_gain("o", "i")(m) == pytest.approx(0.4)
+    m["outside/o/pooled"] = np.array([0, 0, 1])  # a NaN activation: no reading
+    assert np.isnan(A.outside_share(("i", "o"))(m))
+    m["timescale/f/unit"] = np.array([[1.0, np.inf]])  # a gate rounded to 1
+    assert np.isnan(A.timescale_decades("f")(m))
+    assert A.median_vertical_gain({"vertical_rms": np.array([[0.2, 0.3, 0.25]])}) == 0.25
+
+
+def test_nonfinite_maps_read_nan_and_do_not_hold():
+    """A map whose top-last entry is 0 or NaN (an underflowed or exploded stack) is data."""
+    claim = A.CLAIMS["bottom_layer_kept"]
+    for bad in (np.zeros((2, 3)), np.full((2, 3), np.nan),
+                np.array([[1.0, np.inf, 1.0], [1.0, 1.0, np.inf]])):
+        s, h = claim.evaluate(bad)
+        assert np.isnan(s) and h is False
+    assert claim.evaluate(np.array([[0.5, 0.1, 0.2], [1.0, 1.0, 2.0]])) == (0.1, True)
+
+
+def test_claims_apply_by_measurement_and_factors():
+    c = A.Grid(cells=("lstm",), measure="gates").conditions()[0]
+    assert A.CLAIMS["lstm_forget_not_saturated"].applies(c)
+    assert not A.CLAIMS["lstm_vertical_quarter"].applies(c)  # reads local_gains
+    assert not A.CLAIMS["lstm_collapses"].applies(c)
+    m = A.Grid(cells=("refined_lstm:mode=add",), wrts=("hidden",)).conditions()[0]
+    assert A.CLAIMS["bottom_layer_kept"].applies(m) and "measure" not in m
+    with pytest.raises(ValueError, match="unknown measure 'grads'; valid: gradient_map"):
+        A.Grid(cells=("lstm",), measure="grads")
+    with pytest.raises(ValueError, match="reads unknown measurement"):
+        A.Claim("x", "x", ("lstm",), len, bool, reads="nope")
+    with pytest.raises(ValueError, match="already registered"):
+        A.register_claim(A.CLAIMS["lstm_collapses"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed atlases (regenerate with `gradflow reproduce --only NAME --out DIR`)
+
+
+def _committed(name):
+    return A.load(os.path.join(FIGURES, name))
+
+
+def _rows(res, **match):
+    """Indices of the conditions of ``res`` matching every ``factor=value`` (size as 'LxT')."""
+    rows = [i for i, c in enumerate(res.config["conditions"])
+            if all({**c, "size": f"{c['layers']}x{c['steps']}"}.get(k) == v
+                   for k, v in match.items())]
+    assert rows, match
+    return rows
+
+
+def _held(res, **match):
+    """{condition tuple (cell, init, input_scale, hidden): fraction} where some seed holds."""
+    return {(c["cell"], c["init"], c["input_scale"], c["hidden"]): f
+            for c, f in zip(res.config["conditions"], res.fraction) if f > 0
+            and all(c.get(k) == v for k, v in match.items())}
+
+
+@pytest.fixture(scope="module")
+def gu():
+    return _committed("atlas_gu_gates_init")
+
+
+def test_gu_grid(gu):
+    assert sorted(gu) == sorted(["ugi_timescales_two_decades", "ur_effective_two_decades",
+                                 "lstm_forget_not_saturated", "ur_effective_more_saturated"])
+    assert all(r.statistic.shape[1] == 4 and r.config["reads"] == "gates" for r in gu.values())
+    assert len(gu["ugi_timescales_two_decades"].fraction) == 3 * 4 * 3 * 3
+
+
+def test_gu_ugi_spans_about_log10_H_decades(gu):
+    r = gu["ugi_timescales_two_decades"]
+    # without UGI biases the timescales all sit near 1/(1 - 1/2) = 2: at most 0.3 decades
+    for cell in ("lstm", "lstm:forget_bias=1.0"):
+        for init in ("orthogonal", "torch"):
+            assert r.statistic[_rows(r, cell=cell, init=init)].max() < 0.35
+    # UGI: the span is about log10(H) (u ~ U[1/H, 1 - 1/H]); never 2 decades at H = 32
+    ugi = [i for i, c in enumerate(r.config["conditions"])
+           if c["cell"] == "ur_lstm" or c["init"].endswith("+ugi")]
+    h32 = [i for i in ugi if r.config["conditions"][i]["hidden"] == 32]
+    med = np.median(r.statistic[h32], axis=1)  # over seeds
+    assert r.fraction[h32].max() == 0 and 1.25 < med.min() and r.statistic[h32].max() < 1.9
+    # plain UGI (no forget bias): every seed only at H = 256, input scale 0.1 (2.3 decades)
+    plain = [i for i in ugi if r.config["conditions"][i]["cell"] != "lstm:forget_bias=1.0"]
+    full = {r.config["conditions"][i]["hidden"] for i in plain if r.fraction[i] == 1}
+    assert full == {256} and all(r.config["conditions"][i]["input_scale"] == 0.1
+                                 for i in plain if r.fraction[i] == 1)
+    s = np.median(r.statistic[_rows(r, cell="ur_lstm", init="orthogonal", hidden=256)], axis=1)
+    assert 2.25 < s[0] < 2.4 and s[0] > s[1] > s[2]  # larger inputs shorten the longest
+    # forget bias 1 on top of UGI: every seed at H >= 128, every input scale
+    fb = _rows(r, cell="lstm:forget_bias=1.0")
+    assert {(r.config["conditions"][i]["init"], r.config["conditions"][i]["hidden"])
+            for i in fb if r.fraction[i] == 1} == {(i, h) for i in ("orthogonal+ugi",
+                                                                    "torch+ugi")
+                                                   for h in (128, 256)}
+
+
+def test_gu_effective_gate_halves_the_longest_timescale(gu):
+    g, f = gu["ur_effective_two_decades"], gu["ugi_timescales_two_decades"]
+    gi, fi = _rows(g, cell="ur_lstm"), _rows(f, cell="ur_lstm")
+    diff = np.median(f.statistic[fi], axis=1) - np.median(g.statistic[gi], axis=1)
+    assert 0.2 < diff.min() and diff.max() < 0.45  # about log10(2) = 0.3 decades
+    assert {k[3] for k in _held(g)} == {256}
+    m = gu["ur_effective_more_saturated"]
+    assert m.statistic.max() < 0.02 and np.median(m.statistic) < -0.04
+    assert {(k[1], k[2], k[3]) for k in _held(m)} == {("orthogonal", 3.0, 32),
+                                                       ("orthogonal", 3.0, 128),
+                                                       ("orthogonal+ugi", 3.0, 32),
+                                                       ("orthogonal+ugi", 3.0, 128)}
+
+
+def test_gu_plain_lstm_forget_gate_not_saturated_below_input_scale_3(gu):
+    r = gu["lstm_forget_not_saturated"]
+    for cell in ("lstm", "lstm:forget_bias=1.0"):
+        for init in ("orthogonal", "torch"):
+            small = _rows(r, cell=cell, init=init, input_scale=0.1) + _rows(
+                r, cell=cell, init=init, input_scale=1.0)
+            assert r.fraction[small].min() == 1 and r.statistic[small].max() < 0.02
+        big = _rows(r, cell=cell, init="orthogonal", input_scale=3.0)
+        assert r.fraction[big].max() == 0 and r.statistic[big].min() > 0.15
+        # torch's weights U(-1/sqrt(H), 1/sqrt(H)) have RMS 1/sqrt(3): not saturated at 3
+        big = _rows(r, cell=cell, init="torch", input_scale=3.0)
+        assert r.fraction[big].min() == 1 and r.statistic[big].max() < 0.08
+    # UGI biases put about 10% of the units' f outside [0.05, 0.95] by construction
+    ugi = _rows(r, cell="lstm", init="orthogonal+ugi", input_scale=0.1)
+    assert 0.04 < r.statistic[ugi].min() and r.statistic[ugi].max() < 0.13
