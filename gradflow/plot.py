@@ -1083,7 +1083,7 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
     ncol = max(len(labels), len(claims), 1)
     fig = figure((2.3 * ncol + 0.6, 2.0 * (len(values) + 1) + 0.5))
     axes = fig.subplots(len(values) + 1, ncol, squeeze=False)
-    fname = cfg["factor"]["name"]
+    fname = {"steps": "T"}.get(cfg["factor"]["name"], cfg["factor"]["name"])  # adding's length
     for f, v in enumerate(values):
         for j in range(ncol):
             ax = axes[f, j]
@@ -1120,7 +1120,7 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
             if np.isfinite(x):
                 ax.text(b, a, f"{x:.2g}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(2 * len(values)), [str(v) for v in values]
-                      + [f"fair {v}" for v in values], fontsize=6)
+                      + [f"best lr\n{v}" for v in values], fontsize=6)
         ax.set_yticks(range(len(lrs)), [f"lr {lr:g}" for lr in lrs], fontsize=6)
         ax.set_xlabel(fname, fontsize=6)
         ax.set_title(claims[j], fontsize=7)
