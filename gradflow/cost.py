@@ -244,8 +244,9 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
 
 class _Sig(tuple):
     """What an estimate depends on, hashable in O(1) even for 100000 layers:
-    ``(kinds, L, H, D, input_projection, norm, checkpoint, order, name)`` with ``kinds`` the
-    ``((cell, n_in, count), ...)`` of the layers."""
+    ``(kinds, L, H, D, input_projection, norm, checkpoint, order, name, widths)`` with ``kinds``
+    the ``((cell, n_in, width, count), ...)`` of the layers, ``H`` the largest width and
+    ``widths`` None for layers of one width (else every layer's)."""
 
     kinds = property(lambda s: s[0])
     layers = property(lambda s: s[1])
@@ -256,12 +257,13 @@ class _Sig(tuple):
     checkpoint = property(lambda s: s[6])
     order = property(lambda s: s[7])
     name = property(lambda s: s[8])
+    widths = property(lambda s: s[9])
 
     def replace(self, layers=None, checkpoint=False):
         kinds, L = self.kinds, self.layers
         if layers is not None:
-            if len({c for c, _, _ in kinds}) != 1:
-                raise ValueError("per-layer cells: cannot change the depth")
+            if len({c for c, _, _, _ in kinds}) != 1 or self.widths is not None:
+                raise ValueError("per-layer cells or widths: cannot change the depth")
             c = kinds[0][0]
             kinds = _kinds_of(c, layers, self.hidden_size, self._first())
             L = layers
@@ -276,32 +278,47 @@ def _kinds_of(cell, L, H, first):
     kinds = {(cell, first): 1}
     if L > 1:
         kinds[(cell, H)] = kinds.get((cell, H), 0) + L - 1
-    return tuple((c, n_in, n) for (c, n_in), n in kinds.items())
+    return tuple((c, n_in, H, n) for (c, n_in), n in kinds.items())
 
 
 def _signature(stack) -> _Sig:
-    """``{(cell, n_in): count}`` over the layers, and the settings an estimate reads."""
+    """``{(cell, n_in, width): count}`` over the layers, and the settings an estimate reads."""
     L, H = stack.layers, stack.hidden_size
-    first = H if stack.input_projection else stack.input_size
+    widths = None if isinstance(H, int) else tuple(H)
+    if widths is None:
+        first = H if stack.input_projection else stack.input_size
+        ins = None
+    else:
+        H = max(widths)
+        first = widths[0] if stack.input_projection else stack.input_size
+        ins = [first] + list(widths[:-1])
     cells = getattr(stack, "cells", None)
-    if cells is None or all(c is cells[0] for c in cells):  # one cell object: no per-layer walk
+    one = cells is None or all(c is cells[0] for c in cells)
+    if one and widths is None:  # one cell object, one width: no per-layer walk
         c = stack.cell if cells is None else cells[0]
         kinds, name = _kinds_of(c, L, H, first), c.name
     else:
-        counts = collections.Counter(zip(cells, [first] + [H] * (L - 1)))
-        kinds = tuple((c, n_in, n) for (c, n_in), n in counts.items())
+        cells = cells or (stack.cell,) * L
+        counts = collections.Counter(zip(cells, ins or [first] + [H] * (L - 1),
+                                         widths or (H,) * L))
+        kinds = tuple((c, n_in, h, n) for (c, n_in, h), n in counts.items())
         name = "+".join(dict.fromkeys(c.name for c in cells))
     return _Sig((kinds, L, H, stack.input_size, bool(stack.input_projection),
-                 getattr(stack, "norm", None), stack.checkpoint, stack.order, name))
+                 getattr(stack, "norm", None), stack.checkpoint, stack.order, name, widths))
 
 
 @functools.lru_cache(maxsize=256)
 def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
-    L, H, D = stack.layers, stack.hidden_size, stack.input_size
+    L, H, D = stack.layers, stack.hidden_size, stack.input_size  # H: the largest width
+    Ws = stack.widths  # None: every layer H wide
+    H0 = H if Ws is None else Ws[0]
+    below = (L - 1) * H if Ws is None else sum(Ws[:-1])  # features read by layers 1..L-1
+    all_w = L * H if Ws is None else sum(Ws)
     item = jnp.dtype(dtype).itemsize
-    first = H if stack.input_projection else D
+    first = H0 if stack.input_projection else D
     tapped = wrt == "params" and method == "gradient"
-    kinds = {(c, n_in): (n, _step(c, n_in, H, B, dtype, tapped)) for c, n_in, n in stack.kinds}
+    kinds = {(c, n_in, h): (n, _step(c, n_in, h, B, dtype, tapped))
+             for c, n_in, h, n in stack.kinds}
     layer_params = sum(n * st[0] for n, st in kinds.values())
     r_all = sum(n * st[1] for n, st in kinds.values())  # one step of every layer
     r_step = max(st[1] for _, st in kinds.values())  # one step of the worst layer
@@ -310,18 +327,18 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     f_all = sum(n * st[4] for n, st in kinds.values())
     params = layer_params
     if stack.input_projection:
-        params += (D * H + H) * item
+        params += (D * H0 + H0) * item
     norm = stack.norm
     if norm is not None:
-        params += L * H * (2 if norm == "layer" else 1) * item
+        params += all_w * (2 if norm == "layer" else 1) * item
     inputs = B * T * D * item
     # The layers' inputs (layer 0: the data or its projection; above: what the layer below emits).
-    layer_inputs = B * T * (first + (L - 1) * H) * item
+    layer_inputs = B * T * (first + below) * item
     # A norm (and the residual sum) keeps about two (B, H) arrays per step of every layer.
     emit = 2 * B * H * item if norm is not None else 0
     C = _chunk(stack.checkpoint, T)
     if C is None:
-        residuals = layer_inputs + T * (r_all + L * emit)
+        residuals = layer_inputs + T * (r_all + (2 * B * all_w * item if norm else 0))
     else:  # one layer recomputed at a time: T/C chunk-boundary states + C steps inside a chunk
         # (plus that layer's recomputed states and input projection over the whole sequence)
         residuals = (layer_inputs + math.ceil(T / C) * s_step + C * r_step
@@ -456,7 +473,7 @@ def suggestions(cost: Cost, limit: int, cli: bool = False,
         def layers_fit(n):
             return _fits(best.replace(layers=n), 1, 1, req, limit) is not None
 
-        one_cell = len({c for c, _, _ in stack.kinds}) == 1
+        one_cell = len({c for c, _, _, _ in stack.kinds}) == 1 and stack.widths is None
         n = _largest(layers_fit, stack.layers) if stack.layers > 1 and one_cell else 0
         hint = [f"{name('layers', n)}" if n else None, "a smaller hidden size"]
         out.append(what + ": use " + " or ".join(h for h in hint if h))
@@ -478,7 +495,8 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
         return cost
     stack, B, T, dtype, wrt, method, probes = cost.request
     what = (f"this measurement ({stack.name}, {stack.layers} layers x {T} steps, "
-            f"H={stack.hidden_size}, batch {B}, {dtype}"
+            f"H={stack.hidden_size if stack.widths is None else list(stack.widths)}, "
+            f"batch {B}, {dtype}"
             + (f", wrt {wrt}" if method == "gradient" else f", jacobian {method}") + ")")
     tips = suggestions(cost, limit, cli, checkpoint)
     raise ValueError(f"{what} needs about {gib(cost.total)} GiB of memory (parameters "

@@ -49,12 +49,17 @@ class StackOutput(NamedTuple):
       final: ``{name: (L, B, H)}``: the state after the last step.
       up: ``(L, B, T, H)``: what each layer emits upward, :math:`\mathrm{norm}(h^l_t + x^l_t)`
         (equal to ``states["h"]`` in a plain stack).
+      widths: None for layers of one width ``H``; for layers of different widths
+        (:attr:`Stack.widths`) the tuple ``(H_0, ..., H_{L-1})``, and every per-layer array
+        above has ``H = max_l H_l`` units: layer ``l``'s in its first ``H_l``, exact zeros
+        after (static: not a pytree leaf).
     """
 
     states: dict
     gates: dict
     final: dict
     up: object = None
+    widths: tuple | None = None
 
     @property
     def h(self):
@@ -63,8 +68,17 @@ class StackOutput(NamedTuple):
 
     @property
     def top(self):
-        """``(B, T, H)`` what the top layer emits: the stack's output sequence."""
-        return self.up[-1]
+        """``(B, T, H_{L-1})`` what the top layer emits: the stack's output sequence (its
+        real units only)."""
+        if self.widths is None or self.widths[-1] == self.up.shape[-1]:
+            return self.up[-1]
+        return self.up[-1][..., :self.widths[-1]]
+
+
+# ``widths`` is static (aux data), so an output passes through jit, grad's aux and scans.
+jax.tree_util.register_pytree_node(
+    StackOutput, lambda o: ((o.states, o.gates, o.final, o.up), o.widths),
+    lambda widths, children: StackOutput(*children, widths))
 
 
 NORMS = (None, "layer", "rms")
@@ -123,18 +137,23 @@ class Stack:
 
     Args:
       cell: a :class:`gradflow.cells.Cell` or a registered name (see ``gradflow.cells.names()``),
-        or a list of them, one per layer (all of one hidden size and the same states).
+        or a list of them, one per layer (all carrying the same states).
       layers: ``L >= 1``.
       input_size: ``D``, the data's feature size.
-      hidden_size: ``H``.
-      input_projection: map the data linearly to ``H`` before layer 0
-        (``params["input"] = {"W": (D, H), "b": (H,)}``). Default: only when the cell needs
-        ``in == H`` (refined gates) and ``D != H``.
+      hidden_size: ``H``, or one width per layer ``[H_0, ..., H_{L-1}]`` (e.g. an input layer
+        wider than the rest, ``[64, 32, 32, 32]``): layer ``l`` then reads ``H_{l-1}``
+        features and emits ``H_l``; per-layer arrays (states, gates, perturbations) have
+        ``max_l H_l`` units, layer ``l``'s in the first ``H_l`` and exact zeros after (see
+        :class:`StackOutput`), and every measurement reads each layer at its own width.
+      input_projection: map the data linearly to ``H_0`` before layer 0
+        (``params["input"] = {"W": (D, H_0), "b": (H_0,)}``). Default: only when the cell needs
+        ``in == H`` (refined gates) and ``D != H_0``.
       order: ``"layer"`` (default) or ``"wavefront"`` (see the module docstring).
       checkpoint: ``None`` (no rematerialisation), a chunk length ``C``, or ``"auto"``
         (``C = ceil(sqrt(T))``).
       residual: add each layer's input to its output, :math:`h^l_t + x^l_t`, where both have
-        ``H`` features (layer 0 reading ``D != H`` unprojected features gets none).
+        the same number of features (layer 0 reading ``D != H_0`` unprojected features, or a
+        layer reading a wider or narrower layer, gets none).
       norm: ``None``, ``"layer"`` (LayerNorm with learned ``scale, bias``) or ``"rms"`` (RMSNorm
         with learned ``scale``) on each layer's output, after the residual
         (``params["norm"]``: one dict per layer). Dropout is never applied: gradflow measures
@@ -149,19 +168,23 @@ class Stack:
       >>> out.h.shape
       (4, 2, 10, 16)
       >>> deep = gradflow.Stack("lstm", 16, 8, 8, residual=True, norm="layer")
+      >>> wide_first = gradflow.Stack("lstm", 3, 5, [16, 8, 8])
+      >>> wide_first.widths, wide_first.apply(wide_first.init(jax.random.key(0)),
+      ...                                     jnp.ones((2, 4, 5))).top.shape
+      ((16, 8, 8), (2, 4, 8))
     """
 
     cells: tuple
     layers: int
     input_size: int
-    hidden_size: int
+    hidden_size: int | tuple
     input_projection: bool | None = None
     order: str = "layer"
     checkpoint: int | str | None = None
     residual: bool = False
     norm: str | None = None
 
-    def __init__(self, cell, layers: int = 1, input_size: int = 1, hidden_size: int = 32, *,
+    def __init__(self, cell, layers: int = 1, input_size: int = 1, hidden_size=32, *,
                  input_projection: bool | None = None, order: str = "layer",
                  checkpoint=None, residual: bool = False, norm: str | None = None,
                  cell_options: dict | None = None, **unknown):
@@ -172,15 +195,23 @@ class Stack:
         cells = _resolve_cells(cell, self.layers, cell_options)
         set_("cells", cells)
         set_("input_size", _positive_int("input_size", input_size))
-        set_("hidden_size", _positive_int("hidden_size", hidden_size))
+        set_("hidden_size", _widths(hidden_size, self.layers))
+        set_("_widths", ((self.hidden_size,) * self.layers if isinstance(self.hidden_size, int)
+                         else self.hidden_size))
+        H0 = self._widths[0]
         square = cells[0].square
         if input_projection is None:
-            input_projection = square and input_size != hidden_size
-        elif square and input_size != hidden_size and not input_projection:
+            input_projection = square and input_size != H0
+        elif square and input_size != H0 and not input_projection:
             raise ValueError(
                 f"cell {cells[0].name!r} needs its input size to equal hidden_size "
-                f"({hidden_size}); the data has {input_size} features: use input_projection=True")
+                f"({H0}); the data has {input_size} features: use input_projection=True")
         set_("input_projection", bool(input_projection))
+        for l, c in enumerate(cells[1:], 1):
+            if c.square and self._widths[l] != self._widths[l - 1]:
+                raise ValueError(f"cell {c.name!r} needs its input size to equal its hidden size,"
+                                 f" but layer {l} ({self._widths[l]} wide) reads layer {l - 1} "
+                                 f"({self._widths[l - 1]} wide): give such layers one width")
         if order not in ORDERS:
             raise ValueError(f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
         set_("order", order)
@@ -192,9 +223,10 @@ class Stack:
             raise ValueError(f"unknown norm {norm!r}; valid: None, 'layer', 'rms'")
         set_("norm", norm)
         if order == "wavefront" and not self.uniform:
-            raise ValueError("order='wavefront' needs every layer to read H features and one "
-                             "cell for all layers: use input_projection=True or input_size == "
-                             "hidden_size, and order='layer' for a list of different cells")
+            raise ValueError("order='wavefront' needs every layer to read H features, one "
+                             "cell and one width for all layers: use input_projection=True or "
+                             "input_size == hidden_size, and order='layer' for a list of "
+                             "different cells or hidden sizes")
 
     @property
     def cell(self):
@@ -210,19 +242,35 @@ class Stack:
         return self.cells[0].state_names
 
     @property
+    def widths(self) -> tuple:
+        """``(H_0, ..., H_{L-1})``: every layer's hidden size."""
+        return self._widths
+
+    @property
+    def max_width(self) -> int:
+        """``max_l H_l``: the last axis of every per-layer array (see :class:`StackOutput`)."""
+        return (self.hidden_size if isinstance(self.hidden_size, int)
+                else max(self.hidden_size))
+
+    @property
     def uniform(self) -> bool:
-        """True when every layer reads ``H`` features and runs one cell (one shape)."""
-        return ((self.input_projection or self.input_size == self.hidden_size)
+        """True when every layer reads ``H`` features, has width ``H`` and runs one cell (one
+        shape)."""
+        return (isinstance(self.hidden_size, int)
+                and (self.input_projection or self.input_size == self.hidden_size)
                 and all(c == self.cells[0] for c in self.cells[1:]))
 
     def layer_in(self, l: int) -> int:
-        """The number of features layer ``l`` reads."""
-        return self.hidden_size if l > 0 or self.input_projection else self.input_size
+        """The number of features layer ``l`` reads: ``H_{l-1}`` (``l > 0``), ``H_0`` (the
+        projected data) or ``D``."""
+        if l > 0:
+            return self._widths[l - 1]
+        return self._widths[0] if self.input_projection else self.input_size
 
     def segments(self) -> list:
-        """``[(start, stop), ...]``: runs of consecutive layers of one shape and cell (each run
-        is one compiled body, scanned over depth)."""
-        key = lambda l: (self.cells[l], self.layer_in(l))  # noqa: E731
+        """``[(start, stop), ...]``: runs of consecutive layers of one shape (input size,
+        width) and cell (each run is one compiled body, scanned over depth)."""
+        key = lambda l: (self.cells[l], self.layer_in(l), self._widths[l])  # noqa: E731
         out, start = [], 0
         for l in range(1, self.layers + 1):
             if l == self.layers or key(l) != key(start):
@@ -237,7 +285,9 @@ class Stack:
                  {"cell": [c.name for c in self.cells],
                   "cell_options": [dict(c.options) for c in self.cells]})
         return {**cells, "layers": self.layers, "input_size": self.input_size,
-                "hidden_size": self.hidden_size, "input_projection": self.input_projection,
+                "hidden_size": (self.hidden_size if isinstance(self.hidden_size, int)
+                                else list(self.hidden_size)),
+                "input_projection": self.input_projection,
                 "order": self.order, "checkpoint": self.checkpoint, "residual": self.residual,
                 "norm": self.norm}
 
@@ -255,22 +305,26 @@ class Stack:
         """``{"layers": [per-layer cell params, bottom first], "input": {"W", "b"}?,
         "norm": [per-layer {"scale", "bias"?}]?}``."""
         kin, klayers = jax.random.split(key)
-        H, D = self.hidden_size, self.input_size
+        Hs, D = self._widths, self.input_size
         keys = jax.random.split(klayers, self.layers)
-        params = {"layers": [c.init(k, self.layer_in(l), H, dtype)
+        params = {"layers": [c.init(k, self.layer_in(l), Hs[l], dtype)
                              for l, (c, k) in enumerate(zip(self.cells, keys))]}
         if self.input_projection:
-            params["input"] = {"W": orthogonal(kin, (D, H), dtype), "b": jnp.zeros((H,), dtype)}
+            params["input"] = {"W": orthogonal(kin, (D, Hs[0]), dtype),
+                               "b": jnp.zeros((Hs[0],), dtype)}
         if self.norm is not None:
-            one = {"scale": jnp.ones((H,), dtype)}
-            if self.norm == "layer":
-                one["bias"] = jnp.zeros((H,), dtype)
-            params["norm"] = [dict(one) for _ in range(self.layers)]
+            def one(H):
+                p = {"scale": jnp.ones((H,), dtype)}
+                if self.norm == "layer":
+                    p["bias"] = jnp.zeros((H,), dtype)
+                return p
+
+            params["norm"] = [one(H) for H in Hs]
         return params
 
     def initial_state(self, batch: int, dtype=jnp.float32) -> dict:
-        """Zero state ``{name: (L, B, H)}``."""
-        return {k: jnp.zeros((self.layers, batch, self.hidden_size), dtype)
+        """Zero state ``{name: (L, B, H)}`` (``H = max_width``)."""
+        return {k: jnp.zeros((self.layers, batch, self.max_width), dtype)
                 for k in self.state_names}
 
     def check_inputs(self, xs):
@@ -280,12 +334,19 @@ class Stack:
         check_xs(self, xs)
 
     def layer_inputs(self, params: dict, xs, out) -> list:
-        """``x^l_t`` for every layer, ``[(B, T, in_0)] + [(B, T, H)] * (L-1)``: the (projected)
-        data, then what the layer below emits (``out.up``, from :meth:`apply` on ``xs``)."""
+        """``x^l_t`` for every layer, ``[(B, T, in_0), (B, T, H_0), ..., (B, T, H_{L-2})]``: the
+        (projected) data, then what the layer below emits (``out.up``, from :meth:`apply` on
+        ``xs``, at its own width)."""
         x0 = jnp.asarray(xs, out.up.dtype)
         if self.input_projection:
             x0 = x0 @ params["input"]["W"] + params["input"]["b"]
-        return [x0] + [out.up[l] for l in range(self.layers - 1)]
+        return [x0] + [self.unpad(out.up[l], l) for l in range(self.layers - 1)]
+
+    def unpad(self, a, l: int):
+        """Layer ``l``'s real units ``a[..., :H_l]`` of a per-layer array ``a: (..., H)``
+        (``a`` itself when it has ``H_l`` units)."""
+        H = self._widths[l]
+        return a if a.shape[-1] == H else a[..., :H]
 
     def apply(self, params: dict, xs, *, state0: dict | None = None, perturb: dict | None = None,
               taps: dict | None = None, param_taps=None, gates: bool = False) -> StackOutput:
@@ -294,9 +355,10 @@ class Stack:
         Args:
           params: from :meth:`init`.
           xs: ``(B, T, D)`` inputs, batch-major.
-          state0: ``{name: (L, B, H)}`` initial states (zeros if None).
+          state0: ``{name: (L, B, H)}`` initial states (zeros if None; ``H = max_width``,
+            layer ``l`` reading its first ``H_l`` units).
           perturb: ``{name: (L, B, T, H)}`` added to each state where it leaves its cell
-            (keys a subset of the cell's ``state_names``).
+            (keys a subset of the cell's ``state_names``; units beyond ``H_l`` are ignored).
           taps: ``{name: (L, B, T)}`` (zeros): the gradient of a loss w.r.t. ``taps[name]`` is
             :math:`\|\partial\mathcal L/\partial s^l_t[b]\|_2` per layer, example and step
             (:func:`norm_tap`), at ``H`` times less memory than differentiating ``perturb``.
@@ -307,7 +369,8 @@ class Stack:
             (:func:`mean_abs_tap`).
           gates: also return every reported gate activation.
         Returns:
-          :class:`StackOutput` with ``(L, B, T, H)`` states, emissions and gates.
+          :class:`StackOutput` with ``(L, B, T, H)`` states, emissions and gates
+          (``H = max_width``, zero-padded beyond each layer's width).
         """
         self.check_inputs(xs)
         dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
@@ -342,7 +405,8 @@ class Stack:
                                                      chunk)
         t = lambda v: jnp.swapaxes(v, 1, 2)  # noqa: E731  (L, T, B, H) -> (L, B, T, H)
         return StackOutput({k: t(v) for k, v in states.items()},
-                           {k: t(v) for k, v in gts.items()}, final, t(up))
+                           {k: t(v) for k, v in gts.items()}, final, t(up),
+                           None if isinstance(self.hidden_size, int) else self._widths)
 
     def _chunk(self, T):
         if self.checkpoint is None:
@@ -353,9 +417,11 @@ class Stack:
 
     def _layerwise(self, layers, norm, x, state0, inst: Instruments, chunk):
         outs = []
+        Hmax = self.max_width
         for start, stop in self.segments():
             cell = self.cells[start]
-            residual = self.residual and self.layer_in(start) == self.hidden_size
+            H = self._widths[start]
+            residual = self.residual and self.layer_in(start) == H
 
             def run(p, pn, xx, s0, ins, cell=cell, residual=residual):
                 states, gts, final = _layer(cell, p, xx, s0, ins, chunk)
@@ -368,9 +434,13 @@ class Stack:
             seg = slice(start, stop)
             sl = lambda tree: jax.tree_util.tree_map(lambda a: a[seg], tree)  # noqa: E731
             pn = _stack_layers(norm[seg]) if norm else None
+            s0, ins = sl(state0), inst.layer(seg)
+            if H != Hmax:  # this run of layers at its own width: cut the padded units off
+                s0 = _cut(s0, H)
+                ins = ins._replace(perturb=_cut(ins.perturb, H))
             if stop - start == 1:
                 one = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
-                out = run(layers[start], one(pn), x, one(sl(state0)), one(inst.layer(seg)))
+                out = run(layers[start], one(pn), x, one(s0), one(ins))
                 out = jax.tree_util.tree_map(lambda a: a[None], out)
             else:
                 def body(xx, inp):
@@ -378,10 +448,11 @@ class Stack:
                     states, up, gts, final = run(p, pnl, xx, s0, ins)
                     return up, (states, up, gts, final)
 
-                _, out = lax.scan(body, x, (_stack_layers(layers[seg]), pn, sl(state0),
-                                            inst.layer(seg)))
-            outs.append(out)
+                _, out = lax.scan(body, x, (_stack_layers(layers[seg]), pn, s0, ins))
             x = out[1][-1]
+            if H != Hmax:  # back to the common layout: zeros beyond this width
+                out = jax.tree_util.tree_map(lambda a: _pad(a, Hmax), out)
+            outs.append(out)
         if len(outs) == 1:
             return outs[0]
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
@@ -391,20 +462,51 @@ def map_layers(stack: Stack, fn, params: dict, *arrays):
     """``fn(cell, layer_params, *layer_arrays)`` for every layer, stacked on a leading axis.
 
     Each run of layers of one shape and cell (:meth:`Stack.segments`) goes through one
-    ``lax.map`` (one compiled body). ``arrays`` are lists or arrays (or trees of arrays)
-    indexed by layer.
+    ``lax.map`` (one compiled body). ``arrays`` are lists (one entry per layer, each at that
+    layer's own size) or arrays (or trees of arrays) ``(L, ..., H)`` in the stack's per-layer
+    layout (:class:`StackOutput`): ``fn`` gets layer ``l``'s real units, ``(..., H_l)``.
+    ``fn``'s results must have one shape across layers.
     """
     outs = []
+    Hmax = stack.max_width
     for start, stop in stack.segments():
         cell = stack.cells[start]
+        H = stack.widths[start]
+        cut = (lambda v: v) if H == Hmax else (lambda v, H=H: v[..., :H])
         seg = [a[start:stop] if isinstance(a, list)
-               else jax.tree_util.tree_map(lambda v: v[start:stop], a) for a in arrays]
+               else jax.tree_util.tree_map(lambda v: cut(v[start:stop]), a) for a in arrays]
         seg = [jnp.stack(a) if isinstance(a, list) else a for a in seg]
         p = _stack_layers(params["layers"][start:stop])
         outs.append(lax.map(lambda args, cell=cell: fn(cell, *args), (p, *seg)))
     if len(outs) == 1:
         return outs[0]
     return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
+
+
+def _widths(hidden_size, layers: int):
+    """``hidden_size`` checked: one positive int (kept), or one per layer (a tuple; an int
+    when all are equal, so such a stack is the uniform one)."""
+    if isinstance(hidden_size, (list, tuple)):
+        if len(hidden_size) != layers:
+            raise ValueError(f"hidden_size as a list gives one width per layer: got "
+                             f"{len(hidden_size)} widths for {layers} layers")
+        ws = tuple(_positive_int(f"hidden_size[{l}]", h) for l, h in enumerate(hidden_size))
+        return ws[0] if len(set(ws)) == 1 else ws
+    try:
+        return _positive_int("hidden_size", hidden_size)
+    except ValueError:
+        raise ValueError(f"hidden_size must be a positive integer or a list of {layers} "
+                         f"(one per layer), got {hidden_size!r}") from None
+
+
+def _cut(tree, H: int):
+    """The first ``H`` units (last axis) of every array in ``tree``."""
+    return jax.tree_util.tree_map(lambda a: a[..., :H], tree)
+
+
+def _pad(a, H: int):
+    """``a: (..., h)`` padded with zeros to ``(..., H)``."""
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, H - a.shape[-1])])
 
 
 def _unknown_setting(cell, unknown) -> str:
