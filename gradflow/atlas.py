@@ -348,6 +348,7 @@ class Measurement:
         each array with a leading seed axis ``S`` (what the cache holds per condition).
       per_seed: ``Result -> list`` of ``S`` measurements, what a :class:`Claim`'s predicate
         reads.
+      max_devices: at most this many devices per program (``None``: all given).
     """
 
     name: str
@@ -356,6 +357,7 @@ class Measurement:
     grouped: tuple
     measure_group: Callable
     per_seed: Callable
+    max_devices: int | None = None
 
 
 MEASUREMENTS: dict = {}
@@ -505,6 +507,9 @@ def _vmapped_group(kind: str, conditions: list[dict], devices, variant_of) -> li
         cell_configs[init] = st.cell.config
         problems += [_sweep.seed_problem(st, s, steps=steps, batch=batch, dtype=dt)
                      for s in seeds]
+    cap = MEASUREMENTS[kind].max_devices
+    if cap is not None:
+        devices = list(jax.devices() if devices is None else devices)[:cap]
     mesh = _sweep.device_mesh(devices)
     n_dev = mesh.devices.size
     n = len(problems)
@@ -551,9 +556,13 @@ for _m in (
                 lambda cs, d: _vmapped_group("gradient_map", cs, d,
                                              lambda c: (c["loss"], c["wrt"])),
                 lambda res: list(res.values)),
+    # One device: split over 2 simulated CPU devices, this program (jacfwd and SVDs under
+    # lax.map) stalls with no thread running in jaxlib 0.10.2 (H = 16, 8 layers; tiny sizes
+    # pass), while one device measures the same group in 15 s.
     Measurement("local_gains", "gradflow.local_gains: vertical/temporal RMS and spectral "
                 "one-step gains per (l, t)", (), ("init", "input_scale"),
-                lambda cs, d: _vmapped_group("local_gains", cs, d, lambda c: ()), _seed_dicts),
+                lambda cs, d: _vmapped_group("local_gains", cs, d, lambda c: ()), _seed_dicts,
+                max_devices=1),
     Measurement("gates", f"gradflow.gates.saturation (eps {GATE_EPS}, {GATE_BINS} bins): gate "
                 "means, saturated fractions, slopes, timescales, ranges per (l, t)", (),
                 ("init", "input_scale"),
