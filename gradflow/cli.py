@@ -80,6 +80,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def hidden_sizes(text: str):
+    """``"64"`` -> 64, or one width per layer ``"64,32,32"`` -> ``(64, 32, 32)``."""
+    if "," not in text:
+        return positive_int(text)
+    try:
+        return tuple(positive_int(t) for t in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or one per layer (e.g. 64,32,32), got {text!r}") from None
+
+
+def first_width(hidden) -> int:
+    """The first layer's width of ``--hidden`` (an int or one per layer)."""
+    return hidden if isinstance(hidden, int) else hidden[0]
+
+
 def memory_size(text: str) -> int:
     """Bytes from ``"2G"``, ``"512M"``, ``"1.5GiB"`` or a plain number of bytes."""
     from gradflow.cost import parse_size
@@ -516,7 +532,7 @@ def _problem(args, cell):
     from gradflow.problem import problem
 
     settings = _stack_settings(args)
-    D = args.hidden if args.input_size is None else args.input_size
+    D = first_width(args.hidden) if args.input_size is None else args.input_size
     checked_stack(cell, args.layers, D, args.hidden, **settings)
     return problem(cell, layers=args.layers, steps=args.steps, hidden=args.hidden,
                    batch=args.batch, input_size=args.input_size, seed=args.seed,
@@ -630,8 +646,12 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                    help=f"stack depth (default: {layers})")
     g.add_argument("--steps", type=positive_int, default=steps, metavar="T",
                    help=f"sequence length (default: {steps})")
-    g.add_argument("--hidden", type=positive_int, default=hidden, metavar="H",
-                   help=f"hidden size (default: {hidden})")
+    if single_cell:
+        g.add_argument("--hidden", type=hidden_sizes, default=hidden, metavar="H",
+                       help=f"hidden size, or one per layer such as 64,32,32 (default: {hidden})")
+    else:
+        g.add_argument("--hidden", type=positive_int, default=hidden, metavar="H",
+                       help=f"hidden size (default: {hidden})")
     g.add_argument("--batch", type=positive_int, default=batch, metavar="B",
                    help=f"examples averaged over (default: {batch})")
     g.add_argument("--seed", type=seed_int, default=0,
@@ -805,7 +825,7 @@ def run_heatmap(args) -> int:
             fig_path, data_path = output_paths(args, stem)
         else:
             cell = _cell(args, args.steps)
-            D = args.hidden if args.input_size is None else args.input_size
+            D = first_width(args.hidden) if args.input_size is None else args.input_size
             say = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
                                                **_stack_settings(args))], args.wrt)
             if say is None:
@@ -964,7 +984,7 @@ def run_gates(args) -> int:
         raise _usage(args, f"cell {args.cell!r} has no gate {args.gate!r}; its gates: "
                            f"{', '.join(cell.gate_names)}")
     # Gate statistics run the stack forward only: the gradient map's estimate bounds them.
-    D = args.hidden if args.input_size is None else args.input_size
+    D = first_width(args.hidden) if args.input_size is None else args.input_size
     say = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
                                        **_stack_settings(args))])
     if say is None:

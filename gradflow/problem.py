@@ -62,8 +62,9 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
         (e.g. ``init="orthogonal"``, ``forget_bias=1.0``). A cell with a ``steps`` option
         (``g_lstm``: ``μ ~ U[0, steps)``) gets the problem's ``steps``; pass a built ``Cell``
         to initialise it over another length.
-      layers, steps, hidden, batch: ``L, T, H, B``.
-      input_size: ``D`` (default ``H``).
+      layers, steps, hidden, batch: ``L, T, H, B`` (``hidden`` may list one width per layer,
+        see :class:`gradflow.Stack`).
+      input_size: ``D`` (default ``H``, the first layer's width).
       seed: parameters from ``key(seed)``, inputs ``input_scale * N(0, 1)`` from ``key(seed + 1)``
         (:func:`gaussian_inputs`), all drawn in float32 and cast to ``dtype``: the same problem
         at every precision.
@@ -73,8 +74,14 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
     """
     steps = positive_int("steps", steps)
     batch = positive_int("batch", batch)
-    hidden = positive_int("hidden", hidden)
-    D = hidden if input_size is None else input_size
+    if isinstance(hidden, (list, tuple)):  # one width per layer: the Stack checks them
+        hidden = list(hidden)
+        D = input_size
+        if D is None:
+            D = positive_int("hidden[0]", hidden[0]) if hidden else 1
+    else:
+        hidden = positive_int("hidden", hidden)
+        D = hidden if input_size is None else input_size
     dt = dtype_of(dtype)
     if isinstance(cell, str):  # g_lstm's time gates are initialised over the sequence
         cell = _cells.for_length(cell, steps, **cell_options)

@@ -74,7 +74,7 @@ def _map_fn(stack: Stack, *, steps, batch, dtype, input_scale, loss, wrt, readou
     if callable(loss):
         loss_fn = loss
     else:
-        loss_fn = _jac.readout_loss(loss, stack.hidden_size, steps, batch, readout_seed, dtype)
+        loss_fn = _jac.readout_loss(loss, stack.widths[-1], steps, batch, readout_seed, dtype)
 
     def build(seed):
         return seed_problem(stack, seed, steps=steps, batch=batch, dtype=dtype,

@@ -351,7 +351,7 @@ def init_state(stack: Stack, task, cfg: TrainConfig, params=None) -> tuple[Train
     that :func:`params_of` inverts."""
     dt = jnp.dtype(cfg.dtype)
     fresh = {"stack": stack.init(keys(cfg.seed)[0], dt),
-             "head": init_head(stack.hidden_size, task.output_size, dt)}
+             "head": init_head(stack.widths[-1], task.output_size, dt)}
     if params is None:
         params = fresh
     else:

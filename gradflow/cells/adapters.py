@@ -717,11 +717,13 @@ def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=N
         raise ValueError("stack_params: input= given, but the stack has no input_projection")
     if stack.norm is not None:
         if norm is None:
-            H = stack.hidden_size
-            one = {"scale": jnp.ones((H,))}
-            if stack.norm == "layer":
-                one["bias"] = jnp.zeros((H,))
-            norm = [dict(one) for _ in range(stack.layers)]
+            def one(H):  # each layer's norm at its own width, at identity
+                p = {"scale": jnp.ones((H,))}
+                if stack.norm == "layer":
+                    p["bias"] = jnp.zeros((H,))
+                return p
+
+            norm = [one(H) for H in stack.widths]
         params["norm"] = list(norm)
     elif norm is not None:
         raise ValueError("stack_params: norm= given, but the stack has no norm")
