@@ -136,7 +136,8 @@ def expected_params(stack):
     """
     key = jax.random.key(0)
     cells = getattr(stack, "cells", None)
-    if stack.layers > 64 and (cells is None or all(c is cells[0] for c in cells)):
+    one_width = isinstance(getattr(stack, "hidden_size", 0), int)  # else every layer traced
+    if stack.layers > 64 and one_width and (cells is None or all(c is cells[0] for c in cells)):
         try:
             short = jax.eval_shape(stack.replace(layers=_SHALLOW).init, key)
         except Exception:  # a stack that cannot be shortened: trace it whole
@@ -205,8 +206,10 @@ def check_params(stack, params):
             raise TypeError(f"params{path} must be a real floating array, got dtype {g.dtype}")
     extra = [p for p in got_by if p not in exp_by]
     if extra:
+        names = "+".join(dict.fromkeys(c.name for c in getattr(stack, "cells", None)
+                                       or (stack.cell,)))
         raise ValueError(f"params{extra[0]} is not a parameter of this stack (cell "
-                         f"{stack.cell.name!r}, {stack.layers} layers)")
+                         f"{names!r}, {stack.layers} layers)")
     dtypes = {jnp.dtype(g.dtype) for g in got_by.values()}
     if len(dtypes) > 1:
         raise TypeError(f"params mix dtypes {sorted(d.name for d in dtypes)}; use one "

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gradflow
-from gradflow import Stack, cli, cost, gates
+from gradflow import Stack, checks, cli, cost, gates
 from gradflow import jacobian as J
 from gradflow.cells.base import normal
 
@@ -329,6 +329,12 @@ def test_params_of_another_width_are_refused():
     wrong = Stack("lstm", 3, 4, [8, 8, 4]).init(jax.random.key(0))
     with pytest.raises(ValueError, match=r"params\['layers'\]\[1\].*expects"):
         J.gradient_map(s, wrong, jnp.ones((2, 3, 4)))
+    deep = Stack("gru", 70, 3, [8] + [4] * 69)  # past the 64-layer shortcut: traced whole
+    p = jax.eval_shape(deep.init, jax.random.key(0))
+    checks.check_params(deep, p)
+    p["layers"][69] = p["layers"][0]
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[69\].*expects"):
+        checks.check_params(deep, p)
 
 
 def test_float32_gradient_map_equals_loop():
