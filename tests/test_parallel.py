@@ -192,7 +192,9 @@ def test_tune_malloc_serves_big_blocks_from_a_kept_heap():
         [sys.executable, "-c", MALLOC_CHILD], capture_output=True, text=True, cwd=ROOT, env=e,
         timeout=300, check=True).stdout.strip().splitlines()[-1])
     out = run(env)
-    big = 64 << 20
+    # The heap grows by the block less whatever free space its top already had (a few KiB
+    # left by the imports), so "from the heap" reads as growth within 1 MiB of the block.
+    big = (64 << 20) - (1 << 20)
     assert out["before"][0] < big and out["before"][1] < big  # default: mmap'd, given back
     assert out["applied"] is True
     assert out["after"][0] >= big and out["after"][1] >= big  # heap, kept after free
