@@ -271,3 +271,16 @@ def test_g_lstm_atlas():
     cur, fair_cur, _ = frac(d, "g_lstm_curriculum_faster")
     assert cur.max() == 0 and fair_cur.max() == 0
     assert (finals(d, "g-LSTM, curriculum", 0.1)[2] < 0.01).all()
+
+
+def test_readme_training_atlas_example_runs():
+    import re
+
+    text = (reproduce.FIGURES_DIR.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
+                 if 'figure_data("train_atlas_deep_adding")' in b)
+    ns = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    assert ns["c"]["fraction"].tolist() == [[1.0, 0.0, 0.0]]
+    assert ns["c"]["fair_fraction"].tolist() == [1.0]
+    assert ns["c"]["best_lr"] == {"10": {"star": 0.001}}
