@@ -1074,7 +1074,7 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
     value with each run's evaluation metric against the step, one colour per learning rate
     (median over seeds, min-max band shaded; log scale for a regression loss); a last row with
     one panel per claim: the fraction of seeds where it holds per learning rate (rows) and
-    factor value (columns), and in the last column the fair verdict (each run at its best
+    factor value (columns), and in the last row the fair verdict (each run at its best
     rate), coloured 0 red .. 1 green, the fraction written on each square."""
     _check_result(data, "draw_training_atlas")
     cfg = data.config
@@ -1111,17 +1111,15 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
             continue
         frac = np.asarray(data[f"claim/{claims[j]}/fraction"], float).T  # (n_lr, F)
         fair = np.asarray(data[f"claim/{claims[j]}/fair_fraction"], float)[None, :]
-        grid_ = np.full((len(lrs), 2 * len(values)), np.nan)
-        grid_[:, :len(values)] = frac
-        grid_[0, len(values):] = fair
-        ax.imshow(grid_, cmap=cmap.with_extremes(bad="white"), vmin=0.0, vmax=1.0,
-                  aspect="auto")
+        grid_ = np.concatenate([frac, fair])  # (n_lr + 1, F): the last row at best lrs
+        ax.imshow(grid_, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        ax.axhline(len(lrs) - 0.5, color="k", linewidth=1.5)
         for (a, b), x in np.ndenumerate(grid_):
             if np.isfinite(x):
                 ax.text(b, a, f"{x:.2g}", ha="center", va="center", fontsize=6)
-        ax.set_xticks(range(2 * len(values)), [str(v) for v in values]
-                      + [f"best lr\n{v}" for v in values], fontsize=6)
-        ax.set_yticks(range(len(lrs)), [f"lr {lr:g}" for lr in lrs], fontsize=6)
+        ax.set_xticks(range(len(values)), [str(v) for v in values], fontsize=6)
+        ax.set_yticks(range(len(lrs) + 1), [f"lr {lr:g}" for lr in lrs]
+                      + ["each run at\nits best lr"], fontsize=6)
         ax.set_xlabel(fname, fontsize=6)
         ax.set_title(claims[j], fontsize=7)
     fig.suptitle((title or "training atlas") + f"; {len(cfg['seeds'])} seeds, bottom row: "
