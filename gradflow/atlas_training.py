@@ -392,7 +392,8 @@ def training_atlas(config: dict, *, cache_dir=None, progress=None):
       (:func:`train_spec`'s arrays, ``value`` JSON-encoded), per claim
       ``"claim/{name}/{array}"`` (:func:`evaluate`); config: the atlas config, ``claims``
       (``{name: {description, labels, best_lr}}``), ``seconds`` (``{label@value: s}``, the
-      training time of each run as measured when first trained).
+      training time of each run as measured when first trained; a run that does not depend on
+      the factor appears once per value), ``compute_seconds`` (their sum over distinct runs).
     """
     from gradflow.results import make_result
 
@@ -409,9 +410,11 @@ def training_atlas(config: dict, *, cache_dir=None, progress=None):
         cl = CLAIMS[name]
         claims[name] = {"description": cl.description, "labels": list(cl.labels),
                         "best_lr": ev["best_lr"]}
+    compute = sum({id(r): r.config["seconds"] for r in measured.values()}.values())
     return make_result("training_atlas", arrays, {**config, "lrs": c["lrs"],
                                                   "seeds": c["seeds"], "claims": claims,
-                                                  "seconds": seconds}, warn=False)
+                                                  "seconds": seconds,
+                                                  "compute_seconds": compute}, warn=False)
 
 
 def run_arrays(data, label: str, value) -> dict:
