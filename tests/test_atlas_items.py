@@ -191,3 +191,68 @@ def test_gu_plain_lstm_forget_gate_not_saturated_below_input_scale_3(gu):
     # UGI biases put about 10% of the units' f outside [0.05, 0.95] by construction
     ugi = _rows(r, cell="lstm", init="orthogonal+ugi", input_scale=0.1)
     assert 0.04 < r.statistic[ugi].min() and r.statistic[ugi].max() < 0.13
+
+
+@pytest.fixture(scope="module")
+def vertical():
+    return _committed("atlas_vertical_gain")
+
+
+def test_vertical_gains_hold_under_orthogonal_init_only(vertical):
+    closed = {"rnn_vertical_one": 1.0, "lstm_vertical_quarter": 0.25,
+              "gru_vertical_half": 0.5, "star_vertical_half": 0.5}
+    assert sorted(vertical) == sorted(closed)
+    for name, value in closed.items():
+        r = vertical[name]
+        assert r.statistic.shape == (len(r.fraction), 4) and r.config["reads"] == "local_gains"
+        # torch init: U(-1/sqrt(H), 1/sqrt(H)) weights have RMS gain 1/sqrt(3) = 0.577
+        paper = [i for i in _rows(r, init="torch")
+                 if r.config["conditions"][i]["cell"] != "star:variant=official"]
+        t = r.statistic[paper]
+        assert r.fraction[_rows(r, init="torch")].max() == 0
+        if name != "rnn_vertical_one":  # gated cells: the closed form times 1/sqrt(3)
+            assert np.abs(np.median(t, axis=1) / (value / np.sqrt(3)) - 1).max() < 0.04
+    rnn = vertical["rnn_vertical_one"]
+    assert 0.53 < rnn.statistic[_rows(rnn, init="torch")].min()
+    assert rnn.statistic[_rows(rnn, init="torch")].max() < 0.58
+    # vRNN: tanh' at the actual pre-activations: holds at input scale <= 0.1, never at 1
+    small = _rows(rnn, init="orthogonal", input_scale=0.01) + _rows(
+        rnn, init="orthogonal", input_scale=0.1)
+    assert rnn.fraction[small].min() == 1 and rnn.statistic[small].min() > 0.92
+    big = rnn.statistic[_rows(rnn, init="orthogonal", input_scale=1.0)]
+    assert rnn.fraction[_rows(rnn, init="orthogonal", input_scale=1.0)].max() == 0
+    assert 0.74 < big.min() and big.max() < 0.86
+    # gated cells under orthogonal init: every input scale, depth and width, every seed
+    for name in ("lstm_vertical_quarter", "gru_vertical_half", "star_vertical_half"):
+        r = vertical[name]
+        rows = [i for i in _rows(r, init="orthogonal")
+                if r.config["conditions"][i]["cell"] != "star:variant=official"]
+        assert r.fraction[rows].min() == 1
+        assert np.abs(r.statistic[rows] / closed[name] - 1).max() < 0.025
+    # the authors' released STAR: its chrono bias shuts the input, 0.01-0.05 instead of 0.5
+    off = vertical["star_vertical_half"]
+    rows = _rows(off, cell="star:variant=official")
+    assert off.fraction[rows].max() == 0 and off.statistic[rows].max() < 0.05
+
+
+def test_vertical_mechanism():
+    """The per-layer quantities behind it (seed 0, H = 64, figures/atlas_items_mechanism.py)."""
+    import json
+
+    with open(os.path.join(FIGURES, "atlas_vertical_gain_mechanism.json")) as f:
+        m = json.load(f)
+    for cell, value in (("lstm", 0.25), ("gru", 0.5), ("star", 0.5)):
+        g = m[f"{cell}|orthogonal|64x4"]
+        # gates at sigma(0) = 0.5 and tanh' = 1 at small inputs: the closed form per layer
+        assert np.allclose(g["0.01"]["vertical_rms"], value, rtol=2e-3)
+        # at N(0, 1) inputs only the bottom layers see large pre-activations: each layer
+        # shrinks the state by the closed form, so the median over layers keeps it
+        big = g["1.0"]
+        assert big["vertical_rms"][0] < 0.85 * value and big["one_minus_h2"][0] < 0.97
+        assert abs(np.median(big["vertical_rms"]) / value - 1) < 0.01
+        assert big["rms_h"][-1] < 1e-3 < big["rms_h"][0]
+    rnn = m["rnn|orthogonal|64x4"]["1.0"]  # no shrinking: tanh saturates in every layer
+    assert max(rnn["vertical_rms"]) < 0.9 and min(rnn["rms_h"]) > 0.3
+    np.testing.assert_allclose(rnn["vertical_rms"], rnn["one_minus_h2"], atol=0.1)
+    off = m["star:variant=official|orthogonal|64x4"]["0.01"]
+    assert min(off["gate_mean/k"]) > 0.98 and max(off["vertical_rms"]) < 0.1
