@@ -894,9 +894,10 @@ def bottom_layer_kept(values) -> float:
     return float(np.median(ratio(values)[0]))
 
 
-register_claim(Claim("bottom_layer_kept", "median r over the bottom layer >= 0.1",
+register_claim(Claim("bottom_layer_kept", "median r over the bottom layer in [0.1, 10] (kept: "
+                     "neither vanished nor exploded)",
                      ("lstm", "gru", "mgu", "refined_lstm", "refined_gru", "refined_mgu"),
-                     bottom_layer_kept, lambda s: s >= 0.1, where=_MAPS))
+                     bottom_layer_kept, lambda s: 0.1 <= s <= 10.0, where=_MAPS))
 for _fam, _gs in (("lstm", ("i", "o")), ("gru", ("r", "z")), ("mgu", ("f",))):
     _which = ", ".join(_gs)
     register_claim(Claim(f"{_fam}_gates_outside_unit", f"{_fam.upper()} gates {_which}: share of "

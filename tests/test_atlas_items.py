@@ -256,3 +256,118 @@ def test_vertical_mechanism():
     np.testing.assert_allclose(rnn["vertical_rms"], rnn["one_minus_h2"], atol=0.1)
     off = m["star:variant=official|orthogonal|64x4"]["0.01"]
     assert min(off["gate_mean/k"]) > 0.98 and max(off["vertical_rms"]) < 0.1
+
+
+@pytest.fixture(scope="module")
+def cheng():
+    return _committed("atlas_cheng_refined")
+
+
+def _med(res, **match):
+    return np.median(res.statistic[_rows(res, **match)], axis=1)
+
+
+def test_cheng_vanilla_maps(cheng):
+    b = cheng["bottom_layer_kept"]
+    assert b.statistic.shape == (9 * 2 * 2 * 2 * 2, 4)
+    # GRU and MGU keep the bottom layer everywhere (median r 0.15-1.5)
+    for cell in ("gru", "mgu"):
+        assert b.fraction[_rows(b, cell=cell)].min() == 1
+    # LSTM: kept at 2 layers except the hidden map under the final-output loss (0.05-0.06);
+    # collapsed at 8 layers (r ~ 1e-3 hidden, 0.01-0.08 params) but for params/all at scale 1
+    lstm = {(c["layers"], c["input_scale"], c["loss"], c["wrt"]): f
+            for c, f in zip(b.config["conditions"], b.fraction) if c["cell"] == "lstm"}
+    assert {k for k, f in lstm.items() if f < 1} == (
+        {(2, s, "last", "hidden") for s in (0.1, 1.0)}
+        | {(8, s, loss, wrt) for s in (0.1, 1.0) for loss in ("last", "all")
+           for wrt in ("params", "hidden")} - {(8, 1.0, "all", "params")})
+    assert _med(b, cell="lstm", layers=8, wrt="hidden").max() < 0.002
+
+
+def test_cheng_refined_maps_vanish_or_explode(cheng):
+    b = cheng["bottom_layer_kept"]
+    # non-finite maps are data: 72 of 576 (condition, seed) statistics are NaN, all refined,
+    # all but one setting at 8 layers; none of them holds
+    nan = np.isnan(b.statistic)
+    assert nan.sum() == 72 and not b.holds[nan].any()
+    bad = {b.config["conditions"][i]["cell"] for i in np.nonzero(nan.any(axis=1))[0]}
+    assert bad == {"refined_lstm", "refined_mgu", "refined_gru:mode=add",
+                   "refined_mgu:mode=add"}
+    # multiplicative refined LSTM: the state underflows; at 8 layers the hidden map is exactly
+    # 0 below the top layer and the params map NaN: never kept at 8 layers
+    assert b.fraction[_rows(b, cell="refined_lstm", layers=8)].max() == 0
+    assert _med(b, cell="refined_lstm", layers=8, wrt="hidden").max() == 0
+    assert np.isnan(b.statistic[_rows(b, cell="refined_lstm", layers=8, wrt="params")]).all()
+    # ... and at 2 layers it keeps less than the vanilla LSTM in every setting
+    for wrt in ("params", "hidden"):
+        for loss in ("last", "all"):
+            for s in (0.1,):
+                ref = _med(b, cell="refined_lstm", layers=2, wrt=wrt, loss=loss, input_scale=s)
+                van = _med(b, cell="lstm", layers=2, wrt=wrt, loss=loss, input_scale=s)
+                assert ref[0] < van[0]
+    # multiplicative refined GRU at input scale 1, 8 layers: explodes (r 9 to 1e4)
+    g = _rows(b, cell="refined_gru", layers=8, input_scale=1.0)
+    assert np.median(b.statistic[g], axis=1).min() > 8 and b.statistic[g].max() > 1e3
+    # ... at input scale 0.1 the final-output loss vanishes (r ~ 3e-5 at 2 layers)
+    assert _med(b, cell="refined_gru", input_scale=0.1, loss="last").max() < 1e-3
+    # additive GRU/MGU at input scale 1: explode (r 1e5-1e15 at 2 layers, NaN at 8)
+    for cell in ("refined_gru:mode=add", "refined_mgu:mode=add"):
+        assert np.nanmin(b.statistic[_rows(b, cell=cell, layers=2, input_scale=1.0)]) > 1e5
+        assert np.isnan(b.statistic[_rows(b, cell=cell, layers=8, input_scale=1.0)]).mean() \
+            > 0.7
+        # at input scale 0.1 the additive cell is the vanilla one, nudged: kept like it
+        assert b.fraction[_rows(b, cell=cell, input_scale=0.1)].min() == 1
+    # additive LSTM at input scale 1, 8 layers: kept on the hidden map (1.5-2.7), exploding
+    # on the params map (15-24)
+    add = dict(cell="refined_lstm:mode=add", layers=8, input_scale=1.0)
+    assert b.fraction[_rows(b, wrt="hidden", **add)].min() == 1
+    assert _med(b, wrt="params", **add).min() > 10
+
+
+def test_cheng_gate_ranges(cheng):
+    for fam, gates_ in (("lstm", "io"), ("gru", "rz"), ("mgu", "f")):
+        out, sat = cheng[f"{fam}_gates_outside_unit"], cheng[f"{fam}_gates_saturated"]
+        # a sigmoid never leaves [0, 1] and is saturated < 0.5% of the time at init
+        assert out.statistic[_rows(out, cell=fam)].max() == 0
+        assert sat.statistic[_rows(sat, cell=fam)].max() < 0.005
+        # multiplicative: sigma(z) * x, negative wherever x is: 24-54% outside [0, 1],
+        # 60-98% 'saturated' (mostly |value| < 0.05: the small x, not a decisive gate)
+        m = [i for i in _rows(out, cell=f"refined_{fam}") if np.isfinite(out.statistic[i]).all()]
+        assert out.fraction[m].min() == 1 and 0.23 < out.statistic[m].min()
+        assert out.statistic[m].max() < 0.56
+        assert sat.fraction[_rows(sat, cell=f"refined_{fam}")].min() == 1
+        # additive: sigma(z) + x never leaves [0, 1] at input scale 0.1, 52-68% at 1
+        a = f"refined_{fam}:mode=add"
+        assert out.statistic[_rows(out, cell=a, input_scale=0.1)].max() == 0
+        assert sat.statistic[_rows(sat, cell=a, input_scale=0.1)].max() == 0
+        big = out.statistic[_rows(out, cell=a, input_scale=1.0, layers=2)]
+        assert big.min() > 0.5 and big.max() < 0.7
+    # the exploded additive GRU/MGU at 8 layers: NaN gate values, no reading
+    for fam in ("gru", "mgu"):
+        out = cheng[f"{fam}_gates_outside_unit"]
+        assert np.isnan(out.statistic[_rows(out, cell=f"refined_{fam}:mode=add", layers=8,
+                                            input_scale=1.0)]).all()
+
+
+def test_cheng_mechanism():
+    """Seed 0 (figures/atlas_items_mechanism.py): where the refined states go."""
+    import json
+
+    with open(os.path.join(FIGURES, "atlas_cheng_refined_mechanism.json")) as f:
+        m = json.load(f)
+    # multiplicative LSTM: o and i scale with the layer's input, so |h| shrinks about
+    # quadratically per layer (0.137, 0.004, ..., 1.6e-11, 1e-27, then exactly 0 at scale 1)
+    # and the hidden map is exactly 0 below the top layer (7 of 8 layers)
+    u = m["refined_lstm|orthogonal|8x10"]["1.0"]
+    assert u["mean_abs_h"][1] < 0.01 and u["mean_abs_h"][3] < 1e-10
+    assert max(u["mean_abs_h"][5:]) == 0
+    assert u["hidden_map_zero"] == 0.875
+    # multiplicative MGU / additive GRU and MGU at scale 1: the kept coefficient leaves [0, 1],
+    # the state grows without bound layer by layer and the 8-layer hidden map is all NaN/inf
+    for cell in ("refined_mgu", "refined_gru:mode=add", "refined_mgu:mode=add"):
+        g = m[f"{cell}|orthogonal|8x10"]["1.0"]
+        assert g["hidden_map_nonfinite"] == 1.0 and g["mean_abs_h"][1] > 50
+    # vanilla cells: bounded states, finite maps
+    for cell in ("lstm", "gru", "mgu"):
+        g = m[f"{cell}|orthogonal|8x10"]["1.0"]
+        assert g["hidden_map_nonfinite"] == 0 and max(g["mean_abs_h"]) < 0.4
