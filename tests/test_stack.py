@@ -354,7 +354,8 @@ def test_bad_perturb_key():
 
 
 def test_package_exports():
-    assert gradflow.Stack is Stack and gradflow.StackOutput._fields == ("states", "gates", "final", "up")
+    assert gradflow.Stack is Stack
+    assert gradflow.StackOutput._fields == ("states", "gates", "final", "up", "widths")
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "g_lstm"])
