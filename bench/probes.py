@@ -100,6 +100,39 @@ def sweep(cells, seeds, L, T, H, B, repeats):
                       "checksum": [float(np.sum(np.asarray(o))) for o in out]}))
 
 
+def atlas(cells, seeds, L, T, H, B, repeats):
+    """Throughput of ``gradflow.atlas.measure`` in maps per second on this process's devices.
+
+    The grid: ``cells`` x inits (orthogonal, torch) x input scales (0.1, 1) x losses (last,
+    all) x wrt (params, hidden), ``seeds`` seeds, one size (one compiled program per cell).
+    The first call compiles and measures (cold); later calls reuse the programs (warm: the
+    problems are rebuilt each call, as an atlas does per group). One JSON line.
+    """
+    import jax
+    import numpy as np
+    from gradflow import atlas as A
+    grid = A.Grid(cells=tuple(cells.split(",")), inits=("orthogonal", "torch"),
+                  input_scales=(0.1, 1.0), hidden=(H,), sizes=((L, T),), losses=("last", "all"),
+                  wrts=("params", "hidden"), seeds=tuple(range(seeds)), batch=B)
+    conds = grid.conditions()
+    n_maps = len(conds) * seeds
+    t0 = time.perf_counter()
+    out = A.measure(conds, progress=False)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = A.measure(conds, progress=False)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    print(json.dumps({"devices": len(jax.devices()), "maps": n_maps, "median_s": med,
+                      "times_s": times, "first_call_s": first,
+                      "maps_per_s": n_maps / med, "maps_per_s_cold": n_maps / first,
+                      "result_devices": sorted({r.config["devices"] for r in out.values()}),
+                      "checksum": [float(np.nansum(out[A.condition_key(c)].values))
+                                   for c in conds]}))
+
+
 def hidden(L, T, H, B, repeats, mode="default"):
     """Median time of the hidden map split over this process's devices and unsplit (one JSON
     line); the process's devices: one per CPU core unless ``XLA_FLAGS`` says otherwise.
@@ -145,5 +178,7 @@ if __name__ == "__main__":
         hidden(*map(int, a[:5]), *a[5:])
     elif cmd == "sweep":
         sweep(a[0], int(a[1]), *map(int, a[2:]))
+    elif cmd == "atlas":
+        atlas(a[0], int(a[1]), *map(int, a[2:]))
     else:
         raise SystemExit(f"unknown probe {cmd!r}")

@@ -258,6 +258,24 @@ def markdown(res: dict) -> str:
             lines.append(f"\n2 vs 1 device speedup: {_f(r['speedup_2_vs_1'])} (on 2 physical "
                          "cores, one device already uses both; maps agree to "
                          f"{_f(r['checks']['2_vs_1_device_rel_err'])}).")
+    if "atlas" in b and "rows" in b["atlas"]:
+        r = b["atlas"]
+        c, m = r["config"], r.get("machine", {})
+        lines += ["", f"## Atlas throughput (`gradflow.atlas.measure`: cells {', '.join(c['cells'])}"
+                  f" x 2 inits x 2 input scales x 2 losses x 2 wrt x {c['seeds']} seeds, "
+                  f"L={c['L']}, T={c['T']}, H={c['H']}, B={c['B']}; one program per cell), "
+                  f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, 1-min load "
+                  f"{m.get('loadavg_1min_before_after', '?')}", "",
+                  "| devices | maps | maps/s warm | maps/s cold (with compiling) | warm s | "
+                  "first call s |", "|---|---|---|---|---|---|"]
+        for v in r["rows"].values():
+            lines.append(f"| {v['devices']} | {v['maps']} | {_f(v['maps_per_s'])} | "
+                         f"{_f(v['maps_per_s_cold'])} | {_f(v['median_s'])} | "
+                         f"{_f(v['first_call_s'])} |")
+        a2 = r["all_vs_1_device"]
+        lines.append(f"\nall / 1 device, same run, fresh processes alternating: "
+                     f"{_f(a2['warm'])}x warm, {_f(a2['cold'])}x cold; maps agree to "
+                     f"{_f(r['checks']['all_vs_1_device_rel_err'])} (relative).")
     if res.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {k}: `{v.strip().splitlines()[-1]}`"
                                           for k, v in res["errors"].items()]

@@ -20,6 +20,8 @@ FULL = {
                 "B": [8, 32, 128]},
     "memory": {"L": 16, "T": 10000, "H": 128, "B": 4},
     "sweep": {"cells": ["lstm", "star"], "seeds": 8, "L": 8, "T": 32, "H": 64, "B": 8},
+    "atlas": {"cells": ["lstm"], "seeds": 4, "L": 10, "T": 10, "H": 32, "B": 16, "devices": 2,
+              "rounds": 3},
     "matmul": 4096,
     "torch_compile": True, "split_cells": ("lstm", "gru", "star", "user_gru"),
     "glibc_rounds": 3,
@@ -32,6 +34,7 @@ QUICK = {
     "scaling": {"L": [1, 2], "T": [4, 8], "H": [8, 16], "B": [2, 4]},
     "memory": {"L": 2, "T": 100, "H": 8, "B": 2},
     "sweep": {"cells": ["lstm"], "seeds": 2, "L": 2, "T": 4, "H": 8, "B": 2},
+    "atlas": {"cells": ["lstm"], "seeds": 2, "L": 2, "T": 3, "H": 4, "B": 2},
     "matmul": 256,
     "orders": ("layer",), "split_cells": ("lstm", "user_gru"),
     "glibc_rounds": 1,
@@ -40,7 +43,7 @@ QUICK = {
 }
 
 BENCHMARKS = ("floor", "torch_hidden", "cells_split", "jacobian", "flop_rate", "scaling",
-              "memory", "sweep", "glibc")
+              "memory", "sweep", "glibc", "atlas")
 
 
 def main(argv=None):

@@ -378,6 +378,41 @@ def sweep(cfg) -> dict:
     return out
 
 
+def atlas(cfg) -> dict:
+    """The atlas's throughput (maps per second, cold and warm) on 1 simulated CPU device and on
+    all (``cfg["atlas"]["devices"]``, default 2), each in a fresh process, alternating
+    ``rounds`` times (default 1), so the ratios are measured side by side; the maps of every
+    device count must agree."""
+    import statistics
+    s = cfg["atlas"]
+    args = ["bench.probes", "atlas", ",".join(s["cells"]), str(s["seeds"]), str(s["L"]),
+            str(s["T"]), str(s["H"]), str(s["B"]), str(cfg["repeats"])]
+    counts = (1, s.get("devices", 2))
+    runs = {f"{n}_devices": [] for n in counts}
+    for _ in range(s.get("rounds", 1)):
+        for n in counts:
+            runs[f"{n}_devices"].append(_subprocess_json(
+                args, {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}))
+    out = {"config": s, "runs": runs}
+    try:
+        rows = {k: {m: statistics.median(r[m] for r in v) for m in
+                    ("maps_per_s", "maps_per_s_cold", "median_s", "first_call_s")}
+                for k, v in runs.items()}
+        for k, v in rows.items():
+            v.update(devices=runs[k][0]["devices"], maps=runs[k][0]["maps"],
+                     result_devices=runs[k][0]["result_devices"])
+        out["rows"] = rows
+        one, many = rows[f"{counts[0]}_devices"], rows[f"{counts[1]}_devices"]
+        out["all_vs_1_device"] = {"warm": many["maps_per_s"] / one["maps_per_s"],
+                                  "cold": many["maps_per_s_cold"] / one["maps_per_s_cold"]}
+        out["checks"] = {"all_vs_1_device_rel_err": max(
+            rel_err(r["checksum"], runs[f"{counts[0]}_devices"][0]["checksum"])
+            for v in runs.values() for r in v)}
+    except (KeyError, TypeError, IndexError):
+        pass
+    return out
+
+
 def glibc(cfg) -> dict:
     """The hidden map (split and unsplit) in fresh processes of three kinds, alternating:
     the default C allocator; started with ``GLIBC_TUNABLES`` (:data:`gradflow.parallel.
