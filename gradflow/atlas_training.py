@@ -26,10 +26,9 @@ at its own best learning rate (lowest median final MSE over seeds, highest media
 accuracy), the predicate evaluated seed by seed on those runs.
 
 >>> config = {"task": "adding", "task_options": {"steps": 4}, "layers": 1, "hidden": 4,
-...           "steps": 4, "batch": 4, "eval_every": 2, "eval_batch": 8, "lrs": [1e-2, 1e-3],
+...           "steps": 2, "batch": 4, "eval_every": 1, "eval_batch": 8, "lrs": [1e-2, 1e-3],
 ...           "seeds": [0, 1], "factor": {"name": "steps", "where": "task", "values": [4]},
-...           "runs": [["star", "star", {}], ["lstm", "lstm", {"forget_bias": 1.0}]],
-...           "claims": ["deep_star_trains"]}
+...           "runs": [["star", "star", {}]], "claims": ["deep_star_trains"]}
 >>> data = training_atlas(config)
 >>> data["claim/deep_star_trains/fraction"].shape, data["claim/deep_star_trains/fair_holds"].shape
 ((1, 2), (1, 2))

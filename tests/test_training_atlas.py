@@ -304,3 +304,29 @@ def test_cheng_refined_atlas():
     assert g[0][0, 0] >= 0.8 and g[0][0, 1] >= 0.6 and g[1][0] <= 0.6
     # the plain LSTM is the one that depends on lr: < 0.01 in 0 / 2 / 5 of 5 seeds
     assert [share(m < 0.01) for m in finals(d, "lstm", 30)] == [0.0, 0.4, 1.0]
+
+
+def test_gu_copy_atlas():
+    d = committed("train_atlas_gu_copy")
+    chance = 1 / 8
+    rec, fair_rec, best = frac(d, "ur_lstm_binary_recall")
+    beats, fair_beats, best_b = frac(d, "ur_lstm_beats_baselines")
+    assert best["40"]["UR-LSTM"] == 1e-2 and best["10"]["UR-LSTM"] == 1e-2
+    # lag 40: the fair baselines (each at its best lr) stay near chance in >= 4 of 5 seeds at
+    # every lr; the UR-LSTM beats them by >= 0.05 in >= 4 of 5 seeds at 3e-3 and 1e-2
+    for label in ("LSTM+UGI", "LSTM, forget bias 1"):
+        assert (np.mean(finals(d, label, 40) < 1.3 * chance, axis=1) >= 0.8).all(), label
+    assert beats[1].tolist()[1:] == [0.8, 1.0] and fair_beats[1] >= 0.8
+    # lag 10: every model learns at lr 1e-2, the LSTM with forget bias 1 best (> 0.95 in every
+    # seed): the UR-LSTM's advantage is gone (0 of 5 at every lr)
+    assert (finals(d, "LSTM, forget bias 1", 10)[2] > 0.95).all()
+    assert beats[0].max() == 0 and fair_beats[0] == 0
+    # gates nearly binary (>= 50% saturated) and recall >= 2x chance: 3 of 5 seeds at lr 1e-2,
+    # at both lags; never at lr 1e-3
+    assert rec[:, 2].tolist() == [0.6, 0.6] and rec[:, 0].max() == 0
+    assert fair_rec.tolist() == [0.6, 0.6]
+    # ... and at lag 10 the LSTM with forget bias 1 saturates its forget gate as much
+    sat = at.run_arrays(d, "LSTM, forget bias 1", 10)["saturated/f"][2]
+    assert (sat > 0.5).all()
+    # "solves the copy task" (accuracy > 0.9) at lag 40: in no seed at any lr
+    assert (finals(d, "UR-LSTM", 40) < 0.9).all()
