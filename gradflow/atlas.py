@@ -233,9 +233,11 @@ def _tuple(name, v):
 class Grid:
     """The conditions of an atlas: the product of the factors, each measured for every seed.
 
-    ``sizes`` are ``(layers, steps)`` pairs. ``conditions()`` lists dicts with keys
-    :data:`FACTORS` (``size`` split into ``layers``, ``steps``) plus ``seeds``, ``batch``,
-    ``dtype``, ``readout_seed``.
+    ``sizes`` are ``(layers, steps)`` pairs; ``measure`` the :data:`MEASUREMENTS` kind taken
+    of every condition (``losses`` and ``wrts`` are factors of ``"gradient_map"`` only).
+    ``conditions()`` lists dicts with keys :data:`FACTORS` (``size`` split into ``layers``,
+    ``steps``; ``loss``, ``wrt`` only for maps) plus ``seeds``, ``batch``, ``dtype``,
+    ``readout_seed`` (and ``measure`` unless it is ``"gradient_map"``).
     """
 
     cells: tuple = ("rnn", "lstm", "star")
