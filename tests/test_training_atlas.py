@@ -13,7 +13,7 @@ from gradflow.train import train
 
 def test_lr_seed_rows_equal_each_run_alone():
     task = tasks.make("adding", steps=5)
-    stack = task_stack("lstm", task, layers=2, hidden=6)
+    stack = task_stack("lstm", task, layers=1, hidden=6)
     kw = dict(steps=6, batch=4, eval_every=3, eval_batch=8)
     runs = train_lr_seeds(stack, task, [1e-2, 3e-3], [3, 5], **kw)
     assert [[h.curve.config["lr"] for h in per] for per in runs] == [[1e-2, 1e-2], [3e-3, 3e-3]]
@@ -46,7 +46,7 @@ def test_bad_lr_lists_are_refused(lrs, match):
 from gradflow import atlas_training as at  # noqa: E402
 from gradflow import reproduce  # noqa: E402
 
-TINY = {"task": "adding", "task_options": {"steps": 4}, "layers": 2, "hidden": 4, "steps": 6,
+TINY = {"task": "adding", "task_options": {"steps": 4}, "layers": 1, "hidden": 4, "steps": 6,
         "batch": 4, "eval_every": 3, "eval_batch": 8, "lrs": [1e-2, 3e-3], "seeds": [0, 2],
         "factor": {"name": "steps", "where": "task", "values": [4]},
         "runs": [["star", "star", {}], ["lstm, forget bias 1", "lstm", {"forget_bias": 1.0}]],
@@ -65,7 +65,7 @@ def test_atlas_claims_equal_predicates_on_direct_runs(tiny_atlas):
         task = tasks.make("adding", steps=T)
         finals = {}
         for label, opts in (("star", {}), ("lstm, forget bias 1", {"forget_bias": 1.0})):
-            stack = task_stack(label.split(",")[0], task, layers=2, hidden=4, options=opts)
+            stack = task_stack(label.split(",")[0], task, layers=1, hidden=4, options=opts)
             for i, lr in enumerate(TINY["lrs"]):
                 for s, seed in enumerate(TINY["seeds"]):
                     h = train(stack, task, steps=6, batch=4, lr=lr, seed=seed, eval_every=3,
