@@ -61,6 +61,8 @@ from typing import Callable
 
 import numpy as np
 
+from gradflow.registry import Registry
+
 CACHE_VERSION = 1
 FACTORS = ("cell", "init", "input_scale", "hidden", "size", "loss", "wrt")
 
@@ -154,32 +156,14 @@ _BOTH = ("last", "all")
 _WRTS = ("params", "hidden")
 _MAPS = (("wrt", _WRTS), ("loss", _BOTH))
 
-CLAIMS: dict = {}
-
-
-def register_claim(claim: Claim) -> Claim:
-    """Add ``claim`` to :data:`CLAIMS` (by its name; a name already taken is an error)."""
-    if claim.name in CLAIMS:
-        raise ValueError(f"claim {claim.name!r} is already registered")
-    CLAIMS[claim.name] = claim
-    return claim
+#: Every registered :class:`Claim` by name (``CLAIMS.add`` registers one).
+CLAIMS = Registry("claim", Claim)
+register_claim = CLAIMS.add
 
 
 def get_claims(names) -> list[Claim]:
     """Claims by name (or :class:`Claim` objects passed through)."""
-    if isinstance(names, (str, Claim)):
-        names = [names]
-    out = []
-    for n in names:
-        if isinstance(n, Claim):
-            out.append(n)
-        elif n in CLAIMS:
-            out.append(CLAIMS[n])
-        else:
-            raise ValueError(f"unknown claim {n!r}; valid: {', '.join(CLAIMS)}")
-    if not out:
-        raise ValueError(f"claims must name at least one claim; valid: {', '.join(CLAIMS)}")
-    return out
+    return CLAIMS.pick(names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,15 +346,9 @@ class Measurement:
     max_devices: int | None = None
 
 
-MEASUREMENTS: dict = {}
-
-
-def register_measurement(m: Measurement) -> Measurement:
-    """Add ``m`` to :data:`MEASUREMENTS` (by its name; a name already taken is an error)."""
-    if m.name in MEASUREMENTS:
-        raise ValueError(f"measurement {m.name!r} is already registered")
-    MEASUREMENTS[m.name] = m
-    return m
+#: Every registered :class:`Measurement` kind by name.
+MEASUREMENTS = Registry("measurement", Measurement)
+register_measurement = MEASUREMENTS.add
 
 
 def measure_of(condition: dict) -> str:

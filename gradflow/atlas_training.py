@@ -44,6 +44,8 @@ from typing import Callable
 
 import numpy as np
 
+from gradflow.registry import Registry
+
 CACHE_VERSION = 1
 #: The solved threshold of the adding task (MSE; a constant prediction scores 1/6).
 ADDING_SOLVED = 0.01
@@ -131,15 +133,9 @@ def _curriculum_faster(runs):
     return _earlier("g-LSTM, curriculum", "g-LSTM")(runs)
 
 
-CLAIMS: dict = {}
-
-
-def register_claim(claim: TrainingClaim) -> TrainingClaim:
-    """Add ``claim`` to :data:`CLAIMS` (a name already taken is an error)."""
-    if claim.name in CLAIMS:
-        raise ValueError(f"training claim {claim.name!r} is already registered")
-    CLAIMS[claim.name] = claim
-    return claim
+#: Every registered :class:`TrainingClaim` by name (``CLAIMS.add`` registers one).
+CLAIMS = Registry("training claim", TrainingClaim)
+register_claim = CLAIMS.add
 
 
 for _c in (
@@ -178,18 +174,7 @@ for _c in (
 
 def get_claims(names) -> list:
     """Claims by name (or :class:`TrainingClaim` objects passed through)."""
-    names = [names] if isinstance(names, (str, TrainingClaim)) else list(names)
-    out = []
-    for n in names:
-        if isinstance(n, TrainingClaim):
-            out.append(n)
-        elif n in CLAIMS:
-            out.append(CLAIMS[n])
-        else:
-            raise ValueError(f"unknown training claim {n!r}; valid: {', '.join(CLAIMS)}")
-    if not out:
-        raise ValueError(f"claims must name at least one; valid: {', '.join(CLAIMS)}")
-    return out
+    return CLAIMS.pick(names)
 
 
 # ---------------------------------------------------------------------------------------------
