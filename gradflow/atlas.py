@@ -390,7 +390,7 @@ def _map_arrays(stack, variant, *, steps, batch, dtype, readout_seed):
     from gradflow import jacobian as _jac
 
     loss, wrt = variant
-    loss_fn = _jac.readout_loss(loss, stack.hidden_size, steps, batch, readout_seed, dtype)
+    loss_fn = _jac.readout_loss(loss, stack.widths[-1], steps, batch, readout_seed, dtype)
 
     def fn(params, xs):
         value, m = _jac.map_arrays(stack, params, xs, loss_fn,
