@@ -250,11 +250,12 @@ def _state_map(stack, params, xs, loss_fn, name):
 @functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "name"))
 def _state_map_local(stack, params, xs, loss_fn, name):
     # Norm taps (Stack.apply(taps=...)): the backward pass reduces each step's (B, H) state
-    # cotangent to its (B,) norms as it goes, so no (L, B, T, H) gradient is ever held.
+    # cotangent to its (B,) norms as it goes, so no (L, B, T, H) gradient is ever held. The
+    # parameters are constants here: cells with a lean backward run it (Stack.apply).
     B, T, _ = xs.shape
     zeros = {name: jnp.zeros((stack.layers, B, T), xs.dtype)}
     value, norms = jax.value_and_grad(
-        lambda taps: loss_fn(stack.apply(params, xs, taps=taps).top))(zeros)
+        lambda taps: loss_fn(stack.apply(params, xs, taps=taps, constant_params=True).top))(zeros)
     return value, jnp.mean(norms[name], axis=1)  # (L, T)
 
 

@@ -24,6 +24,7 @@ rematerialises the time scan in chunks of ``C`` steps and each layer as a whole
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -89,23 +90,26 @@ class Instruments(NamedTuple):
     """What a run measures besides its outputs, as one pytree (see :meth:`Stack.apply`).
 
     ``perturb``: ``{name: (L, T, B, H)}``; ``taps``: ``{name: (L, T, B)}``; ``param_taps``:
-    ``(L, T)`` or None (time-major inside the stack); ``gates``: return gate activations.
+    ``(L, T)`` or None (time-major inside the stack); ``gates``: return gate activations;
+    ``constant_params``: the cell parameters are constants of this differentiation, so layers
+    whose cell has a :attr:`~gradflow.cells.Cell.lean` backward run it (:func:`lean_scan`).
     """
 
     perturb: dict
     taps: dict
     param_taps: object
     gates: bool
+    constant_params: bool = False
 
     def layer(self, l):
         """The instruments of layer(s) ``l`` (an index or a slice)."""
         return jax.tree_util.tree_map(lambda a: a[l], self)
 
 
-# A pytree whose ``gates`` flag is static (aux data), so it passes through scans and maps.
+# A pytree whose flags are static (aux data), so it passes through scans and maps.
 jax.tree_util.register_pytree_node(
-    Instruments, lambda i: ((i.perturb, i.taps, i.param_taps), i.gates),
-    lambda gates, children: Instruments(*children, gates))
+    Instruments, lambda i: ((i.perturb, i.taps, i.param_taps), (i.gates, i.constant_params)),
+    lambda flags, children: Instruments(*children, *flags))
 
 
 def _resolve_cells(cell, layers, cell_options) -> tuple:
@@ -349,7 +353,8 @@ class Stack:
         return a if a.shape[-1] == H else a[..., :H]
 
     def apply(self, params: dict, xs, *, state0: dict | None = None, perturb: dict | None = None,
-              taps: dict | None = None, param_taps=None, gates: bool = False) -> StackOutput:
+              taps: dict | None = None, param_taps=None, gates: bool = False,
+              constant_params: bool = False) -> StackOutput:
         r"""Run the stack over a batch of sequences.
 
         Args:
@@ -368,6 +373,10 @@ class Stack:
             :math:`\mathrm{mean}_\theta|\partial\mathcal L/\partial\theta^l_{(t)}|`
             (:func:`mean_abs_tap`).
           gates: also return every reported gate activation.
+          constant_params: a promise that nothing differentiates this call w.r.t. ``params``
+            (the state maps set it): layers whose cell has a ``lean`` backward then run it
+            (:func:`lean_scan`), and ``params`` get zero cotangents. Off by default, so
+            ``jax.grad`` w.r.t. ``params`` (training) always uses autodiff.
         Returns:
           :class:`StackOutput` with ``(L, B, T, H)`` states, emissions and gates
           (``H = max_width``, zero-padded beyond each layer's width).
@@ -393,7 +402,7 @@ class Stack:
             x = x @ params["input"]["W"] + params["input"]["b"]
         inst = Instruments({k: jnp.swapaxes(v, 1, 2) for k, v in perturb.items()},  # (L, T, B, H)
                            {k: jnp.swapaxes(v, 1, 2) for k, v in taps.items()},  # (L, T, B)
-                           param_taps, bool(gates))
+                           param_taps, bool(gates), bool(constant_params))
         norm = params.get("norm") if self.norm is not None else None
         chunk = self._chunk(T)
         if self.order == "wavefront":
@@ -654,8 +663,72 @@ def _scan(body, carry, xs, length, chunk):
     return carry, ys
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lean_scan(cell: Cell, p, xin, s0, perturb: dict, taps: dict):
+    r"""A layer's time scan through its cell's :class:`~gradflow.cells.base.Lean` step, with a
+    hand-written backward: a reverse scan of ``cell.lean.backward`` over the factors the
+    forward stored.
+
+    Forward: :math:`s_t = \mathrm{forward}(p, s_{t-1}, xp_t, t) + e_t` (perturbations added
+    where the state leaves the cell; ``taps`` are identities, as :func:`norm_tap`). Backward,
+    for the cotangent :math:`ar s_t` of the leaving state (from the outputs and step
+    ``t + 1``): ``perturb[k][t]`` gets :math:`ar s_t[k]`, ``taps[k][t]`` its per-example
+    norm (:func:`safe_norm`), :math:`(ar s_{t-1}, \overline{xp}_t) =
+    \mathrm{backward}(p, \mathrm{factors}_t, ar s_t)`; ``xin`` gets the stacked
+    :math:`\overline{xp}_t`, so the input projection's transpose is one matmul outside the
+    scan (autodiff of ``cell.project``); ``p`` gets zeros: the caller holds the parameters
+    constant (``Stack.apply(constant_params=True)`` wraps them in ``lax.stop_gradient``).
+    Checkpointed stacks (``checkpoint`` set), ``param_taps`` and ``gates`` use autodiff.
+
+    Args:
+      cell: a cell with ``lean``; p: its parameters; xin: ``cell.project(p, x)`` with a leading
+        time axis ``T``; s0: ``{name: (B, H)}``; perturb: ``{name: (T, B, H)}``; taps:
+        ``{name: (T, B)}``.
+    Returns:
+      ``(states {name: (T, B, H)}, final {name: (B, H)})``.
+    """
+    return _lean_fwd(cell, p, xin, s0, perturb, taps)[0]
+
+
+def _lean_fwd(cell, p, xin, s0, perturb, taps):
+    T = jax.tree_util.tree_leaves(xin)[0].shape[0]
+
+    def body(state, inp):
+        xp_t, e_t, t = inp
+        new, _, factors = cell.lean.forward(p, state, xp_t, t)
+        new = {k: v + e_t[k] if k in e_t else v for k, v in new.items()}
+        return new, (new, factors)
+
+    final, (states, factors) = lax.scan(body, s0, (xin, perturb, jnp.arange(T)))
+    return (states, final), (p, factors, perturb, taps)
+
+
+def _lean_bwd(cell, res, cts):
+    p, factors, perturb, taps = res
+    d_states, d_final = cts
+
+    keep = set(perturb) | set(taps)
+
+    def body(d_next, inp):
+        f_t, ds_t = inp
+        d = {k: d_next[k] + ds_t[k] for k in d_next}  # the leaving state's whole cotangent
+        d_prev, d_xp = cell.lean.backward(p, f_t, d)
+        return d_prev, (d_xp, {k: d[k] for k in keep})
+
+    d_s0, (d_xin, d_s) = lax.scan(body, d_final, (factors, d_states), reverse=True)
+    # the norms of all steps at once, after the scan (fewer ops per step)
+    d_taps = {k: safe_norm(d_s[k]).astype(taps[k].dtype) for k in taps}
+    return (jax.tree_util.tree_map(jnp.zeros_like, p), d_xin, d_s0,
+            {k: d_s[k] for k in perturb}, d_taps)
+
+
+lean_scan.defvjp(_lean_fwd, _lean_bwd)
+
+
 def _layer(cell: Cell, p, x, s0, inst: Instruments, chunk):
-    """One layer over a whole sequence.
+    """One layer over a whole sequence (through :func:`lean_scan` when ``inst`` says the
+    parameters are constant and the cell has a ``lean`` backward, no ``param_taps``, no
+    ``gates`` and no checkpointing; autodiff of ``cell.recur`` otherwise).
 
     Args:
       x: ``(T, B, in)``; s0: ``{name: (B, H)}``; inst: this layer's :class:`Instruments`
@@ -664,6 +737,11 @@ def _layer(cell: Cell, p, x, s0, inst: Instruments, chunk):
       ``(states {name: (T, B, H)}, gates {g: (T, B, H)}, final {name: (B, H)})``.
     """
     T = x.shape[0]
+    if (inst.constant_params and cell.lean is not None and inst.param_taps is None
+            and not inst.gates and chunk is None):
+        p = jax.tree_util.tree_map(lax.stop_gradient, p)  # truthfully constant
+        states, final = lean_scan(cell, p, cell.project(p, x), s0, inst.perturb, inst.taps)
+        return states, {}, final
     if inst.param_taps is None:
         xin = cell.project(p, x)  # the whole sequence's input side: one matmul
 

@@ -23,7 +23,7 @@ import functools
 import inspect
 import itertools
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,26 @@ KINDS = ("sigmoid", "refined", "effective", "master", "time", "other")
 
 def _identity_project(params, x):
     return x
+
+
+class Lean(NamedTuple):
+    r"""A cell's hand-written backward of one recurrent step (optional, see :attr:`Cell.lean`).
+
+    * ``forward(params, state, xp_t, t) -> (new_state, h, factors)``: the step of
+      :meth:`Cell.recur` from the projected input ``xp_t = cell.project(params, x_t)``, also
+      returning the local derivative factors (a pytree of ``(*batch, H)``-type arrays) that make
+      the step's backward linear.
+    * ``backward(params, factors, d_new_state) -> (d_state, d_xp_t)``: the vector-Jacobian
+      product of that step w.r.t. the previous state and ``xp_t`` (same pytrees as ``state``
+      and ``xp_t``), for a state cotangent ``d_new_state``, with the parameters held constant:
+      element-wise products with the factors plus the recurrent weights' transpose.
+
+    The stack runs it only for the state maps (parameters constant); ``jax.grad`` w.r.t. the
+    parameters always uses autodiff of ``recur``.
+    """
+
+    forward: Callable
+    backward: Callable
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,6 +102,9 @@ class Cell:
       preact_fn: ``(params, state, xp, t) -> {gate: z}``: the pre-activations ``z`` of the
         ``"sigmoid"``/``"refined"`` gates (``a = sigma(z)`` before any refinement), or None.
       to_params: for adapters, ``(user object) -> params`` (e.g. a trained module's weights).
+      lean: a :class:`Lean` (hand-written step backward over stored factors) or None: the
+        state maps (:func:`gradflow.gradient_map` with ``wrt="hidden"``/``"cell"``) then run
+        it instead of autodiff; it must equal autodiff of ``recur`` (tests/test_lean.py).
     """
 
     name: str
@@ -103,6 +126,7 @@ class Cell:
     length_option: str | None = None
     preact_fn: Callable | None = dataclasses.field(default=None, repr=False)
     to_params: Callable | None = dataclasses.field(default=None, repr=False)
+    lean: Lean | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if "h" not in self.state_names:
@@ -352,6 +376,19 @@ def fused(v, params: Params, gates, key: str, with_bias: bool = False) -> dict:
         y = y + jnp.concatenate([params[g]["b"] for g in gates])
     cuts = list(itertools.accumulate(b.shape[1] for b in blocks))[:-1]
     return dict(zip(gates, jnp.split(y, cuts, axis=-1)))
+
+
+def fused_transpose(dy, params: Params, gates, key: str = "U"):
+    """``dy @ concat(params[g][key] for g in gates).T``: the transpose of :func:`fused` (no
+    bias) as one matmul, for ``dy: (..., sum of the blocks' widths)`` -> ``(..., n)``."""
+    blocks = [params[g][key] for g in gates]
+    m = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+    return jax.lax.dot_general(dy, m, (((dy.ndim - 1,), (1,)), ((), ())))
+
+
+def split_gates(y, gates) -> dict:
+    """``{g: y[..., k*H:(k+1)*H]}``: a ``(..., G*H)`` array cut into its ``G`` gates' blocks."""
+    return dict(zip(gates, jnp.split(y, len(gates), axis=-1)))
 
 
 def input_projection(params: Params, x, gates) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import (Cell, choice, factory, input_projection, recurrent_projection,
-                                 refined_set)
+from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
+                                 recurrent_projection, refined_set, split_gates)
 from gradflow.cells.mechanisms import REFINED_MODES, refine, refined, standard_init
 
 @factory
@@ -64,6 +64,68 @@ def refined_gru(*, init: str = "orthogonal", reset: str = "after",
     return _gru("refined_gru", locals())
 
 
+def _sigmoid(z):
+    return 0.5 * jnp.tanh(0.5 * z) + 0.5
+
+
+def _lean(reset: str) -> Lean:
+    r"""The plain GRU's :class:`~gradflow.cells.base.Lean` step (gates ``r, z, n``), both reset
+    placements. With :math:`K_n = (1-z)(1-n^2)`:
+
+    ``reset="after"``: factors ``K = [K_n (U_n h + b_{hn}) r(1-r), (h-n) z(1-z), K_n r]``,
+    ``K_n``, ``z``; :math:`\bar{a} = [\bar h K_r, \bar h K_z, \bar h K_n]`,
+    :math:`\bar h_{t-1} = \bar h z + (\bar h \odot K) U^\top` (one matmul).
+    ``reset="before"``: :math:`\bar a_n = \bar h K_n`, :math:`\overline{rh} = \bar a_n U_n^\top`,
+    :math:`\bar a_r = \overline{rh} \odot h r(1-r)`, :math:`\bar a_z = \bar h (h-n) z(1-z)`,
+    :math:`\bar h_{t-1} = \bar h z + \overline{rh} \odot r + [\bar a_r, \bar a_z] [U_r, U_z]^\top`
+    (two matmuls, the second needing the first).
+    """
+    if reset == "after":
+        gates = ("r", "z", "n")
+
+        def forward(p, state, xp, t):
+            h = state["h"]
+            rec = recurrent_projection(p, h, gates)
+            r, z = _sigmoid(xp["a"]["r"] + rec["r"]), _sigmoid(xp["a"]["z"] + rec["z"])
+            hn = rec["n"] + p["n"]["b_hn"]
+            n = jnp.tanh(xp["a"]["n"] + r * hn)
+            new = (1.0 - z) * n + z * h
+            kn = (1.0 - z) * (1.0 - n * n)
+            k = jnp.concatenate([kn * hn * r * (1 - r), (h - n) * z * (1 - z), kn * r], axis=-1)
+            return {"h": new}, new, (k, kn, z)
+
+        def backward(p, factors, d):
+            k, kn, z = factors
+            dh = d["h"]
+            dy = jnp.concatenate([dh, dh, dh], axis=-1) * k
+            dxp = split_gates(dy, gates)
+            dxp["n"] = dh * kn
+            return {"h": dh * z + fused_transpose(dy, p, gates)}, {"a": dxp}
+    else:
+        gates = ("r", "z")
+
+        def forward(p, state, xp, t):
+            h = state["h"]
+            rec = recurrent_projection(p, h, gates)
+            r, z = _sigmoid(xp["a"]["r"] + rec["r"]), _sigmoid(xp["a"]["z"] + rec["z"])
+            n = jnp.tanh(xp["a"]["n"] + (r * h) @ p["n"]["U"])
+            new = (1.0 - z) * n + z * h
+            return {"h": new}, new, ((1.0 - z) * (1.0 - n * n), (h - n) * z * (1 - z),
+                                     h * r * (1 - r), r, z)
+
+        def backward(p, factors, d):
+            kn, kz, kr, r, z = factors
+            dh = d["h"]
+            dan = dh * kn
+            drh = fused_transpose(dan, p, ("n",))
+            dy = jnp.concatenate([drh * kr, dh * kz], axis=-1)
+            dxp = split_gates(dy, gates)
+            dxp["n"] = dan
+            return {"h": dh * z + drh * r + fused_transpose(dy, p, gates)}, {"a": dxp}
+
+    return Lean(forward, backward)
+
+
 def _gru(name: str, o: dict) -> Cell:
     o = dict(o)
     aux = choice(name, "aux", o["aux"], (None, "refine"))
@@ -114,7 +176,9 @@ def _gru(name: str, o: dict) -> Cell:
           "refined_gru": "GRU with z, r refined: sigma(Wx+Uh+b) * x"}.get(name, "")
     kinds = {g: "refined" if g in rset else "sigmoid" for g in sig}
     kinds.update({"g": "effective"} if aux == "refine" else {})
+    plain = aux is None and not rset  # a lean backward for the plain equations only
     return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
+                lean=_lean(reset) if plain else None,
                 gate_kinds=tuple((g, kinds[g]) for g in reported), square=bool(rset),
                 equation=eq, forget=(upd, 1), retain=retain,
                 refine_gate="refine" if aux == "refine" else None, refine_mode=mode,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import (Cell, choice, factory, input_projection, recurrent_projection,
-                                 refined_set)
+from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
+                                 recurrent_projection, refined_set, split_gates)
 from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, refined,
                                        standard_init)
 
@@ -166,6 +166,46 @@ def _init_fn(name, o, specs, aux, tied, tie, chunks):
     return init_fn
 
 
+def _sigmoid(z):
+    r""":math:`\sigma(z) = (1 + \tanh(z/2)) / 2` (one ``tanh``, fused with the other gates)."""
+    return 0.5 * jnp.tanh(0.5 * z) + 0.5
+
+
+def _lean(forget_bias: float) -> Lean:
+    r"""The plain LSTM's :class:`~gradflow.cells.base.Lean` step (gates ``i, f, g, o``).
+
+    Factors, one ``(*batch, 6H)`` array (one store per step): ``K = [g i(1-i), c_{t-1} f(1-f),
+    i(1-g^2), tanh(c) o(1-o)]``, ``a = o(1 - tanh(c)^2)`` and ``f``. Backward: :math:`\bar c = \bar c_t + \bar h_t a`,
+    :math:`\bar z = [\bar c, \bar c, \bar c, \bar h_t] \odot K`,
+    :math:`\bar h_{t-1} = \bar z\, U^\top`, :math:`\bar c_{t-1} = \bar c \odot f`,
+    :math:`\bar{xp} = \bar z`.
+    """
+    gates = ("i", "f", "g", "o")
+
+    def forward(p, state, xp, t):
+        c_prev = state["c"]
+        rec = recurrent_projection(p, state["h"], gates)
+        z = {g: xp["a"][g] + rec[g] for g in gates}
+        i, f = _sigmoid(z["i"]), _sigmoid(z["f"] + forget_bias)
+        g, o = jnp.tanh(z["g"]), _sigmoid(z["o"])
+        c = f * c_prev + i * g
+        tc = jnp.tanh(c)
+        h = o * tc
+        k = jnp.concatenate([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g),
+                             tc * o * (1 - o), o * (1 - tc * tc), f], axis=-1)
+        return {"c": c, "h": h}, h, k
+
+    def backward(p, factors, d):
+        H = d["h"].shape[-1]
+        k, a, f = factors[..., :4 * H], factors[..., 4 * H:5 * H], factors[..., 5 * H:]
+        dc = d["c"] + d["h"] * a
+        dz = jnp.concatenate([dc, dc, dc, d["h"]], axis=-1) * k
+        return ({"c": dc * f, "h": fused_transpose(dz, p, gates)},
+                {"a": split_gates(dz, gates)})
+
+    return Lean(forward, backward)
+
+
 def _lstm(name: str, o: dict) -> Cell:
     o = dict(o)
     aux = choice(name, "aux", o["aux"], (None, "refine", "master"))
@@ -227,7 +267,9 @@ def _lstm(name: str, o: dict) -> Cell:
     kinds = {g: "refined" if g in rset else "sigmoid" for g in reported}
     kinds.update({"g": "effective"} if aux == "refine" else {})
     kinds.update({"f_master": "master", "i_master": "master"} if aux == "master" else {})
-    return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
+    # A lean backward for the plain equations only (aux, tied and refined gates: autodiff).
+    plain = aux is None and not tied and not rset
+    return Cell(name=name, lean=_lean(float(o["forget_bias"])) if plain else None, init_fn=init_fn, project_fn=project, recur_fn=recur,
                 state_names=("c", "h"), gate_kinds=tuple((g, kinds[g]) for g in reported),
                 square=bool(rset), equation=_EQUATIONS.get(name, ""), forget=("f", 1),
                 input_gate=None if tied else "i", retain=retain,

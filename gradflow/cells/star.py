@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import Cell, choice, factory, fused, input_projection
+from gradflow.cells.base import Cell, Lean, choice, factory, fused, fused_transpose, input_projection
 from gradflow.cells.mechanisms import standard_init
 
 
@@ -82,9 +82,47 @@ def star(*, variant: str = "paper", init: str | None = None,
     eq = ("h = tanh(s(a)*h + (1-s(a-1))*tanh(Wz x + bz)), a = Wk x + U h + bk" if official
           else "h = tanh((1-k)*h + k*tanh(Wz x + bz)), k = s(Wk x + Uk h + bk)")
     return Cell(name="star", init_fn=init_fn, project_fn=project, recur_fn=recur,
-                gate_kinds=(("k", "sigmoid"),), equation=eq, forget=("k", sign),
+                lean=_lean(official), gate_kinds=(("k", "sigmoid"),), equation=eq, forget=("k", sign),
                 retain=(("k", sign),), preact_fn=preact,
                 options=(("init", init), ("t_max", float(t_max))))
+
+
+def _sigmoid(z):
+    return 0.5 * jnp.tanh(0.5 * z) + 0.5
+
+
+def _lean(official: bool) -> Lean:
+    r"""STAR's :class:`~gradflow.cells.base.Lean` step (paper and official variants). With
+    :math:`q = 1 - h_t^2`, :math:`\zeta = \tanh(xp_z)`: factors ``(A, K_k, K_z)``, paper
+    ``(q(1-k), q(\zeta-h)k(1-k), q k(1-\zeta^2))``, official (``k_2 = \sigma(a-1)``)
+    ``(q k, q(h k(1-k) - \zeta k_2(1-k_2)), q(1-k_2)(1-\zeta^2))``;
+    :math:`\bar a = \bar h K_k`, :math:`\bar h_{t-1} = \bar h A + \bar a U_k^\top`,
+    :math:`\overline{xp}_z = \bar h K_z`.
+    """
+    def forward(p, state, xp, t):
+        h = state["h"]
+        a = xp["k"] + h @ p["k"]["U"]
+        zc = jnp.tanh(xp["z"])
+        k = _sigmoid(a)
+        if official:
+            k2 = _sigmoid(a - 1.0)
+            new = jnp.tanh(k * h + (1.0 - k2) * zc)
+            q = 1.0 - new * new
+            fac = (q * k, q * (h * k * (1 - k) - zc * k2 * (1 - k2)),
+                   q * (1 - k2) * (1 - zc * zc))
+        else:
+            new = jnp.tanh((1.0 - k) * h + k * zc)
+            q = 1.0 - new * new
+            fac = (q * (1 - k), q * (zc - h) * k * (1 - k), q * k * (1 - zc * zc))
+        return {"h": new}, new, fac
+
+    def backward(p, factors, d):
+        A, kk, kz = factors
+        dh = d["h"]
+        da = dh * kk
+        return {"h": dh * A + fused_transpose(da, p, ("k",))}, {"k": da, "z": dh * kz}
+
+    return Lean(forward, backward)
 
 
 def batch_norm(v, p, stats: str, eps: float = 1e-3):

@@ -1,0 +1,199 @@
+"""The lean backward (``Cell.lean``, ``gradflow.stack.lean_scan``) equals autodiff.
+
+The state maps (``Stack.apply(constant_params=True)``, set by :func:`gradflow.jacobian.map_arrays`)
+run a cell's hand-written step backward over stored factors; everything here compares it with
+autodiff of the same stack (``constant_params=False``, the default), which tests/test_stack.py
+checks against Python loops and finite differences. Every cell is found by its own attribute
+(``cell.lean``), and ``jax.test_util.check_grads`` checks one lean layer against finite
+differences.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import gradflow
+from gradflow import cells, jacobian
+from gradflow import stack as stack_module
+from gradflow.stack import lean_scan
+
+# Every registered cell whose default form has a lean backward, plus the variants with their
+# own equations (GRU's reset before the recurrent matrix, STAR's official update, a forget
+# bias inside the LSTM's forget sigmoid).
+LEAN = ([n for n in cells.names() if cells.get(n).lean is not None]
+        + [("gru", {"reset": "before"}), ("star", {"variant": "official"}),
+           ("lstm", {"forget_bias": 1.0, "init": "chrono"})])
+
+
+def _cell(spec):
+    return cells.get(spec) if isinstance(spec, str) else cells.get(spec[0], **spec[1])
+
+
+def _id(spec):
+    return spec if isinstance(spec, str) else spec[0] + "-" + "-".join(map(str, spec[1].values()))
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "loss", "constant"))
+def _maps(stack, params, xs, loss, constant):
+    """The loss value and its gradients w.r.t. zero perturbations and zero norm taps of every
+    state, ``{name: (L, B, T, H)}`` and ``{name: (L, B, T)}`` (the hidden and cell maps)."""
+    B, T, _ = xs.shape
+    L, H = stack.layers, stack.max_width
+    zp = {k: jnp.zeros((L, B, T, H), xs.dtype) for k in stack.state_names}
+    zt = {k: jnp.zeros((L, B, T), xs.dtype) for k in stack.state_names}
+    fn = jacobian.readout_loss(loss, stack.widths[-1], T, B, 0, xs.dtype)
+    return jax.value_and_grad(lambda e, t: fn(stack.apply(
+        params, xs, perturb=e, taps=t, constant_params=constant).top), argnums=(0, 1))(zp, zt)
+
+
+def _compare(stack, params, xs, rtol, loss):
+    lean, auto = _maps(stack, params, xs, loss, True), _maps(stack, params, xs, loss, False)
+    worst = 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(lean), jax.tree_util.tree_leaves(auto)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.all(np.isfinite(a))
+        scale = np.max(np.abs(b))
+        assert scale > 0
+        worst = max(worst, float(np.max(np.abs(a - b)) / scale))
+    assert worst <= rtol, worst
+    return worst
+
+
+def _data(stack, dtype, B=3, T=5, seed=1):
+    params = stack.init(jax.random.key(seed), dtype)
+    xs = jax.random.normal(jax.random.key(seed + 1), (B, T, stack.input_size), dtype)
+    return params, xs
+
+
+def _layer_case(cell, T=4, B=2, H=3):
+    """One layer's inputs: parameters, projected inputs, initial state, perturbations, taps,
+    and cotangents for its outputs (every state at every step, the final state)."""
+    p = cell.init(jax.random.key(0), H, H, jnp.float64)
+    k = iter(jax.random.split(jax.random.key(1), 16))
+    rnd = lambda *shape: jax.random.normal(next(k), shape, jnp.float64)  # noqa: E731
+    xin = cell.project(p, rnd(T, B, H))
+    s0 = {n: 0.5 * rnd(B, H) for n in cell.state_names}
+    e = {n: 0.1 * rnd(T, B, H) for n in cell.state_names}
+    taps = {n: jnp.zeros((T, B), jnp.float64) for n in cell.state_names}
+    cts = ({n: rnd(T, B, H) for n in cell.state_names}, {n: rnd(B, H) for n in cell.state_names})
+    return p, xin, s0, e, taps, cts
+
+
+@functools.partial(jax.jit, static_argnames=("cell",))
+def _layer_vjps(cell, p, xin, s0, e, taps, cts):
+    """The VJPs of one layer w.r.t. (projected inputs, initial state, perturbations, taps):
+    the lean scan's and autodiff's (the stack's scan of ``recur`` with norm taps)."""
+    def auto(xin, s0, e, taps):
+        T = jax.tree_util.tree_leaves(xin)[0].shape[0]
+
+        def body(state, inp):
+            xp_t, e_t, tap_t, t = inp
+            new, _, _ = cell.recur(p, state, xp_t, t)
+            new = stack_module._leave(new, e_t, tap_t)
+            return new, new
+
+        final, states = jax.lax.scan(body, s0, (xin, e, taps, jnp.arange(T)))
+        return states, final
+
+    def lean(xin, s0, e, taps):
+        return lean_scan(cell, p, xin, s0, e, taps)
+
+    return [jax.vjp(f, xin, s0, e, taps)[1](cts) for f in (lean, auto)]
+
+
+@pytest.mark.parametrize("spec", LEAN, ids=_id)
+def test_lean_layer_equals_autodiff_every_cell(spec, x64):
+    """One layer, random output cotangents: the lean VJP equals autodiff's (projected inputs,
+    initial state, perturbations, norm taps) to 1e-10 relative."""
+    cell = _cell(spec)
+    assert cell.lean is not None
+    lean, auto = _layer_vjps(cell, *_layer_case(cell))
+    for a, b in zip(jax.tree_util.tree_leaves(lean), jax.tree_util.tree_leaves(auto)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(b))))
+
+
+def test_lean_equals_autodiff_stack(x64):
+    """Whole stacks, hidden and cell maps (norm taps and perturbations of both states): a list
+    of different cells (UR-LSTM in the middle has no lean backward: autodiff there), of
+    different widths, residual where widths match, LayerNorm; loss "all" (the map_arrays
+    and float32 tests use "last"; the per-layer tests take random output cotangents)."""
+    stack = gradflow.Stack([cells.get("lstm", forget_bias=1.0), "ur_lstm", "lstm"], 3, 4,
+                           [6, 4, 4], residual=True, norm="layer")
+    assert [c.lean is not None for c in stack.cells] == [True, False, True]
+    _compare(stack, *_data(stack, jnp.float64), 1e-10, "all")
+
+
+def test_lean_float32():
+    """float32 with x64 off: the lean map equals autodiff to 1e-5 relative."""
+    assert not jax.config.jax_enable_x64
+    stack = gradflow.Stack("lstm", 1, 8, 8)
+    params, xs = _data(stack, jnp.float32, B=4, T=6)
+    _compare(stack, params, xs, 1e-5, "last")
+
+
+def test_map_arrays_runs_the_lean_path(x64):
+    """The hidden map of map_arrays is the lean map (the cell map: the stack tests above), and
+    equals autodiff's."""
+    pr = gradflow.problem("lstm", layers=2, steps=5, hidden=4, batch=3, input_size=2,
+                          dtype="float64")
+    stack, params, xs = pr[:3]
+    fn = jacobian.readout_loss("last", 4, 5, 3, 0, xs.dtype)
+    value, m = jacobian.map_arrays(stack, params, xs, fn, "hidden")
+    v0, (_, n0) = _maps(stack, params, xs, "last", False)
+    np.testing.assert_allclose(m, jnp.mean(n0["h"], axis=1), rtol=1e-10)
+    np.testing.assert_allclose(value, v0, rtol=1e-12)
+    zeros = {"h": jnp.zeros((2, 3, 5), xs.dtype)}
+    # the map's program runs the lean step (its sigmoids from tanh), not autodiff of recur
+    # (jax.nn.sigmoid: the logistic primitive)
+    def program(constant):
+        return str(jax.make_jaxpr(jax.grad(lambda t: fn(stack.apply(
+            params, xs, taps=t, constant_params=constant).top)))(zeros))
+    assert "logistic" not in program(True) and "logistic" in program(False)
+
+
+def test_param_grads_use_autodiff(x64):
+    """jax.grad w.r.t. the parameters through Stack.apply (the flag off, as in training)
+    equals the gradient of a Python loop over cell.step; with the flag on the parameters
+    are constants (zero cotangent), not silently wrong."""
+    stack = gradflow.Stack("lstm", 2, 2, 4)
+    params, xs = _data(stack, jnp.float64, B=2, T=3)
+
+    def loop(params):
+        x = jnp.swapaxes(xs, 0, 1)
+        for l, cell in enumerate(stack.cells):
+            s = cell.initial_state((xs.shape[0],), 4, xs.dtype)
+            hs = []
+            for t in range(x.shape[0]):
+                s, h, _ = cell.step(params["layers"][l], s, x[t], t)
+                hs.append(h)
+            x = jnp.stack(hs)
+        return jnp.sum(jnp.sin(x))
+
+    loss = lambda params, **kw: jnp.sum(jnp.sin(stack.apply(params, xs, **kw).top))  # noqa: E731
+    g = jax.jit(jax.grad(loss))(params)
+    ref = jax.jit(jax.grad(loop))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    frozen = jax.jit(jax.grad(functools.partial(loss, constant_params=True)))(params)
+    assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in jax.tree_util.tree_leaves(frozen))
+
+
+@pytest.mark.parametrize("spec", LEAN, ids=_id)
+def test_check_grads_one_lean_layer(spec, x64):
+    """One layer's lean custom_vjp against finite differences (order 1, reverse mode), w.r.t.
+    the projected inputs, the initial state and the perturbations (parameters held constant;
+    norm taps are not derivatives, so none here)."""
+    cell = _cell(spec)
+    p = cell.init(jax.random.key(0), 3, 3, jnp.float64)
+    ks = jax.random.split(jax.random.key(1), 3)
+    T, B = 3, 2
+    xin = cell.project(p, jax.random.normal(ks[0], (T, B, 3), jnp.float64))
+    s0 = {k: 0.5 * jax.random.normal(jax.random.fold_in(ks[1], i), (B, 3), jnp.float64)
+          for i, k in enumerate(cell.state_names)}
+    e = {k: 0.1 * jax.random.normal(jax.random.fold_in(ks[2], i), (T, B, 3), jnp.float64)
+         for i, k in enumerate(cell.state_names)}
+    check_grads(lambda xin, s0, e: lean_scan(cell, p, xin, s0, e, {}), (xin, s0, e),
+                order=1, modes=("rev",))
