@@ -59,6 +59,20 @@ def goals(res: dict) -> list[dict]:
         dev = max(abs(v / f["lstm"] - 1) for v in f.values())
         add("13. split speed-up factor of " + ", ".join(k for k in f if k != "lstm")
             + " within 20% of LSTM's (max relative deviation)", dev, "<=", 0.2, "")
+    ln = _get(b, "lean", "rows")
+    if ln and "lstm" in ln:
+        lstm = ln["lstm"]
+        add("13. lean hidden map / autodiff map (LSTM, one device), same process",
+            lstm["lean_over_autodiff"], "<=", 0.5)
+        for k, target in (("torch_stock", 3.5), ("torch_wavefront", 1.2),
+                          ("torch_wavefront_compiled", 1.2)):
+            add(f"13. lean map (one device) speedup vs {k.replace('_', ' ')}",
+                lstm["speedup"].get(f"lean_vs_{k}"), ">=", target)
+        if len(ln) > 1:
+            f = {k: 1 / v["lean_over_autodiff"] for k, v in ln.items()}
+            add("13. lean speed-up factor of " + ", ".join(k for k in f if k != "lstm")
+                + " within 20% of LSTM's (max relative deviation)",
+                max(abs(v / f["lstm"] - 1) for v in f.values()), "<=", 0.2, "")
     return rows
 
 
@@ -162,6 +176,23 @@ def markdown(res: dict) -> str:
             lines.append(f"| {k} | {_ms(v['times']['split'])} | {_ms(v['times']['unsplit'])} |"
                          f" {_f(v['split_over_unsplit'])} | "
                          f"{_f(v['checks']['split_vs_unsplit_rel_err'])} |")
+    if "lean" in b:
+        r = b["lean"]
+        c = r["config"]
+        peers = ("torch_stock", "torch_wavefront", "torch_wavefront_compiled")
+        lines += ["", f"## Lean backward vs autodiff, hidden map, one device (L={c['L']}, "
+                  f"T={c['T']}, H={c['H']}, B={c['B']}, float32, torch threads "
+                  f"{c.get('torch_threads', '-')})", "",
+                  "| cell | lean ms | autodiff ms | lean / autodiff | torch stock ms | torch "
+                  "wavefront ms | wavefront compiled ms | lean speedup vs stock, wavefront, "
+                  "compiled | max rel. diff lean vs autodiff |", "|---|---|---|---|---|---|---|---|---|"]
+        for k, v in r["rows"].items():
+            t, sp = v["times"], v["speedup"]
+            lines.append(f"| {k} | {_ms(t['lean'])} | {_ms(t['autodiff'])} | "
+                         f"{_f(v['lean_over_autodiff'])} | "
+                         + " | ".join(_ms(t.get(p)) for p in peers) + " | "
+                         + ", ".join(_f(sp.get(f"lean_vs_{p}")) for p in peers) + " | "
+                         f"{_f(v['checks']['lean_vs_autodiff_rel_err'])} |")
     if "glibc" in b:
         r = b["glibc"]
         med, over = r.get("median_s", {}), r.get("over_default", {})

@@ -24,7 +24,7 @@ FULL = {
               "rounds": 3},
     "matmul": 4096,
     "torch_compile": True, "split_cells": ("lstm", "gru", "star", "user_gru"),
-    "glibc_rounds": 3,
+    "glibc_rounds": 3, "lean_cells": ("lstm", "gru", "star"),
 }
 
 QUICK = {
@@ -37,13 +37,13 @@ QUICK = {
     "atlas": {"cells": ["lstm"], "seeds": 2, "L": 2, "T": 3, "H": 4, "B": 2},
     "matmul": 256,
     "orders": ("layer",), "split_cells": ("lstm", "user_gru"),
-    "glibc_rounds": 1,
+    "glibc_rounds": 1, "lean_cells": ("lstm", "gru"), "lean_torch": False,
     "default": ("floor", "torch_hidden", "cells_split", "jacobian", "flop_rate", "scaling",
                 "memory"),
 }
 
-BENCHMARKS = ("floor", "torch_hidden", "cells_split", "jacobian", "flop_rate", "scaling",
-              "memory", "sweep", "glibc", "atlas")
+BENCHMARKS = ("floor", "torch_hidden", "cells_split", "lean", "jacobian", "flop_rate",
+              "scaling", "memory", "sweep", "glibc", "atlas")
 
 
 def main(argv=None):

@@ -202,6 +202,82 @@ def cells_split(cfg) -> dict:
                        "devices": len(parallel.devices_for(size["B"])) or 1}, "rows": rows}
 
 
+def _autodiff_hidden(pr, loss="last"):
+    """The hidden map with the lean backward switched off: ``jacobian._state_map_local``'s
+    program with ``constant_params=False`` (autodiff of every cell's ``recur``), jitted,
+    one device."""
+    stack, lf = pr.stack, loss_of(pr, loss)
+
+    @jax.jit
+    def f(params, xs):
+        B, T, _ = xs.shape
+        zeros = {"h": jnp.zeros((stack.layers, B, T), xs.dtype)}
+        value, norms = jax.value_and_grad(
+            lambda taps: lf(stack.apply(params, xs, taps=taps).top))(zeros)
+        return value, jnp.mean(norms["h"], axis=1)
+    return lambda: block(f(pr.params, pr.xs))
+
+
+def _lean_hidden(pr, loss="last"):
+    """The hidden map as ``gradient_map`` runs it unsplit (``jacobian._state_map_local``: the
+    lean backward for cells that have one), one device."""
+    from gradflow import parallel
+    lf = loss_of(pr, loss)
+
+    def f():
+        with parallel.batch_devices(None):
+            return block(J.map_arrays(pr.stack, pr.params, pr.xs, lf, "hidden"))
+    return f
+
+
+def lean(cfg) -> dict:
+    """The lean backward (``Cell.lean``, ``gradflow.stack.lean_scan``) vs autodiff of the same
+    map, same process, interleaved: LSTM with the PyTorch peers (stock ``retain_grad`` loop,
+    manual wavefront, also ``torch.compile``-d), GRU and STAR lean vs autodiff (one device;
+    the batch split is measured in ``cells_split``)."""
+    size, reps = cfg["std"], cfg["repeats"]
+    out = {"config": {**size, "loss": "last", "dtype": "float32"}, "rows": {}}
+    for name in cfg.get("lean_cells", ("lstm", "gru", "star")):
+        pr = gradflow.problem(name, layers=size["L"], steps=size["T"], hidden=size["H"],
+                              batch=size["B"], seed=0)
+        fns = {"lean": _lean_hidden(pr), "autodiff": _autodiff_hidden(pr)}
+        ref = np.asarray(fns["autodiff"]()[1])
+        checks = {"lean_vs_autodiff_rel_err": rel_err(fns["lean"]()[1], ref)}
+        if name == "lstm" and cfg.get("lean_torch", True):
+            try:
+                import torch
+            except ImportError:
+                torch = None
+            if torch is not None:
+                from bench import torch_ref as TR
+                if cfg.get("torch_threads"):
+                    torch.set_num_threads(cfg["torch_threads"])
+                cells = TR.port_lstm(pr.params)
+                w, labels = TR.readout(loss_of(pr))
+                xs = torch.from_numpy(np.array(pr.xs, np.float32))
+                fns["torch_stock"] = lambda: TR.hidden_map(cells, xs, w, labels, "last", True)
+                fns["torch_wavefront"] = lambda: TR.hidden_map_wavefront(cells, xs, w, labels,
+                                                                         "last")
+                if cfg.get("torch_compile", False):
+                    try:
+                        TR.hidden_map_wavefront(cells, xs, w, labels, "last", compiled=True)
+                        fns["torch_wavefront_compiled"] = lambda: TR.hidden_map_wavefront(
+                            cells, xs, w, labels, "last", compiled=True)
+                    except Exception as e:  # noqa: BLE001  (inductor needs a C++ compiler)
+                        checks["torch_compile_error"] = repr(e)[:300]
+                for k in [k for k in fns if k.startswith("torch")]:
+                    checks[f"{k}_vs_autodiff_rel_err"] = rel_err(fns[k]().numpy(), ref)
+                out["config"]["torch_threads"] = torch.get_num_threads()
+        t = timed(fns, reps)
+        row = {"times": t, "checks": checks,
+               "lean_over_autodiff": ratio(t["lean"], t["autodiff"]),
+               "speedup": {f"lean_vs_{k}": ratio(t[k], t["lean"]) for k in fns if k != "lean"}}
+        row["speedup"].update({f"autodiff_vs_{k}": ratio(t[k], t["autodiff"])
+                               for k in fns if k.startswith("torch")})
+        out["rows"][name] = row
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Jacobian maps
 

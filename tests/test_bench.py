@@ -129,3 +129,15 @@ def test_harness_runs_and_its_cross_checks_hold(tmp_path):
     assert "## Goals" in md and "## 1." in md
     assert (tmp_path / "scaling.png").stat().st_size > 0
     assert report.goals(res) == res["goals"]
+
+
+def test_lean_benchmark_cross_checks():
+    """The lean-backward comparison: lean, autodiff and the torch peers compute one map."""
+    res = run.run({**TINY, "lean_cells": ("lstm", "star")}, ["lean"])
+    assert not res["errors"], res["errors"]
+    rows = res["benchmarks"]["lean"]["rows"]
+    assert rows["lstm"]["checks"]["lean_vs_autodiff_rel_err"] < 1e-5
+    assert rows["star"]["checks"]["lean_vs_autodiff_rel_err"] < 1e-5
+    assert all(v < 1e-4 for k, v in rows["lstm"]["checks"].items() if k.endswith("rel_err"))
+    assert any(g["name"].startswith("13. lean hidden map") for g in res["goals"])
+    assert "## Lean backward" in report.markdown(res)
