@@ -166,11 +166,6 @@ def _init_fn(name, o, specs, aux, tied, tie, chunks):
     return init_fn
 
 
-def _sigmoid(z):
-    r""":math:`\sigma(z) = (1 + \tanh(z/2)) / 2` (one ``tanh``, fused with the other gates)."""
-    return 0.5 * jnp.tanh(0.5 * z) + 0.5
-
-
 def _lean(forget_bias: float) -> Lean:
     r"""The plain LSTM's :class:`~gradflow.cells.base.Lean` step (gates ``i, f, g, o``).
 
