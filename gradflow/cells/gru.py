@@ -64,8 +64,13 @@ def refined_gru(*, init: str = "orthogonal", reset: str = "after",
     return _gru("refined_gru", locals())
 
 
-def _sigmoid(z):
-    return 0.5 * jnp.tanh(0.5 * z) + 0.5
+def _gates_rz(xp, rec):
+    """``r, z`` from ONE tanh of the ``(*batch, 2H)`` pre-activations,
+    :math:`\sigma(v) = (1 + \tanh(v/2)) / 2`."""
+    H = rec["r"].shape[-1]
+    u = 0.5 * jnp.tanh(0.5 * jnp.concatenate([xp["a"]["r"] + rec["r"], xp["a"]["z"] + rec["z"]],
+                                             axis=-1)) + 0.5
+    return u[..., :H], u[..., H:]
 
 
 def _lean(reset: str) -> Lean:
@@ -86,7 +91,7 @@ def _lean(reset: str) -> Lean:
         def forward(p, state, xp, t):
             h = state["h"]
             rec = recurrent_projection(p, h, gates)
-            r, z = _sigmoid(xp["a"]["r"] + rec["r"]), _sigmoid(xp["a"]["z"] + rec["z"])
+            r, z = _gates_rz(xp, rec)
             hn = rec["n"] + p["n"]["b_hn"]
             n = jnp.tanh(xp["a"]["n"] + r * hn)
             new = (1.0 - z) * n + z * h
@@ -107,7 +112,7 @@ def _lean(reset: str) -> Lean:
         def forward(p, state, xp, t):
             h = state["h"]
             rec = recurrent_projection(p, h, gates)
-            r, z = _sigmoid(xp["a"]["r"] + rec["r"]), _sigmoid(xp["a"]["z"] + rec["z"])
+            r, z = _gates_rz(xp, rec)
             n = jnp.tanh(xp["a"]["n"] + (r * h) @ p["n"]["U"])
             new = (1.0 - z) * n + z * h
             return {"h": new}, new, ((1.0 - z) * (1.0 - n * n), (h - n) * z * (1 - z),

@@ -87,10 +87,6 @@ def star(*, variant: str = "paper", init: str | None = None,
                 options=(("init", init), ("t_max", float(t_max))))
 
 
-def _sigmoid(z):
-    return 0.5 * jnp.tanh(0.5 * z) + 0.5
-
-
 def _lean(official: bool) -> Lean:
     r"""STAR's :class:`~gradflow.cells.base.Lean` step (paper and official variants). With
     :math:`q = 1 - h_t^2`, :math:`\zeta = \tanh(xp_z)`: factors ``(A, K_k, K_z)``, paper
@@ -101,11 +97,14 @@ def _lean(official: bool) -> Lean:
     """
     def forward(p, state, xp, t):
         h = state["h"]
+        H = h.shape[-1]
         a = xp["k"] + h @ p["k"]["U"]
-        zc = jnp.tanh(xp["z"])
-        k = _sigmoid(a)
+        # the gates and the candidate from ONE tanh (sigma(a) = (1 + tanh(a/2)) / 2)
+        parts = [0.5 * a, 0.5 * (a - 1.0), xp["z"]] if official else [0.5 * a, xp["z"]]
+        u = jnp.tanh(jnp.concatenate(parts, axis=-1))
+        k, zc = 0.5 * u[..., :H] + 0.5, u[..., -H:]
         if official:
-            k2 = _sigmoid(a - 1.0)
+            k2 = 0.5 * u[..., H:2 * H] + 0.5
             new = jnp.tanh(k * h + (1.0 - k2) * zc)
             q = 1.0 - new * new
             fac = (q * k, q * (h * k * (1 - k) - zc * k2 * (1 - k2)),
