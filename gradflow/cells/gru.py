@@ -65,7 +65,7 @@ def refined_gru(*, init: str = "orthogonal", reset: str = "after",
 
 
 def _gates_rz(xp, rec):
-    """``r, z`` from ONE tanh of the ``(*batch, 2H)`` pre-activations,
+    r"""``r, z`` from ONE tanh of the ``(*batch, 2H)`` pre-activations,
     :math:`\sigma(v) = (1 + \tanh(v/2)) / 2`."""
     H = rec["r"].shape[-1]
     u = 0.5 * jnp.tanh(0.5 * jnp.concatenate([xp["a"]["r"] + rec["r"], xp["a"]["z"] + rec["z"]],
