@@ -239,9 +239,10 @@ def map_arrays(stack: Stack, params, xs, loss_fn: Callable, wrt: str = "hidden")
 
 def _state_map(stack, params, xs, loss_fn, name):
     # Examples are independent: on several devices the batch is split over them
-    # (gradflow.parallel; never inside a trace, e.g. sweep's vmap over seeds).
+    # (gradflow.parallel; never inside a trace, e.g. sweep's vmap over seeds, nor for cells
+    # whose steps couple the examples, e.g. BN-STAR's batch statistics).
     from gradflow import parallel
-    devices = parallel.should_split(xs)
+    devices = parallel.should_split(xs, stack)
     if devices:
         return parallel.state_map(stack, params, xs, loss_fn, name, devices)
     return _state_map_local(stack, params, xs, loss_fn, name)

@@ -1,6 +1,8 @@
 r"""Split a map's batch over devices: the examples of a map are independent.
 
-A stack treats every example on its own (every cell acts row by row on ``(B, H)`` states), so the
+A stack treats every example on its own (every cell acts row by row on ``(B, H)`` states; a cell
+whose step couples the examples, ``Cell.couples_batch`` as BN-STAR with batch statistics, is
+never split), so the
 per-example state cotangents :math:`\partial\mathcal L/\partial s^l_t[b]` of a state map need
 only the loss gradient w.r.t. example ``b``'s own top-layer outputs. :func:`state_map` runs the
 hidden/cell map under ``jax.shard_map`` on a 1-d ``Mesh(devices, ("batch",))``: device ``k``
@@ -182,9 +184,12 @@ def devices_for(batch: int) -> tuple:
     return tuple(d[:n]) if n > 1 else ()
 
 
-def should_split(xs) -> tuple:
-    """:func:`devices_for` ``(B)`` for concrete ``xs: (B, T, D)``; ``()`` inside a trace."""
+def should_split(xs, stack=None) -> tuple:
+    """:func:`devices_for` ``(B)`` for concrete ``xs: (B, T, D)``; ``()`` inside a trace or
+    when a cell of ``stack`` couples the examples of a batch (``Cell.couples_batch``)."""
     if isinstance(xs, jax.core.Tracer):
+        return ()
+    if stack is not None and any(c.couples_batch for c in stack.cells):
         return ()
     return devices_for(xs.shape[0])
 

@@ -105,6 +105,9 @@ class Cell:
       lean: a :class:`Lean` (hand-written step backward over stored factors) or None: the
         state maps (:func:`gradflow.gradient_map` with ``wrt="hidden"``/``"cell"``) then run
         it instead of autodiff; it must equal autodiff of ``recur`` (tests/test_lean.py).
+      couples_batch: True when a step mixes the examples of a batch (batch statistics, as
+        BN-STAR's training-mode batch norm): the maps then never split a batch over devices
+        (:mod:`gradflow.parallel`), since a part of the batch would change the numbers.
     """
 
     name: str
@@ -127,6 +130,7 @@ class Cell:
     preact_fn: Callable | None = dataclasses.field(default=None, repr=False)
     to_params: Callable | None = dataclasses.field(default=None, repr=False)
     lean: Lean | None = dataclasses.field(default=None, repr=False)
+    couples_batch: bool = False
 
     def __post_init__(self):
         if "h" not in self.state_names:

@@ -166,4 +166,4 @@ def _bn_star(init, t_max, forget_bias_init, bn_scale, bn_stats) -> Cell:
                 gate_kinds=(("k", "sigmoid"),), forget=("k", 1), retain=(("k", 1),),
                 equation="h = tanh(s(a)*h + (1-s(a-1))*tanh(BN(Wz x) + bz)), "
                          "a = BN(Wk x) + BN(U h) + bk",
-                options=(("init", init), ("t_max", float(t_max))))
+                couples_batch=bn_stats == "batch", options=(("init", init), ("t_max", float(t_max))))
