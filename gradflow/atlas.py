@@ -240,6 +240,11 @@ class Grid:
     def __post_init__(self):
         from gradflow import jacobian as _jac
         from gradflow import sweep as _sweep
+        from gradflow.checks import positive_int
+
+        from gradflow import cells as _cells
+
+        object.__setattr__(self, "batch", positive_int("batch", self.batch))
 
         for f in ("cells", "inits", "input_scales", "hidden", "losses", "wrts"):
             object.__setattr__(self, f, _tuple(f, getattr(self, f)))
@@ -255,7 +260,13 @@ class Grid:
             if bad:
                 raise ValueError(f"unknown {what} {bad[0]!r}; valid: {', '.join(valid)}")
         for c in self.cells:
-            parse_cell(c)
+            name = parse_cell(c)[0]
+            if name not in _cells.names():
+                raise ValueError(f"unknown cell {name!r} in the grid; valid: "
+                                 f"{', '.join(_cells.names())}")
+        for init in self.inits:
+            _cells.parse_init(init)
+        object.__setattr__(self, "hidden", tuple(positive_int("hidden", h) for h in self.hidden))
         if self.measure not in MEASUREMENTS:
             raise ValueError(f"unknown measure {self.measure!r}; valid: "
                              f"{', '.join(MEASUREMENTS)}")

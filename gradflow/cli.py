@@ -1096,19 +1096,30 @@ def add_atlas(sub):
     p = _command(sub, "atlas", "where each claim holds, over a grid of conditions",
                  "Evaluate named claims (gradflow.atlas.CLAIMS: rnn_amplified, lstm_collapses, "
                  "star_preserved, ...) on the measurements (gradient maps, local gains, gate "
-                 "statistics) of every condition of a grid (a JSON "
-                 "object or list of objects with the fields of gradflow.atlas.Grid), each seed "
+                 "statistics) of every condition of a grid (from the grid flags, or --grid: a "
+                 "JSON object or list of objects with the fields of gradflow.atlas.Grid), each "
+                 "seed "
                  "apart. Writes NAME.png (one panel per condition group, colour = fraction of "
                  "seeds where the claim holds), NAME.npz and NAME.json (per claim, condition and "
                  "seed) into --out, caching each condition's maps so an interrupted atlas "
                  "resumes.", """
             gradflow atlas --grid figures/atlas_star_fig2_grid.json --out /tmp/atlas
             gradflow atlas --claims rnn_amplified --grid grid.json --out . --rows loss --cols wrt
+            gradflow atlas --claims lstm_collapses --cells lstm lstm:forget_bias=1.0 \
+                --inits orthogonal torch --input-scales 0.1 1 --sizes 10x10 --out .
         """)
     p.add_argument("--claims", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    default=None, metavar="NAME[,NAME]",
                    help="claims to evaluate (default: every claim that reads the grid)")
-    p.add_argument("--grid", required=True, metavar="FILE.json", help="the grid of conditions")
+    p.add_argument("--grid", default=None, metavar="FILE.json",
+                   help="the grid of conditions (or give them by the grid flags below)")
+    g = p.add_argument_group("grid flags (instead of --grid; each defaults to "
+                             "gradflow.atlas.Grid's default)")
+    for flag, what in GRID_FLAGS.items():
+        g.add_argument(flag, nargs="+", default=None, metavar="V", help=what)
+    g.add_argument("--batch", default=None, metavar="B", help="examples per map")
+    g.add_argument("--measure", default=None, metavar="KIND",
+                   help="what the grid measures: gradient_map, local_gains or gates")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write to")
     p.add_argument("--name", default="atlas", metavar="STEM",
                    help="file names NAME.png/.npz/.json (default: atlas)")
@@ -1123,6 +1134,49 @@ def add_atlas(sub):
     _finish(p, run_atlas)
 
 
+#: The grid flags of ``gradflow atlas``: flag -> help (the Grid field is the flag's name).
+GRID_FLAGS = {
+    "--cells": "cells, each a name or name:option=value,... (e.g. lstm:forget_bias=1.0)",
+    "--inits": "weight schemes (orthogonal, glorot, torch)",
+    "--input-scales": "input scales (the inputs are scale * N(0, 1))",
+    "--hidden": "hidden sizes",
+    "--sizes": "layers x steps, e.g. 10x10 20x20",
+    "--losses": "losses of the gradient maps (last, all)",
+    "--wrts": "maps (params, hidden)",
+    "--seeds": "seeds (every condition is measured for each)",
+}
+
+
+def _grid_from_flags(args) -> dict:
+    """The Grid fields given by the grid flags (strings parsed to numbers where they are)."""
+    num = {"input_scales": float, "hidden": int, "seeds": int}
+    d = {}
+    for flag in GRID_FLAGS:
+        key = flag[2:].replace("-", "_")
+        values = getattr(args, key)
+        if values is None:
+            continue
+        if key in num:
+            try:
+                values = [num[key](v) for v in values]
+            except ValueError:
+                raise ValueError(f"{flag} {' '.join(values)}: give "
+                                 f"{'integers' if num[key] is int else 'numbers'}") from None
+        elif key == "sizes":
+            bad = [v for v in values if not re.fullmatch(r"\d+x\d+", v)]
+            if bad:
+                raise ValueError(f"--sizes {bad[0]!r}: give layers x steps, e.g. 10x10")
+            values = [tuple(int(x) for x in v.split("x")) for v in values]
+        d[key] = values
+    if args.batch is not None:
+        if not args.batch.isdigit():
+            raise ValueError(f"--batch {args.batch!r}: give a positive integer")
+        d["batch"] = int(args.batch)
+    if args.measure is not None:
+        d["measure"] = args.measure
+    return d
+
+
 def run_atlas(args) -> int:
     from gradflow import atlas as _atlas
 
@@ -1135,7 +1189,12 @@ def run_atlas(args) -> int:
         raise _usage(args, f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
     with user_input():
         claims = _atlas.get_claims(args.claims or list(_atlas.CLAIMS))
-        grid = _atlas.Grid.load(args.grid)
+        flags = _grid_from_flags(args)
+    if args.grid is not None and flags:
+        raise _usage(args, "give the grid either as --grid FILE.json or by the grid flags "
+                           f"({', '.join('--' + k.replace('_', '-') for k in flags)}), not both")
+    with user_input():
+        grid = _atlas.Grid.load(args.grid) if args.grid is not None else _atlas.Grid(**flags)
     cache = args.cache or str(out / f"{args.name}_cache")
     with user_input():  # a grid no claim reads is the user's to fix
         conditions = [c for g in (grid if isinstance(grid, list) else [grid])

@@ -242,6 +242,23 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
                        "cannot read grid")]:
         assert cli.main(["atlas", *argv]) == 2
         assert msg in capsys.readouterr().err
+    # the same grid from flags (measured again, its own cache): the same statistics
+    flags = ["--cells", "rnn", "--hidden", "4", "--sizes", "3x3", "--losses", "last",
+             "--input-scales", "0.1", "1", "--seeds", "0", "1", "--batch", "2"]
+    assert cli.main(["atlas", *flags, "--out", str(tmp_path), "--name", "flags",
+                     "--no-progress", "--claims", "rnn_amplified"]) == 0
+    capsys.readouterr()
+    again = A.load(tmp_path / "flags")["rnn_amplified"]
+    np.testing.assert_array_equal(again.statistic, res.statistic)
+    for argv, msg in [(["--sizes", "3"], "--sizes '3': give layers x steps"),
+                      (["--hidden", "x"], "--hidden x: give integers"),
+                      (["--hidden", "0"], "hidden must be a positive integer"),
+                      (["--batch", "0"], "batch must be a positive integer"),
+                      (["--cells", "nope"], "unknown cell 'nope' in the grid; valid:"),
+                      (["--inits", "nope"], "unknown init 'nope'"),
+                      (["--grid", str(grid), "--cells", "rnn"], "not both")]:
+        assert cli.main(["atlas", *argv, "--out", str(tmp_path), "--no-progress"]) == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_reproduce_builds_an_atlas_figure_kind(tmp_path):
