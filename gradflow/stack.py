@@ -671,10 +671,10 @@ def lean_scan(cell: Cell, p, xin, s0, perturb: dict, taps: dict):
 
     Forward: :math:`s_t = \mathrm{forward}(p, s_{t-1}, xp_t, t) + e_t` (perturbations added
     where the state leaves the cell; ``taps`` are identities, as :func:`norm_tap`). Backward,
-    for the cotangent :math:`ar s_t` of the leaving state (from the outputs and step
-    ``t + 1``): ``perturb[k][t]`` gets :math:`ar s_t[k]`, ``taps[k][t]`` its per-example
-    norm (:func:`safe_norm`), :math:`(ar s_{t-1}, \overline{xp}_t) =
-    \mathrm{backward}(p, \mathrm{factors}_t, ar s_t)`; ``xin`` gets the stacked
+    for the cotangent :math:`\bar s_t` of the leaving state (from the outputs and step
+    ``t + 1``): ``perturb[k][t]`` gets :math:`\bar s_t[k]`, ``taps[k][t]`` its per-example
+    norm (:func:`safe_norm`), :math:`(\bar s_{t-1}, \overline{xp}_t) =
+    \mathrm{backward}(p, \mathrm{factors}_t, \bar s_t)`; ``xin`` gets the stacked
     :math:`\overline{xp}_t`, so the input projection's transpose is one matmul outside the
     scan (autodiff of ``cell.project``); ``p`` gets zeros: the caller holds the parameters
     constant (``Stack.apply(constant_params=True)`` wraps them in ``lax.stop_gradient``).
