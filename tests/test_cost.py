@@ -38,9 +38,17 @@ def test_estimate_within_2x_of_xla(cell, checkpoint):
 def test_checkpointing_lowers_the_estimate_as_xla_does():
     stack = gradflow.Stack("lstm", layers=4, input_size=8, hidden_size=32)
     ck = stack.replace(checkpoint="auto")
+    # autodiff residuals (the params map): checkpointing more than halves both
+    e0, e1 = (cost.estimate(s, 8, 64, wrt="params", calibrate=False).residuals
+              for s in (stack, ck))
+    x0, x1 = (_xla_bytes(s, 8, 64, "params") for s in (stack, ck))
+    assert e1 < e0 / 2 and x1 < x0 / 2
+    # the hidden map: unchecked, an LSTM runs the lean backward, whose stored factors are
+    # already fewer than autodiff's residuals (XLA: 3.3 MB); checkpointed (autodiff with
+    # rematerialisation) it still needs less (2.1 MB), and the estimate falls with it
     e0, e1 = (cost.estimate(s, 8, 64, calibrate=False).residuals for s in (stack, ck))
     x0, x1 = (_xla_bytes(s, 8, 64, "hidden") for s in (stack, ck))
-    assert e1 < e0 / 2 and x1 < x0 / 2
+    assert e1 < e0 / 2 and x1 < 0.75 * x0
 
 
 @pytest.mark.parametrize("sizes", [dict(layers=100000, hidden_size=64),
