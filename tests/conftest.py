@@ -5,12 +5,18 @@ The suite runs in the mode a user gets (``jax_enable_x64`` off), so every float3
 tested at 32 bits. A test that needs float64 asks for it:
 
 ``x64``: 64-bit JAX for one test (a ``jax.enable_x64`` context, undone afterwards).
+``run_readme_block``: run the README's one ``python`` block holding a marker string.
 
 Hypothesis tests (function-scoped fixtures do not mix with ``@given``) enter
 ``jax.enable_x64(True)`` in their body instead.
 """
+import re
+from pathlib import Path
+
 import jax
 import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
@@ -26,3 +32,17 @@ def _fresh_jax_caches():
     carry every module's compiled programs (memory) or traces into the next module."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture
+def run_readme_block():
+    """``run(marker) -> namespace``: execute, as written, the one ``python`` code block of
+    README.md that contains ``marker``, and return the names it defined."""
+    def run(marker: str) -> dict:
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                  if marker in b]
+        assert len(blocks) == 1, f"{len(blocks)} README python blocks contain {marker!r}"
+        ns = {"__name__": "readme"}
+        exec(compile(blocks[0], str(README), "exec"), ns)
+        return ns
+    return run

@@ -273,14 +273,8 @@ def test_g_lstm_atlas():
     assert (finals(d, "g-LSTM, curriculum", 0.1)[2] < 0.01).all()
 
 
-def test_readme_training_atlas_example_runs():
-    import re
-
-    text = (reproduce.FIGURES_DIR.parent / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
-                 if 'figure_data("train_atlas_deep_adding")' in b)
-    ns = {}
-    exec(compile(block, "README.md", "exec"), ns)
+def test_readme_training_atlas_example_runs(run_readme_block):
+    ns = run_readme_block('figure_data("train_atlas_deep_adding")')
     assert ns["c"]["fraction"].tolist() == [[1.0, 0.0, 0.0]]
     assert ns["c"]["fair_fraction"].tolist() == [1.0]
     assert ns["c"]["best_lr"] == {"10": {"star": 0.001}}

@@ -228,14 +228,8 @@ def test_committed_training_data_match_their_config(name):
         assert len({tuple(np.round(v, 6)) for v in c["loss"]}) == len(seeds)
 
 
-def test_readme_training_figures_example_runs():
-    import re
-
-    text = (reproduce.FIGURES_DIR.parent / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
-                 if 'figure_data("deep_adding"' in b)
-    ns = {}
-    exec(compile(block, "README.md", "exec"), ns)
+def test_readme_training_figures_example_runs(run_readme_block):
+    ns = run_readme_block('figure_data("deep_adding"')
     assert experiments.run_curve(ns["data"], "star")["eval_metric"].shape == (2, 5)
     assert experiments.run_record(ns["data"], "lstm", "map", "last").values.shape == (2, 3, 10)
 

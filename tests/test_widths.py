@@ -8,8 +8,6 @@ spectral, spectra; ``jax.jacfwd`` of the loop) and local gains (``jax.jacfwd`` o
 step), gate statistics (NumPy over the real units only), cost estimates (closed forms and XLA),
 float64 and float32; bad widths; the CLI (``--hidden 8,4,4``); the README example.
 """
-import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -367,15 +365,9 @@ def test_cost_closed_forms_and_xla():
         ValueError, cost.check_fits, c, limit=1000).value)
 
 
-def test_readme_example(capsys):
+def test_readme_example(capsys, run_readme_block):
     """README "Your own model": the block with ``hidden_size=[64, ...]`` runs as written."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = re.search(r"^## Your own model\n(.*?)(?=^## )", text, re.S | re.M).group(1)
-    code = [b for b in re.findall(r"```python\n(.*?)```", section, re.S)
-            if "hidden_size=[64, 32, 32, 32]" in b]
-    assert len(code) == 1
-    ns = {"__name__": "readme"}
-    exec(compile(code[0], "README.md", "exec"), ns)
+    ns = run_readme_block("hidden_size=[64, 32, 32, 32]")
     assert capsys.readouterr().out.strip() == "(64, 32, 32, 32) (4, 4, 10, 64) (4, 10, 32)"
     for res in (ns["res"], ns["jac"]):
         assert res.values.shape == (4, 10) and np.all(np.isfinite(res.values))
