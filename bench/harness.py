@@ -37,7 +37,8 @@ def machine() -> dict:
             "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem,
             "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     try:
         import torch
         info["torch"] = torch.__version__
