@@ -21,8 +21,10 @@ from gradflow import parallel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # In the child: cells through the stack in float32 with x64 off, then in float64; both losses;
-# hidden and (where the cell has one) cell maps; B = 4 and a B = 6 that 4 devices do not divide
-# (split over 3 or 2). Reference: the same map with the split switched off.
+# hidden and (where the cells have one) cell maps; B = 4 and a B = 6 that 4 devices do not divide
+# (split over 3 or 2). "all" puts every registered cell into the stack at once: one mixed stack
+# per set of states (a layer per cell), so the whole registry compiles as two programs. Reference:
+# the same map with the split switched off.
 CHILD = textwrap.dedent("""
     import json, sys
     from gradflow import parallel
@@ -32,22 +34,29 @@ CHILD = textwrap.dedent("""
     out = {"devices": len(jax.devices()), "rows": []}
     for dtype, names in (("float32", sys.argv[2]), ("float64", sys.argv[3])):
         jax.config.update("jax_enable_x64", dtype == "float64")
-        names = cells.names() if names == "all" else names.split(",")
-        for i, name in enumerate(names):
-            # B = 6 (not divided by 4 devices) for float64's first cell, B = 4 for float32's,
-            # so a one-cell list per dtype still has a batch that every device count divides
+        if names == "all":  # one stack per set of states, a layer per cell
+            by_states = {}
+            for n in cells.names():
+                by_states.setdefault(cells.get(n).state_names, []).append(n)
+            groups = list(by_states.values())
+        else:
+            groups = [[n] for n in names.split(",")]
+        for i, group in enumerate(groups):
+            # B = 6 (not divided by 4 devices) for float64's first stack, B = 4 for float32's,
+            # so a one-stack list per dtype still has a batch that every device count divides
             B = 6 if i % 3 == (0 if dtype == "float64" else 1) else 4
             loss = ("last", "all")[i % 2]
-            pr = gradflow.problem(name, layers=2, steps=4, hidden=6, batch=B, input_size=5,
-                                  seed=i, dtype=dtype)
-            wrts = ("hidden", "cell") if "c" in pr.stack.cell.state_names and i < 2 else ("hidden",)
+            cell = group[0] if len(group) == 1 else group
+            pr = gradflow.problem(cell, layers=len(group) + (len(group) == 1), steps=4,
+                                  hidden=6, batch=B, input_size=5, seed=i, dtype=dtype)
+            wrts = ("hidden", "cell") if "c" in pr.stack.state_names and i < 2 else ("hidden",)
             for wrt in wrts:
                 split = gradflow.gradient_map(*pr[:3], loss=loss, wrt=wrt)
                 with parallel.batch_devices(None):
                     plain = gradflow.gradient_map(*pr[:3], loss=loss, wrt=wrt)
                 a, b = np.asarray(split.values), np.asarray(plain.values)
                 out["rows"].append({
-                    "cell": name, "dtype": dtype, "wrt": wrt, "B": B,
+                    "cells": group, "dtype": dtype, "wrt": wrt, "B": B,
                     "used": len(parallel.devices_for(B)),
                     "result_dtype": str(split.values.dtype),
                     "map_rel": float(np.max(np.abs(a - b)) / np.max(np.abs(b))),
@@ -62,7 +71,7 @@ CHILD = textwrap.dedent("""
         with parallel.batch_devices(None):
             plain = gradflow.gradient_map(*pr[:3], loss="all")
         a, b = np.asarray(split.values), np.asarray(plain.values)
-        out["rows"].append({"cell": "user_gru", "dtype": "float64", "wrt": "hidden", "B": 4,
+        out["rows"].append({"cells": ["user_gru"], "dtype": "float64", "wrt": "hidden", "B": 4,
                             "used": len(parallel.devices_for(4)),
                             "result_dtype": str(split.values.dtype),
                             "map_rel": float(np.max(np.abs(a - b)) / np.max(np.abs(b))),
@@ -94,7 +103,7 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user):
     assert out["devices"] == n
     rows = out["rows"]
     if f64 == "all":
-        assert {x["cell"] for x in rows if x["dtype"] == "float64"} == (
+        assert {c for x in rows if x["dtype"] == "float64" for c in x["cells"]} == (
             set(gradflow.cells.names()) | {"user_gru"})
     assert {x["dtype"] for x in rows} == {"float32", "float64"}
     assert any(x["wrt"] == "cell" for x in rows) or n == 4
