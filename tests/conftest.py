@@ -6,11 +6,21 @@ tested at 32 bits. A test that needs float64 asks for it:
 
 ``x64``: 64-bit JAX for one test (a ``jax.enable_x64`` context, undone afterwards).
 ``run_readme_block``: run the README's one ``python`` block holding a marker string.
+``background``: the result of the test's ``@pytest.mark.background(job=fn)`` job.
+
+Background jobs: a test whose work is mostly another process (a child with simulated devices,
+an installed copy of the package, a notebook kernel) marks that part
+``@pytest.mark.background(job=fn)``; ``fn`` (called with the test's parameters it names) starts
+when the test is collected, in one background thread, so those processes run on the core the
+test process leaves idle, and the test asserts on its ``background`` result when its turn
+comes. Deselected tests start nothing.
 
 Hypothesis tests (function-scoped fixtures do not mix with ``@given``) enter
 ``jax.enable_x64(True)`` in their body instead.
 """
+import inspect
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -46,3 +56,29 @@ def run_readme_block():
         exec(compile(blocks[0], str(README), "exec"), ns)
         return ns
     return run
+
+
+_JOBS = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "background(job=fn): run fn (the test's other-process work) "
+                                       "in a background thread from collection on")
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [(item, m.kwargs["job"]) for item in items for m in item.iter_markers("background")]
+    if not marked:
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradflow-tests-background")
+    for item, fn in marked:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        names = inspect.signature(fn).parameters
+        _JOBS[item.nodeid] = pool.submit(fn, **{k: v for k, v in params.items() if k in names})
+    pool.shutdown(wait=False)  # the queued jobs still run; nothing new is accepted
+
+
+@pytest.fixture
+def background(request):
+    """The return value of this test's ``@pytest.mark.background(job=fn)`` job (waits for it)."""
+    return _JOBS[request.node.nodeid].result()

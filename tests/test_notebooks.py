@@ -1,6 +1,8 @@
 """The four paper notebooks run top to bottom at the small size (``GRADFLOW_NOTEBOOK_SIZE=small``)
 and the committed copies hold the outputs of a full-size run that raised no error and end with
 a written verdict."""
+import os
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -30,15 +32,22 @@ def test_committed_outputs_are_a_clean_full_run_ending_in_a_verdict(name):
     assert "reproduced" in last.source.lower()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs_at_small_size(name, tmp_path, monkeypatch):
+def _run_small(name):
+    """Execute the notebook at the small size in a fresh kernel; returns the executed notebook."""
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("GRADFLOW_NOTEBOOK_SIZE", "small")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    env = {**os.environ, "GRADFLOW_NOTEBOOK_SIZE": "small", "MPLBACKEND": "Agg"}
+    with tempfile.TemporaryDirectory() as tmp:
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": tmp}}).execute(env=env)
+    return nb
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.background(job=_run_small)
+def test_notebook_runs_at_small_size(name, background):
+    nb = background
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.outputs if o.output_type == "stream")
     assert "size: small" in text

@@ -92,12 +92,17 @@ CHILD = textwrap.dedent("""
 
 # 2 devices: every registered cell in float64 (the split is one mechanism in the map, not per
 # cell); float32 with x64 off for one. 4 devices: one cell at each precision.
+def _child(n, f32, f64, user):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+
+
 @pytest.mark.parametrize("n, f32, f64, user", [(2, "lstm", "all", "user"),
                                                (4, "gru", "lstm", "-")])
-def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    r = subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+@pytest.mark.background(job=_child)
+def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, background):
+    r = background
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["devices"] == n

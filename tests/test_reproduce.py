@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -132,22 +133,34 @@ def _install(tmp_path) -> Path:
     return venv
 
 
-def test_installed_package_reproduces_star_fig2_outside_the_checkout(tmp_path):
-    venv = _install(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import gradflow; print(gradflow.__file__)"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, check=True).stdout
-    assert where.startswith(str(venv)), where  # the installed copy, not this checkout
-    out = tmp_path / "out"
-    out.mkdir()
-    run = subprocess.run([str(venv / "bin" / "gradflow"), "reproduce", "--only", "star_fig2",
-                          "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True)
+def _installed_reproduce():
+    """Install a copy, then run its ``gradflow reproduce --only star_fig2`` outside the checkout;
+    returns ``(where gradflow was imported from, venv, run, PNG header, loaded result)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        venv = _install(tmp)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                                "import gradflow; print(gradflow.__file__)"], cwd=tmp,
+                               env=env, capture_output=True, text=True, check=True).stdout
+        out = tmp / "out"
+        out.mkdir()
+        run = subprocess.run([str(venv / "bin" / "gradflow"), "reproduce", "--only",
+                              "star_fig2", "--out", str(out)], cwd=tmp, env=env,
+                             capture_output=True, text=True)
+        if run.returncode:
+            return where, str(venv), run, None, None
+        return (where, str(venv), run, (out / "star_fig2.png").read_bytes()[:8],
+                gradflow.load(out / "star_fig2.npz"))
+
+
+@pytest.mark.background(job=_installed_reproduce)
+def test_installed_package_reproduces_star_fig2_outside_the_checkout(background):
+    where, venv, run, png, again = background
+    assert where.startswith(venv), where  # the installed copy, not this checkout
     assert run.returncode == 0, run.stderr
     assert "[1/1] star_fig2 (gradient_grid): computing ..." in run.stdout
-    assert (out / "star_fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = gradflow.load(out / "star_fig2.npz")
+    assert png == b"\x89PNG\r\n\x1a\n"
     committed = gradflow.load(reproduce.FIGURES_DIR / "star_fig2.npz")
     for key, value in reproduce.load_config("star_fig2").items():
         assert again.config[key] == value == committed.config[key], key
