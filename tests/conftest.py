@@ -66,6 +66,7 @@ def pytest_configure(config):
                                        "in a background thread from collection on")
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: deselected tests start nothing
 def pytest_collection_modifyitems(config, items):
     marked = [(item, m.kwargs["job"]) for item in items for m in item.iter_markers("background")]
     if not marked:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import jax
@@ -230,18 +231,24 @@ def test_tune_malloc_serves_big_blocks_from_a_kept_heap():
     assert out["before"][0] >= big and out["before"][1] >= big  # the env did the same
 
 
-def test_cli_devices_option_splits_and_equals_the_api_map(tmp_path):
+def _cli_two_devices():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "m.npz")
+        r = subprocess.run([sys.executable, "-m", "gradflow", "--devices", "2", "heatmap",
+                            "--cell", "gru", "--layers", "3", "--steps", "5", "--hidden", "8",
+                            "--batch", "4", "--seed", "3", "--out", os.path.join(tmp, "m.png"),
+                            "--data", data], capture_output=True, text=True, cwd=ROOT, env=env,
+                           timeout=600)
+        return r, (gradflow.results.Result.load(data) if r.returncode == 0 else None)
+
+
+@pytest.mark.background(job=_cli_two_devices)
+def test_cli_devices_option_splits_and_equals_the_api_map(background):
     """The ``gradflow`` program with ``--devices 2``: the CPU gets 2 devices before JAX starts,
     the map is split over them and equals the unsplit API map."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
-    data = tmp_path / "m.npz"
-    r = subprocess.run([sys.executable, "-m", "gradflow", "--devices", "2", "heatmap",
-                        "--cell", "gru", "--layers", "3", "--steps", "5", "--hidden", "8",
-                        "--batch", "4", "--seed", "3", "--out", str(tmp_path / "m.png"),
-                        "--data", str(data)], capture_output=True, text=True, cwd=ROOT, env=env,
-                       timeout=600)
+    r, got = background
     assert r.returncode == 0, r.stderr[-2000:]
-    got = gradflow.results.Result.load(data)
     pr = gradflow.problem("gru", layers=3, steps=5, hidden=8, batch=4, seed=3, dtype="float32")
     ref = gradflow.gradient_map(*pr[:3]).values
     np.testing.assert_allclose(got.values, ref, rtol=1e-5)
