@@ -10,15 +10,17 @@ tested at 32 bits. A test that needs float64 asks for it:
 
 Background jobs: a test whose work is mostly another process (a child with simulated devices,
 an installed copy of the package, a notebook kernel) marks that part
-``@pytest.mark.background(job=fn)``; ``fn`` (called with the test's parameters it names) starts
-when the test is collected, in one background thread, so those processes run on the core the
-test process leaves idle, and the test asserts on its ``background`` result when its turn
-comes. Deselected tests start nothing.
+``@pytest.mark.background(job=fn)``; ``fn`` (called with the test's parameters it names, and
+``env``, the environment as it was at collection, if it names that) starts when the test is
+collected, in one background thread, so those processes run on the core the test process leaves
+idle, and the test asserts on its ``background`` result when its turn comes. Deselected tests
+start nothing.
 
 Hypothesis tests (function-scoped fixtures do not mix with ``@given``) enter
 ``jax.enable_x64(True)`` in their body instead.
 """
 import inspect
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,10 +74,11 @@ def pytest_collection_modifyitems(config, items):
     if not marked:
         return
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradflow-tests-background")
+    env = dict(os.environ)  # tests running meanwhile may change os.environ; jobs see this
     for item, fn in marked:
-        params = getattr(getattr(item, "callspec", None), "params", {})
+        given = {**getattr(getattr(item, "callspec", None), "params", {}), "env": env}
         names = inspect.signature(fn).parameters
-        _JOBS[item.nodeid] = pool.submit(fn, **{k: v for k, v in params.items() if k in names})
+        _JOBS[item.nodeid] = pool.submit(fn, **{k: v for k, v in given.items() if k in names})
     pool.shutdown(wait=False)  # the queued jobs still run; nothing new is accepted
 
 

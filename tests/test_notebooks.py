@@ -1,7 +1,6 @@
 """The four paper notebooks run top to bottom at the small size (``GRADFLOW_NOTEBOOK_SIZE=small``)
 and the committed copies hold the outputs of a full-size run that raised no error and end with
 a written verdict."""
-import os
 import tempfile
 from pathlib import Path
 
@@ -32,12 +31,12 @@ def test_committed_outputs_are_a_clean_full_run_ending_in_a_verdict(name):
     assert "reproduced" in last.source.lower()
 
 
-def _run_small(name):
+def _run_small(name, env):
     """Execute the notebook at the small size in a fresh kernel; returns the executed notebook."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    env = {**os.environ, "GRADFLOW_NOTEBOOK_SIZE": "small", "MPLBACKEND": "Agg"}
+    env = {**env, "GRADFLOW_NOTEBOOK_SIZE": "small", "MPLBACKEND": "Agg"}
     with tempfile.TemporaryDirectory() as tmp:
         NotebookClient(nb, timeout=600, kernel_name="python3",
                        resources={"metadata": {"path": tmp}}).execute(env=env)

@@ -93,8 +93,8 @@ CHILD = textwrap.dedent("""
 
 # 2 devices: every registered cell in float64 (the split is one mechanism in the map, not per
 # cell); float32 with x64 off for one. 4 devices: one cell at each precision.
-def _child(n, f32, f64, user):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def _child(n, f32, f64, user, env):
+    env = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
 
@@ -231,8 +231,8 @@ def test_tune_malloc_serves_big_blocks_from_a_kept_heap():
     assert out["before"][0] >= big and out["before"][1] >= big  # the env did the same
 
 
-def _cli_two_devices():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+def _cli_two_devices(env):
+    env = {k: v for k, v in env.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "m.npz")
         r = subprocess.run([sys.executable, "-m", "gradflow", "--devices", "2", "heatmap",

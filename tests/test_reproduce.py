@@ -2,7 +2,6 @@
 reproduce's output folder rules and progress, its bad input, and a non-editable install that
 regenerates star_fig2 from outside the checkout (compared with the committed data)."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -133,13 +132,13 @@ def _install(tmp_path) -> Path:
     return venv
 
 
-def _installed_reproduce():
+def _installed_reproduce(env):
     """Install a copy, then run its ``gradflow reproduce --only star_fig2`` outside the checkout;
     returns ``(where gradflow was imported from, venv, run, PNG header, loaded result)``."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         venv = _install(tmp)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         where = subprocess.run([str(venv / "bin" / "python"), "-c",
                                 "import gradflow; print(gradflow.__file__)"], cwd=tmp,
                                env=env, capture_output=True, text=True, check=True).stdout

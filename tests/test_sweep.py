@@ -82,10 +82,10 @@ FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
-def _four_devices():
+def _four_devices(env):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "four.npz")
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
         done = subprocess.run([sys.executable, "-c", FOUR_DEVICES, path, json.dumps(SIZES)],
                               env=env, capture_output=True, text=True, timeout=300)
         return done, (dict(np.load(path)) if done.returncode == 0 else None)
