@@ -91,14 +91,14 @@ CHILD = textwrap.dedent("""
 """)
 
 
-# 2 devices: every registered cell in float64 (the split is one mechanism in the map, not per
-# cell); float32 with x64 off for one. 4 devices: one cell at each precision.
 def _child(n, f32, f64, user, env):
     env = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
 
 
+# 2 devices: every registered cell in float64 (the split is one mechanism in the map, not per
+# cell); float32 with x64 off for one. 4 devices: one cell at each precision.
 @pytest.mark.parametrize("n, f32, f64, user", [(2, "lstm", "all", "user"),
                                                (4, "gru", "lstm", "-")])
 @pytest.mark.background(job=_child)
