@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import operator
 import os
 import re
@@ -194,11 +195,48 @@ def should_split(xs, stack=None) -> tuple:
     return devices_for(xs.shape[0])
 
 
+@jax.jit
+def _pack(leaves):
+    """The leaves, raveled and concatenated: one flat buffer per dtype, in leaf order."""
+    by_dtype = {}
+    for x in leaves:
+        by_dtype.setdefault(x.dtype.name, []).append(jnp.ravel(x))
+    return {k: jnp.concatenate(v) for k, v in by_dtype.items()}
+
+
+def _unpack(bufs, layout):
+    """Inverse of :func:`_pack`: ``layout = (treedef, ((dtype name, shape), ...))``."""
+    treedef, specs = layout
+    at = dict.fromkeys(bufs, 0)
+    leaves = []
+    for dt, shape in specs:
+        size = math.prod(shape)
+        leaves.append(lax.slice_in_dim(bufs[dt], at[dt], at[dt] + size).reshape(shape))
+        at[dt] += size
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _replicate(params, mesh):
+    """``(buffers, layout)``: the parameters on every device of ``mesh`` as a few flat buffers.
+
+    Placing a pytree leaf by leaf costs about 40 us of Python per leaf (7 ms for a 16-layer
+    LSTM's 192 leaves, 5% of its split map); packing them in one compiled call and placing one
+    buffer per dtype costs under 2 ms. The sharded program unpacks them (:func:`_unpack`)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if len({x.sharding for x in leaves if getattr(x, "committed", False)}) > 1:
+        leaves = jax.device_put(leaves, mesh.devices.flat[0])  # leaves on several devices
+    dtypes = [x.dtype for x in leaves]
+    names = {d: jax.dtypes.canonicalize_dtype(d).name for d in set(dtypes)}  # as jit sees it
+    layout = (treedef, tuple((names[d], x.shape) for d, x in zip(dtypes, leaves)))
+    return jax.device_put(_pack(leaves), NamedSharding(mesh, PartitionSpec())), layout
+
+
 @functools.lru_cache(maxsize=64)
-def _sharded_state_map(stack, loss_fn, name, mesh):
+def _sharded_state_map(stack, loss_fn, name, mesh, layout):
     n = mesh.devices.size
 
-    def local(params, xs_k):
+    def local(bufs, xs_k):
+        params = _unpack(bufs, layout)
         b, T, _ = xs_k.shape
         B = b * n
         zeros = {name: jnp.zeros((stack.layers, b, T), xs_k.dtype)}
@@ -227,10 +265,9 @@ def state_map(stack, params, xs, loss_fn, name: str, devices):
     if xs.shape[0] % len(devices):
         raise ValueError(f"batch {xs.shape[0]} does not split over {len(devices)} devices")
     mesh = Mesh(np.array(devices), (AXIS,))
-    run = _sharded_state_map(stack, loss_fn, name, mesh)
-    xs = jax.device_put(xs, NamedSharding(mesh, PartitionSpec(AXIS)))
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    return run(params, xs)
+    bufs, layout = _replicate(params, mesh)
+    run = _sharded_state_map(stack, loss_fn, name, mesh, layout)
+    return run(bufs, jax.device_put(xs, NamedSharding(mesh, PartitionSpec(AXIS))))
 
 
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",

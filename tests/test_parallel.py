@@ -77,6 +77,11 @@ CHILD = textwrap.dedent("""
                             "result_dtype": str(split.values.dtype),
                             "map_rel": float(np.max(np.abs(a - b)) / np.max(np.abs(b))),
                             "loss_rel": 0.0})
+        # parameters committed to different devices: gathered before they are packed
+        moved = dict(pr.params, layers=[jax.device_put(pr.params["layers"][0], jax.devices()[1]),
+                                        *pr.params["layers"][1:]])
+        out["moved_rel"] = float(np.max(np.abs(np.asarray(
+            gradflow.gradient_map(pr.stack, moved, pr.xs, loss="all").values) - b)) / np.max(b))
         # BN-STAR with batch statistics couples the examples: never split (a half batch has
         # other statistics, which changed its map by ~1% before this was checked)
         pr = gradflow.problem(cells.get("star", variant="bn"), layers=2, steps=4, hidden=6,
@@ -122,6 +127,22 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
     assert any(x["used"] == n for x in rows)
     if user == "user":
         assert out["bn"] == {"devices": 0, "max_diff": 0.0}
+        assert out["moved_rel"] <= 1e-12
+
+
+def test_parameters_travel_packed_and_come_back_unchanged():
+    """The split map places the parameters as one flat buffer per dtype and unpacks them in
+    the sharded program: every leaf comes back with its shape, dtype and values."""
+    tree = {"a": [jnp.arange(6.0).reshape(2, 3), jnp.float32(7.0)], "b": np.ones((1, 2, 2)),
+            "c": jnp.arange(4, dtype=jnp.int32)}
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (parallel.AXIS,))
+    bufs, layout = parallel._replicate(tree, mesh)
+    assert sorted(bufs) == ["float32", "int32"] and bufs["float32"].shape == (6 + 1 + 4,)
+    back = jax.jit(lambda b: parallel._unpack(b, layout))(bufs)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
+    for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree)):
+        assert x.shape == np.shape(y) and x.dtype == jnp.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_settings_and_divisor_choice():
