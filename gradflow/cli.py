@@ -91,6 +91,11 @@ def hidden_sizes(text: str):
             f"must be a positive integer or one per layer (e.g. 64,32,32), got {text!r}") from None
 
 
+def width_text(hidden) -> str:
+    """``--hidden`` as typed: ``64`` or ``64,32,32``."""
+    return ",".join(map(str, hidden)) if isinstance(hidden, (list, tuple)) else str(hidden)
+
+
 def first_width(hidden) -> int:
     """The first layer's width of ``--hidden`` (an int or one per layer)."""
     return hidden if isinstance(hidden, int) else hidden[0]
@@ -323,7 +328,8 @@ def _options_token(options) -> str:
 
 # How a setting that differs from its default shows in a default output name, in this order.
 _TOKENS = {
-    "seq_len": "T{}".format, "steps": "T{}".format, "hidden": "H{}".format,
+    "seq_len": "T{}".format, "steps": "T{}".format,
+    "hidden": lambda v: "H" + width_text(v).replace(",", "-"),
     "batch": "B{}".format, "input_size": "D{}".format, "init": str, "option": _options_token,
     "task_option": _options_token, "no_input_projection": lambda v: "noproj",
     "residual": lambda v: "residual", "norm": "{}norm".format, "seed": "s{}".format,
@@ -465,7 +471,8 @@ def _describe(config: dict, cell) -> str:
     changed = [f"{k}={v}" for k, v in cell.options if k != "init" and defaults.get(k) != v]
     extra = [k for k in ("residual", "norm") if config.get(k)]
     return (f"{config['cell']}, {config['layers']} layers x {config['steps']} steps, "
-            f"H={config['hidden_size']}, B={config['batch']}, seed {config.get('seed', '-')}, "
+            f"H={width_text(config['hidden_size'])}, B={config['batch']}, "
+            f"seed {config.get('seed', '-')}, "
             f"init {config.get('init', '-')}, {config['dtype']}"
             + (f"; options {', '.join(changed)}" if changed else "")
             + "".join(f"; {k} {config[k]}" for k in extra))
@@ -646,12 +653,8 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                    help=f"stack depth (default: {layers})")
     g.add_argument("--steps", type=positive_int, default=steps, metavar="T",
                    help=f"sequence length (default: {steps})")
-    if single_cell:
-        g.add_argument("--hidden", type=hidden_sizes, default=hidden, metavar="H",
-                       help=f"hidden size, or one per layer such as 64,32,32 (default: {hidden})")
-    else:
-        g.add_argument("--hidden", type=positive_int, default=hidden, metavar="H",
-                       help=f"hidden size (default: {hidden})")
+    g.add_argument("--hidden", type=hidden_sizes, default=hidden, metavar="H",
+                   help=f"hidden size, or one per layer such as 64,32,32 (default: {hidden})")
     g.add_argument("--batch", type=positive_int, default=batch, metavar="B",
                    help=f"examples averaged over (default: {batch})")
     g.add_argument("--seed", type=seed_int, default=0,
@@ -891,7 +894,7 @@ def run_compare(args) -> int:
     for c in args.cells:
         with user_input():
             cell = _cells.for_length(c, args.steps, **options)
-        stacks.append(checked_stack(cell, args.layers, args.hidden, args.hidden))
+        stacks.append(checked_stack(cell, args.layers, first_width(args.hidden), args.hidden))
     say = _budget(args, stacks, args.wrt, runs=len(args.losses))
     if say is None:
         return 0
@@ -907,7 +910,8 @@ def run_compare(args) -> int:
     fig = plot.draw_grid(grid, normalize=not args.absolute)
     first = grid.config["maps"][f"{args.losses[0]}/{args.cells[0]}"]
     print(f"gradflow compare: {', '.join(args.cells)}; {args.layers} layers x {args.steps} steps, "
-          f"H={args.hidden}, B={args.batch}, seed {args.seed}, {first['dtype']}, wrt {args.wrt}; "
+          f"H={width_text(args.hidden)}, B={args.batch}, seed {args.seed}, {first['dtype']}, "
+          f"wrt {args.wrt}; "
           + ("absolute values" if args.absolute else "each map relative to its top-last value"))
     width = max(4, *(len(c) for c in args.cells))
     print(f"  {'loss':<5} {'cell':<{width}} {'top-last':>10}  {'bottom/top layer':>20}  "
@@ -1245,7 +1249,8 @@ def add_train(sub):
                    help="a task option, repeatable (e.g. lag=20, symbols=5)")
     g = p.add_argument_group("model")
     g.add_argument("--layers", type=positive_int, default=4, metavar="L", help="(default: 4)")
-    g.add_argument("--hidden", type=positive_int, default=32, metavar="H", help="(default: 32)")
+    g.add_argument("--hidden", type=hidden_sizes, default=32, metavar="H",
+                   help="hidden size, or one per layer such as 64,32 (default: 32)")
     g.add_argument("--init", type=init_scheme, default=None, help="(default: the cell's own)")
     g.add_argument("--option", type=option, action="append", metavar="KEY=VALUE",
                    help="another cell option, repeatable")
@@ -1357,7 +1362,7 @@ def run_train(args) -> int:
     # stack there, and one probe makes maps at different steps comparable.
     record = {"gradient_map": lambda st, p, xs: gradient_map(
         st, p, xs, loss=args.record_loss, wrt=args.wrt, readout_seed=args.readout_seed)}
-    print(f"gradflow train: {args.cell} x {args.layers} layers, H={args.hidden}, on "
+    print(f"gradflow train: {args.cell} x {args.layers} layers, H={width_text(args.hidden)}, on "
           f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
           f"{args.batch}, lr {args.lr:g}, seed {args.seed}"
           + (f", budget {args.budget:g}" if args.budget else ""), flush=True)

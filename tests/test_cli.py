@@ -128,6 +128,20 @@ def test_compare_writes_the_grid_equal_to_per_cell_gradient_maps(capsys):
                                rtol=5e-3)  # printed to 3 significant digits
 
 
+def test_compare_takes_one_width_per_layer(capsys):
+    rc, out, err = run(capsys, "compare", "--cells", "rnn,lstm", "--losses", "last", "--wrt",
+                       "hidden", "--layers", "3", "--steps", "3", "--hidden", "8,6,4",
+                       "--batch", "2")
+    assert rc == 0, err
+    assert "H=8,6,4," in out.splitlines()[0]
+    npz = _written(out, "data:")
+    assert npz.name == "compare_rnn-lstm_L3_T3_H8-6-4_B2_loss-last_wrt-hidden.npz"
+    with jax.enable_x64(False):
+        prob = gradflow.problem("lstm", layers=3, steps=3, hidden=[8, 6, 4], batch=2)
+        ref = gradflow.gradient_map(prob.stack, prob.params, prob.xs, wrt="hidden").values
+    np.testing.assert_allclose(gradflow.load(npz)["values/last/lstm"], ref, rtol=1e-6)
+
+
 def test_gates_summary_matches_an_independent_count_of_saturated_gates(capsys):
     rc, out, err = run(capsys, "gates", "--cell", "lstm", *SMALL, "--eps", "0.3",
                        "--init", "ugi", "--gate", "f")

@@ -102,6 +102,7 @@ def test_recorded_maps_are_the_maps_of_the_trained_params(run, direct):
     (["--lr", "-1"], "--lr and --clip must be positive"),
     (["--task-option", "nope=3"], "unknown option"),
     (["--cell", "lstm", "--budget", "0.1"], "time gate"),
+    (["--layers", "2", "--hidden", "4,4,4"], "got 3 widths for 2 layers"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
     code = main(["train", "--out", str(tmp_path / "x"), "--steps", "2", "--eval-batch", "4",
@@ -109,6 +110,19 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1, err
+
+
+def test_one_width_per_layer_trains_that_stack(tmp_path, capsys):
+    out = tmp_path / "w"
+    code = main(["train", "--out", str(out), "--steps", "2", "--eval-batch", "4", "--batch", "2",
+                 "--seq-len", "4", "--layers", "2", "--hidden", "6,4"])
+    assert code == 0, capsys.readouterr().err
+    assert "H=6,4," in capsys.readouterr().out
+    stack, params = runs.load_params(out)
+    assert list(stack.widths) == [6, 4]
+    assert stack.cells[0].name == "lstm"  # train's default cell
+    assert params["layers"][1]["f"]["W"].shape == (6, 4)  # layer 1 reads layer 0's 6 units
+    assert params["layers"][1]["f"]["U"].shape == (4, 4)
 
 
 def test_help_lists_train(capsys):
