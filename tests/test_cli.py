@@ -399,7 +399,7 @@ def test_heatmap_of_a_users_cell_factory_by_import_path(capsys, user_module):
                        "gain=0.7", *SMALL)
     assert rc == 0, err
     npz = _written(out, "data:")
-    assert npz.name == f"heatmap_sin_rnn_L2_T3_H8_B2_gain0.7.npz"
+    assert npz.name == "heatmap_sin_rnn_L2_T3_H8_B2_gain0.7.npz"
     res = gradflow.load(npz)
     assert res.config["cell"] == "sin_rnn" and res.config["gain"] == 0.7
     # top-last entry from jax.grad of the readout on a Python loop of the user's step
