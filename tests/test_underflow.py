@@ -10,7 +10,6 @@ same draws at every precision, see ``tests/test_precision.py``) computed with 64
 """
 import importlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
