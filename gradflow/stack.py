@@ -372,7 +372,8 @@ class Stack:
             gradient of a loss w.r.t. ``param_taps[l, t]`` is
             :math:`\mathrm{mean}_\theta|\partial\mathcal L/\partial\theta^l_{(t)}|`
             (:func:`mean_abs_tap`).
-          gates: also return every reported gate activation.
+          gates: also return every reported gate activation (every layer's cell must report
+            the same gates: a ValueError for a stack mixing, say, LSTM and GRU layers).
           constant_params: a promise that nothing differentiates this call w.r.t. ``params``
             (the state maps set it): layers whose cell has a ``lean`` backward then run it
             (:func:`lean_scan`), and ``params`` get zero cotangents. Off by default, so
@@ -394,6 +395,11 @@ class Stack:
             if unknown:
                 raise ValueError(f"{what} keys {sorted(unknown)} are not states of cell "
                                  f"{self.cells[0].name!r} ({', '.join(self.state_names)})")
+        if gates and len({tuple(g for g, _ in c.gate_kinds) for c in self.cells}) > 1:
+            named = {c.name: ", ".join(g for g, _ in c.gate_kinds) or "none" for c in self.cells}
+            raise ValueError("gates=True needs every layer's cell to report the same gates (one "
+                             "(L, B, T, H) array per gate); this stack's cells report "
+                             + "; ".join(f"{n}: {g}" for n, g in named.items()))
         if param_taps is not None and jnp.shape(param_taps) != (L, T):
             raise ValueError(f"param_taps must have shape (layers, steps) = {(L, T)}, got "
                              f"{jnp.shape(param_taps)}")

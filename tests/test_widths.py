@@ -320,6 +320,16 @@ def test_orders_and_square_cells_refuse_different_widths():
     Stack("refined_lstm", 2, 3, [8, 8], input_projection=True)  # one width: fine
 
 
+def test_gates_of_cells_with_different_gates_are_refused_by_name():
+    pr = gradflow.problem(["gru", "star", "gru"], layers=3, steps=2, hidden=4, batch=1)
+    with pytest.raises(ValueError, match=r"same gates .*report gru: r, z; star: k$"):
+        pr.stack.apply(pr.params, pr.xs, gates=True)
+    assert pr.stack.apply(pr.params, pr.xs).gates == {}  # the states need no gates
+    same = gradflow.problem(["gru", "gru"], layers=2, steps=2, hidden=[4, 3], batch=1)
+    g = same.stack.apply(same.params, same.xs, gates=True).gates
+    assert sorted(g) == ["r", "z"] and g["r"].shape == (2, 1, 2, 4)
+
+
 def test_params_of_another_width_are_refused():
     s = Stack("lstm", 3, 4, [8, 4, 4])
     wrong = Stack("lstm", 3, 4, [8, 8, 4]).init(jax.random.key(0))
@@ -379,7 +389,7 @@ def test_cli_hidden_per_layer(capsys, tmp_path):
     rc = cli.main(["heatmap", "--cell", "lstm", "--layers", "3", "--steps", "4", "--hidden",
                    "8,4,4", "--batch", "2", "--out", str(out)])
     text = capsys.readouterr().out
-    assert rc == 0 and "H=[8, 4, 4]" in text and out.is_file()
+    assert rc == 0 and "H=8,4,4" in text and out.is_file()
     res = gradflow.load(str(out.with_suffix(".npz")))
     assert res.config["hidden_size"] == [8, 4, 4] and res.values.shape == (3, 4)
     for bad, msg in (("8,x", "must be a positive integer or one per layer"),
