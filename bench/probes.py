@@ -4,6 +4,9 @@
 program's memory analysis and, with ``run``, the time of one map and the process peak RSS.
 ``python -m bench.probes hidden L T H B REPEATS [default|mallopt]`` times the hidden map split
 over the CPU's cores and unsplit (for the allocator comparison, which needs fresh processes).
+``python -m bench.probes half L T H B REPEATS CORE`` times the unsplit hidden map of ``B``
+examples on one device, pinned to CPU core ``CORE``, starting when a line arrives on stdin (so
+several such processes run at once: :func:`bench.suite.split_floor`).
 ``python -m bench.probes sweep CELLS SEEDS L T H B REPEATS`` times ``gradflow.sweep`` on the
 devices this process sees (set ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` first).
 """
@@ -169,6 +172,33 @@ def hidden(L, T, H, B, repeats, mode="default"):
                       "peak_rss_mib": _rss_mib()}))
 
 
+def half(L, T, H, B, repeats, core):
+    """One JSON line: the median of ``repeats`` unsplit hidden maps of ``B`` examples, this
+    process pinned to CPU core ``core`` before JAX starts (so XLA's pool has one thread). Prints
+    ``ready`` after compiling and warming up, then waits for a line on stdin before timing."""
+    import os
+    os.sched_setaffinity(0, {core})
+    from gradflow import parallel
+    parallel.use_cpu_devices(1)
+    import jax
+    import gradflow
+    pr = gradflow.problem("lstm", layers=L, steps=T, hidden=H, batch=B, seed=0)
+
+    def f():
+        return jax.block_until_ready(gradflow.gradient_map(*pr[:3]).values)
+    f(), f()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"median_s": statistics.median(times), "times": times, "batch": B,
+                      "core": core, "affinity": sorted(os.sched_getaffinity(0)),
+                      "devices": len(jax.devices())}), flush=True)
+
+
 if __name__ == "__main__":
     cmd, *a = sys.argv[1:]
     if cmd == "memory":
@@ -176,6 +206,8 @@ if __name__ == "__main__":
                else int(a[4]), a[5])
     elif cmd == "hidden":
         hidden(*map(int, a[:5]), *a[5:])
+    elif cmd == "half":
+        half(*map(int, a[:7]))
     elif cmd == "sweep":
         sweep(a[0], int(a[1]), *map(int, a[2:]))
     elif cmd == "atlas":

@@ -176,6 +176,23 @@ def markdown(res: dict) -> str:
             lines.append(f"| {k} | {_ms(v['times']['split'])} | {_ms(v['times']['unsplit'])} |"
                          f" {_f(v['split_over_unsplit'])} | "
                          f"{_f(v['checks']['split_vs_unsplit_rel_err'])} |")
+    if "split_floor" in b:
+        r = b["split_floor"]
+        c = r["config"]
+        lines += ["", f"## Batch split vs independent halves (LSTM L={c['L']}, T={c['T']}, "
+                  f"H={c['H']}, B={c['B']})", ""]
+        if "not_applicable" in r:
+            lines.append(f"Not measured: {r['not_applicable']}.")
+        else:
+            n = c["processes"]
+            lines += ["| run | ms |", "|---|---|",
+                      f"| split map over {c['devices']} devices, this process | "
+                      f"{_f(1e3 * r['split_s'])} |",
+                      f"| {n} processes of B/{n} examples, each pinned to its own core, at once "
+                      f"(slowest) | {_f(1e3 * r['halves_together_s'])} |",
+                      f"| one such process alone | {_f(1e3 * r['half_alone_s'])} |", "",
+                      f"Split / independent halves: {_f(r['split_over_halves'])} (1 would be "
+                      "perfectly independent devices)."]
     if "lean" in b:
         r = b["lean"]
         c = r["config"]

@@ -42,8 +42,8 @@ QUICK = {
                 "memory"),
 }
 
-BENCHMARKS = ("floor", "torch_hidden", "cells_split", "lean", "jacobian", "flop_rate",
-              "scaling", "memory", "sweep", "glibc", "atlas")
+BENCHMARKS = ("floor", "torch_hidden", "cells_split", "split_floor", "lean", "jacobian",
+              "flop_rate", "scaling", "memory", "sweep", "glibc", "atlas")
 
 
 def main(argv=None):

@@ -202,6 +202,57 @@ def cells_split(cfg) -> dict:
                        "devices": len(parallel.devices_for(size["B"])) or 1}, "rows": rows}
 
 
+def _halves(size: dict, n: int, reps: int, cores) -> list:
+    """``n`` processes, each timing the unsplit map of ``B / n`` examples pinned to its core of
+    ``cores``, all started together once every one has compiled (:func:`bench.probes.half`)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device each
+    args = [str(size["L"]), str(size["T"]), str(size["H"]), str(size["B"] // n), str(reps)]
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.probes", "half", *args, str(c)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                              cwd=os.path.dirname(os.path.dirname(__file__))) for c in cores]
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a timing process failed: {p.communicate()[0][-2000:]}")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    out = [json.loads(p.communicate(timeout=900)[0].strip().splitlines()[-1]) for p in procs]
+    return out
+
+
+def split_floor(cfg) -> dict:
+    """The batch split against what perfectly independent devices would give on this machine:
+    the hidden map split over this process's ``n`` devices, vs its ``n`` halves (``B / n``
+    examples each) as ``n`` separate processes, each pinned to its own core and running at
+    once (no shared thread pool, no collectives, nothing else), and one such process alone.
+    The halves do the same work as the split's devices (same sizes; their own examples, so no
+    cross-check of values). The in-process split is timed before and after the processes."""
+    from gradflow import parallel
+    size, reps = cfg["std"], cfg["repeats"]
+    B = size["B"]
+    n = cfg.get("floor_processes") or len(parallel.devices_for(B))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if n < 2 or B % n or len(cores) < n:
+        return {"config": {**size, "processes": n, "cores": len(cores)},
+                "not_applicable": f"needs >= 2 devices dividing B and as many cores (devices "
+                                  f"{n}, cores {len(cores)})"}
+    pr = problem(size)
+    split = _api_hidden(pr)
+    split()
+    before = timed({"split": split}, reps)["split"]
+    together = _halves(size, n, reps, cores[:n])
+    alone = _halves(size, n, reps, cores[:1])[0]
+    after = timed({"split": split}, reps)["split"]
+    split_s = float(np.median(before["times_s"] + after["times_s"]))
+    halves_s = max(h["median_s"] for h in together)
+    return {"config": {**size, "processes": n, "cores": cores[:n], "loss": "last",
+                       "dtype": "float32", "devices": len(parallel.devices_for(B)) or 1},
+            "times": {"split_before": before, "split_after": after, "halves_together": together,
+                      "half_alone": alone},
+            "split_s": split_s, "halves_together_s": halves_s, "half_alone_s": alone["median_s"],
+            "split_over_halves": split_s / halves_s}
+
+
 def _autodiff_hidden(pr, loss="last"):
     """The hidden map with the lean backward switched off: ``jacobian._state_map_local``'s
     program with ``constant_params=False`` (autodiff of every cell's ``recur``), jitted,

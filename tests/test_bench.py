@@ -8,6 +8,7 @@ analysis. Nothing here is timed. The torch parts are skipped when torch (the ``b
 not installed.
 """
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,27 @@ def test_harness_runs_and_its_cross_checks_hold(tmp_path):
     assert "## Goals" in md and "## 1." in md
     assert (tmp_path / "scaling.png").stat().st_size > 0
     assert report.goals(res) == res["goals"]
+
+
+def test_split_floor_runs_pinned_halves_and_reports_them():
+    """Two pinned processes of half the batch (each one device, its own core), at a tiny size;
+    where the machine has one core the benchmark says it does not apply."""
+    from bench import suite
+    r = suite.split_floor({**TINY, "std": {"L": 1, "T": 3, "H": 4, "B": 2}, "floor_processes": 2})
+    md = report.markdown({"machine": {"cpu": "-", "cores": 2, "memory_gib": 1, "platform": "-",
+                                      "jax": "-", "jaxlib": "-", "devices": ["cpu:0"],
+                                      "backend": "cpu"},
+                          "config": TINY, "started": "-", "benchmarks": {"split_floor": r},
+                          "errors": {}, "goals": []})
+    if "not_applicable" in r:
+        assert len(os.sched_getaffinity(0)) < 2 and "Not measured" in md
+        return
+    together = r["times"]["halves_together"]
+    assert [h["affinity"] for h in together] == [[c] for c in r["config"]["cores"]]
+    assert all(h["devices"] == 1 and h["batch"] == 1 for h in together)
+    assert r["halves_together_s"] == max(h["median_s"] for h in together) > 0
+    assert r["split_over_halves"] == r["split_s"] / r["halves_together_s"]
+    assert "pinned to its own core" in md
 
 
 def test_lean_benchmark_cross_checks():
