@@ -24,7 +24,7 @@ FULL = {
               "rounds": 3},
     "matmul": 4096,
     "torch_compile": True, "split_cells": ("lstm", "gru", "star", "user_gru"),
-    "glibc_rounds": 3, "lean_cells": ("lstm", "gru", "star"),
+    "glibc_rounds": 3, "lean_cells": ("lstm", "gru", "star", "user_gru"),
 }
 
 QUICK = {

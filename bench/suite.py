@@ -282,18 +282,25 @@ def _lean_hidden(pr, loss="last"):
 
 
 def lean(cfg) -> dict:
-    """The lean backward (``Cell.lean``, ``gradflow.stack.lean_scan``) vs autodiff of the same
-    map, same process, interleaved: LSTM with the PyTorch peers (stock ``retain_grad`` loop,
-    manual wavefront, also ``torch.compile``-d), GRU and STAR lean vs autodiff (one device;
-    the batch split is measured in ``cells_split``)."""
+    """The hidden map as ``gradient_map`` runs it (batch split over the devices, lean backward
+    where the cell has one), the same unsplit, and today's map (autodiff, one device: the
+    map before issue 13), same process, interleaved, per cell (LSTM, GRU, STAR, a user's GRU
+    through ``from_function``, which has no lean step); LSTM also with the PyTorch peers
+    (stock ``retain_grad`` loop, manual wavefront, also ``torch.compile``-d)."""
+    from gradflow import parallel
     size, reps = cfg["std"], cfg["repeats"]
-    out = {"config": {**size, "loss": "last", "dtype": "float32"}, "rows": {}}
+    out = {"config": {**size, "loss": "last", "dtype": "float32",
+                      "split_devices": len(parallel.devices_for(size["B"])) or 1}, "rows": {}}
     for name in cfg.get("lean_cells", ("lstm", "gru", "star")):
-        pr = gradflow.problem(name, layers=size["L"], steps=size["T"], hidden=size["H"],
+        cell = user_cell(size["H"]) if name == "user_gru" else name
+        pr = gradflow.problem(cell, layers=size["L"], steps=size["T"], hidden=size["H"],
                               batch=size["B"], seed=0)
-        fns = {"lean": _lean_hidden(pr), "autodiff": _autodiff_hidden(pr)}
+        api = _api_hidden(pr)
+        fns = {"split": lambda api=api: block(api().values), "lean": _lean_hidden(pr),
+               "autodiff": _autodiff_hidden(pr)}
         ref = np.asarray(fns["autodiff"]()[1])
-        checks = {"lean_vs_autodiff_rel_err": rel_err(fns["lean"]()[1], ref)}
+        checks = {"lean_vs_autodiff_rel_err": rel_err(fns["lean"]()[1], ref),
+                  "split_vs_autodiff_rel_err": rel_err(fns["split"](), ref)}
         if name == "lstm" and cfg.get("lean_torch", True):
             try:
                 import torch
@@ -322,7 +329,10 @@ def lean(cfg) -> dict:
         t = timed(fns, reps)
         row = {"times": t, "checks": checks,
                "lean_over_autodiff": ratio(t["lean"], t["autodiff"]),
+               "split_over_autodiff": ratio(t["split"], t["autodiff"]),
                "speedup": {f"lean_vs_{k}": ratio(t[k], t["lean"]) for k in fns if k != "lean"}}
+        row["speedup"].update({f"split_vs_{k}": ratio(t[k], t["split"])
+                               for k in fns if k.startswith("torch")})
         row["speedup"].update({f"autodiff_vs_{k}": ratio(t[k], t["autodiff"])
                                for k in fns if k.startswith("torch")})
         out["rows"][name] = row

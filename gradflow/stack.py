@@ -669,6 +669,13 @@ def _scan(body, carry, xs, length, chunk):
     return carry, ys
 
 
+def lean_inputs(cell: Cell, p, x):
+    """The projected inputs :func:`lean_scan` takes: ``cell.lean.project(p, x)`` where the
+    cell's :class:`~gradflow.cells.base.Lean` has one (its own layout, e.g. all gates as one
+    array), ``cell.project(p, x)`` otherwise."""
+    return (cell.lean.project or cell.project)(p, x)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def lean_scan(cell: Cell, p, xin, s0, perturb: dict, taps: dict):
     r"""A layer's time scan through its cell's :class:`~gradflow.cells.base.Lean` step, with a
@@ -682,14 +689,14 @@ def lean_scan(cell: Cell, p, xin, s0, perturb: dict, taps: dict):
     norm (:func:`safe_norm`), :math:`(\bar s_{t-1}, \overline{xp}_t) =
     \mathrm{backward}(p, \mathrm{factors}_t, \bar s_t)`; ``xin`` gets the stacked
     :math:`\overline{xp}_t`, so the input projection's transpose is one matmul outside the
-    scan (autodiff of ``cell.project``); ``p`` gets zeros: the caller holds the parameters
+    scan (autodiff of :func:`lean_inputs`); ``p`` gets zeros: the caller holds the parameters
     constant (``Stack.apply(constant_params=True)`` wraps them in ``lax.stop_gradient``).
     Checkpointed stacks (``checkpoint`` set), ``param_taps`` and ``gates`` use autodiff.
 
     Args:
-      cell: a cell with ``lean``; p: its parameters; xin: ``cell.project(p, x)`` with a leading
-        time axis ``T``; s0: ``{name: (B, H)}``; perturb: ``{name: (T, B, H)}``; taps:
-        ``{name: (T, B)}``.
+      cell: a cell with ``lean``; p: its parameters; xin: :func:`lean_inputs` ``(cell, p, x)``
+        with a leading time axis ``T``; s0: ``{name: (B, H)}``; perturb: ``{name: (T, B, H)}``;
+        taps: ``{name: (T, B)}``.
     Returns:
       ``(states {name: (T, B, H)}, final {name: (B, H)})``.
     """
@@ -746,7 +753,7 @@ def _layer(cell: Cell, p, x, s0, inst: Instruments, chunk):
     if (inst.constant_params and cell.lean is not None and inst.param_taps is None
             and not inst.gates and chunk is None):
         p = jax.tree_util.tree_map(lax.stop_gradient, p)  # truthfully constant
-        states, final = lean_scan(cell, p, cell.project(p, x), s0, inst.perturb, inst.taps)
+        states, final = lean_scan(cell, p, lean_inputs(cell, p, x), s0, inst.perturb, inst.taps)
         return states, {}, final
     if inst.param_taps is None:
         xin = cell.project(p, x)  # the whole sequence's input side: one matmul

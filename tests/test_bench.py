@@ -154,12 +154,19 @@ def test_split_floor_runs_pinned_halves_and_reports_them():
 
 
 def test_lean_benchmark_cross_checks():
-    """The lean-backward comparison: lean, autodiff and the torch peers compute one map."""
-    res = run.run({**TINY, "lean_cells": ("lstm", "star")}, ["lean"])
+    """The hidden map vs today's map: gradient_map (split, lean), the lean map, autodiff and
+    the torch peers compute one map, for a registered cell and a user's from_function cell."""
+    res = run.run({**TINY, "lean_cells": ("lstm", "star", "user_gru")}, ["lean"])
     assert not res["errors"], res["errors"]
     rows = res["benchmarks"]["lean"]["rows"]
-    assert rows["lstm"]["checks"]["lean_vs_autodiff_rel_err"] < 1e-5
-    assert rows["star"]["checks"]["lean_vs_autodiff_rel_err"] < 1e-5
+    for name in ("lstm", "star", "user_gru"):
+        assert rows[name]["checks"]["lean_vs_autodiff_rel_err"] < 1e-5
+        assert rows[name]["checks"]["split_vs_autodiff_rel_err"] < 1e-5
+        t = rows[name]["times"]
+        assert rows[name]["split_over_autodiff"] == (t["split"]["median_s"]
+                                                    / t["autodiff"]["median_s"])
     assert all(v < 1e-4 for k, v in rows["lstm"]["checks"].items() if k.endswith("rel_err"))
-    assert any(g["name"].startswith("13. lean hidden map") for g in res["goals"])
-    assert "## Lean backward" in report.markdown(res)
+    names = [g["name"] for g in res["goals"]]
+    assert any(n.startswith("13. hidden map (gradient_map") for n in names)
+    assert any(n.startswith("13. speed-up over today's map of star, user_gru") for n in names)
+    assert "## The hidden map vs today's map" in report.markdown(res)

@@ -18,6 +18,7 @@ from jax.test_util import check_grads
 import gradflow
 from gradflow import cells, jacobian
 from gradflow import stack as stack_module
+from gradflow.cells import base
 from gradflow.stack import lean_scan
 
 # Every registered cell whose default form has a lean backward, plus the variants with their
@@ -69,25 +70,27 @@ def _data(stack, dtype, B=3, T=5, seed=1):
 
 
 def _layer_case(cell, T=4, B=2, H=3):
-    """One layer's inputs: parameters, projected inputs, initial state, perturbations, taps,
-    and cotangents for its outputs (every state at every step, the final state)."""
+    """One layer's inputs: parameters, inputs ``(T, B, H)``, initial state, perturbations,
+    taps, and cotangents for its outputs (every state at every step, the final state)."""
     p = cell.init(jax.random.key(0), H, H, jnp.float64)
     k = iter(jax.random.split(jax.random.key(1), 16))
     rnd = lambda *shape: jax.random.normal(next(k), shape, jnp.float64)  # noqa: E731
-    xin = cell.project(p, rnd(T, B, H))
+    x = rnd(T, B, H)
     s0 = {n: 0.5 * rnd(B, H) for n in cell.state_names}
     e = {n: 0.1 * rnd(T, B, H) for n in cell.state_names}
     taps = {n: jnp.zeros((T, B), jnp.float64) for n in cell.state_names}
     cts = ({n: rnd(T, B, H) for n in cell.state_names}, {n: rnd(B, H) for n in cell.state_names})
-    return p, xin, s0, e, taps, cts
+    return p, x, s0, e, taps, cts
 
 
 @functools.partial(jax.jit, static_argnames=("cell",))
-def _layer_vjps(cell, p, xin, s0, e, taps, cts):
-    """The VJPs of one layer w.r.t. (projected inputs, initial state, perturbations, taps):
-    the lean scan's and autodiff's (the stack's scan of ``recur`` with norm taps)."""
-    def auto(xin, s0, e, taps):
-        T = jax.tree_util.tree_leaves(xin)[0].shape[0]
+def _layer_vjps(cell, p, x, s0, e, taps, cts):
+    """The VJPs of one layer w.r.t. (inputs, initial state, perturbations, taps): the lean
+    scan's (from its own projection, ``lean_inputs``) and autodiff's (the stack's scan of
+    ``recur`` from ``cell.project``, with norm taps)."""
+    def auto(x, s0, e, taps):
+        T = x.shape[0]
+        xin = cell.project(p, x)
 
         def body(state, inp):
             xp_t, e_t, tap_t, t = inp
@@ -98,16 +101,16 @@ def _layer_vjps(cell, p, xin, s0, e, taps, cts):
         final, states = jax.lax.scan(body, s0, (xin, e, taps, jnp.arange(T)))
         return states, final
 
-    def lean(xin, s0, e, taps):
-        return lean_scan(cell, p, xin, s0, e, taps)
+    def lean(x, s0, e, taps):
+        return lean_scan(cell, p, stack_module.lean_inputs(cell, p, x), s0, e, taps)
 
-    return [jax.vjp(f, xin, s0, e, taps)[1](cts) for f in (lean, auto)]
+    return [jax.vjp(f, x, s0, e, taps)[1](cts) for f in (lean, auto)]
 
 
 @pytest.mark.parametrize("spec", LEAN, ids=_id)
 def test_lean_layer_equals_autodiff_every_cell(spec, x64):
-    """One layer, random output cotangents: the lean VJP equals autodiff's (projected inputs,
-    initial state, perturbations, norm taps) to 1e-10 relative."""
+    """One layer, random output cotangents: the lean VJP equals autodiff's (inputs, initial
+    state, perturbations, norm taps) to 1e-10 relative."""
     cell = _cell(spec)
     assert cell.lean is not None
     lean, auto = _layer_vjps(cell, *_layer_case(cell))
@@ -190,10 +193,51 @@ def test_check_grads_one_lean_layer(spec, x64):
     p = cell.init(jax.random.key(0), 3, 3, jnp.float64)
     ks = jax.random.split(jax.random.key(1), 3)
     T, B = 3, 2
-    xin = cell.project(p, jax.random.normal(ks[0], (T, B, 3), jnp.float64))
+    xin = stack_module.lean_inputs(cell, p, jax.random.normal(ks[0], (T, B, 3), jnp.float64))
     s0 = {k: 0.5 * jax.random.normal(jax.random.fold_in(ks[1], i), (B, 3), jnp.float64)
           for i, k in enumerate(cell.state_names)}
     e = {k: 0.1 * jax.random.normal(jax.random.fold_in(ks[2], i), (T, B, 3), jnp.float64)
          for i, k in enumerate(cell.state_names)}
     check_grads(lambda xin, s0, e: lean_scan(cell, p, xin, s0, e, {}), (xin, s0, e),
                 order=1, modes=("rev",))
+
+
+def test_matmul_derivatives(x64):
+    """``cells.base.matmul`` (its backward multiplies by a materialised transpose) is ``v @ m``
+    in value, and its derivatives agree with finite differences in forward and reverse mode,
+    to second order; ``fused_transpose`` is ``dy @ concat(U).T``."""
+    ks = jax.random.split(jax.random.key(3), 3)
+    v = jax.random.normal(ks[0], (2, 3, 4), jnp.float64)
+    m = jax.random.normal(ks[1], (4, 5), jnp.float64)
+    np.testing.assert_allclose(base.matmul(v, m), np.asarray(v) @ np.asarray(m), rtol=1e-14)
+    check_grads(base.matmul, (v, m), order=2, modes=("fwd", "rev"))
+    # inside a scan, as the cells use it (a loop-invariant matrix)
+    def scanned(v, m):
+        return jax.lax.scan(lambda c, x: (jnp.tanh(base.matmul(c, m[:, :4]) + x), c),
+                            v[0], v)[1]
+    check_grads(scanned, (v, m), order=1, modes=("fwd", "rev"))
+    p = {g: {"U": jax.random.normal(jax.random.fold_in(ks[2], i), (4, 3), jnp.float64)}
+         for i, g in enumerate("ab")}
+    dy = jax.random.normal(ks[2], (2, 6), jnp.float64)
+    ref = np.asarray(dy) @ np.concatenate([np.asarray(p["a"]["U"]), np.asarray(p["b"]["U"])], 1).T
+    np.testing.assert_allclose(base.fused_transpose(dy, p, ("a", "b")), ref, rtol=1e-13)
+
+
+@pytest.mark.parametrize("spec", LEAN, ids=_id)
+def test_lean_inputs_hold_cell_project(spec, x64):
+    """A lean step's own input layout (``Lean.project``, where given) carries the same numbers
+    as ``cell.project``: every gate's block of the packed array equals that gate's projection."""
+    cell = _cell(spec)
+    p = cell.init(jax.random.key(0), 3, 4, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
+    mine, ref = stack_module.lean_inputs(cell, p, x), cell.project(p, x)
+    if cell.lean.project is None:
+        assert jax.tree_util.tree_structure(mine) == jax.tree_util.tree_structure(ref)
+        return
+    blocks = [np.asarray(b) for b in jax.tree_util.tree_leaves(ref)]
+    assert mine.shape == (5, 2, 4 * len(blocks))
+    # the gates' order is the lean step's own (checked by the tests above, from raw inputs)
+    mine = np.split(np.asarray(mine), len(blocks), axis=-1)
+    match = [[j for j, b in enumerate(blocks) if np.allclose(a, b, rtol=1e-14, atol=0)]
+             for a in mine]
+    assert sorted(j for m in match for j in m) == list(range(len(blocks))), match

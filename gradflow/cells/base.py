@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 Params = dict
 State = dict
@@ -55,12 +56,20 @@ class Lean(NamedTuple):
       and ``xp_t``), for a state cotangent ``d_new_state``, with the parameters held constant:
       element-wise products with the factors plus the recurrent weights' transpose.
 
+    * ``project(params, x) -> xp`` (optional): the input side of every step in the layout
+      ``forward`` reads and ``backward`` returns, in place of :meth:`Cell.project`'s; e.g. all
+      gates' projections as ONE ``(T, *batch, G*H)`` array (:func:`packed_projection`) instead
+      of a dict of ``G`` arrays, so a step reads one slice of it and writes one slice of its
+      cotangent (a per-gate dict costs ``G`` slices and a concatenation per step in each
+      direction). The stack differentiates it by autodiff: its transpose is one matmul per layer.
+
     The stack runs it only for the state maps (parameters constant); ``jax.grad`` w.r.t. the
     parameters always uses autodiff of ``recur``.
     """
 
     forward: Callable
     backward: Callable
+    project: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -374,30 +383,75 @@ def fused(v, params: Params, gates, key: str, with_bias: bool = False) -> dict:
     gates = tuple(gates)
     if not gates:
         return {}
+    y = packed(v, params, gates, key, with_bias)
+    cuts = list(itertools.accumulate(params[g][key].shape[1] for g in gates))[:-1]
+    return dict(zip(gates, jnp.split(y, cuts, axis=-1)))
+
+
+def packed(v, params: Params, gates, key: str, with_bias: bool = False):
+    """:func:`fused` without the split: ``v @ concat(params[g][key]) (+ concat(b))``, one
+    ``(..., sum of the blocks' widths)`` array with the gates' blocks in the order of ``gates``."""
     blocks = [params[g][key] for g in gates]
-    y = v @ jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else v @ blocks[0]
+    m = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+    y = matmul(v, m)
     if with_bias:
         y = y + jnp.concatenate([params[g]["b"] for g in gates])
-    cuts = list(itertools.accumulate(b.shape[1] for b in blocks))[:-1]
-    return dict(zip(gates, jnp.split(y, cuts, axis=-1)))
+    return y
 
 
 def fused_transpose(dy, params: Params, gates, key: str = "U"):
     """``dy @ concat(params[g][key] for g in gates).T``: the transpose of :func:`fused` (no
-    bias) as one matmul, for ``dy: (..., sum of the blocks' widths)`` -> ``(..., n)``."""
+    bias) as one matmul, for ``dy: (..., sum of the blocks' widths)`` -> ``(..., n)``.
+
+    The transposed matrix is materialised (``lax.optimization_barrier`` keeps XLA from
+    folding the transpose back into the dot): inside a scan XLA hoists it out of the loop,
+    and XLA's CPU matmul with a transposed right operand repacks it on every call (LSTM,
+    ``(16, 512) x (512, 128)``: 18 us per step vs 11 us; the lean map 10% faster).
+    """
     blocks = [params[g][key] for g in gates]
     m = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-    return jax.lax.dot_general(dy, m, (((dy.ndim - 1,), (1,)), ((), ())))
+    mt = jax.lax.optimization_barrier(jnp.transpose(m))
+    return jax.lax.dot_general(dy, mt, (((dy.ndim - 1,), (0,)), ((), ())))
 
 
-def split_gates(y, gates) -> dict:
-    """``{g: y[..., k*H:(k+1)*H]}``: a ``(..., G*H)`` array cut into its ``G`` gates' blocks."""
-    return dict(zip(gates, jnp.split(y, len(gates), axis=-1)))
+@jax.custom_jvp
+def matmul(v, m):
+    """``v @ m`` for ``v: (..., n)``, ``m: (n, k)``, whose reverse-mode derivative w.r.t. ``v``
+    multiplies by a materialised ``m^T`` (see :func:`fused_transpose`): the cells' recurrent
+    matmuls, so that autodiff's backward scan (cells without a lean step, parameter maps,
+    training) does not repack ``U`` on every step (LSTM map 5-9% faster). Forward and
+    reverse mode; the values are those of ``v @ m``."""
+    return v @ m
+
+
+def _matmul_jvp(primals, tangents):
+    v, m = primals
+    dv, dm = tangents  # symbolic zeros where not differentiated (e.g. constant parameters)
+    out = v @ m
+    parts = []
+    if not isinstance(dv, SymbolicZero):
+        mt = jax.lax.optimization_barrier(jnp.transpose(m))
+        # dv @ m written against m^T, so its transpose (the backward) is g @ m^T, contiguous
+        parts.append(jax.lax.dot_general(dv, mt, (((dv.ndim - 1,), (1,)), ((), ()))))
+    if not isinstance(dm, SymbolicZero):
+        parts.append(v @ dm)
+    return out, sum(parts[1:], parts[0]) if parts else jnp.zeros_like(out)
+
+
+matmul.defjvp(_matmul_jvp, symbolic_zeros=True)
 
 
 def input_projection(params: Params, x, gates) -> dict:
     """``{g: x @ W_g + b_g}`` for ``gates``: the input side of every gate in one matmul."""
     return fused(x, params, gates, "W", with_bias=True)
+
+
+def packed_projection(gates):
+    """A :attr:`Lean.project` for cells whose input side is ``x @ W_g + b_g`` for every gate:
+    ``(params, x) -> x @ concat(W) + concat(b)``, one ``(..., G*H)`` array, gates in the order
+    of ``gates``."""
+    gates = tuple(gates)
+    return lambda params, x: packed(x, params, gates, "W", with_bias=True)
 
 
 def recurrent_projection(params: Params, h, gates) -> dict:

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
-                                 recurrent_projection, refined_set, split_gates)
+                                 matmul, packed, packed_projection, recurrent_projection,
+                                 refined_set)
 from gradflow.cells.mechanisms import REFINED_MODES, refine, refined, standard_init
 
 @factory
@@ -64,18 +65,18 @@ def refined_gru(*, init: str = "orthogonal", reset: str = "after",
     return _gru("refined_gru", locals())
 
 
-def _gates_rz(xp, rec):
-    r"""``r, z`` from ONE tanh of the ``(*batch, 2H)`` pre-activations,
+def _gates_rz(a):
+    r"""``r, z`` from ONE tanh of the ``(*batch, 2H)`` pre-activations ``a = [a_r, a_z]``,
     :math:`\sigma(v) = (1 + \tanh(v/2)) / 2`."""
-    H = rec["r"].shape[-1]
-    u = 0.5 * jnp.tanh(0.5 * jnp.concatenate([xp["a"]["r"] + rec["r"], xp["a"]["z"] + rec["z"]],
-                                             axis=-1)) + 0.5
+    H = a.shape[-1] // 2
+    u = 0.5 * jnp.tanh(0.5 * a) + 0.5
     return u[..., :H], u[..., H:]
 
 
 def _lean(reset: str) -> Lean:
     r"""The plain GRU's :class:`~gradflow.cells.base.Lean` step (gates ``r, z, n``), both reset
-    placements. With :math:`K_n = (1-z)(1-n^2)`:
+    placements. Projected input: the three gates' ``x W + b`` as one ``(T, *batch, 3H)``
+    array (:func:`~gradflow.cells.base.packed_projection`). With :math:`K_n = (1-z)(1-n^2)`:
 
     ``reset="after"``: factors ``K = [K_n (U_n h + b_{hn}) r(1-r), (h-n) z(1-z), K_n r]``,
     ``K_n``, ``z``; :math:`\bar{a} = [\bar h K_r, \bar h K_z, \bar h K_n]`,
@@ -85,15 +86,15 @@ def _lean(reset: str) -> Lean:
     :math:`\bar h_{t-1} = \bar h z + \overline{rh} \odot r + [\bar a_r, \bar a_z] [U_r, U_z]^\top`
     (two matmuls, the second needing the first).
     """
+    inputs = ("r", "z", "n")
     if reset == "after":
-        gates = ("r", "z", "n")
-
         def forward(p, state, xp, t):
             h = state["h"]
-            rec = recurrent_projection(p, h, gates)
-            r, z = _gates_rz(xp, rec)
-            hn = rec["n"] + p["n"]["b_hn"]
-            n = jnp.tanh(xp["a"]["n"] + r * hn)
+            H = h.shape[-1]
+            rec = packed(h, p, inputs, "U")
+            r, z = _gates_rz(xp[..., :2 * H] + rec[..., :2 * H])
+            hn = rec[..., 2 * H:] + p["n"]["b_hn"]
+            n = jnp.tanh(xp[..., 2 * H:] + r * hn)
             new = (1.0 - z) * n + z * h
             kn = (1.0 - z) * (1.0 - n * n)
             k = jnp.concatenate([kn * hn * r * (1 - r), (h - n) * z * (1 - z), kn * r], axis=-1)
@@ -102,18 +103,18 @@ def _lean(reset: str) -> Lean:
         def backward(p, factors, d):
             k, kn, z = factors
             dh = d["h"]
+            H = dh.shape[-1]
             dy = jnp.concatenate([dh, dh, dh], axis=-1) * k
-            dxp = split_gates(dy, gates)
-            dxp["n"] = dh * kn
-            return {"h": dh * z + fused_transpose(dy, p, gates)}, {"a": dxp}
+            dxp = jnp.concatenate([dy[..., :2 * H], dh * kn], axis=-1)
+            return {"h": dh * z + fused_transpose(dy, p, inputs)}, dxp
     else:
         gates = ("r", "z")
 
         def forward(p, state, xp, t):
             h = state["h"]
-            rec = recurrent_projection(p, h, gates)
-            r, z = _gates_rz(xp, rec)
-            n = jnp.tanh(xp["a"]["n"] + (r * h) @ p["n"]["U"])
+            H = h.shape[-1]
+            r, z = _gates_rz(xp[..., :2 * H] + packed(h, p, gates, "U"))
+            n = jnp.tanh(xp[..., 2 * H:] + (r * h) @ p["n"]["U"])
             new = (1.0 - z) * n + z * h
             return {"h": new}, new, ((1.0 - z) * (1.0 - n * n), (h - n) * z * (1 - z),
                                      h * r * (1 - r), r, z)
@@ -124,11 +125,10 @@ def _lean(reset: str) -> Lean:
             dan = dh * kn
             drh = fused_transpose(dan, p, ("n",))
             dy = jnp.concatenate([drh * kr, dh * kz], axis=-1)
-            dxp = split_gates(dy, gates)
-            dxp["n"] = dan
-            return {"h": dh * z + drh * r + fused_transpose(dy, p, gates)}, {"a": dxp}
+            return ({"h": dh * z + drh * r + fused_transpose(dy, p, gates)},
+                    jnp.concatenate([dy, dan], axis=-1))
 
-    return Lean(forward, backward)
+    return Lean(forward, backward, packed_projection(inputs))
 
 
 def _gru(name: str, o: dict) -> Cell:
@@ -168,7 +168,7 @@ def _gru(name: str, o: dict) -> Cell:
         if reset == "after":
             n = jnp.tanh(xp["a"]["n"] + gates["r"] * (rec["n"] + p["n"]["b_hn"]))
         else:
-            n = jnp.tanh(xp["a"]["n"] + (gates["r"] * h) @ p["n"]["U"])
+            n = jnp.tanh(xp["a"]["n"] + matmul(gates["r"] * h, p["n"]["U"]))
         keep = gates[upd]
         if aux == "refine":
             keep = gates["g"] = refine(gates["f"], gates["refine"])
@@ -237,7 +237,7 @@ def _mgu(name: str, o: dict) -> Cell:
         return xp
 
     def preact(p, state, xp, t):
-        return {"f": xp["a"]["f"] + state["h"] @ p["f"]["U"]}
+        return {"f": xp["a"]["f"] + matmul(state["h"], p["f"]["U"])}
 
     def recur(p, state, xp, t):
         h = state["h"]
@@ -248,9 +248,9 @@ def _mgu(name: str, o: dict) -> Cell:
             n = jnp.tanh(xp["a"]["n"] + f * (rec["n"] + p["n"]["b_hn"]))
             h = (1.0 - f) * n + f * h
         else:
-            f = jax.nn.sigmoid(xp["a"]["f"] + h @ p["f"]["U"])
+            f = jax.nn.sigmoid(xp["a"]["f"] + matmul(h, p["f"]["U"]))
             f = refined(f, xp["x"], mode) if rset else f
-            n = jnp.tanh(xp["a"]["n"] + (f * h) @ p["n"]["U"])
+            n = jnp.tanh(xp["a"]["n"] + matmul(f * h, p["n"]["U"]))
             h = (1.0 - f) * h + f * n
         return {"h": h}, h, {"f": f}
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
-                                 recurrent_projection, refined_set, split_gates)
+                                 packed_projection, recurrent_projection, refined_set)
 from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, refined,
                                        standard_init)
 
@@ -169,8 +169,11 @@ def _init_fn(name, o, specs, aux, tied, tie, chunks):
 def _lean(forget_bias: float) -> Lean:
     r"""The plain LSTM's :class:`~gradflow.cells.base.Lean` step (gates ``i, f, g, o``).
 
-    Factors, one ``(*batch, 6H)`` array (one store per step): ``K = [g i(1-i), c_{t-1} f(1-f),
-    i(1-g^2), tanh(c) o(1-o)]``, ``a = o(1 - tanh(c)^2)`` and ``f``. Backward: :math:`\bar c = \bar c_t + \bar h_t a`,
+    Projected input: all four gates' ``x W + b`` as one ``(T, *batch, 4H)`` array
+    (:func:`~gradflow.cells.base.packed_projection`), so its gate cotangent is ``\bar z``
+    itself. Factors, one ``(*batch, 6H)`` array (one store per step):
+    ``K = [g i(1-i), c_{t-1} f(1-f), i(1-g^2), tanh(c) o(1-o)]``, ``a = o(1 - tanh(c)^2)`` and
+    ``f``. Backward: :math:`\bar c = \bar c_t + \bar h_t a`,
     :math:`\bar z = [\bar c, \bar c, \bar c, \bar h_t] \odot K`,
     :math:`\bar h_{t-1} = \bar z\, U^\top`, :math:`\bar c_{t-1} = \bar c \odot f`,
     :math:`\bar{xp} = \bar z`.
@@ -182,8 +185,7 @@ def _lean(forget_bias: float) -> Lean:
         H = c_prev.shape[-1]
         # every gate from ONE tanh of the (*batch, 4H) pre-activations (XLA's CPU backend
         # ends a fusion at each tanh with several users): sigma(z) = (1 + tanh(z/2)) / 2
-        z = (jnp.concatenate([xp["a"][g] for g in gates], axis=-1)
-             + state["h"] @ jnp.concatenate([p[g]["U"] for g in gates], axis=1))
+        z = xp + state["h"] @ jnp.concatenate([p[g]["U"] for g in gates], axis=1)
         half, one = jnp.full((H,), 0.5, z.dtype), jnp.ones((H,), z.dtype)
         zero = jnp.zeros((H,), z.dtype)
         s = jnp.tanh(jnp.concatenate([half, half, one, half])
@@ -202,10 +204,9 @@ def _lean(forget_bias: float) -> Lean:
         k, a, f = factors[..., :4 * H], factors[..., 4 * H:5 * H], factors[..., 5 * H:]
         dc = d["c"] + d["h"] * a
         dz = jnp.concatenate([dc, dc, dc, d["h"]], axis=-1) * k
-        return ({"c": dc * f, "h": fused_transpose(dz, p, gates)},
-                {"a": split_gates(dz, gates)})
+        return {"c": dc * f, "h": fused_transpose(dz, p, gates)}, dz
 
-    return Lean(forward, backward)
+    return Lean(forward, backward, packed_projection(gates))
 
 
 def _lstm(name: str, o: dict) -> Cell:

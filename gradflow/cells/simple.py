@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import (Cell, Lean, factory, fused_transpose, input_projection,
+from gradflow.cells.base import (Cell, Lean, factory, fused_transpose, input_projection, matmul,
                                  parse_init, uniform, weight)
 from gradflow.cells.mechanisms import standard_init
 
@@ -32,7 +32,7 @@ def rnn(*, init: str = "orthogonal") -> Cell:
         return input_projection(p, x, ("h",))
 
     def recur(p, state, xp, t):
-        h = jnp.tanh(xp["h"] + state["h"] @ p["h"]["U"])
+        h = jnp.tanh(xp["h"] + matmul(state["h"], p["h"]["U"]))
         return {"h": h}, h, {}
 
     def lean_forward(p, state, xp, t):  # factor 1 - h_t^2

@@ -4,7 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import Cell, Lean, choice, factory, fused, fused_transpose, input_projection
+from gradflow.cells.base import (Cell, Lean, choice, factory, fused, fused_transpose,
+                                 input_projection, matmul, packed_projection)
 from gradflow.cells.mechanisms import standard_init
 
 
@@ -65,7 +66,7 @@ def star(*, variant: str = "paper", init: str | None = None,
         return input_projection(p, x, ("k", "z"))
 
     def preact(p, state, xp, t):
-        return {"k": xp["k"] + state["h"] @ p["k"]["U"]}
+        return {"k": xp["k"] + matmul(state["h"], p["k"]["U"])}
 
     def recur(p, state, xp, t):
         h = state["h"]
@@ -93,14 +94,15 @@ def _lean(official: bool) -> Lean:
     ``(q(1-k), q(\zeta-h)k(1-k), q k(1-\zeta^2))``, official (``k_2 = \sigma(a-1)``)
     ``(q k, q(h k(1-k) - \zeta k_2(1-k_2)), q(1-k_2)(1-\zeta^2))``;
     :math:`\bar a = \bar h K_k`, :math:`\bar h_{t-1} = \bar h A + \bar a U_k^\top`,
-    :math:`\overline{xp}_z = \bar h K_z`.
+    :math:`\overline{xp}_z = \bar h K_z`. Projected input: ``[x W_k + b_k, x W_z + b_z]`` as
+    one ``(T, *batch, 2H)`` array (:func:`~gradflow.cells.base.packed_projection`).
     """
     def forward(p, state, xp, t):
         h = state["h"]
         H = h.shape[-1]
-        a = xp["k"] + h @ p["k"]["U"]
+        a = xp[..., :H] + h @ p["k"]["U"]
         # the gates and the candidate from ONE tanh (sigma(a) = (1 + tanh(a/2)) / 2)
-        parts = [0.5 * a, 0.5 * (a - 1.0), xp["z"]] if official else [0.5 * a, xp["z"]]
+        parts = [0.5 * a, 0.5 * (a - 1.0), xp[..., H:]] if official else [0.5 * a, xp[..., H:]]
         u = jnp.tanh(jnp.concatenate(parts, axis=-1))
         k, zc = 0.5 * u[..., :H] + 0.5, u[..., -H:]
         if official:
@@ -119,9 +121,10 @@ def _lean(official: bool) -> Lean:
         A, kk, kz = factors
         dh = d["h"]
         da = dh * kk
-        return {"h": dh * A + fused_transpose(da, p, ("k",))}, {"k": da, "z": dh * kz}
+        return ({"h": dh * A + fused_transpose(da, p, ("k",))},
+                jnp.concatenate([da, dh * kz], axis=-1))
 
-    return Lean(forward, backward)
+    return Lean(forward, backward, packed_projection(("k", "z")))
 
 
 def batch_norm(v, p, stats: str, eps: float = 1e-3):
@@ -157,7 +160,7 @@ def _bn_star(init, t_max, forget_bias_init, bn_scale, bn_stats) -> Cell:
 
     def recur(p, state, xp, t):
         h = state["h"]
-        a = xp["k"] + batch_norm(h @ p["k"]["U"], p["bn"]["kh"], bn_stats)
+        a = xp["k"] + batch_norm(matmul(h, p["k"]["U"]), p["bn"]["kh"], bn_stats)
         k = jax.nn.sigmoid(a)
         h = jnp.tanh(k * h + (1.0 - jax.nn.sigmoid(a - 1.0)) * jnp.tanh(xp["z"]))
         return {"h": h}, h, {"k": k}
