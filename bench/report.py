@@ -204,6 +204,18 @@ def markdown(res: dict) -> str:
                          + ", ".join(_f(sp.get(f"split_vs_{p}")) for p in peers) + " | "
                          f"{_f(ch.get('split_vs_autodiff_rel_err'))}, "
                          f"{_f(ch['lean_vs_autodiff_rel_err'])} |")
+    if "wavefront" in b:
+        r = b["wavefront"]
+        c = r["config"]
+        lines += ["", f"## Evaluation order: layer vs wavefront (LSTM, H={c['H']}, B={c['B']}, "
+                  "`gradient_map`, batch split)", "",
+                  "| layers x steps | layer ms | wavefront ms | wavefront / layer | max rel. diff |",
+                  "|---|---|---|---|---|"]
+        for row in r["rows"]:
+            t = row["times"]
+            lines.append(f"| {row['L']} x {row['T']} | {_ms(t['layer'])} | "
+                         f"{_ms(t['wavefront'])} | {_f(row['wavefront_over_layer'])} | "
+                         f"{_f(row['checks']['rel_err'])} |")
     if "glibc" in b:
         r = b["glibc"]
         med, over = r.get("median_s", {}), r.get("over_default", {})

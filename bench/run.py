@@ -25,6 +25,7 @@ FULL = {
     "matmul": 4096,
     "torch_compile": True, "split_cells": ("lstm", "gru", "star", "user_gru"),
     "glibc_rounds": 3, "lean_cells": ("lstm", "gru", "star", "user_gru"),
+    "order_shapes": ((16, 64), (32, 32), (64, 16)),
 }
 
 QUICK = {
@@ -38,12 +39,13 @@ QUICK = {
     "matmul": 256,
     "orders": ("layer",), "split_cells": ("lstm", "user_gru"),
     "glibc_rounds": 1, "lean_cells": ("lstm", "gru"), "lean_torch": False,
+    "order_shapes": ((2, 8), (4, 4)),
     "default": ("floor", "torch_hidden", "cells_split", "jacobian", "flop_rate", "scaling",
                 "memory"),
 }
 
-BENCHMARKS = ("floor", "torch_hidden", "cells_split", "split_floor", "lean", "jacobian",
-              "flop_rate", "scaling", "memory", "sweep", "glibc", "atlas")
+BENCHMARKS = ("floor", "torch_hidden", "cells_split", "split_floor", "lean", "wavefront",
+              "jacobian", "flop_rate", "scaling", "memory", "sweep", "glibc", "atlas")
 
 
 def main(argv=None):

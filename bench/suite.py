@@ -253,6 +253,22 @@ def split_floor(cfg) -> dict:
             "split_over_halves": split_s / halves_s}
 
 
+def wavefront(cfg) -> dict:
+    """The hidden map (``gradient_map``, batch split over the devices) in layer and wavefront
+    order, same process, interleaved, at several depth x length shapes of one total size: where
+    the wavefront (``T + L - 1`` sequential steps instead of ``L * T``) pays, and where not."""
+    size, reps = cfg["std"], cfg["repeats"]
+    rows = []
+    for L, T in cfg.get("order_shapes", ((size["L"], size["T"]),)):
+        prs = {o: problem({**size, "L": L, "T": T}, order=o) for o in ("layer", "wavefront")}
+        fns = {o: (lambda api=_api_hidden(pr): block(api().values)) for o, pr in prs.items()}
+        err = rel_err(fns["wavefront"](), fns["layer"]())
+        t = timed(fns, reps)
+        rows.append({"L": L, "T": T, "times": t, "wavefront_over_layer":
+                     ratio(t["wavefront"], t["layer"]), "checks": {"rel_err": err}})
+    return {"config": {**size, "cell": "lstm", "loss": "last"}, "rows": rows}
+
+
 def _autodiff_hidden(pr, loss="last"):
     """The hidden map with the lean backward switched off: ``jacobian._state_map_local``'s
     program with ``constant_params=False`` (autodiff of every cell's ``recur``), jitted,

@@ -170,3 +170,18 @@ def test_lean_benchmark_cross_checks():
     assert any(n.startswith("13. hidden map (gradient_map") for n in names)
     assert any(n.startswith("13. speed-up over today's map of star, user_gru") for n in names)
     assert "## The hidden map vs today's map" in report.markdown(res)
+
+
+def test_wavefront_benchmark_compares_equal_maps():
+    """Layer vs wavefront order at several shapes: the two orders compute one map, and the
+    report's section lists every shape."""
+    res = run.run({**TINY, "order_shapes": ((2, 6), (3, 3))}, ["wavefront"])
+    assert not res["errors"], res["errors"]
+    rows = res["benchmarks"]["wavefront"]["rows"]
+    assert [(r["L"], r["T"]) for r in rows] == [(2, 6), (3, 3)]
+    for r in rows:
+        assert r["checks"]["rel_err"] < 1e-5
+        t = r["times"]
+        assert r["wavefront_over_layer"] == t["wavefront"]["median_s"] / t["layer"]["median_s"]
+    md = report.markdown(res)
+    assert "## Evaluation order" in md and "| 3 x 3 |" in md
