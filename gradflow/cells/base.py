@@ -410,8 +410,13 @@ def fused_transpose(dy, params: Params, gates, key: str = "U"):
     """
     blocks = [params[g][key] for g in gates]
     m = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-    mt = jax.lax.optimization_barrier(jnp.transpose(m))
-    return jax.lax.dot_general(dy, mt, (((dy.ndim - 1,), (0,)), ((), ())))
+    return jax.lax.dot_general(dy, _transposed(m), (((dy.ndim - 1,), (0,)), ((), ())))
+
+
+def _transposed(m):
+    """``m.T`` materialised: the barrier keeps XLA from folding the transpose back into the
+    dot that reads it (see :func:`fused_transpose`)."""
+    return jax.lax.optimization_barrier(jnp.transpose(m))
 
 
 @jax.custom_jvp
@@ -430,9 +435,8 @@ def _matmul_jvp(primals, tangents):
     out = v @ m
     parts = []
     if not isinstance(dv, SymbolicZero):
-        mt = jax.lax.optimization_barrier(jnp.transpose(m))
         # dv @ m written against m^T, so its transpose (the backward) is g @ m^T, contiguous
-        parts.append(jax.lax.dot_general(dv, mt, (((dv.ndim - 1,), (1,)), ((), ()))))
+        parts.append(jax.lax.dot_general(dv, _transposed(m), (((dv.ndim - 1,), (1,)), ((), ()))))
     if not isinstance(dm, SymbolicZero):
         parts.append(v @ dm)
     return out, sum(parts[1:], parts[0]) if parts else jnp.zeros_like(out)

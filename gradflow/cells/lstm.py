@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
-                                 packed_projection, recurrent_projection, refined_set)
+                                 packed, packed_projection, recurrent_projection, refined_set)
 from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, refined,
                                        standard_init)
 
@@ -185,7 +185,7 @@ def _lean(forget_bias: float) -> Lean:
         H = c_prev.shape[-1]
         # every gate from ONE tanh of the (*batch, 4H) pre-activations (XLA's CPU backend
         # ends a fusion at each tanh with several users): sigma(z) = (1 + tanh(z/2)) / 2
-        z = xp + state["h"] @ jnp.concatenate([p[g]["U"] for g in gates], axis=1)
+        z = xp + packed(state["h"], p, gates, "U")
         half, one = jnp.full((H,), 0.5, z.dtype), jnp.ones((H,), z.dtype)
         zero = jnp.zeros((H,), z.dtype)
         s = jnp.tanh(jnp.concatenate([half, half, one, half])
