@@ -18,7 +18,7 @@ The default is ``"layer"`` on every backend. On the 2-core CPUs measured (``pyth
 devices) took 1.56x the layer order's time at 16 layers x 64 steps, 2.83x at 32 x 32 and 5.9x
 at 64 x 16: XLA's CPU batched matmul over the layers is slower than one matmul per layer, the
 layer order projects a whole sequence's input in one matmul, and only the layer order runs the
-lean backward (:func:`lean_scan`). Accelerators, where the wavefront should pay, were not
+lean backward (:func:`lean_layers`). Accelerators, where the wavefront should pay, were not
 measured.
 
 ``perturb`` adds arrays to the state as it leaves each cell; the gradient w.r.t. a zero
@@ -100,7 +100,7 @@ class Instruments(NamedTuple):
     ``perturb``: ``{name: (L, T, B, H)}``; ``taps``: ``{name: (L, T, B)}``; ``param_taps``:
     ``(L, T)`` or None (time-major inside the stack); ``gates``: return gate activations;
     ``constant_params``: the cell parameters are constants of this differentiation, so layers
-    whose cell has a :attr:`~gradflow.cells.Cell.lean` backward run it (:func:`lean_scan`).
+    whose cell has a :attr:`~gradflow.cells.Cell.lean` backward run it (:func:`lean_layers`).
     """
 
     perturb: dict
@@ -384,8 +384,8 @@ class Stack:
             the same gates: a ValueError for a stack mixing, say, LSTM and GRU layers).
           constant_params: a promise that nothing differentiates this call w.r.t. ``params``
             (the state maps set it): layers whose cell has a ``lean`` backward then run it
-            (:func:`lean_scan`), and ``params`` get zero cotangents. Off by default, so
-            ``jax.grad`` w.r.t. ``params`` (training) always uses autodiff.
+            (:func:`lean_layers`), and their cell parameters get zero cotangents. Off by
+            default, so ``jax.grad`` w.r.t. ``params`` (training) always uses autodiff.
         Returns:
           :class:`StackOutput` with ``(L, B, T, H)`` states, emissions and gates
           (``H = max_width``, zero-padded beyond each layer's width).
@@ -461,7 +461,13 @@ class Stack:
             if H != Hmax:  # this run of layers at its own width: cut the padded units off
                 s0 = _cut(s0, H)
                 ins = ins._replace(perturb=_cut(ins.perturb, H))
-            if stop - start == 1:
+            if (inst.constant_params and cell.lean is not None and inst.param_taps is None
+                    and not inst.gates and chunk is None):
+                P = jax.tree_util.tree_map(lax.stop_gradient, _stack_layers(layers[seg]))
+                states, up, final = lean_layers(cell, residual, self.norm, P, pn, x, s0,
+                                                ins.perturb, ins.taps)  # P: truthfully constant
+                out = (states, up, {}, final)
+            elif stop - start == 1:
                 one = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
                 out = run(layers[start], one(pn), x, one(s0), one(ins))
                 out = jax.tree_util.tree_map(lambda a: a[None], out)
@@ -678,78 +684,135 @@ def _scan(body, carry, xs, length, chunk):
 
 
 def lean_inputs(cell: Cell, p, x):
-    """The projected inputs :func:`lean_scan` takes: ``cell.lean.project(p, x)`` where the
-    cell's :class:`~gradflow.cells.base.Lean` has one (its own layout, e.g. all gates as one
-    array), ``cell.project(p, x)`` otherwise."""
+    """The projected inputs a lean layer's steps read (:func:`lean_layers`):
+    ``cell.lean.project(p, x)`` where the cell's :class:`~gradflow.cells.base.Lean` has one
+    (its own layout, e.g. all gates as one array), ``cell.project(p, x)`` otherwise."""
     return (cell.lean.project or cell.project)(p, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def lean_scan(cell: Cell, p, xin, s0, perturb: dict, taps: dict):
-    r"""A layer's time scan through its cell's :class:`~gradflow.cells.base.Lean` step, with a
-    hand-written backward: a reverse scan of ``cell.lean.backward`` over the factors the
-    forward stored.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def lean_layers(cell: Cell, residual: bool, norm: str | None, P, pn, x, s0: dict,
+                perturb: dict, taps: dict):
+    r"""A run of layers of one cell and shape (:meth:`Stack.segments`), each a time scan of
+    the cell's :class:`~gradflow.cells.base.Lean` step, with a hand-written backward: per
+    layer, top down, a reverse scan of ``cell.lean.backward`` over the factors the forward
+    stored.
 
-    Forward: :math:`s_t = \mathrm{forward}(p, s_{t-1}, xp_t, t) + e_t` (perturbations added
-    where the state leaves the cell; ``taps`` are identities, as :func:`norm_tap`). Backward,
-    for the cotangent :math:`\bar s_t` of the leaving state (from the outputs and step
-    ``t + 1``): ``perturb[k][t]`` gets :math:`\bar s_t[k]`, ``taps[k][t]`` its per-example
-    norm (:func:`safe_norm`), :math:`(\bar s_{t-1}, \overline{xp}_t) =
-    \mathrm{backward}(p, \mathrm{factors}_t, \bar s_t)`; ``xin`` gets the stacked
-    :math:`\overline{xp}_t`, so the input projection's transpose is one matmul outside the
-    scan (autodiff of :func:`lean_inputs`); ``p`` gets zeros: the caller holds the parameters
-    constant (``Stack.apply(constant_params=True)`` wraps them in ``lax.stop_gradient``).
-    Checkpointed stacks (``checkpoint`` set), ``param_taps`` and ``gates`` use autodiff.
+    Forward, layer by layer: :math:`s_t = \mathrm{forward}(p, s_{t-1}, xp_t, t) + e_t`
+    (perturbations added where the state leaves the cell; ``taps`` are identities, as
+    :func:`norm_tap`), from the layer's input ``xp = lean_inputs(cell, p, x)``, emitting
+    ``_emit(h, x)`` (residual, norm) to the next layer. Every step's factors go straight into
+    ONE buffer for the whole run, ``(layers * T, *factor)``, carried through both scans:
+    per-layer factor arrays stacked over depth by the scan's autodiff cost a zero-filled
+    ``(L, T, ...)`` copy in and a copy out per layer (LSTM: 6H floats per example and step),
+    and this memory traffic is what the batch split's devices compete for (the split hidden
+    map 0.88-0.90 of that time, LSTM 16 x 64 x 128 x 32 on 2 cores; GRU 0.91, STAR 0.97).
+
+    Backward, for the cotangent :math:`\bar s_t` of each leaving state (from the outputs
+    and step ``t + 1``; ``h`` also from the layer above, through ``_emit``'s VJP):
+    ``perturb[k][t]`` gets :math:`\bar s_t[k]`, ``taps[k][t]`` its per-example norm
+    (:func:`safe_norm`, all steps at once after the scan), :math:`(\bar s_{t-1},
+    \overline{xp}_t) = \mathrm{backward}(p, \mathrm{factors}_t, \bar s_t)`; the stacked
+    :math:`\overline{xp}` goes through the input projection's transpose as one matmul per
+    layer (autodiff of :func:`lean_inputs`). ``P`` gets zeros: the caller holds the cell
+    parameters constant (``Stack.apply(constant_params=True)`` wraps them in
+    ``lax.stop_gradient``); the norm's ``pn`` get their true cotangents.
 
     Args:
-      cell: a cell with ``lean``; p: its parameters; xin: :func:`lean_inputs` ``(cell, p, x)``
-        with a leading time axis ``T``; s0: ``{name: (B, H)}``; perturb: ``{name: (T, B, H)}``;
-        taps: ``{name: (T, B)}``.
+      cell: a cell with ``lean``; residual, norm: the stack's settings for this run;
+      P: the run's cell parameters with a leading layer axis ``n``; pn: its norm parameters
+        (leading axis ``n``) or None; x: ``(T, B, in)``, the first layer's input;
+      s0: ``{name: (n, B, H)}``; perturb: ``{name: (n, T, B, H)}``; taps: ``{name: (n, T, B)}``.
     Returns:
-      ``(states {name: (T, B, H)}, final {name: (B, H)})``.
+      ``(states {name: (n, T, B, H)}, emitted (n, T, B, H), final {name: (n, B, H)})``.
     """
-    return _lean_fwd(cell, p, xin, s0, perturb, taps)[0]
+    return _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps)[0]
 
 
-def _lean_fwd(cell, p, xin, s0, perturb, taps):
-    T = jax.tree_util.tree_leaves(xin)[0].shape[0]
-
-    def body(state, inp):
-        xp_t, e_t, t = inp
-        new, _, factors = cell.lean.forward(p, state, xp_t, t)
-        new = {k: v + e_t[k] if k in e_t else v for k, v in new.items()}
-        return new, (new, factors)
-
-    final, (states, factors) = lax.scan(body, s0, (xin, perturb, jnp.arange(T)))
-    return (states, final), (p, factors, perturb, taps)
+def _index(tree, i):
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
-def _lean_bwd(cell, res, cts):
-    p, factors, perturb, taps = res
-    d_states, d_final = cts
+def _over_layers(layer, carry, xs, reverse=False):
+    """``lax.scan(layer, carry, xs)`` over a run's layers; a run of one layer is called
+    directly (the first layer's input may be narrower or wider than what it emits)."""
+    if jax.tree_util.tree_leaves(xs)[0].shape[0] > 1:
+        return lax.scan(layer, carry, xs, reverse=reverse)
+    carry, out = layer(carry, _index(xs, 0))
+    return carry, jax.tree_util.tree_map(lambda a: a[None], out)
 
+
+def _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps):
+    T = x.shape[0]
+    n = jax.tree_util.tree_leaves(P)[0].shape[0]
+    factor = jax.eval_shape(lambda: cell.lean.forward(
+        _index(P, 0), _index(s0, 0), _index(lean_inputs(cell, _index(P, 0), x), 0), 0)[2])
+    buf0 = jax.tree_util.tree_map(lambda a: jnp.zeros((n * T,) + a.shape, a.dtype), factor)
+
+    def layer(carry, inp):
+        xx, buf = carry
+        p, pnl, s0_l, e_l, l = inp
+
+        def step(carry, inp):
+            state, buf = carry
+            xp_t, e_t, t = inp
+            new, _, f = cell.lean.forward(p, state, xp_t, t)
+            new = {k: v + e_t[k] if k in e_t else v for k, v in new.items()}
+            buf = jax.tree_util.tree_map(
+                lambda b, a: lax.dynamic_update_index_in_dim(b, a, l * T + t, 0), buf, f)
+            return (new, buf), new
+
+        (final, buf), states = lax.scan(step, (s0_l, buf),
+                                        (lean_inputs(cell, p, xx), e_l, jnp.arange(T)))
+        up = _emit(states["h"], xx, pnl, residual, norm)
+        return (up, buf), (states, up, final)
+
+    (_, buf), (states, up, final) = _over_layers(layer, (x, buf0),
+                                                 (P, pn, s0, perturb, jnp.arange(n)))
+    return (states, up, final), (P, pn, x, states["h"], up, buf, perturb, taps)
+
+
+def _lean_bwd(cell, residual, norm, res, cts):
+    P, pn, x, hs, up, buf, perturb, taps = res
+    d_states, d_up, d_final = cts
+    T, n = x.shape[0], hs.shape[0]
     keep = set(perturb) | set(taps)
 
-    def body(d_next, inp):
-        f_t, ds_t = inp
-        d = {k: d_next[k] + ds_t[k] for k in d_next}  # the leaving state's whole cotangent
-        d_prev, d_xp = cell.lean.backward(p, f_t, d)
-        return d_prev, (d_xp, {k: d[k] for k in keep})
+    def layer(d_above, inp):  # d_above: the layer above's input cotangent (its own emission)
+        p, pnl, ds_l, dup_l, dfin_l, l = inp
+        # this layer's input: x for the run's first layer, the emission below otherwise
+        # (read only where the backward needs its values: a norm's VJP)
+        xx = x if n == 1 else jnp.where(l > 0, up[jnp.maximum(l - 1, 0)], x)
+        _, emit_vjp = jax.vjp(lambda h, xx, pnl: _emit(h, xx, pnl, residual, norm),
+                              hs[l], xx, pnl)
+        dh, dx_emit, dpn = emit_vjp(dup_l + d_above)
+        ds_l = {**ds_l, "h": ds_l["h"] + dh}
 
-    d_s0, (d_xin, d_s) = lax.scan(body, d_final, (factors, d_states), reverse=True)
-    # the norms of all steps at once, after the scan (fewer ops per step)
-    d_taps = {k: safe_norm(d_s[k]).astype(taps[k].dtype) for k in taps}
-    return (jax.tree_util.tree_map(jnp.zeros_like, p), d_xin, d_s0,
-            {k: d_s[k] for k in perturb}, d_taps)
+        def step(d_next, inp):
+            ds_t, t = inp
+            d = {k: d_next[k] + ds_t[k] for k in d_next}  # the leaving state's whole cotangent
+            f_t = jax.tree_util.tree_map(lambda b: b[l * T + t], buf)
+            d_prev, d_xp = cell.lean.backward(p, f_t, d)
+            return d_prev, (d_xp, {k: d[k] for k in keep})
+
+        d_s0, (d_xin, d_s) = lax.scan(step, dfin_l, (ds_l, jnp.arange(T)), reverse=True)
+        (dx,) = jax.vjp(lambda xx: lean_inputs(cell, p, xx), xx)[1](d_xin)
+        # the norms of all steps at once, after the scan (fewer ops per step)
+        d_taps = {k: safe_norm(d_s[k]).astype(taps[k].dtype) for k in taps}
+        return dx + dx_emit, (d_s0, {k: d_s[k] for k in perturb}, d_taps, dpn)
+
+    dx, (d_s0, d_perturb, d_taps, d_pn) = _over_layers(
+        layer, jnp.zeros_like(d_up[0]), (P, pn, d_states, d_up, d_final, jnp.arange(n)),
+        reverse=True)
+    return jax.tree_util.tree_map(jnp.zeros_like, P), d_pn, dx, d_s0, d_perturb, d_taps
 
 
-lean_scan.defvjp(_lean_fwd, _lean_bwd)
+lean_layers.defvjp(_lean_fwd, _lean_bwd)
 
 
 def _layer(cell: Cell, p, x, s0, inst: Instruments, chunk):
-    """One layer over a whole sequence (through :func:`lean_scan` when ``inst`` says the
-    parameters are constant and the cell has a ``lean`` backward, no ``param_taps``, no
-    ``gates`` and no checkpointing; autodiff of ``cell.recur`` otherwise).
+    """One layer over a whole sequence, autodiff of ``cell.recur`` (runs of lean layers go
+    through :func:`lean_layers` instead).
 
     Args:
       x: ``(T, B, in)``; s0: ``{name: (B, H)}``; inst: this layer's :class:`Instruments`
@@ -758,11 +821,6 @@ def _layer(cell: Cell, p, x, s0, inst: Instruments, chunk):
       ``(states {name: (T, B, H)}, gates {g: (T, B, H)}, final {name: (B, H)})``.
     """
     T = x.shape[0]
-    if (inst.constant_params and cell.lean is not None and inst.param_taps is None
-            and not inst.gates and chunk is None):
-        p = jax.tree_util.tree_map(lax.stop_gradient, p)  # truthfully constant
-        states, final = lean_scan(cell, p, lean_inputs(cell, p, x), s0, inst.perturb, inst.taps)
-        return states, {}, final
     if inst.param_taps is None:
         xin = cell.project(p, x)  # the whole sequence's input side: one matmul
 
@@ -828,3 +886,4 @@ def _wavefront(stack: "Stack", P, PN, x, s0, inst: Instruments, chunk):
     gather = lambda a: a[tt, lidx[:, None]]  # noqa: E731  (S, L, ...) -> (L, T, ...)
     return ({k: gather(v) for k, v in states.items()}, gather(up),
             {k: gather(v) for k, v in gts.items()}, final)
+

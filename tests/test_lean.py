@@ -1,11 +1,11 @@
-"""The lean backward (``Cell.lean``, ``gradflow.stack.lean_scan``) equals autodiff.
+"""The lean backward (``Cell.lean``, ``gradflow.stack.lean_layers``) equals autodiff.
 
 The state maps (``Stack.apply(constant_params=True)``, set by :func:`gradflow.jacobian.map_arrays`)
 run a cell's hand-written step backward over stored factors; everything here compares it with
 autodiff of the same stack (``constant_params=False``, the default), which tests/test_stack.py
 checks against Python loops and finite differences. Every cell is found by its own attribute
-(``cell.lean``), and ``jax.test_util.check_grads`` checks one lean layer against finite
-differences.
+(``cell.lean``), and ``jax.test_util.check_grads`` checks lean layers (one, and a run of three
+with residual and norm) against finite differences.
 """
 import functools
 
@@ -19,7 +19,7 @@ import gradflow
 from gradflow import cells, jacobian
 from gradflow import stack as stack_module
 from gradflow.cells import base
-from gradflow.stack import lean_scan
+from gradflow.stack import lean_layers
 
 # Every registered cell whose default form has a lean backward, plus the variants with their
 # own equations (GRU's reset before the recurrent matrix, STAR's official update, a forget
@@ -101,8 +101,11 @@ def _layer_vjps(cell, p, x, s0, e, taps, cts):
         final, states = jax.lax.scan(body, s0, (xin, e, taps, jnp.arange(T)))
         return states, final
 
-    def lean(x, s0, e, taps):
-        return lean_scan(cell, p, stack_module.lean_inputs(cell, p, x), s0, e, taps)
+    def lean(x, s0, e, taps):  # a run of one layer; the emission is h itself here
+        one = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)  # noqa: E731
+        states, _, final = lean_layers(cell, False, None, one(p), None, x, one(s0), one(e),
+                                       one(taps))
+        return jax.tree_util.tree_map(lambda a: a[0], (states, final))
 
     return [jax.vjp(f, x, s0, e, taps)[1](cts) for f in (lean, auto)]
 
@@ -126,6 +129,19 @@ def test_lean_equals_autodiff_stack(x64):
     stack = gradflow.Stack([cells.get("lstm", forget_bias=1.0), "ur_lstm", "lstm"], 3, 4,
                            [6, 4, 4], residual=True, norm="layer")
     assert [c.lean is not None for c in stack.cells] == [True, False, True]
+    _compare(stack, *_data(stack, jnp.float64), 1e-10, "all")
+
+
+@pytest.mark.parametrize("cell,layers,inputs,norm", [("gru", 4, 2, None), ("lstm", 3, 4, "rms"),
+                                                     ("star", 4, 3, "layer")])
+def test_lean_runs_of_layers_equal_autodiff(cell, layers, inputs, norm, x64):
+    """Runs of several lean layers (one custom VJP per run, its factors in one buffer), with a
+    residual between layers and each norm: where the input size differs from the width (5) the
+    first layer is a run of its own and the rest one run; where it equals it, one run with a
+    residual everywhere. Hidden and cell maps, loss "all"."""
+    stack = gradflow.Stack(cell, layers, inputs, 5 if inputs != 4 else 4, residual=True,
+                           norm=norm)
+    assert [b - a for a, b in stack.segments()] == ([1, layers - 1] if inputs != 4 else [layers])
     _compare(stack, *_data(stack, jnp.float64), 1e-10, "all")
 
 
@@ -185,21 +201,27 @@ def test_param_grads_use_autodiff(x64):
 
 
 @pytest.mark.parametrize("spec", LEAN, ids=_id)
-def test_check_grads_one_lean_layer(spec, x64):
-    """One layer's lean custom_vjp against finite differences (order 1, reverse mode), w.r.t.
-    the projected inputs, the initial state and the perturbations (parameters held constant;
-    norm taps are not derivatives, so none here)."""
+def test_check_grads_lean_layers(spec, x64):
+    """A run of three lean layers (residual, RMS norm between them) against finite
+    differences (order 1, reverse mode), w.r.t. the first layer's input, the initial states,
+    the perturbations and the norm parameters (cell parameters held constant; norm taps are
+    not derivatives, so none here)."""
     cell = _cell(spec)
-    p = cell.init(jax.random.key(0), 3, 3, jnp.float64)
-    ks = jax.random.split(jax.random.key(1), 3)
-    T, B = 3, 2
-    xin = stack_module.lean_inputs(cell, p, jax.random.normal(ks[0], (T, B, 3), jnp.float64))
-    s0 = {k: 0.5 * jax.random.normal(jax.random.fold_in(ks[1], i), (B, 3), jnp.float64)
-          for i, k in enumerate(cell.state_names)}
-    e = {k: 0.1 * jax.random.normal(jax.random.fold_in(ks[2], i), (T, B, 3), jnp.float64)
-         for i, k in enumerate(cell.state_names)}
-    check_grads(lambda xin, s0, e: lean_scan(cell, p, xin, s0, e, {}), (xin, s0, e),
-                order=1, modes=("rev",))
+    n, T, B, H = 3, 3, 2, 3
+    ks = iter(jax.random.split(jax.random.key(1), 16))
+    P = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[
+        cell.init(jax.random.fold_in(next(ks), l), H, H, jnp.float64) for l in range(n)])
+    rnd = lambda scale, *shape: scale * jax.random.normal(next(ks), shape, jnp.float64)  # noqa: E731
+    pn = {"scale": 1.0 + rnd(0.1, n, H)}
+    x = rnd(1.0, T, B, H)
+    s0 = {k: rnd(0.5, n, B, H) for k in cell.state_names}
+    e = {k: rnd(0.1, n, T, B, H) for k in cell.state_names}
+
+    def f(x, s0, e, pn):
+        states, up, final = lean_layers(cell, True, "rms", P, pn, x, s0, e, {})
+        return states, jnp.sin(up), final
+
+    check_grads(f, (x, s0, e, pn), order=1, modes=("rev",))
 
 
 def test_matmul_derivatives(x64):
