@@ -188,9 +188,10 @@ def markdown(res: dict) -> str:
                   f"(L={c['L']}, T={c['T']}, H={c['H']}, B={c['B']}, float32, torch threads "
                   f"{c.get('torch_threads', '-')})", "",
                   f"`gradient_map` (batch split over {c.get('split_devices', '-')} device(s), "
-                  "lean backward where the cell has one), the lean map unsplit, and today's "
-                  "map (autodiff, one device), same process, interleaved; user_gru is a "
-                  "`from_function` cell (no lean step: only the split applies).", "",
+                  "runs of layers through `lean_layers`), the same unsplit, and today's map "
+                  "(autodiff, one device), same process, interleaved; user_gru is a "
+                  "`from_function` cell (no hand-written step: its steps are made by "
+                  "autodiff, `stack.autodiff_step`).", "",
                   "| cell | split ms | lean ms | autodiff ms | split / autodiff | lean / "
                   "autodiff | torch stock ms | torch wavefront ms | wavefront compiled ms | "
                   "split speedup vs stock, wavefront, compiled | max rel. diff to autodiff "

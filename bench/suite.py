@@ -286,8 +286,8 @@ def _autodiff_hidden(pr, loss="last"):
 
 
 def _lean_hidden(pr, loss="last"):
-    """The hidden map as ``gradient_map`` runs it unsplit (``jacobian._state_map_local``: the
-    lean backward for cells that have one), one device."""
+    """The hidden map as ``gradient_map`` runs it unsplit (``jacobian._state_map_local``: runs
+    of layers through ``stack.lean_layers``), one device."""
     from gradflow import parallel
     lf = loss_of(pr, loss)
 
@@ -298,11 +298,12 @@ def _lean_hidden(pr, loss="last"):
 
 
 def lean(cfg) -> dict:
-    """The hidden map as ``gradient_map`` runs it (batch split over the devices, lean backward
-    where the cell has one), the same unsplit, and today's map (autodiff, one device: the
-    map before issue 13), same process, interleaved, per cell (LSTM, GRU, STAR, a user's GRU
-    through ``from_function``, which has no lean step); LSTM also with the PyTorch peers
-    (stock ``retain_grad`` loop, manual wavefront, also ``torch.compile``-d)."""
+    """The hidden map as ``gradient_map`` runs it (batch split over the devices, runs of layers
+    through ``stack.lean_layers``), the same unsplit, and today's map (autodiff, one device:
+    the map before issue 13), same process, interleaved, per cell (LSTM, GRU, STAR, a user's
+    GRU through ``from_function``, whose steps ``stack.autodiff_step`` makes); LSTM also with
+    the PyTorch peers (stock ``retain_grad`` loop, manual wavefront, also
+    ``torch.compile``-d)."""
     from gradflow import parallel
     size, reps = cfg["std"], cfg["repeats"]
     out = {"config": {**size, "loss": "last", "dtype": "float32",

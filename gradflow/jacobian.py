@@ -252,7 +252,7 @@ def _state_map(stack, params, xs, loss_fn, name):
 def _state_map_local(stack, params, xs, loss_fn, name):
     # Norm taps (Stack.apply(taps=...)): the backward pass reduces each step's (B, H) state
     # cotangent to its (B,) norms as it goes, so no (L, B, T, H) gradient is ever held. The
-    # parameters are constants here: cells with a lean backward run it (Stack.apply).
+    # parameters are constants here: runs of layers go through stack.lean_layers (Stack.apply).
     B, T, _ = xs.shape
     zeros = {name: jnp.zeros((stack.layers, B, T), xs.dtype)}
     value, norms = jax.value_and_grad(

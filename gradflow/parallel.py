@@ -241,7 +241,7 @@ def _sharded_state_map(stack, loss_fn, name, mesh, layout):
         b, T, _ = xs_k.shape
         B = b * n
         zeros = {name: jnp.zeros((stack.layers, b, T), xs_k.dtype)}
-        top_k, pull = jax.vjp(  # parameters constant: lean cells run their lean backward
+        top_k, pull = jax.vjp(  # parameters constant: runs of layers through lean_layers
             lambda taps: stack.apply(params, xs_k, taps=taps, constant_params=True).top, zeros)
         top = lax.all_gather(top_k, AXIS, axis=0, tiled=True)  # (B, T, H) on every device
         value, g_top = jax.value_and_grad(loss_fn)(top)

@@ -37,13 +37,14 @@ import math
 from typing import NamedTuple
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 from jax import lax
 
 from gradflow import cells as _cells
 from gradflow.checks import check_xs
 from gradflow.checks import positive_int as _positive_int
-from gradflow.cells.base import Cell, orthogonal
+from gradflow.cells.base import Cell, Lean, orthogonal
 
 ORDERS = ("layer", "wavefront")
 
@@ -99,8 +100,9 @@ class Instruments(NamedTuple):
 
     ``perturb``: ``{name: (L, T, B, H)}``; ``taps``: ``{name: (L, T, B)}``; ``param_taps``:
     ``(L, T)`` or None (time-major inside the stack); ``gates``: return gate activations;
-    ``constant_params``: the cell parameters are constants of this differentiation, so layers
-    whose cell has a :attr:`~gradflow.cells.Cell.lean` backward run it (:func:`lean_layers`).
+    ``constant_params``: the cell parameters are constants of this differentiation, so runs
+    of layers go through :func:`lean_layers` (unless ``param_taps``, ``gates`` or
+    checkpointing).
     """
 
     perturb: dict
@@ -383,8 +385,9 @@ class Stack:
           gates: also return every reported gate activation (every layer's cell must report
             the same gates: a ValueError for a stack mixing, say, LSTM and GRU layers).
           constant_params: a promise that nothing differentiates this call w.r.t. ``params``
-            (the state maps set it): layers whose cell has a ``lean`` backward then run it
-            (:func:`lean_layers`), and their cell parameters get zero cotangents. Off by
+            (the state maps set it): runs of layers then go through :func:`lean_layers`
+            (a cell's own ``lean`` step, or :func:`autodiff_step`; not with ``param_taps``,
+            ``gates`` or checkpointing), and the cell parameters get zero cotangents. Off by
             default, so ``jax.grad`` w.r.t. ``params`` (training) always uses autodiff.
         Returns:
           :class:`StackOutput` with ``(L, B, T, H)`` states, emissions and gates
@@ -461,8 +464,8 @@ class Stack:
             if H != Hmax:  # this run of layers at its own width: cut the padded units off
                 s0 = _cut(s0, H)
                 ins = ins._replace(perturb=_cut(ins.perturb, H))
-            if (inst.constant_params and cell.lean is not None and inst.param_taps is None
-                    and not inst.gates and chunk is None):
+            if (inst.constant_params and inst.param_taps is None and not inst.gates
+                    and chunk is None):
                 P = jax.tree_util.tree_map(lax.stop_gradient, _stack_layers(layers[seg]))
                 states, up, final = lean_layers(cell, residual, self.norm, P, pn, x, s0,
                                                 ins.perturb, ins.taps)  # P: truthfully constant
@@ -687,16 +690,85 @@ def lean_inputs(cell: Cell, p, x):
     """The projected inputs a lean layer's steps read (:func:`lean_layers`):
     ``cell.lean.project(p, x)`` where the cell's :class:`~gradflow.cells.base.Lean` has one
     (its own layout, e.g. all gates as one array), ``cell.project(p, x)`` otherwise."""
-    return (cell.lean.project or cell.project)(p, x)
+    lean = cell.lean
+    return (lean.project if lean is not None and lean.project else cell.project)(p, x)
+
+
+def step_rule(cell: Cell, p, state, xp) -> Lean:
+    """The :class:`~gradflow.cells.base.Lean` step :func:`lean_layers` runs for ``cell``: its
+    own where it has one, else one made by autodiff of ``cell.recur``
+    (:func:`autodiff_step`) for the shapes of ``p``, ``state``, ``xp``."""
+    return cell.lean if cell.lean is not None else autodiff_step(cell, p, state, xp)
+
+
+def _recur_vjp(cell, p, state, xp, t):
+    def f(s, x):
+        new, h, _ = cell.recur(p, s, x, t)
+        return new, h
+    new, pull, h = jax.vjp(f, state, xp, has_aux=True)
+    leaves, tree = jax.tree_util.tree_flatten(pull)
+    return new, h, leaves, tree
+
+
+def _varying(jaxpr, inputs) -> list:
+    """Per output of ``jaxpr``: whether it depends on an input flagged in ``inputs`` (data
+    flow through every equation; an equation's outputs depend on all its inputs)."""
+    dep = dict(zip(jaxpr.invars, inputs))
+    literal = lambda v: isinstance(v, jax.extend.core.Literal)  # noqa: E731
+    for eqn in jaxpr.eqns:
+        d = any(dep.get(v, False) for v in eqn.invars if not literal(v))
+        dep.update((o, d) for o in eqn.outvars)
+    return [not literal(v) and dep.get(v, False) for v in jaxpr.outvars]
+
+
+def autodiff_step(cell: Cell, p, state, xp) -> Lean:
+    r"""A :class:`~gradflow.cells.base.Lean` step for any cell, from autodiff of
+    ``cell.recur``: the forward is ``jax.vjp`` of the step w.r.t. ``(state, xp_t)`` (parameters
+    constant), its factors the pullback's residuals that depend on the step's inputs; the
+    backward rebuilds the pullback from them and the residuals that depend on the parameters
+    only (the transposed recurrent matrix, ...: recomputed from ``p``, loop-invariant, so XLA
+    computes them once per layer). So every cell, a user's too, runs :func:`lean_layers` with
+    its factors in the run's one buffer; the numbers are autodiff's. Made once per cell and
+    shapes of ``p``, ``state``, ``xp`` (arrays or ``ShapeDtypeStruct``s)."""
+    like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                  (p, state, xp))
+    leaves, tree = jax.tree_util.tree_flatten(like)
+    return _autodiff_step(cell, tree, tuple((a.shape, a.dtype) for a in leaves))
+
+
+@functools.lru_cache(maxsize=256)
+def _autodiff_step(cell: Cell, tree, avals) -> Lean:
+    p_like, s_like, x_like = jax.tree_util.tree_unflatten(
+        tree, [jax.ShapeDtypeStruct(*a) for a in avals])
+    t0 = jax.ShapeDtypeStruct((), jnp.int32)
+    closed = jax.make_jaxpr(lambda p, s, x, t: _recur_vjp(cell, p, s, x, t)[2])(
+        p_like, s_like, x_like, t0)
+    n_p = len(jax.tree_util.tree_leaves(p_like))
+    varying = _varying(closed.jaxpr, [False] * n_p + [True] * (len(closed.jaxpr.invars) - n_p))
+
+    def forward(p, state, xp, t):
+        new, h, leaves, _ = _recur_vjp(cell, p, state, xp, t)
+        return new, h, [a for a, v in zip(leaves, varying) if v]
+
+    def backward(p, factors, d):
+        zeros = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+            lambda a: jnp.zeros(a.shape, a.dtype), tree)
+        _, _, fixed, tree = _recur_vjp(cell, p, zeros(s_like), zeros(x_like),
+                                       jnp.zeros((), jnp.int32))
+        it = iter(factors)
+        leaves = [next(it) if v else a for a, v in zip(fixed, varying)]
+        return jax.tree_util.tree_unflatten(tree, leaves)(d)
+
+    return Lean(forward, backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def lean_layers(cell: Cell, residual: bool, norm: str | None, P, pn, x, s0: dict,
                 perturb: dict, taps: dict):
     r"""A run of layers of one cell and shape (:meth:`Stack.segments`), each a time scan of
-    the cell's :class:`~gradflow.cells.base.Lean` step, with a hand-written backward: per
-    layer, top down, a reverse scan of ``cell.lean.backward`` over the factors the forward
-    stored.
+    a :class:`~gradflow.cells.base.Lean` step (:func:`step_rule`: the cell's own, or
+    :func:`autodiff_step` for any cell), with a hand-written backward: per layer, top down, a
+    reverse scan of the step's ``backward`` over the factors the forward stored.
 
     Forward, layer by layer: :math:`s_t = \mathrm{forward}(p, s_{t-1}, xp_t, t) + e_t`
     (perturbations added where the state leaves the cell; ``taps`` are identities, as
@@ -719,7 +791,7 @@ def lean_layers(cell: Cell, residual: bool, norm: str | None, P, pn, x, s0: dict
     ``lax.stop_gradient``); the norm's ``pn`` get their true cotangents.
 
     Args:
-      cell: a cell with ``lean``; residual, norm: the stack's settings for this run;
+      cell: any cell; residual, norm: the stack's settings for this run;
       P: the run's cell parameters with a leading layer axis ``n``; pn: its norm parameters
         (leading axis ``n``) or None; x: ``(T, B, in)``, the first layer's input;
       s0: ``{name: (n, B, H)}``; perturb: ``{name: (n, T, B, H)}``; taps: ``{name: (n, T, B)}``.
@@ -745,8 +817,11 @@ def _over_layers(layer, carry, xs, reverse=False):
 def _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps):
     T = x.shape[0]
     n = jax.tree_util.tree_leaves(P)[0].shape[0]
-    factor = jax.eval_shape(lambda: cell.lean.forward(
-        _index(P, 0), _index(s0, 0), _index(lean_inputs(cell, _index(P, 0), x), 0), 0)[2])
+    p0, s00 = _index(P, 0), _index(s0, 0)
+    xp0 = jax.eval_shape(lambda: _index(lean_inputs(cell, p0, x), 0))
+    lean = step_rule(cell, p0, s00, xp0)
+    factor = jax.eval_shape(lambda xp: lean.forward(p0, s00, xp, jnp.zeros((), jnp.int32))[2],
+                            xp0)
     buf0 = jax.tree_util.tree_map(lambda a: jnp.zeros((n * T,) + a.shape, a.dtype), factor)
 
     def layer(carry, inp):
@@ -756,7 +831,7 @@ def _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps):
         def step(carry, inp):
             state, buf = carry
             xp_t, e_t, t = inp
-            new, _, f = cell.lean.forward(p, state, xp_t, t)
+            new, _, f = lean.forward(p, state, xp_t, t)
             new = {k: v + e_t[k] if k in e_t else v for k, v in new.items()}
             buf = jax.tree_util.tree_map(
                 lambda b, a: lax.dynamic_update_index_in_dim(b, a, l * T + t, 0), buf, f)
@@ -777,6 +852,9 @@ def _lean_bwd(cell, residual, norm, res, cts):
     d_states, d_up, d_final = cts
     T, n = x.shape[0], hs.shape[0]
     keep = set(perturb) | set(taps)
+    p0 = _index(P, 0)
+    xp0 = jax.eval_shape(lambda: _index(lean_inputs(cell, p0, x), 0))
+    lean = step_rule(cell, p0, _index(d_final, 0), xp0)
 
     def layer(d_above, inp):  # d_above: the layer above's input cotangent (its own emission)
         p, pnl, ds_l, dup_l, dfin_l, l = inp
@@ -792,7 +870,7 @@ def _lean_bwd(cell, residual, norm, res, cts):
             ds_t, t = inp
             d = {k: d_next[k] + ds_t[k] for k in d_next}  # the leaving state's whole cotangent
             f_t = jax.tree_util.tree_map(lambda b: b[l * T + t], buf)
-            d_prev, d_xp = cell.lean.backward(p, f_t, d)
+            d_prev, d_xp = lean.backward(p, f_t, d)
             return d_prev, (d_xp, {k: d[k] for k in keep})
 
         d_s0, (d_xin, d_s) = lax.scan(step, dfin_l, (ds_l, jnp.arange(T)), reverse=True)

@@ -19,7 +19,7 @@ import gradflow
 from gradflow import cells, jacobian
 from gradflow import stack as stack_module
 from gradflow.cells import base
-from gradflow.stack import lean_layers
+from gradflow.stack import autodiff_step, lean_layers
 
 # Every registered cell whose default form has a lean backward, plus the variants with their
 # own equations (GRU's reset before the recurrent matrix, STAR's official update, a forget
@@ -145,6 +145,53 @@ def test_lean_runs_of_layers_equal_autodiff(cell, layers, inputs, norm, x64):
     _compare(stack, *_data(stack, jnp.float64), 1e-10, "all")
 
 
+def _user_cell():
+    """A user's tanh RNN through ``from_function`` (a cell gradflow knows nothing about)."""
+    def init(key, n_in, H, dtype):
+        k1, k2 = jax.random.split(key)
+        return {"W": jax.random.normal(k1, (n_in, H), dtype) / np.sqrt(n_in),
+                "U": jax.random.normal(k2, (H, H), dtype) / np.sqrt(H)}
+
+    def step(p, h, x):
+        h = jnp.tanh(x @ p["W"] + h @ p["U"] + jnp.roll(h, 1, axis=-1) ** 2)
+        return h, h
+    return cells.from_function(step, init)
+
+
+def test_autodiff_step_every_cell(x64, monkeypatch):
+    """Every registered cell without its own lean step, and a user cell, runs the state maps
+    through ``lean_layers`` with a step made by autodiff (``autodiff_step``); the maps equal
+    plain autodiff's to 1e-10 relative (hidden and cell maps, loss "all"). One stack per set of
+    states, a layer per cell; the stored factors are the step's own residuals (shaped by the
+    batch, 3, or per-unit vectors): no parameter-sized matrix (the transposed ``U``) per step."""
+    plain = [cells.get(n) for n in cells.names() if cells.get(n).lean is None] + [_user_cell()]
+    groups = {}
+    for cell in plain:
+        groups.setdefault(cell.state_names, []).append(cell)
+    for group in groups.values():
+        stack = gradflow.Stack(group, len(group), 4, 4)
+        params, xs = _data(stack, jnp.float64)
+        _compare(stack, params, xs, 1e-10, "all")
+        for cell, p in zip(stack.cells, params["layers"]):
+            state = cell.initial_state((3,), 4, jnp.float64)
+            xp = cell.project(p, jnp.zeros((3, 4), jnp.float64))
+            rule = stack_module.step_rule(cell, p, state, xp)
+            factors = jax.eval_shape(lambda xp: rule.forward(p, state, xp, jnp.int32(0))[2], xp)
+            shapes = [f.shape for f in jax.tree_util.tree_leaves(factors)]
+            assert shapes and all(s[:1] == (3,) or len(s) <= 1 for s in shapes), (cell.name, shapes)
+    # the state map's program makes its steps by autodiff_step (once per run, forward and
+    # backward), the plain autodiff program does not
+    made = []
+    monkeypatch.setattr(stack_module, "autodiff_step", lambda cell, *a: made.append(cell)
+                        or autodiff_step(cell, *a))
+    zeros = {"h": jnp.zeros((len(group), 3, 5), jnp.float64)}
+    fn = jacobian.readout_loss("last", 4, 5, 3, 0, jnp.float64)
+    for constant in (False, True):
+        jax.make_jaxpr(jax.grad(lambda t: fn(stack.apply(
+            params, xs, taps=t, constant_params=constant).top)))(zeros)
+    assert len(made) == 2 * len(stack.cells) and set(made) == set(stack.cells)
+
+
 def test_lean_float32():
     """float32 with x64 off: the lean map equals autodiff to 1e-5 relative."""
     assert not jax.config.jax_enable_x64
@@ -211,7 +258,8 @@ def test_check_grads_lean_layers(spec, x64):
     ks = iter(jax.random.split(jax.random.key(1), 16))
     P = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[
         cell.init(jax.random.fold_in(next(ks), l), H, H, jnp.float64) for l in range(n)])
-    rnd = lambda scale, *shape: scale * jax.random.normal(next(ks), shape, jnp.float64)  # noqa: E731
+    def rnd(scale, *shape):
+        return scale * jax.random.normal(next(ks), shape, jnp.float64)
     pn = {"scale": 1.0 + rnd(0.1, n, H)}
     x = rnd(1.0, T, B, H)
     s0 = {k: rnd(0.5, n, B, H) for k in cell.state_names}

@@ -64,7 +64,8 @@ class Lean(NamedTuple):
       direction). The stack differentiates it by autodiff: its transpose is one matmul per layer.
 
     The stack runs it only for the state maps (parameters constant); ``jax.grad`` w.r.t. the
-    parameters always uses autodiff of ``recur``.
+    parameters always uses autodiff of ``recur``. A cell without one gets a step made by
+    autodiff of ``recur`` (:func:`gradflow.stack.autodiff_step`) in the same place.
     """
 
     forward: Callable
@@ -113,7 +114,8 @@ class Cell:
       to_params: for adapters, ``(user object) -> params`` (e.g. a trained module's weights).
       lean: a :class:`Lean` (hand-written step backward over stored factors) or None: the
         state maps (:func:`gradflow.gradient_map` with ``wrt="hidden"``/``"cell"``) then run
-        it instead of autodiff; it must equal autodiff of ``recur`` (tests/test_lean.py).
+        it instead of the step made by autodiff (:func:`gradflow.stack.autodiff_step`); it
+        must equal autodiff of ``recur`` (tests/test_lean.py).
       couples_batch: True when a step mixes the examples of a batch (batch statistics, as
         BN-STAR's training-mode batch norm): the maps then never split a batch over devices
         (:mod:`gradflow.parallel`), since a part of the batch would change the numbers.
@@ -423,8 +425,8 @@ def _transposed(m):
 def matmul(v, m):
     """``v @ m`` for ``v: (..., n)``, ``m: (n, k)``, whose reverse-mode derivative w.r.t. ``v``
     multiplies by a materialised ``m^T`` (see :func:`fused_transpose`): the cells' recurrent
-    matmuls, so that autodiff's backward scan (cells without a lean step, parameter maps,
-    training) does not repack ``U`` on every step (LSTM map 5-9% faster). Forward and
+    matmuls, so that autodiff's backward (steps made by autodiff, parameter maps, training)
+    does not repack ``U`` on every step (LSTM map 5-9% faster). Forward and
     reverse mode; the values are those of ``v @ m``."""
     return v @ m
 

@@ -270,7 +270,8 @@ def _lstm(name: str, o: dict) -> Cell:
     kinds = {g: "refined" if g in rset else "sigmoid" for g in reported}
     kinds.update({"g": "effective"} if aux == "refine" else {})
     kinds.update({"f_master": "master", "i_master": "master"} if aux == "master" else {})
-    # A lean backward for the plain equations only (aux, tied and refined gates: autodiff).
+    # A hand-written lean step for the plain equations only (aux, tied and refined gates: the
+    # step made by autodiff).
     plain = aux is None and not tied and not rset
     return Cell(name=name, lean=_lean(float(o["forget_bias"])) if plain else None, init_fn=init_fn, project_fn=project, recur_fn=recur,
                 state_names=("c", "h"), gate_kinds=tuple((g, kinds[g]) for g in reported),
