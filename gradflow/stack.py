@@ -471,8 +471,7 @@ class Stack:
                                                 ins.perturb, ins.taps)  # P: truthfully constant
                 out = (states, up, {}, final)
             elif stop - start == 1:
-                one = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
-                out = run(layers[start], one(pn), x, one(s0), one(ins))
+                out = run(layers[start], _index(pn, 0), x, _index(s0, 0), _index(ins, 0))
                 out = jax.tree_util.tree_map(lambda a: a[None], out)
             else:
                 def body(xx, inp):
@@ -805,6 +804,14 @@ def _index(tree, i):
     return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
+def _run_rule(cell, P, x, state):
+    """The step rule of a run (:func:`step_rule`, for its first layer's shapes; the forward
+    and the backward each ask for it) and the shape of one step's projected input."""
+    p0 = _index(P, 0)
+    xp0 = jax.eval_shape(lambda: _index(lean_inputs(cell, p0, x), 0))
+    return step_rule(cell, p0, state, xp0), xp0
+
+
 def _over_layers(layer, carry, xs, reverse=False):
     """``lax.scan(layer, carry, xs)`` over a run's layers; a run of one layer is called
     directly (the first layer's input may be narrower or wider than what it emits)."""
@@ -818,8 +825,7 @@ def _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps):
     T = x.shape[0]
     n = jax.tree_util.tree_leaves(P)[0].shape[0]
     p0, s00 = _index(P, 0), _index(s0, 0)
-    xp0 = jax.eval_shape(lambda: _index(lean_inputs(cell, p0, x), 0))
-    lean = step_rule(cell, p0, s00, xp0)
+    lean, xp0 = _run_rule(cell, P, x, s00)
     factor = jax.eval_shape(lambda xp: lean.forward(p0, s00, xp, jnp.zeros((), jnp.int32))[2],
                             xp0)
     buf0 = jax.tree_util.tree_map(lambda a: jnp.zeros((n * T,) + a.shape, a.dtype), factor)
@@ -852,9 +858,7 @@ def _lean_bwd(cell, residual, norm, res, cts):
     d_states, d_up, d_final = cts
     T, n = x.shape[0], hs.shape[0]
     keep = set(perturb) | set(taps)
-    p0 = _index(P, 0)
-    xp0 = jax.eval_shape(lambda: _index(lean_inputs(cell, p0, x), 0))
-    lean = step_rule(cell, p0, _index(d_final, 0), xp0)
+    lean, _ = _run_rule(cell, P, x, _index(d_final, 0))
 
     def layer(d_above, inp):  # d_above: the layer above's input cotangent (its own emission)
         p, pnl, ds_l, dup_l, dfin_l, l = inp
