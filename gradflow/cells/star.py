@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused, fused_transpose,
-                                 input_projection, matmul, packed_projection)
+                                 input_projection, matmul, packed)
 from gradflow.cells.mechanisms import standard_init
 
 
@@ -94,24 +94,32 @@ def _lean(official: bool) -> Lean:
     ``(q(1-k), q(\zeta-h)k(1-k), q k(1-\zeta^2))``, official (``k_2 = \sigma(a-1)``)
     ``(q k, q(h k(1-k) - \zeta k_2(1-k_2)), q(1-k_2)(1-\zeta^2))``;
     :math:`\bar a = \bar h K_k`, :math:`\bar h_{t-1} = \bar h A + \bar a U_k^\top`,
-    :math:`\overline{xp}_z = \bar h K_z`. Projected input: ``[x W_k + b_k, x W_z + b_z]`` as
-    one ``(T, *batch, 2H)`` array (:func:`~gradflow.cells.base.packed_projection`).
+    :math:`\overline{xp}_z = \bar h K_z`. Projected input: ``(x W_k + b_k, x W_z + b_z)``
+    from one matmul, as two arrays, so the step's input cotangent is two stores, not a
+    concatenation and a store. Its gate(s) and the candidate are separate ``tanh`` fusions
+    (:math:`\sigma(a) = (1 + \tanh(a/2))/2`): a concatenation to share one ``tanh`` costs an
+    op of its own.
     """
+    def project(p, x):
+        y = packed(x, p, ("k", "z"), "W", with_bias=True)
+        H = y.shape[-1] // 2
+        return y[..., :H], y[..., H:]
+
     def forward(p, state, xp, t):
         h = state["h"]
-        H = h.shape[-1]
-        a = xp[..., :H] + h @ p["k"]["U"]
-        # the gates and the candidate from ONE tanh (sigma(a) = (1 + tanh(a/2)) / 2)
-        parts = [0.5 * a, 0.5 * (a - 1.0), xp[..., H:]] if official else [0.5 * a, xp[..., H:]]
-        u = jnp.tanh(jnp.concatenate(parts, axis=-1))
-        k, zc = 0.5 * u[..., :H] + 0.5, u[..., -H:]
+        xk, xz = xp
+        a = xk + h @ p["k"]["U"]
+        zc = jnp.tanh(xz)
         if official:
-            k2 = 0.5 * u[..., H:2 * H] + 0.5
+            u = jnp.tanh(jnp.concatenate([0.5 * a, 0.5 * (a - 1.0)], axis=-1))
+            H = h.shape[-1]
+            k, k2 = 0.5 * u[..., :H] + 0.5, 0.5 * u[..., H:] + 0.5
             new = jnp.tanh(k * h + (1.0 - k2) * zc)
             q = 1.0 - new * new
             fac = (q * k, q * (h * k * (1 - k) - zc * k2 * (1 - k2)),
                    q * (1 - k2) * (1 - zc * zc))
         else:
+            k = 0.5 * jnp.tanh(0.5 * a) + 0.5
             new = jnp.tanh((1.0 - k) * h + k * zc)
             q = 1.0 - new * new
             fac = (q * (1 - k), q * (zc - h) * k * (1 - k), q * k * (1 - zc * zc))
@@ -121,10 +129,9 @@ def _lean(official: bool) -> Lean:
         A, kk, kz = factors
         dh = d["h"]
         da = dh * kk
-        return ({"h": dh * A + fused_transpose(da, p, ("k",))},
-                jnp.concatenate([da, dh * kz], axis=-1))
+        return {"h": dh * A + fused_transpose(da, p, ("k",))}, (da, dh * kz)
 
-    return Lean(forward, backward, packed_projection(("k", "z")))
+    return Lean(forward, backward, project)
 
 
 def batch_norm(v, p, stats: str, eps: float = 1e-3):
