@@ -700,10 +700,25 @@ def step_rule(cell: Cell, p, state, xp) -> Lean:
     return cell.lean if cell.lean is not None else autodiff_step(cell, p, state, xp)
 
 
+# What an autodiff-made step stores per step: the outputs of these primitives (transcendental
+# functions, matmuls, divisions: costly to recompute); the backward recomputes every other
+# residual (cheap element-wise arithmetic) from them, fused into the ops that use it.
+_SAVED_PRIMITIVES = frozenset(("tanh", "logistic", "exp", "exp2", "expm1", "log", "log1p", "sin",
+                               "cos", "erf", "sqrt", "rsqrt", "cbrt", "pow", "integer_pow",
+                               "div", "dot_general", "reduce_sum", "reduce_max", "reduce_min",
+                               "cumsum", "sort"))
+
+
+def _saved(prim, *_, **__) -> bool:
+    return prim.name in _SAVED_PRIMITIVES
+
+
 def _recur_vjp(cell, p, state, xp, t):
     def f(s, x):
         new, h, _ = cell.recur(p, s, x, t)
         return new, h
+    # called inside the time scans only (no CSE across steps to prevent)
+    f = jax.checkpoint(f, policy=_saved, prevent_cse=False)
     new, pull, h = jax.vjp(f, state, xp, has_aux=True)
     leaves, tree = jax.tree_util.tree_flatten(pull)
     return new, h, leaves, tree
@@ -726,9 +741,14 @@ def autodiff_step(cell: Cell, p, state, xp) -> Lean:
     constant), its factors the pullback's residuals that depend on the step's inputs; the
     backward rebuilds the pullback from them and the residuals that depend on the parameters
     only (the transposed recurrent matrix, ...: recomputed from ``p``, loop-invariant, so XLA
-    computes them once per layer). So every cell, a user's too, runs :func:`lean_layers` with
-    its factors in the run's one buffer; the numbers are autodiff's. Made once per cell and
-    shapes of ``p``, ``state``, ``xp`` (arrays or ``ShapeDtypeStruct``s)."""
+    computes them once per layer). The step is differentiated under ``jax.checkpoint`` with a
+    policy that saves only the outputs of costly primitives (``tanh``, ``logistic``, matmuls,
+    ...: ``_SAVED_PRIMITIVES``) and recomputes cheap element-wise residuals in the backward,
+    fused into their users: a user's GRU stores 5 arrays per step instead of 9 (forward 16 ops
+    per step instead of 20), UR-LSTM 8 instead of 17. So every cell, a user's too, runs
+    :func:`lean_layers` with its factors in the run's one buffer; the numbers are autodiff's.
+    Made once per cell and shapes of ``p``, ``state``, ``xp`` (arrays or
+    ``ShapeDtypeStruct``s)."""
     like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                   (p, state, xp))
     leaves, tree = jax.tree_util.tree_flatten(like)
