@@ -61,7 +61,10 @@ class Lean(NamedTuple):
       gates' projections as ONE ``(T, *batch, G*H)`` array (:func:`packed_projection`) instead
       of a dict of ``G`` arrays, so a step reads one slice of it and writes one slice of its
       cotangent (a per-gate dict costs ``G`` slices and a concatenation per step in each
-      direction). The stack differentiates it by autodiff: its transpose is one matmul per layer.
+      direction); or a tuple of arrays where the step uses the gates apart (STAR: its input
+      cotangent is then two stores, not a concatenation and a store). The stack differentiates
+      it by autodiff: its transpose is one matmul per layer when it is linear in ``x`` (a
+      nonlinear one makes the backward recompute it per layer).
 
     The stack runs it only for the state maps (parameters constant); ``jax.grad`` w.r.t. the
     parameters always uses autodiff of ``recur``. A cell without one gets a step made by
