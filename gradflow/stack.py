@@ -781,13 +781,116 @@ def _autodiff_step(cell: Cell, tree, avals) -> Lean:
     return Lean(forward, backward)
 
 
+# Primitives through which a step's input-only values stay linear (affine) in the input: the
+# part of a step that :func:`hoist_inputs` moves out of the time loop.
+_LINEAR_PRIMITIVES = frozenset(("dot_general", "add", "add_any", "sub", "neg", "mul", "reshape",
+                                "squeeze", "expand_dims", "broadcast_in_dim", "slice", "split",
+                                "concatenate", "transpose", "convert_element_type", "copy",
+                                "reduce_sum", "pad", "rev"))
+
+
+def hoist_inputs(cell: Cell, p, state, xp) -> Cell:
+    r"""``cell`` with the input-only linear part of its step moved into its projection.
+
+    A cell without a projection of its own (an adapter or :func:`~gradflow.cells.from_function`
+    cell: its step computes ``x W + b`` itself) runs an input matmul per step, in the forward
+    and in the backward; a built-in cell projects the whole sequence in one. Here the step's
+    jaxpr (traced once per cell and shapes of ``p``, ``state``, ``xp = cell.project(p, x_t)``)
+    is split: the equations that read only the parameters and the input, through linear
+    operations (``_LINEAR_PRIMITIVES``: matmuls, sums, reshapes, slices, ...; a product of two
+    input-dependent values, or any nonlinearity, stays in the step) become the new projection,
+    run for all steps at once; the rest is the new ``recur``, reading their values. Linear, so
+    the projection's transpose in :func:`lean_layers`' backward is one matmul per layer
+    without recomputing its forward. The numbers are the cell's own. Returns ``cell`` itself
+    when nothing is to be moved (e.g. every built-in cell)."""
+    like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                  (p, state, xp))
+    leaves, tree = jax.tree_util.tree_flatten(like)
+    return _hoisted(cell, tree, tuple((a.shape, a.dtype) for a in leaves))
+
+
+@functools.lru_cache(maxsize=256)
+def _hoisted(cell: Cell, tree, avals) -> Cell:
+    p_like, s_like, x_like = jax.tree_util.tree_unflatten(
+        tree, [jax.ShapeDtypeStruct(*a) for a in avals])
+    closed, out_shape = jax.make_jaxpr(cell.recur, return_shape=True)(
+        p_like, s_like, x_like, jax.ShapeDtypeStruct((), jnp.int32))
+    jaxpr = closed.jaxpr
+    n_p, n_s = len(jax.tree_util.tree_leaves(p_like)), len(jax.tree_util.tree_leaves(s_like))
+    p_in, s_in = jaxpr.invars[:n_p], jaxpr.invars[n_p:n_p + n_s]
+    x_in, t_in = jaxpr.invars[n_p + n_s:-1], jaxpr.invars[-1]
+    literal = lambda v: isinstance(v, jax.extend.core.Literal)  # noqa: E731
+    recurrent = {v: True for v in (*s_in, t_in)}  # depends on the state or the step
+    from_x = {v: True for v in x_in}               # depends on the input
+    ready = set(p_in) | set(x_in) | set(jaxpr.constvars)  # computable in the projection
+    kinds = []
+    for eqn in jaxpr.eqns:
+        ins = [v for v in eqn.invars if not literal(v)]
+        r = any(recurrent.get(v, False) for v in ins)
+        xs = [from_x.get(v, False) for v in ins]
+        linear = eqn.primitive.name in _LINEAR_PRIMITIVES and (
+            eqn.primitive.name not in ("mul", "dot_general") or sum(xs) <= 1)
+        if not r and not any(xs):
+            kind = "params"
+        elif not r and linear and all(v in ready for v in ins):
+            kind = "hoist"
+        else:
+            kind = "step"
+        kinds.append(kind)
+        for o in eqn.outvars:
+            recurrent[o], from_x[o] = r, any(xs)
+            if kind != "step":
+                ready.add(o)
+    if "hoist" not in kinds:
+        return cell
+    hoisted = {o for e, k in zip(jaxpr.eqns, kinds) if k == "hoist" for o in e.outvars}
+    crossing = set(hoisted) | set(x_in)
+    used = [v for e, k in zip(jaxpr.eqns, kinds) if k == "step" for v in e.invars] + [
+        v for v in jaxpr.outvars]
+    boundary = list(dict.fromkeys(v for v in used if not literal(v) and v in crossing))
+    core = jax.extend.core
+
+    def part(name, invars, outvars, keep):
+        info = core.DebugInfo(name, f"{name} of {cell.name}", None, None)
+        return core.jaxpr_as_fun(core.ClosedJaxpr(core.Jaxpr(
+            jaxpr.constvars, invars, outvars, [e for e, k in zip(jaxpr.eqns, kinds) if k != keep],
+            jaxpr.effects, info), closed.consts))
+
+    project_j = part("hoisted_projection", [*p_in, *x_in], boundary, "step")
+    step_j = part("hoisted_step", [*p_in, *s_in, *boundary, t_in], jaxpr.outvars, "hoist")
+    out_tree = jax.tree_util.tree_structure(out_shape)
+
+    def project(params, x):
+        leaves = jax.tree_util.tree_leaves(params)
+        xp = jax.tree_util.tree_leaves(cell.project(params, x))
+        return tuple(jax.vmap(lambda *xp_t: project_j(*leaves, *xp_t))(*xp))
+
+    def recur(params, state, xp, t):
+        outs = step_j(*jax.tree_util.tree_leaves(params), *jax.tree_util.tree_leaves(state),
+                      *xp, t)
+        return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    return dataclasses.replace(cell, project_fn=project, recur_fn=recur)
+
+
+def _run_cell(cell: Cell, P, x, state) -> Cell:
+    """The cell a run's steps use: ``cell`` where it has a hand-written step, else with its
+    input-only work moved out of the time loop (:func:`hoist_inputs`)."""
+    if cell.lean is not None:
+        return cell
+    p0 = _index(P, 0)
+    xp0 = jax.eval_shape(lambda: _index(cell.project(p0, x), 0))
+    return hoist_inputs(cell, p0, state, xp0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def lean_layers(cell: Cell, residual: bool, norm: str | None, P, pn, x, s0: dict,
                 perturb: dict, taps: dict):
     r"""A run of layers of one cell and shape (:meth:`Stack.segments`), each a time scan of
     a :class:`~gradflow.cells.base.Lean` step (:func:`step_rule`: the cell's own, or
-    :func:`autodiff_step` for any cell), with a hand-written backward: per layer, top down, a
-    reverse scan of the step's ``backward`` over the factors the forward stored.
+    :func:`autodiff_step` for any cell, after :func:`hoist_inputs` moved its input-only linear
+    work out of the loop), with a hand-written backward: per layer, top down, a reverse scan
+    of the step's ``backward`` over the factors the forward stored.
 
     Forward, layer by layer: :math:`s_t = \mathrm{forward}(p, s_{t-1}, xp_t, t) + e_t`
     (perturbations added where the state leaves the cell; ``taps`` are identities, as
@@ -845,6 +948,7 @@ def _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps):
     T = x.shape[0]
     n = jax.tree_util.tree_leaves(P)[0].shape[0]
     p0, s00 = _index(P, 0), _index(s0, 0)
+    cell = _run_cell(cell, P, x, s00)
     lean, xp0 = _run_rule(cell, P, x, s00)
     factor = jax.eval_shape(lambda xp: lean.forward(p0, s00, xp, jnp.zeros((), jnp.int32))[2],
                             xp0)
@@ -878,6 +982,7 @@ def _lean_bwd(cell, residual, norm, res, cts):
     d_states, d_up, d_final = cts
     T, n = x.shape[0], hs.shape[0]
     keep = set(perturb) | set(taps)
+    cell = _run_cell(cell, P, x, _index(d_final, 0))
     lean, _ = _run_rule(cell, P, x, _index(d_final, 0))
 
     def layer(d_above, inp):  # d_above: the layer above's input cotangent (its own emission)
