@@ -749,10 +749,14 @@ def autodiff_step(cell: Cell, p, state, xp) -> Lean:
     :func:`lean_layers` with its factors in the run's one buffer; the numbers are autodiff's.
     Made once per cell and shapes of ``p``, ``state``, ``xp`` (arrays or
     ``ShapeDtypeStruct``s)."""
-    like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                  (p, state, xp))
-    leaves, tree = jax.tree_util.tree_flatten(like)
-    return _autodiff_step(cell, tree, tuple((a.shape, a.dtype) for a in leaves))
+    return _autodiff_step(cell, *_shapes(p, state, xp))
+
+
+def _shapes(*trees) -> tuple:
+    """``(treedef, ((shape, dtype), ...))`` of ``trees``: a hashable key for the per-cell
+    caches (arrays or ``ShapeDtypeStruct``s alike)."""
+    leaves, tree = jax.tree_util.tree_flatten(trees)
+    return tree, tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in leaves)
 
 
 @functools.lru_cache(maxsize=256)
@@ -803,10 +807,7 @@ def hoist_inputs(cell: Cell, p, state, xp) -> Cell:
     the projection's transpose in :func:`lean_layers`' backward is one matmul per layer
     without recomputing its forward. The numbers are the cell's own. Returns ``cell`` itself
     when nothing is to be moved (e.g. every built-in cell)."""
-    like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                  (p, state, xp))
-    leaves, tree = jax.tree_util.tree_flatten(like)
-    return _hoisted(cell, tree, tuple((a.shape, a.dtype) for a in leaves))
+    return _hoisted(cell, *_shapes(p, state, xp))
 
 
 @functools.lru_cache(maxsize=256)
