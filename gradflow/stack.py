@@ -724,15 +724,25 @@ def _recur_vjp(cell, p, state, xp, t):
     return new, h, leaves, tree
 
 
-def _varying(jaxpr, inputs) -> list:
-    """Per output of ``jaxpr``: whether it depends on an input flagged in ``inputs`` (data
-    flow through every equation; an equation's outputs depend on all its inputs)."""
-    dep = dict(zip(jaxpr.invars, inputs))
-    literal = lambda v: isinstance(v, jax.extend.core.Literal)  # noqa: E731
+def _literal(v) -> bool:
+    return isinstance(v, jax.extend.core.Literal)
+
+
+def _depends(jaxpr, flagged) -> dict:
+    """``{var: bool}`` for every variable of ``jaxpr``: whether it depends on one of the
+    ``flagged`` variables (data flow through every equation; an equation's outputs depend on
+    all its inputs)."""
+    dep = dict.fromkeys(flagged, True)
     for eqn in jaxpr.eqns:
-        d = any(dep.get(v, False) for v in eqn.invars if not literal(v))
+        d = any(dep.get(v, False) for v in eqn.invars if not _literal(v))
         dep.update((o, d) for o in eqn.outvars)
-    return [not literal(v) and dep.get(v, False) for v in jaxpr.outvars]
+    return dep
+
+
+def _varying(jaxpr, inputs) -> list:
+    """Per output of ``jaxpr``: whether it depends on an input flagged in ``inputs``."""
+    dep = _depends(jaxpr, [v for v, f in zip(jaxpr.invars, inputs) if f])
+    return [not _literal(v) and dep.get(v, False) for v in jaxpr.outvars]
 
 
 def autodiff_step(cell: Cell, p, state, xp) -> Lean:
@@ -820,13 +830,12 @@ def _hoisted(cell: Cell, tree, avals) -> Cell:
     n_p, n_s = len(jax.tree_util.tree_leaves(p_like)), len(jax.tree_util.tree_leaves(s_like))
     p_in, s_in = jaxpr.invars[:n_p], jaxpr.invars[n_p:n_p + n_s]
     x_in, t_in = jaxpr.invars[n_p + n_s:-1], jaxpr.invars[-1]
-    literal = lambda v: isinstance(v, jax.extend.core.Literal)  # noqa: E731
-    recurrent = {v: True for v in (*s_in, t_in)}  # depends on the state or the step
-    from_x = {v: True for v in x_in}               # depends on the input
+    recurrent = _depends(jaxpr, (*s_in, t_in))  # depends on the state or the step
+    from_x = _depends(jaxpr, x_in)               # depends on the input
     ready = set(p_in) | set(x_in) | set(jaxpr.constvars)  # computable in the projection
     kinds = []
     for eqn in jaxpr.eqns:
-        ins = [v for v in eqn.invars if not literal(v)]
+        ins = [v for v in eqn.invars if not _literal(v)]
         r = any(recurrent.get(v, False) for v in ins)
         xs = [from_x.get(v, False) for v in ins]
         linear = eqn.primitive.name in _LINEAR_PRIMITIVES and (
@@ -838,17 +847,15 @@ def _hoisted(cell: Cell, tree, avals) -> Cell:
         else:
             kind = "step"
         kinds.append(kind)
-        for o in eqn.outvars:
-            recurrent[o], from_x[o] = r, any(xs)
-            if kind != "step":
-                ready.add(o)
+        if kind != "step":
+            ready.update(eqn.outvars)
     if "hoist" not in kinds:
         return cell
     hoisted = {o for e, k in zip(jaxpr.eqns, kinds) if k == "hoist" for o in e.outvars}
     crossing = set(hoisted) | set(x_in)
     used = [v for e, k in zip(jaxpr.eqns, kinds) if k == "step" for v in e.invars] + [
         v for v in jaxpr.outvars]
-    boundary = list(dict.fromkeys(v for v in used if not literal(v) and v in crossing))
+    boundary = list(dict.fromkeys(v for v in used if not _literal(v) and v in crossing))
     core = jax.extend.core
 
     def part(name, invars, outvars, keep):
@@ -872,16 +879,6 @@ def _hoisted(cell: Cell, tree, avals) -> Cell:
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
     return dataclasses.replace(cell, project_fn=project, recur_fn=recur)
-
-
-def _run_cell(cell: Cell, P, x, state) -> Cell:
-    """The cell a run's steps use: ``cell`` where it has a hand-written step, else with its
-    input-only work moved out of the time loop (:func:`hoist_inputs`)."""
-    if cell.lean is not None:
-        return cell
-    p0 = _index(P, 0)
-    xp0 = jax.eval_shape(lambda: _index(cell.project(p0, x), 0))
-    return hoist_inputs(cell, p0, state, xp0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -929,11 +926,16 @@ def _index(tree, i):
 
 
 def _run_rule(cell, P, x, state):
-    """The step rule of a run (:func:`step_rule`, for its first layer's shapes; the forward
-    and the backward each ask for it) and the shape of one step's projected input."""
+    """``(cell, rule, xp0)`` of a run, for its first layer's shapes (the forward and the
+    backward each ask): the cell its steps use (``cell`` where it has a hand-written step, else
+    with its input-only work moved out of the time loop, :func:`hoist_inputs`), its step rule
+    (:func:`step_rule`) and the shape of one step's projected input."""
     p0 = _index(P, 0)
+    if cell.lean is None:
+        cell = hoist_inputs(cell, p0, state,
+                            jax.eval_shape(lambda: _index(cell.project(p0, x), 0)))
     xp0 = jax.eval_shape(lambda: _index(lean_inputs(cell, p0, x), 0))
-    return step_rule(cell, p0, state, xp0), xp0
+    return cell, step_rule(cell, p0, state, xp0), xp0
 
 
 def _over_layers(layer, carry, xs, reverse=False):
@@ -949,8 +951,7 @@ def _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps):
     T = x.shape[0]
     n = jax.tree_util.tree_leaves(P)[0].shape[0]
     p0, s00 = _index(P, 0), _index(s0, 0)
-    cell = _run_cell(cell, P, x, s00)
-    lean, xp0 = _run_rule(cell, P, x, s00)
+    cell, lean, xp0 = _run_rule(cell, P, x, s00)
     factor = jax.eval_shape(lambda xp: lean.forward(p0, s00, xp, jnp.zeros((), jnp.int32))[2],
                             xp0)
     buf0 = jax.tree_util.tree_map(lambda a: jnp.zeros((n * T,) + a.shape, a.dtype), factor)
@@ -983,8 +984,7 @@ def _lean_bwd(cell, residual, norm, res, cts):
     d_states, d_up, d_final = cts
     T, n = x.shape[0], hs.shape[0]
     keep = set(perturb) | set(taps)
-    cell = _run_cell(cell, P, x, _index(d_final, 0))
-    lean, _ = _run_rule(cell, P, x, _index(d_final, 0))
+    cell, lean, _ = _run_rule(cell, P, x, _index(d_final, 0))
 
     def layer(d_above, inp):  # d_above: the layer above's input cotangent (its own emission)
         p, pnl, ds_l, dup_l, dfin_l, l = inp
