@@ -41,13 +41,19 @@ def goals(res: dict) -> list[dict]:
     t = _get(b, "floor", "orders", "layer", "times", "hidden_map", "median_s")
     add("issue 3: standard hidden map on CPU (s)", t, "<=", 10, " s")
     ln = _get(b, "lean", "rows")
-    if ln and "lstm" in ln:
-        add("13. hidden map (gradient_map: batch split, lean) / today's map (autodiff, one "
-            "device), LSTM, same process", ln["lstm"].get("split_over_autodiff"), "<=", 0.5)
-        f = {k: 1 / v["split_over_autodiff"] for k, v in ln.items() if "split_over_autodiff" in v}
-        if len(f) > 1 and "lstm" in f:
-            add("13. speed-up over today's map of " + ", ".join(k for k in f if k != "lstm")
-                + " within 20% of LSTM's (max relative deviation)",
+    commit = (_get(b, "lean", "config", "filing_day_commit") or "")[:7]
+    for key, label in (("split_over_filing_day", f"the filing-day map (gradflow at {commit}, "
+                        "the code the issue timed, one device)"),
+                       ("split_over_autodiff", "today's code with the lean path off (autodiff, "
+                        "one device)")):
+        if not ln or key not in ln.get("lstm", {}):
+            continue
+        add(f"13. hidden map (gradient_map: batch split, lean) / {label}, LSTM, same process",
+            ln["lstm"][key], "<=", 0.5)
+        f = {k: 1 / v[key] for k, v in ln.items() if key in v}
+        if len(f) > 1:
+            add("13. speed-up of " + ", ".join(k for k in f if k != "lstm") + f" over {label} "
+                "within 20% of LSTM's (max relative deviation)",
                 max(abs(v / f["lstm"] - 1) for v in f.values()), "<=", 0.2, "")
     th = _get(b, "torch_hidden")
     if th:
@@ -184,27 +190,37 @@ def markdown(res: dict) -> str:
         r = b["lean"]
         c = r["config"]
         peers = ("torch_stock", "torch_wavefront", "torch_wavefront_compiled")
-        lines += ["", f"## The hidden map vs today's map (autodiff, one device), per cell "
+        fd = c.get("filing_day_commit")
+        lines += ["", f"## The hidden map vs today's map, per cell "
                   f"(L={c['L']}, T={c['T']}, H={c['H']}, B={c['B']}, float32, torch threads "
                   f"{c.get('torch_threads', '-')})", "",
                   f"`gradient_map` (batch split over {c.get('split_devices', '-')} device(s), "
-                  "runs of layers through `lean_layers`), the same unsplit, and today's map "
-                  "(autodiff, one device), same process, interleaved; user_gru is a "
-                  "`from_function` cell (no hand-written step: its steps are made by "
-                  "autodiff, `stack.autodiff_step`).", "",
-                  "| cell | split ms | lean ms | autodiff ms | split / autodiff | lean / "
-                  "autodiff | torch stock ms | torch wavefront ms | wavefront compiled ms | "
+                  "runs of layers through `lean_layers`), the same unsplit, today's code with "
+                  "the lean path off (autodiff, one device) and the filing-day map ("
+                  + (f"gradflow at {fd[:7]}, the code issue 13 timed, one device; "
+                     "`bench/filing_day.py`)" if fd else "not measured: "
+                     f"{r.get('filing_day_error', 'switched off')})")
+                  + ", same process, interleaved; user_gru is a `from_function` cell (no "
+                  "hand-written step: its steps are made by autodiff, "
+                  "`stack.autodiff_step`).", "",
+                  "| cell | split ms | lean ms | autodiff ms | filing-day ms | split / "
+                  "filing day | split / autodiff | lean / autodiff | autodiff / filing day | "
+                  "torch stock ms | torch wavefront ms | wavefront compiled ms | "
                   "split speedup vs stock, wavefront, compiled | max rel. diff to autodiff "
-                  "(split, lean) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "(split, lean, filing day) |", "|---" * 14 + "|"]
         for k, v in r["rows"].items():
             t, sp, ch = v["times"], v["speedup"], v["checks"]
             lines.append(f"| {k} | {_ms(t.get('split'))} | {_ms(t['lean'])} | "
-                         f"{_ms(t['autodiff'])} | {_f(v.get('split_over_autodiff'))} | "
+                         f"{_ms(t['autodiff'])} | {_ms(t.get('filing_day'))} | "
+                         f"{_f(v.get('split_over_filing_day'))} | "
+                         f"{_f(v.get('split_over_autodiff'))} | "
                          f"{_f(v['lean_over_autodiff'])} | "
+                         f"{_f(v.get('autodiff_over_filing_day'))} | "
                          + " | ".join(_ms(t.get(p)) for p in peers) + " | "
                          + ", ".join(_f(sp.get(f"split_vs_{p}")) for p in peers) + " | "
                          f"{_f(ch.get('split_vs_autodiff_rel_err'))}, "
-                         f"{_f(ch['lean_vs_autodiff_rel_err'])} |")
+                         f"{_f(ch['lean_vs_autodiff_rel_err'])}, "
+                         f"{_f(ch.get('filing_day_vs_autodiff_rel_err'))} |")
     if "wavefront" in b:
         r = b["wavefront"]
         c = r["config"]

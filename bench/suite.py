@@ -18,6 +18,7 @@ import numpy as np
 
 import gradflow
 from gradflow import jacobian as J
+from bench import filing_day as FD
 from bench import flops
 from bench.harness import block, compile_jit, ratio, timed
 
@@ -160,11 +161,14 @@ def torch_hidden(cfg) -> dict:
             "split_over_unsplit": ratio(t["gradflow"], t["gradflow_unsplit"])}
 
 
-def user_cell(hidden: int):
+def user_cell(hidden: int, cells=None):
     """A user's GRU written as a plain step function, wrapped by
-    :func:`gradflow.cells.from_function` (the adapter path: no gradflow cell code)."""
+    :func:`gradflow.cells.from_function` (the adapter path: no gradflow cell code); ``cells``:
+    the ``cells`` module to wrap it with (default gradflow's; the filing-day package's for
+    :mod:`bench.filing_day`)."""
     import math as _m
-    from gradflow import cells
+    if cells is None:
+        from gradflow import cells
 
     def init(key, n_in, n_h, dtype):
         kw, ku = jax.random.split(key)
@@ -299,15 +303,23 @@ def _lean_hidden(pr, loss="last"):
 
 def lean(cfg) -> dict:
     """The hidden map as ``gradient_map`` runs it (batch split over the devices, runs of layers
-    through ``stack.lean_layers``), the same unsplit, and today's map (autodiff, one device:
-    the map before issue 13), same process, interleaved, per cell (LSTM, GRU, STAR, a user's
-    GRU through ``from_function``, whose steps ``stack.autodiff_step`` makes); LSTM also with
-    the PyTorch peers (stock ``retain_grad`` loop, manual wavefront, also
-    ``torch.compile``-d)."""
+    through ``stack.lean_layers``), the same unsplit, today's code with the lean path off
+    (autodiff, one device) and the filing-day map (the code issue 13 timed,
+    :mod:`bench.filing_day`, one device; where this checkout's git history has it), same
+    process, interleaved, per cell (LSTM, GRU, STAR, a user's GRU through ``from_function``,
+    whose steps ``stack.autodiff_step`` makes); LSTM also with the PyTorch peers (stock
+    ``retain_grad`` loop, manual wavefront, also ``torch.compile``-d)."""
     from gradflow import parallel
     size, reps = cfg["std"], cfg["repeats"]
     out = {"config": {**size, "loss": "last", "dtype": "float32",
                       "split_devices": len(parallel.devices_for(size["B"])) or 1}, "rows": {}}
+    then = None
+    if cfg.get("filing_day", True):
+        try:
+            then = FD.load()
+            out["config"]["filing_day_commit"] = FD.COMMIT
+        except RuntimeError as e:
+            out["filing_day_error"] = str(e)
     for name in cfg.get("lean_cells", ("lstm", "gru", "star")):
         cell = user_cell(size["H"]) if name == "user_gru" else name
         pr = gradflow.problem(cell, layers=size["L"], steps=size["T"], hidden=size["H"],
@@ -318,6 +330,10 @@ def lean(cfg) -> dict:
         ref = np.asarray(fns["autodiff"]()[1])
         checks = {"lean_vs_autodiff_rel_err": rel_err(fns["lean"]()[1], ref),
                   "split_vs_autodiff_rel_err": rel_err(fns["split"](), ref)}
+        if then is not None:
+            fns["filing_day"] = FD.hidden_map(
+                then, user_cell(size["H"], then.cells) if name == "user_gru" else name, size)
+            checks["filing_day_vs_autodiff_rel_err"] = rel_err(fns["filing_day"](), ref)
         if name == "lstm" and cfg.get("lean_torch", True):
             try:
                 import torch
@@ -347,6 +363,9 @@ def lean(cfg) -> dict:
         row = {"times": t, "checks": checks,
                "lean_over_autodiff": ratio(t["lean"], t["autodiff"]),
                "split_over_autodiff": ratio(t["split"], t["autodiff"]),
+               **({"split_over_filing_day": ratio(t["split"], t["filing_day"]),
+                   "autodiff_over_filing_day": ratio(t["autodiff"], t["filing_day"])}
+                  if "filing_day" in t else {}),
                "speedup": {f"lean_vs_{k}": ratio(t[k], t["lean"]) for k in fns if k != "lean"}}
         row["speedup"].update({f"split_vs_{k}": ratio(t[k], t["split"])
                                for k in fns if k.startswith("torch")})

@@ -154,22 +154,38 @@ def test_split_floor_runs_pinned_halves_and_reports_them():
 
 
 def test_lean_benchmark_cross_checks():
-    """The hidden map vs today's map: gradient_map (split, lean), the lean map, autodiff and
-    the torch peers compute one map, for a registered cell and a user's from_function cell."""
+    """The hidden map vs today's map: gradient_map (split, lean), the lean map, autodiff, the
+    filing-day code (gradflow as issue 13 measured it, from this checkout's git history) and
+    the torch peers compute one map, for registered cells and a user's from_function cell."""
+    from bench import filing_day
     res = run.run({**TINY, "lean_cells": ("lstm", "star", "user_gru")}, ["lean"])
     assert not res["errors"], res["errors"]
-    rows = res["benchmarks"]["lean"]["rows"]
+    lean = res["benchmarks"]["lean"]
+    rows = lean["rows"]
+    try:
+        filing_day.load()
+        have_then = True
+    except RuntimeError as e:  # a checkout without the history: said, not silently dropped
+        have_then = False
+        assert lean["filing_day_error"] == str(e)
     for name in ("lstm", "star", "user_gru"):
         assert rows[name]["checks"]["lean_vs_autodiff_rel_err"] < 1e-5
         assert rows[name]["checks"]["split_vs_autodiff_rel_err"] < 1e-5
         t = rows[name]["times"]
         assert rows[name]["split_over_autodiff"] == (t["split"]["median_s"]
                                                     / t["autodiff"]["median_s"])
+        if have_then:
+            assert rows[name]["checks"]["filing_day_vs_autodiff_rel_err"] < 1e-5
+            assert rows[name]["split_over_filing_day"] == (t["split"]["median_s"]
+                                                          / t["filing_day"]["median_s"])
     assert all(v < 1e-4 for k, v in rows["lstm"]["checks"].items() if k.endswith("rel_err"))
     names = [g["name"] for g in res["goals"]]
-    assert any(n.startswith("13. hidden map (gradient_map") for n in names)
-    assert any(n.startswith("13. speed-up over today's map of star, user_gru") for n in names)
-    assert "## The hidden map vs today's map" in report.markdown(res)
+    for ref in ["today's code with the lean path off"] + ["the filing-day map"] * have_then:
+        assert any(n.startswith("13. hidden map (gradient_map") and ref in n for n in names)
+        assert any(n.startswith("13. speed-up of star, user_gru over " + ref) for n in names)
+    md = report.markdown(res)
+    assert "## The hidden map vs today's map" in md
+    assert ("the code issue 13 timed" if have_then else "not measured: ") in md
 
 
 def test_wavefront_benchmark_compares_equal_maps():
