@@ -812,8 +812,11 @@ def hoist_inputs(cell: Cell, p, state, xp) -> Cell:
     jaxpr (traced once per cell and shapes of ``p``, ``state``, ``xp = cell.project(p, x_t)``)
     is split: the equations that read only the parameters and the input, through linear
     operations (``_LINEAR_PRIMITIVES``: matmuls, sums, reshapes, slices, ...; a product of two
-    input-dependent values, or any nonlinearity, stays in the step) become the new projection,
-    run for all steps at once; the rest is the new ``recur``, reading their values. Linear, so
+    input-dependent values, or any nonlinearity, stays in the step) up to the last matmul on
+    each path become the new projection, run for all steps at once; the rest is the new
+    ``recur``, reading their values (so a bias added after ``x W``, or a split of it into
+    gates, runs in the step, fused into its first element-wise operation, not as a pass over
+    the whole sequence). Linear, so
     the projection's transpose in :func:`lean_layers`' backward is one matmul per layer
     without recomputing its forward. The numbers are the cell's own. Returns ``cell`` itself
     when nothing is to be moved (e.g. every built-in cell)."""
@@ -849,6 +852,19 @@ def _hoisted(cell: Cell, tree, avals) -> Cell:
         kinds.append(kind)
         if kind != "step":
             ready.update(eqn.outvars)
+    # What follows the input matmuls only in the step (a bias added, a split into gates)
+    # stays there, where it fuses into the step's first element-wise operation: in the
+    # projection it would be a pass of its own over the layer's whole sequence.
+    users = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not _literal(v):
+                users.setdefault(v, []).append(i)
+    for i in reversed(range(len(kinds))):
+        eqn = jaxpr.eqns[i]
+        if kinds[i] == "hoist" and eqn.primitive.name != "dot_general" and all(
+                kinds[j] == "step" for o in eqn.outvars for j in users.get(o, ())):
+            kinds[i] = "step"
     if "hoist" not in kinds:
         return cell
     hoisted = {o for e, k in zip(jaxpr.eqns, kinds) if k == "hoist" for o in e.outvars}

@@ -167,15 +167,19 @@ def _dots(fn, *args) -> list:
 def test_hoist_inputs_moves_the_input_matmul_out_of_the_step(x64):
     """A user cell computes ``x W`` in its step; ``hoist_inputs`` moves that linear input-only
     work into the projection (one matmul for the whole sequence) and leaves the step one
-    matmul (``h U``); a nonlinearity of the input stays in the step. Projection + step equal
-    the cell's step at every t (float64), and the state map through them equals autodiff's."""
+    matmul (``h U``); a nonlinearity of the input stays in the step, and so do the bias added
+    after the matmul and the split into gates (fused there; in the projection each would be a
+    pass over the sequence), while a scaling before the matmul moves with it. Projection +
+    step equal the cell's step at every t (float64), and the state map through them equals
+    autodiff's."""
     def init(key, n_in, H, dtype):
         k1, k2 = jax.random.split(key)
         return {"W": jax.random.normal(k1, (n_in, 2 * H), dtype) / np.sqrt(n_in),
-                "U": jax.random.normal(k2, (H, H), dtype) / np.sqrt(H), "b": jnp.ones(H, dtype)}
+                "U": jax.random.normal(k2, (H, H), dtype) / np.sqrt(H), "b": jnp.ones(H, dtype),
+                "c": jnp.linspace(-1, 1, 2 * H, dtype=dtype)}
 
     def step(p, h, x):
-        a, z = jnp.split(x @ p["W"], 2, axis=-1)  # hoisted: linear in x
+        a, z = jnp.split((0.5 * x) @ p["W"] + p["c"], 2, axis=-1)  # (0.5 x) W hoisted
         h = jnp.tanh(a + h @ p["U"] + p["b"]) * jnp.tanh(z) + 0.5 * h  # tanh(z) stays
         return h, h
     cell = cells.from_function(step, init)
@@ -186,7 +190,9 @@ def test_hoist_inputs_moves_the_input_matmul_out_of_the_step(x64):
     hc = stack_module.hoist_inputs(cell, p, s, xs[0])
     assert hc is not cell and hc.init_fn is cell.init_fn
     bnd = hc.project(p, xs)
-    assert [b.shape for b in bnd] == [(T, B, H)] * 2
+    assert [b.shape for b in bnd] == [(T, B, 2 * H)]  # (0.5 x) W; + c and the split: the step's
+    prims = {e.primitive.name for e in jax.make_jaxpr(hc.project)(p, xs).jaxpr.eqns}
+    assert "dot_general" in prims and not prims & {"add", "split", "slice"}, prims
     assert _dots(cell.recur, p, s, xs[0], 0) == ["dot_general", "dot_general", "tanh", "tanh"]
     assert _dots(hc.recur, p, s, tuple(b[0] for b in bnd), 0) == ["dot_general", "tanh", "tanh"]
     for t in range(T):
@@ -375,9 +381,14 @@ def test_matmul_derivatives(x64):
 @pytest.mark.parametrize("spec", LEAN, ids=_id)
 def test_lean_inputs_hold_cell_project(spec, x64):
     """A lean step's own input layout (``Lean.project``, where given) carries the same numbers
-    as ``cell.project``: every gate's block of the packed array equals that gate's projection."""
+    as ``cell.project``, with or without the biases (LSTM, GRU, RNN leave them to the step,
+    where they fuse; STAR keeps them: it slices its projection in two anyway): every gate's
+    block of the packed array is that gate's ``x W`` (+ ``b``)."""
     cell = _cell(spec)
     p = cell.init(jax.random.key(0), 3, 4, jnp.float64)
+    p = jax.tree_util.tree_map_with_path(  # biases that tell (some initialise to zero)
+        lambda k, a: a + 1.0 + jnp.arange(a.size).reshape(a.shape) / 7.0
+        if str(k[-1].key).startswith("b") else a, p)
     x = jax.random.normal(jax.random.key(1), (5, 2, 3), jnp.float64)
     mine, ref = stack_module.lean_inputs(cell, p, x), cell.project(p, x)
     if cell.lean.project is None:
@@ -385,10 +396,15 @@ def test_lean_inputs_hold_cell_project(spec, x64):
         return
     if isinstance(mine, tuple):  # one array per gate, in the order of cell.project's
         mine = jnp.concatenate(mine, axis=-1)
-    blocks = [np.asarray(b) for b in jax.tree_util.tree_leaves(ref)]
+    # cell.project is affine in x: its value at x = 0 is the biases
+    zero = cell.project(p, jnp.zeros_like(x))
+    biased = cell.name == "star"
+    blocks = [np.asarray(a if biased else a - b) for a, b in zip(
+        jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(zero))]
+    blocks = [c for b in blocks for c in np.split(b, b.shape[-1] // 4, axis=-1)]  # per gate
     assert mine.shape == (5, 2, 4 * len(blocks))
     # the gates' order is the lean step's own (checked by the tests above, from raw inputs)
     mine = np.split(np.asarray(mine), len(blocks), axis=-1)
-    match = [[j for j, b in enumerate(blocks) if np.allclose(a, b, rtol=1e-14, atol=0)]
-             for a in mine]
+    match = [[j for j, b in enumerate(blocks) if np.allclose(a, b, rtol=1e-12, atol=1e-13)]
+             for a in mine]  # (x W + b) - b: rounding of b's size
     assert sorted(j for m in match for j in m) == list(range(len(blocks))), match

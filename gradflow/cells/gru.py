@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
-                                 matmul, packed, packed_projection, recurrent_projection,
-                                 refined_set)
+                                 matmul, packed, packed_bias, packed_projection,
+                                 recurrent_projection, refined_set)
 from gradflow.cells.mechanisms import REFINED_MODES, refine, refined, standard_init
 
 @factory
@@ -75,8 +75,9 @@ def _gates_rz(a):
 
 def _lean(reset: str) -> Lean:
     r"""The plain GRU's :class:`~gradflow.cells.base.Lean` step (gates ``r, z, n``), both reset
-    placements. Projected input: the three gates' ``x W + b`` as one ``(T, *batch, 3H)``
-    array (:func:`~gradflow.cells.base.packed_projection`). With :math:`K_n = (1-z)(1-n^2)`:
+    placements. Projected input: the three gates' ``x W`` as one ``(T, *batch, 3H)`` array
+    (:func:`~gradflow.cells.base.packed_projection`; the step adds the biases). With
+    :math:`K_n = (1-z)(1-n^2)`:
 
     ``reset="after"``: factors ``K = [K_n (U_n h + b_{hn}) r(1-r), (h-n) z(1-z), K_n r]``,
     ``K_n``, ``z``; :math:`\bar{a} = [\bar h K_r, \bar h K_z, \bar h K_n]`,
@@ -92,6 +93,7 @@ def _lean(reset: str) -> Lean:
             h = state["h"]
             H = h.shape[-1]
             rec = packed(h, p, inputs, "U")
+            xp = xp + packed_bias(p, inputs)
             r, z = _gates_rz(xp[..., :2 * H] + rec[..., :2 * H])
             hn = rec[..., 2 * H:] + p["n"]["b_hn"]
             n = jnp.tanh(xp[..., 2 * H:] + r * hn)
@@ -113,6 +115,7 @@ def _lean(reset: str) -> Lean:
         def forward(p, state, xp, t):
             h = state["h"]
             H = h.shape[-1]
+            xp = xp + packed_bias(p, inputs)
             r, z = _gates_rz(xp[..., :2 * H] + packed(h, p, gates, "U"))
             n = jnp.tanh(xp[..., 2 * H:] + (r * h) @ p["n"]["U"])
             new = (1.0 - z) * n + z * h

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
-                                 packed, packed_projection, recurrent_projection, refined_set)
+                                 packed, packed_bias, packed_projection, recurrent_projection,
+                                 refined_set)
 from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, refined,
                                        standard_init)
 
@@ -169,9 +170,9 @@ def _init_fn(name, o, specs, aux, tied, tie, chunks):
 def _lean(forget_bias: float) -> Lean:
     r"""The plain LSTM's :class:`~gradflow.cells.base.Lean` step (gates ``i, f, g, o``).
 
-    Projected input: all four gates' ``x W + b`` as one ``(T, *batch, 4H)`` array
-    (:func:`~gradflow.cells.base.packed_projection`), so its gate cotangent is ``\bar z``
-    itself. Factors, one ``(*batch, 6H)`` array (one store per step):
+    Projected input: all four gates' ``x W`` as one ``(T, *batch, 4H)`` array
+    (:func:`~gradflow.cells.base.packed_projection`; the step adds the biases), so its gate
+    cotangent is ``\bar z`` itself. Factors, one ``(*batch, 6H)`` array (one store per step):
     ``K = [g i(1-i), c_{t-1} f(1-f), i(1-g^2), tanh(c) o(1-o)]``, ``a = o(1 - tanh(c)^2)`` and
     ``f``. Backward: :math:`\bar c = \bar c_t + \bar h_t a`,
     :math:`\bar z = [\bar c, \bar c, \bar c, \bar h_t] \odot K`,
@@ -188,8 +189,8 @@ def _lean(forget_bias: float) -> Lean:
         z = xp + packed(state["h"], p, gates, "U")
         half, one = jnp.full((H,), 0.5, z.dtype), jnp.ones((H,), z.dtype)
         zero = jnp.zeros((H,), z.dtype)
-        s = jnp.tanh(jnp.concatenate([half, half, one, half])
-                     * (z + jnp.concatenate([zero, zero + forget_bias, zero, zero])))
+        shift = packed_bias(p, gates) + jnp.concatenate([zero, zero + forget_bias, zero, zero])
+        s = jnp.tanh(jnp.concatenate([half, half, one, half]) * (z + shift))
         i, f = 0.5 * s[..., :H] + 0.5, 0.5 * s[..., H:2 * H] + 0.5
         g, o = s[..., 2 * H:3 * H], 0.5 * s[..., 3 * H:] + 0.5
         c = f * c_prev + i * g

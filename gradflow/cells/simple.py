@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, factory, fused_transpose, input_projection, matmul,
-                                 parse_init, uniform, weight)
+                                 packed_projection, parse_init, uniform, weight)
 from gradflow.cells.mechanisms import standard_init
 
 
@@ -35,16 +35,17 @@ def rnn(*, init: str = "orthogonal") -> Cell:
         h = jnp.tanh(xp["h"] + matmul(state["h"], p["h"]["U"]))
         return {"h": h}, h, {}
 
-    def lean_forward(p, state, xp, t):  # factor 1 - h_t^2
-        h = jnp.tanh(xp["h"] + state["h"] @ p["h"]["U"])
+    def lean_forward(p, state, xp, t):  # xp = x W (packed_projection); factor 1 - h_t^2
+        h = jnp.tanh(xp + p["h"]["b"] + state["h"] @ p["h"]["U"])
         return {"h": h}, h, 1.0 - h * h
 
     def lean_backward(p, q, d):  # a = d_h (1 - h_t^2); d_h_{t-1} = a U^T
         a = d["h"] * q
-        return {"h": fused_transpose(a, p, ("h",))}, {"h": a}
+        return {"h": fused_transpose(a, p, ("h",))}, a
 
     return Cell(name="rnn", init_fn=init_fn, project_fn=project, recur_fn=recur,
-                lean=Lean(lean_forward, lean_backward), equation="h = tanh(W x + U h + b)")
+                lean=Lean(lean_forward, lean_backward, packed_projection(("h",))),
+                equation="h = tanh(W x + U h + b)")
 
 
 @factory
