@@ -33,7 +33,7 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 def load():
     """The filing-day package, imported as ``gradflow_then``; a RuntimeError saying why when
     this checkout cannot provide it (no git, or a history without :data:`COMMIT`, e.g. a
-    shallow clone or a source archive)."""
+    shallow clone or a source archive) or it does not import with this JAX."""
     try:
         tar = subprocess.run(["git", "-C", str(_ROOT), "archive", COMMIT, "gradflow"],
                              capture_output=True, check=True, timeout=60).stdout
@@ -53,6 +53,9 @@ def load():
     sys.path.insert(0, str(folder))
     try:
         return importlib.import_module(NAME)
+    except Exception as e:  # noqa: BLE001  (old code under a newer JAX, ...: say so, go on)
+        raise RuntimeError(f"the filing-day gradflow ({COMMIT[:7]}) does not import here: "
+                           f"{e!r}"[:400]) from e
     finally:
         sys.path.remove(str(folder))
 
