@@ -816,10 +816,10 @@ def hoist_inputs(cell: Cell, p, state, xp) -> Cell:
     each path become the new projection, run for all steps at once; the rest is the new
     ``recur``, reading their values (so a bias added after ``x W``, or a split of it into
     gates, runs in the step, fused into its first element-wise operation, not as a pass over
-    the whole sequence). Linear, so
-    the projection's transpose in :func:`lean_layers`' backward is one matmul per layer
-    without recomputing its forward. The numbers are the cell's own. Returns ``cell`` itself
-    when nothing is to be moved (e.g. every built-in cell)."""
+    the whole sequence). Linear, so the projection's transpose in :func:`lean_layers`'
+    backward is one matmul per layer without recomputing its forward. The numbers are the
+    cell's own. Returns ``cell`` itself when nothing is to be moved (e.g. every built-in
+    cell)."""
     return _hoisted(cell, *_shapes(p, state, xp))
 
 
