@@ -875,7 +875,10 @@ def _hoisted(cell: Cell, tree, avals) -> Cell:
     core = jax.extend.core
 
     def part(name, invars, outvars, keep):
-        info = core.DebugInfo(name, f"{name} of {cell.name}", None, None)
+        # the traced jaxpr's own DebugInfo, renamed (``jax.extend.core.DebugInfo`` is public
+        # only since JAX 0.10; the NamedTuple's ``_replace`` works in every supported version)
+        info = jaxpr.debug_info._replace(traced_for=name, func_src_info=f"{name} of {cell.name}",
+                                         arg_names=None, result_paths=None)
         return core.jaxpr_as_fun(core.ClosedJaxpr(core.Jaxpr(
             jaxpr.constvars, invars, outvars, [e for e, k in zip(jaxpr.eqns, kinds) if k != keep],
             jaxpr.effects, info), closed.consts))

@@ -434,19 +434,19 @@ def matmul(v, m):
     matmuls, so that autodiff's backward (steps made by autodiff, parameter maps, training)
     does not repack ``U`` on every step (LSTM map 5-9% faster). Forward and
     reverse mode; the values are those of ``v @ m``."""
-    return v @ m
+    return jnp.matmul(v, m)
 
 
 def _matmul_jvp(primals, tangents):
     v, m = primals
     dv, dm = tangents  # symbolic zeros where not differentiated (e.g. constant parameters)
-    out = v @ m
+    out = jnp.matmul(v, m)  # (not ``@``: JAX 0.8 may hand the rule NumPy-typed arrays)
     parts = []
     if not isinstance(dv, SymbolicZero):
         # dv @ m written against m^T, so its transpose (the backward) is g @ m^T, contiguous
         parts.append(jax.lax.dot_general(dv, _transposed(m), (((dv.ndim - 1,), (1,)), ((), ()))))
     if not isinstance(dm, SymbolicZero):
-        parts.append(v @ dm)
+        parts.append(jnp.matmul(v, dm))
     return out, sum(parts[1:], parts[0]) if parts else jnp.zeros_like(out)
 
 
