@@ -48,6 +48,7 @@ WRTS = ("hidden", "cell", "params")
 DTYPES = ("float32", "float64")
 TASKS = ("adding", "copy", "counting", "digits")
 NORMS = ("layer", "rms")
+MATMUL_PRECISIONS = ("highest", "high", "default")
 
 
 class UsageError(Exception):
@@ -333,6 +334,7 @@ _TOKENS = {
     "batch": "B{}".format, "input_size": "D{}".format, "init": str, "option": _options_token,
     "task_option": _options_token, "no_input_projection": lambda v: "noproj",
     "residual": lambda v: "residual", "norm": "{}norm".format, "seed": "s{}".format,
+    "matmul_precision": "mm-{}".format,
     "input_scale": "x{:g}".format, "dtype": str, "loss": "loss-{}".format,
     "losses": lambda v: "loss-" + "-".join(v), "record_loss": "loss-{}".format,
     "wrt": "wrt-{}".format, "readout_seed": "r{}".format, "eps": "eps{:g}".format,
@@ -511,7 +513,8 @@ def _cell(args, steps: int):
 
 
 def _stack_settings(args) -> dict:
-    settings = {"residual": args.residual, "norm": args.norm}
+    settings = {"residual": args.residual, "norm": args.norm,
+                "matmul_precision": args.matmul_precision}
     if getattr(args, "checkpoint", None) is not None:
         settings["checkpoint"] = args.checkpoint
     if args.no_input_projection:
@@ -571,7 +574,9 @@ def _read_params(args):
     with user_input():
         meta = runs.read_run(args.params)
         stack, params = runs.load_params(args.params, cell=cell)
-    return stack, params, meta
+    # how to compute is this command's choice, not the saved run's
+    return (stack.replace(matmul_precision=getattr(args, "matmul_precision",
+                                                   stack.matmul_precision)), params, meta)
 
 
 def _trained_problem(args):
@@ -582,6 +587,7 @@ def _trained_problem(args):
     import jax
 
     from gradflow.problem import Problem, dtype_of, problem
+    from gradflow.stack import SETTINGS
 
     stack, params, meta = _read_params(args)
     dt = dtype_of(args.dtype)
@@ -592,8 +598,7 @@ def _trained_problem(args):
         prob = problem(cell, layers=stack.layers, steps=args.steps, hidden=stack.hidden_size,
                        batch=args.batch, input_size=stack.input_size, seed=args.seed,
                        dtype=args.dtype, input_scale=args.input_scale, stack_options={
-                           k: getattr(stack, k) for k in ("input_projection", "order",
-                                                          "checkpoint", "residual", "norm")})
+                           k: getattr(stack, k) for k in SETTINGS if k != "cell_options"})
         return prob._replace(stack=stack, params=params, config={**prob.config, **config})
     given = _given(args, ("steps", "seed", "input_scale"))
     if given:
@@ -678,6 +683,11 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                        help="residual stack: each layer emits h + x (its output plus its input)")
         g.add_argument("--norm", choices=NORMS, default=None,
                        help="normalise each layer's output: layer (LayerNorm) or rms (RMSNorm)")
+        g.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest",
+                       help="float32 matmuls: highest (true float32 on every backend), or the "
+                            "backend's faster modes high, default (TensorFloat-32 on recent "
+                            "NVIDIA GPUs, bfloat16 passes on TPUs; CPUs compute float32 in "
+                            "every mode) (default: highest)")
 
 
 def add_measurement_options(p, wrt: str, loss: bool = True):

@@ -80,7 +80,7 @@ from gradflow.problem import problem
 from gradflow.results import Result, make_result
 from gradflow import checks
 from gradflow.checks import positive_int as _positive_int
-from gradflow.stack import Stack
+from gradflow.stack import Stack, in_precision
 
 STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_fraction",
          "nonfinite")
@@ -256,6 +256,7 @@ def _slopes(stack: Stack, params: dict, xs, out) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("stack",))
+@in_precision
 def activations(stack: Stack, params: dict, xs) -> dict:
     """``{gate: (L, B, T, H)}``: every reported gate activation of ``stack`` on ``xs``
     ``(B, T, D)``."""
@@ -263,6 +264,7 @@ def activations(stack: Stack, params: dict, xs) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("stack",))
+@in_precision
 def slopes(stack: Stack, params: dict, xs) -> dict:
     r"""``{gate: (L, B, T, H)}``: local slopes :math:`|\partial a/\partial z|` of each gate ``a``
     w.r.t. its own pre-activation ``z``.
@@ -312,6 +314,7 @@ def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "bins"))
+@in_precision
 def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
     """All reductions of :func:`saturation` in one compiled function.
 

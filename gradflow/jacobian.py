@@ -39,7 +39,7 @@ from gradflow import cost as _cost
 from gradflow.errors import InputError, user_input
 from gradflow.results import Result, make_result
 from gradflow.cells.base import normal
-from gradflow.stack import Stack, map_layers, safe_norm, scaled_reduction
+from gradflow.stack import Stack, in_precision, map_layers, safe_norm, scaled_reduction
 
 LOSSES = ("last", "all")
 WRTS = ("hidden", "cell", "params")
@@ -249,6 +249,7 @@ def _state_map(stack, params, xs, loss_fn, name):
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "name"))
+@in_precision
 def _state_map_local(stack, params, xs, loss_fn, name):
     # Norm taps (Stack.apply(taps=...)): the backward pass reduces each step's (B, H) state
     # cotangent to its (B,) norms as it goes, so no (L, B, T, H) gradient is ever held. The
@@ -301,6 +302,7 @@ def per_step_param_grads(stack: Stack, params, xs, loss_fn: Callable, reduce=Non
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "loss_fn"))
+@in_precision
 def _params_map(stack, params, xs, loss_fn):
     # Parameter taps (Stack.apply(param_taps=...)): one forward and one backward pass, each
     # step's parameter gradient reduced to its mean |.| where the backward pass forms it.
@@ -416,6 +418,7 @@ def _target_vjp(stack: Stack, params, xs, target):
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "target", "norm", "positions", "chunk"))
+@in_precision
 def _exact_map(stack, params, xs, target, norm, positions, chunk):
     B, T, _ = xs.shape
     H = stack.widths[target[0]]
@@ -478,6 +481,7 @@ def _probe_stats(n, H):
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "target", "probes"))
+@in_precision
 def _probe_map(stack, params, xs, target, probes, key):
     B, T, _ = xs.shape
     H = stack.widths[target[0]]
@@ -538,6 +542,7 @@ def _rms_spectral(j):
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "chunk"))
+@in_precision
 def _gains(stack, params, xs, chunk):
     B, T, _ = xs.shape
     out = stack.apply(params, xs)

@@ -61,6 +61,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gradflow.stack import in_precision
+
 AXIS = "batch"
 _SETTING = {"devices": "all"}
 
@@ -236,7 +238,8 @@ def _replicate(params, mesh):
 def _sharded_state_map(stack, loss_fn, name, mesh, layout):
     n = mesh.devices.size
 
-    def local(bufs, xs_k):
+    @in_precision
+    def local(stack, bufs, xs_k):
         params = _unpack(bufs, layout)
         b, T, _ = xs_k.shape
         B = b * n
@@ -251,7 +254,7 @@ def _sharded_state_map(stack, loss_fn, name, mesh, layout):
 
     # check_vma=False: the zero taps and states made inside the stack are not marked per-device;
     # both outputs are replicated (computed alike / psum-ed on every device).
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
+    return jax.jit(jax.shard_map(functools.partial(local, stack), mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
                                  out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
 
 

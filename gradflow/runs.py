@@ -32,7 +32,7 @@ import numpy as np
 
 from gradflow import cells as _cells
 from gradflow.errors import InputError
-from gradflow.stack import Stack
+from gradflow.stack import SETTINGS, Stack
 
 STATE = "state.npz"
 CURVE = "curve.npz"
@@ -40,8 +40,7 @@ META = "__meta__"
 FORMAT = 2
 _LEGACY_PREFIX = "leaf"
 #: The keys of ``Stack.config`` that are stack settings; every other key is a cell option.
-STACK_KEYS = ("cell", "layers", "input_size", "hidden_size", "input_projection", "order",
-              "checkpoint", "residual", "norm", "cell_options")
+STACK_KEYS = ("cell", "layers", "input_size", "hidden_size", *SETTINGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,10 +184,9 @@ def stack_from_config(config: dict, cell=None) -> Stack:
         else:
             cell = _cells.get(name, **{k: _tuples(v) for k, v in config.items()
                                        if k not in STACK_KEYS})
+    # settings a file saved before they existed lacks take their defaults
     return Stack(cell, config["layers"], config["input_size"], config["hidden_size"],
-                 input_projection=config.get("input_projection"),
-                 order=config.get("order", "layer"), checkpoint=config.get("checkpoint"),
-                 residual=config.get("residual", False), norm=config.get("norm"))
+                 **{k: config[k] for k in SETTINGS if k != "cell_options" and k in config})
 
 
 def _tuples(v):

@@ -31,6 +31,7 @@ rematerialises the time scan in chunks of ``C`` steps and each layer as a whole
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -47,6 +48,27 @@ from gradflow.checks import positive_int as _positive_int
 from gradflow.cells.base import Cell, Lean, orthogonal
 
 ORDERS = ("layer", "wavefront")
+PRECISIONS = ("highest", "high", "default", None)
+
+
+def precision_scope(precision):
+    """The context a stack's matmuls are traced in: ``jax.default_matmul_precision(precision)``
+    (``None``: whatever is set around it). Every matmul traced inside without a precision of
+    its own gets it, a user cell's ``x @ W`` too; transposes keep their forward's."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(precision)
+
+
+def in_precision(fn):
+    """``fn(stack, ...)`` traced in ``precision_scope(stack.matmul_precision)``: for a
+    measurement's jitted body, so that its own matmuls (a readout, a cell's Jacobian) run at
+    the stack's precision too. Goes under ``jax.jit``."""
+    @functools.wraps(fn)
+    def traced(stack, *args, **kwargs):
+        with precision_scope(stack.matmul_precision):
+            return fn(stack, *args, **kwargs)
+    return traced
 
 
 class StackOutput(NamedTuple):
@@ -92,7 +114,8 @@ jax.tree_util.register_pytree_node(
 
 
 NORMS = (None, "layer", "rms")
-SETTINGS = ("input_projection", "order", "checkpoint", "residual", "norm", "cell_options")
+SETTINGS = ("input_projection", "order", "checkpoint", "residual", "norm", "matmul_precision",
+            "cell_options")
 
 
 class Instruments(NamedTuple):
@@ -172,6 +195,13 @@ class Stack:
         with learned ``scale``) on each layer's output, after the residual
         (``params["norm"]``: one dict per layer). Dropout is never applied: gradflow measures
         the deterministic network.
+      matmul_precision: the precision of every float32 matmul the stack and the measurements
+        on it trace (:func:`precision_scope`): ``"highest"`` (default: true float32 on every
+        backend, so a map on a GPU or TPU equals the CPU's to float32 rounding), ``"high"`` or
+        ``"default"`` (the backend's fast modes: TensorFloat-32 on recent NVIDIA GPUs, bfloat16
+        passes on TPUs; on CPUs XLA computes float32 in every mode), or ``None`` (JAX's
+        ``jax_default_matmul_precision`` as set around the call). ``python -m bench --only
+        accelerator`` reports the time and the map's error of ``"default"`` where it differs.
       cell_options: options of a named ``cell`` (e.g. ``{"forget_bias": 1.0}``).
 
     Example::
@@ -197,11 +227,13 @@ class Stack:
     checkpoint: int | str | None = None
     residual: bool = False
     norm: str | None = None
+    matmul_precision: str | None = "highest"
 
     def __init__(self, cell, layers: int = 1, input_size: int = 1, hidden_size=32, *,
                  input_projection: bool | None = None, order: str = "layer",
                  checkpoint=None, residual: bool = False, norm: str | None = None,
-                 cell_options: dict | None = None, **unknown):
+                 matmul_precision: str | None = "highest", cell_options: dict | None = None,
+                 **unknown):
         if unknown:
             raise ValueError(_unknown_setting(cell, unknown))
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -236,6 +268,10 @@ class Stack:
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid: None, 'layer', 'rms'")
         set_("norm", norm)
+        if matmul_precision not in PRECISIONS:
+            raise ValueError(f"unknown matmul_precision {matmul_precision!r}; valid: 'highest' "
+                             "(default), 'high', 'default', None")
+        set_("matmul_precision", matmul_precision)
         if order == "wavefront" and not self.uniform:
             raise ValueError("order='wavefront' needs every layer to read H features, one "
                              "cell and one width for all layers: use input_projection=True or "
@@ -303,7 +339,7 @@ class Stack:
                                 else list(self.hidden_size)),
                 "input_projection": self.input_projection,
                 "order": self.order, "checkpoint": self.checkpoint, "residual": self.residual,
-                "norm": self.norm}
+                "norm": self.norm, "matmul_precision": self.matmul_precision}
 
     def replace(self, **changes) -> "Stack":
         """A copy with some fields changed (``cell`` may be a name)."""
@@ -393,6 +429,11 @@ class Stack:
           :class:`StackOutput` with ``(L, B, T, H)`` states, emissions and gates
           (``H = max_width``, zero-padded beyond each layer's width).
         """
+        with precision_scope(self.matmul_precision):
+            return self._apply(params, xs, state0, perturb, taps, param_taps, gates,
+                               constant_params)
+
+    def _apply(self, params, xs, state0, perturb, taps, param_taps, gates, constant_params):
         self.check_inputs(xs)
         dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
         xs = jnp.asarray(xs, dtype)
@@ -467,7 +508,8 @@ class Stack:
             if (inst.constant_params and inst.param_taps is None and not inst.gates
                     and chunk is None):
                 P = jax.tree_util.tree_map(lax.stop_gradient, _stack_layers(layers[seg]))
-                states, up, final = lean_layers(cell, residual, self.norm, P, pn, x, s0,
+                states, up, final = lean_layers(cell, residual, self.norm,
+                                                self.matmul_precision, P, pn, x, s0,
                                                 ins.perturb, ins.taps)  # P: truthfully constant
                 out = (states, up, {}, final)
             elif stop - start == 1:
@@ -820,11 +862,12 @@ def hoist_inputs(cell: Cell, p, state, xp) -> Cell:
     backward is one matmul per layer without recomputing its forward. The numbers are the
     cell's own. Returns ``cell`` itself when nothing is to be moved (e.g. every built-in
     cell)."""
-    return _hoisted(cell, *_shapes(p, state, xp))
+    # the jaxpr keeps the precision its matmuls were traced with: one entry per setting
+    return _hoisted(cell, *_shapes(p, state, xp), jax.config.jax_default_matmul_precision)
 
 
 @functools.lru_cache(maxsize=256)
-def _hoisted(cell: Cell, tree, avals) -> Cell:
+def _hoisted(cell: Cell, tree, avals, precision) -> Cell:
     p_like, s_like, x_like = jax.tree_util.tree_unflatten(
         tree, [jax.ShapeDtypeStruct(*a) for a in avals])
     closed, out_shape = jax.make_jaxpr(cell.recur, return_shape=True)(
@@ -900,9 +943,9 @@ def _hoisted(cell: Cell, tree, avals) -> Cell:
     return dataclasses.replace(cell, project_fn=project, recur_fn=recur)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def lean_layers(cell: Cell, residual: bool, norm: str | None, P, pn, x, s0: dict,
-                perturb: dict, taps: dict):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def lean_layers(cell: Cell, residual: bool, norm: str | None, precision: str | None, P, pn, x,
+                s0: dict, perturb: dict, taps: dict):
     r"""A run of layers of one cell and shape (:meth:`Stack.segments`), each a time scan of
     a :class:`~gradflow.cells.base.Lean` step (:func:`step_rule`: the cell's own, or
     :func:`autodiff_step` for any cell, after :func:`hoist_inputs` moved its input-only linear
@@ -930,14 +973,16 @@ def lean_layers(cell: Cell, residual: bool, norm: str | None, P, pn, x, s0: dict
     ``lax.stop_gradient``); the norm's ``pn`` get their true cotangents.
 
     Args:
-      cell: any cell; residual, norm: the stack's settings for this run;
+      cell: any cell; residual, norm, precision: the stack's settings for this run (the
+        backward traces its matmuls in the forward's :func:`precision_scope`, wherever the
+        caller differentiates);
       P: the run's cell parameters with a leading layer axis ``n``; pn: its norm parameters
         (leading axis ``n``) or None; x: ``(T, B, in)``, the first layer's input;
       s0: ``{name: (n, B, H)}``; perturb: ``{name: (n, T, B, H)}``; taps: ``{name: (n, T, B)}``.
     Returns:
       ``(states {name: (n, T, B, H)}, emitted (n, T, B, H), final {name: (n, B, H)})``.
     """
-    return _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps)[0]
+    return _lean_fwd(cell, residual, norm, precision, P, pn, x, s0, perturb, taps)[0]
 
 
 def _index(tree, i):
@@ -966,7 +1011,12 @@ def _over_layers(layer, carry, xs, reverse=False):
     return carry, jax.tree_util.tree_map(lambda a: a[None], out)
 
 
-def _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps):
+def _lean_fwd(cell, residual, norm, precision, P, pn, x, s0, perturb, taps):
+    with precision_scope(precision):
+        return _lean_fwd_traced(cell, residual, norm, P, pn, x, s0, perturb, taps)
+
+
+def _lean_fwd_traced(cell, residual, norm, P, pn, x, s0, perturb, taps):
     T = x.shape[0]
     n = jax.tree_util.tree_leaves(P)[0].shape[0]
     p0, s00 = _index(P, 0), _index(s0, 0)
@@ -998,7 +1048,12 @@ def _lean_fwd(cell, residual, norm, P, pn, x, s0, perturb, taps):
     return (states, up, final), (P, pn, x, states["h"], up, buf, perturb, taps)
 
 
-def _lean_bwd(cell, residual, norm, res, cts):
+def _lean_bwd(cell, residual, norm, precision, res, cts):
+    with precision_scope(precision):
+        return _lean_bwd_traced(cell, residual, norm, res, cts)
+
+
+def _lean_bwd_traced(cell, residual, norm, res, cts):
     P, pn, x, hs, up, buf, perturb, taps = res
     d_states, d_up, d_final = cts
     T, n = x.shape[0], hs.shape[0]

@@ -46,6 +46,26 @@ def _summary_ratio(out: str, prefix: str) -> float:
 # --- heatmap ------------------------------------------------------------------------------------
 
 
+def test_matmul_precision_option_reaches_the_stack_and_the_name(capsys):
+    """``--matmul-precision default``: recorded in the result's config, in the default file
+    name, and on this CPU the same map as float32's; a bad value is a usage error."""
+    maps = []
+    for value, stem in (("highest", "heatmap_lstm_L2_T3_H8_B2"),
+                        ("default", "heatmap_lstm_L2_T3_H8_B2_mm-default")):
+        rc, out, err = run(capsys, "heatmap", "--cell", "lstm", *SMALL,
+                           "--matmul-precision", value)
+        assert rc == 0, err
+        npz = _written(out, "data:")
+        assert npz == Path(f"gradflow-out/{stem}.npz")
+        res = gradflow.load(npz)
+        assert res.config["matmul_precision"] == value
+        maps.append(res.values)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(*maps)
+    rc, _, err = run(capsys, "heatmap", "--cell", "lstm", "--matmul-precision", "tf32")
+    assert rc == 2 and "highest" in err and "Traceback" not in err
+
+
 def test_heatmap_writes_figure_and_data_at_the_default_place_and_the_summary_is_the_datas(capsys):
     rc, out, err = run(capsys, "heatmap", "--cell", "lstm", *SMALL)
     assert rc == 0, err

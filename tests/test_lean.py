@@ -103,8 +103,8 @@ def _layer_vjps(cell, p, x, s0, e, taps, cts):
 
     def lean(x, s0, e, taps):  # a run of one layer; the emission is h itself here
         one = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)  # noqa: E731
-        states, _, final = lean_layers(cell, False, None, one(p), None, x, one(s0), one(e),
-                                       one(taps))
+        states, _, final = lean_layers(cell, False, None, "highest", one(p), None, x, one(s0),
+                                       one(e), one(taps))
         return jax.tree_util.tree_map(lambda a: a[0], (states, final))
 
     return [jax.vjp(f, x, s0, e, taps)[1](cts) for f in (lean, auto)]
@@ -351,7 +351,7 @@ def test_check_grads_lean_layers(spec, x64):
     e = {k: rnd(0.1, n, T, B, H) for k in cell.state_names}
 
     def f(x, s0, e, pn):
-        states, up, final = lean_layers(cell, True, "rms", P, pn, x, s0, e, {})
+        states, up, final = lean_layers(cell, True, "rms", None, P, pn, x, s0, e, {})
         return states, jnp.sin(up), final
 
     check_grads(f, (x, s0, e, pn), order=1, modes=("rev",))
