@@ -233,6 +233,23 @@ def markdown(res: dict) -> str:
             lines.append(f"| {row['L']} x {row['T']} | {_ms(t['layer'])} | "
                          f"{_ms(t['wavefront'])} | {_f(row['wavefront_over_layer'])} | "
                          f"{_f(row['checks']['rel_err'])} |")
+    if "accelerator" in b:
+        r = b["accelerator"]
+        c, t, ch, rt = r["config"], r["times"], r["checks"], r["ratios"]
+        tor = r.get("torch", {})
+        lines += ["", f"## The hidden map on {c['backend']} (LSTM {c['L']} x {c['T']} x {c['H']}, "
+                  f"B={c['B']}; {', '.join(c['devices'])}; torch on "
+                  f"{tor.get('device', tor.get('error', '-'))})", "",
+                  "| map | ms | / best gradflow map | max rel. diff to layer autodiff |",
+                  "|---|---|---|---|"]
+        best = t[r["best_gradflow"]]["median_s"]
+        for k, v in t.items():
+            lines.append(f"| {k} | {_ms(v)} | {_f(v['median_s'] / best)} | "
+                         f"{_f(ch.get(f'{k}_vs_layer_autodiff_rel_err'))} |")
+        lines += ["", f"wavefront / layer {_f(rt['wavefront/layer'])}; layer (lean) / layer "
+                  f"autodiff {_f(rt['layer/layer_autodiff'])}; fast matmul mode / float32 "
+                  f"{_f(rt['layer_fast_matmul/layer'])} (its error: "
+                  f"{_f(ch['layer_fast_matmul_vs_layer_autodiff_rel_err'])})."]
     if "glibc" in b:
         r = b["glibc"]
         med, over = r.get("median_s", {}), r.get("over_default", {})

@@ -26,6 +26,7 @@ FULL = {
     "torch_compile": True, "split_cells": ("lstm", "gru", "star", "user_gru"),
     "glibc_rounds": 3, "lean_cells": ("lstm", "gru", "star", "user_gru"),
     "order_shapes": ((16, 64), (32, 32), (64, 16)),
+    "accelerator": {"L": 16, "T": 1000, "H": 256, "B": 32},
 }
 
 QUICK = {
@@ -40,20 +41,26 @@ QUICK = {
     "orders": ("layer",), "split_cells": ("lstm", "user_gru"),
     "glibc_rounds": 1, "lean_cells": ("lstm", "gru"), "lean_torch": False,
     "order_shapes": ((2, 8), (4, 4)),
+    "accelerator": {"L": 2, "T": 8, "H": 8, "B": 4},
     "default": ("floor", "torch_hidden", "cells_split", "jacobian", "flop_rate", "scaling",
                 "memory"),
 }
 
 BENCHMARKS = ("floor", "torch_hidden", "cells_split", "split_floor", "lean", "wavefront",
-              "jacobian", "flop_rate", "scaling", "memory", "sweep", "glibc", "atlas")
+              "accelerator", "jacobian", "flop_rate", "scaling", "memory", "sweep", "glibc",
+              "atlas")
+# A full run leaves out the accelerator's size (16 x 1000 x 256) unless asked for by name
+# (--only accelerator; bench/gpu.sh runs it where a GPU is lent).
+FULL["default"] = tuple(b for b in BENCHMARKS if b != "accelerator")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (seconds)")
     ap.add_argument("--only", default=None,
-                    help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all; "
-                         "--quick leaves out sweep, which starts two JAX processes)")
+                    help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all "
+                         "but accelerator; --quick leaves out sweep, which starts two JAX "
+                         "processes)")
     ap.add_argument("--out", default=None, help="output folder")
     ap.add_argument("--devices", type=int, default=None,
                     help="simulated CPU devices the batch of a map is split over (default: one "

@@ -18,6 +18,7 @@ import numpy as np
 
 import gradflow
 from gradflow import jacobian as J
+from gradflow.stack import precision_scope
 from bench import filing_day as FD
 from bench import flops
 from bench.harness import block, compile_jit, ratio, timed
@@ -113,35 +114,68 @@ def _plain_hidden(pr, loss="last"):
     return f
 
 
+def torch_peers(pr, cfg, kinds=("stock", "frozen", "wavefront", "wavefront_compiled"),
+                device=None):
+    """The PyTorch versions of ``pr``'s LSTM hidden map (:mod:`bench.torch_ref`) on its
+    weights, on ``device`` (torch's CPU by default): ``({kind: zero-argument callable -> (L, T)
+    tensor, waiting for its device}, notes)``. Kinds: ``stock`` (``retain_grad`` loop, weight
+    gradients on), ``frozen`` (the same, parameters frozen), ``wavefront`` (manual forward and
+    backward with ``bmm``), ``wavefront_compiled`` (its gates through ``torch.compile``; left
+    out, with the reason in ``notes["compile_error"]``, where inductor fails). ``notes`` also
+    holds torch's thread count, the device and the compile time."""
+    import torch
+    from bench import torch_ref as TR
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg["torch_threads"])
+    cells = TR.port_lstm(pr.params, device)
+    w, labels = TR.readout(loss_of(pr), device)
+    xs = torch.from_numpy(np.array(pr.xs, np.float32)).to(device)
+    sync = torch.cuda.synchronize if xs.is_cuda else (lambda: None)
+    make = {"stock": lambda: TR.hidden_map(cells, xs, w, labels, "last", True),
+            "frozen": lambda: TR.hidden_map(cells, xs, w, labels, "last", False),
+            "wavefront": lambda: TR.hidden_map_wavefront(cells, xs, w, labels, "last"),
+            "wavefront_compiled": lambda: TR.hidden_map_wavefront(cells, xs, w, labels, "last",
+                                                                  compiled=True)}
+
+    def waiting(f):
+        def g():
+            out = f()
+            sync()
+            return out
+        return g
+
+    notes = {"torch_threads": torch.get_num_threads(), "device": str(xs.device)}
+    peers = {}
+    for kind in kinds:
+        if kind == "wavefront_compiled":
+            t0 = time.perf_counter()
+            try:
+                waiting(make[kind])()
+                notes["compile_s"] = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001  (inductor needs a C++ compiler)
+                notes["compile_error"] = repr(e)[:500]
+                continue
+        peers[kind] = waiting(make[kind])
+    return peers, notes
+
+
 def torch_hidden(cfg) -> dict:
     """gradflow's hidden map (batch split over the devices, and unsplit) vs four PyTorch
     versions: the stock ``retain_grad`` loop (weight gradients on / parameters frozen) and a
     hand-written wavefront forward/backward with ``bmm`` (eager / ``torch.compile``-d gates)."""
-    import torch
-    from bench import torch_ref as TR
     from gradflow import parallel
     size, reps = cfg["std"], cfg["repeats"]
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(cfg["torch_threads"])
     pr = problem(size)
-    lf = loss_of(pr)
-    cells = TR.port_lstm(pr.params)
-    w, labels = TR.readout(lf)
-    xs = torch.from_numpy(np.array(pr.xs, np.float32))
     ref = _plain_hidden(pr)().values
-    peers = {"torch_weight_grads": lambda: TR.hidden_map(cells, xs, w, labels, "last", True),
-             "torch_frozen": lambda: TR.hidden_map(cells, xs, w, labels, "last", False),
-             "torch_wavefront": lambda: TR.hidden_map_wavefront(cells, xs, w, labels, "last")}
+    kinds = ("stock", "frozen", "wavefront") + (
+        ("wavefront_compiled",) if cfg.get("torch_compile", False) else ())
+    found, notes = torch_peers(pr, cfg, kinds)
+    names = {"stock": "torch_weight_grads"}
+    peers = {names.get(k, f"torch_{k}"): f for k, f in found.items()}
     compile_note = None
-    if cfg.get("torch_compile", False):
-        t0 = time.perf_counter()
-        try:
-            TR.hidden_map_wavefront(cells, xs, w, labels, "last", compiled=True)
-            peers["torch_wavefront_compiled"] = lambda: TR.hidden_map_wavefront(
-                cells, xs, w, labels, "last", compiled=True)
-            compile_note = {"compile_s": time.perf_counter() - t0}
-        except Exception as e:  # noqa: BLE001  (inductor needs a C++ compiler)
-            compile_note = {"error": repr(e)[:500]}
+    if "compile_s" in notes or "compile_error" in notes:
+        compile_note = ({"compile_s": notes["compile_s"]} if "compile_s" in notes
+                        else {"error": notes["compile_error"]})
     checks = {f"{k}_vs_gradflow_rel_err": rel_err(f().numpy(), ref) for k, f in peers.items()}
     split = _api_hidden(pr)()
     checks["gradflow_split_vs_unsplit_rel_err"] = rel_err(split.values, ref)
@@ -154,7 +188,7 @@ def torch_hidden(cfg) -> dict:
     best = min(peers, key=lambda k: t[k]["median_s"] if k != "torch_weight_grads" else 1e9)
     speed["vs_strongest_peer"] = ratio(t[best], t["gradflow"])
     return {"config": {**size, "cell": "lstm", "loss": "last", "torch_threads":
-                       torch.get_num_threads(), "split_devices": n_dev},
+                       notes["torch_threads"], "split_devices": n_dev},
             "checks": checks, "torch_compile": compile_note, "strongest_peer": best,
             "compile_s": {k: t[k]["compile_s"] for k in ("gradflow", "gradflow_unsplit")},
             "times": t, "speedup": speed,
@@ -273,6 +307,54 @@ def wavefront(cfg) -> dict:
     return {"config": {**size, "cell": "lstm", "loss": "last"}, "rows": rows}
 
 
+def accelerator(cfg) -> dict:
+    """The hidden map on JAX's default backend (the GPU or TPU where there is one) at
+    ``cfg["accelerator"]`` (issue 13: LSTM 16 x 1000 x 256, B 32), same process, interleaved:
+    ``gradient_map`` in layer order (lean backward) and in wavefront order, the layer order
+    with the lean path off (autodiff), the layer order at the backend's fast matmul mode
+    (``matmul_precision="default"``: TensorFloat-32 on recent NVIDIA GPUs; its error against
+    the float32 map is reported), and the PyTorch peers on the same device (its CUDA device
+    when JAX runs on a GPU; torch's float32 matmuls, TF32 off as torch ships). On a CPU
+    (``--quick``, the tests) the same code runs with the peers on the CPU."""
+    size = cfg["accelerator"]
+    reps = cfg.get("accelerator_repeats", cfg["repeats"])
+    backend = jax.default_backend()
+    out = {"config": {**size, "cell": "lstm", "loss": "last", "dtype": "float32",
+                      "backend": backend, "devices": [str(d) for d in jax.devices()]}}
+    prs = {o: problem(size, order=o) for o in ("layer", "wavefront")}
+    fast = prs["layer"]._replace(stack=prs["layer"].stack.replace(matmul_precision="default"))
+    fns = {o: (lambda api=_api_hidden(pr): block(api().values)) for o, pr in prs.items()}
+    fns["layer_autodiff"] = lambda f=_autodiff_hidden(prs["layer"]): np.asarray(f()[1])
+    fns["layer_fast_matmul"] = lambda api=_api_hidden(fast): block(api().values)
+    ref = fns["layer_autodiff"]()
+    checks = {f"{k}_vs_layer_autodiff_rel_err": rel_err(fns[k](), ref)
+              for k in ("layer", "wavefront", "layer_fast_matmul")}
+    try:
+        import torch
+        device = "cuda" if backend == "gpu" else None
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ImportError("JAX runs on a GPU that torch does not see")
+        kinds = ("stock", "wavefront") + (
+            ("wavefront_compiled",) if cfg.get("torch_compile", False) else ())
+        peers, notes = torch_peers(prs["layer"], cfg, kinds, device)
+        out["torch"] = {**notes, "version": torch.__version__, "tf32_matmul":
+                        bool(torch.backends.cuda.matmul.allow_tf32)}
+        for k, f in peers.items():
+            fns[f"torch_{k}"] = f
+            checks[f"torch_{k}_vs_layer_autodiff_rel_err"] = rel_err(f().cpu().numpy(), ref)
+    except ImportError as e:
+        out["torch"] = {"error": str(e)}
+    t = timed(fns, reps)
+    ours = {k: t[k] for k in ("layer", "wavefront", "layer_autodiff")}
+    best = min(ours, key=lambda k: ours[k]["median_s"])
+    out.update(checks=checks, times=t, best_gradflow=best, ratios={
+        "wavefront/layer": ratio(t["wavefront"], t["layer"]),
+        "layer/layer_autodiff": ratio(t["layer"], t["layer_autodiff"]),
+        "layer_fast_matmul/layer": ratio(t["layer_fast_matmul"], t["layer"]),
+        **{f"{k}/{best}": ratio(t[k], t[best]) for k in t if k.startswith("torch")}})
+    return out
+
+
 def _autodiff_hidden(pr, loss="last"):
     """The hidden map with the lean backward switched off: ``jacobian._state_map_local``'s
     program with ``constant_params=False`` (autodiff of every cell's ``recur``), jitted,
@@ -283,8 +365,9 @@ def _autodiff_hidden(pr, loss="last"):
     def f(params, xs):
         B, T, _ = xs.shape
         zeros = {"h": jnp.zeros((stack.layers, B, T), xs.dtype)}
-        value, norms = jax.value_and_grad(
-            lambda taps: lf(stack.apply(params, xs, taps=taps).top))(zeros)
+        with precision_scope(stack.matmul_precision):  # the readout too, as the maps
+            value, norms = jax.value_and_grad(
+                lambda taps: lf(stack.apply(params, xs, taps=taps).top))(zeros)
         return value, jnp.mean(norms["h"], axis=1)
     return lambda: block(f(pr.params, pr.xs))
 
@@ -340,25 +423,15 @@ def lean(cfg) -> dict:
             except ImportError:
                 torch = None
             if torch is not None:
-                from bench import torch_ref as TR
-                if cfg.get("torch_threads"):
-                    torch.set_num_threads(cfg["torch_threads"])
-                cells = TR.port_lstm(pr.params)
-                w, labels = TR.readout(loss_of(pr))
-                xs = torch.from_numpy(np.array(pr.xs, np.float32))
-                fns["torch_stock"] = lambda: TR.hidden_map(cells, xs, w, labels, "last", True)
-                fns["torch_wavefront"] = lambda: TR.hidden_map_wavefront(cells, xs, w, labels,
-                                                                         "last")
-                if cfg.get("torch_compile", False):
-                    try:
-                        TR.hidden_map_wavefront(cells, xs, w, labels, "last", compiled=True)
-                        fns["torch_wavefront_compiled"] = lambda: TR.hidden_map_wavefront(
-                            cells, xs, w, labels, "last", compiled=True)
-                    except Exception as e:  # noqa: BLE001  (inductor needs a C++ compiler)
-                        checks["torch_compile_error"] = repr(e)[:300]
+                kinds = ("stock", "wavefront") + (
+                    ("wavefront_compiled",) if cfg.get("torch_compile", False) else ())
+                found, notes = torch_peers(pr, cfg, kinds)
+                fns.update({f"torch_{k}": f for k, f in found.items()})
+                if "compile_error" in notes:
+                    checks["torch_compile_error"] = notes["compile_error"][:300]
                 for k in [k for k in fns if k.startswith("torch")]:
                     checks[f"{k}_vs_autodiff_rel_err"] = rel_err(fns[k]().numpy(), ref)
-                out["config"]["torch_threads"] = torch.get_num_threads()
+                out["config"]["torch_threads"] = notes["torch_threads"]
         t = timed(fns, reps)
         row = {"times": t, "checks": checks,
                "lean_over_autodiff": ratio(t["lean"], t["autodiff"]),

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 GATES = ("i", "f", "g", "o")
 
 
-def port_lstm(params) -> list[torch.nn.LSTMCell]:
-    """gradflow LSTM stack params -> one ``nn.LSTMCell`` per layer with the same weights."""
+def port_lstm(params, device=None) -> list[torch.nn.LSTMCell]:
+    """gradflow LSTM stack params -> one ``nn.LSTMCell`` per layer with the same weights, on
+    ``device`` (torch's default if None)."""
     cells = []
     for p in params["layers"]:
         w = np.concatenate([np.asarray(p[g]["W"], np.float32).T for g in GATES])
@@ -30,15 +31,16 @@ def port_lstm(params) -> list[torch.nn.LSTMCell]:
             cell.weight_hh.copy_(torch.from_numpy(u))
             cell.bias_ih.copy_(torch.from_numpy(b))
             cell.bias_hh.zero_()
-        cells.append(cell)
+        cells.append(cell.to(device))
     return cells
 
 
-def readout(loss_fn):
-    """``(W_r: (H, C) tensor, labels: (B, T) int64 tensor)`` of a gradflow ReadoutLoss."""
+def readout(loss_fn, device=None):
+    """``(W_r: (H, C) tensor, labels: (B, T) int64 tensor)`` of a gradflow ReadoutLoss, on
+    ``device``."""
     w, labels = loss_fn.readout()
-    return (torch.from_numpy(np.array(w, np.float32)),
-            torch.from_numpy(np.array(labels, np.int64)))
+    return (torch.from_numpy(np.array(w, np.float32)).to(device),
+            torch.from_numpy(np.array(labels, np.int64)).to(device))
 
 
 def readout_loss(top, w, labels, loss: str):
@@ -209,9 +211,10 @@ def hidden_map_wavefront(cells, xs: torch.Tensor, w, labels, loss: str = "last",
         dtop = [None] * T
         ts = [T - 1] if loss == "last" else list(range(T))
         norm = B * len(ts)
+        rows = torch.arange(B, device=xs.device)
         for t in ts:
             p = torch.softmax(top[t] @ w, -1)
-            p[torch.arange(B), labels[:, t]] -= 1
+            p[rows, labels[:, t]] -= 1
             dtop[t] = (p / norm) @ w.T
         G = xs.new_zeros(L, T)
         dh_in = xs.new_zeros(L, B, H)
@@ -223,8 +226,8 @@ def hidden_map_wavefront(cells, xs: torch.Tensor, w, labels, loss: str = "last",
             dh = dh_in[lo:hi + 1]
             if hi == L - 1 and dtop[s - hi] is not None:
                 dh[-1] += dtop[s - hi]
-            G[torch.arange(lo, hi + 1), s - torch.arange(lo, hi + 1)] = \
-                dh.norm(dim=-1).mean(-1)
+            ls = torch.arange(lo, hi + 1, device=xs.device)
+            G[ls, s - ls] = dh.norm(dim=-1).mean(-1)
             dz, dcp = gb(dh, dc_in[lo:hi + 1], a, tc, cprev)
             dhc = torch.bmm(dz, WcT[lo:hi + 1])  # (n, B, 2H)
             dh_in = xs.new_zeros(L, B, H)

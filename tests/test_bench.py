@@ -201,3 +201,23 @@ def test_wavefront_benchmark_compares_equal_maps():
         assert r["wavefront_over_layer"] == t["wavefront"]["median_s"] / t["layer"]["median_s"]
     md = report.markdown(res)
     assert "## Evaluation order" in md and "| 3 x 3 |" in md
+
+
+def test_accelerator_benchmark_runs_here_with_cross_checks():
+    """The GPU run's section (``bench/gpu.sh``), on this CPU at a tiny size: both orders, the
+    autodiff path, the fast-matmul mode and the torch peers compute one map; the ratios are
+    the times' and the report names the backend."""
+    res = run.run({**TINY, "accelerator": {"L": 2, "T": 5, "H": 4, "B": 2}}, ["accelerator"])
+    assert not res["errors"], res["errors"]
+    r = res["benchmarks"]["accelerator"]
+    assert r["config"]["backend"] == jax.default_backend()
+    assert all(v < 1e-5 for v in r["checks"].values()), r["checks"]
+    t = r["times"]
+    assert {"layer", "wavefront", "layer_autodiff", "layer_fast_matmul"} <= set(t)
+    assert r["ratios"]["wavefront/layer"] == t["wavefront"]["median_s"] / t["layer"]["median_s"]
+    try:
+        import torch  # noqa: F401
+        assert {"torch_stock", "torch_wavefront"} <= set(t) and r["torch"]["device"] == "cpu"
+    except ImportError:
+        assert "error" in r["torch"]
+    assert "## The hidden map on cpu (LSTM 2 x 5 x 4" in report.markdown(res)
