@@ -15,26 +15,15 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import gradflow
-from gradflow import cells, gates, parallel
+from gradflow import gates, parallel
 from gradflow import jacobian as J
 from gradflow import stack as S
 
 
 def _user_gru(H=6):
-    def init(key, n_in, n_h, dtype):
-        kw, ku = jax.random.split(key)
-        return {"W": jax.random.normal(kw, (n_in, 3 * n_h), dtype) / np.sqrt(n_in),
-                "U": jax.random.normal(ku, (n_h, 3 * n_h), dtype) / np.sqrt(n_h),
-                "b": jnp.zeros((3 * n_h,), dtype)}
-
-    def step(p, h, x):
-        zr, zz, zn = jnp.split(x @ p["W"] + p["b"], 3, -1)
-        rr, rz, rn = jnp.split(h @ p["U"], 3, -1)
-        r, u = jax.nn.sigmoid(zr + rr), jax.nn.sigmoid(zz + rz)
-        h = (1 - u) * jnp.tanh(zn + r * rn) + u * h
-        return h, h
-
-    return cells.from_function(step, init, hidden_size=H, name="user_gru")
+    """A user's GRU as a plain step function (``from_function``; the bench's)."""
+    from bench.suite import user_cell
+    return user_cell(H)
 
 
 def _problem(cell, precision, **kw):
