@@ -4,8 +4,9 @@
 # That machine's python3 has JAX (CUDA), torch, numpy, matplotlib, pytest and hypothesis;
 # gradflow runs from this checkout (PYTHONPATH), nothing is installed. Writes into $OUT
 # (bench/results/gpu/ when OUT is unset): nvidia-smi.txt, tests.log, results.json/.md, bench.log.
+# Arguments go to `python -m bench` (`bash bench/gpu.sh --quick`: a dry run anywhere, seconds).
 #   1. correctness on the GPU: every matmul of a map at the stack's precision (the HLO), then
-#      the lean and stack tests (fast paths equal autodiff, float32 and float64) with JAX's
+#      the lean tests (every fast path equals autodiff, float32 and float64) with JAX's
 #      own matmuls at float32 too (JAX_DEFAULT_MATMUL_PRECISION, so the tests' references are
 #      exact: on a GPU JAX's default is TensorFloat-32);
 #   2. the bench: LSTM 16 x 1000 x 256 hidden map, layer vs wavefront order, lean vs autodiff,
@@ -19,12 +20,20 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false MPLBA
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), 'torch',
 torch.__version__, torch.cuda.is_available())" 2>&1 | tee "$out/versions.txt"
-{
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_matmul_precision.py 2>&1
-    JAX_DEFAULT_MATMUL_PRECISION=highest timeout 180 python3 -m pytest -q -x \
-        -p no:cacheprovider tests/test_lean.py tests/test_stack.py 2>&1
-} | tail -n 60 > "$out/tests.log"
-tail -n 3 "$out/tests.log"
-timeout 300 python3 -m bench --only accelerator,wavefront --repeats 5 --out "$out" \
-    > "$out/bench.log" 2>&1
+status=0  # every step runs (each within its time: 45 + 150 + 330 s at most, so the whole
+step() {  # fits one 600 s call); the exit status says whether one failed or ran out of time
+    local limit=$1 log=$2; shift 2
+    timeout "$limit" "$@" >> "$log" 2>&1
+    local rc=$?
+    [ $rc -eq 124 ] && echo "[gpu.sh] stopped after ${limit} s: $*" | tee -a "$log"
+    [ $rc -eq 0 ] || status=1
+}
+step 45 "$out/tests.log" python3 -m pytest -q -p no:cacheprovider tests/test_matmul_precision.py
+JAX_DEFAULT_MATMUL_PRECISION=highest step 150 "$out/tests.log" \
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_lean.py
+grep -E "passed|failed|error" "$out/tests.log" | tail -n 5
+step 330 "$out/bench.log" python3 -m bench --only accelerator,wavefront --repeats 5 \
+    --out "$out" "$@"
+grep -q '"errors": {}' "$out/results.json" 2>/dev/null || status=1
 tail -n 30 "$out/results.md" 2>/dev/null || tail -n 30 "$out/bench.log"
+exit $status
