@@ -17,6 +17,22 @@ if (os.environ.get("GRADFLOW_TEST_XLA_OPT") != "default"
         and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_FLAG}".strip()
 
+# Programs that recur across test modules (each starts from empty in-memory caches) and in the
+# suite's child processes (CLI runs, notebooks, simulated devices: they inherit the variables)
+# compile once: JAX's persistent compilation cache, in a fresh folder per run unless one is
+# set. On 3 modules (test_jacobian, test_widths, test_cli) 299 s instead of 335 s, 2 cores.
+# Its key covers XLA_FLAGS, so the default-level reruns (tests/test_default_opt.py) get their own.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _CACHE = tempfile.mkdtemp(prefix="gradflow-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
