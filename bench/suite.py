@@ -120,9 +120,10 @@ def torch_peers(pr, cfg, kinds=("stock", "frozen", "wavefront", "wavefront_compi
     weights, on ``device`` (torch's CPU by default): ``({kind: zero-argument callable -> (L, T)
     tensor, waiting for its device}, notes)``. Kinds: ``stock`` (``retain_grad`` loop, weight
     gradients on), ``frozen`` (the same, parameters frozen), ``wavefront`` (manual forward and
-    backward with ``bmm``), ``wavefront_compiled`` (its gates through ``torch.compile``; left
-    out, with the reason in ``notes["compile_error"]``, where inductor fails). ``notes`` also
-    holds torch's thread count, the device and the compile time."""
+    backward with ``bmm``), ``wavefront_compiled`` (its gates through ``torch.compile``; only
+    where ``cfg["torch_compile"]``, and left out, with the reason in
+    ``notes["compile_error"]``, where inductor fails). ``notes`` also holds torch's thread
+    count, the device and the compile time."""
     import torch
     from bench import torch_ref as TR
     if cfg.get("torch_threads"):
@@ -148,6 +149,8 @@ def torch_peers(pr, cfg, kinds=("stock", "frozen", "wavefront", "wavefront_compi
     peers = {}
     for kind in kinds:
         if kind == "wavefront_compiled":
+            if not cfg.get("torch_compile", False):
+                continue
             t0 = time.perf_counter()
             try:
                 waiting(make[kind])()
@@ -167,9 +170,7 @@ def torch_hidden(cfg) -> dict:
     size, reps = cfg["std"], cfg["repeats"]
     pr = problem(size)
     ref = _plain_hidden(pr)().values
-    kinds = ("stock", "frozen", "wavefront") + (
-        ("wavefront_compiled",) if cfg.get("torch_compile", False) else ())
-    found, notes = torch_peers(pr, cfg, kinds)
+    found, notes = torch_peers(pr, cfg)
     names = {"stock": "torch_weight_grads"}
     peers = {names.get(k, f"torch_{k}"): f for k, f in found.items()}
     compile_note = None
@@ -331,19 +332,18 @@ def accelerator(cfg) -> dict:
               for k in ("layer", "wavefront", "layer_fast_matmul")}
     try:
         import torch
-        device = "cuda" if backend == "gpu" else None
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ImportError("JAX runs on a GPU that torch does not see")
-        kinds = ("stock", "wavefront") + (
-            ("wavefront_compiled",) if cfg.get("torch_compile", False) else ())
-        peers, notes = torch_peers(prs["layer"], cfg, kinds, device)
+    except ImportError as e:
+        torch, out["torch"] = None, {"error": str(e)}
+    if torch is not None and backend == "gpu" and not torch.cuda.is_available():
+        torch, out["torch"] = None, {"error": "JAX runs on a GPU that torch does not see"}
+    if torch is not None:
+        peers, notes = torch_peers(prs["layer"], cfg, ("stock", "wavefront", "wavefront_compiled"),
+                                   "cuda" if backend == "gpu" else None)
         out["torch"] = {**notes, "version": torch.__version__, "tf32_matmul":
                         bool(torch.backends.cuda.matmul.allow_tf32)}
         for k, f in peers.items():
             fns[f"torch_{k}"] = f
             checks[f"torch_{k}_vs_layer_autodiff_rel_err"] = rel_err(f().cpu().numpy(), ref)
-    except ImportError as e:
-        out["torch"] = {"error": str(e)}
     t = timed(fns, reps)
     ours = {k: t[k] for k in ("layer", "wavefront", "layer_autodiff")}
     best = min(ours, key=lambda k: ours[k]["median_s"])
@@ -423,9 +423,7 @@ def lean(cfg) -> dict:
             except ImportError:
                 torch = None
             if torch is not None:
-                kinds = ("stock", "wavefront") + (
-                    ("wavefront_compiled",) if cfg.get("torch_compile", False) else ())
-                found, notes = torch_peers(pr, cfg, kinds)
+                found, notes = torch_peers(pr, cfg, ("stock", "wavefront", "wavefront_compiled"))
                 fns.update({f"torch_{k}": f for k, f in found.items()})
                 if "compile_error" in notes:
                     checks["torch_compile_error"] = notes["compile_error"][:300]

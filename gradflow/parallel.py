@@ -254,7 +254,8 @@ def _sharded_state_map(stack, loss_fn, name, mesh, layout):
 
     # check_vma=False: the zero taps and states made inside the stack are not marked per-device;
     # both outputs are replicated (computed alike / psum-ed on every device).
-    return jax.jit(jax.shard_map(functools.partial(local, stack), mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
+    return jax.jit(jax.shard_map(functools.partial(local, stack), mesh=mesh,
+                                 in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
                                  out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
 
 
