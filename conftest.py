@@ -6,16 +6,24 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-# The suite compiles about two thousand small XLA programs, and LLVM's optimisation of their CPU
-# kernels is a third of its time while changing nothing the tests check beyond the last bits of
-# float32 sums: the whole suite passed at both levels (841 tests; 902 s at XLA's default level,
-# 618 s at -O0, 2 cores). So it compiles at -O0 unless XLA_FLAGS already sets a level or
-# GRADFLOW_TEST_XLA_OPT=default asks for the default (what users compile with);
-# tests/test_default_opt.py reruns the precision-sensitive files at the default level.
-OPT_FLAG = "--xla_backend_optimization_level=0"
-if (os.environ.get("GRADFLOW_TEST_XLA_OPT") != "default"
-        and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_FLAG}".strip()
+# The suite compiles about six thousand small XLA programs; compiling them is two thirds of its
+# time, and two settings halve that while changing nothing the tests check beyond the last bits
+# of float32 sums: LLVM at -O0 (the whole suite passed at both levels: 841 tests, 902 s at XLA's
+# default level, 618 s at -O0, 2 cores), and XLA:CPU's older element-wise emitters instead of its
+# MLIR fusion emitters (test_lean.py and test_stack.py: 110 s of compiling instead of 48 s, 94 s
+# instead of 159 s in all; the MLIR pipeline costs about 0.1 s per small program). So the suite
+# compiles with TEST_XLA_FLAGS unless XLA_FLAGS already sets one of them. With
+# GRADFLOW_TEST_XLA_OPT=default it compiles as users do, without them (tests/test_default_opt.py
+# reruns the precision-sensitive files that way, in a child that inherits the flags).
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+_names = [f.split("=")[0] for f in TEST_XLA_FLAGS]
+_flags = os.environ.get("XLA_FLAGS", "").split()
+if os.environ.get("GRADFLOW_TEST_XLA_OPT") == "default":
+    _flags = [f for f in _flags if f.split("=")[0] not in _names]
+else:
+    _flags += [f for f, n in zip(TEST_XLA_FLAGS, _names)
+               if not any(g.split("=")[0] == n for g in _flags)]
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 
 # Programs that recur across test modules (each starts from empty in-memory caches) and in the
 # suite's child processes (CLI runs, notebooks, simulated devices: they inherit the variables)
