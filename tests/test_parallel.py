@@ -131,18 +131,44 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
 
 
 def test_parameters_travel_packed_and_come_back_unchanged():
-    """The split map places the parameters as one flat buffer per dtype and unpacks them in
-    the sharded program: every leaf comes back with its shape, dtype and values."""
+    """The split map places the parameters as one flat buffer per dtype (the same parameter of
+    every layer side by side) and unpacks them in the sharded program: every leaf comes back
+    with its shape, dtype and values."""
     tree = {"a": [jnp.arange(6.0).reshape(2, 3), jnp.float32(7.0)], "b": np.ones((1, 2, 2)),
-            "c": jnp.arange(4, dtype=jnp.int32)}
+            "c": jnp.arange(4, dtype=jnp.int32),
+            "layers": [{"W": jnp.full((2, 3), l, jnp.float32), "n": jnp.int32(l)}
+                       for l in range(3)]}
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (parallel.AXIS,))
     bufs, layout = parallel._replicate(tree, mesh)
-    assert sorted(bufs) == ["float32", "int32"] and bufs["float32"].shape == (6 + 1 + 4,)
+    assert sorted(bufs) == ["float32", "int32"]
+    assert bufs["float32"].shape == (6 + 1 + 4 + 3 * 6,) and bufs["int32"].shape == (4 + 3,)
+    # the layers' W side by side: one kind of 3 rows, in layer order
+    assert [(rows, shape) for _, rows, shape in layout[2] if rows == 3] == [(3, (2, 3)), (3, ())]
     back = jax.jit(lambda b: parallel._unpack(b, layout))(bufs)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
     for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree)):
         assert x.shape == np.shape(y) and x.dtype == jnp.asarray(y).dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_the_split_program_does_not_grow_with_the_layers():
+    """The sharded program unpacks a kind (one parameter of every layer) as one piece, which
+    the stack's scan over layers takes whole: its compiled size is the same at 2 and 6 layers
+    (unpacked leaf by leaf it grew by a slice per leaf, each its own kernel: a 16-layer LSTM's
+    split map compiled in 4.5 s instead of 2.5 s)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from gradflow import jacobian
+    sizes = []
+    for L in (2, 6):
+        pr = gradflow.problem("lstm", layers=L, steps=3, hidden=8, batch=2, seed=0)
+        mesh = Mesh(np.array(jax.devices()[:1]), (parallel.AXIS,))
+        bufs, layout = parallel._replicate(pr.params, mesh)
+        run = parallel._sharded_state_map(pr.stack, jacobian.readout_loss("last", 8, 3, 2), "h",
+                                          mesh, layout)
+        xs = jax.device_put(pr.xs, NamedSharding(mesh, PartitionSpec(parallel.AXIS)))
+        sizes.append(len(run.lower(bufs, xs).compile().as_text().splitlines()))
+    assert sizes[0] == sizes[1], sizes
 
 
 def test_settings_and_divisor_choice():
