@@ -16,13 +16,13 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # GRADFLOW_TEST_XLA_OPT=default it compiles as users do, without them (tests/test_default_opt.py
 # reruns the precision-sensitive files that way, in a child that inherits the flags).
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
-_names = [f.split("=")[0] for f in TEST_XLA_FLAGS]
+_ours = {t.split("=")[0] for t in TEST_XLA_FLAGS}
 _flags = os.environ.get("XLA_FLAGS", "").split()
 if os.environ.get("GRADFLOW_TEST_XLA_OPT") == "default":
-    _flags = [f for f in _flags if f.split("=")[0] not in _names]
+    _flags = [f for f in _flags if f.split("=")[0] not in _ours]
 else:
-    _flags += [f for f, n in zip(TEST_XLA_FLAGS, _names)
-               if not any(g.split("=")[0] == n for g in _flags)]
+    _named = {f.split("=")[0] for f in _flags}
+    _flags += [t for t in TEST_XLA_FLAGS if t.split("=")[0] not in _named]
 os.environ["XLA_FLAGS"] = " ".join(_flags)
 
 # Programs that recur across test modules (each starts from empty in-memory caches) and in the

@@ -199,28 +199,27 @@ def should_split(xs, stack=None) -> tuple:
 
 def _kinds(params):
     """``(leaves, treedef, where, kinds)``: each leaf's kind and row, ``where = ((kind, row),
-    ...)`` in leaf order, and ``kinds = ((dtype name, rows, shape), ...)``. A kind is the
-    leaf's place in the tree without its sequence indices, its dtype and its shape: the same
-    parameter of consecutive layers of one shape (``params[l]["W"]``, ``l = 0, 1, ...``) are
-    one kind's consecutive rows."""
+    ...)`` in leaf order, and ``kinds = ((dtype name, rows, shape), ...)`` (:func:`_layout`)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    key = (treedef, tuple((x.dtype, x.shape) for x in leaves))
-    if key not in _KINDS:
-        kinds, where = {}, []
-        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-            name = tuple(k for k in path if not isinstance(k, jax.tree_util.SequenceKey))
-            kind = kinds.setdefault((name, x.dtype, x.shape), [len(kinds), 0])
-            where.append((kind[0], kind[1]))
-            kind[1] += 1
-        if len(_KINDS) >= 64:
-            _KINDS.clear()
-        _KINDS[key] = (tuple(where), tuple(  # the dtype's name as jit sees it (float64 in x32)
-            (jax.dtypes.canonicalize_dtype(dt).name, rows, shape)
-            for (_, dt, shape), (_, rows) in kinds.items()))
-    return (leaves, treedef, *_KINDS[key])
+    return (leaves, treedef, *_layout(treedef, tuple((x.dtype, x.shape) for x in leaves)))
 
 
-_KINDS = {}  # (treedef, leaf dtypes and shapes) -> (where, kinds), see _kinds
+@functools.lru_cache(maxsize=64)
+def _layout(treedef, specs):
+    """``(where, kinds)`` of :func:`_kinds` for the leaves ``specs = ((dtype, shape), ...)``
+    of ``treedef``. A kind is the leaf's place in the tree without its sequence indices, its
+    dtype and its shape: the same parameter of consecutive layers of one shape
+    (``params[l]["W"]``, ``l = 0, 1, ...``) are one kind's consecutive rows."""
+    tree = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for d, s in specs])
+    kinds, where = {}, []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = tuple(k for k in path if not isinstance(k, jax.tree_util.SequenceKey))
+        kind = kinds.setdefault((name, x.dtype, x.shape), [len(kinds), 0])
+        where.append((kind[0], kind[1]))
+        kind[1] += 1
+    return tuple(where), tuple(  # the dtype's name as jit sees it (float64 in x32)
+        (jax.dtypes.canonicalize_dtype(dt).name, rows, shape)
+        for (_, dt, shape), (_, rows) in kinds.items())
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -42,7 +42,8 @@ def test_precision_tests_pass_at_the_default_optimisation_level(background):
 ])
 def test_the_suite_adds_its_compile_flags_and_the_default_mode_drops_them(mode, given, expected):
     env = {**os.environ, "XLA_FLAGS": given, "GRADFLOW_TEST_XLA_OPT": mode}
-    r = subprocess.run([sys.executable, "-c", "import conftest, os; print(os.environ['XLA_FLAGS'])"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    show = "import conftest, os; print(os.environ['XLA_FLAGS'])"
+    r = subprocess.run([sys.executable, "-c", show], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == expected
