@@ -1414,7 +1414,10 @@ def build_parser() -> argparse.ArgumentParser:
             gradflow reproduce --only star_fig2 --out /tmp
             gradflow train --task adding --cell star --layers 8 --record 0,500
             gradflow COMMAND --help     # options of one command
-        """))
+        """) + "\n\n" + _para(
+            "Compiled programs are kept on disk for later runs, in "
+            "$XDG_CACHE_HOME/gradflow/xla (~/.cache/gradflow/xla); GRADFLOW_COMPILE_CACHE=DIR "
+            "moves the cache, GRADFLOW_COMPILE_CACHE=off turns it off."))
     parser.add_argument("--version", action="version", version=f"gradflow {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="on an internal error, print the traceback")
@@ -1435,11 +1438,16 @@ def _one_line(e: BaseException) -> str:
 def _speed_settings(devices, program: bool):
     """Process settings for speed, made before JAX starts (:mod:`gradflow.parallel`): the CPU
     platform gets one device per core (or ``--devices``) so maps split their batch over the
-    cores; as a program, the C allocator keeps freed memory for reuse (``tune_malloc``).
+    cores; as a program, the C allocator keeps freed memory for reuse (``tune_malloc``) and
+    compiled programs are kept on disk for the next run (``use_compile_cache``).
     Returns a context manager holding the batch-device setting for the run."""
     from gradflow import parallel
     if program:
         parallel.tune_malloc()
+        try:
+            parallel.use_compile_cache()
+        except ValueError as e:
+            raise UsageError(f"gradflow: error: {parallel.COMPILE_CACHE_ENV}: {e}") from None
     try:
         parallel.use_cpu_devices(devices or os.cpu_count() or 1)
     except RuntimeError as e:  # JAX already running (a call from Python) or XLA_FLAGS set

@@ -137,9 +137,16 @@ def _step(cell, n_in: int, H: int, B: int, dtype: str, tapped: bool) -> tuple:
 # Calibration
 
 
-def _cache_file() -> str:
+def cache_home() -> str:
+    """gradflow's folder for what it keeps between runs on this machine (the calibration below,
+    compiled programs: :func:`gradflow.parallel.use_compile_cache`):
+    ``$XDG_CACHE_HOME/gradflow``, ``~/.cache/gradflow`` by default."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "gradflow", "calibration.json")
+    return os.path.join(base, "gradflow")
+
+
+def _cache_file() -> str:
+    return os.path.join(cache_home(), "calibration.json")
 
 
 @functools.lru_cache(maxsize=None)

@@ -310,3 +310,99 @@ def test_cli_devices_after_jax_started_is_a_usage_error(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--devices" in err[0], err
     assert parallel._SETTING["devices"] == "all"
+
+
+# In the child: a program compiled before the cache is turned on, then the cache, then a map
+# (its programs, and the eager initialisation's, go to the cache). Reference: JAX's own counters
+# of cache hits, and the files in the folder.
+CACHE_CHILD = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    hits = []
+    jax.monitoring.register_event_listener(
+        lambda name, **kw: hits.append(name) if name.endswith("/cache_hits") else None)
+    jax.jit(lambda x: x * 3.0)(jnp.ones(3)).block_until_ready()  # before: not cached
+    from gradflow import parallel
+    import gradflow
+    folder = parallel.use_compile_cache(None if sys.argv[1] == "-" else sys.argv[1])
+    pr = gradflow.problem("gru", layers=2, steps=4, hidden=8, batch=2, seed=1)
+    values = np.asarray(gradflow.gradient_map(*pr[:3]).values).tolist()
+    print(json.dumps({"folder": folder, "hits": len(hits), "values": values}))
+""")
+
+
+def _cache_child(tmp, arg="-", **env):
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("JAX_COMPILATION_CACHE_DIR", parallel.COMPILE_CACHE_ENV,
+                           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")},
+           "XDG_CACHE_HOME": str(tmp), **env}
+    r = subprocess.run([sys.executable, "-c", CACHE_CHILD, arg], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_the_compile_cache_serves_the_next_process(tmp_path):
+    first = _cache_child(tmp_path)
+    root = tmp_path / "gradflow" / "xla"
+    assert first["folder"] == str(root / parallel._host_key())
+    kept = sorted(p.name for p in (root / parallel._host_key()).iterdir())
+    assert first["hits"] == 0 and len(kept) >= 2  # the map's programs and the eager ones
+    second = _cache_child(tmp_path)
+    assert second["hits"] >= len(kept) and second["values"] == first["values"]
+    # a folder given, and off
+    given = _cache_child(tmp_path / "elsewhere", str(tmp_path / "mine"))
+    assert given["folder"] == str(tmp_path / "mine" / parallel._host_key())
+    off = _cache_child(tmp_path / "none", **{parallel.COMPILE_CACHE_ENV: "off"})
+    assert off["folder"] is None and not (tmp_path / "none").exists()
+
+
+def test_the_compile_cache_folder_must_be_writable_when_asked_for(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    # JAX already has a folder in this process (the suite's): it stands, whatever is asked
+    assert parallel.use_compile_cache(blocker / "x") == jax.config.jax_compilation_cache_dir
+    with pytest.raises(ValueError, match="max_bytes"):
+        parallel.use_compile_cache(max_bytes=-1)
+    # a fresh process: asked for -> ValueError naming the folder; the default -> no cache
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", parallel.COMPILE_CACHE_ENV)}
+    code = ("from gradflow import parallel\n"
+            "try:\n    print(parallel.use_compile_cache(__import__('sys').argv[1] or None))\n"
+            "except ValueError as e:\n    print('ValueError', e)\n")
+    run = lambda arg, **e: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code, arg], capture_output=True, text=True, cwd=ROOT,
+        env={**env, **e}, timeout=300, check=True).stdout.strip().splitlines()[-1]
+    out = run(str(blocker / "x"))
+    assert out.startswith("ValueError") and str(blocker / "x") in out and "off" in out
+    out = run("", **{parallel.COMPILE_CACHE_ENV: str(blocker / "y")})
+    assert out.startswith("ValueError") and str(blocker / "y") in out
+    assert run("", XDG_CACHE_HOME=str(blocker)) == "None"
+
+
+def test_the_compile_cache_is_pruned_oldest_first(tmp_path):
+    for i in range(5):
+        f = tmp_path / f"{i}-cache"
+        f.write_bytes(b"x" * 100)
+        os.utime(f, (1000 + i, 1000 + i))
+    assert parallel._prune(str(tmp_path), 250) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3-cache", "4-cache"]
+    assert parallel._prune(str(tmp_path), 250) == 0
+
+
+def test_the_cli_keeps_its_compiled_programs(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", parallel.COMPILE_CACHE_ENV)}
+    args = [sys.executable, "-m", "gradflow", "heatmap", "--cell", "rnn", "--layers", "2",
+            "--steps", "3", "--hidden", "4", "--batch", "2", "--out", str(tmp_path / "m.png")]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env={**env, parallel.COMPILE_CACHE_ENV: str(tmp_path / "c")})
+    assert r.returncode == 0, r.stderr
+    assert any((tmp_path / "c" / parallel._host_key()).iterdir())
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env={**env, parallel.COMPILE_CACHE_ENV: str(blocker)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert parallel.COMPILE_CACHE_ENV in r.stderr and str(blocker) in r.stderr
