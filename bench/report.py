@@ -268,6 +268,20 @@ def markdown(res: dict) -> str:
                          + (f"{_f(q['split_s'])}, {_f(q['unsplit_s'])}" if q else "1")
                          + " | " + ", ".join("-" if c is None else _f(1e3 * c) for c in cpu)
                          + " |")
+    if "cli_start" in b:
+        r = b["cli_start"]
+        med = r["median_s"]
+        lines += ["", f"## The CLI's main job from a fresh process (`{r['config']['command']}`; "
+                  f"{r['config']['rounds']} alternating rounds, wall time with Python's start)",
+                  "", "| compilation cache | s (median) | runs, s |", "|---|---|---|"]
+        for k, label in (("no_cache", "off (`GRADFLOW_COMPILE_CACHE=off`)"),
+                         ("cache_warm", "programs already in it (the CLI's default)")):
+            lines.append(f"| {label} | {_f(med[k])} | "
+                         f"{', '.join(_f(w) for w in r['walls_s'][k])} |")
+        lines += ["", f"cached / uncached {_f(r['ratios']['cache_warm/no_cache'])}; the run "
+                  f"that filled the cache took {_f(r['prime_s'])} s and left "
+                  f"{r['cache_files']} programs; maps equal to "
+                  f"{_f(r['checks']['maps_vs_primed_rel_err'])} (relative)."]
     if "jacobian" in b:
         r = b["jacobian"]
         c, t, ch = r["config"], r["times"], r["checks"]

@@ -687,3 +687,52 @@ def glibc(cfg) -> dict:
         out["over_default"] = {k: {m: v[m] / med["default"][m] for m in v}
                                for k, v in med.items() if k != "default"}
     return out
+
+
+def cli_start(cfg) -> dict:
+    """The CLI's main job from a fresh process (``gradflow heatmap --cell lstm`` with
+    ``cfg["cli"]``: ``--layers 16``, the README's first command), wall time including Python's
+    start and JAX's imports: without the compilation cache (``GRADFLOW_COMPILE_CACHE=off``) and
+    with its programs already in a cache folder (primed by one run first), processes
+    alternating. Every run writes its map (``--data``): all must equal the primed run's."""
+    import shutil
+    import statistics
+    import tempfile
+    extra, rounds = list(cfg["cli"]), cfg.get("cli_rounds", 3)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("JAX_COMPILATION_CACHE_DIR", "GRADFLOW_COMPILE_CACHE",
+                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    tmp = tempfile.mkdtemp(prefix="gradflow-bench-cli-")
+    kinds = {"no_cache": "off", "cache_warm": os.path.join(tmp, "cache")}
+
+    def one(kind, i):
+        data = os.path.join(tmp, f"{kind}{i}.npz")
+        cmd = [sys.executable, "-m", "gradflow", "heatmap", "--cell", "lstm", *extra,
+               "--out", os.path.join(tmp, f"{kind}{i}.png"), "--data", data]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                           env={**base, "GRADFLOW_COMPILE_CACHE": kinds[kind]})
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {r.stderr[-2000:]}")
+        return wall, np.asarray(gradflow.load(data).values)
+
+    try:
+        prime_s, ref = one("cache_warm", "prime")
+        walls = {k: [] for k in kinds}
+        err = 0.0
+        for i in range(rounds):
+            for k in kinds:
+                w, v = one(k, i)
+                walls[k].append(w)
+                err = max(err, rel_err(v, ref))
+        kept = os.listdir(kinds["cache_warm"])
+        n_files = sum(len(os.listdir(os.path.join(kinds["cache_warm"], d))) for d in kept)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    return {"config": {"command": " ".join(["gradflow heatmap --cell lstm", *extra]),
+                       "rounds": rounds},
+            "walls_s": walls, "median_s": med, "prime_s": prime_s, "cache_files": n_files,
+            "ratios": {"cache_warm/no_cache": med["cache_warm"] / med["no_cache"]},
+            "checks": {"maps_vs_primed_rel_err": err}}

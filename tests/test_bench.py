@@ -221,3 +221,18 @@ def test_accelerator_benchmark_runs_here_with_cross_checks():
     except ImportError:
         assert "error" in r["torch"]
     assert "## The hidden map on cpu (LSTM 2 x 5 x 4" in report.markdown(res)
+
+
+def test_cli_start_benchmark_runs_the_cli_fresh_with_and_without_the_cache():
+    from bench import suite
+    r = suite.cli_start(run.QUICK)
+    assert r["checks"]["maps_vs_primed_rel_err"] == 0  # a cached program computes the same
+    assert r["cache_files"] > 0
+    assert {k: len(v) for k, v in r["walls_s"].items()} == {"no_cache": 1, "cache_warm": 1}
+    assert "--layers 2" in r["config"]["command"]
+    md = report.markdown({"machine": {"cpu": "-", "cores": 2, "memory_gib": 1, "platform": "-",
+                                      "jax": "-", "jaxlib": "-", "devices": ["cpu:0"],
+                                      "backend": "cpu"},
+                          "config": TINY, "started": "-", "benchmarks": {"cli_start": r},
+                          "errors": {}, "goals": []})
+    assert "## The CLI's main job from a fresh process" in md and "programs already in it" in md
