@@ -213,8 +213,9 @@ def use_compile_cache(directory=None, *, max_bytes: int = COMPILE_CACHE_MAX_BYTE
     small programs count too). Compiling is most of a fresh process's time: the CLI's
     ``gradflow heatmap --cell lstm --layers 16`` takes 8.6-12.7 s without the cache and
     3.6-5.2 s when its programs are in it (6.0-6.4 s caching only the programs that take over
-    a second, JAX's default; 2-core VM, processes alternating). The ``gradflow`` CLI calls this at start; call it from Python (a
-    notebook, a script) before or after computing: programs compiled after the call are kept.
+    a second, JAX's default; 2-core VM, processes alternating; ``python -m bench --only
+    cli_start``). The ``gradflow`` CLI calls this at start; call it from Python (a notebook, a
+    script) before or after computing: programs compiled after the call are kept.
 
     ``directory``: the cache's root (default :func:`default_compile_cache`). Entries go to a
     subfolder per CPU kind (:func:`_host_key`), so a root shared by machines is safe. At each
