@@ -1435,6 +1435,27 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+_DAMAGED = "Error reading persistent compilation cache entry"
+
+
+def _note_damaged_cache_entries(folder: str) -> None:
+    """A cache entry cut short (a run killed while writing it) makes JAX warn, with its source
+    line, on every later run that needs that program, and compile it again: say so in one line
+    per run instead, with the remedy. Other warnings show as before (the caller's
+    ``warnings.catch_warnings`` restores the hook)."""
+    show, told = warnings.showwarning, []
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        if not str(message).startswith(_DAMAGED):
+            return show(message, category, filename, lineno, file, line)
+        if not told:
+            told.append(True)
+            print(f"gradflow: note: the compile cache {folder} has a damaged entry, compiled "
+                  "again; delete that folder to clear it", file=sys.stderr)
+
+    warnings.showwarning = hook
+
+
 def _speed_settings(devices, program: bool):
     """Process settings for speed, made before JAX starts (:mod:`gradflow.parallel`): the CPU
     platform gets one device per core (or ``--devices``) so maps split their batch over the
@@ -1445,9 +1466,11 @@ def _speed_settings(devices, program: bool):
     if program:
         parallel.tune_malloc()
         try:
-            parallel.use_compile_cache()
+            folder = parallel.use_compile_cache()
         except ValueError as e:
             raise UsageError(f"gradflow: error: {parallel.COMPILE_CACHE_ENV}: {e}") from None
+        if folder:
+            _note_damaged_cache_entries(folder)
     try:
         parallel.use_cpu_devices(devices or os.cpu_count() or 1)
     except RuntimeError as e:  # JAX already running (a call from Python) or XLA_FLAGS set
