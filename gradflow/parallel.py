@@ -181,14 +181,16 @@ def _host_key() -> str:
 
 
 def _prune(path: str, max_bytes: int) -> int:
-    """Delete the oldest files (by modification time) of ``path`` until the rest take at most
-    ``max_bytes``; returns how many were deleted."""
+    """Delete the least recently used files of ``path`` until the rest take at most
+    ``max_bytes``; returns how many were deleted. JAX does not mark an entry when it reads
+    one, so "used" is the file's access time as the file system keeps it (Linux's default
+    ``relatime``: at least once a day), its modification time where that is later."""
     files = []
     with os.scandir(path) as it:
         for e in it:
             if e.is_file(follow_symlinks=False):
                 st = e.stat(follow_symlinks=False)
-                files.append((st.st_mtime, st.st_size, e.path))
+                files.append((max(st.st_atime, st.st_mtime), st.st_size, e.path))
     total = sum(f[1] for f in files)
     gone = 0
     for _, size, name in sorted(files):
@@ -212,14 +214,14 @@ def use_compile_cache(directory=None, *, max_bytes: int = COMPILE_CACHE_MAX_BYTE
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set: the eager parameter initialisation's
     small programs count too). Compiling is most of a fresh process's time: the CLI's
     ``gradflow heatmap --cell lstm --layers 16`` takes 8.6-12.7 s without the cache and
-    3.6-5.2 s when its programs are in it (6.0-6.4 s caching only the programs that take over
+    3.6-5.5 s when its programs are in it (6.0-6.4 s caching only the programs that take over
     a second, JAX's default; 2-core VM, processes alternating; ``python -m bench --only
     cli_start``). The ``gradflow`` CLI calls this at start; call it from Python (a notebook, a
     script) before or after computing: programs compiled after the call are kept.
 
     ``directory``: the cache's root (default :func:`default_compile_cache`). Entries go to a
     subfolder per CPU kind (:func:`_host_key`), so a root shared by machines is safe. At each
-    call the oldest entries beyond ``max_bytes`` (default 512 MiB) are deleted. A cache folder
+    call the least recently used entries beyond ``max_bytes`` (default 512 MiB) are deleted. A cache folder
     JAX already has (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) stands: it is returned
     unchanged. A folder that cannot be written is a ValueError when it was asked for
     (``directory`` or ``GRADFLOW_COMPILE_CACHE``) and quietly no cache (``None``) for the

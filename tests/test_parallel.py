@@ -382,13 +382,13 @@ def test_the_compile_cache_folder_must_be_writable_when_asked_for(tmp_path):
     assert run("", XDG_CACHE_HOME=str(blocker)) == "None"
 
 
-def test_the_compile_cache_is_pruned_oldest_first(tmp_path):
-    for i in range(5):
+def test_the_compile_cache_is_pruned_least_recently_used_first(tmp_path):
+    for i in range(5):  # written at 1000 + i; 0-cache read since (its access time later)
         f = tmp_path / f"{i}-cache"
         f.write_bytes(b"x" * 100)
-        os.utime(f, (1000 + i, 1000 + i))
+        os.utime(f, (2000 if i == 0 else 1000 + i, 1000 + i))
     assert parallel._prune(str(tmp_path), 250) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["3-cache", "4-cache"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0-cache", "4-cache"]
     assert parallel._prune(str(tmp_path), 250) == 0
 
 
