@@ -151,11 +151,13 @@ COMPILE_CACHE_MAX_BYTES = 512 * 2**20
 def default_compile_cache() -> str | None:
     """The folder :func:`use_compile_cache` uses by default: ``$GRADFLOW_COMPILE_CACHE`` if set
     (``off``, ``0`` or empty: ``None``, no cache), else ``$XDG_CACHE_HOME/gradflow/xla``
-    (``~/.cache/gradflow/xla``)."""
+    (``~/.cache/gradflow/xla``; ``None`` where the home folder is unknown, rather than a
+    folder relative to wherever the process runs)."""
     given = os.environ.get(COMPILE_CACHE_ENV)
     if given is not None:
         return None if given.strip().lower() in ("", "0", "off", "none", "false") else given
-    return os.path.join(cache_home(), "xla")
+    home = cache_home()
+    return os.path.join(home, "xla") if os.path.isabs(home) else None
 
 
 def _host_key() -> str:

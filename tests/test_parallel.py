@@ -382,6 +382,16 @@ def test_the_compile_cache_folder_must_be_writable_when_asked_for(tmp_path):
     assert run("", XDG_CACHE_HOME=str(blocker)) == "None"
 
 
+def test_no_default_compile_cache_without_a_home_folder(monkeypatch):
+    monkeypatch.delenv(parallel.COMPILE_CACHE_ENV, raising=False)
+    monkeypatch.setattr(parallel, "cache_home", lambda: os.path.join("~", ".cache", "gradflow"))
+    assert parallel.default_compile_cache() is None  # not a folder relative to the cwd
+    monkeypatch.setattr(parallel, "cache_home", lambda: "/somewhere/gradflow")
+    assert parallel.default_compile_cache() == os.path.join("/somewhere/gradflow", "xla")
+    monkeypatch.setenv(parallel.COMPILE_CACHE_ENV, " Off ")
+    assert parallel.default_compile_cache() is None
+
+
 def test_the_compile_cache_is_pruned_least_recently_used_first(tmp_path):
     for i in range(5):  # written at 1000 + i; 0-cache read since (its access time later)
         f = tmp_path / f"{i}-cache"
