@@ -80,6 +80,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from gradflow import parallel  # before JAX starts: the CPU devices the maps split over
     parallel.use_cpu_devices(args.devices or os.cpu_count() or 1)
+    parallel.set_batch_devices("all")  # the split is what is measured, at every size
     cfg = dict(QUICK if args.quick else FULL)
     for key, v in (("repeats", args.repeats), ("glibc_rounds", args.glibc_rounds),
                    ("torch_threads", args.torch_threads)):

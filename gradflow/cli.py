@@ -1424,7 +1424,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=positive_int, default=None, metavar="N",
                         help="split each map's batch over N devices (CPU: N simulated devices "
                              "on the cores; GPU/TPU: the first N); give it before the command "
-                             "(default: one per CPU core, every GPU/TPU)")
+                             "(default: one per CPU core, used for maps large enough to gain: "
+                             "per device at least 8 examples and examples x state width >= "
+                             "1024; every GPU/TPU)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -1476,7 +1478,7 @@ def _speed_settings(devices, program: bool):
     except RuntimeError as e:  # JAX already running (a call from Python) or XLA_FLAGS set
         if devices is not None:
             raise UsageError(f"gradflow: error: --devices {devices}: {e}") from None
-    return parallel.batch_devices(devices or "all")
+    return parallel.batch_devices(devices or "auto")
 
 
 def main(argv=None) -> int:

@@ -32,10 +32,12 @@ Process settings for speed, which the ``gradflow`` CLI makes at start and a scri
 may make itself: :func:`use_cpu_devices`, :func:`tune_malloc` (the C allocator keeps freed
 memory) and :func:`use_compile_cache` (compiled programs kept on disk for the next process).
 
-Which devices a map uses is a process-wide setting, :func:`set_batch_devices`: ``"all"``
-(default: every device of the default backend; nothing changes while there is one), ``None``
-(never split), a count, or a list of devices. A batch of ``B`` examples is split over the
-largest number ``n <= len(devices)`` of devices that divides ``B``. Maps called inside a traced
+Which devices a map uses is a process-wide setting, :func:`set_batch_devices`: ``"auto"``
+(default: every device of the default backend where a map is large enough to gain, see
+:func:`devices_for`; nothing changes while there is one device), ``"all"`` (every device,
+whatever the size), ``None`` (never split), a count, or a list of devices. A batch of ``B``
+examples is split over the largest number ``n <= len(devices)`` of devices that divides ``B``
+(and, under ``"auto"`` on CPU devices, leaves each device enough work). Maps called inside a traced
 computation (``jit``, ``vmap``, e.g. :func:`gradflow.sweep`, which shards seeds instead) are
 never split.
 
@@ -69,7 +71,10 @@ from gradflow.cost import cache_home
 from gradflow.stack import in_precision
 
 AXIS = "batch"
-_SETTING = {"devices": "all"}
+_SETTING = {"devices": "auto"}
+# Under "auto", a CPU split needs at least MIN_ROWS examples per device and MIN_ROWS_X_WIDTH
+# examples x the stack's widest state per device (see devices_for).
+MIN_ROWS, MIN_ROWS_X_WIDTH = 8, 1024
 
 
 def _started() -> bool:
@@ -215,10 +220,11 @@ def use_compile_cache(directory=None, *, max_bytes: int = COMPILE_CACHE_MAX_BYTE
     however fast it compiled (``jax_persistent_cache_min_compile_time_secs = 0`` unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set: the eager parameter initialisation's
     small programs count too). Compiling is most of a fresh process's time: the CLI's
-    ``gradflow heatmap --cell lstm --layers 16`` takes 8.6-12.7 s without the cache and
-    3.6-5.5 s when its programs are in it (6.0-6.4 s caching only the programs that take over
-    a second, JAX's default; 2-core VM, processes alternating; ``python -m bench --only
-    cli_start``). The ``gradflow`` CLI calls this at start; call it from Python (a notebook, a
+    ``gradflow heatmap --cell lstm --layers 16`` takes 8.4-10.1 s without the cache and
+    3.9-5.1 s when its programs are in it (before its map stopped splitting over the 2 cores,
+    :func:`devices_for`: 8.6-12.7 s and 3.6-5.5 s, and 6.0-6.4 s caching only the programs
+    that take over a second, JAX's default; 2-core VM, processes alternating; ``python -m bench
+    --only cli_start``). The ``gradflow`` CLI calls this at start; call it from Python (a notebook, a
     script) before or after computing: programs compiled after the call are kept.
 
     ``directory``: the cache's root (default :func:`default_compile_cache`). Entries go to a
@@ -266,33 +272,35 @@ def use_compile_cache(directory=None, *, max_bytes: int = COMPILE_CACHE_MAX_BYTE
     return path
 
 
-def set_batch_devices(devices="all"):
+def set_batch_devices(devices="auto"):
     """Choose the devices maps split their batch over; returns the previous setting.
 
-    ``devices``: ``"all"`` (every device of the default backend), ``None`` (never split), a
-    positive count (the first ``n`` devices) or a sequence of ``jax.Device``.
+    ``devices``: ``"auto"`` (every device of the default backend, for maps large enough to
+    gain: :func:`devices_for`), ``"all"`` (every device of the default backend, any size),
+    ``None`` (never split), a positive count (the first ``n`` devices, any size) or a sequence
+    of ``jax.Device`` (any size).
     """
-    if devices is None or devices == "all":
+    if devices is None or devices in ("auto", "all"):
         pass
     elif isinstance(devices, int) and not isinstance(devices, bool):
         if devices < 1:
-            raise ValueError(f"devices must be 'all', None, a positive count or a list of "
-                             f"devices, got {devices!r}")
+            raise ValueError(f"devices must be 'auto', 'all', None, a positive count or a "
+                             f"list of devices, got {devices!r}")
     else:
         try:
             devices = tuple(devices)
         except TypeError:
             devices = ()
         if not devices or not all(isinstance(d, jax.Device) for d in devices):
-            raise ValueError(f"devices must be 'all', None, a positive count or a list of "
-                             f"devices, got {devices!r}")
+            raise ValueError(f"devices must be 'auto', 'all', None, a positive count or a "
+                             f"list of devices, got {devices!r}")
     old = _SETTING["devices"]
     _SETTING["devices"] = devices
     return old
 
 
 @contextlib.contextmanager
-def batch_devices(devices="all"):
+def batch_devices(devices="auto"):
     """``with batch_devices(...)``: :func:`set_batch_devices` for the block only."""
     old = set_batch_devices(devices)
     try:
@@ -301,27 +309,45 @@ def batch_devices(devices="all"):
         _SETTING["devices"] = old
 
 
-def devices_for(batch: int) -> tuple:
+def devices_for(batch: int, width: int | None = None) -> tuple:
     """The devices a batch of ``batch`` examples is split over under the current setting:
-    the largest divisor of ``batch`` among the first ``n`` devices; ``()`` for no split."""
+    the largest divisor ``n`` of ``batch`` among the first devices; ``()`` for no split.
+
+    Under ``"auto"`` with CPU devices and the stack's widest state ``width`` given, each device
+    must also get ``rows = batch / n >= MIN_ROWS`` (8) examples and ``rows * width >=
+    MIN_ROWS_X_WIDTH`` (1024): a thinner split ran slower than one device on this project's
+    2-core CPU, where each operation of the time loop has a fixed cost the two devices do not
+    share, and its program compiles about 1.3 s longer. Measured (LSTM, 8 and 16 layers x 32
+    steps, 2 devices, split / one device, two runs; ``bench/results/NOTES.md``): ``B x H`` =
+    8 x 64: 1.5; 16 x 64 (the CLI's default size): 1.15, 1.21; 32 x 32: 1.14; 8 x 128: 1.02,
+    1.14; 8 x 256: 1.08; split: 32 x 64: 0.87, 0.94; 64 x 32: 0.98; 16 x 128: 0.87, 0.94;
+    128 x 32: 0.92; 16 x 256: 0.91, 0.97; 64 x 64: 0.85; 32 x 128: 0.80. Calibrated on the
+    LSTM; GPUs and TPUs (real devices, not shared cores) split whatever the size.
+    """
     d = _SETTING["devices"]
     if d is None:
         return ()
-    if d == "all" or isinstance(d, int):
+    if d in ("auto", "all") or isinstance(d, int):
         avail = jax.devices()
-        d = tuple(avail if d == "all" else avail[:d])
-    n = max(k for k in range(1, len(d) + 1) if batch % k == 0)
+        d = tuple(avail[:d] if isinstance(d, int) else avail)
+    ok = lambda n: batch % n == 0  # noqa: E731
+    if (_SETTING["devices"] == "auto" and width is not None
+            and all(x.platform == "cpu" for x in d)):
+        ok = lambda n: (batch % n == 0 and batch // n >= MIN_ROWS  # noqa: E731
+                        and batch // n * width >= MIN_ROWS_X_WIDTH)
+    n = max([k for k in range(1, len(d) + 1) if ok(k)], default=1)
     return tuple(d[:n]) if n > 1 else ()
 
 
 def should_split(xs, stack=None) -> tuple:
-    """:func:`devices_for` ``(B)`` for concrete ``xs: (B, T, D)``; ``()`` inside a trace or
-    when a cell of ``stack`` couples the examples of a batch (``Cell.couples_batch``)."""
+    """:func:`devices_for` ``(B, widest state of stack)`` for concrete ``xs: (B, T, D)``; ``()``
+    inside a trace or when a cell of ``stack`` couples the examples of a batch
+    (``Cell.couples_batch``)."""
     if isinstance(xs, jax.core.Tracer):
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
         return ()
-    return devices_for(xs.shape[0])
+    return devices_for(xs.shape[0], None if stack is None else max(stack._widths))
 
 
 def _kinds(params):

@@ -33,6 +33,12 @@ CHILD = textwrap.dedent("""
     import jax, numpy as np, gradflow
     from gradflow import cells
     out = {"devices": len(jax.devices()), "rows": []}
+    # the default, "auto": split only where each device gets enough work (B x widest state)
+    out["auto"] = {f"{B}x{H}": len(parallel.devices_for(B, H)) for B, H in (
+        (16, 64), (32, 64), (16, 128), (8, 256), (64, 32), (64, 128), (4, None))}
+    pr = gradflow.problem("lstm", layers=1, steps=2, hidden=8, batch=4, seed=0)
+    out["auto_small"] = len(parallel.should_split(pr.xs, pr.stack))
+    parallel.set_batch_devices("all")  # the tests' tiny maps: split whatever the size
     for dtype, names in (("float32", sys.argv[2]), ("float64", sys.argv[3])):
         jax.config.update("jax_enable_x64", dtype == "float64")
         if names == "all":  # one stack per set of states, a layer per cell
@@ -125,6 +131,9 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         # the largest device count <= n dividing B
         assert x["used"] == max(k for k in range(1, n + 1) if x["B"] % k == 0), x
     assert any(x["used"] == n for x in rows)
+    assert out["auto"] == {"16x64": 0, "32x64": 2, "16x128": 2, "8x256": 0, "64x32": 2,
+                           "64x128": n, "4xNone": n}
+    assert out["auto_small"] == 0
     if user == "user":
         assert out["bn"] == {"devices": 0, "max_diff": 0.0}
         assert out["moved_rel"] <= 1e-12
@@ -180,14 +189,14 @@ def test_settings_and_divisor_choice():
         assert parallel.devices_for(8) == (() if len(devs) == 1 else tuple(devs))
     with parallel.batch_devices(1):
         assert parallel.devices_for(8) == ()
-    assert parallel._SETTING["devices"] == "all"
+    assert parallel._SETTING["devices"] == "auto"
 
 
 @pytest.mark.parametrize("bad", [0, -2, "some", [], [1, 2], 1.5])
 def test_bad_device_setting_is_a_value_error(bad):
     with pytest.raises(ValueError, match="devices must be"):
         parallel.set_batch_devices(bad)
-    assert parallel._SETTING["devices"] == "all"
+    assert parallel._SETTING["devices"] == "auto"
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2"])
@@ -309,7 +318,7 @@ def test_cli_devices_after_jax_started_is_a_usage_error(capsys):
                    "--hidden", "4", "--batch", "2", "--no-data"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--devices" in err[0], err
-    assert parallel._SETTING["devices"] == "all"
+    assert parallel._SETTING["devices"] == "auto"
 
 
 # In the child: a program compiled before the cache is turned on, then the cache, then a map
