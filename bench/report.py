@@ -268,6 +268,18 @@ def markdown(res: dict) -> str:
                          + (f"{_f(q['split_s'])}, {_f(q['unsplit_s'])}" if q else "1")
                          + " | " + ", ".join("-" if c is None else _f(1e3 * c) for c in cpu)
                          + " |")
+    if "split_sizes" in b:
+        r = b["split_sizes"]
+        c = r["config"]
+        lines += ["", f"## Where the batch split pays (LSTM {c['L']} layers x {c['T']} steps, "
+                  f"{c['devices']} devices; `\"auto\"` splits where examples x H per device >= "
+                  f"{c['min_rows_x_width']})", "",
+                  "| B x H | split ms | one device ms | split / one device | auto uses | auto "
+                  "chose the faster |", "|---|---|---|---|---|---|"]
+        for x in r["rows"]:
+            lines.append(f"| {x['B']} x {x['H']} | {_ms(x['times']['split'])} | "
+                         f"{_ms(x['times']['unsplit'])} | {_f(x['split_over_unsplit'])} | "
+                         f"{x['auto_devices'] or 1} | {'yes' if x['auto_chose_faster'] else 'no'} |")
     if "cli_start" in b:
         r = b["cli_start"]
         med = r["median_s"]

@@ -736,3 +736,28 @@ def cli_start(cfg) -> dict:
             "walls_s": walls, "median_s": med, "prime_s": prime_s, "cache_files": n_files,
             "ratios": {"cache_warm/no_cache": med["cache_warm"] / med["no_cache"]},
             "checks": {"maps_vs_primed_rel_err": err}}
+
+
+def split_sizes(cfg) -> dict:
+    """Where the batch split pays on this machine: split (every device, ``"all"``) / one device
+    for LSTM maps of several ``B x H`` (``cfg["split_sizes"]``, ``cfg["split_layers"]`` x 32
+    steps), interleaved, with what the default ``"auto"`` setting chooses
+    (:func:`gradflow.parallel.devices_for`) and whether its choice was the faster one."""
+    from gradflow import parallel
+    L, T, reps = cfg.get("split_layers", 8), 32, cfg["repeats"]
+    rows = []
+    for B, H in cfg["split_sizes"]:
+        pr = gradflow.problem("lstm", layers=L, steps=T, hidden=H, batch=B, seed=0)
+        plain = _plain_hidden(pr)
+        with parallel.batch_devices("all"):
+            split = _api_hidden(pr)
+            t = timed({"split": split, "unsplit": plain}, reps)
+            err = rel_err(split().values, plain().values)
+        with parallel.batch_devices("auto"):
+            auto = len(parallel.devices_for(B, H))
+        r = ratio(t["split"], t["unsplit"])
+        rows.append({"B": B, "H": H, "times": t, "split_over_unsplit": r, "auto_devices": auto,
+                     "auto_chose_faster": (auto > 1) == (r < 1),
+                     "checks": {"split_vs_unsplit_rel_err": err}})
+    return {"config": {"L": L, "T": T, "devices": len(jax.devices()),
+                       "min_rows_x_width": parallel.MIN_ROWS_X_WIDTH}, "rows": rows}

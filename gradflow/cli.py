@@ -1425,8 +1425,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split each map's batch over N devices (CPU: N simulated devices "
                              "on the cores; GPU/TPU: the first N); give it before the command "
                              "(default: one per CPU core, used for maps large enough to gain: "
-                             "per device at least 8 examples and examples x state width >= "
-                             "1024; every GPU/TPU)")
+                             "examples x state width >= 1024 per device; every GPU/TPU)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

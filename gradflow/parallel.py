@@ -72,9 +72,9 @@ from gradflow.stack import in_precision
 
 AXIS = "batch"
 _SETTING = {"devices": "auto"}
-# Under "auto", a CPU split needs at least MIN_ROWS examples per device and MIN_ROWS_X_WIDTH
-# examples x the stack's widest state per device (see devices_for).
-MIN_ROWS, MIN_ROWS_X_WIDTH = 8, 1024
+# Under "auto", a CPU split needs MIN_ROWS_X_WIDTH examples x the stack's widest state per
+# device (see devices_for).
+MIN_ROWS_X_WIDTH = 1024
 
 
 def _started() -> bool:
@@ -314,14 +314,16 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
     the largest divisor ``n`` of ``batch`` among the first devices; ``()`` for no split.
 
     Under ``"auto"`` with CPU devices and the stack's widest state ``width`` given, each device
-    must also get ``rows = batch / n >= MIN_ROWS`` (8) examples and ``rows * width >=
-    MIN_ROWS_X_WIDTH`` (1024): a thinner split ran slower than one device on this project's
-    2-core CPU, where each operation of the time loop has a fixed cost the two devices do not
-    share, and its program compiles about 1.3 s longer. Measured (LSTM, 8 and 16 layers x 32
-    steps, 2 devices, split / one device, two runs; ``bench/results/NOTES.md``): ``B x H`` =
-    8 x 64: 1.5; 16 x 64 (the CLI's default size): 1.15, 1.21; 32 x 32: 1.14; 8 x 128: 1.02,
-    1.14; 8 x 256: 1.08; split: 32 x 64: 0.87, 0.94; 64 x 32: 0.98; 16 x 128: 0.87, 0.94;
-    128 x 32: 0.92; 16 x 256: 0.91, 0.97; 64 x 64: 0.85; 32 x 128: 0.80. Calibrated on the
+    must also get ``batch / n * width >= MIN_ROWS_X_WIDTH`` (1024): a thinner split ran slower
+    than one device on this project's 2-core CPU, where each operation of the time loop has a
+    fixed cost the devices do not share, and its program compiles about 1.3 s longer. Split /
+    one device (LSTM, 8 or 16 layers x 32 steps, 2 devices, several runs;
+    ``python -m bench --only split_sizes``, ``bench/results/NOTES.md``), ``B x H``: below the
+    threshold 8 x 64: 1.39-1.59; 16 x 64 (the CLI's default size): 0.99-1.21; 32 x 32:
+    1.05-1.33; 8 x 128: 0.96-1.14; from it up 64 x 32: 0.75-0.98; 32 x 64: 0.87-0.99;
+    16 x 128: 0.79-0.96; 8 x 256: 0.77-1.08; 16 x 256: 0.82-1.01; 64 x 64: 0.59-0.85;
+    32 x 128: 0.63-0.80. Near the threshold either choice is within this VM's noise (and not
+    splitting saves the compile); away from it the rule held in every run. Calibrated on the
     LSTM; GPUs and TPUs (real devices, not shared cores) split whatever the size.
     """
     d = _SETTING["devices"]
@@ -333,8 +335,7 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
     ok = lambda n: batch % n == 0  # noqa: E731
     if (_SETTING["devices"] == "auto" and width is not None
             and all(x.platform == "cpu" for x in d)):
-        ok = lambda n: (batch % n == 0 and batch // n >= MIN_ROWS  # noqa: E731
-                        and batch // n * width >= MIN_ROWS_X_WIDTH)
+        ok = lambda n: batch % n == 0 and batch // n * width >= MIN_ROWS_X_WIDTH  # noqa: E731
     n = max([k for k in range(1, len(d) + 1) if ok(k)], default=1)
     return tuple(d[:n]) if n > 1 else ()
 

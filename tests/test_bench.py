@@ -236,3 +236,18 @@ def test_cli_start_benchmark_runs_the_cli_fresh_with_and_without_the_cache():
                           "config": TINY, "started": "-", "benchmarks": {"cli_start": r},
                           "errors": {}, "goals": []})
     assert "## The CLI's main job from a fresh process" in md and "programs already in it" in md
+
+
+def test_split_sizes_benchmark_reports_the_split_and_the_auto_choice():
+    from bench import suite
+    r = suite.split_sizes(run.QUICK)
+    assert [(x["B"], x["H"]) for x in r["rows"]] == [(2, 8), (4, 8)]
+    for x in r["rows"]:
+        assert x["checks"]["split_vs_unsplit_rel_err"] <= 1e-6
+        assert x["auto_devices"] == 0  # 1 or 2 examples x 8 per device: never worth a split
+    md = report.markdown({"machine": {"cpu": "-", "cores": 2, "memory_gib": 1, "platform": "-",
+                                      "jax": "-", "jaxlib": "-", "devices": ["cpu:0"],
+                                      "backend": "cpu"},
+                          "config": TINY, "started": "-", "benchmarks": {"split_sizes": r},
+                          "errors": {}, "goals": []})
+    assert "## Where the batch split pays" in md and "| 4 x 8 |" in md
