@@ -279,7 +279,8 @@ def markdown(res: dict) -> str:
         for x in r["rows"]:
             lines.append(f"| {x['B']} x {x['H']} | {_ms(x['times']['split'])} | "
                          f"{_ms(x['times']['unsplit'])} | {_f(x['split_over_unsplit'])} | "
-                         f"{x['auto_devices'] or 1} | {'yes' if x['auto_chose_faster'] else 'no'} |")
+                         f"{x['auto_devices'] or 1} | "
+                         f"{'yes' if x['auto_chose_faster'] else 'no'} |")
     if "cli_start" in b:
         r = b["cli_start"]
         med = r["median_s"]

@@ -219,22 +219,21 @@ def use_compile_cache(directory=None, *, max_bytes: int = COMPILE_CACHE_MAX_BYTE
     JAX's persistent compilation cache (``jax_compilation_cache_dir``) with every program kept,
     however fast it compiled (``jax_persistent_cache_min_compile_time_secs = 0`` unless
     ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` is set: the eager parameter initialisation's
-    small programs count too). Compiling is most of a fresh process's time: the CLI's
-    ``gradflow heatmap --cell lstm --layers 16`` takes 8.4-10.1 s without the cache and
-    3.9-5.1 s when its programs are in it (before its map stopped splitting over the 2 cores,
-    :func:`devices_for`: 8.6-12.7 s and 3.6-5.5 s, and 6.0-6.4 s caching only the programs
-    that take over a second, JAX's default; 2-core VM, processes alternating; ``python -m bench
-    --only cli_start``). The ``gradflow`` CLI calls this at start; call it from Python (a notebook, a
-    script) before or after computing: programs compiled after the call are kept.
+    small programs count too). Compiling is most of a fresh process's time: the CLI's ``gradflow
+    heatmap --cell lstm --layers 16`` takes 8.4-10.1 s without the cache and 3.9-5.1 s when its
+    programs are in it (before its map stopped splitting over the 2 cores, :func:`devices_for`:
+    8.6-12.7 s and 3.6-5.5 s, and 6.0-6.4 s caching only the programs that take over a second,
+    JAX's default; 2-core VM, processes alternating; ``python -m bench --only cli_start``). The
+    ``gradflow`` CLI calls this at start; call it from Python (a notebook, a script) before or
+    after computing: programs compiled after the call are kept.
 
     ``directory``: the cache's root (default :func:`default_compile_cache`). Entries go to a
     subfolder per CPU kind (:func:`_host_key`), so a root shared by machines is safe. At each
-    call the least recently used entries beyond ``max_bytes`` (default 512 MiB) are deleted. A cache folder
-    JAX already has (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) stands: it is returned
-    unchanged. A folder that cannot be written is a ValueError when it was asked for
+    call the least recently used entries beyond ``max_bytes`` (default 512 MiB) are deleted. A
+    cache folder JAX already has (``JAX_COMPILATION_CACHE_DIR``, ``jax.config``) stands: it is
+    returned unchanged. A folder that cannot be written is a ValueError when it was asked for
     (``directory`` or ``GRADFLOW_COMPILE_CACHE``) and quietly no cache (``None``) for the
-    default one. The cache is trusted code: do not share its folder with users you do not
-    trust.
+    default one. The cache is trusted code: do not share its folder with users you do not trust.
 
     Example::
 
