@@ -331,11 +331,11 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
     if d in ("auto", "all") or isinstance(d, int):
         avail = jax.devices()
         d = tuple(avail[:d] if isinstance(d, int) else avail)
-    ok = lambda n: batch % n == 0  # noqa: E731
-    if (_SETTING["devices"] == "auto" and width is not None
-            and all(x.platform == "cpu" for x in d)):
-        ok = lambda n: batch % n == 0 and batch // n * width >= MIN_ROWS_X_WIDTH  # noqa: E731
-    n = max([k for k in range(1, len(d) + 1) if ok(k)], default=1)
+    # work each device needs (examples x width); none but "auto" on CPU devices asks for any
+    need = MIN_ROWS_X_WIDTH if (_SETTING["devices"] == "auto" and width is not None
+                                and all(x.platform == "cpu" for x in d)) else 0
+    n = max([k for k in range(1, len(d) + 1)
+             if batch % k == 0 and batch // k * (width or 0) >= need], default=1)
     return tuple(d[:n]) if n > 1 else ()
 
 

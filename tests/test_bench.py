@@ -104,6 +104,15 @@ def test_torch_jacrev_map_equals_gradflow_exact_jacobian_map():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
 
 
+def _markdown_of(name: str, result: dict) -> str:
+    """``report.markdown`` of a results file holding the one benchmark ``name``."""
+    return report.markdown({"machine": {"cpu": "-", "cores": 2, "memory_gib": 1, "platform": "-",
+                                        "jax": "-", "jaxlib": "-", "devices": ["cpu:0"],
+                                        "backend": "cpu"},
+                            "config": TINY, "started": "-", "benchmarks": {name: result},
+                            "errors": {}, "goals": []})
+
+
 def test_harness_runs_and_its_cross_checks_hold(tmp_path):
     names = ["floor", "torch_hidden", "jacobian", "flop_rate", "scaling"]
     res = run.run(TINY, names)
@@ -137,11 +146,7 @@ def test_split_floor_runs_pinned_halves_and_reports_them():
     where the machine has one core the benchmark says it does not apply."""
     from bench import suite
     r = suite.split_floor({**TINY, "std": {"L": 1, "T": 3, "H": 4, "B": 2}, "floor_processes": 2})
-    md = report.markdown({"machine": {"cpu": "-", "cores": 2, "memory_gib": 1, "platform": "-",
-                                      "jax": "-", "jaxlib": "-", "devices": ["cpu:0"],
-                                      "backend": "cpu"},
-                          "config": TINY, "started": "-", "benchmarks": {"split_floor": r},
-                          "errors": {}, "goals": []})
+    md = _markdown_of("split_floor", r)
     if "not_applicable" in r:
         assert len(os.sched_getaffinity(0)) < 2 and "Not measured" in md
         return
@@ -230,11 +235,7 @@ def test_cli_start_benchmark_runs_the_cli_fresh_with_and_without_the_cache():
     assert r["cache_files"] > 0
     assert {k: len(v) for k, v in r["walls_s"].items()} == {"no_cache": 1, "cache_warm": 1}
     assert "--layers 2" in r["config"]["command"]
-    md = report.markdown({"machine": {"cpu": "-", "cores": 2, "memory_gib": 1, "platform": "-",
-                                      "jax": "-", "jaxlib": "-", "devices": ["cpu:0"],
-                                      "backend": "cpu"},
-                          "config": TINY, "started": "-", "benchmarks": {"cli_start": r},
-                          "errors": {}, "goals": []})
+    md = _markdown_of("cli_start", r)
     assert "## The CLI's main job from a fresh process" in md and "programs already in it" in md
 
 
@@ -245,9 +246,5 @@ def test_split_sizes_benchmark_reports_the_split_and_the_auto_choice():
     for x in r["rows"]:
         assert x["checks"]["split_vs_unsplit_rel_err"] <= 1e-6
         assert x["auto_devices"] == 0  # 1 or 2 examples x 8 per device: never worth a split
-    md = report.markdown({"machine": {"cpu": "-", "cores": 2, "memory_gib": 1, "platform": "-",
-                                      "jax": "-", "jaxlib": "-", "devices": ["cpu:0"],
-                                      "backend": "cpu"},
-                          "config": TINY, "started": "-", "benchmarks": {"split_sizes": r},
-                          "errors": {}, "goals": []})
+    md = _markdown_of("split_sizes", r)
     assert "## Where the batch split pays" in md and "| 4 x 8 |" in md

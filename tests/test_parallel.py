@@ -342,11 +342,16 @@ CACHE_CHILD = textwrap.dedent("""
 """)
 
 
+def _uncached_env(**extra):
+    """This process's environment without the suite's compile-cache settings (conftest.py's
+    folder, its threshold, a GRADFLOW_COMPILE_CACHE), plus ``extra``: a child as users start it."""
+    drop = ("JAX_COMPILATION_CACHE_DIR", parallel.COMPILE_CACHE_ENV,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
 def _cache_child(tmp, arg="-", what="map", **env):
-    env = {**{k: v for k, v in os.environ.items()
-              if k not in ("JAX_COMPILATION_CACHE_DIR", parallel.COMPILE_CACHE_ENV,
-                           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")},
-           "XDG_CACHE_HOME": str(tmp), **env}
+    env = _uncached_env(XDG_CACHE_HOME=str(tmp), **env)
     r = subprocess.run([sys.executable, "-c", CACHE_CHILD, arg, what], capture_output=True,
                        text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -376,8 +381,7 @@ def test_the_compile_cache_folder_must_be_writable_when_asked_for(tmp_path):
     with pytest.raises(ValueError, match="max_bytes"):
         parallel.use_compile_cache(max_bytes=-1)
     # a fresh process: asked for -> ValueError naming the folder; the default -> no cache
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_COMPILATION_CACHE_DIR", parallel.COMPILE_CACHE_ENV)}
+    env = _uncached_env()
     code = ("from gradflow import parallel\n"
             "try:\n    print(parallel.use_compile_cache(__import__('sys').argv[1] or None))\n"
             "except ValueError as e:\n    print('ValueError', e)\n")
@@ -414,13 +418,12 @@ def test_the_compile_cache_is_pruned_least_recently_used_first(tmp_path):
 def test_the_cli_refuses_a_compile_cache_folder_it_cannot_write(tmp_path):
     # (that the CLI fills its cache and a cached run gives the same map: tests/test_bench.py,
     # the cli_start benchmark)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_COMPILATION_CACHE_DIR", parallel.COMPILE_CACHE_ENV)}
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     r = subprocess.run([sys.executable, "-m", "gradflow", "heatmap", "--cell", "rnn",
                         "--out", str(tmp_path / "m.png")], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600, env={**env, parallel.COMPILE_CACHE_ENV: str(blocker)})
+                       cwd=ROOT, timeout=600,
+                       env=_uncached_env(**{parallel.COMPILE_CACHE_ENV: str(blocker)}))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert parallel.COMPILE_CACHE_ENV in r.stderr and str(blocker) in r.stderr
@@ -441,8 +444,7 @@ DAMAGE_CHILD = textwrap.dedent("""
 def test_the_cli_says_in_one_line_when_a_cached_program_is_damaged(tmp_path):
     """An entry cut short (a run killed while JAX wrote it): JAX warns and compiles again; the
     CLI's settings turn its warning into one line naming the folder, the result unchanged."""
-    env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
-           parallel.COMPILE_CACHE_ENV: str(tmp_path / "c")}
+    env = _uncached_env(**{parallel.COMPILE_CACHE_ENV: str(tmp_path / "c")})
     runs = []
     for damage in (False, True):
         if damage:
