@@ -223,9 +223,9 @@ def use_compile_cache(directory=None, *, max_bytes: int = COMPILE_CACHE_MAX_BYTE
     heatmap --cell lstm --layers 16`` takes 8.4-10.1 s without the cache and 3.9-5.1 s when its
     programs are in it (before its map stopped splitting over the 2 cores, :func:`devices_for`:
     8.6-12.7 s and 3.6-5.5 s, and 6.0-6.4 s caching only the programs that take over a second,
-    JAX's default; 2-core VM, processes alternating; ``python -m bench --only cli_start``). The
-    ``gradflow`` CLI calls this at start; call it from Python (a notebook, a script) before or
-    after computing: programs compiled after the call are kept.
+    JAX's default; 2-core AMD EPYC VM, processes alternating; ``python -m bench --only
+    cli_start``). The ``gradflow`` CLI calls this at start; call it from Python (a notebook, a
+    script) before or after computing: programs compiled after the call are kept.
 
     ``directory``: the cache's root (default :func:`default_compile_cache`). Entries go to a
     subfolder per CPU kind (:func:`_host_key`), so a root shared by machines is safe. At each
@@ -314,16 +314,16 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
 
     Under ``"auto"`` with CPU devices and the stack's widest state ``width`` given, each device
     must also get ``batch / n * width >= MIN_ROWS_X_WIDTH`` (1024): a thinner split ran slower
-    than one device on this project's 2-core CPU, where each operation of the time loop has a
-    fixed cost the devices do not share, and its program compiles about 1.3 s longer. Split /
-    one device (LSTM, 8 or 16 layers x 32 steps, 2 devices, several runs;
+    than one device on this project's 2-core AMD EPYC (Zen 5) VM, where each operation of the
+    time loop has a fixed cost the devices do not share, and its program compiles about 1.3 s
+    longer. Split / one device (LSTM, 8 or 16 layers x 32 steps, 2 devices, several runs;
     ``python -m bench --only split_sizes``, ``bench/results/NOTES.md``), ``B x H``: below the
     threshold 8 x 64: 1.39-1.59; 16 x 64 (the CLI's default size): 0.99-1.21; 32 x 32:
-    1.05-1.33; 8 x 128: 0.96-1.14; from it up 64 x 32: 0.75-0.98; 32 x 64: 0.87-0.99;
-    16 x 128: 0.79-0.96; 8 x 256: 0.77-1.08; 16 x 256: 0.82-1.01; 64 x 64: 0.59-0.85;
-    32 x 128: 0.63-0.80. Near the threshold either choice is within this VM's noise (and not
-    splitting saves the compile); away from it the rule held in every run. Calibrated on the
-    LSTM; GPUs and TPUs (real devices, not shared cores) split whatever the size.
+    1.05-1.33; 8 x 128: 0.96-1.14; from it up 64 x 32: 0.75-0.98; 32 x 64: 0.87-0.99; 16 x 128:
+    0.79-0.96; 8 x 256: 0.77-1.08; 16 x 256: 0.82-1.01; 64 x 64: 0.59-0.85; 32 x 128: 0.63-0.80.
+    Near the threshold either choice is within this VM's noise (and not splitting saves the
+    compile); away from it the rule held in every run. Calibrated on the LSTM; GPUs and TPUs
+    (real devices, not shared cores) split whatever the size.
     """
     d = _SETTING["devices"]
     if d is None:
