@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import gradflow
-from bench import flops, report, run
+from bench import flops, harness, report, run
 
 TINY = {
     "std": {"L": 2, "T": 5, "H": 8, "B": 3},
@@ -36,6 +36,20 @@ def test_flop_formulas_by_hand():
     assert flops.backward_inputs(L, T, H, B, D, G) == per * H + per * (H + H)
     assert flops.hidden_map(L, T, H, B, D, G) == (flops.forward(L, T, H, B, D, G)
                                                   + flops.backward_inputs(L, T, H, B, D, G))
+
+
+def test_cpu_description_tells_machines_with_one_model_name_apart():
+    zen1 = ("processor : 0\nvendor_id : AuthenticAMD\ncpu family : 23\nmodel : 1\n"
+            "model name : AMD EPYC\nflags : fpu sse avx avx2 fma\n"
+            "processor : 1\nvendor_id : AuthenticAMD\ncpu family : 99\n")
+    zen5 = zen1.replace("family : 23", "family : 26").replace("avx2", "avx2 avx512f")
+    xeon = ("vendor_id : GenuineIntel\ncpu family : 6\nmodel : 143\n"
+            "model name : Intel(R) Xeon(R) Processor\nflags : sse avx\n")
+    one, five, intel = (harness.cpu_description(c).split("; L")[0] for c in (zen1, zen5, xeon))
+    assert one == "AMD EPYC (family 23 model 1: Zen 1/2; AVX2"  # the first processor's lines
+    assert five == "AMD EPYC (family 26 model 1: Zen 5; AVX-512"
+    assert intel == "Intel(R) Xeon(R) Processor (family 6 model 143; no AVX2"
+    assert harness.machine()["cpu"] == harness.cpu_description()
 
 
 def test_forward_flops_match_xla_cost_analysis():
