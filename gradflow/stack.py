@@ -41,6 +41,7 @@ import jax
 import jax.extend.core
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from gradflow import cells as _cells
 from gradflow.checks import check_xs
@@ -968,7 +969,9 @@ def lean_layers(cell: Cell, residual: bool, norm: str | None, precision: str | N
     (:func:`safe_norm`, all steps at once after the scan), :math:`(\bar s_{t-1},
     \overline{xp}_t) = \mathrm{backward}(p, \mathrm{factors}_t, \bar s_t)`; the stacked
     :math:`\overline{xp}` goes through the input projection's transpose as one matmul per
-    layer (autodiff of :func:`lean_inputs`). ``P`` gets zeros: the caller holds the cell
+    layer (autodiff of :func:`lean_inputs`), except in the run's first layer where the
+    caller does not differentiate ``x`` (a map of the stack's inputs: that matmul is not
+    formed, ``x`` gets zeros). ``P`` gets zeros: the caller holds the cell
     parameters constant (``Stack.apply(constant_params=True)`` wraps them in
     ``lax.stop_gradient``); the norm's ``pn`` get their true cotangents.
 
@@ -1016,6 +1019,18 @@ def _lean_fwd(cell, residual, norm, precision, P, pn, x, s0, perturb, taps):
         return _lean_fwd_traced(cell, residual, norm, P, pn, x, s0, perturb, taps)
 
 
+def _lean_fwd_rule(cell, residual, norm, precision, *args):
+    """:func:`lean_layers`' forward rule (``symbolic_zeros``: each argument leaf says whether
+    the caller differentiates it). Whether the run's input ``x`` is differentiated travels to
+    the backward in the residuals' tree structure (``()`` yes, ``None`` no): a map of the
+    stack's raw inputs leaves it undifferentiated, and the first layer's input cotangent, one
+    ``(T, B, G H) x (G H, D)`` matmul, is then not formed."""
+    P, pn, x, s0, perturb, taps = custom_vjp_primal_tree_values(args)
+    need_dx = any(a.perturbed for a in jax.tree_util.tree_leaves(args[2]))
+    out, res = _lean_fwd(cell, residual, norm, precision, P, pn, x, s0, perturb, taps)
+    return out, (res, () if need_dx else None)
+
+
 def _lean_fwd_traced(cell, residual, norm, P, pn, x, s0, perturb, taps):
     T = x.shape[0]
     n = jax.tree_util.tree_leaves(P)[0].shape[0]
@@ -1049,11 +1064,14 @@ def _lean_fwd_traced(cell, residual, norm, P, pn, x, s0, perturb, taps):
 
 
 def _lean_bwd(cell, residual, norm, precision, res, cts):
+    res, need_dx = res
+    cts = jax.tree_util.tree_map(  # the outputs nobody reads have symbolic zero cotangents
+        lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c, cts)
     with precision_scope(precision):
-        return _lean_bwd_traced(cell, residual, norm, res, cts)
+        return _lean_bwd_traced(cell, residual, norm, res, cts, need_dx is not None)
 
 
-def _lean_bwd_traced(cell, residual, norm, res, cts):
+def _lean_bwd_traced(cell, residual, norm, res, cts, need_dx=True):
     P, pn, x, hs, up, buf, perturb, taps = res
     d_states, d_up, d_final = cts
     T, n = x.shape[0], hs.shape[0]
@@ -1078,10 +1096,20 @@ def _lean_bwd_traced(cell, residual, norm, res, cts):
             return d_prev, (d_xp, {k: d[k] for k in keep})
 
         d_s0, (d_xin, d_s) = lax.scan(step, dfin_l, (ds_l, jnp.arange(T)), reverse=True)
-        (dx,) = jax.vjp(lambda xx: lean_inputs(cell, p, xx), xx)[1](d_xin)
+
+        def input_cotangent(d_xin, dx_emit):
+            (dx,) = jax.vjp(lambda xx: lean_inputs(cell, p, xx), xx)[1](d_xin)
+            return dx + dx_emit
+
+        if need_dx:
+            dx = input_cotangent(d_xin, dx_emit)
+        elif n == 1:
+            dx = jnp.zeros_like(x)
+        else:  # the first layer's input cotangent is not needed
+            dx = lax.cond(l > 0, input_cotangent, lambda *_: jnp.zeros_like(x), d_xin, dx_emit)
         # the norms of all steps at once, after the scan (fewer ops per step)
         d_taps = {k: safe_norm(d_s[k]).astype(taps[k].dtype) for k in taps}
-        return dx + dx_emit, (d_s0, {k: d_s[k] for k in perturb}, d_taps, dpn)
+        return dx, (d_s0, {k: d_s[k] for k in perturb}, d_taps, dpn)
 
     dx, (d_s0, d_perturb, d_taps, d_pn) = _over_layers(
         layer, jnp.zeros_like(d_up[0]), (P, pn, d_states, d_up, d_final, jnp.arange(n)),
@@ -1089,7 +1117,7 @@ def _lean_bwd_traced(cell, residual, norm, res, cts):
     return jax.tree_util.tree_map(jnp.zeros_like, P), d_pn, dx, d_s0, d_perturb, d_taps
 
 
-lean_layers.defvjp(_lean_fwd, _lean_bwd)
+lean_layers.defvjp(_lean_fwd_rule, _lean_bwd, symbolic_zeros=True)
 
 
 def _layer(cell: Cell, p, x, s0, inst: Instruments, chunk):

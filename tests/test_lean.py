@@ -10,6 +10,7 @@ with residual and norm) against finite differences.
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -408,3 +409,42 @@ def test_lean_inputs_hold_cell_project(spec, x64):
     match = [[j for j, b in enumerate(blocks) if np.allclose(a, b, rtol=1e-12, atol=1e-13)]
              for a in mine]  # (x W + b) - b: rounding of b's size
     assert sorted(j for m in match for j in m) == list(range(len(blocks))), match
+
+
+def _count(jaxpr, name) -> int:
+    """How many ``name`` equations ``jaxpr`` holds, inside scans, conds and custom rules."""
+    n = 0
+    for e in jaxpr.eqns:
+        n += e.primitive.name == name
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                sub = getattr(sub, "jaxpr", sub)
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    n += _count(sub, name)
+    return n
+
+
+def test_lean_layers_skip_the_input_cotangent_nobody_reads(x64):
+    """A map differentiates the perturbations, not the stack's inputs: the backward of a run
+    of lean layers then forms no cotangent for the run's input ``x`` (one ``(T, B, 4H) x
+    (4H, D)`` matmul fewer); differentiated, it is formed (and equals finite differences,
+    ``test_check_grads_lean_layers``)."""
+    cell = cells.get("lstm")
+    T, B, D, H = 4, 2, 3, 5
+    p = cell.init(jax.random.key(0), D, H, jnp.float64)
+    one = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)  # noqa: E731
+    x = jax.random.normal(jax.random.key(1), (T, B, D), jnp.float64)
+    s0 = {k: jnp.zeros((1, B, H), jnp.float64) for k in cell.state_names}
+    e = {k: jnp.zeros((1, T, B, H), jnp.float64) for k in cell.state_names}
+
+    def f(x, e):
+        states, up, _ = lean_layers(cell, False, None, None, one(p), None, x, s0, e, {})
+        return jnp.sum(jnp.sin(up)) + sum(jnp.sum(v ** 2) for v in states.values())
+
+    with_x = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, e).jaxpr
+    without = jax.make_jaxpr(jax.grad(f, argnums=1))(x, e).jaxpr
+    # undifferentiated x: x W (the projection), h U (forward step), dz U^T (backward step)
+    assert _count(without, "dot_general") == 3
+    assert _count(with_x, "dot_general") > 3  # + dz W^T (its VJP also traces a dead x W)
+    np.testing.assert_array_equal(jax.grad(f, argnums=1)(x, e)["h"],
+                                  jax.grad(f, argnums=(0, 1))(x, e)[1]["h"])
