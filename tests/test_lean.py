@@ -448,3 +448,18 @@ def test_lean_layers_skip_the_input_cotangent_nobody_reads(x64):
     assert _count(with_x, "dot_general") > 3  # + dz W^T (its VJP also traces a dead x W)
     np.testing.assert_array_equal(jax.grad(f, argnums=1)(x, e)["h"],
                                   jax.grad(f, argnums=(0, 1))(x, e)[1]["h"])
+    # a run of two layers skips it in its layer scan, for the first layer only (a cond)
+    P = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[
+        cell.init(jax.random.key(l), H, H, jnp.float64) for l in range(2)])
+    x2 = jax.random.normal(jax.random.key(2), (T, B, H), jnp.float64)
+    s02 = {k: jnp.zeros((2, B, H), jnp.float64) for k in cell.state_names}
+    e2 = {k: jnp.zeros((2, T, B, H), jnp.float64) for k in cell.state_names}
+
+    def f2(x, e):
+        states, up, _ = lean_layers(cell, False, None, None, P, None, x, s02, e, {})
+        return jnp.sum(jnp.sin(up)) + sum(jnp.sum(v ** 2) for v in states.values())
+
+    assert _count(jax.make_jaxpr(jax.grad(f2, argnums=1))(x2, e2).jaxpr, "cond") == 1
+    assert _count(jax.make_jaxpr(jax.grad(f2, argnums=(0, 1)))(x2, e2).jaxpr, "cond") == 0
+    np.testing.assert_array_equal(jax.grad(f2, argnums=1)(x2, e2)["h"],
+                                  jax.grad(f2, argnums=(0, 1))(x2, e2)[1]["h"])
