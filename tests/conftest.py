@@ -16,9 +16,6 @@ collected, in one background thread, so those processes run on the core the test
 idle, and the test asserts on its ``background`` result when its turn comes. Deselected tests
 start nothing.
 
-Files on the second core: ``tests/test_second_core.py`` runs a few heavy files in such a child
-pytest; while its test is selected, the test process leaves those files out.
-
 Hypothesis tests (function-scoped fixtures do not mix with ``@given``) enter
 ``jax.enable_x64(True)`` in their body instead.
 """
@@ -73,7 +70,6 @@ def pytest_configure(config):
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: deselected tests start nothing
 def pytest_collection_modifyitems(config, items):
-    _leave_to_the_second_core(config, items)
     marked = [(item, m.kwargs["job"]) for item in items for m in item.iter_markers("background")]
     if not marked or config.option.collectonly:  # --collect-only runs nothing
         return
@@ -90,19 +86,3 @@ def pytest_collection_modifyitems(config, items):
 def background(request):
     """The return value of this test's ``@pytest.mark.background(job=fn)`` job (waits for it)."""
     return _JOBS[request.node.nodeid].result()
-
-
-def _leave_to_the_second_core(config, items):
-    """When ``tests/test_second_core.py``'s test is selected, the files it runs in its child
-    are left out here (whatever of them -k or -m selected would run there in full)."""
-    from test_second_core import FILES
-    if not any(item.nodeid.startswith("tests/test_second_core.py::") for item in items):
-        return
-    root = Path(__file__).resolve().parents[1]
-    files = {(root / f).resolve() for f in FILES}
-    moved = [item for item in items if Path(str(item.path)).resolve() in files]
-    if moved:
-        ids = {id(item) for item in moved}
-        items[:] = [item for item in items if id(item) not in ids]
-        config.hook.pytest_deselected(items=moved)
-
