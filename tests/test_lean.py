@@ -427,39 +427,28 @@ def _count(jaxpr, name) -> int:
 def test_lean_layers_skip_the_input_cotangent_nobody_reads(x64):
     """A map differentiates the perturbations, not the stack's inputs: the backward of a run
     of lean layers then forms no cotangent for the run's input ``x`` (one ``(T, B, 4H) x
-    (4H, D)`` matmul fewer); differentiated, it is formed (and equals finite differences,
-    ``test_check_grads_lean_layers``)."""
+    (4H, H)`` matmul fewer): at trace time for a run of one layer, by a ``cond`` in the layer
+    scan (first layer only) for longer runs; differentiated, it is formed (and equals finite
+    differences, ``test_check_grads_lean_layers``)."""
     cell = cells.get("lstm")
-    T, B, D, H = 4, 2, 3, 5
-    p = cell.init(jax.random.key(0), D, H, jnp.float64)
-    one = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)  # noqa: E731
-    x = jax.random.normal(jax.random.key(1), (T, B, D), jnp.float64)
-    s0 = {k: jnp.zeros((1, B, H), jnp.float64) for k in cell.state_names}
-    e = {k: jnp.zeros((1, T, B, H), jnp.float64) for k in cell.state_names}
+    T, B, H = 4, 2, 5
+    x = jax.random.normal(jax.random.key(1), (T, B, H), jnp.float64)
+    for n in (1, 2):
+        P = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[
+            cell.init(jax.random.key(l), H, H, jnp.float64) for l in range(n)])
+        s0 = {k: jnp.zeros((n, B, H), jnp.float64) for k in cell.state_names}
+        e = {k: jnp.zeros((n, T, B, H), jnp.float64) for k in cell.state_names}
 
-    def f(x, e):
-        states, up, _ = lean_layers(cell, False, None, None, one(p), None, x, s0, e, {})
-        return jnp.sum(jnp.sin(up)) + sum(jnp.sum(v ** 2) for v in states.values())
+        def f(x, e):
+            states, up, _ = lean_layers(cell, False, None, None, P, None, x, s0, e, {})
+            return jnp.sum(jnp.sin(up)) + sum(jnp.sum(v ** 2) for v in states.values())
 
-    with_x = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, e).jaxpr
-    without = jax.make_jaxpr(jax.grad(f, argnums=1))(x, e).jaxpr
-    # undifferentiated x: x W (the projection), h U (forward step), dz U^T (backward step)
-    assert _count(without, "dot_general") == 3
-    assert _count(with_x, "dot_general") > 3  # + dz W^T (its VJP also traces a dead x W)
-    np.testing.assert_array_equal(jax.grad(f, argnums=1)(x, e)["h"],
-                                  jax.grad(f, argnums=(0, 1))(x, e)[1]["h"])
-    # a run of two layers skips it in its layer scan, for the first layer only (a cond)
-    P = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[
-        cell.init(jax.random.key(l), H, H, jnp.float64) for l in range(2)])
-    x2 = jax.random.normal(jax.random.key(2), (T, B, H), jnp.float64)
-    s02 = {k: jnp.zeros((2, B, H), jnp.float64) for k in cell.state_names}
-    e2 = {k: jnp.zeros((2, T, B, H), jnp.float64) for k in cell.state_names}
-
-    def f2(x, e):
-        states, up, _ = lean_layers(cell, False, None, None, P, None, x, s02, e, {})
-        return jnp.sum(jnp.sin(up)) + sum(jnp.sum(v ** 2) for v in states.values())
-
-    assert _count(jax.make_jaxpr(jax.grad(f2, argnums=1))(x2, e2).jaxpr, "cond") == 1
-    assert _count(jax.make_jaxpr(jax.grad(f2, argnums=(0, 1)))(x2, e2).jaxpr, "cond") == 0
-    np.testing.assert_array_equal(jax.grad(f2, argnums=1)(x2, e2)["h"],
-                                  jax.grad(f2, argnums=(0, 1))(x2, e2)[1]["h"])
+        with_x = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, e).jaxpr
+        without = jax.make_jaxpr(jax.grad(f, argnums=1))(x, e).jaxpr
+        if n == 1:  # undifferentiated x: x W (projection), h U (forward step), dz U^T (backward)
+            assert _count(without, "dot_general") == 3
+            assert _count(with_x, "dot_general") > 3  # + dz W^T (its VJP also traces a dead x W)
+        assert _count(without, "cond") == n - 1
+        assert _count(with_x, "cond") == 0
+        np.testing.assert_array_equal(jax.grad(f, argnums=1)(x, e)["h"],
+                                      jax.grad(f, argnums=(0, 1))(x, e)[1]["h"])
