@@ -483,6 +483,28 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="unknown kind 'gate'"):
         cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2, gates=_lstm_gates,
                             gate_kinds={"f": "gate"})
+    # functions of the wrong arity are named with the signature they need, before any run
+    with pytest.raises(TypeError, match=r"init must take \(key, input_size, hidden_size, "
+                                        r"dtype\); <lambda>\(k, n, h\) does not"):
+        cells.from_function(_lstm_step, lambda k, n, h: None, state=2)
+    with pytest.raises(TypeError, match=r"step must take \(params, carry, x\)"):
+        cells.from_function(lambda p, c: (c, c), _lstm_init)
+    with pytest.raises(TypeError, match=r"gates must take \(module, state, x\)"):
+        cells.from_equinox(eqx.nn.GRUCell(D, H, key=jax.random.key(0)), gates=lambda m, h: {})
+    with pytest.raises(TypeError, match=r"gates must be a function \(params, carry, x\)"):
+        cells.from_linen(nn.GRUCell(features=H), gates="all")
+    # a step whose carry comes back in another structure than it was given (state=None: one
+    # array; the step returns a tuple of one): said at init, with both structures
+    wrapped = cells.from_function(lambda p, h, x: ((x @ p["W"],), x @ p["W"]),
+                                  lambda k, n, h, dtype: {"W": jnp.ones((n, h), dtype)})
+    with pytest.raises(ValueError, match=r"returns a carry shaped \(\(1, 6\),\) but is given "
+                                         r"one shaped \(1, 6\); state="):
+        gradflow.Stack(wrapped, L, D, H).init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"returns a carry shaped \(\(3, 6\),\) but is given "
+                                         r"one shaped \(3, 6\)"):  # the probe step says it too
+        cells.from_function(lambda p, h, x: ((x @ p["W"],), x @ p["W"]),
+                            lambda k, n, h, dtype: {"W": jnp.ones((n, h), dtype)},
+                            hidden_size=H, gates=lambda p, h, x: {"g": h})
     with pytest.raises(TypeError, match="flax.linen Module"):
         cells.from_linen(eqx.nn.GRUCell(2, 2, key=jax.random.key(0)))
     with pytest.raises(TypeError, match="equinox Module"):

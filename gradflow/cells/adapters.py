@@ -163,6 +163,48 @@ def _message(e: Exception) -> str:
     return " ".join(str(e).split())[:400]
 
 
+def _shapes(tree) -> str:
+    """A carry's structure with each array as its shape, e.g. ``((1, 7),)``."""
+    return str(jax.tree_util.tree_map(lambda a: tuple(jnp.shape(a)), tree))
+
+
+def _carry_leaves(who: str, new, treedef, shape: tuple) -> list:
+    """The leaves of the carry a step returned, once its structure is the one it was given (of
+    ``shape`` arrays)."""
+    if jax.tree_util.tree_structure(new) != treedef:
+        given = _shapes(jax.tree_util.tree_unflatten(
+            treedef, [jax.ShapeDtypeStruct(shape, jnp.float32)] * treedef.num_leaves))
+        raise ValueError(f"{who}: the step returns a carry shaped {_shapes(new)} but is given "
+                         f"one shaped {given}; state= says what the carry is (None: one array, "
+                         "k: a tuple of k arrays, or a function building it)")
+    return treedef.flatten_up_to(new)
+
+
+def _check_arity(who: str, fn, what: str, signature: str) -> None:
+    """A TypeError naming ``signature`` unless ``fn`` takes its positional arguments (functions
+    whose signature Python cannot read are not checked)."""
+    names = [a.strip() for a in signature.split(",")]
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*names)
+    except TypeError:
+        raise TypeError(f"{who}: {what} must take ({signature}); "
+                        f"{getattr(fn, '__name__', what)}{sig} does not") from None
+
+
+def _check_gates(who: str, gates, signature: str, returns: str, sown: bool = False) -> None:
+    """A TypeError unless ``gates`` is None, a function of ``signature`` (or ``"sown"``)."""
+    if gates is None or (sown and gates == "sown"):
+        return
+    if not callable(gates):
+        raise TypeError(f"{who}: gates must be a function ({signature}) -> {returns}"
+                        + (" or 'sown'" if sown else ""))
+    _check_arity(who, gates, "gates", signature)
+
+
 def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidden_size,
            output, reports_gates: bool, gate_kinds, make_init: Callable,
            probe_params: Callable | None, finds_output: bool, to_params: Callable,
@@ -224,10 +266,10 @@ def _probe(who, call_b, treedef, n, probe_params, H):
     x = jax.random.normal(ks[n], (_PROBE_BATCH, n_in))
     try:
         new, y, probe_gates = call_b(params, carry, x)
-        return treedef.flatten_up_to(new), y, probe_gates
     except Exception as e:  # the user's function failed: say where, with its message
         raise ValueError(f"{who}: one probe step (batch {_PROBE_BATCH}, input_size {n_in}, "
                          f"hidden_size {H}) failed: {_message(e)}") from e
+    return _carry_leaves(who, new, treedef, (_PROBE_BATCH, H)), y, probe_gates
 
 
 def _find_output(who, new_leaves, y, H) -> int:
@@ -283,10 +325,10 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
         x = jax.ShapeDtypeStruct((1, n_in), dtype)
         try:
             new, _, _ = jax.eval_shape(call_b, params, carry, x)
-            shapes = [tuple(v.shape) for v in treedef.flatten_up_to(new)]
         except Exception as e:
             raise ValueError(f"{who}: these parameters do not fit input_size={n_in}, "
                              f"hidden_size={H}: {_message(e)}") from e
+        shapes = [tuple(v.shape) for v in _carry_leaves(who, new, treedef, (1, H))]
         if any(s != (1, H) for s in shapes):
             raise ValueError(f"{who}: with input_size={n_in}, hidden_size={H} the carry comes out "
                              f"as {shapes}, expected (batch, {H}) arrays")
@@ -342,8 +384,10 @@ def from_function(step: Callable, init, *, hidden_size: int | None = None,
     if init is None:
         raise TypeError(f"{who}: init must be a function (key, input_size, hidden_size, dtype) "
                         "-> params, or the params")
-    if gates is not None and not callable(gates):
-        raise TypeError(f"{who}: gates must be a function (params, carry, x) -> {{name: (B, H)}}")
+    _check_arity(who, step, "step", "params, carry, x")
+    if callable(init):
+        _check_arity(who, init, "init", "key, input_size, hidden_size, dtype")
+    _check_gates(who, gates, "params, carry, x", "{name: (B, H)}")
     template = _template(state, hidden_size, who)
 
     def call(params, carry, x):
@@ -421,9 +465,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
     if not isinstance(H, int):
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'features': give "
                          "hidden_size=")
-    if gates is not None and gates != "sown" and not callable(gates):
-        raise TypeError(f"{who}: gates must be a function (params, carry, x) -> {{name: (B, H)}} "
-                        "or 'sown'")
+    _check_gates(who, gates, "params, carry, x", "{name: (B, H)}", sown=True)
     try:
         template = module.initialize_carry(jax.random.key(0), (1, H))
     except Exception as e:
@@ -519,6 +561,9 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     if not isinstance(H, int):
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_features': "
                          "give hidden_size=")
+    _check_gates(who, gates, "module, carry, x", "{name: (B, H)}")
+    if init is not None:
+        _check_arity(who, init, "init", "key, input_size, hidden_size")
     n_in = getattr(module, "in_features", H)
     graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
     own = pstate.to_pure_dict()
@@ -635,6 +680,9 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
     if not isinstance(H, int):
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_size': give "
                          "hidden_size=")
+    _check_gates(who, gates, "module, state, x", "{name: (H,)}")
+    if init is not None:
+        _check_arity(who, init, "init", "key, input_size, hidden_size")
     builtin = type(module) in (eqx.nn.LSTMCell, eqx.nn.GRUCell)
     if state is None and type(module) is eqx.nn.LSTMCell:
         state = 2
