@@ -163,6 +163,25 @@ def _shape_str(x) -> str:
     return str(tuple(getattr(x, "shape", ())))
 
 
+def _what_is_there(params, keystr: str, expected: dict) -> str:
+    """For a missing leaf: what the deepest dict on its path holds instead (e.g. a whole model's
+    params given for one layer), as ``"; params['layers'][0] holds 'LSTMCell_0', ..."``."""
+    path = next(p for p in expected if jax.tree_util.keystr(p) == keystr)
+    node, depth = params, 0
+    for k in path:
+        key = getattr(k, "key", getattr(k, "idx", None))
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            break
+        depth += 1
+    if not isinstance(node, dict) or not node:
+        return ""
+    names = [repr(k) for k in node]
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return f"; params{jax.tree_util.keystr(path[:depth])} holds {shown}"
+
+
 def check_params(stack, params):
     """Raise unless ``params`` has the structure and shapes of ``stack.init(key)``.
 
@@ -194,7 +213,7 @@ def check_params(stack, params):
     for path, e in exp_by.items():  # in the order of stack.init: the first wrong leaf
         if path not in got_by:
             raise ValueError(f"params{path} is missing: expected an array of shape "
-                             f"{_shape_str(e)}")
+                             f"{_shape_str(e)}{_what_is_there(params, path, exp)}")
         g = got_by[path]
         if not hasattr(g, "shape") or not hasattr(g, "dtype"):
             raise TypeError(f"params{path} must be an array of shape {_shape_str(e)}, got "

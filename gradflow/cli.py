@@ -268,9 +268,9 @@ def load_cell(spec: str, options: dict | None = None):
         raise InputError(f"--cell {spec!r} is a Cell, not a factory: it takes no --option or "
                          "--init")
     if not isinstance(obj, Cell):
-        raise InputError(f"--cell {spec!r} gave a {type(obj).__name__}, not a gradflow Cell "
-                         "(build one with gradflow.cells.Cell(...) or an adapter such as "
-                         "gradflow.cells.from_function)")
+        raise InputError(f"--cell {spec!r} gave an object of type {type(obj).__name__}, not a "
+                         "gradflow Cell (build one with gradflow.cells.Cell(...) or an adapter "
+                         "such as gradflow.cells.from_function)")
     return obj
 
 

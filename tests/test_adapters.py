@@ -520,6 +520,19 @@ def test_clear_errors():
         cells.stack_params(stack, [eqx.nn.GRUCell(H, H, key=jax.random.key(0))] * 3)
     with pytest.raises(TypeError, match="structure"):
         cells.stack_params(stack, [eqx.nn.LSTMCell(D, H, key=jax.random.key(0))] * 3)
+    # a whole model's params given for each layer (a Flax model of three LSTMCells)
+    lstm = cells.from_linen(nn.LSTMCell(features=H))
+    model = {"params": {f"LSTMCell_{i}": nn.LSTMCell(features=H).init(
+        jax.random.key(i), (jnp.zeros((1, H)),) * 2, jnp.zeros((1, D if i == 0 else H)))["params"]
+        for i in range(L)}}
+    with pytest.raises(ValueError, match=r"stack_params: params\['layers'\]\[0\]\[.*\] is "
+                                         r"missing: .*; params\['layers'\]\[0\] holds "
+                                         r"'LSTMCell_0', 'LSTMCell_1', 'LSTMCell_2'$"):
+        cells.stack_params(gradflow.Stack(lstm, L, D, H), [model] * L)
+    ported = cells.stack_params(gradflow.Stack(lstm, L, D, H), [
+        {"params": model["params"][f"LSTMCell_{i}"]} for i in range(L)])  # one cell's each
+    np.testing.assert_array_equal(ported["layers"][2]["hf"]["kernel"],
+                                  model["params"]["LSTMCell_2"]["hf"]["kernel"])
     with pytest.raises(ImportError, match=r'pip install "gradflow\[flax\]"'):
         adapters._require("gradflow_no_such_module", "flax", "from_linen")
 

@@ -77,6 +77,12 @@ def test_check_params_structure(small):
                                                  if k != sorted(params["layers"][1])[0]}]}
     with pytest.raises(ValueError, match=r"params\['layers'\]\[1\]\[.*\] is missing"):
         checks.check_params(stack, no_gate)
+    # a layer's params one level too deep (a whole model's dict given for one layer): the
+    # message says what that layer's dict holds instead
+    nested = {"layers": [params["layers"][0], {"cell": params["layers"][1], "extra": {}}]}
+    with pytest.raises(ValueError, match=r"is missing: expected an array of shape \(.*\); "
+                                         r"params\['layers'\]\[1\] holds 'cell', 'extra'$"):
+        checks.check_params(stack, nested)
     bad = jax.tree_util.tree_map(lambda a: a, params)
     gate = sorted(bad["layers"][1])[0]
     leaf = sorted(bad["layers"][1][gate])[0]

@@ -448,7 +448,7 @@ def test_heatmap_of_a_users_cell_factory_by_import_path(capsys, user_module):
 @pytest.mark.parametrize("spec, expect", [
     ("no_such_module_xyz:f", "no module named 'no_such_module_xyz'"),
     ("{mod}:missing", "has no attribute 'missing'"),
-    ("{mod}:NOT_A_CELL", "gave a int, not a gradflow Cell"),
+    ("{mod}:NOT_A_CELL", "gave an object of type int, not a gradflow Cell"),
     ("{mod}:sin_rnn --option nope=1", "calling it raised TypeError"),
     ("{mod}:READY --option gain=2", "is a Cell, not a factory"),
 ])

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow.cells.base import KINDS, Cell
+from gradflow.checks import check_params
 
 __all__ = ["from_function", "from_linen", "from_nnx", "from_equinox", "stack_params"]
 
@@ -778,18 +779,8 @@ def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=N
     if dtype is None:
         dtype = jnp.asarray(jax.tree_util.tree_leaves(out[0])[0]).dtype
     params = _cast(params, jnp.dtype(dtype))
-    expected = jax.eval_shape(lambda k: stack.init(k, dtype), jax.random.key(0))
-    exp = {jax.tree_util.keystr(p): v
-           for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    got = {jax.tree_util.keystr(p): v
-           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for path, e in exp.items():
-        if path not in got:
-            raise ValueError(f"stack_params: params{path} is missing (expected shape {e.shape})")
-        if tuple(got[path].shape) != tuple(e.shape):
-            raise ValueError(f"stack_params: params{path} has shape {tuple(got[path].shape)}, "
-                             f"the stack expects {tuple(e.shape)}")
-    extra = sorted(set(got) - set(exp))
-    if extra:
-        raise ValueError(f"stack_params: params{extra[0]} is not a parameter of this stack")
+    try:
+        check_params(stack, params)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"stack_params: {e}") from None
     return params
