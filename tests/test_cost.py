@@ -134,6 +134,28 @@ def test_gradient_map_refuses_before_compiling(monkeypatch):
     assert not calls
 
 
+def test_problem_refuses_what_the_machine_cannot_hold(monkeypatch):
+    """problem() checks its own arrays (parameters, inputs) before allocating any: closed forms
+    for a 1 GiB machine. An LSTM layer of H = D = 1024 holds 4 (2 H^2 + H) float32 numbers."""
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: 1 << 30)
+    built = []
+    monkeypatch.setattr(gradflow.Stack, "init", lambda *a, **k: built.append(a))
+    layer = 4 * (2 * 1024 ** 2 + 1024) * 4
+    half = (1 << 30) // 2 // layer  # the deepest stack whose parameters take half the memory
+    assert half == 15
+    with pytest.raises(ValueError, match=rf"layers 64, H=1024, .* needs {64 * layer / 2**30:.3g} "
+                                         rf"GiB of parameters .* more than the 1 GiB of memory "
+                                         rf"available; use at most {half} layers"):
+        gradflow.problem("lstm", layers=64, hidden=1024)
+    inputs = 10 ** 4 * 10 ** 5 * 64 * 4 / 2 ** 30
+    with pytest.raises(ValueError, match=rf"and {inputs:.3g} GiB of inputs, .* use a smaller "
+                                         r"batch or fewer steps$"):
+        gradflow.problem("lstm", layers=4, hidden=64, batch=10 ** 4, steps=10 ** 5)
+    assert not built
+    gradflow.problem("lstm", layers=15, hidden=1024)  # fits: built
+    assert len(built) == 1
+
+
 def test_bad_requests():
     stack = gradflow.Stack("rnn", layers=1, input_size=1, hidden_size=2)
     with pytest.raises(ValueError, match="batch must be a positive integer"):
