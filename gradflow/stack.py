@@ -44,7 +44,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from gradflow import cells as _cells
-from gradflow.checks import check_xs
+from gradflow.checks import _looks_like_key, check_xs
 from gradflow.checks import positive_int as _positive_int
 from gradflow.cells.base import Cell, Lean, orthogonal
 
@@ -354,7 +354,11 @@ class Stack:
     # ------------------------------------------------------------------------------------------
     def init(self, key, dtype=jnp.float32) -> dict:
         """``{"layers": [per-layer cell params, bottom first], "input": {"W", "b"}?,
-        "norm": [per-layer {"scale", "bias"?}]?}``."""
+        "norm": [per-layer {"scale", "bias"?}]?}``. ``key``: a JAX PRNG key
+        (``jax.random.key(0)``, or a legacy ``jax.random.PRNGKey(0)``)."""
+        if not _looks_like_key(key):
+            raise TypeError(f"Stack.init takes a PRNG key such as jax.random.key(0), got "
+                            f"{type(key).__name__} {str(key)[:40]}")
         kin, klayers = jax.random.split(key)
         Hs, D = self._widths, self.input_size
         keys = jax.random.split(klayers, self.layers)

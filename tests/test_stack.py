@@ -353,6 +353,17 @@ def test_bad_perturb_key():
         stack.apply(params, jnp.zeros((B, T, D), F64), perturb={"c": jnp.zeros((L, B, T, H))})
 
 
+@pytest.mark.parametrize("key", [0, None, np.ones(3, np.float32)])
+def test_init_takes_a_key(key):
+    stack = Stack("gru", L, D, H)
+    with pytest.raises(TypeError, match=rf"Stack.init takes a PRNG key such as "
+                                        rf"jax.random.key\(0\), got {type(key).__name__}"):
+        stack.init(key)
+    legacy, new = stack.init(jax.random.PRNGKey(3)), stack.init(jax.random.key(3))
+    for a, b in zip(jax.tree_util.tree_leaves(legacy), jax.tree_util.tree_leaves(new)):
+        np.testing.assert_array_equal(a, b)  # the same draws from either kind of key
+
+
 def test_package_exports():
     assert gradflow.Stack is Stack
     assert gradflow.StackOutput._fields == ("states", "gates", "final", "up", "widths")
