@@ -225,6 +225,43 @@ def test_equinox_gru(x64):
     assert_maps(got, want)
 
 
+class _MinGRU(eqx.Module):
+    """A user's own Equinox cell: no ``input_size`` attribute, one concatenated matmul."""
+    Wz: jax.Array
+    Wh: jax.Array
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(self, n_in, n_h, key):
+        k1, k2 = jax.random.split(key)
+        self.Wz = jax.random.normal(k1, (n_h, n_in + n_h), jnp.float64) / np.sqrt(n_in + n_h)
+        self.Wh = jax.random.normal(k2, (n_h, n_in + n_h), jnp.float64) / np.sqrt(n_in + n_h)
+        self.hidden_size = n_h
+
+    def __call__(self, x, h):
+        xh = jnp.concatenate([x, h])
+        z = jax.nn.sigmoid(self.Wz @ xh)
+        return (1 - z) * h + z * jnp.tanh(self.Wh @ xh)
+
+
+def test_equinox_user_module_without_input_size(x64):
+    """Gate kinds come from a probe step; a module that does not say its input size (here D = 4
+    features into H = 6 units) is probed as a fresh init(key, H, H) module."""
+    keys = jax.random.split(jax.random.key(11), L)
+    trained = [_MinGRU(D if l == 0 else H, H, k) for l, k in enumerate(keys)]
+    z_of = lambda m, h, x: {"z": jax.nn.sigmoid(m.Wz @ jnp.concatenate([x, h]))}  # noqa: E731
+    cell = cells.from_equinox(trained[0], gates=z_of, init=lambda k, n, h: _MinGRU(n, h, k))
+    assert cell.gate_kinds == (("z", "sigmoid"),)
+    stack = gradflow.Stack(cell, L, D, H)
+    params = cells.stack_params(stack, trained)
+    xs = inputs(jnp.float64)
+    step = [lambda h, x, m=m: jax.vmap(m)(x, h) for m in trained]
+    want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda c: c, lambda c, v: v, xs)
+    assert_maps(hidden_map(stack, params, xs), want)
+    fresh = stack.init(jax.random.key(0), jnp.float64)  # init= builds each layer at its width
+    assert fresh["layers"][0]["Wz"].shape == (H, D + H)
+    assert fresh["layers"][1]["Wz"].shape == (H, 2 * H)
+
+
 def test_equinox_lstm(x64):
     trained = _eqx_cells(eqx.nn.LSTMCell, 4)
     cell = cells.from_equinox(trained[0])

@@ -664,6 +664,9 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
         module).
       gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
       init: ``init(key, input_size, hidden_size) -> module``, a fresh module per layer.
+        Finding gate kinds runs one probe step: on ``module`` with ``module.input_size``
+        features, or else on ``init(key, H, H)`` (a module without ``input_size`` whose
+        input is not ``H`` wide needs ``init`` or ``gate_kinds``).
       name: a label (default the module's class name).
 
     Example::
@@ -711,11 +714,18 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
             return split(type(module)(n_in, H_, use_bias=module.use_bias, key=key))[0]
         return own
 
-    n_in = getattr(module, "input_size", H)
+    def probe():
+        """The probe step's params and input size: the module's own when it says its input
+        size, else a fresh ``init(key, H, H)`` module (any module reads H features then)."""
+        n_in = getattr(module, "input_size", None)
+        if isinstance(n_in, int) or init is None:
+            return _cast(own, jnp.float32), n_in if isinstance(n_in, int) else H
+        return _cast(make_init(jax.random.key(0), H, H, jnp.float32), jnp.float32), H
+
     return _build(name=name or type(module).__name__, who=who, call=call, batched=False,
                   template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
-                  probe_params=lambda: (_cast(own, jnp.float32), n_in), finds_output=False,
+                  probe_params=probe, finds_output=False,
                   to_params=to_params, options={"module": type(module).__name__})
 
 
