@@ -262,6 +262,40 @@ def test_equinox_user_module_without_input_size(x64):
     assert fresh["layers"][1]["Wz"].shape == (H, 2 * H)
 
 
+def test_nnx_user_module_without_in_features(x64):
+    """The same for flax.nnx: a user's module with no ``in_features``, D != H, probed (for its
+    output leaf and gate kinds) as a fresh init(key, H, H) module."""
+    class MinGRU(nnx.Module):
+        def __init__(self, n_in, n_h, rngs):
+            shape = (n_in + n_h, n_h)
+            self.Wz = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float64)
+                                / np.sqrt(n_in + n_h))
+            self.Wh = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float64)
+                                / np.sqrt(n_in + n_h))
+
+        def __call__(self, carry, x):  # a GRU-like h with a slow memory c beside it
+            h, c = carry
+            xh = jnp.concatenate([x, h], -1)
+            z = jax.nn.sigmoid(xh @ self.Wz[...])
+            h = (1 - z) * h + z * jnp.tanh(xh @ self.Wh[...] + c)
+            return (h, 0.9 * c + 0.1 * h), h
+
+    trained = [MinGRU(D if l == 0 else H, H, nnx.Rngs(l)) for l in range(L)]
+    def z_of(m, s, x):
+        return {"z": jax.nn.sigmoid(jnp.concatenate([x, s[0]], -1) @ m.Wz[...])}
+
+    cell = cells.from_nnx(trained[0], hidden_size=H, state=2, gates=z_of,
+                          init=lambda k, n, h: MinGRU(n, h, nnx.Rngs(k)))
+    assert cell.state_names == ("h", "c") and cell.gate_kinds == (("z", "sigmoid"),)
+    stack = gradflow.Stack(cell, L, D, H)
+    params = cells.stack_params(stack, trained)
+    xs = inputs(jnp.float64)
+    step = [lambda s, x, m=m: m(s, x)[0] for m in trained]
+    want, _ = brute_maps(step, lambda dt: (jnp.zeros((B, H), dt),) * 2, lambda s: s[0],
+                         lambda s, v: (v, s[1]), xs)
+    assert_maps(hidden_map(stack, params, xs), want)
+
+
 def test_equinox_lstm(x64):
     trained = _eqx_cells(eqx.nn.LSTMCell, 4)
     cell = cells.from_equinox(trained[0])

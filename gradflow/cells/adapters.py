@@ -273,6 +273,18 @@ def _probe(who, call_b, treedef, n, probe_params, H):
     return _carry_leaves(who, new, treedef, (_PROBE_BATCH, H)), y, probe_gates
 
 
+def _module_probe(own, n_in, init, make_init, H) -> Callable:
+    """The probe step's ``() -> (params, input_size)`` for a user's module: its own weights when
+    it says its input size ``n_in``; else, given ``init``, a fresh ``init(key, H, H)`` module
+    (which reads H features whatever the module's own input width); else its own weights on H
+    features."""
+    def probe():
+        if isinstance(n_in, int) or init is None:
+            return _cast(own, jnp.float32), n_in if isinstance(n_in, int) else H
+        return _cast(make_init(jax.random.key(0), H, H, jnp.float32), jnp.float32), H
+    return probe
+
+
 def _find_output(who, new_leaves, y, H) -> int:
     """The index of the one carry leaf equal to the step's output ``y``."""
     if y is None or jnp.shape(y) != (_PROBE_BATCH, H):
@@ -552,6 +564,8 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
       gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
       init: ``init(key, input_size, hidden_size) -> module``, a fresh module per layer (e.g.
         ``lambda k, i, h: nnx.LSTMCell(i, h, kernel_init=..., rngs=nnx.Rngs(k))``).
+        A probe step (finding the output or gate kinds) runs ``module`` on
+        ``module.in_features`` features, or else on ``init(key, H, H)``.
       name: a label (default the module's class name).
     """
     who = "from_nnx"
@@ -608,7 +622,8 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
                   template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
-                  probe_params=lambda: (_cast(own, jnp.float32), n_in), finds_output=True,
+                  probe_params=_module_probe(own, getattr(module, "in_features", None), init,
+                                             make_init, H), finds_output=True,
                   to_params=to_params, options={"module": type(module).__name__})
 
 
@@ -714,14 +729,7 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
             return split(type(module)(n_in, H_, use_bias=module.use_bias, key=key))[0]
         return own
 
-    def probe():
-        """The probe step's params and input size: the module's own when it says its input
-        size, else a fresh ``init(key, H, H)`` module (any module reads H features then)."""
-        n_in = getattr(module, "input_size", None)
-        if isinstance(n_in, int) or init is None:
-            return _cast(own, jnp.float32), n_in if isinstance(n_in, int) else H
-        return _cast(make_init(jax.random.key(0), H, H, jnp.float32), jnp.float32), H
-
+    probe = _module_probe(own, getattr(module, "input_size", None), init, make_init, H)
     return _build(name=name or type(module).__name__, who=who, call=call, batched=False,
                   template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
