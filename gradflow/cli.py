@@ -141,13 +141,14 @@ def cell_name(text: str) -> str:
     return text
 
 
-def _name_list(text: str, what: str, valid) -> list[str]:
+def _name_list(text: str, what: str, valid, also=lambda s: False) -> list[str]:
+    """The comma-separated ``text`` as distinct items, each in ``valid`` or ``also(item)``."""
     items = [s.strip() for s in text.split(",")]
     if not text.strip() or any(not s for s in items):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got "
                                          f"{text!r}; valid: {', '.join(valid)}")
     for s in items:
-        if s not in valid:
+        if s not in valid and not also(s):
             raise argparse.ArgumentTypeError(f"unknown {what[:-1]} {s!r}; valid {what}: "
                                              f"{', '.join(valid)}")
     dup = sorted({s for s in items if items.count(s) > 1})
@@ -157,10 +158,12 @@ def _name_list(text: str, what: str, valid) -> list[str]:
 
 
 def cell_list(text: str) -> list[str]:
-    """``"rnn,lstm,star"``: registered cell names, no repeats."""
+    """``"rnn,lstm,star"``: registered cell names or a user's ``module:factory`` (resolved
+    by :func:`load_cell` when the command runs), no repeats."""
     from gradflow import cells as _cells
 
-    return _name_list(text, "cells", _cells.names())
+    return _name_list(text, "cells", [*_cells.names(), "module:factory"],
+                      also=lambda s: ":" in s)
 
 
 def loss_list(text: str) -> list[str]:
@@ -881,7 +884,8 @@ def add_compare(sub):
             gradflow compare --cells lstm,gru --losses last --wrt hidden --absolute
         """)
     p.add_argument("--cells", type=cell_list, default=["rnn", "lstm", "star"],
-                   help="comma-separated cell names (default: rnn,lstm,star)")
+                   help="comma-separated cell names or module:factory (a user's cell) (default: "
+                        "rnn,lstm,star)")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all (default: last,all)")
     add_problem_options(p, layers=10, steps=10, hidden=128, batch=16, single_cell=False)
@@ -900,11 +904,17 @@ def run_compare(args) -> int:
     from gradflow import experiments, plot
 
     options = _cell_options(args)
-    stacks = []
+    stacks, entries = [], []  # a name, or a user's built cell (module:factory)
     for c in args.cells:
         with user_input():
-            cell = _cells.for_length(c, args.steps, **options)
+            cell = (load_cell(c, options) if ":" in c
+                    else _cells.for_length(c, args.steps, **options))
+        entries.append(cell if ":" in c else c)
         stacks.append(checked_stack(cell, args.layers, first_width(args.hidden), args.hidden))
+    labels = [e if isinstance(e, str) else e.name for e in entries]
+    if len(set(labels)) < len(labels):
+        raise InputError(f"--cells: two cells are named alike ({', '.join(labels)}); a user's "
+                         "cell is labelled by its name")
     say = _budget(args, stacks, args.wrt, runs=len(args.losses))
     if say is None:
         return 0
@@ -913,21 +923,22 @@ def run_compare(args) -> int:
                         skip=("cells", "layers"))
     fig_path, data_path = output_paths(args, stem)
     grid = experiments.gradient_grid(
-        args.cells, args.losses, wrt=args.wrt, readout_seed=args.readout_seed,
+        entries, args.losses, wrt=args.wrt, readout_seed=args.readout_seed,
         layers=args.layers, steps=args.steps, hidden=args.hidden, batch=args.batch,
         seed=args.seed, dtype=args.dtype, init=args.init, input_scale=args.input_scale,
-        cell_options={c: dict(args.option) for c in args.cells} if args.option else None)
+        cell_options={c: dict(args.option) for c in args.cells if ":" not in c}
+        if args.option else None)
     fig = plot.draw_grid(grid, normalize=not args.absolute)
-    first = grid.config["maps"][f"{args.losses[0]}/{args.cells[0]}"]
-    print(f"gradflow compare: {', '.join(args.cells)}; {args.layers} layers x {args.steps} steps, "
+    first = grid.config["maps"][f"{args.losses[0]}/{labels[0]}"]
+    print(f"gradflow compare: {', '.join(labels)}; {args.layers} layers x {args.steps} steps, "
           f"H={width_text(args.hidden)}, B={args.batch}, seed {args.seed}, {first['dtype']}, "
           f"wrt {args.wrt}; "
           + ("absolute values" if args.absolute else "each map relative to its top-last value"))
-    width = max(4, *(len(c) for c in args.cells))
+    width = max(4, *(len(c) for c in labels))
     print(f"  {'loss':<5} {'cell':<{width}} {'top-last':>10}  {'bottom/top layer':>20}  "
           f"{'first/last step':>20}  {'dec. vs top-last':>15}  {'non-finite':>10}")
     for loss in args.losses:
-        for cell in args.cells:
+        for cell in labels:
             print(_panel_line(loss, cell, experiments.panel(grid, loss, cell).values, width))
     print("(bottom/top layer: ratio of the time-mean of layer 0 to that of the top layer; "
           "first/last step: at the top layer)")

@@ -28,7 +28,7 @@ from gradflow import gates as _gates
 from gradflow import tasks as _tasks
 from gradflow.checks import choice
 from gradflow.jacobian import LOSSES, WRTS, expected_positive, gradient_map, local_gains
-from gradflow.problem import DTYPES, cell_problem, precision, task_stack
+from gradflow.problem import DTYPES, cell_problem, precision, problem, task_stack
 from gradflow.results import Result, make_result
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +47,21 @@ def _names(value, what: str, valid) -> list[str]:
     if dup:
         raise ValueError(f"{what} repeats {', '.join(dup)}")
     return items
+
+
+def _cell_entries(cells) -> tuple[list[str], list]:
+    """``(labels, cells)``: each entry a registered name (its own label) or a built
+    :class:`gradflow.cells.Cell` (a user's, labelled by ``cell.name``); distinct labels."""
+    items = [cells] if isinstance(cells, (str, _cells.Cell)) else list(cells)
+    labels = []
+    for item in items:
+        if isinstance(item, _cells.Cell):
+            labels.append(item.name)
+        elif isinstance(item, str):
+            labels.append(_names(item, "cells", _cells.names())[0])
+        else:
+            raise TypeError(f"cells are names or gradflow Cells, got {type(item).__name__}")
+    return _names(labels, "cells", labels), items
 
 
 def _unpack(data: Result, prefix: str, kind: str, config: dict) -> Result:
@@ -82,29 +97,37 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
     sees the same inputs ``xs ~ input_scale * N(0, 1)`` and the same readout.
 
     Args:
-      cells: cell names (unique).
+      cells: cell names, or built cells (:class:`gradflow.cells.Cell`, e.g. a user's from
+        :func:`gradflow.cells.from_function`: labelled by ``cell.name``, built on the same
+        problem with its own initialisation; ``init`` and ``cell_options`` are for names).
+        Labels must be distinct.
       losses: ``"last"`` and/or ``"all"``.
-      cell_options: ``{cell: {option: value}}`` applied to that cell (over ``init``).
+      cell_options: ``{cell: {option: value}}`` applied to that named cell (over ``init``).
       meta: extra config recorded in the result.
     Returns:
       Result ``kind="gradient_grid"``: arrays ``"values/{loss}/{cell}": (L, T)`` and
       ``"loss_value/{loss}/{cell}": ()``; ``config["maps"]["{loss}/{cell}"]`` holds each map's
       full config, ``config["cells"]``, ``config["losses"]`` the order.
     """
-    cells = _names(cells, "cells", _cells.names())
+    cells, built = _cell_entries(cells)
     losses = _names(losses, "losses", LOSSES)
     choice("wrt", wrt, WRTS)
     choice("dtype", dtype, DTYPES)
     cell_options = dict(cell_options or {})
-    unknown = sorted(set(cell_options) - set(cells))
+    unknown = sorted(set(cell_options) - {c for c, b in zip(cells, built) if isinstance(b, str)})
     if unknown:
-        raise ValueError(f"cell_options for cells not in the grid: {', '.join(unknown)}")
+        raise ValueError(f"cell_options for cells not in the grid: {', '.join(unknown)} (a "
+                         "built Cell carries its own options)")
     arrays, maps, positive = {}, {}, {}
     with precision(dtype):
-        for cell in cells:
-            prob = cell_problem(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
-                                seed=seed, dtype=dtype, init=init, input_scale=input_scale,
-                                options=cell_options.get(cell))
+        for cell, entry in zip(cells, built):
+            if isinstance(entry, str):
+                prob = cell_problem(cell, layers=layers, steps=steps, hidden=hidden,
+                                    batch=batch, seed=seed, dtype=dtype, init=init,
+                                    input_scale=input_scale, options=cell_options.get(cell))
+            else:
+                prob = problem(entry, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                               seed=seed, dtype=dtype, input_scale=input_scale)
             for loss in losses:
                 res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=wrt,
                                    readout_seed=readout_seed, meta=prob.config)

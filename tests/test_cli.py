@@ -418,6 +418,25 @@ def user_module(tmp_path, monkeypatch):
     sys.modules.pop(name, None)
 
 
+def test_compare_takes_a_users_cell_by_import_path(capsys, user_module):
+    rc, out, err = run(capsys, "compare", "--cells", f"rnn,{user_module}:sin_rnn", "--losses",
+                       "all", "--wrt", "hidden", *SMALL)
+    assert rc == 0, err
+    grid = gradflow.load(_written(out, "data:"))
+    assert grid.config["cells"] == ["rnn", "sin_rnn"]
+    assert next(l for l in out.splitlines() if l.split()[:2] == ["all", "sin_rnn"])
+    with jax.enable_x64(False):
+        prob = gradflow.problem(sys.modules[user_module].sin_rnn(), layers=2, steps=3, hidden=8,
+                                batch=2)
+        ref = gradflow.gradient_map(prob.stack, prob.params, prob.xs, loss="all", wrt="hidden")
+    np.testing.assert_allclose(grid["values/all/sin_rnn"], ref.values, rtol=1e-6)
+    # two cells of one name (READY is a sin_rnn too): one line, exit 2
+    rc, out, err = run(capsys, "compare", "--cells",
+                       f"{user_module}:sin_rnn,{user_module}:READY", *SMALL)
+    assert rc == 2 and "two cells are named alike (sin_rnn, sin_rnn)" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_heatmap_of_a_users_cell_factory_by_import_path(capsys, user_module):
     rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:sin_rnn", "--option",
                        "gain=0.7", *SMALL)

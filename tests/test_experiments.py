@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -68,6 +69,33 @@ def test_gradient_grid_panels_are_the_maps_of_gradient_map_on_the_same_problem()
             assert got.kind == "gradient_map" and got.config["loss"] == loss
             np.testing.assert_allclose(got.values, ref.values, rtol=1e-6)
             np.testing.assert_allclose(got.loss_value, ref.loss_value, rtol=1e-6)
+
+
+def test_gradient_grid_takes_a_users_cell():
+    """A built Cell (here a user's plain function) sits in the grid under its name, on the same
+    problem (its own initialisation); init and cell_options are for named cells."""
+    def step(p, h, x):
+        h = jnp.tanh(x @ p["W"] + h @ p["U"])
+        return h, h
+
+    def init(key, n_in, n_h, dtype):
+        k1, k2 = jax.random.split(key)
+        return {"W": jax.random.normal(k1, (n_in, n_h), dtype) / np.sqrt(n_in),
+                "U": jax.nn.initializers.orthogonal()(k2, (n_h, n_h), dtype)}
+
+    user = cells.from_function(step, init, name="tanh_rnn")
+    grid = experiments.gradient_grid(["rnn", user], ["last"], wrt="hidden", seed=1, **SMALL)
+    assert grid.config["cells"] == ["rnn", "tanh_rnn"]
+    prob = gradflow.problem(user, seed=1, **SMALL)
+    ref = gradflow.gradient_map(prob.stack, prob.params, prob.xs, loss="last", wrt="hidden")
+    np.testing.assert_allclose(experiments.panel(grid, "last", "tanh_rnn").values, ref.values,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="not in the grid: tanh_rnn"):
+        experiments.gradient_grid([user], cell_options={"tanh_rnn": {}}, **SMALL)
+    with pytest.raises(ValueError, match="cells repeats tanh_rnn"):
+        experiments.gradient_grid([user, user], **SMALL)
+    with pytest.raises(TypeError, match="cells are names or gradflow Cells, got int"):
+        experiments.gradient_grid(["rnn", 3], **SMALL)
 
 
 @pytest.mark.parametrize("kwargs, message", [
