@@ -163,10 +163,10 @@ def _shape_str(x) -> str:
     return str(tuple(getattr(x, "shape", ())))
 
 
-def _what_is_there(params, keystr: str, expected: dict) -> str:
-    """For a missing leaf: what the deepest dict on its path holds instead (e.g. a whole model's
-    params given for one layer), as ``"; params['layers'][0] holds 'LSTMCell_0', ..."``."""
-    path = next(p for p in expected if jax.tree_util.keystr(p) == keystr)
+def _what_is_there(params, path: tuple) -> str:
+    """For a missing leaf at ``path`` (a key path): what the deepest dict on it holds instead
+    (e.g. a whole model's params given for one layer), as
+    ``"; params['layers'][0] holds 'LSTMCell_0', ..."``."""
     node, depth = params, 0
     for k in path:
         key = getattr(k, "key", getattr(k, "idx", None))
@@ -210,10 +210,11 @@ def check_params(stack, params):
     ks = jax.tree_util.keystr
     exp_by = {ks(p): v for p, v in exp.items()}
     got_by = {ks(p): v for p, v in got.items()}
-    for path, e in exp_by.items():  # in the order of stack.init: the first wrong leaf
+    for key_path, e in exp.items():  # in the order of stack.init: the first wrong leaf
+        path = ks(key_path)
         if path not in got_by:
             raise ValueError(f"params{path} is missing: expected an array of shape "
-                             f"{_shape_str(e)}{_what_is_there(params, path, exp)}")
+                             f"{_shape_str(e)}{_what_is_there(params, key_path)}")
         g = got_by[path]
         if not hasattr(g, "shape") or not hasattr(g, "dtype"):
             raise TypeError(f"params{path} must be an array of shape {_shape_str(e)}, got "

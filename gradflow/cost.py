@@ -502,8 +502,7 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
         return cost
     stack, B, T, dtype, wrt, method, probes = cost.request
     what = (f"this measurement ({stack.name}, {stack.layers} layers x {T} steps, "
-            f"H={stack.hidden_size if stack.widths is None else list(stack.widths)}, "
-            f"batch {B}, {dtype}"
+            f"H={_width_text(stack)}, batch {B}, {dtype}"
             + (f", wrt {wrt}" if method == "gradient" else f", jacobian {method}") + ")")
     tips = suggestions(cost, limit, cli, checkpoint)
     raise ValueError(f"{what} needs about {gib(cost.total)} GiB of memory (parameters "
@@ -512,5 +511,36 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
                      + (f"; {'; '.join(tips)}" if tips else ""))
 
 
-__all__ = ["Cost", "estimate", "available_memory", "check_fits", "calibration", "parse_size",
-           "suggestions", "WRTS", "METHODS"]
+def _width_text(sig) -> str:
+    """``H`` of an estimate's stack signature: one width, or every layer's."""
+    return str(sig.hidden_size if sig.widths is None else list(sig.widths))
+
+
+def check_arrays_fit(stack, batch: int, steps: int, dtype) -> None:
+    """A ValueError, before anything is allocated, when a problem's own arrays (parameters and
+    inputs, from :func:`estimate`'s shapes) exceed :func:`available_memory`, naming what would
+    fit (parameters within half the memory, leaving room for a measurement). A measurement on
+    them checks its own, larger, need (:func:`check_fits`)."""
+    c = estimate(stack, batch, steps, dtype, calibrate=False)
+    avail = available_memory()
+    if c.params + c.inputs <= avail:
+        return
+    sig = c.request[0]
+    tips = []
+    if c.inputs > avail / 2:
+        tips.append("a smaller batch or fewer steps")
+    if c.params > avail / 2:
+        def fits(n):
+            return estimate(stack.replace(layers=n), 1, 1, dtype,
+                            calibrate=False).params <= avail / 2
+        n = _largest(fits, stack.layers) if sig.widths is None else 0
+        tips.append((f"at most {n} layers (half the memory) or " if n else "")
+                    + "a smaller hidden size")
+    raise ValueError(f"this problem ({sig.name}, layers {stack.layers}, H={_width_text(sig)}, "
+                     f"batch {batch}, {steps} steps, {jnp.dtype(dtype).name}) needs "
+                     f"{gib(c.params)} GiB of parameters and {gib(c.inputs)} GiB of inputs, more "
+                     f"than the {gib(avail)} GiB of memory available; use " + " and ".join(tips))
+
+
+__all__ = ["Cost", "estimate", "available_memory", "check_fits", "check_arrays_fit",
+           "calibration", "parse_size", "suggestions", "WRTS", "METHODS"]

@@ -92,39 +92,12 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
     elif cell_options:
         raise ValueError("cell options cannot be given together with a built Cell")
     stack = Stack(cell, layers, D, hidden, **(stack_options or {}))
-    _check_fits(stack, batch, steps, dt)
+    _cost.check_arrays_fit(stack, batch, steps, dt)
     params = stack.init(jax.random.key(seed), dt)
     xs = gaussian_inputs(seed, (batch, steps, D), dt, input_scale)
     config = {**stack.config, "steps": steps, "batch": batch, "seed": int(seed),
               "dtype": str(dt), "input_scale": float(input_scale)}
     return Problem(stack, params, xs, config)
-
-
-def _check_fits(stack: Stack, batch: int, steps: int, dtype) -> None:
-    """A ValueError, before anything is allocated, when the problem's own arrays (parameters
-    and inputs, from shapes alone: :func:`gradflow.cost.estimate`) exceed the memory available;
-    it names what would fit. A measurement on the problem checks its own, larger, need."""
-    c = _cost.estimate(stack, batch, steps, dtype, calibrate=False)
-    avail = _cost.available_memory()
-    if c.params + c.inputs <= avail:
-        return
-    sig = c.request[0]
-    tips = []
-    if c.inputs > avail / 2:
-        tips.append("a smaller batch or fewer steps")
-    if c.params > avail / 2:
-        def fits(n):
-            return _cost.estimate(stack.replace(layers=n), 1, 1, dtype,
-                                  calibrate=False).params <= avail / 2
-        n = _cost._largest(fits, stack.layers) if sig.widths is None else 0
-        tips.append((f"at most {n} layers (half the memory) or " if n else "")
-                    + "a smaller hidden size")
-    width = sig.hidden_size if sig.widths is None else list(sig.widths)
-    raise ValueError(f"this problem ({sig.name}, layers {stack.layers}, H={width}, batch "
-                     f"{batch}, {steps} steps, {jnp.dtype(dtype).name}) needs "
-                     f"{_cost.gib(c.params)} GiB of parameters and {_cost.gib(c.inputs)} GiB of "
-                     f"inputs, more than the {_cost.gib(avail)} GiB of memory available; use "
-                     + " and ".join(tips))
 
 
 def precision(dtype: str):
