@@ -92,8 +92,11 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    "quick" if args.quick else "")
     names = args.only.split(",") if args.only else cfg.get("default", BENCHMARKS)
-    results = run(cfg, [b for b in names if b])
-    results["mode"] = "quick" if args.quick else "full"
+    mode = "quick" if args.quick else "full"
+    results = run(cfg, [b for b in names if b],  # saved after each benchmark: a run stopped
+                  save=None if args.update else  # at a time limit keeps what it finished
+                  (lambda res: write({**res, "mode": mode}, out)))
+    results["mode"] = mode
     old = os.path.join(out, "results.json")
     if args.update and os.path.exists(old):
         with open(old) as f:
@@ -114,7 +117,8 @@ def main(argv=None):
     return results
 
 
-def run(cfg: dict, names) -> dict:
+def run(cfg: dict, names, save=None) -> dict:
+    """Run the benchmarks ``names`` at ``cfg``; ``save(results so far)`` after each one."""
     from bench import harness, suite
     unknown = set(names) - set(BENCHMARKS)
     if unknown:
@@ -146,6 +150,9 @@ def run(cfg: dict, names) -> dict:
         except Exception:  # noqa: BLE001  (one failed benchmark should not lose the others)
             res["errors"][name] = traceback.format_exc()
             print(res["errors"][name], flush=True)
+        if save is not None:
+            from bench.report import goals
+            save({**res, "goals": goals(res)})
     from bench.report import goals
     res["goals"] = goals(res)
     return res
