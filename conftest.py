@@ -12,17 +12,43 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # default level, 618 s at -O0, 2 cores), and XLA:CPU's older element-wise emitters instead of its
 # MLIR fusion emitters (test_lean.py and test_stack.py: 110 s of compiling instead of 48 s, 94 s
 # instead of 159 s in all; the MLIR pipeline costs about 0.1 s per small program). So the suite
-# compiles with TEST_XLA_FLAGS unless XLA_FLAGS already sets one of them. With
+# compiles with TEST_XLA_FLAGS unless XLA_FLAGS already sets one of them, and leaves out any that
+# a JAX started with fails on: an XLA that does not know a flag ends every process at its first
+# backend, status 1, mostly without a word (jaxlib 0.11.2, CPU and CUDA builds, no longer knows
+# --xla_cpu_use_fusion_emitters: seen on an H200 machine, 2026-12-04); the header says which. With
 # GRADFLOW_TEST_XLA_OPT=default it compiles as users do, without them (tests/test_default_opt.py
 # reruns the precision-sensitive files that way, in a child that inherits the flags).
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
-_ours = {t.split("=")[0] for t in TEST_XLA_FLAGS}
-_flags = os.environ.get("XLA_FLAGS", "").split()
-if os.environ.get("GRADFLOW_TEST_XLA_OPT") == "default":
-    _flags = [f for f in _flags if f.split("=")[0] not in _ours]
-else:
-    _named = {f.split("=")[0] for f in _flags}
-    _flags += [t for t in TEST_XLA_FLAGS if t.split("=")[0] not in _named]
+
+
+def _jax_starts(flags) -> bool:
+    """Whether a fresh Python starts a JAX backend with ``XLA_FLAGS`` set to ``flags``."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                          env={**os.environ, "XLA_FLAGS": " ".join(flags)},
+                          capture_output=True, timeout=300).returncode == 0
+
+
+def suite_xla_flags(given: str, mode: str, ours=TEST_XLA_FLAGS):
+    """``(the suite's XLA_FLAGS, those of ours left out)``, from the ``XLA_FLAGS`` and
+    ``GRADFLOW_TEST_XLA_OPT`` given: ours added where not given, none of ours in the default
+    mode; each of ours a JAX started with fails on is left out (asked only when all together
+    fail, so a process pays one probe)."""
+    names = {t.split("=")[0] for t in ours}
+    flags = given.split()
+    if mode == "default":
+        return [f for f in flags if f.split("=")[0] not in names], []
+    named = {f.split("=")[0] for f in flags}
+    added = [t for t in ours if t.split("=")[0] not in named]
+    if not added or _jax_starts(flags + added):
+        return flags + added, []
+    refused = [t for t in added if not _jax_starts(flags + [t])] or added
+    return flags + [t for t in added if t not in refused], refused
+
+
+_flags, TEST_XLA_FLAGS_REFUSED = suite_xla_flags(os.environ.get("XLA_FLAGS", ""),
+                                                 os.environ.get("GRADFLOW_TEST_XLA_OPT", ""))
 os.environ["XLA_FLAGS"] = " ".join(_flags)
 
 # Programs that recur across test modules (each starts from empty in-memory caches) and in the
@@ -55,3 +81,9 @@ collect_ignore = ["gradflow/__main__.py"]
 @pytest.fixture(autouse=True)
 def _doctest_names(doctest_namespace):
     doctest_namespace.update(gradflow=gradflow, jax=jax, jnp=jnp, np=np)
+
+
+def pytest_report_header(config):
+    left_out = (f" (left out, a JAX started with it fails: {' '.join(TEST_XLA_FLAGS_REFUSED)})"
+                if TEST_XLA_FLAGS_REFUSED else "")
+    return f"gradflow: XLA_FLAGS={os.environ['XLA_FLAGS']!r}{left_out}"
