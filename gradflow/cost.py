@@ -224,8 +224,8 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
     r"""Memory and work of one measurement on ``stack``, from shapes alone (nothing runs).
 
     Args:
-      stack: a :class:`gradflow.Stack` (its ``checkpoint`` and ``order`` are taken into
-        account).
+      stack: a :class:`gradflow.Stack` (its ``checkpoint`` and the order it runs,
+        ``evaluation_order``, are taken into account).
       batch, steps: ``B, T``.
       dtype: of parameters and inputs.
       wrt: ``"hidden"``, ``"cell"`` or ``"params"`` (``method="gradient"``).
@@ -311,7 +311,7 @@ def _signature(stack) -> _Sig:
         kinds = tuple((c, n_in, h, n) for (c, n_in, h), n in counts.items())
         name = "+".join(dict.fromkeys(c.name for c in cells))
     return _Sig((kinds, L, H, stack.input_size, bool(stack.input_projection),
-                 getattr(stack, "norm", None), stack.checkpoint, stack.order, name, widths))
+                 getattr(stack, "norm", None), stack.checkpoint, stack.evaluation_order, name, widths))
 
 
 @functools.lru_cache(maxsize=256)

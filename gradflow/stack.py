@@ -13,13 +13,20 @@ Two evaluation orders give the same numbers:
   matmuls of one wavefront step run as one batched matmul: ``T + L - 1`` sequential steps
   instead of ``L * T`` (the way cuDNN runs stacked RNNs). Needs all layers of one shape.
 
-The default is ``"layer"`` on every backend. On the 2-core CPUs measured (``python -m bench
---only wavefront``), the wavefront's hidden map (LSTM, H = 128, B = 32, batch split over 2
-devices) took 1.56x the layer order's time at 16 layers x 64 steps, 2.83x at 32 x 32 and 5.9x
-at 64 x 16: XLA's CPU batched matmul over the layers is slower than one matmul per layer, the
-layer order projects a whole sequence's input in one matmul, and only the layer order runs the
-lean backward (:func:`lean_layers`). Accelerators, where the wavefront should pay, were not
-measured.
+The default, ``order="auto"``, picks one per backend from measurements (``python -m bench
+--only wavefront,accelerator``, LSTM hidden map, B = 32; :attr:`Stack.evaluation_order`):
+
+* the wavefront on a GPU (JAX's default backend), for a uniform stack of two or more layers.
+  On an NVIDIA H200 (jaxlib 0.11.2, float32 matmuls) it took 0.26x the layer order's time at
+  16 layers x 1000 steps x H = 256 (143 vs 557 ms), 0.32x at 16 x 64 x 128, 0.35x at 32 x 32,
+  0.47x at 64 x 16: every sequential step is a few kernel launches, and it has ``L`` times
+  fewer of them.
+* the layer order elsewhere. On the 2-core CPUs measured the wavefront (batch split over 2
+  devices) took 1.56x the layer order's time at 16 x 64 x 128, 2.83x at 32 x 32 and 5.9x at
+  64 x 16: XLA's CPU batched matmul over the layers is slower than one matmul per layer, the
+  layer order projects a whole sequence's input in one matmul, and only the layer order runs
+  the lean backward (:func:`lean_layers`). TPUs were not measured; they get the layer order
+  until they are.
 
 ``perturb`` adds arrays to the state as it leaves each cell; the gradient w.r.t. a zero
 perturbation is the total derivative of a loss w.r.t. that state (one backward pass gives the
@@ -49,6 +56,8 @@ from gradflow.checks import positive_int as _positive_int
 from gradflow.cells.base import Cell, Lean, orthogonal
 
 ORDERS = ("layer", "wavefront")
+# The backends where order="auto" runs the wavefront (see the module docstring's numbers).
+WAVEFRONT_BACKENDS = ("gpu",)
 PRECISIONS = ("highest", "high", "default", None)
 
 
@@ -186,7 +195,10 @@ class Stack:
       input_projection: map the data linearly to ``H_0`` before layer 0
         (``params["input"] = {"W": (D, H_0), "b": (H_0,)}``). Default: only when the cell needs
         ``in == H`` (refined gates) and ``D != H_0``.
-      order: ``"layer"`` (default) or ``"wavefront"`` (see the module docstring).
+      order: ``"auto"`` (default: the wavefront on a GPU for a uniform stack of two or more
+        layers, else the layer order; :attr:`evaluation_order` says which runs),
+        ``"layer"`` or ``"wavefront"`` (see the module docstring). Both give the same numbers
+        up to float rounding.
       checkpoint: ``None`` (no rematerialisation), a chunk length ``C``, or ``"auto"``
         (``C = ceil(sqrt(T))``).
       residual: add each layer's input to its output, :math:`h^l_t + x^l_t`, where both have
@@ -224,14 +236,14 @@ class Stack:
     input_size: int
     hidden_size: int | tuple
     input_projection: bool | None = None
-    order: str = "layer"
+    order: str = "auto"
     checkpoint: int | str | None = None
     residual: bool = False
     norm: str | None = None
     matmul_precision: str | None = "highest"
 
     def __init__(self, cell, layers: int = 1, input_size: int = 1, hidden_size=32, *,
-                 input_projection: bool | None = None, order: str = "layer",
+                 input_projection: bool | None = None, order: str = "auto",
                  checkpoint=None, residual: bool = False, norm: str | None = None,
                  matmul_precision: str | None = "highest", cell_options: dict | None = None,
                  **unknown):
@@ -259,8 +271,8 @@ class Stack:
                 raise ValueError(f"cell {c.name!r} needs its input size to equal its hidden size,"
                                  f" but layer {l} ({self._widths[l]} wide) reads layer {l - 1} "
                                  f"({self._widths[l - 1]} wide): give such layers one width")
-        if order not in ORDERS:
-            raise ValueError(f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
+        if order not in ORDERS + ("auto",):
+            raise ValueError(f"unknown order {order!r}; valid: 'auto', 'layer', 'wavefront'")
         set_("order", order)
         if checkpoint not in (None, "auto"):
             checkpoint = _positive_int("checkpoint", checkpoint)
@@ -302,6 +314,19 @@ class Stack:
         """``max_l H_l``: the last axis of every per-layer array (see :class:`StackOutput`)."""
         return (self.hidden_size if isinstance(self.hidden_size, int)
                 else max(self.hidden_size))
+
+    @property
+    def evaluation_order(self) -> str:
+        """The order :meth:`apply` runs: ``order``, or for ``"auto"`` ``"wavefront"`` where
+        JAX's default backend is a GPU and the stack is uniform with two or more layers, else
+        ``"layer"``. Configs record ``order`` as given, so a stack saved on one backend runs
+        the order measured best on another (the numbers agree up to float rounding, as the
+        same order's do across backends)."""
+        if self.order != "auto":
+            return self.order
+        wave = (self.layers > 1 and self.uniform
+                and jax.default_backend() in WAVEFRONT_BACKENDS)
+        return "wavefront" if wave else "layer"
 
     @property
     def uniform(self) -> bool:
@@ -468,7 +493,7 @@ class Stack:
                            param_taps, bool(gates), bool(constant_params))
         norm = params.get("norm") if self.norm is not None else None
         chunk = self._chunk(T)
-        if self.order == "wavefront":
+        if self.evaluation_order == "wavefront":
             states, up, gts, final = _wavefront(self, _stack_layers(params["layers"]),
                                                 _stack_layers(norm) if norm else None, x,
                                                 state0, inst, chunk)

@@ -320,7 +320,7 @@ def test_bad_layers(bad):
 @pytest.mark.parametrize("kw,match", [
     ({"hidden_size": 0}, "hidden_size must be a positive integer"),
     ({"input_size": -2}, "input_size must be a positive integer"),
-    ({"order": "diagonal"}, "valid: layer, wavefront"),
+    ({"order": "diagonal"}, "valid: 'auto', 'layer', 'wavefront'"),
     ({"checkpoint": 0}, "checkpoint must be a positive integer"),
     ({"checkpoint": "sqrt"}, "checkpoint must be a positive integer"),
     ({"checkpoint": 1.5}, "checkpoint must be a positive integer"),
@@ -400,3 +400,29 @@ def test_taps_give_the_norms_of_the_perturbation_gradients(name, order, checkpoi
         stack.apply(params, xs, taps={"z": taps[names[0]]})
     with pytest.raises(ValueError, match="param_taps must have shape \\(layers, steps\\)"):
         stack.apply(params, xs, param_taps=jnp.zeros((L, T + 1)))
+
+
+def test_auto_order_runs_the_wavefront_on_the_listed_backends_only(monkeypatch, x64):
+    """``order="auto"`` (the default) runs the wavefront where JAX's default backend is in
+    ``WAVEFRONT_BACKENDS`` (measured: GPUs) for a uniform stack of two or more layers, else the
+    layer order; the config keeps ``"auto"`` (it round-trips). Here the list is patched to hold this
+    CPU, and the run is checked to take the wavefront and to equal the brute-force loop."""
+    from gradflow import stack as S
+    uniform = Stack("lstm", L, H, H)
+    assert uniform.order == "auto" and uniform.evaluation_order == "layer"  # CPU: layer
+    monkeypatch.setattr(S, "WAVEFRONT_BACKENDS", (jax.default_backend(),))
+    assert uniform.evaluation_order == "wavefront"
+    assert uniform.config["order"] == "auto"
+    assert Stack("lstm", L, D, H).evaluation_order == "layer"  # layer 0 reads D != H
+    assert Stack("lstm", 1, H, H).evaluation_order == "layer"  # one layer: nothing to batch
+    assert Stack("lstm", L, H, H, order="layer").evaluation_order == "layer"
+    assert Stack("lstm", L, D, H, input_projection=True).evaluation_order == "wavefront"
+    ran, original = [], S._wavefront
+    monkeypatch.setattr(S, "_wavefront", lambda *a: ran.append(1) or original(*a))
+    params = random_params(uniform, 3)
+    xs = jnp.asarray(np.random.default_rng(4).standard_normal((B, T, H)), F64)
+    out = uniform.apply(params, xs)
+    assert ran
+    want, _, _ = brute_force(uniform, params, xs)
+    np.testing.assert_allclose(out.states["h"], want["h"], rtol=1e-12, atol=1e-12)
+
