@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13's GPU checks, prepared as ONE call for a session that is lent a GPU machine
-# (the `device` tool: run(command="bash bench/gpu.sh", timeout_s=600); about 6-8 minutes).
+# (the `device` tool: run(command="bash bench/gpu.sh", timeout_s=600); 255 s on an H200 on
+# 2026-12-04, its results in bench/results/gpu/, the next run's under $OUT).
 # That machine's python3 has JAX (CUDA), torch, numpy, matplotlib, pytest and hypothesis;
 # gradflow runs from this checkout (PYTHONPATH), nothing is installed. Writes into $OUT
 # (bench/results/gpu/ when OUT is unset): nvidia-smi.txt, tests.log, results.json/.md, bench.log.
