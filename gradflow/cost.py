@@ -311,7 +311,8 @@ def _signature(stack) -> _Sig:
         kinds = tuple((c, n_in, h, n) for (c, n_in, h), n in counts.items())
         name = "+".join(dict.fromkeys(c.name for c in cells))
     return _Sig((kinds, L, H, stack.input_size, bool(stack.input_projection),
-                 getattr(stack, "norm", None), stack.checkpoint, stack.evaluation_order, name, widths))
+                 getattr(stack, "norm", None), stack.checkpoint, stack.evaluation_order, name,
+                 widths))
 
 
 @functools.lru_cache(maxsize=256)
