@@ -7,7 +7,7 @@ Names are loaded on first use (module ``__getattr__``, PEP 562): ``import gradfl
 nothing, and ``gradflow --help`` answers without importing JAX; ``gradflow.Stack`` or
 ``from gradflow import gradient_map`` imports what it needs.
 """
-import importlib
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
@@ -18,17 +18,21 @@ _ATTRS = {
     "Result": "results", "load": "results",
     "Stack": "stack", "StackOutput": "stack",
 }
-_SUBMODULES = ("cells", "gates", "jacobian", "results", "tasks", "train")
+# every module a user may reach as gradflow.<module> after a bare `import gradflow`
+_SUBMODULES = ("atlas", "atlas_training", "cells", "checks", "cli", "cost", "errors",
+               "experiments", "gates", "jacobian", "parallel", "plot", "registry", "reproduce",
+               "results", "runs", "seeds", "stack", "sweep", "tasks", "train")
 
-__all__ = list(_SUBMODULES) + ["Stack", "StackOutput", "Problem", "problem", "gradient_map",
-                               "jacobian_map", "local_gains", "Result", "load", "__version__"]
+__all__ = ["cells", "gates", "jacobian", "results", "tasks", "train", "Stack", "StackOutput",
+           "Problem", "problem", "gradient_map", "jacobian_map", "local_gains", "Result", "load",
+           "__version__"]
 
 
 def __getattr__(name):
     if name in _ATTRS:
-        value = getattr(importlib.import_module(f"gradflow.{_ATTRS[name]}"), name)
+        value = getattr(_importlib.import_module(f"gradflow.{_ATTRS[name]}"), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f"gradflow.{name}")
+        value = _importlib.import_module(f"gradflow.{name}")
     else:
         raise AttributeError(f"module 'gradflow' has no attribute {name!r}")
     globals()[name] = value  # later look-ups skip this function
@@ -36,4 +40,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
