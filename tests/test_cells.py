@@ -438,6 +438,25 @@ def test_unknown_option_lists_valid_options():
         cells.get(cells.get("gru"), reset="before")
 
 
+@pytest.mark.parametrize("name,opts,got", [
+    ("lstm", {"forget_bias": "abc"}, "forget_bias='abc' of cell 'lstm' takes a number "
+                                     r"\(float\), got str"),
+    ("lstm", {"forget_bias": True}, r"takes a number \(float\), got bool"),
+    ("indrnn", {"u_max": [1.0]}, r"u_max=\[1.0\] of cell 'indrnn' takes a number"),
+    ("g_lstm", {"steps": None}, r"steps=None of cell 'g_lstm' takes a number \(int\)"),
+])
+def test_a_number_option_given_something_else_is_named(name, opts, got):
+    """An option typed float or int given a string (a CLI ``--option forget_bias=abc``), a
+    bool, a list or None (where None is not allowed): one ValueError naming it (was Python's
+    "could not convert string to float: 'abc'" from inside the factory)."""
+    with pytest.raises(ValueError, match=got):
+        cells.get(name, **opts)
+    ok = {"forget_bias": jnp.float32(2.0), "u_max": np.float64(0.5), "steps": 10}
+    k = next(iter(opts))
+    assert float(dict(cells.get(name, **{k: ok[k]}).options)[k]) == float(ok[k])
+    assert dict(cells.get("phased_lstm", shift_max=None).options)["shift_max"] is None
+
+
 @pytest.mark.parametrize("name,opts,valid", [
     ("gru", {"reset": "middle"}, "'after', 'before'"),
     ("mgu", {"variant": "cho"}, "'zhou', 'flax'"),

@@ -249,6 +249,8 @@ def factory(fn: Callable) -> Callable:
             raise ValueError(
                 f"unknown option(s) {', '.join(map(repr, unknown))} for cell {fn.__name__!r}; "
                 f"valid options: {', '.join(valid) or '(none)'}")
+        for k, v in options.items():
+            _check_number(fn.__name__, k, v, sig.parameters[k].annotation)
         bound = sig.bind(**options)
         bound.apply_defaults()
         frozen = freeze(bound.arguments)
@@ -261,6 +263,23 @@ def factory(fn: Callable) -> Callable:
     make.valid_options = valid
     _FACTORIES[fn.__name__] = make
     return make
+
+
+def _check_number(cell: str, key: str, value, annotation: str):
+    """A ValueError naming the option when one typed ``float`` or ``int`` (``| None``) is given
+    something that is not a number (``forget_bias="abc"`` from a CLI ``--option``, ``True``);
+    NumPy and JAX scalars are numbers."""
+    kind = str(annotation).removesuffix(" | None")
+    if kind not in ("float", "int") or (value is None and kind != str(annotation)):
+        return
+    try:
+        float(value)
+        ok = not isinstance(value, (str, bytes, bool))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"option {key}={value!r} of cell {cell!r} takes a number "
+                         f"({annotation}), got {type(value).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
