@@ -1407,6 +1407,9 @@ def run_train(args) -> int:
 _COMMON = _Parser(add_help=False)
 _COMMON.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help="on an internal error, print the traceback")
+_COMMON.add_argument("--devices", type=positive_int, default=argparse.SUPPRESS, metavar="N",
+                     help="split each map's batch over N devices (as gradflow --devices N, "
+                          "see gradflow --help)")
 
 COMMANDS = (add_heatmap, add_compare, add_gates, add_cells, add_reproduce, add_train,
             add_atlas)
@@ -1434,7 +1437,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an internal error, print the traceback")
     parser.add_argument("--devices", type=positive_int, default=None, metavar="N",
                         help="split each map's batch over N devices (CPU: N simulated devices "
-                             "on the cores; GPU/TPU: the first N); give it before the command "
+                             "on the cores; GPU/TPU: the first N), before or after the command "
                              "(default: one per CPU core, used for maps large enough to gain: "
                              "examples x state width >= 1024 per device; every GPU/TPU)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

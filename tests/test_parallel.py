@@ -310,15 +310,23 @@ def test_cli_devices_option_splits_and_equals_the_api_map(background):
     np.testing.assert_allclose(got.values, ref, rtol=1e-5)
 
 
-def test_cli_devices_after_jax_started_is_a_usage_error(capsys):
+@pytest.mark.parametrize("after", [False, True])
+def test_cli_devices_after_jax_started_is_a_usage_error(capsys, after):
+    """``--devices N`` before or after the command reaches the same setting: here a count
+    the running JAX does not have, one line, exit 2; and 0 is refused by the parser."""
     from gradflow import cli
     jnp.zeros(1).block_until_ready()
     n = len(jax.devices("cpu")) + 1
-    rc = cli.main(["--devices", str(n), "heatmap", "--layers", "1", "--steps", "2",
-                   "--hidden", "4", "--batch", "2", "--no-data"])
+    command = ["heatmap", "--layers", "1", "--steps", "2", "--hidden", "4", "--batch", "2",
+               "--no-data"]
+    devices = ["--devices", str(n)]
+    rc = cli.main(command + devices if after else devices + command)
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "--devices" in err[0], err
+    assert rc == 2 and len(err) == 1 and f"--devices {n}: JAX has already started" in err[0], err
     assert parallel._SETTING["devices"] == "auto"
+    rc = cli.main(command + ["--devices", "0"] if after else ["--devices", "0"] + command)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].endswith("argument --devices: must be a positive integer, got '0'")
 
 
 # In the child: a program compiled before the cache is turned on, then the cache, then a map
