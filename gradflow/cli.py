@@ -141,15 +141,16 @@ def cell_name(text: str) -> str:
     return text
 
 
-def _name_list(text: str, what: str, valid, also=lambda s: False) -> list[str]:
-    """The comma-separated ``text`` as distinct items, each in ``valid`` or ``also(item)``."""
+def _name_list(text: str, what: str, one: str, valid, also=lambda s: False) -> list[str]:
+    """The comma-separated ``text`` as distinct items, each in ``valid`` or ``also(item)``
+    (``what``: the items, ``one``: one of them, as messages name them)."""
     items = [s.strip() for s in text.split(",")]
     if not text.strip() or any(not s for s in items):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got "
                                          f"{text!r}; valid: {', '.join(valid)}")
     for s in items:
         if s not in valid and not also(s):
-            raise argparse.ArgumentTypeError(f"unknown {what[:-1]} {s!r}; valid {what}: "
+            raise argparse.ArgumentTypeError(f"unknown {one} {s!r}; valid {what}: "
                                              f"{', '.join(valid)}")
     dup = sorted({s for s in items if items.count(s) > 1})
     if dup:
@@ -162,13 +163,13 @@ def cell_list(text: str) -> list[str]:
     by :func:`load_cell` when the command runs), no repeats."""
     from gradflow import cells as _cells
 
-    return _name_list(text, "cells", [*_cells.names(), "module:factory"],
+    return _name_list(text, "cells", "cell", [*_cells.names(), "module:factory"],
                       also=lambda s: ":" in s)
 
 
 def loss_list(text: str) -> list[str]:
     """``"last,all"``."""
-    return _name_list(text, "losses", LOSSES)
+    return _name_list(text, "losses", "loss", LOSSES)
 
 
 def init_scheme(text: str) -> str:
