@@ -35,14 +35,15 @@ from gradflow.results import Result, make_result
 # Packing and unpacking
 
 
-def _names(value, what: str, valid) -> list[str]:
-    """``value`` (one name or several) as a list of distinct names, each one of ``valid``."""
+def _names(value, what: str, one: str, valid) -> list[str]:
+    """``value`` (one name or several) as a list of distinct names, each one of ``valid``
+    (``what``: the argument, ``one``: one of its items, as messages name them)."""
     items = [value] if isinstance(value, str) else list(value)
     if not items:
         raise ValueError(f"{what} is empty; valid: {', '.join(valid)}")
     for item in items:
         if item not in valid:
-            raise ValueError(f"unknown {what[:-1]} {item!r} in {what}; valid: {', '.join(valid)}")
+            raise ValueError(f"unknown {one} {item!r} in {what}; valid: {', '.join(valid)}")
     dup = sorted({x for x in items if items.count(x) > 1})
     if dup:
         raise ValueError(f"{what} repeats {', '.join(dup)}")
@@ -53,15 +54,18 @@ def _cell_entries(cells) -> tuple[list[str], list]:
     """``(labels, cells)``: each entry a registered name (its own label) or a built
     :class:`gradflow.cells.Cell` (a user's, labelled by ``cell.name``); distinct labels."""
     items = [cells] if isinstance(cells, (str, _cells.Cell)) else list(cells)
+    if not items:
+        raise ValueError(f"cells is empty; give cell names ({', '.join(_cells.names())}) or "
+                         "gradflow Cells")
     labels = []
     for item in items:
         if isinstance(item, _cells.Cell):
             labels.append(item.name)
         elif isinstance(item, str):
-            labels.append(_names(item, "cells", _cells.names())[0])
+            labels.append(_names(item, "cells", "cell", _cells.names())[0])
         else:
             raise TypeError(f"cells are names or gradflow Cells, got {type(item).__name__}")
-    return _names(labels, "cells", labels), items
+    return _names(labels, "cells", "cell", labels), items
 
 
 def _unpack(data: Result, prefix: str, kind: str, config: dict) -> Result:
@@ -110,7 +114,7 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
       full config, ``config["cells"]``, ``config["losses"]`` the order.
     """
     cells, built = _cell_entries(cells)
-    losses = _names(losses, "losses", LOSSES)
+    losses = _names(losses, "losses", "loss", LOSSES)
     choice("wrt", wrt, WRTS)
     choice("dtype", dtype, DTYPES)
     cell_options = dict(cell_options or {})
@@ -178,7 +182,7 @@ def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, ste
       ``vertical_rms, vertical_spectral, temporal_rms, temporal_spectral``;
       ``config["closed_form"]`` holds :data:`VERTICAL_GAIN` for the cells that have one.
     """
-    cells = _names(cells, "cells", _cells.names())
+    cells = _names(cells, "cells", "cell", _cells.names())
     arrays = {}
     with precision(dtype):
         for cell in cells:
@@ -320,7 +324,7 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
     runs = _runs(runs)
     if seeds is not None:
         seeds = _seeds.seed_list(seeds)
-    record = _names(record, "record", RECORDS) if record else []
+    record = _names(record, "record", "record", RECORDS) if record else []
     the_task = _tasks.make(task, **(task_options or {}))
     recorders = _recorders(record, eps, bins)
     arrays, run_configs, record_configs = {}, {}, {}
