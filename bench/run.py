@@ -93,9 +93,10 @@ def main(argv=None):
                                    "quick" if args.quick else "")
     names = args.only.split(",") if args.only else cfg.get("default", BENCHMARKS)
     mode = "quick" if args.quick else "full"
-    results = run(cfg, [b for b in names if b],  # saved after each benchmark: a run stopped
-                  save=None if args.update else  # at a time limit keeps what it finished
-                  (lambda res: write({**res, "mode": mode}, out)))
+    # saved after each benchmark, so a run stopped at a time limit keeps what it finished;
+    # not with --update, where the merge below writes the old results and the new together
+    results = run(cfg, [b for b in names if b],
+                  save=None if args.update else (lambda res: write({**res, "mode": mode}, out)))
     results["mode"] = mode
     old = os.path.join(out, "results.json")
     if args.update and os.path.exists(old):
@@ -120,6 +121,7 @@ def main(argv=None):
 def run(cfg: dict, names, save=None) -> dict:
     """Run the benchmarks ``names`` at ``cfg``; ``save(results so far)`` after each one."""
     from bench import harness, suite
+    from bench.report import goals
     unknown = set(names) - set(BENCHMARKS)
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; valid: {', '.join(BENCHMARKS)}")
@@ -151,9 +153,7 @@ def run(cfg: dict, names, save=None) -> dict:
             res["errors"][name] = traceback.format_exc()
             print(res["errors"][name], flush=True)
         if save is not None:
-            from bench.report import goals
             save({**res, "goals": goals(res)})
-    from bench.report import goals
     res["goals"] = goals(res)
     return res
 

@@ -272,7 +272,8 @@ class Stack:
                                  f" but layer {l} ({self._widths[l]} wide) reads layer {l - 1} "
                                  f"({self._widths[l - 1]} wide): give such layers one width")
         if order not in ORDERS + ("auto",):
-            raise ValueError(f"unknown order {order!r}; valid: 'auto', 'layer', 'wavefront'")
+            raise ValueError(f"unknown order {order!r}; valid: "
+                             f"{', '.join(map(repr, ('auto',) + ORDERS))}")
         set_("order", order)
         if checkpoint not in (None, "auto"):
             checkpoint = _positive_int("checkpoint", checkpoint)

@@ -269,8 +269,9 @@ def _check_number(cell: str, key: str, value, annotation: str):
     """A ValueError naming the option when one typed ``float`` or ``int`` (``| None``) is given
     something that is not a number (``forget_bias="abc"`` from a CLI ``--option``, ``True``);
     NumPy and JAX scalars are numbers."""
-    kind = str(annotation).removesuffix(" | None")
-    if kind not in ("float", "int") or (value is None and kind != str(annotation)):
+    text = str(annotation)
+    kind, optional = text.removesuffix(" | None"), text.endswith(" | None")
+    if kind not in ("float", "int") or (value is None and optional):
         return
     try:
         float(value)
