@@ -81,6 +81,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    """A finite number (``"0.5"``, ``"1e-3"``; not ``"nan"``, ``"inf"``, ``"x"``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def hidden_sizes(text: str):
     """``"64"`` -> 64, or one width per layer ``"64,32,32"`` -> ``(64, 32, 32)``."""
     if "," not in text:
@@ -196,7 +207,8 @@ def fraction(text: str) -> float:
 
 def option(text: str) -> tuple[str, object]:
     """``key=value`` with the value read as JSON (``1.0``, ``true``, ``null``, ``["i","o"]``),
-    else as a comma-separated list (``i,o``), else as a string."""
+    else as a comma-separated list (``i,o``), else as a string (``nan`` and ``inf`` as the
+    floats they name, which a number option then refuses by name)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key.isidentifier():
@@ -211,6 +223,8 @@ def _value(raw: str):
         pass
     if "," in raw:
         return [_value(part.strip()) for part in raw.split(",")]
+    if raw.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(raw)
     return raw
 
 
@@ -672,7 +686,7 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                    help="orthogonal, glorot, torch, chrono, ugi, or weights+bias such as "
                         "glorot+chrono (default: the cell's own, orthogonal for most)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
-    g.add_argument("--input-scale", type=float, default=1.0, metavar="S",
+    g.add_argument("--input-scale", type=finite_float, default=1.0, metavar="S",
                    help="inputs are S * N(0, 1) (default: 1)")
     g.add_argument("--option", type=option, action="append", metavar="KEY=VALUE",
                    help="another cell option, repeatable (e.g. forget_bias=1.0, "
@@ -1280,10 +1294,11 @@ def add_train(sub):
     g.add_argument("--steps", type=positive_int, default=500, metavar="N",
                    help="training updates (default: 500)")
     g.add_argument("--batch", type=positive_int, default=32, metavar="B", help="(default: 32)")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument("--lr", type=finite_float, default=1e-3,
+                   help="Adam learning rate (default: 1e-3)")
     g.add_argument("--clip", type=float, default=1.0,
                    help="global gradient-norm clip (default: 1)")
-    g.add_argument("--budget", type=float, default=0.0, metavar="LAMBDA",
+    g.add_argument("--budget", type=finite_float, default=0.0, metavar="LAMBDA",
                    help="g-LSTM budget loss LAMBDA * mean(k) (time-gated cells only; default 0)")
     g.add_argument("--seed", type=seed_int, default=0, help="(default: 0)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
@@ -1365,7 +1380,7 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
 def run_train(args) -> int:
     from gradflow.jacobian import gradient_map
     from gradflow.problem import precision, task_stack
-    from gradflow.train import train
+    from gradflow.train import TrainConfig, check_run, train
 
     task = _train_task(args)
     if args.record and max(args.record) > args.steps:
@@ -1378,12 +1393,18 @@ def run_train(args) -> int:
     if not args.lr > 0 or not args.clip > 0 or not args.budget >= 0:
         raise _usage(args, f"--lr and --clip must be positive and --budget >= 0, got lr "
                            f"{args.lr:g}, clip {args.clip:g}, budget {args.budget:g}")
-    out = _train_dir(args)
     # The recorded maps use the fixed probe loss of `gradflow heatmap` (random readout, random
     # labels): the trained head is zero at step 0, so the task loss sends no gradient to the
     # stack there, and one probe makes maps at different steps comparable.
     record = {"gradient_map": lambda st, p, xs: gradient_map(
         st, p, xs, loss=args.record_loss, wrt=args.wrt, readout_seed=args.readout_seed)}
+    with user_input():  # train's own checks, before the run folder and the header
+        check_run(stack, task, task, TrainConfig(
+            steps=args.steps, batch=args.batch, lr=args.lr, clip=args.clip, seed=args.seed,
+            dtype=args.dtype, eval_every=args.eval_every, eval_batch=args.eval_batch,
+            record_at=args.record or (), record_batch=args.record_batch, budget=args.budget),
+            record)
+    out = _train_dir(args)
     print(f"gradflow train: {args.cell} x {args.layers} layers, H={width_text(args.hidden)}, on "
           f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
           f"{args.batch}, lr {args.lr:g}, seed {args.seed}"

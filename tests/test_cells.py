@@ -444,6 +444,10 @@ def test_unknown_option_lists_valid_options():
     ("lstm", {"forget_bias": True}, r"takes a number \(float\), got bool"),
     ("indrnn", {"u_max": [1.0]}, r"u_max=\[1.0\] of cell 'indrnn' takes a number"),
     ("g_lstm", {"steps": None}, r"steps=None of cell 'g_lstm' takes a number \(int\)"),
+    ("lstm", {"forget_bias": float("inf")}, "forget_bias=inf of cell 'lstm' must be a finite "
+                                            "number"),
+    ("lstm", {"t_max": np.float32("nan")}, "t_max=nan of cell 'lstm' must be a finite number"),
+    ("g_lstm", {"steps": 2.5}, "steps=2.5 of cell 'g_lstm' takes an integer, got 2.5"),
 ])
 def test_a_number_option_given_something_else_is_named(name, opts, got):
     """An option typed float or int given a string (a CLI ``--option forget_bias=abc``), a
@@ -451,10 +455,13 @@ def test_a_number_option_given_something_else_is_named(name, opts, got):
     "could not convert string to float: 'abc'" from inside the factory)."""
     with pytest.raises(ValueError, match=got):
         cells.get(name, **opts)
-    ok = {"forget_bias": jnp.float32(2.0), "u_max": np.float64(0.5), "steps": 10}
+    ok = {"forget_bias": jnp.float32(2.0), "u_max": np.float64(0.5), "steps": 10.0,
+          "t_max": 50}
     k = next(iter(opts))
     assert float(dict(cells.get(name, **{k: ok[k]}).options)[k]) == float(ok[k])
     assert dict(cells.get("phased_lstm", shift_max=None).options)["shift_max"] is None
+    # an integral float for an int option is that int (a CLI's steps=10.0): the same cell
+    assert cells.get("g_lstm", steps=10.0) is cells.get("g_lstm", steps=10)
 
 
 @pytest.mark.parametrize("name,opts,valid", [

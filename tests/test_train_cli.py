@@ -100,6 +100,7 @@ def test_recorded_maps_are_the_maps_of_the_trained_params(run, direct):
     (["--steps", "5", "--record", "0,6"], "--record steps must lie in 0..5"),
     (["--record", "a,b"], "comma-separated step numbers"),
     (["--lr", "-1"], "--lr and --clip must be positive"),
+    (["--budget", "inf"], "argument --budget: must be a finite number, got 'inf'"),
     (["--task-option", "nope=3"], "unknown option"),
     (["--cell", "lstm", "--budget", "0.1"], "time gate"),
     (["--layers", "2", "--hidden", "4,4,4"], "got 3 widths for 2 layers"),
@@ -107,9 +108,11 @@ def test_recorded_maps_are_the_maps_of_the_trained_params(run, direct):
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
     code = main(["train", "--out", str(tmp_path / "x"), "--steps", "2", "--eval-batch", "4",
                  "--batch", "2", "--layers", "1", "--hidden", "4"] + extra)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 2
     assert message in err and err.count("\n") == 1, err
+    # refused before anything starts: no header on stdout, no run folder made
+    assert out == "" and not (tmp_path / "x").exists(), out
 
 
 def test_one_width_per_layer_trains_that_stack(tmp_path, capsys):

@@ -23,6 +23,7 @@ import functools
 import inspect
 import itertools
 import math
+import operator
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -249,8 +250,8 @@ def factory(fn: Callable) -> Callable:
             raise ValueError(
                 f"unknown option(s) {', '.join(map(repr, unknown))} for cell {fn.__name__!r}; "
                 f"valid options: {', '.join(valid) or '(none)'}")
-        for k, v in options.items():
-            _check_number(fn.__name__, k, v, sig.parameters[k].annotation)
+        options = {k: _check_number(fn.__name__, k, v, sig.parameters[k].annotation)
+                   for k, v in options.items()}
         bound = sig.bind(**options)
         bound.apply_defaults()
         frozen = freeze(bound.arguments)
@@ -267,20 +268,33 @@ def factory(fn: Callable) -> Callable:
 
 def _check_number(cell: str, key: str, value, annotation: str):
     """A ValueError naming the option when one typed ``float`` or ``int`` (``| None``) is given
-    something that is not a number (``forget_bias="abc"`` from a CLI ``--option``, ``True``);
-    NumPy and JAX scalars are numbers."""
+    something that is not a number (``forget_bias="abc"`` from a CLI ``--option``, ``True``),
+    a NaN or an infinity (no option of a cell means anything there), or, typed ``int``, a
+    fraction (``chunk_size=2.5``); NumPy and JAX scalars are numbers. Returns the value, an
+    integral float given for an ``int`` option as that ``int`` (``2.0`` from a CLI is 2)."""
     text = str(annotation)
     kind, optional = text.removesuffix(" | None"), text.endswith(" | None")
     if kind not in ("float", "int") or (value is None and optional):
-        return
+        return value
     try:
-        float(value)
+        number = float(value)
         ok = not isinstance(value, (str, bytes, bool))
     except (TypeError, ValueError):
         ok = False
     if not ok:
         raise ValueError(f"option {key}={value!r} of cell {cell!r} takes a number "
                          f"({annotation}), got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"option {key}={number!r} of cell {cell!r} must be a finite number")
+    if kind == "int" and not number.is_integer():
+        raise ValueError(f"option {key}={value!r} of cell {cell!r} takes an integer, got "
+                         f"{number!r}")
+    if kind == "int":
+        try:
+            operator.index(value)
+        except TypeError:
+            return int(number)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
