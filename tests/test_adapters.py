@@ -576,10 +576,31 @@ def test_clear_errors():
         cells.from_function(lambda p, h, x: ((x @ p["W"],), x @ p["W"]),
                             lambda k, n, h, dtype: {"W": jnp.ones((n, h), dtype)},
                             hidden_size=H, gates=lambda p, h, x: {"g": h})
-    with pytest.raises(TypeError, match="flax.linen Module"):
+    # another family's module, a class, a function: each named, with what to use instead
+    with pytest.raises(TypeError, match="from_linen: expected a flax.linen Module, got "
+                                        "GRUCell, an equinox module: use gradflow.cells."
+                                        "from_equinox"):
         cells.from_linen(eqx.nn.GRUCell(2, 2, key=jax.random.key(0)))
-    with pytest.raises(TypeError, match="equinox Module"):
+    with pytest.raises(TypeError, match="from_equinox: expected an equinox Module, got "
+                                        "GRUCell, a flax.linen module: use gradflow.cells."
+                                        "from_linen"):
         cells.from_equinox(nn.GRUCell(features=2))
+    with pytest.raises(TypeError, match="from_linen: expected a flax.linen Module, got the "
+                                        "class GRUCell, a flax.nnx module: use gradflow.cells."
+                                        "from_nnx"):
+        cells.from_linen(nnx.GRUCell)
+    with pytest.raises(TypeError, match="from_linen: expected a flax.linen Module instance, "
+                                        "got the class LSTMCell: build the cell first"):
+        cells.from_linen(nn.LSTMCell)
+    with pytest.raises(TypeError, match="from_equinox: expected an equinox Module, got "
+                                        "function; a step function .* gradflow.cells."
+                                        "from_function"):
+        cells.from_equinox(_lstm_step)
+    with pytest.raises(TypeError, match="from_nnx: expected a flax.nnx Module, got int$"):
+        cells.from_nnx(3)
+    with pytest.raises(TypeError, match="from_function: step is GRUCell, a flax.linen module: "
+                                        "use gradflow.cells.from_linen"):
+        cells.from_function(nn.GRUCell(features=2))
     user = eqx.nn.MLP(2, 2, 2, 1, key=jax.random.key(0))
     with pytest.raises(ValueError, match="hidden_size="):
         cells.from_equinox(user)

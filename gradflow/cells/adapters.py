@@ -361,7 +361,7 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
 # A plain function
 
 
-def from_function(step: Callable, init, *, hidden_size: int | None = None,
+def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
                   input_size: int | None = None, state=None, output=None, batched: bool = True,
                   gates: Callable | None = None, gate_kinds=None, name: str = "user") -> Cell:
     r"""A cell from a plain step function
@@ -392,6 +392,12 @@ def from_function(step: Callable, init, *, hidden_size: int | None = None,
       ``"s1", "s2", ...``).
     """
     who = "from_function"
+    family = _family(step)
+    if family is not None:
+        adapter, name = family
+        raise TypeError(f"{who}: step is {'the class ' if isinstance(step, type) else ''}"
+                        f"{getattr(step, '__name__', type(step).__name__)}, {name} module: use "
+                        f"gradflow.cells.{adapter}")
     if not callable(step):
         raise TypeError(f"{who}: step must be a function (params, carry, x) -> (carry, y)")
     if init is None:
@@ -443,6 +449,41 @@ def _sown(tree) -> dict:
     return out
 
 
+# The module families an adapter takes: adapter -> (package prefix of their classes, name).
+_FAMILIES = {"from_linen": ("flax.linen", "a flax.linen"), "from_nnx": ("flax.nnx", "a flax.nnx"),
+             "from_equinox": ("equinox", "an equinox")}
+
+
+def _family(obj):
+    """``(adapter, name)`` of the module family ``obj`` (an instance or a class) belongs to,
+    or None (by its classes' packages: nothing is imported)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    for adapter, (prefix, name) in _FAMILIES.items():
+        if any(c.__module__.split(".")[:prefix.count(".") + 1] == prefix.split(".")
+               for c in cls.__mro__):
+            return adapter, name
+    return None
+
+
+def _not_a_module(who: str, module) -> str:
+    """The TypeError message of an adapter given something else: a module class (not an
+    instance), another family's module (naming its adapter), a function, or anything."""
+    family = _FAMILIES[who][1]
+    cls = module if isinstance(module, type) else type(module)
+    what = "the class " if isinstance(module, type) else ""
+    other = _family(module)
+    if other is not None and other[0] != who:
+        return (f"{who}: expected {family} Module, got {what}{cls.__name__}, {other[1]} "
+                f"module: use gradflow.cells.{other[0]}")
+    if isinstance(module, type):
+        return (f"{who}: expected {family} Module instance, got the class {cls.__name__}: "
+                "build the cell first (with its sizes) and pass that")
+    if callable(module):
+        return (f"{who}: expected {family} Module, got {cls.__name__}; a step function "
+                "step(params, carry, x) -> (carry, y) goes through gradflow.cells.from_function")
+    return f"{who}: expected {family} Module, got {cls.__name__}"
+
+
 def from_linen(module, *, hidden_size: int | None = None, output=None, gates=None,
                gate_kinds=None, name: str | None = None) -> Cell:
     r"""A cell from a ``flax.linen`` RNN cell, called as ``module.apply({"params": p}, carry, x)``.
@@ -473,7 +514,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
     who = "from_linen"
     nn = _require("flax.linen", "flax", who)
     if not isinstance(module, nn.Module):
-        raise TypeError(f"{who}: expected a flax.linen Module, got {type(module).__name__}")
+        raise TypeError(_not_a_module(who, module))
     H = hidden_size or getattr(module, "features", None)
     if not isinstance(H, int):
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'features': give "
@@ -571,7 +612,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     who = "from_nnx"
     nnx = _require("flax.nnx", "flax", who)
     if not isinstance(module, nnx.Module):
-        raise TypeError(f"{who}: expected a flax.nnx Module, got {type(module).__name__}")
+        raise TypeError(_not_a_module(who, module))
     H = hidden_size or getattr(module, "hidden_features", None)
     if not isinstance(H, int):
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_features': "
@@ -694,7 +735,7 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
     who = "from_equinox"
     eqx = _require("equinox", "equinox", who)
     if not isinstance(module, eqx.Module):
-        raise TypeError(f"{who}: expected an equinox Module, got {type(module).__name__}")
+        raise TypeError(_not_a_module(who, module))
     H = hidden_size or getattr(module, "hidden_size", None)
     if not isinstance(H, int):
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_size': give "
