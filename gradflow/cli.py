@@ -35,7 +35,7 @@ import numpy as np
 
 from gradflow import __version__
 from gradflow.errors import InputError, user_input
-from gradflow.results import NonFiniteWarning
+from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning
 
 DEFAULT_OUT_DIR = "gradflow-out"
 DATA_EXT = ".npz"
@@ -1493,6 +1493,21 @@ def _note_damaged_cache_entries(folder: str) -> None:
     warnings.showwarning = hook
 
 
+def _forward_overflow_lines(command: str) -> None:
+    """Show each :class:`~gradflow.results.NonFiniteForwardWarning` as one line on stderr,
+    ``gradflow heatmap: warning: ...`` (the caller's ``warnings.catch_warnings`` restores the
+    filters and the hook)."""
+    warnings.simplefilter("always", NonFiniteForwardWarning)
+    show = warnings.showwarning
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, NonFiniteForwardWarning):
+            return show(message, category, filename, lineno, file, line)
+        print(f"{command}: warning: {_one_line(message)}", file=sys.stderr)
+
+    warnings.showwarning = hook
+
+
 def _speed_settings(devices, program: bool):
     """Process settings for speed, made before JAX starts (:mod:`gradflow.parallel`): the CPU
     platform gets one device per core (or ``--devices``) so maps split their batch over the
@@ -1532,8 +1547,10 @@ def main(argv=None) -> int:
                              "reproduce, train, atlas (see gradflow --help)")
         command = f"gradflow {args.command}"
         with warnings.catch_warnings(), _speed_settings(args.devices, program):
-            # Non-finite entries are data: the summaries count them; no warning lines.
+            # Non-finite entries are data: the summaries count them; no warning lines, but
+            # one line where the forward pass itself overflowed (the reason the map is NaN).
             warnings.simplefilter("ignore", NonFiniteWarning)
+            _forward_overflow_lines(command)
             return args.run(args)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0

@@ -28,16 +28,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from gradflow import checks
 from gradflow import cost as _cost
 from gradflow.errors import InputError, user_input
-from gradflow.results import Result, make_result
+from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.cells.base import normal
 from gradflow.stack import Stack, in_precision, map_layers, safe_norm, scaled_reduction
 
@@ -145,6 +147,30 @@ def _config(stack: Stack, xs, meta, **extra) -> dict:
             **(meta or {})}
 
 
+@functools.partial(jax.jit, static_argnames=("stack",))
+@in_precision
+def _finite_states(stack: Stack, params, xs):
+    """``(L, T)`` bool: every state of layer ``l`` at step ``t`` is finite in every example."""
+    states = stack.apply(params, xs).states
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(v), axis=(1, 3))
+                                              for v in states.values()])
+
+
+def _where_nonfinite(stack: Stack, params, xs, finite=None) -> str:
+    """Where the forward pass first leaves the finite numbers (earliest step, then lowest
+    layer; any example), in words, for the warnings of measurements taken there."""
+    finite = np.asarray(_finite_states(stack, params, xs) if finite is None else finite)
+    if finite.all():
+        return "the forward pass is finite everywhere"
+    states = stack.apply(params, xs).states
+    bad = np.argwhere(~finite)
+    layer, step = min(map(tuple, bad), key=lambda lt: (lt[1], lt[0]))
+    names = [k for k, v in states.items()
+             if not np.isfinite(np.asarray(v[layer, :, step])).all()]
+    return (f"the forward pass is not finite from layer {layer}, step {step} on (state "
+            f"{', '.join(names)})")
+
+
 def _zeros_perturb(stack: Stack, xs, names):
     B, T, _ = xs.shape
     return {k: jnp.zeros((stack.layers, B, T, stack.max_width), xs.dtype) for k in names}
@@ -205,10 +231,13 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
         _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype, wrt,
                                         calibrate=False))
     loss_fn, loss_name = _loss(loss, stack, xs, readout_seed)
-    if wrt == "params":
-        value, vals = _params_map(stack, params, xs, loss_fn)
-    else:
-        value, vals = _state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
+    value, vals = map_arrays(stack, params, xs, loss_fn, wrt)
+    if not bool(jnp.isfinite(value)):
+        warnings.warn(f"gradient_map: the loss is {float(value)} ("
+                      f"{_where_nonfinite(stack, params, xs)}): the gradient of a non-finite "
+                      "loss is no gradient (where a state is NaN, ReLUs and comparisons pass "
+                      "exact zeros back), so every entry of the map is NaN", NonFiniteForwardWarning,
+                      stacklevel=2)
     config = _config(stack, xs, meta, loss=loss_name, wrt=wrt, readout_seed=readout_seed)
     return make_result("gradient_map", {"values": vals, "loss_value": value}, config,
                        positive=expected_positive(loss, wrt, xs.shape[1]))
@@ -231,10 +260,15 @@ def expected_positive(loss, wrt: str, steps: int):
 def map_arrays(stack: Stack, params, xs, loss_fn: Callable, wrt: str = "hidden"):
     """``(loss value, (L, T) map)`` as arrays: the traceable core of :func:`gradient_map`
     (no input checks, no :class:`Result`), for callers that ``vmap`` or shard it over seeds
-    and conditions (:mod:`gradflow.sweep`, :mod:`gradflow.atlas`)."""
+    and conditions (:mod:`gradflow.sweep`, :mod:`gradflow.atlas`). Where the loss is not
+    finite (the forward pass overflowed) every entry is NaN: backpropagating from a NaN or
+    infinite loss through NaN states gives numbers, often exact zeros (a ReLU's or a
+    comparison's derivative at NaN), that are no gradient and would read as vanishing."""
     if wrt == "params":
-        return _params_map(stack, params, xs, loss_fn)
-    return _state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
+        value, vals = _params_map(stack, params, xs, loss_fn)
+    else:
+        value, vals = _state_map(stack, params, xs, loss_fn, "h" if wrt == "hidden" else "c")
+    return value, jnp.where(jnp.isfinite(value), vals, jnp.nan)
 
 
 def _state_map(stack, params, xs, loss_fn, name):
@@ -365,7 +399,8 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
         with user_input():  # too big for this machine: the user's sizes to change
             _cost.check_fits(_cost.estimate(stack, B, T, xs.dtype, method="probe",
                                             probes=probes, calibrate=False))
-        vals, se = _probe_map(stack, params, xs, (tl, tt), probes, jax.random.key(seed))
+        vals, se, target_ok = _probe_map(stack, params, xs, (tl, tt), probes,
+                                         jax.random.key(seed))
         arrays = {"values": vals, "stderr": se}
     else:
         with user_input():
@@ -377,7 +412,8 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
             if need > 4 << 30:
                 raise ValueError(f"norm='spectral' would hold {need / 2**30:.1f} GiB of Jacobians;"
                                  " use norm='rms', fewer examples, or spectra_at=[...]")
-        vals, spectra = _exact_map(stack, params, xs, (tl, tt), norm, positions, min(chunk, H))
+        vals, spectra, target_ok = _exact_map(stack, params, xs, (tl, tt), norm, positions,
+                                              min(chunk, H))
         arrays = {"values": vals}
         if positions:
             arrays["spectra"] = spectra
@@ -386,6 +422,12 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
                      spectra_at=[list(p) for p in positions])
     reach = (jnp.arange(T)[None, :] < tt) | ((jnp.arange(T)[None, :] == tt)
                                              & (jnp.arange(L)[:, None] <= tl))
+    if not bool(target_ok):  # NaN states pass back numbers that are no derivatives
+        warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite ("
+                      f"{_where_nonfinite(stack, params, xs)}): every Jacobian that "
+                      "reaches it is NaN", NonFiniteForwardWarning, stacklevel=2)
+        arrays = {k: jnp.where(reach, jnp.nan, v) if k != "spectra" else jnp.full_like(v, jnp.nan)
+                  for k, v in arrays.items()}
     return make_result("jacobian_map", arrays, config, positive={"values": reach})
 
 
@@ -404,17 +446,19 @@ def _basis_chunk(L, T, B, H, norm):
     return int(max(1, min(H, (256 << 20) // max(per, 1))))
 
 
-def _target_vjp(stack: Stack, params, xs, target):
+def _target_vjp(stack: Stack, params, xs, target, with_finite=False):
     """``vjp(cot: (B, H_{L'})) -> {"h": (L, B, T, H)}``: cotangent on ``h^{L'}_{T'}`` pulled back
     to every ``h^l_t`` (total derivatives, through zero perturbations; ``H = max_width``, zeros
-    beyond each layer's width)."""
+    beyond each layer's width); ``with_finite``: also whether the target is finite in every
+    example."""
     tl, tt = target
 
     def f(eps):
         return stack.unpad(stack.apply(params, xs, perturb=eps).states["h"][tl, :, tt], tl)
 
-    _, vjp = jax.vjp(f, _zeros_perturb(stack, xs, ("h",)))
-    return lambda cot: vjp(cot)[0]["h"]
+    h, vjp = jax.vjp(f, _zeros_perturb(stack, xs, ("h",)))
+    fn = lambda cot: vjp(cot)[0]["h"]  # noqa: E731
+    return (fn, jnp.all(jnp.isfinite(h))) if with_finite else fn
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "target", "norm", "positions", "chunk"))
@@ -422,7 +466,7 @@ def _target_vjp(stack: Stack, params, xs, target):
 def _exact_map(stack, params, xs, target, norm, positions, chunk):
     B, T, _ = xs.shape
     H = stack.widths[target[0]]
-    vjp = _target_vjp(stack, params, xs, target)
+    vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True)
     pos_l = jnp.array([p[0] for p in positions], int)
     pos_t = jnp.array([p[1] for p in positions], int)
 
@@ -445,7 +489,7 @@ def _exact_map(stack, params, xs, target, norm, positions, chunk):
         jac_at = jnp.moveaxis(at, 0, -2)  # (n, B, H_out, H_in)
         spectra = scaled_reduction(lambda j: jnp.linalg.svd(j, compute_uv=False), jac_at,
                                    (-2, -1))
-    return vals, spectra
+    return vals, spectra, finite
 
 
 def _columns(stack: Stack, dtype):
@@ -485,14 +529,14 @@ def _probe_stats(n, H):
 def _probe_map(stack, params, xs, target, probes, key):
     B, T, _ = xs.shape
     H = stack.widths[target[0]]
-    vjp = _target_vjp(stack, params, xs, target)
+    vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True)
     v = normal(key, (probes, B, H), xs.dtype)  # the same probes at every precision
     n = jax.vmap(lambda c: safe_norm(vjp(c)))(v)  # (k, L, B, T): ||v^T J||
     cols = _columns(stack, xs.dtype)
     rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, cols), n, 0)  # each (L, B, T)
     vals = jnp.mean(rms, axis=1)
     se = safe_norm(se_rms, axis=1) / B
-    return vals, se
+    return vals, se, finite
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,8 +561,13 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
       temporal_spectral``, each ``(L, T)``.
     """
     xs = _prepare(stack, params, xs)
-    return make_result("local_gains", gain_arrays(stack, params, xs, chunk),
-                       _config(stack, xs, meta))
+    arrays = gain_arrays(stack, params, xs, chunk)
+    if any(bool(jnp.isnan(v).any()) for v in arrays.values()) and not bool(
+            jnp.all(finite := _finite_states(stack, params, xs))):
+        warnings.warn(f"local_gains: {_where_nonfinite(stack, params, xs, finite)}: the gains "
+                      "where a step's states or inputs are not finite are NaN",
+                      NonFiniteForwardWarning, stacklevel=2)
+    return make_result("local_gains", arrays, _config(stack, xs, meta))
 
 
 def gain_arrays(stack: Stack, params, xs, chunk: int | None = None) -> dict:
@@ -567,8 +616,15 @@ def _gains(stack, params, xs, chunk):
         return tuple(jnp.mean(r, axis=1) for r in res)  # each (T,)
 
     vr, vs, tr, ts = map_layers(stack, layer, params, prev, inputs)
-    return {"vertical_rms": vr, "vertical_spectral": vs, "temporal_rms": tr,
-            "temporal_spectral": ts}
+    # A one-step Jacobian taken at non-finite states or inputs is no derivative (a ReLU's at
+    # NaN is an exact 0): NaN where the step's states, its previous states or its input are.
+    fin = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(v), axis=(1, 3))
+                                             for v in out.states.values()])  # (L, T)
+    ok = fin & jnp.pad(fin, ((0, 0), (1, 0)), constant_values=True)[:, :-1] \
+        & jnp.pad(fin, ((1, 0), (0, 0)), constant_values=True)[:-1]
+    return {k: jnp.where(ok, v, jnp.nan) for k, v in (
+        ("vertical_rms", vr), ("vertical_spectral", vs), ("temporal_rms", tr),
+        ("temporal_spectral", ts))}
 
 
 __all__ = ["gradient_map", "map_arrays", "jacobian_map", "local_gains", "gain_arrays",

@@ -28,6 +28,13 @@ class NonFiniteWarning(RuntimeWarning):
     """Some entries of a result are inf or NaN (e.g. an exploding gradient)."""
 
 
+class NonFiniteForwardWarning(NonFiniteWarning):
+    """The forward pass itself left the finite numbers (states overflowed to inf or NaN): the
+    measurement is NaN where it depends on them, since a derivative taken at NaN states is
+    no derivative (ReLUs and comparisons pass exact zeros back, which would read as
+    vanishing gradients)."""
+
+
 def _jsonable(v):
     if isinstance(v, Mapping):
         return {str(k): _jsonable(x) for k, x in v.items()}

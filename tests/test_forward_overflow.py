@@ -1,0 +1,143 @@
+"""A forward pass that overflows: the measurements say so instead of reporting false zeros.
+
+An IndRNN with recurrent weights up to 3 (``u_max=3``) and ReLU grows its states by up to 3x
+per step: inf within about 80 steps, then NaN (inf - inf). Backpropagating from the NaN loss
+through NaN states gives exact zeros (a ReLU's derivative at NaN is 0), which the maps used to
+report as 799 "underflow" entries of 800, a vanishing gradient that was never measured.
+Independent checks: the forward pass is located with a brute-force scan of the states; where
+a loss or a target does not depend on the overflowed part, the measurement equals the same
+one on the truncated sequence (nothing after the read step can matter).
+"""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import jacobian as J
+from gradflow.cli import main
+from gradflow.results import NonFiniteForwardWarning
+
+L, T, H, B, D = 3, 120, 16, 3, 4
+
+
+@pytest.fixture(scope="module")
+def exploding():
+    stack = gradflow.Stack("indrnn", L, D, H, cell_options={"u_max": 3.0})
+    params = stack.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (B, T, D))
+    return stack, params, xs
+
+
+def _first_bad(stack, params, xs):
+    """Brute force: the earliest step, then lowest layer, where any state of any example is not
+    finite; and the (L, T) finite mask."""
+    states = stack.apply(params, xs).states
+    finite = np.ones((L, T), bool)
+    for v in states.values():
+        v = np.asarray(v)
+        for l in range(L):
+            for t in range(T):
+                finite[l, t] &= bool(np.isfinite(v[l, :, t]).all())
+    bad = [(t, l) for l in range(L) for t in range(T) if not finite[l, t]]
+    t, l = min(bad)
+    return l, t, finite
+
+
+def test_the_premise_the_raw_map_reports_false_zeros(exploding):
+    """Without the check, the gradient of the NaN loss is mostly exact zeros."""
+    stack, params, xs = exploding
+    l, t, finite = _first_bad(stack, params, xs)
+    assert 0 < t < T - 1 and not finite[:, -1].any()
+    loss_fn, _ = J._loss("last", stack, xs, 0)
+    value, raw = J._state_map(stack, params, xs, loss_fn, "h")
+    assert np.isnan(float(value))
+    assert (np.asarray(raw) == 0).mean() > 0.9
+
+
+def test_gradient_map_of_a_nan_loss_is_nan_and_says_where(exploding):
+    stack, params, xs = exploding
+    l, t, _ = _first_bad(stack, params, xs)
+    for wrt in ("hidden", "params"):
+        with pytest.warns(NonFiniteForwardWarning,
+                          match=f"the loss is nan \\(the forward pass is not finite from layer "
+                                f"{l}, step {t} on \\(state h\\)\\).*every entry of the map "
+                                "is NaN"):
+            res = gradflow.gradient_map(stack, params, xs, loss="last", wrt=wrt)
+        assert np.isnan(res.values).all()
+        assert res.nonfinite["values"] == L * T and res.underflow.get("values", 0) == 0
+
+
+def test_a_loss_before_the_overflow_is_measured_as_on_the_truncated_sequence(exploding):
+    """A callable loss reading step 20 only: its map is finite and equals the map on the first
+    21 steps (zero after step 20: nothing there reaches the loss)."""
+    stack, params, xs = exploding
+    s = 20
+    _, t, finite = _first_bad(stack, params, xs)
+    assert finite[:, : s + 1].all() and t > s + 1
+    w = jax.random.normal(jax.random.key(2), (H,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteForwardWarning)
+        full = gradflow.gradient_map(stack, params, xs, loss=lambda top: jnp.mean(top[:, s] @ w))
+        short = gradflow.gradient_map(stack, params, xs[:, : s + 1],
+                                      loss=lambda top: jnp.mean(top[:, s] @ w))
+    assert np.isfinite(full.values).all()
+    np.testing.assert_allclose(full.values[:, : s + 1], short.values, rtol=1e-5)
+    assert (full.values[:, s + 1:] == 0).all()
+
+
+def test_jacobian_map_to_a_nan_target_is_nan_where_it_reaches(exploding):
+    stack, params, xs = exploding
+    l, t, _ = _first_bad(stack, params, xs)
+    with pytest.warns(NonFiniteForwardWarning, match=f"target state h\\[1, {T - 1}\\] is "
+                                                     f"not finite .*layer {l}, step {t}"):
+        res = gradflow.jacobian_map(stack, params, xs, target=(1, -1))
+    assert np.isnan(res.values[:, :-1]).all() and np.isnan(res.values[:2, -1]).all()
+    assert res.values[2, -1] == 0  # the top layer's last step cannot reach h[1, T-1]
+    # a target before the overflow: finite, and the same as on the truncated sequence
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteForwardWarning)
+        early = gradflow.jacobian_map(stack, params, xs, target=(-1, 20))
+        short = gradflow.jacobian_map(stack, params, xs[:, :21], target=(-1, 20))
+    np.testing.assert_allclose(early.values[:, :21], short.values, rtol=1e-5)
+    assert (early.values[:, 21:] == 0).all()
+
+
+def test_local_gains_are_nan_exactly_where_a_step_or_its_inputs_overflowed(exploding):
+    stack, params, xs = exploding
+    _, _, finite = _first_bad(stack, params, xs)
+    ok = finite.copy()
+    ok[:, 1:] &= finite[:, :-1]
+    ok[1:] &= finite[:-1]
+    with pytest.warns(NonFiniteForwardWarning, match="local_gains: the forward pass is not "
+                                                     "finite from layer"):
+        res = gradflow.local_gains(stack, params, xs)
+    short = gradflow.local_gains(stack, params, xs[:, :20])
+    for k in ("vertical_rms", "vertical_spectral", "temporal_rms", "temporal_spectral"):
+        v = res.arrays[k]
+        assert np.isnan(v[~ok]).all() and np.isfinite(v[ok]).all(), k
+        np.testing.assert_allclose(v[:, :20], short.arrays[k], rtol=1e-5)
+
+
+def test_a_finite_forward_pass_warns_nothing():
+    stack = gradflow.Stack("indrnn", L, D, H)
+    params = stack.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (B, 12, D))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(gradflow.gradient_map(stack, params, xs).values).all()
+        assert np.isfinite(gradflow.local_gains(stack, params, xs).arrays["temporal_rms"]).all()
+
+
+def test_the_cli_says_why_the_map_is_nan(tmp_path, capsys):
+    code = main(["heatmap", "--cell", "indrnn", "--option", "u_max=3", "--layers", "3",
+                 "--steps", "200", "--hidden", "16", "--batch", "3",
+                 "--out", str(tmp_path / "m.png")])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert err.count("\n") == 1 and err.startswith(
+        "gradflow heatmap: warning: gradient_map: the loss is nan (the forward pass is not "
+        "finite from layer"), err
+    assert "non-finite entries: 600 of 600" in out and "underflow entries: 0 of 600" in out
