@@ -147,13 +147,18 @@ def _config(stack: Stack, xs, meta, **extra) -> dict:
             **(meta or {})}
 
 
+def _finite_positions(states: dict):
+    """``(L, T)`` bool from ``{name: (L, B, T, H)}`` states: every state of layer ``l`` at
+    step ``t`` is finite in every example."""
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(v), axis=(1, 3))
+                                              for v in states.values()])
+
+
 @functools.partial(jax.jit, static_argnames=("stack",))
 @in_precision
 def _finite_states(stack: Stack, params, xs):
-    """``(L, T)`` bool: every state of layer ``l`` at step ``t`` is finite in every example."""
-    states = stack.apply(params, xs).states
-    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(v), axis=(1, 3))
-                                              for v in states.values()])
+    """:func:`_finite_positions` of the forward pass."""
+    return _finite_positions(stack.apply(params, xs).states)
 
 
 def _where_nonfinite(stack: Stack, params, xs, finite=None) -> str:
@@ -221,6 +226,8 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
       range (exactly 0: a gradient that underflowed) where the loss makes them positive
       (:func:`expected_positive`).
       Norms are formed without squaring tiny numbers (:func:`gradflow.stack.safe_norm`).
+      Where the loss is not finite (the forward pass overflowed) every entry is NaN, with a
+      :class:`~gradflow.results.NonFiniteForwardWarning` naming where the states first are.
     """
     checks.choice("wrt", wrt, WRTS)
     xs = _prepare(stack, params, xs, loss)
@@ -236,8 +243,8 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
         warnings.warn(f"gradient_map: the loss is {float(value)} ("
                       f"{_where_nonfinite(stack, params, xs)}): the gradient of a non-finite "
                       "loss is no gradient (where a state is NaN, ReLUs and comparisons pass "
-                      "exact zeros back), so every entry of the map is NaN", NonFiniteForwardWarning,
-                      stacklevel=2)
+                      "exact zeros back), so every entry of the map is NaN",
+                      NonFiniteForwardWarning, stacklevel=2)
     config = _config(stack, xs, meta, loss=loss_name, wrt=wrt, readout_seed=readout_seed)
     return make_result("gradient_map", {"values": vals, "loss_value": value}, config,
                        positive=expected_positive(loss, wrt, xs.shape[1]))
@@ -376,7 +383,9 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
       different widths ``H = min(H_{L'}, max_l H_l)``, zeros beyond ``min(H_{L'}, H_l)``). Positions that
       reach the target are expected positive (``result.underflow`` counts zeros among them).
       Norms and singular values are formed scaled by the largest entry
-      (:func:`gradflow.stack.scaled_reduction`), so tiny Jacobians do not underflow.
+      (:func:`gradflow.stack.scaled_reduction`), so tiny Jacobians do not underflow. Where the
+      target state is not finite, every Jacobian that reaches it is NaN (with a
+      :class:`~gradflow.results.NonFiniteForwardWarning`).
     """
     xs = _prepare(stack, params, xs)
     if norm not in NORMS:
@@ -426,7 +435,7 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
         warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite ("
                       f"{_where_nonfinite(stack, params, xs)}): every Jacobian that "
                       "reaches it is NaN", NonFiniteForwardWarning, stacklevel=2)
-        arrays = {k: jnp.where(reach, jnp.nan, v) if k != "spectra" else jnp.full_like(v, jnp.nan)
+        arrays = {k: jnp.full_like(v, jnp.nan) if k == "spectra" else jnp.where(reach, jnp.nan, v)
                   for k, v in arrays.items()}
     return make_result("jacobian_map", arrays, config, positive={"values": reach})
 
@@ -558,7 +567,9 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
 
     Returns:
       Result ``kind="local_gains"`` with ``vertical_rms, vertical_spectral, temporal_rms,
-      temporal_spectral``, each ``(L, T)``.
+      temporal_spectral``, each ``(L, T)``; NaN where a step's states, its previous states or
+      its input are not finite (a :class:`~gradflow.results.NonFiniteForwardWarning` says
+      where the forward pass first left the finite numbers).
     """
     xs = _prepare(stack, params, xs)
     arrays = gain_arrays(stack, params, xs, chunk)
@@ -618,8 +629,7 @@ def _gains(stack, params, xs, chunk):
     vr, vs, tr, ts = map_layers(stack, layer, params, prev, inputs)
     # A one-step Jacobian taken at non-finite states or inputs is no derivative (a ReLU's at
     # NaN is an exact 0): NaN where the step's states, its previous states or its input are.
-    fin = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(v), axis=(1, 3))
-                                             for v in out.states.values()])  # (L, T)
+    fin = _finite_positions(out.states)  # (L, T)
     ok = fin & jnp.pad(fin, ((0, 0), (1, 0)), constant_values=True)[:, :-1] \
         & jnp.pad(fin, ((1, 0), (0, 0)), constant_values=True)[:-1]
     return {k: jnp.where(ok, v, jnp.nan) for k, v in (
