@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -77,10 +78,10 @@ import numpy as np
 from gradflow.cells.base import KINDS as _KINDS
 from gradflow.cells.base import Cell
 from gradflow.problem import problem
-from gradflow.results import Result, make_result
+from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow import checks
 from gradflow.checks import positive_int as _positive_int
-from gradflow.stack import Stack, in_precision
+from gradflow.stack import Stack, in_precision, where_nonfinite
 
 STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_fraction",
          "nonfinite")
@@ -437,7 +438,9 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
       meta: merged into the config (e.g. ``problem(...).config`` with the seed).
     Returns:
       :class:`gradflow.results.Result` of kind ``"gate_stats"``; non-finite activations are
-      counted and warned about (:class:`gradflow.results.NonFiniteWarning`), never raised on.
+      counted (``nonfinite/{gate}``) and warned about, with where the forward pass first left
+      the finite numbers (:class:`gradflow.results.NonFiniteForwardWarning`), never raised
+      on; the saturated and update shares count a NaN gate as neither.
     Raises:
       ValueError: the stack's cells report no gates (``rnn``, ``indrnn``, or a user cell built
         without ``gates=``, see :mod:`gradflow.cells.adapters`).
@@ -458,6 +461,13 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     arrays = _arrays(stack, params, xs, eps, threshold, bins)
+    bad = sum(int(v) for k, v in arrays.items()
+              if k.startswith("nonfinite/") and k.endswith("/pooled"))
+    if bad:  # counted in nonfinite/*; said where the forward pass overflowed
+        warnings.warn(f"gates.saturation: {bad} gate values are not finite ("
+                      f"{where_nonfinite(stack, params, xs)}); the saturated and update "
+                      "shares count a NaN gate as neither, and the means, slopes and "
+                      "timescales are NaN where one is", NonFiniteForwardWarning, stacklevel=2)
     B, T, _ = xs.shape
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
     kinds = gate_kinds(stack.cell)

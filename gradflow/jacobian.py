@@ -33,7 +33,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from gradflow import checks
@@ -41,7 +40,8 @@ from gradflow import cost as _cost
 from gradflow.errors import InputError, user_input
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.cells.base import normal
-from gradflow.stack import Stack, in_precision, map_layers, safe_norm, scaled_reduction
+from gradflow.stack import (Stack, finite_positions, finite_states, in_precision, map_layers,
+                            safe_norm, scaled_reduction, where_nonfinite)
 
 LOSSES = ("last", "all")
 WRTS = ("hidden", "cell", "params")
@@ -147,35 +147,6 @@ def _config(stack: Stack, xs, meta, **extra) -> dict:
             **(meta or {})}
 
 
-def _finite_positions(states: dict):
-    """``(L, T)`` bool from ``{name: (L, B, T, H)}`` states: every state of layer ``l`` at
-    step ``t`` is finite in every example."""
-    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(v), axis=(1, 3))
-                                              for v in states.values()])
-
-
-@functools.partial(jax.jit, static_argnames=("stack",))
-@in_precision
-def _finite_states(stack: Stack, params, xs):
-    """:func:`_finite_positions` of the forward pass."""
-    return _finite_positions(stack.apply(params, xs).states)
-
-
-def _where_nonfinite(stack: Stack, params, xs, finite=None) -> str:
-    """Where the forward pass first leaves the finite numbers (earliest step, then lowest
-    layer; any example), in words, for the warnings of measurements taken there."""
-    finite = np.asarray(_finite_states(stack, params, xs) if finite is None else finite)
-    if finite.all():
-        return "the forward pass is finite everywhere"
-    states = stack.apply(params, xs).states
-    bad = np.argwhere(~finite)
-    layer, step = min(map(tuple, bad), key=lambda lt: (lt[1], lt[0]))
-    names = [k for k, v in states.items()
-             if not np.isfinite(np.asarray(v[layer, :, step])).all()]
-    return (f"the forward pass is not finite from layer {layer}, step {step} on (state "
-            f"{', '.join(names)})")
-
-
 def _zeros_perturb(stack: Stack, xs, names):
     B, T, _ = xs.shape
     return {k: jnp.zeros((stack.layers, B, T, stack.max_width), xs.dtype) for k in names}
@@ -241,7 +212,7 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
     value, vals = map_arrays(stack, params, xs, loss_fn, wrt)
     if not bool(jnp.isfinite(value)):
         warnings.warn(f"gradient_map: the loss is {float(value)} ("
-                      f"{_where_nonfinite(stack, params, xs)}): the gradient of a non-finite "
+                      f"{where_nonfinite(stack, params, xs)}): the gradient of a non-finite "
                       "loss is no gradient (where a state is NaN, ReLUs and comparisons pass "
                       "exact zeros back), so every entry of the map is NaN",
                       NonFiniteForwardWarning, stacklevel=2)
@@ -433,7 +404,7 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
                                              & (jnp.arange(L)[:, None] <= tl))
     if not bool(target_ok):  # NaN states pass back numbers that are no derivatives
         warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite ("
-                      f"{_where_nonfinite(stack, params, xs)}): every Jacobian that "
+                      f"{where_nonfinite(stack, params, xs)}): every Jacobian that "
                       "reaches it is NaN", NonFiniteForwardWarning, stacklevel=2)
         arrays = {k: jnp.full_like(v, jnp.nan) if k == "spectra" else jnp.where(reach, jnp.nan, v)
                   for k, v in arrays.items()}
@@ -574,8 +545,8 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
     xs = _prepare(stack, params, xs)
     arrays = gain_arrays(stack, params, xs, chunk)
     if any(bool(jnp.isnan(v).any()) for v in arrays.values()) and not bool(
-            jnp.all(finite := _finite_states(stack, params, xs))):
-        warnings.warn(f"local_gains: {_where_nonfinite(stack, params, xs, finite)}: the gains "
+            jnp.all(finite := finite_states(stack, params, xs))):
+        warnings.warn(f"local_gains: {where_nonfinite(stack, params, xs, finite)}: the gains "
                       "where a step's states or inputs are not finite are NaN",
                       NonFiniteForwardWarning, stacklevel=2)
     return make_result("local_gains", arrays, _config(stack, xs, meta))
@@ -629,7 +600,7 @@ def _gains(stack, params, xs, chunk):
     vr, vs, tr, ts = map_layers(stack, layer, params, prev, inputs)
     # A one-step Jacobian taken at non-finite states or inputs is no derivative (a ReLU's at
     # NaN is an exact 0): NaN where the step's states, its previous states or its input are.
-    fin = _finite_positions(out.states)  # (L, T)
+    fin = finite_positions(out.states)  # (L, T)
     ok = fin & jnp.pad(fin, ((0, 0), (1, 0)), constant_values=True)[:, :-1] \
         & jnp.pad(fin, ((1, 0), (0, 0)), constant_values=True)[:-1]
     return {k: jnp.where(ok, v, jnp.nan) for k, v in (

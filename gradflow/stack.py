@@ -47,6 +47,7 @@ from typing import NamedTuple
 import jax
 import jax.extend.core
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
@@ -560,6 +561,35 @@ class Stack:
         if len(outs) == 1:
             return outs[0]
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
+
+
+def finite_positions(states: dict):
+    """``(L, T)`` bool from ``{name: (L, B, T, H)}`` states: every state of layer ``l`` at
+    step ``t`` is finite in every example."""
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(v), axis=(1, 3))
+                                              for v in states.values()])
+
+
+@functools.partial(jax.jit, static_argnames=("stack",))
+@in_precision
+def finite_states(stack: Stack, params, xs):
+    """:func:`finite_positions` of the stack's forward pass on ``xs``."""
+    return finite_positions(stack.apply(params, xs).states)
+
+
+def where_nonfinite(stack: Stack, params, xs, finite=None) -> str:
+    """Where the forward pass first leaves the finite numbers (earliest step, then lowest
+    layer; any example), in words, for the warnings of measurements taken there
+    (``finite``: :func:`finite_states`, if already at hand)."""
+    finite = np.asarray(finite_states(stack, params, xs) if finite is None else finite)
+    if finite.all():
+        return "the forward pass is finite everywhere"
+    states = stack.apply(params, xs).states
+    layer, step = min(map(tuple, np.argwhere(~finite)), key=lambda lt: (lt[1], lt[0]))
+    names = [k for k, v in states.items()
+             if not np.isfinite(np.asarray(v[layer, :, step])).all()]
+    return (f"the forward pass is not finite from layer {layer}, step {step} on (state "
+            f"{', '.join(names)})")
 
 
 def map_layers(stack: Stack, fn, params: dict, *arrays):

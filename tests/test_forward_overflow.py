@@ -31,17 +31,17 @@ def exploding():
     return stack, params, xs
 
 
-def _first_bad(stack, params, xs):
+def _first_bad(stack, params, xs, layers=L, steps=T):
     """Brute force: the earliest step, then lowest layer, where any state of any example is not
     finite; and the (L, T) finite mask."""
     states = stack.apply(params, xs).states
-    finite = np.ones((L, T), bool)
+    finite = np.ones((layers, steps), bool)
     for v in states.values():
         v = np.asarray(v)
-        for l in range(L):
-            for t in range(T):
+        for l in range(layers):
+            for t in range(steps):
                 finite[l, t] &= bool(np.isfinite(v[l, :, t]).all())
-    bad = [(t, l) for l in range(L) for t in range(T) if not finite[l, t]]
+    bad = [(t, l) for l in range(layers) for t in range(steps) if not finite[l, t]]
     t, l = min(bad)
     return l, t, finite
 
@@ -121,6 +121,23 @@ def test_local_gains_are_nan_exactly_where_a_step_or_its_inputs_overflowed(explo
         np.testing.assert_allclose(v[:, :20], short.arrays[k], rtol=1e-5)
 
 
+def test_gate_statistics_of_an_overflowed_forward_say_so():
+    """A refined additive MGU at input scale 1 overflows by the top layers (Cheng et al.'s
+    grid, README): the non-finite gates are counted (against a count of the raw activations)
+    and the warning says where the forward pass first left the finite numbers."""
+    pr = gradflow.problem("refined_mgu", layers=8, steps=10, hidden=32, batch=8, seed=0,
+                          mode="add")
+    gates = gradflow.gates.activations(pr.stack, pr.params, pr.xs)
+    n_bad = int((~np.isfinite(np.asarray(gates["f"]))).sum())
+    l, t, _ = _first_bad(pr.stack, pr.params, pr.xs, layers=8, steps=10)
+    assert n_bad > 0
+    with pytest.warns(NonFiniteForwardWarning, match=f"gates.saturation: {n_bad} gate values "
+                                                     f"are not finite \\(the forward pass is "
+                                                     f"not finite from layer {l}, step {t}"):
+        stats = gradflow.gates.saturation(pr.stack, pr.params, pr.xs)
+    assert int(stats.arrays["nonfinite/f/pooled"]) == n_bad
+
+
 def test_a_finite_forward_pass_warns_nothing():
     stack = gradflow.Stack("indrnn", L, D, H)
     params = stack.init(jax.random.key(0))
@@ -129,6 +146,8 @@ def test_a_finite_forward_pass_warns_nothing():
         warnings.simplefilter("error")
         assert np.isfinite(gradflow.gradient_map(stack, params, xs).values).all()
         assert np.isfinite(gradflow.local_gains(stack, params, xs).arrays["temporal_rms"]).all()
+        lstm = gradflow.problem("lstm", layers=2, steps=6, hidden=8, batch=2)
+        gradflow.gates.saturation(lstm.stack, lstm.params, lstm.xs)
 
 
 def test_the_cli_says_why_the_map_is_nan(tmp_path, capsys):
