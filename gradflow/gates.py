@@ -438,9 +438,9 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
       meta: merged into the config (e.g. ``problem(...).config`` with the seed).
     Returns:
       :class:`gradflow.results.Result` of kind ``"gate_stats"``; non-finite activations are
-      counted (``nonfinite/{gate}``) and warned about, with where the forward pass first left
-      the finite numbers (:class:`gradflow.results.NonFiniteForwardWarning`), never raised
-      on; the saturated and update shares count a NaN gate as neither.
+      counted (``nonfinite/{gate}``) and warned about, with where the states are not finite
+      (:class:`gradflow.results.NonFiniteForwardWarning`), never raised on; the saturated
+      and update shares count a NaN gate as neither.
     Raises:
       ValueError: the stack's cells report no gates (``rnn``, ``indrnn``, or a user cell built
         without ``gates=``, see :mod:`gradflow.cells.adapters`).

@@ -198,7 +198,7 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
       (:func:`expected_positive`).
       Norms are formed without squaring tiny numbers (:func:`gradflow.stack.safe_norm`).
       Where the loss is not finite (the forward pass overflowed) every entry is NaN, with a
-      :class:`~gradflow.results.NonFiniteForwardWarning` naming where the states first are.
+      :class:`~gradflow.results.NonFiniteForwardWarning` saying where the states are not finite.
     """
     checks.choice("wrt", wrt, WRTS)
     xs = _prepare(stack, params, xs, loss)
@@ -540,7 +540,7 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
       Result ``kind="local_gains"`` with ``vertical_rms, vertical_spectral, temporal_rms,
       temporal_spectral``, each ``(L, T)``; NaN where a step's states, its previous states or
       its input are not finite (a :class:`~gradflow.results.NonFiniteForwardWarning` says
-      where the forward pass first left the finite numbers).
+      where the states are not finite).
     """
     xs = _prepare(stack, params, xs)
     arrays = gain_arrays(stack, params, xs, chunk)

@@ -578,18 +578,24 @@ def finite_states(stack: Stack, params, xs):
 
 
 def where_nonfinite(stack: Stack, params, xs, finite=None) -> str:
-    """Where the forward pass first leaves the finite numbers (earliest step, then lowest
-    layer; any example), in words, for the warnings of measurements taken there
-    (``finite``: :func:`finite_states`, if already at hand)."""
+    """Where the forward pass leaves the finite numbers (any example), in words, for the
+    warnings of measurements taken there: how many ``(layer, step)`` positions, the earliest
+    (lowest step, then layer) and the lowest (lowest layer, then step) with the states that
+    are not finite there (``finite``: :func:`finite_states`, if already at hand)."""
     finite = np.asarray(finite_states(stack, params, xs) if finite is None else finite)
     if finite.all():
         return "the forward pass is finite everywhere"
-    states = stack.apply(params, xs).states
-    layer, step = min(map(tuple, np.argwhere(~finite)), key=lambda lt: (lt[1], lt[0]))
-    names = [k for k, v in states.items()
-             if not np.isfinite(np.asarray(v[layer, :, step])).all()]
-    return (f"the forward pass is not finite from layer {layer}, step {step} on (state "
-            f"{', '.join(names)})")
+    states = {k: np.asarray(v) for k, v in stack.apply(params, xs).states.items()}
+    bad = [tuple(int(i) for i in lt) for lt in np.argwhere(~finite)]
+
+    def at(layer, step):
+        names = [k for k, v in states.items() if not np.isfinite(v[layer, :, step]).all()]
+        return f"layer {layer}, step {step} ({', '.join(names)})"
+
+    early, low = min(bad, key=lambda lt: (lt[1], lt[0])), min(bad)
+    return (f"the states are not finite at {len(bad)} of {finite.size} (layer, step) "
+            f"positions, the earliest at {at(*early)}"
+            + ("" if low == early else f", the lowest at {at(*low)}"))
 
 
 def map_layers(stack: Stack, fn, params: dict, *arrays):

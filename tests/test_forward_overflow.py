@@ -8,6 +8,7 @@ Independent checks: the forward pass is located with a brute-force scan of the s
 a loss or a target does not depend on the overflowed part, the measurement equals the same
 one on the truncated sequence (nothing after the read step can matter).
 """
+import re
 import warnings
 
 import jax
@@ -46,6 +47,17 @@ def _first_bad(stack, params, xs, layers=L, steps=T):
     return l, t, finite
 
 
+def _where(stack, params, xs, layers=L, steps=T):
+    """The words the warnings use, from the brute-force scan: how many positions are not
+    finite, the earliest (step, then layer) and, where it differs, the lowest (layer, then
+    step)."""
+    l, t, finite = _first_bad(stack, params, xs, layers, steps)
+    l2, t2 = min((l_, t_) for l_ in range(layers) for t_ in range(steps) if not finite[l_, t_])
+    text = (f"the states are not finite at {(~finite).sum()} of {finite.size} (layer, step) "
+            f"positions, the earliest at layer {l}, step {t} (h)")
+    return text + ("" if (l2, t2) == (l, t) else f", the lowest at layer {l2}, step {t2} (h)")
+
+
 def test_the_premise_the_raw_map_reports_false_zeros(exploding):
     """Without the check, the gradient of the NaN loss is mostly exact zeros."""
     stack, params, xs = exploding
@@ -59,11 +71,13 @@ def test_the_premise_the_raw_map_reports_false_zeros(exploding):
 
 def test_gradient_map_of_a_nan_loss_is_nan_and_says_where(exploding):
     stack, params, xs = exploding
-    l, t, _ = _first_bad(stack, params, xs)
+    text = _where(stack, params, xs)
+    # the top layer (larger inputs) overflows first in time; the bottom one later
+    assert f"the earliest at layer {L - 1}" in text and "the lowest at layer 0" in text
+    where = re.escape(text)
     for wrt in ("hidden", "params"):
         with pytest.warns(NonFiniteForwardWarning,
-                          match=f"the loss is nan \\(the forward pass is not finite from layer "
-                                f"{l}, step {t} on \\(state h\\)\\).*every entry of the map "
+                          match=f"the loss is nan \\({where}\\): .*every entry of the map "
                                 "is NaN"):
             res = gradflow.gradient_map(stack, params, xs, loss="last", wrt=wrt)
         assert np.isnan(res.values).all()
@@ -90,9 +104,9 @@ def test_a_loss_before_the_overflow_is_measured_as_on_the_truncated_sequence(exp
 
 def test_jacobian_map_to_a_nan_target_is_nan_where_it_reaches(exploding):
     stack, params, xs = exploding
-    l, t, _ = _first_bad(stack, params, xs)
+    where = re.escape(_where(stack, params, xs))
     with pytest.warns(NonFiniteForwardWarning, match=f"target state h\\[1, {T - 1}\\] is "
-                                                     f"not finite .*layer {l}, step {t}"):
+                                                     f"not finite \\({where}\\)"):
         res = gradflow.jacobian_map(stack, params, xs, target=(1, -1))
     assert np.isnan(res.values[:, :-1]).all() and np.isnan(res.values[:2, -1]).all()
     assert res.values[2, -1] == 0  # the top layer's last step cannot reach h[1, T-1]
@@ -111,8 +125,8 @@ def test_local_gains_are_nan_exactly_where_a_step_or_its_inputs_overflowed(explo
     ok = finite.copy()
     ok[:, 1:] &= finite[:, :-1]
     ok[1:] &= finite[:-1]
-    with pytest.warns(NonFiniteForwardWarning, match="local_gains: the forward pass is not "
-                                                     "finite from layer"):
+    with pytest.warns(NonFiniteForwardWarning,
+                      match="local_gains: " + re.escape(_where(stack, params, xs))):
         res = gradflow.local_gains(stack, params, xs)
     short = gradflow.local_gains(stack, params, xs[:, :20])
     for k in ("vertical_rms", "vertical_spectral", "temporal_rms", "temporal_spectral"):
@@ -129,11 +143,10 @@ def test_gate_statistics_of_an_overflowed_forward_say_so():
                           mode="add")
     gates = gradflow.gates.activations(pr.stack, pr.params, pr.xs)
     n_bad = int((~np.isfinite(np.asarray(gates["f"]))).sum())
-    l, t, _ = _first_bad(pr.stack, pr.params, pr.xs, layers=8, steps=10)
+    where = re.escape(_where(pr.stack, pr.params, pr.xs, layers=8, steps=10))
     assert n_bad > 0
     with pytest.warns(NonFiniteForwardWarning, match=f"gates.saturation: {n_bad} gate values "
-                                                     f"are not finite \\(the forward pass is "
-                                                     f"not finite from layer {l}, step {t}"):
+                                                     f"are not finite \\({where}\\)"):
         stats = gradflow.gates.saturation(pr.stack, pr.params, pr.xs)
     assert int(stats.arrays["nonfinite/f/pooled"]) == n_bad
 
@@ -157,6 +170,6 @@ def test_the_cli_says_why_the_map_is_nan(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0
     assert err.count("\n") == 1 and err.startswith(
-        "gradflow heatmap: warning: gradient_map: the loss is nan (the forward pass is not "
-        "finite from layer"), err
+        "gradflow heatmap: warning: gradient_map: the loss is nan (the states are not finite "
+        "at "), err
     assert "non-finite entries: 600 of 600" in out and "underflow entries: 0 of 600" in out
