@@ -171,21 +171,11 @@ def get_claims(names) -> list[Claim]:
 
 
 def parse_cell(spec: str) -> tuple[str, dict]:
-    """``"lstm:forget_bias=1.0,init=torch"`` -> ``("lstm", {"forget_bias": 1.0, ...})``; values
-    parsed as JSON where they are (numbers, true/false), else kept as strings."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"a cell factor value is a name or 'name:option=value,...', got {spec!r}")
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"cell spec {spec!r}: options are 'option=value' pairs")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return name, options
+    """``"lstm:forget_bias=1.0,init=torch"`` -> ``("lstm", {"forget_bias": 1.0, ...})``
+    (:func:`gradflow.cells.parse_spec`, the syntax ``gradflow compare --cells`` shares)."""
+    from gradflow.cells import parse_spec
+
+    return parse_spec(spec)
 
 
 def cell_for(spec: str, init: str, steps: int):

@@ -170,11 +170,13 @@ def _name_list(text: str, what: str, one: str, valid, also=lambda s: False) -> l
 
 
 def cell_list(text: str) -> list[str]:
-    """``"rnn,lstm,star"``: registered cell names or a user's ``module:factory`` (resolved
-    by :func:`load_cell` when the command runs), no repeats."""
+    """``"rnn,lstm,star"``: registered cell names, a name with its options written in
+    (``"lstm:forget_bias=1.0"``, one option per entry: the commas separate cells), or a user's
+    ``module:factory`` (resolved by :func:`load_cell` when the command runs), no repeats."""
     from gradflow import cells as _cells
 
-    return _name_list(text, "cells", "cell", [*_cells.names(), "module:factory"],
+    return _name_list(text, "cells", "cell",
+                      [*_cells.names(), "name:option=value", "module:factory"],
                       also=lambda s: ":" in s)
 
 
@@ -897,10 +899,12 @@ def add_compare(sub):
                  "params, both losses).", """
             gradflow compare --cells rnn,lstm,star --layers 10 --steps 10
             gradflow compare --cells lstm,gru --losses last --wrt hidden --absolute
+            gradflow compare --cells lstm,lstm:forget_bias=1.0,ur_lstm --wrt hidden
         """)
     p.add_argument("--cells", type=cell_list, default=["rnn", "lstm", "star"],
-                   help="comma-separated cell names or module:factory (a user's cell) (default: "
-                        "rnn,lstm,star)")
+                   help="comma-separated cell names, a name with an option such as "
+                        "lstm:forget_bias=1.0 (the same cell at another setting), or "
+                        "module:factory (a user's cell) (default: rnn,lstm,star)")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all (default: last,all)")
     add_problem_options(p, layers=10, steps=10, hidden=128, batch=16, single_cell=False)
@@ -919,12 +923,16 @@ def run_compare(args) -> int:
     from gradflow import experiments, plot
 
     options = _cell_options(args)
-    stacks, entries = [], []  # a name, or a user's built cell (module:factory)
+    stacks, entries = [], []  # a name (with options), or a user's built cell (module:factory)
+    named = [c for c in args.cells if ":" not in c or _cells.is_spec(c)]
     for c in args.cells:
         with user_input():
-            cell = (load_cell(c, options) if ":" in c
-                    else _cells.for_length(c, args.steps, **options))
-        entries.append(cell if ":" in c else c)
+            if c in named:
+                name, own = _cells.parse_spec(c)
+                cell = _cells.for_length(name, args.steps, **{**options, **own})
+            else:
+                cell = load_cell(c, options)
+        entries.append(c if c in named else cell)
         stacks.append(checked_stack(cell, args.layers, first_width(args.hidden), args.hidden))
     labels = [e if isinstance(e, str) else e.name for e in entries]
     if len(set(labels)) < len(labels):
@@ -941,8 +949,7 @@ def run_compare(args) -> int:
         entries, args.losses, wrt=args.wrt, readout_seed=args.readout_seed,
         layers=args.layers, steps=args.steps, hidden=args.hidden, batch=args.batch,
         seed=args.seed, dtype=args.dtype, init=args.init, input_scale=args.input_scale,
-        cell_options={c: dict(args.option) for c in args.cells if ":" not in c}
-        if args.option else None)
+        cell_options={c: dict(args.option) for c in named} if args.option else None)
     fig = plot.draw_grid(grid, normalize=not args.absolute)
     first = grid.config["maps"][f"{args.losses[0]}/{labels[0]}"]
     print(f"gradflow compare: {', '.join(labels)}; {args.layers} layers x {args.steps} steps, "

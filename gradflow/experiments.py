@@ -51,7 +51,8 @@ def _names(value, what: str, one: str, valid) -> list[str]:
 
 
 def _cell_entries(cells) -> tuple[list[str], list]:
-    """``(labels, cells)``: each entry a registered name (its own label) or a built
+    """``(labels, cells)``: each entry a registered name, or a name with options
+    (``"lstm:forget_bias=1.0"``, :func:`gradflow.cells.parse_spec`), its own label; or a built
     :class:`gradflow.cells.Cell` (a user's, labelled by ``cell.name``); distinct labels."""
     items = [cells] if isinstance(cells, (str, _cells.Cell)) else list(cells)
     if not items:
@@ -62,7 +63,8 @@ def _cell_entries(cells) -> tuple[list[str], list]:
         if isinstance(item, _cells.Cell):
             labels.append(item.name)
         elif isinstance(item, str):
-            labels.append(_names(item, "cells", "cell", _cells.names())[0])
+            _names(_cells.parse_spec(item)[0], "cells", "cell", _cells.names())
+            labels.append(item)
         else:
             raise TypeError(f"cells are names or gradflow Cells, got {type(item).__name__}")
     return _names(labels, "cells", "cell", labels), items
@@ -101,12 +103,14 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
     sees the same inputs ``xs ~ input_scale * N(0, 1)`` and the same readout.
 
     Args:
-      cells: cell names, or built cells (:class:`gradflow.cells.Cell`, e.g. a user's from
-        :func:`gradflow.cells.from_function`: labelled by ``cell.name``, built on the same
-        problem with its own initialisation; ``init`` and ``cell_options`` are for names).
-        Labels must be distinct.
+      cells: cell names, names with options (``"lstm:forget_bias=1.0"``: the same cell at
+        another setting beside it, labelled by that text), or built cells
+        (:class:`gradflow.cells.Cell`, e.g. a user's from :func:`gradflow.cells.from_function`:
+        labelled by ``cell.name``, built on the same problem with its own initialisation;
+        ``init`` and ``cell_options`` are for names). Labels must be distinct.
       losses: ``"last"`` and/or ``"all"``.
-      cell_options: ``{cell: {option: value}}`` applied to that named cell (over ``init``).
+      cell_options: ``{label: {option: value}}`` applied to that named cell (over ``init``;
+        the options written in a label win over these).
       meta: extra config recorded in the result.
     Returns:
       Result ``kind="gradient_grid"``: arrays ``"values/{loss}/{cell}": (L, T)`` and
@@ -126,9 +130,11 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
     with precision(dtype):
         for cell, entry in zip(cells, built):
             if isinstance(entry, str):
-                prob = cell_problem(cell, layers=layers, steps=steps, hidden=hidden,
+                name, own = _cells.parse_spec(entry)
+                prob = cell_problem(name, layers=layers, steps=steps, hidden=hidden,
                                     batch=batch, seed=seed, dtype=dtype, init=init,
-                                    input_scale=input_scale, options=cell_options.get(cell))
+                                    input_scale=input_scale,
+                                    options={**cell_options.get(cell, {}), **own})
             else:
                 prob = problem(entry, layers=layers, steps=steps, hidden=hidden, batch=batch,
                                seed=seed, dtype=dtype, input_scale=input_scale)

@@ -264,6 +264,10 @@ BAD = [
     (["compare", "--cells", "rnn,rnn"], "cells repeated: rnn"),
     (["compare", "--losses", "last,bogus"], "unknown loss 'bogus'; valid losses: last, all"),
     (["compare", "--cells", "rnn,nope"], "unknown cell 'nope'; valid cells: "),
+    (["compare", "--cells", "lstm,lstm:bogus=1", *SMALL],
+     "unknown option(s) 'bogus' for cell 'lstm'"),
+    (["compare", "--cells", "lstm,lstmm:forget_bias=1", *SMALL],
+     "unknown cell 'lstmm'; valid cells: "),
     (["heatmap", "--cell", "lstm", *SMALL, "--option", "forget_bias=abc"],
      "option forget_bias='abc' of cell 'lstm' takes a number"),
     (["heatmap", "--cell", "lstm", *SMALL, "--input-scale", "nan"],
@@ -427,6 +431,24 @@ def user_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
     sys.modules.pop(name, None)
+
+
+def test_compare_takes_a_cell_at_another_setting_beside_it(capsys):
+    """``--cells lstm,lstm:forget_bias=1.0``: the atlas's syntax; ``--option`` applies to
+    every named cell, the option written in wins for its cell."""
+    rc, out, err = run(capsys, "compare", "--cells", "lstm,lstm:forget_bias=1.0", "--losses",
+                       "last", "--wrt", "hidden", "--option", "forget_bias=0.5", *SMALL)
+    assert rc == 0, err
+    grid = gradflow.load(_written(out, "data:"))
+    assert grid.config["cells"] == ["lstm", "lstm:forget_bias=1.0"]
+    assert next(l for l in out.splitlines() if l.split()[:2] == ["last", "lstm:forget_bias=1.0"])
+    with jax.enable_x64(False):
+        for fb, label in ((0.5, "lstm"), (1.0, "lstm:forget_bias=1.0")):
+            prob = gradflow.problem(gradflow.cells.get("lstm", forget_bias=fb), layers=2,
+                                    steps=3, hidden=8, batch=2)
+            ref = gradflow.gradient_map(prob.stack, prob.params, prob.xs, loss="last",
+                                        wrt="hidden")
+            np.testing.assert_allclose(grid[f"values/last/{label}"], ref.values, rtol=1e-6)
 
 
 def test_compare_takes_a_users_cell_by_import_path(capsys, user_module):

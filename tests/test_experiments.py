@@ -162,3 +162,25 @@ def test_experiments_draw_nothing():
             "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'gradflow.plot'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_gradient_grid_takes_a_cell_with_its_options_written_in():
+    """``"lstm:forget_bias=1.0"`` beside ``"lstm"``: the same cell at another setting, labelled
+    by its text, equal to a map built by hand from ``cells.get("lstm", forget_bias=1.0)``; the
+    options written in win over ``cell_options`` for that label."""
+    size = dict(layers=3, steps=6, hidden=8, batch=4, seed=1)
+    grid = experiments.gradient_grid(["lstm", "lstm:forget_bias=1.0"], ["last"], wrt="hidden",
+                                     **size, cell_options={"lstm:forget_bias=1.0": {
+                                         "forget_bias": 5.0, "init": "glorot"}})
+    assert grid.config["cells"] == ["lstm", "lstm:forget_bias=1.0"]
+    by_hand = gradflow.problem(gradflow.cells.get("lstm", forget_bias=1.0, init="glorot"),
+                               **size)
+    ref = gradflow.gradient_map(by_hand.stack, by_hand.params, by_hand.xs, loss="last",
+                                wrt="hidden")
+    np.testing.assert_allclose(experiments.panel(grid, "last", "lstm:forget_bias=1.0").values,
+                               ref.values, rtol=1e-6)
+    assert not np.allclose(experiments.panel(grid, "last", "lstm").values, ref.values)
+    with pytest.raises(ValueError, match="unknown cell 'lstmm' in cells; valid: g_lstm"):
+        experiments.gradient_grid(["lstmm:forget_bias=1.0"], ["last"], **size)
+    with pytest.raises(ValueError, match="unknown option\\(s\\) 'bogus' for cell 'lstm'"):
+        experiments.gradient_grid(["lstm:bogus=1"], ["last"], **size)

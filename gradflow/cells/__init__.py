@@ -10,6 +10,8 @@ a :class:`Cell` that declares its gates, states and time gate) and one line in `
 """
 from __future__ import annotations
 
+import json
+
 from gradflow.cells import mechanisms
 from gradflow.cells.adapters import (from_equinox, from_function, from_linen, from_nnx,
                                      stack_params)
@@ -58,6 +60,37 @@ def get(name, **options) -> Cell:
     return _REGISTRY[name](**options)
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """A cell written as text: ``"lstm:forget_bias=1.0,init=torch"`` -> ``("lstm",
+    {"forget_bias": 1.0, "init": "torch"})``, values read as JSON where they are (numbers,
+    ``true``/``false``), else kept as strings; a bare name has no options. The syntax of the
+    atlas's cell factor and of ``gradflow compare --cells``.
+
+    >>> gradflow.cells.parse_spec("lstm:forget_bias=1.0")
+    ('lstm', {'forget_bias': 1.0})
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a cell is a name or 'name:option=value,...', got {spec!r}")
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"cell spec {spec!r}: options are 'option=value' pairs")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
+def is_spec(text: str) -> bool:
+    """Whether ``text`` is written as a cell with options, ``"name:option=value,..."`` (not a
+    user's ``"module:factory"``, whose part after the colon is a name, never ``key=value``)."""
+    _, colon, rest = text.partition(":")
+    return bool(colon) and "=" in rest
+
+
 def for_length(cell, steps: int, /, **options) -> Cell:
     """:func:`get`, with the cell's ``length_option`` (g-LSTM's ``steps``: its time gates are
     initialised over the sequence) set to ``steps`` unless ``options`` set it.
@@ -73,6 +106,6 @@ def for_length(cell, steps: int, /, **options) -> Cell:
     return get(cell, **options)
 
 
-__all__ = ["Cell", "factory", "for_length", "get", "names", "mechanisms",
+__all__ = ["Cell", "factory", "for_length", "get", "names", "parse_spec", "is_spec", "mechanisms",
            "parse_init", "from_function", "from_linen", "from_nnx", "from_equinox",
            "stack_params"] + list(_REGISTRY)
