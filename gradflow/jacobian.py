@@ -544,11 +544,13 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
     """
     xs = _prepare(stack, params, xs)
     arrays = gain_arrays(stack, params, xs, chunk)
-    if any(bool(jnp.isnan(v).any()) for v in arrays.values()) and not bool(
-            jnp.all(finite := finite_states(stack, params, xs))):
-        warnings.warn(f"local_gains: {where_nonfinite(stack, params, xs, finite)}: the gains "
-                      "where a step's states or inputs are not finite are NaN",
-                      NonFiniteForwardWarning, stacklevel=2)
+    # NaN gains: say where the forward pass is not finite, if that is why
+    if any(bool(jnp.isnan(v).any()) for v in arrays.values()):
+        masks = finite_states(stack, params, xs)
+        if not all(bool(m.all()) for m in masks.values()):
+            warnings.warn(f"local_gains: {where_nonfinite(stack, params, xs, masks)}: the gains "
+                          "where a step's states or inputs are not finite are NaN",
+                          NonFiniteForwardWarning, stacklevel=2)
     return make_result("local_gains", arrays, _config(stack, xs, meta))
 
 

@@ -572,24 +572,27 @@ def finite_positions(states: dict):
 
 @functools.partial(jax.jit, static_argnames=("stack",))
 @in_precision
-def finite_states(stack: Stack, params, xs):
-    """:func:`finite_positions` of the stack's forward pass on ``xs``."""
-    return finite_positions(stack.apply(params, xs).states)
+def finite_states(stack: Stack, params, xs) -> dict:
+    """``{name: (L, T) bool}``: state ``name`` of layer ``l`` at step ``t`` is finite in every
+    example, in the stack's forward pass on ``xs``."""
+    return {k: jnp.all(jnp.isfinite(v), axis=(1, 3))
+            for k, v in stack.apply(params, xs).states.items()}
 
 
-def where_nonfinite(stack: Stack, params, xs, finite=None) -> str:
+def where_nonfinite(stack: Stack, params, xs, masks: dict | None = None) -> str:
     """Where the forward pass leaves the finite numbers (any example), in words, for the
     warnings of measurements taken there: how many ``(layer, step)`` positions, the earliest
-    (lowest step, then layer) and the lowest (lowest layer, then step) with the states that
-    are not finite there (``finite``: :func:`finite_states`, if already at hand)."""
-    finite = np.asarray(finite_states(stack, params, xs) if finite is None else finite)
+    (lowest step, then layer) and the lowest (lowest layer, then step), with the states that
+    are not finite there (``masks``: :func:`finite_states`, if already at hand)."""
+    masks = {k: np.asarray(v) for k, v in (
+        finite_states(stack, params, xs) if masks is None else masks).items()}
+    finite = np.logical_and.reduce(list(masks.values()))
     if finite.all():
         return "the forward pass is finite everywhere"
-    states = {k: np.asarray(v) for k, v in stack.apply(params, xs).states.items()}
     bad = [tuple(int(i) for i in lt) for lt in np.argwhere(~finite)]
 
     def at(layer, step):
-        names = [k for k, v in states.items() if not np.isfinite(v[layer, :, step]).all()]
+        names = [k for k, m in masks.items() if not m[layer, step]]
         return f"layer {layer}, step {step} ({', '.join(names)})"
 
     early, low = min(bad, key=lambda lt: (lt[1], lt[0])), min(bad)
