@@ -1405,24 +1405,19 @@ def run_train(args) -> int:
     # stack there, and one probe makes maps at different steps comparable.
     record = {"gradient_map": lambda st, p, xs: gradient_map(
         st, p, xs, loss=args.record_loss, wrt=args.wrt, readout_seed=args.readout_seed)}
+    run = dict(steps=args.steps, batch=args.batch, lr=args.lr, clip=args.clip, seed=args.seed,
+               dtype=args.dtype, eval_every=args.eval_every, eval_batch=args.eval_batch,
+               record_at=args.record or (), record_batch=args.record_batch, budget=args.budget)
+    record = record if args.record else None
     with user_input():  # train's own checks, before the run folder and the header
-        check_run(stack, task, task, TrainConfig(
-            steps=args.steps, batch=args.batch, lr=args.lr, clip=args.clip, seed=args.seed,
-            dtype=args.dtype, eval_every=args.eval_every, eval_batch=args.eval_batch,
-            record_at=args.record or (), record_batch=args.record_batch, budget=args.budget),
-            record)
+        check_run(stack, task, task, TrainConfig(**run), record)
     out = _train_dir(args)
     print(f"gradflow train: {args.cell} x {args.layers} layers, H={width_text(args.hidden)}, on "
           f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
           f"{args.batch}, lr {args.lr:g}, seed {args.seed}"
           + (f", budget {args.budget:g}" if args.budget else ""), flush=True)
     with precision(args.dtype):
-        hist = train(stack, task, steps=args.steps, batch=args.batch, lr=args.lr,
-                     clip=args.clip, seed=args.seed, dtype=args.dtype,
-                     eval_every=args.eval_every, eval_batch=args.eval_batch,
-                     record_at=args.record or (), record=record if args.record else None,
-                     record_batch=args.record_batch, budget=args.budget, run_dir=out,
-                     progress=args.progress)
+        hist = train(stack, task, **run, record=record, run_dir=out, progress=args.progress)
         written = _train_report(args, task, hist, out)
     for path in written:
         print(f"wrote {path}")

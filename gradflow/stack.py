@@ -563,20 +563,22 @@ class Stack:
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
 
 
+def finite_masks(states: dict) -> dict:
+    """``{name: (L, T) bool}`` from ``{name: (L, B, T, H)}`` states: state ``name`` of layer
+    ``l`` at step ``t`` is finite in every example."""
+    return {k: jnp.all(jnp.isfinite(v), axis=(1, 3)) for k, v in states.items()}
+
+
 def finite_positions(states: dict):
-    """``(L, T)`` bool from ``{name: (L, B, T, H)}`` states: every state of layer ``l`` at
-    step ``t`` is finite in every example."""
-    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(v), axis=(1, 3))
-                                              for v in states.values()])
+    """``(L, T)`` bool: every state of layer ``l`` at step ``t`` is finite in every example."""
+    return functools.reduce(jnp.logical_and, finite_masks(states).values())
 
 
 @functools.partial(jax.jit, static_argnames=("stack",))
 @in_precision
 def finite_states(stack: Stack, params, xs) -> dict:
-    """``{name: (L, T) bool}``: state ``name`` of layer ``l`` at step ``t`` is finite in every
-    example, in the stack's forward pass on ``xs``."""
-    return {k: jnp.all(jnp.isfinite(v), axis=(1, 3))
-            for k, v in stack.apply(params, xs).states.items()}
+    """:func:`finite_masks` of the stack's forward pass on ``xs``."""
+    return finite_masks(stack.apply(params, xs).states)
 
 
 def where_nonfinite(stack: Stack, params, xs, masks: dict | None = None) -> str:

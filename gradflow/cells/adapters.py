@@ -392,12 +392,9 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
       ``"s1", "s2", ...``).
     """
     who = "from_function"
-    family = _family(step)
-    if family is not None:
-        adapter, name = family
-        raise TypeError(f"{who}: step is {'the class ' if isinstance(step, type) else ''}"
-                        f"{getattr(step, '__name__', type(step).__name__)}, {name} module: use "
-                        f"gradflow.cells.{adapter}")
+    hint = _family_hint(who, step)
+    if hint is not None:
+        raise TypeError(f"{who}: step is {hint}")
     if not callable(step):
         raise TypeError(f"{who}: step must be a function (params, carry, x) -> (carry, y)")
     if init is None:
@@ -465,16 +462,25 @@ def _family(obj):
     return None
 
 
+def _family_hint(who: str, obj) -> str | None:
+    """``"[the class ]GRUCell, an equinox module: use gradflow.cells.from_equinox"`` where
+    ``obj`` is a module (or module class) of another family than adapter ``who`` takes."""
+    other = _family(obj)
+    if other is None or other[0] == who:
+        return None
+    cls = obj if isinstance(obj, type) else type(obj)
+    what = "the class " if isinstance(obj, type) else ""
+    return f"{what}{cls.__name__}, {other[1]} module: use gradflow.cells.{other[0]}"
+
+
 def _not_a_module(who: str, module) -> str:
     """The TypeError message of an adapter given something else: a module class (not an
     instance), another family's module (naming its adapter), a function, or anything."""
     family = _FAMILIES[who][1]
     cls = module if isinstance(module, type) else type(module)
-    what = "the class " if isinstance(module, type) else ""
-    other = _family(module)
-    if other is not None and other[0] != who:
-        return (f"{who}: expected {family} Module, got {what}{cls.__name__}, {other[1]} "
-                f"module: use gradflow.cells.{other[0]}")
+    hint = _family_hint(who, module)
+    if hint is not None:
+        return f"{who}: expected {family} Module, got {hint}"
     if isinstance(module, type):
         return (f"{who}: expected {family} Module instance, got the class {cls.__name__}: "
                 "build the cell first (with its sizes) and pass that")

@@ -286,10 +286,10 @@ def _check_number(cell: str, key: str, value, annotation: str):
                          f"({annotation}), got {type(value).__name__}")
     if not math.isfinite(number):
         raise ValueError(f"option {key}={number!r} of cell {cell!r} must be a finite number")
-    if kind == "int" and not number.is_integer():
-        raise ValueError(f"option {key}={value!r} of cell {cell!r} takes an integer, got "
-                         f"{number!r}")
     if kind == "int":
+        if not number.is_integer():
+            raise ValueError(f"option {key}={value!r} of cell {cell!r} takes an integer, got "
+                             f"{number!r}")
         try:
             operator.index(value)
         except TypeError:
