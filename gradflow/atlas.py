@@ -812,21 +812,32 @@ for _name, _cells, _closed, _why in (
 def timescale_decades(gate: str):
     """``gates -> log10(max / min)`` of the per-unit memory timescales ``1/(1 - kept)`` of
     ``gate`` over every layer and unit (``"timescale/{gate}/unit"``: ``(L, H)``); NaN if a
-    timescale is not finite and positive."""
+    timescale is not finite and positive, or a value of ``gate`` is not finite."""
     def stat(gates: dict) -> float:
         ts = np.asarray(gates[f"timescale/{gate}/unit"], np.float64)
-        if not np.all(np.isfinite(ts)) or ts.min() <= 0:
+        if _overflowed(gates, (gate,)) or not np.all(np.isfinite(ts)) or ts.min() <= 0:
             return float("nan")
         return float(np.log10(ts.max() / ts.min()))
     stat.__name__ = f"timescale_decades_{gate}"
     return stat
 
 
+def _overflowed(gates: dict, gates_: tuple) -> bool:
+    """Whether any value of ``gates_`` is not finite (``"nonfinite/{g}/pooled"``): a gate
+    claim then has no reading (NaN, "does not hold"), as a map claim on a non-finite map.
+    :func:`gradflow.gates.saturation`'s shares are over the finite values, which describe
+    a forward pass that overflowed, not the condition's gates."""
+    return any(int(gates[f"nonfinite/{g}/pooled"]) for g in gates_)
+
+
 def saturated_share(gates_: tuple):
     """``gates -> `` the share of ``gates_``'s activations with :math:`a < 0.05` or
     :math:`a > 0.95` (values outside [0, 1] included), pooled over those gates, every layer,
-    step, example and unit (``"saturated/{g}/pooled"``; each gate has as many entries)."""
+    step, example and unit (``"saturated/{g}/pooled"``; each gate has as many entries); NaN
+    if any is not finite."""
     def stat(gates: dict) -> float:
+        if _overflowed(gates, gates_):
+            return float("nan")
         return float(np.mean([float(gates[f"saturated/{g}/pooled"]) for g in gates_]))
     stat.__name__ = "saturated_share_" + "_".join(gates_)
     return stat
@@ -834,19 +845,25 @@ def saturated_share(gates_: tuple):
 
 def outside_share(gates_: tuple):
     """``gates -> `` the share of ``gates_``'s activations outside [0, 1] (Cheng et al.'s
-    refined gates leave it), from the histogram and ``outside`` counts; NaN if any is NaN."""
+    refined gates leave it), from the histogram and ``outside`` counts; NaN if any is not
+    finite."""
     def stat(gates: dict) -> float:
+        if _overflowed(gates, gates_):
+            return float("nan")
         out = sum(np.asarray(gates[f"outside/{g}/pooled"], np.int64) for g in gates_)
         total = sum(int(np.sum(gates[f"hist/{g}/pooled"])) for g in gates_) + int(out.sum())
-        return float("nan") if out[2] else float(out[0] + out[1]) / total
+        return float(out[0] + out[1]) / total
     stat.__name__ = "outside_share_" + "_".join(gates_)
     return stat
 
 
 def saturation_gain(gate: str, base: str):
     """``gates -> `` saturated share of ``gate`` minus that of ``base`` (e.g. UR-LSTM's
-    effective gate ``g`` against its forget gate ``f``)."""
+    effective gate ``g`` against its forget gate ``f``); NaN if either has a value that is not
+    finite."""
     def stat(gates: dict) -> float:
+        if _overflowed(gates, (gate, base)):
+            return float("nan")
         return float(gates[f"saturated/{gate}/pooled"]) - float(gates[f"saturated/{base}/pooled"])
     return stat
 

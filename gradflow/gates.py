@@ -22,7 +22,8 @@ kind ``"gate_stats"`` holding:
 * ``update_fraction``: for time gates (``k`` of ``g_lstm``, ``phased_lstm``; not ``star``'s
   ``k``) the fraction of neuron updates that happen, :math:`k > 10^{-3}`: the compute used
   relative to a plain LSTM;
-* ``nonfinite``: the number of inf/NaN activations (counted, never raised on);
+* ``nonfinite``: the number of inf/NaN activations (counted, never raised on, and left out of
+  every other statistic: those are over the finite activations);
 * ``hist`` / ``outside``: fixed-bin histogram counts over ``[0, 1]`` and the counts of values
   below 0, above 1 (refined gates leave ``[0, 1]``) and NaN.
 
@@ -40,17 +41,18 @@ Array names (flat, ``/``-separated; they round-trip through ``Result.save``/``lo
     "bin_edges"               (bins + 1,)
 
 ``stat`` is one of :data:`STATS`. ``nonfinite`` maps hold counts (sums); every other map
-holds means (fractions), and since every ``(l, t)`` cell averages the same ``B * H`` entries,
-``/layer`` and ``/pooled`` are the means of the map (``timescale``: of the kept-fraction map,
-then transformed). Every entry that is not NaN lands in exactly one histogram bin or
-``outside`` column, so ``hist.sum() + outside.sum() == L * B * T * H``; normalise by that to
-get densities. For layers of different widths (:attr:`gradflow.Stack.widths`) only each
-layer's real ``H_l`` units count: ``(l, t)`` averages ``B * H_l`` entries, ``/pooled`` weights
-the layers by ``H_l`` (the mean over every real entry), the histograms hold
-``B * T * sum_l H_l`` entries, and the ``/unit`` arrays are ``(L, max_l H_l)`` with 0 beyond
-``H_l``. A NaN activation makes the means it enters NaN (as a NumPy mean would;
-``make_result`` counts it and warns), is never "saturated" or an "update", and is counted in
-``nonfinite`` and ``outside[:, 2]``. ``config["gates"]`` lists the gates,
+holds means (fractions) over the gate's finite entries: ``(l, t)`` averages the ``B * H`` values
+of step ``t`` in layer ``l`` less those that are inf or NaN, and ``/layer``, ``/pooled`` and
+``/unit`` are the means over every finite entry they pool (``timescale``: of the kept
+fraction, then transformed). So a forward pass that overflows in a few places (an exploding
+cell, Cheng et al.'s refined gates at input scale 1) still has shares and means of the gates
+that have values, and ``nonfinite`` says how many had none; an ``(l, t)`` with no finite entry
+is NaN. Every entry that is not NaN lands in exactly one histogram bin or ``outside`` column
+(inf below or above), so ``hist.sum() + outside.sum() == L * B * T * H``; normalise by that
+to get densities. For layers of different widths (:attr:`gradflow.Stack.widths`) only each
+layer's real ``H_l`` units count: ``(l, t)`` averages ``B * H_l`` entries, ``/pooled`` is the
+mean over every real entry, the histograms hold ``B * T * sum_l H_l`` entries, and the
+``/unit`` arrays are ``(L, max_l H_l)`` with 0 beyond ``H_l``. ``config["gates"]`` lists the gates,
 ``config["gate_kinds"]`` their kinds (:func:`gate_kinds`); :func:`summary` gives the pooled
 scalars as ``{gate: {stat: value}}``.
 
@@ -291,13 +293,15 @@ _SLOPED = ("sigmoid", "refined", "effective")  # the kinds :func:`slopes` covers
 
 
 def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
-    """``{(stat, gate): (L, B, T, H)}`` element-wise quantities whose means make the maps
-    (``timescale``: the kept fraction); ``nonfinite``, ``below``, ``above``, ``nan`` are
-    0/1 integers to be counted."""
+    """``{(stat, gate): (L, B, T, H)}`` element-wise quantities whose means over the gate's
+    finite entries make the maps (``timescale``: the kept fraction; 0 where the gate is not
+    finite); ``finite``, ``nonfinite``, ``below``, ``above``, ``nan`` are 0/1 integers to be
+    counted."""
     retain = dict(stack.cell.retain)
     rows = {}
     for g, kind in gate_kinds(stack.cell).items():
         a = out.gates[g]
+        ok = jnp.isfinite(a)
         rows["mean", g] = a
         rows["saturated", g] = is_saturated(a, eps).astype(a.dtype)
         if kind in _SLOPED:
@@ -308,7 +312,9 @@ def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
             rows["timescale", g] = kept_fraction(a, retain[g])
         if kind == "time":
             rows["update_fraction", g] = (a > threshold).astype(a.dtype)
-        for stat, m in (("nonfinite", ~jnp.isfinite(a)), ("below", a < 0.0),
+        rows.update({k: jnp.where(ok, v, jnp.zeros((), v.dtype))
+                     for k, v in rows.items() if k[1] == g})
+        for stat, m in (("finite", ok), ("nonfinite", ~ok), ("below", a < 0.0),
                         ("above", a > 1.0), ("nan", jnp.isnan(a))):
             rows[stat, g] = m.astype(jnp.int32)
     return rows
@@ -332,17 +338,17 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
     ops = tuple(rows[k] for k in keys)
     sums = jax.lax.reduce(ops, tuple(jnp.zeros((), o.dtype) for o in ops),
                           lambda x, y: tuple(u + v for u, v in zip(x, y)), (1,))  # (L, T, H)
-    _, B, T, H = ops[0].shape
     real = _real_units(stack)  # None, or (L, H): layer l's first H_l units
-    if real is not None:  # padded units (exact zeros) count nowhere; (l, t) averages B * H_l
+    if real is not None:  # padded units (exact zeros) count nowhere
         sums = tuple(sm * real[:, None, :].astype(sm.dtype) for sm in sums)
-        H = jnp.asarray(stack.widths, ops[0].dtype)[:, None]  # (L, 1)
+    sums = {k: (sm.sum(-1), sm.sum(1)) for k, sm in zip(keys, sums)}  # (L, T), (L, H)
     red = {}
-    for k, sm in zip(keys, sums):
-        if jnp.issubdtype(sm.dtype, jnp.integer):
-            red[k] = (sm.sum(-1), sm.sum(1))
+    for k, (m, u) in sums.items():  # means over the gate's finite entries (0/0: NaN)
+        if jnp.issubdtype(m.dtype, jnp.integer):
+            red[k] = (m, u)
         else:
-            red[k] = (sm.sum(-1) / (B * H), sm.sum(1) / (B * T))
+            n, nu = sums["finite", k[1]]
+            red[k] = (m / n.astype(m.dtype), u / nu.astype(u.dtype))
     names = list(out.gates)
     A = jnp.stack([out.gates[g] for g in names])  # (G, L, B, T, H)
     G, L = A.shape[:2]
@@ -384,12 +390,17 @@ def named_arrays(stack: Stack, red: dict, hist: dict, bins: int) -> dict:
     problem's :func:`reductions` (NumPy; ``bins`` as given there)."""
     red = {k: (np.asarray(m), np.asarray(u)) for k, (m, u) in red.items()}
     real = _real_units(stack)
-    pooled = np.mean  # every (l, t) averages as many entries
-    if real is not None:  # the mean over every real entry: layer means weighted by H_l
+    if real is not None:
         real = np.asarray(real)
-        pooled = lambda m: np.average(m.mean(axis=1), weights=stack.widths)  # noqa: E731
     arrays = {"bin_edges": bin_edges(bins)}
     for g in gate_kinds(stack.cell):
+        n = red["finite", g][0].astype(np.float64)  # (L, T): finite entries of each mean
+
+        def over(m, axis=None):  # the mean over the finite entries of the (l, t) it pools
+            with np.errstate(invalid="ignore"):
+                return (np.where(n > 0, m * n, 0).sum(axis=axis) / n.sum(axis=axis)
+                        ).astype(m.dtype)
+
         for stat in STATS:
             if (stat, g) not in red:
                 continue
@@ -398,7 +409,7 @@ def named_arrays(stack: Stack, red: dict, hist: dict, bins: int) -> dict:
                 m = m.astype(np.int64)
                 vals = {"": m, "/layer": m.sum(axis=1), "/pooled": m.sum()}
             else:
-                vals = {"": m, "/layer": m.mean(axis=1), "/pooled": pooled(m)}
+                vals = {"": m, "/layer": over(m, 1), "/pooled": over(m)}
                 if stat in _UNIT_STATS:
                     vals["/unit"] = u
             if stat == "timescale":  # the means are of the kept fraction
@@ -438,9 +449,9 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
       meta: merged into the config (e.g. ``problem(...).config`` with the seed).
     Returns:
       :class:`gradflow.results.Result` of kind ``"gate_stats"``; non-finite activations are
-      counted (``nonfinite/{gate}``) and warned about, with where the states are not finite
-      (:class:`gradflow.results.NonFiniteForwardWarning`), never raised on; the saturated
-      and update shares count a NaN gate as neither.
+      counted (``nonfinite/{gate}``), left out of the other statistics (means and shares over
+      the finite activations) and warned about, with where the states are not finite
+      (:class:`gradflow.results.NonFiniteForwardWarning`), never raised on.
     Raises:
       ValueError: the stack's cells report no gates (``rnn``, ``indrnn``, or a user cell built
         without ``gates=``, see :mod:`gradflow.cells.adapters`).
@@ -465,9 +476,9 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
               if k.startswith("nonfinite/") and k.endswith("/pooled"))
     if bad:  # counted in nonfinite/*; said where the forward pass overflowed
         warnings.warn(f"gates.saturation: {bad} gate values are not finite ("
-                      f"{where_nonfinite(stack, params, xs)}); the saturated and update "
-                      "shares count a NaN gate as neither, and the means, slopes and "
-                      "timescales are NaN where one is", NonFiniteForwardWarning, stacklevel=2)
+                      f"{where_nonfinite(stack, params, xs)}); every other statistic is "
+                      "over the finite gate values (nonfinite/{gate} counts the rest)",
+                      NonFiniteForwardWarning, stacklevel=2)
     B, T, _ = xs.shape
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
     kinds = gate_kinds(stack.cell)

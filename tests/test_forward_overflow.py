@@ -149,6 +149,18 @@ def test_gate_statistics_of_an_overflowed_forward_say_so():
                                                      f"are not finite \\({where}\\)"):
         stats = gradflow.gates.saturation(pr.stack, pr.params, pr.xs)
     assert int(stats.arrays["nonfinite/f/pooled"]) == n_bad
+    # the shares and means are over the finite gates (each layer's, then all of them)
+    a = np.asarray(gates["f"], np.float64)
+    ok = np.isfinite(a)
+    sat = ((a < 0.05) | (a > 0.95)) & ok
+    np.testing.assert_allclose(stats.arrays["saturated/f/pooled"], sat.sum() / ok.sum(),
+                               rtol=1e-6)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(stats.arrays["saturated/f/layer"],
+                                   sat.sum(axis=(1, 2, 3)) / ok.sum(axis=(1, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose(stats.arrays["mean/f"], np.where(ok, a, 0).sum(axis=(1, 3))
+                                   / ok.sum(axis=(1, 3)), rtol=1e-5, equal_nan=True)
+    assert 0 < ok.sum() < ok.size and np.isfinite(stats.arrays["mean/f/pooled"])
 
 
 def test_a_finite_forward_pass_warns_nothing():
