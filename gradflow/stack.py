@@ -165,7 +165,7 @@ def _resolve_cells(cell, layers, cell_options) -> tuple:
             raise ValueError(f"a list of cells needs one cell per layer: got {len(cell)} cells "
                              f"for {layers} layers")
         built = tuple(_cells.get(c) for c in cell)
-        names = {c.state_names for c in built}
+        names = {tuple(sorted(c.state_names)) for c in built}  # state dicts: order is free
         if len(names) > 1:
             raise ValueError("every layer's cell must carry the same states (e.g. all ('c', 'h') "
                              f"or all ('h',)); got {sorted(names)}")

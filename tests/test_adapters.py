@@ -316,6 +316,28 @@ def test_equinox_lstm(x64):
     assert_maps(got_c, want_c)
 
 
+def test_cells_carrying_the_same_states_in_another_order_share_a_stack(x64):
+    """Equinox's LSTM carries (h, c), linen's and gradflow's (c, h): the same states, so one
+    stack takes them all; its maps equal gradflow's LSTM on the ported weights."""
+    trained = _eqx_cells(eqx.nn.LSTMCell, 4)
+    linen = nn.LSTMCell(features=H)
+    mixed = [cells.from_equinox(trained[0]), cells.get("lstm"), cells.from_linen(linen)]
+    stack = gradflow.Stack(mixed, L, D, H)
+    lin_p = jiggle(linen.init(jax.random.key(3), (jnp.zeros((1, H)),) * 2,
+                              jnp.zeros((1, H)))["params"], jax.random.key(4))
+    own_p = jiggle(cells.get("lstm").init(jax.random.key(5), H, H, jnp.float64),
+                   jax.random.key(6))
+    params = cells.stack_params(stack, [trained[0], own_p, {"params": lin_p}])
+    ported = {"layers": [eqx_to_gradflow(params["layers"][0], "ifgo"), own_p,
+                         linen_lstm_to_gradflow(params["layers"][2])]}
+    ref = gradflow.Stack("lstm", L, D, H)
+    xs = inputs(jnp.float64)
+    for wrt in ("hidden", "cell"):
+        assert_maps(hidden_map(stack, params, xs, wrt), hidden_map(ref, ported, xs, wrt))
+    with pytest.raises(ValueError, match="must carry the same states"):
+        gradflow.Stack([cells.get("lstm"), cells.get("gru")], 2, D, H)
+
+
 def test_nnx_lstm(x64):
     ks = jax.random.split(jax.random.key(5), L)
     trained = [nnx.LSTMCell(n, H, param_dtype=jnp.float64, rngs=nnx.Rngs(k))
@@ -541,13 +563,48 @@ def test_linen_sown_gates():
 # Bad input and optional dependencies
 
 
+def test_an_output_that_is_not_the_carry_is_refused_not_dropped():
+    """A cell whose y is a readout of its carry would run as another network (the stack passes
+    the carry's h up): refused at build (a probe step) or, with no hidden_size to probe
+    with, at the first init; output= naming another array than y is refused too."""
+    class Readout(nn.RNNCellBase):
+        features: int
+
+        @nn.compact
+        def __call__(self, h, x):
+            h = jnp.tanh(nn.Dense(self.features)(x) + nn.Dense(self.features)(h))
+            return h, nn.Dense(self.features, name="out")(h)
+
+        def initialize_carry(self, rng, shape):
+            return jnp.zeros(shape[:-1] + (self.features,))
+
+        @property
+        def num_feature_axes(self):
+            return 1
+
+    with pytest.raises(ValueError, match="output y .* is none of the carry's arrays.*loss"):
+        cells.from_linen(Readout(H))
+    init = lambda k, n, h, dtype: {"W": jnp.ones((n, h), dtype) / n}  # noqa: E731
+    readout = cells.from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h), 3 * h + 1), init)
+    with pytest.raises(ValueError, match="none of the carry's arrays"):
+        gradflow.Stack(readout, L, D, H).init(jax.random.key(0))
+    with pytest.raises(ValueError, match="none of the carry's arrays"):
+        cells.from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h), 3 * h + 1), init,
+                            hidden_size=H)
+    with pytest.raises(ValueError, match=r"output=0 names carry array 0, but the step's output "
+                                         r"y equals carry array\(s\) \[1\]"):
+        cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2, output=0)
+    same = cells.from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h),) * 2, init)
+    gradflow.Stack(same, L, D, H).init(jax.random.key(0))  # y is h: fine
+
+
 def test_clear_errors():
     with pytest.raises(TypeError, match="init must be"):
         cells.from_function(_lstm_step, None)
     with pytest.raises(ValueError, match="give hidden_size="):
         cells.from_function(_lstm_step, _lstm_init, state=2)
     both = lambda p, c, x: ((c[0] * 0 + 1, c[1] * 0 + 1), c[1] * 0 + 1)  # noqa: E731
-    with pytest.raises(ValueError, match="leaves \\[0, 1\\].*output="):
+    with pytest.raises(ValueError, match="carry arrays \\[0, 1\\].*output="):
         cells.from_function(both, _lstm_init, hidden_size=H, state=2)
     with pytest.raises(ValueError, match="output=5 is out of range"):
         cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2, output=5)

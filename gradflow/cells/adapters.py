@@ -239,16 +239,22 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
     if (need_output or (reports_gates and gate_kinds is None)) and not can_probe:
         raise ValueError(f"{who}: finding the output leaf and the gate kinds runs one step; "
                          "give hidden_size= (or output= and gate_kinds=)")
-    if can_probe and (need_output or reports_gates):
+    if can_probe and (finds_output or reports_gates):
         new_leaves, y, probe_gates = _probe(who, call_b, treedef, n, probe_params,
                                             int(hidden_size))
-        if need_output:
-            out = _find_output(who, new_leaves, y, int(hidden_size))
+        if finds_output:  # also where output= or a one-array carry says which leaf is h
+            out = _find_output(who, new_leaves, y, int(hidden_size), out)
     names = _state_names(n, 0 if out is None else out)
     if reports_gates:
         kinds = _settle_kinds(who, kinds, probe_gates, hidden_size)
+    check_output = None
+    if finds_output and not can_probe:  # no probe yet: the first init's params run it
+        def check_output(params, n_in, H):
+            leaves, y, _ = _probe(who, call_b, treedef, n,
+                                  lambda: (_cast(params, jnp.float32), n_in), H)
+            _find_output(who, leaves, y, H, 0 if out is None else out)
     recur, init_fn = _functions(who, call_b, treedef, names, tuple(kinds), n, hidden_size,
-                                make_init)
+                                make_init, check_output)
     opts = {**options, "adapter": who}
     if hidden_size:
         opts["hidden_size"] = int(hidden_size)
@@ -285,19 +291,33 @@ def _module_probe(own, n_in, init, make_init, H) -> Callable:
     return probe
 
 
-def _find_output(who, new_leaves, y, H) -> int:
-    """The index of the one carry leaf equal to the step's output ``y``."""
-    if y is None or jnp.shape(y) != (_PROBE_BATCH, H):
-        raise ValueError(f"{who}: the step's output has shape {jnp.shape(y)}, expected "
-                         f"(batch, {H}); give output= (the carry leaf that is h)")
+def _find_output(who, new_leaves, y, H, out=None) -> int:
+    """The index of the carry leaf equal to the step's output ``y``: the one there is, or
+    ``out`` (``output=``, or 0 for a one-array carry) checked to be one."""
+    if y is None:  # no output to match
+        if len(new_leaves) > 1 and out is None:
+            raise ValueError(f"{who}: the step's output y is None; say which carry array is "
+                             "the output h: output=INDEX or KEY")
+        return 0 if out is None else out
     hits = [i for i, v in enumerate(new_leaves) if jnp.shape(v) == jnp.shape(y)
             and bool(jnp.array_equal(v, y))]
-    if len(hits) != 1:
-        what = "none" if not hits else f"leaves {hits}"
+    if not hits:  # a readout inside the cell: the stack would pass h up
         raise ValueError(
-            f"{who}: gradflow needs the output h to be one of the carry's arrays (it goes "
-            f"up a layer and forward in time); on a probe step {what} of the carry "
-            "equal the output. Give output=INDEX or KEY")
+            f"{who}: the step's output y (shape {jnp.shape(y)}) is none of the carry's "
+            "arrays on a probe step. A gradflow layer passes h up to the next layer and "
+            "forward in time as one array, so y must be the carry's output h (as in "
+            "return carry, h); a readout computed from h (e.g. a Dense) belongs in the loss "
+            "(loss=a function of the top layer's h) or in the next layer, not in the cell")
+    if len(new_leaves) == 1:
+        return 0
+    if out is not None:
+        if out not in hits:
+            raise ValueError(f"{who}: output={out} names carry array {out}, but the step's "
+                             f"output y equals carry array(s) {hits} on a probe step")
+        return out
+    if len(hits) != 1:
+        raise ValueError(f"{who}: carry arrays {hits} all equal the step's output y on a "
+                         "probe step; say which one is h: output=INDEX or KEY")
     return hits[0]
 
 
@@ -320,8 +340,12 @@ def _settle_kinds(who, kinds: dict, probe_gates, hidden_size) -> dict:
     return {g: kinds[g] for g in probe_gates}
 
 
-def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_init):
-    """The cell's ``(recur, init_fn)`` around the batched user step ``call_b``."""
+def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_init,
+               check_output=None):
+    """The cell's ``(recur, init_fn)`` around the batched user step ``call_b``;
+    ``check_output(params, n_in, H)``, if given, runs on the first concrete params
+    ``init_fn`` makes (a probe step: is the step's output the carry's ``h``?)."""
+    checked = []
     def recur(params, state, xp, t):
         lead = xp.shape[:-1]
         H = state["h"].shape[-1]
@@ -352,6 +376,10 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
                              f"hidden_size is {H}")
         params = _cast(make_init(key, n_in, H, dtype), dtype)
         fits(params, n_in, H, dtype)
+        if check_output is not None and not checked and not any(
+                isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(params)):
+            check_output(params, n_in, H)
+            checked.append(True)
         return params
 
     return recur, init_fn
