@@ -338,6 +338,42 @@ def test_cells_carrying_the_same_states_in_another_order_share_a_stack(x64):
         gradflow.Stack([cells.get("lstm"), cells.get("gru")], 2, D, H)
 
 
+class _PermCell(eqx.Module):
+    """A user's Equinox cell with an integer buffer (a fixed permutation of the units)."""
+    perm: jax.Array
+    W: jax.Array
+    U: jax.Array
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(self, n_in, n_h, key, flip=True):
+        k1, k2 = jax.random.split(key)
+        self.perm = jnp.arange(n_h)[::-1] if flip else jnp.roll(jnp.arange(n_h), 1)
+        self.W = jax.random.normal(k1, (n_h, n_in), jnp.float64) / n_in ** 0.5
+        self.U = jax.random.normal(k2, (n_h, n_h), jnp.float64) / n_h ** 0.5
+        self.hidden_size = n_h
+
+    def __call__(self, x, h):
+        return jnp.tanh(self.W @ x + self.U @ h[self.perm])
+
+
+def test_equinox_integer_arrays_are_fixed_not_parameters(x64):
+    ks = jax.random.split(jax.random.key(8), L)
+    trained = [_PermCell(n, H, k) for n, k in zip((D, H, H), ks)]
+    stack = gradflow.Stack([cells.from_equinox(m) for m in trained], L, D, H)
+    params = cells.stack_params(stack, trained)
+    assert all(sorted(p) == ["U", "W"] for p in params["layers"])  # perm is not a parameter
+    xs = inputs(jnp.float64)
+    step = [lambda h, x, m=m: jax.vmap(m)(x, h) for m in trained]
+    want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda h: h,
+                         lambda h, v: v, xs)
+    assert_maps(hidden_map(stack, params, xs), want)
+    one = gradflow.Stack(cells.from_equinox(trained[1]), L, H, H)
+    assert all(sorted(p) == ["U", "W"] for p in one.init(jax.random.key(0))["layers"])
+    other = _PermCell(H, H, ks[2], flip=False)  # another buffer than the cell's module
+    with pytest.raises(ValueError, match="other integer or boolean arrays"):
+        cells.stack_params(one, [trained[1], trained[2], other])
+
+
 def test_nnx_lstm(x64):
     ks = jax.random.split(jax.random.key(5), L)
     trained = [nnx.LSTMCell(n, H, param_dtype=jnp.float64, rngs=nnx.Rngs(k))

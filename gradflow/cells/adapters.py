@@ -707,9 +707,10 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
 
 
 def _eqx_split(eqx, m):
-    """An Equinox module's arrays as a flat dict named by attribute path, plus how to rebuild
-    it: ``(params, treedef, static)``."""
-    arrays, static = eqx.partition(m, eqx.is_array)
+    """An Equinox module's floating-point arrays as a flat dict named by attribute path, plus
+    how to rebuild it: ``(params, treedef, static)`` (integer and boolean arrays, e.g. an index
+    buffer, stay in ``static``: they are not parameters)."""
+    arrays, static = eqx.partition(m, eqx.is_inexact_array)
     flat, treedef = jax.tree_util.tree_flatten_with_path(arrays)
     return {_path_name(p): v for p, v in flat}, treedef, static
 
@@ -718,10 +719,18 @@ def _eqx_to_params(eqx, module, keys, obj):
     """A layer's params from a trained module like ``module`` (or its params dict)."""
     who = "from_equinox"
     if isinstance(obj, eqx.Module):
-        p, _, _ = _eqx_split(eqx, obj)
+        p, _, static = _eqx_split(eqx, obj)
         if type(obj) is not type(module) or sorted(p) != sorted(keys):
             raise TypeError(f"{who}: a layer's module ({type(obj).__name__}) does not have "
                             f"the structure of the cell's ({type(module).__name__})")
+        own = jax.tree_util.tree_leaves(eqx.filter(_eqx_split(eqx, module)[2], eqx.is_array))
+        its = jax.tree_util.tree_leaves(eqx.filter(static, eqx.is_array))
+        if len(own) != len(its) or not all(a.shape == b.shape and bool(jnp.all(a == b))
+                                           for a, b in zip(own, its)):
+            raise ValueError(f"{who}: a layer's module has other integer or boolean arrays "
+                             "than the cell's module (they are fixed, not parameters); give "
+                             "each layer its own cell: Stack([from_equinox(m) for m in "
+                             "modules], ...)")
         return p
     if isinstance(obj, dict):
         return obj
@@ -736,9 +745,10 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
     (``eqx.nn.LSTMCell``: state ``(h, c)``; ``eqx.nn.GRUCell``: state ``h``), vmapped over the
     batch.
 
-    Params are the module's arrays as a flat dict named by attribute path
-    (``eqx.filter(module, eqx.is_array)``: ``{"weight_ih": (G*H, in), "weight_hh": (G*H, H),
-    "bias": (G*H,), ...}``); the rest (static configuration, non-array fields) is closed over.
+    Params are the module's floating-point arrays as a flat dict named by attribute path
+    (``eqx.filter(module, eqx.is_inexact_array)``: ``{"weight_ih": (G*H, in), "weight_hh":
+    (G*H, H), "bias": (G*H,), ...}``); the rest (static configuration, non-array fields,
+    integer or boolean arrays such as an index buffer) is closed over.
     Fresh parameters: ``eqx.nn.LSTMCell``/``GRUCell`` are rebuilt with the layer's key and sizes;
     other modules give every layer their own weights unless ``init`` makes fresh ones.
     :func:`stack_params` takes one trained module per layer.
