@@ -451,7 +451,7 @@ def test_function_params_given_directly(x64):
     xs = inputs(jnp.float64, d=H)  # both evaluation orders (a user cell vmapped over layers)
     assert_maps(hidden_map(stack.replace(order="wavefront"), params, xs),
                 hidden_map(stack, params, xs))
-    with pytest.raises(ValueError, match="do not fit input_size=4"):
+    with pytest.raises(ValueError, match="fit input_size=4"):
         gradflow.Stack(cell, L, D, H).init(jax.random.key(0))
     with pytest.raises(ValueError, match="hidden size is 6"):
         gradflow.Stack(cell, L, H, 8).init(jax.random.key(0))
@@ -632,6 +632,58 @@ def test_an_output_that_is_not_the_carry_is_refused_not_dropped():
         cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2, output=0)
     same = cells.from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h),) * 2, init)
     gradflow.Stack(same, L, D, H).init(jax.random.key(0))  # y is h: fine
+
+
+def test_a_failing_step_is_reported_with_its_cause():
+    """The user's step failing while gradflow runs it says what went wrong and the fix; a bug
+    in the step's own code keeps its type (with a note), never reads as unfitting params."""
+    init = lambda k, n, h, dtype: {"W": jnp.ones((n, h), dtype) / n}  # noqa: E731
+
+    def build(step, **kw):
+        gradflow.Stack(cells.from_function(step, init, **kw), L, D, H).init(jax.random.key(0))
+
+    def typo(p, h, x):
+        h = jnp.tanh(x @ p["W"] + h + undefined_bias)  # noqa: F821
+        return h, h
+
+    for kw in ({}, {"hidden_size": H, "gates": lambda p, h, x: {"g": h}}):  # init, probe
+        with pytest.raises(NameError, match="undefined_bias") as e:
+            build(typo, **kw)
+        assert any("raised by the cell's step" in n for n in e.value.__notes__)
+
+    def branch(p, h, x):
+        h = jnp.tanh(x @ p["W"] + h)
+        return (h * 0.5, h) if jnp.mean(h) > 0 else (h, h)
+
+    with pytest.raises(ValueError, match="decides in Python.*jnp.where or jax.lax.cond"):
+        build(branch)
+
+    def tuple_carry(p, carry, x):
+        c, h = carry
+        return (c, jnp.tanh(x @ p["W"] + h)), h
+
+    with pytest.raises(ValueError, match="unpacks its carry.*state="):
+        build(tuple_carry)
+    with pytest.raises(TypeError, match=r"the step must return \(carry, y\), got a "):
+        build(lambda p, h, x: jnp.tanh(x @ p["W"] + h))
+
+    class Dropped(nn.RNNCellBase):
+        features: int
+
+        @nn.compact
+        def __call__(self, h, x):
+            h = nn.Dropout(0.5, deterministic=False)(jnp.tanh(nn.Dense(self.features)(x) + h))
+            return h, h
+
+        def initialize_carry(self, rng, shape):
+            return jnp.zeros(shape[:-1] + (self.features,))
+
+        @property
+        def num_feature_axes(self):
+            return 1
+
+    with pytest.raises(ValueError, match="draws random numbers.*deterministic=True"):
+        cells.from_linen(Dropped(H))
 
 
 def test_clear_errors():

@@ -164,6 +164,47 @@ def _message(e: Exception) -> str:
     return " ".join(str(e).split())[:400]
 
 
+_TRACED = (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError,
+           jax.errors.TracerIntegerConversionError)
+_CODE_BUGS = (NameError, AttributeError, ImportError, AssertionError, ZeroDivisionError,
+              NotImplementedError, RecursionError)
+
+
+def _step_failed(who: str, e: Exception, what: str, fit: str = "") -> Exception:
+    """The exception to raise where the user's step failed in ``what`` (e.g. "one probe step
+    (batch 3, ...)"): a ValueError with the cause and, where it is a known one, the fix; an
+    error in the step's own code (a NameError, ...) or one gradflow raised about the step's
+    result as it is, with a note saying where. ``fit``: the sizes to name when nothing
+    more specific is known ("input_size=4, hidden_size=6")."""
+    text = str(e)
+    if isinstance(e, _TRACED):
+        hint = ("the step decides in Python on an array's value (if/while/int() on a traced "
+                "array); gradflow runs it under jax.jit: use jnp.where or jax.lax.cond")
+    elif "values to unpack" in text:
+        hint = ("the step unpacks its carry or its result: the carry is what state= says "
+                "(None: one array; k: a tuple of k arrays; or a function), and the step "
+                "returns (carry, y)")
+    elif "PRNG" in text or "rng" in text.lower():
+        hint = ("the module draws random numbers (Dropout?): measure it deterministic "
+                "(linen: deterministic=True; nnx: module.eval())")
+    elif isinstance(e, _CODE_BUGS) or text.startswith(f"{who}:"):
+        e.add_note(f"{who}: raised by the cell's step in {what}")
+        return e
+    else:
+        hint = f"do the parameters fit {fit}?" if fit else ""
+    return ValueError(f"{who}: {what} failed: {_message(e)}" + (f" ({hint})" if hint else ""))
+
+
+def _pair(who: str, out, what: str = "the step"):
+    """``(carry, y)`` from what the user's step returned, or a TypeError saying what it
+    returned instead."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        got = (f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list))
+               else f"a {type(out).__name__}")
+        raise TypeError(f"{who}: {what} must return (carry, y), got {got}")
+    return out
+
+
 def _shapes(tree) -> str:
     """A carry's structure with each array as its shape, e.g. ``((1, 7),)``."""
     return str(jax.tree_util.tree_map(lambda a: tuple(jnp.shape(a)), tree))
@@ -274,8 +315,9 @@ def _probe(who, call_b, treedef, n, probe_params, H):
     try:
         new, y, probe_gates = call_b(params, carry, x)
     except Exception as e:  # the user's function failed: say where, with its message
-        raise ValueError(f"{who}: one probe step (batch {_PROBE_BATCH}, input_size {n_in}, "
-                         f"hidden_size {H}) failed: {_message(e)}") from e
+        raise _step_failed(who, e, f"one probe step (batch {_PROBE_BATCH}, input_size "
+                                   f"{n_in}, hidden_size {H})",
+                           f"input_size={n_in}, hidden_size={H}") from e
     return _carry_leaves(who, new, treedef, (_PROBE_BATCH, H)), y, probe_gates
 
 
@@ -363,8 +405,9 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
         try:
             new, _, _ = jax.eval_shape(call_b, params, carry, x)
         except Exception as e:
-            raise ValueError(f"{who}: these parameters do not fit input_size={n_in}, "
-                             f"hidden_size={H}: {_message(e)}") from e
+            raise _step_failed(who, e, f"one step on a (1, {n_in}) input and (1, {H}) carry "
+                                       "with these parameters",
+                               f"input_size={n_in}, hidden_size={H}") from e
         shapes = [tuple(v.shape) for v in _carry_leaves(who, new, treedef, (1, H))]
         if any(s != (1, H) for s in shapes):
             raise ValueError(f"{who}: with input_size={n_in}, hidden_size={H} the carry comes out "
@@ -435,7 +478,7 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
     template = _template(state, hidden_size, who)
 
     def call(params, carry, x):
-        new, y = step(params, carry, x)
+        new, y = _pair(who, step(params, carry, x))
         return new, y, (gates(params, carry, x) if gates is not None else {})
 
     if callable(init):
@@ -564,9 +607,10 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
 
     def call(params, carry, x):
         if gates == "sown":
-            (new, y), st = module.apply({"params": params}, carry, x, mutable=["intermediates"])
+            out, st = module.apply({"params": params}, carry, x, mutable=["intermediates"])
+            new, y = _pair(who, out, "the module")
             return new, y, _sown(st.get("intermediates", {}))
-        new, y = module.apply({"params": params}, carry, x)
+        new, y = _pair(who, module.apply({"params": params}, carry, x), "the module")
         return new, y, (gates(params, carry, x) if gates is not None else {})
 
     def make_init(key, n_in, H_, dtype):
@@ -674,7 +718,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
 
     def call(params, carry, x):
         m = merged(params)
-        new, y = m(carry, x)
+        new, y = _pair(who, m(carry, x), "the module")
         return new, y, (gates(m, carry, x) if gates is not None else {})
 
     def to_params(obj):
