@@ -537,7 +537,8 @@ for _m in (
                 lambda cs, d: _vmapped_group("gradient_map", cs, d,
                                              lambda c: (c["loss"], c["wrt"])),
                 lambda res: list(res.values)),
-    # One device: split over 2 simulated CPU devices, this program (jacfwd and SVDs under
+    # One device: split over 2 simulated CPU devices, this program (jacfwd, as local_gains
+    # then took, and SVDs under
     # lax.map) stalls with no thread running in jaxlib 0.10.2 (H = 16, 8 layers; tiny sizes
     # pass), while one device measures the same group in 15 s.
     Measurement("local_gains", "gradflow.local_gains: vertical/temporal RMS and spectral "

@@ -141,6 +141,18 @@ def _prepare(stack: Stack, params, xs, loss=None):
     return xs
 
 
+def _per_example(stack: Stack, who: str) -> None:
+    """A ValueError where a cell of ``stack`` couples the examples of a batch
+    (``Cell.couples_batch``): per-example Jacobians are not defined there."""
+    coupled = sorted({c.name for c in stack.cells if c.couples_batch})
+    if coupled:
+        raise ValueError(
+            f"{who} measures per-example Jacobians, and cell {coupled[0]!r} couples the "
+            "examples of a batch (e.g. batch statistics: perturbing one example moves the "
+            "others), so they are not defined; gradient_map measures such a stack (its "
+            "gradients include the coupling), or use the cell with per-example statistics")
+
+
 def _config(stack: Stack, xs, meta, **extra) -> dict:
     B, T, _ = xs.shape
     return {**stack.config, "steps": int(T), "batch": int(B), "dtype": str(xs.dtype), **extra,
@@ -359,6 +371,7 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
       :class:`~gradflow.results.NonFiniteForwardWarning`).
     """
     xs = _prepare(stack, params, xs)
+    _per_example(stack, "jacobian_map")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
     if method not in METHODS:
@@ -543,6 +556,7 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
       where the states are not finite).
     """
     xs = _prepare(stack, params, xs)
+    _per_example(stack, "local_gains")
     arrays = gain_arrays(stack, params, xs, chunk)
     # NaN gains: say where the forward pass is not finite, if that is why
     if any(bool(jnp.isnan(v).any()) for v in arrays.values()):
@@ -587,8 +601,10 @@ def _gains(stack, params, xs, chunk):
             s, x, t = args
             h_of_x = lambda xx: cell.step(p, s, xx, t)[1]  # noqa: E731
             h_of_h = lambda hh: cell.step(p, {**s, "h": hh}, x, t)[1]  # noqa: E731
-            return (*_rms_spectral(jax.jacfwd(h_of_x)(x)),
-                    *_rms_spectral(jax.jacfwd(h_of_h)(s["h"])))
+            # reverse mode: the Jacobians backpropagation uses (a cell's custom_vjp, e.g.
+            # gradient clipping or a straight-through estimator, has no forward mode)
+            return (*_rms_spectral(jax.jacrev(h_of_x)(x)),
+                    *_rms_spectral(jax.jacrev(h_of_h)(s["h"])))
 
         def at_t(args):
             s, x, t = args

@@ -686,6 +686,72 @@ def test_a_failing_step_is_reported_with_its_cause():
         cells.from_linen(Dropped(H))
 
 
+def _centred_step(p, h, x):
+    """A user's cell that mixes the examples of a batch (it centres the input over it)."""
+    h = jnp.tanh((x - x.mean(0)) @ p["W"] + h @ p["U"] + 0.3)
+    return h, h
+
+
+def _wu_init(k, n, h, dtype):
+    k1, k2 = jax.random.split(k)
+    return {"W": jax.random.normal(k1, (n, h), dtype) / n ** 0.5,
+            "U": jax.random.normal(k2, (h, h), dtype) / h ** 0.5}
+
+
+def test_a_cell_that_mixes_examples_is_found_and_refused_per_example(x64):
+    coupled = cells.from_function(_centred_step, _wu_init, hidden_size=H)
+    assert coupled.couples_batch  # found by the probe step
+    plain = cells.from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h @ p["U"]),) * 2,
+                                _wu_init, hidden_size=H)
+    assert not plain.couples_batch
+    stack = gradflow.Stack(coupled, L, D, H)
+    params = stack.init(jax.random.key(0), jnp.float64)
+    xs = inputs(jnp.float64)
+    for measure in (gradflow.jacobian_map, gradflow.local_gains):
+        with pytest.raises(ValueError, match="couples the examples of a batch"):
+            measure(stack, params, xs)
+    bn = gradflow.Stack(cells.get("star", variant="bn"), L, D, H)
+    with pytest.raises(ValueError, match="jacobian_map measures per-example"):
+        gradflow.jacobian_map(bn, bn.init(jax.random.key(0)), inputs(jnp.float32))
+    # the gradient map includes the coupling: equal to a Python loop over the user's step
+    step = [lambda h, x, p=p: _centred_step(p, h, x)[0] for p in params["layers"]]
+    want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda h: h,
+                         lambda h, v: v, xs)
+    assert_maps(hidden_map(stack, params, xs), want)
+    # with no probe to find it (no hidden_size), the first init refuses it undeclared
+    with pytest.raises(ValueError, match="mixes the examples.*couples_batch=True"):
+        gradflow.Stack(cells.from_function(_centred_step, _wu_init), L, D, H).init(
+            jax.random.key(0))
+    declared = cells.from_function(_centred_step, _wu_init, couples_batch=True)
+    assert declared.couples_batch
+    gradflow.Stack(declared, L, D, H).init(jax.random.key(0))
+    with pytest.raises(TypeError, match="couples_batch must be"):
+        cells.from_function(_centred_step, _wu_init, couples_batch="yes")
+
+
+def test_local_gains_are_the_jacobians_backpropagation_uses(x64):
+    """A cell with a custom_vjp (here: the gradient through h scaled by 1/2, the value
+    unchanged) has gains as backprop sees them: half the plain cell's temporal gains."""
+    @jax.custom_vjp
+    def half_grad(v):
+        return v
+
+    half_grad.defvjp(lambda v: (v, None), lambda _, g: (0.5 * g,))
+
+    def make(f):
+        return cells.from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + f(h) @ p["U"]),) * 2,
+                                   _wu_init, hidden_size=H)
+
+    plain, halved = (gradflow.Stack(make(f), L, D, H) for f in (lambda v: v, half_grad))
+    params = plain.init(jax.random.key(0), jnp.float64)
+    xs = inputs(jnp.float64)
+    a, b = gradflow.local_gains(plain, params, xs), gradflow.local_gains(halved, params, xs)
+    for k in ("temporal_rms", "temporal_spectral"):
+        np.testing.assert_allclose(b[k], 0.5 * a[k], rtol=1e-12)
+    for k in ("vertical_rms", "vertical_spectral"):
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-12)
+
+
 def test_clear_errors():
     with pytest.raises(TypeError, match="init must be"):
         cells.from_function(_lstm_step, None)

@@ -250,7 +250,7 @@ def _check_gates(who: str, gates, signature: str, returns: str, sown: bool = Fal
 def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidden_size,
            output, reports_gates: bool, gate_kinds, make_init: Callable,
            probe_params: Callable | None, finds_output: bool, to_params: Callable,
-           options: dict) -> Cell:
+           options: dict, couples_batch: bool | None = False) -> Cell:
     """A :class:`Cell` around ``call(params, carry, x) -> (carry, y or None, {gate: value})``.
 
     Args:
@@ -259,6 +259,8 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
       make_init: ``(key, input_size, hidden_size, dtype) -> params`` (not cast yet).
       probe_params: ``() -> (params, input_size)`` for the probe step, or None.
       finds_output: ``call`` returns the output ``y`` (so the probe can find its carry leaf).
+      couples_batch: whether a step mixes the examples of a batch; None: found by the probe
+        step (or refused at the first init if it does and no probe could run).
     """
     call_b = call if batched else jax.vmap(call, in_axes=(None, 0, 0))
     leaves, treedef = jax.tree_util.tree_flatten(template)
@@ -280,20 +282,32 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
     if (need_output or (reports_gates and gate_kinds is None)) and not can_probe:
         raise ValueError(f"{who}: finding the output leaf and the gate kinds runs one step; "
                          "give hidden_size= (or output= and gate_kinds=)")
-    if can_probe and (finds_output or reports_gates):
-        new_leaves, y, probe_gates = _probe(who, call_b, treedef, n, probe_params,
-                                            int(hidden_size))
+    if couples_batch is not None and not isinstance(couples_batch, bool):
+        raise TypeError(f"{who}: couples_batch must be True, False or None, got "
+                        f"{couples_batch!r}")
+    detect = batched and couples_batch is None  # a vmapped step cannot mix examples
+    if can_probe and (finds_output or reports_gates or detect):
+        new_leaves, y, probe_gates, coupled = _probe(who, call_b, treedef, n, probe_params,
+                                                     int(hidden_size))
         if finds_output:  # also where output= or a one-array carry says which leaf is h
             out = _find_output(who, new_leaves, y, int(hidden_size), out)
+        if detect:
+            couples_batch, detect = coupled, False
     names = _state_names(n, 0 if out is None else out)
     if reports_gates:
         kinds = _settle_kinds(who, kinds, probe_gates, hidden_size)
     check_output = None
-    if finds_output and not can_probe:  # no probe yet: the first init's params run it
+    if (finds_output or detect) and not can_probe:  # the first init's params run the probe
         def check_output(params, n_in, H):
-            leaves, y, _ = _probe(who, call_b, treedef, n,
-                                  lambda: (_cast(params, jnp.float32), n_in), H)
-            _find_output(who, leaves, y, H, 0 if out is None else out)
+            leaves, y, _, coupled = _probe(who, call_b, treedef, n,
+                                           lambda: (_cast(params, jnp.float32), n_in), H)
+            if finds_output:
+                _find_output(who, leaves, y, H, 0 if out is None else out)
+            if detect and coupled:
+                raise ValueError(f"{who}: the step mixes the examples of a batch (example 0's "
+                                 "new carry moves with the others' inputs): declare it, "
+                                 "couples_batch=True, so that per-example measurements "
+                                 "refuse it and batches are not split")
     recur, init_fn = _functions(who, call_b, treedef, names, tuple(kinds), n, hidden_size,
                                 make_init, check_output)
     opts = {**options, "adapter": who}
@@ -302,11 +316,12 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
     return Cell(name=name, init_fn=init_fn, recur_fn=recur, options=tuple(sorted(opts.items())),
                 state_names=names, gate_kinds=tuple(kinds.items()),
                 equation=f"{who}: {options.get('module', 'user function')}",
-                to_params=to_params)
+                to_params=to_params, couples_batch=bool(couples_batch))
 
 
 def _probe(who, call_b, treedef, n, probe_params, H):
-    """One step on random inputs: ``(new carry leaves, output y, gates)``."""
+    """One step on random inputs: ``(new carry leaves, output y, gates, coupled)``;
+    ``coupled``: example 0's new carry changes when the other examples' inputs do."""
     params, n_in = probe_params()
     ks = jax.random.split(jax.random.key(7), n + 1)
     carry = jax.tree_util.tree_unflatten(
@@ -318,7 +333,11 @@ def _probe(who, call_b, treedef, n, probe_params, H):
         raise _step_failed(who, e, f"one probe step (batch {_PROBE_BATCH}, input_size "
                                    f"{n_in}, hidden_size {H})",
                            f"input_size={n_in}, hidden_size={H}") from e
-    return _carry_leaves(who, new, treedef, (_PROBE_BATCH, H)), y, probe_gates
+    leaves = _carry_leaves(who, new, treedef, (_PROBE_BATCH, H))
+    moved, _, _ = call_b(params, carry, x.at[1:].set(-2.0 * x[1:] + 1.0))
+    coupled = not all(np.allclose(a[0], b[0], rtol=1e-5, atol=1e-7)
+                      for a, b in zip(leaves, treedef.flatten_up_to(moved)))
+    return leaves, y, probe_gates, coupled
 
 
 def _module_probe(own, n_in, init, make_init, H) -> Callable:
@@ -434,7 +453,8 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
 
 def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
                   input_size: int | None = None, state=None, output=None, batched: bool = True,
-                  gates: Callable | None = None, gate_kinds=None, name: str = "user") -> Cell:
+                  gates: Callable | None = None, gate_kinds=None, name: str = "user",
+                  couples_batch: bool | None = None) -> Cell:
     r"""A cell from a plain step function
     :math:`(\mathrm{carry}_t, y_t) = f_\theta(\mathrm{carry}_{t-1}, x_t)`.
 
@@ -458,6 +478,11 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
       gate_kinds: ``{gate: kind}`` (:data:`gradflow.cells.base.KINDS`); default per gate:
         ``"sigmoid"`` if its probe values lie in ``[0, 1]``, else ``"other"``.
       name: a label (two cells of one name stay distinct: equality compares the functions).
+      couples_batch: whether the step mixes the examples of a batch (batch statistics);
+        default: found by the probe step (example 0's carry moving with the others' inputs),
+        or, where none could run, refused at the first init if it does. Such a cell's batch
+        is never split over devices, and the per-example measurements (``jacobian_map``,
+        ``local_gains``) refuse it.
     Returns:
       A :class:`Cell` whose state is the carry (output leaf ``"h"``, the other ``"c"``, or
       ``"s1", "s2", ...``).
@@ -499,7 +524,8 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
                   hidden_size=hidden_size, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=probe, finds_output=True, to_params=lambda obj: obj,
-                  options={"module": getattr(step, "__name__", "step")})
+                  options={"module": getattr(step, "__name__", "step")},
+                  couples_batch=couples_batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,7 +588,8 @@ def _not_a_module(who: str, module) -> str:
 
 
 def from_linen(module, *, hidden_size: int | None = None, output=None, gates=None,
-               gate_kinds=None, name: str | None = None) -> Cell:
+               gate_kinds=None, name: str | None = None,
+               couples_batch: bool | None = None) -> Cell:
     r"""A cell from a ``flax.linen`` RNN cell, called as ``module.apply({"params": p}, carry, x)``.
 
     Works for ``nn.LSTMCell``, ``nn.OptimizedLSTMCell``, ``nn.GRUCell``, ``nn.MGUCell``,
@@ -580,6 +607,8 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
         module sows with ``self.sow("intermediates", name, value)``.
       gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
       name: a label (default the module's class name).
+      couples_batch: whether the step mixes the examples of a batch, as
+        :func:`from_function`'s (default: found by the probe step).
 
     Example::
 
@@ -633,7 +662,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
                   template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=probe, finds_output=True, to_params=to_params,
-                  options={"module": type(module).__name__})
+                  options={"module": type(module).__name__}, couples_batch=couples_batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,7 +689,8 @@ def _nnx_rebuild(nnx, module, key, n_in: int, H: int):
 
 
 def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None, gates=None,
-             gate_kinds=None, init: Callable | None = None, name: str | None = None) -> Cell:
+             gate_kinds=None, init: Callable | None = None, name: str | None = None,
+             couples_batch: bool | None = None) -> Cell:
     r"""A cell from a ``flax.nnx`` RNN cell (``nnx.LSTMCell``, ``nnx.GRUCell``, ...; any module
     with ``__call__(carry, x) -> (carry, y)`` on batched arrays).
 
@@ -686,6 +716,8 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         A probe step (finding the output or gate kinds) runs ``module`` on
         ``module.in_features`` features, or else on ``init(key, H, H)``.
       name: a label (default the module's class name).
+      couples_batch: whether the step mixes the examples of a batch, as
+        :func:`from_function`'s (default: found by the probe step).
     """
     who = "from_nnx"
     nnx = _require("flax.nnx", "flax", who)
@@ -743,7 +775,8 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=_module_probe(own, getattr(module, "in_features", None), init,
                                              make_init, H), finds_output=True,
-                  to_params=to_params, options={"module": type(module).__name__})
+                  to_params=to_params, options={"module": type(module).__name__},
+                  couples_batch=couples_batch)
 
 
 # ---------------------------------------------------------------------------------------------
