@@ -368,7 +368,11 @@ def test_equinox_integer_arrays_are_fixed_not_parameters(x64):
                          lambda h, v: v, xs)
     assert_maps(hidden_map(stack, params, xs), want)
     one = gradflow.Stack(cells.from_equinox(trained[1]), L, H, H)
-    assert all(sorted(p) == ["U", "W"] for p in one.init(jax.random.key(0))["layers"])
+    with pytest.warns(UserWarning, match="has no init=, so every layer starts from the "
+                                         "module's own weights"):
+        fresh = one.init(jax.random.key(0), jnp.float64)
+    assert all(sorted(p) == ["U", "W"] for p in fresh["layers"])
+    assert all(np.array_equal(p["U"], trained[1].U) for p in fresh["layers"])
     other = _PermCell(H, H, ks[2], flip=False)  # another buffer than the cell's module
     with pytest.raises(ValueError, match="other integer or boolean arrays"):
         cells.stack_params(one, [trained[1], trained[2], other])
@@ -555,14 +559,18 @@ def test_no_gates_maps_work_statistics_say_how():
 
 
 class _SowingCell(nn.RNNCellBase):
-    """A user's linen cell (a minimal GRU-like cell) that sows its update gate."""
+    """A user's linen cell (a minimal GRU-like cell) that sows its update gate (and, with
+    ``extra``, a scalar that is no gate)."""
     features: int
+    extra: bool = False
 
     @nn.compact
     def __call__(self, h, x):
         z = nn.sigmoid(nn.Dense(self.features, name="Wz")(jnp.concatenate([x, h], -1)))
         n = jnp.tanh(nn.Dense(self.features, name="Wn")(jnp.concatenate([x, h], -1)))
         self.sow("intermediates", "z", z)
+        if self.extra:
+            self.sow("intermediates", "h_norm", jnp.linalg.norm(h))
         h = z * h + (1 - z) * n
         return h, h
 
@@ -593,6 +601,14 @@ def test_linen_sown_gates():
     z = np.asarray(jnp.stack(z))
     stats = gates.saturation(stack, params, xs)
     np.testing.assert_allclose(stats["mean/z"], z.mean(axis=(1, 3)), rtol=1e-5)
+    # a module that sows more than its gates: gate_kinds picks them
+    more = _SowingCell(features=H, extra=True)
+    with pytest.raises(ValueError, match="gate 'h_norm' has shape"):
+        cells.from_linen(more, gates="sown")
+    picked = gradflow.Stack(cells.from_linen(more, gates="sown", gate_kinds={"z": "sigmoid"}),
+                            2, D, H)
+    np.testing.assert_allclose(gates.saturation(picked, params, xs)["mean/z"],
+                               stats["mean/z"], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -158,6 +159,23 @@ def _kinds(gate_kinds) -> dict:
         if k not in KINDS:
             raise ValueError(f"gate {g!r} has unknown kind {k!r}; valid kinds: {', '.join(KINDS)}")
     return out
+
+
+def _own_weights(who: str, module) -> Callable:
+    """``(key) -> None`` warning once that every layer gets ``module``'s own weights (an adapter
+    given a user's module class it cannot rebuild, and no ``init``); silent where the key is
+    traced (shape inference, e.g. checking trained params against the stack's)."""
+    said = []
+
+    def warn(key):
+        if not said and not isinstance(key, jax.core.Tracer):
+            said.append(True)
+            warnings.warn(
+                f"{who}: {type(module).__name__} has no init=, so every layer starts from the "
+                "module's own weights (identical layers; the key is not used): pass "
+                "init=(key, input_size, hidden_size) -> module for fresh ones, or your "
+                "trained modules through stack_params", UserWarning, stacklevel=5)
+    return warn
 
 
 def _message(e: Exception) -> str:
@@ -604,7 +622,8 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
       output: the carry leaf that is the output (default: found by a probe step; ``h`` of the
         LSTM carry ``(c, h)``).
       gates: ``gates(params, carry, x) -> {name: (B, H)}``, or ``"sown"``: every value the
-        module sows with ``self.sow("intermediates", name, value)``.
+        module sows with ``self.sow("intermediates", name, value)`` (only those ``gate_kinds``
+        names, where it is given: a module may sow more than its gates).
       gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
       name: a label (default the module's class name).
       couples_batch: whether the step mixes the examples of a batch, as
@@ -638,7 +657,10 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
         if gates == "sown":
             out, st = module.apply({"params": params}, carry, x, mutable=["intermediates"])
             new, y = _pair(who, out, "the module")
-            return new, y, _sown(st.get("intermediates", {}))
+            sown = _sown(st.get("intermediates", {}))
+            if gate_kinds is not None:  # the gates among what the module sows
+                sown = {g: sown[g] for g in gate_kinds if g in sown}
+            return new, y, sown
         new, y = _pair(who, module.apply({"params": params}, carry, x), "the module")
         return new, y, (gates(params, carry, x) if gates is not None else {})
 
@@ -764,11 +786,16 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         raise TypeError(f"{who}: a layer's weights are an nnx module or its params dict, got "
                         f"{type(obj).__name__}")
 
+    same = _own_weights(who, module)
+
     def make_init(key, n_in_, H_, dtype):
         if init is not None:
             return to_params(init(key, n_in_, H_))
         fresh = _nnx_rebuild(nnx, module, key, n_in_, H_)
-        return own if fresh is None else to_params(fresh)
+        if fresh is None:
+            same(key)
+            return own
+        return to_params(fresh)
 
     return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
                   template=template, hidden_size=H, output=output,
@@ -883,12 +910,14 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
         return m(x, carry), None, (gates(m, carry, x) if gates is not None else {})
 
     to_params = functools.partial(_eqx_to_params, eqx, module, keys)
+    same = _own_weights(who, module)
 
     def make_init(key, n_in, H_, dtype):
         if init is not None:
             return to_params(init(key, n_in, H_))
         if builtin:
             return split(type(module)(n_in, H_, use_bias=module.use_bias, key=key))[0]
+        same(key)
         return own
 
     probe = _module_probe(own, getattr(module, "input_size", None), init, make_init, H)
