@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import textwrap
@@ -1533,6 +1534,19 @@ def _speed_settings(devices, program: bool):
     return parallel.batch_devices(devices or "auto")
 
 
+def _interrupted(command: str):
+    """The gradflow program's SIGINT handler: one line and exit status 130 now. Not a
+    KeyboardInterrupt: raised inside a callback (XLA's garbage-collection hook) it was
+    swallowed and the run went on, and returning through Python's shutdown while XLA's
+    compiler threads still ran crashed the process (SIGSEGV)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(f"{command}: interrupted\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
 def main(argv=None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
@@ -1541,18 +1555,20 @@ def main(argv=None) -> int:
     """
     program = argv is None  # the gradflow program itself, not a call from Python
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    command = "gradflow"
+    command = ["gradflow"]
+    if program:  # Ctrl-C ends the process at once, wherever Python is (see _interrupted)
+        signal.signal(signal.SIGINT, lambda *_: _interrupted(command[0]))
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
             raise UsageError("gradflow: error: choose a command: heatmap, compare, gates, cells, "
                              "reproduce, train, atlas (see gradflow --help)")
-        command = f"gradflow {args.command}"
+        command[0] = f"gradflow {args.command}"
         with warnings.catch_warnings(), _speed_settings(args.devices, program):
             # Non-finite entries are data: the summaries count them; no warning lines, but
             # one line where the forward pass itself overflowed (the reason the map is NaN).
             warnings.simplefilter("ignore", NonFiniteWarning)
-            _forward_overflow_lines(command)
+            _forward_overflow_lines(command[0])
             return args.run(args)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
@@ -1560,10 +1576,10 @@ def main(argv=None) -> int:
         print(_one_line(e), file=sys.stderr)
         return 2
     except InputError as e:
-        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{command[0]}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
+        print(f"{command[0]}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `gradflow cells | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -1572,7 +1588,7 @@ def main(argv=None) -> int:
         if "--debug" in argv:
             traceback.print_exc()
         else:
-            print(f"{command}: internal error: {type(e).__name__}: {_one_line(e)} (a bug in "
+            print(f"{command[0]}: internal error: {type(e).__name__}: {_one_line(e)} (a bug in "
                   "gradflow, not in your input; run again with --debug for the traceback)",
                   file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 numbers, the printed summary equals NumPy on the written data, and bad input gets one line on
 stderr and exit status 2 with no traceback (in-process, plus the installed script once)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -554,6 +555,25 @@ def test_ctrl_c_is_one_line_exit_130(capsys, monkeypatch):
     monkeypatch.setattr(jacobian, "gradient_map", interrupted)
     rc, out, err = run(capsys, "heatmap", *SMALL, "--no-data")
     assert rc == 130 and err == "gradflow heatmap: interrupted\n"
+
+
+def test_ctrl_c_ends_the_program_at_once_with_130(tmp_path):
+    """The gradflow program itself, interrupted while it compiles and runs a large map: one
+    line and status 130 (a KeyboardInterrupt was swallowed in XLA's gc callback, or crashed
+    the process at shutdown with XLA's threads running)."""
+    code = ("import os, signal, sys, threading\n"
+            "from gradflow import cli\n"
+            "sys.argv = ['gradflow', 'heatmap', '--cell', 'lstm', '--layers', '32', '--steps', "
+            "'3000', '--hidden', '128', '--no-data', '--out', sys.argv[1]]\n"
+            "threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+            "raise SystemExit(cli.main())\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-500:]
+    # (after progress lines; it names the command once parsed: "gradflow heatmap: ...")
+    assert re.search(r"(^|\n)gradflow( heatmap)?: interrupted\n\Z", proc.stderr)
+    assert "Traceback" not in proc.stderr and "Exception" not in proc.stderr
+    assert proc.stdout == ""
 
 
 def test_digits_without_scikit_learn_names_the_extra(capsys, monkeypatch):
