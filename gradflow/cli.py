@@ -402,11 +402,14 @@ def _row_means(values: np.ndarray) -> np.ndarray:
         return np.where(finite, values, 0.0).sum(axis=1) / finite.sum(axis=1)
 
 
-def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = None) -> list[str]:
+def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = None,
+                last: int = -1) -> list[str]:
     """Lines describing an ``(L, T)`` gradient map ``V``.
 
     Per layer ``l``: ``mean_t V[l, t]`` (finite entries) and its ratio to the top layer's; over
-    time: ``V[l, 0] / V[l, T-1]`` at the top and bottom layers; the range ``max / min`` in
+    time: ``V[l, 0] / V[l, last]`` at the top and bottom layers (``last``: the last step the
+    map reaches, ``T - 2`` for a memory ``c`` whose last step is 0 by construction, see
+    :func:`result_summary`); the range ``max / min`` in
     decades with where they are; the number of non-finite entries and of underflow entries
     (below the normal range of ``values``' dtype, where every entry is expected positive:
     ``underflow`` if given, e.g. ``result.underflow["values"]``, else counted here). Maps deeper
@@ -428,10 +431,11 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
     for l in shown:
         tag = " (top)" if l == L - 1 else " (bottom)" if l == 0 and L > 1 else ""
         lines.append(f"  layer {l:>3}{tag:<9} {_g(means[l]):>10}   {_ratio(means[l], means[-1])}")
-    lines.append("over time: first step / last step")
-    lines.append(f"  top layer    {_ratio(values[-1, 0], values[-1, -1])}")
+    lines.append("over time: first step / last step" + (
+        f" it reaches (t {last % T})" if last % T != T - 1 else ""))
+    lines.append(f"  top layer    {_ratio(values[-1, 0], values[-1, last])}")
     if L > 1:
-        lines.append(f"  bottom layer {_ratio(values[0, 0], values[0, -1])}")
+        lines.append(f"  bottom layer {_ratio(values[0, 0], values[0, last])}")
     finite = np.isfinite(values)
     pos = finite & (values > 0)
     if pos.any():
@@ -445,6 +449,15 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
     lines.append(f"underflow entries: {int(underflow)} of {values.size} (below the {dtype.name} "
                  f"range, {np.finfo(dtype).tiny:.2g}: a positive gradient stored as 0)")
     return lines
+
+
+def result_summary(res, max_rows: int = 16) -> list[str]:
+    """:func:`map_summary` of a gradient-map :class:`~gradflow.results.Result`: its own
+    underflow count (which leaves out the entries 0 by construction: a memory ``c`` at the
+    last step) and, for a map wrt ``c``, the last step it reaches."""
+    T = res.values.shape[-1]
+    last = T - 2 if res.config.get("wrt") == "cell" and T > 1 else T - 1
+    return map_summary(res.values, max_rows, res.underflow.get("values"), last)
 
 
 def _panel_line(loss: str, cell: str, values: np.ndarray, width: int) -> str:
@@ -875,7 +888,7 @@ def run_heatmap(args) -> int:
     notes, normalize = [], args.normalize
     ref = res.values[-1, -1]
     if normalize and not (np.isfinite(ref) and ref > 0):
-        notes.append(f"note: not normalised: the top-last value is {ref!r}")
+        notes.append(f"note: not normalised: the top-last value is {_g(float(ref))}")
         normalize = False
     fig = plot.heatmap(res, normalize=normalize)
     print(f"gradflow heatmap: {_describe(res.config, prob.stack.cells[0])}")
@@ -883,7 +896,7 @@ def run_heatmap(args) -> int:
         print(f"trained parameters from {args.params}"
               + (f" (step {res.config['train_step']})" if "train_step" in res.config else ""))
     print(f"gradient map wrt {args.wrt}, loss {args.loss} (value {_g(float(res.loss_value))})")
-    for line in map_summary(res.values) + notes + _write(fig, res, fig_path, data_path):
+    for line in result_summary(res) + notes + _write(fig, res, fig_path, data_path):
         print(line)
     return 0
 
@@ -1376,7 +1389,7 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
         maps[("map", f"step {s}")] = res
         print(f"  gradient map wrt {args.wrt} at step {s} (probe loss {args.record_loss}, "
               f"value {_g(float(res.loss_value))}):")
-        for line in map_summary(res.values, max_rows=8):
+        for line in result_summary(res, max_rows=8):
             print("    " + line)
     if maps:
         fig = plot.grid(maps, rows=["map"], cols=[k[1] for k in maps], normalize=False,

@@ -99,6 +99,20 @@ def test_heatmap_writes_figure_and_data_at_the_default_place_and_the_summary_is_
     assert "non-finite entries: 0 of 6" in out
 
 
+def test_heatmap_of_the_memory_summarises_the_steps_it_reaches(capsys):
+    """A map wrt c is 0 at the last step by construction (h_{T-1} is formed before c_{T-1}
+    leaves the cell): not underflow, and 'over time' compares with the step before."""
+    rc, out, err = run(capsys, "heatmap", "--cell", "lstm", "--wrt", "cell", *SMALL)
+    assert rc == 0, err
+    res = gradflow.load(_written(out, "data:"))
+    v = res.values.astype(float)
+    assert (v[:, -1] == 0).all() and (v[:, :-1] > 0).all() and res.underflow == {"values": 0}
+    assert "underflow entries: 0 of 6" in out
+    assert "over time: first step / last step it reaches (t 1)" in out
+    np.testing.assert_allclose(_summary_ratio(out, "top layer"), v[-1, 0] / v[-1, -2],
+                               rtol=5e-3)
+
+
 def test_heatmap_explicit_paths_formats_options_and_float64(capsys, tmp_path, x64):
     rc, out, err = run(capsys, "heatmap", "--cell", "gru", *SMALL, "--wrt", "hidden", "--loss",
                        "all", "--init", "glorot", "--option", "forget_bias_init=1.5",
