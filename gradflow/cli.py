@@ -323,24 +323,29 @@ def _check_path(path: str, valid_exts, what: str) -> str:
     return path
 
 
-def output_paths(args, stem: str) -> tuple[str, str | None]:
+def output_paths(args, stem: str, create: bool = True) -> tuple[str, str | None]:
     """``(figure path, data path or None)`` from ``--out``/``--data``/``--no-data``.
 
-    Defaults: ``gradflow-out/<stem>.png`` (the folder is created) and the figure's path with
+    Defaults: ``gradflow-out/<stem>.png`` (the folder is created, unless not ``create``: a
+    dry run checks the paths it was given and makes nothing) and the figure's path with
     ``.npz``. Explicit paths must have a valid extension and an existing, writable folder.
     """
-    if args.out is None:
-        os.makedirs(DEFAULT_OUT_DIR, exist_ok=True)
+    default = args.out is None
+    if default:
         fig = os.path.join(DEFAULT_OUT_DIR, f"{stem}.png")
-        _check_path(fig, FORMATS, "figure")
+        if create:
+            os.makedirs(DEFAULT_OUT_DIR, exist_ok=True)
+            _check_path(fig, FORMATS, "figure")
     else:
         fig = _check_path(args.out, FORMATS, "figure")
     if args.no_data:
         if args.data is not None:
             raise UsageError("gradflow: error: --data and --no-data cannot be used together")
         return fig, None
-    data = str(Path(fig).with_suffix(DATA_EXT)) if args.data is None else args.data
-    return fig, _check_path(data, (DATA_EXT,), "data")
+    if args.data is None:
+        data = str(Path(fig).with_suffix(DATA_EXT))
+        return fig, (_check_path(data, (DATA_EXT,), "data") if create or not default else data)
+    return fig, _check_path(args.data, (DATA_EXT,), "data")
 
 
 def _options_token(options) -> str:
@@ -756,17 +761,24 @@ def add_cost_options(p, checkpoint: bool = True):
 PROGRESS_AFTER = 10.0
 
 
-def _budget(args, stacks, wrt: str = "hidden", runs: int = 1):
-    """Estimate the request (:mod:`gradflow.cost`) before anything is built or compiled.
+def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None = None):
+    """Check and estimate the request (:mod:`gradflow.cost`) before anything is built or
+    compiled: every check a run makes first (``wrt`` against the stacks' states, the output
+    paths from ``stem``), so that a dry run passes what the run does.
 
     ``--dry-run``: print memory, FLOPs and time, return None (the caller exits 0). Otherwise
     refuse a request over ``--max-memory`` or the available memory (an InputError: one line,
-    exit 2), and return ``say(message)``, which prints progress lines on stderr when the
-    request is estimated to take over :data:`PROGRESS_AFTER` seconds.
+    exit 2), and return ``(say, (figure path, data path))``: ``say(message)`` prints progress
+    lines on stderr when the request is estimated to take over :data:`PROGRESS_AFTER` seconds.
     """
     import time
 
     from gradflow import cost
+    from gradflow.jacobian import check_wrt
+
+    for s in stacks:
+        check_wrt(s, wrt)
+    paths = output_paths(args, stem, create=False) if stem is not None else None
 
     costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt, calibrate=False)
              for s in stacks]
@@ -805,7 +817,7 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1):
             print(f"{name}: {message} (estimated about {cost.seconds_str(seconds)}; "
                   f"{time.perf_counter() - start:.0f} s so far)", file=sys.stderr, flush=True)
 
-    return say
+    return say, (output_paths(args, stem) if paths is not None else None)
 
 
 def add_output_options(p):
@@ -866,19 +878,20 @@ def run_heatmap(args) -> int:
                                 f"L{prob.stack.layers}", source.stem,
                                 skip=_STACK_OPTIONS + (("steps", "seed", "input_scale")
                                                        if "train_step" in prob.config else ()))
-            say = _budget(args, [prob.stack], args.wrt)
-            if say is None:
+            budget = _budget(args, [prob.stack], args.wrt, stem=stem)
+            if budget is None:
                 return 0
-            fig_path, data_path = output_paths(args, stem)
+            say, (fig_path, data_path) = budget
         else:
             cell = _cell(args, args.steps)
             D = first_width(args.hidden) if args.input_size is None else args.input_size
-            say = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
-                                               **_stack_settings(args))], args.wrt)
-            if say is None:
+            budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
+                                                  **_stack_settings(args))], args.wrt,
+                             stem=default_stem(args, "heatmap", cell.name, f"L{args.layers}",
+                                               skip=("cell", "layers")))
+            if budget is None:
                 return 0
-            fig_path, data_path = output_paths(args, default_stem(
-                args, "heatmap", cell.name, f"L{args.layers}", skip=("cell", "layers")))
+            say, (fig_path, data_path) = budget
             say("building the stack and its parameters...")
             prob = _problem(args, cell)
         say("compiling and running the gradient map...")
@@ -952,13 +965,13 @@ def run_compare(args) -> int:
     if len(set(labels)) < len(labels):
         raise InputError(f"--cells: two cells are named alike ({', '.join(labels)}); a user's "
                          "cell is labelled by its name")
-    say = _budget(args, stacks, args.wrt, runs=len(args.losses))
-    if say is None:
-        return 0
-    say("building, compiling and running the gradient maps...")
     stem = default_stem(args, "compare", "-".join(args.cells), f"L{args.layers}",
                         skip=("cells", "layers"))
-    fig_path, data_path = output_paths(args, stem)
+    budget = _budget(args, stacks, args.wrt, runs=len(args.losses), stem=stem)
+    if budget is None:
+        return 0
+    say, (fig_path, data_path) = budget
+    say("building, compiling and running the gradient maps...")
     grid = experiments.gradient_grid(
         entries, args.losses, wrt=args.wrt, readout_seed=args.readout_seed,
         layers=args.layers, steps=args.steps, hidden=args.hidden, batch=args.batch,
@@ -1046,12 +1059,13 @@ def run_gates(args) -> int:
                            f"{', '.join(cell.gate_names)}")
     # Gate statistics run the stack forward only: the gradient map's estimate bounds them.
     D = first_width(args.hidden) if args.input_size is None else args.input_size
-    say = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
-                                       **_stack_settings(args))])
-    if say is None:
+    budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
+                                          **_stack_settings(args))],
+                     stem=default_stem(args, "gates", cell.name, f"L{args.layers}",
+                                       skip=("cell", "layers")))
+    if budget is None:
         return 0
-    fig_path, data_path = output_paths(args, default_stem(
-        args, "gates", cell.name, f"L{args.layers}", skip=("cell", "layers")))
+    say, (fig_path, data_path) = budget
     with precision(args.dtype):
         say("building the stack, compiling and running...")
         prob = _problem(args, cell)
@@ -1399,7 +1413,7 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
 
 
 def run_train(args) -> int:
-    from gradflow.jacobian import gradient_map
+    from gradflow.jacobian import check_wrt, gradient_map
     from gradflow.problem import precision, task_stack
     from gradflow.train import TrainConfig, check_run, train
 
@@ -1425,6 +1439,8 @@ def run_train(args) -> int:
     record = record if args.record else None
     with user_input():  # train's own checks, before the run folder and the header
         check_run(stack, task, task, TrainConfig(**run), record)
+        if record:  # the recorded maps' wrt, not at the first record step
+            check_wrt(stack, args.wrt)
     out = _train_dir(args)
     print(f"gradflow train: {args.cell} x {args.layers} layers, H={width_text(args.hidden)}, on "
           f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "

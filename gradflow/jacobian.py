@@ -212,11 +212,8 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
       Where the loss is not finite (the forward pass overflowed) every entry is NaN, with a
       :class:`~gradflow.results.NonFiniteForwardWarning` saying where the states are not finite.
     """
-    checks.choice("wrt", wrt, WRTS)
+    check_wrt(stack, wrt)
     xs = _prepare(stack, params, xs, loss)
-    if wrt == "cell" and "c" not in stack.state_names:
-        raise InputError(f"wrt='cell' needs a cell with a memory state c; this stack's cells "
-                         f"have only {', '.join(stack.state_names)}")
     with user_input():  # too big for this machine: the user's sizes to change
         _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype, wrt,
                                         calibrate=False))
@@ -231,6 +228,15 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
     config = _config(stack, xs, meta, loss=loss_name, wrt=wrt, readout_seed=readout_seed)
     return make_result("gradient_map", {"values": vals, "loss_value": value}, config,
                        positive=expected_positive(loss, wrt, xs.shape[1]))
+
+
+def check_wrt(stack: Stack, wrt: str) -> None:
+    """An InputError unless ``wrt`` is one of :data:`WRTS` that ``stack`` has (``"cell"``
+    needs a memory state ``c``), naming the cell that lacks it."""
+    checks.choice("wrt", wrt, WRTS)
+    if wrt == "cell" and "c" not in stack.state_names:
+        raise InputError(f"wrt='cell' needs a cell with a memory state c; cell "
+                         f"{stack.cells[0].name!r} has only {', '.join(stack.state_names)}")
 
 
 def expected_positive(loss, wrt: str, steps: int):
@@ -626,6 +632,6 @@ def _gains(stack, params, xs, chunk):
         ("temporal_spectral", ts))}
 
 
-__all__ = ["gradient_map", "map_arrays", "jacobian_map", "local_gains", "gain_arrays",
+__all__ = ["gradient_map", "check_wrt", "map_arrays", "jacobian_map", "local_gains", "gain_arrays",
            "readout_loss", "ReadoutLoss", "state_gradients",
            "per_step_param_grads", "LOSSES", "WRTS", "NORMS", "METHODS"]

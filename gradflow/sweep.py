@@ -169,9 +169,7 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
     for name in names:
         cell = _cells.for_length(name, steps, **(cell_options or {}))
         stack = Stack(cell, layers, D, hidden, **(stack_options or {}))
-        if wrt == "cell" and "c" not in stack.state_names:
-            raise ValueError(f"wrt='cell' needs a cell with a memory state c; cell "
-                             f"{cell.name!r} has only {', '.join(stack.state_names)}")
+        _jac.check_wrt(stack, wrt)
         values, maps = sweep_arrays(stack, seeds, steps=steps, batch=batch, dtype=dt,
                                     input_scale=input_scale, loss=loss, wrt=wrt,
                                     readout_seed=readout_seed, devices=devices)

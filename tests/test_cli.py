@@ -590,6 +590,28 @@ def test_ctrl_c_ends_the_program_at_once_with_130(tmp_path):
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["heatmap", "--cell", "gru", "--wrt", "cell"], "cell 'gru' has only h"),
+    (["compare", "--cells", "lstm,gru", "--wrt", "cell"], "cell 'gru' has only h"),
+    (["heatmap", "--cell", "gru", "--out", "x.txt"], "unsupported figure extension"),
+    (["gates", "--cell", "lstm", "--data", "x.png"], "unsupported data extension"),
+])
+def test_a_dry_run_refuses_what_the_run_refuses_and_neither_leaves_a_folder(capsys, argv,
+                                                                            message):
+    for extra in (["--dry-run"], []):
+        rc, out, err = run(capsys, *argv, *SMALL, *extra)
+        assert rc == 2 and message in err and err.count("\n") == 1, (extra, err)
+        assert out == "" and not Path("gradflow-out").exists()
+
+
+def test_train_refuses_a_recorded_wrt_the_cell_lacks_before_training(capsys):
+    rc, out, err = run(capsys, "train", "--cell", "gru", "--task", "adding", "--layers", "2",
+                       "--hidden", "8", "--steps", "30", "--batch", "8", "--wrt", "cell",
+                       "--record", "30", "--out", "run")
+    assert rc == 2 and "cell 'gru' has only h" in err and out == ""
+    assert not Path("run").exists()
+
+
 def test_digits_without_scikit_learn_names_the_extra(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
