@@ -118,6 +118,7 @@ class Claim:
       reads: the measurement kind (a key of :data:`MEASUREMENTS`).
       where: ``((factor, values), ...)``: the claim reads only conditions whose ``factor`` is
         one of ``values`` (for ``"gradient_map"``: ``wrt`` and ``loss``).
+      min_layers: the fewest layers a condition needs for the claim to read it.
     """
 
     name: str
@@ -127,6 +128,7 @@ class Claim:
     holds: Callable
     reads: str = "gradient_map"
     where: tuple = ()
+    min_layers: int = 1
 
     def __post_init__(self):
         if self.reads not in MEASUREMENTS:
@@ -139,6 +141,7 @@ class Claim:
         """Whether the claim reads ``condition``'s measurement."""
         return (measure_of(condition) == self.reads
                 and parse_cell(condition["cell"])[0] in self.cells
+                and condition.get("layers", self.min_layers) >= self.min_layers
                 and all(condition.get(k) in v for k, v in self.where))
 
     def evaluate(self, measurement) -> tuple[float, bool]:
@@ -149,6 +152,7 @@ class Claim:
     def scope(self) -> str:
         """The conditions it reads, in words (for error messages)."""
         return ", ".join([f"reads {self.reads}", f"cells {', '.join(self.cells)}"]
+                         + ([f"layers >= {self.min_layers}"] if self.min_layers > 1 else [])
                          + [f"{k} {', '.join(map(str, v))}" for k, v in self.where])
 
 
@@ -244,6 +248,9 @@ class Grid:
         object.__setattr__(self, "sizes", sizes)
         object.__setattr__(self, "seeds", _sweep.check_seeds(self.seeds))
         object.__setattr__(self, "input_scales", tuple(float(s) for s in self.input_scales))
+        bad = [s for s in self.input_scales if not (math.isfinite(s) and s > 0)]
+        if bad:
+            raise ValueError(f"input scales must be positive finite numbers, got {bad[0]}")
         for f, what, valid in (("losses", "loss", _jac.LOSSES),
                                ("wrts", "wrt", ("params", "hidden"))):
             bad = [v for v in getattr(self, f) if v not in valid]
@@ -623,6 +630,34 @@ def _grid(g) -> Grid:
     return g
 
 
+def plan(claims, grid) -> tuple[list, list, list]:
+    """``(claims, grids, needed conditions)`` of an :func:`atlas` call, checked before
+    anything is measured: a ValueError (the user's to fix) for an unknown claim, a bad grid, a
+    cell spec that does not build (an unknown option, a bad value), grids of other seeds, or a
+    claim that reads no condition of the grid (naming what it reads)."""
+    claims = get_claims(claims)
+    grids = []
+    for g in (grid if isinstance(grid, list) else [grid]):
+        g = Grid.load(g) if isinstance(g, (str, os.PathLike)) else g
+        grids += [_grid(x) for x in (g if isinstance(g, list) else [g])]
+    if not grids:
+        raise ValueError("grid: an empty list of grids")
+    conditions = list({condition_key(c): c for g in grids for c in g.conditions()}.values())
+    if any(g.seeds != grids[0].seeds for g in grids):
+        raise ValueError("grids of one atlas must share their seeds")
+    needed = [c for c in conditions if any(cl.applies(c) for cl in claims)]
+    if not needed:
+        raise ValueError("no condition of the grid is read by the claims "
+                         + "; ".join(f"{c.name} ({c.scope()})" for c in claims))
+    for cl in claims:
+        if not any(cl.applies(c) for c in needed):
+            raise ValueError(f"claim {cl.name!r} reads no condition of the grid "
+                             f"({cl.scope()})")
+    for spec in sorted({(c["cell"], c["init"], c["steps"]) for c in needed}):
+        cell_for(*spec)  # builds, or says what is wrong with the spec
+    return claims, grids, needed
+
+
 def atlas(claims, grid, *, cache_dir=None, devices=None, progress: bool = True) -> dict:
     r"""Evaluate each claim on every condition of ``grid`` it reads, for every seed.
 
@@ -645,28 +680,12 @@ def atlas(claims, grid, *, cache_dir=None, devices=None, progress: bool = True) 
     """
     from gradflow.results import make_result
 
-    claims = get_claims(claims)
-    grids = []
-    for g in (grid if isinstance(grid, list) else [grid]):
-        g = Grid.load(g) if isinstance(g, (str, os.PathLike)) else g
-        grids += [_grid(x) for x in (g if isinstance(g, list) else [g])]
-    if not grids:
-        raise ValueError("grid: an empty list of grids")
-    conditions = list({condition_key(c): c for g in grids for c in g.conditions()}.values())
+    claims, grids, needed = plan(claims, grid)
     seeds = grids[0].seeds
-    if any(g.seeds != seeds for g in grids):
-        raise ValueError("grids of one atlas must share their seeds")
-    needed = [c for c in conditions if any(cl.applies(c) for cl in claims)]
-    if not needed:
-        raise ValueError("no condition of the grid is read by the claims "
-                         + "; ".join(f"{c.name} ({c.scope()})" for c in claims))
     maps = measure(needed, cache_dir=cache_dir, devices=devices, progress=progress)
     out = {}
     for cl in claims:
         conds = [c for c in needed if cl.applies(c)]
-        if not conds:
-            raise ValueError(f"claim {cl.name!r} reads no condition of the grid "
-                             f"({cl.scope()})")
         read = MEASUREMENTS[cl.reads].per_seed
         ev = [[cl.evaluate(v) for v in read(maps[condition_key(c)])] for c in conds]
         stat = np.array([[e[0] for e in row] for row in ev], np.float64)
@@ -776,7 +795,7 @@ for _c in (
     Claim("rnn_amplified_decade", "vRNN: r[bottom, first] >= 10 ('orders of magnitude')",
           ("rnn",), bottom_first, lambda s: s >= 10.0, where=_MAPS),
     Claim("lstm_collapses", "LSTM: median r over layers below the top two <= 0.1",
-          ("lstm",), median_below_top2, lambda s: s <= 0.1, where=_MAPS),
+          ("lstm",), median_below_top2, lambda s: s <= 0.1, where=_MAPS, min_layers=3),
     Claim("star_preserved", "STAR: share of the map with r in [0.1, 10] >= 0.8",
           ("star",), share_within_decade, lambda s: s >= 0.8, where=_MAPS),
 ):
@@ -910,7 +929,7 @@ for _fam, _gs in (("lstm", ("i", "o")), ("gru", ("r", "z")), ("mgu", ("f",))):
 
 __all__ = ["CLAIMS", "Claim", "FACTORS", "Grid", "MEASUREMENTS", "Measurement", "atlas",
            "bottom_first", "cell_for", "condition_key", "get_claims", "load", "measure",
-           "measure_group", "measure_of", "mechanism", "median_below_top2",
+           "measure_group", "measure_of", "mechanism", "median_below_top2", "plan",
            "median_vertical_gain", "outside_share", "pack", "parse_cell", "ratio",
            "register_claim", "register_measurement", "saturated_share", "saturation_gain",
            "save", "share_within_decade", "table", "timescale_decades", "unpack",

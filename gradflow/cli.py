@@ -1276,9 +1276,7 @@ def run_atlas(args) -> int:
                       for c in g.conditions()]
         if not args.claims:  # all claims: those that read some condition of the grid
             claims = [cl for cl in claims if any(cl.applies(c) for c in conditions)] or claims
-        if not any(cl.applies(c) for cl in claims for c in conditions):
-            raise ValueError("no condition of the grid is read by the claims "
-                             + ", ".join(cl.name for cl in claims))
+        _atlas.plan(claims, grid)  # every check before anything is measured
     results = _atlas.atlas(claims, grid, cache_dir=cache, progress=not args.no_progress)
     from gradflow import plot as _plot
 
@@ -1288,7 +1286,7 @@ def run_atlas(args) -> int:
     for name, res in results.items():
         full, some = int(np.sum(res.fraction == 1)), int(np.sum(res.fraction > 0))
         print(f"{name}: holds for every seed in {full} of {len(res.fraction)} conditions, "
-              f"for some seed in {some}  ({res.config['description']})")
+              f"for some seed in {some} ({res.config['description']})")
     for path in written:
         print(f"wrote {path}")
     return 0

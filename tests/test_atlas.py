@@ -256,9 +256,22 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
                       (["--batch", "0"], "batch must be a positive integer"),
                       (["--cells", "nope"], "unknown cell 'nope' in the grid; valid:"),
                       (["--inits", "nope"], "unknown init 'nope'"),
-                      (["--grid", str(grid), "--cells", "rnn"], "not both")]:
+                      (["--grid", str(grid), "--cells", "rnn"], "not both"),
+                      # checked before anything is measured (were internal errors, exit 1)
+                      (["--cells", "lstm:nosuch=1", "--sizes", "3x3"],
+                       "unknown option(s) 'nosuch' for cell 'lstm'"),
+                      (["--cells", "lstm:forget_bias=abc", "--sizes", "3x3"],
+                       "forget_bias='abc' of cell 'lstm' takes a number"),
+                      (["--cells", "lstm", "--sizes", "2x3", "--claims", "lstm_collapses"],
+                       "layers >= 3"),
+                      (["--cells", "lstm", "--sizes", "3x3", "--claims",
+                        "star_preserved,lstm_collapses"],
+                       "claim 'star_preserved' reads no condition of the grid"),
+                      (["--cells", "lstm", "--input-scales", "nan"],
+                       "input scales must be positive finite numbers, got nan")]:
         assert cli.main(["atlas", *argv, "--out", str(tmp_path), "--no-progress"]) == 2
-        assert msg in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
 
 
 def test_reproduce_builds_an_atlas_figure_kind(tmp_path):
