@@ -613,6 +613,10 @@ def _read_params(args):
     with user_input():
         meta = runs.read_run(args.params)
         stack, params = runs.load_params(args.params, cell=cell)
+    named = any(a == "--cell" or a.startswith("--cell=") for a in getattr(args, "argv", ()))
+    if named and not user:  # also --cell lstm, the default, which _given cannot tell
+        raise _usage(args, f"--cell cannot be used with --params: the saved run fixes the "
+                           f"stack (of {stack.cells[0].name!r})")
     # how to compute is this command's choice, not the saved run's
     return (stack.replace(matmul_precision=getattr(args, "matmul_precision",
                                                    stack.matmul_precision)), params, meta)
@@ -655,6 +659,8 @@ def _run_inputs(args, config: dict, dt):
     from gradflow import tasks as _tasks
     from gradflow.train import eval_batch_of, keys
 
+    if not _given(args, ("batch",)):  # the run's own maps' batch: the same numbers
+        args.batch = min(config.get("record_batch", args.batch), config["eval_batch"])
     if args.batch > config["eval_batch"]:
         raise _usage(args, f"--batch {args.batch} is more than the run's {config['eval_batch']} "
                            "evaluation sequences")
@@ -700,7 +706,9 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
     g.add_argument("--hidden", type=hidden_sizes, default=hidden, metavar="H",
                    help=f"hidden size, or one per layer such as 64,32,32 (default: {hidden})")
     g.add_argument("--batch", type=positive_int, default=batch, metavar="B",
-                   help=f"examples averaged over (default: {batch})")
+                   help=f"examples (default: {batch}; with a training run's --params, the "
+                        "run's record batch). The default losses average over them, so a "
+                        "gradient map's entries scale as 1/B: compare maps at one B")
     g.add_argument("--seed", type=seed_int, default=0,
                    help="parameters from key(seed), inputs N(0, 1) from key(seed + 1) (default: 0)")
     g.add_argument("--init", type=init_scheme, default=None,
@@ -1591,6 +1599,7 @@ def main(argv=None) -> int:
             raise UsageError("gradflow: error: choose a command: heatmap, compare, gates, cells, "
                              "reproduce, train, atlas (see gradflow --help)")
         command[0] = f"gradflow {args.command}"
+        args.argv = argv
         with warnings.catch_warnings(), _speed_settings(args.devices, program):
             # Non-finite entries are data: the summaries count them; no warning lines, but
             # one line where the forward pass itself overflowed (the reason the map is NaN).

@@ -153,10 +153,10 @@ def test_loaded_params_give_the_map_recorded_at_the_end_of_training(run, direct)
         again = gradient_map(stack, params, xs, loss="last", wrt="hidden")
     np.testing.assert_array_equal(again.values, recorded.values)
     # the same through the command line, from the folder and from its state file
-    for source in (out, out / "state.npz"):
+    for source, batch in ((out, ["--batch", "4"]), (out / "state.npz", [])):
+        # (without --batch: the run's record batch, 4 here, so the same numbers)
         target = out.parent / f"trained_{source.name}.png"
-        assert main(["heatmap", "--params", str(source), "--batch", "4", "--out",
-                     str(target)]) == 0
+        assert main(["heatmap", "--params", str(source), *batch, "--out", str(target)]) == 0
         measured = gradflow.load(target.with_suffix(".npz"))
         np.testing.assert_array_equal(measured.values, recorded.values)
         assert measured.config["train_step"] == 12 and measured.config["cell"] == "star"
@@ -165,6 +165,8 @@ def test_loaded_params_give_the_map_recorded_at_the_end_of_training(run, direct)
 @pytest.mark.parametrize("extra,message", [
     (["--layers", "5"], "--layers cannot be used with --params"),
     (["--cell", "gru", "--residual"], "--cell, --residual cannot be used with --params"),
+    (["--cell", "lstm"], "--cell cannot be used with --params: the saved run fixes the stack "
+                         "(of 'star')"),  # the default's name, given: not ignored
     (["--steps", "9"], "--steps cannot be used with a training run's --params"),
     (["--batch", "17"], "more than the run's 16 evaluation sequences"),
 ])
