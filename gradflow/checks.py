@@ -84,6 +84,13 @@ def _is_real_number_dtype(dt) -> bool:
         return False
 
 
+def check_finite_inputs(xs) -> None:
+    """A ValueError where concrete inputs hold NaN or inf (measurements are of finite
+    inputs; a traced ``xs`` is not checked)."""
+    if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
+        raise ValueError("inputs contain NaN or inf; gradient flow is measured on finite inputs")
+
+
 def check_xs(stack, xs):
     """Raise unless ``xs`` is a real ``(B, T, D)`` array with ``B, T >= 1`` and
     ``D = stack.input_size``.

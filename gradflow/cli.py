@@ -786,6 +786,11 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
 
     for s in stacks:
         check_wrt(s, wrt)
+    if getattr(args, "input_scale", None) is not None:
+        from gradflow.problem import check_input_scale
+
+        with user_input():
+            check_input_scale(args.input_scale, args.dtype)
     paths = output_paths(args, stem, create=False) if stem is not None else None
 
     costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt, calibrate=False)

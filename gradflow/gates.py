@@ -469,6 +469,7 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
     bins = _positive_int("bins", bins)
     xs = checks.check_xs(stack, xs)
     checks.check_params(stack, params)
+    checks.check_finite_inputs(xs)
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     arrays = _arrays(stack, params, xs, eps, threshold, bins)

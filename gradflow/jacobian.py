@@ -133,8 +133,7 @@ def _prepare(stack: Stack, params, xs, loss=None):
     checks.check_params(stack, params)
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
     xs = jnp.asarray(xs, dtype)
-    if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
-        raise ValueError("inputs contain NaN or inf; gradient flow is measured on finite inputs")
+    checks.check_finite_inputs(xs)
     if callable(loss):
         B, T, _ = xs.shape
         checks.check_scalar_loss(loss, jax.ShapeDtypeStruct((B, T, stack.widths[-1]), dtype))

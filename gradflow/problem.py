@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +54,16 @@ def gaussian_inputs(seed, shape, dtype=jnp.float32, scale: float = 1.0):
     return scale * normal(jax.random.key(seed + 1), shape, dtype)
 
 
+def check_input_scale(scale, dtype) -> float:
+    """``scale`` if ``scale * N(0, 1)`` inputs stay finite in ``dtype``, else a ValueError
+    (``1e39`` overflows float32 to inf)."""
+    top = float(jnp.finfo(dtype_of(dtype)).max) / 16  # N(0, 1) draws stay far below 16
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) < top:
+        raise ValueError(f"input_scale must be a finite number below {top:.2g} (scale * N(0, 1) "
+                         f"in {jnp.dtype(dtype_of(dtype)).name}), got {scale!r}")
+    return float(scale)
+
+
 def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128,
             batch: int = 16, input_size: int | None = None, seed: int = 0,
             dtype: str = "float32", input_scale: float = 1.0, stack_options: dict | None = None,
@@ -93,6 +105,7 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
         raise ValueError("cell options cannot be given together with a built Cell")
     stack = Stack(cell, layers, D, hidden, **(stack_options or {}))
     _cost.check_arrays_fit(stack, batch, steps, dt)
+    check_input_scale(input_scale, dt)
     params = stack.init(jax.random.key(seed), dt)
     xs = gaussian_inputs(seed, (batch, steps, D), dt, input_scale)
     config = {**stack.config, "steps": steps, "batch": batch, "seed": int(seed),

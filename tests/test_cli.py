@@ -289,6 +289,10 @@ BAD = [
      "argument --input-scale: must be a finite number, got 'nan'"),
     (["heatmap", "--cell", "lstm", *SMALL, "--input-scale", "x"],
      "argument --input-scale: must be a number, got 'x'"),
+    (["gates", "--cell", "lstm", *SMALL, "--input-scale", "1e39"],  # inf in float32
+     "input_scale must be a finite number below 2.1e+37"),
+    (["heatmap", "--cell", "lstm", *SMALL, "--input-scale", "1e39", "--dry-run"],
+     "input_scale must be a finite number below 2.1e+37"),
     (["heatmap", "--cell", "lstm", *SMALL, "--option", "forget_bias=nan"],
      "option forget_bias=nan of cell 'lstm' must be a finite number"),
     (["heatmap", "--cell", "lstm", *SMALL, "--option", "forget_bias=1e400"],

@@ -354,6 +354,15 @@ def test_nonfinite_activations_are_counted_not_raised(x64):
         np.testing.assert_allclose(res[k], ref[k], rtol=1e-10, equal_nan=True, err_msg=k)
 
 
+def test_inputs_that_are_not_finite_are_refused_as_by_the_maps():
+    stack, params, xs, _ = get("lstm")
+    for bad in (jnp.nan, jnp.inf):
+        with pytest.raises(ValueError, match="inputs contain NaN or inf"):
+            gates.saturation(stack, params, xs.at[0, 1, 2].set(bad))
+    with pytest.raises(ValueError, match="input_scale must be a finite number below"):
+        problem("lstm", layers=2, steps=3, hidden=4, input_scale=1e39)
+
+
 def test_save_load_roundtrip(tmp_path, x64):
     stack, params, xs, cfg = get("ur_gru")
     res = gates.saturation(stack, params, xs, meta=cfg)
