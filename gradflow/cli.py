@@ -1389,6 +1389,11 @@ def _train_dir(args) -> Path:
     except OSError as e:
         raise _usage(args, f"cannot create {str(out)!r}: {e.strerror or e}") from None
     _writable_dir(out, str(out))
+    # a new run (train clears its own files: state, curve, records): the maps this command
+    # wrote for an earlier run in the folder go too, or they would read as this run's
+    for old in [*out.glob("map_step*.npz"), out / "maps.png"]:
+        if old.is_file():
+            old.unlink()
     return out
 
 

@@ -128,6 +128,18 @@ def test_one_width_per_layer_trains_that_stack(tmp_path, capsys):
     assert params["layers"][1]["f"]["U"].shape == (4, 4)
 
 
+def test_a_new_run_in_a_used_folder_leaves_none_of_the_old_runs_maps(tmp_path, capsys):
+    out = tmp_path / "d"
+    small = ["--steps", "2", "--eval-batch", "4", "--batch", "2", "--seq-len", "4",
+             "--layers", "2", "--hidden", "4", "--out", str(out)]
+    assert main(["train", "--cell", "lstm", "--record", "0,2", *small]) == 0
+    assert (out / "map_step000002.npz").is_file() and (out / "maps.png").is_file()
+    assert main(["train", "--cell", "gru", *small]) == 0  # records nothing
+    capsys.readouterr()
+    assert not list(out.glob("map_step*")) and not (out / "maps.png").exists()
+    assert runs.load_params(out)[0].cells[0].name == "gru"
+
+
 def test_help_lists_train(capsys):
     assert main(["--help"]) == 0
     assert "train" in capsys.readouterr().out
