@@ -583,9 +583,13 @@ def _problem(args, cell):
     settings = _stack_settings(args)
     D = first_width(args.hidden) if args.input_size is None else args.input_size
     checked_stack(cell, args.layers, D, args.hidden, **settings)
-    return problem(cell, layers=args.layers, steps=args.steps, hidden=args.hidden,
+    prob = problem(cell, layers=args.layers, steps=args.steps, hidden=args.hidden,
                    batch=args.batch, input_size=args.input_size, seed=args.seed,
                    dtype=args.dtype, input_scale=args.input_scale, stack_options=settings)
+    if ":" in args.cell:  # a user's cell: how this command built it, to build it again
+        prob = prob._replace(config={**prob.config, "cell_factory": args.cell,
+                                     "cell_factory_options": _cell_options(args)})
+    return prob
 
 
 # The options that build a stack: with --params the saved run fixes them.

@@ -497,6 +497,9 @@ def test_heatmap_of_a_users_cell_factory_by_import_path(capsys, user_module):
     assert npz.name == "heatmap_sin_rnn_L2_T3_H8_B2_gain0.7.npz"
     res = gradflow.load(npz)
     assert res.config["cell"] == "sin_rnn" and res.config["gain"] == 0.7
+    # how the command built the cell, to build it again
+    assert res.config["cell_factory"] == f"{user_module}:sin_rnn"
+    assert res.config["cell_factory_options"] == {"gain": 0.7}
     # top-last entry from jax.grad of the readout on a Python loop of the user's step
     cell = sys.modules[user_module].sin_rnn(gain=0.7)
     with jax.enable_x64(False):
