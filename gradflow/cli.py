@@ -301,8 +301,8 @@ def load_cell(spec: str, options: dict | None = None):
 
 def _writable_dir(directory: Path, path: str):
     if not directory.is_dir():
-        raise UsageError(f"gradflow: error: cannot write {path!r}: directory {str(directory)!r} "
-                         "does not exist")
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise UsageError(f"gradflow: error: cannot write {path!r}: {str(directory)!r} {what}")
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".gradflow-probe-"):
             pass
@@ -1622,8 +1622,11 @@ def main(argv=None) -> int:
             return args.run(args)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
-    except UsageError as e:
-        print(_one_line(e), file=sys.stderr)
+    except UsageError as e:  # named by its command once that is known
+        line = _one_line(e)
+        if line.startswith("gradflow: error:") and command[0] != "gradflow":
+            line = f"{command[0]}: error:" + line[len("gradflow: error:"):]
+        print(line, file=sys.stderr)
         return 2
     except InputError as e:
         print(f"{command[0]}: error: {_one_line(e)}", file=sys.stderr)

@@ -259,7 +259,9 @@ BAD = [
     (["heatmap", "--loss", "bogus"], "'last', 'all'"),
     (["heatmap", "--wrt", "bogus"], "'hidden', 'cell', 'params'"),
     (["heatmap", "--dtype", "float16"], "'float32', 'float64'"),
-    (["heatmap", "--out", "missing-dir/x.png"], "does not exist"),
+    (["heatmap", "--out", "missing-dir/x.png"], "gradflow heatmap: error: cannot write "
+                                                "'missing-dir/x.png': "),
+    (["heatmap", "--out", "a_file/x.png"], "a_file' is not a directory"),
     (["heatmap", "--out", "x.jpg"], ".png, .pdf, .svg"),
     (["heatmap", "--out", "noextension"], ".png, .pdf, .svg"),
     (["heatmap", "--out", "/proc/gradflow-test.png"], "cannot write"),
@@ -312,6 +314,7 @@ BAD = [
 
 @pytest.mark.parametrize("argv, expect", BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
 def test_bad_input_is_one_line_exit_2_no_traceback(capsys, argv, expect):
+    Path("a_file").write_text("a file where a folder is expected")
     rc, out, err = run(capsys, *argv)
     assert rc == 2
     assert out == ""
