@@ -720,6 +720,10 @@ def test_a_cell_that_mixes_examples_is_found_and_refused_per_example(x64):
     plain = cells.from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h @ p["U"]),) * 2,
                                 _wu_init, hidden_size=H)
     assert not plain.couples_batch
+    through_h = cells.from_function(  # coupled through the carry only
+        lambda p, h, x: (jnp.tanh(x @ p["W"] + (h - h.mean(0)) @ p["U"]),) * 2, _wu_init,
+        hidden_size=H)
+    assert through_h.couples_batch
     stack = gradflow.Stack(coupled, L, D, H)
     params = stack.init(jax.random.key(0), jnp.float64)
     xs = inputs(jnp.float64)

@@ -306,7 +306,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
     detect = batched and couples_batch is None  # a vmapped step cannot mix examples
     if can_probe and (finds_output or reports_gates or detect):
         new_leaves, y, probe_gates, coupled = _probe(who, call_b, treedef, n, probe_params,
-                                                     int(hidden_size))
+                                                     int(hidden_size), detect)
         if finds_output:  # also where output= or a one-array carry says which leaf is h
             out = _find_output(who, new_leaves, y, int(hidden_size), out)
         if detect:
@@ -318,7 +318,8 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
     if (finds_output or detect) and not can_probe:  # the first init's params run the probe
         def check_output(params, n_in, H):
             leaves, y, _, coupled = _probe(who, call_b, treedef, n,
-                                           lambda: (_cast(params, jnp.float32), n_in), H)
+                                           lambda: (_cast(params, jnp.float32), n_in), H,
+                                           detect)
             if finds_output:
                 _find_output(who, leaves, y, H, 0 if out is None else out)
             if detect and coupled:
@@ -337,9 +338,10 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
                 to_params=to_params, couples_batch=bool(couples_batch))
 
 
-def _probe(who, call_b, treedef, n, probe_params, H):
+def _probe(who, call_b, treedef, n, probe_params, H, detect: bool = False):
     """One step on random inputs: ``(new carry leaves, output y, gates, coupled)``;
-    ``coupled``: example 0's new carry changes when the other examples' inputs do."""
+    ``coupled`` (``detect``: else False): example 0's new carry changes when the other
+    examples' inputs and carries do."""
     params, n_in = probe_params()
     ks = jax.random.split(jax.random.key(7), n + 1)
     carry = jax.tree_util.tree_unflatten(
@@ -352,9 +354,12 @@ def _probe(who, call_b, treedef, n, probe_params, H):
                                    f"{n_in}, hidden_size {H})",
                            f"input_size={n_in}, hidden_size={H}") from e
     leaves = _carry_leaves(who, new, treedef, (_PROBE_BATCH, H))
-    moved, _, _ = call_b(params, carry, x.at[1:].set(-2.0 * x[1:] + 1.0))
-    coupled = not all(np.allclose(a[0], b[0], rtol=1e-5, atol=1e-7)
-                      for a, b in zip(leaves, treedef.flatten_up_to(moved)))
+    coupled = False
+    if detect:  # the other examples moved: does example 0 move?
+        other = lambda a: a.at[1:].set(-2.0 * a[1:] + 1.0)  # noqa: E731
+        moved, _, _ = call_b(params, jax.tree_util.tree_map(other, carry), other(x))
+        coupled = not all(np.allclose(a[0], b[0], rtol=1e-5, atol=1e-7)
+                          for a, b in zip(leaves, treedef.flatten_up_to(moved)))
     return leaves, y, probe_gates, coupled
 
 
