@@ -6,11 +6,12 @@ kind ``"gate_stats"`` holding:
 
 * ``mean``: the mean activation :math:`\bar a` (for a time gate: its openness :math:`\bar k`);
 * ``saturated``: the fraction of entries with :math:`a < \varepsilon` or :math:`a > 1-\varepsilon`
-  (taken literally for refined gates: values beyond ``[0, 1]`` count as saturated);
+  (taken literally for refined gates: values beyond ``[0, 1]`` count as saturated; for a
+  ``"tanh"`` gate :math:`|a| > 1-\varepsilon`);
 * ``slope``: the mean local slope :math:`|\partial a / \partial z|` w.r.t. the gate's own
   pre-activation ``z`` (how much gradient the gate passes to its own parameters), see
-  :func:`slopes`: :math:`a(1-a)` for a sigmoid gate, recomputed from ``z`` for Cheng et al.'s
-  refined gates; for Gu et al.'s effective gate ``g`` w.r.t. ``f``'s pre-activation, and
+  :func:`slopes`: :math:`a(1-a)` for a sigmoid gate, :math:`1-a^2` for a tanh gate,
+  recomputed from ``z`` for Cheng et al.'s refined gates; for Gu et al.'s effective gate ``g`` w.r.t. ``f``'s pre-activation, and
   ``slope_refine`` w.r.t. the refine gate's; none for ON-LSTM's master gates and time gates;
 * ``timescale``: for gates that keep the previous state (``cell.retain``: ``f``, the effective
   ``g`` of UR cells, ``1 - k`` of STAR, ...) the memory timescale in steps,
@@ -113,7 +114,8 @@ def gate_kinds(cell: Cell) -> dict:
     :math:`a = \sigma(z) \odot x` or :math:`\sigma(z) + x`), ``"effective"`` (Gu et al.'s
     :math:`g = r(1-(1-f)^2) + (1-r)f^2`), ``"master"`` (ON-LSTM's cumax gates), ``"time"``
     (a time gate such as the ``k`` of ``g_lstm``/``phased_lstm``; ``star``'s ``k`` is a sigmoid
-    gate) and ``"other"`` (a user gate of unknown form).
+    gate), ``"tanh"`` (a user's :math:`a = \tanh(z)` gate) and ``"other"`` (a user gate of
+    unknown form, whose saturation is read on ``[0, 1]`` as for a sigmoid).
     """
     return cell.kinds
 
@@ -139,9 +141,12 @@ def refine_partials(f, r):
     return 2.0 * (r * (1.0 - f) + (1.0 - r) * f), 2.0 * f * (1.0 - f)
 
 
-def is_saturated(a, eps):
+def is_saturated(a, eps, kind: str = "sigmoid"):
     r"""``(a < eps) | (a > 1 - eps)``: the gate is within :math:`\varepsilon` of 0 or 1 (or
-    beyond, for refined gates); False for NaN."""
+    beyond, for refined gates); for a ``"tanh"`` gate ``|a| > 1 - eps``, within
+    :math:`\varepsilon` of :math:`\pm 1`; False for NaN."""
+    if kind == "tanh":
+        return jnp.abs(a) > 1.0 - eps
     return (a < eps) | (a > 1.0 - eps)
 
 
@@ -246,6 +251,8 @@ def _slopes(stack: Stack, params: dict, xs, out) -> dict:
     for g, kind in kinds.items():
         if kind == "sigmoid":
             s[g] = sigmoid_slope(acts[g])
+        elif kind == "tanh":
+            s[g] = 1.0 - acts[g] * acts[g]
         elif kind == "refined":
             sz = sigmoid_slope(jax.nn.sigmoid(preactivation(stack, params, xs, out, g)))
             s[g] = sz * jnp.abs(layer_inputs(stack, params, xs, out.up)) if mode == "mul" else sz
@@ -272,7 +279,7 @@ def slopes(stack: Stack, params: dict, xs) -> dict:
     r"""``{gate: (L, B, T, H)}``: local slopes :math:`|\partial a/\partial z|` of each gate ``a``
     w.r.t. its own pre-activation ``z``.
 
-    * sigmoid gate: :math:`a(1-a)`;
+    * sigmoid gate: :math:`a(1-a)`; tanh gate: :math:`1-a^2`;
     * refined gate (Cheng et al.; the reported value :math:`\sigma(z) \odot x` is no sigmoid,
       so ``z`` is recomputed from the params, see :func:`preactivation`):
       :math:`\sigma'(z)\,|x|` (``mode="mul"``) or :math:`\sigma'(z)` (``"add"``);
@@ -289,7 +296,7 @@ def slopes(stack: Stack, params: dict, xs) -> dict:
 # Reductions
 
 _UNIT_STATS = ("mean", "timescale", "update_fraction")
-_SLOPED = ("sigmoid", "refined", "effective")  # the kinds :func:`slopes` covers
+_SLOPED = ("sigmoid", "tanh", "refined", "effective")  # the kinds :func:`slopes` covers
 
 
 def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
@@ -303,7 +310,7 @@ def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
         a = out.gates[g]
         ok = jnp.isfinite(a)
         rows["mean", g] = a
-        rows["saturated", g] = is_saturated(a, eps).astype(a.dtype)
+        rows["saturated", g] = is_saturated(a, eps, kind).astype(a.dtype)
         if kind in _SLOPED:
             rows["slope", g] = sl[g]
         if kind == "effective":

@@ -524,28 +524,41 @@ def test_builtin_cell_built_twice_compiles_once():
 def test_function_gates_statistics_and_kinds():
     cell = cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2,
                                gates=_lstm_gates)
-    assert cell.kinds == {"f": "sigmoid", "cand": "other"}  # from the probe step's values
+    assert cell.kinds == {"f": "sigmoid", "cand": "tanh"}  # from the probe step's values
     stack = gradflow.Stack(cell, L, D, H)
     params = jiggle(stack.init(jax.random.key(1)), jax.random.key(2))
     xs = inputs(jnp.float32)
     stats = gates.saturation(stack, params, xs)
-    # f from a Python loop over the hand-written cell
-    f, x = [], xs
+    # f and the tanh candidate from a Python loop over the hand-written cell
+    f, cand, x = [], [], xs
     for p in params["layers"]:
-        carry, fl, outs = (jnp.zeros((B, H)),) * 2, [], []
+        carry, fl, cl, outs = (jnp.zeros((B, H)),) * 2, [], [], []
         for t in range(T):
-            fl.append(_lstm_gates(p, carry, x[:, t])["f"])
+            g = _lstm_gates(p, carry, x[:, t])
+            fl.append(g["f"])
+            cl.append(g["cand"])
             carry, h = _lstm_step(p, carry, x[:, t])
             outs.append(h)
         f.append(jnp.stack(fl, 1))
+        cand.append(jnp.stack(cl, 1))
         x = jnp.stack(outs, 1)
-    f = np.asarray(jnp.stack(f))  # (L, B, T, H)
+    f, cand = np.asarray(jnp.stack(f)), np.asarray(jnp.stack(cand))  # (L, B, T, H)
     np.testing.assert_allclose(stats["mean/f"], f.mean(axis=(1, 3)), rtol=1e-5)
     np.testing.assert_allclose(stats["slope/f"], (f * (1 - f)).mean(axis=(1, 3)), rtol=1e-5)
-    assert "slope/cand" not in stats.arrays and "mean/cand" in stats.arrays
-    given = cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2,
+    # a tanh gate saturates near +-1, its slope is 1 - a^2
+    np.testing.assert_allclose(stats["saturated/cand"],
+                               (np.abs(cand) > 0.95).mean(axis=(1, 3)), atol=1e-6)
+    np.testing.assert_allclose(stats["slope/cand"], (1 - cand ** 2).mean(axis=(1, 3)),
+                               rtol=1e-5)
+    assert (np.abs(cand) > 0.95).any() and (cand < 0.05).mean() > 0.3  # the kinds differ here
+    # declared "other": no slope, saturation read on [0, 1] as the docs say
+    other = cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2,
                                 gates=_lstm_gates, gate_kinds={"cand": "other", "f": "sigmoid"})
-    assert given.kinds == cell.kinds
+    assert other.kinds == {"f": "sigmoid", "cand": "other"}
+    o = gates.saturation(gradflow.Stack(other, L, D, H), params, xs)
+    assert "slope/cand" not in o.arrays
+    np.testing.assert_allclose(o["saturated/cand"],
+                               ((cand < 0.05) | (cand > 0.95)).mean(axis=(1, 3)), atol=1e-6)
 
 
 def test_no_gates_maps_work_statistics_say_how():

@@ -27,7 +27,7 @@ Gate statistics (:func:`gradflow.gates.saturation`) need the cell to say what it
 ``gates=`` a callable returning ``{name: (B, H)}`` from the step's inputs (or ``"sown"`` for a
 linen module that ``self.sow("intermediates", name, value)``-s them), and ``gate_kinds=``
 ``{name: kind}``; a gate whose kind is not given is ``"sigmoid"`` if its values on the probe step
-lie in ``[0, 1]``, else ``"other"``. Without gates the gradient and Jacobian maps work and
+lie in ``[0, 1]``, ``"tanh"`` if they lie in ``[-1, 1]``, else ``"other"``. Without gates the gradient and Jacobian maps work and
 ``saturation`` says that the cell reports none.
 
 Flax and Equinox are optional: they are imported here, inside the functions that need them
@@ -407,7 +407,8 @@ def _find_output(who, new_leaves, y, H, out=None) -> int:
 
 def _settle_kinds(who, kinds: dict, probe_gates, hidden_size) -> dict:
     """The gate kinds: as given, checked against the probe's gates; a gate not given is
-    ``"sigmoid"`` when its probe values lie in [0, 1], else ``"other"``."""
+    ``"sigmoid"`` when its probe values lie in [0, 1], ``"tanh"`` in [-1, 1], else
+    ``"other"``."""
     for g in kinds:
         if probe_gates is not None and g not in probe_gates:
             raise ValueError(f"{who}: gate_kinds names {g!r}, which the gates do not report "
@@ -420,7 +421,8 @@ def _settle_kinds(who, kinds: dict, probe_gates, hidden_size) -> dict:
                              f"batch of {_PROBE_BATCH}; gates must be (batch, hidden_size)")
         if g not in kinds:
             v = np.asarray(v)
-            kinds[g] = "sigmoid" if bool(np.all((v >= 0) & (v <= 1))) else "other"
+            kinds[g] = ("sigmoid" if bool(np.all((v >= 0) & (v <= 1))) else
+                        "tanh" if bool(np.all(np.abs(v) <= 1)) else "other")
     return {g: kinds[g] for g in probe_gates}
 
 
@@ -499,7 +501,8 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
       gates: ``gates(params, carry, x) -> {name: (B, H)}`` (the previous carry and this step's
         input, as ``step`` gets them): the values gate statistics report.
       gate_kinds: ``{gate: kind}`` (:data:`gradflow.cells.base.KINDS`); default per gate:
-        ``"sigmoid"`` if its probe values lie in ``[0, 1]``, else ``"other"``.
+        ``"sigmoid"`` if its probe values lie in ``[0, 1]``, ``"tanh"`` if in ``[-1, 1]``,
+        else ``"other"``.
       name: a label (two cells of one name stay distinct: equality compares the functions).
       couples_batch: whether the step mixes the examples of a batch (batch statistics);
         default: found by the probe step (example 0's carry moving with the others' inputs),

@@ -37,7 +37,7 @@ WEIGHT_SCHEMES = ("orthogonal", "glorot", "torch")
 BIAS_SCHEMES = ("chrono", "ugi")
 
 
-KINDS = ("sigmoid", "refined", "effective", "master", "time", "other")
+KINDS = ("sigmoid", "tanh", "refined", "effective", "master", "time", "other")
 """Gate kinds a cell may declare (see :attr:`Cell.gate_kinds`)."""
 
 
@@ -100,7 +100,8 @@ class Cell:
         ``"sigmoid"`` (:math:`\sigma(z)`), ``"refined"`` (Cheng et al.: :math:`\sigma(z) \odot x`
         or :math:`\sigma(z) + x`), ``"effective"`` (Gu et al.'s
         :math:`g = r(1-(1-f)^2) + (1-r)f^2`), ``"master"`` (ON-LSTM's cumax gates), ``"time"``
-        (a time gate ``k_t``) and ``"other"`` (a user gate with no known form).
+        (a time gate ``k_t``), ``"tanh"`` (a user's :math:`\tanh(z)` gate, saturated near
+        :math:`\pm 1`) and ``"other"`` (a user gate with no known form).
       square: True when the cell needs ``input_size == hidden_size`` (refined gates).
       equation: a one-line summary of the update, for listings.
       forget: ``(gate, sign)``: the parameter gate whose bias sets how much of the previous state
