@@ -8,6 +8,8 @@
 * Finite differences: ``jax.test_util.check_grads`` on every cell's step in float64.
 * Errors: unknown names, options and choices raise one ValueError naming the valid ones.
 """
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -439,6 +441,22 @@ def test_unknown_option_lists_valid_options():
 
 
 @pytest.mark.parametrize("name,opts,got", [
+    ("lstm", {"mode": "add"}, "mode='add' shapes refined gates and this cell has none"),
+    ("gru", {"mode": "add"}, "mode='add' shapes refined gates"),
+    ("lstm", {"t_max": 64}, "t_max=64 sets chrono initialisation's range and "
+                            "init='orthogonal' has no chrono bias"),
+    ("mgu", {"t_max": 5.0, "init": "ugi"}, "init='ugi' has no chrono bias"),
+])
+def test_an_option_the_cell_would_not_read_is_refused(name, opts, got):
+    """Options that change nothing in this configuration (a CLI --option mode=add on a plain
+    LSTM gave bit-identical maps) are refused, naming what would make them count."""
+    with pytest.raises(ValueError, match=re.escape(got)):
+        cells.get(name, **opts)
+    cells.get("lstm", t_max=64, init="glorot+chrono")  # where they are read: fine
+    cells.get("lstm", refined=("i",), mode="add")
+
+
+@pytest.mark.parametrize("name,opts,got", [
     ("lstm", {"forget_bias": "abc"}, "forget_bias='abc' of cell 'lstm' takes a number "
                                      r"\(float\), got str"),
     ("lstm", {"forget_bias": True}, r"takes a number \(float\), got bool"),
@@ -458,7 +476,8 @@ def test_a_number_option_given_something_else_is_named(name, opts, got):
     ok = {"forget_bias": jnp.float32(2.0), "u_max": np.float64(0.5), "steps": 10.0,
           "t_max": 50}
     k = next(iter(opts))
-    assert float(dict(cells.get(name, **{k: ok[k]}).options)[k]) == float(ok[k])
+    extra = {"init": "chrono"} if k == "t_max" else {}  # (t_max is chrono's: unused else)
+    assert float(dict(cells.get(name, **{k: ok[k]}, **extra).options)[k]) == float(ok[k])
     assert dict(cells.get("phased_lstm", shift_max=None).options)["shift_max"] is None
     # an integral float for an int option is that int (a CLI's steps=10.0): the same cell
     assert cells.get("g_lstm", steps=10.0) is cells.get("g_lstm", steps=10)

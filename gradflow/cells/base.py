@@ -538,4 +538,18 @@ def refined_set(name: str, options: dict, valid: tuple) -> tuple:
     for g in rset:
         choice(name, "refined", g, valid)
     options["refined"] = rset
+    if not rset and options.get("mode", "mul") != "mul":
+        raise ValueError(f"cell {name!r}: option mode={options['mode']!r} shapes refined gates "
+                         f"and this cell has none; give refined= (gates among "
+                         f"{', '.join(valid)}) or drop mode")
     return rset
+
+
+def check_t_max(name: str, options: dict, default: float = 100.0) -> None:
+    """A ValueError where ``t_max`` is set away from its default but the cell's ``init`` has
+    no chrono bias, the one scheme that reads it (it was silently unused)."""
+    if float(options.get("t_max", default)) != default \
+            and parse_init(options["init"])[1] != "chrono":
+        raise ValueError(f"cell {name!r}: option t_max={options['t_max']!r} sets chrono "
+                         f"initialisation's range and init={options['init']!r} has no chrono "
+                         "bias; give init='chrono' (or e.g. 'glorot+chrono') or drop t_max")

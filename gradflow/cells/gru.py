@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
                                  matmul, packed, packed_bias, packed_projection,
-                                 recurrent_projection, refined_set)
+                                 recurrent_projection, refined_set, check_t_max)
 from gradflow.cells.mechanisms import REFINED_MODES, refine, refined, standard_init
 
 @factory
@@ -142,6 +142,7 @@ def _gru(name: str, o: dict) -> Cell:
     upd = "f" if aux == "refine" else "z"
     sig = ("r", upd) + (("refine",) if aux == "refine" else ())
     rset = refined_set(name, o, sig)
+    check_t_max(name, o)
     specs = {"r": {}, upd: {}}
     if aux == "refine":
         specs["refine"] = {}
@@ -228,6 +229,7 @@ def _mgu(name: str, o: dict) -> Cell:
     variant = choice(name, "variant", o["variant"], ("zhou", "flax"))
     mode = choice(name, "mode", o["mode"], REFINED_MODES)
     rset = refined_set(name, o, ("f",))
+    check_t_max(name, o)
     specs = {"f": {}, "n": {"extra_bias": ("b_hn",)} if variant == "flax" else {}}
     sign = 1 if variant == "flax" else -1
     init_fn = standard_init(specs, o["init"], forget=("f", sign), t_max=o["t_max"],

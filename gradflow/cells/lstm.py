@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
                                  packed, packed_bias, packed_projection, recurrent_projection,
-                                 refined_set)
+                                 refined_set, check_t_max)
 from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, refined,
                                        standard_init)
 
@@ -223,6 +223,7 @@ def _lstm(name: str, o: dict) -> Cell:
                          "aux='master'")
     cand, sig, specs, reported = _layout(aux, tied)
     rset = refined_set(name, o, sig)
+    check_t_max(name, o)
     tie = bool(o["tie_refine_bias"])
     if tie and aux != "refine":
         raise ValueError(f"cell {name!r}: tie_refine_bias=True needs aux='refine'")
