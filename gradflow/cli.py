@@ -313,7 +313,7 @@ def _writable_dir(directory: Path, path: str):
 
 def _check_path(path: str, valid_exts, what: str) -> str:
     p = Path(path)
-    ext = p.suffix.lower()
+    ext = p.suffix.lower() if what == "figure" else p.suffix  # NumPy writes x.NPZ.npz
     if ext not in valid_exts:
         raise UsageError(f"gradflow: error: unsupported {what} extension {ext or '(none)'!r} in "
                          f"{path!r}; use {', '.join(valid_exts)}")
@@ -398,7 +398,7 @@ def _ratio(a, b) -> str:
     if not (np.isfinite(a) and np.isfinite(b)) or b <= 0 or a <= 0:
         return "n/a"
     r = a / b
-    return f"x{r:.3g} ({math.log10(r):+.1f} dec)"
+    return f"x{r:.3g} ({round(math.log10(r), 1) + 0.0:+.1f} dec)"  # (+ 0.0: no "-0.0")
 
 
 def _row_means(values: np.ndarray) -> np.ndarray:
@@ -534,9 +534,18 @@ def _write(fig, data, fig_path, data_path) -> list[str]:
 
 
 def _cell_options(args) -> dict:
-    options = dict(args.option or [])
+    """The cell's options from ``--option`` (each key once) and ``--init``, which must agree
+    with an ``--option init=``."""
+    options = {}
+    for k, v in args.option or []:
+        if k in options and options[k] != v:
+            raise _usage(args, f"--option {k} is given twice ({options[k]!r} and {v!r})")
+        options[k] = v
     if args.init is not None:
-        options.setdefault("init", args.init)
+        if options.get("init", args.init) != args.init:
+            raise _usage(args, f"--init {args.init} and --option init={options['init']} "
+                               "disagree; give one")
+        options["init"] = args.init
     return options
 
 
@@ -1158,14 +1167,17 @@ def run_reproduce(args) -> int:
 
     with user_input():
         found = _reproduce.configs(args.figures)
-    if args.list:
-        for name, path in found.items():
-            cfg = _reproduce.load_config(path)
-            print(f"{name}: {cfg['figure']} ({', '.join(cfg.get('cells', []))})  [{path}]")
-        return 0
     for name in args.only or ():
         if name not in found:
             raise _usage(args, f"unknown figure {name!r}; valid: {', '.join(found) or '(none)'}")
+    if args.list:  # (those --only names)
+        for name, path in found.items():
+            if args.only and name not in args.only:
+                continue
+            cfg = _reproduce.load_config(path)
+            cells = ", ".join(map(str, cfg.get("cells", [])))
+            print(f"{name}: {cfg['figure']}" + (f" ({cells})" if cells else "") + f"  [{path}]")
+        return 0
     if args.out_dir is not None:
         _writable_dir(Path(args.out_dir), args.out_dir)
     elif not args.update:
@@ -1190,10 +1202,9 @@ def add_atlas(sub):
                  "star_preserved, ...) on the measurements (gradient maps, local gains, gate "
                  "statistics) of every condition of a grid (from the grid flags, or --grid: a "
                  "JSON object or list of objects with the fields of gradflow.atlas.Grid), each "
-                 "seed "
-                 "apart. Writes NAME.png (one panel per condition group, colour = fraction of "
-                 "seeds where the claim holds), NAME.npz and NAME.json (per claim, condition and "
-                 "seed) into --out, caching each condition's maps so an interrupted atlas "
+                 "seed apart. Writes NAME.png (one panel per condition group, colour = fraction "
+                 "of seeds where the claim holds), NAME.npz (per claim, condition and seed) and "
+                 "NAME.json (per claim and condition) into --out, caching each condition's maps so an interrupted atlas "
                  "resumes.", """
             gradflow atlas --grid figures/atlas_star_fig2_grid.json --out /tmp/atlas
             gradflow atlas --claims rnn_amplified --grid grid.json --out . --rows loss --cols wrt
@@ -1325,7 +1336,9 @@ def add_train(sub):
             gradflow train --task copy --cell ur_lstm --task-option lag=20 --lr 3e-3
             gradflow train --task adding --cell g_lstm --budget 0.01 --seq-len 50
         """)
-    p.add_argument("--task", choices=TASKS, default="adding", help="(default: adding)")
+    p.add_argument("--task", choices=TASKS, default="adding",
+                   help="the synthetic task (gradflow.tasks: adding, copy, counting, digits; "
+                        "default: adding)")
     p.add_argument("--cell", type=cell_name, default="lstm",
                    help="cell name or module:factory (default: lstm)")
     p.add_argument("--seq-len", type=positive_int, default=None, metavar="T",
@@ -1334,23 +1347,28 @@ def add_train(sub):
     p.add_argument("--task-option", type=option, action="append", metavar="KEY=VALUE",
                    help="a task option, repeatable (e.g. lag=20, symbols=5)")
     g = p.add_argument_group("model")
-    g.add_argument("--layers", type=positive_int, default=4, metavar="L", help="(default: 4)")
+    g.add_argument("--layers", type=positive_int, default=4, metavar="L",
+                   help="stack depth (default: 4)")
     g.add_argument("--hidden", type=hidden_sizes, default=32, metavar="H",
                    help="hidden size, or one per layer such as 64,32 (default: 32)")
-    g.add_argument("--init", type=init_scheme, default=None, help="(default: the cell's own)")
+    g.add_argument("--init", type=init_scheme, default=None,
+                   help="orthogonal, glorot, torch, chrono, ugi, or weights+bias such as "
+                        "glorot+chrono (default: the cell's own)")
     g.add_argument("--option", type=option, action="append", metavar="KEY=VALUE",
                    help="another cell option, repeatable")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=positive_int, default=500, metavar="N",
                    help="training updates (default: 500)")
-    g.add_argument("--batch", type=positive_int, default=32, metavar="B", help="(default: 32)")
+    g.add_argument("--batch", type=positive_int, default=32, metavar="B",
+                   help="training sequences per update (default: 32)")
     g.add_argument("--lr", type=finite_float, default=1e-3,
                    help="Adam learning rate (default: 1e-3)")
     g.add_argument("--clip", type=float, default=1.0,
                    help="global gradient-norm clip (default: 1)")
     g.add_argument("--budget", type=finite_float, default=0.0, metavar="LAMBDA",
                    help="g-LSTM budget loss LAMBDA * mean(k) (time-gated cells only; default 0)")
-    g.add_argument("--seed", type=seed_int, default=0, help="(default: 0)")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="parameters, training and evaluation batches from it (default: 0)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
     g.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
                    help="evaluate every N steps (default: steps // 10)")
@@ -1364,7 +1382,9 @@ def add_train(sub):
                    help="evaluation sequences the maps average over (default: 32)")
     g.add_argument("--record-loss", choices=LOSSES, default="last",
                    help="probe loss of the maps (default: last)")
-    g.add_argument("--wrt", choices=WRTS, default="hidden", help="(default: hidden)")
+    g.add_argument("--wrt", choices=WRTS, default="hidden",
+                   help="what the recorded maps differentiate by: hidden h, cell c or params "
+                        "(default: hidden)")
     g.add_argument("--readout-seed", type=seed_int, default=0, metavar="SEED",
                    help="seed of the probe readout (default: 0)")
     p.add_argument("--out", default=None, metavar="DIR",

@@ -47,6 +47,9 @@ def check_seeds(seeds) -> tuple[int, ...]:
     if not out or any(s is None or not 0 <= s < 2 ** 31 - 1 for s in out):
         raise ValueError(f"seeds must be a non-empty sequence of integers in [0, 2**31 - 1), "
                          f"got {seeds!r}")
+    if len(set(out)) < len(out):
+        raise ValueError(f"seeds repeat: {seeds!r} (a repeated seed measures the same problem "
+                         "again and weighs it twice)")
     return out
 
 

@@ -372,13 +372,19 @@ def resize(task: Task, steps: int) -> Task:
 def for_length(name: str, steps: int | None = None, **options) -> Task:
     """:func:`make`, resized to sequences of ``T = steps`` (:func:`resize`: ``copy`` gets
     ``lag = steps - 2 * symbols - 1``) unless ``steps`` is None or ``options`` fix the length
-    themselves (``steps``, ``lag``).
+    themselves (``steps``, ``lag``; then they must make ``steps``, or a ValueError says so).
 
     >>> for_length("copy", 30, symbols=5).options
     (('alphabet', 8), ('lag', 19), ('symbols', 5))
     """
     task = make(name, **options)
-    if steps is None or {"steps", "lag"} & set(options):
+    fixed = sorted({"steps", "lag"} & set(options))
+    if steps is None:
+        return task
+    if fixed:  # two lengths given: they must agree
+        if task.steps != steps:
+            raise ValueError(f"the sequence length is {steps} but {fixed[0]}={options[fixed[0]]} "
+                             f"makes {name} sequences of {task.steps} steps; give one")
         return task
     return resize(task, steps)
 

@@ -113,6 +113,15 @@ def test_heatmap_of_the_memory_summarises_the_steps_it_reaches(capsys):
                                rtol=5e-3)
 
 
+def test_reproduce_list_shows_the_only_figures_named(capsys):
+    rc, out, err = run(capsys, "reproduce", "--list", "--only", "atlas_star_fig2,star_fig2")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert [l.split(":")[0] for l in lines] == ["atlas_star_fig2", "star_fig2"]
+    assert lines[0].startswith("atlas_star_fig2: atlas  [")  # no empty "()"
+    assert lines[1].startswith("star_fig2: gradient_grid (rnn, lstm, star, gru)  [")
+
+
 def test_heatmap_explicit_paths_formats_options_and_float64(capsys, tmp_path, x64):
     rc, out, err = run(capsys, "heatmap", "--cell", "gru", *SMALL, "--wrt", "hidden", "--loss",
                        "all", "--init", "glorot", "--option", "forget_bias_init=1.5",
@@ -291,6 +300,17 @@ BAD = [
      "argument --input-scale: must be a finite number, got 'nan'"),
     (["heatmap", "--cell", "lstm", *SMALL, "--input-scale", "x"],
      "argument --input-scale: must be a number, got 'x'"),
+    (["heatmap", "--cell", "lstm", *SMALL, "--init", "torch", "--option", "init=glorot"],
+     "--init torch and --option init=glorot disagree"),
+    (["heatmap", "--cell", "lstm", *SMALL, "--option", "forget_bias=1", "--option",
+      "forget_bias=2"], "--option forget_bias is given twice"),
+    (["heatmap", "--cell", "lstm", *SMALL, "--option", "mode=add"],
+     "mode='add' shapes refined gates and this cell has none"),
+    (["heatmap", "--cell", "lstm", *SMALL, "--data", "ok.NPZ"],
+     "unsupported data extension '.NPZ'"),
+    (["train", "--task", "copy", "--task-option", "lag=3", "--seq-len", "7", "--steps", "2"],
+     "the sequence length is 7 but lag=3 makes copy sequences of 24 steps"),
+    (["atlas", "--cells", "rnn", "--seeds", "0", "0", "--out", "."], "seeds repeat"),
     (["gates", "--cell", "lstm", *SMALL, "--input-scale", "1e39"],  # inf in float32
      "input_scale must be a finite number below 2.1e+37"),
     (["heatmap", "--cell", "lstm", *SMALL, "--input-scale", "1e39", "--dry-run"],
@@ -666,3 +686,8 @@ def test_heatmap_of_params_saved_with_save_params(capsys, tmp_path):
     npz = _written(out, "data:")
     assert npz.name == "heatmap_gru_L2_mine_T3_B2_s4.npz"
     np.testing.assert_array_equal(gradflow.load(npz).values, expect)
+
+
+def test_a_ratio_near_one_prints_no_negative_zero_decades():
+    assert cli._ratio(0.99, 1.0) == "x0.99 (+0.0 dec)"  # log10 = -0.004 rounds to 0.0
+    assert cli._ratio(0.5, 1.0) == "x0.5 (-0.3 dec)" and cli._ratio(0.0, 1.0) == "n/a"
