@@ -23,13 +23,15 @@ The unpacking functions (:func:`panel`, :func:`gain_panel`, :func:`stats_panel`,
 """
 from __future__ import annotations
 
+import warnings
+
 from gradflow import cells as _cells
 from gradflow import gates as _gates
 from gradflow import tasks as _tasks
 from gradflow.checks import choice
 from gradflow.jacobian import LOSSES, WRTS, expected_positive, gradient_map, local_gains
 from gradflow.problem import DTYPES, cell_problem, precision, problem, task_stack
-from gradflow.results import Result, make_result
+from gradflow.results import NonFiniteForwardWarning, Result, make_result
 
 # ---------------------------------------------------------------------------------------------
 # Packing and unpacking
@@ -138,9 +140,18 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
             else:
                 prob = problem(entry, layers=layers, steps=steps, hidden=hidden, batch=batch,
                                seed=seed, dtype=dtype, input_scale=input_scale)
+            said = set()  # the forward pass, hence where it overflows, is every loss's
             for loss in losses:
-                res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=wrt,
-                                   readout_seed=readout_seed, meta=prob.config)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", NonFiniteForwardWarning)
+                    res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=wrt,
+                                       readout_seed=readout_seed, meta=prob.config)
+                for w in caught:  # the forward overflow once per cell, named by it
+                    if not issubclass(w.category, NonFiniteForwardWarning):
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                    elif str(w.message) not in said:
+                        said.add(str(w.message))
+                        warnings.warn(f"cell {cell}: {w.message}", w.category, stacklevel=2)
                 key, value_key = _keys(loss, cell)
                 arrays[key], arrays[value_key] = res.values, res.loss_value
                 maps[f"{loss}/{cell}"] = res.config

@@ -185,3 +185,17 @@ def test_the_cli_says_why_the_map_is_nan(tmp_path, capsys):
         "gradflow heatmap: warning: gradient_map: the loss is nan (the states are not finite "
         "at "), err
     assert "non-finite entries: 600 of 600" in out and "underflow entries: 0 of 600" in out
+
+
+def test_a_grid_of_maps_says_which_cell_overflowed_once():
+    """gradient_grid (and `gradflow compare`): one warning per overflowing cell, named by its
+    label, not one per loss without a name; the finite cell's maps warn nothing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grid = gradflow.experiments.gradient_grid(["lstm", "indrnn:u_max=3"], layers=3,
+                                                  steps=120, hidden=16, batch=3, wrt="hidden")
+    said = [str(w.message) for w in caught if issubclass(w.category, NonFiniteForwardWarning)]
+    assert len(said) == 1 and said[0].startswith("cell indrnn:u_max=3: gradient_map: ")
+    for loss in ("last", "all"):
+        assert np.isnan(gradflow.experiments.panel(grid, loss, "indrnn:u_max=3").values).all()
+        assert np.isfinite(gradflow.experiments.panel(grid, loss, "lstm").values).all()
