@@ -1204,7 +1204,8 @@ def add_atlas(sub):
                  "JSON object or list of objects with the fields of gradflow.atlas.Grid), each "
                  "seed apart. Writes NAME.png (one panel per condition group, colour = fraction "
                  "of seeds where the claim holds), NAME.npz (per claim, condition and seed) and "
-                 "NAME.json (per claim and condition) into --out, caching each condition's maps so an interrupted atlas "
+                 "NAME.json (per claim and condition) into --out, caching each condition's "
+                 "maps so an interrupted atlas "
                  "resumes.", """
             gradflow atlas --grid figures/atlas_star_fig2_grid.json --out /tmp/atlas
             gradflow atlas --claims rnn_amplified --grid grid.json --out . --rows loss --cols wrt

@@ -11,8 +11,9 @@ kind ``"gate_stats"`` holding:
 * ``slope``: the mean local slope :math:`|\partial a / \partial z|` w.r.t. the gate's own
   pre-activation ``z`` (how much gradient the gate passes to its own parameters), see
   :func:`slopes`: :math:`a(1-a)` for a sigmoid gate, :math:`1-a^2` for a tanh gate,
-  recomputed from ``z`` for Cheng et al.'s refined gates; for Gu et al.'s effective gate ``g`` w.r.t. ``f``'s pre-activation, and
-  ``slope_refine`` w.r.t. the refine gate's; none for ON-LSTM's master gates and time gates;
+  recomputed from ``z`` for Cheng et al.'s refined gates; for Gu et al.'s effective gate ``g``
+  w.r.t. ``f``'s pre-activation, and ``slope_refine`` w.r.t. the refine gate's; none for
+  ON-LSTM's master gates and time gates;
 * ``timescale``: for gates that keep the previous state (``cell.retain``: ``f``, the effective
   ``g`` of UR cells, ``1 - k`` of STAR, ...) the memory timescale in steps,
   :math:`1/(1-\bar\kappa)`, of the mean kept fraction :math:`\bar\kappa` (:math:`\kappa = a`, or

@@ -27,8 +27,8 @@ Gate statistics (:func:`gradflow.gates.saturation`) need the cell to say what it
 ``gates=`` a callable returning ``{name: (B, H)}`` from the step's inputs (or ``"sown"`` for a
 linen module that ``self.sow("intermediates", name, value)``-s them), and ``gate_kinds=``
 ``{name: kind}``; a gate whose kind is not given is ``"sigmoid"`` if its values on the probe step
-lie in ``[0, 1]``, ``"tanh"`` if they lie in ``[-1, 1]``, else ``"other"``. Without gates the gradient and Jacobian maps work and
-``saturation`` says that the cell reports none.
+lie in ``[0, 1]``, ``"tanh"`` if they lie in ``[-1, 1]``, else ``"other"``. Without gates the
+gradient and Jacobian maps work and ``saturation`` says that the cell reports none.
 
 Flax and Equinox are optional: they are imported here, inside the functions that need them
 (``pip install "gradflow[flax]"``, ``"gradflow[equinox]"``).
