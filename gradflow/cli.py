@@ -1059,7 +1059,7 @@ def _gate_lines(stats, gate: str, summary: dict, kind: str) -> list[str]:
     parts.append(f"non-finite {int(s.get('nonfinite', 0))}")
     lines = [f"  gate {gate:<9} ({kind}): " + ", ".join(parts)]
     lines.append("    saturated per layer (bottom..top): "
-                 + " ".join(f"{v:.2f}" for v in stats[f"saturated/{gate}/layer"]))
+                 + " ".join(f"{v:.3f}" for v in stats[f"saturated/{gate}/layer"]))
     if f"timescale/{gate}/unit" in stats.arrays:
         lines += ["    " + line for line in timescale_lines(stats[f"timescale/{gate}/unit"])]
     outside = np.asarray(stats[f"outside/{gate}/pooled"])
