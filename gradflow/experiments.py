@@ -29,8 +29,11 @@ from gradflow import cells as _cells
 from gradflow import gates as _gates
 from gradflow import tasks as _tasks
 from gradflow.checks import choice
-from gradflow.jacobian import LOSSES, WRTS, expected_positive, gradient_map, local_gains
-from gradflow.problem import DTYPES, cell_problem, precision, problem, task_stack
+from gradflow.errors import user_input
+from gradflow.jacobian import (LOSSES, WRTS, check_wrt, expected_positive, gradient_map,
+                               local_gains)
+from gradflow.problem import (DTYPES, cell_problem, precision, problem, problem_stack,
+                              task_stack)
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 
 # ---------------------------------------------------------------------------------------------
@@ -119,27 +122,37 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
       ``"loss_value/{loss}/{cell}": ()``; ``config["maps"]["{loss}/{cell}"]`` holds each map's
       full config, ``config["cells"]``, ``config["losses"]`` the order.
     """
-    cells, built = _cell_entries(cells)
-    losses = _names(losses, "losses", "loss", LOSSES)
-    choice("wrt", wrt, WRTS)
-    choice("dtype", dtype, DTYPES)
-    cell_options = dict(cell_options or {})
-    unknown = sorted(set(cell_options) - {c for c, b in zip(cells, built) if isinstance(b, str)})
-    if unknown:
-        raise ValueError(f"cell_options for cells not in the grid: {', '.join(unknown)} (a "
-                         "built Cell carries its own options)")
-    arrays, maps, positive = {}, {}, {}
-    with precision(dtype):
-        for cell, entry in zip(cells, built):
+    with user_input():  # the plan, checked before anything is computed
+        cells, built = _cell_entries(cells)
+        losses = _names(losses, "losses", "loss", LOSSES)
+        choice("wrt", wrt, WRTS)
+        choice("dtype", dtype, DTYPES)
+        cell_options = dict(cell_options or {})
+        unknown = sorted(set(cell_options)
+                         - {c for c, b in zip(cells, built) if isinstance(b, str)})
+        if unknown:
+            raise ValueError(f"cell_options for cells not in the grid: {', '.join(unknown)} "
+                             "(a built Cell carries its own options)")
+
+        def problem_of(cell, entry, seed):  # seed None: the checked stack only
             if isinstance(entry, str):
                 name, own = _cells.parse_spec(entry)
-                prob = cell_problem(name, layers=layers, steps=steps, hidden=hidden,
+                return cell_problem(name, layers=layers, steps=steps, hidden=hidden,
                                     batch=batch, seed=seed, dtype=dtype, init=init,
                                     input_scale=input_scale,
                                     options={**cell_options.get(cell, {}), **own})
-            else:
-                prob = problem(entry, layers=layers, steps=steps, hidden=hidden, batch=batch,
-                               seed=seed, dtype=dtype, input_scale=input_scale)
+            if seed is None:
+                return problem_stack(entry, layers=layers, steps=steps, hidden=hidden,
+                                     batch=batch, dtype=dtype, input_scale=input_scale)
+            return problem(entry, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                           seed=seed, dtype=dtype, input_scale=input_scale)
+
+        for cell, entry in zip(cells, built):
+            check_wrt(problem_of(cell, entry, None), wrt)
+    arrays, maps, positive = {}, {}, {}
+    with precision(dtype):
+        for cell, entry in zip(cells, built):
+            prob = problem_of(cell, entry, seed)
             said = set()  # the forward pass, hence where it overflows, is every loss's
             for loss in losses:
                 with warnings.catch_warnings(record=True) as caught:
@@ -199,7 +212,11 @@ def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, ste
       ``vertical_rms, vertical_spectral, temporal_rms, temporal_spectral``;
       ``config["closed_form"]`` holds :data:`VERTICAL_GAIN` for the cells that have one.
     """
-    cells = _names(cells, "cells", "cell", _cells.names())
+    with user_input():  # the plan, checked before anything is computed
+        cells = _names(cells, "cells", "cell", _cells.names())
+        for cell in cells:
+            cell_problem(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                         seed=None, dtype=dtype, init=init, input_scale=input_scale)
     arrays = {}
     with precision(dtype):
         for cell in cells:
@@ -237,7 +254,11 @@ def gate_saturation(entries, *, layers: int = 2, steps: int = 32, hidden: int = 
     """:func:`gradflow.gates.compare` of ``(label, cell, options)`` entries at initialisation,
     as one Result: every array of entry ``label``'s ``gate_stats`` under ``"{label}/..."``;
     ``config["stats"][label]`` holds its config. :func:`stats_panel` takes one back out."""
-    entries = _entries(entries)
+    with user_input():  # the plan, checked before anything is computed
+        entries = _entries(entries)
+        for _, cell, opts in entries:
+            problem_stack(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                          dtype=dtype, input_scale=input_scale, **opts)
     with precision(dtype):
         found = _gates.compare(entries, layers=layers, steps=steps, hidden=hidden, batch=batch,
                                seed=seed, dtype=dtype, input_scale=input_scale, eps=eps,
@@ -338,11 +359,15 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
     from gradflow import seeds as _seeds
     from gradflow.train import train  # needs the "train" extra (optax)
 
-    runs = _runs(runs)
-    if seeds is not None:
-        seeds = _seeds.seed_list(seeds)
-    record = _names(record, "record", "record", RECORDS) if record else []
-    the_task = _tasks.make(task, **(task_options or {}))
+    with user_input():  # the plan, checked before anything is trained
+        runs = _runs(runs)
+        if seeds is not None:
+            seeds = _seeds.seed_list(seeds)
+        record = _names(record, "record", "record", RECORDS) if record else []
+        the_task = _tasks.make(task, **(task_options or {}))
+        for label, cell, opts, extra in runs:
+            task_stack(cell, the_task, layers=layers, hidden=hidden, options=opts,
+                       cell_steps=extra.get("cell_steps"))
     recorders = _recorders(record, eps, bins)
     arrays, run_configs, record_configs = {}, {}, {}
     with precision(dtype):

@@ -64,6 +64,38 @@ def check_input_scale(scale, dtype) -> float:
     return float(scale)
 
 
+def problem_stack(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128,
+                  batch: int = 16, input_size: int | None = None, dtype: str = "float32",
+                  input_scale: float = 1.0, stack_options: dict | None = None,
+                  **cell_options) -> Stack:
+    """The :class:`Stack` of :func:`problem` (same arguments, but no seed), with every check
+    :func:`problem` makes of the names, options and sizes, and nothing drawn: a caller can
+    check a whole plan of problems before computing any (:mod:`gradflow.experiments`).
+
+    Raises:
+      ValueError: as :func:`problem`.
+    """
+    steps = positive_int("steps", steps)
+    batch = positive_int("batch", batch)
+    if isinstance(hidden, (list, tuple)):  # one width per layer: the Stack checks them
+        hidden = list(hidden)
+        D = input_size
+        if D is None:
+            D = positive_int("hidden[0]", hidden[0]) if hidden else 1
+    else:
+        hidden = positive_int("hidden", hidden)
+        D = hidden if input_size is None else input_size
+    dt = dtype_of(dtype)
+    if isinstance(cell, str):  # g_lstm's time gates are initialised over the sequence
+        cell = _cells.for_length(cell, steps, **cell_options)
+    elif cell_options:
+        raise ValueError("cell options cannot be given together with a built Cell")
+    stack = Stack(cell, layers, D, hidden, **(stack_options or {}))
+    _cost.check_arrays_fit(stack, batch, steps, dt)
+    check_input_scale(input_scale, dt)
+    return stack
+
+
 def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128,
             batch: int = 16, input_size: int | None = None, seed: int = 0,
             dtype: str = "float32", input_scale: float = 1.0, stack_options: dict | None = None,
@@ -88,24 +120,10 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
       ValueError: bad sizes or options, or parameters and inputs larger than the memory
         available (before anything is allocated; the message names what would fit).
     """
-    steps = positive_int("steps", steps)
-    batch = positive_int("batch", batch)
-    if isinstance(hidden, (list, tuple)):  # one width per layer: the Stack checks them
-        hidden = list(hidden)
-        D = input_size
-        if D is None:
-            D = positive_int("hidden[0]", hidden[0]) if hidden else 1
-    else:
-        hidden = positive_int("hidden", hidden)
-        D = hidden if input_size is None else input_size
-    dt = dtype_of(dtype)
-    if isinstance(cell, str):  # g_lstm's time gates are initialised over the sequence
-        cell = _cells.for_length(cell, steps, **cell_options)
-    elif cell_options:
-        raise ValueError("cell options cannot be given together with a built Cell")
-    stack = Stack(cell, layers, D, hidden, **(stack_options or {}))
-    _cost.check_arrays_fit(stack, batch, steps, dt)
-    check_input_scale(input_scale, dt)
+    stack = problem_stack(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                          input_size=input_size, dtype=dtype, input_scale=input_scale,
+                          stack_options=stack_options, **cell_options)
+    dt, D = dtype_of(dtype), stack.input_size
     params = stack.init(jax.random.key(seed), dt)
     xs = gaussian_inputs(seed, (batch, steps, D), dt, input_scale)
     config = {**stack.config, "steps": steps, "batch": batch, "seed": int(seed),
@@ -136,10 +154,11 @@ def _cell_options(init: str | None, options: dict | None) -> dict:
 
 
 def cell_problem(cell: str, *, layers: int, steps: int, hidden: int, batch: int = 16,
-                 seed: int = 0, dtype: str = "float32", init: str | None = None,
+                 seed: int | None = 0, dtype: str = "float32", init: str | None = None,
                  input_size: int | None = None, input_scale: float = 1.0,
-                 input_projection: bool | None = None, options: dict | None = None) -> Problem:
-    """:func:`problem` for a named cell, with ``init`` and ``options`` applied to the cell.
+                 input_projection: bool | None = None, options: dict | None = None):
+    """:func:`problem` for a named cell, with ``init`` and ``options`` applied to the cell
+    (``seed=None``: its checked :class:`Stack` only, :func:`problem_stack`, nothing drawn).
 
     The cell is built first (:func:`gradflow.cells.for_length`: a cell with a
     ``length_option``, g-LSTM's ``steps``, is initialised over the problem's ``steps`` unless
@@ -155,6 +174,10 @@ def cell_problem(cell: str, *, layers: int, steps: int, hidden: int, batch: int 
     """
     built = _cells.for_length(cell, steps, **_cell_options(init, options))
     stack_options = {} if input_projection is None else {"input_projection": input_projection}
+    if seed is None:  # the plan only (see problem_stack)
+        return problem_stack(built, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                             input_size=input_size, dtype=dtype, input_scale=input_scale,
+                             stack_options=stack_options)
     return problem(built, layers=layers, steps=steps, hidden=hidden, batch=batch,
                    input_size=input_size, seed=seed, dtype=dtype, input_scale=input_scale,
                    stack_options=stack_options)
@@ -182,8 +205,8 @@ def task_stack(cell: str, task, *, layers: int, hidden: int, init: str | None = 
     return Stack(built, layers, task.input_size, hidden)
 
 
-__all__ = ["DTYPES", "Problem", "cell_problem", "dtype_of", "gaussian_inputs", "precision",
-           "problem", "task_stack"]
+__all__ = ["DTYPES", "Problem", "cell_problem", "check_input_scale", "dtype_of",
+           "gaussian_inputs", "precision", "problem", "problem_stack", "task_stack"]
 
 
 class _CallableModule(type(jax)):

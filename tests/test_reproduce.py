@@ -89,6 +89,27 @@ def test_reproduce_and_configs_bad_input(tmp_path):
         reproduce.figure_data("star_fig2", data_dir=tmp_path)
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"layers": -2}, "layers must be a positive integer, got -2"),
+    ({"cells": ["lstm", "nope"]}, "unknown cell 'nope'"),
+    ({"cell_options": {"lstm": {"mode": "add"}}}, "mode='add' shapes refined gates"),
+])
+def test_a_users_config_with_a_bad_value_exits_2_before_computing(tmp_path, capsys, change,
+                                                                  message):
+    """A figure config of the user's own (--figures DIR) is input: a bad value is one line and
+    exit 2 (it was an internal error), found before any map is computed."""
+    from gradflow.cli import main
+
+    config = json.loads((reproduce.CONFIG_DIR / "star_fig2.json").read_text())
+    (tmp_path / "mine.json").write_text(json.dumps({**config, **change}))
+    (tmp_path / "out").mkdir()
+    rc = main(["reproduce", "--figures", str(tmp_path), "--only", "mine", "--out",
+               str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert not any((tmp_path / "out").iterdir())
+
+
 def test_every_committed_figure_has_its_config_in_the_package():
     shipped = reproduce.configs()
     assert all(p.parent == reproduce.CONFIG_DIR for p in shipped.values())
