@@ -153,9 +153,12 @@ def _per_example(stack: Stack, who: str) -> None:
 
 
 def _config(stack: Stack, xs, meta, **extra) -> dict:
+    """A measurement's config: the stack's, the sizes, ``meta`` (e.g. the problem's seed and
+    input scale), then the measurement's own settings ``extra``, which ``meta`` cannot
+    overwrite (they say how the numbers were made)."""
     B, T, _ = xs.shape
-    return {**stack.config, "steps": int(T), "batch": int(B), "dtype": str(xs.dtype), **extra,
-            **(meta or {})}
+    return {**stack.config, "steps": int(T), "batch": int(B), "dtype": str(xs.dtype),
+            **(meta or {}), **extra}
 
 
 def _zeros_perturb(stack: Stack, xs, names):
@@ -373,7 +376,9 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
       Norms and singular values are formed scaled by the largest entry
       (:func:`gradflow.stack.scaled_reduction`), so tiny Jacobians do not underflow. Where the
       target state is not finite, every Jacobian that reaches it is NaN (with a
-      :class:`~gradflow.results.NonFiniteForwardWarning`).
+      :class:`~gradflow.results.NonFiniteForwardWarning`). The config records ``target``,
+      ``method``, ``jacobian_norm``, ``probes`` and ``probe_seed`` (None for ``"exact"``)
+      beside the stack's own (its ``norm`` is the layers' normalisation).
     """
     xs = _prepare(stack, params, xs)
     _per_example(stack, "jacobian_map")
@@ -415,8 +420,10 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
         arrays = {"values": vals}
         if positions:
             arrays["spectra"] = spectra
-    config = _config(stack, xs, meta, target=[tl, tt], norm=norm, method=method,
-                     probes=probes if method == "probe" else None, seed=seed,
+    # (jacobian_norm, probe_seed: the stack's own "norm" and the problem's "seed" differ)
+    config = _config(stack, xs, meta, target=[tl, tt], jacobian_norm=norm, method=method,
+                     probes=probes if method == "probe" else None,
+                     probe_seed=seed if method == "probe" else None,
                      spectra_at=[list(p) for p in positions])
     reach = (jnp.arange(T)[None, :] < tt) | ((jnp.arange(T)[None, :] == tt)
                                              & (jnp.arange(L)[:, None] <= tl))

@@ -187,7 +187,8 @@ def _describe(result: Result, key: str | None) -> str:
     if result.kind == "gradient_map":
         parts += [f"{k}={c[k]}" for k in ("loss", "wrt") if k in c]
     elif result.kind == "jacobian_map":
-        parts.append(f"Jacobian ({c['norm']})" if "norm" in c else "Jacobian")
+        parts.append(f"Jacobian ({c['jacobian_norm']})" if "jacobian_norm" in c
+                     else "Jacobian")
         if "target" in c:
             target = c["target"]
             parts.append(f"target={tuple(target) if isinstance(target, list) else target}")

@@ -337,3 +337,22 @@ def test_deterministic():
         ra = J.gradient_map(a.stack, a.params, a.xs)
         rb = J.gradient_map(b.stack, b.params, b.xs)
     np.testing.assert_array_equal(ra.values, rb.values)
+
+
+def test_jacobian_map_config_keeps_the_stacks_norm_and_the_problems_seed():
+    """The map's norm and probe seed are its own keys: the stack's norm ("layer") and the
+    problem's seed survive, with or without meta, and meta cannot overwrite how the map was
+    measured."""
+    pr = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2, seed=3,
+                          stack_options={"norm": "layer"})
+    for meta in (None, pr.config):
+        res = J.jacobian_map(pr.stack, pr.params, pr.xs, method="probe", probes=4, seed=7,
+                             meta=meta)
+        c = res.config
+        assert (c["norm"], c["jacobian_norm"], c["probe_seed"], c["method"]) == (
+            "layer", "rms", 7, "probe")
+        assert c.get("seed") == (3 if meta else None)
+    exact = J.jacobian_map(pr.stack, pr.params, pr.xs, norm="spectral", meta=pr.config)
+    assert exact.config["jacobian_norm"] == "spectral" and exact.config["probe_seed"] is None
+    clash = J.gradient_map(pr.stack, pr.params, pr.xs, loss="all", meta={"loss": "last"})
+    assert clash.config["loss"] == "all"  # the measurement's own setting wins over meta

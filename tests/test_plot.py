@@ -166,7 +166,8 @@ def test_heatmap_draws_on_a_given_axes_and_any_key():
 
 def test_heatmap_jacobian_title():
     result = make_result("jacobian_map", {"values": _map(5), "stderr": _map(6)},
-                         dict(cell="star", norm="rms", target=[L - 1, T - 1]))
+                         dict(cell="star", jacobian_norm="rms", norm="layer",
+                              target=[L - 1, T - 1]))
     title = plot.heatmap(result).axes[0].get_title()
     assert "star" in title and "rms" in title and f"({L - 1}, {T - 1})" in title
 
