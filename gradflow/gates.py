@@ -107,6 +107,21 @@ GU_GRID = (
 # What each gate is
 
 
+def gate_cell(stack: Stack) -> Cell:
+    """The cell whose gate layout every layer of ``stack`` shares (the gates and their kinds,
+    the retained gates, the refine form): layers of different cells that agree on it, e.g. an
+    LSTM at two forget biases, have gate statistics; others a ValueError naming the layer."""
+    first = stack.cells[0]
+    layout = lambda c: (c.gate_kinds, c.retain, c.refine_mode, c.refine_gate)  # noqa: E731
+    for l, c in enumerate(stack.cells):
+        if layout(c) != layout(first):
+            raise ValueError(f"gate statistics read one gate layout for every layer; layer {l} "
+                             f"({c.name}: gates {', '.join(c.gate_names) or 'none'}) differs "
+                             f"from layer 0 ({first.name}: gates "
+                             f"{', '.join(first.gate_names) or 'none'})")
+    return first
+
+
 def gate_kinds(cell: Cell) -> dict:
     r"""``{gate: kind}`` for every gate ``cell`` reports, in its order, as the cell declares them
     (:attr:`gradflow.cells.Cell.gate_kinds`).
@@ -236,8 +251,8 @@ def preactivation(stack: Stack, params: dict, xs, out, gate: str):
     x = stack.layer_inputs(params, xs, out)
     prev = {k: jnp.concatenate([jnp.zeros_like(v[:, :, :1]), v[:, :, :-1]], axis=2)
             for k, v in out.states.items()}
-    z = [stack.cell.preactivations(lp, {k: stack.unpad(v[l], l) for k, v in prev.items()},
-                                   x[l])[gate]
+    z = [stack.cells[l].preactivations(lp, {k: stack.unpad(v[l], l) for k, v in prev.items()},
+                                       x[l])[gate]
          for l, lp in enumerate(params["layers"])]
     H = stack.max_width
     return jnp.stack([a if a.shape[-1] == H else _pad(a, H) for a in z])
@@ -245,9 +260,10 @@ def preactivation(stack: Stack, params: dict, xs, out, gate: str):
 
 def _slopes(stack: Stack, params: dict, xs, out) -> dict:
     """:func:`slopes` from a run's output ``out`` (a :class:`gradflow.StackOutput`)."""
-    kinds = gate_kinds(stack.cell)
+    cell = gate_cell(stack)
+    kinds = gate_kinds(cell)
     acts = out.gates
-    mode = stack.cell.refine_mode
+    mode = cell.refine_mode
     s = {}
     for g, kind in kinds.items():
         if kind == "sigmoid":
@@ -259,7 +275,7 @@ def _slopes(stack: Stack, params: dict, xs, out) -> dict:
             s[g] = sz * jnp.abs(layer_inputs(stack, params, xs, out.up)) if mode == "mul" else sz
     for g, kind in kinds.items():
         if kind == "effective":
-            r = stack.cell.refine_gate
+            r = cell.refine_gate
             dgdf, dgdr = refine_partials(acts["f"], acts[r])
             s[g] = jnp.abs(dgdf) * s["f"]
             s[g + ":refine"] = jnp.abs(dgdr) * s[r]
@@ -305,9 +321,10 @@ def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
     finite entries make the maps (``timescale``: the kept fraction; 0 where the gate is not
     finite); ``finite``, ``nonfinite``, ``below``, ``above``, ``nan`` are 0/1 integers to be
     counted."""
-    retain = dict(stack.cell.retain)
+    cell = gate_cell(stack)
+    retain = dict(cell.retain)
     rows = {}
-    for g, kind in gate_kinds(stack.cell).items():
+    for g, kind in gate_kinds(cell).items():
         a = out.gates[g]
         ok = jnp.isfinite(a)
         rows["mean", g] = a
@@ -401,7 +418,7 @@ def named_arrays(stack: Stack, red: dict, hist: dict, bins: int) -> dict:
     if real is not None:
         real = np.asarray(real)
     arrays = {"bin_edges": bin_edges(bins)}
-    for g in gate_kinds(stack.cell):
+    for g in gate_kinds(gate_cell(stack)):
         n = red["finite", g][0].astype(np.float64)  # (L, T): finite entries of each mean
 
         def over(m, axis=None):  # the mean over the finite entries of the (l, t) it pools
@@ -472,6 +489,7 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
             "(gradient and Jacobian maps need none). A cell of your own reports its gates with "
             "gates=fn returning {name: (B, H)} (and gate_kinds={name: kind}) in "
             "gradflow.cells.from_function / from_linen / from_nnx / from_equinox")
+    gate_cell(stack)  # one gate layout in every layer
     eps = _check_fraction("eps", eps, 0.5)
     threshold = _check_fraction("update_threshold", update_threshold, 1.0)
     bins = _positive_int("bins", bins)
@@ -490,7 +508,7 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
                       NonFiniteForwardWarning, stacklevel=2)
     B, T, _ = xs.shape
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
-    kinds = gate_kinds(stack.cell)
+    kinds = gate_kinds(gate_cell(stack))
     config = {**stack.config, "steps": int(T), "batch": int(B), "dtype": str(dtype),
               "eps": eps, "bins": bins, "update_threshold": threshold,
               "gates": list(kinds), "gate_kinds": kinds, **(meta or {})}
@@ -560,7 +578,7 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
     return out
 
 
-__all__ = ["GU_GRID", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations",
+__all__ = ["GU_GRID", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations", "gate_cell",
            "bin_edges", "compare", "gate_kinds", "histogram", "is_saturated", "kept_fraction",
            "layer_inputs", "named_arrays", "preactivation", "reductions", "refine_partials",
            "saturation",

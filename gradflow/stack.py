@@ -296,10 +296,16 @@ class Stack:
     @property
     def cell(self):
         """The cell of every layer (a ValueError for a stack of different cells)."""
-        if any(c != self.cells[0] for c in self.cells[1:]):
-            raise ValueError("this stack has different cells per layer "
-                             f"({', '.join(c.name for c in self.cells)}); use stack.cells")
-        return self.cells[0]
+        first = self.cells[0]
+        for l, c in enumerate(self.cells):
+            if c != first:
+                o0, o = dict(first.options), dict(c.options)
+                diff = sorted(k for k in set(o0) | set(o) if o0.get(k) != o.get(k))
+                what = (f"options {', '.join(diff)}" if c.name == first.name and diff
+                        else f"cell {c.name!r}" if c.name != first.name else "its functions")
+                raise ValueError(f"this stack has different cells per layer (layer {l} differs "
+                                 f"from layer 0 in {what}); use stack.cells")
+        return first
 
     @property
     def state_names(self) -> tuple:

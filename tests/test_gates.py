@@ -363,6 +363,39 @@ def test_inputs_that_are_not_finite_are_refused_as_by_the_maps():
         problem("lstm", layers=2, steps=3, hidden=4, input_scale=1e39)
 
 
+def test_a_stack_of_one_gate_layout_at_other_options_has_gate_statistics(x64):
+    """An LSTM at forget bias 0 under one at 1 (or refined cells at two biases: the slope reads
+    each layer's own pre-activation): statistics per layer as from the raw gates; a stack whose
+    layers report other gates says which layer."""
+    from gradflow.stack import Stack
+
+    lstm1 = cells.get("lstm", forget_bias=1.0)
+    stack = Stack([cells.get("lstm"), lstm1], 2, 4, 6)
+    params = stack.init(jax.random.key(0), jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (3, 5, 4), jnp.float64)
+    res = gates.saturation(stack, params, xs, EPS)
+    f = np.asarray(gates.activations(stack, params, xs)["f"])
+    np.testing.assert_allclose(res["saturated/f/layer"],
+                               ((f < EPS) | (f > 1 - EPS)).mean(axis=(1, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(res["mean/f/layer"], f.mean(axis=(1, 2, 3)), rtol=1e-12)
+    assert res["mean/f/layer"][1] > res["mean/f/layer"][0]  # the bias shows
+    # refined cells: the slope from each layer's own pre-activation (its own forget bias)
+    mixed = Stack([cells.get("refined_lstm"), cells.get("refined_lstm", forget_bias=2.0)],
+                  2, 6, 6)
+    p = mixed.init(jax.random.key(2), jnp.float64)
+    x = jax.random.normal(jax.random.key(3), (3, 5, 6), jnp.float64)
+    got = gates.slopes(mixed, p, x)["f"]
+    inputs = mixed.layer_inputs(p, x, mixed.apply(p, x))  # [(B, T, in_l)]
+    for l, c in enumerate(mixed.cells):  # each layer as a one-layer stack of its own cell
+        alone = gates.slopes(Stack(c, 1, 6, 6), {"layers": [p["layers"][l]]}, inputs[l])
+        np.testing.assert_allclose(got[l], alone["f"][0], rtol=1e-12)
+    assert not np.allclose(got[0], got[1])
+    other = Stack([cells.get("lstm"), cells.get("ur_lstm")], 2, 4, 6)
+    with pytest.raises(ValueError, match=r"layer 1 \(ur_lstm: gates .*\) differs from layer 0 "
+                                         r"\(lstm: gates "):
+        gates.saturation(other, other.init(jax.random.key(0), jnp.float64), xs)
+
+
 def test_save_load_roundtrip(tmp_path, x64):
     stack, params, xs, cfg = get("ur_gru")
     res = gates.saturation(stack, params, xs, meta=cfg)
