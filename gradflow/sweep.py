@@ -143,7 +143,10 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
     :func:`gradflow.gradient_map` for :math:`G[l,t]` and :math:`P[l,t]`).
 
     Args:
-      cells: cell names (or one name); options for all of them in ``cell_options``.
+      cells: cell names (or one name), names with options (``"lstm:forget_bias=1.0"``, the
+        syntax of :func:`gradflow.cells.parse_spec`; the written options win over
+        ``cell_options``, which apply to every named cell) or built cells; each result is
+        keyed by the text given (a built cell: its name), and keys must be distinct.
       seeds: integers in ``[0, 2**31 - 1)``; ``S = len(seeds)``.
       layers, steps, hidden, batch, input_size, dtype, input_scale, stack_options: as
         :func:`gradflow.problem`.
@@ -168,11 +171,21 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                             (("steps", steps), ("batch", batch), ("hidden", hidden)))
     D = hidden if input_size is None else _positive_int("input_size", input_size)
     dt = dtype_of(dtype)
+    stacks = {}  # every cell and stack built and checked before any map is computed
+    for entry in names:
+        if isinstance(entry, str):
+            name, own = _cells.parse_spec(entry)
+            cell = _cells.for_length(name, steps, **{**(cell_options or {}), **own})
+        else:
+            cell = _cells.get(entry)
+        label = entry if isinstance(entry, str) else cell.name
+        if label in stacks:
+            raise ValueError(f"cells: {label!r} is given twice; each result is keyed by its "
+                             "cell (a built cell by its name): give each one once")
+        stacks[label] = Stack(cell, layers, D, hidden, **(stack_options or {}))
+        _jac.check_wrt(stacks[label], wrt)
     out = {}
-    for name in names:
-        cell = _cells.for_length(name, steps, **(cell_options or {}))
-        stack = Stack(cell, layers, D, hidden, **(stack_options or {}))
-        _jac.check_wrt(stack, wrt)
+    for label, stack in stacks.items():
         values, maps = sweep_arrays(stack, seeds, steps=steps, batch=batch, dtype=dt,
                                     input_scale=input_scale, loss=loss, wrt=wrt,
                                     readout_seed=readout_seed, devices=devices)
@@ -181,9 +194,8 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                   "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
                   "wrt": wrt, "readout_seed": readout_seed,
                   "devices": len(maps.sharding.device_set)}
-        out[stack.cell.name] = make_result("gradient_map", {"values": maps, "loss_value": values},
-                                           config,
-                                           positive=_jac.expected_positive(loss, wrt, steps))
+        out[label] = make_result("gradient_map", {"values": maps, "loss_value": values},
+                                 config, positive=_jac.expected_positive(loss, wrt, steps))
     return out
 
 

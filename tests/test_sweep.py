@@ -55,6 +55,19 @@ def test_sweep_float32_and_callable_loss():
         np.testing.assert_allclose(res.values[i], ref.values, rtol=1e-6)
 
 
+def test_sweep_keys_each_cell_at_its_options_by_the_text_given(x64):
+    """The same cell at two settings (was: one result kept, the other computed and dropped)."""
+    out = S.sweep(["lstm", "lstm:forget_bias=1.0"], [0, 5], dtype="float64", **SIZES)
+    assert list(out) == ["lstm", "lstm:forget_bias=1.0"]
+    assert out["lstm:forget_bias=1.0"].config["forget_bias"] == 1.0
+    for i, seed in enumerate([0, 5]):
+        pr = gradflow.problem("lstm", seed=seed, dtype="float64", forget_bias=1.0, **SIZES)
+        ref = gradflow.gradient_map(pr.stack, pr.params, pr.xs)
+        np.testing.assert_allclose(out["lstm:forget_bias=1.0"].values[i], ref.values,
+                                   rtol=1e-12)
+    assert not np.allclose(out["lstm"].values, out["lstm:forget_bias=1.0"].values)
+
+
 def test_seed_problem_matches_problem(x64):
     pr = gradflow.problem("lstm", seed=7, dtype="float64", input_scale=0.5, **SIZES)
     params, xs = jax.jit(lambda s: S.seed_problem(pr.stack, s, steps=SIZES["steps"],
@@ -124,6 +137,10 @@ def test_four_cpu_devices_equal_one_device(background, x64):
     (dict(steps=0), "steps"),
     (dict(dtype="float16"), "float32, float64"),
     (dict(devices=[]), "at least one device"),
+    (dict(cells=["lstm", "lstm"]), "'lstm' is given twice"),
+    (dict(cells=[gradflow.cells.get("lstm", forget_bias=1.0), "lstm"]), "given twice"),
+    (dict(cells=["lstm:nope=1"]), "unknown option"),
+    (dict(seeds=[0, 0]), "seeds repeat"),
 ])
 def test_bad_input(kw, match):
     args = {"cells": "lstm", "seeds": [0], **SIZES, **kw}
