@@ -116,7 +116,8 @@ class Result:
 
     @classmethod
     def load(cls, path) -> "Result":
-        """Read a result written by :meth:`save`.
+        """Read a result written by :meth:`save` (``"x"`` reads ``x.npz`` where ``x`` is not
+        there, as ``save("x")`` wrote it).
 
         Raises:
           FileNotFoundError: no such file.
@@ -171,7 +172,10 @@ def _read(path: str, cls=Result) -> Result:
         return ValueError(f"cannot load {path!r}: {problem}")
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"cannot load {path!r}: no such file")
+        if not path.endswith(".npz") and os.path.isfile(path + ".npz"):
+            path = path + ".npz"  # as save("x") wrote it
+        else:
+            raise FileNotFoundError(f"cannot load {path!r}: no such file")
     if os.path.isdir(path):
         raise bad("it is a directory, not a result file (.npz)")
     size = os.path.getsize(path)

@@ -119,3 +119,13 @@ def test_bad_metadata(tmp_path, meta, pattern):
     p = tmp_path / "meta.npz"
     np.savez(p, **{results._META: np.array(meta)}, values=np.ones(2))
     _expect(p, pattern)
+
+
+def test_a_path_saved_without_extension_loads_as_saved(tmp_path):
+    res = make_result("gradient_map", {"values": np.ones((2, 3))}, {"cell": "gru"})
+    written = res.save(tmp_path / "noext")
+    assert str(written).endswith("noext.npz")
+    back = gradflow.load(tmp_path / "noext")  # as given to save
+    np.testing.assert_array_equal(back.values, res.values)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        gradflow.load(tmp_path / "other")
