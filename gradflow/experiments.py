@@ -122,7 +122,7 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
       ``"loss_value/{loss}/{cell}": ()``; ``config["maps"]["{loss}/{cell}"]`` holds each map's
       full config, ``config["cells"]``, ``config["losses"]`` the order.
     """
-    with user_input():  # the plan, checked before anything is computed
+    with user_input(), precision(dtype):  # the plan, checked before anything is computed
         cells, built = _cell_entries(cells)
         losses = _names(losses, "losses", "loss", LOSSES)
         choice("wrt", wrt, WRTS)
@@ -212,7 +212,7 @@ def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, ste
       ``vertical_rms, vertical_spectral, temporal_rms, temporal_spectral``;
       ``config["closed_form"]`` holds :data:`VERTICAL_GAIN` for the cells that have one.
     """
-    with user_input():  # the plan, checked before anything is computed
+    with user_input(), precision(dtype):  # the plan, checked before anything is computed
         cells = _names(cells, "cells", "cell", _cells.names())
         for cell in cells:
             cell_problem(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
@@ -254,7 +254,7 @@ def gate_saturation(entries, *, layers: int = 2, steps: int = 32, hidden: int = 
     """:func:`gradflow.gates.compare` of ``(label, cell, options)`` entries at initialisation,
     as one Result: every array of entry ``label``'s ``gate_stats`` under ``"{label}/..."``;
     ``config["stats"][label]`` holds its config. :func:`stats_panel` takes one back out."""
-    with user_input():  # the plan, checked before anything is computed
+    with user_input(), precision(dtype):  # the plan, checked before anything is computed
         entries = _entries(entries)
         for _, cell, opts in entries:
             problem_stack(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,

@@ -184,3 +184,16 @@ def test_gradient_grid_takes_a_cell_with_its_options_written_in():
         experiments.gradient_grid(["lstmm:forget_bias=1.0"], ["last"], **size)
     with pytest.raises(ValueError, match="unknown option\\(s\\) 'bogus' for cell 'lstm'"):
         experiments.gradient_grid(["lstm:bogus=1"], ["last"], **size)
+
+
+def test_experiments_in_float64_need_no_64_bit_switch_from_the_caller():
+    """They run their work in the dtype's mode (precision), their plan included."""
+    import jax
+
+    assert not jax.config.jax_enable_x64
+    g = experiments.gradient_grid(["lstm"], ["last"], layers=2, steps=3, hidden=4, batch=2,
+                                  dtype="float64")
+    assert experiments.panel(g, "last", "lstm").values.dtype == np.float64
+    v = experiments.vertical_gain(["lstm"], layers=2, steps=3, hidden=4, batch=2,
+                                  dtype="float64")
+    assert v.config["dtype"] == "float64"
