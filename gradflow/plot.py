@@ -84,9 +84,14 @@ def _map_array(result: Result, key: str | None) -> np.ndarray:
     """The ``(L, T)`` array ``result.arrays[key]`` (``key`` defaults to ``"values"``) as float."""
     key = "values" if key is None else key
     if key not in result.arrays:
-        raise ValueError(f"result of kind {result.kind!r} has no array {key!r}; pass key= one of: "
+        raise ValueError(f"result of kind {result.kind!r} has no array {key!r}; its arrays: "
                          f"{', '.join(result.arrays) or '(none)'}")
     values = np.asarray(result.arrays[key], dtype=float)
+    if values.ndim == 3 and "seeds" in result.config:  # a sweep: one map per seed
+        raise ValueError(f"array {key!r} holds one map per seed, shape {values.shape} (a sweep "
+                         "over seeds): draw one seed's, gradflow.sweep.seed_result(result, "
+                         "seed), or a summary over them (e.g. np.median(values, axis=0) in a "
+                         "make_result)")
     if values.ndim != 2 or values.size == 0:
         raise ValueError(f"array {key!r} must be a non-empty (layers, steps) map, got shape "
                          f"{values.shape}")
@@ -98,7 +103,8 @@ def _relative(values: np.ndarray) -> np.ndarray:
     ref = values[-1, -1]
     if not (np.isfinite(ref) and ref > 0):
         raise ValueError(f"normalize=True divides by values[-1, -1] (top layer, last step), "
-                         f"which is {ref!r}; it must be finite and > 0 (use normalize=False)")
+                         f"which is {float(ref):g}; it must be finite and > 0 (use "
+                         "normalize=False)")
     return values / ref
 
 

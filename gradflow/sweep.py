@@ -131,6 +131,18 @@ def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float
     return values[:n], maps[:n]
 
 
+def seed_result(result: Result, seed: int) -> Result:
+    """One seed's map out of a :func:`sweep` result: ``values: (L, T)`` and ``loss_value``
+    of that seed, its config with ``seed`` set (for plots and summaries of one map)."""
+    seeds = list(result.config.get("seeds") or [])
+    if seed not in seeds:
+        raise ValueError(f"no seed {seed!r} in this sweep; its seeds: {seeds or '(none)'}")
+    i = seeds.index(seed)
+    config = {k: v for k, v in result.config.items() if k != "seeds"}
+    return make_result(result.kind, {k: np.asarray(v)[i] for k, v in result.arrays.items()},
+                       {**config, "seed": seed}, warn=False)
+
+
 def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
           batch: int = 16, loss="last", wrt: str = "hidden", input_size: int | None = None,
           dtype: str = "float32", input_scale: float = 1.0, readout_seed: int = 0,
@@ -199,4 +211,4 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
     return out
 
 
-__all__ = ["sweep", "sweep_arrays", "seed_problem", "check_seeds", "device_mesh"]
+__all__ = ["sweep", "sweep_arrays", "seed_problem", "seed_result", "check_seeds", "device_mesh"]

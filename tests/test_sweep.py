@@ -179,3 +179,18 @@ def test_sweep_of_several_layers_at_h64_finishes(tmp_path):
         pr = gradflow.problem("lstm", seed=seed, layers=2, steps=32, hidden=64, batch=8)
         ref = gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss="last", wrt="hidden")
         np.testing.assert_allclose(maps[i], ref.values, rtol=2e-5)
+
+
+def test_one_seed_of_a_sweep_is_that_seeds_map_and_draws(x64):
+    from gradflow import plot
+
+    res = S.sweep("lstm", [2, 9], dtype="float64", **SIZES)["lstm"]
+    one = S.seed_result(res, 9)
+    np.testing.assert_array_equal(one.values, res.values[1])
+    np.testing.assert_allclose(one.values, reference("lstm", 9, "hidden").values, rtol=1e-12)
+    assert one.config["seed"] == 9 and "seeds" not in one.config
+    with pytest.raises(ValueError, match=r"one map per seed.*seed_result"):
+        plot.heatmap(res)
+    plot.heatmap(one)
+    with pytest.raises(ValueError, match="no seed 4 in this sweep; its seeds: \\[2, 9\\]"):
+        S.seed_result(res, 4)
