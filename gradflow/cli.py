@@ -980,9 +980,8 @@ def run_compare(args) -> int:
     named = [c for c in args.cells if ":" not in c or _cells.is_spec(c)]
     for c in args.cells:
         with user_input():
-            if c in named:
-                name, own = _cells.parse_spec(c)
-                cell = _cells.for_length(name, args.steps, **{**options, **own})
+            if c in named:  # (options written in c win over --option)
+                cell = _cells.for_length(c, args.steps, **options)
             else:
                 cell = load_cell(c, options)
         entries.append(c if c in named else cell)

@@ -135,12 +135,10 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
                              "(a built Cell carries its own options)")
 
         def problem_of(cell, entry, seed):  # seed None: the checked stack only
-            if isinstance(entry, str):
-                name, own = _cells.parse_spec(entry)
-                return cell_problem(name, layers=layers, steps=steps, hidden=hidden,
+            if isinstance(entry, str):  # (options written in entry win over cell_options)
+                return cell_problem(entry, layers=layers, steps=steps, hidden=hidden,
                                     batch=batch, seed=seed, dtype=dtype, init=init,
-                                    input_scale=input_scale,
-                                    options={**cell_options.get(cell, {}), **own})
+                                    input_scale=input_scale, options=cell_options.get(cell))
             if seed is None:
                 return problem_stack(entry, layers=layers, steps=steps, hidden=hidden,
                                      batch=batch, dtype=dtype, input_scale=input_scale)

@@ -157,7 +157,8 @@ def cell_problem(cell: str, *, layers: int, steps: int, hidden: int, batch: int 
                  seed: int | None = 0, dtype: str = "float32", init: str | None = None,
                  input_size: int | None = None, input_scale: float = 1.0,
                  input_projection: bool | None = None, options: dict | None = None):
-    """:func:`problem` for a named cell, with ``init`` and ``options`` applied to the cell
+    """:func:`problem` for a named cell (or one written with options, ``"lstm:forget_bias=1.0"``:
+    those win), with ``init`` and ``options`` applied to the cell
     (``seed=None``: its checked :class:`Stack` only, :func:`problem_stack`, nothing drawn).
 
     The cell is built first (:func:`gradflow.cells.for_length`: a cell with a

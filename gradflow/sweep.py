@@ -185,9 +185,8 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
     dt = dtype_of(dtype)
     stacks = {}  # every cell and stack built and checked before any map is computed
     for entry in names:
-        if isinstance(entry, str):
-            name, own = _cells.parse_spec(entry)
-            cell = _cells.for_length(name, steps, **{**(cell_options or {}), **own})
+        if isinstance(entry, str):  # (options written in entry win over cell_options)
+            cell = _cells.for_length(entry, steps, **(cell_options or {}))
         else:
             cell = _cells.get(entry)
         label = entry if isinstance(entry, str) else cell.name

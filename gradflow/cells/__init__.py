@@ -93,11 +93,19 @@ def is_spec(text: str) -> bool:
 
 def for_length(cell, steps: int, /, **options) -> Cell:
     """:func:`get`, with the cell's ``length_option`` (g-LSTM's ``steps``: its time gates are
-    initialised over the sequence) set to ``steps`` unless ``options`` set it.
+    initialised over the sequence) set to ``steps`` unless ``options`` set it. ``cell`` may be
+    written with its options (``"lstm:forget_bias=1.0"``, :func:`parse_spec`): those win over
+    ``options``.
 
     >>> gradflow.cells.for_length("g_lstm", 50).config["steps"]
     50
+    >>> dict(gradflow.cells.for_length("lstm:forget_bias=1.0", 9, forget_bias=2.0).options)[
+    ...     "forget_bias"]
+    1.0
     """
+    if isinstance(cell, str) and is_spec(cell):
+        cell, own = parse_spec(cell)
+        options = {**options, **own}
     if isinstance(cell, Cell):
         return get(cell, **options)
     built = get(cell)
