@@ -571,10 +571,22 @@ def test_no_gates_maps_work_statistics_say_how():
         gates.saturation(stack, params, xs)
 
 
-class _SowingCell(nn.RNNCellBase):
+class _LinenCell(nn.RNNCellBase):
+    """A user's linen cell with a one-array carry of ``features`` units; subclasses write
+    ``__call__``."""
+    features: int
+
+    def initialize_carry(self, rng, input_shape):
+        return jnp.zeros(input_shape[:-1] + (self.features,))
+
+    @property
+    def num_feature_axes(self):
+        return 1
+
+
+class _SowingCell(_LinenCell):
     """A user's linen cell (a minimal GRU-like cell) that sows its update gate (and, with
     ``extra``, a scalar that is no gate)."""
-    features: int
     extra: bool = False
 
     @nn.compact
@@ -586,13 +598,6 @@ class _SowingCell(nn.RNNCellBase):
             self.sow("intermediates", "h_norm", jnp.linalg.norm(h))
         h = z * h + (1 - z) * n
         return h, h
-
-    def initialize_carry(self, rng, input_shape):
-        return jnp.zeros(input_shape[:-1] + (self.features,))
-
-    @property
-    def num_feature_axes(self):
-        return 1
 
 
 def test_linen_sown_gates():
@@ -632,20 +637,11 @@ def test_an_output_that_is_not_the_carry_is_refused_not_dropped():
     """A cell whose y is a readout of its carry would run as another network (the stack passes
     the carry's h up): refused at build (a probe step) or, with no hidden_size to probe
     with, at the first init; output= naming another array than y is refused too."""
-    class Readout(nn.RNNCellBase):
-        features: int
-
+    class Readout(_LinenCell):
         @nn.compact
         def __call__(self, h, x):
             h = jnp.tanh(nn.Dense(self.features)(x) + nn.Dense(self.features)(h))
             return h, nn.Dense(self.features, name="out")(h)
-
-        def initialize_carry(self, rng, shape):
-            return jnp.zeros(shape[:-1] + (self.features,))
-
-        @property
-        def num_feature_axes(self):
-            return 1
 
     with pytest.raises(ValueError, match="output y .* is none of the carry's arrays.*loss"):
         cells.from_linen(Readout(H))
@@ -696,20 +692,11 @@ def test_a_failing_step_is_reported_with_its_cause():
     with pytest.raises(TypeError, match=r"the step must return \(carry, y\), got a "):
         build(lambda p, h, x: jnp.tanh(x @ p["W"] + h))
 
-    class Dropped(nn.RNNCellBase):
-        features: int
-
+    class Dropped(_LinenCell):
         @nn.compact
         def __call__(self, h, x):
             h = nn.Dropout(0.5, deterministic=False)(jnp.tanh(nn.Dense(self.features)(x) + h))
             return h, h
-
-        def initialize_carry(self, rng, shape):
-            return jnp.zeros(shape[:-1] + (self.features,))
-
-        @property
-        def num_feature_axes(self):
-            return 1
 
     with pytest.raises(ValueError, match="draws random numbers.*deterministic=True"):
         cells.from_linen(Dropped(H))
