@@ -252,12 +252,9 @@ def gate_saturation(entries, *, layers: int = 2, steps: int = 32, hidden: int = 
     """:func:`gradflow.gates.compare` of ``(label, cell, options)`` entries at initialisation,
     as one Result: every array of entry ``label``'s ``gate_stats`` under ``"{label}/..."``;
     ``config["stats"][label]`` holds its config. :func:`stats_panel` takes one back out."""
-    with user_input(), precision(dtype):  # the plan, checked before anything is computed
+    with user_input():
         entries = _entries(entries)
-        for _, cell, opts in entries:
-            problem_stack(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
-                          dtype=dtype, input_scale=input_scale, **opts)
-    with precision(dtype):
+    with precision(dtype):  # (gates.compare checks every entry before computing any)
         found = _gates.compare(entries, layers=layers, steps=steps, hidden=hidden, batch=batch,
                                seed=seed, dtype=dtype, input_scale=input_scale, eps=eps,
                                bins=bins)

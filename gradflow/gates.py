@@ -83,6 +83,7 @@ from gradflow.cells.base import KINDS as _KINDS
 from gradflow.cells.base import Cell
 from gradflow.problem import problem, problem_stack
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
+from gradflow.errors import user_input
 from gradflow import checks
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack, in_precision, where_nonfinite
@@ -560,14 +561,15 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
       ``{label: Result}`` in the order given; each config holds the problem's config and
       ``"label"``.
     """
-    parsed = [_entry(e) for e in entries]
-    labels = [p[0] for p in parsed]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise ValueError(f"compare: duplicate labels {dup}; give each entry its own label")
-    for label, cell, options in parsed:  # every entry checked before any is computed
-        problem_stack(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
-                      dtype=dtype, input_scale=input_scale, **options)
+    with user_input():  # every entry checked before any is computed
+        parsed = [_entry(e) for e in entries]
+        labels = [p[0] for p in parsed]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"compare: duplicate labels {dup}; give each entry its own label")
+        for label, cell, options in parsed:
+            problem_stack(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
+                          dtype=dtype, input_scale=input_scale, **options)
     out = {}
     for label, cell, options in parsed:
         prob = problem(cell, layers=layers, steps=steps, hidden=hidden, batch=batch, seed=seed,
