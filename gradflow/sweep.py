@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gradflow import cells as _cells
 from gradflow import jacobian as _jac
 from gradflow.problem import dtype_of, gaussian_inputs
-from gradflow.results import Result, make_result
+from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack
 
@@ -205,6 +206,15 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                   "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
                   "wrt": wrt, "readout_seed": readout_seed,
                   "devices": len(maps.sharding.device_set)}
+        bad = [str(s) for s, v in zip(seeds, np.asarray(values)) if not np.isfinite(v)]
+        if bad:
+            which = ("seed " + bad[0] + "'s map" if len(bad) == 1
+                     else "the maps of seeds " + ", ".join(bad))
+            warnings.warn(f"sweep: {label}: the loss is not finite for {len(bad)} of "
+                          f"{len(seeds)} seeds (the forward pass overflowed): every entry of "
+                          f"{which} is NaN (gradflow.gradient_map on one seed's problem says "
+                          "where the states are not finite)", NonFiniteForwardWarning,
+                          stacklevel=2)
         out[label] = make_result("gradient_map", {"values": maps, "loss_value": values},
                                  config, positive=_jac.expected_positive(loss, wrt, steps))
     return out

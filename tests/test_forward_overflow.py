@@ -199,3 +199,30 @@ def test_a_grid_of_maps_says_which_cell_overflowed_once():
     for loss in ("last", "all"):
         assert np.isnan(gradflow.experiments.panel(grid, loss, "indrnn:u_max=3").values).all()
         assert np.isfinite(gradflow.experiments.panel(grid, loss, "lstm").values).all()
+
+
+def test_a_sweep_names_the_seeds_whose_forward_overflowed():
+    """At 82 steps some seeds' IndRNN states overflow and others do not: the warning names
+    exactly the seeds whose own gradient_map (computed alone) warns of a non-finite loss, and
+    only those seeds' maps are NaN; a finite cell in the same sweep warns nothing."""
+    seeds, kw = range(6), dict(layers=3, steps=82, hidden=16, batch=3, input_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gradflow.sweep.sweep(["indrnn:u_max=3", "lstm"], seeds, **kw)
+    said = [str(w.message) for w in caught if issubclass(w.category, NonFiniteForwardWarning)]
+    overflowed = []
+    for s in seeds:
+        pb = gradflow.problem("indrnn", seed=s, u_max=3.0, **kw)
+        with warnings.catch_warnings(record=True) as alone:
+            warnings.simplefilter("always")
+            gradflow.gradient_map(pb.stack, pb.params, pb.xs)
+        if any(issubclass(w.category, NonFiniteForwardWarning) for w in alone):
+            overflowed.append(s)
+    assert 0 < len(overflowed) < len(seeds)  # the premise: a mixed sweep
+    assert said == [f"sweep: indrnn:u_max=3: the loss is not finite for {len(overflowed)} of "
+                    f"6 seeds (the forward pass overflowed): every entry of the maps of seeds "
+                    f"{', '.join(map(str, overflowed))} is NaN (gradflow.gradient_map on one "
+                    "seed's problem says where the states are not finite)"]
+    maps = np.asarray(out["indrnn:u_max=3"].values)
+    assert all(np.isnan(maps[s]).all() == (s in overflowed) for s in seeds)
+    assert np.isfinite(np.asarray(out["lstm"].values)).all()
