@@ -257,10 +257,19 @@ def _colorbar(fig: Figure, image, axes, label: str, values_list, norm, relative:
     """One colour bar for ``axes``; its arrow marks values below range when a log norm hides any.
 
     On the symmetric relative scale the ticks are whole decades placed symmetrically about
-    ``10^0 = 1``, so the centre is always labelled.
+    ``10^0 = 1``, so the centre is always labelled. Where no entry has a colour (all
+    non-finite; on a log scale, none positive) the bar has no ticks and says so, instead of
+    showing a made-up range.
     """
     log = isinstance(norm, mcolors.LogNorm)
     below = log and any(np.any(np.isfinite(v) & (v <= 0)) for v in values_list)
+    finite = any(np.any(np.isfinite(v)) for v in values_list)
+    if not finite or (log and not any(np.any(np.isfinite(v) & (v > 0)) for v in values_list)):
+        bar = fig.colorbar(image, ax=axes, label=f"{label}\n(no "
+                           f"{'finite' if not finite else 'positive'} entries)")
+        bar.set_ticks([])
+        bar.ax.minorticks_off()
+        return bar
     bar = fig.colorbar(image, ax=axes, label=label, extend="min" if below else "neither")
     decades = int(np.floor(np.log10(norm.vmax) + 1e-9)) if log and relative else 0
     if decades >= 1 and np.isclose(norm.vmin * norm.vmax, 1.0):

@@ -2,6 +2,7 @@
 against the rendered pixels; shared scales, non-finite markings, file formats, bad input."""
 import subprocess
 import sys
+import warnings
 
 import matplotlib
 import numpy as np
@@ -152,6 +153,30 @@ def test_heatmap_hatches_and_counts_nonfinite_entries_and_shows_zeros_as_minimum
     # A custom title still carries the count.
     fig = plot.heatmap(result, title="mine")
     assert fig.axes[0].get_title().startswith("mine") and "3 non-finite" in fig.axes[0].get_title()
+
+
+def test_a_map_with_nothing_to_colour_has_a_bar_without_a_made_up_range():
+    """All entries non-finite (an overflowed forward pass), or none positive on a log scale:
+    the colour bar has no ticks and says why; a map with one finite entry keeps its ticks."""
+    cases = [(np.full((L, T), np.nan), True, "(no finite entries)"),
+             (np.zeros((L, T)), True, "(no positive entries)"),
+             (np.full((L, T), np.inf), False, "(no finite entries)")]
+    for values, log, said in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonFiniteWarning)
+            fig = plot.heatmap(_gradient_map(values), log=log)
+        bar = fig.axes[1]
+        assert bar.get_ylabel().endswith(said)
+        fig.canvas.draw()
+        assert bar.get_yticks().size == 0 and not bar.yaxis.get_minorticklocs().size
+        nonfinite = int((~np.isfinite(values)).sum())
+        assert (f"({nonfinite} non-finite)" in fig.axes[0].get_title()) == (nonfinite > 0)
+    values = np.full((L, T), np.nan)
+    values[1, 2] = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteWarning)
+        fig = plot.heatmap(_gradient_map(values))
+    assert "entries)" not in fig.axes[1].get_ylabel() and fig.axes[1].get_yticks().size
 
 
 def test_heatmap_draws_on_a_given_axes_and_any_key():
