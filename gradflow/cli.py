@@ -820,9 +820,10 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
     if args.dry_run:
         cap = limit if limit is not None else cost.available_memory()
         print(f"{name}: dry run (nothing built or computed)")
-        print(f"memory:  {cost.gib(worst.total)} GiB at the peak (parameters "
-              f"{cost.gib(worst.params)}, kept for the backward pass {cost.gib(worst.residuals)}"
-              f", working {cost.gib(worst.working)}, inputs {cost.gib(worst.inputs)})")
+        print(f"memory:  {cost.size(worst.total)} at the peak (parameters "
+              f"{cost.size(worst.params)}, kept for the backward pass "
+              f"{cost.size(worst.residuals)}, working {cost.size(worst.working)}, inputs "
+              f"{cost.size(worst.inputs)})")
         print(f"work:    {cost.flops_str(runs * sum(c.flops for c in costs))} "
               "(forward + backward)")
         print(f"time:    about {cost.seconds_str(seconds)} on this machine (compilation not "
@@ -833,7 +834,7 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
         except ValueError as e:
             verdict = "does not fit" + ("; " + str(e).split("; ", 1)[1] if "; " in str(e)
                                         else "")
-        print(f"limit:   {cost.gib(cap)} GiB "
+        print(f"limit:   {cost.size(cap)} "
               f"{'(--max-memory)' if limit is not None else 'available'}: {verdict}")
         return None
     start = time.perf_counter()

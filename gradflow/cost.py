@@ -68,10 +68,10 @@ class Cost:
     request: tuple = dataclasses.field(repr=False)
 
     def describe(self) -> str:
-        """One line: ``memory 1.23 GiB (...), 4.5 GFLOP, about 3 s``."""
-        return (f"memory {gib(self.total)} GiB (parameters {gib(self.params)}, kept for the "
-                f"backward pass {gib(self.residuals)}, working {gib(self.working)}, inputs "
-                f"{gib(self.inputs)}), {flops_str(self.flops)}, about "
+        """One line: ``memory 1.23 GiB (...), 4.5 GFLOP, about 3 s`` (sizes: :func:`size`)."""
+        return (f"memory {size(self.total)} (parameters {size(self.params)}, kept for the "
+                f"backward pass {size(self.residuals)}, working {size(self.working)}, inputs "
+                f"{size(self.inputs)}), {flops_str(self.flops)}, about "
                 f"{seconds_str(self.seconds)}")
 
 
@@ -79,6 +79,16 @@ def gib(n: float) -> str:
     """Bytes as GiB with 3 significant digits (``0.000123``, ``1.23``, ``1230``)."""
     v = n / GiB
     return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
+
+
+def size(n: float) -> str:
+    """Bytes with the largest binary unit that leaves at least 1 and 3 significant digits:
+    ``"512 bytes"``, ``"1.5 KiB"``, ``"123 MiB"``, ``"1.23 GiB"``, ``"1,230 GiB"``."""
+    for unit, scale in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            v = n / scale
+            return (f"{v:.3g}" if v < 1000 else f"{v:,.0f}") + " " + unit
+    return f"{n:.0f} bytes"
 
 
 def flops_str(f: float) -> str:
@@ -462,7 +472,7 @@ def suggestions(cost: Cost, limit: int, cli: bool = False,
         c = _estimate(ck, B, T, dtype, wrt, method, probes, False)
         if c.total < cost.total:
             verb = "brings it to" if c.total <= limit else "only brings it to"
-            out.append(f"{name('checkpoint', 'auto')} {verb} {gib(c.total)} GiB")
+            out.append(f"{name('checkpoint', 'auto')} {verb} {size(c.total)}")
             if c.total <= limit:
                 return out
             cands.append(ck)
@@ -475,8 +485,8 @@ def suggestions(cost: Cost, limit: int, cli: bool = False,
         out.append(f"{name('steps', t)} fits")
     if not b and not t:
         one = _estimate(best, 1, 1, dtype, wrt, method, probes, False)
-        what = (f"even 1 example of 1 step needs {gib(one.total)} GiB (the parameters alone "
-                f"{gib(one.params)} GiB)")
+        what = (f"even 1 example of 1 step needs {size(one.total)} (the parameters alone "
+                f"{size(one.params)})")
 
         def layers_fit(n):
             return _fits(best.replace(layers=n), 1, 1, req, limit) is not None
@@ -506,9 +516,9 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
             f"H={_width_text(stack)}, batch {B}, {dtype}"
             + (f", wrt {wrt}" if method == "gradient" else f", jacobian {method}") + ")")
     tips = suggestions(cost, limit, cli, checkpoint)
-    raise ValueError(f"{what} needs about {gib(cost.total)} GiB of memory (parameters "
-                     f"{gib(cost.params)}, kept for the backward pass {gib(cost.residuals)}), "
-                     f"more than the {gib(limit)} GiB {source}"
+    raise ValueError(f"{what} needs about {size(cost.total)} of memory (parameters "
+                     f"{size(cost.params)}, kept for the backward pass {size(cost.residuals)}), "
+                     f"more than the {size(limit)} {source}"
                      + (f"; {'; '.join(tips)}" if tips else ""))
 
 
@@ -539,8 +549,8 @@ def check_arrays_fit(stack, batch: int, steps: int, dtype) -> None:
                     + "a smaller hidden size")
     raise ValueError(f"this problem ({sig.name}, layers {stack.layers}, H={_width_text(sig)}, "
                      f"batch {batch}, {steps} steps, {jnp.dtype(dtype).name}) needs "
-                     f"{gib(c.params)} GiB of parameters and {gib(c.inputs)} GiB of inputs, more "
-                     f"than the {gib(avail)} GiB of memory available; use " + " and ".join(tips))
+                     f"{size(c.params)} of parameters and {size(c.inputs)} of inputs, more "
+                     f"than the {size(avail)} of memory available; use " + " and ".join(tips))
 
 
 __all__ = ["Cost", "estimate", "available_memory", "check_fits", "check_arrays_fit",

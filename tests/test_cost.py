@@ -86,7 +86,9 @@ def test_seconds_from_calibration():
     stack = gradflow.Stack("lstm", layers=2, input_size=4, hidden_size=8)
     c = cost.estimate(stack, 2, 5)
     assert c.seconds == pytest.approx(c.flops / rate + 2 * 5 * per_step * 3)
-    assert "GiB" in c.describe() and "FLOP" in c.describe()
+    assert "FLOP" in c.describe()
+    assert c.describe().startswith(f"memory {cost.size(c.total)} (parameters "
+                                   f"{cost.size(c.params)}, ")
 
 
 def test_suggestions_checkpoint_then_smaller():
@@ -95,8 +97,7 @@ def test_suggestions_checkpoint_then_smaller():
     ck = cost.estimate(stack.replace(checkpoint="auto"), 32, 512, calibrate=False)
     assert ck.total < c.total
     limit = (ck.total + c.total) // 2
-    with pytest.raises(ValueError, match=rf"checkpoint='auto' brings it to {cost.gib(ck.total)} "
-                                         "GiB"):
+    with pytest.raises(ValueError, match=rf"checkpoint='auto' brings it to {cost.size(ck.total)}"):
         cost.check_fits(c, limit)
     with pytest.raises(ValueError, match=r"batch=\d+ fits; steps=\d+ fits"):
         cost.check_fits(c, ck.total // 2)
@@ -108,6 +109,16 @@ def test_suggestions_checkpoint_then_smaller():
                                    calibrate=False).total <= ck.total // 2
     assert fits(b) and not fits(b + 1)
     assert cost.check_fits(c, c.total) is c
+
+
+def test_size_picks_the_unit_and_parse_size_reads_it_back():
+    cases = {0: "0 bytes", 1000: "1000 bytes", 1024: "1 KiB", 1536: "1.5 KiB",
+             123 << 20: "123 MiB", (1 << 30) - 1: "1,024 MiB", 1 << 30: "1 GiB",
+             int(1.25 * 2**30): "1.25 GiB", 1230 << 30: "1,230 GiB"}
+    for n, text in cases.items():
+        assert cost.size(n) == text
+        if "," not in text and "bytes" not in text:
+            assert cost.parse_size(text.replace(" ", "")) == n
 
 
 def test_parse_size_and_available_memory():
@@ -128,8 +139,8 @@ def test_gradient_map_refuses_before_compiling(monkeypatch):
     monkeypatch.setattr(cost, "available_memory", lambda device=None: 1000)
     calls = []
     monkeypatch.setattr(jacobian, "_state_map", lambda *a, **k: calls.append(a))
-    with pytest.raises(ValueError, match=r"needs about .* GiB of memory .* more than the "
-                                         r"9.31e-07 GiB available"):
+    with pytest.raises(ValueError, match=r"needs about \d.* (KiB|MiB) of memory .* more than the "
+                                         r"1000 bytes available"):
         gradflow.gradient_map(stack, params, xs)
     assert not calls
 
