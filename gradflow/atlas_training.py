@@ -184,6 +184,8 @@ _KEYS = ("task", "task_options", "layers", "hidden", "steps", "batch", "clip", "
          "eval_every", "eval_batch", "lrs", "seeds", "factor", "runs")
 _DEFAULTS = {"task_options": {}, "clip": 1.0, "dtype": "float32", "eval_every": None,
              "eval_batch": 256, "gates": {}, "record_batch": 64}
+#: Every key a training atlas config may hold (besides figure, title, description).
+CONFIG_KEYS = frozenset(_KEYS) | frozenset(_DEFAULTS) | {"claims"}
 
 
 def parse_runs(runs) -> list:

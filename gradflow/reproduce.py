@@ -38,33 +38,59 @@ FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
 
 
 class Builder(NamedTuple):
-    """How to make one kind of figure from its config."""
+    """How to make one kind of figure from its config; ``keys``: the config keys it reads
+    (besides :data:`COMMON_KEYS`), or None to accept any."""
 
     compute: Callable[[dict], Result]
     draw: Callable[[dict, Result], object]
+    keys: frozenset | None = None
 
 
 BUILDERS: dict[str, Builder] = {}
+#: Keys every figure config may hold: its kind, and words recorded with its data.
+COMMON_KEYS = frozenset({"figure", "title", "description"})
 
 
 def register(name: str, compute: Callable[[dict], Result],
-             draw: Callable[[dict, Result], object]) -> Builder:
-    """Register a figure kind: configs with ``"figure": name`` are built by these functions."""
-    BUILDERS[name] = Builder(compute, draw)
+             draw: Callable[[dict, Result], object], keys=None) -> Builder:
+    """Register a figure kind: configs with ``"figure": name`` are built by these functions.
+    ``keys`` (the config keys ``compute`` and ``draw`` read; ``compute.keys`` where it is a
+    :func:`from_config`) let a config with any other key be refused, not run with it ignored."""
+    keys = getattr(compute, "keys", None) if keys is None else keys
+    BUILDERS[name] = Builder(compute, draw, None if keys is None else frozenset(keys))
     return BUILDERS[name]
 
 
-def from_config(fn: Callable[..., Result], keys: tuple, first: str | None = None):
+def check_keys(config: dict, where: str) -> dict:
+    """``config`` if its kind's builder reads every key it holds, else a ValueError naming the
+    unknown keys and the valid ones (``where``: the config's name or path, for the message): a
+    misspelt size would otherwise be recorded as a note and the figure computed at the
+    default."""
+    builder = BUILDERS.get(config.get("figure"))
+    if builder is None or builder.keys is None:
+        return config
+    unknown = sorted(set(config) - builder.keys - COMMON_KEYS)
+    if unknown:
+        raise ValueError(f"figure config {where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))} for a {config['figure']} figure; "
+                         f"valid: {', '.join(sorted(builder.keys | COMMON_KEYS))}")
+    return config
+
+
+def from_config(fn: Callable[..., Result], keys: tuple, first: str | None = None,
+                drawn: tuple = ()):
     """A ``Builder.compute`` calling ``fn([config[first],] **{k: config[k] for k in keys},
     meta=rest)``: the config keys ``fn`` takes are passed (where present), every other key
-    (``figure``, ``title``, ``description``, drawing options) is recorded as ``meta``."""
-    taken = set(keys) | {first}
+    (``figure``, ``title``, ``description``, the drawing options ``drawn``) is recorded as
+    ``meta``. Its ``keys`` attribute names every key it and the drawing read."""
+    taken = set(keys) | ({first} if first is not None else set())
 
     def compute(config: dict) -> Result:
         meta = {k: v for k, v in config.items() if k not in taken}
         args = (config[first],) if first is not None else ()
         return fn(*args, **{k: config[k] for k in keys if k in config}, meta=meta)
 
+    compute.keys = frozenset(taken | set(drawn))
     return compute
 
 
@@ -72,7 +98,7 @@ _SIZES = ("layers", "steps", "hidden", "batch", "seed", "dtype")
 register("gradient_grid",
          from_config(experiments.gradient_grid,
                      ("cells", "losses", "wrt", *_SIZES, "readout_seed", "init", "input_scale",
-                      "cell_options")),
+                      "cell_options"), drawn=("normalize",)),
          lambda config, data: plot.draw_grid(data, normalize=bool(config.get("normalize", False)),
                                              title=config.get("title")))
 register("vertical_gain",
@@ -80,14 +106,14 @@ register("vertical_gain",
          lambda config, data: plot.draw_gains(data, title=config.get("title")))
 register("gate_saturation",
          from_config(experiments.gate_saturation, (*_SIZES, "input_scale", "eps", "bins"),
-                     "entries"),
+                     "entries", drawn=("gates",)),
          lambda config, data: plot.draw_saturation(data, config.get("gates"),
                                                    title=config.get("title")))
 register("training_runs",
          from_config(experiments.training_runs,
                      ("task", "task_options", "layers", "hidden", "steps", "batch", "lr", "clip",
                       "seed", "seeds", "dtype", "eval_every", "eval_batch", "record",
-                      "record_batch", "eps", "bins"), "runs"),
+                      "record_batch", "eps", "bins"), "runs", drawn=("gates",)),
          lambda config, data: plot.draw_training(data, config.get("gates"),
                                                  title=config.get("title")))
 
@@ -96,9 +122,11 @@ register("atlas",
                                    {k: v for k, v in config.items() if k != "claims"}),
          lambda config, data: plot.draw_atlas(
              atlas.unpack(data), config.get("rows", "input_scale"), config.get("cols", "init"),
-             title=config.get("title")))
+             title=config.get("title")),
+         keys=("claims", "grid", "rows", "cols"))
 register("training_atlas", atlas_training.training_atlas,
-         lambda config, data: plot.draw_training_atlas(data, title=config.get("title")))
+         lambda config, data: plot.draw_training_atlas(data, title=config.get("title")),
+         keys=atlas_training.CONFIG_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +159,7 @@ def load_config(path) -> dict:
     if kind is not None and kind not in BUILDERS:
         raise ValueError(f"figure config {str(path)!r} names unknown figure kind {kind!r}; "
                          f"known: {', '.join(sorted(BUILDERS))}")
-    return config
+    return check_keys(config, repr(str(path)))
 
 
 def _known(names, found: dict) -> list[str]:
@@ -164,13 +192,14 @@ def figure_data(name: str, config_dir=None, data_dir=None, **overrides) -> Resul
             raise ValueError(f"figure {name!r} has no data at {str(path)!r}: run gradflow "
                              f"reproduce --only {name} --out DIR and pass data_dir=DIR")
         return Result.load(path)
-    config = {**load_config(found[name]), **overrides}
+    config = check_keys({**load_config(found[name]), **overrides},
+                        f"{name!r} with {', '.join(sorted(overrides))} given")
     return BUILDERS[config["figure"]].compute(config)
 
 
 def build(config: dict) -> tuple[Result, object]:
     """``(data, figure)`` for one config."""
-    builder = BUILDERS[config["figure"]]
+    builder = BUILDERS[check_keys(config, "given")["figure"]]
     data = builder.compute(config)
     return data, builder.draw(config, data)
 

@@ -93,6 +93,7 @@ def test_reproduce_and_configs_bad_input(tmp_path):
     ({"layers": -2}, "layers must be a positive integer, got -2"),
     ({"cells": ["lstm", "nope"]}, "unknown cell 'nope'"),
     ({"cell_options": {"lstm": {"mode": "add"}}}, "mode='add' shapes refined gates"),
+    ({"layer": 2}, "unknown key 'layer' for a gradient_grid figure; valid: batch, "),
 ])
 def test_a_users_config_with_a_bad_value_exits_2_before_computing(tmp_path, capsys, change,
                                                                   message):
@@ -108,6 +109,29 @@ def test_a_users_config_with_a_bad_value_exits_2_before_computing(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1, err
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_a_misspelt_key_is_refused_not_recorded_as_a_note():
+    """figure_data's overrides, build's config and every loaded config are checked against the
+    keys their kind reads; a key the kind reads is passed to the function that takes it (each
+    from_config kind's keys are parameters of its function or drawing options)."""
+    import inspect
+
+    with pytest.raises(ValueError, match=r"'deep_adding' with layer, steps given: unknown key "
+                                         r"'layer' for a training_runs figure; valid: .*layers"):
+        reproduce.figure_data("deep_adding", layer=2, steps=5)
+    config = reproduce.load_config("star_fig2")
+    with pytest.raises(ValueError, match="unknown keys 'seeds', 'zoom' for a gradient_grid"):
+        reproduce.build({**config, "zoom": 2, "seeds": [1]})
+    functions = {"gradient_grid": "gradient_grid", "vertical_gain": "vertical_gain",
+                 "gate_saturation": "gate_saturation", "training_runs": "training_runs"}
+    drawn = {"normalize", "gates"}
+    for kind, name in functions.items():
+        params = set(inspect.signature(getattr(gradflow.experiments, name)).parameters)
+        assert reproduce.BUILDERS[kind].keys - drawn <= params, kind
+    for name, path in reproduce.configs().items():  # every shipped key is read
+        config = reproduce.load_config(path)
+        assert set(config) <= reproduce.BUILDERS[config["figure"]].keys | reproduce.COMMON_KEYS
 
 
 def test_every_committed_figure_has_its_config_in_the_package():
