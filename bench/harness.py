@@ -15,8 +15,17 @@ from typing import Callable
 import jax
 
 
-# AMD's CPU families by microarchitecture ("AMD EPYC" names Zen 1 and Zen 5 alike)
-_AMD_FAMILIES = {23: "Zen 1/2", 25: "Zen 3/4", 26: "Zen 5"}
+# AMD's CPU families by microarchitecture ("AMD EPYC" names Zen 1 and Zen 5 alike); within
+# family 23 and 25 the model tells the generations apart: ([(models, name)], otherwise)
+_AMD_FAMILIES = {23: ([(range(0x00, 0x30), "Zen 1")], "Zen 2"),
+                 25: ([(range(0x10, 0x20), "Zen 4"), (range(0x60, 0xB0), "Zen 4")], "Zen 3"),
+                 26: ([], "Zen 5")}
+
+
+def _amd_arch(family: int, model: int) -> str:
+    """``"Zen 3"`` for family 25 model 1, ``"Zen 4"`` for model 17, ... ('' if unknown)."""
+    ranges, other = _AMD_FAMILIES.get(family, ([], ""))
+    return next((name for models, name in ranges if model in models), other)
 
 
 def cpu_description(cpuinfo: str | None = None) -> str:
@@ -43,8 +52,8 @@ def cpu_description(cpuinfo: str | None = None) -> str:
     flags = set(info.get("flags", "").split())
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     family, model = info.get("cpu family", "?"), info.get("model", "?")
-    arch = (_AMD_FAMILIES.get(int(family), "") if info.get("vendor_id") == "AuthenticAMD"
-            and family.isdigit() else "")
+    arch = (_amd_arch(int(family), int(model)) if info.get("vendor_id") == "AuthenticAMD"
+            and family.isdigit() and model.isdigit() else "")
     detail = [f"family {family} model {model}" + (f": {arch}" if arch else ""), isa]
     llc = _last_level_cache()
     if llc:

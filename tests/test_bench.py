@@ -46,7 +46,12 @@ def test_cpu_description_tells_machines_with_one_model_name_apart():
     xeon = ("vendor_id : GenuineIntel\ncpu family : 6\nmodel : 143\n"
             "model name : Intel(R) Xeon(R) Processor\nflags : sse avx\n")
     one, five, intel = (harness.cpu_description(c).split("; L")[0] for c in (zen1, zen5, xeon))
-    assert one == "AMD EPYC (family 23 model 1: Zen 1/2; AVX2"  # the first processor's lines
+    assert one == "AMD EPYC (family 23 model 1: Zen 1; AVX2"  # the first processor's lines
+    for family, model, arch in ((25, 1, "Zen 3"), (25, 17, "Zen 4"), (25, 97, "Zen 4"),
+                                (25, 33, "Zen 3"), (23, 49, "Zen 2")):
+        text = zen1.replace("family : 23", f"family : {family}").replace("model : 1",
+                                                                         f"model : {model}")
+        assert f"model {model}: {arch};" in harness.cpu_description(text)
     assert five == "AMD EPYC (family 26 model 1: Zen 5; AVX-512"
     assert intel == "Intel(R) Xeon(R) Processor (family 6 model 143; no AVX2"
     assert harness.machine()["cpu"] == harness.cpu_description()
