@@ -378,6 +378,47 @@ def test_equinox_integer_arrays_are_fixed_not_parameters(x64):
         cells.stack_params(one, [trained[1], trained[2], other])
 
 
+class _BNCell(nnx.Module):
+    """A user's NNX cell with BatchNorm at inference: running statistics outside its Params."""
+
+    def __init__(self, n_in, n_h, *, rngs, level=1.0):
+        self.in_features, self.hidden_features = n_in, n_h
+        self.wi = nnx.Linear(n_in, n_h, rngs=rngs, param_dtype=jnp.float64)
+        self.wh = nnx.Linear(n_h, n_h, use_bias=False, rngs=rngs, param_dtype=jnp.float64)
+        self.bn = nnx.BatchNorm(n_h, use_running_average=True, rngs=rngs,
+                                param_dtype=jnp.float64)
+        self.bn.mean.value = jnp.full((n_h,), 0.5 * level, jnp.float64)
+        self.bn.var.value = jnp.full((n_h,), 4.0 * level, jnp.float64)
+
+    def __call__(self, h, x):
+        h = jnp.tanh(self.bn(self.wi(x) + self.wh(h)))
+        return h, h
+
+    def initialize_carry(self, input_shape, rngs=None):
+        return jnp.zeros(input_shape[:-1] + (self.hidden_features,), jnp.float64)
+
+
+def test_nnx_state_outside_params_is_each_layers_own_or_refused(x64):
+    """Trained layers with their own BatchNorm running statistics: one cell for all layers
+    would run every layer with the first module's statistics (it did, silently: outputs 0.33
+    off); stack_params refuses that, and a cell per layer measures each with its own."""
+    trained = [_BNCell(n, H, rngs=nnx.Rngs(l), level=l + 1.0)
+               for l, n in enumerate((D, H, H))]
+    one = gradflow.Stack(cells.from_nnx(trained[0]), L, D, H)
+    with pytest.raises(ValueError, match=r"other state outside its nnx.Params than the cell's "
+                                         r"module \(bn.mean, bn.var; .*from_nnx\(m\) for m"):
+        cells.stack_params(one, trained)
+    stack = gradflow.Stack([cells.from_nnx(m) for m in trained], L, D, H)
+    params = cells.stack_params(stack, trained)
+    xs = inputs(jnp.float64)
+    step = [lambda h, x, m=m: m(h, x)[0] for m in trained]
+    want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda h: h,
+                         lambda h, v: v, xs)
+    assert_maps(hidden_map(stack, params, xs), want)
+    same = [_BNCell(n, H, rngs=nnx.Rngs(l)) for l, n in enumerate((H, H, H))]  # equal stats
+    cells.stack_params(gradflow.Stack(cells.from_nnx(same[0]), L, H, H), same)
+
+
 def test_nnx_lstm(x64):
     ks = jax.random.split(jax.random.key(5), L)
     trained = [nnx.LSTMCell(n, H, param_dtype=jnp.float64, rngs=nnx.Rngs(k))

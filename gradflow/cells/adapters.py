@@ -788,7 +788,9 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
             if type(obj) is not type(module):
                 raise TypeError(f"{who}: a layer's module is a {type(obj).__name__}, the cell "
                                 f"wraps a {type(module).__name__}")
-            return nnx.split(obj, nnx.Param, ...)[1].to_pure_dict()
+            _, params, others = nnx.split(obj, nnx.Param, ...)
+            _same_fixed_state(who, rest, others)
+            return params.to_pure_dict()
         if isinstance(obj, dict):
             return obj
         raise TypeError(f"{who}: a layer's weights are an nnx module or its params dict, got "
@@ -816,6 +818,31 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
 
 # ---------------------------------------------------------------------------------------------
 # Equinox
+
+
+def _same_fixed_state(who: str, own, its) -> None:
+    """A ValueError unless a layer module's state outside its parameters (``nnx.BatchStat``
+    running statistics, other variables) equals the wrapped module's, which every layer runs
+    with (closed over): a layer's own running statistics would otherwise be dropped
+    without a word and the layer measured as another network."""
+    a, b = own.to_pure_dict(), its.to_pure_dict()
+    la, ta = jax.tree_util.tree_flatten_with_path(a)
+    lb, tb = jax.tree_util.tree_flatten_with_path(b)
+    def plain(v):  # an RngState's typed key as its raw bits
+        dtype = getattr(v, "dtype", None)
+        return np.asarray(jax.random.key_data(v) if dtype is not None and jnp.issubdtype(
+            dtype, jax.dtypes.prng_key) else v)
+
+    differ = [_path_name(p) for (p, x), (_, y) in zip(la, lb)
+              if not (np.shape(plain(x)) == np.shape(plain(y))
+                      and bool(np.all(plain(x) == plain(y))))]
+    if ta != tb or differ:
+        what = ", ".join(differ[:4]) if differ and ta == tb else "its structure"
+        raise ValueError(f"{who}: a layer's module holds other state outside its nnx.Params "
+                         f"than the cell's module ({what}; e.g. BatchNorm running statistics): "
+                         "every layer runs with the cell's module's, so this layer's would be "
+                         "dropped; give each layer its own cell: Stack([from_nnx(m) for m in "
+                         "modules], ...)")
 
 
 def _eqx_split(eqx, m):
