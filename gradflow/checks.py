@@ -241,6 +241,11 @@ def check_params(stack, params):
     if len(dtypes) > 1:
         raise TypeError(f"params mix dtypes {sorted(d.name for d in dtypes)}; use one "
                         "(stack.init(key, dtype))")
+    if jnp.dtype(jnp.bfloat16) in dtypes:  # NumPy has no bfloat16: results could not hold it
+        raise TypeError("params are bfloat16; gradflow measures in float16, float32 or float64 "
+                        "(its results, counts and saved files are NumPy arrays): measure the "
+                        "same weights in float32, jax.tree.map(lambda a: "
+                        "a.astype(jnp.float32), params)")
 
 
 def check_scalar_loss(loss_fn, outputs):

@@ -141,6 +141,9 @@ def test_measurements_check_at_the_door(small, fn):
         fn(stack, {"layers": [params["layers"][1], params["layers"][1]]}, xs)
     with pytest.raises(ValueError, match="params hold 3 layers"):
         fn(stack, {"layers": params["layers"] + params["layers"][:1]}, xs)
+    bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    with pytest.raises(TypeError, match=r"params are bfloat16; .* a.astype\(jnp.float32\)"):
+        fn(stack, bf16, xs)  # (it ran, then failed inside counting underflow or in an SVD)
 
 
 def test_gradient_map_loss_must_be_scalar(small):
