@@ -419,6 +419,39 @@ def test_nnx_state_outside_params_is_each_layers_own_or_refused(x64):
     cells.stack_params(gradflow.Stack(cells.from_nnx(same[0]), L, H, H), same)
 
 
+class _MyGRU(eqx.Module):
+    """A researcher's own Equinox cell around eqx.nn.GRUCell: gradflow cannot rebuild it."""
+    cell: eqx.nn.GRUCell
+    hidden_size: int = eqx.field(static=True)
+
+    def __init__(self, n_in, n_h, key):
+        self.cell = eqx.nn.GRUCell(n_in, n_h, key=key, dtype=jnp.float64)
+        self.hidden_size = n_h
+
+    def __call__(self, x, h):
+        return self.cell(x, h)
+
+
+def test_a_module_that_cannot_be_rebuilt_says_how_to_stack_other_input_sizes(x64):
+    """input_size != hidden_size: one cell of the first layer's module cannot make the layers
+    above (every layer gets its own weights, of the wrong input size); the message says so and
+    names both remedies, and the cell-per-layer one measures the trained modules."""
+    trained = [_MyGRU(n, H, k) for n, k in zip((D, H, H), jax.random.split(jax.random.key(3), L))]
+    one = gradflow.Stack(cells.from_equinox(trained[0]), L, D, H)
+    with pytest.raises(ValueError, match=r"parameters the cell makes for a layer of input size "
+                                         rf"{H} .*give init=\(key, input_size, hidden_size\) "
+                                         r"-> module, or one cell per layer: Stack\(\["
+                                         r"from_equinox\(m\) for m in modules\]"):
+        cells.stack_params(one, trained)
+    stack = gradflow.Stack([cells.from_equinox(m) for m in trained], L, D, H)
+    params = cells.stack_params(stack, trained)
+    xs = inputs(jnp.float64)
+    step = [lambda h, x, m=m: jax.vmap(m)(x, h) for m in trained]
+    want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda h: h,
+                         lambda h, v: v, xs)
+    assert_maps(hidden_map(stack, params, xs), want)
+
+
 def test_nnx_lstm(x64):
     ks = jax.random.split(jax.random.key(5), L)
     trained = [nnx.LSTMCell(n, H, param_dtype=jnp.float64, rngs=nnx.Rngs(k))

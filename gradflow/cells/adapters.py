@@ -462,7 +462,15 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
             raise ValueError(f"{who}: the cell's hidden size is {hidden_size}, the stack's "
                              f"hidden_size is {H}")
         params = _cast(make_init(key, n_in, H, dtype), dtype)
-        fits(params, n_in, H, dtype)
+        try:
+            fits(params, n_in, H, dtype)
+        except ValueError as e:  # the cell's own init made them: say how to make fitting ones
+            raise ValueError(
+                f"{e}; these are the parameters the cell makes for a layer of input size "
+                f"{n_in} (Stack.init, or the shapes stack_params checks against): a module "
+                "gradflow cannot rebuild at that size gives every layer its own weights, so "
+                "give init=(key, input_size, hidden_size) -> module, or one cell per layer: "
+                f"Stack([{who}(m) for m in modules], ...)") from e
         if check_output is not None and not checked and not any(
                 isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(params)):
             check_output(params, n_in, H)
