@@ -1024,3 +1024,19 @@ def test_readme_your_own_model_examples_run():
         if "hidden_size=[64, 32, 32, 32]" in code:
             continue  # run, and its printed shapes checked, by tests/test_widths.py
         exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+
+
+def test_a_module_given_as_a_cell_is_told_its_adapter():
+    """gradflow.Stack(nn.LSTMCell(H), ...) named the module's whole repr as an 'unknown cell'
+    and listed the built-in names; now it names the adapter that wraps it."""
+    given = {"from_linen": nn.LSTMCell(H),
+             "from_equinox": eqx.nn.LSTMCell(D, H, key=jax.random.key(0)),
+             "from_nnx": nnx.GRUCell(D, H, rngs=nnx.Rngs(0))}
+    for adapter, module in given.items():
+        with pytest.raises(TypeError, match=rf"a cell is a name or a gradflow Cell, got "
+                                            rf"{type(module).__name__}, .* module: use "
+                                            rf"gradflow.cells.{adapter} to wrap it"):
+            gradflow.Stack(module, L, D, H)
+    with pytest.raises(ValueError, match=r"^unknown cell 3; a cell is a name or a gradflow "
+                                         r"Cell; valid cells: g_lstm, "):
+        gradflow.Stack(3, L, D, H)

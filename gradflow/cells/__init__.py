@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from gradflow.cells import mechanisms
+from gradflow.cells import adapters, mechanisms
 from gradflow.cells.adapters import (from_equinox, from_function, from_linen, from_nnx,
                                      stack_params)
 from gradflow.cells.base import Cell, factory, parse_init
@@ -55,7 +55,14 @@ def get(name, **options) -> Cell:
         if options:
             raise ValueError("options cannot be given together with a Cell instance")
         return name
-    if not isinstance(name, str) or name not in _REGISTRY:
+    if not isinstance(name, str):
+        hint = adapters._family_hint("", name)  # a Flax/Equinox module given as it is
+        if hint is not None:
+            raise TypeError(f"a cell is a name or a gradflow Cell, got {hint} to wrap it")
+        text = " ".join(repr(name).split())
+        raise ValueError(f"unknown cell {text[:60] + '...' if len(text) > 60 else text}; a cell "
+                         f"is a name or a gradflow Cell; valid cells: {', '.join(names())}")
+    if name not in _REGISTRY:
         raise ValueError(f"unknown cell {name!r}; valid cells: {', '.join(names())}")
     return _REGISTRY[name](**options)
 
