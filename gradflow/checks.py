@@ -132,21 +132,28 @@ def _looks_like_key(x) -> bool:
 _SHALLOW = 3
 
 
-@functools.lru_cache(maxsize=64)
-def expected_params(stack):
-    """``jax.eval_shape(stack.init, key)``: the shapes (no values, nothing allocated) of the
-    params a stack expects. Cached per stack (stacks are hashable).
+def expected_params(stack, dtype=None):
+    """``jax.eval_shape(stack.init, key, dtype)``: the shapes (no values, nothing allocated) of
+    the params a stack expects (``dtype``: of the params at hand, default float32; a user's step
+    is checked at it). Cached per stack and dtype (stacks are hashable).
 
     Tracing ``init`` costs milliseconds per layer, so a deep stack of one cell is read off a
     3-layer copy: layer 0 as it is, every layer above as layer 1 (per-layer lists, e.g.
     ``params["norm"]``, likewise).
     """
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float32 if dtype is None else dtype)
+    return _expected_params(stack, jnp.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_params(stack, dtype):
     key = jax.random.key(0)
     cells = getattr(stack, "cells", None)
     one_width = isinstance(getattr(stack, "hidden_size", 0), int)  # else every layer traced
     if stack.layers > 64 and one_width and (cells is None or all(c is cells[0] for c in cells)):
         try:
-            short = jax.eval_shape(stack.replace(layers=_SHALLOW).init, key)
+            short = jax.eval_shape(functools.partial(stack.replace(layers=_SHALLOW).init,
+                                                     dtype=dtype), key)
         except Exception:  # a stack that cannot be shortened: trace it whole
             short = None
         if short is not None:
@@ -163,7 +170,7 @@ def expected_params(stack):
                 out[k] = v
             else:
                 return out
-    return jax.eval_shape(stack.init, key)
+    return jax.eval_shape(functools.partial(stack.init, dtype=dtype), key)
 
 
 def _shape_str(x) -> str:
@@ -211,7 +218,10 @@ def check_params(stack, params):
                          "returned by stack.init(key)")
     if len(layers) != stack.layers:
         raise ValueError(f"params hold {len(layers)} layers, the stack has {stack.layers}")
-    expected = expected_params(stack)
+    floating = [leaf.dtype for leaf in jax.tree_util.tree_leaves(params)
+                if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+                and jnp.dtype(leaf.dtype) != jnp.dtype(jnp.bfloat16)]
+    expected = expected_params(stack, floating[0] if floating else None)
     exp = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     ks = jax.tree_util.keystr

@@ -1040,3 +1040,24 @@ def test_a_module_given_as_a_cell_is_told_its_adapter():
     with pytest.raises(ValueError, match=r"^unknown cell 3; a cell is a name or a gradflow "
                                          r"Cell; valid cells: g_lstm, "):
         gradflow.Stack(3, L, D, H)
+
+
+def test_a_step_that_changes_the_carry_dtype_is_told_at_init(x64):
+    """A NumPy float64 constant in a float32 step (x64 on) made a float64 carry: Stack.init
+    passed and gradient_map failed inside lax.scan ('carry input and carry output must have
+    equal types'); now Stack.init says which dtype the step turned the carry into."""
+    def init(key, n_in, n_h, dtype):
+        k1, k2 = jax.random.split(key)
+        return {"W": jax.random.normal(k1, (n_in, n_h), dtype),
+                "U": jax.random.normal(k2, (n_h, n_h), dtype) / n_h ** 0.5}
+
+    def step(p, h, x):
+        h = jnp.tanh(x @ p["W"] + h @ p["U"]) * np.float64(0.9)
+        return h, h
+
+    stack = gradflow.Stack(cells.from_function(step, init, hidden_size=H), L, D, H)
+    with pytest.raises(ValueError, match=r"^from_function: the step turns a float32 carry into "
+                                         r"float64 .*jnp.asarray\(c, h.dtype\)"):
+        stack.init(jax.random.key(0), jnp.float32)
+    params = stack.init(jax.random.key(0), jnp.float64)  # in float64 it keeps its dtype
+    assert np.isfinite(hidden_map(stack, params, inputs(jnp.float64))).all()

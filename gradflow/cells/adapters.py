@@ -426,6 +426,10 @@ def _settle_kinds(who, kinds: dict, probe_gates, hidden_size) -> dict:
     return {g: kinds[g] for g in probe_gates}
 
 
+class _CarryDtype(ValueError):
+    """A step that returns its carry in another dtype than it was given."""
+
+
 def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_init,
                check_output=None):
     """The cell's ``(recur, init_fn)`` around the batched user step ``call_b``;
@@ -452,10 +456,16 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
             raise _step_failed(who, e, f"one step on a (1, {n_in}) input and (1, {H}) carry "
                                        "with these parameters",
                                f"input_size={n_in}, hidden_size={H}") from e
-        shapes = [tuple(v.shape) for v in _carry_leaves(who, new, treedef, (1, H))]
+        leaves = _carry_leaves(who, new, treedef, (1, H))
+        shapes = [tuple(v.shape) for v in leaves]
         if any(s != (1, H) for s in shapes):
             raise ValueError(f"{who}: with input_size={n_in}, hidden_size={H} the carry comes out "
                              f"as {shapes}, expected (batch, {H}) arrays")
+        other = sorted({jnp.dtype(v.dtype).name for v in leaves} - {jnp.dtype(dtype).name})
+        if other:  # a scan's carry keeps its dtype: say so here, not in lax.scan's words
+            raise _CarryDtype(f"{who}: the step turns a {jnp.dtype(dtype).name} carry into "
+                             f"{', '.join(other)} (a constant or an array of another dtype in "
+                             "the step?); keep the carry's dtype, e.g. jnp.asarray(c, h.dtype)")
 
     def init_fn(key, n_in, H, dtype):
         if hidden_size and H != hidden_size:
@@ -464,7 +474,11 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
         params = _cast(make_init(key, n_in, H, dtype), dtype)
         try:
             fits(params, n_in, H, dtype)
-        except ValueError as e:  # the cell's own init made them: say how to make fitting ones
+        except _CarryDtype as e:
+            raise ValueError(str(e)) from None
+        except ValueError as e:  # a module's own weights made for another input size
+            if who not in ("from_equinox", "from_nnx"):
+                raise
             raise ValueError(
                 f"{e}; these are the parameters the cell makes for a layer of input size "
                 f"{n_in} (Stack.init, or the shapes stack_params checks against): a module "
