@@ -483,6 +483,26 @@ def test_a_number_option_given_something_else_is_named(name, opts, got):
     assert cells.get("g_lstm", steps=10.0) is cells.get("g_lstm", steps=10)
 
 
+def test_a_bool_option_takes_true_or_false_only():
+    """``--option tied=False`` reached the factory as the string 'False', which is true: a
+    tied LSTM under a header saying tied=False. Bools and the words true/false (any case) are
+    read as bools; anything else is refused, naming the option."""
+    for text, want in (("False", False), ("false", False), ("TRUE", True), (np.bool_(True),
+                                                                           True)):
+        cell = cells.get("lstm", tied=text)
+        assert dict(cell.options)["tied"] is want
+        assert cell is cells.get("lstm", tied=want)  # the same cell as the bool gives
+    assert dict(cells.get("phased_lstm", test_time="False").options)["test_time"] is False
+    for bad in ("maybe", "", 1, 0, None):
+        with pytest.raises(ValueError, match=rf"option tied={re.escape(repr(bad))} of cell "
+                                             r"'lstm' takes true or false, got "):
+            cells.get("lstm", tied=bad)
+    untied, tied = (cells.get("lstm", tied=v) for v in (False, True))
+    n = {k: sum(a.size for a in jax.tree_util.tree_leaves(
+        c.init(jax.random.key(0), 4, 8, jnp.float32))) for k, c in (("u", untied), ("t", tied))}
+    assert n["t"] < n["u"]  # tying the gates' weights: fewer parameters
+
+
 @pytest.mark.parametrize("name,opts,valid", [
     ("gru", {"reset": "middle"}, "'after', 'before'"),
     ("mgu", {"variant": "cho"}, "'zhou', 'flax'"),

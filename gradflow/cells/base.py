@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 Params = dict
@@ -268,14 +269,25 @@ def factory(fn: Callable) -> Callable:
 
 
 def _check_number(cell: str, key: str, value, annotation: str):
-    """A ValueError naming the option when one typed ``float`` or ``int`` (``| None``) is given
+    """A ValueError naming the option when one typed ``bool`` is given anything but a bool
+    (or the text ``"true"``/``"false"``, any case: returned as the bool), or one typed
+    ``float`` or ``int`` (``| None``) is given
     something that is not a number (``forget_bias="abc"`` from a CLI ``--option``, ``True``),
     a NaN or an infinity (no option of a cell means anything there), or, typed ``int``, a
     fraction (``chunk_size=2.5``); NumPy and JAX scalars are numbers. Returns the value, an
     integral float given for an ``int`` option as that ``int`` (``2.0`` from a CLI is 2)."""
     text = str(annotation)
     kind, optional = text.removesuffix(" | None"), text.endswith(" | None")
-    if kind not in ("float", "int") or (value is None and optional):
+    if value is None and optional:
+        return value
+    if kind == "bool":  # "False" from a command line was a truthy string: a tied LSTM
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"option {key}={value!r} of cell {cell!r} takes true or false, got "
+                         f"{type(value).__name__}")
+    if kind not in ("float", "int"):
         return value
     try:
         number = float(value)
