@@ -369,10 +369,11 @@ def resize(task: Task, steps: int) -> Task:
                      "tasks: adding, copy, counting")
 
 
-def for_length(name: str, steps: int | None = None, **options) -> Task:
+def for_length(name: str, steps: int | None = None, /, **options) -> Task:
     """:func:`make`, resized to sequences of ``T = steps`` (:func:`resize`: ``copy`` gets
     ``lag = steps - 2 * symbols - 1``) unless ``steps`` is None or ``options`` fix the length
     themselves (``steps``, ``lag``; then they must make ``steps``, or a ValueError says so).
+    ``name`` and ``steps`` are positional, so a task option ``steps`` goes to the task.
 
     >>> for_length("copy", 30, symbols=5).options
     (('alphabet', 8), ('lag', 19), ('symbols', 5))
@@ -384,7 +385,8 @@ def for_length(name: str, steps: int | None = None, **options) -> Task:
     if fixed:  # two lengths given: they must agree
         if task.steps != steps:
             raise ValueError(f"the sequence length is {steps} but {fixed[0]}={options[fixed[0]]} "
-                             f"makes {name} sequences of {task.steps} steps; give one")
+                             f"makes {name} sequences of {task.steps} steps; give only one "
+                             "of the two, or two that agree")
         return task
     return resize(task, steps)
 

@@ -197,3 +197,18 @@ def test_params_that_are_not_there_exit_2(tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     assert main(["heatmap", "--params", str(tmp_path / "bad.npz")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_the_task_option_steps_sets_the_sequence_length(tmp_path, capsys):
+    """--task-option steps=7 (the adding task's one option) failed on every call: the option
+    collided with tasks.for_length's own steps argument."""
+    out = tmp_path / "s"
+    code = main(["train", "--task", "adding", "--task-option", "steps=7", "--out", str(out),
+                 "--steps", "2", "--eval-batch", "4", "--batch", "2", "--layers", "1",
+                 "--hidden", "4"])
+    assert code == 0, capsys.readouterr().err
+    config = gradflow.load(out / "curve.npz").config
+    assert config["task"] == {"task": "adding", "steps": 7} == dict(config["eval_task"])
+    assert tasks.for_length("adding", None, steps=7) == tasks.make("adding", steps=7)
+    with pytest.raises(ValueError, match="give only one of the two, or two that agree"):
+        tasks.for_length("adding", 6, steps=7)
