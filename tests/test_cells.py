@@ -446,6 +446,12 @@ def test_unknown_option_lists_valid_options():
     ("lstm", {"t_max": 64}, "t_max=64 sets chrono initialisation's range and "
                             "init='orthogonal' has no chrono bias"),
     ("mgu", {"t_max": 5.0, "init": "ugi"}, "init='ugi' has no chrono bias"),
+    ("star", {"t_max": 50}, "t_max=50 sets chrono initialisation's range and "
+                            "init='orthogonal' has no chrono bias"),
+    ("star", {"variant": "bn", "init": "glorot", "t_max": 50}, "init='glorot' has no chrono"),
+    ("star", {"bn_scale": 0.5}, "bn_scale and bn_stats shape BN-STAR's batch normalisation, "
+                                "which variant='paper' does not have; give variant='bn'"),
+    ("star", {"variant": "official", "bn_stats": "population"}, "variant='official' does not"),
 ])
 def test_an_option_the_cell_would_not_read_is_refused(name, opts, got):
     """Options that change nothing in this configuration (a CLI --option mode=add on a plain
@@ -453,6 +459,9 @@ def test_an_option_the_cell_would_not_read_is_refused(name, opts, got):
     with pytest.raises(ValueError, match=re.escape(got)):
         cells.get(name, **opts)
     cells.get("lstm", t_max=64, init="glorot+chrono")  # where they are read: fine
+    cells.get("star", t_max=50, init="chrono")
+    cells.get("star", variant="official", t_max=50)  # (chrono by default)
+    cells.get("star", variant="bn", bn_scale=0.5, bn_stats="population", t_max=50)
     cells.get("lstm", refined=("i",), mode="add")
 
 

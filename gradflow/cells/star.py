@@ -4,8 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import (Cell, Lean, choice, factory, fused, fused_transpose,
-                                 input_projection, matmul, packed)
+from gradflow.cells.base import (Cell, Lean, check_t_max, choice, factory, fused,
+                                 fused_transpose, input_projection, matmul, packed)
 from gradflow.cells.mechanisms import standard_init
 
 
@@ -50,6 +50,12 @@ def star(*, variant: str = "paper", init: str | None = None,
     """
     choice("star", "variant", variant, ("paper", "official", "bn"))
     choice("star", "bn_stats", bn_stats, ("batch", "population"))
+    if variant != "bn" and (float(bn_scale) != 0.1 or bn_stats != "batch"):
+        raise ValueError(f"cell 'star': bn_scale and bn_stats shape BN-STAR's batch "
+                         f"normalisation, which variant={variant!r} does not have; give "
+                         "variant='bn' or drop them")
+    check_t_max("star", {"t_max": t_max, "init": init or ("orthogonal" if variant == "paper"
+                                                          else "chrono")}, default=None)
     if variant == "bn":
         return _bn_star(init or "chrono", 784.0 if t_max is None else t_max, forget_bias_init,
                         bn_scale, bn_stats)
