@@ -114,6 +114,9 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
         labelled by ``cell.name``, built on the same problem with its own initialisation;
         ``init`` and ``cell_options`` are for names). Labels must be distinct.
       losses: ``"last"`` and/or ``"all"``.
+      init: every named cell's initialisation: ``"orthogonal"`` by default, STAR Fig. 2's one
+        setting for all cells (it replaces e.g. UR-LSTM's own ``ugi``); None gives each cell its
+        own, as ``gradflow compare`` does without ``--init``.
       cell_options: ``{label: {option: value}}`` applied to that named cell (over ``init``;
         the options written in a label win over these).
       meta: extra config recorded in the result.
