@@ -492,6 +492,19 @@ def test_a_number_option_given_something_else_is_named(name, opts, got):
     assert cells.get("g_lstm", steps=10.0) is cells.get("g_lstm", steps=10)
 
 
+def test_a_range_option_takes_two_increasing_finite_numbers():
+    """phased_lstm's log_tau: 'abc', 1 or three numbers failed inside the factory with
+    Python's or JAX's words, and (3, 1) was accepted (every tau e^3, JAX clamping the range)."""
+    assert dict(cells.get("phased_lstm", log_tau=[1, 5]).options)["log_tau"] == (1.0, 5.0)
+    assert cells.get("phased_lstm", log_tau=[1, 3]) is cells.get("phased_lstm")
+    for bad in ("abc", 1, (1, 2, 3), (1.0, float("nan")), (True, 2)):
+        with pytest.raises(ValueError, match=rf"log_tau={re.escape(repr(bad))} of cell "
+                                             r"'phased_lstm' takes two finite numbers"):
+            cells.get("phased_lstm", log_tau=bad)
+    with pytest.raises(ValueError, match=r"log_tau=\(3.0, 1.0\) .* with low < high"):
+        cells.get("phased_lstm", log_tau=(3, 1))
+
+
 def test_a_bool_option_takes_true_or_false_only():
     """``--option tied=False`` reached the factory as the string 'False', which is true: a
     tied LSTM under a header saying tied=False. Bools and the words true/false (any case) are

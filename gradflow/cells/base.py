@@ -287,6 +287,14 @@ def _check_number(cell: str, key: str, value, annotation: str):
             return value.lower() == "true"
         raise ValueError(f"option {key}={value!r} of cell {cell!r} takes true or false, got "
                          f"{type(value).__name__}")
+    if kind == "tuple[float, float]":  # a range: two finite numbers
+        pair = tuple(value) if isinstance(value, (list, tuple)) else None
+        if pair is None or len(pair) != 2 or not all(
+                isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                and math.isfinite(float(v)) for v in pair):
+            raise ValueError(f"option {key}={value!r} of cell {cell!r} takes two finite "
+                             "numbers (low, high)")
+        return tuple(float(v) for v in pair)
     if kind not in ("float", "int"):
         return value
     try:

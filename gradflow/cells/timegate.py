@@ -110,6 +110,10 @@ def phased_lstm(*, log_tau: tuple[float, float] = (1.0, 3.0), shift_max: float |
     closed phase's leak during training; ``test_time=True`` sets it to 0, as the authors do
     at test time.
     """
+    if not log_tau[0] < log_tau[1]:
+        raise ValueError(f"option log_tau={log_tau!r} of cell 'phased_lstm' is the range (low, "
+                         "high) of log tau, with low < high")
+
     def time_init(key, hidden, dtype, o):
         k1, k2 = jax.random.split(key)
         tau = jnp.exp(uniform(k1, (hidden,), dtype, *o["log_tau"]))
