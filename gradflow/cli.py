@@ -266,6 +266,14 @@ def load_cell(spec: str, options: dict | None = None):
     try:
         obj = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
+        from gradflow import cells as _cells
+
+        if module_name in _cells.names() and e.name == module_name:  # an option without =
+            key = attr.split("=")[0]
+            raise InputError(f"cell {spec!r}: {module_name!r} is a gradflow cell, not a module "
+                             f"of yours (module:attribute); set its options with --option "
+                             f"{key}=VALUE (compare and atlas also read "
+                             f"{module_name}:{key}=VALUE)") from None
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise InputError(f"--cell {spec!r}: no module named {e.name!r} (on the Python path "
                              "or in the current folder)") from None
