@@ -1178,6 +1178,9 @@ def run_reproduce(args) -> int:
     for name in args.only or ():
         if name not in found:
             raise _usage(args, f"unknown figure {name!r}; valid: {', '.join(found) or '(none)'}")
+    twice = sorted({n for n in args.only or () if args.only.count(n) > 1})
+    if twice:
+        raise _usage(args, f"--only names {', '.join(twice)} more than once; give each once")
     if args.list:  # (those --only names)
         for name, path in found.items():
             if args.only and name not in args.only:
@@ -1186,12 +1189,16 @@ def run_reproduce(args) -> int:
             cells = ", ".join(map(str, cfg.get("cells", [])))
             print(f"{name}: {cfg['figure']}" + (f" ({cells})" if cells else "") + f"  [{path}]")
         return 0
+    committed = _reproduce.FIGURES_DIR
+    if args.update and args.out_dir is not None and not (
+            committed.is_dir() and Path(args.out_dir).resolve() == committed.resolve()):
+        raise _usage(args, "--update replaces the committed figures (figures/) and --out "
+                           f"{args.out_dir} writes elsewhere; give one of the two")
     if args.out_dir is not None:
         _writable_dir(Path(args.out_dir), args.out_dir)
     elif not args.update:
         raise _usage(args, "choose where to write: --out DIR (or --update to replace the "
                            "committed figures)")
-    committed = _reproduce.FIGURES_DIR
     if (args.out_dir is not None and not args.update and committed.is_dir()
             and Path(args.out_dir).resolve() == committed.resolve()):
         raise _usage(args, f"{args.out_dir!r} holds the committed figures; write elsewhere, or "
@@ -1467,6 +1474,11 @@ def run_train(args) -> int:
     from gradflow.train import TrainConfig, check_run, train
 
     task = _train_task(args)
+    unread = _given(args, ("record_batch", "record_loss", "wrt", "readout_seed"))
+    if unread and not args.record:  # they shape the recorded maps only
+        raise _usage(args, f"{', '.join(unread)} set{'s' if len(unread) == 1 else ''} the "
+                           "maps that --record records; give --record STEPS (e.g. 0,500) or "
+                           f"drop {'it' if len(unread) == 1 else 'them'}")
     if args.record and max(args.record) > args.steps:
         raise _usage(args, f"--record steps must lie in 0..{args.steps} (--steps), got "
                            f"{max(args.record)}")

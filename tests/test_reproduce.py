@@ -134,6 +134,20 @@ def test_a_misspelt_key_is_refused_not_recorded_as_a_note():
         assert set(config) <= reproduce.BUILDERS[config["figure"]].keys | reproduce.COMMON_KEYS
 
 
+def test_cli_refuses_what_it_would_ignore(tmp_path, capsys):
+    """--update beside an --out elsewhere was ignored (only --out was written), and a figure
+    named twice in --only was computed twice: both are one line and exit 2, nothing written."""
+    from gradflow.cli import main
+
+    for argv, said in ((["--update", "--out", str(tmp_path)], "give one of the two"),
+                       (["--only", "star_fig2,star_fig2", "--out", str(tmp_path)],
+                        "--only names star_fig2 more than once")):
+        assert main(["reproduce", *argv]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
+
+
 def test_every_committed_figure_has_its_config_in_the_package():
     shipped = reproduce.configs()
     assert all(p.parent == reproduce.CONFIG_DIR for p in shipped.values())

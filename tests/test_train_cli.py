@@ -104,6 +104,9 @@ def test_recorded_maps_are_the_maps_of_the_trained_params(run, direct):
     (["--task-option", "nope=3"], "unknown option"),
     (["--cell", "lstm", "--budget", "0.1"], "time gate"),
     (["--layers", "2", "--hidden", "4,4,4"], "got 3 widths for 2 layers"),
+    (["--wrt", "cell"], "--wrt sets the maps that --record records; give --record STEPS"),
+    (["--record-batch", "4", "--readout-seed", "3"],
+     "--record-batch, --readout-seed set the maps that --record records"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
     code = main(["train", "--out", str(tmp_path / "x"), "--steps", "2", "--eval-batch", "4",
