@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 import warnings
 from typing import Callable
 
@@ -196,7 +197,9 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
     the total derivative w.r.t. the output of layer ``l`` at step ``t``; ``wrt="cell"`` the
     same for an LSTM-type memory ``c^l_t``; ``wrt="params"``:
     :math:`P[l,t] = \mathrm{mean}_\theta |\partial\mathcal L/\partial\theta^l_{(t)}|` over every
-    parameter entry of layer ``l`` (the batch averaged inside the loss).
+    parameter entry of layer ``l`` (the batch averaged inside the loss): the cell's
+    parameters, used once per step; a normalised stack's norm scale and bias (and the input
+    projection) are not among them.
 
     Args:
       stack, params: a :class:`gradflow.Stack` and its parameters.
@@ -438,9 +441,9 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
 
 def _position(p, L, T, what):
     try:
-        l, t = (int(v) for v in p)
+        l, t = (operator.index(v) for v in p)  # integers only: 1.0 or 1.5 is no position
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a (layer, step) pair, got {p!r}") from None
+        raise ValueError(f"{what} must be a (layer, step) pair of integers, got {p!r}") from None
     if not (-L <= l < L and -T <= t < T):
         raise ValueError(f"{what} {p!r} is outside the stack ({L} layers x {T} steps)")
     return l % L, t % T

@@ -308,6 +308,10 @@ def test_errors_are_clear(x64):
         J.jacobian_map(stack, params, xs, method="sample")
     with pytest.raises(ValueError, match="outside the stack"):
         J.jacobian_map(stack, params, xs, target=(5, 0))
+    for bad in ((1.0, 2), (0, 1.5), ("1", 2)):  # 1.0 was taken as layer 1
+        with pytest.raises(ValueError, match=r"target must be a \(layer, step\) pair of "
+                                             r"integers, got "):
+            J.jacobian_map(stack, params, xs, target=bad)
     with pytest.raises(ValueError, match="probes"):
         J.jacobian_map(stack, params, xs, method="probe", probes=1)
     with pytest.raises(ValueError, match="rms"):
