@@ -103,3 +103,16 @@ def test_arrays_that_do_not_fit_are_named(tmp_path):
         runs.unflatten_named(template, arrays)
     with pytest.raises(InputError, match="no trained parameters at"):
         runs.load_params(tmp_path / "missing")
+
+
+def test_a_file_that_is_not_an_npz_is_named_as_such(tmp_path):
+    """A file of other bytes was reported in NumPy's words about pickled data."""
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"junk")
+    with pytest.raises(InputError, match=r"junk.npz': it is not an .npz \(zip\) file; a run "
+                                         r"state or params file is what gradflow train"):
+        runs.load_params(junk)
+    other = tmp_path / "other.npz"
+    np.savez(other, a=np.ones(3))
+    with pytest.raises(InputError, match="is not a gradflow run state or params file"):
+        runs.load_params(other)
