@@ -666,3 +666,17 @@ def test_tied_refine_bias_equals_untied_at_ugi_init():
     np.testing.assert_allclose(tied.step(pt, s0, x)[1], untied.step(pu, s0, x)[1], rtol=1e-6)
     with pytest.raises(ValueError, match="needs aux='refine'"):
         cells.get("lstm", tie_refine_bias=True)
+
+
+@pytest.mark.parametrize("name,opts", [(n, {}) for n in cells.names()] + [
+    ("star", {"variant": "official"}), ("star", {"variant": "bn", "bn_stats": "population"}),
+    ("lstm", {"init": "glorot+chrono", "t_max": 64}), ("phased_lstm", {"log_tau": [1, 5]}),
+    ("lstm", {"tied": "true"})])
+def test_a_cell_rebuilt_from_its_recorded_options_is_the_same_cell(name, opts):
+    """Saved results and runs record a cell's resolved options (STAR's t_max=100.0 under its
+    orthogonal init): building the cell again from them must pass every option check (a
+    check of options the cell would not read refused STAR's own, and --params of a trained
+    STAR with it) and give a cell of the same options."""
+    cell = cells.get(name, **opts)
+    again = cells.get(name, **dict(cell.options))
+    assert dict(again.options) == dict(cell.options)

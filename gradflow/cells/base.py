@@ -569,7 +569,7 @@ def check_t_max(name: str, options: dict, default: float | None = 100.0) -> None
     """A ValueError where ``t_max`` is set away from its default (``default=None``: set at
     all) but the cell's ``init`` has no chrono bias, the one scheme that reads it (it was
     silently unused)."""
-    t_max = options.get("t_max", default)
+    t_max = options.get("t_max")
     if t_max is not None and (default is None or float(t_max) != default) \
             and parse_init(options["init"])[1] != "chrono":
         raise ValueError(f"cell {name!r}: option t_max={options['t_max']!r} sets chrono "

@@ -54,8 +54,11 @@ def star(*, variant: str = "paper", init: str | None = None,
         raise ValueError(f"cell 'star': bn_scale and bn_stats shape BN-STAR's batch "
                          f"normalisation, which variant={variant!r} does not have; give "
                          "variant='bn' or drop them")
+    # (the default t_max is the variant's own: a cell rebuilt from its recorded options, which
+    # hold the resolved t_max, is accepted)
     check_t_max("star", {"t_max": t_max, "init": init or ("orthogonal" if variant == "paper"
-                                                          else "chrono")}, default=None)
+                                                          else "chrono")},
+                default=100.0 if variant == "paper" else 784.0)
     if variant == "bn":
         return _bn_star(init or "chrono", 784.0 if t_max is None else t_max, forget_bias_init,
                         bn_scale, bn_stats)
