@@ -1061,3 +1061,44 @@ def test_a_step_that_changes_the_carry_dtype_is_told_at_init(x64):
         stack.init(jax.random.key(0), jnp.float32)
     params = stack.init(jax.random.key(0), jnp.float64)  # in float64 it keeps its dtype
     assert np.isfinite(hidden_map(stack, params, inputs(jnp.float64))).all()
+
+
+class _LinenBN(nn.Module):
+    """A user's linen cell with BatchNorm at inference: a batch_stats collection."""
+    features: int
+
+    @nn.compact
+    def __call__(self, h, x):
+        z = nn.Dense(self.features, param_dtype=jnp.float64)(x) + nn.Dense(
+            self.features, use_bias=False, param_dtype=jnp.float64)(h)
+        h = jnp.tanh(nn.BatchNorm(use_running_average=True, param_dtype=jnp.float64)(z))
+        return h, h
+
+    def initialize_carry(self, rng, shape):
+        return jnp.zeros(shape[:-1] + (self.features,))
+
+
+def test_a_linen_cell_with_batch_stats_is_told_how_to_measure_it(x64):
+    """from_linen passes module.apply its params alone: a cell with BatchNorm's batch_stats
+    failed with 'do the parameters fit input_size=..?'. Now the message names the collection
+    and the remedy, and the remedy (a step closing over the trained statistics) measures the
+    module as it is (against brute force)."""
+    module = _LinenBN(H)
+    with pytest.raises(ValueError, match=r"from_linen: _LinenBN has variable collections "
+                                         r"besides params \(batch_stats; .*'batch_stats': "
+                                         r"yours}, carry, x\), init=\.\.\.\)"):
+        cells.from_linen(module)
+    x0 = jnp.zeros((1, H), jnp.float64)
+    variables = module.init(jax.random.key(0), module.initialize_carry(None, (1, H)), x0)
+    stats = jax.tree_util.tree_map(lambda a: a + 0.5, variables["batch_stats"])  # "trained"
+    cell = cells.from_function(
+        lambda p, carry, x: module.apply({"params": p, "batch_stats": stats}, carry, x),
+        init=variables["params"], hidden_size=H)
+    stack = gradflow.Stack(cell, 1, H, H)
+    params = stack.init(jax.random.key(1), jnp.float64)
+    xs = jax.random.normal(jax.random.key(2), (B, T, H), jnp.float64)
+    step = [lambda h, x: module.apply({"params": variables["params"], "batch_stats": stats},
+                                      h, x)[0]]
+    want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda h: h,
+                         lambda h, v: v, xs)
+    assert_maps(hidden_map(stack, params, xs), want)

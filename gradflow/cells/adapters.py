@@ -698,6 +698,14 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
         kc, kp = jax.random.split(key)
         carry = module.initialize_carry(kc, (1, n_in))
         variables = unfreeze(module.init(kp, carry, jnp.zeros((1, n_in), jnp.float32)))
+        extra = sorted(k for k in variables if k not in ("params", "intermediates"))
+        if extra:  # module.apply gets {"params": ...} alone: say so, not "do the sizes fit?"
+            raise ValueError(
+                f"{who}: {type(module).__name__} has variable collections besides params "
+                f"({', '.join(extra)}; e.g. BatchNorm's running statistics), and gradflow "
+                "passes module.apply its params alone; close over your trained ones in a step "
+                "of your own: from_function(lambda p, carry, x: module.apply({'params': p, "
+                f"{extra[0]!r}: yours}}, carry, x), init=...)")
         return variables["params"]
 
     def probe():
