@@ -99,6 +99,25 @@ def _path_name(path) -> str:
     return ".".join(_key_name(k) for k in path)
 
 
+def _differing(a, b) -> list[str] | None:
+    """The paths of the array leaves where trees ``a`` and ``b`` differ in shape or values (a
+    typed PRNG key by its bits): ``[]`` where they agree, None where they hold other leaves.
+    What a layer's module holds outside its parameters must equal the wrapped module's."""
+    la = jax.tree_util.tree_flatten_with_path(a)[0]
+    lb = jax.tree_util.tree_flatten_with_path(b)[0]
+    if [p for p, _ in la] != [p for p, _ in lb]:
+        return None
+
+    def plain(v):
+        dtype = getattr(v, "dtype", None)
+        return np.asarray(jax.random.key_data(v) if dtype is not None and jnp.issubdtype(
+            dtype, jax.dtypes.prng_key) else v)
+
+    return [_path_name(p) for (p, x), (_, y) in zip(la, lb)
+            if not (np.shape(plain(x)) == np.shape(plain(y))
+                    and bool(np.all(plain(x) == plain(y))))]
+
+
 def _template(state, hidden_size, who: str):
     """The carry's structure as a pytree of ``(1, H)`` zeros, from the ``state`` option:
     None (one array), an int ``k`` (a tuple of ``k`` arrays) or a callable
@@ -748,6 +767,21 @@ def _nnx_rebuild(nnx, module, key, n_in: int, H: int):
     return type(module)(n_in, H, rngs=nnx.Rngs(key), **kw)
 
 
+def _same_fixed_state(who: str, own, its) -> None:
+    """A ValueError unless a layer module's state outside its parameters (``nnx.BatchStat``
+    running statistics, other variables) equals the wrapped module's, which every layer runs
+    with (closed over): a layer's own running statistics would otherwise be dropped
+    without a word and the layer measured as another network."""
+    differ = _differing(own.to_pure_dict(), its.to_pure_dict())
+    if differ != []:
+        what = ", ".join(differ[:4]) if differ else "its structure"
+        raise ValueError(f"{who}: a layer's module holds other state outside its nnx.Params "
+                         f"than the cell's module ({what}; e.g. BatchNorm running statistics): "
+                         "every layer runs with the cell's module's, so this layer's would be "
+                         "dropped; give each layer its own cell: Stack([from_nnx(m) for m in "
+                         "modules], ...)")
+
+
 def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None, gates=None,
              gate_kinds=None, init: Callable | None = None, name: str | None = None,
              couples_batch: bool | None = None) -> Cell:
@@ -850,31 +884,6 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
 # Equinox
 
 
-def _same_fixed_state(who: str, own, its) -> None:
-    """A ValueError unless a layer module's state outside its parameters (``nnx.BatchStat``
-    running statistics, other variables) equals the wrapped module's, which every layer runs
-    with (closed over): a layer's own running statistics would otherwise be dropped
-    without a word and the layer measured as another network."""
-    a, b = own.to_pure_dict(), its.to_pure_dict()
-    la, ta = jax.tree_util.tree_flatten_with_path(a)
-    lb, tb = jax.tree_util.tree_flatten_with_path(b)
-    def plain(v):  # an RngState's typed key as its raw bits
-        dtype = getattr(v, "dtype", None)
-        return np.asarray(jax.random.key_data(v) if dtype is not None and jnp.issubdtype(
-            dtype, jax.dtypes.prng_key) else v)
-
-    differ = [_path_name(p) for (p, x), (_, y) in zip(la, lb)
-              if not (np.shape(plain(x)) == np.shape(plain(y))
-                      and bool(np.all(plain(x) == plain(y))))]
-    if ta != tb or differ:
-        what = ", ".join(differ[:4]) if differ and ta == tb else "its structure"
-        raise ValueError(f"{who}: a layer's module holds other state outside its nnx.Params "
-                         f"than the cell's module ({what}; e.g. BatchNorm running statistics): "
-                         "every layer runs with the cell's module's, so this layer's would be "
-                         "dropped; give each layer its own cell: Stack([from_nnx(m) for m in "
-                         "modules], ...)")
-
-
 def _eqx_split(eqx, m):
     """An Equinox module's floating-point arrays as a flat dict named by attribute path, plus
     how to rebuild it: ``(params, treedef, static)`` (integer and boolean arrays, e.g. an index
@@ -892,10 +901,8 @@ def _eqx_to_params(eqx, module, keys, obj):
         if type(obj) is not type(module) or sorted(p) != sorted(keys):
             raise TypeError(f"{who}: a layer's module ({type(obj).__name__}) does not have "
                             f"the structure of the cell's ({type(module).__name__})")
-        own = jax.tree_util.tree_leaves(eqx.filter(_eqx_split(eqx, module)[2], eqx.is_array))
-        its = jax.tree_util.tree_leaves(eqx.filter(static, eqx.is_array))
-        if len(own) != len(its) or not all(a.shape == b.shape and bool(jnp.all(a == b))
-                                           for a, b in zip(own, its)):
+        if _differing(eqx.filter(_eqx_split(eqx, module)[2], eqx.is_array),
+                      eqx.filter(static, eqx.is_array)) != []:
             raise ValueError(f"{who}: a layer's module has other integer or boolean arrays "
                              "than the cell's module (they are fixed, not parameters); give "
                              "each layer its own cell: Stack([from_equinox(m) for m in "
