@@ -54,19 +54,17 @@ def star(*, variant: str = "paper", init: str | None = None,
         raise ValueError(f"cell 'star': bn_scale and bn_stats shape BN-STAR's batch "
                          f"normalisation, which variant={variant!r} does not have; give "
                          "variant='bn' or drop them")
-    # (the default t_max is the variant's own: a cell rebuilt from its recorded options, which
-    # hold the resolved t_max, is accepted)
-    check_t_max("star", {"t_max": t_max, "init": init or ("orthogonal" if variant == "paper"
-                                                          else "chrono")},
-                default=100.0 if variant == "paper" else 784.0)
+    # each variant's defaults (the official and BN code's chrono over 784 steps); t_max is
+    # checked against the variant's own, so a cell rebuilt from its recorded options (which
+    # hold the resolved t_max) is accepted
+    paper_default = variant == "paper"
+    init = init or ("orthogonal" if paper_default else "chrono")
+    default_t_max = 100.0 if paper_default else 784.0
+    check_t_max("star", {"t_max": t_max, "init": init}, default=default_t_max)
+    t_max = default_t_max if t_max is None else t_max
     if variant == "bn":
-        return _bn_star(init or "chrono", 784.0 if t_max is None else t_max, forget_bias_init,
-                        bn_scale, bn_stats)
+        return _bn_star(init, t_max, forget_bias_init, bn_scale, bn_stats)
     official = variant == "official"
-    if init is None:
-        init = "chrono" if official else "orthogonal"
-    if t_max is None:
-        t_max = 784.0 if official else 100.0
     sign = 1 if official else -1
     init_fn = standard_init({"k": {}, "z": {"recurrent": False}}, init, forget=("k", sign),
                             t_max=t_max, forget_bias_init=forget_bias_init)
