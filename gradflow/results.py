@@ -166,6 +166,13 @@ def underflow_count(values, positive=True) -> int:
     return int(np.count_nonzero(low & np.broadcast_to(np.asarray(positive, bool), v.shape)))
 
 
+def is_zip(path) -> bool:
+    """Whether the file at ``path`` begins as a zip archive (an .npz); ``np.load`` tries
+    anything else as a pickle, and its refusal says so instead of what the file is."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
 def _read(path: str, cls=Result) -> Result:
     """:meth:`Result.load`, every failure turned into one clear error naming ``path``."""
     def bad(problem):
@@ -181,9 +188,7 @@ def _read(path: str, cls=Result) -> Result:
     size = os.path.getsize(path)
     if size == 0:
         raise bad("the file is empty (0 bytes)")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head != b"PK\x03\x04":
+    if not is_zip(path):
         raise bad("not a gradflow result: the file is not an .npz (zip) archive")
     try:
         with np.load(path, allow_pickle=False) as f:

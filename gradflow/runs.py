@@ -32,6 +32,7 @@ import numpy as np
 
 from gradflow import cells as _cells
 from gradflow.errors import InputError
+from gradflow.results import is_zip
 from gradflow.stack import SETTINGS, Stack
 
 STATE = "state.npz"
@@ -83,11 +84,10 @@ def _write_npz(path: str, meta: dict, arrays: dict) -> str:
 
 def _read_npz(path) -> tuple[dict, dict]:
     try:
-        with open(os.fspath(path), "rb") as fh:
-            if fh.read(4) != b"PK\x03\x04":  # else NumPy tries it as a pickle, and says so
-                raise InputError(f"cannot read {os.fspath(path)!r}: it is not an .npz (zip) "
-                                 "file; a run state or params file is what gradflow train or "
-                                 "gradflow.runs.save_params wrote")
+        if not is_zip(os.fspath(path)):
+            raise InputError(f"cannot read {os.fspath(path)!r}: it is not an .npz (zip) "
+                             "file; a run state or params file is what gradflow train or "
+                             "gradflow.runs.save_params wrote")
         with np.load(os.fspath(path), allow_pickle=False) as f:
             if META not in f.files:
                 raise InputError(f"{os.fspath(path)!r} is not a gradflow run state or params "
