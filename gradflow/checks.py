@@ -218,10 +218,10 @@ def check_params(stack, params):
                          "returned by stack.init(key)")
     if len(layers) != stack.layers:
         raise ValueError(f"params hold {len(layers)} layers, the stack has {stack.layers}")
-    floating = [leaf.dtype for leaf in jax.tree_util.tree_leaves(params)
-                if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
-                and jnp.dtype(leaf.dtype) != jnp.dtype(jnp.bfloat16)]
-    expected = expected_params(stack, floating[0] if floating else None)
+    dtype = next((leaf.dtype for leaf in jax.tree_util.tree_leaves(params)  # the params' own
+                  if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+                  and jnp.dtype(leaf.dtype) != jnp.dtype(jnp.bfloat16)), None)
+    expected = expected_params(stack, dtype)
     exp = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     ks = jax.tree_util.keystr

@@ -75,12 +75,6 @@ class Cost:
                 f"{seconds_str(self.seconds)}")
 
 
-def gib(n: float) -> str:
-    """Bytes as GiB with 3 significant digits (``0.000123``, ``1.23``, ``1230``)."""
-    v = n / GiB
-    return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
-
-
 def size(n: float) -> str:
     """Bytes with the largest binary unit that leaves at least 1 and 3 significant digits:
     ``"512 bytes"``, ``"1.5 KiB"``, ``"123 MiB"``, ``"1.23 GiB"``, ``"1,230 GiB"``."""
