@@ -58,7 +58,8 @@ def star(*, variant: str = "paper", init: str | None = None,
     # checked against the variant's own, so a cell rebuilt from its recorded options (which
     # hold the resolved t_max) is accepted
     paper_default = variant == "paper"
-    init = init or ("orthogonal" if paper_default else "chrono")
+    if init is None or (variant == "bn" and not init):  # (BN-STAR's code read "" as unset)
+        init = "orthogonal" if paper_default else "chrono"
     default_t_max = 100.0 if paper_default else 784.0
     check_t_max("star", {"t_max": t_max, "init": init}, default=default_t_max)
     t_max = default_t_max if t_max is None else t_max
