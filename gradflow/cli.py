@@ -790,7 +790,8 @@ def add_cost_options(p, checkpoint: bool = True):
 PROGRESS_AFTER = 10.0
 
 
-def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None = None):
+def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None = None,
+            method: str = "gradient"):
     """Check and estimate the request (:mod:`gradflow.cost`) before anything is built or
     compiled: every check a run makes first (``wrt`` against the stacks' states, the output
     paths from ``stem``), so that a dry run passes what the run does.
@@ -799,6 +800,7 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
     refuse a request over ``--max-memory`` or the available memory (an InputError: one line,
     exit 2), and return ``(say, (figure path, data path))``: ``say(message)`` prints progress
     lines on stderr when the request is estimated to take over :data:`PROGRESS_AFTER` seconds.
+    ``method``: as :func:`gradflow.cost.estimate` (``"gates"``: forward only).
     """
     import time
 
@@ -814,8 +816,8 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
             check_input_scale(args.input_scale, args.dtype)
     paths = output_paths(args, stem, create=False) if stem is not None else None
 
-    costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt, calibrate=False)
-             for s in stacks]
+    costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt, method,
+                           calibrate=False) for s in stacks]
     worst = max(costs, key=lambda c: c.total)
     limit = args.max_memory
     can_checkpoint = "checkpoint" in args
@@ -823,17 +825,18 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
     if not args.dry_run:  # a refusal needs no calibration
         with user_input():
             cost.check_fits(worst, limit, cli=True, checkpoint=can_checkpoint)
-    costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt) for s in stacks]
+    costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt, method)
+             for s in stacks]
     seconds = runs * sum(c.seconds for c in costs)
     if args.dry_run:
         cap = limit if limit is not None else cost.available_memory()
         print(f"{name}: dry run (nothing built or computed)")
         print(f"memory:  {cost.size(worst.total)} at the peak (parameters "
-              f"{cost.size(worst.params)}, kept for the backward pass "
+              f"{cost.size(worst.params)}, {worst.kept} "
               f"{cost.size(worst.residuals)}, working {cost.size(worst.working)}, inputs "
               f"{cost.size(worst.inputs)})")
         print(f"work:    {cost.flops_str(runs * sum(c.flops for c in costs))} "
-              "(forward + backward)")
+              f"({worst.passes})")
         print(f"time:    about {cost.seconds_str(seconds)} on this machine (compilation not "
               "included)")
         try:
@@ -1091,12 +1094,11 @@ def run_gates(args) -> int:
     if args.gate is not None and args.gate not in cell.gate_names:
         raise _usage(args, f"cell {args.cell!r} has no gate {args.gate!r}; its gates: "
                            f"{', '.join(cell.gate_names)}")
-    # Gate statistics run the stack forward only: the gradient map's estimate bounds them.
     D = first_width(args.hidden) if args.input_size is None else args.input_size
     budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
                                           **_stack_settings(args))],
                      stem=default_stem(args, "gates", cell.name, f"L{args.layers}",
-                                       skip=("cell", "layers")))
+                                       skip=("cell", "layers")), method="gates")
     if budget is None:
         return 0
     say, (fig_path, data_path) = budget

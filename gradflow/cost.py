@@ -40,7 +40,7 @@ from jax import lax
 from gradflow import checks
 
 WRTS = ("hidden", "cell", "params")
-METHODS = ("gradient", "exact", "probe")
+METHODS = ("gradient", "exact", "probe", "gates")
 GiB = 1 << 30
 
 
@@ -67,10 +67,22 @@ class Cost:
     seconds: float
     request: tuple = dataclasses.field(repr=False)
 
+    @property
+    def kept(self) -> str:
+        """What ``residuals`` holds, in words: what the forward pass keeps for the backward pass,
+        or for gate statistics (forward only) every state and gate activation."""
+        return ("states and gates kept" if self.request[5] == "gates"
+                else "kept for the backward pass")
+
+    @property
+    def passes(self) -> str:
+        """``"forward + backward"``, or ``"forward"`` for gate statistics."""
+        return "forward" if self.request[5] == "gates" else "forward + backward"
+
     def describe(self) -> str:
         """One line: ``memory 1.23 GiB (...), 4.5 GFLOP, about 3 s`` (sizes: :func:`size`)."""
-        return (f"memory {size(self.total)} (parameters {size(self.params)}, kept for the "
-                f"backward pass {size(self.residuals)}, working {size(self.working)}, inputs "
+        return (f"memory {size(self.total)} (parameters {size(self.params)}, {self.kept} "
+                f"{size(self.residuals)}, working {size(self.working)}, inputs "
                 f"{size(self.inputs)}), {flops_str(self.flops)}, about "
                 f"{seconds_str(self.seconds)}")
 
@@ -235,7 +247,10 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
       wrt: ``"hidden"``, ``"cell"`` or ``"params"`` (``method="gradient"``).
       method: ``"gradient"`` (:func:`gradflow.gradient_map`), ``"exact"`` or ``"probe"``
         (:func:`gradflow.jacobian_map`: ``H`` or ``probes`` backward passes, with a
-        ``(L, B, T, H)`` cotangent each).
+        ``(L, B, T, H)`` cotangent each), or ``"gates"`` (:func:`gradflow.gates.saturation`:
+        one forward pass that keeps every state and gate activation, ``(L, B, T, H)`` each,
+        for the reductions, which also hold a stacked copy of the gates and their histogram
+        bins; ``wrt`` and checkpointing do not apply).
       calibrate: time this machine once (:func:`calibration`) for ``seconds``; if False,
         ``seconds`` is NaN.
     Returns:
@@ -319,6 +334,19 @@ def _signature(stack) -> _Sig:
                  widths))
 
 
+def _params_bytes(stack: _Sig, kinds: dict, item: int) -> int:
+    """The layers' parameters (``kinds``: ``{(cell, n_in, width): (count, _step(...))}``), the
+    input projection's and a norm's scale (and bias)."""
+    params = sum(n * st[0] for n, st in kinds.values())
+    if stack.input_projection:
+        H0 = stack.hidden_size if stack.widths is None else stack.widths[0]
+        params += (stack.input_size * H0 + H0) * item
+    if stack.norm is not None:
+        all_w = sum(n * h for (_, _, h), (n, _) in kinds.items())
+        params += all_w * (2 if stack.norm == "layer" else 1) * item
+    return params
+
+
 @functools.lru_cache(maxsize=256)
 def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     L, H, D = stack.layers, stack.hidden_size, stack.input_size  # H: the largest width
@@ -329,20 +357,17 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     item = jnp.dtype(dtype).itemsize
     first = H0 if stack.input_projection else D
     tapped = wrt == "params" and method == "gradient"
+    if method == "gates":
+        return _gates_estimate(stack, B, T, dtype, wrt, probes, calibrate)
     kinds = {(c, n_in, h): (n, _step(c, n_in, h, B, dtype, tapped))
              for c, n_in, h, n in stack.kinds}
-    layer_params = sum(n * st[0] for n, st in kinds.values())
     r_all = sum(n * st[1] for n, st in kinds.values())  # one step of every layer
     r_step = max(st[1] for _, st in kinds.values())  # one step of the worst layer
     xp_step = max(st[2] for _, st in kinds.values())
     s_step = max(st[3] for _, st in kinds.values())
     f_all = sum(n * st[4] for n, st in kinds.values())
-    params = layer_params
-    if stack.input_projection:
-        params += (D * H0 + H0) * item
+    params = _params_bytes(stack, kinds, item)
     norm = stack.norm
-    if norm is not None:
-        params += all_w * (2 if norm == "layer" else 1) * item
     inputs = B * T * D * item
     # The layers' inputs (layer 0: the data or its projection; above: what the layer below emits).
     layer_inputs = B * T * (first + below) * item
@@ -382,6 +407,40 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
         seconds = flops / rate + seq * per_step * (1 + 2 * passes + (C is not None))
     return Cost(int(params), int(inputs), int(residuals), int(working), int(result), int(total),
                 float(flops), float(seconds), (stack, B, T, dtype, wrt, method, probes))
+
+
+def _gates_estimate(stack: _Sig, B, T, dtype, wrt, probes, calibrate) -> Cost:
+    """:func:`estimate` for ``method="gates"``: one forward pass, nothing kept for a backward.
+
+    The forward keeps every state and reported gate of every ``(l, t)`` and each layer's input
+    (``S + G + 1`` arrays ``(B, T, H)`` per layer, ``H`` the largest width); the reductions add a stacked copy of the
+    gates and their histogram bin indices (``2 G`` more), besides one layer's input projection.
+    """
+    item = jnp.dtype(dtype).itemsize
+    L, D = stack.layers, stack.input_size
+    kinds = {(c, n_in, h): (n, _step(c, n_in, h, B, dtype, False))
+             for c, n_in, h, n in stack.kinds}
+    params = _params_bytes(stack, kinds, item)
+    H = stack.hidden_size  # the largest width: narrower layers' states and gates are padded
+    kept = sum(n * (len(c.state_names) + len(c.gate_names) + 1) * B * T * H * item
+               for (c, _, _), (n, _) in kinds.items())
+    stacked = sum(n * st[0] for n, st in kinds.values() if n > 1)
+    working = (sum(n * 2 * len(c.gate_names) * B * T * H * item
+                   for (c, _, _), (n, _) in kinds.items())
+               + T * max(st[2] for _, st in kinds.values()) + stacked)
+    gates = max(len(c.gate_names) for c, _, _, _ in stack.kinds)
+    # about a dozen (L, T) and (L, H) maps and an (L, bins) histogram per gate
+    result = 12 * gates * L * (T + H + 20) * item
+    inputs = B * T * D * item
+    flops = float(T * sum(n * st[4] for n, st in kinds.values()))
+    seconds = math.nan
+    if calibrate:
+        rate, per_step = calibration()
+        seq = (T + L - 1) if stack.order == "wavefront" else L * T
+        seconds = flops / rate + seq * per_step
+    total = params + inputs + kept + working + result
+    return Cost(int(params), int(inputs), int(kept), int(working), int(result), int(total),
+                flops, float(seconds), (stack, B, T, dtype, wrt, "gates", probes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +520,7 @@ def suggestions(cost: Cost, limit: int, cli: bool = False,
     name = (lambda k, v: f"--{k} {v}") if cli else (lambda k, v: f"{k}={v!r}")
     out = []
     cands = [stack]
-    if stack.checkpoint is None and checkpoint:
+    if stack.checkpoint is None and checkpoint and method != "gates":
         ck = stack.replace(checkpoint="auto")
         c = _estimate(ck, B, T, dtype, wrt, method, probes, False)
         if c.total < cost.total:
@@ -508,10 +567,11 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
     stack, B, T, dtype, wrt, method, probes = cost.request
     what = (f"this measurement ({stack.name}, {stack.layers} layers x {T} steps, "
             f"H={_width_text(stack)}, batch {B}, {dtype}"
-            + (f", wrt {wrt}" if method == "gradient" else f", jacobian {method}") + ")")
+            + {"gradient": f", wrt {wrt}", "gates": ", gate statistics"}.get(
+                method, f", jacobian {method}") + ")")
     tips = suggestions(cost, limit, cli, checkpoint)
     raise ValueError(f"{what} needs about {size(cost.total)} of memory (parameters "
-                     f"{size(cost.params)}, kept for the backward pass {size(cost.residuals)}), "
+                     f"{size(cost.params)}, {cost.kept} {size(cost.residuals)}), "
                      f"more than the {size(limit)} {source}"
                      + (f"; {'; '.join(tips)}" if tips else ""))
 

@@ -85,6 +85,7 @@ from gradflow.problem import problem, problem_stack
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.errors import user_input
 from gradflow import checks
+from gradflow import cost as _cost
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack, in_precision, where_nonfinite
 
@@ -480,7 +481,9 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
       (:class:`gradflow.results.NonFiniteForwardWarning`), never raised on.
     Raises:
       ValueError: the stack's cells report no gates (``rnn``, ``indrnn``, or a user cell built
-        without ``gates=``, see :mod:`gradflow.cells.adapters`).
+        without ``gates=``, see :mod:`gradflow.cells.adapters`); the request needs more memory
+        than this machine has (:func:`gradflow.cost.estimate` with ``method="gates"``), raised
+        before anything is compiled, naming a batch or length that fits.
     """
     if not isinstance(stack, Stack):
         raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
@@ -499,6 +502,9 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
     checks.check_finite_inputs(xs)
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    with user_input():  # too big for this machine: the user's sizes to change
+        _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype,
+                                        method="gates", calibrate=False))
     arrays = _arrays(stack, params, xs, eps, threshold, bins)
     bad = sum(int(v) for k, v in arrays.items()
               if k.startswith("nonfinite/") and k.endswith("/pooled"))

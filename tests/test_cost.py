@@ -218,3 +218,44 @@ def test_jacobian_map_refuses_before_compiling(monkeypatch):
     for method in ("exact", "probe"):
         with pytest.raises(ValueError, match=f"jacobian {method}.* needs about"):
             gradflow.jacobian_map(stack, params, jnp.ones((2, 5, 3)), method=method)
+
+
+@pytest.mark.parametrize("cell,kw", [
+    ("lstm", {}), ("gru", {}), ("star", {}), ("ur_lstm", {}), ("refined_lstm", {}),
+    ("on_lstm", {}), ("lstm", dict(hidden_size=[8, 16, 32])),
+    ("gru", dict(norm="layer", residual=True))])
+def test_gates_estimate_within_2x_of_xla(cell, kw):
+    """Gate statistics run forward only: their estimate (every state and gate kept, the
+    histograms' copies) against XLA's memory analysis of the compiled reductions."""
+    from gradflow import gates
+
+    stack = gradflow.Stack(cell, **{"layers": 3, "input_size": 5, "hidden_size": 16, **kw})
+    params = jax.eval_shape(stack.init, jax.random.key(0))
+    for B, T in ((4, 24), (16, 120)):
+        xs = jax.ShapeDtypeStruct((B, T, 5), jnp.float32)
+        m = gates._reduce.lower(stack, params, xs, 0.05, 1e-3, 20).compile().memory_analysis()
+        xla = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+        c = cost.estimate(stack, B, T, method="gates", calibrate=False)
+        assert 0.5 <= c.total / xla <= 2.0, (cell, kw, B, T, c.total, xla)
+        # forward only: a third of the gradient map's matmul work, no checkpointing offered
+        grad = cost.estimate(stack, B, T, calibrate=False)
+        assert c.flops == pytest.approx(grad.flops / 3)
+        assert c.kept == "states and gates kept" and c.passes == "forward"
+
+
+def test_gate_statistics_refuse_before_compiling(monkeypatch):
+    from gradflow import gates
+
+    stack = gradflow.Stack("lstm", layers=2, input_size=3, hidden_size=4)
+    params = stack.init(jax.random.key(0))
+    limit = cost.estimate(stack, 1, 5, method="gates", calibrate=False).total
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: limit)
+    calls = []
+    monkeypatch.setattr(gates, "_arrays", lambda *a, **k: calls.append(a))
+    with pytest.raises(ValueError, match=r"\(lstm, 2 layers x 5 steps, H=4, batch 2, float32, "
+                                         r"gate statistics\) needs about .* \(parameters .*, "
+                                         r"states and gates kept .*\), more than the .* "
+                                         r"available; batch=1 fits") as info:
+        gates.saturation(stack, params, jnp.ones((2, 5, 3)))
+    assert "checkpoint" not in str(info.value)  # nothing to rematerialise in a forward pass
+    assert not calls

@@ -110,6 +110,19 @@ def test_dry_run_builds_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_gates_dry_run_estimates_the_forward_pass(tmp_path):
+    """Gate statistics run forward only: the dry run says what they keep and the work of one
+    pass, not a gradient map's backward."""
+    argv = ["--cell", "lstm", "--layers", "3", "--steps", "40", "--hidden", "16", "--dry-run",
+            "--out", tmp_path / "g.png"]
+    status, out, err = run_cli(["gates", *argv])
+    assert status == 0 and err == "" and not list(tmp_path.iterdir())
+    assert "states and gates kept" in out and "backward" not in out
+    assert "(forward)" in out.splitlines()[2]
+    _, heat, _ = run_cli(["heatmap", *argv])
+    assert "kept for the backward pass" in heat and "(forward + backward)" in heat
+
+
 def test_progress_lines_for_long_requests(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "PROGRESS_AFTER", 0.0)  # as if this request were long
     status, out, err = run_cli(["heatmap", "--layers", "2", "--steps", "3", "--hidden", "4",
