@@ -1019,6 +1019,7 @@ def run_compare(args) -> int:
     print(f"gradflow compare: {', '.join(labels)}; {args.layers} layers x {args.steps} steps, "
           f"H={width_text(args.hidden)}, B={args.batch}, seed {args.seed}, {first['dtype']}, "
           f"wrt {args.wrt}; "
+          + (f"{plot.options_text(grid.config)}; " if plot.options_text(grid.config) else "")
           + ("absolute values" if args.absolute else "each map relative to its top-last value"))
     width = max(4, *(len(c) for c in labels))
     print(f"  {'loss':<5} {'cell':<{width}} {'top-last':>10}  {'bottom/top layer':>20}  "

@@ -218,7 +218,33 @@ def settings(config: dict) -> str:
         parts.append(f"init {config['init']}")
     if config.get("seed") is not None:
         parts.append(f"seed {config['seed']}")
+    if options_text(config):
+        parts.append(options_text(config))
     return ", ".join(parts)
+
+
+def options_text(config: dict) -> str:
+    """The cell options a grid's config records for its cells (``cell_options``, as
+    :func:`gradflow.experiments.gradient_grid` takes them), in words: ``"options
+    init=orthogonal, t_max=50"`` when every cell has the same, else each cell's; ``""`` for
+    none.
+
+    >>> options_text({"cell_options": {"lstm": {"init": "orthogonal"}, "gru": {"init": "orthogonal"}}})
+    'options init=orthogonal'
+    >>> options_text({"cell_options": {"lstm": {"forget_bias": 3.0}}, "cells": ["lstm", "gru"]})
+    'options lstm: forget_bias=3.0'
+    """
+    opts = {c: o for c, o in (config.get("cell_options") or {}).items() if o}
+    if not opts:
+        return ""
+
+    def kv(o):
+        return ", ".join(f"{k}={v}" for k, v in o.items())
+
+    texts = {kv(o) for o in opts.values()}
+    if len(texts) == 1 and len(opts) == len(config.get("cells", opts)):
+        return "options " + texts.pop()
+    return "options " + "; ".join(f"{c}: {kv(o)}" for c, o in opts.items())
 
 
 def _quantity(result: Result, key: str | None) -> str:

@@ -172,6 +172,22 @@ def test_compare_writes_the_grid_equal_to_per_cell_gradient_maps(capsys):
                                rtol=5e-3)  # printed to 3 significant digits
 
 
+def test_compare_says_its_cell_options_in_the_table_and_the_figure(capsys, monkeypatch):
+    from gradflow import plot
+
+    titles = []
+    draw = plot.draw_grid
+    monkeypatch.setattr(plot, "draw_grid", lambda grid, **k: titles.append(
+        plot.settings(grid.config)) or draw(grid, **k))
+    rc, out, err = run(capsys, "compare", "--cells", "lstm,ur_lstm", "--losses", "last",
+                       *SMALL, "--option", "init=orthogonal")
+    assert rc == 0, err
+    assert "; options init=orthogonal; " in out.splitlines()[0]
+    assert titles == ["L=2, T=3, H=8, seed 0, options init=orthogonal"]
+    grid = gradflow.load(_written(out, "data:"))
+    assert grid.config["maps"]["last/lstm"]["init"] == "orthogonal"
+
+
 def test_compare_takes_one_width_per_layer(capsys):
     rc, out, err = run(capsys, "compare", "--cells", "rnn,lstm", "--losses", "last", "--wrt",
                        "hidden", "--layers", "3", "--steps", "3", "--hidden", "8,6,4",
