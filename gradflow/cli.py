@@ -1468,7 +1468,8 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
         fig = plot.grid(maps, rows=["map"], cols=[k[1] for k in maps], normalize=False,
                         title=f"{args.cell}: gradient maps wrt {args.wrt} during training")
         written.append(plot.save(fig, out / "maps.png"))
-    return written + [str(out / "state.npz")]
+    # the run's own files (train's run_dir): its records, read back by a resumed run
+    return written + sorted(str(p) for p in out.glob("record-*.npz")) + [str(out / "state.npz")]
 
 
 def run_train(args) -> int:

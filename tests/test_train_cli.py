@@ -1,6 +1,8 @@
 """``gradflow train``: a tiny run writes the learning curve and the recorded maps, and they
 hold the numbers of the same run made through :func:`gradflow.train.train`; bad input exits 2
 with one line."""
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +217,13 @@ def test_the_task_option_steps_sets_the_sequence_length(tmp_path, capsys):
     assert tasks.for_length("adding", None, steps=7) == tasks.make("adding", steps=7)
     with pytest.raises(ValueError, match="give only one of the two, or two that agree"):
         tasks.for_length("adding", 6, steps=7)
+
+
+def test_every_file_the_run_writes_is_listed(tmp_path, capsys):
+    out = tmp_path / "run"
+    small = [a if a not in ("12", "0,12") else {"12": "4", "0,12": "0,4"}[a] for a in TINY]
+    assert main(small + ["--eval-every", "2", "--out", str(out)]) == 0
+    wrote = {Path(line.split(" ", 1)[1]).name
+             for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")}
+    assert wrote == {p.name for p in out.iterdir()}
+    assert {"record-00000.npz", "record-00001.npz", "state.npz"} <= wrote
