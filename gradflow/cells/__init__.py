@@ -56,7 +56,7 @@ def get(name, **options) -> Cell:
             raise ValueError("options cannot be given together with a Cell instance")
         return name
     if not isinstance(name, str):
-        hint = adapters._family_hint("", name)  # a Flax/Equinox module given as it is
+        hint = adapters.adapter_hint("", name)  # a Flax/Equinox module given as it is
         if hint is not None:
             raise TypeError(f"a cell is a name or a gradflow Cell, got {hint} to wrap it")
         text = " ".join(repr(name).split())

@@ -555,7 +555,7 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
       ``"s1", "s2", ...``).
     """
     who = "from_function"
-    hint = _family_hint(who, step)
+    hint = adapter_hint(who, step)
     if hint is not None:
         raise TypeError(f"{who}: step is {hint}")
     if not callable(step):
@@ -626,7 +626,7 @@ def _family(obj):
     return None
 
 
-def _family_hint(who: str, obj) -> str | None:
+def adapter_hint(who: str, obj) -> str | None:
     """``"[the class ]GRUCell, an equinox module: use gradflow.cells.from_equinox"`` where
     ``obj`` is a module (or module class) of another family than adapter ``who`` takes."""
     other = _family(obj)
@@ -642,7 +642,7 @@ def _not_a_module(who: str, module) -> str:
     instance), another family's module (naming its adapter), a function, or anything."""
     family = _FAMILIES[who][1]
     cls = module if isinstance(module, type) else type(module)
-    hint = _family_hint(who, module)
+    hint = adapter_hint(who, module)
     if hint is not None:
         return f"{who}: expected {family} Module, got {hint}"
     if isinstance(module, type):

@@ -252,7 +252,7 @@ def factory(fn: Callable) -> Callable:
             raise ValueError(
                 f"unknown option(s) {', '.join(map(repr, unknown))} for cell {fn.__name__!r}; "
                 f"valid options: {', '.join(valid) or '(none)'}")
-        options = {k: _check_number(fn.__name__, k, v, sig.parameters[k].annotation)
+        options = {k: _check_option(fn.__name__, k, v, sig.parameters[k].annotation)
                    for k, v in options.items()}
         bound = sig.bind(**options)
         bound.apply_defaults()
@@ -268,8 +268,9 @@ def factory(fn: Callable) -> Callable:
     return make
 
 
-def _check_number(cell: str, key: str, value, annotation: str):
-    """A ValueError naming the option when one typed ``bool`` is given anything but a bool
+def _check_option(cell: str, key: str, value, annotation: str):
+    """An option's value checked against its annotation: a ValueError naming the option when
+    one typed ``bool`` is given anything but a bool
     (or the text ``"true"``/``"false"``, any case: returned as the bool), or one typed
     ``float`` or ``int`` (``| None``) is given
     something that is not a number (``forget_bias="abc"`` from a CLI ``--option``, ``True``),
