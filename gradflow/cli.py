@@ -1641,6 +1641,26 @@ def _interrupted(command: str):
         os._exit(130)
 
 
+def _unrecognized(parser, command: str | None, extra: list) -> str:
+    """``gradflow heatmap: error: unrecognized arguments: --layer 3; did you mean --layers?``"""
+    import difflib
+
+    prog = "gradflow" + (f" {command}" if command else "")
+    if command is not None:
+        parser = next(a for a in parser._actions
+                      if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [o[2:] for o in parser._option_string_actions if o.startswith("--")]
+
+    def guess(given: str) -> list:  # a prefix either way (--epsilon: --eps), else a near spelling
+        near = [k for k in known if len(k) >= 3 and given.startswith(k)]
+        return near[:1] or difflib.get_close_matches(given, known, n=1, cutoff=0.75)
+
+    guesses = ["--" + m for e in extra if e.startswith("--")
+               for m in guess(e[2:].split("=", 1)[0])]
+    return (f"{prog}: error: unrecognized arguments: {' '.join(extra)}"
+            + (f"; did you mean {', '.join(dict.fromkeys(guesses))}?" if guesses else ""))
+
+
 def main(argv=None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
@@ -1653,7 +1673,10 @@ def main(argv=None) -> int:
     if program:  # Ctrl-C ends the process at once, wherever Python is (see _interrupted)
         signal.signal(signal.SIGINT, lambda *_: _interrupted(command[0]))
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command they were given to, with the closest option
+            raise UsageError(_unrecognized(parser, args.command, extra))
         if args.command is None:
             raise UsageError("gradflow: error: choose a command: heatmap, compare, gates, cells, "
                              "reproduce, train, atlas (see gradflow --help)")

@@ -284,6 +284,11 @@ BAD = [
     (["heatmap", "--loss", "bogus"], "'last', 'all'"),
     (["heatmap", "--wrt", "bogus"], "'hidden', 'cell', 'params'"),
     (["heatmap", "--dtype", "float16"], "'float32', 'float64'"),
+    (["heatmap", "--bogus"], "gradflow heatmap: error: unrecognized arguments: --bogus"),
+    (["heatmap", "--hiden", "3"], "gradflow heatmap: error: unrecognized arguments: --hiden 3; "
+                                  "did you mean --hidden?"),
+    (["gates", "--epsilon=0.1"], "unrecognized arguments: --epsilon=0.1; did you mean --eps?"),
+    (["--bogus"], "gradflow: error: unrecognized arguments: --bogus"),
     (["heatmap", "--out", "missing-dir/x.png"], "gradflow heatmap: error: cannot write "
                                                 "'missing-dir/x.png': "),
     (["heatmap", "--out", "a_file/x.png"], "a_file' is not a directory"),
