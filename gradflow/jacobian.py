@@ -277,7 +277,7 @@ def _state_map(stack, params, xs, loss_fn, name):
     # (gradflow.parallel; never inside a trace, e.g. sweep's vmap over seeds, nor for cells
     # whose steps couple the examples, e.g. BN-STAR's batch statistics).
     from gradflow import parallel
-    devices = parallel.should_split(xs, stack)
+    devices = parallel.should_split(xs, stack, params)
     if devices:
         return parallel.state_map(stack, params, xs, loss_fn, name, devices)
     return _state_map_local(stack, params, xs, loss_fn, name)
@@ -286,14 +286,31 @@ def _state_map(stack, params, xs, loss_fn, name):
 @functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "name"))
 @in_precision
 def _state_map_local(stack, params, xs, loss_fn, name):
+    return differentiable(functools.partial(_taps_map, stack, loss_fn, name))(params, xs)
+
+
+def _taps_map(stack, loss_fn, name, params, xs, constant_params=True):
     # Norm taps (Stack.apply(taps=...)): the backward pass reduces each step's (B, H) state
-    # cotangent to its (B,) norms as it goes, so no (L, B, T, H) gradient is ever held. The
-    # parameters are constants here: runs of layers go through stack.lean_layers (Stack.apply).
+    # cotangent to its (B,) norms as it goes, so no (L, B, T, H) gradient is ever held. With
+    # constant_params the runs of layers go through stack.lean_layers (Stack.apply).
     B, T, _ = xs.shape
     zeros = {name: jnp.zeros((stack.layers, B, T), xs.dtype)}
-    value, norms = jax.value_and_grad(
-        lambda taps: loss_fn(stack.apply(params, xs, taps=taps, constant_params=True).top))(zeros)
+    value, norms = jax.value_and_grad(lambda taps: loss_fn(stack.apply(
+        params, xs, taps=taps, constant_params=constant_params).top))(zeros)
     return value, jnp.mean(norms[name], axis=1)  # (L, T)
+
+
+def differentiable(fast: Callable) -> Callable:
+    """``fast(params, xs)``, a map computed with the cell parameters held constant
+    (``Stack.apply(constant_params=True)``: the lean backward, which gives the parameters zero
+    cotangents), made exact to differentiate: its value is ``fast``'s, and its derivatives
+    w.r.t. ``params`` and ``xs`` (``jax.grad``/``jax.jvp`` of a map, e.g. to tune an
+    initialisation that flattens it) are those of the same map by plain autodiff
+    (``fast(..., constant_params=False)``), which costs only when something differentiates."""
+    f = jax.custom_jvp(fast)
+    f.defjvp(lambda primals, tangents: jax.jvp(
+        functools.partial(fast, constant_params=False), primals, tangents))
+    return f
 
 
 def _previous_states(out, state0):

@@ -339,11 +339,12 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
     return tuple(d[:n]) if n > 1 else ()
 
 
-def should_split(xs, stack=None) -> tuple:
-    """:func:`devices_for` ``(B, widest state of stack)`` for concrete ``xs: (B, T, D)``; ``()``
-    inside a trace or when a cell of ``stack`` couples the examples of a batch
-    (``Cell.couples_batch``)."""
-    if isinstance(xs, jax.core.Tracer):
+def should_split(xs, stack=None, params=None) -> tuple:
+    """:func:`devices_for` ``(B, widest state of stack)`` for concrete ``xs: (B, T, D)`` and
+    ``params``; ``()`` inside a trace (``xs`` or a leaf of ``params`` traced: ``jax.grad`` of a
+    map w.r.t. the parameters runs it on one device, where its derivatives are exact) or when
+    a cell of ``stack`` couples the examples of a batch (``Cell.couples_batch``)."""
+    if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
         return ()

@@ -714,8 +714,10 @@ def scaled_reduction(fn, x, axis=-1):
 
     Squares inside ``fn`` then neither underflow nor overflow: float32 squares underflow below
     ~1e-19 (and overflow above ~1e19), while gradients attenuated through deep stacks reach
-    1e-33 and stay representable. Where ``m`` is 0, inf or NaN, ``fn(x)`` is returned
-    unscaled (0 for an all-zero ``x``; inf or NaN stay inf or NaN, counted as non-finite).
+    1e-33 and stay representable. Where ``m`` is 0 the result is 0, with derivative 0 (a
+    square root's at 0 would be NaN: the map of a state the loss never reads, differentiated
+    w.r.t. the parameters); where ``m`` is inf or NaN, ``fn(x)`` unscaled (inf or NaN, counted
+    as non-finite).
 
     Args:
       fn: ``x -> array`` (or a tuple of arrays) of ``x``'s shape with ``axis`` removed,
@@ -725,12 +727,15 @@ def scaled_reduction(fn, x, axis=-1):
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     mk = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
     ok = jnp.isfinite(mk) & (mk > 0)
-    y = fn(x / jnp.where(ok, mk, 1.0).astype(x.dtype))
-    m, ok = jnp.squeeze(mk, axes), jnp.squeeze(ok, axes)
+    zero = mk == 0
+    # all-zero x: fn of ones (any input with a finite derivative), its value replaced by 0
+    y = fn(jnp.where(zero, jnp.ones((), x.dtype), x / jnp.where(ok, mk, 1.0).astype(x.dtype)))
+    m, ok, zero = (jnp.squeeze(a, axes) for a in (mk, ok, zero))
 
     def back(v):
         shape = m.shape + (1,) * (v.ndim - m.ndim)
-        return jnp.where(ok.reshape(shape), m.reshape(shape) * v, v)
+        return jnp.where(ok.reshape(shape), m.reshape(shape) * v,
+                         jnp.where(zero.reshape(shape), jnp.zeros((), v.dtype), v))
 
     return jax.tree_util.tree_map(back, y)
 

@@ -217,7 +217,11 @@ def test_traced_maps_are_never_split():
     assert parallel.should_split(jnp.zeros((4, 3, 2))) == parallel.devices_for(4)
     seen = []
     jax.jit(lambda x: seen.append(parallel.should_split(x)) or x)(jnp.zeros((4, 3, 2)))
-    assert seen == [()]
+    # parameters traced (jax.grad of a map w.r.t. them) with concrete inputs: not split either
+    xs, params = jnp.zeros((4, 3, 2)), {"W": jnp.ones(3)}
+    jax.grad(lambda p: seen.append(parallel.should_split(xs, None, p)) or p["W"].sum())(params)
+    assert seen == [(), ()]
+    assert parallel.should_split(xs, None, params) == parallel.devices_for(4)
 
 
 def test_state_map_refuses_a_batch_the_devices_do_not_divide():
