@@ -224,8 +224,9 @@ def settings(config: dict) -> str:
 
 
 def options_text(config: dict) -> str:
-    """The cell options a grid's config records for its cells (``cell_options``, as
-    :func:`gradflow.experiments.gradient_grid` takes them), in words: ``"options
+    """The cell options a grid's config records for its cells (``cell_options`` keyed by cell,
+    as :func:`gradflow.experiments.gradient_grid` takes them; not a map's per-layer list), in
+    words: ``"options
     init=orthogonal, t_max=50"`` when every cell has the same, else each cell's; ``""`` for
     none.
 
@@ -234,7 +235,10 @@ def options_text(config: dict) -> str:
     >>> options_text({"cell_options": {"lstm": {"forget_bias": 3.0}}, "cells": ["lstm", "gru"]})
     'options lstm: forget_bias=3.0'
     """
-    opts = {c: o for c, o in (config.get("cell_options") or {}).items() if o}
+    given = config.get("cell_options")
+    if not isinstance(given, dict):  # a map's own config: its cells' options, layer by layer
+        return ""
+    opts = {c: o for c, o in given.items() if o}
     if not opts:
         return ""
 

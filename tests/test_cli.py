@@ -717,6 +717,25 @@ def test_heatmap_of_params_saved_with_save_params(capsys, tmp_path):
     np.testing.assert_array_equal(gradflow.load(npz).values, expect)
 
 
+def test_heatmap_of_a_saved_stack_with_a_cell_per_layer(capsys, tmp_path):
+    """Its config holds the cells' options layer by layer (a list): the figure's title reads
+    only a grid's options keyed by cell (it failed on the list)."""
+    from gradflow import runs
+
+    with jax.enable_x64(False):
+        stack = gradflow.Stack([gradflow.cells.get("gru"), gradflow.cells.get("star")],
+                               layers=2, input_size=3, hidden_size=8, norm="rms")
+        params = stack.init(jax.random.key(0))
+        runs.save_params(tmp_path / "mixed.npz", stack, params)
+        xs = gradflow.problem(list(stack.cells), layers=2, steps=3, hidden=8, batch=2,
+                              input_size=3, seed=0, stack_options={"norm": "rms"}).xs
+        expect = gradflow.gradient_map(stack, params, xs).values
+    rc, out, err = run(capsys, "heatmap", "--params", tmp_path / "mixed.npz", "--steps", "3",
+                       "--batch", "2")
+    assert rc == 0, err
+    np.testing.assert_array_equal(gradflow.load(_written(out, "data:")).values, expect)
+
+
 def test_a_ratio_near_one_prints_no_negative_zero_decades():
     assert cli._ratio(0.99, 1.0) == "x0.99 (+0.0 dec)"  # log10 = -0.004 rounds to 0.0
     assert cli._ratio(0.5, 1.0) == "x0.5 (-0.3 dec)" and cli._ratio(0.0, 1.0) == "n/a"
