@@ -676,7 +676,9 @@ def test_a_cell_rebuilt_from_its_recorded_options_is_the_same_cell(name, opts):
     """Saved results and runs record a cell's resolved options (STAR's t_max=100.0 under its
     orthogonal init): building the cell again from them must pass every option check (a
     check of options the cell would not read refused STAR's own, and --params of a trained
-    STAR with it) and give a cell of the same options."""
+    STAR with it) and give the very same cell (a STAR stack loaded from a run was != the
+    original, its maps compiled again)."""
     cell = cells.get(name, **opts)
     again = cells.get(name, **dict(cell.options))
     assert dict(again.options) == dict(cell.options)
+    assert again is cell

@@ -239,7 +239,12 @@ def factory(fn: Callable) -> Callable:
 
     @functools.lru_cache(maxsize=None)
     def cached(frozen):
-        return _build(frozen)
+        cell = _build(frozen)
+        if cell.options != frozen:  # defaults the factory resolved: the cell of those options
+            canonical = cached(cell.options)  # (so a cell rebuilt from them is this very cell)
+            if canonical.options == cell.options:
+                return canonical
+        return cell
 
     def _build(frozen):
         cell = fn(**dict(frozen))  # a factory may resolve option defaults in cell.options
