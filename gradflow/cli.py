@@ -726,10 +726,11 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                    help=f"sequence length (default: {steps})")
     g.add_argument("--hidden", type=hidden_sizes, default=hidden, metavar="H",
                    help=f"hidden size, or one per layer such as 64,32,32 (default: {hidden})")
+    trained = "; with a training run's --params, the run's record batch" if single_cell else ""
     g.add_argument("--batch", type=positive_int, default=batch, metavar="B",
-                   help=f"examples (default: {batch}; with a training run's --params, the "
-                        "run's record batch). The default losses average over them, so a "
-                        "gradient map's entries scale as 1/B: compare maps at one B")
+                   help=f"examples (default: {batch}{trained}). The default losses average "
+                        "over them, so a gradient map's entries scale as 1/B: compare maps at "
+                        "one B")
     g.add_argument("--seed", type=seed_int, default=0,
                    help="parameters from key(seed), inputs N(0, 1) from key(seed + 1) (default: 0)")
     g.add_argument("--init", type=init_scheme, default=None,
@@ -889,10 +890,7 @@ def add_heatmap(sub):
     p.add_argument("--cell", type=cell_name, default="lstm",
                    help="cell name, see `gradflow cells`, or module:factory, a user's factory "
                         "returning a gradflow Cell (or a Cell) (default: lstm)")
-    p.add_argument("--params", default=None, metavar="RUN",
-                   help="measure trained parameters: a run folder of `gradflow train` (its "
-                        "stack, on its task's evaluation sequences) or a .npz of "
-                        "gradflow.runs.save_params; a user's cell is given again with --cell")
+    add_params_option(p)
     add_problem_options(p, layers=16, steps=32, hidden=64, batch=16)
     g = add_measurement_options(p, wrt="hidden")
     g.add_argument("--normalize", action="store_true",
@@ -902,36 +900,59 @@ def add_heatmap(sub):
     _finish(p, run_heatmap)
 
 
+def add_params_option(p):
+    p.add_argument("--params", default=None, metavar="RUN",
+                   help="measure trained parameters: a run folder of `gradflow train` (its "
+                        "stack, on its task's evaluation sequences) or a .npz of "
+                        "gradflow.runs.save_params; a user's cell is given again with --cell")
+
+
+def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
+                      check_cell=None):
+    """The problem a one-stack command measures, checked and its cost budgeted first: the
+    stack and parameters saved at ``--params``, or a fresh stack of ``--cell`` (built after the
+    budget). ``check_cell(cells, what)`` checks the command's own needs of the layers' cells
+    (e.g. gates), ``what`` naming them in its message.
+    Returns ``(say, (figure path, data path), problem)``, or None after a dry run."""
+    if args.params is not None:
+        prob = _trained_problem(args)
+        if check_cell is not None:
+            check_cell(prob.stack.cells, f"the cell of {args.params}")
+        source = Path(args.params)
+        source = source.parent if source.name == "state.npz" else source
+        stem = default_stem(args, args.command, prob.stack.config["cell"],
+                            f"L{prob.stack.layers}", source.stem,
+                            skip=_STACK_OPTIONS + (("steps", "seed", "input_scale")
+                                                   if "train_step" in prob.config else ()))
+        budget = _budget(args, [prob.stack], wrt, stem=stem, method=method)
+        if budget is None:
+            return None
+        return (*budget, prob)
+    cell = _cell(args, args.steps)
+    if check_cell is not None:
+        check_cell((cell,), f"cell {args.cell!r}")
+    D = first_width(args.hidden) if args.input_size is None else args.input_size
+    budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
+                                          **_stack_settings(args))], wrt,
+                     stem=default_stem(args, args.command, cell.name, f"L{args.layers}",
+                                       skip=("cell", "layers")), method=method)
+    if budget is None:
+        return None
+    say, paths = budget
+    say("building the stack and its parameters...")
+    return say, paths, _problem(args, cell)
+
+
 def run_heatmap(args) -> int:
     from gradflow import plot
     from gradflow.jacobian import gradient_map
     from gradflow.problem import precision
 
     with precision(args.dtype):
-        if args.params is not None:
-            prob = _trained_problem(args)
-            source = Path(args.params)
-            source = source.parent if source.name == "state.npz" else source
-            stem = default_stem(args, "heatmap", prob.stack.config["cell"],
-                                f"L{prob.stack.layers}", source.stem,
-                                skip=_STACK_OPTIONS + (("steps", "seed", "input_scale")
-                                                       if "train_step" in prob.config else ()))
-            budget = _budget(args, [prob.stack], args.wrt, stem=stem)
-            if budget is None:
-                return 0
-            say, (fig_path, data_path) = budget
-        else:
-            cell = _cell(args, args.steps)
-            D = first_width(args.hidden) if args.input_size is None else args.input_size
-            budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
-                                                  **_stack_settings(args))], args.wrt,
-                             stem=default_stem(args, "heatmap", cell.name, f"L{args.layers}",
-                                               skip=("cell", "layers")))
-            if budget is None:
-                return 0
-            say, (fig_path, data_path) = budget
-            say("building the stack and its parameters...")
-            prob = _problem(args, cell)
+        measured = _measured_problem(args, args.wrt)
+        if measured is None:
+            return 0
+        say, (fig_path, data_path), prob = measured
         say("compiling and running the gradient map...")
         res = gradient_map(prob.stack, prob.params, prob.xs, loss=args.loss, wrt=args.wrt,
                            readout_seed=args.readout_seed, meta=prob.config)
@@ -1053,6 +1074,7 @@ def add_gates(sub):
     p.add_argument("--eps", type=fraction, default=0.05,
                    help="saturation margin, in (0, 0.5) (default: 0.05)")
     p.add_argument("--bins", type=positive_int, default=20, help="histogram bins (default: 20)")
+    add_params_option(p)
     add_problem_options(p, layers=4, steps=32, hidden=64, batch=16)
     add_cost_options(p, checkpoint=False)
     add_output_options(p)
@@ -1087,31 +1109,33 @@ def run_gates(args) -> int:
     from gradflow import plot
     from gradflow.problem import precision
 
-    cell = _cell(args, args.steps)
-    if not cell.gate_names:
-        with_gates = [n for n in _cells.names() if _cells.get(n).gate_names]
-        raise _usage(args, f"cell {args.cell!r} reports no gates; cells with gates: "
-                           f"{', '.join(with_gates)}")
-    if args.gate is not None and args.gate not in cell.gate_names:
-        raise _usage(args, f"cell {args.cell!r} has no gate {args.gate!r}; its gates: "
-                           f"{', '.join(cell.gate_names)}")
-    D = first_width(args.hidden) if args.input_size is None else args.input_size
-    budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
-                                          **_stack_settings(args))],
-                     stem=default_stem(args, "gates", cell.name, f"L{args.layers}",
-                                       skip=("cell", "layers")), method="gates")
-    if budget is None:
-        return 0
-    say, (fig_path, data_path) = budget
+    def check(cells, what):
+        if not cells[0].gate_names:
+            with_gates = [n for n in _cells.names() if _cells.get(n).gate_names]
+            raise _usage(args, f"{what} reports no gates; cells with gates: "
+                               f"{', '.join(with_gates)}")
+        with user_input():
+            cell = _gates.gate_cell(cells)
+        if args.gate is not None and args.gate not in cell.gate_names:
+            raise _usage(args, f"{what} has no gate {args.gate!r}; its gates: "
+                               f"{', '.join(cell.gate_names)}")
+
     with precision(args.dtype):
-        say("building the stack, compiling and running...")
-        prob = _problem(args, cell)
+        measured = _measured_problem(args, method="gates", check_cell=check)
+        if measured is None:
+            return 0
+        say, (fig_path, data_path), prob = measured
+        say("compiling and running the gate statistics...")
         stats = _gates.saturation(prob.stack, prob.params, prob.xs, args.eps, bins=args.bins,
                                   meta=prob.config)
     shown = [args.gate] if args.gate else list(stats.config["gates"])
     fig = plot.gates_figure(stats, shown)
-    print(f"gradflow gates: {_describe(stats.config, prob.stack.cell)}; saturated: "
+    print(f"gradflow gates: {_describe(stats.config, prob.stack.cells[0])}; saturated: "
           f"< {args.eps:g} or > {1 - args.eps:g}")
+    if args.params is not None:
+        print(f"trained parameters from {args.params}"
+              + (f" (step {stats.config['train_step']})" if "train_step" in stats.config
+                 else ""))
     summary, kinds = _gates.summary(stats), stats.config["gate_kinds"]
     for gate in shown:
         for line in _gate_lines(stats, gate, summary, kinds[gate]):

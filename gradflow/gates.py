@@ -109,13 +109,15 @@ GU_GRID = (
 # What each gate is
 
 
-def gate_cell(stack: Stack) -> Cell:
-    """The cell whose gate layout every layer of ``stack`` shares (the gates and their kinds,
-    the retained gates, the refine form): layers of different cells that agree on it, e.g. an
-    LSTM at two forget biases, have gate statistics; others a ValueError naming the layer."""
-    first = stack.cells[0]
+def gate_cell(stack) -> Cell:
+    """The cell whose gate layout every layer of ``stack`` (a Stack, or its cells) shares (the
+    gates and their kinds, the retained gates, the refine form): layers of different cells that
+    agree on it, e.g. an LSTM at two forget biases, have gate statistics; others a ValueError
+    naming the layer."""
+    cells = stack.cells if isinstance(stack, Stack) else tuple(stack)
+    first = cells[0]
     layout = lambda c: (c.gate_kinds, c.retain, c.refine_mode, c.refine_gate)  # noqa: E731
-    for l, c in enumerate(stack.cells):
+    for l, c in enumerate(cells):
         if layout(c) != layout(first):
             raise ValueError(f"gate statistics read one gate layout for every layer; layer {l} "
                              f"({c.name}: gates {', '.join(c.gate_names) or 'none'}) differs "

@@ -179,6 +179,32 @@ def test_loaded_params_give_the_map_recorded_at_the_end_of_training(run, direct)
         assert measured.config["train_step"] == 12 and measured.config["cell"] == "star"
 
 
+def test_gates_of_the_trained_params(run, capsys):
+    """`gradflow gates --params RUN`: the statistics of the trained gates on the run's first
+    record-batch evaluation sequences, as gates.saturation gives them from load_params."""
+    from gradflow import gates
+    from gradflow.train import eval_batch_of, keys
+
+    _, out = run
+    stack, params = runs.load_params(out)
+    with precision("float32"):
+        xs = eval_batch_of(tasks.make("adding", steps=6), keys(3)[2], 16, 8, jnp.float32)[0][:4]
+        expect = gates.saturation(stack, params, xs)
+    target = out.parent / "gates_trained.png"
+    capsys.readouterr()
+    assert main(["gates", "--params", str(out), "--out", str(target)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"trained parameters from {out} (step 12)"
+    stats = gradflow.load(target.with_suffix(".npz"))
+    assert stats.config["train_step"] == 12 and stats.config["batch"] == 4
+    for key in ("mean/k", "saturated/k", "slope/k", "timescale/k/unit", "hist/k"):
+        np.testing.assert_array_equal(stats[key], expect[key])
+    # the saved stack's cell is checked as --cell's is
+    capsys.readouterr()
+    assert main(["gates", "--params", str(out), "--gate", "f", "--dry-run"]) == 2
+    assert "has no gate 'f'; its gates: k" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--layers", "5"], "--layers cannot be used with --params"),
     (["--cell", "gru", "--residual"], "--cell, --residual cannot be used with --params"),
