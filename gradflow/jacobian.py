@@ -41,8 +41,8 @@ from gradflow import cost as _cost
 from gradflow.errors import InputError, user_input
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.cells.base import normal
-from gradflow.stack import (Stack, finite_positions, finite_states, in_precision, map_layers,
-                            safe_norm, scaled_reduction, where_nonfinite)
+from gradflow.stack import (Stack, emit, finite_positions, finite_states, in_precision,
+                            map_layers, safe_norm, scaled_reduction, where_nonfinite)
 
 LOSSES = ("last", "all")
 WRTS = ("hidden", "cell", "params")
@@ -572,8 +572,12 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
                 meta: dict | None = None) -> Result:
     r"""One-step Jacobians at every ``(l, t)``, averaged over the batch.
 
-    vertical :math:`\partial h^l_t / \partial x^l_t` (``x^l_t = h^{l-1}_t``; for ``l = 0`` the
-    layer's input, data or its projection) and temporal :math:`\partial h^l_t / \partial h^l_{t-1}`
+    vertical :math:`\partial y^l_t / \partial x^l_t`, from a layer's input to what it emits
+    upward, :math:`y^l_t = h^l_t` in a plain stack (``x^l_t = y^{l-1}_t``; for ``l = 0`` the
+    data or its projection), :math:`\mathrm{norm}(h^l_t + x^l_t)` with ``residual`` and
+    ``norm`` (the skip path and the norm are part of the step a gradient takes between layers,
+    so a residual stack's vertical gain is near 1, not the cell's own
+    :math:`\partial h/\partial x`), and temporal :math:`\partial h^l_t / \partial h^l_{t-1}`
     (other state components, e.g. ``c_{t-1}``, held fixed), each as RMS gain
     :math:`\|J\|_F/\sqrt{n_{in}}` and spectral norm, along the trajectory of ``xs``.
 
@@ -628,14 +632,30 @@ def _gains(stack, params, xs, chunk):
     prev = _previous_states(out, stack.initial_state(B, xs.dtype))
     inputs = stack.layer_inputs(params, xs, out)
 
-    def layer(cell, p, prev_l, x_l):
+    # What each layer emits upward, norm(h + x) (residual where its input is as wide as it,
+    # norm): the vertical gain is the emission's, the path a gradient takes between layers.
+    emits = stack.residual or stack.norm is not None
+    residual = jnp.asarray([stack.residual and stack.layer_in(l) == w
+                            for l, w in enumerate(stack.widths)], xs.dtype)
+    Hmax = stack.max_width
+    pn = {k: jnp.stack([jnp.pad(d[k], (0, Hmax - d[k].shape[-1])) for d in params["norm"]])
+          for k in params["norm"][0]} if stack.norm is not None else {}
+
+    def layer(cell, p, prev_l, x_l, r_l, pn_l):
         def one(args):  # one example at one step
             s, x, t = args
-            h_of_x = lambda xx: cell.step(p, s, xx, t)[1]  # noqa: E731
+
+            def y_of_x(xx):
+                h = cell.step(p, s, xx, t)[1]
+                if not emits:
+                    return h
+                skip = r_l * xx if xx.shape == h.shape else jnp.zeros_like(h)
+                return emit(h, skip, pn_l, True, stack.norm)
+
             h_of_h = lambda hh: cell.step(p, {**s, "h": hh}, x, t)[1]  # noqa: E731
             # reverse mode: the Jacobians backpropagation uses (a cell's custom_vjp, e.g.
             # gradient clipping or a straight-through estimator, has no forward mode)
-            return (*_rms_spectral(jax.jacrev(h_of_x)(x)),
+            return (*_rms_spectral(jax.jacrev(y_of_x)(x)),
                     *_rms_spectral(jax.jacrev(h_of_h)(s["h"])))
 
         def at_t(args):
@@ -647,7 +667,7 @@ def _gains(stack, params, xs, chunk):
                       batch_size=min(chunk, T))
         return tuple(jnp.mean(r, axis=1) for r in res)  # each (T,)
 
-    vr, vs, tr, ts = map_layers(stack, layer, params, prev, inputs)
+    vr, vs, tr, ts = map_layers(stack, layer, params, prev, inputs, residual, pn)
     # A one-step Jacobian taken at non-finite states or inputs is no derivative (a ReLU's at
     # NaN is an exact 0): NaN where the step's states, its previous states or its input are.
     fin = finite_positions(out.states)  # (L, T)

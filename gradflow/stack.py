@@ -530,7 +530,7 @@ class Stack:
 
             def run(p, pn, xx, s0, ins, cell=cell, residual=residual):
                 states, gts, final = _layer(cell, p, xx, s0, ins, chunk)
-                return states, _emit(states["h"], xx, pn, residual, self.norm), gts, final
+                return states, emit(states["h"], xx, pn, residual, self.norm), gts, final
 
             if chunk is not None:
                 # Checkpointed: a layer keeps only its input for the backward pass and
@@ -674,7 +674,7 @@ def _unknown_setting(cell, unknown) -> str:
     return msg
 
 
-def _emit(h, x, pn, residual: bool, norm: str | None):
+def emit(h, x, pn, residual: bool, norm: str | None):
     r"""What a layer emits upward: :math:`\mathrm{norm}(h + x)` (residual and norm optional)
     for ``h, x: (..., H)``; ``pn`` the norm's ``{"scale", "bias"?}``."""
     y = h + x if residual else h
@@ -1038,7 +1038,7 @@ def lean_layers(cell: Cell, residual: bool, norm: str | None, precision: str | N
     Forward, layer by layer: :math:`s_t = \mathrm{forward}(p, s_{t-1}, xp_t, t) + e_t`
     (perturbations added where the state leaves the cell; ``taps`` are identities, as
     :func:`norm_tap`), from the layer's input ``xp = lean_inputs(cell, p, x)``, emitting
-    ``_emit(h, x)`` (residual, norm) to the next layer. Every step's factors go straight into
+    ``emit(h, x)`` (residual, norm) to the next layer. Every step's factors go straight into
     ONE buffer for the whole run, ``(layers * T, *factor)``, carried through both scans:
     per-layer factor arrays stacked over depth by the scan's autodiff cost a zero-filled
     ``(L, T, ...)`` copy in and a copy out per layer (LSTM: 6H floats per example and step),
@@ -1046,7 +1046,7 @@ def lean_layers(cell: Cell, residual: bool, norm: str | None, precision: str | N
     map 0.88-0.90 of that time, LSTM 16 x 64 x 128 x 32 on 2 cores; GRU 0.91, STAR 0.97).
 
     Backward, for the cotangent :math:`\bar s_t` of each leaving state (from the outputs
-    and step ``t + 1``; ``h`` also from the layer above, through ``_emit``'s VJP):
+    and step ``t + 1``; ``h`` also from the layer above, through ``emit``'s VJP):
     ``perturb[k][t]`` gets :math:`\bar s_t[k]`, ``taps[k][t]`` its per-example norm
     (:func:`safe_norm`, all steps at once after the scan), :math:`(\bar s_{t-1},
     \overline{xp}_t) = \mathrm{backward}(p, \mathrm{factors}_t, \bar s_t)`; the stacked
@@ -1137,7 +1137,7 @@ def _lean_fwd_traced(cell, residual, norm, P, pn, x, s0, perturb, taps):
 
         (final, buf), states = lax.scan(step, (s0_l, buf),
                                         (lean_inputs(cell, p, xx), e_l, jnp.arange(T)))
-        up = _emit(states["h"], xx, pnl, residual, norm)
+        up = emit(states["h"], xx, pnl, residual, norm)
         return (up, buf), (states, up, final)
 
     (_, buf), (states, up, final) = _over_layers(layer, (x, buf0),
@@ -1165,7 +1165,7 @@ def _lean_bwd_traced(cell, residual, norm, res, cts, need_dx=True):
         # this layer's input: x for the run's first layer, the emission below otherwise
         # (read only where the backward needs its values: a norm's VJP)
         xx = x if n == 1 else jnp.where(l > 0, up[jnp.maximum(l - 1, 0)], x)
-        _, emit_vjp = jax.vjp(lambda h, xx, pnl: _emit(h, xx, pnl, residual, norm),
+        _, emit_vjp = jax.vjp(lambda h, xx, pnl: emit(h, xx, pnl, residual, norm),
                               hs[l], xx, pnl)
         dh, dx_emit, dpn = emit_vjp(dup_l + d_above)
         ds_l = {**ds_l, "h": ds_l["h"] + dh}
@@ -1252,7 +1252,7 @@ def _wavefront(stack: "Stack", P, PN, x, s0, inst: Instruments, chunk):
     lidx = jnp.arange(L)
     x_pad = jnp.concatenate([x, jnp.zeros((L - 1,) + x.shape[1:], x.dtype)])  # (S, B, H)
     step = jax.vmap(cell.step, in_axes=(0, 0, 0, 0))
-    emit = jax.vmap(lambda h, xx, pn: _emit(h, xx, pn, stack.residual, stack.norm))
+    emit_all = jax.vmap(lambda h, xx, pn: emit(h, xx, pn, stack.residual, stack.norm))
     ptap = inst.param_taps
 
     def body(carry, inp):
@@ -1268,7 +1268,7 @@ def _wavefront(stack: "Stack", P, PN, x, s0, inst: Instruments, chunk):
                      {k: v[lidx, tc] for k, v in inst.taps.items()})
         mask = active[:, None, None]
         new = {k: jnp.where(mask, v, state[k]) for k, v in new.items()}
-        up = emit(new["h"], inputs, PN)
+        up = emit_all(new["h"], inputs, PN)
         return (new, up), (new, up, g if inst.gates else {})
 
     h0 = jnp.zeros_like(s0["h"])

@@ -267,6 +267,51 @@ def test_local_gains_equal_cell_jacobians(x64):
             s, _, _ = cell.step(params["layers"][l], s, x_in[:, t], t)
 
 
+@pytest.mark.parametrize("norm", [None, "layer", "rms"])
+def test_vertical_gains_cross_the_residual_and_the_norm(norm, x64):
+    """With residual and norm, the vertical gain is that of what a layer emits upward, against
+    a Python loop with its own LayerNorm/RMSNorm (norm parameters moved off identity); layer 0
+    reads 3 features into 4 units, so it has no skip path."""
+    D, Hs = 3, 4
+    stack = gradflow.Stack("gru", layers=3, input_size=D, hidden_size=Hs, residual=True,
+                           norm=norm)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                    stack.init(jax.random.key(1)))
+    if norm is not None:
+        k = iter(jax.random.split(jax.random.key(2), 6))
+        params["norm"] = [{n: v + 0.3 * jax.random.normal(next(k), v.shape, v.dtype)
+                           for n, v in d.items()} for d in params["norm"]]
+    xs = jax.random.normal(jax.random.key(3), (2, 4, D), jnp.float64)
+    res = J.local_gains(stack, params, xs)
+
+    def own_emit(h, x, pn):
+        y = h + x if x.shape == h.shape else h
+        if norm is None:
+            return y
+        if norm == "layer":
+            y = y - y.mean()
+        y = y / jnp.sqrt(jnp.mean(y * y) + 1e-6) * pn["scale"]
+        return y + pn["bias"] if "bias" in pn else y
+
+    cell, x_in = stack.cell, xs
+    for l in range(3):
+        p, pn = params["layers"][l], params["norm"][l] if norm else {}
+        s = cell.initial_state((2,), Hs, xs.dtype)
+        ys = []
+        for t in range(4):
+            gains = []
+            for b in range(2):
+                sb = {k: v[b] for k, v in s.items()}
+                j = jax.jacrev(lambda x: own_emit(cell.step(p, sb, x, t)[1], x, pn))(x_in[b, t])
+                gains.append(np.linalg.norm(j) / np.sqrt(x_in.shape[-1]))
+            np.testing.assert_allclose(res.vertical_rms[l, t], np.mean(gains), rtol=1e-9)
+            s, h, _ = cell.step(p, s, x_in[:, t], t)
+            ys.append(jax.vmap(own_emit, in_axes=(0, 0, None))(h, x_in[:, t], pn))
+        x_in = jnp.stack(ys, axis=1)
+    if norm is None:  # the skip path: every layer above the first passes about 1 or more
+        assert np.all(res.vertical_rms[1:] > 0.9)
+
+
 @pytest.mark.parametrize("cell,kind,expected", [
     ("lstm", "vertical", 0.25),  # sigma(0) * sigma(0): o * i * W_g
     ("star", "vertical", 0.5),   # k * W_z with k = sigma(0)
