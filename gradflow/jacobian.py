@@ -374,7 +374,8 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
 
     :math:`J[l,t] = \mathrm{mean}_b \|\partial h^{L'}_{T'}[b] / \partial h^l_t[b]\|` with
     ``(L', T') = target`` (negative indices count from the end; default top layer, last step).
-    Positions that cannot reach the target (``t > T'``, or ``t = T'`` and ``l > L'``) are 0; the
+    Positions that cannot reach the target (``t > T'`` or ``l > L'``: layers feed only upward)
+    are 0 (not counted as underflow, nor set to NaN where the target is not finite); the
     target itself is the identity. Each Jacobian is ``(H_{L'}, H_l)`` for layers of different
     widths (:attr:`gradflow.Stack.widths`), its rms norm :math:`\|J\|_F/\sqrt{H_l}`.
 
@@ -445,8 +446,8 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
                      probes=probes if method == "probe" else None,
                      probe_seed=seed if method == "probe" else None,
                      spectra_at=[list(p) for p in positions])
-    reach = (jnp.arange(T)[None, :] < tt) | ((jnp.arange(T)[None, :] == tt)
-                                             & (jnp.arange(L)[:, None] <= tl))
+    # h^l_t reaches h^{L'}_{T'} only from below and before: layers feed upward, steps forward
+    reach = (jnp.arange(T)[None, :] <= tt) & (jnp.arange(L)[:, None] <= tl)
     if not bool(target_ok):  # NaN states pass back numbers that are no derivatives
         warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite ("
                       f"{where_nonfinite(stack, params, xs)}): every Jacobian that "
