@@ -41,6 +41,22 @@ def int_at_least(name: str, value, low: int) -> int:
     return v
 
 
+#: Seeds are integers in [0, SEED_LIMIT): in JAX's default 32-bit mode a key's seed is taken
+#: modulo 2**32 (2**32 is seed 0, -1 is 2**32 - 1), and the inputs use ``seed + 1``.
+SEED_LIMIT = 2 ** 31 - 1
+
+
+def seed(name: str, value) -> int:
+    """``int(value)`` if it is an integer in ``[0, 2**31 - 1)`` (not a bool), else a
+    ValueError naming it: larger or negative seeds would silently repeat other seeds."""
+    v = _int(name, value, f"an integer in [0, 2**31 - 1)")
+    if not 0 <= v < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2**31 - 1), got {value!r} (a key "
+                         "takes its seed modulo 2**32, so larger or negative seeds repeat "
+                         "others)")
+    return v
+
+
 def _int(name, value, what) -> int:
     try:
         if isinstance(value, bool):
@@ -48,6 +64,68 @@ def _int(name, value, what) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be {what}, got {value!r}") from None
+
+
+DTYPES = ("float32", "float64")
+
+
+def float_dtype(name) -> jnp.dtype:
+    """``"float32"``/``"float64"`` (or ``jnp.float32``, ``np.dtype("float64")``) -> dtype, else a
+    ValueError listing the valid ones; float64 needs ``jax_enable_x64`` (checked here: without
+    it JAX would make float32 arrays)."""
+    try:
+        text = jnp.dtype(name).name
+    except TypeError:
+        text = str(name)
+    if text not in DTYPES:
+        raise ValueError(f"unknown dtype {text if text != str(name) else repr(name)}; valid: "
+                         f"{', '.join(DTYPES)}")
+    if text == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("dtype float64 needs 64-bit JAX: call "
+                         "jax.config.update('jax_enable_x64', True) first")
+    return jnp.dtype(text)
+
+
+def _plain(v):
+    """``v`` with tuples as lists, for comparing a config value with its JSON round trip."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def with_meta(measured: dict, meta, **extra) -> dict:
+    """A result's config: ``measured`` (the stack's config and the sizes: what the numbers were
+    made of), ``meta`` (what only the caller knows, e.g. the problem's seed and input scale),
+    then the measurement's own settings ``extra``. ``meta`` adds keys; where it repeats one of
+    ``measured`` it must agree (a stale ``meta=problem.config`` of another problem would
+    otherwise record another network), else a ValueError naming the key."""
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    for k, v in meta.items():
+        if k in measured and _plain(v) != _plain(measured[k]):
+            raise ValueError(f"meta[{k!r}] = {v!r} disagrees with the measured {k} "
+                             f"{measured[k]!r}: meta adds to a result's config (e.g. the "
+                             "problem's seed); it cannot record another stack, size or dtype "
+                             "(is it the config of another problem?)")
+    return {**measured, **meta, **extra}
+
+
+def check_concrete(params, xs) -> None:
+    """A TypeError, at the door of a measurement that returns a
+    :class:`gradflow.results.Result` (NumPy arrays, checks that look at values), when its
+    ``params`` or ``xs`` are traced: called under the user's ``jax.jit``, ``vmap`` or
+    ``grad``. It names the traceable cores to transform instead."""
+    if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
+        raise TypeError(
+            "gradflow's measurements return Results of NumPy arrays and check values, so they "
+            "run outside jax.jit/vmap/grad; to transform one, use its traceable core: "
+            "gradflow.jacobian.map_arrays (gradient_map: exact derivatives w.r.t. params and "
+            "inputs), gradflow.jacobian.gain_arrays (local_gains), gradflow.gates.reductions "
+            "(gate statistics), or gradflow.sweep.sweep for maps over many seeds")
 
 
 def choice(name: str, value, valid):

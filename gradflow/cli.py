@@ -130,13 +130,16 @@ def checkpoint_arg(text: str):
 
 
 def seed_int(text: str) -> int:
-    """An integer >= 0."""
+    """An integer in ``[0, 2**31 - 1)`` (:func:`gradflow.checks.seed`)."""
+    from gradflow import checks
+
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    if not 0 <= value < checks.SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer below 2**31 - 1, got "
+                                         f"{text!r}")
     return value
 
 

@@ -456,7 +456,9 @@ def named_arrays(stack: Stack, red: dict, hist: dict, bins: int) -> dict:
 
 
 def _check_fraction(name: str, value, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    scalar = (isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0
+              and jnp.issubdtype(value.dtype, jnp.floating))  # jnp.float32(0.1)
+    if not scalar and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     v = float(value)
     if not 0.0 < v < hi:
@@ -496,14 +498,13 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
             "gates=fn returning {name: (B, H)} (and gate_kinds={name: kind}) in "
             "gradflow.cells.from_function / from_linen / from_nnx / from_equinox")
     gate_cell(stack)  # one gate layout in every layer
+    checks.check_concrete(params, xs)
     eps = _check_fraction("eps", eps, 0.5)
     threshold = _check_fraction("update_threshold", update_threshold, 1.0)
     bins = _positive_int("bins", bins)
     xs = checks.check_xs(stack, xs)
     checks.check_params(stack, params)
     checks.check_finite_inputs(xs)
-    if meta is not None and not isinstance(meta, dict):
-        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     with user_input():  # too big for this machine: the user's sizes to change
         _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype,
                                         method="gates", calibrate=False))
@@ -518,9 +519,9 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
     B, T, _ = xs.shape
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
     kinds = gate_kinds(gate_cell(stack))
-    config = {**stack.config, "steps": int(T), "batch": int(B), "dtype": str(dtype),
-              "eps": eps, "bins": bins, "update_threshold": threshold,
-              "gates": list(kinds), "gate_kinds": kinds, **(meta or {})}
+    config = checks.with_meta({**stack.config, "steps": int(T), "batch": int(B),
+                               "dtype": str(dtype)}, meta, eps=eps, bins=bins,
+                              update_threshold=threshold, gates=list(kinds), gate_kinds=kinds)
     return make_result("gate_stats", arrays, config)
 
 

@@ -103,7 +103,8 @@ def readout_loss(loss: str, hidden_size: int, steps: int, batch: int, seed: int 
     """The default loss for ``(B, T, H)`` outputs (see :class:`ReadoutLoss`)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
-    return ReadoutLoss(loss, int(hidden_size), int(steps), int(batch), int(seed),
+    seed = checks.seed("readout_seed", seed)
+    return ReadoutLoss(loss, int(hidden_size), int(steps), int(batch), seed,
                        jnp.dtype(dtype).name, int(classes))
 
 
@@ -130,6 +131,7 @@ def _prepare(stack: Stack, params, xs, loss=None):
     """
     if not isinstance(stack, Stack):
         raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
+    checks.check_concrete(params, xs)
     xs = checks.check_xs(stack, xs)
     checks.check_params(stack, params)
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
@@ -155,11 +157,12 @@ def _per_example(stack: Stack, who: str) -> None:
 
 def _config(stack: Stack, xs, meta, **extra) -> dict:
     """A measurement's config: the stack's, the sizes, ``meta`` (e.g. the problem's seed and
-    input scale), then the measurement's own settings ``extra``, which ``meta`` cannot
-    overwrite (they say how the numbers were made)."""
+    input scale; it must agree with the stack and sizes where it repeats them), then the
+    measurement's own settings ``extra``, which ``meta`` cannot overwrite (they say how the
+    numbers were made): :func:`gradflow.checks.with_meta`."""
     B, T, _ = xs.shape
-    return {**stack.config, "steps": int(T), "batch": int(B), "dtype": str(xs.dtype),
-            **(meta or {}), **extra}
+    return checks.with_meta({**stack.config, "steps": int(T), "batch": int(B),
+                             "dtype": str(xs.dtype)}, meta, **extra)
 
 
 def _zeros_perturb(stack: Stack, xs, names):
@@ -403,6 +406,8 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
     """
     xs = _prepare(stack, params, xs)
     _per_example(stack, "jacobian_map")
+    seed = checks.seed("seed", seed)
+    chunk = None if chunk is None else checks.positive_int("chunk", chunk)
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
     if method not in METHODS:
@@ -594,6 +599,7 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
     """
     xs = _prepare(stack, params, xs)
     _per_example(stack, "local_gains")
+    chunk = None if chunk is None else checks.positive_int("chunk", chunk)
     arrays = gain_arrays(stack, params, xs, chunk)
     # NaN gains: say where the forward pass is not finite, if that is why
     if any(bool(jnp.isnan(v).any()) for v in arrays.values()):

@@ -17,10 +17,11 @@ import jax.numpy as jnp
 from gradflow import cells as _cells
 from gradflow import cost as _cost
 from gradflow.cells.base import normal
+from gradflow import checks as _checks
 from gradflow.checks import positive_int
 from gradflow.stack import Stack
 
-DTYPES = ("float32", "float64")
+DTYPES = _checks.DTYPES
 
 
 class Problem(NamedTuple):
@@ -33,13 +34,9 @@ class Problem(NamedTuple):
 
 
 def dtype_of(name) -> jnp.dtype:
-    """``"float32"``/``"float64"`` -> dtype; float64 needs ``jax_enable_x64`` (checked here)."""
-    if str(name) not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
-    if str(name) == "float64" and not jax.config.jax_enable_x64:
-        raise ValueError("dtype float64 needs 64-bit JAX: call "
-                         "jax.config.update('jax_enable_x64', True) first")
-    return jnp.dtype(str(name))
+    """``"float32"``/``"float64"`` -> dtype; float64 needs ``jax_enable_x64`` (checked here,
+    :func:`gradflow.checks.float_dtype`)."""
+    return _checks.float_dtype(name)
 
 
 def gaussian_inputs(seed, shape, dtype=jnp.float32, scale: float = 1.0):
@@ -120,6 +117,7 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
       ValueError: bad sizes or options, or parameters and inputs larger than the memory
         available (before anything is allocated; the message names what would fit).
     """
+    seed = _checks.seed("seed", seed)
     stack = problem_stack(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
                           input_size=input_size, dtype=dtype, input_scale=input_scale,
                           stack_options=stack_options, **cell_options)

@@ -52,7 +52,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from gradflow import cells as _cells
-from gradflow.checks import _looks_like_key, check_xs
+from gradflow.checks import _looks_like_key, check_xs, float_dtype
 from gradflow.checks import positive_int as _positive_int
 from gradflow.cells.base import Cell, Lean, orthogonal
 
@@ -388,10 +388,12 @@ class Stack:
     def init(self, key, dtype=jnp.float32) -> dict:
         """``{"layers": [per-layer cell params, bottom first], "input": {"W", "b"}?,
         "norm": [per-layer {"scale", "bias"?}]?}``. ``key``: a JAX PRNG key
-        (``jax.random.key(0)``, or a legacy ``jax.random.PRNGKey(0)``)."""
+        (``jax.random.key(0)``, or a legacy ``jax.random.PRNGKey(0)``); ``dtype`` float32 or
+        float64 (which needs 64-bit JAX)."""
         if not _looks_like_key(key):
             raise TypeError(f"Stack.init takes a PRNG key such as jax.random.key(0), got "
                             f"{type(key).__name__} {str(key)[:40]}")
+        dtype = float_dtype(dtype)
         kin, klayers = jax.random.split(key)
         Hs, D = self._widths, self.input_size
         keys = jax.random.split(klayers, self.layers)

@@ -164,3 +164,68 @@ def test_gate_statistics_check_at_the_door(small):
         stack.apply(params, xs.astype(jnp.complex64))
     res = gradflow.gates.saturation(stack, params, np.asarray(xs, np.int32))  # ints are fine
     assert res.config["batch"] == 2
+
+
+def _measurements():
+    from gradflow import gates
+    return [gradflow.gradient_map, gradflow.jacobian_map, gradflow.local_gains,
+            gates.saturation]
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap", "grad"])
+def test_measurements_under_a_transformation_name_their_traceable_cores(transform):
+    """A Result-returning measurement called under the user's jit/vmap/grad: one TypeError
+    naming what to transform instead (it was a tracer error from inside gradflow)."""
+    prob = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2, seed=0)
+    s, p, xs = prob.stack, prob.params, prob.xs
+    for fn in _measurements():
+        call = {"jit": lambda: jax.jit(lambda q: fn(s, q, xs).arrays)(p),
+                "vmap": lambda: jax.vmap(lambda x: fn(s, p, x).arrays)(xs[None]),
+                "grad": lambda: jax.grad(lambda q: fn(s, q, xs).arrays)(p)}[transform]
+        with pytest.raises(TypeError, match="run outside jax.jit/vmap/grad; to transform one, "
+                                            "use its traceable core: gradflow.jacobian.map_arr"):
+            call()
+
+
+@pytest.mark.parametrize("value", [2 ** 31 - 1, 2 ** 32, 2 ** 40, -1, 1.5, "0", None, True])
+def test_seeds_outside_31_bits_or_not_integers_are_refused(value):
+    """2**32 would silently be seed 0 (a key takes its seed modulo 2**32), -1 seed 2**32 - 1."""
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*31 - 1\)"):
+        gradflow.problem("lstm", layers=1, steps=2, hidden=4, batch=1, seed=value)
+    with pytest.raises(ValueError, match=r"readout_seed must be an integer in \[0, 2\*\*31"):
+        gradflow.jacobian.readout_loss("last", 4, 2, 1, value)
+
+
+def test_other_arguments_at_the_door(small):
+    from gradflow import gates
+
+    stack, params, xs = small
+    for fn in (gradflow.jacobian_map, gradflow.local_gains):
+        for bad in (-3, 0, 2.5, "a"):
+            with pytest.raises(ValueError, match=f"chunk must be a positive integer, got "
+                                                 f"{bad!r}"):
+                fn(stack, params, xs, chunk=bad)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        gradflow.jacobian_map(stack, params, xs, method="probe", seed="x")
+    with pytest.raises(ValueError, match="unknown dtype int32; valid: float32, float64"):
+        stack.init(jax.random.key(0), jnp.int32)
+    with pytest.raises(ValueError, match="float64 needs 64-bit JAX"):
+        stack.init(jax.random.key(0), "float64")
+    assert gradflow.problem("lstm", layers=1, steps=2, hidden=4, batch=1,
+                            dtype=jnp.float32).config["dtype"] == "float32"
+    stats = gates.saturation(stack, params, xs, eps=jnp.float32(0.25))
+    assert stats.config["eps"] == 0.25
+
+
+def test_meta_adds_to_a_config_and_cannot_contradict_it():
+    lstm = gradflow.problem("lstm", layers=3, steps=5, hidden=8, batch=2, seed=0)
+    gru = gradflow.problem("gru", layers=2, steps=5, hidden=8, batch=2, seed=7)
+    r = gradflow.gradient_map(gru.stack, gru.params, gru.xs, meta={**gru.config, "note": 1})
+    assert r.config["cell"] == "gru" and r.config["seed"] == 7 and r.config["note"] == 1
+    with pytest.raises(ValueError, match=r"meta\['cell'\] = 'lstm' disagrees with the measured "
+                                         r"cell 'gru'"):
+        gradflow.gradient_map(gru.stack, gru.params, gru.xs, meta=lstm.config)
+    with pytest.raises(ValueError, match=r"meta\['batch'\] = 999 disagrees"):
+        gradflow.local_gains(gru.stack, gru.params, gru.xs, meta={"batch": 999})
+    with pytest.raises(TypeError, match="meta must be a dict, got list"):
+        gradflow.gradient_map(gru.stack, gru.params, gru.xs, meta=[1, 2])
