@@ -349,6 +349,25 @@ def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
     return rows
 
 
+@jax.custom_jvp
+def _batch_sums(ops: tuple) -> tuple:
+    """Each ``(L, B, T, H)`` row summed over the batch by one variadic ``lax.reduce`` (the
+    element-wise rows fuse into it and are never stored). Sums are linear, so the derivative
+    is the sums of the tangents (JAX's own rule for a variadic reduce fails on the integer
+    rows' zero tangents): the statistics differentiate, e.g. a saturation penalty."""
+    return jax.lax.reduce(ops, tuple(jnp.zeros((), o.dtype) for o in ops),
+                          lambda x, y: tuple(u + v for u, v in zip(x, y)), (1,))
+
+
+@_batch_sums.defjvp
+def _batch_sums_jvp(primals, tangents):
+    (ops,), (dops,) = primals, tangents
+    out = _batch_sums(ops)
+    dout = tuple(jnp.sum(d, axis=1) if jnp.issubdtype(o.dtype, jnp.inexact)
+                 else np.zeros(s.shape, jax.dtypes.float0) for o, d, s in zip(ops, dops, out))
+    return out, dout
+
+
 @functools.partial(jax.jit, static_argnames=("stack", "bins"))
 @in_precision
 def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
@@ -364,9 +383,7 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
         return {}, {}
     rows = _rows(stack, out, _slopes(stack, params, xs, out), eps, threshold)
     keys = list(rows)
-    ops = tuple(rows[k] for k in keys)
-    sums = jax.lax.reduce(ops, tuple(jnp.zeros((), o.dtype) for o in ops),
-                          lambda x, y: tuple(u + v for u, v in zip(x, y)), (1,))  # (L, T, H)
+    sums = _batch_sums(tuple(rows[k] for k in keys))  # (L, T, H) each
     real = _real_units(stack)  # None, or (L, H): layer l's first H_l units
     if real is not None:  # padded units (exact zeros) count nowhere
         sums = tuple(sm * real[:, None, :].astype(sm.dtype) for sm in sums)
@@ -390,7 +407,8 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
 def reductions(stack: Stack, params: dict, xs, eps: float = 0.05,
                threshold: float = UPDATE_THRESHOLD, bins: int = 20):
     """The device part of :func:`saturation`, unchecked and traceable (``vmap``/``shard_map``
-    over problems, as :mod:`gradflow.atlas` does): ``(red, hist)`` with ``red[(stat, gate)] =
+    over problems, as :mod:`gradflow.atlas` does; ``jax.grad`` of its means, e.g. a saturation
+    penalty): ``(red, hist)`` with ``red[(stat, gate)] =
     ((L, T) map, (L, H) per unit)`` (means, or counts for integer rows) and ``hist[gate]:
     (L, bins)``. :func:`named_arrays` turns one problem's ``(red, hist)`` into the named
     arrays."""

@@ -468,3 +468,17 @@ def test_gu_grid_entries_are_valid_cells():
     assert kinds["LSTM+R"]["g"] == kinds["UR-LSTM"]["g"] == "effective"
     assert kinds["ON-LSTM"]["f_master"] == "master"
     assert set(kinds["LSTM"].values()) == set(kinds["LSTM+UGI"].values()) == {"sigmoid"}
+
+
+def test_the_traceable_reductions_differentiate(x64):
+    """gates.reductions under jax.grad/jvp (a saturation or slope penalty): finite differences
+    agree (float64); it failed inside JAX on the integer rows' zero tangents."""
+    from jax.test_util import check_grads
+
+    pr = problem("lstm", layers=2, steps=4, hidden=8, batch=2, seed=0, dtype="float64")
+
+    def f(params, xs):
+        red, _ = gates.reductions(pr.stack, params, xs)
+        return red[("mean", "f")][0], red[("slope", "i")][0], red[("timescale", "f")][1]
+
+    check_grads(f, (pr.params, pr.xs), order=1, modes=["rev", "fwd"])
