@@ -236,8 +236,8 @@ def options_text(config: dict) -> str:
     'options lstm: forget_bias=3.0'
     """
     given = config.get("cell_options")
-    if not isinstance(given, dict):  # a map's own config: its cells' options, layer by layer
-        return ""
+    if not isinstance(given, dict) or not all(isinstance(o, dict) for o in given.values()):
+        return ""  # a map's own config: its cells' options, layer by layer or of its one cell
     opts = {c: o for c, o in given.items() if o}
     if not opts:
         return ""

@@ -186,6 +186,8 @@ def stack_from_config(config: dict, cell=None) -> Stack:
                              "rebuild it and pass it (load_params(path, cell=...))")
         if isinstance(name, list):
             cell = [_cells.get(n, **o) for n, o in zip(name, config["cell_options"])]
+        elif isinstance(config.get("cell_options"), dict):  # kept apart from a result's keys
+            cell = _cells.get(name, **{k: _tuples(v) for k, v in config["cell_options"].items()})
         else:
             cell = _cells.get(name, **{k: _tuples(v) for k, v in config.items()
                                        if k not in STACK_KEYS})

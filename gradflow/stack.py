@@ -127,6 +127,9 @@ jax.tree_util.register_pytree_node(
 NORMS = (None, "layer", "rms")
 SETTINGS = ("input_projection", "order", "checkpoint", "residual", "norm", "matmul_precision",
             "cell_options")
+#: Keys a measurement's config adds beside the stack's (:func:`gradflow.checks.with_meta`).
+MEASUREMENT_KEYS = ("steps", "batch", "dtype", "seed", "input_scale", "loss", "wrt",
+                    "readout_seed")
 
 
 class Instruments(NamedTuple):
@@ -252,6 +255,7 @@ class Stack:
             raise ValueError(_unknown_setting(cell, unknown))
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("layers", _positive_int("layers", layers))
+        _check_layer_count(self.layers)
         cells = _resolve_cells(cell, self.layers, cell_options)
         set_("cells", cells)
         set_("input_size", _positive_int("input_size", input_size))
@@ -279,6 +283,8 @@ class Stack:
         if checkpoint not in (None, "auto"):
             checkpoint = _positive_int("checkpoint", checkpoint)
         set_("checkpoint", checkpoint)
+        if not isinstance(residual, (bool, np.bool_)):
+            raise TypeError(f"residual must be True or False, got {residual!r}")
         set_("residual", bool(residual))
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid: None, 'layer', 'rms'")
@@ -364,10 +370,17 @@ class Stack:
 
     @property
     def config(self) -> dict:
-        """JSON-able description: the cell's config plus the stack's sizes and settings."""
-        cells = ({**self.cells[0].config} if len(set(self.cells)) == 1 else
-                 {"cell": [c.name for c in self.cells],
-                  "cell_options": [dict(c.options) for c in self.cells]})
+        """JSON-able description: the cell's config plus the stack's sizes and settings. A
+        cell option named like a measurement's setting (g-LSTM's ``steps``, which a map's
+        ``steps``, the sequence length, replaces in its config) is also kept under
+        ``cell_options``, so a result's config rebuilds the cell it measured."""
+        if len(set(self.cells)) == 1:
+            cells = {**self.cells[0].config}
+            if set(dict(self.cells[0].options)) & set(MEASUREMENT_KEYS):
+                cells["cell_options"] = dict(self.cells[0].options)
+        else:
+            cells = {"cell": [c.name for c in self.cells],
+                     "cell_options": [dict(c.options) for c in self.cells]}
         return {**cells, "layers": self.layers, "input_size": self.input_size,
                 "hidden_size": (self.hidden_size if isinstance(self.hidden_size, int)
                                 else list(self.hidden_size)),
@@ -609,6 +622,28 @@ def where_nonfinite(stack: Stack, params, xs, masks: dict | None = None) -> str:
     return (f"the states are not finite at {len(bad)} of {finite.size} (layer, step) "
             f"positions, the earliest at {at(*early)}"
             + ("" if low == early else f", the lowest at {at(*low)}"))
+
+
+#: Bytes of a stack's per-layer bookkeeping (a reference to each layer's cell, its width, ...)
+#: counted by :func:`_check_layer_count`; a layer's parameters come on top.
+_PER_LAYER_BYTES = 64
+
+
+def _check_layer_count(layers: int) -> None:
+    """A ValueError for a depth whose per-layer bookkeeping alone would take a quarter of the
+    memory available (``Stack(layers=10**9)`` was killed by the kernel before any check);
+    :func:`gradflow.cost.estimate` describes any stack that can be built, parameters
+    included, without allocating them."""
+    if layers * _PER_LAYER_BYTES <= 1 << 30:  # up to ~16 million layers: never a question
+        return
+    from gradflow.cost import available_memory, size
+
+    avail = available_memory()
+    if layers * _PER_LAYER_BYTES > avail / 4:
+        raise ValueError(f"layers={layers}: a stack that deep takes about "
+                         f"{size(layers * _PER_LAYER_BYTES)} to describe, before any "
+                         f"parameter, more than a quarter of the {size(avail)} available; at "
+                         f"most {int(avail / 4 / _PER_LAYER_BYTES):,} layers here")
 
 
 def map_layers(stack: Stack, fn, params: dict, *arrays):

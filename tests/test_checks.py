@@ -229,3 +229,20 @@ def test_meta_adds_to_a_config_and_cannot_contradict_it():
         gradflow.local_gains(gru.stack, gru.params, gru.xs, meta={"batch": 999})
     with pytest.raises(TypeError, match="meta must be a dict, got list"):
         gradflow.gradient_map(gru.stack, gru.params, gru.xs, meta=[1, 2])
+
+
+def test_a_stack_too_deep_to_describe_is_refused_before_it_is_built(monkeypatch):
+    """Stack(layers=10**9) was killed by the kernel (a tuple of 10**9 cell references) before
+    any check; now one ValueError naming the depth that fits, at once."""
+    import time
+
+    from gradflow import cost
+
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: 8 << 30)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"layers=1000000000: .* more than a quarter of the "
+                                         r"8 GiB available; at most 33,554,432 layers here"):
+        gradflow.Stack("lstm", 10 ** 9, 8, 8)
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.raises(TypeError, match="residual must be True or False, got 'yes'"):
+        gradflow.Stack("lstm", 2, 8, 8, residual="yes")

@@ -116,3 +116,17 @@ def test_a_file_that_is_not_an_npz_is_named_as_such(tmp_path):
     np.savez(other, a=np.ones(3))
     with pytest.raises(InputError, match="is not a gradflow run state or params file"):
         runs.load_params(other)
+
+
+def test_a_result_of_g_lstm_at_another_length_rebuilds_its_cell(tmp_path):
+    """g-LSTM's own option `steps` (its time gates' range) is not the measured sequence length
+    that a result's config records under `steps`: it is kept under cell_options too, so the
+    config rebuilds the very cell (it rebuilt one over 10 steps: maps off by up to 110%)."""
+    cell = gradflow.cells.get("g_lstm", steps=50)
+    pr = gradflow.problem(cell, layers=2, steps=10, hidden=8, batch=2, seed=1)
+    res = gradflow.gradient_map(pr.stack, pr.params, pr.xs, meta=pr.config)
+    assert res.config["steps"] == 10 and res.config["cell_options"]["steps"] == 50
+    again = gradflow.load(res.save(tmp_path / "g.npz"))  # through JSON
+    assert runs.stack_from_config(again.config) == pr.stack
+    # a cell without such an option keeps its flat config
+    assert "cell_options" not in gradflow.Stack("lstm", 2, 3, 4).config
