@@ -207,6 +207,10 @@ def _tuple(name, v):
     return v
 
 
+#: ``Grid(readout_seed=PER_SEED)``: each seed's maps probed through a readout of its own.
+PER_SEED = "seed"
+
+
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """The conditions of an atlas: the product of the factors, each measured for every seed.
@@ -216,6 +220,10 @@ class Grid:
     ``conditions()`` lists dicts with keys :data:`FACTORS` (``size`` split into ``layers``,
     ``steps``; ``loss``, ``wrt`` only for maps) plus ``seeds``, ``batch``, ``dtype``,
     ``readout_seed`` (and ``measure`` unless it is ``"gradient_map"``).
+
+    ``readout_seed``: the seed of the maps' probe loss (random readout and labels), one for
+    every seed (an int, 0 by default), or ``"seed"``: each seed draws its own readout too, so
+    a claim's agreement over seeds covers the probe as well as the parameters and inputs.
     """
 
     cells: tuple = ("rnn", "lstm", "star")
@@ -228,7 +236,7 @@ class Grid:
     seeds: tuple = (0, 1, 2)
     batch: int = 16
     dtype: str = "float32"
-    readout_seed: int = 0
+    readout_seed: int | str = 0
     measure: str = "gradient_map"
 
     def __post_init__(self):
@@ -239,6 +247,14 @@ class Grid:
         from gradflow import cells as _cells
 
         object.__setattr__(self, "batch", positive_int("batch", self.batch))
+        if self.readout_seed != PER_SEED:
+            from gradflow.checks import seed as _seed
+
+            try:
+                object.__setattr__(self, "readout_seed", _seed("readout_seed",
+                                                               self.readout_seed))
+            except ValueError as e:
+                raise ValueError(f"{e}, or {PER_SEED!r} (each seed its own readout)") from None
 
         for f in ("cells", "inits", "input_scales", "hidden", "losses", "wrts"):
             object.__setattr__(self, f, _tuple(f, getattr(self, f)))
@@ -310,7 +326,7 @@ class Grid:
             c = {"cell": cell, "init": init, "input_scale": scale, "hidden": int(hidden),
                  "layers": layers, "steps": steps, **dict(zip((k for k, _ in own), values)),
                  "seeds": list(self.seeds), "batch": int(self.batch), "dtype": self.dtype,
-                 "readout_seed": int(self.readout_seed)}
+                 "readout_seed": self.readout_seed}
             if self.measure != "gradient_map":
                 c["measure"] = self.measure
             out.append(c)
@@ -381,26 +397,30 @@ def _group_program(kind, stack, mesh, steps, batch, dtype, variants, readout_see
     fns = {v: _VMAPPED[kind][0](stack, v, steps=steps, batch=batch, dtype=dtype,
                              readout_seed=readout_seed) for v in variants}
 
-    def local(params, xs, scales):
+    def local(params, xs, seeds, scales):
         def per_scale(k):  # the same float multiply as seed_problem's input_scale * N(0, 1)
-            return {v: jax.vmap(lambda p, x, fn=fn: fn(p, k.astype(dtype) * x))(params, xs)
-                    for v, fn in fns.items()}
+            return {v: jax.vmap(lambda p, x, s, fn=fn: fn(p, k.astype(dtype) * x, s))(
+                params, xs, seeds) for v, fn in fns.items()}
         return jax.vmap(per_scale, out_axes=1)(scales)
 
     spec = PartitionSpec(_sweep.AXIS)
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, PartitionSpec()),
+    return jax.jit(jax.shard_map(local, mesh=mesh,
+                                 in_specs=(spec, spec, spec, PartitionSpec()),
                                  out_specs=spec, check_vma=False))
 
 
 def _map_arrays(stack, variant, *, steps, batch, dtype, readout_seed):
-    """``(params, xs) -> {"loss_value": (), "values": (L, T)}``: :func:`gradflow.gradient_map`
-    for ``variant = (loss, wrt)``."""
+    """``(params, xs, seed) -> {"loss_value": (), "values": (L, T)}``:
+    :func:`gradflow.gradient_map` for ``variant = (loss, wrt)``, its probe readout drawn from
+    ``readout_seed``, or from the problem's own ``seed`` where that is ``"seed"``."""
     from gradflow import jacobian as _jac
 
     loss, wrt = variant
-    loss_fn = _jac.readout_loss(loss, stack.widths[-1], steps, batch, readout_seed, dtype)
+    base = _jac.readout_loss(loss, stack.widths[-1], steps, batch,
+                             0 if readout_seed == PER_SEED else readout_seed, dtype)
 
-    def fn(params, xs):
+    def fn(params, xs, seed):
+        loss_fn = _jac.seeded_readout_loss(base, seed) if readout_seed == PER_SEED else base
         value, m = _jac.map_arrays(stack, params, xs, loss_fn,
                                    "params" if wrt == "params" else "hidden")
         return {"loss_value": value, "values": m}
@@ -408,10 +428,10 @@ def _map_arrays(stack, variant, *, steps, batch, dtype, readout_seed):
 
 
 def _gain_arrays(stack, variant, **_):
-    """``(params, xs) -> {vertical_rms, ...: (L, T)}``: :func:`gradflow.local_gains`."""
+    """``(params, xs, seed) -> {vertical_rms, ...: (L, T)}``: :func:`gradflow.local_gains`."""
     from gradflow import jacobian as _jac
 
-    return lambda params, xs: _jac.gain_arrays(stack, params, xs)
+    return lambda params, xs, seed: _jac.gain_arrays(stack, params, xs)
 
 
 GATE_EPS, GATE_BINS = 0.05, 20
@@ -422,8 +442,8 @@ def _gate_arrays(stack, variant, **_):
     20 bins, the default update threshold)."""
     from gradflow import gates as _gates
 
-    return lambda params, xs: _gates.reductions(stack, params, xs, GATE_EPS,
-                                                _gates.UPDATE_THRESHOLD, GATE_BINS)
+    return lambda params, xs, seed: _gates.reductions(stack, params, xs, GATE_EPS,
+                                                      _gates.UPDATE_THRESHOLD, GATE_BINS)
 
 
 def _finish_arrays(stack, tree, n, k):
@@ -450,7 +470,8 @@ def _finish_gates(stack, tree, n, k):
 
 
 #: ``kind: (arrays, finish, result kind)``: ``arrays(stack, variant, steps=, batch=, dtype=,
-#: readout_seed=) -> fn(params, xs) -> tree`` (traced under ``vmap``); ``finish(stack, tree
+#: readout_seed=) -> fn(params, xs, seed) -> tree`` (traced under ``vmap``; ``seed``: the
+#: problem's); ``finish(stack, tree
 #: (N, K, ...), n, k) -> {name: (n, ...)}`` (NumPy, the ``n`` seeds at scale ``k``).
 _VMAPPED = {"gradient_map": (_map_arrays, _finish_arrays, "gradient_map"),
             "local_gains": (_gain_arrays, _finish_arrays, "local_gains"),
@@ -501,14 +522,17 @@ def _vmapped_group(kind: str, conditions: list[dict], devices, variant_of) -> li
     mesh = _sweep.device_mesh(devices)
     n_dev = mesh.devices.size
     n = len(problems)
-    problems += [problems[-1]] * (math.ceil(n / n_dev) * n_dev - n)
+    pad = math.ceil(n / n_dev) * n_dev - n
+    problems += [problems[-1]] * pad
+    seed_of = jax.device_put(jnp.asarray(list(seeds) * len(inits) + [seeds[-1]] * pad,
+                                         jnp.int32), NamedSharding(mesh, PartitionSpec(_sweep.AXIS)))
     shard = NamedSharding(mesh, PartitionSpec(_sweep.AXIS))
     params = jax.device_put(jax.tree_util.tree_map(lambda *a: jnp.stack(a),
                                                    *[p for p, _ in problems]), shard)
     xs = jax.device_put(jnp.stack([x for _, x in problems]), shard)
     stack = Stack(cell_for(c0["cell"], "orthogonal", steps), layers, hidden, hidden)
     run = _group_program(kind, stack, mesh, steps, batch, dt, variants, c0["readout_seed"])
-    out = run(params, xs, jnp.asarray(scales, dt))
+    out = run(params, xs, seed_of, jnp.asarray(scales, dt))
     n_used = len(jax.tree_util.tree_leaves(out)[0].sharding.device_set)
     S = len(seeds)
     results = []

@@ -80,16 +80,20 @@ class ReadoutLoss:
     dtype: str = "float32"
     classes: int = CLASSES
 
-    def readout(self):
-        """``(W_r: (H, classes), labels: (B, T) int32)``."""
-        kw, ky = jax.random.split(jax.random.key(self.seed))
+    def readout(self, seed=None):
+        """``(W_r: (H, classes), labels: (B, T) int32)`` from ``key(seed)`` (default
+        ``self.seed``; ``seed`` may be traced, see :func:`seeded_readout_loss`)."""
+        kw, ky = jax.random.split(jax.random.key(self.seed if seed is None else seed))
         w = normal(kw, (self.hidden_size, self.classes), jnp.dtype(self.dtype))
         labels = jax.random.randint(ky, (self.batch, self.steps), 0, self.classes,
                                     dtype=jnp.int32)
         return w / math.sqrt(self.hidden_size), labels
 
     def __call__(self, outputs):
-        w, labels = self.readout()
+        return self.of(outputs, *self.readout())
+
+    def of(self, outputs, w, labels):
+        """The loss of ``outputs`` under the readout ``w`` and ``labels``."""
         if self.loss == "last":
             logits, y = outputs[:, -1] @ w, labels[:, -1]
         else:
@@ -106,6 +110,16 @@ def readout_loss(loss: str, hidden_size: int, steps: int, batch: int, seed: int 
     seed = checks.seed("readout_seed", seed)
     return ReadoutLoss(loss, int(hidden_size), int(steps), int(batch), seed,
                        jnp.dtype(dtype).name, int(classes))
+
+
+def seeded_readout_loss(base: ReadoutLoss, seed) -> Callable:
+    """``base`` with its readout and labels drawn from ``key(seed)`` for a traced ``seed``: one
+    readout per problem under ``vmap`` (:mod:`gradflow.atlas` with ``readout_seed="seed"``).
+    A plain closure over the traced seed, for use inside one trace (not a static argument:
+    it is a new function at every call). Equal to ``readout_loss(..., seed)`` at that seed."""
+    def loss(outputs):
+        return base.of(outputs, *base.readout(seed))
+    return loss
 
 
 def _loss(loss, stack: Stack, xs, seed: int) -> tuple[Callable, str]:

@@ -64,6 +64,29 @@ def test_atlas_equals_gradient_map_seed_by_seed(full):
         np.testing.assert_array_equal(res.fraction, res.holds.mean(axis=1))
 
 
+def test_each_seed_may_draw_its_own_readout():
+    """Grid(readout_seed="seed"): seed s's maps are gradient_map(problem(seed=s),
+    readout_seed=s), so agreement over seeds covers the probe loss too (with readout_seed=0
+    every seed shared one readout, which moves the statistics as much as a seed does)."""
+    grid = A.Grid(cells=("rnn",), input_scales=(0.5,), hidden=(8,), sizes=((3, 4),),
+                  losses=("last", "all"), seeds=(0, 2), readout_seed="seed", batch=4)
+    res = A.measure(grid.conditions(), progress=False)
+    for c in grid.conditions():
+        assert c["readout_seed"] == "seed"
+        r = res[A.condition_key(c)]
+        for j, seed in enumerate(c["seeds"]):
+            p = gradflow.problem("rnn", layers=3, steps=4, hidden=8, batch=4, seed=seed,
+                                 input_scale=0.5)
+            for ro, same in ((seed, True), (1 - seed // 2, False)):  # its own, another
+                g = gradflow.gradient_map(*p[:3], loss=c["loss"], wrt="params",
+                                          readout_seed=ro).values
+                close = np.allclose(r["values"][j], g, rtol=2e-6, atol=0)
+                assert close == same, (c["loss"], seed, ro)
+    with pytest.raises(ValueError, match=r"readout_seed must be an integer in \[0, 2\*\*31 - 1\), "
+                                         r"got 'each', or 'seed'"):
+        A.Grid(cells=("rnn",), readout_seed="each")
+
+
 def test_resume_after_interruption_gives_the_same_table(full, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     partial = A.atlas(CLAIMS, A.Grid(**{**SMALL, "input_scales": (0.1,)}), cache_dir=cache,
