@@ -161,18 +161,22 @@ def test_committed_grid_size_and_seeds(committed):
     n = sum(len(r.config["conditions"]) for r in committed.values())
     assert n == 36 + 36 + 72 + 72
     assert all(r.statistic.shape[1] == 4 for r in committed.values())
+    # each seed draws its own probe readout too
+    assert {c["readout_seed"] for r in committed.values() for c in r.config["conditions"]} \
+        == {"seed"}
 
 
 def test_committed_rnn_amplified_boundaries(committed):
     r = committed["rnn_amplified"]
-    # never under torch init: r[bottom, first] <= 0.11 (the gain per step is about 0.55)
+    # never under torch init: r[bottom, first] < 0.2 (the gain per step is about 0.55)
     rows = _where(r, init="torch")
-    assert r.holds[rows].sum() == 0 and r.statistic[rows].max() < 0.11
+    assert r.holds[rows].sum() == 0 and r.statistic[rows].max() < 0.2
     # orthogonal, sequence loss: amplified at every input scale, both maps, both sizes
     assert r.fraction[_where(r, init="orthogonal", loss="all")].min() == 1.0
-    # orthogonal, final-output loss, params map, 10x10: only at input scale 0.01 (3 of 4 seeds)
+    # orthogonal, final-output loss, params map, 10x10: only at input scale 0.01 (2.1-2.5x;
+    # 3 of 4 seeds when every seed shared readout 0)
     pl = dict(init="orthogonal", loss="last", wrt="params", size="10x10")
-    assert r.fraction[_where(r, input_scale=0.01, **pl)].tolist() == [0.75]
+    assert r.fraction[_where(r, input_scale=0.01, **pl)].tolist() == [1.0]
     assert r.fraction[_where(r, input_scale=0.1, **pl)].max() == 0.0
     assert r.fraction[_where(r, input_scale=1.0, **pl)].max() == 0.0
     assert r.fraction[_where(r, init="orthogonal", loss="last", size="20x20")].min() == 1.0
@@ -181,9 +185,9 @@ def test_committed_rnn_amplified_boundaries(committed):
     small = _where(r, input_scale=0.01, **hl) + _where(r, input_scale=0.1, **hl)
     assert r.fraction[small].min() == 1.0
     assert r.fraction[_where(r, input_scale=1.0, **hl)].max() == 0.0
-    # on the figure's own scale (10x10, params): a small factor, 0.95-4.8x
+    # on the figure's own scale (10x10, params): a small factor, 0.89-4.8x
     s = r.statistic[_where(r, init="orthogonal", wrt="params", size="10x10")]
-    assert 0.9 < s.min() and s.max() < 5.0
+    assert 0.85 < s.min() and s.max() < 5.0
 
 
 def test_committed_orders_of_magnitude_only_in_four_settings(committed):
@@ -200,8 +204,9 @@ def test_committed_lstm_collapses_almost_everywhere(committed):
     assert [(c["cell"], c["init"], c["input_scale"], c["layers"], c["wrt"]) for c in failed] \
         == [("lstm:forget_bias=1.0", "orthogonal", 1.0, 10, "params")] * 2
     assert r.fraction[_where(r, cell="lstm")].min() == 1.0
-    fails = r.statistic[[r.config["conditions"].index(c) for c in failed]]
-    assert 0.1 < fails.min() and fails.max() < 0.15
+    fails = np.median(r.statistic[[r.config["conditions"].index(c) for c in failed]], axis=1)
+    assert 0.1 < fails.min() and fails.max() < 0.15  # medians 0.11 (last), 0.14 (all)
+    assert r.fraction[[r.config["conditions"].index(c) for c in failed]].tolist() == [0.25, 0.0]
 
 
 def test_committed_star_preserved_only_at_10x10_sequence_loss_orthogonal(committed):
@@ -211,8 +216,8 @@ def test_committed_star_preserved_only_at_10x10_sequence_loss_orthogonal(committ
         {("star", "orthogonal", 10, "all")}
     assert len(held) == 6 and r.fraction[_where(r, cell="star", init="orthogonal", size="10x10",
                                                 loss="all")].min() == 1.0
-    # the authors' released variant (chrono bias, T_max = 784): never, at most 17% in a decade
-    assert r.statistic[_where(r, cell="star:variant=official")].max() <= 0.17
+    # the authors' released variant (chrono bias, T_max = 784): never, at most 18% in a decade
+    assert r.statistic[_where(r, cell="star:variant=official")].max() <= 0.18
     assert r.statistic[_where(r, cell="star", size="20x20")].max() < 0.8
 
 
