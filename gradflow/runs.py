@@ -169,7 +169,9 @@ def record_file(index: int) -> str:
 
 
 def stack_from_config(config: dict, cell=None) -> Stack:
-    """The :class:`gradflow.Stack` described by ``Stack.config`` (e.g. ``meta["stack"]``).
+    """The :class:`gradflow.Stack` described by ``Stack.config`` (e.g. ``meta["stack"]``), or
+    by a result's config (``gradflow.load(path).config``: the stack a map measured; its other
+    keys, the sizes and the measurement's settings, are not the stack's).
 
     The cell is rebuilt from its registered name and options, unless ``cell`` (a
     :class:`gradflow.cells.Cell`) is given: a user's cell cannot be rebuilt from its name.
@@ -188,9 +190,10 @@ def stack_from_config(config: dict, cell=None) -> Stack:
             cell = [_cells.get(n, **o) for n, o in zip(name, config["cell_options"])]
         elif isinstance(config.get("cell_options"), dict):  # kept apart from a result's keys
             cell = _cells.get(name, **{k: _tuples(v) for k, v in config["cell_options"].items()})
-        else:
+        else:  # the cell's own options among the keys (a result's config has more)
+            valid = _cells.options_of(name)
             cell = _cells.get(name, **{k: _tuples(v) for k, v in config.items()
-                                       if k not in STACK_KEYS})
+                                       if k not in STACK_KEYS and k in valid})
     # settings a file saved before they existed lacks take their defaults
     return Stack(cell, config["layers"], config["input_size"], config["hidden_size"],
                  **{k: config[k] for k in SETTINGS if k != "cell_options" and k in config})

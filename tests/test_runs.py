@@ -130,3 +130,16 @@ def test_a_result_of_g_lstm_at_another_length_rebuilds_its_cell(tmp_path):
     assert runs.stack_from_config(again.config) == pr.stack
     # a cell without such an option keeps its flat config
     assert "cell_options" not in gradflow.Stack("lstm", 2, 3, 4).config
+
+
+def test_a_results_config_rebuilds_the_stack_it_measured():
+    """stack_from_config reads a result's config too: the cell's own options among its keys
+    (it refused the sizes and the measurement's settings as unknown cell options)."""
+    from gradflow import gates
+
+    pr = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2, forget_bias=1.0,
+                          stack_options={"residual": True, "norm": "rms"})
+    for res in (gradflow.gradient_map(*pr[:3], meta=pr.config),
+                gradflow.jacobian_map(*pr[:3], meta=pr.config),
+                gates.saturation(*pr[:3], meta=pr.config)):
+        assert runs.stack_from_config(res.config) == pr.stack, res.kind

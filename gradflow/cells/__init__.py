@@ -91,6 +91,17 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+def options_of(name: str) -> tuple[str, ...]:
+    """The option names of the registered cell ``name`` (its factory's keyword arguments).
+
+    >>> "forget_bias" in gradflow.cells.options_of("lstm")
+    True
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown cell {name!r}; valid cells: {', '.join(names())}")
+    return tuple(_REGISTRY[name].valid_options)
+
+
 def is_spec(text: str) -> bool:
     """Whether ``text`` is written as a cell with options, ``"name:option=value,..."`` (not a
     user's ``"module:factory"``, whose part after the colon is a name, never ``key=value``)."""
@@ -121,6 +132,7 @@ def for_length(cell, steps: int, /, **options) -> Cell:
     return get(cell, **options)
 
 
-__all__ = ["Cell", "factory", "for_length", "get", "names", "parse_spec", "is_spec", "mechanisms",
+__all__ = ["Cell", "factory", "for_length", "get", "names", "options_of", "parse_spec", "is_spec",
+           "mechanisms",
            "parse_init", "from_function", "from_linen", "from_nnx", "from_equinox",
            "stack_params"] + list(_REGISTRY)
