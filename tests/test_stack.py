@@ -294,11 +294,11 @@ def test_layer_order_equals_wavefront(layers, steps, batch, hidden, name, checkp
 
 def test_init_layout_and_config():
     s = Stack("lstm", L, D, H)
-    p = jax.eval_shape(lambda k: s.init(k, F64), jax.random.key(0))
+    p = jax.eval_shape(lambda k: s.init(k, F32), jax.random.key(0))
     assert len(p["layers"]) == L and "input" not in p
     assert p["layers"][0]["i"]["W"].shape == (D, H) and p["layers"][1]["i"]["W"].shape == (H, H)
     sp = Stack("lstm", L, D, H, input_projection=True)
-    p = jax.eval_shape(lambda k: sp.init(k, F64), jax.random.key(0))
+    p = jax.eval_shape(lambda k: sp.init(k, F32), jax.random.key(0))
     assert p["input"]["W"].shape == (D, H) and p["input"]["b"].shape == (H,)
     assert p["layers"][0]["i"]["W"].shape == (H, H)
     # refined cells get the projection by default when D != H, not when D == H
@@ -341,7 +341,7 @@ def test_bad_stack_config(kw, match):
 ])
 def test_bad_input_shapes(xs):
     stack = Stack("gru", L, D, H)
-    params = jax.eval_shape(lambda k: stack.init(k, F64), jax.random.key(0))
+    params = jax.eval_shape(lambda k: stack.init(k, F32), jax.random.key(0))
     with pytest.raises(ValueError, match=r"inputs"):
         stack.apply(params, xs)
 

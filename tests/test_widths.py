@@ -229,8 +229,9 @@ def test_local_gains_equal_jacfwd(x64):
         for l, (c, H) in enumerate(zip(stack.cells, widths)):
             p, row = params["layers"][l], []
             for t in range(T):
-                def one(x, h, t=t):  # one example
-                    jv = jax.jacfwd(lambda xx: c.step(p, {"h": h}, xx, t)[1])(x)
+                def one(x, h, t=t):  # one example; vertical: through what the layer emits
+                    jv = jax.jacfwd(lambda xx: emit(stack, params, l,
+                                                    c.step(p, {"h": h}, xx, t)[1], xx))(x)
                     jt = jax.jacfwd(lambda hh: c.step(p, {"h": hh}, x, t)[1])(h)
                     return jnp.stack([jnp.linalg.norm(jv) / jnp.sqrt(jv.shape[1]),
                                       jnp.linalg.norm(jv, 2), jnp.linalg.norm(jt) / jnp.sqrt(H),
