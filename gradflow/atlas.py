@@ -524,9 +524,9 @@ def _vmapped_group(kind: str, conditions: list[dict], devices, variant_of) -> li
     n = len(problems)
     pad = math.ceil(n / n_dev) * n_dev - n
     problems += [problems[-1]] * pad
-    seed_of = jax.device_put(jnp.asarray(list(seeds) * len(inits) + [seeds[-1]] * pad,
-                                         jnp.int32), NamedSharding(mesh, PartitionSpec(_sweep.AXIS)))
     shard = NamedSharding(mesh, PartitionSpec(_sweep.AXIS))
+    seed_of = jax.device_put(jnp.asarray(list(seeds) * len(inits) + [seeds[-1]] * pad,
+                                         jnp.int32), shard)
     params = jax.device_put(jax.tree_util.tree_map(lambda *a: jnp.stack(a),
                                                    *[p for p, _ in problems]), shard)
     xs = jax.device_put(jnp.stack([x for _, x in problems]), shard)

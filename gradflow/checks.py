@@ -49,7 +49,7 @@ SEED_LIMIT = 2 ** 31 - 1
 def seed(name: str, value) -> int:
     """``int(value)`` if it is an integer in ``[0, 2**31 - 1)`` (not a bool), else a
     ValueError naming it: larger or negative seeds would silently repeat other seeds."""
-    v = _int(name, value, f"an integer in [0, 2**31 - 1)")
+    v = _int(name, value, "an integer in [0, 2**31 - 1)")
     if not 0 <= v < SEED_LIMIT:
         raise ValueError(f"{name} must be an integer in [0, 2**31 - 1), got {value!r} (a key "
                          "takes its seed modulo 2**32, so larger or negative seeds repeat "

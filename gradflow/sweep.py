@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import cells as _cells
 from gradflow import jacobian as _jac
+from gradflow.checks import SEED_LIMIT
 from gradflow.problem import dtype_of, gaussian_inputs
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.checks import positive_int as _positive_int
@@ -45,7 +46,7 @@ def check_seeds(seeds) -> tuple[int, ...]:
         out = tuple(operator.index(s) if not isinstance(s, bool) else None for s in seeds)
     except TypeError:
         out = ()
-    if not out or any(s is None or not 0 <= s < 2 ** 31 - 1 for s in out):
+    if not out or any(s is None or not 0 <= s < SEED_LIMIT for s in out):
         raise ValueError(f"seeds must be a non-empty sequence of integers in [0, 2**31 - 1), "
                          f"got {seeds!r}")
     if len(set(out)) < len(out):
