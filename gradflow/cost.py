@@ -347,6 +347,28 @@ def _params_bytes(stack: _Sig, kinds: dict, item: int) -> int:
     return params
 
 
+def _kinds(stack: _Sig, B, dtype, tapped: bool) -> dict:
+    """``{(cell, n_in, width): (count, _step(...))}``: one step's sizes and FLOPs per kind of
+    layer in ``stack``."""
+    return {(c, n_in, h): (n, _step(c, n_in, h, B, dtype, tapped))
+            for c, n_in, h, n in stack.kinds}
+
+
+def _stacked(kinds: dict) -> int:
+    """Bytes of the layers of one shape stacked into one array inside the compiled function."""
+    return sum(n * st[0] for n, st in kinds.values() if n > 1)
+
+
+def _seconds(stack: _Sig, T: int, flops: float, sweeps: float, calibrate: bool) -> float:
+    """Seconds for ``flops`` and ``sweeps`` passes over the sequential steps (``T + L - 1`` in
+    wavefront order, ``L T`` layer by layer), from the machine's calibration; NaN unasked."""
+    if not calibrate:
+        return math.nan
+    rate, per_step = calibration()
+    seq = (T + stack.layers - 1) if stack.order == "wavefront" else stack.layers * T
+    return flops / rate + seq * per_step * sweeps
+
+
 @functools.lru_cache(maxsize=256)
 def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     L, H, D = stack.layers, stack.hidden_size, stack.input_size  # H: the largest width
@@ -359,8 +381,7 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     tapped = wrt == "params" and method == "gradient"
     if method == "gates":
         return _gates_estimate(stack, B, T, dtype, wrt, probes, calibrate)
-    kinds = {(c, n_in, h): (n, _step(c, n_in, h, B, dtype, tapped))
-             for c, n_in, h, n in stack.kinds}
+    kinds = _kinds(stack, B, dtype, tapped)
     r_all = sum(n * st[1] for n, st in kinds.values())  # one step of every layer
     r_step = max(st[1] for _, st in kinds.values())  # one step of the worst layer
     xp_step = max(st[2] for _, st in kinds.values())
@@ -382,8 +403,7 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
                      + T * (xp_step + s_step + emit))
     # One layer's transient buffers: its input projection (and cotangent) and the cotangent of
     # its input; the layers of one shape stacked into one array inside the compiled function.
-    stacked = sum(n * st[0] for n, st in kinds.values() if n > 1)
-    working = 2 * T * xp_step + B * T * max(first, H) * item + stacked
+    working = 2 * T * xp_step + B * T * max(first, H) * item + _stacked(kinds)
     if method == "gradient":
         result = 2 * L * T * item + L * B * T * item  # the map and the taps' gradient
         passes = 1
@@ -400,11 +420,7 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     total = params + inputs + residuals + working + result
     fwd = T * f_all
     flops = fwd * (1 + 2 * passes + (1 if C is not None else 0))
-    seconds = math.nan
-    if calibrate:
-        rate, per_step = calibration()
-        seq = (T + L - 1) if stack.order == "wavefront" else L * T
-        seconds = flops / rate + seq * per_step * (1 + 2 * passes + (C is not None))
+    seconds = _seconds(stack, T, flops, 1 + 2 * passes + (C is not None), calibrate)
     return Cost(int(params), int(inputs), int(residuals), int(working), int(result), int(total),
                 float(flops), float(seconds), (stack, B, T, dtype, wrt, method, probes))
 
@@ -413,31 +429,26 @@ def _gates_estimate(stack: _Sig, B, T, dtype, wrt, probes, calibrate) -> Cost:
     """:func:`estimate` for ``method="gates"``: one forward pass, nothing kept for a backward.
 
     The forward keeps every state and reported gate of every ``(l, t)`` and each layer's input
-    (``S + G + 1`` arrays ``(B, T, H)`` per layer, ``H`` the largest width); the reductions add a stacked copy of the
-    gates and their histogram bin indices (``2 G`` more), besides one layer's input projection.
+    (``S + G + 1`` arrays ``(B, T, H)`` per layer, ``H`` the largest width); the reductions
+    add a stacked copy of the gates and their histogram bin indices (``2 G`` more), besides one
+    layer's input projection.
     """
     item = jnp.dtype(dtype).itemsize
     L, D = stack.layers, stack.input_size
-    kinds = {(c, n_in, h): (n, _step(c, n_in, h, B, dtype, False))
-             for c, n_in, h, n in stack.kinds}
+    kinds = _kinds(stack, B, dtype, False)
     params = _params_bytes(stack, kinds, item)
     H = stack.hidden_size  # the largest width: narrower layers' states and gates are padded
     kept = sum(n * (len(c.state_names) + len(c.gate_names) + 1) * B * T * H * item
                for (c, _, _), (n, _) in kinds.items())
-    stacked = sum(n * st[0] for n, st in kinds.values() if n > 1)
     working = (sum(n * 2 * len(c.gate_names) * B * T * H * item
                    for (c, _, _), (n, _) in kinds.items())
-               + T * max(st[2] for _, st in kinds.values()) + stacked)
+               + T * max(st[2] for _, st in kinds.values()) + _stacked(kinds))
     gates = max(len(c.gate_names) for c, _, _, _ in stack.kinds)
     # about a dozen (L, T) and (L, H) maps and an (L, bins) histogram per gate
     result = 12 * gates * L * (T + H + 20) * item
     inputs = B * T * D * item
     flops = float(T * sum(n * st[4] for n, st in kinds.values()))
-    seconds = math.nan
-    if calibrate:
-        rate, per_step = calibration()
-        seq = (T + L - 1) if stack.order == "wavefront" else L * T
-        seconds = flops / rate + seq * per_step
+    seconds = _seconds(stack, T, flops, 1, calibrate)
     total = params + inputs + kept + working + result
     return Cost(int(params), int(inputs), int(kept), int(working), int(result), int(total),
                 flops, float(seconds), (stack, B, T, dtype, wrt, "gates", probes))

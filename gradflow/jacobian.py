@@ -656,8 +656,7 @@ def _gains(stack, params, xs, chunk):
     # What each layer emits upward, norm(h + x) (residual where its input is as wide as it,
     # norm): the vertical gain is the emission's, the path a gradient takes between layers.
     emits = stack.residual or stack.norm is not None
-    residual = jnp.asarray([stack.residual and stack.layer_in(l) == w
-                            for l, w in enumerate(stack.widths)], xs.dtype)
+    residual = jnp.asarray([stack.residual_at(l) for l in range(stack.layers)], xs.dtype)
     Hmax = stack.max_width
     pn = {k: jnp.stack([jnp.pad(d[k], (0, Hmax - d[k].shape[-1])) for d in params["norm"]])
           for k in params["norm"][0]} if stack.norm is not None else {}

@@ -357,6 +357,11 @@ class Stack:
             return self._widths[l - 1]
         return self._widths[0] if self.input_projection else self.input_size
 
+    def residual_at(self, l: int) -> bool:
+        """Whether layer ``l`` adds its input to its output: ``residual``, and the layer reads as
+        many features as it emits (a layer that changes the width has no skip)."""
+        return self.residual and self.layer_in(l) == self._widths[l]
+
     def segments(self) -> list:
         """``[(start, stop), ...]``: runs of consecutive layers of one shape (input size,
         width) and cell (each run is one compiled body, scanned over depth)."""
@@ -541,7 +546,7 @@ class Stack:
         for start, stop in self.segments():
             cell = self.cells[start]
             H = self._widths[start]
-            residual = self.residual and self.layer_in(start) == H
+            residual = self.residual_at(start)
 
             def run(p, pn, xx, s0, ins, cell=cell, residual=residual):
                 states, gts, final = _layer(cell, p, xx, s0, ins, chunk)

@@ -131,6 +131,10 @@ def test_states_equal_loop(x64):
         np.testing.assert_allclose(out.top, ref_up[-1], atol=1e-12, rtol=0)
         assert [stack.layer_in(l) for l in range(len(widths))] == (
             [widths[0] if stack.input_projection else stack.input_size] + list(widths[:-1]))
+        res = stack.replace(residual=True)  # a skip only where a layer keeps the width
+        assert [res.residual_at(l) for l in range(len(widths))] == [
+            res.layer_in(l) == w for l, w in enumerate(widths)]
+        assert stack.residual or not any(stack.residual_at(l) for l in range(len(widths)))
     stack, (params, xs, _, _) = runs[0]
     ins = stack.layer_inputs(params, xs, outs[0])  # each layer's input at its own width
     assert [a.shape[-1] for a in ins] == [3, 6, 4]
