@@ -9,6 +9,8 @@ expects a positive value: vanishing gradients past the float range); ``save`` wr
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
 import json
 import os
 import warnings
@@ -33,6 +35,28 @@ class NonFiniteForwardWarning(NonFiniteWarning):
     measurement is NaN where it depends on them, since a derivative taken at NaN states is
     no derivative (ReLUs and comparisons pass exact zeros back, which would read as
     vanishing gradients)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple:
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return tuple((d, version(d)) for d in ("gradflow", "jax", "jaxlib", "numpy"))
+
+
+def provenance() -> dict:
+    """What computes a result here: the installed versions of gradflow, JAX, jaxlib and NumPy,
+    and JAX's default backend (``"cpu"``, ``"gpu"``, ``"tpu"``; the last bits of a float32 sum
+    differ between them and between versions). Every :class:`Result` carries it.
+
+    >>> sorted(provenance())
+    ['backend', 'gradflow', 'jax', 'jaxlib', 'numpy']
+    """
+    import jax  # a measurement has imported it already
+    return {**dict(_versions()), "backend": jax.default_backend()}
 
 
 def _jsonable(v):
@@ -61,6 +85,8 @@ class Result:
       underflow: ``{name: count}`` of entries below the smallest normal float of the array's
         dtype (exactly 0, or subnormal) where a positive value is expected, per array the
         measurement declared (e.g. a gradient map's ``values``); distinct from ``nonfinite``.
+      provenance: what computed it (:func:`provenance`: versions and backend); ``{}`` for a
+        file written before it was recorded.
     """
 
     kind: str
@@ -68,6 +94,7 @@ class Result:
     config: dict
     nonfinite: dict
     underflow: dict = dataclasses.field(default_factory=dict)
+    provenance: dict = dataclasses.field(default_factory=dict)
 
     def __getattr__(self, name: str):
         arrays = self.__dict__.get("arrays", {})
@@ -104,7 +131,8 @@ class Result:
         if not path.endswith(".npz"):
             path += ".npz"
         meta = json.dumps({"format": FORMAT_VERSION, "kind": self.kind, "config": self.config,
-                           "nonfinite": self.nonfinite, "underflow": self.underflow})
+                           "nonfinite": self.nonfinite, "underflow": self.underflow,
+                           "provenance": self.provenance})
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise ValueError(f"cannot write {path!r}: directory {directory!r} does not exist")
@@ -148,7 +176,7 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
         warnings.warn(f"{kind}: non-finite entries (inf/NaN) in "
                       + ", ".join(f"{k}: {n}" for k, n in bad.items()),
                       NonFiniteWarning, stacklevel=3)
-    return Result(kind, arrs, _jsonable(dict(config)), nonfinite, underflow)
+    return Result(kind, arrs, _jsonable(dict(config)), nonfinite, underflow, provenance())
 
 
 def underflow_count(values, positive=True) -> int:
@@ -216,7 +244,7 @@ def _read(path: str, cls=Result) -> Result:
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
         raise bad(f"the file is truncated or corrupted ({type(e).__name__}: {e})") from None
     return cls(meta["kind"], arrays, meta["config"], meta["nonfinite"],
-               meta.get("underflow", {}))
+               meta.get("underflow", {}), meta.get("provenance", {}))
 
 
 load = Result.load

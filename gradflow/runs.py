@@ -32,7 +32,7 @@ import numpy as np
 
 from gradflow import cells as _cells
 from gradflow.errors import InputError
-from gradflow.results import is_zip
+from gradflow.results import is_zip, provenance
 from gradflow.stack import SETTINGS, Stack
 
 STATE = "state.npz"
@@ -109,10 +109,11 @@ def _read_npz(path) -> tuple[dict, dict]:
 def save_state(run_dir, step: int, params, opt_state, config: dict, stack: Stack,
                records: list) -> str:
     """Write ``run_dir/state.npz``: ``params`` and ``opt_state`` leaves named by path, and
-    ``__meta__ = {"format", "step", "config", "stack": stack.config, "records"}``
-    (``records``: ``[[name, step, file], ...]``)."""
+    ``__meta__ = {"format", "step", "config", "stack": stack.config, "records", "provenance"}``
+    (``records``: ``[[name, step, file], ...]``; ``provenance``: versions and backend,
+    :func:`gradflow.results.provenance`)."""
     meta = {"format": FORMAT, "step": int(step), "config": config, "stack": stack.config,
-            "records": records}
+            "records": records, "provenance": provenance()}
     arrays = named_leaves({"params": params, "opt_state": opt_state})
     return _write_npz(os.path.join(os.fspath(run_dir), STATE), meta, arrays)
 
@@ -211,8 +212,8 @@ def save_params(path, stack: Stack, params) -> str:
     from gradflow.checks import check_params
 
     check_params(stack, params)
-    return _write_npz(os.fspath(path), {"format": FORMAT, "stack": stack.config},
-                      named_leaves(params))
+    return _write_npz(os.fspath(path), {"format": FORMAT, "stack": stack.config,
+                                        "provenance": provenance()}, named_leaves(params))
 
 
 def _state_path(path) -> Path:

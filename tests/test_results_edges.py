@@ -27,12 +27,29 @@ def test_round_trip_carries_the_format_version(saved):
     np.testing.assert_array_equal(back.values, res.values)
 
 
+def test_results_and_saved_weights_carry_what_computed_them(saved, tmp_path):
+    """Versions and backend travel with every result and every params file."""
+    import importlib.metadata as md
+
+    import jax
+    res, path = saved
+    want = {"gradflow": md.version("gradflow"), "jax": jax.__version__,
+            "jaxlib": md.version("jaxlib"), "numpy": np.__version__,
+            "backend": jax.default_backend()}
+    assert res.provenance == want and gradflow.load(path).provenance == want
+    stack = gradflow.Stack("rnn", 1, 2, 3)
+    saved_params = gradflow.runs.save_params(tmp_path / "p.npz", stack,
+                                             stack.init(jax.random.key(0)))
+    assert gradflow.runs.read_run(saved_params)["provenance"] == want
+
+
 def test_version_0_files_still_read(tmp_path):
     """Files written before the version was recorded (no "format" key) are version 0."""
     meta = json.dumps({"kind": "k", "config": {"cell": "rnn"}, "nonfinite": {}})
     path = tmp_path / "old.npz"
     np.savez(path, **{results._META: np.array(meta)}, values=np.ones(3))
-    assert gradflow.load(path).config == {"cell": "rnn"}
+    old = gradflow.load(path)
+    assert old.config == {"cell": "rnn"} and old.provenance == {} and old.underflow == {}
 
 
 def _expect(path, pattern, err=ValueError):
