@@ -1688,6 +1688,29 @@ def _unrecognized(parser, command: str | None, extra: list) -> str:
             + (f"; did you mean {', '.join(dict.fromkeys(guesses))}?" if guesses else ""))
 
 
+def _dash_values(parser, argv: list) -> list:
+    """``--max-memory -5G`` as ``--max-memory=-5G``: argparse takes a value beginning with
+    ``-`` (other than a number) for an option and says "expected one argument"; joined, the
+    option's own check names what is wrong with the value."""
+    takes_one = {}
+    for p in [parser] + [sp for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                         for sp in a.choices.values()]:
+        for a in p._actions:
+            for o in a.option_strings:
+                takes_one[o] = takes_one.get(o, True) and a.nargs is None
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if (takes_one.get(a) and i + 1 < len(argv) and argv[i + 1].startswith("-")
+                and argv[i + 1].split("=", 1)[0] not in takes_one):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
 def main(argv=None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
@@ -1701,7 +1724,7 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGINT, lambda *_: _interrupted(command[0]))
     try:
         parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
+        args, extra = parser.parse_known_args(_dash_values(parser, argv))
         if extra:  # named by the command they were given to, with the closest option
             raise UsageError(_unrecognized(parser, args.command, extra))
         if args.command is None:

@@ -349,6 +349,11 @@ BAD = [
     (["heatmap", "--cell", "lstm", *SMALL, "--option", "forget_bias=1e400"],
      "option forget_bias=inf of cell 'lstm' must be a finite number"),
     (["compare", "--out", "fig.gif"], ".png, .pdf, .svg"),
+    # a value beginning with "-" reaches the option's own check (argparse: "expected one
+    # argument"), and an option after an option still lacks its value
+    (["heatmap", "--max-memory", "-5G", "--dry-run"],
+     "argument --max-memory: memory size must be positive, got '-5G'"),
+    (["heatmap", "--layers", "--hidden", "3"], "argument --layers: expected one argument"),
     (["gates", "--cell", "rnn"], "cells with gates: "),
     (["gates", "--cell", "lstm", "--gate", "z"], "its gates: i, f, o"),
     (["gates", "--eps", "0.7"], "--eps: must be a number in (0, 0.5)"),
