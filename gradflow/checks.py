@@ -76,10 +76,14 @@ def float_dtype(name) -> jnp.dtype:
     try:
         text = jnp.dtype(name).name
     except TypeError:
-        text = str(name)
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+    if text in ("float16", "bfloat16"):
+        raise ValueError(f"dtype {text}: gradflow measures in {' or '.join(DTYPES)} (a "
+                         "vanishing gradient underflows 16 bits long before float32, and NumPy, "
+                         "which holds the results, has no bfloat16): measure the same weights "
+                         "in float32, jax.tree.map(lambda a: a.astype(jnp.float32), params)")
     if text not in DTYPES:
-        raise ValueError(f"unknown dtype {text if text != str(name) else repr(name)}; valid: "
-                         f"{', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {text}; valid: {', '.join(DTYPES)}")
     if text == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("dtype float64 needs 64-bit JAX: call "
                          "jax.config.update('jax_enable_x64', True) first")
@@ -330,7 +334,7 @@ def check_params(stack, params):
         raise TypeError(f"params mix dtypes {sorted(d.name for d in dtypes)}; use one "
                         "(stack.init(key, dtype))")
     if jnp.dtype(jnp.bfloat16) in dtypes:  # NumPy has no bfloat16: results could not hold it
-        raise TypeError("params are bfloat16; gradflow measures in float16, float32 or float64 "
+        raise TypeError("params are bfloat16; gradflow measures in float32 or float64 "
                         "(its results, counts and saved files are NumPy arrays): measure the "
                         "same weights in float32, jax.tree.map(lambda a: "
                         "a.astype(jnp.float32), params)")

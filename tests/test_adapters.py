@@ -776,6 +776,59 @@ def test_a_failing_step_is_reported_with_its_cause():
         cells.from_linen(Dropped(H))
 
 
+def test_what_a_step_got_wrong_is_what_the_message_says():
+    """Each message points at the user's actual mistake (found by a researcher's session)."""
+    init = lambda k, n, h, dtype: {"W": jnp.ones((n, h), dtype) / n}  # noqa: E731
+    # a cell that is NaN for some inputs is still a cell whose y is its carry
+    nan_some = cells.from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h) * jnp.sqrt(
+        x[..., :1]),) * 2, init, hidden_size=H)
+    assert nan_some.state_names == ("h",)
+    # a linen step returning (y, carry) is told the order, not state= (from_linen has none)
+    class Swapped(nn.RNNCellBase):
+        features: int
+
+        @nn.compact
+        def __call__(self, carry, x):
+            c, y = nn.LSTMCell(self.features)(carry, x)
+            return y, c
+
+        def initialize_carry(self, rng, shape):
+            return (jnp.zeros(shape[:-1] + (self.features,)),) * 2
+
+        @property
+        def num_feature_axes(self):
+            return 1
+
+    with pytest.raises(ValueError, match=r"returns \(carry, y\) in that order, and the carry "
+                                         r"is what the module's initialize_carry builds$"):
+        gradflow.Stack(cells.from_linen(Swapped(H)), L, D, H).init(jax.random.key(0))
+
+    class NoCarry(nn.Module):
+        features: int
+
+        @nn.compact
+        def __call__(self, h, x):
+            return h, nn.Dense(self.features)(x)
+
+    with pytest.raises(TypeError, match=r"NoCarry has no initialize_carry.*from_function\("):
+        cells.from_linen(NoCarry(H))
+    # arguments in another order: no "do the parameters fit the sizes?", the call it gets
+    with pytest.raises(ValueError, match=r"failed: .*string.* \(it is called as step\(params, "
+                                         r"carry, x\)\)$") as e:
+        cells.from_function(lambda x, h, p: (jnp.tanh(x @ p["W"]),) * 2, init, hidden_size=H)
+    assert "do the parameters fit" not in str(e.value)
+    # a memory wider than the output: refused, with how to carry it
+    with pytest.raises(ValueError, match=r"has shape \(1, 12\) for batch 1; .* several "
+                                         r"hidden_size-wide arrays \(a tuple\)$"):
+        cells.from_function(lambda p, c, x: (c, c[..., :H]), init, hidden_size=H,
+                            state=lambda b, h, dtype: jnp.zeros(b + (2 * h,), dtype))
+    # 16-bit Flax modules: parameters refused with the fix, computation measured with a warning
+    with pytest.raises(ValueError, match=r"param_dtype=bfloat16; .* param_dtype=jnp.float32"):
+        cells.from_linen(nn.LSTMCell(H, param_dtype=jnp.bfloat16))
+    with pytest.warns(UserWarning, match="computes in bfloat16"):
+        cells.from_linen(nn.GRUCell(H, dtype=jnp.bfloat16))
+
+
 def _centred_step(p, h, x):
     """A user's cell that mixes the examples of a batch (it centres the input over it)."""
     h = jnp.tanh((x - x.mean(0)) @ p["W"] + h @ p["U"] + 0.3)
@@ -874,7 +927,7 @@ def test_clear_errors():
     wrapped = cells.from_function(lambda p, h, x: ((x @ p["W"],), x @ p["W"]),
                                   lambda k, n, h, dtype: {"W": jnp.ones((n, h), dtype)})
     with pytest.raises(ValueError, match=r"returns a carry shaped \(\(1, 6\),\) but is given "
-                                         r"one shaped \(1, 6\); state="):
+                                         r"one shaped \(1, 6\); .* state="):
         gradflow.Stack(wrapped, L, D, H).init(jax.random.key(0))
     with pytest.raises(ValueError, match=r"returns a carry shaped \(\(3, 6\),\) but is given "
                                          r"one shaped \(3, 6\)"):  # the probe step says it too

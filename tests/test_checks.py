@@ -209,6 +209,15 @@ def test_other_arguments_at_the_door(small):
         gradflow.jacobian_map(stack, params, xs, method="probe", seed="x")
     with pytest.raises(ValueError, match="unknown dtype int32; valid: float32, float64"):
         stack.init(jax.random.key(0), jnp.int32)
+    with pytest.raises(ValueError, match="unknown dtype 'float17'; valid: float32, float64"):
+        stack.init(jax.random.key(0), "float17")
+    for half in (jnp.float16, jnp.bfloat16):  # named with what to do, not "unknown"
+        with pytest.raises(ValueError, match=r"dtype b?float16: gradflow measures in float32 or "
+                                             r"float64 .* measure the same weights in float32"):
+            stack.init(jax.random.key(0), half)
+    p16 = jax.tree.map(lambda a: a.astype(jnp.float16), params)
+    with pytest.raises(ValueError, match="dtype float16: gradflow measures in float32"):
+        gradflow.gradient_map(stack, p16, xs.astype(jnp.float16))
     with pytest.raises(ValueError, match="float64 needs 64-bit JAX"):
         stack.init(jax.random.key(0), "float64")
     assert gradflow.problem("lstm", layers=1, steps=2, hidden=4, batch=1,

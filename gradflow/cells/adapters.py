@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import re
 import warnings
 from typing import Any, Callable
 
@@ -66,6 +67,9 @@ from gradflow.checks import check_params
 __all__ = ["from_function", "from_linen", "from_nnx", "from_equinox", "stack_params"]
 
 _PROBE_BATCH = 3
+# Said where a carry array has another width than the output: what gradflow measures per unit.
+_WIDE = ("; a layer's states are measured unit by unit at the output's width, so a wider "
+         "memory is carried as several hidden_size-wide arrays (a tuple)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +211,11 @@ _CODE_BUGS = (NameError, AttributeError, ImportError, AssertionError, ZeroDivisi
               NotImplementedError, RecursionError)
 
 
+# Errors about sizes (JAX's and NumPy's words for them): these earn the "do the parameters fit
+# the sizes?" hint; any other error is named as it is.
+_SIZES = re.compile(r"shape|dimension|dot_general|incompatible|broadcast|size", re.I)
+
+
 def _step_failed(who: str, e: Exception, what: str, fit: str = "") -> Exception:
     """The exception to raise where the user's step failed in ``what`` (e.g. "one probe step
     (batch 3, ...)"): a ValueError with the cause and, where it is a known one, the fix; an
@@ -227,8 +236,10 @@ def _step_failed(who: str, e: Exception, what: str, fit: str = "") -> Exception:
     elif isinstance(e, _CODE_BUGS) or text.startswith(f"{who}:"):
         e.add_note(f"{who}: raised by the cell's step in {what}")
         return e
+    elif fit and _SIZES.search(text):
+        hint = f"do the parameters fit {fit}?"
     else:
-        hint = f"do the parameters fit {fit}?" if fit else ""
+        hint = ("it is called as step(params, carry, x)" if who == "from_function" else "")
     return ValueError(f"{who}: {what} failed: {_message(e)}" + (f" ({hint})" if hint else ""))
 
 
@@ -253,9 +264,12 @@ def _carry_leaves(who: str, new, treedef, shape: tuple) -> list:
     if jax.tree_util.tree_structure(new) != treedef:
         given = _shapes(jax.tree_util.tree_unflatten(
             treedef, [jax.ShapeDtypeStruct(shape, jnp.float32)] * treedef.num_leaves))
+        declared = ("the carry is what the module's initialize_carry builds" if
+                    who == "from_linen" else "state= says what the carry is (None: one array, "
+                    "k: a tuple of k arrays, or a function building it)")
         raise ValueError(f"{who}: the step returns a carry shaped {_shapes(new)} but is given "
-                         f"one shaped {given}; state= says what the carry is (None: one array, "
-                         "k: a tuple of k arrays, or a function building it)")
+                         f"one shaped {given}; a step returns (carry, y) in that order, and "
+                         f"{declared}")
     return treedef.flatten_up_to(new)
 
 
@@ -307,7 +321,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
         if jnp.ndim(leaf) != 2 or (hidden_size and jnp.shape(leaf)[-1] != hidden_size):
             raise ValueError(f"{who}: every carry array must be (batch, hidden_size); carry"
                              f"{_path_name(p) and ' ' + _path_name(p)} has shape "
-                             f"{jnp.shape(leaf)} for batch 1")
+                             f"{jnp.shape(leaf)} for batch 1{_WIDE}")
     kinds = _kinds(gate_kinds)
     out = None if output is None else _resolve_output(output, paths, who)
     need_output = out is None and n > 1
@@ -403,7 +417,7 @@ def _find_output(who, new_leaves, y, H, out=None) -> int:
                              "the output h: output=INDEX or KEY")
         return 0 if out is None else out
     hits = [i for i, v in enumerate(new_leaves) if jnp.shape(v) == jnp.shape(y)
-            and bool(jnp.array_equal(v, y))]
+            and bool(jnp.array_equal(v, y, equal_nan=True))]  # a NaN probe is still h
     if not hits:  # a readout inside the cell: the stack would pass h up
         raise ValueError(
             f"{who}: the step's output y (shape {jnp.shape(y)}) is none of the carry's "
@@ -479,7 +493,7 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
         shapes = [tuple(v.shape) for v in leaves]
         if any(s != (1, H) for s in shapes):
             raise ValueError(f"{who}: with input_size={n_in}, hidden_size={H} the carry comes out "
-                             f"as {shapes}, expected (batch, {H}) arrays")
+                             f"as {shapes}, expected (batch, {H}) arrays{_WIDE}")
         other = sorted({jnp.dtype(v.dtype).name for v in leaves} - {jnp.dtype(dtype).name})
         if other:  # a scan's carry keeps its dtype: say so here, not in lax.scan's words
             raise _CarryDtype(f"{who}: the step turns a {jnp.dtype(dtype).name} carry into "
@@ -637,6 +651,32 @@ def adapter_hint(who: str, obj) -> str | None:
     return f"{what}{cls.__name__}, {other[1]} module: use gradflow.cells.{other[0]}"
 
 
+_HALF = ("float16", "bfloat16")
+
+
+def _check_module_dtypes(who: str, module) -> None:
+    """A Flax module's ``param_dtype`` in 16 bits is refused (gradflow measures in float32 or
+    float64, and casts the parameters anyway); a ``dtype`` (computation) in 16 bits is measured
+    as the module computes, with a warning that the map then has 16-bit precision."""
+    def name(attr):
+        d = getattr(module, attr, None)
+        try:
+            return None if d is None else jnp.dtype(d).name
+        except TypeError:
+            return None
+
+    if name("param_dtype") in _HALF:
+        raise ValueError(f"{who}: {type(module).__name__} has param_dtype={name('param_dtype')}; "
+                         "gradflow measures in float32 or float64: build it with "
+                         "param_dtype=jnp.float32 (trained 16-bit weights go in through "
+                         "stack_params, which casts them)")
+    if name("dtype") in _HALF:
+        warnings.warn(f"{who}: {type(module).__name__} computes in {name('dtype')} "
+                      "(dtype=...): the map measures that computation, with its precision "
+                      "(about 1e-3 relative per step in bfloat16); dtype=jnp.float32 measures "
+                      "the cell itself", UserWarning, stacklevel=3)
+
+
 def _not_a_module(who: str, module) -> str:
     """The TypeError message of an adapter given something else: a module class (not an
     instance), another family's module (naming its adapter), a function, or anything."""
@@ -694,6 +734,13 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'features': give "
                          "hidden_size=")
     _check_gates(who, gates, "params, carry, x", "{name: (B, H)}", sown=True)
+    _check_module_dtypes(who, module)
+    if not callable(getattr(module, "initialize_carry", None)):
+        raise TypeError(
+            f"{who}: {type(module).__name__} has no initialize_carry(rng, input_shape): "
+            "from_linen takes an RNN cell (an nn.RNNCellBase, __call__(carry, x) -> (carry, "
+            "y)); for another module, from_function(lambda p, carry, x: module.apply("
+            "{'params': p}, carry, x), init, state=...) says what its carry is")
     try:
         template = module.initialize_carry(jax.random.key(0), (1, H))
     except Exception as e:
@@ -822,6 +869,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_features': "
                          "give hidden_size=")
     _check_gates(who, gates, "module, carry, x", "{name: (B, H)}")
+    _check_module_dtypes(who, module)
     if init is not None:
         _check_arity(who, init, "init", "key, input_size, hidden_size")
     n_in = getattr(module, "in_features", H)
