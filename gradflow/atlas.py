@@ -242,7 +242,7 @@ class Grid:
     def __post_init__(self):
         from gradflow import jacobian as _jac
         from gradflow import sweep as _sweep
-        from gradflow.checks import positive_int
+        from gradflow.checks import positive_int, width
 
         from gradflow import cells as _cells
 
@@ -279,7 +279,7 @@ class Grid:
                                  f"{', '.join(_cells.names())}")
         for init in self.inits:
             _cells.parse_init(init)
-        object.__setattr__(self, "hidden", tuple(positive_int("hidden", h) for h in self.hidden))
+        object.__setattr__(self, "hidden", tuple(width("hidden", h) for h in self.hidden))
         if self.measure not in MEASUREMENTS:
             raise ValueError(f"unknown measure {self.measure!r}; valid: "
                              f"{', '.join(MEASUREMENTS)}")

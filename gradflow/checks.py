@@ -25,6 +25,21 @@ def positive_int(name: str, value) -> int:
     return v
 
 
+#: The widest layer (and input) a stack takes: one ``H x H`` float32 matrix at ``2**24`` units
+#: is a pebibyte, and JAX indexes arrays with 32-bit integers a few sizes beyond it.
+MAX_WIDTH = 1 << 24
+
+
+def width(name: str, value) -> int:
+    """A positive integer width (hidden or input size) up to :data:`MAX_WIDTH`, else a
+    ValueError naming it (a width past JAX's 32-bit indexing failed deep inside the cells)."""
+    v = positive_int(name, value)
+    if v > MAX_WIDTH:
+        raise ValueError(f"{name}={v} is beyond any machine (one {v} x {v} float32 matrix is "
+                         f"{4 * v * v / 2 ** 50:,.0f} PiB); widths go up to {MAX_WIDTH:,}")
+    return v
+
+
 def nonneg_int(name: str, value) -> int:
     """``int(value)`` if it is an integer ``>= 0`` (not a bool), else a ValueError naming it."""
     v = _int(name, value, "a non-negative integer")

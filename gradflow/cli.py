@@ -93,15 +93,27 @@ def finite_float(text: str) -> float:
     return value
 
 
+def width(text: str) -> int:
+    """A positive integer up to :data:`gradflow.checks.MAX_WIDTH` (a hidden or input size)."""
+    from gradflow.checks import MAX_WIDTH
+
+    value = positive_int(text)
+    if value > MAX_WIDTH:
+        raise argparse.ArgumentTypeError(f"{value} is beyond any machine (one {value} x {value} "
+                                         f"matrix); widths go up to {MAX_WIDTH:,}")
+    return value
+
+
 def hidden_sizes(text: str):
     """``"64"`` -> 64, or one width per layer ``"64,32,32"`` -> ``(64, 32, 32)``."""
     if "," not in text:
-        return positive_int(text)
+        return width(text)
     try:
-        return tuple(positive_int(t) for t in text.split(","))
+        widths = tuple(positive_int(t) for t in text.split(","))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer or one per layer (e.g. 64,32,32), got {text!r}") from None
+    return tuple(width(str(w)) for w in widths)
 
 
 def width_text(hidden) -> str:
@@ -746,7 +758,7 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                    help="another cell option, repeatable (e.g. forget_bias=1.0, "
                         "variant=official, refined=i,o)")
     if single_cell:
-        g.add_argument("--input-size", type=positive_int, default=None, metavar="D",
+        g.add_argument("--input-size", type=width, default=None, metavar="D",
                        help="data features (default: H)")
         g.add_argument("--no-input-projection", action="store_true",
                        help="feed the data to layer 0 directly, even where a refined cell "
@@ -1154,9 +1166,9 @@ def run_gates(args) -> int:
 def add_cells(sub):
     p = _command(sub, "cells", "list every cell: equation, gates, parameter count", None,
                  "gradflow cells --hidden 256")
-    p.add_argument("--hidden", type=positive_int, default=128, metavar="H",
+    p.add_argument("--hidden", type=width, default=128, metavar="H",
                    help="hidden size for the parameter counts (default: 128)")
-    p.add_argument("--input-size", type=positive_int, default=None, metavar="D",
+    p.add_argument("--input-size", type=width, default=None, metavar="D",
                    help="input size (default: H; refined cells always read H)")
     _finish(p, run_cells)
 

@@ -54,6 +54,7 @@ from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from gradflow import cells as _cells
 from gradflow.checks import _looks_like_key, check_xs, float_dtype
 from gradflow.checks import positive_int as _positive_int
+from gradflow.checks import width as _width
 from gradflow.cells.base import Cell, Lean, orthogonal
 
 ORDERS = ("layer", "wavefront")
@@ -258,7 +259,7 @@ class Stack:
         _check_layer_count(self.layers)
         cells = _resolve_cells(cell, self.layers, cell_options)
         set_("cells", cells)
-        set_("input_size", _positive_int("input_size", input_size))
+        set_("input_size", _width("input_size", input_size))
         set_("hidden_size", _widths(hidden_size, self.layers))
         set_("_widths", ((self.hidden_size,) * self.layers if isinstance(self.hidden_size, int)
                          else self.hidden_size))
@@ -683,8 +684,10 @@ def _widths(hidden_size, layers: int):
         if len(hidden_size) != layers:
             raise ValueError(f"hidden_size as a list gives one width per layer: got "
                              f"{len(hidden_size)} widths for {layers} layers")
-        ws = tuple(_positive_int(f"hidden_size[{l}]", h) for l, h in enumerate(hidden_size))
+        ws = tuple(_width(f"hidden_size[{l}]", h) for l, h in enumerate(hidden_size))
         return ws[0] if len(set(ws)) == 1 else ws
+    if isinstance(hidden_size, int) and not isinstance(hidden_size, bool) and hidden_size > 0:
+        return _width("hidden_size", hidden_size)
     try:
         return _positive_int("hidden_size", hidden_size)
     except ValueError:

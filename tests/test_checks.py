@@ -226,6 +226,20 @@ def test_other_arguments_at_the_door(small):
     assert stats.config["eps"] == 0.25
 
 
+def test_widths_past_any_machine_are_refused_at_the_door():
+    """A width past JAX's 32-bit indexing failed deep inside a cell's init (OverflowError)."""
+    from gradflow.checks import MAX_WIDTH
+    for kw in ({"hidden_size": 3_000_000_000}, {"hidden_size": [8, MAX_WIDTH + 1]},
+               {"input_size": 2 ** 40}):
+        args = {"input_size": 3, "hidden_size": 8, **kw}
+        with pytest.raises(ValueError, match=r"is beyond any machine .* widths go up to "
+                                             r"16,777,216$"):
+            gradflow.Stack("lstm", 2, args["input_size"], args["hidden_size"])
+    assert gradflow.Stack("rnn", 1, 3, MAX_WIDTH).hidden_size == MAX_WIDTH  # described, not built
+    with pytest.raises(ValueError, match="beyond any machine"):
+        gradflow.atlas.Grid(cells=("rnn",), hidden=(2 ** 31,))
+
+
 def test_meta_adds_to_a_config_and_cannot_contradict_it():
     lstm = gradflow.problem("lstm", layers=3, steps=5, hidden=8, batch=2, seed=0)
     gru = gradflow.problem("gru", layers=2, steps=5, hidden=8, batch=2, seed=7)

@@ -354,6 +354,9 @@ BAD = [
     (["heatmap", "--max-memory", "-5G", "--dry-run"],
      "argument --max-memory: memory size must be positive, got '-5G'"),
     (["heatmap", "--layers", "--hidden", "3"], "argument --layers: expected one argument"),
+    # widths past JAX's 32-bit indexing (an OverflowError inside a cell's init, even dry)
+    (["heatmap", "--hidden", "3000000000", "--dry-run"], "widths go up to 16,777,216"),
+    (["cells", "--hidden", "3000000000"], "argument --hidden: 3000000000 is beyond any machine"),
     (["gates", "--cell", "rnn"], "cells with gates: "),
     (["gates", "--cell", "lstm", "--gate", "z"], "its gates: i, f, o"),
     (["gates", "--eps", "0.7"], "--eps: must be a number in (0, 0.5)"),
