@@ -104,6 +104,16 @@ def width(text: str) -> int:
     return value
 
 
+def bin_count(text: str) -> int:
+    """A positive integer up to :data:`gradflow.gates.MAX_BINS` (histogram bins)."""
+    from gradflow.gates import MAX_BINS
+
+    value = positive_int(text)
+    if value > MAX_BINS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BINS:,} bins, got {text!r}")
+    return value
+
+
 def hidden_sizes(text: str):
     """``"64"`` -> 64, or one width per layer ``"64,32,32"`` -> ``(64, 32, 32)``."""
     if "," not in text:
@@ -1088,7 +1098,8 @@ def add_gates(sub):
     p.add_argument("--gate", default=None, help="only this gate (default: every gate)")
     p.add_argument("--eps", type=fraction, default=0.05,
                    help="saturation margin, in (0, 0.5) (default: 0.05)")
-    p.add_argument("--bins", type=positive_int, default=20, help="histogram bins (default: 20)")
+    p.add_argument("--bins", type=bin_count, default=20,
+                   help="histogram bins (default: 20; at most 10000)")
     add_params_option(p)
     add_problem_options(p, layers=4, steps=32, hidden=64, batch=16)
     add_cost_options(p, checkpoint=False)

@@ -89,6 +89,8 @@ from gradflow import cost as _cost
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack, in_precision, where_nonfinite
 
+#: The most histogram bins :func:`saturation` takes (a million took the figure 6 minutes).
+MAX_BINS = 10_000
 STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_fraction",
          "nonfinite")
 KINDS = _KINDS
@@ -493,7 +495,7 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
       stack: a :class:`gradflow.Stack`; params: from ``stack.init``; xs: ``(B, T, D)``.
       eps: saturation margin, ``0 < eps < 0.5``: saturated means :math:`a < \varepsilon` or
         :math:`a > 1 - \varepsilon`.
-      bins: number of histogram bins over ``[0, 1]``.
+      bins: number of histogram bins over ``[0, 1]``, up to :data:`MAX_BINS`.
       update_threshold: a time gate updates a neuron where :math:`k >` this (``0 < . < 1``).
       meta: merged into the config (e.g. ``problem(...).config`` with the seed).
     Returns:
@@ -520,6 +522,9 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
     eps = _check_fraction("eps", eps, 0.5)
     threshold = _check_fraction("update_threshold", update_threshold, 1.0)
     bins = _positive_int("bins", bins)
+    if bins > MAX_BINS:
+        raise ValueError(f"bins={bins}: at most {MAX_BINS:,} (finer than a float32 gate's "
+                         "spread can fill; a figure draws a bar per bin and layer)")
     xs = checks.check_xs(stack, xs)
     checks.check_params(stack, params)
     checks.check_finite_inputs(xs)

@@ -356,6 +356,7 @@ BAD = [
     (["heatmap", "--layers", "--hidden", "3"], "argument --layers: expected one argument"),
     # widths past JAX's 32-bit indexing (an OverflowError inside a cell's init, even dry)
     (["heatmap", "--hidden", "3000000000", "--dry-run"], "widths go up to 16,777,216"),
+    (["gates", "--bins", "100000000", "--dry-run"], "--bins: at most 10,000 bins"),
     (["cells", "--hidden", "3000000000"], "argument --hidden: 3000000000 is beyond any machine"),
     (["gates", "--cell", "rnn"], "cells with gates: "),
     (["gates", "--cell", "lstm", "--gate", "z"], "its gates: i, f, o"),

@@ -421,6 +421,8 @@ def test_bad_arguments_raise_clear_errors(x64):
         gates.saturation(stack, params, xs, "0.1")
     with pytest.raises(ValueError, match="bins"):
         gates.saturation(stack, params, xs, bins=0)
+    with pytest.raises(ValueError, match="bins=10001: at most 10,000"):
+        gates.saturation(stack, params, xs, bins=gates.MAX_BINS + 1)
     with pytest.raises(ValueError, match="update_threshold"):
         gates.saturation(stack, params, xs, update_threshold=1.0)
     with pytest.raises(TypeError, match="Stack"):
