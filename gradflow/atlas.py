@@ -302,7 +302,7 @@ class Grid:
                 d = json.load(f)
         except OSError as e:
             raise ValueError(f"cannot read grid {path!r}: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # not JSON, or not text at all (UnicodeDecodeError)
             raise ValueError(f"grid {path!r} is not JSON: {e}") from None
         if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
             return [cls.from_dict(x) for x in d]

@@ -23,6 +23,7 @@ the numbers back) into the folder it is given; the committed copies in a source 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ class Builder(NamedTuple):
     compute: Callable[[dict], Result]
     draw: Callable[[dict, Result], object]
     keys: frozenset | None = None
+    required: frozenset = frozenset()
 
 
 BUILDERS: dict[str, Builder] = {}
@@ -52,12 +54,15 @@ COMMON_KEYS = frozenset({"figure", "title", "description"})
 
 
 def register(name: str, compute: Callable[[dict], Result],
-             draw: Callable[[dict, Result], object], keys=None) -> Builder:
+             draw: Callable[[dict, Result], object], keys=None, required=None) -> Builder:
     """Register a figure kind: configs with ``"figure": name`` are built by these functions.
     ``keys`` (the config keys ``compute`` and ``draw`` read; ``compute.keys`` where it is a
-    :func:`from_config`) let a config with any other key be refused, not run with it ignored."""
+    :func:`from_config`) let a config with any other key be refused, not run with it ignored;
+    ``required`` (``compute.required`` where it is a :func:`from_config`) those it must hold."""
     keys = getattr(compute, "keys", None) if keys is None else keys
-    BUILDERS[name] = Builder(compute, draw, None if keys is None else frozenset(keys))
+    required = getattr(compute, "required", ()) if required is None else required
+    BUILDERS[name] = Builder(compute, draw, None if keys is None else frozenset(keys),
+                             frozenset(required))
     return BUILDERS[name]
 
 
@@ -67,7 +72,13 @@ def check_keys(config: dict, where: str) -> dict:
     misspelt size would otherwise be recorded as a note and the figure computed at the
     default."""
     builder = BUILDERS.get(config.get("figure"))
-    if builder is None or builder.keys is None:
+    if builder is None:
+        return config
+    missing = sorted(builder.required - set(config))
+    if missing:
+        raise ValueError(f"figure config {where}: a {config['figure']} figure needs "
+                         f"{', '.join(map(repr, missing))}, which it lacks")
+    if builder.keys is None:
         return config
     unknown = sorted(set(config) - builder.keys - COMMON_KEYS)
     if unknown:
@@ -91,6 +102,9 @@ def from_config(fn: Callable[..., Result], keys: tuple, first: str | None = None
         return fn(*args, **{k: config[k] for k in keys if k in config}, meta=meta)
 
     compute.keys = frozenset(taken | set(drawn))
+    compute.required = frozenset({first} - {None}) | {
+        k for k, p in inspect.signature(fn).parameters.items()
+        if k in keys and p.default is inspect.Parameter.empty}
     return compute
 
 
@@ -123,7 +137,7 @@ register("atlas",
          lambda config, data: plot.draw_atlas(
              atlas.unpack(data), config.get("rows", "input_scale"), config.get("cols", "init"),
              title=config.get("title")),
-         keys=("claims", "grid", "rows", "cols"))
+         keys=("claims", "grid", "rows", "cols"), required=("claims", "grid"))
 register("training_atlas", atlas_training.training_atlas,
          lambda config, data: plot.draw_training_atlas(data, title=config.get("title")),
          keys=atlas_training.CONFIG_KEYS)
@@ -151,7 +165,7 @@ def load_config(path) -> dict:
         path = CONFIG_DIR / f"{path}.json"
     try:
         config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not text (UnicodeDecodeError)
         raise ValueError(f"cannot read figure config {str(path)!r}: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"figure config {str(path)!r} must hold a JSON object")

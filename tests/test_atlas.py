@@ -267,7 +267,9 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
                       (["--grid", str(grid), "--out", str(tmp_path), "--claims",
                         "lstm_collapses"], "no condition of the grid"),
                       (["--grid", str(tmp_path / "none.json"), "--out", str(tmp_path)],
-                       "cannot read grid")]:
+                       "cannot read grid"),
+                      (["--grid", str(tmp_path / "atlas.npz"), "--out", str(tmp_path)],
+                       f"grid {str(tmp_path / 'atlas.npz')!r} is not JSON")]:  # binary
         assert cli.main(["atlas", *argv]) == 2
         assert msg in capsys.readouterr().err
     # the same grid from flags (measured again, its own cache): the same statistics

@@ -94,6 +94,7 @@ def test_reproduce_and_configs_bad_input(tmp_path):
     ({"cells": ["lstm", "nope"]}, "unknown cell 'nope'"),
     ({"cell_options": {"lstm": {"mode": "add"}}}, "mode='add' shapes refined gates"),
     ({"layer": 2}, "unknown key 'layer' for a gradient_grid figure; valid: batch, "),
+    ({"cells": "<drop>"}, "a gradient_grid figure needs 'cells', which it lacks"),
 ])
 def test_a_users_config_with_a_bad_value_exits_2_before_computing(tmp_path, capsys, change,
                                                                   message):
@@ -102,7 +103,8 @@ def test_a_users_config_with_a_bad_value_exits_2_before_computing(tmp_path, caps
     from gradflow.cli import main
 
     config = json.loads((reproduce.CONFIG_DIR / "star_fig2.json").read_text())
-    (tmp_path / "mine.json").write_text(json.dumps({**config, **change}))
+    mine = {k: v for k, v in {**config, **change}.items() if v != "<drop>"}
+    (tmp_path / "mine.json").write_text(json.dumps(mine))
     (tmp_path / "out").mkdir()
     rc = main(["reproduce", "--figures", str(tmp_path), "--only", "mine", "--out",
                str(tmp_path / "out")])
