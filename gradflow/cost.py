@@ -587,6 +587,18 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
                      + (f"; {'; '.join(tips)}" if tips else ""))
 
 
+def check_need(need: int, what: str, smaller: str) -> None:
+    """A ValueError, before anything is compiled, when ``need`` bytes (an estimate made of
+    :func:`estimate` parts) exceed :func:`available_memory`: ``"{what} needs about ...; more
+    than the ... available: {smaller}"`` (``smaller``: what the caller can shrink). For work
+    that is not one measurement (training, an atlas's vmapped seeds); a measurement checks
+    itself with :func:`check_fits`."""
+    avail = available_memory()
+    if need > avail:
+        raise ValueError(f"{what} needs about {size(need)} of memory, more than the "
+                         f"{size(avail)} available: {smaller}")
+
+
 def _width_text(sig) -> str:
     """``H`` of an estimate's stack signature: one width, or every layer's."""
     return str(sig.hidden_size if sig.widths is None else list(sig.widths))

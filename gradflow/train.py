@@ -419,6 +419,24 @@ def check_run(stack, task, eval_task, cfg: TrainConfig, record_fns) -> dict:
     return record_fns
 
 
+def check_memory(stack, task, eval_task, cfg: TrainConfig) -> None:
+    """A ValueError before anything is compiled when a run cannot fit in memory: the
+    parameters with Adam's two moments, and the larger of one training step (a forward and a
+    backward pass for the parameters' gradient, :func:`gradflow.cost.estimate` with
+    ``wrt="params"``) and one evaluation (a forward pass over ``eval_batch`` sequences)."""
+    from gradflow import cost
+
+    step = cost.estimate(stack, cfg.batch, task.steps, cfg.dtype, wrt="params",
+                         calibrate=False)
+    evaluation = cost.estimate(stack, cfg.eval_batch, eval_task.steps, cfg.dtype,
+                               method="gates", calibrate=False)
+    need = 2 * step.params + max(step.total, evaluation.total)
+    cost.check_need(need, f"training ({stack.cell.name}, {stack.layers} layers, "
+                          f"H={stack.hidden_size}, batch {cfg.batch}, eval batch "
+                          f"{cfg.eval_batch}, {task.steps} steps)",
+                    "use a smaller hidden size, fewer layers, or a smaller batch or eval batch")
+
+
 def as_task(task, name: str):
     """``task`` as a :class:`gradflow.tasks.Task` (a name is built with its defaults)."""
     if isinstance(task, str):
@@ -648,6 +666,7 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
                           eval_every=eval_every, eval_batch=eval_batch, record_at=record_at,
                           record_batch=record_batch, budget=budget, curriculum=curriculum)
         record = check_run(stack, task, eval_task, cfg, record)
+        check_memory(stack, task, eval_task, cfg)
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir, the checkpoint directory to resume "
                              "from")

@@ -290,3 +290,23 @@ def test_argument_checks():
     h = train(LSTM, ADDING, steps=0, **COMMON)  # evaluation at init only
     assert h.curve.loss.shape == (0,) and h.curve.eval_step.tolist() == [0]
     assert math.isfinite(float(h.curve.eval_loss[0]))
+
+
+def test_a_run_that_cannot_fit_is_refused_before_compiling(monkeypatch):
+    """Training and the atlas check their memory as measurements do (a run too large was a C++
+    abort or "a bug in gradflow"): parameters with Adam's moments plus the larger of a step and
+    an evaluation, against the memory available (here 4 MiB)."""
+    from gradflow import atlas, cost
+
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: 4 << 20)
+    stack = gradflow.Stack("lstm", 2, 2, 256)  # 2.1 MiB of parameters, 6.3 MiB with Adam's
+    with pytest.raises(ValueError, match=r"training \(lstm, 2 layers, H=256, batch 8, eval "
+                                         r"batch 16, 20 steps\) needs about .* more than the "
+                                         r"4 MiB available: use a smaller hidden size"):
+        train(stack, tasks.make("adding", steps=20), steps=1, batch=8, eval_batch=16,
+              progress=False)
+    with pytest.raises(ValueError, match=r"measuring the atlas's lstm conditions at 3 layers x "
+                                         r"3 steps, H=512, batch 2 \(seeds x inits: 2 problems"):
+        atlas.atlas(["lstm_collapses"], atlas.Grid(cells=("lstm",), sizes=((3, 3),),
+                                                   hidden=(512,), seeds=(0, 1), batch=2),
+                    progress=False)
