@@ -378,8 +378,12 @@ def evaluate(state: TrainState, batch, *, spec, stack: Stack, kind: str) -> dict
     return jax.device_get(evaluate_theta(state.theta, *batch, spec=spec, stack=stack, kind=kind))
 
 
-def record(fns: Mapping[str, Callable], stack: Stack, stack_params, xs, at: int) -> dict:
-    """``{name: fn(stack, stack_params, xs)}``, each result's config given ``train_step=at``.
+def record(fns: Mapping[str, Callable], stack: Stack, stack_params, xs, at: int,
+           run: dict | None = None) -> dict:
+    """``{name: fn(stack, stack_params, xs)}``, each result's config given ``train_step=at``
+    and, with ``run`` (the run's config, :meth:`TrainConfig.describe`), ``training``: the
+    run's settings beyond the stack's (task, seed, lr, batch, ...: which run a record is of)
+    and ``inputs`` (what ``xs`` is).
 
     Raises:
       TypeError: a function returned something that is not a :class:`gradflow.results.Result`.
@@ -390,7 +394,11 @@ def record(fns: Mapping[str, Callable], stack: Stack, stack_params, xs, at: int)
         if not isinstance(r, Result):
             raise TypeError(f"record function {name!r} returned {type(r).__name__}, not a "
                             "gradflow Result")
-        out[name] = make_result(r.kind, r.arrays, {**r.config, "train_step": at}, warn=False)
+        extra = {} if run is None else {
+            "training": {k: v for k, v in run.items() if k not in stack.config},
+            "inputs": f"the first {len(xs)} sequences of the run's evaluation batch"}
+        out[name] = make_result(r.kind, r.arrays, {**r.config, "train_step": at, **extra},
+                                warn=False)
     return out
 
 
@@ -544,7 +552,8 @@ class _Run:
             self._show(res)
         if due_record:
             xs = self.eval_batch[0][:self.cfg.record_batch]
-            got = record(self.fns, self.stack, params_of(state, self.spec)["stack"], xs, s)
+            got = record(self.fns, self.stack, params_of(state, self.spec)["stack"], xs, s,
+                         self.config)
             for name, r in got.items():
                 log.records[name].append(r)
                 if self.run_dir is not None:

@@ -205,6 +205,14 @@ def test_record_callbacks_at_chosen_steps():
     assert log == [(8, 10, 2)] * 3  # the first record_batch sequences of the evaluation batch
     got = [float(r.u) for r in h.records["u"]]
     assert [r.config["train_step"] for r in h.records["u"]] == [0, 7, 20]
+    # each record says which run it is of: the run's settings beyond the stack's
+    run = h.curve.config
+    for r in h.records["u"]:
+        t = r.config["training"]
+        assert t == {k: v for k, v in run.items() if k not in LSTM.config}
+        assert (t["task"]["task"], t["seed"], t["lr"], t["train_steps"]) == (
+            "adding", run["seed"], 1e-2, 20)
+        assert r.config["inputs"] == "the first 8 sequences of the run's evaluation batch"
     # the callback saw the initial and the final parameters
     init = LSTM.init(keys(0)[0], F32)
     assert got[0] == pytest.approx(float(np.mean(np.abs(init["layers"][0]["i"]["U"]))))
