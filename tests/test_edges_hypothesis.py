@@ -33,8 +33,9 @@ def run_cli(argv):
 
 
 # ---------------------------------------------------------------------------------------------
-# The two commands that used to hang: each answers within 5 s (beyond starting Python and
-# importing JAX, timed on its own just before, since this machine may be shared).
+# The two commands that used to hang (minutes, then killed): each answers within 20 s beyond
+# starting Python and importing JAX (timed on its own just before, since this machine may be
+# shared; about 3 s on an idle 2-core machine, 12 s seen with three other jobs on it).
 
 
 def _startup_seconds():
@@ -47,13 +48,13 @@ def _startup_seconds():
 @pytest.mark.parametrize("argv", [["--layers", "100000"], ["--hidden", "100000"],
                                   ["--layers", "100000", "--dry-run"],
                                   ["--hidden", "100000", "--dry-run"]])
-def test_huge_requests_answer_within_5_seconds(argv, tmp_path):
+def test_huge_requests_answer_within_seconds(argv, tmp_path):
     need = cost.estimate(gradflow.Stack("lstm", layers=int(dict(zip(argv[::2], argv[1::2]))
                                                            .get("--layers", 16)),
                                         input_size=64, hidden_size=int(
                                             dict(zip(argv[::2], argv[1::2])).get("--hidden", 64))),
                          16, 32, calibrate=False).total
-    budget = 5 + _startup_seconds()
+    budget = 20 + _startup_seconds()
     err_path = tmp_path / "stderr"
     with open(err_path, "w") as err:
         t0 = time.perf_counter()
