@@ -247,9 +247,14 @@ def test_accelerator_benchmark_runs_here_with_cross_checks():
     assert "## The hidden map on cpu (LSTM 2 x 5 x 4" in report.markdown(res)
 
 
-def test_cli_start_benchmark_runs_the_cli_fresh_with_and_without_the_cache():
+def _cli_start():
     from bench import suite
-    r = suite.cli_start(run.QUICK)
+    return suite.cli_start(run.QUICK)
+
+
+@pytest.mark.background(job=_cli_start)  # its work is fresh CLI processes
+def test_cli_start_benchmark_runs_the_cli_fresh_with_and_without_the_cache(background):
+    r = background
     assert r["checks"]["maps_vs_primed_rel_err"] == 0  # a cached program computes the same
     assert r["cache_files"] > 0
     assert {k: len(v) for k, v in r["walls_s"].items()} == {"no_cache": 1, "cache_warm": 1}

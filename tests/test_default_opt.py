@@ -49,24 +49,32 @@ def test_the_suite_adds_its_compile_flags_and_the_default_mode_drops_them(mode, 
     assert r.stdout.strip() == expected
 
 
-def test_flags_a_jax_refuses_are_left_out_and_the_header_says_which():
+BOGUS = "--xla_gradflow_no_such_flag=1"
+
+
+def _refusing_jax(env):
+    """The flags the root conftest keeps when one of its own is refused, and its header."""
+    show = ("import conftest; print(conftest.suite_xla_flags("
+            f"'--xla_force_host_platform_device_count=2', '', "
+            f"ours=('--xla_backend_optimization_level=0', '{BOGUS}')))")
+    flags = subprocess.run([sys.executable, "-c", show], cwd=ROOT, capture_output=True,
+                           text=True, env={**env, "XLA_FLAGS": "", "GRADFLOW_TEST_XLA_OPT": ""},
+                           timeout=300)
+    header = ("import conftest; conftest.TEST_XLA_FLAGS_REFUSED[:] = ['--xla_x=1']; "
+              "print(conftest.pytest_report_header(None))")
+    return flags, subprocess.run([sys.executable, "-c", header], cwd=ROOT, capture_output=True,
+                                 text=True, env=env, timeout=300)
+
+
+@pytest.mark.background(job=_refusing_jax)
+def test_flags_a_jax_refuses_are_left_out_and_the_header_says_which(background):
     """An XLA that does not know a flag ends every JAX process at its first backend, status 1,
     mostly without a word (jaxlib 0.11.2 no longer knows --xla_cpu_use_fusion_emitters): the
     root conftest starts a JAX with its flags first and leaves out each one it fails on. Here
     one of the suite's flags is one no XLA knows; real JAX processes answer."""
-    bogus = "--xla_gradflow_no_such_flag=1"
-    show = ("import conftest; print(conftest.suite_xla_flags("
-            f"'--xla_force_host_platform_device_count=2', '', "
-            f"ours=('--xla_backend_optimization_level=0', '{bogus}')))")
-    r = subprocess.run([sys.executable, "-c", show], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "XLA_FLAGS": "", "GRADFLOW_TEST_XLA_OPT": ""},
-                       timeout=300)
+    r, header = background
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == str((
         ["--xla_force_host_platform_device_count=2", "--xla_backend_optimization_level=0"],
-        [bogus]))
-    header = ("import conftest; conftest.TEST_XLA_FLAGS_REFUSED[:] = ['--xla_x=1']; "
-              "print(conftest.pytest_report_header(None))")
-    r = subprocess.run([sys.executable, "-c", header], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.stdout.strip().endswith("(left out, a JAX started with it fails: --xla_x=1)")
+        [BOGUS]))
+    assert header.stdout.strip().endswith("(left out, a JAX started with it fails: --xla_x=1)")
