@@ -501,7 +501,7 @@ def parse_size(text) -> int:
         raise ValueError(f"memory size must be a number with an optional unit K, M, G or T "
                          f"(e.g. 2G, 512M), got {text!r}") from None
     if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"memory size must be positive, got {text!r}")
+        raise ValueError(f"memory size must be a finite positive size, got {text!r}")
     return int(v * scale)
 
 

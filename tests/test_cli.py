@@ -172,6 +172,22 @@ def test_compare_writes_the_grid_equal_to_per_cell_gradient_maps(capsys):
                                rtol=5e-3)  # printed to 3 significant digits
 
 
+def test_compare_counts_underflow_in_its_table(capsys):
+    """A map whose bottom layer vanished past float32 (saturated gates at input scale 1e6)
+    shows its underflow count in compare's table, as heatmap's summary does."""
+    from gradflow import experiments
+
+    rc, out, err = run(capsys, "compare", "--cells", "rnn,lstm", "--losses", "last", *SMALL,
+                       "--input-scale", "1e6")
+    assert rc == 0, err
+    grid = gradflow.load(_written(out, "data:"))
+    assert "underflow" in out.splitlines()[1]
+    for cell in ("rnn", "lstm"):
+        line = next(l for l in out.splitlines() if l.split()[:2] == ["last", cell])
+        assert int(line.split()[-1]) == experiments.panel(grid, "last", cell).total_underflow
+    assert experiments.panel(grid, "last", "lstm").total_underflow > 0
+
+
 def test_compare_says_its_cell_options_in_the_table_and_the_figure(capsys, monkeypatch):
     from gradflow import plot
 
@@ -352,7 +368,10 @@ BAD = [
     # a value beginning with "-" reaches the option's own check (argparse: "expected one
     # argument"), and an option after an option still lacks its value
     (["heatmap", "--max-memory", "-5G", "--dry-run"],
-     "argument --max-memory: memory size must be positive, got '-5G'"),
+     "argument --max-memory: memory size must be a finite positive size, got '-5G'"),
+    (["heatmap", "--max-memory", "inf", "--dry-run"], "a finite positive size, got 'inf'"),
+    (["heatmap", "--checkpoint", "foo", "--dry-run"],
+     "argument --checkpoint: must be auto or a positive chunk length, got 'foo'"),
     (["heatmap", "--layers", "--hidden", "3"], "argument --layers: expected one argument"),
     # widths past JAX's 32-bit indexing (an OverflowError inside a cell's init, even dry)
     (["heatmap", "--hidden", "3000000000", "--dry-run"], "widths go up to 16,777,216"),
