@@ -1,7 +1,8 @@
 """Make ``figures/residual_lstm.png``: the hidden gradient map of a 16-layer LSTM at orthogonal
 init, plain, with residual connections, and with residual connections and LayerNorm (README,
 "Your own model"). Each panel is ``G[l, t] / G[top, last]`` on one log colour scale; the title
-gives the bottom/top ratio at the last step. Run from the repository root::
+gives the bottom/top ratio at the last step; the maps are saved beside it
+(``figures/residual_lstm.npz``: ``values/{label}``, the config). Run from the repository root::
 
     python figures/residual_lstm.py
 
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 
 import gradflow
 from gradflow import plot
+from gradflow.results import make_result
 
 CONFIG = {"cell": "lstm", "layers": 16, "steps": 8, "hidden": 32, "batch": 8, "seed": 0,
           "dtype": "float32", "init": "orthogonal", "input_scale": 1.0, "loss": "last",
@@ -48,6 +50,9 @@ def main(path=Path(__file__).with_suffix(".png")):
     fig.suptitle("16-layer LSTM, orthogonal init, H = 32, loss 'last': hidden-state gradient "
                  "relative to the top layer's last step")
     plot.save(fig, path)
+    data = make_result("residual_lstm", {f"values/{k}": r.values for k, r in found.items()},
+                       {**CONFIG, "stacks": STACKS}, warn=False)
+    data.save(Path(path).with_suffix(".npz"))
     print(path, json.dumps({k: float(np.asarray(r.values)[0, -1] / np.asarray(r.values)[-1, -1])
                             for k, r in found.items()}))
 

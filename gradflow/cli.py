@@ -148,7 +148,13 @@ def memory_size(text: str) -> int:
 
 def checkpoint_arg(text: str):
     """``"auto"`` or a chunk length ``>= 1``."""
-    return "auto" if text == "auto" else positive_int(text)
+    if text == "auto":
+        return "auto"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or a positive chunk length, got "
+                                         f"{text!r}") from None
 
 
 def seed_int(text: str) -> int:
@@ -498,8 +504,10 @@ def result_summary(res, max_rows: int = 16) -> list[str]:
     return map_summary(res.values, max_rows, res.underflow.get("values"), last)
 
 
-def _panel_line(loss: str, cell: str, values: np.ndarray, width: int) -> str:
-    values = np.asarray(values, dtype=float)
+def _panel_line(loss: str, cell: str, res, width: int) -> str:
+    """One row of compare's table from a panel's map ``res``: its top-last value, ratios,
+    span in decades, non-finite and underflow counts."""
+    values = np.asarray(res.values, dtype=float)
     ref = values[-1, -1]
     means = _row_means(values)
     pos = np.isfinite(values) & (values > 0)
@@ -510,7 +518,7 @@ def _panel_line(loss: str, cell: str, values: np.ndarray, width: int) -> str:
         span = "n/a"
     return (f"  {loss:<5} {cell:<{width}} {_g(ref):>10}  {_ratio(means[0], means[-1]):>20}  "
             f"{_ratio(values[-1, 0], values[-1, -1]):>20}  {span:>15}  "
-            f"{int((~np.isfinite(values)).sum()):>10}")
+            f"{int((~np.isfinite(values)).sum()):>10}  {res.total_underflow:>9}")
 
 
 QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
@@ -890,7 +898,8 @@ def add_output_options(p):
     g.add_argument("--out", default=None, metavar="PATH",
                    help=f"figure path, {'/'.join(e[1:] for e in FORMATS)} "
                         f"(default: {DEFAULT_OUT_DIR}/<name>.png, the name carrying the settings "
-                        "that differ from the defaults; the folder is created)")
+                        "that differ from the defaults, its folder created; a PATH's folder "
+                        "must exist)")
     g.add_argument("--data", default=None, metavar="PATH",
                    help="data path, .npz (default: the figure's path with .npz)")
     g.add_argument("--no-data", action="store_true", help="do not write the data file")
@@ -1069,12 +1078,14 @@ def run_compare(args) -> int:
           + ("absolute values" if args.absolute else "each map relative to its top-last value"))
     width = max(4, *(len(c) for c in labels))
     print(f"  {'loss':<5} {'cell':<{width}} {'top-last':>10}  {'bottom/top layer':>20}  "
-          f"{'first/last step':>20}  {'dec. vs top-last':>15}  {'non-finite':>10}")
+          f"{'first/last step':>20}  {'dec. vs top-last':>15}  {'non-finite':>10}  "
+          f"{'underflow':>9}")
     for loss in args.losses:
         for cell in labels:
-            print(_panel_line(loss, cell, experiments.panel(grid, loss, cell).values, width))
+            print(_panel_line(loss, cell, experiments.panel(grid, loss, cell), width))
     print("(bottom/top layer: ratio of the time-mean of layer 0 to that of the top layer; "
-          "first/last step: at the top layer)")
+          "first/last step: at the top layer; underflow: entries below the smallest normal "
+          "float, where the gradient vanished past the float range)")
     for line in _write(fig, grid, fig_path, data_path):
         print(line)
     return 0
@@ -1219,6 +1230,9 @@ def add_reproduce(sub):
                    help="the folder to write to; must exist")
     p.add_argument("--update", action="store_true",
                    help="write over the committed figures of a source checkout (figures/)")
+    p.add_argument("--redraw", action="store_true",
+                   help="compute nothing: draw the figures again from their committed data "
+                        "(figures/NAME.npz) and write only the PNGs")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     _finish(p, run_reproduce)
 
@@ -1256,8 +1270,15 @@ def run_reproduce(args) -> int:
             and Path(args.out_dir).resolve() == committed.resolve()):
         raise _usage(args, f"{args.out_dir!r} holds the committed figures; write elsewhere, or "
                            "add --update to replace them")
+    if args.redraw:  # each figure's committed data must be there (one line if not)
+        for name in args.only or found:
+            if not (_reproduce.FIGURES_DIR / f"{name}.npz").is_file():
+                raise _usage(args, f"--redraw: figure {name!r} has no committed data "
+                                   f"({str(_reproduce.FIGURES_DIR / (name + '.npz'))!r}); "
+                                   "compute it without --redraw")
     _reproduce.reproduce(args.only, out_dir=args.out_dir, update=args.update,
-                         config_dir=args.figures, log=lambda line: print(line, flush=True))
+                         config_dir=args.figures, log=lambda line: print(line, flush=True),
+                         redraw=args.redraw)
     return 0
 
 

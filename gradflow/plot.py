@@ -682,6 +682,9 @@ def _references(reference) -> dict:
     return {f"reference {float(v):g}": float(v) for v in reference}
 
 
+_MARKERS = "os^Dvx"
+
+
 def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: str = "rms",
                  reference=None, *, band: bool = True, title: str | None = None) -> Figure:
     """Time-averaged local gain per layer against depth, on a log y axis.
@@ -721,11 +724,16 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(finite, values, 0.0).sum(axis=1) / n
         depth = np.arange(values.shape[0])
-        (line,) = ax.plot(depth, mean, "o-", color=f"C{i}", markersize=4, label=label)
+        # hollow markers of their own shape, larger first: cells with equal gains (GRU and
+        # STAR at 0.5) stay visible one inside the other
+        (line,) = ax.plot(depth, mean, "-", marker=_MARKERS[i % len(_MARKERS)],
+                          fillstyle="none", color=f"C{i}",
+                          markersize=max(3.0, 8.0 - 1.5 * i), label=label)
         if band:
             lo = np.where(n > 0, np.where(finite, values, np.inf).min(axis=1), np.nan)
             hi = np.where(n > 0, np.where(finite, values, -np.inf).max(axis=1), np.nan)
-            ax.fill_between(depth, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(depth, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0,
+                            label="min..max over $t$" if i == 0 else None)
     ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1.0, label="gain 1 (preserved)")
     for j, (label, value) in enumerate(refs.items()):
         ax.axhline(value, color=f"C{len(series) + j}", linestyle=":", linewidth=1.2, label=label)
@@ -1062,7 +1070,9 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
     panel per combination of the other factors (size ``LxT``, hidden, loss, wrt); inside a panel
     the rows and columns are the values of the factors ``rows`` and ``cols``, each square
     coloured by the fraction of seeds for which the claim holds (0 red .. 1 green, the fraction
-    written on it; grey: not measured).
+    written on it; grey: not measured). A square where some seeds' statistic is not finite
+    (the map overflowed: NaN counts as "does not hold") is hatched and says ``NaN k/S``, so a
+    non-finite map does not read as a measured failure.
     """
     factors = ("input_scale", "init", "size", "hidden", "loss", "wrt")
     for name, f in (("rows", rows), ("cols", cols)):
@@ -1076,10 +1086,12 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
     bands = {}
     for name, res in results.items():
         _check_result(res, "draw_atlas")
-        for c, frac in zip(res.config["conditions"], res.fraction):
+        stat = np.asarray(res.statistic, float)
+        for c, frac, st in zip(res.config["conditions"], res.fraction, stat):
             key = tuple(_factor_value(c, f) for f in rest)
             bands.setdefault((name, c["cell"]), {}).setdefault(key, {})[
-                (_factor_value(c, rows), _factor_value(c, cols))] = float(frac)
+                (_factor_value(c, rows), _factor_value(c, cols))] = (
+                    float(frac), int(np.count_nonzero(~np.isfinite(st))), st.size)
     ncol = max(len(p) for p in bands.values())
     fig = figure((1.55 * ncol + 1.0, 1.45 * len(bands) + 0.6))
     axes = fig.subplots(len(bands), ncol, squeeze=False)
@@ -1095,24 +1107,42 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
             rv = list(dict.fromkeys(r for r, _ in cells))
             cv = list(dict.fromkeys(c for _, c in cells))
             grid_ = np.full((len(rv), len(cv)), np.nan)
-            for (r, c), frac in cells.items():
+            for (r, c), (frac, _, _) in cells.items():
                 grid_[rv.index(r), cv.index(c)] = frac
             image = ax.imshow(grid_, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
-            for (a, b), frac in np.ndenumerate(grid_):
-                if np.isfinite(frac):
-                    ax.text(b, a, f"{frac:.2g}", ha="center", va="center", fontsize=6)
+            for (r, c), (frac, bad, n) in cells.items():
+                a, b = rv.index(r), cv.index(c)
+                text = f"{frac:.2g}"
+                if bad:
+                    text += f"\nNaN {bad}/{n}"
+                    ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1.0, 1.0, fill=False,
+                                           hatch="////", edgecolor="0.35", linewidth=0.0))
+                ax.text(b, a, text, ha="center", va="center", fontsize=6)
             ax.set_xticks(range(len(cv)), [str(v) for v in cv], fontsize=6)
             ax.set_yticks(range(len(rv)), [str(v) for v in rv], fontsize=6)
-            ax.set_title(" ".join(str(v) for v in key if v != "-"), fontsize=6)
+            parts = [_panel_label(f, v) for f, v in zip(rest, key) if v != "-"]
+            half = (len(parts) + 1) // 2  # two lines where one would run into the next title
+            ax.set_title(", ".join(parts) if len(", ".join(parts)) <= 24 else
+                         ", ".join(parts[:half]) + "\n" + ", ".join(parts[half:]), fontsize=6)
             if j == 0:
                 ax.set_ylabel(f"{name}\n{cell}\n{rows}", fontsize=6)
             if i == len(bands) - 1:
                 ax.set_xlabel(cols, fontsize=6)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.5, label="fraction of seeds where the claim holds")
-    fig.suptitle(title or "where each claim holds (panel titles: " + ", ".join(rest) + ")",
-                 fontsize=8)
+    fig.suptitle(title or "where each claim holds (panel titles: " + ", ".join(
+        _FACTOR_NAMES.get(f, f) for f in rest) + ")", fontsize=8)
     return fig
+
+
+# How draw_atlas names a factor in its panel titles and suptitle.
+_FACTOR_NAMES = {"size": "layers x steps", "hidden": "H", "loss": "loss", "wrt": "map wrt",
+                 "input_scale": "input scale", "init": "init"}
+
+
+def _panel_label(factor: str, value) -> str:
+    """``H=32``, ``10x10``, ``last``: a factor's value in an atlas panel title."""
+    return f"H={value}" if factor == "hidden" else str(value)
 
 
 def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
@@ -1130,25 +1160,45 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
     fig = figure((2.3 * ncol + 0.6, 2.0 * (len(values) + 1) + 0.5))
     axes = fig.subplots(len(values) + 1, ncol, squeeze=False)
     fname = {"steps": "T"}.get(cfg["factor"]["name"], cfg["factor"]["name"])  # adding's length
+    accuracy = cfg.get("task") == "copy"
+
+    def curve(label, v):
+        prefix = f"run/{label}@{json.dumps(v)}/"
+        return data[prefix + "eval_step"], np.asarray(data[prefix + "eval_metric"])
+
+    # a run the factor does not change (a baseline) is drawn once, in the first row
+    fixed = {label for label in labels if len(values) > 1 and all(
+        np.array_equal(curve(label, v)[1], curve(label, values[0])[1], equal_nan=True)
+        for v in values[1:])}
     for f, v in enumerate(values):
         for j in range(ncol):
             ax = axes[f, j]
-            if j >= len(labels):
+            if j >= len(labels) or (f > 0 and labels[j] in fixed):
                 ax.set_axis_off()
                 continue
-            prefix = f"run/{labels[j]}@{json.dumps(v)}/"
-            steps, metric = data[prefix + "eval_step"], np.asarray(data[prefix + "eval_metric"])
+            steps, metric = curve(labels[j], v)
             for i, lr in enumerate(lrs):
                 _seed_band(ax, steps, metric[i], f"C{i}", "-", f"lr {lr:g}", linewidth=1)
-            if cfg.get("task") != "copy":
+            if accuracy:
+                ax.set_ylim(0.0, 1.0)  # one scale: chance-level noise does not read as learning
+            else:
                 ax.set_yscale("log")
-            ax.set_title(f"{labels[j]}, {fname} = {v}", fontsize=7)
+            ax.set_title(f"{labels[j]}, " + (f"any {fname}" if labels[j] in fixed
+                                             else f"{fname} = {v}"), fontsize=7)
             ax.tick_params(labelsize=6)
+            ax.set_xlabel("training step", fontsize=6)
             if j == 0:
-                ax.set_ylabel("eval " + ("accuracy" if cfg.get("task") == "copy" else "MSE"),
-                              fontsize=7)
+                ax.set_ylabel("eval " + ("accuracy" if accuracy else "MSE"), fontsize=7)
             if f == 0 and j == 0:
                 ax.legend(fontsize=5)
+    if not accuracy:  # one MSE scale per row of curves
+        for f in range(len(values)):
+            row = [ax for ax in axes[f] if ax.axison and ax.lines]
+            if row:
+                lo = min(ax.get_ylim()[0] for ax in row)
+                hi = max(ax.get_ylim()[1] for ax in row)
+                for ax in row:
+                    ax.set_ylim(lo, hi)
     cmap = matplotlib.colormaps["RdYlGn"]
     for j in range(ncol):
         ax = axes[-1, j]

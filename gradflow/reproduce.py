@@ -238,7 +238,7 @@ def _target(out_dir, update: bool) -> Path:
 def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None,
               log: Callable[[str], None] = print,
               progress: Callable[[str], None] = functools.partial(print, flush=True),
-              dpi: float = 150) -> list[str]:
+              dpi: float = 150, redraw: bool = False) -> list[str]:
     """Regenerate figures from their configs: ``<name>.npz`` and ``<name>.png`` each, in
     ``out_dir``.
 
@@ -250,6 +250,9 @@ def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None
       config_dir: where the ``*.json`` configs are (default :data:`CONFIG_DIR`).
       log: called with one line per written file (``"wrote <path>"``).
       progress: called before and after each figure (name, kind, seconds).
+      redraw: compute nothing: draw each figure again from its committed data
+        (``figures/<name>.npz``, :func:`figure_data`) and write only ``<name>.png`` (after a
+        change to the drawing).
     Returns:
       The written paths.
     """
@@ -262,12 +265,18 @@ def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None
     written = []
     for i, name in enumerate(names, 1):
         config = load_config(found[name])
-        progress(f"[{i}/{len(names)}] {name} ({config['figure']}): computing ...")
+        progress(f"[{i}/{len(names)}] {name} ({config['figure']}): "
+                 + ("drawing its committed data ..." if redraw else "computing ..."))
         start = time.perf_counter()
         builder = BUILDERS[config["figure"]]
-        data = builder.compute(config)
-        # The data first: a figure that cannot be drawn must not cost the computation.
-        for path in (data.save(target / f"{name}.npz"),
+        if redraw:
+            data = figure_data(name, config_dir=config_dir)
+            paths = ()
+        else:
+            data = builder.compute(config)
+            # The data first: a figure that cannot be drawn must not cost the computation.
+            paths = (data.save(target / f"{name}.npz"),)
+        for path in (*paths,
                      plot.save(builder.draw(config, data), target / f"{name}.png", dpi=dpi)):
             written.append(str(path))
             log(f"wrote {path}")

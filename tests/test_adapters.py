@@ -1056,6 +1056,12 @@ def test_deep_lstm_attenuates_residual_lstm_does_not():
     assert 0.25 ** 15 / 1.5 < r["plain"] < 0.25 ** 15 * 1.5, r  # measured 0.96 x 0.25^15
     assert 0.1 < r["residual"] < 10, r  # measured 1.24
     assert 0.1 < r["residual+layernorm"] < 10, r  # measured 0.87
+    # figures/residual_lstm.png's committed maps are these (same configuration)
+    saved = gradflow.load(Path(__file__).resolve().parents[1] / "figures" / "residual_lstm.npz")
+    for label, key in (("plain", "plain"), ("residual", "residual"),
+                       ("residual+layernorm", "residual + LayerNorm")):
+        v = saved[f"values/{key}"]
+        np.testing.assert_allclose(v[0, -1] / v[-1, -1], r[label], rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -331,6 +331,50 @@ def test_cheng_refined_maps_vanish_or_explode(cheng):
     assert _med(b, wrt="params", **add).min() > 10
 
 
+def test_cheng_refined_keeps_more_than_vanilla_where_the_readme_says(cheng):
+    """Every setting where a refined map holds in every seed and keeps more at the bottom than
+    the vanilla cell's (README, refined gates), and no other holding setting is missed."""
+    b = cheng["bottom_layer_kept"]
+    more = [("refined_lstm:mode=add", "lstm", dict(layers=2, input_scale=1.0)),
+            ("refined_lstm:mode=add", "lstm", dict(layers=8, input_scale=1.0, wrt="hidden")),
+            ("refined_gru", "gru", dict(layers=2, input_scale=1.0)),
+            ("refined_gru", "gru", dict(layers=8, input_scale=0.1, loss="all")),
+            ("refined_mgu", "mgu", dict(layers=2, input_scale=0.1, wrt="params", loss="last"))]
+    for refined, vanilla, where in more:
+        assert b.fraction[_rows(b, cell=refined, **where)].min() == 1, (refined, where)
+        assert (_med(b, cell=refined, **where) > _med(b, cell=vanilla, **where)).all()
+    # the multiplicative refined cells hold nowhere else but these (besides the GRU's sequence
+    # loss at 2 layers, scale 0.1, level with vanilla, and the LSTM's params map at 2 x scale 1)
+    held = {(c["cell"], c["layers"], c["input_scale"], c["wrt"], c["loss"])
+            for c, f in zip(b.config["conditions"], b.fraction) if f == 1
+            and c["cell"] in ("refined_lstm", "refined_gru", "refined_mgu")}
+    assert held == ({("refined_gru", 2, 1.0, w, l) for w in ("params", "hidden")
+                     for l in ("last", "all")}
+                    | {("refined_gru", n, 0.1, w, "all") for n in (2, 8)
+                       for w in ("params", "hidden")}
+                    | {("refined_lstm", 2, 1.0, "params", l) for l in ("last", "all")}
+                    | {("refined_mgu", 2, 0.1, "params", l) for l in ("last", "all")})
+    # the multiplicative MGU at 8 layers and scale 0.1 underflows: its hidden map is exactly 0
+    assert _med(b, cell="refined_mgu", layers=8, input_scale=0.1, wrt="hidden").max() == 0
+
+
+def test_nonfinite_conditions_are_marked_in_the_figure(cheng):
+    """A condition whose map overflowed (NaN: does not hold) is drawn hatched with "NaN k/S",
+    not as a plain red 0 like a measured failure; its panel titles name H."""
+    from gradflow import plot
+
+    b = {"bottom_layer_kept": cheng["bottom_layer_kept"]}
+    fig = plot.draw_atlas(b, rows="input_scale", cols="size")
+    marks = sorted(t.get_text() for ax in fig.axes for t in ax.texts if "NaN" in t.get_text())
+    st = b["bottom_layer_kept"].statistic
+    want = sorted(f"{f:.2g}\nNaN {k}/4" for f, k in zip(b["bottom_layer_kept"].fraction,
+                                                       np.sum(~np.isfinite(st), axis=1)) if k)
+    assert marks == want and len(marks) == 20
+    hatched = sum(1 for ax in fig.axes for p in ax.patches if p.get_hatch())
+    assert hatched == len(want)
+    assert all("H=32" in ax.get_title() for ax in fig.axes if ax.images)
+
+
 def test_cheng_gate_ranges(cheng):
     for fam, gates_ in (("lstm", "io"), ("gru", "rz"), ("mgu", "f")):
         out, sat = cheng[f"{fam}_gates_outside_unit"], cheng[f"{fam}_gates_saturated"]

@@ -226,3 +226,30 @@ def test_installed_package_reproduces_star_fig2_outside_the_checkout(background)
         assert again.config[key] == value == committed.config[key], key
     for key in committed.arrays:
         np.testing.assert_allclose(again[key], committed[key], rtol=1e-4, err_msg=key)
+
+
+def test_redraw_draws_the_committed_data_and_computes_nothing(tmp_path, capsys, monkeypatch):
+    """--redraw: the PNG again from figures/NAME.npz (after a change to the drawing), no .npz
+    written and nothing computed; a figure without committed data is one line, exit 2."""
+    from gradflow.cli import main
+
+    if not (reproduce.FIGURES_DIR / "atlas_cheng_refined.npz").exists():
+        pytest.skip("a checkout without the committed figures")
+
+    def fail(config):
+        raise AssertionError("--redraw computed")
+
+    for b in reproduce.BUILDERS:
+        monkeypatch.setitem(reproduce.BUILDERS, b, reproduce.BUILDERS[b]._replace(compute=fail))
+    rc = main(["reproduce", "--redraw", "--only", "atlas_cheng_refined,vertical_gain", "--out",
+               str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas_cheng_refined.png",
+                                                          "vertical_gain.png"]
+    (tmp_path / "cfg").mkdir()
+    config = json.loads((reproduce.CONFIG_DIR / "vertical_gain.json").read_text())
+    (tmp_path / "cfg" / "not_committed.json").write_text(json.dumps(config))
+    rc = main(["reproduce", "--redraw", "--figures", str(tmp_path / "cfg"), "--out",
+               str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "figure 'not_committed' has no committed data" in err, err

@@ -324,3 +324,29 @@ def test_gu_copy_atlas():
     assert (sat > 0.5).all()
     # "solves the copy task" (accuracy > 0.9) at lag 40: in no seed at any lr
     assert (finals(d, "UR-LSTM", 40) < 0.9).all()
+
+
+@pytest.mark.parametrize("name", [a for a in ("train_atlas_g_lstm", "train_atlas_gu_copy")
+                                  if (reproduce.FIGURES_DIR / f"{a}.npz").exists()])
+def test_training_atlas_figure_draws_baselines_once_on_one_scale_per_row(name):
+    """Runs the factor does not change (g-LSTM's baselines at every budget) are drawn once,
+    titled "any <factor>"; accuracy panels share the scale 0..1, MSE panels one per row."""
+    from gradflow import plot
+
+    d = committed(name)
+    fig = plot.draw_training_atlas(d)
+    values = d.config["factor"]["values"]
+    curves = [ax for ax in fig.axes if ax.lines and not ax.images]  # not the claim panels
+    titles = [ax.get_title() for ax in curves]
+    for label, *_ in d.config["runs"]:
+        fixed = all(np.array_equal(at.run_arrays(d, label, v)["eval_metric"],
+                                   at.run_arrays(d, label, values[0])["eval_metric"])
+                    for v in values[1:])
+        f = {"steps": "T"}.get(d.config["factor"]["name"], d.config["factor"]["name"])
+        mine = [t for t in titles if t == f"{label}, any {f}" or t.startswith(f"{label}, {f} = ")]
+        assert len(mine) == (1 if fixed else len(values)), (label, mine)
+        assert fixed == any(" any " in t for t in mine)
+    if d.config["task"] == "copy":
+        assert {ax.get_ylim() for ax in curves} == {(0.0, 1.0)}
+    if name == "train_atlas_g_lstm":  # the LSTM and both plain g-LSTMs do not depend on lambda
+        assert sum(" any " in t for t in titles) == 3
