@@ -355,35 +355,52 @@ CACHE_CHILD = textwrap.dedent("""
 """)
 
 
-def _uncached_env(**extra):
-    """This process's environment without the suite's compile-cache settings (conftest.py's
-    folder, its threshold, a GRADFLOW_COMPILE_CACHE), plus ``extra``: a child as users start it."""
+def _uncached_env(base=None, **extra):
+    """``base`` (default this process's environment) without the suite's compile-cache
+    settings (conftest.py's folder, its threshold, a GRADFLOW_COMPILE_CACHE), plus ``extra``:
+    a child as users start it."""
     drop = ("JAX_COMPILATION_CACHE_DIR", parallel.COMPILE_CACHE_ENV,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+    base = os.environ if base is None else base
+    return {**{k: v for k, v in base.items() if k not in drop}, **extra}
 
 
-def _cache_child(tmp, arg="-", what="map", **env):
-    env = _uncached_env(XDG_CACHE_HOME=str(tmp), **env)
+def _cache_child(tmp, arg="-", what="map", base=None, **env):
+    env = _uncached_env(base, XDG_CACHE_HOME=str(tmp), **env)
     r = subprocess.run([sys.executable, "-c", CACHE_CHILD, arg, what], capture_output=True,
                        text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_the_compile_cache_serves_the_next_process(tmp_path):
-    first = _cache_child(tmp_path)
-    root = tmp_path / "gradflow" / "xla"
-    assert first["folder"] == str(root / parallel._host_key())
-    kept = sorted(p.name for p in (root / parallel._host_key()).iterdir())
+def _cache_children(env):
+    """Four fresh processes on one cache home: the first fills it, the second reads it, one
+    given a folder, one with the cache off (a background job: its work is other processes)."""
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out = {"tmp": str(tmp), "first": _cache_child(tmp, base=env)}
+        folder = tmp / "gradflow" / "xla" / parallel._host_key()
+        out["kept"] = sorted(p.name for p in folder.iterdir())
+        out["second"] = _cache_child(tmp, base=env)
+        out["given"] = _cache_child(tmp / "elsewhere", str(tmp / "mine"), "none", base=env)
+        out["off"] = _cache_child(tmp / "none", what="none", base=env,
+                                  **{parallel.COMPILE_CACHE_ENV: "off"})
+        out["off_made"] = (tmp / "none").exists()
+        return out
+
+
+@pytest.mark.background(job=_cache_children)
+def test_the_compile_cache_serves_the_next_process(background):
+    r = background
+    first, second, kept = r["first"], r["second"], r["kept"]
+    assert first["folder"] == os.path.join(r["tmp"], "gradflow", "xla", parallel._host_key())
     assert first["hits"] == 0 and len(kept) >= 2  # the map's programs and the eager ones
-    second = _cache_child(tmp_path)
     assert second["hits"] >= len(kept) and second["values"] == first["values"]
     # a folder given, and off
-    given = _cache_child(tmp_path / "elsewhere", str(tmp_path / "mine"), "none")
-    assert given["folder"] == str(tmp_path / "mine" / parallel._host_key())
-    off = _cache_child(tmp_path / "none", what="none", **{parallel.COMPILE_CACHE_ENV: "off"})
-    assert off["folder"] is None and not (tmp_path / "none").exists()
+    assert r["given"]["folder"] == os.path.join(r["tmp"], "mine", parallel._host_key())
+    assert r["off"]["folder"] is None and not r["off_made"]
 
 
 def test_the_compile_cache_folder_must_be_writable_when_asked_for(tmp_path):
