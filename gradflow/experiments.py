@@ -28,11 +28,11 @@ import warnings
 from gradflow import cells as _cells
 from gradflow import gates as _gates
 from gradflow import tasks as _tasks
-from gradflow.checks import choice
+from gradflow.checks import choice, float_dtype
 from gradflow.errors import user_input
 from gradflow.jacobian import (LOSSES, WRTS, check_wrt, expected_positive, gradient_map,
                                local_gains)
-from gradflow.problem import (DTYPES, cell_problem, precision, problem, problem_stack,
+from gradflow.problem import (cell_problem, precision, problem, problem_stack,
                               task_stack)
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 
@@ -129,7 +129,7 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
         cells, built = _cell_entries(cells)
         losses = _names(losses, "losses", "loss", LOSSES)
         choice("wrt", wrt, WRTS)
-        choice("dtype", dtype, DTYPES)
+        float_dtype(dtype)
         cell_options = dict(cell_options or {})
         unknown = sorted(set(cell_options)
                          - {c for c, b in zip(cells, built) if isinstance(b, str)})

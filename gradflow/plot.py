@@ -284,7 +284,8 @@ def _draw_map(ax: Axes, values: np.ndarray, norm, cmap: mcolors.Colormap):
 
 
 def _colorbar(fig: Figure, image, axes, label: str, values_list, norm, relative: bool):
-    """One colour bar for ``axes``; its arrow marks values below range when a log norm hides any.
+    """One colour bar for ``axes``; its arrows mark values beyond the scale (clipped by a given
+    ``vmin``/``vmax``, or not positive on a log scale), at the end they fall off.
 
     On the symmetric relative scale the ticks are whole decades placed symmetrically about
     ``10^0 = 1``, so the centre is always labelled. Where no entry has a colour (all
@@ -292,7 +293,10 @@ def _colorbar(fig: Figure, image, axes, label: str, values_list, norm, relative:
     showing a made-up range.
     """
     log = isinstance(norm, mcolors.LogNorm)
-    below = log and any(np.any(np.isfinite(v) & (v <= 0)) for v in values_list)
+    # beyond the scale (clipped by a given vmin), or not on a log scale at all
+    below = any(np.any(np.isfinite(v) & ((v < norm.vmin) | ((v <= 0) & log)))
+                for v in values_list)
+    above = any(np.any(np.isfinite(v) & (v > norm.vmax)) for v in values_list)
     finite = any(np.any(np.isfinite(v)) for v in values_list)
     if not finite or (log and not any(np.any(np.isfinite(v) & (v > 0)) for v in values_list)):
         bar = fig.colorbar(image, ax=axes, label=f"{label}\n(no "
@@ -300,7 +304,9 @@ def _colorbar(fig: Figure, image, axes, label: str, values_list, norm, relative:
         bar.set_ticks([])
         bar.ax.minorticks_off()
         return bar
-    bar = fig.colorbar(image, ax=axes, label=label, extend="min" if below else "neither")
+    extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get(
+        (bool(below), bool(above)), "neither")
+    bar = fig.colorbar(image, ax=axes, label=label, extend=extend)
     decades = int(np.floor(np.log10(norm.vmax) + 1e-9)) if log and relative else 0
     if decades >= 1 and np.isclose(norm.vmin * norm.vmax, 1.0):
         step = int(np.ceil(decades / 4))  # at most 9 labelled ticks
@@ -777,7 +783,8 @@ def _titled(title: str | None, line: str) -> str:
     return "\n".join(p for p in (title, line) if p)
 
 
-def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None) -> Figure:
+def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
+              color_range=None) -> Figure:
     """The STAR Fig. 2 layout of a :func:`gradflow.experiments.gradient_grid` result: rows
     losses, columns cells, one shared log colour scale.
 
@@ -786,7 +793,9 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None)
     A map whose top-last value is 0 or non-finite has nothing to be relative to: its panel is
     left empty with a note saying so, instead of failing the figure. The title is ``title``
     (default: what is drawn) over the settings (:func:`settings`: L, T, H, init, seed); the
-    row labels name the losses.
+    row labels name the losses. ``color_range=(vmin, vmax)`` fixes the colour scale (the STAR
+    paper's figure is clipped to about ``(0.05, 5)``); values beyond it take the end colours
+    and the colour bar's arrows say they exist.
     """
     cells, losses = grid.config["cells"], grid.config["losses"]
     panels, empty = {}, []
@@ -804,8 +813,9 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None)
     if title is None:
         title = f"gradient maps wrt {grid.config.get('wrt', '?')}" + (
             ", relative to (top layer, last step)" if normalize else "")
+    vmin, vmax = (None, None) if color_range is None else map(float, color_range)
     fig = _grid_or_empty(panels, losses, cells, normalize,
-                         _titled(title, settings(grid.config)))
+                         _titled(title, settings(grid.config)), vmin, vmax)
     for i, j, cell, note in empty:
         ax = fig.axes[i * len(cells) + j]  # the panels come first, row by row
         ax.text(0.5, 0.5, f"{cell}:\n{note};\nnothing to normalise by", ha="center",
@@ -815,11 +825,12 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None)
     return fig
 
 
-def _grid_or_empty(panels, losses, cells, normalize, title) -> Figure:
+def _grid_or_empty(panels, losses, cells, normalize, title, vmin=None, vmax=None) -> Figure:
     """:func:`grid` of ``panels``; when no panel can be drawn, a figure of empty panels."""
     rows = [f"loss={loss}" for loss in losses]
     if panels:
-        return grid(panels, rows=rows, cols=cells, normalize=normalize, title=title)
+        return grid(panels, rows=rows, cols=cells, normalize=normalize, title=title, vmin=vmin,
+                    vmax=vmax)
     fig = figure((_PANEL_SIZE[0] * len(cells) + 1.2, _PANEL_SIZE[1] * len(rows) + 0.5))
     for ax in fig.subplots(len(rows), len(cells), squeeze=False).flat:
         ax.set_axis_off()

@@ -112,9 +112,10 @@ _SIZES = ("layers", "steps", "hidden", "batch", "seed", "dtype")
 register("gradient_grid",
          from_config(experiments.gradient_grid,
                      ("cells", "losses", "wrt", *_SIZES, "readout_seed", "init", "input_scale",
-                      "cell_options"), drawn=("normalize",)),
+                      "cell_options"), drawn=("normalize", "color_range")),
          lambda config, data: plot.draw_grid(data, normalize=bool(config.get("normalize", False)),
-                                             title=config.get("title")))
+                                             title=config.get("title"),
+                                             color_range=config.get("color_range")))
 register("vertical_gain",
          from_config(experiments.vertical_gain, ("cells", *_SIZES, "init", "input_scale")),
          lambda config, data: plot.draw_gains(data, title=config.get("title")))

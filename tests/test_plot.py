@@ -469,6 +469,23 @@ def test_draw_grid_normalises_each_panel_and_leaves_an_all_zero_map_empty():
     assert all(ax.images for ax in fig.axes[:4])
 
 
+def test_draw_grid_on_a_fixed_colour_range_marks_what_it_clips():
+    """color_range=(0.05, 5), the STAR paper's scale: the norm is that range, and the colour
+    bar's arrows say which ends clip values (entries beyond it take the end colours)."""
+    a = 10.0 ** np.arange(-3.0, 3.0).reshape(2, 3)  # 1e-3 .. 1e2, relative to a[-1, -1] = 100
+    wide = _synthetic_grid({("last", "x"): a, ("all", "x"): a[::-1].copy()})
+    fig = plot.draw_grid(wide, color_range=(0.05, 5))
+    norm = fig.axes[0].images[0].norm
+    assert (norm.vmin, norm.vmax) == (0.05, 5.0)
+    def extend(fig):  # of the figure's one colour bar
+        return next(im.colorbar for ax in fig.axes for im in ax.images if im.colorbar).extend
+
+    assert extend(fig) == "both"  # 1e-5 below, 1e5 (the reversed map) above
+    inside = _synthetic_grid({("last", "x"): np.full((2, 3), 2.0)})
+    assert extend(plot.draw_grid(inside, color_range=(0.05, 5))) == "neither"
+    assert extend(plot.draw_grid(wide)) == "neither"  # on its own range nothing is clipped
+
+
 def test_draw_grid_is_normalised_by_default_and_titled_with_the_settings():
     a = 10.0 ** np.arange(6.0).reshape(2, 3)
     grid = _synthetic_grid({("last", "x"): a, ("all", "x"): 3 * a}, wrt="params", layers=2,

@@ -127,7 +127,7 @@ def test_a_misspelt_key_is_refused_not_recorded_as_a_note():
         reproduce.build({**config, "zoom": 2, "seeds": [1]})
     functions = {"gradient_grid": "gradient_grid", "vertical_gain": "vertical_gain",
                  "gate_saturation": "gate_saturation", "training_runs": "training_runs"}
-    drawn = {"normalize", "gates"}
+    drawn = {"normalize", "gates", "color_range"}
     for kind, name in functions.items():
         params = set(inspect.signature(getattr(gradflow.experiments, name)).parameters)
         assert reproduce.BUILDERS[kind].keys - drawn <= params, kind
