@@ -95,9 +95,12 @@ def finite_float(text: str) -> float:
 
 def width(text: str) -> int:
     """A positive integer up to :data:`gradflow.checks.MAX_WIDTH` (a hidden or input size)."""
+    return _within_max_width(positive_int(text))
+
+
+def _within_max_width(value: int) -> int:
     from gradflow.checks import MAX_WIDTH
 
-    value = positive_int(text)
     if value > MAX_WIDTH:
         raise argparse.ArgumentTypeError(f"{value} is beyond any machine (one {value} x {value} "
                                          f"matrix); widths go up to {MAX_WIDTH:,}")
@@ -123,7 +126,7 @@ def hidden_sizes(text: str):
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer or one per layer (e.g. 64,32,32), got {text!r}") from None
-    return tuple(width(str(w)) for w in widths)
+    return tuple(_within_max_width(w) for w in widths)
 
 
 def width_text(hidden) -> str:
@@ -1272,10 +1275,10 @@ def run_reproduce(args) -> int:
                            "add --update to replace them")
     if args.redraw:  # each figure's committed data must be there (one line if not)
         for name in args.only or found:
-            if not (_reproduce.FIGURES_DIR / f"{name}.npz").is_file():
+            path = _reproduce.data_path(name)
+            if not path.is_file():
                 raise _usage(args, f"--redraw: figure {name!r} has no committed data "
-                                   f"({str(_reproduce.FIGURES_DIR / (name + '.npz'))!r}); "
-                                   "compute it without --redraw")
+                                   f"({str(path)!r}); compute it without --redraw")
     _reproduce.reproduce(args.only, out_dir=args.out_dir, update=args.update,
                          config_dir=args.figures, log=lambda line: print(line, flush=True),
                          redraw=args.redraw)

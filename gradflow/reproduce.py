@@ -190,6 +190,12 @@ def _known(names, found: dict) -> list[str]:
 # Data and reproduction
 
 
+def data_path(name: str, data_dir=None) -> Path:
+    """Where figure ``name``'s data is: ``<data_dir>/<name>.npz`` (default the committed
+    :data:`FIGURES_DIR`)."""
+    return Path(FIGURES_DIR if data_dir is None else data_dir) / f"{name}.npz"
+
+
 def figure_data(name: str, config_dir=None, data_dir=None, **overrides) -> Result:
     """The data of figure ``name``: without ``overrides``, the committed ``<name>.npz`` in
     ``data_dir`` (default :data:`FIGURES_DIR`, a source checkout's ``figures/``); with them, the
@@ -202,7 +208,7 @@ def figure_data(name: str, config_dir=None, data_dir=None, **overrides) -> Resul
     found = configs(config_dir)
     _known(name, found)
     if not overrides:
-        path = Path(FIGURES_DIR if data_dir is None else data_dir) / f"{name}.npz"
+        path = data_path(name, data_dir)
         if not path.exists():
             raise ValueError(f"figure {name!r} has no data at {str(path)!r}: run gradflow "
                              f"reproduce --only {name} --out DIR and pass data_dir=DIR")

@@ -686,13 +686,12 @@ def _widths(hidden_size, layers: int):
                              f"{len(hidden_size)} widths for {layers} layers")
         ws = tuple(_width(f"hidden_size[{l}]", h) for l, h in enumerate(hidden_size))
         return ws[0] if len(set(ws)) == 1 else ws
-    if isinstance(hidden_size, int) and not isinstance(hidden_size, bool) and hidden_size > 0:
-        return _width("hidden_size", hidden_size)
     try:
-        return _positive_int("hidden_size", hidden_size)
+        h = _positive_int("hidden_size", hidden_size)
     except ValueError:
         raise ValueError(f"hidden_size must be a positive integer or a list of {layers} "
                          f"(one per layer), got {hidden_size!r}") from None
+    return _width("hidden_size", h)
 
 
 def _cut(tree, H: int):
