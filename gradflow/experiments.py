@@ -12,10 +12,12 @@ The unpacking functions (:func:`panel`, :func:`gain_panel`, :func:`stats_panel`,
   ``wrt``) of several cells under several losses, all on the same problem.
 * :func:`vertical_gain` (SPEC section 4 item 2): local gains of deep stacks at initialisation
   against the closed forms :data:`VERTICAL_GAIN`.
-* :func:`gate_saturation` (item 3, Gu et al. 2020): gate statistics of ``(label, cell,
-  options)`` entries at initialisation.
+* :func:`gate_saturation` (item 3, Gu et al. 2020): gate statistics of cells (names, ``Cell``
+  objects or ``(label, cell, options)`` entries, as :func:`gradflow.gates.compare`) at
+  initialisation.
 * :func:`training_runs` (items 3-5 after training): several cells trained on one task with one
-  seed, learning curves plus gate statistics or gradient maps at the first and the last step.
+  seed, or several (``seeds=``), learning curves plus gate statistics or gradient maps at the
+  first and the last step.
 
 >>> grid = gradient_grid(["rnn", "lstm"], ["last"], layers=2, steps=3, hidden=4, batch=2)
 >>> panel(grid, "last", "lstm").values.shape
@@ -208,6 +210,15 @@ def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, ste
                   meta: dict | None = None) -> Result:
     r"""Local gains (:func:`gradflow.jacobian.local_gains`) of several cells at every depth.
 
+    Args:
+      cells: registered cell names (one name or several, distinct; default the four of
+        :data:`VERTICAL_GAIN`).
+      layers, steps, hidden, batch, seed, dtype, input_scale: each cell's problem, as
+        :func:`gradflow.problem.cell_problem`; the defaults (a deep stack on small inputs
+        ``0.01 * N(0, 1)``) are where the closed forms hold.
+      init: every cell's initialisation (``"orthogonal"``, the closed forms' setting; None
+        gives each cell its own).
+      meta: extra config recorded in the result.
     Returns:
       Result ``kind="vertical_gain"``: ``"{stat}/{cell}": (L, T)`` for ``stat`` in
       ``vertical_rms, vertical_spectral, temporal_rms, temporal_spectral``;
@@ -244,25 +255,42 @@ def gain_panel(data: Result, cell: str) -> Result:
 # Gate saturation at initialisation (SPEC section 4 item 3, Gu et al. 2020)
 
 
-def _entries(entries) -> list:
-    return [(str(label), str(cell), dict(opts)) for label, cell, opts in entries]
-
-
 def gate_saturation(entries, *, layers: int = 2, steps: int = 32, hidden: int = 64,
                     batch: int = 16, seed: int = 0, dtype: str = "float32",
                     input_scale: float = 1.0, eps: float = 0.05, bins: int = 20,
                     meta: dict | None = None) -> Result:
-    """:func:`gradflow.gates.compare` of ``(label, cell, options)`` entries at initialisation,
-    as one Result: every array of entry ``label``'s ``gate_stats`` under ``"{label}/..."``;
-    ``config["stats"][label]`` holds its config. :func:`stats_panel` takes one back out."""
+    """:func:`gradflow.gates.compare` of several cells at initialisation, as one Result: every
+    array of entry ``label``'s ``gate_stats`` under ``"{label}/..."``; ``config["stats"][label]``
+    holds its config. :func:`stats_panel` takes one back out.
+
+    Args:
+      entries: as :func:`gradflow.gates.compare`: cell names, ``Cell`` objects or
+        ``(label, cell, options)`` triples (a name or a Cell is labelled by its name, with no
+        options); labels must be unique. ``config["entries"]`` records each as
+        ``[label, cell, options]``, a Cell by its name.
+      layers, steps, hidden, batch, seed, dtype, input_scale: the one problem every entry is
+        measured on, as :func:`gradflow.problem.problem`.
+      eps, bins: as :func:`gradflow.gates.saturation`: the saturation margin ``0 < eps < 0.5``
+        and the histogram bins (a positive integer up to :data:`gradflow.gates.MAX_BINS`); the
+        time gates' update threshold is its default, :data:`gradflow.gates.UPDATE_THRESHOLD`.
+      meta: extra config recorded in the result.
+    Returns:
+      Result ``kind="gate_saturation"``.
+
+    >>> data = gate_saturation(["lstm"], layers=2, steps=3, hidden=4, batch=2)
+    >>> stats_panel(data, "lstm").kind, data.config["entries"]
+    ('gate_stats', [['lstm', 'lstm', {}]])
+    """
     with user_input():
-        entries = _entries(entries)
+        entries = _gates.parse_entries(entries)
     with precision(dtype):  # (gates.compare checks every entry before computing any)
         found = _gates.compare(entries, layers=layers, steps=steps, hidden=hidden, batch=batch,
                                seed=seed, dtype=dtype, input_scale=input_scale, eps=eps,
                                bins=bins)
     arrays = {f"{label}/{k}": v for label, r in found.items() for k, v in r.arrays.items()}
-    config = {**(meta or {}), "entries": [list(e) for e in entries], "layers": layers,
+    recorded = [[label, cell if isinstance(cell, str) else cell.name, options]
+                for label, cell, options in entries]  # (a Cell's own config is in "stats")
+    config = {**(meta or {}), "entries": recorded, "layers": layers,
               "steps": steps, "hidden": hidden, "batch": batch, "seed": seed, "dtype": dtype,
               "input_scale": input_scale, "eps": eps, "bins": bins,
               "stats": {label: r.config for label, r in found.items()}}
@@ -326,9 +354,9 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
                   dtype: str = "float32", eval_every: int | None = None,
                   eval_batch: int = 256, record=(), record_batch: int = 64, eps: float = 0.05,
                   bins: int = 20, meta: dict | None = None) -> Result:
-    r"""Train several stacks on one task with one seed (:func:`gradflow.train.train`: Adam,
-    gradient clip, fresh batches, a fixed evaluation batch) and record measurements at the
-    first and the last step.
+    r"""Train several stacks on one task with one seed, or several (``seeds=``)
+    (:func:`gradflow.train.train`: Adam, gradient clip, fresh batches, a fixed evaluation
+    batch) and record measurements at the first and the last step.
 
     Args:
       runs: ``[label, cell, options]`` or ``[label, cell, options, training]`` entries;
@@ -342,7 +370,8 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
       record: a subset of :data:`RECORDS`: ``"gates"``, :func:`gradflow.gates.saturation` with
         ``eps`` and ``bins``; ``"map"``, the hidden-state gradient map under the probe loss
         ``"last"`` (the random readout of ``gradflow heatmap``, so maps at both steps compare),
-        each on the first ``record_batch`` evaluation sequences.
+        each on the first ``record_batch`` evaluation sequences. (Not
+        :func:`gradflow.train.train`'s ``record``, ``{name: fn}`` called at ``record_at``.)
       seeds: a list of seeds: every run is trained once per seed
         (:func:`gradflow.seeds.train_seeds`, the seeds vmapped in one program; ``seed`` is then
         unused and recorded as None) and every array below gets a leading seed axis ``S``

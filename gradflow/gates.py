@@ -413,7 +413,7 @@ def reductions(stack: Stack, params: dict, xs, eps: float = 0.05,
     penalty): ``(red, hist)`` with ``red[(stat, gate)] =
     ((L, T) map, (L, H) per unit)`` (means, or counts for integer rows) and ``hist[gate]:
     (L, bins)``. :func:`named_arrays` turns one problem's ``(red, hist)`` into the named
-    arrays."""
+    arrays. ``threshold`` is :func:`saturation`'s ``update_threshold``."""
     return _reduce(stack, params, xs, eps, threshold, bins)
 
 
@@ -575,6 +575,22 @@ def _entry(e):
                     f"tuples; got {e!r}")
 
 
+def parse_entries(entries) -> list[tuple]:
+    """:func:`compare`'s ``entries`` as ``[(label, cell, options)]``: a cell name is its own
+    label, a ``Cell`` is labelled by its ``name``, both with no options; a ``(label, cell)``
+    pair gets none. A TypeError for anything else, a ValueError for repeated labels.
+
+    >>> parse_entries(["lstm", ("UGI", "lstm", {"init": "ugi"})])
+    [('lstm', 'lstm', {}), ('UGI', 'lstm', {'init': 'ugi'})]
+    """
+    parsed = [_entry(e) for e in entries]
+    labels = [p[0] for p in parsed]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"compare: duplicate labels {dup}; give each entry its own label")
+    return parsed
+
+
 def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 32,
             batch: int = 16, seed: int = 0, dtype: str = "float32", input_scale: float = 1.0,
             eps: float = 0.05, bins: int = 20,
@@ -589,16 +605,15 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
         ``cells.get("g_lstm", steps=T)`` as the cell.)
       layers, steps, hidden, batch, seed, dtype, input_scale: as
         :func:`gradflow.problem.problem`.
+      eps, bins, update_threshold: as :func:`saturation`: the saturation margin
+        ``0 < eps < 0.5``, histogram bins (a positive integer up to :data:`MAX_BINS`) and the
+        time-gate update threshold ``0 < update_threshold < 1``.
     Returns:
       ``{label: Result}`` in the order given; each config holds the problem's config and
       ``"label"``.
     """
     with user_input():  # every entry checked before any is computed
-        parsed = [_entry(e) for e in entries]
-        labels = [p[0] for p in parsed]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ValueError(f"compare: duplicate labels {dup}; give each entry its own label")
+        parsed = parse_entries(entries)
         for label, cell, options in parsed:
             problem_stack(cell, layers=layers, steps=steps, hidden=hidden, batch=batch,
                           dtype=dtype, input_scale=input_scale, **options)
@@ -614,6 +629,6 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
 
 __all__ = ["GU_GRID", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations", "gate_cell",
            "bin_edges", "compare", "gate_kinds", "histogram", "is_saturated", "kept_fraction",
-           "layer_inputs", "named_arrays", "preactivation", "reductions", "refine_partials",
-           "saturation",
+           "layer_inputs", "named_arrays", "parse_entries", "preactivation", "reductions",
+           "refine_partials", "saturation",
            "sigmoid_slope", "slopes", "summary", "timescale"]

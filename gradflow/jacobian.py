@@ -103,7 +103,7 @@ class ReadoutLoss:
 
 
 def readout_loss(loss: str, hidden_size: int, steps: int, batch: int, seed: int = 0,
-                 dtype=jnp.float32, classes: int = CLASSES) -> ReadoutLoss:
+                 dtype="float32", classes: int = CLASSES) -> ReadoutLoss:
     """The default loss for ``(B, T, H)`` outputs (see :class:`ReadoutLoss`)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
@@ -397,15 +397,30 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
     widths (:attr:`gradflow.Stack.widths`), its rms norm :math:`\|J\|_F/\sqrt{H_l}`.
 
     Args:
-      target: ``(layer, step)``.
-      norm: ``"rms"`` (:math:`\|J\|_F/\sqrt H`) or ``"spectral"`` (largest singular value;
-        ``method="exact"`` only; holds all ``(L, T, B, H, H)`` Jacobians).
+      stack, params: a :class:`gradflow.Stack` and its parameters.
+      xs: ``(B, T, D)`` inputs.
+      target: ``(layer, step)`` integers, negative ones counting from the end; a position
+        outside the stack is a ValueError.
+      norm: the matrix norm of each Jacobian (not the Stack's ``norm``, its layers'
+        normalisation; recorded as ``config["jacobian_norm"]``): ``"rms"``
+        (:math:`\|J\|_F/\sqrt H`) or ``"spectral"`` (largest singular value;
+        ``method="exact"`` only; holds all ``(L, T, B, H, H)`` Jacobians, refused beyond 4 GiB).
       method: ``"exact"``: ``H`` VJPs, one per basis cotangent of the target, ``vmap``-ed
         ``chunk`` at a time; ``"probe"``: ``probes`` Gaussian cotangents ``v``,
         :math:`\|J\|_F^2 \approx \mathrm{mean}_k \|v_k^\top J\|^2`, with a delta-method standard
         error (rms only).
+      probes: the number of Gaussian cotangents of ``method="probe"``, an integer ``>= 2``
+        (ignored by ``"exact"``, recorded as None).
+      seed: the probes' seed (``key(seed)``), an integer in ``[0, 2**31 - 1)``; recorded as
+        ``config["probe_seed"]`` (None for ``"exact"``, which draws nothing), apart from the
+        problem's ``seed`` that ``meta`` may carry.
+      chunk: basis cotangents per ``vmap`` batch of ``method="exact"``, a positive integer
+        (default: about 256 MiB of Jacobians per batch, at most ``H``; unused by ``"probe"``).
       spectra_at: ``[(l, t), ...]`` positions whose full singular spectra are returned
         (exact method).
+      meta: extra config recorded in the result (e.g. ``problem(...).config``); where it
+        repeats a key of the stack's config or sizes it must agree
+        (:func:`gradflow.checks.with_meta`).
     Returns:
       Result ``kind="jacobian_map"``: ``values: (L, T)``; ``stderr: (L, T)`` for probes;
       ``spectra: (n, B, H)`` singular values (descending) at ``spectra_at`` (for layers of
@@ -605,6 +620,15 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
     :math:`\sigma(0)\sigma(0) = 0.25`; STAR with ``k ≈ 0.5`` has 0.5; a tanh RNN with orthogonal
     ``U`` has temporal gain 1.
 
+    Args:
+      stack, params: a :class:`gradflow.Stack` and its parameters (no cell that couples the
+        examples of a batch: per-example Jacobians).
+      xs: ``(B, T, D)`` inputs.
+      chunk: steps per ``lax.map`` batch, a positive integer (default: about 64 MiB of
+        Jacobians per batch, :func:`gain_arrays`).
+      meta: extra config recorded in the result (e.g. ``problem(...).config``); where it
+        repeats a key of the stack's config or sizes it must agree
+        (:func:`gradflow.checks.with_meta`).
     Returns:
       Result ``kind="local_gains"`` with ``vertical_rms, vertical_spectral, temporal_rms,
       temporal_spectral``, each ``(L, T)``; NaN where a step's states, its previous states or

@@ -793,10 +793,11 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
     A map whose top-last value is 0 or non-finite has nothing to be relative to: its panel is
     left empty with a note saying so, instead of failing the figure. The title is ``title``
     (default: what is drawn) over the settings (:func:`settings`: L, T, H, init, seed); the
-    row labels name the losses. ``color_range=(vmin, vmax)`` fixes the colour scale (the STAR
-    paper's figure is clipped to about ``(0.05, 5)``); values beyond it take the end colours
-    and the colour bar's arrows say they exist.
+    row labels name the losses. ``color_range=(low, high)``, ``0 < low < high``, fixes the
+    colour scale (the STAR paper's figure is clipped to about ``(0.05, 5)``); values beyond it
+    take the end colours and the colour bar's arrows say they exist.
     """
+    vmin, vmax = _color_range(color_range)
     cells, losses = grid.config["cells"], grid.config["losses"]
     panels, empty = {}, []
     for i, loss in enumerate(losses):
@@ -813,7 +814,6 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
     if title is None:
         title = f"gradient maps wrt {grid.config.get('wrt', '?')}" + (
             ", relative to (top layer, last step)" if normalize else "")
-    vmin, vmax = (None, None) if color_range is None else map(float, color_range)
     fig = _grid_or_empty(panels, losses, cells, normalize,
                          _titled(title, settings(grid.config)), vmin, vmax)
     for i, j, cell, note in empty:
@@ -823,6 +823,23 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
         if i == 0:
             ax.set_title(cell)
     return fig
+
+
+def _color_range(color_range) -> tuple:
+    """:func:`draw_grid`'s ``color_range`` as ``(vmin, vmax)`` for :func:`grid` (None: the
+    data's range), else a ValueError naming ``color_range``: its log scale needs
+    ``0 < low < high``, both finite."""
+    if color_range is None:
+        return None, None
+    try:
+        low, high = (float(v) for v in color_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"color_range must be a (low, high) pair of numbers, got "
+                         f"{color_range!r}") from None
+    if not 0 < low < high < np.inf:
+        raise ValueError(f"color_range must be (low, high) with 0 < low < high, both finite "
+                         f"(a log colour scale), got {color_range!r}")
+    return low, high
 
 
 def _grid_or_empty(panels, losses, cells, normalize, title, vmin=None, vmax=None) -> Figure:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import inspect
 import numbers
 
 import jax
@@ -109,7 +110,13 @@ def problem(cell="lstm", *, layers: int = 10, steps: int = 10, hidden: int = 128
       input_size: ``D`` (default ``H``, the first layer's width).
       seed: parameters from ``key(seed)``, inputs ``input_scale * N(0, 1)`` from ``key(seed + 1)``
         (:func:`gaussian_inputs`), all drawn in float32 and cast to ``dtype``: the same problem
-        at every precision.
+        at every precision. An integer in ``[0, 2**31 - 1)``.
+      dtype: of the parameters and inputs: ``"float32"`` or ``"float64"`` (or the dtype itself,
+        ``jnp.float32``; :data:`DTYPES`); float64 needs ``jax_enable_x64``, and float16/bfloat16
+        are refused (:func:`gradflow.checks.float_dtype`).
+      input_scale: the inputs' scale, a finite real number whose magnitude is below
+        ``finfo(dtype).max / 16``, so that ``input_scale * N(0, 1)`` stays finite
+        (:func:`check_input_scale`; 0 and negative scales are accepted).
       stack_options: extra :class:`Stack` options (``order``, ``checkpoint``, ...).
     Returns:
       :class:`Problem` with ``xs: (B, T, D)``.
@@ -208,13 +215,23 @@ __all__ = ["DTYPES", "Problem", "cell_problem", "check_input_scale", "dtype_of",
            "gaussian_inputs", "precision", "problem", "problem_stack", "task_stack"]
 
 
+# ``gradflow.problem`` is both this module and its function :func:`problem`: importing the
+# submodule rebinds the package attribute to the module (the package loads its names lazily),
+# so the module itself forwards calls to :func:`problem` and shows its signature and docstring
+# to ``inspect.signature``, ``help()`` and IDEs (a ``__doc__`` property replaces a class
+# docstring, hence this comment); its names, ``cell_problem`` and the rest, stay the module's.
 class _CallableModule(type(jax)):
-    """``gradflow.problem`` is both this module and its function :func:`problem`: importing
-    the submodule rebinds the package attribute to the module (the package loads its names
-    lazily), so the module itself forwards calls to :func:`problem`."""
 
     def __call__(self, *args, **kwargs) -> Problem:
         return problem(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(problem)
+
+    @property  # a data descriptor: it wins over the module's own ``__doc__``
+    def __doc__(self) -> str:
+        return problem.__doc__
 
 
 import sys as _sys  # noqa: E402

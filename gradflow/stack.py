@@ -97,6 +97,9 @@ class StackOutput(NamedTuple):
         (:attr:`Stack.widths`) the tuple ``(H_0, ..., H_{L-1})``, and every per-layer array
         above has ``H = max_l H_l`` units: layer ``l``'s in its first ``H_l``, exact zeros
         after (static: not a pytree leaf).
+      h: ``(L, B, T, H)``: ``states["h"]``, the hidden outputs (a property).
+      top: ``(B, T, H_{L-1})``: what the top layer emits, ``up[-1]`` (its real units only): the
+        stack's output sequence (a property).
     """
 
     states: dict
@@ -211,8 +214,8 @@ class Stack:
         layer reading a wider or narrower layer, gets none).
       norm: ``None``, ``"layer"`` (LayerNorm with learned ``scale, bias``) or ``"rms"`` (RMSNorm
         with learned ``scale``) on each layer's output, after the residual
-        (``params["norm"]``: one dict per layer). Dropout is never applied: gradflow measures
-        the deterministic network.
+        (``params["norm"]``: one dict per layer; not :func:`gradflow.jacobian_map`'s ``norm``,
+        a matrix norm). Dropout is never applied: gradflow measures the deterministic network.
       matmul_precision: the precision of every float32 matmul the stack and the measurements
         on it trace (:func:`precision_scope`): ``"highest"`` (default: true float32 on every
         backend, so a map on a GPU or TPU equals the CPU's to float32 rounding), ``"high"`` or

@@ -644,7 +644,9 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
       record_at: steps (``0..steps``, updates done) at which to call ``record``.
       record: ``{name: fn(stack, stack_params, xs) -> Result}``, e.g.
         ``lambda s, p, x: gradflow.gates.saturation(s, p, x)``; called outside jit on the first
-        ``record_batch`` (default all) sequences of the evaluation batch.
+        ``record_batch`` (default all) sequences of the evaluation batch. (Not
+        :func:`gradflow.experiments.training_runs`'s ``record``, a tuple of names measured at
+        the first and the last step.)
       budget: ``lambda`` of the budget loss ``lambda * mean(k)`` over every time gate ``k`` of
         the stack; needs a cell with a time gate (``g_lstm``, ``phased_lstm``).
       curriculum: ``[(until_step, seq_len), ...]``: train on the task resized to ``seq_len``

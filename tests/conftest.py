@@ -22,6 +22,7 @@ Hypothesis tests (function-scoped fixtures do not mix with ``@given``) enter
 import inspect
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def run_readme_block():
 
 
 _JOBS = {}
+_LANE = {"times": {}, "waits": []}  # job -> (start, end) after collection; the tests' waits
 
 
 def pytest_configure(config):
@@ -75,14 +77,40 @@ def pytest_collection_modifyitems(config, items):
         return
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradflow-tests-background")
     env = dict(os.environ)  # tests running meanwhile may change os.environ; jobs see this
+    _LANE["start"] = time.perf_counter()
+
+    def timed(nodeid, fn, **kw):
+        start = time.perf_counter()
+        try:
+            return fn(**kw)
+        finally:
+            _LANE["times"][nodeid] = (start - _LANE["start"], time.perf_counter() - _LANE["start"])
     for item, fn in marked:
         given = {**getattr(getattr(item, "callspec", None), "params", {}), "env": env}
         names = inspect.signature(fn).parameters
-        _JOBS[item.nodeid] = pool.submit(fn, **{k: v for k, v in given.items() if k in names})
+        _JOBS[item.nodeid] = pool.submit(timed, item.nodeid, fn,
+                                         **{k: v for k, v in given.items() if k in names})
     pool.shutdown(wait=False)  # the queued jobs still run; nothing new is accepted
 
 
 @pytest.fixture
 def background(request):
     """The return value of this test's ``@pytest.mark.background(job=fn)`` job (waits for it)."""
-    return _JOBS[request.node.nodeid].result()
+    start = time.perf_counter()
+    try:
+        return _JOBS[request.node.nodeid].result()
+    finally:
+        _LANE["waits"].append(time.perf_counter() - start)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line on the background lane's balance: its busy time, when it finished, and how
+    long tests waited for it (a lane that finishes early has room for more other-process work;
+    waits mean it has too much)."""
+    times = _LANE["times"]
+    if times:
+        busy = sum(end - start for start, end in times.values())
+        terminalreporter.write_line(
+            f"gradflow: background lane: {len(times)} jobs, busy {busy:.0f} s, done "
+            f"{max(end for _, end in times.values()):.0f} s after collection; tests waited "
+            f"{sum(_LANE['waits']):.0f} s for it")

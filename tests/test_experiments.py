@@ -46,6 +46,28 @@ def test_task_stack_reads_the_task_and_sizes_time_gates():
         task_stack("nope", task, layers=1, hidden=5)
 
 
+def test_problem_module_shows_the_functions_signature_and_docstring():
+    """Importing the submodule (``from gradflow.problem import ...``, ``gradflow.Problem``)
+    rebinds ``gradflow.problem`` to the module: it still shows the function's signature and
+    docstring to ``inspect``, ``help()`` and IDEs, calls it, and keeps its own names."""
+    import inspect
+    import pydoc
+
+    import gradflow.problem  # noqa: F401
+    gradflow.Problem
+    module = sys.modules["gradflow.problem"]
+    function = module.problem
+    for obj in (module, gradflow.problem):
+        sig = inspect.signature(obj)
+        assert list(sig.parameters)[:6] == ["cell", "layers", "steps", "hidden", "batch",
+                                            "input_size"]
+        assert sig == inspect.signature(function)
+        assert obj.__doc__ == function.__doc__ and "input_scale:" in obj.__doc__
+    assert "Build a measurement problem." in pydoc.render_doc(module)
+    assert module.cell_problem is cell_problem and isinstance(module, type(sys))
+    np.testing.assert_array_equal(module("lstm", **SMALL).xs, function("lstm", **SMALL).xs)
+
+
 def test_precision_pins_the_mode_and_restores_it():
     before = jax.config.jax_enable_x64
     for dtype, mode in (("float64", True), ("float32", False)):
@@ -153,6 +175,23 @@ def test_gate_saturation_packs_gate_stats_of_each_entry():
             np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, err_msg=key)
     with pytest.raises(ValueError, match="no entry 'GRU'; valid: LSTM, UGI"):
         experiments.stats_panel(data, "GRU")
+
+
+def test_gate_saturation_takes_what_compare_takes():
+    """Plain names and Cells (labelled by their names), as gates.compare takes them: the
+    same statistics as the ``(label, cell, {})`` entry; the config records names."""
+    by_name = experiments.gate_saturation(["lstm", cells.get("gru")], **SMALL)
+    triple = experiments.gate_saturation([("lstm", "lstm", {}), ("gru", "gru", {})], **SMALL)
+    assert by_name.config["entries"] == [["lstm", "lstm", {}], ["gru", "gru", {}]]
+    for label in ("lstm", "gru"):
+        got, ref = (experiments.stats_panel(d, label) for d in (by_name, triple))
+        assert set(got.arrays) == set(ref.arrays)
+        for key in ref.arrays:
+            np.testing.assert_array_equal(got[key], ref[key], err_msg=f"{label} {key}")
+    with pytest.raises(ValueError, match="duplicate labels"):
+        experiments.gate_saturation(["lstm", ("lstm", "gru", {})], **SMALL)
+    with pytest.raises(TypeError, match="compare entries must be a cell name"):
+        experiments.gate_saturation([3], **SMALL)
 
 
 def test_experiments_draw_nothing():

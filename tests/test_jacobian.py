@@ -74,8 +74,11 @@ def brute_state_map(stack, params, xs, loss_fn, name):
 
 @pytest.mark.parametrize("cell", gradflow.cells.names())
 def test_hidden_map_equals_brute_force_every_cell(cell, x64):
+    """Every cell under the sequence loss (a cotangent enters at every step, so every step's
+    backward is exercised); the final-output loss too for an LSTM and a GRU (where the
+    cotangent enters is the loss's business, not the cell's: one program per loss to compile)."""
     stack, params, xs = make(cell)
-    losses = ("last", "all")
+    losses = ("last", "all") if cell in ("lstm", "gru") else ("all",)
     refs = brute_state_map(stack, params, xs, tuple(J.readout_loss(loss, H, T, B, 0, xs.dtype)
                                                     for loss in losses), "h")
     for loss, ref in zip(losses, refs):

@@ -486,6 +486,15 @@ def test_draw_grid_on_a_fixed_colour_range_marks_what_it_clips():
     assert extend(plot.draw_grid(wide)) == "neither"  # on its own range nothing is clipped
 
 
+@pytest.mark.parametrize("bad", [(5, 0.05), (0, 5), (0.05, float("inf")), (1,), "ab", 3])
+def test_draw_grid_names_color_range_when_it_is_bad(bad):
+    """A bad range is reported as ``color_range`` (draw_grid has no vmin/vmax arguments)."""
+    grid = _synthetic_grid({("last", "x"): np.full((2, 3), 2.0)})
+    with pytest.raises(ValueError, match=r"^color_range must be") as err:
+        plot.draw_grid(grid, color_range=bad)
+    assert "vmin" not in str(err.value)
+
+
 def test_draw_grid_is_normalised_by_default_and_titled_with_the_settings():
     a = 10.0 ** np.arange(6.0).reshape(2, 3)
     grid = _synthetic_grid({("last", "x"): a, ("all", "x"): 3 * a}, wrt="params", layers=2,
