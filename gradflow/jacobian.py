@@ -4,7 +4,8 @@ Notation: ``h^l_t`` is the output of layer ``l`` at step ``t`` of a :class:`grad
 maps are ``(L, T)`` arrays indexed ``[layer, time]``.
 
 * :func:`gradient_map`: :math:`G[l,t] = \mathrm{mean}_b \|\partial \mathcal L/\partial h^l_t[b]\|_2`
-  (``wrt="hidden"``; ``"cell"`` for the memory ``c^l_t``) from ONE backward pass: a zero
+  (``wrt="hidden"``; ``"cell"`` for the memory ``c^l_t`` as it is carried to the next step,
+  :func:`gradient_map`) from ONE backward pass: a zero
   perturbation is added where every state leaves its cell and the loss is differentiated w.r.t.
   all of them at once. ``wrt="params"``: :math:`P[l,t] = \mathrm{mean}_\theta |\partial \mathcal L/
   \partial \theta^l_{(t)}|`, the gradient w.r.t. the copy of layer ``l``'s parameters used at step
@@ -212,7 +213,12 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
 
     ``wrt="hidden"``: :math:`G[l,t] = \mathrm{mean}_b \|\partial\mathcal L/\partial h^l_t[b]\|_2`,
     the total derivative w.r.t. the output of layer ``l`` at step ``t``; ``wrt="cell"`` the
-    same for an LSTM-type memory ``c^l_t``; ``wrt="params"``:
+    same for an LSTM-type memory ``c^l_t`` as it leaves the cell, the state carried to step
+    ``t + 1``: the gradient along the memory path, with ``h^l_t`` (formed from ``c^l_t``
+    inside the step) held fixed, so the last step is exactly 0. That is not what
+    ``c.retain_grad()`` gives in a PyTorch loop of ``nn.LSTMCell`` (its ``c`` also feeds that
+    step's ``h``: the total derivative, the memory path plus ``(dh_t/dc_t)^T dL/dh_t``, larger
+    and non-zero at the last step); the hidden map holds the rest. ``wrt="params"``:
     :math:`P[l,t] = \mathrm{mean}_\theta |\partial\mathcal L/\partial\theta^l_{(t)}|` over every
     parameter entry of layer ``l`` (the batch averaged inside the loss): the cell's
     parameters, used once per step; a normalised stack's norm scale and bias (and the input

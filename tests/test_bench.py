@@ -9,6 +9,11 @@ not installed.
 """
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -132,9 +137,37 @@ def _markdown_of(name: str, result: dict) -> str:
                             "errors": {}, "goals": []})
 
 
-def test_harness_runs_and_its_cross_checks_hold(tmp_path):
-    names = ["floor", "torch_hidden", "jacobian", "flop_rate", "scaling"]
-    res = run.run(TINY, names)
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ["floor", "torch_hidden", "jacobian", "flop_rate", "scaling"]
+
+
+def _child(code: str, env, *args):
+    """Run ``code`` in a fresh Python at the repository root (as ``python -m bench`` runs);
+    returns the JSON its last line of output prints."""
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def _harness(env):
+    out = tempfile.mkdtemp(prefix="gradflow-bench-")
+    code = ("import json, sys; from bench import run; "
+            "res = run.run(json.loads(sys.argv[1]), json.loads(sys.argv[2])); "
+            "run.write(res, sys.argv[3]); print(json.dumps(res, default=float))")
+    return _child(code, env, json.dumps(TINY), json.dumps(HARNESS), out), Path(out)
+
+
+@pytest.mark.background(job=_harness)  # its work is the benchmark harness in its own process
+def test_harness_runs_and_its_cross_checks_hold(background):
+    res, tmp_path = background
+    try:
+        _check_harness(res, tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _check_harness(res, tmp_path):
     try:
         import torch  # noqa: F401
         assert not res["errors"], res["errors"]
@@ -152,19 +185,25 @@ def test_harness_runs_and_its_cross_checks_hold(tmp_path):
         assert ch["torch_jacrev_vs_exact_rel_err"] < 1e-4
     assert {g["name"] for g in res["goals"]} >= {"1. hidden map / jax.grad(params)",
                                                  "4. hidden map FLOP/s / dense matmul FLOP/s"}
-    run.write(res, str(tmp_path))
     assert json.loads((tmp_path / "results.json").read_text())["benchmarks"]
     md = (tmp_path / "results.md").read_text()
     assert "## Goals" in md and "## 1." in md
     assert (tmp_path / "scaling.png").stat().st_size > 0
-    assert report.goals(res) == res["goals"]
+    assert json.loads(json.dumps(report.goals(res), default=float)) == res["goals"]
 
 
-def test_split_floor_runs_pinned_halves_and_reports_them():
+def _split_floor(env):
+    code = ("import json, sys; from bench import suite; "
+            "print(json.dumps(suite.split_floor(json.loads(sys.argv[1])), default=float))")
+    return _child(code, env, json.dumps({**TINY, "std": {"L": 1, "T": 3, "H": 4, "B": 2},
+                                         "floor_processes": 2}))
+
+
+@pytest.mark.background(job=_split_floor)  # its work is processes: the benchmark's and its own
+def test_split_floor_runs_pinned_halves_and_reports_them(background):
     """Two pinned processes of half the batch (each one device, its own core), at a tiny size;
     where the machine has one core the benchmark says it does not apply."""
-    from bench import suite
-    r = suite.split_floor({**TINY, "std": {"L": 1, "T": 3, "H": 4, "B": 2}, "floor_processes": 2})
+    r = background
     md = _markdown_of("split_floor", r)
     if "not_applicable" in r:
         assert len(os.sched_getaffinity(0)) < 2 and "Not measured" in md

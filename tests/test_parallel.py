@@ -271,23 +271,30 @@ MALLOC_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_tune_malloc_serves_big_blocks_from_a_kept_heap():
+def _malloc_children(env):
+    """The child without GLIBC_TUNABLES, and started with the launcher's (glibc only)."""
     import platform
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    env = {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}
     run = lambda e: json.loads(subprocess.run(  # noqa: E731
         [sys.executable, "-c", MALLOC_CHILD], capture_output=True, text=True, cwd=ROOT, env=e,
         timeout=300, check=True).stdout.strip().splitlines()[-1])
-    out = run(env)
+    return run(env), run({**env, "GLIBC_TUNABLES": parallel.GLIBC_TUNABLES})
+
+
+@pytest.mark.background(job=_malloc_children)  # its work is fresh processes
+def test_tune_malloc_serves_big_blocks_from_a_kept_heap(background):
+    if background is None:
+        pytest.skip("glibc's mallopt: Linux with glibc only")
+    out, started_with_tunables = background
     # Where the block lies, not how much the heap grew: the heap's top may already hold free
     # space left by the imports (1.08 MiB in one CI run, beyond an allowance of 1 MiB).
     assert not out["before"]["in_heap"]  # default: mmap'd (and given back when freed)
     assert out["applied"] is True
     assert out["after"] == {"in_heap": True, "kept": True}  # heap, kept after free
     # started with GLIBC_TUNABLES: the user's settings stand, nothing is changed
-    out = run({**env, "GLIBC_TUNABLES": parallel.GLIBC_TUNABLES})
+    out = started_with_tunables
     assert out["applied"] is False
     assert out["before"] == {"in_heap": True, "kept": True}  # the env did the same
 
@@ -445,19 +452,26 @@ def test_the_compile_cache_is_pruned_least_recently_used_first(tmp_path):
     assert parallel._prune(str(tmp_path), 250) == 0
 
 
-def test_the_cli_refuses_a_compile_cache_folder_it_cannot_write(tmp_path):
+def _refused_cache(env):
+    with tempfile.TemporaryDirectory() as tmp:
+        blocker = os.path.join(tmp, "a_file")
+        open(blocker, "w").close()
+        r = subprocess.run([sys.executable, "-m", "gradflow", "heatmap", "--cell", "rnn",
+                            "--out", os.path.join(tmp, "m.png")], capture_output=True, text=True,
+                           cwd=ROOT, timeout=600,
+                           env=_uncached_env(env, **{parallel.COMPILE_CACHE_ENV: blocker}))
+        return r, blocker, os.path.exists(os.path.join(tmp, "m.png"))
+
+
+@pytest.mark.background(job=_refused_cache)  # its work is a fresh CLI process
+def test_the_cli_refuses_a_compile_cache_folder_it_cannot_write(background):
     # (that the CLI fills its cache and a cached run gives the same map: tests/test_bench.py,
     # the cli_start benchmark)
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    r = subprocess.run([sys.executable, "-m", "gradflow", "heatmap", "--cell", "rnn",
-                        "--out", str(tmp_path / "m.png")], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600,
-                       env=_uncached_env(**{parallel.COMPILE_CACHE_ENV: str(blocker)}))
+    r, blocker, wrote = background
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
-    assert parallel.COMPILE_CACHE_ENV in r.stderr and str(blocker) in r.stderr
-    assert not (tmp_path / "m.png").exists()
+    assert parallel.COMPILE_CACHE_ENV in r.stderr and blocker in r.stderr
+    assert not wrote
 
 
 # In the child: the CLI's process settings (as the gradflow program makes them), then a small
@@ -471,19 +485,28 @@ DAMAGE_CHILD = textwrap.dedent("""
 """)
 
 
-def test_the_cli_says_in_one_line_when_a_cached_program_is_damaged(tmp_path):
+def _damaged_cache(env):
+    """The child twice with one cache folder, its entries cut in half in between."""
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "c"
+        env = _uncached_env(env, **{parallel.COMPILE_CACHE_ENV: str(folder)})
+        runs = []
+        for damage in (False, True):
+            if damage:
+                for f in (folder / parallel._host_key()).iterdir():
+                    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+            runs.append(subprocess.run([sys.executable, "-c", DAMAGE_CHILD], env=env,
+                                       capture_output=True, text=True, cwd=ROOT, timeout=600))
+        return runs, str(folder)
+
+
+@pytest.mark.background(job=_damaged_cache)  # its work is fresh processes
+def test_the_cli_says_in_one_line_when_a_cached_program_is_damaged(background):
     """An entry cut short (a run killed while JAX wrote it): JAX warns and compiles again; the
     CLI's settings turn its warning into one line naming the folder, the result unchanged."""
-    env = _uncached_env(**{parallel.COMPILE_CACHE_ENV: str(tmp_path / "c")})
-    runs = []
-    for damage in (False, True):
-        if damage:
-            for f in (tmp_path / "c" / parallel._host_key()).iterdir():
-                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-        r = subprocess.run([sys.executable, "-c", DAMAGE_CHILD], env=env, capture_output=True,
-                           text=True, cwd=ROOT, timeout=600)
-        assert r.returncode == 0, r.stderr
-        runs.append(r)
+    runs, folder = background
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
     assert "damaged" not in runs[0].stderr and runs[0].stdout == runs[1].stdout
     lines = [ln for ln in runs[1].stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "damaged entry" in lines[0] and str(tmp_path / "c") in lines[0]
+    assert len(lines) == 1 and "damaged entry" in lines[0] and folder in lines[0]

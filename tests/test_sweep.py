@@ -166,15 +166,21 @@ DEEP = textwrap.dedent("""
 """)
 
 
-def test_sweep_of_several_layers_at_h64_finishes(tmp_path):
+def _deep(env):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "deep.npy")
+        done = subprocess.run([sys.executable, "-c", DEEP, path], capture_output=True,
+                              text=True, timeout=240, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return np.load(path)
+
+
+@pytest.mark.background(job=_deep)  # its work is a fresh process
+def test_sweep_of_several_layers_at_h64_finishes(background):
     """Regression: vmapped orthogonal inits of two H = 64 layers deadlocked XLA's CPU runtime
     (the sweep now builds its problems with lax.map). In a subprocess with a time limit, so a
     recurrence fails instead of hanging the suite; the maps equal per-seed gradient maps."""
-    path = tmp_path / "deep.npy"
-    done = subprocess.run([sys.executable, "-c", DEEP, str(path)], capture_output=True,
-                          text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    maps = np.load(path)
+    maps = background
     for i, seed in enumerate([0, 1]):
         pr = gradflow.problem("lstm", seed=seed, layers=2, steps=32, hidden=64, batch=8)
         ref = gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss="last", wrt="hidden")
