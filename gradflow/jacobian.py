@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import operator
 import warnings
@@ -619,8 +620,13 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
     ``norm`` (the skip path and the norm are part of the step a gradient takes between layers,
     so a residual stack's vertical gain is near 1, not the cell's own
     :math:`\partial h/\partial x`), and temporal :math:`\partial h^l_t / \partial h^l_{t-1}`
-    (other state components, e.g. ``c_{t-1}``, held fixed), each as RMS gain
-    :math:`\|J\|_F/\sqrt{n_{in}}` and spectral norm, along the trajectory of ``xs``.
+    (other state components, e.g. ``c_{t-1}``, held fixed), and the whole state's
+    :math:`\partial s^l_t / \partial s^l_{t-1}` (every component, e.g. ``(c, h)``, concatenated;
+    the temporal gain again for a cell whose state is ``h`` alone), each as RMS gain
+    :math:`\|J\|_F/\sqrt{n_{in}}` and spectral norm, along the trajectory of ``xs``. The
+    temporal gain of an LSTM leaves out its memory path (:math:`\partial c_t/\partial c_{t-1}
+    = f`, 0.5 at init, against 0.25 for ``h``): the state gain has it, so ask it how fast a
+    gradient fades in time.
 
     Closed forms: an LSTM at orthogonal init, zero biases and small inputs has vertical gain
     :math:`\sigma(0)\sigma(0) = 0.25`; STAR with ``k ≈ 0.5`` has 0.5; a tanh RNN with orthogonal
@@ -637,7 +643,7 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
         (:func:`gradflow.checks.with_meta`).
     Returns:
       Result ``kind="local_gains"`` with ``vertical_rms, vertical_spectral, temporal_rms,
-      temporal_spectral``, each ``(L, T)``; NaN where a step's states, its previous states or
+      temporal_spectral, state_rms, state_spectral``, each ``(L, T)``; NaN where a step's states, its previous states or
       its input are not finite (a :class:`~gradflow.results.NonFiniteForwardWarning` says
       where the states are not finite).
     """
@@ -657,7 +663,7 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
 
 def gain_arrays(stack: Stack, params, xs, chunk: int | None = None) -> dict:
     """The arrays of :func:`local_gains` (``vertical_rms, vertical_spectral, temporal_rms,
-    temporal_spectral``, each ``(L, T)``) without its checks: traceable, so a caller can
+    temporal_spectral, state_rms, state_spectral``, each ``(L, T)``) without its checks: traceable, so a caller can
     ``vmap``/``shard_map`` it over problems (:mod:`gradflow.atlas` does). ``xs: (B, T, D)``
     in the params' dtype; ``chunk`` steps per ``lax.map`` batch (default: about 64 MiB of
     Jacobians)."""
@@ -705,8 +711,17 @@ def _gains(stack, params, xs, chunk):
             h_of_h = lambda hh: cell.step(p, {**s, "h": hh}, x, t)[1]  # noqa: E731
             # reverse mode: the Jacobians backpropagation uses (a cell's custom_vjp, e.g.
             # gradient clipping or a straight-through estimator, has no forward mode)
-            return (*_rms_spectral(jax.jacrev(y_of_x)(x)),
-                    *_rms_spectral(jax.jacrev(h_of_h)(s["h"])))
+            temporal = _rms_spectral(jax.jacrev(h_of_h)(s["h"]))
+            names = tuple(s)
+            if len(names) == 1:  # the state is h: its gain is the temporal one
+                return (*_rms_spectral(jax.jacrev(y_of_x)(x)), *temporal, *temporal)
+            cuts = list(itertools.accumulate(s[k].shape[-1] for k in names[:-1]))
+
+            def state_of_state(flat):  # every state component, concatenated, one step on
+                new = cell.step(p, dict(zip(names, jnp.split(flat, cuts))), x, t)[0]
+                return jnp.concatenate([new[k] for k in names])
+            return (*_rms_spectral(jax.jacrev(y_of_x)(x)), *temporal, *_rms_spectral(
+                jax.jacrev(state_of_state)(jnp.concatenate([s[k] for k in names]))))
 
         def at_t(args):
             s, x, t = args
@@ -717,7 +732,7 @@ def _gains(stack, params, xs, chunk):
                       batch_size=min(chunk, T))
         return tuple(jnp.mean(r, axis=1) for r in res)  # each (T,)
 
-    vr, vs, tr, ts = map_layers(stack, layer, params, prev, inputs, residual, pn)
+    vr, vs, tr, ts, sr, ss = map_layers(stack, layer, params, prev, inputs, residual, pn)
     # A one-step Jacobian taken at non-finite states or inputs is no derivative (a ReLU's at
     # NaN is an exact 0): NaN where the step's states, its previous states or its input are.
     fin = finite_positions(out.states)  # (L, T)
@@ -725,7 +740,7 @@ def _gains(stack, params, xs, chunk):
         & jnp.pad(fin, ((1, 0), (0, 0)), constant_values=True)[:-1]
     return {k: jnp.where(ok, v, jnp.nan) for k, v in (
         ("vertical_rms", vr), ("vertical_spectral", vs), ("temporal_rms", tr),
-        ("temporal_spectral", ts))}
+        ("temporal_spectral", ts), ("state_rms", sr), ("state_spectral", ss))}
 
 
 __all__ = ["gradient_map", "check_wrt", "map_arrays", "jacobian_map", "local_gains", "gain_arrays",
