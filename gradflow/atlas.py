@@ -912,9 +912,9 @@ def saturated_share(gates_: tuple):
 
 
 def outside_share(gates_: tuple):
-    """``gates -> `` the share of ``gates_``'s activations outside [0, 1] (Cheng et al.'s
-    refined gates leave it), from the histogram and ``outside`` counts; NaN if any is not
-    finite."""
+    """``gates -> `` the share of ``gates_``'s activations outside their range ([0, 1]; a tanh
+    gate's [-1, 1], :func:`gradflow.gates.value_range`; Cheng et al.'s refined gates leave
+    [0, 1]), from the histogram and ``outside`` counts; NaN if any is not finite."""
     def stat(gates: dict) -> float:
         if _overflowed(gates, gates_):
             return float("nan")

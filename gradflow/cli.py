@@ -353,12 +353,12 @@ def _writable_dir(directory: Path, path: str):
                          f"{e.strerror or e} in {str(directory)!r}") from None
 
 
-def _check_path(path: str, valid_exts, what: str) -> str:
+def _check_path(path: str, valid_exts, what: str, hint: str = "") -> str:
     p = Path(path)
     ext = p.suffix.lower() if what == "figure" else p.suffix  # NumPy writes x.NPZ.npz
     if ext not in valid_exts:
         raise UsageError(f"gradflow: error: unsupported {what} extension {ext or '(none)'!r} in "
-                         f"{path!r}; use {', '.join(valid_exts)}")
+                         f"{path!r}; use {', '.join(valid_exts)}{hint}")
     if p.is_dir():
         raise UsageError(f"gradflow: error: cannot write {path!r}: it is a directory")
     _writable_dir(p.resolve().parent, path)
@@ -370,7 +370,8 @@ def output_paths(args, stem: str, create: bool = True) -> tuple[str, str | None]
 
     Defaults: ``gradflow-out/<stem>.png`` (the folder is created, unless not ``create``: a
     dry run checks the paths it was given and makes nothing) and the figure's path with
-    ``.npz``. Explicit paths must have a valid extension and an existing, writable folder.
+    ``.npz``. ``--out`` naming an existing folder (or ending with ``/``) puts ``<stem>.png``
+    in it. Explicit paths must have a valid extension and an existing, writable folder.
     """
     default = args.out is None
     if default:
@@ -378,8 +379,11 @@ def output_paths(args, stem: str, create: bool = True) -> tuple[str, str | None]
         if create:
             os.makedirs(DEFAULT_OUT_DIR, exist_ok=True)
             _check_path(fig, FORMATS, "figure")
+    elif os.path.isdir(args.out) or args.out.endswith(("/", os.sep)):
+        fig = _check_path(os.path.join(args.out, f"{stem}.png"), FORMATS, "figure")
     else:
-        fig = _check_path(args.out, FORMATS, "figure")
+        fig = _check_path(args.out, FORMATS, "figure", hint=" (--out is the figure's file, "
+                          "e.g. DIR/name.png, or an existing folder)")
     if args.no_data:
         if args.data is not None:
             raise UsageError("gradflow: error: --data and --no-data cannot be used together")
@@ -443,24 +447,138 @@ def _ratio(a, b) -> str:
     return f"x{r:.3g} ({round(math.log10(r), 1) + 0.0:+.1f} dec)"  # (+ 0.0: no "-0.0")
 
 
+def _rel(a, ref) -> str:
+    """``a / ref`` as :func:`_ratio` does, but an entry that is exactly 0 reads
+    ``x0 (-inf dec)`` (a gradient that underflowed, never "n/a") and a non-finite one ``nan``
+    or ``inf``; ``n/a`` only when ``ref`` is not positive and finite (nothing to be relative
+    to).
+
+    >>> _rel(0.0, 2.0), _rel(float("nan"), 2.0), _rel(1.0, 0.0), _rel(0.5, 2.0)
+    ('x0 (-inf dec)', 'nan', 'n/a', 'x0.25 (-0.6 dec)')
+    """
+    if not (np.isfinite(ref) and ref > 0):
+        return "n/a"
+    if not np.isfinite(a):
+        return str(float(a))
+    return "x0 (-inf dec)" if a == 0 else _ratio(a, ref)
+
+
 def _row_means(values: np.ndarray) -> np.ndarray:
     finite = np.isfinite(values)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(finite, values, 0.0).sum(axis=1) / finite.sum(axis=1)
 
 
+def entry_step(values: np.ndarray, wrt: str | None = None) -> int:
+    """The step ``e`` at which the loss enters the top layer of an ``(L, T)`` map: ``T - 1``,
+    or ``T - 2`` for a map wrt a memory ``c`` whose last step is exactly 0 (by construction:
+    ``h_{T-1}`` is formed inside the step, so the gradient of ``c_{T-1}`` where it leaves the
+    cell is 0), the last step that reaches the loss.
+
+    >>> entry_step(np.ones((2, 3))), entry_step(np.array([[1., 0.], [1., 0.]]), "cell")
+    (2, 0)
+    """
+    T = values.shape[-1]
+    if wrt == "cell" and T > 1 and np.all(values[..., -1] == 0):
+        return T - 2
+    return T - 1
+
+
+def path_factor(path) -> tuple[float, int, float | None]:
+    """The geometric-mean factor per step along ``path`` (1-D, ``path[0]`` where the loss
+    enters), ``(path[k] / path[0]) ** (1 / k)``, over the leading stretch ``path[0..k]`` of
+    positive finite entries. Returns ``(factor, k, stop)``: ``stop`` is the entry that ended
+    the stretch before the path's end (0: an underflow; NaN or inf), else None; ``factor`` is
+    NaN when ``k == 0`` (no step to measure).
+
+    >>> path_factor([1.0, 0.25, 0.0625])
+    (0.25, 2, None)
+    >>> path_factor([1.0, 0.5, 0.0, 0.1])
+    (0.5, 1, 0.0)
+    """
+    p = np.asarray(path, dtype=float)
+    good = np.isfinite(p) & (p > 0)
+    k = int(np.argmin(good)) - 1 if not good.all() else p.size - 1
+    stop = float(p[k + 1]) if k + 1 < p.size else None
+    if k <= 0:
+        return float("nan"), max(k, 0), stop
+    return float((p[k] / p[0]) ** (1.0 / k)), k, stop
+
+
+def _factor(f: float) -> str:
+    return f"x{f:#.3g}" if np.isfinite(f) else "n/a"
+
+
+def _walk(path, unit: str, names) -> str:
+    """``"x0.250 per layer (geometric mean, layers 15..0)"`` for :func:`path_factor` of
+    ``path``, ``names[i]`` naming its entry ``i``; where the path stops early, the entry that
+    stopped it: ``"; layer 3: 0 (underflow)"``, or ``"x0 per layer (layer 14: 0, underflow)"``
+    when it stops at the first step."""
+    f, k, stop = path_factor(path)
+    what = None if stop is None else "0, underflow" if stop == 0 else str(stop)
+    if k == 0:
+        return (f"{'x0' if stop == 0 else 'n/a'} per {unit}" +
+                (f" ({names[1]}: {what})" if what else ""))
+    return (f"{_factor(f)} per {unit} (geometric mean, {names[0]}..{names[k].split()[-1]})"
+            + (f"; {names[k + 1]}: {what}" if what else ""))
+
+
+def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None) -> list[str]:
+    """The two marginals of an ``(L, T)`` map ``G`` from where the loss enters, the top layer at
+    step ``e = last % T``: down that step's column, ``G[l, e] / G[L-1, e]``, and back along the
+    top layer's row, ``G[L-1, t] / G[L-1, e]``, each with its geometric-mean factor per layer or
+    per step (:func:`path_factor`). Under ``loss="all"`` the loss enters at every step, so the
+    top row is not a pure temporal path: its first/last ratio is given without a per-step factor.
+    The column at ``e`` is a pure vertical path under either loss (no later step exists).
+
+    >>> G = np.array([[0.01, 0.0625], [0.1, 1.0]])
+    >>> marginal_lines(G)[1].split(":")[1]
+    ' x0.0625 per layer (geometric mean, layers 1..0); bottom/top x0.0625 (-1.2 dec)'
+    """
+    L, T = values.shape
+    e = last % T
+    ref = values[-1, e]
+    at = ("top layer, last step" if e == T - 1 else
+          f"top layer, the last step c reaches it; c at t {T - 1} is 0 by construction")
+    lines = [f"from where the loss enters: layer {L - 1}, t {e} ({at}), G = {_g(ref)}"
+             + ("; loss all also enters at every earlier step" if loss == "all" else "")]
+    down = f"down the last step (t {e}):" if e == T - 1 else f"down step t {e}:"
+    width = max(len(down), len("back along the top layer:")) + 1
+    if not (np.isfinite(ref) and ref > 0):
+        return lines + ["  no ratios: the entry is not positive and finite"]
+    if L > 1:
+        names = [f"layer{'s' if i == L - 1 else ''} {i}" for i in range(L - 1, -1, -1)]
+        lines.append(f"  {down:<{width}}{_walk(values[::-1, e], 'layer', names)}; bottom/top "
+                     f"{_rel(values[0, e], ref)}")
+    if e > 0:
+        if loss == "all":
+            lines.append(f"  {'back along the top layer:':<{width}}first/last "
+                         f"{_rel(values[-1, 0], ref)}, not a per-step decay: each step adds its "
+                         "own loss term")
+        else:
+            names = [f"t {t}" for t in range(e, -1, -1)]
+            lines.append(f"  {'back along the top layer:':<{width}}"
+                         f"{_walk(values[-1, e::-1], 'step', names)}; first/last "
+                         f"{_rel(values[-1, 0], ref)}")
+    return lines
+
+
 def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = None,
-                last: int = -1) -> list[str]:
+                last: int = -1, loss: str | None = None) -> list[str]:
     """Lines describing an ``(L, T)`` gradient map ``V``.
 
-    Per layer ``l``: ``mean_t V[l, t]`` (finite entries) and its ratio to the top layer's; over
-    time: ``V[l, 0] / V[l, last]`` at the top and bottom layers (``last``: the last step the
-    map reaches, ``T - 2`` for a memory ``c`` whose last step is 0 by construction, see
-    :func:`result_summary`); the range ``max / min`` in
-    decades with where they are; the number of non-finite entries and of underflow entries
-    (below the normal range of ``values``' dtype, where every entry is expected positive:
-    ``underflow`` if given, e.g. ``result.underflow["values"]``, else counted here). Maps deeper
-    than ``max_rows`` list evenly spaced layers (top and bottom always).
+    First the two marginals from where the loss enters, the top layer at step ``e``
+    (:func:`marginal_lines`; ``last``: the last step the map reaches, ``T - 2`` for a memory
+    ``c`` whose last step is 0 by construction, see :func:`result_summary`). Then per layer
+    ``l``: ``V[l, e] / V[L-1, e]`` down that column, beside ``mean_t V[l, t]`` (finite entries)
+    over the top layer's (time-averaged: it includes the diagonal paths from later steps, so it
+    is the total signal a layer receives, not a per-layer gain); the bottom layer's
+    ``V[0, 0] / V[0, e]`` (off the two axes); the range ``max / min`` in decades with where they
+    are; the number of non-finite entries and of underflow entries (below the normal range of
+    ``values``' dtype, where every entry is expected positive: ``underflow`` if given, e.g.
+    ``result.underflow["values"]``, else counted here). Maps deeper than ``max_rows`` list
+    evenly spaced layers (top and bottom always). Zeros and non-finite entries are printed as
+    such (``x0 (-inf dec)``, ``nan``), never dropped.
     """
     from gradflow.results import underflow_count
 
@@ -471,18 +589,22 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
         underflow = underflow_count(np.asarray(values, dtype))
     values = np.asarray(values, dtype=float)
     L, T = values.shape
+    e = last % T
     means = _row_means(values)
     shown = sorted(set(np.linspace(0, L - 1, min(L, max_rows)).round().astype(int)),
                    reverse=True)
-    lines = ["per layer: mean over time, and its ratio to the top layer"]
+    lines = marginal_lines(values, last, loss)
+    lines.append(f"per layer, relative to the top layer: at t {e}, down the column | mean over "
+                 "time (time-averaged: includes the diagonal paths, not a per-layer gain)")
     for l in shown:
         tag = " (top)" if l == L - 1 else " (bottom)" if l == 0 and L > 1 else ""
-        lines.append(f"  layer {l:>3}{tag:<9} {_g(means[l]):>10}   {_ratio(means[l], means[-1])}")
-    lines.append("over time: first step / last step" + (
-        f" it reaches (t {last % T})" if last % T != T - 1 else ""))
-    lines.append(f"  top layer    {_ratio(values[-1, 0], values[-1, last])}")
-    if L > 1:
-        lines.append(f"  bottom layer {_ratio(values[0, 0], values[0, last])}")
+        lines.append(f"  layer {l:>3}{tag:<9} {_g(values[l, e]):>9} "
+                     f"{_rel(values[l, e], values[-1, e]):<21}| {_g(means[l]):>9} "
+                     f"{_rel(means[l], means[-1])}")
+    if L > 1 and e > 0:
+        lines.append(f"bottom layer, t 0 / t {e}: {_rel(values[0, 0], values[0, e])}, off the "
+                     f"two axes: t {e} is reached by the vertical path only, earlier steps also "
+                     "by diagonal ones (not an amplification)")
     finite = np.isfinite(values)
     pos = finite & (values > 0)
     if pos.any():
@@ -501,26 +623,55 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
 def result_summary(res, max_rows: int = 16) -> list[str]:
     """:func:`map_summary` of a gradient-map :class:`~gradflow.results.Result`: its own
     underflow count (which leaves out the entries 0 by construction: a memory ``c`` at the
-    last step) and, for a map wrt ``c``, the last step it reaches."""
-    T = res.values.shape[-1]
-    last = T - 2 if res.config.get("wrt") == "cell" and T > 1 else T - 1
-    return map_summary(res.values, max_rows, res.underflow.get("values"), last)
+    last step), its loss and the step where the loss enters (:func:`entry_step`)."""
+    values = np.asarray(res.values)
+    loss = res.config.get("loss")
+    return map_summary(values, max_rows, res.underflow.get("values"),
+                       entry_step(values, res.config.get("wrt")),
+                       loss if isinstance(loss, str) else None)
+
+
+def decade_range(values: np.ndarray, e: int, ref: float) -> str:
+    """``"lo .. hi"``: ``log10(V / ref)`` over the finite entries the loss reaches (steps
+    ``0..e``), ``-inf`` as the low end where one of them is exactly 0 (so an all-zero map
+    never reads like a preserved one); ``n/a`` when ``ref`` is not positive and finite or no
+    such entry is finite.
+
+    >>> decade_range(np.array([[0.0, 0.0], [0.1, 1.0]]), 1, 1.0)
+    '-inf .. +0.0'
+    """
+    reached = np.asarray(values, dtype=float)[:, :e + 1]
+    finite = reached[np.isfinite(reached)]
+    if not (np.isfinite(ref) and ref > 0) or finite.size == 0:
+        return "n/a"
+    with np.errstate(divide="ignore"):
+        logs = np.log10(np.abs(finite) / ref)
+    lo, hi = logs.min(), logs.max()
+
+    def fmt(x):
+        return f"{round(x, 1) + 0.0:+.1f}" if np.isfinite(x) else ("-inf" if x < 0 else "+inf")
+    return f"{fmt(lo)} .. {fmt(hi)}"
 
 
 def _panel_line(loss: str, cell: str, res, width: int) -> str:
-    """One row of compare's table from a panel's map ``res``: its top-last value, ratios,
-    span in decades, non-finite and underflow counts."""
+    """One row of compare's table from a panel's map ``res``: the value where the loss enters
+    (top layer, :func:`entry_step`), bottom/top down that step and its per-layer factor, the
+    time-averaged bottom/top, first/last step at the top layer, the range in decades over the
+    entries the loss reaches, non-finite and underflow counts."""
     values = np.asarray(res.values, dtype=float)
-    ref = values[-1, -1]
+    L = values.shape[0]
+    e = entry_step(values, res.config.get("wrt"))
+    ref = values[-1, e]
     means = _row_means(values)
-    pos = np.isfinite(values) & (values > 0)
-    if pos.any() and np.isfinite(ref) and ref > 0:
-        logs = np.log10(values[pos] / ref)
-        span = f"{logs.min():+.1f} .. {logs.max():+.1f}"
+    ok = np.isfinite(ref) and ref > 0
+    bottom = values[0, e]
+    if L < 2 or not ok or not np.isfinite(bottom):
+        per_layer = "n/a" if L < 2 or not ok else str(float(bottom))
     else:
-        span = "n/a"
-    return (f"  {loss:<5} {cell:<{width}} {_g(ref):>10}  {_ratio(means[0], means[-1]):>20}  "
-            f"{_ratio(values[-1, 0], values[-1, -1]):>20}  {span:>15}  "
+        per_layer = "x0" if bottom == 0 else _factor((bottom / ref) ** (1.0 / (L - 1)))
+    return (f"  {loss:<5} {cell:<{width}} {_g(ref):>10}  {_rel(bottom, ref):>20}  "
+            f"{per_layer:>9}  {_rel(means[0], means[-1]):>20}  "
+            f"{_rel(values[-1, 0], ref):>20}  {decade_range(values, e, ref):>16}  "
             f"{int((~np.isfinite(values)).sum()):>10}  {res.total_underflow:>9}")
 
 
@@ -547,6 +698,25 @@ def timescale_lines(per_unit: np.ndarray) -> list[str]:
     return lines
 
 
+def _origin(config: dict) -> str:
+    """Where the parameters come from: ``init orthogonal``, or for ``--params`` (the config
+    records the path) ``trained (step 200 of RUN)``, or ``params from FILE``."""
+    if "params" not in config:
+        return f"init {config.get('init', '-')}"
+    if "train_step" in config:
+        return f"trained (step {config['train_step']} of {config['params']})"
+    return f"params from {config['params']}"
+
+
+def _trained_title(config: dict, head: str, sep: str = "\n") -> str:
+    """A figure title for ``--params``: ``head`` over the settings line with the init replaced
+    by :func:`_origin` (``plot.settings`` would call trained weights "init orthogonal")."""
+    from gradflow import plot
+
+    line = plot.settings({k: v for k, v in config.items() if k != "init"})
+    return f"{head}{sep}{line + ', ' if line else ''}{_origin(config)}"
+
+
 def _describe(config: dict, cell) -> str:
     """One line: cell, sizes, seed, init, dtype, and the cell options that differ from its
     defaults (registered cells; a user's cell lists every option)."""
@@ -558,7 +728,7 @@ def _describe(config: dict, cell) -> str:
     return (f"{config['cell']}, {config['layers']} layers x {config['steps']} steps, "
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "
             f"seed {config.get('seed', '-')}, "
-            f"init {config.get('init', '-')}, {config['dtype']}"
+            f"{_origin(config)}, {config['dtype']}"
             + (f"; options {', '.join(changed)}" if changed else "")
             + "".join(f"; {k} {config[k]}" for k in extra))
 
@@ -899,7 +1069,8 @@ def add_output_options(p):
     """The output group: figure and data paths."""
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="PATH",
-                   help=f"figure path, {'/'.join(e[1:] for e in FORMATS)} "
+                   help=f"figure path, {'/'.join(e[1:] for e in FORMATS)}, or an existing "
+                        "folder to write <name>.png into "
                         f"(default: {DEFAULT_OUT_DIR}/<name>.png, the name carrying the settings "
                         "that differ from the defaults, its folder created; a PATH's folder "
                         "must exist)")
@@ -999,7 +1170,10 @@ def run_heatmap(args) -> int:
     if normalize and not (np.isfinite(ref) and ref > 0):
         notes.append(f"note: not normalised: the top-last value is {_g(float(ref))}")
         normalize = False
-    fig = plot.heatmap(res, normalize=normalize)
+    title = None if args.params is None else _trained_title(res.config, " \u00b7 ".join(
+        [str(res.config.get("cell", prob.stack.cells[0].name)),
+         f"loss={args.loss}", f"wrt={args.wrt}"]))
+    fig = plot.heatmap(res, normalize=normalize, title=title)
     print(f"gradflow heatmap: {_describe(res.config, prob.stack.cells[0])}")
     if args.params is not None:
         print(f"trained parameters from {args.params}"
@@ -1080,15 +1254,20 @@ def run_compare(args) -> int:
           + (f"{plot.options_text(grid.config)}; " if plot.options_text(grid.config) else "")
           + ("absolute values" if args.absolute else "each map relative to its top-last value"))
     width = max(4, *(len(c) for c in labels))
-    print(f"  {'loss':<5} {'cell':<{width}} {'top-last':>10}  {'bottom/top layer':>20}  "
-          f"{'first/last step':>20}  {'dec. vs top-last':>15}  {'non-finite':>10}  "
-          f"{'underflow':>9}")
+    print(f"  {'loss':<5} {'cell':<{width}} {'top-last':>10}  {'bottom/top, last step':>20}  "
+          f"{'per layer':>9}  {'bottom/top, mean':>20}  {'first/last step':>20}  "
+          f"{'dec. vs top-last':>16}  {'non-finite':>10}  {'underflow':>9}")
     for loss in args.losses:
         for cell in labels:
             print(_panel_line(loss, cell, experiments.panel(grid, loss, cell), width))
-    print("(bottom/top layer: ratio of the time-mean of layer 0 to that of the top layer; "
-          "first/last step: at the top layer; underflow: entries below the smallest normal "
-          "float, where the gradient vanished past the float range)")
+    print(textwrap.fill("(from where the loss enters, the top layer's last step (wrt cell: the last step c "
+          "reaches it): bottom/top down that step and its geometric-mean factor per layer; "
+          "bottom/top, mean: of the time-means, which include the diagonal paths (not a "
+          "per-layer gain); first/last step: along the top layer (under loss all not a "
+          "per-step decay: the loss enters at every step); dec. vs top-last: the range over the "
+          "entries the loss reaches, -inf where one is exactly 0; x0 (-inf dec): exactly 0; "
+          "underflow: entries below the smallest normal float, where the gradient vanished "
+          "past the float range)", 100))
     for line in _write(fig, grid, fig_path, data_path):
         print(line)
     return 0
@@ -1170,6 +1349,9 @@ def run_gates(args) -> int:
                                   meta=prob.config)
     shown = [args.gate] if args.gate else list(stats.config["gates"])
     fig = plot.gates_figure(stats, shown)
+    if args.params is not None:
+        fig.suptitle(_trained_title(stats.config, str(stats.config.get("cell", "gates")),
+                                    " \u00b7 "))
     print(f"gradflow gates: {_describe(stats.config, prob.stack.cells[0])}; saturated: "
           f"< {args.eps:g} or > {1 - args.eps:g}")
     if args.params is not None:

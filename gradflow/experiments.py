@@ -201,7 +201,8 @@ def panel(grid: Result, loss: str, cell: str) -> Result:
 #: GRU :math:`(1-z) W_n` (1/2), STAR :math:`k W_z` (1/2).
 VERTICAL_GAIN = {"rnn": 1.0, "lstm": 0.25, "gru": 0.5, "star": 0.5}
 
-_GAIN_ARRAYS = ("vertical_rms", "vertical_spectral", "temporal_rms", "temporal_spectral")
+_GAIN_ARRAYS = ("vertical_rms", "vertical_spectral", "temporal_rms", "temporal_spectral",
+                "state_rms", "state_spectral")
 
 
 def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, steps: int = 4,
@@ -221,7 +222,8 @@ def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, ste
       meta: extra config recorded in the result.
     Returns:
       Result ``kind="vertical_gain"``: ``"{stat}/{cell}": (L, T)`` for ``stat`` in
-      ``vertical_rms, vertical_spectral, temporal_rms, temporal_spectral``;
+      ``vertical_rms, vertical_spectral, temporal_rms, temporal_spectral, state_rms,
+      state_spectral`` (:func:`gradflow.local_gains`);
       ``config["closed_form"]`` holds :data:`VERTICAL_GAIN` for the cells that have one.
     """
     with user_input(), precision(dtype):  # the plan, checked before anything is computed
@@ -247,7 +249,9 @@ def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, ste
 def gain_panel(data: Result, cell: str) -> Result:
     """One cell's ``local_gains`` Result out of a :func:`vertical_gain` result."""
     _label(data, cell, "cells", "cell")
-    return make_result("local_gains", {k: data[f"{k}/{cell}"] for k in _GAIN_ARRAYS},
+    # (results saved before the state gains were measured have the other four)
+    return make_result("local_gains", {k: data[f"{k}/{cell}"] for k in _GAIN_ARRAYS
+                                       if f"{k}/{cell}" in data.arrays},
                        {**data.config, "cell": cell}, warn=False)
 
 

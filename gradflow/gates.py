@@ -26,8 +26,9 @@ kind ``"gate_stats"`` holding:
   relative to a plain LSTM;
 * ``nonfinite``: the number of inf/NaN activations (counted, never raised on, and left out of
   every other statistic: those are over the finite activations);
-* ``hist`` / ``outside``: fixed-bin histogram counts over ``[0, 1]`` and the counts of values
-  below 0, above 1 (refined gates leave ``[0, 1]``) and NaN.
+* ``hist`` / ``outside``: fixed-bin histogram counts over the range of the gate's kind
+  (:func:`value_range`: ``[-1, 1]`` for a ``"tanh"`` gate, ``[0, 1]`` for every other kind)
+  and the counts of values below it, above it (refined gates leave ``[0, 1]``) and NaN.
 
 Array names (flat, ``/``-separated; they round-trip through ``Result.save``/``load``)::
 
@@ -38,9 +39,11 @@ Array names (flat, ``/``-separated; they round-trip through ``Result.save``/``lo
                                          (mean, timescale, update_fraction only)
     "hist/{gate}"             (L, bins)  counts in [e_j, e_{j+1}) (the last bin closed)
     "hist/{gate}/pooled"      (bins,)
-    "outside/{gate}"          (L, 3)     counts of a < 0, a > 1, NaN
+    "outside/{gate}"          (L, 3)     counts of a < lo, a > hi, NaN ([lo, hi]: value_range)
     "outside/{gate}/pooled"   (3,)
-    "bin_edges"               (bins + 1,)
+    "bin_edges"               (bins + 1,)  edges over [0, 1], of every gate on that range
+    "bin_edges/{gate}"        (bins + 1,)  only for a gate on another range (a "tanh" gate:
+                                         [-1, 1]); read a gate's edges with hist_edges
 
 ``stat`` is one of :data:`STATS`. ``nonfinite`` maps hold counts (sums); every other map
 holds means (fractions) over the gate's finite entries: ``(l, t)`` averages the ``B * H`` values
@@ -56,7 +59,8 @@ layer's real ``H_l`` units count: ``(l, t)`` averages ``B * H_l`` entries, ``/po
 mean over every real entry, the histograms hold ``B * T * sum_l H_l`` entries, and the
 ``/unit`` arrays are ``(L, max_l H_l)`` with 0 beyond ``H_l``. ``config["gates"]`` lists the gates,
 ``config["gate_kinds"]`` their kinds (:func:`gate_kinds`); :func:`summary` gives the pooled
-scalars as ``{gate: {stat: value}}``.
+scalars as ``{gate: {stat: value}}``; :func:`hist_edges` the edges of a gate's histogram (also
+of results saved before per-gate edges existed, whose histograms were all over ``[0, 1]``).
 
 Example::
 
@@ -182,43 +186,69 @@ def timescale(kept):
     return 1.0 / (1.0 - kept)
 
 
-def bin_edges(bins: int) -> np.ndarray:
-    """``(bins + 1,)`` float64 edges of the fixed histogram over ``[0, 1]``."""
-    return np.linspace(0.0, 1.0, bins + 1)
+def value_range(kind: str = "sigmoid") -> tuple[float, float]:
+    r"""``(lo, hi)``: the range of a gate of ``kind``, which its histogram covers and beyond
+    which its values count as ``outside``: ``(-1, 1)`` for a ``"tanh"`` gate
+    (:math:`a = \tanh(z)`), ``(0, 1)`` for every other kind (Cheng et al.'s refined gates leave
+    it and are counted outside it, SPEC section 3; an ``"other"`` gate is read on it as a
+    sigmoid).
+
+    >>> value_range("tanh"), value_range("refined")
+    ((-1.0, 1.0), (0.0, 1.0))
+    """
+    return (-1.0, 1.0) if kind == "tanh" else (0.0, 1.0)
 
 
-def bin_index(a, bins: int):
+def bin_edges(bins: int, kind: str = "sigmoid") -> np.ndarray:
+    """``(bins + 1,)`` float64 edges of the fixed histogram of a gate of ``kind``: ``bins``
+    equal bins over :func:`value_range` (``[0, 1]``; ``[-1, 1]`` for ``"tanh"``)."""
+    lo, hi = value_range(kind)
+    return np.linspace(lo, hi, bins + 1)
+
+
+def bin_index(a, bins: int, kind: str = "sigmoid"):
     """The histogram bin of each entry of ``a`` (any shape), and whether it has one.
 
-    Bins are ``[e_j, e_{j+1})`` with the last one closed, ``e`` from :func:`bin_edges`: the rule
-    of ``numpy.histogram``, exact at the edges (``floor(a * bins)``, moved by one where rounding
-    put ``a`` on the wrong side of an edge). Returns ``(j: int32, inside: bool)`` of ``a``'s
-    shape; ``inside`` is False for values outside ``[0, 1]`` and NaN.
+    Bins are ``[e_j, e_{j+1})`` with the last one closed, ``e`` from :func:`bin_edges` over
+    the range ``[lo, hi]`` of ``kind`` (:func:`value_range`): the rule of
+    ``numpy.histogram(a, bins, range=(lo, hi))``, exact at the edges
+    (``floor((a - lo) * bins / (hi - lo))``, moved by one where rounding put ``a`` on the wrong
+    side of an edge). Returns ``(j: int32, inside: bool)`` of ``a``'s shape; ``inside`` is
+    False for values outside ``[lo, hi]`` and NaN.
     """
-    e = jnp.asarray(bin_edges(bins), a.dtype)
-    inside = (a >= 0.0) & (a <= 1.0)
-    j = jnp.clip(jnp.floor(jnp.where(inside, a, 0.0) * bins).astype(jnp.int32), 0, bins - 1)
+    lo, hi = value_range(kind)
+    e = jnp.asarray(bin_edges(bins, kind), a.dtype)
+    inside = (a >= lo) & (a <= hi)
+    scaled = (jnp.where(inside, a, lo) - lo) * (bins / (hi - lo))  # [0, 1]: a * bins, exactly
+    j = jnp.clip(jnp.floor(scaled).astype(jnp.int32), 0, bins - 1)
     j = j - (a < e[j]) + ((a >= e[j + 1]) & (j < bins - 1))
     return j, inside
 
 
-def histogram(a, bins: int, valid=None):
-    """Per-layer histogram counts of ``a: (L, ...)`` over ``[0, 1]`` (see :func:`bin_index`).
+def histogram(a, bins: int, valid=None, kind: str = "sigmoid"):
+    """Per-layer histogram counts of ``a: (L, ...)`` over the range ``[lo, hi]`` of gates of
+    ``kind`` (:func:`value_range`; see :func:`bin_index`).
 
     One scatter-add, so memory stays at one index per entry. Returns ``(counts: (L, bins),
-    outside: (L, 3))``, ``outside`` holding the counts of ``a < 0``, ``a > 1`` (infinities
+    outside: (L, 3))``, ``outside`` holding the counts of ``a < lo``, ``a > hi`` (infinities
     included) and NaN. ``valid``: a boolean mask broadcastable to ``a``; only its True entries
     are counted (e.g. the real units of layers of different widths).
+
+    >>> a = jnp.array([[-1.0, -0.95, -0.5, 0.0, 0.5, 1.0, 1.5, -1.2, jnp.nan]])
+    >>> counts, outside = histogram(a, 4, kind="tanh")
+    >>> counts.tolist(), outside.tolist()
+    ([[2, 1, 1, 2]], [[1, 1, 1]])
     """
+    lo, hi = value_range(kind)
     L = a.shape[0]
     ok = None if valid is None else jnp.broadcast_to(valid, a.shape).reshape(L, -1)
     a = a.reshape(L, -1)
-    j, inside = bin_index(a, bins)
+    j, inside = bin_index(a, bins, kind)
     if ok is not None:
         inside = inside & ok
     flat = jnp.where(inside, jnp.arange(L, dtype=jnp.int32)[:, None] * bins + j, L * bins)
     counts = jnp.zeros(L * bins + 1, jnp.int32).at[flat.ravel()].add(1)[:-1].reshape(L, bins)
-    flags = [a < 0.0, a > 1.0, jnp.isnan(a)]
+    flags = [a < lo, a > hi, jnp.isnan(a)]
     if ok is not None:
         flags = [f & ok for f in flags]
     outside = jnp.stack([f.sum(1) for f in flags], axis=1)
@@ -326,7 +356,7 @@ def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
     """``{(stat, gate): (L, B, T, H)}`` element-wise quantities whose means over the gate's
     finite entries make the maps (``timescale``: the kept fraction; 0 where the gate is not
     finite); ``finite``, ``nonfinite``, ``below``, ``above``, ``nan`` are 0/1 integers to be
-    counted."""
+    counted (``below``/``above``: beyond the kind's :func:`value_range`)."""
     cell = gate_cell(stack)
     retain = dict(cell.retain)
     rows = {}
@@ -345,8 +375,9 @@ def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
             rows["update_fraction", g] = (a > threshold).astype(a.dtype)
         rows.update({k: jnp.where(ok, v, jnp.zeros((), v.dtype))
                      for k, v in rows.items() if k[1] == g})
-        for stat, m in (("finite", ok), ("nonfinite", ~ok), ("below", a < 0.0),
-                        ("above", a > 1.0), ("nan", jnp.isnan(a))):
+        lo, hi = value_range(kind)
+        for stat, m in (("finite", ok), ("nonfinite", ~ok), ("below", a < lo),
+                        ("above", a > hi), ("nan", jnp.isnan(a))):
             rows[stat, g] = m.astype(jnp.int32)
     return rows
 
@@ -377,8 +408,8 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
 
     The element-wise rows (:func:`_rows`) are summed over the batch by one variadic
     ``lax.reduce``, so they are fused into it and never stored; the histograms are one
-    scatter-add. Returns ``({(stat, gate): ((L, T) map, (L, H) unit)}, {gate: (L, bins)})``:
-    means (float rows) or counts (integer rows).
+    scatter-add per gate range (:func:`value_range`). Returns ``({(stat, gate): ((L, T) map,
+    (L, H) unit)}, {gate: (L, bins)})``: means (float rows) or counts (integer rows).
     """
     out = stack.apply(params, xs, gates=True)
     if not out.gates:
@@ -397,13 +428,17 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
         else:
             n, nu = sums["finite", k[1]]
             red[k] = (m / n.astype(m.dtype), u / nu.astype(u.dtype))
-    names = list(out.gates)
-    A = jnp.stack([out.gates[g] for g in names])  # (G, L, B, T, H)
-    G, L = A.shape[:2]
-    valid = None if real is None else jnp.broadcast_to(
-        real[None, :, None, None, :], A.shape).reshape((G * L, -1))
-    hist, _ = histogram(A.reshape((G * L, -1)), bins, valid)
-    return red, {g: hist[i * L:(i + 1) * L] for i, g in enumerate(names)}
+    kinds = gate_kinds(gate_cell(stack))
+    hists = {}
+    for span in dict.fromkeys(value_range(kinds[g]) for g in out.gates):  # one scatter-add each
+        names = [g for g in out.gates if value_range(kinds[g]) == span]
+        A = jnp.stack([out.gates[g] for g in names])  # (G, L, B, T, H)
+        G, L = A.shape[:2]
+        valid = None if real is None else jnp.broadcast_to(
+            real[None, :, None, None, :], A.shape).reshape((G * L, -1))
+        hist, _ = histogram(A.reshape((G * L, -1)), bins, valid, kinds[names[0]])
+        hists.update({g: hist[i * L:(i + 1) * L] for i, g in enumerate(names)})
+    return red, {g: hists[g] for g in out.gates}
 
 
 def reductions(stack: Stack, params: dict, xs, eps: float = 0.05,
@@ -442,7 +477,9 @@ def named_arrays(stack: Stack, red: dict, hist: dict, bins: int) -> dict:
     if real is not None:
         real = np.asarray(real)
     arrays = {"bin_edges": bin_edges(bins)}
-    for g in gate_kinds(gate_cell(stack)):
+    for g, kind in gate_kinds(gate_cell(stack)).items():
+        if value_range(kind) != value_range():  # the shared edges are [0, 1]'s
+            arrays[f"bin_edges/{g}"] = bin_edges(bins, kind)
         n = red["finite", g][0].astype(np.float64)  # (L, T): finite entries of each mean
 
         def over(m, axis=None):  # the mean over the finite entries of the (l, t) it pools
@@ -495,7 +532,8 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
       stack: a :class:`gradflow.Stack`; params: from ``stack.init``; xs: ``(B, T, D)``.
       eps: saturation margin, ``0 < eps < 0.5``: saturated means :math:`a < \varepsilon` or
         :math:`a > 1 - \varepsilon`.
-      bins: number of histogram bins over ``[0, 1]``, up to :data:`MAX_BINS`.
+      bins: number of histogram bins over each gate's range (:func:`value_range`: ``[0, 1]``,
+        ``[-1, 1]`` for a tanh gate), up to :data:`MAX_BINS`.
       update_threshold: a time gate updates a neuron where :math:`k >` this (``0 < . < 1``).
       meta: merged into the config (e.g. ``problem(...).config`` with the seed).
     Returns:
@@ -546,6 +584,30 @@ def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int =
                                "dtype": str(dtype)}, meta, eps=eps, bins=bins,
                               update_threshold=threshold, gates=list(kinds), gate_kinds=kinds)
     return make_result("gate_stats", arrays, config)
+
+
+def hist_edges(stats, gate: str) -> np.ndarray:
+    """``(bins + 1,)`` edges of ``stats``'s histogram ``hist/{gate}``: ``bin_edges/{gate}``
+    where the gate has its own range (a ``"tanh"`` gate's ``[-1, 1]``), else the shared
+    ``bin_edges`` over ``[0, 1]``; without either (a hand-made result) the ``[0, 1]`` edges of
+    as many bins as ``hist/{gate}`` has. Results saved before per-gate edges existed have no
+    ``bin_edges/{gate}``: every histogram of theirs is over ``[0, 1]``, which this returns.
+
+    Args:
+      stats: a ``gate_stats`` :class:`~gradflow.results.Result` (or a mapping of its arrays).
+      gate: a gate it reports.
+    Raises:
+      ValueError: the edges do not fit the histogram (not ``bins + 1`` increasing values).
+    """
+    arrays = stats.arrays if isinstance(stats, Result) else stats
+    hist = np.asarray(arrays[f"hist/{gate}"])
+    bins = hist.shape[-1]
+    key = next((k for k in (f"bin_edges/{gate}", "bin_edges") if k in arrays), None)
+    edges = bin_edges(bins) if key is None else np.asarray(arrays[key], dtype=float)
+    if edges.shape != (bins + 1,) or not np.all(np.diff(edges) > 0):
+        raise ValueError(f"{key!r} must be {bins + 1} increasing edges for the {bins} bins of "
+                         f"'hist/{gate}', got shape {edges.shape}")
+    return edges
 
 
 def summary(stats: Result) -> dict:
@@ -628,7 +690,8 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
 
 
 __all__ = ["GU_GRID", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations", "gate_cell",
-           "bin_edges", "compare", "gate_kinds", "histogram", "is_saturated", "kept_fraction",
+           "bin_edges", "compare", "gate_kinds", "hist_edges", "histogram", "is_saturated",
+           "kept_fraction",
            "layer_inputs", "named_arrays", "parse_entries", "preactivation", "reductions",
            "refine_partials", "saturation",
-           "sigmoid_slope", "slopes", "summary", "timescale"]
+           "sigmoid_slope", "slopes", "summary", "timescale", "value_range"]

@@ -48,7 +48,8 @@ _FRACTION_CMAP = "magma"
 _NONFINITE_FACE = "0.85"
 # The normalised view spans at least a factor 2 either side of 1, so that ratios within rounding of
 # 1 read as "preserved" (near-white) instead of being stretched over the whole diverging scale.
-_MIN_RELATIVE_DECADES = float(np.log10(2.0))
+_MIN_RELATIVE_FACTOR = 2.0
+_MIN_RELATIVE_DECADES = float(np.log10(_MIN_RELATIVE_FACTOR))
 _PANEL_SIZE = (3.0, 2.5)
 
 
@@ -127,20 +128,65 @@ def _cmap(cmap, default: str) -> mcolors.Colormap:
     return cmap.with_extremes(bad=cmap(0.0))
 
 
+class CentredLogNorm(mcolors.LogNorm):
+    r"""A log colour scale with 1 at the colour map's centre, each side on its own range:
+    :math:`u(v) = \tfrac12\,(1 - \log_{10} v / \log_{10} v_{\min})` for
+    :math:`v_{\min} \le v \le 1` and :math:`u(v) = \tfrac12\,(1 + \log_{10} v /
+    \log_{10} v_{\max})` for :math:`1 \le v \le v_{\max}` (``0 < vmin < 1 < vmax``), so on a
+    diverging map the data's smallest ratio takes the darkest blue and its largest the darkest
+    red, however many decades lie on either side. Entries ``<= 0`` are masked, as by
+    ``LogNorm`` (whose colour-bar axis, in decades, it keeps).
+
+    >>> n = CentredLogNorm(1e-8, 10.0)
+    >>> [round(float(n(v)), 3) for v in (1e-8, 1e-4, 1.0, 10 ** 0.5, 10.0)]
+    [0.0, 0.25, 0.5, 0.75, 1.0]
+    """
+
+    def __init__(self, vmin: float, vmax: float, clip: bool = False):
+        if not 0 < vmin < 1 < vmax:
+            raise ValueError(f"CentredLogNorm needs 0 < vmin < 1 < vmax, got vmin={vmin!r}, "
+                             f"vmax={vmax!r}")
+        super().__init__(vmin, vmax, clip)
+
+    def __call__(self, value, clip=None):
+        result, is_scalar = self.process_value(value)
+        lo, hi = np.log10(self.vmin), np.log10(self.vmax)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.ma.log10(result)  # masks v <= 0
+        u = np.ma.where(t < 0, 0.5 * (1.0 - t / lo), 0.5 * (1.0 + t / hi))
+        if self.clip if clip is None else clip:
+            u = np.ma.clip(u, 0.0, 1.0)
+        return u[0] if is_scalar else u
+
+    def inverse(self, value):
+        u = np.ma.asarray(value, dtype=float)
+        lo, hi = np.log10(self.vmin), np.log10(self.vmax)
+        return 10.0 ** np.ma.where(u < 0.5, lo * (1.0 - 2.0 * u), hi * (2.0 * u - 1.0))
+
+
 def _norm(arrays: Sequence[np.ndarray], log: bool, relative: bool, vmin=None, vmax=None):
     """One colour norm covering the finite entries of every array.
 
-    * ``log``: ``LogNorm`` over the positive finite range; ``relative`` makes it symmetric about 1
-      in log space, ``[10^-m, 10^m]`` with ``m = max |log10 v|`` (at least ``log10 2``), so a factor
-      ``a`` of attenuation and of amplification get equally strong colours.
+    * ``log``: ``LogNorm`` over the positive finite range; ``relative`` gives a
+      :class:`CentredLogNorm`, 1 at the centre, from the smallest positive entry to the largest
+      (at least a factor 2 either side of 1), so values below 1 are blue and above red and the
+      deepest attenuation takes the darkest blue even when nothing exceeds 1.
     * linear: ``Normalize`` over the finite range; ``relative`` gives a ``TwoSlopeNorm`` centred
       at 1.
 
-    ``vmin``/``vmax``, when given, override the computed limits.
+    ``vmin``/``vmax``, when given, override the computed limits; on the relative log scale
+    either one gives the scale of before: ``LogNorm`` over ``[10^-m, 10^m]`` (``m = max |log10
+    v|``, at least ``log10 2``) with the given limit(s) in place (e.g. :func:`draw_grid`'s
+    ``color_range``).
     """
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
     if log:
         pos = finite[finite > 0]
+        if relative and vmin is None and vmax is None:
+            if not pos.size:
+                return CentredLogNorm(1.0 / _MIN_RELATIVE_FACTOR, _MIN_RELATIVE_FACTOR)
+            return CentredLogNorm(min(float(pos.min()), 1.0 / _MIN_RELATIVE_FACTOR),
+                                  max(float(pos.max()), _MIN_RELATIVE_FACTOR))
         if relative:
             m = float(np.max(np.abs(np.log10(pos)))) if pos.size else 0.0
             m = max(m, _MIN_RELATIVE_DECADES)
@@ -287,8 +333,9 @@ def _colorbar(fig: Figure, image, axes, label: str, values_list, norm, relative:
     """One colour bar for ``axes``; its arrows mark values beyond the scale (clipped by a given
     ``vmin``/``vmax``, or not positive on a log scale), at the end they fall off.
 
-    On the symmetric relative scale the ticks are whole decades placed symmetrically about
-    ``10^0 = 1``, so the centre is always labelled. Where no entry has a colour (all
+    On a relative log scale (:class:`CentredLogNorm`, or a ``LogNorm`` symmetric about 1) the
+    ticks are whole decades (at most 9) that include ``10^0 = 1``, so the centre is always
+    labelled. Where no entry has a colour (all
     non-finite; on a log scale, none positive) the bar has no ticks and says so, instead of
     showing a made-up range.
     """
@@ -307,6 +354,13 @@ def _colorbar(fig: Figure, image, axes, label: str, values_list, norm, relative:
     extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get(
         (bool(below), bool(above)), "neither")
     bar = fig.colorbar(image, ax=axes, label=label, extend=extend)
+    if isinstance(norm, CentredLogNorm):
+        low = int(np.ceil(np.log10(norm.vmin) - 1e-9))
+        high = int(np.floor(np.log10(norm.vmax) + 1e-9))
+        if high - low >= 1:
+            step = int(np.ceil((high - low) / 8))  # at most 9 labelled ticks, one of them 1
+            bar.set_ticks(10.0 ** (step * np.arange(-(-low // step), high // step + 1)))
+        return bar
     decades = int(np.floor(np.log10(norm.vmax) + 1e-9)) if log and relative else 0
     if decades >= 1 and np.isclose(norm.vmin * norm.vmax, 1.0):
         step = int(np.ceil(decades / 4))  # at most 9 labelled ticks
@@ -340,9 +394,10 @@ def heatmap(result: Result, ax: Axes | None = None, log: bool = True, normalize:
     * ``log=True``: ``LogNorm`` over the positive finite entries; entries ``<= 0`` are drawn in the
       minimum colour (and counted in the title, the colour bar gets a "below" arrow).
     * ``normalize=True``: draws ``R[l, t] = V[l, t] / V[L-1, T-1]``, every entry relative to the top
-      layer at the last step, on a diverging colour map (blue < 1 < red) with a log norm symmetric
-      about 1 (``[10^-m, 10^m]``), so attenuation and amplification read as two colours of equal
-      strength per factor. ``V[L-1, T-1]`` must be finite and positive.
+      layer at the last step, on a diverging colour map (blue < 1 < red) with a log norm centred
+      on 1 (:class:`CentredLogNorm`): blue from ``min R`` (the darkest) to 1, red from 1 to
+      ``max R``, each side at least a factor 2, so a collapse over 9 decades is drawn dark even
+      when nothing exceeds 1. ``V[L-1, T-1]`` must be finite and positive.
     * Non-finite entries are hatched (``"xx"``) over grey and their number is appended to the title
       (``"... (3 non-finite)"``), also when ``title`` is given; so is the number of underflow
       entries, positive values stored as 0 below the dtype's range (``result.underflow``:
@@ -356,7 +411,9 @@ def heatmap(result: Result, ax: Axes | None = None, log: bool = True, normalize:
       title: axes title; default cell, loss and wrt (or norm and target) from ``result.config``.
       colorbar: add a labelled colour bar.
       key: which array of ``result`` to draw.
-      vmin, vmax: colour limits (default: the finite data range; symmetric about 1 if normalised).
+      vmin, vmax: colour limits (default: the finite data range; centred on 1 if normalised).
+        When normalised, giving either one draws a plain ``LogNorm``: the given limit(s), and
+        for a missing one the mirror about 1 of the largest ``|log10 R|``.
 
     Returns:
       The figure holding the axes.
@@ -443,7 +500,8 @@ def grid(results, rows: Sequence | None = None, cols: Sequence | None = None, *,
         appearance; a missing ``(row, col)`` leaves an empty panel); for lists, the labels of the
         rows / columns (default: none, each panel titled from its config).
       log, normalize, cmap, key, vmin, vmax: as in :func:`heatmap`; with ``normalize`` each panel is
-        divided by its own ``values[-1, -1]`` and the symmetric scale covers all panels.
+        divided by its own ``values[-1, -1]`` and the scale centred on 1 covers all panels (from
+        the smallest ratio of any panel to the largest).
       title: figure title; the total non-finite count is appended when there are any.
       panel_size: ``(width, height)`` of one panel in inches.
 
@@ -555,11 +613,12 @@ def _layer_selection(layers, n_layers: int):
 
 def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axes | None = None, *,
                     title: str | None = None) -> Figure:
-    """Histograms of one gate's activations over [0, 1], per layer or pooled over layers.
+    """Histograms of one gate's activations over its range, per layer or pooled over layers.
 
-    Reads ``hist/{gate}``: ``(L, bins)`` counts of activations in the ``bins`` equal bins of
-    ``[0, 1]`` (edges ``linspace(0, 1, bins + 1)``), and, when present, ``outside/{gate}``:
-    ``(L, 3)`` counts below 0, above 1 and NaN (as :func:`gradflow.gates.saturation` writes them;
+    Reads ``hist/{gate}``: ``(L, bins)`` counts of activations in the ``bins`` equal bins of the
+    gate's range, on the edges :func:`gradflow.gates.hist_edges` gives (``[0, 1]``; ``[-1, 1]``
+    for a tanh gate, ``bin_edges/{gate}``), and, when present, ``outside/{gate}``: ``(L, 3)``
+    counts below and above that range and NaN (as :func:`gradflow.gates.saturation` writes them;
     refined gates leave [0, 1]; an ``(L, 2)`` array without the NaN column is accepted too); the
     outside counts of the drawn layers are summed and written under the title.
 
@@ -582,10 +641,10 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
     outside = _gate_array(stats, "outside", gate, required=False)
     if outside is not None and (outside.ndim != 2 or outside.shape[0] != hist.shape[0]
                                 or outside.shape[1] not in (2, 3)):
-        raise ValueError(f"{_gate_key('outside', gate)!r} must be (layers, 3) counts below 0 / "
-                         f"above 1 / NaN, got {outside.shape}")
+        raise ValueError(f"{_gate_key('outside', gate)!r} must be (layers, 3) counts below / "
+                         f"above the gate's range and NaN, got {outside.shape}")
     n_layers, bins = hist.shape
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    edges = _gates.hist_edges(stats, gate)
     chosen = _layer_selection(layers, n_layers)
     fig, ax = _figure_axes(ax, (5.2, 3.4))
 
@@ -605,7 +664,7 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
                       borderaxespad=0.0)
         else:
             fig.colorbar(ScalarMappable(depth, cm), ax=ax, label="layer $l$")
-    ax.set_xlim(0.0, 1.0)
+    ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel(f"gate {gate} activation")
     ax.set_ylabel("count")
 
@@ -616,7 +675,8 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
     lines = [_with_counts(base if title is None else title, bad)]
     if outside is not None:
         counts = outside[rows].sum(axis=0)
-        line = f"outside [0, 1]: {counts[0]:.0f} below 0, {counts[1]:.0f} above 1"
+        lo, hi = f"{edges[0]:g}", f"{edges[-1]:g}"
+        line = f"outside [{lo}, {hi}]: {counts[0]:.0f} below {lo}, {counts[1]:.0f} above {hi}"
         if counts.size > 2 and counts[2]:
             line += f", {counts[2]:.0f} NaN"
         lines.append(line)
@@ -626,10 +686,11 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
 
 def saturation_map(stats: Result, gate: str | None = None, ax: Axes | None = None, *,
                    cmap=None, title: str | None = None, colorbar: bool = True,
-                   vmin: float | None = 0.0, vmax: float | None = None) -> Figure:
+                   vmin: float | None = 0.0, vmax: float | None = 1.0) -> Figure:
     """Fraction of a gate's activations that are saturated, per layer and step, on a linear
-    scale from 0 to the largest fraction in the map (so a map of fractions up to 0.13 uses the
-    whole colour range; ``vmax=1`` gives the absolute [0, 1] view).
+    colour scale fixed to ``[0, 1]``, so a colour means the same fraction in every map (1%
+    saturation is drawn dark, not in the brightest colour); ``vmax=None`` scales the colours to
+    the largest fraction in this map instead. The colour bar's label says the scale.
 
     Draws ``S[l, t] = saturated/{gate}[l, t]``, the fraction of units (and examples) with
     activation ``< eps`` or ``> 1 - eps``, layer 0 at the bottom, time left to right; non-finite
@@ -639,12 +700,26 @@ def saturation_map(stats: Result, gate: str | None = None, ax: Axes | None = Non
       stats: a ``gate_stats`` result.
       gate: gate name (default: the first of ``stats.config["gates"]``).
       ax, cmap, title, colorbar: as in :func:`heatmap` (default colormap ``"magma"``).
-      vmin, vmax: colour limits (default 0 and the largest finite fraction; an all-zero map
-        gets [0, 1]).
+      vmin, vmax: colour limits (default 0 and 1; ``None`` for the map's smallest / largest
+        finite fraction, an all-zero map getting [0, 1]).
 
     Returns:
       The figure.
     """
+    return _saturation_map(stats, gate, ax, cmap, title, colorbar, vmin, vmax,
+                           "this map's" if vmax is None else None)
+
+
+def _fraction_label(norm, fitted: str | None) -> str:
+    """The saturation colour bar's label: what it shows and on which scale; ``fitted`` names
+    whose largest fraction set the top when it was not given (e.g. ``"this map's"``)."""
+    top = f"{norm.vmax:.3g}" + (f", {fitted} largest" if fitted else "")
+    return f"fraction saturated\n(colour scale {norm.vmin:.3g} to {top})"
+
+
+def _saturation_map(stats, gate, ax, cmap, title, colorbar, vmin, vmax, fitted):
+    """:func:`saturation_map`; ``fitted`` (or None) names whose largest fraction ``vmax`` is,
+    for the colour bar's label."""
     gate = _gate(stats, gate, "saturation_map")
     values = _gate_array(stats, "saturated", gate)
     if values.ndim != 2:
@@ -659,7 +734,7 @@ def saturation_map(stats: Result, gate: str | None = None, ax: Axes | None = Non
     base += f" (eps={eps:g})" if isinstance(eps, (int, float)) else ""
     ax.set_title(_with_counts(base if title is None else title, int(np.sum(~np.isfinite(values)))))
     if colorbar:
-        fig.colorbar(image, ax=ax, label="fraction saturated")
+        fig.colorbar(image, ax=ax, label=_fraction_label(norm, fitted))
     return fig
 
 
@@ -757,21 +832,33 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
 # Figures of whole experiments (gradflow.experiments results) and of one gate_stats result.
 
 
-def gates_figure(stats: Result, gates: Sequence[str] | None = None) -> Figure:
+def gates_figure(stats: Result, gates: Sequence[str] | None = None, *,
+                 vmax: float | None = 1.0) -> Figure:
     """Per gate, a column: its :func:`saturation_map` above its per-layer
     :func:`gate_histograms`; the figure title names the cell and the problem's settings.
+
+    Every saturation map has the same colour scale, ``[0, vmax]`` (default ``[0, 1]``), so one
+    colour is one fraction in every panel; ``vmax=None`` sets the top to the largest fraction
+    of the gates shown (still one scale for all). The colour bars' labels say the scale.
 
     Args:
       stats: a ``gate_stats`` result (:func:`gradflow.gates.saturation`).
       gates: the gates to show (default: every gate the stats report).
+      vmax: the top of the shared colour scale, or None for the largest fraction shown.
     """
     gates = _gate_names(stats) if gates is None else list(gates)
     for gate in gates:
         _gate(stats, gate, "gates_figure")
+    fitted = None
+    if vmax is None:
+        fractions = [_gate_array(stats, "saturated", g) for g in gates]
+        finite = np.concatenate([f[np.isfinite(f)].ravel() for f in fractions])
+        vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        fitted = "the gates'"
     fig = figure((5.2 * len(gates), 7.0))
     axes = fig.subplots(2, len(gates), squeeze=False)
     for j, gate in enumerate(gates):
-        saturation_map(stats, gate, ax=axes[0, j])
+        _saturation_map(stats, gate, axes[0, j], None, None, True, 0.0, vmax, fitted)
         gate_histograms(stats, gate, layers=None, ax=axes[1, j])
     line = settings(stats.config)
     fig.suptitle(f"{stats.config.get('cell', 'gates')}" + (f" \u00b7 {line}" if line else ""))
@@ -1251,7 +1338,8 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
     return fig
 
 
-__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "draw_atlas", "draw_curves",
+__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "CentredLogNorm", "draw_atlas",
+           "draw_curves",
            "draw_gains", "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_training_atlas",
            "draw_updates",
            "figure", "gain_profile", "gate_histograms", "gates_figure", "grid", "heatmap",

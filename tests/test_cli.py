@@ -90,12 +90,15 @@ def test_heatmap_writes_figure_and_data_at_the_default_place_and_the_summary_is_
     expect = float(np.mean(np.linalg.norm(np.asarray(g)[:, -1], axis=-1)))
     np.testing.assert_allclose(res.values[-1, -1], expect, rtol=1e-5)
 
-    # The printed factors are the data's: layer-0 mean over the top layer's, first over last.
+    # The printed factors are the data's: layer 0 over the top layer at the last step and
+    # time-averaged, and the top layer's first step over its last.
     v = res.values.astype(float)
-    np.testing.assert_allclose(_summary_ratio(out, "layer   0"), v[0].mean() / v[-1].mean(),
-                               rtol=5e-3)  # printed to 3 significant digits
-    np.testing.assert_allclose(_summary_ratio(out, "top layer"), v[-1, 0] / v[-1, -1],
-                               rtol=5e-3)
+    line = next(l for l in out.splitlines() if l.strip().startswith("layer   0"))
+    at_last, mean = (float(part.split(" x", 1)[1].split()[0]) for part in line.split("|"))
+    np.testing.assert_allclose(at_last, v[0, -1] / v[-1, -1], rtol=5e-3)  # 3 digits printed
+    np.testing.assert_allclose(mean, v[0].mean() / v[-1].mean(), rtol=5e-3)
+    first_last = out.split("back along the top layer:")[1].split("first/last x")[1].split()[0]
+    np.testing.assert_allclose(float(first_last), v[-1, 0] / v[-1, -1], rtol=5e-3)
     assert "non-finite entries: 0 of 6" in out
 
 
@@ -108,9 +111,9 @@ def test_heatmap_of_the_memory_summarises_the_steps_it_reaches(capsys):
     v = res.values.astype(float)
     assert (v[:, -1] == 0).all() and (v[:, :-1] > 0).all() and res.underflow == {"values": 0}
     assert "underflow entries: 0 of 6" in out
-    assert "over time: first step / last step it reaches (t 1)" in out
-    np.testing.assert_allclose(_summary_ratio(out, "top layer"), v[-1, 0] / v[-1, -2],
-                               rtol=5e-3)
+    assert "from where the loss enters: layer 1, t 1 (top layer, the last step c reaches it" in out
+    first_last = out.split("back along the top layer:")[1].split("first/last x")[1].split()[0]
+    np.testing.assert_allclose(float(first_last), v[-1, 0] / v[-1, -2], rtol=5e-3)
 
 
 def test_reproduce_list_shows_the_only_figures_named(capsys):
@@ -311,7 +314,9 @@ BAD = [
     (["heatmap", "--out", "x.jpg"], ".png, .pdf, .svg"),
     (["heatmap", "--out", "noextension"], ".png, .pdf, .svg"),
     (["heatmap", "--out", "/proc/gradflow-test.png"], "cannot write"),
-    (["heatmap", "--out", "."], "unsupported figure extension"),
+    (["heatmap", "--out", "noextension"], "(--out is the figure's file, e.g. DIR/name.png, or "
+                                          "an existing folder)"),
+    (["heatmap", "--out", "missing-dir/"], "missing-dir' does not exist"),
     (["heatmap", "--data", "x.csv"], "use .npz"),
     (["heatmap", "--data", "x.npz", "--no-data"], "cannot be used together"),
     (["heatmap", "--cell", "refined_lstm", *SMALL, "--input-size", "5",
@@ -767,3 +772,139 @@ def test_heatmap_of_a_saved_stack_with_a_cell_per_layer(capsys, tmp_path):
 def test_a_ratio_near_one_prints_no_negative_zero_decades():
     assert cli._ratio(0.99, 1.0) == "x0.99 (+0.0 dec)"  # log10 = -0.004 rounds to 0.0
     assert cli._ratio(0.5, 1.0) == "x0.5 (-0.3 dec)" and cli._ratio(0.0, 1.0) == "n/a"
+
+
+# --- the summaries' marginals from where the loss enters (NumPy loops over the map) ------------
+
+
+def _loop_factor(path):
+    """Geometric-mean factor per step along ``path`` (``path[0]`` the entry), by a plain loop
+    over the step-to-step ratios (not the telescoped product the CLI forms)."""
+    logs = [np.log(path[i + 1] / path[i]) for i in range(len(path) - 1)]
+    return float(np.exp(sum(logs) / len(logs)))
+
+
+def _after(out: str, label: str, word: str) -> float:
+    """The number after ``word`` (e.g. ``"x"``) on the line holding ``label``."""
+    line = next(l for l in out.splitlines() if label in l)
+    return float(line.split(label, 1)[1].split(word, 1)[1].split()[0])
+
+
+def test_heatmap_gives_the_marginals_from_where_the_loss_enters(capsys):
+    """Down the last step's column (G[l, T-1] / G[L-1, T-1], factor per layer) and back along
+    the top layer (G[L-1, t] / G[L-1, T-1], factor per step), against NumPy loops; the
+    time-averaged column is labelled as such."""
+    rc, out, err = run(capsys, "heatmap", "--cell", "lstm", "--layers", "5", "--steps", "4",
+                       "--hidden", "8", "--batch", "2")
+    assert rc == 0, err
+    v = gradflow.load(_written(out, "data:")).values.astype(float)
+    L, T = v.shape
+    assert "from where the loss enters: layer 4, t 3 (top layer, last step)" in out
+    np.testing.assert_allclose(_after(out, "down the last step (t 3):", "x"),
+                               _loop_factor([v[l, T - 1] for l in range(L - 1, -1, -1)]),
+                               rtol=5e-3)
+    np.testing.assert_allclose(_after(out, "down the last step (t 3):", "bottom/top x"),
+                               v[0, T - 1] / v[L - 1, T - 1], rtol=5e-3)
+    np.testing.assert_allclose(_after(out, "back along the top layer:", "x"),
+                               _loop_factor([v[L - 1, t] for t in range(T - 1, -1, -1)]),
+                               rtol=5e-3)
+    assert "time-averaged: includes the diagonal paths, not a per-layer gain" in out
+    for l in range(L):
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"layer {l:>3}"))
+        at_last, mean = (float(p.split(" x", 1)[1].split()[0]) for p in line.split("|"))
+        np.testing.assert_allclose(at_last, v[l, T - 1] / v[L - 1, T - 1], rtol=5e-3)
+        np.testing.assert_allclose(mean, np.mean(v[l]) / np.mean(v[L - 1]), rtol=5e-3)
+
+
+def test_heatmap_marginals_of_a_16_layer_lstm_are_the_readmes(capsys):
+    """README (CLI): x0.249 per layer down the last step, x0.646 per step back along the top
+    layer, x0.507 for the time-averaged ratio of the layer below the top."""
+    rc, out, err = run(capsys, "heatmap", "--cell", "lstm", "--layers", "16", "--steps", "16",
+                       "--hidden", "32", "--batch", "8")
+    assert rc == 0, err
+    assert "down the last step (t 15): x0.249 per layer" in out
+    assert "back along the top layer:  x0.646 per step" in out
+    assert "| " in out and "x0.507 (-0.3 dec)" in out.split("layer  14", 1)[1].splitlines()[0]
+
+
+def test_heatmap_marginals_under_the_sequence_loss_and_for_the_memory(capsys):
+    """Loss all: the top row gets no per-step factor (the loss enters at every step); wrt c:
+    the column is the last step c reaches (T-2), its factor from a NumPy loop."""
+    rc, out, err = run(capsys, "heatmap", "--cell", "lstm", "--layers", "3", "--steps", "4",
+                       "--hidden", "8", "--batch", "2", "--loss", "all", "--wrt", "cell")
+    assert rc == 0, err
+    v = gradflow.load(_written(out, "data:")).values.astype(float)
+    assert (v[:, -1] == 0).all()
+    assert "layer 2, t 2 (top layer, the last step c reaches it; c at t 3 is 0" in out
+    assert "loss all also enters at every earlier step" in out
+    row = next(l for l in out.splitlines() if "back along the top layer:" in l)
+    assert "per step" not in row and "not a per-step decay" in row
+    np.testing.assert_allclose(_after(out, "down step t 2:", "x"),
+                               _loop_factor([v[l, 2] for l in (2, 1, 0)]), rtol=5e-3)
+    np.testing.assert_allclose(_after(out, "back along the top layer:", "first/last x"),
+                               v[2, 0] / v[2, 2], rtol=5e-3)
+
+
+def test_map_summary_prints_zeros_and_non_finite_entries_as_data():
+    G = np.array([[np.nan, 0.0, 0.0], [0.5, 0.0, 0.0], [0.3, 0.5, 1.0]])
+    text = "\n".join(cli.map_summary(G))
+    assert "down the last step (t 2): x0 per layer (layer 1: 0, underflow); bottom/top " \
+           "x0 (-inf dec)" in text
+    np.testing.assert_allclose(_after(text, "back along the top layer:", "x"),
+                               _loop_factor([1.0, 0.5, 0.3]), rtol=5e-3)
+    assert "non-finite entries: 1 of 9" in text and "underflow entries: 4 of 9" in text
+    assert "no ratios" in "\n".join(cli.map_summary(np.full((2, 2), np.nan)))
+
+
+def test_compare_range_of_an_underflowed_map_reads_minus_inf(capsys):
+    """refined_lstm's state underflows to exactly 0 below the top: its range is -inf, never
+    "+0.0 .. +0.0"; lstm's range and per-layer factor equal NumPy loops over its map."""
+    from gradflow import experiments
+
+    rc, out, err = run(capsys, "compare", "--cells", "lstm,refined_lstm", "--losses", "last",
+                       "--wrt", "hidden", "--layers", "16", "--steps", "3", "--hidden", "8",
+                       "--batch", "2")
+    assert rc == 0, err
+    grid = gradflow.load(_written(out, "data:"))
+    rows = {l.split()[1]: l for l in out.splitlines() if l.split()[:1] == ["last"]}
+    r = experiments.panel(grid, "last", "refined_lstm").values.astype(float)
+    assert (r[:-1] == 0).all()  # the underflow this test is about
+    assert "-inf .. +0.0" in rows["refined_lstm"] and "x0 (-inf dec)" in rows["refined_lstm"]
+    v = experiments.panel(grid, "last", "lstm").values.astype(float)
+    logs = [np.log10(v[l, t] / v[-1, -1]) for l in range(v.shape[0]) for t in range(v.shape[1])]
+    assert f"{round(min(logs), 1) + 0.0:+.1f} .. {round(max(logs), 1) + 0.0:+.1f}" in rows["lstm"]
+    factor = float(rows["lstm"].split("dec)")[1].split()[0].lstrip("x"))
+    np.testing.assert_allclose(factor, _loop_factor(v[::-1, -1]), rtol=5e-3)
+
+
+def test_gates_and_heatmap_of_trained_params_say_trained_in_header_and_title(capsys,
+                                                                            monkeypatch):
+    from gradflow import plot
+
+    titles = []
+    save = plot.save
+    monkeypatch.setattr(plot, "save", lambda fig, path: titles.append(
+        (fig._suptitle.get_text() if fig._suptitle else "") + "|" + fig.axes[0].get_title())
+        or save(fig, path))
+    rc, out, err = run(capsys, "train", "--task", "adding", "--seq-len", "4", "--cell", "lstm",
+                       "--layers", "2", "--hidden", "4", "--steps", "2", "--batch", "2",
+                       "--eval-batch", "4", "--record", "2", "--record-batch", "2",
+                       "--out", "run")
+    assert rc == 0, err
+    Path("figs").mkdir()
+    for command in ("gates", "heatmap"):
+        titles.clear()
+        rc, out, err = run(capsys, command, "--params", "run", "--out", "figs")
+        assert rc == 0, err
+        assert "trained (step 2 of run)" in out.splitlines()[0]
+        assert "init orthogonal" not in out.splitlines()[0]
+        assert any("trained (step 2 of run)" in t and "init " not in t for t in titles), titles
+        assert _written(out, "figure:").parent == Path("figs")
+
+
+def test_out_names_an_existing_folder_for_the_default_file_name(capsys):
+    Path("figs").mkdir()
+    rc, out, err = run(capsys, "heatmap", "--cell", "lstm", *SMALL, "--out", "figs")
+    assert rc == 0, err
+    assert _written(out, "figure:") == Path("figs/heatmap_lstm_L2_T3_H8_B2.png")
+    assert _written(out, "data:") == Path("figs/heatmap_lstm_L2_T3_H8_B2.npz")

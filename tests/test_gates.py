@@ -10,7 +10,7 @@ import pytest
 
 from gradflow import cells, gates
 from gradflow.problem import problem
-from gradflow.results import NonFiniteWarning, Result
+from gradflow.results import NonFiniteWarning, Result, make_result
 from gradflow.stack import Stack
 
 L, T, H, B = 2, 6, 8, 3
@@ -406,6 +406,94 @@ def test_save_load_roundtrip(tmp_path, x64):
         assert back[k].shape == v.shape and back[k].dtype == v.dtype, k
         np.testing.assert_array_equal(back[k], v, err_msg=k)
     assert gates.summary(back) == gates.summary(res)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_histogram_of_a_tanh_gate_is_over_minus_one_to_one_by_hand(dtype, x64):
+    """4 bins over [-1, 1] (edges -1, -0.5, 0, 0.5, 1; the last bin closed), counted by hand:
+    values on the edges go up, -1 and 1 are inside, -1.2/1.5/inf outside, NaN apart. The same
+    values as a sigmoid gate are counted on [0, 1]: the negatives are below it."""
+    a = jnp.asarray([[-1.0, -0.95, -0.5, -0.25, 0.0, 0.5, 0.75, 1.0, -1.2, 1.5, np.inf, np.nan]],
+                    dtype)
+    counts, outside = gates.histogram(a, 4, kind="tanh")
+    assert counts.tolist() == [[2, 2, 1, 3]] and outside.tolist() == [[1, 2, 1]]
+    counts, outside = gates.histogram(a, 4)
+    assert counts.tolist() == [[1, 0, 1, 2]] and outside.tolist() == [[5, 2, 1]]
+    np.testing.assert_array_equal(gates.bin_edges(4, "tanh"), [-1.0, -0.5, 0.0, 0.5, 1.0])
+    assert gates.value_range("tanh") == (-1.0, 1.0)
+    assert {gates.value_range(k) for k in gates.KINDS if k != "tanh"} == {(0.0, 1.0)}
+
+
+def _np_lstm_gates(params, xs):
+    """``f = sigma(x W_f + h U_f + b_f)`` and the candidate ``g = tanh(x W_g + h U_g + b_g)``
+    of a plain LSTM (gradflow's parameter layout), every layer and step, by a NumPy loop in
+    float64: ``(L, B, T, H)`` each."""
+    sig_ = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    x = np.asarray(xs, np.float64)
+    fs, gs = [], []
+    for lp in params["layers"]:
+        p = {k: {n: np.asarray(v, np.float64) for n, v in w.items()} for k, w in lp.items()}
+        Bn, Tn = x.shape[:2]
+        Hn = p["f"]["U"].shape[0]
+        c, h, f_l, g_l, hs = np.zeros((Bn, Hn)), np.zeros((Bn, Hn)), [], [], []
+        for t in range(Tn):
+            z = {k: x[:, t] @ p[k]["W"] + h @ p[k]["U"] + p[k]["b"] for k in "ifgo"}
+            f_l.append(sig_(z["f"]))
+            g_l.append(np.tanh(z["g"]))
+            c = sig_(z["f"]) * c + sig_(z["i"]) * np.tanh(z["g"])
+            h = sig_(z["o"]) * np.tanh(c)
+            hs.append(h)
+        fs.append(np.stack(f_l, 1))
+        gs.append(np.stack(g_l, 1))
+        x = np.stack(hs, 1)
+    return np.stack(fs), np.stack(gs)
+
+
+def test_tanh_gate_histogram_spans_its_own_range(tmp_path, x64):
+    """A user LSTM reporting its tanh candidate (kind "tanh", as the adapters detect it): its
+    histogram is over [-1, 1] with edges ``bin_edges/g``, nothing counted outside; the sigmoid
+    gate keeps the shared [0, 1] ``bin_edges``. Checked against a NumPy loop of the cell."""
+    def step(p, carry, x):
+        c, h = carry
+        z = {k: x @ p[k]["W"] + h @ p[k]["U"] + p[k]["b"] for k in "ifgo"}
+        c = jax.nn.sigmoid(z["f"]) * c + jax.nn.sigmoid(z["i"]) * jnp.tanh(z["g"])
+        h = jax.nn.sigmoid(z["o"]) * jnp.tanh(c)
+        return (c, h), h
+
+    def report(p, carry, x):
+        z = {k: x @ p[k]["W"] + carry[1] @ p[k]["U"] + p[k]["b"] for k in "fg"}
+        return {"f": jax.nn.sigmoid(z["f"]), "g": jnp.tanh(z["g"])}
+
+    cell = cells.from_function(step, lambda key, n_in, n_h, dt: cells.get("lstm").init(
+        key, n_in, n_h, dt), hidden_size=H, state=2, gates=report)
+    assert cell.kinds == {"f": "sigmoid", "g": "tanh"}
+    stack = Stack(cell, L, H, H)
+    params = jax.tree_util.tree_map(lambda a: 2.5 * a,
+                                    stack.init(jax.random.key(3), jnp.float64))
+    xs = 2.0 * jax.random.normal(jax.random.key(4), (B, T, H), jnp.float64)
+    bins = 10
+    res = gates.saturation(stack, params, xs, EPS, bins=bins)
+    f, g = _np_lstm_gates(params, xs)
+    assert (g < 0).mean() > 0.3 and (np.abs(g) > 1 - EPS).any()  # both tails are populated
+    for name, a, (lo, hi) in (("f", f, (0.0, 1.0)), ("g", g, (-1.0, 1.0))):
+        want = np.stack([np.histogram(a[l], bins=bins, range=(lo, hi))[0] for l in range(L)])
+        np.testing.assert_array_equal(res[f"hist/{name}"], want, err_msg=name)
+        np.testing.assert_array_equal(res[f"hist/{name}/pooled"], want.sum(0))
+        np.testing.assert_array_equal(res[f"outside/{name}"], np.zeros((L, 3)))
+        np.testing.assert_allclose(gates.hist_edges(res, name), np.linspace(lo, hi, bins + 1))
+        assert res[f"hist/{name}"].sum() == L * B * T * H
+    np.testing.assert_allclose(res["saturated/g"], (np.abs(g) > 1 - EPS).mean(axis=(1, 3)))
+    np.testing.assert_array_equal(res["bin_edges"], np.linspace(0, 1, bins + 1))
+    np.testing.assert_array_equal(res["bin_edges/g"], np.linspace(-1, 1, bins + 1))
+    assert "bin_edges/f" not in res.arrays
+    # saved and loaded; a file written before per-gate edges (no bin_edges/g) reads on [0, 1],
+    # the range its histograms had
+    back = Result.load(res.save(tmp_path / "tanh"))
+    np.testing.assert_array_equal(gates.hist_edges(back, "g"), res["bin_edges/g"])
+    old = Result.load(make_result("gate_stats", {k: v for k, v in res.arrays.items()
+                                                 if k != "bin_edges/g"}, res.config
+                                  ).save(tmp_path / "old"))
+    np.testing.assert_array_equal(gates.hist_edges(old, "g"), np.linspace(0, 1, bins + 1))
 
 
 @pytest.mark.parametrize("eps", [0.0, -0.1, 0.5, 0.7, float("nan")])

@@ -112,16 +112,47 @@ def test_heatmap_normalize_divides_by_top_last_on_a_log_scale_centred_at_one():
     np.testing.assert_allclose(np.ma.getdata(image.get_array()), values / 1e-3, rtol=1e-15)
     norm = image.norm
     assert isinstance(norm, mcolors.LogNorm)
-    np.testing.assert_allclose(norm.vmin * norm.vmax, 1.0)
-    m = np.max(np.abs(np.log10(values / 1e-3)))  # the largest factor either way, in decades
-    np.testing.assert_allclose(np.log10(norm.vmax), m)
+    ratios = values / 1e-3
+    # from the smallest ratio to the largest, not mirrored about 1
+    assert (norm.vmin, norm.vmax) == (ratios.min(), ratios.max())
     assert norm(1.0) == pytest.approx(0.5)
-    # Attenuation and amplification by the same factor get two colours of equal strength.
     below, above = image.cmap(norm(0.01)), image.cmap(norm(100.0))
     assert below[2] > below[0] and above[0] > above[2]  # blue-ish vs red-ish
     assert "top, last" in fig.axes[1].get_ylabel()
     ticks = np.log10(fig.axes[1].get_yticks())
-    assert 0.0 in ticks and np.allclose(ticks, -ticks[::-1])  # whole decades, symmetric about 1
+    assert 0.0 in ticks and np.allclose(ticks, np.round(ticks))  # whole decades, 1 labelled
+
+
+def test_heatmap_normalize_with_nothing_above_one_spends_the_blue_half_on_the_data():
+    """An LSTM-like collapse: 0.25 per layer down to 9 decades below the top-last value and
+    nothing above it. The smallest ratio takes the darkest blue (not a pale one on a scale
+    mirrored to 1e+9); above 1 the scale still reaches a factor 2, so 1 stays the centre."""
+    L_, T_ = 16, 4
+    values = 0.25 ** (L_ - 1 - np.arange(L_))[:, None] * np.ones((1, T_))
+    norm = plot.heatmap(_gradient_map(values), normalize=True).axes[0].images[0].norm
+    assert (norm.vmin, norm.vmax) == (0.25 ** 15, 2.0)
+    # by hand: u = (1 - log10(v) / log10(vmin)) / 2 below 1, (1 + log10(v) / log10(2)) / 2 above
+    for v, u in ((0.25 ** 15, 0.0), (0.25 ** 10, (1 - 10 / 15) / 2), (1.0, 0.5),
+                 (2 ** 0.5, 0.75), (2.0, 1.0)):
+        assert float(norm(v)) == pytest.approx(u, abs=1e-12), v
+        assert float(norm.inverse(u)) == pytest.approx(v, rel=1e-9), v
+    assert np.ma.is_masked(norm(0.0))  # no gradient at all: the 'bad' (minimum) colour
+    # a value above 1 is red-ish, below blue-ish, whatever the two ranges
+    cmap = plot._cmap(None, "RdBu_r")
+    red, blue = cmap(norm(1.5)), cmap(norm(0.9))
+    assert red[0] > red[2] and blue[2] > blue[0]
+
+
+def test_heatmap_normalize_with_explicit_limits_keeps_the_plain_log_scale():
+    values = _map(2)
+    values[-1, -1] = 1e-3
+    norm = plot.heatmap(_gradient_map(values), normalize=True, vmin=0.05, vmax=5.0
+                        ).axes[0].images[0].norm
+    assert type(norm) is mcolors.LogNorm and (norm.vmin, norm.vmax) == (0.05, 5.0)
+    m = np.max(np.abs(np.log10(values / 1e-3)))  # one limit given: the other mirrored as before
+    norm = plot.heatmap(_gradient_map(values), normalize=True, vmax=5.0).axes[0].images[0].norm
+    assert type(norm) is mcolors.LogNorm
+    np.testing.assert_allclose((norm.vmin, norm.vmax), (10.0 ** -m, 5.0))
 
 
 def test_heatmap_normalize_needs_a_positive_finite_reference():
@@ -270,8 +301,9 @@ def test_grid_normalize_divides_each_panel_by_its_own_top_last():
                                    values / values[-1, -1], rtol=1e-15)
     ratios = np.concatenate([(v / v[-1, -1]).ravel() for v in maps.values()])
     norm = panels[0].images[0].norm
-    np.testing.assert_allclose(np.log10(norm.vmax), np.max(np.abs(np.log10(ratios))))
-    np.testing.assert_allclose(norm.vmin * norm.vmax, 1.0)
+    assert {id(ax.images[0].norm) for ax in panels} == {id(norm)}
+    assert (norm.vmin, norm.vmax) == (ratios.min(), max(ratios.max(), 2.0))
+    assert norm(1.0) == pytest.approx(0.5)
 
 
 def test_grid_counts_nonfinite_in_panel_and_figure_titles():
@@ -344,7 +376,7 @@ def test_gate_histograms_bar_heights_are_the_counts():
     np.testing.assert_allclose([b.get_x() for b in bars], np.arange(bins) / bins, atol=1e-15)
     np.testing.assert_allclose([b.get_width() for b in bars], 1.0 / bins)
     below, above = outside.sum(axis=0)
-    assert f"{below} below 0, {above} above 1" in ax.get_title()
+    assert f"outside [0, 1]: {below} below 0, {above} above 1" in ax.get_title()
 
     ax = plot.gate_histograms(stats, gate="f", layers=2).axes[0]
     np.testing.assert_array_equal([b.get_height() for b in _bars(ax)], hist[2])
@@ -365,6 +397,28 @@ def test_gate_histograms_draw_one_outline_per_layer():
     np.testing.assert_array_equal(steps[1].get_data().values, hist[L - 1])
     # Default gate: the first one listed.
     assert "gate i" in plot.gate_histograms(stats, layers="pooled").axes[0].get_title()
+
+
+def test_gate_histograms_of_a_tanh_gate_span_its_own_range():
+    """A gate with ``bin_edges/{gate}`` (a tanh gate: [-1, 1]) is drawn on those edges, its
+    outside counts named by that range; the others keep the shared [0, 1] ``bin_edges``."""
+    stats = _gate_stats(3, bins=4)
+    arrays = {**stats.arrays, "bin_edges": np.linspace(0, 1, 5),
+              "bin_edges/o": np.linspace(-1, 1, 5)}
+    stats = make_result("gate_stats", arrays, stats.config)
+    ax = plot.gate_histograms(stats, gate="o", layers="pooled").axes[0]
+    np.testing.assert_allclose([b.get_x() for b in _bars(ax)], [-1.0, -0.5, 0.0, 0.5])
+    np.testing.assert_allclose([b.get_width() for b in _bars(ax)], 0.5)
+    assert ax.get_xlim() == (-1.0, 1.0)
+    below, above = stats["outside/o"].sum(axis=0)
+    assert f"outside [-1, 1]: {below} below -1, {above} above 1" in ax.get_title()
+    ax = plot.gate_histograms(stats, gate="f", layers="pooled").axes[0]
+    np.testing.assert_allclose([b.get_x() for b in _bars(ax)], [0.0, 0.25, 0.5, 0.75])
+    assert "outside [0, 1]" in ax.get_title()
+    bad = make_result("gate_stats", {**arrays, "bin_edges/o": np.linspace(-1, 1, 3)},
+                      stats.config)
+    with pytest.raises(ValueError, match="'bin_edges/o' must be 5 increasing edges"):
+        plot.gate_histograms(bad, gate="o")
 
 
 def test_gate_plots_reject_missing_gates_and_arrays():
@@ -394,21 +448,47 @@ def test_saturation_map_is_a_linear_unit_map():
     np.testing.assert_array_equal(np.ma.getdata(image.get_array()), stats["saturated/f"])
     assert image.origin == "lower"
     assert type(image.norm) is mcolors.Normalize and (image.norm.vmin, image.norm.vmax) == (0, 1)
-    assert fig.axes[1].get_ylabel() == "fraction saturated"
+    assert fig.axes[1].get_ylabel() == "fraction saturated\n(colour scale 0 to 1)"
     assert "gate f" in ax.get_title() and "eps=0.05" in ax.get_title()
 
 
-def test_saturation_map_is_scaled_to_its_data_by_default():
-    """Fractions up to 0.13 use the whole colour range (not a 0-1 scale, which is all black)."""
+def test_saturation_map_is_on_a_fixed_unit_scale_by_default():
+    """1% saturation is drawn near the bottom colour of [0, 1], not in the brightest one;
+    ``vmax=None`` scales to the map's largest fraction (the colour bar says so)."""
     arrays = dict(_gate_stats(2).arrays)
-    arrays["saturated/f"] = 0.13 * np.random.default_rng(0).uniform(0, 1, (L, T))
+    arrays["saturated/f"] = 0.011 * np.random.default_rng(0).uniform(0, 1, (L, T))
     stats = make_result("gate_stats", arrays, dict(cell="lstm", gates=["i", "f", "o"], eps=0.05))
-    image = plot.saturation_map(stats, "f").axes[0].images[0]
-    assert (image.norm.vmin, image.norm.vmax) == (0.0, arrays["saturated/f"].max())
+    fig = plot.saturation_map(stats, "f")
+    image = fig.axes[0].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+    assert image.norm(0.011) == pytest.approx(0.011)
+    assert fig.axes[1].get_ylabel() == "fraction saturated\n(colour scale 0 to 1)"
+    fig = plot.saturation_map(stats, "f", vmax=None)
+    top = arrays["saturated/f"].max()
+    assert fig.axes[0].images[0].norm.vmax == top
+    assert fig.axes[1].get_ylabel() == ("fraction saturated\n(colour scale 0 to "
+                                        f"{top:.3g}, this map's largest)")
     arrays["saturated/f"] = np.zeros((L, T))  # nothing saturated: still a valid scale
     stats = make_result("gate_stats", arrays, stats.config)
-    image = plot.saturation_map(stats, "f").axes[0].images[0]
+    image = plot.saturation_map(stats, "f", vmax=None).axes[0].images[0]
     assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+
+
+def test_gates_figure_draws_every_gate_on_one_fraction_scale():
+    """The same colour is the same fraction in every panel: [0, 1] by default, the largest
+    fraction of the gates shown with ``vmax=None``."""
+    arrays = dict(_gate_stats(4).arrays)
+    for g, top in (("i", 0.62), ("f", 0.47), ("o", 0.011)):
+        arrays[f"saturated/{g}"] = top * np.linspace(0, 1, L * T).reshape(L, T)
+    stats = make_result("gate_stats", arrays, dict(cell="lstm", gates=["i", "f", "o"], eps=0.05))
+    for vmax, top, label in ((1.0, 1.0, "0 to 1"), (None, 0.62, "0 to 0.62, the gates' largest"),
+                             (0.5, 0.5, "0 to 0.5")):
+        fig = plot.gates_figure(stats, vmax=vmax)
+        images = [ax.images[0] for ax in fig.axes if ax.images]
+        assert len(images) == 3
+        assert {(im.norm.vmin, im.norm.vmax) for im in images} == {(0.0, top)}
+        labels = {im.colorbar.ax.get_ylabel() for im in images}
+        assert labels == {f"fraction saturated\n(colour scale {label})"}
 
 
 def test_gates_figure_shows_a_map_and_histograms_per_gate_with_the_settings():
@@ -501,7 +581,10 @@ def test_draw_grid_is_normalised_by_default_and_titled_with_the_settings():
                            steps=3, hidden=16, init="orthogonal", seed=4)
     fig = plot.draw_grid(grid)
     np.testing.assert_allclose(np.ma.getdata(fig.axes[1].images[0].get_array()), a / a[-1, -1])
-    assert isinstance(fig.axes[0].images[0].norm, mcolors.LogNorm)
+    norm = fig.axes[0].images[0].norm
+    assert isinstance(norm, mcolors.LogNorm)
+    # centred on 1, from the smallest ratio (1e-5) to a factor 2 above (nothing exceeds 1)
+    assert (norm.vmin, norm.vmax, float(norm(1.0))) == (1e-5, 2.0, 0.5)
     assert fig.axes[0].images[0].get_cmap().name.startswith("RdBu_r")  # the relative view
     assert fig.get_suptitle() == ("gradient maps wrt params, relative to (top layer, last step)"
                                   "\nL=2, T=3, H=16, init orthogonal, seed 4")
