@@ -665,6 +665,7 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
         else:
             fig.colorbar(ScalarMappable(depth, cm), ax=ax, label="layer $l$")
     ax.set_xlim(edges[0], edges[-1])
+    ax.set_xticks(np.linspace(edges[0], edges[-1], 5))  # [-1, 1] in halves, [0, 1] in quarters
     ax.set_xlabel(f"gate {gate} activation")
     ax.set_ylabel("count")
 

@@ -140,7 +140,7 @@ def reference_step(name, opts, p, state, x, t):
         f = ref("f", _sig(pre("f") + opts.get("forget_bias", 0.0)))
         g = np.tanh(pre("g"))
         o = ref("o", _sig(pre("o")))
-        gates = {"i": i, "f": f, "o": o}
+        gates = {"i": i, "f": f, "o": o, "g": g}  # g: the candidate (kind tanh)
         if name == "on_lstm":
             chunks = opts.get("chunk_size", 1)
             fm = _cumax(pre("f_master"), chunks)
@@ -169,9 +169,10 @@ def reference_step(name, opts, p, state, x, t):
         c = state["c"]
         f, r, o = _sig(pre("f")), _sig(pre("r")), _sig(pre("o"))
         g = _refine(f, r)
-        c_new = g * c + (1 - g) * np.tanh(pre("u"))
+        u = np.tanh(pre("u"))
+        c_new = g * c + (1 - g) * u
         h_new = o * np.tanh(c_new)
-        return {"c": c_new, "h": h_new}, h_new, {"f": f, "r": r, "g": g, "o": o}
+        return {"c": c_new, "h": h_new}, h_new, {"f": f, "r": r, "g": g, "o": o, "u": u}
     if name in ("gru", "refined_gru", "ur_gru"):
         r = ref("r", _sig(pre("r")))
         if opts.get("reset", "before" if name == "ur_gru" else "after") == "after":
@@ -182,10 +183,10 @@ def reference_step(name, opts, p, state, x, t):
             f, rho = _sig(pre("f")), _sig(pre("refine"))
             g = _refine(f, rho)
             h_new = g * h + (1 - g) * n
-            return {"h": h_new}, h_new, {"r": r, "f": f, "refine": rho, "g": g}
+            return {"h": h_new}, h_new, {"r": r, "f": f, "refine": rho, "g": g, "n": n}
         z = ref("z", _sig(pre("z")))
         h_new = (1 - z) * n + z * h
-        return {"h": h_new}, h_new, {"r": r, "z": z}
+        return {"h": h_new}, h_new, {"r": r, "z": z, "n": n}
     if name in ("mgu", "refined_mgu"):
         f = ref("f", _sig(pre("f")))
         if opts.get("variant", "zhou") == "zhou":
@@ -194,7 +195,7 @@ def reference_step(name, opts, p, state, x, t):
         else:  # flax's MGUCell
             n = np.tanh(x @ p["n"]["W"] + p["n"]["b"] + f * (h @ p["n"]["U"] + p["n"]["b_hn"]))
             h_new = (1 - f) * n + f * h
-        return {"h": h_new}, h_new, {"f": f}
+        return {"h": h_new}, h_new, {"f": f, "n": n}
     if name == "star" and opts.get("variant") == "bn":  # population statistics: 0 and 1
         bn = lambda v, q: q["scale"] * v / np.sqrt(1.0 + 1e-3) + q["offset"]  # noqa: E731
         a = (bn(x @ p["k"]["W"], p["bn"]["kx"]) + bn(h @ p["k"]["U"], p["bn"]["kh"])
@@ -202,7 +203,7 @@ def reference_step(name, opts, p, state, x, t):
         z = np.tanh(bn(x @ p["z"]["W"], p["bn"]["z"]) + p["z"]["b"])
         k = _sig(a)
         h_new = np.tanh(k * h + (1 - _sig(a - 1)) * z)
-        return {"h": h_new}, h_new, {"k": k}
+        return {"h": h_new}, h_new, {"k": k, "z": z}
     if name == "star":
         z = np.tanh(x @ p["z"]["W"] + p["z"]["b"])
         a = pre("k")
@@ -211,7 +212,7 @@ def reference_step(name, opts, p, state, x, t):
             h_new = np.tanh(k * h + (1 - _sig(a - 1)) * z)
         else:
             h_new = np.tanh((1 - k) * h + k * z)
-        return {"h": h_new}, h_new, {"k": k}
+        return {"h": h_new}, h_new, {"k": k, "z": z}
     raise AssertionError(f"no reference for {name}")
 
 
@@ -254,11 +255,12 @@ def test_step_matches_numpy_reference(name, opts, x64):
 
 def test_state_names_and_gates_match_spec(x64):
     expect_gates = {
-        "rnn": (), "indrnn": (), "lstm": ("i", "f", "o"), "gru": ("r", "z"), "mgu": ("f",),
-        "star": ("k",), "ur_lstm": ("f", "r", "g", "o"), "ur_gru": ("r", "f", "refine", "g"),
-        "refined_lstm": ("i", "f", "o"), "refined_gru": ("r", "z"), "refined_mgu": ("f",),
-        "g_lstm": ("i", "f", "o", "k"), "phased_lstm": ("i", "f", "o", "k"),
-        "on_lstm": ("i", "f", "f_master", "i_master", "o"),
+        "rnn": (), "indrnn": (), "lstm": ("i", "f", "o", "g"), "gru": ("r", "z", "n"),
+        "mgu": ("f", "n"), "star": ("k", "z"), "ur_lstm": ("f", "r", "g", "o", "u"),
+        "ur_gru": ("r", "f", "refine", "g", "n"), "refined_lstm": ("i", "f", "o", "g"),
+        "refined_gru": ("r", "z", "n"), "refined_mgu": ("f", "n"),
+        "g_lstm": ("i", "f", "o", "g", "k"), "phased_lstm": ("i", "f", "o", "g", "k"),
+        "on_lstm": ("i", "f", "f_master", "i_master", "o", "g"),
     }
     lstm_like = {"lstm", "ur_lstm", "refined_lstm", "g_lstm", "phased_lstm", "on_lstm"}
     for name in cells.names():

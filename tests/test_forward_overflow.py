@@ -142,13 +142,14 @@ def test_gate_statistics_of_an_overflowed_forward_say_so():
     pr = gradflow.problem("refined_mgu", layers=8, steps=10, hidden=32, batch=8, seed=0,
                           mode="add")
     gates = gradflow.gates.activations(pr.stack, pr.params, pr.xs)
-    n_bad = int((~np.isfinite(np.asarray(gates["f"]))).sum())
+    bad = {g: int((~np.isfinite(np.asarray(a))).sum()) for g, a in gates.items()}  # f and n
+    n_bad = sum(bad.values())
     where = re.escape(_where(pr.stack, pr.params, pr.xs, layers=8, steps=10))
-    assert n_bad > 0
+    assert bad["f"] > 0
     with pytest.warns(NonFiniteForwardWarning, match=f"gates.saturation: {n_bad} gate values "
                                                      f"are not finite \\({where}\\)"):
         stats = gradflow.gates.saturation(pr.stack, pr.params, pr.xs)
-    assert int(stats.arrays["nonfinite/f/pooled"]) == n_bad
+    assert {g: int(stats.arrays[f"nonfinite/{g}/pooled"]) for g in gates} == bad
     # the shares and means are over the finite gates (each layer's, then all of them)
     a = np.asarray(gates["f"], np.float64)
     ok = np.isfinite(a)

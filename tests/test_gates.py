@@ -18,19 +18,21 @@ EPS = 0.1
 
 # name -> (cell, options, dtype, expected gate kinds, refine gate name of the effective gate)
 PROBLEMS = {
-    "lstm": ("lstm", {}, "float64", {"i": "sigmoid", "f": "sigmoid", "o": "sigmoid"}, None),
-    "ur_lstm": ("ur_lstm", {}, "float64",
-                {"f": "sigmoid", "r": "sigmoid", "g": "effective", "o": "sigmoid"}, "r"),
-    "ur_gru": ("ur_gru", {}, "float64",
-               {"r": "sigmoid", "f": "sigmoid", "refine": "sigmoid", "g": "effective"}, "refine"),
-    "star32": ("star", {}, "float32", {"k": "sigmoid"}, None),  # also the float32 check
+    "lstm": ("lstm", {}, "float64",
+             {"i": "sigmoid", "f": "sigmoid", "o": "sigmoid", "g": "tanh"}, None),
+    "ur_lstm": ("ur_lstm", {}, "float64", {"f": "sigmoid", "r": "sigmoid", "g": "effective",
+                                           "o": "sigmoid", "u": "tanh"}, "r"),
+    "ur_gru": ("ur_gru", {}, "float64", {"r": "sigmoid", "f": "sigmoid", "refine": "sigmoid",
+                                         "g": "effective", "n": "tanh"}, "refine"),
+    "star32": ("star", {}, "float32", {"k": "sigmoid", "z": "tanh"}, None),  # float32 too
     "on_lstm": ("on_lstm", {}, "float64", {"i": "sigmoid", "f": "sigmoid", "f_master": "master",
-                                           "i_master": "master", "o": "sigmoid"}, None),
+                                           "i_master": "master", "o": "sigmoid", "g": "tanh"},
+                None),
     "refined_lstm": ("refined_lstm", {}, "float64",
-                     {"i": "refined", "f": "sigmoid", "o": "refined"}, None),
+                     {"i": "refined", "f": "sigmoid", "o": "refined", "g": "tanh"}, None),
     # 5 data features: the stack projects them to H, and the refined gates read the projection
     "refined_gru_add": ("refined_gru", {"mode": "add", "input_size": 5}, "float64",
-                        {"r": "refined", "z": "refined"}, None),
+                        {"r": "refined", "z": "refined", "n": "tanh"}, None),
 }
 _CACHE = {}
 
@@ -116,6 +118,9 @@ def reference(name, stack, params, xs, eps, bins=20, thr=1e-3):
     for g, a in acts.items():
         if kinds[g] == "sigmoid":
             slope[g] = a * (1 - a)
+        elif kinds[g] == "tanh":  # a candidate: slope 1 - a^2, its own range [-1, 1]
+            slope[g] = 1 - a * a
+            ref[f"bin_edges/{g}"] = np.linspace(-1, 1, bins + 1)
         elif kinds[g] == "refined":
             s = sig(np_preactivation(params, xs, h, g, opts.get("forget_bias", 0.0)))
             x = np_layer_inputs(params, xs, h)
@@ -135,7 +140,9 @@ def reference(name, stack, params, xs, eps, bins=20, thr=1e-3):
     for g, a in acts.items():
         ok = np.isfinite(a)
         put(ref, "mean", g, a, ok, unit=True)
-        put(ref, "saturated", g, ((a < eps) | (a > 1 - eps)).astype(float), ok)
+        lo, hi = (-1, 1) if kinds[g] == "tanh" else (0, 1)
+        sat = np.abs(a) > 1 - eps if kinds[g] == "tanh" else (a < eps) | (a > 1 - eps)
+        put(ref, "saturated", g, sat.astype(float), ok)
         if g in slope:
             put(ref, "slope", g, slope[g], ok)
         if g in retain:
@@ -147,22 +154,25 @@ def reference(name, stack, params, xs, eps, bins=20, thr=1e-3):
         ref[f"nonfinite/{g}"] = bad.sum(axis=(1, 3))
         ref[f"nonfinite/{g}/layer"] = bad.sum(axis=(1, 2, 3))
         ref[f"nonfinite/{g}/pooled"] = bad.sum()
-        hist = np.stack([np.histogram(a[l][np.isfinite(a[l])], bins=bins, range=(0, 1))[0]
+        hist = np.stack([np.histogram(a[l][np.isfinite(a[l])], bins=bins, range=(lo, hi))[0]
                          for l in range(a.shape[0])])
-        out = np.stack([[(a[l] < 0).sum(), (a[l] > 1).sum(), np.isnan(a[l]).sum()]
+        out = np.stack([[(a[l] < lo).sum(), (a[l] > hi).sum(), np.isnan(a[l]).sum()]
                         for l in range(a.shape[0])])
         ref[f"hist/{g}"], ref[f"hist/{g}/pooled"] = hist, hist.sum(0)
         ref[f"outside/{g}"], ref[f"outside/{g}/pooled"] = out, out.sum(0)
     return ref, acts
 
 
-def near_edges(a, bins=20, tol=1e-12, product=False):
+def near_edges(a, bins=20, tol=1e-12, product=False, tanh=False):
     """Per layer: how many values of a: (L, ...) lie within tol of a bin edge. The eager run of
     the reference and the jitted one may round such values (e.g. cumax's last entry, 1 +- ulp)
     to either side, so only these may change bins. ``product``: the values are products
-    (a refined gate g * x), which rounding cannot move across 0: the edge at 0 is safe."""
+    (a refined gate g * x), which rounding cannot move across 0: the edge at 0 is safe.
+    ``tanh``: the bins span [-1, 1], which a tanh never leaves: its two ends are safe (a
+    saturated tanh is +-1 or one ulp inside, the same end bin either way)."""
     v = a.reshape(a.shape[0], -1)
-    d = np.abs(v[..., None] - np.linspace(0, 1, bins + 1))
+    edges = np.linspace(-1, 1, bins + 1)[1:-1] if tanh else np.linspace(0, 1, bins + 1)
+    d = np.abs(v[..., None] - edges)
     if product:
         d[..., 0] = np.where(v != 0, np.inf, d[..., 0])
     return (d.min(-1) < tol).sum(-1)
@@ -174,7 +184,8 @@ def assert_matches(res, ref, rtol, acts):
         got = res.arrays[k]
         assert got.shape == np.shape(want), k
         if k.startswith(("hist/", "outside/")):
-            near = near_edges(acts[k.split("/")[1]])
+            g = k.split("/")[1]
+            near = near_edges(acts[g], tanh=f"bin_edges/{g}" in ref)
             slack = near.sum() if k.endswith("pooled") else near[:, None]
             assert np.all(np.abs(got - want) <= slack), (k, got, want)
         elif np.issubdtype(np.asarray(want).dtype, np.integer):
@@ -201,7 +212,7 @@ def test_statistics_match_numpy_reference(name, x64):
     # multiplicative refined gate g * x is tiny where its input is: a product, safe at 0)
     mul = stack.cell.config.get("mode") == "mul"
     kinds = PROBLEMS[name][3]
-    assert sum(near_edges(a, product=mul and kinds[g] == "refined").sum()
+    assert sum(near_edges(a, product=mul and kinds[g] == "refined", tanh=kinds[g] == "tanh").sum()
                for g, a in acts.items() if "master" not in g) == 0
     if name == "refined_gru_add":
         assert stack.input_projection and xs.shape[-1] == 5
@@ -236,6 +247,14 @@ def test_zero_preactivation_closed_forms(name, x64):
     retain = dict(stack.cell.retain)
     for g, kind in kinds.items():
         if kind == "master":
+            continue
+        if kind == "tanh":  # tanh(0) = 0, slope 1, in the bin [0, 0.1) of [-1, 1]
+            np.testing.assert_array_equal(res[f"mean/{g}"], 0.0)
+            np.testing.assert_array_equal(res[f"saturated/{g}"], 0.0)
+            np.testing.assert_array_equal(res[f"slope/{g}"], 1.0)
+            counts = np.zeros(20, int)
+            counts[10] = B * T * H
+            np.testing.assert_array_equal(res[f"hist/{g}"], np.tile(counts, (L, 1)))
             continue
         # sigma(0) = 1/2 for every sigmoid gate; refine(1/2, 1/2) = 3/8 + 1/8 = 1/2
         np.testing.assert_array_equal(res[f"mean/{g}"], 0.5)
@@ -344,9 +363,9 @@ def test_nonfinite_activations_are_counted_not_raised(x64):
         assert res[f"hist/{g}"].sum() + res[f"outside/{g}"].sum() == a.size
         # a NaN is left out: fractions and means are over the finite entries
         ok = ~nan
-        np.testing.assert_allclose(
-            res[f"saturated/{g}"],
-            (((a < EPS) | (a > 1 - EPS)) & ok).sum(axis=(1, 3)) / ok.sum(axis=(1, 3)))
+        sat = np.abs(a) > 1 - EPS if g == "g" else (a < EPS) | (a > 1 - EPS)  # g: tanh
+        np.testing.assert_allclose(res[f"saturated/{g}"],
+                                   (sat & ok).sum(axis=(1, 3)) / ok.sum(axis=(1, 3)))
         assert np.isfinite(res[f"mean/{g}/pooled"]) and np.isfinite(res[f"saturated/{g}/pooled"])
     assert res["nonfinite/f/pooled"] > 0
     ref, _ = reference("lstm", stack, bad, xs, EPS)
@@ -557,7 +576,7 @@ def test_gu_grid_entries_are_valid_cells():
              for label, cell, opts in gates.GU_GRID}
     assert kinds["LSTM+R"]["g"] == kinds["UR-LSTM"]["g"] == "effective"
     assert kinds["ON-LSTM"]["f_master"] == "master"
-    assert set(kinds["LSTM"].values()) == set(kinds["LSTM+UGI"].values()) == {"sigmoid"}
+    assert set(kinds["LSTM"].values()) == set(kinds["LSTM+UGI"].values()) == {"sigmoid", "tanh"}
 
 
 def test_the_traceable_reductions_differentiate(x64):

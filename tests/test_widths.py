@@ -262,9 +262,12 @@ def test_gate_statistics_over_real_units_only(cell, widths, x64):
     for g, kind in stack.cell.gate_kinds:
         acts = [np.asarray(a) for a in g_ref[g]]  # (B, T, H_l) each: only the real units
         allv = np.concatenate([a.ravel() for a in acts])
-        rows = {"mean": lambda a: a, "saturated": lambda a: (a < eps) | (a > 1 - eps)}
+        rows = {"mean": lambda a: a, "saturated": (lambda a: np.abs(a) > 1 - eps) if kind == "tanh"
+                else (lambda a: (a < eps) | (a > 1 - eps))}
         if kind == "sigmoid":
             rows["slope"] = lambda a: a * (1 - a)
+        if kind == "tanh":  # a candidate: slope 1 - a^2, histogram over [-1, 1]
+            rows["slope"] = lambda a: 1 - a * a
         if g in retain:
             rows["timescale"] = (lambda a: a) if retain[g] == 1 else (lambda a: 1 - a)
         if kind == "time":
@@ -282,7 +285,8 @@ def test_gate_statistics_over_real_units_only(cell, widths, x64):
             np.testing.assert_allclose(st[f"{stat}/{g}/pooled"], pooled, rtol=1e-10)
             if f"{stat}/{g}/unit" in st.arrays:
                 assert_layout(st[f"{stat}/{g}/unit"], unit, widths, 1e-10)
-        hist = np.stack([np.histogram(a, bins, (0.0, 1.0))[0] for a in acts])
+        span = (-1.0, 1.0) if kind == "tanh" else (0.0, 1.0)
+        hist = np.stack([np.histogram(a, bins, span)[0] for a in acts])
         np.testing.assert_array_equal(st[f"hist/{g}"], hist)
         assert st[f"hist/{g}/pooled"].sum() + st[f"outside/{g}/pooled"].sum() == allv.size
         assert st[f"nonfinite/{g}/pooled"] == 0
@@ -327,12 +331,12 @@ def test_orders_and_square_cells_refuse_different_widths():
 
 def test_gates_of_cells_with_different_gates_are_refused_by_name():
     pr = gradflow.problem(["gru", "star", "gru"], layers=3, steps=2, hidden=4, batch=1)
-    with pytest.raises(ValueError, match=r"same gates .*report gru: r, z; star: k$"):
+    with pytest.raises(ValueError, match=r"same gates .*report gru: r, z, n; star: k, z$"):
         pr.stack.apply(pr.params, pr.xs, gates=True)
     assert pr.stack.apply(pr.params, pr.xs).gates == {}  # the states need no gates
     same = gradflow.problem(["gru", "gru"], layers=2, steps=2, hidden=[4, 3], batch=1)
     g = same.stack.apply(same.params, same.xs, gates=True).gates
-    assert sorted(g) == ["r", "z"] and g["r"].shape == (2, 1, 2, 4)
+    assert sorted(g) == ["n", "r", "z"] and g["r"].shape == (2, 1, 2, 4)
 
 
 def test_params_of_another_width_are_refused():

@@ -23,7 +23,7 @@ def gru(*, init: str = "orthogonal", reset: str = "after",
 
     ``reset="before"`` gives Cho et al.'s :math:`n = \tanh(W_n x + U_n (r \odot h) + b_n)` (no
     ``b_hn``). Params ``{"r", "z", "n"}``, ``params["n"]["b_hn"]`` in the default form.
-    Reports ``r, z``.
+    Reports ``r, z`` and the candidate ``n`` (kind ``"tanh"``).
 
     Options: ``init``, ``reset`` (``"after"``/``"before"``), ``forget_bias_init`` (initial
     ``b_z``), ``t_max``, ``aux`` (``"refine"``: see :func:`ur_gru`), ``refined``, ``mode``.
@@ -47,7 +47,7 @@ def ur_gru(*, init: str = "ugi", reset: str = "before",
     with ``n`` as in :func:`gru`, reset before the recurrent matrix by default
     (:math:`n = \tanh(W_n x + U_n (r \odot h) + b_n)`, ``reset="before"``: the placement of the
     only UR-GRU code from the authors' group; ``reset="after"`` for the PyTorch form). Params
-    ``{"r", "f", "refine", "n"}``; reports ``r, f, refine, g``. UGI by default
+    ``{"r", "f", "refine", "n"}``; reports ``r, f, refine, g, n``. UGI by default
     (``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_refine = -b_f``).
     """
     return _gru("ur_gru", locals())
@@ -60,7 +60,7 @@ def refined_gru(*, init: str = "orthogonal", reset: str = "after",
     r"""GRU with Cheng et al.'s refined update and reset gates,
     :math:`\hat z = \sigma(\cdot) \odot x_t`, :math:`\hat r = \sigma(\cdot) \odot x_t`
     (``mode="add"``: ``σ(·) + x_t``). **Uncertain** form (see :func:`mechanisms.refined`).
-    Needs ``in == H``. Reports the refined ``r, z``.
+    Needs ``in == H``. Reports the refined ``r, z`` and the candidate ``n``.
     """
     return _gru("refined_gru", locals())
 
@@ -151,7 +151,7 @@ def _gru(name: str, o: dict) -> Cell:
     init_fn = standard_init(specs, o["init"], forget=(upd, 1),
                             refine_gate="refine" if aux == "refine" else None, t_max=o["t_max"],
                             forget_bias_init=o["forget_bias_init"])
-    reported = sig + (("g",) if aux == "refine" else ())
+    reported = sig + (("g",) if aux == "refine" else ()) + ("n",)  # n: the tanh candidate
 
     def project(p, x):
         xp = {"a": input_projection(p, x, tuple(specs))}
@@ -173,6 +173,7 @@ def _gru(name: str, o: dict) -> Cell:
             n = jnp.tanh(xp["a"]["n"] + gates["r"] * (rec["n"] + p["n"]["b_hn"]))
         else:
             n = jnp.tanh(xp["a"]["n"] + matmul(gates["r"] * h, p["n"]["U"]))
+        gates["n"] = n
         keep = gates[upd]
         if aux == "refine":
             keep = gates["g"] = refine(gates["f"], gates["refine"])
@@ -185,6 +186,7 @@ def _gru(name: str, o: dict) -> Cell:
           "refined_gru": "GRU with z, r refined: sigma(Wx+Uh+b) * x"}.get(name, "")
     kinds = {g: "refined" if g in rset else "sigmoid" for g in sig}
     kinds.update({"g": "effective"} if aux == "refine" else {})
+    kinds["n"] = "tanh"
     plain = aux is None and not rset  # a lean backward for the plain equations only
     return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
                 lean=_lean(reset) if plain else None,
@@ -208,7 +210,7 @@ def mgu(*, init: str = "orthogonal", variant: str = "zhou",
     ``variant="flax"`` is the form of Flax's ``MGUCell`` (a GRU with ``r = z = f``):
     :math:`n = \tanh(W_n x + b_n + f \odot (U_n h + b_{hn}))`,
     :math:`h_t = (1 - f) \odot n + f \odot h_{t-1}` (``f`` keeps the state instead of
-    admitting the candidate, and ``params["n"]["b_hn"]`` exists). Reports ``f``.
+    admitting the candidate, and ``params["n"]["b_hn"]`` exists). Reports ``f`` and the candidate ``n`` (kind ``"tanh"``).
     """
     return _mgu("mgu", locals())
 
@@ -219,7 +221,7 @@ def refined_mgu(*, init: str = "orthogonal", variant: str = "zhou",
         refined: tuple[str, ...] = ("f",), mode: str = "mul") -> Cell:
     r"""MGU with Cheng et al.'s refined forget gate :math:`\hat f = \sigma(\cdot) \odot x_t`
     (``mode="add"``: ``σ(·) + x_t``). **Uncertain** form (see :func:`mechanisms.refined`).
-    Needs ``in == H``. Reports the refined ``f``.
+    Needs ``in == H``. Reports the refined ``f`` and the candidate ``n``.
     """
     return _mgu("refined_mgu", locals())
 
@@ -257,11 +259,12 @@ def _mgu(name: str, o: dict) -> Cell:
             f = refined(f, xp["x"], mode) if rset else f
             n = jnp.tanh(xp["a"]["n"] + matmul(f * h, p["n"]["U"]))
             h = (1.0 - f) * h + f * n
-        return {"h": h}, h, {"f": f}
+        return {"h": h}, h, {"f": f, "n": n}
 
     eq = {"mgu": "n = tanh(Wx + U(f*h) + b); h = (1-f)*h + f*n",
           "refined_mgu": "MGU with f refined: sigma(Wx+Uh+b) * x"}.get(name, "")
     return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
-                gate_kinds=(("f", "refined" if rset else "sigmoid"),), square=bool(rset),
+                gate_kinds=(("f", "refined" if rset else "sigmoid"), ("n", "tanh")),
+                square=bool(rset),
                 equation=eq, forget=("f", sign), retain=(("f", sign),), refine_mode=mode,
                 preact_fn=preact)

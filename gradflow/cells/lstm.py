@@ -31,7 +31,8 @@ def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
         c_t = f \odot c_{t-1} + i \odot g, \qquad h_t = o \odot \tanh(c_t)
 
     Params: ``{"i", "f", "g", "o"}``, each ``{"W": (in, H), "U": (H, H), "b": (H,)}``.
-    Reports gates ``i, f, o``.
+    Reports gates ``i, f, o`` and the candidate ``g`` (kind ``"tanh"``: saturated at
+    :math:`|g| > 1 - \varepsilon`, where it passes little gradient to its own pre-activation).
 
     Options:
       init: ``orthogonal`` (default), ``glorot``, ``torch``, ``chrono``, ``ugi`` or
@@ -60,7 +61,7 @@ def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
       >>> p = cell.init(jax.random.key(0), 3, 8)
       >>> s, h, gates = cell.step(p, cell.initial_state((2,), 8), jnp.ones((2, 3)), 0)
       >>> sorted(gates)
-      ['f', 'i', 'o']
+      ['f', 'g', 'i', 'o']
     """
     return _lstm("lstm", locals())
 
@@ -79,7 +80,7 @@ def ur_lstm(*, init: str = "ugi", forget_bias: float = 0.0,
         c_t = g \odot c_{t-1} + (1-g) \odot \tanh(W_u x + U_u h + b_u), \qquad
         h_t = o \odot \tanh(c_t)
 
-    with UGI: ``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_r = -b_f``. Reports ``f, r, g, o``.
+    with UGI: ``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_r = -b_f``. Reports ``f, r, g, o`` and the candidate ``u``.
     Same options as :func:`lstm` (defaults ``init="ugi"``, ``aux="refine"``, ``tied=True``).
     """
     return _lstm("ur_lstm", locals())
@@ -102,7 +103,7 @@ def on_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
         c_t = \hat f \odot c_{t-1} + \hat i \odot g
 
     ``cumax = cumsum ∘ softmax``; ``chunk_size=C`` gives master gates of size ``H/C``, each entry
-    shared by a chunk of ``C`` neurons. Reports ``i, f, f_master, i_master, o``.
+    shared by a chunk of ``C`` neurons. Reports ``i, f, f_master, i_master, o`` and the candidate ``g``.
     """
     return _lstm("on_lstm", locals())
 
@@ -119,7 +120,7 @@ def refined_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
 
     (``mode="add"``: ``σ(·) + x_t``). **Uncertain**: the paper's full text was not available;
     the multiplicative form follows spago's LSTM. Needs ``in == H``. Option ``refined`` picks
-    the gates (default ``("i", "o")``). Reports the refined values of ``i, f, o``.
+    the gates (default ``("i", "o")``). Reports the refined values of ``i, f, o`` and the candidate ``g``.
     """
     return _lstm("refined_lstm", locals())
 
@@ -143,7 +144,7 @@ def _layout(aux, tied):
         specs["f_master"] = {}
         specs["i_master"] = {}
     reported = (() if tied else ("i",)) + ("f",) + {
-        "refine": ("r", "g"), "master": ("f_master", "i_master"), None: ()}[aux] + ("o",)
+        "refine": ("r", "g"), "master": ("f_master", "i_master"), None: ()}[aux] + ("o", cand)
     return cand, sig, specs, reported
 
 
@@ -264,12 +265,14 @@ def _lstm(name: str, o: dict) -> Cell:
             keep, inp = master(act["f"], act["i"], fm, im)
         if tied:
             inp = 1.0 - keep
-        c = keep * c + inp * jnp.tanh(z[cand])
+        gates[cand] = jnp.tanh(z[cand])
+        c = keep * c + inp * gates[cand]
         h = act["o"] * jnp.tanh(c)
         return {"c": c, "h": h}, h, {g: gates[g] for g in reported}
 
     retain = (("f", 1),) + ((("g", 1),) if aux == "refine" else ())
     kinds = {g: "refined" if g in rset else "sigmoid" for g in reported}
+    kinds[cand] = "tanh"  # the candidate, tanh(W x + U h + b)
     kinds.update({"g": "effective"} if aux == "refine" else {})
     kinds.update({"f_master": "master", "i_master": "master"} if aux == "master" else {})
     # A hand-written lean step for the plain equations only (aux, tied and refined gates: the

@@ -46,7 +46,7 @@ def star(*, variant: str = "paper", init: str | None = None,
 
     Params ``{"k": {"W", "U", "b"}, "z": {"W", "b"}}`` (``z`` has no recurrent weight).
     Reports ``k`` (for the official and BN variants ``k = σ(a)``, the fraction of ``h_{t-1}``
-    kept).
+    kept) and the candidate ``z`` (kind ``"tanh"``).
     """
     choice("star", "variant", variant, ("paper", "official", "bn"))
     choice("star", "bn_stats", bn_stats, ("batch", "population"))
@@ -86,12 +86,13 @@ def star(*, variant: str = "paper", init: str | None = None,
         else:
             k = jax.nn.sigmoid(a)
             h = jnp.tanh((1.0 - k) * h + k * z)
-        return {"h": h}, h, {"k": k}
+        return {"h": h}, h, {"k": k, "z": z}
 
     eq = ("h = tanh(s(a)*h + (1-s(a-1))*tanh(Wz x + bz)), a = Wk x + U h + bk" if official
           else "h = tanh((1-k)*h + k*tanh(Wz x + bz)), k = s(Wk x + Uk h + bk)")
     return Cell(name="star", init_fn=init_fn, project_fn=project, recur_fn=recur,
-                lean=_lean(official), gate_kinds=(("k", "sigmoid"),), equation=eq, forget=("k", sign),
+                lean=_lean(official), gate_kinds=(("k", "sigmoid"), ("z", "tanh")), equation=eq,
+                forget=("k", sign),
                 retain=(("k", sign),), preact_fn=preact,
                 options=(("init", init), ("t_max", float(t_max))))
 
@@ -177,11 +178,12 @@ def _bn_star(init, t_max, forget_bias_init, bn_scale, bn_stats) -> Cell:
         h = state["h"]
         a = xp["k"] + batch_norm(matmul(h, p["k"]["U"]), p["bn"]["kh"], bn_stats)
         k = jax.nn.sigmoid(a)
-        h = jnp.tanh(k * h + (1.0 - jax.nn.sigmoid(a - 1.0)) * jnp.tanh(xp["z"]))
-        return {"h": h}, h, {"k": k}
+        z = jnp.tanh(xp["z"])
+        h = jnp.tanh(k * h + (1.0 - jax.nn.sigmoid(a - 1.0)) * z)
+        return {"h": h}, h, {"k": k, "z": z}
 
     return Cell(name="star", init_fn=init_fn, project_fn=project, recur_fn=recur,
-                gate_kinds=(("k", "sigmoid"),), forget=("k", 1), retain=(("k", 1),),
+                gate_kinds=(("k", "sigmoid"), ("z", "tanh")), forget=("k", 1), retain=(("k", 1),),
                 equation="h = tanh(s(a)*h + (1-s(a-1))*tanh(BN(Wz x) + bz)), "
                          "a = BN(Wk x) + BN(U h) + bk",
                 couples_batch=bn_stats == "batch", options=(("init", init), ("t_max", float(t_max))))

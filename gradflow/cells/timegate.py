@@ -72,7 +72,8 @@ def g_lstm(*, steps: int = 100, sigma_frac: float = 0.1, init: str = "orthogonal
     ``ĉ, ĥ`` the plain LSTM update. Init: ``μ ~ U[0, steps)``, ``σ = sigma_frac · steps``.
     **Uncertain** in detail (the full text was not available): the update form is Phased LSTM's.
     Options: ``steps`` (default 100), ``sigma_frac`` (default 0.1), and the LSTM options
-    ``init, forget_bias, forget_bias_init, t_max``. Reports ``i, f, o, k``.
+    ``init, forget_bias, forget_bias_init, t_max``. Reports ``i, f, o``, the candidate
+    ``g`` and ``k``.
     """
     def time_init(key, hidden, dtype, o):
         steps = float(o["steps"])
@@ -102,7 +103,7 @@ def phased_lstm(*, log_tau: tuple[float, float] = (1.0, 3.0), shift_max: float |
 
     :math:`\phi_t = ((t - s) \bmod \tau)/\tau`, :math:`k_t` from :func:`phased_gate`, and the
     ``c, h`` update of :func:`g_lstm`. Params ``params["time"] = {"tau", "s", "r_on"}``, each
-    ``(H,)``. Reports ``i, f, o, k``.
+    ``(H,)``. Reports ``i, f, o``, the candidate ``g`` and ``k``.
 
     Init (default, as in the authors' experiment script): ``τ = exp(U[1, 3])``,
     ``s ~ U[0, 100)``, ``r_on = 0.05``. ``log_tau=(1, 5), shift_max=None`` gives the earlier
