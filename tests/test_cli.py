@@ -2,9 +2,11 @@
 numbers, the printed summary equals NumPy on the written data, and bad input gets one line on
 stderr and exit status 2 with no traceback (in-process, plus the installed script once)."""
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -408,22 +410,27 @@ def test_bad_input_is_one_line_exit_2_no_traceback(capsys, argv, expect):
     assert not Path("gradflow-out").exists() or not any(Path("gradflow-out").iterdir())
 
 
-def test_installed_script_and_module_entry_points():
+def _entry_points(env):
     script = Path(sys.executable).parent / "gradflow"
-    proc = subprocess.run([str(script), "heatmap", "--cell", "nope"], capture_output=True,
-                          text=True, timeout=120)
+    return (subprocess.run([str(script), "heatmap", "--cell", "nope"], capture_output=True,
+                           text=True, timeout=120, env=env),
+            subprocess.run([sys.executable, "-m", "gradflow", "--version"], capture_output=True,
+                           text=True, timeout=120, env=env))
+
+
+@pytest.mark.background(job=_entry_points)  # its work is fresh processes
+def test_installed_script_and_module_entry_points(background):
+    proc, version = background
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "unknown cell 'nope'; valid cells: " + VALID_CELLS in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "gradflow", "--version"], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == f"gradflow {gradflow.__version__}"
+    assert version.returncode == 0 and version.stdout.strip() == f"gradflow {gradflow.__version__}"
 
 
 # --- the parser is light: --help without JAX or matplotlib --------------------------------------
 
 
-def test_help_imports_neither_jax_nor_matplotlib():
+def _help_child(env):
     code = (
         "import sys, gradflow.cli as c\n"
         "for cmd in ([], ['heatmap'], ['compare'], ['gates'], ['cells'], ['reproduce'], "
@@ -432,8 +439,13 @@ def test_help_imports_neither_jax_nor_matplotlib():
         "heavy = [m for m in ('jax', 'matplotlib', 'gradflow.cells', 'gradflow.stack') "
         "if m in sys.modules]\n"
         "assert not heavy, heavy\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.mark.background(job=_help_child)  # its work is a fresh process
+def test_help_imports_neither_jax_nor_matplotlib(background):
+    proc = background
     assert proc.returncode == 0, proc.stderr
     assert "usage: gradflow train" in proc.stdout
 
@@ -663,18 +675,24 @@ def test_ctrl_c_is_one_line_exit_130(capsys, monkeypatch):
     assert rc == 130 and err == "gradflow heatmap: interrupted\n"
 
 
-def test_ctrl_c_ends_the_program_at_once_with_130(tmp_path):
-    """The gradflow program itself, interrupted while it compiles and runs a large map: one
-    line and status 130 (a KeyboardInterrupt was swallowed in XLA's gc callback, or crashed
-    the process at shutdown with XLA's threads running)."""
+def _interrupted_child(env):
     code = ("import os, signal, sys, threading\n"
             "from gradflow import cli\n"
             "sys.argv = ['gradflow', 'heatmap', '--cell', 'lstm', '--layers', '32', '--steps', "
             "'3000', '--hidden', '128', '--no-data', '--out', sys.argv[1]]\n"
             "threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
             "raise SystemExit(cli.main())\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.png")],
-                          capture_output=True, text=True, timeout=300)
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run([sys.executable, "-c", code, os.path.join(tmp, "x.png")],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.background(job=_interrupted_child)  # its work is a fresh process
+def test_ctrl_c_ends_the_program_at_once_with_130(background):
+    """The gradflow program itself, interrupted while it compiles and runs a large map: one
+    line and status 130 (a KeyboardInterrupt was swallowed in XLA's gc callback, or crashed
+    the process at shutdown with XLA's threads running)."""
+    proc = background
     assert proc.returncode == 130, proc.stderr[-500:]
     # (after progress lines; it names the command once parsed: "gradflow heatmap: ...")
     assert re.search(r"(^|\n)gradflow( heatmap)?: interrupted\n\Z", proc.stderr)

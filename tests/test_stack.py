@@ -369,18 +369,23 @@ def test_package_exports():
     assert gradflow.StackOutput._fields == ("states", "gates", "final", "up", "widths")
 
 
-def test_every_module_is_an_attribute_after_a_bare_import():
-    """``import gradflow`` then ``gradflow.cost.estimate``, ``gradflow.parallel...``,
-    ``gradflow.atlas.CLAIMS`` (as README writes them) work, loaded on first use: the bare
-    import loads no JAX."""
+def _bare_import(env):
     import subprocess
     import sys
     code = ("import sys, gradflow; assert 'jax' not in sys.modules; "
             "names = [n for n in dir(gradflow) if not n.startswith('_')]; "
             "print(sorted((n, getattr(gradflow, n).__name__) for n in gradflow._SUBMODULES)); "
             "print(names)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.background(job=_bare_import)  # its work is a fresh process
+def test_every_module_is_an_attribute_after_a_bare_import(background):
+    """``import gradflow`` then ``gradflow.cost.estimate``, ``gradflow.parallel...``,
+    ``gradflow.atlas.CLAIMS`` (as README writes them) work, loaded on first use: the bare
+    import loads no JAX."""
+    r = background
     assert r.returncode == 0, r.stderr[-2000:]
     loaded, names = r.stdout.strip().splitlines()
     assert eval(loaded) == [(m, f"gradflow.{m}") for m in sorted(gradflow._SUBMODULES)]
