@@ -1260,14 +1260,15 @@ def run_compare(args) -> int:
     for loss in args.losses:
         for cell in labels:
             print(_panel_line(loss, cell, experiments.panel(grid, loss, cell), width))
-    print(textwrap.fill("(from where the loss enters, the top layer's last step (wrt cell: the last step c "
-          "reaches it): bottom/top down that step and its geometric-mean factor per layer; "
-          "bottom/top, mean: of the time-means, which include the diagonal paths (not a "
-          "per-layer gain); first/last step: along the top layer (under loss all not a "
-          "per-step decay: the loss enters at every step); dec. vs top-last: the range over the "
-          "entries the loss reaches, -inf where one is exactly 0; x0 (-inf dec): exactly 0; "
-          "underflow: entries below the smallest normal float, where the gradient vanished "
-          "past the float range)", 100))
+    print(textwrap.fill(
+        "(from where the loss enters, the top layer's last step (wrt cell: the last step c "
+        "reaches it): bottom/top down that step and its geometric-mean factor per layer; "
+        "bottom/top, mean: of the time-means, which include the diagonal paths (not a "
+        "per-layer gain); first/last step: along the top layer (under loss all not a "
+        "per-step decay: the loss enters at every step); dec. vs top-last: the range over the "
+        "entries the loss reaches, -inf where one is exactly 0; x0 (-inf dec): exactly 0; "
+        "underflow: entries below the smallest normal float, where the gradient vanished "
+        "past the float range)", 100))
     for line in _write(fig, grid, fig_path, data_path):
         print(line)
     return 0

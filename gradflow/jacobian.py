@@ -643,8 +643,8 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
         (:func:`gradflow.checks.with_meta`).
     Returns:
       Result ``kind="local_gains"`` with ``vertical_rms, vertical_spectral, temporal_rms,
-      temporal_spectral, state_rms, state_spectral``, each ``(L, T)``; NaN where a step's states, its previous states or
-      its input are not finite (a :class:`~gradflow.results.NonFiniteForwardWarning` says
+      temporal_spectral, state_rms, state_spectral``, each ``(L, T)``; NaN where a step's
+      states, its previous states or its input are not finite (a :class:`~gradflow.results.NonFiniteForwardWarning` says
       where the states are not finite).
     """
     xs = _prepare(stack, params, xs)
@@ -663,8 +663,8 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
 
 def gain_arrays(stack: Stack, params, xs, chunk: int | None = None) -> dict:
     """The arrays of :func:`local_gains` (``vertical_rms, vertical_spectral, temporal_rms,
-    temporal_spectral, state_rms, state_spectral``, each ``(L, T)``) without its checks: traceable, so a caller can
-    ``vmap``/``shard_map`` it over problems (:mod:`gradflow.atlas` does). ``xs: (B, T, D)``
+    temporal_spectral, state_rms, state_spectral``, each ``(L, T)``) without its checks:
+    traceable, so a caller can ``vmap``/``shard_map`` it over problems (:mod:`gradflow.atlas` does). ``xs: (B, T, D)``
     in the params' dtype; ``chunk`` steps per ``lax.map`` batch (default: about 64 MiB of
     Jacobians)."""
     chunk = chunk or max(1, min(xs.shape[1], (64 << 20) // max(
@@ -711,16 +711,17 @@ def _gains(stack, params, xs, chunk):
             h_of_h = lambda hh: cell.step(p, {**s, "h": hh}, x, t)[1]  # noqa: E731
             # reverse mode: the Jacobians backpropagation uses (a cell's custom_vjp, e.g.
             # gradient clipping or a straight-through estimator, has no forward mode)
+            vertical = _rms_spectral(jax.jacrev(y_of_x)(x))
             temporal = _rms_spectral(jax.jacrev(h_of_h)(s["h"]))
             names = tuple(s)
             if len(names) == 1:  # the state is h: its gain is the temporal one
-                return (*_rms_spectral(jax.jacrev(y_of_x)(x)), *temporal, *temporal)
+                return (*vertical, *temporal, *temporal)
             cuts = list(itertools.accumulate(s[k].shape[-1] for k in names[:-1]))
 
             def state_of_state(flat):  # every state component, concatenated, one step on
                 new = cell.step(p, dict(zip(names, jnp.split(flat, cuts))), x, t)[0]
                 return jnp.concatenate([new[k] for k in names])
-            return (*_rms_spectral(jax.jacrev(y_of_x)(x)), *temporal, *_rms_spectral(
+            return (*vertical, *temporal, *_rms_spectral(
                 jax.jacrev(state_of_state)(jnp.concatenate([s[k] for k in names]))))
 
         def at_t(args):

@@ -183,10 +183,9 @@ def _norm(arrays: Sequence[np.ndarray], log: bool, relative: bool, vmin=None, vm
     if log:
         pos = finite[finite > 0]
         if relative and vmin is None and vmax is None:
-            if not pos.size:
-                return CentredLogNorm(1.0 / _MIN_RELATIVE_FACTOR, _MIN_RELATIVE_FACTOR)
-            return CentredLogNorm(min(float(pos.min()), 1.0 / _MIN_RELATIVE_FACTOR),
-                                  max(float(pos.max()), _MIN_RELATIVE_FACTOR))
+            lo, hi = (float(pos.min()), float(pos.max())) if pos.size else (1.0, 1.0)
+            return CentredLogNorm(min(lo, 1.0 / _MIN_RELATIVE_FACTOR),
+                                  max(hi, _MIN_RELATIVE_FACTOR))
         if relative:
             m = float(np.max(np.abs(np.log10(pos)))) if pos.size else 0.0
             m = max(m, _MIN_RELATIVE_DECADES)

@@ -210,7 +210,8 @@ def mgu(*, init: str = "orthogonal", variant: str = "zhou",
     ``variant="flax"`` is the form of Flax's ``MGUCell`` (a GRU with ``r = z = f``):
     :math:`n = \tanh(W_n x + b_n + f \odot (U_n h + b_{hn}))`,
     :math:`h_t = (1 - f) \odot n + f \odot h_{t-1}` (``f`` keeps the state instead of
-    admitting the candidate, and ``params["n"]["b_hn"]`` exists). Reports ``f`` and the candidate ``n`` (kind ``"tanh"``).
+    admitting the candidate, and ``params["n"]["b_hn"]`` exists). Reports ``f`` and the
+    candidate ``n`` (kind ``"tanh"``).
     """
     return _mgu("mgu", locals())
 

@@ -80,7 +80,8 @@ def ur_lstm(*, init: str = "ugi", forget_bias: float = 0.0,
         c_t = g \odot c_{t-1} + (1-g) \odot \tanh(W_u x + U_u h + b_u), \qquad
         h_t = o \odot \tanh(c_t)
 
-    with UGI: ``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_r = -b_f``. Reports ``f, r, g, o`` and the candidate ``u``.
+    with UGI: ``b_f = σ⁻¹(U[1/H, 1-1/H])``, ``b_r = -b_f``. Reports ``f, r, g, o`` and the
+    candidate ``u``.
     Same options as :func:`lstm` (defaults ``init="ugi"``, ``aux="refine"``, ``tied=True``).
     """
     return _lstm("ur_lstm", locals())
@@ -103,7 +104,8 @@ def on_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
         c_t = \hat f \odot c_{t-1} + \hat i \odot g
 
     ``cumax = cumsum ∘ softmax``; ``chunk_size=C`` gives master gates of size ``H/C``, each entry
-    shared by a chunk of ``C`` neurons. Reports ``i, f, f_master, i_master, o`` and the candidate ``g``.
+    shared by a chunk of ``C`` neurons. Reports ``i, f, f_master, i_master, o`` and the
+    candidate ``g``.
     """
     return _lstm("on_lstm", locals())
 
@@ -120,7 +122,8 @@ def refined_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
 
     (``mode="add"``: ``σ(·) + x_t``). **Uncertain**: the paper's full text was not available;
     the multiplicative form follows spago's LSTM. Needs ``in == H``. Option ``refined`` picks
-    the gates (default ``("i", "o")``). Reports the refined values of ``i, f, o`` and the candidate ``g``.
+    the gates (default ``("i", "o")``). Reports the refined values of ``i, f, o`` and the
+    candidate ``g``.
     """
     return _lstm("refined_lstm", locals())
 
