@@ -35,6 +35,7 @@ import warnings
 from typing import Callable
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 
@@ -435,8 +436,11 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
       reach the target are expected positive (``result.underflow`` counts zeros among them).
       Norms and singular values are formed scaled by the largest entry
       (:func:`gradflow.stack.scaled_reduction`), so tiny Jacobians do not underflow. Where the
-      target state is not finite, every Jacobian that reaches it is NaN (with a
-      :class:`~gradflow.results.NonFiniteForwardWarning`). The config records ``target``,
+      target state is not finite in every example, every Jacobian that reaches it is NaN
+      (with a :class:`~gradflow.results.NonFiniteForwardWarning`); where it is not finite in
+      some examples, ``values`` (and ``stderr``) are the mean over the others (the examples
+      are independent), those examples' spectra are NaN, and the warning names them;
+      ``target_finite: (B,)`` says which examples were measured. The config records ``target``,
       ``method``, ``jacobian_norm``, ``probes`` and ``probe_seed`` (None for ``"exact"``)
       beside the stack's own (its ``norm`` is the layers' normalisation).
     """
@@ -489,12 +493,22 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
                      spectra_at=[list(p) for p in positions])
     # h^l_t reaches h^{L'}_{T'} only from below and before: layers feed upward, steps forward
     reach = (jnp.arange(T)[None, :] <= tt) & (jnp.arange(L)[:, None] <= tl)
-    if not bool(target_ok):  # NaN states pass back numbers that are no derivatives
+    target_ok = np.asarray(target_ok)
+    arrays["target_finite"] = target_ok
+    bad = np.flatnonzero(~target_ok)
+    if bad.size == B:  # NaN states pass back numbers that are no derivatives
         warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite ("
                       f"{where_nonfinite(stack, params, xs)}): every Jacobian that "
                       "reaches it is NaN", NonFiniteForwardWarning, stacklevel=2)
-        arrays = {k: jnp.full_like(v, jnp.nan) if k == "spectra" else jnp.where(reach, jnp.nan, v)
-                  for k, v in arrays.items()}
+        arrays = {k: v if k == "target_finite" else jnp.full_like(v, jnp.nan) if k == "spectra"
+                  else jnp.where(reach, jnp.nan, 0.0).astype(v.dtype) for k, v in arrays.items()}
+    elif bad.size:  # per-example Jacobians: the finite examples are still measured
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
+        warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite in "
+                      f"{bad.size} of {B} examples ({shown}; "
+                      f"{where_nonfinite(stack, params, xs)}): the map is the mean over the "
+                      f"other {B - bad.size} (result.target_finite); those examples' spectra "
+                      "are NaN", NonFiniteForwardWarning, stacklevel=2)
     return make_result("jacobian_map", arrays, config, positive={"values": reach})
 
 
@@ -516,8 +530,8 @@ def _basis_chunk(L, T, B, H, norm):
 def _target_vjp(stack: Stack, params, xs, target, with_finite=False):
     """``vjp(cot: (B, H_{L'})) -> {"h": (L, B, T, H)}``: cotangent on ``h^{L'}_{T'}`` pulled back
     to every ``h^l_t`` (total derivatives, through zero perturbations; ``H = max_width``, zeros
-    beyond each layer's width); ``with_finite``: also whether the target is finite in every
-    example."""
+    beyond each layer's width); ``with_finite``: also whether the target is finite, per example
+    (``(B,)``)."""
     tl, tt = target
 
     def f(eps):
@@ -525,7 +539,13 @@ def _target_vjp(stack: Stack, params, xs, target, with_finite=False):
 
     h, vjp = jax.vjp(f, _zeros_perturb(stack, xs, ("h",)))
     fn = lambda cot: vjp(cot)[0]["h"]  # noqa: E731
-    return (fn, jnp.all(jnp.isfinite(h))) if with_finite else fn
+    return (fn, jnp.all(jnp.isfinite(h), axis=-1)) if with_finite else fn
+
+
+def _mean_over(v, ok, axis=1):
+    """The mean of ``v`` over ``axis`` (the examples) where ``ok: (B,)``; NaN where none is."""
+    keep = jnp.expand_dims(ok, tuple(a for a in range(v.ndim) if a != axis % v.ndim))
+    return jnp.sum(jnp.where(keep, v, 0), axis=axis) / jnp.sum(ok).astype(v.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "target", "norm", "positions", "chunk"))
@@ -548,14 +568,16 @@ def _exact_map(stack, params, xs, target, norm, positions, chunk):
     rows, at = lax.map(row, jnp.arange(H), batch_size=chunk)
     if norm == "spectral":
         jac = jnp.moveaxis(rows, 0, -2)  # (L, B, T, H_out, H_in)
-        vals = jnp.mean(scaled_reduction(_spectral, jac, (-2, -1)), axis=1)
+        each = scaled_reduction(_spectral, jac, (-2, -1))
     else:  # ||J||_F = the 2-norm of the rows' norms; / sqrt(columns = H_l)
-        vals = jnp.mean(safe_norm(rows, axis=0) / _sqrt(_columns(stack, xs.dtype)), axis=1)
+        each = safe_norm(rows, axis=0) / _sqrt(_columns(stack, xs.dtype))
+    vals = _mean_over(each, finite)  # examples are independent: a non-finite one is left out
     spectra = None
     if positions:
         jac_at = jnp.moveaxis(at, 0, -2)  # (n, B, H_out, H_in)
         spectra = scaled_reduction(lambda j: jnp.linalg.svd(j, compute_uv=False), jac_at,
                                    (-2, -1))
+        spectra = jnp.where(finite[None, :, None], spectra, jnp.nan)
     return vals, spectra, finite
 
 
@@ -601,8 +623,8 @@ def _probe_map(stack, params, xs, target, probes, key):
     n = jax.vmap(lambda c: safe_norm(vjp(c)))(v)  # (k, L, B, T): ||v^T J||
     cols = _columns(stack, xs.dtype)
     rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, cols), n, 0)  # each (L, B, T)
-    vals = jnp.mean(rms, axis=1)
-    se = safe_norm(se_rms, axis=1) / B
+    vals = _mean_over(rms, finite)
+    se = safe_norm(jnp.where(finite[None, :, None], se_rms, 0), axis=1) / jnp.sum(finite)
     return vals, se, finite
 
 

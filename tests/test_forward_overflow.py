@@ -119,6 +119,32 @@ def test_jacobian_map_to_a_nan_target_is_nan_where_it_reaches(exploding):
     assert (early.values[:, 21:] == 0).all()
 
 
+def test_jacobian_map_leaves_out_only_the_examples_whose_target_overflowed():
+    """Per-example Jacobians are independent: two examples whose inputs are 1e30 overflow in
+    the first steps, the third stays finite; the map is the third one's alone (independent:
+    the same map of that example by itself), with a warning naming the other two."""
+    stack = gradflow.Stack("indrnn", L, D, H, cell_options={"u_max": 3.0})
+    params = stack.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (B, 60, D))
+    xs = xs.at[0].multiply(1e30).at[2].multiply(1e30)
+    alone = gradflow.jacobian_map(stack, params, xs[1:2], target=(1, -1), spectra_at=[(0, 30)])
+    assert alone.nonfinite == {"values": 0, "spectra": 0} and (alone.values[:2] > 0).all()
+    with pytest.warns(NonFiniteForwardWarning, match=r"h\[1, 59\] is not finite in 2 of 3 "
+                      r"examples \(0, 2; the states are not finite .*the mean over the other 1"):
+        mixed = gradflow.jacobian_map(stack, params, xs, target=(1, -1), spectra_at=[(0, 30)])
+    assert mixed.target_finite.tolist() == [False, True, False]
+    np.testing.assert_allclose(mixed.values, alone.values, rtol=1e-6)
+    np.testing.assert_allclose(mixed.spectra[:, 1], alone.spectra[:, 0], rtol=1e-6)
+    assert np.isnan(mixed.spectra[:, [0, 2]]).all()
+    with pytest.warns(NonFiniteForwardWarning, match="not finite in 2 of 3 examples"):
+        probe = gradflow.jacobian_map(stack, params, xs, target=(1, -1), method="probe")
+    assert probe.nonfinite == {"values": 0, "stderr": 0}
+    reach = alone.values > 0
+    assert (probe.values[reach] > 0).all() and (probe.values[~reach] == 0).all()
+    ratio = probe.values[reach] / alone.values[reach]  # 16 probes of one example's Jacobians
+    assert 0.3 < ratio.min() and ratio.max() < 3
+
+
 def test_local_gains_are_nan_exactly_where_a_step_or_its_inputs_overflowed(exploding):
     stack, params, xs = exploding
     _, _, finite = _first_bad(stack, params, xs)
