@@ -215,6 +215,13 @@ def cell_list(text: str) -> list[str]:
                       also=lambda s: ":" in s)
 
 
+def path_list(text: str) -> list[str]:
+    """``"runs/lstm,runs/star"``: comma-separated paths (read when the command runs), no
+    repeats."""
+    return _name_list(text, "paths", "path", ["run folders", ".npz files"],
+                      also=lambda s: True)
+
+
 def loss_list(text: str) -> list[str]:
     """``"last,all"``."""
     return _name_list(text, "losses", "loss", LOSSES)
@@ -822,15 +829,16 @@ _STACK_OPTIONS = ("cell", "layers", "hidden", "input_size", "init", "option",
 
 def _given(args, dests) -> list[str]:
     """The options among ``dests`` set to something other than their default."""
-    return ["--" + d.replace("_", "-") for d in dests if getattr(args, d) != args.defaults[d]]
+    return ["--" + d.replace("_", "-") for d in dests
+            if d in args.defaults and getattr(args, d) != args.defaults[d]]
 
 
-def _read_params(args):
-    """``(stack, params, meta)`` saved at ``--params`` (a run folder or a params file;
-    :mod:`gradflow.runs` raises an InputError for anything it cannot read)."""
+def _read_params(args, path):
+    """``(stack, params, meta)`` saved at ``path``, one of ``--params`` (a run folder or a
+    params file; :mod:`gradflow.runs` raises an InputError for anything it cannot read)."""
     from gradflow import runs
 
-    user = ":" in args.cell  # a user's cell cannot be rebuilt from its name: give it again
+    user = ":" in getattr(args, "cell", "")  # a user's cell cannot be rebuilt from its name
     conflicts = _given(args, [d for d in _STACK_OPTIONS
                               if not (user and d in ("cell", "init", "option"))])
     if conflicts:
@@ -838,8 +846,8 @@ def _read_params(args):
                            "run fixes the stack")
     cell = _cell(args, args.steps) if user else None
     with user_input():
-        meta = runs.read_run(args.params)
-        stack, params = runs.load_params(args.params, cell=cell)
+        meta = runs.read_run(path)
+        stack, params = runs.load_params(path, cell=cell)
     named = any(a == "--cell" or a.startswith("--cell=") for a in getattr(args, "argv", ()))
     if named and not user:  # also --cell lstm, the default, which _given cannot tell
         raise _usage(args, f"--cell cannot be used with --params: the saved run fixes the "
@@ -849,20 +857,20 @@ def _read_params(args):
                                                    stack.matmul_precision)), params, meta)
 
 
-def _trained_problem(args):
-    """The :class:`gradflow.problem.Problem` of ``--params``: the saved stack and params
-    (cast to ``--dtype``); a training run's inputs are the first ``--batch`` sequences of
-    its fixed evaluation batch (the ones its recorded maps used), a params file's are
-    Gaussian as for a fresh stack."""
+def _trained_problem(args, path):
+    """The :class:`gradflow.problem.Problem` of ``path``, one of ``--params``: the saved stack
+    and params (cast to ``--dtype``); a training run's inputs are the first ``--batch``
+    sequences of its fixed evaluation batch (the ones its recorded maps used), a params file's
+    are Gaussian as for a fresh stack."""
     import jax
 
     from gradflow.problem import Problem, dtype_of, problem
     from gradflow.stack import SETTINGS
 
-    stack, params, meta = _read_params(args)
+    stack, params, meta = _read_params(args, path)
     dt = dtype_of(args.dtype)
     params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, dt), params)
-    config = {"params": str(args.params)}
+    config = {"params": str(path)}
     if "config" not in meta:
         cell = stack.cell if len(set(stack.cells)) == 1 else list(stack.cells)
         prob = problem(cell, layers=stack.layers, steps=args.steps, hidden=stack.hidden_size,
@@ -886,17 +894,18 @@ def _run_inputs(args, config: dict, dt):
     from gradflow import tasks as _tasks
     from gradflow.train import eval_batch_of, keys
 
+    batch = args.batch
     if not _given(args, ("batch",)):  # the run's own maps' batch: the same numbers
-        args.batch = min(config.get("record_batch", args.batch), config["eval_batch"])
-    if args.batch > config["eval_batch"]:
-        raise _usage(args, f"--batch {args.batch} is more than the run's {config['eval_batch']} "
+        batch = min(config.get("record_batch", batch), config["eval_batch"])
+    if batch > config["eval_batch"]:
+        raise _usage(args, f"--batch {batch} is more than the run's {config['eval_batch']} "
                            "evaluation sequences")
     with user_input():
         options = dict(config["eval_task"])
         eval_task = _tasks.make(options.pop("task"), **options)
     xs = eval_batch_of(eval_task, keys(config["seed"])[2], config["eval_batch"],
                        config["batch"], dt)[0]
-    return xs[:args.batch]
+    return xs[:batch]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -998,7 +1007,7 @@ PROGRESS_AFTER = 10.0
 
 
 def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None = None,
-            method: str = "gradient"):
+            method: str = "gradient", sizes=None):
     """Check and estimate the request (:mod:`gradflow.cost`) before anything is built or
     compiled: every check a run makes first (``wrt`` against the stacks' states, the output
     paths from ``stem``), so that a dry run passes what the run does.
@@ -1007,7 +1016,8 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
     refuse a request over ``--max-memory`` or the available memory (an InputError: one line,
     exit 2), and return ``(say, (figure path, data path))``: ``say(message)`` prints progress
     lines on stderr when the request is estimated to take over :data:`PROGRESS_AFTER` seconds.
-    ``method``: as :func:`gradflow.cost.estimate` (``"gates"``: forward only).
+    ``method``: as :func:`gradflow.cost.estimate` (``"gates"``: forward only). ``sizes``:
+    each stack's ``(batch, steps)`` where they differ (trained runs), else ``--batch``/``--steps``.
     """
     import time
 
@@ -1023,8 +1033,9 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
             check_input_scale(args.input_scale, args.dtype)
     paths = output_paths(args, stem, create=False) if stem is not None else None
 
-    costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt, method,
-                           calibrate=False) for s in stacks]
+    sizes = sizes or [(args.batch, args.steps)] * len(stacks)
+    costs = [cost.estimate(s, b, t, args.dtype, wrt, method, calibrate=False)
+             for s, (b, t) in zip(stacks, sizes)]
     worst = max(costs, key=lambda c: c.total)
     limit = args.max_memory
     can_checkpoint = "checkpoint" in args
@@ -1032,8 +1043,7 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
     if not args.dry_run:  # a refusal needs no calibration
         with user_input():
             cost.check_fits(worst, limit, cli=True, checkpoint=can_checkpoint)
-    costs = [cost.estimate(s, args.batch, args.steps, args.dtype, wrt, method)
-             for s in stacks]
+    costs = [cost.estimate(s, b, t, args.dtype, wrt, method) for s, (b, t) in zip(stacks, sizes)]
     seconds = runs * sum(c.seconds for c in costs)
     if args.dry_run:
         cap = limit if limit is not None else cost.available_memory()
@@ -1123,7 +1133,8 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
     (e.g. gates), ``what`` naming them in its message.
     Returns ``(say, (figure path, data path), problem)``, or None after a dry run."""
     if args.params is not None:
-        prob = _trained_problem(args)
+        prob = _trained_problem(args, args.params)
+        args.batch, args.steps = (int(n) for n in prob.xs.shape[:2])  # the sizes measured
         if check_cell is not None:
             check_cell(prob.stack.cells, f"the cell of {args.params}")
         source = Path(args.params)
@@ -1197,11 +1208,17 @@ def add_compare(sub):
             gradflow compare --cells rnn,lstm,star --layers 10 --steps 10
             gradflow compare --cells lstm,gru --losses last --wrt hidden --absolute
             gradflow compare --cells lstm,lstm:forget_bias=1.0,ur_lstm --wrt hidden
+            gradflow compare --params runs/lstm,runs/star --wrt hidden --losses last
         """)
     p.add_argument("--cells", type=cell_list, default=["rnn", "lstm", "star"],
                    help="comma-separated cell names, a name with an option such as "
                         "lstm:forget_bias=1.0 (the same cell at another setting), or "
                         "module:factory (a user's cell) (default: rnn,lstm,star)")
+    p.add_argument("--params", type=path_list, default=None, metavar="RUN[,RUN...]",
+                   help="trained runs side by side instead of fresh cells: comma-separated run "
+                        "folders of `gradflow train` (each on its own task's evaluation "
+                        "sequences) or .npz files of gradflow.runs.save_params (Gaussian "
+                        "inputs at --steps), each labelled by its file or folder name")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all (default: last,all)")
     add_problem_options(p, layers=10, steps=10, hidden=128, batch=16, single_cell=False)
@@ -1215,10 +1232,40 @@ def add_compare(sub):
     _finish(p, run_compare)
 
 
+#: What the columns of ``gradflow compare``'s table mean (printed under it).
+_COMPARE_FOOTNOTE = (
+    "(from where the loss enters, the top layer's last step (wrt cell: the last step c "
+    "reaches it): bottom/top down that step and its geometric-mean factor per layer; "
+    "bottom/top, mean: of the time-means, which include the diagonal paths (not a "
+    "per-layer gain); first/last step: along the top layer (under loss all not a "
+    "per-step decay: the loss enters at every step); dec. vs top-last: the range over the "
+    "entries the loss reaches, -inf where one is exactly 0; x0 (-inf dec): exactly 0; "
+    "underflow: entries below the smallest normal float, where the gradient vanished "
+    "past the float range)")
+
+
+def _compare_table(grid, column: str) -> None:
+    """Print ``compare``'s table of a grid (one line per loss and cell, :func:`_panel_line`)
+    and what its columns mean; ``column`` heads the labels' column."""
+    from gradflow import experiments
+
+    labels = grid.config["cells"]
+    width = max(4, *(len(c) for c in labels))
+    print(f"  {'loss':<5} {column:<{width}} {'top-last':>10}  {'bottom/top, last step':>20}  "
+          f"{'per layer':>9}  {'bottom/top, mean':>20}  {'first/last step':>20}  "
+          f"{'dec. vs top-last':>16}  {'non-finite':>10}  {'underflow':>9}")
+    for loss in grid.config["losses"]:
+        for label in labels:
+            print(_panel_line(loss, label, experiments.panel(grid, loss, label), width))
+    print(textwrap.fill(_COMPARE_FOOTNOTE, 100))
+
+
 def run_compare(args) -> int:
     from gradflow import cells as _cells
     from gradflow import experiments, plot
 
+    if args.params is not None:
+        return _compare_trained(args)
     options = _cell_options(args)
     stacks, entries = [], []  # a name (with options), or a user's built cell (module:factory)
     named = [c for c in args.cells if ":" not in c or _cells.is_spec(c)]
@@ -1253,22 +1300,51 @@ def run_compare(args) -> int:
           f"wrt {args.wrt}; "
           + (f"{plot.options_text(grid.config)}; " if plot.options_text(grid.config) else "")
           + ("absolute values" if args.absolute else "each map relative to its top-last value"))
-    width = max(4, *(len(c) for c in labels))
-    print(f"  {'loss':<5} {'cell':<{width}} {'top-last':>10}  {'bottom/top, last step':>20}  "
-          f"{'per layer':>9}  {'bottom/top, mean':>20}  {'first/last step':>20}  "
-          f"{'dec. vs top-last':>16}  {'non-finite':>10}  {'underflow':>9}")
-    for loss in args.losses:
-        for cell in labels:
-            print(_panel_line(loss, cell, experiments.panel(grid, loss, cell), width))
-    print(textwrap.fill(
-        "(from where the loss enters, the top layer's last step (wrt cell: the last step c "
-        "reaches it): bottom/top down that step and its geometric-mean factor per layer; "
-        "bottom/top, mean: of the time-means, which include the diagonal paths (not a "
-        "per-layer gain); first/last step: along the top layer (under loss all not a "
-        "per-step decay: the loss enters at every step); dec. vs top-last: the range over the "
-        "entries the loss reaches, -inf where one is exactly 0; x0 (-inf dec): exactly 0; "
-        "underflow: entries below the smallest normal float, where the gradient vanished "
-        "past the float range)", 100))
+    _compare_table(grid, "cell")
+    for line in _write(fig, grid, fig_path, data_path):
+        print(line)
+    return 0
+
+
+def _compare_trained(args) -> int:
+    """``compare --params``: the maps of trained runs (or params files) side by side, each
+    on its own inputs, every map with the same losses, ``--wrt`` and readout seed."""
+    from gradflow import experiments, plot
+    from gradflow.problem import precision
+
+    given = _given(args, ("cells",))
+    if given:
+        raise _usage(args, "--cells cannot be used with --params: the saved runs fix the "
+                           "stacks")
+    sources = [Path(p).parent if Path(p).name == "state.npz" else Path(p) for p in args.params]
+    labels = [s.stem for s in sources]
+    if len(set(labels)) < len(labels):
+        labels = [str(s) for s in sources]  # runs/a/x and runs/b/x: their paths
+    if len(set(labels)) < len(labels):
+        raise _usage(args, f"--params repeats a run: {', '.join(map(str, args.params))}")
+    with precision(args.dtype):
+        problems = {label: _trained_problem(args, path)
+                    for label, path in zip(labels, args.params)}
+        stem = default_stem(args, "compare", "-".join(labels), skip=_STACK_OPTIONS + (
+            "steps", "seed", "input_scale", "batch"))
+        budget = _budget(args, [p.stack for p in problems.values()], args.wrt,
+                         runs=len(args.losses), stem=stem,
+                         sizes=[tuple(int(n) for n in p.xs.shape[:2]) for p in problems.values()])
+        if budget is None:
+            return 0
+        say, (fig_path, data_path) = budget
+        say("compiling and running the gradient maps...")
+        grid = experiments.map_grid(problems, args.losses, wrt=args.wrt,
+                                    readout_seed=args.readout_seed)
+    grid.config["init"] = None  # trained: the table says which step of which run
+    fig = plot.draw_grid(grid, normalize=not args.absolute, title=(
+        f"trained: gradient maps wrt {args.wrt}"
+        + (", relative to (top layer, last step)" if not args.absolute else "")))
+    print(f"gradflow compare: trained parameters, wrt {args.wrt}, "
+          + ("absolute values" if args.absolute else "each map relative to its top-last value"))
+    for label, prob in problems.items():
+        print(f"  {label}: {_describe(prob.config, prob.stack.cells[0])}")
+    _compare_table(grid, "run")
     for line in _write(fig, grid, fig_path, data_path):
         print(line)
     return 0

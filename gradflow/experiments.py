@@ -9,7 +9,8 @@ The unpacking functions (:func:`panel`, :func:`gain_panel`, :func:`stats_panel`,
 
 * :func:`gradient_grid`: the STAR paper's Figure 2 computation (Turkoglu et al. 2021), the map
   :math:`P[l,t] = \mathrm{mean}_\theta |\partial\mathcal L/\partial\theta^l_{(t)}|` (or another
-  ``wrt``) of several cells under several losses, all on the same problem.
+  ``wrt``) of several cells under several losses, all on the same problem;
+  :func:`map_grid` the same of problems you built (trained weights, your own stacks).
 * :func:`vertical_gain` (SPEC section 4 item 2): local gains of deep stacks at initialisation
   against the closed forms :data:`VERTICAL_GAIN`.
 * :func:`gate_saturation` (item 3, Gu et al. 2020): gate statistics of cells (names, ``Cell``
@@ -34,8 +35,9 @@ from gradflow.checks import choice, float_dtype
 from gradflow.errors import user_input
 from gradflow.jacobian import (LOSSES, WRTS, check_wrt, expected_positive, gradient_map,
                                local_gains)
-from gradflow.problem import (cell_problem, precision, problem, problem_stack,
+from gradflow.problem import (Problem, cell_problem, precision, problem, problem_stack,
                               task_stack)
+from gradflow.stack import Stack
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 
 # ---------------------------------------------------------------------------------------------
@@ -152,31 +154,111 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
 
         for cell, entry in zip(cells, built):
             check_wrt(problem_of(cell, entry, None), wrt)
-    arrays, maps, positive = {}, {}, {}
     with precision(dtype):
-        for cell, entry in zip(cells, built):
-            prob = problem_of(cell, entry, seed)
-            said = set()  # the forward pass, hence where it overflows, is every loss's
-            for loss in losses:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", NonFiniteForwardWarning)
-                    res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=wrt,
-                                       readout_seed=readout_seed, meta=prob.config)
-                for w in caught:  # the forward overflow once per cell, named by it
-                    if not issubclass(w.category, NonFiniteForwardWarning):
-                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-                    elif str(w.message) not in said:
-                        said.add(str(w.message))
-                        warnings.warn(f"cell {cell}: {w.message}", w.category, stacklevel=2)
-                key, value_key = _keys(loss, cell)
-                arrays[key], arrays[value_key] = res.values, res.loss_value
-                maps[f"{loss}/{cell}"] = res.config
-                positive[key] = expected_positive(loss, wrt, steps)["values"]
+        arrays, maps, positive = _maps(
+            ((cell, lambda cell=cell, entry=entry: problem_of(cell, entry, seed))
+             for cell, entry in zip(cells, built)), losses, wrt, readout_seed)
     config = {**(meta or {}), "cells": list(cells), "losses": list(losses), "wrt": wrt,
               "layers": layers, "steps": steps, "hidden": hidden, "batch": batch, "seed": seed,
               "readout_seed": readout_seed, "init": init, "dtype": dtype,
               "input_scale": input_scale, "cell_options": cell_options, "maps": maps}
     return make_result("gradient_grid", arrays, config, positive=positive)
+
+
+def map_grid(problems, losses=("last", "all"), *, wrt: str = "hidden", readout_seed: int = 0,
+             meta: dict | None = None) -> Result:
+    r"""Gradient maps of problems you built (trained weights, your own stacks and inputs), in
+    the layout of :func:`gradient_grid`, so :func:`panel` and :func:`gradflow.plot.draw_grid`
+    read it as they read a grid of fresh cells.
+
+    Each problem keeps its own stack, parameters and inputs (sizes may differ between them);
+    every map is :func:`gradflow.jacobian.gradient_map` with the same ``losses``, ``wrt`` and
+    readout seed. :func:`gradient_grid` is this over fresh problems of named cells.
+
+    Args:
+      problems: ``{label: problem}``, each a :class:`gradflow.problem.Problem` or a
+        ``(stack, params, xs)`` triple (e.g. ``gradflow.runs.load_params`` and your inputs).
+      losses: ``"last"`` and/or ``"all"``.
+      wrt: ``"hidden"``, ``"cell"`` or ``"params"``, as :func:`gradflow.gradient_map`.
+      readout_seed: the random readout and labels of every map (one probe for every problem).
+      meta: extra config recorded in the result.
+    Returns:
+      Result ``kind="gradient_grid"`` as :func:`gradient_grid`'s; its config records each
+      map's own config (``config["maps"]``) and, where every problem agrees on it, ``layers``,
+      ``steps``, ``hidden``, ``batch``, ``seed``, ``init`` and ``dtype`` (for a figure's title).
+
+    >>> from gradflow.problem import problem
+    >>> grid = map_grid({"short": problem("lstm", layers=2, steps=3, hidden=4, batch=2),
+    ...                  "long": problem("lstm", layers=2, steps=6, hidden=4, batch=2)}, "last")
+    >>> panel(grid, "last", "long").values.shape, grid.config["steps"], grid.config["layers"]
+    ((2, 6), None, 2)
+    """
+    with user_input():
+        if not hasattr(problems, "items") or not all(isinstance(k, str) for k in problems):
+            raise TypeError("problems must be a mapping {label: Problem or (stack, params, "
+                            f"xs)}} with string labels, got {type(problems).__name__}")
+        if not problems:
+            raise ValueError("problems is empty; give {label: Problem or (stack, params, xs)}")
+        labels = list(problems)
+        given = {}
+        for label, prob in problems.items():
+            if not isinstance(prob, Problem):
+                try:
+                    stack, params, xs = prob
+                except (TypeError, ValueError):
+                    raise TypeError(f"problem {label!r} must be a gradflow Problem or a "
+                                    f"(stack, params, xs) triple, got {type(prob).__name__}"
+                                    ) from None
+                prob = Problem(stack, params, xs, dict(stack.config) if hasattr(
+                    stack, "config") else {})
+            if not isinstance(prob.stack, Stack):
+                raise TypeError(f"problem {label!r}: its stack must be a gradflow Stack, got "
+                                f"{type(prob.stack).__name__}")
+            given[label] = prob
+        losses = _names(losses, "losses", "loss", LOSSES)
+        choice("wrt", wrt, WRTS)
+        for prob in given.values():
+            check_wrt(prob.stack, wrt)
+    arrays, maps, positive = _maps(((label, lambda p=p: p) for label, p in given.items()),
+                                   losses, wrt, readout_seed)
+    config = {**(meta or {}), "cells": labels, "losses": list(losses), "wrt": wrt,
+              "readout_seed": readout_seed, "maps": maps}
+    for key, names in _SHARED.items():  # what every map agrees on, for a figure's title
+        each = [next((m[n] for n in names if m.get(n) is not None), None) for m in maps.values()]
+        config[key] = each[0] if all(v == each[0] for v in each) else None
+    return make_result("gradient_grid", arrays, config, positive=positive)
+
+
+#: The settings :func:`map_grid` records where every map agrees (a title's settings line),
+#: each with the names a map's config may give it under.
+_SHARED = {"layers": ("layers",), "steps": ("steps",), "hidden": ("hidden_size", "hidden"),
+           "batch": ("batch",), "seed": ("seed",), "init": ("init",), "dtype": ("dtype",)}
+
+
+def _maps(problems, losses, wrt, readout_seed):
+    """``(arrays, maps, positive)`` of a grid: ``problems`` yields ``(label, make)`` pairs,
+    ``make()`` the label's :class:`~gradflow.problem.Problem` (built when its maps are due, so
+    one problem is held at a time); a forward overflow is warned once per label."""
+    arrays, maps, positive = {}, {}, {}
+    for cell, make in problems:
+        prob = make()
+        said = set()  # the forward pass, hence where it overflows, is every loss's
+        for loss in losses:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NonFiniteForwardWarning)
+                res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=wrt,
+                                   readout_seed=readout_seed, meta=prob.config)
+            for w in caught:  # the forward overflow once per cell, named by it
+                if not issubclass(w.category, NonFiniteForwardWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                elif str(w.message) not in said:
+                    said.add(str(w.message))
+                    warnings.warn(f"cell {cell}: {w.message}", w.category, stacklevel=3)
+            key, value_key = _keys(loss, cell)
+            arrays[key], arrays[value_key] = res.values, res.loss_value
+            maps[f"{loss}/{cell}"] = res.config
+            positive[key] = expected_positive(loss, wrt, res.values.shape[-1])["values"]
+    return arrays, maps, positive
 
 
 def panel(grid: Result, loss: str, cell: str) -> Result:

@@ -323,8 +323,8 @@ def _draw_map(ax: Axes, values: np.ndarray, norm, cmap: mcolors.Colormap):
                                           label="non-finite"), autolim=False)
     ax.set_xlabel("time step $t$")
     ax.set_ylabel("layer $l$")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True))
     return image
 
 

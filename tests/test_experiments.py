@@ -236,3 +236,45 @@ def test_experiments_in_float64_need_no_64_bit_switch_from_the_caller():
     v = experiments.vertical_gain(["lstm"], layers=2, steps=3, hidden=4, batch=2,
                                   dtype="float64")
     assert v.config["dtype"] == "float64"
+
+
+def test_map_grid_of_problems_you_built():
+    """map_grid over your own problems (other sizes, weights that are not an init, a residual
+    normalised stack, a bare (stack, params, xs) triple): each panel is gradient_map of that
+    problem, the config records what all maps share (and None where they differ), and
+    draw_grid draws it."""
+    from gradflow import plot
+    from gradflow.problem import problem
+
+    a = problem("lstm", layers=3, steps=5, hidden=6, batch=2, seed=1)
+    shifted = jax.tree_util.tree_map(lambda p: p + 0.3, a.params)  # not an initialisation
+    stack = gradflow.Stack("gru", 3, 4, 6, residual=True, norm="layer")
+    params = stack.init(jax.random.key(2))
+    xs = jax.random.normal(jax.random.key(3), (2, 8, 4))
+    grid = experiments.map_grid({"lstm": a, "shifted": a._replace(params=shifted),
+                                 "res-gru": (stack, params, xs)}, ["last", "all"], wrt="hidden",
+                                readout_seed=4)
+    for label, (s, p, x) in {"lstm": a[:3], "shifted": (a.stack, shifted, a.xs),
+                             "res-gru": (stack, params, xs)}.items():
+        for loss in ("last", "all"):
+            want = gradflow.gradient_map(s, p, x, loss=loss, wrt="hidden", readout_seed=4)
+            got = experiments.panel(grid, loss, label)
+            np.testing.assert_array_equal(got.values, want.values)
+            assert float(got.loss_value) == float(want.loss_value)
+    assert not np.allclose(grid["values/last/lstm"], grid["values/last/shifted"])
+    assert grid.config["cells"] == ["lstm", "shifted", "res-gru"]
+    assert (grid.config["layers"], grid.config["hidden"], grid.config["batch"]) == (3, 6, 2)
+    assert grid.config["steps"] is None  # 5 and 8
+    assert grid.config["maps"]["last/res-gru"]["norm"] == "layer"
+    plot.draw_grid(grid)
+
+
+@pytest.mark.parametrize("problems,error,message", [
+    ({}, ValueError, "problems is empty"),
+    (["lstm"], TypeError, "problems must be a mapping"),
+    ({"a": "lstm"}, TypeError, "problem 'a' must be a gradflow Problem or a (stack, params, xs)"),
+    ({"a": (1, 2, 3)}, TypeError, "problem 'a': its stack must be a gradflow Stack, got int"),
+])
+def test_map_grid_bad_input(problems, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        experiments.map_grid(problems)

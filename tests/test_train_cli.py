@@ -253,3 +253,64 @@ def test_every_file_the_run_writes_is_listed(tmp_path, capsys):
              for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")}
     assert wrote == {p.name for p in out.iterdir()}
     assert {"record-00000.npz", "record-00001.npz", "state.npz"} <= wrote
+
+
+def test_the_cost_of_a_trained_run_is_estimated_at_its_own_sizes(run, capsys):
+    """`--dry-run --params RUN` estimates the run's sequence length and batch (here T = 6,
+    B = 4), not the command's defaults (T = 32: an over- or underestimate by the ratio)."""
+    from gradflow import cost
+
+    _, out = run
+    stack, _ = runs.load_params(out)
+    capsys.readouterr()
+    assert main(["heatmap", "--params", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    expect = cost.estimate(stack, 4, 6, "float32", "hidden", calibrate=False)
+    assert f"memory:  {cost.size(expect.total)} at the peak" in printed
+    assert cost.size(expect.total) != cost.size(
+        cost.estimate(stack, 4, 32, "float32", "hidden", calibrate=False).total)
+
+
+def test_compare_trained_runs_side_by_side(run, tmp_path, capsys):
+    """`compare --params A,B`: each run's map on its own evaluation sequences, as
+    `heatmap --params` gives it (and the library's map of the loaded params); a params file
+    (Gaussian inputs at --steps) beside a run; the table names each run's source."""
+    _, out = run
+    other = tmp_path / "lstm_run"
+    assert main([*TINY[:6], "lstm", *TINY[7:-4], "--out", str(other)]) == 0
+    capsys.readouterr()
+    fig = tmp_path / "both.png"
+    assert main(["compare", "--params", f"{out},{other}", "--wrt", "hidden", "--losses",
+                 "last", "--out", str(fig)]) == 0
+    printed = capsys.readouterr().out
+    assert f"  run: star, 3 layers x 6 steps, H=8, B=4, seed 3, trained (step 12 of {out})" \
+        in printed.replace(f"{out.name}: ", "run: ")
+    grid = gradflow.load(fig.with_suffix(".npz"))
+    assert grid.config["cells"] == [out.name, other.name] and grid.config["init"] is None
+    for label, source in ((out.name, out), (other.name, other)):
+        one = tmp_path / f"{label}.png"
+        assert main(["heatmap", "--params", str(source), "--out", str(one)]) == 0
+        np.testing.assert_array_equal(grid[f"values/last/{label}"],
+                                      gradflow.load(one.with_suffix(".npz")).values)
+    assert fig.read_bytes()[:4] == b"\x89PNG"
+    # a params file beside a run: Gaussian inputs at compare's --steps (default 10)
+    stack, params = runs.load_params(out)
+    saved = runs.save_params(tmp_path / "star_params.npz", stack, params)
+    assert main(["compare", "--params", f"{saved},{other}", "--losses", "last", "--wrt",
+                 "hidden", "--out", str(tmp_path / "mixed.png")]) == 0
+    mixed = gradflow.load(tmp_path / "mixed.npz")
+    assert mixed["values/last/star_params"].shape == (3, 10)
+    assert mixed.config["steps"] is None and mixed.config["layers"] == 3
+    assert mixed[f"values/last/{other.name}"].shape == (3, 6)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--cells", "lstm,gru"], "--cells cannot be used with --params"),
+    (["--layers", "5"], "--layers cannot be used with --params"),
+])
+def test_compare_params_conflicts_exit_2(run, capsys, extra, message):
+    _, out = run
+    capsys.readouterr()
+    code = main(["compare", "--params", str(out), "--dry-run"] + extra)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
