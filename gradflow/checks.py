@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradflow.errors import own_code
+
 
 def positive_int(name: str, value) -> int:
     """``int(value)`` if it is an integer ``>= 1`` (not a bool), else a ValueError naming it."""
@@ -239,7 +241,8 @@ def expected_params(stack, dtype=None):
     ``params["norm"]``, likewise).
     """
     dtype = jax.dtypes.canonicalize_dtype(jnp.float32 if dtype is None else dtype)
-    return _expected_params(stack, jnp.dtype(dtype))
+    with own_code("tracing the stack's init (its parameters' shapes)"):
+        return _expected_params(stack, jnp.dtype(dtype))
 
 
 @functools.lru_cache(maxsize=64)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradflow import checks
+from gradflow.errors import own_code
 
 WRTS = ("hidden", "cell", "params")
 METHODS = ("gradient", "exact", "probe", "gates")
@@ -350,8 +351,9 @@ def _params_bytes(stack: _Sig, kinds: dict, item: int) -> int:
 def _kinds(stack: _Sig, B, dtype, tapped: bool) -> dict:
     """``{(cell, n_in, width): (count, _step(...))}``: one step's sizes and FLOPs per kind of
     layer in ``stack``."""
-    return {(c, n_in, h): (n, _step(c, n_in, h, B, dtype, tapped))
-            for c, n_in, h, n in stack.kinds}
+    with own_code("tracing one step of the stack's cells (its memory and FLOPs)"):
+        return {(c, n_in, h): (n, _step(c, n_in, h, B, dtype, tapped))
+                for c, n_in, h, n in stack.kinds}
 
 
 def _stacked(kinds: dict) -> int:

@@ -6,6 +6,7 @@ import pytest
 
 import gradflow
 from gradflow import checks
+from gradflow.errors import user_input
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +270,61 @@ def test_a_stack_too_deep_to_describe_is_refused_before_it_is_built(monkeypatch)
     assert time.perf_counter() - t0 < 1.0
     with pytest.raises(TypeError, match="residual must be True or False, got 'yes'"):
         gradflow.Stack("lstm", 2, 8, 8, residual="yes")
+
+
+# -- a bug in gradflow's own code is never reported as bad input ------------------------------
+
+
+def _break_builtin_init(monkeypatch):
+    """Plant a library error (JAX refusing a broadcast) in gradflow's own initialisation of
+    the LSTM and GRU families, compiled under the file name of gradflow's mechanisms module so
+    that its traceback reads as gradflow's code (as a real regression there would)."""
+    from gradflow.cells import mechanisms
+
+    ns = {"jnp": jnp}
+    exec(compile("def apply_bias_scheme(*args, **kwargs):\n"
+                 "    return jnp.ones(4) + jnp.ones(8)\n", mechanisms.__file__, "exec"), ns)
+    monkeypatch.setattr(mechanisms, "apply_bias_scheme", ns["apply_bias_scheme"])
+
+
+def test_a_library_error_in_gradflows_own_init_is_internal_not_input(monkeypatch, capsys):
+    from gradflow.cli import main
+    from gradflow.errors import InputError, InternalError
+
+    stack = gradflow.Stack("lstm", 2, 3, 11)  # a size no other test traced (caches)
+    params = stack.init(jax.random.key(0))  # (before the bug)
+    _break_builtin_init(monkeypatch)
+    with pytest.raises(InternalError, match="tracing the stack's init .* failed: TypeError: "
+                                            "add got incompatible shapes") as info:
+        checks.expected_params(stack)
+    assert not isinstance(info.value, (InputError, ValueError, TypeError))
+    # through the API's input checks and the command line's: exit 1, "internal error"
+    checks._expected_params.cache_clear()  # the shapes were traced by init above
+    with pytest.raises(InternalError):
+        gradflow.gradient_map(stack, params, jnp.ones((2, 4, 3)))
+    capsys.readouterr()
+    assert main(["heatmap", "--cell", "lstm", "--layers", "2", "--steps", "4", "--hidden",
+                 "11", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: InternalError" in err and "a bug in gradflow" in err
+    assert "Traceback" not in err
+
+
+def test_errors_of_the_users_code_and_of_gradflows_checks_stay_input_errors():
+    from gradflow.cells import from_function
+    from gradflow.errors import InputError
+
+    def init(key, n_in, H, dtype):  # the user's init: a shape error of theirs
+        return {"W": jnp.ones((n_in, H)) @ jnp.ones((H + 1, H))}
+
+    def step(p, h, x):
+        return (h, h)
+
+    with pytest.raises(InputError, match="dot_general requires contracting dimensions"):
+        with user_input():
+            checks.expected_params(gradflow.Stack(from_function(step, init), 2, 3, 5))
+    # a built-in cell's own check (a raise in gradflow): the user's sizes
+    with pytest.raises(InputError, match="not divisible by chunk_size"):
+        with user_input():
+            checks.expected_params(gradflow.Stack(gradflow.cells.get(
+                "on_lstm", chunk_size=2), 2, 3, 7))
