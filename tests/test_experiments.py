@@ -149,8 +149,9 @@ def test_panel_bad_input():
 
 
 def test_vertical_gain_packs_local_gains_of_each_cell():
-    data = experiments.vertical_gain(["lstm", "mgu"], layers=3, steps=2, hidden=4, batch=2)
-    assert data.config["closed_form"] == {"lstm": 0.25}  # mgu has no closed form
+    data = experiments.vertical_gain(["lstm", "mgu", "ur_lstm"], layers=3, steps=2, hidden=4,
+                                     batch=2)
+    assert data.config["closed_form"] == {"lstm": 0.25, "mgu": 0.5}  # ur_lstm has none
     prob = gradflow.problem("mgu", layers=3, steps=2, hidden=4, batch=2, init="orthogonal",
                             input_scale=0.01)
     ref = jacobian.local_gains(prob.stack, prob.params, prob.xs)
@@ -160,6 +161,26 @@ def test_vertical_gain_packs_local_gains_of_each_cell():
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6)
     with pytest.raises(ValueError, match="no cell 'gru'; valid: lstm, mgu"):
         experiments.gain_panel(data, "gru")
+
+
+def test_closed_form_vertical_gains_are_measured_and_are_the_atlas_claims():
+    """Each closed form of VERTICAL_GAIN is what local_gains measures at its setting (median
+    over layers 1.., H = 32; independent: the hand-derived products of sigma(0) = 1/2), and the
+    atlas's *_vertical_* claims test the same cells at the same values."""
+    from gradflow import atlas
+
+    data = experiments.vertical_gain(list(experiments.VERTICAL_GAIN), layers=4, steps=2,
+                                     hidden=32, batch=2)
+    for cell, closed in experiments.VERTICAL_GAIN.items():
+        measured = np.median(experiments.gain_panel(data, cell)["vertical_rms"][1:])
+        assert abs(measured / closed - 1) < 0.01, cell
+    claimed = {}
+    for claim in atlas.CLAIMS.values():
+        found = re.search(r"median vertical RMS gain within 10% of ([0-9.]+)", claim.description)
+        if found:
+            (cell,) = claim.cells
+            claimed[cell] = float(found.group(1))
+    assert claimed == experiments.VERTICAL_GAIN
 
 
 def test_gate_saturation_packs_gate_stats_of_each_entry():
