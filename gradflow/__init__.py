@@ -14,13 +14,16 @@ __version__ = "0.1.0"
 # name -> the submodule that defines it
 _ATTRS = {
     "gradient_map": "jacobian", "jacobian_map": "jacobian", "local_gains": "jacobian",
-    "Problem": "problem", "problem": "problem",
+    "Problem": "problem",
     "Result": "results", "load": "results",
     "Stack": "stack", "StackOutput": "stack",
 }
 # every module a user may reach as gradflow.<module> after a bare `import gradflow`
+# (gradflow.problem is the module, callable as its function problem(), whatever was imported
+# first: `import gradflow.problem as P` and `from gradflow import problem` give one object)
 _SUBMODULES = ("atlas", "atlas_training", "cells", "checks", "cli", "cost", "errors",
-               "experiments", "gates", "jacobian", "parallel", "plot", "registry", "reproduce",
+               "experiments", "gates", "jacobian", "parallel", "plot", "problem", "registry",
+               "reproduce",
                "results", "runs", "seeds", "stack", "sweep", "tasks", "train")
 
 __all__ = ["cells", "gates", "jacobian", "results", "tasks", "train", "Stack", "StackOutput",

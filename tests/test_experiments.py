@@ -68,6 +68,29 @@ def test_problem_module_shows_the_functions_signature_and_docstring():
     np.testing.assert_array_equal(module("lstm", **SMALL).xs, function("lstm", **SMALL).xs)
 
 
+_IMPORT_ORDERS = (
+    "import gradflow\nfrom gradflow import problem\nimport gradflow.problem as P",
+    "import gradflow.problem as P\nimport gradflow\nfrom gradflow import problem",
+    "from gradflow import problem\nimport gradflow.gates\nimport gradflow.problem as P")
+
+
+def _import_orders():
+    check = ("\nassert P is problem is gradflow.problem, (P, problem)\n"
+             "assert P.cell_problem and problem('lstm', layers=1, steps=2, hidden=3, "
+             "batch=1).xs.shape == (1, 2, 3)\n")
+    return [subprocess.run([sys.executable, "-c", order + check], capture_output=True,
+                           text=True, timeout=120) for order in _IMPORT_ORDERS]
+
+
+@pytest.mark.background(job=_import_orders)  # each order needs a fresh interpreter
+def test_gradflow_problem_is_one_object_whatever_is_imported_first(background):
+    """``gradflow.problem`` was the function or the module depending on what was imported
+    first (``import gradflow.problem as P; P.cell_problem`` failed after ``from gradflow
+    import problem``): it is now always the callable module."""
+    for order, proc in zip(_IMPORT_ORDERS, background):
+        assert proc.returncode == 0, (order, proc.stderr)
+
+
 def test_precision_pins_the_mode_and_restores_it():
     before = jax.config.jax_enable_x64
     for dtype, mode in (("float64", True), ("float32", False)):
