@@ -312,9 +312,8 @@ def load_cell(spec: str, options: dict | None = None):
         if module_name in _cells.names() and e.name == module_name:  # an option without =
             key = attr.split("=")[0]
             raise InputError(f"cell {spec!r}: {module_name!r} is a gradflow cell, not a module "
-                             f"of yours (module:attribute); set its options with --option "
-                             f"{key}=VALUE (compare and atlas also read "
-                             f"{module_name}:{key}=VALUE)") from None
+                             f"of yours (module:attribute); write its options as "
+                             f"{module_name}:{key}=VALUE or --option {key}=VALUE") from None
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise InputError(f"--cell {spec!r}: no module named {e.name!r} (on the Python path "
                              "or in the current folder)") from None
@@ -770,13 +769,22 @@ def _cell_options(args) -> dict:
     return options
 
 
+def _user_cell(text: str) -> bool:
+    """Whether a cell written ``text`` is a user's ``module:factory`` (not a registered name,
+    nor one written with its options, ``lstm:forget_bias=1.0``)."""
+    from gradflow import cells as _cells
+
+    return ":" in text and not _cells.is_spec(text)
+
+
 def _cell(args, steps: int):
-    """The cell ``--cell`` names (registered, or a user's ``module:factory``), with
-    ``--init``/``--option``, initialised for ``steps`` where the cell has a length option."""
+    """The cell ``--cell`` names (registered, written with options as ``compare --cells``
+    reads them, or a user's ``module:factory``), with ``--init``/``--option`` (the options
+    written in win), initialised for ``steps`` where the cell has a length option."""
     from gradflow import cells as _cells
 
     with user_input():
-        if ":" in args.cell:
+        if _user_cell(args.cell):
             return load_cell(args.cell, _cell_options(args))
         return _cells.for_length(args.cell, steps, **_cell_options(args))
 
@@ -816,7 +824,7 @@ def _problem(args, cell):
     prob = problem(cell, layers=args.layers, steps=args.steps, hidden=args.hidden,
                    batch=args.batch, input_size=args.input_size, seed=args.seed,
                    dtype=args.dtype, input_scale=args.input_scale, stack_options=settings)
-    if ":" in args.cell:  # a user's cell: how this command built it, to build it again
+    if _user_cell(args.cell):  # a user's cell: how this command built it, to build it again
         prob = prob._replace(config={**prob.config, "cell_factory": args.cell,
                                      "cell_factory_options": _cell_options(args)})
     return prob
@@ -838,7 +846,7 @@ def _read_params(args, path):
     params file; :mod:`gradflow.runs` raises an InputError for anything it cannot read)."""
     from gradflow import runs
 
-    user = ":" in getattr(args, "cell", "")  # a user's cell cannot be rebuilt from its name
+    user = _user_cell(getattr(args, "cell", ""))  # a user's cell is not rebuilt from its name
     conflicts = _given(args, [d for d in _STACK_OPTIONS
                               if not (user and d in ("cell", "init", "option"))])
     if conflicts:
@@ -1106,8 +1114,9 @@ def add_heatmap(sub):
             gradflow heatmap --params gradflow-out/train_adding_lstm_L4
         """)
     p.add_argument("--cell", type=cell_name, default="lstm",
-                   help="cell name, see `gradflow cells`, or module:factory, a user's factory "
-                        "returning a gradflow Cell (or a Cell) (default: lstm)")
+                   help="cell name, see `gradflow cells`, a name with options "
+                        "(lstm:forget_bias=1.0), or module:factory, a user's factory returning a "
+                        "gradflow Cell (or a Cell) (default: lstm)")
     add_params_option(p)
     add_problem_options(p, layers=16, steps=32, hidden=64, batch=16)
     g = add_measurement_options(p, wrt="hidden")
@@ -1268,7 +1277,7 @@ def run_compare(args) -> int:
         return _compare_trained(args)
     options = _cell_options(args)
     stacks, entries = [], []  # a name (with options), or a user's built cell (module:factory)
-    named = [c for c in args.cells if ":" not in c or _cells.is_spec(c)]
+    named = [c for c in args.cells if not _user_cell(c)]
     for c in args.cells:
         with user_input():
             if c in named:  # (options written in c win over --option)
@@ -1364,7 +1373,7 @@ def add_gates(sub):
             gradflow gates --cell lstm --init ugi --gate f --eps 0.1
         """)
     p.add_argument("--cell", type=cell_name, default="lstm",
-                   help="cell name or module:factory (default: lstm)")
+                   help="cell name, name:option=value, or module:factory (default: lstm)")
     p.add_argument("--gate", default=None, help="only this gate (default: every gate)")
     p.add_argument("--eps", type=fraction, default=0.05,
                    help="saturation margin, in (0, 0.5) (default: 0.05)")
@@ -1692,7 +1701,7 @@ def add_train(sub):
                    help="the synthetic task (gradflow.tasks: adding, copy, counting, digits; "
                         "default: adding)")
     p.add_argument("--cell", type=cell_name, default="lstm",
-                   help="cell name or module:factory (default: lstm)")
+                   help="cell name, name:option=value, or module:factory (default: lstm)")
     p.add_argument("--seq-len", type=positive_int, default=None, metavar="T",
                    help="sequence length (adding, counting: steps; copy: sets the lag; default: "
                         "the task's own)")

@@ -340,8 +340,10 @@ BAD = [
      "unknown cell 'lstmm'; valid cells: "),
     (["compare", "--cells", "lstm:forget_bias,gru", *SMALL],
      "cell 'lstm:forget_bias': 'lstm' is a gradflow cell, not a module of yours "
-     "(module:attribute); set its options with --option forget_bias=VALUE"),
-    (["heatmap", "--cell", "lstm:tied=true", *SMALL], "set its options with --option tied=VALUE"),
+     "(module:attribute); write its options as lstm:forget_bias=VALUE or --option "
+     "forget_bias=VALUE"),
+    (["heatmap", "--cell", "lstm:tied", *SMALL], "write its options as lstm:tied=VALUE"),
+    (["heatmap", "--cell", "lstm:bogus=1", *SMALL], "unknown option(s) 'bogus' for cell 'lstm'"),
     (["heatmap", "--cell", "lstm", *SMALL, "--option", "tied=maybe"],
      "option tied='maybe' of cell 'lstm' takes true or false"),
     (["heatmap", "--cell", "phased_lstm", *SMALL, "--option", "log_tau=3,1"],
@@ -565,6 +567,24 @@ def test_compare_takes_a_cell_at_another_setting_beside_it(capsys):
             ref = gradflow.gradient_map(prob.stack, prob.params, prob.xs, loss="last",
                                         wrt="hidden")
             np.testing.assert_allclose(grid[f"values/last/{label}"], ref.values, rtol=1e-6)
+
+
+def test_heatmap_and_gates_take_a_cell_written_with_its_options(capsys, tmp_path):
+    """``--cell lstm:forget_bias=1.0`` (compare's and the atlas's syntax) is the cell
+    ``--cell lstm --option forget_bias=1.0`` builds, in every one-cell command."""
+    for command in ("heatmap", "gates"):
+        written, spelled = tmp_path / f"{command}_spec.png", tmp_path / f"{command}_opt.png"
+        rc, out, err = run(capsys, command, "--cell", "lstm:forget_bias=1.0", *SMALL, "--out",
+                           str(written))
+        assert rc == 0, err
+        rc, out, err = run(capsys, command, "--cell", "lstm", "--option", "forget_bias=1.0",
+                           *SMALL, "--out", str(spelled))
+        assert rc == 0, err
+        a, b = gradflow.load(written.with_suffix(".npz")), gradflow.load(
+            spelled.with_suffix(".npz"))
+        assert a.config["forget_bias"] == 1.0 and set(a.arrays) == set(b.arrays)
+        for key in b.arrays:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_compare_takes_a_users_cell_by_import_path(capsys, user_module):
