@@ -91,7 +91,7 @@ from gradflow.errors import user_input
 from gradflow import checks
 from gradflow import cost as _cost
 from gradflow.checks import positive_int as _positive_int
-from gradflow.stack import Stack, in_precision, where_nonfinite
+from gradflow.stack import Stack, in_precision, map_layers, where_nonfinite
 
 #: The most histogram bins :func:`saturation` takes (a million took the figure 6 minutes).
 MAX_BINS = 10_000
@@ -284,14 +284,13 @@ def preactivation(stack: Stack, params: dict, xs, out, gate: str):
     Returns:
       ``(L, B, T, H)`` (``H = stack.max_width``, zeros beyond each layer's width).
     """
-    x = stack.layer_inputs(params, xs, out)
-    prev = {k: jnp.concatenate([jnp.zeros_like(v[:, :, :1]), v[:, :, :-1]], axis=2)
-            for k, v in out.states.items()}
-    z = [stack.cells[l].preactivations(lp, {k: stack.unpad(v[l], l) for k, v in prev.items()},
-                                       x[l])[gate]
-         for l, lp in enumerate(params["layers"])]
     H = stack.max_width
-    return jnp.stack([a if a.shape[-1] == H else _pad(a, H) for a in z])
+    prev = {k: jnp.concatenate([jnp.zeros_like(v[:, :, :1]), v[:, :, :-1]], axis=2)
+            for k, v in out.states.items()}  # s^l_{t-1}, zero at t = 0
+    # one compiled body per run of like layers (a Python loop here unrolled every layer)
+    return map_layers(stack, lambda cell, p, prev_l, x_l: _pad(
+        cell.preactivations(p, prev_l, x_l)[gate], H), params, prev,
+        stack.layer_inputs(params, xs, out))
 
 
 def _slopes(stack: Stack, params: dict, xs, out) -> dict:
