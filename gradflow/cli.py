@@ -1791,7 +1791,7 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
     written = [str(out / "curve.npz"), plot.save(plot.draw_curves({args.cell: c}, title=(
         f"{args.cell}, {args.layers} layers, on {task.name} (T={task.steps})")),
         out / "curve.png")]
-    timed = hist.stack.cell.time_gate is not None and "eval_updates" in c.arrays
+    timed = "eval_updates" in c.arrays  # a time-gated cell's share of updates
     print(f"  {'step':>6}  {'eval loss':>10}  {'eval ' + task.metric:>13}"
           + ("  updates" if timed else ""))
     for i, s in enumerate(c["eval_step"]):

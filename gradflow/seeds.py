@@ -210,7 +210,7 @@ def _train_rows(stack, task, cfgs, seeds, record, progress) -> list:
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, desc=f"{stack.cell.name} on {task.name}, {n_seeds} runs")
+        bar = tqdm(total=cfg.steps, desc=f"{_train.cells_label(stack)} on {task.name}, {n_seeds} runs")
     try:
         for i, at in enumerate(bounds):
             if at in set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}:
@@ -231,7 +231,7 @@ def _train_rows(stack, task, cfgs, seeds, record, progress) -> list:
                 break
             count = bounds[i + 1] - at
             n = _train.length_at(at, cfg.curriculum, task.steps)
-            if n != length and stack.cell.rescale_time is not None:
+            if n != length and _train.rescales_time(stack):
                 theta = jnp.stack([_train.flatten(_train.rescale_time_gate(
                     stack, _train.unflatten_host(theta[j], spec), n / length), dt)
                     for j in range(n_seeds)])

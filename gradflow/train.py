@@ -180,7 +180,7 @@ class History:
         n = len(self.curve.arrays["step"])
         last = self.curve.arrays["eval_metric"]
         end = f"; eval {self.task.metric} {float(last[-1]):.4g}" if len(last) else ""
-        return (f"History({self.stack.cell.name} on {self.task.name}: {n} steps{end}; "
+        return (f"History({cells_label(self.stack)} on {self.task.name}: {n} steps{end}; "
                 f"records {', '.join(self.records) or '(none)'})")
 
 
@@ -212,10 +212,31 @@ def length_at(step: int, stages, full: int) -> int:
 def rescale_time_gate(stack: Stack, params: dict, ratio: float) -> dict:
     """The time parameters stretched by ``ratio`` in every layer, as the cell declares it
     (:attr:`gradflow.cells.Cell.rescale_time`: g-LSTM's ``mu, sigma``; other cells unchanged)."""
-    if stack.cell.rescale_time is None:
+    if not rescales_time(stack):
         return params
-    layers = [stack.cell.rescale_time(p, ratio) for p in params["stack"]["layers"]]
+    layers = [p if cell.rescale_time is None else cell.rescale_time(p, ratio)
+              for cell, p in zip(stack.cells, params["stack"]["layers"])]
     return {**params, "stack": {**params["stack"], "layers": layers}}
+
+
+def rescales_time(stack: Stack) -> bool:
+    """Whether any layer's cell declares how to stretch its time parameters."""
+    return any(c.rescale_time is not None for c in stack.cells)
+
+
+def cells_label(stack: Stack) -> str:
+    """The stack's cell names, ``"lstm"`` or ``"lstm+gru"`` (each once, bottom first)."""
+    return "+".join(dict.fromkeys(c.name for c in stack.cells))
+
+
+def time_gate(stack: Stack):
+    """The time gate every layer's cell declares (g-LSTM's ``k``), None where none does; a
+    ValueError for layers that disagree (training reads one time gate for the whole stack)."""
+    named = dict.fromkeys(c.time_gate for c in stack.cells)
+    if len(named) > 1:
+        raise ValueError(f"training needs one time gate in every layer or none: this stack's "
+                         f"layers have {', '.join(map(repr, named))} ({cells_label(stack)})")
+    return next(iter(named))
 
 
 def _check_params(params, template):
@@ -278,13 +299,13 @@ def _optimizer(clip):
 def _timed(stack: Stack) -> bool:
     """Whether the stack's cell declares a time gate (STAR's gate is also named ``k``: it is
     an ordinary input-dependent gate, not a time gate)."""
-    return stack.cell.time_gate is not None
+    return time_gate(stack) is not None
 
 
 def _forward(params, xs, stack: Stack, gates: bool):
     """``(out (B, T, K), k (L, B, T, H) or None)``."""
     o = stack.apply(params["stack"], xs, gates=gates)
-    return readout(params["head"], o.top), o.gates.get(stack.cell.time_gate)
+    return readout(params["head"], o.top), o.gates.get(time_gate(stack))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
@@ -413,9 +434,10 @@ def check_run(stack, task, eval_task, cfg: TrainConfig, record_fns) -> dict:
             task.input_size, task.output_size, task.kind):
         raise ValueError("eval_task must have the training task's input size, output size and "
                          "kind")
+    time_gate(stack)  # layers that disagree on it: refused before anything runs
     if cfg.budget and not _timed(stack):
         raise ValueError(f"budget needs a cell with a time gate (e.g. g_lstm, phased_lstm); "
-                         f"{stack.cell.name!r} has none")
+                         f"{cells_label(stack)!r} has none")
     for _, n in cfg.curriculum or ():
         _tasks.resize(task, n)  # raises for fixed-length tasks and impossible lengths
     record_fns = dict(record_fns or {})
@@ -439,7 +461,7 @@ def check_memory(stack, task, eval_task, cfg: TrainConfig) -> None:
     evaluation = cost.estimate(stack, cfg.eval_batch, eval_task.steps, cfg.dtype,
                                method="gates", calibrate=False)
     need = 2 * step.params + max(step.total, evaluation.total)
-    cost.check_need(need, f"training ({stack.cell.name}, {stack.layers} layers, "
+    cost.check_need(need, f"training ({cells_label(stack)}, {stack.layers} layers, "
                           f"H={stack.hidden_size}, batch {cfg.batch}, eval batch "
                           f"{cfg.eval_batch}, {task.steps} steps)",
                     "use a smaller hidden size, fewer layers, or a smaller batch or eval batch")
@@ -577,7 +599,7 @@ class _Run:
         rescaled where the length changes); returns ``(state, length)``."""
         s = state.step
         n = length_at(s, self.cfg.curriculum, self.task.steps)
-        if n != length and self.stack.cell.rescale_time is not None:
+        if n != length and rescales_time(self.stack):
             params = rescale_time_gate(self.stack, params_of(state, self.spec), n / length)
             state = state._replace(theta=flatten(params, self.dt))
         if n not in self.stage_tasks:
@@ -606,7 +628,7 @@ class _Run:
         if progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=steps, initial=start,
-                            desc=f"{self.stack.cell.name} on {self.task.name}")
+                            desc=f"{cells_label(self.stack)} on {self.task.name}")
         length = length_at(max(start - 1, 0), self.cfg.curriculum, self.task.steps)
         try:
             while True:

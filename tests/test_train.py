@@ -154,6 +154,21 @@ def test_budget_needs_a_time_gate():
     assert "eval_updates" not in curve.arrays and "eval_mean_k" not in curve.arrays
 
 
+def test_a_stack_of_different_cells_trains_and_one_of_different_time_gates_is_refused():
+    """Measurements take stacks of different cells per layer; training does too (it read
+    ``stack.cell``, which refuses them, with advice for developers)."""
+    mixed = gradflow.Stack(["lstm", "ur_lstm"], layers=2, input_size=2, hidden_size=16)
+    h = train(mixed, ADDING, steps=60, lr=1e-2, eval_every=30, **COMMON)
+    ys = np.asarray(eval_batch_of(ADDING, keys(0)[2], 64, 32, F32)[1])
+    assert h.curve.eval_loss[0] == pytest.approx(np.mean(ys[:, -1, 0] ** 2), rel=1e-6)
+    assert h.curve.eval_loss[-1] < 0.3 * h.curve.eval_loss[0]  # toward the best constant, 1/6
+    assert repr(h).startswith("History(lstm+ur_lstm on adding")
+    timed = gradflow.Stack(["g_lstm", "lstm"], layers=2, input_size=2, hidden_size=4)
+    with pytest.raises(ValueError, match="one time gate in every layer or none: this stack's "
+                                         "layers have 'k', None \\(g_lstm\\+lstm\\)"):
+        train(timed, ADDING, steps=1, **COMMON)
+
+
 def test_curriculum_switches_length_and_scales_mu_sigma():
     """With lr = 0 the parameters only change by the g-LSTM rescaling at the switch, and each
     step's loss can be recomputed from the documented batch keys at the expected length."""
