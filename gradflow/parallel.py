@@ -77,11 +77,6 @@ _SETTING = {"devices": "auto"}
 MIN_ROWS_X_WIDTH = 1024
 
 
-def _started() -> bool:
-    from jax._src import xla_bridge
-    return xla_bridge.backends_are_initialized()
-
-
 def use_cpu_devices(n: int) -> None:
     """Make XLA's CPU platform expose ``n`` devices (to split batches over the CPU's cores).
 
@@ -103,15 +98,17 @@ def use_cpu_devices(n: int) -> None:
                      os.environ.get("XLA_FLAGS", ""))
     if flag and int(flag.group(1)) != n:
         raise RuntimeError(f"XLA_FLAGS sets {flag.group(1)} CPU device(s); unset it to use {n}")
-    if _started():
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # JAX refuses once its backends have started (public API, no probe)
         have = len(jax.devices("cpu"))
         if have == n:
             return
         raise RuntimeError(
             f"JAX has already started with {have} CPU device(s); call "
             f"gradflow.parallel.use_cpu_devices({n}) before any JAX computation, or set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python")
-    jax.config.update("jax_num_cpu_devices", n)
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python"
+        ) from None
 
 
 # glibc's mallopt parameters (malloc.h) and the values the gradflow launcher sets.
