@@ -259,3 +259,19 @@ def test_gate_statistics_refuse_before_compiling(monkeypatch):
         gates.saturation(stack, params, jnp.ones((2, 5, 3)))
     assert "checkpoint" not in str(info.value)  # nothing to rematerialise in a forward pass
     assert not calls
+
+
+def test_local_gains_refuse_before_compiling(monkeypatch):
+    """local_gains had no memory check: a batch whose one-step Jacobians (LSTM: H x H twice and
+    the (c, h) state's 2H x 2H) cannot fit is refused up front, naming the batch that would."""
+    stack = gradflow.Stack("lstm", 2, 4, 64)
+    params = stack.init(jax.random.key(0))
+    xs = jnp.ones((32, 3, 4))
+    per_example = (2 + 4) * 64 * 64 * 4 * 4  # one step (chunk 1) of each example's Jacobians
+    forward = cost.estimate(stack, 32, 3, "float32", method="gates", calibrate=False).total
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: forward + 10 * per_example)
+    with pytest.raises(ValueError, match=r"local_gains \(32 examples, H = 64, 1 step\(s\) per "
+                                         r"batch\) needs about .* use at most 10 examples"):
+        jacobian.local_gains(stack, params, xs, chunk=1)
+    fits = jacobian.local_gains(stack, params, xs[:10], chunk=1)
+    assert fits.vertical_rms.shape == (2, 3)
