@@ -434,6 +434,8 @@ def _gain_arrays(stack, variant, **_):
     return lambda params, xs, seed: _jac.gain_arrays(stack, params, xs)
 
 
+#: :data:`gradflow.gates.EPS` and ``BINS`` (written again: this module loads without JAX; a
+#: test keeps them equal, and the CLI's ``--eps``/``--bins`` defaults).
 GATE_EPS, GATE_BINS = 0.05, 20
 
 

@@ -344,7 +344,7 @@ def gain_panel(data: Result, cell: str) -> Result:
 
 def gate_saturation(entries, *, layers: int = 2, steps: int = 32, hidden: int = 64,
                     batch: int = 16, seed: int = 0, dtype: str = "float32",
-                    input_scale: float = 1.0, eps: float = 0.05, bins: int = 20,
+                    input_scale: float = 1.0, eps: float = _gates.EPS, bins: int = _gates.BINS,
                     meta: dict | None = None) -> Result:
     """:func:`gradflow.gates.compare` of several cells at initialisation, as one Result: every
     array of entry ``label``'s ``gate_stats`` under ``"{label}/..."``; ``config["stats"][label]``
@@ -439,8 +439,8 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
                   layers: int = 2, hidden: int = 32, steps: int = 500, batch: int = 64,
                   lr: float = 3e-3, clip: float = 1.0, seed: int = 0, seeds=None,
                   dtype: str = "float32", eval_every: int | None = None,
-                  eval_batch: int = 256, record=(), record_batch: int = 64, eps: float = 0.05,
-                  bins: int = 20, meta: dict | None = None) -> Result:
+                  eval_batch: int = 256, record=(), record_batch: int = 64, eps: float = _gates.EPS,
+                  bins: int = _gates.BINS, meta: dict | None = None) -> Result:
     r"""Train several stacks on one task with one seed, or several (``seeds=``)
     (:func:`gradflow.train.train`: Adam, gradient clip, fresh batches, a fixed evaluation
     batch) and record measurements at the first and the last step.

@@ -99,6 +99,9 @@ STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_frac
          "nonfinite")
 KINDS = _KINDS
 UPDATE_THRESHOLD = 1e-3
+#: The default saturation margin (a gate is saturated below ``EPS`` or above ``1 - EPS``) and
+#: histogram bins of every gate statistic (API, CLI, atlas and figures).
+EPS, BINS = 0.05, 20
 
 GU_GRID = (
     ("LSTM", "lstm", {}),
@@ -440,8 +443,8 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
     return red, {g: hists[g] for g in out.gates}
 
 
-def reductions(stack: Stack, params: dict, xs, eps: float = 0.05,
-               threshold: float = UPDATE_THRESHOLD, bins: int = 20):
+def reductions(stack: Stack, params: dict, xs, eps: float = EPS,
+               threshold: float = UPDATE_THRESHOLD, bins: int = BINS):
     """The device part of :func:`saturation`, unchecked and traceable (``vmap``/``shard_map``
     over problems, as :mod:`gradflow.atlas` does; ``jax.grad`` of its means, e.g. a saturation
     penalty): ``(red, hist)`` with ``red[(stat, gate)] =
@@ -522,7 +525,7 @@ def _check_fraction(name: str, value, hi: float) -> float:
     return v
 
 
-def saturation(stack: Stack, params: dict, xs, eps: float = 0.05, *, bins: int = 20,
+def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = BINS,
                update_threshold: float = UPDATE_THRESHOLD, meta: dict | None = None) -> Result:
     r"""Gate statistics of every reported gate of ``stack`` on ``xs`` (see the module docstring
     for the definitions and the array names).
@@ -654,7 +657,7 @@ def parse_entries(entries) -> list[tuple]:
 
 def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 32,
             batch: int = 16, seed: int = 0, dtype: str = "float32", input_scale: float = 1.0,
-            eps: float = 0.05, bins: int = 20,
+            eps: float = EPS, bins: int = BINS,
             update_threshold: float = UPDATE_THRESHOLD) -> dict:
     """:func:`saturation` for several cells on the same problem: one seed, one size, the same
     inputs ``xs: (batch, steps, hidden)`` (each cell's params from the same key).

@@ -229,7 +229,9 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
     Args:
       stack, params: a :class:`gradflow.Stack` and its parameters.
       xs: ``(B, T, D)`` inputs.
-      loss: ``"last"``, ``"all"`` (see :func:`readout_loss`) or ``fn(outputs: (B, T, H)) -> scalar``.
+      loss: ``"last"``, ``"all"`` (see :func:`readout_loss`) or ``fn(outputs: (B, T, H)) -> scalar``
+        (compiled with the map: pass one function object, not a fresh ``lambda`` per call,
+        or every call compiles again).
       wrt: ``"hidden"``, ``"cell"`` or ``"params"``.
       readout_seed: seed of the default readout and labels.
       meta: extra config recorded in the result (e.g. ``problem(...).config``).
@@ -666,8 +668,9 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
     Returns:
       Result ``kind="local_gains"`` with ``vertical_rms, vertical_spectral, temporal_rms,
       temporal_spectral, state_rms, state_spectral``, each ``(L, T)``; NaN where a step's
-      states, its previous states or its input are not finite (a :class:`~gradflow.results.NonFiniteForwardWarning` says
-      where the states are not finite).
+      states, its previous states or its input are not finite (a
+      :class:`~gradflow.results.NonFiniteForwardWarning` says where the states are not
+      finite).
     """
     xs = _prepare(stack, params, xs)
     _per_example(stack, "local_gains")
@@ -713,9 +716,9 @@ def _gains_chunk(stack: Stack, xs) -> int:
 def gain_arrays(stack: Stack, params, xs, chunk: int | None = None) -> dict:
     """The arrays of :func:`local_gains` (``vertical_rms, vertical_spectral, temporal_rms,
     temporal_spectral, state_rms, state_spectral``, each ``(L, T)``) without its checks:
-    traceable, so a caller can ``vmap``/``shard_map`` it over problems (:mod:`gradflow.atlas` does). ``xs: (B, T, D)``
-    in the params' dtype; ``chunk`` steps per ``lax.map`` batch (default: about 64 MiB of
-    Jacobians)."""
+    traceable, so a caller can ``vmap``/``shard_map`` it over problems (:mod:`gradflow.atlas`
+    does). ``xs: (B, T, D)`` in the params' dtype; ``chunk`` steps per ``lax.map`` batch
+    (default: about 64 MiB of Jacobians)."""
     return _gains(stack, params, xs, int(chunk or _gains_chunk(stack, xs)))
 
 

@@ -411,7 +411,8 @@ class Stack:
         """``{"layers": [per-layer cell params, bottom first], "input": {"W", "b"}?,
         "norm": [per-layer {"scale", "bias"?}]?}``. ``key``: a JAX PRNG key
         (``jax.random.key(0)``, or a legacy ``jax.random.PRNGKey(0)``); ``dtype`` float32 or
-        float64 (which needs 64-bit JAX)."""
+        float64 (which needs 64-bit JAX). Call it as it is: under ``jax.jit`` every layer's
+        initialisation (a QR per orthogonal matrix) is compiled apart: 85 s for 64 LSTM layers."""
         if not _looks_like_key(key):
             raise TypeError(f"Stack.init takes a PRNG key such as jax.random.key(0), got "
                             f"{type(key).__name__} {str(key)[:40]}")

@@ -591,3 +591,20 @@ def test_the_traceable_reductions_differentiate(x64):
         return red[("mean", "f")][0], red[("slope", "i")][0], red[("timescale", "f")][1]
 
     check_grads(f, (pr.params, pr.xs), order=1, modes=["rev", "fwd"])
+
+
+def test_one_saturation_margin_and_bin_count_by_default():
+    """gates.EPS and BINS are every default: the API's, the atlas's (written again there, a
+    module that loads without JAX) and the CLI's (its parser too)."""
+    import inspect
+
+    from gradflow import atlas, experiments
+    from gradflow.cli import build_parser
+
+    assert (atlas.GATE_EPS, atlas.GATE_BINS) == (gates.EPS, gates.BINS)
+    for fn in (gates.saturation, gates.reductions, gates.compare,
+               experiments.gate_saturation, experiments.training_runs):
+        params = inspect.signature(fn).parameters
+        assert (params["eps"].default, params["bins"].default) == (gates.EPS, gates.BINS), fn
+    args = build_parser().parse_args(["gates"])
+    assert (args.eps, args.bins) == (gates.EPS, gates.BINS)
