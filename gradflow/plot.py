@@ -30,7 +30,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from gradflow import gates as _gates
@@ -1002,12 +1003,12 @@ def _seed_band(ax, x, v: np.ndarray, color: str, style: str, label: str, **kw):
     v = np.asarray(v, float)
     if v.ndim == 1:
         return ax.plot(x, v, style, color=color, label=label, **kw)
+    label = None if label is None else f"{label} (median of {len(v)} seeds)"
     x = np.asarray(x)[0] if np.ndim(x) == 2 else x
     lo, q1, med, q3, hi = np.nanpercentile(v, [0, 25, 50, 75, 100], axis=0)
     ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0)
     ax.fill_between(x, q1, q3, color=color, alpha=0.25, linewidth=0)
-    return ax.plot(x, med, style, color=color, label=f"{label} (median of {len(v)} seeds)",
-                   **kw)
+    return ax.plot(x, med, style, color=color, label=label, **kw)
 
 
 def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig=None):
@@ -1016,38 +1017,46 @@ def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig
     log scale; right, the evaluation metric (accuracy or MSE) against the step. Drawn into
     ``fig`` (a Figure or SubFigure) if given. Multi-seed curves (arrays ``(S, n)``, from
     ``training_runs(seeds=...)``) are drawn as the median over seeds with the min-max band
-    (light) and the interquartile band (darker)."""
+    (light) and the interquartile band (darker). One legend, beside the panels (it covered
+    the curves inside them): a colour per run, then what the line styles and bands mean."""
     fig = fig if fig is not None else figure((11, 3.6))
     ax_loss, ax_metric = fig.subplots(1, 2)
-    metric = "metric"
+    metric, seeds = "metric", 0
     for i, (label, c) in enumerate(curves.items()):
         color = f"C{i}"
         metric = c.config.get("metric", metric)
         if np.ndim(c["loss"]) == 2:
+            seeds = max(seeds, len(c["loss"]))
             sm = np.stack([_smooth(v, smooth) for v in c["loss"]])
-            _seed_band(ax_loss, c["step"], sm, color, "-", f"{label} (train, mean of {smooth})",
-                       linewidth=1.2)
-            _seed_band(ax_loss, c["eval_step"], c["eval_loss"], color, "o--",
-                       f"{label} (eval)", markersize=3, linewidth=0.8)
-            _seed_band(ax_metric, c["eval_step"], c["eval_metric"], color, "o-", label,
+            _seed_band(ax_loss, c["step"], sm, color, "-", None, linewidth=1.2)
+            _seed_band(ax_loss, c["eval_step"], c["eval_loss"], color, "o--", None,
+                       markersize=3, linewidth=0.8)
+            _seed_band(ax_metric, c["eval_step"], c["eval_metric"], color, "o-", None,
                        markersize=3)
             continue
         ax_loss.plot(c["step"], c["loss"], color=color, alpha=0.15, linewidth=0.8)
-        ax_loss.plot(c["step"], _smooth(c["loss"], smooth), color=color, linewidth=1.2,
-                     label=f"{label} (train, mean of {smooth})")
+        ax_loss.plot(c["step"], _smooth(c["loss"], smooth), color=color, linewidth=1.2)
         ax_loss.plot(c["eval_step"], c["eval_loss"], "o--", color=color, markersize=3,
-                     linewidth=0.8, label=f"{label} (eval)")
-        ax_metric.plot(c["eval_step"], c["eval_metric"], "o-", color=color, markersize=3,
-                       label=label)
+                     linewidth=0.8)
+        ax_metric.plot(c["eval_step"], c["eval_metric"], "o-", color=color, markersize=3)
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("training step")
     ax_loss.set_ylabel("loss")
-    ax_loss.legend(fontsize="x-small")
     ax_metric.set_xlabel("training step")
     ax_metric.set_ylabel(f"eval {metric}")
     if metric == "mse":
         ax_metric.set_yscale("log")
-    ax_metric.legend(fontsize="small")
+    handles = [Line2D([], [], color=f"C{i}", linewidth=2, label=label)
+               for i, label in enumerate(curves)]
+    handles += [Line2D([], [], color="0.35", linewidth=1.2,
+                       label=f"train loss (mean of {smooth} steps)"),
+                Line2D([], [], color="0.35", linestyle="none", marker="o", markersize=3,
+                       label="evaluations (eval loss dashed)")]
+    if seeds:
+        handles.append(Patch(color="0.35", alpha=0.3, label=f"median of {seeds} seeds; bands: "
+                                                            "quartiles, min-max"))
+    ax_metric.legend(handles=handles, fontsize="small", loc="upper left",
+                     bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title)
     return fig
