@@ -1217,16 +1217,27 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
                 (_factor_value(c, rows), _factor_value(c, cols))] = (
                     float(frac), int(np.count_nonzero(~np.isfinite(st))), st.size)
     ncol = max(len(p) for p in bands.values())
-    fig = figure((1.55 * ncol + 1.0, 1.45 * len(bands) + 0.6))
-    axes = fig.subplots(len(bands), ncol, squeeze=False)
+    # Bands fill rows of ncol panels in order; a band of fewer panels shares its row with the
+    # next ones (a claim read in one condition group was a row of its own: a tall strip).
+    rows_, row = [], []
+    for b, panels in enumerate(bands.values()):
+        if row and len(row) + len(panels) > ncol:
+            rows_.append(row)
+            row = []
+        row += [(b, j) for j in range(len(panels))]
+    rows_.append(row)
+    fig = figure((1.9 * ncol + 1.0, 1.45 * len(rows_) + 0.6))
+    axes = fig.subplots(len(rows_), ncol, squeeze=False)
+    for i, row in enumerate(rows_):
+        for ax in axes[i, len(row):]:
+            ax.set_axis_off()
     cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="0.8")
     image = None
-    for i, ((name, cell), panels) in enumerate(bands.items()):
-        for j in range(ncol):
-            ax = axes[i, j]
-            if j >= len(panels):
-                ax.set_axis_off()
-                continue
+    items = list(bands.items())
+    for i, row in enumerate(rows_):
+        for slot, (b, j) in enumerate(row):
+            (name, cell), panels = items[b]
+            ax = axes[i, slot]
             key, cells = list(panels.items())[j]
             rv = list(dict.fromkeys(r for r, _ in cells))
             cv = list(dict.fromkeys(c for _, c in cells))
@@ -1250,7 +1261,7 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
                          ", ".join(parts[:half]) + "\n" + ", ".join(parts[half:]), fontsize=6)
             if j == 0:
                 ax.set_ylabel(f"{name}\n{cell}\n{rows}", fontsize=6)
-            if i == len(bands) - 1:
+            if i == len(rows_) - 1 or slot >= len(rows_[i + 1]):  # nothing drawn below
                 ax.set_xlabel(cols, fontsize=6)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.5, label="fraction of seeds where the claim holds")

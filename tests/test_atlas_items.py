@@ -375,6 +375,22 @@ def test_nonfinite_conditions_are_marked_in_the_figure(cheng):
     assert all("H=32" in ax.get_title() for ax in fig.axes if ax.images)
 
 
+def test_bands_of_few_panels_share_rows(cheng):
+    """The Cheng atlas has 9 bands of 4 map panels and 18 gate bands of one: drawn one band per
+    row it was a strip 27 rows tall; bands now fill rows of 4 in order (9 + ceil(18 / 4) = 14
+    rows), every panel drawn once, each band's panels side by side in one row."""
+    from gradflow import plot
+
+    fig = plot.draw_atlas(cheng, rows="input_scale", cols="size")
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 9 * 4 + 18
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in panels} == {(14, 4)}
+    labelled = [ax for ax in panels if ax.get_ylabel()]  # the first panel of each band
+    assert len(labelled) == 27
+    rows = [ax.get_subplotspec().rowspan.start for ax in labelled]
+    assert rows == sorted(rows) and rows[:9] == list(range(9)) and rows[-1] == 13
+
+
 def test_cheng_gate_ranges(cheng):
     for fam, gates_ in (("lstm", "io"), ("gru", "rz"), ("mgu", "f")):
         out, sat = cheng[f"{fam}_gates_outside_unit"], cheng[f"{fam}_gates_saturated"]
