@@ -626,12 +626,13 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
     return lines
 
 
-def result_summary(res, max_rows: int = 16) -> list[str]:
+def result_summary(res, max_rows: int = 16, reads: str | None = None) -> list[str]:
     """:func:`map_summary` of a gradient-map :class:`~gradflow.results.Result`: its own
     underflow count (which leaves out the entries 0 by construction: a memory ``c`` at the
-    last step), its loss and the step where the loss enters (:func:`entry_step`)."""
+    last step), its loss and the step where the loss enters (:func:`entry_step`); ``reads``:
+    where a callable loss reads the top layer, as the default losses do (``"last"``/``"all"``)."""
     values = np.asarray(res.values)
-    loss = res.config.get("loss")
+    loss = reads or res.config.get("loss")
     return map_summary(values, max_rows, res.underflow.get("values"),
                        entry_step(values, res.config.get("wrt")),
                        loss if isinstance(loss, str) else None)
@@ -836,9 +837,17 @@ _STACK_OPTIONS = ("cell", "layers", "hidden", "input_size", "init", "option",
 
 
 def _given(args, dests) -> list[str]:
-    """The options among ``dests`` set to something other than their default."""
-    return ["--" + d.replace("_", "-") for d in dests
-            if d in args.defaults and getattr(args, d) != args.defaults[d]]
+    """The options among ``dests`` typed on the command line (also at their default value,
+    e.g. ``--batch 16`` where 16 is the default; argparse's abbreviations included) or set to
+    something other than their default."""
+    flags = {"--" + d.replace("_", "-") for d in args.defaults}
+    typed = [a.split("=", 1)[0] for a in getattr(args, "argv", ()) if a.startswith("--")]
+
+    def given(flag):
+        return any(t == flag or (flag.startswith(t) and t not in flags) for t in typed)
+
+    return ["--" + d.replace("_", "-") for d in dests if d in args.defaults and (
+        given("--" + d.replace("_", "-")) or getattr(args, d) != args.defaults[d])]
 
 
 def _read_params(args, path):
@@ -849,15 +858,14 @@ def _read_params(args, path):
     user = _user_cell(getattr(args, "cell", ""))  # a user's cell is not rebuilt from its name
     conflicts = _given(args, [d for d in _STACK_OPTIONS
                               if not (user and d in ("cell", "init", "option"))])
-    if conflicts:
+    if conflicts and conflicts != ["--cell"]:  # --cell alone: named with the run's cell below
         raise _usage(args, f"{', '.join(conflicts)} cannot be used with --params: the saved "
                            "run fixes the stack")
     cell = _cell(args, args.steps) if user else None
     with user_input():
         meta = runs.read_run(path)
         stack, params = runs.load_params(path, cell=cell)
-    named = any(a == "--cell" or a.startswith("--cell=") for a in getattr(args, "argv", ()))
-    if named and not user:  # also --cell lstm, the default, which _given cannot tell
+    if conflicts and not user:  # --cell alone (also --cell lstm, the default's name)
         raise _usage(args, f"--cell cannot be used with --params: the saved run fixes the "
                            f"stack (of {stack.cells[0].name!r})")
     # how to compute is this command's choice, not the saved run's
@@ -890,15 +898,16 @@ def _trained_problem(args, path):
     if given:
         raise _usage(args, f"{', '.join(given)} cannot be used with a training run's --params: "
                            "the inputs are the run's evaluation sequences")
-    xs = _run_inputs(args, meta["config"], dt)
+    xs = _run_batch(args, meta["config"], dt)[0]
     config.update({**stack.config, "steps": int(xs.shape[1]), "batch": int(xs.shape[0]),
                    "seed": meta["config"]["seed"], "dtype": str(dt), "train_step": meta["step"],
                    "inputs": "evaluation batch of the run's task"})
     return Problem(stack, params, xs, config)
 
 
-def _run_inputs(args, config: dict, dt):
-    """The first ``--batch`` sequences of a run's fixed evaluation batch (``(B, T, D)``)."""
+def _run_batch(args, config: dict, dt):
+    """The first ``--batch`` sequences of a run's fixed evaluation batch: ``(xs: (B, T, D),
+    ys, mask)`` (and the evaluation task)."""
     from gradflow import tasks as _tasks
     from gradflow.train import eval_batch_of, keys
 
@@ -911,9 +920,9 @@ def _run_inputs(args, config: dict, dt):
     with user_input():
         options = dict(config["eval_task"])
         eval_task = _tasks.make(options.pop("task"), **options)
-    xs = eval_batch_of(eval_task, keys(config["seed"])[2], config["eval_batch"],
-                       config["batch"], dt)[0]
-    return xs[:batch]
+    xs, ys, mask = eval_batch_of(eval_task, keys(config["seed"])[2], config["eval_batch"],
+                                 config["batch"], dt)
+    return xs[:batch], ys[:batch], mask[:batch], eval_task
 
 
 # ---------------------------------------------------------------------------------------------
@@ -982,13 +991,16 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                             "every mode) (default: highest)")
 
 
-def add_measurement_options(p, wrt: str, loss: bool = True):
-    """The measurement group: what the gradient is taken of and with respect to."""
+def add_measurement_options(p, wrt: str, loss: bool = True, task: bool = False):
+    """The measurement group: what the gradient is taken of and with respect to (``task``:
+    ``--loss task`` too, a training run's own loss)."""
     g = p.add_argument_group("measurement")
     if loss:
-        g.add_argument("--loss", choices=LOSSES, default="last",
-                       help="last: readout of the top layer's last output; all: mean over steps "
-                            "(default: last)")
+        g.add_argument("--loss", choices=LOSSES + (("task",) if task else ()), default="last",
+                       help="last: a random readout of the top layer's last output; all: mean "
+                            "over steps" + ("; task: a training run's own loss through its "
+                                            "trained readout (with --params RUN)" if task
+                                            else "") + " (default: last)")
     g.add_argument("--wrt", choices=WRTS, default=wrt,
                    help=f"hidden states h, memory c, or per-step parameters (default: {wrt})")
     g.add_argument("--readout-seed", type=seed_int, default=0, metavar="SEED",
@@ -1119,7 +1131,7 @@ def add_heatmap(sub):
                         "gradflow Cell (or a Cell) (default: lstm)")
     add_params_option(p)
     add_problem_options(p, layers=16, steps=32, hidden=64, batch=16)
-    g = add_measurement_options(p, wrt="hidden")
+    g = add_measurement_options(p, wrt="hidden", task=True)
     g.add_argument("--normalize", action="store_true",
                    help="draw each entry relative to the top layer's last step")
     add_cost_options(p)
@@ -1171,19 +1183,63 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
     return say, paths, _problem(args, cell)
 
 
+def _check_task_loss(args) -> None:
+    """``--loss task`` needs a training run's ``--params`` (its readout and targets): refused
+    before anything is built, so that a dry run refuses it too."""
+    from gradflow import runs
+
+    if args.params is None:
+        raise _usage(args, "--loss task is a training run's own loss: give the run with "
+                           "--params RUN (--loss last or all probe any stack with a random "
+                           "readout)")
+    with user_input():
+        if "config" not in runs.read_run(args.params):
+            raise InputError(f"--loss task: {args.params} is a params file, with no readout "
+                             "or task; a run folder of gradflow train has both")
+
+
+def _task_loss(args, prob):
+    """``(loss, eval task)``: the run's own loss (:func:`gradflow.train.task_loss`) through its
+    trained readout on the targets of the sequences ``prob.xs`` are (the first ``--batch`` of
+    its evaluation batch)."""
+    import jax
+
+    from gradflow import runs
+    from gradflow.problem import dtype_of
+    from gradflow.train import task_loss
+
+    dt = dtype_of(args.dtype)
+    with user_input():
+        config = runs.read_run(args.params)["config"]
+        head = {k: jax.numpy.asarray(v, dt) for k, v in runs.load_head(args.params).items()}
+    xs, ys, mask, task = _run_batch(args, config, dt)
+    if not np.array_equal(np.asarray(xs), np.asarray(prob.xs)):  # one batch, read twice
+        raise AssertionError("the task loss's targets are not those of the map's inputs")
+    return task_loss(head, task, ys, mask), task
+
+
 def run_heatmap(args) -> int:
     from gradflow import plot
     from gradflow.jacobian import gradient_map
     from gradflow.problem import precision
 
+    if args.loss == "task":
+        _check_task_loss(args)
     with precision(args.dtype):
         measured = _measured_problem(args, args.wrt)
         if measured is None:
             return 0
         say, (fig_path, data_path), prob = measured
+        loss, meta, reads = args.loss, prob.config, args.loss
+        if args.loss == "task":
+            loss, task = _task_loss(args, prob)
+            reads = "last" if task.loss_on == "last" else "all"  # where the summary enters
+            meta = {**meta, "task_loss": f"{task.name}: {task.kind} ({task.metric}) on "
+                                         + ("the last step" if reads == "last" else
+                                            "the scored steps") + ", trained readout"}
         say("compiling and running the gradient map...")
-        res = gradient_map(prob.stack, prob.params, prob.xs, loss=args.loss, wrt=args.wrt,
-                           readout_seed=args.readout_seed, meta=prob.config)
+        res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=args.wrt,
+                           readout_seed=args.readout_seed, meta=meta)
         say("done")
     notes, normalize = [], args.normalize
     ref = res.values[-1, -1]
@@ -1198,8 +1254,10 @@ def run_heatmap(args) -> int:
     if args.params is not None:
         print(f"trained parameters from {args.params}"
               + (f" (step {res.config['train_step']})" if "train_step" in res.config else ""))
-    print(f"gradient map wrt {args.wrt}, loss {args.loss} (value {_g(float(res.loss_value))})")
-    for line in result_summary(res) + notes + _write(fig, res, fig_path, data_path):
+    print(f"gradient map wrt {args.wrt}, loss {args.loss} (value {_g(float(res.loss_value))})"
+          + (f": {res.config['task_loss']}" if args.loss == "task" else ""))
+    for line in result_summary(res, reads=reads) + notes + _write(fig, res, fig_path,
+                                                                  data_path):
         print(line)
     return 0
 

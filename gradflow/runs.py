@@ -261,6 +261,24 @@ def load_params(path, cell=None) -> tuple[Stack, dict]:
     return stack, unflatten_named(template, arrays, os.fspath(p))
 
 
+def load_head(path) -> dict:
+    """The trained readout ``{"W": (H, K), "b": (K,)}`` of a training run (its folder or
+    ``state.npz``), in the saved dtype: with :func:`gradflow.train.task_loss`, the run's own
+    loss for :func:`gradflow.gradient_map`.
+
+    Raises:
+      InputError: no such run, or a :func:`save_params` file (parameters only, no readout).
+    """
+    p = _state_path(path)
+    meta, arrays = _read_npz(p)
+    prefix = "['params']['head']"
+    head = {k[len(prefix):].strip("[]'"): v for k, v in arrays.items() if k.startswith(prefix)}
+    if "config" not in meta or set(head) != {"W", "b"}:
+        raise InputError(f"{os.fspath(p)!r} holds no trained readout: a training run's "
+                         "folder (gradflow train --out DIR) has one, a params file does not")
+    return head
+
+
 __all__ = ["STATE", "CURVE", "named_leaves", "unflatten_named", "save_state", "read_state",
            "restore_state", "clear", "record_file", "stack_from_config", "save_params",
-           "read_run", "load_params"]
+           "read_run", "load_params", "load_head"]

@@ -189,6 +189,28 @@ def readout(head: dict, h):
     return h @ head["W"] + head["b"]
 
 
+def task_loss(head: dict, task, ys, mask) -> Callable:
+    """``task(top: (B, T, H)) -> scalar``: a task's own loss of a stack's top layer through
+    the readout ``head`` (``{"W", "b"}``, e.g. a run's, :func:`gradflow.runs.load_head`) on
+    targets ``ys`` where ``mask`` scores them, as training computes it (:func:`update_theta`).
+    As ``gradflow.gradient_map(..., loss=task_loss(...))`` it maps the gradient training
+    followed, where the default losses probe the stack with a random readout and labels.
+
+    Args:
+      head: the readout's parameters.
+      task: the :class:`gradflow.tasks.Task` (or its kind, ``"regression"``/
+        ``"classification"``): which loss.
+      ys, mask: the targets and the mask of the batch the map's inputs come from
+        (``tasks.sample`` or :func:`eval_batch_of`).
+    """
+    loss_f = _tasks.loss_fn(task)
+
+    def task(top):
+        return loss_f(readout(head, top), ys, mask)
+
+    return task
+
+
 def init_head(hidden_size: int, output_size: int, dtype) -> dict:
     """``{"W": zeros (H, K), "b": zeros (K,)}``.
 
@@ -718,4 +740,5 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
 __all__ = ["History", "TrainConfig", "TrainState", "train", "init_state", "step", "evaluate",
            "record", "params_of", "keys", "readout", "init_head", "eval_batch_of", "as_task",
            "check_run", "update_theta", "evaluate_theta", "flatten", "unflatten_host",
-           "length_at", "rescale_time_gate"]
+           "length_at", "rescale_time_gate", "task_loss", "time_gate", "cells_label",
+           "rescales_time"]

@@ -314,3 +314,53 @@ def test_compare_params_conflicts_exit_2(run, capsys, extra, message):
     code = main(["compare", "--params", str(out), "--dry-run"] + extra)
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_the_task_loss_map_of_a_trained_run(run, tmp_path, capsys):
+    """`heatmap --params RUN --loss task`: the gradient of the run's own loss (MSE of its
+    trained readout on the evaluation targets). Independent checks: over the whole evaluation
+    batch its value is the curve's last evaluation loss (computed by training), and its
+    top-last entry is the closed form mean_b 2 |o_b - y_b| ||W|| / B of the MSE on the last
+    step."""
+    from gradflow.train import eval_batch_of, keys
+
+    _, out = run
+    curve = gradflow.load(out / "curve.npz")
+    fig = tmp_path / "task.png"
+    capsys.readouterr()
+    assert main(["heatmap", "--params", str(out), "--loss", "task", "--batch", "16", "--out",
+                 str(fig)]) == 0
+    printed = capsys.readouterr().out
+    assert "loss task (value " in printed and "adding: regression (mse) on the last step" \
+        in printed
+    res = gradflow.load(fig.with_suffix(".npz"))
+    assert res.config["loss"] == "task" and res.config["train_step"] == 12
+    assert float(res.loss_value) == pytest.approx(float(curve["eval_loss"][-1]), rel=1e-5)
+    stack, params = runs.load_params(out)
+    head = runs.load_head(out)
+    with precision("float32"):
+        xs, ys, _ = eval_batch_of(tasks.make("adding", steps=6), keys(3)[2], 16, 8, jnp.float32)
+        top = np.asarray(stack.apply(params, xs).states["h"][-1, :, -1])
+    o = top @ head["W"][:, 0] + head["b"][0]
+    closed = np.mean(2 * np.abs(o - np.asarray(ys)[:, -1, 0]) * np.linalg.norm(head["W"]) / 16)
+    assert float(res.values[-1, -1]) == pytest.approx(closed, rel=1e-5)
+    # not a random probe: another readout seed changes nothing
+    again = tmp_path / "again.png"
+    assert main(["heatmap", "--params", str(out), "--loss", "task", "--batch", "16",
+                 "--readout-seed", "5", "--out", str(again)]) == 0
+    np.testing.assert_array_equal(gradflow.load(again.with_suffix(".npz")).values, res.values)
+
+
+def test_the_task_loss_needs_a_training_run(run, tmp_path, capsys):
+    _, out = run
+    stack, params = runs.load_params(out)
+    saved = runs.save_params(tmp_path / "p.npz", stack, params)
+    for extra, message in (([], "--loss task is a training run's own loss: give the run with "
+                                "--params RUN"),
+                           (["--params", saved], "is a params file, with no readout")):
+        capsys.readouterr()
+        assert main(["heatmap", "--loss", "task", "--dry-run", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    with pytest.raises(gradflow.errors.InputError, match="holds no trained readout"):
+        runs.load_head(saved)
