@@ -36,7 +36,7 @@ import numpy as np
 
 from gradflow import __version__
 from gradflow.errors import InputError, user_input
-from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning
+from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, origin
 
 DEFAULT_OUT_DIR = "gradflow-out"
 DATA_EXT = ".npz"
@@ -529,13 +529,16 @@ def _walk(path, unit: str, names) -> str:
             + (f"; {names[k + 1]}: {what}" if what else ""))
 
 
-def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None) -> list[str]:
+def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None,
+                   where: str | None = None) -> list[str]:
     """The two marginals of an ``(L, T)`` map ``G`` from where the loss enters, the top layer at
     step ``e = last % T``: down that step's column, ``G[l, e] / G[L-1, e]``, and back along the
     top layer's row, ``G[L-1, t] / G[L-1, e]``, each with its geometric-mean factor per layer or
     per step (:func:`path_factor`). Under ``loss="all"`` the loss enters at every step, so the
     top row is not a pure temporal path: its first/last ratio is given without a per-step factor.
     The column at ``e`` is a pure vertical path under either loss (no later step exists).
+    ``where`` names the entry point in words (default: the last step, or the last one a memory
+    ``c`` reaches).
 
     >>> G = np.array([[0.01, 0.0625], [0.1, 1.0]])
     >>> marginal_lines(G)[1].split(":")[1]
@@ -544,8 +547,8 @@ def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None) 
     L, T = values.shape
     e = last % T
     ref = values[-1, e]
-    at = ("top layer, last step" if e == T - 1 else
-          f"top layer, the last step c reaches it; c at t {T - 1} is 0 by construction")
+    at = where or ("top layer, last step" if e == T - 1 else
+                   f"top layer, the last step c reaches it; c at t {T - 1} is 0 by construction")
     lines = [f"from where the loss enters: layer {L - 1}, t {e} ({at}), G = {_g(ref)}"
              + ("; loss all also enters at every earlier step" if loss == "all" else "")]
     down = f"down the last step (t {e}):" if e == T - 1 else f"down step t {e}:"
@@ -570,7 +573,7 @@ def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None) 
 
 
 def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = None,
-                last: int = -1, loss: str | None = None) -> list[str]:
+                last: int = -1, loss: str | None = None, where: str | None = None) -> list[str]:
     """Lines describing an ``(L, T)`` gradient map ``V``.
 
     First the two marginals from where the loss enters, the top layer at step ``e``
@@ -599,7 +602,7 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
     means = _row_means(values)
     shown = sorted(set(np.linspace(0, L - 1, min(L, max_rows)).round().astype(int)),
                    reverse=True)
-    lines = marginal_lines(values, last, loss)
+    lines = marginal_lines(values, last, loss, where)
     lines.append(f"per layer, relative to the top layer: at t {e}, down the column | mean over "
                  "time (time-averaged: includes the diagonal paths, not a per-layer gain)")
     for l in shown:
@@ -626,16 +629,29 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
     return lines
 
 
-def result_summary(res, max_rows: int = 16, reads: str | None = None) -> list[str]:
+def result_summary(res, max_rows: int = 16, reads: str | None = None,
+                   enters: int | None = None) -> list[str]:
     """:func:`map_summary` of a gradient-map :class:`~gradflow.results.Result`: its own
     underflow count (which leaves out the entries 0 by construction: a memory ``c`` at the
-    last step), its loss and the step where the loss enters (:func:`entry_step`); ``reads``:
-    where a callable loss reads the top layer, as the default losses do (``"last"``/``"all"``)."""
+    last step), its loss and the step where the loss enters (:func:`entry_step`). For a
+    callable loss: ``reads``, where it reads the top layer as a default loss does
+    (``"last"``/``"all"``: how the summary words it, and which entries must be positive),
+    ``enters``, the step the summary starts from (default: the last step the map reaches)."""
+    from gradflow.jacobian import expected_positive
+    from gradflow.results import underflow_count
+
     values = np.asarray(res.values)
     loss = reads or res.config.get("loss")
-    return map_summary(values, max_rows, res.underflow.get("values"),
-                       entry_step(values, res.config.get("wrt")),
-                       loss if isinstance(loss, str) else None)
+    wrt = res.config.get("wrt")
+    underflow = res.underflow.get("values")
+    if underflow is None and reads is not None and wrt is not None:
+        underflow = underflow_count(values, np.asarray(
+            expected_positive(reads, wrt, values.shape[-1])["values"]))
+    where = None if enters is None else (
+        "top layer, the first step the loss scores; it enters at later steps too")
+    return map_summary(values, max_rows, underflow,
+                       entry_step(values, wrt) if enters is None else enters,
+                       loss if isinstance(loss, str) else None, where)
 
 
 def decade_range(values: np.ndarray, e: int, ref: float) -> str:
@@ -705,23 +721,12 @@ def timescale_lines(per_unit: np.ndarray) -> list[str]:
     return lines
 
 
-def _origin(config: dict) -> str:
-    """Where the parameters come from: ``init orthogonal``, or for ``--params`` (the config
-    records the path) ``trained (step 200 of RUN)``, or ``params from FILE``."""
-    if "params" not in config:
-        return f"init {config.get('init', '-')}"
-    if "train_step" in config:
-        return f"trained (step {config['train_step']} of {config['params']})"
-    return f"params from {config['params']}"
-
-
 def _trained_title(config: dict, head: str, sep: str = "\n") -> str:
-    """A figure title for ``--params``: ``head`` over the settings line with the init replaced
-    by :func:`_origin` (``plot.settings`` would call trained weights "init orthogonal")."""
+    """A figure title for ``--params``: ``head`` over the settings line, which names trained
+    weights by their source (:func:`gradflow.results.origin`), not by the stack's init."""
     from gradflow import plot
 
-    line = plot.settings({k: v for k, v in config.items() if k != "init"})
-    return f"{head}{sep}{line + ', ' if line else ''}{_origin(config)}"
+    return f"{head}{sep}{plot.settings(config)}"
 
 
 def _describe(config: dict, cell) -> str:
@@ -732,10 +737,12 @@ def _describe(config: dict, cell) -> str:
     defaults = dict(_cells.get(cell.name).options) if cell.name in _cells.names() else {}
     changed = [f"{k}={v}" for k, v in cell.options if k != "init" and defaults.get(k) != v]
     extra = [k for k in ("residual", "norm") if config.get(k)]
-    return (f"{config['cell']}, {config['layers']} layers x {config['steps']} steps, "
+    cell_text = config["cell"] if isinstance(config["cell"], str) else "+".join(
+        dict.fromkeys(config["cell"]))  # a stack of different cells: lstm+ur_lstm
+    return (f"{cell_text}, {config['layers']} layers x {config['steps']} steps, "
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "
             f"seed {config.get('seed', '-')}, "
-            f"{_origin(config)}, {config['dtype']}"
+            f"{origin(config) or 'init -'}, {config['dtype']}"
             + (f"; options {', '.join(changed)}" if changed else "")
             + "".join(f"; {k} {config[k]}" for k in extra))
 
@@ -898,16 +905,16 @@ def _trained_problem(args, path):
     if given:
         raise _usage(args, f"{', '.join(given)} cannot be used with a training run's --params: "
                            "the inputs are the run's evaluation sequences")
-    xs = _run_batch(args, meta["config"], dt)[0]
+    xs = _run_batch(args, meta["config"], dt, path)[0]
     config.update({**stack.config, "steps": int(xs.shape[1]), "batch": int(xs.shape[0]),
                    "seed": meta["config"]["seed"], "dtype": str(dt), "train_step": meta["step"],
                    "inputs": "evaluation batch of the run's task"})
     return Problem(stack, params, xs, config)
 
 
-def _run_batch(args, config: dict, dt):
-    """The first ``--batch`` sequences of a run's fixed evaluation batch: ``(xs: (B, T, D),
-    ys, mask)`` (and the evaluation task)."""
+def _run_batch(args, config: dict, dt, path):
+    """The first ``--batch`` sequences of the fixed evaluation batch of the run at ``path``:
+    ``(xs: (B, T, D), ys, mask)`` (and the evaluation task)."""
     from gradflow import tasks as _tasks
     from gradflow.train import eval_batch_of, keys
 
@@ -915,11 +922,10 @@ def _run_batch(args, config: dict, dt):
     if not _given(args, ("batch",)):  # the run's own maps' batch: the same numbers
         batch = min(config.get("record_batch", batch), config["eval_batch"])
     if batch > config["eval_batch"]:
-        raise _usage(args, f"--batch {batch} is more than the run's {config['eval_batch']} "
-                           "evaluation sequences")
+        raise _usage(args, f"--batch {batch} is more than the {config['eval_batch']} "
+                           f"evaluation sequences of the run at {path}")
     with user_input():
-        options = dict(config["eval_task"])
-        eval_task = _tasks.make(options.pop("task"), **options)
+        eval_task = _tasks.from_config(config["eval_task"])
     xs, ys, mask = eval_batch_of(eval_task, keys(config["seed"])[2], config["eval_batch"],
                                  config["batch"], dt)
     return xs[:batch], ys[:batch], mask[:batch], eval_task
@@ -1174,7 +1180,8 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
     D = first_width(args.hidden) if args.input_size is None else args.input_size
     budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
                                           **_stack_settings(args))], wrt,
-                     stem=default_stem(args, args.command, cell.name, f"L{args.layers}",
+                     stem=default_stem(args, args.command, args.cell if not _user_cell(
+                         args.cell) and ":" in args.cell else cell.name, f"L{args.layers}",
                                        skip=("cell", "layers")), method=method)
     if budget is None:
         return None
@@ -1192,6 +1199,9 @@ def _check_task_loss(args) -> None:
         raise _usage(args, "--loss task is a training run's own loss: give the run with "
                            "--params RUN (--loss last or all probe any stack with a random "
                            "readout)")
+    if _given(args, ["readout_seed"]):
+        raise _usage(args, "--readout-seed sets the random readout of --loss last and all; "
+                           "--loss task reads through the run's trained readout")
     with user_input():
         if "config" not in runs.read_run(args.params):
             raise InputError(f"--loss task: {args.params} is a params file, with no readout "
@@ -1199,9 +1209,11 @@ def _check_task_loss(args) -> None:
 
 
 def _task_loss(args, prob):
-    """``(loss, eval task)``: the run's own loss (:func:`gradflow.train.task_loss`) through its
-    trained readout on the targets of the sequences ``prob.xs`` are (the first ``--batch`` of
-    its evaluation batch)."""
+    """``(loss, what it is in words, enters)``: the run's own loss
+    (:func:`gradflow.train.task_loss`) through its trained readout on the targets of the
+    sequences ``prob.xs`` are (the first ``--batch`` of its evaluation batch); ``enters``: the
+    step the summary starts from, the first the loss scores (copy: its recall steps, whose
+    gradient is carried back across the steps before them), None for the last step."""
     import jax
 
     from gradflow import runs
@@ -1212,10 +1224,16 @@ def _task_loss(args, prob):
     with user_input():
         config = runs.read_run(args.params)["config"]
         head = {k: jax.numpy.asarray(v, dt) for k, v in runs.load_head(args.params).items()}
-    xs, ys, mask, task = _run_batch(args, config, dt)
+    xs, ys, mask, task = _run_batch(args, config, dt, args.params)
     if not np.array_equal(np.asarray(xs), np.asarray(prob.xs)):  # one batch, read twice
         raise AssertionError("the task loss's targets are not those of the map's inputs")
-    return task_loss(head, task, ys, mask), task
+    scored = np.flatnonzero(np.asarray(mask).any(axis=0))
+    first, T = int(scored[0]), prob.xs.shape[1]
+    where = ("the last step" if first == T - 1 else
+             f"t {first}..{int(scored[-1])} ({len(scored)} scored steps)")
+    text = (f"{task.name}: {task.kind} ({task.metric}) at {where}, trained readout, on the "
+            f"first {prob.xs.shape[0]} of the run's {config['eval_batch']} evaluation sequences")
+    return task_loss(head, task, ys, mask), text, None if first == T - 1 else first
 
 
 def run_heatmap(args) -> int:
@@ -1230,13 +1248,10 @@ def run_heatmap(args) -> int:
         if measured is None:
             return 0
         say, (fig_path, data_path), prob = measured
-        loss, meta, reads = args.loss, prob.config, args.loss
+        loss, meta, reads, enters = args.loss, prob.config, args.loss, None
         if args.loss == "task":
-            loss, task = _task_loss(args, prob)
-            reads = "last" if task.loss_on == "last" else "all"  # where the summary enters
-            meta = {**meta, "task_loss": f"{task.name}: {task.kind} ({task.metric}) on "
-                                         + ("the last step" if reads == "last" else
-                                            "the scored steps") + ", trained readout"}
+            loss, text, enters = _task_loss(args, prob)
+            reads, meta = "last", {**meta, "task_loss": text}
         say("compiling and running the gradient map...")
         res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=args.wrt,
                            readout_seed=args.readout_seed, meta=meta)
@@ -1256,8 +1271,8 @@ def run_heatmap(args) -> int:
               + (f" (step {res.config['train_step']})" if "train_step" in res.config else ""))
     print(f"gradient map wrt {args.wrt}, loss {args.loss} (value {_g(float(res.loss_value))})"
           + (f": {res.config['task_loss']}" if args.loss == "task" else ""))
-    for line in result_summary(res, reads=reads) + notes + _write(fig, res, fig_path,
-                                                                  data_path):
+    for line in result_summary(res, reads=reads, enters=enters) + notes + _write(
+            fig, res, fig_path, data_path):
         print(line)
     return 0
 
@@ -1309,6 +1324,24 @@ _COMPARE_FOOTNOTE = (
     "entries the loss reaches, -inf where one is exactly 0; x0 (-inf dec): exactly 0; "
     "underflow: entries below the smallest normal float, where the gradient vanished "
     "past the float range)")
+
+
+def _compare_notes(problems: dict) -> list[str]:
+    """``note:`` lines where trained runs side by side are not measured alike: over different
+    numbers of sequences (the default losses average over the batch: entries scale as 1/B),
+    or a params file (Gaussian inputs) beside runs (their tasks' sequences)."""
+    notes = []
+    sizes = {label: int(p.xs.shape[0]) for label, p in problems.items()}
+    if len(set(sizes.values())) > 1:
+        notes.append("note: the maps are over different numbers of sequences (" + ", ".join(
+            f"{k}: B={v}" for k, v in sizes.items()) + "); the losses average over the batch, "
+            "so entries scale as 1/B: give --batch to measure every run at one")
+    files = [label for label, p in problems.items() if "train_step" not in p.config]
+    if files and len(files) < len(problems):
+        what = "is a params file" if len(files) == 1 else "are params files"
+        notes.append(f"note: {', '.join(files)} {what} measured on Gaussian inputs, the runs on "
+                     "their tasks' evaluation sequences")
+    return notes
 
 
 def _compare_table(grid, column: str) -> None:
@@ -1384,7 +1417,7 @@ def _compare_trained(args) -> int:
         raise _usage(args, "--cells cannot be used with --params: the saved runs fix the "
                            "stacks")
     sources = [Path(p).parent if Path(p).name == "state.npz" else Path(p) for p in args.params]
-    labels = [s.stem for s in sources]
+    labels = [s.name if s.is_dir() else s.stem for s in sources]  # runs/lr0.001: the folder
     if len(set(labels)) < len(labels):
         labels = [str(s) for s in sources]  # runs/a/x and runs/b/x: their paths
     if len(set(labels)) < len(labels):
@@ -1403,7 +1436,6 @@ def _compare_trained(args) -> int:
         say("compiling and running the gradient maps...")
         grid = experiments.map_grid(problems, args.losses, wrt=args.wrt,
                                     readout_seed=args.readout_seed)
-    grid.config["init"] = None  # trained: the table says which step of which run
     fig = plot.draw_grid(grid, normalize=not args.absolute, title=(
         f"trained: gradient maps wrt {args.wrt}"
         + (", relative to (top layer, last step)" if not args.absolute else "")))
@@ -1411,6 +1443,8 @@ def _compare_trained(args) -> int:
           + ("absolute values" if args.absolute else "each map relative to its top-last value"))
     for label, prob in problems.items():
         print(f"  {label}: {_describe(prob.config, prob.stack.cells[0])}")
+    for note in _compare_notes(problems):
+        print(note)
     _compare_table(grid, "run")
     for line in _write(fig, grid, fig_path, data_path):
         print(line)

@@ -185,7 +185,11 @@ def map_grid(problems, losses=("last", "all"), *, wrt: str = "hidden", readout_s
     Returns:
       Result ``kind="gradient_grid"`` as :func:`gradient_grid`'s; its config records each
       map's own config (``config["maps"]``) and, where every problem agrees on it, ``layers``,
-      ``steps``, ``hidden``, ``batch``, ``seed``, ``init`` and ``dtype`` (for a figure's title).
+      ``steps``, ``hidden``, ``batch``, ``seed``, ``init``, ``dtype``, ``params`` and
+      ``train_step`` (for a figure's title). Trained weights are titled by their source where
+      a problem's config records it (``{"params": "runs/lstm", "train_step": 200}``, as
+      ``gradflow compare --params`` gives; :func:`gradflow.results.origin`), else by the
+      stack's init, which the weights you pass may no longer be.
 
     >>> from gradflow.problem import problem
     >>> grid = map_grid({"short": problem("lstm", layers=2, steps=3, hidden=4, batch=2),
@@ -226,13 +230,16 @@ def map_grid(problems, losses=("last", "all"), *, wrt: str = "hidden", readout_s
     for key, names in _SHARED.items():  # what every map agrees on, for a figure's title
         each = [next((m[n] for n in names if m.get(n) is not None), None) for m in maps.values()]
         config[key] = each[0] if all(v == each[0] for v in each) else None
+    if any(m.get("params") is not None for m in maps.values()):
+        config["init"] = None  # trained weights: named by their source, not the stack's init
     return make_result("gradient_grid", arrays, config, positive=positive)
 
 
 #: The settings :func:`map_grid` records where every map agrees (a title's settings line),
 #: each with the names a map's config may give it under.
 _SHARED = {"layers": ("layers",), "steps": ("steps",), "hidden": ("hidden_size", "hidden"),
-           "batch": ("batch",), "seed": ("seed",), "init": ("init",), "dtype": ("dtype",)}
+           "batch": ("batch",), "seed": ("seed",), "init": ("init",), "dtype": ("dtype",),
+           "params": ("params",), "train_step": ("train_step",)}
 
 
 def _maps(problems, losses, wrt, readout_seed):

@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 
 from gradflow import gates as _gates
 from gradflow.experiments import gain_panel, panel, run_curve, run_record, stats_panel
-from gradflow.results import Result, make_result
+from gradflow.results import Result, make_result, origin
 
 FORMATS = (".png", ".pdf", ".svg")
 NONFINITE_HATCH = "xx"
@@ -252,7 +252,9 @@ def _describe(result: Result, key: str | None) -> str:
 
 def settings(config: dict) -> str:
     """The settings a figure's title carries, as far as ``config`` records them:
-    ``"L=16, T=32, H=64, init orthogonal, seed 0"`` (layers, steps, hidden size, init, seed).
+    ``"L=16, T=32, H=64, init orthogonal, seed 0"`` (layers, steps, hidden size, init, seed);
+    trained weights (a config recording ``params``, see :func:`gradflow.results.origin`) are
+    named by their source instead of the init.
 
     >>> settings({"layers": 2, "steps": 5, "hidden_size": 8, "seed": 1})
     'L=2, T=5, H=8, seed 1'
@@ -260,8 +262,8 @@ def settings(config: dict) -> str:
     sizes = (("L", config.get("layers")), ("T", config.get("steps")),
              ("H", config.get("hidden_size", config.get("hidden"))))
     parts = [f"{k}={v}" for k, v in sizes if v is not None]
-    if config.get("init") is not None:
-        parts.append(f"init {config['init']}")
+    if origin(config):  # the init, or where trained weights come from
+        parts.append(origin(config))
     if config.get("seed") is not None:
         parts.append(f"seed {config['seed']}")
     if options_text(config):

@@ -179,6 +179,24 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
     return Result(kind, arrs, _jsonable(dict(config)), nonfinite, underflow, provenance())
 
 
+def origin(config: Mapping) -> str:
+    """Where a measurement's parameters come from, in words: ``"init orthogonal"`` (the
+    stack's own initialisation), or, where the config records ``params`` (the source of
+    trained weights, e.g. ``gradflow heatmap --params RUN`` or a ``meta=`` you give),
+    ``"trained (step 200 of RUN)"`` (with ``train_step``) or ``"params from FILE"``; ``""``
+    where it records neither.
+
+    >>> origin({"init": "orthogonal"}), origin({"init": "orthogonal", "params": "runs/a",
+    ...                                          "train_step": 200})
+    ('init orthogonal', 'trained (step 200 of runs/a)')
+    """
+    if config.get("params") is not None:
+        if config.get("train_step") is not None:
+            return f"trained (step {config['train_step']} of {config['params']})"
+        return f"params from {config['params']}"
+    return f"init {config['init']}" if config.get("init") is not None else ""
+
+
 def underflow_count(values, positive=True) -> int:
     """The number of entries of ``values`` (a floating array, any shape) below the smallest
     normal float of its dtype, ``np.finfo(dtype).tiny`` (exactly 0, or subnormal), among those

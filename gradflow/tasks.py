@@ -391,6 +391,19 @@ def for_length(name: str, steps: int | None = None, /, **options) -> Task:
     return resize(task, steps)
 
 
+def from_config(config: dict) -> Task:
+    """The task a :attr:`Task.config` describes (``{"task": name, "steps": T, **options}``,
+    e.g. a saved run's): ``steps`` is derived for ``copy`` (from ``lag`` and ``symbols``),
+    so it is checked there, not passed (:func:`for_length`).
+
+    >>> from_config(make("copy", lag=5).config) == make("copy", lag=5)
+    True
+    """
+    options = dict(config)
+    name, steps = options.pop("task"), options.pop("steps", None)
+    return for_length(name, steps, **options)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses and metrics on readout outputs ``out: (B, T, K)``
 
@@ -449,4 +462,4 @@ def chance(task: Task) -> float:
 
 
 __all__ = ["Task", "adding", "copy", "counting", "digits", "load_digits", "names", "make",
-           "for_length", "sample", "resize", "loss_fn", "metric_fn", "chance"]
+           "for_length", "from_config", "sample", "resize", "loss_fn", "metric_fn", "chance"]

@@ -211,7 +211,7 @@ def test_gates_of_the_trained_params(run, capsys):
     (["--cell", "lstm"], "--cell cannot be used with --params: the saved run fixes the stack "
                          "(of 'star')"),  # the default's name, given: not ignored
     (["--steps", "9"], "--steps cannot be used with a training run's --params"),
-    (["--batch", "17"], "more than the run's 16 evaluation sequences"),
+    (["--batch", "17"], "more than the 16 evaluation sequences of the run at"),
 ])
 def test_params_conflicts_exit_2(run, capsys, extra, message):
     _, out = run
@@ -293,11 +293,17 @@ def test_compare_trained_runs_side_by_side(run, tmp_path, capsys):
         np.testing.assert_array_equal(grid[f"values/last/{label}"],
                                       gradflow.load(one.with_suffix(".npz")).values)
     assert fig.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["compare", "--params", f"{out},{other}", "--losses", "last", "--wrt", "hidden",
+                 "--batch", "2", "--out", str(tmp_path / "b2.png")]) == 0
+    assert "note" not in capsys.readouterr().out  # one batch size, both runs
     # a params file beside a run: Gaussian inputs at compare's --steps (default 10)
     stack, params = runs.load_params(out)
     saved = runs.save_params(tmp_path / "star_params.npz", stack, params)
     assert main(["compare", "--params", f"{saved},{other}", "--losses", "last", "--wrt",
                  "hidden", "--out", str(tmp_path / "mixed.png")]) == 0
+    assert ("note: star_params is a params file measured on Gaussian inputs, the runs on "
+            "their tasks' evaluation sequences") in capsys.readouterr().out
     mixed = gradflow.load(tmp_path / "mixed.npz")
     assert mixed["values/last/star_params"].shape == (3, 10)
     assert mixed.config["steps"] is None and mixed.config["layers"] == 3
@@ -331,8 +337,9 @@ def test_the_task_loss_map_of_a_trained_run(run, tmp_path, capsys):
     assert main(["heatmap", "--params", str(out), "--loss", "task", "--batch", "16", "--out",
                  str(fig)]) == 0
     printed = capsys.readouterr().out
-    assert "loss task (value " in printed and "adding: regression (mse) on the last step" \
-        in printed
+    assert "loss task (value " in printed and ("adding: regression (mse) at the last step, "
+                                               "trained readout, on the first 16 of the run's "
+                                               "16 evaluation sequences") in printed
     res = gradflow.load(fig.with_suffix(".npz"))
     assert res.config["loss"] == "task" and res.config["train_step"] == 12
     assert float(res.loss_value) == pytest.approx(float(curve["eval_loss"][-1]), rel=1e-5)
@@ -344,11 +351,11 @@ def test_the_task_loss_map_of_a_trained_run(run, tmp_path, capsys):
     o = top @ head["W"][:, 0] + head["b"][0]
     closed = np.mean(2 * np.abs(o - np.asarray(ys)[:, -1, 0]) * np.linalg.norm(head["W"]) / 16)
     assert float(res.values[-1, -1]) == pytest.approx(closed, rel=1e-5)
-    # not a random probe: another readout seed changes nothing
-    again = tmp_path / "again.png"
-    assert main(["heatmap", "--params", str(out), "--loss", "task", "--batch", "16",
-                 "--readout-seed", "5", "--out", str(again)]) == 0
-    np.testing.assert_array_equal(gradflow.load(again.with_suffix(".npz")).values, res.values)
+    # not a random probe: a readout seed has nothing to set (refused, not ignored)
+    capsys.readouterr()
+    assert main(["heatmap", "--params", str(out), "--loss", "task", "--readout-seed", "5",
+                 "--dry-run"]) == 2
+    assert "--loss task reads through the run's trained readout" in capsys.readouterr().err
 
 
 def test_the_task_loss_needs_a_training_run(run, tmp_path, capsys):
@@ -364,3 +371,36 @@ def test_the_task_loss_needs_a_training_run(run, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
     with pytest.raises(gradflow.errors.InputError, match="holds no trained readout"):
         runs.load_head(saved)
+
+
+def test_the_task_loss_of_a_copy_run_enters_at_its_recall_steps(tmp_path, capsys):
+    """A copy run (its saved task has a derived length: every --params command failed on
+    it) measured under its own loss, cross-entropy on the recall steps: the value over the
+    whole evaluation batch is the run's last evaluation loss; the summary starts at the first
+    recall step (the gradient carried back across the lag), and wrt c nothing counts as
+    underflow that is 0 by construction."""
+    out = tmp_path / "copy"
+    assert main(["train", "--task", "copy", "--seq-len", "9", "--task-option", "symbols=3",
+                 "--cell", "lstm", "--layers",
+                 "2", "--hidden", "8", "--steps", "4", "--batch", "8", "--eval-every", "4",
+                 "--eval-batch", "16", "--out", str(out)]) == 0
+    task = tasks.make("copy", lag=2, symbols=3)  # T = 2 * 3 + 2 + 1 = 9: recall t 6..8
+    curve = gradflow.load(out / "curve.npz")
+    assert curve.config["task"] == task.config
+    capsys.readouterr()
+    fig = tmp_path / "copy_task.png"
+    assert main(["heatmap", "--params", str(out), "--loss", "task", "--batch", "16", "--out",
+                 str(fig)]) == 0
+    printed = capsys.readouterr().out
+    assert "copy: classification (accuracy) at t 6..8 (3 scored steps)" in printed
+    assert ("from where the loss enters: layer 1, t 6 (top layer, the first step the loss "
+            "scores; it enters at later steps too)") in printed
+    res = gradflow.load(fig.with_suffix(".npz"))
+    assert float(res.loss_value) == pytest.approx(float(curve["eval_loss"][-1]), rel=1e-5)
+    for command in (["heatmap", "--params", str(out), "--loss", "task", "--wrt", "cell"],
+                    ["gates", "--params", str(out)], ["heatmap", "--params", str(out)]):
+        capsys.readouterr()
+        assert main([*command, "--out", str(tmp_path / "x.png")]) == 0, command
+    assert main(["heatmap", "--params", str(out), "--loss", "task", "--wrt", "cell", "--out",
+                 str(tmp_path / "c.png")]) == 0
+    assert "underflow entries: 0 of 18" in capsys.readouterr().out
