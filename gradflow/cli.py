@@ -223,8 +223,8 @@ def path_list(text: str) -> list[str]:
 
 
 def loss_list(text: str) -> list[str]:
-    """``"last,all"``."""
-    return _name_list(text, "losses", "loss", LOSSES)
+    """``"last,all"`` (``task``: trained runs' own losses, ``compare --params``)."""
+    return _name_list(text, "losses", "loss", LOSSES + ("task",))
 
 
 def init_scheme(text: str) -> str:
@@ -1190,28 +1190,31 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
     return say, paths, _problem(args, cell)
 
 
-def _check_task_loss(args) -> None:
-    """``--loss task`` needs a training run's ``--params`` (its readout and targets): refused
-    before anything is built, so that a dry run refuses it too."""
+def _check_task_loss(args, paths) -> None:
+    """The ``task`` loss needs training runs' ``--params`` (their readouts and targets):
+    refused before anything is built, so that a dry run refuses it too."""
     from gradflow import runs
 
-    if args.params is None:
-        raise _usage(args, "--loss task is a training run's own loss: give the run with "
-                           "--params RUN (--loss last or all probe any stack with a random "
-                           "readout)")
-    if _given(args, ["readout_seed"]):
+    option = "--loss" if "loss" in args else "--losses"
+    if not paths:
+        raise _usage(args, f"{option} task is a training run's own loss: give the run with "
+                           "--params RUN (the losses last and all probe any stack with a "
+                           "random readout)")
+    if _given(args, ["readout_seed"]) and "loss" in args:
         raise _usage(args, "--readout-seed sets the random readout of --loss last and all; "
                            "--loss task reads through the run's trained readout")
     with user_input():
-        if "config" not in runs.read_run(args.params):
-            raise InputError(f"--loss task: {args.params} is a params file, with no readout "
-                             "or task; a run folder of gradflow train has both")
+        for path in paths:
+            if "config" not in runs.read_run(path):
+                raise InputError(f"{option} task: {path} is a params file, with no readout "
+                                 "or task; a run folder of gradflow train has both")
 
 
-def _task_loss(args, prob):
+def _task_loss(args, prob, path):
     """``(loss, what it is in words, enters)``: the run's own loss
-    (:func:`gradflow.train.task_loss`) through its trained readout on the targets of the
-    sequences ``prob.xs`` are (the first ``--batch`` of its evaluation batch); ``enters``: the
+    (:func:`gradflow.train.task_loss`) of the run at ``path`` through its trained readout on
+    the targets of the sequences ``prob.xs`` are (the first ``--batch`` of its evaluation
+    batch); ``enters``: the
     step the summary starts from, the first the loss scores (copy: its recall steps, whose
     gradient is carried back across the steps before them), None for the last step."""
     import jax
@@ -1222,9 +1225,9 @@ def _task_loss(args, prob):
 
     dt = dtype_of(args.dtype)
     with user_input():
-        config = runs.read_run(args.params)["config"]
-        head = {k: jax.numpy.asarray(v, dt) for k, v in runs.load_head(args.params).items()}
-    xs, ys, mask, task = _run_batch(args, config, dt, args.params)
+        config = runs.read_run(path)["config"]
+        head = {k: jax.numpy.asarray(v, dt) for k, v in runs.load_head(path).items()}
+    xs, ys, mask, task = _run_batch(args, config, dt, path)
     if not np.array_equal(np.asarray(xs), np.asarray(prob.xs)):  # one batch, read twice
         raise AssertionError("the task loss's targets are not those of the map's inputs")
     scored = np.flatnonzero(np.asarray(mask).any(axis=0))
@@ -1242,7 +1245,7 @@ def run_heatmap(args) -> int:
     from gradflow.problem import precision
 
     if args.loss == "task":
-        _check_task_loss(args)
+        _check_task_loss(args, [] if args.params is None else [args.params])
     with precision(args.dtype):
         measured = _measured_problem(args, args.wrt)
         if measured is None:
@@ -1250,7 +1253,7 @@ def run_heatmap(args) -> int:
         say, (fig_path, data_path), prob = measured
         loss, meta, reads, enters = args.loss, prob.config, args.loss, None
         if args.loss == "task":
-            loss, text, enters = _task_loss(args, prob)
+            loss, text, enters = _task_loss(args, prob, args.params)
             reads, meta = "last", {**meta, "task_loss": text}
         say("compiling and running the gradient map...")
         res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=args.wrt,
@@ -1302,7 +1305,8 @@ def add_compare(sub):
                         "sequences) or .npz files of gradflow.runs.save_params (Gaussian "
                         "inputs at --steps), each labelled by its file or folder name")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
-                   help="comma-separated rows: last, all (default: last,all)")
+                   help="comma-separated rows: last, all, and with --params task (each run's "
+                        "own loss through its trained readout) (default: last,all)")
     add_problem_options(p, layers=10, steps=10, hidden=128, batch=16, single_cell=False)
     add_cost_options(p, checkpoint=False)
     g = add_measurement_options(p, wrt="params", loss=False)
@@ -1366,6 +1370,8 @@ def run_compare(args) -> int:
 
     if args.params is not None:
         return _compare_trained(args)
+    if "task" in args.losses:
+        _check_task_loss(args, [])
     options = _cell_options(args)
     stacks, entries = [], []  # a name (with options), or a user's built cell (module:factory)
     named = [c for c in args.cells if not _user_cell(c)]
@@ -1422,6 +1428,8 @@ def _compare_trained(args) -> int:
         labels = [str(s) for s in sources]  # runs/a/x and runs/b/x: their paths
     if len(set(labels)) < len(labels):
         raise _usage(args, f"--params repeats a run: {', '.join(map(str, args.params))}")
+    if "task" in args.losses:
+        _check_task_loss(args, args.params)
     with precision(args.dtype):
         problems = {label: _trained_problem(args, path)
                     for label, path in zip(labels, args.params)}
@@ -1434,15 +1442,23 @@ def _compare_trained(args) -> int:
             return 0
         say, (fig_path, data_path) = budget
         say("compiling and running the gradient maps...")
-        grid = experiments.map_grid(problems, args.losses, wrt=args.wrt,
-                                    readout_seed=args.readout_seed)
+        task = {}  # each run's own loss, through its trained readout
+
+        def task_of(label, prob):
+            task[label] = _task_loss(args, prob, dict(zip(labels, args.params))[label])
+            return task[label][0]
+
+        grid = experiments.map_grid(problems, [("task", task_of) if loss == "task" else loss
+                                               for loss in args.losses],
+                                    wrt=args.wrt, readout_seed=args.readout_seed)
     fig = plot.draw_grid(grid, normalize=not args.absolute, title=(
         f"trained: gradient maps wrt {args.wrt}"
         + (", relative to (top layer, last step)" if not args.absolute else "")))
     print(f"gradflow compare: trained parameters, wrt {args.wrt}, "
           + ("absolute values" if args.absolute else "each map relative to its top-last value"))
     for label, prob in problems.items():
-        print(f"  {label}: {_describe(prob.config, prob.stack.cells[0])}")
+        print(f"  {label}: {_describe(prob.config, prob.stack.cells[0])}"
+              + (f"; loss task: {task[label][1]}" if label in task else ""))
     for note in _compare_notes(problems):
         print(note)
     _compare_table(grid, "run")

@@ -178,9 +178,13 @@ def map_grid(problems, losses=("last", "all"), *, wrt: str = "hidden", readout_s
     Args:
       problems: ``{label: problem}``, each a :class:`gradflow.problem.Problem` or a
         ``(stack, params, xs)`` triple (e.g. ``gradflow.runs.load_params`` and your inputs).
-      losses: ``"last"`` and/or ``"all"``.
+      losses: ``"last"`` and/or ``"all"``, and ``(name, make)`` pairs: a row of each
+        problem's own loss, ``make(label, problem) -> loss(top: (B, T, H)) -> scalar`` (e.g.
+        a trained run's, :func:`gradflow.train.task_loss`), named ``name`` (its underflow is
+        not counted: such a loss may leave states unread).
       wrt: ``"hidden"``, ``"cell"`` or ``"params"``, as :func:`gradflow.gradient_map`.
-      readout_seed: the random readout and labels of every map (one probe for every problem).
+      readout_seed: the random readout and labels of the default losses (one probe for every
+        problem).
       meta: extra config recorded in the result.
     Returns:
       Result ``kind="gradient_grid"`` as :func:`gradient_grid`'s; its config records each
@@ -219,13 +223,14 @@ def map_grid(problems, losses=("last", "all"), *, wrt: str = "hidden", readout_s
                 raise TypeError(f"problem {label!r}: its stack must be a gradflow Stack, got "
                                 f"{type(prob.stack).__name__}")
             given[label] = prob
-        losses = _names(losses, "losses", "loss", LOSSES)
+        losses = _loss_entries(losses)
         choice("wrt", wrt, WRTS)
         for prob in given.values():
             check_wrt(prob.stack, wrt)
     arrays, maps, positive = _maps(((label, lambda p=p: p) for label, p in given.items()),
                                    losses, wrt, readout_seed)
-    config = {**(meta or {}), "cells": labels, "losses": list(losses), "wrt": wrt,
+    config = {**(meta or {}), "cells": labels, "losses": [_loss_name(x) for x in losses],
+              "wrt": wrt,
               "readout_seed": readout_seed, "maps": maps}
     for key, names in _SHARED.items():  # what every map agrees on, for a figure's title
         each = [next((m[n] for n in names if m.get(n) is not None), None) for m in maps.values()]
@@ -242,6 +247,28 @@ _SHARED = {"layers": ("layers",), "steps": ("steps",), "hidden": ("hidden_size",
            "params": ("params",), "train_step": ("train_step",)}
 
 
+def _loss_entries(losses) -> list:
+    """``losses`` of :func:`map_grid` checked: names of :data:`LOSSES` and ``(name, make)``
+    pairs, the names distinct."""
+    items = [losses] if isinstance(losses, str) else list(losses)
+    named = [x for x in items if isinstance(x, str)]
+    _names(named or LOSSES[:1], "losses", "loss", LOSSES)
+    for x in items:
+        if not isinstance(x, str) and not (isinstance(x, tuple) and len(x) == 2 and isinstance(
+                x[0], str) and x[0] not in LOSSES and callable(x[1])):
+            raise TypeError(f"a loss of map_grid is one of {', '.join(LOSSES)} or a (name, "
+                            f"make) pair, make(label, problem) -> loss, named apart from those; "
+                            f"got {x!r:.80}")
+    names = [_loss_name(x) for x in items]
+    if not items or len(set(names)) < len(names):
+        raise ValueError(f"losses must be distinct and at least one, got {', '.join(names)}")
+    return items
+
+
+def _loss_name(entry) -> str:
+    return entry if isinstance(entry, str) else entry[0]
+
+
 def _maps(problems, losses, wrt, readout_seed):
     """``(arrays, maps, positive)`` of a grid: ``problems`` yields ``(label, make)`` pairs,
     ``make()`` the label's :class:`~gradflow.problem.Problem` (built when its maps are due, so
@@ -250,10 +277,12 @@ def _maps(problems, losses, wrt, readout_seed):
     for cell, make in problems:
         prob = make()
         said = set()  # the forward pass, hence where it overflows, is every loss's
-        for loss in losses:
+        for entry in losses:
+            loss = _loss_name(entry)
+            fn = entry if isinstance(entry, str) else entry[1](cell, prob)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", NonFiniteForwardWarning)
-                res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=wrt,
+                res = gradient_map(prob.stack, prob.params, prob.xs, loss=fn, wrt=wrt,
                                    readout_seed=readout_seed, meta=prob.config)
             for w in caught:  # the forward overflow once per cell, named by it
                 if not issubclass(w.category, NonFiniteForwardWarning):
@@ -263,8 +292,9 @@ def _maps(problems, losses, wrt, readout_seed):
                     warnings.warn(f"cell {cell}: {w.message}", w.category, stacklevel=3)
             key, value_key = _keys(loss, cell)
             arrays[key], arrays[value_key] = res.values, res.loss_value
-            maps[f"{loss}/{cell}"] = res.config
-            positive[key] = expected_positive(loss, wrt, res.values.shape[-1])["values"]
+            maps[f"{loss}/{cell}"] = {**res.config, "loss": loss}  # the row's name
+            if loss in LOSSES:
+                positive[key] = expected_positive(loss, wrt, res.values.shape[-1])["values"]
     return arrays, maps, positive
 
 

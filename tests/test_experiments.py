@@ -313,6 +313,32 @@ def test_map_grid_of_problems_you_built():
     plot.draw_grid(grid)
 
 
+def test_map_grid_rows_of_each_problems_own_loss():
+    """A ``(name, make)`` loss: a row of each problem's own loss (here a readout drawn per
+    label), equal to gradient_map with that loss; names are checked."""
+    from gradflow.problem import problem
+
+    probs = {"a": problem("lstm", layers=2, steps=4, hidden=5, batch=2, seed=1),
+             "b": problem("gru", layers=2, steps=4, hidden=5, batch=2, seed=2)}
+    made = {}
+
+    def make(label, prob):
+        w = jax.random.normal(jax.random.key(len(label) + ord(label)), (5,))
+        made[label] = lambda top: jnp.mean(top[:, -1] @ w)
+        return made[label]
+
+    grid = experiments.map_grid(probs, ["last", ("own", make)], wrt="hidden")
+    assert grid.config["losses"] == ["last", "own"]
+    for label, prob in probs.items():
+        want = gradflow.gradient_map(prob.stack, prob.params, prob.xs, loss=made[label])
+        np.testing.assert_array_equal(experiments.panel(grid, "own", label).values, want.values)
+        assert grid.config["maps"][f"own/{label}"]["loss"] == "own"
+    for bad, error in ((["last", ("last", make)], TypeError), ([("x", 3)], TypeError),
+                       ([("x", make), ("x", make)], ValueError), (["nope"], ValueError)):
+        with pytest.raises(error):
+            experiments.map_grid(probs, bad)
+
+
 @pytest.mark.parametrize("problems,error,message", [
     ({}, ValueError, "problems is empty"),
     (["lstm"], TypeError, "problems must be a mapping"),

@@ -297,6 +297,20 @@ def test_compare_trained_runs_side_by_side(run, tmp_path, capsys):
     assert main(["compare", "--params", f"{out},{other}", "--losses", "last", "--wrt", "hidden",
                  "--batch", "2", "--out", str(tmp_path / "b2.png")]) == 0
     assert "note" not in capsys.readouterr().out  # one batch size, both runs
+    # each run under its own loss: the rows of heatmap --params RUN --loss task
+    assert main(["compare", "--params", f"{out},{other}", "--losses", "task,last", "--wrt",
+                 "hidden", "--out", str(tmp_path / "task.png")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("; loss task: adding: regression (mse) at the last step") == 2
+    both = gradflow.load(tmp_path / "task.npz")
+    assert both.config["losses"] == ["task", "last"]
+    assert both.config["maps"][f"task/{other.name}"]["loss"] == "task"
+    for label, source in ((out.name, out), (other.name, other)):
+        one = tmp_path / f"{label}_task.png"
+        assert main(["heatmap", "--params", str(source), "--loss", "task", "--out",
+                     str(one)]) == 0
+        np.testing.assert_array_equal(both[f"values/task/{label}"],
+                                      gradflow.load(one.with_suffix(".npz")).values)
     # a params file beside a run: Gaussian inputs at compare's --steps (default 10)
     stack, params = runs.load_params(out)
     saved = runs.save_params(tmp_path / "star_params.npz", stack, params)
