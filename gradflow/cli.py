@@ -787,14 +787,24 @@ def _user_cell(text: str) -> bool:
 
 def _cell(args, steps: int):
     """The cell ``--cell`` names (registered, written with options as ``compare --cells``
-    reads them, or a user's ``module:factory``), with ``--init``/``--option`` (the options
-    written in win), initialised for ``steps`` where the cell has a length option."""
+    reads them, or a user's ``module:factory``), with ``--init``/``--option`` (an option also
+    written in must agree: ``compare`` lets the written one win, as ``--option`` applies to
+    every cell there), initialised for ``steps`` where the cell has a length option."""
     from gradflow import cells as _cells
 
+    options = _cell_options(args)
     with user_input():
         if _user_cell(args.cell):
-            return load_cell(args.cell, _cell_options(args))
-        return _cells.for_length(args.cell, steps, **_cell_options(args))
+            return load_cell(args.cell, options)
+        written = _cells.parse_spec(args.cell)[1]
+    clash = sorted(k for k in set(written) & set(options) if written[k] != options[k])
+    if clash:  # one cell: two values for one option is a mistake, not a default to override
+        k = clash[0]
+        given = f"--init {options[k]}" if k == "init" and args.init is not None else \
+            f"--option {k}={options[k]}"
+        raise _usage(args, f"--cell {args.cell} and {given} disagree; give one")
+    with user_input():
+        return _cells.for_length(args.cell, steps, **options)
 
 
 def _stack_settings(args) -> dict:
