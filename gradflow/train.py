@@ -204,8 +204,24 @@ def task_loss(head: dict, task, ys, mask) -> Callable:
         (``tasks.sample`` or :func:`eval_batch_of`).
     """
     loss_f = _tasks.loss_fn(task)
+    classify = _tasks._kind(task) == "classification"
+    W = head.get("W") if isinstance(head, Mapping) else None
+    if W is None or "b" not in head or np.ndim(W) != 2:
+        raise ValueError("head must be a readout {'W': (H, K), 'b': (K,)} (e.g. "
+                         "gradflow.runs.load_head(RUN))")
+    if np.ndim(mask) != 2 or tuple(np.shape(ys))[:2] != tuple(np.shape(mask)):
+        raise ValueError(f"ys {tuple(np.shape(ys))} and mask {tuple(np.shape(mask))} must share "
+                         "their (batch, steps), the mask (B, T)")
+    if classify and not np.issubdtype(np.asarray(ys).dtype, np.integer):
+        raise ValueError(f"a classification task's ys are integer labels (B, T), got "
+                         f"{np.asarray(ys).dtype}")
 
     def task(top):
+        if top.shape[-1] != W.shape[0] or tuple(top.shape[:2]) != tuple(np.shape(mask)):
+            raise ValueError(f"the top layer's states {tuple(top.shape)} do not fit the readout "
+                             f"({W.shape[0]} inputs) and the targets' (batch, steps) "
+                             f"{tuple(np.shape(mask))}: are ys and mask those of the map's "
+                             "inputs?")
         return loss_f(readout(head, top), ys, mask)
 
     return task

@@ -333,3 +333,25 @@ def test_a_run_that_cannot_fit_is_refused_before_compiling(monkeypatch):
         atlas.atlas(["lstm_collapses"], atlas.Grid(cells=("lstm",), sizes=((3, 3),),
                                                    hidden=(512,), seeds=(0, 1), batch=2),
                     progress=False)
+
+
+def test_task_loss_is_the_training_loss_and_checks_what_it_is_given():
+    """train.task_loss through a readout equals the task's loss of the readout's outputs (the
+    loss training minimises, tasks.loss_fn), and says what does not fit."""
+    from gradflow.train import readout, task_loss
+
+    xs, ys, mask = tasks.sample(ADDING, jax.random.key(1), 4)
+    params = LSTM.init(jax.random.key(0))
+    head = {"W": jax.random.normal(jax.random.key(2), (H, 1)), "b": jnp.ones(1)}
+    top = LSTM.apply(params, xs).states["h"][-1]
+    expect = tasks.loss_fn(ADDING)(readout(head, top), ys, mask)
+    assert float(task_loss(head, ADDING, ys, mask)(top)) == pytest.approx(float(expect))
+    res = gradflow.gradient_map(LSTM, params, xs, loss=task_loss(head, ADDING, ys, mask))
+    assert float(res.loss_value) == pytest.approx(float(expect), rel=1e-6)
+    for args, message in (((head["W"], ADDING, ys, mask), "head must be a readout"),
+                          ((head, ADDING, ys[:2], mask), "must share their \\(batch, steps\\)"),
+                          ((head, "classification", ys, mask), "integer labels")):
+        with pytest.raises(ValueError, match=message):
+            task_loss(*args)
+    with pytest.raises(ValueError, match="do not fit the readout"):
+        gradflow.gradient_map(LSTM, params, xs[:2], loss=task_loss(head, ADDING, ys, mask))
