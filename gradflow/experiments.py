@@ -217,12 +217,11 @@ def map_grid(problems, losses=("last", "all"), *, wrt: str = "hidden", readout_s
                     raise TypeError(f"problem {label!r} must be a gradflow Problem or a "
                                     f"(stack, params, xs) triple, got {type(prob).__name__}"
                                     ) from None
-                prob = Problem(stack, params, xs, dict(stack.config) if hasattr(
-                    stack, "config") else {})
+                prob = Problem(stack, params, xs, {})
             if not isinstance(prob.stack, Stack):
                 raise TypeError(f"problem {label!r}: its stack must be a gradflow Stack, got "
                                 f"{type(prob.stack).__name__}")
-            given[label] = prob
+            given[label] = prob if prob.config else prob._replace(config=prob.stack.config)
         losses = _loss_entries(losses)
         choice("wrt", wrt, WRTS)
         for prob in given.values():
@@ -230,8 +229,7 @@ def map_grid(problems, losses=("last", "all"), *, wrt: str = "hidden", readout_s
     arrays, maps, positive = _maps(((label, lambda p=p: p) for label, p in given.items()),
                                    losses, wrt, readout_seed)
     config = {**(meta or {}), "cells": labels, "losses": [_loss_name(x) for x in losses],
-              "wrt": wrt,
-              "readout_seed": readout_seed, "maps": maps}
+              "wrt": wrt, "readout_seed": readout_seed, "maps": maps}
     for key, names in _SHARED.items():  # what every map agrees on, for a figure's title
         each = [next((m[n] for n in names if m.get(n) is not None), None) for m in maps.values()]
         config[key] = each[0] if all(v == each[0] for v in each) else None
@@ -252,7 +250,8 @@ def _loss_entries(losses) -> list:
     pairs, the names distinct."""
     items = [losses] if isinstance(losses, str) else list(losses)
     named = [x for x in items if isinstance(x, str)]
-    _names(named or LOSSES[:1], "losses", "loss", LOSSES)
+    if named:
+        _names(named, "losses", "loss", LOSSES)
     for x in items:
         if not isinstance(x, str) and not (isinstance(x, tuple) and len(x) == 2 and isinstance(
                 x[0], str) and x[0] not in LOSSES and callable(x[1])):
