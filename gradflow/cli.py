@@ -983,7 +983,10 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                    help="parameters from key(seed), inputs N(0, 1) from key(seed + 1) (default: 0)")
     g.add_argument("--init", type=init_scheme, default=None,
                    help="orthogonal, glorot, torch, chrono, ugi, or weights+bias such as "
-                        "glorot+chrono (default: the cell's own, orthogonal for most)")
+                        "glorot+chrono; a bare weight scheme replaces the cell's own bias "
+                        "scheme too (ur_lstm keeps its UGI biases with orthogonal+ugi; the "
+                        "atlas's init factor keeps them) (default: the cell's own, orthogonal "
+                        "for most)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
     g.add_argument("--input-scale", type=finite_float, default=1.0, metavar="S",
                    help="inputs are S * N(0, 1) (default: 1)")
