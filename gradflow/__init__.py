@@ -23,8 +23,8 @@ _ATTRS = {
 # first: `import gradflow.problem as P` and `from gradflow import problem` give one object)
 _SUBMODULES = ("atlas", "atlas_training", "cells", "checks", "cli", "cost", "errors",
                "experiments", "gates", "jacobian", "parallel", "plot", "problem", "registry",
-               "reproduce",
-               "results", "runs", "seeds", "stack", "sweep", "tasks", "train")
+               "reproduce", "results", "runs", "seeds", "stack", "sweep", "tasks", "train",
+               "views")
 
 __all__ = ["cells", "gates", "jacobian", "results", "tasks", "train", "Stack", "StackOutput",
            "Problem", "problem", "gradient_map", "jacobian_map", "local_gains", "Result", "load",

@@ -33,12 +33,14 @@ from gradflow import gates as _gates
 from gradflow import tasks as _tasks
 from gradflow.checks import choice, float_dtype
 from gradflow.errors import user_input
-from gradflow.jacobian import (LOSSES, WRTS, check_wrt, expected_positive, gradient_map,
-                               local_gains)
+from gradflow.jacobian import check_wrt, gradient_map, local_gains
 from gradflow.problem import (Problem, cell_problem, precision, problem, problem_stack,
                               task_stack)
 from gradflow.stack import Stack
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
+from gradflow.views import (LOSSES, WRTS, _keys, _label, _seed_of, _unpack,  # noqa: F401
+                            expected_positive, gain_panel, panel, run_curve, run_record,
+                            stats_panel)
 
 # ---------------------------------------------------------------------------------------------
 # Packing and unpacking
@@ -79,25 +81,8 @@ def _cell_entries(cells) -> tuple[list[str], list]:
     return _names(labels, "cells", "cell", labels), items
 
 
-def _unpack(data: Result, prefix: str, kind: str, config: dict) -> Result:
-    """The arrays of ``data`` under ``prefix`` (stripped) as a Result of ``kind``."""
-    return make_result(kind, {k[len(prefix):]: v for k, v in data.arrays.items()
-                              if k.startswith(prefix)}, config, warn=False)
-
-
-def _label(data: Result, label: str, section: str, what: str) -> str:
-    """``label`` if ``data.config[section]`` has it, else a ValueError listing the valid ones."""
-    if label not in data.config[section]:
-        raise ValueError(f"no {what} {label!r}; valid: {', '.join(data.config[section])}")
-    return label
-
-
 # ---------------------------------------------------------------------------------------------
 # Grids of gradient maps (STAR Fig. 2 layout)
-
-
-def _keys(loss: str, cell: str) -> tuple[str, str]:
-    return f"values/{loss}/{cell}", f"loss_value/{loss}/{cell}"
 
 
 def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers: int = 10,
@@ -297,19 +282,6 @@ def _maps(problems, losses, wrt, readout_seed):
     return arrays, maps, positive
 
 
-def panel(grid: Result, loss: str, cell: str) -> Result:
-    """One ``gradient_map`` Result (``values: (L, T)``) out of a :func:`gradient_grid` result."""
-    key, value_key = _keys(loss, cell)
-    if key not in grid.arrays:
-        raise ValueError(f"no map for loss {loss!r} and cell {cell!r}; the grid has "
-                         f"{', '.join(grid.config['maps'])}")
-    config = grid.config["maps"][f"{loss}/{cell}"]
-    wrt = config.get("wrt", grid.config.get("wrt"))
-    return make_result("gradient_map", {"values": grid[key], "loss_value": grid[value_key]},
-                       config, warn=False, positive=expected_positive(
-                           loss, wrt, grid[key].shape[-1]) if wrt in WRTS else None)
-
-
 # ---------------------------------------------------------------------------------------------
 # Vertical gains against depth (SPEC section 4 item 2)
 
@@ -319,10 +291,6 @@ def panel(grid: Result, loss: str, cell: str) -> Result:
 #: GRU :math:`(1-z) W_n` (1/2), MGU :math:`f W_n` (1/2), STAR :math:`k W_z` (1/2); the atlas's
 #: ``*_vertical_*`` claims test the same values (a test keeps the two in step).
 VERTICAL_GAIN = {"rnn": 1.0, "lstm": 0.25, "gru": 0.5, "mgu": 0.5, "star": 0.5}
-
-_GAIN_ARRAYS = ("vertical_rms", "vertical_spectral", "temporal_rms", "temporal_spectral",
-                "state_rms", "state_spectral")
-
 
 def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, steps: int = 4,
                   hidden: int = 32, batch: int = 4, seed: int = 0, init: str = "orthogonal",
@@ -363,15 +331,6 @@ def vertical_gain(cells=("rnn", "lstm", "gru", "star"), *, layers: int = 64, ste
               "input_scale": input_scale,
               "closed_form": {c: VERTICAL_GAIN[c] for c in cells if c in VERTICAL_GAIN}}
     return make_result("vertical_gain", arrays, config)
-
-
-def gain_panel(data: Result, cell: str) -> Result:
-    """One cell's ``local_gains`` Result out of a :func:`vertical_gain` result."""
-    _label(data, cell, "cells", "cell")
-    # (results saved before the state gains were measured have the other four)
-    return make_result("local_gains", {k: data[f"{k}/{cell}"] for k in _GAIN_ARRAYS
-                                       if f"{k}/{cell}" in data.arrays},
-                       {**data.config, "cell": cell}, warn=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,12 +377,6 @@ def gate_saturation(entries, *, layers: int = 2, steps: int = 32, hidden: int = 
               "input_scale": input_scale, "eps": eps, "bins": bins,
               "stats": {label: r.config for label, r in found.items()}}
     return make_result("gate_saturation", arrays, config)
-
-
-def stats_panel(data: Result, label: str) -> Result:
-    """Entry ``label``'s ``gate_stats`` Result out of a :func:`gate_saturation` result."""
-    _label(data, label, "stats", "entry")
-    return _unpack(data, f"{label}/", "gate_stats", data.config["stats"][label])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,51 +496,6 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
               "record": list(record), "record_batch": record_batch, "eps": eps, "bins": bins,
               "runs": run_configs, "records": record_configs}
     return make_result("training_runs", arrays, config)
-
-
-def _seed_of(data: Result, result: Result, seed) -> Result:
-    """``result`` (arrays with a leading seed axis in a multi-seed ``data``) at ``seed``:
-    None keeps every seed; an int picks that seed's slice (a single-seed ``data`` only has
-    its own seed)."""
-    seeds = data.config.get("seeds")
-    if seed is None:
-        return result
-    if seeds is None:
-        if seed != data.config["seed"]:
-            raise ValueError(f"no seed {seed!r}; this result has seed {data.config['seed']}")
-        return result
-    if seed not in seeds:
-        raise ValueError(f"no seed {seed!r}; seeds: {seeds}")
-    i = seeds.index(seed)
-    config = {k: v for k, v in result.config.items() if k != "seeds"}
-    return make_result(result.kind, {k: v[i] for k, v in result.arrays.items()},
-                       {**config, "seed": seed}, warn=False)
-
-
-def run_curve(data: Result, label: str, seed=None) -> Result:
-    """Run ``label``'s learning curve (a ``History.curve`` Result) out of :func:`training_runs`;
-    of a multi-seed result, every array ``(S, ...)`` (``seed=None``) or one seed's."""
-    _label(data, label, "runs", "run")
-    return _seed_of(data, _unpack(data, f"{label}/curve/", "training",
-                                  data.config["runs"][label]), seed)
-
-
-def run_record(data: Result, label: str, record: str, step="last", seed=None) -> Result:
-    """Run ``label``'s ``record`` (``"gates"`` or ``"map"``) at ``step`` (an int, ``"first"``
-    or ``"last"``) out of :func:`training_runs`; of a multi-seed result, stacked ``(S, ...)``
-    (``seed=None``) or one seed's."""
-    _label(data, label, "runs", "run")
-    found = data.config["records"][label]
-    steps = sorted(int(k.split("@")[1]) for k in found if k.split("@")[0] == record)
-    if not steps:
-        raise ValueError(f"run {label!r} recorded no {record!r}; recorded: "
-                         f"{', '.join(sorted(found)) or 'nothing'}")
-    step = {"first": steps[0], "last": steps[-1]}.get(step, step)
-    key = f"{record}@{step}"
-    if key not in found:
-        raise ValueError(f"run {label!r} has no {record!r} at step {step!r}; steps: {steps}")
-    cfg = dict(found[key])
-    return _seed_of(data, _unpack(data, f"{label}/{key}/", cfg.pop("result_kind"), cfg), seed)
 
 
 __all__ = ["RECORDS", "VERTICAL_GAIN", "gain_panel", "gate_saturation", "gradient_grid", "panel",

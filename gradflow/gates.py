@@ -92,11 +92,10 @@ from gradflow import checks
 from gradflow import cost as _cost
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack, in_precision, map_layers, where_nonfinite
+from gradflow.views import STATS, bin_edges, hist_edges, summary, value_range
 
 #: The most histogram bins :func:`saturation` takes (a million took the figure 6 minutes).
 MAX_BINS = 10_000
-STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_fraction",
-         "nonfinite")
 KINDS = _KINDS
 UPDATE_THRESHOLD = 1e-3
 #: The default saturation margin (a gate is saturated below ``EPS`` or above ``1 - EPS``) and
@@ -187,26 +186,6 @@ def kept_fraction(a, sign: int):
 def timescale(kept):
     r"""Memory timescale in steps, :math:`1/(1-\kappa)` (inf where :math:`\kappa = 1`)."""
     return 1.0 / (1.0 - kept)
-
-
-def value_range(kind: str = "sigmoid") -> tuple[float, float]:
-    r"""``(lo, hi)``: the range of a gate of ``kind``, which its histogram covers and beyond
-    which its values count as ``outside``: ``(-1, 1)`` for a ``"tanh"`` gate
-    (:math:`a = \tanh(z)`), ``(0, 1)`` for every other kind (Cheng et al.'s refined gates leave
-    it and are counted outside it, SPEC section 3; an ``"other"`` gate is read on it as a
-    sigmoid).
-
-    >>> value_range("tanh"), value_range("refined")
-    ((-1.0, 1.0), (0.0, 1.0))
-    """
-    return (-1.0, 1.0) if kind == "tanh" else (0.0, 1.0)
-
-
-def bin_edges(bins: int, kind: str = "sigmoid") -> np.ndarray:
-    """``(bins + 1,)`` float64 edges of the fixed histogram of a gate of ``kind``: ``bins``
-    equal bins over :func:`value_range` (``[0, 1]``; ``[-1, 1]`` for ``"tanh"``)."""
-    lo, hi = value_range(kind)
-    return np.linspace(lo, hi, bins + 1)
 
 
 def bin_index(a, bins: int, kind: str = "sigmoid"):
@@ -586,41 +565,6 @@ def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = 
                                "dtype": str(dtype)}, meta, eps=eps, bins=bins,
                               update_threshold=threshold, gates=list(kinds), gate_kinds=kinds)
     return make_result("gate_stats", arrays, config)
-
-
-def hist_edges(stats, gate: str) -> np.ndarray:
-    """``(bins + 1,)`` edges of ``stats``'s histogram ``hist/{gate}``: ``bin_edges/{gate}``
-    where the gate has its own range (a ``"tanh"`` gate's ``[-1, 1]``), else the shared
-    ``bin_edges`` over ``[0, 1]``; without either (a hand-made result) the ``[0, 1]`` edges of
-    as many bins as ``hist/{gate}`` has. Results saved before per-gate edges existed have no
-    ``bin_edges/{gate}``: every histogram of theirs is over ``[0, 1]``, which this returns.
-
-    Args:
-      stats: a ``gate_stats`` :class:`~gradflow.results.Result` (or a mapping of its arrays).
-      gate: a gate it reports.
-    Raises:
-      ValueError: the edges do not fit the histogram (not ``bins + 1`` increasing values).
-    """
-    arrays = stats.arrays if isinstance(stats, Result) else stats
-    hist = np.asarray(arrays[f"hist/{gate}"])
-    bins = hist.shape[-1]
-    key = next((k for k in (f"bin_edges/{gate}", "bin_edges") if k in arrays), None)
-    edges = bin_edges(bins) if key is None else np.asarray(arrays[key], dtype=float)
-    if edges.shape != (bins + 1,) or not np.all(np.diff(edges) > 0):
-        raise ValueError(f"{key!r} must be {bins + 1} increasing edges for the {bins} bins of "
-                         f"'hist/{gate}', got shape {edges.shape}")
-    return edges
-
-
-def summary(stats: Result) -> dict:
-    """``{gate: {stat: float}}``: the pooled scalars of a :func:`saturation` result."""
-    if stats.kind != "gate_stats":
-        raise ValueError(f"summary needs a 'gate_stats' result, got kind {stats.kind!r}")
-    out = {}
-    for g in stats.config["gates"]:
-        out[g] = {s: float(stats.arrays[f"{s}/{g}/pooled"]) for s in STATS
-                  if f"{s}/{g}/pooled" in stats.arrays}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,12 +43,11 @@ from gradflow import checks
 from gradflow import cost as _cost
 from gradflow.errors import InputError, user_input
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
+from gradflow.views import LOSSES, WRTS, expected_positive
 from gradflow.cells.base import normal
 from gradflow.stack import (Stack, emit, finite_positions, finite_states, in_precision,
                             map_layers, safe_norm, scaled_reduction, where_nonfinite)
 
-LOSSES = ("last", "all")
-WRTS = ("hidden", "cell", "params")
 NORMS = ("rms", "spectral")
 METHODS = ("exact", "probe")
 CLASSES = 10
@@ -269,20 +268,6 @@ def check_wrt(stack: Stack, wrt: str) -> None:
     if wrt == "cell" and "c" not in stack.state_names:
         raise InputError(f"wrt='cell' needs a cell with a memory state c; cell "
                          f"{stack.cells[0].name!r} has only {', '.join(stack.state_names)}")
-
-
-def expected_positive(loss, wrt: str, steps: int):
-    """``{"values": mask}``: the entries of a ``(..., L, T)`` gradient map that the default
-    losses make positive (for :attr:`Result.underflow`), or None for a callable loss (which
-    may ignore any state). Every state reaches the readout, except a memory ``c`` at the last
-    step: ``h_{T-1}`` is formed from ``c_{T-1}`` before ``c_{T-1}`` leaves the cell, so its
-    gradient there is exactly 0. A cell can still have an exactly zero gradient (every ReLU
-    unit off); such entries are counted with the underflow ones."""
-    if callable(loss):
-        return None
-    if wrt == "cell":
-        return {"values": jnp.arange(steps) < steps - 1}
-    return {"values": True}
 
 
 def map_arrays(stack: Stack, params, xs, loss_fn: Callable, wrt: str = "hidden"):

@@ -34,8 +34,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from gradflow import gates as _gates
-from gradflow.experiments import gain_panel, panel, run_curve, run_record, stats_panel
+from gradflow import views as _views
+from gradflow.views import gain_panel, panel, run_curve, run_record, stats_panel
 from gradflow.results import Result, make_result, origin
 
 FORMATS = (".png", ".pdf", ".svg")
@@ -646,7 +646,7 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
         raise ValueError(f"{_gate_key('outside', gate)!r} must be (layers, 3) counts below / "
                          f"above the gate's range and NaN, got {outside.shape}")
     n_layers, bins = hist.shape
-    edges = _gates.hist_edges(stats, gate)
+    edges = _views.hist_edges(stats, gate)
     chosen = _layer_selection(layers, n_layers)
     fig, ax = _figure_axes(ax, (5.2, 3.4))
 
@@ -967,7 +967,7 @@ def draw_gate_panels(panels: dict, gates: dict, title: str | None = None, *, fig
     for i, row in enumerate(rows):
         for j, label in enumerate(cols):
             stats, gate = panels[row][label], gates[label]
-            s = _gates.summary(stats)[gate]
+            s = _views.summary(stats)[gate]
             gate_histograms(stats, gate, layers="pooled", ax=axes[i, j],
                             title=f"{label}, gate {gate} ({row})\nsaturated "
                                   f"{s['saturated']:.2f}, mean {s['mean']:.2f}")
@@ -1115,7 +1115,7 @@ def _seeds_text(config: dict) -> str:
 def _seed_mean(stats: Result) -> Result:
     """A multi-seed record (every array ``(S, ...)``) as its mean over the seeds."""
     return make_result(stats.kind, {k: np.mean(v, axis=0) for k, v in stats.arrays.items()},
-                       stats.config, warn=False)
+                       stats.config, warn=False, source=stats)
 
 
 def draw_training(data: Result, gates: Mapping | None = None, *,

@@ -157,7 +157,8 @@ class Result:
 
 
 def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
-                warn: bool = True, positive: Mapping[str, Any] | None = None) -> Result:
+                warn: bool = True, positive: Mapping[str, Any] | None = None,
+                source: Result | None = None) -> Result:
     """Build a :class:`Result`: arrays to NumPy, config to JSON-able, non-finite entries counted.
 
     Emits a :class:`NonFiniteWarning` (never an exception) when any entry is inf or NaN.
@@ -166,6 +167,8 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
       positive: ``{name: True or a boolean mask broadcastable to arrays[name]}``: the entries
         the measurement expects to be positive; those below ``np.finfo(dtype).tiny`` (0 or
         subnormal) are counted in ``Result.underflow[name]``.
+      source: the Result these arrays are read out of (a panel of a saved grid): its
+        provenance is kept, instead of this machine's (which would start JAX to ask).
     """
     arrs = {k: np.asarray(v) for k, v in arrays.items()}
     nonfinite = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v)))
@@ -176,7 +179,8 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
         warnings.warn(f"{kind}: non-finite entries (inf/NaN) in "
                       + ", ".join(f"{k}: {n}" for k, n in bad.items()),
                       NonFiniteWarning, stacklevel=3)
-    return Result(kind, arrs, _jsonable(dict(config)), nonfinite, underflow, provenance())
+    return Result(kind, arrs, _jsonable(dict(config)), nonfinite, underflow,
+                  provenance() if source is None else dict(source.provenance))
 
 
 def origin(config: Mapping) -> str:

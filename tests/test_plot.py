@@ -1,5 +1,7 @@
 """Tests for gradflow.plot: the drawn data equals the result's arrays, checked against NumPy and
 against the rendered pixels; shared scales, non-finite markings, file formats, bad input."""
+import os
+import pathlib
 import subprocess
 import sys
 import warnings
@@ -666,3 +668,26 @@ def test_every_function_returns_a_figure_of_axes():
                plot.gain_profile(_gains())]
     for fig in figures:
         assert isinstance(fig, Figure) and all(isinstance(ax, Axes) for ax in fig.axes)
+
+
+def _draw_saved_without_jax():
+    """A fresh process draws committed figures' data (a grid, a gate-saturation experiment, a
+    training experiment) through gradflow.plot and reports whether JAX was imported."""
+    code = (
+        "import sys, gradflow.plot as P, gradflow.results as R\n"
+        "P.draw_grid(R.load('figures/star_fig2.npz'))\n"
+        "P.draw_saturation(R.load('figures/ur_lstm_gates_init.npz'))\n"
+        "P.draw_training(R.load('figures/gu_copy_gates.npz'))\n"
+        "print(sorted(m for m in ('jax', 'gradflow.stack', 'gradflow.cells') "
+        "if m in sys.modules))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=180, cwd=str(pathlib.Path(__file__).resolve().parents[1]),
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+
+
+@pytest.mark.background(job=_draw_saved_without_jax)  # its work is a fresh process
+def test_saved_results_are_drawn_without_jax(background):
+    """gradflow.plot reads packed Results through gradflow.views (NumPy only): drawing saved
+    .npz files does not start JAX (it imported the whole measurement stack, about 2 s)."""
+    assert background.returncode == 0, background.stderr
+    assert background.stdout.strip() == "[]"

@@ -1,0 +1,190 @@
+"""Reading packed Results back, with NumPy alone: the per-problem Results inside an experiment's
+Result (:func:`panel`, :func:`gain_panel`, :func:`stats_panel`, :func:`run_curve`,
+:func:`run_record`), a gate histogram's edges (:func:`hist_edges`) and pooled statistics
+(:func:`summary`), and which entries of a gradient map must be positive
+(:func:`expected_positive`).
+
+Nothing here imports JAX: :mod:`gradflow.plot` draws saved ``.npz`` files through this module
+without starting it. :mod:`gradflow.experiments`, :mod:`gradflow.gates` and
+:mod:`gradflow.jacobian` re-export these names where they were first defined.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gradflow.results import Result, make_result
+
+#: The default losses of a gradient map and what it can be taken with respect to
+#: (:func:`gradflow.gradient_map`).
+LOSSES = ("last", "all")
+WRTS = ("hidden", "cell", "params")
+#: The statistics of a gate (:func:`gradflow.gates.saturation`).
+STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_fraction",
+         "nonfinite")
+#: The arrays of :func:`gradflow.local_gains`.
+GAIN_ARRAYS = ("vertical_rms", "vertical_spectral", "temporal_rms", "temporal_spectral",
+                "state_rms", "state_spectral")
+
+
+def expected_positive(loss, wrt: str, steps: int):
+    """``{"values": mask}``: the entries of a ``(..., L, T)`` gradient map that the default
+    losses make positive (for :attr:`Result.underflow`), or None for a callable loss (which
+    may ignore any state). Every state reaches the readout, except a memory ``c`` at the last
+    step: ``h_{T-1}`` is formed from ``c_{T-1}`` before ``c_{T-1}`` leaves the cell, so its
+    gradient there is exactly 0. A cell can still have an exactly zero gradient (every ReLU
+    unit off); such entries are counted with the underflow ones."""
+    if callable(loss):
+        return None
+    if wrt == "cell":
+        return {"values": np.arange(steps) < steps - 1}
+    return {"values": True}
+
+
+def value_range(kind: str = "sigmoid") -> tuple[float, float]:
+    r"""``(lo, hi)``: the range of a gate of ``kind``, which its histogram covers and beyond
+    which its values count as ``outside``: ``(-1, 1)`` for a ``"tanh"`` gate
+    (:math:`a = \tanh(z)`), ``(0, 1)`` for every other kind (Cheng et al.'s refined gates leave
+    it and are counted outside it, SPEC section 3; an ``"other"`` gate is read on it as a
+    sigmoid).
+
+    >>> value_range("tanh"), value_range("refined")
+    ((-1.0, 1.0), (0.0, 1.0))
+    """
+    return (-1.0, 1.0) if kind == "tanh" else (0.0, 1.0)
+
+
+def bin_edges(bins: int, kind: str = "sigmoid") -> np.ndarray:
+    """``(bins + 1,)`` float64 edges of the fixed histogram of a gate of ``kind``: ``bins``
+    equal bins over :func:`value_range` (``[0, 1]``; ``[-1, 1]`` for ``"tanh"``)."""
+    lo, hi = value_range(kind)
+    return np.linspace(lo, hi, bins + 1)
+
+
+def hist_edges(stats, gate: str) -> np.ndarray:
+    """``(bins + 1,)`` edges of ``stats``'s histogram ``hist/{gate}``: ``bin_edges/{gate}``
+    where the gate has its own range (a ``"tanh"`` gate's ``[-1, 1]``), else the shared
+    ``bin_edges`` over ``[0, 1]``; without either (a hand-made result) the ``[0, 1]`` edges of
+    as many bins as ``hist/{gate}`` has. Results saved before per-gate edges existed have no
+    ``bin_edges/{gate}``: every histogram of theirs is over ``[0, 1]``, which this returns.
+
+    Args:
+      stats: a ``gate_stats`` :class:`~gradflow.results.Result` (or a mapping of its arrays).
+      gate: a gate it reports.
+    Raises:
+      ValueError: the edges do not fit the histogram (not ``bins + 1`` increasing values).
+    """
+    arrays = stats.arrays if isinstance(stats, Result) else stats
+    hist = np.asarray(arrays[f"hist/{gate}"])
+    bins = hist.shape[-1]
+    key = next((k for k in (f"bin_edges/{gate}", "bin_edges") if k in arrays), None)
+    edges = bin_edges(bins) if key is None else np.asarray(arrays[key], dtype=float)
+    if edges.shape != (bins + 1,) or not np.all(np.diff(edges) > 0):
+        raise ValueError(f"{key!r} must be {bins + 1} increasing edges for the {bins} bins of "
+                         f"'hist/{gate}', got shape {edges.shape}")
+    return edges
+
+
+def summary(stats: Result) -> dict:
+    """``{gate: {stat: float}}``: the pooled scalars of a :func:`saturation` result."""
+    if stats.kind != "gate_stats":
+        raise ValueError(f"summary needs a 'gate_stats' result, got kind {stats.kind!r}")
+    out = {}
+    for g in stats.config["gates"]:
+        out[g] = {s: float(stats.arrays[f"{s}/{g}/pooled"]) for s in STATS
+                  if f"{s}/{g}/pooled" in stats.arrays}
+    return out
+
+
+def _unpack(data: Result, prefix: str, kind: str, config: dict) -> Result:
+    """The arrays of ``data`` under ``prefix`` (stripped) as a Result of ``kind``."""
+    return make_result(kind, {k[len(prefix):]: v for k, v in data.arrays.items()
+                              if k.startswith(prefix)}, config, warn=False, source=data)
+
+
+def _label(data: Result, label: str, section: str, what: str) -> str:
+    """``label`` if ``data.config[section]`` has it, else a ValueError listing the valid ones."""
+    if label not in data.config[section]:
+        raise ValueError(f"no {what} {label!r}; valid: {', '.join(data.config[section])}")
+    return label
+
+
+def _keys(loss: str, cell: str) -> tuple[str, str]:
+    return f"values/{loss}/{cell}", f"loss_value/{loss}/{cell}"
+
+
+def panel(grid: Result, loss: str, cell: str) -> Result:
+    """One ``gradient_map`` Result (``values: (L, T)``) out of a :func:`gradient_grid` result."""
+    key, value_key = _keys(loss, cell)
+    if key not in grid.arrays:
+        raise ValueError(f"no map for loss {loss!r} and cell {cell!r}; the grid has "
+                         f"{', '.join(grid.config['maps'])}")
+    config = grid.config["maps"][f"{loss}/{cell}"]
+    wrt = config.get("wrt", grid.config.get("wrt"))
+    return make_result("gradient_map", {"values": grid[key], "loss_value": grid[value_key]},
+                       config, warn=False, source=grid, positive=expected_positive(
+                           loss, wrt, grid[key].shape[-1]) if wrt in WRTS else None)
+
+
+def gain_panel(data: Result, cell: str) -> Result:
+    """One cell's ``local_gains`` Result out of a :func:`vertical_gain` result."""
+    _label(data, cell, "cells", "cell")
+    # (results saved before the state gains were measured have the other four)
+    return make_result("local_gains", {k: data[f"{k}/{cell}"] for k in GAIN_ARRAYS
+                                       if f"{k}/{cell}" in data.arrays},
+                       {**data.config, "cell": cell}, warn=False, source=data)
+
+
+def stats_panel(data: Result, label: str) -> Result:
+    """Entry ``label``'s ``gate_stats`` Result out of a :func:`gate_saturation` result."""
+    _label(data, label, "stats", "entry")
+    return _unpack(data, f"{label}/", "gate_stats", data.config["stats"][label])
+
+
+def _seed_of(data: Result, result: Result, seed) -> Result:
+    """``result`` (arrays with a leading seed axis in a multi-seed ``data``) at ``seed``:
+    None keeps every seed; an int picks that seed's slice (a single-seed ``data`` only has
+    its own seed)."""
+    seeds = data.config.get("seeds")
+    if seed is None:
+        return result
+    if seeds is None:
+        if seed != data.config["seed"]:
+            raise ValueError(f"no seed {seed!r}; this result has seed {data.config['seed']}")
+        return result
+    if seed not in seeds:
+        raise ValueError(f"no seed {seed!r}; seeds: {seeds}")
+    i = seeds.index(seed)
+    config = {k: v for k, v in result.config.items() if k != "seeds"}
+    return make_result(result.kind, {k: v[i] for k, v in result.arrays.items()},
+                       {**config, "seed": seed}, warn=False, source=result)
+
+
+def run_curve(data: Result, label: str, seed=None) -> Result:
+    """Run ``label``'s learning curve (a ``History.curve`` Result) out of :func:`training_runs`;
+    of a multi-seed result, every array ``(S, ...)`` (``seed=None``) or one seed's."""
+    _label(data, label, "runs", "run")
+    return _seed_of(data, _unpack(data, f"{label}/curve/", "training",
+                                  data.config["runs"][label]), seed)
+
+
+def run_record(data: Result, label: str, record: str, step="last", seed=None) -> Result:
+    """Run ``label``'s ``record`` (``"gates"`` or ``"map"``) at ``step`` (an int, ``"first"``
+    or ``"last"``) out of :func:`training_runs`; of a multi-seed result, stacked ``(S, ...)``
+    (``seed=None``) or one seed's."""
+    _label(data, label, "runs", "run")
+    found = data.config["records"][label]
+    steps = sorted(int(k.split("@")[1]) for k in found if k.split("@")[0] == record)
+    if not steps:
+        raise ValueError(f"run {label!r} recorded no {record!r}; recorded: "
+                         f"{', '.join(sorted(found)) or 'nothing'}")
+    step = {"first": steps[0], "last": steps[-1]}.get(step, step)
+    key = f"{record}@{step}"
+    if key not in found:
+        raise ValueError(f"run {label!r} has no {record!r} at step {step!r}; steps: {steps}")
+    cfg = dict(found[key])
+    return _seed_of(data, _unpack(data, f"{label}/{key}/", cfg.pop("result_kind"), cfg), seed)
+
+
+__all__ = ["GAIN_ARRAYS", "LOSSES", "STATS", "WRTS", "bin_edges", "expected_positive",
+           "gain_panel", "hist_edges", "panel", "run_curve", "run_record", "stats_panel",
+           "summary", "value_range"]
