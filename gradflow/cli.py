@@ -923,10 +923,10 @@ def _trained_problem(args, path):
 
 
 def _run_batch(args, config: dict, dt, path):
-    """The first ``--batch`` sequences of the fixed evaluation batch of the run at ``path``:
-    ``(xs: (B, T, D), ys, mask)`` (and the evaluation task)."""
-    from gradflow import tasks as _tasks
-    from gradflow.train import eval_batch_of, keys
+    """The first ``--batch`` sequences of the fixed evaluation batch of the run at ``path``
+    (default: as many as its recorded maps used): ``(xs: (B, T, D), ys, mask, task)``
+    (:func:`gradflow.train.run_eval_batch`)."""
+    from gradflow.train import run_eval_batch
 
     batch = args.batch
     if not _given(args, ("batch",)):  # the run's own maps' batch: the same numbers
@@ -935,10 +935,7 @@ def _run_batch(args, config: dict, dt, path):
         raise _usage(args, f"--batch {batch} is more than the {config['eval_batch']} "
                            f"evaluation sequences of the run at {path}")
     with user_input():
-        eval_task = _tasks.from_config(config["eval_task"])
-    xs, ys, mask = eval_batch_of(eval_task, keys(config["seed"])[2], config["eval_batch"],
-                                 config["batch"], dt)
-    return xs[:batch], ys[:batch], mask[:batch], eval_task
+        return run_eval_batch(path, dt, batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -964,6 +961,13 @@ def _finish(p, run):
     p.set_defaults(run=run, defaults={a.dest: a.default for a in p._actions})
 
 
+#: ``--init``'s help, wherever a command builds cells.
+INIT_HELP = ("orthogonal, glorot, torch, chrono, ugi, or weights+bias such as glorot+chrono; a "
+             "bare weight scheme replaces the cell's own bias scheme too (ur_lstm keeps its UGI "
+             "biases with orthogonal+ugi; the atlas's init factor keeps them) (default: the "
+             "cell's own, orthogonal for most)")
+
+
 def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
     """The problem group: sizes, seed, init, dtype, inputs, cell options (and, for one cell,
     its input size and the stack's topology)."""
@@ -981,12 +985,7 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                         "one B")
     g.add_argument("--seed", type=seed_int, default=0,
                    help="parameters from key(seed), inputs N(0, 1) from key(seed + 1) (default: 0)")
-    g.add_argument("--init", type=init_scheme, default=None,
-                   help="orthogonal, glorot, torch, chrono, ugi, or weights+bias such as "
-                        "glorot+chrono; a bare weight scheme replaces the cell's own bias "
-                        "scheme too (ur_lstm keeps its UGI biases with orthogonal+ugi; the "
-                        "atlas's init factor keeps them) (default: the cell's own, orthogonal "
-                        "for most)")
+    g.add_argument("--init", type=init_scheme, default=None, help=INIT_HELP)
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: float32)")
     g.add_argument("--input-scale", type=finite_float, default=1.0, metavar="S",
                    help="inputs are S * N(0, 1) (default: 1)")
@@ -1302,7 +1301,8 @@ def add_compare(sub):
                  "columns = cells, one shared log colour scale, each map relative to its own "
                  "top-layer, last-step value as in the STAR paper's Figure 2 (--absolute: the "
                  "raw values). The defaults are that figure's setting (10 x 10, H = 128, wrt "
-                 "params, both losses).", """
+                 "params, both losses). With --params: trained runs instead, each on its own "
+                 "inputs (--losses task: each under its own loss).", """
             gradflow compare --cells rnn,lstm,star --layers 10 --steps 10
             gradflow compare --cells lstm,gru --losses last --wrt hidden --absolute
             gradflow compare --cells lstm,lstm:forget_bias=1.0,ur_lstm --wrt hidden
@@ -1315,8 +1315,9 @@ def add_compare(sub):
     p.add_argument("--params", type=path_list, default=None, metavar="RUN[,RUN...]",
                    help="trained runs side by side instead of fresh cells: comma-separated run "
                         "folders of `gradflow train` (each on its own task's evaluation "
-                        "sequences) or .npz files of gradflow.runs.save_params (Gaussian "
-                        "inputs at --steps), each labelled by its file or folder name")
+                        "sequences, as many as its recorded maps used unless --batch) or .npz "
+                        "files of gradflow.runs.save_params (Gaussian inputs at --steps and "
+                        "--batch), each labelled by its file or folder name")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all, and with --params task (each run's "
                         "own loss through its trained readout) (default: last,all)")
@@ -1340,7 +1341,9 @@ _COMPARE_FOOTNOTE = (
     "per-step decay: the loss enters at every step); dec. vs top-last: the range over the "
     "entries the loss reaches, -inf where one is exactly 0; x0 (-inf dec): exactly 0; "
     "underflow: entries below the smallest normal float, where the gradient vanished "
-    "past the float range)")
+    "past the float range; loss task: read from the top-last entry too, also where the "
+    "task's loss first enters earlier (copy's recall steps: heatmap --loss task's summary "
+    "starts there))")
 
 
 def _compare_notes(problems: dict) -> list[str]:
@@ -1833,9 +1836,7 @@ def add_train(sub):
                    help="stack depth (default: 4)")
     g.add_argument("--hidden", type=hidden_sizes, default=32, metavar="H",
                    help="hidden size, or one per layer such as 64,32 (default: 32)")
-    g.add_argument("--init", type=init_scheme, default=None,
-                   help="orthogonal, glorot, torch, chrono, ugi, or weights+bias such as "
-                        "glorot+chrono (default: the cell's own)")
+    g.add_argument("--init", type=init_scheme, default=None, help=INIT_HELP)
     g.add_argument("--option", type=option, action="append", metavar="KEY=VALUE",
                    help="another cell option, repeatable")
     g = p.add_argument_group("training")

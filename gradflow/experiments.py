@@ -170,7 +170,9 @@ def map_grid(problems, losses=("last", "all"), *, wrt: str = "hidden", readout_s
       wrt: ``"hidden"``, ``"cell"`` or ``"params"``, as :func:`gradflow.gradient_map`.
       readout_seed: the random readout and labels of the default losses (one probe for every
         problem).
-      meta: extra config recorded in the result.
+      meta: extra config recorded in the result, over what the maps share (e.g.
+        ``{"params": "runs/lstm", "train_step": 200}``: where the weights come from, which
+        a figure's title then names instead of the stack's init).
     Returns:
       Result ``kind="gradient_grid"`` as :func:`gradient_grid`'s; its config records each
       map's own config (``config["maps"]``) and, where every problem agrees on it, ``layers``,
@@ -213,13 +215,14 @@ def map_grid(problems, losses=("last", "all"), *, wrt: str = "hidden", readout_s
             check_wrt(prob.stack, wrt)
     arrays, maps, positive = _maps(((label, lambda p=p: p) for label, p in given.items()),
                                    losses, wrt, readout_seed)
-    config = {**(meta or {}), "cells": labels, "losses": [_loss_name(x) for x in losses],
-              "wrt": wrt, "readout_seed": readout_seed, "maps": maps}
+    config = {"cells": labels, "losses": [_loss_name(x) for x in losses], "wrt": wrt,
+              "readout_seed": readout_seed, "maps": maps}
     for key, names in _SHARED.items():  # what every map agrees on, for a figure's title
         each = [next((m[n] for n in names if m.get(n) is not None), None) for m in maps.values()]
         config[key] = each[0] if all(v == each[0] for v in each) else None
     if any(m.get("params") is not None for m in maps.values()):
         config["init"] = None  # trained weights: named by their source, not the stack's init
+    config.update(meta or {})  # yours win (e.g. {"params": "runs/lstm"}, the title's source)
     return make_result("gradient_grid", arrays, config, positive=positive)
 
 

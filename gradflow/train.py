@@ -227,6 +227,34 @@ def task_loss(head: dict, task, ys, mask) -> Callable:
     return task
 
 
+def run_eval_batch(path, dtype=jnp.float32, batch: int | None = None):
+    """``(xs, ys, mask, task)``: the fixed evaluation batch of the training run at ``path``
+    (its folder or ``state.npz``), as training drew it (:func:`eval_batch_of` with the run's
+    seed and sizes), its first ``batch`` sequences (default: all), and the evaluation task.
+    With :func:`gradflow.runs.load_params` and :func:`task_loss` of
+    :func:`gradflow.runs.load_head`, the run's own loss: over the whole batch its value is
+    the run's last evaluation loss.
+
+    Raises:
+      InputError: no such run, a params file (no task), or ``batch`` beyond the batch.
+    """
+    from gradflow.errors import InputError
+    from gradflow.runs import read_run
+
+    config = read_run(path).get("config")
+    if config is None:
+        raise InputError(f"{path} is a params file: it records no task or evaluation batch; a "
+                         "run folder of gradflow train does")
+    size = config["eval_batch"]
+    batch = size if batch is None else batch
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= size:
+        raise InputError(f"batch must be an integer in 1..{size} (the evaluation sequences of "
+                         f"the run at {path}), got {batch!r}")
+    task = _tasks.from_config(config["eval_task"])
+    xs, ys, mask = eval_batch_of(task, keys(config["seed"])[2], size, config["batch"], dtype)
+    return xs[:batch], ys[:batch], mask[:batch], task
+
+
 def init_head(hidden_size: int, output_size: int, dtype) -> dict:
     """``{"W": zeros (H, K), "b": zeros (K,)}``.
 
@@ -757,4 +785,4 @@ __all__ = ["History", "TrainConfig", "TrainState", "train", "init_state", "step"
            "record", "params_of", "keys", "readout", "init_head", "eval_batch_of", "as_task",
            "check_run", "update_theta", "evaluate_theta", "flatten", "unflatten_host",
            "length_at", "rescale_time_gate", "task_loss", "time_gate", "cells_label",
-           "rescales_time"]
+           "rescales_time", "run_eval_batch"]

@@ -418,3 +418,33 @@ def test_the_task_loss_of_a_copy_run_enters_at_its_recall_steps(tmp_path, capsys
     assert main(["heatmap", "--params", str(out), "--loss", "task", "--wrt", "cell", "--out",
                  str(tmp_path / "c.png")]) == 0
     assert "underflow entries: 0 of 18" in capsys.readouterr().out
+
+
+def test_the_readme_api_recipe_for_a_runs_own_loss(run, tmp_path):
+    """The README's API recipe: run_eval_batch, load_params, load_head, task_loss; over the
+    whole evaluation batch the loss is the run's last evaluation loss (computed by training),
+    and the map equals heatmap --params RUN --loss task --batch 16."""
+    _, out = run
+    with precision("float32"):
+        xs, ys, mask, task = gradflow.train.run_eval_batch(out)
+        res = gradflow.gradient_map(*runs.load_params(out), xs, loss=gradflow.train.task_loss(
+            runs.load_head(out), task, ys, mask))
+    curve = gradflow.load(out / "curve.npz")
+    assert xs.shape[0] == 16 and task.name == "adding"
+    assert float(res.loss_value) == pytest.approx(float(curve["eval_loss"][-1]), rel=1e-5)
+    fig = tmp_path / "cli.png"
+    assert main(["heatmap", "--params", str(out), "--loss", "task", "--batch", "16", "--out",
+                 str(fig)]) == 0
+    np.testing.assert_allclose(gradflow.load(fig.with_suffix(".npz")).values, res.values,
+                               rtol=1e-6)
+    stack, params = runs.load_params(out)
+    saved = runs.save_params(tmp_path / "p.npz", stack, params)
+    for bad, message in (((saved,), "is a params file"), ((out, None, 17), "in 1..16")):
+        with pytest.raises(gradflow.errors.InputError, match=message):
+            gradflow.train.run_eval_batch(*bad)
+    # a grid of the trained weights titled by their source, given as meta
+    from gradflow import experiments, plot
+
+    grid = experiments.map_grid({"run": (stack, params, xs)}, "last",
+                                meta={"params": str(out), "train_step": 12})
+    assert f"trained (step 12 of {out})" in plot.draw_grid(grid).get_suptitle()
