@@ -38,9 +38,8 @@ from gradflow.problem import (Problem, cell_problem, precision, problem, problem
                               task_stack)
 from gradflow.stack import Stack
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
-from gradflow.views import (LOSSES, WRTS, _keys, _label, _seed_of, _unpack,  # noqa: F401
-                            expected_positive, gain_panel, panel, run_curve, run_record,
-                            stats_panel)
+from gradflow.views import (LOSSES, WRTS, _keys, expected_positive,  # noqa: F401
+                            gain_panel, panel, run_curve, run_record, stats_panel)
 
 # ---------------------------------------------------------------------------------------------
 # Packing and unpacking

@@ -82,7 +82,9 @@ def _write_npz(path: str, meta: dict, arrays: dict) -> str:
     return path
 
 
-def _read_npz(path) -> tuple[dict, dict]:
+def _read_npz(path, keep=lambda name: True) -> tuple[dict, dict]:
+    """``(meta, {name: array})`` of a state or params file, reading only the arrays whose
+    names ``keep`` accepts (an .npz is read member by member: ``read_run`` reads none)."""
     try:
         if not is_zip(os.fspath(path)):
             raise InputError(f"cannot read {os.fspath(path)!r}: it is not an .npz (zip) "
@@ -93,7 +95,7 @@ def _read_npz(path) -> tuple[dict, dict]:
                 raise InputError(f"{os.fspath(path)!r} is not a gradflow run state or params "
                                  "file")
             meta = json.loads(str(f[META]))
-            arrays = {k: f[k] for k in f.files if k != META}
+            arrays = {k: f[k] for k in f.files if k != META and keep(k)}
     except (OSError, ValueError, zipfile.BadZipFile) as e:  # not an .npz of ours
         if isinstance(e, InputError):
             raise
@@ -230,7 +232,7 @@ def _state_path(path) -> Path:
 def read_run(path) -> dict:
     """The ``__meta__`` of a run folder's state (or of a :func:`save_params` file):
     ``{"stack": ..., "config": ... (runs only), "step": ... (runs only), ...}``."""
-    return _read_npz(_state_path(path))[0]
+    return _read_npz(_state_path(path), keep=lambda name: False)[0]
 
 
 def load_params(path, cell=None) -> tuple[Stack, dict]:
@@ -246,8 +248,9 @@ def load_params(path, cell=None) -> tuple[Stack, dict]:
     Raises:
       InputError: no such run or file, or arrays that do not fit the saved stack.
     """
-    p = _state_path(path)
-    meta, arrays = _read_npz(p)
+    p = _state_path(path)  # (a run's optimiser state and readout are not read)
+    meta, arrays = _read_npz(p, keep=lambda name: not name.startswith(
+        ("['opt_state']", "['params']['head']")))
     if "stack" not in meta:
         raise InputError(f"{os.fspath(p)!r} does not record its stack (saved by an older "
                          "gradflow); rebuild the stack and read it with restore_state")
@@ -270,8 +273,8 @@ def load_head(path) -> dict:
       InputError: no such run, or a :func:`save_params` file (parameters only, no readout).
     """
     p = _state_path(path)
-    meta, arrays = _read_npz(p)
     prefix = "['params']['head']"
+    meta, arrays = _read_npz(p, keep=lambda name: name.startswith(prefix))
     head = {k[len(prefix):].strip("[]'"): v for k, v in arrays.items() if k.startswith(prefix)}
     if "config" not in meta or set(head) != {"W", "b"}:
         raise InputError(f"{os.fspath(p)!r} holds no trained readout: a training run's "
