@@ -637,8 +637,8 @@ def result_summary(res, max_rows: int = 16, reads: str | None = None,
     callable loss: ``reads``, where it reads the top layer as a default loss does
     (``"last"``/``"all"``: how the summary words it, and which entries must be positive),
     ``enters``, the step the summary starts from (default: the last step the map reaches)."""
-    from gradflow.jacobian import expected_positive
     from gradflow.results import underflow_count
+    from gradflow.views import expected_positive
 
     values = np.asarray(res.values)
     loss = reads or res.config.get("loss")
@@ -780,9 +780,14 @@ def _cell_options(args) -> dict:
 def _user_cell(text: str) -> bool:
     """Whether a cell written ``text`` is a user's ``module:factory`` (not a registered name,
     nor one written with its options, ``lstm:forget_bias=1.0``)."""
+    return ":" in text and not _written(text)
+
+
+def _written(text: str) -> bool:
+    """Whether ``text`` is a registered cell written with its options (``name:key=value``)."""
     from gradflow import cells as _cells
 
-    return ":" in text and not _cells.is_spec(text)
+    return _cells.is_spec(text)
 
 
 def _cell(args, steps: int):
@@ -1192,8 +1197,8 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
     D = first_width(args.hidden) if args.input_size is None else args.input_size
     budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
                                           **_stack_settings(args))], wrt,
-                     stem=default_stem(args, args.command, args.cell if not _user_cell(
-                         args.cell) and ":" in args.cell else cell.name, f"L{args.layers}",
+                     stem=default_stem(args, args.command, args.cell if _written(args.cell)
+                                       else cell.name, f"L{args.layers}",
                                        skip=("cell", "layers")), method=method)
     if budget is None:
         return None
@@ -1226,9 +1231,9 @@ def _task_loss(args, prob, path):
     """``(loss, what it is in words, enters)``: the run's own loss
     (:func:`gradflow.train.task_loss`) of the run at ``path`` through its trained readout on
     the targets of the sequences ``prob.xs`` are (the first ``--batch`` of its evaluation
-    batch); ``enters``: the
-    step the summary starts from, the first the loss scores (copy: its recall steps, whose
-    gradient is carried back across the steps before them), None for the last step."""
+    batch); ``enters``: the step the summary starts from, the first the loss scores (copy: its
+    recall steps, whose gradient is carried back across the steps before them), None for the
+    last step."""
     import jax
 
     from gradflow import runs
@@ -1458,10 +1463,10 @@ def _compare_trained(args) -> int:
             return 0
         say, (fig_path, data_path) = budget
         say("compiling and running the gradient maps...")
-        task = {}  # each run's own loss, through its trained readout
+        task, path_of = {}, dict(zip(labels, args.params))  # each run's own loss
 
         def task_of(label, prob):
-            task[label] = _task_loss(args, prob, dict(zip(labels, args.params))[label])
+            task[label] = _task_loss(args, prob, path_of[label])
             return task[label][0]
 
         grid = experiments.map_grid(problems, [("task", task_of) if loss == "task" else loss
