@@ -23,6 +23,9 @@ import pytest
 import gradflow
 from bench import flops, harness, report, run
 
+# the in-process tests: the child lane runs them (those with a background job stay here)
+pytestmark = pytest.mark.child
+
 TINY = {
     "std": {"L": 2, "T": 5, "H": 8, "B": 3},
     "jac": {"L": 2, "T": 4, "H": 6, "B": 2},

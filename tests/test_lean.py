@@ -22,6 +22,8 @@ from gradflow import stack as stack_module
 from gradflow.cells import base
 from gradflow.stack import autodiff_step, lean_layers
 
+pytestmark = pytest.mark.child  # in-process work: the child lane runs it (tests/conftest.py)
+
 # Every registered cell whose default form has a lean backward, plus the variants with their
 # own equations (GRU's reset before the recurrent matrix, STAR's official update, a forget
 # bias inside the LSTM's forget sigmoid).

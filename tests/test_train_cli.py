@@ -15,6 +15,8 @@ from gradflow.cli import main
 from gradflow.jacobian import gradient_map
 from gradflow.train import train
 
+pytestmark = pytest.mark.child  # in-process work: the child lane runs it (tests/conftest.py)
+
 TINY = ["train", "--task", "adding", "--seq-len", "6", "--cell", "star", "--layers", "3", "--hidden", "8",
         "--steps", "12", "--batch", "8", "--lr", "0.01", "--seed", "3", "--eval-every", "6",
         "--eval-batch", "16", "--record", "0,12", "--record-batch", "4"]

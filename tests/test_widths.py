@@ -19,6 +19,8 @@ from gradflow import Stack, checks, cli, cost, gates
 from gradflow import jacobian as J
 from gradflow.cells.base import normal
 
+pytestmark = pytest.mark.child  # in-process work: the child lane runs it (tests/conftest.py)
+
 F64 = jnp.float64
 B, T = 2, 3
 
