@@ -176,7 +176,8 @@ def get_claims(names) -> list[Claim]:
 
 def parse_cell(spec: str) -> tuple[str, dict]:
     """``"lstm:forget_bias=1.0,init=torch"`` -> ``("lstm", {"forget_bias": 1.0, ...})``
-    (:func:`gradflow.cells.parse_spec`, the syntax ``gradflow compare --cells`` shares)."""
+    (:func:`gradflow.cells.parse_spec`, the syntax ``gradflow compare --cells`` shares; here so
+    that reading a grid's conditions imports JAX only when called, not with the atlas)."""
     from gradflow.cells import parse_spec
 
     return parse_spec(spec)

@@ -250,10 +250,7 @@ def layer_inputs(stack: Stack, params: dict, xs, h):
     if not isinstance(stack.hidden_size, int):
         raise ValueError("gates.layer_inputs needs layers of one width; use "
                          "stack.layer_inputs(params, xs, out) (a list, each at its own width)")
-    x0 = jnp.asarray(xs, h.dtype)
-    if stack.input_projection:
-        x0 = x0 @ params["input"]["W"] + params["input"]["b"]
-    return jnp.concatenate([x0[None], h[:-1]])
+    return jnp.concatenate([stack.project_input(params, jnp.asarray(xs, h.dtype))[None], h[:-1]])
 
 
 def preactivation(stack: Stack, params: dict, xs, out, gate: str):
@@ -267,11 +264,9 @@ def preactivation(stack: Stack, params: dict, xs, out, gate: str):
       ``(L, B, T, H)`` (``H = stack.max_width``, zeros beyond each layer's width).
     """
     H = stack.max_width
-    prev = {k: jnp.concatenate([jnp.zeros_like(v[:, :, :1]), v[:, :, :-1]], axis=2)
-            for k, v in out.states.items()}  # s^l_{t-1}, zero at t = 0
     # one compiled body per run of like layers (a Python loop here unrolled every layer)
     return map_layers(stack, lambda cell, p, prev_l, x_l: _pad(
-        cell.preactivations(p, prev_l, x_l)[gate], H), params, prev,
+        cell.preactivations(p, prev_l, x_l)[gate], H), params, stack.previous_states(out),
         stack.layer_inputs(params, xs, out))
 
 

@@ -325,12 +325,6 @@ def differentiable(fast: Callable) -> Callable:
     return f
 
 
-def _previous_states(out, state0):
-    """``s^l_{t-1}`` for every ``(l, t)``: ``{name: (L, B, T, H)}`` (``state0`` at ``t = 0``)."""
-    return {k: jnp.concatenate([state0[k][:, :, None], v[:, :, :-1]], axis=2)
-            for k, v in out.states.items()}
-
-
 def per_step_param_grads(stack: Stack, params, xs, loss_fn: Callable, reduce=None,
                          chunk: int | None = None):
     r"""Per-step parameter gradients :math:`\partial\mathcal L/\partial\theta^l_{(t)}` of every layer.
@@ -346,8 +340,7 @@ def per_step_param_grads(stack: Stack, params, xs, loss_fn: Callable, reduce=Non
     chunk = chunk or T
     names = stack.state_names
     value, grads, out = state_gradients(stack, params, xs, loss_fn, names)
-    B = xs.shape[0]
-    prev = _previous_states(out, stack.initial_state(B, xs.dtype))
+    prev = stack.previous_states(out)
     inputs = stack.layer_inputs(params, xs, out)
 
     def layer(cell, p, prev_l, x_l, cot_l):
@@ -439,40 +432,14 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
         raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    B, T, _ = xs.shape
-    L = stack.layers
+    T, L = xs.shape[1], stack.layers
     tl, tt = _position(target, L, T, "target")
-    H = stack.widths[tl]  # the target's width: one VJP per unit
     positions = tuple(_position(p, L, T, "spectra_at") for p in spectra_at)
     if method == "probe":
-        if norm != "rms":
-            raise ValueError("method='probe' estimates the rms (Frobenius) norm only; use "
-                             "method='exact' for norm='spectral'")
-        if positions:
-            raise ValueError("spectra_at needs method='exact'")
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
-            raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
-        with user_input():  # too big for this machine: the user's sizes to change
-            _cost.check_fits(_cost.estimate(stack, B, T, xs.dtype, method="probe",
-                                            probes=probes, calibrate=False))
-        vals, se, target_ok = _probe_map(stack, params, xs, (tl, tt), probes,
-                                         jax.random.key(seed))
-        arrays = {"values": vals, "stderr": se}
+        arrays, target_ok = _probe_arrays(stack, params, xs, (tl, tt), norm, positions, probes,
+                                          seed)
     else:
-        with user_input():
-            _cost.check_fits(_cost.estimate(stack, B, T, xs.dtype, method="exact",
-                                            calibrate=False))
-        chunk = chunk or _basis_chunk(L, T, B, H, norm)
-        if norm == "spectral":
-            need = L * T * B * H * stack.max_width * jnp.dtype(xs.dtype).itemsize
-            if need > 4 << 30:
-                raise ValueError(f"norm='spectral' would hold {need / 2**30:.1f} GiB of Jacobians;"
-                                 " use norm='rms', fewer examples, or spectra_at=[...]")
-        vals, spectra, target_ok = _exact_map(stack, params, xs, (tl, tt), norm, positions,
-                                              min(chunk, H))
-        arrays = {"values": vals}
-        if positions:
-            arrays["spectra"] = spectra
+        arrays, target_ok = _exact_arrays(stack, params, xs, (tl, tt), norm, positions, chunk)
     # (jacobian_norm, probe_seed: the stack's own "norm" and the problem's "seed" differ)
     config = _config(stack, xs, meta, target=[tl, tt], jacobian_norm=norm, method=method,
                      probes=probes if method == "probe" else None,
@@ -480,23 +447,66 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
                      spectra_at=[list(p) for p in positions])
     # h^l_t reaches h^{L'}_{T'} only from below and before: layers feed upward, steps forward
     reach = (jnp.arange(T)[None, :] <= tt) & (jnp.arange(L)[:, None] <= tl)
-    target_ok = np.asarray(target_ok)
-    arrays["target_finite"] = target_ok
-    bad = np.flatnonzero(~target_ok)
-    if bad.size == B:  # NaN states pass back numbers that are no derivatives
+    arrays = _leave_out_overflow(arrays, np.asarray(target_ok), reach, stack, params, xs,
+                                 (tl, tt))
+    return make_result("jacobian_map", arrays, config, positive={"values": reach})
+
+
+def _probe_arrays(stack, params, xs, target, norm, positions, probes, seed):
+    """``({"values", "stderr"}, target_finite)`` of ``method="probe"``, its options checked."""
+    if norm != "rms":
+        raise ValueError("method='probe' estimates the rms (Frobenius) norm only; use "
+                         "method='exact' for norm='spectral'")
+    if positions:
+        raise ValueError("spectra_at needs method='exact'")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
+        raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
+    B, T, _ = xs.shape
+    with user_input():  # too big for this machine: the user's sizes to change
+        _cost.check_fits(_cost.estimate(stack, B, T, xs.dtype, method="probe", probes=probes,
+                                        calibrate=False))
+    vals, se, target_ok = _probe_map(stack, params, xs, target, probes, jax.random.key(seed))
+    return {"values": vals, "stderr": se}, target_ok
+
+
+def _exact_arrays(stack, params, xs, target, norm, positions, chunk):
+    """``({"values", "spectra"?}, target_finite)`` of ``method="exact"``, its size checked."""
+    B, T, _ = xs.shape
+    L, H = stack.layers, stack.widths[target[0]]  # the target's width: one VJP per unit
+    with user_input():
+        _cost.check_fits(_cost.estimate(stack, B, T, xs.dtype, method="exact", calibrate=False))
+    chunk = chunk or _basis_chunk(L, T, B, H, norm)
+    if norm == "spectral":
+        need = L * T * B * H * stack.max_width * jnp.dtype(xs.dtype).itemsize
+        if need > 4 << 30:
+            raise ValueError(f"norm='spectral' would hold {need / 2**30:.1f} GiB of Jacobians;"
+                             " use norm='rms', fewer examples, or spectra_at=[...]")
+    vals, spectra, target_ok = _exact_map(stack, params, xs, target, norm, positions,
+                                          min(chunk, H))
+    return {"values": vals, **({"spectra": spectra} if positions else {})}, target_ok
+
+
+def _leave_out_overflow(arrays, target_ok, reach, stack, params, xs, target):
+    """``arrays`` with ``target_finite``: as measured where the target state is finite in
+    every example; the mean over the finite ones where it is in some (the map's functions
+    average finite examples only; a warning names the others); NaN where it reaches and is
+    finite in none (NaN states pass back numbers that are no derivatives)."""
+    B = target_ok.shape[0]
+    (tl, tt), bad = target, np.flatnonzero(~target_ok)
+    if bad.size == B:
         warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite ("
                       f"{where_nonfinite(stack, params, xs)}): every Jacobian that "
-                      "reaches it is NaN", NonFiniteForwardWarning, stacklevel=2)
-        arrays = {k: v if k == "target_finite" else jnp.full_like(v, jnp.nan) if k == "spectra"
+                      "reaches it is NaN", NonFiniteForwardWarning, stacklevel=3)
+        arrays = {k: jnp.full_like(v, jnp.nan) if k == "spectra"
                   else jnp.where(reach, jnp.nan, 0.0).astype(v.dtype) for k, v in arrays.items()}
-    elif bad.size:  # per-example Jacobians: the finite examples are still measured
+    elif bad.size:
         shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
         warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite in "
                       f"{bad.size} of {B} examples ({shown}; "
                       f"{where_nonfinite(stack, params, xs)}): the map is the mean over the "
                       f"other {B - bad.size} (result.target_finite); those examples' spectra "
-                      "are NaN", NonFiniteForwardWarning, stacklevel=2)
-    return make_result("jacobian_map", arrays, config, positive={"values": reach})
+                      "are NaN", NonFiniteForwardWarning, stacklevel=3)
+    return {**arrays, "target_finite": target_ok}
 
 
 def _position(p, L, T, what):
@@ -721,7 +731,7 @@ def _rms_spectral(j):
 def _gains(stack, params, xs, chunk):
     B, T, _ = xs.shape
     out = stack.apply(params, xs)
-    prev = _previous_states(out, stack.initial_state(B, xs.dtype))
+    prev = stack.previous_states(out)
     inputs = stack.layer_inputs(params, xs, out)
 
     # What each layer emits upward, norm(h + x) (residual where its input is as wide as it,

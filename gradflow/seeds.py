@@ -76,9 +76,8 @@ def _evaluate_all(theta, xs, ys, mask, *, spec, stack, kind):
 
 def _boundaries(cfg) -> list[int]:
     """Steps where the scan stops: evaluations, records, curriculum stage changes, the end."""
-    evals = set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
     stages = {u for u, _ in cfg.curriculum or () if u < cfg.steps}
-    return sorted(evals | set(cfg.record_at) | stages | {0})
+    return sorted(cfg.eval_steps | set(cfg.record_at) | stages | {0})
 
 
 def _start(stack, task, cfgs, seeds):
@@ -205,7 +204,7 @@ def _train_rows(stack, task, cfgs, seeds, record, progress) -> list:
     recs = [{name: [] for name in record} for _ in seeds]
     record_steps = []
     stage_tasks = {}
-    bounds = _boundaries(cfg)
+    bounds, evals = _boundaries(cfg), cfg.eval_steps
     length = _train.length_at(0, cfg.curriculum, task.steps)
     bar = None
     if progress:
@@ -213,7 +212,7 @@ def _train_rows(stack, task, cfgs, seeds, record, progress) -> list:
         bar = tqdm(total=cfg.steps, desc=f"{_train.cells_label(stack)} on {task.name}, {n_seeds} runs")
     try:
         for i, at in enumerate(bounds):
-            if at in set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}:
+            if at in evals:
                 res = jax.device_get(_evaluate_all(theta, eval_xs, eval_ys, eval_mask,
                                                    spec=spec, stack=stack, kind=task.kind))
                 ev.setdefault("eval_step", []).append(at)

@@ -426,13 +426,51 @@ class Stack:
             params["input"] = {"W": orthogonal(kin, (D, Hs[0]), dtype),
                                "b": jnp.zeros((Hs[0],), dtype)}
         if self.norm is not None:
-            def one(H):
-                p = {"scale": jnp.ones((H,), dtype)}
-                if self.norm == "layer":
-                    p["bias"] = jnp.zeros((H,), dtype)
-                return p
+            params["norm"] = self._identity_norm(dtype)
+        return params
 
-            params["norm"] = [one(H) for H in Hs]
+    def _identity_norm(self, dtype) -> list:
+        """Each layer's norm params at its own width, at identity (scale 1, bias 0)."""
+        return [{"scale": jnp.ones((H,), dtype), **({"bias": jnp.zeros((H,), dtype)}
+                                                    if self.norm == "layer" else {})}
+                for H in self._widths]
+
+    def params_from(self, layers, input: dict | None = None, *, norm=None, dtype=None) -> dict:
+        """Params of this stack from trained per-layer objects, as :meth:`init` lays them out:
+        ``params["layers"][l] = self.cells[l].to_params(layers[l])`` (an adapter cell converts
+        the user's module or variable dict; a gradflow cell's layer is its params dict), the
+        input projection ``input`` and the per-layer ``norm`` params (default: at identity),
+        every floating leaf cast to ``dtype`` (default: the first layer's) and checked against
+        the shapes :meth:`init` gives (:func:`gradflow.checks.check_params`). The public entry
+        is :func:`gradflow.cells.stack_params`, which documents the arguments."""
+        from gradflow.checks import check_params
+
+        layers = list(layers)
+        if len(layers) != self.layers:
+            raise ValueError(f"{len(layers)} layer objects for a stack of {self.layers} layers")
+        out = [c.to_params(obj) if c.to_params is not None else obj
+               for c, obj in zip(self.cells, layers)]
+        params = {"layers": out}
+        if self.input_projection:
+            if input is None:
+                raise ValueError("this stack projects its input (input_projection): give "
+                                 "input={'W': (D, H), 'b': (H,)}")
+            params["input"] = input
+        elif input is not None:
+            raise ValueError("input= given, but the stack has no input_projection")
+        if dtype is None:
+            dtype = jnp.asarray(jax.tree_util.tree_leaves(out[0])[0]).dtype
+        dtype = jnp.dtype(dtype)
+        if self.norm is not None:
+            params["norm"] = self._identity_norm(dtype) if norm is None else list(norm)
+        elif norm is not None:
+            raise ValueError("norm= given, but the stack has no norm")
+
+        def cast(a):
+            a = jnp.asarray(a)
+            return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        params = jax.tree_util.tree_map(cast, params)
+        check_params(self, params)
         return params
 
     def initial_state(self, batch: int, dtype=jnp.float32) -> dict:
@@ -450,10 +488,23 @@ class Stack:
         """``x^l_t`` for every layer, ``[(B, T, in_0), (B, T, H_0), ..., (B, T, H_{L-2})]``: the
         (projected) data, then what the layer below emits (``out.up``, from :meth:`apply` on
         ``xs``, at its own width)."""
-        x0 = jnp.asarray(xs, out.up.dtype)
-        if self.input_projection:
-            x0 = x0 @ params["input"]["W"] + params["input"]["b"]
+        x0 = self.project_input(params, jnp.asarray(xs, out.up.dtype))
         return [x0] + [self.unpad(out.up[l], l) for l in range(self.layers - 1)]
+
+    def project_input(self, params: dict, xs):
+        """What the first layer reads of data ``xs (..., D)``: ``xs W + b`` where the stack
+        projects its input (:attr:`input_projection`, ``params["input"]``), else ``xs``."""
+        if not self.input_projection:
+            return xs
+        return xs @ params["input"]["W"] + params["input"]["b"]
+
+    def previous_states(self, out) -> dict:
+        """``s^l_{t-1}`` for every ``(l, t)``, ``{name: (L, B, T, H)}``: each state of ``out``
+        (from :meth:`apply`) one step later, the initial state (:meth:`initial_state`) at
+        ``t = 0``; with :meth:`layer_inputs`, what each step of each layer was given."""
+        return {k: jnp.concatenate([self.initial_state(v.shape[1], v.dtype)[k][:, :, None],
+                                    v[:, :, :-1]], axis=2)
+                for k, v in out.states.items()}
 
     def unpad(self, a, l: int):
         """Layer ``l``'s real units ``a[..., :H_l]`` of a per-layer array ``a: (..., H)``
@@ -518,9 +569,7 @@ class Stack:
         if param_taps is not None and jnp.shape(param_taps) != (L, T):
             raise ValueError(f"param_taps must have shape (layers, steps) = {(L, T)}, got "
                              f"{jnp.shape(param_taps)}")
-        x = jnp.swapaxes(xs, 0, 1)  # (T, B, D): time-major inside
-        if self.input_projection:
-            x = x @ params["input"]["W"] + params["input"]["b"]
+        x = self.project_input(params, jnp.swapaxes(xs, 0, 1))  # (T, B, .): time-major inside
         inst = Instruments({k: jnp.swapaxes(v, 1, 2) for k, v in perturb.items()},  # (L, T, B, H)
                            {k: jnp.swapaxes(v, 1, 2) for k, v in taps.items()},  # (L, T, B)
                            param_taps, bool(gates), bool(constant_params))

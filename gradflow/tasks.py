@@ -49,7 +49,6 @@ import numpy as np
 from gradflow import checks
 
 KINDS = ("regression", "classification")
-LOSS_ON = ("last", "steps")
 
 
 @dataclasses.dataclass(frozen=True)

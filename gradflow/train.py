@@ -107,6 +107,11 @@ class TrainConfig:
                           else checks.positive_int("record_batch", self.record_batch)),
             budget=budget, curriculum=_stages(self.curriculum))
 
+    @property
+    def eval_steps(self) -> frozenset:
+        """The steps evaluated: every ``eval_every``-th from 0, and the last."""
+        return frozenset(range(0, self.steps + 1, self.eval_every)) | {self.steps}
+
     def describe(self, stack: Stack, task, eval_task) -> dict:
         """The run's JSON-able config: the stack's, the tasks', and these options."""
         return {**stack.config, "task": task.config, "eval_task": eval_task.config,
@@ -597,7 +602,7 @@ class _Run:
         _, self.k_data, k_eval = keys(cfg.seed)
         self.eval_batch = eval_batch_of(eval_task, k_eval, cfg.eval_batch, cfg.batch, self.dt)
         self.log = _Log(_timed(stack), record_fns)
-        self.evals_at = set(range(0, cfg.steps + 1, cfg.eval_every)) | {cfg.steps}
+        self.evals_at = cfg.eval_steps
         self.stage_tasks = {}
         self.bar = None
 

@@ -975,7 +975,7 @@ def test_clear_errors():
     model = {"params": {f"LSTMCell_{i}": nn.LSTMCell(features=H).init(
         jax.random.key(i), (jnp.zeros((1, H)),) * 2, jnp.zeros((1, D if i == 0 else H)))["params"]
         for i in range(L)}}
-    with pytest.raises(ValueError, match=r"stack_params: params\['layers'\]\[0\]\[.*\] is "
+    with pytest.raises(ValueError, match=r"^params\['layers'\]\[0\]\[.*\] is "
                                          r"missing: .*; params\['layers'\]\[0\] holds "
                                          r"'LSTMCell_0', 'LSTMCell_1', 'LSTMCell_2'$"):
         cells.stack_params(gradflow.Stack(lstm, L, D, H), [model] * L)

@@ -311,6 +311,29 @@ def test_init_layout_and_config():
     assert s.initial_state(B, F64)["c"].shape == (L, B, H)
 
 
+def test_what_each_step_was_given_is_the_state_a_step_earlier_and_the_layer_below():
+    """``previous_states`` and ``layer_inputs`` against a Python loop over the cells' steps:
+    stepping each layer on them gives the stack's own states (widths differ per layer, with
+    an input projection and a layer norm, so the padding and the projection are on the way)."""
+    s = Stack("gru", 3, D, (6, 4, 5), input_projection=True, norm="layer")
+    params = s.init(jax.random.key(1), F32)
+    xs = jax.random.normal(jax.random.key(2), (B, T, D), F32)
+    out = s.apply(params, xs)
+    prev, inputs = s.previous_states(out), s.layer_inputs(params, xs, out)
+    assert prev["h"].shape == (3, B, T, s.max_width)
+    np.testing.assert_array_equal(prev["h"][:, :, 0], 0.0)  # the initial state
+    np.testing.assert_array_equal(prev["h"][:, :, 1:], out.states["h"][:, :, :-1])
+    np.testing.assert_allclose(inputs[0], xs @ params["input"]["W"] + params["input"]["b"],
+                               rtol=1e-6)
+    for l, H in enumerate(s.widths):
+        assert inputs[l].shape == (B, T, s.layer_in(l))
+        for t in range(T):
+            new, _, _ = s.cells[l].step(params["layers"][l], {"h": prev["h"][l, :, t, :H]},
+                                     inputs[l][:, t], t)
+            np.testing.assert_allclose(new["h"], out.states["h"][l, :, t, :H], rtol=1e-5,
+                                       atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3", None])
 def test_bad_layers(bad):
     with pytest.raises(ValueError, match="layers must be a positive integer"):

@@ -55,14 +55,13 @@ import importlib
 import inspect
 import re
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gradflow.cells.base import KINDS, Cell
-from gradflow.checks import check_params
 
 __all__ = ["from_function", "from_linen", "from_nnx", "from_equinox", "stack_params"]
 
@@ -1057,7 +1056,7 @@ def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=N
 
     ``params["layers"][l] = stack.cells[l].to_params(layers[l])`` (an adapter cell converts the
     user's module or variable dict; a gradflow cell's layer is its params dict), checked against
-    the shapes ``stack.init`` gives.
+    the shapes ``stack.init`` gives (:meth:`gradflow.Stack.params_from`, which lays them out).
 
     Args:
       stack: a :class:`gradflow.Stack`.
@@ -1079,37 +1078,4 @@ def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=N
       >>> bool(jnp.array_equal(params["layers"][2]["weight_hh"], trained[2].weight_hh))
       True
     """
-    layers = list(layers)
-    if len(layers) != stack.layers:
-        raise ValueError(f"stack_params: {len(layers)} layer objects for a stack of "
-                         f"{stack.layers} layers")
-    out = [c.to_params(obj) if c.to_params is not None else obj
-           for c, obj in zip(stack.cells, layers)]
-    params: dict[str, Any] = {"layers": out}
-    if stack.input_projection:
-        if input is None:
-            raise ValueError("stack_params: this stack projects its input (input_projection): "
-                             "give input={'W': (D, H), 'b': (H,)}")
-        params["input"] = input
-    elif input is not None:
-        raise ValueError("stack_params: input= given, but the stack has no input_projection")
-    if stack.norm is not None:
-        if norm is None:
-            def one(H):  # each layer's norm at its own width, at identity
-                p = {"scale": jnp.ones((H,))}
-                if stack.norm == "layer":
-                    p["bias"] = jnp.zeros((H,))
-                return p
-
-            norm = [one(H) for H in stack.widths]
-        params["norm"] = list(norm)
-    elif norm is not None:
-        raise ValueError("stack_params: norm= given, but the stack has no norm")
-    if dtype is None:
-        dtype = jnp.asarray(jax.tree_util.tree_leaves(out[0])[0]).dtype
-    params = _cast(params, jnp.dtype(dtype))
-    try:
-        check_params(stack, params)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"stack_params: {e}") from None
-    return params
+    return stack.params_from(layers, input, norm=norm, dtype=dtype)
