@@ -22,6 +22,9 @@ import pytest
 import gradflow
 from gradflow import sweep as S
 
+# the in-process tests: the child lane runs them (those with a background job stay here)
+pytestmark = pytest.mark.child
+
 SIZES = dict(layers=3, steps=5, hidden=6, batch=2)
 SEEDS = [0, 3, 11]
 

@@ -13,6 +13,9 @@ from gradflow.problem import task_stack
 from gradflow.jacobian import gradient_map
 from gradflow.train import eval_batch_of, train
 
+# in-process work: the child lane runs it (tests/conftest.py)
+pytestmark = pytest.mark.child
+
 TINY = dict(task="adding", task_options={"steps": 5}, layers=2, hidden=6, steps=6, batch=4,
             lr=1e-2, eval_every=3, eval_batch=8, record_batch=4, seed=3)
 
