@@ -203,7 +203,7 @@ def pytest_terminal_summary(terminalreporter):
             f"gradflow: background lane: {len(times)} jobs, busy {busy:.0f} s, done "
             f"{max(end for _, end in times.values()):.0f} s after collection; tests waited "
             f"{sum(_LANE['waits']):.0f} s for it")
-    for name, (start, end) in times.items():
-        if name.startswith("child lane"):
-            terminalreporter.write_line(f"gradflow: {name}: {end - start:.0f} s, from "
-                                        f"{start:.0f} s after collection")
+    longest = sorted(times.items(), key=lambda kv: kv[1][0] - kv[1][1])[:6]
+    if longest:
+        terminalreporter.write_line("gradflow: its longest jobs: " + "; ".join(
+            f"{name.split('::')[-1]} {end - start:.0f} s" for name, (start, end) in longest))

@@ -9,9 +9,6 @@ import pytest
 import gradflow
 from gradflow import cost, jacobian
 
-# in-process work: the child lane runs it (tests/conftest.py)
-pytestmark = pytest.mark.child
-
 
 def _xla_bytes(stack, B, T, wrt):
     """temp + argument + output bytes of the compiled map, as XLA's memory analysis reports."""
