@@ -55,7 +55,7 @@ from gradflow import cells as _cells
 from gradflow.checks import _looks_like_key, check_xs, float_dtype
 from gradflow.checks import positive_int as _positive_int
 from gradflow.checks import width as _width
-from gradflow.cells.base import Cell, Lean, orthogonal
+from gradflow.cells.base import Cell, Lean, cast_floating, orthogonal
 
 ORDERS = ("layer", "wavefront")
 # The backends where order="auto" runs the wavefront (see the module docstring's numbers).
@@ -465,11 +465,7 @@ class Stack:
             params["norm"] = self._identity_norm(dtype) if norm is None else list(norm)
         elif norm is not None:
             raise ValueError("norm= given, but the stack has no norm")
-
-        def cast(a):
-            a = jnp.asarray(a)
-            return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-        params = jax.tree_util.tree_map(cast, params)
+        params = cast_floating(params, dtype)
         check_params(self, params)
         return params
 

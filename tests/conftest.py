@@ -75,7 +75,7 @@ def run_readme_block():
 _JOBS = {}
 _LANE = {"times": {}, "waits": []}  # job -> (start, end) after collection; the tests' waits
 CHILD = "GRADFLOW_TEST_CHILD_OUTCOMES"  # set in the child lane's process: where it writes them
-_OUTCOMES = {}  # in that process: nodeid -> {"outcome", "text", "duration"}
+_OUTCOMES = {}  # in that process: nodeid -> {"outcome", "text"}
 
 
 def pytest_configure(config):
@@ -163,8 +163,7 @@ def pytest_runtest_logreport(report):
     """In the child lane's process: keep each test's outcome (written out at the session's end)."""
     if CHILD not in os.environ:
         return
-    got = _OUTCOMES.setdefault(report.nodeid, {"outcome": "passed", "text": "", "duration": 0.0})
-    got["duration"] += report.duration
+    got = _OUTCOMES.setdefault(report.nodeid, {"outcome": "passed", "text": ""})
     if report.failed:
         got.update(outcome="failed" if report.when == "call" else f"error in {report.when}",
                    text=report.longreprtext)

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow.cells.base import KINDS, Cell
+from gradflow.cells.base import cast_floating as _cast
 
 __all__ = ["from_function", "from_linen", "from_nnx", "from_equinox", "stack_params"]
 
@@ -81,14 +82,6 @@ def _require(module: str, extra: str, who: str):
     except ImportError as e:
         raise ImportError(f"gradflow.cells.{who} needs {module.split('.')[0]}, an optional "
                           f"dependency: pip install \"gradflow[{extra}]\"") from e
-
-
-def _cast(tree, dtype):
-    """Floating leaves of ``tree`` as ``dtype`` (other leaves unchanged)."""
-    def one(a):
-        a = jnp.asarray(a)
-        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-    return jax.tree_util.tree_map(one, tree)
 
 
 def _key_name(k) -> str:

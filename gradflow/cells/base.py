@@ -357,6 +357,15 @@ def parse_init(init: str) -> tuple[str, str | None]:
 # orthogonal to float64 accuracy.
 
 
+def cast_floating(tree, dtype):
+    """Floating leaves of ``tree`` as ``dtype`` (other leaves unchanged): trained weights
+    brought to a stack's dtype (:meth:`gradflow.Stack.params_from`, the adapters)."""
+    def one(a):
+        a = jnp.asarray(a)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return jax.tree_util.tree_map(one, tree)
+
+
 def normal(key, shape, dtype=jnp.float32):
     """Standard normal draws of ``shape``: float32 draws cast to ``dtype``."""
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
