@@ -68,6 +68,9 @@ class Task:
       metric: name of :func:`metric_fn`'s value, ``"mse"`` or ``"accuracy"``.
       options: the options it was built with, as sorted ``(key, value)`` pairs.
       sample_fn: ``(key, batch, dtype) -> (xs, ys, mask)``, jitted (batch and dtype static).
+      classes: for classification, how many classes the scored targets can take (copy's
+        recall steps never hold the blank, so ``A`` of its ``A + 1`` outputs); None for
+        regression. :func:`chance` reads it.
     """
 
     name: str
@@ -79,6 +82,7 @@ class Task:
     metric: str
     options: tuple
     sample_fn: Callable = dataclasses.field(compare=False, repr=False)
+    classes: int | None = None
 
     @property
     def config(self) -> dict:
@@ -172,7 +176,7 @@ def copy(lag: int = 50, symbols: int = 10, alphabet: int = 8) -> Task:
 
     return Task("copy", A + 2, A + 1, "classification", "steps", T, "accuracy",
                 _freeze({"lag": lag, "symbols": n, "alphabet": A}),
-                jax.jit(sample_fn, static_argnums=(1, 2)))
+                jax.jit(sample_fn, static_argnums=(1, 2)), classes=A)
 
 
 def counting(steps: int = 20, alphabet: int = 4, target: str = "regression") -> Task:
@@ -212,7 +216,7 @@ def counting(steps: int = 20, alphabet: int = 4, target: str = "regression") -> 
     return Task("counting", A + 1, T if classify else 1, target, "last", T,
                 "accuracy" if classify else "mse",
                 _freeze({"alphabet": A, "target": target}),
-                jax.jit(sample_fn, static_argnums=(1, 2)))
+                jax.jit(sample_fn, static_argnums=(1, 2)), classes=T if classify else None)
 
 
 def load_digits():
@@ -293,14 +297,28 @@ def digits(images=None, labels=None, split: str = "all", test_fraction: float = 
                 _freeze({"source": source, "n_images": int(len(lab)), "split": split,
                          "test_fraction": float(test_fraction), "scale": float(scale),
                          "fingerprint": fingerprint}),
-                jax.jit(sample_fn, static_argnums=(1, 2)))
+                jax.jit(sample_fn, static_argnums=(1, 2)), classes=10)
 
 
-_REGISTRY: dict[str, Callable[..., Task]] = {
-    "adding": adding,
-    "copy": copy,
-    "counting": counting,
-    "digits": digits,
+def _copy_length(options: dict, steps: int) -> dict:
+    lag = steps - 2 * options["symbols"] - 1
+    if lag < 0:
+        raise ValueError(f"task 'copy' with {options['symbols']} symbols needs at least "
+                         f"{2 * options['symbols'] + 1} steps, got {steps}")
+    return {"lag": lag}
+
+
+def _steps_length(options: dict, steps: int) -> dict:
+    return {"steps": steps}
+
+
+#: ``name: (generator, length)``: ``length(options, T) -> the options that make sequences of
+#: ``T`` steps`` (None: a fixed length). :func:`resize` and :func:`for_length` read it.
+_REGISTRY: dict[str, tuple[Callable[..., Task], Callable[[dict, int], dict] | None]] = {
+    "adding": (adding, _steps_length),
+    "copy": (copy, _copy_length),
+    "counting": (counting, _steps_length),
+    "digits": (digits, None),
 }
 
 
@@ -317,7 +335,7 @@ def make(name: str, **options) -> Task:
     """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(names())}")
-    fn = _REGISTRY[name]
+    fn = _REGISTRY[name][0]
     defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
     options = _options(name, options, defaults)
     try:
@@ -331,7 +349,7 @@ def make(name: str, **options) -> Task:
 @functools.lru_cache(maxsize=256)
 def _make_cached(name: str, frozen: tuple) -> Task:
     """One Task object per configuration, so its jitted generator compiles once per process."""
-    return _REGISTRY[name](**dict(frozen))
+    return _REGISTRY[name][0](**dict(frozen))
 
 
 def sample(task: Task, key, batch: int, dtype=jnp.float32):
@@ -355,17 +373,13 @@ def resize(task: Task, steps: int) -> Task:
     steps = _int(task.name, "steps", steps)
     if steps == task.steps:
         return task
-    o = dict(task.options)
-    if task.name in ("adding", "counting"):
-        return make(task.name, **{**o, "steps": steps})
-    if task.name == "copy":
-        lag = steps - 2 * o["symbols"] - 1
-        if lag < 0:
-            raise ValueError(f"task 'copy' with {o['symbols']} symbols needs at least "
-                             f"{2 * o['symbols'] + 1} steps, got {steps}")
-        return make("copy", **{**o, "lag": lag})
-    raise ValueError(f"task {task.name!r} has a fixed length of {task.steps} steps; resizable "
-                     "tasks: adding, copy, counting")
+    length = _REGISTRY[task.name][1]
+    if length is None:
+        resizable = ", ".join(n for n in names() if _REGISTRY[n][1] is not None)
+        raise ValueError(f"task {task.name!r} has a fixed length of {task.steps} steps; "
+                         f"resizable tasks: {resizable}")
+    options = dict(task.options)
+    return make(task.name, **{**options, **length(options, steps)})
 
 
 def for_length(name: str, steps: int | None = None, /, **options) -> Task:
@@ -378,9 +392,10 @@ def for_length(name: str, steps: int | None = None, /, **options) -> Task:
     (('alphabet', 8), ('lag', 19), ('symbols', 5))
     """
     task = make(name, **options)
-    fixed = sorted({"steps", "lag"} & set(options))
     if steps is None:
         return task
+    length = _REGISTRY[task.name][1]
+    fixed = sorted(set(length(dict(task.options), task.steps) if length else ()) & set(options))
     if fixed:  # two lengths given: they must agree
         if task.steps != steps:
             raise ValueError(f"the sequence length is {steps} but {fixed[0]}={options[fixed[0]]} "
@@ -451,13 +466,12 @@ def metric_fn(task: Task | str) -> Callable[[Any, Any, Any], jax.Array]:
 
 def chance(task: Task) -> float:
     """A reference loss that needs no learning: for classification the cross-entropy of the
-    uniform guess over the classes the targets can take (``log A`` for copy, ``log 10`` for
-    digits, ``log T`` for counting); for regression nan (it depends on the data)."""
+    uniform guess over the classes the targets can take (``task.classes``: ``log A`` for copy,
+    ``log 10`` for digits, ``log T`` for counting); for regression nan (it depends on the
+    data)."""
     if task.kind == "regression":
         return math.nan
-    o = dict(task.options)
-    n = {"copy": o.get("alphabet"), "digits": 10, "counting": task.output_size}[task.name]
-    return math.log(n)
+    return math.log(task.classes)
 
 
 __all__ = ["Task", "adding", "copy", "counting", "digits", "load_digits", "names", "make",

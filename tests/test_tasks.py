@@ -303,5 +303,21 @@ def test_resize():
     assert n == tasks.make("counting", steps=7, alphabet=2, target="classification")
     with pytest.raises(ValueError, match="at least 5 steps"):
         tasks.resize(tasks.make("copy", symbols=2), 4)
-    with pytest.raises(ValueError, match="fixed length"):
+    with pytest.raises(ValueError, match="fixed length of 64 steps; resizable tasks: adding, "
+                                         "copy, counting"):
         tasks.resize(DIGITS, 32)
+
+
+def test_for_length_and_chance_per_task():
+    """Each task's length rule and class count, as its generator and registry entry declare
+    them: the option that fixes a length must agree with the length asked for."""
+    assert tasks.for_length("copy", 21, symbols=5) == tasks.make("copy", lag=10, symbols=5)
+    assert tasks.for_length("copy", 21, lag=10, symbols=5).steps == 21
+    with pytest.raises(ValueError, match="lag=9 makes copy sequences of 20 steps"):
+        tasks.for_length("copy", 21, lag=9, symbols=5)
+    assert tasks.for_length("counting", 9).steps == 9
+    assert tasks.for_length("digits", 64, images=IMAGES, labels=LABELS) == DIGITS
+    counting = tasks.make("counting", steps=7, target="classification")
+    assert tasks.chance(counting) == pytest.approx(math.log(7))   # counts 0..6
+    assert tasks.chance(DIGITS) == pytest.approx(math.log(10))
+    assert math.isnan(tasks.chance(tasks.make("counting", steps=7)))
