@@ -288,12 +288,15 @@ def test_cheng_refined_atlas():
         assert set(best["30"].values()) == {1e-2}, name
     # refined earlier than vanilla (MSE < 0.01 at an earlier evaluation, 50 steps apart):
     # additive refined LSTM in every seed at every lr; multiplicative at 3e-3 and 1e-2 (at 1e-3
-    # neither gets there); MGU in >= 4 of 5 at every lr; GRU in most seeds at 1e-3 / 3e-3,
+    # neither gets there); MGU in every seed at 1e-3 / 3e-3 and 3 of 5 at 1e-2 (the other two
+    # tied; 4 of 5 with the code of 2026-12-02: a seed, not a verdict); GRU in most seeds at 1e-3 / 3e-3,
     # fewer at its best lr 1e-2 (both reach 0.01 within 100-300 steps, ties in 3 of 5)
     assert f["refined_lstm_add_earlier"][0].min() == 1 and f["refined_lstm_add_earlier"][1][0] == 1
     assert f["refined_lstm_earlier"][0].tolist() == [[0.0, 1.0, 1.0]]
     assert f["refined_lstm_earlier"][1][0] == 1
-    assert f["refined_mgu_earlier"][0].min() >= 0.8 and f["refined_mgu_earlier"][1][0] >= 0.8
+    mgu, fair_mgu = f["refined_mgu_earlier"][:2]
+    assert mgu[0, :2].min() == 1 and mgu[0, 2] >= 0.6 and fair_mgu[0] >= 0.6
+    assert (at.claim_arrays(d, "refined_mgu_earlier")["fair_statistic"][0] >= 0).all()  # never later
     g = f["refined_gru_earlier"]
     assert g[0][0, 0] >= 0.8 and g[0][0, 1] >= 0.6 and g[1][0] <= 0.6
     # the plain LSTM is the one that depends on lr: < 0.01 in 0 / 2 / 5 of 5 seeds
