@@ -313,15 +313,17 @@ def test_gu_copy_atlas():
     # every lr; the UR-LSTM beats them by >= 0.05 in >= 4 of 5 seeds at 3e-3 and 1e-2
     for label in ("LSTM+UGI", "LSTM, forget bias 1"):
         assert (np.mean(finals(d, label, 40) < 1.3 * chance, axis=1) >= 0.8).all(), label
-    assert beats[1].tolist()[1:] == [0.8, 1.0] and fair_beats[1] >= 0.8
+    assert beats[1].tolist()[1:] == [0.8, 1.0] and fair_beats[1] >= 0.8  # fair: 1.0 (0.8 before)
     # lag 10: every model learns at lr 1e-2, the LSTM with forget bias 1 best (> 0.95 in every
     # seed): the UR-LSTM's advantage is gone (0 of 5 at every lr)
     assert (finals(d, "LSTM, forget bias 1", 10)[2] > 0.95).all()
     assert beats[0].max() == 0 and fair_beats[0] == 0
-    # gates nearly binary (>= 50% saturated) and recall >= 2x chance: 3 of 5 seeds at lr 1e-2,
-    # at both lags; never at lr 1e-3
-    assert rec[:, 2].tolist() == [0.6, 0.6] and rec[:, 0].max() == 0
-    assert fair_rec.tolist() == [0.6, 0.6]
+    # gates nearly binary (>= 50% saturated) and recall >= 2x chance at lr 1e-2: 2 of 5 seeds at
+    # lag 10, 4 of 5 at lag 40 (3 and 3 with the code of 2026-12-02: seeds on the line move);
+    # at most one seed at 3e-3; never at lr 1e-3
+    assert 0.4 <= rec[0, 2] <= 0.6 and 0.6 <= rec[1, 2] <= 0.8
+    assert rec[:, 1].max() <= 0.2 and rec[:, 0].max() == 0
+    assert fair_rec.tolist() == rec[:, 2].tolist()  # the UR-LSTM's best lr is 1e-2 at both lags
     # ... and at lag 10 the LSTM with forget bias 1 saturates its forget gate as much
     sat = at.run_arrays(d, "LSTM, forget bias 1", 10)["saturated/f"][2]
     assert (sat > 0.5).all()
