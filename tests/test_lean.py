@@ -72,16 +72,16 @@ def _data(stack, dtype, B=3, T=5, seed=1):
     return params, xs
 
 
-def _layer_case(cell, T=4, B=2, H=3):
+def _layer_case(cell, T=4, B=2, H=3, dtype=jnp.float64):
     """One layer's inputs: parameters, inputs ``(T, B, H)``, initial state, perturbations,
     taps, and cotangents for its outputs (every state at every step, the final state)."""
-    p = cell.init(jax.random.key(0), H, H, jnp.float64)
+    p = cell.init(jax.random.key(0), H, H, dtype)
     k = iter(jax.random.split(jax.random.key(1), 16))
-    rnd = lambda *shape: jax.random.normal(next(k), shape, jnp.float64)  # noqa: E731
+    rnd = lambda *shape: jax.random.normal(next(k), shape, dtype)  # noqa: E731
     x = rnd(T, B, H)
     s0 = {n: 0.5 * rnd(B, H) for n in cell.state_names}
     e = {n: 0.1 * rnd(T, B, H) for n in cell.state_names}
-    taps = {n: jnp.zeros((T, B), jnp.float64) for n in cell.state_names}
+    taps = {n: jnp.zeros((T, B), dtype) for n in cell.state_names}
     cts = ({n: rnd(T, B, H) for n in cell.state_names}, {n: rnd(B, H) for n in cell.state_names})
     return p, x, s0, e, taps, cts
 
@@ -122,6 +122,18 @@ def test_lean_layer_equals_autodiff_every_cell(spec, x64):
     lean, auto = _layer_vjps(cell, *_layer_case(cell))
     for a, b in zip(jax.tree_util.tree_leaves(lean), jax.tree_util.tree_leaves(auto)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("spec", LEAN, ids=_id)
+def test_lean_layer_equals_autodiff_every_cell_float32(spec):
+    """The same in float32 with x64 off (what users have; tests/test_default_opt.py runs it
+    again as users compile): equal to float32 rounding, 2e-5 of the largest entry."""
+    assert not jax.config.jax_enable_x64
+    cell = _cell(spec)
+    lean, auto = _layer_vjps(cell, *_layer_case(cell, dtype=jnp.float32))
+    for a, b in zip(jax.tree_util.tree_leaves(lean), jax.tree_util.tree_leaves(auto)):
+        assert a.dtype == jnp.float32 and np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(b))))
 
 
 def test_lean_equals_autodiff_stack(x64):
