@@ -9,8 +9,6 @@ import pytest
 import gradflow
 from gradflow import cost, jacobian
 
-pytestmark = pytest.mark.child  # in-process work: the child lane runs it (tests/conftest.py)
-
 
 def _xla_bytes(stack, B, T, wrt):
     """temp + argument + output bytes of the compiled map, as XLA's memory analysis reports."""
