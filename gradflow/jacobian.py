@@ -46,7 +46,7 @@ from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.views import LOSSES, WRTS, expected_positive
 from gradflow.cells.base import normal
 from gradflow.stack import (Stack, emit, finite_positions, finite_states, in_precision,
-                            map_layers, safe_norm, scaled_reduction, where_nonfinite)
+                            map_layers, norm_tap, safe_norm, scaled_reduction, where_nonfinite)
 
 NORMS = ("rms", "spectral")
 METHODS = ("exact", "probe")
@@ -259,6 +259,137 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
     config = _config(stack, xs, meta, loss=loss_name, wrt=wrt, readout_seed=readout_seed)
     return make_result("gradient_map", {"values": vals, "loss_value": value}, config,
                        positive=expected_positive(loss, wrt, xs.shape[1]))
+
+
+#: ``gradflow.tap(h, s)``: identity on a state ``h: (B, H)`` as it leaves a layer; the
+#: gradient it hands to ``s: (B,)`` is each example's norm of ``h``'s gradient
+#: (:func:`gradflow.stack.norm_tap`, underflow-free). :func:`model_map` differentiates it.
+tap = norm_tap
+
+
+def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_seed: int = 0,
+              meta: dict | None = None) -> Result:
+    r"""The hidden map of a model of your own, one that a :class:`gradflow.Stack` does not
+    express (layers that skip layers, a bidirectional layer, attention between layers, your
+    own scan): :math:`G[l,t] = \mathrm{mean}_b \|\partial\mathcal L/\partial h^l_t[b]\|_2`, as
+    :func:`gradient_map` with ``wrt="hidden"`` measures a stack's, in one backward pass.
+
+    ``model(params, xs, taps) -> outputs (B, T, K)`` is your forward pass with one line per
+    layer added: where layer ``l``'s state ``h: (B, H_l)`` of step ``t`` leaves the layer (to
+    the next step and the layers above), ``h = gradflow.tap(h, taps[l, t])``. ``taps`` is
+    ``(layers, T, B)`` zeros; :func:`tap` is the identity there, and the gradient w.r.t.
+    ``taps`` is the map, each step's gradient reduced to its norms inside the backward pass
+    (inside a ``lax.scan`` over time, scan ``taps[l]`` with the inputs). A state tapped twice
+    adds both gradients' norms; a ``(layer, step)`` never tapped reads 0.
+
+    >>> def rnn(params, xs, taps):       # 2 tanh layers; the top one also reads the inputs
+    ...     def step(hs, inp):
+    ...         x, tap_t = inp
+    ...         h0 = gradflow.tap(jnp.tanh(x @ params["W0"] + hs[0] @ params["U0"]), tap_t[0])
+    ...         h1 = jnp.tanh(h0 @ params["W1"] + x @ params["V1"] + hs[1] @ params["U1"])
+    ...         h1 = gradflow.tap(h1, tap_t[1])
+    ...         return (h0, h1), h1
+    ...     h = jnp.zeros((xs.shape[0], 4))
+    ...     _, top = jax.lax.scan(step, (h, h), (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(taps, 0, 1)))
+    ...     return jnp.swapaxes(top, 0, 1)  # (B, T, 4)
+    >>> k = iter(jax.random.split(jax.random.key(0), 6))
+    >>> params = {n: jax.random.normal(next(k), (3 if n in ("W0", "V1") else 4, 4)) / 2
+    ...           for n in ("W0", "U0", "W1", "V1", "U1")}
+    >>> res = gradflow.model_map(rnn, params, jax.random.normal(next(k), (8, 6, 3)), layers=2)
+    >>> res.values.shape, bool((res.values > 0).all())
+    ((2, 6), True)
+
+    Args:
+      model: ``(params, xs, taps) -> (B, T, K)`` outputs, jittable (compiled with the map:
+        pass one function object, not a fresh ``lambda`` per call).
+      params: any pytree the model reads (trained weights as they are).
+      xs: ``(B, T, D)`` inputs.
+      layers: ``L``, the first axis of ``taps``.
+      loss: ``"last"``, ``"all"`` (the readout losses of :func:`readout_loss`, of the ``K``
+        outputs) or ``fn(outputs: (B, T, K)) -> scalar``.
+      readout_seed: seed of the default readout and labels.
+      meta: extra config recorded in the result (e.g. where the weights come from).
+    Returns:
+      Result ``kind="gradient_map"``, ``values: (L, T)``, ``loss_value: ()``; drawn by
+      :func:`gradflow.plot.heatmap`. With the default losses, entries below the dtype's normal
+      range count as underflow (as :func:`gradient_map`'s: every tapped state is assumed to
+      reach the loss). Where the loss is not finite every entry is NaN.
+    Raises:
+      ValueError: ``xs`` not ``(B, T, D)`` or not finite, ``layers`` not a positive integer,
+        outputs not ``(B, T, K)``, a map of exact zeros (the model tapped no state), or a
+        compiled map that needs more memory than is available (XLA's memory analysis, read
+        before it runs).
+    """
+    with user_input():
+        checks.check_concrete(params, xs)
+        if not callable(model):
+            raise TypeError(f"model must be a function (params, xs, taps) -> outputs, got "
+                            f"{type(model).__name__}")
+        L = checks.positive_int("layers", layers)
+        xs = jnp.asarray(xs)
+        if xs.ndim != 3 or 0 in xs.shape or not jnp.issubdtype(xs.dtype, jnp.floating):
+            raise ValueError(f"xs must be a (batch, steps, features) float array, got "
+                             f"{xs.shape} {xs.dtype}")
+        checks.check_finite_inputs(xs)
+        B, T, _ = xs.shape
+        taps = jnp.zeros((L, T, B), xs.dtype)
+        try:
+            out = jax.eval_shape(model, params, xs, taps)
+        except Exception as e:  # the user's function failed: say where, with its own message
+            raise ValueError(f"model(params, xs {xs.shape}, taps {taps.shape}) failed: "
+                             f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+        if not hasattr(out, "shape") or len(out.shape) != 3 or tuple(out.shape[:2]) != (B, T):
+            raise ValueError(f"model must return outputs of shape (batch, steps, K) = ({B}, {T}, "
+                             f"K), got {getattr(out, 'shape', type(out).__name__)}")
+        if callable(loss):
+            checks.check_scalar_loss(loss, out)
+            loss_fn, loss_name = loss, getattr(loss, "__name__", "callable")
+        else:
+            checks.choice("loss", loss, LOSSES)
+            loss_fn = readout_loss(loss, out.shape[2], T, B, readout_seed, out.dtype)
+            loss_name = loss
+    leaves, treedef = jax.tree_util.tree_flatten((params, xs, taps))
+    program = _model_program(model, loss_fn, treedef, tuple(
+        jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves))
+    memory = program.memory_analysis()
+    if memory is not None:  # XLA's own count, before anything runs
+        with user_input():
+            _cost.check_need(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                             + memory.output_size_in_bytes,
+                             f"model_map ({getattr(model, '__name__', 'model')}, {L} layers x "
+                             f"{T} steps, batch {B}, {xs.dtype})",
+                             "give fewer examples or steps, or checkpoint your scan "
+                             "(jax.checkpoint)")
+    value, vals = program(params, xs, taps)
+    if not bool(jnp.isfinite(value)):
+        warnings.warn(f"model_map: the loss is {float(value)}: the model's forward pass left "
+                      "the finite numbers, so every entry of the map is NaN",
+                      NonFiniteForwardWarning, stacklevel=2)
+    elif not bool(jnp.any(vals != 0)):
+        raise InputError("model_map: every entry is exactly 0: the model passed no state "
+                         "through gradflow.tap(h, taps[l, t]), or none of them reaches the loss")
+    config = checks.with_meta({"model": getattr(model, "__name__", type(model).__name__),
+                               "layers": L, "steps": int(T), "batch": int(B),
+                               "dtype": str(xs.dtype)}, meta, loss=loss_name, wrt="hidden",
+                              readout_seed=readout_seed)
+    return make_result("gradient_map", {"values": vals, "loss_value": value}, config,
+                       positive=expected_positive(loss, "hidden", T))
+
+
+@functools.lru_cache(maxsize=32)
+def _model_program(model, loss_fn, treedef, leaves):
+    """:func:`_model_map` compiled for arguments of these shapes (``leaves``: ShapeDtypeStructs
+    of ``treedef``'s ``(params, xs, taps)``): one compile per model, loss and shapes, its memory
+    analysis read before it runs."""
+    params, xs, taps = jax.tree_util.tree_unflatten(treedef, leaves)
+    return _model_map.lower(model, loss_fn, params, xs, taps).compile()
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss_fn"))
+def _model_map(model, loss_fn, params, xs, taps):
+    value, norms = jax.value_and_grad(lambda s: loss_fn(model(params, xs, s)))(taps)
+    vals = jnp.mean(norms, axis=2)  # (L, T)
+    return value, jnp.where(jnp.isfinite(value), vals, jnp.nan)
 
 
 def check_wrt(stack: Stack, wrt: str) -> None:
@@ -789,6 +920,6 @@ def _gains(stack, params, xs, chunk):
         ("temporal_spectral", ts), ("state_rms", sr), ("state_spectral", ss))}
 
 
-__all__ = ["gradient_map", "check_wrt", "map_arrays", "jacobian_map", "local_gains", "gain_arrays",
+__all__ = ["gradient_map", "model_map", "tap", "check_wrt", "map_arrays", "jacobian_map", "local_gains", "gain_arrays",
            "readout_loss", "ReadoutLoss", "state_gradients",
            "per_step_param_grads", "LOSSES", "WRTS", "NORMS", "METHODS"]

@@ -1,0 +1,181 @@
+"""gradflow.model_map: the hidden map of a model of the user's own, tapped with gradflow.tap.
+
+Checked against gradient_map on a Stack written as such a model, against brute force (explicit
+perturbations of every state in a Python loop over the steps, per-example norms by NumPy), and
+against a closed form where float32 squares would underflow.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import plot
+from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, load
+
+STACK = gradflow.Stack(["gru", "star", "gru"], layers=3, input_size=3, hidden_size=[5, 4, 4],
+                       residual=True, norm="layer")
+
+
+def stack_model(params, xs, taps):
+    """gradflow's own stack written as a user's model: its norm taps are gradflow.tap."""
+    return STACK.apply(params, xs, taps={"h": jnp.swapaxes(taps, 1, 2)}).top
+
+
+@pytest.mark.parametrize("loss", ["last", "all"])
+def test_a_stack_as_a_model_gives_gradient_map(loss, x64):
+    params = STACK.init(jax.random.key(0), jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (4, 6, 3), jnp.float64)
+    got = gradflow.model_map(stack_model, params, xs, layers=3, loss=loss, readout_seed=2)
+    want = gradflow.gradient_map(STACK, params, xs, loss=loss, readout_seed=2)
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-10)
+    assert float(got.loss_value) == pytest.approx(float(want.loss_value), rel=1e-12)
+    assert got.config["model"] == "stack_model" and got.config["layers"] == 3
+
+
+def _dense_params(key, D, H, dtype):
+    k = iter(jax.random.split(key, 8))
+    m = lambda n, s: 0.6 * jax.random.normal(next(k), (n, H), dtype) / np.sqrt(n)  # noqa: E731
+    return {"W0": m(D, 0), "U0": m(H, 0), "W1": m(H, 0), "U1": m(H, 0),
+            "W2": m(2 * H, 0), "V2": m(D, 0), "U2": m(H, 0)}
+
+
+def _layers(p, x, hs):
+    """One step of a 3-layer tanh RNN no Stack expresses: layer 2 reads layers 0 and 1 (a
+    dense connection) and the inputs (a skip); ``hs`` the previous states."""
+    h0 = jnp.tanh(x @ p["W0"] + hs[0] @ p["U0"])
+    h1 = jnp.tanh(h0 @ p["W1"] + hs[1] @ p["U1"])
+    return h0, h1, jnp.tanh(jnp.concatenate([h0, h1], -1) @ p["W2"] + x @ p["V2"]
+                            + hs[2] @ p["U2"])
+
+
+def dense_model(p, xs, taps):
+    """The user's model as they would scan it, one gradflow.tap per layer."""
+    def step(hs, inp):
+        x, tap_t = inp
+        new = _layers(p, x, hs)
+        new = tuple(gradflow.tap(h, tap_t[l]) for l, h in enumerate(new))
+        return new, new[2]
+
+    h = jnp.zeros((xs.shape[0], p["U0"].shape[0]), xs.dtype)
+    _, top = jax.lax.scan(step, (h, h, h), (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(taps, 0, 1)))
+    return jnp.swapaxes(top, 0, 1)
+
+
+def test_a_model_no_stack_expresses_equals_brute_force(x64):
+    """Perturbations ``e[l][t]`` added to every state in a Python loop over the steps (no scan,
+    no tap), their gradients taken by jax.grad, per-example norms and batch means by NumPy."""
+    B, T, D, H = 3, 5, 2, 4
+    p = _dense_params(jax.random.key(3), D, H, jnp.float64)
+    xs = jax.random.normal(jax.random.key(4), (B, T, D), jnp.float64)
+    ys = jax.random.normal(jax.random.key(5), (B, H), jnp.float64)
+
+    def loss(outputs):  # the user's own loss of the outputs
+        return jnp.mean((outputs[:, -1] - ys) ** 2) + 0.1 * jnp.mean(outputs ** 2)
+
+    def by_loop(e):
+        hs, tops = (jnp.zeros((B, H)),) * 3, []
+        for t in range(T):
+            hs = tuple(h + e[l][t] for l, h in enumerate(_layers(p, xs[:, t], hs)))
+            tops.append(hs[2])
+        return loss(jnp.stack(tops, 1))
+
+    zeros = [[jnp.zeros((B, H)) for _ in range(T)] for _ in range(3)]
+    g = jax.grad(by_loop)(zeros)
+    want = np.array([[np.mean(np.linalg.norm(np.asarray(g[l][t]), axis=-1)) for t in range(T)]
+                     for l in range(3)])
+    got = gradflow.model_map(dense_model, p, xs, layers=3, loss=loss)
+    np.testing.assert_allclose(got.values, want, rtol=1e-12)
+    assert got.underflow == {}  # a callable loss may leave states unread: nothing assumed
+
+
+def test_float32_norms_do_not_underflow():
+    """20 linear layers that scale a state by 0.02 each: the bottom layer's gradient is
+    5e-33 of the top's, its square far below float32's range (1.2e-38); the map holds the
+    closed form ``G[l, T-1] = ||w|| / B * 0.02^(L-1-l)`` under the loss
+    ``sum_b w . h^{L-1}_{T-1}[b] / B``."""
+    assert not jax.config.jax_enable_x64
+    L, B, T, H = 20, 2, 3, 4
+    w = jnp.arange(1.0, H + 1)
+
+    def scaled(p, xs, taps):
+        hs = []
+        for t in range(T):
+            h = xs[:, t]
+            for l in range(L):
+                h = gradflow.tap(p * h if l else h, taps[l, t])
+            hs.append(h)
+        return jnp.stack(hs, 1)
+
+    def loss(outputs):
+        return jnp.sum(outputs[:, -1] @ w) / B
+
+    res = gradflow.model_map(scaled, jnp.float32(0.02), jnp.ones((B, T, H)), layers=L, loss=loss)
+    closed = np.linalg.norm(np.arange(1.0, H + 1)) / B * 0.02 ** np.arange(L - 1, -1, -1)
+    assert res.values.dtype == np.float32
+    np.testing.assert_allclose(res.values[:, -1], closed, rtol=1e-4)
+    assert 0 < res.values[0, -1] < 1e-31 and (res.values[:, :-1] == 0).all()
+
+
+def test_result_is_drawn_and_saved(tmp_path):
+    params = STACK.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (2, 4, 3))
+    res = gradflow.model_map(stack_model, params, xs, layers=3, meta={"params": "mine"})
+    assert res.kind == "gradient_map" and res.values.shape == (3, 4) and res.total_underflow == 0
+    fig = plot.heatmap(res)
+    assert "L=3, T=4" in fig.axes[0].get_title() and "mine" in fig.axes[0].get_title()
+    back = load(res.save(tmp_path / "mine.npz"))
+    np.testing.assert_array_equal(back.values, res.values)
+    assert back.config == res.config
+
+
+def test_a_request_larger_than_the_machine_is_refused_before_it_runs(monkeypatch):
+    """XLA's own memory analysis of the compiled map against the memory available."""
+    from gradflow import cost
+    params, xs = STACK.init(jax.random.key(0)), jnp.ones((2, 4, 3))
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: 1000)
+    with pytest.raises(ValueError, match=r"model_map \(stack_model, 3 layers x 4 steps, batch 2, "
+                                         r"float32\) needs about .* more than the 1000 bytes "
+                                         r"available: give fewer examples or steps"):
+        gradflow.model_map(stack_model, params, xs, layers=3)
+    monkeypatch.undo()
+    assert gradflow.model_map(stack_model, params, xs, layers=3).values.shape == (3, 4)
+
+
+def untapped(params, xs, taps):
+    return xs * params
+
+
+def test_bad_input_gets_one_clear_message():
+    xs = jnp.ones((2, 3, 4))
+    with pytest.raises(ValueError, match="passed no state through gradflow.tap"):
+        gradflow.model_map(untapped, 1.0, xs, layers=1)
+    with pytest.raises(ValueError, match="layers"):
+        gradflow.model_map(untapped, 1.0, xs, layers=0)
+    with pytest.raises(ValueError, match=r"\(batch, steps, features\)"):
+        gradflow.model_map(untapped, 1.0, jnp.ones((2, 3)), layers=1)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        gradflow.model_map(untapped, 1.0, xs.at[0, 0, 0].set(jnp.nan), layers=1)
+    with pytest.raises(ValueError, match=r"shape \(batch, steps, K\) = \(2, 3, K\), got \(2, 3\)"):
+        gradflow.model_map(lambda p, x, s: x[..., 0], 1.0, xs, layers=1)
+    with pytest.raises(ValueError, match="model.*failed: .*boom"):
+        gradflow.model_map(lambda p, x, s: (_ for _ in ()).throw(RuntimeError("boom")), 1.0, xs,
+                           layers=1)
+    with pytest.raises(ValueError, match="unknown loss|valid"):
+        gradflow.model_map(stack_model, STACK.init(jax.random.key(0)), jnp.ones((2, 3, 3)),
+                           layers=3, loss="first")
+    with pytest.raises(TypeError, match="outside jax.jit"):
+        jax.jit(lambda x: gradflow.model_map(untapped, 1.0, x, layers=1).values)(xs)
+
+
+def exploding(params, xs, taps):
+    return gradflow.tap(jnp.exp(1e3 * xs[..., :1]) * xs, jnp.swapaxes(taps[0], 0, 1))
+
+
+def test_an_exploding_forward_gives_nan_and_warns():
+    xs = jnp.ones((2, 3, 4))
+    with pytest.warns(NonFiniteWarning) as said:  # the forward's, and the result's count
+        res = gradflow.model_map(exploding, None, xs, layers=1)
+    assert any(w.category is NonFiniteForwardWarning and "forward pass left the finite numbers"
+               in str(w.message) for w in said)
+    assert np.isnan(res.values).all() and res.nonfinite["values"] == 3
