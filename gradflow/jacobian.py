@@ -280,7 +280,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     ``(layers, T, B)`` zeros; :func:`tap` is the identity there, and the gradient w.r.t.
     ``taps`` is the map, each step's gradient reduced to its norms inside the backward pass
     (inside a ``lax.scan`` over time, scan ``taps[l]`` with the inputs). A state tapped twice
-    adds both gradients' norms; a ``(layer, step)`` never tapped reads 0.
+    adds both gradients' norms; a ``(layer, step)`` never tapped reads 0 (with the default losses
+    counted as underflow: tap every layer at every step).
 
     >>> def rnn(params, xs, taps):       # 2 tanh layers; the top one also reads the inputs
     ...     def step(hs, inp):

@@ -233,9 +233,10 @@ def _with_counts(title: str, nonfinite: int, nonpositive: int = 0, underflow: in
 
 
 def _describe(result: Result, key: str | None) -> str:
-    """Default title: cell, then loss and wrt (gradient maps) or norm and target (Jacobian maps)."""
+    """Default title: cell (or a :func:`gradflow.model_map`'s model), then loss and wrt
+    (gradient maps) or norm and target (Jacobian maps)."""
     c = result.config
-    parts = [str(c["cell"])] if "cell" in c else []
+    parts = [str(c[k]) for k in ("cell", "model") if k in c][:1]
     if result.kind == "gradient_map":
         parts += [f"{k}={c[k]}" for k in ("loss", "wrt") if k in c]
     elif result.kind == "jacobian_map":

@@ -123,7 +123,9 @@ def test_result_is_drawn_and_saved(tmp_path):
     res = gradflow.model_map(stack_model, params, xs, layers=3, meta={"params": "mine"})
     assert res.kind == "gradient_map" and res.values.shape == (3, 4) and res.total_underflow == 0
     fig = plot.heatmap(res)
-    assert "L=3, T=4" in fig.axes[0].get_title() and "mine" in fig.axes[0].get_title()
+    title = fig.axes[0].get_title()
+    assert title.startswith("stack_model \u00b7 loss=last \u00b7 wrt=hidden\nL=3, T=4")
+    assert "mine" in title
     back = load(res.save(tmp_path / "mine.npz"))
     np.testing.assert_array_equal(back.values, res.values)
     assert back.config == res.config
