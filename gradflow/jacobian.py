@@ -281,7 +281,10 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     ``taps`` is the map, each step's gradient reduced to its norms inside the backward pass
     (inside a ``lax.scan`` over time, scan ``taps[l]`` with the inputs). A state tapped twice
     adds both gradients' norms; a ``(layer, step)`` never tapped reads 0 (with the default losses
-    counted as underflow: tap every layer at every step).
+    counted as underflow: tap every layer at every step). The model computes as it does
+    elsewhere: its matmuls at JAX's default precision, a fast mode on GPUs and TPUs, unlike a
+    Stack's float32 (``matmul_precision="highest"``); call ``model_map`` inside
+    ``jax.default_matmul_precision("highest")`` for float32 there.
 
     >>> def rnn(params, xs, taps):       # 2 tanh layers; the top one also reads the inputs
     ...     def step(hs, inp):
@@ -351,7 +354,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
             loss_name = loss
     leaves, treedef = jax.tree_util.tree_flatten((params, xs, taps))
     program = _model_program(model, loss_fn, treedef, tuple(
-        jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves))
+        jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves),
+        jax.config.jax_default_matmul_precision)
     memory = program.memory_analysis()
     if memory is not None:  # XLA's own count, before anything runs
         with user_input():
@@ -378,10 +382,11 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
 
 
 @functools.lru_cache(maxsize=32)
-def _model_program(model, loss_fn, treedef, leaves):
+def _model_program(model, loss_fn, treedef, leaves, precision):
     """:func:`_model_map` compiled for arguments of these shapes (``leaves``: ShapeDtypeStructs
-    of ``treedef``'s ``(params, xs, taps)``): one compile per model, loss and shapes, its memory
-    analysis read before it runs."""
+    of ``treedef``'s ``(params, xs, taps)``) at the matmul ``precision`` in force (part of the
+    key, as it is of ``jax.jit``'s cache): one compile per model, loss, shapes and precision,
+    its memory analysis read before it runs."""
     params, xs, taps = jax.tree_util.tree_unflatten(treedef, leaves)
     return _model_map.lower(model, loss_fn, params, xs, taps).compile()
 
