@@ -192,14 +192,20 @@ def check_finite_inputs(xs) -> None:
 
 def check_xs(stack, xs):
     """Raise unless ``xs`` is a real ``(B, T, D)`` array with ``B, T >= 1`` and
-    ``D = stack.input_size``.
+    ``D = stack.input_size`` (:func:`check_inputs`). Returns ``xs``."""
+    return check_inputs(xs, stack.input_size)
+
+
+def check_inputs(xs, features: int | None = None):
+    """Raise unless ``xs`` is a real ``(B, T, D)`` array with ``B, T, D >= 1`` and ``D =
+    features`` (None: any).
 
     Returns ``xs``. Raises:
       TypeError: a dtype that is not real floating or integer (complex, bool, strings, objects).
       ValueError: not an array (e.g. a nested list), the wrong number of axes, the wrong
         feature size, or an empty batch/sequence.
     """
-    D = stack.input_size
+    D = "features" if features is None else features
     if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
         raise ValueError(f"inputs must be a (batch, steps, {D}) array (NumPy or JAX), got "
                          f"{type(xs).__name__}" + (": use np.asarray(...)"
@@ -209,11 +215,20 @@ def check_xs(stack, xs):
         raise TypeError(f"inputs must be real numbers (a float or integer dtype), got dtype "
                         f"{dt}")
     shape = tuple(xs.shape)
-    if len(shape) != 3 or shape[-1] != D:
+    if len(shape) != 3 or (features is not None and shape[-1] != features):
         raise ValueError(f"inputs must have shape (batch, steps, {D}), got {shape}")
-    if shape[0] < 1 or shape[1] < 1:
-        raise ValueError(f"inputs need at least one example and one step, got {shape}")
+    if min(shape) < 1:
+        need = ("one example and one step" if features is not None
+                else "one example, one step and one feature")
+        raise ValueError(f"inputs need at least {need}, got {shape}")
     return xs
+
+
+def function_failed(where: str, e: Exception) -> ValueError:
+    """The ValueError to raise, ``from e``, where a function the user gave failed on the
+    shapes gradflow traced it with: ``"{where} failed: {type}: {its message}"`` (one line)."""
+    msg = " ".join(str(e).split())[:300]
+    return ValueError(f"{where} failed: {type(e).__name__}: {msg}")
 
 
 def _looks_like_key(x) -> bool:
@@ -375,8 +390,7 @@ def check_scalar_loss(loss_fn, outputs):
     try:
         out = jax.eval_shape(loss_fn, spec)
     except Exception as e:  # the user's function failed: say where, with its own message
-        msg = " ".join(str(e).split())[:300]
-        raise ValueError(f"{where} failed: {type(e).__name__}: {msg}") from e
+        raise function_failed(where, e) from e
     leaves = jax.tree_util.tree_leaves(out)
     if len(leaves) != 1 or not hasattr(leaves[0], "shape"):
         raise ValueError(f"{where} must return one scalar array, got "
@@ -389,5 +403,5 @@ def check_scalar_loss(loss_fn, outputs):
         raise TypeError(f"{where} must return a real floating scalar, got dtype {v.dtype}")
 
 
-__all__ = ["positive_int", "nonneg_int", "choice", "check_xs", "check_params",
-           "check_scalar_loss", "expected_params"]
+__all__ = ["positive_int", "nonneg_int", "choice", "check_xs", "check_inputs", "function_failed",
+           "check_params", "check_scalar_loss", "expected_params"]

@@ -319,7 +319,9 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
       range count as underflow (as :func:`gradient_map`'s: every tapped state is assumed to
       reach the loss). Where the loss is not finite every entry is NaN.
     Raises:
-      ValueError: ``xs`` not ``(B, T, D)`` or not finite, ``layers`` not a positive integer,
+      ValueError: ``xs`` not a floating ``(B, T, D)`` array (``checks.check_inputs``; a
+        wrong dtype raises an ``InputTypeError``, both a ValueError and a TypeError) or not
+        finite, ``layers`` not a positive integer,
         outputs not ``(B, T, K)``, a map of exact zeros (the model tapped no state), or a
         compiled map that needs more memory than is available (XLA's memory analysis, read
         before it runs).
@@ -330,18 +332,17 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
             raise TypeError(f"model must be a function (params, xs, taps) -> outputs, got "
                             f"{type(model).__name__}")
         L = checks.positive_int("layers", layers)
-        xs = jnp.asarray(xs)
-        if xs.ndim != 3 or 0 in xs.shape or not jnp.issubdtype(xs.dtype, jnp.floating):
-            raise ValueError(f"xs must be a (batch, steps, features) float array, got "
-                             f"{xs.shape} {xs.dtype}")
+        xs = jnp.asarray(checks.check_inputs(xs))
+        if not jnp.issubdtype(xs.dtype, jnp.floating):  # the taps and the map take its dtype
+            raise TypeError(f"model_map: inputs must be floating point, got dtype {xs.dtype}")
         checks.check_finite_inputs(xs)
         B, T, _ = xs.shape
         taps = jnp.zeros((L, T, B), xs.dtype)
         try:
             out = jax.eval_shape(model, params, xs, taps)
         except Exception as e:  # the user's function failed: say where, with its own message
-            raise ValueError(f"model(params, xs {xs.shape}, taps {taps.shape}) failed: "
-                             f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+            raise checks.function_failed(f"model(params, xs {xs.shape}, taps {taps.shape})",
+                                         e) from e
         if not hasattr(out, "shape") or len(out.shape) != 3 or tuple(out.shape[:2]) != (B, T):
             raise ValueError(f"model must return outputs of shape (batch, steps, K) = ({B}, {T}, "
                              f"K), got {getattr(out, 'shape', type(out).__name__)}")

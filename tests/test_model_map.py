@@ -173,6 +173,10 @@ def test_bad_input_gets_one_clear_message():
         gradflow.model_map(untapped, 1.0, xs, layers=0)
     with pytest.raises(ValueError, match=r"\(batch, steps, features\)"):
         gradflow.model_map(untapped, 1.0, jnp.ones((2, 3)), layers=1)
+    with pytest.raises(ValueError, match="one example, one step and one feature"):
+        gradflow.model_map(untapped, 1.0, jnp.ones((2, 3, 0)), layers=1)
+    with pytest.raises(TypeError, match="inputs must be floating point, got dtype int32"):
+        gradflow.model_map(untapped, 1.0, jnp.ones((2, 3, 4), jnp.int32), layers=1)
     with pytest.raises(ValueError, match="NaN or inf"):
         gradflow.model_map(untapped, 1.0, xs.at[0, 0, 0].set(jnp.nan), layers=1)
     with pytest.raises(ValueError, match=r"shape \(batch, steps, K\) = \(2, 3, K\), got \(2, 3\)"):
