@@ -273,7 +273,7 @@ def test_state_names_and_gates_match_spec(x64):
         assert all(v.shape == (3, 2, 5) and v.dtype == F64 and not v.any() for v in s.values())
 
 
-def test_step_accepts_extra_leading_axes():
+def test_step_accepts_extra_leading_axes(x64):
     """``x: (*batch, in)``: two batch axes give the same numbers as one flattened axis."""
     cell = cells.get("lstm")
     p = random_params(cell, 1, D, H)
@@ -285,7 +285,7 @@ def test_step_accepts_extra_leading_axes():
     np.testing.assert_allclose(h.reshape(6, H), h_flat, atol=1e-12)
 
 
-def test_param_layout_per_gate():
+def test_param_layout_per_gate(x64):
     """SPEC: params[gate] = {"W": (in, H), "U": (H, H), "b": (H,)} (plus documented extras)."""
     extras = {("gru", "n"): {"b_hn"}, ("refined_gru", "n"): {"b_hn"}}
     for name in cells.names():
@@ -412,7 +412,7 @@ GRAD_CASES = [c for c in CASES if c != ("on_lstm", {})]
 
 @pytest.mark.parametrize("name,opts", GRAD_CASES, ids=[i for c, i in zip(CASES, IDS)
                                                        if c in GRAD_CASES])
-def test_step_grads_finite_differences(name, opts):
+def test_step_grads_finite_differences(name, opts, x64):
     cell = cells.get(name, **opts)
     n_in, n_h = sizes(cell)
     params = random_params(cell, 5, n_in, n_h)

@@ -19,7 +19,13 @@ import pytest
 import gradflow
 from gradflow import jacobian as J
 from gradflow.cli import main
-from gradflow.results import NonFiniteForwardWarning
+from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning
+
+
+def counted():
+    """The result's own warning that counts its non-finite entries (besides the forward's)."""
+    return pytest.warns(NonFiniteWarning, match="non-finite entries")
+
 
 L, T, H, B, D = 3, 120, 16, 3, 4
 
@@ -76,7 +82,7 @@ def test_gradient_map_of_a_nan_loss_is_nan_and_says_where(exploding):
     assert f"the earliest at layer {L - 1}" in text and "the lowest at layer 0" in text
     where = re.escape(text)
     for wrt in ("hidden", "params"):
-        with pytest.warns(NonFiniteForwardWarning,
+        with counted(), pytest.warns(NonFiniteForwardWarning,
                           match=f"the loss is nan \\({where}\\): .*every entry of the map "
                                 "is NaN"):
             res = gradflow.gradient_map(stack, params, xs, loss="last", wrt=wrt)
@@ -105,8 +111,9 @@ def test_a_loss_before_the_overflow_is_measured_as_on_the_truncated_sequence(exp
 def test_jacobian_map_to_a_nan_target_is_nan_where_it_reaches(exploding):
     stack, params, xs = exploding
     where = re.escape(_where(stack, params, xs))
-    with pytest.warns(NonFiniteForwardWarning, match=f"target state h\\[1, {T - 1}\\] is "
-                                                     f"not finite \\({where}\\)"):
+    with counted(), pytest.warns(NonFiniteForwardWarning,
+                                 match=f"target state h\\[1, {T - 1}\\] is not finite "
+                                       f"\\({where}\\)"):
         res = gradflow.jacobian_map(stack, params, xs, target=(1, -1))
     assert np.isnan(res.values[:2]).all()
     assert (res.values[2] == 0).all()  # the top layer never reaches h[1, T-1]: not NaN
@@ -129,8 +136,9 @@ def test_jacobian_map_leaves_out_only_the_examples_whose_target_overflowed():
     xs = xs.at[0].multiply(1e30).at[2].multiply(1e30)
     alone = gradflow.jacobian_map(stack, params, xs[1:2], target=(1, -1), spectra_at=[(0, 30)])
     assert alone.nonfinite == {"values": 0, "spectra": 0} and (alone.values[:2] > 0).all()
-    with pytest.warns(NonFiniteForwardWarning, match=r"h\[1, 59\] is not finite in 2 of 3 "
-                      r"examples \(0, 2; the states are not finite .*the mean over the other 1"):
+    with counted(), pytest.warns(NonFiniteForwardWarning,
+                                 match=r"h\[1, 59\] is not finite in 2 of 3 examples \(0, 2; the "
+                                       r"states are not finite .*the mean over the other 1"):
         mixed = gradflow.jacobian_map(stack, params, xs, target=(1, -1), spectra_at=[(0, 30)])
     assert mixed.target_finite.tolist() == [False, True, False]
     np.testing.assert_allclose(mixed.values, alone.values, rtol=1e-6)
@@ -151,7 +159,7 @@ def test_local_gains_are_nan_exactly_where_a_step_or_its_inputs_overflowed(explo
     ok = finite.copy()
     ok[:, 1:] &= finite[:, :-1]
     ok[1:] &= finite[:-1]
-    with pytest.warns(NonFiniteForwardWarning,
+    with counted(), pytest.warns(NonFiniteForwardWarning,
                       match="local_gains: " + re.escape(_where(stack, params, xs))):
         res = gradflow.local_gains(stack, params, xs)
     short = gradflow.local_gains(stack, params, xs[:, :20])
@@ -172,8 +180,9 @@ def test_gate_statistics_of_an_overflowed_forward_say_so():
     n_bad = sum(bad.values())
     where = re.escape(_where(pr.stack, pr.params, pr.xs, layers=8, steps=10))
     assert bad["f"] > 0
-    with pytest.warns(NonFiniteForwardWarning, match=f"gates.saturation: {n_bad} gate values "
-                                                     f"are not finite \\({where}\\)"):
+    with counted(), pytest.warns(NonFiniteForwardWarning,
+                                 match=f"gates.saturation: {n_bad} gate values are not finite "
+                                       f"\\({where}\\)"):
         stats = gradflow.gates.saturation(pr.stack, pr.params, pr.xs)
     assert {g: int(stats.arrays[f"nonfinite/{g}/pooled"]) for g in gates} == bad
     # the shares and means are over the finite gates (each layer's, then all of them)

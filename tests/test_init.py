@@ -22,9 +22,10 @@ BIG_IN, BIG_H = 16, 32
 
 
 def init(cell, input_size, hidden, key=KEY):
-    """``cell.init`` in float64, eagerly (its primitives compile once and are shared by every
-    cell; a jitted init would compile the QR decompositions again for each cell)."""
-    return cell.init(key, input_size, hidden, F64)
+    """``cell.init`` eagerly (its primitives compile once and are shared by every cell; a jitted
+    init would compile the QR decompositions again for each cell): in float64 in tests that
+    enable it (``x64``, where the check needs its precision), else in float32 as users get."""
+    return cell.init(key, input_size, hidden, F64 if jax.config.jax_enable_x64 else jnp.float32)
 
 
 def blocks(params):
@@ -260,4 +261,4 @@ def test_bad_init(bad, err, match, x64):
 
 def test_chrono_needs_t_max_above_2():
     with pytest.raises(ValueError, match="t_max > 2"):
-        cells.get("lstm", init="chrono", t_max=2.0).init(KEY, SMALL_IN, SMALL_H, F64)
+        cells.get("lstm", init="chrono", t_max=2.0).init(KEY, SMALL_IN, SMALL_H, jnp.float32)

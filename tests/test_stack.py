@@ -157,7 +157,7 @@ def test_rotation_covers_the_whole_grid():
     assert seen == set(itertools.product(("layer", "wavefront"), CKPTS, (False, True)))
 
 
-def test_checkpoint_edges_single_layer_gates_off():
+def test_checkpoint_edges_single_layer_gates_off(x64):
     """Chunks dividing T, longer than T, a single step; one layer; gates not requested."""
     check_cases([
         make_case("gru", checkpoint=2, steps=4, input_size=H, order="wavefront"),
@@ -167,7 +167,7 @@ def test_checkpoint_edges_single_layer_gates_off():
     ])
 
 
-def test_zero_state_default_and_no_perturb():
+def test_zero_state_default_and_no_perturb(x64):
     stack = Stack("lstm", L, D, H)
     params = random_params(stack, 4)
     xs = jnp.asarray(np.random.default_rng(5).standard_normal((B, T, D)), F64)
@@ -238,7 +238,7 @@ def test_grad_equals_grad_of_loop(x64):
 # Transformations and precisions
 
 
-def test_vmap_over_params_and_inputs():
+def test_vmap_over_params_and_inputs(x64):
     """vmap over a batch of params (layer order) and over a batch of inputs (wavefront)."""
     xs = jnp.asarray(np.random.default_rng(9).standard_normal((3, B, T, H)), F64)
     layer = Stack("gru", L, H, H)
@@ -255,7 +255,7 @@ def test_vmap_over_params_and_inputs():
                                    atol=1e-6, rtol=0)
 
 
-def test_float32():
+def test_float32(x64):
     """A float32 stack gives float32 outputs equal to the float64 loop to float32 accuracy
     (the float64 runs are every other test here)."""
     stack = Stack("lstm", L, H, H, order="wavefront", checkpoint=2)
@@ -277,6 +277,11 @@ def test_float32():
        hidden=st.integers(1, 3), name=st.sampled_from(["gru", "lstm", "star", "phased_lstm"]),
        checkpoint=st.sampled_from([None, 1, 2, "auto"]))
 def test_layer_order_equals_wavefront(layers, steps, batch, hidden, name, checkpoint):
+    with jax.enable_x64(True):  # a fixture does not mix with @given
+        _layer_order_equals_wavefront(layers, steps, batch, hidden, name, checkpoint)
+
+
+def _layer_order_equals_wavefront(layers, steps, batch, hidden, name, checkpoint):
     a = Stack(name, layers, hidden, hidden, checkpoint=checkpoint)
     b = a.replace(order="wavefront")
     params = random_params(a, layers * 100 + steps * 10 + hidden)
@@ -292,7 +297,7 @@ def test_layer_order_equals_wavefront(layers, steps, batch, hidden, name, checkp
 # Configuration and errors
 
 
-def test_init_layout_and_config():
+def test_init_layout_and_config(x64):
     s = Stack("lstm", L, D, H)
     p = jax.eval_shape(lambda k: s.init(k, F32), jax.random.key(0))
     assert len(p["layers"]) == L and "input" not in p
@@ -369,7 +374,7 @@ def test_bad_input_shapes(xs):
         stack.apply(params, xs)
 
 
-def test_bad_perturb_key():
+def test_bad_perturb_key(x64):
     stack = Stack("gru", L, D, H)
     params = random_params(stack, 0)
     with pytest.raises(ValueError, match="not states of cell 'gru'"):
