@@ -202,3 +202,62 @@ def test_an_exploding_forward_gives_nan_and_warns():
     assert any(w.category is NonFiniteForwardWarning and "forward pass left the finite numbers"
                in str(w.message) for w in said)
     assert np.isnan(res.values).all() and res.nonfinite["values"] == 3
+
+
+def test_an_equinox_module_with_static_leaves_is_its_params(x64):
+    """An Equinox module as ``params``: its weights traced, its activation function and Python
+    number held static (as eqx.filter_jit does); the map equals the same model with a dict."""
+    eqx = pytest.importorskip("equinox")  # in the dev extras: present wherever the suite runs
+
+    class Dense(eqx.Module):
+        p: dict
+        act: object
+        gain: float
+
+        def __call__(self, xs, taps):
+            scaled = {k: self.gain * v for k, v in self.p.items()}
+            return self.act(dense_model(scaled, xs, taps))
+
+    p = _dense_params(jax.random.key(3), 2, 4, jnp.float64)
+    xs = jax.random.normal(jax.random.key(4), (3, 5, 2), jnp.float64)
+    module = Dense(p, jax.nn.tanh, 1.5)
+    got = gradflow.model_map(lambda m, xs, taps: m(xs, taps), module, xs, layers=3, loss="all")
+    want = gradflow.model_map(
+        lambda q, xs, taps: jnp.tanh(dense_model({k: 1.5 * v for k, v in q.items()}, xs, taps)),
+        p, xs, layers=3, loss="all")
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-12)
+    traced = jax.tree_util.tree_leaves(gradflow.jacobian._arrays_and_rest(module)[0])
+    assert len(traced) == len(p) and all(a is b for a, b in zip(traced, jax.tree.leaves(p)))
+    with pytest.raises(TypeError, match=r"params\['s'\] is a set, neither an array nor hashable"):
+        gradflow.model_map(untapped, {"s": {1}, "w": jnp.ones(())}, jnp.ones((2, 3, 4)),
+                           layers=1)
+
+
+def test_a_flax_nnx_module_is_its_params(x64):
+    """A Flax NNX module (a pytree) as ``params`` gives the map of its functional form
+    (``nnx.split``'s state, merged inside the model)."""
+    nnx = pytest.importorskip("flax.nnx")  # in the dev extras: present wherever the suite runs
+
+    class Two(nnx.Module):
+        def __init__(self, rngs):
+            self.c0 = nnx.GRUCell(3, 6, rngs=rngs, param_dtype=jnp.float64)
+            self.c1 = nnx.GRUCell(6, 6, rngs=rngs, param_dtype=jnp.float64)
+
+        def __call__(self, xs, taps):
+            def step(hs, inp):
+                x, tap_t = inp
+                h0 = gradflow.tap(self.c0(hs[0], x)[0], tap_t[0])
+                h1 = gradflow.tap(self.c1(hs[1], h0)[0], tap_t[1])
+                return (h0, h1), h1
+            h = jnp.zeros((xs.shape[0], 6), xs.dtype)
+            _, top = jax.lax.scan(step, (h, h), (xs.swapaxes(0, 1), taps.swapaxes(0, 1)))
+            return top.swapaxes(0, 1)
+
+    module = Two(nnx.Rngs(0))
+    xs = jax.random.normal(jax.random.key(1), (3, 5, 3), jnp.float64)
+    got = gradflow.model_map(lambda m, xs, taps: m(xs, taps), module, xs, layers=2)
+    graphdef, state = nnx.split(module)
+    want = gradflow.model_map(lambda s, xs, taps: nnx.merge(graphdef, s)(xs, taps), state, xs,
+                              layers=2)
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-12)
+    assert (got.values > 0).all()
