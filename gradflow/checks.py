@@ -403,5 +403,38 @@ def check_scalar_loss(loss_fn, outputs):
         raise TypeError(f"{where} must return a real floating scalar, got dtype {v.dtype}")
 
 
+def split_static(params):
+    """``params`` split as ``eqx.filter_jit`` splits a module: its array leaves (traced, in
+    ``params``' structure with ``None`` elsewhere) and the rest (``(treedef, leaves, types)``
+    with ``None`` at the arrays: functions, Python numbers, strings; static, part of the
+    compiled program's key), so a model's parameters may be an Equinox module holding its
+    activation functions. An unhashable non-array leaf is a TypeError naming where it is."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    is_array = [isinstance(a, (jax.Array, np.ndarray, np.generic)) for _, a in leaves]
+    rest = tuple(None if dyn else a for dyn, (_, a) in zip(is_array, leaves))
+    for (path, a), dyn in zip(leaves, is_array):
+        if not dyn:
+            try:
+                hash(a)
+            except TypeError:
+                raise TypeError(f"params{jax.tree_util.keystr(path)} is a "
+                                f"{type(a).__name__}, neither an array nor hashable: make it an "
+                                "array (np.asarray) or a static field") from None
+    arrays = treedef.unflatten([a if dyn else None for dyn, (_, a) in zip(is_array, leaves)])
+    return arrays, (treedef, rest, tuple(map(type, rest)))  # types: 1 == 1.0, not the same
+
+
+def with_static(fn, rest):
+    """``fn(params, *args)`` as a function of the array leaves of ``params`` (``rest`` from
+    :func:`split_static`)."""
+    treedef, static, _ = rest
+
+    def of_arrays(arrays, *args):
+        dyn = iter(jax.tree_util.tree_leaves(arrays))
+        return fn(treedef.unflatten([next(dyn) if a is None else a for a in static]), *args)
+
+    return of_arrays
+
+
 __all__ = ["positive_int", "nonneg_int", "choice", "check_xs", "check_inputs", "function_failed",
-           "check_params", "check_scalar_loss", "expected_params"]
+           "check_params", "check_scalar_loss", "expected_params", "split_static", "with_static"]

@@ -601,6 +601,17 @@ def check_need(need: int, what: str, smaller: str) -> None:
                          f"{size(avail)} available: {smaller}")
 
 
+def check_compiled(compiled, what: str, smaller: str) -> None:
+    """:func:`check_need` with XLA's own count of a compiled program's memory (arguments,
+    outputs and temporaries; ``compiled.memory_analysis()``), read before it runs: for a
+    program of the user's own function, whose need no estimate here can know. Nothing where
+    the backend gives no analysis."""
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        check_need(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                   + memory.output_size_in_bytes, what, smaller)
+
+
 def _width_text(sig) -> str:
     """``H`` of an estimate's stack signature: one width, or every layer's."""
     return str(sig.hidden_size if sig.widths is None else list(sig.widths))

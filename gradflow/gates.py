@@ -328,16 +328,16 @@ _UNIT_STATS = ("mean", "timescale", "update_fraction")
 _SLOPED = ("sigmoid", "tanh", "refined", "effective")  # the kinds :func:`slopes` covers
 
 
-def _rows(stack: Stack, out, sl, eps, threshold) -> dict:
-    """``{(stat, gate): (L, B, T, H)}`` element-wise quantities whose means over the gate's
-    finite entries make the maps (``timescale``: the kept fraction; 0 where the gate is not
-    finite); ``finite``, ``nonfinite``, ``below``, ``above``, ``nan`` are 0/1 integers to be
-    counted (``below``/``above``: beyond the kind's :func:`value_range`)."""
-    cell = gate_cell(stack)
-    retain = dict(cell.retain)
+def _rows(acts: dict, kinds: dict, retain: dict, sl, eps, threshold) -> dict:
+    """``{(stat, gate): (L, B, T, H)}`` element-wise quantities of the activations ``acts``
+    (gates of ``kinds``; ``retain``: ``{gate: sign}`` of the gates that keep a state, see
+    :func:`kept_fraction`; ``sl``: :func:`slopes`) whose means over the gate's finite entries
+    make the maps (``timescale``: the kept fraction; 0 where the gate is not finite);
+    ``finite``, ``nonfinite``, ``below``, ``above``, ``nan`` are 0/1 integers to be counted
+    (``below``/``above``: beyond the kind's :func:`value_range`)."""
     rows = {}
-    for g, kind in gate_kinds(cell).items():
-        a = out.gates[g]
+    for g, kind in kinds.items():
+        a = acts[g]
         ok = jnp.isfinite(a)
         rows["mean", g] = a
         rows["saturated", g] = is_saturated(a, eps, kind).astype(a.dtype)
@@ -390,10 +390,20 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
     out = stack.apply(params, xs, gates=True)
     if not out.gates:
         return {}, {}
-    rows = _rows(stack, out, _slopes(stack, params, xs, out), eps, threshold)
+    cell = gate_cell(stack)
+    return _reduce_activations(out.gates, gate_kinds(cell), dict(cell.retain),
+                               _slopes(stack, params, xs, out), _real_units(stack), eps,
+                               threshold, bins)
+
+
+def _reduce_activations(acts: dict, kinds: dict, retain: dict, sl: dict, real, eps, threshold,
+                        bins: int):
+    """:func:`_reduce` from the activations ``acts`` ``{gate: (L, B, T, H)}`` of gates of
+    ``kinds``, their slopes ``sl`` and ``real`` (None, or ``(L, H)``: layer ``l``'s first
+    ``H_l`` units; the others are padding, counted nowhere); traceable."""
+    rows = _rows(acts, kinds, retain, sl, eps, threshold)
     keys = list(rows)
     sums = _batch_sums(tuple(rows[k] for k in keys))  # (L, T, H) each
-    real = _real_units(stack)  # None, or (L, H): layer l's first H_l units
     if real is not None:  # padded units (exact zeros) count nowhere
         sums = tuple(sm * real[:, None, :].astype(sm.dtype) for sm in sums)
     sums = {k: (sm.sum(-1), sm.sum(1)) for k, sm in zip(keys, sums)}  # (L, T), (L, H)
@@ -404,17 +414,16 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
         else:
             n, nu = sums["finite", k[1]]
             red[k] = (m / n.astype(m.dtype), u / nu.astype(u.dtype))
-    kinds = gate_kinds(gate_cell(stack))
     hists = {}
-    for span in dict.fromkeys(value_range(kinds[g]) for g in out.gates):  # one scatter-add each
-        names = [g for g in out.gates if value_range(kinds[g]) == span]
-        A = jnp.stack([out.gates[g] for g in names])  # (G, L, B, T, H)
+    for span in dict.fromkeys(value_range(kinds[g]) for g in acts):  # one scatter-add each
+        names = [g for g in acts if value_range(kinds[g]) == span]
+        A = jnp.stack([acts[g] for g in names])  # (G, L, B, T, H)
         G, L = A.shape[:2]
         valid = None if real is None else jnp.broadcast_to(
             real[None, :, None, None, :], A.shape).reshape((G * L, -1))
         hist, _ = histogram(A.reshape((G * L, -1)), bins, valid, kinds[names[0]])
         hists.update({g: hist[i * L:(i + 1) * L] for i, g in enumerate(names)})
-    return red, {g: hists[g] for g in out.gates}
+    return red, {g: hists[g] for g in acts}
 
 
 def reductions(stack: Stack, params: dict, xs, eps: float = EPS,
@@ -448,12 +457,16 @@ def _pad(a, H: int):
 def named_arrays(stack: Stack, red: dict, hist: dict, bins: int) -> dict:
     """The named arrays of the module docstring's scheme (``"{stat}/{gate}"``, ...) from one
     problem's :func:`reductions` (NumPy; ``bins`` as given there)."""
+    return _named(gate_kinds(gate_cell(stack)), _real_units(stack), red, hist, bins)
+
+
+def _named(kinds: dict, real, red: dict, hist: dict, bins: int) -> dict:
+    """:func:`named_arrays` for gates of ``kinds`` (``real`` as :func:`_reduce_activations`)."""
     red = {k: (np.asarray(m), np.asarray(u)) for k, (m, u) in red.items()}
-    real = _real_units(stack)
     if real is not None:
         real = np.asarray(real)
     arrays = {"bin_edges": bin_edges(bins)}
-    for g, kind in gate_kinds(gate_cell(stack)).items():
+    for g, kind in kinds.items():
         if value_range(kind) != value_range():  # the shared edges are [0, 1]'s
             arrays[f"bin_edges/{g}"] = bin_edges(bins, kind)
         n = red["finite", g][0].astype(np.float64)  # (L, T): finite entries of each mean

@@ -340,9 +340,9 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         checks.check_finite_inputs(xs)
         B, T, _ = xs.shape
         taps = jnp.zeros((L, T, B), xs.dtype)
-        arrays, rest = _arrays_and_rest(params)
+        arrays, rest = checks.split_static(params)
         try:
-            out = jax.eval_shape(_with_rest(model, rest), arrays, xs, taps)
+            out = jax.eval_shape(checks.with_static(model, rest), arrays, xs, taps)
         except Exception as e:  # the user's function failed: say where, with its own message
             raise checks.function_failed(f"model(params, xs {xs.shape}, taps {taps.shape})",
                                          e) from e
@@ -360,13 +360,9 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     program = _model_program(model, loss_fn, rest, treedef, tuple(
         jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves),
         jax.config.jax_default_matmul_precision)
-    memory = program.memory_analysis()
-    if memory is not None:  # XLA's own count, before anything runs
-        with user_input():
-            _cost.check_need(memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                             + memory.output_size_in_bytes,
-                             f"model_map ({getattr(model, '__name__', 'model')}, {L} layers x "
-                             f"{T} steps, batch {B}, {xs.dtype})",
+    with user_input():
+        _cost.check_compiled(program, f"model_map ({getattr(model, '__name__', 'model')}, {L} "
+                             f"layers x {T} steps, batch {B}, {xs.dtype})",
                              "give fewer examples or steps, or checkpoint your scan "
                              "(jax.checkpoint)")
     value, vals = program(arrays, xs, taps)
@@ -385,39 +381,6 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
                        positive=expected_positive(loss, "hidden", T))
 
 
-def _arrays_and_rest(params):
-    """``params`` split as ``eqx.filter_jit`` splits a module: its array leaves (traced, in
-    ``params``' structure with ``None`` elsewhere) and the rest (``(treedef, leaves, types)``
-    with ``None`` at the arrays: functions, Python numbers, strings; static, part of the
-    compiled program's key), so a model's parameters may be an Equinox module holding its
-    activation functions. An unhashable non-array leaf is a TypeError naming where it is."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    is_array = [isinstance(a, (jax.Array, np.ndarray, np.generic)) for _, a in leaves]
-    rest = tuple(None if dyn else a for dyn, (_, a) in zip(is_array, leaves))
-    for (path, a), dyn in zip(leaves, is_array):
-        if not dyn:
-            try:
-                hash(a)
-            except TypeError:
-                raise TypeError(f"params{jax.tree_util.keystr(path)} is a "
-                                f"{type(a).__name__}, neither an array nor hashable: make it an "
-                                "array (np.asarray) or a static field") from None
-    arrays = treedef.unflatten([a if dyn else None for dyn, (_, a) in zip(is_array, leaves)])
-    return arrays, (treedef, rest, tuple(map(type, rest)))  # types: 1 == 1.0, not the same
-
-
-def _with_rest(model, rest):
-    """``model`` as a function of the array leaves of its params (see :func:`_arrays_and_rest`)."""
-    treedef, static, _ = rest
-
-    def of_arrays(arrays, xs, taps):
-        dyn = iter(jax.tree_util.tree_leaves(arrays))
-        return model(treedef.unflatten([next(dyn) if a is None else a for a in static]), xs,
-                     taps)
-
-    return of_arrays
-
-
 @functools.lru_cache(maxsize=32)
 def _model_program(model, loss_fn, rest, treedef, leaves, precision):
     """:func:`_model_map` compiled for arguments of these shapes (``leaves``: ShapeDtypeStructs
@@ -430,7 +393,7 @@ def _model_program(model, loss_fn, rest, treedef, leaves, precision):
 
 @functools.partial(jax.jit, static_argnames=("model", "loss_fn", "rest"))
 def _model_map(model, loss_fn, rest, arrays, xs, taps):
-    model = _with_rest(model, rest)
+    model = checks.with_static(model, rest)
     value, norms = jax.value_and_grad(lambda s: loss_fn(model(arrays, xs, s)))(taps)
     vals = jnp.mean(norms, axis=2)  # (L, T)
     return value, jnp.where(jnp.isfinite(value), vals, jnp.nan)

@@ -226,7 +226,7 @@ def test_an_equinox_module_with_static_leaves_is_its_params(x64):
         lambda q, xs, taps: jnp.tanh(dense_model({k: 1.5 * v for k, v in q.items()}, xs, taps)),
         p, xs, layers=3, loss="all")
     np.testing.assert_allclose(got.values, want.values, rtol=1e-12)
-    traced = jax.tree_util.tree_leaves(gradflow.jacobian._arrays_and_rest(module)[0])
+    traced = jax.tree_util.tree_leaves(gradflow.checks.split_static(module)[0])
     assert len(traced) == len(p) and all(a is b for a, b in zip(traced, jax.tree.leaves(p)))
     with pytest.raises(TypeError, match=r"params\['s'\] is a set, neither an array nor hashable"):
         gradflow.model_map(untapped, {"s": {1}, "w": jnp.ones(())}, jnp.ones((2, 3, 4)),
