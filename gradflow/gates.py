@@ -2,7 +2,8 @@ r"""Gate statistics (SPEC section 3): saturation, slopes, memory timescales, tim
 
 For every gate ``a`` a cell reports (``stack.apply(params, xs, gates=True).gates[gate]``,
 shape ``(L, B, T, H)``), :func:`saturation` returns one :class:`gradflow.results.Result` of
-kind ``"gate_stats"`` holding:
+kind ``"gate_stats"`` (:func:`model_saturation`: the same from the activations a model of your
+own reports) holding:
 
 * ``mean``: the mean activation :math:`\bar a` (for a time gate: its openness :math:`\bar k`);
 * ``saturated``: the fraction of entries with :math:`a < \varepsilon` or :math:`a > 1-\varepsilon`
@@ -270,19 +271,22 @@ def preactivation(stack: Stack, params: dict, xs, out, gate: str):
         stack.layer_inputs(params, xs, out))
 
 
+def _activation_slopes(acts: dict, kinds: dict) -> dict:
+    """The slopes of the gates whose activation alone gives them: sigmoid :math:`a(1-a)`, tanh
+    :math:`1-a^2`."""
+    return {g: sigmoid_slope(acts[g]) if kind == "sigmoid" else 1.0 - acts[g] * acts[g]
+            for g, kind in kinds.items() if kind in ("sigmoid", "tanh")}
+
+
 def _slopes(stack: Stack, params: dict, xs, out) -> dict:
     """:func:`slopes` from a run's output ``out`` (a :class:`gradflow.StackOutput`)."""
     cell = gate_cell(stack)
     kinds = gate_kinds(cell)
     acts = out.gates
     mode = cell.refine_mode
-    s = {}
+    s = _activation_slopes(acts, kinds)
     for g, kind in kinds.items():
-        if kind == "sigmoid":
-            s[g] = sigmoid_slope(acts[g])
-        elif kind == "tanh":
-            s[g] = 1.0 - acts[g] * acts[g]
-        elif kind == "refined":
+        if kind == "refined":
             sz = sigmoid_slope(jax.nn.sigmoid(preactivation(stack, params, xs, out, g)))
             s[g] = sz * jnp.abs(layer_inputs(stack, params, xs, out.up)) if mode == "mul" else sz
     for g, kind in kinds.items():
@@ -575,6 +579,157 @@ def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = 
     return make_result("gate_stats", arrays, config)
 
 
+#: The gate kinds :func:`model_saturation` reads from the activations alone.
+MODEL_KINDS = ("sigmoid", "tanh", "time", "other")
+
+
+def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = None,
+                     eps: float = EPS, bins: int = BINS,
+                     update_threshold: float = UPDATE_THRESHOLD, meta: dict | None = None
+                     ) -> Result:
+    r"""Gate statistics of a model of your own, one a :class:`gradflow.Stack` does not express
+    (as :func:`gradflow.model_map` measures its gradients): the statistics, array names and
+    Result of :func:`saturation`, from the activations your model reports.
+
+    ``model(params, xs) -> {gate: (L, B, T, H)}`` returns each gate's activation in every layer
+    ``l``, example ``b`` and step ``t`` (e.g. your scan's per-step gates, stacked). ``kinds``
+    says what each gate is, from :data:`MODEL_KINDS`: ``"sigmoid"`` (slope :math:`a(1-a)`),
+    ``"tanh"`` (slope :math:`1-a^2`, range ``[-1, 1]``), ``"time"`` (a time gate: its
+    ``update_fraction``) or ``"other"`` (read on ``[0, 1]``, no slope); gates whose slope needs
+    the pre-activation (refined, effective, master) need a Stack's structure: wrap your cell
+    with an adapter (:mod:`gradflow.cells.adapters`) for those. ``retain`` names the gates that
+    keep the previous state, ``{gate: 1}`` when the state kept is :math:`a` (an LSTM's ``f``),
+    ``{gate: -1}`` when it is :math:`1 - a` (a GRU's update gate in the
+    :math:`(1-z) h + z 	ilde h` convention), for their memory ``timescale``.
+
+    >>> def lstm_gates(p, xs):            # one LSTM layer; its forget gate, stacked as (1, B, T, H)
+    ...     def step(hc, x):
+    ...         h, c = hc
+    ...         i, f, g, o = jnp.split(x @ p["W"] + h @ p["U"], 4, axis=-1)
+    ...         f = jax.nn.sigmoid(f + 1.0)
+    ...         c = f * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    ...         return (jax.nn.sigmoid(o) * jnp.tanh(c), c), f
+    ...     z = jnp.zeros((xs.shape[0], 4))
+    ...     _, f = jax.lax.scan(step, (z, z), jnp.swapaxes(xs, 0, 1))
+    ...     return {"f": jnp.swapaxes(f, 0, 1)[None]}
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> p = {"W": jax.random.normal(k1, (3, 16)) / 2, "U": jax.random.normal(k2, (4, 16)) / 2}
+    >>> st = gradflow.gates.model_saturation(lstm_gates, p, jax.random.normal(k3, (8, 6, 3)),
+    ...                                      kinds={"f": "sigmoid"}, retain={"f": 1})
+    >>> st.arrays["saturated/f"].shape, bool(st.arrays["timescale/f/pooled"] > 1)
+    ((1, 6), True)
+
+    Args:
+      model: ``(params, xs) -> {gate: (L, B, T, H)}``, jittable (compiled once per model,
+        shapes and settings: pass one function object).
+      params: any pytree the model reads, an Equinox or Flax NNX module too (arrays traced,
+        other leaves static, as :func:`gradflow.model_map` takes them).
+      xs: ``(B, T, D)`` inputs.
+      kinds: ``{gate: kind}`` for every gate the model returns.
+      retain: ``{gate: 1 | -1}`` for the gates that keep the state (default none).
+      eps, bins, update_threshold, meta: as :func:`saturation`.
+    Returns:
+      Result of kind ``"gate_stats"`` (drawn by :func:`gradflow.plot.gate_histograms` and the
+      other gate figures), its config naming the model; non-finite activations counted,
+      warned about and left out of the other statistics, as :func:`saturation` does.
+    Raises:
+      ValueError: bad ``xs`` (as every measurement), a gate without a kind or a kind not in
+        :data:`MODEL_KINDS`, activations not ``(L, B, T, H)`` of one shape with this ``B``
+        and ``T``, or a compiled program that needs more memory than is available.
+    """
+    with user_input():
+        checks.check_concrete(params, xs)
+        if not callable(model):
+            raise TypeError(f"model must be a function (params, xs) -> {{gate: (L, B, T, H)}}, "
+                            f"got {type(model).__name__}")
+        eps = _check_fraction("eps", eps, 0.5)
+        threshold = _check_fraction("update_threshold", update_threshold, 1.0)
+        bins = _positive_int("bins", bins)
+        if bins > MAX_BINS:
+            raise ValueError(f"bins={bins}: at most {MAX_BINS:,}")
+        if not isinstance(kinds, dict) or not kinds:
+            raise TypeError(f"kinds must be a dict {{gate: kind}}, kinds from "
+                            f"{', '.join(MODEL_KINDS)}; got {kinds!r}")
+        for g, kind in kinds.items():
+            if kind not in MODEL_KINDS:
+                raise ValueError(f"gate {g!r}: kind {kind!r} is not one the activations alone "
+                                 f"give; valid: {', '.join(MODEL_KINDS)} (a refined, effective "
+                                 "or master gate: wrap your cell with gradflow.cells.from_*)")
+        retain = dict(retain or {})
+        for g, sign in retain.items():
+            if g not in kinds or sign not in (1, -1) or isinstance(sign, bool):
+                raise ValueError(f"retain must map gates of kinds ({', '.join(kinds)}) to 1 "
+                                 f"(the state kept is a) or -1 (it is 1 - a); got {g!r}: "
+                                 f"{sign!r}")
+        xs = jnp.asarray(checks.check_inputs(xs))
+        if not jnp.issubdtype(xs.dtype, jnp.floating):
+            raise TypeError(f"model_saturation: inputs must be floating point, got dtype "
+                            f"{xs.dtype}")
+        checks.check_finite_inputs(xs)
+        B, T, _ = xs.shape
+        arrays, rest = checks.split_static(params)
+        try:
+            out = jax.eval_shape(checks.with_static(model, rest), arrays, xs)
+        except Exception as e:  # the user's function failed: say where, with its own message
+            raise checks.function_failed(f"model(params, xs {xs.shape})", e) from e
+        shapes = {g: getattr(a, "shape", None) for g, a in out.items()} if isinstance(
+            out, dict) else None
+        first = None if not shapes else next(iter(shapes.values()))
+        if (not shapes or any(s != first for s in shapes.values()) or first is None
+                or len(first) != 4 or tuple(first[1:3]) != (B, T)):
+            raise ValueError(f"model must return {{gate: (L, B, T, H)}} activations of one "
+                             f"shape with B = {B}, T = {T}; got "
+                             f"{shapes if shapes is not None else type(out).__name__}")
+        if set(out) != set(kinds):
+            raise ValueError(f"kinds must name every gate the model returns: it returns "
+                             f"{', '.join(map(str, out))}; kinds names {', '.join(kinds)}")
+    leaves, treedef = jax.tree_util.tree_flatten((arrays, xs))
+    program = _model_program(model, rest, tuple(kinds.items()), tuple(retain.items()), eps,
+                             threshold, bins, treedef, tuple(
+                                 jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+                                 for a in leaves), jax.config.jax_default_matmul_precision)
+    name = getattr(model, "__name__", type(model).__name__)
+    L = int(first[0])
+    with user_input():
+        _cost.check_compiled(program, f"gates.model_saturation ({name}, {L} layers x {T} steps, "
+                             f"batch {B}, {xs.dtype})", "give fewer examples or steps")
+    red, hist = program(arrays, xs)
+    arrays = _named(kinds, None, red, hist, bins)
+    bad = sum(int(v) for k, v in arrays.items()
+              if k.startswith("nonfinite/") and k.endswith("/pooled"))
+    if bad:
+        warnings.warn(f"gates.model_saturation: {bad} gate values are not finite; every other "
+                      "statistic is over the finite gate values (nonfinite/{gate} counts the "
+                      "rest)", NonFiniteForwardWarning, stacklevel=2)
+    dtype = next(iter(out.values())).dtype
+    config = checks.with_meta({"model": name, "layers": L, "steps": int(T), "batch": int(B),
+                               "hidden": int(first[3]), "dtype": str(dtype)}, meta, eps=eps,
+                              bins=bins, update_threshold=threshold, gates=list(kinds),
+                              gate_kinds=dict(kinds), retain=retain)
+    return make_result("gate_stats", arrays, config)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_program(model, rest, kinds, retain, eps, threshold, bins, treedef, leaves,
+                   precision):
+    """:func:`model_saturation`'s reductions compiled for these shapes (``leaves``:
+    ShapeDtypeStructs of ``treedef``'s ``(arrays, xs)``) and settings, at the matmul
+    ``precision`` in force (part of the key, as of ``jax.jit``'s cache)."""
+    arrays, xs = jax.tree_util.tree_unflatten(treedef, leaves)
+    return _model_reduce.lower(model, rest, kinds, retain, eps, threshold, bins, arrays,
+                               xs).compile()
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rest", "kinds", "retain", "eps",
+                                             "threshold", "bins"))
+def _model_reduce(model, rest, kinds, retain, eps, threshold, bins, arrays, xs):
+    acts = checks.with_static(model, rest)(arrays, xs)
+    kinds = dict(kinds)
+    acts = {g: acts[g] for g in kinds}
+    return _reduce_activations(acts, kinds, dict(retain), _activation_slopes(acts, kinds),
+                               None, eps, threshold, bins)
+
+
 # ---------------------------------------------------------------------------------------------
 # Several cells, one problem
 
@@ -645,7 +800,7 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
 
 __all__ = ["GU_GRID", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations", "gate_cell",
            "bin_edges", "compare", "gate_kinds", "hist_edges", "histogram", "is_saturated",
-           "kept_fraction",
+           "kept_fraction", "MODEL_KINDS", "model_saturation",
            "layer_inputs", "named_arrays", "parse_entries", "preactivation", "reductions",
            "refine_partials", "saturation",
            "sigmoid_slope", "slopes", "summary", "timescale", "value_range"]

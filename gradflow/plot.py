@@ -232,11 +232,17 @@ def _with_counts(title: str, nonfinite: int, nonpositive: int = 0, underflow: in
     return f"{title} ({', '.join(notes)})" if title else ", ".join(notes)
 
 
+def _subject(config: dict, default=None) -> str:
+    """What a result measured, for titles and labels: its cell, or the model of
+    :func:`gradflow.model_map` / :func:`gradflow.gates.model_saturation`."""
+    return str(config.get("cell", config.get("model", default)))
+
+
 def _describe(result: Result, key: str | None) -> str:
     """Default title: cell (or a :func:`gradflow.model_map`'s model), then loss and wrt
     (gradient maps) or norm and target (Jacobian maps)."""
     c = result.config
-    parts = [str(c[k]) for k in ("cell", "model") if k in c][:1]
+    parts = [_subject(c)] if "cell" in c or "model" in c else []
     if result.kind == "gradient_map":
         parts += [f"{k}={c[k]}" for k in ("loss", "wrt") if k in c]
     elif result.kind == "jacobian_map":
@@ -573,7 +579,7 @@ def _gate(stats: Result, gate: str | None, where: str) -> str:
     gates = _gate_names(stats)
     if not gates:
         raise ValueError(f"{where}: these gate stats report no gates (cell "
-                         f"{stats.config.get('cell')!r} has none)")
+                         f"{_subject(stats.config)!r} has none)")
     if gate is None:
         return gates[0]
     if gate not in gates:
@@ -674,8 +680,8 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
 
     rows = list(range(n_layers)) if chosen == "pooled" else chosen
     bad = int(np.sum(~np.isfinite(hist[rows])))
-    base = " \u00b7 ".join(p for p in (str(stats.config.get("cell", "")),
-                                        f"gate {gate} ({what})") if p)
+    base = " \u00b7 ".join(p for p in (_subject(stats.config, ""), f"gate {gate} ({what})")
+                           if p)
     lines = [_with_counts(base if title is None else title, bad)]
     if outside is not None:
         counts = outside[rows].sum(axis=0)
@@ -733,8 +739,8 @@ def _saturation_map(stats, gate, ax, cmap, title, colorbar, vmin, vmax, fitted):
     norm = _norm([values], False, False, vmin, vmax)
     image = _draw_map(ax, values, norm, _cmap(cmap, _FRACTION_CMAP))
     eps = next((stats.config[k] for k in ("eps", "epsilon") if k in stats.config), None)
-    base = " \u00b7 ".join(p for p in (str(stats.config.get("cell", "")),
-                                        f"gate {gate} saturated") if p)
+    base = " \u00b7 ".join(p for p in (_subject(stats.config, ""), f"gate {gate} saturated")
+                           if p)
     base += f" (eps={eps:g})" if isinstance(eps, (int, float)) else ""
     ax.set_title(_with_counts(base if title is None else title, int(np.sum(~np.isfinite(values)))))
     if colorbar:
@@ -749,7 +755,7 @@ def _saturation_map(stats, gate, ax, cmap, title, colorbar, vmin, vmax, fitted):
 def _labelled(results, where: str) -> dict:
     """``{label: Result}`` from one Result (labelled by its cell) or a mapping."""
     if isinstance(results, Result):
-        return {str(results.config.get("cell", results.kind)): results}
+        return {_subject(results.config, results.kind): results}
     if isinstance(results, Mapping) and results:
         return {str(k): _check_result(v, where) for k, v in results.items()}
     raise TypeError(f"{where} takes a Result or a non-empty mapping label -> Result, got "
@@ -865,7 +871,7 @@ def gates_figure(stats: Result, gates: Sequence[str] | None = None, *,
         _saturation_map(stats, gate, axes[0, j], None, None, True, 0.0, vmax, fitted)
         gate_histograms(stats, gate, layers=None, ax=axes[1, j])
     line = settings(stats.config)
-    fig.suptitle(f"{stats.config.get('cell', 'gates')}" + (f" \u00b7 {line}" if line else ""))
+    fig.suptitle(_subject(stats.config, "gates") + (f" \u00b7 {line}" if line else ""))
     return fig
 
 

@@ -137,6 +137,21 @@ def reference(name, stack, params, xs, eps, bins=20, thr=1e-3):
             ok = np.isfinite(a)
             put(ref, "slope", g, np.abs(gf(zf + d, zr) - gf(zf - d, zr)) / (2 * d), ok)
             put(ref, "slope_refine", g, np.abs(gf(zf, zr + d) - gf(zf, zr - d)) / (2 * d), ok)
+    return reference_of(acts, kinds, retain, eps, bins, thr, ref, slope), acts
+
+
+def reference_of(acts, kinds, retain, eps, bins=20, thr=1e-3, ref=None, slope=None):
+    """The arrays of the gate statistics of activations ``acts`` ``{gate: (L, B, T, H)}`` by
+    NumPy; ``ref``, ``slope``: arrays and slopes already formed (refined and effective gates).
+    Slopes of sigmoid and tanh gates from the activations."""
+    ref = {"bin_edges": np.linspace(0, 1, bins + 1)} if ref is None else ref
+    slope = {} if slope is None else slope
+    for g, a in acts.items():
+        if kinds[g] == "sigmoid":
+            slope.setdefault(g, a * (1 - a))
+        elif kinds[g] == "tanh":
+            slope.setdefault(g, 1 - a * a)
+            ref[f"bin_edges/{g}"] = np.linspace(-1, 1, bins + 1)
     for g, a in acts.items():
         ok = np.isfinite(a)
         put(ref, "mean", g, a, ok, unit=True)
@@ -160,7 +175,7 @@ def reference(name, stack, params, xs, eps, bins=20, thr=1e-3):
                         for l in range(a.shape[0])])
         ref[f"hist/{g}"], ref[f"hist/{g}/pooled"] = hist, hist.sum(0)
         ref[f"outside/{g}"], ref[f"outside/{g}/pooled"] = out, out.sum(0)
-    return ref, acts
+    return ref
 
 
 def near_edges(a, bins=20, tol=1e-12, product=False, tanh=False):
