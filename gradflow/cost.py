@@ -601,15 +601,16 @@ def check_need(need: int, what: str, smaller: str) -> None:
                          f"{size(avail)} available: {smaller}")
 
 
-def check_compiled(compiled, what: str, smaller: str) -> None:
+def check_compiled(compiled, what: str, smaller: str, copies: int = 1) -> None:
     """:func:`check_need` with XLA's own count of a compiled program's memory (arguments,
-    outputs and temporaries; ``compiled.memory_analysis()``), read before it runs: for a
-    program of the user's own function, whose need no estimate here can know. Nothing where
-    the backend gives no analysis."""
+    outputs and temporaries; ``compiled.memory_analysis()``, per device for a sharded one),
+    times ``copies`` (the devices that share one memory: a CPU's simulated devices), read
+    before it runs: for a program of the user's own function, whose need no estimate here can
+    know. Nothing where the backend gives no analysis."""
     memory = compiled.memory_analysis()
     if memory is not None:
-        check_need(memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                   + memory.output_size_in_bytes, what, smaller)
+        check_need(copies * (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                             + memory.output_size_in_bytes), what, smaller)
 
 
 def _width_text(sig) -> str:

@@ -268,7 +268,7 @@ tap = norm_tap
 
 
 def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_seed: int = 0,
-              meta: dict | None = None) -> Result:
+              couples_batch: bool = True, meta: dict | None = None) -> Result:
     r"""The hidden map of a model of your own, one that a :class:`gradflow.Stack` does not
     express (layers that skip layers, a bidirectional layer, attention between layers, your
     own scan): :math:`G[l,t] = \mathrm{mean}_b \|\partial\mathcal L/\partial h^l_t[b]\|_2`, as
@@ -314,6 +314,13 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
       loss: ``"last"``, ``"all"`` (the readout losses of :func:`readout_loss`, of the ``K``
         outputs) or ``fn(outputs: (B, T, K)) -> scalar``.
       readout_seed: seed of the default readout and labels.
+      couples_batch: whether the model mixes the examples of a batch (batch statistics,
+        attention across examples), which gradflow cannot see. ``False`` lets it split the
+        batch over the devices of :func:`gradflow.parallel.set_batch_devices` (on a CPU those
+        of :func:`gradflow.parallel.use_cpu_devices`) as it does for a Stack's cells: the
+        model runs on each device's examples, the loss on the gathered outputs (any loss,
+        exact). Under ``"auto"`` any split that divides the batch is taken (the model's width,
+        which the CPU rule weighs for a Stack, is unknown here).
       meta: extra config recorded in the result (e.g. where the weights come from).
     Returns:
       Result ``kind="gradient_map"``, ``values: (L, T)``, ``loss_value: ()``; drawn by
@@ -356,16 +363,28 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
             checks.choice("loss", loss, LOSSES)
             loss_fn = readout_loss(loss, out.shape[2], T, B, readout_seed, out.dtype)
             loss_name = loss
-    leaves, treedef = jax.tree_util.tree_flatten((arrays, xs, taps))
-    program = _model_program(model, loss_fn, rest, treedef, tuple(
-        jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves),
-        jax.config.jax_default_matmul_precision)
-    with user_input():
-        _cost.check_compiled(program, f"model_map ({getattr(model, '__name__', 'model')}, {L} "
-                             f"layers x {T} steps, batch {B}, {xs.dtype})",
-                             "give fewer examples or steps, or checkpoint your scan "
-                             "(jax.checkpoint)")
-    value, vals = program(arrays, xs, taps)
+    if not isinstance(couples_batch, bool):
+        raise TypeError(f"couples_batch must be True or False, got {couples_batch!r}")
+    what = (f"model_map ({getattr(model, '__name__', 'model')}, {L} layers x {T} steps, batch "
+            f"{B}, {xs.dtype})")
+    smaller = "give fewer examples or steps, or checkpoint your scan (jax.checkpoint)"
+
+    def check(compiled, copies=1):
+        with user_input():
+            _cost.check_compiled(compiled, what, smaller, copies)
+
+    from gradflow import parallel
+    devices = () if couples_batch else parallel.should_split(xs, None, params)
+    if devices:
+        value, vals = parallel.model_state_map(model, loss_fn, rest, arrays, xs, L, devices,
+                                               check)
+    else:
+        leaves, treedef = jax.tree_util.tree_flatten((arrays, xs, taps))
+        program = _model_program(model, loss_fn, rest, treedef, tuple(
+            jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves),
+            jax.config.jax_default_matmul_precision)
+        check(program)
+        value, vals = program(arrays, xs, taps)
     if not bool(jnp.isfinite(value)):
         warnings.warn(f"model_map: the loss is {float(value)}: the model's forward pass left "
                       "the finite numbers, so every entry of the map is NaN",

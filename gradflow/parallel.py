@@ -67,6 +67,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gradflow import checks
 from gradflow.cost import cache_home
 from gradflow.stack import in_precision
 
@@ -459,5 +460,61 @@ def state_map(stack, params, xs, loss_fn, name: str, devices):
     return run(bufs, jax.device_put(xs, NamedSharding(mesh, PartitionSpec(AXIS))))
 
 
+@functools.lru_cache(maxsize=32)
+def _sharded_model_map(model, loss_fn, rest, layers, mesh, layout):
+    """:func:`model_state_map`'s program: per device the model's forward on its share of the
+    batch, the outputs gathered so that the loss sees the whole batch (any loss, exact), its
+    gradient sliced back to each device's examples and pulled back to the taps there."""
+    n = mesh.devices.size
+    model = checks.with_static(model, rest)
+
+    def local(bufs, xs_k):
+        arrays = _unpack(bufs, layout)
+        b, T, _ = xs_k.shape
+        taps = jnp.zeros((layers, T, b), xs_k.dtype)
+        out_k, pull = jax.vjp(lambda s: model(arrays, xs_k, s), taps)
+        out = lax.all_gather(out_k, AXIS, axis=0, tiled=True)  # (B, T, K) on every device
+        value, g = jax.value_and_grad(loss_fn)(out)
+        (norms,) = pull(lax.dynamic_slice_in_dim(g, lax.axis_index(AXIS) * b, b, axis=0))
+        vals = lax.psum(jnp.sum(norms, axis=2), AXIS) / (b * n)  # (L, T)
+        return value, jnp.where(jnp.isfinite(value), vals, jnp.nan)
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
+                                 out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
+
+
+def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, check=None):
+    r"""``(loss value, G: (L, T))`` of :func:`gradflow.model_map` (``model(params, xs, taps)``
+    with ``params`` split by :func:`gradflow.checks.split_static` into ``arrays`` and
+    ``rest``), the batch of ``xs: (B, T, D)`` split over ``devices`` (a sequence whose length
+    divides ``B``), for a model that treats the examples of a batch independently.
+    ``check(compiled, copies)`` (optional) sees the compiled program before it runs (its
+    memory analysis is per device; ``copies``: how many of them share one memory)."""
+    devices = tuple(devices)
+    if xs.shape[0] % len(devices):
+        raise ValueError(f"batch {xs.shape[0]} does not split over {len(devices)} devices")
+    mesh = Mesh(np.array(devices), (AXIS,))
+    bufs, layout = _replicate(arrays, mesh)
+    xs = jax.device_put(xs, NamedSharding(mesh, PartitionSpec(AXIS)))
+    run = _model_split_program(model, loss_fn, rest, layers, mesh, layout, tuple(
+        (k, v.shape, v.dtype) for k, v in sorted(bufs.items())), (xs.shape, xs.dtype),
+        jax.config.jax_default_matmul_precision)
+    if check is not None:
+        check(run, len(devices) if all(d.platform == "cpu" for d in devices) else 1)
+    return run(bufs, xs)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_split_program(model, loss_fn, rest, layers, mesh, layout, bufs, xs, precision):
+    """:func:`_sharded_model_map` compiled for buffers and inputs of these shapes at the
+    matmul ``precision`` in force: compiled once, its memory analysis read before it runs."""
+    every, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(AXIS))
+    bufs = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=every) for k, shape, dtype in bufs}
+    xs = jax.ShapeDtypeStruct(*xs, sharding=split)
+    return _sharded_model_map(model, loss_fn, rest, layers, mesh, layout).lower(bufs,
+                                                                               xs).compile()
+
+
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",
-           "set_batch_devices", "batch_devices", "devices_for", "should_split", "state_map"]
+           "set_batch_devices", "batch_devices", "devices_for", "should_split", "state_map",
+           "model_state_map"]

@@ -189,6 +189,9 @@ def test_bad_input_gets_one_clear_message():
                            layers=3, loss="first")
     with pytest.raises(TypeError, match="outside jax.jit"):
         jax.jit(lambda x: gradflow.model_map(untapped, 1.0, x, layers=1).values)(xs)
+    with pytest.raises(TypeError, match="couples_batch must be True or False"):
+        gradflow.model_map(stack_model, STACK.init(jax.random.key(0)), jnp.ones((2, 3, 3)),
+                           layers=3, couples_batch="no")
 
 
 def exploding(params, xs, taps):

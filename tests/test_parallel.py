@@ -98,6 +98,25 @@ CHILD = textwrap.dedent("""
         out["bn"] = {"devices": len(parallel.should_split(pr.xs, pr.stack)),
                      "max_diff": float(np.max(np.abs(np.asarray(split.values)
                                                      - np.asarray(plain.values))))}
+        # a model of the user's own (model_map): split only when it says its examples are
+        # independent; any loss exact, also one that mixes the examples' outputs
+        sys.path.insert(0, "tests")
+        from test_model_map import dense_model, _dense_params
+        p = _dense_params(jax.random.key(3), 2, 4, "float64")
+        xs = jax.random.normal(jax.random.key(4), (6, 5, 2), "float64")
+        mixed = lambda o: jax.numpy.mean(o[:, -1] ** 2) + jax.numpy.mean(o) ** 2
+        out["model"] = []
+        for loss in ("last", "all", mixed):
+            before = parallel._model_split_program.cache_info().misses
+            plain = gradflow.model_map(dense_model, p, xs, layers=3, loss=loss)
+            unsplit = parallel._model_split_program.cache_info().misses - before
+            split = gradflow.model_map(dense_model, p, xs, layers=3, loss=loss,
+                                       couples_batch=False)
+            a, b = np.asarray(split.values), np.asarray(plain.values)
+            out["model"].append({"rel": float(np.max(np.abs(a - b)) / np.max(b)),
+                                 "loss": float(split.loss_value) - float(plain.loss_value),
+                                 "unsplit_compiles": unsplit, "split_compiles":
+                                 parallel._model_split_program.cache_info().misses - before})
     print(json.dumps(out))
 """)
 
@@ -136,6 +155,10 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
     assert out["auto_small"] == 0
     if user == "user":
         assert out["bn"] == {"devices": 0, "max_diff": 0.0}
+        assert len(out["model"]) == 3
+        for m in out["model"]:  # split only with couples_batch=False; equal to the unsplit map
+            assert m["unsplit_compiles"] == 0 and m["split_compiles"] == 1, m
+            assert m["rel"] <= 1e-12 and abs(m["loss"]) <= 1e-12, m
         assert out["moved_rel"] <= 1e-12
 
 
