@@ -281,6 +281,18 @@ def markdown(res: dict) -> str:
                          f"{_ms(x['times']['unsplit'])} | {_f(x['split_over_unsplit'])} | "
                          f"{x['auto_devices'] or 1} | "
                          f"{'yes' if x['auto_chose_faster'] else 'no'} |")
+    if "model_split" in b:
+        r = b["model_split"]
+        c = r["config"]
+        lines += ["", f"## A user's model split over the devices (`model_map(couples_batch=False)`"
+                  f"; `bench.suite.dense_rnn`, {c['L']} tanh layers reading the inputs too, "
+                  f"{c['T']} steps, H = {c['H']}, {c['devices']} devices)", "",
+                  "| B | split ms | one device ms | split / one device | devices used | max rel. "
+                  "diff |", "|---|---|---|---|---|---|"]
+        for x in r["rows"]:
+            lines.append(f"| {x['B']} | {_ms(x['times']['split'])} | "
+                         f"{_ms(x['times']['one_device'])} | {_f(x['split_over_one'])} | "
+                         f"{x['devices']} | {_f(x['checks']['split_vs_one_rel_err'])} |")
     if "cli_start" in b:
         r = b["cli_start"]
         med = r["median_s"]

@@ -761,3 +761,55 @@ def split_sizes(cfg) -> dict:
                      "checks": {"split_vs_unsplit_rel_err": err}})
     return {"config": {"L": L, "T": T, "devices": len(jax.devices()),
                        "min_rows_x_width": parallel.MIN_ROWS_X_WIDTH}, "rows": rows}
+
+
+def dense_rnn(layers: int, hidden: int, features: int, seed: int = 0):
+    """``(model, params)``: a user's model :func:`gradflow.model_map` takes and a ``Stack`` does
+    not express: ``layers`` tanh layers, each also reading the inputs (a skip connection), one
+    ``gradflow.tap`` per layer, in the user's own ``lax.scan``; examples independent."""
+    k = iter(jax.random.split(jax.random.key(seed), 4))
+    L, H, D = layers, hidden, features
+    params = {"V0": jax.random.normal(next(k), (D, H)) / D ** 0.5,
+              "U": jax.random.normal(next(k), (L, H, H)) / H ** 0.5,
+              "X": 0.1 * jax.random.normal(next(k), (L, D, H)) / D ** 0.5,
+              "W": jax.random.normal(next(k), (L, H, H)) / H ** 0.5}
+
+    def dense_rnn_model(p, xs, taps):
+        def step(hs, inp):
+            x, tap_t = inp
+            new, below = [], x @ p["V0"]
+            for l in range(L):
+                h = gradflow.tap(jnp.tanh(below + hs[l] @ p["U"][l] + x @ p["X"][l]), tap_t[l])
+                new.append(h)
+                below = h @ p["W"][l]
+            return tuple(new), new[-1]
+
+        h = jnp.zeros((xs.shape[0], H), xs.dtype)
+        _, top = jax.lax.scan(step, (h,) * L, (xs.swapaxes(0, 1), taps.swapaxes(0, 1)))
+        return top.swapaxes(0, 1)
+
+    return dense_rnn_model, params
+
+
+def model_split(cfg) -> dict:
+    """:func:`gradflow.model_map` of a user's model (:func:`dense_rnn`, ``cfg["model_split"]``
+    sizes) split over every device (``couples_batch=False``, setting ``"all"``) against one
+    device (the default, ``couples_batch=True``), interleaved, per batch size."""
+    from gradflow import parallel
+    c = cfg["model_split"]
+    model, params = dense_rnn(c["L"], c["H"], c["D"])
+    rows = []
+    for B in c["B"]:
+        xs = jax.random.normal(jax.random.key(1), (B, c["T"], c["D"]))
+        one = lambda xs=xs: gradflow.model_map(  # noqa: E731
+            model, params, xs, layers=c["L"]).values
+        with parallel.batch_devices("all"):
+            split = lambda xs=xs: gradflow.model_map(  # noqa: E731
+                model, params, xs, layers=c["L"], couples_batch=False).values
+            t = timed({"split": split, "one_device": one}, cfg["repeats"])
+            err = rel_err(split(), one())
+            used = len(parallel.devices_for(B)) or 1
+        rows.append({"B": B, "times": t, "devices": used,
+                     "split_over_one": ratio(t["split"], t["one_device"]),
+                     "checks": {"split_vs_one_rel_err": err}})
+    return {"config": {**c, "devices": len(jax.devices())}, "rows": rows}

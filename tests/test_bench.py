@@ -305,6 +305,17 @@ def test_cli_start_benchmark_runs_the_cli_fresh_with_and_without_the_cache(backg
     assert "## The CLI's main job from a fresh process" in md and "programs already in it" in md
 
 
+def test_model_split_benchmark_reports_a_user_model_split_and_unsplit():
+    from bench import suite
+    r = suite.model_split(run.QUICK)
+    assert [x["B"] for x in r["rows"]] == [4]
+    for x in r["rows"]:
+        assert x["checks"]["split_vs_one_rel_err"] <= 1e-6
+        assert x["devices"] == len(jax.devices())  # this process: one device, nothing split
+    md = _markdown_of("model_split", r)
+    assert "## A user's model split over the devices" in md and "| 4 |" in md
+
+
 def test_split_sizes_benchmark_reports_the_split_and_the_auto_choice():
     from bench import suite
     r = suite.split_sizes(run.QUICK)
