@@ -306,8 +306,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     Args:
       model: ``(params, xs, taps) -> (B, T, K)`` outputs, jittable (compiled with the map:
         pass one function object, not a fresh ``lambda`` per call).
-      params: any pytree the model reads (trained weights as they are), an Equinox module
-        too: its array leaves are traced, the others (functions, Python numbers) held static
+      params: any pytree the model reads (trained weights as they are), an Equinox or Flax
+        NNX module too: its array leaves are traced, the others (functions, Python numbers) held static
         as ``eqx.filter_jit`` holds them (a new value compiles again).
       xs: ``(B, T, D)`` inputs.
       layers: ``L``, the first axis of ``taps``.
@@ -341,6 +341,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
             raise TypeError(f"model must be a function (params, xs, taps) -> outputs, got "
                             f"{type(model).__name__}")
         L = checks.positive_int("layers", layers)
+        if not isinstance(couples_batch, bool):
+            raise TypeError(f"couples_batch must be True or False, got {couples_batch!r}")
         xs = jnp.asarray(checks.check_inputs(xs))
         if not jnp.issubdtype(xs.dtype, jnp.floating):  # the taps and the map take its dtype
             raise TypeError(f"model_map: inputs must be floating point, got dtype {xs.dtype}")
@@ -363,8 +365,6 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
             checks.choice("loss", loss, LOSSES)
             loss_fn = readout_loss(loss, out.shape[2], T, B, readout_seed, out.dtype)
             loss_name = loss
-    if not isinstance(couples_batch, bool):
-        raise TypeError(f"couples_batch must be True or False, got {couples_batch!r}")
     what = (f"model_map ({getattr(model, '__name__', 'model')}, {L} layers x {T} steps, batch "
             f"{B}, {xs.dtype})")
     smaller = "give fewer examples or steps, or checkpoint your scan (jax.checkpoint)"
