@@ -403,6 +403,21 @@ def check_scalar_loss(loss_fn, outputs):
         raise TypeError(f"{where} must return a real floating scalar, got dtype {v.dtype}")
 
 
+def model_arguments(where: str, model, signature: str, params, xs):
+    """The checks every measurement of a model of the user's own makes at its door:
+    ``params``/``xs`` not traced, ``model`` callable (``signature`` names its form), ``xs`` a
+    finite floating ``(B, T, D)`` array. Returns ``(xs as a JAX array, arrays, rest)``, the
+    params split by :func:`split_static`."""
+    check_concrete(params, xs)
+    if not callable(model):
+        raise TypeError(f"model must be a function {signature}, got {type(model).__name__}")
+    xs = jnp.asarray(check_inputs(xs))
+    if not jnp.issubdtype(xs.dtype, jnp.floating):  # the taps and the maps take its dtype
+        raise TypeError(f"{where}: inputs must be floating point, got dtype {xs.dtype}")
+    check_finite_inputs(xs)
+    return (xs, *split_static(params))
+
+
 def split_static(params):
     """``params`` split as ``eqx.filter_jit`` splits a module: its array leaves (traced, in
     ``params``' structure with ``None`` elsewhere) and the rest (``(treedef, leaves, types)``
@@ -437,4 +452,5 @@ def with_static(fn, rest):
 
 
 __all__ = ["positive_int", "nonneg_int", "choice", "check_xs", "check_inputs", "function_failed",
-           "check_params", "check_scalar_loss", "expected_params", "split_static", "with_static"]
+           "check_params", "check_scalar_loss", "expected_params", "model_arguments",
+           "split_static", "with_static"]

@@ -516,6 +516,24 @@ def _check_fraction(name: str, value, hi: float) -> float:
     return v
 
 
+def _settings(eps, update_threshold, bins) -> tuple:
+    """``(eps, update_threshold, bins)`` of :func:`saturation` and :func:`model_saturation`,
+    checked."""
+    eps = _check_fraction("eps", eps, 0.5)
+    threshold = _check_fraction("update_threshold", update_threshold, 1.0)
+    bins = _positive_int("bins", bins)
+    if bins > MAX_BINS:
+        raise ValueError(f"bins={bins}: at most {MAX_BINS:,} (finer than a float32 gate's "
+                         "spread can fill; a figure draws a bar per bin and layer)")
+    return eps, threshold, bins
+
+
+def _nonfinite_total(arrays: dict) -> int:
+    """The non-finite gate values of every gate (their ``nonfinite/{gate}/pooled`` counts)."""
+    return sum(int(v) for k, v in arrays.items()
+               if k.startswith("nonfinite/") and k.endswith("/pooled"))
+
+
 def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = BINS,
                update_threshold: float = UPDATE_THRESHOLD, meta: dict | None = None) -> Result:
     r"""Gate statistics of every reported gate of ``stack`` on ``xs`` (see the module docstring
@@ -550,12 +568,7 @@ def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = 
             "gradflow.cells.from_function / from_linen / from_nnx / from_equinox")
     gate_cell(stack)  # one gate layout in every layer
     checks.check_concrete(params, xs)
-    eps = _check_fraction("eps", eps, 0.5)
-    threshold = _check_fraction("update_threshold", update_threshold, 1.0)
-    bins = _positive_int("bins", bins)
-    if bins > MAX_BINS:
-        raise ValueError(f"bins={bins}: at most {MAX_BINS:,} (finer than a float32 gate's "
-                         "spread can fill; a figure draws a bar per bin and layer)")
+    eps, threshold, bins = _settings(eps, update_threshold, bins)
     xs = checks.check_xs(stack, xs)
     checks.check_params(stack, params)
     checks.check_finite_inputs(xs)
@@ -563,8 +576,7 @@ def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = 
         _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype,
                                         method="gates", calibrate=False))
     arrays = _arrays(stack, params, xs, eps, threshold, bins)
-    bad = sum(int(v) for k, v in arrays.items()
-              if k.startswith("nonfinite/") and k.endswith("/pooled"))
+    bad = _nonfinite_total(arrays)
     if bad:  # counted in nonfinite/*; said where the forward pass overflowed
         warnings.warn(f"gates.saturation: {bad} gate values are not finite ("
                       f"{where_nonfinite(stack, params, xs)}); every other statistic is "
@@ -638,15 +650,10 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
         and ``T``, or a compiled program that needs more memory than is available.
     """
     with user_input():
-        checks.check_concrete(params, xs)
-        if not callable(model):
-            raise TypeError(f"model must be a function (params, xs) -> {{gate: (L, B, T, H)}}, "
-                            f"got {type(model).__name__}")
-        eps = _check_fraction("eps", eps, 0.5)
-        threshold = _check_fraction("update_threshold", update_threshold, 1.0)
-        bins = _positive_int("bins", bins)
-        if bins > MAX_BINS:
-            raise ValueError(f"bins={bins}: at most {MAX_BINS:,}")
+        xs, arrays, rest = checks.model_arguments("model_saturation", model,
+                                                  "(params, xs) -> {gate: (L, B, T, H)}",
+                                                  params, xs)
+        eps, threshold, bins = _settings(eps, update_threshold, bins)
         if not isinstance(kinds, dict) or not kinds:
             raise TypeError(f"kinds must be a dict {{gate: kind}}, kinds from "
                             f"{', '.join(MODEL_KINDS)}; got {kinds!r}")
@@ -661,13 +668,7 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
                 raise ValueError(f"retain must map gates of kinds ({', '.join(kinds)}) to 1 "
                                  f"(the state kept is a) or -1 (it is 1 - a); got {g!r}: "
                                  f"{sign!r}")
-        xs = jnp.asarray(checks.check_inputs(xs))
-        if not jnp.issubdtype(xs.dtype, jnp.floating):
-            raise TypeError(f"model_saturation: inputs must be floating point, got dtype "
-                            f"{xs.dtype}")
-        checks.check_finite_inputs(xs)
         B, T, _ = xs.shape
-        arrays, rest = checks.split_static(params)
         try:
             out = jax.eval_shape(checks.with_static(model, rest), arrays, xs)
         except Exception as e:  # the user's function failed: say where, with its own message
@@ -695,8 +696,7 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
                              f"batch {B}, {xs.dtype})", "give fewer examples or steps")
     red, hist = program(arrays, xs)
     arrays = _named(kinds, None, red, hist, bins)
-    bad = sum(int(v) for k, v in arrays.items()
-              if k.startswith("nonfinite/") and k.endswith("/pooled"))
+    bad = _nonfinite_total(arrays)
     if bad:
         warnings.warn(f"gates.model_saturation: {bad} gate values are not finite; every other "
                       "statistic is over the finite gate values (nonfinite/{gate} counts the "

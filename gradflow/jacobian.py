@@ -336,20 +336,13 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         before it runs).
     """
     with user_input():
-        checks.check_concrete(params, xs)
-        if not callable(model):
-            raise TypeError(f"model must be a function (params, xs, taps) -> outputs, got "
-                            f"{type(model).__name__}")
+        xs, arrays, rest = checks.model_arguments("model_map", model,
+                                                  "(params, xs, taps) -> outputs", params, xs)
         L = checks.positive_int("layers", layers)
         if not isinstance(couples_batch, bool):
             raise TypeError(f"couples_batch must be True or False, got {couples_batch!r}")
-        xs = jnp.asarray(checks.check_inputs(xs))
-        if not jnp.issubdtype(xs.dtype, jnp.floating):  # the taps and the map take its dtype
-            raise TypeError(f"model_map: inputs must be floating point, got dtype {xs.dtype}")
-        checks.check_finite_inputs(xs)
         B, T, _ = xs.shape
         taps = jnp.zeros((L, T, B), xs.dtype)
-        arrays, rest = checks.split_static(params)
         try:
             out = jax.eval_shape(checks.with_static(model, rest), arrays, xs, taps)
         except Exception as e:  # the user's function failed: say where, with its own message
@@ -385,6 +378,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
             jax.config.jax_default_matmul_precision)
         check(program)
         value, vals = program(arrays, xs, taps)
+    vals = jnp.where(jnp.isfinite(value), vals, jnp.nan)  # not a gradient where the loss is not
     if not bool(jnp.isfinite(value)):
         warnings.warn(f"model_map: the loss is {float(value)}: the model's forward pass left "
                       "the finite numbers, so every entry of the map is NaN",
@@ -414,8 +408,7 @@ def _model_program(model, loss_fn, rest, treedef, leaves, precision):
 def _model_map(model, loss_fn, rest, arrays, xs, taps):
     model = checks.with_static(model, rest)
     value, norms = jax.value_and_grad(lambda s: loss_fn(model(arrays, xs, s)))(taps)
-    vals = jnp.mean(norms, axis=2)  # (L, T)
-    return value, jnp.where(jnp.isfinite(value), vals, jnp.nan)
+    return value, jnp.mean(norms, axis=2)  # (L, T)
 
 
 def check_wrt(stack: Stack, wrt: str) -> None:

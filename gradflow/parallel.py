@@ -419,6 +419,18 @@ def _replicate(params, mesh):
             (treedef, where, kinds))
 
 
+def _gathered_loss(forward, loss_fn, taps, b: int):
+    """``(loss value, taps' cotangent)`` on one device of a split map: ``forward(taps)`` gives
+    this device's ``b`` examples' outputs ``(b, T, K)``, gathered so that the loss sees the whole
+    batch (any loss, exact), its gradient sliced back to this device's examples and pulled back
+    to the taps here."""
+    out_k, pull = jax.vjp(forward, taps)
+    out = lax.all_gather(out_k, AXIS, axis=0, tiled=True)  # (B, T, K) on every device
+    value, g = jax.value_and_grad(loss_fn)(out)
+    (d_taps,) = pull(lax.dynamic_slice_in_dim(g, lax.axis_index(AXIS) * b, b, axis=0))
+    return value, d_taps
+
+
 @functools.lru_cache(maxsize=64)
 def _sharded_state_map(stack, loss_fn, name, mesh, layout):
     n = mesh.devices.size
@@ -429,12 +441,9 @@ def _sharded_state_map(stack, loss_fn, name, mesh, layout):
         b, T, _ = xs_k.shape
         B = b * n
         zeros = {name: jnp.zeros((stack.layers, b, T), xs_k.dtype)}
-        top_k, pull = jax.vjp(  # parameters constant: runs of layers through lean_layers
-            lambda taps: stack.apply(params, xs_k, taps=taps, constant_params=True).top, zeros)
-        top = lax.all_gather(top_k, AXIS, axis=0, tiled=True)  # (B, T, H) on every device
-        value, g_top = jax.value_and_grad(loss_fn)(top)
-        g_k = lax.dynamic_slice_in_dim(g_top, lax.axis_index(AXIS) * b, b, axis=0)
-        (norms,) = pull(g_k)
+        value, norms = _gathered_loss(  # parameters constant: runs of layers through lean_layers
+            lambda taps: stack.apply(params, xs_k, taps=taps, constant_params=True).top,
+            loss_fn, zeros, b)
         return value, lax.psum(jnp.sum(norms[name], axis=1), AXIS) / B  # (L, T)
 
     # check_vma=False: the zero taps and states made inside the stack are not marked per-device;
@@ -463,21 +472,16 @@ def state_map(stack, params, xs, loss_fn, name: str, devices):
 @functools.lru_cache(maxsize=32)
 def _sharded_model_map(model, loss_fn, rest, layers, mesh, layout):
     """:func:`model_state_map`'s program: per device the model's forward on its share of the
-    batch, the outputs gathered so that the loss sees the whole batch (any loss, exact), its
-    gradient sliced back to each device's examples and pulled back to the taps there."""
+    batch, through :func:`_gathered_loss` as a Stack's split map."""
     n = mesh.devices.size
     model = checks.with_static(model, rest)
 
     def local(bufs, xs_k):
         arrays = _unpack(bufs, layout)
         b, T, _ = xs_k.shape
-        taps = jnp.zeros((layers, T, b), xs_k.dtype)
-        out_k, pull = jax.vjp(lambda s: model(arrays, xs_k, s), taps)
-        out = lax.all_gather(out_k, AXIS, axis=0, tiled=True)  # (B, T, K) on every device
-        value, g = jax.value_and_grad(loss_fn)(out)
-        (norms,) = pull(lax.dynamic_slice_in_dim(g, lax.axis_index(AXIS) * b, b, axis=0))
-        vals = lax.psum(jnp.sum(norms, axis=2), AXIS) / (b * n)  # (L, T)
-        return value, jnp.where(jnp.isfinite(value), vals, jnp.nan)
+        value, norms = _gathered_loss(lambda s: model(arrays, xs_k, s), loss_fn,
+                                      jnp.zeros((layers, T, b), xs_k.dtype), b)
+        return value, lax.psum(jnp.sum(norms, axis=2), AXIS) / (b * n)  # (L, T)
 
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
                                  out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
