@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradflow import checks
-from gradflow.errors import own_code
+from gradflow.errors import own_code, user_input
 
 WRTS = ("hidden", "cell", "params")
 METHODS = ("gradient", "exact", "probe", "gates")
@@ -601,16 +601,39 @@ def check_need(need: int, what: str, smaller: str) -> None:
                          f"{size(avail)} available: {smaller}")
 
 
-def check_compiled(compiled, what: str, smaller: str, copies: int = 1) -> None:
-    """:func:`check_need` with XLA's own count of a compiled program's memory (arguments,
-    outputs and temporaries; ``compiled.memory_analysis()``, per device for a sharded one),
-    times ``copies`` (the devices that share one memory: a CPU's simulated devices), read
-    before it runs: for a program of the user's own function, whose need no estimate here can
-    know. Nothing where the backend gives no analysis."""
-    memory = compiled.memory_analysis()
+def compiled(jitted, statics: tuple, args: tuple, what: str, smaller: str, copies: int = 1):
+    """``jitted`` (a ``jax.jit`` function whose first ``len(statics)`` arguments are its
+    static ones) lowered and compiled for ``args``' shapes, dtypes and shardings at the matmul
+    precision in force, once per them (part of the key, as of ``jax.jit``'s own cache), and
+    its memory checked before it is returned to run: the programs of a user's own function
+    (:func:`gradflow.model_map`, :func:`gradflow.gates.model_saturation`), whose need no
+    estimate here can know. XLA's count of the compiled program's memory (arguments, outputs
+    and temporaries; ``memory_analysis()``, per device for a sharded one) times ``copies``
+    (the devices that share one memory: a CPU's simulated devices) is checked on every call
+    against :func:`available_memory`: an :class:`~gradflow.errors.InputError` naming
+    ``what`` and ``smaller`` (what the caller can shrink) where it does not fit; nothing
+    where the backend gives no analysis.
+
+    ``jitted(*statics, *args)`` is what the returned program computes, as ``program(*args)``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    specs = tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a),
+                                       sharding=getattr(a, "sharding", None)) for a in leaves)
+    program = _compile(jitted, tuple(statics), treedef, specs,
+                       jax.config.jax_default_matmul_precision)
+    memory = program.memory_analysis()
     if memory is not None:
-        check_need(copies * (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                             + memory.output_size_in_bytes), what, smaller)
+        with user_input():
+            check_need(copies * (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                 + memory.output_size_in_bytes), what, smaller)
+    return program
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(jitted, statics, treedef, specs, precision):
+    """:func:`compiled`'s cache: ``precision`` is only a key (the compile reads it from the
+    config in force)."""
+    return jitted.lower(*statics, *jax.tree_util.tree_unflatten(treedef, specs)).compile()
 
 
 def _width_text(sig) -> str:

@@ -684,17 +684,13 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
         if set(out) != set(kinds):
             raise ValueError(f"kinds must name every gate the model returns: it returns "
                              f"{', '.join(map(str, out))}; kinds names {', '.join(kinds)}")
-    leaves, treedef = jax.tree_util.tree_flatten((arrays, xs))
-    program = _model_program(model, rest, tuple(kinds.items()), tuple(retain.items()), eps,
-                             threshold, bins, treedef, tuple(
-                                 jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
-                                 for a in leaves), jax.config.jax_default_matmul_precision)
     name = getattr(model, "__name__", type(model).__name__)
     L = int(first[0])
-    with user_input():
-        _cost.check_compiled(program, f"gates.model_saturation ({name}, {L} layers x {T} steps, "
-                             f"batch {B}, {xs.dtype})", "give fewer examples or steps")
-    red, hist = program(arrays, xs)
+    red, hist = _cost.compiled(
+        _model_reduce, (model, rest, tuple(kinds.items()), tuple(retain.items()), eps,
+                        threshold, bins), (arrays, xs),
+        f"gates.model_saturation ({name}, {L} layers x {T} steps, batch {B}, {xs.dtype})",
+        "give fewer examples or steps")(arrays, xs)
     arrays = _named(kinds, None, red, hist, bins)
     bad = _nonfinite_total(arrays)
     if bad:
@@ -707,17 +703,6 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
                               bins=bins, update_threshold=threshold, gates=list(kinds),
                               gate_kinds=dict(kinds), retain=retain)
     return make_result("gate_stats", arrays, config)
-
-
-@functools.lru_cache(maxsize=32)
-def _model_program(model, rest, kinds, retain, eps, threshold, bins, treedef, leaves,
-                   precision):
-    """:func:`model_saturation`'s reductions compiled for these shapes (``leaves``:
-    ShapeDtypeStructs of ``treedef``'s ``(arrays, xs)``) and settings, at the matmul
-    ``precision`` in force (part of the key, as of ``jax.jit``'s cache)."""
-    arrays, xs = jax.tree_util.tree_unflatten(treedef, leaves)
-    return _model_reduce.lower(model, rest, kinds, retain, eps, threshold, bins, arrays,
-                               xs).compile()
 
 
 @functools.partial(jax.jit, static_argnames=("model", "rest", "kinds", "retain", "eps",

@@ -361,23 +361,14 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     what = (f"model_map ({getattr(model, '__name__', 'model')}, {L} layers x {T} steps, batch "
             f"{B}, {xs.dtype})")
     smaller = "give fewer examples or steps, or checkpoint your scan (jax.checkpoint)"
-
-    def check(compiled, copies=1):
-        with user_input():
-            _cost.check_compiled(compiled, what, smaller, copies)
-
     from gradflow import parallel
     devices = () if couples_batch else parallel.should_split(xs, None, params)
     if devices:
         value, vals = parallel.model_state_map(model, loss_fn, rest, arrays, xs, L, devices,
-                                               check)
+                                               what, smaller)
     else:
-        leaves, treedef = jax.tree_util.tree_flatten((arrays, xs, taps))
-        program = _model_program(model, loss_fn, rest, treedef, tuple(
-            jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves),
-            jax.config.jax_default_matmul_precision)
-        check(program)
-        value, vals = program(arrays, xs, taps)
+        value, vals = _cost.compiled(_model_map, (model, loss_fn, rest), (arrays, xs, taps),
+                                     what, smaller)(arrays, xs, taps)
     vals = jnp.where(jnp.isfinite(value), vals, jnp.nan)  # not a gradient where the loss is not
     if not bool(jnp.isfinite(value)):
         warnings.warn(f"model_map: the loss is {float(value)}: the model's forward pass left "
@@ -392,16 +383,6 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
                               readout_seed=readout_seed)
     return make_result("gradient_map", {"values": vals, "loss_value": value}, config,
                        positive=expected_positive(loss, "hidden", T))
-
-
-@functools.lru_cache(maxsize=32)
-def _model_program(model, loss_fn, rest, treedef, leaves, precision):
-    """:func:`_model_map` compiled for arguments of these shapes (``leaves``: ShapeDtypeStructs
-    of ``treedef``'s ``(arrays, xs, taps)``, ``rest`` the params' other leaves) at the matmul
-    ``precision`` in force (part of the key, as it is of ``jax.jit``'s cache): one compile per
-    model, loss, shapes, static leaves and precision, its memory analysis read before it runs."""
-    arrays, xs, taps = jax.tree_util.tree_unflatten(treedef, leaves)
-    return _model_map.lower(model, loss_fn, rest, arrays, xs, taps).compile()
 
 
 @functools.partial(jax.jit, static_argnames=("model", "loss_fn", "rest"))

@@ -68,7 +68,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import checks
-from gradflow.cost import cache_home
+from gradflow.cost import cache_home, compiled
 from gradflow.stack import in_precision
 
 AXIS = "batch"
@@ -487,36 +487,23 @@ def _sharded_model_map(model, loss_fn, rest, layers, mesh, layout):
                                  out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
 
 
-def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, check=None):
+def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, what: str,
+                    smaller: str):
     r"""``(loss value, G: (L, T))`` of :func:`gradflow.model_map` (``model(params, xs, taps)``
     with ``params`` split by :func:`gradflow.checks.split_static` into ``arrays`` and
     ``rest``), the batch of ``xs: (B, T, D)`` split over ``devices`` (a sequence whose length
-    divides ``B``), for a model that treats the examples of a batch independently.
-    ``check(compiled, copies)`` (optional) sees the compiled program before it runs (its
-    memory analysis is per device; ``copies``: how many of them share one memory)."""
+    divides ``B``), for a model that treats the examples of a batch independently. Compiled
+    once per shapes by :func:`gradflow.cost.compiled`, whose memory check (``what``,
+    ``smaller``) counts every device of one memory."""
     devices = tuple(devices)
     if xs.shape[0] % len(devices):
         raise ValueError(f"batch {xs.shape[0]} does not split over {len(devices)} devices")
     mesh = Mesh(np.array(devices), (AXIS,))
     bufs, layout = _replicate(arrays, mesh)
     xs = jax.device_put(xs, NamedSharding(mesh, PartitionSpec(AXIS)))
-    run = _model_split_program(model, loss_fn, rest, layers, mesh, layout, tuple(
-        (k, v.shape, v.dtype) for k, v in sorted(bufs.items())), (xs.shape, xs.dtype),
-        jax.config.jax_default_matmul_precision)
-    if check is not None:
-        check(run, len(devices) if all(d.platform == "cpu" for d in devices) else 1)
-    return run(bufs, xs)
-
-
-@functools.lru_cache(maxsize=32)
-def _model_split_program(model, loss_fn, rest, layers, mesh, layout, bufs, xs, precision):
-    """:func:`_sharded_model_map` compiled for buffers and inputs of these shapes at the
-    matmul ``precision`` in force: compiled once, its memory analysis read before it runs."""
-    every, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(AXIS))
-    bufs = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=every) for k, shape, dtype in bufs}
-    xs = jax.ShapeDtypeStruct(*xs, sharding=split)
-    return _sharded_model_map(model, loss_fn, rest, layers, mesh, layout).lower(bufs,
-                                                                               xs).compile()
+    copies = len(devices) if all(d.platform == "cpu" for d in devices) else 1
+    return compiled(_sharded_model_map(model, loss_fn, rest, layers, mesh, layout), (),
+                    (bufs, xs), what, smaller, copies)(bufs, xs)
 
 
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",

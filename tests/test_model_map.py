@@ -148,16 +148,16 @@ def test_one_compile_per_matmul_precision(x64):
     """The compiled map is cached per model and shapes, and per matmul precision: a call inside
     jax.default_matmul_precision compiles its own program instead of reusing one compiled
     outside it (as jax.jit's cache keys on it)."""
-    from gradflow import jacobian
+    from gradflow import cost
     params = STACK.init(jax.random.key(0), jnp.float64)
     xs = jnp.ones((2, 4, 3), jnp.float64)
-    jacobian._model_program.cache_clear()
+    cost._compile.cache_clear()
     plain = gradflow.model_map(stack_model, params, xs, layers=3)
     with jax.default_matmul_precision("highest"):
         highest = gradflow.model_map(stack_model, params, xs, layers=3)
-    assert jacobian._model_program.cache_info().misses == 2
+    assert cost._compile.cache_info().misses == 2
     gradflow.model_map(stack_model, params, xs, layers=3)
-    assert jacobian._model_program.cache_info().hits == 1
+    assert cost._compile.cache_info().hits == 1
     np.testing.assert_allclose(plain.values, highest.values, rtol=1e-12)  # CPU: float64 both
 
 

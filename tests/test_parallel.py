@@ -107,16 +107,16 @@ CHILD = textwrap.dedent("""
         mixed = lambda o: jax.numpy.mean(o[:, -1] ** 2) + jax.numpy.mean(o) ** 2
         out["model"] = []
         for loss in ("last", "all", mixed):
-            before = parallel._model_split_program.cache_info().misses
+            before = parallel._sharded_model_map.cache_info().misses
             plain = gradflow.model_map(dense_model, p, xs, layers=3, loss=loss)
-            unsplit = parallel._model_split_program.cache_info().misses - before
+            unsplit = parallel._sharded_model_map.cache_info().misses - before
             split = gradflow.model_map(dense_model, p, xs, layers=3, loss=loss,
                                        couples_batch=False)
             a, b = np.asarray(split.values), np.asarray(plain.values)
             out["model"].append({"rel": float(np.max(np.abs(a - b)) / np.max(b)),
                                  "loss": float(split.loss_value) - float(plain.loss_value),
                                  "unsplit_compiles": unsplit, "split_compiles":
-                                 parallel._model_split_program.cache_info().misses - before})
+                                 parallel._sharded_model_map.cache_info().misses - before})
     print(json.dumps(out))
 """)
 
