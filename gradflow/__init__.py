@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # name -> the submodule that defines it
 _ATTRS = {
     "gradient_map": "jacobian", "jacobian_map": "jacobian", "local_gains": "jacobian",
-    "model_map": "jacobian", "tap": "jacobian",
+    "model_map": "jacobian", "model_jacobian_map": "jacobian", "tap": "jacobian",
     "Problem": "problem",
     "Result": "results", "load": "results",
     "Stack": "stack", "StackOutput": "stack",
@@ -28,8 +28,8 @@ _SUBMODULES = ("atlas", "atlas_training", "cells", "checks", "cli", "cost", "err
                "views")
 
 __all__ = ["cells", "gates", "jacobian", "results", "tasks", "train", "Stack", "StackOutput",
-           "Problem", "problem", "gradient_map", "jacobian_map", "local_gains", "model_map", "tap",
-           "Result", "load",
+           "Problem", "problem", "gradient_map", "jacobian_map", "local_gains", "model_map",
+           "model_jacobian_map", "tap", "Result", "load",
            "__version__"]
 
 

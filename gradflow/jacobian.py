@@ -46,7 +46,7 @@ from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.views import LOSSES, WRTS, expected_positive
 from gradflow.cells.base import normal
 from gradflow.stack import (Stack, emit, finite_positions, finite_states, in_precision,
-                            map_layers, norm_tap, safe_norm, scaled_reduction, where_nonfinite)
+                            map_layers, safe_norm, scaled_reduction, where_nonfinite)
 
 NORMS = ("rms", "spectral")
 METHODS = ("exact", "probe")
@@ -261,10 +261,28 @@ def gradient_map(stack: Stack, params, xs, *, loss="last", wrt: str = "hidden",
                        positive=expected_positive(loss, wrt, xs.shape[1]))
 
 
-#: ``gradflow.tap(h, s)``: identity on a state ``h: (B, H)`` as it leaves a layer; the
-#: gradient it hands to ``s: (B,)`` is each example's norm of ``h``'s gradient
-#: (:func:`gradflow.stack.norm_tap`, underflow-free). :func:`model_map` differentiates it.
-tap = norm_tap
+@jax.custom_vjp
+def tap(h, s):
+    r"""Identity on a state ``h: (B, H)`` where it leaves a layer of a model of your own
+    (:func:`model_map`, :func:`model_jacobian_map`); the gradient it hands to ``s`` is each
+    example's norm :math:`\|\partial\mathcal L/\partial h\|_2` (``s: (B,)``, as
+    :func:`gradflow.stack.norm_tap`, underflow-free), or that norm and ``H`` (``s: (B, 2)``,
+    the taps of :func:`model_jacobian_map`, which divides by each layer's width)."""
+    return h
+
+
+def _tap_fwd(h, s):
+    return h, s[..., :0]  # no data: its rank says which taps these are
+
+
+def _tap_bwd(kind, g):
+    n = safe_norm(g)
+    if kind.ndim < g.ndim:
+        return g, n
+    return g, jnp.stack([n, jnp.full_like(n, g.shape[-1])], -1)
+
+
+tap.defvjp(_tap_fwd, _tap_bwd)
 
 
 def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_seed: int = 0,
@@ -343,14 +361,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
             raise TypeError(f"couples_batch must be True or False, got {couples_batch!r}")
         B, T, _ = xs.shape
         taps = jnp.zeros((L, T, B), xs.dtype)
-        try:
-            out = jax.eval_shape(checks.with_static(model, rest), arrays, xs, taps)
-        except Exception as e:  # the user's function failed: say where, with its own message
-            raise checks.function_failed(f"model(params, xs {xs.shape}, taps {taps.shape})",
-                                         e) from e
-        if not hasattr(out, "shape") or len(out.shape) != 3 or tuple(out.shape[:2]) != (B, T):
-            raise ValueError(f"model must return outputs of shape (batch, steps, K) = ({B}, {T}, "
-                             f"K), got {getattr(out, 'shape', type(out).__name__)}")
+        out = _model_outputs(model, rest, arrays, xs, taps)
         if callable(loss):
             checks.check_scalar_loss(loss, out)
             loss_fn, loss_name = loss, getattr(loss, "__name__", "callable")
@@ -390,6 +401,157 @@ def _model_map(model, loss_fn, rest, arrays, xs, taps):
     model = checks.with_static(model, rest)
     value, norms = jax.value_and_grad(lambda s: loss_fn(model(arrays, xs, s)))(taps)
     return value, jnp.mean(norms, axis=2)  # (L, T)
+
+
+def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int = -1,
+                       method: str = "exact", probes: int = 16, seed: int = 0,
+                       chunk: int | None = None, meta: dict | None = None) -> Result:
+    r"""The Jacobian map of a model of your own, tapped as for :func:`model_map`:
+    :math:`J[l,t] = \mathrm{mean}_b \|\partial y_{T'}[b] / \partial h^l_t[b]\|_F /
+    \sqrt{H_l}`, the rms norm of the per-example Jacobian of the model's output at step
+    ``T' = target`` (``outputs[:, T']``, ``K`` features: the top layer's state where the model
+    returns it, as :func:`jacobian_map`'s default target) w.r.t. every tapped state
+    :math:`h^l_t` (``H_l`` units, read from the tap). No loss: 1.0 means magnitude preserved.
+
+    ``model(params, xs, taps)`` is :func:`model_map`'s, with ``taps`` of shape
+    ``(layers, T, B, 2)`` here (index them as there: ``gradflow.tap(h, taps[l, t])``; the
+    second channel carries each state's width back). The examples must be independent (no
+    batch statistics, no attention across examples: a per-example Jacobian is the example's
+    own): every example's cotangent is pulled back at once, and a model whose example 0's
+    output reads another example's states is refused. Exact: ``K`` VJPs, one per output
+    unit, ``vmap``-ed ``chunk`` at a time, each reduced to its norms at the taps; ``probe``:
+    ``probes`` Gaussian cotangents, :math:`\|J\|_F^2 \approx \mathrm{mean}_k
+    \|v_k^\top J\|^2`, with a delta-method standard error (as :func:`jacobian_map`'s; the
+    full spectra and the spectral norm need the Jacobians themselves, which the taps do not
+    keep). A ``(layer, step)`` tapped twice reads the two gradients' norms added over the two
+    widths; one never tapped reads 0.
+
+    >>> def rnn(params, xs, taps):       # 2 tanh layers, the top one's states the outputs
+    ...     def step(hs, inp):
+    ...         x, tap_t = inp
+    ...         h0 = gradflow.tap(jnp.tanh(x @ params["W0"] + hs[0] @ params["U0"]), tap_t[0])
+    ...         h1 = gradflow.tap(jnp.tanh(h0 @ params["W1"] + hs[1] @ params["U1"]), tap_t[1])
+    ...         return (h0, h1), h1
+    ...     h = jnp.zeros((xs.shape[0], 4))
+    ...     _, top = jax.lax.scan(step, (h, h), (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(taps, 0, 1)))
+    ...     return jnp.swapaxes(top, 0, 1)  # (B, T, 4)
+    >>> k = iter(jax.random.split(jax.random.key(0), 5))
+    >>> params = {n: jax.random.normal(next(k), (3 if n == "W0" else 4, 4)) / 2
+    ...           for n in ("W0", "U0", "W1", "U1")}
+    >>> jac = gradflow.model_jacobian_map(rnn, params, jax.random.normal(next(k), (8, 6, 3)),
+    ...                                   layers=2)
+    >>> jac.values.shape, float(jac.values[1, -1])  # the target itself: the identity
+    ((2, 6), 1.0)
+
+    Args:
+      model: ``(params, xs, taps) -> (B, T, K)`` outputs, jittable (one function object).
+      params: any pytree the model reads, an Equinox or Flax NNX module too (as
+        :func:`model_map`).
+      xs: ``(B, T, D)`` inputs.
+      layers: ``L``, the first axis of ``taps``.
+      target: the output step ``T'``, an integer (negative counts from the end).
+      method: ``"exact"`` or ``"probe"``.
+      probes: Gaussian cotangents of ``method="probe"``, an integer ``>= 2``.
+      seed: the probes' seed (``key(seed)``), an integer in ``[0, 2**31 - 1)``.
+      chunk: basis cotangents per ``vmap`` batch of ``method="exact"``, a positive integer
+        (default: about 256 MiB of norms per batch, at most ``K``).
+      meta: extra config recorded in the result.
+    Returns:
+      Result ``kind="jacobian_map"``: ``values: (L, T)``; ``stderr: (L, T)`` for probes;
+      ``target_finite: (B,)``. Positions at or before ``T'`` are expected positive (zeros
+      there count as underflow; a bidirectional model's later states may reach ``T'`` too and
+      are shown, not counted). Where the target output is not finite in some examples the map
+      is the mean over the others (a warning names them); in none, NaN at or before ``T'``.
+      Drawn by :func:`gradflow.plot.heatmap`.
+    Raises:
+      ValueError: as :func:`model_map`'s, and a bad ``target``, ``method``, ``probes``,
+        ``chunk``, or a model that mixes the examples of a batch.
+    """
+    with user_input():
+        xs, arrays, rest = checks.model_arguments("model_jacobian_map", model,
+                                                  "(params, xs, taps) -> outputs", params, xs)
+        L = checks.positive_int("layers", layers)
+        B, T, _ = xs.shape
+        taps = jnp.zeros((L, T, B, 2), xs.dtype)
+        out = _model_outputs(model, rest, arrays, xs, taps)
+        tt = _step(target, T)
+        checks.choice("method", method, METHODS)
+        seed = checks.seed("seed", seed)
+        if method == "probe" and (isinstance(probes, bool) or not isinstance(probes, int)
+                                  or probes < 2):
+            raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
+        chunk = None if chunk is None else checks.positive_int("chunk", chunk)
+    K, name = int(out.shape[2]), getattr(model, "__name__", type(model).__name__)
+    n = probes if method == "probe" else 0
+    chunk = min(chunk or _basis_chunk(L, T, B, K, "rms"), K)
+    key = jax.random.key(seed)
+    vals, se, finite, leak = _cost.compiled(
+        _model_jacobian, (model, rest, tt, n, chunk), (arrays, xs, taps, key),
+        f"model_jacobian_map ({name}, {L} layers x {T} steps, batch {B}, {K} outputs, "
+        f"{xs.dtype})", "give fewer examples or steps, a smaller chunk, or checkpoint your "
+        "scan (jax.checkpoint)")(arrays, xs, taps, key)
+    if bool(leak):
+        raise InputError("model_jacobian_map: example 0's output depends on the states of "
+                         "other examples: the model mixes the examples of a batch (batch "
+                         "statistics, attention across examples), so a per-example Jacobian "
+                         "is not defined; measure it with gradflow.model_map, which takes the "
+                         "coupling in")
+    config = checks.with_meta({"model": name, "layers": L, "steps": int(T), "batch": int(B),
+                               "outputs": K, "dtype": str(xs.dtype)}, meta, target=tt,
+                              jacobian_norm="rms", method=method,
+                              probes=probes if method == "probe" else None,
+                              probe_seed=seed if method == "probe" else None)
+    reach = jnp.broadcast_to(jnp.arange(T)[None, :] <= tt, (L, T))
+    arrays = _leave_out_overflow(
+        {"values": vals, **({"stderr": se} if method == "probe" else {})},
+        np.asarray(finite), reach, "model_jacobian_map", f"the output y[:, {tt}]",
+        lambda: "the model's forward pass left the finite numbers")
+    return make_result("jacobian_map", arrays, config, positive={"values": reach})
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rest", "target", "probes", "chunk"))
+def _model_jacobian(model, rest, target, probes, chunk, arrays, xs, taps, key):
+    """``(J: (L, T), stderr or None, target finite: (B,), leak)`` of
+    :func:`model_jacobian_map` (``probes=0``: exact)."""
+    model = checks.with_static(model, rest)
+    y, vjp = jax.vjp(lambda s: model(arrays, xs, s)[:, target], taps)  # (B, K)
+    finite = jnp.all(jnp.isfinite(y), axis=-1)
+    B, K = y.shape
+
+    def pull(cot):  # (B, K) -> norms, widths: each (L, T, B)
+        g = vjp(cot)[0]
+        return g[..., 0], g[..., 1]
+
+    # example 0's outputs pulled back alone must reach no other example's states
+    alone, widths = pull(jnp.zeros((B, K), y.dtype).at[0].set(1))
+    leak = jnp.any(alone[..., 1:] > 0)
+    cols = jnp.where(widths > 0, widths, 1)
+    if probes:
+        v = normal(key, (probes, B, K), xs.dtype)
+        n = jax.vmap(lambda c: pull(c)[0])(v)  # (k, L, T, B): ||v^T J||
+        rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, cols), n, 0)
+        se = safe_norm(jnp.where(finite, se_rms, 0), axis=2) / jnp.sum(finite)
+        return _mean_over(rms, finite, axis=2), se, finite, leak
+    rows = lax.map(lambda i: pull(jnp.broadcast_to(jax.nn.one_hot(i, K, dtype=y.dtype),
+                                                   (B, K)))[0], jnp.arange(K),
+                   batch_size=chunk)  # (K, L, T, B): the norm of row i of each Jacobian
+    each = safe_norm(rows, axis=0) / jnp.sqrt(cols)
+    return _mean_over(each, finite, axis=2), None, finite, leak
+
+
+def _model_outputs(model, rest, arrays, xs, taps):
+    """The ShapeDtypeStruct of ``model(params, xs, taps)``, ``(B, T, K)`` or a ValueError; an
+    error inside the model keeps its type, its message saying where it was raised."""
+    B, T, _ = xs.shape
+    try:
+        out = jax.eval_shape(checks.with_static(model, rest), arrays, xs, taps)
+    except Exception as e:  # the user's function failed: say where, with its own message
+        raise checks.function_failed(f"model(params, xs {xs.shape}, taps {taps.shape})",
+                                     e) from e
+    if not hasattr(out, "shape") or len(out.shape) != 3 or tuple(out.shape[:2]) != (B, T):
+        raise ValueError(f"model must return outputs of shape (batch, steps, K) = ({B}, {T}, "
+                         f"K), got {getattr(out, 'shape', type(out).__name__)}")
+    return out
 
 
 def check_wrt(stack: Stack, wrt: str) -> None:
@@ -578,8 +740,9 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
                      spectra_at=[list(p) for p in positions])
     # h^l_t reaches h^{L'}_{T'} only from below and before: layers feed upward, steps forward
     reach = (jnp.arange(T)[None, :] <= tt) & (jnp.arange(L)[:, None] <= tl)
-    arrays = _leave_out_overflow(arrays, np.asarray(target_ok), reach, stack, params, xs,
-                                 (tl, tt))
+    arrays = _leave_out_overflow(arrays, np.asarray(target_ok), reach, "jacobian_map",
+                                 f"the target state h[{tl}, {tt}]",
+                                 lambda: where_nonfinite(stack, params, xs))
     return make_result("jacobian_map", arrays, config, positive={"values": reach})
 
 
@@ -617,27 +780,39 @@ def _exact_arrays(stack, params, xs, target, norm, positions, chunk):
     return {"values": vals, **({"spectra": spectra} if positions else {})}, target_ok
 
 
-def _leave_out_overflow(arrays, target_ok, reach, stack, params, xs, target):
-    """``arrays`` with ``target_finite``: as measured where the target state is finite in
-    every example; the mean over the finite ones where it is in some (the map's functions
-    average finite examples only; a warning names the others); NaN where it reaches and is
-    finite in none (NaN states pass back numbers that are no derivatives)."""
+def _leave_out_overflow(arrays, target_ok, reach, who, target, where):
+    """``arrays`` with ``target_finite``: as measured where the ``target`` (its name, e.g.
+    ``"the target state h[2, 5]"``) is finite in every example; the mean over the finite ones
+    where it is in some (the map's functions average finite examples only; a warning from
+    ``who`` names the others and ``where()`` the first non-finite state); NaN where it reaches
+    and is finite in none (NaN states pass back numbers that are no derivatives)."""
     B = target_ok.shape[0]
-    (tl, tt), bad = target, np.flatnonzero(~target_ok)
+    bad = np.flatnonzero(~target_ok)
     if bad.size == B:
-        warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite ("
-                      f"{where_nonfinite(stack, params, xs)}): every Jacobian that "
+        warnings.warn(f"{who}: {target} is not finite ({where()}): every Jacobian that "
                       "reaches it is NaN", NonFiniteForwardWarning, stacklevel=3)
         arrays = {k: jnp.full_like(v, jnp.nan) if k == "spectra"
                   else jnp.where(reach, jnp.nan, 0.0).astype(v.dtype) for k, v in arrays.items()}
     elif bad.size:
         shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
-        warnings.warn(f"jacobian_map: the target state h[{tl}, {tt}] is not finite in "
-                      f"{bad.size} of {B} examples ({shown}; "
-                      f"{where_nonfinite(stack, params, xs)}): the map is the mean over the "
-                      f"other {B - bad.size} (result.target_finite); those examples' spectra "
-                      "are NaN", NonFiniteForwardWarning, stacklevel=3)
+        warnings.warn(f"{who}: {target} is not finite in {bad.size} of {B} examples ({shown}; "
+                      f"{where()}): the map is the mean over the other {B - bad.size} "
+                      "(result.target_finite)" + ("; those examples' spectra are NaN"
+                                                  if "spectra" in arrays else ""),
+                      NonFiniteForwardWarning, stacklevel=3)
     return {**arrays, "target_finite": target_ok}
+
+
+def _step(target, T):
+    """The output step ``target`` of :func:`model_jacobian_map` in ``[0, T)``, or a
+    ValueError."""
+    try:
+        t = operator.index(target)  # an integer: 1.0 is no step
+    except TypeError:
+        raise ValueError(f"target must be an integer output step, got {target!r}") from None
+    if not -T <= t < T:
+        raise ValueError(f"target {t} is outside the {T} steps")
+    return t % T
 
 
 def _position(p, L, T, what):
@@ -920,7 +1095,7 @@ def _gains(stack, params, xs, chunk):
         ("temporal_spectral", ts), ("state_rms", sr), ("state_spectral", ss))}
 
 
-__all__ = ["gradient_map", "model_map", "tap", "check_wrt", "map_arrays", "jacobian_map",
+__all__ = ["gradient_map", "model_map", "model_jacobian_map", "tap", "check_wrt", "map_arrays", "jacobian_map",
            "local_gains", "gain_arrays",
            "readout_loss", "ReadoutLoss", "state_gradients",
            "per_step_param_grads", "LOSSES", "WRTS", "NORMS", "METHODS"]
