@@ -188,3 +188,17 @@ def test_bad_input_gets_one_clear_message(monkeypatch):
                                          r", batch 2, 4 outputs, float32\) needs about .* more "
                                          r"than the 1000 bytes available"):
         run()
+
+
+def test_tap_hands_back_the_norm_and_with_a_second_channel_the_width(x64):
+    """``gradflow.tap``'s gradient: the cotangent's norm per example, and with ``s: (..., 2)``
+    also the state's width; one example (``h: (H,)``, ``s: ()``) as a batch."""
+    h = jnp.array([[3.0, 4.0, 0.0], [1e-30, 0.0, 0.0]], jnp.float64)
+    w = jnp.array([1.0, 2.0, -2.0], jnp.float64)
+    f = lambda s, h: jnp.sum(gradflow.tap(h, s) * h * w)  # noqa: E731  dL/dh = h * w
+    np.testing.assert_allclose(jax.grad(f)(jnp.zeros(2), h), [np.sqrt(9 + 64), 1e-30])
+    np.testing.assert_allclose(jax.grad(f)(jnp.zeros((2, 2)), h),
+                               [[np.sqrt(9 + 64), 3], [1e-30, 3]])
+    assert float(jax.grad(f)(0.0, h[0])) == pytest.approx(np.sqrt(73))
+    np.testing.assert_allclose(jax.grad(f)(jnp.zeros(2), h[0]), [np.sqrt(73), 3])
+    np.testing.assert_array_equal(gradflow.tap(h, jnp.zeros(2)), h)  # the identity
