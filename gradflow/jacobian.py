@@ -1095,7 +1095,7 @@ def _gains(stack, params, xs, chunk):
         ("temporal_spectral", ts), ("state_rms", sr), ("state_spectral", ss))}
 
 
-__all__ = ["gradient_map", "model_map", "model_jacobian_map", "tap", "check_wrt", "map_arrays", "jacobian_map",
-           "local_gains", "gain_arrays",
+__all__ = ["gradient_map", "model_map", "model_jacobian_map", "tap", "check_wrt", "map_arrays",
+           "jacobian_map", "local_gains", "gain_arrays",
            "readout_loss", "ReadoutLoss", "state_gradients",
            "per_step_param_grads", "LOSSES", "WRTS", "NORMS", "METHODS"]

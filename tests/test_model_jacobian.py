@@ -14,7 +14,7 @@ import gradflow
 from gradflow import plot
 from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, load
 
-from test_model_map import _dense_params, _layers, dense_model
+from test_model_map import _dense_params, _layers, dense_model, scaled_layers
 
 
 def _brute_force(p, xs, target):
@@ -99,17 +99,8 @@ def test_float32_norms_do_not_underflow():
     the closed form ``J[l, T-1] = 0.02^(L-1-l)``."""
     assert not jax.config.jax_enable_x64
     L, B, T, H = 20, 2, 3, 4
-
-    def scaled(p, xs, taps):
-        hs = []
-        for t in range(T):
-            h = xs[:, t]
-            for l in range(L):
-                h = gradflow.tap(p * h if l else h, taps[l, t])
-            hs.append(h)
-        return jnp.stack(hs, 1)
-
-    res = gradflow.model_jacobian_map(scaled, jnp.float32(0.02), jnp.ones((B, T, H)), layers=L)
+    res = gradflow.model_jacobian_map(scaled_layers(L, T), jnp.float32(0.02),
+                                      jnp.ones((B, T, H)), layers=L)
     assert res.values.dtype == np.float32
     np.testing.assert_allclose(res.values[:, -1], 0.02 ** np.arange(L - 1, -1, -1), rtol=1e-4)
     assert 0 < res.values[0, -1] < 1e-31
@@ -151,7 +142,8 @@ def test_a_non_finite_target_leaves_its_examples_out_and_warns():
 def test_result_is_drawn_and_saved(tmp_path):
     params = STACK.init(jax.random.key(0))
     xs = jax.random.normal(jax.random.key(1), (2, 4, 3))
-    res = gradflow.model_jacobian_map(stack_by_hand, params, xs, layers=3, meta={"params": "mine"})
+    res = gradflow.model_jacobian_map(stack_by_hand, params, xs, layers=3,
+                                      meta={"params": "mine"})
     assert res.kind == "jacobian_map" and res.values.shape == (3, 4) and res.total_underflow == 0
     fig = plot.heatmap(res)
     title = fig.axes[0].get_title()

@@ -89,15 +89,9 @@ def test_a_model_no_stack_expresses_equals_brute_force(x64):
     assert got.underflow == {}  # a callable loss may leave states unread: nothing assumed
 
 
-def test_float32_norms_do_not_underflow():
-    """20 linear layers that scale a state by 0.02 each: the bottom layer's gradient is
-    5e-33 of the top's, its square far below float32's range (1.2e-38); the map holds the
-    closed form ``G[l, T-1] = ||w|| / B * 0.02^(L-1-l)`` under the loss
-    ``sum_b w . h^{L-1}_{T-1}[b] / B``."""
-    assert not jax.config.jax_enable_x64
-    L, B, T, H = 20, 2, 3, 4
-    w = jnp.arange(1.0, H + 1)
-
+def scaled_layers(L, T):
+    """A model of ``L`` linear layers, each but the first scaling its input by ``params`` (a
+    scalar), over ``T`` steps that do not read each other; every state tapped."""
     def scaled(p, xs, taps):
         hs = []
         for t in range(T):
@@ -106,6 +100,18 @@ def test_float32_norms_do_not_underflow():
                 h = gradflow.tap(p * h if l else h, taps[l, t])
             hs.append(h)
         return jnp.stack(hs, 1)
+    return scaled
+
+
+def test_float32_norms_do_not_underflow():
+    """20 linear layers that scale a state by 0.02 each: the bottom layer's gradient is
+    5e-33 of the top's, its square far below float32's range (1.2e-38); the map holds the
+    closed form ``G[l, T-1] = ||w|| / B * 0.02^(L-1-l)`` under the loss
+    ``sum_b w . h^{L-1}_{T-1}[b] / B``."""
+    assert not jax.config.jax_enable_x64
+    L, B, T, H = 20, 2, 3, 4
+    w = jnp.arange(1.0, H + 1)
+    scaled = scaled_layers(L, T)
 
     def loss(outputs):
         return jnp.sum(outputs[:, -1] @ w) / B
