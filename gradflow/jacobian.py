@@ -830,18 +830,23 @@ def _basis_chunk(L, T, B, H, norm):
     return int(max(1, min(H, (256 << 20) // max(per, 1))))
 
 
-def _target_vjp(stack: Stack, params, xs, target, with_finite=False):
+def _target_vjp(stack: Stack, params, xs, target, with_finite=False, norms=False):
     """``vjp(cot: (B, H_{L'})) -> {"h": (L, B, T, H)}``: cotangent on ``h^{L'}_{T'}`` pulled back
     to every ``h^l_t`` (total derivatives, through zero perturbations; ``H = max_width``, zeros
-    beyond each layer's width); ``with_finite``: also whether the target is finite, per example
-    (``(B,)``)."""
+    beyond each layer's width); ``norms``: their per-example norms ``(L, B, T)`` instead, each
+    reduced where it is formed inside the backward pass (the stack's norm taps, as
+    :func:`gradient_map`'s), never materialising the gradients; ``with_finite``: also whether
+    the target is finite, per example (``(B,)``)."""
     tl, tt = target
+    zeros = (jnp.zeros((stack.layers, xs.shape[0], xs.shape[1]), xs.dtype) if norms
+             else _zeros_perturb(stack, xs, ("h",))["h"])
+    inst = "taps" if norms else "perturb"
 
-    def f(eps):
-        return stack.unpad(stack.apply(params, xs, perturb=eps).states["h"][tl, :, tt], tl)
+    def f(s):
+        return stack.unpad(stack.apply(params, xs, **{inst: {"h": s}}).states["h"][tl, :, tt], tl)
 
-    h, vjp = jax.vjp(f, _zeros_perturb(stack, xs, ("h",)))
-    fn = lambda cot: vjp(cot)[0]["h"]  # noqa: E731
+    h, vjp = jax.vjp(f, zeros)
+    fn = lambda cot: vjp(cot)[0]  # noqa: E731
     return (fn, jnp.all(jnp.isfinite(h), axis=-1)) if with_finite else fn
 
 
@@ -856,13 +861,16 @@ def _mean_over(v, ok, axis=1):
 def _exact_map(stack, params, xs, target, norm, positions, chunk):
     B, T, _ = xs.shape
     H = stack.widths[target[0]]
-    vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True)
+    full = norm == "spectral" or bool(positions)  # else norms suffice: taps reduce each row
+    vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True, norms=not full)
     pos_l = jnp.array([p[0] for p in positions], int)
     pos_t = jnp.array([p[1] for p in positions], int)
 
     def row(i):
         cot = jnp.broadcast_to(jax.nn.one_hot(i, H, dtype=xs.dtype), (B, H))
-        g = vjp(cot)  # (L, B, T, H): row i of every per-example Jacobian
+        g = vjp(cot)  # (L, B, T, H): row i of every per-example Jacobian; (L, B, T) its norms
+        if not full:
+            return g, None
         at = g[pos_l, :, pos_t] if positions else None
         if norm == "spectral":
             return g, at
@@ -921,9 +929,9 @@ def _probe_stats(n, H):
 def _probe_map(stack, params, xs, target, probes, key):
     B, T, _ = xs.shape
     H = stack.widths[target[0]]
-    vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True)
+    vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True, norms=True)
     v = normal(key, (probes, B, H), xs.dtype)  # the same probes at every precision
-    n = jax.vmap(lambda c: safe_norm(vjp(c)))(v)  # (k, L, B, T): ||v^T J||
+    n = jax.vmap(vjp)(v)  # (k, L, B, T): ||v^T J||
     cols = _columns(stack, xs.dtype)
     rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, cols), n, 0)  # each (L, B, T)
     vals = _mean_over(rms, finite)
