@@ -759,8 +759,12 @@ def _probe_arrays(stack, params, xs, target, norm, positions, probes, seed):
     with user_input():  # too big for this machine: the user's sizes to change
         _cost.check_fits(_cost.estimate(stack, B, T, xs.dtype, method="probe", probes=probes,
                                         calibrate=False))
-    vals, se, target_ok = _probe_map(stack, params, xs, target, probes, jax.random.key(seed))
-    return {"values": vals, "stderr": se}, target_ok
+    v = _probes(stack, xs, target, probes, jax.random.key(seed))
+    rms, se_rms, finite = _over_examples(_probe_each, stack, params, (xs, v), (0, 1),
+                                         rows=probes, target=target)
+    vals = _mean_over(rms, finite, axis=0)
+    se = safe_norm(jnp.where(finite[:, None, None], se_rms, 0), axis=0) / jnp.sum(finite)
+    return {"values": vals, "stderr": se}, finite
 
 
 def _exact_arrays(stack, params, xs, target, norm, positions, chunk):
@@ -775,9 +779,14 @@ def _exact_arrays(stack, params, xs, target, norm, positions, chunk):
         if need > 4 << 30:
             raise ValueError(f"norm='spectral' would hold {need / 2**30:.1f} GiB of Jacobians;"
                              " use norm='rms', fewer examples, or spectra_at=[...]")
-    vals, spectra, target_ok = _exact_map(stack, params, xs, target, norm, positions,
-                                          min(chunk, H))
-    return {"values": vals, **({"spectra": spectra} if positions else {})}, target_ok
+    chunk = min(chunk, H)
+    each, spectra, finite = _over_examples(_exact_each, stack, params, (xs,), (0,), rows=chunk,
+                                           target=target, norm=norm, positions=positions,
+                                           chunk=chunk)
+    vals = _mean_over(each, finite, axis=0)  # a non-finite example is left out
+    if positions:  # (n, B, H)
+        spectra = jnp.where(finite[None, :, None], jnp.swapaxes(spectra, 0, 1), jnp.nan)
+    return {"values": vals, **({"spectra": spectra} if positions else {})}, finite
 
 
 def _leave_out_overflow(arrays, target_ok, reach, who, target, where):
@@ -856,9 +865,11 @@ def _mean_over(v, ok, axis=1):
     return jnp.sum(jnp.where(keep, v, 0), axis=axis) / jnp.sum(ok).astype(v.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("stack", "target", "norm", "positions", "chunk"))
 @in_precision
-def _exact_map(stack, params, xs, target, norm, positions, chunk):
+def _exact_each(stack, params, xs, *, target, norm, positions, chunk):
+    """Per example: ``(norms: (B, L, T), spectra: (B, n, H) or None, target finite: (B,))``
+    of ``method="exact"`` (the examples first: split over devices by
+    :func:`_over_examples`)."""
     B, T, _ = xs.shape
     H = stack.widths[target[0]]
     full = norm == "spectral" or bool(positions)  # else norms suffice: taps reduce each row
@@ -882,14 +893,39 @@ def _exact_map(stack, params, xs, target, norm, positions, chunk):
         each = scaled_reduction(_spectral, jac, (-2, -1))
     else:  # ||J||_F = the 2-norm of the rows' norms; / sqrt(columns = H_l)
         each = safe_norm(rows, axis=0) / _sqrt(_columns(stack, xs.dtype))
-    vals = _mean_over(each, finite)  # examples are independent: a non-finite one is left out
     spectra = None
     if positions:
         jac_at = jnp.moveaxis(at, 0, -2)  # (n, B, H_out, H_in)
-        spectra = scaled_reduction(lambda j: jnp.linalg.svd(j, compute_uv=False), jac_at,
-                                   (-2, -1))
-        spectra = jnp.where(finite[None, :, None], spectra, jnp.nan)
-    return vals, spectra, finite
+        spectra = jnp.swapaxes(scaled_reduction(
+            lambda j: jnp.linalg.svd(j, compute_uv=False), jac_at, (-2, -1)), 0, 1)
+    return jnp.swapaxes(each, 0, 1), spectra, finite
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "target", "norm", "positions", "chunk"))
+def _exact_map(stack, params, xs, target, norm, positions, chunk):
+    """:func:`_exact_each` as one program (the unsplit map; its memory is what
+    :func:`gradflow.cost.estimate` models)."""
+    return _exact_each(stack, params, xs, target=target, norm=norm, positions=positions,
+                       chunk=chunk)
+
+
+def _over_examples(fn, stack, params, args, axes, rows: int = 1, **static):
+    """``fn(stack, params, *args, **static)``, whose outputs have the examples on their first
+    axis and ``args`` theirs on ``axes``: split over the devices of
+    :func:`gradflow.parallel.should_split` (each example's work ``rows`` times a state map's:
+    the vmapped rows of a Jacobian), else one jitted call. The examples of a Jacobian map are
+    independent (a stack that couples them is refused first), so the split is exact."""
+    from gradflow import parallel
+    devices = parallel.should_split(args[0], stack, params, rows=rows)
+    static = tuple(sorted(static.items()))
+    if devices:
+        return parallel.example_map(fn, stack, params, args, axes, static, devices)
+    return _jit_examples(fn, stack, static, params, *args)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "stack", "static"))
+def _jit_examples(fn, stack, static, params, *args):
+    return fn(stack, params, *args, **dict(static))
 
 
 def _columns(stack: Stack, dtype):
@@ -924,19 +960,28 @@ def _probe_stats(n, H):
     return rms, se_rms
 
 
-@functools.partial(jax.jit, static_argnames=("stack", "target", "probes"))
 @in_precision
-def _probe_map(stack, params, xs, target, probes, key):
-    B, T, _ = xs.shape
-    H = stack.widths[target[0]]
+def _probe_each(stack, params, xs, v, *, target):
+    """Per example: ``(rms: (B, L, T), its standard error: (B, L, T), target finite: (B,))``
+    of the probes ``v: (k, B, H)``."""
     vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True, norms=True)
-    v = normal(key, (probes, B, H), xs.dtype)  # the same probes at every precision
     n = jax.vmap(vjp)(v)  # (k, L, B, T): ||v^T J||
     cols = _columns(stack, xs.dtype)
     rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, cols), n, 0)  # each (L, B, T)
-    vals = _mean_over(rms, finite)
-    se = safe_norm(jnp.where(finite[None, :, None], se_rms, 0), axis=1) / jnp.sum(finite)
-    return vals, se, finite
+    return jnp.swapaxes(rms, 0, 1), jnp.swapaxes(se_rms, 0, 1), finite
+
+
+def _probes(stack, xs, target, probes, key):
+    """``(k, B, H)`` Gaussian probes: the same at every precision and every split."""
+    return normal(key, (probes, xs.shape[0], stack.widths[target[0]]), xs.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("stack", "target", "probes"))
+def _probe_map(stack, params, xs, target, probes, key):
+    """:func:`_probe_each` as one program (the unsplit map; its memory is what
+    :func:`gradflow.cost.estimate` models)."""
+    return _probe_each(stack, params, xs, _probes(stack, xs, target, probes, key),
+                       target=target)
 
 
 # ---------------------------------------------------------------------------------------------

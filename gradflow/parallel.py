@@ -337,16 +337,17 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
     return tuple(d[:n]) if n > 1 else ()
 
 
-def should_split(xs, stack=None, params=None) -> tuple:
-    """:func:`devices_for` ``(B, widest state of stack)`` for concrete ``xs: (B, T, D)`` and
-    ``params``; ``()`` inside a trace (``xs`` or a leaf of ``params`` traced: ``jax.grad`` of a
+def should_split(xs, stack=None, params=None, rows: int = 1) -> tuple:
+    """:func:`devices_for` ``(B, widest state of stack x rows)`` for concrete ``xs: (B, T, D)``
+    and ``params`` (``rows``: each example's work in state maps', e.g. the vmapped rows of a
+    Jacobian map); ``()`` inside a trace (``xs`` or a leaf of ``params`` traced: ``jax.grad`` of a
     map w.r.t. the parameters runs it on one device, where its derivatives are exact) or when
     a cell of ``stack`` couples the examples of a batch (``Cell.couples_batch``)."""
     if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
         return ()
-    return devices_for(xs.shape[0], None if stack is None else max(stack._widths))
+    return devices_for(xs.shape[0], None if stack is None else max(stack._widths) * rows)
 
 
 def _kinds(params):
@@ -469,6 +470,35 @@ def state_map(stack, params, xs, loss_fn, name: str, devices):
     return run(bufs, jax.device_put(xs, NamedSharding(mesh, PartitionSpec(AXIS))))
 
 
+@functools.lru_cache(maxsize=64)
+def _sharded_examples(fn, stack, static, mesh, layout, axes):
+    """:func:`example_map`'s program: ``fn`` on each device's share of the examples."""
+    def local(bufs, *args):
+        return fn(stack, _unpack(bufs, layout), *args, **dict(static))
+
+    in_specs = (PartitionSpec(), *(PartitionSpec(*[None] * a, AXIS) for a in axes))
+    # check_vma=False: arrays made inside the stack are not marked per-device
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                                 out_specs=PartitionSpec(AXIS), check_vma=False))
+
+
+def example_map(fn, stack, params, args, axes, static, devices):
+    """``fn(stack, params, *args, **dict(static))`` for a function of independent examples,
+    each of ``args`` holding them on its axis in ``axes`` and every output on its first axis
+    (per-example Jacobians), the examples split over ``devices`` (a sequence whose length
+    divides their number) and the outputs gathered. ``fn``, ``stack`` and ``static`` must be
+    hashable (one compile per them, the devices and the shapes)."""
+    devices = tuple(devices)
+    B = args[0].shape[axes[0]]
+    if B % len(devices):
+        raise ValueError(f"batch {B} does not split over {len(devices)} devices")
+    mesh = Mesh(np.array(devices), (AXIS,))
+    bufs, layout = _replicate(params, mesh)
+    args = tuple(jax.device_put(a, NamedSharding(mesh, PartitionSpec(*[None] * ax, AXIS)))
+                 for a, ax in zip(args, axes))
+    return _sharded_examples(fn, stack, static, mesh, layout, tuple(axes))(bufs, *args)
+
+
 @functools.lru_cache(maxsize=32)
 def _sharded_model_map(model, loss_fn, rest, layers, mesh, layout):
     """:func:`model_state_map`'s program: per device the model's forward on its share of the
@@ -508,4 +538,4 @@ def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, what
 
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",
            "set_batch_devices", "batch_devices", "devices_for", "should_split", "state_map",
-           "model_state_map"]
+           "model_state_map", "example_map"]

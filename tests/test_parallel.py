@@ -117,6 +117,22 @@ CHILD = textwrap.dedent("""
                                  "loss": float(split.loss_value) - float(plain.loss_value),
                                  "unsplit_compiles": unsplit, "split_compiles":
                                  parallel._sharded_model_map.cache_info().misses - before})
+        # Jacobian maps: per-example, so split whenever the devices divide the batch
+        pr = gradflow.problem("lstm", layers=2, steps=4, hidden=5, batch=6, seed=1,
+                              dtype="float64")
+        out["jacobian"] = []
+        for kw in ({}, {"spectra_at": [(0, 1), (1, 3)]}, {"norm": "spectral"},
+                   {"method": "probe", "probes": 4, "seed": 3}):
+            before = parallel._sharded_examples.cache_info().misses
+            split = gradflow.jacobian_map(*pr[:3], **kw)
+            compiles = parallel._sharded_examples.cache_info().misses - before
+            with parallel.batch_devices(None):
+                plain = gradflow.jacobian_map(*pr[:3], **kw)
+            out["jacobian"].append({"kw": str(kw), "compiles": compiles, "rel": {
+                k: float(np.max(np.abs(np.asarray(split.arrays[k], float)
+                                       - np.asarray(plain.arrays[k], float)))
+                         / np.max(np.abs(np.asarray(plain.arrays[k], float))))
+                for k in plain.arrays}})
     print(json.dumps(out))
 """)
 
@@ -160,6 +176,10 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
             assert m["unsplit_compiles"] == 0 and m["split_compiles"] == 1, m
             assert m["rel"] <= 1e-12 and abs(m["loss"]) <= 1e-12, m
         assert out["moved_rel"] <= 1e-12
+        assert len(out["jacobian"]) == 4
+        for j in out["jacobian"]:  # values, spectra, stderr, target_finite: as unsplit
+            assert j["compiles"] == 1 and max(j["rel"].values()) <= 1e-12, j
+        assert {"spectra", "stderr"} <= {k for j in out["jacobian"] for k in j["rel"]}
 
 
 def test_parameters_travel_packed_and_come_back_unchanged():
