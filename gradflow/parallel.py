@@ -17,7 +17,9 @@ slice of :math:`\bar y` back through its examples. The map is then combined exac
 so the split map equals the unsplit one up to float summation order, for any loss (the batch
 mean of the default readout loss, i.e. its ``1/B`` factor on each example's gradient, is
 carried by :math:`\bar y`). The params map is not split: its per-step
-:math:`\mathrm{mean}_\theta|\sum_b g_b|` does not decompose over examples.
+:math:`\mathrm{mean}_\theta|\sum_b g_b|` does not decompose over examples. The Jacobian maps
+of :func:`gradflow.jacobian_map` are per example, with no loss: :func:`example_map` runs each
+device's examples and gathers their per-example norms (and spectra), averaged after.
 
 Devices:
 
