@@ -194,3 +194,43 @@ def test_tap_hands_back_the_norm_and_with_a_second_channel_the_width(x64):
     assert float(jax.grad(f)(0.0, h[0])) == pytest.approx(np.sqrt(73))
     np.testing.assert_allclose(jax.grad(f)(jnp.zeros(2), h[0]), [np.sqrt(73), 3])
     np.testing.assert_array_equal(gradflow.tap(h, jnp.zeros(2)), h)  # the identity
+
+
+def _bidirectional(p, xs, add):
+    """Layer 0 reads the inputs forward in time, layer 1 reads layer 0 backward; ``add(h, l,
+    t)`` marks where each state leaves its layer (a tap, or a perturbation)."""
+    B, T, _ = xs.shape
+    h, low = jnp.zeros((B, 4), xs.dtype), []
+    for t in range(T):
+        h = add(jnp.tanh(xs[:, t] @ p["W0"] + h @ p["U0"]), 0, t)
+        low.append(h)
+    h, top = jnp.zeros((B, 4), xs.dtype), [None] * T
+    for t in reversed(range(T)):
+        h = add(jnp.tanh(low[t] @ p["W1"] + h @ p["U1"]), 1, t)
+        top[t] = h
+    return jnp.stack(top, 1)
+
+
+def test_a_bidirectional_model_reaches_the_target_from_later_steps(x64):
+    """States after the target step reach it through the backward layer: measured, equal to
+    brute force, and shown."""
+    B, T, D, H = 2, 5, 3, 4
+    k = iter(jax.random.split(jax.random.key(7), 5))
+    p = {n: jax.random.normal(next(k), (D if n == "W0" else H, H), jnp.float64) / 2
+         for n in ("W0", "U0", "W1", "U1")}
+    xs = jax.random.normal(next(k), (B, T, D), jnp.float64)
+    model = lambda p, xs, taps: _bidirectional(  # noqa: E731
+        p, xs, lambda h, l, t: gradflow.tap(h, taps[l, t]))
+    got = gradflow.model_jacobian_map(model, p, xs, layers=2, target=2)
+
+    def out(e):
+        return _bidirectional(p, xs, lambda h, l, t: h + e[l][t])[:, 2]
+
+    jac = jax.jacrev(out)([[jnp.zeros((B, H), jnp.float64)] * T for _ in range(2)])
+    want = np.array([[np.mean([np.linalg.norm(np.asarray(jac[l][t])[b, :, b]) / 2
+                               for b in range(B)]) for t in range(T)] for l in range(2)])
+    np.testing.assert_allclose(got.values, want, rtol=1e-12, atol=0)
+    assert (got.values[1, 3:] > 0).all() and (got.values[0, 3:] > 0).all()  # later steps reach
+    # the backward layer's states before T' do not reach it: exact zeros, counted as underflow
+    # (the map assumes every state at or before T' reaches it, as its docstring says)
+    assert got.values[1, :2].max() == 0 and got.underflow == {"values": 2}
