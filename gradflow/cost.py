@@ -606,8 +606,8 @@ def compiled(jitted, statics: tuple, args: tuple, what: str, smaller: str, copie
     static ones) lowered and compiled for ``args``' shapes, dtypes and shardings at the matmul
     precision in force, once per them (part of the key, as of ``jax.jit``'s own cache), and
     its memory checked before it is returned to run: the programs of a user's own function
-    (:func:`gradflow.model_map`, :func:`gradflow.gates.model_saturation`), whose need no
-    estimate here can know. XLA's count of the compiled program's memory (arguments, outputs
+    (:func:`gradflow.model_map`, :func:`gradflow.model_jacobian_map`,
+    :func:`gradflow.gates.model_saturation`), whose need no estimate here can know. XLA's count of the compiled program's memory (arguments, outputs
     and temporaries; ``memory_analysis()``, per device for a sharded one) times ``copies``
     (the devices that share one memory: a CPU's simulated devices) is checked on every call
     against :func:`available_memory`: an :class:`~gradflow.errors.InputError` naming

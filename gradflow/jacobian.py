@@ -526,16 +526,11 @@ def _model_jacobian(model, rest, target, probes, chunk, arrays, xs, taps, key):
     alone, widths = pull(jnp.zeros((B, K), y.dtype).at[0].set(1))
     leak = jnp.any(alone[..., 1:] > 0)
     cols = jnp.where(widths > 0, widths, 1)
+    norms = lambda cot: pull(cot)[0]  # noqa: E731
     if probes:
-        v = normal(key, (probes, B, K), xs.dtype)
-        n = jax.vmap(lambda c: pull(c)[0])(v)  # (k, L, T, B): ||v^T J||
-        rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, cols), n, 0)
-        se = safe_norm(jnp.where(finite, se_rms, 0), axis=2) / jnp.sum(finite)
-        return _mean_over(rms, finite, axis=2), se, finite, leak
-    rows = lax.map(lambda i: pull(jnp.broadcast_to(jax.nn.one_hot(i, K, dtype=y.dtype),
-                                                   (B, K)))[0], jnp.arange(K),
-                   batch_size=chunk)  # (K, L, T, B): the norm of row i of each Jacobian
-    each = safe_norm(rows, axis=0) / jnp.sqrt(cols)
+        rms, se_rms = _probe_rms(norms, normal(key, (probes, B, K), xs.dtype), cols)
+        return _mean_over(rms, finite, axis=2), _stderr_over(se_rms, finite, 2), finite, leak
+    each = _basis_rms(norms, B, K, y.dtype, chunk, jnp.sqrt(cols))
     return _mean_over(each, finite, axis=2), None, finite, leak
 
 
@@ -763,8 +758,7 @@ def _probe_arrays(stack, params, xs, target, norm, positions, probes, seed):
     rms, se_rms, finite = _over_examples(_probe_each, stack, params, (xs, v), (0, 1),
                                          rows=probes, target=target)
     vals = _mean_over(rms, finite, axis=0)
-    se = safe_norm(jnp.where(finite[:, None, None], se_rms, 0), axis=0) / jnp.sum(finite)
-    return {"values": vals, "stderr": se}, finite
+    return {"values": vals, "stderr": _stderr_over(se_rms, finite, 0)}, finite
 
 
 def _exact_arrays(stack, params, xs, target, norm, positions, chunk):
@@ -865,6 +859,30 @@ def _mean_over(v, ok, axis=1):
     return jnp.sum(jnp.where(keep, v, 0), axis=axis) / jnp.sum(ok).astype(v.dtype)
 
 
+def _basis_rms(pull, B, K, dtype, chunk, cols):
+    r"""Per example, the rms norm :math:`\|J\|_F/\sqrt{H}` of Jacobians whose rows'
+    norms ``pull(cot: (B, K))`` gives (any layout of the examples), one basis cotangent per
+    output unit, ``vmap``-ed ``chunk`` at a time; ``cols``: :math:`\sqrt H`, broadcasting."""
+    rows = lax.map(lambda i: pull(jnp.broadcast_to(jax.nn.one_hot(i, K, dtype=dtype), (B, K))),
+                   jnp.arange(K), batch_size=chunk)  # (K, ...): the norm of row i of each
+    return safe_norm(rows, axis=0) / cols  # ||J||_F = the 2-norm of the rows' norms
+
+
+def _probe_rms(pull, v, cols):
+    """Per example, the probe estimate of the rms norm and its standard error (each in
+    ``pull``'s layout) from the probes ``v: (k, B, K)`` (:func:`_probe_stats`; ``cols``: the
+    Jacobians' columns, broadcasting)."""
+    n = jax.vmap(pull)(v)  # (k, ...): ||v^T J||
+    return scaled_reduction(lambda u: _probe_stats(u, cols), n, 0)
+
+
+def _stderr_over(se, ok, axis):
+    """The standard error of the mean over the examples (``axis``) where ``ok: (B,)`` of
+    per-example standard errors ``se``."""
+    keep = jnp.expand_dims(ok, tuple(a for a in range(se.ndim) if a != axis % se.ndim))
+    return safe_norm(jnp.where(keep, se, 0), axis=axis) / jnp.sum(ok)
+
+
 @in_precision
 def _exact_each(stack, params, xs, *, target, norm, positions, chunk):
     """Per example: ``(norms: (B, L, T), spectra: (B, n, H) or None, target finite: (B,))``
@@ -872,16 +890,17 @@ def _exact_each(stack, params, xs, *, target, norm, positions, chunk):
     :func:`_over_examples`)."""
     B, T, _ = xs.shape
     H = stack.widths[target[0]]
-    full = norm == "spectral" or bool(positions)  # else norms suffice: taps reduce each row
-    vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True, norms=not full)
+    cols = _sqrt(_columns(stack, xs.dtype))
+    if norm == "rms" and not positions:  # norms suffice: the taps reduce each row
+        vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True, norms=True)
+        return jnp.swapaxes(_basis_rms(vjp, B, H, xs.dtype, chunk, cols), 0, 1), None, finite
+    vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True)
     pos_l = jnp.array([p[0] for p in positions], int)
     pos_t = jnp.array([p[1] for p in positions], int)
 
     def row(i):
         cot = jnp.broadcast_to(jax.nn.one_hot(i, H, dtype=xs.dtype), (B, H))
-        g = vjp(cot)  # (L, B, T, H): row i of every per-example Jacobian; (L, B, T) its norms
-        if not full:
-            return g, None
+        g = vjp(cot)  # (L, B, T, H): row i of every per-example Jacobian
         at = g[pos_l, :, pos_t] if positions else None
         if norm == "spectral":
             return g, at
@@ -892,7 +911,7 @@ def _exact_each(stack, params, xs, *, target, norm, positions, chunk):
         jac = jnp.moveaxis(rows, 0, -2)  # (L, B, T, H_out, H_in)
         each = scaled_reduction(_spectral, jac, (-2, -1))
     else:  # ||J||_F = the 2-norm of the rows' norms; / sqrt(columns = H_l)
-        each = safe_norm(rows, axis=0) / _sqrt(_columns(stack, xs.dtype))
+        each = safe_norm(rows, axis=0) / cols
     spectra = None
     if positions:
         jac_at = jnp.moveaxis(at, 0, -2)  # (n, B, H_out, H_in)
@@ -965,9 +984,7 @@ def _probe_each(stack, params, xs, v, *, target):
     """Per example: ``(rms: (B, L, T), its standard error: (B, L, T), target finite: (B,))``
     of the probes ``v: (k, B, H)``."""
     vjp, finite = _target_vjp(stack, params, xs, target, with_finite=True, norms=True)
-    n = jax.vmap(vjp)(v)  # (k, L, B, T): ||v^T J||
-    cols = _columns(stack, xs.dtype)
-    rms, se_rms = scaled_reduction(lambda u: _probe_stats(u, cols), n, 0)  # each (L, B, T)
+    rms, se_rms = _probe_rms(vjp, v, _columns(stack, xs.dtype))  # each (L, B, T)
     return jnp.swapaxes(rms, 0, 1), jnp.swapaxes(se_rms, 0, 1), finite
 
 

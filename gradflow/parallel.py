@@ -463,13 +463,29 @@ def state_map(stack, params, xs, loss_fn, name: str, devices):
 
     ``stack`` and ``loss_fn`` (``(B, T, H) -> scalar``) must be hashable.
     """
+    mesh, bufs, layout, (xs,) = _split(params, (xs,), (0,), devices)
+    return _sharded_state_map(stack, loss_fn, name, mesh, layout)(bufs, xs)
+
+
+def _split(params, args, axes, devices):
+    """``(mesh, bufs, layout, args)`` of a split over ``devices``: their 1-d mesh, ``params``
+    replicated as packed buffers (:func:`_replicate`), and ``args`` placed with their examples
+    (on their axes in ``axes``) split over the devices; a ValueError where the number of
+    examples (of ``args[0]``) is not divisible by the number of devices."""
     devices = tuple(devices)
-    if xs.shape[0] % len(devices):
-        raise ValueError(f"batch {xs.shape[0]} does not split over {len(devices)} devices")
+    B = args[0].shape[axes[0]]
+    if B % len(devices):
+        raise ValueError(f"batch {B} does not split over {len(devices)} devices")
     mesh = Mesh(np.array(devices), (AXIS,))
     bufs, layout = _replicate(params, mesh)
-    run = _sharded_state_map(stack, loss_fn, name, mesh, layout)
-    return run(bufs, jax.device_put(xs, NamedSharding(mesh, PartitionSpec(AXIS))))
+    args = tuple(jax.device_put(a, NamedSharding(mesh, _examples_on(ax)))
+                 for a, ax in zip(args, axes))
+    return mesh, bufs, layout, args
+
+
+def _examples_on(axis: int) -> PartitionSpec:
+    """The partition of an array whose examples lie on ``axis``, split over the mesh."""
+    return PartitionSpec(*[None] * axis, AXIS)
 
 
 @functools.lru_cache(maxsize=64)
@@ -478,7 +494,7 @@ def _sharded_examples(fn, stack, static, mesh, layout, axes):
     def local(bufs, *args):
         return fn(stack, _unpack(bufs, layout), *args, **dict(static))
 
-    in_specs = (PartitionSpec(), *(PartitionSpec(*[None] * a, AXIS) for a in axes))
+    in_specs = (PartitionSpec(), *map(_examples_on, axes))
     # check_vma=False: arrays made inside the stack are not marked per-device
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                                  out_specs=PartitionSpec(AXIS), check_vma=False))
@@ -490,14 +506,7 @@ def example_map(fn, stack, params, args, axes, static, devices):
     (per-example Jacobians), the examples split over ``devices`` (a sequence whose length
     divides their number) and the outputs gathered. ``fn``, ``stack`` and ``static`` must be
     hashable (one compile per them, the devices and the shapes)."""
-    devices = tuple(devices)
-    B = args[0].shape[axes[0]]
-    if B % len(devices):
-        raise ValueError(f"batch {B} does not split over {len(devices)} devices")
-    mesh = Mesh(np.array(devices), (AXIS,))
-    bufs, layout = _replicate(params, mesh)
-    args = tuple(jax.device_put(a, NamedSharding(mesh, PartitionSpec(*[None] * ax, AXIS)))
-                 for a, ax in zip(args, axes))
+    mesh, bufs, layout, args = _split(params, args, axes, devices)
     return _sharded_examples(fn, stack, static, mesh, layout, tuple(axes))(bufs, *args)
 
 
@@ -527,13 +536,8 @@ def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, what
     divides ``B``), for a model that treats the examples of a batch independently. Compiled
     once per shapes by :func:`gradflow.cost.compiled`, whose memory check (``what``,
     ``smaller``) counts every device of one memory."""
-    devices = tuple(devices)
-    if xs.shape[0] % len(devices):
-        raise ValueError(f"batch {xs.shape[0]} does not split over {len(devices)} devices")
-    mesh = Mesh(np.array(devices), (AXIS,))
-    bufs, layout = _replicate(arrays, mesh)
-    xs = jax.device_put(xs, NamedSharding(mesh, PartitionSpec(AXIS)))
-    copies = len(devices) if all(d.platform == "cpu" for d in devices) else 1
+    mesh, bufs, layout, (xs,) = _split(arrays, (xs,), (0,), devices)
+    copies = mesh.devices.size if all(d.platform == "cpu" for d in mesh.devices.flat) else 1
     return compiled(_sharded_model_map(model, loss_fn, rest, layers, mesh, layout), (),
                     (bufs, xs), what, smaller, copies)(bufs, xs)
 
