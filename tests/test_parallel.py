@@ -138,7 +138,6 @@ CHILD = textwrap.dedent("""
 
 
 def _child(n, f32, f64, user, env):
-    env = {k: v for k, v in env.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
 
