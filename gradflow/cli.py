@@ -1544,15 +1544,15 @@ def run_gates(args) -> int:
     from gradflow.problem import precision
 
     def check(cells, what):
-        if not cells[0].gate_names:
+        if not any(c.gate_names for c in cells):
             with_gates = [n for n in _cells.names() if _cells.get(n).gate_names]
             raise _usage(args, f"{what} reports no gates; cells with gates: "
                                f"{', '.join(with_gates)}")
         with user_input():
-            cell = _gates.gate_cell(cells)
-        if args.gate is not None and args.gate not in cell.gate_names:
+            names = list(_gates.gate_layout(cells).kinds)
+        if args.gate is not None and args.gate not in names:
             raise _usage(args, f"{what} has no gate {args.gate!r}; its gates: "
-                               f"{', '.join(cell.gate_names)}")
+                               f"{', '.join(names)}")
 
     with precision(args.dtype):
         measured = _measured_problem(args, method="gates", check_cell=check)

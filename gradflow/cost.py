@@ -440,12 +440,12 @@ def _gates_estimate(stack: _Sig, B, T, dtype, wrt, probes, calibrate) -> Cost:
     kinds = _kinds(stack, B, dtype, False)
     params = _params_bytes(stack, kinds, item)
     H = stack.hidden_size  # the largest width: narrower layers' states and gates are padded
-    kept = sum(n * (len(c.state_names) + len(c.gate_names) + 1) * B * T * H * item
+    # every layer holds an array for every gate of the stack (NaN where its cell has none)
+    gates = len(dict.fromkeys(g for c, _, _, _ in stack.kinds for g in c.gate_names))
+    kept = sum(n * (len(c.state_names) + gates + 1) * B * T * H * item
                for (c, _, _), (n, _) in kinds.items())
-    working = (sum(n * 2 * len(c.gate_names) * B * T * H * item
-                   for (c, _, _), (n, _) in kinds.items())
+    working = (L * 2 * gates * B * T * H * item
                + T * max(st[2] for _, st in kinds.values()) + _stacked(kinds))
-    gates = max(len(c.gate_names) for c, _, _, _ in stack.kinds)
     # about a dozen (L, T) and (L, H) maps and an (L, bins) histogram per gate
     result = 12 * gates * L * (T + H + 20) * item
     inputs = B * T * D * item

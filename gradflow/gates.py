@@ -58,10 +58,15 @@ is NaN. Every entry that is not NaN lands in exactly one histogram bin or ``outs
 to get densities. For layers of different widths (:attr:`gradflow.Stack.widths`) only each
 layer's real ``H_l`` units count: ``(l, t)`` averages ``B * H_l`` entries, ``/pooled`` is the
 mean over every real entry, the histograms hold ``B * T * sum_l H_l`` entries, and the
-``/unit`` arrays are ``(L, max_l H_l)`` with 0 beyond ``H_l``. ``config["gates"]`` lists the gates,
-``config["gate_kinds"]`` their kinds (:func:`gate_kinds`); :func:`summary` gives the pooled
-scalars as ``{gate: {stat: value}}``; :func:`hist_edges` the edges of a gate's histogram (also
-of results saved before per-gate edges existed, whose histograms were all over ``[0, 1]``).
+``/unit`` arrays are ``(L, max_l H_l)`` with 0 beyond ``H_l``. For layers of different cells
+that report different gates (:func:`gate_layout`; a GRU under a STAR) each gate is pooled over
+the layers that report it: in the others its means are NaN and its counts 0 (no histogram
+entries), ``config["gate_layers"]`` says which layers report which gate, and a name two cells
+give to different gates is two gates qualified by the cell (``z@gru``, ``z@star``).
+``config["gates"]`` lists the gates, ``config["gate_kinds"]`` their kinds (:func:`gate_kinds`);
+:func:`summary` gives the pooled scalars as ``{gate: {stat: value}}``; :func:`hist_edges` the
+edges of a gate's histogram (also of results saved before per-gate edges existed, whose
+histograms were all over ``[0, 1]``).
 
 Example::
 
@@ -79,6 +84,7 @@ from __future__ import annotations
 import functools
 import numbers
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +98,7 @@ from gradflow.errors import user_input
 from gradflow import checks
 from gradflow import cost as _cost
 from gradflow.checks import positive_int as _positive_int
-from gradflow.stack import Stack, in_precision, map_layers, where_nonfinite
+from gradflow.stack import Stack, gate_keys, in_precision, map_layers, where_nonfinite
 from gradflow.views import STATS, bin_edges, hist_edges, summary, value_range
 
 #: The most histogram bins :func:`saturation` takes (a million took the figure 6 minutes).
@@ -118,21 +124,58 @@ GU_GRID = (
 # What each gate is
 
 
-def gate_cell(stack) -> Cell:
-    """The cell whose gate layout every layer of ``stack`` (a Stack, or its cells) shares (the
-    gates and their kinds, the retained gates, the refine form): layers of different cells that
-    agree on it, e.g. an LSTM at two forget biases, have gate statistics; others a ValueError
-    naming the layer."""
+class GateLayout(NamedTuple):
+    """What a stack's layers report as gates (:func:`gate_layout`), by the names the stack's
+    gates go by (:attr:`gradflow.Stack.gate_names`)."""
+
+    kinds: dict  #: ``{gate: kind}``, every gate any layer reports, in the order first reported
+    retain: dict  #: ``{gate: sign}`` of the gates that keep a state (:func:`kept_fraction`)
+    layers: dict  #: ``{gate: (l, ...)}``: the layers that report the gate
+    refine_mode: dict  #: ``{gate: "mul" | "add"}`` of the refined gates
+    effective: dict  #: ``{gate: (f, r)}`` of the effective gates: the two gates it is made of
+
+    @property
+    def mixed(self) -> bool:
+        """Some layer lacks a gate another layer reports."""
+        L = len({l for ls in self.layers.values() for l in ls})
+        return any(len(ls) != L for ls in self.layers.values())
+
+
+def gate_layout(stack) -> GateLayout:
+    """The gates of ``stack`` (a Stack, or its cells, one per layer): every gate any layer
+    reports, its kind, whether it keeps the state, and which layers report it.
+
+    Layers of different cells may report different gates: a GRU under a STAR reports ``r``,
+    ``z``, ``n``, the STAR ``k``, ``z``. Each gate's statistics are over the layers that report
+    it (:func:`saturation`: NaN means and zero counts in the others). A name that two cells
+    give to different gates (GRU's ``z`` is a sigmoid update gate, STAR's a tanh candidate) is
+    two gates, qualified by the cell: ``"z@gru"``, ``"z@star"``
+    (:func:`gradflow.stack.gate_keys`).
+
+    >>> from gradflow import Stack
+    >>> lay = gate_layout(Stack(["gru", "star"], 2, 3, 4))
+    >>> lay.layers
+    {'r': (0,), 'z@gru': (0,), 'n': (0,), 'k': (1,), 'z@star': (1,)}
+    """
     cells = stack.cells if isinstance(stack, Stack) else tuple(stack)
-    first = cells[0]
-    layout = lambda c: (c.gate_kinds, c.retain, c.refine_mode, c.refine_gate)  # noqa: E731
-    for l, c in enumerate(cells):
-        if layout(c) != layout(first):
-            raise ValueError(f"gate statistics read one gate layout for every layer; layer {l} "
-                             f"({c.name}: gates {', '.join(c.gate_names) or 'none'}) differs "
-                             f"from layer 0 ({first.name}: gates "
-                             f"{', '.join(first.gate_names) or 'none'})")
-    return first
+    kinds, retain, layers, modes, effective = {}, {}, {}, {}, {}
+    for l, (c, keys) in enumerate(zip(cells, gate_keys(cells))):
+        kept = dict(c.retain)
+        for g, kind in c.gate_kinds:
+            k = keys[g]
+            kinds[k] = kind
+            layers.setdefault(k, []).append(l)
+            if g in kept:
+                retain[k] = kept[g]
+            if kind == "refined":
+                modes[k] = c.refine_mode
+            if kind == "effective":
+                parts = (keys["f"], keys[c.refine_gate])
+                if effective.setdefault(k, parts) != parts:  # no cell gradflow has does this
+                    raise ValueError(f"effective gate {k!r} is made of gates {parts} in layer "
+                                     f"{l} and of {effective[k]} in layer {layers[k][0]}")
+    return GateLayout(kinds, retain, {g: tuple(ls) for g, ls in layers.items()}, modes,
+                      effective)
 
 
 def gate_kinds(cell: Cell) -> dict:
@@ -262,13 +305,22 @@ def preactivation(stack: Stack, params: dict, xs, out, gate: str):
     Args:
       out: the :class:`gradflow.StackOutput` of the same run (zero initial state).
     Returns:
-      ``(L, B, T, H)`` (``H = stack.max_width``, zeros beyond each layer's width).
+      ``(L, B, T, H)`` (``H = stack.max_width``, zeros beyond each layer's width, NaN in the
+      layers whose cell has no gate ``gate``).
     """
     H = stack.max_width
+    own = {c: {k: g for g, k in keys.items()} for c, keys in zip(stack.cells,
+                                                                  gate_keys(stack.cells))}
+
+    def layer(cell, p, prev_l, x_l):  # NaN in a layer whose cell has no such gate
+        if gate not in own[cell]:
+            h = next(iter(prev_l.values()))
+            return jnp.full(h.shape[:-1] + (H,), jnp.nan, h.dtype)
+        return _pad(cell.preactivations(p, prev_l, x_l)[own[cell][gate]], H)
+
     # one compiled body per run of like layers (a Python loop here unrolled every layer)
-    return map_layers(stack, lambda cell, p, prev_l, x_l: _pad(
-        cell.preactivations(p, prev_l, x_l)[gate], H), params, stack.previous_states(out),
-        stack.layer_inputs(params, xs, out))
+    return map_layers(stack, layer, params, stack.previous_states(out),
+                      stack.layer_inputs(params, xs, out))
 
 
 def _activation_slopes(acts: dict, kinds: dict) -> dict:
@@ -280,21 +332,16 @@ def _activation_slopes(acts: dict, kinds: dict) -> dict:
 
 def _slopes(stack: Stack, params: dict, xs, out) -> dict:
     """:func:`slopes` from a run's output ``out`` (a :class:`gradflow.StackOutput`)."""
-    cell = gate_cell(stack)
-    kinds = gate_kinds(cell)
+    lay = gate_layout(stack)
     acts = out.gates
-    mode = cell.refine_mode
-    s = _activation_slopes(acts, kinds)
-    for g, kind in kinds.items():
-        if kind == "refined":
-            sz = sigmoid_slope(jax.nn.sigmoid(preactivation(stack, params, xs, out, g)))
-            s[g] = sz * jnp.abs(layer_inputs(stack, params, xs, out.up)) if mode == "mul" else sz
-    for g, kind in kinds.items():
-        if kind == "effective":
-            r = cell.refine_gate
-            dgdf, dgdr = refine_partials(acts["f"], acts[r])
-            s[g] = jnp.abs(dgdf) * s["f"]
-            s[g + ":refine"] = jnp.abs(dgdr) * s[r]
+    s = _activation_slopes(acts, lay.kinds)
+    for g, mode in lay.refine_mode.items():
+        sz = sigmoid_slope(jax.nn.sigmoid(preactivation(stack, params, xs, out, g)))
+        s[g] = sz * jnp.abs(layer_inputs(stack, params, xs, out.up)) if mode == "mul" else sz
+    for g, (f, r) in lay.effective.items():
+        dgdf, dgdr = refine_partials(acts[f], acts[r])
+        s[g] = jnp.abs(dgdf) * s[f]
+        s[g + ":refine"] = jnp.abs(dgdr) * s[r]
     return s
 
 
@@ -394,22 +441,24 @@ def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
     out = stack.apply(params, xs, gates=True)
     if not out.gates:
         return {}, {}
-    cell = gate_cell(stack)
-    return _reduce_activations(out.gates, gate_kinds(cell), dict(cell.retain),
-                               _slopes(stack, params, xs, out), _real_units(stack), eps,
+    lay = gate_layout(stack)
+    return _reduce_activations(out.gates, lay.kinds, lay.retain,
+                               _slopes(stack, params, xs, out), _real_units(stack, lay), eps,
                                threshold, bins)
 
 
 def _reduce_activations(acts: dict, kinds: dict, retain: dict, sl: dict, real, eps, threshold,
                         bins: int):
     """:func:`_reduce` from the activations ``acts`` ``{gate: (L, B, T, H)}`` of gates of
-    ``kinds``, their slopes ``sl`` and ``real`` (None, or ``(L, H)``: layer ``l``'s first
-    ``H_l`` units; the others are padding, counted nowhere); traceable."""
+    ``kinds``, their slopes ``sl`` and ``real`` (None, or ``{gate: (L, H)}``: the units of
+    layer ``l`` that hold gate values, its first ``H_l`` where it reports the gate, none where
+    it does not; the others are padding, counted nowhere); traceable."""
     rows = _rows(acts, kinds, retain, sl, eps, threshold)
     keys = list(rows)
     sums = _batch_sums(tuple(rows[k] for k in keys))  # (L, T, H) each
-    if real is not None:  # padded units (exact zeros) count nowhere
-        sums = tuple(sm * real[:, None, :].astype(sm.dtype) for sm in sums)
+    if real is not None:  # padded units (exact zeros) and absent gates (NaN) count nowhere
+        sums = tuple(jnp.where(real[k[1]][:, None, :], sm, jnp.zeros((), sm.dtype))
+                     for k, sm in zip(keys, sums))
     sums = {k: (sm.sum(-1), sm.sum(1)) for k, sm in zip(keys, sums)}  # (L, T), (L, H)
     red = {}
     for k, (m, u) in sums.items():  # means over the gate's finite entries (0/0: NaN)
@@ -424,7 +473,8 @@ def _reduce_activations(acts: dict, kinds: dict, retain: dict, sl: dict, real, e
         A = jnp.stack([acts[g] for g in names])  # (G, L, B, T, H)
         G, L = A.shape[:2]
         valid = None if real is None else jnp.broadcast_to(
-            real[None, :, None, None, :], A.shape).reshape((G * L, -1))
+            jnp.stack([real[g] for g in names])[:, :, None, None, :], A.shape
+        ).reshape((G * L, -1))
         hist, _ = histogram(A.reshape((G * L, -1)), bins, valid, kinds[names[0]])
         hists.update({g: hist[i * L:(i + 1) * L] for i, g in enumerate(names)})
     return red, {g: hists[g] for g in acts}
@@ -446,12 +496,14 @@ def _arrays(stack: Stack, params: dict, xs, eps: float, threshold: float, bins: 
     return named_arrays(stack, *_reduce(stack, params, xs, eps, threshold, bins), bins)
 
 
-def _real_units(stack: Stack):
-    """``(L, max_l H_l)`` bool, True on layer ``l``'s first ``H_l`` units; None for layers of
-    one width."""
-    if isinstance(stack.hidden_size, int):
+def _real_units(stack: Stack, lay: GateLayout):
+    """``{gate: (L, max_l H_l)}`` bool, True on layer ``l``'s first ``H_l`` units where it
+    reports the gate; None for layers of one width that all report every gate."""
+    if isinstance(stack.hidden_size, int) and not lay.mixed:
         return None
-    return jnp.arange(stack.max_width)[None, :] < jnp.asarray(stack.widths)[:, None]
+    units = np.arange(stack.max_width)[None, :] < np.asarray(stack.widths)[:, None]
+    return {g: units & np.isin(np.arange(stack.layers), ls)[:, None]
+            for g, ls in lay.layers.items()}
 
 
 def _pad(a, H: int):
@@ -461,14 +513,13 @@ def _pad(a, H: int):
 def named_arrays(stack: Stack, red: dict, hist: dict, bins: int) -> dict:
     """The named arrays of the module docstring's scheme (``"{stat}/{gate}"``, ...) from one
     problem's :func:`reductions` (NumPy; ``bins`` as given there)."""
-    return _named(gate_kinds(gate_cell(stack)), _real_units(stack), red, hist, bins)
+    lay = gate_layout(stack)
+    return _named(lay.kinds, _real_units(stack, lay), red, hist, bins)
 
 
 def _named(kinds: dict, real, red: dict, hist: dict, bins: int) -> dict:
     """:func:`named_arrays` for gates of ``kinds`` (``real`` as :func:`_reduce_activations`)."""
     red = {k: (np.asarray(m), np.asarray(u)) for k, (m, u) in red.items()}
-    if real is not None:
-        real = np.asarray(real)
     arrays = {"bin_edges": bin_edges(bins)}
     for g, kind in kinds.items():
         if value_range(kind) != value_range():  # the shared edges are [0, 1]'s
@@ -495,7 +546,9 @@ def _named(kinds: dict, real, red: dict, hist: dict, bins: int) -> dict:
                 with np.errstate(divide="ignore"):
                     vals = {k: timescale(v) for k, v in vals.items()}
             if real is not None and "/unit" in vals:  # no unit beyond a layer's width
-                vals["/unit"] = np.where(real, vals["/unit"], 0).astype(vals["/unit"].dtype)
+                present = real[g].any(axis=1, keepdims=True)  # NaN in layers without g
+                vals["/unit"] = np.where(real[g], vals["/unit"], np.where(present, 0, np.nan)
+                                         ).astype(vals["/unit"].dtype)
             arrays.update({f"{stat}/{g}{k}": v for k, v in vals.items()})
         h = np.asarray(hist[g], np.int64)
         outside = np.stack([red[c, g][0].sum(axis=1, dtype=np.int64)
@@ -566,7 +619,7 @@ def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = 
             "(gradient and Jacobian maps need none). A cell of your own reports its gates with "
             "gates=fn returning {name: (B, H)} (and gate_kinds={name: kind}) in "
             "gradflow.cells.from_function / from_linen / from_nnx / from_equinox")
-    gate_cell(stack)  # one gate layout in every layer
+    lay = gate_layout(stack)
     checks.check_concrete(params, xs)
     eps, threshold, bins = _settings(eps, update_threshold, bins)
     xs = checks.check_xs(stack, xs)
@@ -584,11 +637,14 @@ def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = 
                       NonFiniteForwardWarning, stacklevel=2)
     B, T, _ = xs.shape
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
-    kinds = gate_kinds(gate_cell(stack))
+    kinds = lay.kinds
+    where = {"gate_layers": {g: list(ls) for g, ls in lay.layers.items()}} if lay.mixed else {}
     config = checks.with_meta({**stack.config, "steps": int(T), "batch": int(B),
                                "dtype": str(dtype)}, meta, eps=eps, bins=bins,
-                              update_threshold=threshold, gates=list(kinds), gate_kinds=kinds)
-    return make_result("gate_stats", arrays, config)
+                              update_threshold=threshold, gates=list(kinds), gate_kinds=kinds,
+                              **where)
+    # a mixed stack's NaN in layers without a gate are no overflow (that is warned about above)
+    return make_result("gate_stats", arrays, config, warn=not lay.mixed)
 
 
 #: The gate kinds :func:`model_saturation` reads from the activations alone.
@@ -783,8 +839,8 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
     return out
 
 
-__all__ = ["GU_GRID", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations", "gate_cell",
-           "bin_edges", "compare", "gate_kinds", "hist_edges", "histogram", "is_saturated",
+__all__ = ["GU_GRID", "GateLayout", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations",
+           "bin_edges", "gate_layout", "compare", "gate_kinds", "hist_edges", "histogram", "is_saturated",
            "kept_fraction", "MODEL_KINDS", "model_saturation",
            "layer_inputs", "named_arrays", "parse_entries", "preactivation", "reductions",
            "refine_partials", "saturation",

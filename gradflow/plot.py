@@ -234,8 +234,10 @@ def _with_counts(title: str, nonfinite: int, nonpositive: int = 0, underflow: in
 
 def _subject(config: dict, default=None) -> str:
     """What a result measured, for titles and labels: its cell, or the model of
-    :func:`gradflow.model_map` / :func:`gradflow.gates.model_saturation`."""
-    return str(config.get("cell", config.get("model", default)))
+    :func:`gradflow.model_map` / :func:`gradflow.gates.model_saturation`; a stack of different
+    cells by each layer's, ``"gru / star / gru"``."""
+    what = config.get("cell", config.get("model", default))
+    return " / ".join(map(str, what)) if isinstance(what, (list, tuple)) else str(what)
 
 
 def _describe(result: Result, key: str | None) -> str:
@@ -322,10 +324,11 @@ def _quantity(result: Result, key: str | None) -> str:
 
 
 def _draw_map(ax: Axes, values: np.ndarray, norm, cmap: mcolors.Colormap):
-    """``imshow`` of ``values[l, t]``, layer 0 at the bottom, plus hatches on non-finite cells."""
+    """``imshow`` of ``values[l, t]``, layer 0 at the bottom, plus hatches on non-finite cells
+    (a masked array's masked cells are left blank, neither drawn nor hatched)."""
     image = ax.imshow(values, origin="lower", aspect="auto", interpolation="nearest",
                       norm=norm, cmap=cmap)
-    bad_l, bad_t = np.nonzero(~np.isfinite(values))
+    bad_l, bad_t = np.nonzero(~np.isfinite(np.ma.filled(values, 0.0)))
     if bad_l.size:
         cells = [Rectangle((t - 0.5, l - 0.5), 1.0, 1.0) for l, t in zip(bad_l, bad_t)]
         ax.add_collection(PatchCollection(cells, facecolor=_NONFINITE_FACE, edgecolor="0.1",
@@ -599,6 +602,22 @@ def _gate_array(stats: Result, stat: str, gate: str, required: bool = True):
     return np.asarray(stats.arrays[key], dtype=float)
 
 
+_ABSENT_FACE = "0.88"  # a layer without the gate, in a saturation map
+
+
+def _gate_layers(stats: Result, gate: str, n_layers: int) -> list[int]:
+    """The layers that report ``gate``: every layer, except in a stack whose layers report
+    different gates (``config["gate_layers"]``, :func:`gradflow.gates.gate_layout`)."""
+    return [int(l) for l in stats.config.get("gate_layers", {}).get(gate, range(n_layers))]
+
+
+def _only_in(layers: list[int], n_layers: int) -> str:
+    """``" (layers 1, 3 only)"`` where a gate is in some layers only, else ``""``."""
+    if len(layers) == n_layers:
+        return ""
+    return f" (layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))} only)"
+
+
 def _layer_selection(layers, n_layers: int):
     """``None``: every layer; ``"pooled"``; an int or a sequence of ints (negative: from top)."""
     if layers is None:
@@ -654,7 +673,8 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
                          f"above the gate's range and NaN, got {outside.shape}")
     n_layers, bins = hist.shape
     edges = _views.hist_edges(stats, gate)
-    chosen = _layer_selection(layers, n_layers)
+    present = _gate_layers(stats, gate, n_layers)
+    chosen = present if layers is None else _layer_selection(layers, n_layers)
     fig, ax = _figure_axes(ax, (5.2, 3.4))
 
     if chosen == "pooled" or len(chosen) == 1:
@@ -680,6 +700,8 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
 
     rows = list(range(n_layers)) if chosen == "pooled" else chosen
     bad = int(np.sum(~np.isfinite(hist[rows])))
+    if chosen == "pooled":
+        what += _only_in(present, n_layers)
     base = " \u00b7 ".join(p for p in (_subject(stats.config, ""), f"gate {gate} ({what})")
                            if p)
     lines = [_with_counts(base if title is None else title, bad)]
@@ -736,13 +758,22 @@ def _saturation_map(stats, gate, ax, cmap, title, colorbar, vmin, vmax, fitted):
         raise ValueError(f"{_gate_key('saturated', gate)!r} must be (layers, steps), got "
                          f"{values.shape}")
     fig, ax = _figure_axes(ax, (5.2, 3.6))
-    norm = _norm([values], False, False, vmin, vmax)
+    present = _gate_layers(stats, gate, values.shape[0])
+    absent = ~np.isin(np.arange(values.shape[0]), present)[:, None]  # blank rows, not NaN
+    values = np.ma.masked_array(values, np.broadcast_to(absent, values.shape))
+    norm = _norm([values.compressed()], False, False, vmin, vmax)
     image = _draw_map(ax, values, norm, _cmap(cmap, _FRACTION_CMAP))
+    T = values.shape[1]
+    for l in np.flatnonzero(absent[:, 0]):  # grey, and said: this layer's cell has no such gate
+        ax.add_patch(Rectangle((-0.5, l - 0.5), T, 1.0, facecolor=_ABSENT_FACE, linewidth=0.0))
+        ax.text((T - 1) / 2, l, f"no gate {gate}", ha="center", va="center", fontsize="small",
+                color="0.3")
     eps = next((stats.config[k] for k in ("eps", "epsilon") if k in stats.config), None)
     base = " \u00b7 ".join(p for p in (_subject(stats.config, ""), f"gate {gate} saturated")
-                           if p)
+                           if p) + _only_in(present, values.shape[0])
     base += f" (eps={eps:g})" if isinstance(eps, (int, float)) else ""
-    ax.set_title(_with_counts(base if title is None else title, int(np.sum(~np.isfinite(values)))))
+    ax.set_title(_with_counts(base if title is None else title,
+                              int(np.sum(~np.isfinite(values.compressed())))))
     if colorbar:
         fig.colorbar(image, ax=ax, label=_fraction_label(norm, fitted))
     return fig

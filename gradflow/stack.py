@@ -347,6 +347,13 @@ class Stack:
         return "wavefront" if wave else "layer"
 
     @property
+    def gate_names(self) -> tuple:
+        """Every gate a layer's cell reports, in the order the layers first report them: the
+        keys of ``apply(..., gates=True).gates`` (:func:`gate_keys`: a name two layers' cells
+        give to different gates is qualified by the cell, ``"z@gru"``, ``"z@star"``)."""
+        return tuple(dict.fromkeys(k for ks in gate_keys(self.cells) for k in ks.values()))
+
+    @property
     def uniform(self) -> bool:
         """True when every layer reads ``H`` features, has width ``H`` and runs one cell (one
         shape)."""
@@ -528,8 +535,9 @@ class Stack:
             gradient of a loss w.r.t. ``param_taps[l, t]`` is
             :math:`\mathrm{mean}_\theta|\partial\mathcal L/\partial\theta^l_{(t)}|`
             (:func:`mean_abs_tap`).
-          gates: also return every reported gate activation (every layer's cell must report
-            the same gates: a ValueError for a stack mixing, say, LSTM and GRU layers).
+          gates: also return every reported gate activation, one ``(L, B, T, H)`` array per
+            gate of :attr:`gate_names` (a stack mixing, say, GRU and STAR layers: NaN in the
+            layers whose cell does not report that gate).
           constant_params: a promise that nothing differentiates this call w.r.t. ``params``
             (the state maps set it): runs of layers then go through :func:`lean_layers`
             (a cell's own ``lean`` step, or :func:`autodiff_step`; not with ``param_taps``,
@@ -557,11 +565,6 @@ class Stack:
             if unknown:
                 raise ValueError(f"{what} keys {sorted(unknown)} are not states of cell "
                                  f"{self.cells[0].name!r} ({', '.join(self.state_names)})")
-        if gates and len({tuple(g for g, _ in c.gate_kinds) for c in self.cells}) > 1:
-            named = {c.name: ", ".join(g for g, _ in c.gate_kinds) or "none" for c in self.cells}
-            raise ValueError("gates=True needs every layer's cell to report the same gates (one "
-                             "(L, B, T, H) array per gate); this stack's cells report "
-                             + "; ".join(f"{n}: {g}" for n, g in named.items()))
         if param_taps is not None and jnp.shape(param_taps) != (L, T):
             raise ValueError(f"param_taps must have shape (layers, steps) = {(L, T)}, got "
                              f"{jnp.shape(param_taps)}")
@@ -592,6 +595,7 @@ class Stack:
 
     def _layerwise(self, layers, norm, x, state0, inst: Instruments, chunk):
         outs = []
+        keys = gate_keys(self.cells)
         Hmax = self.max_width
         for start, stop in self.segments():
             cell = self.cells[start]
@@ -633,10 +637,49 @@ class Stack:
             x = out[1][-1]
             if H != Hmax:  # back to the common layout: zeros beyond this width
                 out = jax.tree_util.tree_map(lambda a: _pad(a, Hmax), out)
+            if inst.gates:  # every gate of the stack; NaN where this run's cell has none
+                own = {keys[start][g]: a for g, a in out[2].items()}
+                nan = jnp.full((stop - start, *x.shape[:2], Hmax), jnp.nan, x.dtype)
+                out = (*out[:2], {k: own.get(k, nan) for k in self.gate_names}, out[3])
             outs.append(out)
         if len(outs) == 1:
             return outs[0]
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
+
+
+def gate_identity(cell: Cell, gate: str) -> tuple:
+    """What makes gate ``gate`` of ``cell`` the gate it is, for pooling it with other layers':
+    ``(kind, retain sign or None, refine form of a refined gate, auxiliary gate of an effective
+    gate)`` (:class:`gradflow.cells.Cell`)."""
+    kind = cell.kinds[gate]
+    return (kind, dict(cell.retain).get(gate), cell.refine_mode if kind == "refined" else None,
+            cell.refine_gate if kind == "effective" else None)
+
+
+def gate_keys(cells) -> tuple:
+    """``({gate: key}, ...)``, one per layer of ``cells``: the name each layer's gates go by in
+    a stack of these cells (:attr:`Stack.gate_names`). A gate is its own name where every
+    layer reporting that name means the same gate (:func:`gate_identity`); where layers of
+    different cells give one name to different gates (GRU's ``z`` is a sigmoid update gate,
+    STAR's ``z`` a tanh candidate) each is qualified by its cell's name, ``"z@gru"`` and
+    ``"z@star"`` (by its first layer, ``"z@3"``, where one cell name differs in options).
+
+    >>> gate_keys([_cells.get("gru"), _cells.get("star")])[1]
+    {'k': 'k', 'z': 'z@star'}
+    """
+    groups = {}  # gate -> {identity: (first layer, cell name)}
+    for l, c in enumerate(cells):
+        for g in c.gate_names:
+            groups.setdefault(g, {}).setdefault(gate_identity(c, g), (l, c.name))
+
+    def key(g, ident):
+        if len(groups[g]) == 1:
+            return g
+        l, name = groups[g][ident]
+        unique = sum(n == name for _, n in groups[g].values()) == 1
+        return f"{g}@{name if unique else l}"
+
+    return tuple({g: key(g, gate_identity(c, g)) for g in c.gate_names} for c in cells)
 
 
 def finite_masks(states: dict) -> dict:

@@ -223,7 +223,7 @@ def test_jacobian_map_refuses_before_compiling(monkeypatch):
 @pytest.mark.parametrize("cell,kw", [
     ("lstm", {}), ("gru", {}), ("star", {}), ("ur_lstm", {}), ("refined_lstm", {}),
     ("on_lstm", {}), ("lstm", dict(hidden_size=[8, 16, 32])),
-    ("gru", dict(norm="layer", residual=True))])
+    ("gru", dict(norm="layer", residual=True)), (["gru", "star", "gru"], {})])
 def test_gates_estimate_within_2x_of_xla(cell, kw):
     """Gate statistics run forward only: their estimate (every state and gate kept, the
     histograms' copies) against XLA's memory analysis of the compiled reductions."""

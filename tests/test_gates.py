@@ -401,7 +401,7 @@ def test_inputs_that_are_not_finite_are_refused_as_by_the_maps(x64):
 def test_a_stack_of_one_gate_layout_at_other_options_has_gate_statistics(x64):
     """An LSTM at forget bias 0 under one at 1 (or refined cells at two biases: the slope reads
     each layer's own pre-activation): statistics per layer as from the raw gates; a stack whose
-    layers report other gates says which layer."""
+    layers report other gates has each over the layers that report it."""
     from gradflow.stack import Stack
 
     lstm1 = cells.get("lstm", forget_bias=1.0)
@@ -425,10 +425,10 @@ def test_a_stack_of_one_gate_layout_at_other_options_has_gate_statistics(x64):
         alone = gates.slopes(Stack(c, 1, 6, 6), {"layers": [p["layers"][l]]}, inputs[l])
         np.testing.assert_allclose(got[l], alone["f"][0], rtol=1e-12)
     assert not np.allclose(got[0], got[1])
+    # layers of other gates: each gate over the layers that report it (tests/test_widths.py)
     other = Stack([cells.get("lstm"), cells.get("ur_lstm")], 2, 4, 6)
-    with pytest.raises(ValueError, match=r"layer 1 \(ur_lstm: gates .*\) differs from layer 0 "
-                                         r"\(lstm: gates "):
-        gates.saturation(other, other.init(jax.random.key(0), jnp.float64), xs)
+    st = gates.saturation(other, other.init(jax.random.key(0), jnp.float64), xs)
+    assert st.config["gate_layers"]["g@ur_lstm"] == [1] and st.config["gate_layers"]["f"] == [0, 1]
 
 
 def test_save_load_roundtrip(tmp_path, x64):

@@ -508,6 +508,34 @@ def test_gates_figure_shows_a_map_and_histograms_per_gate_with_the_settings():
         plot.gates_figure(stats, ["z"])
 
 
+def test_gate_plots_of_a_stack_whose_layers_report_different_gates():
+    """A gate some layers lack (``config["gate_layers"]``): its saturation map greys those
+    rows out and says so (no hatching, no non-finite count for them), its histograms draw only
+    the layers that report it."""
+    arrays = dict(_gate_stats(5).arrays)
+    arrays["saturated/o"][[0, 2]] = np.nan  # o in layer 1 only, as gates.saturation writes it
+    arrays["hist/o"][[0, 2]] = 0
+    config = dict(cell=["lstm", "star", "lstm"][:L] + ["lstm"] * (L - 3), eps=0.05,
+                  gates=["i", "f", "o"], gate_layers={"i": list(range(L)),
+                                                      "f": list(range(L)), "o": [1]})
+    stats = make_result("gate_stats", arrays, config, warn=False)
+    ax = plot.saturation_map(stats, "o").axes[0]
+    assert "gate o saturated (layer 1 only)" in ax.get_title() and "non-finite" not in \
+        ax.get_title()
+    assert ax.get_title().startswith("lstm / star / lstm")
+    assert not ax.collections  # nothing hatched
+    grey = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert sorted(int(p.get_y() + 0.5) for p in grey) == [0, 2] + list(range(3, L))
+    assert {t.get_text() for t in ax.texts} == {"no gate o"}
+    ax = plot.gate_histograms(stats, "o").axes[0]
+    assert [b.get_height() for b in _bars(ax)] == list(arrays["hist/o"][1])  # layer 1's bars
+    assert "gate o (layer 1)" in ax.get_title()
+    pooled = plot.gate_histograms(stats, "o", layers="pooled").axes[0].get_title()
+    assert "all layers pooled (layer 1 only)" in pooled
+    ax = plot.gate_histograms(stats, "f").axes[0]  # a gate of every layer: as before
+    assert len([p for p in ax.patches if isinstance(p, StepPatch)]) == L
+
+
 def test_default_titles_carry_the_settings():
     result = make_result("gradient_map", {"values": _map()},
                          dict(cell="lstm", layers=L, steps=T, hidden_size=8, loss="last",

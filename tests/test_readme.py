@@ -27,6 +27,7 @@ def test_readme_api_examples_run(tmp_path, monkeypatch):
     assert ns["res"].values.shape == (2, 5) and np.all(ns["res"].values > 0)
     assert ns["same"].values.shape == (16, 32) and (tmp_path / "lstm.png").is_file()
     assert [c.name for c in ns["stack"].cells] == ["gru", "star"]
+    assert np.isnan(ns["st"]["mean/k"][0]).all() and np.isfinite(ns["st"]["mean/k"][1]).all()
 
 
 def test_readme_cli_commands_parse():

@@ -254,31 +254,70 @@ def test_local_gains_equal_jacfwd(x64):
         np.testing.assert_allclose(res[name], ref[..., i], rtol=1e-10)
 
 
-@pytest.mark.parametrize("cell,widths", [("lstm", (6, 4, 4)), ("g_lstm", (3, 5))])
+# Layers of different cells report different gates; a name two cells give to different gates
+# is two gates, qualified by the cell (GRU's sigmoid update gate z, STAR's tanh candidate z).
+MIXED = {
+    ("gru", "star", "gru"): {"r": (0, 2), "z@gru": (0, 2), "n": (0, 2), "k": (1,),
+                             "z@star": (1,)},
+    ("lstm", "ur_lstm", "g_lstm"): {"i": (0, 2), "f": (0, 1, 2), "o": (0, 1, 2), "g@lstm": (0, 2),
+                                    "r": (1,), "g@ur_lstm": (1,), "u": (1,), "k": (2,)},
+}
+
+
+@pytest.mark.parametrize("cell,widths", [
+    ("lstm", (6, 4, 4)), ("g_lstm", (3, 5)), (("gru", "star", "gru"), (5, 4, 4)),
+    (("lstm", "ur_lstm", "g_lstm"), (4, 4, 4))])
 def test_gate_statistics_over_real_units_only(cell, widths, x64):
-    stack, params, xs = case(cell, widths, 3)
+    """Each gate's statistics by NumPy over the real units of the layers that report it; NaN
+    means, zero counts and no histogram entries in the layers that do not."""
+    stack, params, xs = case(list(cell) if isinstance(cell, tuple) else cell, widths, 3)
     eps, bins = 0.05, 10
     st = gates.saturation(stack, params, xs, eps, bins=bins)
-    _, g_ref, _, _ = loop(stack, params, xs)
-    retain = dict(stack.cell.retain)
-    for g, kind in stack.cell.gate_kinds:
-        acts = [np.asarray(a) for a in g_ref[g]]  # (B, T, H_l) each: only the real units
-        allv = np.concatenate([a.ravel() for a in acts])
-        rows = {"mean": lambda a: a, "saturated": (lambda a: np.abs(a) > 1 - eps) if kind == "tanh"
-                else (lambda a: (a < eps) | (a > 1 - eps))}
+    _, g_ref, _, _ = loop(stack, params, xs)  # {name: [(B, T, H_l) of each layer with it]}
+    L = len(widths)
+    where = MIXED.get(cell, {g: tuple(range(L)) for g in stack.cells[0].gate_names})
+    assert list(st.config["gates"]) == list(where) == list(stack.gate_names)
+    if cell in MIXED:  # which layers report each gate
+        assert st.config["gate_layers"] == {g: list(ls) for g, ls in where.items()}
+    else:
+        assert "gate_layers" not in st.config
+    out = stack.apply(params, xs, gates=True).gates
+    for g, ls in where.items():
+        name = g.split("@")[0]
+        c = stack.cells[ls[0]]
+        kind, retain = c.kinds[name], dict(c.retain)
+        assert st.config["gate_kinds"][g] == kind
+        with_name = [l for l, cl in enumerate(stack.cells) if name in cl.gate_names]
+        acts = {l: np.asarray(g_ref[name][with_name.index(l)]) for l in ls}  # (B, T, H_l)
+        for l in range(L):  # the stack's own arrays: the layer's gate, or NaN without it
+            if l in ls:
+                np.testing.assert_allclose(out[g][l, ..., :widths[l]], acts[l], rtol=1e-12)
+            else:
+                assert np.isnan(out[g][l]).all()
+        rows = {"mean": lambda a, l: a, "saturated": (lambda a, l: np.abs(a) > 1 - eps)
+                if kind == "tanh" else (lambda a, l: (a < eps) | (a > 1 - eps))}
         if kind == "sigmoid":
-            rows["slope"] = lambda a: a * (1 - a)
+            rows["slope"] = lambda a, l: a * (1 - a)
         if kind == "tanh":  # a candidate: slope 1 - a^2, histogram over [-1, 1]
-            rows["slope"] = lambda a: 1 - a * a
-        if g in retain:
-            rows["timescale"] = (lambda a: a) if retain[g] == 1 else (lambda a: 1 - a)
+            rows["slope"] = lambda a, l: 1 - a * a
+        if kind == "effective":  # Gu et al.'s g = r(1-(1-f)^2) + (1-r) f^2, by hand
+            f_r = lambda l: (np.asarray(g_ref["f"][l]), np.asarray(g_ref["r"][0]))  # noqa: E731
+            rows["slope"] = lambda a, l: (np.abs(2 * (f_r(l)[1] * (1 - f_r(l)[0]) + (
+                1 - f_r(l)[1]) * f_r(l)[0])) * f_r(l)[0] * (1 - f_r(l)[0]))
+            rows["slope_refine"] = lambda a, l: (2 * f_r(l)[0] * (1 - f_r(l)[0])
+                                                 * f_r(l)[1] * (1 - f_r(l)[1]))
+        if name in retain:
+            rows["timescale"] = ((lambda a, l: a) if retain[name] == 1
+                                 else (lambda a, l: 1 - a))
         if kind == "time":
-            rows["update_fraction"] = lambda a: a > gates.UPDATE_THRESHOLD
+            rows["update_fraction"] = lambda a, l: a > gates.UPDATE_THRESHOLD
         for stat, f in rows.items():
-            m = np.stack([f(a).mean(axis=(0, 2)) for a in acts])  # (L, T)
-            layer = np.array([f(a).mean() for a in acts])
-            pooled = np.mean(np.concatenate([f(a).ravel() for a in acts]))
-            unit = [f(a).mean(axis=(0, 1)) for a in acts]  # (H_l,)
+            vals = {l: f(a, l) for l, a in acts.items()}
+            nan_t, nan_h = np.full(T, np.nan), np.full(max(widths), np.nan)
+            m = np.stack([vals[l].mean(axis=(0, 2)) if l in ls else nan_t for l in range(L)])
+            layer = np.array([vals[l].mean() if l in ls else np.nan for l in range(L)])
+            pooled = np.mean(np.concatenate([v.ravel() for v in vals.values()]))
+            unit = [vals[l].mean(axis=(0, 1)) if l in ls else nan_h for l in range(L)]
             if stat == "timescale":  # of the mean kept fraction
                 m, layer, pooled = 1 / (1 - m), 1 / (1 - layer), 1 / (1 - pooled)
                 unit = [1 / (1 - u) for u in unit]
@@ -286,12 +325,20 @@ def test_gate_statistics_over_real_units_only(cell, widths, x64):
             np.testing.assert_allclose(st[f"{stat}/{g}/layer"], layer, rtol=1e-10)
             np.testing.assert_allclose(st[f"{stat}/{g}/pooled"], pooled, rtol=1e-10)
             if f"{stat}/{g}/unit" in st.arrays:
-                assert_layout(st[f"{stat}/{g}/unit"], unit, widths, 1e-10)
+                if cell in MIXED:
+                    for l in range(L):
+                        np.testing.assert_allclose(st[f"{stat}/{g}/unit"][l, :widths[l]],
+                                                   unit[l][:widths[l]], rtol=1e-10)
+                else:
+                    assert_layout(st[f"{stat}/{g}/unit"], unit, widths, 1e-10)
         span = (-1.0, 1.0) if kind == "tanh" else (0.0, 1.0)
-        hist = np.stack([np.histogram(a, bins, span)[0] for a in acts])
+        hist = np.stack([np.histogram(acts[l], bins, span)[0] if l in ls else np.zeros(bins)
+                         for l in range(L)])
         np.testing.assert_array_equal(st[f"hist/{g}"], hist)
-        assert st[f"hist/{g}/pooled"].sum() + st[f"outside/{g}/pooled"].sum() == allv.size
-        assert st[f"nonfinite/{g}/pooled"] == 0
+        assert st[f"hist/{g}/pooled"].sum() + st[f"outside/{g}/pooled"].sum() == sum(
+            a.size for a in acts.values())
+        assert st[f"nonfinite/{g}/pooled"] == 0 and not st[f"nonfinite/{g}"].any()
+        assert not st[f"outside/{g}"][[l for l in range(L) if l not in ls]].any()
 
 
 def test_uniform_widths_are_the_int_stack():
@@ -331,14 +378,20 @@ def test_orders_and_square_cells_refuse_different_widths():
     Stack("refined_lstm", 2, 3, [8, 8], input_projection=True)  # one width: fine
 
 
-def test_gates_of_cells_with_different_gates_are_refused_by_name():
+def test_gates_of_cells_with_different_gates():
     pr = gradflow.problem(["gru", "star", "gru"], layers=3, steps=2, hidden=4, batch=1)
-    with pytest.raises(ValueError, match=r"same gates .*report gru: r, z, n; star: k, z$"):
-        pr.stack.apply(pr.params, pr.xs, gates=True)
+    g = pr.stack.apply(pr.params, pr.xs, gates=True).gates
+    assert pr.stack.gate_names == ("r", "z@gru", "n", "k", "z@star")
+    assert sorted(g) == sorted(pr.stack.gate_names) and g["k"].shape == (3, 1, 2, 4)
+    assert np.isnan(np.asarray(g["k"])[[0, 2]]).all() and np.isfinite(g["k"][1]).all()
     assert pr.stack.apply(pr.params, pr.xs).gates == {}  # the states need no gates
     same = gradflow.problem(["gru", "gru"], layers=2, steps=2, hidden=[4, 3], batch=1)
     g = same.stack.apply(same.params, same.xs, gates=True).gates
     assert sorted(g) == ["n", "r", "z"] and g["r"].shape == (2, 1, 2, 4)
+    # one cell name at two settings that make one gate name two gates: named by first layer
+    add = gradflow.cells.get("refined_lstm", mode="add")
+    keys = gradflow.stack.gate_keys([gradflow.cells.get("refined_lstm"), add, add])
+    assert keys[0]["i"] == "i@0" and keys[2]["i"] == "i@1" and keys[2]["f"] == "f"
 
 
 def test_params_of_another_width_are_refused():
