@@ -652,7 +652,7 @@ MODEL_KINDS = ("sigmoid", "tanh", "time", "other")
 
 
 def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = None,
-                     eps: float = EPS, bins: int = BINS,
+                     layers: dict | None = None, eps: float = EPS, bins: int = BINS,
                      update_threshold: float = UPDATE_THRESHOLD, meta: dict | None = None
                      ) -> Result:
     r"""Gate statistics of a model of your own, one a :class:`gradflow.Stack` does not express
@@ -695,6 +695,11 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
       xs: ``(B, T, D)`` inputs.
       kinds: ``{gate: kind}`` for every gate the model returns.
       retain: ``{gate: 1 | -1}`` for the gates that keep the state (default none).
+      layers: ``{gate: [l, ...]}`` for gates only some layers have (layers of different
+        cells): the layers that report it; its values in the others (anything, NaN too) are
+        read nowhere, and its statistics there are NaN means and zero counts, as
+        :func:`saturation` gives for a stack whose layers report different gates (default:
+        every gate in every layer).
       eps, bins, update_threshold, meta: as :func:`saturation`.
     Returns:
       Result of kind ``"gate_stats"`` (drawn by :func:`gradflow.plot.gate_histograms` and the
@@ -718,6 +723,7 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
                 raise ValueError(f"gate {g!r}: kind {kind!r} is not one the activations alone "
                                  f"give; valid: {', '.join(MODEL_KINDS)} (a refined, effective "
                                  "or master gate: wrap your cell with gradflow.cells.from_*)")
+        where = _model_layers(layers, kinds)
         retain = dict(retain or {})
         for g, sign in retain.items():
             if g not in kinds or sign not in (1, -1) or isinstance(sign, bool):
@@ -742,12 +748,18 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
                              f"{', '.join(map(str, out))}; kinds names {', '.join(kinds)}")
     name = getattr(model, "__name__", type(model).__name__)
     L = int(first[0])
+    with user_input():
+        for g, ls in where.items():
+            if any(not -L <= l < L for l in ls):
+                raise ValueError(f"layers[{g!r}] = {list(ls)}: the model has {L} layers "
+                                 f"(0..{L - 1})")
+    where = tuple((g, tuple(sorted({l % L for l in ls}))) for g, ls in where.items())
     red, hist = _cost.compiled(
-        _model_reduce, (model, rest, tuple(kinds.items()), tuple(retain.items()), eps,
+        _model_reduce, (model, rest, tuple(kinds.items()), tuple(retain.items()), where, eps,
                         threshold, bins), (arrays, xs),
         f"gates.model_saturation ({name}, {L} layers x {T} steps, batch {B}, {xs.dtype})",
         "give fewer examples or steps")(arrays, xs)
-    arrays = _named(kinds, None, red, hist, bins)
+    arrays = _named(kinds, _layer_masks(where, kinds, L, int(first[3])), red, hist, bins)
     bad = _nonfinite_total(arrays)
     if bad:
         warnings.warn(f"gates.model_saturation: {bad} gate values are not finite; every other "
@@ -757,18 +769,49 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
     config = checks.with_meta({"model": name, "layers": L, "steps": int(T), "batch": int(B),
                                "hidden": int(first[3]), "dtype": str(dtype)}, meta, eps=eps,
                               bins=bins, update_threshold=threshold, gates=list(kinds),
-                              gate_kinds=dict(kinds), retain=retain)
-    return make_result("gate_stats", arrays, config)
+                              gate_kinds=dict(kinds), retain=retain,
+                              **({"gate_layers": {g: list(ls) for g, ls in where}} if where
+                                 else {}))
+    return make_result("gate_stats", arrays, config, warn=not where)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rest", "kinds", "retain", "eps",
+def _model_layers(layers, kinds: dict) -> dict:
+    """``model_saturation``'s ``layers``, checked: ``{gate: [int, ...]}`` (non-empty)."""
+    if layers is None:
+        return {}
+    if not isinstance(layers, dict):
+        raise TypeError(f"layers must be a dict {{gate: [layer, ...]}}, got {layers!r}")
+    for g, ls in layers.items():
+        if g not in kinds:
+            raise ValueError(f"layers names gate {g!r}, which kinds does not; gates: "
+                             f"{', '.join(kinds)}")
+        ok = isinstance(ls, (list, tuple)) and ls and all(
+            isinstance(l, numbers.Integral) and not isinstance(l, bool) for l in ls)
+        if not ok:
+            raise ValueError(f"layers[{g!r}] must be a non-empty list of layer indices, got "
+                             f"{ls!r}")
+    return {g: [int(l) for l in ls] for g, ls in layers.items()}
+
+
+def _layer_masks(where: tuple, kinds: dict, L: int, H: int):
+    """``{gate: (L, H)}`` bool, True in the layers ``where`` gives for a gate (every layer for
+    the others); None when ``where`` is empty."""
+    if not where:
+        return None
+    where = dict(where)
+    return {g: np.broadcast_to(np.isin(np.arange(L), where.get(g, range(L)))[:, None], (L, H))
+            for g in kinds}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rest", "kinds", "retain", "where", "eps",
                                              "threshold", "bins"))
-def _model_reduce(model, rest, kinds, retain, eps, threshold, bins, arrays, xs):
+def _model_reduce(model, rest, kinds, retain, where, eps, threshold, bins, arrays, xs):
     acts = checks.with_static(model, rest)(arrays, xs)
     kinds = dict(kinds)
     acts = {g: acts[g] for g in kinds}
+    L, H = next(iter(acts.values())).shape[::3]
     return _reduce_activations(acts, kinds, dict(retain), _activation_slopes(acts, kinds),
-                               None, eps, threshold, bins)
+                               _layer_masks(where, kinds, L, H), eps, threshold, bins)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,40 @@ def test_a_stack_as_a_model_gives_saturation(x64):
     assert (got.config["layers"], got.config["steps"], got.config["batch"]) == (3, 7, 5)
 
 
+MIXED = gradflow.Stack(["gru", "star", "gru"], layers=3, input_size=4, hidden_size=6)
+
+
+def mixed_gates(params, xs):
+    """A stack of GRU and STAR layers as a user's model: every gate in every layer, NaN in the
+    layers whose cell has no such gate."""
+    return MIXED.apply(params, xs, gates=True).gates
+
+
+def test_gates_of_some_layers_only_equal_the_stack_of_different_cells(x64):
+    """``layers={gate: [l, ...]}``: a gate read only in the layers that have it, as
+    ``gates.saturation`` reads a stack whose layers report different gates."""
+    params = MIXED.init(jax.random.key(0), jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (5, 7, 4), jnp.float64)
+    lay = gates.gate_layout(MIXED)
+    want = gates.saturation(MIXED, params, xs, eps=0.1, bins=8)
+    got = gates.model_saturation(mixed_gates, params, xs, kinds=lay.kinds, retain=lay.retain,
+                                 layers={g: list(ls) for g, ls in lay.layers.items()}, eps=0.1,
+                                 bins=8)
+    assert_same(got.arrays, want.arrays, rtol=1e-12)
+    assert got.config["gate_layers"] == want.config["gate_layers"] == {
+        "r": [0, 2], "z@gru": [0, 2], "n": [0, 2], "k": [1], "z@star": [1]}
+    # whatever the model puts in the other layers is read nowhere; negative indices count down
+    zeros = lambda p, x: {g: jnp.nan_to_num(a, nan=0.3) for g, a in mixed_gates(p, x).items()}
+    again = gates.model_saturation(zeros, params, xs, kinds=lay.kinds, retain=lay.retain,
+                                   layers={"r": [0, -1], "z@gru": [0, 2], "n": [0, 2],
+                                           "k": [1], "z@star": [-2]}, eps=0.1, bins=8)
+    assert_same(again.arrays, want.arrays, rtol=1e-12)
+    for bad, match in (({"x": [0]}, "layers names gate 'x'"), ({"k": []}, "non-empty list"),
+                       ({"k": [3]}, r"the model has 3 layers \(0..2\)"), ([0], "must be a dict")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            gates.model_saturation(mixed_gates, params, xs, kinds=lay.kinds, layers=bad)
+
+
 def odd_gates(p, xs):
     """Gates no built-in cell has: a tanh gate, a time gate (an openness in [0, 1] with exact
     zeros) and an 'other' one, over two layers, with a NaN where an input is large."""
