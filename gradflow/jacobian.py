@@ -418,7 +418,9 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     second channel carries each state's width back). The examples must be independent (no
     batch statistics, no attention across examples: a per-example Jacobian is the example's
     own): every example's cotangent is pulled back at once, and a model whose example 0's
-    output reads another example's states is refused. Exact: ``K`` VJPs, one per output
+    output reads another example's states is refused. So the examples are split over the
+    devices as :func:`jacobian_map`'s are (:func:`gradflow.parallel.should_split`; two
+    examples per device at least, each device checking its first). Exact: ``K`` VJPs, one per output
     unit, ``vmap``-ed ``chunk`` at a time, each reduced to its norms at the taps; ``probe``:
     ``probes`` Gaussian cotangents, :math:`\|J\|_F^2 \approx \mathrm{mean}_k
     \|v_k^\top J\|^2`, with a delta-method standard error (as :func:`jacobian_map`'s; the
@@ -481,15 +483,34 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
                                   or probes < 2):
             raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
         chunk = None if chunk is None else checks.positive_int("chunk", chunk)
+    from gradflow import parallel
     K, name = int(out.shape[2]), getattr(model, "__name__", type(model).__name__)
-    n = probes if method == "probe" else 0
     chunk = min(chunk or _basis_chunk(L, T, B, K, "rms"), K)
-    key = jax.random.key(seed)
-    vals, se, finite, leak = _cost.compiled(
-        _model_jacobian, (model, rest, tt, n, chunk), (arrays, xs, taps, key),
-        f"model_jacobian_map ({name}, {L} layers x {T} steps, batch {B}, {K} outputs, "
-        f"{xs.dtype})", "give fewer examples or steps, a smaller chunk, or checkpoint your "
-        "scan (jax.checkpoint)")(arrays, xs, taps, key)
+    args = (xs,) if method == "exact" else (
+        xs, normal(jax.random.key(seed), (probes, B, K), xs.dtype))  # the same probes split
+    static = (("chunk", chunk), ("layers", L), ("target", tt))
+    what = (f"model_jacobian_map ({name}, {L} layers x {T} steps, batch {B}, {K} outputs, "
+            f"{xs.dtype})")
+    smaller = ("give fewer examples or steps, a smaller chunk, or checkpoint your scan "
+               "(jax.checkpoint)")
+    # Independent examples (checked below) may be split over the devices; each device then
+    # checks its own examples, so it gets two at least, and (under "auto" on CPU devices)
+    # examples x outputs x rows >= MODEL_SPLIT_WORK
+    # (the state maps' rule, examples x width x rows >= MIN_ROWS_X_WIDTH, its width scaled)
+    rows = chunk if method == "exact" else probes
+    width = math.ceil(K * parallel.MIN_ROWS_X_WIDTH / MODEL_SPLIT_WORK)
+    devices = parallel.should_split(xs, None, arrays, rows=rows, width=width)
+    if devices and B // len(devices) >= 2:
+        each, se, finite, leak = parallel.example_map(
+            _model_each, (model, rest), arrays, args, (0, 1)[:len(args)], static, devices,
+            what, smaller)
+    else:
+        each, se, finite, leak = _cost.compiled(
+            _jit_examples, (_model_each, (model, rest), static), (arrays, *args), what,
+            smaller)(arrays, *args)
+    leak = jnp.any(leak)
+    vals = _mean_over(each, finite, axis=0)
+    se = None if se is None else _stderr_over(se, finite, 0)
     if bool(leak):
         raise InputError("model_jacobian_map: example 0's output depends on the states of "
                          "other examples: the model mixes the examples of a batch (batch "
@@ -509,14 +530,27 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     return make_result("jacobian_map", arrays, config, positive={"values": reach})
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rest", "target", "probes", "chunk"))
-def _model_jacobian(model, rest, target, probes, chunk, arrays, xs, taps, key):
-    """``(J: (L, T), stderr or None, target finite: (B,), leak)`` of
-    :func:`model_jacobian_map` (``probes=0``: exact)."""
-    model = checks.with_static(model, rest)
+#: The work a device needs (its examples x output units x vmapped rows: basis cotangents or
+#: probes) before :func:`model_jacobian_map` splits a batch over CPU devices under the
+#: ``"auto"`` setting (:func:`gradflow.parallel.devices_for`). Split / one device on the 2-vCPU
+#: Xeon (family 6 model 207), 2 devices, :func:`bench.suite.dense_rnn` models, 9 interleaved
+#: rounds: at 8192 per device 1.15x, 1.26x and 1.30x slower (probes 16 at B = 16 and 8, probes
+#: 4 at B = 64; 21-46 ms maps) and 0.84x (probes 4, L 8 x T 64, B 32); from 32768 up 0.82x,
+#: 0.85x (exact), 0.61x, 0.93x (probes 16): the split pays where each device has that much.
+MODEL_SPLIT_WORK = 16384
+
+
+def _model_each(model_rest, arrays, xs, v=None, *, chunk, layers, target):
+    """Per example (the examples first, so :func:`gradflow.parallel.example_map` splits them):
+    ``(rms: (B, L, T), stderr: (B, L, T) or None, target finite: (B,), leak: (B,))`` of
+    :func:`model_jacobian_map`, exact, or from the probes ``v: (k, B, K)``; ``leak`` is True
+    at example 0 where its outputs pulled back alone reach another example's states."""
+    model = checks.with_static(*model_rest)
+    B, T, _ = xs.shape
+    taps = jnp.zeros((layers, T, B, 2), xs.dtype)
     y, vjp = jax.vjp(lambda s: model(arrays, xs, s)[:, target], taps)  # (B, K)
     finite = jnp.all(jnp.isfinite(y), axis=-1)
-    B, K = y.shape
+    K = y.shape[1]
 
     def pull(cot):  # (B, K) -> norms, widths: each (L, T, B)
         g = vjp(cot)[0]
@@ -524,14 +558,14 @@ def _model_jacobian(model, rest, target, probes, chunk, arrays, xs, taps, key):
 
     # example 0's outputs pulled back alone must reach no other example's states
     alone, widths = pull(jnp.zeros((B, K), y.dtype).at[0].set(1))
-    leak = jnp.any(alone[..., 1:] > 0)
+    leak = jnp.zeros(B, bool).at[0].set(jnp.any(alone[..., 1:] > 0))
     cols = jnp.where(widths > 0, widths, 1)
     norms = lambda cot: pull(cot)[0]  # noqa: E731
-    if probes:
-        rms, se_rms = _probe_rms(norms, normal(key, (probes, B, K), xs.dtype), cols)
-        return _mean_over(rms, finite, axis=2), _stderr_over(se_rms, finite, 2), finite, leak
-    each = _basis_rms(norms, B, K, y.dtype, chunk, jnp.sqrt(cols))
-    return _mean_over(each, finite, axis=2), None, finite, leak
+    first = lambda a: jnp.moveaxis(a, -1, 0)  # noqa: E731  (L, T, B) -> (B, L, T)
+    if v is not None:
+        rms, se_rms = _probe_rms(norms, v, cols)
+        return first(rms), first(se_rms), finite, leak
+    return first(_basis_rms(norms, B, K, y.dtype, chunk, jnp.sqrt(cols))), None, finite, leak
 
 
 def _model_outputs(model, rest, arrays, xs, taps):

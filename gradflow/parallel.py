@@ -339,17 +339,20 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
     return tuple(d[:n]) if n > 1 else ()
 
 
-def should_split(xs, stack=None, params=None, rows: int = 1) -> tuple:
+def should_split(xs, stack=None, params=None, rows: int = 1, width: int | None = None) -> tuple:
     """:func:`devices_for` ``(B, widest state of stack x rows)`` for concrete ``xs: (B, T, D)``
     and ``params`` (``rows``: each example's work in state maps', e.g. the vmapped rows of a
-    Jacobian map); ``()`` inside a trace (``xs`` or a leaf of ``params`` traced: ``jax.grad`` of a
+    Jacobian map; ``width`` in place of the widest state where no stack gives one, e.g. a
+    user's model's); ``()`` inside a trace (``xs`` or a leaf of ``params`` traced: ``jax.grad`` of a
     map w.r.t. the parameters runs it on one device, where its derivatives are exact) or when
     a cell of ``stack`` couples the examples of a batch (``Cell.couples_batch``)."""
     if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
         return ()
-    return devices_for(xs.shape[0], None if stack is None else max(stack._widths) * rows)
+    if stack is not None:
+        width = max(stack._widths)
+    return devices_for(xs.shape[0], None if width is None else width * rows)
 
 
 def _kinds(params):
@@ -500,14 +503,20 @@ def _sharded_examples(fn, stack, static, mesh, layout, axes):
                                  out_specs=PartitionSpec(AXIS), check_vma=False))
 
 
-def example_map(fn, stack, params, args, axes, static, devices):
+def example_map(fn, stack, params, args, axes, static, devices, what: str | None = None,
+                smaller: str | None = None):
     """``fn(stack, params, *args, **dict(static))`` for a function of independent examples,
     each of ``args`` holding them on its axis in ``axes`` and every output on its first axis
     (per-example Jacobians), the examples split over ``devices`` (a sequence whose length
-    divides their number) and the outputs gathered. ``fn``, ``stack`` and ``static`` must be
-    hashable (one compile per them, the devices and the shapes)."""
+    divides their number) and the outputs gathered. ``fn``, ``stack`` (a Stack, or whatever
+    ``fn`` takes in its place, e.g. a user's model) and ``static`` must be hashable (one
+    compile per them, the devices and the shapes). With ``what`` (and ``smaller``) the program
+    goes through :func:`gradflow.cost.compiled`: compiled once, its memory checked."""
     mesh, bufs, layout, args = _split(params, args, axes, devices)
-    return _sharded_examples(fn, stack, static, mesh, layout, tuple(axes))(bufs, *args)
+    program = _sharded_examples(fn, stack, static, mesh, layout, tuple(axes))
+    if what is not None:
+        program = compiled(program, (), (bufs, *args), what, smaller, _copies(mesh))
+    return program(bufs, *args)
 
 
 @functools.lru_cache(maxsize=32)
@@ -537,9 +546,13 @@ def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, what
     once per shapes by :func:`gradflow.cost.compiled`, whose memory check (``what``,
     ``smaller``) counts every device of one memory."""
     mesh, bufs, layout, (xs,) = _split(arrays, (xs,), (0,), devices)
-    copies = mesh.devices.size if all(d.platform == "cpu" for d in mesh.devices.flat) else 1
     return compiled(_sharded_model_map(model, loss_fn, rest, layers, mesh, layout), (),
-                    (bufs, xs), what, smaller, copies)(bufs, xs)
+                    (bufs, xs), what, smaller, _copies(mesh))(bufs, xs)
+
+
+def _copies(mesh) -> int:
+    """How many of ``mesh``'s devices share one memory: all of a CPU's simulated devices."""
+    return mesh.devices.size if all(d.platform == "cpu" for d in mesh.devices.flat) else 1
 
 
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",

@@ -38,6 +38,9 @@ CHILD = textwrap.dedent("""
         (16, 64), (32, 64), (16, 128), (8, 256), (64, 32), (64, 128), (4, None))}
     pr = gradflow.problem("lstm", layers=1, steps=2, hidden=8, batch=4, seed=0)
     out["auto_small"] = len(parallel.should_split(pr.xs, pr.stack))
+    # a width given in place of a stack's (a model's Jacobian map): B/n x width x rows >= 1024
+    out["auto_width"] = [len(parallel.should_split(np.zeros((B, 1, 1)), None, None, rows=16,
+                                                   width=4)) for B in (16, 32)]
     parallel.set_batch_devices("all")  # the tests' tiny maps: split whatever the size
     for dtype, names in (("float32", sys.argv[2]), ("float64", sys.argv[3])):
         jax.config.update("jax_enable_x64", dtype == "float64")
@@ -117,6 +120,30 @@ CHILD = textwrap.dedent("""
                                  "loss": float(split.loss_value) - float(plain.loss_value),
                                  "unsplit_compiles": unsplit, "split_compiles":
                                  parallel._sharded_model_map.cache_info().misses - before})
+        # a model's Jacobian map: split (its examples must be independent), the same numbers;
+        # a model mixing the examples refused on the devices too
+        from test_model_jacobian import batch_mixing
+        out["model_jacobian"] = []
+        for kw in ({}, {"method": "probe", "probes": 4, "seed": 2}):
+            before = parallel._sharded_examples.cache_info().misses
+            split = gradflow.model_jacobian_map(dense_model, p, xs, layers=3, **kw)
+            compiles = parallel._sharded_examples.cache_info().misses - before
+            with parallel.batch_devices(None):
+                plain = gradflow.model_jacobian_map(dense_model, p, xs, layers=3, **kw)
+            out["model_jacobian"].append({"compiles": compiles, "rel": {
+                k: float(np.max(np.abs(np.asarray(split.arrays[k], float)
+                                       - np.asarray(plain.arrays[k], float)))
+                         / np.max(np.abs(np.asarray(plain.arrays[k], float))))
+                for k in plain.arrays}})
+        with parallel.batch_devices("auto"):  # too little work per device: not split
+            before = parallel._sharded_examples.cache_info().misses
+            gradflow.model_jacobian_map(dense_model, p, xs, layers=3)
+            out["model_jacobian_auto"] = parallel._sharded_examples.cache_info().misses - before
+        try:
+            gradflow.model_jacobian_map(batch_mixing, jax.numpy.ones((2, 2)), xs, layers=1)
+            out["mixing_refused"] = False
+        except ValueError as e:
+            out["mixing_refused"] = "mixes the examples" in str(e)
         # Jacobian maps: per-example, so split whenever the devices divide the batch
         pr = gradflow.problem("lstm", layers=2, steps=4, hidden=5, batch=6, seed=1,
                               dtype="float64")
@@ -167,7 +194,7 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
     assert any(x["used"] == n for x in rows)
     assert out["auto"] == {"16x64": 0, "32x64": 2, "16x128": 2, "8x256": 2, "64x32": 2,
                            "64x128": n, "4xNone": n}
-    assert out["auto_small"] == 0
+    assert out["auto_small"] == 0 and out["auto_width"] == [0, 2]
     if user == "user":
         assert out["bn"] == {"devices": 0, "max_diff": 0.0}
         assert len(out["model"]) == 3
@@ -179,6 +206,12 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         for j in out["jacobian"]:  # values, spectra, stderr, target_finite: as unsplit
             assert j["compiles"] == 1 and max(j["rel"].values()) <= 1e-12, j
         assert {"spectra", "stderr"} <= {k for j in out["jacobian"] for k in j["rel"]}
+        # a model's Jacobian map, exact and probes: split, compiled once, as unsplit
+        assert len(out["model_jacobian"]) == 2 and out["mixing_refused"] is True
+        assert out["model_jacobian_auto"] == 0
+        for j in out["model_jacobian"]:
+            assert j["compiles"] == 1 and max(j["rel"].values()) <= 1e-12, j
+        assert "stderr" in out["model_jacobian"][1]["rel"]
 
 
 def test_parameters_travel_packed_and_come_back_unchanged():
