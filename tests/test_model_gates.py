@@ -12,6 +12,8 @@ from gradflow.results import NonFiniteForwardWarning, load
 
 from test_gates import reference_of
 
+pytestmark = pytest.mark.child  # in-process work: the child lane runs it (tests/conftest.py)
+
 STACK = gradflow.Stack("lstm", layers=3, input_size=4, hidden_size=6)
 
 

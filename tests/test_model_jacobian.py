@@ -16,6 +16,8 @@ from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, load
 
 from test_model_map import _dense_params, _layers, dense_model, scaled_layers
 
+pytestmark = pytest.mark.child  # in-process work: the child lane runs it (tests/conftest.py)
+
 
 def _brute_force(p, xs, target):
     """``J[l, t] = mean_b ||d y_target[b] / d h^l_t[b]||_F / sqrt(H)`` of the dense model: the
