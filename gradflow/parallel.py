@@ -339,10 +339,11 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
     return tuple(d[:n]) if n > 1 else ()
 
 
-def should_split(xs, stack=None, params=None, rows: int = 1, width: int | None = None) -> tuple:
+def should_split(xs, stack=None, params=None, rows: float = 1,
+                 width: int | None = None) -> tuple:
     """:func:`devices_for` ``(B, widest state of stack x rows)`` for concrete ``xs: (B, T, D)``
     and ``params`` (``rows``: each example's work in state maps', e.g. the vmapped rows of a
-    Jacobian map; ``width`` in place of the widest state where no stack gives one, e.g. a
+    Jacobian map, or 0.5 for a forward pass alone; ``width`` in place of the widest state where no stack gives one, e.g. a
     user's model's); ``()`` inside a trace (``xs`` or a leaf of ``params`` traced: ``jax.grad`` of a
     map w.r.t. the parameters runs it on one device, where its derivatives are exact) or when
     a cell of ``stack`` couples the examples of a batch (``Cell.couples_batch``)."""
@@ -492,28 +493,32 @@ def _examples_on(axis: int) -> PartitionSpec:
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_examples(fn, stack, static, mesh, layout, axes):
+def _sharded_examples(fn, stack, static, mesh, layout, axes, summed=False):
     """:func:`example_map`'s program: ``fn`` on each device's share of the examples."""
     def local(bufs, *args):
-        return fn(stack, _unpack(bufs, layout), *args, **dict(static))
+        out = fn(stack, _unpack(bufs, layout), *args, **dict(static))
+        return lax.psum(out, AXIS) if summed else out
 
     in_specs = (PartitionSpec(), *map(_examples_on, axes))
     # check_vma=False: arrays made inside the stack are not marked per-device
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                                 out_specs=PartitionSpec(AXIS), check_vma=False))
+                                 out_specs=PartitionSpec() if summed else PartitionSpec(AXIS),
+                                 check_vma=False))
 
 
 def example_map(fn, stack, params, args, axes, static, devices, what: str | None = None,
-                smaller: str | None = None):
+                smaller: str | None = None, summed: bool = False):
     """``fn(stack, params, *args, **dict(static))`` for a function of independent examples,
     each of ``args`` holding them on its axis in ``axes`` and every output on its first axis
     (per-example Jacobians), the examples split over ``devices`` (a sequence whose length
-    divides their number) and the outputs gathered. ``fn``, ``stack`` (a Stack, or whatever
-    ``fn`` takes in its place, e.g. a user's model) and ``static`` must be hashable (one
-    compile per them, the devices and the shapes). With ``what`` (and ``smaller``) the program
-    goes through :func:`gradflow.cost.compiled`: compiled once, its memory checked."""
+    divides their number) and the outputs gathered; ``summed``: every output is a sum over the
+    examples (gate statistics' sums and counts), added over the devices instead. ``fn``,
+    ``stack`` (a Stack, or whatever ``fn`` takes in its place, e.g. a user's model) and
+    ``static`` must be hashable (one compile per them, the devices and the shapes). With
+    ``what`` (and ``smaller``) the program goes through :func:`gradflow.cost.compiled`:
+    compiled once, its memory checked."""
     mesh, bufs, layout, args = _split(params, args, axes, devices)
-    program = _sharded_examples(fn, stack, static, mesh, layout, tuple(axes))
+    program = _sharded_examples(fn, stack, static, mesh, layout, tuple(axes), summed)
     if what is not None:
         program = compiled(program, (), (bufs, *args), what, smaller, _copies(mesh))
     return program(bufs, *args)

@@ -152,6 +152,8 @@ def test_bad_input_gets_one_clear_message():
                                xs, kinds=kinds)
     with pytest.raises(ValueError, match="eps must lie in"):
         gates.model_saturation(stack_gates, params, xs, kinds=kinds, eps=0.7)
+    with pytest.raises(TypeError, match="couples_batch must be True or False"):
+        gates.model_saturation(stack_gates, params, xs, kinds=kinds, couples_batch="no")
     with pytest.raises(TypeError, match="outside jax.jit"):
         jax.jit(lambda x: gates.model_saturation(stack_gates, params, x, kinds=kinds).arrays)(xs)
 

@@ -144,6 +144,41 @@ CHILD = textwrap.dedent("""
             out["mixing_refused"] = False
         except ValueError as e:
             out["mixing_refused"] = "mixes the examples" in str(e)
+        # a model's gate statistics: its sums and counts added over the devices (NaN entries,
+        # a gate of one layer only), the same as on one device
+        from test_model_gates import odd_gates
+        from gradflow import gates
+
+        def rel(a, b):
+            a, b = np.asarray(a, float), np.asarray(b, float)
+            if not np.array_equal(np.isnan(a), np.isnan(b)):
+                return float("inf")
+            d, ok = np.abs(np.nan_to_num(a - b)), ~np.isnan(b)
+            return float(d.max() / np.abs(b[ok]).max()) if ok.any() and d.size else 0.0
+
+        kg = iter(jax.random.split(jax.random.key(2), 4))
+        pg = {n: jax.random.normal(next(kg), (3, 5), "float64") for n in ("A", "K", "O")}
+        xg = jax.random.normal(next(kg), (6, 9, 3), "float64")
+        kw = dict(kinds={"cand": "tanh", "k": "time", "keep": "other"}, retain={"keep": -1},
+                  layers={"k": [1]}, bins=7)
+        before = parallel._sharded_examples.cache_info().misses
+        split = gates.model_saturation(odd_gates, pg, xg, couples_batch=False, **kw)
+        compiles = parallel._sharded_examples.cache_info().misses - before
+        plain = gates.model_saturation(odd_gates, pg, xg, **kw)
+        # a Stack's gate statistics too (layers of different cells and widths)
+        pr = gradflow.problem(["gru", "star", "gru"], layers=3, steps=5, hidden=[5, 4, 4],
+                              batch=6, seed=4, dtype="float64")
+        before = parallel._sharded_examples.cache_info().misses
+        s_split = gates.saturation(*pr[:3], bins=9)
+        s_compiles = parallel._sharded_examples.cache_info().misses - before
+        with parallel.batch_devices(None):
+            s_plain = gates.saturation(*pr[:3], bins=9)
+        out["stack_gates"] = {"compiles": s_compiles, "rel": max(
+            rel(s_split.arrays[k], s_plain.arrays[k]) for k in s_plain.arrays)}
+        out["model_gates"] = {"compiles": compiles, "keys": sorted(split.arrays) == sorted(
+            plain.arrays), "rel": max(rel(split.arrays[k], plain.arrays[k])
+                                      for k in plain.arrays),
+            "nonfinite": int(split.arrays["nonfinite/keep/pooled"])}
         # Jacobian maps: per-example, so split whenever the devices divide the batch
         pr = gradflow.problem("lstm", layers=2, steps=4, hidden=5, batch=6, seed=1,
                               dtype="float64")
@@ -209,6 +244,10 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         # a model's Jacobian map, exact and probes: split, compiled once, as unsplit
         assert len(out["model_jacobian"]) == 2 and out["mixing_refused"] is True
         assert out["model_jacobian_auto"] == 0
+        g = out["model_gates"]  # a model's gate statistics: split, compiled once, as unsplit
+        assert g["compiles"] == 1 and g["keys"] and g["rel"] <= 1e-12 and g["nonfinite"] > 0, g
+        g = out["stack_gates"]
+        assert g["compiles"] == 1 and g["rel"] <= 1e-12, g
         for j in out["model_jacobian"]:
             assert j["compiles"] == 1 and max(j["rel"].values()) <= 1e-12, j
         assert "stderr" in out["model_jacobian"][1]["rel"]
