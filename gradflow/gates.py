@@ -133,12 +133,12 @@ class GateLayout(NamedTuple):
     layers: dict  #: ``{gate: (l, ...)}``: the layers that report the gate
     refine_mode: dict  #: ``{gate: "mul" | "add"}`` of the refined gates
     effective: dict  #: ``{gate: (f, r)}`` of the effective gates: the two gates it is made of
+    depth: int  #: the number of layers
 
     @property
     def mixed(self) -> bool:
-        """Some layer lacks a gate another layer reports."""
-        L = len({l for ls in self.layers.values() for l in ls})
-        return any(len(ls) != L for ls in self.layers.values())
+        """Some layer lacks a gate (another layer reports it)."""
+        return any(len(ls) != self.depth for ls in self.layers.values())
 
 
 def gate_layout(stack) -> GateLayout:
@@ -175,7 +175,7 @@ def gate_layout(stack) -> GateLayout:
                     raise ValueError(f"effective gate {k!r} is made of gates {parts} in layer "
                                      f"{l} and of {effective[k]} in layer {layers[k][0]}")
     return GateLayout(kinds, retain, {g: tuple(ls) for g, ls in layers.items()}, modes,
-                      effective)
+                      effective, len(cells))
 
 
 def gate_kinds(cell: Cell) -> dict:

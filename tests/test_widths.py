@@ -261,12 +261,13 @@ MIXED = {
                              "z@star": (1,)},
     ("lstm", "ur_lstm", "g_lstm"): {"i": (0, 2), "f": (0, 1, 2), "o": (0, 1, 2), "g@lstm": (0, 2),
                                     "r": (1,), "g@ur_lstm": (1,), "u": (1,), "k": (2,)},
+    ("rnn", "gru", "gru"): {"r": (1, 2), "z": (1, 2), "n": (1, 2)},  # a layer with no gates
 }
 
 
 @pytest.mark.parametrize("cell,widths", [
     ("lstm", (6, 4, 4)), ("g_lstm", (3, 5)), (("gru", "star", "gru"), (5, 4, 4)),
-    (("lstm", "ur_lstm", "g_lstm"), (4, 4, 4))])
+    (("lstm", "ur_lstm", "g_lstm"), (4, 4, 4)), (("rnn", "gru", "gru"), (4, 4, 4))])
 def test_gate_statistics_over_real_units_only(cell, widths, x64):
     """Each gate's statistics by NumPy over the real units of the layers that report it; NaN
     means, zero counts and no histogram entries in the layers that do not."""
