@@ -936,8 +936,8 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
 
 
 __all__ = ["GU_GRID", "GateLayout", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations",
-           "bin_edges", "gate_layout", "compare", "gate_kinds", "hist_edges", "histogram", "is_saturated",
-           "kept_fraction", "MODEL_KINDS", "model_saturation",
+           "bin_edges", "compare", "gate_kinds", "gate_layout", "hist_edges", "histogram",
+           "is_saturated", "kept_fraction", "MODEL_KINDS", "model_saturation",
            "layer_inputs", "named_arrays", "parse_entries", "preactivation", "reductions",
            "refine_partials", "saturation",
            "sigmoid_slope", "slopes", "summary", "timescale", "value_range"]

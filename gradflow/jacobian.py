@@ -419,8 +419,8 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     batch statistics, no attention across examples: a per-example Jacobian is the example's
     own): every example's cotangent is pulled back at once, and a model whose example 0's
     output reads another example's states is refused. So the examples are split over the
-    devices as :func:`jacobian_map`'s are (:func:`gradflow.parallel.should_split`; two
-    examples per device at least, each device checking its first). Exact: ``K`` VJPs, one per output
+    devices as :func:`jacobian_map`'s are (:func:`gradflow.parallel.should_split`; two per
+    device at least, each device checking its first). Exact: ``K`` VJPs, one per output
     unit, ``vmap``-ed ``chunk`` at a time, each reduced to its norms at the taps; ``probe``:
     ``probes`` Gaussian cotangents, :math:`\|J\|_F^2 \approx \mathrm{mean}_k
     \|v_k^\top J\|^2`, with a delta-method standard error (as :func:`jacobian_map`'s; the
@@ -493,10 +493,10 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
             f"{xs.dtype})")
     smaller = ("give fewer examples or steps, a smaller chunk, or checkpoint your scan "
                "(jax.checkpoint)")
-    # Independent examples (checked below) may be split over the devices; each device then
-    # checks its own examples, so it gets two at least, and (under "auto" on CPU devices)
-    # examples x outputs x rows >= MODEL_SPLIT_WORK
-    # (the state maps' rule, examples x width x rows >= MIN_ROWS_X_WIDTH, its width scaled)
+    # Independent examples (checked below) may be split over the devices: each device checks
+    # its own, so it gets two at least, and under "auto" on CPU devices examples x outputs x
+    # rows >= MODEL_SPLIT_WORK (the state maps' rule, examples x width x rows >=
+    # MIN_ROWS_X_WIDTH, with the width scaled)
     rows = chunk if method == "exact" else probes
     width = math.ceil(K * parallel.MIN_ROWS_X_WIDTH / MODEL_SPLIT_WORK)
     devices = parallel.should_split(xs, None, arrays, rows=rows, width=width)
@@ -512,7 +512,7 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     vals = _mean_over(each, finite, axis=0)
     se = None if se is None else _stderr_over(se, finite, 0)
     if bool(leak):
-        raise InputError("model_jacobian_map: example 0's output depends on the states of "
+        raise InputError("model_jacobian_map: an example's output depends on the states of "
                          "other examples: the model mixes the examples of a batch (batch "
                          "statistics, attention across examples), so a per-example Jacobian "
                          "is not defined; measure it with gradflow.model_map, which takes the "

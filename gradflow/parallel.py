@@ -343,10 +343,11 @@ def should_split(xs, stack=None, params=None, rows: float = 1,
                  width: int | None = None) -> tuple:
     """:func:`devices_for` ``(B, widest state of stack x rows)`` for concrete ``xs: (B, T, D)``
     and ``params`` (``rows``: each example's work in state maps', e.g. the vmapped rows of a
-    Jacobian map, or 0.5 for a forward pass alone; ``width`` in place of the widest state where no stack gives one, e.g. a
-    user's model's); ``()`` inside a trace (``xs`` or a leaf of ``params`` traced: ``jax.grad`` of a
-    map w.r.t. the parameters runs it on one device, where its derivatives are exact) or when
-    a cell of ``stack`` couples the examples of a batch (``Cell.couples_batch``)."""
+    Jacobian map, or 0.5 for a forward pass alone; ``width`` in place of the widest state
+    where no stack gives one, e.g. a user's model's); ``()`` inside a trace (``xs`` or a leaf
+    of ``params`` traced: ``jax.grad`` of a map w.r.t. the parameters runs it on one device,
+    where its derivatives are exact) or when a cell of ``stack`` couples the examples of a
+    batch (``Cell.couples_batch``)."""
     if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
