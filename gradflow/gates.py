@@ -513,20 +513,19 @@ def reductions(stack: Stack, params: dict, xs, eps: float = EPS,
 
 
 def _arrays(stack: Stack, params: dict, xs, eps: float, threshold: float, bins: int) -> dict:
-    """The named arrays of the module docstring's scheme, from :func:`_reduce`; the examples
-    split over the devices as a state map's are (:func:`gradflow.parallel.should_split`: not
-    for cells that couple them), each device's sums and counts added, from twice the
+    """The named arrays of the module docstring's scheme, from :func:`_stack_sums`; the
+    examples split over the devices as a state map's are (:func:`gradflow.parallel.should_split`:
+    not for cells that couple them), each device's sums and counts added, from twice the
     examples per device under ``"auto"`` on CPU devices (a forward pass only). Split / one
     device on the 2-vCPU Xeon (family 6 model 207), 2 devices, 9 interleaved rounds, float32:
     at 1024 examples x H per device 1.19-1.20x (GRU 8 x 32 x H 64) and 0.94-1.11x (LSTM 16 x
     64 x 128); at 2048 1.01x, 1.005x (GRU, LSTM 8 x 32), 0.87x (GRU 16 x 64 x 64), 0.92x (STAR
     16 x 64 x 128), 0.78-0.88x (LSTM 16 x 64 x 128)."""
     from gradflow import parallel
-    devices = parallel.should_split(xs, stack, params, rows=0.5)
-    if not devices:
-        return named_arrays(stack, *_reduce(stack, params, xs, eps, threshold, bins), bins)
-    sums, hists = parallel.example_map(_stack_sums, stack, params, (xs,), (0,), (
-        ("bins", bins), ("eps", eps), ("threshold", threshold)), devices, summed=True)
+    sums, hists = parallel.example_map(
+        _stack_sums, stack, params, (xs,), (0,), (("bins", bins), ("eps", eps),
+                                                  ("threshold", threshold)),
+        parallel.should_split(xs, stack, params, rows=0.5), summed=True)
     return named_arrays(stack, _means(sums), hists, bins)
 
 
@@ -535,9 +534,15 @@ def _real_units(stack: Stack, lay: GateLayout):
     reports the gate; None for layers of one width that all report every gate."""
     if isinstance(stack.hidden_size, int) and not lay.mixed:
         return None
-    units = np.arange(stack.max_width)[None, :] < np.asarray(stack.widths)[:, None]
-    return {g: units & np.isin(np.arange(stack.layers), ls)[:, None]
-            for g, ls in lay.layers.items()}
+    return _gate_masks(np.arange(stack.max_width)[None, :] < np.asarray(stack.widths)[:, None],
+                       lay.layers, lay.kinds)
+
+
+def _gate_masks(units, layers: dict, kinds: dict) -> dict:
+    """``{gate: (L, H)}`` bool: ``units`` (``(L, H)``, each layer's real units) in the layers
+    ``layers`` gives for a gate (``{gate: (l, ...)}``; every layer for a gate it omits)."""
+    L = units.shape[0]
+    return {g: units & np.isin(np.arange(L), layers.get(g, range(L)))[:, None] for g in kinds}
 
 
 def _pad(a, H: int):
@@ -798,14 +803,9 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
     what = f"gates.model_saturation ({name}, {L} layers x {T} steps, batch {B}, {xs.dtype})"
     from gradflow import parallel
     devices = () if couples_batch else parallel.should_split(xs, None, arrays)
-    if devices:  # sums and counts add over the devices' examples
-        sums, hist = parallel.example_map(_model_sums, (model, rest), arrays, (xs,), (0,),
-                                          static, devices, what, "give fewer examples or steps",
-                                          summed=True)
-    else:
-        sums, hist = _cost.compiled(_model_program, (_model_sums, (model, rest), static),
-                                    (arrays, xs), what, "give fewer examples or steps")(
-                                        arrays, xs)
+    sums, hist = parallel.example_map(  # split: sums and counts add over the devices
+        _model_sums, (model, rest), arrays, (xs,), (0,), static, devices, what,
+        "give fewer examples or steps", summed=True)
     red = _means(sums)
     arrays = _named(kinds, _layer_masks(where, kinds, L, int(first[3])), red, hist, bins)
     bad = _nonfinite_total(arrays)
@@ -844,11 +844,7 @@ def _model_layers(layers, kinds: dict) -> dict:
 def _layer_masks(where: tuple, kinds: dict, L: int, H: int):
     """``{gate: (L, H)}`` bool, True in the layers ``where`` gives for a gate (every layer for
     the others); None when ``where`` is empty."""
-    if not where:
-        return None
-    where = dict(where)
-    return {g: np.broadcast_to(np.isin(np.arange(L), where.get(g, range(L)))[:, None], (L, H))
-            for g in kinds}
+    return _gate_masks(np.ones((L, H), bool), dict(where), kinds) if where else None
 
 
 def _model_sums(model_rest, arrays, xs, *, kinds, retain, where, eps, threshold, bins):
@@ -860,11 +856,6 @@ def _model_sums(model_rest, arrays, xs, *, kinds, retain, where, eps, threshold,
     return _activation_sums(acts, kinds, dict(retain), _activation_slopes(acts, kinds),
                             _layer_masks(where, kinds, L, H), eps, threshold, bins)
 
-
-@functools.partial(jax.jit, static_argnames=("fn", "model_rest", "static"))
-def _model_program(fn, model_rest, static, arrays, xs):
-    """``fn`` on the whole batch, as one program (:func:`model_saturation` on one device)."""
-    return fn(model_rest, arrays, xs, **dict(static))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -500,14 +500,11 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     rows = chunk if method == "exact" else probes
     width = math.ceil(K * parallel.MIN_ROWS_X_WIDTH / MODEL_SPLIT_WORK)
     devices = parallel.should_split(xs, None, arrays, rows=rows, width=width)
-    if devices and B // len(devices) >= 2:
-        each, se, finite, leak = parallel.example_map(
-            _model_each, (model, rest), arrays, args, (0, 1)[:len(args)], static, devices,
-            what, smaller)
-    else:
-        each, se, finite, leak = _cost.compiled(
-            _jit_examples, (_model_each, (model, rest), static), (arrays, *args), what,
-            smaller)(arrays, *args)
+    if B // max(len(devices), 1) < 2:
+        devices = ()
+    each, se, finite, leak = parallel.example_map(
+        _model_each, (model, rest), arrays, args, (0, 1)[:len(args)], static, devices, what,
+        smaller)
     leak = jnp.any(leak)
     vals = _mean_over(each, finite, axis=0)
     se = None if se is None else _stderr_over(se, finite, 0)
@@ -969,16 +966,8 @@ def _over_examples(fn, stack, params, args, axes, rows: int = 1, **static):
     the vmapped rows of a Jacobian), else one jitted call. The examples of a Jacobian map are
     independent (a stack that couples them is refused first), so the split is exact."""
     from gradflow import parallel
-    devices = parallel.should_split(args[0], stack, params, rows=rows)
-    static = tuple(sorted(static.items()))
-    if devices:
-        return parallel.example_map(fn, stack, params, args, axes, static, devices)
-    return _jit_examples(fn, stack, static, params, *args)
-
-
-@functools.partial(jax.jit, static_argnames=("fn", "stack", "static"))
-def _jit_examples(fn, stack, static, params, *args):
-    return fn(stack, params, *args, **dict(static))
+    return parallel.example_map(fn, stack, params, args, axes, tuple(sorted(static.items())),
+                                parallel.should_split(args[0], stack, params, rows=rows))
 
 
 def _columns(stack: Stack, dtype):

@@ -512,17 +512,28 @@ def example_map(fn, stack, params, args, axes, static, devices, what: str | None
     """``fn(stack, params, *args, **dict(static))`` for a function of independent examples,
     each of ``args`` holding them on its axis in ``axes`` and every output on its first axis
     (per-example Jacobians), the examples split over ``devices`` (a sequence whose length
-    divides their number) and the outputs gathered; ``summed``: every output is a sum over the
-    examples (gate statistics' sums and counts), added over the devices instead. ``fn``,
-    ``stack`` (a Stack, or whatever ``fn`` takes in its place, e.g. a user's model) and
-    ``static`` must be hashable (one compile per them, the devices and the shapes). With
-    ``what`` (and ``smaller``) the program goes through :func:`gradflow.cost.compiled`:
-    compiled once, its memory checked."""
+    divides their number; empty: one jitted call on the default device) and the outputs
+    gathered; ``summed``: every output is a sum over the examples (gate statistics' sums and
+    counts), added over the devices instead. ``fn``, ``stack`` (a Stack, or whatever ``fn``
+    takes in its place, e.g. a user's model) and ``static`` must be hashable (one compile per
+    them, the devices and the shapes). With ``what`` (and ``smaller``) the program goes
+    through :func:`gradflow.cost.compiled`: compiled once, its memory checked."""
+    if not devices:
+        if what is None:
+            return _jit_examples(fn, stack, static, params, *args)
+        return compiled(_jit_examples, (fn, stack, static), (params, *args), what,
+                        smaller)(params, *args)
     mesh, bufs, layout, args = _split(params, args, axes, devices)
     program = _sharded_examples(fn, stack, static, mesh, layout, tuple(axes), summed)
     if what is not None:
         program = compiled(program, (), (bufs, *args), what, smaller, _copies(mesh))
     return program(bufs, *args)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "stack", "static"))
+def _jit_examples(fn, stack, static, params, *args):
+    """:func:`example_map` on one device: ``fn`` on all the examples, one program."""
+    return fn(stack, params, *args, **dict(static))
 
 
 @functools.lru_cache(maxsize=32)
