@@ -60,7 +60,8 @@ layer's real ``H_l`` units count: ``(l, t)`` averages ``B * H_l`` entries, ``/po
 mean over every real entry, the histograms hold ``B * T * sum_l H_l`` entries, and the
 ``/unit`` arrays are ``(L, max_l H_l)`` with 0 beyond ``H_l``. For layers of different cells
 that report different gates (:func:`gate_layout`; a GRU under a STAR) each gate is pooled over
-the layers that report it: in the others its means are NaN and its counts 0 (no histogram
+the layers that report it: in the others its means are NaN (not counted as non-finite in
+``Result.nonfinite``: :func:`gradflow.results.not_measured`) and its counts 0 (no histogram
 entries), ``config["gate_layers"]`` says which layers report which gate, and a name two cells
 give to different gates is two gates qualified by the cell (``z@gru``, ``z@star``).
 ``config["gates"]`` lists the gates, ``config["gate_kinds"]`` their kinds (:func:`gate_kinds`);
@@ -682,8 +683,8 @@ def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = 
                                "dtype": str(dtype)}, meta, eps=eps, bins=bins,
                               update_threshold=threshold, gates=list(kinds), gate_kinds=kinds,
                               **where)
-    # a mixed stack's NaN in layers without a gate are no overflow (that is warned about above)
-    return make_result("gate_stats", arrays, config, warn=not lay.mixed)
+    # a mixed stack's NaN in layers without a gate are not counted (results.not_measured)
+    return make_result("gate_stats", arrays, config)
 
 
 #: The gate kinds :func:`model_saturation` reads from the activations alone.
@@ -820,7 +821,7 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
                               gate_kinds=dict(kinds), retain=retain,
                               **({"gate_layers": {g: list(ls) for g, ls in where}} if where
                                  else {}))
-    return make_result("gate_stats", arrays, config, warn=not where)
+    return make_result("gate_stats", arrays, config)
 
 
 def _model_layers(layers, kinds: dict) -> dict:

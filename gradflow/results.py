@@ -81,7 +81,9 @@ class Result:
       kind: what was measured (``"gradient_map"``, ``"jacobian_map"``, ``"gate_stats"``, ...).
       arrays: ``{name: np.ndarray}``; also readable as attributes (``result.values``).
       config: JSON-able dict: cell, options, layers, steps, hidden, batch, seed, dtype, ...
-      nonfinite: ``{name: count}`` of inf/NaN entries per array.
+      nonfinite: ``{name: count}`` of inf/NaN entries per array, among those measured: the
+        NaN a result holds by design (:func:`not_measured`: a gate's statistics in the layers
+        of a stack or model that lack the gate) are not counted.
       underflow: ``{name: count}`` of entries below the smallest normal float of the array's
         dtype (exactly 0, or subnormal) where a positive value is expected, per array the
         measurement declared (e.g. a gradient map's ``values``); distinct from ``nonfinite``.
@@ -161,7 +163,8 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
                 source: Result | None = None) -> Result:
     """Build a :class:`Result`: arrays to NumPy, config to JSON-able, non-finite entries counted.
 
-    Emits a :class:`NonFiniteWarning` (never an exception) when any entry is inf or NaN.
+    Emits a :class:`NonFiniteWarning` (never an exception) when any measured entry is inf or
+    NaN (:func:`not_measured` names the entries that are NaN by design).
 
     Args:
       positive: ``{name: True or a boolean mask broadcastable to arrays[name]}``: the entries
@@ -171,7 +174,8 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
         provenance is kept, instead of this machine's (which would start JAX to ask).
     """
     arrs = {k: np.asarray(v) for k, v in arrays.items()}
-    nonfinite = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v)))
+    absent = not_measured(kind, arrs, config)
+    nonfinite = {k: int(np.count_nonzero(~np.isfinite(v) & ~absent.get(k, np.False_)))
                  for k, v in arrs.items() if np.issubdtype(v.dtype, np.inexact)}
     underflow = {k: underflow_count(arrs[k], mask) for k, mask in (positive or {}).items()}
     bad = {k: n for k, n in nonfinite.items() if n}
@@ -181,6 +185,34 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
                       NonFiniteWarning, stacklevel=3)
     return Result(kind, arrs, _jsonable(dict(config)), nonfinite, underflow,
                   provenance() if source is None else dict(source.provenance))
+
+
+def not_measured(kind: str, arrays: Mapping[str, np.ndarray], config: Mapping) -> dict:
+    """``{name: bool mask}`` of the entries a result holds as NaN by design, not as overflow:
+    the statistics ``"{stat}/{gate}..."`` of a ``"gate_stats"`` result (layer axis first) in
+    the layers its ``config["gate_layers"]`` (``{gate: [l, ...]}``, written for stacks or
+    models whose layers report different gates) does not list for the gate. Any other result:
+    ``{}``. :func:`make_result` leaves these out of ``Result.nonfinite`` and its warning, so a
+    result re-made from another's arrays and config (a slice, a mean over seeds) counts the same.
+
+    >>> a = {"mean/z": np.array([[0.5, 0.4], [np.nan, np.nan]]), "mean/r": np.ones((2, 2))}
+    >>> m = not_measured("gate_stats", a, {"layers": 2, "gate_layers": {"z": [0], "r": [0, 1]}})
+    >>> m["mean/z"].ravel().tolist(), m["mean/r"].ravel().tolist()
+    ([False, True], [False, False])
+    """
+    where = config.get("gate_layers") if kind == "gate_stats" else None
+    if not where:
+        return {}
+    L = int(config["layers"])
+    out = {}
+    for name, a in arrays.items():
+        stat, _, rest = name.partition("/")
+        gate = rest.split("/", 1)[0]
+        if stat == "bin_edges" or gate not in where or np.ndim(a) == 0 or np.shape(a)[0] != L:
+            continue
+        off = ~np.isin(np.arange(L), [int(l) % L for l in where[gate]])
+        out[name] = off.reshape((L,) + (1,) * (np.ndim(a) - 1))
+    return out
 
 
 def origin(config: Mapping) -> str:

@@ -1,6 +1,8 @@
 """Gate statistics of a user's own model (``gradflow.gates.model_saturation``): equal to
 ``gates.saturation`` on a Stack written as such a model, equal to NumPy on the activations of a
 model with tanh, time and other gates (non-finite entries included), its figures and edges."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 import gradflow
 from gradflow import gates, plot
-from gradflow.results import NonFiniteForwardWarning, load
+from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, load, make_result
 
 from test_gates import reference_of
 
@@ -55,11 +57,23 @@ def test_gates_of_some_layers_only_equal_the_stack_of_different_cells(x64):
     params = MIXED.init(jax.random.key(0), jnp.float64)
     xs = jax.random.normal(jax.random.key(1), (5, 7, 4), jnp.float64)
     lay = gates.gate_layout(MIXED)
-    want = gates.saturation(MIXED, params, xs, eps=0.1, bins=8)
-    got = gates.model_saturation(mixed_gates, params, xs, kinds=lay.kinds, retain=lay.retain,
-                                 layers={g: list(ls) for g, ls in lay.layers.items()}, eps=0.1,
-                                 bins=8)
+    with warnings.catch_warnings():  # the NaN of layers without a gate are no overflow
+        warnings.simplefilter("error")
+        want = gates.saturation(MIXED, params, xs, eps=0.1, bins=8)
+        got = gates.model_saturation(mixed_gates, params, xs, kinds=lay.kinds,
+                                     retain=lay.retain, bins=8, eps=0.1,
+                                     layers={g: list(ls) for g, ls in lay.layers.items()})
     assert_same(got.arrays, want.arrays, rtol=1e-12)
+    assert np.isnan(want["mean/k"][[0, 2]]).all() and np.isnan(want["mean/r/unit"][1]).all()
+    assert want.nonfinite["mean/k"] == got.nonfinite["mean/k"] == 0
+    assert want.total_nonfinite == got.total_nonfinite == 0 and "non-finite" not in repr(want)
+    # ... also in a result re-made from its arrays and config (a slice, a mean over seeds)
+    assert make_result(want.kind, want.arrays, want.config).total_nonfinite == 0
+    # a NaN in a layer that reports the gate is counted, and warned about
+    bad = {**want.arrays, "mean/k": np.where([[False], [True], [False]], np.nan,
+                                             want["mean/k"])}
+    with pytest.warns(NonFiniteWarning, match=r"mean/k: 7"):
+        assert make_result(want.kind, bad, want.config).nonfinite["mean/k"] == 7
     assert got.config["gate_layers"] == want.config["gate_layers"] == {
         "r": [0, 2], "z@gru": [0, 2], "n": [0, 2], "k": [1], "z@star": [1]}
     # whatever the model puts in the other layers is read nowhere; negative indices count down
