@@ -36,7 +36,7 @@ import numpy as np
 
 from gradflow import __version__
 from gradflow.errors import InputError, user_input
-from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, origin
+from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, not_measured, origin
 
 DEFAULT_OUT_DIR = "gradflow-out"
 DATA_EXT = ".npz"
@@ -175,16 +175,36 @@ def seed_int(text: str) -> int:
 
 
 def cell_name(text: str) -> str:
-    """A registered cell name, or ``module:attribute`` naming a user's cell (resolved by
-    :func:`load_cell` when the command runs)."""
-    if ":" in text:
-        return text
+    """A registered cell name (also written with its options, ``lstm:forget_bias=1.0``),
+    ``module:attribute`` naming a user's cell (resolved by :func:`load_cell` when the command
+    runs), or one of those per layer, comma-separated (:func:`layer_cells`)."""
     from gradflow import cells as _cells
 
-    if text not in _cells.names():
-        raise argparse.ArgumentTypeError(f"unknown cell {text!r}; valid cells: "
-                                         f"{', '.join(_cells.names())} (or module:factory)")
+    for item in layer_cells(text):
+        if not item.strip():
+            raise argparse.ArgumentTypeError(f"expected a cell, or one per layer separated by "
+                                             f"commas (gru,star,gru), got {text!r}")
+        if ":" not in item and item not in _cells.names():
+            raise argparse.ArgumentTypeError(f"unknown cell {item!r}; valid cells: "
+                                             f"{', '.join(_cells.names())} (or module:factory)")
     return text
+
+
+def layer_cells(text: str) -> list[str]:
+    """``--cell`` split into one cell per layer at its commas; an entry ``key=value`` after a
+    cell written with its options continues that cell's options (:func:`gradflow.cells.
+    parse_spec`), so one cell with several options stays one.
+
+    >>> layer_cells("gru,star,gru"), layer_cells("lstm:forget_bias=1.0,init=torch,star")
+    (['gru', 'star', 'gru'], ['lstm:forget_bias=1.0,init=torch', 'star'])
+    """
+    cells = []
+    for item in text.split(","):
+        if cells and ":" in cells[-1] and "=" in item and ":" not in item:
+            cells[-1] += "," + item
+        else:
+            cells.append(item)
+    return cells
 
 
 def _name_list(text: str, what: str, one: str, valid, also=lambda s: False) -> list[str]:
@@ -733,13 +753,12 @@ def _describe(config: dict, cell) -> str:
     """One line: cell, sizes, seed, init, dtype, and the cell options that differ from its
     defaults (registered cells; a user's cell lists every option)."""
     from gradflow import cells as _cells
+    from gradflow import plot
 
     defaults = dict(_cells.get(cell.name).options) if cell.name in _cells.names() else {}
     changed = [f"{k}={v}" for k, v in cell.options if k != "init" and defaults.get(k) != v]
     extra = [k for k in ("residual", "norm") if config.get(k)]
-    cell_text = config["cell"] if isinstance(config["cell"], str) else "+".join(
-        dict.fromkeys(config["cell"]))  # a stack of different cells: lstm+ur_lstm
-    return (f"{cell_text}, {config['layers']} layers x {config['steps']} steps, "
+    return (f"{plot.subject(config)}, {config['layers']} layers x {config['steps']} steps, "
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "
             f"seed {config.get('seed', '-')}, "
             f"{origin(config) or 'init -'}, {config['dtype']}"
@@ -794,22 +813,39 @@ def _cell(args, steps: int):
     """The cell ``--cell`` names (registered, written with options as ``compare --cells``
     reads them, or a user's ``module:factory``), with ``--init``/``--option`` (an option also
     written in must agree: ``compare`` lets the written one win, as ``--option`` applies to
-    every cell there), initialised for ``steps`` where the cell has a length option."""
+    every cell there), initialised for ``steps`` where the cell has a length option; or, where
+    it names one registered cell per layer (``gru,star,gru``), a tuple of them, each with
+    ``--init``/``--option``."""
+    specs = layer_cells(args.cell)
+    if len(specs) == 1:
+        return _one_cell(args, args.cell, steps)
+    if len(specs) != args.layers:
+        raise _usage(args, f"--cell names {len(specs)} cells for --layers {args.layers}: give "
+                           f"one cell, or one per layer")
+    if any(_user_cell(s) for s in specs):
+        raise _usage(args, "--cell: a cell of your own (module:factory) is given alone; a stack "
+                           "of different cells of yours is built with the API, "
+                           "gradflow.Stack([cell, ...], layers, ...)")
+    return tuple(_one_cell(args, s, steps) for s in specs)
+
+
+def _one_cell(args, spec: str, steps: int):
+    """One cell of ``--cell`` (``spec``), with ``--init``/``--option``."""
     from gradflow import cells as _cells
 
     options = _cell_options(args)
     with user_input():
-        if _user_cell(args.cell):
-            return load_cell(args.cell, options)
-        written = _cells.parse_spec(args.cell)[1]
+        if _user_cell(spec):
+            return load_cell(spec, options)
+        written = _cells.parse_spec(spec)[1]
     clash = sorted(k for k in set(written) & set(options) if written[k] != options[k])
     if clash:  # one cell: two values for one option is a mistake, not a default to override
         k = clash[0]
         given = f"--init {options[k]}" if k == "init" and args.init is not None else \
             f"--option {k}={options[k]}"
-        raise _usage(args, f"--cell {args.cell} and {given} disagree; give one")
+        raise _usage(args, f"--cell {spec} and {given} disagree; give one")
     with user_input():
-        return _cells.for_length(args.cell, steps, **options)
+        return _cells.for_length(spec, steps, **options)
 
 
 def _stack_settings(args) -> dict:
@@ -1191,14 +1227,16 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
         if budget is None:
             return None
         return (*budget, prob)
-    cell = _cell(args, args.steps)
+    cell = _cell(args, args.steps)  # or one per layer
+    per_layer = isinstance(cell, tuple)
     if check_cell is not None:
-        check_cell((cell,), f"cell {args.cell!r}")
+        check_cell(cell if per_layer else (cell,),
+                   f"{'--cell' if per_layer else 'cell'} {args.cell!r}")
     D = first_width(args.hidden) if args.input_size is None else args.input_size
     budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
                                           **_stack_settings(args))], wrt,
-                     stem=default_stem(args, args.command, args.cell if _written(args.cell)
-                                       else cell.name, f"L{args.layers}",
+                     stem=default_stem(args, args.command, args.cell if per_layer or _written(
+                         args.cell) else cell.name, f"L{args.layers}",
                                        skip=("cell", "layers")), method=method)
     if budget is None:
         return None
@@ -1282,7 +1320,7 @@ def run_heatmap(args) -> int:
         notes.append(f"note: not normalised: the top-last value is {_g(float(ref))}")
         normalize = False
     title = None if args.params is None else _trained_title(res.config, " \u00b7 ".join(
-        [str(res.config.get("cell", prob.stack.cells[0].name)),
+        [plot.subject(res.config, prob.stack.cells[0].name),
          f"loss={args.loss}", f"wrt={args.wrt}"]))
     fig = plot.heatmap(res, normalize=normalize, title=title)
     print(f"gradflow heatmap: {_describe(res.config, prob.stack.cells[0])}")
@@ -1526,8 +1564,11 @@ def _gate_lines(stats, gate: str, summary: dict, kind: str) -> list[str]:
         parts.append(f"updates {s['update_fraction']:.3f}")
     parts.append(f"non-finite {int(s.get('nonfinite', 0))}")
     lines = [f"  gate {gate:<9} ({kind}): " + ", ".join(parts)]
+    per_layer = stats[f"saturated/{gate}/layer"]
+    absent = not_measured(stats.kind, stats.arrays, stats.config).get(  # a layer without it
+        f"saturated/{gate}/layer", np.zeros(per_layer.shape, bool))
     lines.append("    saturated per layer (bottom..top): "
-                 + " ".join(f"{v:.3f}" for v in stats[f"saturated/{gate}/layer"]))
+                 + " ".join("-" if off else f"{v:.3f}" for v, off in zip(per_layer, absent)))
     if f"timescale/{gate}/unit" in stats.arrays:
         lines += ["    " + line for line in timescale_lines(stats[f"timescale/{gate}/unit"])]
     outside = np.asarray(stats[f"outside/{gate}/pooled"])
@@ -1565,7 +1606,7 @@ def run_gates(args) -> int:
     shown = [args.gate] if args.gate else list(stats.config["gates"])
     fig = plot.gates_figure(stats, shown)
     if args.params is not None:
-        fig.suptitle(_trained_title(stats.config, str(stats.config.get("cell", "gates")),
+        fig.suptitle(_trained_title(stats.config, plot.subject(stats.config, "gates"),
                                     " \u00b7 "))
     print(f"gradflow gates: {_describe(stats.config, prob.stack.cells[0])}; saturated: "
           f"< {args.eps:g} or > {1 - args.eps:g}")
@@ -1955,6 +1996,9 @@ def run_train(args) -> int:
     if args.record and max(args.record) > args.steps:
         raise _usage(args, f"--record steps must lie in 0..{args.steps} (--steps), got "
                            f"{max(args.record)}")
+    if len(layer_cells(args.cell)) > 1:
+        raise _usage(args, "--cell: train takes one cell (a stack of different cells is trained "
+                           "with the API: gradflow.train on gradflow.Stack([cell, ...], ...))")
     cell = _cell(args, task.steps)  # a registered name or a user's module:factory
     with user_input():
         stack = task_stack(cell, task, layers=args.layers, hidden=args.hidden)

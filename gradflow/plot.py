@@ -18,6 +18,7 @@ and counted in the title, never dropped silently. Example::
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Mapping, Sequence
@@ -232,19 +233,26 @@ def _with_counts(title: str, nonfinite: int, nonpositive: int = 0, underflow: in
     return f"{title} ({', '.join(notes)})" if title else ", ".join(notes)
 
 
-def _subject(config: dict, default=None) -> str:
+def subject(config: dict, default=None) -> str:
     """What a result measured, for titles and labels: its cell, or the model of
     :func:`gradflow.model_map` / :func:`gradflow.gates.model_saturation`; a stack of different
-    cells by each layer's, ``"gru / star / gru"``."""
+    cells by each layer's, bottom up, a run of one cell counted (``"lstm x15 / star"``).
+
+    >>> subject({"cell": ["gru", "star", "gru"]}), subject({"cell": ["lstm"] * 3 + ["star"]})
+    ('gru / star / gru', 'lstm x3 / star')
+    """
     what = config.get("cell", config.get("model", default))
-    return " / ".join(map(str, what)) if isinstance(what, (list, tuple)) else str(what)
+    if not isinstance(what, (list, tuple)):
+        return str(what)
+    runs = [(str(k), len(list(g))) for k, g in itertools.groupby(what)]
+    return " / ".join(k if n == 1 else f"{k} x{n}" for k, n in runs)
 
 
 def _describe(result: Result, key: str | None) -> str:
     """Default title: cell (or a :func:`gradflow.model_map`'s model), then loss and wrt
     (gradient maps) or norm and target (Jacobian maps)."""
     c = result.config
-    parts = [_subject(c)] if "cell" in c or "model" in c else []
+    parts = [subject(c)] if "cell" in c or "model" in c else []
     if result.kind == "gradient_map":
         parts += [f"{k}={c[k]}" for k in ("loss", "wrt") if k in c]
     elif result.kind == "jacobian_map":
@@ -582,7 +590,7 @@ def _gate(stats: Result, gate: str | None, where: str) -> str:
     gates = _gate_names(stats)
     if not gates:
         raise ValueError(f"{where}: these gate stats report no gates (cell "
-                         f"{_subject(stats.config)!r} has none)")
+                         f"{subject(stats.config)!r} has none)")
     if gate is None:
         return gates[0]
     if gate not in gates:
@@ -702,7 +710,7 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
     bad = int(np.sum(~np.isfinite(hist[rows])))
     if chosen == "pooled":
         what += _only_in(present, n_layers)
-    base = " \u00b7 ".join(p for p in (_subject(stats.config, ""), f"gate {gate} ({what})")
+    base = " \u00b7 ".join(p for p in (subject(stats.config, ""), f"gate {gate} ({what})")
                            if p)
     lines = [_with_counts(base if title is None else title, bad)]
     if outside is not None:
@@ -769,7 +777,7 @@ def _saturation_map(stats, gate, ax, cmap, title, colorbar, vmin, vmax, fitted):
         ax.text((T - 1) / 2, l, f"no gate {gate}", ha="center", va="center", fontsize="small",
                 color="0.3")
     eps = next((stats.config[k] for k in ("eps", "epsilon") if k in stats.config), None)
-    base = " \u00b7 ".join(p for p in (_subject(stats.config, ""), f"gate {gate} saturated")
+    base = " \u00b7 ".join(p for p in (subject(stats.config, ""), f"gate {gate} saturated")
                            if p) + _only_in(present, values.shape[0])
     base += f" (eps={eps:g})" if isinstance(eps, (int, float)) else ""
     ax.set_title(_with_counts(base if title is None else title,
@@ -786,7 +794,7 @@ def _saturation_map(stats, gate, ax, cmap, title, colorbar, vmin, vmax, fitted):
 def _labelled(results, where: str) -> dict:
     """``{label: Result}`` from one Result (labelled by its cell) or a mapping."""
     if isinstance(results, Result):
-        return {_subject(results.config, results.kind): results}
+        return {subject(results.config, results.kind): results}
     if isinstance(results, Mapping) and results:
         return {str(k): _check_result(v, where) for k, v in results.items()}
     raise TypeError(f"{where} takes a Result or a non-empty mapping label -> Result, got "
@@ -902,7 +910,7 @@ def gates_figure(stats: Result, gates: Sequence[str] | None = None, *,
         _saturation_map(stats, gate, axes[0, j], None, None, True, 0.0, vmax, fitted)
         gate_histograms(stats, gate, layers=None, ax=axes[1, j])
     line = settings(stats.config)
-    fig.suptitle(_subject(stats.config, "gates") + (f" \u00b7 {line}" if line else ""))
+    fig.suptitle(subject(stats.config, "gates") + (f" \u00b7 {line}" if line else ""))
     return fig
 
 
@@ -1403,4 +1411,4 @@ __all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "CentredLog
            "draw_gains", "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_training_atlas",
            "draw_updates",
            "figure", "gain_profile", "gate_histograms", "gates_figure", "grid", "heatmap",
-           "saturation_map", "save", "settings"]
+           "saturation_map", "save", "settings", "subject"]

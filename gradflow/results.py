@@ -203,15 +203,18 @@ def not_measured(kind: str, arrays: Mapping[str, np.ndarray], config: Mapping) -
     where = config.get("gate_layers") if kind == "gate_stats" else None
     if not where:
         return {}
-    L = int(config["layers"])
+    L = config.get("layers")
     out = {}
     for name, a in arrays.items():
         stat, _, rest = name.partition("/")
         gate = rest.split("/", 1)[0]
-        if stat == "bin_edges" or gate not in where or np.ndim(a) == 0 or np.shape(a)[0] != L:
+        if stat == "bin_edges" or gate not in where or np.ndim(a) == 0:
             continue
-        off = ~np.isin(np.arange(L), [int(l) % L for l in where[gate]])
-        out[name] = off.reshape((L,) + (1,) * (np.ndim(a) - 1))
+        n = np.shape(a)[0]  # the layer axis
+        if L is not None and n != int(L):
+            continue
+        off = ~np.isin(np.arange(n), [int(l) % n for l in where[gate]])
+        out[name] = off.reshape((n,) + (1,) * (np.ndim(a) - 1))
     return out
 
 

@@ -950,3 +950,45 @@ def test_out_names_an_existing_folder_for_the_default_file_name(capsys):
     assert rc == 0, err
     assert _written(out, "figure:") == Path("figs/heatmap_lstm_L2_T3_H8_B2.png")
     assert _written(out, "data:") == Path("figs/heatmap_lstm_L2_T3_H8_B2.npz")
+
+
+def test_heatmap_and_gates_of_one_cell_per_layer(capsys, tmp_path, user_module):
+    """``--cell gru,star,gru`` (one cell per layer, as ``--hidden 8,6,6`` one width per layer)
+    measures the stack of those cells: the API's numbers, the title's cells bottom up, the
+    layers without a gate shown as ``-`` and not counted as non-finite."""
+    rc, out, err = run(capsys, "heatmap", "--cell", "gru,star,gru", "--layers", 3, "--steps", 4,
+                       "--hidden", 6, "--batch", 2, "--out", tmp_path / "map.png")
+    assert rc == 0, err
+    assert out.startswith("gradflow heatmap: gru / star / gru, 3 layers x 4 steps")
+    got = gradflow.load(tmp_path / "map.npz")
+    assert got.config["cell"] == ["gru", "star", "gru"]
+    with jax.enable_x64(False):
+        prob = gradflow.problem([gradflow.cells.get(c) for c in ("gru", "star", "gru")],
+                                layers=3, steps=4, hidden=6, batch=2)
+        want = gradflow.gradient_map(prob.stack, prob.params, prob.xs)
+    np.testing.assert_array_equal(got.values, want.values)
+    rc, out, err = run(capsys, "gates", "--cell", "lstm,lstm,ur_lstm", "--layers", 3,
+                       "--steps", 4, "--hidden", 6, "--batch", 2, "--out",
+                       tmp_path / "gates.png")
+    assert rc == 0, err
+    assert out.startswith("gradflow gates: lstm x2 / ur_lstm, 3 layers")
+    lines = out.splitlines()
+    at = next(i for i, l in enumerate(lines) if l.strip().startswith("gate r "))  # UR-LSTM's
+    assert re.fullmatch(r" +saturated per layer \(bottom..top\): - - \d\.\d{3}", lines[at + 1])
+    stats = gradflow.load(tmp_path / "gates.npz")
+    assert stats.config["gate_layers"]["r"] == [2] and stats.total_nonfinite == 0
+    assert "non-finite entries" not in err
+    # the edges: one line each, exit 2
+    for argv, message in (
+            (("heatmap", "--cell", "gru,star", "--layers", 3),
+             "--cell names 2 cells for --layers 3: give one cell, or one per layer"),
+            (("heatmap", "--cell", "gru,stir", "--layers", 2), "unknown cell 'stir'"),
+            (("heatmap", "--cell", "lstm,gru", "--layers", 2),
+             "every layer's cell must carry the same states"),
+            (("heatmap", "--cell", f"gru,{user_module}:sin_rnn", "--layers", 2),
+             r"a cell of your own \(module:factory\) is given alone"),
+            (("gates", "--cell", "rnn,rnn", "--layers", 2), "--cell 'rnn,rnn' reports no gates"),
+            (("train", "--cell", "gru,star", "--layers", 2), "train takes one cell")):
+        rc, out, err = run(capsys, *argv)
+        assert rc == 2 and re.search(message, err), err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -273,5 +273,4 @@ def test_local_gains_refuse_before_compiling(monkeypatch):
     with pytest.raises(ValueError, match=r"local_gains \(32 examples, H = 64, 1 step\(s\) per "
                                          r"batch\) needs about .* use at most 10 examples"):
         jacobian.local_gains(stack, params, xs, chunk=1)
-    fits = jacobian.local_gains(stack, params, xs[:10], chunk=1)
-    assert fits.vertical_rms.shape == (2, 3)
+    jacobian._check_gains_fit(stack, xs[:10], 1)  # the batch it names passes the same check

@@ -423,12 +423,14 @@ def test_every_module_is_an_attribute_after_a_bare_import(background):
     assert "importlib" not in names
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru", "g_lstm"])
-@pytest.mark.parametrize("order,checkpoint", [("layer", None), ("layer", 2), ("layer", "auto"),
-                                              ("wavefront", None), ("wavefront", 3)])
+@pytest.mark.parametrize("name,order,checkpoint", [
+    ("lstm", "layer", None), ("gru", "layer", 2), ("g_lstm", "layer", "auto"),
+    ("gru", "wavefront", None), ("g_lstm", "wavefront", 3), ("lstm", "wavefront", 3)])
 def test_taps_give_the_norms_of_the_perturbation_gradients(name, order, checkpoint, x64):
     """``taps`` (norm_tap) against the perturbation gradients they summarise: for every state,
-    grad w.r.t. taps[l, b, t] == ||grad w.r.t. perturb[l, b, t, :]||_2."""
+    grad w.r.t. taps[l, b, t] == ||grad w.r.t. perturb[l, b, t, :]||_2. Each cell (two states,
+    one, a time gate) in both orders, each order's checkpointing once (the taps are the
+    stack's, the same for every cell: pairs cover it, not the product)."""
     stack = Stack(name, layers=L, input_size=D, hidden_size=H, input_projection=True,
                   order=order, checkpoint=checkpoint)
     params = random_params(stack, 7)
