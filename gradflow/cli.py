@@ -193,10 +193,13 @@ def cell_name(text: str) -> str:
 def layer_cells(text: str) -> list[str]:
     """``--cell`` split into one cell per layer at its commas; an entry ``key=value`` after a
     cell written with its options continues that cell's options (:func:`gradflow.cells.
-    parse_spec`), so one cell with several options stays one.
+    parse_spec`), so one cell with several options stays one; a cell ending in ``*N`` is N
+    layers of it (quote it in a shell: ``--cell 'lstm*15,star'``).
 
     >>> layer_cells("gru,star,gru"), layer_cells("lstm:forget_bias=1.0,init=torch,star")
     (['gru', 'star', 'gru'], ['lstm:forget_bias=1.0,init=torch', 'star'])
+    >>> layer_cells("lstm*3,star")
+    ['lstm', 'lstm', 'lstm', 'star']
     """
     cells = []
     for item in text.split(","):
@@ -204,7 +207,8 @@ def layer_cells(text: str) -> list[str]:
             cells[-1] += "," + item
         else:
             cells.append(item)
-    return cells
+    runs = [re.fullmatch(r"(.+)\*([1-9][0-9]*)", c) for c in cells]
+    return [c for c, m in zip(cells, runs) for c in ([m[1]] * int(m[2]) if m else [c])]
 
 
 def _name_list(text: str, what: str, one: str, valid, also=lambda s: False) -> list[str]:
@@ -1187,7 +1191,8 @@ def add_heatmap(sub):
     p.add_argument("--cell", type=cell_name, default="lstm",
                    help="cell name, see `gradflow cells`, a name with options "
                         "(lstm:forget_bias=1.0), or module:factory, a user's factory returning a "
-                        "gradflow Cell (or a Cell) (default: lstm)")
+                        "gradflow Cell (or a Cell); or one cell per layer, bottom up "
+                        "(gru,star,gru or 'gru*2,star') (default: lstm)")
     add_params_option(p)
     add_problem_options(p, layers=16, steps=32, hidden=64, batch=16)
     g = add_measurement_options(p, wrt="hidden", task=True)
@@ -1540,7 +1545,8 @@ def add_gates(sub):
             gradflow gates --cell lstm --init ugi --gate f --eps 0.1
         """)
     p.add_argument("--cell", type=cell_name, default="lstm",
-                   help="cell name, name:option=value, or module:factory (default: lstm)")
+                   help="cell name, name:option=value, or module:factory; or one per layer, "
+                        "bottom up (gru,star,gru or 'gru*2,star') (default: lstm)")
     p.add_argument("--gate", default=None, help="only this gate (default: every gate)")
     p.add_argument("--eps", type=fraction, default=0.05,
                    help="saturation margin, in (0, 0.5) (default: 0.05)")
