@@ -223,17 +223,28 @@ def origin(config: Mapping) -> str:
     stack's own initialisation), or, where the config records ``params`` (the source of
     trained weights, e.g. ``gradflow heatmap --params RUN`` or a ``meta=`` you give),
     ``"trained (step 200 of RUN)"`` (with ``train_step``) or ``"params from FILE"``; ``""``
-    where it records neither.
+    where it records neither. A stack of different cells records each layer's options
+    (``cell_options``, a list): their init, one for all layers or each layer's.
 
     >>> origin({"init": "orthogonal"}), origin({"init": "orthogonal", "params": "runs/a",
     ...                                          "train_step": 200})
     ('init orthogonal', 'trained (step 200 of runs/a)')
+    >>> origin({"cell_options": [{"init": "chrono"}, {"init": "chrono"}]})
+    'init chrono'
     """
     if config.get("params") is not None:
         if config.get("train_step") is not None:
             return f"trained (step {config['train_step']} of {config['params']})"
         return f"params from {config['params']}"
-    return f"init {config['init']}" if config.get("init") is not None else ""
+    if config.get("init") is not None:
+        return f"init {config['init']}"
+    per_layer = config.get("cell_options")
+    if isinstance(per_layer, list) and all(isinstance(o, Mapping) and o.get("init")
+                                           for o in per_layer) and per_layer:
+        inits = list(dict.fromkeys(str(o["init"]) for o in per_layer))
+        return "init " + (inits[0] if len(inits) == 1 else " / ".join(
+            str(o["init"]) for o in per_layer))
+    return ""
 
 
 def underflow_count(values, positive=True) -> int:

@@ -959,7 +959,8 @@ def test_heatmap_and_gates_of_one_cell_per_layer(capsys, tmp_path, user_module):
     rc, out, err = run(capsys, "heatmap", "--cell", "gru,star,gru", "--layers", 3, "--steps", 4,
                        "--hidden", 6, "--batch", 2, "--out", tmp_path / "map.png")
     assert rc == 0, err
-    assert out.startswith("gradflow heatmap: gru / star / gru, 3 layers x 4 steps")
+    assert out.startswith("gradflow heatmap: gru / star / gru, 3 layers x 4 steps, H=6, B=2, "
+                          "seed 0, init orthogonal,")
     got = gradflow.load(tmp_path / "map.npz")
     assert got.config["cell"] == ["gru", "star", "gru"]
     with jax.enable_x64(False):
