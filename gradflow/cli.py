@@ -822,7 +822,7 @@ def _cell(args, steps: int):
     ``--init``/``--option``."""
     specs = layer_cells(args.cell)
     if len(specs) == 1:
-        return _one_cell(args, args.cell, steps)
+        return _one_cell(args, specs[0], steps)
     if len(specs) != args.layers:
         raise _usage(args, f"--cell names {len(specs)} cells for --layers {args.layers}: give "
                            f"one cell, or one per layer")
