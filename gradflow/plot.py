@@ -619,6 +619,16 @@ def _gate_layers(stats: Result, gate: str, n_layers: int) -> list[int]:
     return [int(l) for l in stats.config.get("gate_layers", {}).get(gate, range(n_layers))]
 
 
+def _headed(head: str, rest: str) -> str:
+    """A panel's title: ``head`` (what was measured, :func:`subject`) and ``rest``, on one
+    line (``"lstm \u00b7 gate f saturated (eps=0.05)"``), or on two where that line would be
+    long (a stack of different cells, a gate in some layers only), so that the panels of one
+    figure do not overlap."""
+    if not head:
+        return rest
+    return f"{head}\n{rest}" if len(head) + len(rest) > 42 else f"{head} \u00b7 {rest}"
+
+
 def _only_in(layers: list[int], n_layers: int) -> str:
     """``" (layers 1, 3 only)"`` where a gate is in some layers only, else ``""``."""
     if len(layers) == n_layers:
@@ -710,8 +720,7 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
     bad = int(np.sum(~np.isfinite(hist[rows])))
     if chosen == "pooled":
         what += _only_in(present, n_layers)
-    base = " \u00b7 ".join(p for p in (subject(stats.config, ""), f"gate {gate} ({what})")
-                           if p)
+    base = _headed(subject(stats.config, ""), f"gate {gate} ({what})")
     lines = [_with_counts(base if title is None else title, bad)]
     if outside is not None:
         counts = outside[rows].sum(axis=0)
@@ -777,9 +786,9 @@ def _saturation_map(stats, gate, ax, cmap, title, colorbar, vmin, vmax, fitted):
         ax.text((T - 1) / 2, l, f"no gate {gate}", ha="center", va="center", fontsize="small",
                 color="0.3")
     eps = next((stats.config[k] for k in ("eps", "epsilon") if k in stats.config), None)
-    base = " \u00b7 ".join(p for p in (subject(stats.config, ""), f"gate {gate} saturated")
-                           if p) + _only_in(present, values.shape[0])
-    base += f" (eps={eps:g})" if isinstance(eps, (int, float)) else ""
+    base = _headed(subject(stats.config, ""), f"gate {gate} saturated"
+                   + _only_in(present, values.shape[0])
+                   + (f" (eps={eps:g})" if isinstance(eps, (int, float)) else ""))
     ax.set_title(_with_counts(base if title is None else title,
                               int(np.sum(~np.isfinite(values.compressed())))))
     if colorbar:
