@@ -1559,7 +1559,9 @@ def add_gates(sub):
     _finish(p, run_gates)
 
 
-def _gate_lines(stats, gate: str, summary: dict, kind: str) -> list[str]:
+def _gate_lines(stats, gate: str, summary: dict, kind: str, absent: dict) -> list[str]:
+    """The summary lines of one gate (``absent``: :func:`gradflow.results.not_measured` of
+    ``stats``)."""
     s = summary[gate]
     parts = [f"mean {s['mean']:.3f}", f"saturated {s['saturated']:.3f}"]
     if "slope" in s:
@@ -1571,10 +1573,9 @@ def _gate_lines(stats, gate: str, summary: dict, kind: str) -> list[str]:
     parts.append(f"non-finite {int(s.get('nonfinite', 0))}")
     lines = [f"  gate {gate:<9} ({kind}): " + ", ".join(parts)]
     per_layer = stats[f"saturated/{gate}/layer"]
-    absent = not_measured(stats.kind, stats.arrays, stats.config).get(  # a layer without it
-        f"saturated/{gate}/layer", np.zeros(per_layer.shape, bool))
+    off = absent.get(f"saturated/{gate}/layer", np.zeros(per_layer.shape, bool))  # no gate
     lines.append("    saturated per layer (bottom..top): "
-                 + " ".join("-" if off else f"{v:.3f}" for v, off in zip(per_layer, absent)))
+                 + " ".join("-" if o else f"{v:.3f}" for v, o in zip(per_layer, off)))
     if f"timescale/{gate}/unit" in stats.arrays:
         lines += ["    " + line for line in timescale_lines(stats[f"timescale/{gate}/unit"])]
     outside = np.asarray(stats[f"outside/{gate}/pooled"])
@@ -1621,8 +1622,9 @@ def run_gates(args) -> int:
               + (f" (step {stats.config['train_step']})" if "train_step" in stats.config
                  else ""))
     summary, kinds = _gates.summary(stats), stats.config["gate_kinds"]
+    absent = not_measured(stats.kind, stats.arrays, stats.config)
     for gate in shown:
-        for line in _gate_lines(stats, gate, summary, kinds[gate]):
+        for line in _gate_lines(stats, gate, summary, kinds[gate], absent):
             print(line)
     for line in _write(fig, stats, fig_path, data_path):
         print(line)

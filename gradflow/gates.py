@@ -455,16 +455,6 @@ def _stack_sums(stack: Stack, params: dict, xs, *, eps, threshold, bins: int):
                             _real_units(stack, lay), eps, threshold, bins)
 
 
-def _reduce_activations(acts: dict, kinds: dict, retain: dict, sl: dict, real, eps, threshold,
-                        bins: int):
-    """:func:`_reduce` from the activations ``acts`` ``{gate: (L, B, T, H)}`` of gates of
-    ``kinds``, their slopes ``sl`` and ``real`` (None, or ``{gate: (L, H)}``: the units of
-    layer ``l`` that hold gate values, its first ``H_l`` where it reports the gate, none where
-    it does not; the others are padding, counted nowhere); traceable."""
-    sums, hists = _activation_sums(acts, kinds, retain, sl, real, eps, threshold, bins)
-    return _means(sums), hists
-
-
 def _means(sums: dict) -> dict:
     """The means over each gate's finite entries (0/0: NaN) of :func:`_activation_sums`' float
     sums; its counts as they are."""
@@ -480,8 +470,12 @@ def _means(sums: dict) -> dict:
 
 def _activation_sums(acts: dict, kinds: dict, retain: dict, sl: dict, real, eps, threshold,
                      bins: int):
-    """``({(stat, gate): ((L, T), (L, H))}, {gate: (L, bins)})``: :func:`_reduce_activations`'
-    sums over the examples, before the means (sums add over any split of the batch)."""
+    """``({(stat, gate): ((L, T), (L, H))}, {gate: (L, bins)})``: the sums over the examples
+    (before :func:`_means`; sums add over any split of the batch) of :func:`_reduce`'s rows
+    from the activations ``acts`` ``{gate: (L, B, T, H)}`` of gates of ``kinds``, their slopes
+    ``sl`` and ``real`` (None, or ``{gate: (L, H)}``: the units of layer ``l`` that hold gate
+    values, its first ``H_l`` where it reports the gate, none where it does not; the others
+    are padding, counted nowhere); traceable."""
     rows = _rows(acts, kinds, retain, sl, eps, threshold)
     keys = list(rows)
     sums = _batch_sums(tuple(rows[k] for k in keys))  # (L, T, H) each
@@ -558,7 +552,7 @@ def named_arrays(stack: Stack, red: dict, hist: dict, bins: int) -> dict:
 
 
 def _named(kinds: dict, real, red: dict, hist: dict, bins: int) -> dict:
-    """:func:`named_arrays` for gates of ``kinds`` (``real`` as :func:`_reduce_activations`)."""
+    """:func:`named_arrays` for gates of ``kinds`` (``real`` as :func:`_activation_sums`)."""
     red = {k: (np.asarray(m), np.asarray(u)) for k, (m, u) in red.items()}
     arrays = {"bin_edges": bin_edges(bins)}
     for g, kind in kinds.items():

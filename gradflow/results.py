@@ -239,11 +239,10 @@ def origin(config: Mapping) -> str:
     if config.get("init") is not None:
         return f"init {config['init']}"
     per_layer = config.get("cell_options")
-    if isinstance(per_layer, list) and all(isinstance(o, Mapping) and o.get("init")
-                                           for o in per_layer) and per_layer:
-        inits = list(dict.fromkeys(str(o["init"]) for o in per_layer))
-        return "init " + (inits[0] if len(inits) == 1 else " / ".join(
-            str(o["init"]) for o in per_layer))
+    if isinstance(per_layer, list) and per_layer and all(
+            isinstance(o, Mapping) and o.get("init") for o in per_layer):
+        inits = [str(o["init"]) for o in per_layer]
+        return "init " + (inits[0] if len(set(inits)) == 1 else " / ".join(inits))
     return ""
 
 
