@@ -191,18 +191,19 @@ def cell_name(text: str) -> str:
 
 
 def layer_cells(text: str) -> list[str]:
-    """``--cell`` split into one cell per layer at its commas; an entry ``key=value`` after a
-    cell written with its options continues that cell's options (:func:`gradflow.cells.
+    """``--cell`` split into one cell per layer at its commas (or slashes, as ``compare
+    --cells`` writes a stack: its commas separate the compared columns); an entry ``key=value``
+    after a cell written with its options continues that cell's options (:func:`gradflow.cells.
     parse_spec`), so one cell with several options stays one; a cell ending in ``*N`` is N
     layers of it (quote it in a shell: ``--cell 'lstm*15,star'``).
 
     >>> layer_cells("gru,star,gru"), layer_cells("lstm:forget_bias=1.0,init=torch,star")
     (['gru', 'star', 'gru'], ['lstm:forget_bias=1.0,init=torch', 'star'])
-    >>> layer_cells("lstm*3,star")
-    ['lstm', 'lstm', 'lstm', 'star']
+    >>> layer_cells("lstm*3,star"), layer_cells("lstm*3/star")
+    (['lstm', 'lstm', 'lstm', 'star'], ['lstm', 'lstm', 'lstm', 'star'])
     """
     cells = []
-    for item in text.split(","):
+    for item in re.split(r"[,/]", text):
         if cells and ":" in cells[-1] and "=" in item and ":" not in item:
             cells[-1] += "," + item
         else:
@@ -230,13 +231,28 @@ def _name_list(text: str, what: str, one: str, valid, also=lambda s: False) -> l
 
 def cell_list(text: str) -> list[str]:
     """``"rnn,lstm,star"``: registered cell names, a name with its options written in
-    (``"lstm:forget_bias=1.0"``, one option per entry: the commas separate cells), or a user's
-    ``module:factory`` (resolved by :func:`load_cell` when the command runs), no repeats."""
+    (``"lstm:forget_bias=1.0"``, one option per entry: the commas separate cells), a user's
+    ``module:factory`` (resolved by :func:`load_cell` when the command runs), or a stack of
+    registered cells, one per layer joined by ``/`` (``"lstm*15/star"``, :func:`layer_cells`),
+    no repeats."""
     from gradflow import cells as _cells
 
-    return _name_list(text, "cells", "cell",
-                      [*_cells.names(), "name:option=value", "module:factory"],
-                      also=lambda s: ":" in s)
+    items = _name_list(text, "cells", "cell",
+                       [*_cells.names(), "name:option=value", "module:factory",
+                        "cell/cell/...", "cell*N"],
+                       also=lambda s: ":" in s or _layered(s))
+    for item in filter(_layered, items):
+        for c in layer_cells(item):
+            if not c.strip() or (":" not in c and c not in _cells.names()):
+                raise argparse.ArgumentTypeError(
+                    f"{item!r}: expected registered cells joined by / (lstm*15/star), got "
+                    f"{c!r}; valid cells: {', '.join(_cells.names())}")
+    return items
+
+
+def _layered(text: str) -> bool:
+    """Whether a ``compare --cells`` entry is a stack written one cell per layer."""
+    return "/" in text or re.search(r"\*[0-9]+$", text) is not None
 
 
 def path_list(text: str) -> list[str]:
@@ -1354,12 +1370,15 @@ def add_compare(sub):
             gradflow compare --cells rnn,lstm,star --layers 10 --steps 10
             gradflow compare --cells lstm,gru --losses last --wrt hidden --absolute
             gradflow compare --cells lstm,lstm:forget_bias=1.0,ur_lstm --wrt hidden
+            gradflow compare --cells 'lstm,lstm*9/ur_lstm' --wrt hidden
             gradflow compare --params runs/lstm,runs/star --wrt hidden --losses last
         """)
     p.add_argument("--cells", type=cell_list, default=["rnn", "lstm", "star"],
                    help="comma-separated cell names, a name with an option such as "
-                        "lstm:forget_bias=1.0 (the same cell at another setting), or "
-                        "module:factory (a user's cell) (default: rnn,lstm,star)")
+                        "lstm:forget_bias=1.0 (the same cell at another setting), "
+                        "module:factory (a user's cell), or a stack of different cells, one "
+                        "per layer joined by / and bottom up (gru*9/star: nine GRU layers under "
+                        "a STAR one) (default: rnn,lstm,star)")
     p.add_argument("--params", type=path_list, default=None, metavar="RUN[,RUN...]",
                    help="trained runs side by side instead of fresh cells: comma-separated run "
                         "folders of `gradflow train` (each on its own task's evaluation "
@@ -1437,17 +1456,30 @@ def run_compare(args) -> int:
     if "task" in args.losses:
         _check_task_loss(args, [])
     options = _cell_options(args)
-    stacks, entries = [], []  # a name (with options), or a user's built cell (module:factory)
-    named = [c for c in args.cells if not _user_cell(c)]
+    stacks, entries = [], []  # a name (with options), one per layer, or a user's built cell
+    named = [c for c in args.cells if not _user_cell(c) or _layered(c)]
     for c in args.cells:
+        specs = layer_cells(c) if _layered(c) else [c]
+        if _layered(c) and len(specs) != args.layers:
+            raise _usage(args, f"--cells: {c} names {len(specs)} cells for --layers "
+                               f"{args.layers}: give one cell per layer")
+        if _layered(c) and any(_user_cell(s) for s in specs):
+            raise _usage(args, f"--cells: {c}: a cell of your own (module:factory) is given "
+                               "alone; a stack of different cells of yours is compared with "
+                               "the API, gradflow.experiments.map_grid")
         with user_input():
             if c in named:  # (options written in c win over --option)
-                cell = _cells.for_length(c, args.steps, **options)
+                cell = tuple(_cells.for_length(s, args.steps, **options) for s in specs)
             else:
-                cell = load_cell(c, options)
-        entries.append(c if c in named else cell)
-        stacks.append(checked_stack(cell, args.layers, first_width(args.hidden), args.hidden))
-    labels = [e if isinstance(e, str) else e.name for e in entries]
+                cell = (load_cell(c, options),)
+        entries.append((specs if len(specs) > 1 else specs[0]) if c in named else cell[0])
+        try:
+            stacks.append(checked_stack(cell if len(cell) > 1 else cell[0], args.layers,
+                                        first_width(args.hidden), args.hidden))
+        except InputError as e:  # which of the columns
+            raise InputError(f"--cells {c}: {e}") from None
+    labels = [experiments.stack_label(e) if isinstance(e, list) else
+              e if isinstance(e, str) else e.name for e in entries]
     if len(set(labels)) < len(labels):
         raise InputError(f"--cells: two cells are named alike ({', '.join(labels)}); a user's "
                          "cell is labelled by its name")
@@ -1462,7 +1494,8 @@ def run_compare(args) -> int:
         entries, args.losses, wrt=args.wrt, readout_seed=args.readout_seed,
         layers=args.layers, steps=args.steps, hidden=args.hidden, batch=args.batch,
         seed=args.seed, dtype=args.dtype, init=args.init, input_scale=args.input_scale,
-        cell_options={c: dict(args.option) for c in named} if args.option else None)
+        cell_options={label: dict(args.option) for label, c in zip(labels, args.cells)
+                      if c in named} if args.option else None)
     fig = plot.draw_grid(grid, normalize=not args.absolute)
     first = grid.config["maps"][f"{args.losses[0]}/{labels[0]}"]
     print(f"gradflow compare: {', '.join(labels)}; {args.layers} layers x {args.steps} steps, "

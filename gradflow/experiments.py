@@ -26,6 +26,7 @@ The unpacking functions (:func:`panel`, :func:`gain_panel`, :func:`stats_panel`,
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 
 from gradflow import cells as _cells
@@ -62,22 +63,46 @@ def _names(value, what: str, one: str, valid) -> list[str]:
 
 def _cell_entries(cells) -> tuple[list[str], list]:
     """``(labels, cells)``: each entry a registered name, or a name with options
-    (``"lstm:forget_bias=1.0"``, :func:`gradflow.cells.parse_spec`), its own label; or a built
-    :class:`gradflow.cells.Cell` (a user's, labelled by ``cell.name``); distinct labels."""
+    (``"lstm:forget_bias=1.0"``, :func:`gradflow.cells.parse_spec`), its own label; a built
+    :class:`gradflow.cells.Cell` (a user's, labelled by ``cell.name``); or a list of those, one
+    per layer (labelled by :func:`stack_label`); distinct labels."""
     items = [cells] if isinstance(cells, (str, _cells.Cell)) else list(cells)
     if not items:
         raise ValueError(f"cells is empty; give cell names ({', '.join(_cells.names())}) or "
                          "gradflow Cells")
     labels = []
     for item in items:
-        if isinstance(item, _cells.Cell):
-            labels.append(item.name)
-        elif isinstance(item, str):
-            _names(_cells.parse_spec(item)[0], "cells", "cell", _cells.names())
-            labels.append(item)
+        if isinstance(item, (list, tuple)):
+            if not item:
+                raise ValueError("a stack of different cells in cells is empty; give one cell "
+                                 "per layer")
+            labels.append(stack_label([_cell_label(x) for x in item]))
         else:
-            raise TypeError(f"cells are names or gradflow Cells, got {type(item).__name__}")
+            labels.append(_cell_label(item))
     return _names(labels, "cells", "cell", labels), items
+
+
+def _cell_label(item) -> str:
+    """One cell's label in a grid: a name (checked; with its options written in) or a built
+    Cell's name."""
+    if isinstance(item, _cells.Cell):
+        return item.name
+    if isinstance(item, str):
+        _names(_cells.parse_spec(item)[0], "cells", "cell", _cells.names())
+        return item
+    raise TypeError(f"cells are names or gradflow Cells (or a list of them, one per layer), "
+                    f"got {type(item).__name__}")
+
+
+def stack_label(cells) -> str:
+    """A stack of different cells (their labels, bottom up) labelled as ``gradflow compare
+    --cells`` writes it: layers joined by ``/``, a run of one cell ``name*N``.
+
+    >>> stack_label(["gru", "gru", "gru", "star"]), stack_label(["lstm", "star", "lstm"])
+    ('gru*3/star', 'lstm/star/lstm')
+    """
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(cells)]
+    return "/".join(k if n == 1 else f"{k}*{n}" for k, n in runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,10 +122,13 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
 
     Args:
       cells: cell names, names with options (``"lstm:forget_bias=1.0"``: the same cell at
-        another setting beside it, labelled by that text), or built cells
+        another setting beside it, labelled by that text), built cells
         (:class:`gradflow.cells.Cell`, e.g. a user's from :func:`gradflow.cells.from_function`:
         labelled by ``cell.name``, built on the same problem with its own initialisation;
-        ``init`` and ``cell_options`` are for names). Labels must be distinct.
+        ``init`` and ``cell_options`` are for names), or a list of those, one per layer (a
+        stack of different cells, bottom up: ``["lstm"] * 15 + ["star"]``, labelled
+        ``"lstm*15/star"`` by :func:`stack_label`; ``init`` and that label's
+        ``cell_options`` apply to each named layer). Labels must be distinct.
       losses: ``"last"`` and/or ``"all"``.
       init: every named cell's initialisation: ``"orthogonal"`` by default, STAR Fig. 2's one
         setting for all cells (it replaces e.g. UR-LSTM's own ``ugi``); None gives each cell its
@@ -119,14 +147,15 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
         choice("wrt", wrt, WRTS)
         float_dtype(dtype)
         cell_options = dict(cell_options or {})
-        unknown = sorted(set(cell_options)
-                         - {c for c, b in zip(cells, built) if isinstance(b, str)})
+        unknown = sorted(set(cell_options) - {c for c, b in zip(cells, built) if any(
+            isinstance(x, str) for x in (b if isinstance(b, (list, tuple)) else [b]))})
         if unknown:
             raise ValueError(f"cell_options for cells not in the grid: {', '.join(unknown)} "
                              "(a built Cell carries its own options)")
 
         def problem_of(cell, entry, seed):  # seed None: the checked stack only
-            if isinstance(entry, str):  # (options written in entry win over cell_options)
+            if not isinstance(entry, _cells.Cell):  # a name, or one per layer (options
+                # written in a name win over cell_options)
                 return cell_problem(entry, layers=layers, steps=steps, hidden=hidden,
                                     batch=batch, seed=seed, dtype=dtype, init=init,
                                     input_scale=input_scale, options=cell_options.get(cell))

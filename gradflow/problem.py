@@ -158,12 +158,13 @@ def _cell_options(init: str | None, options: dict | None) -> dict:
     return options
 
 
-def cell_problem(cell: str, *, layers: int, steps: int, hidden: int, batch: int = 16,
+def cell_problem(cell, *, layers: int, steps: int, hidden: int, batch: int = 16,
                  seed: int | None = 0, dtype: str = "float32", init: str | None = None,
                  input_size: int | None = None, input_scale: float = 1.0,
                  input_projection: bool | None = None, options: dict | None = None):
     """:func:`problem` for a named cell (or one written with options, ``"lstm:forget_bias=1.0"``:
-    those win), with ``init`` and ``options`` applied to the cell
+    those win), with ``init`` and ``options`` applied to the cell; or for a list of them, one
+    per layer (a built :class:`gradflow.cells.Cell` among them is taken as it is)
     (``seed=None``: its checked :class:`Stack` only, :func:`problem_stack`, nothing drawn).
 
     The cell is built first (:func:`gradflow.cells.for_length`: a cell with a
@@ -173,12 +174,19 @@ def cell_problem(cell: str, *, layers: int, steps: int, hidden: int, batch: int 
     >>> p = cell_problem("g_lstm", layers=2, steps=7, hidden=4, batch=3)
     >>> p.xs.shape, p.stack.cell.config["steps"]
     ((3, 7, 4), 7)
+    >>> cell_problem(["gru", "gru", "star"], layers=3, steps=7, hidden=4).stack.config["cell"]
+    ['gru', 'gru', 'star']
 
     Raises:
       ValueError: unknown cell or option, or sizes the cell cannot take (refined cells need
         ``hidden``-wide layer inputs: ``input_projection=False`` with ``input_size != hidden``).
     """
-    built = _cells.for_length(cell, steps, **_cell_options(init, options))
+    options = _cell_options(init, options)
+    if isinstance(cell, (list, tuple)):
+        built = tuple(c if isinstance(c, _cells.Cell) else _cells.for_length(c, steps, **options)
+                      for c in cell)
+    else:
+        built = _cells.for_length(cell, steps, **options)
     stack_options = {} if input_projection is None else {"input_projection": input_projection}
     if seed is None:  # the plan only (see problem_stack)
         return problem_stack(built, layers=layers, steps=steps, hidden=hidden, batch=batch,

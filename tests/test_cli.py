@@ -591,6 +591,41 @@ def test_heatmap_and_gates_take_a_cell_written_with_its_options(capsys, tmp_path
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_compare_takes_stacks_of_different_cells(capsys, user_module):
+    """``compare --cells 'gru,gru*2/star'``: a column written one cell per layer (joined by
+    ``/``, its commas separating the columns) is that stack's map, ``--option`` applied to each
+    layer; heatmap's ``--cell`` reads the same ``/``; the edges name the column."""
+    rc, out, err = run(capsys, "compare", "--cells", "gru,gru*2/star", "--losses", "last",
+                       "--wrt", "hidden", "--layers", 3, "--steps", 3, "--hidden", 6,
+                       "--batch", 2, "--option", "init=glorot")
+    assert rc == 0, err
+    grid = gradflow.load(_written(out, "data:"))
+    assert grid.config["cells"] == ["gru", "gru*2/star"]
+    assert out.startswith("gradflow compare: gru, gru*2/star; 3 layers x 3 steps")
+    assert next(l for l in out.splitlines() if l.split()[:2] == ["last", "gru*2/star"])
+    with jax.enable_x64(False):
+        prob = gradflow.problem([gradflow.cells.get(c, init="glorot")
+                                 for c in ("gru", "gru", "star")],
+                                layers=3, steps=3, hidden=6, batch=2)
+        want = gradflow.gradient_map(prob.stack, prob.params, prob.xs, wrt="hidden")
+    np.testing.assert_array_equal(grid["values/last/gru*2/star"], want.values)
+    rc, out, err = run(capsys, "heatmap", "--cell", "gru/gru/star", "--init", "glorot",
+                       "--layers", 3, "--steps", 3, "--hidden", 6, "--batch", 2, "--wrt",
+                       "hidden", "--out", "h.png")
+    assert rc == 0, err
+    np.testing.assert_array_equal(gradflow.load("h.npz").values, want.values)
+    for cells, message in (
+            ("gru,gru/star", "--cells: gru/star names 2 cells for --layers 3"),
+            ("gru,gru/stir/gru", "'gru/stir/gru': expected registered cells joined by /"),
+            ("gru,lstm*2/star", "--cells lstm[*]2/star: every layer's cell must carry the same "
+                                "states"),
+            (f"gru,gru*2/{user_module}:sin_rnn", r"a cell of your own \(module:factory\) is "
+                                                 "given alone")):
+        rc, out, err = run(capsys, "compare", "--cells", cells, "--layers", 3)
+        assert rc == 2 and re.search(message, err), err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_compare_takes_a_users_cell_by_import_path(capsys, user_module):
     rc, out, err = run(capsys, "compare", "--cells", f"rnn,{user_module}:sin_rnn", "--losses",
                        "all", "--wrt", "hidden", *SMALL)

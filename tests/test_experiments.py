@@ -140,7 +140,8 @@ def test_gradient_grid_takes_a_users_cell():
         experiments.gradient_grid([user], cell_options={"tanh_rnn": {}}, **SMALL)
     with pytest.raises(ValueError, match="cells repeats tanh_rnn"):
         experiments.gradient_grid([user, user], **SMALL)
-    with pytest.raises(TypeError, match="cells are names or gradflow Cells, got int"):
+    with pytest.raises(TypeError, match=r"cells are names or gradflow Cells \(or a list of them, "
+                                         r"one per layer\), got int"):
         experiments.gradient_grid(["rnn", 3], **SMALL)
 
 
@@ -280,6 +281,34 @@ def test_experiments_in_float64_need_no_64_bit_switch_from_the_caller():
     v = experiments.vertical_gain(["lstm"], layers=2, steps=3, hidden=4, batch=2,
                                   dtype="float64")
     assert v.config["dtype"] == "float64"
+
+
+def test_gradient_grid_takes_a_stack_of_different_cells_as_one_entry():
+    """An entry that lists one cell per layer (names, a name with its options, built Cells) is
+    that stack's map on the grid's problem, labelled as the CLI writes it; ``init`` and its
+    label's ``cell_options`` apply to each named layer, a built Cell keeps its own."""
+    from gradflow.problem import problem
+
+    star = gradflow.cells.get("star", init="glorot")
+    grid = experiments.gradient_grid(
+        [["gru", "gru:init=glorot", star], ["gru"] * 3], "last", wrt="hidden", layers=3,
+        steps=4, hidden=6, batch=2, seed=2, init="orthogonal",
+        cell_options={"gru*3": {"init": "torch"}})
+    assert grid.config["cells"] == ["gru/gru:init=glorot/star", "gru*3"]
+    for label, cells in (("gru/gru:init=glorot/star", [gradflow.cells.get("gru", init=i)
+                                                       for i in ("orthogonal", "glorot")]
+                          + [star]),
+                         ("gru*3", [gradflow.cells.get("gru", init="torch")] * 3)):
+        prob = problem(cells, layers=3, steps=4, hidden=6, batch=2, seed=2)
+        want = gradflow.gradient_map(prob.stack, prob.params, prob.xs, wrt="hidden")
+        np.testing.assert_array_equal(experiments.panel(grid, "last", label).values,
+                                      want.values)
+    with pytest.raises(ValueError, match="one cell per layer: got 2 cells for 3 layers"):
+        experiments.gradient_grid([["gru", "star"]], layers=3, steps=2, hidden=4)
+    with pytest.raises(ValueError, match="unknown cell 'stir'"):
+        experiments.gradient_grid([["gru", "stir", "gru"]], layers=3, steps=2, hidden=4)
+    with pytest.raises(ValueError, match="is empty"):
+        experiments.gradient_grid([[]], layers=3, steps=2, hidden=4)
 
 
 def test_map_grid_of_problems_you_built():
