@@ -614,14 +614,14 @@ def test_compare_takes_stacks_of_different_cells(capsys, user_module):
                        "hidden", "--out", "h.png")
     assert rc == 0, err
     np.testing.assert_array_equal(gradflow.load("h.npz").values, want.values)
-    for cells, message in (
+    for given, message in (
             ("gru,gru/star", "--cells: gru/star names 2 cells for --layers 3"),
             ("gru,gru/stir/gru", "'gru/stir/gru': expected registered cells joined by /"),
             ("gru,lstm*2/star", "--cells lstm[*]2/star: every layer's cell must carry the same "
                                 "states"),
             (f"gru,gru*2/{user_module}:sin_rnn", r"a cell of your own \(module:factory\) is "
                                                  "given alone")):
-        rc, out, err = run(capsys, "compare", "--cells", cells, "--layers", 3)
+        rc, out, err = run(capsys, "compare", "--cells", given, "--layers", 3)
         assert rc == 2 and re.search(message, err), err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
