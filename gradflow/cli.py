@@ -1912,7 +1912,8 @@ def add_train(sub):
                    help="the synthetic task (gradflow.tasks: adding, copy, counting, digits; "
                         "default: adding)")
     p.add_argument("--cell", type=cell_name, default="lstm",
-                   help="cell name, name:option=value, or module:factory (default: lstm)")
+                   help="cell name, name:option=value, module:factory, or one registered cell "
+                        "per layer, bottom up ('lstm*3,ur_lstm') (default: lstm)")
     p.add_argument("--seq-len", type=positive_int, default=None, metavar="T",
                    help="sequence length (adding, counting: steps; copy: sets the lag; default: "
                         "the task's own)")
@@ -1991,14 +1992,26 @@ def _train_dir(args) -> Path:
     return out
 
 
+def _train_subject(args) -> str:
+    """The trained stack's cell as the summaries name it: ``--cell`` as written, or a stack of
+    different cells bottom up with runs counted (``gru x3 / star``, :func:`gradflow.plot.
+    subject`)."""
+    cells = layer_cells(args.cell)
+    if len(cells) == 1:
+        return args.cell
+    from gradflow import plot
+
+    return plot.subject({"cell": cells})
+
+
 def _train_report(args, task, hist, out: Path) -> list[str]:
     """Print the evaluation table and each recorded map's summary; write the figures and
     the maps; return the written paths."""
     from gradflow import plot
 
-    c = hist.curve
-    written = [str(out / "curve.npz"), plot.save(plot.draw_curves({args.cell: c}, title=(
-        f"{args.cell}, {args.layers} layers, on {task.name} (T={task.steps})")),
+    c, what = hist.curve, _train_subject(args)
+    written = [str(out / "curve.npz"), plot.save(plot.draw_curves({what: c}, title=(
+        f"{what}, {args.layers} layers, on {task.name} (T={task.steps})")),
         out / "curve.png")]
     timed = "eval_updates" in c.arrays  # a time-gated cell's share of updates
     print(f"  {'step':>6}  {'eval loss':>10}  {'eval ' + task.metric:>13}"
@@ -2017,7 +2030,7 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
             print("    " + line)
     if maps:
         fig = plot.grid(maps, rows=["map"], cols=[k[1] for k in maps], normalize=False,
-                        title=f"{args.cell}: gradient maps wrt {args.wrt} during training")
+                        title=f"{what}: gradient maps wrt {args.wrt} during training")
         written.append(plot.save(fig, out / "maps.png"))
     # the run's own files (train's run_dir): its records, read back by a resumed run
     return written + sorted(str(p) for p in out.glob("record-*.npz")) + [str(out / "state.npz")]
@@ -2037,13 +2050,11 @@ def run_train(args) -> int:
     if args.record and max(args.record) > args.steps:
         raise _usage(args, f"--record steps must lie in 0..{args.steps} (--steps), got "
                            f"{max(args.record)}")
-    if len(layer_cells(args.cell)) > 1:
-        raise _usage(args, "--cell: train takes one cell (a stack of different cells is trained "
-                           "with the API: gradflow.train on gradflow.Stack([cell, ...], ...))")
-    cell = _cell(args, task.steps)  # a registered name or a user's module:factory
+    cell = _cell(args, task.steps)  # a registered name, a user's module:factory, one per layer
     with user_input():
         stack = task_stack(cell, task, layers=args.layers, hidden=args.hidden)
-    checked_stack(stack.cells[0], stack.layers, stack.input_size, stack.hidden_size)
+    checked_stack(cell if isinstance(cell, tuple) else stack.cells[0], stack.layers,
+                  stack.input_size, stack.hidden_size)
     if not args.lr > 0 or not args.clip > 0 or not args.budget >= 0:
         raise _usage(args, f"--lr and --clip must be positive and --budget >= 0, got lr "
                            f"{args.lr:g}, clip {args.clip:g}, budget {args.budget:g}")
@@ -2061,7 +2072,9 @@ def run_train(args) -> int:
         if record:  # the recorded maps' wrt, not at the first record step
             check_wrt(stack, args.wrt)
     out = _train_dir(args)
-    print(f"gradflow train: {args.cell} x {args.layers} layers, H={width_text(args.hidden)}, on "
+    what = _train_subject(args)  # (a stack of different cells names its layers itself)
+    print(f"gradflow train: {what}{' x' if what == args.cell else ','} {args.layers} layers, "
+          f"H={width_text(args.hidden)}, on "
           f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
           f"{args.batch}, lr {args.lr:g}, seed {args.seed}"
           + (f", budget {args.budget:g}" if args.budget else ""), flush=True)

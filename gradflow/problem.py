@@ -181,12 +181,7 @@ def cell_problem(cell, *, layers: int, steps: int, hidden: int, batch: int = 16,
       ValueError: unknown cell or option, or sizes the cell cannot take (refined cells need
         ``hidden``-wide layer inputs: ``input_projection=False`` with ``input_size != hidden``).
     """
-    options = _cell_options(init, options)
-    if isinstance(cell, (list, tuple)):
-        built = tuple(c if isinstance(c, _cells.Cell) else _cells.for_length(c, steps, **options)
-                      for c in cell)
-    else:
-        built = _cells.for_length(cell, steps, **options)
+    built = _built(cell, steps, _cell_options(init, options))
     stack_options = {} if input_projection is None else {"input_projection": input_projection}
     if seed is None:  # the plan only (see problem_stack)
         return problem_stack(built, layers=layers, steps=steps, hidden=hidden, batch=batch,
@@ -197,15 +192,18 @@ def cell_problem(cell, *, layers: int, steps: int, hidden: int, batch: int = 16,
                    stack_options=stack_options)
 
 
-def task_stack(cell: str, task, *, layers: int, hidden: int, init: str | None = None,
+def task_stack(cell, task, *, layers: int, hidden: int, init: str | None = None,
                options: dict | None = None, cell_steps: int | None = None) -> Stack:
     """The :class:`gradflow.Stack` a training run of ``cell`` on ``task`` uses: ``layers`` x
     ``hidden``, reading the task's ``input_size`` features (projected to ``hidden`` where the
     cell needs it). A cell with a ``length_option`` (g-LSTM) is initialised over
-    ``cell_steps`` (default: the task's length ``T``) unless ``options`` set it.
+    ``cell_steps`` (default: the task's length ``T``) unless ``options`` set it. ``cell`` may
+    list one cell per layer, as :func:`cell_problem`'s.
 
     >>> task_stack("g_lstm", "adding", layers=2, hidden=8, cell_steps=20).cell.config["steps"]
     20
+    >>> task_stack(["gru", "star"], "adding", layers=2, hidden=8).config["cell"]
+    ['gru', 'star']
 
     Raises:
       ValueError: unknown cell, task or option.
@@ -215,8 +213,17 @@ def task_stack(cell: str, task, *, layers: int, hidden: int, init: str | None = 
     if isinstance(task, str):
         task = _tasks.make(task)
     length = task.steps if cell_steps is None else int(cell_steps)
-    built = _cells.for_length(cell, length, **_cell_options(init, options))
-    return Stack(built, layers, task.input_size, hidden)
+    return Stack(_built(cell, length, _cell_options(init, options)), layers, task.input_size,
+                 hidden)
+
+
+def _built(cell, steps: int, options: dict):
+    """``cell`` (a name, a Cell, or a list of those, one per layer) built for ``steps`` with
+    ``options`` (:func:`gradflow.cells.for_length`; a built Cell is taken as it is)."""
+    if isinstance(cell, (list, tuple)):
+        return tuple(c if isinstance(c, _cells.Cell) else _cells.for_length(c, steps, **options)
+                     for c in cell)
+    return _cells.for_length(cell, steps, **options)
 
 
 __all__ = ["DTYPES", "Problem", "cell_problem", "check_input_scale", "dtype_of",

@@ -1029,7 +1029,8 @@ def test_heatmap_and_gates_of_one_cell_per_layer(capsys, tmp_path, user_module):
             (("heatmap", "--cell", f"gru,{user_module}:sin_rnn", "--layers", 2),
              r"a cell of your own \(module:factory\) is given alone"),
             (("gates", "--cell", "rnn,rnn", "--layers", 2), "--cell 'rnn,rnn' reports no gates"),
-            (("train", "--cell", "gru,star", "--layers", 2), "train takes one cell")):
+            (("train", "--cell", "gru,lstm", "--layers", 2),
+             "every layer's cell must carry the same states")):
         rc, out, err = run(capsys, *argv)
         assert rc == 2 and re.search(message, err), err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -135,6 +135,33 @@ def test_one_width_per_layer_trains_that_stack(tmp_path, capsys):
     assert params["layers"][1]["f"]["U"].shape == (4, 4)
 
 
+def test_one_cell_per_layer_trains_that_stack(tmp_path, capsys):
+    """``--cell 'gru*2,star'`` trains the GRU/GRU/STAR stack: the library's run of that stack,
+    saved with each layer's cell, which heatmap --params measures."""
+    out = tmp_path / "mixed"
+    code = main(["train", "--out", str(out), "--cell", "gru*2,star", "--layers", "3",
+                 "--hidden", "6", "--steps", "3", "--batch", "4", "--seq-len", "5",
+                 "--eval-every", "3", "--eval-batch", "4", "--seed", "2"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.out.startswith("gradflow train: gru x2 / star, 3 layers, H=6, on adding")
+    stack, params = runs.load_params(out)
+    assert stack.config["cell"] == ["gru", "gru", "star"]
+    task = tasks.make("adding", steps=5)
+    with precision("float32"):
+        want = train(task_stack(["gru", "gru", "star"], task, layers=3, hidden=6), task,
+                     steps=3, batch=4, seed=2, eval_every=3, eval_batch=4, progress=False)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        want.params["stack"])
+    for a, b in zip(jax.tree_util.tree_leaves(params),
+                    jax.tree_util.tree_leaves(want.params["stack"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    code = main(["heatmap", "--params", str(out), "--out", str(tmp_path / "h.png")])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.out.startswith("gradflow heatmap: gru x2 / star, 3 layers"), printed.out
+
+
 def test_a_new_run_in_a_used_folder_leaves_none_of_the_old_runs_maps(tmp_path, capsys):
     out = tmp_path / "d"
     small = ["--steps", "2", "--eval-batch", "4", "--batch", "2", "--seq-len", "4",
