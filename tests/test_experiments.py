@@ -295,11 +295,11 @@ def test_gradient_grid_takes_a_stack_of_different_cells_as_one_entry():
         steps=4, hidden=6, batch=2, seed=2, init="orthogonal",
         cell_options={"gru*3": {"init": "torch"}})
     assert grid.config["cells"] == ["gru/gru:init=glorot/star", "gru*3"]
-    for label, cells in (("gru/gru:init=glorot/star", [gradflow.cells.get("gru", init=i)
-                                                       for i in ("orthogonal", "glorot")]
-                          + [star]),
-                         ("gru*3", [gradflow.cells.get("gru", init="torch")] * 3)):
-        prob = problem(cells, layers=3, steps=4, hidden=6, batch=2, seed=2)
+    for label, layers in (("gru/gru:init=glorot/star", [gradflow.cells.get("gru", init=i)
+                                                        for i in ("orthogonal", "glorot")]
+                           + [star]),
+                          ("gru*3", [gradflow.cells.get("gru", init="torch")] * 3)):
+        prob = problem(layers, layers=3, steps=4, hidden=6, batch=2, seed=2)
         want = gradflow.gradient_map(prob.stack, prob.params, prob.xs, wrt="hidden")
         np.testing.assert_array_equal(experiments.panel(grid, "last", label).values,
                                       want.values)
