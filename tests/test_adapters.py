@@ -260,6 +260,12 @@ def test_equinox_user_module_without_input_size(x64):
     fresh = stack.init(jax.random.key(0), jnp.float64)  # init= builds each layer at its width
     assert fresh["layers"][0]["Wz"].shape == (H, D + H)
     assert fresh["layers"][1]["Wz"].shape == (H, 2 * H)
+    # without init, finding the gate kinds needs its input width: input_size= (else the message)
+    with pytest.raises(ValueError, match=r"_MinGRU does not say how many features it reads.*"
+                                         r"give from_equinox\(..., input_size=N\)"):
+        cells.from_equinox(trained[0], gates=z_of)
+    assert cells.from_equinox(trained[0], gates=z_of, input_size=D).gate_kinds == (
+        ("z", "sigmoid"),)
 
 
 def test_nnx_user_module_without_in_features(x64):
@@ -294,6 +300,17 @@ def test_nnx_user_module_without_in_features(x64):
     want, _ = brute_maps(step, lambda dt: (jnp.zeros((B, H), dt),) * 2, lambda s: s[0],
                          lambda s, v: (v, s[1]), xs)
     assert_maps(hidden_map(stack, params, xs), want)
+    # no init: the probe needs the module's input width, which it does not say; input_size=
+    # says it, and the trained modules stack as one cell per layer
+    with pytest.raises(ValueError, match=rf"MinGRU does not say how many features it reads, so "
+                                         rf"the probe gave it hidden_size={H}: give from_nnx"
+                                         r"\(..., input_size=N\)"):
+        cells.from_nnx(trained[0], hidden_size=H, state=2)
+    per_layer = [cells.from_nnx(m, hidden_size=H, state=2, gates=z_of, input_size=n)
+                 for m, n in zip(trained, (D, H, H))]
+    assert per_layer[0].state_names == ("h", "c") and per_layer[0].gate_kinds == cell.gate_kinds
+    stack = gradflow.Stack(per_layer, L, D, H)
+    assert_maps(hidden_map(stack, cells.stack_params(stack, trained), xs), want)
 
 
 def test_equinox_lstm(x64):

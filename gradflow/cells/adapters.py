@@ -208,12 +208,14 @@ _CODE_BUGS = (NameError, AttributeError, ImportError, AssertionError, ZeroDivisi
 _SIZES = re.compile(r"shape|dimension|dot_general|incompatible|broadcast|size", re.I)
 
 
-def _step_failed(who: str, e: Exception, what: str, fit: str = "") -> Exception:
+def _step_failed(who: str, e: Exception, what: str, fit: str = "", guessed: str = ""
+                 ) -> Exception:
     """The exception to raise where the user's step failed in ``what`` (e.g. "one probe step
     (batch 3, ...)"): a ValueError with the cause and, where it is a known one, the fix; an
     error in the step's own code (a NameError, ...) or one gradflow raised about the step's
     result as it is, with a note saying where. ``fit``: the sizes to name when nothing
-    more specific is known ("input_size=4, hidden_size=6")."""
+    more specific is known ("input_size=4, hidden_size=6"); ``guessed``: what to say where one
+    of them was a guess (a module that does not say its input width)."""
     text = str(e)
     if isinstance(e, _TRACED):
         hint = ("the step decides in Python on an array's value (if/while/int() on a traced "
@@ -229,7 +231,7 @@ def _step_failed(who: str, e: Exception, what: str, fit: str = "") -> Exception:
         e.add_note(f"{who}: raised by the cell's step in {what}")
         return e
     elif fit and _SIZES.search(text):
-        hint = f"do the parameters fit {fit}?"
+        hint = guessed or f"do the parameters fit {fit}?"
     else:
         hint = ("it is called as step(params, carry, x)" if who == "from_function" else "")
     return ValueError(f"{who}: {what} failed: {_message(e)}" + (f" ({hint})" if hint else ""))
@@ -377,7 +379,8 @@ def _probe(who, call_b, treedef, n, probe_params, H, detect: bool = False):
     except Exception as e:  # the user's function failed: say where, with its message
         raise _step_failed(who, e, f"one probe step (batch {_PROBE_BATCH}, input_size "
                                    f"{n_in}, hidden_size {H})",
-                           f"input_size={n_in}, hidden_size={H}") from e
+                           f"input_size={n_in}, hidden_size={H}",
+                           getattr(probe_params, "guessed", "")) from e
     leaves = _carry_leaves(who, new, treedef, (_PROBE_BATCH, H))
     coupled = False
     if detect:  # the other examples moved: does example 0 move?
@@ -388,16 +391,32 @@ def _probe(who, call_b, treedef, n, probe_params, H, detect: bool = False):
     return leaves, y, probe_gates, coupled
 
 
-def _module_probe(own, n_in, init, make_init, H) -> Callable:
-    """The probe step's ``() -> (params, input_size)`` for a user's module: its own weights when
-    it says its input size ``n_in``; else, given ``init``, a fresh ``init(key, H, H)`` module
-    (which reads H features whatever the module's own input width); else its own weights on H
-    features."""
+def _module_probe(who, module, own, n_in, init, make_init, H) -> Callable:
+    """The probe step's ``() -> (params, input_size)`` for a user's ``module``: its own weights
+    when its input size ``n_in`` is known (``input_size=`` or the module's attribute); else,
+    given ``init``, a fresh ``init(key, H, H)`` module (which reads H features whatever the
+    module's own input width); else its own weights on H features, a guess the probe's error
+    names (its ``guessed``)."""
     def probe():
         if isinstance(n_in, int) or init is None:
             return _cast(own, jnp.float32), n_in if isinstance(n_in, int) else H
         return _cast(make_init(jax.random.key(0), H, H, jnp.float32), jnp.float32), H
+    if not isinstance(n_in, int) and init is None:
+        probe.guessed = (f"{type(module).__name__} does not say how many features it reads, so "
+                         f"the probe gave it hidden_size={H}: give {who}(..., input_size=N), N "
+                         "the features this module reads, or init=(key, input_size, "
+                         "hidden_size) -> module")
     return probe
+
+
+def _input_size(who: str, given, own) -> int | None:
+    """The features a user's module reads: ``input_size=`` (a positive integer) or else the
+    module's own attribute ``own`` where it is an integer; None when neither says."""
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or given < 1:
+            raise ValueError(f"{who}: input_size must be a positive integer, got {given!r}")
+        return int(given)
+    return own if isinstance(own, int) else None
 
 
 def _find_output(who, new_leaves, y, H, out=None) -> int:
@@ -823,7 +842,7 @@ def _same_fixed_state(who: str, own, its) -> None:
 
 def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None, gates=None,
              gate_kinds=None, init: Callable | None = None, name: str | None = None,
-             couples_batch: bool | None = None) -> Cell:
+             couples_batch: bool | None = None, input_size: int | None = None) -> Cell:
     r"""A cell from a ``flax.nnx`` RNN cell (``nnx.LSTMCell``, ``nnx.GRUCell``, ...; any module
     with ``__call__(carry, x) -> (carry, y)`` on batched arrays).
 
@@ -847,10 +866,12 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
       init: ``init(key, input_size, hidden_size) -> module``, a fresh module per layer (e.g.
         ``lambda k, i, h: nnx.LSTMCell(i, h, kernel_init=..., rngs=nnx.Rngs(k))``).
         A probe step (finding the output or gate kinds) runs ``module`` on
-        ``module.in_features`` features, or else on ``init(key, H, H)``.
+        ``input_size`` features, or else on ``init(key, H, H)``.
       name: a label (default the module's class name).
       couples_batch: whether the step mixes the examples of a batch, as
         :func:`from_function`'s (default: found by the probe step).
+      input_size: the features ``module`` reads (default ``module.in_features``; a module
+        without it is probed on ``init``'s module, or else on ``H`` features).
     """
     who = "from_nnx"
     nnx = _require("flax.nnx", "flax", who)
@@ -864,17 +885,18 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     _check_module_dtypes(who, module)
     if init is not None:
         _check_arity(who, init, "init", "key, input_size, hidden_size")
-    n_in = getattr(module, "in_features", H)
+    n_in = _input_size(who, input_size, getattr(module, "in_features", None))
     graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
     own = pstate.to_pure_dict()
     if state is not None:
         template = _template(state, H, who)
     else:
         try:
-            template = module.initialize_carry((1, n_in), rngs=nnx.Rngs(0))
+            template = module.initialize_carry((1, n_in or H), rngs=nnx.Rngs(0))
         except Exception as e:
-            raise ValueError(f"{who}: {type(module).__name__}.initialize_carry((1, {n_in}), "
-                             f"rngs=...) failed ({_message(e)}); give state=") from e
+            raise ValueError(f"{who}: {type(module).__name__}.initialize_carry((1, "
+                             f"{n_in or H}), rngs=...) failed ({_message(e)}); give "
+                             "state=") from e
         template = jax.tree_util.tree_map(jnp.zeros_like, template)
 
     def merged(params):
@@ -914,8 +936,8 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
                   template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
-                  probe_params=_module_probe(own, getattr(module, "in_features", None), init,
-                                             make_init, H), finds_output=True,
+                  probe_params=_module_probe(who, module, own, n_in, init, make_init, H),
+                  finds_output=True,
                   to_params=to_params, options={"module": type(module).__name__},
                   couples_batch=couples_batch)
 
@@ -956,7 +978,7 @@ def _eqx_to_params(eqx, module, keys, obj):
 
 def from_equinox(module, *, hidden_size: int | None = None, state=None, output=None,
                  gates=None, gate_kinds=None, init: Callable | None = None,
-                 name: str | None = None) -> Cell:
+                 name: str | None = None, input_size: int | None = None) -> Cell:
     r"""A cell from an Equinox module called on one example, ``module(x, state) -> state``
     (``eqx.nn.LSTMCell``: state ``(h, c)``; ``eqx.nn.GRUCell``: state ``h``), vmapped over the
     batch.
@@ -980,10 +1002,11 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
         module).
       gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
       init: ``init(key, input_size, hidden_size) -> module``, a fresh module per layer.
-        Finding gate kinds runs one probe step: on ``module`` with ``module.input_size``
-        features, or else on ``init(key, H, H)`` (a module without ``input_size`` whose
-        input is not ``H`` wide needs ``init`` or ``gate_kinds``).
+        Finding gate kinds runs one probe step: on ``module`` with ``input_size`` features,
+        or else on ``init(key, H, H)``.
       name: a label (default the module's class name).
+      input_size: the features ``module`` reads (default ``module.input_size``; a module
+        without it is probed on ``init``'s module, or else on ``H`` features).
 
     Example::
 
@@ -1032,7 +1055,8 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
         same(key)
         return own
 
-    probe = _module_probe(own, getattr(module, "input_size", None), init, make_init, H)
+    probe = _module_probe(who, module, own, _input_size(who, input_size, getattr(
+        module, "input_size", None)), init, make_init, H)
     return _build(name=name or type(module).__name__, who=who, call=call, batched=False,
                   template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
