@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import jax
@@ -452,6 +453,12 @@ class Stack:
         is :func:`gradflow.cells.stack_params`, which documents the arguments."""
         from gradflow.checks import check_params
 
+        if isinstance(layers, Mapping) or not isinstance(layers, Iterable):
+            keys = f" with keys {sorted(map(str, layers))[:6]}" if isinstance(
+                layers, Mapping) else ""
+            raise TypeError(f"layers is one trained object per layer, bottom first, in a list "
+                            f"(e.g. [variables['params'][name] for name in the {self.layers} "
+                            f"layers' names]); got a {type(layers).__name__}{keys}")
         layers = list(layers)
         if len(layers) != self.layers:
             raise ValueError(f"{len(layers)} layer objects for a stack of {self.layers} layers")

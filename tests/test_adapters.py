@@ -996,6 +996,10 @@ def test_clear_errors():
                                          r"missing: .*; params\['layers'\]\[0\] holds "
                                          r"'LSTMCell_0', 'LSTMCell_1', 'LSTMCell_2'$"):
         cells.stack_params(gradflow.Stack(lstm, L, D, H), [model] * L)
+    for whole in (model, model["params"]):  # the whole model where the list of layers goes
+        with pytest.raises(TypeError, match=r"^layers is one trained object per layer, bottom "
+                                            r"first, in a list .*; got a dict with keys "):
+            cells.stack_params(gradflow.Stack(lstm, L, D, H), whole)
     ported = cells.stack_params(gradflow.Stack(lstm, L, D, H), [
         {"params": model["params"][f"LSTMCell_{i}"]} for i in range(L)])  # one cell's each
     np.testing.assert_array_equal(ported["layers"][2]["hf"]["kernel"],
