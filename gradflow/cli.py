@@ -1115,7 +1115,9 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
     refuse a request over ``--max-memory`` or the available memory (an InputError: one line,
     exit 2), and return ``(say, (figure path, data path))``: ``say(message)`` prints progress
     lines on stderr when the request is estimated to take over :data:`PROGRESS_AFTER` seconds.
-    ``method``: as :func:`gradflow.cost.estimate` (``"gates"``: forward only). ``sizes``:
+    ``method``: as :func:`gradflow.cost.estimate` (``"gates"``: forward only), or
+    ``"gains"`` (:func:`gradflow.local_gains`, which checks its own memory: no estimate, no
+    dry run). ``sizes``:
     each stack's ``(batch, steps)`` where they differ (trained runs), else ``--batch``/``--steps``.
     """
     import time
@@ -1133,6 +1135,14 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
     paths = output_paths(args, stem, create=False) if stem is not None else None
 
     sizes = sizes or [(args.batch, args.steps)] * len(stacks)
+    if method == "gains":  # local_gains' own check of its memory (no estimate, no dry run)
+        import jax
+
+        from gradflow.jacobian import _check_gains_fit
+
+        for s, (b, t) in zip(stacks, sizes):
+            _check_gains_fit(s, jax.ShapeDtypeStruct((b, t, s.input_size), args.dtype), None)
+        return (lambda message: None), (output_paths(args, stem) if paths is not None else None)
     costs = [cost.estimate(s, b, t, args.dtype, wrt, method, calibrate=False)
              for s, (b, t) in zip(stacks, sizes)]
     worst = max(costs, key=lambda c: c.total)
@@ -1664,6 +1674,84 @@ def run_gates(args) -> int:
     return 0
 
 
+# --- gains -----------------------------------------------------------------------------------
+
+
+def add_gains(sub):
+    p = _command(sub, "gains", "one-step gains of each layer: upward and in time",
+                 "Local gains along the inputs' trajectory, at initialisation (or --params): "
+                 "at every (layer, step) the one-step Jacobians, vertical (what a layer passes "
+                 "up: dy/dx, with a residual or normalised stack's skip path and norm), temporal "
+                 "(dh_t/dh_t-1, other state such as an LSTM's memory held fixed) and the whole "
+                 "state's (ds_t/ds_t-1, with the memory path), each example's RMS gain "
+                 "||J||_F / sqrt(n) and spectral norm, averaged over the batch; a table of each "
+                 "layer's mean over the steps and a figure of those profiles over depth. A gain "
+                 "below 1 shrinks a gradient at every such step. The request's size is checked "
+                 "before it runs (no --dry-run).", """
+            gradflow gains --cell lstm --layers 16
+            gradflow gains --cell lstm --layers 16 --residual --norm layer
+            gradflow gains --params runs/star8
+        """)
+    p.add_argument("--cell", type=cell_name, default="lstm",
+                   help="cell name, name:option=value, or module:factory; or one per layer, "
+                        "bottom up (gru,star,gru or 'gru*2,star') (default: lstm)")
+    add_params_option(p)
+    add_problem_options(p, layers=16, steps=32, hidden=64, batch=8)
+    add_output_options(p)
+    _finish(p, run_gains)
+
+
+#: What the columns of ``gradflow gains``' table mean (printed under it).
+_GAINS_FOOTNOTE = (
+    "(each layer's mean over the steps of the batch-mean gains; rms: ||J||_F / sqrt(n), 1 where "
+    "a gradient keeps its size on average; spectral: the largest factor any direction gets; "
+    "vertical: from a layer's input to what it emits upward (layer 0: from the data or its "
+    "projection); temporal: dh_t/dh_t-1 with the rest of the state held fixed; state: the "
+    "whole state's, e.g. an LSTM's (c, h) with its memory path; non-finite entries, where the "
+    "forward pass overflowed, are left out of the means and counted)")
+
+
+def run_gains(args) -> int:
+    from gradflow import plot
+    from gradflow.jacobian import _per_example, local_gains
+    from gradflow.problem import precision
+
+    with precision(args.dtype):
+        measured = _measured_problem(args, method="gains")
+        say, (fig_path, data_path), prob = measured
+        with user_input():  # a cell that couples the examples has no per-example Jacobians
+            _per_example(prob.stack, "gradflow gains")
+        gains = local_gains(prob.stack, prob.params, prob.xs, meta=prob.config)
+    fig = plot.gains_figure(gains)
+    if args.params is not None:
+        fig.suptitle(_trained_title(gains.config, plot.subject(gains.config), " \u00b7 "))
+    print(f"gradflow gains: {_describe(gains.config, prob.stack.cells[0])}")
+    if args.params is not None:
+        print(f"trained parameters from {args.params}"
+              + (f" (step {gains.config['train_step']})" if "train_step" in gains.config
+                 else ""))
+    means = {}
+    for k in plot.GAIN_KINDS:
+        for st in plot.GAIN_STATS:
+            v = np.asarray(gains[f"{k}_{st}"], np.float64)
+            finite = np.isfinite(v)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means[k, st] = np.where(finite, v, 0.0).sum(1) / finite.sum(1)
+    def row(head, cell):
+        return f"  {head:>5}" + "".join(f"{' / '.join(cell(k, st) for st in plot.GAIN_STATS):>25}"
+                                        for k in plot.GAIN_KINDS)
+
+    print(row("layer", lambda k, st: st if st != plot.GAIN_STATS[0] else f"{k} {st}"))
+    for l in reversed(range(prob.stack.layers)):  # top first, as the maps are drawn
+        print(row(l, lambda k, st: _g(means[k, st][l])))
+    print(textwrap.fill(_GAINS_FOOTNOTE, 100))
+    if gains.total_nonfinite:
+        print(f"non-finite: {gains.total_nonfinite} entries")
+    for line in _write(fig, gains, fig_path, data_path):
+        print(line)
+    return 0
+
+
 # --- cells -----------------------------------------------------------------------------------
 
 
@@ -2097,8 +2185,8 @@ _COMMON.add_argument("--devices", type=positive_int, default=argparse.SUPPRESS, 
                      help="split each map's batch over N devices (as gradflow --devices N, "
                           "see gradflow --help)")
 
-COMMANDS = (add_heatmap, add_compare, add_gates, add_cells, add_reproduce, add_train,
-            add_atlas)
+COMMANDS = (add_heatmap, add_compare, add_gates, add_gains, add_cells, add_reproduce,
+            add_train, add_atlas)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2110,6 +2198,7 @@ def build_parser() -> argparse.ArgumentParser:
             gradflow heatmap --cell lstm --layers 16
             gradflow compare --cells rnn,lstm,star --layers 10 --steps 10
             gradflow gates --cell ur_lstm
+            gradflow gains --cell lstm --layers 16
             gradflow cells
             gradflow reproduce --only star_fig2 --out /tmp
             gradflow train --task adding --cell star --layers 8 --record 0,500
@@ -2268,8 +2357,8 @@ def main(argv=None) -> int:
         if extra:  # named by the command they were given to, with the closest option
             raise UsageError(_unrecognized(parser, args.command, extra))
         if args.command is None:
-            raise UsageError("gradflow: error: choose a command: heatmap, compare, gates, cells, "
-                             "reproduce, train, atlas (see gradflow --help)")
+            raise UsageError("gradflow: error: choose a command: heatmap, compare, gates, gains, "
+                             "cells, reproduce, train, atlas (see gradflow --help)")
         command[0] = f"gradflow {args.command}"
         args.argv = argv
         with warnings.catch_warnings(), _speed_settings(args.devices, program):

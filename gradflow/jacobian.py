@@ -1093,8 +1093,10 @@ def _check_gains_fit(stack: Stack, xs, chunk: int | None) -> None:
     # the Jacobians and what their reductions hold: about 4 copies (peak RSS, LSTM on this CPU:
     # 1.57 GiB measured at B = 64, H = 512, chunk 1, against 1.5 GiB from this count)
     per_example = steps * (2 + n * n) * H * H * item * 4
-    forward = _cost.estimate(stack, B, T, xs.dtype, method="gates", calibrate=False).total
-    fit = max(0, (_cost.available_memory() - forward) // per_example)
+    est = _cost.estimate(stack, B, T, xs.dtype, method="gates", calibrate=False)
+    forward = est.total  # the forward pass's share grows with the batch too
+    fit = max(0, int((_cost.available_memory() - est.params)
+                     // (per_example + (forward - est.params) / B)))
     with user_input():
         _cost.check_need(per_example * B + forward, f"local_gains ({B} examples, H = {H}, "
                          f"{steps} step(s) per batch)",

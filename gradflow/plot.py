@@ -41,7 +41,7 @@ from gradflow.results import Result, make_result, origin
 
 FORMATS = (".png", ".pdf", ".svg")
 NONFINITE_HATCH = "xx"
-GAIN_KINDS = ("vertical", "temporal")
+GAIN_KINDS = ("vertical", "temporal", "state")
 GAIN_STATS = ("rms", "spectral")
 
 _MAGNITUDE_CMAP = "viridis"
@@ -838,7 +838,8 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
     Args:
       gains: a ``local_gains`` result or a mapping label -> result (one line each).
       ax: axes to draw on; a new figure is made when None.
-      kind: ``"vertical"`` (``dh^l_t/dh^{l-1}_t``) or ``"temporal"`` (``dh^l_t/dh^l_{t-1}``).
+      kind: ``"vertical"`` (``dh^l_t/dh^{l-1}_t``), ``"temporal"`` (``dh^l_t/dh^l_{t-1}``) or
+        ``"state"`` (the whole state's, ``ds^l_t/ds^l_{t-1}``: with an LSTM's memory path).
       stat: ``"rms"`` (``||J||_F / sqrt(H)``) or ``"spectral"`` (``||J||_2``).
       reference: None, a number, a list of numbers or a mapping label -> number.
       band: shade the min..max over time.
@@ -888,6 +889,17 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
 
 # ---------------------------------------------------------------------------------------------
 # Figures of whole experiments (gradflow.experiments results) and of one gate_stats result.
+
+
+def gains_figure(gains: Result, stat: str = "rms") -> Figure:
+    """A :func:`gain_profile` per kind of a ``local_gains`` result (vertical, temporal, the whole
+    state's), side by side; the figure title names the stack and the problem's settings."""
+    fig = figure((5.6 * len(GAIN_KINDS), 3.8))
+    for ax, kind in zip(fig.subplots(1, len(GAIN_KINDS)), GAIN_KINDS):
+        gain_profile(gains, ax=ax, kind=kind, stat=stat)
+    line = settings(gains.config)
+    fig.suptitle(subject(gains.config, "local gains") + (f" \u00b7 {line}" if line else ""))
+    return fig
 
 
 def gates_figure(stats: Result, gates: Sequence[str] | None = None, *,
@@ -1419,5 +1431,5 @@ __all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "CentredLog
            "draw_curves",
            "draw_gains", "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_training_atlas",
            "draw_updates",
-           "figure", "gain_profile", "gate_histograms", "gates_figure", "grid", "heatmap",
-           "saturation_map", "save", "settings", "subject"]
+           "figure", "gain_profile", "gains_figure", "gate_histograms", "gates_figure", "grid",
+           "heatmap", "saturation_map", "save", "settings", "subject"]

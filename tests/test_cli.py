@@ -398,7 +398,7 @@ BAD = [
     (["reproduce", "--out-dir", "missing-dir"], "does not exist"),
     (["reproduce", "--figures", "missing-dir"], "does not exist"),
     (["bogus"], "invalid choice: 'bogus'"),
-    ([], "choose a command: heatmap, compare, gates, cells, reproduce"),
+    ([], "choose a command: heatmap, compare, gates, gains, cells, reproduce"),
 ]
 
 
@@ -541,6 +541,13 @@ def sin_rnn(gain=1.0):
         return {"h": h}, h, {}
     return Cell(name="sin_rnn", init_fn=_init, recur_fn=recur, options=(("gain", gain),))
 
+def mixing_rnn():
+    """h' = tanh(x W + (h - its batch mean) U): a cell that couples the examples."""
+    def recur(params, state, x, t):
+        h = jnp.tanh(x @ params["W"] + (state["h"] - state["h"].mean(0)) @ params["U"])
+        return {"h": h}, h, {}
+    return Cell(name="mixing_rnn", init_fn=_init, recur_fn=recur, couples_batch=True)
+
 READY = sin_rnn(0.5)
 NOT_A_CELL = 42
 '''
@@ -622,6 +629,40 @@ def test_compare_takes_stacks_of_different_cells(capsys, user_module):
             (f"gru,gru*2/{user_module}:sin_rnn", r"a cell of your own \(module:factory\) is "
                                                  "given alone")):
         rc, out, err = run(capsys, "compare", "--cells", given, "--layers", 3)
+        assert rc == 2 and re.search(message, err), err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_gains_are_local_gains_and_its_table_their_means(capsys, tmp_path, user_module):
+    """``gradflow gains``: the data is ``local_gains`` of the same problem, bit for bit; each
+    table row holds that layer's means over the steps (top layer first); a stack of different
+    cells works; a cell that couples the examples and a request too large are one line, exit
+    2."""
+    rc, out, err = run(capsys, "gains", "--cell", "gru,star,gru", "--layers", 3, "--steps", 4,
+                       "--hidden", 6, "--batch", 2, "--out", tmp_path / "g.png")
+    assert rc == 0, err
+    assert out.startswith("gradflow gains: gru / star / gru, 3 layers x 4 steps, H=6, B=2")
+    got = gradflow.load(tmp_path / "g.npz")
+    with jax.enable_x64(False):
+        prob = gradflow.problem([gradflow.cells.get(c) for c in ("gru", "star", "gru")],
+                                layers=3, steps=4, hidden=6, batch=2)
+        want = gradflow.local_gains(prob.stack, prob.params, prob.xs)
+    assert set(got.arrays) == set(want.arrays) and len(want.arrays) == 6
+    for key in want.arrays:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    lines = out.splitlines()
+    assert lines[1].split() == ["layer", "vertical", "rms", "/", "spectral", "temporal", "rms",
+                                "/", "spectral", "state", "rms", "/", "spectral"]
+    for row, layer in zip(lines[2:5], (2, 1, 0)):
+        printed = [float(x) for x in row.split()[1:] if x != "/"]
+        assert int(row.split()[0]) == layer
+        means = [want[f"{k}_{st}"][layer].mean() for k in ("vertical", "temporal", "state")
+                 for st in ("rms", "spectral")]
+        np.testing.assert_allclose(printed, means, rtol=5e-3)  # printed to 3 digits
+    for argv, message in (
+            (("--cell", f"{user_module}:mixing_rnn"), "couples the examples of a batch"),
+            (("--hidden", 512, "--batch", 10 ** 6), r"local_gains \(1000000 examples, H = 512")):
+        rc, out, err = run(capsys, "gains", *argv, "--layers", 2)
         assert rc == 2 and re.search(message, err), err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 

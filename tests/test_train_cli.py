@@ -160,6 +160,18 @@ def test_one_cell_per_layer_trains_that_stack(tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert printed.out.startswith("gradflow heatmap: gru x2 / star, 3 layers"), printed.out
+    code = main(["gains", "--params", str(out), "--out", str(tmp_path / "g.png")])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.out.splitlines()[1] == f"trained parameters from {out} (step 3)"
+    gains = gradflow.load(tmp_path / "g.npz")
+    assert gains.config["train_step"] == 3 and gains["vertical_rms"].shape == (3, 5)
+    from gradflow.train import run_eval_batch
+    with precision("float32"):  # the trained stack on the run's own evaluation sequences
+        xs = run_eval_batch(out, batch=gains.config["batch"])[0]
+        want = gradflow.local_gains(stack, params, xs)
+    for key in want.arrays:
+        np.testing.assert_array_equal(gains[key], want[key], err_msg=key)
 
 
 def test_a_new_run_in_a_used_folder_leaves_none_of_the_old_runs_maps(tmp_path, capsys):
