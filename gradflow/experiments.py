@@ -529,5 +529,6 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
     return make_result("training_runs", arrays, config)
 
 
-__all__ = ["RECORDS", "VERTICAL_GAIN", "gain_panel", "gate_saturation", "gradient_grid", "panel",
-           "run_curve", "run_record", "stats_panel", "training_runs", "vertical_gain"]
+__all__ = ["RECORDS", "VERTICAL_GAIN", "gain_panel", "gate_saturation", "gradient_grid",
+           "map_grid", "panel", "run_curve", "run_record", "stack_label", "stats_panel",
+           "training_runs", "vertical_gain"]

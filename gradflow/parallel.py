@@ -574,4 +574,4 @@ def _copies(mesh) -> int:
 
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",
            "set_batch_devices", "batch_devices", "devices_for", "should_split", "state_map",
-           "model_state_map", "example_map"]
+           "model_state_map", "example_map", "use_compile_cache"]
