@@ -664,6 +664,19 @@ def test_gain_profile_compares_several_results_and_skips_nonfinite_entries():
     _line(ax, "STAR: 0.5")
 
 
+def test_gains_figure_draws_each_kind_of_gain_over_depth():
+    """``gradflow gains``' figure: one profile per kind (vertical, temporal, the whole state's),
+    each the time means of its own array."""
+    gains = _gains()
+    fig = plot.gains_figure(gains)
+    assert [ax.get_title() for ax in fig.axes] == [f"{k} local gains (rms)"
+                                                   for k in ("vertical", "temporal", "state")]
+    for ax, kind in zip(fig.axes, plot.GAIN_KINDS):
+        np.testing.assert_allclose(_line(ax, "lstm").get_ydata(),
+                                   gains[f"{kind}_rms"].mean(axis=1), rtol=1e-14)
+    assert fig._suptitle.get_text().startswith("lstm")
+
+
 def test_gain_profile_rejects_bad_options():
     with pytest.raises(ValueError, match="'vertical', 'temporal'"):
         plot.gain_profile(_gains(), kind="diagonal")
