@@ -1711,6 +1711,28 @@ _GAINS_FOOTNOTE = (
     "forward pass overflowed, are left out of the means and counted)")
 
 
+def _gains_summary(means: dict) -> list[str]:
+    """What the gains table says in one line: the geometric means of its rms columns, up the
+    stack over the layers above the first (whose input is the data) and back in time over all.
+
+    >>> for line in _gains_summary({("vertical", "rms"): np.array([0.5, 0.2, 0.8]),
+    ...                             ("temporal", "rms"): np.array([0.5, 0.5, 0.5]),
+    ...                             ("state", "rms"): np.array([0.1, 1.0, 10.0])}):
+    ...     print(line)
+    up the stack: x0.4 per layer (vertical rms, layers 1..2)
+    back in time: x0.5 per step (temporal rms), x1 (state rms)
+    """
+    def geomean(v):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(np.exp(np.mean(np.log(v))))
+
+    up = means["vertical", "rms"][1:]
+    head = ([f"up the stack: x{_g(geomean(up))} per layer (vertical rms, layers 1..{up.size})"]
+            if up.size else [])
+    return head + [f"back in time: x{_g(geomean(means['temporal', 'rms']))} per step (temporal "
+                   f"rms), x{_g(geomean(means['state', 'rms']))} (state rms)"]
+
+
 def run_gains(args) -> int:
     from gradflow import plot
     from gradflow.jacobian import _per_example, local_gains
@@ -1737,6 +1759,7 @@ def run_gains(args) -> int:
             finite = np.isfinite(v)
             with np.errstate(invalid="ignore", divide="ignore"):
                 means[k, st] = np.where(finite, v, 0.0).sum(1) / finite.sum(1)
+
     def row(head, cell):
         return f"  {head:>5}" + "".join(f"{' / '.join(cell(k, st) for st in plot.GAIN_STATS):>25}"
                                         for k in plot.GAIN_KINDS)
@@ -1744,6 +1767,8 @@ def run_gains(args) -> int:
     print(row("layer", lambda k, st: st if st != plot.GAIN_STATS[0] else f"{k} {st}"))
     for l in reversed(range(prob.stack.layers)):  # top first, as the maps are drawn
         print(row(l, lambda k, st: _g(means[k, st][l])))
+    for line in _gains_summary(means):
+        print("  " + line)
     print(textwrap.fill(_GAINS_FOOTNOTE, 100))
     if gains.total_nonfinite:
         print(f"non-finite: {gains.total_nonfinite} entries")

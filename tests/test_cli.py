@@ -659,6 +659,13 @@ def test_gains_are_local_gains_and_its_table_their_means(capsys, tmp_path, user_
         means = [want[f"{k}_{st}"][layer].mean() for k in ("vertical", "temporal", "state")
                  for st in ("rms", "spectral")]
         np.testing.assert_allclose(printed, means, rtol=5e-3)  # printed to 3 digits
+    # the summary: geometric means of the rms rows, up the stack from layer 1, in time over all
+    rms = {k: want[f"{k}_rms"].mean(axis=1) for k in ("vertical", "temporal", "state")}
+    assert lines[5].startswith("  up the stack: x") and lines[6].startswith("  back in time: x")
+    printed = [float(x) for line in lines[5:7] for x in re.findall(r"x([\d.]+)", line)]
+    np.testing.assert_allclose(printed, [np.exp(np.log(rms["vertical"][1:]).mean()),
+                                           np.exp(np.log(rms["temporal"]).mean()),
+                                           np.exp(np.log(rms["state"]).mean())], rtol=5e-3)
     for argv, message in (
             (("--cell", f"{user_module}:mixing_rnn"), "couples the examples of a batch"),
             (("--hidden", 512, "--batch", 10 ** 6), r"local_gains \(1000000 examples, H = 512")):
