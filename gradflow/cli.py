@@ -1712,7 +1712,7 @@ _GAINS_FOOTNOTE = (
 
 
 def _gains_summary(means: dict) -> list[str]:
-    """What the gains table says in one line: the geometric means of its rms columns, up the
+    """What the gains table says in two lines: the geometric means of its rms columns, up the
     stack over the layers above the first (whose input is the data) and back in time over all.
 
     >>> for line in _gains_summary({("vertical", "rms"): np.array([0.5, 0.2, 0.8]),
