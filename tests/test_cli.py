@@ -635,9 +635,9 @@ def test_compare_takes_stacks_of_different_cells(capsys, user_module):
 
 def test_gains_are_local_gains_and_its_table_their_means(capsys, tmp_path, user_module):
     """``gradflow gains``: the data is ``local_gains`` of the same problem, bit for bit; each
-    table row holds that layer's means over the steps (top layer first); a stack of different
-    cells works; a cell that couples the examples and a request too large are one line, exit
-    2."""
+    table row holds that layer's means over the steps (top layer first), the summary their
+    geometric means; a stack of different cells works; overflow warns and is counted; a cell
+    that couples the examples and a request too large are one line, exit 2."""
     rc, out, err = run(capsys, "gains", "--cell", "gru,star,gru", "--layers", 3, "--steps", 4,
                        "--hidden", 6, "--batch", 2, "--out", tmp_path / "g.png")
     assert rc == 0, err
@@ -666,6 +666,13 @@ def test_gains_are_local_gains_and_its_table_their_means(capsys, tmp_path, user_
     np.testing.assert_allclose(printed, [np.exp(np.log(rms["vertical"][1:]).mean()),
                                            np.exp(np.log(rms["temporal"]).mean()),
                                            np.exp(np.log(rms["state"]).mean())], rtol=5e-3)
+    # overflow is data: a warning, the gains of the finite steps, the non-finite ones counted
+    rc, out, err = run(capsys, "gains", "--cell", "indrnn", "--option", "u_max=3", "--layers", 2,
+                       "--steps", 120, "--hidden", 4, "--batch", 2, "--out", tmp_path / "o.png")
+    assert rc == 0 and err.startswith("gradflow gains: warning: local_gains: the states are "
+                                      "not finite"), err
+    nonfinite = gradflow.load(tmp_path / "o.npz").total_nonfinite
+    assert nonfinite > 0 and f"non-finite: {nonfinite} entries" in out.splitlines()
     for argv, message in (
             (("--cell", f"{user_module}:mixing_rnn"), "couples the examples of a batch"),
             (("--hidden", 512, "--batch", 10 ** 6), r"local_gains \(1000000 examples, H = 512")):
