@@ -1739,8 +1739,7 @@ def run_gains(args) -> int:
     from gradflow.problem import precision
 
     with precision(args.dtype):
-        measured = _measured_problem(args, method="gains")
-        say, (fig_path, data_path), prob = measured
+        _, (fig_path, data_path), prob = _measured_problem(args, method="gains")  # no dry run
         with user_input():  # a cell that couples the examples has no per-example Jacobians
             _per_example(prob.stack, "gradflow gains")
         gains = local_gains(prob.stack, prob.params, prob.xs, meta=prob.config)
@@ -1752,13 +1751,8 @@ def run_gains(args) -> int:
         print(f"trained parameters from {args.params}"
               + (f" (step {gains.config['train_step']})" if "train_step" in gains.config
                  else ""))
-    means = {}
-    for k in plot.GAIN_KINDS:
-        for st in plot.GAIN_STATS:
-            v = np.asarray(gains[f"{k}_{st}"], np.float64)
-            finite = np.isfinite(v)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                means[k, st] = np.where(finite, v, 0.0).sum(1) / finite.sum(1)
+    means = {(k, st): _row_means(np.asarray(gains[f"{k}_{st}"], np.float64))
+             for k in plot.GAIN_KINDS for st in plot.GAIN_STATS}
 
     def row(head, cell):
         return f"  {head:>5}" + "".join(f"{' / '.join(cell(k, st) for st in plot.GAIN_STATS):>25}"
@@ -2166,8 +2160,7 @@ def run_train(args) -> int:
     cell = _cell(args, task.steps)  # a registered name, a user's module:factory, one per layer
     with user_input():
         stack = task_stack(cell, task, layers=args.layers, hidden=args.hidden)
-    checked_stack(cell if isinstance(cell, tuple) else stack.cells[0], stack.layers,
-                  stack.input_size, stack.hidden_size)
+    checked_stack(cell, stack.layers, stack.input_size, stack.hidden_size)
     if not args.lr > 0 or not args.clip > 0 or not args.budget >= 0:
         raise _usage(args, f"--lr and --clip must be positive and --budget >= 0, got lr "
                            f"{args.lr:g}, clip {args.clip:g}, budget {args.budget:g}")
