@@ -24,6 +24,7 @@ from gradflow import cells
 
 CASES = [
     ("rnn", {}),
+    ("rnn", {"nonlinearity": "relu"}),
     ("indrnn", {}),
     ("lstm", {}),
     ("lstm", {"forget_bias": 1.0}),
@@ -128,7 +129,8 @@ def reference_step(name, opts, p, state, x, t):
         return v * x if mode == "mul" else v + x
 
     if name == "rnn":
-        hn = np.tanh(pre("h"))
+        a = pre("h")
+        hn = np.maximum(a, 0.0) if opts.get("nonlinearity") == "relu" else np.tanh(a)
         return {"h": hn}, hn, {}
     if name == "indrnn":
         q = p["h"]
@@ -529,6 +531,7 @@ def test_a_bool_option_takes_true_or_false_only():
 
 @pytest.mark.parametrize("name,opts,valid", [
     ("gru", {"reset": "middle"}, "'after', 'before'"),
+    ("rnn", {"nonlinearity": "sigmoid"}, "'tanh', 'relu'"),
     ("mgu", {"variant": "cho"}, "'zhou', 'flax'"),
     ("star", {"variant": "tf"}, "'paper', 'official'"),
     ("lstm", {"aux": "ur"}, "None, 'refine', 'master'"),

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.child  # in-process work: the child lane runs it (tests
 # own equations (GRU's reset before the recurrent matrix, STAR's official update, a forget
 # bias inside the LSTM's forget sigmoid).
 LEAN = ([n for n in cells.names() if cells.get(n).lean is not None]
-        + [("gru", {"reset": "before"}), ("star", {"variant": "official"}),
+        + [("gru", {"reset": "before"}), ("rnn", {"nonlinearity": "relu"}),
+           ("star", {"variant": "official"}),
            ("lstm", {"forget_bias": 1.0, "init": "chrono"})])
 
 

@@ -1,23 +1,25 @@
-"""Ungated cells: the vanilla tanh RNN and IndRNN."""
+"""Ungated cells: the vanilla (Elman) RNN, tanh or ReLU, and IndRNN."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import (Cell, Lean, factory, fused_transpose, input_projection, matmul,
-                                 packed_projection, parse_init, uniform, weight)
+from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
+                                 matmul, packed_projection, parse_init, uniform, weight)
 from gradflow.cells.mechanisms import standard_init
 
 
 @factory
-def rnn(*, init: str = "orthogonal") -> Cell:
+def rnn(*, init: str = "orthogonal", nonlinearity: str = "tanh") -> Cell:
     r"""Vanilla (Elman) RNN.
 
     .. math:: h_t = \tanh(W x_t + U h_{t-1} + b)
 
     Params: ``{"h": {"W": (in, H), "U": (H, H), "b": (H,)}}``. Reports no gates.
 
-    Options: ``init`` (``orthogonal``, ``glorot``, ``torch``).
+    Options: ``init`` (``orthogonal``, ``glorot``, ``torch``), ``nonlinearity`` (``"tanh"``,
+    or ``"relu"``: :math:`h_t = \max(0, W x_t + U h_{t-1} + b)`, PyTorch's
+    ``nn.RNN(nonlinearity="relu")`` and Le et al.'s IRNN with an identity ``U``).
 
     Example::
 
@@ -26,26 +28,29 @@ def rnn(*, init: str = "orthogonal") -> Cell:
       >>> s = cell.initial_state((2,), 8)
       >>> s, h, gates = cell.step(p, s, jnp.ones((2, 3)), 0)
     """
+    choice("rnn", "nonlinearity", nonlinearity, ("tanh", "relu"))
+    act = jnp.tanh if nonlinearity == "tanh" else jax.nn.relu
     init_fn = standard_init({"h": {}}, init)
 
     def project(p, x):
         return input_projection(p, x, ("h",))
 
     def recur(p, state, xp, t):
-        h = jnp.tanh(xp["h"] + matmul(state["h"], p["h"]["U"]))
+        h = act(xp["h"] + matmul(state["h"], p["h"]["U"]))
         return {"h": h}, h, {}
 
-    def lean_forward(p, state, xp, t):  # xp = x W (packed_projection); factor 1 - h_t^2
-        h = jnp.tanh(xp + p["h"]["b"] + state["h"] @ p["h"]["U"])
-        return {"h": h}, h, 1.0 - h * h
+    def lean_forward(p, state, xp, t):  # xp = x W (packed_projection); factor act'(a_t)
+        h = act(xp + p["h"]["b"] + state["h"] @ p["h"]["U"])
+        slope = 1.0 - h * h if nonlinearity == "tanh" else (h > 0).astype(h.dtype)
+        return {"h": h}, h, slope
 
-    def lean_backward(p, q, d):  # a = d_h (1 - h_t^2); d_h_{t-1} = a U^T
+    def lean_backward(p, q, d):  # a = d_h act'(a_t); d_h_{t-1} = a U^T
         a = d["h"] * q
         return {"h": fused_transpose(a, p, ("h",))}, a
 
     return Cell(name="rnn", init_fn=init_fn, project_fn=project, recur_fn=recur,
                 lean=Lean(lean_forward, lean_backward, packed_projection(("h",))),
-                equation="h = tanh(W x + U h + b)")
+                equation=f"h = {nonlinearity}(W x + U h + b)")
 
 
 @factory
