@@ -74,8 +74,9 @@ import pytest  # noqa: E402
 
 import gradflow  # noqa: E402
 
-# ``python -m gradflow`` runs the CLI when imported: not a module to collect doctests from.
-collect_ignore = ["gradflow/__main__.py"]
+# ``python -m gradflow`` runs the CLI when imported: not a module to collect doctests from;
+# tests/data's scripts wrote the reference data with PyTorch, which the suite does not install.
+collect_ignore = ["gradflow/__main__.py", "tests/data"]
 
 
 @pytest.fixture(autouse=True)

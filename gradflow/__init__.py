@@ -17,7 +17,7 @@ _ATTRS = {
     "model_map": "jacobian", "model_jacobian_map": "jacobian", "tap": "jacobian",
     "Problem": "problem",
     "Result": "results", "load": "results",
-    "Stack": "stack", "StackOutput": "stack",
+    "Stack": "stack", "StackOutput": "stack", "from_torch": "stack",
 }
 # every module a user may reach as gradflow.<module> after a bare `import gradflow`
 # (gradflow.problem is the module, callable as its function problem(), whatever was imported
@@ -29,7 +29,7 @@ _SUBMODULES = ("atlas", "atlas_training", "cells", "checks", "cli", "cost", "err
 
 __all__ = ["cells", "gates", "jacobian", "results", "tasks", "train", "Stack", "StackOutput",
            "Problem", "problem", "gradient_map", "jacobian_map", "local_gains", "model_map",
-           "model_jacobian_map", "tap", "Result", "load",
+           "model_jacobian_map", "tap", "from_torch", "Result", "load",
            "__version__"]
 
 

@@ -1232,8 +1232,9 @@ def add_heatmap(sub):
 def add_params_option(p):
     p.add_argument("--params", default=None, metavar="RUN",
                    help="measure trained parameters: a run folder of `gradflow train` (its "
-                        "stack, on its task's evaluation sequences) or a .npz of "
-                        "gradflow.runs.save_params; a user's cell is given again with --cell")
+                        "stack, on its task's evaluation sequences), a .npz of "
+                        "gradflow.runs.save_params, or a PyTorch nn.LSTM/GRU/RNN's state_dict "
+                        "saved with np.savez; a user's cell is given again with --cell")
 
 
 def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",

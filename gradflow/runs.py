@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -33,12 +34,15 @@ import numpy as np
 from gradflow import cells as _cells
 from gradflow.errors import InputError
 from gradflow.results import is_zip, provenance
-from gradflow.stack import SETTINGS, Stack
+from gradflow.stack import SETTINGS, Stack, from_torch
 
 STATE = "state.npz"
 CURVE = "curve.npz"
 META = "__meta__"
 FORMAT = 2
+#: ``read_run(path)["format"]`` of a PyTorch RNN's state dict saved with ``np.savez``
+TORCH = "torch state dict"
+_TORCH_WEIGHT = re.compile(r"(^|\.)weight_ih(_l\d+)?$")
 _LEGACY_PREFIX = "leaf"
 #: The keys of ``Stack.config`` that are stack settings; every other key is a cell option.
 STACK_KEYS = ("cell", "layers", "input_size", "hidden_size", *SETTINGS)
@@ -92,8 +96,11 @@ def _read_npz(path, keep=lambda name: True) -> tuple[dict, dict]:
                              "gradflow.runs.save_params wrote")
         with np.load(os.fspath(path), allow_pickle=False) as f:
             if META not in f.files:
-                raise InputError(f"{os.fspath(path)!r} is not a gradflow run state or params "
-                                 "file")
+                if not any(_TORCH_WEIGHT.search(k) for k in f.files):
+                    raise InputError(f"{os.fspath(path)!r} is not a gradflow run state or "
+                                     "params file, nor a PyTorch RNN's state dict (np.savez(path,"
+                                     " **{k: v.numpy() for k, v in model.state_dict().items()})")
+                return {"format": TORCH}, {k: f[k] for k in f.files if keep(k)}
             meta = json.loads(str(f[META]))
             arrays = {k: f[k] for k in f.files if k != META and keep(k)}
     except (OSError, ValueError, zipfile.BadZipFile) as e:  # not an .npz of ours
@@ -224,21 +231,26 @@ def _state_path(path) -> Path:
         p = p / STATE
     if not p.is_file():
         raise InputError(f"no trained parameters at {os.fspath(path)!r}: expected a run folder "
-                         f"holding {STATE} (gradflow train --out DIR) or a .npz file from "
-                         "gradflow.runs.save_params")
+                         f"holding {STATE} (gradflow train --out DIR), a .npz file from "
+                         "gradflow.runs.save_params or a PyTorch RNN's state dict saved with "
+                         "np.savez")
     return p
 
 
 def read_run(path) -> dict:
     """The ``__meta__`` of a run folder's state (or of a :func:`save_params` file):
-    ``{"stack": ..., "config": ... (runs only), "step": ... (runs only), ...}``."""
+    ``{"stack": ..., "config": ... (runs only), "step": ... (runs only), ...}``; ``{"format":
+    TORCH}`` for a PyTorch RNN's state dict saved with ``np.savez``."""
     return _read_npz(_state_path(path), keep=lambda name: False)[0]
 
 
 def load_params(path, cell=None) -> tuple[Stack, dict]:
     """``(stack, params)`` saved at ``path``: a run folder (or its ``state.npz``), whose
-    params are the stack's part of the final (or latest saved) training state, or a file
-    written by :func:`save_params`.
+    params are the stack's part of the final (or latest saved) training state, a file
+    written by :func:`save_params`, or a PyTorch ``nn.LSTM``/``GRU``/``RNN``'s state dict
+    saved with ``np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})``
+    (read by :func:`gradflow.stack.from_torch`; a vanilla RNN's ``nonlinearity="relu"`` or
+    ``"tanh"`` saved beside it).
 
     Args:
       path: the folder or file.
@@ -251,6 +263,8 @@ def load_params(path, cell=None) -> tuple[Stack, dict]:
     p = _state_path(path)  # (a run's optimiser state and readout are not read)
     meta, arrays = _read_npz(p, keep=lambda name: not name.startswith(
         ("['opt_state']", "['params']['head']")))
+    if meta.get("format") == TORCH:
+        return _torch_params(p, arrays)
     if "stack" not in meta:
         raise InputError(f"{os.fspath(p)!r} does not record its stack (saved by an older "
                          "gradflow); rebuild the stack and read it with restore_state")
@@ -262,6 +276,17 @@ def load_params(path, cell=None) -> tuple[Stack, dict]:
     dtype = floats[0] if floats else np.float32
     template = jax.eval_shape(lambda k: stack.init(k, dtype), jax.random.key(0))
     return stack, unflatten_named(template, arrays, os.fspath(p))
+
+
+def _torch_params(p: Path, arrays: dict) -> tuple[Stack, dict]:
+    """``(stack, params)`` of a PyTorch RNN's state dict saved as ``.npz``
+    (:func:`gradflow.stack.from_torch`; a vanilla RNN's ``nonlinearity`` may be saved beside
+    its weights as a string)."""
+    act = arrays.pop("nonlinearity", None)
+    try:
+        return from_torch(arrays, nonlinearity=None if act is None else str(act))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{os.fspath(p)!r}: {e}".replace("from_torch: ", "")) from e
 
 
 def load_head(path) -> dict:

@@ -654,6 +654,58 @@ class Stack:
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *outs)
 
 
+def from_torch(model, *, prefix: str | None = None, nonlinearity: str | None = None,
+               dtype=None, **stack_options) -> tuple[Stack, dict]:
+    r"""``(stack, params)`` measuring a PyTorch ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` as it is.
+
+    PyTorch's recurrent layers are gradflow's ``lstm``, ``gru`` and ``rnn`` cells (the same
+    equations; two biases summed into one, the GRU's ``b_hn`` kept apart): the weights are
+    read by their names and laid out as those cells' params
+    (:func:`gradflow.cells.pytorch.torch_layers`), so every measurement runs on the model you
+    trained, with no PyTorch in the loop (nothing here imports it). The data is
+    ``(batch, steps, features)``, as ``batch_first=True`` has it: transpose a ``(steps,
+    batch, features)`` batch first (``xs.swapaxes(0, 1)``).
+
+    Args:
+      model: an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (all its layers), an
+        ``nn.LSTMCell``/``GRUCell``/``RNNCell``, a ``state_dict()`` of one of them or of a
+        model holding one (tensors or NumPy arrays; ``prefix=`` picks one of several), or a
+        list of these, one per layer, bottom first (widths may differ).
+      prefix: the recurrent module's key prefix in a state dict holding several.
+      nonlinearity: a vanilla RNN's, ``"tanh"`` or ``"relu"``, which a state dict does not
+        record (a module's is read from it).
+      dtype: the params' dtype; default the weights' (float32 where 64-bit JAX is off).
+      **stack_options: :class:`Stack`'s settings (``residual``, ``norm`` at identity,
+        ``checkpoint``, ``order``, ...): e.g. a residual stack of your single-layer modules.
+    Returns:
+      ``(stack, params)``, the stack of ``len(layers)`` layers of the cell reading the
+      weights' input size.
+
+    Example::
+
+      >>> rng = np.random.default_rng(0)
+      >>> sd = {f"{w}_l{l}": rng.normal(size=(16, 4)) / 2 for l in range(3)
+      ...       for w in ("weight_ih", "weight_hh")}  # an LSTM's (4H, in), no biases
+      >>> stack, params = gradflow.stack.from_torch(sd)
+      >>> stack.cells[0].name, stack.layers, stack.input_size, stack.hidden_size
+      ('lstm', 3, 4, 4)
+      >>> gradflow.gradient_map(stack, params, rng.normal(size=(2, 5, 4))).values.shape
+      (3, 5)
+    """
+    from gradflow.cells.pytorch import torch_layers
+
+    if stack_options.get("input_projection"):
+        raise ValueError("from_torch: a PyTorch recurrent layer reads its inputs as they are "
+                         "(no input_projection)")
+    t = torch_layers(model, prefix=prefix, nonlinearity=nonlinearity)
+    if dtype is None:
+        dtype = jax.dtypes.canonicalize_dtype(next(iter(t.layers[0].values()))["W"].dtype)
+    widths = t.hidden_size[0] if len(set(t.hidden_size)) == 1 else list(t.hidden_size)
+    stack = Stack(t.cell, layers=len(t.layers), input_size=t.input_size, hidden_size=widths,
+                  **stack_options)
+    return stack, stack.params_from(t.layers, dtype=dtype)
+
+
 def gate_identity(cell: Cell, gate: str) -> tuple:
     """What makes gate ``gate`` of ``cell`` the gate it is, for pooling it with other layers':
     ``(kind, retain sign or None, refine form of a refined gate, auxiliary gate of an effective

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from gradflow.cells import adapters, mechanisms
+from gradflow.cells import adapters, mechanisms, pytorch
 from gradflow.cells.adapters import (from_equinox, from_function, from_linen, from_nnx,
                                      stack_params)
 from gradflow.cells.base import Cell, factory, parse_init
@@ -133,6 +133,6 @@ def for_length(cell, steps: int, /, **options) -> Cell:
 
 
 __all__ = ["Cell", "factory", "for_length", "get", "names", "options_of", "parse_spec", "is_spec",
-           "mechanisms",
+           "mechanisms", "pytorch",
            "parse_init", "from_function", "from_linen", "from_nnx", "from_equinox",
            "stack_params"] + list(_REGISTRY)

@@ -1,0 +1,271 @@
+"""PyTorch's recurrent layers in: ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their ``*Cell`` forms.
+
+PyTorch's three recurrent layers compute exactly gradflow's ``lstm``, ``gru`` (its default
+reset placement, ``b_hn`` inside the reset) and ``rnn`` (``tanh`` or ``relu``) cells, with the
+gates' rows stacked in one matrix (``i, f, g, o``; ``r, z, n``) and two biases where gradflow
+has one (``b_ih + b_hh``; the GRU's candidate keeps ``b_hn`` apart). :func:`torch_layers`
+reads the weights by their names (``weight_ih_l0``, ``bias_hh_l3``; a cell's ``weight_ih``)
+and lays them out as the cell's params, one dict per layer; :func:`gradflow.stack.from_torch`
+builds the stack. Nothing here imports PyTorch: a tensor is read through its ``detach`` and
+``numpy``, and a state dict may hold NumPy arrays (an ``np.savez`` of it, for the command line).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+from gradflow.cells.base import Cell
+from gradflow.cells.gru import gru
+from gradflow.cells.lstm import lstm
+from gradflow.cells.simple import rnn
+
+#: gates stacked in PyTorch's weights, in its row order -> the gradflow cell that computes it
+GATES = {4: ("lstm", ("i", "f", "g", "o")), 3: ("gru", ("r", "z", "n")), 1: ("rnn", ("h",))}
+#: a module's class name -> what its ``mode`` or class says it is
+MODULES = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn",
+           "LSTMCell": "lstm", "GRUCell": "gru", "RNNCell": "rnn"}
+NONLINEARITIES = ("tanh", "relu")
+_WEIGHT = re.compile(r"^(?P<prefix>.*?)weight_ih(?P<layer>_l\d+)?(?P<reverse>_reverse)?$")
+
+
+class TorchLayers(NamedTuple):
+    """What :func:`torch_layers` read: the ``cell`` (a gradflow :class:`Cell`), the data's
+    ``input_size``, one ``hidden_size`` per layer, the per-layer params (NumPy: the weights in
+    their dtype, summed biases in float64) and a one-line ``source`` (``"torch nn.LSTM, 4
+    layers"``)."""
+    cell: Cell
+    input_size: int
+    hidden_size: tuple
+    layers: list
+    source: str
+
+
+def _array(who: str, name: str, value) -> np.ndarray:
+    """A tensor (via ``detach().cpu().numpy()``) or anything NumPy reads, as a float array."""
+    if hasattr(value, "detach"):
+        value = value.detach()
+        if hasattr(value, "cpu"):
+            value = value.cpu()
+        dtype = str(getattr(value, "dtype", ""))
+        if dtype.endswith(("bfloat16", "float16")):
+            raise ValueError(f"{who}: {name} is {dtype.split('.')[-1]}; gradflow measures in "
+                             "float32 or float64: give the same weights in float32 "
+                             "(model.float())")
+        value = value.numpy()
+    a = np.asarray(value)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{who}: {name} is not a floating array (dtype {a.dtype})")
+    if a.dtype.itemsize < 4:
+        raise ValueError(f"{who}: {name} is {a.dtype}; gradflow measures in float32 or float64:"
+                         " give the same weights in float32")
+    return a
+
+
+def _module_kind(model) -> tuple[str, str | None, str] | None:
+    """``(cell name, nonlinearity, class name)`` of a PyTorch recurrent module, None for any
+    other object (found by class name along its MRO: a subclass of ``nn.LSTM`` is one)."""
+    for klass in type(model).__mro__:
+        if klass.__name__ in MODULES and callable(getattr(model, "state_dict", None)):
+            kind = MODULES[klass.__name__]
+            act = None
+            if kind == "rnn":
+                mode = getattr(model, "mode", None)
+                act = getattr(model, "nonlinearity", None) or (
+                    "relu" if mode == "RNN_RELU" else "tanh" if mode == "RNN_TANH" else None)
+            return kind, act, klass.__name__
+    return None
+
+
+def _prefixes(who: str, state: Mapping) -> dict:
+    """``{prefix: [layer suffixes]}`` of the recurrent weights in a state dict; refuses the
+    forms gradflow's cells do not compute (bidirectional, projected LSTM)."""
+    found = {}
+    for key in map(str, state):
+        m = _WEIGHT.match(key)
+        if m is None:
+            continue
+        if m["reverse"]:
+            raise ValueError(f"{who}: {key!r} belongs to a bidirectional layer; a Stack runs "
+                             "forward in time only: measure such a model with "
+                             "gradflow.model_map (one gradflow.tap per layer)")
+        found.setdefault(m["prefix"], []).append(m["layer"] or "")
+    for prefix in found:
+        if any(str(k).startswith(prefix + "weight_hr") for k in state):
+            raise ValueError(f"{who}: {prefix}weight_hr_l* are an LSTM's projections "
+                             "(proj_size > 0), which gradflow's lstm does not have: measure "
+                             "such a model with gradflow.model_map")
+    return found
+
+
+def _layer(who, state, prefix, suffix, layer):
+    """``(cell name, input size, hidden size, params)`` of one layer's weights."""
+    def get(name, required=True):
+        key = f"{prefix}{name}{suffix}"
+        if key not in state:
+            if required:
+                raise ValueError(f"{who}: {key!r} is missing (layer {layer})")
+            return None
+        return _array(who, key, state[key])
+
+    w_ih, w_hh = get("weight_ih"), get("weight_hh")
+    b_ih, b_hh = get("bias_ih", False), get("bias_hh", False)
+    if w_hh.ndim != 2 or w_ih.ndim != 2 or w_hh.shape[0] % w_hh.shape[1]:
+        raise ValueError(f"{who}: layer {layer}'s weights have shapes {w_ih.shape} and "
+                         f"{w_hh.shape}; PyTorch's are (G*H, in) and (G*H, H)")
+    H = w_hh.shape[1]
+    G = w_hh.shape[0] // H
+    if G not in GATES or w_ih.shape[0] != G * H:
+        raise ValueError(f"{who}: layer {layer}'s weights have shapes {w_ih.shape} and "
+                         f"{w_hh.shape}, not an LSTM's (4H rows), a GRU's (3H) or an RNN's (H)")
+    name, gates = GATES[G]
+    zeros = np.zeros(G * H, w_hh.dtype)
+    b_ih, b_hh = (zeros if b is None else b for b in (b_ih, b_hh))
+    if b_ih.shape != (G * H,) or b_hh.shape != (G * H,):
+        raise ValueError(f"{who}: layer {layer}'s biases have shapes {b_ih.shape} and "
+                         f"{b_hh.shape}, expected ({G * H},)")
+    rows = lambda a, k: a[k * H:(k + 1) * H]  # noqa: E731
+    params = {}
+    for k, g in enumerate(gates):
+        params[g] = {"W": rows(w_ih, k).T, "U": rows(w_hh, k).T,  # summed exactly enough
+                     "b": rows(b_ih, k).astype(np.float64) + rows(b_hh, k)}  # for float64
+    if name == "gru":  # n = tanh(W_n x + b_in + r * (U_n h + b_hn))
+        params["n"]["b"], params["n"]["b_hn"] = rows(b_ih, 2), rows(b_hh, 2)
+    return name, w_ih.shape[1], H, params
+
+
+def _one(who, model, prefix, nonlinearity):
+    """``(cell name, nonlinearity, [(in, H, params), ...], what)`` of one module or state dict."""
+    kind = _module_kind(model)
+    if kind is not None:
+        if getattr(model, "bidirectional", False):
+            raise ValueError(f"{who}: a bidirectional {kind[2]} runs back in time too; a Stack "
+                             "runs forward only: measure it with gradflow.model_map")
+        if getattr(model, "proj_size", 0):
+            raise ValueError(f"{who}: an LSTM with proj_size={model.proj_size} projects h, "
+                             "which gradflow's lstm does not: measure it with gradflow.model_map")
+        if kind[1] is not None:
+            if nonlinearity not in (None, kind[1]):
+                raise ValueError(f"{who}: nonlinearity={nonlinearity!r}, but the module is "
+                                 f"{kind[1]}")
+            nonlinearity = kind[1]
+        state, what = model.state_dict(), f"nn.{kind[2]}"
+    elif isinstance(model, Mapping):
+        state, what = model, "state dict"
+    else:
+        raise TypeError(f"{who}: expected a PyTorch nn.LSTM, nn.GRU or nn.RNN (or their *Cell), "
+                        f"its state_dict(), or a list of them, one per layer; got "
+                        f"{type(model).__name__}")
+    found = _prefixes(who, state)
+    if prefix is not None:
+        if prefix not in found:
+            raise ValueError(f"{who}: no recurrent weights under prefix={prefix!r}; found "
+                             f"{_named(found)}")
+        found = {prefix: found[prefix]}
+    if not found:
+        keys = sorted(map(str, state))[:6]
+        raise ValueError(f"{who}: no recurrent layer's weights (weight_ih_l0, or a cell's "
+                         f"weight_ih) in the {what}; its keys: {keys}")
+    if len(found) > 1:
+        raise ValueError(f"{who}: the {what} holds several recurrent layers' weights, "
+                         f"{_named(found)}: pass prefix= one of them, or a list of them, one "
+                         "per layer, bottom first")
+    (pre, suffixes), = found.items()
+    if "" in suffixes:  # a cell: weight_ih
+        if len(suffixes) > 1:
+            raise ValueError(f"{who}: both a cell's and a layer's weights under {pre!r}")
+        suffixes = [""]
+    else:
+        n = len(suffixes)
+        if sorted(suffixes) != sorted(f"_l{k}" for k in range(n)):
+            raise ValueError(f"{who}: layers {sorted(suffixes)} under {pre!r}: expected _l0 to "
+                             f"_l{n - 1}")
+        suffixes = [f"_l{k}" for k in range(n)]
+    layers = [_layer(who, state, pre, s, k) for k, s in enumerate(suffixes)]
+    return layers, nonlinearity, what + (f" {pre[:-1]!r}" if pre else "")
+
+
+def _named(found: dict) -> str:
+    return ", ".join(repr(p or "(no prefix)") for p in found)
+
+
+def torch_layers(model, *, prefix: str | None = None,
+                 nonlinearity: str | None = None) -> TorchLayers:
+    r"""PyTorch's recurrent weights as a gradflow cell and its per-layer params.
+
+    Args:
+      model: an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` (``num_layers`` layers), an
+        ``nn.LSTMCell``/``GRUCell``/``RNNCell`` (one layer), a ``state_dict()`` of any of them
+        or of a model holding one (``{"encoder.lstm.weight_ih_l0": ..., ...}``; tensors or
+        NumPy arrays), or a list of these, one per layer, bottom first (e.g. the layers of a
+        ``ModuleList``, which may differ in width).
+      prefix: which recurrent module of a state dict holding several (``"encoder.lstm."``).
+      nonlinearity: ``"tanh"`` or ``"relu"``: a vanilla RNN's, which its state dict does not
+        record (a module's is read from it).
+    Returns:
+      A :class:`TorchLayers`. Not supported, each with its own message: bidirectional layers
+      and LSTMs with ``proj_size`` (:func:`gradflow.model_map` measures them), 16-bit weights
+      (measure the same weights in float32).
+
+    Example::
+
+      >>> rng = np.random.default_rng(0)
+      >>> sd = {"weight_ih_l0": rng.normal(size=(12, 2)), "weight_hh_l0": rng.normal(size=(12, 4)),
+      ...       "bias_ih_l0": rng.normal(size=12), "bias_hh_l0": rng.normal(size=12)}
+      >>> t = gradflow.cells.pytorch.torch_layers(sd)  # a GRU: 3 x 4 rows
+      >>> t.cell.name, t.input_size, t.hidden_size, sorted(t.layers[0]), t.source
+      ('gru', 2, (4,), ['n', 'r', 'z'], 'torch state dict, 1 layer')
+      >>> bool(np.array_equal(t.layers[0]["z"]["U"], sd["weight_hh_l0"][4:8].T))
+      True
+    """
+    who = "from_torch"
+    if nonlinearity not in (None,) + NONLINEARITIES:
+        raise ValueError(f"{who}: nonlinearity={nonlinearity!r}; choose from "
+                         f"{', '.join(map(repr, NONLINEARITIES))}")
+    if isinstance(model, (list, tuple)) or (  # or an nn.ModuleList, a generator
+            hasattr(model, "__iter__") and not isinstance(model, (Mapping, np.ndarray))
+            and _module_kind(model) is None):
+        parts = list(model)
+    else:
+        parts = [model]
+    if not parts:
+        raise ValueError(f"{who}: an empty list of layers")
+    layers, acts, whats = [], set(), []
+    for part in parts:
+        got, act, what = _one(who, part, prefix, nonlinearity)
+        layers += got
+        acts.add(act)
+        whats.append(what)
+    names = {name for name, *_ in layers}
+    if len(names) > 1:
+        raise ValueError(f"{who}: layers of different kinds ({', '.join(sorted(names))}); "
+                         "build such a stack with gradflow.Stack([...]) and stack_params")
+    name = names.pop()
+    acts.discard(None)
+    if name == "rnn":
+        if not acts:
+            raise ValueError(f"{who}: a vanilla RNN's state dict does not record its "
+                             "nonlinearity: pass nonlinearity='tanh' (nn.RNN's default) or "
+                             "'relu', or give the module itself")
+        if len(acts) > 1:
+            raise ValueError(f"{who}: layers with different nonlinearities {sorted(acts)}")
+        cell = rnn(nonlinearity=acts.pop())
+    elif nonlinearity is not None:
+        raise ValueError(f"{who}: nonlinearity= is a vanilla RNN's; these weights are a "
+                         f"{name.upper()}'s")
+    else:
+        cell = lstm() if name == "lstm" else gru()
+    for k in range(1, len(layers)):
+        if layers[k][1] != layers[k - 1][2]:
+            raise ValueError(f"{who}: layer {k} reads {layers[k][1]} features but layer {k - 1} "
+                             f"emits {layers[k - 1][2]}")
+    L = len(layers)
+    source = (f"torch {whats[0] if len(set(whats)) == 1 else 'layers'}, {L} "
+              f"layer{'s' if L > 1 else ''}")
+    return TorchLayers(cell, layers[0][1], tuple(H for _, _, H, _ in layers),
+                       [p for *_, p in layers], source)
+
+
+__all__ = ["TorchLayers", "torch_layers", "GATES", "MODULES", "NONLINEARITIES"]

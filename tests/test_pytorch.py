@@ -1,0 +1,284 @@
+"""PyTorch's recurrent layers measured as they are (``gradflow.from_torch``).
+
+The reference is PyTorch itself: ``tests/data/torch_rnns.npz`` holds, for an ``nn.LSTM``, an
+``nn.GRU`` (sequence first), ``nn.RNN`` with tanh and with ReLU, an LSTM without biases and a
+``ModuleList`` of two ``GRUCell`` of different widths, the float32 weights of PyTorch's own
+init, and PyTorch's float64 outputs, final states and hidden gradient map by autograd
+(``tests/data/make_torch_rnns.py``, run with PyTorch 2.13). The suite does not install PyTorch:
+modules are also checked as duck-typed stand-ins (PyTorch's class names and ``state_dict``), and
+against PyTorch's real modules where it is installed.
+"""
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gradflow
+from gradflow import cli, runs
+from gradflow.cells import pytorch
+
+DATA = Path(__file__).with_name("data") / "torch_rnns.npz"
+CASES = ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_nobias", "cells")
+
+
+def _case(name):
+    """``(weights, data)``: the case's state dict (float32 arrays) and PyTorch's numbers."""
+    with np.load(DATA) as f:
+        arrays = {k[len(name) + 1:]: f[k] for k in f.files if k.startswith(name + "/")}
+    data = {k: arrays.pop(k) for k in ("xs", "v", "out", "G", "h_n", "c_n") if k in arrays}
+    return arrays, data
+
+
+def _model(name, weights):
+    """What a user passes: the state dict, or one per layer for the ModuleList of cells."""
+    if name == "cells":
+        return [{k[2:]: v for k, v in weights.items() if k.startswith(f"{l}.")} for l in (0, 1)]
+    return weights
+
+
+def _act(name):
+    return name.split("_")[1] if name.startswith("rnn_") else None
+
+
+def _loss(v):
+    return lambda out: jnp.sum(out[:, -1] @ v)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_equals_pytorch_float64(name, x64):
+    """States, outputs and the hidden gradient map equal PyTorch's (its autograd) to 1e-12."""
+    weights, d = _case(name)
+    stack, params = gradflow.from_torch(_model(name, weights), nonlinearity=_act(name),
+                                        dtype=jnp.float64)
+    expect = {"lstm": "lstm", "gru": "gru", "cells": "gru", "lstm_nobias": "lstm"}
+    assert stack.cells[0].name == expect.get(name, "rnn")
+    assert dict(stack.cells[0].options).get("nonlinearity") == _act(name)
+    out = stack.apply(params, d["xs"])
+    assert _rel(out.top, d["out"]) < 1e-12
+    if "h_n" in d:
+        assert _rel(out.h[:, :, -1], d["h_n"]) < 1e-12
+    if "c_n" in d:
+        assert _rel(out.states["c"][:, :, -1], d["c_n"]) < 1e-12
+    res = gradflow.gradient_map(stack, params, d["xs"], loss=_loss(d["v"]))
+    assert res.values.shape == d["G"].shape and _rel(res.values, d["G"]) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["lstm", "rnn_relu", "cells"])
+def test_equals_pytorch_float32(name):
+    """With 64-bit JAX off (what users have): float32 params, the map within 1e-5."""
+    weights, d = _case(name)
+    stack, params = gradflow.from_torch(_model(name, weights), nonlinearity=_act(name))
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(params))
+    xs = d["xs"].astype(np.float32)
+    res = gradflow.gradient_map(stack, params, xs, loss=_loss(d["v"].astype(np.float32)))
+    assert _rel(res.values, d["G"]) < 1e-5
+    assert _rel(stack.apply(params, xs).top, d["out"]) < 1e-5
+
+
+def test_layout_against_the_equations(x64):
+    """Each gate's rows of PyTorch's stacked weights land on gradflow's gate: the LSTM's
+    ``i, f, g, o``, the GRU's ``r, z, n`` with ``b_in`` and ``b_hn`` kept apart, biases
+    summed, and a layer without biases gets zeros."""
+    w, _ = _case("gru")
+    t = pytorch.torch_layers(w)
+    H = 5
+    for k, g in enumerate("rzn"):
+        np.testing.assert_array_equal(t.layers[1][g]["W"], w["weight_ih_l1"][k * H:(k + 1) * H].T)
+        np.testing.assert_array_equal(t.layers[1][g]["U"], w["weight_hh_l1"][k * H:(k + 1) * H].T)
+    np.testing.assert_array_equal(t.layers[0]["r"]["b"],  # summed in float64
+                                  np.float64(w["bias_ih_l0"][:H]) + w["bias_hh_l0"][:H])
+    np.testing.assert_array_equal(t.layers[0]["n"]["b"], w["bias_ih_l0"][2 * H:])
+    np.testing.assert_array_equal(t.layers[0]["n"]["b_hn"], w["bias_hh_l0"][2 * H:])
+    assert (t.input_size, t.hidden_size, t.source) == (4, (5, 5, 5), "torch state dict, 3 layers")
+    w, _ = _case("lstm_nobias")
+    t = pytorch.torch_layers(w)
+    assert all(np.all(p[g]["b"] == 0) for p in t.layers for g in "ifgo")
+    np.testing.assert_array_equal(t.layers[0]["o"]["W"], w["weight_ih_l0"][12:].T)
+
+
+# --- modules, as PyTorch's classes present them (stand-ins: the suite has no PyTorch) ---------
+
+
+class _Tensor:
+    """A stand-in for a tensor: what gradflow reads of one (detach, cpu, numpy, dtype)."""
+
+    def __init__(self, a, dtype=None):
+        self.a, self.dtype = a, dtype or f"torch.{a.dtype}"
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.a
+
+
+def _module(cls_name, weights, **attrs):
+    cls = type(cls_name, (), {"state_dict": lambda self: {k: _Tensor(v)
+                                                         for k, v in weights.items()}})
+    m = cls()
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    return m
+
+
+def test_modules_by_their_class(x64):
+    """An ``nn.RNN`` says its nonlinearity (a state dict does not), ``mode`` too; a subclass
+    of ``nn.LSTM`` is one; a ``ModuleList``-like iterable of cells is a list; tensors are read
+    through ``detach().cpu().numpy()``."""
+    w, d = _case("rnn_relu")
+    for attrs in ({"nonlinearity": "relu"}, {"mode": "RNN_RELU"}):
+        stack, params = gradflow.from_torch(_module("RNN", w, bidirectional=False, **attrs),
+                                            dtype=jnp.float64)
+        assert dict(stack.cells[0].options)["nonlinearity"] == "relu"
+        assert _rel(stack.apply(params, d["xs"]).top, d["out"]) < 1e-12
+    with pytest.raises(ValueError, match="nonlinearity='tanh', but the module is relu"):
+        gradflow.from_torch(_module("RNN", w, nonlinearity="relu"), nonlinearity="tanh")
+    w, d = _case("lstm")
+    sub = type("MyLSTM", (type("LSTM", (), {"state_dict": lambda self: w}),), {})()
+    stack, params = gradflow.from_torch(sub, dtype=jnp.float64)
+    assert _rel(stack.apply(params, d["xs"]).top, d["out"]) < 1e-12
+    w, d = _case("cells")
+    cells = iter([_module("GRUCell", p) for p in _model("cells", w)])  # not a list
+    stack, params = gradflow.from_torch(cells, dtype=jnp.float64)
+    assert stack.hidden_size == (6, 3) and _rel(stack.apply(params, d["xs"]).top, d["out"]) < 1e-12
+    assert pytorch.torch_layers([_module("GRUCell", p) for p in _model("cells", w)]).source == (
+        "torch nn.GRUCell, 2 layers")
+
+
+def test_a_model_state_dict_and_its_prefix(x64):
+    """A whole model's state dict: the one recurrent module is found by its prefix; with
+    several, ``prefix=`` picks one and the message names them."""
+    w, d = _case("lstm")
+    model = {**{f"encoder.lstm.{k}": v for k, v in w.items()},
+             "encoder.embed.weight": np.ones((3, 4), np.float32), "head.weight": np.ones(2)}
+    stack, params = gradflow.from_torch(model, dtype=jnp.float64)
+    assert _rel(stack.apply(params, d["xs"]).top, d["out"]) < 1e-12
+    model.update({f"decoder.{k}": v for k, v in _case("gru")[0].items()})
+    with pytest.raises(ValueError, match="several recurrent layers' weights, 'encoder.lstm.', "
+                                         "'decoder.': pass prefix="):
+        gradflow.from_torch(model)
+    stack, _ = gradflow.from_torch(model, prefix="decoder.")
+    assert stack.cells[0].name == "gru" and stack.layers == 3
+    with pytest.raises(ValueError, match="no recurrent weights under prefix='dec'; found"):
+        gradflow.from_torch(model, prefix="dec")
+    w, _ = _case("cells")  # a ModuleList's state dict: two cells, two prefixes
+    with pytest.raises(ValueError, match="'0.', '1.': pass prefix= one of them, or a list"):
+        gradflow.from_torch(w)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda w: {**w, "weight_ih_l0_reverse": w["weight_ih_l0"]}, "bidirectional layer; a Stack "
+     "runs forward in time only: measure such a model with gradflow.model_map"),
+    (lambda w: {**w, "weight_hr_l0": np.ones((3, 5), np.float32)}, r"projections \(proj_size > 0"),
+    (lambda w: {k: v for k, v in w.items() if k != "weight_hh_l1"}, "'weight_hh_l1' is missing"),
+    (lambda w: {k: v for k, v in w.items() if not k.endswith("l1")}, r"layers \['_l0', '_l2'\]"),
+    (lambda w: {**w, "weight_hh_l0": w["weight_hh_l0"][:, :4]}, r"not an LSTM's \(4H rows\)"),
+    (lambda w: {**w, "bias_ih_l2": w["bias_ih_l2"][:5]}, r"biases have shapes \(5,\) and \(20,\)"),
+    (lambda w: {**w, "weight_ih_l1": w["weight_ih_l1"][:, :3]}, "layer 1 reads 3 features but "
+     "layer 0 emits 5"),
+    (lambda w: {**w, "weight_ih_l0": w["weight_ih_l0"].astype(np.float16)}, "float16; gradflow "
+     "measures in float32 or float64"),
+    (lambda w: {**w, "weight_ih_l0": _Tensor(w["weight_ih_l0"], "torch.bfloat16")},
+     r"bfloat16; .* \(model.float\(\)\)"),
+    (lambda w: {"embed.weight": w["weight_ih_l0"]}, r"no recurrent layer's weights .* its keys: "
+     r"\['embed.weight'\]"),
+])
+def test_refusals_name_the_problem(change, message):
+    w, _ = _case("lstm")
+    with pytest.raises(ValueError, match=message):
+        gradflow.from_torch(change(dict(w)))
+
+
+def test_refusals_of_arguments():
+    w, _ = _case("rnn_tanh")
+    with pytest.raises(ValueError, match="does not record its nonlinearity: pass "
+                                         "nonlinearity='tanh' .* or 'relu'"):
+        gradflow.from_torch(w)
+    with pytest.raises(ValueError, match="nonlinearity='gelu'; choose from 'tanh', 'relu'"):
+        gradflow.from_torch(w, nonlinearity="gelu")
+    lstm, _ = _case("lstm")
+    with pytest.raises(ValueError, match="nonlinearity= is a vanilla RNN's; these weights are "
+                                         "a LSTM's"):
+        gradflow.from_torch(lstm, nonlinearity="relu")
+    gru_layer = {k.replace("_l0", ""): v for k, v in _case("gru")[0].items() if k.endswith("_l0")}
+    with pytest.raises(ValueError, match=r"layers of different kinds \(gru, lstm\)"):
+        gradflow.from_torch([lstm, gru_layer])
+    with pytest.raises(ValueError, match="no input_projection"):
+        gradflow.from_torch(lstm, input_projection=True)
+    with pytest.raises(TypeError, match="expected a PyTorch nn.LSTM, nn.GRU or nn.RNN .*got str"):
+        gradflow.from_torch("lstm.pt")
+    with pytest.raises(ValueError, match="an empty list of layers"):
+        gradflow.from_torch([])
+    for attrs, msg in (({"bidirectional": True}, "a bidirectional LSTM runs back in time"),
+                       ({"proj_size": 3}, "proj_size=3 projects h")):
+        with pytest.raises(ValueError, match=msg):
+            gradflow.from_torch(_module("LSTM", lstm, **attrs))
+
+
+def test_stack_options_apply(x64):
+    """A residual, normalised stack of the same layers: the options reach the Stack, the
+    norm's params at identity (PyTorch's layers have none)."""
+    w, d = _case("rnn_tanh")
+    stack, params = gradflow.from_torch(w, nonlinearity="tanh", residual=True, norm="rms",
+                                        dtype=jnp.float64)
+    assert stack.residual and stack.norm == "rms"
+    np.testing.assert_array_equal(params["norm"][1]["scale"], np.ones(5))
+    plain, pp = gradflow.from_torch(w, nonlinearity="tanh", dtype=jnp.float64)
+    assert _rel(stack.apply(params, d["xs"]).top, plain.apply(pp, d["xs"]).top) > 1e-3
+
+
+# --- the command line: np.savez of a state dict as --params ---------------------------------
+
+
+def test_heatmap_of_a_saved_state_dict(capsys, tmp_path):
+    """``gradflow heatmap --params lstm.npz`` measures the saved state dict on the Gaussian
+    inputs a fresh problem of that stack draws from --seed: equal to the API's map."""
+    w, _ = _case("lstm")
+    np.savez(tmp_path / "lstm.npz", **w)
+    with jax.enable_x64(False):
+        stack, params = gradflow.from_torch(w)
+        xs = gradflow.problem("lstm", layers=3, steps=4, hidden=5, batch=2, input_size=4,
+                              seed=1).xs
+        expect = gradflow.gradient_map(stack, params, xs).values
+    rc = cli.main(["heatmap", "--params", str(tmp_path / "lstm.npz"), "--steps", "4", "--batch",
+                   "2", "--seed", "1", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    data = next(tmp_path.glob("heatmap_lstm_L3*.npz"))
+    np.testing.assert_array_equal(gradflow.load(data).values, expect)
+    relu, _ = _case("rnn_relu")
+    np.savez(tmp_path / "relu.npz", **relu)
+    assert cli.main(["heatmap", "--params", str(tmp_path / "relu.npz"), "--out",
+                     str(tmp_path)]) == 2
+    assert "pass nonlinearity='tanh'" in capsys.readouterr().err
+    np.savez(tmp_path / "relu.npz", **relu, nonlinearity="relu")
+    stack, _ = runs.load_params(tmp_path / "relu.npz")
+    assert dict(stack.cells[0].options)["nonlinearity"] == "relu"
+    np.savez(tmp_path / "other.npz", a=np.ones(3))
+    assert cli.main(["heatmap", "--params", str(tmp_path / "other.npz")]) == 2
+    assert "nor a PyTorch RNN's state dict (np.savez" in capsys.readouterr().err
+
+
+def test_real_pytorch_modules(x64):
+    """Where PyTorch is installed (``gradflow[bench]``): its modules themselves, tensors and
+    all, give the same stacks as their state dicts (the reference data above needs none)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    xs = np.random.default_rng(0).normal(size=(2, 5, 3))
+    for model in (torch.nn.LSTM(3, 4, num_layers=2, batch_first=True),
+                  torch.nn.GRU(3, 4, num_layers=2, batch_first=True),
+                  torch.nn.RNN(3, 4, nonlinearity="relu", batch_first=True)):
+        stack, params = gradflow.from_torch(model, dtype=jnp.float64)
+        with torch.no_grad():
+            out, _ = model.double()(torch.from_numpy(xs))
+        assert _rel(stack.apply(params, xs).top, out.numpy()) < 1e-12
