@@ -458,7 +458,7 @@ _TOKENS = {
     "wrt": "wrt-{}".format, "readout_seed": "r{}".format, "eps": "eps{:g}".format,
     "bins": "bins{}".format, "gate": "gate-{}".format, "normalize": lambda v: "normalized",
     "absolute": lambda v: "absolute", "lr": "lr{:g}".format, "clip": "clip{:g}".format,
-    "budget": "budget{:g}".format,
+    "budget": "budget{:g}".format, "inputs": lambda v: "in-" + Path(v).stem,
 }
 
 
@@ -781,7 +781,9 @@ def _describe(config: dict, cell) -> str:
     return (f"{plot.subject(config)}, {config['layers']} layers x {config['steps']} steps, "
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "
             f"seed {config.get('seed', '-')}, "
-            f"{origin(config) or 'init -'}, {config['dtype']}"
+            f"{origin(config) or 'init -'}, "
+            + (f"inputs from {config['inputs_from']}, " if config.get("inputs_from") else "")
+            + f"{config['dtype']}"
             + (f"; options {', '.join(changed)}" if changed else "")
             + "".join(f"; {k} {config[k]}" for k in extra))
 
@@ -951,6 +953,62 @@ def _read_params(args, path):
                                                    stack.matmul_precision)), params, meta)
 
 
+def _read_inputs(args):
+    """The sequences of ``--inputs`` (NumPy, ``(B, T, D)``, the first ``--batch`` where
+    given), or None. Every problem with the file is the user's: one line, exit 2."""
+    if getattr(args, "inputs", None) is None:
+        return None
+    given = _given(args, ("steps", "input_size", "input_scale"))
+    if given:
+        raise _usage(args, f"{', '.join(given)} cannot be used with --inputs: the sequences fix "
+                           "them")
+    path = args.inputs
+    try:
+        data = np.load(path, allow_pickle=False)
+        if hasattr(data, "files"):  # an .npz: the one array, or the one named xs
+            with data as f:
+                if "xs" not in f.files and len(f.files) != 1:
+                    raise InputError(f"--inputs: {path!r} holds several arrays "
+                                     f"({', '.join(f.files[:6])}); name the sequences xs, or "
+                                     "save only them")
+                data = f["xs" if "xs" in f.files else f.files[0]]
+    except (OSError, ValueError, EOFError) as e:  # no such file, not .npy/.npz, pickled
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"--inputs: cannot read {path!r} as a .npy or .npz array: "
+                         f"{type(e).__name__}: {e}") from e
+    if data.ndim != 3:
+        raise InputError(f"--inputs: {path!r} holds an array of shape {data.shape}; the "
+                         "sequences are (batch, steps, features)"
+                         + (": add a batch axis, xs[None]" if data.ndim == 2 else ""))
+    if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
+        raise InputError(f"--inputs: {path!r} holds {data.dtype} values; the sequences are "
+                         "real numbers")
+    bad = int(data.size - np.isfinite(data).sum())
+    if bad:
+        raise InputError(f"--inputs: {path!r} holds {bad} NaN or infinite entries")
+    if _given(args, ("batch",)):
+        if args.batch > data.shape[0]:
+            raise _usage(args, f"--batch {args.batch} is more than the {data.shape[0]} "
+                               f"sequences in {path}")
+        data = data[:args.batch]
+    return data
+
+
+def _with_inputs(args, prob, xs):
+    """``prob`` measured on the sequences ``xs`` of ``--inputs`` (cast to ``--dtype``): its
+    config records the file instead of the Gaussian inputs' scale."""
+    from gradflow.problem import dtype_of
+
+    if xs.shape[-1] != prob.stack.input_size:
+        raise InputError(f"--inputs: the sequences have {xs.shape[-1]} features; the stack "
+                         f"{'of ' + str(args.params) + ' ' if args.params else ''}reads "
+                         f"{prob.stack.input_size}")
+    config = {k: v for k, v in prob.config.items() if k not in ("input_scale", "inputs")}
+    config.update(steps=int(xs.shape[1]), batch=int(xs.shape[0]), inputs_from=str(args.inputs))
+    return prob._replace(xs=np.asarray(xs, dtype_of(args.dtype)), config=config)
+
+
 def _trained_problem(args, path):
     """The :class:`gradflow.problem.Problem` of ``path``, one of ``--params``: the saved stack
     and params (cast to ``--dtype``); a training run's inputs are the first ``--batch``
@@ -975,8 +1033,10 @@ def _trained_problem(args, path):
     given = _given(args, ("steps", "seed", "input_scale"))
     if given:
         raise _usage(args, f"{', '.join(given)} cannot be used with a training run's --params: "
-                           "the inputs are the run's evaluation sequences")
-    xs = _run_batch(args, meta["config"], dt, path)[0]
+                           "the inputs are the run's evaluation sequences (or --inputs)")
+    own = getattr(args, "inputs", None) is not None  # --inputs replace the run's sequences
+    xs = (np.zeros((1, 1, stack.input_size)) if own
+          else _run_batch(args, meta["config"], dt, path)[0])
     config.update({**stack.config, "steps": int(xs.shape[1]), "batch": int(xs.shape[0]),
                    "seed": meta["config"]["seed"], "dtype": str(dt), "train_step": meta["step"],
                    "inputs": "evaluation batch of the run's task"})
@@ -1213,6 +1273,7 @@ def add_heatmap(sub):
             gradflow heatmap --cell lstm --layers 16 --residual --norm layer
             gradflow heatmap --cell mycells:my_lstm --layers 8
             gradflow heatmap --params gradflow-out/train_adding_lstm_L4
+            gradflow heatmap --params lstm.npz --inputs xs.npy
         """)
     p.add_argument("--cell", type=cell_name, default="lstm",
                    help="cell name, see `gradflow cells`, a name with options "
@@ -1230,11 +1291,18 @@ def add_heatmap(sub):
 
 
 def add_params_option(p):
+    """``--params`` (trained weights) and ``--inputs`` (your sequences): what a one-stack
+    command measures, where it does not build and draw them itself."""
     p.add_argument("--params", default=None, metavar="RUN",
                    help="measure trained parameters: a run folder of `gradflow train` (its "
                         "stack, on its task's evaluation sequences), a .npz of "
                         "gradflow.runs.save_params, or a PyTorch nn.LSTM/GRU/RNN's state_dict "
                         "saved with np.savez; a user's cell is given again with --cell")
+    p.add_argument("--inputs", default=None, metavar="FILE",
+                   help="measure on your own sequences instead of Gaussian ones: a .npy of "
+                        "shape (batch, steps, features), or a .npz holding one such array (or "
+                        "one named xs); they fix --steps and --input-size, --batch B takes the "
+                        "first B (default: all)")
 
 
 def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
@@ -1244,8 +1312,14 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
     budget). ``check_cell(cells, what)`` checks the command's own needs of the layers' cells
     (e.g. gates), ``what`` naming them in its message.
     Returns ``(say, (figure path, data path), problem)``, or None after a dry run."""
+    xs = _read_inputs(args)
+    if xs is not None and getattr(args, "loss", None) == "task":
+        raise _usage(args, "--loss task reads a training run's own targets, which --inputs "
+                           "do not have: use --loss last or all")
     if args.params is not None:
         prob = _trained_problem(args, args.params)
+        if xs is not None:
+            prob = _with_inputs(args, prob, xs)
         args.batch, args.steps = (int(n) for n in prob.xs.shape[:2])  # the sizes measured
         if check_cell is not None:
             check_cell(prob.stack.cells, f"the cell of {args.params}")
@@ -1259,6 +1333,8 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
         if budget is None:
             return None
         return (*budget, prob)
+    if xs is not None:  # the sizes of a fresh stack and its problem
+        args.batch, args.steps, args.input_size = (int(n) for n in xs.shape)
     cell = _cell(args, args.steps)  # or one per layer
     per_layer = isinstance(cell, tuple)
     if check_cell is not None:
@@ -1274,7 +1350,8 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
         return None
     say, paths = budget
     say("building the stack and its parameters...")
-    return say, paths, _problem(args, cell)
+    prob = _problem(args, cell)
+    return say, paths, (prob if xs is None else _with_inputs(args, prob, xs))
 
 
 def _check_task_loss(args, paths) -> None:

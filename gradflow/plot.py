@@ -283,6 +283,8 @@ def settings(config: dict) -> str:
         parts.append(origin(config))
     if config.get("seed") is not None:
         parts.append(f"seed {config['seed']}")
+    if config.get("inputs_from"):  # the user's sequences (the CLI's --inputs)
+        parts.append(f"inputs {config['inputs_from']}")
     if options_text(config):
         parts.append(options_text(config))
     return ", ".join(parts)

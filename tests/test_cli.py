@@ -1089,3 +1089,92 @@ def test_heatmap_and_gates_of_one_cell_per_layer(capsys, tmp_path, user_module):
         rc, out, err = run(capsys, *argv)
         assert rc == 2 and re.search(message, err), err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# --- --inputs: the user's own sequences ---------------------------------------------------------
+
+
+def test_inputs_replace_the_gaussian_sequences(capsys, tmp_path):
+    """``heatmap --inputs xs.npz`` (the array named xs beside another) on a fresh stack: the
+    map of that stack on those sequences, bit for bit; ``--batch 3`` takes the first 3, and
+    the summary and the saved config name the file; ``gates`` reads them too."""
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(5, 7, 3)).astype(np.float32)
+    np.savez(tmp_path / "mine.npz", xs=xs, labels=np.arange(5))
+    with jax.enable_x64(False):
+        prob = gradflow.problem("gru", layers=2, steps=7, hidden=8, batch=5, input_size=3,
+                                seed=2)
+        expect = {B: gradflow.gradient_map(prob.stack, prob.params, xs[:B]).values
+                  for B in (5, 3)}
+        gates = gradflow.gates.saturation(prob.stack, prob.params, xs)
+    for B, extra in ((5, []), (3, ["--batch", "3"])):
+        rc, out, err = run(capsys, "heatmap", "--cell", "gru", "--layers", "2", "--hidden", "8",
+                           "--seed", "2", "--inputs", tmp_path / "mine.npz", *extra, "--out",
+                           tmp_path / f"h{B}.png")
+        assert rc == 0, err
+        assert f"2 layers x 7 steps, H=8, B={B}, seed 2, init orthogonal, inputs from " in out
+        res = gradflow.load(tmp_path / f"h{B}.npz")
+        np.testing.assert_array_equal(res.values, expect[B])
+        assert res.config["inputs_from"] == str(tmp_path / "mine.npz")
+        assert "input_scale" not in res.config and res.config["batch"] == B
+    rc, out, err = run(capsys, "gates", "--cell", "gru", "--layers", "2", "--hidden", "8",
+                       "--seed", "2", "--inputs", tmp_path / "mine.npz", "--out",
+                       tmp_path / "g.png")
+    assert rc == 0, err
+    saved = gradflow.load(tmp_path / "g.npz")
+    np.testing.assert_array_equal(saved.arrays["mean/z"], gates.arrays["mean/z"])
+
+
+def test_inputs_with_trained_params(capsys, tmp_path):
+    """A params file measured on your sequences (a PyTorch state dict here): ``heatmap`` and
+    ``gains`` equal ``gradient_map`` and ``local_gains`` of the loaded stack on them."""
+    from gradflow import runs
+
+    with jax.enable_x64(False):
+        stack = gradflow.Stack("lstm", layers=3, input_size=4, hidden_size=6)
+        params = stack.init(jax.random.key(1))
+        runs.save_params(tmp_path / "p.npz", stack, params)
+        xs = np.random.default_rng(1).normal(size=(4, 9, 4))
+        np.save(tmp_path / "xs.npy", xs)
+        expect = gradflow.gradient_map(stack, params, xs.astype(np.float32)).values
+        gains = gradflow.local_gains(stack, params, xs.astype(np.float32))
+    rc, out, err = run(capsys, "heatmap", "--params", tmp_path / "p.npz", "--inputs",
+                       tmp_path / "xs.npy", "--out", tmp_path / "h.png")
+    assert rc == 0, err
+    assert "3 layers x 9 steps, H=6, B=4, seed 0, params from" in out
+    np.testing.assert_array_equal(gradflow.load(tmp_path / "h.npz").values, expect)
+    rc, out, err = run(capsys, "gains", "--params", tmp_path / "p.npz", "--inputs",
+                       tmp_path / "xs.npy", "--out", tmp_path / "g.png")
+    assert rc == 0, err
+    saved = gradflow.load(tmp_path / "g.npz")
+    for k in ("vertical_rms", "temporal_rms", "state_rms"):
+        np.testing.assert_array_equal(saved.arrays[k], gains.arrays[k])
+    np.save(tmp_path / "wide.npy", np.ones((2, 3, 5)))
+    rc, _, err = run(capsys, "heatmap", "--params", tmp_path / "p.npz", "--inputs",
+                     tmp_path / "wide.npy")
+    assert rc == 2 and "the sequences have 5 features; the stack of" in err and "reads 4" in err
+
+
+@pytest.mark.parametrize("write,extra,message", [
+    (lambda p: np.savez(p, a=np.ones((2, 3, 4)), b=np.ones(2)), [],
+     "holds several arrays (a, b); name the sequences xs"),
+    (lambda p: np.save(p, np.ones((3, 4))), [], "shape (3, 4); the sequences are (batch, steps, "
+                                                "features): add a batch axis"),
+    (lambda p: np.save(p, np.full((2, 3, 4), np.nan)), [], "holds 24 NaN or infinite entries"),
+    (lambda p: np.save(p, np.ones((2, 3, 4), bool)), [], "holds bool values"),
+    (lambda p: p.write_bytes(b"junk"), [], "cannot read"),
+    (lambda p: np.save(p, np.ones((2, 3, 4))), ["--steps", "3"],
+     "--steps cannot be used with --inputs"),
+    (lambda p: np.save(p, np.ones((2, 3, 4))), ["--input-scale", "2"],
+     "--input-scale cannot be used with --inputs"),
+    (lambda p: np.save(p, np.ones((2, 3, 4))), ["--batch", "3"],
+     "--batch 3 is more than the 2 sequences in"),
+])
+def test_inputs_refused_in_one_line(capsys, tmp_path, write, extra, message):
+    path = tmp_path / "xs.npy"
+    write(path)
+    path = path if path.exists() else tmp_path / "xs.npy.npz"  # np.savez adds .npz
+    rc, out, err = run(capsys, "heatmap", "--layers", "2", "--hidden", "4", "--inputs", path,
+                       *extra)
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1

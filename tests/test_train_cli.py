@@ -477,3 +477,24 @@ def test_the_readme_api_recipe_for_a_runs_own_loss(run, tmp_path):
     grid = experiments.map_grid({"run": (stack, params, xs)}, "last",
                                 meta={"params": str(out), "train_step": 12})
     assert f"trained (step 12 of {out})" in plot.draw_grid(grid).get_suptitle()
+
+
+def test_a_trained_run_on_your_own_sequences(run, tmp_path, capsys):
+    """``heatmap --params RUN --inputs xs.npy``: the run's trained stack on those sequences
+    instead of its evaluation batch; its own loss needs its targets (refused)."""
+    _, out = run
+    stack, params = runs.load_params(out)
+    xs = np.random.default_rng(0).uniform(size=(3, 5, stack.input_size)).astype(np.float32)
+    np.save(tmp_path / "xs.npy", xs)
+    with precision("float32"):
+        expect = gradient_map(stack, params, xs, loss="last", wrt="hidden").values
+    target = tmp_path / "mine.png"
+    assert main(["heatmap", "--params", str(out), "--inputs", str(tmp_path / "xs.npy"),
+                 "--out", str(target)]) == 0
+    measured = gradflow.load(target.with_suffix(".npz"))
+    np.testing.assert_array_equal(measured.values, expect)
+    assert measured.config["train_step"] == 12 and measured.config["steps"] == 5
+    capsys.readouterr()
+    assert main(["heatmap", "--params", str(out), "--inputs", str(tmp_path / "xs.npy"),
+                 "--loss", "task"]) == 2
+    assert "--loss task reads a training run's own targets" in capsys.readouterr().err
