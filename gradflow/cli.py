@@ -995,14 +995,15 @@ def _read_inputs(args):
     return data
 
 
-def _with_inputs(args, prob, xs):
-    """``prob`` measured on the sequences ``xs`` of ``--inputs`` (cast to ``--dtype``): its
-    config records the file instead of the Gaussian inputs' scale."""
+def _with_inputs(args, prob, xs, source=None):
+    """``prob`` (of ``--params`` ``source``, if any) measured on the sequences ``xs`` of
+    ``--inputs`` (cast to ``--dtype``): its config records the file instead of the Gaussian
+    inputs' scale."""
     from gradflow.problem import dtype_of
 
     if xs.shape[-1] != prob.stack.input_size:
         raise InputError(f"--inputs: the sequences have {xs.shape[-1]} features; the stack "
-                         f"{'of ' + str(args.params) + ' ' if args.params else ''}reads "
+                         f"{'' if source is None else f'of {source} '}reads "
                          f"{prob.stack.input_size}")
     config = {k: v for k, v in prob.config.items() if k not in ("input_scale", "inputs")}
     config.update(steps=int(xs.shape[1]), batch=int(xs.shape[0]), inputs_from=str(args.inputs))
@@ -1319,7 +1320,7 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
     if args.params is not None:
         prob = _trained_problem(args, args.params)
         if xs is not None:
-            prob = _with_inputs(args, prob, xs)
+            prob = _with_inputs(args, prob, xs, args.params)
         args.batch, args.steps = (int(n) for n in prob.xs.shape[:2])  # the sizes measured
         if check_cell is not None:
             check_cell(prob.stack.cells, f"the cell of {args.params}")
@@ -1471,8 +1472,13 @@ def add_compare(sub):
                    help="trained runs side by side instead of fresh cells: comma-separated run "
                         "folders of `gradflow train` (each on its own task's evaluation "
                         "sequences, as many as its recorded maps used unless --batch) or .npz "
-                        "files of gradflow.runs.save_params (Gaussian inputs at --steps and "
-                        "--batch), each labelled by its file or folder name")
+                        "files of gradflow.runs.save_params or PyTorch state dicts (Gaussian "
+                        "inputs at --steps and --batch), each labelled by its file or folder "
+                        "name")
+    p.add_argument("--inputs", default=None, metavar="FILE",
+                   help="with --params: every run measured on these sequences (.npy of shape "
+                        "(batch, steps, features), or .npz with one such array or one named "
+                        "xs; --batch B takes the first B)")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all, and with --params task (each run's "
                         "own loss through its trained readout) (default: last,all)")
@@ -1541,6 +1547,10 @@ def run_compare(args) -> int:
 
     if args.params is not None:
         return _compare_trained(args)
+    if args.inputs is not None:
+        raise _usage(args, "--inputs measures trained --params on your sequences; fresh cells "
+                           "on them: gradflow heatmap --inputs, one cell at a time, or "
+                           "gradflow.experiments.map_grid")
     if "task" in args.losses:
         _check_task_loss(args, [])
     options = _cell_options(args)
@@ -1613,11 +1623,18 @@ def _compare_trained(args) -> int:
         labels = [str(s) for s in sources]  # runs/a/x and runs/b/x: their paths
     if len(set(labels)) < len(labels):
         raise _usage(args, f"--params repeats a run: {', '.join(map(str, args.params))}")
+    xs = _read_inputs(args)
+    if xs is not None and "task" in args.losses:
+        raise _usage(args, "--losses task reads training runs' own targets, which --inputs do "
+                           "not have: use last and all")
     if "task" in args.losses:
         _check_task_loss(args, args.params)
     with precision(args.dtype):
         problems = {label: _trained_problem(args, path)
                     for label, path in zip(labels, args.params)}
+        if xs is not None:
+            problems = {label: _with_inputs(args, p, xs, path) for (label, p), path in zip(
+                problems.items(), args.params)}
         stem = default_stem(args, "compare", "-".join(labels), skip=_STACK_OPTIONS + (
             "steps", "seed", "input_scale", "batch"))
         budget = _budget(args, [p.stack for p in problems.values()], args.wrt,

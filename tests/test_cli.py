@@ -1178,3 +1178,40 @@ def test_inputs_refused_in_one_line(capsys, tmp_path, write, extra, message):
                        *extra)
     assert rc == 2 and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_compare_trained_stacks_on_your_sequences(capsys, tmp_path):
+    """``compare --params a.npz,b.npz --inputs xs.npy``: a params file and a PyTorch GRU's state
+    dict side by side on the same sequences, each column the API's map there, bit for bit;
+    fresh cells and the task loss refuse --inputs."""
+    from gradflow import runs
+
+    rng = np.random.default_rng(3)
+    torch_gru = {"weight_ih_l0": rng.normal(size=(18, 4)) / 2,
+                 "weight_hh_l0": rng.normal(size=(18, 6)) / 2,
+                 "weight_ih_l1": rng.normal(size=(18, 6)) / 2,
+                 "weight_hh_l1": rng.normal(size=(18, 6)) / 2}
+    np.savez(tmp_path / "gru.npz", **{k: v.astype(np.float32) for k, v in torch_gru.items()})
+    xs = rng.normal(size=(5, 6, 4)).astype(np.float32)
+    np.save(tmp_path / "xs.npy", xs)
+    with jax.enable_x64(False):
+        star = gradflow.Stack("star", layers=2, input_size=4, hidden_size=6)
+        p_star = star.init(jax.random.key(0))
+        runs.save_params(tmp_path / "star.npz", star, p_star)
+        stacks = {"star": (star, p_star), "gru": gradflow.from_torch(
+            {k: v.astype(np.float32) for k, v in torch_gru.items()})}
+        expect = {k: gradflow.gradient_map(s, p, xs[:4], loss="all", wrt="hidden").values
+                  for k, (s, p) in stacks.items()}
+    rc, out, err = run(capsys, "compare", "--params", f"{tmp_path / 'star.npz'},"
+                       f"{tmp_path / 'gru.npz'}", "--inputs", tmp_path / "xs.npy", "--batch", "4",
+                       "--losses", "all", "--wrt", "hidden", "--out", tmp_path / "c.png")
+    assert rc == 0, err
+    grid = gradflow.load(tmp_path / "c.npz")
+    for k, v in expect.items():
+        np.testing.assert_array_equal(grid.arrays[f"values/all/{k}"], v)
+        assert grid.config["maps"][f"all/{k}"]["inputs_from"] == str(tmp_path / "xs.npy")
+    rc, _, err = run(capsys, "compare", "--inputs", tmp_path / "xs.npy")
+    assert rc == 2 and "--inputs measures trained --params on your sequences" in err
+    rc, _, err = run(capsys, "compare", "--params", tmp_path / "star.npz", "--inputs",
+                     tmp_path / "xs.npy", "--losses", "task")
+    assert rc == 2 and "--losses task reads training runs' own targets" in err
