@@ -957,6 +957,9 @@ def _read_inputs(args):
     """The sequences of ``--inputs`` (NumPy, ``(B, T, D)``, the first ``--batch`` where
     given), or None. Every problem with the file is the user's: one line, exit 2."""
     if getattr(args, "inputs", None) is None:
+        if getattr(args, "time_major", False):
+            raise _usage(args, "--time-major says how the --inputs array is laid out: give "
+                               "--inputs FILE")
         return None
     given = _given(args, ("steps", "input_size", "input_scale"))
     if given:
@@ -977,10 +980,13 @@ def _read_inputs(args):
             raise
         raise InputError(f"--inputs: cannot read {path!r} as a .npy or .npz array: "
                          f"{type(e).__name__}: {e}") from e
+    layout = "(steps, batch, features)" if args.time_major else "(batch, steps, features)"
     if data.ndim != 3:
         raise InputError(f"--inputs: {path!r} holds an array of shape {data.shape}; the "
-                         "sequences are (batch, steps, features)"
-                         + (": add a batch axis, xs[None]" if data.ndim == 2 else ""))
+                         f"sequences are {layout}"
+                         + (": add a batch axis" if data.ndim == 2 else ""))
+    if args.time_major:
+        data = data.swapaxes(0, 1)
     if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
         raise InputError(f"--inputs: {path!r} holds {data.dtype} values; the sequences are "
                          "real numbers")
@@ -1304,6 +1310,13 @@ def add_params_option(p):
                         "shape (batch, steps, features), or a .npz holding one such array (or "
                         "one named xs); they fix --steps and --input-size, --batch B takes the "
                         "first B (default: all)")
+    _time_major_option(p)
+
+
+def _time_major_option(p):
+    p.add_argument("--time-major", action="store_true",
+                   help="the --inputs array is (steps, batch, features), as PyTorch's RNNs "
+                        "take it by default (batch_first=False)")
 
 
 def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
@@ -1479,6 +1492,7 @@ def add_compare(sub):
                    help="with --params: every run measured on these sequences (.npy of shape "
                         "(batch, steps, features), or .npz with one such array or one named "
                         "xs; --batch B takes the first B)")
+    _time_major_option(p)
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all, and with --params task (each run's "
                         "own loss through its trained readout) (default: last,all)")

@@ -1215,3 +1215,22 @@ def test_compare_trained_stacks_on_your_sequences(capsys, tmp_path):
     rc, _, err = run(capsys, "compare", "--params", tmp_path / "star.npz", "--inputs",
                      tmp_path / "xs.npy", "--losses", "task")
     assert rc == 2 and "--losses task reads training runs' own targets" in err
+
+
+def test_time_major_inputs(capsys, tmp_path):
+    """``--time-major``: a (steps, batch, features) array, as PyTorch's RNNs take it by default,
+    gives the map of its (batch, steps, features) transpose; alone it is refused."""
+    xs = np.random.default_rng(5).normal(size=(4, 6, 3)).astype(np.float32)  # (B, T, D)
+    np.save(tmp_path / "bt.npy", xs)
+    np.save(tmp_path / "tb.npy", xs.swapaxes(0, 1))
+    common = ["--cell", "gru", "--layers", "2", "--hidden", "5"]
+    assert cli.main(["heatmap", *common, "--inputs", str(tmp_path / "bt.npy"), "--out",
+                     str(tmp_path / "bt.png")]) == 0
+    assert cli.main(["heatmap", *common, "--inputs", str(tmp_path / "tb.npy"), "--time-major",
+                     "--out", str(tmp_path / "tb.png")]) == 0
+    a, b = gradflow.load(tmp_path / "bt.npz"), gradflow.load(tmp_path / "tb.npz")
+    assert a.values.shape == (2, 6) and a.config["batch"] == 4
+    np.testing.assert_array_equal(a.values, b.values)
+    capsys.readouterr()
+    assert cli.main(["heatmap", *common, "--time-major"]) == 2
+    assert "--time-major says how the --inputs array is laid out" in capsys.readouterr().err
