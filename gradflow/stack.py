@@ -668,9 +668,9 @@ def from_torch(model, *, prefix: str | None = None, nonlinearity: str | None = N
 
     Args:
       model: an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (all its layers), an
-        ``nn.LSTMCell``/``GRUCell``/``RNNCell``, a ``state_dict()`` of one of them or of a
-        model holding one (tensors or NumPy arrays; ``prefix=`` picks one of several), or a
-        list of these, one per layer, bottom first (widths may differ).
+        ``nn.LSTMCell``/``GRUCell``/``RNNCell``, a model holding one (``prefix=`` picks one
+        of several), a ``state_dict()`` of any of these (tensors or NumPy arrays), or a list
+        of them, one per layer, bottom first (widths may differ).
       prefix: the recurrent module's key prefix in a state dict holding several.
       nonlinearity: a vanilla RNN's, ``"tanh"`` or ``"relu"``, which a state dict does not
         record (a module's is read from it).

@@ -163,7 +163,12 @@ def test_a_model_state_dict_and_its_prefix(x64):
              "encoder.embed.weight": np.ones((3, 4), np.float32), "head.weight": np.ones(2)}
     stack, params = gradflow.from_torch(model, dtype=jnp.float64)
     assert _rel(stack.apply(params, d["xs"]).top, d["out"]) < 1e-12
+    whole = type("Seq2Seq", (), {"state_dict": lambda self: model})()  # the model itself
+    stack, params = gradflow.from_torch(whole, dtype=jnp.float64)
+    assert _rel(stack.apply(params, d["xs"]).top, d["out"]) < 1e-12
     model.update({f"decoder.{k}": v for k, v in _case("gru")[0].items()})
+    with pytest.raises(ValueError, match="the Seq2Seq's state dict holds several recurrent"):
+        gradflow.from_torch(whole)
     with pytest.raises(ValueError, match="several recurrent layers' weights, 'encoder.lstm.', "
                                          "'decoder.': pass prefix="):
         gradflow.from_torch(model)
@@ -282,3 +287,15 @@ def test_real_pytorch_modules(x64):
         with torch.no_grad():
             out, _ = model.double()(torch.from_numpy(xs))
         assert _rel(stack.apply(params, xs).top, out.numpy()) < 1e-12
+
+    class Model(torch.nn.Module):  # a model holding its LSTM beside a readout
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(3, 4, num_layers=2, batch_first=True)
+            self.head = torch.nn.Linear(4, 2)
+
+    model = Model().double()
+    stack, params = gradflow.from_torch(model)
+    with torch.no_grad():
+        out, _ = model.rnn(torch.from_numpy(xs))
+    assert _rel(stack.apply(params, xs).top, out.numpy()) < 1e-12

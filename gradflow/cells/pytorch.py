@@ -154,6 +154,8 @@ def _one(who, model, prefix, nonlinearity):
         state, what = model.state_dict(), f"nn.{kind[2]}"
     elif isinstance(model, Mapping):
         state, what = model, "state dict"
+    elif callable(getattr(model, "state_dict", None)):  # a whole model holding one
+        state, what = model.state_dict(), f"{type(model).__name__}'s state dict"
     else:
         raise TypeError(f"{who}: expected a PyTorch nn.LSTM, nn.GRU or nn.RNN (or their *Cell), "
                         f"its state_dict(), or a list of them, one per layer; got "
@@ -197,10 +199,10 @@ def torch_layers(model, *, prefix: str | None = None,
 
     Args:
       model: an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` (``num_layers`` layers), an
-        ``nn.LSTMCell``/``GRUCell``/``RNNCell`` (one layer), a ``state_dict()`` of any of them
-        or of a model holding one (``{"encoder.lstm.weight_ih_l0": ..., ...}``; tensors or
-        NumPy arrays), or a list of these, one per layer, bottom first (e.g. the layers of a
-        ``ModuleList``, which may differ in width).
+        ``nn.LSTMCell``/``GRUCell``/``RNNCell`` (one layer), a model holding one (its
+        ``state_dict()`` is read: ``{"encoder.lstm.weight_ih_l0": ..., ...}``), a state dict
+        of any of these (tensors or NumPy arrays), or a list of them, one per layer, bottom
+        first (e.g. the layers of a ``ModuleList``, which may differ in width).
       prefix: which recurrent module of a state dict holding several (``"encoder.lstm."``).
       nonlinearity: ``"tanh"`` or ``"relu"``: a vanilla RNN's, which its state dict does not
         record (a module's is read from it).
