@@ -841,14 +841,21 @@ def _cell(args, steps: int):
     specs = layer_cells(args.cell)
     if len(specs) == 1:
         return _one_cell(args, specs[0], steps)
-    if len(specs) != args.layers:
-        raise _usage(args, f"--cell names {len(specs)} cells for --layers {args.layers}: give "
-                           f"one cell, or one per layer")
-    if any(_user_cell(s) for s in specs):
-        raise _usage(args, "--cell: a cell of your own (module:factory) is given alone; a stack "
-                           "of different cells of yours is built with the API, "
-                           "gradflow.Stack([cell, ...], layers, ...)")
+    _check_layer_specs(args, "--cell", specs, "one cell, or one per layer",
+                       "built with the API, gradflow.Stack([cell, ...], layers, ...)")
     return tuple(_one_cell(args, s, steps) for s in specs)
+
+
+def _check_layer_specs(args, flag: str, specs: list, give: str, yours: str) -> None:
+    """Refuse (one line, exit 2) a stack written on the command line (``flag``: where) whose
+    cells are not one per layer (``give``: what to write instead) or hold a user's
+    ``module:factory`` (``yours``: how such a stack is built instead)."""
+    if len(specs) != args.layers:
+        raise _usage(args, f"{flag} names {len(specs)} cells for --layers {args.layers}: give "
+                           f"{give}")
+    if any(_user_cell(s) for s in specs):
+        raise _usage(args, f"{flag}: a cell of your own (module:factory) is given alone; a "
+                           f"stack of different cells of yours is {yours}")
 
 
 def _one_cell(args, spec: str, steps: int):
@@ -1572,13 +1579,9 @@ def run_compare(args) -> int:
     named = [c for c in args.cells if not _user_cell(c) or _layered(c)]
     for c in args.cells:
         specs = layer_cells(c) if _layered(c) else [c]
-        if _layered(c) and len(specs) != args.layers:
-            raise _usage(args, f"--cells: {c} names {len(specs)} cells for --layers "
-                               f"{args.layers}: give one cell per layer")
-        if _layered(c) and any(_user_cell(s) for s in specs):
-            raise _usage(args, f"--cells: {c}: a cell of your own (module:factory) is given "
-                               "alone; a stack of different cells of yours is compared with "
-                               "the API, gradflow.experiments.map_grid")
+        if _layered(c):
+            _check_layer_specs(args, f"--cells: {c}", specs, "one cell per layer",
+                               "compared with the API, gradflow.experiments.map_grid")
         with user_input():
             if c in named:  # (options written in c win over --option)
                 cell = tuple(_cells.for_length(s, args.steps, **options) for s in specs)
