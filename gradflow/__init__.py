@@ -17,19 +17,19 @@ _ATTRS = {
     "model_map": "jacobian", "model_jacobian_map": "jacobian", "tap": "jacobian",
     "Problem": "problem",
     "Result": "results", "load": "results",
-    "Stack": "stack", "StackOutput": "stack", "from_torch": "stack",
+    "Stack": "stack", "StackOutput": "stack", "from_torch": "stack", "torch_model": "models",
 }
 # every module a user may reach as gradflow.<module> after a bare `import gradflow`
 # (gradflow.problem is the module, callable as its function problem(), whatever was imported
 # first: `import gradflow.problem as P` and `from gradflow import problem` give one object)
 _SUBMODULES = ("atlas", "atlas_training", "cells", "checks", "cli", "cost", "errors",
-               "experiments", "gates", "jacobian", "parallel", "plot", "problem", "registry",
-               "reproduce", "results", "runs", "seeds", "stack", "sweep", "tasks", "train",
-               "views")
+               "experiments", "gates", "jacobian", "models", "parallel", "plot", "problem",
+               "registry", "reproduce", "results", "runs", "seeds", "stack", "sweep", "tasks",
+               "train", "views")
 
 __all__ = ["cells", "gates", "jacobian", "results", "tasks", "train", "Stack", "StackOutput",
            "Problem", "problem", "gradient_map", "jacobian_map", "local_gains", "model_map",
-           "model_jacobian_map", "tap", "from_torch", "Result", "load",
+           "model_jacobian_map", "tap", "from_torch", "torch_model", "Result", "load",
            "__version__"]
 
 

@@ -21,6 +21,7 @@ from gradflow.cells import pytorch
 
 DATA = Path(__file__).with_name("data") / "torch_rnns.npz"
 CASES = ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_nobias", "cells")
+BIDIRECTIONAL = ("bilstm", "bigru")
 
 
 def _case(name):
@@ -183,7 +184,7 @@ def test_a_model_state_dict_and_its_prefix(x64):
 
 @pytest.mark.parametrize("change,message", [
     (lambda w: {**w, "weight_ih_l0_reverse": w["weight_ih_l0"]}, "bidirectional layer; a Stack "
-     "runs forward in time only: measure such a model with gradflow.model_map"),
+     "runs forward in time only: measure such a model with gradflow.torch_model"),
     (lambda w: {**w, "weight_hr_l0": np.ones((3, 5), np.float32)}, r"projections \(proj_size > 0"),
     (lambda w: {k: v for k, v in w.items() if k != "weight_hh_l1"}, "'weight_hh_l1' is missing"),
     (lambda w: {k: v for k, v in w.items() if not k.endswith("l1")}, r"layers \['_l0', '_l2'\]"),
@@ -240,6 +241,47 @@ def test_stack_options_apply(x64):
     np.testing.assert_array_equal(params["norm"][1]["scale"], np.ones(5))
     plain, pp = gradflow.from_torch(w, nonlinearity="tanh", dtype=jnp.float64)
     assert _rel(stack.apply(params, d["xs"]).top, plain.apply(pp, d["xs"]).top) > 1e-3
+
+
+# --- bidirectional models, for model_map (gradflow.torch_model) ------------------------------
+
+
+@pytest.mark.parametrize("name", BIDIRECTIONAL + ("lstm", "cells"))
+def test_torch_model_equals_pytorch_float64(name, x64):
+    """A bidirectional LSTM and GRU (and one-directional models) as model functions: outputs
+    and the hidden map by ``model_map`` equal PyTorch's (autograd, one row per layer and
+    direction) to 1e-12; the Jacobian map runs on the same taps."""
+    weights, d = _case(name)
+    t = gradflow.torch_model(_model(name, weights), dtype=jnp.float64)
+    L = 2 if name in BIDIRECTIONAL else (3 if name == "lstm" else 2)
+    assert t.layers == d["G"].shape[0] == (2 * L if name in BIDIRECTIONAL else L)
+    taps = jnp.zeros((t.layers, d["xs"].shape[1], d["xs"].shape[0]))
+    assert _rel(t.model(t.params, jnp.asarray(d["xs"]), taps), d["out"]) < 1e-12
+    res = gradflow.model_map(t.model, t.params, d["xs"], layers=t.layers, loss=_loss(d["v"]))
+    assert _rel(res.values, d["G"]) < 1e-12
+    jac = gradflow.model_jacobian_map(t.model, t.params, d["xs"], layers=t.layers)
+    assert jac.values.shape == d["G"].shape and np.all(np.isfinite(jac.values))
+    if name in BIDIRECTIONAL:
+        assert t.rows[:2] == ("l0 fwd", "l0 bwd") and t.source.endswith(", bidirectional")
+        with pytest.raises(ValueError, match="bidirectional layer; a Stack runs forward"):
+            gradflow.from_torch(weights)
+
+
+def test_torch_model_float32_and_refusals():
+    weights, d = _case("bigru")
+    t = gradflow.torch_model(weights)
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(t.params))
+    res = gradflow.model_map(t.model, t.params, d["xs"].astype(np.float32), layers=t.layers,
+                             loss=_loss(d["v"].astype(np.float32)))
+    assert _rel(res.values, d["G"]) < 1e-5
+    missing = {k: v for k, v in weights.items() if k != "weight_ih_l1_reverse"}
+    with pytest.raises(ValueError, match=r"torch_model: reverse directions \['_l0_reverse'\] "
+                                         "under '' for layers"):
+        gradflow.torch_model(missing)
+    one = {k: v for k, v in _case("gru")[0].items() if k.endswith("_l0")}
+    layer1 = {k.replace("_l1", "_l0"): v for k, v in weights.items() if "_l1" in k}
+    with pytest.raises(ValueError, match="bidirectional and one-directional layers"):
+        gradflow.torch_model([one, layer1])
 
 
 # --- the command line: np.savez of a state dict as --params ---------------------------------
@@ -299,3 +341,8 @@ def test_real_pytorch_modules(x64):
     with torch.no_grad():
         out, _ = model.rnn(torch.from_numpy(xs))
     assert _rel(stack.apply(params, xs).top, out.numpy()) < 1e-12
+    bi = torch.nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
+    t = gradflow.torch_model(bi)
+    with torch.no_grad():
+        out, _ = bi(torch.from_numpy(xs))
+    assert _rel(t.model(t.params, xs, jnp.zeros((4, 5, 2))), out.numpy()) < 1e-12

@@ -80,18 +80,15 @@ def _module_kind(model) -> tuple[str, str | None, str] | None:
 
 
 def _prefixes(who: str, state: Mapping) -> dict:
-    """``{prefix: [layer suffixes]}`` of the recurrent weights in a state dict; refuses the
-    forms gradflow's cells do not compute (bidirectional, projected LSTM)."""
+    """``{prefix: [layer suffixes]}`` of the recurrent weights in a state dict (``"_l0"``,
+    ``"_l0_reverse"``, a cell's ``""``); refuses an LSTM's projections, which gradflow's lstm
+    does not compute."""
     found = {}
     for key in map(str, state):
         m = _WEIGHT.match(key)
         if m is None:
             continue
-        if m["reverse"]:
-            raise ValueError(f"{who}: {key!r} belongs to a bidirectional layer; a Stack runs "
-                             "forward in time only: measure such a model with "
-                             "gradflow.model_map (one gradflow.tap per layer)")
-        found.setdefault(m["prefix"], []).append(m["layer"] or "")
+        found.setdefault(m["prefix"], []).append((m["layer"] or "") + (m["reverse"] or ""))
     for prefix in found:
         if any(str(k).startswith(prefix + "weight_hr") for k in state):
             raise ValueError(f"{who}: {prefix}weight_hr_l* are an LSTM's projections "
@@ -136,13 +133,18 @@ def _layer(who, state, prefix, suffix, layer):
     return name, w_ih.shape[1], H, params
 
 
-def _one(who, model, prefix, nonlinearity):
-    """``(cell name, nonlinearity, [(in, H, params), ...], what)`` of one module or state dict."""
+_BIDIRECTIONAL = ("a Stack runs forward in time only: measure such a model with "
+                  "gradflow.torch_model, which builds it for gradflow.model_map")
+
+
+def _one(who, model, prefix, nonlinearity, both):
+    """``(cell name, nonlinearity, [[(in, H, params) per direction] per layer], what)`` of
+    one module or state dict; a reverse direction is refused unless ``both``."""
     kind = _module_kind(model)
     if kind is not None:
-        if getattr(model, "bidirectional", False):
-            raise ValueError(f"{who}: a bidirectional {kind[2]} runs back in time too; a Stack "
-                             "runs forward only: measure it with gradflow.model_map")
+        if getattr(model, "bidirectional", False) and not both:
+            raise ValueError(f"{who}: a bidirectional {kind[2]} runs back in time too; "
+                             + _BIDIRECTIONAL)
         if getattr(model, "proj_size", 0):
             raise ValueError(f"{who}: an LSTM with proj_size={model.proj_size} projects h, "
                              "which gradflow's lstm does not: measure it with gradflow.model_map")
@@ -175,6 +177,11 @@ def _one(who, model, prefix, nonlinearity):
                          f"{_named(found)}: pass prefix= one of them, or a list of them, one "
                          "per layer, bottom first")
     (pre, suffixes), = found.items()
+    reverse = sorted(x for x in suffixes if x.endswith("_reverse"))
+    if reverse and not both:
+        raise ValueError(f"{who}: {pre}weight_ih{reverse[0]} belongs to a bidirectional layer; "
+                         + _BIDIRECTIONAL)
+    suffixes = [x for x in suffixes if not x.endswith("_reverse")]
     if "" in suffixes:  # a cell: weight_ih
         if len(suffixes) > 1:
             raise ValueError(f"{who}: both a cell's and a layer's weights under {pre!r}")
@@ -185,7 +192,11 @@ def _one(who, model, prefix, nonlinearity):
             raise ValueError(f"{who}: layers {sorted(suffixes)} under {pre!r}: expected _l0 to "
                              f"_l{n - 1}")
         suffixes = [f"_l{k}" for k in range(n)]
-    layers = [_layer(who, state, pre, s, k) for k, s in enumerate(suffixes)]
+    if reverse and reverse != [f"{x}_reverse" for x in suffixes]:
+        raise ValueError(f"{who}: reverse directions {reverse} under {pre!r} for layers "
+                         f"{suffixes}: a bidirectional model has one for every layer")
+    dirs = ("", "_reverse") if reverse else ("",)
+    layers = [[_layer(who, state, pre, x + d, k) for d in dirs] for k, x in enumerate(suffixes)]
     return layers, nonlinearity, what + (f" {pre[:-1]!r}" if pre else "")
 
 
@@ -208,8 +219,8 @@ def torch_layers(model, *, prefix: str | None = None,
         record (a module's is read from it).
     Returns:
       A :class:`TorchLayers`. Not supported, each with its own message: bidirectional layers
-      and LSTMs with ``proj_size`` (:func:`gradflow.model_map` measures them), 16-bit weights
-      (measure the same weights in float32).
+      (:func:`gradflow.torch_model` builds them for :func:`gradflow.model_map`), LSTMs with
+      ``proj_size``, 16-bit weights (measure the same weights in float32).
 
     Example::
 
@@ -222,7 +233,15 @@ def torch_layers(model, *, prefix: str | None = None,
       >>> bool(np.array_equal(t.layers[0]["z"]["U"], sd["weight_hh_l0"][4:8].T))
       True
     """
-    who = "from_torch"
+    t = read(model, prefix=prefix, nonlinearity=nonlinearity)
+    return t._replace(layers=[dirs[0] for dirs in t.layers])
+
+
+def read(model, *, prefix: str | None = None, nonlinearity: str | None = None,
+         both: bool = False, who: str = "from_torch") -> TorchLayers:
+    """:func:`torch_layers`, each layer's params a list of one per direction (two where
+    ``both`` and the model is bidirectional, the forward one first; else refused), its
+    ``hidden_size`` each direction's."""
     if nonlinearity not in (None,) + NONLINEARITIES:
         raise ValueError(f"{who}: nonlinearity={nonlinearity!r}; choose from "
                          f"{', '.join(map(repr, NONLINEARITIES))}")
@@ -236,11 +255,13 @@ def torch_layers(model, *, prefix: str | None = None,
         raise ValueError(f"{who}: an empty list of layers")
     layers, acts, whats = [], set(), []
     for part in parts:
-        got, act, what = _one(who, part, prefix, nonlinearity)
+        got, act, what = _one(who, part, prefix, nonlinearity, both)
         layers += got
         acts.add(act)
         whats.append(what)
-    names = {name for name, *_ in layers}
+    if len({len(dirs) for dirs in layers}) > 1:
+        raise ValueError(f"{who}: bidirectional and one-directional layers in one model")
+    names = {name for dirs in layers for name, *_ in dirs}
     if len(names) > 1:
         raise ValueError(f"{who}: layers of different kinds ({', '.join(sorted(names))}); "
                          "build such a stack with gradflow.Stack([...]) and stack_params")
@@ -259,15 +280,17 @@ def torch_layers(model, *, prefix: str | None = None,
                          f"{name.upper()}'s")
     else:
         cell = lstm() if name == "lstm" else gru()
+    n = len(layers[0])
     for k in range(1, len(layers)):
-        if layers[k][1] != layers[k - 1][2]:
-            raise ValueError(f"{who}: layer {k} reads {layers[k][1]} features but layer {k - 1} "
-                             f"emits {layers[k - 1][2]}")
+        reads, emits = layers[k][0][1], n * layers[k - 1][0][2]
+        if reads != emits:
+            raise ValueError(f"{who}: layer {k} reads {reads} features but layer {k - 1} "
+                             f"emits {emits}")
     L = len(layers)
     source = (f"torch {whats[0] if len(set(whats)) == 1 else 'layers'}, {L} "
-              f"layer{'s' if L > 1 else ''}")
-    return TorchLayers(cell, layers[0][1], tuple(H for _, _, H, _ in layers),
-                       [p for *_, p in layers], source)
+              f"layer{'s' if L > 1 else ''}" + (", bidirectional" if n == 2 else ""))
+    return TorchLayers(cell, layers[0][0][1], tuple(dirs[0][2] for dirs in layers),
+                       [[p for *_, p in dirs] for dirs in layers], source)
 
 
-__all__ = ["TorchLayers", "torch_layers", "GATES", "MODULES", "NONLINEARITIES"]
+__all__ = ["TorchLayers", "torch_layers", "read", "GATES", "MODULES", "NONLINEARITIES"]

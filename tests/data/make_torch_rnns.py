@@ -7,7 +7,8 @@ in float64 by PyTorch: inputs ``xs`` (batch, steps, features), the model's top-l
 ``out`` and final states ``h_n`` (and ``c_n``), a readout ``v`` and the hidden gradient map
 ``G[l, t] = mean_b ||dL/dh^l_t[b]||`` of ``L = sum_b out[b, T-1] . v`` by autograd
 (``retain_grad`` on every layer's state, the layers run by PyTorch's ``*Cell`` modules holding
-the same weights, checked equal to the whole model's outputs first).
+the same weights, checked equal to the whole model's outputs first; a bidirectional model's
+rows are (layer, direction), the forward direction first).
 """
 from pathlib import Path
 
@@ -27,43 +28,59 @@ def cases():
         "rnn_relu": torch.nn.RNN(D, 5, num_layers=2, nonlinearity="relu", batch_first=True),
         "lstm_nobias": torch.nn.LSTM(D, 4, num_layers=2, bias=False, batch_first=True),
         "cells": torch.nn.ModuleList([torch.nn.GRUCell(D, 6), torch.nn.GRUCell(6, 3)]),
+        "bilstm": torch.nn.LSTM(D, 5, num_layers=2, bidirectional=True, batch_first=True),
+        "bigru": torch.nn.GRU(D, 4, num_layers=2, bidirectional=True, batch_first=True),
     }
 
 
 def layer_cells(model):
-    """The model's layers as PyTorch ``*Cell`` modules with the same weights (float64)."""
+    """The model's layers as PyTorch ``*Cell`` modules with the same weights (float64): one
+    list per direction (the reverse one empty unless the model is bidirectional)."""
     if isinstance(model, torch.nn.ModuleList):
-        return [m.double() for m in model]
+        return [m.double() for m in model], []
     kind = {"LSTM": torch.nn.LSTMCell, "GRU": torch.nn.GRUCell, "RNN": torch.nn.RNNCell}
     cls = kind[type(model).__name__]
-    out = []
+    out = ([], [])
+    dirs = ("", "_reverse") if model.bidirectional else ("",)
     for l in range(model.num_layers):
         extra = {"nonlinearity": model.nonlinearity} if cls is torch.nn.RNNCell else {}
-        ins = model.input_size if l == 0 else model.hidden_size
-        cell = cls(ins, model.hidden_size, bias=model.bias, **extra).double()
-        with torch.no_grad():
-            for name in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if model.bias else ()):
-                getattr(cell, name).copy_(getattr(model, f"{name}_l{l}"))
-        out.append(cell)
+        ins = model.input_size if l == 0 else model.hidden_size * len(dirs)
+        for d, suffix in enumerate(dirs):
+            cell = cls(ins, model.hidden_size, bias=model.bias, **extra).double()
+            with torch.no_grad():
+                for name in ("weight_ih", "weight_hh") + (
+                        ("bias_ih", "bias_hh") if model.bias else ()):
+                    getattr(cell, name).copy_(getattr(model, f"{name}_l{l}{suffix}"))
+            out[d].append(cell)
     return out
 
 
 def loop(cells, xs, v):
-    """Top outputs (B, T, H), the map G (L, T) by autograd, the final states."""
-    hs = [[None] * T for _ in cells]
-    states = [None] * len(cells)
-    for t in range(T):
-        inp = xs[:, t]
-        for l, cell in enumerate(cells):
-            new = cell(inp, states[l]) if states[l] is not None else cell(inp)
-            h = new[0] if isinstance(new, tuple) else new
-            h.retain_grad()
-            hs[l][t] = h
-            states[l] = new
-            inp = h
-    top = torch.stack(hs[-1], 1)
+    """Top outputs (B, T, H), the map G (L, T) by autograd, the final states. Bidirectional
+    (``cells[1]`` not empty): each layer runs forward, then its reverse direction from the
+    last step back, and passes both directions' h up, concatenated; G's rows are (layer,
+    direction), the forward direction first."""
+    fwd, bwd = cells
+    rows = []  # (L or 2L) lists of T states
+    inputs = [xs[:, t] for t in range(T)]
+    states = [None] * len(fwd)
+    for l in range(len(fwd)):
+        dirs = [(fwd[l], range(T))] + ([(bwd[l], range(T - 1, -1, -1))] if bwd else [])
+        outs = []
+        for cell, order in dirs:
+            hs, state = [None] * T, None
+            for t in order:
+                new = cell(inputs[t], state) if state is not None else cell(inputs[t])
+                h = new[0] if isinstance(new, tuple) else new
+                h.retain_grad()
+                hs[t], state = h, new
+            rows.append(hs)
+            outs.append(hs)
+            states[l] = state
+        inputs = [torch.cat([o[t] for o in outs], -1) for t in range(T)]
+    top = torch.stack(inputs, 1)
     (top[:, -1] @ v).sum().backward()
-    G = np.array([[h.grad.norm(dim=1).mean().item() for h in row] for row in hs])
+    G = np.array([[h.grad.norm(dim=1).mean().item() for h in row] for row in rows])
     return top, G, states
 
 
@@ -75,7 +92,8 @@ def main():
             arrays[f"{case}/{k}"] = w.numpy().copy()  # float32, as trained weights are
         xs = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
         cells = layer_cells(model)
-        v = torch.randn(cells[-1].hidden_size, generator=gen, dtype=torch.float64)
+        width = cells[0][-1].hidden_size * (2 if cells[1] else 1)
+        v = torch.randn(width, generator=gen, dtype=torch.float64)
         top, G, states = loop(cells, xs, v)
         if not isinstance(model, torch.nn.ModuleList):  # the whole model agrees with the loop
             m = model.double()
@@ -84,7 +102,7 @@ def main():
             out = out if m.batch_first else out.transpose(0, 1)
             assert torch.allclose(out, top.detach(), rtol=1e-12, atol=1e-14), case
             h_n = fin[0] if isinstance(fin, tuple) else fin
-            arrays[f"{case}/h_n"] = h_n.numpy()
+            arrays[f"{case}/h_n"] = h_n.numpy()  # (layers x directions, B, H)
             if isinstance(fin, tuple):
                 arrays[f"{case}/c_n"] = fin[1].numpy()
         arrays[f"{case}/xs"] = xs.numpy()

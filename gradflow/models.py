@@ -1,0 +1,101 @@
+"""Models a :class:`gradflow.Stack` does not express, built from other frameworks' weights as
+model functions for :func:`gradflow.model_map` and :func:`gradflow.model_jacobian_map`.
+
+:func:`torch_model`: a PyTorch ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``, bidirectional too (each
+layer runs forward and back in time and passes both directions' states up, concatenated),
+its directions tapped one row each. One-directional modules a Stack measures with every
+measurement (:func:`gradflow.from_torch`); this form gives the maps of both kinds.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gradflow.cells import pytorch
+from gradflow.jacobian import tap
+
+
+class TorchModel(NamedTuple):
+    """What :func:`torch_model` built: ``model(params, xs, taps) -> (B, T, K)`` and its
+    ``params``, ``layers`` (the rows of its maps: ``2 L`` for a bidirectional model, layer
+    ``l``'s forward direction at row ``2 l``, its reverse one at ``2 l + 1``), each row's
+    label (``"l0 fwd"``, ``"l0 bwd"``) and the weights' ``source`` in words."""
+    model: Callable
+    params: list
+    layers: int
+    rows: tuple
+    source: str
+
+
+def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = None,
+                dtype=None) -> TorchModel:
+    r"""A PyTorch recurrent model as a model function for :func:`gradflow.model_map`.
+
+    Each layer is gradflow's cell of the same equations (:mod:`gradflow.cells.pytorch` reads
+    the weights, as :func:`gradflow.from_torch` does) run by ``lax.scan``; a bidirectional
+    layer runs its reverse direction from the last step back and emits
+    :math:`[\overrightarrow{h}_t, \overleftarrow{h}_t]`, which the layer above reads, as
+    PyTorch's does. Every direction's state is tapped where it is carried to its next step and
+    up, so row ``(l, direction)`` of a map holds
+    :math:`\mathrm{mean}_b \|\partial\mathcal L / \partial h^{l,d}_t[b]\|`. The model returns the
+    top layer's outputs, ``(B, T, H)`` or ``(B, T, 2H)``.
+
+    Args:
+      model, prefix, nonlinearity: as :func:`gradflow.from_torch` (a module, a model holding
+        one, a state dict, or a list of one per layer).
+      dtype: the params' dtype; default the weights' (float32 where 64-bit JAX is off).
+    Returns:
+      A :class:`TorchModel`: ``gradflow.model_map(t.model, t.params, xs, layers=t.layers)``.
+
+    Example::
+
+      >>> rng = np.random.default_rng(0)
+      >>> sd = {"weight_ih_l0": rng.normal(size=(12, 3)), "weight_hh_l0": rng.normal(size=(12, 4)),
+      ...       "weight_ih_l0_reverse": rng.normal(size=(12, 3)),
+      ...       "weight_hh_l0_reverse": rng.normal(size=(12, 4))}  # a bidirectional GRU layer
+      >>> t = gradflow.torch_model(sd)
+      >>> t.layers, t.rows, t.source
+      (2, ('l0 fwd', 'l0 bwd'), 'torch state dict, 1 layer, bidirectional')
+      >>> gradflow.model_map(t.model, t.params, rng.normal(size=(2, 5, 3)),
+      ...                    layers=t.layers).values.shape
+      (2, 5)
+    """
+    read = pytorch.read(model, prefix=prefix, nonlinearity=nonlinearity, both=True,
+                        who="torch_model")
+    if dtype is None:
+        dtype = jax.dtypes.canonicalize_dtype(read.layers[0][0][next(iter(
+            read.layers[0][0]))]["W"].dtype)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), read.layers)
+    cell, both = read.cell, len(read.layers[0]) == 2
+    names = ("fwd", "bwd") if both else ("",)
+    rows = tuple(f"l{l} {d}".strip() for l in range(len(params)) for d in names)
+
+    def run(p, x, taps, H, reverse):
+        """One direction of one layer: ``x (T, B, D)``, ``taps (T, ...)`` -> ``(T, B, H)``."""
+        def step(state, inp):
+            x_t, tap_t, t = inp
+            new, h, _ = cell.step(p, state, x_t, t)
+            h = tap(h, tap_t)  # the state as it goes on to the next step and up
+            return {**new, "h": h}, h
+
+        s0 = cell.initial_state((x.shape[1],), H, x.dtype)
+        return lax.scan(step, s0, (x, taps, jnp.arange(x.shape[0])), reverse=reverse)[1]
+
+    def fn(p, xs, taps):
+        x = jnp.swapaxes(xs, 0, 1)  # (T, B, D): time first for the scans
+        row = 0
+        for l, dirs in enumerate(p):
+            outs = []
+            for d, pd in enumerate(dirs):
+                outs.append(run(pd, x, taps[row], read.hidden_size[l], reverse=d == 1))
+                row += 1
+            x = jnp.concatenate(outs, -1) if both else outs[0]
+        return jnp.swapaxes(x, 0, 1)
+
+    return TorchModel(fn, params, len(rows), rows, read.source)
+
+
+__all__ = ["TorchModel", "torch_model"]
