@@ -22,12 +22,17 @@ class TorchModel(NamedTuple):
     """What :func:`torch_model` built: ``model(params, xs, taps) -> (B, T, K)`` and its
     ``params``, ``layers`` (the rows of its maps: ``2 L`` for a bidirectional model, layer
     ``l``'s forward direction at row ``2 l``, its reverse one at ``2 l + 1``), each row's
-    label (``"l0 fwd"``, ``"l0 bwd"``) and the weights' ``source`` in words."""
+    label (``"l0 fwd"``, ``"l0 bwd"``), the weights' ``source`` in words, and for
+    :func:`gradflow.gates.model_saturation` ``gates(params, xs) -> {gate: (rows, B, T, H)}``
+    with the cell's gate ``kinds`` and ``retain`` signs."""
     model: Callable
     params: list
     layers: int
     rows: tuple
     source: str
+    gates: Callable
+    kinds: dict
+    retain: dict
 
 
 def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = None,
@@ -48,7 +53,9 @@ def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = 
         one, a state dict, or a list of one per layer).
       dtype: the params' dtype; default the weights' (float32 where 64-bit JAX is off).
     Returns:
-      A :class:`TorchModel`: ``gradflow.model_map(t.model, t.params, xs, layers=t.layers)``.
+      A :class:`TorchModel`: ``gradflow.model_map(t.model, t.params, xs, layers=t.layers)``,
+      ``gradflow.gates.model_saturation(t.gates, t.params, xs, kinds=t.kinds,
+      retain=t.retain)``.
 
     Example::
 
@@ -74,28 +81,42 @@ def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = 
     rows = tuple(f"l{l} {d}".strip() for l in range(len(params)) for d in names)
 
     def run(p, x, taps, H, reverse):
-        """One direction of one layer: ``x (T, B, D)``, ``taps (T, ...)`` -> ``(T, B, H)``."""
+        """One direction of one layer: ``x (T, B, D)``, ``taps (T, ...)`` -> its states and
+        gates, each ``(T, B, H)``."""
         def step(state, inp):
             x_t, tap_t, t = inp
-            new, h, _ = cell.step(p, state, x_t, t)
+            new, h, gates = cell.step(p, state, x_t, t)
             h = tap(h, tap_t)  # the state as it goes on to the next step and up
-            return {**new, "h": h}, h
+            return {**new, "h": h}, (h, gates)
 
         s0 = cell.initial_state((x.shape[1],), H, x.dtype)
         return lax.scan(step, s0, (x, taps, jnp.arange(x.shape[0])), reverse=reverse)[1]
 
-    def fn(p, xs, taps):
+    def forward(p, xs, taps):
+        """The top layer's outputs ``(B, T, K)`` and every row's gates ``[{gate: (T, B, H)}]``."""
         x = jnp.swapaxes(xs, 0, 1)  # (T, B, D): time first for the scans
-        row = 0
+        row, gates = 0, []
         for l, dirs in enumerate(p):
             outs = []
             for d, pd in enumerate(dirs):
-                outs.append(run(pd, x, taps[row], read.hidden_size[l], reverse=d == 1))
+                h, g = run(pd, x, taps[row], read.hidden_size[l], reverse=d == 1)
+                outs.append(h)
+                gates.append(g)
                 row += 1
             x = jnp.concatenate(outs, -1) if both else outs[0]
-        return jnp.swapaxes(x, 0, 1)
+        return jnp.swapaxes(x, 0, 1), gates
 
-    return TorchModel(fn, params, len(rows), rows, read.source)
+    def fn(p, xs, taps):
+        return forward(p, xs, taps)[0]
+
+    def gates_fn(p, xs):
+        B, T = xs.shape[:2]
+        rows_gates = forward(p, xs, jnp.zeros((len(rows), T, B), xs.dtype))[1]
+        return {g: jnp.stack([jnp.swapaxes(r[g], 0, 1) for r in rows_gates])
+                for g in cell.gate_names}
+
+    return TorchModel(fn, params, len(rows), rows, read.source, gates_fn, cell.kinds,
+                      dict(cell.retain))
 
 
 __all__ = ["TorchModel", "torch_model"]

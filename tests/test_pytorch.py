@@ -346,3 +346,29 @@ def test_real_pytorch_modules(x64):
     with torch.no_grad():
         out, _ = bi(torch.from_numpy(xs))
     assert _rel(t.model(t.params, xs, jnp.zeros((4, 5, 2))), out.numpy()) < 1e-12
+
+
+def test_torch_model_gates(x64):
+    """``t.gates`` for ``gates.model_saturation``: on a one-directional LSTM the statistics of
+    ``gates.saturation`` of the same weights as a Stack (every array, 1e-12); a bidirectional
+    GRU's forward rows of layer 0 are that direction's alone (its weights as a one-layer GRU)."""
+    from gradflow import gates
+
+    w, d = _case("lstm")
+    t = gradflow.torch_model(w, dtype=jnp.float64)
+    assert t.kinds == {"i": "sigmoid", "f": "sigmoid", "o": "sigmoid", "g": "tanh"}
+    assert t.retain == {"f": 1}
+    mine = gates.model_saturation(t.gates, t.params, d["xs"], kinds=t.kinds, retain=t.retain)
+    stack, params = gradflow.from_torch(w, dtype=jnp.float64)
+    ref = gates.saturation(stack, params, d["xs"])
+    assert set(mine.arrays) == set(ref.arrays)
+    for k in ref.arrays:  # every statistic (NaN where a gate has none, e.g. a timescale of i)
+        np.testing.assert_allclose(mine.arrays[k], ref.arrays[k], rtol=1e-12, atol=0, err_msg=k)
+    w, d = _case("bigru")
+    t = gradflow.torch_model(w, dtype=jnp.float64)
+    g = t.gates(t.params, jnp.asarray(d["xs"]))
+    assert set(g) == {"r", "z", "n"} and g["z"].shape == (4, 3, 6, 4)
+    fwd0 = gradflow.torch_model({k: v for k, v in w.items() if k.endswith("_l0")},
+                                dtype=jnp.float64)
+    np.testing.assert_allclose(fwd0.gates(fwd0.params, jnp.asarray(d["xs"]))["z"][0], g["z"][0],
+                               rtol=1e-13)
