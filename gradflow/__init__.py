@@ -1,7 +1,8 @@
 """gradflow: measure how gradients flow through deep stacks of recurrent cells.
 
-The package reads bottom-up: ``cells`` -> ``Stack`` -> measurements (``jacobian``, ``gates``)
--> ``results`` -> ``plot`` / ``cli``; training (``tasks``, ``train``) sits beside them.
+The package reads bottom-up: ``cells`` -> ``Stack`` -> measurements (``jacobian``, ``gates``;
+``models`` builds other frameworks' models for them) -> ``results`` -> ``plot`` / ``cli``;
+training (``tasks``, ``train``) sits beside them.
 
 Names are loaded on first use (module ``__getattr__``, PEP 562): ``import gradflow`` costs
 nothing, and ``gradflow --help`` answers without importing JAX; ``gradflow.Stack`` or
