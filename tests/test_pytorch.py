@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import gradflow
 from gradflow import cli, runs
@@ -372,3 +374,58 @@ def test_torch_model_gates(x64):
                                 dtype=jnp.float64)
     np.testing.assert_allclose(fwd0.gates(fwd0.params, jnp.asarray(d["xs"]))["z"][0], g["z"][0],
                                rtol=1e-13)
+
+
+# --- any sizes: PyTorch's documented equations in NumPy, layer by layer ----------------------
+
+
+def _numpy_torch(weights, kind, L, xs, act="tanh"):
+    """PyTorch's ``nn.LSTM``/``GRU``/``RNN`` equations (its documentation's, with its stacked
+    weights and two biases), a Python loop in float64: the top layer's outputs (B, T, H)."""
+    sig = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
+    x = xs
+    for l in range(L):
+        w_ih, w_hh = weights[f"weight_ih_l{l}"], weights[f"weight_hh_l{l}"]
+        H = w_hh.shape[1]
+        b_ih = weights.get(f"bias_ih_l{l}", np.zeros(w_hh.shape[0]))
+        b_hh = weights.get(f"bias_hh_l{l}", np.zeros(w_hh.shape[0]))
+        h, c, out = np.zeros((x.shape[0], H)), np.zeros((x.shape[0], H)), []
+        for t in range(x.shape[1]):
+            gi, gh = x[:, t] @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+            if kind == "lstm":
+                i, f, g, o = np.split(gi + gh, 4, axis=1)
+                c = sig(f) * c + sig(i) * np.tanh(g)
+                h = sig(o) * np.tanh(c)
+            elif kind == "gru":
+                (ir, iz, in_), (hr, hz, hn) = np.split(gi, 3, axis=1), np.split(gh, 3, axis=1)
+                r, z = sig(ir + hr), sig(iz + hz)
+                h = (1 - z) * np.tanh(in_ + r * hn) + z * h
+            else:
+                h = np.tanh(gi + gh) if act == "tanh" else np.maximum(gi + gh, 0)
+            out.append(h)
+        x = np.stack(out, 1)
+    return x
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["lstm", "gru", "rnn_tanh", "rnn_relu"]), L=st.integers(1, 3),
+       D=st.integers(1, 4), H=st.integers(1, 5), bias=st.booleans(), seed=st.integers(0, 99))
+def test_any_sizes_equal_pytorch_equations(kind, L, D, H, bias, seed):
+    """Random sizes (H and D down to 1, with and without biases): the stack from the state
+    dict computes PyTorch's documented equations (NumPy, float64) to 1e-12."""
+    G = {"lstm": 4, "gru": 3}.get(kind, 1)
+    rng = np.random.default_rng(seed)
+    w = {}
+    for l in range(L):
+        w[f"weight_ih_l{l}"] = rng.normal(size=(G * H, D if l == 0 else H))
+        w[f"weight_hh_l{l}"] = rng.normal(size=(G * H, H))
+        if bias:
+            w[f"bias_ih_l{l}"], w[f"bias_hh_l{l}"] = rng.normal(size=(2, G * H))
+    xs = rng.normal(size=(2, 4, D))
+    act = kind.split("_")[1] if "_" in kind else None
+    with jax.enable_x64(True):
+        stack, params = gradflow.from_torch(w, nonlinearity=act, dtype=jnp.float64)
+        top = np.asarray(stack.apply(params, xs).top)
+    ref = _numpy_torch(w, kind.split("_")[0], L, xs, act or "tanh")
+    np.testing.assert_allclose(top, ref, rtol=1e-12, atol=1e-13)
