@@ -43,8 +43,10 @@ def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = 
     the weights, as :func:`gradflow.from_torch` does) run by ``lax.scan``; a bidirectional
     layer runs its reverse direction from the last step back and emits
     :math:`[\overrightarrow{h}_t, \overleftarrow{h}_t]`, which the layer above reads, as
-    PyTorch's does. Every direction's state is tapped where it is carried to its next step and
-    up, so row ``(l, direction)`` of a map holds
+    PyTorch's does; an LSTM with ``proj_size = P`` projects its state,
+    :math:`h_t = W_{hr} (o_t \odot \tanh c_t)`, ``P`` wide (the memory ``c`` keeps ``H``).
+    Every direction's state is tapped where it is carried to its next step and up, so row
+    ``(l, direction)`` of a map holds
     :math:`\mathrm{mean}_b \|\partial\mathcal L / \partial h^{l,d}_t[b]\|`. The model returns the
     top layer's outputs, ``(B, T, H)`` or ``(B, T, 2H)``.
 
@@ -83,13 +85,20 @@ def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = 
     def run(p, x, taps, H, reverse):
         """One direction of one layer: ``x (T, B, D)``, ``taps (T, ...)`` -> its states and
         gates, each ``(T, B, H)``."""
+        proj = p.get("proj")  # an LSTM's projection: h = (o * tanh(c)) W_hr^T, P wide
+        p = {k: v for k, v in p.items() if k != "proj"}
+
         def step(state, inp):
             x_t, tap_t, t = inp
             new, h, gates = cell.step(p, state, x_t, t)
+            if proj is not None:
+                h = h @ proj
             h = tap(h, tap_t)  # the state as it goes on to the next step and up
             return {**new, "h": h}, (h, gates)
 
         s0 = cell.initial_state((x.shape[1],), H, x.dtype)
+        if proj is not None:  # the memory c keeps the cell's width
+            s0 = {**cell.initial_state((x.shape[1],), proj.shape[0], x.dtype), "h": s0["h"]}
         return lax.scan(step, s0, (x, taps, jnp.arange(x.shape[0])), reverse=reverse)[1]
 
     def forward(p, xs, taps):

@@ -1,9 +1,10 @@
 """PyTorch's recurrent layers measured as they are (``gradflow.from_torch``).
 
 The reference is PyTorch itself: ``tests/data/torch_rnns.npz`` holds, for an ``nn.LSTM``, an
-``nn.GRU`` (sequence first), ``nn.RNN`` with tanh and with ReLU, an LSTM without biases and a
-``ModuleList`` of two ``GRUCell`` of different widths, the float32 weights of PyTorch's own
-init, and PyTorch's float64 outputs, final states and hidden gradient map by autograd
+``nn.GRU`` (sequence first), ``nn.RNN`` with tanh and with ReLU, an LSTM without biases, a
+``ModuleList`` of two ``GRUCell`` of different widths, a bidirectional LSTM and GRU and a
+bidirectional LSTM with ``proj_size``, the float32 weights of PyTorch's own init, and
+PyTorch's float64 outputs, final states and hidden gradient map by autograd
 (``tests/data/make_torch_rnns.py``, run with PyTorch 2.13). The suite does not install PyTorch:
 modules are also checked as duck-typed stand-ins (PyTorch's class names and ``state_dict``), and
 against PyTorch's real modules where it is installed.
@@ -23,7 +24,7 @@ from gradflow.cells import pytorch
 
 DATA = Path(__file__).with_name("data") / "torch_rnns.npz"
 CASES = ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_nobias", "cells")
-BIDIRECTIONAL = ("bilstm", "bigru")
+BIDIRECTIONAL = ("bilstm", "bigru", "lstmp")  # lstmp: also projected, proj_size 3
 
 
 def _case(name):
@@ -250,9 +251,10 @@ def test_stack_options_apply(x64):
 
 @pytest.mark.parametrize("name", BIDIRECTIONAL + ("lstm", "cells"))
 def test_torch_model_equals_pytorch_float64(name, x64):
-    """A bidirectional LSTM and GRU (and one-directional models) as model functions: outputs
-    and the hidden map by ``model_map`` equal PyTorch's (autograd, one row per layer and
-    direction) to 1e-12; the Jacobian map runs on the same taps."""
+    """A bidirectional LSTM and GRU, a bidirectional LSTM with projections (and
+    one-directional models) as model functions: outputs and the hidden map by ``model_map``
+    equal PyTorch's (autograd, one row per layer and direction) to 1e-12; the Jacobian map
+    runs on the same taps."""
     weights, d = _case(name)
     t = gradflow.torch_model(_model(name, weights), dtype=jnp.float64)
     L = 2 if name in BIDIRECTIONAL else (3 if name == "lstm" else 2)
@@ -265,7 +267,8 @@ def test_torch_model_equals_pytorch_float64(name, x64):
     assert jac.values.shape == d["G"].shape and np.all(np.isfinite(jac.values))
     if name in BIDIRECTIONAL:
         assert t.rows[:2] == ("l0 fwd", "l0 bwd") and t.source.endswith(", bidirectional")
-        with pytest.raises(ValueError, match="bidirectional layer; a Stack runs forward"):
+        refused = "projections" if name == "lstmp" else "bidirectional layer; a Stack runs"
+        with pytest.raises(ValueError, match=refused + ".* gradflow.torch_model"):
             gradflow.from_torch(weights)
 
 

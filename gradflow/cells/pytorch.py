@@ -79,10 +79,14 @@ def _module_kind(model) -> tuple[str, str | None, str] | None:
     return None
 
 
-def _prefixes(who: str, state: Mapping) -> dict:
+_MODEL_ONLY = ("a Stack's lstm has none: measure such a model with gradflow.torch_model, which "
+               "builds it for gradflow.model_map")
+
+
+def _prefixes(who: str, state: Mapping, projected: bool) -> dict:
     """``{prefix: [layer suffixes]}`` of the recurrent weights in a state dict (``"_l0"``,
-    ``"_l0_reverse"``, a cell's ``""``); refuses an LSTM's projections, which gradflow's lstm
-    does not compute."""
+    ``"_l0_reverse"``, a cell's ``""``); an LSTM's projections (``weight_hr``) are refused
+    unless ``projected``."""
     found = {}
     for key in map(str, state):
         m = _WEIGHT.match(key)
@@ -90,10 +94,9 @@ def _prefixes(who: str, state: Mapping) -> dict:
             continue
         found.setdefault(m["prefix"], []).append((m["layer"] or "") + (m["reverse"] or ""))
     for prefix in found:
-        if any(str(k).startswith(prefix + "weight_hr") for k in state):
+        if not projected and any(str(k).startswith(prefix + "weight_hr") for k in state):
             raise ValueError(f"{who}: {prefix}weight_hr_l* are an LSTM's projections "
-                             "(proj_size > 0), which gradflow's lstm does not have: measure "
-                             "such a model with gradflow.model_map")
+                             f"(proj_size > 0); {_MODEL_ONLY}")
     return found
 
 
@@ -109,11 +112,15 @@ def _layer(who, state, prefix, suffix, layer):
 
     w_ih, w_hh = get("weight_ih"), get("weight_hh")
     b_ih, b_hh = get("bias_ih", False), get("bias_hh", False)
-    if w_hh.ndim != 2 or w_ih.ndim != 2 or w_hh.shape[0] % w_hh.shape[1]:
+    w_hr = get("weight_hr", False)  # an LSTM's projection h = W_hr (o * tanh(c)), (P, H)
+    H = w_hh.shape[-1] if w_hr is None or w_hr.ndim != 2 else w_hr.shape[1]
+    if w_hh.ndim != 2 or w_ih.ndim != 2 or w_hh.shape[0] % H:
         raise ValueError(f"{who}: layer {layer}'s weights have shapes {w_ih.shape} and "
                          f"{w_hh.shape}; PyTorch's are (G*H, in) and (G*H, H)")
-    H = w_hh.shape[1]
     G = w_hh.shape[0] // H
+    if w_hr is not None and (G != 4 or w_hr.ndim != 2 or w_hh.shape[1] != w_hr.shape[0]):
+        raise ValueError(f"{who}: layer {layer}'s projection has shape {w_hr.shape}; an LSTM "
+                         f"with proj_size P has weight_hr (P, H) and weight_hh (4H, P)")
     if G not in GATES or w_ih.shape[0] != G * H:
         raise ValueError(f"{who}: layer {layer}'s weights have shapes {w_ih.shape} and "
                          f"{w_hh.shape}, not an LSTM's (4H rows), a GRU's (3H) or an RNN's (H)")
@@ -130,6 +137,9 @@ def _layer(who, state, prefix, suffix, layer):
                      "b": rows(b_ih, k).astype(np.float64) + rows(b_hh, k)}  # for float64
     if name == "gru":  # n = tanh(W_n x + b_in + r * (U_n h + b_hn))
         params["n"]["b"], params["n"]["b_hn"] = rows(b_ih, 2), rows(b_hh, 2)
+    if w_hr is not None:  # the state h and what goes up are P wide, the memory c H
+        params["proj"] = w_hr.T
+        return name, w_ih.shape[1], w_hr.shape[0], params
     return name, w_ih.shape[1], H, params
 
 
@@ -145,9 +155,9 @@ def _one(who, model, prefix, nonlinearity, both):
         if getattr(model, "bidirectional", False) and not both:
             raise ValueError(f"{who}: a bidirectional {kind[2]} runs back in time too; "
                              + _BIDIRECTIONAL)
-        if getattr(model, "proj_size", 0):
-            raise ValueError(f"{who}: an LSTM with proj_size={model.proj_size} projects h, "
-                             "which gradflow's lstm does not: measure it with gradflow.model_map")
+        if getattr(model, "proj_size", 0) and not both:
+            raise ValueError(f"{who}: an LSTM with proj_size={model.proj_size} projects h; "
+                             + _MODEL_ONLY)
         if kind[1] is not None:
             if nonlinearity not in (None, kind[1]):
                 raise ValueError(f"{who}: nonlinearity={nonlinearity!r}, but the module is "
@@ -162,7 +172,7 @@ def _one(who, model, prefix, nonlinearity, both):
         raise TypeError(f"{who}: expected a PyTorch nn.LSTM, nn.GRU or nn.RNN (or their *Cell), "
                         f"its state_dict(), or a list of them, one per layer; got "
                         f"{type(model).__name__}")
-    found = _prefixes(who, state)
+    found = _prefixes(who, state, both)
     if prefix is not None:
         if prefix not in found:
             raise ValueError(f"{who}: no recurrent weights under prefix={prefix!r}; found "
@@ -219,8 +229,8 @@ def torch_layers(model, *, prefix: str | None = None,
         record (a module's is read from it).
     Returns:
       A :class:`TorchLayers`. Not supported, each with its own message: bidirectional layers
-      (:func:`gradflow.torch_model` builds them for :func:`gradflow.model_map`), LSTMs with
-      ``proj_size``, 16-bit weights (measure the same weights in float32).
+      and LSTMs with ``proj_size`` (:func:`gradflow.torch_model` builds them for
+      :func:`gradflow.model_map`), 16-bit weights (measure the same weights in float32).
 
     Example::
 
@@ -241,7 +251,9 @@ def read(model, *, prefix: str | None = None, nonlinearity: str | None = None,
          both: bool = False, who: str = "from_torch") -> TorchLayers:
     """:func:`torch_layers`, each layer's params a list of one per direction (two where
     ``both`` and the model is bidirectional, the forward one first; else refused), its
-    ``hidden_size`` each direction's."""
+    ``hidden_size`` what each direction emits. With ``both``, an LSTM's projections are read
+    too (``params["proj"]: (H, P)``, ``hidden_size`` P; else refused): the forms only
+    :func:`gradflow.torch_model` runs."""
     if nonlinearity not in (None,) + NONLINEARITIES:
         raise ValueError(f"{who}: nonlinearity={nonlinearity!r}; choose from "
                          f"{', '.join(map(repr, NONLINEARITIES))}")

@@ -30,7 +30,30 @@ def cases():
         "cells": torch.nn.ModuleList([torch.nn.GRUCell(D, 6), torch.nn.GRUCell(6, 3)]),
         "bilstm": torch.nn.LSTM(D, 5, num_layers=2, bidirectional=True, batch_first=True),
         "bigru": torch.nn.GRU(D, 4, num_layers=2, bidirectional=True, batch_first=True),
+        "lstmp": torch.nn.LSTM(D, 6, num_layers=2, proj_size=3, bidirectional=True,
+                               batch_first=True),
     }
+
+
+class ProjectedCell:
+    """One direction of an LSTM layer with ``proj_size``, its equations written out in
+    PyTorch (``nn.LSTMCell`` has no projection): ``h = W_hr (o * tanh(c))``."""
+
+    def __init__(self, model, name):
+        self.w = {k: getattr(model, f"{k}{name}").double()  # (requires grad: h does)
+                  for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
+        self.hidden_size = model.proj_size
+
+    def __call__(self, x, state=None):
+        w = self.w
+        if state is None:
+            state = (x.new_zeros(x.shape[0], w["weight_hr"].shape[0]),
+                     x.new_zeros(x.shape[0], w["weight_hr"].shape[1]))
+        h, c = state
+        z = x @ w["weight_ih"].T + w["bias_ih"] + h @ w["weight_hh"].T + w["bias_hh"]
+        i, f, g, o = z.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return (torch.sigmoid(o) * torch.tanh(c)) @ w["weight_hr"].T, c
 
 
 def layer_cells(model):
@@ -46,6 +69,9 @@ def layer_cells(model):
         extra = {"nonlinearity": model.nonlinearity} if cls is torch.nn.RNNCell else {}
         ins = model.input_size if l == 0 else model.hidden_size * len(dirs)
         for d, suffix in enumerate(dirs):
+            if getattr(model, "proj_size", 0):
+                out[d].append(ProjectedCell(model, f"_l{l}{suffix}"))
+                continue
             cell = cls(ins, model.hidden_size, bias=model.bias, **extra).double()
             with torch.no_grad():
                 for name in ("weight_ih", "weight_hh") + (
