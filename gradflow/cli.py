@@ -1312,15 +1312,15 @@ def add_params_option(p):
                         "stack, on its task's evaluation sequences), a .npz of "
                         "gradflow.runs.save_params, or a PyTorch nn.LSTM/GRU/RNN's state_dict "
                         "saved with np.savez; a user's cell is given again with --cell")
+    add_inputs_options(p, "measure on your own sequences instead of Gaussian ones")
+
+
+def add_inputs_options(p, what: str):
+    """``--inputs FILE`` (``what`` it does, in the command's words) and ``--time-major``."""
     p.add_argument("--inputs", default=None, metavar="FILE",
-                   help="measure on your own sequences instead of Gaussian ones: a .npy of "
-                        "shape (batch, steps, features), or a .npz holding one such array (or "
-                        "one named xs); they fix --steps and --input-size, --batch B takes the "
-                        "first B (default: all)")
-    _time_major_option(p)
-
-
-def _time_major_option(p):
+                   help=f"{what}: a .npy of shape (batch, steps, features), or a .npz holding "
+                        "one such array (or one named xs); they fix --steps and --input-size, "
+                        "--batch B takes the first B (default: all)")
     p.add_argument("--time-major", action="store_true",
                    help="the --inputs array is (steps, batch, features), as PyTorch's RNNs "
                         "take it by default (batch_first=False)")
@@ -1495,11 +1495,7 @@ def add_compare(sub):
                         "files of gradflow.runs.save_params or PyTorch state dicts (Gaussian "
                         "inputs at --steps and --batch), each labelled by its file or folder "
                         "name")
-    p.add_argument("--inputs", default=None, metavar="FILE",
-                   help="with --params: every run measured on these sequences (.npy of shape "
-                        "(batch, steps, features), or .npz with one such array or one named "
-                        "xs; --batch B takes the first B)")
-    _time_major_option(p)
+    add_inputs_options(p, "with --params: every run measured on these sequences")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all, and with --params task (each run's "
                         "own loss through its trained readout) (default: last,all)")

@@ -283,6 +283,9 @@ def test_torch_model_float32_and_refusals():
     with pytest.raises(ValueError, match=r"torch_model: reverse directions \['_l0_reverse'\] "
                                          "under '' for layers"):
         gradflow.torch_model(missing)
+    deep = {f"{w}_l{l}{d}": np.ones((1, 1 if w == "weight_hh" or l == 0 else 2))
+            for l in range(11) for d in ("", "_reverse") for w in ("weight_ih", "weight_hh")}
+    assert gradflow.torch_model(deep, nonlinearity="relu").rows[-1] == "l10 bwd"  # (_l10 > _l9)
     one = {k: v for k, v in _case("gru")[0].items() if k.endswith("_l0")}
     layer1 = {k.replace("_l1", "_l0"): v for k, v in weights.items() if "_l1" in k}
     with pytest.raises(ValueError, match="bidirectional and one-directional layers"):

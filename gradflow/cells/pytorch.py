@@ -79,8 +79,7 @@ def _module_kind(model) -> tuple[str, str | None, str] | None:
     return None
 
 
-_MODEL_ONLY = ("a Stack's lstm has none: measure such a model with gradflow.torch_model, which "
-               "builds it for gradflow.model_map")
+_TORCH_MODEL = "measure such a model with gradflow.torch_model, which builds it for model_map"
 
 
 def _prefixes(who: str, state: Mapping, projected: bool) -> dict:
@@ -96,7 +95,8 @@ def _prefixes(who: str, state: Mapping, projected: bool) -> dict:
     for prefix in found:
         if not projected and any(str(k).startswith(prefix + "weight_hr") for k in state):
             raise ValueError(f"{who}: {prefix}weight_hr_l* are an LSTM's projections "
-                             f"(proj_size > 0); {_MODEL_ONLY}")
+                             f"(proj_size > 0), which a Stack's lstm does not have: "
+                             f"{_TORCH_MODEL}")
     return found
 
 
@@ -143,21 +143,17 @@ def _layer(who, state, prefix, suffix, layer):
     return name, w_ih.shape[1], H, params
 
 
-_BIDIRECTIONAL = ("a Stack runs forward in time only: measure such a model with "
-                  "gradflow.torch_model, which builds it for gradflow.model_map")
-
-
 def _one(who, model, prefix, nonlinearity, both):
     """``(cell name, nonlinearity, [[(in, H, params) per direction] per layer], what)`` of
     one module or state dict; a reverse direction is refused unless ``both``."""
     kind = _module_kind(model)
     if kind is not None:
         if getattr(model, "bidirectional", False) and not both:
-            raise ValueError(f"{who}: a bidirectional {kind[2]} runs back in time too; "
-                             + _BIDIRECTIONAL)
+            raise ValueError(f"{who}: a bidirectional {kind[2]} runs back in time too; a "
+                             f"Stack runs forward only: {_TORCH_MODEL}")
         if getattr(model, "proj_size", 0) and not both:
-            raise ValueError(f"{who}: an LSTM with proj_size={model.proj_size} projects h; "
-                             + _MODEL_ONLY)
+            raise ValueError(f"{who}: an LSTM with proj_size={model.proj_size} projects h, "
+                             f"which a Stack's lstm does not: {_TORCH_MODEL}")
         if kind[1] is not None:
             if nonlinearity not in (None, kind[1]):
                 raise ValueError(f"{who}: nonlinearity={nonlinearity!r}, but the module is "
@@ -190,7 +186,7 @@ def _one(who, model, prefix, nonlinearity, both):
     reverse = sorted(x for x in suffixes if x.endswith("_reverse"))
     if reverse and not both:
         raise ValueError(f"{who}: {pre}weight_ih{reverse[0]} belongs to a bidirectional layer; "
-                         + _BIDIRECTIONAL)
+                         f"a Stack runs forward in time only: {_TORCH_MODEL}")
     suffixes = [x for x in suffixes if not x.endswith("_reverse")]
     if "" in suffixes:  # a cell: weight_ih
         if len(suffixes) > 1:
@@ -202,7 +198,7 @@ def _one(who, model, prefix, nonlinearity, both):
             raise ValueError(f"{who}: layers {sorted(suffixes)} under {pre!r}: expected _l0 to "
                              f"_l{n - 1}")
         suffixes = [f"_l{k}" for k in range(n)]
-    if reverse and reverse != [f"{x}_reverse" for x in suffixes]:
+    if reverse and set(reverse) != {f"{x}_reverse" for x in suffixes}:
         raise ValueError(f"{who}: reverse directions {reverse} under {pre!r} for layers "
                          f"{suffixes}: a bidirectional model has one for every layer")
     dirs = ("", "_reverse") if reverse else ("",)
