@@ -963,6 +963,8 @@ def _read_params(args, path):
 def _read_inputs(args):
     """The sequences of ``--inputs`` (NumPy, ``(B, T, D)``, the first ``--batch`` where
     given), or None. Every problem with the file is the user's: one line, exit 2."""
+    from gradflow.checks import check_inputs
+
     if getattr(args, "inputs", None) is None:
         if getattr(args, "time_major", False):
             raise _usage(args, "--time-major says how the --inputs array is laid out: give "
@@ -994,9 +996,10 @@ def _read_inputs(args):
                          + (": add a batch axis" if data.ndim == 2 else ""))
     if args.time_major:
         data = data.swapaxes(0, 1)
-    if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
-        raise InputError(f"--inputs: {path!r} holds {data.dtype} values; the sequences are "
-                         "real numbers")
+    try:  # real numbers, no empty axis: the API's own check of inputs
+        check_inputs(data)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"--inputs: {path!r}: {e}") from e
     bad = int(data.size - np.isfinite(data).sum())
     if bad:
         raise InputError(f"--inputs: {path!r} holds {bad} NaN or infinite entries")

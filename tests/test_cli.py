@@ -1161,7 +1161,11 @@ def test_inputs_with_trained_params(capsys, tmp_path):
     (lambda p: np.save(p, np.ones((3, 4))), [], "shape (3, 4); the sequences are (batch, steps, "
                                                 "features): add a batch axis"),
     (lambda p: np.save(p, np.full((2, 3, 4), np.nan)), [], "holds 24 NaN or infinite entries"),
-    (lambda p: np.save(p, np.ones((2, 3, 4), bool)), [], "holds bool values"),
+    (lambda p: np.save(p, np.ones((2, 3, 4), bool)), [], "inputs must be real numbers (a float "
+                                                         "or integer dtype), got dtype bool"),
+    (lambda p: np.save(p, np.ones((0, 3, 4))), [], "inputs need at least one example, one step "
+                                                   "and one feature, got (0, 3, 4)"),
+    (lambda p: np.save(p, np.ones((2, 3, 0))), [], "got (2, 3, 0)"),
     (lambda p: p.write_bytes(b"junk"), [], "cannot read"),
     (lambda p: np.save(p, np.ones((2, 3, 4))), ["--steps", "3"],
      "--steps cannot be used with --inputs"),
