@@ -74,10 +74,8 @@ def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = 
     """
     read = pytorch.read(model, prefix=prefix, nonlinearity=nonlinearity, both=True,
                         who="torch_model")
-    if dtype is None:
-        dtype = jax.dtypes.canonicalize_dtype(read.layers[0][0][next(iter(
-            read.layers[0][0]))]["W"].dtype)
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), read.layers)
+    params = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, read.dtype if dtype is None else dtype), read.layers)
     cell, both = read.cell, len(read.layers[0]) == 2
     names = ("fwd", "bwd") if both else ("",)
     rows = tuple(f"l{l} {d}".strip() for l in range(len(params)) for d in names)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import zipfile
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import jax
 import numpy as np
 
 from gradflow import cells as _cells
+from gradflow.cells import pytorch
 from gradflow.errors import InputError
 from gradflow.results import is_zip, provenance
 from gradflow.stack import SETTINGS, Stack, from_torch
@@ -42,7 +42,6 @@ META = "__meta__"
 FORMAT = 2
 #: ``read_run(path)["format"]`` of a PyTorch RNN's state dict saved with ``np.savez``
 TORCH = "torch state dict"
-_TORCH_WEIGHT = re.compile(r"(^|\.)weight_ih(_l\d+)?$")
 _LEGACY_PREFIX = "leaf"
 #: The keys of ``Stack.config`` that are stack settings; every other key is a cell option.
 STACK_KEYS = ("cell", "layers", "input_size", "hidden_size", *SETTINGS)
@@ -96,7 +95,7 @@ def _read_npz(path, keep=lambda name: True) -> tuple[dict, dict]:
                              "gradflow.runs.save_params wrote")
         with np.load(os.fspath(path), allow_pickle=False) as f:
             if META not in f.files:
-                if not any(_TORCH_WEIGHT.search(k) for k in f.files):
+                if not pytorch.is_state_dict(f.files):
                     raise InputError(f"{os.fspath(path)!r} is not a gradflow run state or "
                                      "params file, nor a PyTorch RNN's state dict (np.savez(path,"
                                      " **{k: v.numpy() for k, v in model.state_dict().items()})")

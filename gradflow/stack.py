@@ -698,12 +698,10 @@ def from_torch(model, *, prefix: str | None = None, nonlinearity: str | None = N
         raise ValueError("from_torch: a PyTorch recurrent layer reads its inputs as they are "
                          "(no input_projection)")
     t = torch_layers(model, prefix=prefix, nonlinearity=nonlinearity)
-    if dtype is None:
-        dtype = jax.dtypes.canonicalize_dtype(next(iter(t.layers[0].values()))["W"].dtype)
     widths = t.hidden_size[0] if len(set(t.hidden_size)) == 1 else list(t.hidden_size)
     stack = Stack(t.cell, layers=len(t.layers), input_size=t.input_size, hidden_size=widths,
                   **stack_options)
-    return stack, stack.params_from(t.layers, dtype=dtype)
+    return stack, stack.params_from(t.layers, dtype=t.dtype if dtype is None else dtype)
 
 
 def gate_identity(cell: Cell, gate: str) -> tuple:

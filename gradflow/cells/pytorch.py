@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
 from gradflow.cells.base import Cell
@@ -41,6 +42,19 @@ class TorchLayers(NamedTuple):
     hidden_size: tuple
     layers: list
     source: str
+
+    @property
+    def dtype(self):
+        """The weights' dtype as JAX computes in it (float64 becomes float32 where 64-bit JAX
+        is off): the params' default."""
+        first = self.layers[0][0] if isinstance(self.layers[0], list) else self.layers[0]
+        return jax.dtypes.canonicalize_dtype(next(iter(first.values()))["W"].dtype)
+
+
+def is_state_dict(keys) -> bool:
+    """Whether names ``keys`` hold a PyTorch recurrent layer's weights (``weight_ih_l0``, a
+    cell's ``weight_ih``, under any prefix): how a saved ``.npz`` is told from gradflow's."""
+    return any(_WEIGHT.match(str(k)) for k in keys)
 
 
 def _array(who: str, name: str, value) -> np.ndarray:
@@ -301,4 +315,5 @@ def read(model, *, prefix: str | None = None, nonlinearity: str | None = None,
                        [[p for *_, p in dirs] for dirs in layers], source)
 
 
-__all__ = ["TorchLayers", "torch_layers", "read", "GATES", "MODULES", "NONLINEARITIES"]
+__all__ = ["TorchLayers", "torch_layers", "read", "is_state_dict", "GATES", "MODULES",
+           "NONLINEARITIES"]
