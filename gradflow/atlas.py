@@ -690,18 +690,21 @@ def _check_memory(conditions) -> None:
     """A ValueError, before anything is compiled, where a group of conditions measured at once
     (every seed and init of one condition, :func:`_vmapped_group`) cannot fit in memory: its
     problems' measurement as one batch of ``batch x problems`` examples
-    (:func:`gradflow.cost.estimate`; a local gains condition as its gradient map)."""
+    (:func:`gradflow.cost.estimate`; a local gains condition's Jacobians batched as one
+    problem's, ``lax.map``-ped ``vmap`` over the problems)."""
     from gradflow import cost
     from gradflow.stack import Stack
 
     for group in _groups(conditions):
         c0 = group[0]
         n = len({c["init"] for c in group}) * len(c0["seeds"])
-        method = "gates" if measure_of(c0) == "gates" else "gradient"
+        method = {"gates": "gates", "local_gains": "gains"}.get(measure_of(c0), "gradient")
         stack = Stack(cell_for(c0["cell"], "orthogonal", c0["steps"]), c0["layers"],
                       c0["hidden"], c0["hidden"])
         need = max(cost.estimate(stack, c0["batch"] * n, c0["steps"], c0["dtype"],
-                                 c.get("wrt", "hidden"), method, calibrate=False).total
+                                 c.get("wrt", "hidden"), method, calibrate=False,
+                                 chunk=cost.gains_chunk(c0["batch"], c0["steps"],
+                                                        c0["hidden"])).total
                    for c in group)
         cost.check_need(need, f"measuring the atlas's {c0['cell']} conditions at "
                               f"{c0['layers']} layers x {c0['steps']} steps, H={c0['hidden']}, "

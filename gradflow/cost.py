@@ -22,7 +22,9 @@ shapes of ONE cell step (:func:`jax.eval_shape`, so nothing is allocated even fo
 ``flops`` counts the matmuls of every step (:math:`2 B\,n_{in} n_{out}` per ``(n_in, n_out)``
 weight), forward plus backward (about 3x the forward; 4x with checkpointing, which recomputes
 the forward); ``seconds`` adds ``L T`` sequential steps (``T + L - 1`` for ``order="wavefront"``)
-at a per-step overhead, both from :func:`calibration` on this machine.
+at a per-step overhead, both from :func:`calibration` on this machine. Gate statistics
+(``method="gates"``) and local gains (``"gains"``: a batch of one-step Jacobians and their
+singular values, timed by :func:`svd_seconds`) have their own accounts.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from gradflow import checks
 from gradflow.errors import own_code, user_input
 
 WRTS = ("hidden", "cell", "params")
-METHODS = ("gradient", "exact", "probe", "gates")
+METHODS = ("gradient", "exact", "probe", "gates", "gains")
 GiB = 1 << 30
 
 
@@ -54,8 +56,9 @@ class Cost:
       total: the peak memory estimate in bytes (the sum of the above).
       flops: floating-point operations, forward + backward.
       seconds: estimated run time on this machine (compilation not included).
-      request: ``(stack signature, batch, steps, dtype name, wrt, method, probes)``, for
-        :func:`check_fits` to try what would fit.
+      request: ``(stack signature, batch, steps, dtype name, wrt, method, k)``, for
+        :func:`check_fits` to try what would fit (``k``: the probes, or local gains' steps per
+        batch, 0 for their default).
     """
 
     params: int
@@ -71,14 +74,18 @@ class Cost:
     @property
     def kept(self) -> str:
         """What ``residuals`` holds, in words: what the forward pass keeps for the backward pass,
-        or for gate statistics (forward only) every state and gate activation."""
-        return ("states and gates kept" if self.request[5] == "gates"
-                else "kept for the backward pass")
+        for gate statistics (forward only) every state and gate activation, for local gains
+        the states and inputs each step's Jacobians are taken at."""
+        return {"gates": "states and gates kept",
+                "gains": "states and inputs kept"}.get(self.request[5],
+                                                       "kept for the backward pass")
 
     @property
     def passes(self) -> str:
-        """``"forward + backward"``, or ``"forward"`` for gate statistics."""
-        return "forward" if self.request[5] == "gates" else "forward + backward"
+        """``"forward + backward"``, ``"forward"`` for gate statistics, or local gains' forward
+        pass and one-step Jacobians."""
+        return {"gates": "forward", "gains": "forward + one-step Jacobians and their "
+                "spectral norms"}.get(self.request[5], "forward + backward")
 
     def describe(self) -> str:
         """One line: ``memory 1.23 GiB (...), 4.5 GFLOP, about 3 s`` (sizes: :func:`size`)."""
@@ -172,31 +179,64 @@ def calibration() -> tuple[float, float]:
     matmul, and a 2000-step ``lax.scan`` of a tiny cell-like update (the fixed cost of one step
     of a recurrence). Measured once per machine and device kind, kept in
     ``~/.cache/gradflow/calibration.json`` (``$XDG_CACHE_HOME``), and once per process."""
+    rate, per_step = _calibrated("", _measure, 2)
+    return rate, per_step
+
+
+@functools.lru_cache(maxsize=None)
+def svd_rates() -> tuple[float, float]:
+    """FLOP/s of the singular values of small and larger matrices on the default device
+    (:func:`_svd_flops` of 16 matrices ``128 x 128`` and of 4 ``512 x 512``, float32), which
+    local gains' spectral norms take (:func:`svd_seconds`); kept as :func:`calibration`
+    is."""
+    small, large = _calibrated("svd:", _measure_svd, 2)
+    return small, large
+
+
+def svd_seconds(m: int, n: int, count: float = 1) -> float:
+    """Seconds for the singular values of ``count`` ``m x n`` matrices: :func:`_svd_flops` at
+    the rate :func:`svd_rates` gives, interpolated over the matrix size as a power law between
+    its two sizes (held at their rates beyond them). LAPACK's rate on such matrices rises with
+    their size and is far below the matmul rate."""
+    small, large = svd_rates()
+    k = min(max(min(m, n), _SVD_SIZES[0]), _SVD_SIZES[1])
+    rate = small * (large / small) ** (math.log(k / _SVD_SIZES[0])
+                                       / math.log(_SVD_SIZES[1] / _SVD_SIZES[0]))
+    return count * _svd_flops(m, n) / rate
+
+
+def _calibrated(prefix: str, measure, n: int) -> list:
+    """The ``n`` numbers ``measure()`` gives on this machine and device kind, from the cache
+    file where they are kept (under ``prefix`` and the device's key), else measured and kept."""
     import json
 
     d = jax.devices()[0]
-    key = f"{d.platform}:{getattr(d, 'device_kind', '')}:{os.cpu_count()}:{jax.__version__}"
+    key = (f"{prefix}{d.platform}:{getattr(d, 'device_kind', '')}:{os.cpu_count()}:"
+           f"{jax.__version__}")
     path = _cache_file()
     try:
         with open(path) as f:
             saved = json.load(f)
-        rate, per_step = saved[key]
-        if rate > 0 and per_step > 0:
-            return float(rate), float(per_step)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         saved = {}
-    rate, per_step = _measure()
+    saved = saved if isinstance(saved, dict) else {}
+    try:
+        values = [float(v) for v in saved[key]]
+        if len(values) == n and all(v > 0 for v in values):
+            return values
+    except (KeyError, ValueError, TypeError):
+        pass
+    values = [float(v) for v in measure()]
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        saved = saved if isinstance(saved, dict) else {}
-        saved[key] = [rate, per_step]
+        saved[key] = values
         tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(saved, f)
         os.replace(tmp, path)
     except OSError:  # a read-only home: measure again next time
         pass
-    return rate, per_step
+    return values
 
 
 def _best_of(fn, arg, repeats: int = 3) -> float:
@@ -224,6 +264,19 @@ def _measure() -> tuple[float, float]:
     return rate, _best_of(scan, jnp.ones((4, 16), jnp.float32)) / steps
 
 
+#: The matrix sizes :func:`svd_rates` measures.
+_SVD_SIZES = (128, 512)
+
+
+def _measure_svd() -> tuple[float, float]:
+    rates = []
+    for n, k in zip(_SVD_SIZES, (16, 4)):
+        a = jax.random.normal(jax.random.key(0), (k, n, n), jnp.float32)
+        seconds = _best_of(jax.jit(lambda a: jnp.linalg.svd(a, compute_uv=False)), a)
+        rates.append(k * _svd_flops(n, n) / max(seconds, 1e-9))
+    return tuple(rates)
+
+
 # ---------------------------------------------------------------------------------------------
 # The estimate
 
@@ -237,7 +290,8 @@ def _chunk(checkpoint, T: int):
 
 
 def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden",
-             method: str = "gradient", probes: int = 16, calibrate: bool = True) -> Cost:
+             method: str = "gradient", probes: int = 16, calibrate: bool = True, *,
+             chunk: int | None = None) -> Cost:
     r"""Memory and work of one measurement on ``stack``, from shapes alone (nothing runs).
 
     Args:
@@ -251,9 +305,13 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
         ``(L, B, T, H)`` cotangent each), or ``"gates"`` (:func:`gradflow.gates.saturation`:
         one forward pass that keeps every state and gate activation, ``(L, B, T, H)`` each,
         for the reductions, which also hold a stacked copy of the gates and their histogram
-        bins; ``wrt`` and checkpointing do not apply).
-      calibrate: time this machine once (:func:`calibration`) for ``seconds``; if False,
-        ``seconds`` is NaN.
+        bins; ``wrt`` and checkpointing do not apply), or ``"gains"``
+        (:func:`gradflow.local_gains`: one forward pass that keeps every state and layer input,
+        then, ``chunk`` steps at a time, every example's one-step Jacobians and their spectral
+        norms; ``wrt`` and checkpointing do not apply).
+      calibrate: time this machine once (:func:`calibration`, and :func:`svd_rates` for local
+        gains) for ``seconds``; if False, ``seconds`` is NaN.
+      chunk: local gains' steps per batch (default: :func:`gains_chunk`).
     Returns:
       :class:`Cost`. Example::
 
@@ -266,7 +324,15 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
     checks.choice("wrt", wrt, WRTS)
     checks.choice("method", method, METHODS)
     dt = jnp.dtype(dtype)
+    if method == "gains":
+        probes = 0 if chunk is None else checks.positive_int("chunk", chunk)
     return _estimate(_signature(stack), B, T, dt.name, wrt, method, int(probes), bool(calibrate))
+
+
+def gains_chunk(batch: int, steps: int, width: int) -> int:
+    """:func:`gradflow.local_gains`' default steps per ``lax.map`` batch: about 64 MiB of
+    ``width x width`` Jacobians for ``batch`` examples, at least 1, at most ``steps``."""
+    return max(1, min(steps, (64 << 20) // max(batch * width ** 2 * 8, 1)))
 
 
 class _Sig(tuple):
@@ -383,6 +449,8 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     tapped = wrt == "params" and method == "gradient"
     if method == "gates":
         return _gates_estimate(stack, B, T, dtype, wrt, probes, calibrate)
+    if method == "gains":
+        return _gains_estimate(stack, B, T, dtype, wrt, probes, calibrate)
     kinds = _kinds(stack, B, dtype, tapped)
     r_all = sum(n * st[1] for n, st in kinds.values())  # one step of every layer
     r_step = max(st[1] for _, st in kinds.values())  # one step of the worst layer
@@ -454,6 +522,57 @@ def _gates_estimate(stack: _Sig, B, T, dtype, wrt, probes, calibrate) -> Cost:
     total = params + inputs + kept + working + result
     return Cost(int(params), int(inputs), int(kept), int(working), int(result), int(total),
                 flops, float(seconds), (stack, B, T, dtype, wrt, "gates", probes))
+
+
+def _svd_flops(m: int, n: int) -> float:
+    """FLOPs of the singular values of an ``m x n`` matrix: its reduction to bidiagonal form,
+    :math:`4 m n^2 - 4 n^3 / 3` for ``m >= n`` (Golub and Van Loan, Alg. 5.4.2); the
+    iterations on the bidiagonal are :math:`O(n^2)`."""
+    m, n = max(m, n), min(m, n)
+    return 4.0 * m * n * n - 4.0 * n ** 3 / 3
+
+
+def _gains_estimate(stack: _Sig, B, T, dtype, wrt, k, calibrate) -> Cost:
+    r""":func:`estimate` for ``method="gains"`` (:func:`gradflow.local_gains`).
+
+    Memory: the forward pass keeps every layer's states, its previous states and its input
+    (``2 S + 1`` arrays ``(B, T, H)`` per layer, ``S`` state components, ``H`` the largest
+    width); then one ``lax.map`` batch of ``chunk`` steps holds every example's Jacobians, the
+    vertical ``H x n_in`` and temporal ``H x H`` and (``S > 1``) the whole state's
+    ``S H x S H``, about four times over (the Jacobians, their scaled copies and squares, the
+    SVD's work). Work: the forward's matmuls, and at every ``(l, t)`` of every example one
+    reverse-mode pass per Jacobian row, each about one step's matmuls for one example
+    (:math:`2 \sum n_{in} n_{out}`), plus the singular values of the three Jacobians
+    (:func:`_svd_flops`), timed by :func:`svd_seconds`: on a CPU far below the matmul rate,
+    they take most of the time.
+    """
+    item = jnp.dtype(dtype).itemsize
+    L, D, H = stack.layers, stack.input_size, stack.hidden_size
+    chunk = min(k or gains_chunk(B, T, H), T)  # k: the caller's chunk, 0 for the default
+    kinds = _kinds(stack, B, dtype, False)
+    params = _params_bytes(stack, kinds, item)
+    inputs = B * T * D * item
+    kept = sum(n * (2 * len(c.state_names) + 1) * B * T * H * item
+               for (c, _, _), (n, _) in kinds.items())
+    mm, svd, svd_time, jac = 0.0, 0.0, 0.0, 0
+    for (c, n_in, h), (n, st) in kinds.items():
+        S = len(c.state_names)
+        f = st[4] / B  # one example's step
+        rows = 2 * h + (S * h if S > 1 else 0)
+        mm += n * T * B * ((3 if S > 1 else 2) * f + rows * f)
+        shapes = ((h, n_in), (h, h)) + (((S * h, S * h),) if S > 1 else ())
+        svd += n * T * B * sum(_svd_flops(*mn) for mn in shapes)
+        if calibrate:
+            svd_time += sum(svd_seconds(*mn, count=n * T * B) for mn in shapes)
+        jac = max(jac, sum(a * b for a, b in shapes))
+    working = 4 * chunk * B * jac * item + T * max(st[2] for _, st in kinds.values()) \
+        + _stacked(kinds)
+    result = 6 * L * T * item
+    flops = float(T * sum(n * st[4] for n, st in kinds.values()) + mm + svd)
+    seconds = _seconds(stack, T, flops - svd, 1, calibrate) + svd_time
+    total = params + inputs + kept + working + result
+    return Cost(int(params), int(inputs), int(kept), int(working), int(result), int(total),
+                flops, float(seconds), (stack, B, T, dtype, wrt, "gains", k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +652,7 @@ def suggestions(cost: Cost, limit: int, cli: bool = False,
     name = (lambda k, v: f"--{k} {v}") if cli else (lambda k, v: f"{k}={v!r}")
     out = []
     cands = [stack]
-    if stack.checkpoint is None and checkpoint and method != "gates":
+    if stack.checkpoint is None and checkpoint and method not in ("gates", "gains"):
         ck = stack.replace(checkpoint="auto")
         c = _estimate(ck, B, T, dtype, wrt, method, probes, False)
         if c.total < cost.total:
@@ -580,7 +699,8 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
     stack, B, T, dtype, wrt, method, probes = cost.request
     what = (f"this measurement ({stack.name}, {stack.layers} layers x {T} steps, "
             f"H={_width_text(stack)}, batch {B}, {dtype}"
-            + {"gradient": f", wrt {wrt}", "gates": ", gate statistics"}.get(
+            + {"gradient": f", wrt {wrt}", "gates": ", gate statistics",
+               "gains": ", local gains"}.get(
                 method, f", jacobian {method}") + ")")
     tips = suggestions(cost, limit, cli, checkpoint)
     raise ValueError(f"{what} needs about {size(cost.total)} of memory (parameters "

@@ -1082,31 +1082,12 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None,
 
 
 def _check_gains_fit(stack: Stack, xs, chunk: int | None) -> None:
-    """An InputError, before anything is compiled, when one ``lax.map`` batch of
-    :func:`local_gains`' Jacobians (``chunk`` steps of every example: the vertical and temporal
-    ``H x H`` and the whole state's ``nH x nH``, ``n`` state components) and the forward pass
-    exceed the memory available, naming the batch that would fit."""
-    B, T, _ = xs.shape
-    H, n = stack.max_width, len(stack.state_names)
-    item = jnp.dtype(xs.dtype).itemsize
-    steps = chunk or _gains_chunk(stack, xs)
-    # the Jacobians and what their reductions hold: about 4 copies (peak RSS, LSTM on this CPU:
-    # 1.57 GiB measured at B = 64, H = 512, chunk 1, against 1.5 GiB from this count)
-    per_example = steps * (2 + n * n) * H * H * item * 4
-    est = _cost.estimate(stack, B, T, xs.dtype, method="gates", calibrate=False)
-    forward = est.total  # the forward pass's share grows with the batch too
-    fit = max(0, int((_cost.available_memory() - est.params)
-                     // (per_example + (forward - est.params) / B)))
+    """An InputError, before anything is compiled, when the forward pass and one ``lax.map``
+    batch of :func:`local_gains`' Jacobians (:func:`gradflow.cost.estimate`, ``method=
+    "gains"``) exceed the memory available, naming the batch that would fit."""
     with user_input():
-        _cost.check_need(per_example * B + forward, f"local_gains ({B} examples, H = {H}, "
-                         f"{steps} step(s) per batch)",
-                         (f"use at most {fit} examples" if fit else "use a smaller hidden size")
-                         + (" or a smaller chunk" if steps > 1 else ""))
-
-
-def _gains_chunk(stack: Stack, xs) -> int:
-    """:func:`gain_arrays`' default steps per batch: about 64 MiB of Jacobians."""
-    return max(1, min(xs.shape[1], (64 << 20) // max(xs.shape[0] * stack.max_width ** 2 * 8, 1)))
+        _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype,
+                                        method="gains", calibrate=False, chunk=chunk))
 
 
 def gain_arrays(stack: Stack, params, xs, chunk: int | None = None) -> dict:
@@ -1115,7 +1096,8 @@ def gain_arrays(stack: Stack, params, xs, chunk: int | None = None) -> dict:
     traceable, so a caller can ``vmap``/``shard_map`` it over problems (:mod:`gradflow.atlas`
     does). ``xs: (B, T, D)`` in the params' dtype; ``chunk`` steps per ``lax.map`` batch
     (default: about 64 MiB of Jacobians)."""
-    return _gains(stack, params, xs, int(chunk or _gains_chunk(stack, xs)))
+    return _gains(stack, params, xs, int(chunk or _cost.gains_chunk(*xs.shape[:2],
+                                                                      stack.max_width)))
 
 
 def _rms_spectral(j):

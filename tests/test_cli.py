@@ -675,7 +675,9 @@ def test_gains_are_local_gains_and_its_table_their_means(capsys, tmp_path, user_
     assert nonfinite > 0 and f"non-finite: {nonfinite} entries" in out.splitlines()
     for argv, message in (
             (("--cell", f"{user_module}:mixing_rnn"), "couples the examples of a batch"),
-            (("--hidden", 512, "--batch", 10 ** 6), r"local_gains \(1000000 examples, H = 512")):
+            (("--hidden", 512, "--batch", 10 ** 6),
+             r"\(lstm, 2 layers x 32 steps, H=512, batch 1000000, float32, local gains\) needs "
+             r"about .*; --batch \d+ fits")):
         rc, out, err = run(capsys, "gains", *argv, "--layers", 2)
         assert rc == 2 and re.search(message, err), err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

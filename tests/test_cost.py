@@ -263,19 +263,91 @@ def test_gate_statistics_refuse_before_compiling(monkeypatch):
 
 
 def test_local_gains_refuse_before_compiling(monkeypatch):
-    """local_gains had no memory check: a batch whose one-step Jacobians (LSTM: H x H twice and
-    the (c, h) state's 2H x 2H) cannot fit is refused up front, naming the batch that would."""
+    """A batch whose one-step Jacobians (LSTM: H x H twice and the (c, h) state's 2H x 2H)
+    cannot fit is refused up front, naming the batch that would; nothing is compiled."""
     stack = gradflow.Stack("lstm", 2, 4, 64)
     params = stack.init(jax.random.key(0))
     xs = jnp.ones((32, 3, 4))
-    per_example = (2 + 4) * 64 * 64 * 4 * 4  # one step (chunk 1) of each example's Jacobians
-    forward = cost.estimate(stack, 32, 3, "float32", method="gates", calibrate=False).total
-    monkeypatch.setattr(cost, "available_memory", lambda device=None: forward + 10 * per_example)
-    with pytest.raises(ValueError, match=r"local_gains \(32 examples, H = 64, 1 step\(s\) per "
-                                         r"batch\) needs about .* use at most \d+ examples") as e:
+    one = cost.estimate(stack, 1, 3, method="gains", calibrate=False, chunk=1).total
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: 10 * one)
+    monkeypatch.setattr(jacobian, "_gains", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(ValueError, match=r"\(lstm, 2 layers x 3 steps, H=64, batch 32, "
+                                         r"float32, local gains\) needs about .* \(parameters "
+                                         r".*, states and inputs kept .*\), more than .*; "
+                                         r"batch=\d+ fits") as e:
         jacobian.local_gains(stack, params, xs, chunk=1)
-    fit = int(re.search(r"use at most (\d+) examples", str(e.value))[1])
-    assert fit >= 10  # at least the Jacobians' room next to the 32 examples' forward pass
+    assert "checkpoint" not in str(e.value)  # no backward pass to rematerialise
+    fit = int(re.search(r"batch=(\d+) fits", str(e.value))[1])
+    assert fit >= 9  # the parameters are shared: ten examples' room holds at least nine
     jacobian._check_gains_fit(stack, xs[:fit], 1)  # the batch it names passes the same check
-    with pytest.raises(ValueError, match="use at most"):  # and is the largest that does
+    with pytest.raises(ValueError, match="batch="):  # and is the largest that does
         jacobian._check_gains_fit(stack, xs[:fit + 1], 1)
+
+
+@pytest.mark.parametrize("cell,kw,chunk", [
+    ("lstm", {}, None), ("lstm", {}, 1), ("gru", {"hidden_size": 64}, None), ("star", {}, None),
+    ("rnn", {}, 3), ("lstm", {"hidden_size": [8, 16, 32]}, None),
+    ("gru", {"norm": "layer", "residual": True}, None)])
+def test_gains_estimate_within_2x_of_xla(cell, kw, chunk):
+    """local_gains' estimate (states and inputs kept, a batch of one-step Jacobians) against
+    XLA's memory analysis of the compiled program."""
+    stack = gradflow.Stack(cell, **{"layers": 3, "input_size": 5, "hidden_size": 16, **kw})
+    params = jax.eval_shape(stack.init, jax.random.key(0))
+    for B, T in ((4, 24), (16, 40)):
+        xs = jax.ShapeDtypeStruct((B, T, 5), jnp.float32)
+        steps = chunk or cost.gains_chunk(B, T, stack.max_width)
+        m = jacobian._gains.lower(stack, params, xs, steps).compile().memory_analysis()
+        xla = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+        c = cost.estimate(stack, B, T, method="gains", calibrate=False, chunk=chunk)
+        assert 0.5 <= c.total / xla <= 2.0, (cell, kw, B, T, c.total, xla)
+        assert c.kept == "states and inputs kept" and "Jacobians" in c.passes
+
+
+def test_gains_flops_and_seconds_closed_form():
+    """The forward's matmuls; per (l, t, example) one step's matmuls for each Jacobian's
+    forward and each of its rows (vertical and temporal H rows, the (c, h) state's 2H); and the
+    singular values of the three Jacobians (Golub and Van Loan: 4 m n^2 - 4 n^3 / 3, m >= n);
+    the time: the matmuls at the calibrated rate and steps, the SVDs at their own rate."""
+    L, T, B, H, D = 2, 5, 3, 8, 4
+    for cell, S, G in (("gru", 1, 3), ("lstm", 2, 4)):
+        stack = gradflow.Stack(cell, layers=L, input_size=D, hidden_size=H)
+        c = cost.estimate(stack, B, T, method="gains", calibrate=False)
+        step = [2 * G * H * (D + H), 2 * G * H * (H + H)]  # one example, layer 0 and above
+        rows = 2 * H + (S * H if S > 1 else 0)
+        jac = [(2 + (S > 1) + rows) * f for f in step]
+        svd = lambda m, n: 4 * m * n * n - 4 * n ** 3 / 3  # noqa: E731, m >= n
+        state = svd(S * H, S * H) if S > 1 else 0  # a one-part state's is the temporal one
+        svds = [svd(H, D) + svd(H, H) + state, 2 * svd(H, H) + state]
+        assert c.flops == pytest.approx(T * B * (sum(step) + sum(jac) + sum(svds)))
+        assert math.isnan(c.seconds)
+        timed = cost.estimate(stack, B, T, method="gains")
+        rate, per_step = cost.calibration()
+        shapes = [((H, D), (H, H)) + (((S * H, S * H),) if S > 1 else ()),
+                  ((H, H), (H, H)) + (((S * H, S * H),) if S > 1 else ())]
+        svd_time = sum(cost.svd_seconds(m, n, count=T * B) for sh in shapes for m, n in sh)
+        assert timed.seconds == pytest.approx((c.flops - T * B * sum(svds)) / rate
+                                              + L * T * per_step + svd_time)
+    # the SVD's rate is held beyond the measured sizes and rises between them as a power law
+    small, large = cost.svd_rates()
+    assert small > 0 and large > 0
+    assert cost.svd_seconds(8, 8) == pytest.approx(svd(8, 8) / small)
+    assert cost.svd_seconds(4096, 2048) == pytest.approx(svd(4096, 2048) / large)
+    mid = svd(256, 256) / math.sqrt(small * large)  # 256: the geometric middle of 128 and 512
+    assert cost.svd_seconds(256, 256) == pytest.approx(mid)
+
+
+def test_calibration_keeps_what_else_the_file_holds(tmp_path, monkeypatch):
+    """Each calibration is kept under its own key in one file: measuring one (here the SVD's,
+    for a device the file has not seen) leaves the others' entries as they were."""
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = tmp_path / "gradflow" / "calibration.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"tpu:other:8:0.0": [1e12, 1e-6]}))
+    monkeypatch.setattr(cost, "_measure_svd", lambda: (2e9, 8e9))
+    assert cost._calibrated("svd:", cost._measure_svd, 2) == [2e9, 8e9]
+    saved = json.loads(path.read_text())
+    assert saved["tpu:other:8:0.0"] == [1e12, 1e-6] and len(saved) == 2
+    monkeypatch.setattr(cost, "_measure_svd", lambda: pytest.fail("measured again"))
+    assert cost._calibrated("svd:", cost._measure_svd, 2) == [2e9, 8e9]  # read back

@@ -139,6 +139,30 @@ def test_gates_dry_run_estimates_the_forward_pass(tmp_path):
     assert "kept for the backward pass" in heat and "(forward + backward)" in heat
 
 
+def test_gains_dry_run_estimates_the_jacobians(tmp_path, monkeypatch):
+    """``gains --dry-run`` prints local gains' own estimate (the states and inputs kept, the
+    batch of one-step Jacobians, their SVDs), builds and writes nothing, and offers no
+    checkpointing (nothing is rematerialised)."""
+    from gradflow import cost
+
+    monkeypatch.setattr("gradflow.jacobian._gains", lambda *a, **k: pytest.fail("computed"))
+    argv = ["--cell", "lstm", "--layers", "3", "--steps", "40", "--hidden", "16", "--batch", "4",
+            "--dry-run", "--out", tmp_path / "g.png"]
+    status, out, err = run_cli(["gains", *argv])
+    assert status == 0 and err == "" and not list(tmp_path.iterdir())
+    est = cost.estimate(gradflow.Stack("lstm", 3, 16, 16), 4, 40, method="gains")
+    lines = out.splitlines()
+    assert lines[0] == "gradflow gains: dry run (nothing built or computed)"
+    assert lines[1].startswith(f"memory:  {cost.size(est.total)} at the peak (parameters "
+                               f"{cost.size(est.params)}, states and inputs kept ")
+    assert lines[2] == (f"work:    {cost.flops_str(est.flops)} (forward + one-step Jacobians "
+                        "and their spectral norms)")
+    assert lines[3].startswith(f"time:    about {cost.seconds_str(est.seconds)}")
+    assert lines[4].endswith("available: fits")
+    status, _, err = run_cli(["gains", *argv, "--checkpoint", "auto"])
+    assert status == 2 and "unrecognized arguments: --checkpoint" in err
+
+
 def test_progress_lines_for_long_requests(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "PROGRESS_AFTER", 0.0)  # as if this request were long
     status, out, err = run_cli(["heatmap", "--layers", "2", "--steps", "3", "--hidden", "4",

@@ -335,6 +335,24 @@ def test_a_run_that_cannot_fit_is_refused_before_compiling(monkeypatch):
                     progress=False)
 
 
+def test_the_atlas_checks_local_gains_by_their_own_estimate(monkeypatch):
+    """A local-gains condition is checked by local gains' estimate (its batch of one-step
+    Jacobians), not a gradient map's: a limit between the two refuses it before compiling."""
+    from gradflow import atlas, cost
+
+    grid = atlas.Grid(cells=("lstm",), sizes=((2, 6),), hidden=(64,), seeds=(0, 1), batch=4,
+                      measure="local_gains")
+    stack = gradflow.Stack("lstm", 2, 64, 64)
+    gains = cost.estimate(stack, 8, 6, method="gains", calibrate=False,
+                          chunk=cost.gains_chunk(4, 6, 64)).total
+    grad = cost.estimate(stack, 8, 6, calibrate=False).total
+    assert grad < gains / 2  # the Jacobians: (2 + 4) x 64 x 64 per example and step
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: (grad + gains) // 2)
+    with pytest.raises(ValueError, match=r"measuring the atlas's lstm conditions at 2 layers x "
+                                         r"6 steps, H=64, batch 4 \(seeds x inits: 2 problems"):
+        atlas.atlas(["lstm_vertical_quarter"], grid, progress=False)
+
+
 def test_task_loss_is_the_training_loss_and_checks_what_it_is_given():
     """train.task_loss through a readout equals the task's loss of the readout's outputs (the
     loss training minimises, tasks.loss_fn), and says what does not fit."""
