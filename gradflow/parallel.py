@@ -340,21 +340,30 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
 
 
 def should_split(xs, stack=None, params=None, rows: float = 1,
-                 width: int | None = None) -> tuple:
+                 width: int | None = None, singular_values: bool = False) -> tuple:
     """:func:`devices_for` ``(B, widest state of stack x rows)`` for concrete ``xs: (B, T, D)``
     and ``params`` (``rows``: each example's work in state maps', e.g. the vmapped rows of a
     Jacobian map, or 0.5 for a forward pass alone; ``width`` in place of the widest state
     where no stack gives one, e.g. a user's model's); ``()`` inside a trace (``xs`` or a leaf
     of ``params`` traced: ``jax.grad`` of a map w.r.t. the parameters runs it on one device,
     where its derivatives are exact) or when a cell of ``stack`` couples the examples of a
-    batch (``Cell.couples_batch``)."""
+    batch (``Cell.couples_batch``).
+
+    ``singular_values``: the program takes singular values (``jnp.linalg.svd``, a LAPACK call
+    on the host). Such a program is not split over CPU devices: in jaxlib 0.10.2, split over
+    two simulated CPU devices, an exact spectral Jacobian map (LSTM, 4 layers x 32 steps, H 64,
+    batch 8) stalled with no thread running, as local gains had in the atlas (tiny sizes
+    pass); on one device it takes 2-3 s. Real devices (GPU, TPU) split as before."""
     if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
         return ()
     if stack is not None:
         width = max(stack._widths)
-    return devices_for(xs.shape[0], None if width is None else width * rows)
+    devices = devices_for(xs.shape[0], None if width is None else width * rows)
+    if singular_values and any(d.platform == "cpu" for d in devices):
+        return ()
+    return devices
 
 
 def _kinds(params):

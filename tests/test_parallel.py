@@ -195,6 +195,15 @@ CHILD = textwrap.dedent("""
                                        - np.asarray(plain.arrays[k], float)))
                          / np.max(np.abs(np.asarray(plain.arrays[k], float))))
                 for k in plain.arrays}})
+        # singular values are not taken split over CPU devices: at this size the split
+        # program stalled (jaxlib 0.10.2); one device finishes it in seconds
+        pr = gradflow.problem("lstm", layers=4, steps=32, hidden=64, batch=8, input_size=16)
+        before = parallel._sharded_examples.cache_info().misses
+        with parallel.batch_devices("all"):
+            big = gradflow.jacobian_map(*pr[:3], norm="spectral")
+        out["spectral_stall"] = {
+            "compiles": parallel._sharded_examples.cache_info().misses - before,
+            "finite": bool(np.isfinite(np.asarray(big.values)).all())}
     print(json.dumps(out))
 """)
 
@@ -239,8 +248,10 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         assert out["moved_rel"] <= 1e-12
         assert len(out["jacobian"]) == 4
         for j in out["jacobian"]:  # values, spectra, stderr, target_finite: as unsplit
-            assert j["compiles"] == 1 and max(j["rel"].values()) <= 1e-12, j
+            svd = "spectr" in j["kw"]  # singular values: on one CPU device (parallel.py)
+            assert j["compiles"] == (0 if svd else 1) and max(j["rel"].values()) <= 1e-12, j
         assert {"spectra", "stderr"} <= {k for j in out["jacobian"] for k in j["rel"]}
+        assert out["spectral_stall"] == {"compiles": 0, "finite": True}
         # a model's Jacobian map, exact and probes: split, compiled once, as unsplit
         assert len(out["model_jacobian"]) == 2 and out["mixing_refused"] is True
         assert out["model_jacobian_auto"] == 0
