@@ -44,6 +44,9 @@ from gradflow.errors import own_code, user_input
 
 WRTS = ("hidden", "cell", "params")
 METHODS = ("gradient", "exact", "probe", "gates", "gains")
+#: A request's method for local gains without their spectral norms (``estimate(...,
+#: method="gains", spectral=False)``).
+GAINS_RMS = "gains (rms)"
 GiB = 1 << 30
 
 
@@ -76,16 +79,17 @@ class Cost:
         """What ``residuals`` holds, in words: what the forward pass keeps for the backward pass,
         for gate statistics (forward only) every state and gate activation, for local gains
         the states and inputs each step's Jacobians are taken at."""
-        return {"gates": "states and gates kept",
-                "gains": "states and inputs kept"}.get(self.request[5],
-                                                       "kept for the backward pass")
+        return {"gates": "states and gates kept", "gains": "states and inputs kept",
+                GAINS_RMS: "states and inputs kept"}.get(self.request[5],
+                                                         "kept for the backward pass")
 
     @property
     def passes(self) -> str:
         """``"forward + backward"``, ``"forward"`` for gate statistics, or local gains' forward
         pass and one-step Jacobians."""
         return {"gates": "forward", "gains": "forward + one-step Jacobians and their "
-                "spectral norms"}.get(self.request[5], "forward + backward")
+                "spectral norms", GAINS_RMS: "forward + one-step Jacobians"}.get(
+                    self.request[5], "forward + backward")
 
     def describe(self) -> str:
         """One line: ``memory 1.23 GiB (...), 4.5 GFLOP, about 3 s`` (sizes: :func:`size`)."""
@@ -291,7 +295,7 @@ def _chunk(checkpoint, T: int):
 
 def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden",
              method: str = "gradient", probes: int = 16, calibrate: bool = True, *,
-             chunk: int | None = None) -> Cost:
+             chunk: int | None = None, spectral: bool = True) -> Cost:
     r"""Memory and work of one measurement on ``stack``, from shapes alone (nothing runs).
 
     Args:
@@ -312,6 +316,7 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
       calibrate: time this machine once (:func:`calibration`, and :func:`svd_rates` for local
         gains) for ``seconds``; if False, ``seconds`` is NaN.
       chunk: local gains' steps per batch (default: :func:`gains_chunk`).
+      spectral: whether local gains take the spectral norms (their SVDs).
     Returns:
       :class:`Cost`. Example::
 
@@ -326,6 +331,7 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
     dt = jnp.dtype(dtype)
     if method == "gains":
         probes = 0 if chunk is None else checks.positive_int("chunk", chunk)
+        method = "gains" if spectral else GAINS_RMS
     return _estimate(_signature(stack), B, T, dt.name, wrt, method, int(probes), bool(calibrate))
 
 
@@ -449,8 +455,8 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     tapped = wrt == "params" and method == "gradient"
     if method == "gates":
         return _gates_estimate(stack, B, T, dtype, wrt, probes, calibrate)
-    if method == "gains":
-        return _gains_estimate(stack, B, T, dtype, wrt, probes, calibrate)
+    if method in ("gains", GAINS_RMS):
+        return _gains_estimate(stack, B, T, dtype, wrt, probes, calibrate, method == "gains")
     kinds = _kinds(stack, B, dtype, tapped)
     r_all = sum(n * st[1] for n, st in kinds.values())  # one step of every layer
     r_step = max(st[1] for _, st in kinds.values())  # one step of the worst layer
@@ -532,7 +538,7 @@ def _svd_flops(m: int, n: int) -> float:
     return 4.0 * m * n * n - 4.0 * n ** 3 / 3
 
 
-def _gains_estimate(stack: _Sig, B, T, dtype, wrt, k, calibrate) -> Cost:
+def _gains_estimate(stack: _Sig, B, T, dtype, wrt, k, calibrate, spectral) -> Cost:
     r""":func:`estimate` for ``method="gains"`` (:func:`gradflow.local_gains`).
 
     Memory: the forward pass keeps every layer's states, its previous states and its input
@@ -544,7 +550,7 @@ def _gains_estimate(stack: _Sig, B, T, dtype, wrt, k, calibrate) -> Cost:
     reverse-mode pass per Jacobian row, each about one step's matmuls for one example
     (:math:`2 \sum n_{in} n_{out}`), plus the singular values of the three Jacobians
     (:func:`_svd_flops`), timed by :func:`svd_seconds`: on a CPU far below the matmul rate,
-    they take most of the time.
+    they take most of the time (without ``spectral``: none).
     """
     item = jnp.dtype(dtype).itemsize
     L, D, H = stack.layers, stack.input_size, stack.hidden_size
@@ -561,18 +567,21 @@ def _gains_estimate(stack: _Sig, B, T, dtype, wrt, k, calibrate) -> Cost:
         rows = 2 * h + (S * h if S > 1 else 0)
         mm += n * T * B * ((3 if S > 1 else 2) * f + rows * f)
         shapes = ((h, n_in), (h, h)) + (((S * h, S * h),) if S > 1 else ())
+        jac = max(jac, sum(a * b for a, b in shapes))
+        if not spectral:
+            continue
         svd += n * T * B * sum(_svd_flops(*mn) for mn in shapes)
         if calibrate:
             svd_time += sum(svd_seconds(*mn, count=n * T * B) for mn in shapes)
-        jac = max(jac, sum(a * b for a, b in shapes))
     working = 4 * chunk * B * jac * item + T * max(st[2] for _, st in kinds.values()) \
         + _stacked(kinds)
-    result = 6 * L * T * item
+    result = (6 if spectral else 3) * L * T * item
     flops = float(T * sum(n * st[4] for n, st in kinds.values()) + mm + svd)
     seconds = _seconds(stack, T, flops - svd, 1, calibrate) + svd_time
     total = params + inputs + kept + working + result
     return Cost(int(params), int(inputs), int(kept), int(working), int(result), int(total),
-                flops, float(seconds), (stack, B, T, dtype, wrt, "gains", k))
+                flops, float(seconds),
+                (stack, B, T, dtype, wrt, "gains" if spectral else GAINS_RMS, k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,7 +661,7 @@ def suggestions(cost: Cost, limit: int, cli: bool = False,
     name = (lambda k, v: f"--{k} {v}") if cli else (lambda k, v: f"{k}={v!r}")
     out = []
     cands = [stack]
-    if stack.checkpoint is None and checkpoint and method not in ("gates", "gains"):
+    if stack.checkpoint is None and checkpoint and method not in ("gates", "gains", GAINS_RMS):
         ck = stack.replace(checkpoint="auto")
         c = _estimate(ck, B, T, dtype, wrt, method, probes, False)
         if c.total < cost.total:
@@ -700,7 +709,7 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
     what = (f"this measurement ({stack.name}, {stack.layers} layers x {T} steps, "
             f"H={_width_text(stack)}, batch {B}, {dtype}"
             + {"gradient": f", wrt {wrt}", "gates": ", gate statistics",
-               "gains": ", local gains"}.get(
+               "gains": ", local gains", GAINS_RMS: ", local gains (rms)"}.get(
                 method, f", jacobian {method}") + ")")
     tips = suggestions(cost, limit, cli, checkpoint)
     raise ValueError(f"{what} needs about {size(cost.total)} of memory (parameters "

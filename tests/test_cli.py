@@ -666,6 +666,20 @@ def test_gains_are_local_gains_and_its_table_their_means(capsys, tmp_path, user_
     np.testing.assert_allclose(printed, [np.exp(np.log(rms["vertical"][1:]).mean()),
                                            np.exp(np.log(rms["temporal"]).mean()),
                                            np.exp(np.log(rms["state"]).mean())], rtol=5e-3)
+    # --no-spectral: the rms gains alone (local_gains(spectral=False)), three columns
+    rc, out, err = run(capsys, "gains", "--cell", "gru,star,gru", "--layers", 3, "--steps", 4,
+                       "--hidden", 6, "--batch", 2, "--no-spectral", "--out", tmp_path / "r.png")
+    assert rc == 0, err
+    rms = gradflow.load(tmp_path / "r.npz")
+    assert sorted(rms.arrays) == ["state_rms", "temporal_rms", "vertical_rms"]
+    assert rms.config["spectral"] is False and got.config["spectral"] is True
+    for key in rms.arrays:
+        np.testing.assert_array_equal(rms[key], want[key], err_msg=key)
+    lines = out.splitlines()
+    assert lines[1].split() == ["layer", "vertical", "rms", "temporal", "rms", "state", "rms"]
+    printed = [float(x) for x in lines[4].split()[1:]]  # layer 0
+    np.testing.assert_allclose(printed, [want[f"{k}_rms"][0].mean() for k in
+                                         ("vertical", "temporal", "state")], rtol=5e-3)
     # overflow is data: a warning, the gains of the finite steps, the non-finite ones counted
     rc, out, err = run(capsys, "gains", "--cell", "indrnn", "--option", "u_max=3", "--layers", 2,
                        "--steps", 120, "--hidden", 4, "--batch", 2, "--out", tmp_path / "o.png")

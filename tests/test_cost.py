@@ -284,22 +284,25 @@ def test_local_gains_refuse_before_compiling(monkeypatch):
         jacobian._check_gains_fit(stack, xs[:fit + 1], 1)
 
 
-@pytest.mark.parametrize("cell,kw,chunk", [
-    ("lstm", {}, None), ("lstm", {}, 1), ("gru", {"hidden_size": 64}, None), ("star", {}, None),
-    ("rnn", {}, 3), ("lstm", {"hidden_size": [8, 16, 32]}, None),
-    ("gru", {"norm": "layer", "residual": True}, None)])
-def test_gains_estimate_within_2x_of_xla(cell, kw, chunk):
+@pytest.mark.parametrize("cell,kw,chunk,spectral", [
+    ("lstm", {}, None, True), ("lstm", {}, 1, True), ("gru", {"hidden_size": 64}, None, True),
+    ("star", {}, None, True), ("rnn", {}, 3, True),
+    ("lstm", {"hidden_size": [8, 16, 32]}, None, True),
+    ("gru", {"norm": "layer", "residual": True}, None, True),
+    ("lstm", {}, None, False), ("gru", {"hidden_size": 64}, None, False)])
+def test_gains_estimate_within_2x_of_xla(cell, kw, chunk, spectral):
     """local_gains' estimate (states and inputs kept, a batch of one-step Jacobians) against
-    XLA's memory analysis of the compiled program."""
+    XLA's memory analysis of the compiled program (with and without the spectral norms)."""
     stack = gradflow.Stack(cell, **{"layers": 3, "input_size": 5, "hidden_size": 16, **kw})
     params = jax.eval_shape(stack.init, jax.random.key(0))
     for B, T in ((4, 24), (16, 40)):
         xs = jax.ShapeDtypeStruct((B, T, 5), jnp.float32)
         steps = chunk or cost.gains_chunk(B, T, stack.max_width)
-        m = jacobian._gains.lower(stack, params, xs, steps).compile().memory_analysis()
+        m = jacobian._gains.lower(stack, params, xs, steps, spectral).compile().memory_analysis()
         xla = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-        c = cost.estimate(stack, B, T, method="gains", calibrate=False, chunk=chunk)
-        assert 0.5 <= c.total / xla <= 2.0, (cell, kw, B, T, c.total, xla)
+        c = cost.estimate(stack, B, T, method="gains", calibrate=False, chunk=chunk,
+                          spectral=spectral)
+        assert 0.5 <= c.total / xla <= 2.0, (cell, kw, B, T, spectral, c.total, xla)
         assert c.kept == "states and inputs kept" and "Jacobians" in c.passes
 
 

@@ -461,6 +461,27 @@ def test_state_gains_equal_whole_state_jacobians(cell, x64):
             s, _, _ = c.step(params["layers"][l], s, x_in[:, t], t)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_local_gains_without_spectral_norms_are_the_same_rms_gains(cell):
+    """``spectral=False`` leaves out the SVDs: the rms arrays, bit for bit those computed with
+    them (float32, 64-bit JAX off), and no spectral array; the config says which."""
+    with jax.enable_x64(False):
+        stack, params, xs = make(cell, dtype="float32")
+        both = J.local_gains(stack, params, xs)
+        rms = J.local_gains(stack, params, xs, spectral=False)
+    assert sorted(rms.arrays) == ["state_rms", "temporal_rms", "vertical_rms"]
+    for k in rms.arrays:
+        np.testing.assert_array_equal(rms[k], both[k], err_msg=k)
+    assert rms.config["spectral"] is False and both.config["spectral"] is True
+    # and the estimate leaves their work out: the FLOPs of the SVDs, nothing else
+    from gradflow import cost
+
+    full = cost.estimate(stack, B, T, method="gains", calibrate=False)
+    lean = cost.estimate(stack, B, T, method="gains", calibrate=False, spectral=False)
+    assert lean.total == full.total - 3 * L * T * 4 and lean.flops < full.flops
+    assert lean.passes == "forward + one-step Jacobians"
+
+
 def test_lstm_state_gain_is_near_the_maps_fade_in_time_as_the_readme_says():
     """README (residual section): at init a 16-layer LSTM's temporal gain is 0.25 (as low as
     the vertical one), its state gain RMS 0.56 / spectral 0.79, around the 0.65 per step by
