@@ -352,8 +352,13 @@ def should_split(xs, stack=None, params=None, rows: float = 1,
     ``singular_values``: the program takes singular values (``jnp.linalg.svd``, a LAPACK call
     on the host). Such a program is not split over CPU devices: in jaxlib 0.10.2, split over
     two simulated CPU devices, an exact spectral Jacobian map (LSTM, 4 layers x 32 steps, H 64,
-    batch 8) stalled with no thread running, as local gains had in the atlas (tiny sizes
-    pass); on one device it takes 2-3 s. Real devices (GPU, TPU) split as before."""
+    batch 8) stalled with no thread running, as local gains had in the atlas; on one device it
+    takes 2-3 s. The cause (gdb): jaxlib's batched SVD kernel (``jax::ParallelBatchMap``) hands
+    its matrices to XLA's intra-op thread pool and blocks until they are done, from a thread
+    of that pool; with one such kernel per device and as many devices as the pool has threads
+    (one per core), every thread blocks and none is left to do the work (small batches run
+    inline, so tiny sizes pass). One device's kernel already spreads its matrices over every
+    core. Real devices (GPU, TPU) split as before."""
     if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
