@@ -356,8 +356,8 @@ def should_split(xs, stack=None, params=None, rows: float = 1,
     takes 2-3 s. The cause (gdb): jaxlib's batched SVD kernel (``jax::ParallelBatchMap``) hands
     its matrices to XLA's intra-op thread pool and blocks until they are done, from a thread
     of that pool; with one such kernel per device and as many devices as the pool has threads
-    (one per core), every thread blocks and none is left to do the work (small batches run
-    inline, so tiny sizes pass). One device's kernel already spreads its matrices over every
+    (one per core), every thread blocks and none is left to do the work (tiny sizes pass:
+    presumably run inline). One device's kernel already spreads its matrices over every
     core. Real devices (GPU, TPU) split as before."""
     if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
         return ()
