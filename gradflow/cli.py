@@ -1804,7 +1804,7 @@ def add_gains(sub):
     add_params_option(p)
     p.add_argument("--no-spectral", action="store_true",
                    help="RMS gains only, without the spectral norms (their SVDs take nearly all "
-                        "of the time: 10-18x faster)")
+                        "of the time: 12-18x faster)")
     add_problem_options(p, layers=16, steps=32, hidden=64, batch=8)
     add_cost_options(p, checkpoint=False)
     add_output_options(p)

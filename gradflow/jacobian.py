@@ -1112,19 +1112,20 @@ def gain_arrays(stack: Stack, params, xs, chunk: int | None = None,
                   bool(spectral))
 
 
+def _frobenius_rms(u):
+    r""":math:`\|u\|_F / \sqrt{n}` of ``u: (..., m, n)``."""
+    return jnp.sqrt(jnp.sum(u * u, axis=(-2, -1)) / u.shape[-1])
+
+
 def _rms_spectral(j):
     r"""``(\|j\|_F / \sqrt{n}, \|j\|_2)`` of ``j: (..., m, n)``, each ``(...)``, without
     squaring tiny entries (:func:`gradflow.stack.scaled_reduction`)."""
-    def both(u):
-        return jnp.sqrt(jnp.sum(u * u, axis=(-2, -1)) / u.shape[-1]), _spectral(u)
-
-    return scaled_reduction(both, j, (-2, -1))
+    return scaled_reduction(lambda u: (_frobenius_rms(u), _spectral(u)), j, (-2, -1))
 
 
 def _rms(j):
     r"""``(\|j\|_F / \sqrt{n},)`` of ``j: (..., m, n)``, as :func:`_rms_spectral`'s first."""
-    return (scaled_reduction(lambda u: jnp.sqrt(jnp.sum(u * u, axis=(-2, -1)) / u.shape[-1]),
-                             j, (-2, -1)),)
+    return (scaled_reduction(_frobenius_rms, j, (-2, -1)),)
 
 
 @functools.partial(jax.jit, static_argnames=("stack", "chunk", "spectral"))
