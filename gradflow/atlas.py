@@ -496,6 +496,7 @@ def _vmapped_group(kind: str, conditions: list[dict], devices, variant_of) -> li
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from gradflow import parallel
     from gradflow import sweep as _sweep
     from gradflow.problem import dtype_of
     from gradflow.results import make_result
@@ -520,22 +521,29 @@ def _vmapped_group(kind: str, conditions: list[dict], devices, variant_of) -> li
         problems += [_sweep.seed_problem(st, s, steps=steps, batch=batch, dtype=dt)
                      for s in seeds]
     cap = MEASUREMENTS[kind].max_devices
-    if cap is not None:
-        devices = list(jax.devices() if devices is None else devices)[:cap]
-    mesh = _sweep.device_mesh(devices)
-    n_dev = mesh.devices.size
-    n = len(problems)
-    pad = math.ceil(n / n_dev) * n_dev - n
-    problems += [problems[-1]] * pad
-    shard = NamedSharding(mesh, PartitionSpec(_sweep.AXIS))
-    seed_of = jax.device_put(jnp.asarray(list(seeds) * len(inits) + [seeds[-1]] * pad,
-                                         jnp.int32), shard)
-    params = jax.device_put(jax.tree_util.tree_map(lambda *a: jnp.stack(a),
-                                                   *[p for p, _ in problems]), shard)
-    xs = jax.device_put(jnp.stack([x for _, x in problems]), shard)
+    devices = list(jax.devices() if devices is None else devices)[:cap]
     stack = Stack(cell_for(c0["cell"], "orthogonal", steps), layers, hidden, hidden)
-    run = _group_program(kind, stack, mesh, steps, batch, dt, variants, c0["readout_seed"])
-    out = run(params, xs, seed_of, jnp.asarray(scales, dt))
+
+    def placed(devices):
+        """The program on ``devices`` and its arguments, the seeds padded to fill them."""
+        mesh = _sweep.device_mesh(devices)
+        n = len(problems)
+        pad = math.ceil(n / mesh.devices.size) * mesh.devices.size - n
+        padded = problems + [problems[-1]] * pad
+        shard = NamedSharding(mesh, PartitionSpec(_sweep.AXIS))
+        args = (jax.device_put(jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                                      *[p for p, _ in padded]), shard),
+                jax.device_put(jnp.stack([x for _, x in padded]), shard),
+                jax.device_put(jnp.asarray(list(seeds) * len(inits) + [seeds[-1]] * pad,
+                                           jnp.int32), shard),
+                jnp.asarray(scales, dt))
+        run = _group_program(kind, stack, mesh, steps, batch, dt, variants, c0["readout_seed"])
+        return mesh, run, args
+
+    mesh, run, args = placed(devices)
+    if parallel.lapack_stalls(run, args, mesh):  # e.g. local gains' SVDs: on one CPU device
+        mesh, run, args = placed(devices[:1])
+    out = run(*args)
     n_used = len(jax.tree_util.tree_leaves(out)[0].sharding.device_set)
     S = len(seeds)
     results = []
@@ -571,14 +579,11 @@ for _m in (
                 lambda cs, d: _vmapped_group("gradient_map", cs, d,
                                              lambda c: (c["loss"], c["wrt"])),
                 lambda res: list(res.values)),
-    # One device: split over 2 simulated CPU devices, this program (jacfwd, as local_gains
-    # then took, and SVDs under
-    # lax.map) stalls with no thread running in jaxlib 0.10.2 (H = 16, 8 layers; tiny sizes
-    # pass), while one device measures the same group in 15 s.
+    # Its SVDs keep it on one CPU device (gradflow.parallel.lapack_stalls): split over 2
+    # simulated CPU devices it stalled with no thread running (jaxlib 0.10.2; H = 16, 8 layers)
     Measurement("local_gains", "gradflow.local_gains: vertical/temporal RMS and spectral "
                 "one-step gains per (l, t)", (), ("init", "input_scale"),
-                lambda cs, d: _vmapped_group("local_gains", cs, d, lambda c: ()), _seed_dicts,
-                max_devices=1),
+                lambda cs, d: _vmapped_group("local_gains", cs, d, lambda c: ()), _seed_dicts),
     Measurement("gates", f"gradflow.gates.saturation (eps {GATE_EPS}, {GATE_BINS} bins): gate "
                 "means, saturated fractions, slopes, timescales, ranges per (l, t)", (),
                 ("init", "input_scale"),

@@ -806,7 +806,6 @@ def _exact_arrays(stack, params, xs, target, norm, positions, chunk):
                              " use norm='rms', fewer examples, or spectra_at=[...]")
     chunk = min(chunk, H)
     each, spectra, finite = _over_examples(_exact_each, stack, params, (xs,), (0,), rows=chunk,
-                                           singular_values=norm == "spectral" or bool(positions),
                                            target=target, norm=norm, positions=positions,
                                            chunk=chunk)
     vals = _mean_over(each, finite, axis=0)  # a non-finite example is left out
@@ -960,18 +959,16 @@ def _exact_map(stack, params, xs, target, norm, positions, chunk):
                        chunk=chunk)
 
 
-def _over_examples(fn, stack, params, args, axes, rows: int = 1,
-                   singular_values: bool = False, **static):
+def _over_examples(fn, stack, params, args, axes, rows: int = 1, **static):
     """``fn(stack, params, *args, **static)``, whose outputs have the examples on their first
     axis and ``args`` theirs on ``axes``: split over the devices of
     :func:`gradflow.parallel.should_split` (each example's work ``rows`` times a state map's:
-    the vmapped rows of a Jacobian; ``singular_values``: ``fn`` takes SVDs, not split over CPU
-    devices), else one jitted call. The examples of a Jacobian map are independent (a stack
+    the vmapped rows of a Jacobian; a program taking SVDs runs on one CPU device,
+    :func:`gradflow.parallel.lapack_stalls`), else one jitted call. The examples of a Jacobian map are independent (a stack
     that couples them is refused first), so the split is exact."""
     from gradflow import parallel
     return parallel.example_map(fn, stack, params, args, axes, tuple(sorted(static.items())),
-                                parallel.should_split(args[0], stack, params, rows=rows,
-                                                      singular_values=singular_values))
+                                parallel.should_split(args[0], stack, params, rows=rows))
 
 
 def _columns(stack: Stack, dtype):

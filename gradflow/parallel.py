@@ -340,35 +340,64 @@ def devices_for(batch: int, width: int | None = None) -> tuple:
 
 
 def should_split(xs, stack=None, params=None, rows: float = 1,
-                 width: int | None = None, singular_values: bool = False) -> tuple:
+                 width: int | None = None) -> tuple:
     """:func:`devices_for` ``(B, widest state of stack x rows)`` for concrete ``xs: (B, T, D)``
     and ``params`` (``rows``: each example's work in state maps', e.g. the vmapped rows of a
     Jacobian map, or 0.5 for a forward pass alone; ``width`` in place of the widest state
     where no stack gives one, e.g. a user's model's); ``()`` inside a trace (``xs`` or a leaf
     of ``params`` traced: ``jax.grad`` of a map w.r.t. the parameters runs it on one device,
     where its derivatives are exact) or when a cell of ``stack`` couples the examples of a
-    batch (``Cell.couples_batch``).
-
-    ``singular_values``: the program takes singular values (``jnp.linalg.svd``, a LAPACK call
-    on the host). Such a program is not split over CPU devices: in jaxlib 0.10.2, split over
-    two simulated CPU devices, an exact spectral Jacobian map (LSTM, 4 layers x 32 steps, H 64,
-    batch 8) stalled with no thread running, as local gains had in the atlas; on one device it
-    takes 2-3 s. The cause (gdb): jaxlib's batched SVD kernel (``jax::ParallelBatchMap``) hands
-    its matrices to XLA's intra-op thread pool and blocks until they are done, from a thread
-    of that pool; with one such kernel per device and as many devices as the pool has threads
-    (one per core), every thread blocks and none is left to do the work (tiny sizes pass:
-    presumably run inline). One device's kernel already spreads its matrices over every
-    core. Real devices (GPU, TPU) split as before."""
+    batch (``Cell.couples_batch``). The runners (:func:`state_map`, :func:`model_state_map`,
+    :func:`example_map`) still run a program that calls LAPACK on one CPU device
+    (:func:`lapack_stalls`)."""
     if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
         return ()
     if stack is not None:
         width = max(stack._widths)
-    devices = devices_for(xs.shape[0], None if width is None else width * rows)
-    if singular_values and any(d.platform == "cpu" for d in devices):
-        return ()
-    return devices
+    return devices_for(xs.shape[0], None if width is None else width * rows)
+
+
+#: What the custom calls of jaxlib's CPU LAPACK kernels are named by (``lapack_sgesdd_ffi``,
+#: ``lapack_sgetrf_ffi``, ...): :func:`lapack_stalls` looks for it in a lowered program.
+LAPACK_CALL = "lapack_"
+
+
+def lapack_stalls(program, args, mesh) -> bool:
+    """Whether ``program`` (a ``jax.jit`` function of ``args``, placed on ``mesh``) would stall
+    split over ``mesh``: it runs on several CPU devices and calls jaxlib's LAPACK kernels (an
+    SVD, QR, LU, Cholesky, eigen- or Schur decomposition, a linear or triangular solve,
+    anywhere in it: gradflow's spectral norms, or a user's model or cell). Each device's
+    program then runs on one thread of XLA's intra-op pool (one thread per core), and in
+    jaxlib 0.10.2 every batched LAPACK kernel (``objdump`` of ``jaxlib/cpu/_lapack.so``: all
+    of them call ``jax::ParallelBatchMap``) hands its matrices to that same pool and blocks
+    until they are done: with one such kernel per device and as many devices as threads, no
+    thread is left to do the work and the process hangs with no thread running (``gdb``:
+    every pool thread in ``BlockingCounter::Wait``). Seen here: an exact spectral Jacobian map
+    (LSTM, 4 layers x 32 steps, H 64, batch 8), local gains, and a user's model taking
+    ``jnp.linalg.solve`` per step (2 layers x 32 steps, H 64, batch 8: ``model_map(...,
+    couples_batch=False)``), all of which finish on one device in 2-4 s; tiny sizes pass
+    (presumably run inline). The runners of this module then run the program on one
+    device instead: conservative (a newer jaxlib may not block; one device's kernel already
+    spreads its matrices over the cores), but never a hang. Decided from the lowered program
+    (lowering is what a call does first, and jax caches it): about 20 ms for a 16-layer
+    LSTM map, once per program and shapes. GPUs and TPUs are not affected."""
+    if _copies(mesh) < 2:  # one device, or real ones
+        return False
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    specs = tuple(jax.ShapeDtypeStruct(  # placed where committed, as a call would see them
+        jnp.shape(a), jnp.result_type(a),
+        sharding=a.sharding if getattr(a, "committed", False) else None) for a in leaves)
+    return _calls_lapack(program, treedef, specs, jax.config.jax_default_matmul_precision)
+
+
+@functools.lru_cache(maxsize=128)
+def _calls_lapack(program, treedef, specs, precision) -> bool:
+    """:func:`lapack_stalls`' cache (``precision`` only a key, as in
+    :func:`gradflow.cost.compiled`)."""
+    lowered = program.lower(*jax.tree_util.tree_unflatten(treedef, specs))
+    return LAPACK_CALL in lowered.as_text()
 
 
 def _kinds(params):
@@ -482,8 +511,11 @@ def state_map(stack, params, xs, loss_fn, name: str, devices):
 
     ``stack`` and ``loss_fn`` (``(B, T, H) -> scalar``) must be hashable.
     """
-    mesh, bufs, layout, (xs,) = _split(params, (xs,), (0,), devices)
-    return _sharded_state_map(stack, loss_fn, name, mesh, layout)(bufs, xs)
+    mesh, bufs, layout, (xs_k,) = _split(params, (xs,), (0,), devices)
+    program = _sharded_state_map(stack, loss_fn, name, mesh, layout)
+    if lapack_stalls(program, (bufs, xs_k), mesh):  # a user's cell calling LAPACK
+        return state_map(stack, params, xs, loss_fn, name, devices[:1])
+    return program(bufs, xs_k)
 
 
 def _split(params, args, axes, devices):
@@ -537,8 +569,11 @@ def example_map(fn, stack, params, args, axes, static, devices, what: str | None
             return _jit_examples(fn, stack, static, params, *args)
         return compiled(_jit_examples, (fn, stack, static), (params, *args), what,
                         smaller)(params, *args)
-    mesh, bufs, layout, args = _split(params, args, axes, devices)
+    mesh, bufs, layout, split = _split(params, args, axes, devices)
     program = _sharded_examples(fn, stack, static, mesh, layout, tuple(axes), summed)
+    if lapack_stalls(program, (bufs, *split), mesh):
+        return example_map(fn, stack, params, args, axes, static, (), what, smaller)
+    args = split
     if what is not None:
         program = compiled(program, (), (bufs, *args), what, smaller, _copies(mesh))
     return program(bufs, *args)
@@ -576,9 +611,12 @@ def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, what
     divides ``B``), for a model that treats the examples of a batch independently. Compiled
     once per shapes by :func:`gradflow.cost.compiled`, whose memory check (``what``,
     ``smaller``) counts every device of one memory."""
-    mesh, bufs, layout, (xs,) = _split(arrays, (xs,), (0,), devices)
-    return compiled(_sharded_model_map(model, loss_fn, rest, layers, mesh, layout), (),
-                    (bufs, xs), what, smaller, _copies(mesh))(bufs, xs)
+    mesh, bufs, layout, (xs_k,) = _split(arrays, (xs,), (0,), devices)
+    program = _sharded_model_map(model, loss_fn, rest, layers, mesh, layout)
+    if lapack_stalls(program, (bufs, xs_k), mesh):  # the model calls LAPACK
+        return model_state_map(model, loss_fn, rest, arrays, xs, layers, devices[:1], what,
+                               smaller)
+    return compiled(program, (), (bufs, xs_k), what, smaller, _copies(mesh))(bufs, xs_k)
 
 
 def _copies(mesh) -> int:
@@ -587,5 +625,6 @@ def _copies(mesh) -> int:
 
 
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",
-           "set_batch_devices", "batch_devices", "devices_for", "should_split", "state_map",
+           "set_batch_devices", "batch_devices", "devices_for", "should_split", "lapack_stalls",
+           "state_map",
            "model_state_map", "example_map", "use_compile_cache"]

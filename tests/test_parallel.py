@@ -195,17 +195,89 @@ CHILD = textwrap.dedent("""
                                        - np.asarray(plain.arrays[k], float)))
                          / np.max(np.abs(np.asarray(plain.arrays[k], float))))
                 for k in plain.arrays}})
-        # singular values are not taken split over CPU devices: at this size the split
-        # program stalled (jaxlib 0.10.2); one device finishes it in seconds
+        # programs calling LAPACK run on one CPU device (parallel.lapack_stalls): at these
+        # sizes split ones stalled (jaxlib 0.10.2), one device finishes each in seconds.
+        # Singular values (float32, as users run them):
+        jax.config.update("jax_enable_x64", False)
         pr = gradflow.problem("lstm", layers=4, steps=32, hidden=64, batch=8, input_size=16)
-        before = parallel._sharded_examples.cache_info().misses
+        before = parallel._jit_examples._cache_size()
         with parallel.batch_devices("all"):
             big = gradflow.jacobian_map(*pr[:3], norm="spectral")
-        out["spectral_stall"] = {
-            "compiles": parallel._sharded_examples.cache_info().misses - before,
-            "finite": bool(np.isfinite(np.asarray(big.values)).all())}
+        out["spectral_stall"] = {"unsplit": parallel._jit_examples._cache_size() - before,
+                                 "finite": bool(np.isfinite(np.asarray(big.values)).all())}
+        # a user's model and a user's cell taking a linear solve per step
+        from test_parallel import solving_model, solving_cell
+        k = jax.random.split(jax.random.key(5), 3)
+        p = {"W": jax.random.normal(k[0], (64, 64)) / 8,
+             "U": jax.random.normal(k[1], (64, 64)) / 8}
+        xs = jax.random.normal(k[2], (8, 32, 64))
+        out["lapack"] = {}
+        for name, run in (
+                ("model", lambda: gradflow.model_map(solving_model, p, xs, layers=2,
+                                                     couples_batch=False).values),
+                ("cell", lambda: gradflow.gradient_map(
+                    pr2.stack, pr2.params, pr2.xs).values)):
+            pr2 = gradflow.problem(solving_cell(), layers=2, steps=32, hidden=64, batch=8,
+                                   input_size=16, seed=0)
+            cache = {"model": parallel._sharded_model_map,
+                     "cell": parallel._sharded_state_map}[name]
+            before = cache.cache_info().misses
+            with parallel.batch_devices("all"):
+                split = np.asarray(run())
+            meshes = cache.cache_info().misses - before  # 2 devices, then 1
+            with parallel.batch_devices(None):
+                plain = np.asarray(run())
+            out["lapack"][name] = {"meshes": meshes, "rel": float(
+                np.max(np.abs(split - plain)) / np.max(np.abs(plain)))}
+        # the atlas's seed-sharded programs: local gains (SVDs) on one device, maps on both
+        from gradflow import atlas
+        out["atlas_devices"] = {}
+        for measure in ("local_gains", "gradient_map"):
+            g = atlas.Grid(cells=("lstm",), inits=("orthogonal",), input_scales=(1.0,),
+                           hidden=(4,), sizes=((2, 3),), seeds=(0, 1), batch=2,
+                           measure=measure)
+            res = atlas.measure_group(g.conditions()[:1], jax.devices())
+            out["atlas_devices"][measure] = res[0].config["devices"]
     print(json.dumps(out))
 """)
+
+
+def solving_model(p, xs, taps):
+    """A user's model (``gradflow.model_map``) whose layers each take a linear solve per step
+    (``jnp.linalg.solve``: jaxlib's batched LAPACK LU and triangular solves): the child's
+    check that such a program is not split over CPU devices (it stalled there)."""
+    def step(hs, inp):
+        x, tap_t = inp
+        new, below = [], x @ p["W"]
+        for l, h in enumerate(hs):
+            h = _solved(jnp.tanh(below + h @ p["U"]))
+            new.append(gradflow.tap(h, tap_t[l]))
+            below = new[-1]
+        return tuple(new), new[-1]
+
+    h0 = jnp.zeros((xs.shape[0], p["U"].shape[0]), xs.dtype)
+    _, top = jax.lax.scan(step, (h0, h0), (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(taps, 0, 1)))
+    return jnp.swapaxes(top, 0, 1)
+
+
+def _solved(h):
+    """``(I + 0.1 h h^T)^{-1} h`` per example: one batched LAPACK solve."""
+    a = jnp.eye(h.shape[-1], dtype=h.dtype) + 0.1 * h[:, :, None] * h[:, None, :]
+    return jnp.linalg.solve(a, h[:, :, None])[:, :, 0]
+
+
+def solving_cell():
+    """A user's tanh cell (``gradflow.cells.from_function``) taking :func:`_solved` per step."""
+    def init(key, n_in, n_h, dtype):
+        kw, ku = jax.random.split(key)
+        return {"W": jax.random.normal(kw, (n_in, n_h), dtype) / np.sqrt(n_in),
+                "U": jax.random.normal(ku, (n_h, n_h), dtype) / np.sqrt(n_h)}
+
+    def step(p, h, x):
+        h = _solved(jnp.tanh(x @ p["W"] + h @ p["U"]))
+        return h, h
+
+    return gradflow.cells.from_function(step, init, hidden_size=64, name="solving")
 
 
 def _child(n, f32, f64, user, env):
@@ -248,10 +320,14 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         assert out["moved_rel"] <= 1e-12
         assert len(out["jacobian"]) == 4
         for j in out["jacobian"]:  # values, spectra, stderr, target_finite: as unsplit
-            svd = "spectr" in j["kw"]  # singular values: on one CPU device (parallel.py)
-            assert j["compiles"] == (0 if svd else 1) and max(j["rel"].values()) <= 1e-12, j
+            assert j["compiles"] == 1 and max(j["rel"].values()) <= 1e-12, j
         assert {"spectra", "stderr"} <= {k for j in out["jacobian"] for k in j["rel"]}
-        assert out["spectral_stall"] == {"compiles": 0, "finite": True}
+        # programs calling LAPACK: on one device (the unsplit program, or a mesh of one)
+        assert out["spectral_stall"] == {"unsplit": 1, "finite": True}
+        for name in ("model", "cell"):
+            m = out["lapack"][name]
+            assert m["meshes"] == 2 and m["rel"] <= 1e-6, (name, m)
+        assert out["atlas_devices"] == {"local_gains": 1, "gradient_map": 2}
         # a model's Jacobian map, exact and probes: split, compiled once, as unsplit
         assert len(out["model_jacobian"]) == 2 and out["mixing_refused"] is True
         assert out["model_jacobian_auto"] == 0
