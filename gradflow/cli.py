@@ -37,6 +37,7 @@ import numpy as np
 from gradflow import __version__
 from gradflow.errors import InputError, user_input
 from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, not_measured, origin
+from gradflow.views import finite_row_means
 
 DEFAULT_OUT_DIR = "gradflow-out"
 DATA_EXT = ".npz"
@@ -509,12 +510,6 @@ def _rel(a, ref) -> str:
     return "x0 (-inf dec)" if a == 0 else _ratio(a, ref)
 
 
-def _row_means(values: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(values)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(finite, values, 0.0).sum(axis=1) / finite.sum(axis=1)
-
-
 def entry_step(values: np.ndarray, wrt: str | None = None) -> int:
     """The step ``e`` at which the loss enters the top layer of an ``(L, T)`` map: ``T - 1``,
     or ``T - 2`` for a map wrt a memory ``c`` whose last step is exactly 0 (by construction:
@@ -639,7 +634,7 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
     values = np.asarray(values, dtype=float)
     L, T = values.shape
     e = last % T
-    means = _row_means(values)
+    means = finite_row_means(values)
     shown = sorted(set(np.linspace(0, L - 1, min(L, max_rows)).round().astype(int)),
                    reverse=True)
     lines = marginal_lines(values, last, loss, where)
@@ -725,7 +720,7 @@ def _panel_line(loss: str, cell: str, res, width: int) -> str:
     L = values.shape[0]
     e = entry_step(values, res.config.get("wrt"))
     ref = values[-1, e]
-    means = _row_means(values)
+    means = finite_row_means(values)
     ok = np.isfinite(ref) and ref > 0
     bottom = values[0, e]
     if L < 2 or not ok or not np.isfinite(bottom):
@@ -1867,7 +1862,7 @@ def run_gains(args) -> int:
               + (f" (step {gains.config['train_step']})" if "train_step" in gains.config
                  else ""))
     stats = [st for st in plot.GAIN_STATS if f"vertical_{st}" in gains.arrays]
-    means = {(k, st): _row_means(np.asarray(gains[f"{k}_{st}"], np.float64))
+    means = {(k, st): finite_row_means(np.asarray(gains[f"{k}_{st}"], np.float64))
              for k in plot.GAIN_KINDS for st in stats}
 
     def row(head, cell):

@@ -26,7 +26,6 @@ The unpacking functions (:func:`panel`, :func:`gain_panel`, :func:`stats_panel`,
 """
 from __future__ import annotations
 
-import itertools
 import warnings
 
 from gradflow import cells as _cells
@@ -40,7 +39,7 @@ from gradflow.problem import (Problem, cell_problem, precision, problem, problem
 from gradflow.stack import Stack
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.views import (LOSSES, WRTS, _keys, expected_positive,  # noqa: F401
-                            gain_panel, panel, run_curve, run_record, stats_panel)
+                            gain_panel, panel, run_curve, run_label, run_record, stats_panel)
 
 # ---------------------------------------------------------------------------------------------
 # Packing and unpacking
@@ -101,8 +100,7 @@ def stack_label(cells) -> str:
     >>> stack_label(["gru", "gru", "gru", "star"]), stack_label(["lstm", "star", "lstm"])
     ('gru*3/star', 'lstm/star/lstm')
     """
-    runs = [(k, len(list(g))) for k, g in itertools.groupby(cells)]
-    return "/".join(k if n == 1 else f"{k}*{n}" for k, n in runs)
+    return run_label(cells)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ and counted in the title, never dropped silently. Example::
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from typing import Mapping, Sequence
@@ -244,8 +243,7 @@ def subject(config: dict, default=None) -> str:
     what = config.get("cell", config.get("model", default))
     if not isinstance(what, (list, tuple)):
         return str(what)
-    runs = [(str(k), len(list(g))) for k, g in itertools.groupby(what)]
-    return " / ".join(k if n == 1 else f"{k} x{n}" for k, n in runs)
+    return _views.run_label(what, " / ", " x")
 
 
 def _describe(result: Result, key: str | None) -> str:
@@ -863,8 +861,7 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
         finite = np.isfinite(values)
         bad += int(np.sum(~finite))
         n = finite.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(finite, values, 0.0).sum(axis=1) / n
+        mean = _views.finite_row_means(values)
         depth = np.arange(values.shape[0])
         # hollow markers of their own shape, larger first: cells with equal gains (GRU and
         # STAR at 0.5) stay visible one inside the other

@@ -10,6 +10,8 @@ without starting it. :mod:`gradflow.experiments`, :mod:`gradflow.gates` and
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from gradflow.results import Result, make_result
@@ -24,6 +26,28 @@ STATS = ("mean", "saturated", "slope", "slope_refine", "timescale", "update_frac
 #: The arrays of :func:`gradflow.local_gains`.
 GAIN_ARRAYS = ("vertical_rms", "vertical_spectral", "temporal_rms", "temporal_spectral",
                 "state_rms", "state_spectral")
+
+
+def run_label(items, join: str = "/", times: str = "*") -> str:
+    """``items`` (a stack's layers' cells, bottom up) joined by ``join``, each run of equal
+    ones written once with its count after ``times``: how :func:`gradflow.experiments.stack_label`
+    (``gradflow compare --cells``' syntax) and :func:`gradflow.plot.subject` (titles) write a
+    stack of different cells.
+
+    >>> run_label(["gru", "gru", "gru", "star"]), run_label(["lstm"] * 2 + ["star"], " / ", " x")
+    ('gru*3/star', 'lstm x2 / star')
+    """
+    runs = [(str(k), len(list(g))) for k, g in itertools.groupby(items)]
+    return join.join(k if n == 1 else f"{k}{times}{n}" for k, n in runs)
+
+
+def finite_row_means(values) -> np.ndarray:
+    """The mean over the finite entries of each row of a ``(L, T)`` array (a layer's mean over
+    time; NaN for a row with none)."""
+    values = np.asarray(values)
+    finite = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite, values, 0.0).sum(axis=1) / finite.sum(axis=1)
 
 
 def expected_positive(loss, wrt: str, steps: int):
