@@ -565,7 +565,7 @@ def _walk(path, unit: str, names) -> str:
 
 
 def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None,
-                   where: str | None = None) -> list[str]:
+                   where: str | None = None, along: str | None = None) -> list[str]:
     """The two marginals of an ``(L, T)`` map ``G`` from where the loss enters, the top layer at
     step ``e = last % T``: down that step's column, ``G[l, e] / G[L-1, e]``, and back along the
     top layer's row, ``G[L-1, t] / G[L-1, e]``, each with its geometric-mean factor per layer or
@@ -573,7 +573,8 @@ def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None,
     top row is not a pure temporal path: its first/last ratio is given without a per-step factor.
     The column at ``e`` is a pure vertical path under either loss (no later step exists).
     ``where`` names the entry point in words (default: the last step, or the last one a memory
-    ``c`` reaches).
+    ``c`` reaches); ``along``, in place of the top row's ratios, says why it has none (a
+    bidirectional model's reverse direction, which ``"last"`` reads at its first step only).
 
     >>> G = np.array([[0.01, 0.0625], [0.1, 1.0]])
     >>> marginal_lines(G)[1].split(":")[1]
@@ -595,7 +596,9 @@ def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None,
         lines.append(f"  {down:<{width}}{_walk(values[::-1, e], 'layer', names)}; bottom/top "
                      f"{_rel(values[0, e], ref)}")
     if e > 0:
-        if loss == "all":
+        if along is not None:
+            lines.append(f"  {'back along the top layer:':<{width}}{along}")
+        elif loss == "all":
             lines.append(f"  {'back along the top layer:':<{width}}first/last "
                          f"{_rel(values[-1, 0], ref)}, not a per-step decay: each step adds its "
                          "own loss term")
@@ -608,7 +611,8 @@ def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None,
 
 
 def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = None,
-                last: int = -1, loss: str | None = None, where: str | None = None) -> list[str]:
+                last: int = -1, loss: str | None = None, where: str | None = None,
+                along: str | None = None) -> list[str]:
     """Lines describing an ``(L, T)`` gradient map ``V``.
 
     First the two marginals from where the loss enters, the top layer at step ``e``
@@ -637,7 +641,7 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
     means = finite_row_means(values)
     shown = sorted(set(np.linspace(0, L - 1, min(L, max_rows)).round().astype(int)),
                    reverse=True)
-    lines = marginal_lines(values, last, loss, where)
+    lines = marginal_lines(values, last, loss, where, along)
     lines.append(f"per layer, relative to the top layer: at t {e}, down the column | mean over "
                  "time (time-averaged: includes the diagonal paths, not a per-layer gain)")
     for l in shown:
@@ -946,7 +950,13 @@ def _read_params(args, path):
     cell = _cell(args, args.steps) if user else None
     with user_input():
         meta = runs.read_run(path)
-        stack, params = runs.load_params(path, cell=cell)
+        try:
+            stack, params = runs.load_params(path, cell=cell)
+        except InputError as e:  # a model only torch_model builds: which commands read it
+            if "gradflow.torch_model" not in str(e):
+                raise
+            raise InputError(f"{e}; of the commands, gradflow heatmap and gradflow gates "
+                             "measure it (--params)") from None
     if conflicts and not user:  # --cell alone (also --cell lstm, the default's name)
         raise _usage(args, f"--cell cannot be used with --params: the saved run fixes the "
                            f"stack (of {stack.cells[0].name!r})")
@@ -1423,6 +1433,9 @@ def run_heatmap(args) -> int:
     if args.loss == "task":
         _check_task_loss(args, [] if args.params is None else [args.params])
     with precision(args.dtype):
+        model = None if args.params is None else _torch_model_problem(args)
+        if model is not None:
+            return _torch_heatmap(args, *model)
         measured = _measured_problem(args, args.wrt)
         if measured is None:
             return 0
@@ -1452,6 +1465,143 @@ def run_heatmap(args) -> int:
           + (f": {res.config['task_loss']}" if args.loss == "task" else ""))
     for line in result_summary(res, reads=reads, enters=enters) + notes + _write(
             fig, res, fig_path, data_path):
+        print(line)
+    return 0
+
+
+def _torch_model_problem(args):
+    """``(model, xs, config, (figure path, data path))`` where ``--params`` is a PyTorch
+    state dict that a Stack does not express (bidirectional layers, an LSTM with
+    ``proj_size``; :func:`gradflow.runs.load_torch_model`), measured as the model
+    :func:`gradflow.torch_model` builds, on Gaussian inputs of ``--batch``, ``--steps``,
+    ``--seed`` and ``--input-scale`` or on ``--inputs``; None for any other ``--params``.
+    What only a Stack has is refused in one line: stack options, ``--wrt`` other than hidden,
+    ``--checkpoint``, and ``--dry-run`` and ``--max-memory`` (no estimate before a model is
+    compiled: XLA's count of the compiled program is checked against the available memory
+    before it runs, :func:`gradflow.cost.compiled`)."""
+    from gradflow import runs
+    from gradflow.problem import check_input_scale, dtype_of, gaussian_inputs
+
+    with user_input():
+        t = runs.load_torch_model(args.params, dtype_of(args.dtype))
+    if t is None:
+        return None
+    kind = f"{args.params} ({t.source})"
+    given = _given(args, _STACK_OPTIONS + ("checkpoint",))
+    if given:
+        raise _usage(args, f"{', '.join(given)} cannot be used with --params {kind}: the "
+                           "state dict fixes the model")
+    if getattr(args, "wrt", "hidden") != "hidden":
+        raise _usage(args, f"--wrt {args.wrt}: {kind} is measured as a model "
+                           "(gradflow.torch_model), whose map is wrt the hidden state of every "
+                           "layer (and direction): use --wrt hidden")
+    cost = _given(args, ("dry_run", "max_memory"))
+    if cost:
+        raise _usage(args, f"{', '.join(cost)}: {kind} is measured as a model, whose cost is "
+                           "known only once compiled (its memory is then checked against the "
+                           "available memory, before it runs)")
+    xs = _read_inputs(args)
+    dt = dtype_of(args.dtype)
+    config = {"params": str(args.params), "source": t.source, "rows": list(t.rows)}
+    if xs is None:
+        with user_input():
+            check_input_scale(args.input_scale, args.dtype)
+        xs = np.asarray(gaussian_inputs(args.seed, (args.batch, args.steps, t.input_size), dt,
+                                        args.input_scale))
+        config.update(seed=args.seed, input_scale=args.input_scale)
+    elif xs.shape[-1] != t.input_size:
+        raise InputError(f"--inputs: the sequences have {xs.shape[-1]} features; {kind} "
+                         f"reads {t.input_size}")
+    else:
+        xs = np.asarray(xs, dt)
+        config["inputs_from"] = str(args.inputs)
+    stem = default_stem(args, args.command, Path(args.params).stem,
+                        skip=_STACK_OPTIONS + (("steps", "seed", "input_scale")
+                                               if "inputs_from" in config else ()))
+    return t, xs, config, output_paths(args, stem)
+
+
+def _torch_header(args, t, xs, config, name: str) -> str:
+    """The first lines of a command's output on a PyTorch model (:func:`_torch_model_problem`):
+    what it is, its rows, sizes and inputs, and the file."""
+    B, T, _ = xs.shape
+    return (f"gradflow {args.command}: {t.source} ({name}), {len(t.rows)} rows x {T} steps, "
+            f"B={B}, " + (f"inputs {config['inputs_from']}" if "inputs_from" in config
+                          else f"seed {args.seed}") + f", {xs.dtype}\n"
+            + (f"rows, bottom up: {', '.join(t.rows)}\n" if t.rows[-1].endswith("bwd") else "")
+            + f"trained parameters from {args.params}")
+
+
+def _torch_gates(args, t, xs, config, paths) -> int:
+    """``gradflow gates --params`` of a PyTorch model a Stack does not express
+    (:func:`_torch_model_problem`): :func:`gradflow.gates.model_saturation` of its gates, one
+    row per layer and direction."""
+    import jax
+
+    from gradflow import gates as _gates
+    from gradflow import plot
+
+    if args.gate is not None and args.gate not in t.kinds:
+        raise _usage(args, f"{args.params} has no gate {args.gate!r}; its gates: "
+                           f"{', '.join(t.kinds)}")
+    with jax.default_matmul_precision(args.matmul_precision):
+        stats = _gates.model_saturation(t.gates, t.params, xs, kinds=t.kinds, retain=t.retain,
+                                        eps=args.eps, bins=args.bins, couples_batch=False,
+                                        meta=config)
+    shown = [args.gate] if args.gate else list(stats.config["gates"])
+    fig = plot.gates_figure(stats, shown)
+    fig.suptitle(f"{t.source} \u00b7 gates")
+    print(_torch_header(args, t, xs, config, stats.config["model"])
+          + f"\nsaturated: < {args.eps:g} or > {1 - args.eps:g}")
+    summary, kinds = _gates.summary(stats), stats.config["gate_kinds"]
+    absent = not_measured(stats.kind, stats.arrays, stats.config)
+    for gate in shown:
+        for line in _gate_lines(stats, gate, summary, kinds[gate], absent):
+            print(line)
+    for line in _write(fig, stats, *paths):
+        print(line)
+    return 0
+
+
+def _torch_heatmap(args, t, xs, config, paths) -> int:
+    """``gradflow heatmap --params`` of a PyTorch model a Stack does not express
+    (:func:`_torch_model_problem`): :func:`gradflow.model_map` of it, one row per layer and
+    direction; the summary per direction (the reverse one runs from the last step back)."""
+    import jax
+
+    from gradflow import plot
+    from gradflow.jacobian import model_map
+
+    fig_path, data_path = paths
+    B, T, _ = xs.shape
+    with jax.default_matmul_precision(args.matmul_precision):
+        res = model_map(t.model, t.params, xs, layers=t.layers, loss=args.loss,
+                        readout_seed=args.readout_seed, couples_batch=False,
+                        reaches=t.reaches(args.loss, T), meta=config)
+    notes, normalize = [], args.normalize
+    ref = res.values[-1, -1]
+    if normalize and not (np.isfinite(ref) and ref > 0):
+        notes.append(f"note: not normalised: the top-last value is {_g(float(ref))}")
+        normalize = False
+    title = " \u00b7 ".join([t.source, f"loss={args.loss}", "wrt=hidden"])
+    fig = plot.heatmap(res, normalize=normalize, title=title)
+    print(_torch_header(args, t, xs, config, res.config["model"]))
+    print(f"gradient map wrt hidden, loss {args.loss} (value {_g(float(res.loss_value))})")
+    if t.rows[-1].endswith("bwd"):  # each direction on its own: rows 0, 2, ... and 1, 3, ...
+        from gradflow.results import underflow_count
+
+        values, reaches, lines = np.asarray(res.values), t.reaches(args.loss, T), []
+        along = (f"none: this direction runs from t {T - 1} back, and loss last reads its top "
+                 f"state at t {T - 1} only (0 before it by construction)")
+        for d, name in enumerate(("forward", "reverse")):
+            lines.append(f"{name} direction (rows {', '.join(t.rows[d::2])}), as layers:")
+            lines += ["  " + x for x in map_summary(
+                values[d::2], underflow=underflow_count(values[d::2], reaches[d::2]),
+                last=T - 1, loss=args.loss,
+                along=along if d == 1 and args.loss == "last" else None)]
+    else:
+        lines = result_summary(res)
+    for line in lines + notes + _write(fig, res, fig_path, data_path):
         print(line)
     return 0
 
@@ -1745,6 +1895,9 @@ def run_gates(args) -> int:
                                f"{', '.join(names)}")
 
     with precision(args.dtype):
+        model = None if args.params is None else _torch_model_problem(args)
+        if model is not None:
+            return _torch_gates(args, *model)
         measured = _measured_problem(args, method="gates", check_cell=check)
         if measured is None:
             return 0

@@ -286,7 +286,7 @@ tap.defvjp(_tap_fwd, _tap_bwd)
 
 
 def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_seed: int = 0,
-              couples_batch: bool = True, meta: dict | None = None) -> Result:
+              couples_batch: bool = True, reaches=None, meta: dict | None = None) -> Result:
     r"""The hidden map of a model of your own, one that a :class:`gradflow.Stack` does not
     express (layers that skip layers, a bidirectional layer, attention between layers, your
     own scan): :math:`G[l,t] = \mathrm{mean}_b \|\partial\mathcal L/\partial h^l_t[b]\|_2`, as
@@ -339,12 +339,17 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         model runs on each device's examples, the loss on the gathered outputs (any loss,
         exact). Under ``"auto"`` any split that divides the batch is taken (the model's width,
         which the CPU rule weighs for a Stack, is unknown here).
+      reaches: a boolean ``(L, T)`` mask of the states the loss reaches, where an exact zero
+        would be underflow rather than the model's structure (default, with the default
+        losses: every tapped state; with a callable loss: none). E.g. a bidirectional model's
+        top reverse states before the last step do not reach ``"last"``
+        (:meth:`gradflow.models.TorchModel.reaches`).
       meta: extra config recorded in the result (e.g. where the weights come from).
     Returns:
       Result ``kind="gradient_map"``, ``values: (L, T)``, ``loss_value: ()``; drawn by
-      :func:`gradflow.plot.heatmap`. With the default losses, entries below the dtype's normal
-      range count as underflow (as :func:`gradient_map`'s: every tapped state is assumed to
-      reach the loss). Where the loss is not finite every entry is NaN.
+      :func:`gradflow.plot.heatmap`. Entries of ``reaches`` below the dtype's normal range
+      count as underflow (as :func:`gradient_map`'s). Where the loss is not finite every entry
+      is NaN.
     Raises:
       ValueError: ``xs`` not a floating ``(B, T, D)`` array (``checks.check_inputs``; a
         wrong dtype raises an ``InputTypeError``, both a ValueError and a TypeError) or not
@@ -360,6 +365,14 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         if not isinstance(couples_batch, bool):
             raise TypeError(f"couples_batch must be True or False, got {couples_batch!r}")
         B, T, _ = xs.shape
+        if reaches is None:
+            positive = expected_positive(loss, "hidden", T)
+        else:
+            positive = {"values": np.asarray(reaches)}
+            if positive["values"].shape != (L, T) or positive["values"].dtype != bool:
+                raise ValueError(f"reaches must be a boolean (layers, steps) = {(L, T)} mask, "
+                                 f"got {positive['values'].dtype} of shape "
+                                 f"{positive['values'].shape}")
         taps = jnp.zeros((L, T, B), xs.dtype)
         out = _model_outputs(model, rest, arrays, xs, taps)
         if callable(loss):
@@ -393,7 +406,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
                                "dtype": str(xs.dtype)}, meta, loss=loss_name, wrt="hidden",
                               readout_seed=readout_seed)
     return make_result("gradient_map", {"values": vals, "loss_value": value}, config,
-                       positive=expected_positive(loss, "hidden", T))
+                       positive=positive)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "loss_fn", "rest"))

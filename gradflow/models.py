@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from gradflow.cells import pytorch
@@ -24,7 +25,8 @@ class TorchModel(NamedTuple):
     ``l``'s forward direction at row ``2 l``, its reverse one at ``2 l + 1``), each row's
     label (``"l0 fwd"``, ``"l0 bwd"``), the weights' ``source`` in words, and for
     :func:`gradflow.gates.model_saturation` ``gates(params, xs) -> {gate: (rows, B, T, H)}``
-    with the cell's gate ``kinds`` and ``retain`` signs."""
+    with the cell's gate ``kinds`` and ``retain`` signs; ``input_size``, the ``D`` of the
+    ``(B, T, D)`` inputs it reads."""
     model: Callable
     params: list
     layers: int
@@ -33,6 +35,17 @@ class TorchModel(NamedTuple):
     gates: Callable
     kinds: dict
     retain: dict
+    input_size: int
+
+    def reaches(self, loss, steps: int) -> np.ndarray:
+        """The ``(layers, steps)`` rows and steps that ``loss`` (``"last"`` or ``"all"``)
+        reaches, for :func:`gradflow.model_map`'s ``reaches=``: every one, but for
+        ``"last"`` the top layer's reverse direction before the last step (that direction
+        runs from the last step back, and only its state at the last step is read)."""
+        mask = np.ones((self.layers, steps), bool)
+        if loss == "last" and self.rows[-1].endswith("bwd"):
+            mask[-1, :-1] = False
+        return mask
 
 
 def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = None,
@@ -122,8 +135,11 @@ def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = 
         return {g: jnp.stack([jnp.swapaxes(r[g], 0, 1) for r in rows_gates])
                 for g in cell.gate_names}
 
+    # what a result's config names (model_map's, model_saturation's "model")
+    fn.__name__ = fn.__qualname__ = gates_fn.__name__ = gates_fn.__qualname__ = (
+        f"torch_{cell.name}")
     return TorchModel(fn, params, len(rows), rows, read.source, gates_fn, cell.kinds,
-                      dict(cell.retain))
+                      dict(cell.retain), read.input_size)
 
 
 __all__ = ["TorchModel", "torch_model"]

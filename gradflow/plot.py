@@ -331,9 +331,17 @@ def _quantity(result: Result, key: str | None) -> str:
     return key or "value"
 
 
-def _draw_map(ax: Axes, values: np.ndarray, norm, cmap: mcolors.Colormap):
+def _row_names(config: dict, n: int) -> list | None:
+    """A config's ``rows``, one label per row of an ``(n, T)`` map (a bidirectional model's
+    ``"l0 fwd"``, ``"l0 bwd"``, ...: :func:`gradflow.torch_model`), or None."""
+    rows = config.get("rows")
+    return [str(r) for r in rows] if isinstance(rows, (list, tuple)) and len(rows) == n else None
+
+
+def _draw_map(ax: Axes, values: np.ndarray, norm, cmap: mcolors.Colormap, rows=None):
     """``imshow`` of ``values[l, t]``, layer 0 at the bottom, plus hatches on non-finite cells
-    (a masked array's masked cells are left blank, neither drawn nor hatched)."""
+    (a masked array's masked cells are left blank, neither drawn nor hatched); ``rows``, if
+    given, label the rows (:func:`_row_names`)."""
     image = ax.imshow(values, origin="lower", aspect="auto", interpolation="nearest",
                       norm=norm, cmap=cmap)
     bad_l, bad_t = np.nonzero(~np.isfinite(np.ma.filled(values, 0.0)))
@@ -343,9 +351,13 @@ def _draw_map(ax: Axes, values: np.ndarray, norm, cmap: mcolors.Colormap):
                                           hatch=NONFINITE_HATCH, linewidth=0.0,
                                           label="non-finite"), autolim=False)
     ax.set_xlabel("time step $t$")
-    ax.set_ylabel("layer $l$")
     ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True))
+    if rows is None:
+        ax.set_ylabel("layer $l$")
+        ax.yaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True))
+    else:
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_ylabel("row (layer, direction)")
     return image
 
 
@@ -393,8 +405,9 @@ def _colorbar(fig: Figure, image, axes, label: str, values_list, norm, relative:
 
 
 def _heatmap_on(ax, result, values, key, log, cmap, title, norm):
-    """Draw ``values`` (one result's map, maybe normalised) on ``ax``, titled; returns the image."""
-    image = _draw_map(ax, values, norm, cmap)
+    """Draw ``values`` (one result's map, maybe normalised) on ``ax``, titled; returns the image.
+    A config's ``rows`` label the rows (:func:`_row_names`)."""
+    image = _draw_map(ax, values, norm, cmap, _row_names(result.config, values.shape[0]))
     nonpositive = int(np.sum(np.isfinite(values) & (values <= 0))) if log else 0
     ax.set_title(_with_counts(_describe(result, key) if title is None else title,
                               int(np.sum(~np.isfinite(values))), nonpositive,
@@ -695,9 +708,10 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
     chosen = present if layers is None else _layer_selection(layers, n_layers)
     fig, ax = _figure_axes(ax, (5.2, 3.4))
 
+    names = _row_names(stats.config, n_layers) or [f"layer {l}" for l in range(n_layers)]
     if chosen == "pooled" or len(chosen) == 1:
         counts = hist.sum(axis=0) if chosen == "pooled" else hist[chosen[0]]
-        what = "all layers pooled" if chosen == "pooled" else f"layer {chosen[0]}"
+        what = "all layers pooled" if chosen == "pooled" else names[chosen[0]]
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0",
                edgecolor="white", linewidth=0.5, label=what)
     else:
@@ -705,7 +719,7 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
         cm = matplotlib.colormaps[_MAGNITUDE_CMAP]
         depth = mcolors.Normalize(0, max(n_layers - 1, 1))
         for l in chosen:
-            ax.stairs(hist[l], edges, color=cm(depth(l)), linewidth=1.2, label=f"layer {l}")
+            ax.stairs(hist[l], edges, color=cm(depth(l)), linewidth=1.2, label=names[l])
         if len(chosen) <= 8:
             ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
                       borderaxespad=0.0)
@@ -779,7 +793,8 @@ def _saturation_map(stats, gate, ax, cmap, title, colorbar, vmin, vmax, fitted):
     absent = ~np.isin(np.arange(values.shape[0]), present)[:, None]  # blank rows, not NaN
     values = np.ma.masked_array(values, np.broadcast_to(absent, values.shape))
     norm = _norm([values.compressed()], False, False, vmin, vmax)
-    image = _draw_map(ax, values, norm, _cmap(cmap, _FRACTION_CMAP))
+    image = _draw_map(ax, values, norm, _cmap(cmap, _FRACTION_CMAP),
+                      _row_names(stats.config, values.shape[0]))
     T = values.shape[1]
     for l in np.flatnonzero(absent[:, 0]):  # grey, and said: this layer's cell has no such gate
         ax.add_patch(Rectangle((-0.5, l - 0.5), T, 1.0, facecolor=_ABSENT_FACE, linewidth=0.0))

@@ -277,6 +277,32 @@ def load_params(path, cell=None) -> tuple[Stack, dict]:
     return stack, unflatten_named(template, arrays, os.fspath(p))
 
 
+def load_torch_model(path, dtype=None):
+    """The :class:`gradflow.models.TorchModel` (:func:`gradflow.torch_model`) of a PyTorch
+    RNN's state dict saved as ``.npz`` (as :func:`load_params` reads them) whose layers a
+    Stack does not express: bidirectional ones, or an LSTM's with ``proj_size``. None for any
+    other file, which :func:`load_params` reads (or refuses).
+
+    Raises:
+      InputError: no such file, or weights that do not make a model (their message).
+    """
+    from gradflow.models import torch_model
+
+    p = _state_path(path)
+    if read_run(p).get("format") != TORCH:  # (reads no array)
+        return None
+    arrays = _read_npz(p)[1]
+    act = arrays.pop("nonlinearity", None)
+    act = None if act is None else str(act)
+    try:
+        read = pytorch.read(arrays, nonlinearity=act, both=True, who="torch_model")
+        if len(read.layers[0]) == 1 and "proj" not in read.layers[0][0]:
+            return None  # one direction, no projection: a Stack (load_params)
+        return torch_model(arrays, nonlinearity=act, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{os.fspath(p)!r}: {e}".replace("torch_model: ", "")) from e
+
+
 def _torch_params(p: Path, arrays: dict) -> tuple[Stack, dict]:
     """``(stack, params)`` of a PyTorch RNN's state dict saved as ``.npz``
     (:func:`gradflow.stack.from_torch`; a vanilla RNN's ``nonlinearity`` may be saved beside
@@ -308,4 +334,4 @@ def load_head(path) -> dict:
 
 __all__ = ["STATE", "CURVE", "named_leaves", "unflatten_named", "save_state", "read_state",
            "restore_state", "clear", "record_file", "stack_from_config", "save_params",
-           "read_run", "load_params", "load_head"]
+           "read_run", "load_params", "load_torch_model", "load_head"]

@@ -9,6 +9,7 @@ PyTorch's float64 outputs, final states and hidden gradient map by autograd
 modules are also checked as duck-typed stand-ins (PyTorch's class names and ``state_dict``), and
 against PyTorch's real modules where it is installed.
 """
+import re
 from pathlib import Path
 
 import jax
@@ -266,7 +267,8 @@ def test_torch_model_equals_pytorch_float64(name, x64):
     jac = gradflow.model_jacobian_map(t.model, t.params, d["xs"], layers=t.layers)
     assert jac.values.shape == d["G"].shape and np.all(np.isfinite(jac.values))
     if name in BIDIRECTIONAL:
-        assert t.rows[:2] == ("l0 fwd", "l0 bwd") and t.source.endswith(", bidirectional")
+        assert t.rows[:2] == ("l0 fwd", "l0 bwd") and t.source.endswith(
+            ", bidirectional" + (", proj_size 3" if name == "lstmp" else ""))
         refused = "projections" if name == "lstmp" else "bidirectional layer; a Stack runs"
         with pytest.raises(ValueError, match=refused + ".* gradflow.torch_model"):
             gradflow.from_torch(weights)
@@ -322,6 +324,82 @@ def test_heatmap_of_a_saved_state_dict(capsys, tmp_path):
     np.savez(tmp_path / "other.npz", a=np.ones(3))
     assert cli.main(["heatmap", "--params", str(tmp_path / "other.npz")]) == 2
     assert "nor a PyTorch RNN's state dict (np.savez" in capsys.readouterr().err
+
+
+def test_heatmap_and_gates_of_models_a_stack_does_not_express(capsys, tmp_path):
+    """``gradflow heatmap --params`` and ``gradflow gates --params`` of a bidirectional GRU's
+    and a projected LSTM's state dicts (np.savez): the API's ``model_map`` and
+    ``gates.model_saturation`` of ``gradflow.torch_model`` (checked against PyTorch above) on
+    the Gaussian inputs of ``--seed``, one labelled row per layer and direction. Under loss
+    last the reverse direction's top row is 0 before the last step by construction
+    (``TorchModel.reaches``): not counted as underflow, and said in the summary."""
+    from gradflow import gates, plot
+    from gradflow.problem import gaussian_inputs
+
+    bigru = _case("bigru")[0]
+    lstmp = {k: v for k, v in _case("lstmp")[0].items() if k.endswith("_l0")}  # one direction
+    with jax.enable_x64(False):
+        for name, w, cell in (("bigru", bigru, "gru"), ("lstmp", lstmp, "lstm")):
+            path = tmp_path / f"{name}.npz"
+            np.savez(path, **w)
+            t = gradflow.torch_model(w)
+            xs = gaussian_inputs(1, (3, 5, t.input_size))
+            for loss in ("last", "all"):
+                expect = gradflow.model_map(t.model, t.params, xs, layers=t.layers, loss=loss)
+                rc = cli.main(["heatmap", "--params", str(path), "--steps", "5", "--batch", "3",
+                               "--seed", "1", "--loss", loss, "--out",
+                               str(tmp_path / f"{name}_{loss}.png")])
+                out, err = capsys.readouterr()
+                assert rc == 0, err
+                got = gradflow.load(tmp_path / f"{name}_{loss}.npz")
+                np.testing.assert_allclose(got.values, expect.values, rtol=1e-6, atol=0)
+                assert (got.config["rows"], got.config["source"]) == (list(t.rows), t.source)
+                assert got.config["model"] == f"torch_{cell}" and got.underflow["values"] == 0
+                labels = plot.heatmap(got).axes[0].get_yticklabels()
+                assert [x.get_text() for x in labels] == list(t.rows)
+                bi = name == "bigru"
+                assert ("reverse direction (rows l0 bwd, l1 bwd)" in out) == bi
+                assert ("none: this direction runs from t 4 back" in out) == (bi and loss == "last")
+                if bi and loss == "last":  # the entries reaches leaves out are exact zeros
+                    assert not np.any(got.values[-1, :-1]) and np.all(got.values[:-1] > 0)
+                    assert expect.underflow["values"] == 4  # counted without reaches=
+            rc = cli.main(["gates", "--params", str(path), "--steps", "5", "--batch", "3",
+                           "--seed", "1", "--out", str(tmp_path / f"{name}_gates.png")])
+            out, err = capsys.readouterr()
+            assert rc == 0, err
+            ref = gates.model_saturation(t.gates, t.params, xs, kinds=t.kinds, retain=t.retain)
+            got = gradflow.load(tmp_path / f"{name}_gates.npz")
+            assert set(got.arrays) == set(ref.arrays) and got.config["rows"] == list(t.rows)
+            for k in ref.arrays:
+                np.testing.assert_allclose(got.arrays[k], ref.arrays[k], rtol=1e-6, atol=1e-7,
+                                           err_msg=k)
+        assert t.source == "torch state dict, 1 layer, proj_size 3"
+        # your own sequences (--inputs): the same map as the API's on them
+        mine = np.random.default_rng(2).normal(size=(2, 4, 4)).astype(np.float32)
+        np.save(tmp_path / "xs.npy", mine)
+        assert cli.main(["heatmap", "--params", str(path), "--inputs", str(tmp_path / "xs.npy"),
+                         "--out", str(tmp_path / "own.png")]) == 0
+        got = gradflow.load(tmp_path / "own.npz")
+        np.testing.assert_allclose(got.values, gradflow.model_map(
+            t.model, t.params, mine, layers=1).values, rtol=1e-6, atol=0)
+        assert got.config["inputs_from"] == str(tmp_path / "xs.npy") and "seed" not in got.config
+        np.save(tmp_path / "xs.npy", mine[..., :3])
+        assert cli.main(["heatmap", "--params", str(path), "--inputs", str(tmp_path / "xs.npy"),
+                         "--out", str(tmp_path / "own.png")]) == 2
+        assert "the sequences have 3 features; " in capsys.readouterr().err
+        with pytest.raises(ValueError, match=r"reaches must be a boolean \(layers, steps\) = "
+                                             r"\(1, 5\) mask"):
+            gradflow.model_map(t.model, t.params, xs, layers=1, reaches=np.ones((1, 4), bool))
+    for argv, said in (
+            (["heatmap", "--wrt", "cell"], "--wrt cell: .* is measured as a model"),
+            (["heatmap", "--layers", "3"], "--layers cannot be used with --params"),
+            (["heatmap", "--dry-run"], "--dry-run: .* cost is known only once compiled"),
+            (["gates", "--gate", "q"], "has no gate 'q'; its gates: r, z, n"),
+            (["gains"], "gradflow heatmap and gradflow gates measure it")):
+        assert cli.main([*argv, "--params", str(tmp_path / "bigru.npz"), "--out",
+                         str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert re.search(said, err) and "Traceback" not in err, err
 
 
 def test_real_pytorch_modules(x64):

@@ -310,7 +310,8 @@ def read(model, *, prefix: str | None = None, nonlinearity: str | None = None,
                              f"emits {emits}")
     L = len(layers)
     source = (f"torch {whats[0] if len(set(whats)) == 1 else 'layers'}, {L} "
-              f"layer{'s' if L > 1 else ''}" + (", bidirectional" if n == 2 else ""))
+              f"layer{'s' if L > 1 else ''}" + (", bidirectional" if n == 2 else "")
+              + (f", proj_size {layers[0][0][2]}" if "proj" in layers[0][0][3] else ""))
     return TorchLayers(cell, layers[0][0][1], tuple(dirs[0][2] for dirs in layers),
                        [[p for *_, p in dirs] for dirs in layers], source)
 
