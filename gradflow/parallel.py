@@ -347,9 +347,9 @@ def should_split(xs, stack=None, params=None, rows: float = 1,
     where no stack gives one, e.g. a user's model's); ``()`` inside a trace (``xs`` or a leaf
     of ``params`` traced: ``jax.grad`` of a map w.r.t. the parameters runs it on one device,
     where its derivatives are exact) or when a cell of ``stack`` couples the examples of a
-    batch (``Cell.couples_batch``). The runners (:func:`state_map`, :func:`model_state_map`,
-    :func:`example_map`) still run a program that calls LAPACK on one CPU device
-    (:func:`lapack_stalls`)."""
+    batch (``Cell.couples_batch``). Whatever it returns, the runners (:func:`state_map`,
+    :func:`model_state_map`, :func:`example_map`) run a program that calls LAPACK on one CPU
+    device (:func:`lapack_stalls`)."""
     if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
