@@ -1038,20 +1038,23 @@ def _trained_problem(args, path):
     are Gaussian as for a fresh stack."""
     import jax
 
-    from gradflow.problem import Problem, dtype_of, problem
-    from gradflow.stack import SETTINGS
+    from gradflow.cost import check_arrays_fit
+    from gradflow.problem import Problem, check_input_scale, dtype_of, gaussian_inputs
 
     stack, params, meta = _read_params(args, path)
     dt = dtype_of(args.dtype)
     params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, dt), params)
     config = {"params": str(path)}
-    if "config" not in meta:
-        cell = stack.cell if len(set(stack.cells)) == 1 else list(stack.cells)
-        prob = problem(cell, layers=stack.layers, steps=args.steps, hidden=stack.hidden_size,
-                       batch=args.batch, input_size=stack.input_size, seed=args.seed,
-                       dtype=args.dtype, input_scale=args.input_scale, stack_options={
-                           k: getattr(stack, k) for k in SETTINGS if k != "cell_options"})
-        return prob._replace(stack=stack, params=params, config={**prob.config, **config})
+    if "config" not in meta:  # a params file: Gaussian inputs as gradflow.problem draws them
+        own = getattr(args, "inputs", None) is not None  # (not drawn: --inputs replace them)
+        with user_input():  # gradflow.problem's checks, before anything is drawn
+            check_arrays_fit(stack, 1 if own else args.batch, 1 if own else args.steps, dt)
+            check_input_scale(args.input_scale, dt)
+        xs = (np.zeros((1, 1, stack.input_size), dt) if own else gaussian_inputs(
+            args.seed, (args.batch, args.steps, stack.input_size), dt, args.input_scale))
+        return Problem(stack, params, xs, {
+            **stack.config, "steps": args.steps, "batch": args.batch, "seed": int(args.seed),
+            "dtype": str(dt), "input_scale": float(args.input_scale), **config})
     given = _given(args, ("steps", "seed", "input_scale"))
     if given:
         raise _usage(args, f"{', '.join(given)} cannot be used with a training run's --params: "

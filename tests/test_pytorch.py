@@ -326,6 +326,28 @@ def test_heatmap_of_a_saved_state_dict(capsys, tmp_path):
     assert "nor a PyTorch RNN's state dict (np.savez" in capsys.readouterr().err
 
 
+def test_a_params_file_builds_no_fresh_parameters(capsys, tmp_path, monkeypatch):
+    """``--params FILE`` measures the saved parameters: no fresh stack is initialised (a
+    16-layer init is seconds of QR decompositions), and with ``--inputs`` no Gaussian inputs
+    are drawn; the map equals the API's on the file's parameters and the given sequences."""
+    w, _ = _case("lstm")
+    np.savez(tmp_path / "lstm.npz", **w)
+    xs = np.random.default_rng(3).normal(size=(2, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "xs.npy", xs)
+    stack, params = gradflow.from_torch(w)
+    expect = gradflow.gradient_map(stack, params, xs).values
+
+    def refuse(*_, **__):
+        raise AssertionError("drew what --params and --inputs give")
+
+    monkeypatch.setattr(gradflow.Stack, "init", refuse)
+    monkeypatch.setattr("gradflow.problem.gaussian_inputs", refuse)
+    rc = cli.main(["heatmap", "--params", str(tmp_path / "lstm.npz"), "--inputs",
+                   str(tmp_path / "xs.npy"), "--out", str(tmp_path / "m.png")])
+    assert rc == 0, capsys.readouterr().err
+    np.testing.assert_allclose(gradflow.load(tmp_path / "m.npz").values, expect, rtol=1e-6)
+
+
 def test_heatmap_and_gates_of_models_a_stack_does_not_express(capsys, tmp_path):
     """``gradflow heatmap --params`` and ``gradflow gates --params`` of a bidirectional GRU's
     and a projected LSTM's state dicts (np.savez): the API's ``model_map`` and
