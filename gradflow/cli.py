@@ -179,16 +179,29 @@ def cell_name(text: str) -> str:
     """A registered cell name (also written with its options, ``lstm:forget_bias=1.0``),
     ``module:attribute`` naming a user's cell (resolved by :func:`load_cell` when the command
     runs), or one of those per layer, comma-separated (:func:`layer_cells`)."""
+    bad = _unknown_layer_cell(text)
+    if bad == "":
+        raise argparse.ArgumentTypeError(f"expected a cell, or one per layer separated by "
+                                         f"commas (gru,star,gru), got {text!r}")
+    if bad is not None:
+        raise argparse.ArgumentTypeError(f"unknown cell {bad!r}; valid cells: "
+                                         f"{_valid_cells()} (or module:factory)")
+    return text
+
+
+def _unknown_layer_cell(text: str) -> str | None:
+    """The first of ``text``'s cells (:func:`layer_cells`) that is neither a registered name
+    nor ``module:attribute`` (``""`` for an empty one), or None."""
     from gradflow import cells as _cells
 
-    for item in layer_cells(text):
-        if not item.strip():
-            raise argparse.ArgumentTypeError(f"expected a cell, or one per layer separated by "
-                                             f"commas (gru,star,gru), got {text!r}")
-        if ":" not in item and item not in _cells.names():
-            raise argparse.ArgumentTypeError(f"unknown cell {item!r}; valid cells: "
-                                             f"{', '.join(_cells.names())} (or module:factory)")
-    return text
+    return next((c if c.strip() else "" for c in layer_cells(text)
+                 if not c.strip() or (":" not in c and c not in _cells.names())), None)
+
+
+def _valid_cells() -> str:
+    from gradflow import cells as _cells
+
+    return ", ".join(_cells.names())
 
 
 def layer_cells(text: str) -> list[str]:
@@ -243,11 +256,11 @@ def cell_list(text: str) -> list[str]:
                         "cell/cell/...", "cell*N"],
                        also=lambda s: ":" in s or _layered(s))
     for item in filter(_layered, items):
-        for c in layer_cells(item):
-            if not c.strip() or (":" not in c and c not in _cells.names()):
-                raise argparse.ArgumentTypeError(
-                    f"{item!r}: expected registered cells joined by / (lstm*15/star), got "
-                    f"{c!r}; valid cells: {', '.join(_cells.names())}")
+        bad = _unknown_layer_cell(item)
+        if bad is not None:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected registered cells joined by / (lstm*15/star), got "
+                f"{bad!r}; valid cells: {_valid_cells()}")
     return items
 
 
