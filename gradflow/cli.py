@@ -966,7 +966,9 @@ def _read_params(args, path):
         try:
             stack, params = runs.load_params(path, cell=cell)
         except InputError as e:  # a model only torch_model builds: which commands read it
-            if "gradflow.torch_model" not in str(e):
+            from gradflow.cells.pytorch import _TORCH_MODEL
+
+            if _TORCH_MODEL not in str(e):
                 raise
             raise InputError(f"{e}; of the commands, gradflow heatmap and gradflow gates "
                              "measure it (--params)") from None
@@ -1033,15 +1035,37 @@ def _with_inputs(args, prob, xs, source=None):
     """``prob`` (of ``--params`` ``source``, if any) measured on the sequences ``xs`` of
     ``--inputs`` (cast to ``--dtype``): its config records the file instead of the Gaussian
     inputs' scale."""
-    from gradflow.problem import dtype_of
-
-    if xs.shape[-1] != prob.stack.input_size:
-        raise InputError(f"--inputs: the sequences have {xs.shape[-1]} features; the stack "
-                         f"{'' if source is None else f'of {source} '}reads "
-                         f"{prob.stack.input_size}")
+    xs = _read_width(args, xs, prob.stack.input_size,
+                     "the stack" + ("" if source is None else f" of {source}"))
     config = {k: v for k, v in prob.config.items() if k not in ("input_scale", "inputs")}
     config.update(steps=int(xs.shape[1]), batch=int(xs.shape[0]), inputs_from=str(args.inputs))
-    return prob._replace(xs=np.asarray(xs, dtype_of(args.dtype)), config=config)
+    return prob._replace(xs=xs, config=config)
+
+
+def _read_width(args, xs, width: int, who: str):
+    """The sequences ``xs`` of ``--inputs`` cast to ``--dtype``, refused in one line where
+    their features are not the ``width`` that ``who`` (the network measured) reads."""
+    from gradflow.problem import dtype_of
+
+    if xs.shape[-1] != width:
+        raise InputError(f"--inputs: the sequences have {xs.shape[-1]} features; {who} reads "
+                         f"{width}")
+    return np.asarray(xs, dtype_of(args.dtype))
+
+
+def _gaussian(args, width: int, dt):
+    """``--batch`` x ``--steps`` Gaussian inputs of ``width`` features, ``--input-scale``
+    times N(0, 1) from ``--seed``, as :func:`gradflow.problem` draws them, after its checks:
+    the scale, and their size against the memory (one line, before anything is drawn)."""
+    from gradflow import cost
+    from gradflow.problem import check_input_scale, gaussian_inputs
+
+    with user_input():
+        check_input_scale(args.input_scale, dt)
+        cost.check_need(args.batch * args.steps * width * np.dtype(dt).itemsize,
+                        f"{args.batch} x {args.steps} inputs of {width} features",
+                        "use a smaller --batch or fewer --steps")
+    return gaussian_inputs(args.seed, (args.batch, args.steps, width), dt, args.input_scale)
 
 
 def _trained_problem(args, path):
@@ -1052,7 +1076,7 @@ def _trained_problem(args, path):
     import jax
 
     from gradflow.cost import check_arrays_fit
-    from gradflow.problem import Problem, check_input_scale, dtype_of, gaussian_inputs
+    from gradflow.problem import Problem, dtype_of
 
     stack, params, meta = _read_params(args, path)
     dt = dtype_of(args.dtype)
@@ -1060,11 +1084,10 @@ def _trained_problem(args, path):
     config = {"params": str(path)}
     if "config" not in meta:  # a params file: Gaussian inputs as gradflow.problem draws them
         own = getattr(args, "inputs", None) is not None  # (not drawn: --inputs replace them)
-        with user_input():  # gradflow.problem's checks, before anything is drawn
+        with user_input():  # gradflow.problem's check of parameters and inputs together
             check_arrays_fit(stack, 1 if own else args.batch, 1 if own else args.steps, dt)
-            check_input_scale(args.input_scale, dt)
-        xs = (np.zeros((1, 1, stack.input_size), dt) if own else gaussian_inputs(
-            args.seed, (args.batch, args.steps, stack.input_size), dt, args.input_scale))
+        xs = (np.zeros((1, 1, stack.input_size), dt) if own
+              else _gaussian(args, stack.input_size, dt))
         return Problem(stack, params, xs, {
             **stack.config, "steps": args.steps, "batch": args.batch, "seed": int(args.seed),
             "dtype": str(dt), "input_scale": float(args.input_scale), **config})
@@ -1464,11 +1487,7 @@ def run_heatmap(args) -> int:
         res = gradient_map(prob.stack, prob.params, prob.xs, loss=loss, wrt=args.wrt,
                            readout_seed=args.readout_seed, meta=meta)
         say("done")
-    notes, normalize = [], args.normalize
-    ref = res.values[-1, -1]
-    if normalize and not (np.isfinite(ref) and ref > 0):
-        notes.append(f"note: not normalised: the top-last value is {_g(float(ref))}")
-        normalize = False
+    normalize, notes = _normalizable(args, res)
     title = None if args.params is None else _trained_title(res.config, " \u00b7 ".join(
         [plot.subject(res.config, prob.stack.cells[0].name),
          f"loss={args.loss}", f"wrt={args.wrt}"]))
@@ -1485,6 +1504,15 @@ def run_heatmap(args) -> int:
     return 0
 
 
+def _normalizable(args, res) -> tuple[bool, list[str]]:
+    """``(normalize, notes)`` of ``heatmap --normalize`` for the map ``res``: drawn relative to
+    its top-last value only where that is positive and finite, else a note says why not."""
+    ref = res.values[-1, -1]
+    if args.normalize and not (np.isfinite(ref) and ref > 0):
+        return False, [f"note: not normalised: the top-last value is {_g(float(ref))}"]
+    return args.normalize, []
+
+
 def _torch_model_problem(args):
     """``(model, xs, config, (figure path, data path))`` where ``--params`` is a PyTorch
     state dict that a Stack does not express (bidirectional layers, an LSTM with
@@ -1496,7 +1524,7 @@ def _torch_model_problem(args):
     compiled: XLA's count of the compiled program is checked against the available memory
     before it runs, :func:`gradflow.cost.compiled`)."""
     from gradflow import runs
-    from gradflow.problem import check_input_scale, dtype_of, gaussian_inputs
+    from gradflow.problem import dtype_of
 
     with user_input():
         t = runs.load_torch_model(args.params, dtype_of(args.dtype))
@@ -1517,19 +1545,12 @@ def _torch_model_problem(args):
                            "known only once compiled (its memory is then checked against the "
                            "available memory, before it runs)")
     xs = _read_inputs(args)
-    dt = dtype_of(args.dtype)
     config = {"params": str(args.params), "source": t.source, "rows": list(t.rows)}
     if xs is None:
-        with user_input():
-            check_input_scale(args.input_scale, args.dtype)
-        xs = np.asarray(gaussian_inputs(args.seed, (args.batch, args.steps, t.input_size), dt,
-                                        args.input_scale))
+        xs = np.asarray(_gaussian(args, t.input_size, dtype_of(args.dtype)))
         config.update(seed=args.seed, input_scale=args.input_scale)
-    elif xs.shape[-1] != t.input_size:
-        raise InputError(f"--inputs: the sequences have {xs.shape[-1]} features; {kind} "
-                         f"reads {t.input_size}")
     else:
-        xs = np.asarray(xs, dt)
+        xs = _read_width(args, xs, t.input_size, kind)
         config["inputs_from"] = str(args.inputs)
     stem = default_stem(args, args.command, Path(args.params).stem,
                         skip=_STACK_OPTIONS + (("steps", "seed", "input_scale")
@@ -1594,11 +1615,7 @@ def _torch_heatmap(args, t, xs, config, paths) -> int:
         res = model_map(t.model, t.params, xs, layers=t.layers, loss=args.loss,
                         readout_seed=args.readout_seed, couples_batch=False,
                         reaches=t.reaches(args.loss, T), meta=config)
-    notes, normalize = [], args.normalize
-    ref = res.values[-1, -1]
-    if normalize and not (np.isfinite(ref) and ref > 0):
-        notes.append(f"note: not normalised: the top-last value is {_g(float(ref))}")
-        normalize = False
+    normalize, notes = _normalizable(args, res)
     title = " \u00b7 ".join([t.source, f"loss={args.loss}", "wrt=hidden"])
     fig = plot.heatmap(res, normalize=normalize, title=title)
     print(_torch_header(args, t, xs, config, res.config["model"]))

@@ -416,6 +416,8 @@ def test_heatmap_and_gates_of_models_a_stack_does_not_express(capsys, tmp_path):
             (["heatmap", "--wrt", "cell"], "--wrt cell: .* is measured as a model"),
             (["heatmap", "--layers", "3"], "--layers cannot be used with --params"),
             (["heatmap", "--dry-run"], "--dry-run: .* cost is known only once compiled"),
+            (["heatmap", "--batch", "100000000", "--steps", "10000"],  # before it is drawn
+             "100000000 x 10000 inputs of 4 features needs about .* more than the"),
             (["gates", "--gate", "q"], "has no gate 'q'; its gates: r, z, n"),
             (["gains"], "gradflow heatmap and gradflow gates measure it")):
         assert cli.main([*argv, "--params", str(tmp_path / "bigru.npz"), "--out",
