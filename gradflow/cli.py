@@ -1565,7 +1565,7 @@ def _torch_header(args, t, xs, config, name: str) -> str:
     return (f"gradflow {args.command}: {t.source} ({name}), {len(t.rows)} rows x {T} steps, "
             f"B={B}, " + (f"inputs {config['inputs_from']}" if "inputs_from" in config
                           else f"seed {args.seed}") + f", {xs.dtype}\n"
-            + (f"rows, bottom up: {', '.join(t.rows)}\n" if t.rows[-1].endswith("bwd") else "")
+            + (f"rows, bottom up: {', '.join(t.rows)}\n" if t.bidirectional else "")
             + f"trained parameters from {args.params}")
 
 
@@ -1620,7 +1620,7 @@ def _torch_heatmap(args, t, xs, config, paths) -> int:
     fig = plot.heatmap(res, normalize=normalize, title=title)
     print(_torch_header(args, t, xs, config, res.config["model"]))
     print(f"gradient map wrt hidden, loss {args.loss} (value {_g(float(res.loss_value))})")
-    if t.rows[-1].endswith("bwd"):  # each direction on its own: rows 0, 2, ... and 1, 3, ...
+    if t.bidirectional:  # each direction on its own: rows 0, 2, ... and 1, 3, ...
         from gradflow.results import underflow_count
 
         values, reaches, lines = np.asarray(res.values), t.reaches(args.loss, T), []

@@ -977,8 +977,8 @@ def _over_examples(fn, stack, params, args, axes, rows: int = 1, **static):
     axis and ``args`` theirs on ``axes``: split over the devices of
     :func:`gradflow.parallel.should_split` (each example's work ``rows`` times a state map's:
     the vmapped rows of a Jacobian; a program taking SVDs runs on one CPU device,
-    :func:`gradflow.parallel.lapack_stalls`), else one jitted call. The examples of a Jacobian map are independent (a stack
-    that couples them is refused first), so the split is exact."""
+    :func:`gradflow.parallel.lapack_stalls`), else one jitted call. The examples of a Jacobian
+    map are independent (a stack that couples them is refused first), so the split is exact."""
     from gradflow import parallel
     return parallel.example_map(fn, stack, params, args, axes, tuple(sorted(static.items())),
                                 parallel.should_split(args[0], stack, params, rows=rows))

@@ -37,13 +37,18 @@ class TorchModel(NamedTuple):
     retain: dict
     input_size: int
 
+    @property
+    def bidirectional(self) -> bool:
+        """Whether each layer also runs back in time (rows ``"l0 fwd"``, ``"l0 bwd"``, ...)."""
+        return self.rows[-1].endswith("bwd")
+
     def reaches(self, loss, steps: int) -> np.ndarray:
         """The ``(layers, steps)`` rows and steps that ``loss`` (``"last"`` or ``"all"``)
         reaches, for :func:`gradflow.model_map`'s ``reaches=``: every one, but for
         ``"last"`` the top layer's reverse direction before the last step (that direction
         runs from the last step back, and only its state at the last step is read)."""
         mask = np.ones((self.layers, steps), bool)
-        if loss == "last" and self.rows[-1].endswith("bwd"):
+        if loss == "last" and self.bidirectional:
             mask[-1, :-1] = False
         return mask
 

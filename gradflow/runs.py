@@ -292,8 +292,7 @@ def load_torch_model(path, dtype=None):
     if read_run(p).get("format") != TORCH:  # (reads no array)
         return None
     arrays = _read_npz(p)[1]
-    act = arrays.pop("nonlinearity", None)
-    act = None if act is None else str(act)
+    act = _nonlinearity(arrays)
     try:
         read = pytorch.read(arrays, nonlinearity=act, both=True, who="torch_model")
         if len(read.layers[0]) == 1 and "proj" not in read.layers[0][0]:
@@ -303,13 +302,20 @@ def load_torch_model(path, dtype=None):
         raise InputError(f"{os.fspath(p)!r}: {e}".replace("torch_model: ", "")) from e
 
 
+def _nonlinearity(arrays: dict) -> str | None:
+    """A vanilla RNN's ``nonlinearity``, saved beside its weights as a string (a state dict
+    does not record it), taken out of ``arrays``; None where not saved."""
+    act = arrays.pop("nonlinearity", None)
+    return None if act is None else str(act)
+
+
 def _torch_params(p: Path, arrays: dict) -> tuple[Stack, dict]:
     """``(stack, params)`` of a PyTorch RNN's state dict saved as ``.npz``
     (:func:`gradflow.stack.from_torch`; a vanilla RNN's ``nonlinearity`` may be saved beside
     its weights as a string)."""
-    act = arrays.pop("nonlinearity", None)
+    act = _nonlinearity(arrays)
     try:
-        return from_torch(arrays, nonlinearity=None if act is None else str(act))
+        return from_torch(arrays, nonlinearity=act)
     except (TypeError, ValueError) as e:
         raise InputError(f"{os.fspath(p)!r}: {e}".replace("from_torch: ", "")) from e
 
