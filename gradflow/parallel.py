@@ -360,29 +360,37 @@ def should_split(xs, stack=None, params=None, rows: float = 1,
 
 
 #: What the custom calls of jaxlib's CPU LAPACK kernels are named by (``lapack_sgesdd_ffi``,
-#: ``lapack_sgetrf_ffi``, ...): :func:`lapack_stalls` looks for it in a lowered program.
-LAPACK_CALL = "lapack_"
+#: ``lapack_sgetrf_ffi``, ...), with how many leading axes of their operands are a batch of
+#: matrices (``num_batch_dims``): :func:`lapack_stalls` reads both in a lowered program.
+LAPACK_CALL = re.compile(r"@lapack_\w+\(")
+BATCH_DIMS = re.compile(r'num_batch_dims = "(\d+)"')
 
 
 def lapack_stalls(program, args, mesh) -> bool:
     """Whether ``program`` (a ``jax.jit`` function of ``args``, placed on ``mesh``) would stall
-    split over ``mesh``: it runs on several CPU devices and calls jaxlib's LAPACK kernels (an
-    SVD, QR, LU, Cholesky, eigen- or Schur decomposition, a linear or triangular solve,
-    anywhere in it: gradflow's spectral norms, or a user's model or cell). Each device's
-    program then runs on one thread of XLA's intra-op pool (one thread per core), and in
-    jaxlib 0.10.2 every batched LAPACK kernel (``objdump`` of ``jaxlib/cpu/_lapack.so``: all
-    of them call ``jax::ParallelBatchMap``) hands its matrices to that same pool and blocks
-    until they are done: with one such kernel per device and as many devices as threads, no
-    thread is left to do the work and the process hangs with no thread running (``gdb``:
-    every pool thread in ``BlockingCounter::Wait``). Seen here: an exact spectral Jacobian map
-    (LSTM, 4 layers x 32 steps, H 64, batch 8), local gains, and a user's model taking
-    ``jnp.linalg.solve`` per step (2 layers x 32 steps, H 64, batch 8: ``model_map(...,
-    couples_batch=False)``), all of which finish on one device in 2-4 s; tiny sizes pass
-    (presumably run inline). The runners of this module then run the program on one
-    device instead: conservative (a newer jaxlib may not block; one device's kernel already
-    spreads its matrices over the cores), but never a hang. Decided from the lowered program
-    (lowering is what a call does first, and jax caches it): about 20 ms for a 16-layer
-    LSTM map, once per program and shapes. GPUs and TPUs are not affected."""
+    split over ``mesh``: it runs on several CPU devices and hands jaxlib's LAPACK kernels a
+    *batch* of matrices (an SVD, QR, LU, Cholesky, eigen- or Schur decomposition, a linear or
+    triangular solve of each example's or each step's own matrix: gradflow's spectral norms,
+    or a user's model or cell). Each device's program then runs on one thread of XLA's
+    intra-op pool (one thread per core), and in jaxlib 0.10.2 every batched LAPACK kernel
+    (``objdump`` of ``jaxlib/cpu/_lapack.so``: all of them call ``jax::ParallelBatchMap``)
+    hands its matrices to that same pool and blocks until they are done: with one such kernel
+    per device and as many devices as threads, no thread is left to do the work and the
+    process hangs with no thread running (``gdb``: every pool thread in
+    ``BlockingCounter::Wait``). Seen here: an exact spectral Jacobian map (LSTM, 4 layers x 32
+    steps, H 64, batch 8), local gains, and a user's model taking ``jnp.linalg.solve`` per
+    example and step (2 layers x 32 steps, H 64, batch 8: ``model_map(...,
+    couples_batch=False)``), all of which finish on one device in 2-4 s. A single matrix
+    (``num_batch_dims = "0"`` in the lowered call: one system shared by a batch's right-hand
+    sides, a weight's QR at init) never reaches the pool: ``ParallelBatchMap`` calls the
+    kernel inline when one chunk covers the batch (its first comparison, in the same
+    disassembly), so such a program is split as any other (tiny batches run inline too, but
+    where the chunk ends is a cost model of jaxlib's: a batch is not split at any size). The
+    runners of this module, :func:`gradflow.sweep` and the atlas then run a stalling program
+    on one device instead: conservative (a newer jaxlib may not block; one device's kernel
+    already spreads its matrices over the cores), but never a hang. Decided from the lowered
+    program (lowering is what a call does first, and jax caches it): about 20 ms for a
+    16-layer LSTM map, once per program and shapes. GPUs and TPUs are not affected."""
     if _copies(mesh) < 2:  # one device, or real ones
         return False
     leaves, treedef = jax.tree_util.tree_flatten(args)
@@ -397,7 +405,18 @@ def _calls_lapack(program, treedef, specs, precision) -> bool:
     """:func:`lapack_stalls`' cache (``precision`` only a key, as in
     :func:`gradflow.cost.compiled`)."""
     lowered = program.lower(*jax.tree_util.tree_unflatten(treedef, specs))
-    return LAPACK_CALL in lowered.as_text()
+    return _batched_lapack(lowered.as_text())
+
+
+def _batched_lapack(text: str) -> bool:
+    """Whether lowered program ``text`` hands a LAPACK kernel a batch of matrices: a
+    ``lapack_`` custom call whose ``num_batch_dims`` is not ``"0"`` (or is not stated)."""
+    for line in text.splitlines():
+        if LAPACK_CALL.search(line):
+            dims = BATCH_DIMS.search(line)
+            if dims is None or dims.group(1) != "0":
+                return True
+    return False
 
 
 def _kinds(params):

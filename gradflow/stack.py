@@ -1138,12 +1138,15 @@ def hoist_inputs(cell: Cell, p, state, xp) -> Cell:
     backward is one matmul per layer without recomputing its forward. The numbers are the
     cell's own. Returns ``cell`` itself when nothing is to be moved (e.g. every built-in
     cell)."""
-    # the jaxpr keeps the precision its matmuls were traced with: one entry per setting
-    return _hoisted(cell, *_shapes(p, state, xp), jax.config.jax_default_matmul_precision)
+    # the jaxpr keeps the precision its matmuls were traced with, and the mesh it was traced
+    # in (inside ``shard_map`` its values' types name the manual axes: a sweep's seeds
+    # over 2 devices, then over 1): one entry per setting and mesh
+    return _hoisted(cell, *_shapes(p, state, xp), jax.config.jax_default_matmul_precision,
+                    jax.sharding.get_abstract_mesh())
 
 
 @functools.lru_cache(maxsize=256)
-def _hoisted(cell: Cell, tree, avals, precision) -> Cell:
+def _hoisted(cell: Cell, tree, avals, precision, mesh) -> Cell:
     p_like, s_like, x_like = jax.tree_util.tree_unflatten(
         tree, [jax.ShapeDtypeStruct(*a) for a in avals])
     closed, out_shape = jax.make_jaxpr(cell.recur, return_shape=True)(

@@ -9,8 +9,11 @@ its own seeds' problems and measures them (``jax.vmap`` over its seeds); nothing
 
 The problems are built with ``lax.map`` (one seed after another) rather than ``vmap``: under
 ``vmap`` the orthogonal inits of several layers (batched QR decompositions) deadlock XLA's CPU
-runtime (jax/jaxlib 0.10.2; two LSTM layers of H = 64 suffice), and building parameters is a
-negligible part of the work.
+runtime (jax/jaxlib 0.10.2; two LSTM layers of H = 64 suffice: jaxlib's batched LAPACK kernels
+wait for XLA's thread pool from inside it, :func:`gradflow.parallel.lapack_stalls`), and
+building parameters is a negligible part of the work. One QR at a time runs inline. A
+program that still hands LAPACK a batch (a cell solving each example's own system per step)
+runs on one CPU device instead of stalling split.
 
 The seed count is padded (repeating the last seed) to a multiple of the device count and the
 padding dropped afterwards. On CPU, several devices can be simulated with
@@ -31,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import cells as _cells
 from gradflow import jacobian as _jac
+from gradflow import parallel
 from gradflow.checks import SEED_LIMIT
 from gradflow.problem import dtype_of, gaussian_inputs
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
@@ -120,17 +124,27 @@ def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float
     """
     seeds = check_seeds(seeds)
     mesh = device_mesh(devices)
+    config = (int(steps), int(batch), jnp.dtype(dtype), float(input_scale), loss, wrt,
+              int(readout_seed))
+    run, placed = _placed(stack, mesh, seeds, config)
+    if parallel.lapack_stalls(run, (placed,), mesh):  # a cell solving each example's system
+        mesh = device_mesh(list(mesh.devices.flat)[:1])
+        run, placed = _placed(stack, mesh, seeds, config)
+    values, maps = run(placed)
+    n = len(seeds)
+    if values.shape[0] == n:
+        return values, maps
+    return values[:n], maps[:n]
+
+
+def _placed(stack, mesh, seeds, config):
+    """``(program, seed vector)``: the sharded program of ``config`` on ``mesh`` and the seeds
+    padded (repeating the last) to a multiple of its devices, placed over them."""
     n_dev = mesh.devices.size
     padded = math.ceil(len(seeds) / n_dev) * n_dev
     seed_vec = np.array(seeds + (seeds[-1],) * (padded - len(seeds)), np.int32)
-    shard = NamedSharding(mesh, PartitionSpec(AXIS))
-    run = _sharded_map(stack, mesh, int(steps), int(batch), jnp.dtype(dtype), float(input_scale),
-                       loss, wrt, int(readout_seed))
-    values, maps = run(jax.device_put(seed_vec, shard))
-    n = len(seeds)
-    if padded == n:
-        return values, maps
-    return values[:n], maps[:n]
+    return (_sharded_map(stack, mesh, *config),
+            jax.device_put(seed_vec, NamedSharding(mesh, PartitionSpec(AXIS))))
 
 
 def seed_result(result: Result, seed: int) -> Result:

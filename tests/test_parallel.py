@@ -206,7 +206,7 @@ CHILD = textwrap.dedent("""
         out["spectral_stall"] = {"unsplit": parallel._jit_examples._cache_size() - before,
                                  "finite": bool(np.isfinite(np.asarray(big.values)).all())}
         # a user's model and a user's cell taking a linear solve per step
-        from test_parallel import solving_model, solving_cell
+        from test_parallel import solving_model, shared_solving_model, solving_cell
         k = jax.random.split(jax.random.key(5), 3)
         p = {"W": jax.random.normal(k[0], (64, 64)) / 8,
              "U": jax.random.normal(k[1], (64, 64)) / 8}
@@ -215,11 +215,15 @@ CHILD = textwrap.dedent("""
         for name, run in (
                 ("model", lambda: gradflow.model_map(solving_model, p, xs, layers=2,
                                                      couples_batch=False).values),
+                # one matrix per step, shared by the examples: never batched, so split
+                ("shared", lambda: gradflow.model_map(shared_solving_model, p, xs, layers=2,
+                                                      couples_batch=False).values),
                 ("cell", lambda: gradflow.gradient_map(
                     pr2.stack, pr2.params, pr2.xs).values)):
             pr2 = gradflow.problem(solving_cell(), layers=2, steps=32, hidden=64, batch=8,
                                    input_size=16, seed=0)
             cache = {"model": parallel._sharded_model_map,
+                     "shared": parallel._sharded_model_map,
                      "cell": parallel._sharded_state_map}[name]
             before = cache.cache_info().misses
             with parallel.batch_devices("all"):
@@ -229,6 +233,19 @@ CHILD = textwrap.dedent("""
                 plain = np.asarray(run())
             out["lapack"][name] = {"meshes": meshes, "rel": float(
                 np.max(np.abs(split - plain)) / np.max(np.abs(plain)))}
+        # sweeps: a cell solving each example's system on one device (equal to each seed's
+        # own map), the stock LSTM's (its orthogonal inits: one QR per matrix) on both
+        from gradflow import sweep
+        out["sweep"] = {}
+        for name, cell in (("solving", solving_cell()), ("lstm", "lstm")):
+            res = sweep.sweep([cell], [0, 1], layers=2, steps=32, hidden=64, batch=8,
+                              input_size=16)[name]
+            own = [gradflow.gradient_map(*gradflow.problem(cell, layers=2, steps=32,
+                                                           hidden=64, batch=8, input_size=16,
+                                                           seed=s)[:3]).values for s in (0, 1)]
+            out["sweep"][name] = {"devices": res.config["devices"], "rel": float(
+                np.max(np.abs(np.asarray(res.values) - np.stack(own)))
+                / np.max(np.abs(np.stack(own))))}
         # the atlas's seed-sharded programs: local gains (SVDs) on one device, maps on both
         from gradflow import atlas
         out["atlas_devices"] = {}
@@ -243,20 +260,38 @@ CHILD = textwrap.dedent("""
 
 
 def solving_model(p, xs, taps):
-    """A user's model (``gradflow.model_map``) whose layers each take a linear solve per step
-    (``jnp.linalg.solve``: jaxlib's batched LAPACK LU and triangular solves): the child's
-    check that such a program is not split over CPU devices (it stalled there)."""
+    """A user's model (``gradflow.model_map``) whose layers each take a linear solve per
+    example and step (``jnp.linalg.solve``: jaxlib's batched LAPACK LU and triangular solves):
+    the child's check that such a program is not split over CPU devices (it stalled there)."""
+    return _solving_layers(p, xs, taps, lambda h, t: _solved(h))
+
+
+def shared_solving_model(p, xs, taps):
+    """:func:`solving_model` with one ``(64, 64)`` system per step, its matrix made of the
+    weights and the step, the examples its right-hand sides: LAPACK gets one matrix, which
+    jaxlib solves inline, so this program is split."""
+    def solved(h, t):
+        u = p["U"] * jnp.cos(t)
+        a = jnp.eye(h.shape[-1], dtype=h.dtype) + 0.1 * u @ u.T
+        return jnp.linalg.solve(a, h.T).T
+    return _solving_layers(p, xs, taps, solved)
+
+
+def _solving_layers(p, xs, taps, solved):
+    """Two tanh layers sharing ``p``, ``solved(h, t)`` applied to each new state."""
     def step(hs, inp):
-        x, tap_t = inp
+        x, tap_t, t = inp
         new, below = [], x @ p["W"]
         for l, h in enumerate(hs):
-            h = _solved(jnp.tanh(below + h @ p["U"]))
+            h = solved(jnp.tanh(below + h @ p["U"]), t)
             new.append(gradflow.tap(h, tap_t[l]))
             below = new[-1]
         return tuple(new), new[-1]
 
     h0 = jnp.zeros((xs.shape[0], p["U"].shape[0]), xs.dtype)
-    _, top = jax.lax.scan(step, (h0, h0), (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(taps, 0, 1)))
+    steps = jnp.arange(xs.shape[1], dtype=xs.dtype)
+    _, top = jax.lax.scan(step, (h0, h0),
+                          (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(taps, 0, 1), steps))
     return jnp.swapaxes(top, 0, 1)
 
 
@@ -327,6 +362,10 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         for name in ("model", "cell"):
             m = out["lapack"][name]
             assert m["meshes"] == 2 and m["rel"] <= 1e-6, (name, m)
+        m = out["lapack"]["shared"]  # one matrix a step: split, a mesh of 2 only
+        assert m["meshes"] == 1 and m["rel"] <= 1e-6, m
+        assert out["sweep"]["solving"]["devices"] == 1 and out["sweep"]["lstm"]["devices"] == 2
+        assert max(v["rel"] for v in out["sweep"].values()) <= 1e-6, out["sweep"]
         assert out["atlas_devices"] == {"local_gains": 1, "gradient_map": 2}
         # a model's Jacobian map, exact and probes: split, compiled once, as unsplit
         assert len(out["model_jacobian"]) == 2 and out["mixing_refused"] is True
@@ -711,3 +750,21 @@ def test_the_cli_says_in_one_line_when_a_cached_program_is_damaged(background):
     assert "damaged" not in runs[0].stderr and runs[0].stdout == runs[1].stdout
     lines = [ln for ln in runs[1].stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "damaged entry" in lines[0] and folder in lines[0]
+
+
+def test_only_batched_lapack_calls_count_as_stalling():
+    """``num_batch_dims`` in the lowered call: one matrix (solved inline by jaxlib) does not
+    keep a program on one device, a batch does, and a call that does not state it does."""
+    solve = jax.jit(jnp.linalg.solve)
+    one = solve.lower(jnp.ones((64, 64)), jnp.ones((64, 8))).as_text()
+    many = solve.lower(jnp.ones((8, 64, 64)), jnp.ones((8, 64, 1))).as_text()
+    svd = jax.jit(jax.vmap(lambda a: jnp.linalg.svd(a, compute_uv=False)))
+    assert "@lapack_" in one and not parallel._batched_lapack(one)
+    assert parallel._batched_lapack(many)
+    assert parallel._batched_lapack(svd.lower(jnp.ones((4, 8, 8))).as_text())
+    assert not parallel._batched_lapack(jax.jit(jnp.tanh).lower(jnp.ones(3)).as_text())
+    unstated = "\n".join(line.replace('num_batch_dims = "0"', "") for line in one.splitlines())
+    assert parallel._batched_lapack(unstated)
+    # on one device nothing stalls, whatever the program
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+    assert not parallel.lapack_stalls(solve, (jnp.ones((8, 64, 64)), jnp.ones((8, 64, 1))), mesh)
