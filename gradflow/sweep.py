@@ -179,7 +179,9 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
       layers, steps, hidden, batch, input_size, dtype, input_scale, stack_options: as
         :func:`gradflow.problem`.
       loss, wrt, readout_seed: as :func:`gradflow.gradient_map`.
-      devices: the devices to shard the seeds over (default ``jax.devices()``).
+      devices: the devices to shard the seeds over (default ``jax.devices()``); one CPU
+        device where the program hands LAPACK a batch of matrices
+        (:func:`gradflow.parallel.lapack_stalls`).
     Returns:
       ``{cell: Result}``, each ``kind="gradient_map"`` with ``values: (S, L, T)``,
       ``loss_value: (S,)`` and config ``seeds`` (the list) and ``devices`` (how many devices the
