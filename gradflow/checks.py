@@ -210,6 +210,9 @@ def check_inputs(xs, features: int | None = None):
         raise ValueError(f"inputs must be a (batch, steps, {D}) array (NumPy or JAX), got "
                          f"{type(xs).__name__}" + (": use np.asarray(...)"
                                                    if isinstance(xs, (list, tuple)) else ""))
+    if type(xs).__module__.split(".")[0] == "torch":  # its dtype is torch's, not NumPy's
+        raise TypeError(f"inputs must be a NumPy or JAX array, got a {type(xs).__name__} of "
+                        "PyTorch: pass xs.detach().cpu().numpy()")
     dt = _dtype_of(xs)
     if dt is None or not _is_real_number_dtype(dt):
         raise TypeError(f"inputs must be real numbers (a float or integer dtype), got dtype "

@@ -406,7 +406,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
                                "dtype": str(xs.dtype)}, meta, loss=loss_name, wrt="hidden",
                               readout_seed=readout_seed)
     return make_result("gradient_map", {"values": vals, "loss_value": value}, config,
-                       positive=positive)
+                       positive=positive, who="model_map")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "loss_fn", "rest"))
@@ -527,6 +527,10 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
                          "statistics, attention across examples), so a per-example Jacobian "
                          "is not defined; measure it with gradflow.model_map, which takes the "
                          "coupling in")
+    if not bool(jnp.any(each != 0)):
+        raise InputError("model_jacobian_map: every entry is exactly 0: the model passed no "
+                         "state through gradflow.tap(h, taps[l, t]), or none of them reaches "
+                         f"the output y[:, {tt}]")
     config = checks.with_meta({"model": name, "layers": L, "steps": int(T), "batch": int(B),
                                "outputs": K, "dtype": str(xs.dtype)}, meta, target=tt,
                               jacobian_norm="rms", method=method,
@@ -537,7 +541,8 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
         {"values": vals, **({"stderr": se} if method == "probe" else {})},
         np.asarray(finite), reach, "model_jacobian_map", f"the output y[:, {tt}]",
         lambda: "the model's forward pass left the finite numbers")
-    return make_result("jacobian_map", arrays, config, positive={"values": reach})
+    return make_result("jacobian_map", arrays, config, positive={"values": reach},
+                       who="model_jacobian_map")
 
 
 #: The work a device needs (its examples x output units x vmapped rows: basis cotangents or

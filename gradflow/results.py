@@ -160,7 +160,7 @@ class Result:
 
 def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
                 warn: bool = True, positive: Mapping[str, Any] | None = None,
-                source: Result | None = None) -> Result:
+                source: Result | None = None, who: str | None = None) -> Result:
     """Build a :class:`Result`: arrays to NumPy, config to JSON-able, non-finite entries counted.
 
     Emits a :class:`NonFiniteWarning` (never an exception) when any measured entry is inf or
@@ -172,6 +172,7 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
         subnormal) are counted in ``Result.underflow[name]``.
       source: the Result these arrays are read out of (a panel of a saved grid): its
         provenance is kept, instead of this machine's (which would start JAX to ask).
+      who: the function the warning names (default: ``kind``).
     """
     arrs = {k: np.asarray(v) for k, v in arrays.items()}
     absent = not_measured(kind, arrs, config)
@@ -180,7 +181,7 @@ def make_result(kind: str, arrays: Mapping[str, Any], config: Mapping[str, Any],
     underflow = {k: underflow_count(arrs[k], mask) for k, mask in (positive or {}).items()}
     bad = {k: n for k, n in nonfinite.items() if n}
     if warn and bad:
-        warnings.warn(f"{kind}: non-finite entries (inf/NaN) in "
+        warnings.warn(f"{who or kind}: non-finite entries (inf/NaN) in "
                       + ", ".join(f"{k}: {n}" for k, n in bad.items()),
                       NonFiniteWarning, stacklevel=3)
     return Result(kind, arrs, _jsonable(dict(config)), nonfinite, underflow,

@@ -119,8 +119,9 @@ def test_a_model_that_mixes_examples_is_refused():
     xs = jax.random.normal(jax.random.key(0), (3, 4, 2))
     with pytest.raises(ValueError, match="mixes the examples of a batch.*gradflow.model_map"):
         gradflow.model_jacobian_map(batch_mixing, jnp.ones((2, 2)), xs, layers=1)
-    one = gradflow.model_jacobian_map(batch_mixing, jnp.ones((2, 2)), xs[:1], layers=1)
-    assert one.values.shape == (1, 4)  # one example mixes nothing
+    # one example mixes nothing, but reads its own state minus itself: exactly 0 everywhere
+    with pytest.raises(ValueError, match="every entry is exactly 0"):
+        gradflow.model_jacobian_map(batch_mixing, jnp.ones((2, 2)), xs[:1], layers=1)
 
 
 def exploding(p, xs, taps):
@@ -139,6 +140,15 @@ def test_a_non_finite_target_leaves_its_examples_out_and_warns():
     assert any(w.category is NonFiniteForwardWarning and "every Jacobian that reaches it is NaN"
                in str(w.message) for w in said)
     assert np.isnan(res.values).all() and res.nonfinite["values"] == 4
+    assert any(w.category is NonFiniteWarning and str(w.message).startswith(
+        "model_jacobian_map: ") for w in said)
+
+
+def test_a_model_that_taps_nothing_is_refused():
+    """As :func:`gradflow.model_map`: a map of exact zeros would read as vanishing."""
+    with pytest.raises(ValueError, match=r"passed no state through gradflow.tap.*y\[:, 4\]"):
+        gradflow.model_jacobian_map(lambda p, xs, taps: jnp.tanh(xs @ p), jnp.ones((3, 4)),
+                                    jnp.ones((4, 5, 3)), layers=2)
 
 
 def test_result_is_drawn_and_saved(tmp_path):

@@ -195,6 +195,11 @@ def test_bad_input_gets_one_clear_message():
                            layers=3, loss="first")
     with pytest.raises(TypeError, match="outside jax.jit"):
         jax.jit(lambda x: gradflow.model_map(untapped, 1.0, x, layers=1).values)(xs)
+    # a PyTorch tensor (its dtype is not NumPy's): say how to pass it
+    tensor = type("Tensor", (), {"__module__": "torch", "shape": (2, 3, 4),
+                                 "dtype": "torch.float32"})()
+    with pytest.raises(TypeError, match=r"got a Tensor of PyTorch: pass xs.detach\(\)"):
+        gradflow.model_map(untapped, 1.0, tensor, layers=1)
     with pytest.raises(TypeError, match="couples_batch must be True or False"):
         gradflow.model_map(stack_model, STACK.init(jax.random.key(0)), jnp.ones((2, 3, 3)),
                            layers=3, couples_batch="no")
@@ -211,6 +216,9 @@ def test_an_exploding_forward_gives_nan_and_warns():
     assert any(w.category is NonFiniteForwardWarning and "forward pass left the finite numbers"
                in str(w.message) for w in said)
     assert np.isnan(res.values).all() and res.nonfinite["values"] == 3
+    # the result's count names the function called, not the result's kind
+    assert any(w.category is NonFiniteWarning and str(w.message).startswith("model_map: ")
+               for w in said)
 
 
 def test_an_equinox_module_with_static_leaves_is_its_params(x64):
