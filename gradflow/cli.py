@@ -30,6 +30,8 @@ import tempfile
 import textwrap
 import traceback
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -1003,8 +1005,13 @@ def _read_inputs(args):
                     raise InputError(f"--inputs: {path!r} holds several arrays "
                                      f"({', '.join(f.files[:6])}); name the sequences xs, or "
                                      "save only them")
-                data = f["xs" if "xs" in f.files else f.files[0]]
-    except (OSError, ValueError, EOFError) as e:  # no such file, not .npy/.npz, pickled
+                name = "xs" if "xs" in f.files else f.files[0]
+                data = f[name]
+                if not isinstance(data, np.ndarray):  # a zip member that is not an .npy
+                    raise InputError(f"--inputs: {path!r} holds {name!r}, which is not a "
+                                     "NumPy array (np.savez writes them)")
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        # no such file, not .npy/.npz, pickled, a damaged or truncated archive
         if isinstance(e, InputError):
             raise
         raise InputError(f"--inputs: cannot read {path!r} as a .npy or .npz array: "

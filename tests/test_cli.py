@@ -1171,6 +1171,12 @@ def test_inputs_with_trained_params(capsys, tmp_path):
     assert rc == 2 and "the sequences have 5 features; the stack of" in err and "reads 4" in err
 
 
+def _zip_text(path):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a.txt", "hello")
+
+
 @pytest.mark.parametrize("write,extra,message", [
     (lambda p: np.savez(p, a=np.ones((2, 3, 4)), b=np.ones(2)), [],
      "holds several arrays (a, b); name the sequences xs"),
@@ -1183,6 +1189,12 @@ def test_inputs_with_trained_params(capsys, tmp_path):
                                                    "and one feature, got (0, 3, 4)"),
     (lambda p: np.save(p, np.ones((2, 3, 0))), [], "got (2, 3, 0)"),
     (lambda p: p.write_bytes(b"junk"), [], "cannot read"),
+    # archives (np.load reads the zip's magic, whatever the name): damaged, truncated, not .npy
+    (lambda p: p.write_bytes(b"PK\x03\x04junk"), [], "BadZipFile"),
+    (lambda p: (np.savez(p, xs=np.ones((2, 3, 4))),
+                p.write_bytes(p.with_name("xs.npy.npz").read_bytes()[:300])), [],
+     "cannot read"),
+    (lambda p: _zip_text(p), [], "holds 'a.txt', which is not a NumPy array"),
     (lambda p: np.save(p, np.ones((2, 3, 4))), ["--steps", "3"],
      "--steps cannot be used with --inputs"),
     (lambda p: np.save(p, np.ones((2, 3, 4))), ["--input-scale", "2"],
