@@ -882,10 +882,16 @@ def test_a_cell_that_mixes_examples_is_found_and_refused_per_example(x64):
     want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda h: h,
                          lambda h, v: v, xs)
     assert_maps(hidden_map(stack, params, xs), want)
-    # with no probe to find it (no hidden_size), the first init refuses it undeclared
-    with pytest.raises(ValueError, match="mixes the examples.*couples_batch=True"):
+    # with no probe to find it (no hidden_size), the first init refuses it undeclared: the
+    # user's to fix (an InputError: exit 2 on the command line, not an internal error)
+    from gradflow.errors import InputError
+    with pytest.raises(InputError, match="mixes the examples.*couples_batch=True"):
         gradflow.Stack(cells.from_function(_centred_step, _wu_init), L, D, H).init(
             jax.random.key(0))
+    # a step that gives NaN on the probe's inputs does not read as one that mixes examples
+    nan_step = lambda p, h, x: (h * 0 + jnp.log(-1.0 + 0 * x @ p["W"]),) * 2  # noqa: E731
+    assert not cells.from_function(nan_step, _wu_init, hidden_size=H).couples_batch
+    gradflow.Stack(cells.from_function(nan_step, _wu_init), L, D, H).init(jax.random.key(0))
     declared = cells.from_function(_centred_step, _wu_init, couples_batch=True)
     assert declared.couples_batch
     gradflow.Stack(declared, L, D, H).init(jax.random.key(0))

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow.cells.base import KINDS, Cell
+from gradflow.errors import InputError
 from gradflow.cells.base import cast_floating as _cast
 
 __all__ = ["from_function", "from_linen", "from_nnx", "from_equinox", "stack_params"]
@@ -350,7 +351,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
             if finds_output:
                 _find_output(who, leaves, y, H, 0 if out is None else out)
             if detect and coupled:
-                raise ValueError(f"{who}: the step mixes the examples of a batch (example 0's "
+                raise InputError(f"{who}: the step mixes the examples of a batch (example 0's "
                                  "new carry moves with the others' inputs): declare it, "
                                  "couples_batch=True, so that per-example measurements "
                                  "refuse it and batches are not split")
@@ -386,7 +387,7 @@ def _probe(who, call_b, treedef, n, probe_params, H, detect: bool = False):
     if detect:  # the other examples moved: does example 0 move?
         other = lambda a: a.at[1:].set(-2.0 * a[1:] + 1.0)  # noqa: E731
         moved, _, _ = call_b(params, jax.tree_util.tree_map(other, carry), other(x))
-        coupled = not all(np.allclose(a[0], b[0], rtol=1e-5, atol=1e-7)
+        coupled = not all(np.allclose(a[0], b[0], rtol=1e-5, atol=1e-7, equal_nan=True)
                           for a, b in zip(leaves, treedef.flatten_up_to(moved)))
     return leaves, y, probe_gates, coupled
 
