@@ -567,10 +567,14 @@ def measure_group(conditions: list[dict], devices=None) -> list:
     """Measure conditions of one kind (:func:`measure_of`) that differ only in that kind's
     ``grouped`` factors: one Result per condition, in order (for ``"gradient_map"``:
     ``values: (S, L, T)``, ``loss_value: (S,)``)."""
+    from gradflow.problem import precision
+
     kinds = {measure_of(c) for c in conditions}
     if len(kinds) != 1:
         raise ValueError(f"measure_group: one measurement kind per group, got {sorted(kinds)}")
-    return MEASUREMENTS[kinds.pop()].measure_group(conditions, devices)
+    dtypes = {c["dtype"] for c in conditions}  # (a group shares its dtype: not grouped)
+    with precision(dtypes.pop() if len(dtypes) == 1 else "float32"):  # float64: 64-bit JAX
+        return MEASUREMENTS[kinds.pop()].measure_group(conditions, devices)
 
 
 for _m in (
@@ -698,6 +702,7 @@ def _check_memory(conditions) -> None:
     (:func:`gradflow.cost.estimate`; a local gains condition's Jacobians batched as one
     problem's, ``lax.map``-ped ``vmap`` over the problems)."""
     from gradflow import cost
+    from gradflow.problem import precision
     from gradflow.stack import Stack
 
     for group in _groups(conditions):
@@ -706,11 +711,12 @@ def _check_memory(conditions) -> None:
         method = {"gates": "gates", "local_gains": "gains"}.get(measure_of(c0), "gradient")
         stack = Stack(cell_for(c0["cell"], "orthogonal", c0["steps"]), c0["layers"],
                       c0["hidden"], c0["hidden"])
-        need = max(cost.estimate(stack, c0["batch"] * n, c0["steps"], c0["dtype"],
-                                 c.get("wrt", "hidden"), method, calibrate=False,
-                                 chunk=cost.gains_chunk(c0["batch"], c0["steps"],
-                                                        c0["hidden"])).total
-                   for c in group)
+        with precision(c0["dtype"]):  # (float64: 64-bit JAX, as its measurement runs)
+            need = max(cost.estimate(stack, c0["batch"] * n, c0["steps"], c0["dtype"],
+                                     c.get("wrt", "hidden"), method, calibrate=False,
+                                     chunk=cost.gains_chunk(c0["batch"], c0["steps"],
+                                                            c0["hidden"])).total
+                       for c in group)
         cost.check_need(need, f"measuring the atlas's {c0['cell']} conditions at "
                               f"{c0['layers']} layers x {c0['steps']} steps, H={c0['hidden']}, "
                               f"batch {c0['batch']} (seeds x inits: {n} problems at once)",

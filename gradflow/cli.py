@@ -2689,7 +2689,12 @@ def main(argv=None) -> int:
             # one line where the forward pass itself overflowed (the reason the map is NaN).
             warnings.simplefilter("ignore", NonFiniteWarning)
             _forward_overflow_lines(command[0])
-            return args.run(args)
+            if getattr(args, "dtype", None) != "float64":
+                return args.run(args)
+            from gradflow.problem import precision
+
+            with precision("float64"):  # 64-bit JAX, what the API asks of its caller
+                return args.run(args)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
     except UsageError as e:  # named by its command once that is known

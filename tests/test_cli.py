@@ -127,6 +127,27 @@ def test_reproduce_list_shows_the_only_figures_named(capsys):
     assert lines[1].startswith("star_fig2: gradient_grid (rnn, lstm, star, gru)  [")
 
 
+def test_compare_and_atlas_in_float64_from_a_32_bit_process(capsys, tmp_path):
+    """``compare --dtype float64`` and an atlas grid of ``"dtype": "float64"`` run in 64-bit
+    JAX without the caller enabling it (they were refused: "needs 64-bit JAX"), and leave the
+    process's mode as it was."""
+    assert not jax.config.jax_enable_x64
+    rc, _, err = run(capsys, "compare", "--cells", "gru,star", "--layers", "2", "--steps", "3",
+                     "--hidden", "4", "--batch", "2", "--dtype", "float64", "--out",
+                     tmp_path / "c.png")
+    assert rc == 0, err
+    assert gradflow.load(tmp_path / "c.npz").config["dtype"] == "float64"
+    grid = {"cells": ["lstm"], "sizes": [[2, 3]], "hidden": [4], "batch": 2, "seeds": [0],
+            "inits": ["orthogonal"], "input_scales": [1], "losses": ["last"],
+            "wrts": ["hidden"], "dtype": "float64"}
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    (tmp_path / "atlas").mkdir()
+    rc, _, err = run(capsys, "atlas", "--grid", tmp_path / "grid.json", "--out",
+                     tmp_path / "atlas")
+    assert rc == 0, err
+    assert not jax.config.jax_enable_x64
+
+
 def test_heatmap_explicit_paths_formats_options_and_float64(capsys, tmp_path, x64):
     rc, out, err = run(capsys, "heatmap", "--cell", "gru", *SMALL, "--wrt", "hidden", "--loss",
                        "all", "--init", "glorot", "--option", "forget_bias_init=1.5",

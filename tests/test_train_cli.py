@@ -498,3 +498,21 @@ def test_a_trained_run_on_your_own_sequences(run, tmp_path, capsys):
     assert main(["heatmap", "--params", str(out), "--inputs", str(tmp_path / "xs.npy"),
                  "--loss", "task"]) == 2
     assert "--loss task reads a training run's own targets" in capsys.readouterr().err
+
+
+def test_float64_from_a_32_bit_process(tmp_path, capsys):
+    """``--dtype float64`` runs in 64-bit JAX without the caller enabling it (the API asks the
+    caller; the command line cannot), leaves the process's mode as it was, and equals the
+    library's float64 run."""
+    assert not jax.config.jax_enable_x64
+    argv = TINY[:-4] + ["--dtype", "float64", "--out", str(tmp_path / "r64")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert not jax.config.jax_enable_x64
+    curve = gradflow.load(tmp_path / "r64" / "curve.npz")
+    task = tasks.make("adding", steps=6)
+    with precision("float64"):
+        want = train(task_stack("star", task, layers=3, hidden=8), task, steps=12, batch=8,
+                     lr=0.01, seed=3, eval_every=6, eval_batch=16, dtype="float64",
+                     progress=False)
+    assert curve["loss"].dtype == np.float64
+    np.testing.assert_allclose(curve["loss"], want.curve["loss"], rtol=1e-12)
