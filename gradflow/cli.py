@@ -2283,6 +2283,13 @@ def run_atlas(args) -> int:
     with user_input():
         grid = _atlas.Grid.load(args.grid) if args.grid is not None else _atlas.Grid(**flags)
     cache = args.cache or str(out / f"{args.name}_cache")
+    folder = Path(cache)
+    if folder.exists() and not folder.is_dir():
+        raise _usage(args, f"--cache {cache!r} is a file; the cache is a folder (made if "
+                           "missing)")
+    while not folder.exists():  # made where its nearest existing folder is writable
+        folder = folder.parent
+    _writable_dir(folder, cache)
     with user_input():  # a grid no claim reads is the user's to fix
         conditions = [c for g in (grid if isinstance(grid, list) else [grid])
                       for c in g.conditions()]

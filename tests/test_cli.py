@@ -146,6 +146,11 @@ def test_compare_and_atlas_in_float64_from_a_32_bit_process(capsys, tmp_path):
                      tmp_path / "atlas")
     assert rc == 0, err
     assert not jax.config.jax_enable_x64
+    # a cache that is a file is the user's to fix, before anything is measured
+    (tmp_path / "taken.png").write_bytes(b"")
+    rc, _, err = run(capsys, "atlas", "--grid", tmp_path / "grid.json", "--out",
+                     tmp_path / "atlas", "--cache", tmp_path / "taken.png")
+    assert rc == 2 and "is a file; the cache is a folder" in err and "Traceback" not in err
 
 
 def test_heatmap_explicit_paths_formats_options_and_float64(capsys, tmp_path, x64):
