@@ -657,8 +657,11 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
     shown = sorted(set(np.linspace(0, L - 1, min(L, max_rows)).round().astype(int)),
                    reverse=True)
     lines = marginal_lines(values, last, loss, where, along)
+    finite = np.isfinite(values)
+    of_finite = "" if finite.all() else " of the finite entries"
     lines.append(f"per layer, relative to the top layer: at t {e}, down the column | mean over "
-                 "time (time-averaged: includes the diagonal paths, not a per-layer gain)")
+                 f"time{of_finite} (time-averaged: includes the diagonal paths, not a per-layer "
+                 "gain)")
     for l in shown:
         tag = " (top)" if l == L - 1 else " (bottom)" if l == 0 and L > 1 else ""
         lines.append(f"  layer {l:>3}{tag:<9} {_g(values[l, e]):>9} "
@@ -668,16 +671,19 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
         lines.append(f"bottom layer, t 0 / t {e}: {_rel(values[0, 0], values[0, e])}, off the "
                      f"two axes: t {e} is reached by the vertical path only, earlier steps also "
                      "by diagonal ones (not an amplification)")
-    finite = np.isfinite(values)
     pos = finite & (values > 0)
     if pos.any():
         masked = np.where(pos, values, np.nan)
         hi = np.unravel_index(np.nanargmax(masked), values.shape)
         lo = np.unravel_index(np.nanargmin(masked), values.shape)
         span = math.log10(values[hi] / values[lo])
-        lines.append(f"range: max {_g(values[hi])} at (layer {hi[0]}, t {hi[1]}), min "
-                     f"{_g(values[lo])} at (layer {lo[0]}, t {lo[1]}): {span:.1f} decades")
-    lines.append(f"non-finite entries: {int((~finite).sum())} of {values.size}")
+        lines.append(f"range{of_finite}: max {_g(values[hi])} at (layer {hi[0]}, t {hi[1]}), "
+                     f"min {_g(values[lo])} at (layer {lo[0]}, t {lo[1]}): {span:.1f} decades")
+    bad = np.argwhere(~finite)
+    lines.append(f"non-finite entries: {len(bad)} of {values.size}" + (
+        "" if not len(bad) else " (" + ", ".join(
+            f"{_g(values[l, t])} at (layer {l}, t {t})" for l, t in bad[:4])
+        + (", ..." if len(bad) > 4 else "") + ")"))
     lines.append(f"underflow entries: {int(underflow)} of {values.size} (below the {dtype.name} "
                  f"range, {np.finfo(dtype).tiny:.2g}: a positive gradient stored as 0)")
     return lines

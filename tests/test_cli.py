@@ -1026,8 +1026,16 @@ def test_map_summary_prints_zeros_and_non_finite_entries_as_data():
            "x0 (-inf dec)" in text
     np.testing.assert_allclose(_after(text, "back along the top layer:", "x"),
                                _loop_factor([1.0, 0.5, 0.3]), rtol=5e-3)
-    assert "non-finite entries: 1 of 9" in text and "underflow entries: 4 of 9" in text
+    assert "non-finite entries: 1 of 9 (nan at (layer 0, t 0))" in text
+    assert "underflow entries: 4 of 9" in text
     assert "no ratios" in "\n".join(cli.map_summary(np.full((2, 2), np.nan)))
+    # an exploded entry: where it is, and the means and range said to be of the finite ones
+    G = np.array([[np.inf, 2.0, 1e30], [1.0, 1.0, 1.0]])
+    text = "\n".join(cli.map_summary(G))
+    assert "non-finite entries: 1 of 6 (inf at (layer 0, t 0))" in text
+    assert "mean over time of the finite entries" in text
+    assert "range of the finite entries: max 1e+30 at (layer 0, t 2)" in text
+    assert "mean over time (" in "\n".join(cli.map_summary(np.ones((2, 3))))
 
 
 def test_compare_range_of_an_underflowed_map_reads_minus_inf(capsys):
