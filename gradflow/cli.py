@@ -763,8 +763,14 @@ QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 def timescale_lines(per_unit: np.ndarray) -> list[str]:
     """The distribution of per-unit memory timescales ``tau[l, u] = 1/(1 - mean kept
-    fraction)`` (``(L, H)``, pooled over layers): the :data:`QUANTILES` and a count per decade
-    (``1-10`` for ``[1, 10)``, ``10-100``, ...; ``inf``: units that keep everything)."""
+    fraction)`` (``(L, H)`` or the units' values, pooled over layers): the :data:`QUANTILES`
+    and a count per decade (``1-10`` for ``[1, 10)``, ``10-100``, ...; ``below 1``: a mean
+    kept fraction below 0, which refined gates reach; ``inf``: units that keep everything;
+    ``undefined``: NaN).
+
+    >>> timescale_lines(np.array([[0.5, 2.0, 30.0], [np.inf, np.nan, 5.0]]))[1]
+    '  units per decade: below 1 1, 1-10 2, 10-100 1, inf 1, undefined 1'
+    """
     tau = np.asarray(per_unit, dtype=float).ravel()
     finite = tau[np.isfinite(tau)]
     if finite.size == 0:
@@ -774,10 +780,13 @@ def timescale_lines(per_unit: np.ndarray) -> list[str]:
     lines = ["timescale per unit (steps): " + ", ".join(f"{n} {_g(v)}" for n, v in zip(names, q))]
     top = max(1, int(np.ceil(np.log10(max(finite.max(), 1.0) * (1 + 1e-12)))))
     edges = 10.0 ** np.arange(top + 1)
-    counts, _ = np.histogram(np.clip(finite, 1.0, None), edges)
-    parts = [f"{edges[i]:g}-{edges[i + 1]:g} {c}" for i, c in enumerate(counts)]
-    rest = int(tau.size - finite.size)
-    lines.append("  units per decade: " + ", ".join(parts) + (f", inf {rest}" if rest else ""))
+    counts, _ = np.histogram(finite[finite >= 1.0], edges)
+    below = int((finite < 1.0).sum())
+    parts = ([f"below 1 {below}"] if below else []) + [
+        f"{edges[i]:g}-{edges[i + 1]:g} {c}" for i, c in enumerate(counts)]
+    inf, nan = int(np.isinf(tau).sum()), int(np.isnan(tau).sum())
+    lines.append("  units per decade: " + ", ".join(parts) + (f", inf {inf}" if inf else "")
+                 + (f", undefined {nan}" if nan else ""))
     return lines
 
 
@@ -1914,8 +1923,13 @@ def _gate_lines(stats, gate: str, summary: dict, kind: str, absent: dict) -> lis
     off = absent.get(f"saturated/{gate}/layer", np.zeros(per_layer.shape, bool))  # no gate
     lines.append("    saturated per layer (bottom..top): "
                  + " ".join("-" if o else f"{v:.3f}" for v, o in zip(per_layer, off)))
-    if f"timescale/{gate}/unit" in stats.arrays:
-        lines += ["    " + line for line in timescale_lines(stats[f"timescale/{gate}/unit"])]
+    if f"timescale/{gate}/unit" in stats.arrays:  # the units that exist and have the gate
+        tau = np.asarray(stats[f"timescale/{gate}/unit"], dtype=float)
+        keep = ~np.broadcast_to(absent.get(f"timescale/{gate}/unit", False), tau.shape)
+        widths = stats.config.get("hidden_size")
+        if isinstance(widths, list) and len(widths) == tau.shape[0]:  # padded to the widest
+            keep = keep & (np.arange(tau.shape[1]) < np.array(widths)[:, None])
+        lines += ["    " + line for line in timescale_lines(tau[keep])]
     outside = np.asarray(stats[f"outside/{gate}/pooled"])
     if outside.sum():
         lines.append(f"    outside [0, 1]: {int(outside[0])} below 0, {int(outside[1])} above 1"

@@ -1300,3 +1300,30 @@ def test_time_major_inputs(capsys, tmp_path):
     capsys.readouterr()
     assert cli.main(["heatmap", *common, "--time-major"]) == 2
     assert "--time-major says how the --inputs array is laid out" in capsys.readouterr().err
+
+
+def _decade_counts(out: str) -> int:
+    """The units counted on the ``units per decade`` line of one gate's summary."""
+    line = next(l for l in out.splitlines() if "units per decade:" in l)
+    return sum(int(part.split()[-1]) for part in line.split(":", 1)[1].split(","))
+
+
+def test_gates_count_the_units_that_exist_and_have_the_gate(capsys, tmp_path):
+    """The timescale summary pools the units a stack has: not the padding of narrower
+    layers (timescale 0 there), nor a gate's absent layers in a stack of different cells
+    (counted as infinite before), and refined gates' timescales below 1 in their own bin."""
+    small = ["--layers", "2", "--steps", "4", "--batch", "2", "--no-data"]
+    rc, out, err = run(capsys, "gates", *small, "--hidden", "6,4", "--gate", "f", "--out",
+                       tmp_path / "a.png")
+    assert rc == 0, err
+    assert _decade_counts(out) == 10
+    rc, out, err = run(capsys, "gates", *small, "--hidden", "5", "--cell", "gru,star",
+                       "--gate", "k", "--out", tmp_path / "b.png")
+    assert rc == 0, err
+    assert _decade_counts(out) == 5 and "inf" not in out.split("units per decade:")[1]
+    rc, out, err = run(capsys, "gates", *small, "--hidden", "8", "--cell", "refined_gru",
+                       "--gate", "z", "--input-scale", "3", "--out", tmp_path / "c.png")
+    assert rc == 0, err
+    low = re.search(r"min ([0-9.e+-]+)", out).group(1)
+    assert _decade_counts(out) == 16
+    assert (float(low) < 1) == ("below 1 " in out)
