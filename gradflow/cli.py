@@ -1932,7 +1932,11 @@ def _gate_lines(stats, gate: str, summary: dict, kind: str, absent: dict) -> lis
         lines += ["    " + line for line in timescale_lines(tau[keep])]
     outside = np.asarray(stats[f"outside/{gate}/pooled"])
     if outside.sum():
-        lines.append(f"    outside [0, 1]: {int(outside[0])} below 0, {int(outside[1])} above 1"
+        from gradflow.views import value_range
+
+        lo, hi = value_range(kind)  # the kind's range: [-1, 1] for tanh, else [0, 1]
+        lines.append(f"    outside [{lo:g}, {hi:g}]: {int(outside[0])} below {lo:g}, "
+                     f"{int(outside[1])} above {hi:g}"
                      + (f", {int(outside[2])} NaN" if outside.size > 2 else ""))
     return lines
 

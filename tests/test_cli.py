@@ -1327,3 +1327,10 @@ def test_gates_count_the_units_that_exist_and_have_the_gate(capsys, tmp_path):
     low = re.search(r"min ([0-9.e+-]+)", out).group(1)
     assert _decade_counts(out) == 16
     assert (float(low) < 1) == ("below 1 " in out)
+    # a tanh gate's values are counted outside its own range, [-1, 1] (NaN ones here)
+    rc, out, err = run(capsys, "gates", "--cell", "refined_gru", "--layers", "3", "--steps",
+                       "30", "--hidden", "16", "--batch", "4", "--input-scale", "30",
+                       "--no-data", "--out", tmp_path / "d.png")
+    assert rc == 0, err
+    tanh_gate = out.split("gate n ")[1]
+    assert "(tanh)" in tanh_gate and "outside [-1, 1]: 0 below -1, 0 above 1, " in tanh_gate
