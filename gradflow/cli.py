@@ -39,7 +39,7 @@ import numpy as np
 from gradflow import __version__
 from gradflow.errors import InputError, user_input
 from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, not_measured, origin
-from gradflow.views import finite_row_means
+from gradflow.views import entry_step, finite_row_means
 
 DEFAULT_OUT_DIR = "gradflow-out"
 DATA_EXT = ".npz"
@@ -523,21 +523,6 @@ def _rel(a, ref) -> str:
     if not np.isfinite(a):
         return str(float(a))
     return "x0 (-inf dec)" if a == 0 else _ratio(a, ref)
-
-
-def entry_step(values: np.ndarray, wrt: str | None = None) -> int:
-    """The step ``e`` at which the loss enters the top layer of an ``(L, T)`` map: ``T - 1``,
-    or ``T - 2`` for a map wrt a memory ``c`` whose last step is exactly 0 (by construction:
-    ``h_{T-1}`` is formed inside the step, so the gradient of ``c_{T-1}`` where it leaves the
-    cell is 0), the last step that reaches the loss.
-
-    >>> entry_step(np.ones((2, 3))), entry_step(np.array([[1., 0.], [1., 0.]]), "cell")
-    (2, 0)
-    """
-    T = values.shape[-1]
-    if wrt == "cell" and T > 1 and np.all(values[..., -1] == 0):
-        return T - 2
-    return T - 1
 
 
 def path_factor(path) -> tuple[float, int, float | None]:
@@ -1528,10 +1513,13 @@ def run_heatmap(args) -> int:
 
 def _normalizable(args, res) -> tuple[bool, list[str]]:
     """``(normalize, notes)`` of ``heatmap --normalize`` for the map ``res``: drawn relative to
-    its top-last value only where that is positive and finite, else a note says why not."""
-    ref = res.values[-1, -1]
+    its value where the loss enters (top layer, :func:`entry_step`) only where that is
+    positive and finite, else a note says why not."""
+    e = entry_step(res.values, res.config.get("wrt"))  # a memory c's last step is 0
+    ref = res.values[-1, e]
     if args.normalize and not (np.isfinite(ref) and ref > 0):
-        return False, [f"note: not normalised: the top-last value is {_g(float(ref))}"]
+        return False, [f"note: not normalised: the value at (top layer, t {e}) is "
+                       f"{_g(float(ref))}"]
     return args.normalize, []
 
 

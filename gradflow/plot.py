@@ -100,14 +100,28 @@ def _map_array(result: Result, key: str | None) -> np.ndarray:
     return values
 
 
-def _relative(values: np.ndarray) -> np.ndarray:
-    """``values / values[-1, -1]``: each entry relative to the top layer at the last step."""
-    ref = values[-1, -1]
+def _relative(values: np.ndarray, wrt: str | None = None) -> np.ndarray:
+    """``values / values[-1, e]``: each entry relative to the top layer where the loss enters,
+    ``e`` the last step (:func:`gradflow.views.entry_step`: the one before for a map wrt a
+    memory ``c``, whose last step is 0 by construction)."""
+    e = _views.entry_step(values, wrt)
+    ref = values[-1, e]
     if not (np.isfinite(ref) and ref > 0):
-        raise ValueError(f"normalize=True divides by values[-1, -1] (top layer, last step), "
-                         f"which is {float(ref):g}; it must be finite and > 0 (use "
-                         "normalize=False)")
+        raise ValueError(f"normalize=True divides by values[-1, {e}] (top layer, the last step "
+                         f"the loss reaches), which is {float(ref):g}; it must be finite and > 0 "
+                         "(use normalize=False)")
     return values / ref
+
+
+def _reference_label(wrt: str | None) -> str:
+    """The colour bar's note on what a normalised map is relative to (:func:`_relative`)."""
+    return " / value at (top, last" + (" c reaches)" if wrt == "cell" else ")")
+
+
+def _wrt(result: Result, key: str | None) -> str | None:
+    """What ``result``'s map ``key`` is taken w.r.t. (``"cell"``: a memory ``c``, see
+    :func:`_relative`); None for arrays other than a gradient map's values."""
+    return result.config.get("wrt") if key in (None, "values") else None
 
 
 def _cmap(cmap, default: str) -> mcolors.Colormap:
@@ -430,7 +444,8 @@ def heatmap(result: Result, ax: Axes | None = None, log: bool = True, normalize:
       layer at the last step, on a diverging colour map (blue < 1 < red) with a log norm centred
       on 1 (:class:`CentredLogNorm`): blue from ``min R`` (the darkest) to 1, red from 1 to
       ``max R``, each side at least a factor 2, so a collapse over 9 decades is drawn dark even
-      when nothing exceeds 1. ``V[L-1, T-1]`` must be finite and positive.
+      when nothing exceeds 1. ``V[L-1, T-1]`` must be finite and positive (for a map wrt a
+      memory ``c``, whose last step is 0 by construction, ``V[L-1, T-2]``).
     * Non-finite entries are hatched (``"xx"``) over grey and their number is appended to the title
       (``"... (3 non-finite)"``), also when ``title`` is given; so is the number of underflow
       entries, positive values stored as 0 below the dtype's range (``result.underflow``:
@@ -454,14 +469,14 @@ def heatmap(result: Result, ax: Axes | None = None, log: bool = True, normalize:
     _check_result(result, "heatmap")
     fig, ax = _figure_axes(ax, (5.2, 3.6))
     values = _map_array(result, key)
-    shown = _relative(values) if normalize else values
+    shown = _relative(values, _wrt(result, key)) if normalize else values
     norm = _norm([shown], log, normalize, vmin, vmax)
     cm = _cmap(cmap, _RELATIVE_CMAP if normalize else _MAGNITUDE_CMAP)
     image = _heatmap_on(ax, result, shown, key, log, cm, title, norm)
     if colorbar:
         label = _quantity(result, key)
-        _colorbar(fig, image, ax, label + (" / value at (top, last)" if normalize else ""),
-                  [shown], norm, normalize)
+        _colorbar(fig, image, ax, label + (_reference_label(_wrt(result, key)) if normalize
+                                           else ""), [shown], norm, normalize)
     return fig
 
 
@@ -543,7 +558,7 @@ def grid(results, rows: Sequence | None = None, cols: Sequence | None = None, *,
     """
     cells, row_labels, col_labels = _arrange(results, rows, cols)
     n_rows, n_cols = len(cells), len(cells[0])
-    drawn = [[None if r is None else (_relative(_map_array(r, key)) if normalize
+    drawn = [[None if r is None else (_relative(_map_array(r, key), _wrt(r, key)) if normalize
                                       else _map_array(r, key)) for r in row] for row in cells]
     shown = [v for row in drawn for v in row if v is not None]
     norm = _norm(shown, log, normalize, vmin, vmax)
@@ -571,7 +586,7 @@ def grid(results, rows: Sequence | None = None, cols: Sequence | None = None, *,
                 ax.set_ylabel("")
             if i < n_rows - 1:
                 ax.set_xlabel("")
-    label = _quantity(first, key) + (" / value at (top, last)" if normalize else "")
+    label = _quantity(first, key) + (_reference_label(_wrt(first, key)) if normalize else "")
     _colorbar(fig, image, axes, label, shown, norm, normalize)
     total = int(sum(np.sum(~np.isfinite(v)) for v in shown))
     if title or total:
@@ -974,7 +989,7 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
     for i, loss in enumerate(losses):
         for j, cell in enumerate(cells):
             p = panel(grid, loss, cell)
-            ref = float(p.values[-1, -1])
+            ref = float(p.values[-1, _views.entry_step(p.values, p.config.get("wrt"))])
             if normalize and not (np.isfinite(ref) and ref > 0):
                 zeros = int(np.sum(p.values == 0))
                 note = (f"all {zeros} entries are 0" if zeros == p.values.size
@@ -984,7 +999,8 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
                 panels[(f"loss={loss}", cell)] = p
     if title is None:
         title = f"gradient maps wrt {grid.config.get('wrt', '?')}" + (
-            ", relative to (top layer, last step)" if normalize else "")
+            ", relative to (top layer, last step" + (
+                " c reaches)" if grid.config.get("wrt") == "cell" else ")") if normalize else "")
     fig = _grid_or_empty(panels, losses, cells, normalize,
                          _titled(title, settings(grid.config)), vmin, vmax)
     for i, j, cell, note in empty:

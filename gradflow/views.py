@@ -209,6 +209,21 @@ def run_record(data: Result, label: str, record: str, step="last", seed=None) ->
     return _seed_of(data, _unpack(data, f"{label}/{key}/", cfg.pop("result_kind"), cfg), seed)
 
 
+def entry_step(values: np.ndarray, wrt: str | None = None) -> int:
+    """The step ``e`` at which the loss enters the top layer of an ``(L, T)`` map: ``T - 1``,
+    or ``T - 2`` for a map wrt a memory ``c`` whose last step is exactly 0 (by construction:
+    ``h_{T-1}`` is formed inside the step, so the gradient of ``c_{T-1}`` where it leaves the
+    cell is 0), the last step that reaches the loss.
+
+    >>> entry_step(np.ones((2, 3))), entry_step(np.array([[1., 0.], [1., 0.]]), "cell")
+    (2, 0)
+    """
+    T = values.shape[-1]
+    if wrt == "cell" and T > 1 and np.all(values[..., -1] == 0):
+        return T - 2
+    return T - 1
+
+
 __all__ = ["GAIN_ARRAYS", "LOSSES", "STATS", "WRTS", "bin_edges", "expected_positive",
            "gain_panel", "hist_edges", "panel", "run_curve", "run_record", "stats_panel",
            "summary", "value_range"]

@@ -1334,3 +1334,15 @@ def test_gates_count_the_units_that_exist_and_have_the_gate(capsys, tmp_path):
     assert rc == 0, err
     tanh_gate = out.split("gate n ")[1]
     assert "(tanh)" in tanh_gate and "outside [-1, 1]: 0 below -1, 0 above 1, " in tanh_gate
+
+
+def test_heatmap_normalizes_a_memory_map_where_the_loss_enters(capsys, tmp_path):
+    """``--wrt cell --normalize``: c's last step is 0 by construction, so the map is drawn
+    relative to the step before (it printed "not normalised" and drew absolute values); a map
+    whose reference is 0 still says so."""
+    small = ["--cell", "lstm", "--layers", "2", "--steps", "4", "--hidden", "4", "--batch", "2",
+             "--normalize"]
+    rc, out, err = run(capsys, "heatmap", *small, "--wrt", "cell", "--out", tmp_path / "c.png")
+    assert rc == 0 and "not normalised" not in out + err, out + err
+    saved = gradflow.load(tmp_path / "c.npz")
+    assert saved.values[-1, -1] == 0 and saved.values[-1, -2] > 0

@@ -160,8 +160,23 @@ def test_heatmap_normalize_with_explicit_limits_keeps_the_plain_log_scale():
 def test_heatmap_normalize_needs_a_positive_finite_reference():
     values = _map(3)
     values[-1, -1] = 0.0
-    with pytest.raises(ValueError, match=r"values\[-1, -1\]"):
+    with pytest.raises(ValueError, match=r"values\[-1, 5\] \(top layer, the last step"):
         plot.heatmap(_gradient_map(values), normalize=True)
+
+
+def test_a_memory_map_is_normalised_where_the_loss_enters():
+    """A map wrt a memory ``c`` is 0 at the last step by construction: it is drawn relative
+    to the top layer's last step that c reaches (T-2), in ``heatmap`` and ``draw_grid``
+    alike (it was refused, and drawn as an empty panel)."""
+    values = _map(3)
+    values[:, -1] = 0.0
+    res = _gradient_map(values, wrt="cell")
+    fig = plot.heatmap(res, normalize=True)
+    np.testing.assert_allclose(np.ma.getdata(fig.axes[0].images[0].get_array()),
+                               values / values[-1, -2], rtol=1e-15)
+    assert "last c reaches" in fig.axes[1].get_ylabel()
+    with pytest.raises(ValueError, match=r"values\[-1, 5\]"):  # any other map: its last step
+        plot.heatmap(_gradient_map(values, wrt="hidden"), normalize=True)
 
 
 def test_heatmap_hatches_and_counts_nonfinite_entries_and_shows_zeros_as_minimum_colour():
