@@ -671,12 +671,13 @@ def suggestions(cost: Cost, limit: int, cli: bool = False,
                 return out
             cands.append(ck)
     best = cands[-1]
+    also = "" if best is stack else f" with {name('checkpoint', 'auto')}"  # not without it
     b = _largest(lambda n: _fits(best, n, T, req, limit) is not None, B)
     if b:
-        out.append(f"{name('batch', b)} fits")
+        out.append(f"{name('batch', b)} fits{also}")
     t = _largest(lambda n: _fits(best, B, n, req, limit) is not None, T)
     if t:
-        out.append(f"{name('steps', t)} fits")
+        out.append(f"{name('steps', t)} fits{also}")
     if not b and not t:
         one = _estimate(best, 1, 1, dtype, wrt, method, probes, False)
         what = (f"even 1 example of 1 step needs {size(one.total)} (the parameters alone "

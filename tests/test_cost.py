@@ -100,10 +100,13 @@ def test_suggestions_checkpoint_then_smaller():
     limit = (ck.total + c.total) // 2
     with pytest.raises(ValueError, match=rf"checkpoint='auto' brings it to {cost.size(ck.total)}"):
         cost.check_fits(c, limit)
-    with pytest.raises(ValueError, match=r"batch=\d+ fits; steps=\d+ fits"):
+    # the smaller sizes fit only checkpointed, and say so (a user took them alone before)
+    with pytest.raises(ValueError, match=r"batch=\d+ fits with checkpoint='auto'; steps=\d+ "
+                                         r"fits with checkpoint='auto'"):
         cost.check_fits(c, ck.total // 2)
     msg = cost.suggestions(c, ck.total // 2, cli=True)
     assert any(s.startswith("--checkpoint auto only brings it to") for s in msg)
+    assert all(s.endswith("fits with --checkpoint auto") for s in msg if " fits" in s)
     # each suggested size really fits, and one more does not
     b = int([s for s in msg if s.startswith("--batch")][0].split()[1])
     fits = lambda n: cost.estimate(stack.replace(checkpoint="auto"), n, 512,  # noqa: E731
