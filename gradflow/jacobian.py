@@ -62,8 +62,12 @@ class ReadoutLoss:
     r"""The default loss: a fixed random linear readout to ``classes`` classes, cross-entropy
     against fixed random labels, averaged over the batch.
 
-    ``loss="last"``: the readout of :math:`h^{L-1}_{T-1}` only (final-output loss);
-    ``loss="all"``: the mean over ``t`` of the readout loss at every step (sequence loss).
+    ``loss="last"``: the readout of the stack's output at the last step only (final-output
+    loss); ``loss="all"``: the mean over ``t`` of the readout loss at every step (sequence
+    loss). The stack's output is its top layer's: :math:`h^{L-1}_t` in a plain stack,
+    ``norm(h + x)`` where the stack adds a residual and a norm (``Stack.apply``'s ``top``; the
+    readout reads what the stack hands on, as a model's head would). A Jacobian map's target,
+    by contrast, is the state :math:`h^{L'}_{T'}` itself (:func:`jacobian_map`).
     Readout :math:`W_r \sim N(0, 1/H)`, labels ``(B, T)`` uniform, both from ``key(seed)``;
     :math:`W_r` is drawn in float32 and cast to ``dtype``, so a float64 loss holds the float32
     loss's draws (one problem at every precision).
