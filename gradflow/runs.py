@@ -299,7 +299,7 @@ def load_torch_model(path, dtype=None):
             return None  # one direction, no projection: a Stack (load_params)
         return torch_model(arrays, nonlinearity=act, dtype=dtype)
     except (TypeError, ValueError) as e:
-        raise InputError(f"{os.fspath(p)!r}: {e}".replace("torch_model: ", "")) from e
+        raise _torch_file_error(p, e, "torch_model: ") from e
 
 
 def _nonlinearity(arrays: dict) -> str | None:
@@ -317,7 +317,19 @@ def _torch_params(p: Path, arrays: dict) -> tuple[Stack, dict]:
     try:
         return from_torch(arrays, nonlinearity=act)
     except (TypeError, ValueError) as e:
-        raise InputError(f"{os.fspath(p)!r}: {e}".replace("from_torch: ", "")) from e
+        raise _torch_file_error(p, e, "from_torch: ") from e
+
+
+def _torch_file_error(p: Path, e: Exception, who: str) -> InputError:
+    """The InputError of a PyTorch state dict file that does not make a model: ``e``'s
+    message without the function's name ``who``; where the file lacks a vanilla RNN's
+    nonlinearity, how to save it there (a file has no argument to pass)."""
+    text = str(e).replace(who, "")
+    if "does not record its nonlinearity" in text:
+        text = ("a vanilla RNN's state dict does not record its nonlinearity: save it beside "
+                "the weights, np.savez(path, nonlinearity='tanh', **state_dict) ('tanh' is "
+                "nn.RNN's default; or 'relu')")
+    return InputError(f"{os.fspath(p)!r}: {text}")
 
 
 def load_head(path) -> dict:

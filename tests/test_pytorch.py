@@ -317,7 +317,9 @@ def test_heatmap_of_a_saved_state_dict(capsys, tmp_path):
     np.savez(tmp_path / "relu.npz", **relu)
     assert cli.main(["heatmap", "--params", str(tmp_path / "relu.npz"), "--out",
                      str(tmp_path)]) == 2
-    assert "pass nonlinearity='tanh'" in capsys.readouterr().err
+    # a file takes no argument: the message says how to save the nonlinearity in it
+    assert "save it beside the weights, np.savez(path, nonlinearity='tanh'" in \
+        capsys.readouterr().err
     np.savez(tmp_path / "relu.npz", **relu, nonlinearity="relu")
     stack, _ = runs.load_params(tmp_path / "relu.npz")
     assert dict(stack.cells[0].options)["nonlinearity"] == "relu"
