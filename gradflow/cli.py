@@ -909,9 +909,15 @@ def checked_stack(cell, layers: int, input_size: int, hidden: int, **settings):
     from gradflow.checks import expected_params
     from gradflow.stack import Stack
 
-    with user_input():
-        stack = Stack(cell, layers, input_size, hidden, **settings)
-        expected_params(stack)
+    try:
+        with user_input():
+            stack = Stack(cell, layers, input_size, hidden, **settings)
+            expected_params(stack)
+    except InputError as e:  # the API's fix, in the flag that asked for it
+        if settings.get("input_projection") is False and "input_projection=True" in str(e):
+            raise InputError(str(e).replace("use input_projection=True",
+                                            "leave out --no-input-projection")) from e
+        raise
     return stack
 
 

@@ -348,7 +348,8 @@ BAD = [
     (["heatmap", "--data", "x.csv"], "use .npz"),
     (["heatmap", "--data", "x.npz", "--no-data"], "cannot be used together"),
     (["heatmap", "--cell", "refined_lstm", *SMALL, "--input-size", "5",
-      "--no-input-projection"], "needs its input size to equal hidden_size"),
+      "--no-input-projection"], "needs its input size to equal hidden_size (8); the data has "
+                                "5 features: leave out --no-input-projection"),
     (["heatmap", "--cell", "on_lstm", *SMALL, "--option", "chunk_size=3"], "not divisible"),
     (["heatmap", "--cell", "rnn", *SMALL, "--init", "chrono"], "no forget-type gate"),
     (["heatmap", "--cell", "rnn", *SMALL, "--wrt", "cell"], "memory state c"),
