@@ -976,6 +976,9 @@ def _read_params(args, path):
         except InputError as e:  # a model only torch_model builds: which commands read it
             from gradflow.cells.pytorch import _TORCH_MODEL
 
+            if "is not a registered cell: rebuild it" in str(e):  # the API's fix, as a flag
+                raise InputError(str(e).split(": rebuild it")[0] + ": give the factory that "
+                                 "built it, --cell module:factory") from None
             if _TORCH_MODEL not in str(e):
                 raise
             raise InputError(f"{e}; of the commands, gradflow heatmap and gradflow gates "

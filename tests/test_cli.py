@@ -896,7 +896,8 @@ def test_train_a_users_cell_and_measure_its_trained_params(capsys, user_module):
                        "--record-batch", "3", "--out", "run")
     assert rc == 0, err
     rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3")
-    assert rc == 2 and "'sin_rnn' is not a registered cell" in err
+    assert rc == 2 and "'sin_rnn' is not a registered cell: give the factory that built it, " \
+        "--cell module:factory" in err
     rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3", "--cell",
                        f"{user_module}:sin_rnn", "--option", "gain=0.9")
     assert rc == 0, err
