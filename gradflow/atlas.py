@@ -259,7 +259,11 @@ class Grid:
 
         for f in ("cells", "inits", "input_scales", "hidden", "losses", "wrts"):
             object.__setattr__(self, f, _tuple(f, getattr(self, f)))
-        sizes = tuple(tuple(int(x) for x in s) for s in _tuple("sizes", self.sizes))
+        given = _tuple("sizes", self.sizes)
+        if not all(isinstance(s, (list, tuple)) for s in given):
+            raise ValueError(f"sizes are (layers, steps) pairs of positive integers, e.g. "
+                             f"[[8, 32], [16, 64]], got {list(given)}")
+        sizes = tuple(tuple(int(x) for x in s) for s in given)
         if any(len(s) != 2 or min(s) < 1 for s in sizes):
             raise ValueError(f"sizes are (layers, steps) pairs of positive integers, got {sizes}")
         object.__setattr__(self, "sizes", sizes)

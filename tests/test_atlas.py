@@ -119,6 +119,8 @@ def test_resume_after_interruption_gives_the_same_table(full, tmp_path, monkeypa
     (lambda: A.Grid(cells=("rnn",), wrts=("cell",)), "unknown wrt 'cell'; valid: params"),
     (lambda: A.Grid.from_dict({"cell": ["rnn"]}), "unknown grid key 'cell'; valid:"),
     (lambda: A.Grid(cells=("rnn",), sizes=((3,),)), "sizes are"),
+    (lambda: A.Grid.from_dict({"cells": ["rnn"], "sizes": [3, 4]}),
+     r"sizes are \(layers, steps\) pairs .* got \[3, 4\]"),
     (lambda: A.Grid(cells=("rnn:init",)), "option=value"),
     (lambda: A.cell_for("rnn:init=torch", "orthogonal", 3), "use the grid's init"),
     (lambda: A.atlas(["lstm_collapses"], A.Grid(cells=("rnn",))), "no condition"),
