@@ -612,7 +612,7 @@ def marginal_lines(values: np.ndarray, last: int = -1, loss: str | None = None,
 
 def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = None,
                 last: int = -1, loss: str | None = None, where: str | None = None,
-                along: str | None = None) -> list[str]:
+                along: str | None = None, stacked: bool = True) -> list[str]:
     """Lines describing an ``(L, T)`` gradient map ``V``.
 
     First the two marginals from where the loss enters, the top layer at step ``e``
@@ -624,9 +624,11 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
     ``V[0, 0] / V[0, e]`` (off the two axes); the range ``max / min`` in decades with where they
     are; the number of non-finite entries and of underflow entries (below the normal range of
     ``values``' dtype, where every entry is expected positive: ``underflow`` if given, e.g.
-    ``result.underflow["values"]``, else counted here). Maps deeper than ``max_rows`` list
-    evenly spaced layers (top and bottom always). Zeros and non-finite entries are printed as
-    such (``x0 (-inf dec)``, ``nan``), never dropped.
+    ``result.underflow["values"]``, else counted here). ``stacked=False`` (one direction of
+    a bidirectional model, whose layers also read the other direction's) leaves out the
+    bottom layer's ratio, which names the paths of a plain stack. Maps deeper than
+    ``max_rows`` list evenly spaced layers (top and bottom always). Zeros and non-finite
+    entries are printed as such (``x0 (-inf dec)``, ``nan``), never dropped.
     """
     from gradflow.results import underflow_count
 
@@ -652,7 +654,7 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
         lines.append(f"  layer {l:>3}{tag:<9} {_g(values[l, e]):>9} "
                      f"{_rel(values[l, e], values[-1, e]):<21}| {_g(means[l]):>9} "
                      f"{_rel(means[l], means[-1])}")
-    if L > 1 and e > 0:
+    if L > 1 and e > 0 and stacked:
         lines.append(f"bottom layer, t 0 / t {e}: {_rel(values[0, 0], values[0, e])}, off the "
                      f"two axes: t {e} is reached by the vertical path only, earlier steps also "
                      "by diagonal ones (not an amplification)")
@@ -1649,7 +1651,7 @@ def _torch_heatmap(args, t, xs, config, paths) -> int:
             lines.append(f"{name} direction (rows {', '.join(t.rows[d::2])}), as layers:")
             lines += ["  " + x for x in map_summary(
                 values[d::2], underflow=underflow_count(values[d::2], reaches[d::2]),
-                last=T - 1, loss=args.loss,
+                last=T - 1, loss=args.loss, stacked=False,
                 along=along if d == 1 and args.loss == "last" else None)]
     else:
         lines = result_summary(res)

@@ -384,6 +384,8 @@ def test_heatmap_and_gates_of_models_a_stack_does_not_express(capsys, tmp_path):
                 bi = name == "bigru"
                 assert ("reverse direction (rows l0 bwd, l1 bwd)" in out) == bi
                 assert ("none: this direction runs from t 4 back" in out) == (bi and loss == "last")
+                # a plain stack's paths are not named where layers read both directions
+                assert not (bi and "off the two axes" in out)
                 if bi and loss == "last":  # the entries reaches leaves out are exact zeros
                     assert not np.any(got.values[-1, :-1]) and np.all(got.values[:-1] > 0)
                     assert expect.underflow["values"] == 4  # counted without reaches=
