@@ -303,7 +303,10 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     ``taps`` is the map, each step's gradient reduced to its norms inside the backward pass
     (inside a ``lax.scan`` over time, scan ``taps[l]`` with the inputs). A state tapped twice
     adds both gradients' norms; a ``(layer, step)`` never tapped reads 0 (with the default losses
-    counted as underflow: tap every layer at every step). The model computes as it does
+    counted as underflow: tap every layer at every step). ``layers`` must count every layer
+    the model taps: JAX clamps an index past an array's end, so ``taps[l]`` with
+    ``l >= layers`` reads row ``layers - 1``, whose entry then adds that layer's norms
+    (nothing can tell). The model computes as it does
     elsewhere: its matmuls at JAX's default precision, a fast mode on GPUs and TPUs, unlike a
     Stack's float32 (``matmul_precision="highest"``); call ``model_map`` inside
     ``jax.default_matmul_precision("highest")`` for float32 there.
