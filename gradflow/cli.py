@@ -2392,7 +2392,8 @@ def add_train(sub):
     g.add_argument("--record", type=step_list, default=None, metavar="S[,S]",
                    help="steps (updates done) at which to record the map, e.g. 0,500")
     g.add_argument("--record-batch", type=positive_int, default=32, metavar="B",
-                   help="evaluation sequences the maps average over (default: 32)")
+                   help="evaluation sequences the maps average over (default: 32, or "
+                        "--eval-batch where that is smaller)")
     g.add_argument("--record-loss", choices=LOSSES, default="last",
                    help="probe loss of the maps (default: last)")
     g.add_argument("--wrt", choices=WRTS, default="hidden",
@@ -2489,6 +2490,10 @@ def run_train(args) -> int:
         raise _usage(args, f"{', '.join(unread)} set{'s' if len(unread) == 1 else ''} the "
                            "maps that --record records; give --record STEPS (e.g. 0,500) or "
                            f"drop {'it' if len(unread) == 1 else 'them'}")
+    if args.record and _given(args, ("record_batch",)) and args.record_batch > args.eval_batch:
+        raise _usage(args, f"--record-batch {args.record_batch} is more than the --eval-batch "
+                           f"{args.eval_batch} sequences the maps are recorded on; give at most "
+                           f"{args.eval_batch}, or a larger --eval-batch")
     if args.record and max(args.record) > args.steps:
         raise _usage(args, f"--record steps must lie in 0..{args.steps} (--steps), got "
                            f"{max(args.record)}")

@@ -111,6 +111,8 @@ def test_recorded_maps_are_the_maps_of_the_trained_params(run, direct):
     (["--wrt", "cell"], "--wrt sets the maps that --record records; give --record STEPS"),
     (["--record-batch", "4", "--readout-seed", "3"],
      "--record-batch, --readout-seed set the maps that --record records"),
+    (["--record", "2", "--record-batch", "8"],  # (it recorded on the 4, silently)
+     "--record-batch 8 is more than the --eval-batch 4 sequences the maps are recorded on"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
     code = main(["train", "--out", str(tmp_path / "x"), "--steps", "2", "--eval-batch", "4",
