@@ -576,8 +576,8 @@ def measure_group(conditions: list[dict], devices=None) -> list:
     kinds = {measure_of(c) for c in conditions}
     if len(kinds) != 1:
         raise ValueError(f"measure_group: one measurement kind per group, got {sorted(kinds)}")
-    dtypes = {c["dtype"] for c in conditions}  # (a group shares its dtype: not grouped)
-    with precision(dtypes.pop() if len(dtypes) == 1 else "float32"):  # float64: 64-bit JAX
+    # a group shares its dtype (not a grouped factor), as _vmapped_group reads it
+    with precision(conditions[0]["dtype"]):  # float64: 64-bit JAX
         return MEASUREMENTS[kinds.pop()].measure_group(conditions, devices)
 
 

@@ -909,15 +909,15 @@ def checked_stack(cell, layers: int, input_size: int, hidden: int, **settings):
     sizes run too; any ValueError/TypeError is the user's input
     (:class:`gradflow.errors.InputError`)."""
     from gradflow.checks import expected_params
-    from gradflow.stack import Stack
+    from gradflow.stack import _PROJECT, Stack
 
     try:
         with user_input():
             stack = Stack(cell, layers, input_size, hidden, **settings)
             expected_params(stack)
     except InputError as e:  # the API's fix, in the flag that asked for it
-        if settings.get("input_projection") is False and "input_projection=True" in str(e):
-            raise InputError(str(e).replace("use input_projection=True",
+        if settings.get("input_projection") is False and _PROJECT in str(e):
+            raise InputError(str(e).replace(_PROJECT,
                                             "leave out --no-input-projection")) from e
         raise
     return stack
@@ -978,9 +978,10 @@ def _read_params(args, path):
         except InputError as e:  # a model only torch_model builds: which commands read it
             from gradflow.cells.pytorch import _TORCH_MODEL
 
-            if "is not a registered cell: rebuild it" in str(e):  # the API's fix, as a flag
-                raise InputError(str(e).split(": rebuild it")[0] + ": give the factory that "
-                                 "built it, --cell module:factory") from None
+            if runs._REBUILD in str(e):  # the API's fix, as the option that does it
+                raise InputError(str(e).replace(
+                    runs._REBUILD, "give the factory that built it, --cell module:factory")
+                ) from None
             if _TORCH_MODEL not in str(e):
                 raise
             raise InputError(f"{e}; of the commands, gradflow heatmap and gradflow gates "
@@ -2306,19 +2307,16 @@ def run_atlas(args) -> int:
     with user_input():
         grid = _atlas.Grid.load(args.grid) if args.grid is not None else _atlas.Grid(**flags)
     cache = args.cache or str(out / f"{args.name}_cache")
-    folder = Path(cache)
-    if folder.exists() and not folder.is_dir():
+    if Path(cache).exists() and not Path(cache).is_dir():
         raise _usage(args, f"--cache {cache!r} is a file; the cache is a folder (made if "
                            "missing)")
-    while not folder.exists():  # made where its nearest existing folder is writable
-        folder = folder.parent
-    _writable_dir(folder, cache)
     with user_input():  # a grid no claim reads is the user's to fix
         conditions = [c for g in (grid if isinstance(grid, list) else [grid])
                       for c in g.conditions()]
         if not args.claims:  # all claims: those that read some condition of the grid
             claims = [cl for cl in claims if any(cl.applies(c) for c in conditions)] or claims
         _atlas.plan(claims, grid)  # every check before anything is measured
+    _made_dir(args, Path(cache))  # (once the plan holds: a refused one leaves no folder)
     results = _atlas.atlas(claims, grid, cache_dir=cache, progress=not args.no_progress)
     from gradflow import plot as _plot
 
@@ -2418,15 +2416,21 @@ def _train_task(args):
                            "pip install 'gradflow[digits]'") from None
 
 
-def _train_dir(args) -> Path:
-    stem = default_stem(args, "train", args.task, args.cell, f"L{args.layers}",
-                        skip=("task", "cell", "layers"), tokens={"steps": "N{}".format})
-    out = Path(args.out if args.out is not None else os.path.join(DEFAULT_OUT_DIR, stem))
+def _made_dir(args, out: Path) -> Path:
+    """The folder ``out``, made with its parents where missing, and writable; else one line."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _usage(args, f"cannot create {str(out)!r}: {e.strerror or e}") from None
     _writable_dir(out, str(out))
+    return out
+
+
+def _train_dir(args) -> Path:
+    stem = default_stem(args, "train", args.task, args.cell, f"L{args.layers}",
+                        skip=("task", "cell", "layers"), tokens={"steps": "N{}".format})
+    out = _made_dir(args, Path(args.out if args.out is not None
+                               else os.path.join(DEFAULT_OUT_DIR, stem)))
     # a new run (train clears its own files: state, curve, records): the maps this command
     # wrote for an earlier run in the folder go too, or they would read as this run's
     for old in [*out.glob("map_step*.npz"), out / "maps.png"]:

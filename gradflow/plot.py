@@ -115,7 +115,12 @@ def _relative(values: np.ndarray, wrt: str | None = None) -> np.ndarray:
 
 def _reference_label(wrt: str | None) -> str:
     """The colour bar's note on what a normalised map is relative to (:func:`_relative`)."""
-    return " / value at (top, last" + (" c reaches)" if wrt == "cell" else ")")
+    return f" / value at (top, last{_reaches(wrt)})"
+
+
+def _reaches(wrt: str | None) -> str:
+    """What qualifies "last" (step) in the words for :func:`_relative`'s reference."""
+    return " c reaches" if wrt == "cell" else ""
 
 
 def _wrt(result: Result, key: str | None) -> str | None:
@@ -999,8 +1004,8 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
                 panels[(f"loss={loss}", cell)] = p
     if title is None:
         title = f"gradient maps wrt {grid.config.get('wrt', '?')}" + (
-            ", relative to (top layer, last step" + (
-                " c reaches)" if grid.config.get("wrt") == "cell" else ")") if normalize else "")
+            f", relative to (top layer, last step{_reaches(grid.config.get('wrt'))})"
+            if normalize else "")
     fig = _grid_or_empty(panels, losses, cells, normalize,
                          _titled(title, settings(grid.config)), vmin, vmax)
     for i, j, cell, note in empty:

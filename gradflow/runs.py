@@ -177,6 +177,11 @@ def record_file(index: int) -> str:
 # Trained weights in
 
 
+#: The fix :func:`stack_from_config` names for a user's cell (a reader of the command line
+#: keys on it to name the option that passes the cell instead).
+_REBUILD = "rebuild it and pass it (load_params(path, cell=...))"
+
+
 def stack_from_config(config: dict, cell=None) -> Stack:
     """The :class:`gradflow.Stack` described by ``Stack.config`` (e.g. ``meta["stack"]``), or
     by a result's config (``gradflow.load(path).config``: the stack a map measured; its other
@@ -194,7 +199,7 @@ def stack_from_config(config: dict, cell=None) -> Stack:
         unknown = [n for n in names if n not in _cells.names()]
         if unknown:
             raise InputError(f"the saved stack's cell {unknown[0]!r} is not a registered cell: "
-                             "rebuild it and pass it (load_params(path, cell=...))")
+                             f"{_REBUILD}")
         if isinstance(name, list):
             cell = [_cells.get(n, **o) for n, o in zip(name, config["cell_options"])]
         elif isinstance(config.get("cell_options"), dict):  # kept apart from a result's keys
@@ -325,10 +330,9 @@ def _torch_file_error(p: Path, e: Exception, who: str) -> InputError:
     message without the function's name ``who``; where the file lacks a vanilla RNN's
     nonlinearity, how to save it there (a file has no argument to pass)."""
     text = str(e).replace(who, "")
-    if "does not record its nonlinearity" in text:
-        text = ("a vanilla RNN's state dict does not record its nonlinearity: save it beside "
-                "the weights, np.savez(path, nonlinearity='tanh', **state_dict) ('tanh' is "
-                "nn.RNN's default; or 'relu')")
+    if pytorch._NO_NONLINEARITY in text:
+        text = (f"{pytorch._NO_NONLINEARITY}: save it beside the weights, np.savez(path, "
+                "nonlinearity='tanh', **state_dict) ('tanh' is nn.RNN's default; or 'relu')")
     return InputError(f"{os.fspath(p)!r}: {text}")
 
 

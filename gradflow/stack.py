@@ -132,6 +132,9 @@ jax.tree_util.register_pytree_node(
 NORMS = (None, "layer", "rms")
 SETTINGS = ("input_projection", "order", "checkpoint", "residual", "norm", "matmul_precision",
             "cell_options")
+#: The fix a square cell's refusal of unprojected inputs names (the command line, which
+#: sets it by a flag, names the flag instead).
+_PROJECT = "use input_projection=True"
 #: Keys a measurement's config adds beside the stack's (:func:`gradflow.checks.with_meta`).
 MEASUREMENT_KEYS = ("steps", "batch", "dtype", "seed", "input_scale", "loss", "wrt",
                     "readout_seed")
@@ -274,7 +277,7 @@ class Stack:
         elif square and input_size != H0 and not input_projection:
             raise ValueError(
                 f"cell {cells[0].name!r} needs its input size to equal hidden_size "
-                f"({H0}); the data has {input_size} features: use input_projection=True")
+                f"({H0}); the data has {input_size} features: {_PROJECT}")
         set_("input_projection", bool(input_projection))
         for l, c in enumerate(cells[1:], 1):
             if c.square and self._widths[l] != self._widths[l - 1]:

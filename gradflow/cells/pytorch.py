@@ -94,6 +94,9 @@ def _module_kind(model) -> tuple[str, str | None, str] | None:
 
 
 _TORCH_MODEL = "measure such a model with gradflow.torch_model, which builds it for model_map"
+#: The start of the refusal of a vanilla RNN's weights without their nonlinearity (a reader
+#: of files keys on it to say how to save it there: :func:`gradflow.runs.load_params`).
+_NO_NONLINEARITY = "a vanilla RNN's state dict does not record its nonlinearity"
 
 
 def _prefixes(who: str, state: Mapping, projected: bool) -> dict:
@@ -291,9 +294,8 @@ def read(model, *, prefix: str | None = None, nonlinearity: str | None = None,
     acts.discard(None)
     if name == "rnn":
         if not acts:
-            raise ValueError(f"{who}: a vanilla RNN's state dict does not record its "
-                             "nonlinearity: pass nonlinearity='tanh' (nn.RNN's default) or "
-                             "'relu', or give the module itself")
+            raise ValueError(f"{who}: {_NO_NONLINEARITY}: pass nonlinearity='tanh' (nn.RNN's "
+                             "default) or 'relu', or give the module itself")
         if len(acts) > 1:
             raise ValueError(f"{who}: layers with different nonlinearities {sorted(acts)}")
         cell = rnn(nonlinearity=acts.pop())
