@@ -1340,8 +1340,7 @@ def test_gates_count_the_units_that_exist_and_have_the_gate(capsys, tmp_path):
 
 def test_heatmap_normalizes_a_memory_map_where_the_loss_enters(capsys, tmp_path):
     """``--wrt cell --normalize``: c's last step is 0 by construction, so the map is drawn
-    relative to the step before (it printed "not normalised" and drew absolute values); a map
-    whose reference is 0 still says so."""
+    relative to the step before (it printed "not normalised" and drew absolute values)."""
     small = ["--cell", "lstm", "--layers", "2", "--steps", "4", "--hidden", "4", "--batch", "2",
              "--normalize"]
     rc, out, err = run(capsys, "heatmap", *small, "--wrt", "cell", "--out", tmp_path / "c.png")
