@@ -44,6 +44,7 @@ from typing import Callable
 
 import numpy as np
 
+from gradflow import checks
 from gradflow.registry import Registry
 
 CACHE_VERSION = 1
@@ -210,6 +211,9 @@ def check(config: dict) -> dict:
     if missing:
         raise ValueError(f"training atlas config lacks {', '.join(missing)}")
     c = {**_DEFAULTS, **config}
+    c["eval_batch"] = checks.positive_int("eval_batch", c["eval_batch"])
+    c["record_batch"] = checks.record_batch(config.get("record_batch"), c["eval_batch"],
+                                            min(_DEFAULTS["record_batch"], c["eval_batch"]))
     c["lrs"], c["seeds"] = _seeds.lr_list(c["lrs"]), _seeds.seed_list(c["seeds"])
     f = c["factor"]
     if not isinstance(f, dict) or set(f) != {"name", "where", "values"} or \

@@ -50,6 +50,17 @@ def nonneg_int(name: str, value) -> int:
     return v
 
 
+def record_batch(value, eval_batch: int, default: int) -> int:
+    """How many of the evaluation batch's sequences a training run records on: ``value``
+    (None: ``default``) as a positive int, at most ``eval_batch``."""
+    value = default if value is None else positive_int("record_batch", value)
+    if value > eval_batch:
+        raise ValueError(f"record_batch {value} is more than eval_batch {eval_batch}: records "
+                         f"are taken on the evaluation batch's first record_batch sequences; "
+                         f"pass record_batch <= {eval_batch}")
+    return value
+
+
 def int_at_least(name: str, value, low: int) -> int:
     """``int(value)`` if it is an integer ``>= low`` (not a bool), else a ValueError naming it."""
     v = _int(name, value, f"an integer >= {low}")

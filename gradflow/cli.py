@@ -2515,7 +2515,8 @@ def run_train(args) -> int:
         st, p, xs, loss=args.record_loss, wrt=args.wrt, readout_seed=args.readout_seed)}
     run = dict(steps=args.steps, batch=args.batch, lr=args.lr, clip=args.clip, seed=args.seed,
                dtype=args.dtype, eval_every=args.eval_every, eval_batch=args.eval_batch,
-               record_at=args.record or (), record_batch=args.record_batch, budget=args.budget)
+               record_at=args.record or (),  # the default's bound; a larger given one is refused
+               record_batch=min(args.record_batch, args.eval_batch), budget=args.budget)
     record = record if args.record else None
     with user_input():  # train's own checks, before the run folder and the header
         check_run(stack, task, task, TrainConfig(**run), record)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import warnings
 
 from gradflow import cells as _cells
+from gradflow import checks as _checks
 from gradflow import gates as _gates
 from gradflow import tasks as _tasks
 from gradflow.checks import choice, float_dtype
@@ -457,7 +458,7 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
                   layers: int = 2, hidden: int = 32, steps: int = 500, batch: int = 64,
                   lr: float = 3e-3, clip: float = 1.0, seed: int = 0, seeds=None,
                   dtype: str = "float32", eval_every: int | None = None,
-                  eval_batch: int = 256, record=(), record_batch: int = 64, eps: float = _gates.EPS,
+                  eval_batch: int = 256, record=(), record_batch: int | None = None, eps: float = _gates.EPS,
                   bins: int = _gates.BINS, meta: dict | None = None) -> Result:
     r"""Train several stacks on one task with one seed, or several (``seeds=``)
     (:func:`gradflow.train.train`: Adam, gradient clip, fresh batches, a fixed evaluation
@@ -475,7 +476,8 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
       record: a subset of :data:`RECORDS`: ``"gates"``, :func:`gradflow.gates.saturation` with
         ``eps`` and ``bins``; ``"map"``, the hidden-state gradient map under the probe loss
         ``"last"`` (the random readout of ``gradflow heatmap``, so maps at both steps compare),
-        each on the first ``record_batch`` evaluation sequences. (Not
+        each on the first ``record_batch`` evaluation sequences (None: ``min(64,
+        eval_batch)``; at most ``eval_batch``). (Not
         :func:`gradflow.train.train`'s ``record``, ``{name: fn}`` called at ``record_at``.)
       seeds: a list of seeds: every run is trained once per seed
         (:func:`gradflow.seeds.train_seeds`, the seeds vmapped in one program; ``seed`` is then
@@ -496,6 +498,8 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
         if seeds is not None:
             seeds = _seeds.seed_list(seeds)
         record = _names(record, "record", "record", RECORDS) if record else []
+        eval_batch = _checks.positive_int("eval_batch", eval_batch)
+        record_batch = _checks.record_batch(record_batch, eval_batch, min(64, eval_batch))
         the_task = _tasks.make(task, **(task_options or {}))
         for label, cell, opts, extra in runs:
             task_stack(cell, the_task, layers=layers, hidden=hidden, options=opts,

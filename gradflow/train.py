@@ -103,8 +103,7 @@ class TrainConfig:
             eval_every=(max(1, steps // 10) if self.eval_every is None
                         else checks.positive_int("eval_every", self.eval_every)),
             eval_batch=eval_batch, record_at=record_at,
-            record_batch=(eval_batch if self.record_batch is None
-                          else checks.positive_int("record_batch", self.record_batch)),
+            record_batch=checks.record_batch(self.record_batch, eval_batch, eval_batch),
             budget=budget, curriculum=_stages(self.curriculum))
 
     @property
@@ -737,7 +736,8 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
       record_at: steps (``0..steps``, updates done) at which to call ``record``.
       record: ``{name: fn(stack, stack_params, xs) -> Result}``, e.g.
         ``lambda s, p, x: gradflow.gates.saturation(s, p, x)``; called outside jit on the first
-        ``record_batch`` (default all) sequences of the evaluation batch. (Not
+        ``record_batch`` (default all; at most ``eval_batch``) sequences of the evaluation
+        batch. (Not
         :func:`gradflow.experiments.training_runs`'s ``record``, a tuple of names measured at
         the first and the last step.)
       budget: ``lambda`` of the budget loss ``lambda * mean(k)`` over every time gate ``k`` of

@@ -15,7 +15,7 @@ import pytest
 import gradflow
 from gradflow import tasks
 from gradflow.results import Result, make_result
-from gradflow.train import History, eval_batch_of, train
+from gradflow.train import History, TrainConfig, eval_batch_of, train
 
 F32 = jnp.float32
 H = 32
@@ -210,6 +210,15 @@ def test_bad_curriculum():
 
 # ---------------------------------------------------------------------------------------------
 # Callbacks, checkpoints, resume
+
+
+def test_record_batch_above_the_evaluation_batch_is_refused():
+    # the records are taken on the evaluation batch: more sequences than it has cannot be given
+    # (it was clipped in silence, and the run's config claimed the larger number)
+    with pytest.raises(ValueError, match="record_batch 9 is more than eval_batch 8.*<= 8"):
+        TrainConfig(eval_batch=8, record_batch=9)
+    assert TrainConfig(eval_batch=8).record_batch == 8
+    assert TrainConfig(eval_batch=8, record_batch=8).record_batch == 8
 
 
 def test_record_callbacks_at_chosen_steps():

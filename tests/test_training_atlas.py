@@ -152,10 +152,19 @@ def test_predicates_on_hand_made_runs():
     ({"claims": ["nope"]}, "unknown training claim 'nope'; valid: deep_star_trains"),
     ({"claims": ["ur_lstm_beats_baselines"]}, "reads run.*UR-LSTM"),
     ({"runs": [["a", "lstm"]]}, "runs are"),
+    ({"eval_batch": 4, "record_batch": 5}, "record_batch 5 is more than eval_batch 4"),
 ])
 def test_bad_atlas_configs_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
         at.check({**TINY, **change})
+
+
+def test_the_default_record_batch_is_bounded_by_the_evaluation_batch():
+    # the default (64) would otherwise enter the cache key and the saved config, larger than
+    # the evaluation batch the records are taken on
+    assert at.check({**TINY, "eval_batch": 8})["record_batch"] == 8
+    assert at.check({**TINY, "eval_batch": 100})["record_batch"] == 64
+    assert at.check({**TINY, "eval_batch": 8, "record_batch": 3})["record_batch"] == 3
 
 
 def test_reproduce_regenerates_a_tiny_training_atlas(tiny_atlas, tmp_path):

@@ -26,6 +26,16 @@ def tiny():
     return experiments.training_runs(runs, record=["map", "gates"], **TINY)
 
 
+def test_the_record_batch_is_the_one_recorded_on():
+    # None: min(64, eval_batch), saved as such; more than the evaluation batch is refused
+    # before anything is trained
+    plan = {**TINY, "steps": 0, "record_batch": None}
+    res = experiments.training_runs([["LSTM", "lstm", {}]], **plan)
+    assert res.config["record_batch"] == 8
+    with pytest.raises(ValueError, match="record_batch 9 is more than eval_batch 8"):
+        experiments.training_runs([["LSTM", "lstm", {}]], **{**plan, "record_batch": 9})
+
+
 def test_curves_equal_a_direct_training_run(tiny):
     task = tasks.make("adding", steps=5)
     for label, cell, budget in (("LSTM", "lstm", 0.0), ("g", "g_lstm", 0.05)):
