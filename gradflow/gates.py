@@ -120,6 +120,26 @@ GU_GRID = (
 """Gu et al.'s (2020) comparison: the LSTM, its UGI initialisation, the refine gate alone, both
 (UR-LSTM), and ON-LSTM's master gates, as ``(label, cell, options)`` entries for :func:`compare`."""
 
+_REFINE, _MASTER = {"aux": "refine", "tied": True}, {"aux": "master"}
+GU_ABLATION = (
+    ("--", "lstm", {}),
+    ("-R", "lstm", _REFINE),
+    ("-M", "lstm", {**_MASTER, "ordered": False}),
+    ("U-", "lstm", {"init": "ugi"}),
+    ("UR", "lstm", {"init": "ugi", **_REFINE}),
+    ("UM", "lstm", {"init": "ugi", **_MASTER, "ordered": False}),
+    ("O-", "lstm", {"ordered": True}),
+    ("OR", "lstm", {"ordered": True, **_REFINE}),
+    ("OM", "lstm", {"ordered": True, **_MASTER}),
+)
+"""Gu et al.'s (2020) ablation grid, primary gate ``-`` (standard), ``U`` (UGI) or ``O``
+(cumax, ``lstm(ordered=True)``) x auxiliary gate ``-``, ``R`` (refine, input gate tied as in
+their refine-gate models) or ``M`` (master gates: cumax for ``O``, ON-LSTM; sigmoid
+otherwise), labelled ``"--"``, ``"-R"``, ..., ``"OM"``, as ``(label, cell, options)`` entries for
+:func:`compare`. ``UR`` is ``ur_lstm`` and ``OM`` is ``on_lstm``. Their master-gate models used
+a downsize factor ``C > 1`` (``chunk_size``), left at 1 here. **Uncertain**: the letters are
+read from memory (see :func:`gradflow.cells.lstm`'s ``ordered``)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # What each gate is
@@ -341,7 +361,8 @@ def _slopes(stack: Stack, params: dict, xs, out) -> dict:
         s[g] = sz * jnp.abs(layer_inputs(stack, params, xs, out.up)) if mode == "mul" else sz
     for g, (f, r) in lay.effective.items():
         dgdf, dgdr = refine_partials(acts[f], acts[r])
-        s[g] = jnp.abs(dgdf) * s[f]
+        if f in s:  # (a cumax forget gate, lstm(ordered=True), has no element-wise slope)
+            s[g] = jnp.abs(dgdf) * s[f]
         s[g + ":refine"] = jnp.abs(dgdr) * s[r]
     return s
 
@@ -393,7 +414,7 @@ def _rows(acts: dict, kinds: dict, retain: dict, sl, eps, threshold) -> dict:
         ok = jnp.isfinite(a)
         rows["mean", g] = a
         rows["saturated", g] = is_saturated(a, eps, kind).astype(a.dtype)
-        if kind in _SLOPED:
+        if kind in _SLOPED and g in sl:
             rows["slope", g] = sl[g]
         if kind == "effective":
             rows["slope_refine", g] = sl[g + ":refine"]
@@ -921,9 +942,9 @@ def compare(entries=GU_GRID, *, layers: int = 2, steps: int = 20, hidden: int = 
     return out
 
 
-__all__ = ["GU_GRID", "GateLayout", "KINDS", "STATS", "UPDATE_THRESHOLD", "activations",
-           "bin_edges", "compare", "gate_kinds", "gate_layout", "hist_edges", "histogram",
-           "is_saturated", "kept_fraction", "MODEL_KINDS", "model_saturation",
+__all__ = ["GU_ABLATION", "GU_GRID", "GateLayout", "KINDS", "STATS", "UPDATE_THRESHOLD",
+           "activations", "bin_edges", "compare", "gate_kinds", "gate_layout", "hist_edges",
+           "histogram", "is_saturated", "kept_fraction", "MODEL_KINDS", "model_saturation",
            "layer_inputs", "named_arrays", "parse_entries", "preactivation", "reductions",
            "refine_partials", "saturation",
            "sigmoid_slope", "slopes", "summary", "timescale", "value_range"]

@@ -49,6 +49,10 @@ CASES = [
     ("phased_lstm", {}),
     ("on_lstm", {}),
     ("on_lstm", {"chunk_size": 2}),
+    # Gu et al.'s primary gate O (cumax forget gate) and master gates without it (-M)
+    ("lstm", {"ordered": True}),
+    ("lstm", {"ordered": True, "aux": "refine", "tied": True}),
+    ("lstm", {"aux": "master", "ordered": False, "chunk_size": 2}),
 ]
 IDS = [n + "".join(f"-{k}={v}" for k, v in o.items()) for n, o in CASES]
 
@@ -136,17 +140,24 @@ def reference_step(name, opts, p, state, x, t):
         q = p["h"]
         hn = np.maximum(x @ q["W"] + q["u"] * h + q["b"], 0.0)
         return {"h": hn}, hn, {}
+    # Gu et al.'s O: the forget gate through cumax; -M: master gates through a sigmoid
+    forget = ((lambda a: _cumax(a, 1)) if opts.get("ordered") and opts.get("aux") != "master"
+              else _sig)
+    masters = ((lambda a, n: np.repeat(_sig(a), n, axis=-1)) if opts.get("ordered") is False
+               else _cumax)
+    if name == "lstm" and opts.get("aux") == "refine":  # tied, as ur_lstm
+        name = "ur_lstm"
     if name in ("lstm", "refined_lstm", "g_lstm", "phased_lstm", "on_lstm"):
         c = state["c"]
         i = ref("i", _sig(pre("i")))
-        f = ref("f", _sig(pre("f") + opts.get("forget_bias", 0.0)))
+        f = ref("f", forget(pre("f") + opts.get("forget_bias", 0.0)))
         g = np.tanh(pre("g"))
         o = ref("o", _sig(pre("o")))
         gates = {"i": i, "f": f, "o": o, "g": g}  # g: the candidate (kind tanh)
-        if name == "on_lstm":
+        if name == "on_lstm" or opts.get("aux") == "master":
             chunks = opts.get("chunk_size", 1)
-            fm = _cumax(pre("f_master"), chunks)
-            im = 1.0 - _cumax(pre("i_master"), chunks)
+            fm = masters(pre("f_master"), chunks)
+            im = 1.0 - masters(pre("i_master"), chunks)
             w = fm * im
             c_new = (f * w + (fm - w)) * c + (i * w + (im - w)) * g
             gates.update(f_master=fm, i_master=im)
@@ -169,7 +180,7 @@ def reference_step(name, opts, p, state, x, t):
         return {"c": c_new, "h": h_new}, h_new, {**gates, "k": k}
     if name == "ur_lstm":
         c = state["c"]
-        f, r, o = _sig(pre("f")), _sig(pre("r")), _sig(pre("o"))
+        f, r, o = forget(pre("f")), _sig(pre("r")), _sig(pre("o"))
         g = _refine(f, r)
         u = np.tanh(pre("u"))
         c_new = g * c + (1 - g) * u
@@ -554,6 +565,13 @@ def test_invalid_option_combinations():
         cells.get("on_lstm", chunk_size=0)
     with pytest.raises(ValueError, match="divisible"):
         cells.get("on_lstm", chunk_size=3).init(jax.random.key(0), 4, 4)
+    with pytest.raises(ValueError, match="ordered=True gives it the cumax activation"):
+        cells.get("lstm", ordered=True, forget_bias=1.0)
+    with pytest.raises(ValueError, match="ordered=False picks sigmoid master gates and needs "
+                                         "aux='master'"):
+        cells.get("lstm", ordered=False)
+    with pytest.raises(ValueError, match=r"choose from 'o', 'i'"):  # f is no sigmoid to refine
+        cells.get("lstm", ordered=True, refined=("f",))
     with pytest.raises(ValueError, match="forget-type gate"):
         cells.get("rnn", init="chrono")
     with pytest.raises(ValueError, match="forget-type gate"):
@@ -660,6 +678,21 @@ def test_bn_star_batch_statistics_match_numpy(x64):
     np.testing.assert_allclose(fresh["bn"]["kx"]["scale"], 0.1)  # scale initialised to 0.1
     with pytest.raises(ValueError, match="bn_stats='population'"):
         cell.step(p, {"h": jnp.asarray(h[0])}, jnp.asarray(x[0]), 0)
+
+
+def test_cumax_stays_in_the_unit_interval():
+    """ON-LSTM's cumax (and the ordered forget gate) is 1 at the last unit in exact arithmetic;
+    the rounded sum of a softmax gave 1 + ulp there, counted "outside [0, 1]" by the gate
+    statistics. The clip at 1 moves only such entries."""
+    from gradflow.cells.mechanisms import cumax
+
+    a = jnp.asarray(np.random.default_rng(0).normal(0, 3, (4000, 16)), jnp.float32)
+    raw = jnp.cumsum(jax.nn.softmax(a, axis=-1), axis=-1)
+    assert bool(jnp.any(raw > 1))  # the rounding the clip is for happens here
+    y = cumax(a)
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
+    np.testing.assert_allclose(y, raw, rtol=0, atol=2 * np.finfo(np.float32).eps)
+    np.testing.assert_array_equal(y[raw <= 1], raw[raw <= 1])
 
 
 def test_tied_refine_bias_equals_untied_at_ugi_init():

@@ -28,6 +28,14 @@ PROBLEMS = {
     "on_lstm": ("on_lstm", {}, "float64", {"i": "sigmoid", "f": "sigmoid", "f_master": "master",
                                            "i_master": "master", "o": "sigmoid", "g": "tanh"},
                 None),
+    # Gu et al.'s O (a cumax forget gate: no element-wise slope) with the refine gate, and
+    # sigmoid master gates (-M)
+    "lstm_OR": ("lstm", {"ordered": True, "aux": "refine", "tied": True}, "float64",
+                {"f": "master", "r": "sigmoid", "g": "effective", "o": "sigmoid", "u": "tanh"},
+                "r"),
+    "lstm_-M": ("lstm", {"aux": "master", "ordered": False}, "float64",
+                {"i": "sigmoid", "f": "sigmoid", "f_master": "sigmoid", "i_master": "sigmoid",
+                 "o": "sigmoid", "g": "tanh"}, None),
     "refined_lstm": ("refined_lstm", {}, "float64",
                      {"i": "refined", "f": "sigmoid", "o": "refined", "g": "tanh"}, None),
     # 5 data features: the stack projects them to H, and the refined gates read the projection
@@ -130,13 +138,16 @@ def reference(name, stack, params, xs, eps, bins=20, thr=1e-3):
     for g, a in acts.items():
         if kinds[g] == "effective":
             # central differences of g(z_f, z_r) = refine(sigma(z_f), sigma(z_r)) in the logits
-            zf, zr = np.log(acts["f"] / (1 - acts["f"])), np.log(acts[rname] / (1 - acts[rname]))
-            gf = effective_gate
-            np.testing.assert_allclose(gf(zf, zr), a, rtol=1e-9, atol=1e-12)
+            # (a cumax forget gate has no logit: only the refine gate's slope, f held fixed)
+            f, zr = acts["f"], np.log(acts[rname] / (1 - acts[rname]))
+            gr = lambda zr: sig(zr) * (1 - (1 - f) ** 2) + (1 - sig(zr)) * f ** 2  # noqa: E731
+            np.testing.assert_allclose(gr(zr), a, rtol=1e-9, atol=1e-12)
             d = 1e-6
             ok = np.isfinite(a)
-            put(ref, "slope", g, np.abs(gf(zf + d, zr) - gf(zf - d, zr)) / (2 * d), ok)
-            put(ref, "slope_refine", g, np.abs(gf(zf, zr + d) - gf(zf, zr - d)) / (2 * d), ok)
+            if kinds["f"] == "sigmoid":
+                zf, gf = np.log(f / (1 - f)), effective_gate
+                put(ref, "slope", g, np.abs(gf(zf + d, zr) - gf(zf - d, zr)) / (2 * d), ok)
+            put(ref, "slope_refine", g, np.abs(gr(zr + d) - gr(zr - d)) / (2 * d), ok)
     return reference_of(acts, kinds, retain, eps, bins, thr, ref, slope), acts
 
 
@@ -205,6 +216,11 @@ def assert_matches(res, ref, rtol, acts):
             assert np.all(np.abs(got - want) <= slack), (k, got, want)
         elif np.issubdtype(np.asarray(want).dtype, np.integer):
             np.testing.assert_array_equal(got, want, err_msg=k)
+        elif k.startswith("timescale"):  # as 1 - mean kept: a cumax gate's last unit is 1 or
+            tol = 100 * np.finfo(got.dtype).eps  # 1 - ulp, its timescale inf or 1/ulp
+            with np.errstate(divide="ignore"):
+                np.testing.assert_allclose(1 / got, 1 / want, rtol=max(rtol, tol), atol=tol,
+                                           err_msg=k)
         else:
             # the atol covers roundoff near zero (cumax's last entry); finite differences of
             # the effective gate get 1e-6
@@ -223,12 +239,15 @@ def test_statistics_match_numpy_reference(name, x64):
     assert res.config["gate_kinds"] == PROBLEMS[name][3]
     assert res.config["eps"] == EPS and res.config["seed"] == 7 and res.config["steps"] == T
     assert_matches(res, ref, 1e-5 if cfg["dtype"] == "float32" else 1e-10, acts)
-    # only cumax's ends (1 +- ulp, 0 +- ulp) sit on bin edges; elsewhere counts are exact (a
-    # multiplicative refined gate g * x is tiny where its input is: a product, safe at 0)
+    # only cumax's ends (1 +- ulp, 0 +- ulp) sit on bin edges (and an effective gate made of a
+    # cumax forget gate); elsewhere counts are exact (a multiplicative refined gate g * x is
+    # tiny where its input is: a product, safe at 0)
     mul = stack.cell.config.get("mode") == "mul"
     kinds = PROBLEMS[name][3]
+    cumax = {g for g, k in kinds.items() if k == "master" or (k == "effective"
+                                                               and kinds["f"] == "master")}
     assert sum(near_edges(a, product=mul and kinds[g] == "refined", tanh=kinds[g] == "tanh").sum()
-               for g, a in acts.items() if "master" not in g) == 0
+               for g, a in acts.items() if g not in cumax) == 0
     if name == "refined_gru_add":
         assert stack.input_projection and xs.shape[-1] == 5
     # the inputs are spread enough that the comparisons are not vacuous
@@ -593,6 +612,28 @@ def test_gu_grid_entries_are_valid_cells():
     assert kinds["LSTM+R"]["g"] == kinds["UR-LSTM"]["g"] == "effective"
     assert kinds["ON-LSTM"]["f_master"] == "master"
     assert set(kinds["LSTM"].values()) == set(kinds["LSTM+UGI"].values()) == {"sigmoid", "tanh"}
+
+
+def test_gu_ablation_grid_is_a_loop_over_options(x64):
+    """Gu et al.'s primary x auxiliary grid as lstm options: nine distinct cells, the two the
+    paper names as models equal to them (UR = ur_lstm, OM = on_lstm: same statistics on the
+    same problem), and the O rows' forget (or master) gates cumax: rising across the units."""
+    assert [e[0] for e in gates.GU_ABLATION] == ["--", "-R", "-M", "U-", "UR", "UM", "O-",
+                                                 "OR", "OM"]
+    size = dict(layers=1, steps=T, hidden=H, batch=B, seed=5, dtype="float64")
+    out = gates.compare(gates.GU_ABLATION, **size)
+    assert len({Stack(c, 1, 4, 4, cell_options=o).cell for _, c, o in gates.GU_ABLATION}) == 9
+    named = gates.compare([("UR", "ur_lstm", {}), ("OM", "on_lstm", {})], **size)
+    for label in named:
+        assert set(out[label].arrays) == set(named[label].arrays)
+        for k, v in named[label].arrays.items():
+            np.testing.assert_array_equal(out[label][k], v, err_msg=f"{label} {k}")
+    options = {label: o for label, _, o in gates.GU_ABLATION}
+    for label, gate in (("O-", "f"), ("OR", "f"), ("OM", "f_master"), ("-M", "f_master")):
+        p = problem("lstm", **size, **options[label])
+        a = np.asarray(gates.activations(p.stack, p.params, p.xs)[gate])
+        rising = bool(np.all(np.diff(a, axis=-1) >= -1e-15))
+        assert rising == (label != "-M"), label  # cumax rises; -M's sigmoid master does not
 
 
 def test_the_traceable_reductions_differentiate(x64):

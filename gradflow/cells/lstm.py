@@ -21,7 +21,8 @@ from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, ref
 def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
          forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
          tied: bool = False, refined: tuple[str, ...] = (), mode: str = "mul",
-         chunk_size: int = 1, tie_refine_bias: bool = False) -> Cell:
+         chunk_size: int = 1, tie_refine_bias: bool = False,
+         ordered: bool | None = None) -> Cell:
     r"""Long short-term memory.
 
     .. math::
@@ -54,6 +55,18 @@ def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
         forms differ only once trained.
       chunk_size: ON-LSTM: neurons per master-gate chunk (``H`` must be divisible by it; the
         master gates have ``H / chunk_size`` entries, each repeated ``chunk_size`` times).
+      ordered: Gu et al.'s primary gate "O": ON-LSTM's cumax activation (``cumsum`` of a
+        ``softmax`` over the units, values rising from 0 to 1 across the units) on the gates
+        that hold the memory. With ``aux=None`` or ``"refine"``, ``True`` puts it on the forget
+        gate, :math:`f = \mathrm{cumax}(W_f x + U_f h + b_f)` (the grid's ``O-``, ``OR``; an
+        untied input gate keeps its sigmoid); with ``aux="master"`` it is the master gates'
+        activation, cumax (``True``, ON-LSTM, the grid's ``OM``) or a sigmoid (``False``:
+        :math:`\tilde f = \sigma(\cdot)`, :math:`\tilde i = 1 - \sigma(\cdot)`, the grid's
+        ``-M``, ``UM``). ``None`` (default): each gate as its cell defines it (a sigmoid forget
+        gate, cumax master gates). **Uncertain**: Gu et al.'s table is read from memory (its
+        full text was not available here): "O" as the cumax activation, "OM" as ON-LSTM; the
+        grid is :data:`gradflow.gates.GU_ABLATION`. A cumax gate reports kind ``"master"``
+        (not element-wise: no slope).
 
     Example::
 
@@ -70,7 +83,8 @@ def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
 def ur_lstm(*, init: str = "ugi", forget_bias: float = 0.0,
          forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = "refine",
          tied: bool = True, refined: tuple[str, ...] = (), mode: str = "mul",
-         chunk_size: int = 1, tie_refine_bias: bool = False) -> Cell:
+         chunk_size: int = 1, tie_refine_bias: bool = False,
+         ordered: bool | None = None) -> Cell:
     r"""UR-LSTM (Gu et al. 2020): refine gate on the forget gate, tied input gate, UGI.
 
     .. math::
@@ -91,7 +105,8 @@ def ur_lstm(*, init: str = "ugi", forget_bias: float = 0.0,
 def on_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
          forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = "master",
          tied: bool = False, refined: tuple[str, ...] = (), mode: str = "mul",
-         chunk_size: int = 1, tie_refine_bias: bool = False) -> Cell:
+         chunk_size: int = 1, tie_refine_bias: bool = False,
+         ordered: bool | None = None) -> Cell:
     r"""ON-LSTM (Shen et al. 2019): LSTM with master gates.
 
     .. math::
@@ -114,7 +129,8 @@ def on_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
 def refined_lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
          forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
          tied: bool = False, refined: tuple[str, ...] = ("i", "o"), mode: str = "mul",
-         chunk_size: int = 1, tie_refine_bias: bool = False) -> Cell:
+         chunk_size: int = 1, tie_refine_bias: bool = False,
+         ordered: bool | None = None) -> Cell:
     r"""LSTM with Cheng et al.'s refined input and output gates.
 
     .. math:: \hat i = \sigma(W_i x_t + U_i h_{t-1} + b_i) \odot x_t, \quad
@@ -135,10 +151,11 @@ _EQUATIONS = {
     "refined_lstm": "LSTM with i, o refined: sigma(Wx+Uh+b) * x"}
 
 
-def _layout(aux, tied):
+def _layout(aux, tied, cumax_forget=False):
     """``(candidate gate, sigmoid gates, parameter specs, reported gates)`` of an LSTM variant."""
     cand = "u" if aux == "refine" else "g"
-    sig = ("f", "o") + (() if tied else ("i",)) + (("r",) if aux == "refine" else ())
+    sig = (() if cumax_forget else ("f",)) + ("o",) + (() if tied else ("i",)) + (
+        ("r",) if aux == "refine" else ())
     specs = {} if tied else {"i": {}}
     specs.update({"f": {}, cand: {}, "o": {}})
     if aux == "refine":
@@ -149,6 +166,13 @@ def _layout(aux, tied):
     reported = (() if tied else ("i",)) + ("f",) + {
         "refine": ("r", "g"), "master": ("f_master", "i_master"), None: ()}[aux] + ("o", cand)
     return cand, sig, specs, reported
+
+
+def sigmoid_master(a, chunks: int = 1):
+    """A master gate's sigmoid activation (Gu et al.'s ``-M``: the master gate without the
+    cumax ordering), each value repeated ``chunks`` times as :func:`mechanisms.cumax` does."""
+    y = jax.nn.sigmoid(a)
+    return jnp.repeat(y, chunks, axis=-1) if chunks > 1 else y
 
 
 def _init_fn(name, o, specs, aux, tied, tie, chunks):
@@ -225,7 +249,18 @@ def _lstm(name: str, o: dict) -> Cell:
     if chunks < 1 or (chunks > 1 and aux != "master"):
         raise ValueError(f"cell {name!r}: chunk_size must be a positive integer and needs "
                          "aux='master'")
-    cand, sig, specs, reported = _layout(aux, tied)
+    ordered = o["ordered"]
+    cumax_forget = bool(ordered) and aux != "master"  # Gu et al.'s O- and OR
+    sigmoid_masters = aux == "master" and ordered is False  # their -M and UM
+    if cumax_forget and float(o["forget_bias"]) != 0.0:
+        raise ValueError(f"cell {name!r}: forget_bias shifts the forget gate's sigmoid; "
+                         "ordered=True gives it the cumax activation, which a constant shift "
+                         "does not change: leave forget_bias at 0")
+    if ordered is False and aux != "master":
+        raise ValueError(f"cell {name!r}: ordered=False picks sigmoid master gates and needs "
+                         "aux='master'; without master gates the forget gate is a sigmoid "
+                         "already (ordered=None)")
+    cand, sig, specs, reported = _layout(aux, tied, cumax_forget)
     rset = refined_set(name, o, sig)
     check_t_max(name, o)
     tie = bool(o["tie_refine_bias"])
@@ -254,6 +289,8 @@ def _lstm(name: str, o: dict) -> Cell:
         c = state["c"]
         z = preact(p, state, xp, t)
         act = {g: jax.nn.sigmoid(z[g]) for g in sig}
+        if cumax_forget:
+            act["f"] = cumax(z["f"])
         for g in rset:
             act[g] = refined(act[g], xp["x"], mode)
         gates = dict(act)
@@ -262,8 +299,9 @@ def _lstm(name: str, o: dict) -> Cell:
         if aux == "refine":
             keep = gates["g"] = refine(act["f"], act["r"])
         elif aux == "master":
-            fm = cumax(z["f_master"], chunks)
-            im = 1.0 - cumax(z["i_master"], chunks)
+            masters = sigmoid_master if sigmoid_masters else cumax
+            fm = masters(z["f_master"], chunks)
+            im = 1.0 - masters(z["i_master"], chunks)
             gates["f_master"], gates["i_master"] = fm, im
             keep, inp = master(act["f"], act["i"], fm, im)
         if tied:
@@ -277,10 +315,12 @@ def _lstm(name: str, o: dict) -> Cell:
     kinds = {g: "refined" if g in rset else "sigmoid" for g in reported}
     kinds[cand] = "tanh"  # the candidate, tanh(W x + U h + b)
     kinds.update({"g": "effective"} if aux == "refine" else {})
-    kinds.update({"f_master": "master", "i_master": "master"} if aux == "master" else {})
+    kinds.update({"f": "master"} if cumax_forget else {})
+    kinds.update({g: "sigmoid" if sigmoid_masters else "master" for g in ("f_master", "i_master")
+                  if aux == "master"})
     # A hand-written lean step for the plain equations only (aux, tied and refined gates: the
     # step made by autodiff).
-    plain = aux is None and not tied and not rset
+    plain = aux is None and not tied and not rset and not cumax_forget
     return Cell(name=name, lean=_lean(float(o["forget_bias"])) if plain else None, init_fn=init_fn, project_fn=project, recur_fn=recur,
                 state_names=("c", "h"), gate_kinds=tuple((g, kinds[g]) for g in reported),
                 square=bool(rset), equation=_EQUATIONS.get(name, ""), forget=("f", 1),

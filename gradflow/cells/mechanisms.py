@@ -87,8 +87,13 @@ def refine(f, r):
 def cumax(a, chunks: int = 1):
     r"""ON-LSTM's cumulative softmax :math:`\mathrm{cumsum}(\mathrm{softmax}(a))` over the last
     axis; with ``chunks > 1`` each of the ``n`` values is repeated ``chunks`` times (chunked
-    master gates: ``a: (..., H/chunks)`` gives ``(..., H)``)."""
-    y = jnp.cumsum(jax.nn.softmax(a, axis=-1), axis=-1)
+    master gates: ``a: (..., H/chunks)`` gives ``(..., H)``).
+
+    Clipped at 1: a softmax sums to 1 only to rounding, so the last entries (1 exactly, in
+    exact arithmetic) came out at ``1 + ulp`` and were counted outside the gate's range
+    ``[0, 1]``. The clip moves only such entries, by an ulp, where the derivative is 0 (the
+    last entry is constant) or a rounding error."""
+    y = jnp.minimum(jnp.cumsum(jax.nn.softmax(a, axis=-1), axis=-1), 1.0)
     return jnp.repeat(y, chunks, axis=-1) if chunks > 1 else y
 
 
