@@ -548,10 +548,11 @@ def _arrays(stack: Stack, params: dict, xs, eps: float, threshold: float, bins: 
 def _real_units(stack: Stack, lay: GateLayout):
     """``{gate: (L, max_l H_l)}`` bool, True on layer ``l``'s first ``H_l`` units where it
     reports the gate; None for layers of one width that all report every gate."""
-    if isinstance(stack.hidden_size, int) and not lay.mixed:
+    units = stack.real_units()
+    if units is None and not lay.mixed:
         return None
-    return _gate_masks(np.arange(stack.max_width)[None, :] < np.asarray(stack.widths)[:, None],
-                       lay.layers, lay.kinds)
+    return _gate_masks(np.ones((stack.layers, stack.max_width), bool) if units is None
+                       else units, lay.layers, lay.kinds)
 
 
 def _gate_masks(units, layers: dict, kinds: dict) -> dict:

@@ -34,10 +34,10 @@ from gradflow.results import make_result
 
 
 def seed_list(seeds) -> list[int]:
-    """``seeds`` as a non-empty list of distinct non-negative ints."""
+    """``seeds`` as a non-empty list of distinct ints in ``[0, 2**31 - 1)``."""
     if isinstance(seeds, (int, np.integer)) or isinstance(seeds, str):
         raise TypeError(f"seeds must be a list of ints, got {seeds!r}")
-    out = [checks.nonneg_int("seed", s) for s in seeds]
+    out = [checks.seed("seed", s) for s in seeds]
     if not out:
         raise ValueError("seeds is empty; give at least one seed")
     if len(set(out)) != len(out):

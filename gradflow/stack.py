@@ -331,6 +331,14 @@ class Stack:
         """``(H_0, ..., H_{L-1})``: every layer's hidden size."""
         return self._widths
 
+    def real_units(self):
+        """``(L, max_width)`` bool (NumPy): True on layer ``l``'s first ``H_l`` units, the ones
+        that exist where per-layer arrays are padded to ``max_width``; None when every layer
+        has one width (nothing padded)."""
+        if isinstance(self.hidden_size, int):
+            return None
+        return np.arange(self.max_width)[None, :] < np.asarray(self._widths)[:, None]
+
     @property
     def max_width(self) -> int:
         """``max_l H_l``: the last axis of every per-layer array (see :class:`StackOutput`)."""

@@ -99,7 +99,7 @@ class TrainConfig:
         return dict(
             steps=steps, batch=checks.positive_int("batch", self.batch), lr=lr,
             clip=None if self.clip is None else float(self.clip),
-            seed=checks.nonneg_int("seed", self.seed), dtype=str(dtype_of(self.dtype)),
+            seed=checks.seed("seed", self.seed), dtype=str(dtype_of(self.dtype)),
             eval_every=(max(1, steps // 10) if self.eval_every is None
                         else checks.positive_int("eval_every", self.eval_every)),
             eval_batch=eval_batch, record_at=record_at,
@@ -372,6 +372,16 @@ def _timed(stack: Stack) -> bool:
     return time_gate(stack) is not None
 
 
+def _unit_mean(stack: Stack, a):
+    """The mean of a per-layer array ``a: (L, B, T, H)`` over its real units (layers of
+    different widths pad theirs to ``H`` with zeros, which are no neurons)."""
+    real = stack.real_units()
+    if real is None:
+        return jnp.mean(a)
+    m = jnp.asarray(real, a.dtype)[:, None, None, :]
+    return jnp.sum(a * m) / (np.sum(real) * a.shape[1] * a.shape[2])
+
+
 def _forward(params, xs, stack: Stack, gates: bool):
     """``(out (B, T, K), k (L, B, T, H) or None)``."""
     o = stack.apply(params["stack"], xs, gates=gates)
@@ -388,7 +398,7 @@ def update_theta(theta, opt_state, xs, ys, mask, lr, clip, budget, *, spec, stac
     def objective(th):
         out, k = _forward(_unflatten(th, spec), xs, stack, timed)
         loss = loss_f(out, ys, mask)
-        total = loss + budget * jnp.mean(k) if timed else loss
+        total = loss + budget * _unit_mean(stack, k) if timed else loss
         return total, (loss, metric_f(out, ys, mask))
 
     (_, (loss, metric)), g = jax.value_and_grad(objective, has_aux=True)(theta)
@@ -405,8 +415,8 @@ def evaluate_theta(theta, xs, ys, mask, *, spec, stack, kind):
     res = {"eval_loss": _tasks.loss_fn(kind)(out, ys, mask),
            "eval_metric": _tasks.metric_fn(kind)(out, ys, mask)}
     if timed:
-        res["eval_mean_k"] = jnp.mean(k)
-        res["eval_updates"] = jnp.mean((k > 1e-3).astype(k.dtype))
+        res["eval_mean_k"] = _unit_mean(stack, k)
+        res["eval_updates"] = _unit_mean(stack, (k > 1e-3).astype(k.dtype))
     return res
 
 

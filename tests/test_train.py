@@ -143,6 +143,40 @@ def test_budget_lowers_the_time_gate():
     assert 0 < free.eval_updates[0] <= 1
 
 
+def test_the_time_gate_means_count_real_neurons_only(tmp_path):
+    """Layers of different widths pad their gates to the widest: the padding's zeros are no
+    neurons, so mean(k), the update fraction and the budget term leave them out (they made
+    eval_mean_k 3/4 of the real mean in a [8, 4] stack, and the budget 3/4 as strong)."""
+    from gradflow import gates
+    from gradflow.runs import load_params
+    from gradflow.train import run_eval_batch
+
+    stack = gradflow.Stack("g_lstm", layers=2, input_size=2, hidden_size=[8, 4],
+                           cell_options={"steps": 10})
+    curve = train(stack, ADDING, steps=0, run_dir=tmp_path, batch=4, eval_batch=8,
+                  progress=False).curve
+    xs = run_eval_batch(tmp_path)[0]
+    k = np.asarray(gates.activations(stack, load_params(tmp_path)[1], xs)["k"])
+    real = np.concatenate([k[0, ..., :8].ravel(), k[1, ..., :4].ravel()])
+    assert np.all(k[1, ..., 4:] == 0)  # the padding, which the old mean counted
+    np.testing.assert_allclose(curve.eval_mean_k[0], real.mean(), rtol=1e-5)
+    np.testing.assert_allclose(curve.eval_updates[0], (real > 1e-3).mean(), rtol=1e-5)
+    assert curve.eval_mean_k[0] > k.mean() * 1.2
+
+
+def test_seeds_a_key_would_wrap_are_refused():
+    """A key takes its seed modulo 2**32: seed 2**32 trained seed 0's run again, and
+    train_seeds([0, 2**32]) passed the distinct-seeds check with one run twice."""
+    from gradflow.seeds import seed_list
+
+    for seed in (2**32, 2**31 - 1, -1):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*31 - 1\)"):
+            TrainConfig(seed=seed)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        seed_list([0, 2**32])
+    assert seed_list([0, 2**31 - 2]) == [0, 2**31 - 2]
+
+
 def test_budget_needs_a_time_gate():
     with pytest.raises(ValueError, match="time gate"):
         train(LSTM, ADDING, steps=1, budget=0.1, **COMMON)
