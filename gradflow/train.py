@@ -44,7 +44,7 @@ import numpy as np
 
 from gradflow import checks, runs
 from gradflow import tasks as _tasks
-from gradflow.errors import user_input
+from gradflow.errors import InputError, user_input
 from gradflow.problem import dtype_of
 from gradflow.results import Result, make_result
 from gradflow.stack import Stack
@@ -242,7 +242,6 @@ def run_eval_batch(path, dtype=jnp.float32, batch: int | None = None):
     Raises:
       InputError: no such run, a params file (no task), or ``batch`` beyond the batch.
     """
-    from gradflow.errors import InputError
     from gradflow.runs import read_run
 
     config = read_run(path).get("config")
@@ -637,14 +636,25 @@ class _Run:
         params, opt_state = runs.restore_state(arrays, params_of(state, self.spec),
                                                state.opt_state, where)
         start = int(meta["step"])
+        if start > self.cfg.steps:
+            raise InputError(f"{where}: it has done {start} steps, more than steps="
+                             f"{self.cfg.steps}; give steps >= {start}")
         self.log.restore(self.run_dir, meta, start)
+        lost = [s for s in self.cfg.record_at if s < start and s not in self.log.record_steps]
+        if lost:
+            raise InputError(f"{where}: record_at asks for step(s) {', '.join(map(str, lost))} "
+                             f"before its saved step {start}, which it did not record (those "
+                             f"parameters are gone); record at steps from {start} on")
         return TrainState(flatten(params, self.dt), jax.tree_util.tree_map(
             jnp.asarray, opt_state), start)
 
     def measure(self, state: TrainState):
-        """Evaluate and record where due at ``state.step``; save the run if anything new."""
+        """Evaluate and record where due at ``state.step`` and not done yet (a resumed run's
+        first step was measured before it was saved, as its schedule then asked); save the
+        run if anything new."""
         s, log = state.step, self.log
-        due_eval, due_record = s in self.evals_at, s in self.cfg.record_at
+        due_eval = s in self.evals_at and s not in log.evals["eval_step"]
+        due_record = s in self.cfg.record_at and s not in log.record_steps
         if due_eval:
             res = evaluate(state, self.eval_batch, spec=self.spec, stack=self.stack,
                            kind=self.task.kind)
@@ -702,8 +712,7 @@ class _Run:
             self.bar.set_postfix(shown)
 
     def loop(self, state: TrainState, progress: bool) -> TrainState:
-        """From ``state.step`` to ``cfg.steps``: measure, then update (the step a resumed
-        run starts at was measured before it was saved)."""
+        """From ``state.step`` to ``cfg.steps``: measure, then update."""
         start, steps = state.step, self.cfg.steps
         if progress:
             from tqdm.auto import tqdm
@@ -712,8 +721,7 @@ class _Run:
         length = length_at(max(start - 1, 0), self.cfg.curriculum, self.task.steps)
         try:
             while True:
-                if not (state.step == start and start > 0):
-                    self.measure(state)
+                self.measure(state)
                 if state.step >= steps:
                     return state
                 state, length = self.advance(state, length)
@@ -791,8 +799,7 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
             state = run.resume(state)
         else:
             runs.clear(run_dir)
-    if not (state.step > 0 and state.step >= cfg.steps):  # else: a finished run, resumed
-        state = run.loop(state, progress)
+    state = run.loop(state, progress)
     return run.history(state)
 
 

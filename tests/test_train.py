@@ -328,10 +328,35 @@ def test_checkpoint_written_loadable_and_resumable(tmp_path):
     with pytest.raises(ValueError, match="differs in lr"):
         train(LSTM, ADDING, record={"u": fake_record()}, run_dir=ck, resume=True,
               **{**opts, "lr": 1e-3})
+    # fewer steps than it has done: refused (it returned the whole run under the new config)
+    with pytest.raises(ValueError, match="it has done 20 steps, more than steps=10; give "
+                                         "steps >= 20"):
+        train(LSTM, ADDING, record={"u": fake_record()}, run_dir=ck, resume=True,
+              **{**opts, "steps": 10, "record_at": [0, 10]})
     # a run that does not resume starts the directory afresh
     train(LSTM, ADDING, run_dir=ck, **{**opts, "steps": 2, "record_at": ()})
     assert sorted(os.listdir(ck)) == ["curve.npz", "state.npz"]
     assert Result.load(ck / "curve.npz").step.tolist() == [0, 1]
+
+
+def test_a_resumed_run_records_at_its_first_step_when_asked(tmp_path):
+    """A record asked for at the step a run resumes from was skipped (that step was measured
+    before the save, under the old schedule); one asked for before it cannot be made."""
+    opts = dict(lr=1e-2, eval_every=4, **COMMON)
+    full = train(LSTM, ADDING, steps=8, record={"u": fake_record()}, record_at=(0, 4, 8),
+                 **opts)
+    ck = tmp_path / "run"
+    train(LSTM, ADDING, steps=4, record={"u": fake_record()}, record_at=(0,), run_dir=ck,
+          **opts)
+    with pytest.raises(ValueError, match=r"record_at asks for step\(s\) 2 before its saved "
+                                         "step 4, which it did not record"):
+        train(LSTM, ADDING, steps=8, record={"u": fake_record()}, record_at=(0, 2, 8),
+              run_dir=ck, resume=True, **opts)
+    resumed = train(LSTM, ADDING, steps=8, record={"u": fake_record()}, record_at=(0, 4, 8),
+                    run_dir=ck, resume=True, **opts)
+    assert resumed.record_steps == (0, 4, 8)
+    assert [float(r.u) for r in resumed.records["u"]] == [float(r.u) for r in full.records["u"]]
+    np.testing.assert_array_equal(resumed.curve.eval_step, full.curve.eval_step)
 
 
 def test_progress_bar_only_when_asked(capsys):
