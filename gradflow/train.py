@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -111,9 +112,12 @@ class TrainConfig:
         """The steps evaluated: every ``eval_every``-th from 0, and the last."""
         return frozenset(range(0, self.steps + 1, self.eval_every)) | {self.steps}
 
-    def describe(self, stack: Stack, task, eval_task) -> dict:
-        """The run's JSON-able config: the stack's, the tasks', and these options."""
+    def describe(self, stack: Stack, task, eval_task, initial_params=None) -> dict:
+        """The run's JSON-able config: the stack's, the tasks', and these options;
+        ``initial_params``: None where the run starts from its seed's parameters, else what
+        it started from (:func:`fingerprint`)."""
         return {**stack.config, "task": task.config, "eval_task": eval_task.config,
+                "initial_params": initial_params,
                 "metric": task.metric, "train_steps": self.steps, "batch": self.batch,
                 "lr": self.lr, "clip": self.clip, "seed": self.seed, "dtype": self.dtype,
                 "budget": self.budget,
@@ -462,6 +466,13 @@ def init_state(stack: Stack, task, cfg: TrainConfig, params=None) -> tuple[Train
     return TrainState(theta, _optimizer(math.inf).init(theta), 0), _spec(fresh)
 
 
+def fingerprint(theta) -> str:
+    """``"sha256:"`` and 16 hex digits of a run's flattened starting parameters (stack and
+    head, in its dtype): what a run given ``params=`` records, so that its config tells it
+    from the run of its seed's own parameters, and two starts apart."""
+    return "sha256:" + hashlib.sha256(np.asarray(theta).tobytes()).hexdigest()[:16]
+
+
 def step(state: TrainState, batch, cfg: TrainConfig, *, spec, stack: Stack, kind: str):
     """One update on ``batch = (xs, ys, mask)``: ``(next state, task loss, metric)``."""
     dt = jnp.dtype(cfg.dtype)
@@ -602,10 +613,11 @@ class _Run:
     """A run's fixed context (stack, tasks, config, keys, evaluation batch, folder) and the
     loop's steps; each method does one thing to a :class:`TrainState`."""
 
-    def __init__(self, stack, task, eval_task, cfg, record_fns, run_dir, spec):
+    def __init__(self, stack, task, eval_task, cfg, record_fns, run_dir, spec,
+                 initial_params=None):
         self.stack, self.task, self.cfg, self.fns, self.spec = stack, task, cfg, record_fns, spec
         self.run_dir = None if run_dir is None else os.fspath(run_dir)
-        self.config = cfg.describe(stack, task, eval_task)
+        self.config = cfg.describe(stack, task, eval_task, initial_params)
         self.dt = jnp.dtype(cfg.dtype)
         _, self.k_data, k_eval = keys(cfg.seed)
         self.eval_batch = eval_batch_of(eval_task, k_eval, cfg.eval_batch, cfg.batch, self.dt)
@@ -747,7 +759,8 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
       seed: the stack's parameters, the training batches and the evaluation batch all derive
         from it (see the module docstring for the keys).
       dtype: ``"float32"`` or ``"float64"``.
-      params: start from these (``{"stack", "head"}``, or stack params with a fresh head).
+      params: start from these (``{"stack", "head"}``, or stack params with a fresh head);
+        the run's config records their :func:`fingerprint` as ``initial_params``.
       eval_task: the task evaluated (default ``task``; e.g. the test split of ``digits``).
       eval_every: evaluate every this many steps (default ``max(1, steps // 10)``); also at
         step 0 and at ``steps``, on one fixed batch of ``eval_batch`` sequences of full length.
@@ -793,7 +806,8 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
             raise ValueError("resume=True needs run_dir, the checkpoint directory to resume "
                              "from")
     state, spec = init_state(stack, task, cfg, params)
-    run = _Run(stack, task, eval_task, cfg, record, run_dir, spec)
+    run = _Run(stack, task, eval_task, cfg, record, run_dir, spec,
+               None if params is None else fingerprint(state.theta))
     if run_dir is not None:
         if resume:
             state = run.resume(state)
@@ -807,4 +821,4 @@ __all__ = ["History", "TrainConfig", "TrainState", "train", "init_state", "step"
            "record", "params_of", "keys", "readout", "init_head", "eval_batch_of", "as_task",
            "check_run", "update_theta", "evaluate_theta", "flatten", "unflatten_host",
            "length_at", "rescale_time_gate", "task_loss", "time_gate", "cells_label",
-           "rescales_time", "run_eval_batch"]
+           "rescales_time", "run_eval_batch", "fingerprint"]

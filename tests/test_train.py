@@ -359,6 +359,25 @@ def test_a_resumed_run_records_at_its_first_step_when_asked(tmp_path):
     np.testing.assert_array_equal(resumed.curve.eval_step, full.curve.eval_step)
 
 
+def test_a_run_from_given_params_says_so_in_its_config(tmp_path):
+    """train(params=...) left no trace: its config was the seed's own run's."""
+    opts = dict(steps=2, lr=1e-2, eval_every=2, **COMMON)
+    own = train(LSTM, ADDING, **opts)
+    assert own.curve.config["initial_params"] is None
+    fresh = LSTM.init(jax.random.key(9))
+    given = train(LSTM, ADDING, params=fresh, run_dir=tmp_path, **opts)
+    mark = given.curve.config["initial_params"]
+    assert mark.startswith("sha256:") and len(mark) == 7 + 16
+    assert not np.array_equal(given.curve.loss, own.curve.loss)
+    again = train(LSTM, ADDING, params=fresh, **opts)  # the same start, the same mark
+    assert again.curve.config["initial_params"] == mark
+    np.testing.assert_array_equal(again.curve.loss, given.curve.loss)
+    other = jax.tree_util.tree_map(lambda a: a * 0.5, fresh)
+    assert train(LSTM, ADDING, params=other, **opts).curve.config["initial_params"] != mark
+    with pytest.raises(ValueError, match="differs in initial_params"):  # another start
+        train(LSTM, ADDING, params=other, run_dir=tmp_path, resume=True, **opts)
+
+
 def test_progress_bar_only_when_asked(capsys):
     train(LSTM, ADDING, steps=3, eval_every=3, **COMMON)
     out = capsys.readouterr()
