@@ -2467,6 +2467,13 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
         print(f"  {int(s):>6}  {float(c['eval_loss'][i]):>10.4g}  "
               f"{float(c['eval_metric'][i]):>13.4g}"
               + (f"  {float(c['eval_updates'][i]):>7.3f}" if timed else ""))
+    bad = {k: n for k, n in c.nonfinite.items() if n and k in ("loss", "eval_loss")}
+    if bad:  # a diverged run: the numbers are kept (nan above), and said
+        first = int(c["step"][~np.isfinite(c["loss"])][0]) if bad.get("loss") else None
+        print("  non-finite losses: " + ", ".join(
+            f"{n} of {c[k].size} {'training' if k == 'loss' else 'evaluation'} losses"
+            for k, n in bad.items()) + ("" if first is None else f" (first at step {first})")
+              + ": the run diverged; a smaller --lr or --clip may hold it")
     maps = {}
     for s, res in zip(hist.record_steps, hist.records.get("gradient_map", ())):
         written.append(res.save(out / f"map_step{s:06d}.npz"))

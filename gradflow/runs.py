@@ -158,11 +158,24 @@ def _restore_legacy(arrays, params, opt_state, where):
     return jax.tree_util.tree_unflatten(p_def, p), jax.tree_util.tree_unflatten(o_def, o)
 
 
-def clear(run_dir) -> None:
-    """Create ``run_dir`` if missing and delete a previous run's files from it (``curve.npz``,
-    ``state.npz``, ``record-*.npz``); other files are left alone."""
+def made_folder(run_dir) -> str:
+    """``run_dir`` as a path, the folder made (with its parents) where missing; an
+    :class:`~gradflow.errors.InputError` in one line where it cannot be made or written
+    (a file of that name, a read-only place), before anything is computed."""
     run_dir = os.fspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"run_dir {run_dir!r} cannot be made: {e.strerror or e}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise InputError(f"run_dir {run_dir!r} is not writable")
+    return run_dir
+
+
+def clear(run_dir) -> None:
+    """Create ``run_dir`` if missing (:func:`made_folder`) and delete a previous run's files
+    from it (``curve.npz``, ``state.npz``, ``record-*.npz``); other files are left alone."""
+    run_dir = made_folder(run_dir)
     for f in os.listdir(run_dir):
         if f in (STATE, CURVE) or (f.startswith("record-") and f.endswith(".npz")):
             os.remove(os.path.join(run_dir, f))

@@ -115,7 +115,7 @@ def _histories(cfgs, stack, task, curve, ev, recs, record_steps, theta, spec, dt
         arrays["metric"] = arrays["metric"].astype(dt)
         config = c.describe(stack, task, task)
         hists.append(_train.History(
-            make_result("training", arrays, config, warn=False),
+            make_result("training", arrays, config, who=f"train_seeds (seed {c.seed})"),
             {k: tuple(v) for k, v in recs[j].items()}, tuple(record_steps),
             _train.unflatten_host(theta[j], spec), stack, task))
     return hists

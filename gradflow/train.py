@@ -88,12 +88,12 @@ class TrainConfig:
         steps = checks.nonneg_int("steps", self.steps)
         eval_batch = checks.positive_int("eval_batch", self.eval_batch)
         lr, budget = float(self.lr), float(self.budget)
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
         if self.clip is not None and not float(self.clip) > 0:
             raise ValueError(f"clip must be positive or None, got {self.clip}")
-        if not budget >= 0:
-            raise ValueError(f"budget must be >= 0, got {budget}")
+        if not (budget >= 0 and math.isfinite(budget)):
+            raise ValueError(f"budget must be a finite number >= 0, got {budget}")
         record_at = tuple(sorted({checks.nonneg_int("record_at step", s) for s in self.record_at}))
         if record_at and record_at[-1] > steps:
             raise ValueError(f"record_at steps must lie in 0..{steps}, got {record_at[-1]}")
@@ -582,7 +582,9 @@ class _Log:
         self.record_steps = []
         self.index = []  # [[name, step, file], ...] of the records written to the run folder
 
-    def curve_result(self, config: dict) -> Result:
+    def curve_result(self, config: dict, warn: bool = False) -> Result:
+        """The learning curve so far; ``warn``: a :class:`NonFiniteWarning` where a loss left
+        the finite numbers (a diverged run: the curve keeps them, counted)."""
         dt = np.dtype(config["dtype"])
         c, e = self.curve, self.evals
         arrays = {"step": np.asarray(c["step"], np.int64),
@@ -591,7 +593,7 @@ class _Log:
                   "seq_len": np.asarray(c["seq_len"], np.int64),
                   "eval_step": np.asarray(e["eval_step"], np.int64),
                   **{k: np.asarray(v, dt) for k, v in e.items() if k != "eval_step"}}
-        return make_result("training", arrays, config, warn=False)
+        return make_result("training", arrays, config, warn=warn, who="train")
 
     def restore(self, run_dir: str, meta: dict, start: int):
         """The curve, evaluations and records of a saved run up to ``start``."""
@@ -628,7 +630,7 @@ class _Run:
 
     def history(self, state: TrainState) -> History:
         log = self.log
-        return History(log.curve_result(self.config), {k: tuple(v) for k, v in
+        return History(log.curve_result(self.config, warn=True), {k: tuple(v) for k, v in
                                                         log.records.items()},
                        tuple(log.record_steps), params_of(state, self.spec), self.stack,
                        self.task)
@@ -805,6 +807,8 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir, the checkpoint directory to resume "
                              "from")
+        if run_dir is not None:  # made (or refused) before anything is computed
+            runs.made_folder(run_dir)
     state, spec = init_state(stack, task, cfg, params)
     run = _Run(stack, task, eval_task, cfg, record, run_dir, spec,
                None if params is None else fingerprint(state.theta))

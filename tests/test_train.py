@@ -6,6 +6,7 @@ update step and evaluation compile once for several tests.
 """
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -397,9 +398,42 @@ def test_argument_checks():
         train(LSTM, ADDING, steps=1, dtype="float16", **COMMON)
     with pytest.raises(ValueError, match="checkpoint directory"):
         train(LSTM, ADDING, steps=1, resume=True, **COMMON)
+    for bad in ({"lr": math.inf}, {"budget": math.inf}, {"lr": math.nan}):  # NaN losses else
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number"):
+            train(LSTM, ADDING, steps=1, **bad, **COMMON)
     h = train(LSTM, ADDING, steps=0, **COMMON)  # evaluation at init only
     assert h.curve.loss.shape == (0,) and h.curve.eval_step.tolist() == [0]
     assert math.isfinite(float(h.curve.eval_loss[0]))
+
+
+def test_a_diverged_run_warns_and_keeps_its_losses():
+    """Non-finite losses are data (counted in the curve), and now said: a run whose loss left
+    the finite numbers returned a curve of NaNs without a word."""
+    from gradflow.results import NonFiniteWarning
+    from gradflow.seeds import train_seeds
+
+    opts = dict(steps=3, lr=1e30, clip=None, eval_every=3, **COMMON)
+    with pytest.warns(NonFiniteWarning, match=r"train: non-finite entries \(inf/NaN\) in "):
+        h = train(LSTM, ADDING, **opts)
+    assert h.curve.nonfinite["eval_loss"] >= 1 and not np.isfinite(h.curve.eval_loss[-1])
+    with pytest.warns(NonFiniteWarning, match=r"train_seeds \(seed 1\): non-finite"):
+        train_seeds(LSTM, ADDING, [1], **{k: v for k, v in opts.items() if k != "progress"})
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
+    """A run_dir naming a file, or one below a file, was Python's FileExistsError /
+    NotADirectoryError; resume=True into a missing folder failed at the first save, after
+    compiling (the docstring says it is created). Both now checked before anything runs."""
+    from gradflow.errors import InputError
+
+    (tmp_path / "f").write_text("")
+    for where in (tmp_path / "f", tmp_path / "f" / "run"):
+        for resume in (False, True):
+            with pytest.raises(InputError, match=f"run_dir {re.escape(repr(str(where)))} "
+                                                 "cannot be made: "):
+                train(LSTM, ADDING, steps=1, run_dir=where, resume=resume, **COMMON)
+    h = train(LSTM, ADDING, steps=1, run_dir=tmp_path / "new" / "run", resume=True, **COMMON)
+    assert (tmp_path / "new" / "run" / "state.npz").is_file() and h.curve.loss.shape == (1,)
 
 
 def test_a_run_that_cannot_fit_is_refused_before_compiling(monkeypatch):

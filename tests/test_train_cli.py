@@ -518,3 +518,18 @@ def test_float64_from_a_32_bit_process(tmp_path, capsys):
                      progress=False)
     assert curve["loss"].dtype == np.float64
     np.testing.assert_allclose(curve["loss"], want.curve["loss"], rtol=1e-12)
+
+
+def test_a_diverged_run_says_so_below_its_table(tmp_path, capsys):
+    """The table of a run whose loss left the finite numbers read nan with nothing said (the
+    command exits 0: the numbers are data); one line now counts them and names the remedy."""
+    code = main(["train", "--task", "adding", "--seq-len", "4", "--cell", "lstm", "--layers",
+                 "1", "--hidden", "4", "--steps", "3", "--batch", "4", "--eval-batch", "4",
+                 "--lr", "1e30", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    curve = gradflow.load(tmp_path / "run" / "curve.npz")
+    n, m = int(np.sum(~np.isfinite(curve["loss"]))), int(np.sum(~np.isfinite(curve["eval_loss"])))
+    assert code == 0 and n >= 1 and m >= 1
+    first = int(np.flatnonzero(~np.isfinite(curve["loss"]))[0])
+    assert (f"non-finite losses: {n} of 3 training losses, {m} of 4 evaluation losses (first "
+            f"at step {first}): the run diverged; a smaller --lr or --clip may hold it") in out
