@@ -191,25 +191,25 @@ CONFIG_KEYS = frozenset(_KEYS) | frozenset(_DEFAULTS) | {"claims"}
 
 def parse_runs(runs) -> list:
     """``[(label, cell, options, training options)]`` from ``[label, cell, options]`` or
-    ``[label, cell, options, training]`` entries (unique labels)."""
-    out = []
-    for r in runs:
-        if not isinstance(r, (list, tuple)) or len(r) not in (3, 4):
-            raise ValueError(f"training atlas runs are [label, cell, options(, training)] "
-                             f"lists, got {r!r}")
-        out.append((str(r[0]), str(r[1]), dict(r[2]), dict(r[3]) if len(r) == 4 else {}))
-    if len({r[0] for r in out}) != len(out):
-        raise ValueError("training atlas run labels must be unique")
-    return out
+    ``[label, cell, options, training]`` entries (unique labels; training options of
+    :func:`gradflow.experiments.training_runs`), a ValueError naming what is wrong."""
+    from gradflow.experiments import _runs
+
+    return _runs(runs)
 
 
 def check(config: dict) -> dict:
     """``config`` with defaults filled in; a ValueError naming what is missing or wrong."""
     from gradflow import seeds as _seeds
+    from gradflow.experiments import _RUN_OPTIONS
 
     missing = [k for k in _KEYS if k not in config and k not in _DEFAULTS]
     if missing:
         raise ValueError(f"training atlas config lacks {', '.join(missing)}")
+    unknown = sorted(set(config) - CONFIG_KEYS - {"figure", "title", "description"})
+    if unknown:  # (a misspelt key, e.g. "layer", was ignored and its default used)
+        raise ValueError(f"training atlas config: unknown key(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(sorted(CONFIG_KEYS))}")
     c = {**_DEFAULTS, **config}
     c["eval_batch"] = checks.positive_int("eval_batch", c["eval_batch"])
     c["record_batch"] = checks.record_batch(config.get("record_batch"), c["eval_batch"],
@@ -220,6 +220,9 @@ def check(config: dict) -> dict:
             f["where"] not in ("task", "training") or not list(f["values"]):
         raise ValueError("factor is {'name': ..., 'where': 'task' | 'training', 'values': "
                          f"[...]}} with at least one value, got {f!r}")
+    if f["where"] == "training" and f["name"] not in _RUN_OPTIONS:
+        raise ValueError(f"factor {f['name']!r} is no training option; valid: "
+                         f"{', '.join(_RUN_OPTIONS)}")
     runs = parse_runs(c["runs"])
     labels = [r[0] for r in runs]
     for cl in get_claims(c.get("claims", [])) if c.get("claims") else []:

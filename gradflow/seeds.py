@@ -223,7 +223,8 @@ def _train_rows(stack, task, cfgs, seeds, record, progress) -> list:
                 for j in range(n_seeds):
                     params = _train.unflatten_host(theta[j], spec)["stack"]
                     got = _train.record(record, stack, params,
-                                        eval_xs[j][:cfg.record_batch], at)
+                                        eval_xs[j][:cfg.record_batch], at,
+                                        cfgs[j].describe(stack, task, task))
                     for name, r in got.items():
                         recs[j][name].append(r)
             if at >= cfg.steps:

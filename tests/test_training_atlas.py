@@ -153,6 +153,11 @@ def test_predicates_on_hand_made_runs():
     ({"claims": ["ur_lstm_beats_baselines"]}, "reads run.*UR-LSTM"),
     ({"runs": [["a", "lstm"]]}, "runs are"),
     ({"eval_batch": 4, "record_batch": 5}, "record_batch 5 is more than eval_batch 4"),
+    ({"layer": 3}, r"unknown key\(s\) layer; valid: "),
+    ({"factor": {"name": "budjet", "where": "training", "values": [0.1]}},
+     "factor 'budjet' is no training option; valid: budget, curriculum, cell_steps, lr"),
+    ({"runs": [["a", "lstm", {}, {"budjet": 0.1}]]},
+     r"run 'a': unknown training option\(s\) budjet"),
 ])
 def test_bad_atlas_configs_are_refused(change, match):
     with pytest.raises(ValueError, match=match):

@@ -11,6 +11,7 @@ import pytest
 from gradflow import experiments, gates, reproduce, tasks
 from gradflow.problem import task_stack
 from gradflow.jacobian import gradient_map
+from gradflow.results import make_result
 from gradflow.train import eval_batch_of, train
 
 # in-process work: the child lane runs it (tests/conftest.py)
@@ -119,13 +120,19 @@ def test_seeded_curriculum_run_equals_train_alone():
 
     task = tasks.make("adding", steps=6)
     stack = task_stack("g_lstm", task, layers=1, hidden=4, cell_steps=3)
+    def mark(stack, params, xs):  # a record: its config says which run and inputs it is of
+        return make_result("mark", {"n": np.float32(len(xs))}, {})
+
     kw = dict(steps=5, batch=4, lr=1e-2, eval_every=2, eval_batch=8, budget=0.1,
-              curriculum=[[3, 3]])
+              curriculum=[[3, 3]], record={"mark": mark}, record_at=(5,), record_batch=4)
     hists = train_seeds(stack, task, [1, 2], **kw)
     for seed, h in zip((1, 2), hists):
         ref = train(stack, task, seed=seed, progress=False, **kw)
         assert list(h.curve["seq_len"]) == [3, 3, 3, 6, 6]
         assert h.curve.config == ref.curve.config
+        # as train's: the run's settings and the inputs (train_seeds' had neither)
+        assert h.records["mark"][0].config == ref.records["mark"][0].config
+        assert h.records["mark"][0].config["training"]["seed"] == seed
         for k, v in ref.curve.arrays.items():
             np.testing.assert_allclose(h.curve[k], v, rtol=2e-5, atol=1e-7, err_msg=k)
         for a, b in zip(jax.tree_util.tree_leaves(h.params), jax.tree_util.tree_leaves(ref.params)):
