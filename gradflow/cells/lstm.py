@@ -15,7 +15,7 @@ from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, i
                                  packed, packed_bias, packed_projection, recurrent_projection,
                                  refined_set, check_t_max)
 from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, refined,
-                                       standard_init)
+                                       sigmoid_master, standard_init)
 
 @factory
 def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
@@ -166,13 +166,6 @@ def _layout(aux, tied, cumax_forget=False):
     reported = (() if tied else ("i",)) + ("f",) + {
         "refine": ("r", "g"), "master": ("f_master", "i_master"), None: ()}[aux] + ("o", cand)
     return cand, sig, specs, reported
-
-
-def sigmoid_master(a, chunks: int = 1):
-    """A master gate's sigmoid activation (Gu et al.'s ``-M``: the master gate without the
-    cumax ordering), each value repeated ``chunks`` times as :func:`mechanisms.cumax` does."""
-    y = jax.nn.sigmoid(a)
-    return jnp.repeat(y, chunks, axis=-1) if chunks > 1 else y
 
 
 def _init_fn(name, o, specs, aux, tied, tie, chunks):

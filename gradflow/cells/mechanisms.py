@@ -3,7 +3,8 @@
 * bias schemes: :func:`chrono_bias` (Tallec & Ollivier 2018), :func:`ugi_bias` (Gu et al. 2020),
   applied to a cell's forget-type gate by :func:`apply_bias_scheme`;
 * :func:`refine` (Gu et al.'s refine gate), :func:`cumax` and :func:`master` (ON-LSTM's master
-  gates, Shen et al. 2019), :func:`refined` (Cheng et al.'s refined gate).
+  gates, Shen et al. 2019; :func:`sigmoid_master` the master gate without the ordering, Gu et
+  al.'s ``-M``), :func:`refined` (Cheng et al.'s refined gate).
 """
 from __future__ import annotations
 
@@ -94,6 +95,13 @@ def cumax(a, chunks: int = 1):
     ``[0, 1]``. The clip moves only such entries, by an ulp, where the derivative is 0 (the
     last entry is constant) or a rounding error."""
     y = jnp.minimum(jnp.cumsum(jax.nn.softmax(a, axis=-1), axis=-1), 1.0)
+    return jnp.repeat(y, chunks, axis=-1) if chunks > 1 else y
+
+
+def sigmoid_master(a, chunks: int = 1):
+    """A master gate's sigmoid activation (Gu et al.'s ``-M``: the master gate without
+    :func:`cumax`'s ordering), each value repeated ``chunks`` times as :func:`cumax` does."""
+    y = jax.nn.sigmoid(a)
     return jnp.repeat(y, chunks, axis=-1) if chunks > 1 else y
 
 
