@@ -344,7 +344,9 @@ def _quantity(result: Result, key: str | None) -> str:
                   "params": r"mean $|\partial L/\partial \theta^l_{(t)}|$"}
         return labels.get(c.get("wrt"), "gradient magnitude")
     if result.kind == "jacobian_map":
-        return rf"$\|\partial h_{{\mathrm{{target}}}}/\partial h^l_t\|$ ({c.get('norm', 'norm')})"
+        # (``norm`` is the stack's normalisation; the Jacobian's own is ``jacobian_norm``)
+        return (rf"$\|\partial h_{{\mathrm{{target}}}}/\partial h^l_t\|$ "
+                f"({c.get('jacobian_norm', 'norm')})")
     if result.kind == "local_gains" and key:
         return key.replace("_", " ") + " gain"
     return key or "value"
@@ -613,6 +615,13 @@ def _gate_names(stats: Result) -> list[str]:
     if gates is None:
         gates = list(dict.fromkeys(k.split("/", 1)[1] for k in stats.arrays if "/" in k))
     return [str(g) for g in gates]
+
+
+def _memory_gate(stats: Result) -> str | None:
+    """The gate that keeps the state: ``f`` where the stats have it, else the first with a
+    timescale (GRU's ``z``), else None (the first gate, :func:`_gate`)."""
+    kept = [g for g in _gate_names(stats) if f"timescale/{g}" in stats.arrays]
+    return "f" if "f" in kept else (kept[0] if kept else None)
 
 
 def _gate(stats: Result, gate: str | None, where: str) -> str:
@@ -1060,7 +1069,8 @@ def draw_gains(data: Result, *, title: str | None = None) -> Figure:
 
 def draw_gate_panels(panels: dict, gates: dict, title: str | None = None, *, fig=None):
     """Rows = ``panels`` (``{row label: {entry label: gate_stats}}``), columns = entries; each
-    panel the pooled histogram of the entry's gate ``gates[entry]`` with its saturated
+    panel the pooled histogram of the entry's gate ``gates[entry]`` (absent or None: the gate
+    that keeps its state, ``f`` or GRU's ``z``, else its first gate) with its saturated
     fraction in the title. Drawn into ``fig`` (a Figure or SubFigure) if given."""
     rows = list(panels)
     cols = list(next(iter(panels.values())))
@@ -1068,7 +1078,9 @@ def draw_gate_panels(panels: dict, gates: dict, title: str | None = None, *, fig
     axes = fig.subplots(len(rows), len(cols), squeeze=False)
     for i, row in enumerate(rows):
         for j, label in enumerate(cols):
-            stats, gate = panels[row][label], gates[label]
+            stats = panels[row][label]
+            gate = _gate(stats, gates.get(label) or _memory_gate(stats),
+                         f"the gate panel of {label!r}")
             s = _views.summary(stats)[gate]
             gate_histograms(stats, gate, layers="pooled", ax=axes[i, j],
                             title=f"{label}, gate {gate} ({row})\nsaturated "
@@ -1082,15 +1094,17 @@ def draw_saturation(data: Result, gates: Mapping | None = None, *,
                     title: str | None = None) -> Figure:
     """The pooled gate histograms of every entry of a
     :func:`gradflow.experiments.gate_saturation` result, one column each; ``gates`` maps an
-    entry's label to the gate drawn (default ``"f"``)."""
+    entry's label to the gate drawn (default: the gate that keeps its state, ``f`` or GRU's
+    ``z``, else its first gate)."""
     labels = list(data.config["stats"])
-    chosen = {label: (gates or {}).get(label, "f") for label in labels}
     return draw_gate_panels({"init": {label: stats_panel(data, label) for label in labels}},
-                            chosen, title=_titled(title, settings(data.config)))
+                            dict(gates or {}), title=_titled(title, settings(data.config)))
 
 
 def _smooth(v: np.ndarray, width: int) -> np.ndarray:
-    """Running mean over ``width`` steps (shorter at the start); non-finite entries skipped."""
+    """Running mean over ``width`` steps (shorter at the start) of the finite entries, NaN
+    where the entry itself is not finite: a diverged run's line stops there (a mean of the
+    finite ones drew it on, flat, at its last finite loss)."""
     v = np.asarray(v, float)
     ok = np.isfinite(v)
     c = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
@@ -1098,7 +1112,23 @@ def _smooth(v: np.ndarray, width: int) -> np.ndarray:
     i = np.arange(1, len(v) + 1)
     lo = np.maximum(i - width, 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (c[i] - c[lo]) / (n[i] - n[lo])
+        return np.where(ok, (c[i] - c[lo]) / (n[i] - n[lo]), np.nan)
+
+
+def _diverged(curves: dict) -> str:
+    """``"run: 11 of 12 losses non-finite from step 1; ..."`` for the runs (seeds) whose
+    training or evaluation loss left the finite numbers, "" if none did."""
+    notes = []
+    for label, c in curves.items():
+        bad = ~np.isfinite(np.asarray(c["loss"], float))
+        bad_eval = ~np.isfinite(np.asarray(c["eval_loss"], float))
+        if bad.any() or bad_eval.any():
+            steps = np.broadcast_to(np.asarray(c["step"]), bad.shape)[bad]
+            notes.append(f"{label}: {int(bad.sum())} of {bad.size} losses" + (
+                f" non-finite from step {int(steps.min())}" if bad.any() else "")
+                + (f", {int(bad_eval.sum())} of {bad_eval.size} evaluations" if bad_eval.any()
+                   else "") + (" non-finite" if not bad.any() else ""))
+    return "; ".join(notes)
 
 
 def _seed_band(ax, x, v: np.ndarray, color: str, style: str, label: str, **kw):
@@ -1161,8 +1191,10 @@ def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig
                                                             "quartiles, min-max"))
     ax_metric.legend(handles=handles, fontsize="small", loc="upper left",
                      bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    if title:
-        fig.suptitle(title)
+    diverged = _diverged(curves)
+    if title or diverged:
+        fig.suptitle("\n".join(t for t in (title, diverged and f"diverged ({diverged}): the "
+                                                                 "lines stop there") if t))
     return fig
 
 
@@ -1224,8 +1256,8 @@ def draw_training(data: Result, gates: Mapping | None = None, *,
                   title: str | None = None) -> Figure:
     """A :func:`gradflow.experiments.training_runs` result: learning curves, then (runs with a
     time gate) update fraction against the final result, then (runs that recorded ``"gates"``)
-    the pooled histograms of each run's gate ``gates[label]`` (default ``"f"``) at the first
-    and the last step."""
+    the pooled histograms of each run's gate ``gates[label]`` (default: the gate that keeps
+    its state, ``f`` or GRU's ``z``, else its first gate) at the first and the last step."""
     labels = list(data.config["runs"])
     curves = {label: run_curve(data, label) for label in labels}
     timed = any("eval_updates" in c.arrays for c in curves.values())
@@ -1245,7 +1277,7 @@ def draw_training(data: Result, gates: Mapping | None = None, *,
         panels = {f"step {s}": {label: mean(run_record(data, label, "gates", which))
                                 for label in labels}
                   for s, which in ((0, "first"), (data.config["steps"], "last"))}
-        draw_gate_panels(panels, {label: (gates or {}).get(label, "f") for label in labels},
+        draw_gate_panels(panels, dict(gates or {}),
                          fig=subs[-1], title="gate activations, pooled over layers"
                          + (f" and averaged over {len(data.config['seeds'])} seeds" if seeded
                             else "") + "; final eval" + (" (median)" if seeded else "") + " "

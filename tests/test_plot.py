@@ -747,3 +747,46 @@ def test_saved_results_are_drawn_without_jax(background):
     .npz files does not start JAX (it imported the whole measurement stack, about 2 s)."""
     assert background.returncode == 0, background.stderr
     assert background.stdout.strip() == "[]"
+
+
+# --- the probes' findings: diverged curves, the Jacobian's norm, the default gate -------------
+
+
+def test_a_diverged_curve_stops_where_its_loss_does_and_the_figure_says_so():
+    """The running mean skipped non-finite losses, so a run that diverged at step 1 was drawn
+    as a flat line at its last finite loss, with nothing said."""
+    loss = np.r_[1.0, 0.9, [np.nan] * 10]
+    curve = make_result("training", {"step": np.arange(12), "loss": loss,
+                                     "metric": np.zeros(12), "seq_len": np.full(12, 5),
+                                     "eval_step": np.array([0, 6, 12]),
+                                     "eval_loss": np.r_[1.0, np.nan, np.nan],
+                                     "eval_metric": np.r_[1.0, np.nan, np.nan]},
+                        {"metric": "mse"}, warn=False)
+    fig = plot.draw_curves({"rnn": curve}, title="runs")
+    smoothed = fig.axes[0].lines[1].get_ydata()
+    np.testing.assert_allclose(smoothed[:2], [1.0, 0.95])
+    assert np.all(np.isnan(smoothed[2:]))
+    assert fig._suptitle.get_text() == ("runs\ndiverged (rnn: 10 of 12 losses non-finite from "
+                                        "step 2, 2 of 3 evaluations): the lines stop there")
+    np.testing.assert_allclose(plot._smooth(np.r_[1.0, 3.0, 5.0], 2), [1.0, 2.0, 4.0])
+
+
+def test_a_jacobian_maps_colour_bar_names_its_own_norm():
+    """The colour bar read config["norm"], the stack's normalisation ("layer", or None)."""
+    result = make_result("jacobian_map", {"values": _map(5)},
+                         dict(cell="lstm", jacobian_norm="spectral", norm="layer"))
+    fig = plot.heatmap(result)
+    label = fig.axes[-1].get_ylabel()
+    assert label.endswith("(spectral)") and "layer" not in label
+
+
+def test_gate_panels_default_to_the_gate_that_keeps_the_state():
+    """The default gate was "f" for every entry: a GRU's panel raised KeyError: 'f'."""
+    from gradflow import gates
+
+    stats = gates.compare(["lstm", "gru", "star"], layers=1, steps=3, hidden=4, batch=2)
+    fig = plot.draw_gate_panels({"init": stats}, {})
+    titles = [ax.get_title().split("\n")[0] for ax in fig.axes]
+    assert titles == ["lstm, gate f (init)", "gru, gate z (init)", "star, gate k (init)"]
+    with pytest.raises(ValueError, match="unknown gate 'f'; these stats have gates: r, z, n"):
+        plot.draw_gate_panels({"init": stats}, {"gru": "f"})
