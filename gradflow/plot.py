@@ -91,7 +91,7 @@ def _map_array(result: Result, key: str | None) -> np.ndarray:
     values = np.asarray(result.arrays[key], dtype=float)
     if values.ndim == 3 and "seeds" in result.config:  # a sweep: one map per seed
         raise ValueError(f"array {key!r} holds one map per seed, shape {values.shape} (a sweep "
-                         "over seeds): draw one seed's, gradflow.sweep.seed_result(result, "
+                         "over seeds): draw one seed's, gradflow.views.seed_result(result, "
                          "seed), or a summary over them (e.g. np.median(values, axis=0) in a "
                          "make_result)")
     if values.ndim != 2 or values.size == 0:
@@ -874,7 +874,8 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
 
     For each ``local_gains`` result, with ``A = arrays[f"{kind}_{stat}"]`` (``(L, T)``), draws
     ``mean_t A[l, t]`` for ``l = 0..L-1`` (the mean over the finite entries of each row; the
-    non-finite ones are counted in the title) and, with ``band``, the range ``min_t .. max_t`` as a
+    non-finite ones are counted in the title, as are gains of 0, which a log axis cannot
+    show) and, with ``band``, the range ``min_t .. max_t`` as a
     shaded band. A dashed line marks gain 1 (magnitude preserved); ``reference`` adds dotted lines
     at closed-form values, e.g. ``0.25`` (LSTM vertical gain at init) or ``{"LSTM": 0.25,
     "STAR": 0.5}``.
@@ -887,7 +888,7 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
       stat: ``"rms"`` (``||J||_F / sqrt(H)``) or ``"spectral"`` (``||J||_2``).
       reference: None, a number, a list of numbers or a mapping label -> number.
       band: shade the min..max over time.
-      title: axes title; non-finite counts are appended.
+      title: axes title; the counts of non-finite and zero gains are appended.
 
     Returns:
       The figure.
@@ -899,11 +900,12 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
     series = _labelled(gains, "gain_profile")
     refs = _references(reference)
     fig, ax = _figure_axes(ax, (6.4, 3.6))
-    bad = 0
+    bad = zero = 0
     for i, (label, res) in enumerate(series.items()):
         values = _map_array(res, f"{kind}_{stat}")
         finite = np.isfinite(values)
         bad += int(np.sum(~finite))
+        zero += int(np.sum(finite & (values <= 0)))  # off the log axis: counted instead
         n = finite.sum(axis=1)
         mean = _views.finite_row_means(values)
         depth = np.arange(values.shape[0])
@@ -926,7 +928,8 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     # Outside the axes: profiles and bands can fill the whole plot area.
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    ax.set_title(_with_counts(f"{kind} local gains ({stat})" if title is None else title, bad))
+    ax.set_title(_with_counts(f"{kind} local gains ({stat})" if title is None else title, bad,
+                              zero))
     return fig
 
 

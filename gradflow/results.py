@@ -223,28 +223,35 @@ def origin(config: Mapping) -> str:
     """Where a measurement's parameters come from, in words: ``"init orthogonal"`` (the
     stack's own initialisation), or, where the config records ``params`` (the source of
     trained weights, e.g. ``gradflow heatmap --params RUN`` or a ``meta=`` you give),
-    ``"trained (step 200 of RUN)"`` (with ``train_step``) or ``"params from FILE"``; ``""``
-    where it records neither. A stack of different cells records each layer's options
-    (``cell_options``, a list): their init, one for all layers or each layer's.
+    ``"trained (step 200 of RUN)"`` (with ``train_step``) or ``"params from FILE"``; a
+    record made during training (``train_step``, no ``params``): ``"step 200 of training from
+    init orthogonal"``; ``""`` where it records neither. A stack of different cells records
+    each layer's options (``cell_options``, a list): their init, one for all layers or each
+    layer's.
 
     >>> origin({"init": "orthogonal"}), origin({"init": "orthogonal", "params": "runs/a",
     ...                                          "train_step": 200})
     ('init orthogonal', 'trained (step 200 of runs/a)')
     >>> origin({"cell_options": [{"init": "chrono"}, {"init": "chrono"}]})
     'init chrono'
+    >>> origin({"init": "orthogonal", "train_step": 12})
+    'step 12 of training from init orthogonal'
     """
     if config.get("params") is not None:
         if config.get("train_step") is not None:
             return f"trained (step {config['train_step']} of {config['params']})"
         return f"params from {config['params']}"
-    if config.get("init") is not None:
-        return f"init {config['init']}"
+    init = ""
     per_layer = config.get("cell_options")
-    if isinstance(per_layer, list) and per_layer and all(
+    if config.get("init") is not None:
+        init = f"init {config['init']}"
+    elif isinstance(per_layer, list) and per_layer and all(
             isinstance(o, Mapping) and o.get("init") for o in per_layer):
         inits = [str(o["init"]) for o in per_layer]
-        return "init " + (inits[0] if len(set(inits)) == 1 else " / ".join(inits))
-    return ""
+        init = "init " + (inits[0] if len(set(inits)) == 1 else " / ".join(inits))
+    if config.get("train_step") is not None:
+        return f"step {config['train_step']} of training" + (f" from {init}" if init else "")
+    return init
 
 
 def underflow_count(values, positive=True) -> int:

@@ -40,6 +40,7 @@ from gradflow.problem import dtype_of, gaussian_inputs
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack
+from gradflow.views import seed_result  # noqa: F401  (NumPy only: drawing needs no JAX)
 
 AXIS = "seeds"
 
@@ -145,18 +146,6 @@ def _placed(stack, mesh, seeds, config):
     seed_vec = np.array(seeds + (seeds[-1],) * (padded - len(seeds)), np.int32)
     return (_sharded_map(stack, mesh, *config),
             jax.device_put(seed_vec, NamedSharding(mesh, PartitionSpec(AXIS))))
-
-
-def seed_result(result: Result, seed: int) -> Result:
-    """One seed's map out of a :func:`sweep` result: ``values: (L, T)`` and ``loss_value``
-    of that seed, its config with ``seed`` set (for plots and summaries of one map)."""
-    seeds = list(result.config.get("seeds") or [])
-    if seed not in seeds:
-        raise ValueError(f"no seed {seed!r} in this sweep; its seeds: {seeds or '(none)'}")
-    i = seeds.index(seed)
-    config = {k: v for k, v in result.config.items() if k != "seeds"}
-    return make_result(result.kind, {k: np.asarray(v)[i] for k, v in result.arrays.items()},
-                       {**config, "seed": seed}, warn=False)
 
 
 def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,

@@ -119,10 +119,26 @@ def summary(stats: Result) -> dict:
     return out
 
 
+def _positive(kind: str, config: dict, arrays: dict):
+    """What a gradient map read back out of a packed result expects positive
+    (:func:`expected_positive` of its loss and wrt: its underflow counted again, as where it
+    was measured), or None for other kinds and for a loss of the user's own."""
+    wrt, loss = config.get("wrt"), config.get("loss")
+    if kind != "gradient_map" or wrt not in WRTS or loss not in LOSSES or "values" not in arrays:
+        return None
+    return expected_positive(loss, wrt, np.shape(arrays["values"])[-1])
+
+
+def _result(kind: str, arrays: dict, config: dict, source: Result) -> Result:
+    """A Result read out of ``source`` (its provenance; a gradient map's underflow counted)."""
+    return make_result(kind, arrays, config, warn=False, source=source,
+                       positive=_positive(kind, config, arrays))
+
+
 def _unpack(data: Result, prefix: str, kind: str, config: dict) -> Result:
     """The arrays of ``data`` under ``prefix`` (stripped) as a Result of ``kind``."""
-    return make_result(kind, {k[len(prefix):]: v for k, v in data.arrays.items()
-                              if k.startswith(prefix)}, config, warn=False, source=data)
+    return _result(kind, {k[len(prefix):]: v for k, v in data.arrays.items()
+                          if k.startswith(prefix)}, config, data)
 
 
 def _label(data: Result, label: str, section: str, what: str) -> str:
@@ -142,11 +158,24 @@ def panel(grid: Result, loss: str, cell: str) -> Result:
     if key not in grid.arrays:
         raise ValueError(f"no map for loss {loss!r} and cell {cell!r}; the grid has "
                          f"{', '.join(grid.config['maps'])}")
-    config = grid.config["maps"][f"{loss}/{cell}"]
-    wrt = config.get("wrt", grid.config.get("wrt"))
-    return make_result("gradient_map", {"values": grid[key], "loss_value": grid[value_key]},
-                       config, warn=False, source=grid, positive=expected_positive(
-                           loss, wrt, grid[key].shape[-1]) if wrt in WRTS else None)
+    config = dict(grid.config["maps"][f"{loss}/{cell}"])
+    config.setdefault("wrt", grid.config.get("wrt"))
+    config.setdefault("loss", loss)
+    return _result("gradient_map", {"values": grid[key], "loss_value": grid[value_key]},
+                   config, grid)
+
+
+def seed_result(result: Result, seed: int) -> Result:
+    """One seed's map out of a :func:`gradflow.sweep` result: ``values: (L, T)`` and
+    ``loss_value`` of that seed, its config with ``seed`` set, its underflow counted and its
+    provenance the sweep's (for plots and summaries of one map; NumPy only)."""
+    seeds = list(result.config.get("seeds") or [])
+    if seed not in seeds:
+        raise ValueError(f"no seed {seed!r} in this sweep; its seeds: {seeds or '(none)'}")
+    i = seeds.index(seed)
+    config = {k: v for k, v in result.config.items() if k != "seeds"}
+    return _result(result.kind, {k: np.asarray(v)[i] for k, v in result.arrays.items()},
+                   {**config, "seed": seed}, result)
 
 
 def gain_panel(data: Result, cell: str) -> Result:
@@ -179,8 +208,8 @@ def _seed_of(data: Result, result: Result, seed) -> Result:
         raise ValueError(f"no seed {seed!r}; seeds: {seeds}")
     i = seeds.index(seed)
     config = {k: v for k, v in result.config.items() if k != "seeds"}
-    return make_result(result.kind, {k: v[i] for k, v in result.arrays.items()},
-                       {**config, "seed": seed}, warn=False, source=result)
+    return _result(result.kind, {k: v[i] for k, v in result.arrays.items()},
+                   {**config, "seed": seed}, result)
 
 
 def run_curve(data: Result, label: str, seed=None) -> Result:
@@ -225,5 +254,5 @@ def entry_step(values: np.ndarray, wrt: str | None = None) -> int:
 
 
 __all__ = ["GAIN_ARRAYS", "LOSSES", "STATS", "WRTS", "bin_edges", "expected_positive",
-           "gain_panel", "hist_edges", "panel", "run_curve", "run_record", "stats_panel",
-           "summary", "value_range"]
+           "gain_panel", "hist_edges", "panel", "run_curve", "run_record", "seed_result",
+           "stats_panel", "summary", "value_range"]

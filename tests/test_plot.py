@@ -677,6 +677,12 @@ def test_gain_profile_compares_several_results_and_skips_nonfinite_entries():
     np.testing.assert_allclose(_line(ax, "STAR").get_ydata()[2], sum(row) / len(row), rtol=1e-14)
     assert "1 non-finite" in ax.get_title()
     _line(ax, "STAR: 0.5")
+    # gains of 0 (a layer whose activations underflowed) fall off the log axis: counted
+    arrays["temporal_spectral"][3] = 0.0
+    with pytest.warns(NonFiniteWarning):
+        star = make_result("local_gains", arrays, star.config)
+    title = plot.gain_profile(star, kind="temporal", stat="spectral").axes[0].get_title()
+    assert title.endswith(f"(1 non-finite, {T} \u2264 0)")
 
 
 def test_gains_figure_draws_each_kind_of_gain_over_depth():

@@ -198,6 +198,12 @@ def test_one_seed_of_a_sweep_is_that_seeds_map_and_draws(x64):
     np.testing.assert_array_equal(one.values, res.values[1])
     np.testing.assert_allclose(one.values, reference("lstm", 9, "hidden").values, rtol=1e-12)
     assert one.config["seed"] == 9 and "seeds" not in one.config
+    # what the sweep computed it on (not this process), its underflow counted as a map's
+    assert one.provenance == res.provenance and one.underflow == {"values": 0}
+    zeroed = gradflow.results.make_result("gradient_map", {**res.arrays, "values": np.where(
+        np.arange(SIZES["layers"])[:, None] == 0, 0.0, res.values)}, res.config, warn=False)
+    assert S.seed_result(zeroed, 9).underflow == {"values": SIZES["steps"]}
+    assert S.seed_result is gradflow.views.seed_result  # NumPy only, as the plots
     with pytest.raises(ValueError, match=r"one map per seed.*seed_result"):
         plot.heatmap(res)
     plot.heatmap(one)

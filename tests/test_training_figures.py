@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import gradflow
 from gradflow import experiments, gates, reproduce, tasks
 from gradflow.problem import task_stack
 from gradflow.jacobian import gradient_map
@@ -69,6 +70,23 @@ def test_recorded_maps_and_gates_equal_direct_measurements(tiny):
     init = experiments.run_record(tiny, "LSTM", "map", "first")
     assert init.config["train_step"] == 0
     assert not np.allclose(init.values, experiments.run_record(tiny, "LSTM", "map").values)
+
+
+def test_recorded_maps_read_back_count_underflow_and_say_their_step(tiny):
+    """A map read back out of training_runs lost its underflow count (zeros read as "<= 0")
+    and was titled as an untrained map ("init orthogonal") at every step."""
+    from gradflow import plot
+
+    for which, step in (("first", 0), ("last", TINY["steps"])):
+        rec = experiments.run_record(tiny, "LSTM", "map", which)
+        assert rec.underflow == {"values": 0}
+        title = plot.heatmap(rec).axes[0].get_title()
+        assert f"step {step} of training from init orthogonal" in title
+    zeroed = gradflow.results.make_result("training_runs", {
+        k: (np.zeros_like(v) if k == "LSTM/map@6/values" else v)
+        for k, v in tiny.arrays.items()}, tiny.config, warn=False)
+    rec = experiments.run_record(zeroed, "LSTM", "map", "last")
+    assert rec.underflow == {"values": rec.values.size}
 
 
 def test_time_gated_run_reports_updates_and_the_figure_draws(tiny):
