@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 
 from gradflow import views as _views
 from gradflow.views import gain_panel, panel, run_curve, run_record, stats_panel
-from gradflow.results import Result, make_result, origin
+from gradflow.results import Result, check_folder_of, make_result, origin
 
 FORMATS = (".png", ".pdf", ".svg")
 NONFINITE_HATCH = "xx"
@@ -83,12 +83,18 @@ def _check_result(obj, where: str) -> Result:
 
 
 def _map_array(result: Result, key: str | None) -> np.ndarray:
-    """The ``(L, T)`` array ``result.arrays[key]`` (``key`` defaults to ``"values"``) as float."""
+    """The ``(L, T)`` array ``result.arrays[key]`` (``key`` defaults to ``"values"``) as float,
+    its subnormal entries (positive, below its dtype's normal range: underflow, as
+    :attr:`Result.underflow` counts them) as 0, so that they are drawn and counted as the
+    underflow stored as 0 is (one such entry set a log scale's lower end at 1e-40)."""
     key = "values" if key is None else key
     if key not in result.arrays:
         raise ValueError(f"result of kind {result.kind!r} has no array {key!r}; its arrays: "
                          f"{', '.join(result.arrays) or '(none)'}")
-    values = np.asarray(result.arrays[key], dtype=float)
+    stored = np.asarray(result.arrays[key])
+    values = stored.astype(float)
+    if np.issubdtype(stored.dtype, np.floating):
+        values[np.abs(values) < np.finfo(stored.dtype).tiny] = 0.0
     if values.ndim == 3 and "seeds" in result.config:  # a sweep: one map per seed
         raise ValueError(f"array {key!r} holds one map per seed, shape {values.shape} (a sweep "
                          "over seeds): draw one seed's, gradflow.views.seed_result(result, "
@@ -1009,8 +1015,10 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
             ref = float(p.values[-1, _views.entry_step(p.values, p.config.get("wrt"))])
             if normalize and not (np.isfinite(ref) and ref > 0):
                 zeros = int(np.sum(p.values == 0))
+                bad = int(np.sum(~np.isfinite(p.values)))
                 note = (f"all {zeros} entries are 0" if zeros == p.values.size
-                        else f"top-last value is {ref:g}")
+                        else f"top-last value is {ref:g}"
+                        + (f" ({bad} non-finite)" if bad else ""))
                 empty.append((i, j, cell, note))
             else:
                 panels[(f"loss={loss}", cell)] = p
@@ -1020,6 +1028,10 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
             if normalize else "")
     fig = _grid_or_empty(panels, losses, cells, normalize,
                          _titled(title, settings(grid.config)), vmin, vmax)
+    total = sum(int(np.sum(~np.isfinite(grid[_views._keys(loss, cell)[0]])))
+                for loss in losses for cell in cells)
+    if total:  # the empty panels' too (the drawn ones alone were counted)
+        fig.suptitle(_with_counts(_titled(title, settings(grid.config)), total))
     for i, j, cell, note in empty:
         ax = fig.axes[i * len(cells) + j]  # the panels come first, row by row
         ax.text(0.5, 0.5, f"{cell}:\n{note};\nnothing to normalise by", ha="center",
@@ -1307,9 +1319,7 @@ def save(fig: Figure, path, *, dpi: float = 150) -> str:
     if ext not in FORMATS:
         raise ValueError(f"cannot save {path!r}: unsupported extension {ext or '(none)'!r}; "
                          f"use one of {', '.join(FORMATS)}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"cannot write {path!r}: directory {directory!r} does not exist")
+    check_folder_of(path)
     # No creation date in PDF/SVG output, so equal figures give comparable files.
     metadata = {".pdf": {"CreationDate": None}, ".svg": {"Date": None}}.get(ext)
     try:

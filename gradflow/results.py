@@ -130,14 +130,15 @@ class Result:
     def save(self, path) -> str:
         """Write ``path`` (``.npz`` appended if missing): arrays + JSON config. Returns the path."""
         path = os.fspath(path)
+        if not os.path.basename(path) or os.path.isdir(path):  # ("", "dir/": a hidden ".npz")
+            raise ValueError(f"cannot write {path!r}: give a file name (e.g. "
+                             f"{os.path.join(path, 'result.npz')!r})")
         if not path.endswith(".npz"):
             path += ".npz"
         meta = json.dumps({"format": FORMAT_VERSION, "kind": self.kind, "config": self.config,
                            "nonfinite": self.nonfinite, "underflow": self.underflow,
                            "provenance": self.provenance})
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise ValueError(f"cannot write {path!r}: directory {directory!r} does not exist")
+        check_folder_of(path)
         try:
             np.savez(path, **{_META: np.array(meta)}, **self.arrays)
         except OSError as e:
@@ -217,6 +218,16 @@ def not_measured(kind: str, arrays: Mapping[str, np.ndarray], config: Mapping) -
         off = ~np.isin(np.arange(n), [int(l) % n for l in where[gate]])
         out[name] = off.reshape((n,) + (1,) * (np.ndim(a) - 1))
     return out
+
+
+def check_folder_of(path: str) -> None:
+    """A ValueError unless the folder ``path`` is to be written in exists (naming a missing
+    folder, or a file where the folder should be)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"cannot write {path!r}: {directory!r} "
+                         + ("is a file, not a folder" if os.path.exists(directory)
+                            else "does not exist"))
 
 
 def origin(config: Mapping) -> str:

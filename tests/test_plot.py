@@ -373,6 +373,15 @@ def test_save_rejects_bad_paths(tmp_path):
     with pytest.raises(TypeError, match="Figure"):
         plot.save(fig.axes[0], tmp_path / "map.png")
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file.py").write_text("")
+    with pytest.raises(ValueError, match="file.py' is a file, not a folder"):
+        plot.save(fig, tmp_path / "file.py" / "map.png")
+    # a result's file needs a name: "" and a folder wrote a hidden ".npz"
+    res = _gradient_map(_map())
+    for bad in ("", str(tmp_path) + os.sep, tmp_path):
+        with pytest.raises(ValueError, match="give a file name"):
+            res.save(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.py"]
 
 
 # --- gates -------------------------------------------------------------------------------------
@@ -594,6 +603,18 @@ def test_draw_grid_normalises_each_panel_and_leaves_an_all_zero_map_empty():
     assert all(ax.images for ax in fig.axes[:4])
 
 
+def test_draw_grid_counts_the_non_finite_entries_of_the_panels_it_leaves_empty():
+    """A panel with nothing to normalise by (all NaN: an exploded cell) was left empty and its
+    entries left out of the figure's total ("2 non-finite" of 8)."""
+    a = 10.0 ** np.arange(6.0).reshape(2, 3)
+    b = a.copy()
+    b[0, :2] = np.nan
+    grid = _synthetic_grid({("last", "x"): b, ("last", "y"): np.full((2, 3), np.nan)})
+    fig = plot.draw_grid(grid, normalize=True)
+    assert fig._suptitle.get_text().endswith("(8 non-finite)")
+    assert "top-last value is nan (6 non-finite)" in fig.axes[1].texts[0].get_text()
+
+
 def test_draw_grid_on_a_fixed_colour_range_marks_what_it_clips():
     """color_range=(0.05, 5), the STAR paper's scale: the norm is that range, and the colour
     bar's arrows say which ends clip values (entries beyond it take the end colours)."""
@@ -796,3 +817,19 @@ def test_gate_panels_default_to_the_gate_that_keeps_the_state():
     assert titles == ["lstm, gate f (init)", "gru, gate z (init)", "star, gate k (init)"]
     with pytest.raises(ValueError, match="unknown gate 'f'; these stats have gates: r, z, n"):
         plot.draw_gate_panels({"init": stats}, {"gru": "f"})
+
+
+def test_subnormal_entries_are_drawn_and_counted_as_the_underflow_they_are():
+    """One float32 entry of 1e-40 (positive, below the normal range: counted as underflow) set
+    the log scale's lower end at 1e-40, squeezing the data into the top colours; and the title
+    took every underflow entry for a zero ("2 underflow, 1 <= 0" for 2 structural zeros)."""
+    values = _map(3, low=-5, high=0).astype(np.float32)
+    values[0, 0] = np.float32(1e-40)  # subnormal: underflow
+    values[1, 0] = 0.0  # underflow stored as 0
+    values[:, -1] = 0.0  # a memory map's last step: 0 by construction, not underflow
+    res = _gradient_map(values, wrt="cell", positive={"values": np.arange(T) < T - 1})
+    assert res.underflow == {"values": 2}
+    fig = plot.heatmap(res)
+    norm = fig.axes[0].images[0].norm
+    assert norm.vmin == pytest.approx(float(np.min(values[values >= 1e-30])))
+    assert fig.axes[0].get_title().endswith(f"(2 underflow, {L} \u2264 0)")
