@@ -119,6 +119,11 @@ class Claim:
       where: ``((factor, values), ...)``: the claim reads only conditions whose ``factor`` is
         one of ``values`` (for ``"gradient_map"``: ``wrt`` and ``loss``).
       min_layers: the fewest layers a condition needs for the claim to read it.
+
+    A predicate reading gates says which (``predicate.gates``, as :func:`saturated_share`,
+    :func:`outside_share`, :func:`timescale_decades` and :func:`saturation_gain` set it): the
+    claim reads only conditions whose cell reports them (``lstm:aux=refine,tied=True`` has no
+    input gate ``i``).
     """
 
     name: str
@@ -142,7 +147,8 @@ class Claim:
         return (measure_of(condition) == self.reads
                 and parse_cell(condition["cell"])[0] in self.cells
                 and condition.get("layers", self.min_layers) >= self.min_layers
-                and all(condition.get(k) in v for k, v in self.where))
+                and all(condition.get(k) in v for k, v in self.where)
+                and set(getattr(self.predicate, "gates", ())) <= _reported(condition["cell"]))
 
     def evaluate(self, measurement) -> tuple[float, bool]:
         """``(statistic, holds)`` for one seed's measurement."""
@@ -151,7 +157,9 @@ class Claim:
 
     def scope(self) -> str:
         """The conditions it reads, in words (for error messages)."""
+        gates = getattr(self.predicate, "gates", ())
         return ", ".join([f"reads {self.reads}", f"cells {', '.join(self.cells)}"]
+                         + ([f"with gates {', '.join(gates)}"] if gates else [])
                          + ([f"layers >= {self.min_layers}"] if self.min_layers > 1 else [])
                          + [f"{k} {', '.join(map(str, v))}" for k, v in self.where])
 
@@ -191,12 +199,21 @@ def cell_for(spec: str, init: str, steps: int):
     name, options = parse_cell(spec)
     if "init" in options:
         raise ValueError(f"cell spec {spec!r} sets init: use the grid's init factor instead")
-    default = dict(_cells.for_length(name, steps, **options).options).get("init")
     weight, bias = _cells.parse_init(init)
-    if bias is None and default is not None:
-        bias = _cells.parse_init(default)[1]
+    if bias is None:  # the cell's own default bias scheme (UR-LSTM's UGI), where it has one
+        default = dict(_cells.for_length(name, steps, **options).options).get("init")
+        if default is not None:
+            bias = _cells.parse_init(default)[1]
     return _cells.for_length(name, steps, init=weight if bias is None else f"{weight}+{bias}",
                              **options)
+
+
+def _reported(spec: str) -> set:
+    """The gates the cell of a cell factor value reports (the same under every init)."""
+    from gradflow import cells as _cells
+
+    name, options = parse_cell(spec)
+    return set(_cells.get(name, **options).gate_names)
 
 
 def _tuple(name, v):
@@ -526,7 +543,8 @@ def _vmapped_group(kind: str, conditions: list[dict], devices, variant_of) -> li
                      for s in seeds]
     cap = MEASUREMENTS[kind].max_devices
     devices = list(jax.devices() if devices is None else devices)[:cap]
-    stack = Stack(cell_for(c0["cell"], "orthogonal", steps), layers, hidden, hidden)
+    stack = Stack(cell_for(c0["cell"], inits[0], steps), layers, hidden, hidden)  # (any init:
+    # the program's shapes; the problems bring their own parameters)
 
     def placed(devices):
         """The program on ``devices`` and its arguments, the seeds padded to fill them."""
@@ -713,7 +731,7 @@ def _check_memory(conditions) -> None:
         c0 = group[0]
         n = len({c["init"] for c in group}) * len(c0["seeds"])
         method = {"gates": "gates", "local_gains": "gains"}.get(measure_of(c0), "gradient")
-        stack = Stack(cell_for(c0["cell"], "orthogonal", c0["steps"]), c0["layers"],
+        stack = Stack(cell_for(c0["cell"], c0["init"], c0["steps"]), c0["layers"],
                       c0["hidden"], c0["hidden"])
         with precision(c0["dtype"]):  # (float64: 64-bit JAX, as its measurement runs)
             need = max(cost.estimate(stack, c0["batch"] * n, c0["steps"], c0["dtype"],
@@ -907,7 +925,7 @@ def timescale_decades(gate: str):
         if _overflowed(gates, (gate,)) or not np.all(np.isfinite(ts)) or ts.min() <= 0:
             return float("nan")
         return float(np.log10(ts.max() / ts.min()))
-    stat.__name__ = f"timescale_decades_{gate}"
+    stat.__name__, stat.gates = f"timescale_decades_{gate}", (gate,)
     return stat
 
 
@@ -928,7 +946,7 @@ def saturated_share(gates_: tuple):
         if _overflowed(gates, gates_):
             return float("nan")
         return float(np.mean([float(gates[f"saturated/{g}/pooled"]) for g in gates_]))
-    stat.__name__ = "saturated_share_" + "_".join(gates_)
+    stat.__name__, stat.gates = "saturated_share_" + "_".join(gates_), tuple(gates_)
     return stat
 
 
@@ -942,7 +960,7 @@ def outside_share(gates_: tuple):
         out = sum(np.asarray(gates[f"outside/{g}/pooled"], np.int64) for g in gates_)
         total = sum(int(np.sum(gates[f"hist/{g}/pooled"])) for g in gates_) + int(out.sum())
         return float(out[0] + out[1]) / total
-    stat.__name__ = "outside_share_" + "_".join(gates_)
+    stat.__name__, stat.gates = "outside_share_" + "_".join(gates_), tuple(gates_)
     return stat
 
 
@@ -954,6 +972,7 @@ def saturation_gain(gate: str, base: str):
         if _overflowed(gates, (gate, base)):
             return float("nan")
         return float(gates[f"saturated/{gate}/pooled"]) - float(gates[f"saturated/{base}/pooled"])
+    stat.gates = (gate, base)
     return stat
 
 

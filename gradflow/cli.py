@@ -2296,6 +2296,7 @@ def run_atlas(args) -> int:
     out = Path(args.out)
     if not out.is_dir():
         raise _usage(args, f"--out {args.out!r} is not an existing folder")
+    _writable_dir(out, str(out / args.name))  # before anything is measured
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
         raise _usage(args, f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
     with user_input():

@@ -104,6 +104,20 @@ def test_claims_apply_by_measurement_and_factors():
         A.Claim("x", "x", ("lstm",), len, bool, reads="nope")
     with pytest.raises(ValueError, match="already registered"):
         A.register_claim(A.CLAIMS["lstm_collapses"])
+    # a gate claim reads only cells that report its gates: a tied LSTM has no input gate
+    # (the claim was applied, and failed after measuring with KeyError 'nonfinite/i/pooled')
+    tied = A.Grid(cells=("lstm:aux=refine,tied=True",), measure="gates").conditions()[0]
+    assert A.CLAIMS["lstm_forget_not_saturated"].applies(tied)
+    assert not A.CLAIMS["lstm_gates_outside_unit"].applies(tied)
+    assert "with gates i, o" in A.CLAIMS["lstm_gates_outside_unit"].scope()
+    with pytest.raises(ValueError, match=r"no condition of the grid is read by the claims "
+                                         r"lstm_gates_outside_unit \(reads gates, cells lstm, "
+                                         r"refined_lstm, with gates i, o\)"):
+        A.plan(["lstm_gates_outside_unit"], A.Grid(cells=("lstm:aux=refine,tied=True",),
+                                                    measure="gates"))
+    # a cell option that needs the grid's init (t_max: chrono's) is built under it
+    chrono = A.cell_for("lstm:t_max=50", "chrono", 3)
+    assert dict(chrono.options)["t_max"] == 50 and chrono.config["init"] == "orthogonal+chrono"
 
 
 # ---------------------------------------------------------------------------------------------
