@@ -57,6 +57,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -639,9 +640,13 @@ def measure(conditions: list[dict], *, cache_dir=None, devices=None, progress: b
         key = condition_key(c)
         path = None if cache_dir is None else os.path.join(cache_dir, key + ".npz")
         if path is not None and os.path.exists(path):
-            out[key] = Result.load(path)
-        else:
-            todo.append(c)
+            try:
+                out[key] = Result.load(path)
+                continue
+            except ValueError as e:  # a torn or damaged entry (a full disk, an edit): again
+                warnings.warn(f"atlas cache entry {path} is damaged ({e}); measuring its "
+                              "condition again", RuntimeWarning, stacklevel=2)
+        todo.append(c)
     bar = _bar(len(conditions), len(conditions) - len(todo), progress)
     try:
         for group in _groups(todo):
@@ -996,8 +1001,10 @@ for _c in (
 
 def bottom_layer_kept(values) -> float:
     """Median over steps of :math:`r[0, t]` (the bottom layer relative to the top-last entry);
-    NaN if ``r`` is (a non-finite or zero top-last value) or any bottom entry is not finite."""
-    return float(np.median(ratio(values)[0]))
+    NaN if ``r`` is (a non-finite or zero top-last value) or any bottom entry is not finite
+    (an inf entry, which a median would pass over)."""
+    bottom = ratio(values)[0]
+    return float(np.median(bottom)) if np.all(np.isfinite(bottom)) else float("nan")
 
 
 register_claim(Claim("bottom_layer_kept", "median r over the bottom layer in [0.1, 10] (kept: "

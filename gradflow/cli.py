@@ -2618,14 +2618,17 @@ def _note_damaged_cache_entries(folder: str) -> None:
 
 
 def _forward_overflow_lines(command: str) -> None:
-    """Show each :class:`~gradflow.results.NonFiniteForwardWarning` as one line on stderr,
+    """Show each :class:`~gradflow.results.NonFiniteForwardWarning`, and any other warning
+    gradflow's own code gives (an atlas cache entry measured again), as one line on stderr,
     ``gradflow heatmap: warning: ...`` (the caller's ``warnings.catch_warnings`` restores the
     filters and the hook)."""
     warnings.simplefilter("always", NonFiniteForwardWarning)
     show = warnings.showwarning
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
     def hook(message, category, filename, lineno, file=None, line=None):
-        if not issubclass(category, NonFiniteForwardWarning):
+        if not (issubclass(category, NonFiniteForwardWarning)
+                or os.path.abspath(filename).startswith(package)):
             return show(message, category, filename, lineno, file, line)
         print(f"{command}: warning: {_one_line(message)}", file=sys.stderr)
 

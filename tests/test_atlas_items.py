@@ -85,7 +85,8 @@ def test_nonfinite_maps_read_nan_and_do_not_hold():
     """A map whose top-last entry is 0 or NaN (an underflowed or exploded stack) is data."""
     claim = A.CLAIMS["bottom_layer_kept"]
     for bad in (np.zeros((2, 3)), np.full((2, 3), np.nan),
-                np.array([[1.0, np.inf, 1.0], [1.0, 1.0, np.inf]])):
+                np.array([[1.0, np.inf, 1.0], [1.0, 1.0, np.inf]]),
+                np.array([[1.0, np.inf, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])):  # median: 1
         s, h = claim.evaluate(bad)
         assert np.isnan(s) and h is False
     assert claim.evaluate(np.array([[0.5, 0.1, 0.2], [1.0, 1.0, 2.0]])) == (0.1, True)

@@ -565,8 +565,10 @@ def test_invalid_option_combinations():
         cells.get("on_lstm", chunk_size=0)
     with pytest.raises(ValueError, match="divisible"):
         cells.get("on_lstm", chunk_size=3).init(jax.random.key(0), 4, 4)
-    with pytest.raises(ValueError, match="ordered=True gives it the cumax activation"):
-        cells.get("lstm", ordered=True, forget_bias=1.0)
+    for shift in ("forget_bias", "forget_bias_init"):
+        with pytest.raises(ValueError, match=f"{shift} shifts the forget gate's sigmoid; "
+                                             "ordered=True gives it the cumax activation"):
+            cells.get("lstm", ordered=True, **{shift: 1.0})
     with pytest.raises(ValueError, match="ordered=False picks sigmoid master gates and needs "
                                          "aux='master'"):
         cells.get("lstm", ordered=False)

@@ -245,10 +245,11 @@ def _lstm(name: str, o: dict) -> Cell:
     ordered = o["ordered"]
     cumax_forget = bool(ordered) and aux != "master"  # Gu et al.'s O- and OR
     sigmoid_masters = aux == "master" and ordered is False  # their -M and UM
-    if cumax_forget and float(o["forget_bias"]) != 0.0:
-        raise ValueError(f"cell {name!r}: forget_bias shifts the forget gate's sigmoid; "
-                         "ordered=True gives it the cumax activation, which a constant shift "
-                         "does not change: leave forget_bias at 0")
+    for shift in ("forget_bias", "forget_bias_init"):  # one constant on every unit
+        if cumax_forget and o[shift] is not None and float(o[shift]) != 0.0:
+            raise ValueError(f"cell {name!r}: {shift} shifts the forget gate's sigmoid; "
+                             "ordered=True gives it the cumax activation, which a constant "
+                             f"shift does not change: leave {shift} out")
     if ordered is False and aux != "master":
         raise ValueError(f"cell {name!r}: ordered=False picks sigmoid master gates and needs "
                          "aux='master'; without master gates the forget gate is a sigmoid "
