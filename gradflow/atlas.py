@@ -261,7 +261,8 @@ class Grid:
     def __post_init__(self):
         from gradflow import jacobian as _jac
         from gradflow import sweep as _sweep
-        from gradflow.checks import positive_int, width
+        from gradflow.checks import DTYPES, positive_int, width
+        from gradflow.problem import check_input_scale
 
         from gradflow import cells as _cells
 
@@ -281,13 +282,25 @@ class Grid:
         if not all(isinstance(s, (list, tuple)) for s in given):
             raise ValueError(f"sizes are (layers, steps) pairs of positive integers, e.g. "
                              f"[[8, 32], [16, 64]], got {list(given)}")
-        sizes = tuple(tuple(int(x) for x in s) for s in given)
-        if any(len(s) != 2 or min(s) < 1 for s in sizes):
-            raise ValueError(f"sizes are (layers, steps) pairs of positive integers, got {sizes}")
-        object.__setattr__(self, "sizes", sizes)
+        if any(len(s) != 2 for s in given):
+            raise ValueError(f"sizes are (layers, steps) pairs of positive integers, got "
+                             f"{[list(s) for s in given]}")
+        # (3.7 steps read as 3, True as 1 layer)
+        object.__setattr__(self, "sizes", tuple((positive_int("sizes' layers", s[0]),
+                                                 positive_int("sizes' steps", s[1]))
+                                                for s in given))
         object.__setattr__(self, "seeds", _sweep.check_seeds(self.seeds))
-        object.__setattr__(self, "input_scales", tuple(float(s) for s in self.input_scales))
-        bad = [s for s in self.input_scales if not (math.isfinite(s) and s > 0)]
+        try:
+            dtype = np.dtype(self.dtype).name
+        except TypeError:
+            dtype = None
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        object.__setattr__(self, "dtype", dtype)
+        # finite in the grid's dtype (a map of inf inputs measured nothing), and positive
+        object.__setattr__(self, "input_scales", tuple(check_input_scale(s, dtype)
+                                                       for s in self.input_scales))
+        bad = [s for s in self.input_scales if not s > 0]
         if bad:
             raise ValueError(f"input scales must be positive finite numbers, got {bad[0]}")
         for f, what, valid in (("losses", "loss", _jac.LOSSES),
@@ -802,6 +815,10 @@ def mechanism(cell: str, init: str, input_scales=(0.01, 0.1, 1.0), *, layers: in
 
     Returns:
       ``{input_scale: {quantity: list of L floats}}``.
+
+    Raises:
+      ValueError: as :class:`Grid` for the same condition (a bad seed, scale, size), and where
+        its local gains cannot fit in memory, before anything is computed.
     """
     import jax.numpy as jnp
 
@@ -809,6 +826,10 @@ def mechanism(cell: str, init: str, input_scales=(0.01, 0.1, 1.0), *, layers: in
     from gradflow import sweep as _sweep
     from gradflow.stack import Stack
 
+    grid = Grid(cells=(cell,), inits=(init,), input_scales=tuple(input_scales),
+                hidden=(hidden,), sizes=((layers, steps),), seeds=(seed,), batch=batch,
+                measure="local_gains")  # the same checks as an atlas of it
+    _check_memory(grid.conditions())
     stack = Stack(cell_for(cell, init, steps), layers, hidden, hidden)
     out = {}
     for scale in input_scales:

@@ -14,6 +14,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradflow import cells as _cells
 from gradflow import cost as _cost
@@ -55,10 +56,11 @@ def gaussian_inputs(seed, shape, dtype=jnp.float32, scale: float = 1.0):
 def check_input_scale(scale, dtype) -> float:
     """``scale`` if ``scale * N(0, 1)`` inputs stay finite in ``dtype``, else a ValueError
     (``1e39`` overflows float32 to inf)."""
-    top = float(jnp.finfo(dtype_of(dtype)).max) / 16  # N(0, 1) draws stay far below 16
+    dt = np.dtype(dtype)  # (a check of the number: no 64-bit JAX needed for float64's)
+    top = float(np.finfo(dt).max) / 16  # N(0, 1) draws stay far below 16
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) < top:
         raise ValueError(f"input_scale must be a finite number below {top:.2g} (scale * N(0, 1) "
-                         f"in {jnp.dtype(dtype_of(dtype)).name}), got {scale!r}")
+                         f"in {dt.name}), got {scale!r}")
     return float(scale)
 
 

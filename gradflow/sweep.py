@@ -36,7 +36,8 @@ from gradflow import cells as _cells
 from gradflow import jacobian as _jac
 from gradflow import parallel
 from gradflow.checks import SEED_LIMIT
-from gradflow.problem import dtype_of, gaussian_inputs
+from gradflow import cost as _cost
+from gradflow.problem import check_input_scale, dtype_of, gaussian_inputs
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack
@@ -190,6 +191,7 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                             (("steps", steps), ("batch", batch), ("hidden", hidden)))
     D = hidden if input_size is None else _positive_int("input_size", input_size)
     dt = dtype_of(dtype)
+    check_input_scale(input_scale, dt)
     stacks = {}  # every cell and stack built and checked before any map is computed
     for entry in names:
         if isinstance(entry, str):  # (options written in entry win over cell_options)
@@ -202,6 +204,12 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                              "cell (a built cell by its name): give each one once")
         stacks[label] = Stack(cell, layers, D, hidden, **(stack_options or {}))
         _jac.check_wrt(stacks[label], wrt)
+        # the seeds' maps in one program: S x batch examples (it compiled, then ran out)
+        _cost.check_need(_cost.estimate(stacks[label], batch * len(seeds), steps, dt, wrt,
+                                        calibrate=False).total,
+                         f"the sweep of {label} ({len(seeds)} seeds x batch {batch}, "
+                         f"{layers} layers x {steps} steps, H={hidden})",
+                         "give fewer seeds, a smaller batch or hidden size, or fewer steps")
     out = {}
     for label, stack in stacks.items():
         values, maps = sweep_arrays(stack, seeds, steps=steps, batch=batch, dtype=dt,

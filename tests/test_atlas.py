@@ -135,10 +135,28 @@ def test_resume_after_interruption_gives_the_same_table(full, tmp_path, monkeypa
     (lambda: A.Grid(cells=("rnn:init",)), "option=value"),
     (lambda: A.cell_for("rnn:init=torch", "orthogonal", 3), "use the grid's init"),
     (lambda: A.atlas(["lstm_collapses"], A.Grid(cells=("rnn",))), "no condition"),
+    # read as 3 steps and 1 layer; a dtype or scale that failed later, or measured inf inputs
+    (lambda: A.Grid(cells=("rnn",), sizes=((3, 3.7),)), "sizes' steps must be a positive "
+                                                        "integer, got 3.7"),
+    (lambda: A.Grid(cells=("rnn",), sizes=((True, 3),)), "sizes' layers must be a positive"),
+    (lambda: A.Grid(cells=("rnn",), dtype="bogus"), "unknown dtype 'bogus'; valid: float32"),
+    (lambda: A.Grid(cells=("rnn",), input_scales=("1",)), "input_scale must be a finite "
+                                                          "number below 2.1e\\+37"),
+    (lambda: A.Grid(cells=("rnn",), input_scales=(3e38,)), "finite number below 2.1e\\+37"),
+    # the mechanism takes a Grid's checks, and its memory check (it ran into the allocator)
+    (lambda: A.mechanism("rnn", "orthogonal", seed=-1), "seeds must be a non-empty"),
+    (lambda: A.mechanism("rnn", "orthogonal", layers=10**6, hidden=64),
+     "measuring the atlas's rnn conditions at 1000000 layers .* more than the"),
 ])
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_float64_grid_is_described_in_32_bit_mode():
+    """The atlas measures a float64 grid in 64-bit mode itself: the grid is built without it."""
+    g = A.Grid(cells=("rnn",), dtype=np.float64, input_scales=(3e38,))
+    assert g.dtype == "float64" and g.input_scales == (3e38,)
 
 
 def test_cell_for_keeps_the_cells_own_bias_scheme():

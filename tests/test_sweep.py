@@ -144,6 +144,11 @@ def test_four_cpu_devices_equal_one_device(background, x64):
     (dict(cells=[gradflow.cells.get("lstm", forget_bias=1.0), "lstm"]), "given twice"),
     (dict(cells=["lstm:nope=1"]), "unknown option"),
     (dict(seeds=[0, 0]), "seeds repeat"),
+    # inputs that are inf in float32, and a sweep that cannot fit (it compiled, then ran out)
+    (dict(input_scale=3e38), "input_scale must be a finite number below 2.1e\\+37"),
+    (dict(layers=64, steps=100000, hidden=4096, batch=64),
+     r"the sweep of lstm \(1 seeds x batch 64, 64 layers x 100000 steps, H=4096\) needs about "
+     r".* more than the"),
 ])
 def test_bad_input(kw, match):
     args = {"cells": "lstm", "seeds": [0], **SIZES, **kw}
