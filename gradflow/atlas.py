@@ -800,6 +800,16 @@ def atlas(claims, grid, *, cache_dir=None, devices=None, progress: bool = True) 
             {"claim": cl.name, "description": cl.description, "reads": cl.reads,
              "conditions": conds,
              "seeds": list(seeds), "grid": [g.to_dict() for g in grids]}, warn=False)
+    overflowed = [c for c in needed if maps[condition_key(c)].total_nonfinite]
+    if overflowed:  # data (the statistics read NaN there, not holding), and said
+        from gradflow.results import NonFiniteWarning
+
+        c = overflowed[0]
+        warnings.warn(f"atlas: the measurements of {len(overflowed)} of {len(needed)} "
+                      f"conditions hold non-finite entries (e.g. {c['cell']}, init "
+                      f"{c['init']}, input scale {c['input_scale']:g}): a claim reading them "
+                      "has a NaN statistic there, which does not hold", NonFiniteWarning,
+                      stacklevel=2)
     return out
 
 

@@ -2326,8 +2326,12 @@ def run_atlas(args) -> int:
     written.append(_plot.save(_plot.draw_atlas(results, args.rows, args.cols), stem + ".png"))
     for name, res in results.items():
         full, some = int(np.sum(res.fraction == 1)), int(np.sum(res.fraction > 0))
+        unread = int(np.sum(np.isnan(res.statistic)))
         print(f"{name}: holds for every seed in {full} of {len(res.fraction)} conditions, "
-              f"for some seed in {some} ({res.config['description']})")
+              f"for some seed in {some} ({res.config['description']})"
+              + (f"; not readable (NaN: a map not finite, or 0 where it is read) for {unread} "
+                 f"of {res.statistic.size} (condition, seed) pairs, counted as not holding"
+                 if unread else ""))
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -92,6 +92,29 @@ def test_nonfinite_maps_read_nan_and_do_not_hold():
     assert claim.evaluate(np.array([[0.5, 0.1, 0.2], [1.0, 1.0, 2.0]])) == (0.1, True)
 
 
+def test_an_atlas_of_overflowing_conditions_says_so(monkeypatch, tmp_path, capsys):
+    """Non-finite maps are data (the statistic NaN, not holding) and now said: the atlas
+    warned nothing, and the CLI's summary read them as failing."""
+    from gradflow import cli
+    from gradflow.results import NonFiniteWarning
+
+    g = A.Grid(cells=("indrnn:u_max=10000.0",), hidden=(4,), sizes=((3, 12),), seeds=(0, 1),
+               batch=2, losses=("last",), wrts=("hidden",))
+    claim = A.Claim("first_probe", "r[0, 0] > 0", ("indrnn",), A.bottom_first, lambda s: s > 0)
+    with pytest.warns(NonFiniteWarning, match=r"atlas: the measurements of 1 of 1 conditions "
+                                              r"hold non-finite entries \(e.g. indrnn"):
+        res = A.atlas([claim], g, progress=False)["first_probe"]
+    assert np.all(np.isnan(res.statistic)) and not res.holds.any()
+    monkeypatch.setitem(A.CLAIMS, claim.name, claim)
+    assert cli.main(["atlas", "--claims", "first_probe", "--cells", "indrnn:u_max=10000.0",
+                     "--hidden", "4", "--sizes", "3x12", "--seeds", "0", "1", "--batch", "2",
+                     "--losses", "last", "--wrts", "hidden", "--no-progress", "--out",
+                     str(tmp_path)]) == 0
+    assert ("first_probe: holds for every seed in 0 of 1 conditions, for some seed in 0 (r[0, "
+            "0] > 0); not readable (NaN: a map not finite, or 0 where it is read) for 2 of 2 "
+            "(condition, seed) pairs, counted as not holding") in capsys.readouterr().out
+
+
 def test_claims_apply_by_measurement_and_factors():
     c = A.Grid(cells=("lstm",), measure="gates").conditions()[0]
     assert A.CLAIMS["lstm_forget_not_saturated"].applies(c)
