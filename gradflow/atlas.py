@@ -137,6 +137,9 @@ class Claim:
     min_layers: int = 1
 
     def __post_init__(self):
+        if not self.name or "/" in self.name:  # (it keys the saved arrays: "{name}/...")
+            raise ValueError(f"a claim's name must be non-empty and hold no '/', got "
+                             f"{self.name!r}")
         if self.reads not in MEASUREMENTS:
             raise ValueError(f"claim {self.name!r} reads unknown measurement {self.reads!r}; "
                              f"valid: {', '.join(MEASUREMENTS)}")
@@ -712,6 +715,11 @@ def plan(claims, grid) -> tuple[list, list, list]:
     cell spec that does not build (an unknown option, a bad value), grids of other seeds, or a
     claim that reads no condition of the grid (naming what it reads)."""
     claims = get_claims(claims)
+    names = [cl.name for cl in claims]
+    if len(set(names)) != len(names):  # (one result per name: one of them was dropped)
+        raise ValueError(f"claims repeat a name: "
+                         f"{', '.join(sorted({n for n in names if names.count(n) > 1}))}; "
+                         "give your own claim a name of its own")
     grids = []
     for g in (grid if isinstance(grid, list) else [grid]):
         g = Grid.load(g) if isinstance(g, (str, os.PathLike)) else g

@@ -2299,6 +2299,8 @@ def run_atlas(args) -> int:
     _writable_dir(out, str(out / args.name))  # before anything is measured
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
         raise _usage(args, f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
+    if args.claims == []:  # "--claims ," read as every claim
+        raise _usage(args, f"--claims names no claim; valid: {', '.join(_atlas.CLAIMS)}")
     with user_input():
         claims = _atlas.get_claims(args.claims or list(_atlas.CLAIMS))
         flags = _grid_from_flags(args)

@@ -900,6 +900,9 @@ def parse_entries(entries) -> list[tuple]:
     [('lstm', 'lstm', {}), ('UGI', 'lstm', {'init': 'ugi'})]
     """
     parsed = [_entry(e) for e in entries]
+    if not parsed:  # (as gradient_grid, sweep and Grid refuse none)
+        raise ValueError("compare: name at least one cell (a name, a Cell, or a (label, cell, "
+                         "options) entry)")
     labels = [p[0] for p in parsed]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

@@ -143,6 +143,12 @@ def test_resume_after_interruption_gives_the_same_table(full, tmp_path, monkeypa
     (lambda: A.Grid(cells=("rnn",), input_scales=("1",)), "input_scale must be a finite "
                                                           "number below 2.1e\\+37"),
     (lambda: A.Grid(cells=("rnn",), input_scales=(3e38,)), "finite number below 2.1e\\+37"),
+    # claims keyed by name: a repeated one was dropped, one with '/' lost when saved
+    (lambda: A.plan(["rnn_amplified", A.Claim("rnn_amplified", "x", ("rnn",), A.bottom_first,
+                                              bool)], A.Grid(cells=("rnn",))),
+     "claims repeat a name: rnn_amplified"),
+    (lambda: A.Claim("x/y", "x", ("rnn",), A.bottom_first, bool), "hold no '/', got 'x/y'"),
+    (lambda: gradflow.gates.compare([]), "compare: name at least one cell"),
     # the mechanism takes a Grid's checks, and its memory check (it ran into the allocator)
     (lambda: A.mechanism("rnn", "orthogonal", seed=-1), "seeds must be a non-empty"),
     (lambda: A.mechanism("rnn", "orthogonal", layers=10**6, hidden=64),

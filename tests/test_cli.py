@@ -399,6 +399,7 @@ BAD = [
     # an --out it cannot write: said before measuring (it failed after, as a gradflow bug)
     (["atlas", "--cells", "rnn", "--out", "/sys", "--cache", "/tmp"],
      "cannot write '/sys/atlas"),
+    (["atlas", "--claims", ",", "--out", "."], "--claims names no claim; valid: rnn_amp"),
     (["gates", "--cell", "lstm", *SMALL, "--input-scale", "1e39"],  # inf in float32
      "input_scale must be a finite number below 2.1e+37"),
     (["heatmap", "--cell", "lstm", *SMALL, "--input-scale", "1e39", "--dry-run"],
