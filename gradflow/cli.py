@@ -2231,6 +2231,9 @@ def add_atlas(sub):
     g.add_argument("--batch", default=None, metavar="B", help="examples per map")
     g.add_argument("--measure", default=None, metavar="KIND",
                    help="what the grid measures: gradient_map, local_gains or gates")
+    g.add_argument("--readout-seed", default=None, metavar="N|seed",
+                   help="the maps' probe readout: one seed N for every seed, or 'seed': each "
+                        "seed draws its own (as the committed atlases; default: 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write to")
     p.add_argument("--name", default="atlas", metavar="STEM",
                    help="file names NAME.png/.npz/.json (default: atlas)")
@@ -2285,6 +2288,10 @@ def _grid_from_flags(args) -> dict:
         d["batch"] = int(args.batch)
     if args.measure is not None:
         d["measure"] = args.measure
+    if args.readout_seed is not None:
+        d["readout_seed"] = (args.readout_seed if args.readout_seed == "seed"
+                             else int(args.readout_seed) if args.readout_seed.isdigit()
+                             else args.readout_seed)  # (the Grid names what is wrong)
     return d
 
 

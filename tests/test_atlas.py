@@ -359,3 +359,24 @@ def test_reproduce_builds_an_atlas_figure_kind(tmp_path):
     path = data.save(tmp_path / "a.npz")
     np.testing.assert_array_equal(A.load(path)["rnn_amplified"].fraction, direct.fraction)
     assert builder.draw(config, data).axes
+
+
+def test_the_cli_takes_the_grids_readout_seed(tmp_path, capsys):
+    """An atlas from the grid flags had the readout of seed 0 for every seed, with no flag to
+    let each seed draw its own (the committed atlases' rule)."""
+    from gradflow import cli
+
+    flags = ["atlas", "--claims", "rnn_amplified", "--cells", "rnn", "--hidden", "4", "--sizes",
+             "3x3", "--seeds", "0", "1", "--batch", "2", "--losses", "last", "--wrts", "hidden",
+             "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(flags + ["--readout-seed", "seed"]) == 0
+    got = A.load(tmp_path / "atlas")["rnn_amplified"]
+    assert got.config["grid"][0]["readout_seed"] == "seed"
+    want = A.atlas(["rnn_amplified"], A.Grid(cells=("rnn",), hidden=(4,), sizes=((3, 3),),
+                                             seeds=(0, 1), batch=2, losses=("last",),
+                                             wrts=("hidden",), readout_seed="seed"),
+                   progress=False)["rnn_amplified"]
+    np.testing.assert_array_equal(got.statistic, want.statistic)
+    assert cli.main(flags + ["--readout-seed", "x"]) == 2
+    assert "readout_seed must be an integer in [0, 2**31 - 1), got 'x', or 'seed'" in \
+        capsys.readouterr().err
