@@ -1356,9 +1356,15 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
     if not results:
         raise ValueError("draw_atlas needs at least one claim's result")
     rest = [f for f in factors if f not in (rows, cols)]
+    for res in results.values():
+        _check_result(res, "draw_atlas")
+    # settings beyond the factors that tell conditions apart (grids that differ in batch: one
+    # square was drawn for two conditions) take their own panels
+    every = [c for res in results.values() for c in res.config["conditions"]]
+    rest += [k for k in ("batch", "dtype", "readout_seed", "measure")
+             if len({str(c.get(k)) for c in every}) > 1]
     bands = {}
     for name, res in results.items():
-        _check_result(res, "draw_atlas")
         stat = np.asarray(res.statistic, float)
         for c, frac, st in zip(res.config["conditions"], res.fraction, stat):
             key = tuple(_factor_value(c, f) for f in rest)
@@ -1425,7 +1431,9 @@ _FACTOR_NAMES = {"size": "layers x steps", "hidden": "H", "loss": "loss", "wrt":
 
 
 def _panel_label(factor: str, value) -> str:
-    """``H=32``, ``10x10``, ``last``: a factor's value in an atlas panel title."""
+    """``H=32``, ``10x10``, ``last``, ``batch 16``: a factor's value in an atlas panel title."""
+    if factor in ("batch", "readout_seed"):
+        return f"{factor.replace('_', ' ')} {value}"
     return f"H={value}" if factor == "hidden" else str(value)
 
 

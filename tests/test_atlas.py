@@ -335,7 +335,8 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
                         "star_preserved,lstm_collapses"],
                        "claim 'star_preserved' reads no condition of the grid"),
                       (["--cells", "lstm", "--input-scales", "nan"],
-                       "input scales must be positive finite numbers, got nan")]:
+                       "input_scale must be a finite number below 2.1e+37 (scale * N(0, 1) "
+                       "in float32), got nan")]:
         assert cli.main(["atlas", *argv, "--out", str(tmp_path), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
@@ -380,3 +381,26 @@ def test_the_cli_takes_the_grids_readout_seed(tmp_path, capsys):
     assert cli.main(flags + ["--readout-seed", "x"]) == 2
     assert "readout_seed must be an integer in [0, 2**31 - 1), got 'x', or 'seed'" in \
         capsys.readouterr().err
+
+
+def test_draw_atlas_gives_conditions_apart_in_other_settings_their_own_panels():
+    """Two grids that differ only in batch made two conditions drawn on one square (the last
+    one's fraction shown, the other's hidden)."""
+    from gradflow import plot
+    from gradflow.results import make_result
+
+    grids = [A.Grid(cells=("rnn",), hidden=(4,), sizes=((3, 3),), seeds=(0, 1), batch=b,
+                    losses=("last",), wrts=("hidden",)) for b in (2, 3)]
+    _, gs, needed = A.plan(["rnn_amplified"], grids)
+    res = {"rnn_amplified": make_result(
+        "atlas", {"statistic": np.array([[3., 3.], [1., 1.]]),
+                  "holds": np.array([[True, True], [False, False]]),
+                  "fraction": np.array([1.0, 0.0])},
+        {"claim": "rnn_amplified", "description": "", "reads": "gradient_map",
+         "conditions": needed, "seeds": [0, 1], "grid": [g.to_dict() for g in gs]},
+        warn=False)}
+    fig = plot.draw_atlas(res)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert sorted(t.get_text() for ax in panels for t in ax.texts) == ["0", "1"]
+    assert sorted(ax.get_title().split("\n")[-1].split(", ")[-1] for ax in panels) == [
+        "batch 2", "batch 3"]
