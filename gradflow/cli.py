@@ -228,10 +228,12 @@ def layer_cells(text: str) -> list[str]:
     return [c for c, m in zip(cells, runs) for c in ([m[1]] * int(m[2]) if m else [c])]
 
 
-def _name_list(text: str, what: str, one: str, valid, also=lambda s: False) -> list[str]:
+def _name_list(text: str, what: str, one: str, valid, also=lambda s: False,
+               join=lambda items: items) -> list[str]:
     """The comma-separated ``text`` as distinct items, each in ``valid`` or ``also(item)``
-    (``what``: the items, ``one``: one of them, as messages name them)."""
-    items = [s.strip() for s in text.split(",")]
+    (``what``: the items, ``one``: one of them, as messages name them; ``join``: the pieces
+    put back together where a comma belongs to an item)."""
+    items = join([s.strip() for s in text.split(",")])
     if not text.strip() or any(not s for s in items):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got "
                                          f"{text!r}; valid: {', '.join(valid)}")
@@ -247,16 +249,25 @@ def _name_list(text: str, what: str, one: str, valid, also=lambda s: False) -> l
 
 def cell_list(text: str) -> list[str]:
     """``"rnn,lstm,star"``: registered cell names, a name with its options written in
-    (``"lstm:forget_bias=1.0"``, one option per entry: the commas separate cells), a user's
-    ``module:factory`` (resolved by :func:`load_cell` when the command runs), or a stack of
-    registered cells, one per layer joined by ``/`` (``"lstm*15/star"``, :func:`layer_cells`),
-    no repeats."""
+    (``"lstm:forget_bias=1.0"``; ``"lstm:aux=refine,tied=True"``: a piece ``key=value`` after
+    one is that cell's next option, no cell name holding ``=``), a user's ``module:factory``
+    (resolved by :func:`load_cell` when the command runs), or a stack of registered cells,
+    one per layer joined by ``/`` (``"lstm*15/star"``, :func:`layer_cells`), no repeats."""
     from gradflow import cells as _cells
+
+    def options_joined(pieces):
+        out = []
+        for s in pieces:
+            if out and "=" in s and ":" not in s and "/" not in s and ":" in out[-1]:
+                out[-1] += "," + s
+            else:
+                out.append(s)
+        return out
 
     items = _name_list(text, "cells", "cell",
                        [*_cells.names(), "name:option=value", "module:factory",
                         "cell/cell/...", "cell*N"],
-                       also=lambda s: ":" in s or _layered(s))
+                       also=lambda s: ":" in s or _layered(s), join=options_joined)
     for item in filter(_layered, items):
         bad = _unknown_layer_cell(item)
         if bad is not None:
@@ -1679,8 +1690,9 @@ def add_compare(sub):
             gradflow compare --params runs/lstm,runs/star --wrt hidden --losses last
         """)
     p.add_argument("--cells", type=cell_list, default=["rnn", "lstm", "star"],
-                   help="comma-separated cell names, a name with an option such as "
-                        "lstm:forget_bias=1.0 (the same cell at another setting), "
+                   help="comma-separated cell names, a name with options such as "
+                        "lstm:forget_bias=1.0 or lstm:aux=refine,tied=True (the same cell at "
+                        "another setting), "
                         "module:factory (a user's cell), or a stack of different cells, one "
                         "per layer joined by / and bottom up (gru*9/star: nine GRU layers under "
                         "a STAR one) (default: rnn,lstm,star)")

@@ -1,6 +1,7 @@
 """Tests for the gradflow CLI: what it writes equals an independent computation of the same
 numbers, the printed summary equals NumPy on the written data, and bad input gets one line on
 stderr and exit status 2 with no traceback (in-process, plus the installed script once)."""
+import argparse
 import json
 import os
 import re
@@ -609,6 +610,18 @@ def test_compare_takes_a_cell_at_another_setting_beside_it(capsys):
             ref = gradflow.gradient_map(prob.stack, prob.params, prob.xs, loss="last",
                                         wrt="hidden")
             np.testing.assert_allclose(grid[f"values/last/{label}"], ref.values, rtol=1e-6)
+
+
+def test_compare_takes_a_cell_with_several_options():
+    """``lstm:aux=refine,tied=True`` (Gu et al.'s -R) was split at its comma into a cell named
+    'tied=True'; a piece key=value after a cell with options is that cell's next option."""
+    from gradflow.cli import cell_list
+
+    assert cell_list("lstm,lstm:ordered=True,aux=refine,tied=True,gru") == [
+        "lstm", "lstm:ordered=True,aux=refine,tied=True", "gru"]
+    assert cell_list("lstm:aux=refine,tied=True") == ["lstm:aux=refine,tied=True"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown cell 'aux=refine'"):
+        cell_list("aux=refine,lstm")
 
 
 def test_heatmap_and_gates_take_a_cell_written_with_its_options(capsys, tmp_path):
