@@ -316,6 +316,10 @@ def _read(path: str, cls=Result) -> Result:
                 raise bad("its gradflow metadata is not valid JSON (corrupted)") from None
             if not isinstance(meta, dict) or not {"kind", "config", "nonfinite"} <= set(meta):
                 raise bad("its gradflow metadata lacks kind/config/nonfinite (corrupted)")
+            if not (isinstance(meta["kind"], str) and isinstance(meta["config"], dict)
+                    and all(isinstance(meta.get(k, {}), dict)
+                            for k in ("nonfinite", "underflow", "provenance"))):
+                raise bad("its gradflow metadata has entries of the wrong kind (corrupted)")
             version = meta.get("format", 0)
             if not isinstance(version, int) or version < 0:
                 raise bad(f"its format version {version!r} is not a version number (corrupted)")

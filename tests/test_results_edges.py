@@ -126,6 +126,9 @@ def test_pickled_entry(tmp_path):
     ("{not json", "not valid JSON"),
     (json.dumps({"kind": "k"}), "lacks kind/config/nonfinite"),
     (json.dumps(["a list"]), "lacks kind/config/nonfinite"),
+    # loaded, then failed as an AttributeError on its first repr
+    (json.dumps({"kind": "k", "config": {}, "nonfinite": 3}), "entries of the wrong kind"),
+    (json.dumps({"kind": "k", "config": [], "nonfinite": {}}), "entries of the wrong kind"),
     (json.dumps({"kind": "k", "config": {}, "nonfinite": {}, "format": "one"}),
      "not a version number"),
     (json.dumps({"kind": "k", "config": {}, "nonfinite": {}, "format": FORMAT_VERSION + 1}),
