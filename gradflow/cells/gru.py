@@ -212,6 +212,11 @@ def mgu(*, init: str = "orthogonal", variant: str = "zhou",
     :math:`h_t = (1 - f) \odot n + f \odot h_{t-1}` (``f`` keeps the state instead of
     admitting the candidate, and ``params["n"]["b_hn"]`` exists). Reports ``f`` and the
     candidate ``n`` (kind ``"tanh"``).
+
+    ``forget_bias_init=v``, chrono and UGI set how much of the state is kept, as for an LSTM's
+    forget gate: where the state is kept by ``1 - f`` (Zhou's form; Flax's keeps it by ``f``) the bias is negated,
+    ``b_f = -v``. SPEC's ``b_f = v`` reads the gate as the one that keeps the state; this
+    reading keeps ``v`` meaning the same retention in every cell.
     """
     return _mgu("mgu", locals())
 

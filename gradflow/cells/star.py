@@ -47,6 +47,11 @@ def star(*, variant: str = "paper", init: str | None = None,
     Params ``{"k": {"W", "U", "b"}, "z": {"W", "b"}}`` (``z`` has no recurrent weight).
     Reports ``k`` (for the official and BN variants ``k = σ(a)``, the fraction of ``h_{t-1}``
     kept) and the candidate ``z`` (kind ``"tanh"``).
+
+    ``forget_bias_init=v``, chrono and UGI set how much of the state is kept, as for an LSTM's
+    forget gate: where the state is kept by ``1 - k`` (the paper's form) the bias is negated,
+    ``b_k = -v``. SPEC's ``b_f = v`` reads the gate as the one that keeps the state; this
+    reading keeps ``v`` meaning the same retention in every cell.
     """
     choice("star", "variant", variant, ("paper", "official", "bn"))
     choice("star", "bn_stats", bn_stats, ("batch", "population"))
