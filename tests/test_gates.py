@@ -173,7 +173,8 @@ def reference_of(acts, kinds, retain, eps, bins=20, thr=1e-3, ref=None, slope=No
             put(ref, "slope", g, slope[g], ok)
         if g in retain:
             kept = a if retain[g] == 1 else 1 - a
-            put(ref, "timescale", g, kept, ok, unit=True, f=lambda m: 1 / (1 - m))
+            with np.errstate(divide="ignore"):  # (a gate at 1: an infinite timescale)
+                put(ref, "timescale", g, kept, ok, unit=True, f=lambda m: 1 / (1 - m))
         if kinds[g] == "time":
             put(ref, "update_fraction", g, (a > thr).astype(float), ok, unit=True)
         bad = ~np.isfinite(a)
@@ -231,7 +232,11 @@ def assert_matches(res, ref, rtol, acts):
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_statistics_match_numpy_reference(name, x64):
     stack, params, xs, cfg = get(name)
-    res = gates.saturation(stack, params, xs, EPS, meta=cfg)
+    if PROBLEMS[name][3].get("f") == "master":  # a cumax forget gate's last unit is 1: kept
+        with pytest.warns(NonFiniteWarning, match="timescale/f/unit"):  # forever, inf steps
+            res = gates.saturation(stack, params, xs, EPS, meta=cfg)
+    else:
+        res = gates.saturation(stack, params, xs, EPS, meta=cfg)
     ref, acts = reference(name, stack, params, xs, EPS)
     assert res.kind == "gate_stats"
     assert gates.gate_kinds(stack.cell) == PROBLEMS[name][3]
@@ -621,7 +626,8 @@ def test_gu_ablation_grid_is_a_loop_over_options(x64):
     assert [e[0] for e in gates.GU_ABLATION] == ["--", "-R", "-M", "U-", "UR", "UM", "O-",
                                                  "OR", "OM"]
     size = dict(layers=1, steps=T, hidden=H, batch=B, seed=5, dtype="float64")
-    out = gates.compare(gates.GU_ABLATION, **size)
+    with pytest.warns(NonFiniteWarning, match="timescale/f/unit"):  # the O rows' last unit
+        out = gates.compare(gates.GU_ABLATION, **size)
     assert len({Stack(c, 1, 4, 4, cell_options=o).cell for _, c, o in gates.GU_ABLATION}) == 9
     named = gates.compare([("UR", "ur_lstm", {}), ("OM", "on_lstm", {})], **size)
     for label in named:

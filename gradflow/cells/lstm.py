@@ -66,7 +66,8 @@ def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
         gate, cumax master gates). **Uncertain**: Gu et al.'s table is read from memory (its
         full text was not available here): "O" as the cumax activation, "OM" as ON-LSTM; the
         grid is :data:`gradflow.gates.GU_ABLATION`. A cumax gate reports kind ``"master"``
-        (not element-wise: no slope).
+        (not element-wise: no slope); a cumax forget gate's last unit is exactly 1, a memory
+        kept forever, so its timescale is infinite (counted among the non-finite entries).
 
     Example::
 
