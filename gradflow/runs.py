@@ -78,10 +78,21 @@ def unflatten_named(template, arrays: dict, where: str = "the file"):
 
 
 def _write_npz(path: str, meta: dict, arrays: dict) -> str:
+    """Write ``path`` (``.npz`` appended if missing, as NumPy does) whole: a temporary file
+    renamed, so a reader never sees half a file; a path that cannot be written is a
+    ValueError naming it. Returns the path written."""
+    from gradflow.results import check_folder_of
+
+    if not path.endswith(".npz"):  # (np.savez appends it: the rename missed the file)
+        path += ".npz"
+    check_folder_of(path)
     tmp = os.path.join(os.path.dirname(path) or ".", ".tmp-" + os.path.basename(path))
-    np.savez(tmp, **{META: np.array(json.dumps(meta))},
-             **{k: np.asarray(v) for k, v in arrays.items()})
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **{META: np.array(json.dumps(meta))},
+                 **{k: np.asarray(v) for k, v in arrays.items()})
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ValueError(f"cannot write {path!r}: {e.strerror or e}") from None
     return path
 
 
@@ -232,7 +243,8 @@ def _tuples(v):
 
 
 def save_params(path, stack: Stack, params) -> str:
-    """Write ``stack``'s ``params`` to ``path`` (``.npz``) with the stack's config, for
+    """Write ``stack``'s ``params`` to ``path`` (``.npz``, appended if missing) with the
+    stack's config, for
     :func:`load_params` and ``gradflow heatmap --params PATH`` (e.g. weights trained
     elsewhere and converted to gradflow's layout)."""
     from gradflow.checks import check_params

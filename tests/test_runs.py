@@ -80,6 +80,14 @@ def test_save_params_round_trip_with_residual_norm_and_projection(tmp_path):
     loaded_stack, loaded = runs.load_params(path)
     assert loaded_stack == stack  # options back as tuples: the very same registered cell
     _equal_trees(loaded, params)
+    # a path without .npz is written as path.npz (np.savez added it to the temporary file,
+    # and the rename failed, leaving it behind); a path that cannot be written: one line
+    plain = runs.save_params(tmp_path / "weights", stack, params)
+    assert plain == str(tmp_path / "weights.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npz", "weights.npz"]
+    _equal_trees(runs.load_params(plain)[1], params)
+    with pytest.raises(ValueError, match="cannot write '/proc/nope/w.npz'"):
+        runs.save_params("/proc/nope/w.npz", stack, params)
 
 
 def test_stacks_of_several_cells_and_users_cells(tmp_path):
