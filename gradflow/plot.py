@@ -1007,6 +1007,7 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
     take the end colours and the colour bar's arrows say they exist.
     """
     vmin, vmax = _color_range(color_range)
+    _views._of_kind(grid, "maps")
     cells, losses = grid.config["cells"], grid.config["losses"]
     panels, empty = {}, []
     for i, loss in enumerate(losses):
@@ -1075,7 +1076,7 @@ def draw_gains(data: Result, *, title: str | None = None) -> Figure:
     """:func:`gain_profile` of every cell of a :func:`gradflow.experiments.vertical_gain`
     result, with the closed forms as reference lines (cells sharing one value share a line)."""
     refs = {}
-    for c, v in data.config["closed_form"].items():
+    for c, v in _views._of_kind(data, "cells").config["closed_form"].items():
         refs.setdefault(v, []).append(c)
     return gain_profile({c: gain_panel(data, c) for c in data.config["cells"]},
                         reference={"/".join(cs): v for v, cs in refs.items()}, band=True,
@@ -1111,7 +1112,7 @@ def draw_saturation(data: Result, gates: Mapping | None = None, *,
     :func:`gradflow.experiments.gate_saturation` result, one column each; ``gates`` maps an
     entry's label to the gate drawn (default: the gate that keeps its state, ``f`` or GRU's
     ``z``, else its first gate)."""
-    labels = list(data.config["stats"])
+    labels = list(_views._of_kind(data, "stats").config["stats"])
     return draw_gate_panels({"init": {label: stats_panel(data, label) for label in labels}},
                             dict(gates or {}), title=_titled(title, settings(data.config)))
 
@@ -1273,7 +1274,7 @@ def draw_training(data: Result, gates: Mapping | None = None, *,
     time gate) update fraction against the final result, then (runs that recorded ``"gates"``)
     the pooled histograms of each run's gate ``gates[label]`` (default: the gate that keeps
     its state, ``f`` or GRU's ``z``, else its first gate) at the first and the last step."""
-    labels = list(data.config["runs"])
+    labels = list(_views._of_kind(data, "runs").config["runs"])
     curves = {label: run_curve(data, label) for label in labels}
     timed = any("eval_updates" in c.arrays for c in curves.values())
     gated = "gates" in data.config["record"]

@@ -141,9 +141,28 @@ def _unpack(data: Result, prefix: str, kind: str, config: dict) -> Result:
                           if k.startswith(prefix)}, config, data)
 
 
+#: The result kind each reader takes apart, by the config section naming its parts.
+_KINDS = {"maps": "gradient_grid", "cells": "vertical_gain", "stats": "gate_saturation",
+          "runs": "training_runs"}
+
+
+def _of_kind(data, section: str) -> Result:
+    """``data`` if it is a Result of the kind whose parts ``section`` names, else a TypeError
+    or ValueError saying which kind (and which experiment makes it) was expected."""
+    kind = _KINDS[section]  # (each made by the experiment of that name)
+    if not isinstance(data, Result):
+        raise TypeError(f"expected a gradflow Result of kind {kind!r} (gradflow.experiments."
+                        f"{kind}), got {type(data).__name__}")
+    if data.kind != kind:
+        raise ValueError(f"expected a result of kind {kind!r} (gradflow.experiments.{kind}), "
+                         f"got kind {data.kind!r}")
+    return data
+
+
 def _label(data: Result, label: str, section: str, what: str) -> str:
-    """``label`` if ``data.config[section]`` has it, else a ValueError listing the valid ones."""
-    if label not in data.config[section]:
+    """``label`` if ``data`` is a result of the kind with a config ``section`` that has it,
+    else a ValueError listing the valid ones."""
+    if label not in _of_kind(data, section).config[section]:
         raise ValueError(f"no {what} {label!r}; valid: {', '.join(data.config[section])}")
     return label
 
@@ -154,6 +173,7 @@ def _keys(loss: str, cell: str) -> tuple[str, str]:
 
 def panel(grid: Result, loss: str, cell: str) -> Result:
     """One ``gradient_map`` Result (``values: (L, T)``) out of a :func:`gradient_grid` result."""
+    _of_kind(grid, "maps")
     key, value_key = _keys(loss, cell)
     if key not in grid.arrays:
         raise ValueError(f"no map for loss {loss!r} and cell {cell!r}; the grid has "

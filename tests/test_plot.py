@@ -833,3 +833,24 @@ def test_subnormal_entries_are_drawn_and_counted_as_the_underflow_they_are():
     norm = fig.axes[0].images[0].norm
     assert norm.vmin == pytest.approx(float(np.min(values[values >= 1e-30])))
     assert fig.axes[0].get_title().endswith(f"(2 underflow, {L} \u2264 0)")
+
+
+def test_experiment_figures_say_which_result_kind_they_take():
+    """A result of another kind failed inside, KeyError 'cells' / 'stats' / 'runs'."""
+    from gradflow import views
+
+    res = _gradient_map(_map())
+    for draw, kind in ((plot.draw_grid, "gradient_grid"), (plot.draw_gains, "vertical_gain"),
+                       (plot.draw_saturation, "gate_saturation"),
+                       (plot.draw_training, "training_runs")):
+        with pytest.raises(ValueError, match=f"expected a result of kind '{kind}' "
+                                             rf"\(gradflow.experiments.{kind}\), got kind "
+                                             "'gradient_map'"):
+            draw(res)
+    for read, args in ((views.panel, ("last", "lstm")), (views.gain_panel, ("lstm",)),
+                       (views.stats_panel, ("a",)), (views.run_curve, ("a",)),
+                       (views.run_record, ("a", "map"))):
+        with pytest.raises(ValueError, match="expected a result of kind"):
+            read(res, *args)
+    with pytest.raises(TypeError, match="got NoneType"):
+        views.panel(None, "last", "lstm")
