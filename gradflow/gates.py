@@ -898,7 +898,11 @@ def parse_entries(entries) -> list[tuple]:
 
     >>> parse_entries(["lstm", ("UGI", "lstm", {"init": "ugi"})])
     [('lstm', 'lstm', {}), ('UGI', 'lstm', {'init': 'ugi'})]
+    >>> parse_entries("lstm")  # one cell alone
+    [('lstm', 'lstm', {})]
     """
+    if isinstance(entries, (str, Cell)):  # one cell ("lstm" was four cells, its letters)
+        entries = [entries]
     parsed = [_entry(e) for e in entries]
     if not parsed:  # (as gradient_grid, sweep and Grid refuse none)
         raise ValueError("compare: name at least one cell (a name, a Cell, or a (label, cell, "
