@@ -10,7 +10,9 @@ measurements and the CLI can all share it.
 from __future__ import annotations
 
 import functools
+import math
 import operator
+import os
 
 import jax
 import jax.numpy as jnp
@@ -468,3 +470,48 @@ def with_static(fn, rest):
 __all__ = ["positive_int", "nonneg_int", "choice", "check_xs", "check_inputs", "function_failed",
            "check_params", "check_scalar_loss", "expected_params", "model_arguments",
            "split_static", "with_static"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def available_memory(device=None) -> int:
+    """Bytes a measurement may use: on an accelerator the device's ``bytes_limit`` less what is
+    in use (:meth:`jax.Device.memory_stats`); on CPU ``MemAvailable`` from ``/proc/meminfo``
+    (else the physical memory)."""
+    d = device or jax.devices()[0]
+    if d.platform != "cpu":
+        stats = d.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    avail = _meminfo_available()
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            avail = 1 << 62  # unknown: do not refuse
+    return int(avail)
+
+
+def params_fit(stack, dtype) -> None:
+    """A ValueError unless the parameters of ``stack`` in ``dtype`` fit in
+    :func:`available_memory` (a stack far too wide was allocated, and the process aborted)."""
+    need = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+               for a in jax.tree_util.tree_leaves(expected_params(stack, dtype)))
+    avail = available_memory()
+    if need > avail:
+        raise ValueError(f"Stack.init: the parameters take {need / 2**30:,.1f} GiB, more than "
+                         f"the {avail / 2**30:,.1f} GiB available: use a smaller hidden size "
+                         "or fewer layers")

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gradflow import checks
+from gradflow.checks import available_memory  # noqa: F401  (cost's name for it)
 from gradflow.errors import own_code, user_input
 
 WRTS = ("hidden", "cell", "params")
@@ -586,35 +587,6 @@ def _gains_estimate(stack: _Sig, B, T, dtype, wrt, k, calibrate, spectral) -> Co
 
 # ---------------------------------------------------------------------------------------------
 # Limits
-
-
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def available_memory(device=None) -> int:
-    """Bytes a measurement may use: on an accelerator the device's ``bytes_limit`` less what is
-    in use (:meth:`jax.Device.memory_stats`); on CPU ``MemAvailable`` from ``/proc/meminfo``
-    (else the physical memory)."""
-    d = device or jax.devices()[0]
-    if d.platform != "cpu":
-        stats = d.memory_stats() or {}
-        if "bytes_limit" in stats:
-            return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    avail = _meminfo_available()
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            avail = 1 << 62  # unknown: do not refuse
-    return int(avail)
 
 
 def parse_size(text) -> int:

@@ -53,7 +53,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from gradflow import cells as _cells
-from gradflow.checks import _looks_like_key, check_xs, float_dtype
+from gradflow.checks import _looks_like_key, check_xs, float_dtype, params_fit
 from gradflow.checks import positive_int as _positive_int
 from gradflow.checks import width as _width
 from gradflow.cells.base import Cell, Lean, cast_floating, orthogonal
@@ -436,6 +436,8 @@ class Stack:
             raise TypeError(f"Stack.init takes a PRNG key such as jax.random.key(0), got "
                             f"{type(key).__name__} {str(key)[:40]}")
         dtype = float_dtype(dtype)
+        if not isinstance(key, jax.core.Tracer):  # (traced: expected_params reads its shapes)
+            params_fit(self, dtype)  # a stack far too wide was allocated, and the process died
         kin, klayers = jax.random.split(key)
         Hs, D = self._widths, self.input_size
         keys = jax.random.split(klayers, self.layers)

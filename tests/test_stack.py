@@ -485,3 +485,15 @@ def test_auto_order_runs_the_wavefront_on_the_listed_backends_only(monkeypatch, 
     want, _, _ = brute_force(uniform, params, xs)
     np.testing.assert_allclose(out.states["h"], want["h"], rtol=1e-12, atol=1e-12)
 
+
+
+def test_init_of_a_stack_too_wide_for_the_machine_is_refused():
+    """Stack.init allocated whatever it was asked: 447 GiB of parameters aborted the process
+    (problem() and the measurements refused it; the Stack's own init did not)."""
+    import jax
+
+    with pytest.raises(ValueError, match=r"Stack.init: the parameters take 447.0 GiB, more "
+                                         r"than the .* available: use a smaller hidden size"):
+        gradflow.Stack("lstm", 2, 4, 10**5).init(jax.random.key(0))
+    shapes = jax.eval_shape(gradflow.Stack("lstm", 2, 4, 10**5).init, jax.random.key(0))
+    assert shapes["layers"][1]["i"]["U"].shape == (10**5, 10**5)  # shapes alone: not refused
