@@ -428,6 +428,7 @@ BAD = [
     (["cells", "--hidden", "0"], "--hidden: must be a positive integer"),
     (["reproduce", "--only", "nope"], "unknown figure 'nope'; valid: "),
     (["reproduce", "--out-dir", "missing-dir"], "does not exist"),
+    (["reproduce", "--only", "star_fig2", "--out", ""], "--out names no folder"),
     (["reproduce", "--figures", "missing-dir"], "does not exist"),
     (["bogus"], "invalid choice: 'bogus'"),
     ([], "choose a command: heatmap, compare, gates, gains, cells, reproduce"),
