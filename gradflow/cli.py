@@ -2172,6 +2172,9 @@ def run_reproduce(args) -> int:
 
     with user_input():
         found = _reproduce.configs(args.figures)
+    if not found:  # (an internal error, or an empty --list)
+        raise _usage(args, f"{args.figures or str(_reproduce.CONFIG_DIR)!r} holds no figure "
+                           "configs (*.json with a 'figure' field)")
     for name in args.only or ():
         if name not in found:
             raise _usage(args, f"unknown figure {name!r}; valid: {', '.join(found) or '(none)'}")

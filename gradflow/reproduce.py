@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from gradflow import atlas, atlas_training, experiments, plot
+from gradflow.errors import user_input
 from gradflow.results import Result
 
 #: The figure configs shipped with the package (``<name>.json``).
@@ -212,7 +213,8 @@ def figure_data(name: str, config_dir=None, data_dir=None, **overrides) -> Resul
         if not path.exists():
             raise ValueError(f"figure {name!r} has no data at {str(path)!r}: run gradflow "
                              f"reproduce --only {name} --out DIR and pass data_dir=DIR")
-        return Result.load(path)
+        with user_input():  # (a damaged or foreign file: the user's to replace)
+            return Result.load(path)
     config = check_keys({**load_config(found[name]), **overrides},
                         f"{name!r} with {', '.join(sorted(overrides))} given")
     return BUILDERS[config["figure"]].compute(config)

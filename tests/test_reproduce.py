@@ -250,3 +250,22 @@ def test_redraw_draws_the_committed_data_and_computes_nothing(tmp_path, capsys, 
                str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "figure 'not_committed' has no committed data" in err, err
+
+
+def test_damaged_figure_data_and_an_empty_config_folder_are_the_users_to_fix(tmp_path,
+                                                                             capsys):
+    """A damaged figures/NAME.npz and a --figures folder with no configs exited 1 as
+    "internal error ... a bug in gradflow"."""
+    from gradflow.cli import main
+    from gradflow.errors import InputError
+
+    (tmp_path / "star_fig2.npz").write_bytes(b"not an npz")
+    with pytest.raises(InputError, match="cannot load .*star_fig2.npz"):
+        reproduce.figure_data("star_fig2", data_dir=tmp_path)
+    empty = tmp_path / "configs"
+    empty.mkdir()
+    for extra in (["--out", str(tmp_path)], ["--list"]):
+        assert main(["reproduce", "--figures", str(empty), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "holds no figure configs (*.json with a 'figure' field)" in err
+        assert err.count("\n") == 1
