@@ -467,11 +467,6 @@ def with_static(fn, rest):
     return of_arrays
 
 
-__all__ = ["positive_int", "nonneg_int", "choice", "check_xs", "check_inputs", "function_failed",
-           "check_params", "check_scalar_loss", "expected_params", "model_arguments",
-           "split_static", "with_static"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Memory
 
@@ -515,3 +510,9 @@ def params_fit(stack, dtype) -> None:
         raise ValueError(f"Stack.init: the parameters take {need / 2**30:,.1f} GiB, more than "
                          f"the {avail / 2**30:,.1f} GiB available: use a smaller hidden size "
                          "or fewer layers")
+
+
+__all__ = ["positive_int", "nonneg_int", "choice", "check_xs", "check_inputs", "function_failed",
+           "check_params", "check_scalar_loss", "expected_params", "model_arguments",
+           "split_static", "with_static"]
+

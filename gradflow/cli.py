@@ -2647,7 +2647,7 @@ def _note_damaged_cache_entries(folder: str) -> None:
     warnings.showwarning = hook
 
 
-def _forward_overflow_lines(command: str) -> None:
+def _warning_lines(command: str) -> None:
     """Show each :class:`~gradflow.results.NonFiniteForwardWarning`, and any other warning
     gradflow's own code gives (an atlas cache entry measured again), as one line on stderr,
     ``gradflow heatmap: warning: ...`` (the caller's ``warnings.catch_warnings`` restores the
@@ -2769,7 +2769,7 @@ def main(argv=None) -> int:
             # Non-finite entries are data: the summaries count them; no warning lines, but
             # one line where the forward pass itself overflowed (the reason the map is NaN).
             warnings.simplefilter("ignore", NonFiniteWarning)
-            _forward_overflow_lines(command[0])
+            _warning_lines(command[0])
             if getattr(args, "dtype", None) != "float64":
                 return args.run(args)
             from gradflow.problem import precision

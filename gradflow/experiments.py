@@ -458,8 +458,9 @@ def training_runs(runs, *, task: str = "adding", task_options: dict | None = Non
                   layers: int = 2, hidden: int = 32, steps: int = 500, batch: int = 64,
                   lr: float = 3e-3, clip: float = 1.0, seed: int = 0, seeds=None,
                   dtype: str = "float32", eval_every: int | None = None,
-                  eval_batch: int = 256, record=(), record_batch: int | None = None, eps: float = _gates.EPS,
-                  bins: int = _gates.BINS, meta: dict | None = None) -> Result:
+                  eval_batch: int = 256, record=(), record_batch: int | None = None,
+                  eps: float = _gates.EPS, bins: int = _gates.BINS,
+                  meta: dict | None = None) -> Result:
     r"""Train several stacks on one task with one seed, or several (``seeds=``)
     (:func:`gradflow.train.train`: Adam, gradient clip, fresh batches, a fixed evaluation
     batch) and record measurements at the first and the last step.

@@ -1027,12 +1027,12 @@ def draw_grid(grid: Result, *, normalize: bool = True, title: str | None = None,
         title = f"gradient maps wrt {grid.config.get('wrt', '?')}" + (
             f", relative to (top layer, last step{_reaches(grid.config.get('wrt'))})"
             if normalize else "")
-    fig = _grid_or_empty(panels, losses, cells, normalize,
-                         _titled(title, settings(grid.config)), vmin, vmax)
+    heading = _titled(title, settings(grid.config))
+    fig = _grid_or_empty(panels, losses, cells, normalize, heading, vmin, vmax)
     total = sum(int(np.sum(~np.isfinite(grid[_views._keys(loss, cell)[0]])))
                 for loss in losses for cell in cells)
     if total:  # the empty panels' too (the drawn ones alone were counted)
-        fig.suptitle(_with_counts(_titled(title, settings(grid.config)), total))
+        fig.suptitle(_with_counts(heading, total))
     for i, j, cell, note in empty:
         ax = fig.axes[i * len(cells) + j]  # the panels come first, row by row
         ax.text(0.5, 0.5, f"{cell}:\n{note};\nnothing to normalise by", ha="center",

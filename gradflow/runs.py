@@ -244,9 +244,8 @@ def _tuples(v):
 
 def save_params(path, stack: Stack, params) -> str:
     """Write ``stack``'s ``params`` to ``path`` (``.npz``, appended if missing) with the
-    stack's config, for
-    :func:`load_params` and ``gradflow heatmap --params PATH`` (e.g. weights trained
-    elsewhere and converted to gradflow's layout)."""
+    stack's config, for :func:`load_params` and ``gradflow heatmap --params PATH`` (e.g.
+    weights trained elsewhere and converted to gradflow's layout)."""
     from gradflow.checks import check_params
 
     check_params(stack, params)

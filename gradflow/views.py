@@ -192,7 +192,12 @@ def seed_result(result: Result, seed: int) -> Result:
     seeds = list(result.config.get("seeds") or [])
     if seed not in seeds:
         raise ValueError(f"no seed {seed!r} in this sweep; its seeds: {seeds or '(none)'}")
-    i = seeds.index(seed)
+    return _one_seed(result, seeds.index(seed), seed)
+
+
+def _one_seed(result: Result, i: int, seed: int) -> Result:
+    """Entry ``i`` of every array of a multi-seed ``result`` (``(S, ...)``), the seed ``seed``'s,
+    its config with ``seed`` set in place of ``seeds``."""
     config = {k: v for k, v in result.config.items() if k != "seeds"}
     return _result(result.kind, {k: np.asarray(v)[i] for k, v in result.arrays.items()},
                    {**config, "seed": seed}, result)
@@ -226,10 +231,7 @@ def _seed_of(data: Result, result: Result, seed) -> Result:
         return result
     if seed not in seeds:
         raise ValueError(f"no seed {seed!r}; seeds: {seeds}")
-    i = seeds.index(seed)
-    config = {k: v for k, v in result.config.items() if k != "seeds"}
-    return _result(result.kind, {k: v[i] for k, v in result.arrays.items()},
-                   {**config, "seed": seed}, result)
+    return _one_seed(result, seeds.index(seed), seed)
 
 
 def run_curve(data: Result, label: str, seed=None) -> Result:

@@ -214,9 +214,9 @@ def mgu(*, init: str = "orthogonal", variant: str = "zhou",
     candidate ``n`` (kind ``"tanh"``).
 
     ``forget_bias_init=v``, chrono and UGI set how much of the state is kept, as for an LSTM's
-    forget gate: where the state is kept by ``1 - f`` (Zhou's form; Flax's keeps it by ``f``) the bias is negated,
-    ``b_f = -v``. SPEC's ``b_f = v`` reads the gate as the one that keeps the state; this
-    reading keeps ``v`` meaning the same retention in every cell.
+    forget gate: where the state is kept by ``1 - f`` (Zhou's form; Flax's keeps it by ``f``)
+    the bias is negated, ``b_f = -v``. SPEC's ``b_f = v`` reads the gate as the one that keeps
+    the state; this reading keeps ``v`` meaning the same retention in every cell.
     """
     return _mgu("mgu", locals())
 
