@@ -293,6 +293,25 @@ def markdown(res: dict) -> str:
             lines.append(f"| {x['B']} | {_ms(x['times']['split'])} | "
                          f"{_ms(x['times']['one_device'])} | {_f(x['split_over_one'])} | "
                          f"{x['devices']} | {_f(x['checks']['split_vs_one_rel_err'])} |")
+    if "spectral" in b:
+        r = b["spectral"]
+        c = r["config"]
+        lines += ["", "## Singular values: one matrix per LAPACK call (what gradflow runs) "
+                  "against jaxlib's batched call", "",
+                  "| matrices | one per call ms | batched ms | one per call / batched | max rel. "
+                  "diff |", "|---|---|---|---|---|"]
+        for n, count in c["matrices"]:
+            t = r["times"][f"{count}x{n}x{n}"]
+            lines.append(f"| {count} x {n} x {n} | {_ms(t['per_matrix'])} | "
+                         f"{_ms(t['batched'])} | "
+                         f"{_f(r['ratios'][f'per_matrix/batched {count}x{n}x{n}'])} | "
+                         f"{_f(r['checks'][f'{n}x{n}_rel_err'])} |")
+        t = r["times"]["local_gains"]
+        lines.append(f"\nLocal gains with spectral norms ({c['cell']}, {c['L']} layers x "
+                     f"{c['T']} steps, H = {c['H']}, B = {c['B']}): split over the devices "
+                     f"{_ms(t['split'])} ms, one device {_ms(t['one_device'])} ms "
+                     f"({_f(r['ratios']['local_gains split/one_device'])}x; agree to "
+                     f"{_f(r['checks']['gains_split_vs_one_device_rel_err'])}).")
     if "cli_start" in b:
         r = b["cli_start"]
         med = r["median_s"]

@@ -29,6 +29,8 @@ FULL = {
     "accelerator": {"L": 16, "T": 1000, "H": 256, "B": 32},
     "cli": ["--layers", "16"], "cli_rounds": 3,
     "model_split": {"L": 8, "T": 64, "H": 128, "D": 16, "B": (32, 128)},
+    "spectral": {"matrices": ((32, 4096), (128, 512)), "cell": "lstm", "L": 8, "T": 32,
+                 "H": 64, "B": 8},
     "split_sizes": ((8, 64), (16, 64), (32, 32), (8, 128), (8, 256), (64, 32), (32, 64),
                     (16, 128), (16, 256), (64, 64), (32, 128)), "split_layers": 8,
 }
@@ -49,13 +51,14 @@ QUICK = {
     "cli": ["--layers", "2", "--steps", "4", "--hidden", "8", "--batch", "2"], "cli_rounds": 1,
     "split_sizes": ((2, 8), (4, 8)), "split_layers": 1,
     "model_split": {"L": 2, "T": 4, "H": 8, "D": 3, "B": (4,)},
+    "spectral": {"matrices": ((8, 16),), "cell": "lstm", "L": 2, "T": 4, "H": 8, "B": 4},
     "default": ("floor", "torch_hidden", "cells_split", "jacobian", "flop_rate", "scaling",
                 "memory"),
 }
 
 BENCHMARKS = ("floor", "torch_hidden", "cells_split", "split_floor", "lean", "wavefront",
               "accelerator", "jacobian", "flop_rate", "scaling", "memory", "sweep", "glibc",
-              "atlas", "cli_start", "split_sizes", "model_split")
+              "atlas", "cli_start", "split_sizes", "model_split", "spectral")
 # A full run leaves out the accelerator's size (16 x 1000 x 256) unless asked for by name
 # (--only accelerator; bench/gpu.sh runs it where a GPU is lent).
 FULL["default"] = tuple(b for b in BENCHMARKS if b != "accelerator")

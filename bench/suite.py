@@ -516,6 +516,41 @@ def jacobian(cfg) -> dict:
     return out
 
 
+def spectral(cfg) -> dict:
+    """Singular values one matrix per LAPACK call (``stack.singular_values``, what gradflow
+    runs: jaxlib 0.10.2's batched kernels can hang when two run at once) against the batched
+    call (``jnp.linalg.svd``) on the same matrices, one call at a time; then local gains with
+    spectral norms, split over the devices (now possible) against one device."""
+    from gradflow import parallel
+    from gradflow.stack import singular_values
+    reps, size = cfg["repeats"], cfg["spectral"]
+    out = {"config": dict(size), "times": {}, "ratios": {}, "checks": {}}
+    for n, count in size["matrices"]:
+        a = jax.random.normal(jax.random.key(0), (count, n, n), jnp.float32) / np.sqrt(n)
+        one = jax.jit(singular_values)
+        batched = jax.jit(lambda m: jnp.linalg.svd(m, compute_uv=False))
+        out["checks"][f"{n}x{n}_rel_err"] = rel_err(np.asarray(one(a)), np.asarray(batched(a)))
+        t = timed({"per_matrix": lambda: block(one(a)), "batched": lambda: block(batched(a))},
+                  reps)
+        out["times"][f"{count}x{n}x{n}"] = t
+        out["ratios"][f"per_matrix/batched {count}x{n}x{n}"] = ratio(t["per_matrix"],
+                                                                    t["batched"])
+    pr = gradflow.problem(size["cell"], layers=size["L"], steps=size["T"], hidden=size["H"],
+                          batch=size["B"], seed=0)
+    gains = lambda: gradflow.local_gains(*pr[:3])  # noqa: E731
+
+    def one_device():
+        with parallel.batch_devices(None):
+            return gains()
+    out["checks"]["gains_split_vs_one_device_rel_err"] = max(
+        rel_err(np.asarray(gains().arrays[k]), np.asarray(one_device().arrays[k]))
+        for k in ("vertical_spectral", "temporal_spectral", "state_spectral"))
+    t = timed({"split": gains, "one_device": one_device}, reps)
+    out["times"]["local_gains"] = t
+    out["ratios"]["local_gains split/one_device"] = ratio(t["split"], t["one_device"])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. FLOP/s
 

@@ -46,7 +46,8 @@ from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.views import LOSSES, WRTS, expected_positive
 from gradflow.cells.base import normal
 from gradflow.stack import (Stack, emit, finite_positions, finite_states, in_precision,
-                            map_layers, safe_norm, scaled_reduction, where_nonfinite)
+                            map_layers, safe_norm, scaled_reduction, singular_values,
+                            where_nonfinite)
 
 NORMS = ("rms", "spectral")
 METHODS = ("exact", "probe")
@@ -972,7 +973,7 @@ def _exact_each(stack, params, xs, *, target, norm, positions, chunk):
     if positions:
         jac_at = jnp.moveaxis(at, 0, -2)  # (n, B, H_out, H_in)
         spectra = jnp.swapaxes(scaled_reduction(
-            lambda j: jnp.linalg.svd(j, compute_uv=False), jac_at, (-2, -1)), 0, 1)
+            singular_values, jac_at, (-2, -1)), 0, 1)
     return jnp.swapaxes(each, 0, 1), spectra, finite
 
 
@@ -1010,7 +1011,7 @@ def _sqrt(n):
 
 def _spectral(j):
     """Largest singular value of ``j: (..., m, n)`` -> ``(...)``."""
-    return jnp.linalg.norm(j, ord=2, axis=(-2, -1))
+    return singular_values(j)[..., 0]
 
 
 def _probe_stats(n, H):

@@ -370,8 +370,8 @@ def lapack_stalls(program, args, mesh) -> bool:
     """Whether ``program`` (a ``jax.jit`` function of ``args``, placed on ``mesh``) would stall
     split over ``mesh``: it runs on several CPU devices and hands jaxlib's LAPACK kernels a
     *batch* of matrices (an SVD, QR, LU, Cholesky, eigen- or Schur decomposition, a linear or
-    triangular solve of each example's or each step's own matrix: gradflow's spectral norms,
-    or a user's model or cell). Each device's program then runs on one thread of XLA's
+    triangular solve of each example's or each step's own matrix: a user's model or cell).
+    Each device's program then runs on one thread of XLA's
     intra-op pool (one thread per core), and in jaxlib 0.10.2 every batched LAPACK kernel
     (``objdump`` of ``jaxlib/cpu/_lapack.so``: all of them call ``jax::ParallelBatchMap``)
     hands its matrices to that same pool and blocks until they are done: with one such kernel
@@ -380,9 +380,12 @@ def lapack_stalls(program, args, mesh) -> bool:
     ``BlockingCounter::Wait``). Seen here: an exact spectral Jacobian map (LSTM, 4 layers x 32
     steps, H 64, batch 8), local gains, and a user's model taking ``jnp.linalg.solve`` per
     example and step (2 layers x 32 steps, H 64, batch 8: ``model_map(...,
-    couples_batch=False)``), all of which finish on one device in 2-4 s. A single matrix
-    (``num_batch_dims = "0"`` in the lowered call: one system shared by a batch's right-hand
-    sides, a weight's QR at init) never reaches the pool: ``ParallelBatchMap`` calls the
+    couples_batch=False)``), all of which finish on one device in 2-4 s (on one device, two
+    such kernels at once stall the same way: :func:`gradflow.stack.singular_values`, which
+    gradflow's spectral norms and spectra use, hands LAPACK one matrix per call for that
+    reason). A single matrix (``num_batch_dims = "0"`` in the lowered call: one system shared
+    by a batch's right-hand sides, a weight's QR at init, gradflow's singular values) never
+    reaches the pool: ``ParallelBatchMap`` calls the
     kernel inline when one chunk covers the batch (its first comparison, in the same
     disassembly), so such a program is split as any other (tiny batches run inline too, but
     where the chunk ends is a cost model of jaxlib's: a batch is not split at any size). The

@@ -494,3 +494,48 @@ def test_lstm_state_gain_is_near_the_maps_fade_in_time_as_the_readme_says():
     top = gradflow.gradient_map(pr.stack, pr.params, pr.xs, loss="last").values[-1]
     fade = np.exp(np.mean(np.log(top[:-1] / top[1:])))  # per step back in time
     np.testing.assert_allclose(fade, 0.65, atol=0.005)
+
+
+def test_singular_values_hand_lapack_one_matrix_per_call(x64):
+    """``stack.singular_values`` equals NumPy's SVD (float64) at any batch shape and under
+    nested ``vmap``s, and its lowered program hands LAPACK single matrices only
+    (``num_batch_dims = "0"``): jaxlib 0.10.2's batched kernels block on XLA's thread pool
+    and hung a 64-layer LSTM's local gains when two ran at once."""
+    from gradflow import parallel
+    from gradflow.stack import singular_values
+    x = np.random.default_rng(0).normal(size=(3, 2, 5, 4))
+    want = np.linalg.svd(x, compute_uv=False)
+    np.testing.assert_allclose(singular_values(jnp.asarray(x)), want, rtol=1e-12)
+    nested = jax.jit(jax.vmap(jax.vmap(singular_values)))
+    np.testing.assert_allclose(nested(jnp.asarray(x)), want, rtol=1e-12)
+    text = nested.lower(jnp.asarray(x)).as_text()
+    assert "@lapack_" in text and not parallel._batched_lapack(text)
+    assert parallel._batched_lapack(jax.jit(lambda a: jnp.linalg.svd(
+        a, compute_uv=False)).lower(jnp.asarray(x)).as_text())  # what it replaces
+
+
+def test_spectral_programs_take_no_batched_lapack_call():
+    """Local gains (an LSTM: vertical, temporal and state Jacobians, whose SVDs XLA runs side
+    by side) and an exact spectral Jacobian map with spectra: no batched LAPACK call."""
+    from gradflow import parallel
+    pr = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2, input_size=3)
+    gains = J._gains.lower(pr.stack, pr.params, pr.xs, 3, True).as_text()
+    exact = J._exact_map.lower(pr.stack, pr.params, pr.xs, (1, 2), "spectral", ((0, 1),),
+                               4).as_text()
+    for text in (gains, exact):
+        assert "@lapack_" in text and not parallel._batched_lapack(text)
+
+
+def test_local_gains_of_a_64_layer_lstm_finish():
+    """The case that hung (2-core Zen 4, jaxlib 0.10.2: two batched SVDs at once, each waiting
+    for the pool): a fresh process finishes it well inside the time limit."""
+    import subprocess
+    import sys
+    code = ("import gradflow\nfrom gradflow.problem import cell_problem\n"
+            "p = cell_problem('lstm', layers=64, steps=4, hidden=32, batch=4, seed=0, "
+            "init='orthogonal', input_scale=0.01)\n"
+            "r = gradflow.local_gains(p.stack, p.params, p.xs)\n"
+            "print(r.arrays['state_spectral'].shape)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "(64, 4)" in out.stdout, out.stderr[-2000:]

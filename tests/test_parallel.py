@@ -195,16 +195,18 @@ CHILD = textwrap.dedent("""
                                        - np.asarray(plain.arrays[k], float)))
                          / np.max(np.abs(np.asarray(plain.arrays[k], float))))
                 for k in plain.arrays}})
-        # programs calling LAPACK run on one CPU device (parallel.lapack_stalls): at these
-        # sizes split ones stalled (jaxlib 0.10.2), one device finishes each in seconds.
-        # Singular values (float32, as users run them):
+        # programs handing LAPACK a batch of matrices run on one CPU device
+        # (parallel.lapack_stalls): at these sizes split ones stalled (jaxlib 0.10.2), one
+        # device finishes each in seconds. gradflow's own singular values hand it one matrix
+        # per call (stack.singular_values), so they split (float32, as users run them):
         jax.config.update("jax_enable_x64", False)
         pr = gradflow.problem("lstm", layers=4, steps=32, hidden=64, batch=8, input_size=16)
-        before = parallel._jit_examples._cache_size()
+        before = parallel._sharded_examples.cache_info().misses
         with parallel.batch_devices("all"):
             big = gradflow.jacobian_map(*pr[:3], norm="spectral")
-        out["spectral_stall"] = {"unsplit": parallel._jit_examples._cache_size() - before,
-                                 "finite": bool(np.isfinite(np.asarray(big.values)).all())}
+        out["spectral_split"] = {
+            "split": parallel._sharded_examples.cache_info().misses - before,
+            "finite": bool(np.isfinite(np.asarray(big.values)).all())}
         # a user's model and a user's cell taking a linear solve per step
         from test_parallel import solving_model, shared_solving_model, solving_cell
         k = jax.random.split(jax.random.key(5), 3)
@@ -246,7 +248,7 @@ CHILD = textwrap.dedent("""
             out["sweep"][name] = {"devices": res.config["devices"], "rel": float(
                 np.max(np.abs(np.asarray(res.values) - np.stack(own)))
                 / np.max(np.abs(np.stack(own))))}
-        # the atlas's seed-sharded programs: local gains (SVDs) on one device, maps on both
+        # the atlas's seed-sharded programs: local gains (one matrix per SVD) and maps on both
         from gradflow import atlas
         out["atlas_devices"] = {}
         for measure in ("local_gains", "gradient_map"):
@@ -357,8 +359,9 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         for j in out["jacobian"]:  # values, spectra, stderr, target_finite: as unsplit
             assert j["compiles"] == 1 and max(j["rel"].values()) <= 1e-12, j
         assert {"spectra", "stderr"} <= {k for j in out["jacobian"] for k in j["rel"]}
-        # programs calling LAPACK: on one device (the unsplit program, or a mesh of one)
-        assert out["spectral_stall"] == {"unsplit": 1, "finite": True}
+        # gradflow's singular values (one matrix per LAPACK call): split, and finished
+        assert out["spectral_split"] == {"split": 1, "finite": True}
+        # programs handing LAPACK a batch: on one device (the unsplit program, a mesh of one)
         for name in ("model", "cell"):
             m = out["lapack"][name]
             assert m["meshes"] == 2 and m["rel"] <= 1e-6, (name, m)
@@ -366,7 +369,7 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         assert m["meshes"] == 1 and m["rel"] <= 1e-6, m
         assert out["sweep"]["solving"]["devices"] == 1 and out["sweep"]["lstm"]["devices"] == 2
         assert max(v["rel"] for v in out["sweep"].values()) <= 1e-6, out["sweep"]
-        assert out["atlas_devices"] == {"local_gains": 1, "gradient_map": 2}
+        assert out["atlas_devices"] == {"local_gains": 2, "gradient_map": 2}
         # a model's Jacobian map, exact and probes: split, compiled once, as unsplit
         assert len(out["model_jacobian"]) == 2 and out["mixing_refused"] is True
         assert out["model_jacobian_auto"] == 0
