@@ -272,19 +272,71 @@ def tap(h, s):
     (:func:`model_map`, :func:`model_jacobian_map`); the gradient it hands to ``s`` is each
     example's norm :math:`\|\partial\mathcal L/\partial h\|_2` (``s: (B,)``, as
     :func:`gradflow.stack.norm_tap`, underflow-free), or that norm and ``H`` (``s: (B, 2)``,
-    the taps of :func:`model_jacobian_map`, which divides by each layer's width)."""
+    the taps of :func:`model_jacobian_map`, which divides by each layer's width). Taps
+    ``s: (B, 3)`` count the model's reads of each tap instead (:func:`_tap_reads`)."""
     return h
 
 
+#: The last axis of the taps with which :func:`_tap_reads` counts a model's reads.
+_READS = 3
+
+
 def _tap_fwd(h, s):
-    return h, jnp.zeros((0,) * jnp.ndim(s), s.dtype)  # its rank says which taps these are
+    # its rank says which taps these are, and where it is h's, its last axis which of the two
+    rank = jnp.ndim(s)
+    shape = (0,) * rank if rank < jnp.ndim(h) else (0,) * (rank - 1) + (jnp.shape(s)[-1],)
+    return h, jnp.zeros(shape, s.dtype)
 
 
 def _tap_bwd(kind, g):
-    n = safe_norm(g)
     if kind.ndim < g.ndim:
-        return g, n
+        return g, safe_norm(g)
+    if kind.shape[-1] == _READS:  # one read: a 1 in the first entry of each example's tap
+        return jnp.zeros_like(g), jnp.zeros(g.shape[:-1] + (_READS,), g.dtype).at[..., 0].set(1)
+    n = safe_norm(g)
     return g, jnp.stack([n, jnp.full_like(n, g.shape[-1])], -1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rest"))
+def _tap_reads(model, rest, arrays, xs, taps):
+    """``(L, T, B)``: how often ``model`` passes each ``taps[l, t, b]`` through :func:`tap`
+    (``taps: (L, T, B, 3)``, whose :func:`tap` hands each read a 1 back; a read past the last
+    row is one of the last row's, as JAX clamps the index). Nothing of the model's arithmetic
+    reaches the result, so XLA compiles little more than the reads."""
+    model = checks.with_static(model, rest)
+    out, pull = jax.vjp(lambda s: model(arrays, xs, s), taps)
+    return pull(jnp.zeros_like(out))[0][..., 0]
+
+
+def _tapped(who: str, model, rest, arrays, xs, L: int):
+    """``(L, T)`` bool, where ``model`` taps a state of every example (None where the count
+    cannot be taken: a model that indexes its taps by their shape); a ValueError where a row of
+    taps is never read (``layers`` larger than the layers the model taps) or an entry is read
+    more than once (``layers`` smaller: JAX clamps ``taps[l]``, ``l >= layers``, to the last
+    row; or a state tapped twice), either of which made the map wrong without a word."""
+    B, T, _ = xs.shape
+    try:
+        reads = np.asarray(_tap_reads(model, rest, arrays, xs,
+                                      jnp.zeros((L, T, B, _READS), xs.dtype)))
+    except Exception:  # noqa: BLE001  (the model's own error, if any, comes from the map)
+        return None
+    if reads.max(initial=0) > 1:
+        l, t, _ = (int(i) for i in np.argwhere(reads > 1)[0])
+        raise ValueError(
+            f"{who}: the model passes taps[{l}, {t}] through gradflow.tap {int(reads[l, t].max())}"
+            f" times: it taps more layers than layers={L} (JAX reads taps[l] with l >= {L} as "
+            f"taps[{L - 1}]), or taps one state twice; tap each layer's state once, at its own "
+            "index, and count every tapped layer in layers")
+    rows = reads.reshape(L, -1).any(axis=1)
+    if not rows.any():  # nothing tapped: the map's own check says so, with what it measured
+        return None
+    if not rows.all():
+        never = [int(i) for i in np.flatnonzero(~rows)]
+        raise ValueError(
+            f"{who}: the model never passes taps[{never[0]}] through gradflow.tap (rows "
+            f"{never} of {L}): give layers={int(rows.sum())} if it taps {int(rows.sum())} "
+            f"layers, or tap every layer's state as h = gradflow.tap(h, taps[l, t])")
+    return (reads > 0).all(axis=2)
 
 
 tap.defvjp(_tap_fwd, _tap_bwd)
@@ -302,12 +354,12 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     the next step and the layers above), ``h = gradflow.tap(h, taps[l, t])``. ``taps`` is
     ``(layers, T, B)`` zeros; :func:`tap` is the identity there, and the gradient w.r.t.
     ``taps`` is the map, each step's gradient reduced to its norms inside the backward pass
-    (inside a ``lax.scan`` over time, scan ``taps[l]`` with the inputs). A state tapped twice
-    adds both gradients' norms; a ``(layer, step)`` never tapped reads 0 (with the default losses
-    counted as underflow: tap every layer at every step). ``layers`` must count every layer
-    the model taps: JAX clamps an index past an array's end, so ``taps[l]`` with
-    ``l >= layers`` reads row ``layers - 1``, whose entry then adds that layer's norms
-    (nothing can tell). The model computes as it does
+    (inside a ``lax.scan`` over time, scan ``taps[l]`` with the inputs). ``layers`` must count
+    every layer the model taps, each state tapped once: the reads are counted first (a
+    program of the model's taps alone, :func:`_tap_reads`), and a row never read or an entry
+    read twice (JAX clamps an index past an array's end, so ``taps[l]`` with ``l >= layers``
+    is a second read of row ``layers - 1``) is a ValueError; a ``(layer, step)`` left untapped
+    reads 0 and is not counted as underflow. The model computes as it does
     elsewhere: its matmuls at JAX's default precision, a fast mode on GPUs and TPUs, unlike a
     Stack's float32 (``matmul_precision="highest"``); call ``model_map`` inside
     ``jax.default_matmul_precision("highest")`` for float32 there.
@@ -383,6 +435,9 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
                                  f"{positive['values'].shape}")
         taps = jnp.zeros((L, T, B), xs.dtype)
         out = _model_outputs(model, rest, arrays, xs, taps)
+        tapped = _tapped("model_map", model, rest, arrays, xs, L)
+        if tapped is not None and positive is not None:  # an untapped 0 is no underflow
+            positive = {"values": np.asarray(positive["values"]) & tapped}
         if callable(loss):
             checks.check_scalar_loss(loss, out)
             loss_fn, loss_name = loss, getattr(loss, "__name__", "callable")
@@ -497,6 +552,7 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
         B, T, _ = xs.shape
         taps = jnp.zeros((L, T, B, 2), xs.dtype)
         out = _model_outputs(model, rest, arrays, xs, taps)
+        _tapped("model_jacobian_map", model, rest, arrays, xs, L)
         tt = _step(target, T)
         checks.choice("method", method, METHODS)
         seed = checks.seed("seed", seed)

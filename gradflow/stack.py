@@ -566,7 +566,14 @@ class Stack:
         Returns:
           :class:`StackOutput` with ``(L, B, T, H)`` states, emissions and gates
           (``H = max_width``, zero-padded beyond each layer's width).
+
+        Raises:
+          TypeError, ValueError: params not of this stack's structure and shapes
+            (:func:`gradflow.checks.check_params`: checked when traced, not per call inside
+            ``jax.jit``), or inputs of the wrong shape.
         """
+        from gradflow.checks import check_params
+        check_params(self, params)
         with precision_scope(self.matmul_precision):
             return self._apply(params, xs, state0, perturb, taps, param_taps, gates,
                                constant_params)
@@ -789,7 +796,23 @@ def where_nonfinite(stack: Stack, params, xs, masks: dict | None = None) -> str:
     early, low = min(bad, key=lambda lt: (lt[1], lt[0])), min(bad)
     return (f"the states are not finite at {len(bad)} of {finite.size} (layer, step) "
             f"positions, the earliest at {at(*early)}"
-            + ("" if low == early else f", the lowest at {at(*low)}"))
+            + ("" if low == early else f", the lowest at {at(*low)}") + _nonfinite_params(params))
+
+
+def _nonfinite_params(params) -> str:
+    """``"; the params hold N non-finite values, the first in params[...]"`` where concrete
+    ``params`` do (a diverged training run's), else ``""``."""
+    count, first = 0, None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype") \
+                or not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            continue
+        n = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
+        if n and first is None:
+            first = jax.tree_util.keystr(path)
+        count += n
+    return "" if not count else (f"; the params hold {count} non-finite value"
+                                 f"{'s' * (count > 1)}, the first in params{first}")
 
 
 #: Bytes of a stack's per-layer bookkeeping (a reference to each layer's cell, its width, ...)

@@ -361,7 +361,26 @@ def sample(task: Task, key, batch: int, dtype=jnp.float32):
         raise TypeError(f"task must be a gradflow.tasks.Task (from tasks.make), got "
                         f"{type(task).__name__}")
     batch = _int(task.name, "batch", batch)
-    return task.sample_fn(key, batch, jnp.dtype(dtype))
+    dtype = jnp.dtype(dtype)
+    _check_batch_fits(task, batch, dtype)
+    return task.sample_fn(key, batch, dtype)
+
+
+def _check_batch_fits(task: Task, batch: int, dtype) -> None:
+    """A ValueError where one batch ``(xs, ys, mask)`` of ``task`` takes more than the memory
+    available (:func:`gradflow.checks.available_memory`): a batch of 10**10 was handed to the
+    allocator. The three arrays' sizes, each B x T wide (``ys`` times K for regression)."""
+    per = (task.input_size + 1) * dtype.itemsize + (  # xs, the mask, ys
+        task.output_size * dtype.itemsize if task.kind == "regression" else 4)
+    need = batch * task.steps * per
+    avail = checks.available_memory()
+    if need > avail:
+        fit = max(avail // max(task.steps * per, 1), 0)
+        raise ValueError(f"tasks.sample: a batch of {batch:,} x {task.steps:,} steps "
+                         f"of task {task.name!r} takes {need / 2**30:,.1f} GiB, more than the "
+                         f"{avail / 2**30:,.1f} GiB available"
+                         + (f": at most about {fit:,} fit" if fit else
+                            ": fewer steps are needed"))
 
 
 def resize(task: Task, steps: int) -> Task:

@@ -262,3 +262,19 @@ def test_a_sweep_names_the_seeds_whose_forward_overflowed():
     maps = np.asarray(out["indrnn:u_max=3"].values)
     assert all(np.isnan(maps[s]).all() == (s in overflowed) for s in seeds)
     assert np.isfinite(np.asarray(out["lstm"].values)).all()
+
+
+def test_the_warning_names_non_finite_params():
+    """A diverged run's parameters (a NaN weight): the warning counts the non-finite values
+    and names the first leaf, besides where the states left the finite numbers."""
+    pr = gradflow.problem("lstm", layers=2, steps=4, hidden=8, batch=2)
+    params = jax.tree_util.tree_map(lambda a: a, pr.params)
+    w = params["layers"][1]["f"]["W"]
+    params["layers"][1]["f"]["W"] = w.at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+    with pytest.warns(NonFiniteForwardWarning) as rec:
+        res = gradflow.gradient_map(pr.stack, params, pr.xs)
+    text = str(rec[0].message)
+    assert "earliest at layer 1, step 0" in text
+    assert "the params hold 2 non-finite values, the first in params['layers'][1]['f']['W']" \
+        in text
+    assert np.isnan(res.values).all()

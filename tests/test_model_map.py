@@ -278,3 +278,57 @@ def test_a_flax_nnx_module_is_its_params(x64):
                               layers=2)
     np.testing.assert_allclose(got.values, want.values, rtol=1e-12)
     assert (got.values > 0).all()
+
+
+def two_layer_tanh(params, xs, taps):
+    """Two tanh layers, each tapped at every step: ``taps[0]``, ``taps[1]``."""
+    h_in = jnp.swapaxes(xs, 0, 1)
+    for l in range(2):
+        def step(c, inp, W=params[l]):
+            x, s = inp
+            c = gradflow.tap(jnp.tanh(x @ W + c @ W), s)
+            return c, c
+        _, h_in = jax.lax.scan(step, jnp.zeros((xs.shape[0], W_SIZE)), (h_in, taps[l]))
+    return jnp.swapaxes(h_in, 0, 1)
+
+
+W_SIZE = 4
+
+
+@pytest.mark.parametrize("measure", ["model_map", "model_jacobian_map"])
+def test_layers_must_count_the_tapped_layers(measure):
+    """``layers`` fewer than the model taps (JAX clamps ``taps[1]`` onto ``taps[0]``: the
+    row added both layers' norms) or more (a row of zeros counted as underflow) is refused,
+    naming the row; the right count measures."""
+    fn = getattr(gradflow, measure)
+    params = [jnp.eye(W_SIZE) * 0.5] * 2
+    xs = jax.random.normal(jax.random.key(0), (2, 3, W_SIZE))
+    with pytest.raises(ValueError, match=r"passes taps\[0, 0\] through gradflow.tap 2 times: "
+                                         r"it taps more layers than layers=1"):
+        fn(two_layer_tanh, params, xs, layers=1)
+    with pytest.raises(ValueError, match=r"never passes taps\[2\] through gradflow.tap "
+                                         r"\(rows \[2\] of 3\): give layers=2"):
+        fn(two_layer_tanh, params, xs, layers=3)
+    assert fn(two_layer_tanh, params, xs, layers=2).values.shape == (2, 3)
+
+
+def test_untapped_entries_are_not_underflow():
+    """A model tapping its top layer at even steps only: those entries read 0 and are not
+    counted as underflow (they were); the tapped ones equal the fully tapped model's."""
+    def sparse(params, xs, taps):
+        h_in, W = jnp.swapaxes(xs, 0, 1), params
+        for l in range(2):
+            c, hs = jnp.zeros((xs.shape[0], W_SIZE)), []
+            for t in range(xs.shape[1]):
+                c = jnp.tanh(h_in[t] @ W + c @ W)
+                if l == 0 or t % 2 == 0:
+                    c = gradflow.tap(c, taps[l, t])
+                hs.append(c)
+            h_in = jnp.stack(hs)
+        return jnp.swapaxes(h_in, 0, 1)
+    xs = jax.random.normal(jax.random.key(0), (2, 3, W_SIZE))
+    res = gradflow.model_map(sparse, jnp.eye(W_SIZE) * 0.5, xs, layers=2)
+    full = gradflow.model_map(two_layer_tanh, [jnp.eye(W_SIZE) * 0.5] * 2, xs, layers=2)
+    assert res.values[1, 1] == 0 and res.underflow["values"] == 0
+    keep = np.array([[1, 1, 1], [1, 0, 1]], bool)
+    np.testing.assert_allclose(res.values[keep], full.values[keep], rtol=1e-6)

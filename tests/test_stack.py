@@ -497,3 +497,20 @@ def test_init_of_a_stack_too_wide_for_the_machine_is_refused():
         gradflow.Stack("lstm", 2, 4, 10**5).init(jax.random.key(0))
     shapes = jax.eval_shape(gradflow.Stack("lstm", 2, 4, 10**5).init, jax.random.key(0))
     assert shapes["layers"][1]["i"]["U"].shape == (10**5, 10**5)  # shapes alone: not refused
+
+
+def test_apply_and_gate_readers_check_the_params():
+    """``Stack.apply``, ``gates.activations`` and ``gates.slopes`` given another cell's params
+    (a GRU's for an LSTM stack) say which leaf is missing and what the layer holds (they
+    raised KeyError 'i' from inside the cell)."""
+    from gradflow import gates
+    lstm = gradflow.problem("lstm", layers=2, steps=4, hidden=8, batch=2)
+    gru = gradflow.problem("gru", layers=2, steps=4, hidden=8, batch=2)
+    for call in (lambda: lstm.stack.apply(gru.params, lstm.xs),
+                 lambda: gates.activations(lstm.stack, gru.params, lstm.xs),
+                 lambda: gates.slopes(lstm.stack, gru.params, lstm.xs)):
+        with pytest.raises(ValueError, match=r"params\['layers'\]\[0\]\['f'\]\['U'\] is "
+                                             r"missing.*holds '[nrz]', '[nrz]', '[nrz]'"):
+            call()
+    with pytest.raises(ValueError, match="params hold 1 layers, the stack has 2"):
+        lstm.stack.apply({"layers": lstm.params["layers"][:1]}, lstm.xs)

@@ -321,3 +321,16 @@ def test_for_length_and_chance_per_task():
     assert tasks.chance(counting) == pytest.approx(math.log(7))   # counts 0..6
     assert tasks.chance(DIGITS) == pytest.approx(math.log(10))
     assert math.isnan(tasks.chance(tasks.make("counting", steps=7)))
+
+
+def test_a_batch_larger_than_the_memory_is_refused_before_allocating():
+    """``tasks.sample`` with a batch or a length no machine holds: one ValueError saying how
+    much it would take and how many sequences fit (a batch of 10**10 reached the allocator)."""
+    t = tasks.make("adding", steps=100)
+    with pytest.raises(ValueError, match=r"a batch of 10,000,000,000 x 100 steps of task "
+                                         r"'adding' takes [\d,.]+ GiB.*at most about [\d,]+ fit"):
+        tasks.sample(t, jax.random.key(0), 10**10)
+    with pytest.raises(ValueError, match="fewer steps are needed"):
+        tasks.sample(tasks.make("adding", steps=10**12), jax.random.key(0), 1)
+    xs, ys, mask = tasks.sample(t, jax.random.key(0), 3)  # an ordinary batch is untouched
+    assert xs.shape == (3, 100, 2) and ys.shape == (3, 100, 1) and mask.shape == (3, 100)
