@@ -1188,3 +1188,41 @@ def test_a_linen_cell_with_batch_stats_is_told_how_to_measure_it(x64):
     want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda h: h,
                          lambda h, v: v, xs)
     assert_maps(hidden_map(stack, params, xs), want)
+
+
+def _tanh_step(p, c, x):
+    h = jnp.tanh(x @ p["W"] + c @ p["U"])
+    return h, h
+
+
+def test_params_given_as_jax_arrays_initialise():
+    """``init`` = the params themselves, as JAX arrays: the probe step runs on them inside
+    ``Stack.init``'s trace (it raised TracerArrayConversionError as an internal error)."""
+    cell = gradflow.cells.from_function(_tanh_step, {"W": jnp.eye(4) * 0.5,
+                                                    "U": jnp.eye(4) * 0.5})
+    stack = gradflow.Stack(cell, layers=2, input_size=4, hidden_size=4)
+    params = stack.init(jax.random.key(0))
+    np.testing.assert_array_equal(params["layers"][1]["U"], np.eye(4) * 0.5)
+    assert stack.cells[0].couples_batch is False
+
+
+@pytest.mark.parametrize("gates", [lambda p, c, x: [c], lambda p, c, x: c])
+def test_gates_must_be_a_dict(gates):
+    """A gates function returning a list or a bare array: one TypeError saying what it must
+    return (an AttributeError came from inside gradflow)."""
+    init = lambda k, i, h, d: {"W": jnp.eye(i, h, dtype=d), "U": jnp.eye(h, dtype=d)}  # noqa
+    with pytest.raises(TypeError, match=r"gates must return a dict \{name: \(batch, "
+                                        r"hidden_size\) array\}, got (list|ArrayImpl)"):
+        gradflow.cells.from_function(_tanh_step, init, hidden_size=4, gates=gates)
+
+
+@pytest.mark.parametrize("bad", ["4", -3, 0, 2.5, True])
+def test_sizes_must_be_positive_integers(bad):
+    init = lambda k, i, h, d: {"W": jnp.eye(i, h, dtype=d), "U": jnp.eye(h, dtype=d)}  # noqa
+    with pytest.raises(ValueError, match=rf"from_function: hidden_size must be a positive "
+                                         rf"integer or None, got {re.escape(repr(bad))}"):
+        gradflow.cells.from_function(_tanh_step, init, hidden_size=bad)
+    with pytest.raises(ValueError, match="input_size must be a positive integer"):
+        gradflow.cells.from_function(_tanh_step, init, input_size=bad)
+    with pytest.raises(TypeError, match="name must be a non-empty string, got 3"):
+        gradflow.cells.from_function(_tanh_step, init, name=3)

@@ -115,6 +115,16 @@ def _differing(a, b) -> list[str] | None:
                     and bool(np.all(plain(x) == plain(y))))]
 
 
+def _size(who: str, what: str, value):
+    """``value``: None or a positive integer (not a bool), else a ValueError naming ``what``
+    (a string or a negative size failed inside JAX's shape checks; 0 was ignored)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{who}: {what} must be a positive integer or None, got {value!r}")
+    return int(value)
+
+
 def _template(state, hidden_size, who: str):
     """The carry's structure as a pytree of ``(1, H)`` zeros, from the ``state`` option:
     None (one array), an int ``k`` (a tuple of ``k`` arrays) or a callable
@@ -293,6 +303,20 @@ def _check_gates(who: str, gates, signature: str, returns: str, sown: bool = Fal
     _check_arity(who, gates, "gates", signature)
 
 
+def _gates_checked(who: str, call_b: Callable) -> Callable:
+    """``call_b`` whose gates must be a dict ``{name: array}`` (a list or a bare array failed
+    later, as an AttributeError from inside gradflow)."""
+    def call(params, carry, x):
+        new, y, gates = call_b(params, carry, x)
+        if not isinstance(gates, dict) or not all(isinstance(k, str) for k in gates):
+            raise TypeError(f"{who}: gates must return a dict {{name: (batch, hidden_size) "
+                            f"array}}, got {type(gates).__name__}"
+                            + (f" with keys {list(gates)[:4]}" if isinstance(gates, dict)
+                               else ""))
+        return new, y, gates
+    return call
+
+
 def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidden_size,
            output, reports_gates: bool, gate_kinds, make_init: Callable,
            probe_params: Callable | None, finds_output: bool, to_params: Callable,
@@ -308,7 +332,11 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
       couples_batch: whether a step mixes the examples of a batch; None: found by the probe
         step (or refused at the first init if it does and no probe could run).
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{who}: name must be a non-empty string, got {name!r}")
     call_b = call if batched else jax.vmap(call, in_axes=(None, 0, 0))
+    if reports_gates:
+        call_b = _gates_checked(who, call_b)
     leaves, treedef = jax.tree_util.tree_flatten(template)
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
     n = len(leaves)
@@ -532,7 +560,8 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
                 f"Stack([{who}(m) for m in modules], ...)") from e
         if check_output is not None and not checked and not any(
                 isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(params)):
-            check_output(params, n_in, H)
+            with jax.ensure_compile_time_eval():  # concrete params, also inside a trace
+                check_output(params, n_in, H)
             checked.append(True)
         return params
 
@@ -581,6 +610,8 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
       ``"s1", "s2", ...``).
     """
     who = "from_function"
+    hidden_size = _size(who, "hidden_size", hidden_size)
+    input_size = _size(who, "input_size", input_size)
     hint = adapter_hint(who, step)
     if hint is not None:
         raise TypeError(f"{who}: step is {hint}")
@@ -738,6 +769,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
       ('c', 'h')
     """
     who = "from_linen"
+    hidden_size = _size(who, "hidden_size", hidden_size)
     nn = _require("flax.linen", "flax", who)
     if not isinstance(module, nn.Module):
         raise TypeError(_not_a_module(who, module))
@@ -875,6 +907,8 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         without it is probed on ``init``'s module, or else on ``H`` features).
     """
     who = "from_nnx"
+    hidden_size = _size(who, "hidden_size", hidden_size)
+    input_size = _size(who, "input_size", input_size)
     nnx = _require("flax.nnx", "flax", who)
     if not isinstance(module, nnx.Module):
         raise TypeError(_not_a_module(who, module))
@@ -1017,6 +1051,8 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
       ['bias', 'bias_n', 'weight_hh', 'weight_ih']
     """
     who = "from_equinox"
+    hidden_size = _size(who, "hidden_size", hidden_size)
+    input_size = _size(who, "input_size", input_size)
     eqx = _require("equinox", "equinox", who)
     if not isinstance(module, eqx.Module):
         raise TypeError(_not_a_module(who, module))
