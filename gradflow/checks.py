@@ -87,6 +87,14 @@ def seed(name: str, value) -> int:
     return v
 
 
+def boolean(name: str, value) -> bool:
+    """``bool(value)`` if it is True or False (a NumPy bool too), else a TypeError naming it:
+    a string such as ``"no"`` is truthy, and was read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _int(name, value, what) -> int:
     try:
         if isinstance(value, bool):
@@ -512,7 +520,7 @@ def params_fit(stack, dtype) -> None:
                          "or fewer layers")
 
 
-__all__ = ["positive_int", "nonneg_int", "choice", "check_xs", "check_inputs", "function_failed",
+__all__ = ["positive_int", "nonneg_int", "boolean", "choice", "check_xs", "check_inputs", "function_failed",
            "check_params", "check_scalar_loss", "expected_params", "model_arguments",
            "split_static", "with_static"]
 

@@ -178,7 +178,11 @@ def gate_layout(stack) -> GateLayout:
     >>> lay.layers
     {'r': (0,), 'z@gru': (0,), 'n': (0,), 'k': (1,), 'z@star': (1,)}
     """
-    cells = stack.cells if isinstance(stack, Stack) else tuple(stack)
+    cells = stack.cells if isinstance(stack, Stack) else tuple(stack) \
+        if isinstance(stack, (list, tuple)) else ()
+    if not cells or not all(isinstance(c, Cell) for c in cells):
+        raise TypeError(f"gate_layout takes a gradflow.Stack or its cells (one per layer), got "
+                        f"{type(stack).__name__}")
     kinds, retain, layers, modes, effective = {}, {}, {}, {}, {}
     for l, (c, keys) in enumerate(zip(cells, gate_keys(cells))):
         kept = dict(c.retain)
@@ -210,6 +214,9 @@ def gate_kinds(cell: Cell) -> dict:
     gate), ``"tanh"`` (a user's :math:`a = \tanh(z)` gate) and ``"other"`` (a user gate of
     unknown form, whose saturation is read on ``[0, 1]`` as for a sigmoid).
     """
+    if not isinstance(cell, Cell):
+        raise TypeError(f"cell must be a gradflow Cell (gradflow.cells.get(name)), got "
+                        f"{type(cell).__name__}")
     return cell.kinds
 
 
@@ -238,13 +245,18 @@ def is_saturated(a, eps, kind: str = "sigmoid"):
     r"""``(a < eps) | (a > 1 - eps)``: the gate is within :math:`\varepsilon` of 0 or 1 (or
     beyond, for refined gates); for a ``"tanh"`` gate ``|a| > 1 - eps``, within
     :math:`\varepsilon` of :math:`\pm 1`; False for NaN."""
+    value_range(kind)  # a known kind
     if kind == "tanh":
         return jnp.abs(a) > 1.0 - eps
     return (a < eps) | (a > 1.0 - eps)
 
 
 def kept_fraction(a, sign: int):
-    """The fraction of the previous state a retain gate keeps: ``a`` (sign +1) or ``1 - a``."""
+    """The fraction of the previous state a retain gate keeps: ``a`` (sign +1) or ``1 - a``
+    (sign -1)."""
+    if sign not in (1, -1) or isinstance(sign, bool):
+        raise ValueError(f"sign must be +1 (the gate keeps a) or -1 (it keeps 1 - a), got "
+                         f"{sign!r}")
     return a if sign == 1 else 1.0 - a
 
 

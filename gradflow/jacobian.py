@@ -1156,7 +1156,7 @@ def local_gains(stack: Stack, params, xs, *, chunk: int | None = None, spectral:
     xs = _prepare(stack, params, xs)
     _per_example(stack, "local_gains")
     chunk = None if chunk is None else checks.positive_int("chunk", chunk)
-    spectral = bool(spectral)
+    spectral = checks.boolean("spectral", spectral)
     _check_gains_fit(stack, xs, chunk, spectral)
     arrays = gain_arrays(stack, params, xs, chunk, spectral)
     # NaN gains: say where the forward pass is not finite, if that is why

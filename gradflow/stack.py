@@ -53,7 +53,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from gradflow import cells as _cells
-from gradflow.checks import _looks_like_key, check_xs, float_dtype, params_fit
+from gradflow.checks import _looks_like_key, boolean, check_xs, float_dtype, params_fit
 from gradflow.checks import positive_int as _positive_int
 from gradflow.checks import width as _width
 from gradflow.cells.base import Cell, Lean, cast_floating, orthogonal
@@ -274,7 +274,8 @@ class Stack:
         square = cells[0].square
         if input_projection is None:
             input_projection = square and input_size != H0
-        elif square and input_size != H0 and not input_projection:
+        elif not boolean("input_projection", input_projection) and square \
+                and input_size != H0:
             raise ValueError(
                 f"cell {cells[0].name!r} needs its input size to equal hidden_size "
                 f"({H0}); the data has {input_size} features: {_PROJECT}")
@@ -291,9 +292,7 @@ class Stack:
         if checkpoint not in (None, "auto"):
             checkpoint = _positive_int("checkpoint", checkpoint)
         set_("checkpoint", checkpoint)
-        if not isinstance(residual, (bool, np.bool_)):
-            raise TypeError(f"residual must be True or False, got {residual!r}")
-        set_("residual", bool(residual))
+        set_("residual", boolean("residual", residual))
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid: None, 'layer', 'rms'")
         set_("norm", norm)
@@ -498,8 +497,38 @@ class Stack:
 
     def initial_state(self, batch: int, dtype=jnp.float32) -> dict:
         """Zero state ``{name: (L, B, H)}`` (``H = max_width``)."""
+        batch = _positive_int("batch", batch)
         return {k: jnp.zeros((self.layers, batch, self.max_width), dtype)
                 for k in self.state_names}
+
+    def _check_instruments(self, B: int, T: int, state0, perturb, taps) -> None:
+        """A ValueError (TypeError for what is no dict) unless ``state0`` is ``{name: (L, B,
+        H)}`` for every state of the cell and ``perturb``/``taps`` hold states of the cell at
+        ``(L, B, T, H)``/``(L, B, T)`` (they failed inside the scan, as KeyError or JAX's
+        shape errors)."""
+        L, H = self.layers, self.max_width
+        for what, given, shape, every in (("state0", state0, (L, B, H), True),
+                                          ("perturb", perturb, (L, B, T, H), False),
+                                          ("taps", taps, (L, B, T), False)):
+            if given is None:
+                continue
+            if not isinstance(given, Mapping):
+                raise TypeError(f"{what} must be a dict {{state name: {shape} array}} over "
+                                f"the states {', '.join(self.state_names)}, got "
+                                f"{type(given).__name__}")
+            unknown = set(given) - set(self.state_names)
+            missing = set(self.state_names) - set(given) if every else set()
+            if unknown or missing:
+                raise ValueError(
+                    f"{what} keys {sorted(map(str, given))} are not states of cell "
+                    f"{self.cells[0].name!r} ({', '.join(self.state_names)})"
+                    + (f": missing {sorted(missing)}" if missing else ""))
+            for k, v in given.items():
+                if tuple(jnp.shape(v)) != shape:
+                    raise ValueError(f"{what}[{k!r}] must have shape {shape} (layers, batch"
+                                     + (", steps" if len(shape) > 3 or what == "taps" else "")
+                                     + (", max width)" if what != "taps" else ")")
+                                     + f", got {tuple(jnp.shape(v))}")
 
     def check_inputs(self, xs):
         """Raise unless ``xs`` is a real ``(B, T, input_size)`` array: a ValueError for a wrong
@@ -584,21 +613,18 @@ class Stack:
         xs = jnp.asarray(xs, dtype)
         B, T, _ = xs.shape
         L = self.layers
+        self._check_instruments(B, T, state0, perturb, taps)
         if state0 is None:
             state0 = self.initial_state(B, dtype)
         perturb, taps = dict(perturb or {}), dict(taps or {})
-        for what, given in (("perturb", perturb), ("taps", taps)):
-            unknown = set(given) - set(self.state_names)
-            if unknown:
-                raise ValueError(f"{what} keys {sorted(unknown)} are not states of cell "
-                                 f"{self.cells[0].name!r} ({', '.join(self.state_names)})")
         if param_taps is not None and jnp.shape(param_taps) != (L, T):
             raise ValueError(f"param_taps must have shape (layers, steps) = {(L, T)}, got "
                              f"{jnp.shape(param_taps)}")
         x = self.project_input(params, jnp.swapaxes(xs, 0, 1))  # (T, B, .): time-major inside
         inst = Instruments({k: jnp.swapaxes(v, 1, 2) for k, v in perturb.items()},  # (L, T, B, H)
                            {k: jnp.swapaxes(v, 1, 2) for k, v in taps.items()},  # (L, T, B)
-                           param_taps, bool(gates), bool(constant_params))
+                           param_taps, boolean("gates", gates),
+                           boolean("constant_params", constant_params))
         norm = params.get("norm") if self.norm is not None else None
         chunk = self._chunk(T)
         if self.evaluation_order == "wavefront":

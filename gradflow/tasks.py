@@ -360,8 +360,11 @@ def sample(task: Task, key, batch: int, dtype=jnp.float32):
     if not isinstance(task, Task):
         raise TypeError(f"task must be a gradflow.tasks.Task (from tasks.make), got "
                         f"{type(task).__name__}")
-    batch = _int(task.name, "batch", batch)
-    dtype = jnp.dtype(dtype)
+    batch = checks.int_at_least("batch", batch, 1)
+    dtype = checks.float_dtype(dtype)
+    if not checks._looks_like_key(key):
+        raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got "
+                        f"{type(key).__name__}")
     _check_batch_fits(task, batch, dtype)
     return task.sample_fn(key, batch, dtype)
 
@@ -432,6 +435,9 @@ def from_config(config: dict) -> Task:
     >>> from_config(make("copy", lag=5).config) == make("copy", lag=5)
     True
     """
+    if not isinstance(config, dict) or "task" not in config:
+        raise ValueError(f"a task config is a dict {{'task': name, 'steps': T, ...options}} "
+                         f"(Task.config), got {config!r}")
     options = dict(config)
     name, steps = options.pop("task"), options.pop("steps", None)
     return for_length(name, steps, **options)
@@ -488,6 +494,9 @@ def chance(task: Task) -> float:
     uniform guess over the classes the targets can take (``task.classes``: ``log A`` for copy,
     ``log 10`` for digits, ``log T`` for counting); for regression nan (it depends on the
     data)."""
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a gradflow.tasks.Task (from tasks.make), got "
+                        f"{type(task).__name__}")
     if task.kind == "regression":
         return math.nan
     return math.log(task.classes)

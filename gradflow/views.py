@@ -74,13 +74,22 @@ def value_range(kind: str = "sigmoid") -> tuple[float, float]:
     >>> value_range("tanh"), value_range("refined")
     ((-1.0, 1.0), (0.0, 1.0))
     """
+    if kind not in GATE_KINDS:
+        raise ValueError(f"unknown gate kind {kind!r}; valid: {', '.join(GATE_KINDS)}")
     return (-1.0, 1.0) if kind == "tanh" else (0.0, 1.0)
+
+
+#: The gate kinds (:data:`gradflow.cells.base.KINDS`, which a test holds equal: this module
+#: reads results with NumPy alone).
+GATE_KINDS = ("sigmoid", "tanh", "refined", "effective", "master", "time", "other")
 
 
 def bin_edges(bins: int, kind: str = "sigmoid") -> np.ndarray:
     """``(bins + 1,)`` float64 edges of the fixed histogram of a gate of ``kind``: ``bins``
     equal bins over :func:`value_range` (``[0, 1]``; ``[-1, 1]`` for ``"tanh"``)."""
     lo, hi = value_range(kind)
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
     return np.linspace(lo, hi, bins + 1)
 
 
@@ -98,6 +107,10 @@ def hist_edges(stats, gate: str) -> np.ndarray:
       ValueError: the edges do not fit the histogram (not ``bins + 1`` increasing values).
     """
     arrays = stats.arrays if isinstance(stats, Result) else stats
+    if f"hist/{gate}" not in arrays:
+        have = sorted(k[5:] for k in arrays if k.startswith("hist/"))
+        raise ValueError(f"no histogram of gate {gate!r}; the gates with one: "
+                         f"{', '.join(have) or 'none'}")
     hist = np.asarray(arrays[f"hist/{gate}"])
     bins = hist.shape[-1]
     key = next((k for k in (f"bin_edges/{gate}", "bin_edges") if k in arrays), None)
@@ -110,8 +123,9 @@ def hist_edges(stats, gate: str) -> np.ndarray:
 
 def summary(stats: Result) -> dict:
     """``{gate: {stat: float}}``: the pooled scalars of a :func:`saturation` result."""
-    if stats.kind != "gate_stats":
-        raise ValueError(f"summary needs a 'gate_stats' result, got kind {stats.kind!r}")
+    if not isinstance(stats, Result) or stats.kind != "gate_stats":
+        raise ValueError(f"summary needs a 'gate_stats' result, got "
+                         f"{getattr(stats, 'kind', type(stats).__name__)!r}")
     out = {}
     for g in stats.config["gates"]:
         out[g] = {s: float(stats.arrays[f"{s}/{g}/pooled"]) for s in STATS

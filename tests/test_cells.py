@@ -722,3 +722,19 @@ def test_a_cell_rebuilt_from_its_recorded_options_is_the_same_cell(name, opts):
     again = cells.get(name, **dict(cell.options))
     assert dict(again.options) == dict(cell.options)
     assert again is cell
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: cells.phased_lstm(r_on=2.0), r"option r_on=2.0 of cell 'phased_lstm' is the open "
+                                          r"phase's share of each period, in \(0, 1\]"),
+    (lambda: cells.phased_lstm(r_on=0.0), "option r_on=0.0"),
+    (lambda: cells.phased_lstm(alpha=-1.0), "option alpha=-1.0 .* leak, in \\[0, 1\\)"),
+    (lambda: cells.phased_lstm(shift_max=-5.0), "option shift_max=-5.0"),
+    (lambda: cells.indrnn(u_max=-1.0), r"option u_max=-1.0 of cell 'indrnn' .* U\[0, u_max\]"),
+])
+def test_option_ranges_are_checked(make, match):
+    """Values outside an option's meaning (an open phase longer than the period, negative
+    recurrent weights under ``u ~ U[0, u_max]``) were built and measured silently."""
+    with pytest.raises(ValueError, match=match):
+        make()
+    assert cells.indrnn(u_max=0.0).name == "indrnn"  # u = 0: a feed-forward ablation

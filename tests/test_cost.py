@@ -357,3 +357,28 @@ def test_calibration_keeps_what_else_the_file_holds(tmp_path, monkeypatch):
     assert saved["tpu:other:8:0.0"] == [1e12, 1e-6] and len(saved) == 2
     monkeypatch.setattr(cost, "_measure_svd", lambda: pytest.fail("measured again"))
     assert cost._calibrated("svd:", cost._measure_svd, 2) == [2e9, 8e9]  # read back
+
+
+def test_estimate_refuses_settings_its_measurements_refuse():
+    """``probes`` below 2 for the probe method, ``chunk`` outside local gains, and a truthy
+    string for a switch (``spectral="no"`` ran the SVDs) were accepted; local gains and
+    Stack take their switches as booleans too."""
+    import gradflow
+    stack = gradflow.Stack("lstm", layers=2, hidden_size=4)
+    for probes in (0, 1, -1):
+        with pytest.raises(ValueError, match="probes must be"):
+            cost.estimate(stack, 2, 3, method="probe", probes=probes, calibrate=False)
+    for chunk in (0, -5):
+        with pytest.raises(ValueError, match="chunk must be a positive integer"):
+            cost.estimate(stack, 2, 3, method="gains", chunk=chunk, calibrate=False)
+    with pytest.raises(ValueError, match="chunk is local gains'"):
+        cost.estimate(stack, 2, 3, method="exact", chunk=4, calibrate=False)
+    with pytest.raises(TypeError, match="spectral must be True or False, got 'no'"):
+        cost.estimate(stack, 2, 3, method="gains", spectral="no", calibrate=False)
+    pr = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2)
+    with pytest.raises(TypeError, match="spectral must be True or False, got 'no'"):
+        gradflow.local_gains(*pr[:3], spectral="no")
+    with pytest.raises(TypeError, match="input_projection must be True or False, got 'no'"):
+        gradflow.Stack("lstm", layers=2, hidden_size=4, input_projection="no")
+    with pytest.raises(TypeError, match="gates must be True or False, got 'no'"):
+        pr.stack.apply(pr.params, pr.xs, gates="no")

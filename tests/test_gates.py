@@ -671,3 +671,31 @@ def test_one_saturation_margin_and_bin_count_by_default():
         assert (params["eps"].default, params["bins"].default) == (gates.EPS, gates.BINS), fn
     args = build_parser().parse_args(["gates"])
     assert (args.eps, args.bins) == (gates.EPS, gates.BINS)
+
+
+def test_helpers_refuse_unknown_kinds_bins_and_signs():
+    """The element-wise helpers read an unknown kind as a sigmoid, ``bin_edges(0)`` gave one
+    edge and ``kept_fraction(a, 5)`` read 5 as -1: now one ValueError each; the readers of
+    results name what they take."""
+    from gradflow import views
+    from gradflow.cells.base import KINDS
+    assert views.GATE_KINDS == KINDS
+    a = jnp.full((1, 3), 0.5)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="bins must be a positive integer"):
+            gates.bin_edges(bad)
+    for call in (lambda: gates.is_saturated(a, 0.1, "x"), lambda: gates.histogram(a, 4, kind="x"),
+                 lambda: gates.bin_edges(4, "x")):
+        with pytest.raises(ValueError, match="unknown gate kind 'x'; valid: sigmoid, tanh"):
+            call()
+    with pytest.raises(ValueError, match="sign must be"):
+        gates.kept_fraction(a, 5)
+    np.testing.assert_allclose(gates.kept_fraction(a, -1), 0.5)
+    with pytest.raises(TypeError, match="cell must be a gradflow Cell"):
+        gates.gate_kinds(None)
+    with pytest.raises(TypeError, match="gate_layout takes a gradflow.Stack or its cells"):
+        gates.gate_layout("lstm")
+    with pytest.raises(ValueError, match="summary needs a 'gate_stats' result"):
+        gates.summary(None)
+    with pytest.raises(ValueError, match="no histogram of gate 'zz'; the gates with one: f"):
+        gates.hist_edges({"hist/f": np.ones((1, 4))}, "zz")

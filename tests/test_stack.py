@@ -514,3 +514,28 @@ def test_apply_and_gate_readers_check_the_params():
             call()
     with pytest.raises(ValueError, match="params hold 1 layers, the stack has 2"):
         lstm.stack.apply({"layers": lstm.params["layers"][:1]}, lstm.xs)
+
+
+def test_apply_checks_its_instruments():
+    """``state0``, ``perturb`` and ``taps`` of the wrong keys or shapes: one message naming
+    the states and the shape (they failed in the scan as KeyError 'c' or JAX shape errors);
+    ``initial_state`` takes a positive batch."""
+    pr = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2)
+    s, p, xs = pr.stack, pr.params, pr.xs
+    with pytest.raises(ValueError, match=r"state0 keys \['h'\] are not states of cell "
+                                         r"'lstm' \(c, h\): missing \['c'\]"):
+        s.apply(p, xs, state0={"h": jnp.zeros((2, 2, 4))})
+    with pytest.raises(ValueError, match=r"state0\['c'\] must have shape \(2, 2, 4\) \(layers, "
+                                         r"batch, max width\), got \(2, 5, 4\)"):
+        s.apply(p, xs, state0={"h": jnp.zeros((2, 2, 4)), "c": jnp.zeros((2, 5, 4))})
+    with pytest.raises(TypeError, match="state0 must be a dict"):
+        s.apply(p, xs, state0=[1])
+    with pytest.raises(ValueError, match=r"taps\['h'\] must have shape \(2, 2, 3\)"):
+        s.apply(p, xs, taps={"h": jnp.zeros((5,))})
+    with pytest.raises(ValueError, match=r"perturb\['c'\] must have shape \(2, 2, 3, 4\)"):
+        s.apply(p, xs, perturb={"c": jnp.zeros((2, 2, 3))})
+    ones = {"h": jnp.ones((2, 2, 4)), "c": jnp.ones((2, 2, 4))}
+    assert not np.allclose(s.apply(p, xs, state0=ones).states["h"], s.apply(p, xs).states["h"])
+    for bad in (-1, 0, 1.5):
+        with pytest.raises(ValueError, match="batch must be a positive integer"):
+            s.initial_state(bad)

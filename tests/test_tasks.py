@@ -334,3 +334,22 @@ def test_a_batch_larger_than_the_memory_is_refused_before_allocating():
         tasks.sample(tasks.make("adding", steps=10**12), jax.random.key(0), 1)
     xs, ys, mask = tasks.sample(t, jax.random.key(0), 3)  # an ordinary batch is untouched
     assert xs.shape == (3, 100, 2) and ys.shape == (3, 100, 1) and mask.shape == (3, 100)
+
+
+def test_sample_and_config_helpers_refuse_what_they_cannot_use():
+    """An integer or complex dtype (the adding task's inputs came back all 0), a key that is
+    no PRNG key, a config without a task, and ``chance`` of a name: one message each."""
+    t = tasks.make("adding", steps=10)
+    with pytest.raises(ValueError, match="unknown dtype int32; valid: float32, float64"):
+        tasks.sample(t, jax.random.key(0), 3, jnp.int32)
+    for key in (0, None):
+        with pytest.raises(TypeError, match=r"key must be a PRNG key \(jax.random.key"):
+            tasks.sample(t, key, 2)
+    with pytest.raises(ValueError, match="batch must be an integer >= 1, got 0"):
+        tasks.sample(t, jax.random.key(0), 0)
+    assert tasks.sample(t, jax.random.PRNGKey(0), 2)[0].shape == (2, 10, 2)  # a raw key too
+    for bad in ({}, None, {"steps": 3}):
+        with pytest.raises(ValueError, match="a task config is a dict"):
+            tasks.from_config(bad)
+    with pytest.raises(TypeError, match="task must be a gradflow.tasks.Task"):
+        tasks.chance("adding")

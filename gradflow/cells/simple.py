@@ -66,6 +66,9 @@ def indrnn(*, init: str = "orthogonal", u_max: float = 1.0) -> Cell:
     wscheme, bscheme = parse_init(init)
     if bscheme is not None:
         raise ValueError(f"cell 'indrnn' has no forget-type gate for init {init!r}")
+    if not 0 <= u_max < float("inf"):
+        raise ValueError(f"option u_max={u_max!r} of cell 'indrnn' is the upper end of the "
+                         "recurrent weights u ~ U[0, u_max], >= 0")
 
     def init_fn(key, input_size, hidden_size, dtype):
         kw, ku = jax.random.split(key)

@@ -8,6 +8,8 @@ Both wrap a plain :func:`gradflow.cells.lstm.lstm` step (``ĉ, ĥ``) with a per-
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -114,6 +116,13 @@ def phased_lstm(*, log_tau: tuple[float, float] = (1.0, 3.0), shift_max: float |
     if not log_tau[0] < log_tau[1]:
         raise ValueError(f"option log_tau={log_tau!r} of cell 'phased_lstm' is the range (low, "
                          "high) of log tau, with low < high")
+    for what, value, ok, meaning in (
+            ("r_on", r_on, 0 < r_on <= 1, "the open phase's share of each period, in (0, 1]"),
+            ("alpha", alpha, 0 <= alpha < 1, "the closed phase's leak, in [0, 1)"),
+            ("shift_max", shift_max, shift_max is None or 0 <= shift_max < math.inf,
+             "the upper end of the phase shifts s ~ U[0, shift_max), >= 0 (None: tau)")):
+        if not ok:
+            raise ValueError(f"option {what}={value!r} of cell 'phased_lstm' is {meaning}")
 
     def time_init(key, hidden, dtype, o):
         k1, k2 = jax.random.split(key)
