@@ -282,10 +282,22 @@ _READS = 3
 
 
 def _tap_fwd(h, s):
+    _check_tap(h, s)
     # its rank says which taps these are, and where it is h's, its last axis which of the two
     rank = jnp.ndim(s)
     shape = (0,) * rank if rank < jnp.ndim(h) else (0,) * (rank - 1) + (jnp.shape(s)[-1],)
     return h, jnp.zeros(shape, s.dtype)
+
+
+def _check_tap(h, s) -> None:
+    """A ValueError unless ``s`` is a tap of ``h``'s examples: ``h.shape[:-1]`` (a map's
+    ``taps[l, t]``), or that and 2 or 3 (a Jacobian map's, the read count's). A wrong slice
+    of the taps failed inside JAX's custom_vjp machinery."""
+    lead = tuple(jnp.shape(h))[:-1]
+    if tuple(jnp.shape(s)) not in (lead, lead + (2,), lead + (_READS,)):
+        raise InputError(f"gradflow.tap(h, s): h has shape {tuple(jnp.shape(h))}, so s must "
+                         f"be its examples' tap, shape {lead} (taps[l, t] of taps of shape "
+                         f"(layers, steps, batch)), got {tuple(jnp.shape(s))}")
 
 
 def _tap_bwd(kind, g):

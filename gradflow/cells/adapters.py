@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow.cells.base import KINDS, Cell
-from gradflow.errors import InputError
+from gradflow.errors import InputError, InputTypeError
 from gradflow.cells.base import cast_floating as _cast
 
 __all__ = ["from_function", "from_linen", "from_nnx", "from_equinox", "stack_params"]
@@ -123,6 +123,21 @@ def _size(who: str, what: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{who}: {what} must be a positive integer or None, got {value!r}")
     return int(value)
+
+
+def _zero_carry(who: str, module, carry):
+    """``carry`` of zeros (the structure gradflow's states take); a ValueError where the
+    module's own ``initialize_carry`` gives a non-zero one (a ``carry_init`` of ones or a
+    random one): every measurement starts from zero states, so its map would not be the
+    user's network's (it was measured from zeros without a word)."""
+    if not all(bool(jnp.all(jnp.asarray(a) == 0)) for a in jax.tree_util.tree_leaves(carry)):
+        raise ValueError(
+            f"{who}: {type(module).__name__}.initialize_carry gives a non-zero carry (its "
+            "carry_init), and gradflow's measurements start every layer from zero states, so "
+            "they would not measure your network: measure the module with the default "
+            "(zero) carry_init, or run stack.apply(params, xs, state0=...) and differentiate "
+            "it yourself")
+    return jax.tree_util.tree_map(jnp.zeros_like, carry)
 
 
 def _template(state, hidden_size, who: str):
@@ -303,16 +318,27 @@ def _check_gates(who: str, gates, signature: str, returns: str, sown: bool = Fal
     _check_arity(who, gates, "gates", signature)
 
 
-def _gates_checked(who: str, call_b: Callable) -> Callable:
-    """``call_b`` whose gates must be a dict ``{name: array}`` (a list or a bare array failed
-    later, as an AttributeError from inside gradflow)."""
+def _gates_checked(who: str, call_b: Callable, gate_kinds) -> Callable:
+    """``call_b`` whose gates must be a dict ``{name: (batch, hidden_size) array}`` holding
+    every gate ``gate_kinds`` names (a list, a bare array, a gate of another width or a
+    missing one failed later, as an AttributeError, a KeyError or an internal error)."""
     def call(params, carry, x):
         new, y, gates = call_b(params, carry, x)
         if not isinstance(gates, dict) or not all(isinstance(k, str) for k in gates):
-            raise TypeError(f"{who}: gates must return a dict {{name: (batch, hidden_size) "
-                            f"array}}, got {type(gates).__name__}"
-                            + (f" with keys {list(gates)[:4]}" if isinstance(gates, dict)
-                               else ""))
+            got = "an array" if hasattr(gates, "shape") else type(gates).__name__
+            raise InputTypeError(
+                f"{who}: gates must return a dict {{name: (batch, hidden_size) array}}, got "
+                f"{got}" + (f" with keys {list(gates)[:4]}" if isinstance(gates, dict) else ""))
+        missing = [g for g in (gate_kinds or {}) if g not in gates]
+        if missing:
+            raise InputError(f"{who}: gate_kinds names {missing[0]!r}, which the gates do not "
+                             f"report ({', '.join(map(repr, gates))})")
+        want = jnp.shape(jax.tree_util.tree_leaves(carry)[0])
+        for g, v in gates.items():
+            if jnp.shape(v) != want:
+                raise InputError(f"{who}: gate {g!r} has shape {jnp.shape(v)} where the "
+                                 f"carry's arrays have {want}; gates must be (batch, "
+                                 "hidden_size)")
         return new, y, gates
     return call
 
@@ -336,7 +362,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
         raise TypeError(f"{who}: name must be a non-empty string, got {name!r}")
     call_b = call if batched else jax.vmap(call, in_axes=(None, 0, 0))
     if reports_gates:
-        call_b = _gates_checked(who, call_b)
+        call_b = _gates_checked(who, call_b, _kinds(gate_kinds))
     leaves, treedef = jax.tree_util.tree_flatten(template)
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
     n = len(leaves)
@@ -543,7 +569,9 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
     def init_fn(key, n_in, H, dtype):
         if hidden_size and H != hidden_size:
             raise ValueError(f"{who}: the cell's hidden size is {hidden_size}, the stack's "
-                             f"hidden_size is {H}")
+                             f"hidden_size is {H} (for a layer of it): layers of other widths "
+                             f"need cells of their own, one per layer, Stack([{who}(m) for m "
+                             "in modules], ...), each module built at its layer's width")
         params = _cast(make_init(key, n_in, H, dtype), dtype)
         try:
             fits(params, n_in, H, dtype)
@@ -712,7 +740,7 @@ def _check_module_dtypes(who: str, module) -> None:
         raise ValueError(f"{who}: {type(module).__name__} has param_dtype={name('param_dtype')}; "
                          "gradflow measures in float32 or float64: build it with "
                          "param_dtype=jnp.float32 (trained 16-bit weights go in through "
-                         "stack_params, which casts them)")
+                         "stack_params(stack, layers, dtype=jnp.float32), which casts them)")
     if name("dtype") in _HALF:
         warnings.warn(f"{who}: {type(module).__name__} computes in {name('dtype')} "
                       "(dtype=...): the map measures that computation, with its precision "
@@ -790,7 +818,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
     except Exception as e:
         raise ValueError(f"{who}: {type(module).__name__}.initialize_carry(rng, (1, {H})) "
                          f"failed: {_message(e)}") from e
-    template = jax.tree_util.tree_map(jnp.zeros_like, template)
+    template = _zero_carry(who, module, template)
     unfreeze = _require("flax.core", "flax", who).unfreeze
 
     def call(params, carry, x):
@@ -932,7 +960,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
             raise ValueError(f"{who}: {type(module).__name__}.initialize_carry((1, "
                              f"{n_in or H}), rngs=...) failed ({_message(e)}); give "
                              "state=") from e
-        template = jax.tree_util.tree_map(jnp.zeros_like, template)
+        template = _zero_carry(who, module, template)
 
     def merged(params):
         st = jax.tree_util.tree_map(lambda a: a, pstate)
