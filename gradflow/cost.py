@@ -36,6 +36,7 @@ import os
 import time
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 
@@ -328,6 +329,8 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
         >>> c.total > 50 * 2**30   # the parameters alone: 100000 x 4 x (2 x 128 x 128 + 128) x 4 B
         True
     """
+    if not hasattr(stack, "layers") or not hasattr(stack, "cells"):
+        raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
     B = checks.positive_int("batch", batch)
     T = checks.positive_int("steps", steps)
     checks.choice("wrt", wrt, WRTS)
@@ -599,6 +602,9 @@ def _gains_estimate(stack: _Sig, B, T, dtype, wrt, k, calibrate, spectral) -> Co
 
 def parse_size(text) -> int:
     """``"2G"``, ``"512M"``, ``"1.5GiB"``, ``"100000"`` (bytes) -> bytes (binary units)."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, np.integer)):
+        raise ValueError(f"memory size must be a number of bytes or a string such as 2G or "
+                         f"512M, got {text!r}")
     s = str(text).strip().upper().removesuffix("B").removesuffix("I")
     scale = 1
     for unit, k in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):
@@ -679,6 +685,8 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
     would fit (see :func:`suggestions`; ``cli``: written as command-line options;
     ``checkpoint``: whether checkpointing may be suggested). Raised before anything is
     compiled."""
+    if not isinstance(cost, Cost):
+        raise TypeError(f"cost must be a Cost (cost.estimate(...)), got {type(cost).__name__}")
     source = "limit"
     if limit is None:
         limit, source = available_memory(), "available"

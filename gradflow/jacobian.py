@@ -945,6 +945,8 @@ def _step(target, T):
 
 def _position(p, L, T, what):
     try:
+        if any(isinstance(v, (bool, np.bool_)) for v in p):  # True is no layer
+            raise TypeError
         l, t = (operator.index(v) for v in p)  # integers only: 1.0 or 1.5 is no position
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a (layer, step) pair of integers, got {p!r}") from None

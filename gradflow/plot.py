@@ -19,6 +19,7 @@ and counted in the title, never dropped silently. Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Mapping, Sequence
 
@@ -61,6 +62,13 @@ _PANEL_SIZE = (3.0, 2.5)
 def figure(size: tuple[float, float]) -> Figure:
     """A new constrained-layout ``Figure`` of ``size`` inches with an Agg canvas: no pyplot, no
     global state. Every figure gradflow draws is made here."""
+    try:
+        w, h = (float(v) for v in size)
+    except (TypeError, ValueError):
+        w = h = math.nan
+    if not (0 < w < math.inf and 0 < h < math.inf):
+        raise ValueError(f"a figure size is (width, height) in inches, both positive, got "
+                         f"{size!r}")
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -968,6 +976,7 @@ def gates_figure(stats: Result, gates: Sequence[str] | None = None, *,
       gates: the gates to show (default: every gate the stats report).
       vmax: the top of the shared colour scale, or None for the largest fraction shown.
     """
+    _gate(stats, None, "gates_figure")  # a gate_stats result reporting gates
     gates = _gate_names(stats) if gates is None else list(gates)
     for gate in gates:
         _gate(stats, gate, "gates_figure")
@@ -1315,6 +1324,8 @@ def save(fig: Figure, path, *, dpi: float = 150) -> str:
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"save expects a matplotlib Figure, got {type(fig).__name__}")
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 0 < dpi < math.inf:
+        raise ValueError(f"dpi must be a positive number, got {dpi!r}")
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:

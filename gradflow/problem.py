@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import inspect
+import math
 import numbers
 
 import jax
@@ -50,6 +51,12 @@ def gaussian_inputs(seed, shape, dtype=jnp.float32, scale: float = 1.0):
     >>> gaussian_inputs(0, (2, 3, 4)).shape
     (2, 3, 4)
     """
+    shape = tuple(shape)
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0
+               for n in shape):
+        raise ValueError(f"shape must be non-negative integers, got {shape}")
+    if not isinstance(scale, jax.core.Tracer) and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     return scale * normal(jax.random.key(seed + 1), shape, dtype)
 
 
@@ -149,7 +156,13 @@ def precision(dtype: str):
     ...     jnp.zeros(2).dtype == jnp.float64
     True
     """
-    return jax.enable_x64(str(dtype) == "float64")
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _checks.DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(_checks.DTYPES)}")
+    return jax.enable_x64(name == "float64")
 
 
 def _cell_options(init: str | None, options: dict | None) -> dict:

@@ -98,6 +98,14 @@ class Result:
     underflow: dict = dataclasses.field(default_factory=dict)
     provenance: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        if not isinstance(self.kind, str) or not self.kind:
+            raise TypeError(f"Result kind must be a non-empty string, got {self.kind!r}")
+        for field in ("arrays", "config", "nonfinite", "underflow", "provenance"):
+            if not isinstance(getattr(self, field), dict):
+                raise TypeError(f"Result {field} must be a dict, got "
+                                f"{type(getattr(self, field)).__name__}")
+
     def __getattr__(self, name: str):
         arrays = self.__dict__.get("arrays", {})
         if name in arrays:
@@ -135,9 +143,13 @@ class Result:
                              f"{os.path.join(path, 'result.npz')!r})")
         if not path.endswith(".npz"):
             path += ".npz"
-        meta = json.dumps({"format": FORMAT_VERSION, "kind": self.kind, "config": self.config,
-                           "nonfinite": self.nonfinite, "underflow": self.underflow,
-                           "provenance": self.provenance})
+        try:
+            meta = json.dumps({"format": FORMAT_VERSION, "kind": self.kind,
+                               "config": self.config, "nonfinite": self.nonfinite,
+                               "underflow": self.underflow, "provenance": self.provenance})
+        except TypeError as e:  # a config entry JSON cannot hold (a function, an array)
+            raise TypeError(f"cannot save {path!r}: its config must hold JSON values only "
+                            f"(numbers, strings, lists, dicts): {e}") from None
         check_folder_of(path)
         try:
             np.savez(path, **{_META: np.array(meta)}, **self.arrays)

@@ -194,6 +194,8 @@ def clear(run_dir) -> None:
 
 def record_file(index: int) -> str:
     """The file name of the ``index``-th record of a run: ``record-NNNNN.npz``."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"a record index is an integer >= 0, got {index!r}")
     return f"record-{index:05d}.npz"
 
 
@@ -217,6 +219,9 @@ def stack_from_config(config: dict, cell=None) -> Stack:
     Raises:
       InputError: the config names a cell that is not registered (pass ``cell=``).
     """
+    if not isinstance(config, dict) or "cell" not in config:
+        raise InputError(f"a stack config is a dict with the stack's 'cell', 'layers', "
+                         f"'input_size' and 'hidden_size' (Stack.config), got {config!r}"[:300])
     name = config["cell"]
     if cell is None:
         names = name if isinstance(name, list) else [name]
@@ -257,6 +262,8 @@ def _state_path(path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / STATE
+    if not p.is_file() and p.suffix != ".npz" and p.with_name(p.name + ".npz").is_file():
+        p = p.with_name(p.name + ".npz")  # what save_params(path) wrote
     if not p.is_file():
         raise InputError(f"no trained parameters at {os.fspath(path)!r}: expected a run folder "
                          f"holding {STATE} (gradflow train --out DIR), a .npz file from "

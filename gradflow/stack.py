@@ -375,6 +375,9 @@ class Stack:
     def layer_in(self, l: int) -> int:
         """The number of features layer ``l`` reads: ``H_{l-1}`` (``l > 0``), ``H_0`` (the
         projected data) or ``D``."""
+        if isinstance(l, bool) or not isinstance(l, (int, np.integer)) \
+                or not 0 <= l < self.layers:
+            raise ValueError(f"layer index must be in 0..{self.layers - 1}, got {l!r}")
         if l > 0:
             return self._widths[l - 1]
         return self._widths[0] if self.input_projection else self.input_size

@@ -61,8 +61,19 @@ def check_seeds(seeds) -> tuple[int, ...]:
     return out
 
 
+def _iterable(x):
+    try:
+        return list(x)
+    except TypeError:
+        return [None]  # not a device
+
+
 def device_mesh(devices) -> Mesh:
     """A one-axis mesh over ``devices`` (default all of ``jax.devices()``)."""
+    if devices is not None and (isinstance(devices, (str, bytes, jax.Device)) or not all(
+            isinstance(d, jax.Device) for d in _iterable(devices))):
+        raise TypeError(f"devices must be a list of JAX devices (e.g. jax.devices()), got "
+                        f"{devices!r}")
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must name at least one device")

@@ -149,3 +149,51 @@ def test_a_path_saved_without_extension_loads_as_saved(tmp_path):
     np.testing.assert_array_equal(back.values, res.values)
     with pytest.raises(FileNotFoundError, match="no such file"):
         gradflow.load(tmp_path / "other")
+
+
+def test_lower_level_helpers_name_what_they_take(tmp_path):
+    """Helpers of a third API sweep that raised AttributeError, KeyError, matplotlib's or
+    JAX's errors, or accepted nonsense: one message each."""
+    import jax
+    import gradflow
+    from gradflow import cost, plot, runs, sweep
+    from gradflow.problem import gaussian_inputs, precision
+    pr = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2)
+    cases = [
+        (lambda: gradflow.Result(kind="x", arrays=[1], config={}, nonfinite={}), TypeError,
+         "Result arrays must be a dict"),
+        (lambda: gradflow.Result(kind=3, arrays={}, config={}, nonfinite={}), TypeError,
+         "Result kind must be a non-empty string"),
+        (lambda: gradflow.Result(kind="x", arrays={"a": np.ones(2)}, config={"f": print},
+                                 nonfinite={}).save(tmp_path / "r"), TypeError,
+         "its config must hold JSON values only"),
+        (lambda: runs.stack_from_config({}), ValueError, "a stack config is a dict"),
+        (lambda: runs.record_file(-1), ValueError, "a record index is an integer >= 0"),
+        (lambda: plot.gates_figure(gradflow.gradient_map(*pr[:3])), ValueError,
+         "gates_figure expects a result of kind 'gate_stats', got 'gradient_map'"),
+        (lambda: plot.figure((-1, 3)), ValueError, "a figure size is"),
+        (lambda: plot.save(plot.figure((2, 2)), tmp_path / "f.png", dpi=0), ValueError,
+         "dpi must be a positive number"),
+        (lambda: sweep.device_mesh("x"), TypeError, "devices must be a list of JAX devices"),
+        (lambda: gradflow.jacobian_map(*pr[:3], target=(True, 0)), ValueError,
+         r"target must be a \(layer, step\) pair of integers"),
+        (lambda: gaussian_inputs(0, (2, -1, 3)), ValueError, "shape must be non-negative"),
+        (lambda: gaussian_inputs(0, (1, 1, 2), scale=float("nan")), ValueError,
+         "scale must be a finite number"),
+        (lambda: precision("x"), ValueError, "unknown dtype 'x'"),
+        (lambda: gradflow.cells.is_spec(None), TypeError, "a cell spec is a string"),
+        (lambda: gradflow.cells.stack_params(None, []), TypeError,
+         "stack must be a gradflow.Stack"),
+        (lambda: cost.parse_size(3.5), ValueError, "memory size must be a number of bytes"),
+        (lambda: cost.estimate(None, 2, 3), TypeError, "stack must be a gradflow.Stack"),
+        (lambda: cost.check_fits(None), TypeError, "cost must be a Cost"),
+        (lambda: pr.stack.layer_in(9), ValueError, r"layer index must be in 0..1, got 9"),
+    ]
+    for call, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            call()
+    path = runs.save_params(tmp_path / "pp", pr.stack, pr.params)  # writes pp.npz ...
+    assert path.endswith("pp.npz")
+    stack, _ = runs.load_params(tmp_path / "pp")  # ... which the same name reads back
+    assert stack.layers == 2
+    assert len(sweep.device_mesh(jax.devices()[:1]).devices.flat) == 1

@@ -105,6 +105,9 @@ def options_of(name: str) -> tuple[str, ...]:
 def is_spec(text: str) -> bool:
     """Whether ``text`` is written as a cell with options, ``"name:option=value,..."`` (not a
     user's ``"module:factory"``, whose part after the colon is a name, never ``key=value``)."""
+    if not isinstance(text, str):
+        raise TypeError(f"a cell spec is a string such as 'lstm:forget_bias=1.0', got "
+                        f"{type(text).__name__}")
     _, colon, rest = text.partition(":")
     return bool(colon) and "=" in rest
 

@@ -1160,4 +1160,6 @@ def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=N
       >>> bool(jnp.array_equal(params["layers"][2]["weight_hh"], trained[2].weight_hh))
       True
     """
+    if not callable(getattr(stack, "params_from", None)):
+        raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
     return stack.params_from(layers, input, norm=norm, dtype=dtype)
