@@ -897,8 +897,10 @@ def _entry(e):
     if isinstance(e, Cell):
         return e.name, e, {}
     if isinstance(e, (tuple, list)) and len(e) in (2, 3) and isinstance(e[0], str):
-        opts = dict(e[2]) if len(e) == 3 else {}
-        return e[0], e[1], opts
+        if len(e) == 3 and not isinstance(e[2], dict):
+            raise TypeError(f"compare: the options of entry {e[0]!r} must be a dict "
+                            f"{{option: value}}, got {e[2]!r}")
+        return e[0], e[1], dict(e[2]) if len(e) == 3 else {}
     raise TypeError(f"compare entries must be a cell name, a Cell, or (label, cell[, options]) "
                     f"tuples; got {e!r}")
 
@@ -915,6 +917,9 @@ def parse_entries(entries) -> list[tuple]:
     """
     if isinstance(entries, (str, Cell)):  # one cell ("lstm" was four cells, its letters)
         entries = [entries]
+    if isinstance(entries, dict) or not hasattr(entries, "__iter__"):
+        raise TypeError(f"compare entries must be a list of cell names, Cells or (label, "
+                        f"cell[, options]) tuples, got {type(entries).__name__}")
     parsed = [_entry(e) for e in entries]
     if not parsed:  # (as gradient_grid, sweep and Grid refuse none)
         raise ValueError("compare: name at least one cell (a name, a Cell, or a (label, cell, "

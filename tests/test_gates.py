@@ -699,3 +699,11 @@ def test_helpers_refuse_unknown_kinds_bins_and_signs():
         gates.summary(None)
     with pytest.raises(ValueError, match="no histogram of gate 'zz'; the gates with one: f"):
         gates.hist_edges({"hist/f": np.ones((1, 4))}, "zz")
+
+
+def test_compare_entries_say_what_they_must_be():
+    with pytest.raises(TypeError, match="compare entries must be a list of cell names"):
+        gates.parse_entries(None)
+    with pytest.raises(TypeError, match=r"the options of entry 'L' must be a dict"):
+        gates.parse_entries([("L", "lstm", [1])])
+    assert gates.parse_entries(e for e in ["lstm"]) == [("lstm", "lstm", {})]
