@@ -340,9 +340,9 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
     if method == "gains":
         probes = 0 if chunk is None else checks.positive_int("chunk", chunk)
         method = "gains" if checks.boolean("spectral", spectral) else GAINS_RMS
-    elif chunk is not None:
-        raise ValueError(f"chunk is local gains' (method='gains'), not {method!r}'s")
-    elif method == "probe" and checks.positive_int("probes", probes) < 2:
+    elif chunk is not None:  # (local gains' only: checked, not read)
+        checks.positive_int("chunk", chunk)
+    if method == "probe" and checks.positive_int("probes", probes) < 2:
         raise ValueError(f"probes must be an integer >= 2 (as jacobian_map's), got {probes!r}")
     return _estimate(_signature(stack), B, T, dt.name, wrt, method, int(probes), calibrate)
 

@@ -332,3 +332,28 @@ def test_untapped_entries_are_not_underflow():
     assert res.values[1, 1] == 0 and res.underflow["values"] == 0
     keep = np.array([[1, 1, 1], [1, 0, 1]], bool)
     np.testing.assert_allclose(res.values[keep], full.values[keep], rtol=1e-6)
+
+
+def batch_normalised(params, xs, taps):
+    """One tanh layer whose states are normalised over the batch: it mixes the examples."""
+    def step(c, inp):
+        x, s = inp
+        h = jnp.tanh(x @ params + c @ params)
+        h = gradflow.tap((h - h.mean(axis=0)) / (h.std(axis=0) + 1.0), s)
+        return h, h
+    _, hs = jax.lax.scan(step, jnp.zeros((xs.shape[0], W_SIZE)),
+                         (jnp.swapaxes(xs, 0, 1), taps[0]))
+    return jnp.swapaxes(hs, 0, 1)
+
+
+def test_couples_batch_false_is_checked():
+    """A model normalising over the batch declared ``couples_batch=False`` would be split into
+    a different model: refused (it was trusted); the independent model measures."""
+    xs = jax.random.normal(jax.random.key(0), (4, 3, W_SIZE))
+    w = jnp.eye(W_SIZE) * 0.5
+    with pytest.raises(ValueError, match="couples_batch=False, but example 0's outputs depend "
+                                         "on example 1's inputs"):
+        gradflow.model_map(batch_normalised, w, xs, layers=1, couples_batch=False)
+    assert gradflow.model_map(batch_normalised, w, xs, layers=1).values.shape == (1, 3)
+    res = gradflow.model_map(two_layer_tanh, [w, w], xs, layers=2, couples_batch=False)
+    assert res.values.shape == (2, 3)
