@@ -475,6 +475,34 @@ def with_static(fn, rest):
     return of_arrays
 
 
+def mixes_examples(model, rest, arrays, xs, extra: tuple = (), axis: int = 0) -> bool:
+    """Whether ``model(params, xs[:2], *extra)``'s outputs of example 0 (index 0 on ``axis`` of
+    every output leaf) move with example 1's inputs: a model that mixes the examples of a batch
+    (batch statistics, attention across examples), which a split of the batch would change.
+    An independent model passes exact zeros back (a NaN is not counted). False where the model
+    cannot run on two examples (one built for its batch size is not checked). ``extra``: the
+    model's further arguments, as shapes ``((shape, dtype), ...)`` of zeros whose axis
+    ``-1`` (a model map's taps: ``(L, T, B)``) is cut to two examples."""
+    two = xs[:2]
+    if two.shape[0] < 2:
+        return False
+    try:
+        return bool(_example_0_reads_1(model, rest, arrays, two, extra, axis))
+    except Exception:  # noqa: BLE001  (the model's own error, if any, comes from the map)
+        return False
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rest", "extra", "axis"))
+def _example_0_reads_1(model, rest, arrays, xs, extra, axis):
+    args = [jnp.zeros(shape[:-1] + (xs.shape[0],), dtype) for shape, dtype in extra]
+    call = with_static(model, rest)
+
+    def first(x):
+        leaves = jax.tree_util.tree_leaves(call(arrays, x, *args))
+        return sum(jnp.sum(jnp.take(a, 0, axis=axis)) for a in leaves)
+    return jnp.any(jnp.abs(jax.grad(first)(xs)[1]) > 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory
 
@@ -522,5 +550,5 @@ def params_fit(stack, dtype) -> None:
 
 __all__ = ["positive_int", "nonneg_int", "boolean", "choice", "check_xs", "check_inputs", "function_failed",
            "check_params", "check_scalar_loss", "expected_params", "model_arguments",
-           "split_static", "with_static"]
+           "split_static", "with_static", "mixes_examples"]
 

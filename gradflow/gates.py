@@ -770,7 +770,9 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
         every gate in every layer).
       eps, bins, update_threshold, meta: as :func:`saturation`.
       couples_batch: whether the model mixes the examples of a batch, as
-        :func:`gradflow.model_map`'s: ``False`` splits the batch over the devices, each
+        :func:`gradflow.model_map`'s (``False`` is checked, and refused for a model whose
+        example 0's gates move with example 1's inputs): ``False`` splits the batch over the
+        devices, each
         device's sums and counts added up (the same statistics to rounding).
     Returns:
       Result of kind ``"gate_stats"`` (drawn by :func:`gradflow.plot.gate_histograms` and the
@@ -819,6 +821,11 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
         if set(out) != set(kinds):
             raise ValueError(f"kinds must name every gate the model returns: it returns "
                              f"{', '.join(map(str, out))}; kinds names {', '.join(kinds)}")
+        if not couples_batch and checks.mixes_examples(model, rest, arrays, xs, axis=1):
+            raise ValueError("gates.model_saturation: couples_batch=False, but example 0's "
+                             "gates depend on example 1's inputs: the model mixes the examples "
+                             "of a batch (batch statistics, attention across examples), so "
+                             "splitting the batch would change it; leave couples_batch=True")
     name = getattr(model, "__name__", type(model).__name__)
     L = int(first[0])
     with user_input():

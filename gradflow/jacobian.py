@@ -320,26 +320,6 @@ def _tap_reads(model, rest, arrays, xs, taps):
     return pull(jnp.zeros_like(out))[0][..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rest"))
-def _example_0_reads_1(model, rest, arrays, xs, taps):
-    """Whether ``model``'s outputs of example 0 move with example 1's inputs (``xs`` of two
-    examples; a NaN derivative is not counted: an independent model passes exact zeros)."""
-    model = checks.with_static(model, rest)
-    g = jax.grad(lambda x: jnp.sum(model(arrays, x, taps)[0]))(xs)
-    return jnp.any(jnp.abs(g[1]) > 0)
-
-
-def _mixes(model, rest, arrays, xs, L: int) -> bool:
-    """:func:`_example_0_reads_1` on the first two examples of ``xs`` (False where the model
-    cannot run on two: a model built for its batch size is not checked)."""
-    two = xs[:2]
-    try:
-        return bool(_example_0_reads_1(model, rest, arrays, two,
-                                       jnp.zeros((L, two.shape[1], 2), xs.dtype)))
-    except Exception:  # noqa: BLE001  (the model's own error, if any, comes from the map)
-        return False
-
-
 def _tapped(who: str, model, rest, arrays, xs, L: int):
     """``(L, T)`` bool, where ``model`` taps a state of every example (None where the count
     cannot be taken: a model that indexes its taps by their shape); a ValueError where a row of
@@ -426,7 +406,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
       readout_seed: seed of the default readout and labels.
       couples_batch: whether the model mixes the examples of a batch (batch statistics,
         attention across examples). ``False`` is checked first (example 0's outputs
-        differentiated w.r.t. example 1's inputs on the first two examples, :func:`_mixes`; a
+        differentiated w.r.t. example 1's inputs on the first two examples,
+        :func:`gradflow.checks.mixes_examples`; a
         ValueError where they depend on them), and lets it split the
         batch over the devices of :func:`gradflow.parallel.set_batch_devices` (on a CPU those
         of :func:`gradflow.parallel.use_cpu_devices`) as it does for a Stack's cells: the
@@ -470,7 +451,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         taps = jnp.zeros((L, T, B), xs.dtype)
         out = _model_outputs(model, rest, arrays, xs, taps)
         tapped = _tapped("model_map", model, rest, arrays, xs, L)
-        if not couples_batch and B > 1 and _mixes(model, rest, arrays, xs, L):
+        if not couples_batch and checks.mixes_examples(
+                model, rest, arrays, xs, (((L, T, B), str(xs.dtype)),)):
             raise ValueError("model_map: couples_batch=False, but example 0's outputs depend "
                              "on example 1's inputs: the model mixes the examples of a batch "
                              "(batch statistics, attention across examples), so splitting the "

@@ -178,3 +178,17 @@ def test_a_request_larger_than_the_machine_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="model_saturation .*needs about .* more than the"):
         gates.model_saturation(stack_gates, STACK.init(jax.random.key(0)),
                                jnp.ones((2, 3, 4)), kinds=STACK.cells[0].kinds)
+
+
+def test_couples_batch_false_is_checked_for_gates():
+    """A model whose gates normalise over the batch, declared independent: refused."""
+    def mixing(p, xs):
+        a = jax.nn.sigmoid(xs @ p)
+        return {"f": (a - a.mean(axis=0))[None]}  # (1, B, T, H)
+    xs = jax.random.normal(jax.random.key(0), (4, 3, 2))
+    with pytest.raises(ValueError, match="couples_batch=False, but example 0's gates depend"):
+        gates.model_saturation(mixing, jnp.eye(2), xs, kinds={"f": "sigmoid"},
+                               couples_batch=False)
+    ok = lambda p, xs: {"f": jax.nn.sigmoid(xs @ p)[None]}  # noqa: E731
+    res = gates.model_saturation(ok, jnp.eye(2), xs, kinds={"f": "sigmoid"}, couples_batch=False)
+    assert res.kind == "gate_stats"
