@@ -517,12 +517,12 @@ def jacobian(cfg) -> dict:
 
 
 def spectral(cfg) -> dict:
-    """Singular values one matrix per LAPACK call (``stack.singular_values``, what gradflow
+    """Singular values one matrix per LAPACK call (``linalg.singular_values``, what gradflow
     runs: jaxlib 0.10.2's batched kernels can hang when two run at once) against the batched
     call (``jnp.linalg.svd``) on the same matrices, one call at a time; then local gains with
     spectral norms, split over the devices (now possible) against one device."""
     from gradflow import parallel
-    from gradflow.stack import singular_values
+    from gradflow.linalg import singular_values
     reps, size = cfg["repeats"], cfg["spectral"]
     out = {"config": dict(size), "times": {}, "ratios": {}, "checks": {}}
     for n, count in size["matrices"]:

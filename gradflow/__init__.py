@@ -24,9 +24,9 @@ _ATTRS = {
 # (gradflow.problem is the module, callable as its function problem(), whatever was imported
 # first: `import gradflow.problem as P` and `from gradflow import problem` give one object)
 _SUBMODULES = ("atlas", "atlas_training", "cells", "checks", "cli", "cost", "errors",
-               "experiments", "gates", "jacobian", "models", "parallel", "plot", "problem",
-               "registry", "reproduce", "results", "runs", "seeds", "stack", "sweep", "tasks",
-               "train", "views")
+               "experiments", "gates", "jacobian", "linalg", "models", "parallel", "plot",
+               "problem", "registry", "reproduce", "results", "runs", "seeds", "stack", "sweep",
+               "tasks", "train", "views")
 
 __all__ = ["cells", "gates", "jacobian", "results", "tasks", "train", "Stack", "StackOutput",
            "Problem", "problem", "gradient_map", "jacobian_map", "local_gains", "model_map",

@@ -10,6 +10,7 @@ measurements and the CLI can all share it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 import math
 import operator
 import os
@@ -87,12 +88,19 @@ def seed(name: str, value) -> int:
     return v
 
 
-def boolean(name: str, value) -> bool:
-    """``bool(value)`` if it is True or False (a NumPy bool too), else a TypeError naming it:
-    a string such as ``"no"`` is truthy, and was read as True."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+def boolean(name: str, value, none=None) -> bool:
+    """``bool(value)`` if it is True or False (a NumPy or concrete 0-d JAX bool, or the
+    integer 0 or 1, too; None where ``none`` is a bool, which it then means), else a
+    TypeError naming it: a string such as ``"no"`` is truthy, and was read as True."""
+    if value is None and none is not None:
+        return none
+    if isinstance(value, (bool, np.bool_)) or (
+            isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    if (hasattr(value, "dtype") and not isinstance(value, jax.core.Tracer)
+            and np.shape(value) == () and np.dtype(value.dtype) == np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _int(name, value, what) -> int:
@@ -264,7 +272,7 @@ def _looks_like_key(x) -> bool:
             return True
     except TypeError:
         pass
-    return np.dtype(dt) == np.uint32 and tuple(getattr(x, "shape", ())) == (2,)
+    return np.dtype(dt) == np.uint32 and tuple(getattr(x, "shape", ())) in ((2,), (4,))
 
 
 _SHALLOW = 3
@@ -335,8 +343,12 @@ def _what_is_there(params, path: tuple) -> str:
     return f"; params{jax.tree_util.keystr(path[:depth])} holds {shown}"
 
 
-def check_params(stack, params):
+def check_params(stack, params, strict: bool = True):
     """Raise unless ``params`` has the structure and shapes of ``stack.init(key)``.
+
+    ``strict=False`` (:meth:`gradflow.Stack.apply`, which computes with whatever runs) checks
+    only that every parameter the stack reads is there at its shape: any mapping, other
+    entries beside them (a readout's) and any floating dtype (bfloat16) pass.
 
     Raises:
       TypeError: a PRNG key given instead of params, params that are not a dict, or leaves that
@@ -348,7 +360,7 @@ def check_params(stack, params):
     if _looks_like_key(params):
         raise TypeError("params looks like a PRNG key; call stack.init(key) to get the "
                         "parameters")
-    if not isinstance(params, dict):
+    if not isinstance(params, dict if strict else Mapping):
         raise TypeError(f"params must be the dict returned by stack.init(key), got "
                         f"{type(params).__name__}")
     layers = params.get("layers")
@@ -380,6 +392,8 @@ def check_params(stack, params):
                              f"{_shape_str(e)}")
         if not jnp.issubdtype(g.dtype, jnp.floating):
             raise TypeError(f"params{path} must be a real floating array, got dtype {g.dtype}")
+    if not strict:
+        return
     extra = [p for p in got_by if p not in exp_by]
     if extra:
         names = "+".join(dict.fromkeys(c.name for c in getattr(stack, "cells", None)

@@ -43,6 +43,7 @@ from jax import lax
 from gradflow import checks
 from gradflow.checks import available_memory  # noqa: F401  (cost's name for it)
 from gradflow.errors import own_code, user_input
+from gradflow.linalg import singular_values  # the kernel calls local gains make
 
 WRTS = ("hidden", "cell", "params")
 METHODS = ("gradient", "exact", "probe", "gates", "gains")
@@ -193,7 +194,7 @@ def calibration() -> tuple[float, float]:
 def svd_rates() -> tuple[float, float]:
     """FLOP/s of the singular values of small and larger matrices on the default device
     (:func:`_svd_flops` of 16 matrices ``128 x 128`` and of 4 ``512 x 512``, float32, one
-    matrix per LAPACK call: :func:`gradflow.stack.singular_values`), which local gains'
+    matrix per LAPACK call: :func:`gradflow.linalg.singular_values`), which local gains'
     spectral norms take (:func:`svd_seconds`); kept as :func:`calibration`
     is."""
     small, large = _calibrated("svd1:", _measure_svd, 2)  # svd1: one matrix per call
@@ -276,8 +277,6 @@ _SVD_SIZES = (128, 512)
 
 
 def _measure_svd() -> tuple[float, float]:
-    from gradflow.stack import singular_values  # the kernel calls local gains make
-
     rates = []
     for n, k in zip(_SVD_SIZES, (16, 4)):
         a = jax.random.normal(jax.random.key(0), (k, n, n), jnp.float32)
@@ -602,9 +601,10 @@ def _gains_estimate(stack: _Sig, B, T, dtype, wrt, k, calibrate, spectral) -> Co
 
 def parse_size(text) -> int:
     """``"2G"``, ``"512M"``, ``"1.5GiB"``, ``"100000"`` (bytes) -> bytes (binary units)."""
-    if isinstance(text, bool) or not isinstance(text, (str, int, np.integer)):
-        raise ValueError(f"memory size must be a number of bytes or a string such as 2G or "
-                         f"512M, got {text!r}")
+    if isinstance(text, bool) or not isinstance(text, (str, int, np.integer, float, np.floating)) \
+            or (not isinstance(text, str) and float(text) != math.floor(float(text))):
+        raise ValueError(f"memory size must be a whole number of bytes or a string such as 2G "
+                         f"or 512M, got {text!r}")
     s = str(text).strip().upper().removesuffix("B").removesuffix("I")
     scale = 1
     for unit, k in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40)):

@@ -46,8 +46,8 @@ from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.views import LOSSES, WRTS, expected_positive
 from gradflow.cells.base import normal
 from gradflow.stack import (Stack, emit, finite_positions, finite_states, in_precision,
-                            map_layers, safe_norm, scaled_reduction, singular_values,
-                            where_nonfinite)
+                            map_layers, safe_norm, scaled_reduction, where_nonfinite)
+from gradflow.linalg import singular_values
 
 NORMS = ("rms", "spectral")
 METHODS = ("exact", "probe")
@@ -334,11 +334,13 @@ def _tapped(who: str, model, rest, arrays, xs, L: int):
         return None
     if reads.max(initial=0) > 1:
         l, t, _ = (int(i) for i in np.argwhere(reads > 1)[0])
+        why = (f"it taps more layers than layers={L} (JAX reads taps[l] with l >= {L} as "
+               f"taps[{L - 1}]), or taps one state twice" if l == L - 1 else
+               "it taps two states (or one state twice) with one entry")
         raise ValueError(
             f"{who}: the model passes taps[{l}, {t}] through gradflow.tap {int(reads[l, t].max())}"
-            f" times: it taps more layers than layers={L} (JAX reads taps[l] with l >= {L} as "
-            f"taps[{L - 1}]), or taps one state twice; tap each layer's state once, at its own "
-            "index, and count every tapped layer in layers")
+            f" times: {why}; tap each layer's state once, at its own index, and count every "
+            "tapped layer in layers")
     rows = reads.reshape(L, -1).any(axis=1)
     if not rows.any():  # nothing tapped: the map's own check says so, with what it measured
         return None

@@ -381,7 +381,7 @@ def lapack_stalls(program, args, mesh) -> bool:
     steps, H 64, batch 8), local gains, and a user's model taking ``jnp.linalg.solve`` per
     example and step (2 layers x 32 steps, H 64, batch 8: ``model_map(...,
     couples_batch=False)``), all of which finish on one device in 2-4 s (on one device, two
-    such kernels at once stall the same way: :func:`gradflow.stack.singular_values`, which
+    such kernels at once stall the same way: :func:`gradflow.linalg.singular_values`, which
     gradflow's spectral norms and spectra use, hands LAPACK one matrix per call for that
     reason). A single matrix (``num_batch_dims = "0"`` in the lowered call: one system shared
     by a batch's right-hand sides, a weight's QR at init, gradflow's singular values) never

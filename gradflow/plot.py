@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from typing import Mapping, Sequence
 
@@ -1324,7 +1325,7 @@ def save(fig: Figure, path, *, dpi: float = 150) -> str:
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"save expects a matplotlib Figure, got {type(fig).__name__}")
-    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 0 < dpi < math.inf:
+    if isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not 0 < dpi < math.inf:
         raise ValueError(f"dpi must be a positive number, got {dpi!r}")
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()

@@ -521,13 +521,20 @@ class Stack:
                                 f"{type(given).__name__}")
             unknown = set(given) - set(self.state_names)
             missing = set(self.state_names) - set(given) if every else set()
-            if unknown or missing:
+            if unknown:
                 raise ValueError(
                     f"{what} keys {sorted(map(str, given))} are not states of cell "
-                    f"{self.cells[0].name!r} ({', '.join(self.state_names)})"
-                    + (f": missing {sorted(missing)}" if missing else ""))
+                    f"{self.cells[0].name!r} ({', '.join(self.state_names)})")
+            if missing:
+                raise ValueError(f"{what} lacks the states {sorted(missing)} of cell "
+                                 f"{self.cells[0].name!r} (it needs every one of "
+                                 f"{', '.join(self.state_names)})")
             for k, v in given.items():
-                if tuple(jnp.shape(v)) != shape:
+                got = tuple(jnp.shape(v))
+                if what != "taps" and len(got) == len(shape) and got[1] == 1 and all(
+                        g == s for i, (g, s) in enumerate(zip(got, shape)) if i != 1):
+                    continue  # one example's, broadcast over the batch
+                if got != shape:
                     raise ValueError(f"{what}[{k!r}] must have shape {shape} (layers, batch"
                                      + (", steps" if len(shape) > 3 or what == "taps" else "")
                                      + (", max width)" if what != "taps" else ")")
@@ -600,12 +607,12 @@ class Stack:
           (``H = max_width``, zero-padded beyond each layer's width).
 
         Raises:
-          TypeError, ValueError: params not of this stack's structure and shapes
-            (:func:`gradflow.checks.check_params`: checked when traced, not per call inside
-            ``jax.jit``), or inputs of the wrong shape.
+          TypeError, ValueError: params lacking a parameter of this stack or holding it at
+            another shape (:func:`gradflow.checks.check_params`, ``strict=False``: checked
+            when traced, not per call inside ``jax.jit``), or inputs of the wrong shape.
         """
         from gradflow.checks import check_params
-        check_params(self, params)
+        check_params(self, params, strict=False)
         with precision_scope(self.matmul_precision):
             return self._apply(params, xs, state0, perturb, taps, param_taps, gates,
                                constant_params)
@@ -619,6 +626,9 @@ class Stack:
         self._check_instruments(B, T, state0, perturb, taps)
         if state0 is None:
             state0 = self.initial_state(B, dtype)
+        else:
+            state0 = {k: jnp.broadcast_to(jnp.asarray(v, dtype), (L, B, self.max_width))
+                      for k, v in state0.items()}
         perturb, taps = dict(perturb or {}), dict(taps or {})
         if param_taps is not None and jnp.shape(param_taps) != (L, T):
             raise ValueError(f"param_taps must have shape (layers, steps) = {(L, T)}, got "
@@ -626,8 +636,8 @@ class Stack:
         x = self.project_input(params, jnp.swapaxes(xs, 0, 1))  # (T, B, .): time-major inside
         inst = Instruments({k: jnp.swapaxes(v, 1, 2) for k, v in perturb.items()},  # (L, T, B, H)
                            {k: jnp.swapaxes(v, 1, 2) for k, v in taps.items()},  # (L, T, B)
-                           param_taps, boolean("gates", gates),
-                           boolean("constant_params", constant_params))
+                           param_taps, boolean("gates", gates, none=False),
+                           boolean("constant_params", constant_params, none=False))
         norm = params.get("norm") if self.norm is not None else None
         chunk = self._chunk(T)
         if self.evaluation_order == "wavefront":
@@ -996,38 +1006,6 @@ def scaled_reduction(fn, x, axis=-1):
                          jnp.where(zero.reshape(shape), jnp.zeros((), v.dtype), v))
 
     return jax.tree_util.tree_map(back, y)
-
-
-@jax.custom_batching.sequential_vmap
-def _matrix_singular_values(m):
-    """The singular values of one matrix ``m: (p, q)``; batched (by ``vmap``, at any depth), a
-    loop over the matrices (:func:`singular_values`)."""
-    return jnp.linalg.svd(m, compute_uv=False)
-
-
-def singular_values(x):
-    r"""The singular values of every matrix ``x: (..., p, q)`` -> ``(..., min(p, q))``, largest
-    first; on a CPU handing jaxlib's LAPACK kernel one matrix per call, in a loop (also under
-    any ``vmap`` of the caller's: ``jax.custom_batching.sequential_vmap``), elsewhere the
-    batched call (``lax.platform_dependent``: a GPU's solver wants the whole batch at once).
-
-    Why not the batched call ``jnp.linalg.svd`` makes: in jaxlib 0.10.2 a LAPACK kernel given
-    a batch of matrices hands them to XLA's intra-op thread pool and blocks until they are
-    done; when as many such kernels run at once as the pool has threads (independent SVDs of
-    one program, which XLA runs concurrently: the three one-step Jacobians of
-    :func:`gradflow.local_gains`), no thread is left to do the work and the process hangs
-    (seen on a 2-core machine, ``gdb``: both pool threads in ``BlockingCounter::Wait``, see
-    :func:`gradflow.parallel.lapack_stalls`). A single matrix runs inline, so this never
-    blocks; independent loops still run side by side, and a program of such calls may be split
-    over devices (:func:`gradflow.parallel.lapack_stalls` reads ``num_batch_dims = "0"``). The
-    cost, measured side by side (``python -m bench --only spectral``, a 2-core Zen 4): 1.0x
-    the batched call on 4096 matrices 32 x 32, 0.73x on 512 of 128 x 128.
-    """
-    lead, (p, q) = x.shape[:-2], x.shape[-2:]
-    flat = lax.platform_dependent(  # a GPU's or TPU's solvers take the batch as it is
-        x.reshape((-1, p, q)), cpu=jax.vmap(_matrix_singular_values),
-        default=lambda m: jnp.linalg.svd(m, compute_uv=False))
-    return flat.reshape(*lead, min(p, q))
 
 
 def safe_norm(g, axis=-1):

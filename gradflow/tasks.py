@@ -361,7 +361,13 @@ def sample(task: Task, key, batch: int, dtype=jnp.float32):
         raise TypeError(f"task must be a gradflow.tasks.Task (from tasks.make), got "
                         f"{type(task).__name__}")
     batch = checks.int_at_least("batch", batch, 1)
-    dtype = checks.float_dtype(dtype)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"tasks.sample: dtype must be a floating dtype (float32, float64, "
+                         f"bfloat16, ...), got {dtype!r}")
     if not checks._looks_like_key(key):
         raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got "
                         f"{type(key).__name__}")

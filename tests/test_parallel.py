@@ -198,7 +198,7 @@ CHILD = textwrap.dedent("""
         # programs handing LAPACK a batch of matrices run on one CPU device
         # (parallel.lapack_stalls): at these sizes split ones stalled (jaxlib 0.10.2), one
         # device finishes each in seconds. gradflow's own singular values hand it one matrix
-        # per call (stack.singular_values), so they split (float32, as users run them):
+        # per call (linalg.singular_values), so they split (float32, as users run them):
         jax.config.update("jax_enable_x64", False)
         pr = gradflow.problem("lstm", layers=4, steps=32, hidden=64, batch=8, input_size=16)
         before = parallel._sharded_examples.cache_info().misses

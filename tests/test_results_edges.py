@@ -184,7 +184,7 @@ def test_lower_level_helpers_name_what_they_take(tmp_path):
         (lambda: gradflow.cells.is_spec(None), TypeError, "a cell spec is a string"),
         (lambda: gradflow.cells.stack_params(None, []), TypeError,
          "stack must be a gradflow.Stack"),
-        (lambda: cost.parse_size(3.5), ValueError, "memory size must be a number of bytes"),
+        (lambda: cost.parse_size(3.5), ValueError, "memory size must be a whole number of bytes"),
         (lambda: cost.estimate(None, 2, 3), TypeError, "stack must be a gradflow.Stack"),
         (lambda: cost.check_fits(None), TypeError, "cost must be a Cost"),
         (lambda: pr.stack.layer_in(9), ValueError, r"layer index must be in 0..1, got 9"),
