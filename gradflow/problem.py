@@ -160,7 +160,8 @@ def precision(dtype: str):
         name = np.dtype(dtype).name
     except TypeError:
         name = None
-    if name not in _checks.DTYPES:
+    if name not in _checks.DTYPES:  # float_dtype's message (16 bits: why not)
+        _checks.float_dtype(dtype)
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(_checks.DTYPES)}")
     return jax.enable_x64(name == "float64")
 
