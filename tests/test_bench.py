@@ -325,3 +325,15 @@ def test_split_sizes_benchmark_reports_the_split_and_the_auto_choice():
         assert x["auto_devices"] == 0  # 1 or 2 examples x 8 per device: never worth a split
     md = _markdown_of("split_sizes", r)
     assert "## Where the batch split pays" in md and "| 4 x 8 |" in md
+
+
+def test_spectral_benchmark_compares_equal_singular_values():
+    """``spectral``: the per-matrix singular values (what gradflow runs) equal the batched
+    call's, and both are timed; local gains timed; the report renders its table."""
+    from bench import suite
+    r = suite.spectral(run.QUICK)
+    (n, count), = run.QUICK["spectral"]["matrices"]
+    assert r["checks"][f"{n}x{n}_rel_err"] <= 1e-6
+    assert set(r["times"][f"{count}x{n}x{n}"]) == {"per_matrix", "batched"}
+    assert r["times"]["local_gains"]["median_s"] > 0
+    assert "one matrix per LAPACK call" in _markdown_of("spectral", r)
