@@ -266,6 +266,12 @@ def _with_counts(title: str, nonfinite: int, nonpositive: int = 0, underflow: in
     return f"{title} ({', '.join(notes)})" if title else ", ".join(notes)
 
 
+def _config_dict(who: str, config) -> None:
+    if not isinstance(config, dict):
+        raise TypeError(f"{who} takes a result's config (a dict, result.config), got "
+                        f"{type(config).__name__}")
+
+
 def subject(config: dict, default=None) -> str:
     """What a result measured, for titles and labels: its cell, or the model of
     :func:`gradflow.model_map` / :func:`gradflow.gates.model_saturation`; a stack of different
@@ -274,6 +280,7 @@ def subject(config: dict, default=None) -> str:
     >>> subject({"cell": ["gru", "star", "gru"]}), subject({"cell": ["lstm"] * 3 + ["star"]})
     ('gru / star / gru', 'lstm x3 / star')
     """
+    _config_dict("subject", config)
     what = config.get("cell", config.get("model", default))
     if not isinstance(what, (list, tuple)):
         return str(what)
@@ -308,6 +315,7 @@ def settings(config: dict) -> str:
     >>> settings({"layers": 2, "steps": 5, "hidden_size": 8, "seed": 1})
     'L=2, T=5, H=8, seed 1'
     """
+    _config_dict("settings", config)
     sizes = (("L", config.get("layers")), ("T", config.get("steps")),
              ("H", config.get("hidden_size", config.get("hidden"))))
     parts = [f"{k}={v}" for k, v in sizes if v is not None]
@@ -1179,6 +1187,13 @@ def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig
     ``training_runs(seeds=...)``) are drawn as the median over seeds with the min-max band
     (light) and the interquartile band (darker). One legend, beside the panels (it covered
     the curves inside them): a colour per run, then what the line styles and bands mean."""
+    if not isinstance(curves, dict) or not curves or not all(
+            isinstance(c, Result) for c in curves.values()):
+        raise TypeError("draw_curves takes {label: training Result} (gradflow.train's "
+                        "History.curve, or gradflow.load of a run's curve.npz), got "
+                        + (type(curves).__name__ if not isinstance(curves, dict) else
+                           "{" + ", ".join(f"{k!r}: {type(v).__name__}"
+                                           for k, v in list(curves.items())[:3]) + "}"))
     fig = fig if fig is not None else figure((11, 3.6))
     ax_loss, ax_metric = fig.subplots(1, 2)
     metric, seeds = "metric", 0

@@ -1261,3 +1261,11 @@ def test_user_gate_and_tap_mistakes_get_one_message():
     with pytest.raises(ValueError, match=r"gradflow.tap\(h, s\): h has shape \(2, 3, 4\), so "
                                          r"s must be its examples' tap, shape \(2, 3\)"):
         gradflow.model_map(model, jnp.ones(()), jnp.ones((2, 3, 4)), layers=1)
+
+
+def test_an_rnn_wrapper_is_pointed_at_its_cell():
+    """``from_linen(nn.RNN(cell))`` asked for hidden_size= (then failed on initialize_carry)."""
+    nn = pytest.importorskip("flax.linen")
+    with pytest.raises(TypeError, match=r"takes one step's cell, not the RNN that scans it "
+                                        r"over time: from_linen\(rnn.cell\)"):
+        gradflow.cells.from_linen(nn.RNN(nn.LSTMCell(4)))

@@ -854,3 +854,12 @@ def test_experiment_figures_say_which_result_kind_they_take():
             read(res, *args)
     with pytest.raises(TypeError, match="got NoneType"):
         views.panel(None, "last", "lstm")
+
+
+def test_title_helpers_and_curves_say_what_they_take():
+    for call in (lambda: plot.settings(None), lambda: plot.subject(None)):
+        with pytest.raises(TypeError, match="takes a result's config"):
+            call()
+    with pytest.raises(TypeError, match=r"draw_curves takes \{label: training Result\}.*"
+                                        r"\{'a': ndarray\}"):
+        plot.draw_curves({"a": np.ones(5)})

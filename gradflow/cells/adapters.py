@@ -801,6 +801,10 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
     nn = _require("flax.linen", "flax", who)
     if not isinstance(module, nn.Module):
         raise TypeError(_not_a_module(who, module))
+    if isinstance(module, (nn.RNN, nn.Bidirectional)):
+        raise TypeError(f"{who} takes one step's cell, not the {type(module).__name__} that "
+                        "scans it over time: from_linen(rnn.cell) (a bidirectional layer is a "
+                        "model: gradflow.model_map)")
     H = hidden_size or getattr(module, "features", None)
     if not isinstance(H, int):
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'features': give "
