@@ -859,6 +859,10 @@ def jacobian_map(stack: Stack, params, xs, *, target=(-1, -1), norm: str = "rms"
     T, L = xs.shape[1], stack.layers
     tl, tt = _position(target, L, T, "target")
     positions = tuple(_position(p, L, T, "spectra_at") for p in spectra_at)
+    twice = sorted({p for p in positions if positions.count(p) > 1})
+    if twice:  # (negative indices resolved: (-1, -1) and (L-1, T-1) are one position)
+        raise ValueError(f"spectra_at names (layer, step) {twice[0]} twice; name each "
+                         "position once")
     if method == "probe":
         arrays, target_ok = _probe_arrays(stack, params, xs, (tl, tt), norm, positions, probes,
                                           seed)

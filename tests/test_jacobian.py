@@ -553,3 +553,10 @@ def test_singular_values_differentiate_as_jax_svd(x64):
     g = lambda a: jnp.sum(jnp.linalg.svd(a, compute_uv=False) ** 2 * jnp.arange(1.0, 4.0))  # noqa
     np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-10)
     np.testing.assert_allclose(jax.vmap(jax.grad(f))(x[None]), jax.grad(g)(x)[None], rtol=1e-10)
+
+
+def test_spectra_at_names_each_position_once():
+    """A position named twice (also as its negative index) was computed twice."""
+    pr = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2)
+    with pytest.raises(ValueError, match=r"spectra_at names \(layer, step\) \(1, 2\) twice"):
+        gradflow.jacobian_map(*pr[:3], spectra_at=[(1, 2), (-1, -1)])
