@@ -1269,3 +1269,39 @@ def test_an_rnn_wrapper_is_pointed_at_its_cell():
     with pytest.raises(TypeError, match=r"takes one step's cell, not the RNN that scans it "
                                         r"over time: from_linen\(rnn.cell\)"):
         gradflow.cells.from_linen(nn.RNN(nn.LSTMCell(4)))
+
+
+def test_a_sown_gate_named_wrongly_lists_what_is_sown():
+    """``gates="sown"`` with a typo in ``gate_kinds`` listed no gates at all ("()")."""
+    nn = pytest.importorskip("flax.linen")
+
+    class SowCell(nn.RNNCellBase):
+        features: int
+
+        @nn.compact
+        def __call__(self, carry, x):
+            f = jax.nn.sigmoid(nn.Dense(self.features)(x) + nn.Dense(self.features)(carry))
+            self.sow("intermediates", "f", f)
+            h = f * carry + (1 - f) * jnp.tanh(nn.Dense(self.features)(x))
+            return h, h
+
+        def initialize_carry(self, rng, input_shape):
+            return jnp.zeros(input_shape[:-1] + (self.features,))
+
+        @property
+        def num_feature_axes(self):
+            return 1
+    with pytest.raises(ValueError, match="gate_kinds names 'forget', which the module does not "
+                                         "sow; it sows 'f'"):
+        gradflow.cells.from_linen(SowCell(8), gates="sown", gate_kinds={"forget": "sigmoid"})
+
+
+def test_a_module_that_is_no_cell_is_told_how_cells_are_called():
+    """An Equinox Linear as a cell: its call fails on the arguments, which was blamed on the
+    parameters' sizes (with a hint to rebuild the module at another size)."""
+    eqx = pytest.importorskip("equinox")
+    lin = eqx.nn.Linear(8, 8, key=jax.random.key(0))
+    stack = gradflow.Stack(gradflow.cells.from_equinox(lin, hidden_size=8), 2, 8, 8)
+    with pytest.raises(ValueError, match=r"the cell is called as module\(x, state\): an RNN "
+                                         r"cell, one step\)"):
+        stack.init(jax.random.key(0))

@@ -250,6 +250,11 @@ def _step_failed(who: str, e: Exception, what: str, fit: str = "", guessed: str 
         hint = ("the step unpacks its carry or its result: the carry is what state= says "
                 "(None: one array; k: a tuple of k arrays; or a function), and the step "
                 "returns (carry, y)")
+    elif isinstance(e, TypeError) and "positional argument" in text:
+        called = {"from_function": "step(params, carry, x)", "from_linen": "module(carry, x)",
+                  "from_nnx": "module(carry, x)", "from_equinox": "module(x, state)"}.get(who)
+        return _CallSignature(f"{who}: {what} failed: {_message(e)} (the cell is called as "
+                              f"{called}: an RNN cell, one step)")
     elif "PRNG" in text or "rng" in text.lower():
         hint = ("the module draws random numbers (Dropout?): measure it deterministic "
                 "(linen: deterministic=True; nnx: module.eval())")
@@ -525,6 +530,10 @@ def _settle_kinds(who, kinds: dict, probe_gates, hidden_size) -> dict:
     return {g: kinds[g] for g in probe_gates}
 
 
+class _CallSignature(ValueError):
+    """A step that cannot be called as a cell (a module of another kind): no size hint."""
+
+
 class _CarryDtype(ValueError):
     """A step that returns its carry in another dtype than it was given."""
 
@@ -575,7 +584,7 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
         params = _cast(make_init(key, n_in, H, dtype), dtype)
         try:
             fits(params, n_in, H, dtype)
-        except _CarryDtype as e:
+        except (_CarryDtype, _CallSignature) as e:
             raise ValueError(str(e)) from None
         except ValueError as e:  # a module's own weights made for another input size
             if who not in ("from_equinox", "from_nnx"):
@@ -831,6 +840,11 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
             new, y = _pair(who, out, "the module")
             sown = _sown(st.get("intermediates", {}))
             if gate_kinds is not None:  # the gates among what the module sows
+                absent = [g for g in _kinds(gate_kinds) if g not in sown]
+                if absent:
+                    raise InputError(f"{who}: gate_kinds names {absent[0]!r}, which the module "
+                                     f"does not sow; it sows "
+                                     f"{', '.join(map(repr, sown)) or 'nothing'}")
                 sown = {g: sown[g] for g in gate_kinds if g in sown}
             return new, y, sown
         new, y = _pair(who, module.apply({"params": params}, carry, x), "the module")
