@@ -562,7 +562,6 @@ def params_fit(stack, dtype) -> None:
                          "or fewer layers")
 
 
-__all__ = ["positive_int", "nonneg_int", "boolean", "choice", "check_xs", "check_inputs", "function_failed",
-           "check_params", "check_scalar_loss", "expected_params", "model_arguments",
-           "split_static", "with_static", "mixes_examples"]
-
+__all__ = ["positive_int", "nonneg_int", "boolean", "choice", "check_xs", "check_inputs",
+           "function_failed", "check_params", "check_scalar_loss", "expected_params",
+           "model_arguments", "split_static", "with_static", "mixes_examples"]

@@ -178,11 +178,12 @@ def gate_layout(stack) -> GateLayout:
     >>> lay.layers
     {'r': (0,), 'z@gru': (0,), 'n': (0,), 'k': (1,), 'z@star': (1,)}
     """
-    cells = stack.cells if isinstance(stack, Stack) else tuple(stack) \
-        if isinstance(stack, (list, tuple)) else ()
-    if not cells or not all(isinstance(c, Cell) for c in cells):
+    cells = stack.cells if isinstance(stack, Stack) else stack
+    if not isinstance(cells, (list, tuple)) or not cells or not all(
+            isinstance(c, Cell) for c in cells):
         raise TypeError(f"gate_layout takes a gradflow.Stack or its cells (one per layer), got "
                         f"{type(stack).__name__}")
+    cells = tuple(cells)
     kinds, retain, layers, modes, effective = {}, {}, {}, {}, {}
     for l, (c, keys) in enumerate(zip(cells, gate_keys(cells))):
         kept = dict(c.retain)
@@ -772,8 +773,7 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
       couples_batch: whether the model mixes the examples of a batch, as
         :func:`gradflow.model_map`'s (``False`` is checked, and refused for a model whose
         example 0's gates move with example 1's inputs): ``False`` splits the batch over the
-        devices, each
-        device's sums and counts added up (the same statistics to rounding).
+        devices, each device's sums and counts added up (the same statistics to rounding).
     Returns:
       Result of kind ``"gate_stats"`` (drawn by :func:`gradflow.plot.gate_histograms` and the
       other gate figures), its config naming the model; non-finite activations counted,

@@ -409,12 +409,11 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
       couples_batch: whether the model mixes the examples of a batch (batch statistics,
         attention across examples). ``False`` is checked first (example 0's outputs
         differentiated w.r.t. example 1's inputs on the first two examples,
-        :func:`gradflow.checks.mixes_examples`; a
-        ValueError where they depend on them), and lets it split the
-        batch over the devices of :func:`gradflow.parallel.set_batch_devices` (on a CPU those
-        of :func:`gradflow.parallel.use_cpu_devices`) as it does for a Stack's cells: the
-        model runs on each device's examples, the loss on the gathered outputs (any loss,
-        exact). Under ``"auto"`` any split that divides the batch is taken (the model's width,
+        :func:`gradflow.checks.mixes_examples`; a ValueError where they depend on them), and
+        lets it split the batch over the devices of :func:`gradflow.parallel.set_batch_devices`
+        (on a CPU those of :func:`gradflow.parallel.use_cpu_devices`) as it does for a Stack's
+        cells: the model runs on each device's examples, the loss on the gathered outputs (any
+        loss, exact). Under ``"auto"`` any split that divides the batch is taken (the model's width,
         which the CPU rule weighs for a Stack, is unknown here).
       reaches: a boolean ``(L, T)`` mask of the states the loss reaches, where an exact zero
         would be underflow rather than the model's structure (default, with the default

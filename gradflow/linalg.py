@@ -67,6 +67,7 @@ def _singular_values_jvp(primals, tangents):
     lead, (p, q) = x.shape[:-2], x.shape[-2:]
     u, s, vt = _flat(_matrix_svd, lambda m: jnp.linalg.svd(m, full_matrices=False), x)
     ds = jnp.einsum("nji,njl,nil->ni", u, dx.reshape((-1, p, q)), vt)
+    # the values from their own call, not from s: the same numbers with or without a derivative
     return singular_values(x), ds.reshape(*lead, min(p, q))
 
 

@@ -371,8 +371,8 @@ def lapack_stalls(program, args, mesh) -> bool:
     split over ``mesh``: it runs on several CPU devices and hands jaxlib's LAPACK kernels a
     *batch* of matrices (an SVD, QR, LU, Cholesky, eigen- or Schur decomposition, a linear or
     triangular solve of each example's or each step's own matrix: a user's model or cell).
-    Each device's program then runs on one thread of XLA's
-    intra-op pool (one thread per core), and in jaxlib 0.10.2 every batched LAPACK kernel
+    Each device's program then runs on one thread of XLA's intra-op pool (one thread per
+    core), and in jaxlib 0.10.2 every batched LAPACK kernel
     (``objdump`` of ``jaxlib/cpu/_lapack.so``: all of them call ``jax::ParallelBatchMap``)
     hands its matrices to that same pool and blocks until they are done: with one such kernel
     per device and as many devices as threads, no thread is left to do the work and the
@@ -385,8 +385,8 @@ def lapack_stalls(program, args, mesh) -> bool:
     gradflow's spectral norms and spectra use, hands LAPACK one matrix per call for that
     reason). A single matrix (``num_batch_dims = "0"`` in the lowered call: one system shared
     by a batch's right-hand sides, a weight's QR at init, gradflow's singular values) never
-    reaches the pool: ``ParallelBatchMap`` calls the
-    kernel inline when one chunk covers the batch (its first comparison, in the same
+    reaches the pool: ``ParallelBatchMap`` calls the kernel inline when one chunk covers the
+    batch (its first comparison, in the same
     disassembly), so such a program is split as any other (tiny batches run inline too, but
     where the chunk ends is a cost model of jaxlib's: a batch is not split at any size). The
     runners of this module, :func:`gradflow.sweep` and the atlas then run a stalling program

@@ -53,7 +53,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from gradflow import cells as _cells
-from gradflow.checks import _looks_like_key, boolean, check_xs, float_dtype, params_fit
+from gradflow.checks import (_looks_like_key, boolean, check_params, check_xs, float_dtype,
+                             params_fit)
 from gradflow.checks import positive_int as _positive_int
 from gradflow.checks import width as _width
 from gradflow.cells.base import Cell, Lean, cast_floating, orthogonal
@@ -466,8 +467,6 @@ class Stack:
         every floating leaf cast to ``dtype`` (default: the first layer's) and checked against
         the shapes :meth:`init` gives (:func:`gradflow.checks.check_params`). The public entry
         is :func:`gradflow.cells.stack_params`, which documents the arguments."""
-        from gradflow.checks import check_params
-
         if isinstance(layers, Mapping) or not isinstance(layers, Iterable):
             keys = f" with keys {sorted(map(str, layers))[:6]}" if isinstance(
                 layers, Mapping) else ""
@@ -611,7 +610,6 @@ class Stack:
             another shape (:func:`gradflow.checks.check_params`, ``strict=False``: checked
             when traced, not per call inside ``jax.jit``), or inputs of the wrong shape.
         """
-        from gradflow.checks import check_params
         check_params(self, params, strict=False)
         with precision_scope(self.matmul_precision):
             return self._apply(params, xs, state0, perturb, taps, param_taps, gates,

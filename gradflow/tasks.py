@@ -352,14 +352,18 @@ def _make_cached(name: str, frozen: tuple) -> Task:
     return _REGISTRY[name][0](**dict(frozen))
 
 
+def _check_task(task) -> None:
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a gradflow.tasks.Task (from tasks.make), got "
+                        f"{type(task).__name__}")
+
+
 def sample(task: Task, key, batch: int, dtype=jnp.float32):
     """One batch ``(xs (B, T, D), ys, mask (B, T))`` of ``task``; the same key, the same batch.
 
     ``ys`` is ``(B, T)`` int32 for classification, ``(B, T, K)`` of ``dtype`` for regression.
     """
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a gradflow.tasks.Task (from tasks.make), got "
-                        f"{type(task).__name__}")
+    _check_task(task)
     batch = checks.int_at_least("batch", batch, 1)
     try:
         dtype = jnp.dtype(dtype)
@@ -500,9 +504,7 @@ def chance(task: Task) -> float:
     uniform guess over the classes the targets can take (``task.classes``: ``log A`` for copy,
     ``log 10`` for digits, ``log T`` for counting); for regression nan (it depends on the
     data)."""
-    if not isinstance(task, Task):
-        raise TypeError(f"task must be a gradflow.tasks.Task (from tasks.make), got "
-                        f"{type(task).__name__}")
+    _check_task(task)
     if task.kind == "regression":
         return math.nan
     return math.log(task.classes)

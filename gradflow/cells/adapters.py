@@ -400,7 +400,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
             couples_batch, detect = coupled, False
     names = _state_names(n, 0 if out is None else out)
     if reports_gates:
-        kinds = _settle_kinds(who, kinds, probe_gates, hidden_size)
+        kinds = _settle_kinds(kinds, probe_gates)
     check_output = None
     if (finds_output or detect) and not can_probe:  # the first init's params run the probe
         def check_output(params, n_in, H):
@@ -509,20 +509,13 @@ def _find_output(who, new_leaves, y, H, out=None) -> int:
     return hits[0]
 
 
-def _settle_kinds(who, kinds: dict, probe_gates, hidden_size) -> dict:
-    """The gate kinds: as given, checked against the probe's gates; a gate not given is
-    ``"sigmoid"`` when its probe values lie in [0, 1], ``"tanh"`` in [-1, 1], else
-    ``"other"``."""
-    for g in kinds:
-        if probe_gates is not None and g not in probe_gates:
-            raise ValueError(f"{who}: gate_kinds names {g!r}, which the gates do not report "
-                             f"({', '.join(map(repr, probe_gates))})")
+def _settle_kinds(kinds: dict, probe_gates) -> dict:
+    """The gate kinds: as given (the probe's gates hold every one, at the carry's shape:
+    :func:`_gates_checked`); a gate not given is ``"sigmoid"`` when its probe values lie in
+    [0, 1], ``"tanh"`` in [-1, 1], else ``"other"``."""
     if probe_gates is None:
         return kinds
     for g, v in probe_gates.items():
-        if jnp.shape(v) != (_PROBE_BATCH, int(hidden_size)):
-            raise ValueError(f"{who}: gate {g!r} has shape {jnp.shape(v)} on a probe "
-                             f"batch of {_PROBE_BATCH}; gates must be (batch, hidden_size)")
         if g not in kinds:
             v = np.asarray(v)
             kinds[g] = ("sigmoid" if bool(np.all((v >= 0) & (v <= 1))) else
@@ -833,19 +826,20 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
                          f"failed: {_message(e)}") from e
     template = _zero_carry(who, module, template)
     unfreeze = _require("flax.core", "flax", who).unfreeze
+    named = None if gate_kinds is None else _kinds(gate_kinds)
 
     def call(params, carry, x):
         if gates == "sown":
             out, st = module.apply({"params": params}, carry, x, mutable=["intermediates"])
             new, y = _pair(who, out, "the module")
             sown = _sown(st.get("intermediates", {}))
-            if gate_kinds is not None:  # the gates among what the module sows
-                absent = [g for g in _kinds(gate_kinds) if g not in sown]
+            if named is not None:  # the gates among what the module sows
+                absent = [g for g in named if g not in sown]
                 if absent:
                     raise InputError(f"{who}: gate_kinds names {absent[0]!r}, which the module "
                                      f"does not sow; it sows "
                                      f"{', '.join(map(repr, sown)) or 'nothing'}")
-                sown = {g: sown[g] for g in gate_kinds if g in sown}
+                sown = {g: sown[g] for g in named}
             return new, y, sown
         new, y = _pair(who, module.apply({"params": params}, carry, x), "the module")
         return new, y, (gates(params, carry, x) if gates is not None else {})
