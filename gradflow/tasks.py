@@ -94,6 +94,15 @@ def _int(task, name, value, low=1) -> int:
     return checks.int_at_least(f"task {task!r}: option {name}", value, low)
 
 
+def _alphabet(task, value) -> int:
+    """At least two symbols: with one, every target is known before the first input."""
+    A = _int(task, "alphabet", value)
+    if A < 2:
+        raise ValueError(f"task {task!r}: option alphabet must be at least 2, got {A} (with one "
+                         "symbol every target is known in advance: nothing to learn)")
+    return A
+
+
 def _options(task, given, defaults) -> dict:
     unknown = sorted(set(given) - set(defaults))
     if unknown:
@@ -162,7 +171,7 @@ def copy(lag: int = 50, symbols: int = 10, alphabet: int = 8) -> Task:
     """
     lag = _int("copy", "lag", lag, low=0)
     n = _int("copy", "symbols", symbols)
-    A = _int("copy", "alphabet", alphabet)
+    A = _alphabet("copy", alphabet)
     T = 2 * n + lag + 1
 
     def sample_fn(key, batch, dtype):
@@ -194,7 +203,7 @@ def counting(steps: int = 20, alphabet: int = 4, target: str = "regression") -> 
     scaled target is learned to below 2% of its variance in the same budget.
     """
     T = _int("counting", "steps", steps, low=2)
-    A = _int("counting", "alphabet", alphabet)
+    A = _alphabet("counting", alphabet)
     if target not in KINDS:
         raise ValueError(f"task 'counting': target={target!r} is not valid; choose from "
                          f"{', '.join(map(repr, KINDS))}")
@@ -264,6 +273,11 @@ def digits(images=None, labels=None, split: str = "all", test_fraction: float = 
     if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"task 'digits': labels must be {images.shape[:1]} integers, got "
                          f"{labels.shape} {labels.dtype}")
+    if not (np.issubdtype(images.dtype, np.number) and not np.iscomplexobj(images)):
+        raise ValueError(f"task 'digits': images must hold real numbers, got {images.dtype}")
+    if not np.all(np.isfinite(images)):
+        raise ValueError(f"task 'digits': images hold {np.size(images) - np.isfinite(images).sum()}"
+                         " non-finite pixels (NaN or inf); the task needs finite pixel values")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise ValueError("task 'digits': labels must lie in 0..9")
     if split not in ("all", "train", "test"):
