@@ -293,6 +293,11 @@ def _check_tap(h, s) -> None:
     """A ValueError unless ``s`` is a tap of ``h``'s examples: ``h.shape[:-1]`` (a map's
     ``taps[l, t]``), or that and 2 or 3 (a Jacobian map's, the read count's). A wrong slice
     of the taps failed inside JAX's custom_vjp machinery."""
+    if not hasattr(h, "shape") or not hasattr(h, "dtype"):
+        what = type(h).__name__ + (f" of {len(h)}" if isinstance(h, (tuple, list, dict)) else "")
+        raise InputError(f"gradflow.tap(h, s) taps one array, the state h: (batch, H) that "
+                         f"leaves a layer, got a {what}; for a carry such as an LSTM's (c, h), "
+                         "tap its h: c, h = carry; h = gradflow.tap(h, taps[l, t])")
     lead = tuple(jnp.shape(h))[:-1]
     if tuple(jnp.shape(s)) not in (lead, lead + (2,), lead + (_READS,)):
         raise InputError(f"gradflow.tap(h, s): h has shape {tuple(jnp.shape(h))}, so s must "

@@ -1262,6 +1262,14 @@ def test_user_gate_and_tap_mistakes_get_one_message():
                                          r"s must be its examples' tap, shape \(2, 3\)"):
         gradflow.model_map(model, jnp.ones(()), jnp.ones((2, 3, 4)), layers=1)
 
+    def carry_model(p, xs, taps):  # an LSTM's (c, h) carry tapped whole: a NumPy tracer error
+        c = h = jnp.tanh(xs[:, 0])
+        c, h = gradflow.tap((c, h), taps[0, 0])
+        return h[:, None]
+    with pytest.raises(ValueError, match=r"taps one array, the state h: \(batch, H\) that "
+                                         r"leaves a layer, got a tuple of 2; .* tap its h"):
+        gradflow.model_map(carry_model, jnp.ones(()), jnp.ones((2, 1, 4)), layers=1)
+
 
 def test_an_rnn_wrapper_is_pointed_at_its_cell():
     """``from_linen(nn.RNN(cell))`` asked for hidden_size= (then failed on initialize_carry)."""
