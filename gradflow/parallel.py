@@ -70,6 +70,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import checks
+from gradflow import results as _results
 from gradflow.cost import cache_home, compiled
 from gradflow.stack import in_precision
 
@@ -293,8 +294,15 @@ def set_batch_devices(devices="auto"):
         if not devices or not all(isinstance(d, jax.Device) for d in devices):
             raise ValueError(f"devices must be 'auto', 'all', None, a positive count or a "
                              f"list of devices, got {devices!r}")
+    return _store(devices)
+
+
+def _store(devices):
+    """Set the setting (checked) and the record of it every Result's provenance carries
+    (a split map's last bits differ from one device's: the order of its sums)."""
     old = _SETTING["devices"]
     _SETTING["devices"] = devices
+    _results.SETTINGS["batch_devices"] = len(devices) if isinstance(devices, tuple) else devices
     return old
 
 
@@ -305,7 +313,7 @@ def batch_devices(devices="auto"):
     try:
         yield
     finally:
-        _SETTING["devices"] = old
+        _store(old)
 
 
 def devices_for(batch: int, width: int | None = None) -> tuple:

@@ -47,16 +47,26 @@ def _versions() -> tuple:
     return tuple((d, version(d)) for d in ("gradflow", "jax", "jaxlib", "numpy"))
 
 
+#: Process-wide settings that change a result's last bits, kept up to date by the module that
+#: owns each (``batch_devices``: :func:`gradflow.parallel.set_batch_devices`, which devices a
+#: map's batch is split over: ``"auto"``, ``"all"``, None or a count).
+SETTINGS: dict = {"batch_devices": "auto"}
+
+
 def provenance() -> dict:
     """What computes a result here: the installed versions of gradflow, JAX, jaxlib and NumPy,
-    and JAX's default backend (``"cpu"``, ``"gpu"``, ``"tpu"``; the last bits of a float32 sum
-    differ between them and between versions). Every :class:`Result` carries it.
+    JAX's default backend (``"cpu"``, ``"gpu"``, ``"tpu"``; the last bits of a float32 sum
+    differ between them and between versions), its number of devices and the setting that
+    splits a map's batch over them (:data:`SETTINGS`; a map split over 2 CPU devices differs
+    from one device's in the last bits, about 1e-7 relative in float32). Every
+    :class:`Result` carries it.
 
     >>> sorted(provenance())
-    ['backend', 'gradflow', 'jax', 'jaxlib', 'numpy']
+    ['backend', 'batch_devices', 'devices', 'gradflow', 'jax', 'jaxlib', 'numpy']
     """
     import jax  # a measurement has imported it already
-    return {**dict(_versions()), "backend": jax.default_backend()}
+    return {**dict(_versions()), "backend": jax.default_backend(),
+            "devices": jax.device_count(), **SETTINGS}
 
 
 def _jsonable(v):

@@ -35,12 +35,22 @@ def test_results_and_saved_weights_carry_what_computed_them(saved, tmp_path):
     res, path = saved
     want = {"gradflow": md.version("gradflow"), "jax": jax.__version__,
             "jaxlib": md.version("jaxlib"), "numpy": np.__version__,
-            "backend": jax.default_backend()}
+            "backend": jax.default_backend(), "devices": jax.device_count(),
+            "batch_devices": "auto"}
     assert res.provenance == want and gradflow.load(path).provenance == want
     stack = gradflow.Stack("rnn", 1, 2, 3)
     saved_params = gradflow.runs.save_params(tmp_path / "p.npz", stack,
                                              stack.init(jax.random.key(0)))
     assert gradflow.runs.read_run(saved_params)["provenance"] == want
+    # the batch split is a process setting: what a map ran under is said
+    with gradflow.parallel.batch_devices(None):
+        assert gradflow.results.provenance()["batch_devices"] is None
+        with gradflow.parallel.batch_devices(1):
+            assert gradflow.results.provenance()["batch_devices"] == 1
+        assert gradflow.results.provenance()["batch_devices"] is None
+    with gradflow.parallel.batch_devices(jax.devices()[:1]):
+        assert gradflow.results.provenance()["batch_devices"] == 1
+    assert gradflow.results.provenance()["batch_devices"] == "auto"
 
 
 def test_version_0_files_still_read(tmp_path):
