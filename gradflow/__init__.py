@@ -26,7 +26,7 @@ _ATTRS = {
 _SUBMODULES = ("atlas", "atlas_training", "cells", "checks", "cli", "cost", "errors",
                "experiments", "gates", "jacobian", "linalg", "models", "parallel", "plot",
                "problem", "registry", "reproduce", "results", "runs", "seeds", "stack", "sweep",
-               "tasks", "train", "views")
+               "tasks", "train", "views", "xla")
 
 __all__ = ["cells", "gates", "jacobian", "results", "tasks", "train", "Stack", "StackOutput",
            "Problem", "problem", "gradient_map", "jacobian_map", "local_gains", "model_map",

@@ -63,6 +63,7 @@ from typing import Callable
 import numpy as np
 
 from gradflow.registry import Registry
+from gradflow.xla import jit
 
 CACHE_VERSION = 1
 FACTORS = ("cell", "init", "input_scale", "hidden", "size", "loss", "wrt")
@@ -443,7 +444,7 @@ def _group_program(kind, stack, mesh, steps, batch, dtype, variants, readout_see
         return jax.vmap(per_scale, out_axes=1)(scales)
 
     spec = PartitionSpec(_sweep.AXIS)
-    return jax.jit(jax.shard_map(local, mesh=mesh,
+    return jit(jax.shard_map(local, mesh=mesh,
                                  in_specs=(spec, spec, spec, PartitionSpec()),
                                  out_specs=spec, check_vma=False))
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow.errors import own_code
+from gradflow.xla import jit
 
 
 def positive_int(name: str, value) -> int:
@@ -506,7 +507,7 @@ def mixes_examples(model, rest, arrays, xs, extra: tuple = (), axis: int = 0) ->
         return False
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rest", "extra", "axis"))
+@functools.partial(jit, static_argnames=("model", "rest", "extra", "axis"))
 def _example_0_reads_1(model, rest, arrays, xs, extra, axis):
     args = [jnp.zeros(shape[:-1] + (xs.shape[0],), dtype) for shape, dtype in extra]
     call = with_static(model, rest)

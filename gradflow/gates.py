@@ -101,6 +101,7 @@ from gradflow import cost as _cost
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack, gate_keys, in_precision, map_layers, where_nonfinite
 from gradflow.views import STATS, bin_edges, hist_edges, summary, value_range
+from gradflow.xla import jit
 
 #: The most histogram bins :func:`saturation` takes (a million took the figure 6 minutes).
 MAX_BINS = 10_000
@@ -380,7 +381,7 @@ def _slopes(stack: Stack, params: dict, xs, out) -> dict:
     return s
 
 
-@functools.partial(jax.jit, static_argnames=("stack",))
+@functools.partial(jit, static_argnames=("stack",))
 @in_precision
 def activations(stack: Stack, params: dict, xs) -> dict:
     """``{gate: (L, B, T, H)}``: every reported gate activation of ``stack`` on ``xs``
@@ -388,7 +389,7 @@ def activations(stack: Stack, params: dict, xs) -> dict:
     return stack.apply(params, xs, gates=True).gates
 
 
-@functools.partial(jax.jit, static_argnames=("stack",))
+@functools.partial(jit, static_argnames=("stack",))
 @in_precision
 def slopes(stack: Stack, params: dict, xs) -> dict:
     r"""``{gate: (L, B, T, H)}``: local slopes :math:`|\partial a/\partial z|` of each gate ``a``
@@ -463,7 +464,7 @@ def _batch_sums_jvp(primals, tangents):
     return out, dout
 
 
-@functools.partial(jax.jit, static_argnames=("stack", "bins"))
+@functools.partial(jit, static_argnames=("stack", "bins"))
 @in_precision
 def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
     """All reductions of :func:`saturation` in one compiled function.

@@ -48,6 +48,7 @@ from gradflow.cells.base import normal
 from gradflow.stack import (Stack, emit, finite_positions, finite_states, in_precision,
                             map_layers, safe_norm, scaled_reduction, where_nonfinite)
 from gradflow.linalg import singular_values
+from gradflow.xla import jit
 
 NORMS = ("rms", "spectral")
 METHODS = ("exact", "probe")
@@ -314,7 +315,7 @@ def _tap_bwd(kind, g):
     return g, jnp.stack([n, jnp.full_like(n, g.shape[-1])], -1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rest"))
+@functools.partial(jit, static_argnames=("model", "rest"))
 def _tap_reads(model, rest, arrays, xs, taps):
     """``(L, T, B)``: how often ``model`` passes each ``taps[l, t, b]`` through :func:`tap`
     (``taps: (L, T, B, 3)``, whose :func:`tap` hands each read a 1 back; a read past the last
@@ -499,7 +500,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
                        positive=positive, who="model_map")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "loss_fn", "rest"))
+@functools.partial(jit, static_argnames=("model", "loss_fn", "rest"))
 def _model_map(model, loss_fn, rest, arrays, xs, taps):
     model = checks.with_static(model, rest)
     value, norms = jax.value_and_grad(lambda s: loss_fn(model(arrays, xs, s)))(taps)
@@ -723,7 +724,7 @@ def _state_map(stack, params, xs, loss_fn, name):
     return _state_map_local(stack, params, xs, loss_fn, name)
 
 
-@functools.partial(jax.jit, static_argnames=("stack", "loss_fn", "name"))
+@functools.partial(jit, static_argnames=("stack", "loss_fn", "name"))
 @in_precision
 def _state_map_local(stack, params, xs, loss_fn, name):
     return differentiable(functools.partial(_taps_map, stack, loss_fn, name))(params, xs)
@@ -786,7 +787,7 @@ def per_step_param_grads(stack: Stack, params, xs, loss_fn: Callable, reduce=Non
     return value, map_layers(stack, layer, params, prev, inputs, grads)
 
 
-@functools.partial(jax.jit, static_argnames=("stack", "loss_fn"))
+@functools.partial(jit, static_argnames=("stack", "loss_fn"))
 @in_precision
 def _params_map(stack, params, xs, loss_fn):
     # Parameter taps (Stack.apply(param_taps=...)): one forward and one backward pass, each
@@ -1066,7 +1067,7 @@ def _exact_each(stack, params, xs, *, target, norm, positions, chunk):
     return jnp.swapaxes(each, 0, 1), spectra, finite
 
 
-@functools.partial(jax.jit, static_argnames=("stack", "target", "norm", "positions", "chunk"))
+@functools.partial(jit, static_argnames=("stack", "target", "norm", "positions", "chunk"))
 def _exact_map(stack, params, xs, target, norm, positions, chunk):
     """:func:`_exact_each` as one program (the unsplit map; its memory is what
     :func:`gradflow.cost.estimate` models)."""
@@ -1132,7 +1133,7 @@ def _probes(stack, xs, target, probes, key):
     return normal(key, (probes, xs.shape[0], stack.widths[target[0]]), xs.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("stack", "target", "probes"))
+@functools.partial(jit, static_argnames=("stack", "target", "probes"))
 def _probe_map(stack, params, xs, target, probes, key):
     """:func:`_probe_each` as one program (the unsplit map; its memory is what
     :func:`gradflow.cost.estimate` models)."""
@@ -1240,7 +1241,7 @@ def _rms(j):
     return (scaled_reduction(_frobenius_rms, j, (-2, -1)),)
 
 
-@functools.partial(jax.jit, static_argnames=("stack", "chunk", "spectral"))
+@functools.partial(jit, static_argnames=("stack", "chunk", "spectral"))
 @in_precision
 def _gains(stack, params, xs, chunk, spectral=True):
     B, T, _ = xs.shape

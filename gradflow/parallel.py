@@ -73,6 +73,7 @@ from gradflow import checks
 from gradflow import results as _results
 from gradflow.cost import cache_home, compiled
 from gradflow.stack import in_precision
+from gradflow.xla import jit
 
 AXIS = "batch"
 _SETTING = {"devices": "auto"}
@@ -455,7 +456,7 @@ def _layout(treedef, specs):
         for (_, dt, shape), (_, rows) in kinds.items())
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jit, static_argnums=(1, 2))
 def _pack(leaves, where, n):
     """One flat buffer per dtype: the leaves stacked by kind (:func:`_kinds`), kind after kind."""
     rows = [[] for _ in range(n)]
@@ -529,7 +530,7 @@ def _sharded_state_map(stack, loss_fn, name, mesh, layout):
 
     # check_vma=False: the zero taps and states made inside the stack are not marked per-device;
     # both outputs are replicated (computed alike / psum-ed on every device).
-    return jax.jit(jax.shard_map(functools.partial(local, stack), mesh=mesh,
+    return jit(jax.shard_map(functools.partial(local, stack), mesh=mesh,
                                  in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
                                  out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
 
@@ -578,7 +579,7 @@ def _sharded_examples(fn, stack, static, mesh, layout, axes, summed=False):
 
     in_specs = (PartitionSpec(), *map(_examples_on, axes))
     # check_vma=False: arrays made inside the stack are not marked per-device
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+    return jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                                  out_specs=PartitionSpec() if summed else PartitionSpec(AXIS),
                                  check_vma=False))
 
@@ -609,7 +610,7 @@ def example_map(fn, stack, params, args, axes, static, devices, what: str | None
     return program(bufs, *args)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "stack", "static"))
+@functools.partial(jit, static_argnames=("fn", "stack", "static"))
 def _jit_examples(fn, stack, static, params, *args):
     """:func:`example_map` on one device: ``fn`` on all the examples, one program."""
     return fn(stack, params, *args, **dict(static))
@@ -629,7 +630,7 @@ def _sharded_model_map(model, loss_fn, rest, layers, mesh, layout):
                                       jnp.zeros((layers, T, b), xs_k.dtype), b)
         return value, lax.psum(jnp.sum(norms, axis=2), AXIS) / (b * n)  # (L, T)
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
+    return jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
                                  out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
 
 

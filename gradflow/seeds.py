@@ -31,6 +31,7 @@ from gradflow import tasks as _tasks
 from gradflow import train as _train
 from gradflow.errors import user_input
 from gradflow.results import make_result
+from gradflow.xla import jit
 
 
 def seed_list(seeds) -> list[int]:
@@ -45,7 +46,7 @@ def seed_list(seeds) -> list[int]:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("count", "spec", "stack", "kind", "sample",
+@functools.partial(jit, static_argnames=("count", "spec", "stack", "kind", "sample",
                                               "batch", "dtype"))
 def _chunk(theta, opt_state, k_data, start, lr, clip, budget, *, count, spec, stack, kind,
            sample, batch, dtype):
@@ -67,7 +68,7 @@ def _chunk(theta, opt_state, k_data, start, lr, clip, budget, *, count, spec, st
     return jax.vmap(one)(theta, opt_state, k_data, lr)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
+@functools.partial(jit, static_argnames=("spec", "stack", "kind"))
 def _evaluate_all(theta, xs, ys, mask, *, spec, stack, kind):
     """:func:`gradflow.train.evaluate_theta` of every seed on its own evaluation batch."""
     return jax.vmap(lambda th, x, y, m: _train.evaluate_theta(th, x, y, m, spec=spec, stack=stack,

@@ -58,6 +58,7 @@ from gradflow.checks import (_looks_like_key, boolean, check_params, check_xs, f
 from gradflow.checks import positive_int as _positive_int
 from gradflow.checks import width as _width
 from gradflow.cells.base import Cell, Lean, cast_floating, orthogonal
+from gradflow.xla import jit
 
 ORDERS = ("layer", "wavefront")
 # The backends where order="auto" runs the wavefront (see the module docstring's numbers).
@@ -807,7 +808,7 @@ def finite_positions(states: dict):
     return functools.reduce(jnp.logical_and, finite_masks(states).values())
 
 
-@functools.partial(jax.jit, static_argnames=("stack",))
+@functools.partial(jit, static_argnames=("stack",))
 @in_precision
 def finite_states(stack: Stack, params, xs) -> dict:
     """:func:`finite_masks` of the stack's forward pass on ``xs``."""

@@ -42,6 +42,7 @@ from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.checks import positive_int as _positive_int
 from gradflow.stack import Stack
 from gradflow.views import seed_result  # noqa: F401  (NumPy only: drawing needs no JAX)
+from gradflow.xla import jit
 
 AXIS = "seeds"
 
@@ -122,7 +123,7 @@ def _sharded_map(stack, mesh, steps, batch, dtype, input_scale, loss, wrt, reado
     spec = PartitionSpec(AXIS)
     # check_vma=False: no collectives here, each device's seeds are independent; the check
     # would otherwise ask every zero initial state inside the stack to be marked per-device.
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=(spec, spec),
+    return jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=(spec, spec),
                                  check_vma=False))
 
 

@@ -49,6 +49,7 @@ from gradflow.errors import InputError, user_input
 from gradflow.problem import dtype_of
 from gradflow.results import Result, make_result
 from gradflow.stack import Stack
+from gradflow.xla import jit
 
 # Config entries a resumed run may change: the total length, and the schedules derived from it.
 _RESUMABLE = ("train_steps", "eval_every")
@@ -391,7 +392,7 @@ def _forward(params, xs, stack: Stack, gates: bool):
     return readout(params["head"], o.top), o.gates.get(time_gate(stack))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
+@functools.partial(jit, static_argnames=("spec", "stack", "kind"))
 def update_theta(theta, opt_state, xs, ys, mask, lr, clip, budget, *, spec, stack, kind):
     """One Adam step on the batch ``(xs, ys, mask)``; returns
     ``(theta, opt_state, task loss, metric)``."""
@@ -409,7 +410,7 @@ def update_theta(theta, opt_state, xs, ys, mask, lr, clip, budget, *, spec, stac
     return theta - lr * u, opt_state, loss, metric
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "stack", "kind"))
+@functools.partial(jit, static_argnames=("spec", "stack", "kind"))
 def evaluate_theta(theta, xs, ys, mask, *, spec, stack, kind):
     """Loss and metric on a fixed batch; for time-gated cells also ``mean(k)`` and the
     fraction of updates ``mean(k > 1e-3)``."""
