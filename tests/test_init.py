@@ -93,32 +93,6 @@ def test_default_orthogonal_per_block_zero_biases_deterministic(name, opts, x64)
     assert all(not np.allclose(w[k], other[k]) for k in w)
 
 
-@pytest.mark.parametrize("opts", [{}, {"init": "glorot+chrono"}, {"init": "torch"}])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_compiled_init_is_the_init_run_op_by_op(opts, dtype, x64):
-    """A built-in cell's init runs compiled (``Cell.compiled_init``): the weights bit for bit
-    those of its ``init_fn`` run op by op (what it ran before), every other parameter within a
-    few ulps, for every cell and dtype."""
-    for name in cells.names():
-        try:
-            cell = cells.get(name, **opts)
-        except ValueError:  # a scheme the cell has no gate for
-            continue
-        assert cell.compiled_init, name
-        n_in = SMALL_H if cell.square else SMALL_IN
-        compiled = cell.init(KEY, n_in, SMALL_H, dtype)
-        eager = cell.init_fn(KEY, n_in, SMALL_H, jnp.dtype(dtype))
-        assert jax.tree_util.tree_structure(compiled) == jax.tree_util.tree_structure(eager)
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(compiled),
-                                jax.tree_util.tree_leaves(eager)):
-            assert a.dtype == b.dtype == jnp.dtype(dtype), name
-            if jax.tree_util.keystr(path).endswith(("['W']", "['U']")):
-                assert np.array_equal(a, b), (name, path)
-            else:  # an exp or log (UGI, chrono, time gates) may round a few ulps apart
-                np.testing.assert_allclose(a, b, rtol=16 * np.finfo(dtype).eps, atol=0,
-                                           err_msg=f"{name} {jax.tree_util.keystr(path)}")
-
-
 def test_glorot_bounds():
     H, n_in = BIG_H, BIG_IN
     p = init(cells.get("gru", init="glorot"), n_in, H)

@@ -81,13 +81,6 @@ class Lean(NamedTuple):
     project: Callable | None = None
 
 
-def _call_init(cell, key, input_size: int, hidden_size: int, dtype):
-    return cell.init_fn(key, input_size, hidden_size, dtype)
-
-
-_compiled_init = jax.jit(_call_init, static_argnums=(0, 2, 3, 4))
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Cell:
     r"""A recurrent cell: static configuration plus its pure functions; it describes itself.
@@ -135,12 +128,6 @@ class Cell:
       couples_batch: True when a step mixes the examples of a batch (batch statistics, as
         BN-STAR's training-mode batch norm): the maps then never split a batch over devices
         (:mod:`gradflow.parallel`), since a part of the batch would change the numbers.
-      compiled_init: True when ``init_fn`` is a pure JAX function of its arguments: :meth:`init`
-        then runs it compiled (``jax.jit``, sizes and dtype static), one program per layer
-        shape (an LSTM layer at H = 128: 8 ms against 160-250 ms run op by op; the weights bit
-        for bit the same, a bias or time constant made by an ``exp``/``log`` up to a few ulps
-        apart). False (the default) runs it as it is, e.g. an adapter's, which checks the
-        user's module with concrete values.
     """
 
     name: str
@@ -164,7 +151,6 @@ class Cell:
     to_params: Callable | None = dataclasses.field(default=None, repr=False)
     lean: Lean | None = dataclasses.field(default=None, repr=False)
     couples_batch: bool = False
-    compiled_init: bool = False
 
     def __post_init__(self):
         if "h" not in self.state_names:
@@ -205,8 +191,7 @@ class Cell:
                 f"by the input); got input_size={input_size}, hidden_size={hidden_size}. "
                 "Use a Stack with input_projection=True."
             )
-        init = _compiled_init if self.compiled_init else _call_init
-        return init(self, key, int(input_size), int(hidden_size), jnp.dtype(dtype))
+        return self.init_fn(key, int(input_size), int(hidden_size), jnp.dtype(dtype))
 
     def initial_state(self, batch_shape, hidden_size: int, dtype=jnp.float32) -> State:
         """Zero state: ``{name: zeros((*batch_shape, H))}`` for each of ``state_names``."""

@@ -188,7 +188,7 @@ def _gru(name: str, o: dict) -> Cell:
     kinds.update({"g": "effective"} if aux == "refine" else {})
     kinds["n"] = "tanh"
     plain = aux is None and not rset  # a lean backward for the plain equations only
-    return Cell(name=name, compiled_init=True, init_fn=init_fn, project_fn=project, recur_fn=recur,
+    return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
                 lean=_lean(reset) if plain else None,
                 gate_kinds=tuple((g, kinds[g]) for g in reported), square=bool(rset),
                 equation=eq, forget=(upd, 1), retain=retain,
@@ -269,7 +269,7 @@ def _mgu(name: str, o: dict) -> Cell:
 
     eq = {"mgu": "n = tanh(Wx + U(f*h) + b); h = (1-f)*h + f*n",
           "refined_mgu": "MGU with f refined: sigma(Wx+Uh+b) * x"}.get(name, "")
-    return Cell(name=name, compiled_init=True, init_fn=init_fn, project_fn=project, recur_fn=recur,
+    return Cell(name=name, init_fn=init_fn, project_fn=project, recur_fn=recur,
                 gate_kinds=(("f", "refined" if rset else "sigmoid"), ("n", "tanh")),
                 square=bool(rset),
                 equation=eq, forget=("f", sign), retain=(("f", sign),), refine_mode=mode,

@@ -316,8 +316,7 @@ def _lstm(name: str, o: dict) -> Cell:
     # A hand-written lean step for the plain equations only (aux, tied and refined gates: the
     # step made by autodiff).
     plain = aux is None and not tied and not rset and not cumax_forget
-    return Cell(name=name, compiled_init=True, lean=_lean(float(o["forget_bias"])) if plain
-                else None, init_fn=init_fn, project_fn=project, recur_fn=recur,
+    return Cell(name=name, lean=_lean(float(o["forget_bias"])) if plain else None, init_fn=init_fn, project_fn=project, recur_fn=recur,
                 state_names=("c", "h"), gate_kinds=tuple((g, kinds[g]) for g in reported),
                 square=bool(rset), equation=_EQUATIONS.get(name, ""), forget=("f", 1),
                 input_gate=None if tied else "i", retain=retain,

@@ -48,7 +48,7 @@ def rnn(*, init: str = "orthogonal", nonlinearity: str = "tanh") -> Cell:
         a = d["h"] * q
         return {"h": fused_transpose(a, p, ("h",))}, a
 
-    return Cell(name="rnn", compiled_init=True, init_fn=init_fn, project_fn=project, recur_fn=recur,
+    return Cell(name="rnn", init_fn=init_fn, project_fn=project, recur_fn=recur,
                 lean=Lean(lean_forward, lean_backward, packed_projection(("h",))),
                 equation=f"h = {nonlinearity}(W x + U h + b)")
 
@@ -83,6 +83,5 @@ def indrnn(*, init: str = "orthogonal", u_max: float = 1.0) -> Cell:
         h = jax.nn.relu(xp["h"] + p["h"]["u"] * state["h"])
         return {"h": h}, h, {}
 
-    return Cell(name="indrnn", compiled_init=True, init_fn=init_fn, project_fn=project,
-                recur_fn=recur,
+    return Cell(name="indrnn", init_fn=init_fn, project_fn=project, recur_fn=recur,
                 equation="h = relu(W x + u * h + b)")

@@ -95,8 +95,7 @@ def star(*, variant: str = "paper", init: str | None = None,
 
     eq = ("h = tanh(s(a)*h + (1-s(a-1))*tanh(Wz x + bz)), a = Wk x + U h + bk" if official
           else "h = tanh((1-k)*h + k*tanh(Wz x + bz)), k = s(Wk x + Uk h + bk)")
-    return Cell(name="star", compiled_init=True, init_fn=init_fn, project_fn=project,
-                recur_fn=recur,
+    return Cell(name="star", init_fn=init_fn, project_fn=project, recur_fn=recur,
                 lean=_lean(official), gate_kinds=(("k", "sigmoid"), ("z", "tanh")), equation=eq,
                 forget=("k", sign),
                 retain=(("k", sign),), preact_fn=preact,
@@ -188,8 +187,7 @@ def _bn_star(init, t_max, forget_bias_init, bn_scale, bn_stats) -> Cell:
         h = jnp.tanh(k * h + (1.0 - jax.nn.sigmoid(a - 1.0)) * z)
         return {"h": h}, h, {"k": k, "z": z}
 
-    return Cell(name="star", compiled_init=True, init_fn=init_fn, project_fn=project,
-                recur_fn=recur,
+    return Cell(name="star", init_fn=init_fn, project_fn=project, recur_fn=recur,
                 gate_kinds=(("k", "sigmoid"), ("z", "tanh")), forget=("k", 1), retain=(("k", 1),),
                 equation="h = tanh(s(a)*h + (1-s(a-1))*tanh(BN(Wz x) + bz)), "
                          "a = BN(Wk x) + BN(U h) + bk",

@@ -53,8 +53,7 @@ def _time_gated(name, o, time_init, gate_fn, eq, rescale=None, length_option=Non
         h = k * h_hat + (1.0 - k) * state["h"]
         return {"c": c, "h": h}, h, {**gates, "k": k}
 
-    return Cell(name=name, compiled_init=True, init_fn=init_fn, project_fn=inner.project_fn,
-                recur_fn=recur,
+    return Cell(name=name, init_fn=init_fn, project_fn=inner.project_fn, recur_fn=recur,
                 state_names=("c", "h"), gate_kinds=inner.gate_kinds + (("k", "time"),),
                 equation=eq, forget=("f", 1), input_gate="i", retain=(("f", 1),),
                 time_gate="k", preact_fn=inner.preact_fn,
