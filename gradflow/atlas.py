@@ -769,7 +769,8 @@ def _check_memory(conditions) -> None:
         cost.check_need(need, f"measuring the atlas's {c0['cell']} conditions at "
                               f"{c0['layers']} layers x {c0['steps']} steps, H={c0['hidden']}, "
                               f"batch {c0['batch']} (seeds x inits: {n} problems at once)",
-                        "use a smaller hidden size or batch, or fewer seeds")
+                        "use fewer layers or steps, a smaller hidden size or batch, or "
+                        "fewer seeds")
 
 
 def atlas(claims, grid, *, cache_dir=None, devices=None, progress: bool = True) -> dict:

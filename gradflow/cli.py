@@ -8,17 +8,21 @@ at the top: ``gradflow --help`` and ``gradflow COMMAND --help`` answer without l
 matplotlib.
 
 Errors: bad input (a :class:`UsageError` here, or a :class:`gradflow.errors.InputError` from
-gradflow's own checks) gets one line ``gradflow <command>: error: ...`` on stderr and exit
-status 2; an unexpected exception is a bug in gradflow: one line naming it, with a pointer to
-``--debug`` (which prints the traceback), and exit status 1; Ctrl-C ends with one line and exit
-status 130. Figures and data go to ``gradflow-out/`` unless ``--out``/``--data`` say otherwise,
-named after the settings that differ from the defaults, and every path written is printed.
+gradflow's own checks), and an output the machine would not take (a full disk, a quota, no
+permission), get one line ``gradflow <command>: error: ...`` on stderr and exit status 2; an
+unexpected exception is a bug in gradflow: one line naming it, with a pointer to ``--debug``
+(which prints the traceback), and exit status 1; Ctrl-C ends with one line and exit status
+130. When stdout's reader goes away (``| head``), the printing stops quietly, the command
+still writes its files, and the exit status is 141 (as for a program ended by SIGPIPE).
+Figures and data go to ``gradflow-out/`` unless ``--out``/``--data`` say otherwise, named
+after the settings that differ from the defaults, and every path written is printed.
 ``main(argv)`` returns the exit status, so the CLI can be driven in-process (tests, notebooks)
 as well as from the ``gradflow`` script.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import math
@@ -1005,6 +1009,17 @@ def _read_params(args, path):
                                                    stack.matmul_precision)), params, meta)
 
 
+def _numpy_magic(path) -> bool | None:
+    """Whether the file ``path`` begins as a ``.npy`` (``\\x93NUMPY``) or a zip archive
+    (``.npz``) does; None where it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return None
+    return head == b"\x93NUMPY" or head[:4] == b"PK\x03\x04"
+
+
 def _read_inputs(args):
     """The sequences of ``--inputs`` (NumPy, ``(B, T, D)``, the first ``--batch`` where
     given), or None. Every problem with the file is the user's: one line, exit 2."""
@@ -1037,6 +1052,15 @@ def _read_inputs(args):
         # no such file, not .npy/.npz, pickled, a damaged or truncated archive
         if isinstance(e, InputError):
             raise
+        expected = ("a .npy of shape (batch, steps, features) (np.save), or a .npz holding "
+                    "one such array (np.savez)")
+        # (not NumPy's advice on pickles and allow_pickle: --inputs reads arrays of numbers)
+        if not isinstance(e, OSError) and _numpy_magic(path) is False:
+            raise InputError(f"--inputs: cannot read {path!r}: it is not a NumPy file; give "
+                             f"{expected}") from e
+        if isinstance(e, ValueError) and "allow_pickle" in str(e):  # an array of objects
+            raise InputError(f"--inputs: {path!r} holds Python objects (dtype object), not "
+                             f"numbers; give {expected}") from e
         raise InputError(f"--inputs: cannot read {path!r} as a .npy or .npz array: "
                          f"{type(e).__name__}: {e}") from e
     layout = "(steps, batch, features)" if args.time_major else "(batch, steps, features)"
@@ -1617,7 +1641,7 @@ def _torch_gates(args, t, xs, config, paths) -> int:
     with jax.default_matmul_precision(args.matmul_precision):
         stats = _gates.model_saturation(t.gates, t.params, xs, kinds=t.kinds, retain=t.retain,
                                         eps=args.eps, bins=args.bins, couples_batch=False,
-                                        meta=config)
+                                        meta={**config, "gate": args.gate})
     shown = [args.gate] if args.gate else list(stats.config["gates"])
     fig = plot.gates_figure(stats, shown)
     fig.suptitle(f"{t.source} \u00b7 gates")
@@ -1906,7 +1930,9 @@ def add_gates(sub):
     p.add_argument("--cell", type=cell_name, default="lstm",
                    help="cell name, name:option=value, or module:factory; or one per layer, "
                         "bottom up (gru,star,gru or 'gru*2,star') (default: lstm)")
-    p.add_argument("--gate", default=None, help="only this gate (default: every gate)")
+    p.add_argument("--gate", default=None,
+                   help="print and draw only this gate (default: every gate); the data file "
+                        "holds every gate's statistics, with this choice as config['gate']")
     p.add_argument("--eps", type=fraction, default=0.05,
                    help="saturation margin, in (0, 0.5) (default: 0.05)")
     p.add_argument("--bins", type=bin_count, default=20,
@@ -1980,7 +2006,7 @@ def run_gates(args) -> int:
         say, (fig_path, data_path), prob = measured
         say("compiling and running the gate statistics...")
         stats = _gates.saturation(prob.stack, prob.params, prob.xs, args.eps, bins=args.bins,
-                                  meta=prob.config)
+                                  meta={**prob.config, "gate": args.gate})
     shown = [args.gate] if args.gate else list(stats.config["gates"])
     fig = plot.gates_figure(stats, shown)
     if args.params is not None:
@@ -2353,8 +2379,11 @@ def run_atlas(args) -> int:
     for name, res in results.items():
         full, some = int(np.sum(res.fraction == 1)), int(np.sum(res.fraction > 0))
         unread = int(np.sum(np.isnan(res.statistic)))
-        print(f"{name}: holds for every seed in {full} of {len(res.fraction)} conditions, "
-              f"for some seed in {some} ({res.config['description']})"
+        n_seeds = res.statistic.shape[1]
+        seeds = (f"all {n_seeds} seeds" if n_seeds > 1 else
+                 "its one seed (a verdict of one draw each: --seeds 0 1 2 3 gives a share)")
+        print(f"{name}: holds for {seeds} in {full} of {len(res.fraction)} conditions, "
+              f"for at least one seed in {some} ({res.config['description']})"
               + (f"; not readable (NaN: a map not finite, or 0 where it is read) for {unread} "
                  f"of {res.statistic.size} (condition, seed) pairs, counted as not holding"
                  if unread else ""))
@@ -2483,14 +2512,23 @@ def _train_subject(args) -> str:
 
 
 def _train_report(args, task, hist, out: Path) -> list[str]:
-    """Print the evaluation table and each recorded map's summary; write the figures and
-    the maps; return the written paths."""
+    """Write the figures and the maps, then print the evaluation table and each recorded
+    map's summary (the files first: they are there whatever becomes of stdout); return the
+    written paths."""
     from gradflow import plot
 
     c, what = hist.curve, _train_subject(args)
     written = [str(out / "curve.npz"), plot.save(plot.draw_curves({what: c}, title=(
         f"{what}, {args.layers} layers, on {task.name} (T={task.steps})")),
         out / "curve.png")]
+    maps = {}
+    for s, res in zip(hist.record_steps, hist.records.get("gradient_map", ())):
+        written.append(res.save(out / f"map_step{s:06d}.npz"))
+        maps[("map", f"step {s}")] = res
+    if maps:
+        fig = plot.grid(maps, rows=["map"], cols=[k[1] for k in maps], normalize=False,
+                        title=f"{what}: gradient maps wrt {args.wrt} during training")
+        written.append(plot.save(fig, out / "maps.png"))
     timed = "eval_updates" in c.arrays  # a time-gated cell's share of updates
     print(f"  {'step':>6}  {'eval loss':>10}  {'eval ' + task.metric:>13}"
           + ("  updates" if timed else ""))
@@ -2505,18 +2543,11 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
             f"{n} of {c[k].size} {'training' if k == 'loss' else 'evaluation'} losses"
             for k, n in bad.items()) + ("" if first is None else f" (first at step {first})")
               + ": the run diverged; a smaller --lr or --clip may hold it")
-    maps = {}
-    for s, res in zip(hist.record_steps, hist.records.get("gradient_map", ())):
-        written.append(res.save(out / f"map_step{s:06d}.npz"))
-        maps[("map", f"step {s}")] = res
-        print(f"  gradient map wrt {args.wrt} at step {s} (probe loss {args.record_loss}, "
+    for (_, step), res in maps.items():
+        print(f"  gradient map wrt {args.wrt} at {step} (probe loss {args.record_loss}, "
               f"value {_g(float(res.loss_value))}):")
         for line in result_summary(res, max_rows=8):
             print("    " + line)
-    if maps:
-        fig = plot.grid(maps, rows=["map"], cols=[k[1] for k in maps], normalize=False,
-                        title=f"{what}: gradient maps wrt {args.wrt} during training")
-        written.append(plot.save(fig, out / "maps.png"))
     # the run's own files (train's run_dir): its records, read back by a resumed run
     return written + sorted(str(p) for p in out.glob("record-*.npz")) + [str(out / "state.npz")]
 
@@ -2524,7 +2555,7 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
 def run_train(args) -> int:
     from gradflow.jacobian import check_wrt, gradient_map
     from gradflow.problem import precision, task_stack
-    from gradflow.train import TrainConfig, check_run, train
+    from gradflow.train import TrainConfig, check_memory, check_run, train
 
     task = _train_task(args)
     unread = _given(args, ("record_batch", "record_loss", "wrt", "readout_seed"))
@@ -2557,7 +2588,9 @@ def run_train(args) -> int:
                record_batch=min(args.record_batch, args.eval_batch), budget=args.budget)
     record = record if args.record else None
     with user_input():  # train's own checks, before the run folder and the header
-        check_run(stack, task, task, TrainConfig(**run), record)
+        config = TrainConfig(**run)
+        check_run(stack, task, task, config, record)
+        check_memory(stack, task, task, config)  # (a refusal leaves no empty folder behind)
         if record:  # the recorded maps' wrt, not at the first record step
             check_wrt(stack, args.wrt)
     out = _train_dir(args)
@@ -2744,17 +2777,94 @@ def _dash_values(parser, argv: list) -> list:
     return out
 
 
+#: The exit status when the reader of stdout went away (``gradflow train ... | head -3``): the
+#: shell's for a process ended by SIGPIPE (128 + 13). Not Python's own 1 on EPIPE, which here
+#: means an internal error.
+CLOSED_STDOUT = 141
+# errno values of an output the machine would not take: the environment, not a gradflow bug
+_ENVIRONMENT_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO",
+                                                   "EACCES", "EPERM") if hasattr(errno, n)}
+
+
+class _ReaderStdout:
+    """The gradflow program's ``sys.stdout``: when its reader goes away (``| head -3``), the
+    stream is pointed at ``os.devnull`` (Python's note on SIGPIPE: the flush at exit finds
+    somewhere to write) and printing stops quietly while the command runs on, so the files
+    it was asked for are still written; :func:`main` then returns :data:`CLOSED_STDOUT`."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text):
+        if not self.reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self):
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self):
+        self.reader_gone = True
+        _stdout_to_devnull(self._stream)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _stdout_to_devnull(stream) -> None:
+    """Point ``stream``'s file descriptor at ``os.devnull``: what is still buffered for a
+    stdout that cannot take it goes nowhere, not into an error at Python's exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # (no file descriptor: a stream of Python's)
+        pass
+
+
+def _unwritable(e: BaseException) -> str | None:
+    """The one line for an OSError of the machine (a full disk, a quota, an I/O error, no
+    permission) that reached here, e.g. from printing to a full disk, or None. gradflow's
+    writers (``Result.save``, ``plot.save``, a run's files) say so themselves, as an
+    InputError "cannot write PATH: <strerror>"."""
+    if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+        return (f"{e.filename!r}: " if e.filename else "") + (e.strerror or str(e))
+    return None
+
+
 def main(argv=None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    0 on success; 2 on bad input (one ``gradflow...: error: ...`` line on stderr); 1 on an
-    internal error (one line, or the traceback with ``--debug``); 130 on Ctrl-C.
+    0 on success; 2 on bad input, or an output the machine would not take (a full disk: one
+    ``gradflow...: error: ...`` line on stderr); 1 on an internal error (one line, or the
+    traceback with ``--debug``); 130 on Ctrl-C; 141 (:data:`CLOSED_STDOUT`) when stdout's
+    reader went away: the printing stops there, the command's files are still written.
     """
     program = argv is None  # the gradflow program itself, not a call from Python
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = ["gradflow"]
+    stdout = reader = sys.stdout
     if program:  # Ctrl-C ends the process at once, wherever Python is (see _interrupted)
         signal.signal(signal.SIGINT, lambda *_: _interrupted(command[0]))
+        sys.stdout = reader = _ReaderStdout(stdout)
+    try:
+        status = _main(argv, program, command)
+        if program and status == 0 and reader.reader_gone:
+            return CLOSED_STDOUT
+        return status
+    finally:
+        sys.stdout = stdout
+
+
+def _main(argv: list, program: bool, command: list) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(_dash_values(parser, argv))
@@ -2771,11 +2881,14 @@ def main(argv=None) -> int:
             warnings.simplefilter("ignore", NonFiniteWarning)
             _warning_lines(command[0])
             if getattr(args, "dtype", None) != "float64":
-                return args.run(args)
-            from gradflow.problem import precision
+                status = args.run(args)
+            else:
+                from gradflow.problem import precision
 
-            with precision("float64"):  # 64-bit JAX, what the API asks of its caller
-                return args.run(args)
+                with precision("float64"):  # 64-bit JAX, what the API asks of its caller
+                    status = args.run(args)
+        sys.stdout.flush()  # (here: a reader gone, a full disk, is seen, not at Python's exit)
+        return status
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
     except UsageError as e:  # named by its command once that is known
@@ -2790,10 +2903,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{command[0]}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `gradflow cells | head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except Exception as e:  # a bug in gradflow, not the user's input
+    except BrokenPipeError:  # e.g. `gradflow cells | head` from Python: stop quietly
+        _stdout_to_devnull(sys.stdout)  # (the program's stdout never raises it: _ReaderStdout)
+        return CLOSED_STDOUT
+    except Exception as e:  # a bug in gradflow, not the user's input; or a full disk
+        unwritable = _unwritable(e)
+        if unwritable is not None:  # the machine's, not gradflow's: as an unwritable path
+            print(f"{command[0]}: error: {unwritable}", file=sys.stderr)
+            try:  # (`gradflow cells > /dev/full`: stdout is what would not take it)
+                sys.stdout.flush()
+            except OSError:
+                _stdout_to_devnull(sys.stdout)
+            return 2
         if "--debug" in argv:
             traceback.print_exc()
         else:

@@ -37,6 +37,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from gradflow import views as _views
+from gradflow.errors import InputError
 from gradflow.views import gain_panel, panel, run_curve, run_record, stats_panel
 from gradflow.results import Result, check_folder_of, make_result, origin
 
@@ -1353,7 +1354,7 @@ def save(fig: Figure, path, *, dpi: float = 150) -> str:
     try:
         fig.savefig(path, format=ext[1:], dpi=dpi, metadata=metadata, bbox_inches="tight")
     except OSError as e:
-        raise ValueError(f"cannot write {path!r}: {e.strerror or e}") from None
+        raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
     return path
 
 
@@ -1447,7 +1448,10 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
             if i == len(rows_) - 1 or slot >= len(rows_[i + 1]):  # nothing drawn below
                 ax.set_xlabel(cols, fontsize=6)
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.5, label="fraction of seeds where the claim holds")
+        counts = sorted({np.shape(r.statistic)[1] for r in results.values()})
+        fig.colorbar(image, ax=axes, shrink=0.5, label=(
+            f"fraction of the {' or '.join(map(str, counts))} seed"
+            f"{'' if counts == [1] else 's'} where the claim holds"))
     fig.suptitle(title or "where each claim holds (panel titles: " + ", ".join(
         _FACTOR_NAMES.get(f, f) for f in rest) + ")", fontsize=8)
     return fig

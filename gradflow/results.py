@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from gradflow.errors import InputError
+
 _META = "__gradflow__"
 #: Version of the ``.npz`` layout :meth:`Result.save` writes (in the embedded JSON, ``"format"``).
 #: Files without it are version 0 (written before the version was recorded); they read the same.
@@ -149,7 +151,7 @@ class Result:
         """Write ``path`` (``.npz`` appended if missing): arrays + JSON config. Returns the path."""
         path = os.fspath(path)
         if not os.path.basename(path) or os.path.isdir(path):  # ("", "dir/": a hidden ".npz")
-            raise ValueError(f"cannot write {path!r}: give a file name (e.g. "
+            raise InputError(f"cannot write {path!r}: give a file name (e.g. "
                              f"{os.path.join(path, 'result.npz')!r})")
         if not path.endswith(".npz"):
             path += ".npz"
@@ -164,7 +166,7 @@ class Result:
         try:
             np.savez(path, **{_META: np.array(meta)}, **self.arrays)
         except OSError as e:
-            raise ValueError(f"cannot write {path!r}: {e.strerror or e}") from None
+            raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
         return path
 
     @classmethod
@@ -247,7 +249,7 @@ def check_folder_of(path: str) -> None:
     folder, or a file where the folder should be)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise ValueError(f"cannot write {path!r}: {directory!r} "
+        raise InputError(f"cannot write {path!r}: {directory!r} "
                          + ("is a file, not a folder" if os.path.exists(directory)
                             else "does not exist"))
 

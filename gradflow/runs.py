@@ -92,7 +92,7 @@ def _write_npz(path: str, meta: dict, arrays: dict) -> str:
                  **{k: np.asarray(v) for k, v in arrays.items()})
         os.replace(tmp, path)
     except OSError as e:
-        raise ValueError(f"cannot write {path!r}: {e.strerror or e}") from None
+        raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
     return path
 
 

@@ -554,7 +554,7 @@ def check_memory(stack, task, eval_task, cfg: TrainConfig) -> None:
     need = 2 * step.params + max(step.total, evaluation.total)
     cost.check_need(need, f"training ({cells_label(stack)}, {stack.layers} layers, "
                           f"H={stack.hidden_size}, batch {cfg.batch}, eval batch "
-                          f"{cfg.eval_batch}, {task.steps} steps)",
+                          f"{cfg.eval_batch}, sequences of {task.steps} steps)",
                     "use a smaller hidden size, fewer layers, or a smaller batch or eval batch")
 
 

@@ -287,6 +287,9 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
     # one band per (claim, cell), six panels each (2 sizes x 2 losses for params, 2 for hidden)
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 6 * 6
+    n = next(iter(committed.values())).statistic.shape[1]  # the colour bar says of how many
+    assert any(ax.get_ylabel() == f"fraction of the {n} seeds where the claim holds"
+               for ax in fig.axes)
     with pytest.raises(ValueError, match="unknown rows factor 'seed'; valid: input_scale"):
         plot.draw_atlas(committed, rows="seed")
     grid = tmp_path / "grid.json"
@@ -295,7 +298,7 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
     assert cli.main(["atlas", "--grid", str(grid), "--out", str(tmp_path), "--no-progress",
                      "--claims", "rnn_amplified"]) == 0
     out = capsys.readouterr().out
-    assert "rnn_amplified: holds for every seed in" in out and "atlas.png" in out
+    assert "rnn_amplified: holds for all 2 seeds in" in out and "atlas.png" in out
     res = A.load(tmp_path / "atlas")["rnn_amplified"]
     assert res.statistic.shape == (2, 2)
     for argv, msg in [(["--grid", str(grid), "--out", str(tmp_path / "no")], "not an existing"),

@@ -110,7 +110,8 @@ def test_an_atlas_of_overflowing_conditions_says_so(monkeypatch, tmp_path, capsy
                      "--hidden", "4", "--sizes", "3x12", "--seeds", "0", "1", "--batch", "2",
                      "--losses", "last", "--wrts", "hidden", "--no-progress", "--out",
                      str(tmp_path)]) == 0
-    assert ("first_probe: holds for every seed in 0 of 1 conditions, for some seed in 0 (r[0, "
+    assert ("first_probe: holds for all 2 seeds in 0 of 1 conditions, for at least one seed "
+            "in 0 (r[0, "
             "0] > 0); not readable (NaN: a map not finite, or 0 where it is read) for 2 of 2 "
             "(condition, seed) pairs, counted as not holding") in capsys.readouterr().out
 

@@ -2,6 +2,7 @@
 numbers, the printed summary equals NumPy on the written data, and bad input gets one line on
 stderr and exit status 2 with no traceback (in-process, plus the installed script once)."""
 import argparse
+import errno
 import json
 import os
 import re
@@ -263,6 +264,22 @@ def test_gates_summary_matches_an_independent_count_of_saturated_gates(capsys):
     line = next(l for l in out.splitlines() if l.strip().startswith("gate f"))
     assert float(line.split("saturated ")[1].split(",")[0]) == pytest.approx(frac, abs=1e-3)
     assert "gate i " not in out  # --gate f shows f only
+
+
+def test_gates_records_the_chosen_gate_and_saves_every_gate(capsys):
+    """``--gate f`` prints and draws f; the data file holds every gate (as --help says) and
+    records the choice, so it reads as the command that made it."""
+    rc, out, _ = run(capsys, "gates", "--help")
+    assert rc == 0
+    assert "holds every gate's statistics, with this choice as config['gate']" in " ".join(
+        out.split())
+    for extra, gate in ((["--gate", "f"], "f"), ([], None)):
+        rc, out, err = run(capsys, "gates", "--cell", "lstm", *SMALL, *extra)
+        assert rc == 0, err
+        stats = gradflow.load(_written(out, "data:"))
+        assert stats.config["gate"] == gate
+        assert stats.config["gates"] == ["i", "f", "o", "g"]
+        assert all(f"saturated/{g}/layer" in stats.arrays for g in "ifog")
 
 
 def test_cells_lists_every_cell_with_closed_form_parameter_counts(capsys):
@@ -839,6 +856,84 @@ def test_a_bug_inside_gradflow_is_an_internal_error_not_bad_input(capsys, monkey
     assert rc == 1 and "Traceback" in err and "ValueError: boom" in err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("where", ["--out", "--data"])
+def test_a_full_disk_is_the_machines_not_a_bug_in_gradflow(capsys, where):
+    """An output the disk will not take is an unwritable path (one line, exit 2), not an
+    internal error: the figure or the data written onto /dev/full (ENOSPC)."""
+    full = Path("full.png" if where == "--out" else "full.npz")
+    full.symlink_to("/dev/full")
+    paths = {"--out": "ok.png", "--data": "ok.npz", where: str(full)}
+    rc, out, err = run(capsys, "heatmap", *SMALL, *[a for kv in paths.items() for a in kv])
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err == (f"gradflow heatmap: error: cannot write {str(full)!r}: "
+                   f"{os.strerror(errno.ENOSPC)}\n")
+
+
+def test_an_os_error_of_the_machine_is_not_a_bug_in_gradflow(capsys, monkeypatch):
+    """An OSError of the environment that reaches the command line unwrapped (a quota, an
+    I/O error) is one line and exit 2 too; other OSErrors stay internal errors."""
+    from gradflow import plot
+
+    def over_quota(fig, path, **kwargs):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(path))
+
+    monkeypatch.setattr(plot, "save", over_quota)
+    rc, out, err = run(capsys, "heatmap", *SMALL, "--no-data")
+    assert rc == 2 and err == (f"gradflow heatmap: error: 'gradflow-out/heatmap_lstm_L2_T3_H8"
+                               f"_B2.png': {os.strerror(errno.EDQUOT)}\n"), err
+
+    def a_bug(fig, path, **kwargs):  # (a ValueError without an OSError behind it: a bug)
+        raise ValueError(f"cannot write {str(path)!r}: boom")
+
+    monkeypatch.setattr(plot, "save", a_bug)
+    rc, out, err = run(capsys, "heatmap", *SMALL, "--no-data")
+    assert rc == 1 and "internal error: ValueError: cannot write" in err, err
+
+
+def _closed_stdout_child(env):
+    """The gradflow program writing to a reader that goes away: ``train`` after its header
+    line (mid-table), ``cells`` before its first line."""
+    script = str(Path(sys.executable).parent / "gradflow")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, got = os.path.join(tmp, "run"), []
+        for argv, lines in ((["train", "--task", "adding", "--seq-len", "4", "--layers", "1",
+                              "--hidden", "4", "--batch", "4", "--eval-batch", "4", "--steps",
+                              "2", "--record", "0,2", "--out", run_dir], 1), (["cells"], 0)):
+            with tempfile.TemporaryFile("w+") as err:
+                proc = subprocess.Popen([script, *argv], stdout=subprocess.PIPE, stderr=err,
+                                        env=env)
+                for _ in range(lines):
+                    proc.stdout.readline()
+                proc.stdout.close()
+                rc = proc.wait(timeout=300)
+                err.seek(0)
+                got.append((rc, err.read()))
+        return got, sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+
+
+@pytest.mark.background(job=_closed_stdout_child)  # its work is fresh processes
+def test_a_closed_stdout_stops_the_printing_not_the_files(background, capsys, monkeypatch):
+    """``gradflow train ... | head -1``: the maps and figures are all written, the printing
+    stops without a traceback, and the status is 141 (as a program ended by SIGPIPE; 1 is an
+    internal error here); in-process, a BrokenPipeError the same."""
+    (train_run, cells), files = background
+    for rc, err in (train_run, cells):
+        assert rc == cli.CLOSED_STDOUT == 141, err
+        assert "Traceback" not in err and "Error" not in err and "error" not in err, err
+    assert {"curve.npz", "curve.png", "map_step000000.npz", "map_step000002.npz",
+            "maps.png", "state.npz"} <= set(files), files
+
+    from gradflow import jacobian
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    monkeypatch.setattr(jacobian, "gradient_map", closed)
+    rc, out, err = run(capsys, "heatmap", *SMALL, "--no-data")
+    assert rc == 141 and err == "", err
+
+
 def test_ctrl_c_is_one_line_exit_130(capsys, monkeypatch):
     from gradflow import jacobian
 
@@ -1243,6 +1338,12 @@ def _zip_text(path):
                                                    "and one feature, got (0, 3, 4)"),
     (lambda p: np.save(p, np.ones((2, 3, 0))), [], "got (2, 3, 0)"),
     (lambda p: p.write_bytes(b"junk"), [], "cannot read"),
+    # not a NumPy file, or an array of objects: what --inputs reads, not NumPy's pickle advice
+    (lambda p: p.write_text("1 2 3\n4 5 6\n"), [],
+     "cannot read '{path}': it is not a NumPy file; give a .npy of shape (batch, steps, "
+     "features) (np.save), or a .npz holding one such array (np.savez)"),
+    (lambda p: np.save(p, np.array([1, "a"], dtype=object), allow_pickle=True), [],
+     "'{path}' holds Python objects (dtype object), not numbers; give a .npy of shape"),
     # archives (np.load reads the zip's magic, whatever the name): damaged, truncated, not .npy
     (lambda p: p.write_bytes(b"PK\x03\x04junk"), [], "BadZipFile"),
     (lambda p: (np.savez(p, xs=np.ones((2, 3, 4))),
@@ -1262,8 +1363,9 @@ def test_inputs_refused_in_one_line(capsys, tmp_path, write, extra, message):
     path = path if path.exists() else tmp_path / "xs.npy.npz"  # np.savez adds .npz
     rc, out, err = run(capsys, "heatmap", "--layers", "2", "--hidden", "4", "--inputs", path,
                        *extra)
-    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert rc == 2 and message.format(path=path) in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
+    assert "allow_pickle" not in err
 
 
 def test_compare_trained_stacks_on_your_sequences(capsys, tmp_path):

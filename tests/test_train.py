@@ -445,8 +445,9 @@ def test_a_run_that_cannot_fit_is_refused_before_compiling(monkeypatch):
     monkeypatch.setattr(cost, "available_memory", lambda device=None: 4 << 20)
     stack = gradflow.Stack("lstm", 2, 2, 256)  # 2.1 MiB of parameters, 6.3 MiB with Adam's
     with pytest.raises(ValueError, match=r"training \(lstm, 2 layers, H=256, batch 8, eval "
-                                         r"batch 16, 20 steps\) needs about .* more than the "
-                                         r"4 MiB available: use a smaller hidden size"):
+                                         r"batch 16, sequences of 20 steps\) needs about .* "
+                                         r"more than the 4 MiB available: use a smaller hidden "
+                                         r"size"):
         train(stack, tasks.make("adding", steps=20), steps=1, batch=8, eval_batch=16,
               progress=False)
     with pytest.raises(ValueError, match=r"measuring the atlas's lstm conditions at 3 layers x "

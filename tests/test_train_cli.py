@@ -124,6 +124,21 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, message):
     assert out == "" and not (tmp_path / "x").exists(), out
 
 
+def test_a_run_too_large_for_memory_is_refused_before_its_folder(tmp_path, capsys,
+                                                                   monkeypatch):
+    """The memory check comes with the other checks: no header, no empty run folder."""
+    from gradflow import cost
+
+    monkeypatch.setattr(cost, "available_memory", lambda: 1000)
+    code = main(["train", "--out", str(tmp_path / "x"), "--steps", "2", "--eval-batch", "4",
+                 "--batch", "2", "--layers", "1", "--hidden", "4", "--seq-len", "4"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("gradflow train: error: training (lstm, 1 layers, H=4, batch 2, eval "
+                          "batch 4, sequences of 4 steps) needs about "), err
+    assert out == "" and not (tmp_path / "x").exists()
+
+
 def test_one_width_per_layer_trains_that_stack(tmp_path, capsys):
     out = tmp_path / "w"
     code = main(["train", "--out", str(out), "--steps", "2", "--eval-batch", "4", "--batch", "2",
