@@ -186,6 +186,12 @@ def _resolve_cells(cell, layers, cell_options) -> tuple:
     return (_cells.get(cell, **(cell_options or {})),) * layers
 
 
+def _one_cell(cells) -> bool:
+    """Whether every layer runs one cell: by identity first (cells are memoised), so a stack of
+    ten million layers answers in a second, not in the minute that hashing every cell took."""
+    return all(c is cells[0] or c == cells[0] for c in cells)
+
+
 @dataclasses.dataclass(frozen=True)
 class Stack:
     r"""``layers`` recurrent cells stacked over ``input_size``-dim data, ``hidden_size`` wide.
@@ -255,6 +261,13 @@ class Stack:
     residual: bool = False
     norm: str | None = None
     matmul_precision: str | None = "highest"
+
+    def __hash__(self):
+        # (equal stacks hash equal: their cell tuples share length, first and last cell)
+        # in O(1), not over every cell: a stack is a static argument and a cache key
+        return hash((type(self), len(self.cells), self.cells[0], self.cells[-1],
+                     *(getattr(self, f.name) for f in dataclasses.fields(self)
+                       if f.name != "cells")))
 
     def __init__(self, cell, layers: int = 1, input_size: int = 1, hidden_size=32, *,
                  input_projection: bool | None = None, order: str = "auto",
@@ -372,7 +385,7 @@ class Stack:
         shape)."""
         return (isinstance(self.hidden_size, int)
                 and (self.input_projection or self.input_size == self.hidden_size)
-                and all(c == self.cells[0] for c in self.cells[1:]))
+                and _one_cell(self.cells))
 
     def layer_in(self, l: int) -> int:
         """The number of features layer ``l`` reads: ``H_{l-1}`` (``l > 0``), ``H_0`` (the
@@ -406,7 +419,7 @@ class Stack:
         cell option named like a measurement's setting (g-LSTM's ``steps``, which a map's
         ``steps``, the sequence length, replaces in its config) is also kept under
         ``cell_options``, so a result's config rebuilds the cell it measured."""
-        if len(set(self.cells)) == 1:
+        if _one_cell(self.cells):
             cells = {**self.cells[0].config}
             if set(dict(self.cells[0].options)) & set(MEASUREMENT_KEYS):
                 cells["cell_options"] = dict(self.cells[0].options)
@@ -424,8 +437,8 @@ class Stack:
         """A copy with some fields changed (``cell`` may be a name)."""
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         cells = kw.pop("cells")
-        cell = changes.pop("cell", changes.pop("cells", cells if len(set(cells)) > 1
-                                                 else cells[0]))
+        cell = changes.pop("cell", changes.pop("cells", cells[0] if _one_cell(cells)
+                                                 else cells))
         kw.update(changes)
         return Stack(cell, **kw)
 

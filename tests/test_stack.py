@@ -538,3 +538,17 @@ def test_apply_checks_its_instruments():
     for bad in (-1, 0, 1.5):
         with pytest.raises(ValueError, match="batch must be a positive integer"):
             s.initial_state(bad)
+
+
+def test_a_very_deep_stack_is_described_without_walking_its_cells():
+    """A stack of ten million layers hashed (a cache key of every estimate) and compared each of
+    its cells: ``gradflow heatmap --layers 10000000 --dry-run`` took 29 s to answer, 4 s now
+    (timed in bench notes, not here). Equal stacks hash equal, stacks of other cells compare
+    unequal."""
+    deep = Stack("lstm", 10**6, 4, 4)
+    assert deep.uniform and hash(deep) == hash(Stack("lstm", 10**6, 4, 4))
+    assert deep.replace(layers=2).cells == deep.cells[:2]
+    mixed = Stack(["lstm", "ur_lstm", "lstm"], 3, 4, 4)
+    same = Stack(["lstm", "ur_lstm", "lstm"], 3, 4, 4)
+    assert mixed == same and hash(mixed) == hash(same) and not mixed.uniform
+    assert mixed != Stack("lstm", 3, 4, 4) and mixed.replace(layers=3) == mixed
