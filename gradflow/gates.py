@@ -850,6 +850,16 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
         warnings.warn(f"gates.model_saturation: {bad} gate values are not finite; every other "
                       "statistic is over the finite gate values (nonfinite/{gate} counts the "
                       "rest)", NonFiniteForwardWarning, stacklevel=2)
+    for g, kind in kinds.items():  # a gate's kind said by the user, not known: read its values
+        below, above, _ = (int(n) for n in arrays[f"outside/{g}/pooled"])
+        if below + above:
+            lo, hi = value_range(kind)
+            warnings.warn(
+                f"gates.model_saturation: gate {g!r} is declared {kind!r}, but {below + above} "
+                f"of its values lie outside that kind's range [{lo:g}, {hi:g}] ({below} below, "
+                f"{above} above): its saturation, slope and timescale assume the range; give "
+                f"its kind (kinds={{{g!r}: 'tanh'}} for values in [-1, 1]) or report the gate "
+                "itself, not a quantity made from it", stacklevel=2)
     dtype = next(iter(out.values())).dtype
     config = checks.with_meta({"model": name, "layers": L, "steps": int(T), "batch": int(B),
                                "hidden": int(first[3]), "dtype": str(dtype)}, meta, eps=eps,

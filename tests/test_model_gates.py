@@ -192,3 +192,24 @@ def test_couples_batch_false_is_checked_for_gates():
     ok = lambda p, xs: {"f": jax.nn.sigmoid(xs @ p)[None]}  # noqa: E731
     res = gates.model_saturation(ok, jnp.eye(2), xs, kinds={"f": "sigmoid"}, couples_batch=False)
     assert res.kind == "gate_stats"
+
+
+def test_values_outside_the_declared_kinds_range_are_said():
+    """A tanh gate declared "sigmoid" gave a negative mean slope and a negative timescale with
+    no word; it is still measured as declared (counted in outside/), with a warning naming it."""
+    def model(p, xs):
+        a = jnp.tanh(xs[None] @ p)  # (1, B, T, H) in [-1, 1]
+        return {"f": a, "ok": jax.nn.sigmoid(xs[None] @ p)}
+    p = jax.random.normal(jax.random.key(0), (3, 4))
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    with pytest.warns(UserWarning, match=r"gate 'f' is declared 'sigmoid', but \d+ of its values "
+                                         r"lie outside that kind's range \[0, 1\] \(\d+ below, "
+                                         r"\d+ above\).*kinds=\{'f': 'tanh'\}") as seen:
+        res = gates.model_saturation(model, p, xs, kinds={"f": "sigmoid", "ok": "sigmoid"},
+                                     retain={"f": 1})
+    assert not any("'ok'" in str(w.message) for w in seen)
+    below = int(res.arrays["outside/f/pooled"][0])
+    assert below == int((np.asarray(model(p, xs)["f"]) < 0).sum()) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # declared right: not a word
+        gates.model_saturation(model, p, xs, kinds={"f": "tanh", "ok": "sigmoid"})
