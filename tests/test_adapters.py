@@ -650,6 +650,28 @@ def test_function_gates_statistics_and_kinds():
     assert "slope/cand" not in o.arrays
     np.testing.assert_allclose(o["saturated/cand"],
                                ((cand < 0.05) | (cand > 0.95)).mean(axis=(1, 3)), atol=1e-6)
+    assert not any(k.startswith("timescale/") for k in stats.arrays)  # no gate said to keep
+    # retain= names the gate that keeps the state: its memory timescale 1 / (1 - mean f)
+    kept = cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2,
+                               gates=_lstm_gates, retain={"f": 1})
+    assert kept.retain == (("f", 1),)
+    k = gates.saturation(gradflow.Stack(kept, L, D, H), params, xs)
+    np.testing.assert_allclose(k["timescale/f"], 1 / (1 - f.mean(axis=(1, 3))), rtol=1e-5)
+    flipped = cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2,
+                                  gates=_lstm_gates, retain={"f": -1})
+    np.testing.assert_allclose(gates.saturation(gradflow.Stack(flipped, L, D, H), params,
+                                                xs)["timescale/f"],
+                               1 / f.mean(axis=(1, 3)), rtol=1e-5)
+    for bad, err, match in (({"g": 1}, ValueError, r"retain names 'g', which is not a reported "
+                                                    r"gate \('f', 'cand'\)"),
+                            ({"f": True}, ValueError, r"retain\['f'\] must be 1"),
+                            ({"cand": 1}, ValueError, "a 'tanh' gate is no fraction"),
+                            ([("f", 1)], TypeError, r"retain must be a dict")):
+        with pytest.raises(err, match=match):
+            cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2,
+                                gates=_lstm_gates, retain=bad)
+    with pytest.raises(ValueError, match="none: give gates="):
+        cells.from_function(_lstm_step, _lstm_init, hidden_size=H, state=2, retain={"f": 1})
 
 
 def test_no_gates_maps_work_statistics_say_how():
@@ -718,6 +740,10 @@ def test_linen_sown_gates():
                             2, D, H)
     np.testing.assert_allclose(gates.saturation(picked, params, xs)["mean/z"],
                                stats["mean/z"], rtol=1e-6)
+    # retain= passes through every adapter: z keeps 1 - z of the state here
+    kept = gradflow.Stack(cells.from_linen(module, gates="sown", retain={"z": -1}), 2, D, H)
+    np.testing.assert_allclose(gates.saturation(kept, params, xs)["timescale/z"],
+                               1 / z.mean(axis=(1, 3)), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import importlib
 import inspect
 import re
 import warnings
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -351,7 +351,7 @@ def _gates_checked(who: str, call_b: Callable, gate_kinds) -> Callable:
 def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidden_size,
            output, reports_gates: bool, gate_kinds, make_init: Callable,
            probe_params: Callable | None, finds_output: bool, to_params: Callable,
-           options: dict, couples_batch: bool | None = False) -> Cell:
+           options: dict, couples_batch: bool | None = False, retain=None) -> Cell:
     """A :class:`Cell` around ``call(params, carry, x) -> (carry, y or None, {gate: value})``.
 
     Args:
@@ -414,6 +414,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
                                  "new carry moves with the others' inputs): declare it, "
                                  "couples_batch=True, so that per-example measurements "
                                  "refuse it and batches are not split")
+    retain = _retain(who, retain, kinds if reports_gates else {})
     recur, init_fn = _functions(who, call_b, treedef, names, tuple(kinds), n, hidden_size,
                                 make_init, check_output)
     opts = {**options, "adapter": who}
@@ -422,7 +423,28 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
     return Cell(name=name, init_fn=init_fn, recur_fn=recur, options=tuple(sorted(opts.items())),
                 state_names=names, gate_kinds=tuple(kinds.items()),
                 equation=f"{who}: {options.get('module', 'user function')}",
-                to_params=to_params, couples_batch=bool(couples_batch))
+                to_params=to_params, couples_batch=bool(couples_batch), retain=retain)
+
+
+def _retain(who: str, retain, kinds: dict) -> tuple:
+    """``retain={gate: 1 or -1}`` checked, as ``Cell.retain`` pairs: the reported gates whose
+    value (1) or complement (-1) is the fraction of the previous state kept."""
+    if retain is None:
+        return ()
+    if not isinstance(retain, Mapping):
+        raise TypeError(f"{who}: retain must be a dict {{gate: 1 or -1}}, e.g. {{'f': 1}} for "
+                        f"an LSTM's forget gate; got {type(retain).__name__}")
+    for g, sign in retain.items():
+        if g not in kinds:
+            raise ValueError(f"{who}: retain names {g!r}, which is not a reported gate ("
+                             f"{', '.join(map(repr, kinds)) or 'none: give gates='})")
+        if isinstance(sign, bool) or sign not in (1, -1):
+            raise ValueError(f"{who}: retain[{g!r}] must be 1 (the state kept is the gate's "
+                             f"value a) or -1 (it is 1 - a), got {sign!r}")
+        if kinds[g] not in ("sigmoid", "other"):
+            raise ValueError(f"{who}: retain[{g!r}]: a {kinds[g]!r} gate is no fraction of the "
+                             "state kept (a sigmoid gate is)")
+    return tuple((g, int(sign)) for g, sign in retain.items())
 
 
 def _probe(who, call_b, treedef, n, probe_params, H, detect: bool = False):
@@ -605,7 +627,7 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
 def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
                   input_size: int | None = None, state=None, output=None, batched: bool = True,
                   gates: Callable | None = None, gate_kinds=None, name: str = "user",
-                  couples_batch: bool | None = None) -> Cell:
+                  couples_batch: bool | None = None, retain=None) -> Cell:
     r"""A cell from a plain step function
     :math:`(\mathrm{carry}_t, y_t) = f_\theta(\mathrm{carry}_{t-1}, x_t)`.
 
@@ -629,6 +651,10 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
       gate_kinds: ``{gate: kind}`` (:data:`gradflow.cells.base.KINDS`); default per gate:
         ``"sigmoid"`` if its probe values lie in ``[0, 1]``, ``"tanh"`` if in ``[-1, 1]``,
         else ``"other"``.
+      retain: ``{gate: 1 or -1}``: the reported gates whose value (1, an LSTM's ``f``) or
+        complement (-1, a GRU's update gate where it keeps ``1 - z``) is the fraction of the
+        state kept, so that :func:`gradflow.gates.saturation` gives their memory timescales
+        (``Cell.retain``); default none.
       name: a label (two cells of one name stay distinct: equality compares the functions).
       couples_batch: whether the step mixes the examples of a batch (batch statistics);
         default: found by the probe step (example 0's carry moving with the others' inputs),
@@ -679,7 +705,7 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=probe, finds_output=True, to_params=lambda obj: obj,
                   options={"module": getattr(step, "__name__", "step")},
-                  couples_batch=couples_batch)
+                  couples_batch=couples_batch, retain=retain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -769,7 +795,7 @@ def _not_a_module(who: str, module) -> str:
 
 def from_linen(module, *, hidden_size: int | None = None, output=None, gates=None,
                gate_kinds=None, name: str | None = None,
-               couples_batch: bool | None = None) -> Cell:
+               couples_batch: bool | None = None, retain=None) -> Cell:
     r"""A cell from a ``flax.linen`` RNN cell, called as ``module.apply({"params": p}, carry, x)``.
 
     Works for ``nn.LSTMCell``, ``nn.OptimizedLSTMCell``, ``nn.GRUCell``, ``nn.MGUCell``,
@@ -787,6 +813,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
         module sows with ``self.sow("intermediates", name, value)`` (only those ``gate_kinds``
         names, where it is given: a module may sow more than its gates).
       gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
+      retain: ``{gate: 1 or -1}``, as :func:`from_function`'s.
       name: a label (default the module's class name).
       couples_batch: whether the step mixes the examples of a batch, as
         :func:`from_function`'s (default: found by the probe step).
@@ -872,7 +899,8 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
                   template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=probe, finds_output=True, to_params=to_params,
-                  options={"module": type(module).__name__}, couples_batch=couples_batch)
+                  options={"module": type(module).__name__}, couples_batch=couples_batch,
+                  retain=retain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -915,7 +943,8 @@ def _same_fixed_state(who: str, own, its) -> None:
 
 def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None, gates=None,
              gate_kinds=None, init: Callable | None = None, name: str | None = None,
-             couples_batch: bool | None = None, input_size: int | None = None) -> Cell:
+             couples_batch: bool | None = None, input_size: int | None = None,
+             retain=None) -> Cell:
     r"""A cell from a ``flax.nnx`` RNN cell (``nnx.LSTMCell``, ``nnx.GRUCell``, ...; any module
     with ``__call__(carry, x) -> (carry, y)`` on batched arrays).
 
@@ -936,6 +965,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
       gates: ``gates(module, carry, x) -> {name: (B, H)}`` (``module`` holding the layer's
         weights).
       gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
+      retain: ``{gate: 1 or -1}``, as :func:`from_function`'s.
       init: ``init(key, input_size, hidden_size) -> module``, a fresh module per layer (e.g.
         ``lambda k, i, h: nnx.LSTMCell(i, h, kernel_init=..., rngs=nnx.Rngs(k))``).
         A probe step (finding the output or gate kinds) runs ``module`` on
@@ -1014,7 +1044,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                   probe_params=_module_probe(who, module, own, n_in, init, make_init, H),
                   finds_output=True,
                   to_params=to_params, options={"module": type(module).__name__},
-                  couples_batch=couples_batch)
+                  couples_batch=couples_batch, retain=retain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1053,7 +1083,8 @@ def _eqx_to_params(eqx, module, keys, obj):
 
 def from_equinox(module, *, hidden_size: int | None = None, state=None, output=None,
                  gates=None, gate_kinds=None, init: Callable | None = None,
-                 name: str | None = None, input_size: int | None = None) -> Cell:
+                 name: str | None = None, input_size: int | None = None,
+                 retain=None) -> Cell:
     r"""A cell from an Equinox module called on one example, ``module(x, state) -> state``
     (``eqx.nn.LSTMCell``: state ``(h, c)``; ``eqx.nn.GRUCell``: state ``h``), vmapped over the
     batch.
@@ -1076,6 +1107,7 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
       gates: ``gates(module, state, x) -> {name: (H,)}`` on one example (vmapped like the
         module).
       gate_kinds: ``{gate: kind}``; default as :func:`from_function`.
+      retain: ``{gate: 1 or -1}``, as :func:`from_function`'s.
       init: ``init(key, input_size, hidden_size) -> module``, a fresh module per layer.
         Finding gate kinds runs one probe step: on ``module`` with ``input_size`` features,
         or else on ``init(key, H, H)``.
@@ -1138,7 +1170,8 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
                   template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=probe, finds_output=False,
-                  to_params=to_params, options={"module": type(module).__name__})
+                  to_params=to_params, options={"module": type(module).__name__},
+                  retain=retain)
 
 
 # ---------------------------------------------------------------------------------------------
