@@ -687,7 +687,9 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
             f"{_g(values[l, t])} at (layer {l}, t {t})" for l, t in bad[:4])
         + (", ..." if len(bad) > 4 else "") + ")"))
     lines.append(f"underflow entries: {int(underflow)} of {values.size} (below the {dtype.name} "
-                 f"range, {np.finfo(dtype).tiny:.2g}: a positive gradient stored as 0)")
+                 f"range, {np.finfo(dtype).tiny:.2g}, where a gradient reaches: one stored as 0"
+                 + (", or exactly 0 in the model itself, e.g. a LayerNorm over 1 unit or a "
+                    "ReLU that is off)" if underflow else ")"))
     return lines
 
 
