@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import math
 import operator
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -218,6 +219,25 @@ def check_finite_inputs(xs) -> None:
     inputs; a traced ``xs`` is not checked)."""
     if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
         raise ValueError("inputs contain NaN or inf; gradient flow is measured on finite inputs")
+
+
+def warn_narrowed(xs, params, who: str, stacklevel: int = 3) -> None:
+    """Warn where 64-bit JAX is on and ``xs`` are float64 but ``params`` float32: the stack
+    computes in its parameters' dtype, so the float64 inputs are measured in float32 (seen only
+    in the result's ``config["dtype"]``)."""
+    if not jax.config.jax_enable_x64:
+        return
+    dt = _dtype_of(xs)
+    leaves = jax.tree_util.tree_leaves(params)
+    have = jnp.result_type(leaves[0]) if leaves else None
+    if (dt is not None and have is not None and jnp.issubdtype(dt, jnp.floating)
+            and jnp.issubdtype(have, jnp.floating)
+            and jnp.dtype(dt).itemsize > jnp.dtype(have).itemsize):
+        warnings.warn(f"{who}: the inputs are {jnp.dtype(dt).name}, the parameters "
+                      f"{jnp.dtype(have).name}: the stack computes in its parameters' dtype, "
+                      f"so this is a {jnp.dtype(have).name} measurement; for a "
+                      f"{jnp.dtype(dt).name} one give {jnp.dtype(dt).name} parameters "
+                      f"(stack.init(key, jnp.{jnp.dtype(dt).name}))", stacklevel=stacklevel)
 
 
 def check_xs(stack, xs):

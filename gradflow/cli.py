@@ -2856,10 +2856,11 @@ def main(argv=None) -> int:
     stdout = reader = sys.stdout
     if program:  # Ctrl-C ends the process at once, wherever Python is (see _interrupted)
         signal.signal(signal.SIGINT, lambda *_: _interrupted(command[0]))
-        sys.stdout = reader = _ReaderStdout(stdout)
+        if stdout is not None:  # (None where the program was started with stdout closed)
+            sys.stdout = reader = _ReaderStdout(stdout)
     try:
         status = _main(argv, program, command)
-        if program and status == 0 and reader.reader_gone:
+        if program and status == 0 and getattr(reader, "reader_gone", False):
             return CLOSED_STDOUT
         return status
     finally:
@@ -2889,7 +2890,8 @@ def _main(argv: list, program: bool, command: list) -> int:
 
                 with precision("float64"):  # 64-bit JAX, what the API asks of its caller
                     status = args.run(args)
-        sys.stdout.flush()  # (here: a reader gone, a full disk, is seen, not at Python's exit)
+        if sys.stdout is not None:  # (here: a reader gone, a full disk, is seen, not at exit)
+            sys.stdout.flush()
         return status
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0

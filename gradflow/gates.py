@@ -694,6 +694,7 @@ def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = 
     eps, threshold, bins = _settings(eps, update_threshold, bins)
     xs = checks.check_xs(stack, xs)
     checks.check_params(stack, params)
+    checks.warn_narrowed(xs, params, "gates.saturation")
     checks.check_finite_inputs(xs)
     with user_input():  # too big for this machine: the user's sizes to change
         _cost.check_fits(_cost.estimate(stack, xs.shape[0], xs.shape[1], xs.dtype,
@@ -858,8 +859,8 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
                 f"gates.model_saturation: gate {g!r} is declared {kind!r}, but {below + above} "
                 f"of its values lie outside that kind's range [{lo:g}, {hi:g}] ({below} below, "
                 f"{above} above): its saturation, slope and timescale assume the range; give "
-                f"its kind (kinds={{{g!r}: 'tanh'}} for values in [-1, 1]) or report the gate "
-                "itself, not a quantity made from it", stacklevel=2)
+                f"its kind (kinds={{{g!r}: 'tanh'}} for values in [-1, 1]), or report the gate "
+                "itself where this is a quantity made from it", stacklevel=2)
     dtype = next(iter(out.values())).dtype
     config = checks.with_meta({"model": name, "layers": L, "steps": int(T), "batch": int(B),
                                "hidden": int(first[3]), "dtype": str(dtype)}, meta, eps=eps,

@@ -273,7 +273,8 @@ def digits(images=None, labels=None, split: str = "all", test_fraction: float = 
     if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"task 'digits': labels must be {images.shape[:1]} integers, got "
                          f"{labels.shape} {labels.dtype}")
-    if not (np.issubdtype(images.dtype, np.number) and not np.iscomplexobj(images)):
+    if not ((np.issubdtype(images.dtype, np.number) or images.dtype == bool)
+            and not np.iscomplexobj(images)):
         raise ValueError(f"task 'digits': images must hold real numbers, got {images.dtype}")
     if not np.all(np.isfinite(images)):
         raise ValueError(f"task 'digits': images hold {np.size(images) - np.isfinite(images).sum()}"

@@ -6,12 +6,14 @@ Jacobian map was 6-8% off and the probes' estimate biased likewise; float32: non
 same program compiled without them (``xla_cpu_use_fusion_emitters=False``) is exact and, in
 float64, no slower (LSTM Jacobian maps 4 x 10 x 5 x 4 and 8 x 32 x 64 x 16 measured side by
 side: 0.8-1.0x the time, compile 0.7-0.8x), while float32 maps lose about 15% without them. So
-:func:`jit` compiles each program twice over, as it is asked for: with the emitters where no
-argument is float64 or the backend is no CPU, without them otherwise. A program traced inside
-another (your ``jax.jit`` or ``jax.grad`` around a traceable core such as
-:func:`gradflow.jacobian.map_arrays`) is inlined there and compiled as that one is: set
-``XLA_FLAGS=--xla_cpu_use_fusion_emitters=false`` before JAX starts to have it exact in float64
-too. It imports nothing of gradflow, so every layer of the package may use it.
+:func:`jit` compiles each program as it is asked for: without them where 64-bit JAX is on
+(gradflow runs float64 work in 64-bit mode and float32 work in 32-bit mode,
+:func:`gradflow.problem.precision`; a float32 map run with 64-bit JAX on by the user is exact
+too, and about 15% slower) and the backend is a CPU, with them otherwise. A program called
+inside your own ``jax.jit`` (around a traceable core such as
+:func:`gradflow.jacobian.map_arrays`) is compiled as part of yours: set
+``XLA_FLAGS=--xla_cpu_use_fusion_emitters=false`` before JAX starts to have that exact in
+float64 too. It imports nothing of gradflow, so every layer of the package may use it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-#: XLA options of the programs :func:`jit` compiles for float64 arguments on a CPU.
+#: XLA options of the programs :func:`jit` compiles for calls with 64-bit JAX on, on a CPU.
 FLOAT64_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
@@ -32,22 +34,27 @@ class _Jit:
         self._exact = jax.jit(fun, compiler_options=FLOAT64_CPU_OPTIONS, **options)
         functools.update_wrapper(self, fun)
 
-    def _pick(self, args, kwargs):
-        if jax.default_backend() != "cpu":
-            return self._plain
-        leaves = jax.tree_util.tree_leaves((args, kwargs))
-        if any(isinstance(a, jax.core.Tracer) for a in leaves):
-            return self._plain  # inside a trace it is inlined: the outer program's options hold
-        f64 = jnp.dtype("float64")
-        if any(getattr(a, "dtype", None) == f64 for a in leaves) and options_known():
+    def _pick(self):
+        """The program without the emitters where 64-bit JAX is on (float64 work: gradflow's
+        float32 work runs in 32-bit mode, :func:`gradflow.problem.precision`) on a CPU."""
+        if (jax.default_backend() == "cpu" and jax.config.jax_enable_x64
+                and options_known()):
             return self._exact
         return self._plain
 
     def __call__(self, *args, **kwargs):
-        return self._pick(args, kwargs)(*args, **kwargs)
+        program = self._pick()
+        if program is self._plain:
+            return program(*args, **kwargs)
+        try:
+            return program(*args, **kwargs)
+        except ValueError as e:  # inside the caller's jax.jit: compiled as that program is
+            if "can only be passed to top-level" not in str(e):
+                raise
+            return self._plain(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        return self._pick(args, kwargs).lower(*args, **kwargs)
+        return self._pick().lower(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,10 +71,11 @@ def options_known() -> bool:
 
 
 def jit(fun=None, **options):
-    """``jax.jit(fun, **options)``, but a call with a float64 array among its arguments on a
-    CPU runs a program compiled without XLA:CPU's fusion emitters (:data:`FLOAT64_CPU_OPTIONS`;
-    the module docstring says why). Usable as ``@jit``, ``@functools.partial(jit, ...)`` and
-    ``jit(fun, ...)``; ``.lower`` picks as a call does.
+    """``jax.jit(fun, **options)``, but a call made with 64-bit JAX on, on a CPU, runs a
+    program compiled without XLA:CPU's fusion emitters (:data:`FLOAT64_CPU_OPTIONS`; the module
+    docstring says why), except inside the caller's own ``jax.jit``, where JAX allows no
+    options of its own. Usable as ``@jit``, ``@functools.partial(jit, ...)`` and ``jit(fun,
+    ...)``; ``.lower`` picks as a call does.
 
     >>> f = jit(lambda x: 2 * x)
     >>> f(jnp.ones(2, jnp.float32)).tolist()

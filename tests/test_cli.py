@@ -891,6 +891,15 @@ def test_an_os_error_of_the_machine_is_not_a_bug_in_gradflow(capsys, monkeypatch
     assert rc == 1 and "internal error: ValueError: cannot write" in err, err
 
 
+def test_a_program_started_with_stdout_closed_runs():
+    """``gradflow cells >&-``: Python's sys.stdout is None; the reader-gone wrapper failed on
+    it (an internal error, status 1)."""
+    script = str(Path(sys.executable).parent / "gradflow")
+    r = subprocess.run([script, "cells"], preexec_fn=lambda: os.close(1), capture_output=False,
+                       stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def _closed_stdout_child(env):
     """The gradflow program writing to a reader that goes away: ``train`` after its header
     line (mid-table), ``cells`` before its first line."""

@@ -271,6 +271,12 @@ def test_float64_maps_where_xla_cpu_miscompiles(x64):
     vjps = lambda c, h: jax.vmap(jax.vjp(run, h)[1])(c)[0]  # noqa: E731
     each = np.stack([jax.vjp(run, h0)[1](c)[0] for c in cts])
     np.testing.assert_allclose(gradflow.xla.jit(vjps)(cts, h0), each, rtol=1e-12, atol=1e-15)
+    one = lambda c, h: jax.vjp(run, h)[1](c)[0]  # noqa: E731
+    np.testing.assert_allclose(jax.vmap(lambda c: gradflow.xla.jit(one)(c, h0))(cts), each,
+                               rtol=1e-12, atol=1e-15)  # the caller's vmap: exact too
+    # inside the caller's own jax.jit JAX allows no options: run as that program is compiled
+    got = jax.jit(lambda y: gradflow.xla.jit(vjps)(cts, h0) + y)(0.0)
+    assert got.shape == each.shape and np.all(np.isfinite(got))
 
 
 def test_local_gains_equal_cell_jacobians(x64):
@@ -591,3 +597,21 @@ def test_spectra_at_names_each_position_once():
     pr = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2)
     with pytest.raises(ValueError, match=r"spectra_at names \(layer, step\) \(1, 2\) twice"):
         gradflow.jacobian_map(*pr[:3], spectra_at=[(1, 2), (-1, -1)])
+
+
+def test_float64_inputs_measured_in_float32_params_are_said(x64):
+    """64-bit JAX on, float64 inputs, float32 parameters (Stack.init's default): the map runs
+    in float32, which only config["dtype"] said; now a warning names the fix. Matching dtypes,
+    and 32-bit JAX (where every float64 array is float32), say nothing."""
+    stack = gradflow.Stack("lstm", 2, 3, 4)
+    p32 = stack.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (2, 3, 3), jnp.float64)
+    for measure in (J.gradient_map, J.jacobian_map, gradflow.gates.saturation):
+        with pytest.warns(UserWarning, match=r"the inputs are float64, the parameters float32: "
+                                             r".* give float64 parameters") as seen:
+            res = measure(stack, p32, xs)
+        assert seen[0].filename == __file__ and res.config["dtype"] == "float32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        J.gradient_map(stack, stack.init(jax.random.key(0), jnp.float64), xs)
+        J.gradient_map(stack, p32, xs.astype(jnp.float32))

@@ -245,6 +245,13 @@ def test_digits_reads_pixels_row_by_row():
     assert tasks.make("digits", images=flat, labels=LABELS) == DIGITS
 
 
+def test_digits_takes_binary_images():
+    """Bool (binary) images are pixels 0 and 1, as before the finite-pixel check."""
+    t = tasks.make("digits", images=IMAGES > 8, labels=LABELS, scale=1.0)
+    xs = draw(t, 0)[0]
+    assert set(np.unique(np.asarray(xs))) <= {0.0, 1.0}
+
+
 def test_digits_split_is_a_partition():
     flat = IMAGES.reshape(-1, 64)
 
