@@ -304,6 +304,9 @@ class Stack:
             raise ValueError(f"unknown order {order!r}; valid: "
                              f"{', '.join(map(repr, ('auto',) + ORDERS))}")
         set_("order", order)
+        if isinstance(checkpoint, bool):  # (True read as 1 by the integer check)
+            raise TypeError(f"checkpoint={checkpoint}: give 'auto' (a chunk length chosen "
+                            "from the sequence), a chunk length (an integer >= 1) or None")
         if checkpoint not in (None, "auto"):
             checkpoint = _positive_int("checkpoint", checkpoint)
         set_("checkpoint", checkpoint)
@@ -504,12 +507,24 @@ class Stack:
             dtype = jnp.asarray(jax.tree_util.tree_leaves(out[0])[0]).dtype
         dtype = jnp.dtype(dtype)
         if self.norm is not None:
-            params["norm"] = self._identity_norm(dtype) if norm is None else list(norm)
+            params["norm"] = (self._identity_norm(dtype) if norm is None
+                              else [self._norm_layer(n) for n in norm])
         elif norm is not None:
             raise ValueError("norm= given, but the stack has no norm")
         params = cast_floating(params, dtype)
         check_params(self, params)
         return params
+
+    def _norm_layer(self, given):
+        """One layer's trained norm params as :meth:`init` lays them out: a Flax variable dict
+        ``{"params": {...}}`` unwrapped, and a LayerNorm made without a bias (``use_bias=False``,
+        the same function as a bias of 0) given its zero bias."""
+        if isinstance(given, Mapping) and set(given) == {"params"}:
+            given = given["params"]
+        if (self.norm == "layer" and isinstance(given, Mapping) and "scale" in given
+                and "bias" not in given):
+            given = {**given, "bias": jnp.zeros_like(jnp.asarray(given["scale"]))}
+        return given
 
     def initial_state(self, batch: int, dtype=jnp.float32) -> dict:
         """Zero state ``{name: (L, B, H)}`` (``H = max_width``)."""

@@ -56,6 +56,11 @@ class _Jit:
     def lower(self, *args, **kwargs):
         return self._pick().lower(*args, **kwargs)
 
+    def _cache_size(self) -> int:
+        """The programs compiled for calls (of both kinds), as ``jax.jit``'s: a test that a
+        program compiles once reads it."""
+        return self._plain._cache_size() + self._exact._cache_size()
+
 
 @functools.lru_cache(maxsize=None)
 def options_known() -> bool:

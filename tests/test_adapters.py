@@ -1339,3 +1339,22 @@ def test_a_module_that_is_no_cell_is_told_how_cells_are_called():
     with pytest.raises(ValueError, match=r"the cell is called as module\(x, state\): an RNN "
                                          r"cell, one step\)"):
         stack.init(jax.random.key(0))
+
+
+def test_trained_layer_norms_as_flax_gives_them():
+    """stack_params(norm=...) refused a LayerNorm(use_bias=False)'s params ("bias is missing",
+    no fix said) and Flax's {"params": ...} dict of one; both are the norm they name."""
+    stack = gradflow.Stack("lstm", 2, D, H, norm="layer")
+    layers = stack.init(jax.random.key(0))["layers"]
+    ln = nn.LayerNorm(use_bias=False, scale_init=nn.initializers.uniform(2.0))
+    scales = [ln.init(jax.random.key(i), jnp.ones((1, H)))["params"] for i in (1, 2)]
+    assert set(scales[0]) == {"scale"}
+    params = cells.stack_params(stack, layers, norm=[scales[0], {"params": scales[1]}])
+    for got, s in zip(params["norm"], scales):
+        np.testing.assert_array_equal(got["scale"], s["scale"])
+        np.testing.assert_array_equal(got["bias"], np.zeros(H))
+    explicit = cells.stack_params(stack, layers, norm=[{**s, "bias": jnp.zeros(H)}
+                                                       for s in scales])
+    xs = inputs(jnp.float32)
+    np.testing.assert_array_equal(gradflow.gradient_map(stack, params, xs).values,
+                                  gradflow.gradient_map(stack, explicit, xs).values)

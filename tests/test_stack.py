@@ -552,3 +552,12 @@ def test_a_very_deep_stack_is_described_without_walking_its_cells():
     same = Stack(["lstm", "ur_lstm", "lstm"], 3, 4, 4)
     assert mixed == same and hash(mixed) == hash(same) and not mixed.uniform
     assert mixed != Stack("lstm", 3, 4, 4) and mixed.replace(layers=3) == mixed
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_checkpoint_as_a_switch_names_its_forms(flag):
+    """checkpoint=True (a switch, as in other libraries) was refused as "must be a positive
+    integer"; the message now names the forms it takes."""
+    with pytest.raises(TypeError, match=rf"checkpoint={flag}: give 'auto' .*, a chunk length "
+                                        r"\(an integer >= 1\) or None"):
+        Stack("lstm", 2, 3, 4, checkpoint=flag)

@@ -1190,7 +1190,8 @@ def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=N
       layers: one object per layer, bottom first (e.g. three trained ``eqx.nn.GRUCell``).
       input: ``{"W": (D, H), "b": (H,)}`` for a stack with ``input_projection``.
       norm: per-layer norm params (``[{"scale": (H,), "bias": (H,)}, ...]``) for a stack with
-        ``norm``; default the identity (scale 1, bias 0).
+        ``norm``; default the identity (scale 1, bias 0). A Flax ``LayerNorm``'s params as
+        they come (``{"params": {...}}`` too; made with ``use_bias=False``: bias 0).
       dtype: cast every floating leaf to this (default: the first layer's dtype).
     Returns:
       ``{"layers": [...], "input"?: ..., "norm"?: [...]}`` as :meth:`Stack.init` returns.
