@@ -1156,7 +1156,10 @@ def _trained_problem(args, path):
           else _run_batch(args, meta["config"], dt, path)[0])
     config.update({**stack.config, "steps": int(xs.shape[1]), "batch": int(xs.shape[0]),
                    "seed": meta["config"]["seed"], "dtype": str(dt), "train_step": meta["step"],
-                   "inputs": "evaluation batch of the run's task"})
+                   "inputs": "evaluation batch of the run's task",
+                   # the run's settings, as its recorded maps carry them: the folder may change
+                   "training": {k: v for k, v in meta["config"].items()
+                                if k not in stack.config}})
     return Problem(stack, params, xs, config)
 
 

@@ -235,6 +235,9 @@ def test_loaded_params_give_the_map_recorded_at_the_end_of_training(run, direct)
         measured = gradflow.load(target.with_suffix(".npz"))
         np.testing.assert_array_equal(measured.values, recorded.values)
         assert measured.config["train_step"] == 12 and measured.config["cell"] == "star"
+        # the run's settings travel with the result, as with the recorded maps
+        assert measured.config["training"] == recorded.config["training"]
+        assert measured.config["training"]["lr"] == 0.01
 
 
 def test_gates_of_the_trained_params(run, capsys):
