@@ -276,9 +276,10 @@ def digits(images=None, labels=None, split: str = "all", test_fraction: float = 
     if not ((np.issubdtype(images.dtype, np.number) or images.dtype == bool)
             and not np.iscomplexobj(images)):
         raise ValueError(f"task 'digits': images must hold real numbers, got {images.dtype}")
-    if not np.all(np.isfinite(images)):
-        raise ValueError(f"task 'digits': images hold {np.size(images) - np.isfinite(images).sum()}"
-                         " non-finite pixels (NaN or inf); the task needs finite pixel values")
+    bad = np.size(images) - int(np.isfinite(images).sum())
+    if bad:
+        raise ValueError(f"task 'digits': images hold {bad} non-finite pixels (NaN or inf); "
+                         "the task needs finite pixel values")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise ValueError("task 'digits': labels must lie in 0..9")
     if split not in ("all", "train", "test"):

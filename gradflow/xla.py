@@ -44,12 +44,10 @@ class _Jit:
 
     def __call__(self, *args, **kwargs):
         program = self._pick()
-        if program is self._plain:
-            return program(*args, **kwargs)
         try:
             return program(*args, **kwargs)
         except ValueError as e:  # inside the caller's jax.jit: compiled as that program is
-            if "can only be passed to top-level" not in str(e):
+            if program is self._plain or "can only be passed to top-level" not in str(e):
                 raise
             return self._plain(*args, **kwargs)
 
