@@ -47,6 +47,14 @@ The ``init`` factor is the weight scheme (optionally ``"+bias scheme"``); a cell
 Each condition is cached as ``<cache_dir>/<key>.npz`` (a :class:`gradflow.Result` holding the
 measurement's arrays with a leading seed axis, e.g. ``values: (S, L, T)``), ``key`` a hash of
 the condition's config, so an interrupted atlas resumes where it stopped.
+
+A condition's numbers are its config's to float rounding, not bit for bit: XLA compiles each
+group's program as a whole (a forward shared by its losses, reductions over its seeds x scales
+laid out by their count), so the same condition measured in another group (a resumed atlas
+measures only what its cache lacks; a grid with other seeds, scales or losses groups it with
+others) may differ in the last bits (seen: 5e-8 relative in float32). A verdict changes only
+where a statistic lies that close to its threshold. The same grid with the same cache gives the
+same numbers bit for bit.
 """
 from __future__ import annotations
 

@@ -83,6 +83,11 @@ def pytest_configure(config):
                                        "in a background thread from collection on")
     config.addinivalue_line("markers", "child: run the test in the child lane's pytest process "
                                        "(tests/conftest.py)")
+    # JAX's CPU backend starts now, with one device, whichever test comes first: a CLI test run
+    # first would start it with one device per core (gradflow.cli's speed settings), and every
+    # later test in that process would split its maps over them (a test-order dependence: an
+    # atlas condition measured alone then differed from its group in the last bits)
+    jax.devices()
 
 
 class ChildOutcome(pytest.Item):

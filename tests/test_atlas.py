@@ -114,8 +114,9 @@ def test_resume_after_interruption_gives_the_same_table(full, tmp_path, monkeypa
         f.write("not an npz")
     with pytest.warns(RuntimeWarning, match=f"atlas cache entry .*{damaged} is damaged"):
         healed = A.atlas(CLAIMS, A.Grid(**SMALL), cache_dir=cache, progress=False)
-    for name in CLAIMS:
-        np.testing.assert_array_equal(healed[name].statistic, again[name].statistic)
+    for name in CLAIMS:  # measured alone, not in its group: equal to rounding (module doc)
+        np.testing.assert_allclose(healed[name].statistic, again[name].statistic, rtol=1e-6)
+        np.testing.assert_array_equal(healed[name].holds, again[name].holds)
     gradflow.load(os.path.join(cache, damaged))  # rewritten whole
     stem = str(tmp_path / "saved")
     A.save(again, stem)
