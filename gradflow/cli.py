@@ -2466,7 +2466,14 @@ def add_train(sub):
                    help="seed of the probe readout (default: 0)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help=f"output folder, created (default: {DEFAULT_OUT_DIR}/train_<task>_"
-                        "<cell>_L<layers>, plus the settings that differ from the defaults)")
+                        "<cell>_L<layers>, plus the settings that differ from the defaults); "
+                        "one that holds a run is refused unless --resume or --overwrite")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run saved in --out (an interrupted one, or a longer "
+                            "--steps) with the same settings; a new run where none is saved")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run saved in --out")
     _finish(p, run_train)
 
 
@@ -2491,17 +2498,37 @@ def _made_dir(args, out: Path) -> Path:
     return out
 
 
-def _train_dir(args) -> Path:
+def _train_dir(args) -> tuple[Path, int | None]:
+    """``(the run's folder, the step its saved run resumes from or None)``. A folder holding
+    a run is refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it): a
+    trained run is not deleted by a command repeated without a word."""
+    from gradflow import runs
+
     stem = default_stem(args, "train", args.task, args.cell, f"L{args.layers}",
                         skip=("task", "cell", "layers"), tokens={"steps": "N{}".format})
-    out = _made_dir(args, Path(args.out if args.out is not None
-                               else os.path.join(DEFAULT_OUT_DIR, stem)))
+    out = Path(args.out if args.out is not None else os.path.join(DEFAULT_OUT_DIR, stem))
+    saved = None
+    if (out / runs.STATE).is_file():
+        try:
+            saved = int(runs.read_run(out)["step"])
+        except (ValueError, KeyError, TypeError) as e:  # (runs: InputError, one line)
+            if args.resume:
+                raise _usage(args, f"cannot resume from {str(out)!r}: its {runs.STATE} cannot "
+                                   f"be read ({_one_line(e)})") from None
+            saved = -1  # unreadable: still a run's folder
+        if not (args.resume or args.overwrite):
+            at = f"saved at step {saved}" if saved >= 0 else f"its {runs.STATE} unreadable"
+            raise _usage(args, f"{str(out)!r} holds a training run ({at}); give --resume to "
+                               "continue it, --overwrite to replace it, or another --out")
+    out = _made_dir(args, out)
+    if args.resume:
+        return out, saved
     # a new run (train clears its own files: state, curve, records): the maps this command
     # wrote for an earlier run in the folder go too, or they would read as this run's
     for old in [*out.glob("map_step*.npz"), out / "maps.png"]:
         if old.is_file():
             old.unlink()
-    return out
+    return out, None
 
 
 def _train_subject(args) -> str:
@@ -2598,15 +2625,17 @@ def run_train(args) -> int:
         check_memory(stack, task, task, config)  # (a refusal leaves no empty folder behind)
         if record:  # the recorded maps' wrt, not at the first record step
             check_wrt(stack, args.wrt)
-    out = _train_dir(args)
+    out, saved = _train_dir(args)
     what = _train_subject(args)  # (a stack of different cells names its layers itself)
     print(f"gradflow train: {what}{' x' if what == args.cell else ','} {args.layers} layers, "
           f"H={width_text(args.hidden)}, on "
           f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
           f"{args.batch}, lr {args.lr:g}, seed {args.seed}"
-          + (f", budget {args.budget:g}" if args.budget else ""), flush=True)
+          + (f", budget {args.budget:g}" if args.budget else "")
+          + (f"; resumed at step {saved}" if saved is not None else ""), flush=True)
     with precision(args.dtype):
-        hist = train(stack, task, **run, record=record, run_dir=out, progress=args.progress)
+        hist = train(stack, task, **run, record=record, run_dir=out, resume=args.resume,
+                     progress=args.progress)
         written = _train_report(args, task, hist, out)
     for path in written:
         print(f"wrote {path}")

@@ -645,7 +645,7 @@ class _Run:
         keys_ = (set(meta["config"]) | set(new)) - set(_RESUMABLE)
         bad = sorted(k for k in keys_ if meta["config"].get(k) != new.get(k))
         if bad:
-            raise ValueError(f"cannot resume from {self.run_dir!r}: its config differs in "
+            raise InputError(f"cannot resume from {self.run_dir!r}: its config differs in "
                              f"{', '.join(bad)}")
         where = f"cannot resume from {self.run_dir!r}"
         params, opt_state = runs.restore_state(arrays, params_of(state, self.spec),

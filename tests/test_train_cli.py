@@ -197,10 +197,67 @@ def test_a_new_run_in_a_used_folder_leaves_none_of_the_old_runs_maps(tmp_path, c
              "--layers", "2", "--hidden", "4", "--out", str(out)]
     assert main(["train", "--cell", "lstm", "--record", "0,2", *small]) == 0
     assert (out / "map_step000002.npz").is_file() and (out / "maps.png").is_file()
-    assert main(["train", "--cell", "gru", *small]) == 0  # records nothing
+    assert main(["train", "--cell", "gru", *small]) == 2  # the run is not replaced unasked
+    assert (f"{str(out)!r} holds a training run (saved at step 2); give --resume to continue "
+            "it, --overwrite to replace it, or another --out") in capsys.readouterr().err
+    assert runs.load_params(out)[0].cells[0].name == "lstm"
+    assert main(["train", "--cell", "gru", *small, "--overwrite"]) == 0  # records nothing
     capsys.readouterr()
     assert not list(out.glob("map_step*")) and not (out / "maps.png").exists()
     assert runs.load_params(out)[0].cells[0].name == "gru"
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_one(run, tmp_path, monkeypatch,
+                                                             capsys):
+    """`train --resume` goes on from the run's last save: its curve, recorded maps and trained
+    parameters are those of the same run made in one go (the `run` fixture), bit for bit."""
+    _, whole = run
+    out = tmp_path / "run"
+    real, calls = gradflow.jacobian.gradient_map, []
+
+    def interrupted(*a, **k):  # the record at step 12 (after the save of step 6): Ctrl-C
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gradflow.jacobian, "gradient_map", interrupted)
+    assert main(TINY + ["--out", str(out)]) == 130
+    monkeypatch.undo()
+    assert "interrupted" in capsys.readouterr().err
+    assert runs.read_run(out)["step"] == 6 and not (out / "map_step000012.npz").exists()
+    assert main(TINY + ["--out", str(out), "--resume"]) == 0
+    assert "; resumed at step 6" in capsys.readouterr().out.splitlines()[0]
+    for name in ("curve.npz", "map_step000000.npz", "map_step000012.npz"):
+        a, b = gradflow.load(out / name), gradflow.load(whole / name)
+        for key in a.arrays:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {key}")
+    for a, b in zip(jax.tree_util.tree_leaves(runs.load_params(out)[1]),
+                    jax.tree_util.tree_leaves(runs.load_params(whole)[1])):
+        np.testing.assert_array_equal(a, b)
+    # a finished run resumes to itself; other settings, or both flags, are refused
+    assert main(TINY + ["--out", str(out), "--resume"]) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(gradflow.load(out / "curve.npz").loss,
+                                  gradflow.load(whole / "curve.npz").loss)
+    for extra, msg in ((["--resume", "--lr", "0.02"], "its config differs in lr"),
+                       (["--resume", "--overwrite"], "not allowed with argument")):
+        assert main(TINY + ["--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+    # --resume where nothing is saved starts the run; a damaged state is named
+    fresh = tmp_path / "fresh"
+    small = ["train", "--steps", "2", "--eval-batch", "4", "--batch", "2", "--seq-len", "4",
+             "--layers", "1", "--hidden", "4", "--out", str(fresh)]
+    assert main(small + ["--resume"]) == 0
+    assert "resumed" not in capsys.readouterr().out
+    (fresh / "state.npz").write_text("torn")
+    for extra, msg in (([], "holds a training run (its state.npz unreadable); give --resume"),
+                       (["--resume"], "cannot resume from")):
+        assert main(small + extra) == 2
+        assert msg in capsys.readouterr().err
+    assert main(small + ["--overwrite"]) == 0
+    assert runs.read_run(fresh)["step"] == 2
 
 
 def test_help_lists_train(capsys):
