@@ -436,6 +436,55 @@ def test_nnx_state_outside_params_is_each_layers_own_or_refused(x64):
     cells.stack_params(gradflow.Stack(cells.from_nnx(same[0]), L, H, H), same)
 
 
+class _GainCell(nnx.Module):
+    """A user's NNX cell of the signature gradflow rebuilds, with a fixed gain outside its
+    Params (an nnx.Variable)."""
+
+    def __init__(self, in_features, hidden_features, *, rngs):
+        self.in_features, self.hidden_features = in_features, hidden_features
+        self.W = nnx.Param(jax.random.normal(rngs.params(), (in_features + hidden_features,
+                                                              hidden_features), jnp.float64)
+                           / (in_features + hidden_features) ** 0.5)
+        self.gain = nnx.Variable(jnp.ones(hidden_features, jnp.float64))
+
+    def __call__(self, h, x):
+        h = self.gain[...] * jnp.tanh(jnp.concatenate([x, h], -1) @ self.W)
+        return h, h
+
+    def initialize_carry(self, input_shape, rngs=None):
+        return jnp.zeros(input_shape[:-1] + (self.hidden_features,), jnp.float64)
+
+
+def test_fresh_modules_run_with_the_wrapped_modules_state_outside_params(x64):
+    """Stack.init rebuilds (or init= makes) a module per layer inside a trace: comparing its
+    state outside the Params with the wrapped module's raised a tracer error (any
+    nnx.Variable; an Equinox integer buffer made by init=); every layer runs with the wrapped
+    module's (here a gain of 1.5, not a fresh module's 1)."""
+    cell_module = _GainCell(D, H, rngs=nnx.Rngs(0))
+    cell_module.gain.value = jnp.full((H,), 1.5, jnp.float64)
+    stack = gradflow.Stack(cells.from_nnx(cell_module), L, D, H)
+    params = stack.init(jax.random.key(0), jnp.float64)
+    xs = inputs(jnp.float64)
+    step = [lambda h, x, W=p["W"]: 1.5 * jnp.tanh(jnp.concatenate([x, h], -1) @ W)
+            for p in params["layers"]]
+    want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda h: h,
+                         lambda h, v: v, xs)
+    assert_maps(hidden_map(stack, params, xs), want)
+    made = gradflow.Stack(cells.from_nnx(cell_module, init=lambda k, i, h: _GainCell(
+        i, h, rngs=nnx.Rngs(k))), L, D, H)
+    made.init(jax.random.key(0), jnp.float64)
+    trained = [_GainCell(n, H, rngs=nnx.Rngs(l)) for l, n in enumerate((D, H, H))]
+    for m in trained:
+        m.gain.value = jnp.full((H,), 1.5, jnp.float64)
+    cells.stack_params(stack, trained)  # the same fixed state: accepted
+    trained[2].gain.value = jnp.ones(H, jnp.float64)  # its own: refused, as before
+    with pytest.raises(ValueError, match=r"other state outside its nnx.Params .*\(gain;"):
+        cells.stack_params(stack, trained)
+    eqx_stack = gradflow.Stack(cells.from_equinox(
+        _PermCell(D, H, jax.random.key(1)), init=lambda k, i, h: _PermCell(i, h, k)), L, D, H)
+    assert all(sorted(p) == ["U", "W"] for p in eqx_stack.init(jax.random.key(0))["layers"])
+
+
 class _MyGRU(eqx.Module):
     """A researcher's own Equinox cell around eqx.nn.GRUCell: gradflow cannot rebuild it."""
     cell: eqx.nn.GRUCell
@@ -921,6 +970,15 @@ def test_a_cell_that_mixes_examples_is_found_and_refused_per_example(x64):
     declared = cells.from_function(_centred_step, _wu_init, couples_batch=True)
     assert declared.couples_batch
     gradflow.Stack(declared, L, D, H).init(jax.random.key(0))
+    # declared not to mix them, it is checked as model_map checks its models (it was trusted:
+    # each example measured alone, where centring over the batch gives 0: maps of 1e-8)
+    with pytest.raises(ValueError, match="mixes the examples.*though couples_batch=False"):
+        cells.from_function(_centred_step, _wu_init, hidden_size=H, couples_batch=False)
+    with pytest.raises(InputError, match="though couples_batch=False"):
+        gradflow.Stack(cells.from_function(_centred_step, _wu_init, couples_batch=False), L,
+                       D, H).init(jax.random.key(0))
+    assert not cells.from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h @ p["U"]),) * 2,
+                                   _wu_init, hidden_size=H, couples_batch=False).couples_batch
     with pytest.raises(TypeError, match="couples_batch must be"):
         cells.from_function(_centred_step, _wu_init, couples_batch="yes")
 

@@ -390,13 +390,18 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
     if couples_batch is not None and not isinstance(couples_batch, bool):
         raise TypeError(f"{who}: couples_batch must be True, False or None, got "
                         f"{couples_batch!r}")
-    detect = batched and couples_batch is None  # a vmapped step cannot mix examples
+    # found where not declared, and a declared False checked (measured per example, a step
+    # that mixes them is another network): a vmapped step cannot mix examples
+    detect = batched and couples_batch is not True
+    declared = couples_batch is False
     if can_probe and (finds_output or reports_gates or detect):
         new_leaves, y, probe_gates, coupled = _probe(who, call_b, treedef, n, probe_params,
                                                      int(hidden_size), detect)
         if finds_output:  # also where output= or a one-array carry says which leaf is h
             out = _find_output(who, new_leaves, y, int(hidden_size), out)
         if detect:
+            if declared and coupled:
+                raise ValueError(_mixes(who, declared))
             couples_batch, detect = coupled, False
     names = _state_names(n, 0 if out is None else out)
     if reports_gates:
@@ -410,10 +415,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
             if finds_output:
                 _find_output(who, leaves, y, H, 0 if out is None else out)
             if detect and coupled:
-                raise InputError(f"{who}: the step mixes the examples of a batch (example 0's "
-                                 "new carry moves with the others' inputs): declare it, "
-                                 "couples_batch=True, so that per-example measurements "
-                                 "refuse it and batches are not split")
+                raise InputError(_mixes(who, declared))
     retain = _retain(who, retain, kinds if reports_gates else {})
     recur, init_fn = _functions(who, call_b, treedef, names, tuple(kinds), n, hidden_size,
                                 make_init, check_output)
@@ -424,6 +426,15 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
                 state_names=names, gate_kinds=tuple(kinds.items()),
                 equation=f"{who}: {options.get('module', 'user function')}",
                 to_params=to_params, couples_batch=bool(couples_batch), retain=retain)
+
+
+def _mixes(who: str, declared: bool) -> str:
+    """The message for a step that mixes the examples of a batch, undeclared or declared not
+    to (``couples_batch=False``)."""
+    return (f"{who}: the step mixes the examples of a batch (example 0's new carry moves with "
+            "the others' inputs)" + (", though couples_batch=False says it does not" if declared
+                                     else "") + ": declare it, couples_batch=True, so that "
+            "per-example measurements refuse it and batches are not split")
 
 
 def _retain(who: str, retain, kinds: dict) -> tuple:
@@ -949,7 +960,9 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     with ``__call__(carry, x) -> (carry, y)`` on batched arrays).
 
     Params are the module's ``nnx.Param`` state as a plain nested dict
-    (``nnx.split(module, nnx.Param, ...)``); everything else in the module is closed over.
+    (``nnx.split(module, nnx.Param, ...)``); everything else in the module (``nnx.BatchStat``
+    running statistics, other variables) is closed over: every layer runs with ``module``'s,
+    a fresh module's own (``init``, a rebuild) is not used.
     Trained weights: :func:`stack_params` with one trained module per layer. Fresh weights
     (:meth:`Stack.init`): ``init`` if given; else a new module of the same class for each layer
     (NNX's cells: ``type(module)(input_size, hidden_size, rngs=nnx.Rngs(key), ...)`` with the
@@ -1014,13 +1027,14 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         new, y = _pair(who, m(carry, x), "the module")
         return new, y, (gates(m, carry, x) if gates is not None else {})
 
-    def to_params(obj):
+    def to_params(obj, trained=True):
         if isinstance(obj, nnx.Module):
             if type(obj) is not type(module):
                 raise TypeError(f"{who}: a layer's module is a {type(obj).__name__}, the cell "
                                 f"wraps a {type(module).__name__}")
             _, params, others = nnx.split(obj, nnx.Param, ...)
-            _same_fixed_state(who, rest, others)
+            if trained:  # (a fresh module's, traced inside Stack.init, is its class's default)
+                _same_fixed_state(who, rest, others)
             return params.to_pure_dict()
         if isinstance(obj, dict):
             return obj
@@ -1031,12 +1045,12 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
 
     def make_init(key, n_in_, H_, dtype):
         if init is not None:
-            return to_params(init(key, n_in_, H_))
+            return to_params(init(key, n_in_, H_), trained=False)
         fresh = _nnx_rebuild(nnx, module, key, n_in_, H_)
         if fresh is None:
             same(key)
             return own
-        return to_params(fresh)
+        return to_params(fresh, trained=False)
 
     return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
                   template=template, hidden_size=H, output=output,
@@ -1060,15 +1074,17 @@ def _eqx_split(eqx, m):
     return {_path_name(p): v for p, v in flat}, treedef, static
 
 
-def _eqx_to_params(eqx, module, keys, obj):
-    """A layer's params from a trained module like ``module`` (or its params dict)."""
+def _eqx_to_params(eqx, module, keys, obj, trained=True):
+    """A layer's params from a trained module like ``module`` (or its params dict); a fresh
+    one's (``trained=False``: ``init``'s, traced inside ``Stack.init``) fixed arrays are not
+    compared, every layer runs with ``module``'s."""
     who = "from_equinox"
     if isinstance(obj, eqx.Module):
         p, _, static = _eqx_split(eqx, obj)
         if type(obj) is not type(module) or sorted(p) != sorted(keys):
             raise TypeError(f"{who}: a layer's module ({type(obj).__name__}) does not have "
                             f"the structure of the cell's ({type(module).__name__})")
-        if _differing(eqx.filter(_eqx_split(eqx, module)[2], eqx.is_array),
+        if trained and _differing(eqx.filter(_eqx_split(eqx, module)[2], eqx.is_array),
                       eqx.filter(static, eqx.is_array)) != []:
             raise ValueError(f"{who}: a layer's module has other integer or boolean arrays "
                              "than the cell's module (they are fixed, not parameters); give "
@@ -1158,7 +1174,7 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
 
     def make_init(key, n_in, H_, dtype):
         if init is not None:
-            return to_params(init(key, n_in, H_))
+            return to_params(init(key, n_in, H_), trained=False)
         if builtin:
             return split(type(module)(n_in, H_, use_bias=module.use_bias, key=key))[0]
         same(key)
