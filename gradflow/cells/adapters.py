@@ -669,9 +669,10 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
       name: a label (two cells of one name stay distinct: equality compares the functions).
       couples_batch: whether the step mixes the examples of a batch (batch statistics);
         default: found by the probe step (example 0's carry moving with the others' inputs),
-        or, where none could run, refused at the first init if it does. Such a cell's batch
-        is never split over devices, and the per-example measurements (``jacobian_map``,
-        ``local_gains``) refuse it.
+        or, where none could run, refused at the first init if it does; ``False`` is checked
+        the same way (a step that mixes them is refused). Such a cell's batch is never split
+        over devices, and the per-example measurements (``jacobian_map``, ``local_gains``)
+        refuse it.
     Returns:
       A :class:`Cell` whose state is the carry (output leaf ``"h"``, the other ``"c"``, or
       ``"s1", "s2", ...``).
