@@ -518,6 +518,37 @@ def test_a_module_that_cannot_be_rebuilt_says_how_to_stack_other_input_sizes(x64
     assert_maps(hidden_map(stack, params, xs), want)
 
 
+class _TrainingBN(nnx.Module):
+    """A user's NNX cell with BatchNorm left in training mode."""
+
+    def __init__(self, n_in, n_h, *, rngs):
+        self.in_features, self.hidden_features = n_in, n_h
+        self.wi = nnx.Linear(n_in, n_h, rngs=rngs)
+        self.bn = nnx.BatchNorm(n_h, use_running_average=False, rngs=rngs)
+
+    def __call__(self, h, x):
+        h = jnp.tanh(self.bn(self.wi(x)) + h)
+        return h, h
+
+    def initialize_carry(self, input_shape, rngs=None):
+        return jnp.zeros(input_shape[:-1] + (self.hidden_features,))
+
+
+def test_a_module_in_training_mode_is_told_eval_not_init():
+    """A step that fails at the module's own size was told to give init= or a cell per layer
+    (advice for weights made at another size); a BatchNorm in training mode is told eval()."""
+    module = _TrainingBN(D, D, rngs=nnx.Rngs(0))
+    stack = gradflow.Stack(cells.from_nnx(module), L, D, D)
+    with pytest.raises(ValueError, match=r"BatchNorm in training mode\?\): measure it at "
+                                         r"inference: module.eval\(\), then wrap it again") as e:
+        stack.init(jax.random.key(0))
+    assert "init=" not in str(e.value)
+    module.eval()  # (the cell wraps the module as it was: wrap it again)
+    stack = gradflow.Stack(cells.from_nnx(module), L, D, D)
+    params = stack.init(jax.random.key(0))
+    assert np.isfinite(gradflow.gradient_map(stack, params, inputs(jnp.float32)).values).all()
+
+
 def test_nnx_lstm(x64):
     ks = jax.random.split(jax.random.key(5), L)
     trained = [nnx.LSTMCell(n, H, param_dtype=jnp.float64, rngs=nnx.Rngs(k))
@@ -1361,6 +1392,13 @@ def test_an_rnn_wrapper_is_pointed_at_its_cell():
     with pytest.raises(TypeError, match=r"takes one step's cell, not the RNN that scans it "
                                         r"over time: from_linen\(rnn.cell\)"):
         gradflow.cells.from_linen(nn.RNN(nn.LSTMCell(4)))
+    # NNX's too (they asked for hidden_size=, then state=, then named a private class)
+    cell = nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+    for wrapper, name in ((nnx.RNN(cell), "RNN"),
+                          (nnx.Bidirectional(nnx.RNN(cell), nnx.RNN(cell)), "Bidirectional")):
+        with pytest.raises(TypeError, match=rf"not the {name} that scans it over time: "
+                                            r"from_nnx\(rnn.cell\) \(a bidirectional"):
+            gradflow.cells.from_nnx(wrapper)
 
 
 def test_a_sown_gate_named_wrongly_lists_what_is_sown():

@@ -258,6 +258,9 @@ def _step_failed(who: str, e: Exception, what: str, fit: str = "", guessed: str 
     elif "PRNG" in text or "rng" in text.lower():
         hint = ("the module draws random numbers (Dropout?): measure it deterministic "
                 "(linen: deterministic=True; nnx: module.eval())")
+    elif type(e).__name__ == "TraceContextError":  # flax: a variable changed inside a trace
+        hint = ("the module changes its own state in a step (BatchNorm in training mode?): "
+                "measure it at inference: module.eval(), then wrap it again")
     elif isinstance(e, _CODE_BUGS) or text.startswith(f"{who}:"):
         e.add_note(f"{who}: raised by the cell's step in {what}")
         return e
@@ -351,7 +354,8 @@ def _gates_checked(who: str, call_b: Callable, gate_kinds) -> Callable:
 def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidden_size,
            output, reports_gates: bool, gate_kinds, make_init: Callable,
            probe_params: Callable | None, finds_output: bool, to_params: Callable,
-           options: dict, couples_batch: bool | None = False, retain=None) -> Cell:
+           options: dict, couples_batch: bool | None = False, retain=None,
+           own=None) -> Cell:
     """A :class:`Cell` around ``call(params, carry, x) -> (carry, y or None, {gate: value})``.
 
     Args:
@@ -362,6 +366,10 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
       finds_output: ``call`` returns the output ``y`` (so the probe can find its carry leaf).
       couples_batch: whether a step mixes the examples of a batch; None: found by the probe
         step (or refused at the first init if it does and no probe could run).
+      own: ``(params, input_size)``: the user's module's own weights (the object
+        ``make_init`` returns where it cannot make others) and the input size they are for
+        (None: unknown); a step that fails on them at another size is told how to give
+        each layer its own.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"{who}: name must be a non-empty string, got {name!r}")
@@ -418,7 +426,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
                 raise InputError(_mixes(who, declared))
     retain = _retain(who, retain, kinds if reports_gates else {})
     recur, init_fn = _functions(who, call_b, treedef, names, tuple(kinds), n, hidden_size,
-                                make_init, check_output)
+                                make_init, check_output, own)
     opts = {**options, "adapter": who}
     if hidden_size:
         opts["hidden_size"] = int(hidden_size)
@@ -565,7 +573,7 @@ class _CarryDtype(ValueError):
 
 
 def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_init,
-               check_output=None):
+               check_output=None, own=None):
     """The cell's ``(recur, init_fn)`` around the batched user step ``call_b``;
     ``check_output(params, n_in, H)``, if given, runs on the first concrete params
     ``init_fn`` makes (a probe step: is the step's output the carry's ``h``?)."""
@@ -607,13 +615,14 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
                              f"hidden_size is {H} (for a layer of it): layers of other widths "
                              f"need cells of their own, one per layer, Stack([{who}(m) for m "
                              "in modules], ...), each module built at its layer's width")
-        params = _cast(make_init(key, n_in, H, dtype), dtype)
+        made = make_init(key, n_in, H, dtype)
+        params = _cast(made, dtype)
         try:
             fits(params, n_in, H, dtype)
         except (_CarryDtype, _CallSignature) as e:
             raise ValueError(str(e)) from None
         except ValueError as e:  # a module's own weights made for another input size
-            if who not in ("from_equinox", "from_nnx"):
+            if own is None or made is not own[0] or own[1] == n_in:
                 raise
             raise ValueError(
                 f"{e}; these are the parameters the cell makes for a layer of input size "
@@ -996,6 +1005,10 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     nnx = _require("flax.nnx", "flax", who)
     if not isinstance(module, nnx.Module):
         raise TypeError(_not_a_module(who, module))
+    if isinstance(module, (nnx.RNN, nnx.Bidirectional)):
+        raise TypeError(f"{who} takes one step's cell, not the {type(module).__name__} that "
+                        "scans it over time: from_nnx(rnn.cell) (a bidirectional layer is a "
+                        "model: gradflow.model_map)")
     H = hidden_size or getattr(module, "hidden_features", None)
     if not isinstance(H, int):
         raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_features': "
@@ -1059,7 +1072,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                   probe_params=_module_probe(who, module, own, n_in, init, make_init, H),
                   finds_output=True,
                   to_params=to_params, options={"module": type(module).__name__},
-                  couples_batch=couples_batch, retain=retain)
+                  couples_batch=couples_batch, retain=retain, own=(own, n_in))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1181,14 +1194,14 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
         same(key)
         return own
 
-    probe = _module_probe(who, module, own, _input_size(who, input_size, getattr(
-        module, "input_size", None)), init, make_init, H)
+    n_in = _input_size(who, input_size, getattr(module, "input_size", None))
+    probe = _module_probe(who, module, own, n_in, init, make_init, H)
     return _build(name=name or type(module).__name__, who=who, call=call, batched=False,
                   template=template, hidden_size=H, output=output,
                   reports_gates=gates is not None, gate_kinds=gate_kinds, make_init=make_init,
                   probe_params=probe, finds_output=False,
                   to_params=to_params, options={"module": type(module).__name__},
-                  retain=retain)
+                  retain=retain, own=(own, n_in))
 
 
 # ---------------------------------------------------------------------------------------------
