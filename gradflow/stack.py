@@ -507,23 +507,30 @@ class Stack:
             dtype = jnp.asarray(jax.tree_util.tree_leaves(out[0])[0]).dtype
         dtype = jnp.dtype(dtype)
         if self.norm is not None:
-            params["norm"] = (self._identity_norm(dtype) if norm is None
-                              else [self._norm_layer(n) for n in norm])
+            identity = self._identity_norm(dtype)
+            if norm is not None and (not isinstance(norm, (list, tuple))
+                                     or len(norm) != self.layers):
+                got = (f"{len(norm)} entries" if isinstance(norm, (list, tuple))
+                       else f"a {type(norm).__name__}")
+                raise ValueError(f"norm= holds one layer's norm params per layer, a list of "
+                                 f"{self.layers}; got {got}")
+            params["norm"] = (identity if norm is None
+                              else [self._norm_layer(n, i) for n, i in zip(norm, identity)])
         elif norm is not None:
             raise ValueError("norm= given, but the stack has no norm")
         params = cast_floating(params, dtype)
         check_params(self, params)
         return params
 
-    def _norm_layer(self, given):
+    def _norm_layer(self, given, identity: dict):
         """One layer's trained norm params as :meth:`init` lays them out: a Flax variable dict
-        ``{"params": {...}}`` unwrapped, and a LayerNorm made without a bias (``use_bias=False``,
-        the same function as a bias of 0) given its zero bias."""
+        ``{"params": {...}}`` unwrapped, and a norm made without a bias or a scale (Flax's
+        ``use_bias=False``, ``use_scale=False``: the same function as a bias of 0, a scale of
+        1) given those from ``identity``, the layer's norm at identity."""
         if isinstance(given, Mapping) and set(given) == {"params"}:
             given = given["params"]
-        if (self.norm == "layer" and isinstance(given, Mapping) and "scale" in given
-                and "bias" not in given):
-            given = {**given, "bias": jnp.zeros_like(jnp.asarray(given["scale"]))}
+        if isinstance(given, Mapping) and set(given) < set(identity):
+            given = {**identity, **given}
         return given
 
     def initial_state(self, batch: int, dtype=jnp.float32) -> dict:

@@ -1454,3 +1454,17 @@ def test_trained_layer_norms_as_flax_gives_them():
     xs = inputs(jnp.float32)
     np.testing.assert_array_equal(gradflow.gradient_map(stack, params, xs).values,
                                   gradflow.gradient_map(stack, explicit, xs).values)
+    # without a scale (use_scale=False; it was "scale is missing"), or neither: the identity's
+    biased = nn.LayerNorm(use_scale=False, bias_init=nn.initializers.uniform(1.0))
+    biases = [biased.init(jax.random.key(i), jnp.ones((1, H))) for i in (3, 4)]
+    bare = nn.LayerNorm(use_scale=False, use_bias=False).init(jax.random.key(5),
+                                                              jnp.ones((1, H)))
+    params = cells.stack_params(stack, layers, norm=[biases[0], bare])
+    np.testing.assert_array_equal(params["norm"][0]["scale"], np.ones(H))
+    np.testing.assert_array_equal(params["norm"][0]["bias"], biases[0]["params"]["bias"])
+    np.testing.assert_array_equal(params["norm"][1]["bias"], np.zeros(H))
+    # one entry per layer, said as such (it was "params['norm'][1]['bias'] is missing")
+    for norm, got in (([scales[0]], "1 entries"), (scales[0], "a dict")):
+        with pytest.raises(ValueError, match=f"norm= holds one layer's norm params per layer, "
+                                             f"a list of 2; got {got}"):
+            cells.stack_params(stack, layers, norm=norm)
