@@ -886,6 +886,14 @@ def test_a_failing_step_is_reported_with_its_cause():
 
     with pytest.raises(ValueError, match="unpacks its carry.*state="):
         build(tuple_carry)
+
+    def dict_carry(p, carry, x):  # (it said only "JAX does not support string indexing")
+        h = jnp.tanh(x @ p["W"] + carry["h"])
+        return {"h": h, "m": carry["m"] + h}, h
+
+    with pytest.raises(ValueError, match=r"string indexing; .*indexes its carry by name.*for a "
+                                         r"dict carry give state=lambda batch_shape, H, dtype"):
+        build(dict_carry)
     with pytest.raises(TypeError, match=r"the step must return \(carry, y\), got a "):
         build(lambda p, h, x: jnp.tanh(x @ p["W"] + h))
 

@@ -250,6 +250,10 @@ def _step_failed(who: str, e: Exception, what: str, fit: str = "", guessed: str 
         hint = ("the step unpacks its carry or its result: the carry is what state= says "
                 "(None: one array; k: a tuple of k arrays; or a function), and the step "
                 "returns (carry, y)")
+    elif "string indexing" in text or "tuple indices must be" in text:
+        hint = ("the step indexes its carry by name, and the carry is what state= says (None: "
+                "one array): for a dict carry give state=lambda batch_shape, H, dtype: "
+                "{'h': jnp.zeros(batch_shape + (H,), dtype), ...}")
     elif isinstance(e, TypeError) and "positional argument" in text:
         called = {"from_function": "step(params, carry, x)", "from_linen": "module(carry, x)",
                   "from_nnx": "module(carry, x)", "from_equinox": "module(x, state)"}.get(who)
