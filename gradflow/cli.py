@@ -2471,7 +2471,8 @@ def add_train(sub):
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run saved in --out (an interrupted one, or a longer "
-                            "--steps) with the same settings; a new run where none is saved")
+                            "--steps) with the same settings (its recorded maps' settings "
+                            "where not given); a new run where none is saved")
     again.add_argument("--overwrite", action="store_true",
                        help="replace the run saved in --out")
     _finish(p, run_train)
@@ -2490,6 +2491,8 @@ def _train_task(args):
 
 def _made_dir(args, out: Path) -> Path:
     """The folder ``out``, made with its parents where missing, and writable; else one line."""
+    if out.exists() and not out.is_dir():
+        raise _usage(args, f"{str(out)!r} is a file; give a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -2498,37 +2501,106 @@ def _made_dir(args, out: Path) -> Path:
     return out
 
 
-def _train_dir(args) -> tuple[Path, int | None]:
-    """``(the run's folder, the step its saved run resumes from or None)``. A folder holding
-    a run is refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it): a
-    trained run is not deleted by a command repeated without a word."""
-    from gradflow import runs
-
+def _train_dir(args) -> Path:
+    """The run's folder: ``--out``, or the default one named by the settings."""
     stem = default_stem(args, "train", args.task, args.cell, f"L{args.layers}",
                         skip=("task", "cell", "layers"), tokens={"steps": "N{}".format})
-    out = Path(args.out if args.out is not None else os.path.join(DEFAULT_OUT_DIR, stem))
-    saved = None
-    if (out / runs.STATE).is_file():
+    return Path(args.out if args.out is not None else os.path.join(DEFAULT_OUT_DIR, stem))
+
+
+def _saved_run(args, out: Path) -> dict | None:
+    """The meta of the run saved in ``out`` that ``--resume`` goes on from (None: a new
+    run). A folder holding a run is refused unless ``--resume`` (continue it) or
+    ``--overwrite`` (replace it), so that a repeated command does not delete a trained run;
+    a ``state.npz`` that is no run's is named."""
+    from gradflow import runs
+
+    state = out / runs.STATE
+    if not (state.exists() or state.is_symlink()):
+        return None
+    meta, problem = None, None
+    if not state.is_file():
+        problem = f"its {runs.STATE} is not a file"
+    else:
         try:
-            saved = int(runs.read_run(out)["step"])
-        except (ValueError, KeyError, TypeError) as e:  # (runs: InputError, one line)
-            if args.resume:
-                raise _usage(args, f"cannot resume from {str(out)!r}: its {runs.STATE} cannot "
-                                   f"be read ({_one_line(e)})") from None
-            saved = -1  # unreadable: still a run's folder
-        if not (args.resume or args.overwrite):
-            at = f"saved at step {saved}" if saved >= 0 else f"its {runs.STATE} unreadable"
-            raise _usage(args, f"{str(out)!r} holds a training run ({at}); give --resume to "
-                               "continue it, --overwrite to replace it, or another --out")
-    out = _made_dir(args, out)
-    if args.resume:
-        return out, saved
-    # a new run (train clears its own files: state, curve, records): the maps this command
-    # wrote for an earlier run in the folder go too, or they would read as this run's
-    for old in [*out.glob("map_step*.npz"), out / "maps.png"]:
-        if old.is_file():
-            old.unlink()
-    return out, None
+            meta = runs.read_run(out)
+        except InputError as e:
+            problem = f"its {runs.STATE} cannot be read ({_one_line(e)})"
+        else:
+            if not {"step", "config"} <= set(meta):
+                problem = (f"its {runs.STATE} is not a training run's (a params file, "
+                           "gradflow.runs.save_params?)")
+    if problem is not None:
+        if args.overwrite:
+            return None
+        fix = "give --overwrite to start a new run there, or another --out"
+        raise _usage(args, f"cannot resume from {str(out)!r}: {problem}; {fix}" if args.resume
+                     else f"{str(out)!r} holds a {runs.STATE} that is no training run "
+                          f"({problem}); {fix}")
+    if not (args.resume or args.overwrite):
+        raise _usage(args, f"{str(out)!r} holds a training run (saved at step {meta['step']}); "
+                           "give --resume to continue it, --overwrite to replace it, or "
+                           "another --out")
+    return meta if args.resume else None
+
+
+#: ``gradflow train``'s recorded maps' settings: option -> the key of a map's config.
+_RECORD_SETTINGS = {"wrt": "wrt", "record_loss": "loss", "readout_seed": "readout_seed"}
+
+
+def _resumed_record_settings(args, out: Path, meta: dict) -> bool:
+    """Set the recorded maps' settings not given to the resumed run's (its record files' and
+    ``record_batch``), so that its maps stay comparable; a given one that differs is refused,
+    as are ``--record`` steps before the saved step that were not recorded. Returns whether
+    the run has recorded maps (the resumed run keeps them, recording more at ``--record``)."""
+    from gradflow.results import Result
+
+    typed = set(_given(args, [*_RECORD_SETTINGS, "record_batch"]))
+    maps = [Result.load(p).config for p in sorted(out.glob("record-*.npz"))]
+    maps = [c for c in maps if all(k in c for k in _RECORD_SETTINGS.values())]
+    saved = {dest: maps[0][key] for dest, key in _RECORD_SETTINGS.items()} if maps else {}
+    for dest, value in saved.items():
+        flag = "--" + dest.replace("_", "-")
+        if flag in typed and getattr(args, dest) != value:
+            raise _usage(args, f"cannot resume from {str(out)!r} with {flag} "
+                               f"{getattr(args, dest)}: its maps were recorded with {flag} "
+                               f"{value}, and a resumed run records as it did (leave {flag} "
+                               f"out, or give --overwrite for a new run)")
+        setattr(args, dest, value)
+    if "--record-batch" not in typed and meta["config"].get("record_batch") is not None:
+        args.record_batch = int(meta["config"]["record_batch"])
+    step, done = int(meta["step"]), {int(c["train_step"]) for c in maps if "train_step" in c}
+    lost = [s for s in args.record or () if s < step and s not in done]
+    if lost:
+        raise _usage(args, f"--record asks for step(s) {', '.join(map(str, lost))} before the "
+                           f"run's saved step {step}, which it did not record (those "
+                           f"parameters are gone); record at steps from {step} on")
+    return bool(maps)
+
+
+#: The options of ``gradflow train`` that set each key of a run's config (others: the cell's).
+_RUN_FLAGS = {"lr": "--lr", "clip": "--clip", "seed": "--seed", "batch": "--batch",
+              "dtype": "--dtype", "budget": "--budget", "eval_batch": "--eval-batch",
+              "record_batch": "--record-batch", "layers": "--layers", "hidden_size": "--hidden",
+              "init": "--init", "cell": "--cell", "input_size": "--task",
+              **dict.fromkeys(("task", "eval_task", "metric"),
+                              "--task, --seq-len, --task-option")}
+
+
+def _resume_refused(args, out: Path, differences) -> UsageError:
+    """The one line for a ``--resume`` whose settings are not the saved run's: each option
+    that differs, with the run's value and the one given."""
+    flags, other_cell = {}, any(key == "cell" for key, _, _ in differences)
+    for key, saved, given in differences:
+        flag = _RUN_FLAGS.get(key, "--cell, --option")
+        if not (other_cell and flag == "--cell, --option"):  # (another cell's options)
+            flags.setdefault(flag, (key, saved, given))
+    from gradflow.train import _brief
+
+    said = "; ".join(f"{flag} ({key}: the run's {_brief(a)}, now {_brief(b)})"
+                     for flag, (key, a, b) in flags.items())
+    return _usage(args, f"cannot resume from {str(out)!r}: it was made with other settings: "
+                        f"{said}; give the run's, or --overwrite for a new run")
 
 
 def _train_subject(args) -> str:
@@ -2587,11 +2659,15 @@ def _train_report(args, task, hist, out: Path) -> list[str]:
 def run_train(args) -> int:
     from gradflow.jacobian import check_wrt, gradient_map
     from gradflow.problem import precision, task_stack
-    from gradflow.train import TrainConfig, check_memory, check_run, train
+    from gradflow.train import (TrainConfig, check_memory, check_run, resume_differences,
+                                train)
 
     task = _train_task(args)
+    out = _train_dir(args)
+    saved = _saved_run(args, out)  # (refused here: a run there, and neither flag)
+    recorded = saved is not None and _resumed_record_settings(args, out, saved)
     unread = _given(args, ("record_batch", "record_loss", "wrt", "readout_seed"))
-    if unread and not args.record:  # they shape the recorded maps only
+    if unread and not args.record and saved is None:  # they shape the recorded maps only
         raise _usage(args, f"{', '.join(unread)} set{'s' if len(unread) == 1 else ''} the "
                            "maps that --record records; give --record STEPS (e.g. 0,500) or "
                            f"drop {'it' if len(unread) == 1 else 'them'}")
@@ -2618,21 +2694,37 @@ def run_train(args) -> int:
                dtype=args.dtype, eval_every=args.eval_every, eval_batch=args.eval_batch,
                record_at=args.record or (),  # the default's bound; a larger given one is refused
                record_batch=min(args.record_batch, args.eval_batch), budget=args.budget)
-    record = record if args.record else None
+    record = record if args.record or recorded else None  # (a resumed run keeps its maps)
     with user_input():  # train's own checks, before the run folder and the header
         config = TrainConfig(**run)
         check_run(stack, task, task, config, record)
         check_memory(stack, task, task, config)  # (a refusal leaves no empty folder behind)
         if record:  # the recorded maps' wrt, not at the first record step
             check_wrt(stack, args.wrt)
-    out, saved = _train_dir(args)
+    if saved is not None:  # before the header: a refusal is the only line
+        differences = resume_differences(saved["config"], config.describe(stack, task, task))
+        if differences:
+            raise _resume_refused(args, out, differences)
+    out = _made_dir(args, out)
+    if not args.resume:  # a new run (train clears its own files: state, curve, records): the
+        # maps this command wrote for an earlier run in the folder go too, or they would read
+        # as this run's
+        for old in [*out.glob("map_step*.npz"), out / "maps.png"]:
+            if old.is_file():
+                old.unlink()
     what = _train_subject(args)  # (a stack of different cells names its layers itself)
+    started = ""
+    if saved is not None:
+        started = f"; resumed at step {saved['step']}"
+    elif args.resume:  # (the default folder is named by --steps among others)
+        started = (f"; nothing saved in {str(out)!r} to resume: a new run"
+                   + ("" if args.out is not None else " (the default folder is named by the "
+                      "settings, --steps among them: give the run's --out)"))
     print(f"gradflow train: {what}{' x' if what == args.cell else ','} {args.layers} layers, "
           f"H={width_text(args.hidden)}, on "
           f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
           f"{args.batch}, lr {args.lr:g}, seed {args.seed}"
-          + (f", budget {args.budget:g}" if args.budget else "")
-          + (f"; resumed at step {saved}" if saved is not None else ""), flush=True)
+          + (f", budget {args.budget:g}" if args.budget else "") + started, flush=True)
     with precision(args.dtype):
         hist = train(stack, task, **run, record=record, run_dir=out, resume=args.resume,
                      progress=args.progress)

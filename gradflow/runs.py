@@ -189,7 +189,11 @@ def clear(run_dir) -> None:
     run_dir = made_folder(run_dir)
     for f in os.listdir(run_dir):
         if f in (STATE, CURVE) or (f.startswith("record-") and f.endswith(".npz")):
-            os.remove(os.path.join(run_dir, f))
+            try:
+                os.remove(os.path.join(run_dir, f))
+            except OSError as e:  # (a folder of that name, a read-only one)
+                raise InputError(f"cannot remove {os.path.join(run_dir, f)!r}, an earlier "
+                                 f"run's file: {e.strerror or e}") from None
 
 
 def record_file(index: int) -> str:

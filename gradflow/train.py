@@ -128,6 +128,22 @@ class TrainConfig:
                 "record_batch": self.record_batch}
 
 
+def resume_differences(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
+    """``[(key, the saved run's value, config's value), ...]`` where a run's ``config``
+    (:meth:`TrainConfig.describe`) differs from a saved run's config (``runs.read_run(DIR)
+    ["config"]``) in what a resumed run must keep (all but ``train_steps`` and
+    ``eval_every``); ``[]``: it may resume."""
+    new = json.loads(json.dumps(make_result("training", {}, config).config))
+    keys_ = (set(saved) | set(new)) - set(_RESUMABLE)
+    return [(k, saved.get(k), new.get(k)) for k in sorted(keys_) if saved.get(k) != new.get(k)]
+
+
+def _brief(value) -> str:
+    """A config value in a message: JSON, cut at 60 characters."""
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _stages(curriculum):
     """``[(until_step, seq_len), ...]`` as a tuple of positive int pairs, until_steps rising."""
     if curriculum is None:
@@ -641,12 +657,11 @@ class _Run:
         if not os.path.exists(os.path.join(self.run_dir, runs.STATE)):
             return state
         meta, arrays = runs.read_state(self.run_dir)
-        new = json.loads(json.dumps(make_result("training", {}, self.config).config))
-        keys_ = (set(meta["config"]) | set(new)) - set(_RESUMABLE)
-        bad = sorted(k for k in keys_ if meta["config"].get(k) != new.get(k))
+        bad = resume_differences(meta["config"], self.config)
         if bad:
             raise InputError(f"cannot resume from {self.run_dir!r}: its config differs in "
-                             f"{', '.join(bad)}")
+                             + "; ".join(f"{k} (the run's {_brief(a)}, now {_brief(b)})"
+                                         for k, a, b in bad))
         where = f"cannot resume from {self.run_dir!r}"
         params, opt_state = runs.restore_state(arrays, params_of(state, self.spec),
                                                state.opt_state, where)
@@ -823,6 +838,7 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
 
 
 __all__ = ["History", "TrainConfig", "TrainState", "train", "init_state", "step", "evaluate",
+           "resume_differences",
            "record", "params_of", "keys", "readout", "init_head", "eval_batch_of", "as_task",
            "check_run", "update_theta", "evaluate_theta", "flatten", "unflatten_host",
            "length_at", "rescale_time_gate", "task_loss", "time_gate", "cells_label",

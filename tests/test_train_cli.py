@@ -240,24 +240,66 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(run, tmp_path, monk
     capsys.readouterr()
     np.testing.assert_array_equal(gradflow.load(out / "curve.npz").loss,
                                   gradflow.load(whole / "curve.npz").loss)
-    for extra, msg in ((["--resume", "--lr", "0.02"], "its config differs in lr"),
-                       (["--resume", "--overwrite"], "not allowed with argument")):
+    for extra, msg in (
+            (["--resume", "--lr", "0.02"], f"cannot resume from {str(out)!r}: it was made with "
+             "other settings: --lr (lr: the run's 0.01, now 0.02); give the run's, or "
+             "--overwrite for a new run"),
+            (["--resume", "--cell", "gru", "--seq-len", "5"], "settings: --cell (cell: the "
+             "run's \"star\", now \"gru\"); --task, --seq-len, --task-option (eval_task: "),
+            (["--resume", "--wrt", "params"], "with --wrt params: its maps were recorded with "
+             "--wrt hidden, and a resumed run records as it did"),
+            (["--resume", "--readout-seed", "2"], "recorded with --readout-seed 0"),
+            (["--resume", "--overwrite"], "not allowed with argument")):
         assert main(TINY + ["--out", str(out), *extra]) == 2
-        err = capsys.readouterr().err
+        captured = capsys.readouterr()
+        err = captured.err
         assert msg in err and len(err.strip().splitlines()) == 1, err
+        assert captured.out == ""  # refused before the header (it said "resumed at step 12")
     # --resume where nothing is saved starts the run; a damaged state is named
     fresh = tmp_path / "fresh"
     small = ["train", "--steps", "2", "--eval-batch", "4", "--batch", "2", "--seq-len", "4",
              "--layers", "1", "--hidden", "4", "--out", str(fresh)]
     assert main(small + ["--resume"]) == 0
     assert "resumed" not in capsys.readouterr().out
+    # the recorded maps' settings are the run's where not given (--record-batch 2 could not
+    # be given without --record, and was refused as another record_batch without it)
+    part = tmp_path / "part"
+    assert main(small + ["--out", str(part), "--record", "0,2", "--record-batch", "2",
+                         "--wrt", "params"]) == 0
+    assert main(small + ["--out", str(part), "--resume", "--steps", "4"]) == 0
+    assert "; resumed at step 2" in capsys.readouterr().out
+    assert main(small + ["--out", str(part), "--resume", "--steps", "6", "--record",
+                         "1,6"]) == 2
+    assert ("--record asks for step(s) 1 before the run's saved step 4, which it did not "
+            "record") in capsys.readouterr().err
+    assert main(small + ["--out", str(part), "--resume", "--steps", "6", "--record",
+                         "0,2,6"]) == 0
+    capsys.readouterr()
+    maps = [gradflow.load(part / f"map_step00000{s}.npz") for s in (0, 2, 6)]
+    assert [(m.config["wrt"], m.config["batch"], m.config["train_step"]) for m in maps] == [
+        ("params", 2, 0), ("params", 2, 2), ("params", 2, 6)]
+    # a state.npz that is no run's: torn, a params file, a folder; --out a file
     (fresh / "state.npz").write_text("torn")
-    for extra, msg in (([], "holds a training run (its state.npz unreadable); give --resume"),
+    for extra, msg in (([], "holds a state.npz that is no training run (its state.npz cannot "
+                            "be read ("),
                        (["--resume"], "cannot resume from")):
         assert main(small + extra) == 2
         assert msg in capsys.readouterr().err
     assert main(small + ["--overwrite"]) == 0
     assert runs.read_run(fresh)["step"] == 2
+    runs.save_params(fresh / "state.npz", *runs.load_params(fresh))
+    assert main(small + ["--resume"]) == 2
+    assert ("its state.npz is not a training run's (a params file, gradflow.runs.save_params?)"
+            "; give --overwrite") in capsys.readouterr().err
+    (fresh / "state.npz").unlink()
+    (fresh / "state.npz").mkdir()
+    for extra, msg in (([], "its state.npz is not a file"),
+                       (["--overwrite"], "cannot remove")):
+        assert main(small + extra) == 2  # (--overwrite: an IsADirectoryError, status 1)
+        assert msg in capsys.readouterr().err
+    assert main(small[:-1] + [str(fresh / "state.npz" / ".." / ".." / "part" / "curve.npz")]
+                ) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
 
 
 def test_help_lists_train(capsys):
