@@ -396,10 +396,10 @@ def _draw_map(ax: Axes, values: np.ndarray, norm, cmap: mcolors.Colormap, rows=N
                                           hatch=NONFINITE_HATCH, linewidth=0.0,
                                           label="non-finite"), autolim=False)
     ax.set_xlabel("time step $t$")
-    ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True, min_n_ticks=1))
     if rows is None:
         ax.set_ylabel("layer $l$")
-        ax.yaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True, min_n_ticks=1))
     else:
         ax.set_yticks(range(len(rows)), rows)
         ax.set_ylabel("row (layer, direction)")
@@ -949,7 +949,7 @@ def gain_profile(gains, ax: Axes | None = None, kind: str = "vertical", stat: st
     ax.set_yscale("log")
     ax.set_xlabel("layer $l$ (depth)")
     ax.set_ylabel(f"{kind} gain ({stat}), mean over $t$")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     # Outside the axes: profiles and bands can fill the whole plot area.
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.set_title(_with_counts(f"{kind} local gains ({stat})" if title is None else title, bad,

@@ -863,3 +863,15 @@ def test_title_helpers_and_curves_say_what_they_take():
     with pytest.raises(TypeError, match=r"draw_curves takes \{label: training Result\}.*"
                                         r"\{'a': ndarray\}"):
         plot.draw_curves({"a": np.ones(5)})
+
+
+def test_one_layer_or_one_step_is_labelled_by_its_index():
+    """A map of one layer (or one step) had its axis ticked -0.45..0.45: integer ticks need
+    two in range unless asked for one."""
+    fig = plot.heatmap(_gradient_map(np.full((1, 1), 0.5)))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    for axis in (ax.xaxis, ax.yaxis):
+        lo, hi = sorted(axis.get_view_interval())
+        shown = [t for t in axis.get_majorticklocs() if lo <= t <= hi]
+        assert shown == [0.0], shown
