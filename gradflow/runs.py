@@ -92,6 +92,8 @@ def _write_npz(path: str, meta: dict, arrays: dict) -> str:
                  **{k: np.asarray(v) for k, v in arrays.items()})
         os.replace(tmp, path)
     except OSError as e:
+        if os.path.exists(tmp):  # (a full disk: no torn file left beside the run)
+            os.remove(tmp)
         raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
     return path
 

@@ -495,3 +495,24 @@ def test_task_loss_is_the_training_loss_and_checks_what_it_is_given():
             task_loss(*args)
     with pytest.raises(ValueError, match="do not fit the readout"):
         gradflow.gradient_map(LSTM, params, xs[:2], loss=task_loss(head, ADDING, ys, mask))
+
+
+@pytest.mark.parametrize("fails", ["curve.tmp.npz", ".tmp-state.npz"])
+def test_a_full_disk_leaves_no_torn_file_in_the_run_folder(tmp_path, monkeypatch, fails):
+    """A save the disk does not take is one InputError, and the half-written temporary file is
+    removed (curve.tmp.npz stayed beside the run)."""
+    import errno
+
+    real = np.savez
+
+    def full(file, *a, **k):
+        if os.path.basename(str(file)) == fails:
+            with open(file, "wb") as f:
+                f.write(b"PK\x03\x04 torn")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(file, *a, **k)
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(gradflow.errors.InputError, match="No space left on device"):
+        train(LSTM, ADDING, steps=2, run_dir=tmp_path, **COMMON)
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
