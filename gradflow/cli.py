@@ -2531,9 +2531,10 @@ def _saved_run(args, out: Path) -> dict | None:
                 problem = (f"its {runs.STATE} is not a training run's (a params file, "
                            "gradflow.runs.save_params?)")
     if problem is not None:
-        if args.overwrite:
+        if args.overwrite and state.is_file():
             return None
-        fix = "give --overwrite to start a new run there, or another --out"
+        fix = ("give --overwrite to start a new run there, or another --out" if state.is_file()
+               else "remove it, or give another --out")
         raise _usage(args, f"cannot resume from {str(out)!r}: {problem}; {fix}" if args.resume
                      else f"{str(out)!r} holds a {runs.STATE} that is no training run "
                           f"({problem}); {fix}")
@@ -2556,7 +2557,14 @@ def _resumed_record_settings(args, out: Path, meta: dict) -> bool:
     from gradflow.results import Result
 
     typed = set(_given(args, [*_RECORD_SETTINGS, "record_batch"]))
-    maps = [Result.load(p).config for p in sorted(out.glob("record-*.npz"))]
+    maps = []
+    for name, _, fname in meta.get("records", ()):  # the run's own (its index), not strays
+        if name == "gradient_map":
+            try:
+                maps.append(Result.load(out / fname).config)
+            except (ValueError, OSError) as e:
+                raise _usage(args, f"cannot resume from {str(out)!r}: its recorded map "
+                                   f"{fname} cannot be read ({_one_line(e)})") from None
     maps = [c for c in maps if all(k in c for k in _RECORD_SETTINGS.values())]
     saved = {dest: maps[0][key] for dest, key in _RECORD_SETTINGS.items()} if maps else {}
     for dest, value in saved.items():
@@ -2587,13 +2595,19 @@ _RUN_FLAGS = {"lr": "--lr", "clip": "--clip", "seed": "--seed", "batch": "--batc
                               "--task, --seq-len, --task-option")}
 
 
-def _resume_refused(args, out: Path, differences) -> UsageError:
+def _resume_refused(args, out: Path, differences, typed=()) -> UsageError:
     """The one line for a ``--resume`` whose settings are not the saved run's: each option
-    that differs, with the run's value and the one given."""
-    flags, other_cell = {}, any(key == "cell" for key, _, _ in differences)
+    that differs, with the run's value and the one given (not what follows from another:
+    another cell's options, a ``record_batch`` cut to another ``--eval-batch``; ``typed``:
+    the record options given)."""
+    keys = {key for key, _, _ in differences}
+    follows = {"--cell, --option"} if "cell" in keys else set()
+    if "eval_batch" in keys and "--record-batch" not in typed:
+        follows.add("--record-batch")
+    flags = {}
     for key, saved, given in differences:
         flag = _RUN_FLAGS.get(key, "--cell, --option")
-        if not (other_cell and flag == "--cell, --option"):  # (another cell's options)
+        if flag not in follows:
             flags.setdefault(flag, (key, saved, given))
     from gradflow.train import _brief
 
@@ -2664,14 +2678,17 @@ def run_train(args) -> int:
 
     task = _train_task(args)
     out = _train_dir(args)
+    unread = _given(args, ("record_batch", "record_loss", "wrt", "readout_seed"))  # (typed)
     saved = _saved_run(args, out)  # (refused here: a run there, and neither flag)
+    if saved is not None and args.steps < int(saved["step"]):
+        raise _usage(args, f"cannot resume from {str(out)!r} with --steps {args.steps}: the "
+                           f"run has done {saved['step']}; give --steps {saved['step']} or more")
     recorded = saved is not None and _resumed_record_settings(args, out, saved)
-    unread = _given(args, ("record_batch", "record_loss", "wrt", "readout_seed"))
-    if unread and not args.record and saved is None:  # they shape the recorded maps only
+    if unread and not args.record and not recorded:  # they shape the recorded maps only
         raise _usage(args, f"{', '.join(unread)} set{'s' if len(unread) == 1 else ''} the "
                            "maps that --record records; give --record STEPS (e.g. 0,500) or "
                            f"drop {'it' if len(unread) == 1 else 'them'}")
-    if args.record and _given(args, ("record_batch",)) and args.record_batch > args.eval_batch:
+    if args.record and "--record-batch" in unread and args.record_batch > args.eval_batch:
         raise _usage(args, f"--record-batch {args.record_batch} is more than the --eval-batch "
                            f"{args.eval_batch} sequences the maps are recorded on; give at most "
                            f"{args.eval_batch}, or a larger --eval-batch")
@@ -2697,14 +2714,15 @@ def run_train(args) -> int:
     record = record if args.record or recorded else None  # (a resumed run keeps its maps)
     with user_input():  # train's own checks, before the run folder and the header
         config = TrainConfig(**run)
+        if saved is not None:  # first: a resume's other settings, as the options typed
+            differences = resume_differences(saved["config"],
+                                             config.describe(stack, task, task))
+            if differences:
+                raise _resume_refused(args, out, differences, typed=unread)
         check_run(stack, task, task, config, record)
         check_memory(stack, task, task, config)  # (a refusal leaves no empty folder behind)
         if record:  # the recorded maps' wrt, not at the first record step
             check_wrt(stack, args.wrt)
-    if saved is not None:  # before the header: a refusal is the only line
-        differences = resume_differences(saved["config"], config.describe(stack, task, task))
-        if differences:
-            raise _resume_refused(args, out, differences)
     out = _made_dir(args, out)
     if not args.resume:  # a new run (train clears its own files: state, curve, records): the
         # maps this command wrote for an earlier run in the folder go too, or they would read

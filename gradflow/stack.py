@@ -508,9 +508,10 @@ class Stack:
         dtype = jnp.dtype(dtype)
         if self.norm is not None:
             identity = self._identity_norm(dtype)
-            if norm is not None and (not isinstance(norm, (list, tuple))
-                                     or len(norm) != self.layers):
-                got = (f"{len(norm)} entries" if isinstance(norm, (list, tuple))
+            if norm is not None and not isinstance(norm, Mapping) and hasattr(norm, "__iter__"):
+                norm = list(norm)  # (any iterable, as layers)
+            if norm is not None and (not isinstance(norm, list) or len(norm) != self.layers):
+                got = (f"{len(norm)} entries" if isinstance(norm, list)
                        else f"a {type(norm).__name__}")
                 raise ValueError(f"norm= holds one layer's norm params per layer, a list of "
                                  f"{self.layers}; got {got}")

@@ -891,8 +891,9 @@ def test_a_failing_step_is_reported_with_its_cause():
         h = jnp.tanh(x @ p["W"] + carry["h"])
         return {"h": h, "m": carry["m"] + h}, h
 
-    with pytest.raises(ValueError, match=r"string indexing; .*indexes its carry by name.*for a "
-                                         r"dict carry give state=lambda batch_shape, H, dtype"):
+    with pytest.raises(ValueError, match=r"string indexing; .*indexes an array by name: its "
+                                         r"carry .*for a dict carry give state=lambda "
+                                         r"batch_shape, H, dtype.*its params what init returns"):
         build(dict_carry)
     with pytest.raises(TypeError, match=r"the step must return \(carry, y\), got a "):
         build(lambda p, h, x: jnp.tanh(x @ p["W"] + h))
@@ -1472,6 +1473,8 @@ def test_trained_layer_norms_as_flax_gives_them():
     np.testing.assert_array_equal(params["norm"][0]["bias"], biases[0]["params"]["bias"])
     np.testing.assert_array_equal(params["norm"][1]["bias"], np.zeros(H))
     # one entry per layer, said as such (it was "params['norm'][1]['bias'] is missing")
+    assert cells.stack_params(stack, layers, norm=(s for s in scales))["norm"][1]["scale"] \
+        .shape == (H,)  # any iterable, as layers=
     for norm, got in (([scales[0]], "1 entries"), (scales[0], "a dict")):
         with pytest.raises(ValueError, match=f"norm= holds one layer's norm params per layer, "
                                              f"a list of 2; got {got}"):

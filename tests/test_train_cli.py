@@ -1,6 +1,7 @@
 """``gradflow train``: a tiny run writes the learning curve and the recorded maps, and they
 hold the numbers of the same run made through :func:`gradflow.train.train`; bad input exits 2
 with one line."""
+import shutil
 from pathlib import Path
 
 import jax
@@ -265,9 +266,29 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(run, tmp_path, monk
     # be given without --record, and was refused as another record_batch without it)
     part = tmp_path / "part"
     assert main(small + ["--out", str(part), "--record", "0,2", "--record-batch", "2",
-                         "--wrt", "params"]) == 0
+                         "--wrt", "cell"]) == 0
     assert main(small + ["--out", str(part), "--resume", "--steps", "4"]) == 0
     assert "; resumed at step 2" in capsys.readouterr().out
+    # refused before the header, as the options given: another cell (not the maps' wrt=cell
+    # it cannot have), another --eval-batch (not the --record-batch that follows from it),
+    # --steps below the steps done (it said so after "resumed at step 4", as steps=)
+    for extra, msg in (
+            (["--cell", "gru"], "other settings: --cell (cell: the run's \"lstm\", now "
+                                "\"gru\"); give"),
+            (["--eval-batch", "1", "--record", "6"], "other settings: --eval-batch "
+                                                     "(eval_batch: the run's 4, now 1); give"),
+            (["--steps", "3"], "with --steps 3: the run has done 4; give --steps 4 or more")):
+        assert main(small + ["--out", str(part), "--resume", "--steps", "6", *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and msg in captured.err, captured.err
+    # a damaged recorded map of the run is named (a stray record file is not the run's)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(part, damaged)
+    (damaged / "record-00099.npz").write_text("stray")
+    assert main(small + ["--out", str(damaged), "--resume", "--steps", "4"]) == 0
+    (damaged / "record-00000.npz").write_text("junk")
+    assert main(small + ["--out", str(damaged), "--resume", "--steps", "4"]) == 2
+    assert "its recorded map record-00000.npz cannot be read" in capsys.readouterr().err
     assert main(small + ["--out", str(part), "--resume", "--steps", "6", "--record",
                          "1,6"]) == 2
     assert ("--record asks for step(s) 1 before the run's saved step 4, which it did not "
@@ -277,7 +298,10 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(run, tmp_path, monk
     capsys.readouterr()
     maps = [gradflow.load(part / f"map_step00000{s}.npz") for s in (0, 2, 6)]
     assert [(m.config["wrt"], m.config["batch"], m.config["train_step"]) for m in maps] == [
-        ("params", 2, 0), ("params", 2, 2), ("params", 2, 6)]
+        ("cell", 2, 0), ("cell", 2, 2), ("cell", 2, 6)]
+    # a run without maps: the maps' options still need --record
+    assert main(small + ["--resume", "--steps", "4", "--wrt", "cell"]) == 2
+    assert "--wrt sets the maps that --record records" in capsys.readouterr().err
     # a state.npz that is no run's: torn, a params file, a folder; --out a file
     (fresh / "state.npz").write_text("torn")
     for extra, msg in (([], "holds a state.npz that is no training run (its state.npz cannot "
@@ -293,10 +317,11 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(run, tmp_path, monk
             "; give --overwrite") in capsys.readouterr().err
     (fresh / "state.npz").unlink()
     (fresh / "state.npz").mkdir()
-    for extra, msg in (([], "its state.npz is not a file"),
-                       (["--overwrite"], "cannot remove")):
-        assert main(small + extra) == 2  # (--overwrite: an IsADirectoryError, status 1)
-        assert msg in capsys.readouterr().err
+    for extra in ([], ["--overwrite"]):  # (--overwrite: an IsADirectoryError, status 1)
+        assert main(small + extra) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and ("(its state.npz is not a file); remove it, or give "
+                                       "another --out") in captured.err
     assert main(small[:-1] + [str(fresh / "state.npz" / ".." / ".." / "part" / "curve.npz")]
                 ) == 2
     assert "is a file; give a folder" in capsys.readouterr().err

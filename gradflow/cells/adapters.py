@@ -251,9 +251,9 @@ def _step_failed(who: str, e: Exception, what: str, fit: str = "", guessed: str 
                 "(None: one array; k: a tuple of k arrays; or a function), and the step "
                 "returns (carry, y)")
     elif "string indexing" in text or "tuple indices must be" in text:
-        hint = ("the step indexes its carry by name, and the carry is what state= says (None: "
-                "one array): for a dict carry give state=lambda batch_shape, H, dtype: "
-                "{'h': jnp.zeros(batch_shape + (H,), dtype), ...}")
+        hint = ("the step indexes an array by name: its carry is what state= says (None: one "
+                "array; for a dict carry give state=lambda batch_shape, H, dtype: {'h': "
+                "jnp.zeros(batch_shape + (H,), dtype), ...}), its params what init returns")
     elif isinstance(e, TypeError) and "positional argument" in text:
         called = {"from_function": "step(params, carry, x)", "from_linen": "module(carry, x)",
                   "from_nnx": "module(carry, x)", "from_equinox": "module(x, state)"}.get(who)
@@ -1225,7 +1225,8 @@ def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=N
       input: ``{"W": (D, H), "b": (H,)}`` for a stack with ``input_projection``.
       norm: per-layer norm params (``[{"scale": (H,), "bias": (H,)}, ...]``) for a stack with
         ``norm``; default the identity (scale 1, bias 0). A Flax ``LayerNorm``'s params as
-        they come (``{"params": {...}}`` too; made with ``use_bias=False``: bias 0).
+        they come (``{"params": {...}}`` too; made with ``use_bias=False``: bias 0;
+        ``use_scale=False``: scale 1).
       dtype: cast every floating leaf to this (default: the first layer's dtype).
     Returns:
       ``{"layers": [...], "input"?: ..., "norm"?: [...]}`` as :meth:`Stack.init` returns.
