@@ -545,7 +545,9 @@ def test_a_module_in_training_mode_is_told_eval_not_init():
     assert "init=" not in str(e.value)
     module.eval()  # (the cell wraps the module as it was: wrap it again)
     stack = gradflow.Stack(cells.from_nnx(module), L, D, D)
-    params = stack.init(jax.random.key(0))
+    with pytest.warns(UserWarning, match="has no init=, so every layer starts from the "
+                                         "module's own weights"):
+        params = stack.init(jax.random.key(0))
     assert np.isfinite(gradflow.gradient_map(stack, params, inputs(jnp.float32)).values).all()
 
 
@@ -945,8 +947,8 @@ def test_what_a_step_got_wrong_is_what_the_message_says():
     with pytest.raises(TypeError, match=r"NoCarry has no initialize_carry.*from_function\("):
         cells.from_linen(NoCarry(H))
     # arguments in another order: no "do the parameters fit the sizes?", the call it gets
-    with pytest.raises(ValueError, match=r"failed: .*string.* \(it is called as step\(params, "
-                                         r"carry, x\)\)$") as e:
+    with pytest.raises(ValueError, match=r"failed: .*string.* \(.*; it is called as "
+                                         r"step\(params, carry, x\)\)$") as e:
         cells.from_function(lambda x, h, p: (jnp.tanh(x @ p["W"]),) * 2, init, hidden_size=H)
     assert "do the parameters fit" not in str(e.value)
     # a memory wider than the output: refused, with how to carry it

@@ -234,6 +234,10 @@ _CODE_BUGS = (NameError, AttributeError, ImportError, AssertionError, ZeroDivisi
 _SIZES = re.compile(r"shape|dimension|dot_general|incompatible|broadcast|size", re.I)
 
 
+_CALLED = {"from_function": "step(params, carry, x)", "from_linen": "module(carry, x)",
+           "from_nnx": "module(carry, x)", "from_equinox": "module(x, state)"}
+
+
 def _step_failed(who: str, e: Exception, what: str, fit: str = "", guessed: str = ""
                  ) -> Exception:
     """The exception to raise where the user's step failed in ``what`` (e.g. "one probe step
@@ -253,12 +257,11 @@ def _step_failed(who: str, e: Exception, what: str, fit: str = "", guessed: str 
     elif "string indexing" in text or "tuple indices must be" in text:
         hint = ("the step indexes an array by name: its carry is what state= says (None: one "
                 "array; for a dict carry give state=lambda batch_shape, H, dtype: {'h': "
-                "jnp.zeros(batch_shape + (H,), dtype), ...}), its params what init returns")
+                "jnp.zeros(batch_shape + (H,), dtype), ...}), its params what init returns"
+                + (f"; it is called as {_CALLED[who]}" if who in _CALLED else ""))
     elif isinstance(e, TypeError) and "positional argument" in text:
-        called = {"from_function": "step(params, carry, x)", "from_linen": "module(carry, x)",
-                  "from_nnx": "module(carry, x)", "from_equinox": "module(x, state)"}.get(who)
         return _CallSignature(f"{who}: {what} failed: {_message(e)} (the cell is called as "
-                              f"{called}: an RNN cell, one step)")
+                              f"{_CALLED.get(who)}: an RNN cell, one step)")
     elif "PRNG" in text or "rng" in text.lower():
         hint = ("the module draws random numbers (Dropout?): measure it deterministic "
                 "(linen: deterministic=True; nnx: module.eval())")
