@@ -954,12 +954,19 @@ def _nnx_rebuild(nnx, module, key, n_in: int, H: int):
     return type(module)(n_in, H, rngs=nnx.Rngs(key), **kw)
 
 
+def _pure_dict(nnx, state) -> dict:
+    """An ``nnx.State`` as a plain nested dict (``nnx.to_pure_dict``; the State method on
+    older Flax)."""
+    return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+
+
 def _same_fixed_state(who: str, own, its) -> None:
     """A ValueError unless a layer module's state outside its parameters (``nnx.BatchStat``
     running statistics, other variables) equals the wrapped module's, which every layer runs
     with (closed over): a layer's own running statistics would otherwise be dropped
     without a word and the layer measured as another network."""
-    differ = _differing(own.to_pure_dict(), its.to_pure_dict())
+    nnx = _require("flax.nnx", "flax", who)
+    differ = _differing(_pure_dict(nnx, own), _pure_dict(nnx, its))
     if differ != []:
         what = ", ".join(differ[:4]) if differ else "its structure"
         raise ValueError(f"{who}: a layer's module holds other state outside its nnx.Params "
@@ -1026,7 +1033,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         _check_arity(who, init, "init", "key, input_size, hidden_size")
     n_in = _input_size(who, input_size, getattr(module, "in_features", None))
     graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
-    own = pstate.to_pure_dict()
+    own = _pure_dict(nnx, pstate)
     if state is not None:
         template = _template(state, H, who)
     else:
@@ -1040,7 +1047,10 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
 
     def merged(params):
         st = jax.tree_util.tree_map(lambda a: a, pstate)
-        st.replace_by_pure_dict(params)
+        if hasattr(nnx, "replace_by_pure_dict"):  # (the State method is deprecated)
+            nnx.replace_by_pure_dict(st, params)
+        else:
+            st.replace_by_pure_dict(params)
         return nnx.merge(graphdef, st, rest)
 
     def call(params, carry, x):
@@ -1056,7 +1066,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
             _, params, others = nnx.split(obj, nnx.Param, ...)
             if trained:  # (a fresh module's, traced inside Stack.init, is its class's default)
                 _same_fixed_state(who, rest, others)
-            return params.to_pure_dict()
+            return _pure_dict(nnx, params)
         if isinstance(obj, dict):
             return obj
         raise TypeError(f"{who}: a layer's weights are an nnx module or its params dict, got "
