@@ -22,6 +22,7 @@ as well as from the ``gradflow`` script.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib
 import json
@@ -359,6 +360,28 @@ def step_list(text: str) -> list[int]:
 # A user's cell by import path
 
 
+#: The files of the modules ``--cell module:factory`` loaded: an exception raised in their
+#: code (the user's ``init`` opening a file, a typo in a step) is the user's, not gradflow's.
+USER_FILES: set = set()
+
+
+def _raised_in_user_code(e: BaseException) -> str | None:
+    """``"file.py, line N, in name"`` where ``e`` was raised in a user's cell module (the
+    last frame of its traceback in one of :data:`USER_FILES`, with no gradflow frame after
+    it: what that code called failed, not gradflow); None otherwise."""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = os.path.dirname(os.path.realpath(__file__)) + os.sep
+    last = None
+    for frame in frames:
+        path = os.path.realpath(frame.filename)
+        if path in USER_FILES:
+            last = frame
+        elif path.startswith(ours):
+            last = None
+    return (None if last is None
+            else f"{os.path.basename(last.filename)}, line {last.lineno}, in {last.name}")
+
+
 def load_cell(spec: str, options: dict | None = None):
     """The :class:`gradflow.cells.Cell` named by ``"module:attribute"``: a Cell object, or a
     factory (any callable) called with ``options`` that returns one. The current folder is
@@ -377,6 +400,8 @@ def load_cell(spec: str, options: dict | None = None):
         sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
+        if getattr(obj, "__file__", None):
+            USER_FILES.add(os.path.realpath(obj.__file__))
     except ModuleNotFoundError as e:
         from gradflow import cells as _cells
 
@@ -951,10 +976,15 @@ def _problem(args, cell):
     prob = problem(cell, layers=args.layers, steps=args.steps, hidden=args.hidden,
                    batch=args.batch, input_size=args.input_size, seed=args.seed,
                    dtype=args.dtype, input_scale=args.input_scale, stack_options=settings)
-    if _user_cell(args.cell):  # a user's cell: how this command built it, to build it again
-        prob = prob._replace(config={**prob.config, "cell_factory": args.cell,
-                                     "cell_factory_options": _cell_options(args)})
-    return prob
+    return prob._replace(config={**prob.config, **_factory(args)})
+
+
+def _factory(args) -> dict:
+    """How the command built a user's cell (``--cell module:factory`` and its options), to
+    build it again: a result's config names only the cell's name; {} for a registered cell."""
+    if not _user_cell(getattr(args, "cell", "") or ""):
+        return {}
+    return {"cell_factory": args.cell, "cell_factory_options": _cell_options(args)}
 
 
 # The options that build a stack: with --params the saved run fixes them.
@@ -1137,7 +1167,7 @@ def _trained_problem(args, path):
     stack, params, meta = _read_params(args, path)
     dt = dtype_of(args.dtype)
     params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, dt), params)
-    config = {"params": str(path)}
+    config = {"params": str(path), **_factory(args)}
     if "config" not in meta:  # a params file: Gaussian inputs as gradflow.problem draws them
         own = getattr(args, "inputs", None) is not None  # (not drawn: --inputs replace them)
         with user_input():  # gradflow.problem's check of parameters and inputs together
@@ -1844,6 +1874,11 @@ def run_compare(args) -> int:
         seed=args.seed, dtype=args.dtype, init=args.init, input_scale=args.input_scale,
         cell_options={label: dict(args.option) for label, c in zip(labels, args.cells)
                       if c in named} if args.option else None)
+    factories = {label: c for label, c in zip(labels, args.cells) if c not in named}
+    if factories:  # how the user's cells were built (the config names only their names)
+        grid = dataclasses.replace(grid, config={
+            **grid.config, "cell_factories": factories,
+            "cell_factory_options": options})
     fig = plot.draw_grid(grid, normalize=not args.absolute)
     first = grid.config["maps"][f"{args.losses[0]}/{labels[0]}"]
     print(f"gradflow compare: {', '.join(labels)}; {args.layers} layers x {args.steps} steps, "
@@ -3053,6 +3088,13 @@ def _main(argv: list, program: bool, command: list) -> int:
         _stdout_to_devnull(sys.stdout)  # (the program's stdout never raises it: _ReaderStdout)
         return CLOSED_STDOUT
     except Exception as e:  # a bug in gradflow, not the user's input; or a full disk
+        where = _raised_in_user_code(e)
+        if where is not None:  # the user's cell's own code (its init, its step): theirs
+            if "--debug" in argv:
+                traceback.print_exc()
+            print(f"{command[0]}: error: your cell's code raised {type(e).__name__}: "
+                  f"{_one_line(e)} ({where})", file=sys.stderr)
+            return 2
         unwritable = _unwritable(e)
         if unwritable is not None:  # the machine's, not gradflow's: as an unwritable path
             print(f"{command[0]}: error: {unwritable}", file=sys.stderr)

@@ -229,6 +229,10 @@ def stack_from_config(config: dict, cell=None) -> Stack:
         raise InputError(f"a stack config is a dict with the stack's 'cell', 'layers', "
                          f"'input_size' and 'hidden_size' (Stack.config), got {config!r}"[:300])
     name = config["cell"]
+    given = getattr(cell, "name", None)
+    if isinstance(name, str) and given is not None and given != name:
+        raise InputError(f"the saved stack's cell is {name!r}, the cell given is {given!r}: "
+                         "give the cell it was saved with")
     if cell is None:
         names = name if isinstance(name, list) else [name]
         unknown = [n for n in names if n not in _cells.names()]

@@ -598,6 +598,20 @@ def mixing_rnn():
         return {"h": h}, h, {}
     return Cell(name="mixing_rnn", init_fn=_init, recur_fn=recur, couples_batch=True)
 
+def from_file():
+    """A cell whose init reads pretrained weights that are not there."""
+    import numpy as np
+
+    def init(key, input_size, hidden_size, dtype):
+        return dict(np.load("pretrained.npz"))
+    return Cell(name="from_file", init_fn=init, recur_fn=sin_rnn().recur_fn)
+
+def readout_inside():
+    """A step that returns a readout of h, not h: the adapter refuses it."""
+    from gradflow.cells import from_function
+    return from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h @ p["U"]),
+                                          2.0 * jnp.tanh(x @ p["W"] + h @ p["U"])), _init)
+
 READY = sin_rnn(0.5)
 NOT_A_CELL = 42
 '''
@@ -1026,6 +1040,30 @@ def test_train_a_users_cell_and_measure_its_trained_params(capsys, user_module):
     measured = gradflow.load(_written(out, "data:"))
     np.testing.assert_array_equal(measured.values,
                                   gradflow.load("run/map_step000002.npz").values)
+    assert measured.config["cell_factory"] == f"{user_module}:sin_rnn"  # (it named no factory)
+    # another cell whose parameters fit is refused (it measured that cell without a word)
+    rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3", "--cell",
+                       f"{user_module}:mixing_rnn")
+    assert rc == 2 and ("the saved stack's cell is 'sin_rnn', the cell given is 'mixing_rnn'"
+                        in err), err
+
+
+def test_an_error_in_a_users_cell_code_is_theirs(capsys, user_module):
+    """The user's init failing (a file it reads is not there) and the adapter's check of the
+    user's step (a readout inside the cell): one line, status 2; they were "internal error
+    ... a bug in gradflow", status 1. A bug in gradflow stays one (the test above)."""
+    rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:from_file", *SMALL)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(r"gradflow heatmap: error: your cell's code raised FileNotFoundError: .*"
+                     rf"pretrained.npz.* \({user_module}.py, line \d+, in init\)$", err), err
+    for command in ("heatmap", "gains"):
+        rc, out, err = run(capsys, command, "--cell", f"{user_module}:readout_inside", *SMALL)
+        assert rc == 2 and "y must be the carry's output h" in err, err
+    rc, out, err = run(capsys, "compare", "--cells", f"rnn,{user_module}:sin_rnn", "--losses",
+                       "last", *SMALL)
+    assert rc == 0, err
+    assert gradflow.load(_written(out, "data:")).config["cell_factories"] == {
+        "sin_rnn": f"{user_module}:sin_rnn"}
 
 
 def test_heatmap_of_params_saved_with_save_params(capsys, tmp_path):

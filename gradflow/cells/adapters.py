@@ -121,7 +121,7 @@ def _size(who: str, what: str, value):
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{who}: {what} must be a positive integer or None, got {value!r}")
+        raise InputError(f"{who}: {what} must be a positive integer or None, got {value!r}")
     return int(value)
 
 
@@ -131,7 +131,7 @@ def _zero_carry(who: str, module, carry):
     random one): every measurement starts from zero states, so its map would not be the
     user's network's (it was measured from zeros without a word)."""
     if not all(bool(jnp.all(jnp.asarray(a) == 0)) for a in jax.tree_util.tree_leaves(carry)):
-        raise ValueError(
+        raise InputError(
             f"{who}: {type(module).__name__}.initialize_carry gives a non-zero carry (its "
             "carry_init), and gradflow's measurements start every layer from zero states, so "
             "they would not measure your network: measure the module with the default "
@@ -149,15 +149,15 @@ def _template(state, hidden_size, who: str):
         return jnp.zeros((1, H))
     if isinstance(state, int) and not isinstance(state, bool):
         if state < 1:
-            raise ValueError(f"{who}: state={state} must be a positive number of carry arrays")
+            raise InputError(f"{who}: state={state} must be a positive number of carry arrays")
         return tuple(jnp.zeros((1, H)) for _ in range(state))
     if callable(state):
         if hidden_size is None:
-            raise ValueError(f"{who}: a state function needs hidden_size=")
+            raise InputError(f"{who}: a state function needs hidden_size=")
         return state((1,), int(hidden_size), jnp.float32)
-    raise TypeError(f"{who}: state must be None (the carry is one array), a number of carry "
-                    f"arrays, or a function (batch_shape, hidden_size, dtype) -> carry; got "
-                    f"{type(state).__name__}")
+    raise InputTypeError(f"{who}: state must be None (the carry is one array), a number of carry "
+                         f"arrays, or a function (batch_shape, hidden_size, dtype) -> carry; got "
+                         f"{type(state).__name__}")
 
 
 def _resolve_output(output, paths, who: str) -> int:
@@ -166,12 +166,12 @@ def _resolve_output(output, paths, who: str) -> int:
     n = len(paths)
     if isinstance(output, (int, np.integer)) and not isinstance(output, bool):
         if not -n <= output < n:
-            raise ValueError(f"{who}: output={output} is out of range for a carry of {n} arrays")
+            raise InputError(f"{who}: output={output} is out of range for a carry of {n} arrays")
         return int(output) % n
     names = [_key_name(p[-1]) if p else "" for p in paths]
     if output in names:
         return names.index(output)
-    raise ValueError(f"{who}: output={output!r} is not a leaf of the carry; valid: indices "
+    raise InputError(f"{who}: output={output!r} is not a leaf of the carry; valid: indices "
                      f"0..{n - 1} or keys {', '.join(map(repr, names))}")
 
 
@@ -195,10 +195,11 @@ def _kinds(gate_kinds) -> dict:
     try:
         out = {str(g): k for g, k in pairs}
     except (TypeError, ValueError):
-        raise TypeError("gate_kinds must be a dict {gate: kind} or (gate, kind) pairs") from None
+        raise InputTypeError("gate_kinds must be a dict {gate: kind} or (gate, kind) "
+                             "pairs") from None
     for g, k in out.items():
         if k not in KINDS:
-            raise ValueError(f"gate {g!r} has unknown kind {k!r}; valid kinds: {', '.join(KINDS)}")
+            raise InputError(f"gate {g!r} has unknown kind {k!r}; valid kinds: {', '.join(KINDS)}")
     return out
 
 
@@ -275,7 +276,7 @@ def _step_failed(who: str, e: Exception, what: str, fit: str = "", guessed: str 
         hint = guessed or f"do the parameters fit {fit}?"
     else:
         hint = ("it is called as step(params, carry, x)" if who == "from_function" else "")
-    return ValueError(f"{who}: {what} failed: {_message(e)}" + (f" ({hint})" if hint else ""))
+    return InputError(f"{who}: {what} failed: {_message(e)}" + (f" ({hint})" if hint else ""))
 
 
 def _pair(who: str, out, what: str = "the step"):
@@ -284,7 +285,7 @@ def _pair(who: str, out, what: str = "the step"):
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         got = (f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list))
                else f"a {type(out).__name__}")
-        raise TypeError(f"{who}: {what} must return (carry, y), got {got}")
+        raise InputTypeError(f"{who}: {what} must return (carry, y), got {got}")
     return out
 
 
@@ -302,7 +303,7 @@ def _carry_leaves(who: str, new, treedef, shape: tuple) -> list:
         declared = ("the carry is what the module's initialize_carry builds" if
                     who == "from_linen" else "state= says what the carry is (None: one array, "
                     "k: a tuple of k arrays, or a function building it)")
-        raise ValueError(f"{who}: the step returns a carry shaped {_shapes(new)} but is given "
+        raise InputError(f"{who}: the step returns a carry shaped {_shapes(new)} but is given "
                          f"one shaped {given}; a step returns (carry, y) in that order, and "
                          f"{declared}")
     return treedef.flatten_up_to(new)
@@ -319,8 +320,8 @@ def _check_arity(who: str, fn, what: str, signature: str) -> None:
     try:
         sig.bind(*names)
     except TypeError:
-        raise TypeError(f"{who}: {what} must take ({signature}); "
-                        f"{getattr(fn, '__name__', what)}{sig} does not") from None
+        raise InputTypeError(f"{who}: {what} must take ({signature}); "
+                             f"{getattr(fn, '__name__', what)}{sig} does not") from None
 
 
 def _check_gates(who: str, gates, signature: str, returns: str, sown: bool = False) -> None:
@@ -328,8 +329,8 @@ def _check_gates(who: str, gates, signature: str, returns: str, sown: bool = Fal
     if gates is None or (sown and gates == "sown"):
         return
     if not callable(gates):
-        raise TypeError(f"{who}: gates must be a function ({signature}) -> {returns}"
-                        + (" or 'sown'" if sown else ""))
+        raise InputTypeError(f"{who}: gates must be a function ({signature}) -> {returns}"
+                             + (" or 'sown'" if sown else ""))
     _check_arity(who, gates, "gates", signature)
 
 
@@ -379,7 +380,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
         each layer its own.
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"{who}: name must be a non-empty string, got {name!r}")
+        raise InputTypeError(f"{who}: name must be a non-empty string, got {name!r}")
     call_b = call if batched else jax.vmap(call, in_axes=(None, 0, 0))
     if reports_gates:
         call_b = _gates_checked(who, call_b, _kinds(gate_kinds))
@@ -388,23 +389,23 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
     n = len(leaves)
     for p, leaf in zip(paths, leaves):
         if jnp.ndim(leaf) != 2 or (hidden_size and jnp.shape(leaf)[-1] != hidden_size):
-            raise ValueError(f"{who}: every carry array must be (batch, hidden_size); carry"
+            raise InputError(f"{who}: every carry array must be (batch, hidden_size); carry"
                              f"{_path_name(p) and ' ' + _path_name(p)} has shape "
                              f"{jnp.shape(leaf)} for batch 1{_WIDE}")
     kinds = _kinds(gate_kinds)
     out = None if output is None else _resolve_output(output, paths, who)
     need_output = out is None and n > 1
     if need_output and not finds_output:
-        raise ValueError(f"{who}: the carry has {n} arrays and the cell returns no separate "
+        raise InputError(f"{who}: the carry has {n} arrays and the cell returns no separate "
                          "output to find h by; say which one is the output: output=INDEX or KEY")
     probe_gates = None
     can_probe = probe_params is not None and bool(hidden_size)
     if (need_output or (reports_gates and gate_kinds is None)) and not can_probe:
-        raise ValueError(f"{who}: finding the output leaf and the gate kinds runs one step; "
+        raise InputError(f"{who}: finding the output leaf and the gate kinds runs one step; "
                          "give hidden_size= (or output= and gate_kinds=)")
     if couples_batch is not None and not isinstance(couples_batch, bool):
-        raise TypeError(f"{who}: couples_batch must be True, False or None, got "
-                        f"{couples_batch!r}")
+        raise InputTypeError(f"{who}: couples_batch must be True, False or None, got "
+                             f"{couples_batch!r}")
     # found where not declared, and a declared False checked (measured per example, a step
     # that mixes them is another network): a vmapped step cannot mix examples
     detect = batched and couples_batch is not True
@@ -416,7 +417,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
             out = _find_output(who, new_leaves, y, int(hidden_size), out)
         if detect:
             if declared and coupled:
-                raise ValueError(_mixes(who, declared))
+                raise InputError(_mixes(who, declared))
             couples_batch, detect = coupled, False
     names = _state_names(n, 0 if out is None else out)
     if reports_gates:
@@ -458,17 +459,17 @@ def _retain(who: str, retain, kinds: dict) -> tuple:
     if retain is None:
         return ()
     if not isinstance(retain, Mapping):
-        raise TypeError(f"{who}: retain must be a dict {{gate: 1 or -1}}, e.g. {{'f': 1}} for "
-                        f"an LSTM's forget gate; got {type(retain).__name__}")
+        raise InputTypeError(f"{who}: retain must be a dict {{gate: 1 or -1}}, e.g. {{'f': 1}} for "
+                             f"an LSTM's forget gate; got {type(retain).__name__}")
     for g, sign in retain.items():
         if g not in kinds:
-            raise ValueError(f"{who}: retain names {g!r}, which is not a reported gate ("
+            raise InputError(f"{who}: retain names {g!r}, which is not a reported gate ("
                              f"{', '.join(map(repr, kinds)) or 'none: give gates='})")
         if isinstance(sign, bool) or sign not in (1, -1):
-            raise ValueError(f"{who}: retain[{g!r}] must be 1 (the state kept is the gate's "
+            raise InputError(f"{who}: retain[{g!r}] must be 1 (the state kept is the gate's "
                              f"value a) or -1 (it is 1 - a), got {sign!r}")
         if kinds[g] not in ("sigmoid", "other"):
-            raise ValueError(f"{who}: retain[{g!r}]: a {kinds[g]!r} gate is no fraction of the "
+            raise InputError(f"{who}: retain[{g!r}]: a {kinds[g]!r} gate is no fraction of the "
                              "state kept (a sigmoid gate is)")
     return tuple((g, int(sign)) for g, sign in retain.items())
 
@@ -522,7 +523,7 @@ def _input_size(who: str, given, own) -> int | None:
     module's own attribute ``own`` where it is an integer; None when neither says."""
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or given < 1:
-            raise ValueError(f"{who}: input_size must be a positive integer, got {given!r}")
+            raise InputError(f"{who}: input_size must be a positive integer, got {given!r}")
         return int(given)
     return own if isinstance(own, int) else None
 
@@ -532,13 +533,13 @@ def _find_output(who, new_leaves, y, H, out=None) -> int:
     ``out`` (``output=``, or 0 for a one-array carry) checked to be one."""
     if y is None:  # no output to match
         if len(new_leaves) > 1 and out is None:
-            raise ValueError(f"{who}: the step's output y is None; say which carry array is "
+            raise InputError(f"{who}: the step's output y is None; say which carry array is "
                              "the output h: output=INDEX or KEY")
         return 0 if out is None else out
     hits = [i for i, v in enumerate(new_leaves) if jnp.shape(v) == jnp.shape(y)
             and bool(jnp.array_equal(v, y, equal_nan=True))]  # a NaN probe is still h
     if not hits:  # a readout inside the cell: the stack would pass h up
-        raise ValueError(
+        raise InputError(
             f"{who}: the step's output y (shape {jnp.shape(y)}) is none of the carry's "
             "arrays on a probe step. A gradflow layer passes h up to the next layer and "
             "forward in time as one array, so y must be the carry's output h (as in "
@@ -548,11 +549,11 @@ def _find_output(who, new_leaves, y, H, out=None) -> int:
         return 0
     if out is not None:
         if out not in hits:
-            raise ValueError(f"{who}: output={out} names carry array {out}, but the step's "
+            raise InputError(f"{who}: output={out} names carry array {out}, but the step's "
                              f"output y equals carry array(s) {hits} on a probe step")
         return out
     if len(hits) != 1:
-        raise ValueError(f"{who}: carry arrays {hits} all equal the step's output y on a "
+        raise InputError(f"{who}: carry arrays {hits} all equal the step's output y on a "
                          "probe step; say which one is h: output=INDEX or KEY")
     return hits[0]
 
@@ -571,11 +572,11 @@ def _settle_kinds(kinds: dict, probe_gates) -> dict:
     return {g: kinds[g] for g in probe_gates}
 
 
-class _CallSignature(ValueError):
+class _CallSignature(InputError):
     """A step that cannot be called as a cell (a module of another kind): no size hint."""
 
 
-class _CarryDtype(ValueError):
+class _CarryDtype(InputError):
     """A step that returns its carry in another dtype than it was given."""
 
 
@@ -608,7 +609,7 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
         leaves = _carry_leaves(who, new, treedef, (1, H))
         shapes = [tuple(v.shape) for v in leaves]
         if any(s != (1, H) for s in shapes):
-            raise ValueError(f"{who}: with input_size={n_in}, hidden_size={H} the carry comes out "
+            raise InputError(f"{who}: with input_size={n_in}, hidden_size={H} the carry comes out "
                              f"as {shapes}, expected (batch, {H}) arrays{_WIDE}")
         other = sorted({jnp.dtype(v.dtype).name for v in leaves} - {jnp.dtype(dtype).name})
         if other:  # a scan's carry keeps its dtype: say so here, not in lax.scan's words
@@ -618,7 +619,7 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
 
     def init_fn(key, n_in, H, dtype):
         if hidden_size and H != hidden_size:
-            raise ValueError(f"{who}: the cell's hidden size is {hidden_size}, the stack's "
+            raise InputError(f"{who}: the cell's hidden size is {hidden_size}, the stack's "
                              f"hidden_size is {H} (for a layer of it): layers of other widths "
                              f"need cells of their own, one per layer, Stack([{who}(m) for m "
                              "in modules], ...), each module built at its layer's width")
@@ -627,11 +628,11 @@ def _functions(who, call_b, treedef, names, gate_names, n, hidden_size, make_ini
         try:
             fits(params, n_in, H, dtype)
         except (_CarryDtype, _CallSignature) as e:
-            raise ValueError(str(e)) from None
+            raise InputError(str(e)) from None
         except ValueError as e:  # a module's own weights made for another input size
             if own is None or made is not own[0] or own[1] == n_in:
                 raise
-            raise ValueError(
+            raise InputError(
                 f"{e}; these are the parameters the cell makes for a layer of input size "
                 f"{n_in} (Stack.init, or the shapes stack_params checks against): a module "
                 "gradflow cannot rebuild at that size gives every layer its own weights, so "
@@ -698,12 +699,12 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
     input_size = _size(who, "input_size", input_size)
     hint = adapter_hint(who, step)
     if hint is not None:
-        raise TypeError(f"{who}: step is {hint}")
+        raise InputTypeError(f"{who}: step is {hint}")
     if not callable(step):
-        raise TypeError(f"{who}: step must be a function (params, carry, x) -> (carry, y)")
+        raise InputTypeError(f"{who}: step must be a function (params, carry, x) -> (carry, y)")
     if init is None:
-        raise TypeError(f"{who}: init must be a function (key, input_size, hidden_size, dtype) "
-                        "-> params, or the params")
+        raise InputTypeError(f"{who}: init must be a function (key, input_size, hidden_size, "
+                             "dtype) -> params, or the params")
     _check_arity(who, step, "step", "params, carry, x")
     if callable(init):
         _check_arity(who, init, "init", "key, input_size, hidden_size, dtype")
@@ -793,7 +794,7 @@ def _check_module_dtypes(who: str, module) -> None:
             return None
 
     if name("param_dtype") in _HALF:
-        raise ValueError(f"{who}: {type(module).__name__} has param_dtype={name('param_dtype')}; "
+        raise InputError(f"{who}: {type(module).__name__} has param_dtype={name('param_dtype')}; "
                          "gradflow measures in float32 or float64: build it with "
                          "param_dtype=jnp.float32 (trained 16-bit weights go in through "
                          "stack_params(stack, layers, dtype=jnp.float32), which casts them)")
@@ -857,19 +858,19 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
     hidden_size = _size(who, "hidden_size", hidden_size)
     nn = _require("flax.linen", "flax", who)
     if not isinstance(module, nn.Module):
-        raise TypeError(_not_a_module(who, module))
+        raise InputTypeError(_not_a_module(who, module))
     if isinstance(module, (nn.RNN, nn.Bidirectional)):
-        raise TypeError(f"{who} takes one step's cell, not the {type(module).__name__} that "
-                        "scans it over time: from_linen(rnn.cell) (a bidirectional layer is a "
-                        "model: gradflow.model_map)")
+        raise InputTypeError(f"{who} takes one step's cell, not the {type(module).__name__} that "
+                             "scans it over time: from_linen(rnn.cell) (a bidirectional layer is a "
+                             "model: gradflow.model_map)")
     H = hidden_size or getattr(module, "features", None)
     if not isinstance(H, int):
-        raise ValueError(f"{who}: {type(module).__name__} has no integer 'features': give "
+        raise InputError(f"{who}: {type(module).__name__} has no integer 'features': give "
                          "hidden_size=")
     _check_gates(who, gates, "params, carry, x", "{name: (B, H)}", sown=True)
     _check_module_dtypes(who, module)
     if not callable(getattr(module, "initialize_carry", None)):
-        raise TypeError(
+        raise InputTypeError(
             f"{who}: {type(module).__name__} has no initialize_carry(rng, input_shape): "
             "from_linen takes an RNN cell (an nn.RNNCellBase, __call__(carry, x) -> (carry, "
             "y)); for another module, from_function(lambda p, carry, x: module.apply("
@@ -877,7 +878,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
     try:
         template = module.initialize_carry(jax.random.key(0), (1, H))
     except Exception as e:
-        raise ValueError(f"{who}: {type(module).__name__}.initialize_carry(rng, (1, {H})) "
+        raise InputError(f"{who}: {type(module).__name__}.initialize_carry(rng, (1, {H})) "
                          f"failed: {_message(e)}") from e
     template = _zero_carry(who, module, template)
     unfreeze = _require("flax.core", "flax", who).unfreeze
@@ -905,7 +906,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
         variables = unfreeze(module.init(kp, carry, jnp.zeros((1, n_in), jnp.float32)))
         extra = sorted(k for k in variables if k not in ("params", "intermediates"))
         if extra:  # module.apply gets {"params": ...} alone: say so, not "do the sizes fit?"
-            raise ValueError(
+            raise InputError(
                 f"{who}: {type(module).__name__} has variable collections besides params "
                 f"({', '.join(extra)}; e.g. BatchNorm's running statistics), and gradflow "
                 "passes module.apply its params alone; close over your trained ones in a step "
@@ -919,8 +920,8 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
     def to_params(obj):
         obj = unfreeze(obj) if isinstance(obj, dict) or hasattr(obj, "unfreeze") else obj
         if not isinstance(obj, dict):
-            raise TypeError(f"{who}: a layer's weights are its variables {{'params': ...}} or "
-                            f"its params dict, got {type(obj).__name__}")
+            raise InputTypeError(f"{who}: a layer's weights are its variables {{'params': ...}} or "
+                                 f"its params dict, got {type(obj).__name__}")
         return obj["params"] if "params" in obj else obj
 
     return _build(name=name or type(module).__name__, who=who, call=call, batched=True,
@@ -969,7 +970,7 @@ def _same_fixed_state(who: str, own, its) -> None:
     differ = _differing(_pure_dict(nnx, own), _pure_dict(nnx, its))
     if differ != []:
         what = ", ".join(differ[:4]) if differ else "its structure"
-        raise ValueError(f"{who}: a layer's module holds other state outside its nnx.Params "
+        raise InputError(f"{who}: a layer's module holds other state outside its nnx.Params "
                          f"than the cell's module ({what}; e.g. BatchNorm running statistics): "
                          "every layer runs with the cell's module's, so this layer's would be "
                          "dropped; give each layer its own cell: Stack([from_nnx(m) for m in "
@@ -1018,14 +1019,14 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     input_size = _size(who, "input_size", input_size)
     nnx = _require("flax.nnx", "flax", who)
     if not isinstance(module, nnx.Module):
-        raise TypeError(_not_a_module(who, module))
+        raise InputTypeError(_not_a_module(who, module))
     if isinstance(module, (nnx.RNN, nnx.Bidirectional)):
-        raise TypeError(f"{who} takes one step's cell, not the {type(module).__name__} that "
-                        "scans it over time: from_nnx(rnn.cell) (a bidirectional layer is a "
-                        "model: gradflow.model_map)")
+        raise InputTypeError(f"{who} takes one step's cell, not the {type(module).__name__} that "
+                             "scans it over time: from_nnx(rnn.cell) (a bidirectional layer is a "
+                             "model: gradflow.model_map)")
     H = hidden_size or getattr(module, "hidden_features", None)
     if not isinstance(H, int):
-        raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_features': "
+        raise InputError(f"{who}: {type(module).__name__} has no integer 'hidden_features': "
                          "give hidden_size=")
     _check_gates(who, gates, "module, carry, x", "{name: (B, H)}")
     _check_module_dtypes(who, module)
@@ -1040,7 +1041,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         try:
             template = module.initialize_carry((1, n_in or H), rngs=nnx.Rngs(0))
         except Exception as e:
-            raise ValueError(f"{who}: {type(module).__name__}.initialize_carry((1, "
+            raise InputError(f"{who}: {type(module).__name__}.initialize_carry((1, "
                              f"{n_in or H}), rngs=...) failed ({_message(e)}); give "
                              "state=") from e
         template = _zero_carry(who, module, template)
@@ -1061,16 +1062,16 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     def to_params(obj, trained=True):
         if isinstance(obj, nnx.Module):
             if type(obj) is not type(module):
-                raise TypeError(f"{who}: a layer's module is a {type(obj).__name__}, the cell "
-                                f"wraps a {type(module).__name__}")
+                raise InputTypeError(f"{who}: a layer's module is a {type(obj).__name__}, the cell "
+                                     f"wraps a {type(module).__name__}")
             _, params, others = nnx.split(obj, nnx.Param, ...)
             if trained:  # (a fresh module's, traced inside Stack.init, is its class's default)
                 _same_fixed_state(who, rest, others)
             return _pure_dict(nnx, params)
         if isinstance(obj, dict):
             return obj
-        raise TypeError(f"{who}: a layer's weights are an nnx module or its params dict, got "
-                        f"{type(obj).__name__}")
+        raise InputTypeError(f"{who}: a layer's weights are an nnx module or its params dict, got "
+                             f"{type(obj).__name__}")
 
     same = _own_weights(who, module)
 
@@ -1113,19 +1114,19 @@ def _eqx_to_params(eqx, module, keys, obj, trained=True):
     if isinstance(obj, eqx.Module):
         p, _, static = _eqx_split(eqx, obj)
         if type(obj) is not type(module) or sorted(p) != sorted(keys):
-            raise TypeError(f"{who}: a layer's module ({type(obj).__name__}) does not have "
-                            f"the structure of the cell's ({type(module).__name__})")
+            raise InputTypeError(f"{who}: a layer's module ({type(obj).__name__}) does not have "
+                                 f"the structure of the cell's ({type(module).__name__})")
         if trained and _differing(eqx.filter(_eqx_split(eqx, module)[2], eqx.is_array),
                       eqx.filter(static, eqx.is_array)) != []:
-            raise ValueError(f"{who}: a layer's module has other integer or boolean arrays "
+            raise InputError(f"{who}: a layer's module has other integer or boolean arrays "
                              "than the cell's module (they are fixed, not parameters); give "
                              "each layer its own cell: Stack([from_equinox(m) for m in "
                              "modules], ...)")
         return p
     if isinstance(obj, dict):
         return obj
-    raise TypeError(f"{who}: a layer's weights are an equinox module or its params dict, "
-                    f"got {type(obj).__name__}")
+    raise InputTypeError(f"{who}: a layer's weights are an equinox module or its params dict, "
+                         f"got {type(obj).__name__}")
 
 
 def from_equinox(module, *, hidden_size: int | None = None, state=None, output=None,
@@ -1174,10 +1175,10 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
     input_size = _size(who, "input_size", input_size)
     eqx = _require("equinox", "equinox", who)
     if not isinstance(module, eqx.Module):
-        raise TypeError(_not_a_module(who, module))
+        raise InputTypeError(_not_a_module(who, module))
     H = hidden_size or getattr(module, "hidden_size", None)
     if not isinstance(H, int):
-        raise ValueError(f"{who}: {type(module).__name__} has no integer 'hidden_size': give "
+        raise InputError(f"{who}: {type(module).__name__} has no integer 'hidden_size': give "
                          "hidden_size=")
     _check_gates(who, gates, "module, state, x", "{name: (H,)}")
     if init is not None:
@@ -1255,5 +1256,5 @@ def stack_params(stack, layers, input: dict | None = None, *, norm=None, dtype=N
       True
     """
     if not callable(getattr(stack, "params_from", None)):
-        raise TypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
+        raise InputTypeError(f"stack must be a gradflow.Stack, got {type(stack).__name__}")
     return stack.params_from(layers, input, norm=norm, dtype=dtype)
