@@ -179,6 +179,9 @@ def test_a_model_state_dict_and_its_prefix(x64):
         gradflow.from_torch(model)
     stack, _ = gradflow.from_torch(model, prefix="decoder.")
     assert stack.cells[0].name == "gru" and stack.layers == 3
+    named, p = gradflow.from_torch(model, prefix="decoder")  # the module's name, as torch's
+    assert named == stack and all(np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(_)))
     with pytest.raises(ValueError, match="no recurrent weights under prefix='dec'; found"):
         gradflow.from_torch(model, prefix="dec")
     w, _ = _case("cells")  # a ModuleList's state dict: two cells, two prefixes

@@ -187,6 +187,8 @@ def _one(who, model, prefix, nonlinearity, both):
                         f"{type(model).__name__}")
     found = _prefixes(who, state, both)
     if prefix is not None:
+        if prefix not in found and isinstance(prefix, str) and prefix + "." in found:
+            prefix += "."  # the module's name, as PyTorch names it ("encoder.lstm")
         if prefix not in found:
             raise ValueError(f"{who}: no recurrent weights under prefix={prefix!r}; found "
                              f"{_named(found)}")
@@ -237,7 +239,8 @@ def torch_layers(model, *, prefix: str | None = None,
         ``state_dict()`` is read: ``{"encoder.lstm.weight_ih_l0": ..., ...}``), a state dict
         of any of these (tensors or NumPy arrays), or a list of them, one per layer, bottom
         first (e.g. the layers of a ``ModuleList``, which may differ in width).
-      prefix: which recurrent module of a state dict holding several (``"encoder.lstm."``).
+      prefix: which recurrent module of a state dict holding several (``"encoder.lstm."``,
+        or the module's name, ``"encoder.lstm"``).
       nonlinearity: ``"tanh"`` or ``"relu"``: a vanilla RNN's, which its state dict does not
         record (a module's is read from it).
     Returns:
