@@ -360,24 +360,47 @@ def step_list(text: str) -> list[int]:
 # A user's cell by import path
 
 
-#: The files of the modules ``--cell module:factory`` loaded: an exception raised in their
-#: code (the user's ``init`` opening a file, a typo in a step) is the user's, not gradflow's.
-USER_FILES: set = set()
+#: The code of the modules ``--cell module:factory`` loaded, as real paths: their files, and
+#: the folder of each (of its top package: the helpers it imports); an exception raised there
+#: (the user's ``init`` opening a file, a typo in a step) is the user's, not gradflow's.
+USER_CODE: set = set()
+_OURS = os.path.dirname(os.path.realpath(__file__)) + os.sep
+
+
+def _add_user_code(module) -> None:
+    """Count ``module``'s code as the user's (:data:`USER_CODE`): its file, and the folder of
+    its top package or its own folder unless that holds gradflow or an installed library's
+    (then the file alone); never gradflow's own files."""
+    from gradflow.errors import _library_dirs
+
+    path = getattr(module, "__file__", None)
+    if not path or os.path.realpath(path).startswith(_OURS):
+        return
+    USER_CODE.add(os.path.realpath(path))
+    top = sys.modules.get(module.__name__.split(".")[0], module)
+    root = os.path.dirname(os.path.realpath(getattr(top, "__file__", None) or path)) + os.sep
+    shared = [_OURS, *(os.path.realpath(d) + os.sep for d in _library_dirs())]
+    if not any(d.startswith(root) or root.startswith(d) for d in shared):
+        USER_CODE.add(root)
 
 
 def _raised_in_user_code(e: BaseException) -> str | None:
-    """``"file.py, line N, in name"`` where ``e`` was raised in a user's cell module (the
-    last frame of its traceback in one of :data:`USER_FILES`, with no gradflow frame after
-    it: what that code called failed, not gradflow); None otherwise."""
-    frames = traceback.extract_tb(e.__traceback__)
-    ours = os.path.dirname(os.path.realpath(__file__)) + os.sep
+    """``"file.py, line N, in name"`` where ``e`` was raised in a user's cell code
+    (:data:`USER_CODE`: the last such frame of its traceback, with no gradflow frame after it;
+    libraries' frames after it are what that code called); None otherwise."""
+    from gradflow.errors import _library_dirs
+
+    libraries = tuple(os.path.realpath(d) + os.sep for d in _library_dirs())
     last = None
-    for frame in frames:
+    for frame in traceback.extract_tb(e.__traceback__):
         path = os.path.realpath(frame.filename)
-        if path in USER_FILES:
-            last = frame
-        elif path.startswith(ours):
+        if path.startswith(_OURS):
             last = None
+        elif path.startswith(libraries):
+            continue
+        elif path in USER_CODE or any(path.startswith(d) for d in USER_CODE
+                                      if d.endswith(os.sep)):
+            last = frame
     return (None if last is None
             else f"{os.path.basename(last.filename)}, line {last.lineno}, in {last.name}")
 
@@ -400,8 +423,7 @@ def load_cell(spec: str, options: dict | None = None):
         sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
-        if getattr(obj, "__file__", None):
-            USER_FILES.add(os.path.realpath(obj.__file__))
+        _add_user_code(obj)
     except ModuleNotFoundError as e:
         from gradflow import cells as _cells
 

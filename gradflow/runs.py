@@ -229,10 +229,18 @@ def stack_from_config(config: dict, cell=None) -> Stack:
         raise InputError(f"a stack config is a dict with the stack's 'cell', 'layers', "
                          f"'input_size' and 'hidden_size' (Stack.config), got {config!r}"[:300])
     name = config["cell"]
-    given = getattr(cell, "name", None)
-    if isinstance(name, str) and given is not None and given != name:
-        raise InputError(f"the saved stack's cell is {name!r}, the cell given is {given!r}: "
-                         "give the cell it was saved with")
+    if cell is not None:  # the cell(s) given must be the saved one(s), layer by layer
+        saved = name if isinstance(name, list) else [name]
+        given = [getattr(c, "name", None) for c in
+                 (cell if isinstance(cell, (list, tuple)) else [cell])]
+        if len(given) == 1 or len(saved) == 1:
+            n = max(len(given), len(saved))
+            given, saved = given * (n // len(given)), saved * (n // len(saved))
+        if given != saved:
+            said = (lambda names: f"cell is {names[0]!r}" if len(set(names)) == 1
+                    else "cells are " + ", ".join(map(repr, names)))
+            raise InputError(f"the saved stack's {said(saved)}, the {said(given)} given: "
+                             "give the cell it was saved with")
     if cell is None:
         names = name if isinstance(name, list) else [name]
         unknown = [n for n in names if n not in _cells.names()]

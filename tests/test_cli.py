@@ -1044,7 +1044,7 @@ def test_train_a_users_cell_and_measure_its_trained_params(capsys, user_module):
     # another cell whose parameters fit is refused (it measured that cell without a word)
     rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3", "--cell",
                        f"{user_module}:mixing_rnn")
-    assert rc == 2 and ("the saved stack's cell is 'sin_rnn', the cell given is 'mixing_rnn'"
+    assert rc == 2 and ("the saved stack's cell is 'sin_rnn', the cell is 'mixing_rnn' given"
                         in err), err
 
 
@@ -1059,6 +1059,28 @@ def test_an_error_in_a_users_cell_code_is_theirs(capsys, user_module):
     for command in ("heatmap", "gains"):
         rc, out, err = run(capsys, command, "--cell", f"{user_module}:readout_inside", *SMALL)
         assert rc == 2 and "y must be the carry's output h" in err, err
+    # in a helper module of theirs beside it (only the module --cell names was theirs)
+    folder = Path(sys.modules[user_module].__file__).parent
+    (folder / f"{user_module}_helpers.py").write_text(
+        "def init(key, input_size, hidden_size, dtype):\n    return {}['W']\n")
+    (folder / f"{user_module}_uses.py").write_text(
+        f"from {user_module}_helpers import init\nfrom {user_module} import sin_rnn\n"
+        "from gradflow.cells import Cell\n\ndef cell():\n"
+        "    return Cell(name='uses', init_fn=init, recur_fn=sin_rnn().recur_fn)\n")
+    try:
+        rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}_uses:cell", *SMALL)
+    finally:
+        for name in ("_helpers", "_uses"):
+            sys.modules.pop(user_module + name, None)
+    assert rc == 2 and (f"your cell's code raised KeyError: 'W' ({user_module}_helpers.py, "
+                        "line 2, in init)") in err, err
+    # gradflow's own module named as a user's is never counted as their code
+    from gradflow import cli
+    from gradflow.cells import lstm
+
+    before = set(cli.USER_CODE)
+    cli._add_user_code(lstm)
+    assert cli.USER_CODE == before
     rc, out, err = run(capsys, "compare", "--cells", f"rnn,{user_module}:sin_rnn", "--losses",
                        "last", *SMALL)
     assert rc == 0, err

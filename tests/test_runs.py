@@ -151,3 +151,26 @@ def test_a_results_config_rebuilds_the_stack_it_measured():
                 gradflow.jacobian_map(*pr[:3], meta=pr.config),
                 gates.saturation(*pr[:3], meta=pr.config)):
         assert runs.stack_from_config(res.config) == pr.stack, res.kind
+
+
+def test_the_cells_given_must_be_the_saved_ones_layer_by_layer(tmp_path):
+    """load_params(cell=...) with a user's cell of another name measured that cell silently
+    (its parameters fit); a per-layer stack is checked layer by layer, a lone cell for each."""
+    from gradflow.cells import Cell
+
+    rnn = gradflow.cells.get("rnn")
+    a, b = (Cell(name=n, init_fn=rnn.init_fn, recur_fn=rnn.recur_fn) for n in ("user", "other"))
+    both = gradflow.Stack([a, b], 2, 3, 4)
+    runs.save_params(tmp_path / "both.npz", both, both.init(jax.random.key(0)))
+    assert runs.load_params(tmp_path / "both.npz", cell=[a, b])[0].config == both.config
+    for cell, given in (([b, a], "cells are 'other', 'user'"), (b, "cell is 'other'"),
+                        ([a, a], "cell is 'user'")):
+        with pytest.raises(InputError, match=f"the saved stack's cells are 'user', 'other', "
+                                             f"the {given} given"):
+            runs.load_params(tmp_path / "both.npz", cell=cell)
+    one = gradflow.Stack(a, 2, 3, 4)
+    runs.save_params(tmp_path / "one.npz", one, one.init(jax.random.key(0)))
+    assert runs.load_params(tmp_path / "one.npz", cell=[a, a])[0].cells == (a, a)
+    with pytest.raises(InputError, match="the saved stack's cell is 'user', the cell is 'other' "
+                                         "given: give the cell it was saved with"):
+        runs.load_params(tmp_path / "one.npz", cell=b)
