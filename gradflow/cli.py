@@ -1048,8 +1048,10 @@ def _read_params(args, path):
             from gradflow.cells.pytorch import _TORCH_MODEL
 
             if runs._REBUILD in str(e):  # the API's fix, as the option that does it
-                raise InputError(str(e).replace(
-                    runs._REBUILD, "give the factory that built it, --cell module:factory")
+                raise InputError(str(e).replace(runs._REBUILD, (
+                    "give the factory that built it, --cell module:factory" if hasattr(
+                        args, "cell") else f"gradflow {args.command} cannot rebuild it: "
+                    f"gradflow heatmap --params {path} --cell module:factory measures it"))
                 ) from None
             if _TORCH_MODEL not in str(e):
                 raise

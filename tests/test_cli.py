@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -1046,6 +1047,11 @@ def test_train_a_users_cell_and_measure_its_trained_params(capsys, user_module):
                        f"{user_module}:mixing_rnn")
     assert rc == 2 and ("the saved stack's cell is 'sin_rnn', the cell is 'mixing_rnn' given"
                         in err), err
+    # compare takes no --cell with --params: it names the command that measures such a run
+    shutil.copytree("run", "run2")
+    rc, out, err = run(capsys, "compare", "--params", "run,run2")
+    assert rc == 2 and ("gradflow compare cannot rebuild it: gradflow heatmap --params "
+                        "run --cell module:factory measures it") in err, err
 
 
 def test_an_error_in_a_users_cell_code_is_theirs(capsys, user_module):
