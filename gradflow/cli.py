@@ -1043,7 +1043,11 @@ def _read_params(args, path):
     with user_input():
         meta = runs.read_run(path)
         try:
-            stack, params = runs.load_params(path, cell=cell)
+            from gradflow.problem import dtype_of
+
+            dtype = getattr(args, "dtype", None)  # (a PyTorch file's biases summed at it)
+            stack, params = runs.load_params(path, cell=cell,
+                                             dtype=None if dtype is None else dtype_of(dtype))
         except InputError as e:  # a model only torch_model builds: which commands read it
             from gradflow.cells.pytorch import _TORCH_MODEL
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from gradflow import cells as _cells
 from gradflow.cells import pytorch
+from gradflow.cells.base import cast_floating
 from gradflow.errors import InputError
 from gradflow.results import is_zip, provenance
 from gradflow.stack import SETTINGS, Stack, from_torch
@@ -297,7 +298,7 @@ def read_run(path) -> dict:
     return _read_npz(_state_path(path), keep=lambda name: False)[0]
 
 
-def load_params(path, cell=None) -> tuple[Stack, dict]:
+def load_params(path, cell=None, dtype=None) -> tuple[Stack, dict]:
     """``(stack, params)`` saved at ``path``: a run folder (or its ``state.npz``), whose
     params are the stack's part of the final (or latest saved) training state, a file
     written by :func:`save_params`, or a PyTorch ``nn.LSTM``/``GRU``/``RNN``'s state dict
@@ -308,8 +309,10 @@ def load_params(path, cell=None) -> tuple[Stack, dict]:
     Args:
       path: the folder or file.
       cell: the run's cell, when it is not a registered one (see :func:`stack_from_config`).
+      dtype: the params' dtype (default the saved one); a PyTorch state dict's two biases
+        are summed at it (float64 from float32 weights: their exact sum, not float32's).
     Returns:
-      ``(stack, params)`` with ``params`` shaped like ``stack.init(key)`` (in the saved dtype).
+      ``(stack, params)`` with ``params`` shaped like ``stack.init(key)``.
     Raises:
       InputError: no such run or file, or arrays that do not fit the saved stack.
     """
@@ -317,7 +320,7 @@ def load_params(path, cell=None) -> tuple[Stack, dict]:
     meta, arrays = _read_npz(p, keep=lambda name: not name.startswith(
         ("['opt_state']", "['params']['head']")))
     if meta.get("format") == TORCH:
-        return _torch_params(p, arrays)
+        return _torch_params(p, arrays, dtype)
     if "stack" not in meta:
         raise InputError(f"{os.fspath(p)!r} does not record its stack (saved by an older "
                          "gradflow); rebuild the stack and read it with restore_state")
@@ -326,9 +329,10 @@ def load_params(path, cell=None) -> tuple[Stack, dict]:
         prefix = "['params']['stack']"
         arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
     floats = [a.dtype for a in arrays.values() if np.issubdtype(a.dtype, np.floating)]
-    dtype = floats[0] if floats else np.float32
-    template = jax.eval_shape(lambda k: stack.init(k, dtype), jax.random.key(0))
-    return stack, unflatten_named(template, arrays, os.fspath(p))
+    saved = floats[0] if floats else np.float32
+    template = jax.eval_shape(lambda k: stack.init(k, saved), jax.random.key(0))
+    params = unflatten_named(template, arrays, os.fspath(p))
+    return stack, (params if dtype is None else cast_floating(params, dtype))
 
 
 def load_torch_model(path, dtype=None):
@@ -363,13 +367,13 @@ def _nonlinearity(arrays: dict) -> str | None:
     return None if act is None else str(act)
 
 
-def _torch_params(p: Path, arrays: dict) -> tuple[Stack, dict]:
+def _torch_params(p: Path, arrays: dict, dtype=None) -> tuple[Stack, dict]:
     """``(stack, params)`` of a PyTorch RNN's state dict saved as ``.npz``
-    (:func:`gradflow.stack.from_torch`; a vanilla RNN's ``nonlinearity`` may be saved beside
-    its weights as a string)."""
+    (:func:`gradflow.stack.from_torch`, at ``dtype``; a vanilla RNN's ``nonlinearity`` may be
+    saved beside its weights as a string)."""
     act = _nonlinearity(arrays)
     try:
-        return from_torch(arrays, nonlinearity=act)
+        return from_torch(arrays, nonlinearity=act, dtype=dtype)
     except (TypeError, ValueError) as e:
         raise _torch_file_error(p, e, "from_torch: ") from e
 
