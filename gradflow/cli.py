@@ -1047,7 +1047,8 @@ def _read_params(args, path):
 
             dtype = getattr(args, "dtype", None)  # (a PyTorch file's biases summed at it)
             stack, params = runs.load_params(path, cell=cell,
-                                             dtype=None if dtype is None else dtype_of(dtype))
+                                             dtype=None if dtype is None else dtype_of(dtype),
+                                             prefix=getattr(args, "prefix", None))
         except InputError as e:  # a model only torch_model builds: which commands read it
             from gradflow.cells.pytorch import _TORCH_MODEL
 
@@ -1195,7 +1196,8 @@ def _trained_problem(args, path):
     stack, params, meta = _read_params(args, path)
     dt = dtype_of(args.dtype)
     params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, dt), params)
-    config = {"params": str(path), **_factory(args)}
+    config = {"params": str(path), **_factory(args),
+              **({"prefix": args.prefix} if getattr(args, "prefix", None) else {})}
     if "config" not in meta:  # a params file: Gaussian inputs as gradflow.problem draws them
         own = getattr(args, "inputs", None) is not None  # (not drawn: --inputs replace them)
         with user_input():  # gradflow.problem's check of parameters and inputs together
@@ -1469,6 +1471,9 @@ def add_params_option(p):
                         "stack, on its task's evaluation sequences), a .npz of "
                         "gradflow.runs.save_params, or a PyTorch nn.LSTM/GRU/RNN's state_dict "
                         "saved with np.savez; a user's cell is given again with --cell")
+    p.add_argument("--prefix", default=None, metavar="NAME",
+                   help="which recurrent module of a PyTorch state dict holding several, by "
+                        "its name in the model (e.g. encoder.lstm)")
     add_inputs_options(p, "measure on your own sequences instead of Gaussian ones")
 
 
@@ -1647,7 +1652,7 @@ def _torch_model_problem(args):
     from gradflow.problem import dtype_of
 
     with user_input():
-        t = runs.load_torch_model(args.params, dtype_of(args.dtype))
+        t = runs.load_torch_model(args.params, dtype_of(args.dtype), args.prefix)
     if t is None:
         return None
     kind = f"{args.params} ({t.source})"
@@ -1665,7 +1670,8 @@ def _torch_model_problem(args):
                            "known only once compiled (its memory is then checked against the "
                            "available memory, before it runs)")
     xs = _read_inputs(args)
-    config = {"params": str(args.params), "source": t.source, "rows": list(t.rows)}
+    config = {"params": str(args.params), "source": t.source, "rows": list(t.rows),
+              **({"prefix": args.prefix} if args.prefix else {})}
     if xs is None:
         xs = np.asarray(_gaussian(args, t.input_size, dtype_of(args.dtype)))
         config.update(seed=args.seed, input_scale=args.input_scale)
@@ -3083,6 +3089,9 @@ def _main(argv: list, program: bool, command: list) -> int:
                              "cells, reproduce, train, atlas (see gradflow --help)")
         command[0] = f"gradflow {args.command}"
         args.argv = argv
+        if getattr(args, "prefix", None) is not None and getattr(args, "params", None) is None:
+            raise UsageError(f"{command[0]}: error: --prefix picks a module of a PyTorch "
+                             "state dict given with --params; give --params FILE")
         with warnings.catch_warnings(), _speed_settings(args.devices, program):
             # Non-finite entries are data: the summaries count them; no warning lines, but
             # one line where the forward pass itself overflowed (the reason the map is NaN).

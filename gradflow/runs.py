@@ -298,7 +298,8 @@ def read_run(path) -> dict:
     return _read_npz(_state_path(path), keep=lambda name: False)[0]
 
 
-def load_params(path, cell=None, dtype=None) -> tuple[Stack, dict]:
+def load_params(path, cell=None, dtype=None, prefix: str | None = None
+                ) -> tuple[Stack, dict]:
     """``(stack, params)`` saved at ``path``: a run folder (or its ``state.npz``), whose
     params are the stack's part of the final (or latest saved) training state, a file
     written by :func:`save_params`, or a PyTorch ``nn.LSTM``/``GRU``/``RNN``'s state dict
@@ -311,6 +312,8 @@ def load_params(path, cell=None, dtype=None) -> tuple[Stack, dict]:
       cell: the run's cell, when it is not a registered one (see :func:`stack_from_config`).
       dtype: the params' dtype (default the saved one); a PyTorch state dict's two biases
         are summed at it (float64 from float32 weights: their exact sum, not float32's).
+      prefix: which recurrent module of a PyTorch state dict holding several
+        (``"decoder"``; :func:`gradflow.stack.from_torch`'s).
     Returns:
       ``(stack, params)`` with ``params`` shaped like ``stack.init(key)``.
     Raises:
@@ -320,7 +323,10 @@ def load_params(path, cell=None, dtype=None) -> tuple[Stack, dict]:
     meta, arrays = _read_npz(p, keep=lambda name: not name.startswith(
         ("['opt_state']", "['params']['head']")))
     if meta.get("format") == TORCH:
-        return _torch_params(p, arrays, dtype)
+        return _torch_params(p, arrays, dtype, prefix)
+    if prefix is not None:
+        raise InputError(f"prefix={prefix!r} picks one module of a PyTorch state dict; "
+                         f"{os.fspath(p)!r} is gradflow's, of one stack")
     if "stack" not in meta:
         raise InputError(f"{os.fspath(p)!r} does not record its stack (saved by an older "
                          "gradflow); rebuild the stack and read it with restore_state")
@@ -335,11 +341,11 @@ def load_params(path, cell=None, dtype=None) -> tuple[Stack, dict]:
     return stack, (params if dtype is None else cast_floating(params, dtype))
 
 
-def load_torch_model(path, dtype=None):
+def load_torch_model(path, dtype=None, prefix: str | None = None):
     """The :class:`gradflow.models.TorchModel` (:func:`gradflow.torch_model`) of a PyTorch
     RNN's state dict saved as ``.npz`` (as :func:`load_params` reads them) whose layers a
     Stack does not express: bidirectional ones, or an LSTM's with ``proj_size``. None for any
-    other file, which :func:`load_params` reads (or refuses).
+    other file, which :func:`load_params` reads (or refuses); ``prefix`` as its.
 
     Raises:
       InputError: no such file, or weights that do not make a model (their message).
@@ -352,10 +358,11 @@ def load_torch_model(path, dtype=None):
     arrays = _read_npz(p)[1]
     act = _nonlinearity(arrays)
     try:
-        read = pytorch.read(arrays, nonlinearity=act, both=True, who="torch_model")
+        read = pytorch.read(arrays, prefix=prefix, nonlinearity=act, both=True,
+                            who="torch_model")
         if len(read.layers[0]) == 1 and "proj" not in read.layers[0][0]:
             return None  # one direction, no projection: a Stack (load_params)
-        return torch_model(arrays, nonlinearity=act, dtype=dtype)
+        return torch_model(arrays, prefix=prefix, nonlinearity=act, dtype=dtype)
     except (TypeError, ValueError) as e:
         raise _torch_file_error(p, e, "torch_model: ") from e
 
@@ -367,13 +374,13 @@ def _nonlinearity(arrays: dict) -> str | None:
     return None if act is None else str(act)
 
 
-def _torch_params(p: Path, arrays: dict, dtype=None) -> tuple[Stack, dict]:
+def _torch_params(p: Path, arrays: dict, dtype=None, prefix=None) -> tuple[Stack, dict]:
     """``(stack, params)`` of a PyTorch RNN's state dict saved as ``.npz``
     (:func:`gradflow.stack.from_torch`, at ``dtype``; a vanilla RNN's ``nonlinearity`` may be
     saved beside its weights as a string)."""
     act = _nonlinearity(arrays)
     try:
-        return from_torch(arrays, nonlinearity=act, dtype=dtype)
+        return from_torch(arrays, prefix=prefix, nonlinearity=act, dtype=dtype)
     except (TypeError, ValueError) as e:
         raise _torch_file_error(p, e, "from_torch: ") from e
 

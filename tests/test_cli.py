@@ -1542,3 +1542,41 @@ def test_heatmap_normalizes_a_memory_map_where_the_loss_enters(capsys, tmp_path)
     assert rc == 0 and "not normalised" not in out + err, out + err
     saved = gradflow.load(tmp_path / "c.npz")
     assert saved.values[-1, -1] == 0 and saved.values[-1, -2] > 0
+
+
+def test_prefix_picks_one_module_of_a_torch_state_dict(capsys, tmp_path):
+    """A seq2seq model's state dict (an encoder LSTM and a decoder GRU) could not be measured
+    from the command line: the message said prefix=, an API argument. --prefix picks one
+    (its map is that module's), and is recorded; it is refused where it picks nothing."""
+    rng = np.random.default_rng(4)
+    w = lambda *shape: (rng.normal(size=shape) / 2).astype(np.float32)  # noqa: E731
+    model = {"enc.lstm.weight_ih_l0": w(24, 4), "enc.lstm.weight_hh_l0": w(24, 6),
+             "dec.weight_ih_l0": w(18, 4), "dec.weight_hh_l0": w(18, 6),
+             "dec.weight_ih_l1": w(18, 6), "dec.weight_hh_l1": w(18, 6)}
+    np.savez(tmp_path / "seq2seq.npz", **model)
+    np.savez(tmp_path / "dec.npz", **{k[4:]: v for k, v in model.items() if k[:4] == "dec."})
+    args = ["--steps", "3", "--batch", "2"]
+    rc, out, err = run(capsys, "heatmap", "--params", tmp_path / "seq2seq.npz", *args)
+    assert rc == 2 and "'dec.': pass prefix= one of them (on the command line --prefix)" in err
+    maps = {}
+    for name, extra in (("one", ["--params", tmp_path / "dec.npz"]),
+                        ("picked", ["--params", tmp_path / "seq2seq.npz", "--prefix", "dec"])):
+        rc, out, err = run(capsys, "heatmap", *extra, *args, "--out", tmp_path / f"{name}.png")
+        assert rc == 0, err
+        maps[name] = gradflow.load(tmp_path / f"{name}.npz")
+    np.testing.assert_array_equal(maps["picked"].values, maps["one"].values)
+    assert maps["picked"].config["prefix"] == "dec" and maps["picked"].config["layers"] == 2
+    rc, out, err = run(capsys, "gates", "--params", tmp_path / "seq2seq.npz", "--prefix",
+                       "enc.lstm", *args, "--out", tmp_path / "g.png")
+    assert rc == 0 and "'f'" not in err, err
+    for extra, msg in ((["--prefix", "dec"], "--prefix picks a module of a PyTorch state dict "
+                                             "given with --params"),
+                       (["--params", tmp_path / "dec.npz", "--prefix", "enc"],
+                        "no recurrent weights under prefix='enc'"),
+                       (["--params", tmp_path / "ours.npz", "--prefix", "dec"],
+                        "prefix='dec' picks one module of a PyTorch state dict; ")):
+        if not (tmp_path / "ours.npz").exists():
+            stack = gradflow.Stack("gru", 1, 4, 6)
+            gradflow.runs.save_params(tmp_path / "ours.npz", stack, stack.init(jax.random.key(0)))
+        rc, out, err = run(capsys, "heatmap", *extra, *args)
+        assert rc == 2 and msg in err, err

@@ -185,7 +185,8 @@ def test_a_model_state_dict_and_its_prefix(x64):
     with pytest.raises(ValueError, match="no recurrent weights under prefix='dec'; found"):
         gradflow.from_torch(model, prefix="dec")
     w, _ = _case("cells")  # a ModuleList's state dict: two cells, two prefixes
-    with pytest.raises(ValueError, match="'0.', '1.': pass prefix= one of them, or a list"):
+    with pytest.raises(ValueError, match=r"'0.', '1.': pass prefix= one of them \(on the "
+                                         r"command line --prefix\), or a list"):
         gradflow.from_torch(w)
 
 

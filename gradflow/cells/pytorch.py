@@ -199,8 +199,8 @@ def _one(who, model, prefix, nonlinearity, both):
                          f"weight_ih) in the {what}; its keys: {keys}")
     if len(found) > 1:
         raise ValueError(f"{who}: the {what} holds several recurrent layers' weights, "
-                         f"{_named(found)}: pass prefix= one of them, or a list of them, one "
-                         "per layer, bottom first")
+                         f"{_named(found)}: pass prefix= one of them (on the command line "
+                         "--prefix), or a list of them, one per layer, bottom first")
     (pre, suffixes), = found.items()
     reverse = sorted(x for x in suffixes if x.endswith("_reverse"))
     if reverse and not both:
