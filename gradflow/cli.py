@@ -2618,14 +2618,14 @@ def _saved_run(args, out: Path) -> dict | None:
 _RECORD_SETTINGS = {"wrt": "wrt", "record_loss": "loss", "readout_seed": "readout_seed"}
 
 
-def _resumed_record_settings(args, out: Path, meta: dict) -> bool:
-    """Set the recorded maps' settings not given to the resumed run's (its record files' and
-    ``record_batch``), so that its maps stay comparable; a given one that differs is refused,
-    as are ``--record`` steps before the saved step that were not recorded. Returns whether
-    the run has recorded maps (the resumed run keeps them, recording more at ``--record``)."""
+def _resumed_record_settings(args, out: Path, meta: dict, typed) -> bool:
+    """Set the recorded maps' settings not ``typed`` (the record options given) to the
+    resumed run's (its record files' and ``record_batch``), so that its maps stay comparable;
+    a given one that differs is refused, as are ``--record`` steps before the saved step that
+    were not recorded. Returns whether the run has recorded maps (the resumed run keeps them,
+    recording more at ``--record``)."""
     from gradflow.results import Result
 
-    typed = set(_given(args, [*_RECORD_SETTINGS, "record_batch"]))
     maps = []
     for name, _, fname in meta.get("records", ()):  # the run's own (its index), not strays
         if name == "gradient_map":
@@ -2747,12 +2747,13 @@ def run_train(args) -> int:
 
     task = _train_task(args)
     out = _train_dir(args)
-    unread = _given(args, ("record_batch", "record_loss", "wrt", "readout_seed"))  # (typed)
+    unread = _given(args, ("record_batch", "record_loss", "wrt", "readout_seed"))  # (typed:
+    # before a resume sets them to the run's)
     saved = _saved_run(args, out)  # (refused here: a run there, and neither flag)
     if saved is not None and args.steps < int(saved["step"]):
         raise _usage(args, f"cannot resume from {str(out)!r} with --steps {args.steps}: the "
                            f"run has done {saved['step']}; give --steps {saved['step']} or more")
-    recorded = saved is not None and _resumed_record_settings(args, out, saved)
+    recorded = saved is not None and _resumed_record_settings(args, out, saved, unread)
     if unread and not args.record and not recorded:  # they shape the recorded maps only
         raise _usage(args, f"{', '.join(unread)} set{'s' if len(unread) == 1 else ''} the "
                            "maps that --record records; give --record STEPS (e.g. 0,500) or "

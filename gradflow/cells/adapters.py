@@ -805,6 +805,15 @@ def _check_module_dtypes(who: str, module) -> None:
                       "the cell itself", UserWarning, stacklevel=3)
 
 
+def _refuse_scan(who: str, module, scans: tuple) -> None:
+    """A TypeError where ``module`` is one of the family's ``scans`` (its ``RNN`` or
+    ``Bidirectional``), which run a cell over time: the adapter takes the cell."""
+    if isinstance(module, scans):
+        raise InputTypeError(f"{who} takes one step's cell, not the {type(module).__name__} "
+                             f"that scans it over time: {who}(rnn.cell) (a bidirectional layer "
+                             "is a model: gradflow.model_map)")
+
+
 def _not_a_module(who: str, module) -> str:
     """The TypeError message of an adapter given something else: a module class (not an
     instance), another family's module (naming its adapter), a function, or anything."""
@@ -859,10 +868,7 @@ def from_linen(module, *, hidden_size: int | None = None, output=None, gates=Non
     nn = _require("flax.linen", "flax", who)
     if not isinstance(module, nn.Module):
         raise InputTypeError(_not_a_module(who, module))
-    if isinstance(module, (nn.RNN, nn.Bidirectional)):
-        raise InputTypeError(f"{who} takes one step's cell, not the {type(module).__name__} that "
-                             "scans it over time: from_linen(rnn.cell) (a bidirectional layer is a "
-                             "model: gradflow.model_map)")
+    _refuse_scan(who, module, (nn.RNN, nn.Bidirectional))
     H = hidden_size or getattr(module, "features", None)
     if not isinstance(H, int):
         raise InputError(f"{who}: {type(module).__name__} has no integer 'features': give "
@@ -961,12 +967,11 @@ def _pure_dict(nnx, state) -> dict:
     return nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
 
 
-def _same_fixed_state(who: str, own, its) -> None:
+def _same_fixed_state(who: str, nnx, own, its) -> None:
     """A ValueError unless a layer module's state outside its parameters (``nnx.BatchStat``
     running statistics, other variables) equals the wrapped module's, which every layer runs
     with (closed over): a layer's own running statistics would otherwise be dropped
     without a word and the layer measured as another network."""
-    nnx = _require("flax.nnx", "flax", who)
     differ = _differing(_pure_dict(nnx, own), _pure_dict(nnx, its))
     if differ != []:
         what = ", ".join(differ[:4]) if differ else "its structure"
@@ -1020,10 +1025,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
     nnx = _require("flax.nnx", "flax", who)
     if not isinstance(module, nnx.Module):
         raise InputTypeError(_not_a_module(who, module))
-    if isinstance(module, (nnx.RNN, nnx.Bidirectional)):
-        raise InputTypeError(f"{who} takes one step's cell, not the {type(module).__name__} that "
-                             "scans it over time: from_nnx(rnn.cell) (a bidirectional layer is a "
-                             "model: gradflow.model_map)")
+    _refuse_scan(who, module, (nnx.RNN, nnx.Bidirectional))
     H = hidden_size or getattr(module, "hidden_features", None)
     if not isinstance(H, int):
         raise InputError(f"{who}: {type(module).__name__} has no integer 'hidden_features': "
@@ -1066,7 +1068,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                                      f"wraps a {type(module).__name__}")
             _, params, others = nnx.split(obj, nnx.Param, ...)
             if trained:  # (a fresh module's, traced inside Stack.init, is its class's default)
-                _same_fixed_state(who, rest, others)
+                _same_fixed_state(who, nnx, rest, others)
             return _pure_dict(nnx, params)
         if isinstance(obj, dict):
             return obj
