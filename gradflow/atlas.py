@@ -677,10 +677,8 @@ def measure(conditions: list[dict], *, cache_dir=None, devices=None, progress: b
         for group in _groups(todo):
             for c, res in zip(group, measure_group(group, devices)):
                 key = condition_key(c)
-                if cache_dir is not None:  # written whole, then renamed: no torn files
-                    tmp = os.path.join(cache_dir, key + ".tmp.npz")
-                    res.save(tmp)
-                    os.replace(tmp, os.path.join(cache_dir, key + ".npz"))
+                if cache_dir is not None:  # written whole: no torn files
+                    res.save(os.path.join(cache_dir, key + ".npz"), whole=True)
                 out[key] = res
             bar.update(len(group))
     finally:

@@ -311,9 +311,8 @@ def measure(c: dict, *, cache_dir=None, progress=None) -> dict:
                     done[key] = Result.load(path)
                 else:
                     done[key] = train_spec(spec)
-                    if path is not None:  # whole file, then renamed: no torn files
-                        done[key].save(path[:-4] + ".tmp.npz")
-                        os.replace(path[:-4] + ".tmp.npz", path)
+                    if path is not None:  # written whole: no torn files
+                        done[key].save(path, whole=True)
                     if progress:
                         progress(f"{run[0]} @ {c['factor']['name']}={value}: "
                                  f"{done[key].config['seconds']:.0f} s")

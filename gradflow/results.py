@@ -147,8 +147,23 @@ class Result:
     def total_underflow(self) -> int:
         return int(sum(self.underflow.values()))
 
-    def save(self, path) -> str:
-        """Write ``path`` (``.npz`` appended if missing): arrays + JSON config. Returns the path."""
+    def save(self, path, whole: bool = False) -> str:
+        """Write ``path`` (``.npz`` appended if missing): arrays + JSON config. Returns the path.
+
+        ``whole``: write ``<stem>.tmp.npz`` beside it, then rename it to ``path``, so that a
+        reader (a resumed run, a cache) never sees half a file; a write that fails (a full
+        disk) leaves no temporary file behind."""
+        if whole:
+            path = os.fspath(path)
+            path = path if path.endswith(".npz") else path + ".npz"
+            tmp = path[:-4] + ".tmp.npz"
+            try:
+                os.replace(self.save(tmp), path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            return path
         path = os.fspath(path)
         if not os.path.basename(path) or os.path.isdir(path):  # ("", "dir/": a hidden ".npz")
             raise InputError(f"cannot write {path!r}: give a file name (e.g. "

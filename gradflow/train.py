@@ -709,13 +709,7 @@ class _Run:
     def save(self, state: TrainState):
         """``curve.npz`` then ``state.npz`` (written last, so it describes complete files)."""
         curve = self.log.curve_result(self.config)
-        tmp = os.path.join(self.run_dir, "curve.tmp.npz")
-        try:
-            os.replace(curve.save(tmp), os.path.join(self.run_dir, runs.CURVE))
-        except BaseException:  # (a full disk: no torn file left beside the run)
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        curve.save(os.path.join(self.run_dir, runs.CURVE), whole=True)
         runs.save_state(self.run_dir, state.step, params_of(state, self.spec), state.opt_state,
                         curve.config, self.stack, self.log.index)
 
