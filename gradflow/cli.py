@@ -1796,6 +1796,10 @@ def add_compare(sub):
                         "files of gradflow.runs.save_params or PyTorch state dicts (Gaussian "
                         "inputs at --steps and --batch), each labelled by its file or folder "
                         "name")
+    p.add_argument("--prefix", default=None, metavar="NAME",
+                   help="with --params of PyTorch state dicts holding several recurrent "
+                        "modules: the one measured in each, by its name in the model (e.g. "
+                        "decoder.lstm: a decoder at two checkpoints side by side)")
     add_inputs_options(p, "with --params: every run measured on these sequences")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all, and with --params task (each run's "

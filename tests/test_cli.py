@@ -1569,6 +1569,14 @@ def test_prefix_picks_one_module_of_a_torch_state_dict(capsys, tmp_path):
     rc, out, err = run(capsys, "gates", "--params", tmp_path / "seq2seq.npz", "--prefix",
                        "enc.lstm", *args, "--out", tmp_path / "g.png")
     assert rc == 0 and "'f'" not in err, err
+    np.savez(tmp_path / "later.npz", **{k: v * 0.5 for k, v in model.items()})  # a checkpoint
+    rc, out, err = run(capsys, "compare", "--params", f"{tmp_path / 'seq2seq.npz'},"
+                       f"{tmp_path / 'later.npz'}", "--prefix", "dec", "--wrt", "hidden",
+                       "--losses", "last", *args, "--absolute", "--out", tmp_path / "cmp.png")
+    assert rc == 0, err
+    side = gradflow.load(tmp_path / "cmp.npz")
+    np.testing.assert_array_equal(side["values/last/seq2seq"], maps["picked"].values)
+    assert side.config["maps"]["last/later"]["prefix"] == "dec"
     for extra, msg in ((["--prefix", "dec"], "--prefix picks a module of a PyTorch state dict "
                                              "given with --params"),
                        (["--params", tmp_path / "dec.npz", "--prefix", "enc"],
