@@ -2457,7 +2457,7 @@ def run_atlas(args) -> int:
     for name, res in results.items():
         full, some = int(np.sum(res.fraction == 1)), int(np.sum(res.fraction > 0))
         unread = int(np.sum(np.isnan(res.statistic)))
-        n_seeds = res.statistic.shape[1]
+        n_seeds = len(res.config["seeds"])
         seeds = (f"all {n_seeds} seeds" if n_seeds > 1 else
                  "its one seed (a verdict of one draw each: --seeds 0 1 2 3 gives a share)")
         print(f"{name}: holds for {seeds} in {full} of {len(res.fraction)} conditions, "
