@@ -458,7 +458,16 @@ def load_cell(spec: str, options: dict | None = None):
         raise InputError(f"--cell {spec!r} gave an object of type {type(obj).__name__}, not a "
                          "gradflow Cell (build one with gradflow.cells.Cell(...) or an adapter "
                          "such as gradflow.cells.from_function)")
-    return obj
+    own = dict(obj.options)
+    if "factory" in own or "factory_options" in own:  # the user's own names: left as theirs
+        return obj
+    # How it was built, among its options: every config of a stack of it (a result's, a
+    # training run's) records it, and a cell built otherwise is refused on the run's params
+    # (runs.stack_from_config) and on its resume (train.resume_differences).
+    from gradflow.cells.base import freeze
+
+    return dataclasses.replace(obj, options=freeze(
+        {**own, "factory": spec, "factory_options": freeze(options)}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,14 +920,23 @@ def _written(text: str) -> bool:
     return _cells.is_spec(text)
 
 
-def _cell(args, steps: int):
+def _cell(args, steps: int, saved: dict | None = None):
     """The cell ``--cell`` names (registered, written with options as ``compare --cells``
     reads them, or a user's ``module:factory``), with ``--init``/``--option`` (an option also
     written in must agree: ``compare`` lets the written one win, as ``--option`` applies to
     every cell there), initialised for ``steps`` where the cell has a length option; or, where
     it names one registered cell per layer (``gru,star,gru``), a tuple of them, each with
-    ``--init``/``--option``."""
+    ``--init``/``--option``. ``saved``: the stack config of ``--params`` (or a resumed run):
+    a factory it records as its cell's, named again without ``--option``/``--init``, is
+    called with the options it was called with then."""
+    from gradflow.runs import built_by
+
     specs = layer_cells(args.cell)
+    built = None if saved is None else built_by(saved)
+    if (len(specs) == 1 and built is not None and built[0] == specs[0]
+            and not _given(args, ("option", "init"))):
+        with user_input():
+            return load_cell(specs[0], built[1])
     if len(specs) == 1:
         return _one_cell(args, specs[0], steps)
     _check_layer_specs(args, "--cell", specs, "one cell, or one per layer",
@@ -995,18 +1013,9 @@ def _problem(args, cell):
     settings = _stack_settings(args)
     D = first_width(args.hidden) if args.input_size is None else args.input_size
     checked_stack(cell, args.layers, D, args.hidden, **settings)
-    prob = problem(cell, layers=args.layers, steps=args.steps, hidden=args.hidden,
+    return problem(cell, layers=args.layers, steps=args.steps, hidden=args.hidden,
                    batch=args.batch, input_size=args.input_size, seed=args.seed,
                    dtype=args.dtype, input_scale=args.input_scale, stack_options=settings)
-    return prob._replace(config={**prob.config, **_factory(args)})
-
-
-def _factory(args) -> dict:
-    """How the command built a user's cell (``--cell module:factory`` and its options), to
-    build it again: a result's config names only the cell's name; {} for a registered cell."""
-    if not _user_cell(getattr(args, "cell", "") or ""):
-        return {}
-    return {"cell_factory": args.cell, "cell_factory_options": _cell_options(args)}
 
 
 # The options that build a stack: with --params the saved run fixes them.
@@ -1039,9 +1048,10 @@ def _read_params(args, path):
     if conflicts and conflicts != ["--cell"]:  # --cell alone: named with the run's cell below
         raise _usage(args, f"{', '.join(conflicts)} cannot be used with --params: the saved "
                            "run fixes the stack")
-    cell = _cell(args, args.steps) if user else None
     with user_input():
         meta = runs.read_run(path)
+    cell = _cell(args, args.steps, saved=meta.get("stack")) if user else None
+    with user_input():
         try:
             from gradflow.problem import dtype_of
 
@@ -1053,10 +1063,12 @@ def _read_params(args, path):
             from gradflow.cells.pytorch import _TORCH_MODEL
 
             if runs._REBUILD in str(e):  # the API's fix, as the option that does it
+                built = runs.built_by(meta.get("stack"))  # (by a factory on the command line)
+                factory = "module:factory" if built is None else built[0]
                 raise InputError(str(e).replace(runs._REBUILD, (
-                    "give the factory that built it, --cell module:factory" if hasattr(
+                    f"give the factory that built it, --cell {factory}" if hasattr(
                         args, "cell") else f"gradflow {args.command} cannot rebuild it: "
-                    f"gradflow heatmap --params {path} --cell module:factory measures it"))
+                    f"gradflow heatmap --params {path} --cell {factory} measures it"))
                 ) from None
             if _TORCH_MODEL not in str(e):
                 raise
@@ -1196,7 +1208,7 @@ def _trained_problem(args, path):
     stack, params, meta = _read_params(args, path)
     dt = dtype_of(args.dtype)
     params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, dt), params)
-    config = {"params": str(path), **_factory(args),
+    config = {"params": str(path),
               **({"prefix": args.prefix} if getattr(args, "prefix", None) else {})}
     if "config" not in meta:  # a params file: Gaussian inputs as gradflow.problem draws them
         own = getattr(args, "inputs", None) is not None  # (not drawn: --inputs replace them)
@@ -1912,11 +1924,6 @@ def run_compare(args) -> int:
         seed=args.seed, dtype=args.dtype, init=args.init, input_scale=args.input_scale,
         cell_options={label: dict(args.option) for label, c in zip(labels, args.cells)
                       if c in named} if args.option else None)
-    factories = {label: c for label, c in zip(labels, args.cells) if c not in named}
-    if factories:  # how the user's cells were built (the config names only their names)
-        grid = dataclasses.replace(grid, config={
-            **grid.config, "cell_factories": factories,
-            "cell_factory_options": options})
     fig = plot.draw_grid(grid, normalize=not args.absolute)
     first = grid.config["maps"][f"{args.losses[0]}/{labels[0]}"]
     print(f"gradflow compare: {', '.join(labels)}; {args.layers} layers x {args.steps} steps, "
@@ -2823,7 +2830,8 @@ def run_train(args) -> int:
         written = _train_report(args, task, hist, out)
     for path in written:
         print(f"wrote {path}")
-    print(f"measure the trained stack: gradflow heatmap --params {out}")
+    print(f"measure the trained stack: gradflow heatmap --params {out}"
+          + (f" --cell {args.cell}" if _user_cell(args.cell) else ""))  # (its options: the run's)
     return 0
 
 

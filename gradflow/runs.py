@@ -242,6 +242,14 @@ def stack_from_config(config: dict, cell=None) -> Stack:
                     else "cells are " + ", ".join(map(repr, names)))
             raise InputError(f"the saved stack's {said(saved)}, the {said(given)} given: "
                              "give the cell it was saved with")
+        cells = cell if isinstance(cell, (list, tuple)) else [cell] * len(saved)
+        kept = config["cell_options"] if isinstance(name, list) else [config] * len(saved)
+        for c, o in zip(cells, kept):  # a factory's cell: built as it was (its options)
+            was, now = built_by(o), built_by(dict(getattr(c, "options", ())))
+            if was is not None and now is not None and was != now:
+                raise InputError(f"the saved stack's cell was built by {_call(*was)}, the "
+                                 f"cell given by {_call(*now)}: give the cell it was saved "
+                                 "with")
     if cell is None:
         names = name if isinstance(name, list) else [name]
         unknown = [n for n in names if n not in _cells.names()]
@@ -259,6 +267,20 @@ def stack_from_config(config: dict, cell=None) -> Stack:
     # settings a file saved before they existed lacks take their defaults
     return Stack(cell, config["layers"], config["input_size"], config["hidden_size"],
                  **{k: config[k] for k in SETTINGS if k != "cell_options" and k in config})
+
+
+def built_by(options: dict) -> tuple | None:
+    """``(factory, {option: value})`` that built a cell, as a cell's options (or a stack's
+    config) record it (``"factory"``, ``"factory_options"``: ``gradflow --cell
+    module:factory`` stamps them), JSON's lists as tuples; None where not recorded."""
+    if not isinstance(options, dict) or "factory" not in options:
+        return None
+    return options["factory"], {k: _tuples(v) for k, v in options.get("factory_options", ())}
+
+
+def _call(factory: str, options: dict) -> str:
+    """``module:factory(key=value, ...)``, as a message names how a cell was built."""
+    return f"{factory}({', '.join(f'{k}={v!r}' for k, v in sorted(options.items()))})"
 
 
 def _tuples(v):

@@ -802,8 +802,8 @@ def test_heatmap_of_a_users_cell_factory_by_import_path(capsys, user_module):
     res = gradflow.load(npz)
     assert res.config["cell"] == "sin_rnn" and res.config["gain"] == 0.7
     # how the command built the cell, to build it again
-    assert res.config["cell_factory"] == f"{user_module}:sin_rnn"
-    assert res.config["cell_factory_options"] == {"gain": 0.7}
+    assert res.config["factory"] == f"{user_module}:sin_rnn"
+    assert res.config["factory_options"] == [["gain", 0.7]]
     # top-last entry from jax.grad of the readout on a Python loop of the user's step
     cell = sys.modules[user_module].sin_rnn(gain=0.7)
     with jax.enable_x64(False):
@@ -1032,16 +1032,34 @@ def test_train_a_users_cell_and_measure_its_trained_params(capsys, user_module):
                        "--steps", "2", "--batch", "2", "--eval-batch", "4", "--record", "2",
                        "--record-batch", "3", "--out", "run")
     assert rc == 0, err
+    assert f"gradflow heatmap --params run --cell {user_module}:sin_rnn\n" in out  # (it said
+    # --params run alone, which is refused)
     rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3")
     assert rc == 2 and "'sin_rnn' is not a registered cell: give the factory that built it, " \
-        "--cell module:factory" in err
+        f"--cell {user_module}:sin_rnn" in err
+    recorded = gradflow.load("run/map_step000002.npz")
+    assert recorded.config["factory"] == f"{user_module}:sin_rnn"  # how the run built it
+    assert recorded.config["factory_options"] == [["gain", 0.9]]
+    for options in (["--option", "gain=0.9"], []):  # not given: the run's (it measured the
+        # factory's default gain 1.0 on the trained weights, without a word)
+        rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3", "--cell",
+                           f"{user_module}:sin_rnn", *options)
+        assert rc == 0, err
+        measured = gradflow.load(_written(out, "data:"))
+        np.testing.assert_array_equal(measured.values, recorded.values)
+        assert measured.config["factory_options"] == [["gain", 0.9]]
+    # given otherwise: another network on the trained weights, refused (so is its resume)
     rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3", "--cell",
-                       f"{user_module}:sin_rnn", "--option", "gain=0.9")
-    assert rc == 0, err
-    measured = gradflow.load(_written(out, "data:"))
-    np.testing.assert_array_equal(measured.values,
-                                  gradflow.load("run/map_step000002.npz").values)
-    assert measured.config["cell_factory"] == f"{user_module}:sin_rnn"  # (it named no factory)
+                       f"{user_module}:sin_rnn", "--option", "gain=0.5")
+    assert rc == 2 and (f"the saved stack's cell was built by {user_module}:sin_rnn(gain=0.9), "
+                        f"the cell given by {user_module}:sin_rnn(gain=0.5): give the cell it "
+                        "was saved with") in err, err
+    rc, out, err = run(capsys, "train", "--cell", f"{user_module}:sin_rnn", "--option",
+                       "gain=0.5", "--layers", "2", "--hidden", "4", "--seq-len", "4",
+                       "--steps", "3", "--batch", "2", "--eval-batch", "4", "--record", "2",
+                       "--record-batch", "3", "--out", "run", "--resume")
+    assert rc == 2 and "--cell, --option (factory_options: the run's [[\"gain\", 0.9]], now " \
+        "[[\"gain\", 0.5]])" in err, err
     # another cell whose parameters fit is refused (it measured that cell without a word)
     rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3", "--cell",
                        f"{user_module}:mixing_rnn")
@@ -1051,7 +1069,7 @@ def test_train_a_users_cell_and_measure_its_trained_params(capsys, user_module):
     shutil.copytree("run", "run2")
     rc, out, err = run(capsys, "compare", "--params", "run,run2")
     assert rc == 2 and ("gradflow compare cannot rebuild it: gradflow heatmap --params "
-                        "run --cell module:factory measures it") in err, err
+                        f"run --cell {user_module}:sin_rnn measures it") in err, err
 
 
 def test_an_error_in_a_users_cell_code_is_theirs(capsys, user_module):
@@ -1090,8 +1108,9 @@ def test_an_error_in_a_users_cell_code_is_theirs(capsys, user_module):
     rc, out, err = run(capsys, "compare", "--cells", f"rnn,{user_module}:sin_rnn", "--losses",
                        "last", *SMALL)
     assert rc == 0, err
-    assert gradflow.load(_written(out, "data:")).config["cell_factories"] == {
-        "sin_rnn": f"{user_module}:sin_rnn"}
+    maps = gradflow.load(_written(out, "data:")).config["maps"]
+    assert maps["last/sin_rnn"]["factory"] == f"{user_module}:sin_rnn"
+    assert "factory" not in maps["last/rnn"]
 
 
 def test_heatmap_of_params_saved_with_save_params(capsys, tmp_path):
