@@ -1343,7 +1343,7 @@ def save(fig: Figure, path, *, dpi: float = 150) -> str:
         raise TypeError(f"save expects a matplotlib Figure, got {type(fig).__name__}")
     if isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not 0 < dpi < math.inf:
         raise ValueError(f"dpi must be a positive number, got {dpi!r}")
-    path = os.fspath(path)
+    path = os.fsdecode(path)  # (a bytes path too)
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
         raise ValueError(f"cannot save {path!r}: unsupported extension {ext or '(none)'!r}; "
@@ -1353,8 +1353,14 @@ def save(fig: Figure, path, *, dpi: float = 150) -> str:
     metadata = {".pdf": {"CreationDate": None}, ".svg": {"Date": None}}.get(ext)
     try:
         fig.savefig(path, format=ext[1:], dpi=dpi, metadata=metadata, bbox_inches="tight")
-    except OSError as e:
-        raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
+    except Exception as e:  # the machine's refusal (a full disk): an OSError, or one raised
+        # while it was handled (matplotlib's PDF writer fails closing the stream)
+        error = e
+        while error is not None and not isinstance(error, OSError):
+            error = error.__cause__ or error.__context__
+        if error is None:
+            raise
+        raise InputError(f"cannot write {path!r}: {error.strerror or error}") from None
     return path
 
 

@@ -872,13 +872,15 @@ def test_a_bug_inside_gradflow_is_an_internal_error_not_bad_input(capsys, monkey
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-@pytest.mark.parametrize("where", ["--out", "--data"])
+@pytest.mark.parametrize("where", ["--out", "--data", "pdf"])
 def test_a_full_disk_is_the_machines_not_a_bug_in_gradflow(capsys, where):
     """An output the disk will not take is an unwritable path (one line, exit 2), not an
-    internal error: the figure or the data written onto /dev/full (ENOSPC)."""
-    full = Path("full.png" if where == "--out" else "full.npz")
+    internal error: the figure or the data written onto /dev/full (ENOSPC); a PDF too
+    (matplotlib's PDF writer raised AttributeError closing the stream, its OSError inside)."""
+    full = Path({"--out": "full.png", "--data": "full.npz", "pdf": "full.pdf"}[where])
     full.symlink_to("/dev/full")
-    paths = {"--out": "ok.png", "--data": "ok.npz", where: str(full)}
+    paths = {"--out": "ok.png", "--data": "ok.npz",
+             "--out" if where == "pdf" else where: str(full)}
     rc, out, err = run(capsys, "heatmap", *SMALL, *[a for kv in paths.items() for a in kv])
     assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
     assert err == (f"gradflow heatmap: error: cannot write {str(full)!r}: "

@@ -356,6 +356,7 @@ def test_save_writes_valid_files(tmp_path, ext, magic):
     fig = plot.heatmap(_gradient_map(_map()), colorbar=False)
     path = tmp_path / f"map{ext}"
     assert plot.save(fig, path) == str(path)
+    assert plot.save(fig, os.fsencode(path)) == str(path)  # a bytes path too
     data = path.read_bytes()
     assert data.startswith(magic)
     if ext == ".svg":
