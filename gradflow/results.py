@@ -153,23 +153,16 @@ class Result:
         ``whole``: write ``<stem>.tmp.npz`` beside it, then rename it to ``path``, so that a
         reader (a resumed run, a cache) never sees half a file; a write that fails (a full
         disk) leaves no temporary file behind."""
-        if whole:
-            path = os.fspath(path)
-            path = path if path.endswith(".npz") else path + ".npz"
-            tmp = path[:-4] + ".tmp.npz"
-            try:
-                os.replace(self.save(tmp), path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-            return path
-        path = os.fspath(path)
+        path = os.fsdecode(path)
         if not os.path.basename(path) or os.path.isdir(path):  # ("", "dir/": a hidden ".npz")
             raise InputError(f"cannot write {path!r}: give a file name (e.g. "
                              f"{os.path.join(path, 'result.npz')!r})")
         if not path.endswith(".npz"):
             path += ".npz"
+        taken = sorted(set(self.arrays) & {_META, "file", "allow_pickle"})
+        if taken:  # (np.savez's own arguments: "allow_pickle" was dropped without a word)
+            raise ValueError(f"cannot save {path!r}: an array may not be named "
+                             f"{', '.join(map(repr, taken))} (the file's own entries)")
         try:
             meta = json.dumps({"format": FORMAT_VERSION, "kind": self.kind,
                                "config": self.config, "nonfinite": self.nonfinite,
@@ -178,10 +171,17 @@ class Result:
             raise TypeError(f"cannot save {path!r}: its config must hold JSON values only "
                             f"(numbers, strings, lists, dicts): {e}") from None
         check_folder_of(path)
+        written = path[:-4] + ".tmp.npz" if whole else path
         try:
-            np.savez(path, **{_META: np.array(meta)}, **self.arrays)
-        except OSError as e:
-            raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
+            np.savez(written, **{_META: np.array(meta)}, **self.arrays)
+            if whole:
+                os.replace(written, path)
+        except BaseException as e:
+            if whole and os.path.exists(written):
+                os.remove(written)
+            if isinstance(e, OSError):
+                raise InputError(f"cannot write {path!r}: {e.strerror or e}") from None
+            raise
         return path
 
     @classmethod

@@ -161,6 +161,29 @@ def test_a_path_saved_without_extension_loads_as_saved(tmp_path):
         gradflow.load(tmp_path / "other")
 
 
+@pytest.mark.parametrize("whole", [False, True])
+def test_save_refuses_what_it_cannot_write_whole_or_not(tmp_path, monkeypatch, whole):
+    """``save(whole=True)`` skipped ``save``'s checks: "" and a folder wrote a hidden
+    ``.npz``, a folder named like the file raised IsADirectoryError; an array named like
+    np.savez's own arguments was dropped (``allow_pickle``) or raised a bare TypeError."""
+    monkeypatch.chdir(tmp_path)
+    res = make_result("gradient_map", {"values": np.ones((2, 3))}, {"cell": "gru"})
+    (tmp_path / "d.npz").mkdir()
+    for path in ("", "sub/", "d.npz"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with pytest.raises(gradflow.errors.InputError, match="give a file name"):
+            res.save(path, whole=whole)
+    with pytest.raises(gradflow.errors.InputError, match="cannot write 'd.npz': "):
+        res.save("d", whole=whole)
+    for name in ("allow_pickle", "file", "__gradflow__"):
+        odd = make_result("k", {name: np.ones(2)}, {})
+        with pytest.raises(ValueError, match=f"an array may not be named '{name}'"):
+            odd.save("odd.npz", whole=whole)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "sub"]  # nothing written
+    assert res.save(b"ok", whole=whole) == "ok.npz"
+    np.testing.assert_array_equal(gradflow.load("ok.npz").values, res.values)
+
+
 def test_lower_level_helpers_name_what_they_take(tmp_path):
     """Helpers of a third API sweep that raised AttributeError, KeyError, matplotlib's or
     JAX's errors, or accepted nonsense: one message each."""
