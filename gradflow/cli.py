@@ -1875,6 +1875,16 @@ def _compare_table(grid, column: str) -> None:
     print(textwrap.fill(_COMPARE_FOOTNOTE, 100))
 
 
+def _not_written(cells: str, options: dict) -> dict:
+    """``options`` less those written in ``cells`` (``lstm:forget_bias=1.0``, or a stack of
+    them, ``gru*9/star:t_max=5``), which win there: what the config and the title say
+    ``--option`` set for that column."""
+    from gradflow import cells as _cells
+
+    written = {k for spec in layer_cells(cells) for k in _cells.parse_spec(spec)[1]}
+    return {k: v for k, v in options.items() if k not in written}
+
+
 def run_compare(args) -> int:
     from gradflow import cells as _cells
     from gradflow import experiments, plot
@@ -1922,8 +1932,9 @@ def run_compare(args) -> int:
         entries, args.losses, wrt=args.wrt, readout_seed=args.readout_seed,
         layers=args.layers, steps=args.steps, hidden=args.hidden, batch=args.batch,
         seed=args.seed, dtype=args.dtype, init=args.init, input_scale=args.input_scale,
-        cell_options={label: dict(args.option) for label, c in zip(labels, args.cells)
-                      if c in named} if args.option else None)
+        cell_options={label: _not_written(c, dict(args.option))
+                      for label, c in zip(labels, args.cells) if c in named}
+        if args.option else None)
     fig = plot.draw_grid(grid, normalize=not args.absolute)
     first = grid.config["maps"][f"{args.losses[0]}/{labels[0]}"]
     print(f"gradflow compare: {', '.join(labels)}; {args.layers} layers x {args.steps} steps, "

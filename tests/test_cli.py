@@ -635,6 +635,10 @@ def test_compare_takes_a_cell_at_another_setting_beside_it(capsys):
     assert rc == 0, err
     grid = gradflow.load(_written(out, "data:"))
     assert grid.config["cells"] == ["lstm", "lstm:forget_bias=1.0"]
+    # what --option set, per column (it said "options forget_bias=0.5", as for every cell)
+    assert grid.config["cell_options"] == {"lstm": {"forget_bias": 0.5},
+                                           "lstm:forget_bias=1.0": {}}
+    assert "options lstm: forget_bias=0.5;" in out
     assert next(l for l in out.splitlines() if l.split()[:2] == ["last", "lstm:forget_bias=1.0"])
     with jax.enable_x64(False):
         for fb, label in ((0.5, "lstm"), (1.0, "lstm:forget_bias=1.0")):
