@@ -1269,12 +1269,17 @@ def draw_updates(curves: dict, ax=None, title: str | None = None):
 
 
 def _training_settings(config: dict, curve: dict) -> str:
-    """``task adding(steps=10), L=8, H=32, 1500 steps of batch 64, lr 0.003, seed 0, mse``."""
+    """``task adding(steps=10), L=8, H=32, 1500 steps of batch 64, lr 0.003, seed 0, mse``
+    (a run's own ``lr`` beside it: ``lr 0.003 (star 0.01)``)."""
     task = curve.get("task", {})
     args = ", ".join(f"{k}={v}" for k, v in task.items() if k != "task")
+    own = {label: run["lr"] for label, run in config.get("runs", {}).items()
+           if run.get("lr", config["lr"]) != config["lr"]}
+    lr = f"lr {config['lr']:g}" + (" (" + ", ".join(f"{k} {v:g}" for k, v in own.items())
+                                   + ")" if own else "")
     return (f"task {task.get('task', config.get('task'))}({args}), L={config['layers']}, "
             f"H={config['hidden']}, {config['steps']} steps of batch {config['batch']}, "
-            f"lr {config['lr']:g}, {_seeds_text(config)}, loss {curve.get('metric', '?')}")
+            f"{lr}, {_seeds_text(config)}, loss {curve.get('metric', '?')}")
 
 
 def _seeds_text(config: dict) -> str:

@@ -876,3 +876,16 @@ def test_one_layer_or_one_step_is_labelled_by_its_index():
         lo, hi = sorted(axis.get_view_interval())
         shown = [t for t in axis.get_majorticklocs() if lo <= t <= hi]
         assert shown == [0.0], shown
+
+
+def test_a_training_title_names_a_runs_own_learning_rate():
+    """A run's ``lr`` override (``training_runs``' per-run options) is in the title beside
+    the shared one; the title said only the shared ``lr``, which that run did not use."""
+    config = {"layers": 2, "hidden": 4, "steps": 6, "batch": 4, "lr": 3e-3, "seed": 0,
+              "runs": {"lstm": {"lr": 3e-3}, "star": {"lr": 1e-2}}}
+    curve = {"task": {"task": "adding", "steps": 5}, "metric": "mse"}
+    assert plot._training_settings(config, curve) == (
+        "task adding(steps=5), L=2, H=4, 6 steps of batch 4, lr 0.003 (star 0.01), seed 0, "
+        "loss mse")
+    config["runs"]["star"]["lr"] = 3e-3
+    assert ", lr 0.003, seed 0" in plot._training_settings(config, curve)
