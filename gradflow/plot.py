@@ -759,6 +759,11 @@ def gate_histograms(stats: Result, gate: str | None = None, layers=None, ax: Axe
     edges = _views.hist_edges(stats, gate)
     present = _gate_layers(stats, gate, n_layers)
     chosen = present if layers is None else _layer_selection(layers, n_layers)
+    lacking = [] if chosen == "pooled" else [l for l in chosen if l not in present]
+    if lacking:  # (its zero counts drew as a measured, empty histogram)
+        raise ValueError(f"gate_histograms: gate {gate!r} is in layer(s) "
+                         f"{', '.join(map(str, present))} only; layers={layers!r} asks for "
+                         f"{', '.join(map(str, lacking))}")
     fig, ax = _figure_axes(ax, (5.2, 3.4))
 
     names = _row_names(stats.config, n_layers) or [f"layer {l}" for l in range(n_layers)]

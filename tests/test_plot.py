@@ -1,6 +1,7 @@
 """Tests for gradflow.plot: the drawn data equals the result's arrays, checked against NumPy and
 against the rendered pixels; shared scales, non-finite markings, file formats, bad input."""
 import os
+import re
 import pathlib
 import subprocess
 import sys
@@ -557,6 +558,10 @@ def test_gate_plots_of_a_stack_whose_layers_report_different_gates():
     assert "gate o (layer 1)" in ax.get_title()
     pooled = plot.gate_histograms(stats, "o", layers="pooled").axes[0].get_title()
     assert "all layers pooled (layer 1 only)" in pooled
+    for layers in (2, [1, 2]):  # a layer without the gate: its zeros drew as a histogram
+        with pytest.raises(ValueError, match=r"gate 'o' is in layer\(s\) 1 only; layers="
+                                             rf"{re.escape(repr(layers))} asks for 2$"):
+            plot.gate_histograms(stats, "o", layers=layers)
     ax = plot.gate_histograms(stats, "f").axes[0]  # a gate of every layer: as before
     assert len([p for p in ax.patches if isinstance(p, StepPatch)]) == L
 
