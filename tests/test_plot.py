@@ -105,6 +105,12 @@ def test_heatmap_linear_scale_and_explicit_limits():
     assert (norm.vmin, norm.vmax) == (1e-3, 1e-1)
     with pytest.raises(ValueError, match="vmin must be < vmax"):
         plot.heatmap(_gradient_map(values), vmin=1.0, vmax=0.5)
+    for kw in ({"vmin": np.nan}, {"vmax": np.inf}, {"vmin": "0.1"}):  # (matplotlib's words)
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a finite number or "
+                                             "None, got"):
+            plot.heatmap(_gradient_map(values), **kw)
+    norm = plot.heatmap(_gradient_map(values), vmin=np.float32(1e-3)).axes[0].images[0].norm
+    assert norm.vmin == np.float32(1e-3)
 
 
 def test_heatmap_normalize_divides_by_top_last_on_a_log_scale_centred_at_one():
