@@ -546,6 +546,7 @@ _TOKENS = {
     "bins": "bins{}".format, "gate": "gate-{}".format, "normalize": lambda v: "normalized",
     "absolute": lambda v: "absolute", "lr": "lr{:g}".format, "clip": "clip{:g}".format,
     "budget": "budget{:g}".format, "inputs": lambda v: "in-" + Path(v).stem,
+    "time_major": lambda v: "tm",
 }
 
 
@@ -871,7 +872,8 @@ def _describe(config: dict, cell) -> str:
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "
             f"seed {config.get('seed', '-')}, "
             f"{origin(config) or 'init -'}, "
-            + (f"inputs from {config['inputs_from']}, " if config.get("inputs_from") else "")
+            + (f"inputs from {plot.inputs_text(config)}, " if config.get("inputs_from")
+               else "")
             + f"{config['dtype']}"
             + (f"; options {', '.join(changed)}" if changed else "")
             + "".join(f"; {k} {config[k]}" for k in extra))
@@ -1165,8 +1167,15 @@ def _with_inputs(args, prob, xs, source=None):
     xs = _read_width(args, xs, prob.stack.input_size,
                      "the stack" + ("" if source is None else f" of {source}"))
     config = {k: v for k, v in prob.config.items() if k not in ("input_scale", "inputs")}
-    config.update(steps=int(xs.shape[1]), batch=int(xs.shape[0]), inputs_from=str(args.inputs))
+    config.update(steps=int(xs.shape[1]), batch=int(xs.shape[0]), **_inputs_config(args))
     return prob._replace(xs=xs, config=config)
+
+
+def _inputs_config(args) -> dict:
+    """What a config records of ``--inputs``: the file, and its layout where it is
+    ``--time-major`` (the same file read either way gives other sequences)."""
+    return {"inputs_from": str(args.inputs),
+            **({"inputs_time_major": True} if args.time_major else {})}
 
 
 def _read_width(args, xs, width: int, who: str):
@@ -1689,7 +1698,7 @@ def _torch_model_problem(args):
         config.update(seed=args.seed, input_scale=args.input_scale)
     else:
         xs = _read_width(args, xs, t.input_size, kind)
-        config["inputs_from"] = str(args.inputs)
+        config.update(_inputs_config(args))
     stem = default_stem(args, args.command, Path(args.params).stem,
                         skip=_STACK_OPTIONS + (("steps", "seed", "input_scale")
                                                if "inputs_from" in config else ()))
@@ -1699,9 +1708,11 @@ def _torch_model_problem(args):
 def _torch_header(args, t, xs, config, name: str) -> str:
     """The first lines of a command's output on a PyTorch model (:func:`_torch_model_problem`):
     what it is, its rows, sizes and inputs, and the file."""
+    from gradflow import plot
+
     B, T, _ = xs.shape
     return (f"gradflow {args.command}: {t.source} ({name}), {len(t.rows)} rows x {T} steps, "
-            f"B={B}, " + (f"inputs {config['inputs_from']}" if "inputs_from" in config
+            f"B={B}, " + (f"inputs {plot.inputs_text(config)}" if "inputs_from" in config
                           else f"seed {args.seed}") + f", {xs.dtype}\n"
             + (f"rows, bottom up: {', '.join(t.rows)}\n" if t.bidirectional else "")
             + f"trained parameters from {args.params}")

@@ -329,10 +329,17 @@ def settings(config: dict) -> str:
     if config.get("seed") is not None:
         parts.append(f"seed {config['seed']}")
     if config.get("inputs_from"):  # the user's sequences (the CLI's --inputs)
-        parts.append(f"inputs {config['inputs_from']}")
+        parts.append(f"inputs {inputs_text(config)}")
     if options_text(config):
         parts.append(options_text(config))
     return ", ".join(parts)
+
+
+def inputs_text(config: dict) -> str:
+    """The user's sequences a config records (the CLI's ``--inputs``): ``"xs.npy"``, or
+    ``"xs.npy (time-major)"``."""
+    return str(config["inputs_from"]) + (" (time-major)" if config.get("inputs_time_major")
+                                         else "")
 
 
 def options_text(config: dict) -> str:

@@ -1519,6 +1519,17 @@ def test_time_major_inputs(capsys, tmp_path):
     a, b = gradflow.load(tmp_path / "bt.npz"), gradflow.load(tmp_path / "tb.npz")
     assert a.values.shape == (2, 6) and a.config["batch"] == 4
     np.testing.assert_array_equal(a.values, b.values)
+    # the layout is recorded, shown and in the default name (a square array read both ways
+    # gave two results with one config and one file name)
+    assert b.config["inputs_time_major"] is True and "inputs_time_major" not in a.config
+    capsys.readouterr()
+    np.save("sq.npy", xs[:, :4])  # (4, 4, 3): either layout fits
+    for extra in ([], ["--time-major"]):
+        assert cli.main(["gates", *common, "--inputs", "sq.npy", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "inputs from sq.npy (time-major), " in out
+    names = sorted(p.name for p in Path("gradflow-out").glob("*.npz"))
+    assert names == ["gates_gru_L2_T4_H5_B4_D3_in-sq.npz", "gates_gru_L2_T4_H5_B4_D3_in-sq_tm.npz"]
     capsys.readouterr()
     assert cli.main(["heatmap", *common, "--time-major"]) == 2
     assert "--time-major says how the --inputs array is laid out" in capsys.readouterr().err
