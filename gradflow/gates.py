@@ -92,7 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow.cells.base import KINDS as _KINDS
-from gradflow.cells.base import Cell
+from gradflow.cells.base import Cell, check_retain
 from gradflow.problem import problem, problem_stack
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.errors import user_input
@@ -801,12 +801,7 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
         where = _model_layers(layers, kinds)
         if not isinstance(couples_batch, bool):
             raise TypeError(f"couples_batch must be True or False, got {couples_batch!r}")
-        retain = dict(retain or {})
-        for g, sign in retain.items():
-            if g not in kinds or sign not in (1, -1) or isinstance(sign, bool):
-                raise ValueError(f"retain must map gates of kinds ({', '.join(kinds)}) to 1 "
-                                 f"(the state kept is a) or -1 (it is 1 - a); got {g!r}: "
-                                 f"{sign!r}")
+        retain = dict(check_retain("model_saturation", retain, kinds))  # (an adapter's too)
         B, T, _ = xs.shape
         try:
             out = jax.eval_shape(checks.with_static(model, rest), arrays, xs)

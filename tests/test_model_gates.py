@@ -153,8 +153,15 @@ def test_bad_input_gets_one_clear_message():
         gates.model_saturation(stack_gates, params, xs, kinds={"f": "sigmoid"})
     with pytest.raises(TypeError, match="kinds must be a dict"):
         gates.model_saturation(stack_gates, params, xs, kinds=["f"])
-    with pytest.raises(ValueError, match="retain must map gates"):
+    with pytest.raises(ValueError, match=r"retain\['f'\] must be 1 .* or -1 .*, got 2"):
         gates.model_saturation(stack_gates, params, xs, kinds=kinds, retain={"f": 2})
+    with pytest.raises(ValueError, match="retain names 'x', which is not a reported gate"):
+        gates.model_saturation(stack_gates, params, xs, kinds=kinds, retain={"x": 1})
+    for kind in ("tanh", "time"):  # as the adapters refuse it (its "timescale" was returned)
+        with pytest.raises(ValueError, match=rf"retain\['g'\]: a '{kind}' gate is no fraction "
+                                             "of the state kept"):
+            gates.model_saturation(stack_gates, params, xs, kinds={**kinds, "g": kind},
+                                   retain={"g": 1})
     with pytest.raises(ValueError, match=r"\{gate: \(L, B, T, H\)\} activations of one shape"):
         gates.model_saturation(lambda p, x: {"f": x}, params, xs, kinds={"f": "sigmoid"})
     with pytest.raises(ValueError, match=r"\{gate: \(L, B, T, H\)\} activations of one shape"):

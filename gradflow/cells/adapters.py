@@ -55,13 +55,13 @@ import importlib
 import inspect
 import re
 import warnings
-from typing import Callable, Mapping
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradflow.cells.base import KINDS, Cell
+from gradflow.cells.base import KINDS, Cell, check_retain
 from gradflow.errors import InputError, InputTypeError
 from gradflow.cells.base import cast_floating as _cast
 
@@ -432,7 +432,7 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
                 _find_output(who, leaves, y, H, 0 if out is None else out)
             if detect and coupled:
                 raise InputError(_mixes(who, declared))
-    retain = _retain(who, retain, kinds if reports_gates else {})
+    retain = check_retain(who, retain, kinds if reports_gates else {})
     recur, init_fn = _functions(who, call_b, treedef, names, tuple(kinds), n, hidden_size,
                                 make_init, check_output, own)
     opts = {**options, "adapter": who}
@@ -451,27 +451,6 @@ def _mixes(who: str, declared: bool) -> str:
             "the others' inputs)" + (", though couples_batch=False says it does not" if declared
                                      else "") + ": declare it, couples_batch=True, so that "
             "per-example measurements refuse it and batches are not split")
-
-
-def _retain(who: str, retain, kinds: dict) -> tuple:
-    """``retain={gate: 1 or -1}`` checked, as ``Cell.retain`` pairs: the reported gates whose
-    value (1) or complement (-1) is the fraction of the previous state kept."""
-    if retain is None:
-        return ()
-    if not isinstance(retain, Mapping):
-        raise InputTypeError(f"{who}: retain must be a dict {{gate: 1 or -1}}, e.g. {{'f': 1}} for "
-                             f"an LSTM's forget gate; got {type(retain).__name__}")
-    for g, sign in retain.items():
-        if g not in kinds:
-            raise InputError(f"{who}: retain names {g!r}, which is not a reported gate ("
-                             f"{', '.join(map(repr, kinds)) or 'none: give gates='})")
-        if isinstance(sign, bool) or sign not in (1, -1):
-            raise InputError(f"{who}: retain[{g!r}] must be 1 (the state kept is the gate's "
-                             f"value a) or -1 (it is 1 - a), got {sign!r}")
-        if kinds[g] not in ("sigmoid", "other"):
-            raise InputError(f"{who}: retain[{g!r}]: a {kinds[g]!r} gate is no fraction of the "
-                             "state kept (a sigmoid gate is)")
-    return tuple((g, int(sign)) for g, sign in retain.items())
 
 
 def _probe(who, call_b, treedef, n, probe_params, H, detect: bool = False):

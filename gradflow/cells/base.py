@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from gradflow.errors import InputError, InputTypeError
+
 Params = dict
 State = dict
 
@@ -550,6 +552,31 @@ def recurrent_projection(params: Params, h, gates) -> dict:
 def set_bias(params: Params, gate: str, value):
     """A copy of ``params`` with ``params[gate]["b"] = value``."""
     return {**params, gate: {**params[gate], "b": jnp.asarray(value, params[gate]["b"].dtype)}}
+
+
+def check_retain(who: str, retain, kinds: Mapping) -> tuple:
+    """``retain={gate: 1 or -1}`` checked against the gates' ``kinds`` (``{gate: kind}``), as
+    ``Cell.retain`` pairs: the gates whose value (1) or complement (-1) is the fraction of the
+    previous state kept (a sigmoid gate's, or an ``"other"`` one the user vouches for; a
+    tanh or time gate's is none). ``who`` names the caller in the messages (an adapter,
+    :func:`gradflow.gates.model_saturation`)."""
+    if retain is None:
+        return ()
+    if not isinstance(retain, Mapping):
+        raise InputTypeError(f"{who}: retain must be a dict {{gate: 1 or -1}}, e.g. "
+                             f"{{'f': 1}} for an LSTM's forget gate; got "
+                             f"{type(retain).__name__}")
+    for g, sign in retain.items():
+        if g not in kinds:
+            raise InputError(f"{who}: retain names {g!r}, which is not a reported gate ("
+                             f"{', '.join(map(repr, kinds)) or 'none: give gates='})")
+        if isinstance(sign, bool) or sign not in (1, -1):
+            raise InputError(f"{who}: retain[{g!r}] must be 1 (the state kept is the gate's "
+                             f"value a) or -1 (it is 1 - a), got {sign!r}")
+        if kinds[g] not in ("sigmoid", "other"):
+            raise InputError(f"{who}: retain[{g!r}]: a {kinds[g]!r} gate is no fraction of the "
+                             "state kept (a sigmoid gate is)")
+    return tuple((g, int(sign)) for g, sign in retain.items())
 
 
 def freeze(options: Mapping[str, Any]) -> tuple:
