@@ -866,7 +866,12 @@ def _describe(config: dict, cell) -> str:
     from gradflow import plot
 
     defaults = dict(_cells.get(cell.name).options) if cell.name in _cells.names() else {}
-    changed = [f"{k}={v}" for k, v in cell.options if k != "init" and defaults.get(k) != v]
+    if cell.length_option is not None:  # its default is the sequences' length
+        defaults[cell.length_option] = config["steps"]
+    own = dict(cell.options)
+    built = own.pop("factory_options", ())  # a user's factory's --option, as typed
+    changed = [f"{k}={v}" for k, v in [*built, *own.items()]
+               if k not in ("init", "factory") and defaults.get(k) != v]
     extra = [k for k in ("residual", "norm") if config.get(k)]
     return (f"{plot.subject(config)}, {config['layers']} layers x {config['steps']} steps, "
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "

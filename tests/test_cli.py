@@ -180,8 +180,13 @@ def test_heatmap_pdf_without_data_and_g_lstm_sized_from_the_sequence(capsys, tmp
     assert rc == 0, err
     assert (tmp_path / "g.pdf").read_bytes()[:5] == b"%PDF-"
     assert list(tmp_path.iterdir()) == [tmp_path / "g.pdf"] and "data:" not in out
-    # mu ~ U[0, T) with T = 3 (the cell's default is 100), and the explicit option
-    assert "; options sigma_frac=0.2, steps=3" in out.splitlines()[0]
+    # mu ~ U[0, T) with T = 3 (the sequences'), not the cell's default 100: the length a
+    # time gate is initialised over is named where it is not the sequences' (it said steps=3
+    # here, and nothing for g_lstm:steps=100 measured on 3 steps)
+    assert out.splitlines()[0].endswith("; options sigma_frac=0.2")
+    rc, out, err = run(capsys, "heatmap", "--cell", "g_lstm:steps=100", *SMALL, "--no-data",
+                       "--out", tmp_path / "g100.png")
+    assert rc == 0 and out.splitlines()[0].endswith("; options steps=100"), out
 
 
 # --- compare, gates, cells, reproduce ---------------------------------------------------------
