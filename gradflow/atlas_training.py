@@ -200,6 +200,7 @@ def parse_runs(runs) -> list:
 
 def check(config: dict) -> dict:
     """``config`` with defaults filled in; a ValueError naming what is missing or wrong."""
+    from gradflow import cells as _cells
     from gradflow import seeds as _seeds
     from gradflow.experiments import _RUN_OPTIONS
 
@@ -220,11 +221,28 @@ def check(config: dict) -> dict:
             f["where"] not in ("task", "training") or not list(f["values"]):
         raise ValueError("factor is {'name': ..., 'where': 'task' | 'training', 'values': "
                          f"[...]}} with at least one value, got {f!r}")
-    if f["where"] == "training" and f["name"] not in _RUN_OPTIONS:
+    swept = [o for o in _RUN_OPTIONS if o != "lr"]  # (lr: every run at each of "lrs")
+    if f["where"] == "training" and f["name"] not in swept:
         raise ValueError(f"factor {f['name']!r} is no training option; valid: "
-                         f"{', '.join(_RUN_OPTIONS)}")
+                         f"{', '.join(swept)}"
+                         + ("; the learning rates are the atlas's 'lrs'" if f["name"] == "lr"
+                            else ""))
     runs = parse_runs(c["runs"])
     labels = [r[0] for r in runs]
+    for label, _, _, extra in runs:
+        if "lr" in extra:  # (it was dropped: every run trains at each of "lrs")
+            raise ValueError(f"run {label!r}: a training atlas trains every run at each of its "
+                             f"'lrs' ({', '.join(map(str, c['lrs']))}); give no 'lr' per run")
+    if not isinstance(c["gates"], dict):
+        raise ValueError(f"gates is {{run label: gate}}, got {c['gates']!r}")
+    for label, gate in c["gates"].items():
+        if label not in labels:
+            raise ValueError(f"gates names run {label!r}; the atlas runs: {', '.join(labels)}")
+        _, cell, opts, _ = runs[labels.index(label)]
+        have = _cells.get(cell, **opts).gate_names
+        if gate not in have:
+            raise ValueError(f"gates[{label!r}]: {cell} reports no gate {gate!r}; its gates: "
+                             f"{', '.join(have) or 'none'}")
     for cl in get_claims(c.get("claims", [])) if c.get("claims") else []:
         bad = [x for x in cl.labels if x not in labels]
         if bad:

@@ -155,7 +155,16 @@ def test_predicates_on_hand_made_runs():
     ({"eval_batch": 4, "record_batch": 5}, "record_batch 5 is more than eval_batch 4"),
     ({"layer": 3}, r"unknown key\(s\) layer; valid: "),
     ({"factor": {"name": "budjet", "where": "training", "values": [0.1]}},
-     "factor 'budjet' is no training option; valid: budget, curriculum, cell_steps, lr"),
+     "factor 'budjet' is no training option; valid: budget, curriculum, cell_steps$"),
+    # lr as a factor or per run: every run trains at each of "lrs" (it was dropped silently)
+    ({"factor": {"name": "lr", "where": "training", "values": [1e-4, 0.5]}},
+     "factor 'lr' is no training option; .*; the learning rates are the atlas's 'lrs'"),
+    ({"runs": [["a", "lstm", {}, {"lr": 1e-4}]]}, "run 'a': a training atlas trains every run "
+                                                 r"at each of its 'lrs' \(0.01, 0.003\); give no 'lr'"),
+    # a bad gate crashed with KeyError after all the training
+    ({"gates": {"b": "f"}}, "gates names run 'b'; the atlas runs: star, lstm, forget bias 1$"),
+    ({"gates": {"lstm, forget bias 1": "zz"}},
+     r"gates\['lstm, forget bias 1'\]: lstm reports no gate 'zz'; its gates: i, f, o, g$"),
     ({"runs": [["a", "lstm", {}, {"budjet": 0.1}]]},
      r"run 'a': unknown training option\(s\) budjet"),
 ])
