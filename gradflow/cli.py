@@ -384,6 +384,14 @@ def _add_user_code(module) -> None:
         USER_CODE.add(root)
 
 
+def _causes(e: BaseException) -> list:
+    """``e`` and the exceptions it was raised from (``__cause__``, outermost first)."""
+    chain = [e]
+    while chain[-1].__cause__ is not None and len(chain) < 8:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
 def _raised_in_user_code(e: BaseException) -> str | None:
     """``"file.py, line N, in name"`` where ``e`` was raised in a user's cell code
     (:data:`USER_CODE`: the last such frame of its traceback, with no gradflow frame after it;
@@ -3155,8 +3163,10 @@ def _main(argv: list, program: bool, command: list) -> int:
             line = f"{command[0]}: error:" + line[len("gradflow: error:"):]
         print(line, file=sys.stderr)
         return 2
-    except InputError as e:
-        print(f"{command[0]}: error: {_one_line(e)}", file=sys.stderr)
+    except InputError as e:  # (where the user's code raised what it says: there)
+        where = next(filter(None, map(_raised_in_user_code, _causes(e))), None)
+        print(f"{command[0]}: error: {_one_line(e)}" + (f" ({where})" if where else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{command[0]}: interrupted", file=sys.stderr)

@@ -618,6 +618,21 @@ def readout_inside():
     return from_function(lambda p, h, x: (jnp.tanh(x @ p["W"] + h @ p["U"]),
                                           2.0 * jnp.tanh(x @ p["W"] + h @ p["U"])), _init)
 
+def bad_shapes():
+    """An init whose matmul JAX refuses (a TypeError in the user's own line)."""
+    def init(key, input_size, hidden_size, dtype):
+        return {"W": jnp.zeros((input_size, hidden_size)) @ jnp.zeros((hidden_size + 1, 3)),
+                "U": jnp.zeros((hidden_size, hidden_size))}
+    return Cell(name="bad_shapes", init_fn=init, recur_fn=sin_rnn().recur_fn)
+
+def own_check():
+    """A step that raises the user's own ValueError."""
+    from gradflow.cells import from_function
+
+    def step(p, h, x):
+        raise ValueError("my own check failed")
+    return from_function(step, _init)
+
 READY = sin_rnn(0.5)
 NOT_A_CELL = 42
 '''
@@ -1094,6 +1109,13 @@ def test_an_error_in_a_users_cell_code_is_theirs(capsys, user_module):
     for command in ("heatmap", "gains"):
         rc, out, err = run(capsys, command, "--cell", f"{user_module}:readout_inside", *SMALL)
         assert rc == 2 and "y must be the carry's output h" in err, err
+    # a ValueError/TypeError of theirs, which gradflow's checks report as input: their line too
+    # (it said JAX's or their message alone)
+    for factory, said in (("bad_shapes", "dot_general requires contracting dimensions"),
+                          ("own_check", "failed: my own check failed")):
+        rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:{factory}", *SMALL)
+        assert rc == 2 and err.count("\n") == 1 and said in err, err
+        assert re.search(rf"\({user_module}.py, line \d+, in (init|step)\)$", err), err
     # in a helper module of theirs beside it (only the module --cell names was theirs)
     folder = Path(sys.modules[user_module].__file__).parent
     (folder / f"{user_module}_helpers.py").write_text(
