@@ -225,7 +225,9 @@ class Stack:
         the same number of features (layer 0 reading ``D != H_0`` unprojected features, or a
         layer reading a wider or narrower layer, gets none).
       norm: ``None``, ``"layer"`` (LayerNorm with learned ``scale, bias``) or ``"rms"`` (RMSNorm
-        with learned ``scale``) on each layer's output, after the residual
+        with learned ``scale``) on each layer's output, after the residual; epsilon ``1e-6``
+        under the square root (Flax's default; PyTorch's and Equinox's ``1e-5`` give outputs
+        about ``5e-6 / variance`` relative apart)
         (``params["norm"]``: one dict per layer; not :func:`gradflow.jacobian_map`'s ``norm``,
         a matrix norm). Dropout is never applied: gradflow measures the deterministic network.
       matmul_precision: the precision of every float32 matmul the stack and the measurements
