@@ -608,7 +608,7 @@ def grid(results, rows: Sequence | None = None, cols: Sequence | None = None, *,
 
     fig = figure((panel_size[0] * n_cols + 1.2, panel_size[1] * n_rows + 0.5))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    image, first = None, None
+    image = None
     for i, row in enumerate(cells):
         for j, res in enumerate(row):
             ax = axes[i, j]
@@ -620,16 +620,16 @@ def grid(results, rows: Sequence | None = None, cols: Sequence | None = None, *,
             else:
                 panel_title = None
             image = _heatmap_on(ax, res, drawn[i][j], key, log, cm, panel_title, norm)
-            if first is None:
-                first = res
             if row_labels is not None and j == 0:
                 ax.set_ylabel(f"{row_labels[i]}\nlayer $l$")
             elif j > 0:
                 ax.set_ylabel("")
             if i < n_rows - 1:
                 ax.set_xlabel("")
-    label = _quantity(first, key) + (_reference_label(_wrt(first, key)) if normalize else "")
-    _colorbar(fig, image, axes, label, shown, norm, normalize)
+    labels = dict.fromkeys(  # each quantity once (panels of h beside panels of c: both)
+        _quantity(r, key) + (_reference_label(_wrt(r, key)) if normalize else "")
+        for row in cells for r in row if r is not None)
+    _colorbar(fig, image, axes, "; ".join(labels), shown, norm, normalize)
     total = int(sum(np.sum(~np.isfinite(v)) for v in shown))
     if title or total:
         fig.suptitle(_with_counts(title, total) if title else f"{total} non-finite in total")

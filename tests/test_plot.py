@@ -900,3 +900,15 @@ def test_a_training_title_names_a_runs_own_learning_rate():
         "loss mse")
     config["runs"]["star"]["lr"] = 3e-3
     assert ", lr 0.003, seed 0" in plot._training_settings(config, curve)
+
+
+def test_a_grid_of_two_quantities_names_both_on_its_colour_bar():
+    """Panels of h beside panels of c share one colour bar: its label named the first
+    panel's quantity only (swap the order and it named the other)."""
+    v = np.arange(1, 7.0).reshape(2, 3)
+    h = make_result("gradient_map", {"values": v}, {"cell": "lstm", "wrt": "hidden"})
+    c = make_result("gradient_map", {"values": v}, {"cell": "lstm", "wrt": "cell"})
+    for panels in ({"h": h, "c": c}, {"c": c, "h": h}):
+        label = plot.grid(panels).axes[-1].get_ylabel()
+        assert r"\partial L/\partial h^l_t" in label and r"\partial L/\partial c^l_t" in label
+    assert ";" not in plot.grid({"a": h, "b": h}).axes[-1].get_ylabel()
