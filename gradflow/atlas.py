@@ -331,6 +331,15 @@ class Grid:
         if self.measure not in MEASUREMENTS:
             raise ValueError(f"unknown measure {self.measure!r}; valid: "
                              f"{', '.join(MEASUREMENTS)}")
+        own = {f for _, f in MEASUREMENTS[self.measure].factors}
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        unused = [f for f in ("losses", "wrts") if f not in own and getattr(self, f) != default[f]]
+        if "losses" not in own and self.readout_seed != default["readout_seed"]:
+            unused.append("readout_seed")  # (the maps' probe loss)
+        if unused:  # (they were recorded in the grid and never used)
+            raise ValueError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the "
+                             f"gradient maps' conditions; measure {self.measure!r} has none: "
+                             "leave them out")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Grid":

@@ -130,6 +130,11 @@ def test_resume_after_interruption_gives_the_same_table(full, tmp_path, monkeypa
     (lambda: A.Grid(cells=("rnn",), losses=("first",)), "unknown loss 'first'; valid: last"),
     (lambda: A.Grid(cells=("rnn",), wrts=("cell",)), "unknown wrt 'cell'; valid: params"),
     (lambda: A.Grid.from_dict({"cell": ["rnn"]}), "unknown grid key 'cell'; valid:"),
+    # a map's factors given to another measure: recorded in the grid, never used
+    (lambda: A.Grid(cells=("rnn",), measure="gates", losses=("all",), wrts=("hidden",)),
+     "losses, wrts set the gradient maps' conditions; measure 'gates' has none: leave them"),
+    (lambda: A.Grid(cells=("rnn",), measure="local_gains", readout_seed=7),
+     "readout_seed sets the gradient maps' conditions; measure 'local_gains' has none"),
     (lambda: A.Grid(cells=("rnn",), sizes=((3,),)), "sizes are"),
     (lambda: A.Grid.from_dict({"cells": ["rnn"], "sizes": [3, 4]}),
      r"sizes are \(layers, steps\) pairs .* got \[3, 4\]"),

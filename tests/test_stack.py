@@ -7,6 +7,7 @@ against autodiff through the loop; ``jit``, ``grad``, ``vmap``; float32 and floa
 Hypothesis property (layer order == wavefront order == loop for random sizes); bad input.
 """
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -561,3 +562,28 @@ def test_checkpoint_as_a_switch_names_its_forms(flag):
     with pytest.raises(TypeError, match=rf"checkpoint={flag}: give 'auto' .*, a chunk length "
                                         r"\(an integer >= 1\) or None"):
         Stack("lstm", 2, 3, 4, checkpoint=flag)
+
+
+def test_a_cells_label_names_the_options_of_note_and_titles_carry_it():
+    """A map of ``lstm:forget_bias=1.0`` was titled ``lstm``: the figure of another network
+    read as the default's. ``Cell.label`` names the options that differ from the factory's
+    defaults (not init, which results name apart; not the length a time gate is initialised
+    over; not an option another implies), the stack's config keeps it, titles show it."""
+    from gradflow import cells, plot
+
+    assert cells.get("lstm").label == "lstm" and cells.get("lstm", init="ugi").label == "lstm"
+    assert cells.get("lstm", forget_bias=1.0).label == "lstm:forget_bias=1.0"
+    assert cells.get("g_lstm", steps=6).label == "g_lstm"
+    assert cells.get("star", variant="official").label == "star:variant=official"  # (t_max
+    # follows from the variant)
+    assert cells.get("star", variant="official", t_max=50.0).label == \
+        "star:t_max=50.0,variant=official"
+    assert "label" not in gradflow.Stack("lstm", 2, 3, 4).config
+    config = gradflow.Stack(cells.get("lstm", forget_bias=1.0), 2, 3, 4).config
+    assert config["label"] == "lstm:forget_bias=1.0"
+    assert plot.subject(config) == "lstm:forget_bias=1.0"
+    mixed = gradflow.Stack([cells.get("gru"), cells.get("star", variant="official")], 2, 3, 4)
+    assert mixed.config["label"] == ["gru", "star:variant=official"]
+    assert plot.subject(mixed.config) == "gru / star:variant=official"
+    rebuilt = gradflow.runs.stack_from_config(json.loads(json.dumps(config)))
+    assert rebuilt.cells[0] is cells.get("lstm", forget_bias=1.0)  # (the label is no option)

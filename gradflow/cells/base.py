@@ -178,6 +178,28 @@ class Cell:
         """``{"cell": name, **options}``: enough to rebuild a registered cell with ``cells.get``."""
         return {"cell": self.name, **dict(self.options)}
 
+    @property
+    def label(self) -> str:
+        """The cell as ``gradflow compare --cells`` writes it: its name and the options it was
+        built with that differ from its factory's defaults (``"lstm:forget_bias=1.0"``), but
+        ``init`` (a result names it apart) and the length a time gate is initialised over
+        (the sequences' by default); the name alone for a cell not built by a factory."""
+        if self.name not in _FACTORIES:
+            return self.name
+        defaults, own = _default_options(self.name), dict(self.options)
+        changed = {k: v for k, v in own.items() if k in defaults and defaults[k] != v}
+
+        def implied(k):  # by the others (star's variant sets its t_max)
+            try:
+                rest = {o: v for o, v in changed.items() if o != k}
+                return dict(_FACTORIES[self.name](**rest).options).get(k) == own[k]
+            except (TypeError, ValueError):
+                return False
+
+        shown = [f"{k}={_written_value(v)}" for k, v in changed.items()
+                 if k not in ("init", self.length_option) and not implied(k)]
+        return self.name + (":" + ",".join(shown) if shown else "")
+
     def for_length(self, steps: int) -> "Cell":
         """This cell initialised for sequences of ``steps`` (only cells with a
         ``length_option`` change; built from the same registered factory)."""
@@ -225,6 +247,19 @@ class Cell:
 
 
 _FACTORIES: dict = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _default_options(name: str) -> dict:
+    """The options of the registered cell ``name`` built with none given."""
+    return dict(_FACTORIES[name]().options)
+
+
+def _written_value(v) -> str:
+    """An option's value as a cell is written (``refined=i+f``, ``tied=True``)."""
+    if isinstance(v, (tuple, list)):
+        return "+".join(map(str, v))
+    return str(v)
 
 
 def factory(fn: Callable) -> Callable:
