@@ -378,12 +378,14 @@ def test_cheng_refined_keeps_more_than_vanilla_where_the_readme_says(cheng):
             ("refined_lstm:mode=add", "lstm", dict(layers=8, input_scale=1.0, wrt="hidden")),
             ("refined_gru", "gru", dict(layers=2, input_scale=1.0)),
             ("refined_gru", "gru", dict(layers=8, input_scale=0.1, loss="all")),
+            ("refined_gru", "gru", dict(layers=2, input_scale=0.1, loss="all", wrt="hidden")),
             ("refined_mgu", "mgu", dict(layers=2, input_scale=0.1, wrt="params", loss="last"))]
     for refined, vanilla, where in more:
         assert b.fraction[_rows(b, cell=refined, **where)].min() == 1, (refined, where)
         assert (_med(b, cell=refined, **where) > _med(b, cell=vanilla, **where)).all()
-    # the multiplicative refined cells hold nowhere else but these (besides the GRU's sequence
-    # loss at 2 layers, scale 0.1, level with vanilla, and the LSTM's params map at 2 x scale 1)
+    # the multiplicative refined cells hold nowhere else but these (besides the GRU's params
+    # map under the sequence loss at 2 layers, scale 0.1, below vanilla's, and the LSTM's params
+    # map at 2 x scale 1)
     held = {(c["cell"], c["layers"], c["input_scale"], c["wrt"], c["loss"])
             for c, f in zip(b.config["conditions"], b.fraction) if f == 1
             and c["cell"] in ("refined_lstm", "refined_gru", "refined_mgu")}
