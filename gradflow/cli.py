@@ -881,7 +881,7 @@ def _describe(config: dict, cell) -> str:
     changed = [f"{k}={v}" for k, v in [*built, *own.items()]
                if k not in ("init", "factory") and defaults.get(k) != v]
     extra = [k for k in ("residual", "norm") if config.get(k)]
-    subject = plot.subject({k: v for k, v in config.items() if k != "label"})  # (its options
+    subject = plot.subject({k: v for k, v in config.items() if k != "cell_label"})  # (its options
     # are listed below)
     return (f"{subject}, {config['layers']} layers x {config['steps']} steps, "
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "

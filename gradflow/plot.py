@@ -279,7 +279,7 @@ def _config_dict(who: str, config) -> None:
 
 def subject(config: dict, default=None) -> str:
     """What a result measured, for titles and labels: its cell (with the options of note,
-    ``"lstm:forget_bias=1.0"``: its config's ``label``), or the model of
+    ``"lstm:forget_bias=1.0"``: its config's ``cell_label``), or the model of
     :func:`gradflow.model_map` / :func:`gradflow.gates.model_saturation`; a stack of different
     cells by each layer's, bottom up, a run of one cell counted (``"lstm x15 / star"``).
 
@@ -287,7 +287,7 @@ def subject(config: dict, default=None) -> str:
     ('gru / star / gru', 'lstm x3 / star')
     """
     _config_dict("subject", config)
-    what = config.get("label", config.get("cell", config.get("model", default)))
+    what = config.get("cell_label", config.get("cell", config.get("model", default)))
     if not isinstance(what, (list, tuple)):
         return str(what)
     return _views.run_label(what, " / ", " x")

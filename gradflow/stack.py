@@ -423,7 +423,7 @@ class Stack:
         """JSON-able description: the cell's config plus the stack's sizes and settings. A
         cell option named like a measurement's setting (g-LSTM's ``steps``, which a map's
         ``steps``, the sequence length, replaces in its config) is also kept under
-        ``cell_options``, so a result's config rebuilds the cell it measured. ``label``
+        ``cell_options``, so a result's config rebuilds the cell it measured. ``cell_label``
         (:attr:`gradflow.cells.Cell.label`, per layer in a stack of different cells) where a
         cell's options differ from its defaults: ``"lstm:forget_bias=1.0"``, as titles name
         it."""
@@ -436,11 +436,11 @@ class Stack:
                      "cell_options": [dict(c.options) for c in self.cells]}
         if _one_cell(self.cells):  # options of note: what titles name
             if self.cells[0].label != self.cells[0].name:
-                cells["label"] = self.cells[0].label
+                cells["cell_label"] = self.cells[0].label
         else:
             of = {id(c): c.label for c in {id(c): c for c in self.cells}.values()}
             if any(of[id(c)] != c.name for c in self.cells):
-                cells["label"] = [of[id(c)] for c in self.cells]
+                cells["cell_label"] = [of[id(c)] for c in self.cells]
         return {**cells, "layers": self.layers, "input_size": self.input_size,
                 "hidden_size": (self.hidden_size if isinstance(self.hidden_size, int)
                                 else list(self.hidden_size)),

@@ -52,7 +52,7 @@ from gradflow.stack import Stack
 from gradflow.xla import jit
 
 # Config entries a resumed run may change: the total length, and the schedules derived from it.
-_RESUMABLE = ("train_steps", "eval_every", "label")  # (label: of the cell options compared)
+_RESUMABLE = ("train_steps", "eval_every", "cell_label")  # (of the options compared)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -578,12 +578,12 @@ def test_a_cells_label_names_the_options_of_note_and_titles_carry_it():
     # follows from the variant)
     assert cells.get("star", variant="official", t_max=50.0).label == \
         "star:t_max=50.0,variant=official"
-    assert "label" not in gradflow.Stack("lstm", 2, 3, 4).config
+    assert "cell_label" not in gradflow.Stack("lstm", 2, 3, 4).config
     config = gradflow.Stack(cells.get("lstm", forget_bias=1.0), 2, 3, 4).config
-    assert config["label"] == "lstm:forget_bias=1.0"
+    assert config["cell_label"] == "lstm:forget_bias=1.0"
     assert plot.subject(config) == "lstm:forget_bias=1.0"
     mixed = gradflow.Stack([cells.get("gru"), cells.get("star", variant="official")], 2, 3, 4)
-    assert mixed.config["label"] == ["gru", "star:variant=official"]
+    assert mixed.config["cell_label"] == ["gru", "star:variant=official"]
     assert plot.subject(mixed.config) == "gru / star:variant=official"
     rebuilt = gradflow.runs.stack_from_config(json.loads(json.dumps(config)))
     assert rebuilt.cells[0] is cells.get("lstm", forget_bias=1.0)  # (the label is no option)
