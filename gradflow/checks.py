@@ -32,6 +32,15 @@ def positive_int(name: str, value) -> int:
     return v
 
 
+def probe_count(value) -> int:
+    """The number of Gaussian probes of a Jacobian map's estimate: an integer ``>= 2`` (a
+    NumPy integer too), else a ValueError."""
+    v = _int("probes", value, "an integer >= 2")
+    if v < 2:
+        raise ValueError(f"probes must be an integer >= 2, got {value!r}")
+    return v
+
+
 #: The widest layer (and input) a stack takes: one ``H x H`` float32 matrix at ``2**24`` units
 #: is a pebibyte, and JAX indexes arrays with 32-bit integers a few sizes beyond it.
 MAX_WIDTH = 1 << 24
@@ -512,9 +521,11 @@ def with_static(fn, rest):
 
 def mixes_examples(model, rest, arrays, xs, extra: tuple = (), axis: int = 0) -> bool:
     """Whether ``model(params, xs[:2], *extra)``'s outputs of example 0 (index 0 on ``axis`` of
-    every output leaf) move with example 1's inputs: a model that mixes the examples of a batch
-    (batch statistics, attention across examples), which a split of the batch would change.
-    An independent model passes exact zeros back (a NaN is not counted). False where the model
+    every output leaf) move with example 1's inputs, or example 1's with example 0's (a running
+    statistic over the batch reads only earlier examples): a model that mixes the examples of
+    a batch (batch statistics, attention across examples), which a split of the batch would
+    change. The outputs are weighted at random (equal weights cancel on a centred output). An
+    independent model passes exact zeros back (a NaN is not counted). False where the model
     cannot run on two examples (one built for its batch size is not checked). ``extra``: the
     model's further arguments, as shapes ``((shape, dtype), ...)`` of zeros whose axis
     ``-1`` (a model map's taps: ``(L, T, B)``) is cut to two examples."""
@@ -532,10 +543,17 @@ def _example_0_reads_1(model, rest, arrays, xs, extra, axis):
     args = [jnp.zeros(shape[:-1] + (xs.shape[0],), dtype) for shape, dtype in extra]
     call = with_static(model, rest)
 
-    def first(x):
-        leaves = jax.tree_util.tree_leaves(call(arrays, x, *args))
-        return sum(jnp.sum(jnp.take(a, 0, axis=axis)) for a in leaves)
-    return jnp.any(jnp.abs(jax.grad(first)(xs)[1]) > 0)
+    def of(i):  # example i's outputs, weighted at random
+        def read(x):
+            leaves = [a for a in jax.tree_util.tree_leaves(call(arrays, x, *args))
+                      if jnp.issubdtype(a.dtype, jnp.inexact)]
+            keys = jax.random.split(jax.random.key(0), max(len(leaves), 1))
+            return sum(jnp.sum(jnp.take(a, i, axis=axis)
+                               * jax.random.normal(k, jnp.take(a, i, axis=axis).shape, a.dtype))
+                       for a, k in zip(leaves, keys))
+        return read
+    return (jnp.any(jnp.abs(jax.grad(of(0))(xs)[1]) > 0)
+            | jnp.any(jnp.abs(jax.grad(of(1))(xs)[0]) > 0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -819,8 +819,8 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
             raise ValueError(f"kinds must name every gate the model returns: it returns "
                              f"{', '.join(map(str, out))}; kinds names {', '.join(kinds)}")
         if not couples_batch and checks.mixes_examples(model, rest, arrays, xs, axis=1):
-            raise ValueError("gates.model_saturation: couples_batch=False, but example 0's "
-                             "gates depend on example 1's inputs: the model mixes the examples "
+            raise ValueError("gates.model_saturation: couples_batch=False, but one example's "
+                             "gates depend on another's inputs: the model mixes the examples "
                              "of a batch (batch statistics, attention across examples), so "
                              "splitting the batch would change it; leave couples_batch=True")
     name = getattr(model, "__name__", type(model).__name__)

@@ -414,8 +414,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         outputs) or ``fn(outputs: (B, T, K)) -> scalar``.
       readout_seed: seed of the default readout and labels.
       couples_batch: whether the model mixes the examples of a batch (batch statistics,
-        attention across examples). ``False`` is checked first (example 0's outputs
-        differentiated w.r.t. example 1's inputs on the first two examples,
+        attention across examples). ``False`` is checked first (each of the first two
+        examples' outputs differentiated w.r.t. the other's inputs,
         :func:`gradflow.checks.mixes_examples`; a ValueError where they depend on them), and
         lets it split the batch over the devices of :func:`gradflow.parallel.set_batch_devices`
         (on a CPU those of :func:`gradflow.parallel.use_cpu_devices`) as it does for a Stack's
@@ -461,8 +461,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         tapped = _tapped("model_map", model, rest, arrays, xs, L)
         if not couples_batch and checks.mixes_examples(
                 model, rest, arrays, xs, (((L, T, B), str(xs.dtype)),)):
-            raise ValueError("model_map: couples_batch=False, but example 0's outputs depend "
-                             "on example 1's inputs: the model mixes the examples of a batch "
+            raise ValueError("model_map: couples_batch=False, but one example's outputs "
+                             "depend on another's inputs: the model mixes the examples of a batch "
                              "(batch statistics, attention across examples), so splitting the "
                              "batch would change it; leave couples_batch=True (the default)")
         if tapped is not None and positive is not None:  # an untapped 0 is no underflow
@@ -585,9 +585,8 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
         tt = _step(target, T)
         checks.choice("method", method, METHODS)
         seed = checks.seed("seed", seed)
-        if method == "probe" and (isinstance(probes, bool) or not isinstance(probes, int)
-                                  or probes < 2):
-            raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
+        if method == "probe":
+            probes = checks.probe_count(probes)
         chunk = None if chunk is None else checks.positive_int("chunk", chunk)
     from gradflow import parallel
     K, name = int(out.shape[2]), getattr(model, "__name__", type(model).__name__)
@@ -664,9 +663,14 @@ def _model_each(model_rest, arrays, xs, v=None, *, chunk, layers, target):
         g = vjp(cot)[0]
         return g[..., 0], g[..., 1]
 
-    # example 0's outputs pulled back alone must reach no other example's states
-    alone, widths = pull(jnp.zeros((B, K), y.dtype).at[0].set(1))
-    leak = jnp.zeros(B, bool).at[0].set(jnp.any(alone[..., 1:] > 0))
+    # the first and the last example's outputs, each pulled back alone (random weights: a
+    # centred output cancels equal ones), must reach no other example's states: the later
+    # examples read the earlier ones (a running batch statistic) or these read the rest
+    w = jax.random.normal(jax.random.key(0), (K,), y.dtype)
+    alone, widths = pull(jnp.zeros((B, K), y.dtype).at[0].set(w))
+    last, _ = pull(jnp.zeros((B, K), y.dtype).at[B - 1].set(w))
+    leak = jnp.zeros(B, bool).at[0].set(jnp.any(alone[..., 1:] > 0)
+                                        | jnp.any(last[..., :B - 1] > 0))
     cols = jnp.where(widths > 0, widths, 1)
     norms = lambda cot: pull(cot)[0]  # noqa: E731
     first = lambda a: jnp.moveaxis(a, -1, 0)  # noqa: E731  (L, T, B) -> (B, L, T)
@@ -894,8 +898,7 @@ def _probe_arrays(stack, params, xs, target, norm, positions, probes, seed):
                          "method='exact' for norm='spectral'")
     if positions:
         raise ValueError("spectra_at needs method='exact'")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
-        raise ValueError(f"probes must be an integer >= 2, got {probes!r}")
+    probes = checks.probe_count(probes)
     B, T, _ = xs.shape
     with user_input():  # too big for this machine: the user's sizes to change
         _cost.check_fits(_cost.estimate(stack, B, T, xs.dtype, method="probe", probes=probes,

@@ -985,6 +985,10 @@ def test_a_cell_that_mixes_examples_is_found_and_refused_per_example(x64):
         lambda p, h, x: (jnp.tanh(x @ p["W"] + (h - h.mean(0)) @ p["U"]),) * 2, _wu_init,
         hidden_size=H)
     assert through_h.couples_batch
+    running = cells.from_function(  # a running statistic: example 0 reads no other, 1 reads 0
+        lambda p, h, x: (jnp.tanh(jnp.cumsum(x @ p["W"] + h @ p["U"], axis=0)),) * 2, _wu_init,
+        hidden_size=H)
+    assert running.couples_batch  # (only example 0 was watched: it was split, maps 45% apart)
     stack = gradflow.Stack(coupled, L, D, H)
     params = stack.init(jax.random.key(0), jnp.float64)
     xs = inputs(jnp.float64)

@@ -402,6 +402,9 @@ def test_errors_are_clear(x64):
             J.jacobian_map(stack, params, xs, target=bad)
     with pytest.raises(ValueError, match="probes"):
         J.jacobian_map(stack, params, xs, method="probe", probes=1)
+    np.testing.assert_array_equal(  # a NumPy integer is an integer
+        J.jacobian_map(stack, params, xs, method="probe", probes=np.int64(3)).values,
+        J.jacobian_map(stack, params, xs, method="probe", probes=3).values)
     with pytest.raises(ValueError, match="rms"):
         J.jacobian_map(stack, params, xs, method="probe", norm="spectral")
     with pytest.raises(TypeError, match="gradflow.Stack"):

@@ -193,7 +193,7 @@ def test_couples_batch_false_is_checked_for_gates():
         a = jax.nn.sigmoid(xs @ p)
         return {"f": (a - a.mean(axis=0))[None]}  # (1, B, T, H)
     xs = jax.random.normal(jax.random.key(0), (4, 3, 2))
-    with pytest.raises(ValueError, match="couples_batch=False, but example 0's gates depend"):
+    with pytest.raises(ValueError, match="couples_batch=False, but one example's gates depend"):
         gates.model_saturation(mixing, jnp.eye(2), xs, kinds={"f": "sigmoid"},
                                couples_batch=False)
     ok = lambda p, xs: {"f": jax.nn.sigmoid(xs @ p)[None]}  # noqa: E731

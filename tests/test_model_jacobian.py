@@ -115,10 +115,24 @@ def batch_mixing(p, xs, taps):
     return h - jnp.mean(h, axis=0)  # batch statistics: each example reads the others' states
 
 
+def running_mix(p, xs, taps):
+    h = gradflow.tap(jnp.tanh(xs @ p), jnp.swapaxes(taps[0], 0, 1))
+    return jnp.cumsum(h, axis=0)  # a running statistic: later examples read the earlier ones
+
+
+def centred_mixing(p, xs, taps):
+    h = batch_mixing(p, xs, taps)
+    return h - jnp.mean(h, axis=-1, keepdims=True)  # centred per example: equal weights cancel
+
+
 def test_a_model_that_mixes_examples_is_refused():
     xs = jax.random.normal(jax.random.key(0), (3, 4, 2))
-    with pytest.raises(ValueError, match="mixes the examples of a batch.*gradflow.model_map"):
-        gradflow.model_jacobian_map(batch_mixing, jnp.ones((2, 2)), xs, layers=1)
+    for model in (batch_mixing, running_mix, centred_mixing):  # (the last two were accepted:
+        # only example 0's outputs were pulled back, with equal weights)
+        with pytest.raises(ValueError, match="mixes the examples of a batch.*gradflow.model_map"):
+            gradflow.model_jacobian_map(model, jnp.ones((2, 2)), xs, layers=1)
+        with pytest.raises(ValueError, match="couples_batch=False, but one example's outputs "):
+            gradflow.model_map(model, jnp.ones((2, 2)), xs, layers=1, couples_batch=False)
     # one example mixes nothing, but reads its own state minus itself: exactly 0 everywhere
     with pytest.raises(ValueError, match="every entry is exactly 0"):
         gradflow.model_jacobian_map(batch_mixing, jnp.ones((2, 2)), xs[:1], layers=1)
@@ -177,6 +191,8 @@ def test_bad_input_gets_one_clear_message(monkeypatch):
         run(method="jacrev")
     with pytest.raises(ValueError, match="probes must be an integer >= 2"):
         run(method="probe", probes=1)
+    np.testing.assert_array_equal(run(method="probe", probes=np.int64(3)).values,  # (it said
+                                  run(method="probe", probes=3).values)  # "an integer, got 3")
     with pytest.raises(ValueError, match="chunk"):
         run(chunk=0)
     with pytest.raises(ValueError, match="layers"):

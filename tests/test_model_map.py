@@ -351,8 +351,8 @@ def test_couples_batch_false_is_checked():
     a different model: refused (it was trusted); the independent model measures."""
     xs = jax.random.normal(jax.random.key(0), (4, 3, W_SIZE))
     w = jnp.eye(W_SIZE) * 0.5
-    with pytest.raises(ValueError, match="couples_batch=False, but example 0's outputs depend "
-                                         "on example 1's inputs"):
+    with pytest.raises(ValueError, match="couples_batch=False, but one example's outputs "
+                                         "depend on another's inputs"):
         gradflow.model_map(batch_normalised, w, xs, layers=1, couples_batch=False)
     assert gradflow.model_map(batch_normalised, w, xs, layers=1).values.shape == (1, 3)
     res = gradflow.model_map(two_layer_tanh, [w, w], xs, layers=2, couples_batch=False)

@@ -455,8 +455,8 @@ def _mixes(who: str, declared: bool) -> str:
 
 def _probe(who, call_b, treedef, n, probe_params, H, detect: bool = False):
     """One step on random inputs: ``(new carry leaves, output y, gates, coupled)``;
-    ``coupled`` (``detect``: else False): example 0's new carry changes when the other
-    examples' inputs and carries do."""
+    ``coupled`` (``detect``: else False): another example's new carry changes when one
+    example's input and carry do."""
     params, n_in = probe_params()
     ks = jax.random.split(jax.random.key(7), n + 1)
     carry = jax.tree_util.tree_unflatten(
@@ -471,11 +471,15 @@ def _probe(who, call_b, treedef, n, probe_params, H, detect: bool = False):
                            getattr(probe_params, "guessed", "")) from e
     leaves = _carry_leaves(who, new, treedef, (_PROBE_BATCH, H))
     coupled = False
-    if detect:  # the other examples moved: does example 0 move?
-        other = lambda a: a.at[1:].set(-2.0 * a[1:] + 1.0)  # noqa: E731
-        moved, _, _ = call_b(params, jax.tree_util.tree_map(other, carry), other(x))
-        coupled = not all(np.allclose(a[0], b[0], rtol=1e-5, atol=1e-7, equal_nan=True)
-                          for a, b in zip(leaves, treedef.flatten_up_to(moved)))
+    for i in range(_PROBE_BATCH) if detect else ():  # example i moved: do the others move?
+        # (each in turn: a running statistic over the batch moves only the later ones)
+        one = lambda a: a.at[i].set(-2.0 * a[i] + 1.0)  # noqa: E731
+        moved, _, _ = call_b(params, jax.tree_util.tree_map(one, carry), one(x))
+        rest = np.arange(_PROBE_BATCH) != i
+        if not all(np.allclose(a[rest], b[rest], rtol=1e-5, atol=1e-7, equal_nan=True)
+                   for a, b in zip(leaves, treedef.flatten_up_to(moved))):
+            coupled = True
+            break
     return leaves, y, probe_gates, coupled
 
 
