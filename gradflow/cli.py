@@ -943,9 +943,9 @@ def _cell(args, steps: int, saved: dict | None = None):
     written in must agree: ``compare`` lets the written one win, as ``--option`` applies to
     every cell there), initialised for ``steps`` where the cell has a length option; or, where
     it names one registered cell per layer (``gru,star,gru``), a tuple of them, each with
-    ``--init``/``--option``. ``saved``: the stack config of ``--params`` (or a resumed run):
-    a factory it records as its cell's, named again without ``--option``/``--init``, is
-    called with the options it was called with then."""
+    ``--init``/``--option``. ``saved``: the stack config of ``--params``: a factory it
+    records as its cell's, named again without ``--option``/``--init``, is called with the
+    options it was called with then (a resumed run is refused other options instead)."""
     from gradflow.runs import built_by
 
     specs = layer_cells(args.cell)
