@@ -239,7 +239,7 @@ def check(config: dict) -> dict:
         if label not in labels:
             raise ValueError(f"gates names run {label!r}; the atlas runs: {', '.join(labels)}")
         _, cell, opts, _ = runs[labels.index(label)]
-        have = _cells.get(cell, **opts).gate_names
+        have = _cells.for_length(cell, 1, **opts).gate_names  # (as the run builds it)
         if gate not in have:
             raise ValueError(f"gates[{label!r}]: {cell} reports no gate {gate!r}; its gates: "
                              f"{', '.join(have) or 'none'}")

@@ -401,6 +401,8 @@ def _raised_in_user_code(e: BaseException) -> str | None:
     libraries = tuple(os.path.realpath(d) + os.sep for d in _library_dirs())
     last = None
     for frame in traceback.extract_tb(e.__traceback__):
+        if frame.filename.startswith("<"):  # (<frozen importlib._bootstrap>: no file)
+            continue
         path = os.path.realpath(frame.filename)
         if path.startswith(_OURS):
             last = None

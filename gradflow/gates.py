@@ -774,7 +774,7 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
       eps, bins, update_threshold, meta: as :func:`saturation`.
       couples_batch: whether the model mixes the examples of a batch, as
         :func:`gradflow.model_map`'s (``False`` is checked, and refused for a model whose
-        example 0's gates move with example 1's inputs): ``False`` splits the batch over the
+        one example's gates move with another's inputs): ``False`` splits the batch over the
         devices, each device's sums and counts added up (the same statistics to rounding).
     Returns:
       Result of kind ``"gate_stats"`` (drawn by :func:`gradflow.plot.gate_histograms` and the

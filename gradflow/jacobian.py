@@ -522,8 +522,8 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     ``(layers, T, B, 2)`` here (index them as there: ``gradflow.tap(h, taps[l, t])``; the
     second channel carries each state's width back). The examples must be independent (no
     batch statistics, no attention across examples: a per-example Jacobian is the example's
-    own): every example's cotangent is pulled back at once, and a model whose example 0's
-    output reads another example's states is refused. So the examples are split over the
+    own): every example's cotangent is pulled back at once, and a model whose first or last
+    example's output reads another example's states is refused. So the examples are split over the
     devices as :func:`jacobian_map`'s are (:func:`gradflow.parallel.should_split`; two per
     device at least, each device checking its first). Exact: ``K`` VJPs, one per output
     unit, ``vmap``-ed ``chunk`` at a time, each reduced to its norms at the taps; ``probe``:
@@ -651,7 +651,8 @@ def _model_each(model_rest, arrays, xs, v=None, *, chunk, layers, target):
     """Per example (the examples first, so :func:`gradflow.parallel.example_map` splits them):
     ``(rms: (B, L, T), stderr: (B, L, T) or None, target finite: (B,), leak: (B,))`` of
     :func:`model_jacobian_map`, exact, or from the probes ``v: (k, B, K)``; ``leak`` is True
-    at example 0 where its outputs pulled back alone reach another example's states."""
+    at example 0 where the first or the last example's outputs, pulled back alone, reach
+    another example's states."""
     model = checks.with_static(*model_rest)
     B, T, _ = xs.shape
     taps = jnp.zeros((layers, T, B, 2), xs.dtype)

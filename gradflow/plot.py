@@ -243,8 +243,11 @@ def _norm(arrays: Sequence[np.ndarray], log: bool, relative: bool, vmin=None, vm
 def _limits(lo: float, hi: float, vmin, vmax) -> tuple[float, float]:
     """Data limits overridden by the user's; a single data value widened to a non-empty range."""
     for name, v in (("vmin", vmin), ("vmax", vmax)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
-                              or not math.isfinite(v)):
+        try:  # (a 0-d array, jnp.min(...), is a number)
+            ok = v is None or (not isinstance(v, (bool, str)) and math.isfinite(float(v)))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ValueError(f"{name} must be a finite number or None, got {v!r}")
     if vmin is not None and vmax is not None and not vmin < vmax:
         raise ValueError(f"vmin must be < vmax, got vmin={vmin!r}, vmax={vmax!r}")

@@ -989,6 +989,11 @@ def test_a_cell_that_mixes_examples_is_found_and_refused_per_example(x64):
         lambda p, h, x: (jnp.tanh(jnp.cumsum(x @ p["W"] + h @ p["U"], axis=0)),) * 2, _wu_init,
         hidden_size=H)
     assert running.couples_batch  # (only example 0 was watched: it was split, maps 45% apart)
+    from gradflow.errors import InputError
+    with pytest.raises(InputError, match=r"one example's new carry moves with another's input "
+                                         r"and carry\), though couples_batch=False says"):
+        cells.from_function(lambda p, h, x: (jnp.tanh(jnp.cumsum(x @ p["W"] + h @ p["U"], 0)),)
+                            * 2, _wu_init, hidden_size=H, couples_batch=False)
     stack = gradflow.Stack(coupled, L, D, H)
     params = stack.init(jax.random.key(0), jnp.float64)
     xs = inputs(jnp.float64)

@@ -1109,6 +1109,13 @@ def test_an_error_in_a_users_cell_code_is_theirs(capsys, user_module):
     for command in ("heatmap", "gains"):
         rc, out, err = run(capsys, command, "--cell", f"{user_module}:readout_inside", *SMALL)
         assert rc == 2 and "y must be the carry's output h" in err, err
+    # an import's own frames (<frozen importlib._bootstrap>) are no file of theirs: a second
+    # module of theirs that does not compile is named by Python's message alone
+    (Path(sys.modules[user_module].__file__).parent / f"{user_module}_syntax.py").write_text(
+        "def make(:\n")
+    rc, out, err = run(capsys, "compare", "--cells", f"{user_module}:sin_rnn,"
+                       f"{user_module}_syntax:make", *SMALL)
+    assert rc == 2 and "SyntaxError" in err and "<frozen" not in err, err
     # a ValueError/TypeError of theirs, which gradflow's checks report as input: their line too
     # (it said JAX's or their message alone)
     for factory, said in (("bad_shapes", "dot_general requires contracting dimensions"),

@@ -109,8 +109,9 @@ def test_heatmap_linear_scale_and_explicit_limits():
         with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a finite number or "
                                              "None, got"):
             plot.heatmap(_gradient_map(values), **kw)
-    norm = plot.heatmap(_gradient_map(values), vmin=np.float32(1e-3)).axes[0].images[0].norm
-    assert norm.vmin == np.float32(1e-3)
+    for v in (np.float32(1e-3), np.array(1e-3, np.float32)):  # a 0-d array too (jnp.min(...))
+        norm = plot.heatmap(_gradient_map(values), vmin=v).axes[0].images[0].norm
+        assert norm.vmin == np.float32(1e-3)
 
 
 def test_heatmap_normalize_divides_by_top_last_on_a_log_scale_centred_at_one():

@@ -173,6 +173,12 @@ def test_bad_atlas_configs_are_refused(change, match):
         at.check({**TINY, **change})
 
 
+def test_a_gate_of_a_run_written_with_its_options_is_checked_as_the_run_builds_it():
+    c = at.check({**TINY, "runs": [["a", "lstm:forget_bias=1.0", {}]], "claims": [],
+                  "gates": {"a": "f"}})
+    assert c["gates"] == {"a": "f"}
+
+
 def test_the_default_record_batch_is_bounded_by_the_evaluation_batch():
     # the default (64) would otherwise enter the cache key and the saved config, larger than
     # the evaluation batch the records are taken on

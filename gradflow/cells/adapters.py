@@ -447,8 +447,8 @@ def _build(*, name: str, who: str, call: Callable, batched: bool, template, hidd
 def _mixes(who: str, declared: bool) -> str:
     """The message for a step that mixes the examples of a batch, undeclared or declared not
     to (``couples_batch=False``)."""
-    return (f"{who}: the step mixes the examples of a batch (example 0's new carry moves with "
-            "the others' inputs)" + (", though couples_batch=False says it does not" if declared
+    return (f"{who}: the step mixes the examples of a batch (one example's new carry moves "
+            "with another's input and carry)" + (", though couples_batch=False says it does not" if declared
                                      else "") + ": declare it, couples_batch=True, so that "
             "per-example measurements refuse it and batches are not split")
 
@@ -668,7 +668,7 @@ def from_function(step: Callable, init=None, *, hidden_size: int | None = None,
         (``Cell.retain``); default none.
       name: a label (two cells of one name stay distinct: equality compares the functions).
       couples_batch: whether the step mixes the examples of a batch (batch statistics);
-        default: found by the probe step (example 0's carry moving with the others' inputs),
+        default: found by the probe step (one example's carry moving with another's inputs),
         or, where none could run, refused at the first init if it does; ``False`` is checked
         the same way (a step that mixes them is refused). Such a cell's batch is never split
         over devices, and the per-example measurements (``jacobian_map``, ``local_gains``)

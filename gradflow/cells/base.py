@@ -180,7 +180,8 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """The cell as ``gradflow compare --cells`` writes it: its name and the options it was
+        """The cell as titles name it, in ``gradflow compare --cells``' syntax (a tuple's
+        items joined by ``+``, which no command reads): its name and the options it was
         built with that differ from its factory's defaults (``"lstm:forget_bias=1.0"``), but
         ``init`` (a result names it apart) and the length a time gate is initialised over
         (the sequences' by default); the name alone for a cell not built by a factory."""
