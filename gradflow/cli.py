@@ -2459,6 +2459,12 @@ def _grid_from_flags(args) -> dict:
         d["readout_seed"] = (args.readout_seed if args.readout_seed == "seed"
                              else int(args.readout_seed) if args.readout_seed.isdigit()
                              else args.readout_seed)  # (the Grid names what is wrong)
+    maps = [f"--{k.replace('_', '-')}" for k in ("losses", "wrts", "readout_seed") if k in d]
+    if d.get("measure", "gradient_map") != "gradient_map" and maps:  # (as typed; the Grid
+        # refuses them too, by value and by their API names)
+        raise ValueError(f"{', '.join(maps)} set{'s' if len(maps) == 1 else ''} the gradient "
+                         f"maps' conditions; --measure {d['measure']} has none: leave "
+                         f"{'it' if len(maps) == 1 else 'them'} out")
     return d
 
 

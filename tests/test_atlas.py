@@ -413,3 +413,19 @@ def test_draw_atlas_gives_conditions_apart_in_other_settings_their_own_panels():
     assert sorted(t.get_text() for ax in panels for t in ax.texts) == ["0", "1"]
     assert sorted(ax.get_title().split("\n")[-1].split(", ")[-1] for ax in panels) == [
         "batch 2", "batch 3"]
+
+
+def test_the_cli_refuses_a_maps_flags_for_another_measure(tmp_path, capsys):
+    """``--measure gates --losses all`` ran, the losses recorded in the grid and never used:
+    refused by the flags as typed (also at their default values)."""
+    from gradflow import cli
+
+    flags = ["atlas", "--measure", "gates", "--cells", "lstm", "--hidden", "4", "--sizes",
+             "2x3", "--seeds", "0", "--batch", "2", "--no-progress", "--out", str(tmp_path)]
+    for extra, said in ((["--losses", "last", "all"], "--losses sets"),
+                        (["--wrts", "hidden", "--readout-seed", "seed"],
+                         "--wrts, --readout-seed set")):
+        assert cli.main(flags + extra) == 2
+        err = capsys.readouterr().err
+        assert f"{said} the gradient maps' conditions; --measure gates has none" in err, err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
