@@ -520,26 +520,27 @@ def with_static(fn, rest):
 
 
 def mixes_examples(model, rest, arrays, xs, extra: tuple = (), axis: int = 0) -> bool:
-    """Whether ``model(params, xs[:2], *extra)``'s outputs of example 0 (index 0 on ``axis`` of
-    every output leaf) move with example 1's inputs, or example 1's with example 0's (a running
-    statistic over the batch reads only earlier examples): a model that mixes the examples of
-    a batch (batch statistics, attention across examples), which a split of the batch would
-    change. The outputs are weighted at random (equal weights cancel on a centred output). An
-    independent model passes exact zeros back (a NaN is not counted). False where the model
-    cannot run on two examples (one built for its batch size is not checked). ``extra``: the
-    model's further arguments, as shapes ``((shape, dtype), ...)`` of zeros whose axis
-    ``-1`` (a model map's taps: ``(L, T, B)``) is cut to two examples."""
-    two = xs[:2]
-    if two.shape[0] < 2:
+    """Whether ``model(params, xs[:3], *extra)``'s outputs of one example (its index on
+    ``axis`` of every output leaf) move with another example's inputs, each of the (up to)
+    three in turn (a running statistic over the batch moves only the later ones): a model that
+    mixes the examples of a batch (batch statistics, attention across examples), which a
+    split of the batch would change. The outputs are weighted at random (equal weights cancel
+    on a centred output). An independent model passes exact zeros back (a NaN is not
+    counted). False where the model cannot run on these examples (one built for its batch
+    size is not checked) or there is one. ``extra``: the model's further arguments, as shapes
+    ``((shape, dtype), ...)`` of zeros whose axis ``-1`` (a model map's taps: ``(L, T, B)``)
+    is cut to those examples."""
+    few = xs[:3]
+    if few.shape[0] < 2:
         return False
     try:
-        return bool(_example_0_reads_1(model, rest, arrays, two, extra, axis))
+        return bool(_reads_another(model, rest, arrays, few, extra, axis))
     except Exception:  # noqa: BLE001  (the model's own error, if any, comes from the map)
         return False
 
 
 @functools.partial(jit, static_argnames=("model", "rest", "extra", "axis"))
-def _example_0_reads_1(model, rest, arrays, xs, extra, axis):
+def _reads_another(model, rest, arrays, xs, extra, axis):
     args = [jnp.zeros(shape[:-1] + (xs.shape[0],), dtype) for shape, dtype in extra]
     call = with_static(model, rest)
 
@@ -552,8 +553,10 @@ def _example_0_reads_1(model, rest, arrays, xs, extra, axis):
                                * jax.random.normal(k, jnp.take(a, i, axis=axis).shape, a.dtype))
                        for a, k in zip(leaves, keys))
         return read
-    return (jnp.any(jnp.abs(jax.grad(of(0))(xs)[1]) > 0)
-            | jnp.any(jnp.abs(jax.grad(of(1))(xs)[0]) > 0))
+
+    n = xs.shape[0]
+    return functools.reduce(jnp.logical_or, [
+        jnp.any(jnp.abs(jnp.delete(jax.grad(of(i))(xs), i, axis=0)) > 0) for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -414,7 +414,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         outputs) or ``fn(outputs: (B, T, K)) -> scalar``.
       readout_seed: seed of the default readout and labels.
       couples_batch: whether the model mixes the examples of a batch (batch statistics,
-        attention across examples). ``False`` is checked first (each of the first two
+        attention across examples). ``False`` is checked first (each of the first three
         examples' outputs differentiated w.r.t. the other's inputs,
         :func:`gradflow.checks.mixes_examples`; a ValueError where they depend on them), and
         lets it split the batch over the devices of :func:`gradflow.parallel.set_batch_devices`

@@ -125,6 +125,11 @@ def centred_mixing(p, xs, taps):
     return h - jnp.mean(h, axis=-1, keepdims=True)  # centred per example: equal weights cancel
 
 
+def middle_mix(p, xs, taps):
+    h = gradflow.tap(jnp.tanh(xs @ p), jnp.swapaxes(taps[0], 0, 1))
+    return h.at[1].add(h[2])  # example 1 reads example 2 only
+
+
 def test_a_model_that_mixes_examples_is_refused():
     xs = jax.random.normal(jax.random.key(0), (3, 4, 2))
     for model in (batch_mixing, running_mix, centred_mixing):  # (the last two were accepted:
@@ -133,6 +138,8 @@ def test_a_model_that_mixes_examples_is_refused():
             gradflow.model_jacobian_map(model, jnp.ones((2, 2)), xs, layers=1)
         with pytest.raises(ValueError, match="couples_batch=False, but one example's outputs "):
             gradflow.model_map(model, jnp.ones((2, 2)), xs, layers=1, couples_batch=False)
+    with pytest.raises(ValueError, match="couples_batch=False, but one example's outputs "):
+        gradflow.model_map(middle_mix, jnp.ones((2, 2)), xs, layers=1, couples_batch=False)
     # one example mixes nothing, but reads its own state minus itself: exactly 0 everywhere
     with pytest.raises(ValueError, match="every entry is exactly 0"):
         gradflow.model_jacobian_map(batch_mixing, jnp.ones((2, 2)), xs[:1], layers=1)
