@@ -415,7 +415,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
       readout_seed: seed of the default readout and labels.
       couples_batch: whether the model mixes the examples of a batch (batch statistics,
         attention across examples). ``False`` is checked first (each of the first three
-        examples' outputs differentiated w.r.t. the other's inputs,
+        examples' outputs differentiated w.r.t. the others' inputs,
         :func:`gradflow.checks.mixes_examples`; a ValueError where they depend on them), and
         lets it split the batch over the devices of :func:`gradflow.parallel.set_batch_devices`
         (on a CPU those of :func:`gradflow.parallel.use_cpu_devices`) as it does for a Stack's
