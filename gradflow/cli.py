@@ -1562,10 +1562,13 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
         check_cell(cell if per_layer else (cell,),
                    f"{'--cell' if per_layer else 'cell'} {args.cell!r}")
     D = first_width(args.hidden) if args.input_size is None else args.input_size
+    from gradflow import cells as _cells
+
+    named = args.cell if per_layer or _written(args.cell) or cell.name in _cells.names() \
+        else cell.name  # (a user's cell named like a shipped one: by its module:factory)
     budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
                                           **_stack_settings(args))], wrt,
-                     stem=default_stem(args, args.command, args.cell if per_layer or _written(
-                         args.cell) else cell.name, f"L{args.layers}",
+                     stem=default_stem(args, args.command, named, f"L{args.layers}",
                                        skip=("cell", "layers")), method=method)
     if budget is None:
         return None
@@ -1946,9 +1949,12 @@ def run_compare(args) -> int:
             raise InputError(f"--cells {c}: {e}") from None
     labels = [experiments.stack_label(e) if isinstance(e, list) else
               e if isinstance(e, str) else e.name for e in entries]
+    labels = [c if c not in named and labels.count(label) > 1 else label  # (a user's cell
+              for c, label in zip(args.cells, labels)]  # named like another: its --cells text)
     if len(set(labels)) < len(labels):
-        raise InputError(f"--cells: two cells are named alike ({', '.join(labels)}); a user's "
-                         "cell is labelled by its name")
+        raise InputError(f"--cells names a cell twice ({', '.join(labels)}); a user's cell is "
+                         "labelled by its name, or by its module:factory where another column "
+                         "has that name")
     stem = default_stem(args, "compare", "-".join(args.cells), f"L{args.layers}",
                         skip=("cells", "layers"))
     budget = _budget(args, stacks, args.wrt, runs=len(args.losses), stem=stem)
@@ -1957,7 +1963,7 @@ def run_compare(args) -> int:
     say, (fig_path, data_path) = budget
     say("building, compiling and running the gradient maps...")
     grid = experiments.gradient_grid(
-        entries, args.losses, wrt=args.wrt, readout_seed=args.readout_seed,
+        dict(zip(labels, entries)), args.losses, wrt=args.wrt, readout_seed=args.readout_seed,
         layers=args.layers, steps=args.steps, hidden=args.hidden, batch=args.batch,
         seed=args.seed, dtype=args.dtype, init=args.init, input_scale=args.input_scale,
         cell_options={label: _not_written(c, dict(args.option))

@@ -26,6 +26,7 @@ The unpacking functions (:func:`panel`, :func:`gain_panel`, :func:`stats_panel`,
 """
 from __future__ import annotations
 
+import collections.abc
 import warnings
 
 from gradflow import cells as _cells
@@ -65,8 +66,11 @@ def _cell_entries(cells) -> tuple[list[str], list]:
     """``(labels, cells)``: each entry a registered name, or a name with options
     (``"lstm:forget_bias=1.0"``, :func:`gradflow.cells.parse_spec`), its own label; a built
     :class:`gradflow.cells.Cell` (a user's, labelled by ``cell.name``); or a list of those, one
-    per layer (labelled by :func:`stack_label`); distinct labels."""
-    items = [cells] if isinstance(cells, (str, _cells.Cell)) else list(cells)
+    per layer (labelled by :func:`stack_label`); distinct labels. A mapping ``{label: entry}``
+    labels its entries itself."""
+    given = cells if isinstance(cells, collections.abc.Mapping) else None  # {label: entry}
+    items = ([cells] if isinstance(cells, (str, _cells.Cell)) else
+             list(cells if given is None else given.values()))
     if not items:
         raise ValueError(f"cells is empty; give cell names ({', '.join(_cells.names())}) or "
                          "gradflow Cells")
@@ -79,6 +83,8 @@ def _cell_entries(cells) -> tuple[list[str], list]:
             labels.append(stack_label([_cell_label(x) for x in item]))
         else:
             labels.append(_cell_label(item))
+    if given is not None:  # labelled by the caller
+        labels = [str(k) for k in given]
     return _names(labels, "cells", "cell", labels), items
 
 
@@ -127,7 +133,8 @@ def gradient_grid(cells, losses=("last", "all"), *, wrt: str = "params", layers:
         ``init`` and ``cell_options`` are for names), or a list of those, one per layer (a
         stack of different cells, bottom up: ``["lstm"] * 15 + ["star"]``, labelled
         ``"lstm*15/star"`` by :func:`stack_label`; ``init`` and that label's
-        ``cell_options`` apply to each named layer). Labels must be distinct.
+        ``cell_options`` apply to each named layer); or a dict ``{label: entry}`` of those,
+        labelled by its keys (two cells of one name side by side). Labels must be distinct.
       losses: ``"last"`` and/or ``"all"``.
       init: every named cell's initialisation: ``"orthogonal"`` by default, STAR Fig. 2's one
         setting for all cells (it replaces e.g. UR-LSTM's own ``ugi``); None gives each cell its

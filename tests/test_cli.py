@@ -633,6 +633,11 @@ def own_check():
         raise ValueError("my own check failed")
     return from_function(step, _init)
 
+def as_lstm(forget_bias=0.5):
+    """A shipped cell at another setting, under its own name."""
+    from gradflow import cells
+    return cells.get("lstm", forget_bias=forget_bias)
+
 READY = sin_rnn(0.5)
 NOT_A_CELL = 42
 '''
@@ -810,11 +815,28 @@ def test_compare_takes_a_users_cell_by_import_path(capsys, user_module):
                                 batch=2)
         ref = gradflow.gradient_map(prob.stack, prob.params, prob.xs, loss="all", wrt="hidden")
     np.testing.assert_allclose(grid["values/all/sin_rnn"], ref.values, rtol=1e-6)
-    # two cells of one name (READY is a sin_rnn too): one line, exit 2
+    # two cells of one name (READY is a sin_rnn too; a factory returning a shipped lstm):
+    # labelled by their --cells text (they were refused, the README's "lstm,mycells:my_lstm"
+    # among them), the same text twice refused in one line
     rc, out, err = run(capsys, "compare", "--cells",
-                       f"{user_module}:sin_rnn,{user_module}:READY", *SMALL)
-    assert rc == 2 and "two cells are named alike (sin_rnn, sin_rnn)" in err
+                       f"{user_module}:sin_rnn,{user_module}:READY,lstm,{user_module}:as_lstm",
+                       "--losses", "last", *SMALL)
+    assert rc == 0, err
+    maps = gradflow.load(_written(out, "data:")).config["maps"]
+    assert sorted(maps) == sorted(f"last/{c}" for c in (
+        f"{user_module}:sin_rnn", f"{user_module}:READY", "lstm", f"{user_module}:as_lstm"))
+    assert maps[f"last/{user_module}:as_lstm"]["forget_bias"] == 0.5
+    rc, out, err = run(capsys, "compare", "--cells",
+                       f"{user_module}:READY,{user_module}:READY", *SMALL)
+    assert rc == 2 and "cells repeated" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # by name in the default file name where it is a shipped cell's: it wrote over lstm's
+    for c in ("lstm", f"{user_module}:as_lstm"):
+        rc, out, err = run(capsys, "heatmap", "--cell", c, *SMALL)
+        assert rc == 0, err
+    names = sorted(p.name for p in Path("gradflow-out").glob("heatmap_*.npz"))
+    assert names == ["heatmap_lstm_L2_T3_H8_B2.npz",
+                     f"heatmap_{user_module}-as_lstm_L2_T3_H8_B2.npz"], names
 
 
 def test_heatmap_of_a_users_cell_factory_by_import_path(capsys, user_module):
