@@ -880,11 +880,13 @@ def _describe(config: dict, cell) -> str:
         defaults[cell.length_option] = config["steps"]
     own = dict(cell.options)
     built = own.pop("factory_options", ())  # a user's factory's --option, as typed
-    changed = [f"{k}={v}" for k, v in [*built, *own.items()]
-               if k not in ("init", "factory") and defaults.get(k) != v]
+    changed = list(dict.fromkeys(f"{k}={v}" for k, v in [*built, *own.items()]
+                                 if k not in ("init", "factory") and defaults.get(k) != v))
     extra = [k for k in ("residual", "norm") if config.get(k)]
-    subject = plot.subject({k: v for k, v in config.items() if k != "cell_label"})  # (its options
-    # are listed below)
+    if isinstance(config.get("cell"), list):  # one per layer: each with its own options
+        subject, changed = plot.subject(config), []
+    else:  # (its options are listed below)
+        subject = plot.subject({k: v for k, v in config.items() if k != "cell_label"})
     return (f"{subject}, {config['layers']} layers x {config['steps']} steps, "
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "
             f"seed {config.get('seed', '-')}, "

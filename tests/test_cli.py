@@ -187,6 +187,14 @@ def test_heatmap_pdf_without_data_and_g_lstm_sized_from_the_sequence(capsys, tmp
     rc, out, err = run(capsys, "heatmap", "--cell", "g_lstm:steps=100", *SMALL, "--no-data",
                        "--out", tmp_path / "g100.png")
     assert rc == 0 and out.splitlines()[0].endswith("; options steps=100"), out
+    # one cell per layer: each layer's options (it printed none, or the bottom layer's as all's)
+    for cells, subject in (("lstm,lstm:forget_bias=1.0", "lstm / lstm:forget_bias=1.0"),
+                           ("lstm:forget_bias=1.0,lstm", "lstm:forget_bias=1.0 / lstm")):
+        rc, out, err = run(capsys, "heatmap", "--cell", cells, *SMALL, "--no-data", "--out",
+                           tmp_path / "per_layer.png")
+        first = out.splitlines()[0]
+        assert rc == 0 and first.startswith(f"gradflow heatmap: {subject}, 2 layers") and \
+            "options" not in first, out
 
 
 # --- compare, gates, cells, reproduce ---------------------------------------------------------
@@ -837,6 +845,10 @@ def test_compare_takes_a_users_cell_by_import_path(capsys, user_module):
     names = sorted(p.name for p in Path("gradflow-out").glob("heatmap_*.npz"))
     assert names == ["heatmap_lstm_L2_T3_H8_B2.npz",
                      f"heatmap_{user_module}-as_lstm_L2_T3_H8_B2.npz"], names
+    rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:as_lstm", "--option",
+                       "forget_bias=0.8", *SMALL, "--no-data")
+    assert rc == 0 and out.splitlines()[0].endswith("; options forget_bias=0.8"), out  # (once:
+    # as the factory's option and as the shipped cell's)
 
 
 def test_heatmap_of_a_users_cell_factory_by_import_path(capsys, user_module):
