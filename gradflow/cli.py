@@ -1309,9 +1309,9 @@ INIT_HELP = ("orthogonal, glorot, torch, chrono, ugi, or weights+bias such as gl
              "cell's own, orthogonal for most)")
 
 
-def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
+def add_problem_options(p, layers, steps, hidden, batch, single_cell=True, maps=True):
     """The problem group: sizes, seed, init, dtype, inputs, cell options (and, for one cell,
-    its input size and the stack's topology)."""
+    its input size and the stack's topology; ``maps``: the command draws gradient maps)."""
     g = p.add_argument_group("problem")
     g.add_argument("--layers", type=positive_int, default=layers, metavar="L",
                    help=f"stack depth (default: {layers})")
@@ -1321,9 +1321,9 @@ def add_problem_options(p, layers, steps, hidden, batch, single_cell=True):
                    help=f"hidden size, or one per layer such as 64,32,32 (default: {hidden})")
     trained = "; with a training run's --params, the run's record batch" if single_cell else ""
     g.add_argument("--batch", type=positive_int, default=batch, metavar="B",
-                   help=f"examples (default: {batch}{trained}). The default losses average "
-                        "over them, so a gradient map's entries scale as 1/B: compare maps at "
-                        "one B")
+                   help=f"examples (default: {batch}{trained})" + (
+                       ". The default losses average over them, so a gradient map's entries "
+                       "scale as 1/B: compare maps at one B" if maps else ""))
     g.add_argument("--seed", type=seed_int, default=0,
                    help="parameters from key(seed), inputs N(0, 1) from key(seed + 1) (default: 0)")
     g.add_argument("--init", type=init_scheme, default=None, help=INIT_HELP)
@@ -2070,7 +2070,7 @@ def add_gates(sub):
     p.add_argument("--bins", type=bin_count, default=20,
                    help="histogram bins (default: 20; at most 10000)")
     add_params_option(p)
-    add_problem_options(p, layers=4, steps=32, hidden=64, batch=16)
+    add_problem_options(p, layers=4, steps=32, hidden=64, batch=16, maps=False)
     add_cost_options(p, checkpoint=False)
     add_output_options(p)
     _finish(p, run_gates)
@@ -2187,7 +2187,7 @@ def add_gains(sub):
     p.add_argument("--no-spectral", action="store_true",
                    help="RMS gains only, without the spectral norms (their SVDs take nearly all "
                         "of the time: 12-18x faster)")
-    add_problem_options(p, layers=16, steps=32, hidden=64, batch=8)
+    add_problem_options(p, layers=16, steps=32, hidden=64, batch=8, maps=False)
     add_cost_options(p, checkpoint=False)
     add_output_options(p)
     _finish(p, run_gains)
