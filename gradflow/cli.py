@@ -880,8 +880,10 @@ def _describe(config: dict, cell) -> str:
         defaults[cell.length_option] = config["steps"]
     own = dict(cell.options)
     built = own.pop("factory_options", ())  # a user's factory's --option, as typed
-    changed = list(dict.fromkeys(f"{k}={v}" for k, v in [*built, *own.items()]
-                                 if k not in ("init", "factory") and defaults.get(k) != v))
+    typed = dict(built)  # (a key the factory took as typed: named so, not again as stored)
+    changed = [f"{k}={v}" for k, v in [*typed.items(), *((k, v) for k, v in own.items()
+                                                          if k not in typed)]
+               if k not in ("init", "factory") and defaults.get(k) != v]
     extra = [k for k in ("residual", "norm") if config.get(k)]
     if isinstance(config.get("cell"), list):  # one per layer: each with its own options
         subject, changed = plot.subject(config), []
@@ -2467,9 +2469,13 @@ def _grid_from_flags(args) -> dict:
         d["readout_seed"] = (args.readout_seed if args.readout_seed == "seed"
                              else int(args.readout_seed) if args.readout_seed.isdigit()
                              else args.readout_seed)  # (the Grid names what is wrong)
-    maps = [f"--{k.replace('_', '-')}" for k in ("losses", "wrts", "readout_seed") if k in d]
-    if d.get("measure", "gradient_map") != "gradient_map" and maps:  # (as typed; the Grid
-        # refuses them too, by value and by their API names)
+    from gradflow.atlas import MEASUREMENTS
+
+    own = {f for _, f in MEASUREMENTS[d["measure"]].factors} if d.get(
+        "measure") in MEASUREMENTS else {"losses", "wrts"}  # (an unknown one: the Grid says)
+    maps = [f"--{k.replace('_', '-')}" for k in ("losses", "wrts", "readout_seed")
+            if k in d and k not in own and not (k == "readout_seed" and "losses" in own)]
+    if maps:  # (as typed; the Grid refuses them too, by value and by their API names)
         raise ValueError(f"{', '.join(maps)} set{'s' if len(maps) == 1 else ''} the gradient "
                          f"maps' conditions; --measure {d['measure']} has none: leave "
                          f"{'it' if len(maps) == 1 else 'them'} out")

@@ -429,3 +429,6 @@ def test_the_cli_refuses_a_maps_flags_for_another_measure(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"{said} the gradient maps' conditions; --measure gates has none" in err, err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+    flags[flags.index("gates")] = "gradient_maps"  # a misspelt measure: named as such
+    assert cli.main(flags + ["--losses", "last"]) == 2
+    assert "unknown measure 'gradient_maps'; valid: gradient_map" in capsys.readouterr().err

@@ -846,9 +846,9 @@ def test_compare_takes_a_users_cell_by_import_path(capsys, user_module):
     assert names == ["heatmap_lstm_L2_T3_H8_B2.npz",
                      f"heatmap_{user_module}-as_lstm_L2_T3_H8_B2.npz"], names
     rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:as_lstm", "--option",
-                       "forget_bias=0.8", *SMALL, "--no-data")
-    assert rc == 0 and out.splitlines()[0].endswith("; options forget_bias=0.8"), out  # (once:
-    # as the factory's option and as the shipped cell's)
+                       "forget_bias=3", *SMALL, "--no-data")
+    assert rc == 0 and out.splitlines()[0].endswith("; options forget_bias=3"), out  # (once, as
+    # typed: not again as the shipped cell's 3.0)
 
 
 def test_heatmap_of_a_users_cell_factory_by_import_path(capsys, user_module):
