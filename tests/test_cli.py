@@ -188,9 +188,9 @@ def test_heatmap_pdf_without_data_and_g_lstm_sized_from_the_sequence(capsys, tmp
                        "--out", tmp_path / "g100.png")
     assert rc == 0 and out.splitlines()[0].endswith("; options steps=100"), out
     # one cell per layer: each layer's options (it printed none, or the bottom layer's as all's)
-    for cells, subject in (("lstm,lstm:forget_bias=1.0", "lstm / lstm:forget_bias=1.0"),
-                           ("lstm:forget_bias=1.0,lstm", "lstm:forget_bias=1.0 / lstm")):
-        rc, out, err = run(capsys, "heatmap", "--cell", cells, *SMALL, "--no-data", "--out",
+    for per_layer, subject in (("lstm,lstm:forget_bias=1.0", "lstm / lstm:forget_bias=1.0"),
+                               ("lstm:forget_bias=1.0,lstm", "lstm:forget_bias=1.0 / lstm")):
+        rc, out, err = run(capsys, "heatmap", "--cell", per_layer, *SMALL, "--no-data", "--out",
                            tmp_path / "per_layer.png")
         first = out.splitlines()[0]
         assert rc == 0 and first.startswith(f"gradflow heatmap: {subject}, 2 layers") and \
