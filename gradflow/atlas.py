@@ -331,11 +331,9 @@ class Grid:
         if self.measure not in MEASUREMENTS:
             raise ValueError(f"unknown measure {self.measure!r}; valid: "
                              f"{', '.join(MEASUREMENTS)}")
-        own = {f for _, f in MEASUREMENTS[self.measure].factors}
         default = {f.name: f.default for f in dataclasses.fields(self)}
-        unused = [f for f in ("losses", "wrts") if f not in own and getattr(self, f) != default[f]]
-        if "losses" not in own and self.readout_seed != default["readout_seed"]:
-            unused.append("readout_seed")  # (the maps' probe loss)
+        unused = unused_map_fields(self.measure, [f for f in MAP_FIELDS
+                                                  if getattr(self, f) != default[f]])
         if unused:  # (they were recorded in the grid and never used)
             raise ValueError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the "
                              f"gradient maps' conditions; measure {self.measure!r} has none: "
@@ -388,6 +386,19 @@ class Grid:
                 c["measure"] = self.measure
             out.append(c)
         return out
+
+
+#: The Grid fields that set gradient maps' conditions: their factors, and their probe loss.
+MAP_FIELDS = ("losses", "wrts", "readout_seed")
+
+
+def unused_map_fields(measure: str, fields) -> list[str]:
+    """Those of ``fields`` (:data:`MAP_FIELDS` given) that ``measure`` (a key of
+    :data:`MEASUREMENTS`) does not take: the factors it lacks, and the readout seed where it
+    has no loss."""
+    own = {f for _, f in MEASUREMENTS[measure].factors}
+    return [f for f in MAP_FIELDS if f in fields and f not in own
+            and not (f == "readout_seed" and "losses" in own)]
 
 
 def condition_key(condition: dict) -> str:

@@ -875,20 +875,20 @@ def _describe(config: dict, cell) -> str:
     from gradflow import cells as _cells
     from gradflow import plot
 
-    defaults = dict(_cells.get(cell.name).options) if cell.name in _cells.names() else {}
-    if cell.length_option is not None:  # its default is the sequences' length
-        defaults[cell.length_option] = config["steps"]
-    own = dict(cell.options)
-    built = own.pop("factory_options", ())  # a user's factory's --option, as typed
-    typed = dict(built)  # (a key the factory took as typed: named so, not again as stored)
-    changed = [f"{k}={v}" for k, v in [*typed.items(), *((k, v) for k, v in own.items()
-                                                          if k not in typed)]
-               if k not in ("init", "factory") and defaults.get(k) != v]
     extra = [k for k in ("residual", "norm") if config.get(k)]
     if isinstance(config.get("cell"), list):  # one per layer: each with its own options
         subject, changed = plot.subject(config), []
-    else:  # (its options are listed below)
+    else:  # its options listed after the rest
         subject = plot.subject({k: v for k, v in config.items() if k != "cell_label"})
+        defaults = dict(_cells.get(cell.name).options) if cell.name in _cells.names() else {}
+        if cell.length_option is not None:  # its default is the sequences' length
+            defaults[cell.length_option] = config["steps"]
+        own = dict(cell.options)
+        typed = dict(own.pop("factory_options", ()))  # a user's factory's --option: named
+        # as typed, not again as the cell stores it
+        changed = [f"{k}={v}" for k, v in [*typed.items(), *((k, v) for k, v in own.items()
+                                                              if k not in typed)]
+                   if k not in ("init", "factory") and defaults.get(k) != v]
     return (f"{subject}, {config['layers']} layers x {config['steps']} steps, "
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "
             f"seed {config.get('seed', '-')}, "
@@ -1513,10 +1513,15 @@ def add_params_option(p):
                         "stack, on its task's evaluation sequences), a .npz of "
                         "gradflow.runs.save_params, or a PyTorch nn.LSTM/GRU/RNN's state_dict "
                         "saved with np.savez; a user's cell is given again with --cell")
-    p.add_argument("--prefix", default=None, metavar="NAME",
-                   help="which recurrent module of a PyTorch state dict holding several, by "
-                        "its name in the model (e.g. encoder.lstm)")
+    add_prefix_option(p, "which recurrent module of a PyTorch state dict holding several, by "
+                         "its name in the model (e.g. encoder.lstm)")
     add_inputs_options(p, "measure on your own sequences instead of Gaussian ones")
+
+
+def add_prefix_option(p, what: str):
+    """``--prefix NAME``: the module of a PyTorch state dict ``--params`` reads (``what`` it
+    does, in the command's words; refused without ``--params``, in :func:`_main`)."""
+    p.add_argument("--prefix", default=None, metavar="NAME", help=what)
 
 
 def add_inputs_options(p, what: str):
@@ -1537,6 +1542,8 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
     budget). ``check_cell(cells, what)`` checks the command's own needs of the layers' cells
     (e.g. gates), ``what`` naming them in its message.
     Returns ``(say, (figure path, data path), problem)``, or None after a dry run."""
+    from gradflow import cells as _cells
+
     xs = _read_inputs(args)
     if xs is not None and getattr(args, "loss", None) == "task":
         raise _usage(args, "--loss task reads a training run's own targets, which --inputs "
@@ -1566,8 +1573,6 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
         check_cell(cell if per_layer else (cell,),
                    f"{'--cell' if per_layer else 'cell'} {args.cell!r}")
     D = first_width(args.hidden) if args.input_size is None else args.input_size
-    from gradflow import cells as _cells
-
     named = args.cell if per_layer or _written(args.cell) or cell.name in _cells.names() \
         else cell.name  # (a user's cell named like a shipped one: by its module:factory)
     budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
@@ -1843,10 +1848,9 @@ def add_compare(sub):
                         "files of gradflow.runs.save_params or PyTorch state dicts (Gaussian "
                         "inputs at --steps and --batch), each labelled by its file or folder "
                         "name")
-    p.add_argument("--prefix", default=None, metavar="NAME",
-                   help="with --params of PyTorch state dicts holding several recurrent "
-                        "modules: the one measured in each, by its name in the model (e.g. "
-                        "decoder.lstm: a decoder at two checkpoints side by side)")
+    add_prefix_option(p, "with --params of PyTorch state dicts holding several recurrent "
+                         "modules: the one measured in each, by its name in the model (e.g. "
+                         "decoder.lstm: a decoder at two checkpoints side by side)")
     add_inputs_options(p, "with --params: every run measured on these sequences")
     p.add_argument("--losses", type=loss_list, default=["last", "all"],
                    help="comma-separated rows: last, all, and with --params task (each run's "
@@ -2469,12 +2473,10 @@ def _grid_from_flags(args) -> dict:
         d["readout_seed"] = (args.readout_seed if args.readout_seed == "seed"
                              else int(args.readout_seed) if args.readout_seed.isdigit()
                              else args.readout_seed)  # (the Grid names what is wrong)
-    from gradflow.atlas import MEASUREMENTS
+    from gradflow.atlas import MEASUREMENTS, unused_map_fields
 
-    own = {f for _, f in MEASUREMENTS[d["measure"]].factors} if d.get(
-        "measure") in MEASUREMENTS else {"losses", "wrts"}  # (an unknown one: the Grid says)
-    maps = [f"--{k.replace('_', '-')}" for k in ("losses", "wrts", "readout_seed")
-            if k in d and k not in own and not (k == "readout_seed" and "losses" in own)]
+    maps = [f"--{k.replace('_', '-')}" for k in unused_map_fields(d["measure"], d)] if d.get(
+        "measure") in MEASUREMENTS else []  # (an unknown measure: the Grid names it)
     if maps:  # (as typed; the Grid refuses them too, by value and by their API names)
         raise ValueError(f"{', '.join(maps)} set{'s' if len(maps) == 1 else ''} the gradient "
                          f"maps' conditions; --measure {d['measure']} has none: leave "

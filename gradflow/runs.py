@@ -232,17 +232,16 @@ def stack_from_config(config: dict, cell=None) -> Stack:
     name = config["cell"]
     if cell is not None:  # the cell(s) given must be the saved one(s), layer by layer
         saved = name if isinstance(name, list) else [name]
-        given = [getattr(c, "name", None) for c in
-                 (cell if isinstance(cell, (list, tuple)) else [cell])]
-        if len(given) == 1 or len(saved) == 1:
-            n = max(len(given), len(saved))
-            given, saved = given * (n // len(given)), saved * (n // len(saved))
+        cells = list(cell) if isinstance(cell, (list, tuple)) else [cell]
+        if len(cells) == 1 or len(saved) == 1:  # one for every layer
+            n = max(len(cells), len(saved))
+            cells, saved = cells * (n // len(cells)), saved * (n // len(saved))
+        given = [getattr(c, "name", None) for c in cells]
         if given != saved:
             said = (lambda names: f"cell is {names[0]!r}" if len(set(names)) == 1
                     else "cells are " + ", ".join(map(repr, names)))
             raise InputError(f"the saved stack's {said(saved)}, the {said(given)} given: "
                              "give the cell it was saved with")
-        cells = cell if isinstance(cell, (list, tuple)) else [cell] * len(saved)
         kept = config["cell_options"] if isinstance(name, list) else [config] * len(saved)
         for c, o in zip(cells, kept):  # a factory's cell: built as it was (its options)
             was, now = built_by(o), built_by(dict(getattr(c, "options", ())))

@@ -428,16 +428,15 @@ class Stack:
         cell's options differ from its defaults: ``"lstm:forget_bias=1.0"``, as titles name
         it."""
         if _one_cell(self.cells):
-            cells = {**self.cells[0].config}
-            if set(dict(self.cells[0].options)) & set(MEASUREMENT_KEYS):
-                cells["cell_options"] = dict(self.cells[0].options)
+            cell = self.cells[0]
+            cells = {**cell.config}
+            if set(dict(cell.options)) & set(MEASUREMENT_KEYS):
+                cells["cell_options"] = dict(cell.options)
+            if cell.label != cell.name:  # options of note: what titles name
+                cells["cell_label"] = cell.label
         else:
             cells = {"cell": [c.name for c in self.cells],
                      "cell_options": [dict(c.options) for c in self.cells]}
-        if _one_cell(self.cells):  # options of note: what titles name
-            if self.cells[0].label != self.cells[0].name:
-                cells["cell_label"] = self.cells[0].label
-        else:
             of = {id(c): c.label for c in {id(c): c for c in self.cells}.values()}
             if any(of[id(c)] != c.name for c in self.cells):
                 cells["cell_label"] = [of[id(c)] for c in self.cells]

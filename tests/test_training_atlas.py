@@ -159,8 +159,9 @@ def test_predicates_on_hand_made_runs():
     # lr as a factor or per run: every run trains at each of "lrs" (it was dropped silently)
     ({"factor": {"name": "lr", "where": "training", "values": [1e-4, 0.5]}},
      "factor 'lr' is no training option; .*; the learning rates are the atlas's 'lrs'"),
-    ({"runs": [["a", "lstm", {}, {"lr": 1e-4}]]}, "run 'a': a training atlas trains every run "
-                                                 r"at each of its 'lrs' \(0.01, 0.003\); give no 'lr'"),
+    ({"runs": [["a", "lstm", {}, {"lr": 1e-4}]]},
+     r"run 'a': a training atlas trains every run at each of its 'lrs' \(0.01, 0.003\); give "
+     "no 'lr'"),
     # a bad gate crashed with KeyError after all the training
     ({"gates": {"b": "f"}}, "gates names run 'b'; the atlas runs: star, lstm, forget bias 1$"),
     ({"gates": {"lstm, forget bias 1": "zz"}},

@@ -448,9 +448,10 @@ def _mixes(who: str, declared: bool) -> str:
     """The message for a step that mixes the examples of a batch, undeclared or declared not
     to (``couples_batch=False``)."""
     return (f"{who}: the step mixes the examples of a batch (one example's new carry moves "
-            "with another's input and carry)" + (", though couples_batch=False says it does not" if declared
-                                     else "") + ": declare it, couples_batch=True, so that "
-            "per-example measurements refuse it and batches are not split")
+            "with another's input and carry)"
+            + (", though couples_batch=False says it does not" if declared else "")
+            + ": declare it, couples_batch=True, so that per-example measurements refuse it "
+            "and batches are not split")
 
 
 def _probe(who, call_b, treedef, n, probe_params, H, detect: bool = False):
