@@ -556,7 +556,7 @@ _TOKENS = {
     "bins": "bins{}".format, "gate": "gate-{}".format, "normalize": lambda v: "normalized",
     "absolute": lambda v: "absolute", "lr": "lr{:g}".format, "clip": "clip{:g}".format,
     "budget": "budget{:g}".format, "inputs": lambda v: "in-" + Path(v).stem,
-    "time_major": lambda v: "tm",
+    "time_major": lambda v: "tm", "prefix": lambda v: "m-" + v.strip("."),
 }
 
 
@@ -1666,8 +1666,7 @@ def run_heatmap(args) -> int:
     fig = plot.heatmap(res, normalize=normalize, title=title)
     print(f"gradflow heatmap: {_describe(res.config, prob.stack.cells[0])}")
     if args.params is not None:
-        print(f"trained parameters from {args.params}"
-              + (f" (step {res.config['train_step']})" if "train_step" in res.config else ""))
+        print(_params_line(args, res.config))
     print(f"gradient map wrt {args.wrt}, loss {args.loss} (value {_g(float(res.loss_value))})"
           + (f": {res.config['task_loss']}" if args.loss == "task" else ""))
     for line in result_summary(res, reads=reads, enters=enters) + notes + _write(
@@ -1734,6 +1733,14 @@ def _torch_model_problem(args):
     return t, xs, config, output_paths(args, stem)
 
 
+def _params_line(args, config: dict) -> str:
+    """``trained parameters from FILE``, with the PyTorch module ``--prefix`` picked and the
+    training step where the config records them."""
+    return (f"trained parameters from {args.params}"
+            + (f", module {args.prefix}" if getattr(args, "prefix", None) else "")
+            + (f" (step {config['train_step']})" if "train_step" in config else ""))
+
+
 def _torch_header(args, t, xs, config, name: str) -> str:
     """The first lines of a command's output on a PyTorch model (:func:`_torch_model_problem`):
     what it is, its rows, sizes and inputs, and the file."""
@@ -1744,7 +1751,7 @@ def _torch_header(args, t, xs, config, name: str) -> str:
             f"B={B}, " + (f"inputs {plot.inputs_text(config)}" if "inputs_from" in config
                           else f"seed {args.seed}") + f", {xs.dtype}\n"
             + (f"rows, bottom up: {', '.join(t.rows)}\n" if t.bidirectional else "")
-            + f"trained parameters from {args.params}")
+            + _params_line(args, config))
 
 
 def _torch_gates(args, t, xs, config, paths) -> int:
@@ -2153,9 +2160,7 @@ def run_gates(args) -> int:
     print(f"gradflow gates: {_describe(stats.config, prob.stack.cells[0])}; saturated: "
           f"< {args.eps:g} or > {1 - args.eps:g}")
     if args.params is not None:
-        print(f"trained parameters from {args.params}"
-              + (f" (step {stats.config['train_step']})" if "train_step" in stats.config
-                 else ""))
+        print(_params_line(args, stats.config))
     summary, kinds = _gates.summary(stats), stats.config["gate_kinds"]
     absent = not_measured(stats.kind, stats.arrays, stats.config)
     for gate in shown:
@@ -2251,9 +2256,7 @@ def run_gains(args) -> int:
         fig.suptitle(_trained_title(gains.config, plot.subject(gains.config), " \u00b7 "))
     print(f"gradflow gains: {_describe(gains.config, prob.stack.cells[0])}")
     if args.params is not None:
-        print(f"trained parameters from {args.params}"
-              + (f" (step {gains.config['train_step']})" if "train_step" in gains.config
-                 else ""))
+        print(_params_line(args, gains.config))
     stats = [st for st in plot.GAIN_STATS if f"vertical_{st}" in gains.arrays]
     means = {(k, st): finite_row_means(np.asarray(gains[f"{k}_{st}"], np.float64))
              for k in plot.GAIN_KINDS for st in stats}

@@ -290,7 +290,9 @@ def origin(config: Mapping) -> str:
     if config.get("params") is not None:
         if config.get("train_step") is not None:
             return f"trained (step {config['train_step']} of {config['params']})"
-        return f"params from {config['params']}"
+        module = (f" ({str(config['prefix']).strip('.')})" if config.get("prefix")
+                  else "")  # (one module of a PyTorch file holding several)
+        return f"params from {config['params']}{module}"
     init = ""
     per_layer = config.get("cell_options")
     if config.get("init") is not None:

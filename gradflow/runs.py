@@ -99,6 +99,10 @@ def _write_npz(path: str, meta: dict, arrays: dict) -> str:
     return path
 
 
+#: How a PyTorch RNN's weights are saved for the command line, in its messages.
+_TORCH_SAVEZ = "arrays: np.savez(path, **{k: v.numpy() for k, v in state_dict.items()})"
+
+
 def _read_npz(path, keep=lambda name: True) -> tuple[dict, dict]:
     """``(meta, {name: array})`` of a state or params file, reading only the arrays whose
     names ``keep`` accepts (an .npz is read member by member: ``read_run`` reads none)."""
@@ -106,13 +110,20 @@ def _read_npz(path, keep=lambda name: True) -> tuple[dict, dict]:
         if not is_zip(os.fspath(path)):
             raise InputError(f"cannot read {os.fspath(path)!r}: it is not an .npz (zip) "
                              "file; a run state or params file is what gradflow train or "
-                             "gradflow.runs.save_params wrote")
+                             "gradflow.runs.save_params wrote, and a PyTorch RNN's weights are "
+                             f"read as {_TORCH_SAVEZ}")
         with np.load(os.fspath(path), allow_pickle=False) as f:
             if META not in f.files:
+                if any(name.endswith("data.pkl") for name in f.files):
+                    raise InputError(f"{os.fspath(path)!r} is a torch.save file, which "
+                                     "gradflow does not unpickle (loading a pickle runs code "
+                                     f"it holds): save the weights as {_TORCH_SAVEZ}, with "
+                                     "state_dict = model.state_dict() (of a checkpoint, its "
+                                     "model's)")
                 if not pytorch.is_state_dict(f.files):
                     raise InputError(f"{os.fspath(path)!r} is not a gradflow run state or "
-                                     "params file, nor a PyTorch RNN's state dict (np.savez(path,"
-                                     " **{k: v.numpy() for k, v in model.state_dict().items()})")
+                                     "params file, nor a PyTorch RNN's state dict saved as "
+                                     f"{_TORCH_SAVEZ}")
                 return {"format": TORCH}, {k: f[k] for k in f.files if keep(k)}
             meta = json.loads(str(f[META]))
             arrays = {k: f[k] for k in f.files if k != META and keep(k)}

@@ -222,7 +222,7 @@ def test_refusals_of_arguments():
         gradflow.from_torch(w, nonlinearity="gelu")
     lstm, _ = _case("lstm")
     with pytest.raises(ValueError, match="nonlinearity= is a vanilla RNN's; these weights are "
-                                         "a LSTM's"):
+                                         "an LSTM's"):
         gradflow.from_torch(lstm, nonlinearity="relu")
     gru_layer = {k.replace("_l0", ""): v for k, v in _case("gru")[0].items() if k.endswith("_l0")}
     with pytest.raises(ValueError, match=r"layers of different kinds \(gru, lstm\)"):
@@ -301,6 +301,75 @@ def test_torch_model_float32_and_refusals():
 # --- the command line: np.savez of a state dict as --params ---------------------------------
 
 
+def test_incomplete_state_dicts_and_held_modules(x64):
+    """Biases in one of a layer's two places, or in some layers only, are a state dict cut
+    short (PyTorch writes both in every layer, or none): refused, not read as zeros. A model
+    holding an ``nn.RNN`` (an ``nn.Sequential`` too, or an ``nn.ModuleDict`` with ``prefix=``)
+    is read as a whole model, the held module's nonlinearity from the module itself."""
+    w, d = _case("lstm")
+    with pytest.raises(ValueError, match="layer 1 has bias_ih_l1 but not bias_hh_l1; PyTorch "
+                                         "saves both biases or neither"):
+        gradflow.from_torch({k: v for k, v in w.items() if k != "bias_hh_l1"})
+    with pytest.raises(ValueError, match="layer.s. 0, 2 of the state dict have biases and 1 "
+                                         "none"):
+        gradflow.from_torch({k: v for k, v in w.items() if not k.startswith("bias_")
+                             or not k.endswith("l1")})
+    relu, dr = _case("rnn_relu")
+    rnn = _module("RNN", relu, nonlinearity="relu")
+
+    def holding(cls_name, children):  # a model's state dict and named_modules, as torch's
+        state = {f"{name}.{k}": v for name, m in children.items()
+                 for k, v in m.state_dict().items()}
+        return type(cls_name, (), {
+            "state_dict": lambda self: state,
+            "named_modules": lambda self: [("", self), *children.items()],
+            "__iter__": lambda self: iter(children.values())})()
+
+    for model in (holding("Model", {"rnn": rnn}),  # a model holding it; a user class named
+                  holding("RNN", {"inner": rnn}),  # RNN wrapping one; an nn.Sequential
+                  holding("Sequential", {"0": rnn, "1": _module("Linear", {"weight": w[
+                      "weight_ih_l0"]})})):
+        stack, params = gradflow.from_torch(model, dtype=jnp.float64)
+        assert dict(stack.cells[0].options)["nonlinearity"] == "relu"
+        assert _rel(stack.apply(params, dr["xs"]).top, dr["out"]) < 1e-12
+        with pytest.raises(ValueError, match="nonlinearity='tanh', but the module '.*' is relu"):
+            gradflow.from_torch(model, nonlinearity="tanh")
+    both = holding("ModuleDict", {"enc": _module("LSTM", w), "dec": rnn})
+    stack, params = gradflow.from_torch(both, prefix="enc", dtype=jnp.float64)
+    assert stack.cells[0].name == "lstm" and _rel(stack.apply(params, d["xs"]).top,
+                                                  d["out"]) < 1e-12
+    assert dict(gradflow.from_torch(both, prefix="dec")[0].cells[0].options)[
+        "nonlinearity"] == "relu"
+
+
+def test_torch_save_files_and_prefixed_outputs(capsys, tmp_path):
+    """A ``torch.save`` file (a zip holding a pickle) is named as such, with the one line that
+    saves it as arrays; each module of a file holding several (``--prefix``) writes its own
+    files, and the output names it."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "lstm.pt", "w") as z:  # torch.save's layout
+        z.writestr("lstm/data.pkl", b"\x80\x02}q\x00.")
+        z.writestr("lstm/data/0", b"\x00" * 16)
+    assert cli.main(["heatmap", "--params", str(tmp_path / "lstm.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "is a torch.save file, which gradflow does not unpickle" in err and \
+        "np.savez(path, **{k: v.numpy() for k, v in state_dict.items()})" in err
+    w, _ = _case("lstm")
+    g, _ = _case("gru")
+    np.savez(tmp_path / "encdec.npz", **{f"encoder.{k}": v for k, v in w.items()},
+             **{f"decoder.{k}": v for k, v in g.items()})
+    for module in ("encoder", "decoder"):
+        assert cli.main(["heatmap", "--params", str(tmp_path / "encdec.npz"), "--prefix",
+                         module, "--steps", "3", "--batch", "2", "--out", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert f"trained parameters from {tmp_path / 'encdec.npz'}, module {module}" in out
+        res = gradflow.load(next(tmp_path.glob(f"heatmap_*_m-{module}.npz")))
+        assert res.config["prefix"] == module and f"({module})" in \
+            gradflow.results.origin(res.config)
+    assert {p.name.split("_")[1] for p in tmp_path.glob("heatmap_*.png")} == {"lstm", "gru"}
+
+
 def test_heatmap_of_a_saved_state_dict(capsys, tmp_path):
     """``gradflow heatmap --params lstm.npz`` measures the saved state dict on the Gaussian
     inputs a fresh problem of that stack draws from --seed: equal to the API's map."""
@@ -329,7 +398,8 @@ def test_heatmap_of_a_saved_state_dict(capsys, tmp_path):
     assert dict(stack.cells[0].options)["nonlinearity"] == "relu"
     np.savez(tmp_path / "other.npz", a=np.ones(3))
     assert cli.main(["heatmap", "--params", str(tmp_path / "other.npz")]) == 2
-    assert "nor a PyTorch RNN's state dict (np.savez" in capsys.readouterr().err
+    assert "nor a PyTorch RNN's state dict saved as arrays: np.savez(path, **{k: v.numpy()" in \
+        capsys.readouterr().err
 
 
 def test_a_params_file_builds_no_fresh_parameters(capsys, tmp_path, monkeypatch):

@@ -142,6 +142,11 @@ def _layer(who, state, prefix, suffix, layer):
         raise ValueError(f"{who}: layer {layer}'s weights have shapes {w_ih.shape} and "
                          f"{w_hh.shape}, not an LSTM's (4H rows), a GRU's (3H) or an RNN's (H)")
     name, gates = GATES[G]
+    if (b_ih is None) != (b_hh is None):  # PyTorch writes both or neither (bias=False)
+        have, lacks = ("bias_ih", "bias_hh") if b_hh is None else ("bias_hh", "bias_ih")
+        raise ValueError(f"{who}: layer {layer} has {prefix}{have}{suffix} but not "
+                         f"{prefix}{lacks}{suffix}; PyTorch saves both biases or neither "
+                         "(bias=False): is the state dict complete?")
     zeros = np.zeros(G * H, w_hh.dtype)
     b_ih, b_hh = (zeros if b is None else b for b in (b_ih, b_hh))
     if b_ih.shape != (G * H,) or b_hh.shape != (G * H,):
@@ -221,8 +226,35 @@ def _one(who, model, prefix, nonlinearity, both):
         raise ValueError(f"{who}: reverse directions {reverse} under {pre!r} for layers "
                          f"{suffixes}: a bidirectional model has one for every layer")
     dirs = ("", "_reverse") if reverse else ("",)
+    biased = {f"{x[2:] or 0}{' reverse' if d else ''}": any(
+        f"{pre}{b}{x}{d}" in state for b in ("bias_ih", "bias_hh"))
+        for x in suffixes for d in dirs}
+    if len(set(biased.values())) > 1:  # one module has biases in every layer or in none
+        have = ", ".join(k for k, b in biased.items() if b)
+        lacks = ", ".join(k for k, b in biased.items() if not b)
+        raise ValueError(f"{who}: layer(s) {have} of {repr(pre[:-1]) if pre else 'the state dict'} have "
+                         f"biases and {lacks} none; a PyTorch module has them in every layer "
+                         "or in none (bias=False): is the state dict complete?")
+    held = _held(model, pre[:-1]) if pre else None  # a module the model holds: its own
+    if held is not None and held[1] is not None:  # nonlinearity, as a module's is read
+        if nonlinearity not in (None, held[1]):
+            raise ValueError(f"{who}: nonlinearity={nonlinearity!r}, but the module "
+                             f"{pre[:-1]!r} is {held[1]}")
+        nonlinearity = held[1]
     layers = [[_layer(who, state, pre, x + d, k) for d in dirs] for k, x in enumerate(suffixes)]
     return layers, nonlinearity, what + (f" {pre[:-1]!r}" if pre else "")
+
+
+def _held(model, name: str):
+    """:func:`_module_kind` of the submodule ``name`` of a PyTorch model (``"encoder.rnn"``,
+    as its state dict's keys name it); None where there is none such (a state dict)."""
+    named = getattr(model, "named_modules", None)
+    if not callable(named):
+        return None
+    for key, module in named():
+        if key == name:
+            return _module_kind(module)
+    return None
 
 
 def _named(found: dict) -> str:
@@ -273,9 +305,11 @@ def read(model, *, prefix: str | None = None, nonlinearity: str | None = None,
     if nonlinearity not in (None,) + NONLINEARITIES:
         raise ValueError(f"{who}: nonlinearity={nonlinearity!r}; choose from "
                          f"{', '.join(map(repr, NONLINEARITIES))}")
-    if isinstance(model, (list, tuple)) or (  # or an nn.ModuleList, a generator
+    if isinstance(model, (list, tuple)) or (  # or an nn.ModuleList, a generator; not a
             hasattr(model, "__iter__") and not isinstance(model, (Mapping, np.ndarray))
-            and _module_kind(model) is None):
+            and _module_kind(model) is None and (  # model of modules (nn.Sequential: one
+                not callable(getattr(model, "state_dict", None))  # recurrent module and
+                or any(k.__name__ == "ModuleList" for k in type(model).__mro__))):  # a head)
         parts = list(model)
     else:
         parts = [model]
@@ -303,8 +337,8 @@ def read(model, *, prefix: str | None = None, nonlinearity: str | None = None,
             raise ValueError(f"{who}: layers with different nonlinearities {sorted(acts)}")
         cell = rnn(nonlinearity=acts.pop())
     elif nonlinearity is not None:
-        raise ValueError(f"{who}: nonlinearity= is a vanilla RNN's; these weights are a "
-                         f"{name.upper()}'s")
+        raise ValueError(f"{who}: nonlinearity= is a vanilla RNN's; these weights are "
+                         f"{'a' if name == 'gru' else 'an'} {name.upper()}'s")
     else:
         cell = lstm() if name == "lstm" else gru()
     n = len(layers[0])
