@@ -46,7 +46,8 @@ from gradflow.results import NonFiniteForwardWarning, Result, make_result
 from gradflow.views import LOSSES, WRTS, expected_positive
 from gradflow.cells.base import normal
 from gradflow.stack import (Stack, emit, finite_positions, finite_states, in_precision,
-                            map_layers, safe_norm, scaled_reduction, where_nonfinite)
+                            map_layers, safe_mean, safe_norm, scaled_reduction,
+                            where_nonfinite)
 from gradflow.linalg import singular_values
 from gradflow.xla import jit
 
@@ -505,7 +506,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
 def _model_map(model, loss_fn, rest, arrays, xs, taps):
     model = checks.with_static(model, rest)
     value, norms = jax.value_and_grad(lambda s: loss_fn(model(arrays, xs, s)))(taps)
-    return value, jnp.mean(norms, axis=2)  # (L, T)
+    return value, safe_mean(norms, axis=2)  # (L, T)
 
 
 def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int = -1,
@@ -744,7 +745,7 @@ def _taps_map(stack, loss_fn, name, params, xs, constant_params=True):
     zeros = {name: jnp.zeros((stack.layers, B, T), xs.dtype)}
     value, norms = jax.value_and_grad(lambda taps: loss_fn(stack.apply(
         params, xs, taps=taps, constant_params=constant_params).top))(zeros)
-    return value, jnp.mean(norms[name], axis=1)  # (L, T)
+    return value, safe_mean(norms[name], axis=1)  # (L, T)
 
 
 def differentiable(fast: Callable) -> Callable:
@@ -1008,7 +1009,7 @@ def _target_vjp(stack: Stack, params, xs, target, with_finite=False, norms=False
 def _mean_over(v, ok, axis=1):
     """The mean of ``v`` over ``axis`` (the examples) where ``ok: (B,)``; NaN where none is."""
     keep = jnp.expand_dims(ok, tuple(a for a in range(v.ndim) if a != axis % v.ndim))
-    return jnp.sum(jnp.where(keep, v, 0), axis=axis) / jnp.sum(ok).astype(v.dtype)
+    return safe_mean(jnp.where(keep, v, 0), axis=axis, count=jnp.sum(ok))
 
 
 def _basis_rms(pull, B, K, dtype, chunk, cols):
@@ -1298,7 +1299,7 @@ def _gains(stack, params, xs, chunk, spectral=True):
         tm = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731
         res = lax.map(at_t, (jax.tree_util.tree_map(tm, prev_l), tm(x_l), jnp.arange(T)),
                       batch_size=min(chunk, T))
-        return tuple(jnp.mean(r, axis=1) for r in res)  # each (T,)
+        return tuple(safe_mean(r, axis=1) for r in res)  # each (T,)
 
     names = [f"{kind}_{stat}" for kind in ("vertical", "temporal", "state")
              for stat in (("rms", "spectral") if spectral else ("rms",))]

@@ -72,7 +72,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gradflow import checks
 from gradflow import results as _results
 from gradflow.cost import cache_home, compiled
-from gradflow.stack import in_precision
+from gradflow.stack import in_precision, safe_mean
 from gradflow.xla import jit
 
 AXIS = "batch"
@@ -526,7 +526,7 @@ def _sharded_state_map(stack, loss_fn, name, mesh, layout):
         value, norms = _gathered_loss(  # parameters constant: runs of layers through lean_layers
             lambda taps: stack.apply(params, xs_k, taps=taps, constant_params=True).top,
             loss_fn, zeros, b)
-        return value, lax.psum(jnp.sum(norms[name], axis=1), AXIS) / B  # (L, T)
+        return value, safe_mean(norms[name], axis=1, count=B, across=AXIS)  # (L, T)
 
     # check_vma=False: the zero taps and states made inside the stack are not marked per-device;
     # both outputs are replicated (computed alike / psum-ed on every device).
@@ -628,7 +628,7 @@ def _sharded_model_map(model, loss_fn, rest, layers, mesh, layout):
         b, T, _ = xs_k.shape
         value, norms = _gathered_loss(lambda s: model(arrays, xs_k, s), loss_fn,
                                       jnp.zeros((layers, T, b), xs_k.dtype), b)
-        return value, lax.psum(jnp.sum(norms, axis=2), AXIS) / (b * n)  # (L, T)
+        return value, safe_mean(norms, axis=2, count=b * n, across=AXIS)  # (L, T)
 
     return jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
                                  out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))

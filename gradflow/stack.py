@@ -516,6 +516,8 @@ class Stack:
             raise ValueError("input= given, but the stack has no input_projection")
         if dtype is None:
             dtype = jnp.asarray(jax.tree_util.tree_leaves(out[0])[0]).dtype
+        else:  # asked for: one that JAX computes in (float64 without 64-bit JAX was truncated
+            dtype = float_dtype(dtype)  # to float32 with a warning per leaf)
         dtype = jnp.dtype(dtype)
         if self.norm is not None:
             identity = self._identity_norm(dtype)
@@ -1021,17 +1023,49 @@ def _norm_tap_bwd(_, g):
     return g, safe_norm(g)
 
 
+def times_pow2(v, k):
+    r"""``v * 2**k`` for integers ``k`` (broadcast against ``v``), exact: as the two factors
+    :math:`2^{\lfloor k/2 \rfloor}` and :math:`2^{k - \lfloor k/2 \rfloor}`, each a normal
+    number over every exponent of ``v``'s dtype, where :math:`2^k` itself may not be (for
+    ``k < -126`` in float32 it is subnormal, which XLA's CPU flushes to 0)."""
+    h = k // 2
+    return v * _pow2(h, v.dtype) * _pow2(k - h, v.dtype)
+
+
+def _bits(dtype):
+    """``(integer type, mantissa bits, exponent bias)`` of a float dtype."""
+    info = jnp.finfo(dtype)
+    return jnp.dtype(f"int{info.bits}"), info.nmant, info.maxexp - 1
+
+
+def _pow2(k, dtype):
+    """``2.0**k`` in ``dtype`` for integers ``k`` of normal numbers, built from its bits."""
+    itype, nmant, bias = _bits(dtype)
+    return lax.bitcast_convert_type(jnp.left_shift((k + bias).astype(itype), nmant), dtype)
+
+
+def _exponent(m):
+    """``e`` with ``m = f 2^e``, ``f`` in ``[0.5, 1)``, for positive normal ``m`` (as
+    ``jnp.frexp``'s, read from the bits; a subnormal ``m`` gives the smallest normal's)."""
+    itype, nmant, bias = _bits(m.dtype)
+    field = jnp.right_shift(lax.bitcast_convert_type(m, itype), nmant) & (2 * bias + 1)
+    return jnp.maximum(field, 1).astype(jnp.int32) - bias + 1
+
+
 def scaled_reduction(fn, x, axis=-1):
     r"""``fn(x)`` for a reduction ``fn`` over ``axis`` that is positively homogeneous,
     :math:`f(cx) = c\,f(x)` for :math:`c > 0` (norms, RMS, singular values), computed as
-    :math:`m\,f(x/m)` with :math:`m = \max|x|` over ``axis``.
+    :math:`s\,f(x/s)` with :math:`s = 2^e`, the power of two just above :math:`m = \max|x|`
+    over ``axis`` (:math:`m = f\,2^e`, :math:`f \in [0.5, 1)`).
 
     Squares inside ``fn`` then neither underflow nor overflow: float32 squares underflow below
     ~1e-19 (and overflow above ~1e19), while gradients attenuated through deep stacks reach
-    1e-33 and stay representable. Where ``m`` is 0 the result is 0, with derivative 0 (a
-    square root's at 0 would be NaN: the map of a state the loss never reads, differentiated
-    w.r.t. the parameters); where ``m`` is inf or NaN, ``fn(x)`` unscaled (inf or NaN, counted
-    as non-finite).
+    1e-33 and stay representable. The scaling is by a power of two (:func:`times_pow2`), exact
+    and never through :math:`1/m`, which is subnormal (flushed to 0 on CPU) for :math:`m` above
+    ``1 / finfo.tiny`` (8.5e37 in float32): an exploding gradient of 1e38 read 0. Where
+    ``m`` is 0 the result is 0, with derivative 0 (a square root's at 0 would be NaN: the map
+    of a state the loss never reads, differentiated w.r.t. the parameters); where ``m`` is inf
+    or NaN, ``fn(x)`` unscaled (inf or NaN, counted as non-finite).
 
     Args:
       fn: ``x -> array`` (or a tuple of arrays) of ``x``'s shape with ``axis`` removed,
@@ -1042,16 +1076,35 @@ def scaled_reduction(fn, x, axis=-1):
     mk = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
     ok = jnp.isfinite(mk) & (mk > 0)
     zero = mk == 0
+    e = jnp.where(ok, _exponent(mk), 0)  # m = f 2^e, f in [0.5, 1)
     # all-zero x: fn of ones (any input with a finite derivative), its value replaced by 0
-    y = fn(jnp.where(zero, jnp.ones((), x.dtype), x / jnp.where(ok, mk, 1.0).astype(x.dtype)))
-    m, ok, zero = (jnp.squeeze(a, axes) for a in (mk, ok, zero))
+    y = fn(jnp.where(zero, jnp.ones((), x.dtype), times_pow2(x, -e)))
+    e, ok, zero = (jnp.squeeze(a, axes) for a in (e, ok, zero))
 
     def back(v):
-        shape = m.shape + (1,) * (v.ndim - m.ndim)
-        return jnp.where(ok.reshape(shape), m.reshape(shape) * v,
+        shape = e.shape + (1,) * (v.ndim - e.ndim)
+        return jnp.where(ok.reshape(shape), times_pow2(v, e.reshape(shape)),
                          jnp.where(zero.reshape(shape), jnp.zeros((), v.dtype), v))
 
     return jax.tree_util.tree_map(back, y)
+
+
+def safe_mean(x, axis=0, count=None, across=None):
+    """The mean of ``x`` over ``axis`` (its sum over ``count``, default the axis' length),
+    the sum formed at a power of two near ``max|x|`` (:func:`times_pow2`): a mean that is a
+    float32 number does not overflow in its sum (norms of 3e38 over a batch of 2 read inf),
+    nor do tiny entries underflow. NaN or inf entries give NaN or inf. ``across``: the name of
+    a ``shard_map`` axis whose devices' sums are added (``lax.psum``), at their common scale
+    (``lax.pmax``)."""
+    m = jnp.max(jnp.abs(x), axis=axis)
+    if across is not None:
+        m = lax.pmax(m, across)
+    e = jnp.where(jnp.isfinite(m) & (m > 0), _exponent(m), 0)
+    total = jnp.sum(times_pow2(x, -jnp.expand_dims(e, axis)), axis=axis)
+    if across is not None:
+        total = lax.psum(total, across)
+    n = x.shape[axis] if count is None else count
+    return times_pow2(total / jnp.asarray(n, x.dtype), e)
 
 
 def safe_norm(g, axis=-1):
@@ -1085,11 +1138,18 @@ def _mean_abs_tap_fwd(p, s):
 
 
 def _mean_abs_tap_bwd(s, g):
+    # summed scaled by a power of two near the largest |entry| (times_pow2, exact), so that a
+    # sum of representable entries does not overflow (float32 entries of 1e37 over 100 of them)
     leaves = jax.tree_util.tree_leaves(g)
     n = s.ndim
-    total = sum(jnp.sum(jnp.abs(a), axis=tuple(range(n, a.ndim))) for a in leaves)
+    over = lambda a: tuple(range(n, a.ndim))  # noqa: E731
+    m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(a), axis=over(a)) for a in leaves])
+    e = jnp.where(jnp.isfinite(m) & (m > 0), _exponent(m), 0)
+    total = sum(jnp.sum(times_pow2(jnp.abs(a), -e.reshape(e.shape + (1,) * (a.ndim - n))),
+                        axis=over(a)) for a in leaves)
     count = sum(math.prod(a.shape[n:]) for a in leaves)
-    return jax.tree_util.tree_map(jnp.zeros_like, g), (total / count).astype(s.dtype)
+    return (jax.tree_util.tree_map(jnp.zeros_like, g),
+            times_pow2(total / count, e).astype(s.dtype))
 
 
 mean_abs_tap.defvjp(_mean_abs_tap_fwd, _mean_abs_tap_bwd)

@@ -405,7 +405,8 @@ def test_parameters_travel_packed_and_come_back_unchanged():
 
 def test_the_split_program_does_not_grow_with_the_layers():
     """The sharded program unpacks a kind (one parameter of every layer) as one piece, which
-    the stack's scan over layers takes whole: its compiled size is the same at 2 and 6 layers
+    the stack's scan over layers takes whole: its compiled size (but for scalar constants, which
+    XLA may clone) is the same at 2 and 6 layers
     (unpacked leaf by leaf it grew by a slice per leaf, each its own kernel: a 16-layer LSTM's
     split map compiled in 4.5 s instead of 2.7-2.9 s)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -419,7 +420,8 @@ def test_the_split_program_does_not_grow_with_the_layers():
         run = parallel._sharded_state_map(pr.stack, jacobian.readout_loss("last", 8, 3, 2), "h",
                                           mesh, layout)
         xs = jax.device_put(pr.xs, NamedSharding(mesh, PartitionSpec(parallel.AXIS)))
-        sizes.append(len(run.lower(bufs, xs).compile().as_text().splitlines()))
+        sizes.append(sum("constant(" not in line  # (XLA may clone a scalar constant
+                         for line in run.lower(bufs, xs).compile().as_text().splitlines()))
     assert sizes[0] == sizes[1], sizes
 
 

@@ -615,3 +615,12 @@ def test_any_sizes_equal_pytorch_equations(kind, L, D, H, bias, seed):
         top = np.asarray(stack.apply(params, xs).top)
     ref = _numpy_torch(w, kind.split("_")[0], L, xs, act or "tanh")
     np.testing.assert_allclose(top, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_float64_weights_asked_for_without_64_bit_jax_are_refused():
+    """``dtype="float64"`` with 64-bit JAX off was truncated to float32 with one JAX warning per
+    leaf; it is the one message every float64 request gets."""
+    w, _ = _case("lstm")
+    with jax.enable_x64(False), pytest.raises(ValueError, match="dtype float64 needs 64-bit "
+                                                                "JAX"):
+        gradflow.from_torch(w, dtype="float64")

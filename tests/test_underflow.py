@@ -10,6 +10,7 @@ same draws at every precision, see ``tests/test_precision.py``) computed with 64
 """
 import importlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ import pytest
 import gradflow
 from gradflow import plot
 from gradflow.cli import map_summary
-from gradflow.results import Result, make_result, underflow_count
+from gradflow.results import NonFiniteWarning, Result, make_result, underflow_count
+
 from gradflow.stack import safe_norm, scaled_reduction
 
 P = importlib.import_module("gradflow.problem")
@@ -216,3 +218,55 @@ def test_grids_and_their_panels_count_underflow():
                         {"cells": ["rnn"], "losses": ["all"], "wrt": "hidden",
                          "maps": {"all/rnn": {"loss": "all", "wrt": "hidden"}}})
     assert experiments.panel(zeros, "all", "rnn").underflow == {"values": 6}
+
+
+@pytest.mark.parametrize("scale", [1e37, 1e38, 2e38])
+def test_huge_norms_are_not_flushed_to_zero(scale):
+    """The other end: scaling by 1/max|x| is subnormal above 1/tiny (8.5e37 in float32),
+    which XLA's CPU flushes to 0, so an exploding gradient of 1e38 read 0 and was counted as
+    underflow. The scaling is by powers of two now: exact, and never subnormal."""
+    x = np.zeros((3, 8), np.float32)
+    x[:, 0] = scale
+    x[1, 3] = -scale / 4
+    expect = np.linalg.norm(x.astype(np.float64), axis=-1)
+    got = np.asarray(jax.jit(safe_norm)(jnp.asarray(x)))
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+    assert float(safe_norm(jnp.full(2, 3e38, jnp.float32))) == np.inf  # 4.2e38 overflows
+
+
+def test_exploding_maps_near_the_float32_limit_against_a_closed_form():
+    """A 4-layer RNN with ``W = U = 100 I``, zero biases and zero inputs runs at exactly 0,
+    where ``tanh' = 1``: the loss ``sum(out[:, -1] @ c)`` reaches ``h^l_t`` along every
+    monotone lattice path, ``dL/dh^l_t = C(d + k, d) 100^(d + k) c`` (``d = L-1-l`` layers
+    down, ``k = T-1-t`` steps back). Entries between 8.5e37 and 3.4e38 are representable
+    float32 and must read as such (they read 0, "underflow"), larger ones inf; the parameter
+    map's mean over 2H^2 + H entries of a bias gradient ``B C 100^(d+k) c`` must not overflow
+    in its sum (it read inf at 1.2e37)."""
+    from math import comb
+
+    L, T, H, B, g = 4, 20, 8, 2, 100.0
+    stack = gradflow.Stack("rnn", layers=L, input_size=H, hidden_size=H)
+    params = stack.init(jax.random.key(0))
+    for lp in params["layers"]:
+        lp["h"].update(U=g * jnp.eye(H), W=g * jnp.eye(H))
+    xs = jnp.zeros((B, T, H))
+    c = jnp.ones(H)
+    paths = np.array([[comb(L - 1 - l + T - 1 - t, L - 1 - l) * g ** (L - 1 - l + T - 1 - t)
+                       for t in range(T)] for l in range(L)])
+    with pytest.warns(NonFiniteWarning):
+        hidden = gradflow.gradient_map(stack, params, xs, wrt="hidden",
+                                       loss=lambda out: jnp.sum(out[:, -1] @ c))
+    expect = paths * np.sqrt(H)
+    band = (expect > 1 / TINY32) & (expect < np.finfo(np.float32).max)
+    assert band.sum() >= 1  # the entries this test is about
+    fits = expect < np.finfo(np.float32).max
+    np.testing.assert_allclose(np.asarray(hidden.values)[fits], expect[fits], rtol=1e-5)
+    assert not np.isfinite(np.asarray(hidden.values)[~fits]).any()  # inf, or NaN (inf - inf)
+    assert not hidden.underflow.get("values") and hidden.nonfinite["values"] == int((~fits).sum())
+    with pytest.warns(NonFiniteWarning):
+        p = gradflow.gradient_map(stack, params, xs, wrt="params",
+                                  loss=lambda out: jnp.sum(out[:, -1] @ c))
+    expect = B * H * paths / (2 * H * H + H)  # only b's gradient: x = h = 0
+    entry_fits = B * paths < np.finfo(np.float32).max  # each entry representable
+    assert (entry_fits & (B * H * paths > np.finfo(np.float32).max)).sum() >= 1
+    np.testing.assert_allclose(np.asarray(p.values)[entry_fits], expect[entry_fits], rtol=1e-5)
