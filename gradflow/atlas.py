@@ -773,7 +773,8 @@ def plan(claims, grid) -> tuple[list, list, list]:
 def _check_memory(conditions) -> None:
     """A ValueError, before anything is compiled, where a group of conditions measured at once
     (every seed and init of one condition, :func:`_vmapped_group`) cannot fit in memory: its
-    problems' measurement as one batch of ``batch x problems`` examples
+    problems' measurement as one batch of ``batch x problems`` examples, with each problem's
+    parameters and their layer-stacked copy
     (:func:`gradflow.cost.estimate`; a local gains condition's Jacobians batched as one
     problem's, ``lax.map``-ped ``vmap`` over the problems)."""
     from gradflow import cost
@@ -787,11 +788,11 @@ def _check_memory(conditions) -> None:
         stack = Stack(cell_for(c0["cell"], c0["init"], c0["steps"]), c0["layers"],
                       c0["hidden"], c0["hidden"])
         with precision(c0["dtype"]):  # (float64: 64-bit JAX, as its measurement runs)
-            need = max(cost.estimate(stack, c0["batch"] * n, c0["steps"], c0["dtype"],
-                                     c.get("wrt", "hidden"), method, calibrate=False,
-                                     chunk=cost.gains_chunk(c0["batch"], c0["steps"],
-                                                            c0["hidden"])).total
-                       for c in group)
+            ests = [cost.estimate(stack, c0["batch"] * n, c0["steps"], c0["dtype"],
+                                  c.get("wrt", "hidden"), method, calibrate=False,
+                                  chunk=cost.gains_chunk(c0["batch"], c0["steps"], c0["hidden"]))
+                    for c in group]  # each problem's parameters, and their stacked copy
+            need = max(e.total + (2 * n - 1) * e.params for e in ests)
         cost.check_need(need, f"measuring the atlas's {c0['cell']} conditions at "
                               f"{c0['layers']} layers x {c0['steps']} steps, H={c0['hidden']}, "
                               f"batch {c0['batch']} (seeds x inits: {n} problems at once)",

@@ -217,6 +217,10 @@ def figure_data(name: str, config_dir=None, data_dir=None, **overrides) -> Resul
             return Result.load(path)
     config = check_keys({**load_config(found[name]), **overrides},
                         f"{name!r} with {', '.join(sorted(overrides))} given")
+    if "description" in config and "description" not in overrides:  # (the figure's setting)
+        config["description"] += (" [the committed figure's setting; changed here: "
+                                   + ", ".join(f"{k}={v!r}" for k, v in sorted(overrides.items()))
+                                   + "]")
     return BUILDERS[config["figure"]].compute(config)
 
 

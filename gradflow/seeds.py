@@ -189,6 +189,7 @@ def train_lr_seeds(stack, task, lrs, seeds, *, steps: int = 500, batch: int = 32
                                    record_at=record_at, record_batch=record_batch,
                                    budget=budget, curriculum=curriculum) for r, s in rows]
         record = _train.check_run(stack, task, task, cfgs[0], record)
+        _train.check_memory(stack, task, task, cfgs[0], runs=len(rows))
     hists = _train_rows(stack, task, cfgs, [s for _, s in rows], record, progress)
     n = len(seeds)
     return [hists[i * n:(i + 1) * n] for i in range(len(lrs))]
@@ -257,19 +258,28 @@ def _train_rows(stack, task, cfgs, seeds, record, progress) -> list:
 def stacked(hists) -> "_train.History":
     """One History whose every curve and record array is the seeds' arrays stacked on a new
     leading axis ``S`` (``loss: (S, steps)``, a map's ``values: (S, L, T)``); the curve's config
-    is the first seed's with ``"seed"`` replaced by ``"seeds"`` (the list), ``params`` and each
-    record's config the first seed's."""
+    is the first seed's with ``"seed"`` replaced by ``"seeds"`` (the list), as is each record's
+    (its ``training`` too); ``params`` are the first seed's."""
     hists = list(hists)
     if not hists:
         raise ValueError("stacked needs at least one History")
     first = hists[0]
+    seeds = [h.curve.config["seed"] for h in hists]
+
+    def of_seeds(config: dict) -> dict:  # "seed" -> "seeds", also in a record's "training"
+        out = {k: v for k, v in config.items() if k != "seed"}
+        if "seed" in config:
+            out["seeds"] = seeds
+        if isinstance(config.get("training"), dict):
+            out["training"] = of_seeds(config["training"])
+        return out
+
     curve = make_result("training", {k: np.stack([h.curve.arrays[k] for h in hists])
                                      for k in first.curve.arrays},
-                        {**{k: v for k, v in first.curve.config.items() if k != "seed"},
-                         "seeds": [h.curve.config["seed"] for h in hists]}, warn=False)
+                        of_seeds(first.curve.config), warn=False)
     records = {name: tuple(make_result(rs[0].kind, {k: np.stack([r.arrays[k] for r in rs])
-                                                   for k in rs[0].arrays}, rs[0].config,
-                                       warn=False)
+                                                   for k in rs[0].arrays},
+                                       of_seeds(rs[0].config), warn=False)
                            for rs in zip(*(h.records[name] for h in hists)))
                for name in first.records}
     return _train.History(curve, records, first.record_steps, first.params, first.stack,

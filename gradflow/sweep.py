@@ -33,6 +33,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradflow import cells as _cells
+from gradflow import checks
 from gradflow import jacobian as _jac
 from gradflow import parallel
 from gradflow.checks import SEED_LIMIT
@@ -204,6 +205,7 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
     D = hidden if input_size is None else _positive_int("input_size", input_size)
     dt = dtype_of(dtype)
     check_input_scale(input_scale, dt)
+    readout_seed = checks.seed("readout_seed", readout_seed)  # (1.5 was run as 1, recorded 1.5)
     stacks = {}  # every cell and stack built and checked before any map is computed
     for entry in names:
         if isinstance(entry, str):  # (options written in entry win over cell_options)
@@ -216,10 +218,14 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                              "cell (a built cell by its name): give each one once")
         stacks[label] = Stack(cell, layers, D, hidden, **(stack_options or {}))
         _jac.check_wrt(stacks[label], wrt)
-        # the seeds' maps in one program: S x batch examples (it compiled, then ran out)
-        _cost.check_need(_cost.estimate(stacks[label], batch * len(seeds), steps, dt, wrt,
-                                        calibrate=False).total,
-                         f"the sweep of {label} ({len(seeds)} seeds x batch {batch}, "
+        # the seeds' maps in one program: S x batch examples (it compiled, then ran out), and
+        # each seed's parameters with their layer-stacked copy (XLA: 15 GiB, 64 seeds of 6 x
+        # H = 1024, where the examples alone make 0.5 GiB)
+        est = _cost.estimate(stacks[label], batch * len(seeds), steps, dt, wrt,
+                             calibrate=False)
+        _cost.check_need(est.total + (2 * len(seeds) - 1) * est.params,
+                         f"the sweep of {label} ({len(seeds)} seed{'s' * (len(seeds) > 1)} x "
+                         f"batch {batch}, "
                          f"{layers} layers x {steps} steps, H={hidden})",
                          "give fewer seeds, a smaller batch or hidden size, or fewer steps")
     out = {}

@@ -466,7 +466,23 @@ def from_config(config: dict) -> Task:
                          f"(Task.config), got {config!r}")
     options = dict(config)
     name, steps = options.pop("task"), options.pop("steps", None)
-    return for_length(name, steps, **options)
+    if name != "digits":
+        return for_length(name, steps, **options)
+    # digits records its data, not options: scikit-learn's set is loaded again (and must be
+    # the one the run read); arrays given to make are not saved with a run
+    source, fingerprint = options.pop("source", None), options.pop("fingerprint", None)
+    options.pop("n_images", None)
+    if source == "array":
+        raise ValueError("the task is 'digits' made from images= and labels= arrays, which a "
+                         "run does not save: rebuild it with gradflow.tasks.make('digits', "
+                         "images=..., labels=...) from the same arrays and measure the run "
+                         "through the API (gradflow.runs.load_params)")
+    task = for_length(name, steps, **options)
+    if fingerprint is not None and task.config["fingerprint"] != fingerprint:
+        raise ValueError(f"the task is 'digits', but scikit-learn's digits here (fingerprint "
+                         f"{task.config['fingerprint']}) are not the images the run read "
+                         f"({fingerprint})")
+    return task
 
 
 # ---------------------------------------------------------------------------------------------

@@ -546,7 +546,12 @@ def check_run(stack, task, eval_task, cfg: TrainConfig, record_fns) -> dict:
         raise ValueError(f"budget needs a cell with a time gate (e.g. g_lstm, phased_lstm); "
                          f"{cells_label(stack)!r} has none")
     for _, n in cfg.curriculum or ():
-        _tasks.resize(task, n)  # raises for fixed-length tasks and impossible lengths
+        stage = _tasks.resize(task, n)  # raises for fixed-length tasks and impossible lengths
+        if stage.output_size > task.output_size:  # (labels the head has no output for)
+            raise ValueError(f"curriculum stage of {n} steps: task {task.name!r} then has "
+                             f"{stage.output_size} outputs (classes), more than the "
+                             f"{task.output_size} the head reads (the task at {task.steps} "
+                             "steps); make the task at the longest stage's length")
     record_fns = dict(record_fns or {})
     for name, fn in record_fns.items():
         if not isinstance(name, str) or not callable(fn):
@@ -556,19 +561,21 @@ def check_run(stack, task, eval_task, cfg: TrainConfig, record_fns) -> dict:
     return record_fns
 
 
-def check_memory(stack, task, eval_task, cfg: TrainConfig) -> None:
+def check_memory(stack, task, eval_task, cfg: TrainConfig, runs: int = 1) -> None:
     """A ValueError before anything is compiled when a run cannot fit in memory: the
     parameters with Adam's two moments, and the larger of one training step (a forward and a
     backward pass for the parameters' gradient, :func:`gradflow.cost.estimate` with
-    ``wrt="params"``) and one evaluation (a forward pass over ``eval_batch`` sequences)."""
+    ``wrt="params"``) and one evaluation (a forward pass over ``eval_batch`` sequences); times
+    ``runs`` trained at once in one program (:func:`gradflow.seeds.train_lr_seeds`' rows)."""
     from gradflow import cost
 
     step = cost.estimate(stack, cfg.batch, task.steps, cfg.dtype, wrt="params",
                          calibrate=False)
     evaluation = cost.estimate(stack, cfg.eval_batch, eval_task.steps, cfg.dtype,
                                method="gates", calibrate=False)
-    need = 2 * step.params + max(step.total, evaluation.total)
-    cost.check_need(need, f"training ({cells_label(stack)}, {stack.layers} layers, "
+    need = runs * (2 * step.params + max(step.total, evaluation.total))
+    cost.check_need(need, f"training ({'' if runs == 1 else f'{runs} runs at once, '}"
+                          f"{cells_label(stack)}, {stack.layers} layers, "
                           f"H={stack.hidden_size}, batch {cfg.batch}, eval batch "
                           f"{cfg.eval_batch}, sequences of {task.steps} steps)",
                     "use a smaller hidden size, fewer layers, or a smaller batch or eval batch")
@@ -613,7 +620,18 @@ class _Log:
         return make_result("training", arrays, config, warn=warn, who="train")
 
     def restore(self, run_dir: str, meta: dict, start: int):
-        """The curve, evaluations and records of a saved run up to ``start``."""
+        """The curve, evaluations and records of a saved run up to ``start``; a file of
+        the run that is gone or damaged is an InputError naming it."""
+        try:
+            self._restore(run_dir, meta, start)
+        except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"cannot resume from {run_dir!r}: {type(e).__name__}: {e}; a "
+                             "run is resumed from all its files (state, curve, records): "
+                             "start a new run (gradflow train --overwrite)") from e
+
+    def _restore(self, run_dir: str, meta: dict, start: int):
         old = Result.load(os.path.join(run_dir, runs.CURVE))
         for k in self.curve:
             self.curve[k] = list(old.arrays[k][:start])

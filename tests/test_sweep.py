@@ -147,7 +147,7 @@ def test_four_cpu_devices_equal_one_device(background, x64):
     # inputs that are inf in float32, and a sweep that cannot fit (it compiled, then ran out)
     (dict(input_scale=3e38), "input_scale must be a finite number below 2.1e\\+37"),
     (dict(layers=64, steps=100000, hidden=4096, batch=64),
-     r"the sweep of lstm \(1 seeds x batch 64, 64 layers x 100000 steps, H=4096\) needs about "
+     r"the sweep of lstm \(1 seed x batch 64, 64 layers x 100000 steps, H=4096\) needs about "
      r".* more than the"),
 ])
 def test_bad_input(kw, match):
@@ -214,3 +214,21 @@ def test_one_seed_of_a_sweep_is_that_seeds_map_and_draws(x64):
     plot.heatmap(one)
     with pytest.raises(ValueError, match="no seed 4 in this sweep; its seeds: \\[2, 9\\]"):
         S.seed_result(res, 4)
+
+
+def test_a_sweep_counts_every_seeds_parameters_and_checks_its_readout_seed(monkeypatch):
+    """The seeds' maps run as one program holding each seed's parameters (and their
+    layer-stacked copy): a sweep that fits by its examples alone but not with S sets of
+    parameters is refused before it compiles; a readout seed that is no integer is refused
+    (1.5 ran as 1 and was recorded as 1.5)."""
+    from gradflow import cost
+
+    seeds = list(range(32))
+    stack = gradflow.Stack("lstm", layers=2, input_size=64, hidden_size=64)
+    est = cost.estimate(stack, len(seeds), 4, jnp.float32, "hidden", calibrate=False)
+    monkeypatch.setattr(cost, "available_memory", lambda: est.total + 4 * est.params)
+    with pytest.raises(ValueError, match=r"the sweep of lstm \(32 seeds x batch 1, 2 layers"):
+        S.sweep("lstm", seeds, layers=2, steps=4, batch=1, hidden=64)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"readout_seed must be an integer .* got 1.5"):
+        S.sweep("lstm", [0], readout_seed=1.5, **SIZES)

@@ -365,3 +365,22 @@ def test_sample_and_config_helpers_refuse_what_they_cannot_use():
             tasks.from_config(bad)
     with pytest.raises(TypeError, match="task must be a gradflow.tasks.Task"):
         tasks.chance("adding")
+
+
+def test_a_digits_config_rebuilds_its_task_or_says_why_not(monkeypatch):
+    """A digits task records its data (source, size, fingerprint), not options: from its
+    config scikit-learn's set is loaded again and checked to be the run's; one made from
+    arrays cannot be rebuilt from a config, and says how to measure it."""
+    with pytest.raises(ValueError, match="made from images= and labels= arrays, which a run "
+                                         "does not save"):
+        tasks.from_config(DIGITS.config)
+    monkeypatch.setattr(tasks, "load_digits", lambda: (IMAGES, LABELS))
+    sk = tasks.make("digits", split="train")
+    assert sk.config["source"] == "sklearn" and tasks.from_config(sk.config) == sk
+    other = synthetic_digits(seed=1)
+    monkeypatch.setattr(tasks, "load_digits", lambda: other)
+    tasks._make_cached.cache_clear()  # (another installation's set)
+    with pytest.raises(ValueError, match="scikit-learn's digits here .* are not the images "
+                                         "the run read"):
+        tasks.from_config(sk.config)
+    tasks._make_cached.cache_clear()  # (no other test sees these stand-in digits)

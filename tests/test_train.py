@@ -450,6 +450,14 @@ def test_a_run_that_cannot_fit_is_refused_before_compiling(monkeypatch):
                                          r"size"):
         train(stack, tasks.make("adding", steps=20), steps=1, batch=8, eval_batch=16,
               progress=False)
+    small = gradflow.Stack("lstm", 1, 2, 64)  # one run fits; six at once (2 rates x 3
+    opts = dict(steps=1, batch=8, eval_batch=16, progress=False)  # seeds) do not
+    train(small, tasks.make("adding", steps=20), **opts)
+    from gradflow import seeds
+
+    with pytest.raises(ValueError, match=r"training \(6 runs at once, lstm, 1 layers"):
+        seeds.train_lr_seeds(small, tasks.make("adding", steps=20), [1e-3, 1e-2], [0, 1, 2],
+                             **opts)
     with pytest.raises(ValueError, match=r"measuring the atlas's lstm conditions at 3 layers x "
                                          r"3 steps, H=512, batch 2 \(seeds x inits: 2 problems"):
         atlas.atlas(["lstm_collapses"], atlas.Grid(cells=("lstm",), sizes=((3, 3),),
