@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -344,6 +345,15 @@ def _value(raw: str):
     return raw
 
 
+def out_path(text: str) -> str:
+    """An ``--out`` that names something: empty (an unset ``"$DIR"``) would write into, and
+    clear files of, the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a folder or a file name (. for the "
+                                         "current folder)")
+    return text
+
+
 def step_list(text: str) -> list[int]:
     """``"0,100,300"`` -> ``[0, 100, 300]`` (training steps, non-negative integers)."""
     try:
@@ -629,7 +639,7 @@ def path_factor(path) -> tuple[float, int, float | None]:
 
 
 def _factor(f: float) -> str:
-    return f"x{f:#.3g}" if np.isfinite(f) else "n/a"
+    return f"x{f:#.3g}".rstrip(".") if np.isfinite(f) else "n/a"  # (x100, not x100.)
 
 
 def _walk(path, unit: str, names) -> str:
@@ -733,9 +743,16 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
                  "gain)")
     for l in shown:
         tag = " (top)" if l == L - 1 else " (bottom)" if l == 0 and L > 1 else ""
-        lines.append(f"  layer {l:>3}{tag:<9} {_g(values[l, e]):>9} "
+        out = T - int(finite[l].sum())  # left out of its mean (a reader must not take the
+        lines.append(f"  layer {l:>3}{tag:<9} {_g(values[l, e]):>9} "  # rest for the layer)
                      f"{_rel(values[l, e], values[-1, e]):<21}| {_g(means[l]):>9} "
-                     f"{_rel(means[l], means[-1])}")
+                     f"{_rel(means[l], means[-1])}"
+                     + (f"  ({out} of {T} not finite, left out)" if out else ""))
+    if not finite.all():
+        lines.append("  (a layer's mean leaves out its non-finite entries, where the gradient or "
+                     "the forward pass overflowed: its largest gradients"
+                     + ("" if dtype == np.float64 else "; --dtype float64 holds numbers up to "
+                        "1.8e308") + ")")
     if L > 1 and e > 0 and stacked:
         lines.append(f"bottom layer, t 0 / t {e}: {_rel(values[0, 0], values[0, e])}, off the "
                      f"two axes: t {e} is reached by the vertical path only, earlier steps also "
@@ -823,8 +840,10 @@ def _panel_line(loss: str, cell: str, res, width: int) -> str:
         per_layer = "n/a" if L < 2 or not ok else str(float(bottom))
     else:
         per_layer = "x0" if bottom == 0 else _factor((bottom / ref) ** (1.0 / (L - 1)))
+    mean = _rel(means[0], means[-1]) + ("*" if not (  # * : of the finite entries only
+        np.isfinite(values[0]).all() and np.isfinite(values[-1]).all()) else "")
     return (f"  {loss:<5} {cell:<{width}} {_g(ref):>10}  {_rel(bottom, ref):>20}  "
-            f"{per_layer:>9}  {_rel(means[0], means[-1]):>20}  "
+            f"{per_layer:>9}  {mean:>20}  "
             f"{_rel(values[-1, 0], ref):>20}  {decade_range(values, e, ref):>16}  "
             f"{int((~np.isfinite(values)).sum()):>10}  {res.total_underflow:>9}")
 
@@ -1058,6 +1077,25 @@ def _given(args, dests) -> list[str]:
 
     return ["--" + d.replace("_", "-") for d in dests if d in args.defaults and (
         given("--" + d.replace("_", "-")) or getattr(args, d) != args.defaults[d])]
+
+
+def _adopt_run_dtype(args) -> None:
+    """``--dtype`` not given with ``--params`` of training runs: the runs' own dtype (a run
+    trained in float64 is measured in float64, as its recorded maps were), where they agree.
+    A file that cannot be read is left to the command, which says why."""
+    params = getattr(args, "params", None)
+    if params is None or "dtype" not in vars(args) or _given(args, ["dtype"]):
+        return
+    from gradflow import runs
+
+    dtypes = set()
+    for path in params if isinstance(params, list) else [params]:
+        try:
+            dtypes.add(runs.read_run(path).get("config", {}).get("dtype"))
+        except (InputError, OSError, ValueError):
+            return
+    if len(dtypes) == 1 and dtypes <= {"float32", "float64"}:
+        args.dtype = dtypes.pop()
 
 
 def _read_params(args, path):
@@ -1462,7 +1500,7 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
 def add_output_options(p):
     """The output group: figure and data paths."""
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, metavar="PATH",
+    g.add_argument("--out", default=None, type=out_path, metavar="PATH",
                    help=f"figure path, {'/'.join(e[1:] for e in FORMATS)}, or an existing "
                         "folder to write <name>.png into "
                         f"(default: {DEFAULT_OUT_DIR}/<name>.png, the name carrying the settings "
@@ -1878,7 +1916,8 @@ _COMPARE_FOOTNOTE = (
     "(from where the loss enters, the top layer's last step (wrt cell: the last step c "
     "reaches it): bottom/top down that step and its geometric-mean factor per layer; "
     "bottom/top, mean: of the time-means, which include the diagonal paths (not a "
-    "per-layer gain); first/last step: along the top layer (under loss all not a "
+    "per-layer gain; * where the bottom or top layer has non-finite entries, which its mean "
+    "leaves out: where the gradient overflowed, its largest); first/last step: along the top layer (under loss all not a "
     "per-step decay: the loss enters at every step); dec. vs top-last: the range over the "
     "entries the loss reaches, -inf where one is exactly 0; x0 (-inf dec): exactly 0; "
     "underflow: entries below the smallest normal float, where the gradient vanished "
@@ -2323,7 +2362,7 @@ def add_reproduce(sub):
                    metavar="NAME[,NAME]", help="only these figures (see --list)")
     p.add_argument("--figures", default=None, metavar="DIR",
                    help="where the configs are (default: the ones shipped with gradflow)")
-    p.add_argument("--out-dir", "--out", default=None, metavar="DIR",
+    p.add_argument("--out-dir", "--out", default=None, type=out_path, metavar="DIR",
                    help="the folder to write to; must exist")
     p.add_argument("--update", action="store_true",
                    help="write over the committed figures of a source checkout (figures/)")
@@ -2418,7 +2457,7 @@ def add_atlas(sub):
     g.add_argument("--readout-seed", default=None, metavar="N|seed",
                    help="the maps' probe readout: one seed N for every seed, or 'seed': each "
                         "seed draws its own (as the committed atlases; default: 0)")
-    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write to")
+    p.add_argument("--out", required=True, type=out_path, metavar="DIR", help="the folder to write to")
     p.add_argument("--name", default="atlas", metavar="STEM",
                    help="file names NAME.png/.npz/.json (default: atlas)")
     p.add_argument("--cache", default=None, metavar="DIR",
@@ -2608,7 +2647,7 @@ def add_train(sub):
                         "(default: hidden)")
     g.add_argument("--readout-seed", type=seed_int, default=0, metavar="SEED",
                    help="seed of the probe readout (default: 0)")
-    p.add_argument("--out", default=None, metavar="DIR",
+    p.add_argument("--out", default=None, type=out_path, metavar="DIR",
                    help=f"output folder, created (default: {DEFAULT_OUT_DIR}/train_<task>_"
                         "<cell>_L<layers>, plus the settings that differ from the defaults); "
                         "one that holds a run is refused unless --resume or --overwrite")
@@ -2894,8 +2933,12 @@ def run_train(args) -> int:
         written = _train_report(args, task, hist, out)
     for path in written:
         print(f"wrote {path}")
-    print(f"measure the trained stack: gradflow heatmap --params {out}"
-          + (f" --cell {args.cell}" if _user_cell(args.cell) else ""))  # (its options: the run's)
+    maps = [f"--wrt {args.wrt}"] if args.wrt != "hidden" else []  # (as the maps recorded)
+    maps += [f"--loss {args.record_loss}"] if args.record_loss != "last" else []
+    maps += [f"--readout-seed {args.readout_seed}"] if args.readout_seed else []
+    print(f"measure the trained stack: gradflow heatmap --params {shlex.quote(str(out))}"
+          + (f" --cell {shlex.quote(args.cell)}" if _user_cell(args.cell) else "")  # (its
+          + "".join(" " + m for m in maps))  # options: the run's)
     return 0
 
 
@@ -3169,6 +3212,7 @@ def _main(argv: list, program: bool, command: list) -> int:
         if getattr(args, "prefix", None) is not None and getattr(args, "params", None) is None:
             raise UsageError(f"{command[0]}: error: --prefix picks a module of a PyTorch "
                              "state dict given with --params; give --params FILE")
+        _adopt_run_dtype(args)
         with warnings.catch_warnings(), _speed_settings(args.devices, program):
             # Non-finite entries are data: the summaries count them; no warning lines, but
             # one line where the forward pass itself overflowed (the reason the map is NaN).

@@ -1692,3 +1692,18 @@ def test_prefix_picks_one_module_of_a_torch_state_dict(capsys, tmp_path):
             gradflow.runs.save_params(tmp_path / "ours.npz", stack, stack.init(jax.random.key(0)))
         rc, out, err = run(capsys, "heatmap", *extra, *args)
         assert rc == 2 and msg in err, err
+
+
+def test_summary_says_which_means_leave_out_non_finite_entries():
+    """A layer whose largest gradients overflowed has a time-mean of the rest, which reads as
+    the smallest: its line says how many entries it leaves out, and a note says what they are
+    (and that float64 holds them); a factor of 100 prints as x100, not x100."""
+    from gradflow.cli import map_summary
+
+    values = np.array([[np.inf, np.nan, 1e4, 1e2], [1e5, 1e3, 1e2, 1.0]], np.float32)
+    text = "\n".join(map_summary(values))
+    assert "layer   0 (bottom)" in text and "(2 of 4 not finite, left out)" in text
+    assert "its largest gradients; --dtype float64 holds numbers up to 1.8e308" in text
+    assert "x100 per layer" in text and "x100." not in text
+    clean = "\n".join(map_summary(np.array([[1e2, 1e1], [1.0, 1.0]], np.float32)))
+    assert "left out" not in clean and "float64" not in clean
