@@ -113,6 +113,15 @@ def test_a_users_config_with_a_bad_value_exits_2_before_computing(tmp_path, caps
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_figure_data_with_overrides_says_its_description_is_the_figures():
+    """The committed figure's description (10 layers x 10 steps, H = 128) is not the setting
+    of a run with other sizes: it is kept, marked as the figure's, with what changed."""
+    small = reproduce.figure_data("star_fig2", layers=2, steps=3, hidden=4, batch=2)
+    text = small.config["description"]
+    assert text.startswith("SPEC section 4 item 1") and text.endswith(
+        "[the committed figure's setting; changed here: batch=2, hidden=4, layers=2, steps=3]")
+
+
 def test_a_misspelt_key_is_refused_not_recorded_as_a_note():
     """figure_data's overrides, build's config and every loaded config are checked against the
     keys their kind reads; a key the kind reads is passed to the function that takes it (each

@@ -436,6 +436,30 @@ def test_a_run_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
     assert (tmp_path / "new" / "run" / "state.npz").is_file() and h.curve.loss.shape == (1,)
 
 
+def test_a_curriculum_stage_with_more_classes_than_the_head_is_refused():
+    """Counting's classes grow with the length: a stage longer than the task has labels the
+    head has no output for (it trained to NaN, reported as divergence)."""
+    task = tasks.make("counting", steps=4, alphabet=2, target="classification")
+    stack = gradflow.Stack("lstm", 1, task.input_size, 4)
+    with pytest.raises(ValueError, match=r"curriculum stage of 12 steps: task 'counting' then "
+                                         r"has 12 outputs \(classes\), more than the 4"):
+        train(stack, task, steps=2, curriculum=[(1, 12)], **COMMON)
+
+
+def test_stacked_seeds_say_their_seeds():
+    """A stacked History's curve and records hold every seed's arrays: their configs name the
+    seeds, not the first one's alone."""
+    from gradflow import seeds
+
+    hists = seeds.train_seeds(LSTM, ADDING, [0, 4], steps=2, batch=4, eval_batch=4,
+                              record_at=(2,), record={"map": lambda s, p, x:
+                                                      gradflow.gradient_map(s, p, x)})
+    both = seeds.stacked(hists)
+    rec = both.records["map"][0]
+    assert rec.values.shape[0] == 2 and both.curve.config["seeds"] == [0, 4]
+    assert rec.config["training"]["seeds"] == [0, 4] and "seed" not in rec.config["training"]
+
+
 def test_a_run_that_cannot_fit_is_refused_before_compiling(monkeypatch):
     """Training and the atlas check their memory as measurements do (a run too large was a C++
     abort or "a bug in gradflow"): parameters with Adam's moments plus the larger of a step and

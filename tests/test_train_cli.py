@@ -649,7 +649,7 @@ def test_float64_from_a_32_bit_process(tmp_path, capsys):
     caller; the command line cannot), leaves the process's mode as it was, and equals the
     library's float64 run."""
     assert not jax.config.jax_enable_x64
-    argv = TINY[:-4] + ["--dtype", "float64", "--out", str(tmp_path / "r64")]
+    argv = TINY[:-4] + ["--record", "12", "--dtype", "float64", "--out", str(tmp_path / "r64")]
     assert main(argv) == 0, capsys.readouterr().err
     assert not jax.config.jax_enable_x64
     curve = gradflow.load(tmp_path / "r64" / "curve.npz")
@@ -660,6 +660,54 @@ def test_float64_from_a_32_bit_process(tmp_path, capsys):
                      progress=False)
     assert curve["loss"].dtype == np.float64
     np.testing.assert_allclose(curve["loss"], want.curve["loss"], rtol=1e-12)
+    # the command train suggests measures the run in its own dtype: its last recorded map
+    out = capsys.readouterr().out
+    follow = out.strip().splitlines()[-1].split(": ", 1)[1].split()
+    assert follow[:3] == ["gradflow", "heatmap", "--params"], out
+    assert main(follow[1:] + ["--out", str(tmp_path)]) == 0, capsys.readouterr().err
+    assert "float64" in capsys.readouterr().out
+    res = gradflow.load(next(tmp_path.glob("heatmap_*.npz")))
+    recorded = gradflow.load(tmp_path / "r64" / "map_step000012.npz")
+    assert res.values.dtype == np.float64
+    np.testing.assert_array_equal(res.values, recorded.values)
+
+
+def test_the_suggested_command_repeats_the_recorded_maps_settings(tmp_path, capsys):
+    """train's closing line measures what it recorded: the maps' --wrt, loss and readout seed
+    (a heatmap with the defaults measured another map), with a folder name quoted for a
+    shell; --out '' (an unset variable) is refused: it wrote into the current folder and
+    deleted its maps."""
+    out_dir = tmp_path / "my run"
+    argv = ["train", "--task", "adding", "--seq-len", "5", "--cell", "lstm", "--layers", "2",
+            "--hidden", "4", "--steps", "3", "--batch", "4", "--eval-batch", "4", "--record",
+            "3", "--wrt", "cell", "--record-loss", "all", "--readout-seed", "2"]
+    assert main(argv + ["--out", str(out_dir)]) == 0, capsys.readouterr().err
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(f"--params '{out_dir}' --wrt cell --loss all --readout-seed 2"), last
+    assert main(["heatmap", "--params", str(out_dir), "--wrt", "cell", "--loss", "all",
+                 "--readout-seed", "2", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(gradflow.load(next(tmp_path.glob("heatmap_*.npz"))).values,
+                                  gradflow.load(out_dir / "map_step000003.npz").values)
+    assert main(argv + ["--out", ""]) == 2
+    assert "argument --out: is empty" in capsys.readouterr().err
+
+
+def test_a_damaged_curve_is_named_on_resume(run, tmp_path, capsys):
+    """A run whose curve is gone or damaged cannot be resumed: one line naming the file (it
+    was reported as a bug in gradflow)."""
+    _, out = run
+    for damage in ("remove", "junk"):
+        copy = tmp_path / damage
+        shutil.copytree(out, copy)
+        if damage == "remove":
+            (copy / "curve.npz").unlink()
+        else:
+            (copy / "curve.npz").write_text("junk")
+        argv = TINY[:TINY.index("--steps")] + ["--steps", "14"] + TINY[TINY.index("--steps") + 2:]
+        assert main(argv + ["--out", str(copy), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot resume from" in err and "curve.npz" in err and "internal" not in err, err
 
 
 def test_a_diverged_run_says_so_below_its_table(tmp_path, capsys):
