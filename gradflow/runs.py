@@ -342,8 +342,7 @@ def load_params(path, cell=None, dtype=None, prefix: str | None = None
     Args:
       path: the folder or file.
       cell: the run's cell, when it is not a registered one (see :func:`stack_from_config`).
-      dtype: the params' dtype (default the saved one); a PyTorch state dict's two biases
-        are summed at it (float64 from float32 weights: their exact sum, not float32's).
+      dtype: the params' dtype (default the saved one).
       prefix: which recurrent module of a PyTorch state dict holding several
         (``"decoder"``; :func:`gradflow.stack.from_torch`'s).
     Returns:

@@ -766,8 +766,9 @@ def from_torch(model, *, prefix: str | None = None, nonlinearity: str | None = N
     r"""``(stack, params)`` measuring a PyTorch ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` as it is.
 
     PyTorch's recurrent layers are gradflow's ``lstm``, ``gru`` and ``rnn`` cells (the same
-    equations; two biases summed into one, the GRU's ``b_hn`` kept apart): the weights are
-    read by their names and laid out as those cells' params
+    equations), built with PyTorch's two biases per gate kept apart (``biases=2``; none,
+    ``biases=0``, for ``bias=False``), so that the parameter map is the mean over PyTorch's
+    own parameters: the weights are read by their names and laid out as those cells' params
     (:func:`gradflow.cells.pytorch.torch_layers`), so every measurement runs on the model you
     trained, with no PyTorch in the loop (nothing here imports it). The data is
     ``(batch, steps, features)``, as ``batch_first=True`` has it: transpose a ``(steps,

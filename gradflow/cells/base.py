@@ -183,8 +183,9 @@ class Cell:
         """The cell as titles name it, in ``gradflow compare --cells``' syntax (a tuple's
         items joined by ``+``, which no command reads): its name and the options it was
         built with that differ from its factory's defaults (``"lstm:forget_bias=1.0"``), but
-        ``init`` (a result names it apart) and the length a time gate is initialised over
-        (the sequences' by default); the name alone for a cell not built by a factory."""
+        ``init`` (a result names it apart), the length a time gate is initialised over (the
+        sequences' by default) and ``biases=2`` (PyTorch's two biases: the same function);
+        the name alone for a cell not built by a factory."""
         if self.name not in _FACTORIES:
             return self.name
         defaults, own = _default_options(self.name), dict(self.options)
@@ -197,8 +198,9 @@ class Cell:
             except (TypeError, ValueError):
                 return False
 
-        shown = [f"{k}={_written_value(v)}" for k, v in changed.items()
-                 if k not in ("init", self.length_option) and not implied(k)]
+        shown = [f"{k}={_written_value(v)}" for k, v in changed.items()  # (biases=2: PyTorch's
+                 if k not in ("init", self.length_option) and not implied(k)  # layout of the
+                 and (k, v) != ("biases", 2)]  # same function, as from_torch builds it)
         return self.name + (":" + ",".join(shown) if shown else "")
 
     def for_length(self, steps: int) -> "Cell":
@@ -511,8 +513,18 @@ def packed(v, params: Params, gates, key: str, with_bias: bool = False):
     m = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
     y = matmul(v, m)
     if with_bias:
-        y = y + jnp.concatenate([params[g]["b"] for g in gates])
+        y = y + jnp.concatenate([gate_bias(params[g]) for g in gates])
     return y
+
+
+def gate_bias(p):
+    """A gate's bias: its ``"b"``, plus ``"b_hh"`` where the cell keeps PyTorch's second bias
+    apart (``biases=2``), zeros where it has none (``biases=0``)."""
+    parts = [p[k] for k in ("b", "b_hh") if k in p]
+    if parts:
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    ref = p["W"] if "W" in p else p["U"]
+    return jnp.zeros(ref.shape[-1:], ref.dtype)
 
 
 def fused_transpose(dy, params: Params, gates, key: str = "U"):
@@ -575,9 +587,9 @@ def packed_projection(gates):
 
 
 def packed_bias(params: Params, gates):
-    """``concat(params[g]["b"] for g in gates)``: the biases :func:`packed_projection` leaves
-    to the step."""
-    return jnp.concatenate([params[g]["b"] for g in gates])
+    """``concat(gate_bias(params[g]) for g in gates)``: the biases :func:`packed_projection`
+    leaves to the step."""
+    return jnp.concatenate([gate_bias(params[g]) for g in gates])
 
 
 def recurrent_projection(params: Params, h, gates) -> dict:

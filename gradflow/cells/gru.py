@@ -7,12 +7,13 @@ import jax.numpy as jnp
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
                                  matmul, packed, packed_bias, packed_projection,
                                  recurrent_projection, refined_set, check_t_max)
-from gradflow.cells.mechanisms import REFINED_MODES, refine, refined, standard_init
+from gradflow.cells.mechanisms import (REFINED_MODES, check_biases, refine, refined,
+                                       standard_init)
 
 @factory
 def gru(*, init: str = "orthogonal", reset: str = "after",
         forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
-        refined: tuple[str, ...] = (), mode: str = "mul") -> Cell:
+        refined: tuple[str, ...] = (), mode: str = "mul", biases: int = 1) -> Cell:
     r"""Gated recurrent unit, in the PyTorch/cuDNN (and Flax) form by default.
 
     .. math::
@@ -26,7 +27,10 @@ def gru(*, init: str = "orthogonal", reset: str = "after",
     Reports ``r, z`` and the candidate ``n`` (kind ``"tanh"``).
 
     Options: ``init``, ``reset`` (``"after"``/``"before"``), ``forget_bias_init`` (initial
-    ``b_z``), ``t_max``, ``aux`` (``"refine"``: see :func:`ur_gru`), ``refined``, ``mode``.
+    ``b_z``), ``t_max``, ``aux`` (``"refine"``: see :func:`ur_gru`), ``refined``, ``mode``,
+    ``biases`` (1: ``b`` and the candidate's ``b_hn``; 0: none, PyTorch's ``bias=False``; 2:
+    PyTorch's ``b_ih`` and ``b_hh`` as ``b`` and ``b_hh`` in ``r`` and ``z``, the same function,
+    whose parameter map counts PyTorch's parameters: :func:`gradflow.from_torch` sets it).
     """
     return _gru("gru", locals())
 
@@ -95,7 +99,7 @@ def _lean(reset: str) -> Lean:
             rec = packed(h, p, inputs, "U")
             xp = xp + packed_bias(p, inputs)
             r, z = _gates_rz(xp[..., :2 * H] + rec[..., :2 * H])
-            hn = rec[..., 2 * H:] + p["n"]["b_hn"]
+            hn = rec[..., 2 * H:] + p["n"].get("b_hn", 0.0)
             n = jnp.tanh(xp[..., 2 * H:] + r * hn)
             new = (1.0 - z) * n + z * h
             kn = (1.0 - z) * (1.0 - n * n)
@@ -150,7 +154,8 @@ def _gru(name: str, o: dict) -> Cell:
     rec_gates = tuple(specs) if reset == "after" else sig
     init_fn = standard_init(specs, o["init"], forget=(upd, 1),
                             refine_gate="refine" if aux == "refine" else None, t_max=o["t_max"],
-                            forget_bias_init=o["forget_bias_init"])
+                            forget_bias_init=o["forget_bias_init"],
+                            biases=check_biases(name, o))
     reported = sig + (("g",) if aux == "refine" else ()) + ("n",)  # n: the tanh candidate
 
     def project(p, x):
@@ -170,7 +175,7 @@ def _gru(name: str, o: dict) -> Cell:
         for g in rset:
             gates[g] = refined(gates[g], xp["x"], mode)
         if reset == "after":
-            n = jnp.tanh(xp["a"]["n"] + gates["r"] * (rec["n"] + p["n"]["b_hn"]))
+            n = jnp.tanh(xp["a"]["n"] + gates["r"] * (rec["n"] + p["n"].get("b_hn", 0.0)))
         else:
             n = jnp.tanh(xp["a"]["n"] + matmul(gates["r"] * h, p["n"]["U"]))
         gates["n"] = n
@@ -258,7 +263,7 @@ def _mgu(name: str, o: dict) -> Cell:
             rec = recurrent_projection(p, h, ("f", "n"))
             f = jax.nn.sigmoid(xp["a"]["f"] + rec["f"])
             f = refined(f, xp["x"], mode) if rset else f
-            n = jnp.tanh(xp["a"]["n"] + f * (rec["n"] + p["n"]["b_hn"]))
+            n = jnp.tanh(xp["a"]["n"] + f * (rec["n"] + p["n"].get("b_hn", 0.0)))
             h = (1.0 - f) * n + f * h
         else:
             f = jax.nn.sigmoid(xp["a"]["f"] + matmul(h, p["f"]["U"]))

@@ -14,15 +14,15 @@ import jax.numpy as jnp
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
                                  packed, packed_bias, packed_projection, recurrent_projection,
                                  refined_set, check_t_max)
-from gradflow.cells.mechanisms import (REFINED_MODES, cumax, master, refine, refined,
-                                       sigmoid_master, standard_init)
+from gradflow.cells.mechanisms import (REFINED_MODES, check_biases, cumax, master, refine,
+                                       refined, sigmoid_master, standard_init)
 
 @factory
 def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
          forget_bias_init: float | None = None, t_max: float = 100.0, aux: str | None = None,
          tied: bool = False, refined: tuple[str, ...] = (), mode: str = "mul",
          chunk_size: int = 1, tie_refine_bias: bool = False,
-         ordered: bool | None = None) -> Cell:
+         ordered: bool | None = None, biases: int = 1) -> Cell:
     r"""Long short-term memory.
 
     .. math::
@@ -68,6 +68,9 @@ def lstm(*, init: str = "orthogonal", forget_bias: float = 0.0,
         grid is :data:`gradflow.gates.GU_ABLATION`. A cumax gate reports kind ``"master"``
         (not element-wise: no slope); a cumax forget gate's last unit is exactly 1, a memory
         kept forever, so its timescale is infinite (counted among the non-finite entries).
+      biases: 1 (one ``b`` per gate), 0 (none: PyTorch's ``bias=False``), or 2 (PyTorch's
+        ``b_ih`` and ``b_hh`` as ``b`` and ``b_hh``: the same function, whose parameter map
+        counts PyTorch's parameters; :func:`gradflow.from_torch` sets it). Not with ``aux``.
 
     Example::
 
@@ -171,6 +174,7 @@ def _layout(aux, tied, cumax_forget=False):
 
 def _init_fn(name, o, specs, aux, tied, tie, chunks):
     """The LSTM family's ``init_fn``: per-gate blocks, the bias scheme, master-gate sizes."""
+    biases = check_biases(name, o)  # (here, so a bad value is refused when the cell is built)
     def init_fn(key, input_size, hidden_size, dtype):
         sp = dict(specs)
         if aux == "master":
@@ -180,8 +184,8 @@ def _init_fn(name, o, specs, aux, tied, tie, chunks):
             sp["f_master"] = sp["i_master"] = {"out": hidden_size // chunks}
         p = standard_init(sp, o["init"], forget=("f", 1), input_gate=None if tied else "i",
                           refine_gate="r" if aux == "refine" and not tie else None,
-                          t_max=o["t_max"], forget_bias_init=o["forget_bias_init"])(
-            key, input_size, hidden_size, dtype)
+                          t_max=o["t_max"], forget_bias_init=o["forget_bias_init"],
+                          biases=biases)(key, input_size, hidden_size, dtype)
         if tie:
             p["r"] = {k: v for k, v in p["r"].items() if k != "b"}
         return p

@@ -135,8 +135,14 @@ def refined(g, x, mode: str = "mul"):
     raise ValueError(f"unknown refined mode {mode!r}; valid: {', '.join(REFINED_MODES)}")
 
 
+#: How many bias vectors a gate adds (a cell's ``biases`` option): none (PyTorch's
+#: ``bias=False``), one (``b``), or PyTorch's two (``b`` and ``b_hh``, its ``b_ih`` and
+#: ``b_hh``: the same function, and the parameter map counts PyTorch's parameters).
+BIASES = (0, 1, 2)
+
+
 def standard_init(specs, init: str, *, forget=None, input_gate=None, refine_gate=None,
-                  t_max: float = 100.0, forget_bias_init=None, extra=None):
+                  t_max: float = 100.0, forget_bias_init=None, extra=None, biases: int = 1):
     """An ``init_fn`` for a gated cell: weight scheme per gate block, then the bias scheme.
 
     Args:
@@ -145,12 +151,18 @@ def standard_init(specs, init: str, *, forget=None, input_gate=None, refine_gate
       forget, input_gate, refine_gate, t_max, forget_bias_init: as :func:`apply_bias_scheme`.
       extra: optional ``extra(key, input_size, hidden_size, dtype) -> dict`` of further params
         (e.g. a time gate's ``{"time": {...}}``).
+      biases: :data:`BIASES`: 0 leaves out every gate's ``b`` (and a GRU's ``b_hn``); 2 adds
+        ``b_hh`` beside ``b`` to every gate without a ``b_hn`` (drawn as ``b`` is under the
+        ``torch`` scheme, as PyTorch draws it; else zeros, the scheme's biases in ``b``).
     """
     from gradflow.cells.base import init_gates, parse_init
 
     wscheme, bscheme = parse_init(init)
     if (bscheme is not None or forget_bias_init is not None) and forget is None:
         raise ValueError(f"init {init!r}: this cell has no forget-type gate for a bias scheme")
+    if biases == 0 and (bscheme is not None or forget_bias_init is not None):
+        raise ValueError(f"init {init!r}, forget_bias_init={forget_bias_init!r}: biases=0 (no "
+                         "biases) leaves no bias for them to set")
 
     def init_fn(key, input_size, hidden_size, dtype):
         kw, kb, ke = jax.random.split(key, 3)
@@ -158,8 +170,50 @@ def standard_init(specs, init: str, *, forget=None, input_gate=None, refine_gate
         params = apply_bias_scheme(kb, params, bscheme, forget=forget, input_gate=input_gate,
                                    refine_gate=refine_gate, t_max=t_max,
                                    forget_bias_init=forget_bias_init)
+        if biases != 1:
+            params = _bias_layout(jax.random.fold_in(kb, 1), params, biases,
+                                  wscheme if bscheme is None else None, dtype)
         if extra is not None:
             params.update(extra(ke, input_size, hidden_size, dtype))
         return params
 
     return init_fn
+
+
+def check_biases(name: str, o: dict) -> int:
+    """A cell's ``biases`` option (:data:`BIASES`; 1 where the cell has none), refused with an
+    auxiliary gate (whose bias is tied to the forget gate's)."""
+    value = o.get("biases", 1)
+    if isinstance(value, bool) or value not in BIASES:
+        raise ValueError(f"cell {name!r}: option biases={value!r} is not valid; choose from "
+                         "0 (no biases, PyTorch's bias=False), 1 (one b per gate) or 2 "
+                         "(PyTorch's b_ih and b_hh)")
+    if value != 1 and o.get("aux") is not None:
+        raise ValueError(f"cell {name!r}: biases={value} is for the plain gates (PyTorch's "
+                         f"layers); aux={o['aux']!r} ties a gate's bias to the forget gate's")
+    from gradflow.cells.base import parse_init
+
+    if value == 0 and (parse_init(o.get("init", "orthogonal"))[1] is not None
+                       or o.get("forget_bias_init") is not None):
+        raise ValueError(f"cell {name!r}: biases=0 (no biases) leaves no bias for init="
+                         f"{o.get('init')!r} or forget_bias_init={o.get('forget_bias_init')!r} "
+                         "to set")
+    return int(value)
+
+
+def _bias_layout(key, params, biases: int, scheme, dtype):
+    """``params`` with each gate's biases as ``biases`` (:data:`BIASES`) says; ``scheme``: the
+    weight scheme that draws a ``b_hh`` (``torch``), None for zeros."""
+    from gradflow.cells.base import bias
+
+    out = {}
+    for k, (g, p) in zip(jax.random.split(key, len(params)), params.items()):
+        if not isinstance(p, dict) or "b" not in p:
+            out[g] = p
+        elif biases == 0:
+            out[g] = {n: v for n, v in p.items() if n not in ("b", "b_hn")}
+        elif "b_hn" in p:  # (a GRU's candidate: b and b_hn are already PyTorch's two)
+            out[g] = p
+        else:
+            out[g] = {**p, "b_hh": bias(k, p["b"].shape[0], scheme or "zeros", dtype)}
+    return out

@@ -2,8 +2,10 @@
 
 PyTorch's three recurrent layers compute exactly gradflow's ``lstm``, ``gru`` (its default
 reset placement, ``b_hn`` inside the reset) and ``rnn`` (``tanh`` or ``relu``) cells, with the
-gates' rows stacked in one matrix (``i, f, g, o``; ``r, z, n``) and two biases where gradflow
-has one (``b_ih + b_hh``; the GRU's candidate keeps ``b_hn`` apart). :func:`torch_layers`
+gates' rows stacked in one matrix (``i, f, g, o``; ``r, z, n``) and two biases per gate: the
+cells are built with ``biases=2`` (``b`` and ``b_hh`` kept apart, added in the step; the GRU's
+candidate has ``b`` and ``b_hn``), or ``biases=0`` for ``bias=False``, so that the parameter
+map is the mean over PyTorch's own parameters. :func:`torch_layers`
 reads the weights by their names (``weight_ih_l0``, ``bias_hh_l3``; a cell's ``weight_ih``)
 and lays them out as the cell's params, one dict per layer; :func:`gradflow.stack.from_torch`
 builds the stack. Nothing here imports PyTorch: a tensor is read through its ``detach`` and
@@ -25,6 +27,8 @@ from gradflow.cells.simple import rnn
 
 #: gates stacked in PyTorch's weights, in its row order -> the gradflow cell that computes it
 GATES = {4: ("lstm", ("i", "f", "g", "o")), 3: ("gru", ("r", "z", "n")), 1: ("rnn", ("h",))}
+#: each cell's gates, in PyTorch's row order
+GATES_OF = {name: gates for name, gates in GATES.values()}
 #: a module's class name -> what its ``mode`` or class says it is
 MODULES = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn",
            "LSTMCell": "lstm", "GRUCell": "gru", "RNNCell": "rnn"}
@@ -34,9 +38,8 @@ _WEIGHT = re.compile(r"^(?P<prefix>.*?)weight_ih(?P<layer>_l\d+)?(?P<reverse>_re
 
 class TorchLayers(NamedTuple):
     """What :func:`torch_layers` read: the ``cell`` (a gradflow :class:`Cell`), the data's
-    ``input_size``, one ``hidden_size`` per layer, the per-layer params (NumPy: the weights in
-    their dtype, summed biases in float64) and a one-line ``source`` (``"torch nn.LSTM, 4
-    layers"``)."""
+    ``input_size``, one ``hidden_size`` per layer, the per-layer params (NumPy, in the
+    weights' dtype) and a one-line ``source`` (``"torch nn.LSTM, 4 layers"``)."""
     cell: Cell
     input_size: int
     hidden_size: tuple
@@ -147,18 +150,17 @@ def _layer(who, state, prefix, suffix, layer):
         raise ValueError(f"{who}: layer {layer} has {prefix}{have}{suffix} but not "
                          f"{prefix}{lacks}{suffix}; PyTorch saves both biases or neither "
                          "(bias=False): is the state dict complete?")
-    zeros = np.zeros(G * H, w_hh.dtype)
-    b_ih, b_hh = (zeros if b is None else b for b in (b_ih, b_hh))
-    if b_ih.shape != (G * H,) or b_hh.shape != (G * H,):
+    if b_ih is not None and (b_ih.shape != (G * H,) or b_hh.shape != (G * H,)):
         raise ValueError(f"{who}: layer {layer}'s biases have shapes {b_ih.shape} and "
                          f"{b_hh.shape}, expected ({G * H},)")
     rows = lambda a, k: a[k * H:(k + 1) * H]  # noqa: E731
     params = {}
-    for k, g in enumerate(gates):
-        params[g] = {"W": rows(w_ih, k).T, "U": rows(w_hh, k).T,  # summed exactly enough
-                     "b": rows(b_ih, k).astype(np.float64) + rows(b_hh, k)}  # for float64
-    if name == "gru":  # n = tanh(W_n x + b_in + r * (U_n h + b_hn))
-        params["n"]["b"], params["n"]["b_hn"] = rows(b_ih, 2), rows(b_hh, 2)
+    for k, g in enumerate(gates):  # the cell's biases=2: PyTorch's two biases, kept apart
+        params[g] = {"W": rows(w_ih, k).T, "U": rows(w_hh, k).T}
+        if b_ih is not None:
+            params[g].update(b=rows(b_ih, k), b_hh=rows(b_hh, k))
+    if name == "gru" and b_ih is not None:  # n = tanh(W_n x + b_in + r * (U_n h + b_hn))
+        params["n"]["b_hn"] = params["n"].pop("b_hh")
     if w_hr is not None:  # the state h and what goes up are P wide, the memory c H
         params["proj"] = w_hr.T
         return name, w_ih.shape[1], w_hr.shape[0], params
@@ -329,18 +331,23 @@ def read(model, *, prefix: str | None = None, nonlinearity: str | None = None,
                          "build such a stack with gradflow.Stack([...]) and stack_params")
     name = names.pop()
     acts.discard(None)
+    biased = {"b" in params[GATES_OF[name][0]] for dirs in layers for *_, params in dirs}
+    if len(biased) > 1:
+        raise ValueError(f"{who}: layers with biases and layers without (bias=False) in one "
+                         "model; build such a stack with gradflow.Stack([...]) and stack_params")
+    biases = 2 if biased.pop() else 0  # PyTorch's two, or bias=False
     if name == "rnn":
         if not acts:
             raise ValueError(f"{who}: {_NO_NONLINEARITY}: pass nonlinearity='tanh' (nn.RNN's "
                              "default) or 'relu', or give the module itself")
         if len(acts) > 1:
             raise ValueError(f"{who}: layers with different nonlinearities {sorted(acts)}")
-        cell = rnn(nonlinearity=acts.pop())
+        cell = rnn(nonlinearity=acts.pop(), biases=biases)
     elif nonlinearity is not None:
         raise ValueError(f"{who}: nonlinearity= is a vanilla RNN's; these weights are "
                          f"{'a' if name == 'gru' else 'an'} {name.upper()}'s")
     else:
-        cell = lstm() if name == "lstm" else gru()
+        cell = (lstm if name == "lstm" else gru)(biases=biases)
     n = len(layers[0])
     for k in range(1, len(layers)):
         reads, emits = layers[k][0][1], n * layers[k - 1][0][2]

@@ -4,13 +4,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
+from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, gate_bias,
+                                 input_projection,
                                  matmul, packed_projection, parse_init, uniform, weight)
-from gradflow.cells.mechanisms import standard_init
+from gradflow.cells.mechanisms import check_biases, standard_init
 
 
 @factory
-def rnn(*, init: str = "orthogonal", nonlinearity: str = "tanh") -> Cell:
+def rnn(*, init: str = "orthogonal", nonlinearity: str = "tanh", biases: int = 1) -> Cell:
     r"""Vanilla (Elman) RNN.
 
     .. math:: h_t = \tanh(W x_t + U h_{t-1} + b)
@@ -19,7 +20,10 @@ def rnn(*, init: str = "orthogonal", nonlinearity: str = "tanh") -> Cell:
 
     Options: ``init`` (``orthogonal``, ``glorot``, ``torch``), ``nonlinearity`` (``"tanh"``,
     or ``"relu"``: :math:`h_t = \max(0, W x_t + U h_{t-1} + b)`, PyTorch's
-    ``nn.RNN(nonlinearity="relu")`` and Le et al.'s IRNN with an identity ``U``).
+    ``nn.RNN(nonlinearity="relu")`` and Le et al.'s IRNN with an identity ``U``), ``biases``
+    (1: ``b``; 0: none, PyTorch's ``bias=False``; 2: PyTorch's ``b_ih`` and ``b_hh`` as ``b``
+    and ``b_hh``, the same function, whose parameter map counts PyTorch's parameters:
+    :func:`gradflow.from_torch` sets it).
 
     Example::
 
@@ -30,7 +34,7 @@ def rnn(*, init: str = "orthogonal", nonlinearity: str = "tanh") -> Cell:
     """
     choice("rnn", "nonlinearity", nonlinearity, ("tanh", "relu"))
     act = jnp.tanh if nonlinearity == "tanh" else jax.nn.relu
-    init_fn = standard_init({"h": {}}, init)
+    init_fn = standard_init({"h": {}}, init, biases=check_biases("rnn", {"biases": biases}))
 
     def project(p, x):
         return input_projection(p, x, ("h",))
@@ -40,7 +44,7 @@ def rnn(*, init: str = "orthogonal", nonlinearity: str = "tanh") -> Cell:
         return {"h": h}, h, {}
 
     def lean_forward(p, state, xp, t):  # xp = x W (packed_projection); factor act'(a_t)
-        h = act(xp + p["h"]["b"] + state["h"] @ p["h"]["U"])
+        h = act(xp + gate_bias(p["h"]) + state["h"] @ p["h"]["U"])
         slope = 1.0 - h * h if nonlinearity == "tanh" else (h > 0).astype(h.dtype)
         return {"h": h}, h, slope
 
