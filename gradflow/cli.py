@@ -1477,7 +1477,9 @@ def _budget(args, stacks, wrt: str = "hidden", runs: int = 1, stem: str | None =
         print(f"work:    {cost.flops_str(runs * sum(c.flops for c in costs))} "
               f"({worst.passes})")
         print(f"time:    about {cost.seconds_str(seconds)} on this machine (compilation not "
-              "included)")
+              "included; from its matmul rate and per-step cost, calibrated within "
+              f"{cost.CALIBRATION_DAYS} days: a floor where element-wise work per step "
+              "dominates, as in gate statistics and parameter maps, measured up to 10x longer)")
         try:
             cost.check_fits(worst, cap, cli=True, checkpoint=can_checkpoint)
             verdict = "fits"

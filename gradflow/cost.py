@@ -98,8 +98,9 @@ class Cost:
         """One line: ``memory 1.23 GiB (...), 4.5 GFLOP, about 3 s`` (sizes: :func:`size`)."""
         return (f"memory {size(self.total)} (parameters {size(self.params)}, {self.kept} "
                 f"{size(self.residuals)}, working {size(self.working)}, inputs "
-                f"{size(self.inputs)}), {flops_str(self.flops)}, about "
-                f"{seconds_str(self.seconds)}")
+                f"{size(self.inputs)}), {flops_str(self.flops)}, "
+                + (f"about {seconds_str(self.seconds)}" if math.isfinite(self.seconds)
+                   else "time not estimated (calibrate=False)"))
 
 
 def size(n: float) -> str:
@@ -219,8 +220,8 @@ def _calibrated(prefix: str, measure, n: int) -> list:
     import json
 
     d = jax.devices()[0]
-    key = (f"{prefix}{d.platform}:{getattr(d, 'device_kind', '')}:{os.cpu_count()}:"
-           f"{jax.__version__}")
+    key = (f"{prefix}{d.platform}:{getattr(d, 'device_kind', '')}:{_cpu_model()}:"
+           f"{os.cpu_count()}:{jax.__version__}")  # (a home shared by machines: each its own)
     path = _cache_file()
     try:
         with open(path) as f:
@@ -228,16 +229,17 @@ def _calibrated(prefix: str, measure, n: int) -> list:
     except (OSError, ValueError):
         saved = {}
     saved = saved if isinstance(saved, dict) else {}
-    try:
+    try:  # the numbers, then when they were measured: kept for CALIBRATION_DAYS
         values = [float(v) for v in saved[key]]
-        if len(values) == n and all(v > 0 for v in values):
-            return values
+        if (len(values) == n + 1 and all(v > 0 for v in values)
+                and 0 <= time.time() - values[-1] < CALIBRATION_DAYS * 86400):
+            return values[:n]
     except (KeyError, ValueError, TypeError):
         pass
     values = [float(v) for v in measure()]
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        saved[key] = values
+        saved[key] = values + [time.time()]
         tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(saved, f)
@@ -245,6 +247,26 @@ def _calibrated(prefix: str, measure, n: int) -> list:
     except OSError:  # a read-only home: measure again next time
         pass
     return values
+
+
+#: Days a calibration is kept before it is measured again (a machine's load, BIOS and
+#: libraries change; one measured on a loaded machine should not stand for ever).
+CALIBRATION_DAYS = 7
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``: two machines
+    of one core count are told apart."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def _best_of(fn, arg, repeats: int = 3) -> float:
@@ -444,12 +466,15 @@ def _stacked(kinds: dict) -> int:
     return sum(n * st[0] for n, st in kinds.values() if n > 1)
 
 
-def _seconds(stack: _Sig, T: int, flops: float, sweeps: float, calibrate: bool) -> float:
+def _seconds(stack: _Sig, T: int, flops: float, sweeps: float, calibrate: bool,
+             dtype: str = "float32") -> float:
     """Seconds for ``flops`` and ``sweeps`` passes over the sequential steps (``T + L - 1`` in
-    wavefront order, ``L T`` layer by layer), from the machine's calibration; NaN unasked."""
+    wavefront order, ``L T`` layer by layer), from the machine's calibration (a float32
+    matmul; float64 at half its rate, as CPUs and GPUs run it); NaN unasked."""
     if not calibrate:
         return math.nan
     rate, per_step = calibration()
+    rate = rate / 2 if dtype == "float64" else rate
     seq = (T + stack.layers - 1) if stack.order == "wavefront" else stack.layers * T
     return flops / rate + seq * per_step * sweeps
 
@@ -507,7 +532,7 @@ def _estimate(stack: _Sig, B, T, dtype, wrt, method, probes, calibrate) -> Cost:
     total = params + inputs + residuals + working + result
     fwd = T * f_all
     flops = fwd * (1 + 2 * passes + (1 if C is not None else 0))
-    seconds = _seconds(stack, T, flops, 1 + 2 * passes + (C is not None), calibrate)
+    seconds = _seconds(stack, T, flops, 1 + 2 * passes + (C is not None), calibrate, dtype)
     return Cost(int(params), int(inputs), int(residuals), int(working), int(result), int(total),
                 float(flops), float(seconds), (stack, B, T, dtype, wrt, method, probes))
 
@@ -535,7 +560,7 @@ def _gates_estimate(stack: _Sig, B, T, dtype, wrt, probes, calibrate) -> Cost:
     result = 12 * gates * L * (T + H + 20) * item
     inputs = B * T * D * item
     flops = float(T * sum(n * st[4] for n, st in kinds.values()))
-    seconds = _seconds(stack, T, flops, 1, calibrate)
+    seconds = _seconds(stack, T, flops, 1, calibrate, dtype)
     total = params + inputs + kept + working + result
     return Cost(int(params), int(inputs), int(kept), int(working), int(result), int(total),
                 flops, float(seconds), (stack, B, T, dtype, wrt, "gates", probes))
@@ -588,7 +613,7 @@ def _gains_estimate(stack: _Sig, B, T, dtype, wrt, k, calibrate, spectral) -> Co
         + _stacked(kinds)
     result = (6 if spectral else 3) * L * T * item
     flops = float(T * sum(n * st[4] for n, st in kinds.values()) + mm + svd)
-    seconds = _seconds(stack, T, flops - svd, 1, calibrate) + svd_time
+    seconds = _seconds(stack, T, flops - svd, 1, calibrate, dtype) + svd_time
     total = params + inputs + kept + working + result
     return Cost(int(params), int(inputs), int(kept), int(working), int(result), int(total),
                 flops, float(seconds),

@@ -382,3 +382,35 @@ def test_estimate_refuses_settings_its_measurements_refuse():
         gradflow.Stack("lstm", layers=2, hidden_size=4, input_projection="no")
     with pytest.raises(TypeError, match="gates must be True or False, got 'no'"):
         pr.stack.apply(pr.params, pr.xs, gates="no")
+
+
+def test_a_calibration_is_measured_again_after_a_week_and_per_cpu_model(tmp_path, monkeypatch):
+    """A kept calibration carries when it was measured and is measured again after
+    ``CALIBRATION_DAYS`` (one made on a loaded machine stood for ever: 9x off); its key names
+    the CPU model, so machines sharing a home keep their own. float64 runs at half the float32
+    matmul rate; an estimate without calibration says so instead of "about nan days"."""
+    import json
+    import time as _time
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = tmp_path / "gradflow" / "calibration.json"
+    monkeypatch.setattr(cost, "_measure_svd", lambda: (2e9, 8e9))
+    assert cost._calibrated("svd:", cost._measure_svd, 2) == [2e9, 8e9]
+    (key, kept), = json.loads(path.read_text()).items()
+    assert cost._cpu_model() in key and kept[:2] == [2e9, 8e9]
+    assert abs(kept[2] - _time.time()) < 60
+    old = _time.time() - (cost.CALIBRATION_DAYS + 1) * 86400
+    path.write_text(json.dumps({key: [1e9, 1e9, old]}))
+    assert cost._calibrated("svd:", cost._measure_svd, 2) == [2e9, 8e9]  # measured again
+    import gradflow
+    stack = gradflow.Stack("lstm", layers=2, hidden_size=64)
+    monkeypatch.setattr(cost, "calibration", lambda: (1e9, 0.0))
+    import jax
+
+    with jax.enable_x64(True):
+        f32, f64 = (cost._estimate(cost._signature(stack), 4, 8, dt, "hidden", "gradient", 16,
+                                   True) for dt in ("float32", "float64"))
+    assert f64.seconds == pytest.approx(2 * f32.seconds) and f32.seconds > 0
+    assert "time not estimated (calibrate=False)" in cost.estimate(
+        stack, 4, 8, calibrate=False).describe()
+    cost._estimate.cache_clear()  # (no other test reads these made-up rates)
