@@ -1108,7 +1108,7 @@ def _read_params(args, path):
                               if not (user and d in ("cell", "init", "option"))])
     if conflicts and conflicts != ["--cell"]:  # --cell alone: named with the run's cell below
         raise _usage(args, f"{', '.join(conflicts)} cannot be used with --params: the saved "
-                           "run fixes the stack")
+                           "run fixes the stack (a params file's or PyTorch state dict's too)")
     with user_input():
         meta = runs.read_run(path)
     cell = _cell(args, args.steps, saved=meta.get("stack")) if user else None
@@ -1116,7 +1116,7 @@ def _read_params(args, path):
         try:
             from gradflow.problem import dtype_of
 
-            dtype = getattr(args, "dtype", None)  # (a PyTorch file's biases summed at it)
+            dtype = getattr(args, "dtype", None)
             stack, params = runs.load_params(path, cell=cell,
                                              dtype=None if dtype is None else dtype_of(dtype),
                                              prefix=getattr(args, "prefix", None))

@@ -643,6 +643,9 @@ def parse_size(text) -> int:
                          f"(e.g. 2G, 512M), got {text!r}") from None
     if not (v > 0 and math.isfinite(v)):
         raise ValueError(f"memory size must be a finite positive size, got {text!r}")
+    if scale == 1 and v != math.floor(v):  # ("1.5" read as 1 byte: a unit left out)
+        raise ValueError(f"memory size {text!r} without a unit is in bytes, a whole number: "
+                         "give a unit, e.g. 1.5G")
     return int(v * scale)
 
 

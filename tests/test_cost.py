@@ -130,7 +130,7 @@ def test_parse_size_and_available_memory():
     assert cost.parse_size("512M") == 512 << 20
     assert cost.parse_size("1.5GiB") == 3 << 29
     assert cost.parse_size("1000") == 1000
-    for bad in ("", "x", "-1G", "0", "nanG", "2Q"):
+    for bad in ("", "x", "-1G", "0", "nanG", "2Q", "1.5"):  # 1.5 bytes: a unit left out
         with pytest.raises(ValueError, match="memory size"):
             cost.parse_size(bad)
     assert cost.available_memory() > 1 << 20

@@ -189,7 +189,7 @@ def test_a_model_state_dict_and_its_prefix(x64):
         gradflow.from_torch(model, prefix="dec")
     w, _ = _case("cells")  # a ModuleList's state dict: two cells, two prefixes
     with pytest.raises(ValueError, match=r"'0.', '1.': pass prefix= one of them \(on the "
-                                         r"command line --prefix\), or a list"):
+                                         r"command line --prefix\), or \(from Python\) a list"):
         gradflow.from_torch(w)
 
 
@@ -236,6 +236,9 @@ def test_refusals_of_arguments():
         gradflow.from_torch("lstm.pt")
     with pytest.raises(ValueError, match="an empty list of layers"):
         gradflow.from_torch([])
+    with pytest.warns(UserWarning, match="the LSTM's dropout=0.5 is not applied: gradflow "
+                                         "measures the model as it runs in eval mode"):
+        gradflow.from_torch(_module("LSTM", lstm, dropout=0.5))
     for attrs, msg in (({"bidirectional": True}, "a bidirectional LSTM runs back in time"),
                        ({"proj_size": 3}, "proj_size=3 projects h")):
         with pytest.raises(ValueError, match=msg):

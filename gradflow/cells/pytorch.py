@@ -14,6 +14,7 @@ builds the stack. Nothing here imports PyTorch: a tensor is read through its ``d
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -183,6 +184,10 @@ def _one(who, model, prefix, nonlinearity, both):
                 raise ValueError(f"{who}: nonlinearity={nonlinearity!r}, but the module is "
                                  f"{kind[1]}")
             nonlinearity = kind[1]
+        if getattr(model, "dropout", 0):  # (what a state dict cannot say)
+            warnings.warn(f"{who}: the {kind[2]}'s dropout={model.dropout} is not applied: "
+                          "gradflow measures the model as it runs in eval mode",
+                          stacklevel=4)
         state, what = model.state_dict(), f"nn.{kind[2]}"
     elif isinstance(model, Mapping):
         state, what = model, "state dict"
@@ -207,7 +212,8 @@ def _one(who, model, prefix, nonlinearity, both):
     if len(found) > 1:
         raise ValueError(f"{who}: the {what} holds several recurrent layers' weights, "
                          f"{_named(found)}: pass prefix= one of them (on the command line "
-                         "--prefix), or a list of them, one per layer, bottom first")
+                         "--prefix), or (from Python) a list of them, one per layer, bottom "
+                         "first")
     (pre, suffixes), = found.items()
     reverse = sorted(x for x in suffixes if x.endswith("_reverse"))
     if reverse and not both:
