@@ -99,6 +99,22 @@ def seed(name: str, value) -> int:
     return v
 
 
+def seed_list(seeds, name: str = "seeds") -> list[int]:
+    """``seeds`` as a non-empty list of distinct :func:`seed` integers; a TypeError for what
+    is no list of them (a bare seed, a string, None), a ValueError naming the entry that is
+    not a seed, or the seeds repeated (a repeated seed measures one problem twice and weighs
+    it twice)."""
+    if isinstance(seeds, (str, bytes, int, np.integer)) or not hasattr(seeds, "__iter__"):
+        raise TypeError(f"{name} must be a list of integers in [0, 2**31 - 1), got {seeds!r}")
+    out = [seed(f"{name}[{i}]", s) for i, s in enumerate(seeds)]
+    if not out:
+        raise ValueError(f"{name} is empty; give at least one seed")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} repeat: {out} (a repeated seed measures the same problem "
+                         "again and weighs it twice)")
+    return out
+
+
 def boolean(name: str, value, none=None) -> bool:
     """``bool(value)`` if it is True or False (a NumPy or concrete 0-d JAX bool, or the
     integer 0 or 1, too; None where ``none`` is a bool, which it then means), else a

@@ -34,16 +34,7 @@ from gradflow.results import make_result
 from gradflow.xla import jit
 
 
-def seed_list(seeds) -> list[int]:
-    """``seeds`` as a non-empty list of distinct ints in ``[0, 2**31 - 1)``."""
-    if isinstance(seeds, (int, np.integer)) or isinstance(seeds, str):
-        raise TypeError(f"seeds must be a list of ints, got {seeds!r}")
-    out = [checks.seed("seed", s) for s in seeds]
-    if not out:
-        raise ValueError("seeds is empty; give at least one seed")
-    if len(set(out)) != len(out):
-        raise ValueError(f"seeds repeat: {out}")
-    return out
+seed_list = checks.seed_list  # (training's seeds are checked as measurements' are)
 
 
 @functools.partial(jit, static_argnames=("count", "spec", "stack", "kind", "sample",

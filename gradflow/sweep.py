@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import warnings
 
 import jax
@@ -36,7 +35,6 @@ from gradflow import cells as _cells
 from gradflow import checks
 from gradflow import jacobian as _jac
 from gradflow import parallel
-from gradflow.checks import SEED_LIMIT
 from gradflow import cost as _cost
 from gradflow.problem import check_input_scale, dtype_of, gaussian_inputs
 from gradflow.results import NonFiniteForwardWarning, Result, make_result
@@ -49,18 +47,8 @@ AXIS = "seeds"
 
 
 def check_seeds(seeds) -> tuple[int, ...]:
-    """Validate ``seeds``: a non-empty sequence of integers in ``[0, 2**31 - 1)``."""
-    try:
-        out = tuple(operator.index(s) if not isinstance(s, bool) else None for s in seeds)
-    except TypeError:
-        out = ()
-    if not out or any(s is None or not 0 <= s < SEED_LIMIT for s in out):
-        raise ValueError(f"seeds must be a non-empty sequence of integers in [0, 2**31 - 1), "
-                         f"got {seeds!r}")
-    if len(set(out)) < len(out):
-        raise ValueError(f"seeds repeat: {seeds!r} (a repeated seed measures the same problem "
-                         "again and weighs it twice)")
-    return out
+    """``seeds`` validated (:func:`gradflow.checks.seed_list`), as a tuple."""
+    return tuple(checks.seed_list(seeds))
 
 
 def _iterable(x):

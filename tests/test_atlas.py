@@ -156,7 +156,7 @@ def test_resume_after_interruption_gives_the_same_table(full, tmp_path, monkeypa
     (lambda: A.Claim("x/y", "x", ("rnn",), A.bottom_first, bool), "hold no '/', got 'x/y'"),
     (lambda: gradflow.gates.compare([]), "compare: name at least one cell"),
     # the mechanism takes a Grid's checks, and its memory check (it ran into the allocator)
-    (lambda: A.mechanism("rnn", "orthogonal", seed=-1), "seeds must be a non-empty"),
+    (lambda: A.mechanism("rnn", "orthogonal", seed=-1), r"seeds\[0\] must be an integer"),
     (lambda: A.mechanism("rnn", "orthogonal", layers=10**6, hidden=64),
      "measuring the atlas's rnn conditions at 1000000 layers .* more than the"),
 ])

@@ -173,9 +173,11 @@ def test_seeds_a_key_would_wrap_are_refused():
     for seed in (2**32, 2**31 - 1, -1):
         with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*31 - 1\)"):
             TrainConfig(seed=seed)
-    with pytest.raises(ValueError, match="seed must be an integer"):
+    with pytest.raises(ValueError, match=r"seeds\[1\] must be an integer"):
         seed_list([0, 2**32])
     assert seed_list([0, 2**31 - 2]) == [0, 2**31 - 2]
+    with pytest.raises(TypeError, match="seeds must be a list of integers .* got None"):
+        seed_list(None)  # (was "'NoneType' object is not iterable")
 
 
 def test_budget_needs_a_time_gate():

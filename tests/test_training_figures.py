@@ -158,7 +158,7 @@ def test_seeded_curriculum_run_equals_train_alone():
 
 
 @pytest.mark.parametrize("seeds,match", [([], "seeds is empty"), ([1, 1], "seeds repeat"),
-                                         ([-1], "seed"), (3, "list of ints")])
+                                         ([-1], "seed"), (3, "list of integers")])
 def test_bad_seed_lists_are_refused(seeds, match):
     with pytest.raises((ValueError, TypeError), match=match):
         experiments.training_runs([["a", "lstm", {}]], seeds=seeds,
