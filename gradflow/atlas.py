@@ -894,15 +894,20 @@ def mechanism(cell: str, init: str, input_scales=(0.01, 0.1, 1.0), *, layers: in
 
 
 def table(results: dict, factors=("cell", "init", "input_scale", "layers", "loss", "wrt")) -> str:
-    """A Markdown table: one row per (claim, condition) with the median statistic over seeds and
-    the fraction of seeds for which the claim holds."""
+    """A Markdown table: one row per (claim, condition) with the median statistic over seeds
+    (over the seeds where it is a number, with ``(NaN k/n)`` where k of the n are not: a median
+    of the rest, which may be one seed's value) and the fraction of seeds for which the claim
+    holds."""
     lines = ["| claim | " + " | ".join(factors) + " | median statistic | holds (seeds) |",
              "|---" * (len(factors) + 3) + "|"]
     for name, res in results.items():
         for c, s, f in zip(res.config["conditions"], res.statistic, res.fraction):
+            s = np.asarray(s, float)
+            bad = int(np.count_nonzero(np.isnan(s)))
+            median = np.nanmedian(s) if bad < s.size else float("nan")
             lines.append(f"| {name} | " + " | ".join(str(c.get(k, "-")) for k in factors)
-                         + f" | {np.nanmedian(s) if np.isfinite(s).any() else float('nan'):.3g}"
-                         f" | {f:.2f} |")
+                         + f" | {median:.3g}" + (f" (NaN {bad}/{s.size})" if bad else "")
+                         + f" | {f:.2f} |")
     return "\n".join(lines)
 
 

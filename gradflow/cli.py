@@ -2265,16 +2265,24 @@ def _gains_summary(means: dict) -> list[str]:
     ...     print(line)
     up the stack: x0.4 per layer (vertical rms, layers 1..2)
     back in time: x0.5 per step (temporal rms), x1 (state rms)
+    >>> _gains_summary({("vertical", "rms"): np.array([0.5, np.nan, 0.8]),
+    ...                 ("temporal", "rms"): np.array([0.5, 0.5, 0.5]),
+    ...                 ("state", "rms"): np.array([0.1, 1.0, 10.0])})[0]
+    'up the stack: n/a (layer 1 not finite) per layer (vertical rms, layers 1..2)'
     """
-    def geomean(v):
+    def geomean(v, first=0):  # "n/a (layer 2 not finite)" where a layer's mean is no number
+        bad = np.flatnonzero(~np.isfinite(v))
+        if bad.size:
+            return (f"n/a (layer{'s' * (bad.size > 1)} {', '.join(map(str, bad + first))} "
+                    "not finite)")
         with np.errstate(invalid="ignore", divide="ignore"):
-            return float(np.exp(np.mean(np.log(v))))
+            return "x" + _g(float(np.exp(np.mean(np.log(v)))))
 
     up = means["vertical", "rms"][1:]
-    head = ([f"up the stack: x{_g(geomean(up))} per layer (vertical rms, layers 1..{up.size})"]
+    head = ([f"up the stack: {geomean(up, 1)} per layer (vertical rms, layers 1..{up.size})"]
             if up.size else [])
-    return head + [f"back in time: x{_g(geomean(means['temporal', 'rms']))} per step (temporal "
-                   f"rms), x{_g(geomean(means['state', 'rms']))} (state rms)"]
+    return head + [f"back in time: {geomean(means['temporal', 'rms'])} per step (temporal "
+                   f"rms), {geomean(means['state', 'rms'])} (state rms)"]
 
 
 def run_gains(args) -> int:

@@ -432,3 +432,16 @@ def test_the_cli_refuses_a_maps_flags_for_another_measure(tmp_path, capsys):
     flags[flags.index("gates")] = "gradient_maps"  # a misspelt measure: named as such
     assert cli.main(flags + ["--losses", "last"]) == 2
     assert "unknown measure 'gradient_maps'; valid: gradient_map" in capsys.readouterr().err
+
+
+def test_the_table_says_when_its_median_leaves_out_nan_seeds():
+    """A condition whose statistic is NaN on 3 of 4 seeds shows the remaining seed's value as
+    its median: the row says how many seeds were left out."""
+    from gradflow.results import make_result
+
+    res = make_result("atlas", {"statistic": np.array([[np.nan, 0.645, np.nan, np.nan],
+                                                       [0.1, 0.2, 0.3, 0.4]]),
+                                "fraction": np.array([0.25, 1.0])},
+                      {"conditions": [{"cell": "rnn"}, {"cell": "lstm"}]}, warn=False)
+    rows = A.table({"c": res}, factors=("cell",)).splitlines()[2:]
+    assert rows == ["| c | rnn | 0.645 (NaN 3/4) | 0.25 |", "| c | lstm | 0.25 | 1.00 |"]
