@@ -908,7 +908,8 @@ def _describe(config: dict, cell) -> str:
         changed = [f"{k}={v}" for k, v in [*typed.items(), *((k, v) for k, v in own.items()
                                                               if k not in typed)]
                    if k not in ("init", "factory") and defaults.get(k) != v]
-    return (f"{subject}, {config['layers']} layers x {config['steps']} steps, "
+    L = config["layers"]
+    return (f"{subject}, {L} layer{'s' * (L != 1)} x {config['steps']} steps, "
             f"H={width_text(config['hidden_size'])}, B={config['batch']}, "
             f"seed {config.get('seed', '-')}, "
             f"{origin(config) or 'init -'}, "

@@ -387,7 +387,7 @@ def load_torch_model(path, dtype=None, prefix: str | None = None):
     if read_run(p).get("format") != TORCH:  # (reads no array)
         return None
     arrays = _read_npz(p)[1]
-    act = _nonlinearity(arrays)
+    act = _nonlinearity_for(arrays, prefix)
     try:
         read = pytorch.read(arrays, prefix=prefix, nonlinearity=act, both=True,
                             who="torch_model")
@@ -405,11 +405,24 @@ def _nonlinearity(arrays: dict) -> str | None:
     return None if act is None else str(act)
 
 
+def _nonlinearity_for(arrays: dict, prefix) -> str | None:
+    """:func:`_nonlinearity`, where the module ``prefix`` picks is a vanilla RNN; None for an
+    LSTM or a GRU (a seq2seq's file saves its RNN decoder's beside its GRU encoder's weights)."""
+    act = _nonlinearity(arrays)
+    if act is None:
+        return None
+    try:
+        kind = pytorch.read(arrays, prefix=prefix, both=True).cell.name
+    except (TypeError, ValueError):  # (an RNN's needs it; any other error, read again, says)
+        return act
+    return act if kind == "rnn" else None
+
+
 def _torch_params(p: Path, arrays: dict, dtype=None, prefix=None) -> tuple[Stack, dict]:
     """``(stack, params)`` of a PyTorch RNN's state dict saved as ``.npz``
     (:func:`gradflow.stack.from_torch`, at ``dtype``; a vanilla RNN's ``nonlinearity`` may be
     saved beside its weights as a string)."""
-    act = _nonlinearity(arrays)
+    act = _nonlinearity_for(arrays, prefix)
     try:
         return from_torch(arrays, prefix=prefix, nonlinearity=act, dtype=dtype)
     except (TypeError, ValueError) as e:

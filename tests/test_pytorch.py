@@ -100,7 +100,7 @@ def test_layout_against_the_equations(x64):
         np.testing.assert_array_equal(t.layers[1][g]["U"], w["weight_hh_l1"][k * H:(k + 1) * H].T)
     np.testing.assert_array_equal(t.layers[0]["r"]["b"], w["bias_ih_l0"][:H])
     np.testing.assert_array_equal(t.layers[0]["r"]["b_hh"], w["bias_hh_l0"][:H])
-    assert dict(t.cell.options)["biases"] == 2 and t.cell.label == "gru"
+    assert dict(t.cell.options)["biases"] == 2 and t.cell.label == "gru:biases=2"
     np.testing.assert_array_equal(t.layers[0]["n"]["b"], w["bias_ih_l0"][2 * H:])
     np.testing.assert_array_equal(t.layers[0]["n"]["b_hn"], w["bias_hh_l0"][2 * H:])
     assert (t.input_size, t.hidden_size, t.source) == (4, (5, 5, 5), "torch state dict, 3 layers")
@@ -652,7 +652,8 @@ def _torch_step(kind, p, x, state):
 
 @pytest.mark.parametrize("name", ["lstm", "lstm_nobias", "gru"])
 def test_parameter_map_is_the_mean_over_pytorchs_own_parameters(name, x64):
-    """``wrt="params"`` on PyTorch's weights is the mean of |dL/dθ| over PyTorch's tensors
+    """``wrt="params"`` on PyTorch's weights is the mean of |dL/dθ| over every entry of
+    PyTorch's tensors
     (``weight_ih, weight_hh, bias_ih, bias_hh`` of each layer, a copy per step): its two
     biases count as two (the cells' ``biases=2``) and a ``bias=False`` layer has none
     (``biases=0``; zero biases counted as parameters made the map 1.01-6.2x too large).
@@ -687,3 +688,19 @@ def test_parameter_map_is_the_mean_over_pytorchs_own_parameters(name, x64):
                         for t in range(T)] for l in range(L)])
     got = gradflow.gradient_map(stack, params, xs, loss=loss, wrt="params").values
     np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-10)
+
+
+def test_a_file_with_an_rnn_and_another_module_serves_both(tmp_path):
+    """A seq2seq's file saves its vanilla RNN decoder's nonlinearity beside every module's
+    weights: --prefix picks either (the GRU encoder was refused: "nonlinearity= is a vanilla
+    RNN's"), each as its own state dict reads."""
+    g, _ = _case("gru")
+    r, _ = _case("rnn_relu")
+    np.savez(tmp_path / "s2s.npz", nonlinearity="relu", **{f"encoder.{k}": v for k, v in g.items()},
+             **{f"decoder.{k}": v for k, v in r.items()})
+    enc, p_enc = runs.load_params(tmp_path / "s2s.npz", prefix="encoder")
+    dec, _ = runs.load_params(tmp_path / "s2s.npz", prefix="decoder")
+    assert enc.cells[0].name == "gru" and dict(dec.cells[0].options)["nonlinearity"] == "relu"
+    alone = gradflow.from_torch(g)[1]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p_enc),
+                                                    jax.tree_util.tree_leaves(alone)))

@@ -183,9 +183,8 @@ class Cell:
         """The cell as titles name it, in ``gradflow compare --cells``' syntax (a tuple's
         items joined by ``+``, which no command reads): its name and the options it was
         built with that differ from its factory's defaults (``"lstm:forget_bias=1.0"``), but
-        ``init`` (a result names it apart), the length a time gate is initialised over (the
-        sequences' by default) and ``biases=2`` (PyTorch's two biases: the same function);
-        the name alone for a cell not built by a factory."""
+        ``init`` (a result names it apart) and the length a time gate is initialised over
+        (the sequences' by default); the name alone for a cell not built by a factory."""
         if self.name not in _FACTORIES:
             return self.name
         defaults, own = _default_options(self.name), dict(self.options)
@@ -198,9 +197,8 @@ class Cell:
             except (TypeError, ValueError):
                 return False
 
-        shown = [f"{k}={_written_value(v)}" for k, v in changed.items()  # (biases=2: PyTorch's
-                 if k not in ("init", self.length_option) and not implied(k)  # layout of the
-                 and (k, v) != ("biases", 2)]  # same function, as from_torch builds it)
+        shown = [f"{k}={_written_value(v)}" for k, v in changed.items()
+                 if k not in ("init", self.length_option) and not implied(k)]
         return self.name + (":" + ",".join(shown) if shown else "")
 
     def for_length(self, steps: int) -> "Cell":

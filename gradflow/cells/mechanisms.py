@@ -193,11 +193,12 @@ def check_biases(name: str, o: dict) -> int:
                          f"layers); aux={o['aux']!r} ties a gate's bias to the forget gate's")
     from gradflow.cells.base import parse_init
 
-    if value == 0 and (parse_init(o.get("init", "orthogonal"))[1] is not None
-                       or o.get("forget_bias_init") is not None):
-        raise ValueError(f"cell {name!r}: biases=0 (no biases) leaves no bias for init="
-                         f"{o.get('init')!r} or forget_bias_init={o.get('forget_bias_init')!r} "
-                         "to set")
+    setters = ([f"init={o.get('init')!r}"] if parse_init(o.get("init", "orthogonal"))[1]
+               else []) + ([f"forget_bias_init={o['forget_bias_init']!r}"]
+                           if o.get("forget_bias_init") is not None else [])
+    if value == 0 and setters:
+        raise ValueError(f"cell {name!r}: biases=0 (no biases) leaves no bias for "
+                         f"{' and '.join(setters)} to set")
     return int(value)
 
 
