@@ -104,7 +104,8 @@ def seed_list(seeds, name: str = "seeds") -> list[int]:
     is no list of them (a bare seed, a string, None), a ValueError naming the entry that is
     not a seed, or the seeds repeated (a repeated seed measures one problem twice and weighs
     it twice)."""
-    if isinstance(seeds, (str, bytes, int, np.integer)) or not hasattr(seeds, "__iter__"):
+    if (isinstance(seeds, (str, bytes, int, np.integer)) or not hasattr(seeds, "__iter__")
+            or np.ndim(seeds) == 0):  # (a 0-d array: one seed)
         raise TypeError(f"{name} must be a list of integers in [0, 2**31 - 1), got {seeds!r}")
     out = [seed(f"{name}[{i}]", s) for i, s in enumerate(seeds)]
     if not out:

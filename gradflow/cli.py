@@ -749,8 +749,8 @@ def map_summary(values: np.ndarray, max_rows: int = 16, underflow: int | None = 
                      f"{_rel(means[l], means[-1])}"
                      + (f"  ({out} of {T} not finite, left out)" if out else ""))
     if not finite.all():
-        lines.append("  (a layer's mean leaves out its non-finite entries, where the gradient or "
-                     "the forward pass overflowed: its largest gradients"
+        lines.append("  (a layer's mean leaves out its non-finite entries: inf where the "
+                     "gradient overflowed, its largest; NaN where the forward pass did"
                      + ("" if dtype == np.float64 else "; --dtype float64 holds numbers up to "
                         "1.8e308") + ")")
     if L > 1 and e > 0 and stacked:

@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 
 from gradflow.cells import pytorch
+from gradflow.checks import float_dtype
 from gradflow.jacobian import tap
 
 
@@ -90,10 +91,11 @@ def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = 
       ...                    layers=t.layers).values.shape
       (2, 5)
     """
+    dt = None if dtype is None else float_dtype(dtype)  # (float64 without 64-bit JAX: refused)
     read = pytorch.read(model, prefix=prefix, nonlinearity=nonlinearity, both=True,
                         who="torch_model")
     params = jax.tree_util.tree_map(
-        lambda a: jnp.asarray(a, read.dtype if dtype is None else dtype), read.layers)
+        lambda a: jnp.asarray(a, read.dtype if dtype is None else dt), read.layers)
     cell, both = read.cell, len(read.layers[0]) == 2
     names = ("fwd", "bwd") if both else ("",)
     rows = tuple(f"l{l} {d}".strip() for l in range(len(params)) for d in names)

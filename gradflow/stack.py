@@ -1025,10 +1025,12 @@ def _norm_tap_bwd(_, g):
 
 
 def times_pow2(v, k):
-    r"""``v * 2**k`` for integers ``k`` (broadcast against ``v``), exact: as the two factors
-    :math:`2^{\lfloor k/2 \rfloor}` and :math:`2^{k - \lfloor k/2 \rfloor}`, each a normal
-    number over every exponent of ``v``'s dtype, where :math:`2^k` itself may not be (for
-    ``k < -126`` in float32 it is subnormal, which XLA's CPU flushes to 0)."""
+    r"""``v * 2**k`` for integer arrays ``k`` (broadcast against ``v``) with :math:`|k|` up to
+    twice the dtype's largest exponent (254 in float32; the exponents :func:`_exponent` gives
+    and their negatives), exact: as the two factors :math:`2^{\lfloor k/2 \rfloor}` and
+    :math:`2^{k - \lfloor k/2 \rfloor}`, each a normal number, where :math:`2^k` itself may
+    not be (for ``k < -126`` in float32 it is subnormal, which XLA's CPU flushes to 0)."""
+    k = jnp.asarray(k)
     h = k // 2
     return v * _pow2(h, v.dtype) * _pow2(k - h, v.dtype)
 
@@ -1043,6 +1045,12 @@ def _pow2(k, dtype):
     """``2.0**k`` in ``dtype`` for integers ``k`` of normal numbers, built from its bits."""
     itype, nmant, bias = _bits(dtype)
     return lax.bitcast_convert_type(jnp.left_shift((k + bias).astype(itype), nmant), dtype)
+
+
+def _scale_exponent(m):
+    """:func:`_exponent` of ``m`` where it is positive and finite, else 0 (no scaling: zeros
+    stay 0, inf and NaN pass through as they are)."""
+    return jnp.where(jnp.isfinite(m) & (m > 0), _exponent(m), 0)
 
 
 def _exponent(m):
@@ -1077,7 +1085,7 @@ def scaled_reduction(fn, x, axis=-1):
     mk = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
     ok = jnp.isfinite(mk) & (mk > 0)
     zero = mk == 0
-    e = jnp.where(ok, _exponent(mk), 0)  # m = f 2^e, f in [0.5, 1)
+    e = _scale_exponent(mk)  # m = f 2^e, f in [0.5, 1)
     # all-zero x: fn of ones (any input with a finite derivative), its value replaced by 0
     y = fn(jnp.where(zero, jnp.ones((), x.dtype), times_pow2(x, -e)))
     e, ok, zero = (jnp.squeeze(a, axes) for a in (e, ok, zero))
@@ -1100,7 +1108,7 @@ def safe_mean(x, axis=0, count=None, across=None):
     m = jnp.max(jnp.abs(x), axis=axis)
     if across is not None:
         m = lax.pmax(m, across)
-    e = jnp.where(jnp.isfinite(m) & (m > 0), _exponent(m), 0)
+    e = _scale_exponent(m)
     total = jnp.sum(times_pow2(x, -jnp.expand_dims(e, axis)), axis=axis)
     if across is not None:
         total = lax.psum(total, across)
@@ -1145,7 +1153,7 @@ def _mean_abs_tap_bwd(s, g):
     n = s.ndim
     over = lambda a: tuple(range(n, a.ndim))  # noqa: E731
     m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(a), axis=over(a)) for a in leaves])
-    e = jnp.where(jnp.isfinite(m) & (m > 0), _exponent(m), 0)
+    e = _scale_exponent(m)
     total = sum(jnp.sum(times_pow2(jnp.abs(a), -e.reshape(e.shape + (1,) * (a.ndim - n))),
                         axis=over(a)) for a in leaves)
     count = sum(math.prod(a.shape[n:]) for a in leaves)

@@ -1703,7 +1703,8 @@ def test_summary_says_which_means_leave_out_non_finite_entries():
     values = np.array([[np.inf, np.nan, 1e4, 1e2], [1e5, 1e3, 1e2, 1.0]], np.float32)
     text = "\n".join(map_summary(values))
     assert "layer   0 (bottom)" in text and "(2 of 4 not finite, left out)" in text
-    assert "its largest gradients; --dtype float64 holds numbers up to 1.8e308" in text
+    assert "inf where the gradient overflowed, its largest; NaN where the forward pass did; " \
+        "--dtype float64 holds numbers up to 1.8e308" in text
     assert "x100 per layer" in text and "x100." not in text
     clean = "\n".join(map_summary(np.array([[1e2, 1e1], [1.0, 1.0]], np.float32)))
     assert "left out" not in clean and "float64" not in clean

@@ -704,3 +704,30 @@ def test_a_file_with_an_rnn_and_another_module_serves_both(tmp_path):
     alone = gradflow.from_torch(g)[1]
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p_enc),
                                                     jax.tree_util.tree_leaves(alone)))
+
+
+def test_biases_two_keep_what_a_bias_scheme_sets_and_torch_model_checks_its_dtype():
+    """``biases=2`` under ``init="torch"`` draws ``b_hh`` as PyTorch does, but where
+    ``forget_bias_init`` or a bias scheme sets ``b``, ``b_hh`` is 0 so that the bias in use is
+    what was set (a drawn b_hh was added to it); a held module's dropout is warned about at
+    the caller's line; torch_model refuses float64 without 64-bit JAX as from_torch does."""
+    from gradflow.cells.base import gate_bias
+
+    drawn = gradflow.cells.get("lstm", init="torch", biases=2).init(jax.random.key(0), 3, 4)
+    assert np.all(np.asarray(drawn["i"]["b_hh"]) != 0)
+    for kw in (dict(init="torch", forget_bias_init=3.0), dict(init="torch+chrono")):
+        p = gradflow.cells.get("lstm", biases=2, **kw).init(jax.random.key(0), 3, 4)
+        one = gradflow.cells.get("lstm", **kw).init(jax.random.key(0), 3, 4)
+        np.testing.assert_array_equal(gate_bias(p["f"]), one["f"]["b"])
+    with pytest.raises(ValueError, match="biases=2 lays out the biases of PyTorch's plain "
+                                         "layers; with aux='master' the cell is none of them"):
+        gradflow.cells.get("lstm", aux="master", biases=2)
+    w, _ = _case("lstm")
+    holder = type("Model", (), {"state_dict": lambda self: {f"rnn.{k}": v for k, v in w.items()},
+                                "named_modules": lambda self: [
+                                    ("", self), ("rnn", _module("LSTM", w, dropout=0.25))]})()
+    with pytest.warns(UserWarning, match="dropout=0.25 is not applied") as caught:
+        gradflow.from_torch(holder)
+    assert caught[0].filename == __file__
+    with jax.enable_x64(False), pytest.raises(ValueError, match="float64 needs 64-bit JAX"):
+        gradflow.torch_model(w, dtype="float64")

@@ -232,3 +232,11 @@ def test_a_sweep_counts_every_seeds_parameters_and_checks_its_readout_seed(monke
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"readout_seed must be an integer .* got 1.5"):
         S.sweep("lstm", [0], readout_seed=1.5, **SIZES)
+
+
+def test_a_zero_dimensional_seed_is_named_as_one_seed():
+    from gradflow import checks
+
+    for one in (np.array(3), jnp.asarray(3)):
+        with pytest.raises(TypeError, match="seeds must be a list of integers"):
+            checks.seed_list(one)

@@ -153,16 +153,15 @@ def standard_init(specs, init: str, *, forget=None, input_gate=None, refine_gate
         (e.g. a time gate's ``{"time": {...}}``).
       biases: :data:`BIASES`: 0 leaves out every gate's ``b`` (and a GRU's ``b_hn``); 2 adds
         ``b_hh`` beside ``b`` to every gate without a ``b_hn`` (drawn as ``b`` is under the
-        ``torch`` scheme, as PyTorch draws it; else zeros, the scheme's biases in ``b``).
+        ``torch`` scheme, as PyTorch draws it; zeros under other schemes and where a bias
+        scheme or ``forget_bias_init`` sets ``b``, so that ``b + b_hh`` is what it set).
+        (0 with a bias scheme is refused by :func:`check_biases`, when the cell is built.)
     """
     from gradflow.cells.base import init_gates, parse_init
 
     wscheme, bscheme = parse_init(init)
     if (bscheme is not None or forget_bias_init is not None) and forget is None:
         raise ValueError(f"init {init!r}: this cell has no forget-type gate for a bias scheme")
-    if biases == 0 and (bscheme is not None or forget_bias_init is not None):
-        raise ValueError(f"init {init!r}, forget_bias_init={forget_bias_init!r}: biases=0 (no "
-                         "biases) leaves no bias for them to set")
 
     def init_fn(key, input_size, hidden_size, dtype):
         kw, kb, ke = jax.random.split(key, 3)
@@ -170,9 +169,10 @@ def standard_init(specs, init: str, *, forget=None, input_gate=None, refine_gate
         params = apply_bias_scheme(kb, params, bscheme, forget=forget, input_gate=input_gate,
                                    refine_gate=refine_gate, t_max=t_max,
                                    forget_bias_init=forget_bias_init)
-        if biases != 1:
+        if biases != 1:  # (b_hh drawn as PyTorch draws it, unless b was set by a scheme)
+            drawn = bscheme is None and forget_bias_init is None
             params = _bias_layout(jax.random.fold_in(kb, 1), params, biases,
-                                  wscheme if bscheme is None else None, dtype)
+                                  wscheme if drawn else None, dtype)
         if extra is not None:
             params.update(extra(ke, input_size, hidden_size, dtype))
         return params
@@ -189,8 +189,8 @@ def check_biases(name: str, o: dict) -> int:
                          "0 (no biases, PyTorch's bias=False), 1 (one b per gate) or 2 "
                          "(PyTorch's b_ih and b_hh)")
     if value != 1 and o.get("aux") is not None:
-        raise ValueError(f"cell {name!r}: biases={value} is for the plain gates (PyTorch's "
-                         f"layers); aux={o['aux']!r} ties a gate's bias to the forget gate's")
+        raise ValueError(f"cell {name!r}: biases={value} lays out the biases of PyTorch's "
+                         f"plain layers; with aux={o['aux']!r} the cell is none of them")
     from gradflow.cells.base import parse_init
 
     setters = ([f"init={o.get('init')!r}"] if parse_init(o.get("init", "orthogonal"))[1]

@@ -13,7 +13,9 @@ builds the stack. Nothing here imports PyTorch: a tensor is read through its ``d
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -184,10 +186,7 @@ def _one(who, model, prefix, nonlinearity, both):
                 raise ValueError(f"{who}: nonlinearity={nonlinearity!r}, but the module is "
                                  f"{kind[1]}")
             nonlinearity = kind[1]
-        if getattr(model, "dropout", 0):  # (what a state dict cannot say)
-            warnings.warn(f"{who}: the {kind[2]}'s dropout={model.dropout} is not applied: "
-                          "gradflow measures the model as it runs in eval mode",
-                          stacklevel=4)
+        _warn_dropout(who, model, kind[2])
         state, what = model.state_dict(), f"nn.{kind[2]}"
     elif isinstance(model, Mapping):
         state, what = model, "state dict"
@@ -244,6 +243,8 @@ def _one(who, model, prefix, nonlinearity, both):
                          f"biases and {lacks} none; a PyTorch module has them in every layer "
                          "or in none (bias=False): is the state dict complete?")
     held = _held(model, pre[:-1]) if pre else None  # a module the model holds: its own
+    if held is not None:
+        _warn_dropout(who, _held(model, pre[:-1], module=True), held[2])
     if held is not None and held[1] is not None:  # nonlinearity, as a module's is read
         if nonlinearity not in (None, held[1]):
             raise ValueError(f"{who}: nonlinearity={nonlinearity!r}, but the module "
@@ -253,16 +254,29 @@ def _one(who, model, prefix, nonlinearity, both):
     return layers, nonlinearity, what + (f" {pre[:-1]!r}" if pre else "")
 
 
-def _held(model, name: str):
+def _held(model, name: str, module: bool = False):
     """:func:`_module_kind` of the submodule ``name`` of a PyTorch model (``"encoder.rnn"``,
-    as its state dict's keys name it); None where there is none such (a state dict)."""
+    as its state dict's keys name it), or (``module``) the submodule itself; None where there
+    is none such (a state dict)."""
     named = getattr(model, "named_modules", None)
     if not callable(named):
         return None
-    for key, module in named():
+    for key, held in named():
         if key == name:
-            return _module_kind(module)
+            return held if module else _module_kind(held)
     return None
+
+
+def _warn_dropout(who: str, module, class_name: str) -> None:
+    """A warning, at the caller's line, where a recurrent module has dropout between its
+    layers (what a state dict cannot say): gradflow measures it as it runs in eval mode."""
+    if getattr(module, "dropout", 0):
+        frame, level = sys._getframe(1), 2  # the first frame outside gradflow: the user's
+        ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+        while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(f"{who}: the {class_name}'s dropout={module.dropout} is not applied: "
+                      "gradflow measures the model as it runs in eval mode", stacklevel=level)
 
 
 def _named(found: dict) -> str:
