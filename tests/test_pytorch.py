@@ -634,7 +634,7 @@ def test_float64_weights_asked_for_without_64_bit_jax_are_refused():
 
 def _torch_step(kind, p, x, state):
     """One step of PyTorch's documented equations, its weights as its own tensors."""
-    z = lambda w, b: x @ p[f"weight_ih"].T[:, w] + state[-1] @ p["weight_hh"].T[:, w] + (
+    z = lambda w, b: x @ p["weight_ih"].T[:, w] + state[-1] @ p["weight_hh"].T[:, w] + (
         0.0 if "bias_ih" not in p else p["bias_ih"][w] + p["bias_hh"][w])  # noqa: E731
     H = p["weight_hh"].shape[1]
     s = [slice(k * H, (k + 1) * H) for k in range(4)]
