@@ -2411,9 +2411,7 @@ def run_reproduce(args) -> int:
             committed.is_dir() and Path(args.out_dir).resolve() == committed.resolve()):
         raise _usage(args, "--update replaces the committed figures (figures/) and --out "
                            f"{args.out_dir} writes elsewhere; give one of the two")
-    if args.out_dir is not None:
-        if not args.out_dir.strip():  # ("" wrote into the current folder)
-            raise _usage(args, "--out names no folder; give one, e.g. --out /tmp/figures")
+    if args.out_dir is not None:  # (an empty one is refused by its type: out_path)
         _writable_dir(Path(args.out_dir), args.out_dir)
     elif not args.update:
         raise _usage(args, "choose where to write: --out DIR (or --update to replace the "

@@ -176,19 +176,20 @@ def test_the_cells_given_must_be_the_saved_ones_layer_by_layer(tmp_path):
         runs.load_params(tmp_path / "one.npz", cell=b)
 
 
-def test_a_torch_files_biases_are_summed_at_the_dtype_asked(tmp_path, x64):
-    """float64 from a float32 state dict: the exact sum of the two biases (they were summed,
-    then rounded to float32 and cast: 3.6e-10 from torch's float64); a gradflow file is cast."""
+def test_a_torch_files_biases_are_read_at_the_dtype_asked(tmp_path, x64):
+    """float64 from a float32 state dict: the two biases, kept apart (``biases=2``), each cast
+    exactly, so the step adds them in float64 (summed first, they were rounded to float32 and
+    cast: 3.6e-10 from torch's float64); a gradflow file is cast."""
     rng = np.random.default_rng(0)
     H = 3
     sd = {"weight_ih_l0": rng.normal(size=(4 * H, 2)), "weight_hh_l0": rng.normal(size=(4 * H, H)),
           "bias_ih_l0": rng.normal(size=4 * H), "bias_hh_l0": rng.normal(size=4 * H)}
     np.savez(tmp_path / "torch.npz", **{k: v.astype(np.float32) for k, v in sd.items()})
     _, p = runs.load_params(tmp_path / "torch.npz", dtype=np.float64)
-    b = p["layers"][0]["f"]["b"]
-    want = (sd["bias_ih_l0"].astype(np.float32).astype(np.float64)[H:2 * H]
-            + sd["bias_hh_l0"].astype(np.float32)[H:2 * H])
-    assert b.dtype == np.float64 and np.array_equal(b, want)
+    f = p["layers"][0]["f"]
+    for name, key in (("b", "bias_ih_l0"), ("b_hh", "bias_hh_l0")):
+        want = sd[key].astype(np.float32).astype(np.float64)[H:2 * H]
+        assert f[name].dtype == np.float64 and np.array_equal(f[name], want)
     assert runs.load_params(tmp_path / "torch.npz")[1]["layers"][0]["f"]["b"].dtype == np.float32
     stack = gradflow.Stack("gru", 1, 2, H)
     runs.save_params(tmp_path / "ours.npz", stack, stack.init(jax.random.key(0)))
