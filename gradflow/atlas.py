@@ -70,6 +70,7 @@ from typing import Callable
 
 import numpy as np
 
+from gradflow.errors import InputError
 from gradflow.registry import Registry
 from gradflow.xla import jit
 
@@ -938,8 +939,11 @@ def save(results: dict, stem) -> tuple[str, str]:
     them back."""
     stem = os.fspath(stem)
     pack(results).save(stem + ".npz")
-    with open(stem + ".json", "w") as f:
-        json.dump({n: r.config for n, r in results.items()}, f, indent=1)
+    try:
+        with open(stem + ".json", "w") as f:
+            json.dump({n: r.config for n, r in results.items()}, f, indent=1)
+    except OSError as e:  # (as Result.save says of its file)
+        raise InputError(f"cannot write {stem + '.json'!r}: {e.strerror or e}") from e
     return stem + ".npz", stem + ".json"
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from gradflow import atlas, atlas_training, experiments, plot
-from gradflow.errors import user_input
+from gradflow.errors import InputError, user_input
 from gradflow.results import Result
 
 #: The figure configs shipped with the package (``<name>.json``).
@@ -237,15 +237,41 @@ def _target(out_dir, update: bool) -> Path:
         if not update:
             raise ValueError("reproduce needs an output folder (out_dir); to write over the "
                              f"committed figures in {str(FIGURES_DIR)!r} pass update=True")
+        if not FIGURES_DIR.is_dir():  # (an installed package: no checkout's figures/)
+            raise InputError(f"update=True (--update) replaces a source checkout's committed "
+                             f"figures, {str(FIGURES_DIR)!r}, which this installation does not "
+                             "have: write to a folder of yours (out_dir, --out DIR)")
         out_dir = FIGURES_DIR
     target = Path(out_dir)
     if not target.is_dir():
-        raise ValueError(f"output directory {str(target)!r} does not exist")
+        raise InputError(f"output directory {str(target)!r} does not exist")
     committed = FIGURES_DIR.is_dir() and target.resolve() == FIGURES_DIR.resolve()
     if committed and not update:
         raise ValueError(f"{str(target)!r} holds the committed figures; write elsewhere, or "
                          "pass update=True to replace them")
     return target
+
+
+def _check_drawn_data(name: str, config: dict, data: Result) -> None:
+    """A ValueError where the committed data to redraw was computed with other settings than
+    ``config`` holds (a config of ``--figures DIR`` edited, its data still the shipped one's):
+    its title would name cells and sizes its panels do not show."""
+    def plain(v):  # a JSON number, string or list of them (what a figure's data records
+        v = json.loads(json.dumps(v))  # as its config has it; richer values it re-describes)
+        return v if isinstance(v, (int, float, str, bool)) or (
+            isinstance(v, list) and all(isinstance(x, (int, float, str, bool)) for x in v)
+        ) else None
+
+    differ = sorted(k for k in set(config) - COMMON_KEYS if k in data.config
+                    and plain(config[k]) is not None and plain(data.config[k]) is not None
+                    and type(plain(config[k])) is type(plain(data.config[k]))
+                    and plain(config[k]) != plain(data.config[k]))
+    if differ:
+        k = differ[0]
+        raise InputError(f"figure {name!r}: its committed data was computed with other settings "
+                         f"than its config holds ({', '.join(differ)}; {k}: the data's "
+                         f"{json.dumps(data.config[k])[:60]}, the config's "
+                         f"{json.dumps(config[k])[:60]}): compute it (leave out --redraw)")
 
 
 def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None,
@@ -284,6 +310,7 @@ def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None
         builder = BUILDERS[config["figure"]]
         if redraw:
             data = figure_data(name, config_dir=config_dir)
+            _check_drawn_data(name, config, data)
             paths = ()
         else:
             data = builder.compute(config)

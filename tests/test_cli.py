@@ -928,6 +928,34 @@ def test_a_bug_inside_gradflow_is_an_internal_error_not_bad_input(capsys, monkey
     assert "internal error: ValueError: boom" in err and "--debug" in err
     rc, out, err = run(capsys, "heatmap", *SMALL, "--no-data", "--debug")
     assert rc == 1 and "Traceback" in err and "ValueError: boom" in err
+    rc, out, err = run(capsys, "heatmap", *SMALL, "--no-data", "--deb")  # (argparse's too)
+    assert rc == 1 and "Traceback" in err and "ValueError: boom" in err
+
+
+def test_edges_of_less_used_commands(capsys, tmp_path):
+    """A dict as a gate list, a device count no machine needs, an atlas whose output name is a
+    folder (found before the grid is measured, not after), and a redraw whose config is not
+    its data's: one line each, exit 2."""
+    rc, _, err = run(capsys, "heatmap", *SMALL, "--no-data", "--option", 'refined={"i": 1}')
+    assert rc == 2 and "option refined={'i': 1} is not valid; give a gate name" in err
+    rc, _, err = run(capsys, "--devices", "4000", "cells")
+    assert rc == 2 and "4000 devices: at most" in err
+    (tmp_path / "atlas.json").mkdir()
+    rc, _, err = run(capsys, "atlas", "--cells", "rnn", "--hidden", "4", "--batch", "2",
+                     "--sizes", "2x3", "--seeds", "0", "--out", tmp_path, "--no-progress")
+    assert rc == 2 and "atlas.json': it is a directory" in err
+    assert not (tmp_path / "atlas.npz").exists()
+    import json
+
+    from gradflow import reproduce
+
+    config = json.loads((reproduce.CONFIG_DIR / "star_fig2.json").read_text())
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "figs" / "star_fig2.json").write_text(json.dumps({**config, "hidden": 8}))
+    rc, _, err = run(capsys, "reproduce", "--figures", tmp_path / "figs", "--redraw", "--only",
+                     "star_fig2", "--out", tmp_path)
+    assert rc == 2 and "its committed data was computed with other settings than its config " \
+        "holds (hidden; hidden: the data's 128, the config's 8)" in err
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")

@@ -113,6 +113,15 @@ def test_a_users_config_with_a_bad_value_exits_2_before_computing(tmp_path, caps
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_update_without_a_checkout_says_so(tmp_path, monkeypatch):
+    """An installed package has no figures/ to update: one input error naming the fix (it
+    was "internal error: output directory ... does not exist")."""
+    monkeypatch.setattr(reproduce, "FIGURES_DIR", tmp_path / "figures")
+    with pytest.raises(gradflow.errors.InputError, match="which this installation does not "
+                                                         "have: write to a folder of yours"):
+        reproduce.reproduce("star_fig2", update=True)
+
+
 def test_figure_data_with_overrides_says_its_description_is_the_figures():
     """The committed figure's description (10 layers x 10 steps, H = 128) is not the setting
     of a run with other sizes: it is kept, marked as the figure's, with what changed."""

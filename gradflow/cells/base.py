@@ -642,7 +642,11 @@ def choice(name: str, option: str, value, valid):
 
 def refined_set(name: str, options: dict, valid: tuple) -> tuple:
     """Validate and normalise a cell's ``refined`` option (gate names) in place; return it."""
-    rset = (options["refined"],) if isinstance(options["refined"], str) else tuple(options["refined"])
+    given = options["refined"]
+    if not isinstance(given, (str, list, tuple)):  # (a dict's keys were taken for gates)
+        raise ValueError(f"cell {name!r}: option refined={given!r} is not valid; give a gate "
+                         f"name or a list of them, among {', '.join(map(repr, valid))}")
+    rset = (given,) if isinstance(given, str) else tuple(given)
     for g in rset:
         choice(name, "refined", g, valid)
     options["refined"] = rset
