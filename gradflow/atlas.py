@@ -796,7 +796,8 @@ def _check_memory(conditions) -> None:
             need = max(e.total + (2 * n - 1) * e.params for e in ests)
         cost.check_need(need, f"measuring the atlas's {c0['cell']} conditions at "
                               f"{c0['layers']} layers x {c0['steps']} steps, H={c0['hidden']}, "
-                              f"batch {c0['batch']} (seeds x inits: {n} problems at once)",
+                              f"batch {c0['batch']} (seeds x inits: {n} "
+                              f"problem{'s' * (n > 1)} at once)",
                         "use fewer layers or steps, a smaller hidden size or batch, or "
                         "fewer seeds")
 
