@@ -247,6 +247,26 @@ def check_finite_inputs(xs) -> None:
         raise ValueError("inputs contain NaN or inf; gradient flow is measured on finite inputs")
 
 
+def warn_nonfinite_params(params, who: str, stacklevel: int = 3) -> None:
+    """Warn where concrete ``params`` hold NaN or inf, naming how many and the first: an
+    infinite bias inside a sigmoid leaves the forward pass finite, and the maps were measured
+    without a word. They are measured as they are."""
+    count, first = 0, None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype") \
+                or not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            continue
+        n = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
+        if n and first is None:
+            first = jax.tree_util.keystr(path)
+        count += n
+    if count:
+        warnings.warn(f"{who}: the params hold {count} non-finite value{'s' * (count > 1)} "
+                      f"(NaN or inf), the first in params{first}; measured as they are (a "
+                      "sigmoid of inf is 1: the forward pass may stay finite)",
+                      stacklevel=stacklevel)
+
+
 def warn_narrowed(xs, params, who: str, stacklevel: int = 3) -> None:
     """Warn where 64-bit JAX is on and ``xs`` are float64 but ``params`` float32: the stack
     computes in its parameters' dtype, so the float64 inputs are measured in float32 (seen only

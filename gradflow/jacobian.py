@@ -158,6 +158,7 @@ def _prepare(stack: Stack, params, xs, loss=None):
     xs = checks.check_xs(stack, xs)
     checks.check_params(stack, params)
     checks.warn_narrowed(xs, params, "gradflow", stacklevel=5)
+    checks.warn_nonfinite_params(params, "gradflow", stacklevel=5)
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
     xs = jnp.asarray(xs, dtype)
     checks.check_finite_inputs(xs)

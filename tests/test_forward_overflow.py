@@ -264,6 +264,18 @@ def test_a_sweep_names_the_seeds_whose_forward_overflowed():
     assert np.isfinite(np.asarray(out["lstm"].values)).all()
 
 
+def test_an_infinite_parameter_is_named_where_the_forward_pass_stays_finite():
+    """An infinite forget bias: the sigmoid reads 1, every state and map entry is finite, and
+    the map was measured without a word."""
+    pr = gradflow.problem("lstm", layers=2, steps=4, hidden=8, batch=2)
+    params = jax.tree_util.tree_map(lambda a: a, pr.params)
+    params["layers"][0]["f"]["b"] = params["layers"][0]["f"]["b"].at[3].set(jnp.inf)
+    with pytest.warns(UserWarning, match=r"the params hold 1 non-finite value \(NaN or inf\), "
+                                         r"the first in params\['layers'\]\[0\]\['f'\]\['b'\]"):
+        res = gradflow.gradient_map(pr.stack, params, pr.xs)
+    assert np.isfinite(res.values).all()
+
+
 def test_the_warning_names_non_finite_params():
     """A diverged run's parameters (a NaN weight): the warning counts the non-finite values
     and names the first leaf, besides where the states left the finite numbers."""
@@ -271,9 +283,13 @@ def test_the_warning_names_non_finite_params():
     params = jax.tree_util.tree_map(lambda a: a, pr.params)
     w = params["layers"][1]["f"]["W"]
     params["layers"][1]["f"]["W"] = w.at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
-    with pytest.warns(NonFiniteWarning) as rec:  # (the map's own count too)
+    with pytest.warns(Warning) as rec:  # (the map's own count, the params' too)
         res = gradflow.gradient_map(pr.stack, params, pr.xs)
     forward = [w for w in rec if issubclass(w.category, NonFiniteForwardWarning)]
+    assert [str(w.message) for w in rec if w.category is UserWarning] == [
+        "gradflow: the params hold 2 non-finite values (NaN or inf), the first in params"
+        "['layers'][1]['f']['W']; measured as they are (a sigmoid of inf is 1: the forward "
+        "pass may stay finite)"]
     assert len(forward) == 1
     text = str(forward[0].message)
     assert "earliest at layer 1, step 0" in text
