@@ -20,7 +20,7 @@ def _blocks(section: str) -> list[str]:
 def test_readme_api_examples_run(tmp_path, monkeypatch):
     blocks = _blocks("API")
     assert len(blocks) == 2
-    monkeypatch.chdir(tmp_path)  # the example writes lstm.png and lstm.npz
+    monkeypatch.chdir(tmp_path)  # the example writes lstm.png and lstm_map.npz
     ns = {"__name__": "readme"}
     for code in blocks:
         exec(compile(code, str(README), "exec"), ns)
