@@ -247,10 +247,9 @@ def check_finite_inputs(xs) -> None:
         raise ValueError("inputs contain NaN or inf; gradient flow is measured on finite inputs")
 
 
-def warn_nonfinite_params(params, who: str, stacklevel: int = 3) -> None:
-    """Warn where concrete ``params`` hold NaN or inf, naming how many and the first: an
-    infinite bias inside a sigmoid leaves the forward pass finite, and the maps were measured
-    without a word. They are measured as they are."""
+def nonfinite_params(params) -> tuple[int, str | None]:
+    """``(count, path of the first)`` of the NaN or inf values in concrete ``params``
+    (``"['layers'][1]['f']['W']"``; traced leaves are not read)."""
     count, first = 0, None
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype") \
@@ -260,6 +259,14 @@ def warn_nonfinite_params(params, who: str, stacklevel: int = 3) -> None:
         if n and first is None:
             first = jax.tree_util.keystr(path)
         count += n
+    return count, first
+
+
+def warn_nonfinite_params(params, who: str, stacklevel: int = 3) -> None:
+    """Warn where concrete ``params`` hold NaN or inf, naming how many and the first: an
+    infinite bias inside a sigmoid leaves the forward pass finite, and the maps were measured
+    without a word. They are measured as they are."""
+    count, first = nonfinite_params(params)
     if count:
         warnings.warn(f"{who}: the params hold {count} non-finite value{'s' * (count > 1)} "
                       f"(NaN or inf), the first in params{first}; measured as they are (a "

@@ -54,7 +54,7 @@ from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from gradflow import cells as _cells
 from gradflow.checks import (_looks_like_key, boolean, check_params, check_xs, float_dtype,
-                             params_fit)
+                             nonfinite_params, params_fit)
 from gradflow.checks import positive_int as _positive_int
 from gradflow.checks import width as _width
 from gradflow.cells.base import Cell, Lean, cast_floating, orthogonal
@@ -890,15 +890,7 @@ def where_nonfinite(stack: Stack, params, xs, masks: dict | None = None) -> str:
 def _nonfinite_params(params) -> str:
     """``"; the params hold N non-finite values, the first in params[...]"`` where concrete
     ``params`` do (a diverged training run's), else ``""``."""
-    count, first = 0, None
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype") \
-                or not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            continue
-        n = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
-        if n and first is None:
-            first = jax.tree_util.keystr(path)
-        count += n
+    count, first = nonfinite_params(params)
     return "" if not count else (f"; the params hold {count} non-finite value"
                                  f"{'s' * (count > 1)}, the first in params{first}")
 
