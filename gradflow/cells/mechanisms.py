@@ -182,7 +182,8 @@ def standard_init(specs, init: str, *, forget=None, input_gate=None, refine_gate
 
 def check_biases(name: str, o: dict) -> int:
     """A cell's ``biases`` option (:data:`BIASES`; 1 where the cell has none), refused with an
-    auxiliary gate (whose bias is tied to the forget gate's)."""
+    auxiliary gate (PyTorch's layers have none) and, at 0, with a bias scheme or
+    ``forget_bias_init`` (nothing for them to set)."""
     value = o.get("biases", 1)
     if isinstance(value, bool) or value not in BIASES:
         raise ValueError(f"cell {name!r}: option biases={value!r} is not valid; choose from "

@@ -239,9 +239,10 @@ def _one(who, model, prefix, nonlinearity, both):
     if len(set(biased.values())) > 1:  # one module has biases in every layer or in none
         have = ", ".join(k for k, b in biased.items() if b)
         lacks = ", ".join(k for k, b in biased.items() if not b)
-        raise ValueError(f"{who}: layer(s) {have} of {repr(pre[:-1]) if pre else 'the state dict'} have "
-                         f"biases and {lacks} none; a PyTorch module has them in every layer "
-                         "or in none (bias=False): is the state dict complete?")
+        where = repr(pre[:-1]) if pre else "the state dict"
+        raise ValueError(f"{who}: layer(s) {have} of {where} have biases and {lacks} none; a "
+                         "PyTorch module has them in every layer or in none (bias=False): is "
+                         "the state dict complete?")
     held = _held(model, pre[:-1]) if pre else None  # a module the model holds: its own
     if held is not None:
         _warn_dropout(who, _held(model, pre[:-1], module=True), held[2])
