@@ -775,7 +775,7 @@ def _check_memory(conditions) -> None:
     """A ValueError, before anything is compiled, where a group of conditions measured at once
     (every seed and init of one condition, :func:`_vmapped_group`) cannot fit in memory: its
     problems' measurement as one batch of ``batch x problems`` examples, with each problem's
-    parameters and their layer-stacked copy
+    parameters and their layer-stacked copy (:func:`gradflow.cost.at_once`)
     (:func:`gradflow.cost.estimate`; a local gains condition's Jacobians batched as one
     problem's, ``lax.map``-ped ``vmap`` over the problems)."""
     from gradflow import cost
@@ -789,11 +789,11 @@ def _check_memory(conditions) -> None:
         stack = Stack(cell_for(c0["cell"], c0["init"], c0["steps"]), c0["layers"],
                       c0["hidden"], c0["hidden"])
         with precision(c0["dtype"]):  # (float64: 64-bit JAX, as its measurement runs)
-            ests = [cost.estimate(stack, c0["batch"] * n, c0["steps"], c0["dtype"],
-                                  c.get("wrt", "hidden"), method, calibrate=False,
-                                  chunk=cost.gains_chunk(c0["batch"], c0["steps"], c0["hidden"]))
-                    for c in group]  # each problem's parameters, and their stacked copy
-            need = max(e.total + (2 * n - 1) * e.params for e in ests)
+            need = max(cost.at_once(cost.estimate(
+                stack, c0["batch"] * n, c0["steps"], c0["dtype"], c.get("wrt", "hidden"),
+                method, calibrate=False,
+                chunk=cost.gains_chunk(c0["batch"], c0["steps"], c0["hidden"])), n)
+                for c in group)
         cost.check_need(need, f"measuring the atlas's {c0['cell']} conditions at "
                               f"{c0['layers']} layers x {c0['steps']} steps, H={c0['hidden']}, "
                               f"batch {c0['batch']} (seeds x inits: {n} "

@@ -1932,7 +1932,8 @@ _COMPARE_FOOTNOTE = (
     "reaches it): bottom/top down that step and its geometric-mean factor per layer; "
     "bottom/top, mean: of the time-means, which include the diagonal paths (not a "
     "per-layer gain; * where the bottom or top layer has non-finite entries, which its mean "
-    "leaves out: where the gradient overflowed, its largest); first/last step: along the top layer (under loss all not a "
+    "leaves out: inf where the gradient overflowed, its largest; NaN where the forward pass "
+    "did); first/last step: along the top layer (under loss all not a "
     "per-step decay: the loss enters at every step); dec. vs top-last: the range over the "
     "entries the loss reaches, -inf where one is exactly 0; x0 (-inf dec): exactly 0; "
     "underflow: entries below the smallest normal float, where the gradient vanished "
@@ -2478,7 +2479,8 @@ def add_atlas(sub):
     g.add_argument("--readout-seed", default=None, metavar="N|seed",
                    help="the maps' probe readout: one seed N for every seed, or 'seed': each "
                         "seed draws its own (as the committed atlases; default: 0)")
-    p.add_argument("--out", required=True, type=out_path, metavar="DIR", help="the folder to write to")
+    p.add_argument("--out", required=True, type=out_path, metavar="DIR",
+                   help="the folder to write to")
     p.add_argument("--name", default="atlas", metavar="STEM",
                    help="file names NAME.png/.npz/.json (default: atlas)")
     p.add_argument("--cache", default=None, metavar="DIR",
@@ -2559,9 +2561,7 @@ def run_atlas(args) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
         raise _usage(args, f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
     for ext in (".npz", ".json", ".png"):  # the files written after the whole grid
-        if (out / (args.name + ext)).is_dir():
-            raise _usage(args, f"cannot write {str(out / (args.name + ext))!r}: it is a "
-                               "directory")
+        _check_path(str(out / (args.name + ext)), (ext,), "atlas")
     if args.claims == []:  # "--claims ," read as every claim
         raise _usage(args, f"--claims names no claim; valid: {', '.join(_atlas.CLAIMS)}")
     with user_input():

@@ -735,6 +735,14 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
                      + (f"; {'; '.join(tips)}" if tips else ""))
 
 
+def at_once(c: "Cost", problems: int) -> int:
+    """Bytes for ``problems`` measured at once in one program (vmapped seeds and inits: ``c``
+    estimated for their examples as one batch): each problem's parameters and their
+    layer-stacked copy on top (XLA: 15 GiB for 64 seeds of 6 x H = 1024, where the examples
+    alone make 0.5 GiB)."""
+    return c.total + (2 * problems - 1) * c.params
+
+
 def check_need(need: int, what: str, smaller: str) -> None:
     """A ValueError, before anything is compiled, when ``need`` bytes (an estimate made of
     :func:`estimate` parts) exceed :func:`available_memory`: ``"{what} needs about ...; more
@@ -814,4 +822,4 @@ def check_arrays_fit(stack, batch: int, steps: int, dtype) -> None:
 
 
 __all__ = ["Cost", "estimate", "available_memory", "check_fits", "check_arrays_fit",
-           "calibration", "parse_size", "suggestions", "WRTS", "METHODS"]
+           "calibration", "parse_size", "at_once", "suggestions", "WRTS", "METHODS"]

@@ -253,7 +253,7 @@ def _target(out_dir, update: bool) -> Path:
 
 
 def _check_drawn_data(name: str, config: dict, data: Result) -> None:
-    """A ValueError where the committed data to redraw was computed with other settings than
+    """An InputError where the committed data to redraw was computed with other settings than
     ``config`` holds (a config of ``--figures DIR`` edited, its data still the shipped one's):
     its title would name cells and sizes its panels do not show."""
     def plain(v):  # a JSON number, string or list of them (what a figure's data records
@@ -262,10 +262,10 @@ def _check_drawn_data(name: str, config: dict, data: Result) -> None:
             isinstance(v, list) and all(isinstance(x, (int, float, str, bool)) for x in v)
         ) else None
 
-    differ = sorted(k for k in set(config) - COMMON_KEYS if k in data.config
-                    and plain(config[k]) is not None and plain(data.config[k]) is not None
-                    and type(plain(config[k])) is type(plain(data.config[k]))
-                    and plain(config[k]) != plain(data.config[k]))
+    pairs = {k: (plain(config[k]), plain(data.config[k]))
+             for k in set(config) - COMMON_KEYS if k in data.config}
+    differ = sorted(k for k, (a, b) in pairs.items() if a is not None and b is not None
+                    and type(a) is type(b) and a != b)
     if differ:
         k = differ[0]
         raise InputError(f"figure {name!r}: its committed data was computed with other settings "

@@ -206,12 +206,10 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                              "cell (a built cell by its name): give each one once")
         stacks[label] = Stack(cell, layers, D, hidden, **(stack_options or {}))
         _jac.check_wrt(stacks[label], wrt)
-        # the seeds' maps in one program: S x batch examples (it compiled, then ran out), and
-        # each seed's parameters with their layer-stacked copy (XLA: 15 GiB, 64 seeds of 6 x
-        # H = 1024, where the examples alone make 0.5 GiB)
-        est = _cost.estimate(stacks[label], batch * len(seeds), steps, dt, wrt,
-                             calibrate=False)
-        _cost.check_need(est.total + (2 * len(seeds) - 1) * est.params,
+        # the seeds' maps in one program: S x batch examples (it compiled, then ran out)
+        _cost.check_need(_cost.at_once(_cost.estimate(stacks[label], batch * len(seeds),
+                                                      steps, dt, wrt, calibrate=False),
+                                       len(seeds)),
                          f"the sweep of {label} ({len(seeds)} seed{'s' * (len(seeds) > 1)} x "
                          f"batch {batch}, "
                          f"{layers} layers x {steps} steps, H={hidden})",
