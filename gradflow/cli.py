@@ -71,6 +71,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{self.prog}: error: {message}")
 
+    def _print_message(self, message, file=None):
+        # argparse's own drops an OSError: `gradflow --help > /dev/full` exited 0 with nothing
+        # written; here it reaches main, which says so and exits 2
+        if message:
+            (file or sys.stderr).write(message)
+
 
 def _usage(args, message: str) -> UsageError:
     return UsageError(f"gradflow {args.command}: error: {message}")
@@ -3004,9 +3010,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an internal error, print the traceback")
     parser.add_argument("--devices", type=device_count, default=None, metavar="N",
                         help="split each map's batch over N devices (CPU: N simulated devices "
-                             "on the cores; GPU/TPU: the first N), before or after the command "
-                             "(default: one per CPU core, used for maps large enough to gain: "
-                             "examples x state width >= 1024 per device; every GPU/TPU)")
+                             "on the cores, at most 8 per core or 64 if more; GPU/TPU: the "
+                             "first N), before or after the command (default: one per CPU "
+                             "core, used for maps large enough to gain: examples x state "
+                             "width >= 1024 per device; every GPU/TPU)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

@@ -995,6 +995,19 @@ def test_an_os_error_of_the_machine_is_not_a_bug_in_gradflow(capsys, monkeypatch
     assert rc == 1 and "internal error: ValueError: cannot write" in err, err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", ["--help", "--version", "heatmap --help"])
+def test_help_onto_a_full_disk_says_so(args):
+    """argparse drops the OSError of writing its help or version: ``gradflow --help >
+    /dev/full`` exited 0 with nothing written. Now one line and exit 2, as any output."""
+    script = str(Path(sys.executable).parent / "gradflow")
+    r = subprocess.run(["bash", "-c", f"'{script}' {args} > /dev/full"], stderr=subprocess.PIPE,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.endswith(f"error: {os.strerror(errno.ENOSPC)}\n"), \
+        (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1
+
+
 def test_a_program_started_with_stdout_closed_runs():
     """``gradflow cells >&-``: Python's sys.stdout is None; the reader-gone wrapper failed on
     it (an internal error, status 1)."""
