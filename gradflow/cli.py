@@ -911,6 +911,7 @@ def _describe(config: dict, cell) -> str:
     defaults (registered cells; a user's cell lists every option)."""
     from gradflow import cells as _cells
     from gradflow import plot
+    from gradflow.cells.base import written_value
 
     extra = [k for k in ("residual", "norm") if config.get(k)]
     if isinstance(config.get("cell"), list):  # one per layer: each with its own options
@@ -923,7 +924,7 @@ def _describe(config: dict, cell) -> str:
         own = dict(cell.options)
         typed = dict(own.pop("factory_options", ()))  # a user's factory's --option: named
         # as typed, not again as the cell stores it
-        changed = [f"{k}={v}" for k, v in [*typed.items(), *((k, v) for k, v in own.items()
+        changed = [f"{k}={written_value(v)}" for k, v in [*typed.items(), *((k, v) for k, v in own.items()
                                                               if k not in typed)]
                    if k not in ("init", "factory") and defaults.get(k) != v]
     L = config["layers"]

@@ -1751,3 +1751,14 @@ def test_summary_says_which_means_leave_out_non_finite_entries():
     assert "x100 per layer" in text and "x100." not in text
     clean = "\n".join(map_summary(np.array([[1e2, 1e1], [1.0, 1.0]], np.float32)))
     assert "left out" not in clean and "float64" not in clean
+
+
+def test_a_label_printed_is_a_cell_typed(capsys, tmp_path):
+    """The header wrote ``options refined=('i', 'f')`` and titles ``lstm:refined=i+f``, which
+    ``--cell`` refused: both write ``refined=i+f`` now, and ``--cell`` reads it."""
+    rc, out, err = run(capsys, "heatmap", "--cell", "lstm", "--option", "refined=i,f", *SMALL,
+                       "--no-data", "--out", tmp_path / "a.png")
+    assert rc == 0 and "; options refined=i+f" in out.splitlines()[0], err
+    rc, again, err = run(capsys, "heatmap", "--cell", "lstm:refined=i+f", *SMALL, "--no-data",
+                         "--out", tmp_path / "b.png")
+    assert rc == 0 and again.replace("b.png", "a.png") == out, err

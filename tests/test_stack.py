@@ -564,6 +564,34 @@ def test_checkpoint_as_a_switch_names_its_forms(flag):
         Stack("lstm", 2, 3, 4, checkpoint=flag)
 
 
+@pytest.mark.parametrize("name, options", [
+    ("lstm", {"refined": ("i", "f")}), ("lstm", {"refined": ("f",)}),
+    ("refined_gru", {"refined": ()}),
+    ("phased_lstm", {"log_tau": (0.5, 2.0)}), ("star", {"variant": "official", "t_max": 50.0}),
+    ("lstm", {"forget_bias": 1.0, "tied": True})])
+def test_a_cells_label_typed_back_builds_that_cell(name, options):
+    """A label wrote a tuple option as ``refined=i+f``, which no command read ("option
+    refined='i+f' is not valid"): a tuple option given as that text is the tuple, so the
+    label of a title or a summary, typed back as ``--cell``, is the very cell."""
+    from gradflow import cells
+
+    cell = cells.get(name, **options)
+    name, written = cells.parse_spec(cell.label)
+    assert cells.get(name, **written) is cell
+    assert cells.for_length(cell.label, 5) is cell.for_length(5)
+
+
+def test_a_tuple_option_written_as_text_is_checked_as_the_tuple():
+    from gradflow import cells
+
+    assert cells.get("phased_lstm", log_tau="1+3") is cells.get("phased_lstm", log_tau=(1, 3))
+    with pytest.raises(ValueError, match=r"option log_tau='1\+x' of cell 'phased_lstm' takes "
+                                         r"two finite numbers"):
+        cells.get("phased_lstm", log_tau="1+x")
+    with pytest.raises(ValueError, match="option refined='z' is not valid; choose from"):
+        cells.get("lstm", refined="i+z")
+
+
 def test_a_cells_label_names_the_options_of_note_and_titles_carry_it():
     """A map of ``lstm:forget_bias=1.0`` was titled ``lstm``: the figure of another network
     read as the default's. ``Cell.label`` names the options that differ from the factory's

@@ -181,9 +181,9 @@ class Cell:
     @property
     def label(self) -> str:
         """The cell as titles name it, in ``gradflow compare --cells``' syntax (a tuple's
-        items joined by ``+``, which no command reads): its name and the options it was
-        built with that differ from its factory's defaults (``"lstm:forget_bias=1.0"``), but
-        ``init`` (a result names it apart) and the length a time gate is initialised over
+        items joined by ``+``; typed back as ``--cell``, it builds this cell): its name and
+        the options it was built with that differ from its factory's defaults
+        (``"lstm:forget_bias=1.0"``), but ``init`` (a result names it apart) and the length a time gate is initialised over
         (the sequences' by default); the name alone for a cell not built by a factory."""
         if self.name not in _FACTORIES:
             return self.name
@@ -197,7 +197,7 @@ class Cell:
             except (TypeError, ValueError):
                 return False
 
-        shown = [f"{k}={_written_value(v)}" for k, v in changed.items()
+        shown = [f"{k}={written_value(v)}" for k, v in changed.items()
                  if k not in ("init", self.length_option) and not implied(k)]
         return self.name + (":" + ",".join(shown) if shown else "")
 
@@ -256,7 +256,7 @@ def _default_options(name: str) -> dict:
     return dict(_FACTORIES[name]().options)
 
 
-def _written_value(v) -> str:
+def written_value(v) -> str:
     """An option's value as a cell is written (``refined=i+f``, ``tied=True``)."""
     if isinstance(v, (tuple, list)):
         return "+".join(map(str, v))
@@ -319,7 +319,10 @@ def _check_option(cell: str, key: str, value, annotation: str):
     something that is not a number (``forget_bias="abc"`` from a CLI ``--option``, ``True``),
     a NaN or an infinity (no option of a cell means anything there), or, typed ``int``, a
     fraction (``chunk_size=2.5``); NumPy and JAX scalars are numbers. Returns the value, an
-    integral float given for an ``int`` option as that ``int`` (``2.0`` from a CLI is 2)."""
+    integral float given for an ``int`` option as that ``int`` (``2.0`` from a CLI is 2), and
+    a tuple option given as text as :attr:`Cell.label` writes it, its items joined by ``+``
+    (``refined="i+f"`` is ``("i", "f")``, ``log_tau="1.0+3.0"`` is ``(1.0, 3.0)``, ``""`` is
+    ``()``), so that a label typed back as ``--cell`` builds its cell."""
     text = str(annotation)
     kind, optional = text.removesuffix(" | None"), text.endswith(" | None")
     if value is None and optional:
@@ -331,12 +334,20 @@ def _check_option(cell: str, key: str, value, annotation: str):
             return value.lower() == "true"
         raise ValueError(f"option {key}={value!r} of cell {cell!r} takes true or false, got "
                          f"{type(value).__name__}")
+    given = value
+    if kind.startswith("tuple[") and isinstance(value, str):  # as a label writes it: i+f
+        value = tuple(value.split("+")) if value else ()
     if kind == "tuple[float, float]":  # a range: two finite numbers
+        if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            try:  # ("1.0", "3.0") from the text "1.0+3.0"
+                value = tuple(float(v) for v in value)
+            except ValueError:
+                pass
         pair = tuple(value) if isinstance(value, (list, tuple)) else None
         if pair is None or len(pair) != 2 or not all(
                 isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
                 and math.isfinite(float(v)) for v in pair):
-            raise ValueError(f"option {key}={value!r} of cell {cell!r} takes two finite "
+            raise ValueError(f"option {key}={given!r} of cell {cell!r} takes two finite "
                              "numbers (low, high)")
         return tuple(float(v) for v in pair)
     if kind not in ("float", "int"):
