@@ -71,6 +71,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{self.prog}: error: {message}")
 
+    def _get_option_tuples(self, option_string):
+        # an abbreviation matching two spellings of one option (--ou: --out, --out-dir) is
+        # that option, not "ambiguous"
+        tuples, actions = super()._get_option_tuples(option_string), set()
+        return [t for t in tuples if not (id(t[0]) in actions or actions.add(id(t[0])))]
+
     def _print_message(self, message, file=None):
         # argparse's own drops an OSError: `gradflow --help > /dev/full` exited 0 with nothing
         # written; here it reaches main, which says so and exits 2
@@ -2411,7 +2417,9 @@ def run_reproduce(args) -> int:
         found = _reproduce.configs(args.figures)
     if not found:  # (an internal error, or an empty --list)
         raise _usage(args, f"{args.figures or str(_reproduce.CONFIG_DIR)!r} holds no figure "
-                           "configs (*.json with a 'figure' field)")
+                           "configs (*.json with a 'figure' field)" + (
+                               f"; the shipped ones are in {str(_reproduce.CONFIG_DIR)!r} "
+                               "(their data: figures/)" if args.figures else ""))
     for name in args.only or ():
         if name not in found:
             raise _usage(args, f"unknown figure {name!r}; valid: {', '.join(found) or '(none)'}")

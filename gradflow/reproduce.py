@@ -150,13 +150,24 @@ register("training_atlas", atlas_training.training_atlas,
 
 
 def configs(directory=None) -> dict[str, Path]:
-    """``{name: path}`` of the figure configs (``*.json`` with a ``"figure"`` field) in
-    ``directory`` (default :data:`CONFIG_DIR`), sorted by name."""
+    """``{name: path}`` of the figure configs (``*.json`` holding an object with a
+    ``"figure"`` field) in ``directory`` (default :data:`CONFIG_DIR`), sorted by name; other
+    JSON files there (a list, a result's metadata) are not configs and are passed over."""
     directory = Path(CONFIG_DIR if directory is None else directory)
     if not directory.is_dir():
         raise ValueError(f"figure config directory {str(directory)!r} does not exist")
     return {path.stem: path for path in sorted(directory.glob("*.json"))
-            if "figure" in load_config(path)}
+            if _is_config(path)}
+
+
+def _is_config(path: Path) -> bool:
+    """Whether ``path`` holds a figure config (checked: :func:`load_config`); a file that is
+    not JSON is reported, as a config written wrongly would be."""
+    try:
+        text = json.loads(path.read_text())
+    except (OSError, ValueError):
+        text = {"figure": None}  # (load_config says what is wrong)
+    return isinstance(text, dict) and "figure" in load_config(path)
 
 
 def load_config(path) -> dict:

@@ -285,5 +285,22 @@ def test_damaged_figure_data_and_an_empty_config_folder_are_the_users_to_fix(tmp
     for extra in (["--out", str(tmp_path)], ["--list"]):
         assert main(["reproduce", "--figures", str(empty), *extra]) == 2
         err = capsys.readouterr().err
-        assert "holds no figure configs (*.json with a 'figure' field)" in err
+        assert "holds no figure configs (*.json with a 'figure' field); the shipped ones " \
+            "are in" in err
         assert err.count("\n") == 1
+
+
+def test_json_files_that_are_not_configs_are_passed_over(tmp_path, capsys):
+    """``--figures figures/`` (the data, beside an atlas's list-valued grid JSON) failed on
+    the list: "figure config ... must hold a JSON object". Such files are not configs."""
+    from gradflow.cli import main
+
+    (tmp_path / "grid.json").write_text("[1, 2]")
+    (tmp_path / "meta.json").write_text('{"cells": ["lstm"]}')
+    shutil.copy(reproduce.CONFIG_DIR / "star_fig2.json", tmp_path)
+    assert list(reproduce.configs(tmp_path)) == ["star_fig2"]
+    assert main(["reproduce", "--figures", str(tmp_path), "--list"]) == 0
+    assert capsys.readouterr().out.startswith("star_fig2: ")
+    (tmp_path / "broken.json").write_text('{"figure": ')  # a config written wrongly: said
+    with pytest.raises(ValueError, match="cannot read figure config .*broken.json"):
+        reproduce.configs(tmp_path)
