@@ -1762,3 +1762,12 @@ def test_a_label_printed_is_a_cell_typed(capsys, tmp_path):
     rc, again, err = run(capsys, "heatmap", "--cell", "lstm:refined=i+f", *SMALL, "--no-data",
                          "--out", tmp_path / "b.png")
     assert rc == 0 and again.replace("b.png", "a.png") == out, err
+
+
+def test_an_abbreviation_of_two_spellings_of_one_option_is_that_option():
+    """``reproduce --ou DIR`` was "ambiguous option: --ou could match --out-dir, --out", two
+    spellings of one option; abbreviations of two options stay ambiguous."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["reproduce", "--ou", "d"]).out_dir == "d"
+    with pytest.raises(cli.UsageError, match="ambiguous option: --s could match --steps, --seed"):
+        parser.parse_args(["heatmap", "--s", "3"])
