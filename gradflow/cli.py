@@ -2372,15 +2372,16 @@ def run_cells(args) -> int:
     from gradflow import cells as _cells
 
     D = args.hidden if args.input_size is None else args.input_size
-    names = _cells.names()
-    width = max(len(n) for n in names)
-    print(f"{'cell':<{width}}  {'params':>9}  {'gates':<28}  equation   "
-          f"(params of one layer, input {D} -> hidden {args.hidden})")
-    for name in names:
+    rows = []
+    for name in _cells.names():
         cell = _cells.get(name)
         count = cell.param_count(args.hidden if cell.square else D, args.hidden)
-        gates = ", ".join(cell.gate_names) or "-"
-        print(f"{name:<{width}}  {count:>9,}  {gates:<28}  {cell.equation}")
+        rows.append((name, f"{count:,}", ", ".join(cell.gate_names) or "-", cell.equation))
+    w = [max(len(r[i]) for r in [("cell", "params", "gates"), *rows]) for i in range(3)]
+    print(f"{'cell':<{w[0]}}  {'params':>{w[1]}}  {'gates':<{w[2]}}  equation   "
+          f"(params of one layer, input {D} -> hidden {args.hidden})")
+    for name, count, gates, equation in rows:
+        print(f"{name:<{w[0]}}  {count:>{w[1]}}  {gates:<{w[2]}}  {equation}")
     return 0
 
 

@@ -310,6 +310,8 @@ def test_cells_lists_every_cell_with_closed_form_parameter_counts(capsys):
     assert count["indrnn"] == H * (D + 2)             # W, u, b
     assert count["refined_lstm"] == 4 * H * (H + H + 1)    # refined cells read H features
     assert cells.get("star").equation in rows["star"]
+    starts = {l.index(cells.get(l.split()[0]).equation) for l in out.splitlines()[1:]}
+    assert len(starts) == 1  # one column of equations (on_lstm's six gates pushed its own)
 
 
 def _tiny_config(tmp_path, name="tiny", **extra):
