@@ -310,11 +310,14 @@ def _check_tap(h, s) -> None:
 
 
 def _tap_bwd(kind, g):
+    # s's cotangent in s's dtype, the norm in the wider of the two (a model's bfloat16
+    # states, float32 taps: the norm of the bfloat16 gradient, summed in float32)
+    if kind.shape[-1:] == (_READS,) and kind.ndim == g.ndim:  # one read: a 1 in the first
+        reads = jnp.zeros(g.shape[:-1] + (_READS,), kind.dtype)  # entry of each example's tap
+        return jnp.zeros_like(g), reads.at[..., 0].set(1)
+    n = safe_norm(g.astype(jnp.promote_types(g.dtype, kind.dtype))).astype(kind.dtype)
     if kind.ndim < g.ndim:
-        return g, safe_norm(g)
-    if kind.shape[-1] == _READS:  # one read: a 1 in the first entry of each example's tap
-        return jnp.zeros_like(g), jnp.zeros(g.shape[:-1] + (_READS,), g.dtype).at[..., 0].set(1)
-    n = safe_norm(g)
+        return g, n
     return g, jnp.stack([n, jnp.full_like(n, g.shape[-1])], -1)
 
 
@@ -356,9 +359,11 @@ def _tapped(who: str, model, rest, arrays, xs, L: int):
     if not rows.all():
         never = [int(i) for i in np.flatnonzero(~rows)]
         raise ValueError(
-            f"{who}: the model never passes taps[{never[0]}] through gradflow.tap (rows "
-            f"{never} of {L}): give layers={int(rows.sum())} if it taps {int(rows.sum())} "
-            f"layers, or tap every layer's state as h = gradflow.tap(h, taps[l, t])")
+            f"{who}: the model never passes taps[{never[0]}] through gradflow.tap to its "
+            f"outputs (rows {never} of {L}): give layers={int(rows.sum())} if it taps "
+            f"{int(rows.sum())} layers, or tap every layer's state as h = gradflow.tap(h, "
+            "taps[l, t]) where it goes on; a layer whose states the outputs never read has "
+            "no gradient to measure (its row would be 0 by construction)")
     return (reads > 0).all(axis=2)
 
 

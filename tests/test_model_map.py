@@ -306,8 +306,8 @@ def test_layers_must_count_the_tapped_layers(measure):
     with pytest.raises(ValueError, match=r"passes taps\[0, 0\] through gradflow.tap 2 times: "
                                          r"it taps more layers than layers=1"):
         fn(two_layer_tanh, params, xs, layers=1)
-    with pytest.raises(ValueError, match=r"never passes taps\[2\] through gradflow.tap "
-                                         r"\(rows \[2\] of 3\): give layers=2"):
+    with pytest.raises(ValueError, match=r"never passes taps\[2\] through gradflow.tap to its "
+                                         r"outputs \(rows \[2\] of 3\): give layers=2"):
         fn(two_layer_tanh, params, xs, layers=3)
     assert fn(two_layer_tanh, params, xs, layers=2).values.shape == (2, 3)
 
@@ -357,3 +357,55 @@ def test_couples_batch_false_is_checked():
     assert gradflow.model_map(batch_normalised, w, xs, layers=1).values.shape == (1, 3)
     res = gradflow.model_map(two_layer_tanh, [w, w], xs, layers=2, couples_batch=False)
     assert res.values.shape == (2, 3)
+
+
+def test_a_layer_the_outputs_never_read_is_named_as_such():
+    """A model computing and tapping a layer whose states its outputs never use was told
+    it "never passes taps[1] through gradflow.tap": it does, and the message says both."""
+    def layer(W, h_in, taps_l):
+        def step(c, inp):
+            x, s = inp
+            c = gradflow.tap(jnp.tanh(x @ W + c @ W), s)
+            return c, c
+        return jax.lax.scan(step, jnp.zeros((h_in.shape[1], W_SIZE)), (h_in, taps_l))[1]
+
+    def dead_top(params, xs, taps):
+        bottom = layer(params[0], jnp.swapaxes(xs, 0, 1), taps[0])  # tapped, read
+        layer(params[1], bottom, taps[1])  # tapped, never read by the outputs
+        return jnp.swapaxes(bottom, 0, 1)
+    with pytest.raises(ValueError, match=r"never passes taps\[1\] through gradflow.tap to its "
+                                         r"outputs .* no gradient to measure"):
+        gradflow.model_map(dead_top, [jnp.eye(W_SIZE) * 0.5] * 2,
+                           jnp.ones((2, 3, W_SIZE)), layers=2)
+
+
+def test_a_model_with_bfloat16_states_is_measured_in_the_taps_dtype():
+    """A model computing in bfloat16 from float32 inputs: the tap handed its bfloat16 norm
+    to float32 taps and the map failed ("underflow is counted in floating arrays, got
+    bfloat16"). The norm of the bfloat16 gradient is summed in float32, the taps' dtype,
+    equal to that of jax.grad w.r.t. a perturbation of each state."""
+    B, T, H = 3, 4, 5
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    p = {"W": jax.random.normal(k1, (H, H)), "U": jax.random.normal(k2, (H, H)) / 2}
+    xs = jax.random.normal(k3, (B, T, H))
+
+    def model(p, xs, taps, eps=None):
+        def step(h, inp):
+            x, s, e = inp
+            h = gradflow.tap(jnp.tanh(x.astype(jnp.bfloat16) @ p["W"].astype(jnp.bfloat16)
+                                      + h @ p["U"].astype(jnp.bfloat16)) + e, s[0])
+            return h, h.astype(jnp.float32)
+        e = jnp.zeros((T, B, H), jnp.bfloat16) if eps is None else eps
+        _, ys = jax.lax.scan(step, jnp.zeros((B, H), jnp.bfloat16),
+                             (xs.swapaxes(0, 1), taps.swapaxes(0, 1), e))
+        return ys.swapaxes(0, 1)
+
+    res = gradflow.model_map(model, p, xs, layers=1, loss=lambda out: jnp.sum(out ** 2) / 2)
+    assert res.values.dtype == np.float32
+    g = jax.grad(lambda e: jnp.sum(model(p, xs, jnp.zeros((1, T, B)), e) ** 2) / 2)(
+        jnp.zeros((T, B, H), jnp.bfloat16))
+    brute = np.linalg.norm(np.asarray(g, np.float32), axis=-1).mean(axis=1)  # g: (T, B, H)
+    # (each program rounds its bfloat16 backward in its own order: 8 bits, 4e-3)
+    np.testing.assert_allclose(res.values[0], brute, rtol=1e-2)
+    jac = gradflow.model_jacobian_map(model, p, xs, layers=1)
+    assert jac.values.dtype == np.float32 and np.isfinite(jac.values).all()
