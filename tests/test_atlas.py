@@ -274,6 +274,13 @@ def test_committed_mechanism():
     assert min(rnn["0.01"]["vertical_rms"][:3]) > 0.95
     # ... saturated at N(0, 1) inputs: tanh' ~ 0.54 in the bottom layer
     assert rnn["1.0"]["one_minus_h2"][0] < 0.6 and rnn["1.0"]["vertical_rms"][0] < 0.7
+    # README: the RMS gain (the RMS of tanh') 0.63, 0.71-0.75 (layers 1-2), 0.76-0.78 above;
+    # the mean tanh' 0.54, 0.65-0.69, 0.72-0.74
+    for key, quoted in (("vertical_rms", [(0.63, 0.63), (0.71, 0.75), (0.76, 0.78)]),
+                        ("one_minus_h2", [(0.54, 0.54), (0.65, 0.69), (0.72, 0.74)])):
+        g = np.round(rnn["1.0"][key], 2)
+        assert [(g[p].min(), g[p].max()) for p in (slice(0, 1), slice(1, 3), slice(3, None))] \
+            == quoted, (key, g)
     # torch init: U(-1/sqrt(H), 1/sqrt(H)) weights, an RMS gain ~ 1/sqrt(3) per step
     for scale in ("0.01", "1.0"):
         g = m["rnn|torch"][scale]

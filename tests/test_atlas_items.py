@@ -299,6 +299,14 @@ def test_vertical_mechanism():
         assert big["rms_h"][-1] < 1e-3 < big["rms_h"][0]
     rnn = m["rnn|orthogonal|64x4"]["1.0"]  # no shrinking: tanh saturates in every layer
     assert max(rnn["vertical_rms"]) < 0.9 and min(rnn["rms_h"]) > 0.3
+    # README: the gain is the RMS of tanh' (0.64 at the bottom, 0.83-0.89 at the top), the
+    # mean tanh' lower (0.55, 0.81-0.88)
+    tops = [m[f"rnn|orthogonal|{d}x4"]["1.0"] for d in (8, 64)]
+    assert round(rnn["vertical_rms"][0], 2) == 0.64 and round(rnn["one_minus_h2"][0], 2) == 0.55
+    assert [round(t["vertical_rms"][-1], 2) for t in tops] == [0.84, 0.89]
+    assert 0.83 <= min(t["vertical_rms"][-1] for t in tops)
+    assert [round(t["one_minus_h2"][-1], 2) for t in tops] == [0.82, 0.88]
+    assert 0.805 <= min(min(t["one_minus_h2"][-2:]) for t in tops)
     np.testing.assert_allclose(rnn["vertical_rms"], rnn["one_minus_h2"], atol=0.1)
     off = m["star:variant=official|orthogonal|64x4"]["0.01"]
     assert min(off["gate_mean/k"]) > 0.98 and max(off["vertical_rms"]) < 0.1
@@ -356,7 +364,17 @@ def test_cheng_refined_maps_vanish_or_explode(cheng):
     assert np.median(b.statistic[g], axis=1).min() > 8 and b.statistic[g].max() > 1e3
     # ... at input scale 0.1 the final-output loss vanishes (r ~ 3e-5 at 2 layers)
     assert _med(b, cell="refined_gru", input_scale=0.1, loss="last").max() < 1e-3
-    # additive GRU/MGU at input scale 1: explode (r 1e5-1e15 at 2 layers, NaN at 8)
+    # additive GRU/MGU at input scale 1: explode (README: seeds 3.5e5 to 7.9e14, medians 6e6
+    # to 4e14 at 2 layers; NaN at 8)
+    two = np.concatenate([b.statistic[_rows(b, cell=c, layers=2, input_scale=1.0)] for c in (
+        "refined_gru:mode=add", "refined_mgu:mode=add")])
+    assert 3.5e5 <= np.nanmin(two) < 3.6e5 and 7.9e14 <= np.nanmax(two) < 8e14
+    meds = np.nanmedian(two, axis=1)
+    assert 6e6 <= meds.min() < 7e6 and 3.9e14 < meds.max() < 4e14
+    # multiplicative MGU at 8 layers, scale 1: NaN in 3 of 4 seeds, the fourth exploding
+    # (240 to 4.6e16)
+    m = b.statistic[_rows(b, cell="refined_mgu", layers=8, input_scale=1.0)]
+    assert np.isnan(m[:, :3]).all() and 239 < m[:, 3].min() and 4.5e16 < m[:, 3].max() < 4.6e16
     for cell in ("refined_gru:mode=add", "refined_mgu:mode=add"):
         assert np.nanmin(b.statistic[_rows(b, cell=cell, layers=2, input_scale=1.0)]) > 1e5
         assert np.isnan(b.statistic[_rows(b, cell=cell, layers=8, input_scale=1.0)]).mean() \
