@@ -603,6 +603,43 @@ def _reads_another(model, rest, arrays, xs, extra, axis):
         jnp.any(jnp.abs(jnp.delete(jax.grad(of(i))(xs), i, axis=0)) > 0) for i in range(n)])
 
 
+def depends_on_place(model, rest, arrays, xs, per_device: int, extra: tuple = (),
+                     axis: int = 0) -> bool:
+    """Whether a split of the batch would change ``model``'s outputs although no example reads
+    another (:func:`mixes_examples`): an example's outputs move with its place in the batch or
+    the batch's size (a dropout mask or noise drawn from a fixed key with the batch's shape:
+    each device would draw its own). The first ``2c`` examples (``c = min(per_device, 2)``,
+    ``per_device`` the examples a device would get) are run whole and as two halves of ``c``,
+    as two devices run them; outputs apart by more than ``1e-3`` of the largest finite output
+    move (rounding that differs with the batch's size stays far below). True also where the
+    model cannot run on those halves (one built for its batch size): a split would not run it
+    as a whole. ``extra`` and ``axis`` as for :func:`mixes_examples`."""
+    c = max(1, min(int(per_device), 2))
+    if xs.shape[0] < 2 * c:
+        return False
+    try:
+        return bool(_place_moves(model, rest, arrays, xs[:2 * c], extra, axis, c))
+    except Exception:  # noqa: BLE001  (the whole batch's error, if any, comes from the map)
+        return True
+
+
+@functools.partial(jit, static_argnames=("model", "rest", "extra", "axis", "c"))
+def _place_moves(model, rest, arrays, xs, extra, axis, c):
+    call = with_static(model, rest)
+
+    def run(x):
+        args = [jnp.zeros(shape[:-1] + (x.shape[0],), dtype) for shape, dtype in extra]
+        return [a for a in jax.tree_util.tree_leaves(call(arrays, x, *args))
+                if jnp.issubdtype(a.dtype, jnp.inexact)]
+
+    moved = jnp.asarray(False)
+    for whole, first, second in zip(run(xs), run(xs[:c]), run(xs[c:])):
+        scale = jnp.max(jnp.where(jnp.isfinite(whole), jnp.abs(whole), 0), initial=0)
+        apart = jnp.abs(whole - jnp.concatenate([first, second], axis=axis))
+        moved = moved | jnp.any(apart > 1e-3 * scale)
+    return moved
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory
 
@@ -650,4 +687,5 @@ def params_fit(stack, dtype) -> None:
 
 __all__ = ["positive_int", "nonneg_int", "boolean", "choice", "check_xs", "check_inputs",
            "function_failed", "check_params", "check_scalar_loss", "expected_params",
-           "model_arguments", "split_static", "with_static", "mixes_examples"]
+           "model_arguments", "split_static", "with_static", "mixes_examples",
+           "depends_on_place"]

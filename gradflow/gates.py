@@ -775,7 +775,9 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
       couples_batch: whether the model mixes the examples of a batch, as
         :func:`gradflow.model_map`'s (``False`` is checked, and refused for a model whose
         one example's gates move with another's inputs): ``False`` splits the batch over the
-        devices, each device's sums and counts added up (the same statistics to rounding).
+        devices, each device's sums and counts added up (the same statistics to rounding),
+        unless an example's gates move with its place in the batch (a mask drawn with the
+        batch's shape: :func:`gradflow.checks.depends_on_place`).
     Returns:
       Result of kind ``"gate_stats"`` (drawn by :func:`gradflow.plot.gate_histograms` and the
       other gate figures), its config naming the model; non-finite activations counted,
@@ -836,6 +838,8 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
     what = f"gates.model_saturation ({name}, {L} layers x {T} steps, batch {B}, {xs.dtype})"
     from gradflow import parallel
     devices = () if couples_batch else parallel.should_split(xs, None, arrays)
+    if devices and checks.depends_on_place(model, rest, arrays, xs, B // len(devices), axis=1):
+        devices = ()  # (a mask drawn with the batch's shape: each device would draw its own)
     sums, hist = parallel.example_map(  # split: sums and counts add over the devices
         _model_sums, (model, rest), arrays, (xs,), (0,), static, devices, what,
         "give fewer examples or steps", summed=True)

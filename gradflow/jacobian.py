@@ -428,7 +428,10 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         (on a CPU those of :func:`gradflow.parallel.use_cpu_devices`) as it does for a Stack's
         cells: the model runs on each device's examples, the loss on the gathered outputs (any
         loss, exact). Under ``"auto"`` any split that divides the batch is taken (the model's width,
-        which the CPU rule weighs for a Stack, is unknown here).
+        which the CPU rule weighs for a Stack, is unknown here). A model whose example's
+        outputs move with its place in the batch or the batch's size (a dropout mask drawn
+        with the batch's shape from a fixed key: each device would draw its own) is not
+        split (:func:`gradflow.checks.depends_on_place`).
       reaches: a boolean ``(L, T)`` mask of the states the loss reaches, where an exact zero
         would be underflow rather than the model's structure (default, with the default
         losses: every tapped state; with a callable loss: none). E.g. a bidirectional model's
@@ -486,6 +489,9 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     smaller = "give fewer examples or steps, or checkpoint your scan (jax.checkpoint)"
     from gradflow import parallel
     devices = () if couples_batch else parallel.should_split(xs, None, params)
+    if devices and checks.depends_on_place(model, rest, arrays, xs, B // len(devices),
+                                           (((L, T, B), str(xs.dtype)),)):
+        devices = ()  # (a mask drawn with the batch's shape: each device would draw its own)
     if devices:
         value, vals = parallel.model_state_map(model, loss_fn, rest, arrays, xs, L, devices,
                                                what, smaller)
@@ -532,7 +538,8 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     own): every example's cotangent is pulled back at once, and a model whose first or last
     example's output reads another example's states is refused. So the examples are split over the
     devices as :func:`jacobian_map`'s are (:func:`gradflow.parallel.should_split`; two per
-    device at least, each device checking its first). Exact: ``K`` VJPs, one per output
+    device at least, each device checking its first; not where an example's outputs move with
+    its place in the batch, :func:`gradflow.checks.depends_on_place`). Exact: ``K`` VJPs, one per output
     unit, ``vmap``-ed ``chunk`` at a time, each reduced to its norms at the taps; ``probe``:
     ``probes`` Gaussian cotangents, :math:`\|J\|_F^2 \approx \mathrm{mean}_k
     \|v_k^\top J\|^2`, with a delta-method standard error (as :func:`jacobian_map`'s; the
@@ -612,7 +619,8 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     rows = chunk if method == "exact" else probes
     width = math.ceil(K * parallel.MIN_ROWS_X_WIDTH / MODEL_SPLIT_WORK)
     devices = parallel.should_split(xs, None, arrays, rows=rows, width=width)
-    if B // max(len(devices), 1) < 2:
+    if B // max(len(devices), 1) < 2 or devices and checks.depends_on_place(
+            model, rest, arrays, xs, B // len(devices), (((L, T, B), str(xs.dtype)),)):
         devices = ()
     each, se, finite, leak = parallel.example_map(
         _model_each, (model, rest), arrays, args, (0, 1)[:len(args)], static, devices, what,

@@ -1,4 +1,6 @@
 """gradflow.checks: every bad argument gets one clear ValueError/TypeError at the door."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -329,3 +331,32 @@ def test_errors_of_the_users_code_and_of_gradflows_checks_stay_input_errors():
         with user_input():
             checks.expected_params(gradflow.Stack(gradflow.cells.get(
                 "on_lstm", chunk_size=2), 2, 3, 7))
+
+
+def test_a_model_whose_outputs_move_with_the_place_in_the_batch_is_found():
+    """checks.depends_on_place: a dropout mask drawn with the batch's shape from a fixed key
+    (examples independent, but each device of a split would draw its own) is found; a model
+    that treats every example alike is not, nor one drawing each example's mask alone."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_parallel import masked_model
+    from test_model_map import two_layer_tanh, W_SIZE
+
+    def two(w, xs, taps):
+        return two_layer_tanh([w, w], xs, jnp.concatenate([taps, taps]))
+
+    def one_mask(w, xs, taps):  # one mask for every example: the same wherever it is
+        return two(w, xs, taps) * jax.random.bernoulli(jax.random.key(42), 0.5, (W_SIZE,))
+
+    w = jnp.eye(W_SIZE) * 0.5
+    xs = jax.random.normal(jax.random.key(0), (4, 3, W_SIZE))
+    arrays, rest = checks.split_static(w)
+    extra = (((1, 3, 4), "float32"),)
+    assert checks.depends_on_place(masked_model, rest, arrays, xs, 2, extra)
+    assert checks.depends_on_place(masked_model, rest, arrays, xs, 1, extra)
+    assert not checks.depends_on_place(one_mask, rest, arrays, xs, 2, extra)
+    assert not checks.depends_on_place(two, rest, arrays, xs, 2, extra)
+
+    def fixed(w, xs, taps):  # built for a batch of 4: cannot run on 2
+        return two(w, xs, taps) + jnp.ones((4, 1, 1))
+    assert checks.depends_on_place(fixed, rest, arrays, xs, 2, extra)

@@ -257,8 +257,54 @@ CHILD = textwrap.dedent("""
                            measure=measure)
             res = atlas.measure_group(g.conditions()[:1], jax.devices())
             out["atlas_devices"][measure] = res[0].config["devices"]
+        # a model drawing a dropout mask with the batch's shape from a fixed key: no example
+        # reads another, but each device would draw its own mask (maps 24-28% off, split):
+        # not split, its numbers those of the whole batch
+        from test_parallel import masked_model, masked_gates
+        jax.config.update("jax_enable_x64", True)
+        w = jax.random.normal(jax.random.key(6), (3, 3), "float64") / 2
+        xs = jax.random.normal(jax.random.key(7), (4, 5, 3), "float64")
+        runs = {"map": (parallel._sharded_model_map, lambda: gradflow.model_map(
+                            masked_model, w, xs, layers=1, couples_batch=False).values),
+                "jacobian": (parallel._sharded_examples, lambda: gradflow.model_jacobian_map(
+                                 masked_model, w, xs, layers=1).values),
+                "gates": (parallel._sharded_examples, lambda: gates.model_saturation(
+                              masked_gates, w, xs, kinds={"g": "other"},
+                              couples_batch=False).arrays["mean/g/pooled"])}
+        out["masked"] = {}
+        for name, (cache, run) in runs.items():
+            before = cache.cache_info().misses
+            with parallel.batch_devices("all"):
+                split = np.asarray(run())
+            split_compiles = cache.cache_info().misses - before
+            with parallel.batch_devices(None):
+                plain = np.asarray(run())
+            out["masked"][name] = {"split_compiles": split_compiles,
+                                   "diff": float(np.max(np.abs(split - plain)))}
+        # (the same model written per example, mask drawn per example: split as before)
     print(json.dumps(out))
 """)
+
+
+def masked_model(w, xs, taps):
+    """One tanh layer whose outputs pass a dropout mask drawn with the batch's shape from a
+    fixed key: the examples independent, but example b's mask is row b of the batch's."""
+    mask = jax.random.bernoulli(jax.random.key(42), 0.5, (xs.shape[0], w.shape[1])) * 2.0
+
+    def step(h, inp):
+        x, s = inp
+        h = gradflow.tap(jnp.tanh(x @ w + h @ w), s[0])
+        return h, h * mask
+
+    h0 = jnp.zeros((xs.shape[0], w.shape[1]), xs.dtype)
+    _, ys = jax.lax.scan(step, h0, (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(taps, 0, 1)))
+    return jnp.swapaxes(ys, 0, 1)
+
+
+def masked_gates(w, xs):
+    """:func:`masked_model`'s mask on a gate: ``{"g": (1, B, T, H)}``."""
+    mask = jax.random.bernoulli(jax.random.key(42), 0.5, (xs.shape[0], 1, w.shape[1]))
+    return {"g": (jax.nn.sigmoid(xs @ w) * mask)[None]}
 
 
 def solving_model(p, xs, taps):
@@ -380,6 +426,8 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         for j in out["model_jacobian"]:
             assert j["compiles"] == 1 and max(j["rel"].values()) <= 1e-12, j
         assert "stderr" in out["model_jacobian"][1]["rel"]
+        for name, m in out["masked"].items():  # a mask of the batch's shape: never split
+            assert m == {"split_compiles": 0, "diff": 0.0}, (name, m)
 
 
 def test_parameters_travel_packed_and_come_back_unchanged():
