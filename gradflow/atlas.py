@@ -895,21 +895,40 @@ def mechanism(cell: str, init: str, input_scales=(0.01, 0.1, 1.0), *, layers: in
     return out
 
 
-def table(results: dict, factors=("cell", "init", "input_scale", "layers", "loss", "wrt")) -> str:
+#: The keys of a condition, in the order tables name them (:data:`FACTORS`, the size as its
+#: layers and steps, and the settings a grid's conditions may differ in).
+CONDITION_KEYS = ("cell", "init", "input_scale", "hidden", "layers", "steps", "loss", "wrt",
+                  "batch", "measure", "dtype", "readout_seed")
+
+
+def varied(results: dict) -> tuple:
+    """The :data:`CONDITION_KEYS` whose value differs between the conditions of ``results``
+    (the cell always): what tells its conditions apart."""
+    every = [c for res in results.values() for c in res.config["conditions"]]
+    return tuple(k for k in CONDITION_KEYS
+                 if k == "cell" or len({json.dumps(c.get(k), default=str) for c in every}) > 1)
+
+
+def median_text(s) -> str:
+    """A condition's median over seeds, over the seeds where it is a number, with ``(NaN
+    k/n)`` where k of the n are not (a median of the rest, which may be one seed's value)."""
+    s = np.asarray(s, float)
+    bad = int(np.count_nonzero(np.isnan(s)))
+    median = np.nanmedian(s) if bad < s.size else float("nan")
+    return f"{median:.3g}" + (f" (NaN {bad}/{s.size})" if bad else "")
+
+
+def table(results: dict, factors=None) -> str:
     """A Markdown table: one row per (claim, condition) with the median statistic over seeds
-    (over the seeds where it is a number, with ``(NaN k/n)`` where k of the n are not: a median
-    of the rest, which may be one seed's value) and the fraction of seeds for which the claim
-    holds."""
+    (:func:`median_text`) and the fraction of seeds for which the claim holds; ``factors``
+    (default: those that differ between the conditions, :func:`varied`) name the condition."""
+    factors = varied(results) if factors is None else tuple(factors)
     lines = ["| claim | " + " | ".join(factors) + " | median statistic | holds (seeds) |",
              "|---" * (len(factors) + 3) + "|"]
     for name, res in results.items():
         for c, s, f in zip(res.config["conditions"], res.statistic, res.fraction):
-            s = np.asarray(s, float)
-            bad = int(np.count_nonzero(np.isnan(s)))
-            median = np.nanmedian(s) if bad < s.size else float("nan")
             lines.append(f"| {name} | " + " | ".join(str(c.get(k, "-")) for k in factors)
-                         + f" | {median:.3g}" + (f" (NaN {bad}/{s.size})" if bad else "")
-                         + f" | {f:.2f} |")
+                         + f" | {median_text(s)} | {f:.2f} |")
     return "\n".join(lines)
 
 
@@ -1100,10 +1119,11 @@ for _fam, _gs in (("lstm", ("i", "o")), ("gru", ("r", "z")), ("mgu", ("f",))):
                          reads="gates"))
 
 
-__all__ = ["CLAIMS", "Claim", "FACTORS", "Grid", "MEASUREMENTS", "Measurement", "atlas",
+__all__ = ["CLAIMS", "Claim", "CONDITION_KEYS", "FACTORS", "Grid", "MEASUREMENTS",
+           "Measurement", "atlas",
            "bottom_first", "cell_for", "condition_key", "get_claims", "load", "measure",
            "measure_group", "measure_of", "mechanism", "median_below_top2", "plan",
            "median_vertical_gain", "outside_share", "pack", "parse_cell", "ratio",
            "register_claim", "register_measurement", "saturated_share", "saturation_gain",
            "save", "share_within_decade", "table", "timescale_decades", "unpack",
-           "bottom_layer_kept"]
+           "bottom_layer_kept", "varied", "median_text"]

@@ -2616,9 +2616,29 @@ def run_atlas(args) -> int:
               + (f"; not readable (NaN: a map not finite, or 0 where it is read) for {unread} "
                  f"of {res.statistic.size} (condition, seed) pairs, counted as not holding"
                  if unread else ""))
+        _print_short_of(res, _atlas.varied(results))
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _print_short_of(res, keys, most: int = 12) -> None:
+    """The conditions where a claim does not hold for every seed, one line each (at most
+    ``most``), named by the ``keys`` that tell the grid's conditions apart: which widths,
+    scales, losses fail is the answer an atlas is run for."""
+    from gradflow import atlas as _atlas
+
+    short = [i for i, f in enumerate(res.fraction) if f < 1]
+    n = res.statistic.shape[1]
+    for i in short[:most]:
+        c = res.config["conditions"][i]
+        print(f"  {'fails' if res.fraction[i] == 0 else 'split'}: "
+              + ", ".join(f"{k} {c.get(k)}" for k in keys)
+              + f": median {_atlas.median_text(res.statistic[i])}, holds for "
+              f"{round(res.fraction[i] * n)} of {n} seeds")
+    if len(short) > most:
+        print(f"  ... and {len(short) - most} more (gradflow.atlas.table of the saved atlas "
+              "lists every condition)")
 
 
 # --- train -----------------------------------------------------------------------------------

@@ -314,6 +314,19 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
     assert "rnn_amplified: holds for all 2 seeds in" in out and "atlas.png" in out
     res = A.load(tmp_path / "atlas")["rnn_amplified"]
     assert res.statistic.shape == (2, 2)
+    # the conditions short of every seed, named by what varies (input_scale here), each with
+    # its median and share (the summary said only how many)
+    short = [i for i, f in enumerate(res.fraction) if f < 1]
+    lines = [l for l in out.splitlines() if l.startswith(("  fails: ", "  split: "))]
+    assert len(lines) == len(short) > 0
+    for i, line in zip(short, lines):
+        c = res.config["conditions"][i]
+        assert line == (f"  {'fails' if res.fraction[i] == 0 else 'split'}: cell rnn, "
+                        f"input_scale {c['input_scale']}: median "
+                        f"{np.median(res.statistic[i]):.3g}, holds for "
+                        f"{round(2 * res.fraction[i])} of 2 seeds")
+    assert A.table({"r": res}).splitlines()[0] == \
+        "| claim | cell | input_scale | median statistic | holds (seeds) |"
     for argv, msg in [(["--grid", str(grid), "--out", str(tmp_path / "no")], "not an existing"),
                       (["--grid", str(grid), "--out", str(tmp_path), "--claims", "x"],
                        "unknown claim 'x'"),
