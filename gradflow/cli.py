@@ -2861,25 +2861,27 @@ def _resume_refused(args, out: Path, differences, typed=()) -> UsageError:
                         f"{said}; give the run's, or --overwrite for a new run")
 
 
-def _train_subject(args) -> str:
-    """The trained stack's cell as the summaries name it: ``--cell`` as written, or a stack of
-    different cells bottom up with runs counted (``gru x3 / star``, :func:`gradflow.plot.
-    subject`)."""
-    cells = layer_cells(args.cell)
-    if len(cells) == 1:
-        return args.cell
+def _train_subject(args, stack) -> str:
+    """The trained stack's cell as the summaries name it: a registered cell by its label (its
+    options of note, ``--option`` ones too: ``lstm:forget_bias=1.0``), a user's as ``--cell``
+    wrote it, or a stack of different cells bottom up with runs counted (``gru x3 / star``,
+    :func:`gradflow.plot.subject`)."""
+    from gradflow import cells as _cells
     from gradflow import plot
 
-    return plot.subject({"cell": cells})
+    if len(layer_cells(args.cell)) > 1:
+        return plot.subject(stack.config)
+    cell = stack.cells[0]
+    return cell.label if cell.name in _cells.names() else args.cell
 
 
-def _train_report(args, task, hist, out: Path) -> list[str]:
+def _train_report(args, task, hist, out: Path, what: str) -> list[str]:
     """Write the figures and the maps, then print the evaluation table and each recorded
     map's summary (the files first: they are there whatever becomes of stdout); return the
     written paths."""
     from gradflow import plot
 
-    c, what = hist.curve, _train_subject(args)
+    c = hist.curve
     written = [str(out / "curve.npz"), plot.save(plot.draw_curves({what: c}, title=(
         f"{what}, {args.layers} layers, on {task.name} (T={task.steps})")),
         out / "curve.png")]
@@ -2975,7 +2977,7 @@ def run_train(args) -> int:
         for old in [*out.glob("map_step*.npz"), out / "maps.png"]:
             if old.is_file():
                 old.unlink()
-    what = _train_subject(args)  # (a stack of different cells names its layers itself)
+    what = _train_subject(args, stack)
     started = ""
     if saved is not None:
         started = f"; resumed at step {saved['step']}"
@@ -2983,15 +2985,18 @@ def run_train(args) -> int:
         started = (f"; nothing saved in {str(out)!r} to resume: a new run"
                    + ("" if args.out is not None else " (the default folder is named by the "
                       "settings, --steps among them: give the run's --out)"))
-    print(f"gradflow train: {what}{' x' if what == args.cell else ','} {args.layers} layers, "
+    one = len(layer_cells(args.cell)) == 1  # (a stack of different cells names its layers)
+    print(f"gradflow train: {what}{' x' if one else ','} {args.layers} "
+          f"layer{'s' * (args.layers != 1)}, "
           f"H={width_text(args.hidden)}, on "
-          f"{task.name} (T={task.steps}, {task.metric}); {args.steps} steps of batch "
+          f"{task.name} (T={task.steps}, {task.metric}); {args.steps} "
+          f"step{'s' * (args.steps != 1)} of batch "
           f"{args.batch}, lr {args.lr:g}, seed {args.seed}"
           + (f", budget {args.budget:g}" if args.budget else "") + started, flush=True)
     with precision(args.dtype):
         hist = train(stack, task, **run, record=record, run_dir=out, resume=args.resume,
                      progress=args.progress)
-        written = _train_report(args, task, hist, out)
+        written = _train_report(args, task, hist, out, what)
     for path in written:
         print(f"wrote {path}")
     maps = [f"--wrt {args.wrt}"] if args.wrt != "hidden" else []  # (as the maps recorded)

@@ -723,7 +723,8 @@ def check_fits(cost: Cost, limit=None, cli: bool = False, checkpoint: bool = Tru
     if cost.total <= limit:
         return cost
     stack, B, T, dtype, wrt, method, probes = cost.request
-    what = (f"this measurement ({stack.name}, {stack.layers} layers x {T} steps, "
+    what = (f"this measurement ({stack.name}, {stack.layers} layer{'s' * (stack.layers != 1)} "
+            f"x {T} steps, "
             f"H={_width_text(stack)}, batch {B}, {dtype}"
             + {"gradient": f", wrt {wrt}", "gates": ", gate statistics",
                "gains": ", local gains", GAINS_RMS: ", local gains (rms)"}.get(

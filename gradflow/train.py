@@ -575,7 +575,7 @@ def check_memory(stack, task, eval_task, cfg: TrainConfig, runs: int = 1) -> Non
                                method="gates", calibrate=False)
     need = runs * (2 * step.params + max(step.total, evaluation.total))
     cost.check_need(need, f"training ({'' if runs == 1 else f'{runs} runs at once, '}"
-                          f"{cells_label(stack)}, {stack.layers} layers, "
+                          f"{cells_label(stack)}, {stack.layers} layer{'s' * (stack.layers != 1)}, "
                           f"H={stack.hidden_size}, batch {cfg.batch}, eval batch "
                           f"{cfg.eval_batch}, sequences of {task.steps} steps)",
                     "use a smaller hidden size, fewer layers, or a smaller batch or eval batch")

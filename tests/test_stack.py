@@ -615,3 +615,14 @@ def test_a_cells_label_names_the_options_of_note_and_titles_carry_it():
     assert plot.subject(mixed.config) == "gru / star:variant=official"
     rebuilt = gradflow.runs.stack_from_config(json.loads(json.dumps(config)))
     assert rebuilt.cells[0] is cells.get("lstm", forget_bias=1.0)  # (the label is no option)
+
+
+def test_an_option_written_twice_in_a_cell_is_refused():
+    """``lstm:forget_bias=1,forget_bias=2`` was the last value, silently (``--option`` given
+    twice is refused)."""
+    from gradflow import cells
+
+    with pytest.raises(ValueError, match=r"option forget_bias is given twice \(1 and 2\)"):
+        cells.parse_spec("lstm:forget_bias=1,forget_bias=2")
+    assert cells.parse_spec("lstm:forget_bias=1,tied=true") == (
+        "lstm", {"forget_bias": 1, "tied": True})

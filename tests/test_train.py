@@ -481,7 +481,7 @@ def test_a_run_that_cannot_fit_is_refused_before_compiling(monkeypatch):
     train(small, tasks.make("adding", steps=20), **opts)
     from gradflow import seeds
 
-    with pytest.raises(ValueError, match=r"training \(6 runs at once, lstm, 1 layers"):
+    with pytest.raises(ValueError, match=r"training \(6 runs at once, lstm, 1 layer,"):
         seeds.train_lr_seeds(small, tasks.make("adding", steps=20), [1e-3, 1e-2], [0, 1, 2],
                              **opts)
     with pytest.raises(ValueError, match=r"measuring the atlas's lstm conditions at 3 layers x "

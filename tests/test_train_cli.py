@@ -135,7 +135,7 @@ def test_a_run_too_large_for_memory_is_refused_before_its_folder(tmp_path, capsy
                  "--batch", "2", "--layers", "1", "--hidden", "4", "--seq-len", "4"])
     out, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith("gradflow train: error: training (lstm, 1 layers, H=4, batch 2, eval "
+    assert err.startswith("gradflow train: error: training (lstm, 1 layer, H=4, batch 2, eval "
                           "batch 4, sequences of 4 steps) needs about "), err
     assert out == "" and not (tmp_path / "x").exists()
 
@@ -163,6 +163,7 @@ def test_one_cell_per_layer_trains_that_stack(tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert printed.out.startswith("gradflow train: gru x2 / star, 3 layers, H=6, on adding")
+    assert "; 3 steps of batch 4," in printed.out.splitlines()[0]
     stack, params = runs.load_params(out)
     assert stack.config["cell"] == ["gru", "gru", "star"]
     task = tasks.make("adding", steps=5)
@@ -723,3 +724,17 @@ def test_a_diverged_run_says_so_below_its_table(tmp_path, capsys):
     first = int(np.flatnonzero(~np.isfinite(curve["loss"]))[0])
     assert (f"non-finite losses: {n} of 3 training losses, {m} of 4 evaluation losses (first "
             f"at step {first}): the run diverged; a smaller --lr or --clip may hold it") in out
+
+
+def test_a_cells_options_are_named_as_given_either_way(tmp_path, capsys):
+    """``--cell lstm --option forget_bias=1.0`` was headed (and its curve titled) ``lstm``,
+    as the default cell's run; both spellings now say ``lstm:forget_bias=1.0``."""
+    lines = []
+    for i, cell in enumerate((["--cell", "lstm", "--option", "forget_bias=1.0"],
+                              ["--cell", "lstm:forget_bias=1.0"])):
+        assert main(["train", "--out", str(tmp_path / str(i)), *cell, "--steps", "1",
+                     "--eval-batch", "4", "--batch", "2", "--layers", "1", "--hidden", "4",
+                     "--seq-len", "4"]) == 0
+        lines.append(capsys.readouterr().out.splitlines()[0])
+    assert lines[0] == lines[1] and lines[0].startswith(
+        "gradflow train: lstm:forget_bias=1.0 x 1 layer, H=4, on adding (T=4, mse); 1 step of")

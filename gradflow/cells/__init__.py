@@ -85,9 +85,13 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         if not eq or not key:
             raise ValueError(f"cell spec {spec!r}: options are 'option=value' pairs")
         try:
-            options[key] = json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
-            options[key] = value
+            pass
+        if key in options:  # (the last one won, without a word)
+            raise ValueError(f"cell spec {spec!r}: option {key} is given twice "
+                             f"({options[key]!r} and {value!r}); give it once")
+        options[key] = value
     return name, options
 
 
