@@ -485,6 +485,52 @@ def test_fresh_modules_run_with_the_wrapped_modules_state_outside_params(x64):
     assert all(sorted(p) == ["U", "W"] for p in eqx_stack.init(jax.random.key(0))["layers"])
 
 
+class _Leaky(eqx.Module):
+    """A leaky tanh cell whose leak is a static float field: a fixed setting, no parameter."""
+    W: jax.Array
+    hidden_size: int = eqx.field(static=True)
+    alpha: float = eqx.field(static=True)
+
+    def __call__(self, x, h):
+        return (1 - self.alpha) * h + self.alpha * jnp.tanh(jnp.concatenate([x, h]) @ self.W)
+
+
+def test_layers_whose_fixed_settings_differ_are_refused_or_each_their_own_cell(x64):
+    """Trained layers that differ in a setting outside their weights (an NNX cell's
+    activation, an Equinox static float) ran every layer with the wrapped module's, silently:
+    maps up to 65x off. stack_params runs each layer's module as itself against the cell on
+    its weights and refuses the difference; a cell per layer measures each as itself (brute
+    force); layers of other input widths but equal settings are accepted."""
+    acts = (jnp.tanh, jax.nn.relu, jnp.tanh)
+    mods = [nnx.SimpleCell(n, H, activation_fn=a, rngs=nnx.Rngs(l), dtype=jnp.float64,
+                           param_dtype=jnp.float64)
+            for l, (n, a) in enumerate(zip((D, H, H), acts))]
+    with pytest.raises(ValueError, match=r"from_nnx: a layer's module computes another "
+                                         r"function .*Stack\(\[from_nnx\(m\) for m"):
+        cells.stack_params(gradflow.Stack(cells.from_nnx(mods[0]), L, D, H), mods)
+    leaky = [_Leaky(jax.random.normal(jax.random.key(l), (n + H, H), jnp.float64) / 3, H, a)
+             for l, (n, a) in enumerate(zip((D, H, H), (0.9, 0.05, 0.9)))]
+    with pytest.raises(ValueError, match=r"from_equinox: a layer's module computes another "
+                                         r"function"):
+        cells.stack_params(gradflow.Stack(cells.from_equinox(leaky[0], input_size=D), L, D, H),
+                           leaky)
+    xs = inputs(jnp.float64)
+    for make, layers, step in (
+            (cells.from_nnx, mods, [lambda h, x, m=m: m(h, x)[0] for m in mods]),
+            (lambda m: cells.from_equinox(m, input_size=m.W.shape[0] - H), leaky,
+             [lambda h, x, m=m: jax.vmap(m)(x, h) for m in leaky])):
+        stack = gradflow.Stack([make(m) for m in layers], L, D, H)
+        want, _ = brute_maps(step, lambda dt: jnp.zeros((B, H), dt), lambda h: h,
+                             lambda h, v: v, xs)
+        assert_maps(hidden_map(stack, cells.stack_params(stack, layers), xs), want)
+    same = [_Leaky(m.W, H, 0.9) for m in leaky]  # equal settings: accepted
+    cells.stack_params(gradflow.Stack(cells.from_equinox(same[0], input_size=D), 1, D, H),
+                       same[:1])
+    grus = [eqx.nn.GRUCell(n, H, key=jax.random.key(l), dtype=jnp.float64)
+            for l, n in enumerate((D, H, H))]  # layer 0 reads D, the others H: accepted
+    cells.stack_params(gradflow.Stack(cells.from_equinox(grus[0]), L, D, H), grus)
+
+
 class _MyGRU(eqx.Module):
     """A researcher's own Equinox cell around eqx.nn.GRUCell: gradflow cannot rebuild it."""
     cell: eqx.nn.GRUCell

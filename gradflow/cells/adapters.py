@@ -966,6 +966,36 @@ def _same_fixed_state(who: str, nnx, own, its) -> None:
                          "modules], ...)")
 
 
+def _runs_as_itself(who: str, own, cell, template, widths, make: str) -> None:
+    """An InputError unless a layer's module run as itself, ``own(carry, x)``, equals the cell
+    run on the weights taken from it, ``cell(carry, x)`` (both a batch of two): every layer
+    runs with the wrapped module's fixed settings (an activation, a float or static field),
+    so a layer whose own differ was measured as another network without a word (up to 65x
+    off). Probed on random inputs of the first of ``widths`` the module reads; nothing is
+    checked where it reads none of them (the measurement then says what is wrong)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    carry = treedef.unflatten([0.5 * jax.random.normal(k, (2,) + tuple(np.shape(z)[1:]))
+                               for k, z in zip(jax.random.split(k1, len(leaves)), leaves)])
+    for n_in in dict.fromkeys(w for w in widths if isinstance(w, int)):
+        x = jax.random.normal(k2, (2, n_in))
+        try:
+            mine = jax.tree_util.tree_leaves(own(carry, x))
+        except Exception:  # noqa: BLE001  (not this width: the next one)
+            continue
+        theirs = jax.tree_util.tree_leaves(cell(carry, x))
+        if len(mine) != len(theirs) or not all(
+                np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                            rtol=1e-5, atol=1e-6, equal_nan=True)
+                for a, b in zip(mine, theirs)):
+            raise InputError(
+                f"{who}: a layer's module computes another function than the cell's module "
+                "does with that layer's weights: its fixed settings differ (an activation, a "
+                "float or static field), and every layer runs with the cell's module's; give "
+                f"each layer its own cell: Stack([{make}(m) for m in modules], ...)")
+        return
+
+
 def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None, gates=None,
              gate_kinds=None, init: Callable | None = None, name: str | None = None,
              couples_batch: bool | None = None, input_size: int | None = None,
@@ -1051,9 +1081,13 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                 raise InputTypeError(f"{who}: a layer's module is a {type(obj).__name__}, the cell "
                                      f"wraps a {type(module).__name__}")
             _, params, others = nnx.split(obj, nnx.Param, ...)
+            params = _pure_dict(nnx, params)
             if trained:  # (a fresh module's, traced inside Stack.init, is its class's default)
                 _same_fixed_state(who, nnx, rest, others)
-            return _pure_dict(nnx, params)
+                _runs_as_itself(who, lambda c, x: _pair(who, obj(c, x), "the module")[0],
+                                lambda c, x: call(params, c, x)[0], template,
+                                (getattr(obj, "in_features", None), n_in, H), "from_nnx")
+            return params
         if isinstance(obj, dict):
             return obj
         raise InputTypeError(f"{who}: a layer's weights are an nnx module or its params dict, got "
@@ -1092,10 +1126,11 @@ def _eqx_split(eqx, m):
     return {_path_name(p): v for p, v in flat}, treedef, static
 
 
-def _eqx_to_params(eqx, module, keys, obj, trained=True):
-    """A layer's params from a trained module like ``module`` (or its params dict); a fresh
-    one's (``trained=False``: ``init``'s, traced inside ``Stack.init``) fixed arrays are not
-    compared, every layer runs with ``module``'s."""
+def _eqx_to_params(eqx, module, keys, runs_as_itself, obj, trained=True):
+    """A layer's params from a trained module like ``module`` (or its params dict), checked to
+    compute, as itself, what the cell computes with them (``runs_as_itself(obj, params)``:
+    :func:`_runs_as_itself`); a fresh one's (``trained=False``: ``init``'s, traced inside
+    ``Stack.init``) is not compared, every layer runs with ``module``'s."""
     who = "from_equinox"
     if isinstance(obj, eqx.Module):
         p, _, static = _eqx_split(eqx, obj)
@@ -1108,6 +1143,8 @@ def _eqx_to_params(eqx, module, keys, obj, trained=True):
                              "than the cell's module (they are fixed, not parameters); give "
                              "each layer its own cell: Stack([from_equinox(m) for m in "
                              "modules], ...)")
+        if trained:
+            runs_as_itself(obj, p)
         return p
     if isinstance(obj, dict):
         return obj
@@ -1187,7 +1224,14 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
         m = rebuilt(params)
         return m(x, carry), None, (gates(m, carry, x) if gates is not None else {})
 
-    to_params = functools.partial(_eqx_to_params, eqx, module, keys)
+    n_in = _input_size(who, input_size, getattr(module, "input_size", None))
+
+    def runs_as_itself(obj, p):
+        _runs_as_itself(who, lambda c, x: jax.vmap(obj)(x, c),
+                        lambda c, x: jax.vmap(rebuilt(p))(x, c), template,
+                        (getattr(obj, "input_size", None), n_in, H), "from_equinox")
+
+    to_params = functools.partial(_eqx_to_params, eqx, module, keys, runs_as_itself)
     same = _own_weights(who, module)
 
     def make_init(key, n_in, H_, dtype):
@@ -1198,7 +1242,6 @@ def from_equinox(module, *, hidden_size: int | None = None, state=None, output=N
         same(key)
         return own
 
-    n_in = _input_size(who, input_size, getattr(module, "input_size", None))
     probe = _module_probe(who, module, own, n_in, init, make_init, H)
     return _build(name=name or type(module).__name__, who=who, call=call, batched=False,
                   template=template, hidden_size=H, output=output,
