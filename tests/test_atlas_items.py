@@ -515,3 +515,71 @@ def test_cheng_mechanism():
     for cell in ("lstm", "gru", "mgu"):
         g = m[f"{cell}|orthogonal|8x10"]["1.0"]
         assert g["hidden_map_nonfinite"] == 0 and max(g["mean_abs_h"]) < 0.4
+
+
+# ---------------------------------------------------------------------------------------------
+# figures/atlas_star_fig2_width and atlas_gu_gates_depth: the boundaries README quotes
+
+
+def test_star_fig2_claims_across_widths():
+    """README, "Width and input scale": the vRNN's final-output amplification needs smaller
+    inputs as H grows, the sequence loss's holds everywhere; the collapse of the LSTM with
+    forget bias 1 fails at ever smaller inputs as H grows."""
+    w = _committed("atlas_star_fig2_width")
+    assert sorted(w) == ["lstm_collapses", "rnn_amplified"]
+    r, lc = w["rnn_amplified"], w["lstm_collapses"]
+    assert r.statistic.shape == (24, 4) and lc.statistic.shape == (32, 4)
+
+    def med(res, **m):
+        return np.round(np.median(res.statistic[_rows(res, **m)], axis=1), 3).tolist()
+
+    def share(res, **m):
+        return res.fraction[_rows(res, **m)].tolist()
+
+    last = dict(loss="last")
+    assert share(r, input_scale=0.001, **last) == [1.0] * 4
+    assert [round(v, 1) for v in med(r, input_scale=0.001, **last)] == [41.3, 16.6, 10.4, 4.9]
+    assert share(r, input_scale=0.01, **last) == [1.0, 1.0, 0.0, 0.0]
+    assert med(r, input_scale=0.01, **last) == [4.199, 2.311, 1.721, 1.107]
+    assert share(r, input_scale=0.1, **last) == [0.0] * 4
+    s = np.median(r.statistic[_rows(r, input_scale=0.1, **last)], axis=1)
+    assert 0.925 < s.min() and s.max() < 1.5
+    s = np.median(r.statistic[_rows(r, loss="all")], axis=1)
+    assert r.fraction[_rows(r, loss="all")].min() == 1 and 2.2 < s.min() and s.max() < 38.5
+    # the LSTM with forget bias 1: rows are H = 16, 32, 64, 128
+    held = {(c["input_scale"], c["hidden"], c["loss"]): f
+            for c, f in zip(lc.config["conditions"], lc.fraction)}
+    medians = {(c["input_scale"], c["hidden"], c["loss"]): float(np.median(s))
+               for c, s in zip(lc.config["conditions"], lc.statistic)}
+    assert {k for k, m in medians.items() if m > 0.1} == (
+        {(1.0, H, loss) for H in (32, 64, 128) for loss in ("last", "all")}
+        | {(0.3, H, loss) for H in (64, 128) for loss in ("last", "all")} | {(0.1, 128, "all")})
+    assert held[(0.1, 128, "last")] == 0.75 and held[(0.1, 128, "all")] == 0.25
+    assert held[(0.1, 64, "all")] == 0.75 and held[(0.3, 32, "all")] == 0.75
+    assert held[(1.0, 16, "all")] == 0.75 and held[(1.0, 16, "last")] == 1.0
+    assert all(held[(0.01, H, loss)] == 1 for H in (16, 32, 64, 128) for loss in ("last", "all"))
+    small = [m for (sc, H, _), m in medians.items() if sc == 0.01]
+    assert 0.0295 < min(small) and max(small) < 0.041
+    fail1 = [m for (sc, H, _), m in medians.items() if sc == 1.0 and H >= 32]
+    assert 0.105 < min(fail1) and max(fail1) < 0.23
+
+
+def test_ugi_two_decades_across_width_and_depth():
+    """README, UGI: H = 64 fails at every depth; H = 128 and 192 hold in every seed at 8
+    layers; at 2-4 layers the seeds split, H = 128 at scale 1 and 2 layers in none."""
+    g = _committed("atlas_gu_gates_depth")["ugi_timescales_two_decades"]
+    stat = {(c["input_scale"], c["hidden"], c["layers"]): (float(np.median(s)), f)
+            for c, s, f in zip(g.config["conditions"], g.statistic, g.fraction)}
+    assert len(stat) == 18
+    h64 = [m for (_, H, _), (m, f) in stat.items() if H == 64]
+    assert all(f == 0 for (_, H, _), (m, f) in stat.items() if H == 64)
+    assert 1.62 < min(h64) and max(h64) < 1.785
+    deep = [(m, f) for (_, H, L), (m, f) in stat.items() if H >= 128 and L == 8]
+    assert all(f == 1 for _, f in deep) and 2.06 < min(m for m, _ in deep) < max(
+        m for m, _ in deep) < 2.235
+    assert stat[(1.0, 128, 2)] == (pytest.approx(1.84, abs=0.005), 0.0)
+    assert stat[(1.0, 128, 4)] == (pytest.approx(1.94, abs=0.005), 0.5)
+    split = [(m, f) for (sc, H, L), (m, f) in stat.items()
+             if H >= 128 and L < 8 and not (sc == 1.0 and H == 128)]
+    assert {f for _, f in split} == {0.5, 0.75}
+    assert 1.995 < min(m for m, _ in split) and max(m for m, _ in split) < 2.225
