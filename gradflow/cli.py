@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import hashlib
 import importlib
 import json
 import math
@@ -536,9 +537,12 @@ def _check_path(path: str, valid_exts, what: str, hint: str = "") -> str:
     if ext not in valid_exts:
         raise UsageError(f"gradflow: error: unsupported {what} extension {ext or '(none)'!r} in "
                          f"{path!r}; use {', '.join(valid_exts)}{hint}")
-    if p.is_dir():
-        raise UsageError(f"gradflow: error: cannot write {path!r}: it is a directory")
-    _writable_dir(p.resolve().parent, path)
+    try:
+        if p.is_dir():
+            raise UsageError(f"gradflow: error: cannot write {path!r}: it is a directory")
+        _writable_dir(p.resolve().parent, path)
+    except OSError as e:  # (a name longer than the file system takes: ENAMETOOLONG)
+        raise UsageError(f"gradflow: error: cannot write {path!r}: {e.strerror or e}") from None
     return path
 
 
@@ -606,7 +610,15 @@ def default_stem(args, *head, skip=(), tokens=None) -> str:
         value = getattr(args, dest)
         if value != args.defaults.get(dest):
             parts.append(fmt(value))
-    return re.sub(r"[^A-Za-z0-9_.+=-]+", "-", "_".join(parts))
+    stem = re.sub(r"[^A-Za-z0-9_.+=-]+", "-", "_".join(parts))
+    if len(stem) > _STEM_MAX:  # a name the file system takes (255 bytes), still one per setting
+        digest = hashlib.sha1(stem.encode()).hexdigest()[:10]
+        stem = f"{stem[:_STEM_MAX - 11]}-{digest}"
+    return stem
+
+
+#: The longest default file stem: the system's 255 bytes, less an extension or ``_cache``.
+_STEM_MAX = 200
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3183,7 +3195,8 @@ def _dash_values(parser, argv: list) -> list:
 CLOSED_STDOUT = 141
 # errno values of an output the machine would not take: the environment, not a gradflow bug
 _ENVIRONMENT_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO",
-                                                   "EACCES", "EPERM") if hasattr(errno, n)}
+                                                   "EACCES", "EPERM", "ENAMETOOLONG")
+                       if hasattr(errno, n)}
 
 
 class _ReaderStdout:

@@ -1773,3 +1773,25 @@ def test_an_abbreviation_of_two_spellings_of_one_option_is_that_option():
     assert parser.parse_args(["reproduce", "--ou", "d"]).out_dir == "d"
     with pytest.raises(cli.UsageError, match="ambiguous option: --s could match --steps, --seed"):
         parser.parse_args(["heatmap", "--s", "3"])
+
+
+def test_a_name_longer_than_the_file_system_takes(capsys, tmp_path):
+    """A 300-character --out was an internal error (ENAMETOOLONG from Path.is_dir); a default
+    name made of many cells' options was too, though the dry run said it fits. The one is
+    refused in one line, the other shortened to 200 characters ending in a digest of the
+    whole, so that other settings still get other names."""
+    rc, out, err = run(capsys, "heatmap", *SMALL, "--out", tmp_path / ("a" * 300 + ".png"))
+    assert rc == 2 and err.endswith(f"{os.strerror(errno.ENAMETOOLONG)}\n") and \
+        err.count("\n") == 1, err
+    cells = ",".join(f"lstm:forget_bias={b}.0,tied=True" for b in range(1, 14))
+    rc, out, err = run(capsys, "compare", "--cells", cells, *SMALL, "--losses", "last",
+                       "--out", tmp_path)
+    assert rc == 0, err
+    figure = Path(_written(out, "figure"))
+    assert len(figure.stem) == 200 and figure.stem.startswith("compare_lstm-forget_bias=1.0")
+    assert figure.with_suffix(".npz").is_file()
+    other = cells.replace("forget_bias=13.0", "forget_bias=14.0")  # its own name
+    stems = [cli.default_stem(cli.build_parser().parse_args(["compare", "--cells", c]),
+                              "compare", c) for c in (cells, other)]
+    assert stems[0][:189] == stems[1][:189] and stems[0] != stems[1]
+    assert [len(s) for s in stems] == [200, 200]
