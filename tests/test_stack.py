@@ -626,3 +626,18 @@ def test_an_option_written_twice_in_a_cell_is_refused():
         cells.parse_spec("lstm:forget_bias=1,forget_bias=2")
     assert cells.parse_spec("lstm:forget_bias=1,tied=true") == (
         "lstm", {"forget_bias": 1, "tied": True})
+
+
+def test_a_tied_lstm_refining_its_input_gate_says_why():
+    """``refined_lstm:tied=True`` was refused as "option refined='i' is not valid", an option
+    not given: the message names the tie and the refined gates that remain."""
+    from gradflow import cells
+
+    with pytest.raises(ValueError, match=r"tied=True ties the input gate to 1 - forget, so "
+                                         r"there is no input gate i to refine \(refined=i\+o\); "
+                                         r"give refined=o with it"):
+        cells.get("refined_lstm", tied=True)
+    with pytest.raises(ValueError, match="leave refined out with it"):
+        cells.get("lstm", tied=True, refined="i")
+    assert cells.get("refined_lstm", tied=True, refined="o").label == \
+        "refined_lstm:refined=o,tied=True"

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from gradflow.cells.base import (Cell, Lean, choice, factory, fused_transpose, input_projection,
                                  packed, packed_bias, packed_projection, recurrent_projection,
-                                 refined_set, check_t_max)
+                                 refined_set, check_t_max, written_value)
 from gradflow.cells.mechanisms import (REFINED_MODES, check_biases, cumax, master, refine,
                                        refined, sigmoid_master, standard_init)
 
@@ -260,6 +260,12 @@ def _lstm(name: str, o: dict) -> Cell:
                          "aux='master'; without master gates the forget gate is a sigmoid "
                          "already (ordered=None)")
     cand, sig, specs, reported = _layout(aux, tied, cumax_forget)
+    if tied and isinstance(o["refined"], (list, tuple)) and "i" in o["refined"]:
+        rest = [g for g in o["refined"] if g != "i"]  # (refined_lstm's default refines i, o)
+        raise ValueError(f"cell {name!r}: tied=True ties the input gate to 1 - forget, so there "
+                         f"is no input gate i to refine (refined={written_value(o['refined'])})"
+                         + (f"; give refined={written_value(rest)} with it" if rest else
+                            "; leave refined out with it"))
     rset = refined_set(name, o, sig)
     check_t_max(name, o)
     tie = bool(o["tie_refine_bias"])
