@@ -1174,8 +1174,10 @@ def _read_params(args, path):
             raise InputError(f"{e}; of the commands, gradflow heatmap and gradflow gates "
                              "measure it (--params)") from None
     if conflicts and not user:  # --cell alone (also --cell lstm, the default's name)
+        from gradflow import plot
+
         raise _usage(args, f"--cell cannot be used with --params: the saved run fixes the "
-                           f"stack (of {stack.cells[0].name!r})")
+                           f"stack (of {plot.subject(stack.config)!r})")
     # how to compute is this command's choice, not the saved run's
     return (stack.replace(matmul_precision=getattr(args, "matmul_precision",
                                                    stack.matmul_precision)), params, meta)

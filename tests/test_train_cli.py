@@ -179,6 +179,8 @@ def test_one_cell_per_layer_trains_that_stack(tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert printed.out.startswith("gradflow heatmap: gru x2 / star, 3 layers"), printed.out
+    assert main(["heatmap", "--params", str(out), "--cell", "lstm"]) == 2  # named whole
+    assert "the saved run fixes the stack (of 'gru x2 / star')" in capsys.readouterr().err
     code = main(["gains", "--params", str(out), "--out", str(tmp_path / "g.png")])
     printed = capsys.readouterr()
     assert code == 0, printed.err
