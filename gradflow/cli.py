@@ -459,9 +459,13 @@ def load_cell(spec: str, options: dict | None = None):
       gradflow.errors.InputError: the module cannot be imported, has no such attribute, the
         factory fails, or what it names is not a Cell.
     """
-    from gradflow.cells import Cell
+    from gradflow.cells import Cell, names
 
     module_name, _, attr = spec.partition(":")
+    if not attr and module_name in names():  # "lstm:": a cell with no options written
+        raise InputError(f"--cell {spec!r}: no option after the colon; write {module_name!r} "
+                         f"or {module_name + ':option=value'!r} (e.g. "
+                         f"{module_name}:init=glorot)")
     if not module_name or not attr:
         raise InputError(f"--cell {spec!r}: expected module:attribute, e.g. mycells:my_lstm")
     if os.getcwd() not in sys.path:

@@ -1795,3 +1795,10 @@ def test_a_name_longer_than_the_file_system_takes(capsys, tmp_path):
                               "compare", c) for c in (cells, other)]
     assert stems[0][:189] == stems[1][:189] and stems[0] != stems[1]
     assert [len(s) for s in stems] == [200, 200]
+
+
+def test_a_cell_with_a_colon_and_no_options(capsys):
+    """``--cell lstm:`` was told "expected module:attribute, e.g. mycells:my_lstm"."""
+    rc, out, err = run(capsys, "heatmap", "--cell", "lstm:", *SMALL)
+    assert rc == 2 and "--cell 'lstm:': no option after the colon; write 'lstm' or " \
+        "'lstm:option=value'" in err, err
