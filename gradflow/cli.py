@@ -242,20 +242,23 @@ def layer_cells(text: str) -> list[str]:
     --cells`` writes a stack: its commas separate the compared columns); an entry ``key=value``
     after a cell written with its options continues that cell's options (:func:`gradflow.cells.
     parse_spec`), so one cell with several options stays one; a cell ending in ``*N`` is N
-    layers of it (quote it in a shell: ``--cell 'lstm*15,star'``).
+    layers of it (quote it in a shell: ``--cell 'lstm*15,star'``). A stack as titles and
+    summaries write it reads the same (``lstm x3 / star``: spaces around the separators, a
+    run as `` xN``), so that a label printed can be typed back.
 
     >>> layer_cells("gru,star,gru"), layer_cells("lstm:forget_bias=1.0,init=torch,star")
     (['gru', 'star', 'gru'], ['lstm:forget_bias=1.0,init=torch', 'star'])
-    >>> layer_cells("lstm*3,star"), layer_cells("lstm*3/star")
+    >>> layer_cells("lstm*3,star"), layer_cells("lstm x3 / star")
     (['lstm', 'lstm', 'lstm', 'star'], ['lstm', 'lstm', 'lstm', 'star'])
     """
     cells = []
     for item in re.split(r"[,/]", text):
+        item = item.strip() if re.search(r"[,/]", text) else item
         if cells and ":" in cells[-1] and "=" in item and ":" not in item:
             cells[-1] += "," + item
         else:
             cells.append(item)
-    runs = [re.fullmatch(r"(.+)\*([1-9][0-9]*)", c) for c in cells]
+    runs = [re.fullmatch(r"(.+?)(?:\*| x)([1-9][0-9]*)", c) for c in cells]
     return [c for c, m in zip(cells, runs) for c in ([m[1]] * int(m[2]) if m else [c])]
 
 
@@ -955,7 +958,8 @@ def _describe(config: dict, cell) -> str:
             f"seed {config.get('seed', '-')}, "
             f"{origin(config) or 'init -'}, "
             + (f"inputs from {plot.inputs_text(config)}, " if config.get("inputs_from")
-               else "")
+               else f"input scale {config['input_scale']:g}, "
+               if config.get("input_scale", 1.0) != 1.0 else "")
             + f"{config['dtype']}"
             + (f"; options {', '.join(changed)}" if changed else "")
             + "".join(f"; {k} {config[k]}" for k in extra))
@@ -2073,8 +2077,10 @@ def run_compare(args) -> int:
     fig = plot.draw_grid(grid, normalize=not args.absolute)
     first = grid.config["maps"][f"{args.losses[0]}/{labels[0]}"]
     print(f"gradflow compare: {', '.join(labels)}; {args.layers} layers x {args.steps} steps, "
-          f"H={width_text(args.hidden)}, B={args.batch}, seed {args.seed}, {first['dtype']}, "
-          f"wrt {args.wrt}; "
+          f"H={width_text(args.hidden)}, B={args.batch}, seed {args.seed}, "
+          + (f"init {args.init}, " if args.init is not None else "")
+          + (f"input scale {args.input_scale:g}, " if args.input_scale != 1.0 else "")
+          + f"{first['dtype']}, wrt {args.wrt}; "
           + (f"{plot.options_text(grid.config)}; " if plot.options_text(grid.config) else "")
           + ("absolute values" if args.absolute else "each map relative to its top-last value"))
     _compare_table(grid, "cell")

@@ -1802,3 +1802,28 @@ def test_a_cell_with_a_colon_and_no_options(capsys):
     rc, out, err = run(capsys, "heatmap", "--cell", "lstm:", *SMALL)
     assert rc == 2 and "--cell 'lstm:': no option after the colon; write 'lstm' or " \
         "'lstm:option=value'" in err, err
+
+
+def test_headers_name_the_input_scale_and_init(capsys, tmp_path):
+    """heatmap's (and gates', gains') one-line header left out --input-scale, compare's also
+    --init: two different problems read the same."""
+    rc, out, err = run(capsys, "heatmap", *SMALL, "--input-scale", "0.1", "--no-data", "--out",
+                       tmp_path / "a.png")
+    assert rc == 0 and out.splitlines()[0].endswith(
+        ", init orthogonal, input scale 0.1, float32"), out
+    rc, out, err = run(capsys, "compare", "--cells", "lstm,gru", *SMALL, "--init", "glorot",
+                       "--input-scale", "0.1", "--no-data", "--out", tmp_path / "b.png")
+    assert rc == 0 and ", seed 0, init glorot, input scale 0.1, float32, wrt params" in \
+        out.splitlines()[0], out
+
+
+def test_a_stack_as_titles_write_it_is_typed_back(capsys, tmp_path):
+    """``lstm:forget_bias=1.0,tied=True / ur_lstm`` (a title's, a summary's) was refused as
+    the unknown cell ' ur_lstm', and ``gru x2 / star`` was not read."""
+    assert cli.layer_cells("lstm:forget_bias=1.0,tied=True / ur_lstm") == [
+        "lstm:forget_bias=1.0,tied=True", "ur_lstm"]
+    assert cli.layer_cells("gru x2 / star") == cli.layer_cells("gru*2,star") == [
+        "gru", "gru", "star"]
+    rc, out, err = run(capsys, "heatmap", "--cell", "gru x1 / star", *SMALL, "--no-data",
+                       "--out", tmp_path / "a.png")
+    assert rc == 0 and out.startswith("gradflow heatmap: gru / star, 2 layers"), (out, err)
