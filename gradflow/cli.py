@@ -2430,7 +2430,10 @@ def add_reproduce(sub):
                    help="write over the committed figures of a source checkout (figures/)")
     p.add_argument("--redraw", action="store_true",
                    help="compute nothing: draw the figures again from their committed data "
-                        "(figures/NAME.npz) and write only the PNGs")
+                        "(figures/NAME.npz, or --data DIR) and write only the PNGs")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="with --redraw: where the data is (NAME.npz), e.g. an earlier --out "
+                        "(default: the committed figures/)")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     _finish(p, run_reproduce)
 
@@ -2473,15 +2476,19 @@ def run_reproduce(args) -> int:
             and Path(args.out_dir).resolve() == committed.resolve()):
         raise _usage(args, f"{args.out_dir!r} holds the committed figures; write elsewhere, or "
                            "add --update to replace them")
-    if args.redraw:  # each figure's committed data must be there (one line if not)
+    if args.data is not None and not args.redraw:
+        raise _usage(args, "--data is where --redraw reads the data; add --redraw, or leave "
+                           "--data out to compute")
+    if args.redraw:  # each figure's data must be there (one line if not)
         for name in args.only or found:
-            path = _reproduce.data_path(name)
+            path = _reproduce.data_path(name, args.data)
             if not path.is_file():
-                raise _usage(args, f"--redraw: figure {name!r} has no committed data "
-                                   f"({str(path)!r}); compute it without --redraw")
+                raise _usage(args, f"--redraw: figure {name!r} has no "
+                                   + ("committed " if args.data is None else "")
+                                   + f"data ({str(path)!r}); compute it without --redraw")
     _reproduce.reproduce(args.only, out_dir=args.out_dir, update=args.update,
                          config_dir=args.figures, log=lambda line: print(line, flush=True),
-                         redraw=args.redraw)
+                         redraw=args.redraw, data_dir=args.data)
     return 0
 
 

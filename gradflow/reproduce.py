@@ -288,7 +288,7 @@ def _check_drawn_data(name: str, config: dict, data: Result) -> None:
 def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None,
               log: Callable[[str], None] = print,
               progress: Callable[[str], None] = functools.partial(print, flush=True),
-              dpi: float = 150, redraw: bool = False) -> list[str]:
+              dpi: float = 150, redraw: bool = False, data_dir=None) -> list[str]:
     """Regenerate figures from their configs: ``<name>.npz`` and ``<name>.png`` each, in
     ``out_dir``.
 
@@ -303,6 +303,8 @@ def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None
       redraw: compute nothing: draw each figure again from its committed data
         (``figures/<name>.npz``, :func:`figure_data`) and write only ``<name>.png`` (after a
         change to the drawing).
+      data_dir: with ``redraw``, where the data is (default :data:`FIGURES_DIR`, the committed
+        data): e.g. an ``out_dir`` of an earlier call.
     Returns:
       The written paths.
     """
@@ -310,17 +312,20 @@ def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None
     if not found:
         raise ValueError(f"no figure configs (*.json with a 'figure' field) in "
                          f"{str(config_dir or CONFIG_DIR)!r}")
+    if data_dir is not None and not redraw:
+        raise ValueError("data_dir is where redraw reads the data; computing writes to out_dir")
     names = _known(names, found)
     target = _target(out_dir, update)
     written = []
     for i, name in enumerate(names, 1):
         config = load_config(found[name])
         progress(f"[{i}/{len(names)}] {name} ({config['figure']}): "
-                 + ("drawing its committed data ..." if redraw else "computing ..."))
+                 + (("drawing its committed data ..." if data_dir is None else
+                     f"drawing its data in {str(data_dir)!r} ...") if redraw else "computing ..."))
         start = time.perf_counter()
         builder = BUILDERS[config["figure"]]
         if redraw:
-            data = figure_data(name, config_dir=config_dir)
+            data = figure_data(name, config_dir=config_dir, data_dir=data_dir)
             _check_drawn_data(name, config, data)
             paths = ()
         else:

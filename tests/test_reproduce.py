@@ -268,6 +268,16 @@ def test_redraw_draws_the_committed_data_and_computes_nothing(tmp_path, capsys, 
                str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "figure 'not_committed' has no committed data" in err, err
+    # --data DIR: data of one's own (an earlier --out; it was always figures/)
+    (tmp_path / "mine").mkdir()
+    shutil.copy(reproduce.data_path("vertical_gain"), tmp_path / "mine" / "not_committed.npz")
+    (tmp_path / "drawn").mkdir()
+    rc = main(["reproduce", "--redraw", "--figures", str(tmp_path / "cfg"), "--data",
+               str(tmp_path / "mine"), "--out", str(tmp_path / "drawn")])
+    assert rc == 0, capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "drawn").iterdir()] == ["not_committed.png"]
+    rc = main(["reproduce", "--data", str(tmp_path / "mine"), "--out", str(tmp_path)])
+    assert rc == 2 and "--data is where --redraw reads the data" in capsys.readouterr().err
 
 
 def test_damaged_figure_data_and_an_empty_config_folder_are_the_users_to_fix(tmp_path,
