@@ -81,8 +81,9 @@ class _Parser(argparse.ArgumentParser):
     def _print_message(self, message, file=None):
         # argparse's own drops an OSError: `gradflow --help > /dev/full` exited 0 with nothing
         # written; here it reaches main, which says so and exits 2
-        if message:
-            (file or sys.stderr).write(message)
+        file = file or sys.stderr
+        if message and file is not None:  # (None: a program started without stderr)
+            file.write(message)
 
 
 def _usage(args, message: str) -> UsageError:
@@ -253,12 +254,15 @@ def layer_cells(text: str) -> list[str]:
     """
     cells = []
     for item in re.split(r"[,/]", text):
-        item = item.strip() if re.search(r"[,/]", text) else item
+        item = item.strip()
         if cells and ":" in cells[-1] and "=" in item and ":" not in item:
             cells[-1] += "," + item
         else:
             cells.append(item)
-    runs = [re.fullmatch(r"(.+?)(?:\*| x)([1-9][0-9]*)", c) for c in cells]
+    # (" xN" as titles write a run; not after a user's module:factory, a name of theirs)
+    runs = [re.fullmatch(r"(.+?)\*([1-9][0-9]*)", c) or (
+        re.fullmatch(r"(.+?) x([1-9][0-9]*)", c) if ":" not in c or "=" in c else None)
+        for c in cells]
     return [c for c, m in zip(cells, runs) for c in ([m[1]] * int(m[2]) if m else [c])]
 
 
@@ -624,8 +628,8 @@ def default_stem(args, *head, skip=(), tokens=None) -> str:
     return stem
 
 
-#: The longest default file stem: the system's 255 bytes, less an extension or ``_cache``.
-_STEM_MAX = 200
+#: The longest default file stem: the system's 255 bytes, less an extension (``.json``).
+_STEM_MAX = 245
 
 
 # ---------------------------------------------------------------------------------------------

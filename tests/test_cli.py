@@ -1778,7 +1778,7 @@ def test_an_abbreviation_of_two_spellings_of_one_option_is_that_option():
 def test_a_name_longer_than_the_file_system_takes(capsys, tmp_path):
     """A 300-character --out was an internal error (ENAMETOOLONG from Path.is_dir); a default
     name made of many cells' options was too, though the dry run said it fits. The one is
-    refused in one line, the other shortened to 200 characters ending in a digest of the
+    refused in one line, the other shortened to 245 characters ending in a digest of the
     whole, so that other settings still get other names."""
     rc, out, err = run(capsys, "heatmap", *SMALL, "--out", tmp_path / ("a" * 300 + ".png"))
     assert rc == 2 and err.endswith(f"{os.strerror(errno.ENAMETOOLONG)}\n") and \
@@ -1788,13 +1788,13 @@ def test_a_name_longer_than_the_file_system_takes(capsys, tmp_path):
                        "--out", tmp_path)
     assert rc == 0, err
     figure = Path(_written(out, "figure"))
-    assert len(figure.stem) == 200 and figure.stem.startswith("compare_lstm-forget_bias=1.0")
+    assert len(figure.stem) == 245 and figure.stem.startswith("compare_lstm-forget_bias=1.0")
     assert figure.with_suffix(".npz").is_file()
     other = cells.replace("forget_bias=13.0", "forget_bias=14.0")  # its own name
     stems = [cli.default_stem(cli.build_parser().parse_args(["compare", "--cells", c]),
                               "compare", c) for c in (cells, other)]
-    assert stems[0][:189] == stems[1][:189] and stems[0] != stems[1]
-    assert [len(s) for s in stems] == [200, 200]
+    assert stems[0][:234] == stems[1][:234] and stems[0] != stems[1]
+    assert [len(s) for s in stems] == [245, 245]
 
 
 def test_a_cell_with_a_colon_and_no_options(capsys):
@@ -1824,6 +1824,9 @@ def test_a_stack_as_titles_write_it_is_typed_back(capsys, tmp_path):
         "lstm:forget_bias=1.0,tied=True", "ur_lstm"]
     assert cli.layer_cells("gru x2 / star") == cli.layer_cells("gru*2,star") == [
         "gru", "gru", "star"]
+    assert cli.layer_cells("lstm x3 ") == ["lstm"] * 3
+    assert cli.layer_cells("lstm:forget_bias=1.0 x2") == ["lstm:forget_bias=1.0"] * 2
+    assert cli.layer_cells("mymod:factory x2") == ["mymod:factory x2"]  # a user's name
     rc, out, err = run(capsys, "heatmap", "--cell", "gru x1 / star", *SMALL, "--no-data",
                        "--out", tmp_path / "a.png")
     assert rc == 0 and out.startswith("gradflow heatmap: gru / star, 2 layers"), (out, err)

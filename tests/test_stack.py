@@ -567,7 +567,8 @@ def test_checkpoint_as_a_switch_names_its_forms(flag):
 @pytest.mark.parametrize("name, options", [
     ("lstm", {"refined": ("i", "f")}), ("lstm", {"refined": ("f",)}),
     ("refined_gru", {"refined": ()}),
-    ("phased_lstm", {"log_tau": (0.5, 2.0)}), ("star", {"variant": "official", "t_max": 50.0}),
+    ("phased_lstm", {"log_tau": (0.5, 2.0)}), ("phased_lstm", {"log_tau": (-1e20, 3.0)}),
+    ("star", {"variant": "official", "t_max": 50.0}),
     ("lstm", {"forget_bias": 1.0, "tied": True})])
 def test_a_cells_label_typed_back_builds_that_cell(name, options):
     """A label wrote a tuple option as ``refined=i+f``, which no command read ("option

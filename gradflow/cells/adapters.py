@@ -983,7 +983,10 @@ def _runs_as_itself(who: str, own, cell, template, widths, make: str) -> None:
             mine = jax.tree_util.tree_leaves(own(carry, x))
         except Exception:  # noqa: BLE001  (not this width: the next one)
             continue
-        theirs = jax.tree_util.tree_leaves(cell(carry, x))
+        try:
+            theirs = jax.tree_util.tree_leaves(cell(carry, x))
+        except Exception:  # noqa: BLE001  (the measurement says what is wrong with it)
+            return
         if len(mine) != len(theirs) or not all(
                 np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
                             rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -1062,13 +1065,13 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                              "state=") from e
         template = _zero_carry(who, module, template)
 
-    def merged(params):
-        st = jax.tree_util.tree_map(lambda a: a, pstate)
+    def merged(params):  # (fresh copies: a step that updates the module's own state, e.g.
+        st = jax.tree_util.tree_map(lambda a: a, pstate)  # a count, changes none of them)
         if hasattr(nnx, "replace_by_pure_dict"):  # (the State method is deprecated)
             nnx.replace_by_pure_dict(st, params)
         else:
             st.replace_by_pure_dict(params)
-        return nnx.merge(graphdef, st, rest)
+        return nnx.merge(graphdef, st, jax.tree_util.tree_map(lambda a: a, rest))
 
     def call(params, carry, x):
         m = merged(params)
@@ -1084,8 +1087,10 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
             params = _pure_dict(nnx, params)
             if trained:  # (a fresh module's, traced inside Stack.init, is its class's default)
                 _same_fixed_state(who, nnx, rest, others)
-                _runs_as_itself(who, lambda c, x: _pair(who, obj(c, x), "the module")[0],
-                                lambda c, x: call(params, c, x)[0], template,
+                _runs_as_itself(who, lambda c, x: _pair(who, nnx.clone(obj)(c, x),
+                                                        "the module")[0],
+                                lambda c, x: _pair(who, merged(params)(c, x), "the module")[0],
+                                template,
                                 (getattr(obj, "in_features", None), n_in, H), "from_nnx")
             return params
         if isinstance(obj, dict):

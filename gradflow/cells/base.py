@@ -24,6 +24,7 @@ import inspect
 import itertools
 import math
 import operator
+import re
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -336,7 +337,7 @@ def _check_option(cell: str, key: str, value, annotation: str):
                          f"{type(value).__name__}")
     given = value
     if kind.startswith("tuple[") and isinstance(value, str):  # as a label writes it: i+f
-        value = tuple(value.split("+")) if value else ()
+        value = tuple(re.split(r"(?<![eE])\+", value)) if value else ()  # (not 1e+20's)
     if kind == "tuple[float, float]":  # a range: two finite numbers
         if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
             try:  # ("1.0", "3.0") from the text "1.0+3.0"
