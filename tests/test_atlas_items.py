@@ -557,6 +557,9 @@ def test_star_fig2_claims_across_widths():
     assert held[(0.1, 128, "last")] == 0.75 and held[(0.1, 128, "all")] == 0.25
     assert held[(0.1, 64, "all")] == 0.75 and held[(0.3, 32, "all")] == 0.75
     assert held[(1.0, 16, "all")] == 0.75 and held[(1.0, 16, "last")] == 1.0
+    assert held[(1.0, 32, "last")] == 0.25 and held[(0.3, 64, "last")] == 0.25
+    assert sum(f > 0 for (sc, H, _), f in held.items()
+               if (sc, H) in {(1.0, 32), (1.0, 64), (1.0, 128), (0.3, 64), (0.3, 128)}) == 2
     assert all(held[(0.01, H, loss)] == 1 for H in (16, 32, 64, 128) for loss in ("last", "all"))
     small = [m for (sc, H, _), m in medians.items() if sc == 0.01]
     assert 0.0295 < min(small) and max(small) < 0.041
