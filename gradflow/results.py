@@ -147,6 +147,13 @@ class Result:
     def total_underflow(self) -> int:
         return int(sum(self.underflow.values()))
 
+    def with_config(self, config: Mapping[str, Any]) -> "Result":
+        """This result with ``config`` (made JSON-able) in place of its own; its arrays and
+        their counts (non-finite, underflow) and provenance kept, as they were measured (a
+        rebuild by :func:`make_result` cannot count underflow again: which entries are
+        expected positive is the measurement's knowledge)."""
+        return dataclasses.replace(self, config=_jsonable(dict(config)))
+
     def save(self, path, whole: bool = False) -> str:
         """Write ``path`` (``.npz`` appended if missing): arrays + JSON config. Returns the path.
 

@@ -20,6 +20,7 @@ per-row argument (a learning-rate sweep compiles once).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -268,10 +269,14 @@ def stacked(hists) -> "_train.History":
     curve = make_result("training", {k: np.stack([h.curve.arrays[k] for h in hists])
                                      for k in first.curve.arrays},
                         of_seeds(first.curve.config), warn=False)
-    records = {name: tuple(make_result(rs[0].kind, {k: np.stack([r.arrays[k] for r in rs])
-                                                   for k in rs[0].arrays},
-                                       of_seeds(rs[0].config), warn=False)
-                           for rs in zip(*(h.records[name] for h in hists)))
+    def joined(rs):  # the seeds' arrays stacked; their underflow counts (the measurement's
+        # own: which entries it expects positive) added
+        r = make_result(rs[0].kind, {k: np.stack([r.arrays[k] for r in rs])
+                                     for k in rs[0].arrays}, of_seeds(rs[0].config), warn=False)
+        return dataclasses.replace(r, underflow={k: sum(x.underflow.get(k, 0) for x in rs)
+                                                 for k in rs[0].underflow})
+
+    records = {name: tuple(joined(rs) for rs in zip(*(h.records[name] for h in hists)))
                for name in first.records}
     return _train.History(curve, records, first.record_steps, first.params, first.stack,
                           first.task)

@@ -525,8 +525,7 @@ def record(fns: Mapping[str, Callable], stack: Stack, stack_params, xs, at: int,
         extra = {} if run is None else {
             "training": {k: v for k, v in run.items() if k not in stack.config},
             "inputs": f"the first {len(xs)} sequences of the run's evaluation batch"}
-        out[name] = make_result(r.kind, r.arrays, {**r.config, "train_step": at, **extra},
-                                warn=False)
+        out[name] = r.with_config({**r.config, "train_step": at, **extra})
     return out
 
 

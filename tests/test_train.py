@@ -550,3 +550,27 @@ def test_a_full_disk_leaves_no_torn_file_in_the_run_folder(tmp_path, monkeypatch
     with pytest.raises(gradflow.errors.InputError, match="No space left on device"):
         train(LSTM, ADDING, steps=2, run_dir=tmp_path, **COMMON)
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+
+
+def test_maps_recorded_in_training_keep_their_underflow_count():
+    """A recorded map was rebuilt with its config and lost the underflow count its
+    measurement made (a heatmap of it said '12 <= 0' for '12 underflow'); stacked seeds'
+    records add their seeds' counts."""
+    from gradflow import seeds
+    from gradflow.results import make_result
+
+    seen = []
+
+    def measured(s, p, x):  # a map with one entry below the float range where it is expected
+        seen.append(make_result("gradient_map", {"values": np.array([[0.0, 1.0], [2.0, 3.0]],
+                                                                    np.float32)},
+                                {"cell": "lstm"}, positive={"values": True}))
+        return seen[-1]
+
+    hist = train(LSTM, ADDING, steps=2, record_at=(0,), record={"map": measured}, **COMMON)
+    rec = hist.records["map"][0]
+    assert seen[0].underflow == {"values": 1} and rec.underflow == seen[0].underflow
+    assert rec.config["train_step"] == 0 and rec.config["cell"] == "lstm"
+    np.testing.assert_array_equal(rec.values, seen[0].values)
+    both = seeds.stacked([hist, hist]).records["map"][0]
+    assert both.underflow == {"values": 2} and both.values.shape == (2, 2, 2)
