@@ -1339,7 +1339,13 @@ def draw_training(data: Result, gates: Mapping | None = None, *,
     if gated:
         seeded = bool(data.config.get("seeds"))
         finals = {label: np.atleast_2d(curves[label]["eval_metric"])[:, -1] for label in labels}
-        acc = {label: f"{float(np.median(v)):.3g}" for label, v in finals.items()}
+        def final(v):  # a median over the seeds that did not diverge, which it names
+            bad = int(np.count_nonzero(~np.isfinite(v)))
+            good = np.asarray(v, float)[np.isfinite(v)]
+            text = f"{float(np.median(good)):.3g}" if good.size else "nan"
+            return text + (f" ({bad} of {v.size} seeds diverged)" if bad else "")
+
+        acc = {label: final(v) for label, v in finals.items()}
         mean = _seed_mean if seeded else (lambda r: r)
         panels = {f"step {s}": {label: mean(run_record(data, label, "gates", which))
                                 for label in labels}

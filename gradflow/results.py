@@ -166,6 +166,11 @@ class Result:
                              f"{os.path.join(path, 'result.npz')!r})")
         if not path.endswith(".npz"):
             path += ".npz"
+        objects = [k for k, a in self.arrays.items() if np.asarray(a).dtype == object]
+        if objects:  # (np.savez pickled them; load then refused the file)
+            raise TypeError(f"cannot save {path!r}: array {objects[0]!r} holds Python objects "
+                            "(dtype object), which a result file does not hold; give arrays "
+                            "of numbers")
         taken = sorted(set(self.arrays) & {_META, "file", "allow_pickle"})
         if taken:  # (np.savez's own arguments: "allow_pickle" was dropped without a word)
             raise ValueError(f"cannot save {path!r}: an array may not be named "

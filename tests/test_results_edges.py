@@ -230,3 +230,12 @@ def test_lower_level_helpers_name_what_they_take(tmp_path):
     stack, _ = runs.load_params(tmp_path / "pp")  # ... which the same name reads back
     assert stack.layers == 2
     assert len(sweep.device_mesh(jax.devices()[:1]).devices.flat) == 1
+
+
+def test_an_array_of_python_objects_is_refused_when_saved(tmp_path):
+    """``save`` wrote an object array (pickled) that ``load`` then refused ("cannot be read
+    without pickle"): refused when saved, by name."""
+    res = make_result("x", {"values": np.array([1.0, None], dtype=object)}, {})
+    with pytest.raises(TypeError, match="array 'values' holds Python objects"):
+        res.save(tmp_path / "r.npz")
+    assert not (tmp_path / "r.npz").exists()

@@ -390,3 +390,23 @@ def test_g_lstm_budget_across_seeds():
     at = list(c["eval_step"][0]).index(600)
     assert np.median(c["eval_metric"][:, at]) < np.median(g["eval_metric"][:, at])
     assert np.median(finals(d, "g-LSTM, curriculum")) > 0.7 * np.median(finals(d, "g-LSTM"))
+
+
+def test_the_final_eval_median_leaves_out_a_diverged_seed():
+    """The gate panel's "final eval (median)" was NaN as soon as one seed diverged (the
+    curves leave such seeds out): the median of the others, and how many diverged."""
+    import dataclasses
+
+    from gradflow import plot
+
+    data = gradflow.load(reproduce.data_path("gu_copy_gates"))
+    arrays = dict(data.arrays)
+    metric = np.array(arrays["LSTM/curve/eval_metric"], float)
+    metric[2, -1] = np.nan
+    arrays["LSTM/curve/eval_metric"] = metric
+    fig = plot.draw_training(dataclasses.replace(data, arrays=arrays), {"LSTM": "f"})
+    from matplotlib.text import Text
+
+    titles = " ".join(t.get_text() for t in fig.findobj(Text))
+    want = f"LSTM: {np.median(np.delete(metric[:, -1], 2)):.3g} (1 of 5 seeds diverged)"
+    assert want in titles, titles
