@@ -74,7 +74,9 @@ def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = 
         one, a state dict, or a list of one per layer).
       dtype: the params' dtype; default the weights' (float32 where 64-bit JAX is off).
     Returns:
-      A :class:`TorchModel`: ``gradflow.model_map(t.model, t.params, xs, layers=t.layers)``,
+      A :class:`TorchModel`: ``gradflow.model_map(t.model, t.params, xs, layers=t.layers,
+      reaches=t.reaches(loss, T))`` (a bidirectional model's top reverse row is 0 by
+      construction before the last step under loss ``last``: not underflow),
       ``gradflow.gates.model_saturation(t.gates, t.params, xs, kinds=t.kinds,
       retain=t.retain)``.
 
@@ -87,9 +89,10 @@ def torch_model(model, *, prefix: str | None = None, nonlinearity: str | None = 
       >>> t = gradflow.torch_model(sd)
       >>> t.layers, t.rows, t.source
       (2, ('l0 fwd', 'l0 bwd'), 'torch state dict, 1 layer, bidirectional')
-      >>> gradflow.model_map(t.model, t.params, rng.normal(size=(2, 5, 3)),
-      ...                    layers=t.layers).values.shape
-      (2, 5)
+      >>> res = gradflow.model_map(t.model, t.params, rng.normal(size=(2, 5, 3)),
+      ...                          layers=t.layers, reaches=t.reaches("last", 5))
+      >>> res.values.shape, res.underflow["values"]
+      ((2, 5), 0)
     """
     dt = None if dtype is None else float_dtype(dtype)  # (float64 without 64-bit JAX: refused)
     read = pytorch.read(model, prefix=prefix, nonlinearity=nonlinearity, both=True,
