@@ -531,33 +531,6 @@ def test_layers_whose_fixed_settings_differ_are_refused_or_each_their_own_cell(x
     cells.stack_params(gradflow.Stack(cells.from_equinox(grus[0]), L, D, H), grus)
 
 
-class _CountingCell(nnx.Module):
-    """An NNX tanh cell counting its calls in a variable of its own (state it updates)."""
-
-    def __init__(self, n_in, n_h, *, rngs):
-        self.in_features, self.hidden_features = n_in, n_h
-        self.W = nnx.Param(jax.random.normal(rngs.params(), (n_in + n_h, n_h)) / 3)
-        self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
-
-    def __call__(self, h, x):
-        self.calls[...] = self.calls[...] + 1
-        h = jnp.tanh(jnp.concatenate([x, h], -1) @ self.W)
-        return h, h
-
-    def initialize_carry(self, input_shape, rngs=None):
-        return jnp.zeros(input_shape[:-1] + (self.hidden_features,))
-
-
-def test_checking_a_layer_changes_no_module():
-    """stack_params runs each layer's module to check it (it ran the user's module itself and
-    the cell's own state: a module updating its state was changed, and its clone then
-    refused as holding other state): copies run, every module is left as it was."""
-    template = _CountingCell(H, H, rngs=nnx.Rngs(0))
-    mods = [nnx.clone(template) for _ in range(2)]
-    cells.stack_params(gradflow.Stack(cells.from_nnx(template), 2, H, H), mods)
-    assert [int(m.calls[...]) for m in (template, *mods)] == [0, 0, 0]
-
-
 class _MyGRU(eqx.Module):
     """A researcher's own Equinox cell around eqx.nn.GRUCell: gradflow cannot rebuild it."""
     cell: eqx.nn.GRUCell

@@ -1065,16 +1065,20 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                              "state=") from e
         template = _zero_carry(who, module, template)
 
-    def merged(params):  # (fresh copies: a step that updates the module's own state, e.g.
-        st = jax.tree_util.tree_map(lambda a: a, pstate)  # a count, changes none of them)
+    def merged(params, others=rest):
+        st = jax.tree_util.tree_map(lambda a: a, pstate)
         if hasattr(nnx, "replace_by_pure_dict"):  # (the State method is deprecated)
             nnx.replace_by_pure_dict(st, params)
         else:
             st.replace_by_pure_dict(params)
-        return nnx.merge(graphdef, st, jax.tree_util.tree_map(lambda a: a, rest))
+        return nnx.merge(graphdef, st, others)
 
     def call(params, carry, x):
-        m = merged(params)
+        # run eagerly (a probe step) on copies of the module's other state, which a step may
+        # update (a count; a BatchNorm in training mode): the user's module is left as it was;
+        # traced (a measurement), on that state itself, whose update then fails by name
+        m = merged(params, rest if isinstance(x, jax.core.Tracer) else jax.tree_util.tree_map(
+            lambda a: a, rest))
         new, y = _pair(who, m(carry, x), "the module")
         return new, y, (gates(m, carry, x) if gates is not None else {})
 
@@ -1089,7 +1093,8 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                 _same_fixed_state(who, nnx, rest, others)
                 _runs_as_itself(who, lambda c, x: _pair(who, nnx.clone(obj)(c, x),
                                                         "the module")[0],
-                                lambda c, x: _pair(who, merged(params)(c, x), "the module")[0],
+                                lambda c, x: _pair(who, call(params, c, x)[:2],
+                                                   "the module")[0],
                                 template,
                                 (getattr(obj, "in_features", None), n_in, H), "from_nnx")
             return params
