@@ -574,3 +574,23 @@ def test_maps_recorded_in_training_keep_their_underflow_count():
     np.testing.assert_array_equal(rec.values, seen[0].values)
     both = seeds.stacked([hist, hist]).records["map"][0]
     assert both.underflow == {"values": 2} and both.values.shape == (2, 2, 2)
+
+
+def test_a_cell_with_integer_parameters_is_not_trained():
+    """A user's cell holding a fixed 0/1 mask among its params: training made it a float that
+    Adam moved (0.977, 1.08), and a saved run read it back truncated to integers, other weights
+    than the ones trained and recorded (maps 0.155 apart). Refused before anything runs."""
+    def init(key, n_in, n_h, dtype):
+        kw, ku = jax.random.split(key)
+        return {"W": jax.random.normal(kw, (n_in, n_h), dtype) / 2,
+                "U": jax.random.normal(ku, (n_h, n_h), dtype) / 4,
+                "mask": (jnp.arange(n_h) % 2).astype(jnp.int32)}
+
+    def step(p, h, x):
+        h = jnp.tanh(x @ p["W"] + h @ p["U"]) * p["mask"]
+        return h, h
+
+    stack = gradflow.Stack(gradflow.cells.from_function(step, init, name="masked"), 2, 2, 4)
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[0\]\['mask'\] of the stack is "
+                                         r"int32 \(a fixed mask or index of the cell\)"):
+        train(stack, ADDING, steps=2, **COMMON)
