@@ -1077,10 +1077,11 @@ def _stack_settings(args) -> dict:
     return settings
 
 
-def checked_stack(cell, layers: int, input_size: int, hidden: int, **settings):
+def checked_stack(cell, layers: int, input_size: int, hidden: int, dtype=None, **settings):
     """``Stack(cell, layers, input_size, hidden, **settings)``, its parameters' shapes traced
-    abstractly (:func:`jax.eval_shape`, nothing computed) so that the cell's own checks of the
-    sizes run too; any ValueError/TypeError is the user's input
+    abstractly (:func:`jax.eval_shape`, nothing computed) in the run's ``dtype`` (a user's
+    step with a float64 constant is fine at float64, refused at float32), so that the cell's
+    own checks of the sizes run too; any ValueError/TypeError is the user's input
     (:class:`gradflow.errors.InputError`)."""
     from gradflow.checks import expected_params
     from gradflow.stack import _PROJECT, Stack
@@ -1088,7 +1089,7 @@ def checked_stack(cell, layers: int, input_size: int, hidden: int, **settings):
     try:
         with user_input():
             stack = Stack(cell, layers, input_size, hidden, **settings)
-            expected_params(stack)
+            expected_params(stack, dtype)
     except InputError as e:  # the API's fix, in the flag that asked for it
         if settings.get("input_projection") is False and _PROJECT in str(e):
             raise InputError(str(e).replace(_PROJECT,
@@ -1104,7 +1105,7 @@ def _problem(args, cell):
 
     settings = _stack_settings(args)
     D = first_width(args.hidden) if args.input_size is None else args.input_size
-    checked_stack(cell, args.layers, D, args.hidden, **settings)
+    checked_stack(cell, args.layers, D, args.hidden, args.dtype, **settings)
     return problem(cell, layers=args.layers, steps=args.steps, hidden=args.hidden,
                    batch=args.batch, input_size=args.input_size, seed=args.seed,
                    dtype=args.dtype, input_scale=args.input_scale, stack_options=settings)
@@ -1667,7 +1668,7 @@ def _measured_problem(args, wrt: str = "hidden", method: str = "gradient",
     D = first_width(args.hidden) if args.input_size is None else args.input_size
     named = args.cell if per_layer or _written(args.cell) or cell.name in _cells.names() \
         else cell.name  # (a user's cell named like a shipped one: by its module:factory)
-    budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden,
+    budget = _budget(args, [checked_stack(cell, args.layers, D, args.hidden, args.dtype,
                                           **_stack_settings(args))], wrt,
                      stem=default_stem(args, args.command, named, f"L{args.layers}",
                                        skip=("cell", "layers")), method=method)
@@ -2053,7 +2054,7 @@ def run_compare(args) -> int:
         entries.append((specs if len(specs) > 1 else specs[0]) if c in named else cell[0])
         try:
             stacks.append(checked_stack(cell if len(cell) > 1 else cell[0], args.layers,
-                                        first_width(args.hidden), args.hidden))
+                                        first_width(args.hidden), args.hidden, args.dtype))
         except InputError as e:  # which of the columns
             raise InputError(f"--cells {c}: {e}") from None
     labels = [experiments.stack_label(e) if isinstance(e, list) else
@@ -2980,7 +2981,7 @@ def run_train(args) -> int:
     cell = _cell(args, task.steps)  # a registered name, a user's module:factory, one per layer
     with user_input():
         stack = task_stack(cell, task, layers=args.layers, hidden=args.hidden)
-    checked_stack(cell, stack.layers, stack.input_size, stack.hidden_size)
+    checked_stack(cell, stack.layers, stack.input_size, stack.hidden_size, args.dtype)
     if not args.lr > 0 or not args.clip > 0 or not args.budget >= 0:
         raise _usage(args, f"--lr and --clip must be positive and --budget >= 0, got lr "
                            f"{args.lr:g}, clip {args.clip:g}, budget {args.budget:g}")

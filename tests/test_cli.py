@@ -644,6 +644,16 @@ def own_check():
         raise ValueError("my own check failed")
     return from_function(step, _init)
 
+def f64_constant():
+    """A tanh cell adding a float64 constant: fine at float64, a float32 carry's promotion
+    (refused) at float32 with 64-bit JAX on."""
+    from gradflow.cells import from_function
+
+    def step(p, h, x):
+        h = jnp.tanh(x @ p["W"] + h @ p["U"] + jnp.asarray(0.1, jnp.float64))
+        return h, h
+    return from_function(step, _init)
+
 def as_lstm(forget_bias=0.5):
     """A shipped cell at another setting, under its own name."""
     from gradflow import cells
@@ -1830,3 +1840,11 @@ def test_a_stack_as_titles_write_it_is_typed_back(capsys, tmp_path):
     rc, out, err = run(capsys, "heatmap", "--cell", "gru x1 / star", *SMALL, "--no-data",
                        "--out", tmp_path / "a.png")
     assert rc == 0 and out.startswith("gradflow heatmap: gru / star, 2 layers"), (out, err)
+
+
+def test_a_user_cell_is_checked_at_the_runs_dtype(capsys, user_module, tmp_path):
+    """``--dtype float64`` with a user's step holding a float64 constant was refused ("turns a
+    float32 carry into float64"): the stack's shapes were checked at float32."""
+    rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:f64_constant", "--dtype",
+                       "float64", *SMALL, "--no-data", "--out", tmp_path / "a.png")
+    assert rc == 0 and ", float64" in out.splitlines()[0], err
