@@ -505,8 +505,11 @@ def load_cell(spec: str, options: dict | None = None):
         try:
             obj = obj(**options)
         except Exception as e:
+            hint = (" (--init is passed to a factory as init=: accept it, or leave --init out)"
+                    if "init" in options and isinstance(e, TypeError) and "'init'" in str(e)
+                    else "")
             raise InputError(f"--cell {spec!r}: calling it raised {type(e).__name__}: "
-                             f"{_one_line(e)}") from e
+                             f"{_one_line(e)}{hint}") from e
     elif options:
         raise InputError(f"--cell {spec!r} is a Cell, not a factory: it takes no --option or "
                          "--init")

@@ -249,10 +249,11 @@ def stack_from_config(config: dict, cell=None) -> Stack:
             cells, saved = cells * (n // len(cells)), saved * (n // len(saved))
         given = [getattr(c, "name", None) for c in cells]
         if given != saved:
-            said = (lambda names: f"cell is {names[0]!r}" if len(set(names)) == 1
-                    else "cells are " + ", ".join(map(repr, names)))
-            raise InputError(f"the saved stack's {said(saved)}, the {said(given)} given: "
-                             "give the cell it was saved with")
+            def said(names, whose):
+                return (f"{whose} cell is {names[0]!r}" if len(set(names)) == 1
+                        else f"{whose} cells are " + ", ".join(map(repr, names)))
+            raise InputError(said(saved, "the saved stack's") + ", "
+                             + said(given, "the given") + ": give the cell it was saved with")
         kept = config["cell_options"] if isinstance(name, list) else [config] * len(saved)
         for c, o in zip(cells, kept):  # a factory's cell: built as it was (its options)
             was, now = built_by(o), built_by(dict(getattr(c, "options", ())))

@@ -1177,7 +1177,7 @@ def test_train_a_users_cell_and_measure_its_trained_params(capsys, user_module):
     # another cell whose parameters fit is refused (it measured that cell without a word)
     rc, out, err = run(capsys, "heatmap", "--params", "run", "--batch", "3", "--cell",
                        f"{user_module}:mixing_rnn")
-    assert rc == 2 and ("the saved stack's cell is 'sin_rnn', the cell is 'mixing_rnn' given"
+    assert rc == 2 and ("the saved stack's cell is 'sin_rnn', the given cell is 'mixing_rnn'"
                         in err), err
     # compare takes no --cell with --params: it names the command that measures such a run
     shutil.copytree("run", "run2")
@@ -1848,3 +1848,12 @@ def test_a_user_cell_is_checked_at_the_runs_dtype(capsys, user_module, tmp_path)
     rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:f64_constant", "--dtype",
                        "float64", *SMALL, "--no-data", "--out", tmp_path / "a.png")
     assert rc == 0 and ", float64" in out.splitlines()[0], err
+
+
+def test_init_given_to_a_factory_without_it_says_where_it_went(capsys, user_module):
+    """``--init glorot`` with a user's factory: "calling it raised TypeError: ... unexpected
+    keyword argument 'init'", without a word of where the init came from."""
+    rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:sin_rnn", "--init",
+                       "glorot", *SMALL)
+    assert rc == 2 and "unexpected keyword argument 'init' (--init is passed to a factory as " \
+        "init=: accept it, or leave --init out)" in err, err

@@ -166,13 +166,13 @@ def test_the_cells_given_must_be_the_saved_ones_layer_by_layer(tmp_path):
     for cell, given in (([b, a], "cells are 'other', 'user'"), (b, "cell is 'other'"),
                         ([a, a], "cell is 'user'")):
         with pytest.raises(InputError, match=f"the saved stack's cells are 'user', 'other', "
-                                             f"the {given} given"):
+                                             f"the given {given}:"):
             runs.load_params(tmp_path / "both.npz", cell=cell)
     one = gradflow.Stack(a, 2, 3, 4)
     runs.save_params(tmp_path / "one.npz", one, one.init(jax.random.key(0)))
     assert runs.load_params(tmp_path / "one.npz", cell=[a, a])[0].cells == (a, a)
-    with pytest.raises(InputError, match="the saved stack's cell is 'user', the cell is 'other' "
-                                         "given: give the cell it was saved with"):
+    with pytest.raises(InputError, match="the saved stack's cell is 'user', the given cell is 'other'"
+                                         ": give the cell it was saved with"):
         runs.load_params(tmp_path / "one.npz", cell=b)
 
 
