@@ -1857,3 +1857,10 @@ def test_init_given_to_a_factory_without_it_says_where_it_went(capsys, user_modu
                        "glorot", *SMALL)
     assert rc == 2 and "unexpected keyword argument 'init' (--init is passed to a factory as " \
         "init=: accept it, or leave --init out)" in err, err
+
+
+def test_a_factory_written_with_options_like_a_shipped_cell(capsys, user_module):
+    """``--cell mymod:factory:gain=0.5`` was "unknown cell 'mymod'"."""
+    rc, out, err = run(capsys, "heatmap", "--cell", f"{user_module}:sin_rnn:gain=0.5", *SMALL)
+    assert rc == 2 and f"takes its options as --option KEY=VALUE (e.g. --cell {user_module}:" \
+        "sin_rnn --option gain=0.5)" in err, err

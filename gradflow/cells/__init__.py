@@ -79,6 +79,12 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"a cell is a name or 'name:option=value,...', got {spec!r}")
     name, _, rest = spec.partition(":")
+    if name not in _REGISTRY and ":" in rest.partition("=")[0]:  # "mymod:factory:gain=0.5"
+        raise ValueError(f"cell spec {spec!r}: {name!r} is no registered cell; a factory of "
+                         f"yours, {rest.partition(':')[0]!r} in {name!r}, takes its options "
+                         "as --option KEY=VALUE (e.g. --cell "
+                         f"{name}:{rest.partition(':')[0]} --option "
+                         f"{rest.partition(':')[2].split(',')[0]})")
     options = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
