@@ -1343,7 +1343,8 @@ def draw_training(data: Result, gates: Mapping | None = None, *,
             bad = int(np.count_nonzero(~np.isfinite(v)))
             good = np.asarray(v, float)[np.isfinite(v)]
             text = f"{float(np.median(good)):.3g}" if good.size else "nan"
-            return text + (f" ({bad} of {v.size} seeds diverged)" if bad else "")
+            return text + ((f" ({bad} of {v.size} seeds diverged)" if seeded else
+                            " (diverged)") if bad else "")
 
         acc = {label: final(v) for label, v in finals.items()}
         mean = _seed_mean if seeded else (lambda r: r)

@@ -152,7 +152,8 @@ class Result:
         their counts (non-finite, underflow) and provenance kept, as they were measured (a
         rebuild by :func:`make_result` cannot count underflow again: which entries are
         expected positive is the measurement's knowledge)."""
-        return dataclasses.replace(self, config=_jsonable(dict(config)))
+        return dataclasses.replace(self, arrays={k: np.asarray(v) for k, v in self.arrays.items()},
+                                   config=_jsonable(dict(config)))
 
     def save(self, path, whole: bool = False) -> str:
         """Write ``path`` (``.npz`` appended if missing): arrays + JSON config. Returns the path.

@@ -541,9 +541,8 @@ def check_run(stack, task, eval_task, cfg: TrainConfig, record_fns) -> dict:
         raise ValueError("eval_task must have the training task's input size, output size and "
                          "kind")
     time_gate(stack)  # layers that disagree on it: refused before anything runs
-    shapes = jax.eval_shape(lambda: stack.init(jax.random.key(0), jnp.dtype(cfg.dtype)))
-    fixed = [(jax.tree_util.keystr(p), a.dtype) for p, a in
-             jax.tree_util.tree_flatten_with_path(shapes)[0]
+    fixed = [(jax.tree_util.keystr(p), a.dtype) for p, a in jax.tree_util.tree_flatten_with_path(
+             checks.expected_params(stack, jnp.dtype(cfg.dtype)))[0]
              if not jnp.issubdtype(a.dtype, jnp.inexact)]
     if fixed:  # (Adam made a mask of 0/1 into floats that drifted; a saved run read them back
         raise ValueError(  # truncated to integers: other weights than the ones trained)

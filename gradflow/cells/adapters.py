@@ -1077,8 +1077,9 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
         # run eagerly (a probe step) on copies of the module's other state, which a step may
         # update (a count; a BatchNorm in training mode): the user's module is left as it was;
         # traced (a measurement), on that state itself, whose update then fails by name
-        m = merged(params, rest if isinstance(x, jax.core.Tracer) else jax.tree_util.tree_map(
-            lambda a: a, rest))
+        traced = any(isinstance(a, jax.core.Tracer)
+                     for a in jax.tree_util.tree_leaves((params, carry, x)))
+        m = merged(params, rest if traced else jax.tree_util.tree_map(lambda a: a, rest))
         new, y = _pair(who, m(carry, x), "the module")
         return new, y, (gates(m, carry, x) if gates is not None else {})
 
