@@ -156,18 +156,12 @@ def configs(directory=None) -> dict[str, Path]:
     directory = Path(CONFIG_DIR if directory is None else directory)
     if not directory.is_dir():
         raise ValueError(f"figure config directory {str(directory)!r} does not exist")
-    return {path.stem: path for path in sorted(directory.glob("*.json"))
-            if _is_config(path)}
-
-
-def _is_config(path: Path) -> bool:
-    """Whether ``path`` holds a figure config (checked: :func:`load_config`); a file that is
-    not JSON is reported, as a config written wrongly would be."""
-    try:
-        text = json.loads(path.read_text())
-    except (OSError, ValueError):
-        text = {"figure": None}  # (load_config says what is wrong)
-    return isinstance(text, dict) and "figure" in load_config(path)
+    found = {}
+    for path in sorted(directory.glob("*.json")):  # each read once; a file that is not JSON
+        text = _read_json(path)  # is reported, as a config written wrongly would be
+        if isinstance(text, dict) and "figure" in _checked(text, path):
+            found[path.stem] = path
+    return found
 
 
 def load_config(path) -> dict:
@@ -176,10 +170,20 @@ def load_config(path) -> dict:
     path = Path(path)
     if not path.suffix and not path.exists():
         path = CONFIG_DIR / f"{path}.json"
+    return _checked(_read_json(path), path)
+
+
+def _read_json(path: Path):
+    """``path``'s JSON value; a ValueError naming the file when it cannot be read."""
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not text (UnicodeDecodeError)
         raise ValueError(f"cannot read figure config {str(path)!r}: {e}") from None
+
+
+def _checked(config, path: Path) -> dict:
+    """``config`` read from ``path``, checked as a figure config (an object, a known kind,
+    known keys)."""
     if not isinstance(config, dict):
         raise ValueError(f"figure config {str(path)!r} must hold a JSON object")
     kind = config.get("figure")
