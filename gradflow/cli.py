@@ -956,8 +956,9 @@ def _describe(config: dict, cell) -> str:
         own = dict(cell.options)
         typed = dict(own.pop("factory_options", ()))  # a user's factory's --option: named
         # as typed, not again as the cell stores it
-        changed = [f"{k}={written_value(v)}" for k, v in [*typed.items(), *((k, v) for k, v in own.items()
-                                                              if k not in typed)]
+        changed = [f"{k}={written_value(v)}"
+                   for k, v in [*typed.items(), *((k, v) for k, v in own.items()
+                                                  if k not in typed)]
                    if k not in ("init", "factory") and defaults.get(k) != v]
     L = config["layers"]
     return (f"{subject}, {L} layer{'s' * (L != 1)} x {config['steps']} steps, "

@@ -539,9 +539,9 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     example's output reads another example's states is refused. So the examples are split over the
     devices as :func:`jacobian_map`'s are (:func:`gradflow.parallel.should_split`; two per
     device at least, each device checking its first; not where an example's outputs move with
-    its place in the batch, :func:`gradflow.checks.depends_on_place`). Exact: ``K`` VJPs, one per output
-    unit, ``vmap``-ed ``chunk`` at a time, each reduced to its norms at the taps; ``probe``:
-    ``probes`` Gaussian cotangents, :math:`\|J\|_F^2 \approx \mathrm{mean}_k
+    its place in the batch, :func:`gradflow.checks.depends_on_place`). Exact: ``K`` VJPs, one
+    per output unit, ``vmap``-ed ``chunk`` at a time, each reduced to its norms at the taps;
+    ``probe``: ``probes`` Gaussian cotangents, :math:`\|J\|_F^2 \approx \mathrm{mean}_k
     \|v_k^\top J\|^2`, with a delta-method standard error (as :func:`jacobian_map`'s; the
     full spectra and the spectral norm need the Jacobians themselves, which the taps do not
     keep). A ``(layer, step)`` tapped twice reads the two gradients' norms added over the two

@@ -80,11 +80,11 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         raise ValueError(f"a cell is a name or 'name:option=value,...', got {spec!r}")
     name, _, rest = spec.partition(":")
     if name not in _REGISTRY and ":" in rest.partition("=")[0]:  # "mymod:factory:gain=0.5"
+        attr, _, first = rest.partition(":")
         raise ValueError(f"cell spec {spec!r}: {name!r} is no registered cell; a factory of "
-                         f"yours, {rest.partition(':')[0]!r} in {name!r}, takes its options "
-                         "as --option KEY=VALUE (e.g. --cell "
-                         f"{name}:{rest.partition(':')[0]} --option "
-                         f"{rest.partition(':')[2].split(',')[0]})")
+                         f"yours, {attr!r} in {name!r}, takes its options as --option "
+                         f"KEY=VALUE (e.g. --cell {name}:{attr} --option "
+                         f"{first.split(',')[0]})")
     options = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")

@@ -1094,8 +1094,7 @@ def from_nnx(module, *, hidden_size: int | None = None, state=None, output=None,
                 _same_fixed_state(who, nnx, rest, others)
                 _runs_as_itself(who, lambda c, x: _pair(who, nnx.clone(obj)(c, x),
                                                         "the module")[0],
-                                lambda c, x: _pair(who, call(params, c, x)[:2],
-                                                   "the module")[0],
+                                lambda c, x: call(params, c, x)[0],
                                 template,
                                 (getattr(obj, "in_features", None), n_in, H), "from_nnx")
             return params

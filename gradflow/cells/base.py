@@ -184,8 +184,9 @@ class Cell:
         """The cell as titles name it, in ``gradflow compare --cells``' syntax (a tuple's
         items joined by ``+``; typed back as ``--cell``, it builds this cell): its name and
         the options it was built with that differ from its factory's defaults
-        (``"lstm:forget_bias=1.0"``), but ``init`` (a result names it apart) and the length a time gate is initialised over
-        (the sequences' by default); the name alone for a cell not built by a factory."""
+        (``"lstm:forget_bias=1.0"``), but ``init`` (a result names it apart) and the length a
+        time gate is initialised over (the sequences' by default); the name alone for a cell
+        not built by a factory."""
         if self.name not in _FACTORIES:
             return self.name
         defaults, own = _default_options(self.name), dict(self.options)
