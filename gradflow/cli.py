@@ -293,19 +293,10 @@ def cell_list(text: str) -> list[str]:
     one per layer joined by ``/`` (``"lstm*15/star"``, :func:`layer_cells`), no repeats."""
     from gradflow import cells as _cells
 
-    def options_joined(pieces):
-        out = []
-        for s in pieces:
-            if out and "=" in s and ":" not in s and "/" not in s and ":" in out[-1]:
-                out[-1] += "," + s
-            else:
-                out.append(s)
-        return out
-
     items = _name_list(text, "cells", "cell",
                        [*_cells.names(), "name:option=value", "module:factory",
                         "cell/cell/...", "cell*N"],
-                       also=lambda s: ":" in s or _layered(s), join=options_joined)
+                       also=lambda s: ":" in s or _layered(s), join=_options_joined)
     for item in filter(_layered, items):
         bad = _unknown_layer_cell(item)
         if bad is not None:
@@ -313,6 +304,18 @@ def cell_list(text: str) -> list[str]:
                 f"{item!r}: expected registered cells joined by / (lstm*15/star), got "
                 f"{bad!r}; valid cells: {_valid_cells()}")
     return items
+
+
+def _options_joined(pieces: list[str]) -> list[str]:
+    """Comma-split cells put back together where a piece ``key=value`` continues the options
+    of the cell before it (``["lstm:aux=refine", "tied=True", "star"]`` -> two cells)."""
+    out = []
+    for s in pieces:
+        if out and "=" in s and ":" not in s and "/" not in s and ":" in out[-1]:
+            out[-1] += "," + s
+        else:
+            out.append(s)
+    return out
 
 
 def _layered(text: str) -> bool:
@@ -2527,8 +2530,9 @@ def add_atlas(sub):
                    help="the grid of conditions (or give them by the grid flags below)")
     g = p.add_argument_group("grid flags (instead of --grid; each defaults to "
                              "gradflow.atlas.Grid's default)")
-    for flag, what in GRID_FLAGS.items():
-        g.add_argument(flag, nargs="+", default=None, metavar="V", help=what)
+    for flag, what in GRID_FLAGS.items():  # (space- or comma-separated)
+        g.add_argument(flag, nargs="+", default=None, metavar="V",
+                       help=what + " (separated by spaces or commas)")
     g.add_argument("--batch", default=None, metavar="B", help="examples per map")
     g.add_argument("--measure", default=None, metavar="KIND",
                    help="what the grid measures: gradient_map, local_gains or gates")
@@ -2572,6 +2576,12 @@ def _grid_from_flags(args) -> dict:
         values = getattr(args, key)
         if values is None:
             continue
+        # space- or comma-separated, as the other commands' lists (a cell's options keep theirs)
+        values = [p.strip() for v in values
+                  for p in (_options_joined(v.split(",")) if key == "cells" else v.split(","))]
+        if not all(values):
+            raise ValueError(f"{flag} {' '.join(getattr(args, key))}: an empty entry; give "
+                             "values separated by spaces or commas")
         if key in num:
             try:
                 values = [num[key](v) for v in values]

@@ -532,14 +532,14 @@ def _activation_sums(acts: dict, kinds: dict, retain: dict, sl: dict, real, eps,
 
 
 def reductions(stack: Stack, params: dict, xs, eps: float = EPS,
-               threshold: float = UPDATE_THRESHOLD, bins: int = BINS):
+               update_threshold: float = UPDATE_THRESHOLD, bins: int = BINS):
     """The device part of :func:`saturation`, unchecked and traceable (``vmap``/``shard_map``
     over problems, as :mod:`gradflow.atlas` does; ``jax.grad`` of its means, e.g. a saturation
     penalty): ``(red, hist)`` with ``red[(stat, gate)] =
     ((L, T) map, (L, H) per unit)`` (means, or counts for integer rows) and ``hist[gate]:
     (L, bins)``. :func:`named_arrays` turns one problem's ``(red, hist)`` into the named
-    arrays. ``threshold`` is :func:`saturation`'s ``update_threshold``."""
-    return _reduce(stack, params, xs, eps, threshold, bins)
+    arrays; ``eps``, ``update_threshold`` and ``bins`` are :func:`saturation`'s."""
+    return _reduce(stack, params, xs, eps, update_threshold, bins)
 
 
 def _arrays(stack: Stack, params: dict, xs, eps: float, threshold: float, bins: int) -> dict:

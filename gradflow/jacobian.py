@@ -544,8 +544,8 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     ``probe``: ``probes`` Gaussian cotangents, :math:`\|J\|_F^2 \approx \mathrm{mean}_k
     \|v_k^\top J\|^2`, with a delta-method standard error (as :func:`jacobian_map`'s; the
     full spectra and the spectral norm need the Jacobians themselves, which the taps do not
-    keep). A ``(layer, step)`` tapped twice reads the two gradients' norms added over the two
-    widths; one never tapped reads 0.
+    keep). The taps are counted as :func:`model_map`'s are: a row never read or a state tapped
+    twice is a ValueError; a ``(layer, step)`` left untapped reads 0.
 
     >>> def rnn(params, xs, taps):       # 2 tanh layers, the top one's states the outputs
     ...     def step(hs, inp):

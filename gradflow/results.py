@@ -92,7 +92,7 @@ class Result:
     Attributes:
       kind: what was measured (``"gradient_map"``, ``"jacobian_map"``, ``"gate_stats"``, ...).
       arrays: ``{name: np.ndarray}``; also readable as attributes (``result.values``).
-      config: JSON-able dict: cell, options, layers, steps, hidden, batch, seed, dtype, ...
+      config: JSON-able dict: cell, options, layers, steps, hidden_size, batch, seed, dtype, ...
       nonfinite: ``{name: count}`` of inf/NaN entries per array, among those measured: the
         NaN a result holds by design (:func:`not_measured`: a gate's statistics in the layers
         of a stack or model that lack the gate) are not counted.

@@ -371,6 +371,27 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
         assert msg in err and err.count("\n") == 1, err
 
 
+def test_cli_atlas_grid_flags_take_commas_as_the_other_commands_lists():
+    """The atlas's grid flags read ``--seeds 0,1`` as ``--seeds 0 1`` (the other commands'
+    lists are comma-separated), a cell's options staying that cell's."""
+    from gradflow import cli
+
+    parser = cli.build_parser()
+
+    def grid(*argv):
+        return cli._grid_from_flags(parser.parse_args(["atlas", "--out", ".", *argv]))
+
+    spaced = grid("--cells", "lstm", "lstm:forget_bias=1.0,forget_bias_init=0.5", "--seeds",
+                  "0", "1", "--input-scales", "0.1", "1", "--sizes", "3x3", "4x5")
+    commas = grid("--cells", "lstm,lstm:forget_bias=1.0,forget_bias_init=0.5", "--seeds",
+                  "0,1", "--input-scales", "0.1,1", "--sizes", "3x3,4x5")
+    assert commas == spaced == {
+        "cells": ["lstm", "lstm:forget_bias=1.0,forget_bias_init=0.5"], "seeds": [0, 1],
+        "input_scales": [0.1, 1.0], "sizes": [(3, 3), (4, 5)]}
+    with pytest.raises(ValueError, match="an empty entry"):
+        grid("--seeds", "0,,1")
+
+
 def test_reproduce_builds_an_atlas_figure_kind(tmp_path):
     """`gradflow reproduce` regenerates atlas figures: the registered kind packs every claim
     into one Result that unpacks to what atlas() returns, and draws it."""
