@@ -194,16 +194,21 @@ def with_meta(measured: dict, meta, **extra) -> dict:
 
 def check_concrete(params, xs) -> None:
     """A TypeError, at the door of a measurement that returns a
-    :class:`gradflow.results.Result` (NumPy arrays, checks that look at values), when its
-    ``params`` or ``xs`` are traced: called under the user's ``jax.jit``, ``vmap`` or
-    ``grad``. It names the traceable cores to transform instead."""
-    if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
+    :class:`gradflow.results.Result` (NumPy arrays, checks that look at values), when it is
+    called under the user's ``jax.jit``, ``vmap`` or ``grad``: its ``params`` or ``xs`` are
+    traced, or (closed over, so concrete) it runs inside a trace all the same (``jax.jit``,
+    ``lax.scan``, ``lax.map``: a fresh array is a tracer there), where its first look at a
+    value failed with JAX's own error. It names the traceable cores to transform instead."""
+    if (any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)])
+            or isinstance(jnp.zeros((), jnp.int32) + 0, jax.core.Tracer)):
         raise TypeError(
             "gradflow's measurements return Results of NumPy arrays and check values, so they "
-            "run outside jax.jit/vmap/grad; to transform one, use its traceable core: "
+            "run outside jax.jit/vmap/grad/lax.scan; to transform one, use its traceable core: "
             "gradflow.jacobian.map_arrays (gradient_map: exact derivatives w.r.t. params and "
             "inputs), gradflow.jacobian.gain_arrays (local_gains), gradflow.gates.reductions "
-            "(gate statistics), or gradflow.sweep.sweep for maps over many seeds")
+            "(gate statistics), or gradflow.sweep.sweep for maps over many seeds; a model "
+            "function's measurements (model_map, model_jacobian_map, model_saturation) have "
+            "none: call them outside the transform")
 
 
 def choice(name: str, value, valid):
@@ -524,10 +529,18 @@ def model_arguments(where: str, model, signature: str, params, xs):
     if not callable(model):
         raise TypeError(f"model must be a function {signature}, got {type(model).__name__}")
     xs = jnp.asarray(check_inputs(xs))
-    if not jnp.issubdtype(xs.dtype, jnp.floating):  # the taps and the maps take its dtype
+    if not jnp.issubdtype(xs.dtype, jnp.floating):  # the maps take its dtype (tap_dtype)
         raise TypeError(f"{where}: inputs must be floating point, got dtype {xs.dtype}")
     check_finite_inputs(xs)
     return (xs, *split_static(params))
+
+
+def tap_dtype(xs):
+    """The dtype of a model's taps (:func:`gradflow.tap`), and so of its maps, for inputs
+    ``xs``: theirs, float32 at least. A model of bfloat16 or float16 states is measured as it
+    computes (its gradients underflow where its own dtype does), their norms summed and kept
+    in float32 (a map's underflow is counted in float32 or float64)."""
+    return jnp.promote_types(jnp.result_type(xs), jnp.float32)
 
 
 def split_static(params):

@@ -341,7 +341,7 @@ def _tapped(who: str, model, rest, arrays, xs, L: int):
     B, T, _ = xs.shape
     try:
         reads = np.asarray(_tap_reads(model, rest, arrays, xs,
-                                      jnp.zeros((L, T, B, _READS), xs.dtype)))
+                                      jnp.zeros((L, T, B, _READS), checks.tap_dtype(xs))))
     except Exception:  # noqa: BLE001  (the model's own error, if any, comes from the map)
         return None
     if reads.max(initial=0) > 1:
@@ -466,11 +466,11 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
                 raise ValueError(f"reaches must be a boolean (layers, steps) = {(L, T)} mask, "
                                  f"got {positive['values'].dtype} of shape "
                                  f"{positive['values'].shape}")
-        taps = jnp.zeros((L, T, B), xs.dtype)
+        taps = jnp.zeros((L, T, B), checks.tap_dtype(xs))
         out = _model_outputs(model, rest, arrays, xs, taps)
         tapped = _tapped("model_map", model, rest, arrays, xs, L)
         if not couples_batch and checks.mixes_examples(
-                model, rest, arrays, xs, (((L, T, B), str(xs.dtype)),)):
+                model, rest, arrays, xs, (((L, T, B), str(checks.tap_dtype(xs))),)):
             raise ValueError("model_map: couples_batch=False, but one example's outputs "
                              "depend on another's inputs: the model mixes the examples of a batch "
                              "(batch statistics, attention across examples), so splitting the "
@@ -490,7 +490,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     from gradflow import parallel
     devices = () if couples_batch else parallel.should_split(xs, None, params)
     if devices and checks.depends_on_place(model, rest, arrays, xs, B // len(devices),
-                                           (((L, T, B), str(xs.dtype)),)):
+                                           (((L, T, B), str(checks.tap_dtype(xs))),)):
         devices = ()  # (a mask drawn with the batch's shape: each device would draw its own)
     if devices:
         value, vals = parallel.model_state_map(model, loss_fn, rest, arrays, xs, L, devices,
@@ -593,7 +593,7 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
                                                   "(params, xs, taps) -> outputs", params, xs)
         L = checks.positive_int("layers", layers)
         B, T, _ = xs.shape
-        taps = jnp.zeros((L, T, B, 2), xs.dtype)
+        taps = jnp.zeros((L, T, B, 2), checks.tap_dtype(xs))
         out = _model_outputs(model, rest, arrays, xs, taps)
         _tapped("model_jacobian_map", model, rest, arrays, xs, L)
         tt = _step(target, T)
@@ -606,7 +606,7 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     K, name = int(out.shape[2]), getattr(model, "__name__", type(model).__name__)
     chunk = min(chunk or _basis_chunk(L, T, B, K, "rms"), K)
     args = (xs,) if method == "exact" else (
-        xs, normal(jax.random.key(seed), (probes, B, K), xs.dtype))  # the same probes split
+        xs, normal(jax.random.key(seed), (probes, B, K), out.dtype))  # the same probes split
     static = (("chunk", chunk), ("layers", L), ("target", tt))
     what = (f"model_jacobian_map ({name}, {L} layers x {T} steps, batch {B}, {K} outputs, "
             f"{xs.dtype})")
@@ -620,7 +620,7 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     width = math.ceil(K * parallel.MIN_ROWS_X_WIDTH / MODEL_SPLIT_WORK)
     devices = parallel.should_split(xs, None, arrays, rows=rows, width=width)
     if B // max(len(devices), 1) < 2 or devices and checks.depends_on_place(
-            model, rest, arrays, xs, B // len(devices), (((L, T, B), str(xs.dtype)),)):
+            model, rest, arrays, xs, B // len(devices), (((L, T, B), str(checks.tap_dtype(xs))),)):
         devices = ()
     each, se, finite, leak = parallel.example_map(
         _model_each, (model, rest), arrays, args, (0, 1)[:len(args)], static, devices, what,
@@ -670,7 +670,7 @@ def _model_each(model_rest, arrays, xs, v=None, *, chunk, layers, target):
     another example's states."""
     model = checks.with_static(*model_rest)
     B, T, _ = xs.shape
-    taps = jnp.zeros((layers, T, B, 2), xs.dtype)
+    taps = jnp.zeros((layers, T, B, 2), checks.tap_dtype(xs))
     y, vjp = jax.vjp(lambda s: model(arrays, xs, s)[:, target], taps)  # (B, K)
     finite = jnp.all(jnp.isfinite(y), axis=-1)
     K = y.shape[1]

@@ -627,7 +627,7 @@ def _sharded_model_map(model, loss_fn, rest, layers, mesh, layout):
         arrays = _unpack(bufs, layout)
         b, T, _ = xs_k.shape
         value, norms = _gathered_loss(lambda s: model(arrays, xs_k, s), loss_fn,
-                                      jnp.zeros((layers, T, b), xs_k.dtype), b)
+                                      jnp.zeros((layers, T, b), checks.tap_dtype(xs_k)), b)
         return value, safe_mean(norms, axis=2, count=b * n, across=AXIS)  # (L, T)
 
     return jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),

@@ -185,9 +185,48 @@ def test_measurements_under_a_transformation_name_their_traceable_cores(transfor
         call = {"jit": lambda: jax.jit(lambda q: fn(s, q, xs).arrays)(p),
                 "vmap": lambda: jax.vmap(lambda x: fn(s, p, x).arrays)(xs[None]),
                 "grad": lambda: jax.grad(lambda q: fn(s, q, xs).arrays)(p)}[transform]
-        with pytest.raises(TypeError, match="run outside jax.jit/vmap/grad; to transform one, "
-                                            "use its traceable core: gradflow.jacobian.map_arr"):
+        with pytest.raises(TypeError, match="run outside jax.jit/vmap/grad/lax.scan; to "
+                                            "transform one, use its traceable core: "
+                                            "gradflow.jacobian.map_arr"):
             call()
+
+
+@pytest.mark.parametrize("transform", ["jit", "scan"])
+def test_measurements_inside_a_trace_with_concrete_arguments_say_so(transform):
+    """Called inside the user's jit or scan with params and inputs closed over (concrete), a
+    measurement failed at its first look at a value with JAX's tracer error, re-raised as bad
+    input ("Attempted boolean conversion of traced array"); the model functions' message named
+    cores that take a Stack. Now the same TypeError as for traced arguments, which says a model
+    function has no traceable core."""
+    from gradflow import gates
+
+    prob = gradflow.problem("lstm", layers=2, steps=3, hidden=4, batch=2, seed=0)
+    s, p, xs = prob.stack, prob.params, prob.xs
+
+    def model(w, xs, taps):
+        def step(h, inp):
+            x, tap_t = inp
+            h = gradflow.tap(jnp.tanh(x @ w), tap_t[0])
+            return h, h
+        _, ys = jax.lax.scan(step, jnp.zeros((xs.shape[0], 4)),
+                             (xs.swapaxes(0, 1), taps.swapaxes(0, 1)))
+        return ys.swapaxes(0, 1)
+
+    def gates_model(w, xs):
+        return {"f": jax.nn.sigmoid(xs @ w)[None]}
+
+    w = jnp.eye(4)
+    calls = [lambda fn=fn: fn(s, p, xs) for fn in _measurements()] + [
+        lambda: gradflow.model_map(model, w, xs, layers=1),
+        lambda: gradflow.model_jacobian_map(model, w, xs, layers=1),
+        lambda: gates.model_saturation(gates_model, w, xs, kinds={"f": "sigmoid"})]
+    for call in calls:
+        run = {"jit": lambda: jax.jit(lambda: call().arrays)(),
+               "scan": lambda: jax.lax.scan(lambda c, _: (c, call().arrays), 0, None,
+                                            length=1)}[transform]
+        with pytest.raises(TypeError, match="run outside jax.jit/vmap/grad/lax.scan; .*a "
+                                            "model function's measurements .* have none"):
+            run()
 
 
 @pytest.mark.parametrize("value", [2 ** 31 - 1, 2 ** 32, 2 ** 40, -1, 1.5, "0", None, True])

@@ -379,6 +379,45 @@ def test_a_layer_the_outputs_never_read_is_named_as_such():
                            jnp.ones((2, 3, W_SIZE)), layers=2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_a_model_of_16_bit_inputs_and_weights_is_measured_in_float32(dtype):
+    """A model whose inputs, weights and states are all 16-bit: its taps were made in the
+    inputs' dtype and both maps failed at the end ("underflow is counted in floating arrays,
+    got bfloat16"). The taps are float32 at least (checks.tap_dtype): the map equals the norms
+    of jax.grad w.r.t. a perturbation of each state, the model computing as it does."""
+    B, T, H = 3, 4, 5
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    p = {"W": jax.random.normal(k1, (H, H)).astype(dtype),
+         "U": (jax.random.normal(k2, (H, H)) / 2).astype(dtype)}
+    xs = jax.random.normal(k3, (B, T, H)).astype(dtype)
+
+    def model(p, xs, taps, eps=None):
+        def step(h, inp):
+            x, s, e = inp
+            h = gradflow.tap(jnp.tanh(x @ p["W"] + h @ p["U"]) + e, s)
+            return h, h
+        e = jnp.zeros((T, B, H), dtype) if eps is None else eps
+        _, ys = jax.lax.scan(step, jnp.zeros((B, H), dtype),
+                             (xs.swapaxes(0, 1), taps[0], e))
+        return ys.swapaxes(0, 1)
+
+    def loss(out):
+        return jnp.sum(out.astype(jnp.float32) ** 2) / 2
+
+    res = gradflow.model_map(model, p, xs, layers=1, loss=loss)
+    assert res.values.dtype == np.float32 and res.config["dtype"] == jnp.dtype(dtype).name
+    g = jax.grad(lambda e: loss(model(p, xs, jnp.zeros((1, T, B)), e)))(
+        jnp.zeros((T, B, H), dtype))
+    brute = np.linalg.norm(np.asarray(g, np.float32), axis=-1).mean(axis=1)
+    np.testing.assert_allclose(res.values[0], brute, rtol=1e-2)
+    for method in ("exact", "probe"):
+        jac = gradflow.model_jacobian_map(model, p, xs, layers=1, method=method)
+        assert jac.values.dtype == np.float32 and np.isfinite(jac.values).all()
+    assert jac.values[0, -1] == pytest.approx(1, abs=0.2)  # the target itself: 1 (probes)
+    exact = gradflow.model_jacobian_map(model, p, xs, layers=1)
+    assert exact.values[0, -1] == pytest.approx(1, rel=1e-2)
+
+
 def test_a_model_with_bfloat16_states_is_measured_in_the_taps_dtype():
     """A model computing in bfloat16 from float32 inputs: the tap handed its bfloat16 norm
     to float32 taps and the map failed ("underflow is counted in floating arrays, got
