@@ -470,7 +470,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         out = _model_outputs(model, rest, arrays, xs, taps)
         tapped = _tapped("model_map", model, rest, arrays, xs, L)
         if not couples_batch and checks.mixes_examples(
-                model, rest, arrays, xs, (((L, T, B), str(checks.tap_dtype(xs))),)):
+                model, rest, arrays, xs, (((L, T, B), str(taps.dtype)),)):
             raise ValueError("model_map: couples_batch=False, but one example's outputs "
                              "depend on another's inputs: the model mixes the examples of a batch "
                              "(batch statistics, attention across examples), so splitting the "
@@ -490,7 +490,7 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     from gradflow import parallel
     devices = () if couples_batch else parallel.should_split(xs, None, params)
     if devices and checks.depends_on_place(model, rest, arrays, xs, B // len(devices),
-                                           (((L, T, B), str(checks.tap_dtype(xs))),)):
+                                           (((L, T, B), str(taps.dtype)),)):
         devices = ()  # (a mask drawn with the batch's shape: each device would draw its own)
     if devices:
         value, vals = parallel.model_state_map(model, loss_fn, rest, arrays, xs, L, devices,
@@ -620,7 +620,7 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     width = math.ceil(K * parallel.MIN_ROWS_X_WIDTH / MODEL_SPLIT_WORK)
     devices = parallel.should_split(xs, None, arrays, rows=rows, width=width)
     if B // max(len(devices), 1) < 2 or devices and checks.depends_on_place(
-            model, rest, arrays, xs, B // len(devices), (((L, T, B), str(checks.tap_dtype(xs))),)):
+            model, rest, arrays, xs, B // len(devices), (((L, T, B), str(taps.dtype)),)):
         devices = ()
     each, se, finite, leak = parallel.example_map(
         _model_each, (model, rest), arrays, args, (0, 1)[:len(args)], static, devices, what,
