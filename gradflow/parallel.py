@@ -546,7 +546,7 @@ def state_map(stack, params, xs, loss_fn, name: str, devices):
     program = _sharded_state_map(stack, loss_fn, name, mesh, layout)
     if lapack_stalls(program, (bufs, xs_k), mesh):  # a user's cell calling LAPACK
         return state_map(stack, params, xs, loss_fn, name, devices[:1])
-    return program(bufs, xs_k)
+    return run_split(program, mesh, bufs, xs_k)
 
 
 def _split(params, args, axes, devices):
@@ -607,7 +607,7 @@ def example_map(fn, stack, params, args, axes, static, devices, what: str | None
     args = split
     if what is not None:
         program = compiled(program, (), (bufs, *args), what, smaller, _copies(mesh))
-    return program(bufs, *args)
+    return run_split(program, mesh, bufs, *args)
 
 
 @functools.partial(jit, static_argnames=("fn", "stack", "static"))
@@ -647,7 +647,28 @@ def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, what
     if lapack_stalls(program, (bufs, xs_k), mesh):  # the model calls LAPACK
         return model_state_map(model, loss_fn, rest, arrays, xs, layers, devices[:1], what,
                                smaller)
-    return compiled(program, (), (bufs, xs_k), what, smaller, _copies(mesh))(bufs, xs_k)
+    return run_split(compiled(program, (), (bufs, xs_k), what, smaller, _copies(mesh)), mesh,
+                     bufs, xs_k)
+
+
+def run_split(program, mesh, *args):
+    """``program(*args)``, a program of this module's runners split over ``mesh`` (their
+    collectives: the all-reduces of a batch's loss, norms and sums), run on simulated CPU
+    devices with nothing else in flight on them: its arguments ready before it starts, its
+    outputs before it returns. A guard: XLA's CPU runtime (jaxlib 0.10.2) deadlocked, rarely
+    and only under load (2 of some 10 loaded runs of the test suite's simulated-device child,
+    and once in some 17,000 split programs launched back to back by a stress script), with
+    one device's half waiting in the all-reduce's rendezvous and the other device's launch
+    waiting for that device's budget of programs in flight (``max_inflight_computations``),
+    every other thread idle (``gdb``), until XLA aborted the process after 40 s. JAX
+    dispatches asynchronously, so without the waits a device may hold programs queued ahead
+    of a split program's launch; with them it holds none. (Too rare to show its absence in a
+    test; the waits cost 1-4 % of a small split map.) On real devices (GPU, TPU) the program
+    runs as it is."""
+    if _copies(mesh) < 2:
+        return program(*args)
+    jax.block_until_ready(args)
+    return jax.block_until_ready(program(*args))
 
 
 def _copies(mesh) -> int:
@@ -657,5 +678,4 @@ def _copies(mesh) -> int:
 
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",
            "set_batch_devices", "batch_devices", "devices_for", "should_split", "lapack_stalls",
-           "state_map",
-           "model_state_map", "example_map", "use_compile_cache"]
+           "run_split", "state_map", "model_state_map", "example_map", "use_compile_cache"]
