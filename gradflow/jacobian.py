@@ -466,17 +466,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
                 raise ValueError(f"reaches must be a boolean (layers, steps) = {(L, T)} mask, "
                                  f"got {positive['values'].dtype} of shape "
                                  f"{positive['values'].shape}")
-        taps = jnp.zeros((L, T, B), checks.tap_dtype(xs))
+        taps = jax.ShapeDtypeStruct((L, T, B), checks.tap_dtype(xs))  # (made once it fits)
         out = _model_outputs(model, rest, arrays, xs, taps)
-        tapped = _tapped("model_map", model, rest, arrays, xs, L)
-        if not couples_batch and checks.mixes_examples(
-                model, rest, arrays, xs, (((L, T, B), str(taps.dtype)),)):
-            raise ValueError("model_map: couples_batch=False, but one example's outputs "
-                             "depend on another's inputs: the model mixes the examples of a batch "
-                             "(batch statistics, attention across examples), so splitting the "
-                             "batch would change it; leave couples_batch=True (the default)")
-        if tapped is not None and positive is not None:  # an untapped 0 is no underflow
-            positive = {"values": np.asarray(positive["values"]) & tapped}
         if callable(loss):
             checks.check_scalar_loss(loss, out)
             loss_fn, loss_name = loss, getattr(loss, "__name__", "callable")
@@ -487,6 +478,20 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
     what = (f"model_map ({getattr(model, '__name__', 'model')}, {L} layers x {T} steps, batch "
             f"{B}, {xs.dtype})")
     smaller = "give fewer examples or steps, or checkpoint your scan (jax.checkpoint)"
+    # its memory checked before anything of the model's size runs (the checks below run it on
+    # a few examples at full length: they took minutes and gigabytes before a refusal)
+    program = _cost.compiled(_model_map, (model, loss_fn, rest), (arrays, xs, taps), what,
+                             smaller)
+    with user_input():
+        tapped = _tapped("model_map", model, rest, arrays, xs, L)
+        if not couples_batch and checks.mixes_examples(
+                model, rest, arrays, xs, (((L, T, B), str(taps.dtype)),)):
+            raise ValueError("model_map: couples_batch=False, but one example's outputs "
+                             "depend on another's inputs: the model mixes the examples of a batch "
+                             "(batch statistics, attention across examples), so splitting the "
+                             "batch would change it; leave couples_batch=True (the default)")
+        if tapped is not None and positive is not None:  # an untapped 0 is no underflow
+            positive = {"values": np.asarray(positive["values"]) & tapped}
     from gradflow import parallel
     devices = () if couples_batch else parallel.should_split(xs, None, params)
     if devices and checks.depends_on_place(model, rest, arrays, xs, B // len(devices),
@@ -496,8 +501,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         value, vals = parallel.model_state_map(model, loss_fn, rest, arrays, xs, L, devices,
                                                what, smaller)
     else:
-        value, vals = _cost.compiled(_model_map, (model, loss_fn, rest), (arrays, xs, taps),
-                                     what, smaller)(arrays, xs, taps)
+        taps = jnp.zeros(taps.shape, taps.dtype)
+        value, vals = program(arrays, xs, taps)
     vals = jnp.where(jnp.isfinite(value), vals, jnp.nan)  # not a gradient where the loss is not
     if not bool(jnp.isfinite(value)):
         warnings.warn(f"model_map: the loss is {float(value)}: the model's forward pass left "

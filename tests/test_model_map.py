@@ -379,6 +379,37 @@ def test_a_layer_the_outputs_never_read_is_named_as_such():
                            jnp.ones((2, 3, W_SIZE)), layers=2)
 
 
+@pytest.mark.parametrize("couples_batch", [True, False])
+def test_a_model_map_too_big_is_refused_before_the_model_runs(monkeypatch, couples_batch):
+    """The memory check comes first: with couples_batch=False the coupling check ran the model
+    on three examples at full length, and the tap counts ran, before the refusal (16 layers x
+    3000 steps, H 1024: two minutes and 1.9 GB, then "needs 6.48 GiB"). The model's step
+    reports each run (jax.debug.callback, which tracing does not call): none before it."""
+    from gradflow import cost
+
+    runs = []
+
+    def model(w, xs, taps):
+        def step(h, inp):
+            x, s = inp
+            jax.debug.callback(lambda: runs.append(1))
+            h = gradflow.tap(jnp.tanh(x @ w + h @ w), s[0])
+            return h, h
+        _, ys = jax.lax.scan(step, jnp.zeros((xs.shape[0], 3)),
+                             (xs.swapaxes(0, 1), taps.swapaxes(0, 1)))
+        return ys.swapaxes(0, 1)
+
+    w, xs = jnp.eye(3) / 2, jnp.ones((4, 5, 3))
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: 1000)
+    with pytest.raises(ValueError, match=r"model_map \(model, 1 layers x 5 steps, batch 4, "
+                                         r"float32\) needs about .* more than the 1000 bytes"):
+        gradflow.model_map(model, w, xs, layers=1, couples_batch=couples_batch)
+    assert runs == []
+    monkeypatch.undo()
+    res = gradflow.model_map(model, w, xs, layers=1, couples_batch=couples_batch)
+    assert runs and np.all(res.values[0] > 0)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_a_model_of_16_bit_inputs_and_weights_is_measured_in_float32(dtype):
     """A model whose inputs, weights and states are all 16-bit: its taps were made in the
