@@ -1793,14 +1793,15 @@ def test_a_name_longer_than_the_file_system_takes(capsys, tmp_path):
     rc, out, err = run(capsys, "heatmap", *SMALL, "--out", tmp_path / ("a" * 300 + ".png"))
     assert rc == 2 and err.endswith(f"{os.strerror(errno.ENAMETOOLONG)}\n") and \
         err.count("\n") == 1, err
-    cells = ",".join(f"lstm:forget_bias={b}.0,tied=True" for b in range(1, 14))
+    cells = ",".join(f"lstm:forget_bias={b}.0000000000001,tied=True,"  # (4 compiles, not 13)
+                     f"forget_bias_init=0.{b}00000000001" for b in range(1, 5))
     rc, out, err = run(capsys, "compare", "--cells", cells, *SMALL, "--losses", "last",
                        "--out", tmp_path)
     assert rc == 0, err
     figure = Path(_written(out, "figure"))
     assert len(figure.stem) == 245 and figure.stem.startswith("compare_lstm-forget_bias=1.0")
     assert figure.with_suffix(".npz").is_file()
-    other = cells.replace("forget_bias=13.0", "forget_bias=14.0")  # its own name
+    other = cells.replace("init=0.400", "init=0.500")  # its own name
     stems = [cli.default_stem(cli.build_parser().parse_args(["compare", "--cells", c]),
                               "compare", c) for c in (cells, other)]
     assert stems[0][:234] == stems[1][:234] and stems[0] != stems[1]
