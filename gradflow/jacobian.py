@@ -598,9 +598,8 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
                                                   "(params, xs, taps) -> outputs", params, xs)
         L = checks.positive_int("layers", layers)
         B, T, _ = xs.shape
-        taps = jnp.zeros((L, T, B, 2), checks.tap_dtype(xs))
+        taps = jax.ShapeDtypeStruct((L, T, B, 2), checks.tap_dtype(xs))
         out = _model_outputs(model, rest, arrays, xs, taps)
-        _tapped("model_jacobian_map", model, rest, arrays, xs, L)
         tt = _step(target, T)
         checks.choice("method", method, METHODS)
         seed = checks.seed("seed", seed)
@@ -617,6 +616,11 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
             f"{xs.dtype})")
     smaller = ("give fewer examples or steps, a smaller chunk, or checkpoint your scan "
                "(jax.checkpoint)")
+    # its memory checked before anything of the model's size runs (the tap counts below, the
+    # checks of the examples' places), as model_map's
+    parallel.examples_program(_model_each, (model, rest), arrays, args, static, what, smaller)
+    with user_input():
+        _tapped("model_jacobian_map", model, rest, arrays, xs, L)
     # Independent examples (checked below) may be split over the devices: each device checks
     # its own, so it gets two at least, and under "auto" on CPU devices examples x outputs x
     # rows >= MODEL_SPLIT_WORK (the state maps' rule, examples x width x rows >=

@@ -598,8 +598,7 @@ def example_map(fn, stack, params, args, axes, static, devices, what: str | None
     if not devices:
         if what is None:
             return _jit_examples(fn, stack, static, params, *args)
-        return compiled(_jit_examples, (fn, stack, static), (params, *args), what,
-                        smaller)(params, *args)
+        return examples_program(fn, stack, params, args, static, what, smaller)(params, *args)
     mesh, bufs, layout, split = _split(params, args, axes, devices)
     program = _sharded_examples(fn, stack, static, mesh, layout, tuple(axes), summed)
     if lapack_stalls(program, (bufs, *split), mesh):
@@ -608,6 +607,14 @@ def example_map(fn, stack, params, args, axes, static, devices, what: str | None
     if what is not None:
         program = compiled(program, (), (bufs, *args), what, smaller, _copies(mesh))
     return run_split(program, mesh, bufs, *args)
+
+
+def examples_program(fn, stack, params, args, static, what: str, smaller: str):
+    """:func:`example_map`'s program on one device for these arguments' shapes, compiled
+    once (:func:`gradflow.cost.compiled`: its memory checked, an InputError naming ``what``
+    and ``smaller`` where it does not fit). A caller may ask before anything runs; the map
+    then reuses it."""
+    return compiled(_jit_examples, (fn, stack, static), (params, *args), what, smaller)
 
 
 @functools.partial(jit, static_argnames=("fn", "stack", "static"))
@@ -678,4 +685,5 @@ def _copies(mesh) -> int:
 
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",
            "set_batch_devices", "batch_devices", "devices_for", "should_split", "lapack_stalls",
-           "run_split", "state_map", "model_state_map", "example_map", "use_compile_cache"]
+           "run_split", "state_map", "model_state_map", "example_map", "examples_program",
+           "use_compile_cache"]

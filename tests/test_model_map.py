@@ -405,6 +405,11 @@ def test_a_model_map_too_big_is_refused_before_the_model_runs(monkeypatch, coupl
                                          r"float32\) needs about .* more than the 1000 bytes"):
         gradflow.model_map(model, w, xs, layers=1, couples_batch=couples_batch)
     assert runs == []
+    with pytest.raises(ValueError, match=r"model_jacobian_map \(model, 1 layers x 5 steps, "
+                                         r"batch 4, 3 outputs, float32\) needs about .* more "
+                                         r"than the 1000 bytes"):
+        gradflow.model_jacobian_map(model, w, xs, layers=1)
+    assert runs == []
     monkeypatch.undo()
     res = gradflow.model_map(model, w, xs, layers=1, couples_batch=couples_batch)
     assert runs and np.all(res.values[0] > 0)
