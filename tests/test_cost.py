@@ -10,6 +10,10 @@ import pytest
 import gradflow
 from gradflow import cost, jacobian
 
+# in-process work (compiling programs to read XLA's memory analysis: 91 s of the test
+# process's 1014 s, whose other lane took 796 s): the child lane runs it (tests/conftest.py)
+pytestmark = pytest.mark.child
+
 
 def _xla_bytes(stack, B, T, wrt):
     """temp + argument + output bytes of the compiled map, as XLA's memory analysis reports."""
