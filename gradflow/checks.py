@@ -543,6 +543,12 @@ def tap_dtype(xs):
     return jnp.promote_types(jnp.result_type(xs), jnp.float32)
 
 
+def nbytes(tree) -> int:
+    """Bytes of the array leaves of ``tree`` (a model's parameters)."""
+    return sum(int(np.prod(jnp.shape(a))) * jnp.dtype(jnp.result_type(a)).itemsize
+               for a in jax.tree_util.tree_leaves(tree) if hasattr(a, "dtype"))
+
+
 def split_static(params):
     """``params`` split as ``eqx.filter_jit`` splits a module: its array leaves (traced, in
     ``params``' structure with ``None`` elsewhere) and the rest (``(treedef, leaves, types)``

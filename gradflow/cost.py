@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Callable
 import functools
 import math
 import os
@@ -784,10 +785,33 @@ def compiled(jitted, statics: tuple, args: tuple, what: str, smaller: str, copie
                        jax.config.jax_default_matmul_precision)
     memory = program.memory_analysis()
     if memory is not None:
+        need = copies * (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                         + memory.output_size_in_bytes)
         with user_input():
-            check_need(copies * (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                                 + memory.output_size_in_bytes), what, smaller)
+            check_need(need, what, smaller(need, available_memory()) if callable(smaller)
+                       else smaller)
     return program
+
+
+def shrink_hint(batch: int, steps: int, also: str = "", fixed: int = 0
+                ) -> Callable[[int, int], str]:
+    """``smaller`` for :func:`compiled` where a program's memory grows with a batch of
+    ``batch`` examples of ``steps`` steps (a user's model): ``hint(need, available)`` names
+    about the batch and the number of steps that fit, each alone, the need less ``fixed``
+    bytes (the parameters) taken as proportional to it: an estimate (XLA may keep more that
+    does not shrink), which the refusal of a smaller request corrects. ``also``: what else
+    may shrink.
+
+    >>> shrink_hint(16, 1000, "or checkpoint your scan")(4 << 30, 1 << 30)
+    'give fewer examples or steps (about batch 4 or 250 steps would fit), or checkpoint your scan'
+    """
+    def hint(need: int, available: int) -> str:
+        share = (available - fixed) / max(need - fixed, 1)
+        fit = [f"batch {b}" for b in [math.floor(batch * share)] if 0 < b < batch]
+        fit += [f"{t} steps" for t in [math.floor(steps * share)] if 0 < t < steps]
+        return ("give fewer examples or steps" + (f" (about {' or '.join(fit)} would fit)"
+                                                 if fit else "") + (f", {also}" if also else ""))
+    return hint
 
 
 @functools.lru_cache(maxsize=64)

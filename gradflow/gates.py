@@ -842,7 +842,7 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
         devices = ()  # (a mask drawn with the batch's shape: each device would draw its own)
     sums, hist = parallel.example_map(  # split: sums and counts add over the devices
         _model_sums, (model, rest), arrays, (xs,), (0,), static, devices, what,
-        "give fewer examples or steps", summed=True)
+        _cost.shrink_hint(B, T, fixed=checks.nbytes(arrays)), summed=True)
     red = _means(sums)
     arrays = _named(kinds, _layer_masks(where, kinds, L, int(first[3])), red, hist, bins)
     bad = _nonfinite_total(arrays)

@@ -449,7 +449,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
         finite, ``layers`` not a positive integer,
         outputs not ``(B, T, K)``, a map of exact zeros (the model tapped no state), or a
         compiled map that needs more memory than is available (XLA's memory analysis, read
-        before it runs).
+        before anything of the model's size runs; the message names about the batch and the
+        steps that fit, :func:`gradflow.cost.shrink_hint`).
     """
     with user_input():
         xs, arrays, rest = checks.model_arguments("model_map", model,
@@ -477,7 +478,8 @@ def model_map(model: Callable, params, xs, *, layers: int, loss="last", readout_
             loss_name = loss
     what = (f"model_map ({getattr(model, '__name__', 'model')}, {L} layers x {T} steps, batch "
             f"{B}, {xs.dtype})")
-    smaller = "give fewer examples or steps, or checkpoint your scan (jax.checkpoint)"
+    smaller = _cost.shrink_hint(B, T, "or checkpoint your scan (jax.checkpoint)",
+                                checks.nbytes(arrays))
     # its memory checked before anything of the model's size runs (the checks below run it on
     # a few examples at full length: they took minutes and gigabytes before a refusal)
     program = _cost.compiled(_model_map, (model, loss_fn, rest), (arrays, xs, taps), what,
@@ -614,8 +616,8 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     static = (("chunk", chunk), ("layers", L), ("target", tt))
     what = (f"model_jacobian_map ({name}, {L} layers x {T} steps, batch {B}, {K} outputs, "
             f"{xs.dtype})")
-    smaller = ("give fewer examples or steps, a smaller chunk, or checkpoint your scan "
-               "(jax.checkpoint)")
+    smaller = _cost.shrink_hint(B, T, "a smaller chunk, or checkpoint your scan "
+                                      "(jax.checkpoint)", checks.nbytes(arrays))
     # its memory checked before anything of the model's size runs (the tap counts below, the
     # checks of the examples' places), as model_map's
     parallel.examples_program(_model_each, (model, rest), arrays, args, static, what, smaller)

@@ -415,6 +415,34 @@ def test_a_model_map_too_big_is_refused_before_the_model_runs(monkeypatch, coupl
     assert runs and np.all(res.values[0] > 0)
 
 
+def test_a_model_map_too_big_names_the_batch_and_steps_that_fit(monkeypatch):
+    """The model functions' refusal said "give fewer examples or steps" without a number; it
+    names about the batch and the steps that fit, the need (XLA's count of the compiled map)
+    less the parameters' bytes taken as proportional to each: 3/4 of it available here, 2 of 4
+    examples (3 would need 3/4 of it and the parameters), 3 of 5 steps."""
+    from gradflow import cost
+
+    def model(w, xs, taps):
+        def step(h, inp):
+            x, s = inp
+            h = gradflow.tap(jnp.tanh(x @ w + h @ w), s)
+            return h, h
+        _, ys = jax.lax.scan(step, jnp.zeros((xs.shape[0], 3)),
+                             (xs.swapaxes(0, 1), taps[0]))
+        return ys.swapaxes(0, 1)
+
+    w, xs = jnp.eye(3) / 2, jnp.ones((4, 5, 3))
+    needs, check = [], cost.check_need
+    monkeypatch.setattr(cost, "check_need", lambda need, what, smaller: needs.append(need))
+    gradflow.model_map(model, w, xs, layers=1)
+    monkeypatch.setattr(cost, "check_need", check)
+    monkeypatch.setattr(cost, "available_memory", lambda device=None: needs[0] * 3 // 4)
+    with pytest.raises(ValueError, match=r"needs about .*: give fewer examples or steps \(about "
+                                         r"batch 2 or 3 steps would fit\), or checkpoint your "
+                                         r"scan"):
+        gradflow.model_map(model, w, xs, layers=1)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_a_model_of_16_bit_inputs_and_weights_is_measured_in_float32(dtype):
     """A model whose inputs, weights and states are all 16-bit: its taps were made in the
