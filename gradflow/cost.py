@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable
 import functools
 import math
 import os
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -763,7 +763,7 @@ def check_need(need: int, what: str, smaller: str) -> None:
                          f"{size(avail)} available: {smaller}")
 
 
-def compiled(jitted, statics: tuple, args: tuple, what: str, smaller: str, copies: int = 1):
+def compiled(jitted, statics: tuple, args: tuple, what: str, smaller, copies: int = 1):
     """``jitted`` (a ``jax.jit`` function whose first ``len(statics)`` arguments are its
     static ones) lowered and compiled for ``args``' shapes, dtypes and shardings at the matmul
     precision in force, once per them (part of the key, as of ``jax.jit``'s own cache), and
@@ -773,8 +773,9 @@ def compiled(jitted, statics: tuple, args: tuple, what: str, smaller: str, copie
     and temporaries; ``memory_analysis()``, per device for a sharded one) times ``copies``
     (the devices that share one memory: a CPU's simulated devices) is checked on every call
     against :func:`available_memory`: an :class:`~gradflow.errors.InputError` naming
-    ``what`` and ``smaller`` (what the caller can shrink) where it does not fit; nothing
-    where the backend gives no analysis.
+    ``what`` and ``smaller`` (what the caller can shrink: text, or ``smaller(need,
+    available)`` making it, :func:`shrink_hint`) where it does not fit; nothing where the
+    backend gives no analysis.
 
     ``jitted(*statics, *args)`` is what the returned program computes, as ``program(*args)``.
     """
