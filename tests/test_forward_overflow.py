@@ -21,6 +21,9 @@ from gradflow import jacobian as J
 from gradflow.cli import main
 from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning
 
+# in-process work (29 s): the child lane runs it, as test_cost.py's (tests/conftest.py)
+pytestmark = pytest.mark.child
+
 
 def counted():
     """The result's own warning that counts its non-finite entries (besides the forward's)."""
