@@ -544,9 +544,9 @@ def tap_dtype(xs):
 
 
 def nbytes(tree) -> int:
-    """Bytes of the array leaves of ``tree`` (a model's parameters)."""
-    return sum(int(np.prod(jnp.shape(a))) * jnp.dtype(jnp.result_type(a)).itemsize
-               for a in jax.tree_util.tree_leaves(tree) if hasattr(a, "dtype"))
+    """Bytes of the leaves of ``tree``, arrays or their shapes (``jax.ShapeDtypeStruct``)."""
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+               for a in jax.tree_util.tree_leaves(tree))
 
 
 def split_static(params):
@@ -695,8 +695,7 @@ def available_memory(device=None) -> int:
 def params_fit(stack, dtype) -> None:
     """A ValueError unless the parameters of ``stack`` in ``dtype`` fit in
     :func:`available_memory` (a stack far too wide was allocated, and the process aborted)."""
-    need = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
-               for a in jax.tree_util.tree_leaves(expected_params(stack, dtype)))
+    need = nbytes(expected_params(stack, dtype))
     avail = available_memory()
     if need > avail:
         raise ValueError(f"Stack.init: the parameters take {need / 2**30:,.1f} GiB, more than "

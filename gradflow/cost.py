@@ -135,11 +135,6 @@ def seconds_str(s: float) -> str:
 # One step, by shapes only
 
 
-def _nbytes(tree) -> int:
-    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
-               for a in jax.tree_util.tree_leaves(tree))
-
-
 @functools.lru_cache(maxsize=256)
 def _step(cell, n_in: int, H: int, B: int, dtype: str, tapped: bool) -> tuple:
     """``(param bytes, per-step residual bytes, projection bytes, state bytes, matmul FLOPs)``
@@ -163,7 +158,7 @@ def _step(cell, n_in: int, H: int, B: int, dtype: str, tapped: bool) -> tuple:
                    if a.ndim >= 1 and a.shape[0] == B)
     mm = sum(2 * B * a.shape[0] * a.shape[1] for a in jax.tree_util.tree_leaves(p)
              if a.ndim == 2)
-    return _nbytes(p), per_step, _nbytes(xp), _nbytes(s), mm
+    return checks.nbytes(p), per_step, checks.nbytes(xp), checks.nbytes(s), mm
 
 
 # ---------------------------------------------------------------------------------------------
