@@ -324,7 +324,8 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
       stack: a :class:`gradflow.Stack` (its ``checkpoint`` and the order it runs,
         ``evaluation_order``, are taken into account).
       batch, steps: ``B, T``.
-      dtype: of parameters and inputs.
+      dtype: of parameters and inputs, as JAX computes in it (float64 with 64-bit JAX off:
+        float32).
       wrt: ``"hidden"``, ``"cell"`` or ``"params"`` (``method="gradient"``).
       method: ``"gradient"`` (:func:`gradflow.gradient_map`), ``"exact"`` or ``"probe"``
         (:func:`gradflow.jacobian_map`: ``H`` or ``probes`` backward passes, with a
@@ -352,7 +353,7 @@ def estimate(stack, batch: int, steps: int, dtype="float32", wrt: str = "hidden"
     T = checks.positive_int("steps", steps)
     checks.choice("wrt", wrt, WRTS)
     checks.choice("method", method, METHODS)
-    dt = jnp.dtype(dtype)
+    dt = jax.dtypes.canonicalize_dtype(dtype)  # (float64 with 64-bit JAX off: float32)
     calibrate = checks.boolean("calibrate", calibrate)
     if method == "gains":
         probes = 0 if chunk is None else checks.positive_int("chunk", chunk)

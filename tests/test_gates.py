@@ -707,3 +707,18 @@ def test_compare_entries_say_what_they_must_be():
     with pytest.raises(TypeError, match=r"the options of entry 'L' must be a dict"):
         gates.parse_entries([("L", "lstm", [1])])
     assert gates.parse_entries(e for e in ["lstm"]) == [("lstm", "lstm", {})]
+
+
+def test_float64_numpy_inputs_with_64_bit_jax_off_are_measured_in_float32():
+    """What a user with NumPy's default float64 inputs and JAX's default 32-bit mode gets: the
+    statistics of those inputs as JAX computes them (float32), without JAX's truncation
+    warnings (the memory estimate asked for float64 parameters; the suite makes any
+    truncation warning an error)."""
+    st = Stack("lstm", 2, 3, 4)
+    p = st.init(jax.random.PRNGKey(0))
+    xs = np.random.default_rng(0).normal(size=(5, 2, 3))
+    assert xs.dtype == np.float64 and not jax.config.jax_enable_x64
+    got = gates.saturation(st, p, xs)
+    want = gates.saturation(st, p, xs.astype(np.float32))
+    for k, v in want.arrays.items():
+        np.testing.assert_array_equal(got.arrays[k], v, err_msg=k)
