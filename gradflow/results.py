@@ -85,13 +85,22 @@ def _jsonable(v):
     return str(v)
 
 
+def _read_only(a):
+    if not isinstance(a, np.ndarray) or not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Result:
     """Arrays of one measurement and the config that produced them.
 
     Attributes:
       kind: what was measured (``"gradient_map"``, ``"jacobian_map"``, ``"gate_stats"``, ...).
-      arrays: ``{name: np.ndarray}``; also readable as attributes (``result.values``).
+      arrays: ``{name: np.ndarray}``; also readable as attributes (``result.values``). Read-only
+        (``values.copy()`` gives an array to write in), so a result's counts stay true of it.
       config: JSON-able dict: cell, options, layers, steps, hidden_size, batch, seed, dtype, ...
       nonfinite: ``{name: count}`` of inf/NaN entries per array, among those measured: the
         NaN a result holds by design (:func:`not_measured`: a gate's statistics in the layers
@@ -117,6 +126,9 @@ class Result:
             if not isinstance(getattr(self, field), dict):
                 raise TypeError(f"Result {field} must be a dict, got "
                                 f"{type(getattr(self, field)).__name__}")
+        # its arrays are read-only views (the caller's own arrays untouched), measured or
+        # loaded alike: an entry written in place would no longer match its counts
+        object.__setattr__(self, "arrays", {k: _read_only(v) for k, v in self.arrays.items()})
 
     def __getattr__(self, name: str):
         arrays = self.__dict__.get("arrays", {})

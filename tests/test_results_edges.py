@@ -27,6 +27,23 @@ def test_round_trip_carries_the_format_version(saved):
     np.testing.assert_array_equal(back.values, res.values)
 
 
+def test_arrays_are_read_only_measured_or_loaded_and_the_callers_stay_writable(saved):
+    """A result's counts are of its arrays: neither a measured nor a loaded result's arrays
+    can be written in place (a loaded one could, before), and the arrays a caller built it
+    from stay the caller's, writable."""
+    res, path = saved
+    mine = np.ones((2, 3))
+    built = make_result("gradient_map", {"values": mine}, {"cell": "lstm"})
+    for r in (res, gradflow.load(path), built):
+        with pytest.raises(ValueError, match="read-only"):
+            r.values[0, 0] = np.inf
+        assert r.total_nonfinite == 0
+    mine[0, 0] = 7.0  # (a view: the caller's write shows, as before)
+    assert built.values[0, 0] == 7.0 and mine.flags.writeable
+    copy = gradflow.load(path).values.copy()
+    copy[0, 0] = -1.0  # (a copy is the caller's to write)
+
+
 def test_results_and_saved_weights_carry_what_computed_them(saved, tmp_path):
     """Versions and backend travel with every result and every params file."""
     import importlib.metadata as md
