@@ -1874,7 +1874,7 @@ def _torch_gates(args, t, xs, config, paths) -> int:
     fig = plot.gates_figure(stats, shown)
     fig.suptitle(f"{t.source} \u00b7 gates")
     print(_torch_header(args, t, xs, config, stats.config["model"])
-          + f"\nsaturated: < {args.eps:g} or > {1 - args.eps:g}")
+          + f"\nsaturated: < {args.eps:g} or > 1 - {args.eps:g}")
     summary, kinds = _gates.summary(stats), stats.config["gate_kinds"]
     absent = not_measured(stats.kind, stats.arrays, stats.config)
     for gate in shown:
@@ -2262,7 +2262,7 @@ def run_gates(args) -> int:
         fig.suptitle(_trained_title(stats.config, plot.subject(stats.config, "gates"),
                                     " \u00b7 "))
     print(f"gradflow gates: {_describe(stats.config, prob.stack.cells[0])}; saturated: "
-          f"< {args.eps:g} or > {1 - args.eps:g}")
+          f"< {args.eps:g} or > 1 - {args.eps:g}")
     if args.params is not None:
         print(_params_line(args, stats.config))
     summary, kinds = _gates.summary(stats), stats.config["gate_kinds"]

@@ -21,7 +21,11 @@ own reports) holding:
   ``1 - a`` where the cell keeps ``1 - a``). The timescale of the mean, not the mean of
   :math:`1/(1-\kappa)`, which one gate rounded to 1 (float32 saturates at
   :math:`z \approx 17`) would make infinite; the per-unit values give the distribution
-  (Gu et al.'s UGI spreads them over ``[1, H]``);
+  (Gu et al.'s UGI spreads them over ``[1, H]``). It is the gate's own timescale, SPEC's
+  :math:`1/(1-f)`: where a cell keeps a blend of gates its state's retention differs (g-LSTM
+  keeps :math:`1 - k(1-f)` of its memory, longer than ``f``'s where its time gate ``k`` is
+  closed; ON-LSTM keeps :math:`\hat f = f\omega + (\tilde f - \omega)`; a UR cell's
+  ``f`` gets one beside the effective ``g`` it keeps);
 * ``update_fraction``: for time gates (``k`` of ``g_lstm``, ``phased_lstm``; not ``star``'s
   ``k``) the fraction of neuron updates that happen, :math:`k > 10^{-3}`: the compute used
   relative to a plain LSTM;
@@ -243,14 +247,44 @@ def refine_partials(f, r):
     return 2.0 * (r * (1.0 - f) + (1.0 - r) * f), 2.0 * f * (1.0 - f)
 
 
+def bound(x, dtype, up: bool):
+    """The number of ``dtype`` next to the threshold ``x`` (a Python or NumPy float) on one
+    side: the least not below it (``up``) or the greatest not above it, so that ``a < bound(x,
+    a.dtype, up=True)`` and ``a > bound(x, a.dtype, up=False)`` are the exact comparisons of
+    ``a`` with ``x`` (rounded to nearest, a float32 threshold 0.8 is 0.800000012, and
+    ``fl32(0.8) > 0.8`` came out False). A traced ``x`` is returned as it is (rounded to
+    nearest by JAX).
+
+    >>> float(bound(0.001, np.float32, up=False)) < 0.001 < float(np.float32(0.001))
+    True
+    """
+    if isinstance(x, jax.core.Tracer):
+        return x
+    v = np.asarray(x, dtype)
+    if (float(v) < float(x)) if up else (float(v) > float(x)):
+        v = np.nextafter(v, np.asarray(np.inf if up else -np.inf, v.dtype))
+    return v
+
+
 def is_saturated(a, eps, kind: str = "sigmoid"):
     r"""``(a < eps) | (a > 1 - eps)``: the gate is within :math:`\varepsilon` of 0 or 1 (or
     beyond, for refined gates); for a ``"tanh"`` gate ``|a| > 1 - eps``, within
-    :math:`\varepsilon` of :math:`\pm 1`; False for NaN."""
+    :math:`\varepsilon` of :math:`\pm 1`; False for NaN.
+
+    Exact in ``a``'s dtype for any ``eps`` (a Python float; :func:`bound`): the side at 1 is
+    ``1 - a < eps`` (``1 - a`` is exact where it can be below ``eps < 0.5``), since ``1 - eps``
+    rounds to 1 in float32 for ``eps`` below about 3e-8 and a gate at exactly 1 was not
+    counted.
+
+    >>> a = jnp.array([1.0, 0.99999994, 0.0, 0.5], jnp.float32)
+    >>> is_saturated(a, 1e-8).tolist()
+    [True, False, True, False]
+    """
     value_range(kind)  # a known kind
+    e = bound(eps, jnp.result_type(a), up=True)
     if kind == "tanh":
-        return jnp.abs(a) > 1.0 - eps
-    return (a < eps) | (a > 1.0 - eps)
+        return 1.0 - jnp.abs(a) < e
+    return (a < e) | (1.0 - a < e)
 
 
 def kept_fraction(a, sign: int):
@@ -435,7 +469,8 @@ def _rows(acts: dict, kinds: dict, retain: dict, sl, eps, threshold) -> dict:
         if g in retain:
             rows["timescale", g] = kept_fraction(a, retain[g])
         if kind == "time":
-            rows["update_fraction", g] = (a > threshold).astype(a.dtype)
+            rows["update_fraction", g] = (a > bound(threshold, a.dtype, up=False)
+                                          ).astype(a.dtype)
         rows.update({k: jnp.where(ok, v, jnp.zeros((), v.dtype))
                      for k, v in rows.items() if k[1] == g})
         lo, hi = value_range(kind)
@@ -464,9 +499,9 @@ def _batch_sums_jvp(primals, tangents):
     return out, dout
 
 
-@functools.partial(jit, static_argnames=("stack", "bins"))
+@functools.partial(jit, static_argnames=("stack", "eps", "threshold", "bins"))
 @in_precision
-def _reduce(stack: Stack, params: dict, xs, eps, threshold, bins: int):
+def _reduce(stack: Stack, params: dict, xs, eps: float, threshold: float, bins: int):
     """All reductions of :func:`saturation` in one compiled function.
 
     The element-wise rows (:func:`_rows`) are summed over the batch by one variadic
@@ -538,8 +573,9 @@ def reductions(stack: Stack, params: dict, xs, eps: float = EPS,
     penalty): ``(red, hist)`` with ``red[(stat, gate)] =
     ((L, T) map, (L, H) per unit)`` (means, or counts for integer rows) and ``hist[gate]:
     (L, bins)``. :func:`named_arrays` turns one problem's ``(red, hist)`` into the named
-    arrays; ``eps``, ``update_threshold`` and ``bins`` are :func:`saturation`'s."""
-    return _reduce(stack, params, xs, eps, update_threshold, bins)
+    arrays; ``eps``, ``update_threshold`` and ``bins`` are :func:`saturation`'s, numbers (not
+    traced: the thresholds are compared exactly in the gates' dtype, :func:`bound`)."""
+    return _reduce(stack, params, xs, float(eps), float(update_threshold), int(bins))
 
 
 def _arrays(stack: Stack, params: dict, xs, eps: float, threshold: float, bins: int) -> dict:
@@ -651,6 +687,23 @@ def _settings(eps, update_threshold, bins) -> tuple:
     return eps, threshold, bins
 
 
+def _warn_outside(who: str, kinds: dict, arrays: dict, checked, said: str, fix: str):
+    """Warn, per gate of a kind in ``checked``, where its values leave that kind's range
+    (:func:`value_range`): the kind is wrong (said by the user, or read off one probe step by
+    an adapter), and the statistics assume the range. ``fix``: how to give the kind, formatted
+    with ``g``, the gate."""
+    for g, kind in kinds.items():
+        below, above, _ = (int(n) for n in arrays[f"outside/{g}/pooled"])
+        if kind in checked and below + above:
+            lo, hi = value_range(kind)
+            warnings.warn(
+                f"{who}: gate {g!r} is {said} {kind!r}, but {below + above} of its values lie "
+                f"outside that kind's range [{lo:g}, {hi:g}] ({below} below, {above} above): its "
+                f"saturation, slope and timescale assume the range; give its kind "
+                f"({fix.format(g=g)}), or report the gate itself where this is a quantity made "
+                "from it", stacklevel=3)
+
+
 def _nonfinite_total(arrays: dict) -> int:
     """The non-finite gate values of every gate (their ``nonfinite/{gate}/pooled`` counts)."""
     return sum(int(v) for k, v in arrays.items()
@@ -706,6 +759,11 @@ def saturation(stack: Stack, params: dict, xs, eps: float = EPS, *, bins: int = 
                       f"{where_nonfinite(stack, params, xs)}); every other statistic is "
                       "over the finite gate values (nonfinite/{gate} counts the rest)",
                       NonFiniteForwardWarning, stacklevel=2)
+    # (Cheng et al.'s refined gates leave [0, 1] by design; a gate of no kind may)
+    _warn_outside("gates.saturation", lay.kinds, arrays, ("sigmoid", "tanh", "effective",
+                  "master", "time"), "of kind", "gate_kinds={{{g!r}: 'tanh'}} for values in "
+                  "[-1, 1], to the adapter that made the cell, from_function, from_linen, ...: "
+                  "where it is not given, the adapter reads a gate's kind off one probe step")
     B, T, _ = xs.shape
     dtype = jax.tree_util.tree_leaves(params["layers"][0])[0].dtype
     kinds = lay.kinds
@@ -850,16 +908,8 @@ def model_saturation(model, params, xs, *, kinds: dict, retain: dict | None = No
         warnings.warn(f"gates.model_saturation: {bad} gate values are not finite; every other "
                       "statistic is over the finite gate values (nonfinite/{gate} counts the "
                       "rest)", NonFiniteForwardWarning, stacklevel=2)
-    for g, kind in kinds.items():  # a gate's kind said by the user, not known: read its values
-        below, above, _ = (int(n) for n in arrays[f"outside/{g}/pooled"])
-        if below + above:
-            lo, hi = value_range(kind)
-            warnings.warn(
-                f"gates.model_saturation: gate {g!r} is declared {kind!r}, but {below + above} "
-                f"of its values lie outside that kind's range [{lo:g}, {hi:g}] ({below} below, "
-                f"{above} above): its saturation, slope and timescale assume the range; give "
-                f"its kind (kinds={{{g!r}: 'tanh'}} for values in [-1, 1]), or report the gate "
-                "itself where this is a quantity made from it", stacklevel=2)
+    _warn_outside("gates.model_saturation", kinds, arrays, MODEL_KINDS, "declared",
+                  "kinds={{{g!r}: 'tanh'}} for values in [-1, 1]")
     dtype = next(iter(out.values())).dtype
     config = checks.with_meta({"model": name, "layers": L, "steps": int(T), "batch": int(B),
                                "hidden": int(first[3]), "dtype": str(dtype)}, meta, eps=eps,

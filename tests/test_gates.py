@@ -722,3 +722,83 @@ def test_float64_numpy_inputs_with_64_bit_jax_off_are_measured_in_float32():
     want = gates.saturation(st, p, xs.astype(np.float32))
     for k, v in want.arrays.items():
         np.testing.assert_array_equal(got.arrays[k], v, err_msg=k)
+
+
+def _fixed_gates(values, kind):
+    """A model reporting one gate ``"a"`` of ``kind`` at fixed ``values`` (float32) at every
+    example and step."""
+    v = jnp.asarray(values, jnp.float32)
+
+    def model(p, xs):
+        B, T = xs.shape[:2]
+        return {"a": jnp.broadcast_to(v * p, (1, B, T, v.size))}
+    return model
+
+
+@pytest.mark.parametrize("eps,values", [
+    (1e-8, [1.0, 0.99999994, 2e-9, 0.5, 1e-8]),           # 1 - eps rounds to 1 in float32
+    (0.2, [np.float32(0.8), np.float32(0.2), 0.5, 0.9]),  # fl32(0.8) > 0.8, fl32(0.2) > 0.2
+    (0.1, [np.float32(0.9), np.float32(0.1), 0.5, 0.05]),  # fl32(0.9) < 0.9, fl32(0.1) > 0.1
+])
+def test_float32_gates_are_saturated_exactly_as_the_real_thresholds_say(eps, values):
+    """``a < eps or a > 1 - eps`` in real numbers, for float32 gate values against thresholds
+    a float32 cannot hold: gradflow's fractions equal float64 NumPy's on the same values."""
+    a64 = np.asarray(np.asarray(values, np.float32), np.float64)
+    want = ((a64 < eps) | (a64 > 1 - eps)).mean()
+    got = gates.model_saturation(_fixed_gates(values, "sigmoid"), np.float32(1),
+                                 np.zeros((1, 1, 1), np.float32), kinds={"a": "sigmoid"}, eps=eps)
+    assert float(got.arrays["saturated/a/pooled"]) == pytest.approx(want, rel=1e-6)  # (of 1/5s)
+    got = gates.model_saturation(_fixed_gates(values, "tanh"), np.float32(1),
+                                 np.zeros((1, 1, 1), np.float32), kinds={"a": "tanh"}, eps=eps)
+    want = (np.abs(a64) > 1 - eps).mean()
+    assert float(got.arrays["saturated/a/pooled"]) == pytest.approx(want, rel=1e-6)
+
+
+def test_a_time_gate_updates_exactly_above_the_real_threshold():
+    values = [np.float32(1e-3), np.float32(2e-3), np.float32(0.3), 0.0]  # fl32(1e-3) > 1e-3
+    a64 = np.asarray(np.asarray(values, np.float32), np.float64)
+    for threshold in (1e-3, 0.3):  # fl32(0.3) > 0.3: 0.3 not above it
+        got = gates.model_saturation(_fixed_gates(values, "time"), np.float32(1),
+                                     np.zeros((1, 1, 1), np.float32), kinds={"a": "time"},
+                                     update_threshold=threshold)
+        want = (a64 > threshold).mean()
+        assert float(got.arrays["update_fraction/a/pooled"]) == pytest.approx(want, rel=1e-6)
+
+
+def test_a_gate_whose_values_leave_its_kinds_range_is_warned_about():
+    """A user cell's tanh gate, its kind not given, read as a sigmoid off one probe step where
+    its bias kept it positive: on inputs that take it below 0 the statistics warn, naming
+    gate_kinds=; given the kind, no warning and the tanh reading."""
+    H, D = 4, 3
+
+    def candidate(p, h, x):
+        return {"c": jnp.tanh(x @ p["W"] + h @ p["U"] + p["b"])}
+
+    def step(p, h, x):
+        h = 0.5 * h + 0.5 * candidate(p, h, x)["c"]
+        return h, h
+
+    def init(key, n_in, n_h, dtype):
+        k1, k2 = jax.random.split(key)
+        return {"W": 0.05 * jax.random.normal(k1, (n_in, n_h), dtype),
+                "U": 0.05 * jax.random.normal(k2, (n_h, n_h), dtype),
+                "b": jnp.full((n_h,), 2.5, dtype)}
+
+    guessed = cells.from_function(step, init, hidden_size=H, gates=candidate)
+    assert dict(guessed.gate_kinds) == {"c": "sigmoid"}
+    st = Stack(guessed, 1, D, H)
+    params = st.init(jax.random.PRNGKey(0))
+    xs = 60 * jax.random.normal(jax.random.PRNGKey(1), (4, 6, D))
+    a = np.asarray(gates.activations(st, params, xs)["c"])
+    assert (a < 0).sum() > 0
+    with pytest.warns(UserWarning, match=r"gate 'c' is of kind 'sigmoid', but \d+ of its values "
+                                         r"lie outside .*gate_kinds=\{'c': 'tanh'\}"):
+        gates.saturation(st, params, xs)
+    told = Stack(cells.from_function(step, init, hidden_size=H, gates=candidate,
+                                     gate_kinds={"c": "tanh"}), 1, D, H)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = gates.saturation(told, params, xs)
+    want = (np.abs(a) > 1 - gates.EPS).mean()
+    assert float(r.arrays["saturated/c/pooled"]) == pytest.approx(want, rel=1e-6)
