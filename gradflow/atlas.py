@@ -46,7 +46,10 @@ The ``init`` factor is the weight scheme (optionally ``"+bias scheme"``); a cell
 (cell, size) measures every init x seed x input scale (x loss, wrt for maps) of the grid.
 Each condition is cached as ``<cache_dir>/<key>.npz`` (a :class:`gradflow.Result` holding the
 measurement's arrays with a leading seed axis, e.g. ``values: (S, L, T)``), ``key`` a hash of
-the condition's config, so an interrupted atlas resumes where it stopped.
+the condition's config, so an interrupted atlas resumes where it stopped. An entry is reused
+only where this code computed it for that condition (:func:`gradflow.results.read_cached`:
+gradflow's source, JAX's version and backend as now; an entry from before an edit of gradflow
+is measured again).
 
 A condition's numbers are its config's to float rounding, not bit for bit: XLA compiles each
 group's program as a whole (a forward shared by its losses, reductions over its seeds x scales
@@ -676,23 +679,30 @@ def _groups(conditions):
 
 def measure(conditions: list[dict], *, cache_dir=None, devices=None, progress: bool = True):
     """``{condition_key: Result}`` for every condition, read from ``cache_dir`` where cached,
-    measured (and written there) otherwise."""
-    from gradflow.results import Result
+    measured (and written there) otherwise. A cached entry is read only where this code
+    computed it with the condition's settings (:func:`gradflow.results.read_cached`); one
+    damaged, computed by other code (an edited gradflow, another JAX) or holding another
+    condition is measured again, with a warning saying how many and why."""
+    from gradflow.results import read_cached
 
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
-    out, todo = {}, []
+    out, todo, again = {}, [], []
     for c in conditions:
         key = condition_key(c)
-        path = None if cache_dir is None else os.path.join(cache_dir, key + ".npz")
-        if path is not None and os.path.exists(path):
-            try:
-                out[key] = Result.load(path)
+        if cache_dir is not None:
+            path = os.path.join(cache_dir, key + ".npz")
+            res, why = read_cached(path, c)
+            if res is not None:
+                out[key] = res
                 continue
-            except ValueError as e:  # a torn or damaged entry (a full disk, an edit): again
-                warnings.warn(f"atlas cache entry {path} is damaged ({e}); measuring its "
-                              "condition again", RuntimeWarning, stacklevel=2)
+            if why is not None:
+                again.append(f"{path}: {why}")
         todo.append(c)
+    if again:
+        warnings.warn(f"{len(again)} atlas cache entr{'y' if len(again) == 1 else 'ies'} "
+                      f"cannot be reused; measuring again (the first, {again[0]})",
+                      RuntimeWarning, stacklevel=2)
     bar = _bar(len(conditions), len(conditions) - len(todo), progress)
     try:
         for group in _groups(todo):

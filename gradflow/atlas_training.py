@@ -13,7 +13,8 @@ A *training atlas* trains several runs (``[label, cell, cell options, training o
 each for every seed. All ``(lr, seed)`` pairs of one run and factor value are one vmapped
 program (:func:`gradflow.seeds.train_lr_seeds`), cached on disk as
 ``<cache_dir>/<key>.npz`` (``key`` a hash of everything that determines the run), so an
-interrupted atlas resumes.
+interrupted atlas resumes; an entry is reused only where this code trained it for that run
+(:func:`gradflow.results.read_cached`).
 
 A :class:`TrainingClaim` is a named predicate on **one seed's** runs of one condition (all
 runs at the same ``lr`` and factor value, the same seed: the same init draws, batches and
@@ -40,6 +41,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -313,8 +315,10 @@ def train_spec(spec: dict):
 def measure(c: dict, *, cache_dir=None, progress=None) -> dict:
     """``{(label, factor value): Result}`` of :func:`train_spec` for every run and factor value
     (a run that does not depend on the factor is trained once), read from ``cache_dir`` where
-    cached, trained (and written there) otherwise. ``progress``: called with one line per run."""
-    from gradflow.results import Result
+    cached, trained (and written there) otherwise; an entry damaged, trained by other code or
+    holding another run (:func:`gradflow.results.read_cached`) is trained again, with a
+    warning. ``progress``: called with one line per run."""
+    from gradflow.results import read_cached
 
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -325,8 +329,12 @@ def measure(c: dict, *, cache_dir=None, progress=None) -> dict:
             key = spec_key(spec)
             if key not in done:
                 path = None if cache_dir is None else os.path.join(cache_dir, key + ".npz")
-                if path is not None and os.path.exists(path):
-                    done[key] = Result.load(path)
+                cached, why = (None, None) if path is None else read_cached(path, spec)
+                if why is not None:  # damaged, other code, another run's: trained again
+                    warnings.warn(f"training atlas cache entry {path} cannot be reused ({why}); "
+                                  "training its run again", RuntimeWarning, stacklevel=2)
+                if cached is not None:
+                    done[key] = cached
                 else:
                     done[key] = train_spec(spec)
                     if path is not None:  # written whole: no torn files

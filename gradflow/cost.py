@@ -45,6 +45,7 @@ from gradflow import checks
 from gradflow.checks import available_memory  # noqa: F401  (cost's name for it)
 from gradflow.errors import own_code, user_input
 from gradflow.linalg import singular_values  # the kernel calls local gains make
+from gradflow.results import cpu_model
 
 WRTS = ("hidden", "cell", "params")
 METHODS = ("gradient", "exact", "probe", "gates", "gains")
@@ -216,7 +217,7 @@ def _calibrated(prefix: str, measure, n: int) -> list:
     import json
 
     d = jax.devices()[0]
-    key = (f"{prefix}{d.platform}:{getattr(d, 'device_kind', '')}:{_cpu_model()}:"
+    key = (f"{prefix}{d.platform}:{getattr(d, 'device_kind', '')}:{cpu_model()}:"
            f"{os.cpu_count()}:{jax.__version__}")  # (a home shared by machines: each its own)
     path = _cache_file()
     try:
@@ -248,21 +249,6 @@ def _calibrated(prefix: str, measure, n: int) -> list:
 #: Days a calibration is kept before it is measured again (a machine's load, BIOS and
 #: libraries change; one measured on a loaded machine should not stand for ever).
 CALIBRATION_DAYS = 7
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``: two machines
-    of one core count are told apart."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _best_of(fn, arg, repeats: int = 3) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -49,6 +50,39 @@ def _versions() -> tuple:
     return tuple((d, version(d)) for d in ("gradflow", "jax", "jaxlib", "numpy"))
 
 
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """A 16-hex-digit hash of gradflow's own code: every ``.py`` file of the installed package,
+    by path and contents (its version number stays 0.1.0 while the code changes; a cached
+    result is reused only where this is the same, :func:`read_cached`)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            h.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as fh:
+                h.update(fh.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``: the last bits
+    of a float32 result move with it (XLA compiles for the machine's vector instructions)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 #: Process-wide settings that change a result's last bits, kept up to date by the module that
 #: owns each (``batch_devices``: :func:`gradflow.parallel.set_batch_devices`, which devices a
 #: map's batch is split over: ``"auto"``, ``"all"``, None or a count).
@@ -57,18 +91,61 @@ SETTINGS: dict = {"batch_devices": "auto"}
 
 def provenance() -> dict:
     """What computes a result here: the installed versions of gradflow, JAX, jaxlib and NumPy,
-    JAX's default backend (``"cpu"``, ``"gpu"``, ``"tpu"``; the last bits of a float32 sum
-    differ between them and between versions), its number of devices and the setting that
-    splits a map's batch over them (:data:`SETTINGS`; a map split over 2 CPU devices differs
-    from one device's in the last bits, about 1e-7 relative in float32). Every
-    :class:`Result` carries it.
+    gradflow's code (``source``, :func:`source_fingerprint`), JAX's default backend
+    (``"cpu"``, ``"gpu"``, ``"tpu"``; the last bits of a float32 sum differ between them and
+    between versions), the CPU's model (``cpu``) and ``XLA_FLAGS`` (``xla_flags``; both move
+    the last bits, about 2e-7 relative in float32 between instruction sets), the number of
+    devices and the setting that splits a map's batch over them (:data:`SETTINGS`; a map
+    split over 2 CPU devices differs from one device's in the last bits, about 1e-7 relative
+    in float32). Every :class:`Result` carries it.
 
-    >>> sorted(provenance())
-    ['backend', 'batch_devices', 'devices', 'gradflow', 'jax', 'jaxlib', 'numpy']
+    >>> sorted(provenance())  # doctest: +NORMALIZE_WHITESPACE
+    ['backend', 'batch_devices', 'cpu', 'devices', 'gradflow', 'jax', 'jaxlib', 'numpy',
+     'source', 'xla_flags']
     """
     import jax  # a measurement has imported it already
-    return {**dict(_versions()), "backend": jax.default_backend(),
-            "devices": jax.device_count(), **SETTINGS}
+    return {**dict(_versions()), "source": source_fingerprint(),
+            "backend": jax.default_backend(), "cpu": cpu_model(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": jax.device_count(),
+            **SETTINGS}
+
+
+#: The entries of :func:`provenance` a cached result must share with this process to be
+#: reused (:func:`read_cached`): the code that computed it. The CPU, XLA's flags and the
+#: devices move the last bits only.
+CODE = ("gradflow", "source", "jax", "jaxlib", "numpy", "backend")
+
+
+def read_cached(path: str, settings: Mapping) -> tuple:
+    """``(result, None)`` where ``path`` holds a result computed by this code (the
+    :data:`CODE` entries of its provenance as this process's) with every one of ``settings``
+    in its config as given (JSON-equal); else ``(None, why)``: ``why`` None where there is no
+    file, else the reason in words (damaged, computed by other code, other settings: a file
+    copied in from elsewhere), for the caller to say and compute it again. The caches of the
+    atlases (:mod:`gradflow.atlas`, :mod:`gradflow.atlas_training`) read their entries so."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return None, None
+    try:
+        res = _read(path)
+    except (ValueError, OSError) as e:
+        return None, f"it is damaged ({e})"
+    now = provenance()
+    other = [k for k in CODE if res.provenance.get(k) != now[k]]
+    if other:
+        return None, ("it was computed by other code ("
+                      + ", ".join(f"{k} {res.provenance.get(k)}, now {now[k]}" for k in other)
+                      + ")")
+    want = json.loads(json.dumps(_jsonable(dict(settings))))
+    wrong = [k for k, v in want.items() if res.config.get(k, _ABSENT) != v]
+    if wrong:
+        k = wrong[0]
+        return None, (f"it holds other settings ({', '.join(wrong)}; {k}: "
+                      f"{json.dumps(res.config.get(k))[:60]}, wanted {json.dumps(want[k])[:60]})")
+    return res, None
+
+
+_ABSENT = object()
 
 
 def _jsonable(v):
@@ -371,7 +448,8 @@ def _read(path: str, cls=Result) -> Result:
     if not is_zip(path):
         raise bad("not a gradflow result: the file is not an .npz (zip) archive")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:  # (closed on a
+            # damaged file too: np.load's own handle was left open)
             if _META not in f.files:
                 raise bad(f"not a gradflow result: an .npz without gradflow metadata ({_META}); "
                           f"it holds {', '.join(f.files[:8]) or 'no arrays'}")

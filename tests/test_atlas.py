@@ -1,6 +1,8 @@
 """gradflow.atlas: claims read from maps equal the same reading of gradient_map run seed by seed,
 an interrupted atlas resumes to the same table, and the boundaries of the committed atlas."""
+import dataclasses
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -112,12 +114,29 @@ def test_resume_after_interruption_gives_the_same_table(full, tmp_path, monkeypa
     damaged = sorted(os.listdir(cache))[0]
     with open(os.path.join(cache, damaged), "w") as f:
         f.write("not an npz")
-    with pytest.warns(RuntimeWarning, match=f"atlas cache entry .*{damaged} is damaged"):
+    with pytest.warns(RuntimeWarning, match=f"1 atlas cache entry cannot be reused; measuring "
+                                            f"again .*{damaged}: it is damaged"):
         healed = A.atlas(CLAIMS, A.Grid(**SMALL), cache_dir=cache, progress=False)
     for name in CLAIMS:  # measured alone, not in its group: equal to rounding (module doc)
         np.testing.assert_allclose(healed[name].statistic, again[name].statistic, rtol=1e-6)
         np.testing.assert_array_equal(healed[name].holds, again[name].holds)
     gradflow.load(os.path.join(cache, damaged))  # rewritten whole
+    # an entry computed by other code (gradflow edited: its float64 fix once moved a statistic
+    # 2%, and the old entry was served) and one holding another condition (a file copied over
+    # it) are measured again, each with a word, to the same numbers
+    first, second = (os.path.join(cache, f) for f in sorted(os.listdir(cache))[:2])
+    old = gradflow.load(first)
+    dataclasses.replace(old, provenance={**old.provenance, "source": "0" * 16}).save(first)
+    with pytest.warns(RuntimeWarning, match=r"1 atlas cache entry .*: it was computed by other "
+                                            r"code \(source 0000000000000000, now [0-9a-f]{16}\)"):
+        fresh = A.atlas(CLAIMS, A.Grid(**SMALL), cache_dir=cache, progress=False)
+    shutil.copyfile(second, first)
+    with pytest.warns(RuntimeWarning, match=r"1 atlas cache entry .*: it holds other settings"):
+        swapped = A.atlas(CLAIMS, A.Grid(**SMALL), cache_dir=cache, progress=False)
+    for name in CLAIMS:
+        for res in (fresh, swapped):
+            np.testing.assert_allclose(res[name].statistic, again[name].statistic, rtol=1e-6)
+            np.testing.assert_array_equal(res[name].holds, again[name].holds)
     stem = str(tmp_path / "saved")
     A.save(again, stem)
     back = A.load(stem)

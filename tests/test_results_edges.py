@@ -45,15 +45,22 @@ def test_arrays_are_read_only_measured_or_loaded_and_the_callers_stay_writable(s
 
 
 def test_results_and_saved_weights_carry_what_computed_them(saved, tmp_path):
-    """Versions and backend travel with every result and every params file."""
+    """Versions, gradflow's code, backend, CPU and XLA's flags travel with every result and
+    every params file."""
     import importlib.metadata as md
+    import os
+    import re
 
     import jax
     res, path = saved
+    with open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     want = {"gradflow": md.version("gradflow"), "jax": jax.__version__,
             "jaxlib": md.version("jaxlib"), "numpy": np.__version__,
-            "backend": jax.default_backend(), "devices": jax.device_count(),
-            "batch_devices": "auto"}
+            "source": results.source_fingerprint(), "backend": jax.default_backend(),
+            "cpu": cpu, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "devices": jax.device_count(), "batch_devices": "auto"}
+    assert re.fullmatch("[0-9a-f]{16}", want["source"])
     assert res.provenance == want and gradflow.load(path).provenance == want
     stack = gradflow.Stack("rnn", 1, 2, 3)
     saved_params = gradflow.runs.save_params(tmp_path / "p.npz", stack,

@@ -102,6 +102,34 @@ def test_rerun_resumes_from_the_cache(tiny_atlas, monkeypatch):
         np.testing.assert_array_equal(again[k], v, err_msg=k)
 
 
+def test_an_entry_damaged_or_of_another_run_is_trained_again(tiny_atlas, tmp_path, monkeypatch):
+    """A cached run is reused only where it is this run's, trained by this code: a damaged
+    entry stopped the atlas, one copied over another's was served as it."""
+    import shutil
+    import warnings
+    data, cache = tiny_atlas
+    mine = shutil.copytree(cache, tmp_path / "cache")
+    first, second = sorted(mine.glob("*.npz"))[:2]
+    trained = []
+    real = at.train_spec
+    monkeypatch.setattr(at, "train_spec", lambda spec: trained.append(spec) or real(spec))
+    first.write_bytes(first.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match=r"training atlas cache entry .* cannot be reused \(it is "
+                                            r"damaged"):
+        healed = at.training_atlas(TINY, cache_dir=mine)
+    shutil.copyfile(second, first)
+    with pytest.warns(RuntimeWarning, match=r"cannot be reused \(it holds other settings"):
+        swapped = at.training_atlas(TINY, cache_dir=mine)
+    assert len(trained) == 2 and trained[0] == trained[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = at.training_atlas(TINY, cache_dir=mine)  # all this run's now: reused
+    assert len(trained) == 2
+    for k, v in data.arrays.items():
+        for res in (healed, swapped, again):
+            np.testing.assert_array_equal(res[k], v, err_msg=k)
+
+
 def test_factor_on_training_options_trains_independent_runs_once(tmp_path):
     cfg = {**TINY, "lrs": [1e-2], "seeds": [0], "steps": 2, "eval_every": 1, "layers": 1,
            "factor": {"name": "budget", "where": "training", "values": [0.1, 1.0]},
