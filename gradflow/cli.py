@@ -45,7 +45,8 @@ import numpy as np
 
 from gradflow import __version__
 from gradflow.errors import InputError, user_input
-from gradflow.results import NonFiniteForwardWarning, NonFiniteWarning, not_measured, origin
+from gradflow.results import (NonFiniteForwardWarning, NonFiniteWarning, fingerprint,
+                              not_measured, origin)
 from gradflow.views import entry_step, finite_row_means
 
 DEFAULT_OUT_DIR = "gradflow-out"
@@ -1286,14 +1287,15 @@ def _with_inputs(args, prob, xs, source=None):
     xs = _read_width(args, xs, prob.stack.input_size,
                      "the stack" + ("" if source is None else f" of {source}"))
     config = {k: v for k, v in prob.config.items() if k not in ("input_scale", "inputs")}
-    config.update(steps=int(xs.shape[1]), batch=int(xs.shape[0]), **_inputs_config(args))
+    config.update(steps=int(xs.shape[1]), batch=int(xs.shape[0]), **_inputs_config(args, xs))
     return prob._replace(xs=xs, config=config)
 
 
-def _inputs_config(args) -> dict:
-    """What a config records of ``--inputs``: the file, and its layout where it is
-    ``--time-major`` (the same file read either way gives other sequences)."""
-    return {"inputs_from": str(args.inputs),
+def _inputs_config(args, xs) -> dict:
+    """What a config records of ``--inputs``: the file, the fingerprint of the sequences ``xs``
+    read from it (another array saved under that name is told apart), and its layout where it
+    is ``--time-major`` (the same file read either way gives other sequences)."""
+    return {"inputs_from": str(args.inputs), "inputs_fingerprint": fingerprint(xs),
             **({"inputs_time_major": True} if args.time_major else {})}
 
 
@@ -1336,7 +1338,8 @@ def _trained_problem(args, path):
     stack, params, meta = _read_params(args, path)
     dt = dtype_of(args.dtype)
     params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, dt), params)
-    config = {"params": str(path),
+    config = {"params": str(path), "params_fingerprint": fingerprint(
+                  *jax.tree_util.tree_leaves(params)),  # (another file under that name)
               **({"prefix": args.prefix} if getattr(args, "prefix", None) else {})}
     if "config" not in meta:  # a params file: Gaussian inputs as gradflow.problem draws them
         own = getattr(args, "inputs", None) is not None  # (not drawn: --inputs replace them)
@@ -1797,6 +1800,8 @@ def _torch_model_problem(args):
     ``--checkpoint``, and ``--dry-run`` and ``--max-memory`` (no estimate before a model is
     compiled: XLA's count of the compiled program is checked against the available memory
     before it runs, :func:`gradflow.cost.compiled`)."""
+    import jax
+
     from gradflow import runs
     from gradflow.problem import dtype_of
 
@@ -1819,14 +1824,15 @@ def _torch_model_problem(args):
                            "known only once compiled (its memory is then checked against the "
                            "available memory, before it runs)")
     xs = _read_inputs(args)
-    config = {"params": str(args.params), "source": t.source, "rows": list(t.rows),
-              **({"prefix": args.prefix} if args.prefix else {})}
+    config = {"params": str(args.params), "params_fingerprint": fingerprint(
+                  *jax.tree_util.tree_leaves(t.params)), "source": t.source,
+              "rows": list(t.rows), **({"prefix": args.prefix} if args.prefix else {})}
     if xs is None:
         xs = np.asarray(_gaussian(args, t.input_size, dtype_of(args.dtype)))
         config.update(seed=args.seed, input_scale=args.input_scale)
     else:
         xs = _read_width(args, xs, t.input_size, kind)
-        config.update(_inputs_config(args))
+        config.update(_inputs_config(args, xs))
     stem = default_stem(args, args.command, Path(args.params).stem,
                         skip=_STACK_OPTIONS + (("steps", "seed", "input_scale")
                                                if "inputs_from" in config else ()))

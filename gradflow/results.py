@@ -67,6 +67,23 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+def fingerprint(*arrays) -> str:
+    """``"sha256:"`` and 16 hex digits of the bytes of ``arrays`` (NumPy or JAX), in order:
+    what a config records of arrays it cannot hold (the weights and sequences a CLI command
+    read from files, a run's starting parameters), so that two results of other arrays under
+    one file name are told apart.
+
+    >>> fingerprint(np.zeros(3, np.float32)) == fingerprint(np.zeros(3, np.float32))
+    True
+    >>> fingerprint(np.zeros(3, np.float32)) == fingerprint(np.ones(3, np.float32))
+    False
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.asarray(a)).tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``: the last bits

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradflow import checks, runs
+from gradflow import results as _results
 from gradflow import tasks as _tasks
 from gradflow.errors import InputError, user_input
 from gradflow.problem import dtype_of
@@ -485,9 +485,10 @@ def init_state(stack: Stack, task, cfg: TrainConfig, params=None) -> tuple[Train
 
 def fingerprint(theta) -> str:
     """``"sha256:"`` and 16 hex digits of a run's flattened starting parameters (stack and
-    head, in its dtype): what a run given ``params=`` records, so that its config tells it
-    from the run of its seed's own parameters, and two starts apart."""
-    return "sha256:" + hashlib.sha256(np.asarray(theta).tobytes()).hexdigest()[:16]
+    head, in its dtype; :func:`gradflow.results.fingerprint`): what a run given ``params=``
+    records, so that its config tells it from the run of its seed's own parameters, and two
+    starts apart."""
+    return _results.fingerprint(theta)
 
 
 def step(state: TrainState, batch, cfg: TrainConfig, *, spec, stack: Stack, kind: str):

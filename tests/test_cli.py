@@ -3,6 +3,7 @@ numbers, the printed summary equals NumPy on the written data, and bad input get
 stderr and exit status 2 with no traceback (in-process, plus the installed script once)."""
 import argparse
 import errno
+import hashlib
 import json
 import os
 import re
@@ -1259,6 +1260,11 @@ def test_heatmap_of_params_saved_with_save_params(capsys, tmp_path):
     npz = _written(out, "data:")
     assert npz.name == "heatmap_gru_L2_mine_T3_B2_s4.npz"
     np.testing.assert_array_equal(gradflow.load(npz).values, expect)
+    # the weights measured, told apart from others saved under the file's name: their bytes
+    # in the order of the tree's leaves
+    leaves = jax.tree_util.tree_leaves(params)
+    assert gradflow.load(npz).config["params_fingerprint"] == "sha256:" + hashlib.sha256(
+        b"".join(np.asarray(a).tobytes() for a in leaves)).hexdigest()[:16]
 
 
 def test_heatmap_of_a_saved_stack_with_a_cell_per_layer(capsys, tmp_path):
@@ -1504,6 +1510,9 @@ def test_inputs_replace_the_gaussian_sequences(capsys, tmp_path):
         res = gradflow.load(tmp_path / f"h{B}.npz")
         np.testing.assert_array_equal(res.values, expect[B])
         assert res.config["inputs_from"] == str(tmp_path / "mine.npz")
+        # the sequences measured, told apart from another array saved under the name
+        assert res.config["inputs_fingerprint"] == (
+            "sha256:" + hashlib.sha256(xs[:B].tobytes()).hexdigest()[:16])
         assert "input_scale" not in res.config and res.config["batch"] == B
     rc, out, err = run(capsys, "gates", "--cell", "gru", "--layers", "2", "--hidden", "8",
                        "--seed", "2", "--inputs", tmp_path / "mine.npz", "--out",
