@@ -2485,6 +2485,11 @@ def run_reproduce(args) -> int:
             committed.is_dir() and Path(args.out_dir).resolve() == committed.resolve()):
         raise _usage(args, "--update replaces the committed figures (figures/) and --out "
                            f"{args.out_dir} writes elsewhere; give one of the two")
+    if args.update and args.figures is not None and (
+            Path(args.figures).resolve() != _reproduce.CONFIG_DIR.resolve()):
+        raise _usage(args, "--update replaces the committed figures (figures/), made from the "
+                           f"shipped configs, not those in --figures {args.figures}: write "
+                           "these to a folder of yours (--out DIR)")
     if args.out_dir is not None:  # (an empty one is refused by its type: out_path)
         _writable_dir(Path(args.out_dir), args.out_dir)
     elif not args.update:

@@ -13,7 +13,8 @@ registered under a name with :func:`register`; adding a figure kind is one funct
 ``register`` line, adding a figure of an existing kind is one JSON file. :func:`reproduce` writes
 ``<name>.png`` and ``<name>.npz`` (a :class:`gradflow.results.Result`, so ``gradflow.load`` reads
 the numbers back) into the folder it is given; the committed copies in a source checkout's
-``figures/`` (:data:`FIGURES_DIR`) are only written over with ``update=True``.
+``figures/`` (:data:`FIGURES_DIR`) are only written over with ``update=True``, from the
+shipped configs.
 
 >>> [name for name in ("atlas_star_fig2", "deep_adding", "star_fig2") if name in configs()]
 ['atlas_star_fig2', 'deep_adding', 'star_fig2']
@@ -41,12 +42,14 @@ FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
 
 class Builder(NamedTuple):
     """How to make one kind of figure from its config; ``keys``: the config keys it reads
-    (besides :data:`COMMON_KEYS`), or None to accept any."""
+    (besides :data:`COMMON_KEYS`), or None to accept any; ``drawn``: those of them only
+    ``draw`` reads (a redraw may change them)."""
 
     compute: Callable[[dict], Result]
     draw: Callable[[dict, Result], object]
     keys: frozenset | None = None
     required: frozenset = frozenset()
+    drawn: frozenset = frozenset()
 
 
 BUILDERS: dict[str, Builder] = {}
@@ -55,15 +58,19 @@ COMMON_KEYS = frozenset({"figure", "title", "description"})
 
 
 def register(name: str, compute: Callable[[dict], Result],
-             draw: Callable[[dict, Result], object], keys=None, required=None) -> Builder:
+             draw: Callable[[dict, Result], object], keys=None, required=None,
+             drawn=None) -> Builder:
     """Register a figure kind: configs with ``"figure": name`` are built by these functions.
     ``keys`` (the config keys ``compute`` and ``draw`` read; ``compute.keys`` where it is a
     :func:`from_config`) let a config with any other key be refused, not run with it ignored;
-    ``required`` (``compute.required`` where it is a :func:`from_config`) those it must hold."""
+    ``required`` (``compute.required`` where it is a :func:`from_config`) those it must hold;
+    ``drawn`` (``compute.drawn`` where it is a :func:`from_config`) those only ``draw`` reads,
+    which a redraw from data computed before may change."""
     keys = getattr(compute, "keys", None) if keys is None else keys
     required = getattr(compute, "required", ()) if required is None else required
+    drawn = getattr(compute, "drawn", ()) if drawn is None else drawn
     BUILDERS[name] = Builder(compute, draw, None if keys is None else frozenset(keys),
-                             frozenset(required))
+                             frozenset(required), frozenset(drawn))
     return BUILDERS[name]
 
 
@@ -94,7 +101,8 @@ def from_config(fn: Callable[..., Result], keys: tuple, first: str | None = None
     """A ``Builder.compute`` calling ``fn([config[first],] **{k: config[k] for k in keys},
     meta=rest)``: the config keys ``fn`` takes are passed (where present), every other key
     (``figure``, ``title``, ``description``, the drawing options ``drawn``) is recorded as
-    ``meta``. Its ``keys`` attribute names every key it and the drawing read."""
+    ``meta``. Its ``keys`` attribute names every key it and the drawing read, its ``drawn``
+    attribute those only the drawing reads."""
     taken = set(keys) | ({first} if first is not None else set())
 
     def compute(config: dict) -> Result:
@@ -103,6 +111,7 @@ def from_config(fn: Callable[..., Result], keys: tuple, first: str | None = None
         return fn(*args, **{k: config[k] for k in keys if k in config}, meta=meta)
 
     compute.keys = frozenset(taken | set(drawn))
+    compute.drawn = frozenset(drawn)
     compute.required = frozenset({first} - {None}) | {
         k for k, p in inspect.signature(fn).parameters.items()
         if k in keys and p.default is inspect.Parameter.empty}
@@ -139,7 +148,8 @@ register("atlas",
          lambda config, data: plot.draw_atlas(
              atlas.unpack(data), config.get("rows", "input_scale"), config.get("cols", "init"),
              title=config.get("title")),
-         keys=("claims", "grid", "rows", "cols"), required=("claims", "grid"))
+         keys=("claims", "grid", "rows", "cols"), required=("claims", "grid"),
+         drawn=("rows", "cols"))
 register("training_atlas", atlas_training.training_atlas,
          lambda config, data: plot.draw_training_atlas(data, title=config.get("title")),
          keys=atlas_training.CONFIG_KEYS)
@@ -246,8 +256,9 @@ def build(config: dict) -> tuple[Result, object]:
     return data, builder.draw(config, data)
 
 
-def _target(out_dir, update: bool) -> Path:
-    """The folder :func:`reproduce` writes to; refuses the committed figures without update."""
+def _target(out_dir, update: bool, config_dir=None) -> Path:
+    """The folder :func:`reproduce` writes to; refuses the committed figures without update,
+    and with configs other than the shipped ones (``config_dir``)."""
     if out_dir is None:
         if not update:
             raise ValueError("reproduce needs an output folder (out_dir); to write over the "
@@ -264,29 +275,78 @@ def _target(out_dir, update: bool) -> Path:
     if committed and not update:
         raise ValueError(f"{str(target)!r} holds the committed figures; write elsewhere, or "
                          "pass update=True to replace them")
+    if committed and config_dir is not None and (
+            Path(config_dir).resolve() != CONFIG_DIR.resolve()):
+        raise ValueError(f"the committed figures in {str(target)!r} are made from the shipped "
+                         f"configs, not those in {str(config_dir)!r}: write these to a folder "
+                         "of yours (out_dir)")
     return target
 
 
-def _check_drawn_data(name: str, config: dict, data: Result) -> None:
-    """An InputError where the committed data to redraw was computed with other settings than
-    ``config`` holds (a config of ``--figures DIR`` edited, its data still the shipped one's):
-    its title would name cells and sizes its panels do not show."""
-    def plain(v):  # a JSON number, string or list of them (what a figure's data records
-        v = json.loads(json.dumps(v))  # as its config has it; richer values it re-describes)
-        return v if isinstance(v, (int, float, str, bool)) or (
-            isinstance(v, list) and all(isinstance(x, (int, float, str, bool)) for x in v)
-        ) else None
+#: The config keys a figure's data records in another form than its config gives them, by figure
+#: kind, and how to read the config's form back from the data's config: an atlas's and a
+#: training atlas's ``claims`` (their names) are ``{name: the claim's config}`` in the data; a
+#: training_runs figure's ``runs`` (``[label, cell, options(, training)]``) are ``{label: the
+#: run's resolved config}``, the runs as given kept in ``runs_spec`` (each with its training
+#: options, ``{}`` where it had none; :func:`_as_given` pads the config's the same way; data
+#: without ``runs_spec`` cannot show its runs were the config's, and is refused).
+_RECORDED_AS = {
+    ("atlas", "claims"): lambda recorded: list(recorded["claims"]),
+    ("training_atlas", "claims"): lambda recorded: list(recorded["claims"]),
+    ("training_runs", "runs"): lambda recorded: recorded.get("runs_spec"),
+}
 
-    pairs = {k: (plain(config[k]), plain(data.config[k]))
-             for k in set(config) - COMMON_KEYS if k in data.config}
-    differ = sorted(k for k, (a, b) in pairs.items() if a is not None and b is not None
-                    and type(a) is type(b) and a != b)
+
+def _as_given(kind: str, key: str, value):
+    """``value`` of config ``key`` in the form the data records it (see :data:`_RECORDED_AS`):
+    a training_runs figure's runs without training options get ``{}``."""
+    if (kind, key) == ("training_runs", "runs") and isinstance(value, list):
+        return [[*r, {}] if isinstance(r, list) and len(r) == 3 else r for r in value]
+    return value
+
+
+def _difference(a, b, where: str = ""):
+    """``(where, a', b')``: the first place where the JSON values ``a`` and ``b`` differ
+    (``where`` extended by ``"[i]"`` and ``".key"`` into lists and objects) and their values
+    there, or None when equal. Numbers compare as numbers (``2`` is ``2.0``; a bool is not
+    ``1``); an object's keys as a set."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        found = (_difference(a[k], b[k], f"{where}.{k}") for k in a)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        found = (_difference(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b)))
+    else:
+        if isinstance(a, bool) or isinstance(b, bool):
+            same = a is b
+        elif isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            same = a == b
+        else:
+            same = type(a) is type(b) and a == b
+        return None if same else (where, a, b)
+    return next((d for d in found if d is not None), None)
+
+
+def _check_drawn_data(name: str, config: dict, data: Result) -> None:
+    """An InputError where the data to redraw was computed with other settings than ``config``
+    holds (a config of ``--figures DIR`` edited, its data still the shipped one's): its title
+    would name cells and sizes its panels do not show. Every key both hold is compared, nested
+    values throughout and numbers as numbers, except :data:`COMMON_KEYS` and the keys only the
+    drawing reads (``Builder.drawn``: a redraw is for changes to the drawing); the keys the
+    data records in another form (:data:`_RECORDED_AS`) are compared in the config's."""
+    kind = config["figure"]
+    recorded = json.loads(json.dumps(data.config))
+    found = {}
+    for k in sorted(set(config) & set(recorded) - COMMON_KEYS - BUILDERS[kind].drawn):
+        read = _RECORDED_AS.get((kind, k))
+        theirs = recorded[k] if read is None else read(recorded)
+        found[k] = _difference(theirs, _as_given(kind, k, json.loads(json.dumps(config[k]))),
+                               k)
+    differ = [k for k, d in found.items() if d is not None]
     if differ:
-        k = differ[0]
+        where, theirs, ours = found[differ[0]]
         raise InputError(f"figure {name!r}: its committed data was computed with other settings "
-                         f"than its config holds ({', '.join(differ)}; {k}: the data's "
-                         f"{json.dumps(data.config[k])[:60]}, the config's "
-                         f"{json.dumps(config[k])[:60]}): compute it (leave out --redraw)")
+                         f"than its config holds ({', '.join(differ)}; {where}: the data's "
+                         f"{json.dumps(theirs)[:60]}, the config's {json.dumps(ours)[:60]}): "
+                         "compute it (leave out --redraw)")
 
 
 def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None,
@@ -300,13 +360,16 @@ def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None
       names: a name or list of names (default: every config in ``config_dir``).
       out_dir: an existing folder to write to. Required, unless ``update``.
       update: allow writing over the committed figures (:data:`FIGURES_DIR`, the default
-        ``out_dir`` then).
-      config_dir: where the ``*.json`` configs are (default :data:`CONFIG_DIR`).
+        ``out_dir`` then), from the shipped configs only.
+      config_dir: where the ``*.json`` configs are (default :data:`CONFIG_DIR`); figures from
+        others are written to an ``out_dir`` of one's own, never over the committed ones.
       log: called with one line per written file (``"wrote <path>"``).
       progress: called before and after each figure (name, kind, seconds).
       redraw: compute nothing: draw each figure again from its committed data
         (``figures/<name>.npz``, :func:`figure_data`) and write only ``<name>.png`` (after a
-        change to the drawing).
+        change to the drawing); an InputError where the data was computed with other
+        settings than its config holds (an edited config of ``config_dir``; its drawing
+        options may differ).
       data_dir: with ``redraw``, where the data is (default :data:`FIGURES_DIR`, the committed
         data): e.g. an ``out_dir`` of an earlier call.
     Returns:
@@ -319,7 +382,7 @@ def reproduce(names=None, out_dir=None, *, update: bool = False, config_dir=None
     if data_dir is not None and not redraw:
         raise ValueError("data_dir is where redraw reads the data; computing writes to out_dir")
     names = _known(names, found)
-    target = _target(out_dir, update)
+    target = _target(out_dir, update, config_dir)
     written = []
     for i, name in enumerate(names, 1):
         config = load_config(found[name])

@@ -1,7 +1,9 @@
 """Tests for gradflow.reproduce: the registry of figure kinds, the configs shipped as package data,
 reproduce's output folder rules and progress, its bad input, and a non-editable install that
 regenerates star_fig2 from outside the checkout (compared with the committed data)."""
+import functools
 import json
+import operator
 import shutil
 import subprocess
 import sys
@@ -63,6 +65,10 @@ def test_reproduce_needs_an_output_folder_and_spares_the_committed_figures(tmp_p
     scratch = tmp_path / "committed"
     scratch.mkdir()
     monkeypatch.setattr(reproduce, "FIGURES_DIR", scratch)
+    with pytest.raises(ValueError, match="made from the shipped configs, not those in"):
+        reproduce.reproduce(config_dir=tmp_path, update=True)
+    assert not any(scratch.iterdir())
+    monkeypatch.setattr(reproduce, "CONFIG_DIR", tmp_path)  # (ramp.json, shipped here)
     written = reproduce.reproduce(config_dir=tmp_path, update=True, log=lambda s: None,
                                   progress=lambda s: None)
     assert written == [str(scratch / "ramp.npz"), str(scratch / "ramp.png")]
@@ -278,6 +284,110 @@ def test_redraw_draws_the_committed_data_and_computes_nothing(tmp_path, capsys, 
     assert [p.name for p in (tmp_path / "drawn").iterdir()] == ["not_committed.png"]
     rc = main(["reproduce", "--data", str(tmp_path / "mine"), "--out", str(tmp_path)])
     assert rc == 2 and "--data is where --redraw reads the data" in capsys.readouterr().err
+
+
+def _edited(folder: Path, name: str, edit) -> Path:
+    """``folder`` holding the shipped config ``name`` changed by ``edit(config)``."""
+    config = reproduce.load_config(name)
+    edit(config)
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    return folder
+
+
+def _set(*path_and_value):
+    """An edit setting ``config[k1][k2]...[kn] = value``."""
+    *path, key, value = path_and_value
+    return lambda config: functools.reduce(operator.getitem, path, config).__setitem__(key,
+                                                                                        value)
+
+
+@pytest.mark.parametrize("name,edit,said", [
+    ("star_fig2", _set("input_scale", 2), "(input_scale; input_scale: the data's 1.0, the "
+                                          "config's 2)"),
+    ("star_fig2", _set("cell_options", {"forget_bias": 1.0}),
+     '(cell_options; cell_options: the data\'s {}, the config\'s {"forget_bias": 1.0})'),
+    ("deep_adding", _set("task_options", {"steps": 20}),
+     "(task_options; task_options.steps: the data's 10, the config's 20)"),
+    ("deep_adding", _set("runs", 0, 2, {"forget_bias": 5.0}),
+     '(runs; runs[0][2]: the data\'s {}, the config\'s {"forget_bias": 5.0})'),
+    ("deep_adding", lambda config: config["runs"][0].append({"lr": 0.01}),  # (its {})
+     '(runs; runs[0][3]: the data\'s {}, the config\'s {"lr": 0.01})'),
+    ("ur_lstm_gates_init", _set("entries", 1, 2, "init", "orthogonal"),
+     "entries[1][2].init: the data's \"ugi\", the config's \"orthogonal\""),
+    ("train_atlas_gu_copy", _set("claims", ["ur_lstm_binary_recall"]),
+     "(claims; claims: the data's [\"ur_lstm_binary_recall\", \"ur_lstm_beats_baselines\"]"),
+])
+def test_redraw_refuses_data_computed_with_other_nested_or_numeric_settings(
+        tmp_path, capsys, name, edit, said):
+    """A redraw from the committed data under an edited config of --figures DIR was drawn,
+    exit 0, under a title naming the new settings, where the edit was a nested value
+    (cell_options, task_options, a run's options, an entry's) or a number of the other JSON
+    type (input_scale 2 where the data's is 1.0): only plain values of one type were compared.
+    Now every setting both hold is: one line, exit 2, nothing written."""
+    from gradflow.cli import main
+
+    figs = _edited(tmp_path / "figs", name, edit)
+    (tmp_path / "out").mkdir()
+    rc = main(["reproduce", "--figures", str(figs), "--redraw", "--only", name, "--out",
+               str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"figure {name!r}: its committed data was computed with other settings than its " \
+        "config holds " in err and said in err and "(leave out --redraw)" in err, err
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_every_shipped_figure_passes_the_redraw_check_and_drawing_options_may_change():
+    """Each shipped config against its committed data: equal, though its data records some
+    keys in another form (an atlas's claims by name -> config, a training_runs figure's runs by
+    label -> resolved config, ``runs_spec`` as given); a number spelt as the other JSON type
+    (1 for 1.0) is the same number; the keys only the drawing reads may change (a redraw is for
+    changes to the drawing), the title and description too."""
+    for name, path in reproduce.configs().items():
+        reproduce._check_drawn_data(name, reproduce.load_config(path),
+                                    reproduce.figure_data(name))
+    for name, edit in [("star_fig2", _set("input_scale", 1)),
+                       ("star_fig2", _set("color_range", [0.1, 10])),
+                       ("star_fig2", _set("normalize", False)),
+                       ("star_fig2", _set("title", "another title")),
+                       ("ur_lstm_gates_init", _set("gates", "LSTM", "i")),
+                       ("gu_copy_gates", _set("gates", "LSTM", "o")),
+                       ("atlas_star_fig2", _set("rows", "hidden"))]:
+        config = reproduce.load_config(name)
+        edit(config)
+        reproduce._check_drawn_data(name, config, reproduce.figure_data(name))
+    config = reproduce.load_config("atlas_star_fig2")  # (the claims' order is the figure's)
+    config["claims"] = config["claims"][::-1]
+    with pytest.raises(gradflow.errors.InputError, match=r"\(claims; claims\[0\]: the data's "
+                                                               r'"rnn_amplified", the config'):
+        reproduce._check_drawn_data("atlas_star_fig2", config,
+                                    reproduce.figure_data("atlas_star_fig2"))
+
+
+def test_update_with_configs_of_ones_own_is_refused(tmp_path, capsys, monkeypatch):
+    """--update --figures DIR computed (or redrew) figures from configs that are not the
+    shipped ones and wrote them over the committed figures/ (an edited title: star_fig2.png
+    replaced): one line, exit 2, nothing written. (figures/ is a scratch copy here.)"""
+    from gradflow.cli import main
+
+    scratch = tmp_path / "committed"
+    scratch.mkdir()
+    for suffix in (".npz", ".png"):
+        shutil.copy(reproduce.FIGURES_DIR / f"star_fig2{suffix}", scratch)
+    monkeypatch.setattr(reproduce, "FIGURES_DIR", scratch)
+    before = (scratch / "star_fig2.png").read_bytes()
+    figs = _edited(tmp_path / "figs", "star_fig2", _set("title", "EDITED"))
+    for extra in ([], ["--redraw"]):
+        rc = main(["reproduce", "--figures", str(figs), "--only", "star_fig2", "--update",
+                   *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "--update replaces the committed figures (figures/), made from the shipped " \
+            f"configs, not those in --figures {figs}: write these to a folder of yours " \
+            "(--out DIR)" in err, err
+    assert (scratch / "star_fig2.png").read_bytes() == before
+    assert sorted(p.name for p in scratch.iterdir()) == ["star_fig2.npz", "star_fig2.png"]
 
 
 def test_damaged_figure_data_and_an_empty_config_folder_are_the_users_to_fix(tmp_path,
