@@ -2981,7 +2981,7 @@ def run_train(args) -> int:
     from gradflow.jacobian import check_wrt, gradient_map
     from gradflow.problem import precision, task_stack
     from gradflow.train import (TrainConfig, check_memory, check_run, resume_differences,
-                                train)
+                                resume_files, train)
 
     task = _train_task(args)
     out = _train_dir(args)
@@ -3027,6 +3027,7 @@ def run_train(args) -> int:
                                              config.describe(stack, task, task))
             if differences:
                 raise _resume_refused(args, out, differences, typed=unread)
+            resume_files(out, saved)  # (its curve and records must be its state's)
         check_run(stack, task, task, config, record)
         check_memory(stack, task, task, config)  # (a refusal leaves no empty folder behind)
         if record:  # the recorded maps' wrt, not at the first record step

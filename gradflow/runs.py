@@ -7,8 +7,10 @@ A run folder (``train(..., run_dir=DIR)``, ``gradflow train --out DIR``) holds:
 * ``state.npz``: the parameters and the optimiser state, one array per pytree leaf, each
   named by its path (:func:`jax.tree_util.keystr`: ``"params['stack']['layers'][0]['f']['W']"``,
   ``"opt_state[1].mu"``), plus ``__meta__``: JSON with the step, the run's config, the
-  stack's own config (``"stack"``, enough to rebuild it) and the index of the records.
-  Written last (to a temporary file, then renamed), so a state always describes complete files.
+  stack's own config (``"stack"``, enough to rebuild it), the index of the records and the
+  digest of the curve saved with it (``"curve"``). Written last (to a temporary file, then
+  renamed), so a state always describes complete files; a resume restores the curve and the
+  records only where they are the state's (:func:`gradflow.train.resume_files`).
 
 Files of the first format (leaves named ``leaf00000``, ``leaf00001``, ... in flattening order,
 the parameters as one raveled vector) are still read.
@@ -140,13 +142,14 @@ def _read_npz(path, keep=lambda name: True) -> tuple[dict, dict]:
 
 
 def save_state(run_dir, step: int, params, opt_state, config: dict, stack: Stack,
-               records: list) -> str:
+               records: list, curve: str | None = None) -> str:
     """Write ``run_dir/state.npz``: ``params`` and ``opt_state`` leaves named by path, and
-    ``__meta__ = {"format", "step", "config", "stack": stack.config, "records", "provenance"}``
-    (``records``: ``[[name, step, file], ...]``; ``provenance``: versions and backend,
-    :func:`gradflow.results.provenance`)."""
+    ``__meta__ = {"format", "step", "config", "stack": stack.config, "records", "curve",
+    "provenance"}`` (``records``: ``[[name, step, file], ...]``; ``curve``: the digest of the
+    curve saved with it, :func:`gradflow.train.curve_digest`, or None; ``provenance``:
+    versions and backend, :func:`gradflow.results.provenance`)."""
     meta = {"format": FORMAT, "step": int(step), "config": config, "stack": stack.config,
-            "records": records, "provenance": provenance()}
+            "records": records, "curve": curve, "provenance": provenance()}
     arrays = named_leaves({"params": params, "opt_state": opt_state})
     return _write_npz(os.path.join(os.fspath(run_dir), STATE), meta, arrays)
 

@@ -138,6 +138,113 @@ def resume_differences(saved: dict, config: dict) -> list[tuple[str, Any, Any]]:
     return [(k, saved.get(k), new.get(k)) for k in sorted(keys_) if saved.get(k) != new.get(k)]
 
 
+#: What a refusal to resume from a run's files says to do.
+_FRESH = ("a run is resumed from all its files (state, curve, records), as saved together: start "
+          "a new run (gradflow train --overwrite)")
+
+
+def curve_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """``"sha256:"`` and 16 hex digits of a learning curve's arrays (each name, dtype, shape
+    and bytes): the state saved with a curve records it (``runs.read_run(DIR)["curve"]``), so
+    that a resume knows the curve beside it for the one it was saved with."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def resume_files(run_dir, meta: dict) -> tuple[dict, list]:
+    """The curve and records that a resume of the run saved in ``run_dir`` restores
+    (``meta``: its state's, :func:`gradflow.runs.read_run`), each checked to be that state's:
+
+    * the curve's and each record's config (a record's ``training``) equal the state's in
+      what a resumed run must keep (:func:`resume_differences`);
+    * the curve holds steps ``0..step-1`` of the state's ``step``: no gap (a curve saved
+      earlier), and no other run's; it may go further (a run stopped between writing its
+      curve and its state), which is cut off;
+    * its steps and evaluations up to ``step`` are those the state was saved with, where the
+      state records them (:func:`curve_digest`; a state saved before it did, unchecked);
+    * each record listed in the state's index is of the step the index gives it.
+
+    Returns:
+      ``(curve, records)``: ``curve`` the curve's arrays up to the state's step (``step``,
+      ``loss``, ... ``(step,)``; ``eval_*``: the evaluations at steps ``<= step``),
+      ``records`` ``[(name, at, file, Result), ...]`` of the index's records at steps
+      ``<= step``.
+    Raises:
+      gradflow.errors.InputError: a file gone, damaged or not the state's, naming it (and
+        what differs).
+    """
+    run_dir = os.fspath(run_dir)
+    try:
+        return _resume_files(run_dir, meta, f"cannot resume from {run_dir!r}")
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"cannot resume from {run_dir!r}: {type(e).__name__}: {e}; "
+                         f"{_FRESH}") from e
+
+
+def _resume_files(run_dir: str, meta: dict, where: str) -> tuple[dict, list]:
+    start, config = int(meta["step"]), meta["config"]
+    curve = Result.load(os.path.join(run_dir, runs.CURVE))
+    if curve.kind != "training":
+        raise InputError(f"{where}: its {runs.CURVE} is a {curve.kind!r} result, not a "
+                         f"learning curve; {_FRESH}")
+    _same_run(where, runs.CURVE, config, curve.config)
+    steps = curve.arrays["step"]
+    if len(steps) < start or not np.array_equal(steps[:start], np.arange(start)):
+        raise InputError(f"{where}: its {runs.CURVE} holds steps {_steps(steps)}, where its "
+                         f"{runs.STATE}, saved at step {start}, needs steps "
+                         f"{_steps(np.arange(start))} (a curve saved at another step); "
+                         f"{_FRESH}")
+    n_eval = int(np.searchsorted(curve.arrays["eval_step"], start, side="right"))
+    kept = {k: v[:n_eval] if k.startswith("eval_") else v[:start]
+            for k, v in curve.arrays.items()}
+    if meta.get("curve") not in (None, curve_digest(kept)):
+        raise InputError(f"{where}: its {runs.CURVE} is not the one saved with its "
+                         f"{runs.STATE}: its losses or evaluations up to step {start} are not "
+                         f"those the state was saved with (a curve of another run of these "
+                         f"settings); {_FRESH}")
+    records, stack = [], meta.get("stack")
+    for name, at, fname in meta["records"]:
+        if at > start:
+            continue
+        r = Result.load(os.path.join(run_dir, fname))
+        if r.config.get("train_step") != at:
+            raise InputError(f"{where}: its {fname} is a record of step "
+                             f"{r.config.get('train_step')}, its {runs.STATE} lists it as the "
+                             f"record {name!r} of step {at}; {_FRESH}")
+        if "training" in r.config and isinstance(stack, dict):  # (the run's settings, its
+            _same_run(where, fname, {k: v for k, v in config.items() if k not in stack},
+                      r.config["training"])  # stack's apart: record() keeps them so)
+        records.append((name, at, fname, r))
+    return kept, records
+
+
+def _same_run(where: str, fname: str, saved: dict, config: dict):
+    """Refuse a file of the run whose ``config`` differs from the state's (``saved``) in what
+    a resumed run must keep (:func:`resume_differences`), naming each difference."""
+    bad = resume_differences(saved, config)
+    if bad:
+        raise InputError(f"{where}: its {fname} is another run's: it differs from its "
+                         f"{runs.STATE} in " + "; ".join(
+                             f"{k} (the state's {_brief(a)}, the file's {_brief(b)})"
+                             for k, a, b in bad) + f"; {_FRESH}")
+
+
+def _steps(steps) -> str:
+    """Steps in a message: ``0..4`` where they count up from 0, else the first few."""
+    steps = np.asarray(steps).tolist()
+    if not steps:
+        return "none"
+    if steps == list(range(len(steps))):
+        return f"0..{len(steps) - 1}"
+    return _brief(steps)
+
+
 def _brief(value) -> str:
     """A config value in a message: JSON, cut at 60 characters."""
     text = json.dumps(value, sort_keys=True)
@@ -628,28 +735,18 @@ class _Log:
                   **{k: np.asarray(v, dt) for k, v in e.items() if k != "eval_step"}}
         return make_result("training", arrays, config, warn=warn, who="train")
 
-    def restore(self, run_dir: str, meta: dict, start: int):
-        """The curve, evaluations and records of a saved run up to ``start``; a file of
-        the run that is gone or damaged is an InputError naming it."""
-        try:
-            self._restore(run_dir, meta, start)
-        except (OSError, ValueError, KeyError) as e:
-            if isinstance(e, InputError):
-                raise
-            raise InputError(f"cannot resume from {run_dir!r}: {type(e).__name__}: {e}; a "
-                             "run is resumed from all its files (state, curve, records): "
-                             "start a new run (gradflow train --overwrite)") from e
-
-    def _restore(self, run_dir: str, meta: dict, start: int):
-        old = Result.load(os.path.join(run_dir, runs.CURVE))
+    def restore(self, run_dir: str, meta: dict):
+        """The curve, evaluations and records of a saved run up to its state's step, each
+        checked to be the state's (:func:`resume_files`: an InputError naming a file that is
+        gone, damaged or another run's)."""
+        curve, records = resume_files(run_dir, meta)
         for k in self.curve:
-            self.curve[k] = list(old.arrays[k][:start])
-        n_eval = int(np.searchsorted(old.arrays["eval_step"], start, side="right"))
+            self.curve[k] = list(curve[k])
         for k in self.evals:
-            self.evals[k] = list(old.arrays[k][:n_eval])
-        for name, s, fname in meta["records"]:
-            if name in self.records and s <= start:
-                self.records[name].append(Result.load(os.path.join(run_dir, fname)))
+            self.evals[k] = list(curve[k])
+        for name, s, fname, r in records:
+            if name in self.records:
+                self.records[name].append(r)
                 if s not in self.record_steps:
                     self.record_steps.append(s)
                 self.index.append([name, s, fname])
@@ -680,7 +777,8 @@ class _Run:
                        self.task)
 
     def resume(self, state: TrainState) -> TrainState:
-        """The saved state of ``run_dir`` (its config must match), or ``state`` if none."""
+        """The saved state of ``run_dir`` (its config must match, its curve and records be
+        its own: :func:`resume_files`), or ``state`` if none."""
         if not os.path.exists(os.path.join(self.run_dir, runs.STATE)):
             return state
         meta, arrays = runs.read_state(self.run_dir)
@@ -696,7 +794,7 @@ class _Run:
         if start > self.cfg.steps:
             raise InputError(f"{where}: it has done {start} steps, more than steps="
                              f"{self.cfg.steps}; give steps >= {start}")
-        self.log.restore(self.run_dir, meta, start)
+        self.log.restore(self.run_dir, meta)
         lost = [s for s in self.cfg.record_at if s < start and s not in self.log.record_steps]
         if lost:
             raise InputError(f"{where}: record_at asks for step(s) {', '.join(map(str, lost))} "
@@ -734,11 +832,13 @@ class _Run:
             self.save(state)
 
     def save(self, state: TrainState):
-        """``curve.npz`` then ``state.npz`` (written last, so it describes complete files)."""
+        """``curve.npz`` then ``state.npz`` (written last, so it describes complete files; it
+        records the curve's :func:`curve_digest`)."""
         curve = self.log.curve_result(self.config)
         curve.save(os.path.join(self.run_dir, runs.CURVE), whole=True)
         runs.save_state(self.run_dir, state.step, params_of(state, self.spec), state.opt_state,
-                        curve.config, self.stack, self.log.index)
+                        curve.config, self.stack, self.log.index,
+                        curve=curve_digest(curve.arrays))
 
     def advance(self, state: TrainState, length: int) -> tuple[TrainState, int]:
         """One update at the curriculum's length for this step (the g-LSTM's time parameters
@@ -831,12 +931,14 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
         :func:`gradflow.runs.load_params` the trained stack.
       resume: continue from ``run_dir`` if it holds a state: params, optimiser state, curve
         and records are restored and training goes on from the saved step to ``steps``; the
-        configuration must match (except ``steps`` and ``eval_every``).
+        configuration must match (except ``steps`` and ``eval_every``), and the curve and
+        records must be the ones saved with the state (:func:`resume_files`).
       progress: show a tqdm progress bar (on stderr); False prints nothing.
     Returns:
       :class:`History`.
     Raises:
-      gradflow.errors.InputError: a bad option (a ValueError/TypeError), before any training.
+      gradflow.errors.InputError: a bad option (a ValueError/TypeError), before any training;
+        a resume from a run of another configuration, or from files not saved together.
     """
     with user_input():
         task = as_task(task, "task")
@@ -864,7 +966,7 @@ def train(stack: Stack, task, *, steps: int = 500, batch: int = 32, lr: float = 
 
 
 __all__ = ["History", "TrainConfig", "TrainState", "train", "init_state", "step", "evaluate",
-           "resume_differences",
+           "resume_differences", "resume_files", "curve_digest",
            "record", "params_of", "keys", "readout", "init_head", "eval_batch_of", "as_task",
            "check_run", "update_theta", "evaluate_theta", "flatten", "unflatten_host",
            "length_at", "rescale_time_gate", "task_loss", "time_gate", "cells_label",

@@ -7,6 +7,7 @@ update step and evaluation compile once for several tests.
 import math
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -360,6 +361,83 @@ def test_a_resumed_run_records_at_its_first_step_when_asked(tmp_path):
     assert resumed.record_steps == (0, 4, 8)
     assert [float(r.u) for r in resumed.records["u"]] == [float(r.u) for r in full.records["u"]]
     np.testing.assert_array_equal(resumed.curve.eval_step, full.curve.eval_step)
+
+
+SMALL = gradflow.Stack("lstm", layers=2, input_size=2, hidden_size=8)
+
+
+def test_a_resume_restores_only_the_curve_and_records_saved_with_its_state(tmp_path,
+                                                                           monkeypatch):
+    """A run folder's curve.npz and records were restored without a look at its state:
+    another seed's curve became the resumed run's (and was saved again under the state's
+    seed), an earlier save's left a gap in the steps ([0, 1, 4, 5, ...]), a longer run's of
+    another schedule mixed two schedules' evaluations, a record of another run or step was
+    kept as the run's. Each is refused, naming the file and what differs; a curve that goes
+    further than its state (a run stopped between writing the two) is cut there, and the run
+    ends as the uninterrupted one, bit for bit."""
+    from gradflow import runs
+    from gradflow.errors import InputError
+
+    opts = dict(lr=1e-2, eval_every=2, batch=4, eval_batch=4, progress=False)
+    rec = {"u": fake_record()}
+    full = train(SMALL, ADDING, steps=8, record=rec, record_at=(0, 4), **opts)
+
+    def resume(d):
+        return train(SMALL, ADDING, steps=8, record=rec, record_at=(0, 4), run_dir=d,
+                     resume=True, **opts)
+
+    # stopped after writing the curve of step 6, before its state: the state is step 4's
+    cut, real = tmp_path / "cut", runs.save_state
+
+    def stopped(run_dir, step, *a, **k):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(run_dir, step, *a, **k)
+
+    monkeypatch.setattr(runs, "save_state", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(SMALL, ADDING, steps=8, record=rec, record_at=(0, 4), run_dir=cut, **opts)
+    monkeypatch.undo()
+    assert runs.read_run(cut)["step"] == 4
+    assert Result.load(cut / "curve.npz").step.tolist() == list(range(6))
+    resumed = resume(cut)
+    for name in full.curve.arrays:
+        np.testing.assert_array_equal(resumed.curve[name], full.curve[name], err_msg=name)
+    assert [float(r.u) for r in resumed.records["u"]] == [float(r.u) for r in full.records["u"]]
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.params),
+                    jax.tree_util.tree_leaves(full.params)):
+        np.testing.assert_array_equal(a, b)
+
+    def run(name, steps, record_at=(0,), **kw):
+        train(SMALL, ADDING, steps=steps, record=rec, record_at=record_at,
+              run_dir=tmp_path / name, **{**opts, **kw})
+        return tmp_path / name
+
+    state4 = run("state4", 4, record_at=(0, 4))  # records 00000 (step 0), 00001 (step 4)
+    seed1, step2, every4 = run("seed1", 4, seed=1), run("step2", 2), run("every4", 8,
+                                                                         eval_every=4)
+    for name, fname, source, msg in (
+            ("seed", "curve.npz", seed1 / "curve.npz", "curve.npz is another run's: it "
+             "differs from its state.npz in seed (the state's 0, the file's 1); a run is "
+             "resumed from all its files"),
+            ("short", "curve.npz", step2 / "curve.npz", "curve.npz holds steps 0..1, where "
+             "its state.npz, saved at step 4, needs steps 0..3"),
+            ("long", "curve.npz", every4 / "curve.npz", "curve.npz is not the one saved "
+             "with its state.npz: its losses or evaluations up to step 4 are not those"),
+            ("record_seed", "record-00000.npz", seed1 / "record-00000.npz",
+             "record-00000.npz is another run's: it differs from its state.npz in seed "
+             "(the state's 0, the file's 1)"),
+            ("record_step", "record-00000.npz", state4 / "record-00001.npz",
+             "record-00000.npz is a record of step 4, its state.npz lists it as the record "
+             "'u' of step 0")):
+        mixed = tmp_path / name
+        shutil.copytree(state4, mixed)
+        shutil.copyfile(source, mixed / fname)
+        with pytest.raises(InputError, match=re.escape(f"cannot resume from {str(mixed)!r}: "
+                                                        f"its {msg}")):
+            resume(mixed)
+    # the folder the files came from resumes to the uninterrupted run
+    np.testing.assert_array_equal(resume(state4).curve.loss, full.curve.loss)
 
 
 def test_a_run_from_given_params_says_so_in_its_config(tmp_path):

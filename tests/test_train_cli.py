@@ -330,6 +330,29 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(run, tmp_path, monk
     assert "is a file; give a folder" in capsys.readouterr().err
 
 
+def test_a_resume_refuses_a_curve_not_saved_with_its_state(tmp_path, capsys):
+    """`train --resume` restored whatever curve.npz lay beside the state: another seed's
+    became the run's (saved again under its seed), an earlier save's left a gap in the steps.
+    Refused in one line naming the file and what differs, before the header."""
+    small = ["train", "--steps", "4", "--eval-every", "2", "--eval-batch", "4", "--batch",
+             "2", "--seq-len", "4", "--layers", "2", "--hidden", "8", "--seed", "3"]
+    for name, extra in (("run", []), ("seed4", ["--seed", "4"]), ("step2", ["--steps", "2"])):
+        assert main(small + extra + ["--out", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    for source, msg in (
+            ("seed4", "its curve.npz is another run's: it differs from its state.npz in seed "
+                      "(the state's 3, the file's 4); a run is resumed from all its files"),
+            ("step2", "its curve.npz holds steps 0..1, where its state.npz, saved at step 4, "
+                      "needs steps 0..3")):
+        mixed = tmp_path / f"run_{source}"
+        shutil.copytree(tmp_path / "run", mixed)
+        shutil.copyfile(tmp_path / source / "curve.npz", mixed / "curve.npz")
+        assert main(small + ["--steps", "6", "--out", str(mixed), "--resume"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured
+        assert f"gradflow train: error: cannot resume from {str(mixed)!r}: {msg}" in captured.err
+
+
 def test_help_lists_train(capsys):
     assert main(["--help"]) == 0
     assert "train" in capsys.readouterr().out
