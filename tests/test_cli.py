@@ -31,6 +31,14 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _no_progress_lines(monkeypatch):
+    """No progress lines on stderr: they are printed where a request is estimated to take over
+    ``cli.PROGRESS_AFTER`` seconds, from this machine's measured speed, so a loaded machine
+    added one to a refusal's one line (tests/test_edges_hypothesis.py tests them)."""
+    monkeypatch.setattr(cli, "PROGRESS_AFTER", float("inf"))
+
+
 def run(capsys, *argv):
     rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
