@@ -545,7 +545,7 @@ def test_gate_plots_of_a_stack_whose_layers_report_different_gates():
     """A gate some layers lack (``config["gate_layers"]``): its saturation map greys those
     rows out and says so (no hatching, no non-finite count for them), its histograms draw only
     the layers that report it."""
-    arrays = dict(_gate_stats(5).arrays)
+    arrays = {k: v.copy() for k, v in _gate_stats(5).arrays.items()}  # (a result's are read-only)
     arrays["saturated/o"][[0, 2]] = np.nan  # o in layer 1 only, as gates.saturation writes it
     arrays["hist/o"][[0, 2]] = 0
     config = dict(cell=["lstm", "star", "lstm"][:L] + ["lstm"] * (L - 3), eps=0.05,
