@@ -210,9 +210,11 @@ def _norm(arrays: Sequence[np.ndarray], log: bool, relative: bool, vmin=None, vm
     * linear: ``Normalize`` over the finite range; ``relative`` gives a ``TwoSlopeNorm`` centred
       at 1.
 
-    ``vmin``/``vmax``, when given, override the computed limits; on the relative log scale
-    either one gives the scale of before: ``LogNorm`` over ``[10^-m, 10^m]`` (``m = max |log10
-    v|``, at least ``log10 2``) with the given limit(s) in place (e.g. :func:`draw_grid`'s
+    ``vmin``/``vmax``, when given, override the computed limits; on the relative log scale a
+    missing one is the mirror about 1 of the largest ``|log10 v|`` (at least ``log10 2``), and
+    limits either side of 1 keep 1 at the centre (:class:`CentredLogNorm`: the STAR figure's
+    ``(0.05, 5)`` as a plain ``LogNorm`` drew 0.5 white and the reference entry itself red),
+    limits on one side of it give a plain ``LogNorm`` (e.g. :func:`draw_grid`'s
     ``color_range``).
     """
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
@@ -231,6 +233,8 @@ def _norm(arrays: Sequence[np.ndarray], log: bool, relative: bool, vmin=None, vm
         lo, hi = _limits(lo, hi, vmin, vmax)
         if lo <= 0:
             raise ValueError(f"a log colour scale needs 0 < vmin < vmax, got vmin={lo!r}")
+        if relative and lo < 1.0 < hi:
+            return CentredLogNorm(lo, hi)
         return mcolors.LogNorm(lo, hi)
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     lo, hi = _limits(lo, hi, vmin, vmax)
@@ -506,8 +510,9 @@ def heatmap(result: Result, ax: Axes | None = None, log: bool = True, normalize:
       colorbar: add a labelled colour bar.
       key: which array of ``result`` to draw.
       vmin, vmax: colour limits (default: the finite data range; centred on 1 if normalised).
-        When normalised, giving either one draws a plain ``LogNorm``: the given limit(s), and
-        for a missing one the mirror about 1 of the largest ``|log10 R|``.
+        When normalised: the given limit(s), and for a missing one the mirror about 1 of the
+        largest ``|log10 R|``, with 1 still at the centre where they lie either side of it
+        (:class:`CentredLogNorm`), else a plain ``LogNorm``.
 
     Returns:
       The figure holding the axes.

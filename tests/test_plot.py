@@ -153,16 +153,23 @@ def test_heatmap_normalize_with_nothing_above_one_spends_the_blue_half_on_the_da
     assert red[0] > red[2] and blue[2] > blue[0]
 
 
-def test_heatmap_normalize_with_explicit_limits_keeps_the_plain_log_scale():
+def test_heatmap_normalize_with_explicit_limits_keeps_1_white():
+    """Limits either side of 1 keep 1 at the colour map's centre (the STAR figure's (0.05, 5)
+    as a plain LogNorm put white at 0.5: its reference entry, r = 1, was drawn red); limits on
+    one side of 1 give a plain log scale."""
     values = _map(2)
     values[-1, -1] = 1e-3
     norm = plot.heatmap(_gradient_map(values), normalize=True, vmin=0.05, vmax=5.0
                         ).axes[0].images[0].norm
-    assert type(norm) is mcolors.LogNorm and (norm.vmin, norm.vmax) == (0.05, 5.0)
+    assert type(norm) is plot.CentredLogNorm and (norm.vmin, norm.vmax) == (0.05, 5.0)
+    assert float(norm(1.0)) == 0.5 and float(norm(0.5)) < 0.5
     m = np.max(np.abs(np.log10(values / 1e-3)))  # one limit given: the other mirrored as before
     norm = plot.heatmap(_gradient_map(values), normalize=True, vmax=5.0).axes[0].images[0].norm
-    assert type(norm) is mcolors.LogNorm
+    assert type(norm) is plot.CentredLogNorm and float(norm(1.0)) == 0.5
     np.testing.assert_allclose((norm.vmin, norm.vmax), (10.0 ** -m, 5.0))
+    norm = plot.heatmap(_gradient_map(values), normalize=True, vmin=2.0, vmax=50.0
+                        ).axes[0].images[0].norm
+    assert type(norm) is mcolors.LogNorm and (norm.vmin, norm.vmax) == (2.0, 50.0)
 
 
 def test_heatmap_normalize_needs_a_positive_finite_reference():
