@@ -9,7 +9,9 @@ and notebooks alike and nothing leaks between calls. :func:`save` writes PNG, PD
 Maps are arrays ``values[l, t]`` (``(L, T)``) drawn the way the STAR paper's Figure 2 draws
 them: layer ``l = 0`` at the bottom, time ``t`` left to right, magnitudes on a log colour scale.
 Non-finite entries (an exploding gradient's inf, a NaN) are data: they are drawn hatched over grey
-and counted in the title, never dropped silently. Example::
+and counted in the title, never dropped silently; on a log scale an entry of exactly 0 (a
+gradient that underflowed, or 0 by construction: the title counts each) is dotted over the
+lowest colour, so it is told from the smallest value drawn. Example::
 
     from gradflow import plot
     fig = plot.heatmap(result)                   # one (L, T) map, log colour scale
@@ -43,6 +45,7 @@ from gradflow.results import Result, check_folder_of, make_result, origin
 
 FORMATS = (".png", ".pdf", ".svg")
 NONFINITE_HATCH = "xx"
+ZERO_HATCH = ".."  # an entry of exactly 0 on a log scale
 GAIN_KINDS = ("vertical", "temporal", "state")
 GAIN_STATS = ("rms", "spectral")
 
@@ -404,16 +407,23 @@ def _row_names(config: dict, n: int) -> list | None:
 
 def _draw_map(ax: Axes, values: np.ndarray, norm, cmap: mcolors.Colormap, rows=None):
     """``imshow`` of ``values[l, t]``, layer 0 at the bottom, plus hatches on non-finite cells
-    (a masked array's masked cells are left blank, neither drawn nor hatched); ``rows``, if
+    and, on a log scale, dots on cells of exactly 0 (or below: no colour of their own; a
+    masked array's masked cells are left blank, neither drawn nor hatched); ``rows``, if
     given, label the rows (:func:`_row_names`)."""
     image = ax.imshow(values, origin="lower", aspect="auto", interpolation="nearest",
                       norm=norm, cmap=cmap)
-    bad_l, bad_t = np.nonzero(~np.isfinite(np.ma.filled(values, 0.0)))
-    if bad_l.size:
-        cells = [Rectangle((t - 0.5, l - 0.5), 1.0, 1.0) for l, t in zip(bad_l, bad_t)]
-        ax.add_collection(PatchCollection(cells, facecolor=_NONFINITE_FACE, edgecolor="0.1",
-                                          hatch=NONFINITE_HATCH, linewidth=0.0,
-                                          label="non-finite"), autolim=False)
+    filled = np.ma.filled(values, np.nan if np.ma.isMaskedArray(values) else 0.0)
+    marks = [(~np.isfinite(np.ma.filled(values, 0.0)), dict(
+        facecolor=_NONFINITE_FACE, edgecolor="0.1", hatch=NONFINITE_HATCH, label="non-finite"))]
+    if isinstance(norm, mcolors.LogNorm):
+        with np.errstate(invalid="ignore"):
+            marks.append((np.isfinite(filled) & (filled <= 0), dict(
+                facecolor="none", edgecolor="0.75", hatch=ZERO_HATCH, label="<= 0")))
+    for where, style in marks:
+        bad_l, bad_t = np.nonzero(where)
+        if bad_l.size:
+            cells = [Rectangle((t - 0.5, l - 0.5), 1.0, 1.0) for l, t in zip(bad_l, bad_t)]
+            ax.add_collection(PatchCollection(cells, linewidth=0.0, **style), autolim=False)
     ax.set_xlabel("time step $t$")
     ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", integer=True, min_n_ticks=1))
     if rows is None:
@@ -1590,7 +1600,8 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
     return fig
 
 
-__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "CentredLogNorm", "draw_atlas",
+__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "ZERO_HATCH",
+           "CentredLogNorm", "draw_atlas",
            "draw_curves",
            "draw_gains", "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_training_atlas",
            "draw_updates",

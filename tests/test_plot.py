@@ -853,6 +853,13 @@ def test_subnormal_entries_are_drawn_and_counted_as_the_underflow_they_are():
     norm = fig.axes[0].images[0].norm
     assert norm.vmin == pytest.approx(float(np.min(values[values >= 1e-30])))
     assert fig.axes[0].get_title().endswith(f"(2 underflow, {L} \u2264 0)")
+    # the zeros (and the subnormal, drawn as 0) are dotted: told from the lowest colour
+    dotted, = [c for c in fig.axes[0].collections if c.get_hatch() == plot.ZERO_HATCH]
+    at = sorted((round(p.vertices[:, 1].min() + 0.5), round(p.vertices[:, 0].min() + 0.5))
+                for p in dotted.get_paths())  # (l, t) of each dotted cell
+    assert at == sorted({(0, 0), (1, 0)} | {(l, T - 1) for l in range(L)})
+    assert not [c for c in plot.heatmap(res, log=False).axes[0].collections
+                if c.get_hatch() == plot.ZERO_HATCH]  # on a linear scale 0 has its colour
 
 
 def test_experiment_figures_say_which_result_kind_they_take():
