@@ -1505,8 +1505,9 @@ def draw_atlas(results: Mapping[str, Result], rows: str = "input_scale", cols: s
         fig.colorbar(image, ax=axes, shrink=0.5, label=(
             f"fraction of the {' or '.join(map(str, counts))} seed"
             f"{'' if counts == [1] else 's'} where the claim holds"))
-    fig.suptitle(title or "where each claim holds (panel titles: " + ", ".join(
-        _FACTOR_NAMES.get(f, f) for f in rest) + ")", fontsize=8)
+    legend = "(panel titles: " + ", ".join(_FACTOR_NAMES.get(f, f) for f in rest) + ")"
+    fig.suptitle(f"{title}\n{legend}" if title else f"where each claim holds {legend}",
+                 fontsize=8)  # (a given title too: "0.1, orthogonal" named no factor)
     return fig
 
 
@@ -1516,9 +1517,12 @@ _FACTOR_NAMES = {"size": "layers x steps", "hidden": "H", "loss": "loss", "wrt":
 
 
 def _panel_label(factor: str, value) -> str:
-    """``H=32``, ``10x10``, ``last``, ``batch 16``: a factor's value in an atlas panel title."""
+    """``H=32``, ``10x10``, ``last``, ``scale 0.1``, ``batch 16``: a factor's value in an atlas
+    panel title (a bare number is named by its factor)."""
     if factor in ("batch", "readout_seed"):
         return f"{factor.replace('_', ' ')} {value}"
+    if factor == "input_scale":
+        return f"scale {value}"
     return f"H={value}" if factor == "hidden" else str(value)
 
 

@@ -324,6 +324,13 @@ def test_draw_atlas_and_cli(committed, tmp_path, capsys):
                for ax in fig.axes)
     with pytest.raises(ValueError, match="unknown rows factor 'seed'; valid: input_scale"):
         plot.draw_atlas(committed, rows="seed")
+    # a bare number in a panel title is named by its factor, and a given title keeps the
+    # legend of the panel titles ("0.1, orthogonal" named no factor)
+    fig = plot.draw_atlas(committed, rows="size", cols="init", title="mine")
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert all("scale " in t for t in titles) and any("scale 0.01" in t for t in titles)
+    assert fig.get_suptitle().startswith("mine\n(panel titles: ")
+    assert "input scale" in fig.get_suptitle()
     grid = tmp_path / "grid.json"
     grid.write_text('{"cells": ["rnn"], "hidden": [4], "sizes": [[3, 3]], "losses": ["last"],'
                     ' "input_scales": [0.1, 1.0], "seeds": [0, 1], "batch": 2}')
