@@ -1304,8 +1304,9 @@ def draw_updates(curves: dict, ax=None, title: str | None = None):
 
 
 def _training_settings(config: dict, curve: dict) -> str:
-    """``task adding(steps=10), L=8, H=32, 1500 steps of batch 64, lr 0.003, seed 0, mse``
-    (a run's own ``lr`` beside it: ``lr 0.003 (star 0.01)``)."""
+    """``task adding(steps=10), L=8, H=32, 1500 steps of batch 64, lr 0.003, seed 0, eval metric
+    mse`` (a run's own ``lr`` beside it: ``lr 0.003 (star 0.01)``; the metric is the task's
+    evaluation metric, which for copy is accuracy while training minimises cross-entropy)."""
     task = curve.get("task", {})
     args = ", ".join(f"{k}={v}" for k, v in task.items() if k != "task")
     own = {label: run["lr"] for label, run in config.get("runs", {}).items()
@@ -1314,7 +1315,7 @@ def _training_settings(config: dict, curve: dict) -> str:
                                    + ")" if own else "")
     return (f"task {task.get('task', config.get('task'))}({args}), L={config['layers']}, "
             f"H={config['hidden']}, {config['steps']} steps of batch {config['batch']}, "
-            f"{lr}, {_seeds_text(config)}, loss {curve.get('metric', '?')}")
+            f"{lr}, {_seeds_text(config)}, eval metric {curve.get('metric', '?')}")
 
 
 def _seeds_text(config: dict) -> str:

@@ -912,7 +912,7 @@ def test_a_training_title_names_a_runs_own_learning_rate():
     curve = {"task": {"task": "adding", "steps": 5}, "metric": "mse"}
     assert plot._training_settings(config, curve) == (
         "task adding(steps=5), L=2, H=4, 6 steps of batch 4, lr 0.003 (star 0.01), seed 0, "
-        "loss mse")
+        "eval metric mse")
     config["runs"]["star"]["lr"] = 3e-3
     assert ", lr 0.003, seed 0" in plot._training_settings(config, curve)
 
