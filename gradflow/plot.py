@@ -1234,22 +1234,24 @@ def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig
     ax_loss, ax_metric = fig.subplots(1, 2)
     metric, seeds = "metric", 0
     for i, (label, c) in enumerate(curves.items()):
-        color = f"C{i}"
+        # a marker per run too: two runs' equal evaluations (both stuck) stay told apart
+        color, mk = f"C{i}", _MARKERS[i % len(_MARKERS)]
         metric = c.config.get("metric", metric)
         if np.ndim(c["loss"]) == 2:
             seeds = max(seeds, len(c["loss"]))
             sm = np.stack([_smooth(v, smooth) for v in c["loss"]])
             _seed_band(ax_loss, c["step"], sm, color, "-", None, linewidth=1.2)
-            _seed_band(ax_loss, c["eval_step"], c["eval_loss"], color, "o--", None,
-                       markersize=3, linewidth=0.8)
-            _seed_band(ax_metric, c["eval_step"], c["eval_metric"], color, "o-", None,
-                       markersize=3)
+            _seed_band(ax_loss, c["eval_step"], c["eval_loss"], color, f"{mk}--", None,
+                       markersize=3, linewidth=0.8, fillstyle="none")
+            _seed_band(ax_metric, c["eval_step"], c["eval_metric"], color, f"{mk}-", None,
+                       markersize=3, fillstyle="none")
             continue
         ax_loss.plot(c["step"], c["loss"], color=color, alpha=0.15, linewidth=0.8)
         ax_loss.plot(c["step"], _smooth(c["loss"], smooth), color=color, linewidth=1.2)
-        ax_loss.plot(c["eval_step"], c["eval_loss"], "o--", color=color, markersize=3,
-                     linewidth=0.8)
-        ax_metric.plot(c["eval_step"], c["eval_metric"], "o-", color=color, markersize=3)
+        ax_loss.plot(c["eval_step"], c["eval_loss"], f"{mk}--", color=color, markersize=3,
+                     linewidth=0.8, fillstyle="none")
+        ax_metric.plot(c["eval_step"], c["eval_metric"], f"{mk}-", color=color, markersize=3,
+                       fillstyle="none")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("training step")
     ax_loss.set_ylabel("loss")
@@ -1257,12 +1259,13 @@ def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig
     ax_metric.set_ylabel(f"eval {metric}")
     if metric == "mse":
         ax_metric.set_yscale("log")
-    handles = [Line2D([], [], color=f"C{i}", linewidth=2, label=label)
+    handles = [Line2D([], [], color=f"C{i}", linewidth=2, marker=_MARKERS[i % len(_MARKERS)],
+                      markersize=4, fillstyle="none", label=label)
                for i, label in enumerate(curves)]
     handles += [Line2D([], [], color="0.35", linewidth=1.2,
                        label=f"train loss (mean of {smooth} steps)"),
                 Line2D([], [], color="0.35", linestyle="none", marker="o", markersize=3,
-                       label="evaluations (eval loss dashed)")]
+                       fillstyle="none", label="evaluations (eval loss dashed)")]
     if seeds:
         handles.append(Patch(color="0.35", alpha=0.3, label=f"median of {seeds} seeds; bands: "
                                                             "quartiles, min-max"))
