@@ -324,12 +324,14 @@ def _describe(result: Result, key: str | None) -> str:
 
 def settings(config: dict) -> str:
     """The settings a figure's title carries, as far as ``config`` records them:
-    ``"L=16, T=32, H=64, init orthogonal, seed 0"`` (layers, steps, hidden size, init, seed);
-    trained weights (a config recording ``params``, see :func:`gradflow.results.origin`) are
-    named by their source instead of the init.
+    ``"L=16, T=32, H=64, init orthogonal, seed 0"`` (layers, steps, hidden size, init, seed,
+    the input scale where it is not 1); trained weights (a config recording ``params``, see
+    :func:`gradflow.results.origin`) are named by their source instead of the init.
 
     >>> settings({"layers": 2, "steps": 5, "hidden_size": 8, "seed": 1})
     'L=2, T=5, H=8, seed 1'
+    >>> settings({"layers": 2, "seed": 1, "input_scale": 0.01})
+    'L=2, seed 1, input scale 0.01'
     """
     _config_dict("settings", config)
     sizes = (("L", config.get("layers")), ("T", config.get("steps")),
@@ -339,6 +341,9 @@ def settings(config: dict) -> str:
         parts.append(origin(config))
     if config.get("seed") is not None:
         parts.append(f"seed {config['seed']}")
+    scale = config.get("input_scale")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
+        parts.append(f"input scale {scale:g}")  # (the vRNN's gains move with it)
     if config.get("inputs_from"):  # the user's sequences (the CLI's --inputs)
         parts.append(f"inputs {inputs_text(config)}")
     if options_text(config):
