@@ -1220,6 +1220,27 @@ def _seed_band(ax, x, v: np.ndarray, color: str, style: str, label: str, **kw):
     return ax.plot(x, med, style, color=color, label=label, **kw)
 
 
+#: A loss axis ends at this factor times the largest first loss of its runs, where a burst
+#: (a run diverging for a while) would stretch it over many more decades.
+BURST_FACTOR = 100.0
+
+
+def _clip_bursts(ax, losses) -> None:
+    """End the log loss axis ``ax`` at :data:`BURST_FACTOR` times the largest first training
+    loss of ``losses`` (``(n,)`` or ``(S, n)`` each) where some finite loss lies beyond it (a
+    refined MGU reached 3e11 in its first steps, and every other curve was squeezed into the
+    bottom quarter of 15 decades), saying so on the axis."""
+    first = [float(np.nanmax(np.asarray(v, float)[..., 0])) for v in losses]
+    peak = max((float(np.nanmax(np.where(np.isfinite(a), a, np.nan)))
+                for a in (np.asarray(v, float) for v in losses) if np.isfinite(a).any()),
+               default=np.nan)
+    top = BURST_FACTOR * max(first) if first and np.isfinite(max(first)) else np.nan
+    if np.isfinite(top) and peak > top:
+        ax.set_ylim(top=top)
+        ax.text(0.99, 0.98, f"off the axis: losses up to {peak:.2g}", transform=ax.transAxes,
+                ha="right", va="top", fontsize="x-small", color="0.3")
+
+
 def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig=None):
     """Learning curves of ``{label: training Result}`` (``History.curve``): left, the training
     loss (running mean over ``smooth`` steps, faint: raw) and the evaluation loss (markers),
@@ -1260,6 +1281,7 @@ def draw_curves(curves: dict, *, title: str | None = None, smooth: int = 20, fig
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("training step")
     ax_loss.set_ylabel("loss")
+    _clip_bursts(ax_loss, [c["loss"] for c in curves.values()])
     ax_metric.set_xlabel("training step")
     ax_metric.set_ylabel(f"eval {metric}")
     if metric == "mse":
@@ -1613,7 +1635,7 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
     return fig
 
 
-__all__ = ["FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "ZERO_HATCH",
+__all__ = ["BURST_FACTOR", "FORMATS", "GAIN_KINDS", "GAIN_STATS", "NONFINITE_HATCH", "ZERO_HATCH",
            "CentredLogNorm", "draw_atlas",
            "draw_curves",
            "draw_gains", "draw_gate_panels", "draw_grid", "draw_saturation", "draw_training", "draw_training_atlas",

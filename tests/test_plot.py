@@ -818,6 +818,26 @@ def test_a_diverged_curve_stops_where_its_loss_does_and_the_figure_says_so():
     np.testing.assert_allclose(plot._smooth(np.r_[1.0, 3.0, 5.0], 2), [1.0, 2.0, 4.0])
 
 
+def test_a_burst_of_huge_losses_ends_the_loss_axis_and_is_said():
+    """A run whose loss bursts to 3e11 for a few steps (cheng_refined_adding's refined MGU)
+    stretched the loss axis over 15 decades; it ends at 100x the largest first loss, saying
+    how far the losses went; without a burst the axis is the data's."""
+    def curve(loss):
+        n = len(loss)
+        return make_result("training", {"step": np.arange(n), "loss": np.asarray(loss),
+                                        "metric": np.zeros(n), "seq_len": np.full(n, 5),
+                                        "eval_step": np.array([0]), "eval_loss": np.r_[1.0],
+                                        "eval_metric": np.r_[1.0]}, {"metric": "mse"},
+                           warn=False)
+    calm = curve(np.geomspace(2.0, 1e-3, 30))
+    burst = curve(np.r_[1.5, 3e11, 1e6, np.geomspace(1.0, 1e-3, 27)])
+    ax = plot.draw_curves({"calm": calm, "burst": burst}).axes[0]
+    assert ax.get_ylim()[1] == pytest.approx(plot.BURST_FACTOR * 2.0)
+    assert [t.get_text() for t in ax.texts] == ["off the axis: losses up to 3e+11"]
+    ax = plot.draw_curves({"calm": calm}).axes[0]
+    assert not ax.texts and ax.get_ylim()[1] < plot.BURST_FACTOR * 2.0
+
+
 def test_a_jacobian_maps_colour_bar_names_its_own_norm():
     """The colour bar read config["norm"], the stack's normalisation ("layer", or None)."""
     result = make_result("jacobian_map", {"values": _map(5)},
