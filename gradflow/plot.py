@@ -1603,14 +1603,14 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
                 ax.set_ylabel("eval " + ("accuracy" if accuracy else "MSE"), fontsize=7)
             if f == 0 and j == 0:
                 ax.legend(fontsize=5)
-    if not accuracy:  # one MSE scale per row of curves
-        for f in range(len(values)):
-            row = [ax for ax in axes[f] if ax.axison and ax.lines]
-            if row:
-                lo = min(ax.get_ylim()[0] for ax in row)
-                hi = max(ax.get_ylim()[1] for ax in row)
-                for ax in row:
-                    ax.set_ylim(lo, hi)
+    if not accuracy:  # one MSE scale for every panel of curves (a row's own made a panel of
+        # 0.1-1 read as learning beside panels reaching 1e-3)
+        drawn = [ax for f in range(len(values)) for ax in axes[f] if ax.axison and ax.lines]
+        if drawn:
+            lo = min(ax.get_ylim()[0] for ax in drawn)
+            hi = max(ax.get_ylim()[1] for ax in drawn)
+            for ax in drawn:
+                ax.set_ylim(lo, hi)
     cmap = matplotlib.colormaps["RdYlGn"]
     for j in range(ncol):
         ax = axes[-1, j]
@@ -1630,8 +1630,9 @@ def draw_training_atlas(data: Result, *, title: str | None = None) -> Figure:
                       + ["each run at\nits best lr"], fontsize=6)
         ax.set_xlabel(fname, fontsize=6)
         ax.set_title(claims[j], fontsize=7)
-    fig.suptitle((title or "training atlas") + f"; {len(cfg['seeds'])} seeds, bottom row: "
-                 "fraction of seeds where each claim holds", fontsize=8)
+    fig.suptitle((title or "training atlas") + f"; {len(cfg['seeds'])} seeds (curves: their "
+                 "median, bands: quartiles and min-max), bottom row: fraction of seeds where "
+                 "each claim holds", fontsize=8)
     return fig
 
 
