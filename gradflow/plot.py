@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -1230,12 +1231,13 @@ def _clip_bursts(ax, losses) -> None:
     loss of ``losses`` (``(n,)`` or ``(S, n)`` each) where some finite loss lies beyond it (a
     refined MGU reached 3e11 in its first steps, and every other curve was squeezed into the
     bottom quarter of 15 decades), saying so on the axis."""
-    first = [float(np.nanmax(np.asarray(v, float)[..., 0])) for v in losses]
-    peak = max((float(np.nanmax(np.where(np.isfinite(a), a, np.nan)))
-                for a in (np.asarray(v, float) for v in losses) if np.isfinite(a).any()),
-               default=np.nan)
-    top = BURST_FACTOR * max(first) if first and np.isfinite(max(first)) else np.nan
-    if np.isfinite(top) and peak > top:
+    with warnings.catch_warnings():  # (a run diverged from its first step: no first loss)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        arrays = [np.asarray(v, float) for v in losses]
+        first = np.nanmax([np.nanmax(a[..., 0]) for a in arrays])
+        peak = np.nanmax([np.nanmax(np.where(np.isfinite(a), a, np.nan)) for a in arrays])
+    top = BURST_FACTOR * first
+    if np.isfinite(top) and np.isfinite(peak) and peak > top:
         ax.set_ylim(top=top)
         ax.text(0.99, 0.98, f"off the axis: losses up to {peak:.2g}", transform=ax.transAxes,
                 ha="right", va="top", fontsize="x-small", color="0.3")

@@ -836,6 +836,11 @@ def test_a_burst_of_huge_losses_ends_the_loss_axis_and_is_said():
     assert [t.get_text() for t in ax.texts] == ["off the axis: losses up to 3e+11"]
     ax = plot.draw_curves({"calm": calm}).axes[0]
     assert not ax.texts and ax.get_ylim()[1] < plot.BURST_FACTOR * 2.0
+    gone = curve(np.r_[np.nan, 3e11, np.nan, np.geomspace(1.0, 1e-3, 27)])  # no first loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ax = plot.draw_curves({"gone": gone, "burst": burst}).axes[0]
+    assert ax.get_ylim()[1] == pytest.approx(plot.BURST_FACTOR * 1.5)
 
 
 def test_a_jacobian_maps_colour_bar_names_its_own_norm():
