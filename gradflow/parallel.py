@@ -83,9 +83,7 @@ MIN_ROWS_X_WIDTH = 1024
 
 
 def use_cpu_devices(n: int) -> None:
-    """Make XLA's CPU platform expose ``n`` devices (to split batches over the CPU's cores),
-    its one-device programs run as they are called, not queued (``jax_cpu_enable_async_dispatch``
-    off: see :func:`run_split`; about 3 % of a small split map).
+    """Make XLA's CPU platform expose ``n`` devices (to split batches over the CPU's cores).
 
     Must run before JAX starts its backends (the first computation or ``jax.devices()``);
     afterwards it is a no-op if the CPU platform already has ``n`` devices and a RuntimeError
@@ -107,8 +105,6 @@ def use_cpu_devices(n: int) -> None:
         raise RuntimeError(f"XLA_FLAGS sets {flag.group(1)} CPU device(s); unset it to use {n}")
     try:
         jax.config.update("jax_num_cpu_devices", n)
-        if n > 1:  # (read when the CPU client starts, as the count is)
-            jax.config.update("jax_cpu_enable_async_dispatch", False)
     except RuntimeError:  # JAX refuses once its backends have started (public API, no probe)
         have = len(jax.devices("cpu"))
         if have == n:
@@ -673,11 +669,8 @@ def run_split(program, mesh, *args):
     waiting for that device's budget of programs in flight (``max_inflight_computations``),
     every other thread idle (``gdb``), until XLA aborted the process after 40 s. JAX
     dispatches asynchronously, so without the waits a device may hold programs queued ahead
-    of a split program's launch; with them it holds none. It recurred once with the waits
-    (a CI run of the suite, 2026-12-07): :func:`use_cpu_devices` now also turns off the
-    asynchronous dispatch of one-device programs, so none is queued on a device behind
-    gradflow's back either. (Too rare to show its absence in a test; the waits cost 1-4 % of a
-    small split map, the inline dispatch about 3 %.) On real devices (GPU, TPU) the program
+    of a split program's launch; with them it holds none. (Too rare to show its absence in a
+    test; the waits cost 1-4 % of a small split map.) On real devices (GPU, TPU) the program
     runs as it is."""
     if _copies(mesh) < 2:
         return program(*args)
