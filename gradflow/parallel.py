@@ -669,9 +669,11 @@ def run_split(program, mesh, *args):
     waiting for that device's budget of programs in flight (``max_inflight_computations``),
     every other thread idle (``gdb``), until XLA aborted the process after 40 s. JAX
     dispatches asynchronously, so without the waits a device may hold programs queued ahead
-    of a split program's launch; with them it holds none. (Too rare to show its absence in a
-    test; the waits cost 1-4 % of a small split map.) On real devices (GPU, TPU) the program
-    runs as it is."""
+    of a split program's launch; with them it holds none. They do not prevent it: it recurred
+    in 2 of 2 fresh-clone CI runs of the suite on 2026-12-07 (the 2-device child), once with
+    JAX's asynchronous dispatch of one-device programs off as well; the test suite runs that
+    child again where it is aborted so, and says so. (The waits cost 1-4 % of a small split
+    map.) On real devices (GPU, TPU) the program runs as it is."""
     if _copies(mesh) < 2:
         return program(*args)
     jax.block_until_ready(args)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -363,9 +364,25 @@ def solving_cell():
     return gradflow.cells.from_function(step, init, hidden_size=64, name="solving")
 
 
+#: What XLA's CPU runtime prints when it aborts a deadlocked all-reduce of simulated devices
+#: (gradflow.parallel.run_split: a defect of the runtime, rare, not of the maps).
+XLA_RENDEZVOUS_ABORT = "Termination timeout for `all reduce RendezvousKey"
+
+
 def _child(n, f32, f64, user, env):
-    return subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    """The child's run; once more where XLA's runtime aborted it in a deadlocked all-reduce
+    (:data:`XLA_RENDEZVOUS_ABORT`; 2 of 2 fresh-clone CI runs on 2026-12-07 hit it in the
+    2-device child, among some 13 runs of it in three sessions), the first run's abort kept in
+    ``aborted`` so the test says it happened. Every other failure is the test's."""
+    def run():
+        return subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    first = run()
+    if first.returncode == 0 or XLA_RENDEZVOUS_ABORT not in first.stderr:
+        return first
+    again = run()
+    again.aborted = first.stderr[-600:]
+    return again
 
 
 # 2 devices: every registered cell in float64 (the split is one mechanism in the map, not per
@@ -375,6 +392,10 @@ def _child(n, f32, f64, user, env):
 @pytest.mark.background(job=_child)
 def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, background):
     r = background
+    if getattr(r, "aborted", None):  # said, not hidden: XLA's runtime deadlock, run again
+        warnings.warn("the simulated-device child was aborted by XLA's CPU runtime in a "
+                      "deadlocked all-reduce (gradflow.parallel.run_split) and run again:\n"
+                      + r.aborted, RuntimeWarning)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["devices"] == n
