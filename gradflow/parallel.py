@@ -5,21 +5,35 @@ whose step couples the examples, ``Cell.couples_batch`` as BN-STAR with batch st
 never split), so the
 per-example state cotangents :math:`\partial\mathcal L/\partial s^l_t[b]` of a state map need
 only the loss gradient w.r.t. example ``b``'s own top-layer outputs. :func:`state_map` runs the
-hidden/cell map under ``jax.shard_map`` on a 1-d ``Mesh(devices, ("batch",))``: device ``k``
-runs the forward pass of its ``B/n`` examples, the ``(B, T, H)`` top-layer outputs are gathered
-(``all_gather``: 1 MiB at ``B=32, T=64, H=128``), every device evaluates the (any) loss and its
-gradient :math:`\bar y = \partial\mathcal L/\partial y` on the whole batch, and pulls its own
+hidden/cell map as two ``jax.shard_map`` programs on a 1-d ``Mesh(devices, ("batch",))``
+(:func:`_run_halves`): device ``k`` runs the forward pass of its ``B/n`` examples and keeps its
+pullback; the ``(B, T, H)`` top-layer outputs are copied to the first device (1 MiB at ``B=32,
+T=64, H=128``), which evaluates the (any) loss and its gradient
+:math:`\bar y = \partial\mathcal L/\partial y` on the whole batch; each device pulls its own
 slice of :math:`\bar y` back through its examples. The map is then combined exactly:
 
 .. math:: G[l,t] = \frac1B \sum_b \|\partial\mathcal L/\partial s^l_t[b]\|_2
-          = \frac1B \sum_k \mathrm{psum}\Big(\sum_{b \in k} \|\cdot\|_2\Big)
+          = \frac1n \sum_k \frac{n}{B}\sum_{b \in k} \|\cdot\|_2
 
-so the split map equals the unsplit one up to float summation order, for any loss (the batch
-mean of the default readout loss, i.e. its ``1/B`` factor on each example's gradient, is
-carried by :math:`\bar y`). The params map is not split: its per-step
+(each device's mean over its examples, averaged on the first device), so the split map equals
+the unsplit one up to float summation order, for any loss (the batch mean of the default
+readout loss, i.e. its ``1/B`` factor on each example's gradient, is carried by
+:math:`\bar y`). The params map is not split: its per-step
 :math:`\mathrm{mean}_\theta|\sum_b g_b|` does not decompose over examples. The Jacobian maps
 of :func:`gradflow.jacobian_map` are per example, with no loss: :func:`example_map` runs each
-device's examples and gathers their per-example norms (and spectra), averaged after.
+device's examples and gathers their per-example norms (and spectra) on the first device,
+averaged after.
+
+No program of this module exchanges data between its devices (no collective: no all-reduce,
+all-gather): what passes between them is copied between programs, and what they hand back
+lies on the first device, so that nothing after them is partitioned over the devices either.
+Until 2026-12-07 the batch's loss, norms and sums were reduced inside the split programs, and
+XLA's CPU runtime (jaxlib 0.10.2) deadlocked in those all-reduces of simulated devices, rarely
+and under load (about once in 17,000 split programs launched back to back by a stress script;
+2 of 2 fresh-clone CI runs of the test suite on 2026-12-07): one device's half waiting in the
+all-reduce's rendezvous, the other device's launch waiting for that device's budget of
+programs in flight (``gdb``), until XLA aborted the process after 40 s. A program without a
+collective waits for no other device.
 
 Devices:
 
@@ -62,6 +76,7 @@ import math
 import operator
 import os
 import re
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +87,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gradflow import checks
 from gradflow import results as _results
 from gradflow.cost import cache_home, compiled
-from gradflow.stack import in_precision, safe_mean
+from gradflow.stack import precision_scope, safe_mean
 from gradflow.xla import jit
 
 AXIS = "batch"
@@ -501,52 +516,111 @@ def _replicate(params, mesh):
             (treedef, where, kinds))
 
 
-def _gathered_loss(forward, loss_fn, taps, b: int):
-    """``(loss value, taps' cotangent)`` on one device of a split map: ``forward(taps)`` gives
-    this device's ``b`` examples' outputs ``(b, T, K)``, gathered so that the loss sees the whole
-    batch (any loss, exact), its gradient sliced back to this device's examples and pulled back
-    to the taps here."""
-    out_k, pull = jax.vjp(forward, taps)
-    out = lax.all_gather(out_k, AXIS, axis=0, tiled=True)  # (B, T, K) on every device
-    value, g = jax.value_and_grad(loss_fn)(out)
-    (d_taps,) = pull(lax.dynamic_slice_in_dim(g, lax.axis_index(AXIS) * b, b, axis=0))
-    return value, d_taps
+class _Halves(NamedTuple):
+    """A split state map's two programs over one mesh, neither with a collective.
+
+    ``forward(bufs, xs)``: each device's forward pass of its examples, giving the top-layer
+    outputs ``(B, T, K)`` (split over the devices) and the pullback to the taps, its residuals
+    a row per device. ``backward(pullback, cotangent)``: each device pulls its examples' slice
+    of the loss's cotangent back to its taps and returns its examples' mean norms ``(n, L, T)``,
+    a row per device."""
+    forward: Callable
+    backward: Callable
+
+
+def _halves(make, mean, mesh) -> _Halves:
+    """:class:`_Halves` of ``make(bufs, xs_k) -> (forward of the taps, zero taps)`` (a device's
+    share of the batch) and ``mean(taps' cotangent) -> (L, T)``, its examples' mean norms."""
+    def forward(bufs, xs_k):
+        f, taps = make(bufs, xs_k)
+        out_k, pull = jax.vjp(f, taps)
+        return out_k, jax.tree_util.tree_map(lambda r: r[None], pull)
+
+    def backward(pull, g_k):
+        (d_taps,) = jax.tree_util.tree_map(lambda r: r[0], pull)(g_k)
+        return mean(d_taps)[None]
+
+    # check_vma=False: the zero taps and states made inside the stack are not marked per-device;
+    # every output is split over the devices (nothing is exchanged between them)
+    spec = PartitionSpec(AXIS)
+    return _Halves(
+        jit(jax.shard_map(forward, mesh=mesh, in_specs=(PartitionSpec(), spec),
+                          out_specs=(spec, spec), check_vma=False)),
+        jit(jax.shard_map(backward, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+                          check_vma=False)))
+
+
+@functools.partial(jit, static_argnames=("loss_fn", "precision"))
+def _loss_and_cotangent(loss_fn, precision, out):
+    """``(loss value, its gradient w.r.t. out)`` on the whole batch's outputs, on one device."""
+    with precision_scope(precision):
+        return jax.value_and_grad(loss_fn)(out)
+
+
+@jit
+def _mean_over_devices(parts):
+    """``(L, T)``: the devices' means ``(n, L, T)`` of equal shares of the batch, averaged."""
+    return safe_mean(parts, axis=0)
+
+
+def _run_halves(halves: _Halves, loss_fn, precision, mesh, bufs, xs_k, check=None):
+    r"""``(loss value, G: (L, T))`` of a split state map, computed in four steps with nothing
+    exchanged between the devices inside a program: the forward pass of each device's examples
+    (:attr:`_Halves.forward`); their outputs copied to the first device, where the loss and its
+    gradient :math:`\bar y` are taken on the whole batch (any loss, exact); :math:`\bar y`
+    split back over the devices, each pulling its slice back to its taps
+    (:attr:`_Halves.backward`); the devices' means averaged on the first device.
+
+    ``check(program, args) -> program`` (or None): where the caller checks a compiled
+    program (memory) or refuses it (``None``: run on one device instead), before each half runs;
+    a half it refuses makes ``_run_halves`` return ``None``."""
+    first = mesh.devices.flat[0]
+    args = (bufs, xs_k)
+    forward = check(halves.forward, args) if check else halves.forward
+    if forward is None:
+        return None
+    out, pull = forward(*args)
+    value, g = _loss_and_cotangent(loss_fn, precision, jax.device_put(out, first))
+    args = (pull, jax.device_put(g, out.sharding))
+    backward = check(halves.backward, args) if check else halves.backward
+    if backward is None:
+        return None
+    parts = backward(*args)
+    return value, _mean_over_devices(jax.device_put(parts, first))
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_state_map(stack, loss_fn, name, mesh, layout):
-    n = mesh.devices.size
-
-    @in_precision
-    def local(stack, bufs, xs_k):
+def _sharded_state_map(stack, name, mesh, layout) -> _Halves:
+    """:func:`state_map`'s programs."""
+    def make(bufs, xs_k):
         params = _unpack(bufs, layout)
         b, T, _ = xs_k.shape
-        B = b * n
         zeros = {name: jnp.zeros((stack.layers, b, T), xs_k.dtype)}
-        value, norms = _gathered_loss(  # parameters constant: runs of layers through lean_layers
-            lambda taps: stack.apply(params, xs_k, taps=taps, constant_params=True).top,
-            loss_fn, zeros, b)
-        return value, safe_mean(norms[name], axis=1, count=B, across=AXIS)  # (L, T)
 
-    # check_vma=False: the zero taps and states made inside the stack are not marked per-device;
-    # both outputs are replicated (computed alike / psum-ed on every device).
-    return jit(jax.shard_map(functools.partial(local, stack), mesh=mesh,
-                                 in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
-                                 out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
+        def forward(taps):  # parameters constant: runs of layers through lean_layers
+            with precision_scope(stack.matmul_precision):
+                return stack.apply(params, xs_k, taps=taps, constant_params=True).top
+        return forward, zeros
+
+    return _halves(make, lambda d_taps: safe_mean(d_taps[name], axis=1), mesh)  # (L, b, T)
 
 
 def state_map(stack, params, xs, loss_fn, name: str, devices):
     r"""``(loss value, G: (L, T))``, :math:`G[l,t] = \mathrm{mean}_b\|\partial\mathcal L/
     \partial s^l_t[b]\|_2` for state ``name``, the batch of ``xs: (B, T, D)`` split over
-    ``devices`` (a sequence whose length divides ``B``; see the module docstring).
+    ``devices`` (a sequence whose length divides ``B``; see the module docstring and
+    :func:`_run_halves`).
 
     ``stack`` and ``loss_fn`` (``(B, T, H) -> scalar``) must be hashable.
     """
     mesh, bufs, layout, (xs_k,) = _split(params, (xs,), (0,), devices)
-    program = _sharded_state_map(stack, loss_fn, name, mesh, layout)
-    if lapack_stalls(program, (bufs, xs_k), mesh):  # a user's cell calling LAPACK
-        return state_map(stack, params, xs, loss_fn, name, devices[:1])
-    return run_split(program, mesh, bufs, xs_k)
+    halves = _sharded_state_map(stack, name, mesh, layout)
+
+    def check(program, args):  # a user's cell calling LAPACK: on one device
+        return None if lapack_stalls(program, args, mesh) else program
+
+    out = _run_halves(halves, loss_fn, stack.matmul_precision, mesh, bufs, xs_k, check)
+    return out if out is not None else state_map(stack, params, xs, loss_fn, name, devices[:1])
 
 
 def _split(params, args, axes, devices):
@@ -572,16 +646,17 @@ def _examples_on(axis: int) -> PartitionSpec:
 
 @functools.lru_cache(maxsize=64)
 def _sharded_examples(fn, stack, static, mesh, layout, axes, summed=False):
-    """:func:`example_map`'s program: ``fn`` on each device's share of the examples."""
+    """:func:`example_map`'s program: ``fn`` on each device's share of the examples (``summed``:
+    each device's sums a row of their own)."""
     def local(bufs, *args):
         out = fn(stack, _unpack(bufs, layout), *args, **dict(static))
-        return lax.psum(out, AXIS) if summed else out
+        return jax.tree_util.tree_map(lambda o: o[None], out) if summed else out
 
     in_specs = (PartitionSpec(), *map(_examples_on, axes))
-    # check_vma=False: arrays made inside the stack are not marked per-device
+    # check_vma=False: arrays made inside the stack are not marked per-device; every output is
+    # split over the devices (nothing is exchanged between them)
     return jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                                 out_specs=PartitionSpec() if summed else PartitionSpec(AXIS),
-                                 check_vma=False))
+                             out_specs=PartitionSpec(AXIS), check_vma=False))
 
 
 def example_map(fn, stack, params, args, axes, static, devices, what: str | None = None,
@@ -590,11 +665,12 @@ def example_map(fn, stack, params, args, axes, static, devices, what: str | None
     each of ``args`` holding them on its axis in ``axes`` and every output on its first axis
     (per-example Jacobians), the examples split over ``devices`` (a sequence whose length
     divides their number; empty: one jitted call on the default device) and the outputs
-    gathered; ``summed``: every output is a sum over the examples (gate statistics' sums and
-    counts), added over the devices instead. ``fn``, ``stack`` (a Stack, or whatever ``fn``
-    takes in its place, e.g. a user's model) and ``static`` must be hashable (one compile per
-    them, the devices and the shapes). With ``what`` (and ``smaller``) the program goes
-    through :func:`gradflow.cost.compiled`: compiled once, its memory checked."""
+    gathered on the first device; ``summed``: every output is a sum over the examples (gate
+    statistics' sums and counts), the devices' sums added there instead. ``fn``, ``stack`` (a
+    Stack, or whatever ``fn`` takes in its place, e.g. a user's model) and ``static`` must be
+    hashable (one compile per them, the devices and the shapes). With ``what`` (and
+    ``smaller``) the program goes through :func:`gradflow.cost.compiled`: compiled once, its
+    memory checked."""
     if not devices:
         if what is None:
             return _jit_examples(fn, stack, static, params, *args)
@@ -603,10 +679,16 @@ def example_map(fn, stack, params, args, axes, static, devices, what: str | None
     program = _sharded_examples(fn, stack, static, mesh, layout, tuple(axes), summed)
     if lapack_stalls(program, (bufs, *split), mesh):
         return example_map(fn, stack, params, args, axes, static, (), what, smaller)
-    args = split
     if what is not None:
-        program = compiled(program, (), (bufs, *args), what, smaller, _copies(mesh))
-    return run_split(program, mesh, bufs, *args)
+        program = compiled(program, (), (bufs, *split), what, smaller, _copies(mesh))
+    out = jax.device_put(program(bufs, *split), mesh.devices.flat[0])
+    return _sum_over_devices(out) if summed else out
+
+
+@jit
+def _sum_over_devices(tree):
+    """The devices' sums (a row each) added."""
+    return jax.tree_util.tree_map(lambda o: jnp.sum(o, axis=0), tree)
 
 
 def examples_program(fn, stack, params, args, static, what: str, smaller: str):
@@ -624,21 +706,18 @@ def _jit_examples(fn, stack, static, params, *args):
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_model_map(model, loss_fn, rest, layers, mesh, layout):
-    """:func:`model_state_map`'s program: per device the model's forward on its share of the
-    batch, through :func:`_gathered_loss` as a Stack's split map."""
-    n = mesh.devices.size
+def _sharded_model_map(model, rest, layers, mesh, layout) -> _Halves:
+    """:func:`model_state_map`'s programs: per device the model's forward on its share of the
+    batch, as a Stack's split map (:func:`_run_halves`)."""
     model = checks.with_static(model, rest)
 
-    def local(bufs, xs_k):
+    def make(bufs, xs_k):
         arrays = _unpack(bufs, layout)
         b, T, _ = xs_k.shape
-        value, norms = _gathered_loss(lambda s: model(arrays, xs_k, s), loss_fn,
-                                      jnp.zeros((layers, T, b), checks.tap_dtype(xs_k)), b)
-        return value, safe_mean(norms, axis=2, count=b * n, across=AXIS)  # (L, T)
+        return (lambda s: model(arrays, xs_k, s),
+                jnp.zeros((layers, T, b), checks.tap_dtype(xs_k)))
 
-    return jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(AXIS)),
-                                 out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False))
+    return _halves(make, lambda d_taps: safe_mean(d_taps, axis=2), mesh)  # (L, T, b)
 
 
 def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, what: str,
@@ -646,38 +725,22 @@ def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, what
     r"""``(loss value, G: (L, T))`` of :func:`gradflow.model_map` (``model(params, xs, taps)``
     with ``params`` split by :func:`gradflow.checks.split_static` into ``arrays`` and
     ``rest``), the batch of ``xs: (B, T, D)`` split over ``devices`` (a sequence whose length
-    divides ``B``), for a model that treats the examples of a batch independently. Compiled
-    once per shapes by :func:`gradflow.cost.compiled`, whose memory check (``what``,
-    ``smaller``) counts every device of one memory."""
+    divides ``B``), for a model that treats the examples of a batch independently. Each half
+    is compiled once per shapes by :func:`gradflow.cost.compiled`, whose memory check
+    (``what``, ``smaller``) counts every device of one memory."""
     mesh, bufs, layout, (xs_k,) = _split(arrays, (xs,), (0,), devices)
-    program = _sharded_model_map(model, loss_fn, rest, layers, mesh, layout)
-    if lapack_stalls(program, (bufs, xs_k), mesh):  # the model calls LAPACK
+    halves = _sharded_model_map(model, rest, layers, mesh, layout)
+
+    def check(program, args):  # a model calling LAPACK: on one device
+        if lapack_stalls(program, args, mesh):
+            return None
+        return compiled(program, (), args, what, smaller, _copies(mesh))
+
+    out = _run_halves(halves, loss_fn, None, mesh, bufs, xs_k, check)
+    if out is None:
         return model_state_map(model, loss_fn, rest, arrays, xs, layers, devices[:1], what,
                                smaller)
-    return run_split(compiled(program, (), (bufs, xs_k), what, smaller, _copies(mesh)), mesh,
-                     bufs, xs_k)
-
-
-def run_split(program, mesh, *args):
-    """``program(*args)``, a program of this module's runners split over ``mesh`` (their
-    collectives: the all-reduces of a batch's loss, norms and sums), run on simulated CPU
-    devices with nothing else in flight on them: its arguments ready before it starts, its
-    outputs before it returns. A guard: XLA's CPU runtime (jaxlib 0.10.2) deadlocked, rarely
-    and only under load (2 of some 10 loaded runs of the test suite's simulated-device child,
-    and once in some 17,000 split programs launched back to back by a stress script), with
-    one device's half waiting in the all-reduce's rendezvous and the other device's launch
-    waiting for that device's budget of programs in flight (``max_inflight_computations``),
-    every other thread idle (``gdb``), until XLA aborted the process after 40 s. JAX
-    dispatches asynchronously, so without the waits a device may hold programs queued ahead
-    of a split program's launch; with them it holds none. They do not prevent it: it recurred
-    in 2 of 2 fresh-clone CI runs of the suite on 2026-12-07 (the 2-device child), once with
-    JAX's asynchronous dispatch of one-device programs off as well; the test suite runs that
-    child again where it is aborted so, and says so. (The waits cost 1-4 % of a small split
-    map.) On real devices (GPU, TPU) the program runs as it is."""
-    if _copies(mesh) < 2:
-        return program(*args)
-    jax.block_until_ready(args)
-    return jax.block_until_ready(program(*args))
+    return out
 
 
 def _copies(mesh) -> int:
@@ -687,5 +750,5 @@ def _copies(mesh) -> int:
 
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",
            "set_batch_devices", "batch_devices", "devices_for", "should_split", "lapack_stalls",
-           "run_split", "state_map", "model_state_map", "example_map", "examples_program",
+           "state_map", "model_state_map", "example_map", "examples_program",
            "use_compile_cache"]

@@ -1090,20 +1090,13 @@ def scaled_reduction(fn, x, axis=-1):
     return jax.tree_util.tree_map(back, y)
 
 
-def safe_mean(x, axis=0, count=None, across=None):
+def safe_mean(x, axis=0, count=None):
     """The mean of ``x`` over ``axis`` (its sum over ``count``, default the axis' length),
     the sum formed at a power of two near ``max|x|`` (:func:`times_pow2`): a mean that is a
     float32 number does not overflow in its sum (norms of 3e38 over a batch of 2 read inf),
-    nor do tiny entries underflow. NaN or inf entries give NaN or inf. ``across``: the name of
-    a ``shard_map`` axis whose devices' sums are added (``lax.psum``), at their common scale
-    (``lax.pmax``)."""
-    m = jnp.max(jnp.abs(x), axis=axis)
-    if across is not None:
-        m = lax.pmax(m, across)
-    e = _scale_exponent(m)
+    nor do tiny entries underflow. NaN or inf entries give NaN or inf."""
+    e = _scale_exponent(jnp.max(jnp.abs(x), axis=axis))
     total = jnp.sum(times_pow2(x, -jnp.expand_dims(e, axis)), axis=axis)
-    if across is not None:
-        total = lax.psum(total, across)
     n = x.shape[axis] if count is None else count
     return times_pow2(total / jnp.asarray(n, x.dtype), e)
 

@@ -123,8 +123,20 @@ def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float
 
     Returns:
       ``(loss_values: (S,), maps: (S, L, T))`` as ``jax.Array`` s sharded over the seed axis of
-      the device mesh (``maps.sharding.device_set`` names the devices that computed them).
+      the device mesh where the seeds fill its devices evenly (``maps.sharding.device_set``
+      names the devices that computed them); otherwise (the seeds padded to fill them) gathered
+      on its first device and the padding dropped there: a slice of a sharded array is a
+      program XLA partitions over the devices, with collectives where it needs them, and
+      gradflow runs none (:mod:`gradflow.parallel`).
     """
+    return _sweep_arrays(stack, seeds, steps=steps, batch=batch, dtype=dtype,
+                         input_scale=input_scale, loss=loss, wrt=wrt,
+                         readout_seed=readout_seed, devices=devices)[:2]
+
+
+def _sweep_arrays(stack, seeds, *, steps, batch, dtype, input_scale, loss, wrt, readout_seed,
+                  devices):
+    """:func:`sweep_arrays` and how many devices computed them."""
     seeds = check_seeds(seeds)
     mesh = device_mesh(devices)
     config = (int(steps), int(batch), jnp.dtype(dtype), float(input_scale), loss, wrt,
@@ -135,9 +147,10 @@ def sweep_arrays(stack: Stack, seeds, *, steps: int, batch: int, dtype=jnp.float
         run, placed = _placed(stack, mesh, seeds, config)
     values, maps = run(placed)
     n = len(seeds)
-    if values.shape[0] == n:
-        return values, maps
-    return values[:n], maps[:n]
+    if values.shape[0] != n:
+        values, maps = jax.device_put((values, maps), mesh.devices.flat[0])
+        values, maps = values[:n], maps[:n]
+    return values, maps, mesh.devices.size
 
 
 def _placed(stack, mesh, seeds, config):
@@ -216,14 +229,14 @@ def sweep(cells, seeds, *, layers: int = 10, steps: int = 10, hidden: int = 128,
                          "give fewer seeds, a smaller batch or hidden size, or fewer steps")
     out = {}
     for label, stack in stacks.items():
-        values, maps = sweep_arrays(stack, seeds, steps=steps, batch=batch, dtype=dt,
-                                    input_scale=input_scale, loss=loss, wrt=wrt,
-                                    readout_seed=readout_seed, devices=devices)
+        values, maps, used = _sweep_arrays(stack, seeds, steps=steps, batch=batch, dtype=dt,
+                                           input_scale=input_scale, loss=loss, wrt=wrt,
+                                           readout_seed=readout_seed, devices=devices)
         config = {**stack.config, "steps": steps, "batch": batch, "dtype": str(dt),
                   "input_scale": float(input_scale), "seeds": list(seeds),
                   "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", "callable"),
                   "wrt": wrt, "readout_seed": readout_seed,
-                  "devices": len(maps.sharding.device_set)}
+                  "devices": used}
         bad = [str(s) for s, v in zip(seeds, np.asarray(values)) if not np.isfinite(v)]
         if bad:
             which = ("seed " + bad[0] + "'s map" if len(bad) == 1

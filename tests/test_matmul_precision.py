@@ -64,18 +64,24 @@ def test_every_dot_of_a_map_carries_the_stacks_precision(cell, wrt):
 
 
 def test_the_split_map_carries_the_stacks_precision():
-    """The batch split's program (``parallel._sharded_state_map``), over this process's
-    devices (one in the test process: the same program, a mesh of one)."""
+    """The batch split's programs (``parallel._sharded_state_map``'s halves and the loss taken
+    between them), over this process's devices (one in the test process: the same programs,
+    a mesh of one)."""
     devices = jax.devices()[:2]
     for precision, want in (("highest", True), (None, False)):
         pr = _problem(_user_gru(), precision)
         mesh = Mesh(np.array(devices), (parallel.AXIS,))
         bufs, layout = parallel._replicate(pr.params, mesh)
-        run = parallel._sharded_state_map(pr.stack, _readout(pr), "h", mesh, layout)
-        text = run.lower(bufs, jax.device_put(pr.xs, NamedSharding(
-            mesh, PartitionSpec(parallel.AXIS)))).as_text()
-        n, high = _dots(text)
-        assert n >= 4 and high == (n if want else 0), (precision, n, high)
+        halves = parallel._sharded_state_map(pr.stack, "h", mesh, layout)
+        xs = jax.device_put(pr.xs, NamedSharding(mesh, PartitionSpec(parallel.AXIS)))
+        out, pull = halves.forward(bufs, xs)
+        texts = [halves.forward.lower(bufs, xs).as_text(),
+                 parallel._loss_and_cotangent.lower(_readout(pr), precision, out).as_text(),
+                 halves.backward.lower(pull, out).as_text()]
+        (n, high), (n_loss, high_loss), (n_back, high_back) = map(_dots, texts)
+        assert n >= 2 and n_loss >= 1 and n_back >= 2, (n, n_loss, n_back)
+        assert [high, high_loss, high_back] == ([n, n_loss, n_back] if want else [0, 0, 0]), (
+            precision, texts)
 
 
 def test_gate_statistics_and_local_gains_carry_the_stacks_precision():

@@ -6,11 +6,11 @@ their errors are checked here in the (single-device) test process.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import textwrap
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -364,25 +364,42 @@ def solving_cell():
     return gradflow.cells.from_function(step, init, hidden_size=64, name="solving")
 
 
-#: What XLA's CPU runtime prints when it aborts a deadlocked all-reduce of simulated devices
-#: (gradflow.parallel.run_split: a defect of the runtime, rare, not of the maps).
-XLA_RENDEZVOUS_ABORT = "Termination timeout for `all reduce RendezvousKey"
+#: The ops of a program that exchange data between devices (StableHLO, as JAX lowers them).
+COLLECTIVE = re.compile(r"stablehlo\.(all_reduce|all_gather|all_to_all|reduce_scatter|"
+                        r"collective_permute|collective_broadcast)\b")
+PARTITIONS = re.compile(r"mhlo\.num_partitions = (\d+)")
+
+
+def exchanges(ir_dir):
+    """``(programs over several devices, those that exchange data between them)`` among the
+    programs JAX lowered into ``ir_dir`` (``JAX_DUMP_IR_TO``): one that exchanges holds a
+    collective, or is not a ``shard_map`` (XLA partitions it and adds what it needs). XLA's CPU
+    runtime deadlocked, rarely and under load, in the all-reduce of a split map's programs
+    (until 2026-12-07: the batch's loss, norms and sums were reduced inside them), one
+    device's half waiting in the rendezvous, the other's launch never started; the split maps
+    exchange nothing inside a program since."""
+    split, exchange = [], []
+    for name in sorted(os.listdir(ir_dir)):
+        with open(os.path.join(ir_dir, name)) as f:
+            text = f.read()
+        parts = PARTITIONS.search(text)
+        if parts is None or int(parts.group(1)) < 2:
+            continue
+        split.append(name)
+        if COLLECTIVE.search(text) or "sdy.manual_computation" not in text:
+            exchange.append(name)
+    return split, exchange
 
 
 def _child(n, f32, f64, user, env):
-    """The child's run; once more where XLA's runtime aborted it in a deadlocked all-reduce
-    (:data:`XLA_RENDEZVOUS_ABORT`; 2 of 2 fresh-clone CI runs on 2026-12-07 hit it in the
-    2-device child, among some 13 runs of it in three sessions), the first run's abort kept in
-    ``aborted`` so the test says it happened. Every other failure is the test's."""
-    def run():
-        return subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
-                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    first = run()
-    if first.returncode == 0 or XLA_RENDEZVOUS_ABORT not in first.stderr:
-        return first
-    again = run()
-    again.aborted = first.stderr[-600:]
-    return again
+    """The child's run, every program it lowers kept (``JAX_DUMP_IR_TO``) and read by
+    :func:`exchanges` into ``run.exchanges``."""
+    with tempfile.TemporaryDirectory() as ir_dir:
+        run = subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
+                             capture_output=True, text=True, cwd=ROOT, timeout=900,
+                             env=dict(env, JAX_DUMP_IR_TO=ir_dir))
+        run.exchanges = exchanges(ir_dir)
+    return run
 
 
 # 2 devices: every registered cell in float64 (the split is one mechanism in the map, not per
@@ -392,11 +409,9 @@ def _child(n, f32, f64, user, env):
 @pytest.mark.background(job=_child)
 def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, background):
     r = background
-    if getattr(r, "aborted", None):  # said, not hidden: XLA's runtime deadlock, run again
-        warnings.warn("the simulated-device child was aborted by XLA's CPU runtime in a "
-                      "deadlocked all-reduce (gradflow.parallel.run_split) and run again:\n"
-                      + r.aborted, RuntimeWarning)
     assert r.returncode == 0, r.stderr[-3000:]
+    split, exchange = r.exchanges  # nothing passes between the devices inside a program
+    assert len(split) >= 4 and exchange == [], (len(split), exchange)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["devices"] == n
     rows = out["rows"]
@@ -418,8 +433,10 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
     if user == "user":
         assert out["bn"] == {"devices": 0, "max_diff": 0.0}
         assert len(out["model"]) == 3
-        for m in out["model"]:  # split only with couples_batch=False; equal to the unsplit map
-            assert m["unsplit_compiles"] == 0 and m["split_compiles"] == 1, m
+        # split only with couples_batch=False; equal to the unsplit map; the split programs
+        # are built once for the three losses (taken between them, on one device)
+        for i, m in enumerate(out["model"]):
+            assert m["unsplit_compiles"] == 0 and m["split_compiles"] == (i == 0), m
             assert m["rel"] <= 1e-12 and abs(m["loss"]) <= 1e-12, m
         assert out["moved_rel"] <= 1e-12
         assert len(out["jacobian"]) == 4
@@ -473,24 +490,24 @@ def test_parameters_travel_packed_and_come_back_unchanged():
 
 
 def test_the_split_program_does_not_grow_with_the_layers():
-    """The sharded program unpacks a kind (one parameter of every layer) as one piece, which
-    the stack's scan over layers takes whole: its compiled size (but for scalar constants, which
-    XLA may clone) is the same at 2 and 6 layers
+    """The sharded programs unpack a kind (one parameter of every layer) as one piece, which
+    the stack's scan over layers takes whole: their compiled size (but for scalar constants,
+    which XLA may clone) is the same at 2 and 6 layers
     (unpacked leaf by leaf it grew by a slice per leaf, each its own kernel: a 16-layer LSTM's
     split map compiled in 4.5 s instead of 2.7-2.9 s)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from gradflow import jacobian
     sizes = []
     for L in (2, 6):
         pr = gradflow.problem("lstm", layers=L, steps=3, hidden=8, batch=2, seed=0)
         mesh = Mesh(np.array(jax.devices()[:1]), (parallel.AXIS,))
         bufs, layout = parallel._replicate(pr.params, mesh)
-        run = parallel._sharded_state_map(pr.stack, jacobian.readout_loss("last", 8, 3, 2), "h",
-                                          mesh, layout)
+        halves = parallel._sharded_state_map(pr.stack, "h", mesh, layout)
         xs = jax.device_put(pr.xs, NamedSharding(mesh, PartitionSpec(parallel.AXIS)))
-        sizes.append(sum("constant(" not in line  # (XLA may clone a scalar constant
-                         for line in run.lower(bufs, xs).compile().as_text().splitlines()))
+        out, pull = halves.forward(bufs, xs)
+        sizes.append([sum("constant(" not in line  # (XLA may clone a scalar constant
+                          for line in program.lower(*args).compile().as_text().splitlines())
+                      for program, args in ((halves.forward, (bufs, xs)),
+                                            (halves.backward, (pull, out)))])
     assert sizes[0] == sizes[1], sizes
 
 
@@ -616,21 +633,23 @@ def test_tune_malloc_serves_big_blocks_from_a_kept_heap(background):
 def _cli_two_devices(env):
     env = {k: v for k, v in env.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
     with tempfile.TemporaryDirectory() as tmp:
-        data = os.path.join(tmp, "m.npz")
+        data, ir_dir = os.path.join(tmp, "m.npz"), os.path.join(tmp, "ir")
         r = subprocess.run([sys.executable, "-m", "gradflow", "--devices", "2", "heatmap",
                             "--cell", "gru", "--layers", "3", "--steps", "5", "--hidden", "8",
                             "--batch", "4", "--seed", "3", "--out", os.path.join(tmp, "m.png"),
-                            "--data", data], capture_output=True, text=True, cwd=ROOT, env=env,
-                           timeout=600)
-        return r, (gradflow.results.Result.load(data) if r.returncode == 0 else None)
+                            "--data", data], capture_output=True, text=True, cwd=ROOT,
+                           env=dict(env, JAX_DUMP_IR_TO=ir_dir), timeout=600)
+        return (r, gradflow.results.Result.load(data) if r.returncode == 0 else None,
+                exchanges(ir_dir))
 
 
 @pytest.mark.background(job=_cli_two_devices)
 def test_cli_devices_option_splits_and_equals_the_api_map(background):
     """The ``gradflow`` program with ``--devices 2``: the CPU gets 2 devices before JAX starts,
     the map is split over them and equals the unsplit API map."""
-    r, got = background
+    r, got, (split, exchange) = background
     assert r.returncode == 0, r.stderr[-2000:]
+    assert split and exchange == [], (split, exchange)  # split, nothing passed inside a program
     pr = gradflow.problem("gru", layers=3, steps=5, hidden=8, batch=4, seed=3, dtype="float32")
     ref = gradflow.gradient_map(*pr[:3]).values
     np.testing.assert_allclose(got.values, ref, rtol=1e-5)

@@ -21,6 +21,7 @@ import pytest
 
 import gradflow
 from gradflow import sweep as S
+from test_parallel import exchanges
 
 # the in-process tests: the child lane runs them (those with a background job stay here)
 pytestmark = pytest.mark.child
@@ -106,15 +107,21 @@ def _four_devices(env):
         # so its maps can equal this process's to the last bit
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
         env = {**env, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4".strip()}
+        ir_dir = os.path.join(tmp, "ir")
         done = subprocess.run([sys.executable, "-c", FOUR_DEVICES, path, json.dumps(SIZES)],
-                              env=env, capture_output=True, text=True, timeout=300)
-        return done, (dict(np.load(path)) if done.returncode == 0 else None)
+                              env=dict(env, JAX_DUMP_IR_TO=ir_dir), capture_output=True,
+                              text=True, timeout=300)
+        return (done, dict(np.load(path)) if done.returncode == 0 else None,
+                exchanges(ir_dir))
 
 
 @pytest.mark.background(job=_four_devices)
 def test_four_cpu_devices_equal_one_device(background, x64):
-    done, four = background
+    done, four, (split, exchange) = background
     assert done.returncode == 0, done.stderr[-3000:]
+    # the seeds' programs over the devices, nothing passed between them inside a program (5
+    # seeds padded to 8: trimmed on one device, not by a program over the 4)
+    assert split and exchange == [], (split, exchange)
     assert int(four["n_devices"]) == 4 and int(four["used"]) == 4
     assert list(four["shards"]) == [2, 2, 2, 2] and int(four["shard_devices"]) == 4
     one = S.sweep(["lstm", "star"], [0, 3, 11, 4, 5], dtype="float64", **SIZES)
