@@ -56,8 +56,7 @@ _FRACTION_CMAP = "magma"
 _NONFINITE_FACE = "0.85"
 # The normalised view spans at least a factor 2 either side of 1, so that ratios within rounding of
 # 1 read as "preserved" (near-white) instead of being stretched over the whole diverging scale.
-_MIN_RELATIVE_FACTOR = 2.0
-_MIN_RELATIVE_DECADES = float(np.log10(_MIN_RELATIVE_FACTOR))
+_MIN_RELATIVE_DECADES = float(np.log10(2.0))
 _PANEL_SIZE = (3.0, 2.5)
 
 
@@ -172,9 +171,9 @@ class CentredLogNorm(mcolors.LogNorm):
     r"""A log colour scale with 1 at the colour map's centre, each side on its own range:
     :math:`u(v) = \tfrac12\,(1 - \log_{10} v / \log_{10} v_{\min})` for
     :math:`v_{\min} \le v \le 1` and :math:`u(v) = \tfrac12\,(1 + \log_{10} v /
-    \log_{10} v_{\max})` for :math:`1 \le v \le v_{\max}` (``0 < vmin < 1 < vmax``), so on a
-    diverging map the data's smallest ratio takes the darkest blue and its largest the darkest
-    red, however many decades lie on either side. Entries ``<= 0`` are masked, as by
+    \log_{10} v_{\max})` for :math:`1 \le v \le v_{\max}` (``0 < vmin < 1 < vmax``), so limits
+    given either side of 1 keep 1 white on a diverging map, however many decades lie on either
+    side (gradflow's own relative maps take as many on both, :func:`_norm`). Entries ``<= 0`` are masked, as by
     ``LogNorm`` (whose colour-bar axis, in decades, it keeps).
 
     >>> n = CentredLogNorm(1e-8, 10.0)
@@ -208,9 +207,12 @@ def _norm(arrays: Sequence[np.ndarray], log: bool, relative: bool, vmin=None, vm
     """One colour norm covering the finite entries of every array.
 
     * ``log``: ``LogNorm`` over the positive finite range; ``relative`` gives a
-      :class:`CentredLogNorm`, 1 at the centre, from the smallest positive entry to the largest
-      (at least a factor 2 either side of 1), so values below 1 are blue and above red and the
-      deepest attenuation takes the darkest blue even when nothing exceeds 1.
+      :class:`CentredLogNorm`, 1 at the centre, as many decades either side of it as the entry
+      farthest from 1 (at least a factor 2), so values below 1 are blue and above red, a
+      colour is as dark for ``10^k`` as for ``10^-k``, and the farthest entry takes the darkest
+      colour of its side. (Until 2026-12-08 each side spanned its own entries' range: a 2x
+      amplification beside 7 decades of attenuation was drawn as dark red as ``1e-7`` dark
+      blue.)
     * linear: ``Normalize`` over the finite range; ``relative`` gives a ``TwoSlopeNorm`` centred
       at 1.
 
@@ -224,11 +226,7 @@ def _norm(arrays: Sequence[np.ndarray], log: bool, relative: bool, vmin=None, vm
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
     if log:
         pos = finite[finite > 0]
-        if relative and vmin is None and vmax is None:
-            lo, hi = (float(pos.min()), float(pos.max())) if pos.size else (1.0, 1.0)
-            return CentredLogNorm(min(lo, 1.0 / _MIN_RELATIVE_FACTOR),
-                                  max(hi, _MIN_RELATIVE_FACTOR))
-        if relative:
+        if relative:  # as many decades either side of 1 as the farthest entry's
             m = float(np.max(np.abs(np.log10(pos)))) if pos.size else 0.0
             m = max(m, _MIN_RELATIVE_DECADES)
             lo, hi = 10.0 ** -m, 10.0 ** m
@@ -508,9 +506,10 @@ def heatmap(result: Result, ax: Axes | None = None, log: bool = True, normalize:
       minimum colour (and counted in the title, the colour bar gets a "below" arrow).
     * ``normalize=True``: draws ``R[l, t] = V[l, t] / V[L-1, T-1]``, every entry relative to the top
       layer at the last step, on a diverging colour map (blue < 1 < red) with a log norm centred
-      on 1 (:class:`CentredLogNorm`): blue from ``min R`` (the darkest) to 1, red from 1 to
-      ``max R``, each side at least a factor 2, so a collapse over 9 decades is drawn dark even
-      when nothing exceeds 1. ``V[L-1, T-1]`` must be finite and positive (for a map wrt a
+      on 1 (:class:`CentredLogNorm`), as many decades either side of 1 as the entry farthest
+      from it (at least a factor 2): ``10^k`` as dark red as ``10^-k`` dark blue, so a collapse
+      over 9 decades is drawn dark and a 2x amplification beside it pale.
+      ``V[L-1, T-1]`` must be finite and positive (for a map wrt a
       memory ``c``, whose last step is 0 by construction, ``V[L-1, T-2]``).
     * Non-finite entries are hatched (``"xx"``) over grey and their number is appended to the title
       (``"... (3 non-finite)"``), also when ``title`` is given; so is the number of underflow

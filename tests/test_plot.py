@@ -123,9 +123,12 @@ def test_heatmap_normalize_divides_by_top_last_on_a_log_scale_centred_at_one():
     norm = image.norm
     assert isinstance(norm, mcolors.LogNorm)
     ratios = values / 1e-3
-    # from the smallest ratio to the largest, not mirrored about 1
-    assert (norm.vmin, norm.vmax) == (ratios.min(), ratios.max())
+    # as many decades either side of 1 as the ratio farthest from it: 10^k as dark as 10^-k
+    m = np.max(np.abs(np.log10(ratios)))
+    assert (norm.vmin, norm.vmax) == pytest.approx((10.0 ** -m, 10.0 ** m), rel=1e-12)
     assert norm(1.0) == pytest.approx(0.5)
+    for k in (0.3, 1.0, m):
+        assert float(norm(10.0 ** k) + norm(10.0 ** -k)) == pytest.approx(1.0, abs=1e-12)
     below, above = image.cmap(norm(0.01)), image.cmap(norm(100.0))
     assert below[2] > below[0] and above[0] > above[2]  # blue-ish vs red-ish
     assert "top, last" in fig.axes[1].get_ylabel()
@@ -133,24 +136,32 @@ def test_heatmap_normalize_divides_by_top_last_on_a_log_scale_centred_at_one():
     assert 0.0 in ticks and np.allclose(ticks, np.round(ticks))  # whole decades, 1 labelled
 
 
-def test_heatmap_normalize_with_nothing_above_one_spends_the_blue_half_on_the_data():
+def test_heatmap_normalize_takes_as_many_decades_either_side_of_one():
     """An LSTM-like collapse: 0.25 per layer down to 9 decades below the top-last value and
-    nothing above it. The smallest ratio takes the darkest blue (not a pale one on a scale
-    mirrored to 1e+9); above 1 the scale still reaches a factor 2, so 1 stays the centre."""
+    nothing above it. The smallest ratio takes the darkest blue; above 1 the scale mirrors it
+    (1e+9 darkest red), so 1 stays the centre and an amplification is as dark as an
+    attenuation of as many decades: a 1.5 beside the collapse is pale, not dark red (each side
+    on its own range, until 2026-12-08, drew 2x as dark red as 1e-9 dark blue)."""
     L_, T_ = 16, 4
     values = 0.25 ** (L_ - 1 - np.arange(L_))[:, None] * np.ones((1, T_))
     norm = plot.heatmap(_gradient_map(values), normalize=True).axes[0].images[0].norm
-    assert (norm.vmin, norm.vmax) == (0.25 ** 15, 2.0)
-    # by hand: u = (1 - log10(v) / log10(vmin)) / 2 below 1, (1 + log10(v) / log10(2)) / 2 above
+    assert (norm.vmin, norm.vmax) == pytest.approx((0.25 ** 15, 0.25 ** -15), rel=1e-12)
+    # by hand: u = (1 + log10(v) / (15 log10 4)) / 2 on both sides
+    d = 15 * np.log10(4.0)
     for v, u in ((0.25 ** 15, 0.0), (0.25 ** 10, (1 - 10 / 15) / 2), (1.0, 0.5),
-                 (2 ** 0.5, 0.75), (2.0, 1.0)):
+                 (1.5, (1 + np.log10(1.5) / d) / 2), (0.25 ** -15, 1.0)):
         assert float(norm(v)) == pytest.approx(u, abs=1e-12), v
         assert float(norm.inverse(u)) == pytest.approx(v, rel=1e-9), v
     assert np.ma.is_masked(norm(0.0))  # no gradient at all: the 'bad' (minimum) colour
-    # a value above 1 is red-ish, below blue-ish, whatever the two ranges
+    # a value above 1 is red-ish, below blue-ish; 1.5 and 0.9 pale beside 9 decades
     cmap = plot._cmap(None, "RdBu_r")
     red, blue = cmap(norm(1.5)), cmap(norm(0.9))
     assert red[0] > red[2] and blue[2] > blue[0]
+    assert min(red[:3]) > 0.9 and min(blue[:3]) > 0.9
+    # nothing far from 1: at least a factor 2 either side, so rounding of 1 reads white
+    near = plot.heatmap(_gradient_map(np.full((2, 3), 1.0)), normalize=True)
+    assert (near.axes[0].images[0].norm.vmin, near.axes[0].images[0].norm.vmax) == \
+        pytest.approx((0.5, 2.0), rel=1e-12)
 
 
 def test_heatmap_normalize_with_explicit_limits_keeps_1_white():
@@ -334,7 +345,8 @@ def test_grid_normalize_divides_each_panel_by_its_own_top_last():
     ratios = np.concatenate([(v / v[-1, -1]).ravel() for v in maps.values()])
     norm = panels[0].images[0].norm
     assert {id(ax.images[0].norm) for ax in panels} == {id(norm)}
-    assert (norm.vmin, norm.vmax) == (ratios.min(), max(ratios.max(), 2.0))
+    m = np.max(np.abs(np.log10(ratios)))  # the ratio farthest from 1, in decades, both sides
+    assert (norm.vmin, norm.vmax) == pytest.approx((10.0 ** -m, 10.0 ** m), rel=1e-12)
     assert norm(1.0) == pytest.approx(0.5)
 
 
@@ -669,8 +681,8 @@ def test_draw_grid_is_normalised_by_default_and_titled_with_the_settings():
     np.testing.assert_allclose(np.ma.getdata(fig.axes[1].images[0].get_array()), a / a[-1, -1])
     norm = fig.axes[0].images[0].norm
     assert isinstance(norm, mcolors.LogNorm)
-    # centred on 1, from the smallest ratio (1e-5) to a factor 2 above (nothing exceeds 1)
-    assert (norm.vmin, norm.vmax, float(norm(1.0))) == (1e-5, 2.0, 0.5)
+    # centred on 1, from the smallest ratio (1e-5) to as many decades above (nothing exceeds 1)
+    assert (norm.vmin, norm.vmax, float(norm(1.0))) == (1e-5, 1e5, 0.5)
     assert fig.axes[0].images[0].get_cmap().name.startswith("RdBu_r")  # the relative view
     assert fig.get_suptitle() == ("gradient maps wrt params, relative to (top layer, last step)"
                                   "\nL=2, T=3, H=16, init orthogonal, seed 4")
