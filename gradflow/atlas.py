@@ -612,11 +612,12 @@ def _vmapped_group(kind: str, conditions: list[dict], devices, variant_of) -> li
         run = _group_program(kind, stack, mesh, steps, batch, dt, variants, c0["readout_seed"])
         return mesh, run, args
 
-    mesh, run, args = placed(devices)
-    if parallel.lapack_stalls(run, args, mesh):  # e.g. local gains' SVDs: on one CPU device
-        mesh, run, args = placed(devices[:1])
-    out = run(*args)
-    n_used = len(jax.tree_util.tree_leaves(out)[0].sharding.device_set)
+    with parallel.outside_mesh():  # (a mesh the caller set)
+        mesh, run, args = placed(devices)
+        if parallel.lapack_stalls(run, args, mesh):  # e.g. local gains' SVDs: on one CPU device
+            mesh, run, args = placed(devices[:1])
+        out = jax.tree_util.tree_map(np.asarray, run(*args))
+    n_used = mesh.devices.size
     S = len(seeds)
     results = []
     for c in conditions:

@@ -248,7 +248,11 @@ def _is_real_number_dtype(dt) -> bool:
 def check_finite_inputs(xs) -> None:
     """A ValueError where concrete inputs hold NaN or inf (measurements are of finite
     inputs; a traced ``xs`` is not checked)."""
-    if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
+    if isinstance(xs, jax.core.Tracer):
+        return
+    if isinstance(xs, jax.Array) and len(xs.sharding.device_set) > 1:
+        xs = np.asarray(xs)  # copied, not reduced by a program over the devices (gradflow.parallel)
+    if not bool(jnp.all(jnp.isfinite(xs))):
         raise ValueError("inputs contain NaN or inf; gradient flow is measured on finite inputs")
 
 
@@ -544,9 +548,17 @@ def tap_dtype(xs):
 
 
 def nbytes(tree) -> int:
-    """Bytes of the leaves of ``tree``, arrays or their shapes (``jax.ShapeDtypeStruct``)."""
-    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
-               for a in jax.tree_util.tree_leaves(tree))
+    """Bytes of the leaves of ``tree``, arrays or their shapes (``jax.ShapeDtypeStruct``); a
+    PRNG key array (``jax.random.key``) counts its key data."""
+    return sum(math.prod(a.shape) * _itemsize(a.dtype) for a in jax.tree_util.tree_leaves(tree))
+
+
+def _itemsize(dtype) -> int:
+    """Bytes of one element of ``dtype``, a PRNG key's (``key<fry>``: 8) too."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), dtype))
+        return math.prod(data.shape) * data.dtype.itemsize
+    return jnp.dtype(dtype).itemsize
 
 
 def split_static(params):

@@ -762,8 +762,9 @@ def compiled(jitted, statics: tuple, args: tuple, what: str, smaller, copies: in
     ``jitted(*statics, *args)`` is what the returned program computes, as ``program(*args)``.
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    specs = tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a),
-                                       sharding=getattr(a, "sharding", None)) for a in leaves)
+    specs = tuple(jax.ShapeDtypeStruct(  # placed where committed, as a call would place them
+        jnp.shape(a), jnp.result_type(a),
+        sharding=a.sharding if getattr(a, "committed", False) else None) for a in leaves)
     program = _compile(jitted, tuple(statics), treedef, specs,
                        jax.config.jax_default_matmul_precision)
     memory = program.memory_analysis()

@@ -370,11 +370,14 @@ def should_split(xs, stack=None, params=None, rows: float = 1,
     Jacobian map, or 0.5 for a forward pass alone; ``width`` in place of the widest state
     where no stack gives one, e.g. a user's model's); ``()`` inside a trace (``xs`` or a leaf
     of ``params`` traced: ``jax.grad`` of a map w.r.t. the parameters runs it on one device,
-    where its derivatives are exact) or when a cell of ``stack`` couples the examples of a
-    batch (``Cell.couples_batch``). Whatever it returns, the runners (:func:`state_map`,
+    where its derivatives are exact), under a mesh the caller set (``jax.set_mesh``: JAX refuses
+    a program over gradflow's own mesh there, and the caller's placement is left as it is) or
+    when a cell of ``stack`` couples the examples of a batch (``Cell.couples_batch``). Whatever it returns, the runners (:func:`state_map`,
     :func:`model_state_map`, :func:`example_map`) run a program that calls LAPACK on one CPU
     device (:func:`lapack_stalls`)."""
     if any(isinstance(a, jax.core.Tracer) for a in [xs, *jax.tree_util.tree_leaves(params)]):
+        return ()
+    if not jax.sharding.get_abstract_mesh().empty:  # the caller's mesh (jax.set_mesh) holds
         return ()
     if stack is not None and any(c.couples_batch for c in stack.cells):
         return ()
@@ -466,9 +469,15 @@ def _layout(treedef, specs):
         kind = kinds.setdefault((name, x.dtype, x.shape), [len(kinds), 0])
         where.append((kind[0], kind[1]))
         kind[1] += 1
-    return tuple(where), tuple(  # the dtype's name as jit sees it (float64 in x32)
-        (jax.dtypes.canonicalize_dtype(dt).name, rows, shape)
-        for (_, dt, shape), (_, rows) in kinds.items())
+    return tuple(where), tuple(  # the dtype's name as jit sees it (float64 in x32; a PRNG key's)
+        (_canonical(dt).name, rows, shape) for (_, dt, shape), (_, rows) in kinds.items())
+
+
+def _canonical(dtype):
+    """``dtype`` as jit sees it (float64 in x32); an extended one (a PRNG key's) as it is."""
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return dtype
+    return jax.dtypes.canonicalize_dtype(dtype)
 
 
 @functools.partial(jit, static_argnums=(1, 2))
@@ -743,6 +752,19 @@ def model_state_map(model, loss_fn, rest, arrays, xs, layers: int, devices, what
     return out
 
 
+@contextlib.contextmanager
+def outside_mesh():
+    """``with outside_mesh():`` programs over gradflow's own meshes and devices (the sweep's and
+    the atlas's seeds), run outside any mesh the caller set (``jax.set_mesh``), under which JAX
+    refuses them (``The context mesh ... should match the mesh passed to shard_map``); the
+    caller's mesh holds again after the block."""
+    if jax.sharding.get_abstract_mesh().empty:
+        yield
+        return
+    with jax.set_mesh(None):
+        yield
+
+
 def _copies(mesh) -> int:
     """How many of ``mesh``'s devices share one memory: all of a CPU's simulated devices."""
     return mesh.devices.size if all(d.platform == "cpu" for d in mesh.devices.flat) else 1
@@ -751,4 +773,4 @@ def _copies(mesh) -> int:
 __all__ = ["use_cpu_devices", "tune_malloc", "MALLOC_SETTINGS", "GLIBC_TUNABLES",
            "set_batch_devices", "batch_devices", "devices_for", "should_split", "lapack_stalls",
            "state_map", "model_state_map", "example_map", "examples_program",
-           "use_compile_cache"]
+           "use_compile_cache", "outside_mesh"]

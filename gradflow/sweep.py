@@ -141,15 +141,16 @@ def _sweep_arrays(stack, seeds, *, steps, batch, dtype, input_scale, loss, wrt, 
     mesh = device_mesh(devices)
     config = (int(steps), int(batch), jnp.dtype(dtype), float(input_scale), loss, wrt,
               int(readout_seed))
-    run, placed = _placed(stack, mesh, seeds, config)
-    if parallel.lapack_stalls(run, (placed,), mesh):  # a cell solving each example's system
-        mesh = device_mesh(list(mesh.devices.flat)[:1])
+    with parallel.outside_mesh():  # (a mesh the caller set)
         run, placed = _placed(stack, mesh, seeds, config)
-    values, maps = run(placed)
-    n = len(seeds)
-    if values.shape[0] != n:
-        values, maps = jax.device_put((values, maps), mesh.devices.flat[0])
-        values, maps = values[:n], maps[:n]
+        if parallel.lapack_stalls(run, (placed,), mesh):  # a cell solving each example's system
+            mesh = device_mesh(list(mesh.devices.flat)[:1])
+            run, placed = _placed(stack, mesh, seeds, config)
+        values, maps = run(placed)
+        n = len(seeds)
+        if values.shape[0] != n:
+            values, maps = jax.device_put((values, maps), mesh.devices.flat[0])
+            values, maps = values[:n], maps[:n]
     return values, maps, mesh.devices.size
 
 

@@ -399,3 +399,12 @@ def test_a_model_whose_outputs_move_with_the_place_in_the_batch_is_found():
     def fixed(w, xs, taps):  # built for a batch of 4: cannot run on 2
         return two(w, xs, taps) + jnp.ones((4, 1, 1))
     assert checks.depends_on_place(fixed, rest, arrays, xs, 2, extra)
+
+
+def test_nbytes_counts_a_prng_keys_data():
+    """A ``jax.random.key`` among a model's parameters (its dtype ``key<fry>`` is no NumPy
+    dtype: the memory check raised a TypeError before anything was measured)."""
+    from gradflow import checks
+    tree = {"key": jax.random.key(0), "keys": jax.random.split(jax.random.key(1), 3),
+            "w": jnp.ones((2, 3), jnp.float32), "spec": jax.ShapeDtypeStruct((4,), jnp.int8)}
+    assert checks.nbytes(tree) == 8 + 3 * 8 + 6 * 4 + 4

@@ -283,6 +283,63 @@ CHILD = textwrap.dedent("""
             out["masked"][name] = {"split_compiles": split_compiles,
                                    "diff": float(np.max(np.abs(split - plain)))}
         # (the same model written per example, mask drawn per example: split as before)
+        # placements and parameters a researcher's own code may hand over, each as unsplit:
+        # a PRNG key among the parameters (its packing failed); parameters committed to
+        # device 1 or replicated (their compiled programs pinned the uncommitted inputs to
+        # device 0: "incompatible devices"); inputs sharded over the batch (checked for NaN
+        # by a reduction XLA partitioned over the devices); a mesh of the caller's
+        # (jax.set_mesh: a shard_map over gradflow's mesh, and the sweep's, were refused)
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from test_parallel import keyed_model
+        kk = jax.random.split(jax.random.key(8), 3)
+        kp = {"W": jax.random.normal(kk[0], (3, 4), "float64") / 2,
+              "U": jax.random.normal(kk[1], (4, 4), "float64") / 3, "key": jax.random.key(7)}
+        kx = jax.random.normal(kk[2], (4, 5, 3), "float64")
+        mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+        bare = {n: v for n, v in kp.items() if n != "key"}
+        pr = gradflow.problem("lstm", layers=2, steps=4, hidden=5, batch=4, seed=2,
+                              dtype="float64")
+        out["placed"] = {}
+        with parallel.batch_devices("all"):  # split: placed over gradflow's mesh, nothing exchanged
+            split = np.asarray(gradflow.gradient_map(
+                pr.stack, pr.params, jax.device_put(pr.xs, NamedSharding(mesh, P("data"))),
+                loss="all").values)
+        with parallel.batch_devices(None):
+            plain = np.asarray(gradflow.gradient_map(*pr[:3], loss="all").values)
+        out["placed"]["xs_sharded_split"] = float(np.max(np.abs(split - plain)) / np.max(plain))
+        # the rest run programs on the caller's placement (XLA partitions them over its devices),
+        # not checked for exchanges: the programs lowered from here on
+        import os
+        out["ir_checked"] = len(os.listdir(os.environ["JAX_DUMP_IR_TO"]))
+        for name, run in (
+                ("key_map", lambda: gradflow.model_map(keyed_model, kp, kx, layers=1,
+                                                       couples_batch=False).values),
+                ("key_jacobian", lambda: gradflow.model_jacobian_map(keyed_model, kp, kx,
+                                                                     layers=1).values),
+                ("params_on_1", lambda: gradflow.model_map(
+                    keyed_model, dict(jax.device_put(bare, jax.devices()[1]),
+                                      key=kp["key"]), kx, layers=1,
+                    couples_batch=False).values),
+                ("params_replicated", lambda: gradflow.model_jacobian_map(
+                    keyed_model, dict(jax.device_put(bare, NamedSharding(mesh, P())),
+                                      key=kp["key"]), kx, layers=1).values),
+                ("xs_sharded", lambda: gradflow.gradient_map(
+                    pr.stack, pr.params, jax.device_put(pr.xs, NamedSharding(mesh, P("data"))),
+                    loss="all").values)):
+            with parallel.batch_devices("all"):
+                split = np.asarray(run())
+            with parallel.batch_devices(None):
+                plain = np.asarray(run())
+            out["placed"][name] = float(np.max(np.abs(split - plain)) / np.max(np.abs(plain)))
+        with jax.set_mesh(mesh):
+            inside = {"map": np.asarray(gradflow.gradient_map(*pr[:3], loss="all").values),
+                      "sweep": np.asarray(sweep.sweep(["lstm"], [0, 1, 2], layers=2, steps=3,
+                                                      hidden=4, batch=2)["lstm"].values)}
+        with parallel.batch_devices(None):
+            outside = {"map": np.asarray(gradflow.gradient_map(*pr[:3], loss="all").values)}
+        outside["sweep"] = np.asarray(sweep.sweep(["lstm"], [0, 1, 2], layers=2, steps=3,
+                                                  hidden=4, batch=2)["lstm"].values)
+        out["set_mesh"] = {k: float(np.max(np.abs(inside[k] - outside[k]))) for k in inside}
     print(json.dumps(out))
 """)
 
@@ -306,6 +363,21 @@ def masked_gates(w, xs):
     """:func:`masked_model`'s mask on a gate: ``{"g": (1, B, T, H)}``."""
     mask = jax.random.bernoulli(jax.random.key(42), 0.5, (xs.shape[0], 1, w.shape[1]))
     return {"g": (jax.nn.sigmoid(xs @ w) * mask)[None]}
+
+
+def keyed_model(p, xs, taps):
+    """One tanh layer with a fixed noise vector drawn from the PRNG key among its
+    parameters (``p["key"]``, a ``jax.random.key``)."""
+    noise = jax.random.normal(p["key"], (p["U"].shape[0],), xs.dtype)
+
+    def step(h, inp):
+        x, s = inp
+        h = gradflow.tap(jnp.tanh(x @ p["W"] + h @ p["U"] + 0.1 * noise), s[0])
+        return h, h
+
+    h0 = jnp.zeros((xs.shape[0], p["U"].shape[0]), xs.dtype)
+    _, top = jax.lax.scan(step, h0, (xs.swapaxes(0, 1), taps.swapaxes(0, 1)))
+    return top.swapaxes(0, 1)
 
 
 def solving_model(p, xs, taps):
@@ -370,9 +442,10 @@ COLLECTIVE = re.compile(r"stablehlo\.(all_reduce|all_gather|all_to_all|reduce_sc
 PARTITIONS = re.compile(r"mhlo\.num_partitions = (\d+)")
 
 
-def exchanges(ir_dir):
+def exchanges(ir_dir, upto=None):
     """``(programs over several devices, those that exchange data between them)`` among the
-    programs JAX lowered into ``ir_dir`` (``JAX_DUMP_IR_TO``): one that exchanges holds a
+    programs JAX lowered into ``ir_dir`` (``JAX_DUMP_IR_TO``; ``upto``: the first ``upto``
+    lowered, by their number in the file name): one that exchanges holds a
     collective, or is not a ``shard_map`` (XLA partitions it and adds what it needs). XLA's CPU
     runtime deadlocked, rarely and under load, in the all-reduce of a split map's programs
     (until 2026-12-07: the batch's loss, norms and sums were reduced inside them), one
@@ -380,6 +453,8 @@ def exchanges(ir_dir):
     exchange nothing inside a program since."""
     split, exchange = [], []
     for name in sorted(os.listdir(ir_dir)):
+        if upto is not None and int(re.match(r"jax_ir(\d+)_", name).group(1)) >= upto:
+            continue
         with open(os.path.join(ir_dir, name)) as f:
             text = f.read()
         parts = PARTITIONS.search(text)
@@ -398,7 +473,11 @@ def _child(n, f32, f64, user, env):
         run = subprocess.run([sys.executable, "-c", CHILD, str(n), f32, f64, user],
                              capture_output=True, text=True, cwd=ROOT, timeout=900,
                              env=dict(env, JAX_DUMP_IR_TO=ir_dir))
-        run.exchanges = exchanges(ir_dir)
+        try:  # the child says from which program on it runs the caller's placements
+            upto = json.loads(run.stdout.strip().splitlines()[-1]).get("ir_checked")
+        except (ValueError, IndexError, AttributeError):
+            upto = None
+        run.exchanges = exchanges(ir_dir, upto)
     return run
 
 
@@ -466,6 +545,10 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
         assert "stderr" in out["model_jacobian"][1]["rel"]
         for name, m in out["masked"].items():  # a mask of the batch's shape: never split
             assert m == {"split_compiles": 0, "diff": 0.0}, (name, m)
+        assert set(out["placed"]) == {"key_map", "key_jacobian", "params_on_1",
+                                      "params_replicated", "xs_sharded", "xs_sharded_split"}
+        assert max(out["placed"].values()) <= 1e-12, out["placed"]
+        assert out["set_mesh"] == {"map": 0.0, "sweep": 0.0}, out["set_mesh"]
 
 
 def test_parameters_travel_packed_and_come_back_unchanged():
