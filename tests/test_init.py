@@ -180,6 +180,16 @@ def test_ugi(name, init_opt, refine_gate):
         assert np.abs(p["r"]["b"]).min() > 0 and np.abs(p["r"]["b"]).max() <= 1 / math.sqrt(H)
 
 
+@pytest.mark.parametrize("name", ["ur_lstm", "ur_gru"])
+def test_ugi_at_the_smallest_widths(name):
+    """H = 2: both gates at 1/2 (b_f = 0). H = 1: the interval [1, 0] is empty, a ValueError
+    (the bias was +inf, a forget gate stuck at 1, measured with only a warning)."""
+    p = init(cells.get(name), BIG_IN, 2)
+    np.testing.assert_array_equal(np.asarray(p["f"]["b"]), 0.0)
+    with pytest.raises(ValueError, match=r"UGI .* needs a hidden size of 2 or more .* got 1"):
+        init(cells.get(name), BIG_IN, 1)
+
+
 @pytest.mark.parametrize("init_opt", ["glorot+chrono", "chrono+torch"])
 def test_weight_and_bias_scheme_combined(init_opt):
     H, t_max = BIG_H, 20.0

@@ -20,8 +20,13 @@ def ugi_bias(key, hidden_size: int, dtype=jnp.float32):
     The gate then starts at activations spread uniformly over ``[1/H, 1-1/H]``, i.e. memory
     timescales ``1/(1-f)`` spread over ``[H/(H-1), H]`` (Gu et al. 2020, section 3.3).
 
-    Returns: ``(H,)`` biases ``-log(1/u - 1)``.
+    Returns: ``(H,)`` biases ``-log(1/u - 1)``. ``H = 1`` is a ValueError: the interval
+    ``[1, 0]`` is empty (it gave an infinite bias, a gate stuck at 1).
     """
+    if hidden_size < 2:
+        raise ValueError(f"UGI (uniform gate initialisation) needs a hidden size of 2 or more "
+                         f"(its gates spread over [1/H, 1-1/H]), got {hidden_size}; give "
+                         "another init (e.g. init='orthogonal') or a larger hidden size")
     lo = 1.0 / hidden_size
     u = uniform(key, (hidden_size,), dtype, lo, 1.0 - lo)
     return -jnp.log(1.0 / u - 1.0)
