@@ -630,8 +630,10 @@ def model_jacobian_map(model: Callable, params, xs, *, layers: int, target: int 
     rows = chunk if method == "exact" else probes
     width = math.ceil(K * parallel.MIN_ROWS_X_WIDTH / MODEL_SPLIT_WORK)
     devices = parallel.should_split(xs, None, arrays, rows=rows, width=width)
-    if B // max(len(devices), 1) < 2 or devices and checks.depends_on_place(
-            model, rest, arrays, xs, B // len(devices), (((L, T, B), str(taps.dtype)),)):
+    n = max((k for k in range(1, len(devices) + 1) if B % k == 0 and B // k >= 2), default=1)
+    devices = devices[:n] if n > 1 else ()  # fewer devices where each would get one example
+    if devices and checks.depends_on_place(model, rest, arrays, xs, B // len(devices),
+                                           (((L, T, B), str(taps.dtype)),)):
         devices = ()
     each, se, finite, leak = parallel.example_map(
         _model_each, (model, rest), arrays, args, (0, 1)[:len(args)], static, devices, what,

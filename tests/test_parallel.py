@@ -340,6 +340,19 @@ CHILD = textwrap.dedent("""
         outside["sweep"] = np.asarray(sweep.sweep(["lstm"], [0, 1, 2], layers=2, steps=3,
                                                   hidden=4, batch=2)["lstm"].values)
         out["set_mesh"] = {k: float(np.max(np.abs(inside[k] - outside[k]))) for k in inside}
+    if out["devices"] == 4:  # a model's Jacobian map of 4 examples: over 2 devices, two each
+        sys.path.insert(0, "tests")
+        from test_model_map import dense_model, _dense_params
+        jax.config.update("jax_enable_x64", True)
+        p = _dense_params(jax.random.key(3), 2, 4, "float64")
+        xs = jax.random.normal(jax.random.key(4), (4, 5, 2), "float64")
+        before = parallel._sharded_examples.cache_info().misses
+        split = np.asarray(gradflow.model_jacobian_map(dense_model, p, xs, layers=3).values)
+        built = parallel._sharded_examples.cache_info().misses - before
+        with parallel.batch_devices(None):
+            plain = np.asarray(gradflow.model_jacobian_map(dense_model, p, xs, layers=3).values)
+        out["jacobian_fewer"] = {"built": built, "rel": float(
+            np.max(np.abs(split - plain)) / np.max(np.abs(plain)))}
     print(json.dumps(out))
 """)
 
@@ -509,6 +522,9 @@ def test_split_map_equals_unsplit_on_simulated_cpu_devices(n, f32, f64, user, ba
     assert out["auto"] == {"16x64": 0, "32x64": 2, "16x128": 2, "8x256": 2, "64x32": 2,
                            "64x128": n, "4xNone": n}
     assert out["auto_small"] == 0 and out["auto_width"] == [0, 2]
+    if n == 4:  # (it stayed unsplit: 4 devices would get one example each)
+        assert out["jacobian_fewer"]["built"] == 1 and out["jacobian_fewer"]["rel"] <= 1e-12, \
+            out["jacobian_fewer"]
     if user == "user":
         assert out["bn"] == {"devices": 0, "max_diff": 0.0}
         assert len(out["model"]) == 3
